@@ -1,0 +1,1 @@
+"""The ``dg2pf`` command line."""

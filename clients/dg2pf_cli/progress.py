@@ -1,0 +1,40 @@
+"""A progress bar per epoch: phase, sparsity, running loss, then validation top-1."""
+
+from __future__ import annotations
+
+import sys
+
+from tqdm import tqdm
+
+from dg2pf_core.state import EpochRecord
+
+
+class EpochBars:
+    def __init__(self, enabled: bool = True) -> None:
+        self.enabled = enabled
+        self.bar: tqdm | None = None
+        self.loss_sum = 0.0
+        self.batches = 0
+
+    def start_epoch(self, phase: str, epoch: int, sparsity: float, batches: int) -> None:
+        self.loss_sum, self.batches = 0.0, 0
+        if self.enabled:
+            self.bar = tqdm(total=batches, desc=f"epoch {epoch:>3} {phase:<15} sparsity {sparsity:6.2%}", file=sys.stderr, leave=True, dynamic_ncols=True)
+
+    def batch(self, loss: float) -> None:
+        self.loss_sum += loss
+        self.batches += 1
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix_str(f"loss {self.loss_sum / self.batches:.4f}", refresh=False)
+
+    def end_epoch(self, record: EpochRecord) -> None:
+        if record.phase == "baseline":
+            if self.enabled:
+                print(f"baseline (dense) val top-1 {record.val_top1:.2f}%", file=sys.stderr)
+            return
+        if self.bar is not None:
+            star = " *best" if record.is_best else ""
+            self.bar.set_postfix_str(f"loss {record.train_loss:.4f} val top-1 {record.val_top1:.2f}%{star}")
+            self.bar.close()
+            self.bar = None

@@ -1,0 +1,103 @@
+"""The DG2PF run configuration: every knob of the algorithm, as plain values."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from .errors import ConfigError
+from .masks import Selection
+from .schedule import schedule_names
+from .simulated import RECOVERY_MODES
+
+Amp = Literal["none", "bf16", "fp16"]
+
+
+@dataclass
+class DG2PFConfig:
+    """Hyperparameters of one DG2PF run. Defaults follow the paper and the authors' scripts."""
+
+    sparsity: float
+    # --- gradual pruning (Algorithm 1) ---
+    pruning_epochs: int = 10
+    schedule: str = "linear"  # "linear" (DG2PF) or "cubic" (gradual magnitude pruning)
+    recovery: str = "frozen"  # "frozen" (paper) or "feedback" (dense update)
+    scope: str = "global"  # "global" ranking or "layerwise"
+    keep_classifier_dense: bool = False
+    include: list[str] = field(default_factory=list)  # regexes over parameter names
+    exclude: list[str] = field(default_factory=list)
+    lr: float = 1e-3  # AdamW, gradual pruning and distillation
+    weight_decay: float = 1e-4
+    kd_temperature: float = 4.0
+    kd_alpha: float = 0.75
+    grad_clip: float = 0.5
+    # --- stopping ---
+    patience: int = 4  # epochs without validation top-1 improvement before a phase ends
+    max_epochs: int = 60  # total training epochs, all phases together
+    # --- pruned fine-tuning (Algorithm 2) ---
+    finetune_lr: float = 1e-3  # SGD
+    finetune_momentum: float = 0.9
+    finetune_weight_decay: float = 0.0
+    # --- data and execution ---
+    batch_size: int = 64
+    eval_batch_size: int = 256
+    seed: int = 0
+    device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1", ...
+    amp: str = "none"  # "none", "bf16" or "fp16" (CUDA only)
+    loader_workers: int = 0
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        def bad(name: str, why: str) -> ConfigError:
+            return ConfigError(f"{name}: {why}", field=name)
+
+        if not isinstance(self.sparsity, (int, float)) or not 0.0 < self.sparsity < 1.0:
+            raise bad("sparsity", f"must be strictly between 0 and 1 (e.g. 0.9 for 90%), got {self.sparsity}")
+        if self.pruning_epochs < 1:
+            raise bad("pruning_epochs", f"must be >= 1, got {self.pruning_epochs}")
+        if self.schedule not in schedule_names():
+            raise bad("schedule", f"must be one of {schedule_names()}, got {self.schedule!r}")
+        if self.recovery not in RECOVERY_MODES:
+            raise bad("recovery", f"must be one of {list(RECOVERY_MODES)}, got {self.recovery!r}")
+        if self.scope not in ("global", "layerwise"):
+            raise bad("scope", f"must be 'global' or 'layerwise', got {self.scope!r}")
+        for name in ("lr", "finetune_lr", "kd_temperature"):
+            if not getattr(self, name) > 0:
+                raise bad(name, f"must be > 0, got {getattr(self, name)}")
+        for name in ("weight_decay", "finetune_weight_decay", "grad_clip"):
+            if getattr(self, name) < 0:
+                raise bad(name, f"must be >= 0, got {getattr(self, name)}")
+        if not 0.0 <= self.kd_alpha <= 1.0:
+            raise bad("kd_alpha", f"must be in [0, 1], got {self.kd_alpha}")
+        if not 0.0 <= self.finetune_momentum < 1.0:
+            raise bad("finetune_momentum", f"must be in [0, 1), got {self.finetune_momentum}")
+        if self.patience < 1:
+            raise bad("patience", f"must be >= 1, got {self.patience}")
+        if self.max_epochs < self.pruning_epochs:
+            raise bad("max_epochs", f"must be >= pruning_epochs ({self.pruning_epochs}), got {self.max_epochs}")
+        for name in ("batch_size", "eval_batch_size"):
+            if getattr(self, name) < 1:
+                raise bad(name, f"must be >= 1, got {getattr(self, name)}")
+        if self.loader_workers < 0:
+            raise bad("loader_workers", f"must be >= 0, got {self.loader_workers}")
+        if self.amp not in ("none", "bf16", "fp16"):
+            raise bad("amp", f"must be 'none', 'bf16' or 'fp16', got {self.amp!r}")
+        # Compiles the patterns: a bad regex is reported here, not mid-run.
+        self.selection()
+
+    def selection(self) -> Selection:
+        return Selection(self.keep_classifier_dense, tuple(self.include), tuple(self.exclude))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "DG2PFConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ConfigError(f"unknown option(s) {unknown}; known: {sorted(known)}", field=unknown[0])
+        return cls(**values)

@@ -1,0 +1,27 @@
+"""Datasets by name. ``load_dataset("cifar10:/data/c10", DataRequest(32, 3))`` -> ``DataSplits``.
+
+Importing this package registers every bundled loader; see ``dataset_usages()`` for the specs.
+"""
+
+from dg2pf_core.data.registry import (
+    DataRequest,
+    DataSplits,
+    dataset_names,
+    dataset_usages,
+    load_dataset,
+    parse_spec,
+    register_dataset,
+)
+
+# Imported for their @register_dataset side effect.
+from dg2pf_core.data import cifar10, digits, imagefolder  # noqa: E402,F401  isort: skip
+
+__all__ = [
+    "DataRequest",
+    "DataSplits",
+    "dataset_names",
+    "dataset_usages",
+    "load_dataset",
+    "parse_spec",
+    "register_dataset",
+]

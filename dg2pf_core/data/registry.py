@@ -1,0 +1,146 @@
+"""Datasets by name: a spec string ("digits", "cifar10:/data/c10") becomes train/val/test splits.
+
+Each loader module registers itself with ``@register_dataset``; callers only ever use
+``load_dataset(spec, request)``, so adding a dataset never touches the code that trains on it.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from dataclasses import dataclass
+from typing import Callable
+
+import PIL.Image
+import torch
+from torch.utils.data import Dataset
+
+from dg2pf_core.errors import DatasetError
+
+
+@dataclass(frozen=True)
+class DataRequest:
+    """What the model needs from the data; the loader adapts its images to it."""
+
+    image_size: int  # square input size the model wants
+    in_channels: int  # 1 or 3
+    val_fraction: float = 0.1  # held out from train when the dataset has no validation split
+    seed: int = 0  # seeds the validation hold-out only
+
+
+@dataclass
+class DataSplits:
+    """Items of every split are ``(float tensor [C, H, W], int label)``."""
+
+    train: Dataset  # training augmentation applied
+    val: Dataset  # eval transform; never the test set
+    test: Dataset | None
+    num_classes: int
+    class_names: list[str] | None
+    # applied to a user's image at serving time: the same preprocessing as val/test
+    eval_transform: Callable[[PIL.Image.Image], torch.Tensor]
+    description: str  # e.g. "digits: 1293 train / 144 val / 360 test, 10 classes"
+
+
+Loader = Callable[[str | None, DataRequest], DataSplits]
+
+
+@dataclass(frozen=True)
+class _Entry:
+    name: str
+    needs_path: bool
+    help: str
+    loader: Loader
+
+    @property
+    def usage(self) -> str:
+        return f"{self.name}:PATH" if self.needs_path else self.name
+
+
+_REGISTRY: dict[str, _Entry] = {}
+
+
+def register_dataset(name: str, *, needs_path: bool, help: str) -> Callable[[Loader], Loader]:
+    """Register ``loader(path, request) -> DataSplits`` under ``name`` (lower case, no colon)."""
+    if not name or ":" in name or name != name.lower():
+        raise ValueError(f"dataset name must be lower case without ':', got {name!r}")
+
+    def decorator(loader: Loader) -> Loader:
+        if name in _REGISTRY and _REGISTRY[name].loader is not loader:
+            raise ValueError(f"dataset {name!r} is already registered")
+        _REGISTRY[name] = _Entry(name, needs_path, help, loader)
+        return loader
+
+    return decorator
+
+
+def dataset_names() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def dataset_usages() -> list[tuple[str, str]]:
+    """``(spec format, help)`` per dataset, e.g. ``("cifar10:PATH", "CIFAR-10 python ...")``."""
+    return [(_REGISTRY[n].usage, _REGISTRY[n].help) for n in dataset_names()]
+
+
+def _valid_specs() -> str:
+    return ", ".join(f"`{_REGISTRY[n].usage}`" for n in dataset_names())
+
+
+def parse_spec(spec: str) -> tuple[str, str | None]:
+    """``"cifar10:/d/c10"`` -> ``("cifar10", "/d/c10")``; ``"digits"`` -> ``("digits", None)``.
+
+    Only the first colon separates, so Windows paths (``imagefolder:C:\\data``) survive.
+    """
+    if not isinstance(spec, str) or not spec.strip():
+        raise DatasetError(f"empty dataset spec; use one of {_valid_specs()}")
+    name, sep, path = spec.strip().partition(":")
+    name = name.strip().lower()
+    path = path.strip()
+    return name, (path if sep and path else None)
+
+
+def _check_request(request: DataRequest) -> None:
+    if not isinstance(request.image_size, int) or request.image_size < 1:
+        raise DatasetError(
+            f"image_size must be a positive integer, got {request.image_size!r}", field="image_size"
+        )
+    if request.in_channels not in (1, 3):
+        raise DatasetError(
+            f"in_channels must be 1 (grayscale) or 3 (RGB), got {request.in_channels!r}",
+            field="in_channels",
+        )
+    fraction = request.val_fraction
+    if not isinstance(fraction, (int, float)) or not 0.0 < fraction <= 0.5:
+        raise DatasetError(
+            f"val_fraction must be in (0, 0.5] (share of train held out for validation), "
+            f"got {fraction!r}",
+            field="val_fraction",
+        )
+
+
+def load_dataset(spec: str, request: DataRequest) -> DataSplits:
+    """Load the dataset a spec names, adapted to ``request``; every bad input is a DatasetError."""
+    _check_request(request)
+    name, path = parse_spec(spec)
+    entry = _REGISTRY.get(name)
+    if entry is None:
+        close = difflib.get_close_matches(name, dataset_names(), n=1)
+        hint = f"did you mean `{_REGISTRY[close[0]].usage}`? " if close else ""
+        raise DatasetError(f"unknown dataset {name!r}; {hint}valid specs: {_valid_specs()}")
+    if entry.needs_path and path is None:
+        raise DatasetError(f"dataset {name!r} needs a path: use `{entry.usage}` ({entry.help})")
+    if not entry.needs_path and path is not None:
+        raise DatasetError(f"dataset {name!r} takes no path: use `{entry.usage}`, not {spec!r}")
+    if path is not None:
+        path = os.path.expanduser(path)
+        if not os.path.exists(path):
+            raise DatasetError(f"dataset path {path!r} does not exist (spec {spec!r})")
+
+    splits = entry.loader(path, request)
+
+    for split_name in ("train", "val", "test"):
+        split = getattr(splits, split_name)
+        if split is not None and len(split) == 0:
+            raise DatasetError(f"dataset {spec!r} has an empty {split_name} split")
+    return splits

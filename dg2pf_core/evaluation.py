@@ -1,0 +1,30 @@
+"""Evaluating a checkpoint on a dataset split: accuracy and sparsity."""
+
+from __future__ import annotations
+
+import torch
+from torch.utils.data import DataLoader
+
+from .errors import DatasetError
+from .job import load_data, load_model
+from .masks import select_prunable
+from .metrics import evaluate
+
+
+def evaluate_checkpoint(arch: str, num_classes: int, checkpoint: str, dataset: str, *, image_size: int | None = None, split: str = "test") -> dict:
+    spec, model = load_model(arch, num_classes, checkpoint)
+    splits, _ = load_data(dataset, spec, num_classes, image_size, 0.1, 0)
+    data = splits.test if split == "test" else splits.val
+    if data is None:
+        raise DatasetError(f"dataset {dataset!r} has no {split} split; use --split val", field="split")
+    acc = evaluate(model, DataLoader(data, batch_size=256), torch.device("cpu"))
+    prunable = select_prunable(model).params.values()
+    n_prunable = sum(p.numel() for p in prunable)
+    zero_prunable = sum(int((p == 0).sum()) for p in prunable)
+    params = list(model.parameters())
+    n_all = sum(p.numel() for p in params)
+    zero_all = sum(int((p == 0).sum()) for p in params)
+    return {
+        "split": split, "top1": acc.top1, "top5": acc.top5, "samples": acc.samples,
+        "sparsity_prunable": zero_prunable / n_prunable, "sparsity_total": zero_all / n_all,
+    }

@@ -1,0 +1,89 @@
+"""Pre-trained example models to prune: the input of the demo and of the end-to-end tests."""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .errors import ConfigError
+from .export import OutputDir, write_metrics, write_model
+from .job import load_data
+from .loaders import LocalLoaders
+from .metrics import evaluate
+from .models import build_model, get_arch
+
+
+@dataclass(frozen=True)
+class Example:
+    arch: str
+    dataset: str
+    num_classes: int
+    epochs: int
+    lr: float
+    batch_size: int
+    description: str
+
+
+EXAMPLES: dict[str, Example] = {
+    "digits": Example(
+        arch="digits_cnn", dataset="digits", num_classes=10, epochs=30, lr=2e-3, batch_size=64,
+        description="digits_cnn trained on scikit-learn's handwritten digits (16x16, 10 classes)",
+    ),
+}
+
+
+def pretrain(
+    arch: str, num_classes: int, dataset: str, *, epochs: int, lr: float, batch_size: int = 64,
+    seed: int = 0, image_size: int | None = None, on_epoch: Callable[[int, float], None] | None = None,
+) -> tuple[torch.nn.Module, dict]:
+    """Train ``arch`` from scratch (Adam, cosine lr) and keep the best epoch by validation top-1."""
+    torch.manual_seed(seed)
+    spec = get_arch(arch)
+    model = build_model(arch, num_classes)
+    splits, size = load_data(dataset, spec, num_classes, image_size, 0.1, seed)
+    loaders = LocalLoaders(splits.train, splits.val, splits.test, batch_size=batch_size, eval_batch_size=256, seed=seed)
+    device = torch.device("cpu")
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=1e-4)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, epochs)
+    best_val, best_state = -1.0, None
+    started = time.perf_counter()
+    for epoch in range(epochs):
+        model.train()
+        for inputs, targets in loaders.train(epoch):
+            optimizer.zero_grad(set_to_none=True)
+            F.cross_entropy(model(inputs), targets).backward()
+            optimizer.step()
+        scheduler.step()
+        val = evaluate(model, loaders.val(), device).top1
+        if val > best_val:
+            best_val, best_state = val, copy.deepcopy(model.state_dict())
+        if on_epoch is not None:
+            on_epoch(epoch + 1, val)
+    model.load_state_dict(best_state)
+    test_loader = loaders.test()
+    test = evaluate(model, test_loader, device) if test_loader is not None else None
+    metrics = {
+        "arch": arch, "num_classes": num_classes, "dataset": dataset, "image_size": size,
+        "epochs": epochs, "val_top1": best_val, "test_top1": test.top1 if test else None,
+        "test_top5": test.top5 if test else None, "wall_seconds": time.perf_counter() - started,
+    }
+    return model, metrics
+
+
+def write_example(name: str, out: str | Path, *, seed: int = 0, on_epoch: Callable[[int, float], None] | None = None) -> dict:
+    """Train example ``name`` and write ``out/model.safetensors`` + ``out/metrics.json``."""
+    if name not in EXAMPLES:
+        raise ConfigError(f"unknown example {name!r}; available: {sorted(EXAMPLES)}", field="example")
+    ex = EXAMPLES[name]
+    output = OutputDir(out)
+    model, metrics = pretrain(ex.arch, ex.num_classes, ex.dataset, epochs=ex.epochs, lr=ex.lr, batch_size=ex.batch_size, seed=seed, on_epoch=on_epoch)
+    with output.staging() as tmp:
+        write_model(model, tmp / "model.safetensors")
+        write_metrics(metrics, tmp / "metrics.json")
+    return metrics

@@ -1,0 +1,60 @@
+"""Writing results: a destination directory that is filled all at once, or not at all."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from .checkpoints import save_state_dict
+from .errors import ConfigError
+
+
+class OutputDir:
+    """``out`` must not exist or be empty; results are staged in a sibling temp dir and renamed in."""
+
+    def __init__(self, out: str | Path) -> None:
+        self.path = Path(out)
+        if self.path.exists() and (not self.path.is_dir() or any(self.path.iterdir())):
+            raise ConfigError(f"output directory {self.path} already exists and is not empty; choose a new --out", field="out")
+
+    @contextlib.contextmanager
+    def staging(self) -> Iterator[Path]:
+        parent = self.path.resolve().parent
+        parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.partial-", dir=parent))
+        try:
+            yield tmp
+            if self.path.exists():
+                self.path.rmdir()  # empty, checked above
+            os.replace(tmp, self.path)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+
+
+def write_model(model: nn.Module, path: Path) -> None:
+    """The pruned weights with the input state_dict's keys and shapes (pruned entries are 0)."""
+    save_state_dict(model.state_dict(), path)
+
+
+def _json_safe(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def write_metrics(metrics: dict[str, Any], path: Path) -> None:
+    path.write_text(json.dumps(_json_safe(metrics), indent=2) + "\n")

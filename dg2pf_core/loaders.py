@@ -1,0 +1,69 @@
+"""Batches for the loop: what the DG2PF loop iterates over, per split.
+
+The loop asks for a split's batches through the ``Loaders`` protocol, so a distributed runner can
+hand it sharded loaders without the loop knowing. ``LocalLoaders`` is the single-process version.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Protocol
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+
+
+class Loaders(Protocol):
+    def train(self, epoch: int) -> Iterable[Batch]: ...
+    def train_batches(self) -> int: ...
+    def val(self) -> Iterable[Batch]: ...
+    def test(self) -> Iterable[Batch] | None: ...
+
+
+def epoch_generator(seed: int, epoch: int) -> torch.Generator:
+    """The shuffling of epoch ``epoch`` depends only on (seed, epoch): a resumed run sees the same order."""
+    g = torch.Generator()
+    g.manual_seed(seed * 1_000_003 + epoch)
+    return g
+
+
+class LocalLoaders:
+    def __init__(
+        self,
+        train: Dataset,
+        val: Dataset,
+        test: Dataset | None,
+        *,
+        batch_size: int,
+        eval_batch_size: int,
+        seed: int,
+        workers: int = 0,
+        pin_memory: bool = False,
+    ) -> None:
+        self._train, self._val, self._test = train, val, test
+        self._batch, self._eval_batch, self._seed = batch_size, eval_batch_size, seed
+        self._kw = {"num_workers": workers, "pin_memory": pin_memory, "persistent_workers": False}
+
+    def train(self, epoch: int) -> DataLoader:
+        return DataLoader(
+            self._train,
+            batch_size=self._batch,
+            shuffle=True,
+            drop_last=len(self._train) > self._batch,  # avoid a BatchNorm batch of 1
+            generator=epoch_generator(self._seed, epoch),
+            **self._kw,
+        )
+
+    def train_batches(self) -> int:
+        n = len(self._train)
+        return n // self._batch if n > self._batch else 1
+
+    def val(self) -> DataLoader:
+        return DataLoader(self._val, batch_size=self._eval_batch, shuffle=False, **self._kw)
+
+    def test(self) -> DataLoader | None:
+        if self._test is None:
+            return None
+        return DataLoader(self._test, batch_size=self._eval_batch, shuffle=False, **self._kw)

@@ -1,0 +1,309 @@
+"""The DG2PF loop: distilled gradual pruning (Algorithm 1), then pruned fine-tuning (Algorithm 2).
+
+Read top to bottom, ``run_dg2pf`` is the paper's pseudo-code:
+
+1. ``baseline``: evaluate the dense input model.
+2. ``gradual_pruning``: for each of ``pruning_epochs`` targets (linear in (0, s]), rank all prunable
+   weights by magnitude, then train one epoch with simulated pruning and self-distillation from the
+   frozen unpruned model (AdamW). After the last one the mask becomes final (hard).
+3. ``distillation``: same loss and optimiser with the final mask, while validation top-1 improves.
+4. ``finetuning``: cross-entropy only, SGD with momentum, from the best weights so far, while
+   validation top-1 improves.
+
+The result is the best model by validation top-1 among epochs at the final sparsity. After every
+epoch a reporter receives the epoch's record and the full ``TrainingState``; passing a state back as
+``resume`` continues the run from there.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import DG2PFConfig
+from .distillation import kd_loss
+from .errors import ResumeError
+from .loaders import Loaders
+from .masks import Masks, apply_masks_, magnitude_masks, mask_sparsity, select_prunable
+from .metrics import Accuracy, autocast_context, evaluate
+from .schedule import sparsity_targets
+from .simulated import _backup, _restore, hard_step, simulated_step
+from .state import EpochRecord, TrainingState, fingerprint
+
+
+class Reporter(Protocol):
+    """Called after every epoch. ``state`` references live tensors: save it before returning."""
+
+    def __call__(self, record: EpochRecord, state: TrainingState) -> None: ...
+
+
+class Progress(Protocol):
+    def start_epoch(self, phase: str, epoch: int, sparsity: float, batches: int) -> None: ...
+    def batch(self, loss: float) -> None: ...
+    def end_epoch(self, record: EpochRecord) -> None: ...
+
+
+class _NoProgress:
+    def start_epoch(self, phase: str, epoch: int, sparsity: float, batches: int) -> None:
+        pass
+
+    def batch(self, loss: float) -> None:
+        pass
+
+    def end_epoch(self, record: EpochRecord) -> None:
+        pass
+
+
+@dataclass
+class DG2PFResult:
+    model: nn.Module  # best weights, pruned entries exactly 0
+    masks: Masks
+    history: list[dict]
+    best_epoch: int
+    best_val_top1: float
+    baseline_val_top1: float
+    baseline_test_top1: float | None
+    test: Accuracy | None
+    epochs: int
+    extra: dict = field(default_factory=dict)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+class _Run:
+    """The pieces one run needs, built once; the phases below are written against it."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        teacher: nn.Module,
+        loaders: Loaders,
+        config: DG2PFConfig,
+        device: torch.device,
+        progress: Progress,
+        reporter: Reporter | None,
+    ) -> None:
+        self.model, self.teacher, self.loaders, self.cfg = model, teacher, loaders, config
+        self.device, self.progress, self.reporter = device, progress, reporter
+        self.params = select_prunable(_unwrap(model), config.selection()).params
+        self.all_params = [p for p in model.parameters() if p.requires_grad]
+        self.targets = sparsity_targets(config.schedule, config.sparsity, config.pruning_epochs)
+        self.scaler = torch.amp.GradScaler("cuda") if config.amp == "fp16" and device.type == "cuda" else None
+        self.optimizer: torch.optim.Optimizer = self.adamw()
+
+    # --- optimisers ---
+    def adamw(self) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(self.all_params, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
+
+    def sgd(self) -> torch.optim.Optimizer:
+        c = self.cfg
+        return torch.optim.SGD(self.all_params, lr=c.finetune_lr, momentum=c.finetune_momentum, weight_decay=c.finetune_weight_decay)
+
+    # --- losses ---
+    def distilled_loss(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad(), autocast_context(self.device, self.cfg.amp):
+            teacher_logits = self.teacher(inputs)
+        with autocast_context(self.device, self.cfg.amp):
+            student_logits = self.model(inputs)
+        return kd_loss(student_logits, teacher_logits, targets, self.cfg.kd_temperature, self.cfg.kd_alpha)
+
+    def ce_loss(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        with autocast_context(self.device, self.cfg.amp):
+            logits = self.model(inputs)
+        return F.cross_entropy(logits.float(), targets)
+
+    # --- one epoch ---
+    def train_epoch(self, state: TrainingState, masks: Masks, *, simulated: bool, distill: bool, sparsity: float) -> float:
+        self.model.train()
+        self.progress.start_epoch(state.phase, state.epoch + 1, sparsity, self.loaders.train_batches())
+        loss_fn = self.distilled_loss if distill else self.ce_loss
+        total, batches = 0.0, 0
+        for inputs, targets in self.loaders.train(state.epoch):
+            inputs, targets = inputs.to(self.device, non_blocking=True), targets.to(self.device, non_blocking=True)
+            compute = lambda: loss_fn(inputs, targets)  # noqa: E731
+            common = {"clip_params": self.all_params, "clip_norm": self.cfg.grad_clip if distill else None, "scaler": self.scaler}
+            if simulated:
+                loss = simulated_step(compute, self.optimizer, self.params, masks, recovery=self.cfg.recovery, **common)
+            else:
+                loss = hard_step(compute, self.optimizer, self.params, masks, **common)
+            value = float(loss)
+            if not math.isfinite(value):
+                raise FloatingPointError(
+                    f"training loss became {value} in epoch {state.epoch + 1} ({state.phase}); lower lr/finetune_lr"
+                )
+            total += value
+            batches += 1
+            self.progress.batch(value)
+        return total / max(batches, 1)
+
+    def validate(self, masks: Masks | None = None) -> Accuracy:
+        """Validation top-1; with ``masks``, of the network as pruned by them (weights restored after)."""
+        if masks is None:
+            return evaluate(self.model, self.loaders.val(), self.device, self.cfg.amp)
+        backup = _backup(self.params, masks)
+        apply_masks_(self.params, masks)
+        try:
+            return evaluate(self.model, self.loaders.val(), self.device, self.cfg.amp)
+        finally:
+            _restore(self.params, masks, backup)
+
+    def lr(self) -> float:
+        return float(self.optimizer.param_groups[0]["lr"])
+
+    # --- bookkeeping ---
+    def finish_epoch(self, state: TrainingState, masks: Masks, record: EpochRecord) -> None:
+        state.masks = masks
+        state.model = _unwrap(self.model).state_dict()
+        state.optimizer_kind = "sgd" if isinstance(self.optimizer, torch.optim.SGD) else "adamw"
+        state.optimizer = self.optimizer.state_dict()
+        state.history.append(record.to_dict())
+        state.rng_cpu = torch.get_rng_state()
+        state.rng_cuda = torch.cuda.get_rng_state_all() if self.device.type == "cuda" else []
+        self.progress.end_epoch(record)
+        if self.reporter is not None:
+            self.reporter(record, state)
+
+    def consider_best(self, state: TrainingState, val: Accuracy) -> bool:
+        """Track the best epoch at the final sparsity; ``stale`` counts epochs without improvement."""
+        if state.best_val_top1 is None or val.top1 > state.best_val_top1:
+            state.best_val_top1, state.best_epoch = val.top1, state.epoch
+            state.best_model = {k: v.detach().clone() for k, v in _unwrap(self.model).state_dict().items()}
+            state.stale = 0
+            return True
+        state.stale += 1
+        return False
+
+    def restore(self, state: TrainingState) -> Masks:
+        _unwrap(self.model).load_state_dict(state.model)
+        masks = {k: v.to(self.device) for k, v in state.masks.items()}
+        if state.optimizer_kind == "sgd":
+            self.optimizer = self.sgd()
+        if state.optimizer:
+            self.optimizer.load_state_dict(state.optimizer)
+        if state.rng_cpu is not None:
+            torch.set_rng_state(state.rng_cpu)
+        if state.rng_cuda and self.device.type == "cuda":
+            torch.cuda.set_rng_state_all(state.rng_cuda)
+        return masks
+
+
+def run_dg2pf(
+    model: nn.Module,
+    loaders: Loaders,
+    config: DG2PFConfig,
+    *,
+    teacher: nn.Module | None = None,
+    reporter: Reporter | None = None,
+    progress: Progress | None = None,
+    resume: TrainingState | None = None,
+    device: torch.device | None = None,
+) -> DG2PFResult:
+    """Prune ``model`` (pre-trained, dense) to ``config.sparsity`` with DG2PF.
+
+    ``teacher`` defaults to a frozen copy of ``model`` as passed in (self-distillation), so when
+    resuming pass the same input model and teacher as the original run.
+    """
+    device = device or resolve_device(config.device)
+    torch.manual_seed(config.seed)
+    model.to(device)
+    teacher = copy.deepcopy(_unwrap(model)) if teacher is None else teacher
+    teacher.to(device).eval().requires_grad_(False)
+    teacher_id = fingerprint(teacher.state_dict())
+
+    run = _Run(model, teacher, loaders, config, device, progress or _NoProgress(), reporter)
+    masks: Masks = {}
+    if resume is None:
+        state = TrainingState(teacher_fingerprint=teacher_id, config=config.to_dict())
+    else:
+        state = resume
+        if state.teacher_fingerprint != teacher_id:
+            raise ResumeError("the training checkpoint was made with a different input model/teacher; resume with the original checkpoint")
+        masks = run.restore(state)
+
+    # 1. Baseline: the dense input model.
+    if state.phase == "baseline":
+        t0 = time.perf_counter()
+        val = run.validate()
+        test_loader = loaders.test()
+        test = evaluate(model, test_loader, device, config.amp) if test_loader is not None else None
+        state.baseline = {"val_top1": val.top1, "val_top5": val.top5, "test_top1": test.top1 if test else None, "test_top5": test.top5 if test else None}
+        state.phase = "gradual_pruning"
+        run.finish_epoch(state, masks, EpochRecord("baseline", 0, 0.0, None, val.top1, val.top5, None, time.perf_counter() - t0))
+
+    # 2. Distilled gradual pruning with simulated pruning (Algorithm 1, i <= s_e).
+    while state.phase == "gradual_pruning":
+        t0 = time.perf_counter()
+        target = run.targets[state.epoch]
+        masks = magnitude_masks(run.params, target, config.scope)
+        loss = run.train_epoch(state, masks, simulated=True, distill=True, sparsity=target)
+        state.epoch += 1
+        last = state.epoch == config.pruning_epochs
+        if last:
+            apply_masks_(run.params, masks)  # the mask is final from here on
+            val = run.validate()
+            best = run.consider_best(state, val)
+            state.phase = "distillation"
+        else:
+            val, best = run.validate(masks), False
+        record = EpochRecord("gradual_pruning", state.epoch, mask_sparsity(masks), loss, val.top1, val.top5, run.lr(), time.perf_counter() - t0, best)
+        run.finish_epoch(state, masks, record)
+
+    # 3. Distilled training with the final mask while validation top-1 improves (Algorithm 1, i > s_e).
+    while state.phase == "distillation":
+        if state.stale >= config.patience or state.epoch >= config.max_epochs:
+            # 4. Pruned fine-tuning starts from the best weights so far, with a fresh SGD optimiser.
+            _unwrap(run.model).load_state_dict(state.best_model)
+            run.optimizer = run.sgd()
+            state.phase, state.stale = "finetuning", 0
+            break
+        t0 = time.perf_counter()
+        loss = run.train_epoch(state, masks, simulated=False, distill=True, sparsity=config.sparsity)
+        state.epoch += 1
+        val = run.validate()
+        best = run.consider_best(state, val)
+        run.finish_epoch(state, masks, EpochRecord("distillation", state.epoch, mask_sparsity(masks), loss, val.top1, val.top5, run.lr(), time.perf_counter() - t0, best))
+
+    # 4. Pruned fine-tuning: cross-entropy, SGD, while validation top-1 improves (Algorithm 2).
+    while state.phase == "finetuning":
+        if state.stale >= config.patience or state.epoch >= config.max_epochs:
+            state.phase = "done"
+            break
+        t0 = time.perf_counter()
+        loss = run.train_epoch(state, masks, simulated=False, distill=False, sparsity=config.sparsity)
+        state.epoch += 1
+        val = run.validate()
+        best = run.consider_best(state, val)
+        run.finish_epoch(state, masks, EpochRecord("finetuning", state.epoch, mask_sparsity(masks), loss, val.top1, val.top5, run.lr(), time.perf_counter() - t0, best))
+
+    # The result: the best epoch at the final sparsity.
+    _unwrap(run.model).load_state_dict(state.best_model)
+    apply_masks_(run.params, masks)
+    test_loader = loaders.test()
+    test = evaluate(run.model, test_loader, device, config.amp) if test_loader is not None else None
+    return DG2PFResult(
+        model=_unwrap(run.model),
+        masks=masks,
+        history=list(state.history),
+        best_epoch=int(state.best_epoch or 0),
+        best_val_top1=float(state.best_val_top1 or 0.0),
+        baseline_val_top1=float(state.baseline["val_top1"]),
+        baseline_test_top1=state.baseline.get("test_top1"),
+        test=test,
+        epochs=state.epoch,
+    )

@@ -1,0 +1,117 @@
+"""Architecture registry: a name in, a freshly initialised model out.
+
+Two kinds of names resolve here:
+
+* names registered with :func:`register_arch` (``cifar/resnet18``, ``digits_cnn``, ...);
+* ``torchvision/<model>`` for every torchvision *classification* model. These are resolved
+  on lookup rather than registered up front so that a newer torchvision brings its models
+  along without a code change. They are always built with ``weights=None``: dg2pf never
+  downloads weights, the user brings a checkpoint.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass
+from typing import Callable
+
+import torch.nn as nn
+import torchvision
+
+from dg2pf_core.errors import ConfigError, UnknownArchitectureError
+
+TORCHVISION_PREFIX = "torchvision/"
+
+Builder = Callable[[int], nn.Module]
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    """What dg2pf needs to know about an architecture besides its weights."""
+
+    name: str
+    builder: Builder  # num_classes -> freshly initialised model
+    input_size: int  # default square input size, pixels
+    in_channels: int
+    description: str
+
+
+_REGISTRY: dict[str, ArchSpec] = {}
+
+
+def register_arch(
+    name: str, *, input_size: int, in_channels: int, description: str
+) -> Callable[[Builder], Builder]:
+    """Decorator registering ``builder(num_classes) -> nn.Module`` under ``name``."""
+    if name.startswith(TORCHVISION_PREFIX):
+        # That namespace is resolved dynamically; a static entry would shadow it silently.
+        raise ValueError(f"'{TORCHVISION_PREFIX}' names are reserved for torchvision models: {name!r}")
+
+    def decorate(builder: Builder) -> Builder:
+        if name in _REGISTRY:
+            raise ValueError(f"architecture {name!r} is registered twice")
+        _REGISTRY[name] = ArchSpec(
+            name=name,
+            builder=builder,
+            input_size=input_size,
+            in_channels=in_channels,
+            description=description,
+        )
+        return builder
+
+    return decorate
+
+
+def _torchvision_classifiers() -> list[str]:
+    # module=torchvision.models restricts to classification (excludes detection, video, ...).
+    return sorted(torchvision.models.list_models(module=torchvision.models))
+
+
+def _torchvision_spec(model_name: str) -> ArchSpec:
+    def build(num_classes: int) -> nn.Module:
+        return torchvision.models.get_model(model_name, weights=None, num_classes=num_classes)
+
+    return ArchSpec(
+        name=TORCHVISION_PREFIX + model_name,
+        builder=build,
+        input_size=224,
+        in_channels=3,
+        description=f"torchvision {model_name} (ImageNet-style, randomly initialised)",
+    )
+
+
+def list_archs() -> list[str]:
+    """Every architecture name :func:`get_arch` accepts, sorted."""
+    names = set(_REGISTRY)
+    names.update(TORCHVISION_PREFIX + n for n in _torchvision_classifiers())
+    return sorted(names)
+
+
+def get_arch(name: str) -> ArchSpec:
+    """Look up an architecture; an unknown name raises with the closest known names."""
+    spec = _REGISTRY.get(name)
+    if spec is not None:
+        return spec
+    if name.startswith(TORCHVISION_PREFIX):
+        model_name = name[len(TORCHVISION_PREFIX) :]
+        if model_name in _torchvision_classifiers():
+            return _torchvision_spec(model_name)
+    raise UnknownArchitectureError(_unknown_message(name))
+
+
+def _unknown_message(name: str) -> str:
+    close = difflib.get_close_matches(name, list_archs(), n=3, cutoff=0.6)
+    hint = f"; did you mean: {', '.join(close)}?" if close else ""
+    return f"unknown architecture {name!r}{hint} (see `dg2pf archs`)"
+
+
+def build_model(name: str, num_classes: int) -> nn.Module:
+    """A freshly initialised ``name`` model with a ``num_classes``-way classifier."""
+    spec = get_arch(name)
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
+        raise ConfigError(
+            f"num_classes must be an integer >= 2 (a classifier needs at least two classes), "
+            f"got {num_classes!r}",
+            field="num_classes",
+        )
+    return spec.builder(num_classes)

@@ -1,0 +1,100 @@
+"""The full state of a DG2PF run, as saved after every epoch and read back to resume.
+
+Everything needed to continue bit-for-bit on CPU: student weights and buffers, masks, optimiser
+state, phase and epoch counters, early-stopping bookkeeping, the best weights so far, RNG state and
+the history. Stored with ``torch.save`` and read with ``weights_only=True`` (tensors and plain
+containers only), so reading a checkpoint never runs code.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import ResumeError
+
+FORMAT = "dg2pf-train-state/1"
+STATE_FILE = "train_state.pt"
+
+PHASES = ("baseline", "gradual_pruning", "distillation", "finetuning", "done")
+
+
+@dataclass
+class EpochRecord:
+    phase: str
+    epoch: int  # training epochs completed (0 for the baseline evaluation)
+    sparsity: float  # sparsity of the prunable weights the epoch trained at
+    train_loss: float | None
+    val_top1: float
+    val_top5: float
+    lr: float | None
+    seconds: float
+    is_best: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class TrainingState:
+    phase: str = "baseline"
+    epoch: int = 0  # training epochs completed, all phases
+    stale: int = 0  # epochs since validation top-1 last improved (distillation / fine-tuning)
+    model: dict[str, torch.Tensor] = field(default_factory=dict)
+    masks: dict[str, torch.Tensor] = field(default_factory=dict)
+    optimizer_kind: str = "adamw"
+    optimizer: dict[str, Any] = field(default_factory=dict)
+    best_val_top1: float | None = None
+    best_epoch: int | None = None
+    best_model: dict[str, torch.Tensor] = field(default_factory=dict)
+    baseline: dict[str, float | None] = field(default_factory=dict)
+    history: list[dict[str, Any]] = field(default_factory=list)
+    rng_cpu: torch.Tensor | None = None
+    rng_cuda: list[torch.Tensor] = field(default_factory=list)
+    teacher_fingerprint: str = ""
+    config: dict[str, Any] = field(default_factory=dict)
+
+    def to_payload(self) -> dict[str, Any]:
+        return {"format": FORMAT, **{k: getattr(self, k) for k in self.__dataclass_fields__}}
+
+    def save(self, directory: str | Path) -> Path:
+        """Write ``directory/train_state.pt`` atomically (temp file + rename)."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        path = directory / STATE_FILE
+        tmp = path.with_suffix(".tmp")
+        torch.save(self.to_payload(), tmp)
+        os.replace(tmp, path)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> "TrainingState":
+        path = Path(path)
+        if path.is_dir():
+            path = path / STATE_FILE
+        if not path.is_file():
+            raise ResumeError(f"no training checkpoint at {path}")
+        try:
+            payload = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # noqa: BLE001 - any unreadable file is the user's input problem
+            raise ResumeError(f"cannot read training checkpoint {path}: {exc}") from exc
+        if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+            raise ResumeError(f"{path} is not a dg2pf training checkpoint ({FORMAT})")
+        payload.pop("format")
+        return cls(**{k: v for k, v in payload.items() if k in cls.__dataclass_fields__})
+
+
+def fingerprint(state_dict: dict[str, torch.Tensor]) -> str:
+    """sha256 over names, shapes and bytes: identifies the teacher a run distils from."""
+    h = hashlib.sha256()
+    for name in sorted(state_dict):
+        t = state_dict[name].detach().cpu().contiguous().reshape(-1)
+        h.update(name.encode())
+        h.update(str(tuple(t.shape)).encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
