@@ -10,15 +10,18 @@ from dg2pf_core.state import EpochRecord
 
 
 class EpochBars:
+    """tqdm bars on a terminal; one plain line per epoch when stderr is a log file or pipe."""
+
     def __init__(self, enabled: bool = True) -> None:
         self.enabled = enabled
+        self.tty = sys.stderr.isatty()
         self.bar: tqdm | None = None
         self.loss_sum = 0.0
         self.batches = 0
 
     def start_epoch(self, phase: str, epoch: int, sparsity: float, batches: int) -> None:
         self.loss_sum, self.batches = 0.0, 0
-        if self.enabled:
+        if self.enabled and self.tty:
             self.bar = tqdm(total=batches, desc=f"epoch {epoch:>3} {phase:<15} sparsity {sparsity:6.2%}", file=sys.stderr, leave=True, dynamic_ncols=True)
 
     def batch(self, loss: float) -> None:
@@ -33,8 +36,15 @@ class EpochBars:
             if self.enabled:
                 print(f"baseline (dense) val top-1 {record.val_top1:.2f}%", file=sys.stderr)
             return
+        star = " *best" if record.is_best else ""
+        summary = f"loss {record.train_loss:.4f} val top-1 {record.val_top1:.2f}%{star}"
         if self.bar is not None:
-            star = " *best" if record.is_best else ""
-            self.bar.set_postfix_str(f"loss {record.train_loss:.4f} val top-1 {record.val_top1:.2f}%{star}")
+            self.bar.set_postfix_str(summary)
             self.bar.close()
             self.bar = None
+        elif self.enabled:
+            print(
+                f"epoch {record.epoch:>3} {record.phase:<15} sparsity {record.sparsity:6.2%}  {summary}  ({record.seconds:.1f} s)",
+                file=sys.stderr,
+                flush=True,
+            )

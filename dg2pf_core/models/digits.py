@@ -1,8 +1,8 @@
 """A small CNN for 16x16 greyscale digits: the fast, CPU-only demo and test architecture.
 
-It is deliberately wider than the task needs (~0.4 M weights for 16x16 digits) so that
-high-sparsity pruning (90 %+) followed by retraining keeps accuracy, which is what the demo
-and end-to-end tests check; an epoch on a few thousand images still takes seconds on 2 cores.
+About 94 k weights, all in convolutions: compact enough that one-shot magnitude pruning to 90%
+breaks it (test top-1 falls to ~20%), large enough that DG2PF recovers full accuracy at 90%, which
+is what the demo and the end-to-end tests check. An epoch of the digits takes ~1-2 s on 2 cores.
 """
 
 from __future__ import annotations
@@ -30,22 +30,17 @@ class DigitsCNN(nn.Module):
             nn.MaxPool2d(2),
             *_conv_bn_relu(64, 128),
             nn.MaxPool2d(2),
-            # Fixes the classifier's input width whatever the image size, so the same
-            # architecture serves 16x16 digits and larger greyscale inputs.
-            nn.AdaptiveAvgPool2d((4, 4)),
-        )
-        self.head = nn.Sequential(
+            # Global pooling: any input size works, and there is no wide fully connected layer
+            # whose redundancy would make pruning look easier than it is on real networks.
+            nn.AdaptiveAvgPool2d(1),
             nn.Flatten(),
-            nn.Linear(128 * 4 * 4, 128),
-            nn.ReLU(inplace=True),
-            nn.Dropout(0.2),
         )
         # Registered last on purpose: pruning and distillation code take the last Conv/Linear
         # in module order to be the classifier.
         self.classifier = nn.Linear(128, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classifier(self.head(self.features(x)))
+        return self.classifier(self.features(x))
 
 
 @register_arch(

@@ -1,0 +1,73 @@
+"""DG2PF on real data (scikit-learn's handwritten digits), through the CLI: the algorithm must matter."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from dg2pf_core.checkpoints import read_state_dict
+from dg2pf_core.job import load_data, load_model
+from dg2pf_core.masks import apply_masks_, magnitude_masks, select_prunable
+from dg2pf_core.metrics import evaluate
+
+from test_cli import dg2pf
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def pruned(digits_example, tmp_path_factory):
+    out = tmp_path_factory.mktemp("pruned") / "digits90"
+    result = dg2pf("prune", "--arch", "digits_cnn", "--num-classes", "10", "--checkpoint", str(digits_example / "model.safetensors"),
+                   "--dataset", "digits", "--sparsity", "0.9", "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    return out, json.loads((out / "metrics.json").read_text())
+
+
+def test_pretrained_example_reaches_95_percent(digits_example):
+    metrics = json.loads((digits_example / "metrics.json").read_text())
+    assert metrics["test_top1"] >= 95.0
+
+
+def test_dg2pf_90_percent_keeps_accuracy(pruned):
+    out, m = pruned
+    assert abs(m["sparsity_prunable"] - 0.9) <= 0.001
+    assert m["test_top1"] >= m["baseline_test_top1"] - 2.0
+    required = {"target_sparsity", "sparsity_prunable", "sparsity_total", "params_total", "params_nonzero", "flops_dense",
+                "flops_sparse", "baseline_test_top1", "test_top1", "val_top1", "epochs", "world_size", "history"}
+    assert required <= m.keys() and m["world_size"] == 1
+    assert m["flops_sparse"] < 0.2 * m["flops_dense"]
+    for rec in m["history"]:
+        assert {"phase", "epoch", "sparsity", "train_loss", "val_top1", "lr", "seconds"} <= rec.keys()
+    assert [r["phase"] for r in m["history"]][:2] == ["baseline", "gradual_pruning"]
+
+
+def test_output_has_the_input_keys_and_shapes_with_pruned_zeros(pruned, digits_example):
+    out, m = pruned
+    before, after = read_state_dict(digits_example / "model.safetensors"), read_state_dict(out / "model.safetensors")
+    assert {k: v.shape for k, v in before.items()} == {k: v.shape for k, v in after.items()}
+    zeros = sum(int((after[k] == 0).sum()) for k in after if k.endswith("weight") and after[k].dim() > 1)
+    assert zeros >= round(0.9 * m["params_prunable"])
+
+
+def test_one_shot_magnitude_pruning_is_far_worse(pruned, digits_example):
+    _, m = pruned
+    spec, model = load_model("digits_cnn", 10, digits_example / "model.safetensors")
+    params = select_prunable(model).params
+    apply_masks_(params, magnitude_masks(params, 0.9))
+    splits, _ = load_data("digits", spec, 10, None, 0.1, 0)
+    one_shot = evaluate(model, DataLoader(splits.test, batch_size=256), torch.device("cpu")).top1
+    assert one_shot <= m["test_top1"] - 10.0, (one_shot, m["test_top1"])
+
+
+def test_evaluate_command_agrees_with_the_job(pruned):
+    out, m = pruned
+    result = dg2pf("evaluate", "--arch", "digits_cnn", "--num-classes", "10", "--checkpoint", str(out / "model.safetensors"),
+                   "--dataset", "digits", "--json")
+    assert result.returncode == 0, result.stderr
+    r = json.loads(result.stdout)
+    assert r["top1"] == pytest.approx(m["test_top1"])
+    assert r["sparsity_prunable"] == pytest.approx(0.9, abs=1e-4)  # round(0.9 * N) / N

@@ -1,0 +1,113 @@
+"""The DG2PF loop: phase order, final sparsity, best-model choice, pruned weights stay 0, resume."""
+
+import pytest
+import torch
+
+from dg2pf_core import DG2PFConfig, TrainingState, run_dg2pf
+from dg2pf_core.errors import ConfigError, ResumeError
+from dg2pf_core.masks import select_prunable
+
+from conftest import TinyNet
+
+CFG = dict(sparsity=0.8, pruning_epochs=3, patience=2, max_epochs=12, batch_size=16, lr=5e-3, finetune_lr=1e-2, seed=0)
+
+
+def _model() -> TinyNet:
+    torch.manual_seed(0)
+    return TinyNet()
+
+
+class Watch:
+    """Reporter + progress: saves every epoch's state and checks hard-masked steps."""
+
+    def __init__(self, save_dir=None):
+        self.save_dir, self.records, self.masks, self.phase, self.model = save_dir, [], None, None, None
+        self.zero_checks = 0
+
+    def __call__(self, record, state):
+        self.records.append(record)
+        self.masks = {k: v.clone() for k, v in state.masks.items()}
+        if self.save_dir is not None:
+            state.save(self.save_dir / f"epoch{record.epoch}")
+
+    def start_epoch(self, phase, epoch, sparsity, batches):
+        self.phase = phase
+
+    def batch(self, loss):
+        if self.phase in ("distillation", "finetuning"):
+            params = select_prunable(self.model).params
+            for name, mask in self.masks.items():
+                assert (params[name][mask] == 0).all(), f"pruned weight of {name} nonzero in {self.phase}"
+            self.zero_checks += 1
+
+    def end_epoch(self, record):
+        pass
+
+
+def test_phases_sparsity_and_best_model(tiny_loaders):
+    model = _model()
+    w = Watch()
+    w.model = model
+    result = run_dg2pf(model, tiny_loaders, DG2PFConfig(**CFG), reporter=w, progress=w)
+    phases = [r.phase for r in w.records]
+    assert phases[0] == "baseline"
+    assert phases[1:4] == ["gradual_pruning"] * 3
+    assert set(phases[4:]) <= {"distillation", "finetuning"} and "finetuning" in phases
+    assert phases == sorted(phases, key=["baseline", "gradual_pruning", "distillation", "finetuning"].index)
+    assert [r.sparsity for r in w.records[1:4]] == pytest.approx([0.8 / 3, 1.6 / 3, 0.8], abs=1e-3)
+    assert w.zero_checks > 0
+    # the result: exactly the target sparsity, the best validation epoch at the final sparsity
+    params = select_prunable(result.model).params
+    n = sum(p.numel() for p in params.values())
+    assert sum(int((p == 0).sum()) for p in params.values()) >= round(0.8 * n)
+    assert sum(int(m.sum()) for m in result.masks.values()) == round(0.8 * n)
+    final = [r for r in w.records if r.epoch >= 3]
+    best = max(final, key=lambda r: r.val_top1)
+    assert result.best_val_top1 == best.val_top1
+    assert result.best_epoch >= 3  # never an epoch below the final sparsity
+    assert result.epochs <= CFG["max_epochs"]
+
+
+@pytest.mark.parametrize("stop_after", [2, 5, 8])
+def test_resume_ends_with_the_same_weights(tiny_loaders, tmp_path, stop_after):
+    full = Watch(tmp_path)
+    result = run_dg2pf(_model(), tiny_loaders, DG2PFConfig(**CFG), reporter=full)
+    assert stop_after < full.records[-1].epoch
+    state = TrainingState.load(tmp_path / f"epoch{stop_after}")
+    resumed = Watch()
+    again = run_dg2pf(_model(), tiny_loaders, DG2PFConfig(**CFG), reporter=resumed, resume=state)
+    a, b = result.model.state_dict(), again.model.state_dict()
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    # the resumed run continues the history: no epoch repeated or lost
+    assert [r.epoch for r in resumed.records] == [r.epoch for r in full.records if r.epoch > stop_after]
+    assert len(again.history) == len(result.history)
+
+
+def test_resume_with_another_input_model_is_refused(tiny_loaders, tmp_path):
+    run_dg2pf(_model(), tiny_loaders, DG2PFConfig(**{**CFG, "max_epochs": 4}), reporter=Watch(tmp_path))
+    state = TrainingState.load(tmp_path / "epoch2")
+    torch.manual_seed(1)
+    with pytest.raises(ResumeError, match="different input model"):
+        run_dg2pf(TinyNet(), tiny_loaders, DG2PFConfig(**CFG), resume=state)
+
+
+def test_unreadable_training_checkpoint(tmp_path):
+    (tmp_path / "train_state.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ResumeError, match="cannot read"):
+        TrainingState.load(tmp_path)
+    with pytest.raises(ResumeError, match="no training checkpoint"):
+        TrainingState.load(tmp_path / "missing")
+
+
+@pytest.mark.parametrize(
+    "override, field",
+    [({"sparsity": 0.0}, "sparsity"), ({"sparsity": 1.0}, "sparsity"), ({"recovery": "magic"}, "recovery"),
+     ({"schedule": "exp"}, "schedule"), ({"kd_alpha": 2.0}, "kd_alpha"), ({"max_epochs": 2}, "max_epochs"),
+     ({"include": ["("]}, "include"), ({"patience": 0}, "patience")],
+)
+def test_config_validation_names_the_field(override, field):
+    with pytest.raises(ConfigError) as info:
+        DG2PFConfig(**{**CFG, **override})
+    assert info.value.field == field
