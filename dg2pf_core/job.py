@@ -68,7 +68,7 @@ class PreparedJob:
 def load_model(arch: str, num_classes: int, checkpoint: str | Path) -> tuple[ArchSpec, nn.Module]:
     spec = get_arch(arch)
     model = build_model(arch, num_classes)
-    load_into(model, read_state_dict(checkpoint), what=f"{arch} with {num_classes} classes")
+    load_into(model, read_state_dict(checkpoint), arch=f"{arch} with num_classes={num_classes}")
     return spec, model
 
 

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import DG2PFConfig
+from . import distributed
 from .distillation import kd_loss
 from .errors import ResumeError
 from .loaders import Loaders
@@ -150,16 +151,22 @@ class _Run:
             total += value
             batches += 1
             self.progress.batch(value)
-        return total / max(batches, 1)
+        return distributed.mean_across_ranks(total / max(batches, 1), self.device)
+
+    def evaluate(self, loader) -> Accuracy:
+        # The unwrapped module: DDP's forward runs collectives, and ranks may hold unequal shards.
+        module = _unwrap(self.model)
+        distributed.sync_buffers(module)
+        return evaluate(module, loader, self.device, self.cfg.amp)
 
     def validate(self, masks: Masks | None = None) -> Accuracy:
         """Validation top-1; with ``masks``, of the network as pruned by them (weights restored after)."""
         if masks is None:
-            return evaluate(self.model, self.loaders.val(), self.device, self.cfg.amp)
+            return self.evaluate(self.loaders.val())
         backup = _backup(self.params, masks)
         apply_masks_(self.params, masks)
         try:
-            return evaluate(self.model, self.loaders.val(), self.device, self.cfg.amp)
+            return self.evaluate(self.loaders.val())
         finally:
             _restore(self.params, masks, backup)
 
@@ -169,9 +176,11 @@ class _Run:
     # --- bookkeeping ---
     def finish_epoch(self, state: TrainingState, masks: Masks, record: EpochRecord) -> None:
         state.masks = masks
+        distributed.sync_buffers(_unwrap(self.model))  # the saved state is rank 0's on every rank
         state.model = _unwrap(self.model).state_dict()
         state.optimizer_kind = "sgd" if isinstance(self.optimizer, torch.optim.SGD) else "adamw"
         state.optimizer = self.optimizer.state_dict()
+        record.restarts = state.restarts
         state.history.append(record.to_dict())
         state.rng_cpu = torch.get_rng_state()
         state.rng_cuda = torch.cuda.get_rng_state_all() if self.device.type == "cuda" else []
@@ -235,13 +244,14 @@ def run_dg2pf(
         if state.teacher_fingerprint != teacher_id:
             raise ResumeError("the training checkpoint was made with a different input model/teacher; resume with the original checkpoint")
         masks = run.restore(state)
+        state.restarts += 1  # the history shows where a run was resumed
 
     # 1. Baseline: the dense input model.
     if state.phase == "baseline":
         t0 = time.perf_counter()
         val = run.validate()
         test_loader = loaders.test()
-        test = evaluate(model, test_loader, device, config.amp) if test_loader is not None else None
+        test = run.evaluate(test_loader) if test_loader is not None else None
         state.baseline = {"val_top1": val.top1, "val_top5": val.top5, "test_top1": test.top1 if test else None, "test_top5": test.top5 if test else None}
         state.phase = "gradual_pruning"
         run.finish_epoch(state, masks, EpochRecord("baseline", 0, 0.0, None, val.top1, val.top5, None, time.perf_counter() - t0))
@@ -250,7 +260,7 @@ def run_dg2pf(
     while state.phase == "gradual_pruning":
         t0 = time.perf_counter()
         target = run.targets[state.epoch]
-        masks = magnitude_masks(run.params, target, config.scope)
+        masks = distributed.sync_masks(magnitude_masks(run.params, target, config.scope))
         loss = run.train_epoch(state, masks, simulated=True, distill=True, sparsity=target)
         state.epoch += 1
         last = state.epoch == config.pruning_epochs
@@ -295,7 +305,7 @@ def run_dg2pf(
     _unwrap(run.model).load_state_dict(state.best_model)
     apply_masks_(run.params, masks)
     test_loader = loaders.test()
-    test = evaluate(run.model, test_loader, device, config.amp) if test_loader is not None else None
+    test = run.evaluate(test_loader) if test_loader is not None else None
     return DG2PFResult(
         model=_unwrap(run.model),
         masks=masks,

@@ -35,6 +35,7 @@ class EpochRecord:
     lr: float | None
     seconds: float
     is_best: bool = False
+    restarts: int = 0  # how many times the run had been resumed from a checkpoint before this epoch
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -45,6 +46,7 @@ class TrainingState:
     phase: str = "baseline"
     epoch: int = 0  # training epochs completed, all phases
     stale: int = 0  # epochs since validation top-1 last improved (distillation / fine-tuning)
+    restarts: int = 0  # resumes from a checkpoint so far
     model: dict[str, torch.Tensor] = field(default_factory=dict)
     masks: dict[str, torch.Tensor] = field(default_factory=dict)
     optimizer_kind: str = "adamw"

@@ -83,6 +83,8 @@ def test_resume_ends_with_the_same_weights(tiny_loaders, tmp_path, stop_after):
     # the resumed run continues the history: no epoch repeated or lost
     assert [r.epoch for r in resumed.records] == [r.epoch for r in full.records if r.epoch > stop_after]
     assert len(again.history) == len(result.history)
+    assert all(r.restarts == 1 for r in resumed.records)
+    assert all(r["restarts"] == 0 for r in again.history[: stop_after + 1])
 
 
 def test_resume_with_another_input_model_is_refused(tiny_loaders, tmp_path):
