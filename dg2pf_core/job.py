@@ -7,6 +7,7 @@ with a message, never after an hour of work.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -20,7 +21,7 @@ from .config import DG2PFConfig
 from .data import DataRequest, DataSplits, load_dataset
 from .errors import ConfigError, DatasetError
 from .export import OutputDir, write_metrics, write_model
-from .loaders import LocalLoaders, Loaders
+from .loaders import LocalLoaders, Loaders, ShardedLoaders
 from .loop import DG2PFResult, Progress, Reporter, resolve_device, run_dg2pf
 from .metrics import size_report
 from .models import ArchSpec, build_model, get_arch
@@ -40,6 +41,16 @@ class PruneJob:
     image_size: int | None = None  # default: the architecture's input size
     val_fraction: float = 0.1
 
+    def to_dict(self) -> dict:
+        """Plain values only: travels to Ray workers and into job records."""
+        return {**dataclasses.asdict(self), "config": self.config.to_dict()}
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "PruneJob":
+        values = dict(values)
+        config = values.pop("config")
+        return cls(**values, config=config if isinstance(config, DG2PFConfig) else DG2PFConfig.from_dict(config))
+
 
 @dataclass
 class PreparedJob:
@@ -55,6 +66,14 @@ class PreparedJob:
     @property
     def input_shape(self) -> tuple[int, int, int]:
         return (self.arch.in_channels, self.image_size, self.image_size)
+
+    def sharded_loaders(self, rank: int, world_size: int) -> ShardedLoaders:
+        c = self.job.config
+        return ShardedLoaders(
+            self.splits.train, self.splits.val, self.splits.test, rank=rank, world_size=world_size,
+            batch_size=c.batch_size, eval_batch_size=c.eval_batch_size, seed=c.seed,
+            workers=c.loader_workers, pin_memory=self.device.type == "cuda",
+        )
 
     def local_loaders(self) -> LocalLoaders:
         c = self.job.config

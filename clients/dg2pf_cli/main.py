@@ -39,6 +39,15 @@ def _add_config_options(parser: argparse.ArgumentParser) -> None:
             group.add_argument(flag, dest=f.name, type=hint, default=None, help=f"(default: {default})")
 
 
+def _add_ray_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("Ray Train (distributed) options")
+    group.add_argument("--workers", type=int, help="run on Ray Train with N DDP workers (default: in this process)")
+    group.add_argument("--gpu", action="store_true", help="one GPU per worker (NCCL)")
+    group.add_argument("--ray-address", help="existing Ray cluster (default: $RAY_ADDRESS, else a local Ray)")
+    group.add_argument("--storage-path", help="Ray Train storage for per-epoch checkpoints (default: runs/ray-train)")
+    group.add_argument("--max-failures", type=int, default=2, help="worker failures to recover from (default: 2)")
+
+
 def _config_from(args: argparse.Namespace) -> DG2PFConfig:
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(_Config) if getattr(args, f.name, None) is not None}
     return DG2PFConfig(**values)
@@ -68,7 +77,14 @@ def _cmd_prune(args: argparse.Namespace) -> int:
         if not args.quiet:
             print(f"data: {prepared.splits.description}; device: {prepared.device}", file=sys.stderr)
 
-    m = prune_to_dir(job, args.out, progress=EpochBars(enabled=not args.quiet), on_prepared=announce)
+    if args.workers is None:
+        m = prune_to_dir(job, args.out, progress=EpochBars(enabled=not args.quiet), on_prepared=announce)
+    else:
+        from dg2pf_ray.train import RayOptions, prune_on_ray
+
+        options = RayOptions(workers=args.workers, use_gpu=args.gpu, address=args.ray_address,
+                             storage_path=args.storage_path, max_failures=args.max_failures, verbose=not args.quiet)
+        m = prune_on_ray(job, args.out, options)
     rows = [
         ("target sparsity", f"{m['target_sparsity']:.2%}"),
         ("sparsity (prunable weights)", f"{m['sparsity_prunable']:.4%}"),
@@ -134,6 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--image-size", type=int, help="input size (default: the architecture's)")
     pr.add_argument("--val-fraction", type=float, default=0.1, help="held out from train when the dataset has no val split")
     pr.add_argument("--quiet", action="store_true", help="no progress bars")
+    _add_ray_options(pr)
     _add_config_options(pr)
     pr.set_defaults(func=_cmd_prune)
 

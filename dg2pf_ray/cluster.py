@@ -1,0 +1,53 @@
+"""Finding the Ray cluster, and refusing work it can never place."""
+
+from __future__ import annotations
+
+import os
+
+import ray
+
+from dg2pf_core.errors import DG2PFError
+
+
+class ClusterError(DG2PFError):
+    field = "resources"
+
+
+def connect(address: str | None = None) -> str:
+    """Join the cluster at ``address`` (or ``RAY_ADDRESS``); without one, start a local Ray.
+
+    Returns a short description for logs. Idempotent within a process.
+    """
+    if ray.is_initialized():
+        return "ray already initialised in this process"
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    # Worker processes import dg2pf from the same installation as the driver; nothing is shipped.
+    runtime_env = {"env_vars": {"PYTHONUNBUFFERED": "1"}}
+    try:
+        if address:
+            ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
+            return f"joined Ray cluster at {address}"
+        ray.init(include_dashboard=False, runtime_env=runtime_env, log_to_driver=True)
+    except ConnectionError as exc:
+        raise ClusterError(f"cannot reach the Ray cluster at {address}: {exc}", field="ray_address") from exc
+    return "started a local Ray instance"
+
+
+def check_capacity(workers: int, use_gpu: bool, cpus_per_worker: float = 1.0) -> None:
+    """Fail fast when the cluster can never place ``workers`` training workers (instead of hanging)."""
+    if workers < 1:
+        raise ClusterError(f"workers must be >= 1, got {workers}", field="num_workers")
+    total = ray.cluster_resources()
+    cpus, gpus = total.get("CPU", 0.0), total.get("GPU", 0.0)
+    if workers * cpus_per_worker > cpus:
+        raise ClusterError(
+            f"{workers} workers need {workers * cpus_per_worker:g} CPUs but the Ray cluster has {cpus:g}; "
+            f"use --workers {max(int(cpus // cpus_per_worker), 1)} or add nodes",
+            field="num_workers",
+        )
+    if use_gpu and workers > gpus:
+        raise ClusterError(
+            f"{workers} GPU workers need {workers} GPUs but the Ray cluster has {gpus:g}; "
+            "use fewer workers, drop --gpu, or add GPU nodes",
+            field="use_gpu",
+        )

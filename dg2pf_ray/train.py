@@ -1,0 +1,161 @@
+"""DG2PF on Ray Train: one TorchTrainer run, DDP workers, a checkpoint per epoch, restarts on failure.
+
+The per-worker function is short on purpose: it builds the job with dg2pf_core, wraps the model
+with DDP, hands the loop sharded loaders, and turns the loop's per-epoch reporter into
+``ray.train.report`` calls. Everything else (masks, phases, resume) is dg2pf_core's.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import ray
+import ray.train
+import ray.train.torch
+import torch.distributed as dist
+from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+from ray.train.v2.api.exceptions import TrainingFailedError
+
+from dg2pf_core.errors import DG2PFError
+from dg2pf_core.export import OutputDir, write_metrics, write_model
+from dg2pf_core.job import PruneJob, prepare, result_metrics
+from dg2pf_core.loop import run_dg2pf
+from dg2pf_core.masks import masks_checksum
+from dg2pf_core.state import EpochRecord, TrainingState
+
+from .cluster import ClusterError, check_capacity, connect
+
+FINAL_FILES = ("model.safetensors", "metrics.json")
+
+
+@dataclass(frozen=True)
+class RayOptions:
+    workers: int = 1
+    use_gpu: bool = False
+    address: str | None = None
+    storage_path: str | None = None  # local dir, shared filesystem or object-store URI
+    max_failures: int = 2
+    run_name: str | None = None
+    verbose: bool = True
+
+
+class RunFailed(DG2PFError):
+    field = "run"
+
+
+def _gather(value) -> list:
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, value)
+    return out
+
+
+def train_worker(config: dict) -> None:
+    """Runs on every Ray Train worker (one DDP rank)."""
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    job = PruneJob.from_dict(config["job"])
+    job.config.device = str(ray.train.torch.get_device())
+    prepared = prepare(job)
+    started = time.perf_counter()
+    nodes = _gather(ray.get_runtime_context().get_node_id())
+
+    teacher = prepared.teacher if prepared.teacher is not None else copy.deepcopy(prepared.model)
+    model = ray.train.torch.prepare_model(prepared.model)  # to device + DDP
+    resume = None
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as d:
+            resume = TrainingState.load(d)
+    checksums: list[list] = []
+
+    def report(record: EpochRecord, state: TrainingState) -> None:
+        sums = _gather(masks_checksum(state.masks)) if state.masks else []
+        if sums:
+            checksums.append([record.epoch, sums])
+        metrics = {**record.to_dict(), "mask_checksums": sums, "world_size": world}
+        if rank == 0:
+            if config.get("verbose", True):
+                print(f"epoch {record.epoch:>3} {record.phase:<15} sparsity {record.sparsity:6.2%} "
+                      f"val top-1 {record.val_top1:6.2f}%{' *best' if record.is_best else ''}"
+                      f"{f' (restarts: {record.restarts})' if record.restarts else ''}", flush=True)
+            with tempfile.TemporaryDirectory() as tmp:
+                state.save(tmp)
+                ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp), checkpoint_dir_name=f"epoch_{record.epoch:04d}")
+        else:
+            ray.train.report(metrics, checkpoint=None)
+
+    result = run_dg2pf(model, prepared.sharded_loaders(rank, world), job.config, teacher=teacher,
+                       reporter=report, resume=resume, device=prepared.device)
+    metrics = result_metrics(prepared, result, world_size=world, wall_seconds=time.perf_counter() - started)
+    metrics["distributed"] = {"backend": dist.get_backend(), "worker_nodes": nodes, "mask_checksums": checksums}
+    if rank == 0:
+        with tempfile.TemporaryDirectory() as tmp:
+            write_model(result.model, Path(tmp) / "model.safetensors")
+            write_metrics(metrics, Path(tmp) / "metrics.json")
+            ray.train.report({"final": True, "epoch": result.epochs}, checkpoint=Checkpoint.from_directory(tmp), checkpoint_dir_name="final")
+    else:
+        ray.train.report({"final": True, "epoch": result.epochs}, checkpoint=None)
+
+
+def make_trainer(job: PruneJob, options: RayOptions) -> TorchTrainer:
+    storage = options.storage_path or str(Path("runs/ray-train").resolve())
+    return TorchTrainer(
+        train_worker,
+        train_loop_config={"job": job.to_dict(), "verbose": options.verbose},
+        scaling_config=ScalingConfig(num_workers=options.workers, use_gpu=options.use_gpu),
+        run_config=RunConfig(
+            name=options.run_name or f"dg2pf-{time.strftime('%Y%m%d-%H%M%S')}",
+            storage_path=storage,
+            failure_config=FailureConfig(max_failures=options.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=3),
+        ),
+    )
+
+
+def _explain(exc: Exception) -> str:
+    """The first line a user can act on, from Ray's nested worker errors."""
+    text = str(exc)
+    for line in reversed(text.splitlines()):
+        line = line.strip()
+        if line and ("Error" in line or "error" in line):
+            return line[:500]
+    return text.splitlines()[0][:500] if text else type(exc).__name__
+
+
+def prune_on_ray(job: PruneJob, out: str | Path, options: RayOptions) -> dict:
+    """Run ``job`` with ``options.workers`` DDP workers on Ray; write ``out/`` like ``prune_to_dir``."""
+    output = OutputDir(out)
+    started = time.perf_counter()
+    prepare(job)  # every input error surfaces here, in seconds, before any Ray work
+    connect(options.address)
+    check_capacity(options.workers, options.use_gpu)
+    trainer = make_trainer(job, options)
+    try:
+        result = trainer.fit()
+    except TrainingFailedError as exc:
+        raise RunFailed(f"training failed after {options.max_failures} restart(s): {_explain(exc)}") from exc
+    if result.error is not None:
+        raise RunFailed(f"training failed: {_explain(result.error)}")
+    if result.checkpoint is None:
+        raise RunFailed("training finished without a final checkpoint")
+    with result.checkpoint.as_directory() as final, output.staging() as tmp:
+        missing = [f for f in FINAL_FILES if not (Path(final) / f).exists()]
+        if missing:
+            raise RunFailed(f"the final checkpoint at {result.checkpoint.path} lacks {missing}")
+        for f in FINAL_FILES:
+            shutil.copy2(Path(final) / f, tmp / f)
+    metrics = json.loads((Path(out) / "metrics.json").read_text())
+    metrics["driver_wall_seconds"] = time.perf_counter() - started
+    metrics["ray_run"] = {"storage_path": trainer.run_config.storage_path, "name": trainer.run_config.name}
+    write_metrics(metrics, Path(out) / "metrics.json")
+    return metrics
+
+
+__all__ = ["ClusterError", "RayOptions", "RunFailed", "prune_on_ray", "train_worker"]
