@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 import dg2pf_core.simulated as simulated
-from benchreport import environment, environment_lines, median, table, write_result
+from benchreport import Contention, contention_line, environment, environment_lines, median, table, write_result
 from dg2pf_core.distillation import kd_loss
 from dg2pf_core.masks import magnitude_masks, select_prunable
 from dg2pf_core.metrics import autocast_context
@@ -43,6 +43,8 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true", help="also print torch.profiler's top ops per step")
     args = parser.parse_args()
     device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: torch sees no CUDA device on this machine")
     if args.amp != "none" and device.type != "cuda":
         parser.error("--amp bf16 needs --device cuda (autocast is only used on cuda in dg2pf)")
     steps = args.steps or (3 if args.quick else 8)
@@ -93,6 +95,7 @@ def main() -> None:
         sync()
         return time.perf_counter() - t0
 
+    contention = Contention()
     for _ in range(warmup):
         plain_step()
         dg2pf_step()
@@ -112,11 +115,16 @@ def main() -> None:
     plain_med, dg2pf_med = median(times["plain"]), median(times["dg2pf"])
     ratio = dg2pf_med / plain_med
 
+    headline_contention = contention.result()
+
     # Breakdown: the same steps with each part timed (synchronised), in a separate pass so the
     # timers' own cost stays out of the headline.
-    parts = breakdown(steps, sync, timed, plain_step, dg2pf_step, plain_opt, dg2pf_opt, teacher, model)
+    contention = Contention()
+    parts, shares = breakdown(steps, sync, timed, plain_step, dg2pf_step, plain_opt, dg2pf_opt, teacher, model)
+    breakdown_contention = contention.result()
 
     env = environment(device)
+    env["contention"] = {"headline": headline_contention, "breakdown": breakdown_contention}
     met = ratio <= TARGET_RATIO
     headline = table(
         ["variant", "median s/step", "min s/step", "max s/step", "steps"],
@@ -128,39 +136,42 @@ def main() -> None:
     ratio_rows = [
         ["ratio of medians (DG2PF / plain)", f"{ratio:.3f}x"],
         ["median of per-pair ratios", f"{median(pair_ratios):.3f}x"],
+        ["ratio of minima (least-disturbed steps)", f"{min(times['dg2pf']) / min(times['plain']):.3f}x"],
         ["target", f"<= {TARGET_RATIO}x"],
         ["verdict", "met" if met else "NOT met"],
     ]
     dg_total = parts["dg2pf"]["total"]
     pl_total = parts["plain"]["total"]
-    part_rows = []
-    for key, label in DG2PF_PARTS:
-        t = parts["dg2pf"][key]
-        part_rows.append([label, f"{t * 1e3:.1f}", f"{100 * t / dg_total:.1f}%"])
-    part_rows.append(["**total (instrumented DG2PF step)**", f"{dg_total * 1e3:.1f}", "100%"])
-    part_rows.append(["(instrumented plain step, for comparison)", f"{pl_total * 1e3:.1f}", f"ratio {dg_total / pl_total:.3f}x"])
-    mask_keys = ("backup", "apply", "zero_grads", "restore")
-    mask_total = sum(parts["dg2pf"][k] for k in mask_keys)
-    plain_rows = [[label, f"{parts['plain'][key] * 1e3:.1f}", f"{100 * parts['plain'][key] / pl_total:.1f}%"] for key, label in PLAIN_PARTS]
-    plain_rows.append(["**total (instrumented plain step)**", f"{pl_total * 1e3:.1f}", "100%"])
+    part_rows = [
+        [label, f"{parts['dg2pf'][key] * 1e3:.1f}", f"{100 * shares['dg2pf'][key]:.1f}%"] for key, label in DG2PF_PARTS
+    ]
+    part_rows.append(["**whole DG2PF step**", f"{dg_total * 1e3:.1f}", "100%"])
+    part_rows.append(["(whole plain step, same pass)", f"{pl_total * 1e3:.1f}", f"ratio {dg_total / pl_total:.3f}x"])
+    teacher_share, mask_share = shares["dg2pf"]["teacher"], shares["dg2pf"]["mask_total"]
+    mask_ms = parts["dg2pf"]["mask_total"] * 1e3
+    plain_rows = [
+        [label, f"{parts['plain'][key] * 1e3:.1f}", f"{100 * shares['plain'][key]:.1f}%"] for key, label in PLAIN_PARTS
+    ]
+    plain_rows.append(["**whole plain step**", f"{pl_total * 1e3:.1f}", "100%"])
 
     print(f"## bench_step: {ARCH}, batch {BATCH}, {device.type}" + (f", autocast {args.amp}" if args.amp != "none" else ""))
     print()
     print(environment_lines(env))
+    print(contention_line(headline_contention).replace("- other", "- headline steps: other"))
+    print(contention_line(breakdown_contention).replace("- other", "- breakdown steps: other"))
     print(f"- {warmup} warm-up steps each, then {steps} timed steps each, interleaved (order alternating)")
     print()
     print(headline)
     print()
     print(table(["", "value"], ratio_rows))
     print()
-    print(f"### Where the DG2PF step's time goes (mean of {steps} instrumented steps, ms)")
+    print(f"### Where the DG2PF step's time goes ({steps} instrumented steps: median ms, median share of its own step)")
     print()
     print(table(["part", "ms", "share of DG2PF step"], part_rows))
     print()
     print(
-        f"Teacher forward: {100 * parts['dg2pf']['teacher'] / dg_total:.1f}% of the DG2PF step; "
-        f"mask backup + apply + masked-grad zeroing + restore: {100 * mask_total / dg_total:.1f}% "
-        f"({mask_total * 1e3:.1f} ms)."
+        f"Teacher forward: {100 * teacher_share:.1f}% of the DG2PF step; "
+        f"mask backup + apply + masked-grad zeroing + restore: {100 * mask_share:.1f}% ({mask_ms:.1f} ms)."
     )
     print()
     print("Plain step, same instrumentation:")
@@ -186,11 +197,10 @@ def main() -> None:
             "median_seconds": {"plain": plain_med, "dg2pf": dg2pf_med},
             "ratio_of_medians": ratio,
             "median_pair_ratio": median(pair_ratios),
-            "breakdown_seconds": parts,
-            "share_of_dg2pf_step": {
-                "teacher_forward": parts["dg2pf"]["teacher"] / dg_total,
-                "mask_backup_apply_restore": mask_total / dg_total,
-            },
+            "ratio_of_minima": min(times["dg2pf"]) / min(times["plain"]),
+            "breakdown_median_seconds": parts,
+            "breakdown_median_share": shares,
+            "share_of_dg2pf_step": {"teacher_forward": teacher_share, "mask_backup_apply_restore": mask_share},
             "target_ratio": TARGET_RATIO,
             "met": met,
             "profile": profile_text,
@@ -213,6 +223,7 @@ DG2PF_PARTS = (
     ("restore", "mask restore (`_restore`, masked_scatter_)"),
     ("other", "unaccounted (Python glue)"),
 )
+MASK_PARTS = ("backup", "apply", "zero_grads", "restore")
 PLAIN_PARTS = (
     ("zero_grad", "optimizer.zero_grad"),
     ("forward", "forward + cross-entropy"),
@@ -222,8 +233,8 @@ PLAIN_PARTS = (
 )
 
 
-def breakdown(steps, sync, timed, plain_step, dg2pf_step, plain_opt, dg2pf_opt, teacher, model) -> dict[str, dict[str, float]]:
-    """Mean seconds per part, by wrapping the functions ``simulated_step`` looks up at call time."""
+def breakdown(steps, sync, timed, plain_step, dg2pf_step, plain_opt, dg2pf_opt, teacher, model):
+    """Median seconds and median share of the step per part, by wrapping the functions ``simulated_step`` looks up at call time."""
     acc: dict[str, float] = defaultdict(float)
 
     def wrap(key: str, fn: Callable) -> Callable:
@@ -284,6 +295,8 @@ def breakdown(steps, sync, timed, plain_step, dg2pf_step, plain_opt, dg2pf_opt, 
                     for k in keys:
                         r[k].append(parts.get(k, 0.0))
                 r["other"].append(total - accounted)
+                if variant == "dg2pf":
+                    r["mask_total"].append(sum(parts.get(k, 0.0) for k in MASK_PARTS))
     finally:
         for obj, name, fn in saved:
             setattr(obj, name, fn)
@@ -291,16 +304,22 @@ def breakdown(steps, sync, timed, plain_step, dg2pf_step, plain_opt, dg2pf_opt, 
             delattr(obj, name)
         if "forward" in model.__dict__:
             del model.forward
-    # Means, not medians: the parts of one step add up to its total, and means keep that property
-    # (medians of parts taken over noisy steps do not add up to the median total).
-    return {variant: {k: sum(v) / len(v) for k, v in r.items()} for variant, r in results.items()}
+    # Shares are taken within each step, then the median over steps: a step slowed down by another
+    # process slows all its parts alike, so its shares stay meaningful while its milliseconds do not.
+    # (Medians of the parts need not add up to exactly 100%.)
+    seconds = {variant: {k: median(v) for k, v in r.items()} for variant, r in results.items()}
+    shares = {
+        variant: {k: median([t / total for t, total in zip(v, r["total"])]) for k, v in r.items()}
+        for variant, r in results.items()
+    }
+    return seconds, shares
 
 
 def profile(plain_step, dg2pf_step, sync, device) -> str:
     from torch.profiler import ProfilerActivity, profile as torch_profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    sort = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
     out = []
     for name, fn in (("plain", plain_step), ("dg2pf", dg2pf_step)):
         with torch_profile(activities=activities) as prof:

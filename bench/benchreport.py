@@ -33,6 +33,53 @@ def cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
+def _busy_cpu_seconds() -> float:
+    """CPU time spent busy by the whole machine since boot (all cores, from /proc/stat)."""
+    with open("/proc/stat") as f:
+        fields = [int(v) for v in f.readline().split()[1:]]
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+def _own_cpu_seconds() -> float:
+    import resource
+
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+class Contention:
+    """How much CPU other processes took while a benchmark ran (these machines are shared).
+
+    ``other_share`` is the other processes' CPU time over the run's wall time x cores: 0 on a quiet
+    machine; 0.5 on 2 cores means another process kept one core busy throughout.
+    """
+
+    def __init__(self) -> None:
+        self.t0, self.busy0, self.own0 = time.perf_counter(), _busy_cpu_seconds(), _own_cpu_seconds()
+
+    def result(self) -> dict[str, float]:
+        wall = time.perf_counter() - self.t0
+        busy, own = _busy_cpu_seconds() - self.busy0, _own_cpu_seconds() - self.own0
+        other = max(busy - own, 0.0)
+        return {
+            "wall_s": wall,
+            "own_cpu_s": own,
+            "other_cpu_s": other,
+            "other_share": other / (wall * (os.cpu_count() or 1)),
+            "loadavg_1min_end": os.getloadavg()[0],
+        }
+
+
+def contention_line(c: dict[str, float]) -> str:
+    # A few percent is the machine's own background (kernel threads, services) and our start-up.
+    note = "quiet" if c["other_share"] < 0.10 else "SHARED: other processes competed for the CPU, figures are noisier"
+    return (
+        f"- other processes used {c['other_cpu_s']:.1f} CPU-s during these {c['wall_s']:.0f} s "
+        f"({100 * c['other_share']:.0f}% of the machine): {note}"
+    )
+
+
 def environment(device: torch.device | None = None) -> dict[str, Any]:
     env: dict[str, Any] = {
         "command": shlex.join([os.path.relpath(sys.executable), *sys.argv]),

@@ -88,9 +88,9 @@ def select_prunable(model: nn.Module, selection: Selection = Selection()) -> Pru
 def _smallest_k(scores: torch.Tensor, k: int) -> torch.Tensor:
     """Boolean mask of exactly ``k`` smallest entries of the flat tensor ``scores``.
 
-    O(N): one selection (kthvalue) for the threshold, then ties at the threshold are broken by
-    position (lowest flat index first) with a cumulative sum, so the result is deterministic and has
-    exactly ``k`` entries whatever the ties.
+    O(N): one selection (kthvalue) for the threshold; ties at the threshold are broken by position
+    (lowest flat index first), looking only at the tied entries, so the result is deterministic and
+    has exactly ``k`` entries whatever the ties.
     """
     n = scores.numel()
     if k <= 0:
@@ -98,12 +98,11 @@ def _smallest_k(scores: torch.Tensor, k: int) -> torch.Tensor:
     if k >= n:
         return torch.ones(n, dtype=torch.bool, device=scores.device)
     threshold = torch.kthvalue(scores, k).values
-    below = scores < threshold
-    need = k - int(below.sum())
-    at = scores == threshold
-    # The first `need` entries equal to the threshold (in flat order) are pruned too.
-    at &= torch.cumsum(at, dim=0, dtype=torch.int64) <= need
-    return below | at
+    pruned = scores < threshold
+    need = k - int(pruned.sum())
+    tied = torch.nonzero(scores == threshold).flatten()[:need]  # ascending positions
+    pruned[tied] = True
+    return pruned
 
 
 def magnitude_masks(
@@ -126,7 +125,14 @@ def magnitude_masks(
     if scope != "global":
         raise ConfigError(f"scope must be 'global' or 'layerwise', got {scope!r}", field="scope")
     names = list(weights)
-    flat = torch.cat([weights[n].detach().abs().flatten().float() for n in names])
+    first = weights[names[0]]
+    # One buffer of magnitudes, filled in place: no per-tensor temporaries, no concatenation copy.
+    flat = torch.empty(sum(weights[n].numel() for n in names), dtype=torch.float32, device=first.device)
+    offset = 0
+    for n in names:
+        w = weights[n].detach().reshape(-1)
+        flat[offset : offset + w.numel()].copy_(w).abs_()
+        offset += w.numel()
     pruned = _smallest_k(flat, round(sparsity * flat.numel()))
     masks: Masks = {}
     offset = 0

@@ -27,7 +27,9 @@ def connect(address: str | None = None) -> str:
         if address:
             ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
             return f"joined Ray cluster at {address}"
-        ray.init(include_dashboard=False, runtime_env=runtime_env, log_to_driver=True)
+        # The dashboard stays on: Ray Train's placement-group cleaner needs its state API, without
+        # which a trial stopped early by Tune leaks its workers' CPUs and later trials never start.
+        ray.init(runtime_env=runtime_env, log_to_driver=True)
     except ConnectionError as exc:
         raise ClusterError(f"cannot reach the Ray cluster at {address}: {exc}", field="ray_address") from exc
     return "started a local Ray instance"

@@ -56,6 +56,12 @@ def _gather(value) -> list:
     return out
 
 
+def epochs_at_target(epoch: int, pruning_epochs: int) -> int:
+    """Epochs completed at the final sparsity (0 while still pruning): the time axis on which
+    early stopping may compare trials, since only then are they all equally sparse."""
+    return max(0, epoch - pruning_epochs + 1)
+
+
 def train_worker(config: dict) -> None:
     """Runs on every Ray Train worker (one DDP rank)."""
     ctx = ray.train.get_context()
@@ -79,7 +85,8 @@ def train_worker(config: dict) -> None:
         sums = _gather(masks_checksum(state.masks)) if state.masks else []
         if sums:
             checksums.append([record.epoch, sums])
-        metrics = {**record.to_dict(), "mask_checksums": sums, "world_size": world}
+        metrics = {**record.to_dict(), "mask_checksums": sums, "world_size": world,
+                   "epochs_at_target": epochs_at_target(record.epoch, job.config.pruning_epochs)}
         if rank == 0:
             if config.get("verbose", True):
                 print(f"epoch {record.epoch:>3} {record.phase:<15} sparsity {record.sparsity:6.2%} "
@@ -95,26 +102,36 @@ def train_worker(config: dict) -> None:
                        reporter=report, resume=resume, device=prepared.device)
     metrics = result_metrics(prepared, result, world_size=world, wall_seconds=time.perf_counter() - started)
     metrics["distributed"] = {"backend": dist.get_backend(), "worker_nodes": nodes, "mask_checksums": checksums}
+    # The last report carries the result: the best epoch's validation top-1 (what Tune ranks) and
+    # the artifacts, so the driver (possibly on another node) reads them from storage.
+    final = {"final": True, "epoch": result.epochs, "val_top1": result.best_val_top1,
+             "test_top1": metrics["test_top1"], "sparsity": metrics["sparsity_prunable"],
+             "epochs_at_target": epochs_at_target(result.epochs, job.config.pruning_epochs) + 1}
     if rank == 0:
         with tempfile.TemporaryDirectory() as tmp:
             write_model(result.model, Path(tmp) / "model.safetensors")
             write_metrics(metrics, Path(tmp) / "metrics.json")
-            ray.train.report({"final": True, "epoch": result.epochs}, checkpoint=Checkpoint.from_directory(tmp), checkpoint_dir_name="final")
+            ray.train.report(final, checkpoint=Checkpoint.from_directory(tmp), checkpoint_dir_name="final")
     else:
-        ray.train.report({"final": True, "epoch": result.epochs}, checkpoint=None)
+        ray.train.report(final, checkpoint=None)
 
 
-def make_trainer(job: PruneJob, options: RayOptions) -> TorchTrainer:
-    storage = options.storage_path or str(Path("runs/ray-train").resolve())
+def default_storage() -> str:
+    return str(Path("runs/ray-train").resolve())
+
+
+def make_trainer(job: PruneJob, options: RayOptions, callbacks: list | None = None) -> TorchTrainer:
     return TorchTrainer(
         train_worker,
         train_loop_config={"job": job.to_dict(), "verbose": options.verbose},
         scaling_config=ScalingConfig(num_workers=options.workers, use_gpu=options.use_gpu),
         run_config=RunConfig(
             name=options.run_name or f"dg2pf-{time.strftime('%Y%m%d-%H%M%S')}",
-            storage_path=storage,
-            failure_config=FailureConfig(max_failures=options.max_failures),
+            storage_path=options.storage_path or default_storage(),
+            # A finite controller limit: workers that can never start end the run instead of retrying forever.
+            failure_config=FailureConfig(max_failures=options.max_failures, controller_failure_limit=3),
             checkpoint_config=CheckpointConfig(num_to_keep=3),
+            callbacks=callbacks,
         ),
     )
 

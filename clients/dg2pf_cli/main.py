@@ -102,6 +102,26 @@ def _cmd_prune(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_tune(args: argparse.Namespace) -> int:
+    from dg2pf_ray.tune import TuneOptions, tune_job
+
+    job = PruneJob(
+        arch=args.arch, num_classes=args.num_classes, checkpoint=args.checkpoint, dataset=args.dataset,
+        config=_config_from(args), teacher=args.teacher, image_size=args.image_size, val_fraction=args.val_fraction,
+    )
+    options = TuneOptions(samples=args.samples, search_space=args.search_space, workers_per_trial=args.workers or 1,
+                          use_gpu=args.gpu, address=args.ray_address, storage_path=args.storage_path,
+                          max_concurrent=args.max_concurrent, grace_period=args.grace_period, verbose=not args.quiet)
+    m = tune_job(job, args.out, options)
+    t = m["tune"]
+    for row in t["trials"]:
+        val = f"{row['val_top1']:.2f}%" if row.get("val_top1") is not None else "-"
+        print(f"{row['trial_id']:<24} {row['status']:<14} val top-1 {val}")
+    print(f"best trial {t['best_trial']}: val top-1 {m['val_top1']:.2f}%, test top-1 {m['test_top1']:.2f}%")
+    print(f"wrote {args.out}/model.safetensors, metrics.json and trials.csv")
+    return 0
+
+
 def _fmt_pair(before: float | None, after: float | None) -> str:
     if before is None or after is None:
         return "n/a (dataset has no test split)"
@@ -140,6 +160,15 @@ def build_parser() -> argparse.ArgumentParser:
     ex.set_defaults(func=_cmd_example)
 
     pr = sub.add_parser("prune", help="prune a checkpoint with DG2PF")
+    _add_job_options(pr)
+    _add_ray_options(pr)
+    _add_config_options(pr)
+    pr.set_defaults(func=_cmd_prune)
+    _add_tune_evaluate_archs(sub)
+    return p
+
+
+def _add_job_options(pr: argparse.ArgumentParser) -> None:
     pr.add_argument("--arch", required=True, help="e.g. digits_cnn, cifar/resnet18, torchvision/resnet50 (see `dg2pf archs`)")
     pr.add_argument("--num-classes", type=int, required=True)
     pr.add_argument("--checkpoint", required=True, help=".safetensors or a torch state_dict file")
@@ -150,9 +179,18 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--image-size", type=int, help="input size (default: the architecture's)")
     pr.add_argument("--val-fraction", type=float, default=0.1, help="held out from train when the dataset has no val split")
     pr.add_argument("--quiet", action="store_true", help="no progress bars")
-    _add_ray_options(pr)
-    _add_config_options(pr)
-    pr.set_defaults(func=_cmd_prune)
+
+
+def _add_tune_evaluate_archs(sub) -> None:
+    tu = sub.add_parser("tune", help="search DG2PF schedule hyperparameters with Ray Tune")
+    _add_job_options(tu)
+    tu.add_argument("--samples", type=int, default=4, help="configurations to try (default: 4)")
+    tu.add_argument("--search-space", help="YAML/JSON file of option -> distribution (default: the built-in space)")
+    tu.add_argument("--max-concurrent", type=int, help="trials at once (default: what the cluster fits)")
+    tu.add_argument("--grace-period", type=int, default=2, help="epochs at the final sparsity before early stopping (default: 2)")
+    _add_ray_options(tu)
+    _add_config_options(tu)
+    tu.set_defaults(func=_cmd_tune)
 
     ev = sub.add_parser("evaluate", help="top-1/top-5 and sparsity of a checkpoint")
     ev.add_argument("--arch", required=True)
@@ -166,7 +204,6 @@ def build_parser() -> argparse.ArgumentParser:
 
     ar = sub.add_parser("archs", help="list architecture names")
     ar.set_defaults(func=_cmd_archs)
-    return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,0 +1,148 @@
+"""Ray Tune over DG2PF's schedule hyperparameters; every trial is a full Ray Train (TorchTrainer) run.
+
+Early stopping (ASHA) uses ``epochs_at_target`` — epochs completed at the final sparsity — as its
+time axis, so a trial is only ever compared with others that are equally sparse: while a trial is
+still in its pruning phase its time is 0 and no rung can judge it.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import shutil
+import time
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import ray
+from ray import tune
+from ray.train import Checkpoint
+from ray.tune.integration.ray_train import TuneReportCallback
+from ray.tune.schedulers import ASHAScheduler
+
+from dg2pf_core.export import OutputDir, write_metrics
+from dg2pf_core.job import PruneJob, prepare
+
+from .cluster import check_capacity, connect
+from .search_space import build_space, load_space, trial_config
+from .train import FINAL_FILES, RayOptions, RunFailed, default_storage, make_trainer
+
+RANK_METRIC = "val_top1"
+TIME_ATTR = "epochs_at_target"
+DRIVER_CPU = 0.01  # Tune needs a non-empty request for the trial driver; it only waits on its trainer
+
+
+@dataclass(frozen=True)
+class TuneOptions:
+    samples: int = 4
+    search_space: str | None = None  # YAML/JSON file; default: DEFAULT_SPACE
+    workers_per_trial: int = 1
+    use_gpu: bool = False
+    address: str | None = None
+    storage_path: str | None = None
+    max_concurrent: int | None = None  # default: as many as the cluster's CPUs (or GPUs) allow
+    grace_period: int = 2  # epochs at the final sparsity before ASHA may stop a trial
+    run_name: str | None = None
+    verbose: bool = False
+
+
+def _trial(config: dict[str, Any], *, base_job: dict, options: dict, name: str) -> None:
+    """One Tune trial: a TorchTrainer run whose reports flow to Tune through TuneReportCallback."""
+    base = PruneJob.from_dict(base_job)
+    job = dataclasses.replace(base, config=trial_config(base.config, config))
+    trial_id = tune.get_context().get_trial_id()
+    run = RayOptions(workers=options["workers_per_trial"], use_gpu=options["use_gpu"], storage_path=options["storage_path"],
+                     max_failures=0, run_name=f"{name}-{trial_id}", verbose=options["verbose"])
+    make_trainer(job, run, callbacks=[TuneReportCallback()]).fit()
+
+
+def _status(result) -> str:
+    if result.error is not None:
+        return "failed"
+    return "completed" if (result.metrics or {}).get("final") else "stopped_early"
+
+
+def tune_job(job: PruneJob, out: str | Path, options: TuneOptions) -> dict:
+    """Search ``options.samples`` configs; write the best model, metrics.json and trials.csv to ``out``."""
+    output = OutputDir(out)
+    started = time.perf_counter()
+    prepare(job)
+    if options.samples < 1:
+        raise RunFailed(f"samples must be >= 1, got {options.samples}", field="samples")
+    document = load_space(options.search_space)
+    space = build_space(document, job.config)
+    connect(options.address)
+    check_capacity(options.workers_per_trial, options.use_gpu)
+    resources = ray.cluster_resources()
+    per_trial = options.workers_per_trial
+    capacity = resources.get("GPU", 0) if options.use_gpu else resources.get("CPU", 1)
+    concurrent = options.max_concurrent or max(1, int(capacity // (per_trial + DRIVER_CPU)))
+    storage = options.storage_path or default_storage()
+    name = options.run_name or f"dg2pf-tune-{time.strftime('%Y%m%d-%H%M%S')}"
+    post_pruning = job.config.max_epochs - job.config.pruning_epochs
+    trainable = tune.with_resources(
+        partial(_trial, base_job=job.to_dict(), name=name,
+                options={"workers_per_trial": per_trial, "use_gpu": options.use_gpu, "storage_path": storage, "verbose": options.verbose}),
+        {"cpu": DRIVER_CPU},  # the trial driver only waits on its TorchTrainer, whose workers hold the CPUs
+    )
+    tuner = tune.Tuner(
+        trainable,
+        param_space=space,
+        tune_config=tune.TuneConfig(
+            num_samples=options.samples,
+            max_concurrent_trials=concurrent,
+            scheduler=ASHAScheduler(time_attr=TIME_ATTR, metric=RANK_METRIC, mode="max",
+                                    grace_period=max(1, options.grace_period), max_t=post_pruning + 3),
+        ),
+        run_config=tune.RunConfig(name=name, storage_path=storage, verbose=0),
+    )
+    grid = tuner.fit()
+
+    rows = []
+    for result in grid:
+        m, status = result.metrics or {}, _status(result)
+        at_target = status != "failed" and m.get("epochs_at_target", 0) > 0
+        rows.append({
+            "trial_id": m.get("trial_id") or Path(result.path).name,
+            "status": status,
+            **{f"config.{k}": v for k, v in sorted(result.config.items())},
+            # figures only where they describe a model at the final sparsity
+            "val_top1": m.get("val_top1") if at_target else None,
+            "test_top1": m.get("test_top1") if status == "completed" else None,
+            "sparsity": m.get("sparsity") if at_target else None,
+            "epochs": m.get("epoch"),
+            "wall_seconds": m.get("time_total_s"),
+            "error": str(result.error).strip().splitlines()[-1][:300] if result.error is not None else None,
+            "_checkpoint": m.get("checkpoint_path") if status == "completed" else None,
+        })
+    done = [r for r in rows if r["status"] == "completed" and r["_checkpoint"]]
+    if not done:
+        failures = "; ".join(f"{r['trial_id']}: {r['status']} {r['error'] or ''}" for r in rows)
+        raise RunFailed(f"no trial completed ({failures})")
+    best = max(done, key=lambda r: r["val_top1"])
+
+    with Checkpoint(best["_checkpoint"]).as_directory() as final, output.staging() as tmp:
+        for f in FINAL_FILES:
+            shutil.copy2(Path(final) / f, tmp / f)
+        table = [{k: v for k, v in r.items() if not k.startswith("_")} for r in rows]
+        with (tmp / "trials.csv").open("w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=list(table[0]))
+            writer.writeheader()
+            writer.writerows(table)
+        metrics = json.loads((tmp / "metrics.json").read_text())
+        metrics["tune"] = {
+            "best_trial": best["trial_id"],
+            "best_config": trial_config(job.config, {k[7:]: v for k, v in best.items() if k.startswith("config.")}).to_dict(),
+            "search_space": document,
+            "samples": options.samples,
+            "scheduler": f"ASHA on {TIME_ATTR} (grace {max(1, options.grace_period)}), ranked by {RANK_METRIC}",
+            "trials": table,
+            "storage_path": storage,
+            "name": name,
+            "wall_seconds": time.perf_counter() - started,
+        }
+        write_metrics(metrics, tmp / "metrics.json")
+    return metrics
