@@ -29,46 +29,6 @@ def epoch_generator(seed: int, epoch: int) -> torch.Generator:
     return g
 
 
-class LocalLoaders:
-    def __init__(
-        self,
-        train: Dataset,
-        val: Dataset,
-        test: Dataset | None,
-        *,
-        batch_size: int,
-        eval_batch_size: int,
-        seed: int,
-        workers: int = 0,
-        pin_memory: bool = False,
-    ) -> None:
-        self._train, self._val, self._test = train, val, test
-        self._batch, self._eval_batch, self._seed = batch_size, eval_batch_size, seed
-        self._kw = {"num_workers": workers, "pin_memory": pin_memory, "persistent_workers": False}
-
-    def train(self, epoch: int) -> DataLoader:
-        return DataLoader(
-            self._train,
-            batch_size=self._batch,
-            shuffle=True,
-            drop_last=len(self._train) > self._batch,  # avoid a BatchNorm batch of 1
-            generator=epoch_generator(self._seed, epoch),
-            **self._kw,
-        )
-
-    def train_batches(self) -> int:
-        n = len(self._train)
-        return n // self._batch if n > self._batch else 1
-
-    def val(self) -> DataLoader:
-        return DataLoader(self._val, batch_size=self._eval_batch, shuffle=False, **self._kw)
-
-    def test(self) -> DataLoader | None:
-        if self._test is None:
-            return None
-        return DataLoader(self._test, batch_size=self._eval_batch, shuffle=False, **self._kw)
-
-
 class ShardedLoaders:
     """One rank's share of each split under data-parallel training.
 
@@ -121,3 +81,12 @@ class ShardedLoaders:
 
     def test(self) -> DataLoader | None:
         return None if self._test is None else self._eval(self._test)
+
+
+class LocalLoaders(ShardedLoaders):
+    """The single-process case: the whole of every split, one shard."""
+
+    def __init__(self, train: Dataset, val: Dataset, test: Dataset | None, *, batch_size: int,
+                 eval_batch_size: int, seed: int, workers: int = 0, pin_memory: bool = False) -> None:
+        super().__init__(train, val, test, rank=0, world_size=1, batch_size=batch_size,
+                         eval_batch_size=eval_batch_size, seed=seed, workers=workers, pin_memory=pin_memory)
