@@ -29,7 +29,9 @@ def connect(address: str | None = None) -> str:
             return f"joined Ray cluster at {address}"
         # The dashboard stays on: Ray Train's placement-group cleaner needs its state API, without
         # which a trial stopped early by Tune leaks its workers' CPUs and later trials never start.
-        ray.init(runtime_env=runtime_env, log_to_driver=True)
+        # address="local": always a fresh instance, never silently joining another cluster that
+        # happens to run on this machine.
+        ray.init(address="local", runtime_env=runtime_env, log_to_driver=True)
     except ConnectionError as exc:
         raise ClusterError(f"cannot reach the Ray cluster at {address}: {exc}", field="ray_address") from exc
     return "started a local Ray instance"

@@ -44,6 +44,7 @@ class RayOptions:
     max_failures: int = 2
     run_name: str | None = None
     verbose: bool = True
+    progress_path: str | None = None  # rank 0 appends one JSON line per epoch (shared filesystem)
 
 
 class RunFailed(DG2PFError):
@@ -54,6 +55,12 @@ def _gather(value) -> list:
     out = [None] * dist.get_world_size()
     dist.all_gather_object(out, value)
     return out
+
+
+def append_progress(path: str, record: dict) -> None:
+    """One JSON line per epoch: how a job's progress leaves the workers without a Ray connection."""
+    with open(path, "a") as fh:
+        fh.write(json.dumps(record) + "\n")
 
 
 def epochs_at_target(epoch: int, pruning_epochs: int) -> int:
@@ -88,6 +95,8 @@ def train_worker(config: dict) -> None:
         metrics = {**record.to_dict(), "mask_checksums": sums, "world_size": world,
                    "epochs_at_target": epochs_at_target(record.epoch, job.config.pruning_epochs)}
         if rank == 0:
+            if config.get("progress_path"):
+                append_progress(config["progress_path"], {**record.to_dict(), "world_size": world})
             if config.get("verbose", True):
                 print(f"epoch {record.epoch:>3} {record.phase:<15} sparsity {record.sparsity:6.2%} "
                       f"val top-1 {record.val_top1:6.2f}%{' *best' if record.is_best else ''}"
@@ -123,7 +132,7 @@ def default_storage() -> str:
 def make_trainer(job: PruneJob, options: RayOptions, callbacks: list | None = None) -> TorchTrainer:
     return TorchTrainer(
         train_worker,
-        train_loop_config={"job": job.to_dict(), "verbose": options.verbose},
+        train_loop_config={"job": job.to_dict(), "verbose": options.verbose, "progress_path": options.progress_path},
         scaling_config=ScalingConfig(num_workers=options.workers, use_gpu=options.use_gpu),
         run_config=RunConfig(
             name=options.run_name or f"dg2pf-{time.strftime('%Y%m%d-%H%M%S')}",

@@ -1,0 +1,1 @@
+"""The dg2pf pruning service: HTTP API, job store, execution on Ray."""

@@ -1,0 +1,33 @@
+"""``python -m dg2pf_service [--host H] [--port P]``: the API with its scheduler (settings from DG2PF_*)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+from .settings import Settings
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="dg2pf-service")
+    parser.add_argument("--host")
+    parser.add_argument("--port", type=int)
+    args = parser.parse_args(argv)
+    overrides = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
+    settings = Settings(**overrides)
+    if not settings.ray_address:
+        # The embedded head is a default Ray 2.60 cluster, which demands its token (~/.ray/auth_token).
+        # Ray reads the mode when it is first imported, hence before importing anything that imports ray.
+        os.environ.setdefault("RAY_AUTH_MODE", "token")
+    import uvicorn
+
+    from .api.app import create_app
+
+    app = create_app(settings)
+    print(f"dg2pf API on http://{settings.host}:{settings.port} (docs: /docs); data in {settings.data_dir}", flush=True)
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level="warning")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

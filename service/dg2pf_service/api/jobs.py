@@ -1,0 +1,106 @@
+"""/jobs: submit, list, inspect, cancel, and the artifacts of a job."""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from pathlib import Path
+
+from fastapi import APIRouter, Depends, Query, Request, Response
+from fastapi.responses import FileResponse
+
+from ..executor import output_dir
+from ..spec import JobSpec
+from ..validation import validate_job
+from .auth import require_token
+from .errors import ApiError
+from .schemas import ArtifactList, ErrorInfo, JobList, JobOut, JobSubmitted, State
+
+router = APIRouter(prefix="/jobs", tags=["jobs"], dependencies=[Depends(require_token)])
+
+ARTIFACTS = ("model.safetensors", "metrics.json", "history.json", "trials.csv")
+
+
+def _links(job_id: str) -> dict[str, str]:
+    return {"self": f"/jobs/{job_id}", "cancel": f"/jobs/{job_id}/cancel", "artifacts": f"/jobs/{job_id}/artifacts"}
+
+
+def job_out(row) -> JobOut:
+    return JobOut(
+        id=row.id, name=row.name, state=row.state, phase=row.phase, epoch=row.epoch,
+        current_sparsity=row.current_sparsity, target_sparsity=row.target_sparsity,
+        latest_metrics=row.latest_metrics, best_metrics=row.best_metrics, history=row.history or [],
+        error=ErrorInfo(type=row.error_type, message=row.error_message or "") if row.error_type else None,
+        created_at=row.created_at, started_at=row.started_at, finished_at=row.finished_at,
+        eta_seconds=row.eta_seconds, spec=row.spec["spec"], links=_links(row.id),
+    )
+
+
+def _services(request: Request):
+    return request.app.state.services
+
+
+def _row_or_404(services, job_id: str):
+    row = services.store.get_job(job_id)
+    if row is None:
+        raise ApiError(404, "not_found", f"no job with id {job_id!r}", "id")
+    return row
+
+
+@router.post("", status_code=202, response_model=JobSubmitted)
+def submit(spec: JobSpec, response: Response, services=Depends(_services)) -> JobSubmitted:
+    checkpoint, teacher = validate_job(spec, services.settings, services.store, services.capacity())
+    doc = {"spec": spec.model_dump(mode="json"), "resolved": {"checkpoint": checkpoint, "teacher": teacher}}
+    row = services.store.create_job(doc, spec.name, spec.sparsity, services.settings.jobs_dir)
+    response.headers["Location"] = f"/jobs/{row.id}"
+    return JobSubmitted(id=row.id, state="queued", links=_links(row.id))
+
+
+@router.get("", response_model=JobList)
+def list_jobs(state: State | None = None, limit: int = Query(50, ge=1, le=500), offset: int = Query(0, ge=0),
+              services=Depends(_services)) -> JobList:
+    rows, total = services.store.list_jobs(state=state, limit=limit, offset=offset)
+    return JobList(items=[job_out(r) for r in rows], total=total, limit=limit, offset=offset)
+
+
+@router.get("/{job_id}", response_model=JobOut)
+def get_job(job_id: str, services=Depends(_services)) -> JobOut:
+    return job_out(_row_or_404(services, job_id))
+
+
+@router.post("/{job_id}/cancel", response_model=JobOut)
+def cancel(job_id: str, services=Depends(_services)) -> JobOut:
+    row = _row_or_404(services, job_id)
+    now = datetime.now(timezone.utc)
+    if row.state == "queued":
+        services.store.transition(job_id, {"queued"}, "cancelled", finished_at=now)
+    elif row.state == "running":
+        services.executor.stop(row.ray_submission_id)
+        services.store.transition(job_id, {"running"}, "cancelled", finished_at=now)
+    else:
+        raise ApiError(409, "conflict", f"job {job_id} is already {row.state}; only queued or running jobs can be cancelled", "state")
+    return job_out(services.store.get_job(job_id))
+
+
+@router.get("/{job_id}/artifacts", response_model=ArtifactList)
+def artifacts(job_id: str, services=Depends(_services)) -> ArtifactList:
+    row = _row_or_404(services, job_id)
+    out = output_dir(Path(row.artifacts_dir))
+    found = [{"name": n, "bytes": (out / n).stat().st_size, "url": f"/jobs/{job_id}/artifacts/{n}"} for n in ARTIFACTS if (out / n).is_file()]
+    progress = Path(row.artifacts_dir) / "progress.jsonl"
+    if progress.is_file():
+        found.append({"name": "progress.jsonl", "bytes": progress.stat().st_size, "url": f"/jobs/{job_id}/artifacts/progress.jsonl"})
+    return ArtifactList(job_id=job_id, artifacts=found)
+
+
+@router.get("/{job_id}/artifacts/{name}")
+def artifact(job_id: str, name: str, services=Depends(_services)) -> FileResponse:
+    row = _row_or_404(services, job_id)
+    if name == "progress.jsonl":
+        path = Path(row.artifacts_dir) / name
+    elif name in ARTIFACTS:
+        path = output_dir(Path(row.artifacts_dir)) / name
+    else:
+        raise ApiError(404, "not_found", f"unknown artifact {name!r}; one of {[*ARTIFACTS, 'progress.jsonl']}", "name")
+    if not path.is_file():
+        raise ApiError(404, "not_found", f"job {job_id} has no {name} (yet)", "name")
+    return FileResponse(path, filename=name)

@@ -1,0 +1,130 @@
+"""The Ray cluster the service runs jobs on: found by address, or started next to the service.
+
+Jobs must outlive the API process, so the embedded default is a Ray head started as its own
+process (``ray start --head``), not a Ray tied to the API's lifetime. Ray 2.60 clusters demand a
+token (``~/.ray/auth_token``, ``RAY_AUTH_TOKEN`` or ``RAY_AUTH_TOKEN_PATH``): the service sends
+it to the Jobs API and enables token mode for its own driver connection, never disabling auth.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from dg2pf_core.errors import DG2PFError
+
+
+class ClusterUnavailable(DG2PFError):
+    field = "ray"
+
+
+@dataclass(frozen=True)
+class ClusterInfo:
+    gcs_address: str
+    dashboard_url: str
+    embedded: bool
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def auth_token() -> str | None:
+    if os.environ.get("RAY_AUTH_TOKEN"):
+        return os.environ["RAY_AUTH_TOKEN"].strip()
+    path = Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token")
+    try:
+        return path.read_text().strip() or None
+    except OSError:
+        return None
+
+
+def auth_headers() -> dict[str, str]:
+    token = auth_token()
+    return {"Authorization": f"Bearer {token}"} if token else {}
+
+
+def _dashboard_up(url: str) -> bool:
+    """The dashboard answers and its job agent is registered (job submission would otherwise fail)."""
+    import httpx
+
+    try:
+        version = httpx.get(f"{url}/api/version", headers=auth_headers(), timeout=2)
+        jobs = httpx.get(f"{url}/api/jobs/", headers=auth_headers(), timeout=5)
+        return version.status_code < 500 and jobs.status_code < 500
+    except httpx.HTTPError:
+        return False
+
+
+def start_embedded(state_dir: Path, num_cpus: int | None = None) -> ClusterInfo:
+    """Reuse the head this data directory started before (if alive), else start one."""
+    record = state_dir / "ray-head.json"
+    if record.exists():
+        info = ClusterInfo(**json.loads(record.read_text()))
+        if _dashboard_up(info.dashboard_url):
+            return info
+    gcs_port, dash_port = _free_port(), _free_port()
+    # Every listening port explicit and free: a second Ray on the machine (another service, a test
+    # cluster) otherwise takes the default agent ports and this head's job agent never comes up.
+    ports = {name: _free_port() for name in ("dashboard-agent-listen-port", "dashboard-agent-grpc-port",
+                                             "metrics-export-port", "runtime-env-agent-port", "ray-client-server-port")}
+    cmd = [str(Path(sys.executable).parent / "ray"), "start", "--head", f"--port={gcs_port}",
+           "--dashboard-host=127.0.0.1", f"--dashboard-port={dash_port}", "--disable-usage-stats",
+           "--include-dashboard=true", *[f"--{k}={v}" for k, v in ports.items()]]
+    if num_cpus is not None:
+        cmd.append(f"--num-cpus={num_cpus}")
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180)
+    if proc.returncode != 0:
+        raise ClusterUnavailable(f"could not start a local Ray head: {proc.stderr.strip().splitlines()[-1:]}")
+    info = ClusterInfo(f"127.0.0.1:{gcs_port}", f"http://127.0.0.1:{dash_port}", True)
+    deadline = time.time() + 60
+    while not _dashboard_up(info.dashboard_url):
+        if time.time() > deadline:
+            raise ClusterUnavailable(f"the local Ray dashboard at {info.dashboard_url} did not come up")
+        time.sleep(0.5)
+    state_dir.mkdir(parents=True, exist_ok=True)
+    record.write_text(json.dumps(info.__dict__))
+    return info
+
+
+def stop_embedded(info: ClusterInfo) -> None:
+    """Stop only the head this service started (matched by its GCS port), not other Ray instances."""
+    port = info.gcs_address.rsplit(":", 1)[1]
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if "ray" in cmd and (f":{port}" in cmd or f"--port={port}" in cmd or f"gcs_server_port={port}" in cmd):
+            try:
+                os.kill(int(proc.name), 15)
+            except OSError:
+                pass
+
+
+def connect_driver(info: ClusterInfo) -> None:
+    """Connect this process to the cluster (to read its resources)."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    try:
+        ray.init(address=info.gcs_address, log_to_driver=False, logging_level="WARNING")
+    except ConnectionError as exc:
+        raise ClusterUnavailable(f"cannot reach Ray at {info.gcs_address}: {exc}") from exc
+
+
+def total_resources() -> dict[str, float]:
+    import ray
+
+    return dict(ray.cluster_resources())

@@ -1,0 +1,122 @@
+"""Running a job as its own Ray Job (Jobs API): submit, stop, status, and what it left on disk.
+
+A Ray Job is supervised by Ray, not by the API process, so jobs keep running while the API is
+stopped or restarted; the job's directory (progress.jsonl, output/, error.json) is the record it
+leaves behind for the service to read.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from ray.job_submission import JobStatus, JobSubmissionClient
+
+from dg2pf_core.job import PruneJob
+
+from .cluster import auth_headers
+from .runner import ERROR, JOB, OUTPUT, PROGRESS
+
+TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
+
+
+@dataclass(frozen=True)
+class Order:
+    """What a job needs from the cluster and how to run it."""
+
+    prune_job: PruneJob
+    workers: int
+    use_gpu: bool
+    tune: dict | None
+    storage_path: str
+
+    @property
+    def in_process(self) -> bool:
+        return self.workers == 1 and not self.use_gpu and not self.tune
+
+    def needs(self) -> tuple[float, float]:
+        """(CPUs, GPUs) the job holds while it runs."""
+        return (float(self.workers), float(self.workers) if self.use_gpu else 0.0)
+
+
+def needs_of(doc: dict) -> tuple[float, float]:
+    """(CPUs, GPUs) of a stored job document ({"spec": JobSpec dump, "resolved": paths})."""
+    r = doc["spec"].get("resources") or {}
+    workers, gpu = int(r.get("num_workers", 1)), bool(r.get("use_gpu", False))
+    return (float(workers), float(workers) if gpu else 0.0)
+
+
+class RayJobsExecutor:
+    def __init__(self, dashboard_url: str, python: str | None = None) -> None:
+        self.client = JobSubmissionClient(dashboard_url, headers=auth_headers())
+        self.python = python or sys.executable
+
+    def submit(self, job_id: str, job_dir: Path, order: Order) -> str:
+        job_dir.mkdir(parents=True, exist_ok=True)
+        (job_dir / JOB).write_text(json.dumps({
+            "prune_job": order.prune_job.to_dict(), "workers": order.workers, "use_gpu": order.use_gpu,
+            "tune": order.tune, "storage_path": order.storage_path,
+        }, indent=1))
+        submission_id = f"dg2pf-{job_id}"
+        self.client.submit_job(
+            entrypoint=f"{shlex.quote(self.python)} -m dg2pf_service.runner {shlex.quote(str(job_dir))}",
+            submission_id=submission_id,
+            # An in-process job trains in the entrypoint itself; a Ray Train job's workers hold the CPUs.
+            entrypoint_num_cpus=1 if order.in_process else 0,
+            runtime_env={"env_vars": {"PYTHONUNBUFFERED": "1"}},
+            metadata={"dg2pf_job": job_id},
+        )
+        return submission_id
+
+    def status(self, submission_id: str) -> str | None:
+        """PENDING/RUNNING/SUCCEEDED/FAILED/STOPPED, or None when Ray has no such job."""
+        try:
+            status = self.client.get_job_status(submission_id)
+        except RuntimeError as exc:
+            if "404" in str(exc) or "does not exist" in str(exc):
+                return None
+            raise
+        return status.value if isinstance(status, JobStatus) else str(status)
+
+    def stop(self, submission_id: str) -> None:
+        try:
+            self.client.stop_job(submission_id)
+        except RuntimeError as exc:
+            if "does not exist" not in str(exc):
+                raise
+
+    def logs_tail(self, submission_id: str, lines: int = 20) -> str:
+        try:
+            return "\n".join(self.client.get_job_logs(submission_id).splitlines()[-lines:])
+        except RuntimeError:
+            return ""
+
+
+def read_progress(job_dir: Path) -> list[dict]:
+    path = job_dir / PROGRESS
+    if not path.exists():
+        return []
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            break  # a line being written right now
+    return records
+
+
+def read_error(job_dir: Path) -> dict | None:
+    path = job_dir / ERROR
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def read_metrics(job_dir: Path) -> dict | None:
+    path = job_dir / OUTPUT / "metrics.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def output_dir(job_dir: Path) -> Path:
+    return job_dir / OUTPUT

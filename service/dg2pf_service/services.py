@@ -1,0 +1,66 @@
+"""The service's composition root: settings, store, cluster, executor and scheduler, built once."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from urllib.parse import urlparse
+
+from dg2pf_core.errors import DG2PFError
+
+from .cluster import ClusterInfo, connect_driver, start_embedded, total_resources
+from .executor import Order, RayJobsExecutor
+from .scheduler import Scheduler
+from .settings import Settings
+from .spec import JobSpec
+from .store.db import make_engine, make_sessionmaker
+from .store.migrate import upgrade
+from .store.repo import JobStore
+
+
+@dataclass
+class Services:
+    settings: Settings
+    store: JobStore
+    cluster: ClusterInfo
+    executor: RayJobsExecutor
+    scheduler: Scheduler
+
+    def capacity(self) -> tuple[float, float]:
+        r = total_resources()
+        return float(r.get("CPU", 0.0)), float(r.get("GPU", 0.0))
+
+
+def cluster_for(settings: Settings) -> ClusterInfo:
+    if settings.ray_address:
+        host = urlparse(f"//{settings.ray_address.removeprefix('ray://')}").hostname or "127.0.0.1"
+        dashboard = os.environ.get("DG2PF_RAY_DASHBOARD_URL") or f"http://{host}:8265"
+        return ClusterInfo(settings.ray_address, dashboard, embedded=False)
+    return start_embedded(settings.data_dir / "ray-state")
+
+
+def build(settings: Settings) -> Services:
+    for d in (settings.data_dir, settings.checkpoints_dir, settings.jobs_dir):
+        d.mkdir(parents=True, exist_ok=True)
+    upgrade(settings.db_url)
+    store = JobStore(make_sessionmaker(make_engine(settings.db_url)))
+    cluster = cluster_for(settings)
+    connect_driver(cluster)
+    executor = RayJobsExecutor(cluster.dashboard_url)
+    storage = settings.storage_uri or str(settings.data_dir / "ray")
+
+    def make_order(spec_doc: dict) -> Order:
+        spec = JobSpec.model_validate(spec_doc["spec"])
+        resolved = spec_doc["resolved"]
+        return Order(
+            prune_job=spec.prune_job(resolved["checkpoint"], resolved.get("teacher")),
+            workers=spec.resources.num_workers, use_gpu=spec.resources.use_gpu,
+            tune=spec.tune.model_dump() if spec.tune else None, storage_path=storage,
+        )
+
+    services = Services(settings, store, cluster, executor, None)  # type: ignore[arg-type]
+    services.scheduler = Scheduler(store, executor, services.capacity, make_order)
+    return services
+
+
+__all__ = ["DG2PFError", "Services", "build"]

@@ -1,0 +1,83 @@
+"""The job spec: one pydantic type describes a pruning job everywhere (API, CLI, client, engine).
+
+``schedule`` is generated from ``DG2PFConfig``, so every knob of the algorithm is settable here and
+the two can never drift apart. Unknown fields are rejected at every level.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, create_model
+
+from dg2pf_core.config import DG2PFConfig
+from dg2pf_core.job import PruneJob
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelSpec(_Strict):
+    arch: str = Field(description="architecture name, e.g. digits_cnn, cifar/resnet18, torchvision/resnet50")
+    num_classes: int = Field(ge=2)
+    checkpoint: str = Field(description="a checkpoint id from POST /checkpoints, or a path under an allowed root")
+
+
+class DatasetSpec(_Strict):
+    spec: str = Field(description="digits | cifar10:PATH | imagefolder:PATH")
+    val_fraction: float = Field(0.1, gt=0, le=0.5)
+    image_size: int | None = Field(None, ge=8, le=1024)
+
+
+# Options that are the job's, not the schedule's: set elsewhere in the spec or by the executor.
+_NOT_SCHEDULE = {"sparsity", "device", "loader_workers"}
+
+
+def _schedule_model() -> type[BaseModel]:
+    hints = typing.get_type_hints(DG2PFConfig)
+    fields: dict[str, Any] = {}
+    for f in dataclasses.fields(DG2PFConfig):
+        if f.name in _NOT_SCHEDULE:
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        fields[f.name] = (hints[f.name], default)
+    return create_model("ScheduleSpec", __config__=ConfigDict(extra="forbid"), **fields)
+
+
+ScheduleSpec = _schedule_model()
+
+
+class ResourcesSpec(_Strict):
+    num_workers: int = Field(1, ge=1, le=1024, description="DDP workers (1: one process, no DDP)")
+    use_gpu: bool = False
+
+
+class TuneSpec(_Strict):
+    samples: int = Field(4, ge=1, le=256)
+    search_space: dict[str, Any] | None = Field(None, description="option -> distribution, as in `dg2pf tune --search-space`")
+
+
+class JobSpec(_Strict):
+    name: str | None = Field(None, max_length=128)
+    model: ModelSpec
+    teacher: str | None = Field(None, description="checkpoint id or path of a separate teacher (same arch)")
+    dataset: DatasetSpec
+    sparsity: float = Field(gt=0, lt=1, description="fraction of prunable weights to remove")
+    schedule: ScheduleSpec = Field(default_factory=ScheduleSpec)  # type: ignore[valid-type]
+    resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
+    tune: TuneSpec | None = None
+    serve: bool = False
+
+    def config(self) -> DG2PFConfig:
+        """The DG2PFConfig this spec asks for (raises ConfigError on inconsistent values)."""
+        return DG2PFConfig(sparsity=self.sparsity, **self.schedule.model_dump())
+
+    def prune_job(self, checkpoint_path: str, teacher_path: str | None) -> PruneJob:
+        return PruneJob(
+            arch=self.model.arch, num_classes=self.model.num_classes, checkpoint=checkpoint_path,
+            dataset=self.dataset.spec, config=self.config(), teacher=teacher_path,
+            image_size=self.dataset.image_size, val_fraction=self.dataset.val_fraction,
+        )

@@ -1,0 +1,21 @@
+"""The durable job store: SQLAlchemy models, Alembic migrations and the JobStore repository."""
+
+from dg2pf_service.store.db import DatabaseURLError, make_engine, make_sessionmaker
+from dg2pf_service.store.migrate import upgrade
+from dg2pf_service.store.models import CheckpointFormat, CheckpointRow, JobPhase, JobRow, JobState, TERMINAL_STATES
+from dg2pf_service.store.repo import JobNotFoundError, JobStore
+
+__all__ = [
+    "TERMINAL_STATES",
+    "CheckpointFormat",
+    "CheckpointRow",
+    "DatabaseURLError",
+    "JobNotFoundError",
+    "JobPhase",
+    "JobRow",
+    "JobState",
+    "JobStore",
+    "make_engine",
+    "make_sessionmaker",
+    "upgrade",
+]

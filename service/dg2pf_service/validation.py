@@ -1,0 +1,93 @@
+"""Checking a submitted job against the world before anything is created.
+
+Each check raises ``InvalidJob`` naming the spec field and the reason; the API turns it into a 4xx.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from dg2pf_core.errors import DG2PFError
+from dg2pf_core.job import load_model
+from dg2pf_core.data import parse_spec
+from dg2pf_core.data.registry import dataset_names
+
+from .settings import Settings
+from .spec import JobSpec
+from .store.repo import JobStore
+
+
+class InvalidJob(DG2PFError):
+    def __init__(self, field: str, message: str, status: int = 422) -> None:
+        super().__init__(message, field=field)
+        self.status = status
+
+
+def under_roots(path: Path, roots: list[Path]) -> bool:
+    resolved = path.resolve()
+    return any(resolved == r.resolve() or r.resolve() in resolved.parents for r in roots)
+
+
+def resolve_checkpoint(ref: str, field: str, settings: Settings, store: JobStore) -> str:
+    """A checkpoint id from POST /checkpoints, or a path under an allowed root."""
+    row = store.get_checkpoint(ref)
+    if row is not None:
+        return row.path
+    if "/" not in ref and "." not in ref:
+        raise InvalidJob(field, f"unknown checkpoint id {ref!r}; upload it with POST /checkpoints first", status=404)
+    path = Path(ref)
+    roots = [settings.checkpoints_dir, *settings.data_roots]
+    if not path.is_absolute() or not under_roots(path, roots):
+        raise InvalidJob(field, f"checkpoint path {ref!r} is not under an allowed root ({', '.join(map(str, roots))})")
+    if not path.is_file():
+        raise InvalidJob(field, f"checkpoint file {ref!r} does not exist")
+    return str(path)
+
+
+def check_dataset(spec: str, settings: Settings) -> None:
+    try:
+        name, path = parse_spec(spec)
+    except DG2PFError as exc:
+        raise InvalidJob("dataset.spec", exc.message) from exc
+    if name not in dataset_names():
+        raise InvalidJob("dataset.spec", f"unknown dataset {name!r}; use one of digits, cifar10:PATH, imagefolder:PATH")
+    if path is None:
+        return
+    p = Path(path)
+    if not p.is_absolute() or not under_roots(p, settings.data_roots):
+        raise InvalidJob("dataset.spec", f"dataset path {path!r} is outside DG2PF_DATA_ROOTS ({', '.join(map(str, settings.data_roots))})")
+    if not p.exists():
+        raise InvalidJob("dataset.spec", f"dataset path {path!r} does not exist")
+
+
+def validate_job(spec: JobSpec, settings: Settings, store: JobStore, capacity: tuple[float, float]) -> tuple[str, str | None]:
+    """All checks; returns (checkpoint path, teacher path)."""
+    try:
+        config = spec.config()
+    except DG2PFError as exc:
+        raise InvalidJob(f"schedule.{exc.field}" if exc.field and exc.field != "sparsity" else "sparsity", exc.message) from exc
+    checkpoint = resolve_checkpoint(spec.model.checkpoint, "model.checkpoint", settings, store)
+    teacher = resolve_checkpoint(spec.teacher, "teacher", settings, store) if spec.teacher else None
+    for path, field in ((checkpoint, "model.checkpoint"), (teacher, "teacher")):
+        if path is None:
+            continue
+        try:
+            load_model(spec.model.arch, spec.model.num_classes, path)
+        except DG2PFError as exc:
+            where = "model.arch" if exc.field == "arch" else ("model.num_classes" if exc.field == "num_classes" else field)
+            raise InvalidJob(where, exc.message) from exc
+    check_dataset(spec.dataset.spec, settings)
+    cpus, gpus = capacity
+    workers = spec.resources.num_workers
+    if spec.resources.use_gpu and workers > gpus:
+        raise InvalidJob("resources.num_workers", f"{workers} GPU workers can never be placed: the Ray cluster has {gpus:g} GPUs")
+    if workers > cpus:
+        raise InvalidJob("resources.num_workers", f"{workers} workers can never be placed: the Ray cluster has {cpus:g} CPUs")
+    if spec.tune is not None and spec.tune.search_space:
+        from dg2pf_ray.search_space import build_space
+
+        try:
+            build_space(spec.tune.search_space, config)
+        except DG2PFError as exc:
+            raise InvalidJob("tune.search_space", exc.message) from exc
+    return checkpoint, teacher
