@@ -1,7 +1,7 @@
 """The job store on both backends it supports: a SQLite file and PostgreSQL.
 
 PostgreSQL comes from DG2PF_TEST_POSTGRES (default: trust auth as postgres on 127.0.0.1:5432); a
-fresh database is created for this module and dropped afterwards. Without a server those cases skip.
+fresh database is created for this module and dropped afterwards. scripts/test.sh makes sure the server runs; without one those cases fail.
 """
 
 from __future__ import annotations
@@ -24,30 +24,10 @@ from dg2pf_service.store import JobNotFoundError, JobState, JobStore, make_engin
 from dg2pf_service.store.migrate import current_revision, head_revision
 from dg2pf_service.store.models import Base
 
-PG_SERVER = os.environ.get("DG2PF_TEST_POSTGRES", "postgresql+psycopg2://postgres@127.0.0.1:5432/test")
 SHA = "ab" * 32
 T = TypeVar("T")
 
 
-@pytest.fixture(scope="module")
-def pg_url() -> Iterator[str]:
-    psycopg2 = pytest.importorskip("psycopg2")
-    server = make_url(PG_SERVER)
-    connect = dict(host=server.host, port=server.port or 5432, user=server.username, password=server.password, dbname=server.database)
-    try:
-        admin = psycopg2.connect(**connect, connect_timeout=3)
-    except psycopg2.OperationalError as e:
-        pytest.skip(f"no PostgreSQL at {server.render_as_string(hide_password=True)} (set DG2PF_TEST_POSTGRES): {e}")
-    admin.autocommit = True  # CREATE/DROP DATABASE cannot run inside a transaction
-    name = f"dg2pf_test_{uuid.uuid4().hex[:12]}"
-    with admin.cursor() as cur:
-        cur.execute(f'CREATE DATABASE "{name}"')
-    try:
-        yield server.set(database=name).render_as_string(hide_password=False)
-    finally:
-        with admin.cursor() as cur:
-            cur.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        admin.close()
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

@@ -1,0 +1,104 @@
+"""``Client(base_url, token=None)``: upload checkpoints, submit jobs, follow them, fetch results."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from dg2pf_service.api.schemas import CheckpointOut, JobList, JobOut, JobSubmitted
+from dg2pf_service.spec import JobSpec
+
+from .errors import WaitTimeout, from_response
+
+TERMINAL = {"succeeded", "failed", "cancelled"}
+
+
+class Client:
+    def __init__(self, base_url: str, token: str | None = None, timeout: float = 60.0) -> None:
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self._http = httpx.Client(base_url=base_url.rstrip("/"), headers=headers, timeout=timeout)
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _call(self, method: str, path: str, **kw: Any) -> httpx.Response:
+        r = self._http.request(method, path, **kw)
+        if r.status_code >= 400:
+            try:
+                body = r.json()
+            except ValueError:
+                body = None
+            raise from_response(r.status_code, body, r.text)
+        return r
+
+    def upload_checkpoint(self, path: str | Path) -> CheckpointOut:
+        path = Path(path)
+        with path.open("rb") as fh:
+            r = self._call("POST", "/checkpoints", files={"file": (path.name, fh, "application/octet-stream")})
+        return CheckpointOut.model_validate(r.json())
+
+    def submit(self, spec: JobSpec | dict) -> JobSubmitted:
+        body = spec.model_dump(mode="json", exclude_unset=True) if isinstance(spec, JobSpec) else spec
+        return JobSubmitted.model_validate(self._call("POST", "/jobs", json=body).json())
+
+    def get(self, job_id: str) -> JobOut:
+        return JobOut.model_validate(self._call("GET", f"/jobs/{job_id}").json())
+
+    def list(self, state: str | None = None, limit: int = 50, offset: int = 0) -> JobList:
+        params = {"limit": limit, "offset": offset, **({"state": state} if state else {})}
+        return JobList.model_validate(self._call("GET", "/jobs", params=params).json())
+
+    def cancel(self, job_id: str) -> JobOut:
+        return JobOut.model_validate(self._call("POST", f"/jobs/{job_id}/cancel").json())
+
+    def wait(self, job_id: str, timeout: float | None = None, on_update: Callable[[JobOut], None] | None = None,
+             poll: float = 0.5, max_poll: float = 5.0) -> JobOut:
+        """Poll until the job ends (backoff from ``poll`` to ``max_poll`` seconds); ``on_update`` sees each change."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        last, delay = None, poll
+        while True:
+            job = self.get(job_id)
+            key = (job.state, job.phase, job.epoch)
+            if key != last:
+                if on_update is not None:
+                    on_update(job)
+                last, delay = key, poll
+            else:
+                delay = min(delay * 1.5, max_poll)
+            if job.state in TERMINAL:
+                return job
+            if deadline is not None and time.monotonic() + delay > deadline:
+                raise WaitTimeout(f"job {job_id} still {job.state} ({job.phase}) after {timeout} s")
+            time.sleep(delay)
+
+    def artifacts(self, job_id: str) -> list[dict]:
+        return self._call("GET", f"/jobs/{job_id}/artifacts").json()["artifacts"]
+
+    def download(self, job_id: str, dest: str | Path) -> list[Path]:
+        dest = Path(dest)
+        dest.mkdir(parents=True, exist_ok=True)
+        written = []
+        for item in self.artifacts(job_id):
+            with self._http.stream("GET", item["url"]) as r:
+                if r.status_code >= 400:
+                    r.read()
+                    raise from_response(r.status_code, r.json() if r.content else None, r.text)
+                target = dest / item["name"]
+                with target.open("wb") as fh:
+                    for chunk in r.iter_bytes():
+                        fh.write(chunk)
+            written.append(target)
+        return written
+
+    def health(self) -> dict:
+        return self._call("GET", "/readyz").json()

@@ -1,0 +1,48 @@
+"""Typed errors carrying the server's message and the field it is about."""
+
+from __future__ import annotations
+
+
+class ApiError(Exception):
+    status: int = 0
+
+    def __init__(self, status: int, type_: str, message: str, field: str | None = None) -> None:
+        super().__init__(f"{status} {type_}: {message}")
+        self.status, self.type, self.message, self.field = status, type_, message, field
+
+
+class InvalidRequest(ApiError):
+    pass
+
+
+class Unauthorized(ApiError):
+    pass
+
+
+class Forbidden(ApiError):
+    pass
+
+
+class NotFound(ApiError):
+    pass
+
+
+class Conflict(ApiError):
+    pass
+
+
+class TooLarge(ApiError):
+    pass
+
+
+class WaitTimeout(TimeoutError):
+    pass
+
+
+_BY_STATUS = {401: Unauthorized, 403: Forbidden, 404: NotFound, 409: Conflict, 413: TooLarge}
+
+
+def from_response(status: int, body: dict | None, text: str) -> ApiError:
+    err = (body or {}).get("error") or {}
+    cls = _BY_STATUS.get(status, InvalidRequest if 400 <= status < 500 else ApiError)
+    return cls(status, err.get("type", "error"), err.get("message", text[:500]), err.get("field"))

@@ -1,0 +1,62 @@
+"""A real dg2pf service process (uvicorn on a free port, embedded Ray head) for the API tests."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServiceProcess:
+    def __init__(self, data_dir: Path, **env: str) -> None:
+        self.data_dir, self.env = data_dir, env
+        self.port = free_port()
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 180) -> "ServiceProcess":
+        env = {**os.environ, "DG2PF_DATA_DIR": str(self.data_dir), "DG2PF_POLL_SECONDS": "0.3", **self.env}
+        env.pop("RAY_ADDRESS", None)
+        log = (self.data_dir.parent / f"service-{self.port}.log").open("ab")
+        self.proc = subprocess.Popen([sys.executable, "-m", "dg2pf_service", "--port", str(self.port)], env=env, stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"service exited with {self.proc.returncode}; see {log.name}")
+            try:
+                if httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        raise TimeoutError(f"service did not come up in {timeout} s")
+
+    def kill(self) -> None:
+        """SIGKILL: the API process dies without any clean-up, as in a crash."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(timeout=30)
+
+    def stop(self) -> None:
+        self.kill()
+        record = self.data_dir / "ray-state" / "ray-head.json"
+        if record.exists():
+            from dg2pf_service.cluster import ClusterInfo, stop_embedded
+
+            stop_embedded(ClusterInfo(**json.loads(record.read_text())))

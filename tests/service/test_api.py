@@ -1,0 +1,203 @@
+"""The service end to end over real HTTP: uvicorn, an embedded Ray head, PostgreSQL or SQLite."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from dg2pf_client import Client, Conflict, Forbidden, InvalidRequest, NotFound, TooLarge, Unauthorized
+from dg2pf_core.checkpoints import save_state_dict
+from dg2pf_core.models import build_model
+
+from service_process import ServiceProcess
+
+pytestmark = pytest.mark.slow
+TOKEN = "s3cret-token"
+FAST = {"pruning_epochs": 2, "max_epochs": 4, "patience": 2}
+
+
+def spec(checkpoint: str, **over) -> dict:
+    doc = {"model": {"arch": "digits_cnn", "num_classes": 10, "checkpoint": checkpoint}, "dataset": {"spec": "digits"},
+           "sparsity": 0.9, "schedule": dict(FAST)}
+    doc.update(over)
+    return doc
+
+
+@pytest.fixture(scope="module")
+def service(tmp_path_factory, pg_url):
+    root = tmp_path_factory.mktemp("svc")
+    (root / "data").mkdir()
+    svc = ServiceProcess(root / "state", DG2PF_DATABASE_URL=pg_url, DG2PF_API_TOKENS=f"{TOKEN},another",
+                         DG2PF_DATA_ROOTS=str(root / "data"), DG2PF_MAX_UPLOAD_BYTES=str(2_000_000))
+    svc.start()
+    yield svc
+    svc.stop()
+
+
+@pytest.fixture(scope="module")
+def client(service):
+    with Client(service.url, token=TOKEN) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def ckpt(client, digits_example) -> str:
+    return client.upload_checkpoint(digits_example / "model.safetensors").id
+
+
+def test_auth(service, client):
+    assert httpx.get(f"{service.url}/healthz").status_code == 200
+    with pytest.raises(Unauthorized):
+        Client(service.url).list()
+    with pytest.raises(Forbidden):
+        Client(service.url, token="wrong").list()
+    assert client.health()["checks"] == {"database": "ok", "ray": "ok"}
+
+
+def test_upload_same_content_same_id_and_size_limit(service, client, digits_example, tmp_path):
+    a = client.upload_checkpoint(digits_example / "model.safetensors")
+    b = client.upload_checkpoint(digits_example / "model.safetensors")
+    assert a.id == b.id and a.sha256 == b.sha256 and a.bytes == (digits_example / "model.safetensors").stat().st_size
+    before = sorted(p.name for p in (service.data_dir / "checkpoints").iterdir())
+    big = tmp_path / "big.safetensors"
+    save_state_dict({"w": __import__("torch").zeros(1_000_000)}, big)  # 4 MB > the 2 MB limit
+    with pytest.raises(TooLarge):
+        client.upload_checkpoint(big)
+    pickled = tmp_path / "evil.pt"
+    pickled.write_bytes(b"\x80\x04\x95garbage-pickle")
+    with pytest.raises(InvalidRequest, match="file"):
+        client.upload_checkpoint(pickled)
+    assert sorted(p.name for p in (service.data_dir / "checkpoints").iterdir()) == before
+
+
+def test_full_lifecycle(service, client, ckpt, tmp_path):
+    r = httpx.post(f"{service.url}/jobs", json=spec(ckpt, name="lifecycle"), headers={"Authorization": f"Bearer {TOKEN}"})
+    assert r.status_code == 202 and r.headers["location"] == f"/jobs/{r.json()['id']}"
+    assert r.json()["state"] == "queued"
+    seen: list[tuple[str, str]] = []
+    job = client.wait(r.json()["id"], timeout=300, on_update=lambda j: seen.append((j.state, j.phase)))
+    assert job.state == "succeeded", job.error
+    assert job.phase == "done" and abs(job.best_metrics["sparsity_prunable"] - 0.9) < 1e-3
+    assert job.best_metrics["test_top1"] >= job.best_metrics["baseline_test_top1"] - 5
+    assert [h["epoch"] for h in job.history] == list(range(len(job.history)))
+    assert ("running", "gradual_pruning") in seen or ("running", "baseline") in seen
+    files = {p.name for p in client.download(job.id, tmp_path / "dl")}
+    assert {"model.safetensors", "metrics.json", "history.json"} <= files
+    assert json.loads((tmp_path / "dl" / "metrics.json").read_text())["target_sparsity"] == 0.9
+    assert client.list(state="succeeded").total >= 1
+
+
+BAD = [
+    (lambda c: spec(c, sparsity=1.5), 422, "sparsity"),
+    (lambda c: spec(c, sparsity=0), 422, "sparsity"),
+    (lambda c: {**spec(c), "model": {"arch": "digit_cnn", "num_classes": 10, "checkpoint": c}}, 422, "model.arch"),
+    (lambda c: {**spec(c), "model": {"arch": "digits_cnn", "num_classes": 10, "checkpoint": "0" * 32}}, 404, "model.checkpoint"),
+    (lambda c: {**spec(c), "model": {"arch": "digits_cnn", "num_classes": 7, "checkpoint": c}}, 422, "model.checkpoint"),
+    (lambda c: {**spec(c), "dataset": {"spec": "imagefolder:/etc"}}, 422, "dataset.spec"),
+    (lambda c: {**spec(c), "dataset": {"spec": "cifar10:/nonexistent/x"}}, 422, "dataset.spec"),
+    (lambda c: {**spec(c), "resources": {"num_workers": 0}}, 422, "resources.num_workers"),
+    (lambda c: {**spec(c), "resources": {"num_workers": 64}}, 422, "resources.num_workers"),
+    (lambda c: {**spec(c), "bogus": 1}, 422, "bogus"),
+    (lambda c: {**spec(c), "schedule": {"recovery": "magic"}}, 422, "schedule.recovery"),
+]
+
+
+@pytest.mark.parametrize("make, status, field", BAD)
+def test_bad_input_is_refused_and_nothing_is_created(service, client, ckpt, make, status, field):
+    total = client.list().total
+    r = httpx.post(f"{service.url}/jobs", json=make(ckpt), headers={"Authorization": f"Bearer {TOKEN}"})
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert err["field"] == field and err["message"]
+    assert client.list().total == total
+
+
+def test_malformed_json_and_unknown_job(service, client):
+    r = httpx.post(f"{service.url}/jobs", content=b"{not json", headers={"Authorization": f"Bearer {TOKEN}", "content-type": "application/json"})
+    assert r.status_code == 400 and r.json()["error"]["type"] == "malformed_json"
+    with pytest.raises(NotFound):
+        client.get("f" * 32)
+    with pytest.raises(NotFound):
+        client.cancel("f" * 32)
+
+
+def test_cancel_during_pruning_stops_the_work_and_keeps_artifacts(service, client, ckpt):
+    job_id = client.submit(spec(ckpt, schedule={"pruning_epochs": 12, "max_epochs": 20})).id
+    deadline = time.time() + 240
+    while time.time() < deadline:
+        job = client.get(job_id)
+        if job.phase == "gradual_pruning" and job.epoch >= 1:
+            break
+        time.sleep(0.3)
+    assert job.phase == "gradual_pruning", job
+    cancelled = client.cancel(job_id)
+    assert cancelled.state == "cancelled"
+    time.sleep(3)
+    job = client.get(job_id)
+    assert job.state == "cancelled" and job.epoch < 12
+    names = {a["name"] for a in client.artifacts(job_id)}
+    assert "progress.jsonl" in names  # what was written so far is kept
+    progress_lines = len((service.data_dir / "jobs" / job_id / "progress.jsonl").read_text().splitlines())
+    time.sleep(3)
+    assert len((service.data_dir / "jobs" / job_id / "progress.jsonl").read_text().splitlines()) == progress_lines  # stopped
+    with pytest.raises(Conflict):
+        client.cancel(job_id)
+
+
+def test_concurrent_submissions_queue_fifo_and_all_finish(service, client, ckpt):
+    tiny = spec(ckpt, schedule={"pruning_epochs": 1, "max_epochs": 1})
+    ids: list[str] = []
+    lock = threading.Lock()
+
+    def submit() -> None:
+        with Client(service.url, token=TOKEN) as c:
+            job_id = c.submit(tiny).id
+        with lock:
+            ids.append(job_id)
+
+    threads = [threading.Thread(target=submit) for _ in range(20)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(set(ids)) == 20
+    # the cluster has 2 CPUs and each job holds 1: never more than 2 run at once, the rest wait
+    peak_running, saw_queued = 0, False
+    deadline = time.time() + 600
+    while time.time() < deadline:
+        states = [client.get(i).state for i in ids]
+        peak_running = max(peak_running, states.count("running"))
+        saw_queued |= "queued" in states
+        if all(s in ("succeeded", "failed", "cancelled") for s in states):
+            break
+        time.sleep(1)
+    assert all(client.get(i).state == "succeeded" for i in ids)
+    assert peak_running <= 2 and saw_queued
+
+
+def test_restart_api_mid_job_sqlite(digits_example, tmp_path):
+    svc = ServiceProcess(tmp_path / "state")
+    try:
+        svc.start()
+        with Client(svc.url) as c:
+            ck = c.upload_checkpoint(digits_example / "model.safetensors").id
+            job_id = c.submit(spec(ck, schedule={"pruning_epochs": 6, "max_epochs": 8, "patience": 2})).id
+            deadline = time.time() + 240
+            while c.get(job_id).epoch < 1 and time.time() < deadline:
+                time.sleep(0.3)
+        svc.kill()  # the API dies mid-job; the Ray job goes on
+        time.sleep(4)
+        svc.start()
+        with Client(svc.url) as c:
+            job = c.wait(job_id, timeout=300)
+        assert job.state == "succeeded", job.error
+        assert [h["epoch"] for h in job.history] == list(range(len(job.history)))  # continuous history
+        assert (svc.data_dir / "dg2pf.db").exists()
+    finally:
+        svc.stop()
