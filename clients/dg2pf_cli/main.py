@@ -11,6 +11,7 @@ import json
 import sys
 import typing
 from collections.abc import Sequence
+from pathlib import Path
 
 from dg2pf_core import DG2PFConfig, DG2PFError, PruneJob
 from dg2pf_core.config import DG2PFConfig as _Config
@@ -122,6 +123,151 @@ def _cmd_tune(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- the service: serve, submit, status, jobs, cancel, download ---
+
+def _client(args: argparse.Namespace):
+    import os
+
+    from dg2pf_client import Client
+
+    url = args.url or os.environ.get("DG2PF_URL", "http://127.0.0.1:8000")
+    return Client(url, token=args.token or os.environ.get("DG2PF_TOKEN"))
+
+
+def _client_errors(fn):
+    """Server-side refusals become exit 2 with the server's message, like local bad input."""
+
+    def run(args: argparse.Namespace) -> int:
+        from dg2pf_client import ApiError
+
+        try:
+            return fn(args)
+        except ApiError as exc:
+            where = f" ({exc.field})" if exc.field else ""
+            print(f"dg2pf: error: {exc.message}{where}", file=sys.stderr)
+            return 2
+
+    return run
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from dg2pf_service.__main__ import main as serve_main
+
+    argv = [*(["--host", args.host] if args.host else []), *(["--port", str(args.port)] if args.port else [])]
+    return serve_main(argv)
+
+
+def _print_job(job) -> None:
+    m = job.best_metrics or {}
+    print(f"{job.id}  {job.state:<9} phase {job.phase:<15} epoch {job.epoch:>3}  sparsity {job.current_sparsity:6.2%} -> {job.target_sparsity:.0%}")
+    if m.get("test_top1") is not None:
+        print(f"  test top-1 {m.get('baseline_test_top1', float('nan')):.2f}% dense -> {m['test_top1']:.2f}% pruned; "
+              f"params nonzero {m.get('params_nonzero')}/{m.get('params_total')}")
+    if job.error:
+        print(f"  error: {job.error.type}: {job.error.message}")
+
+
+@_client_errors
+def _cmd_submit(args: argparse.Namespace) -> int:
+    import yaml
+
+    from dg2pf_service.spec import JobSpec
+
+    try:
+        document = yaml.safe_load(Path(args.spec).read_text())
+        spec = JobSpec.model_validate(document)
+    except (OSError, yaml.YAMLError) as exc:
+        raise DG2PFError(f"cannot read job spec {args.spec}: {exc}") from exc
+    except ValueError as exc:  # pydantic's ValidationError
+        raise DG2PFError(f"job spec {args.spec} is invalid: {exc}") from exc
+    with _client(args) as client:
+        submitted = client.submit(spec)
+        print(f"submitted {submitted.id}")
+        if not args.wait:
+            return 0
+        job = client.wait(submitted.id, on_update=_print_job)
+        return 0 if job.state == "succeeded" else 1
+
+
+@_client_errors
+def _cmd_status(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        job = client.get(args.id)
+    if args.json:
+        print(job.model_dump_json(indent=2))
+    else:
+        _print_job(job)
+    return 0
+
+
+@_client_errors
+def _cmd_jobs(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        page = client.list(state=args.state, limit=args.limit)
+    for job in page.items:
+        print(f"{job.id}  {job.state:<9} {job.phase:<15} {job.target_sparsity:.0%}  {job.name or ''}")
+    print(f"({len(page.items)} of {page.total})")
+    return 0
+
+
+@_client_errors
+def _cmd_cancel(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        _print_job(client.cancel(args.id))
+    return 0
+
+
+@_client_errors
+def _cmd_download(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        for path in client.download(args.id, args.out or args.id):
+            print(path)
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    return run_demo(Path(args.out))
+
+
+def _add_service_commands(sub) -> None:
+    dm = sub.add_parser("demo", help="the whole path on the embedded default: service, example, 90%% job, result")
+    dm.add_argument("--out", default="demo-out")
+    dm.set_defaults(func=_cmd_demo)
+
+    sv = sub.add_parser("serve", help="run the API with an embedded Ray and store (data in $DG2PF_DATA_DIR)")
+    sv.add_argument("--host")
+    sv.add_argument("--port", type=int)
+    sv.set_defaults(func=_cmd_serve)
+
+    def client_parser(name: str, help_: str):
+        cp = sub.add_parser(name, help=help_)
+        cp.add_argument("--url", help="service URL (default: $DG2PF_URL or http://127.0.0.1:8000)")
+        cp.add_argument("--token", help="bearer token (default: $DG2PF_TOKEN)")
+        return cp
+
+    sb = client_parser("submit", "submit a job spec (YAML or JSON) to the service")
+    sb.add_argument("spec")
+    sb.add_argument("--wait", action="store_true", help="follow the job until it ends")
+    sb.set_defaults(func=_cmd_submit)
+    st = client_parser("status", "show a job")
+    st.add_argument("id")
+    st.add_argument("--json", action="store_true")
+    st.set_defaults(func=_cmd_status)
+    js = client_parser("jobs", "list jobs")
+    js.add_argument("--state", choices=["queued", "running", "succeeded", "failed", "cancelled"])
+    js.add_argument("--limit", type=int, default=50)
+    js.set_defaults(func=_cmd_jobs)
+    cn = client_parser("cancel", "cancel a queued or running job")
+    cn.add_argument("id")
+    cn.set_defaults(func=_cmd_cancel)
+    dl = client_parser("download", "download a job's artifacts")
+    dl.add_argument("id")
+    dl.add_argument("--out", help="directory (default: ./ID)")
+    dl.set_defaults(func=_cmd_download)
+
+
 def _fmt_pair(before: float | None, after: float | None) -> str:
     if before is None or after is None:
         return "n/a (dataset has no test split)"
@@ -204,6 +350,7 @@ def _add_tune_evaluate_archs(sub) -> None:
 
     ar = sub.add_parser("archs", help="list architecture names")
     ar.set_defaults(func=_cmd_archs)
+    _add_service_commands(sub)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

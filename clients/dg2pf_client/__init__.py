@@ -1,6 +1,6 @@
 """Python client of the dg2pf service."""
 
 from .client import Client
-from .errors import ApiError, Conflict, Forbidden, InvalidRequest, NotFound, TooLarge, Unauthorized, WaitTimeout
+from .errors import ApiError, Conflict, Forbidden, InvalidRequest, NotFound, ServiceUnreachable, TooLarge, Unauthorized, WaitTimeout
 
-__all__ = ["ApiError", "Client", "Conflict", "Forbidden", "InvalidRequest", "NotFound", "TooLarge", "Unauthorized", "WaitTimeout"]
+__all__ = ["ApiError", "Client", "Conflict", "Forbidden", "InvalidRequest", "NotFound", "ServiceUnreachable", "TooLarge", "Unauthorized", "WaitTimeout"]

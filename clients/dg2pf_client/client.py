@@ -12,7 +12,7 @@ import httpx
 from dg2pf_service.api.schemas import CheckpointOut, JobList, JobOut, JobSubmitted
 from dg2pf_service.spec import JobSpec
 
-from .errors import WaitTimeout, from_response
+from .errors import ServiceUnreachable, WaitTimeout, from_response
 
 TERMINAL = {"succeeded", "failed", "cancelled"}
 
@@ -32,7 +32,10 @@ class Client:
         self.close()
 
     def _call(self, method: str, path: str, **kw: Any) -> httpx.Response:
-        r = self._http.request(method, path, **kw)
+        try:
+            r = self._http.request(method, path, **kw)
+        except httpx.TransportError as exc:
+            raise ServiceUnreachable(0, "unreachable", f"cannot reach the dg2pf service at {self._http.base_url}: {exc}") from exc
         if r.status_code >= 400:
             try:
                 body = r.json()

@@ -35,6 +35,10 @@ class TooLarge(ApiError):
     pass
 
 
+class ServiceUnreachable(ApiError):
+    pass
+
+
 class WaitTimeout(TimeoutError):
     pass
 

@@ -201,3 +201,27 @@ def test_restart_api_mid_job_sqlite(digits_example, tmp_path):
         assert (svc.data_dir / "dg2pf.db").exists()
     finally:
         svc.stop()
+
+
+def test_cli_submit_wait_status_jobs_download(service, ckpt, tmp_path, capsys):
+    from dg2pf_cli.main import main
+
+    job_file = tmp_path / "job.yaml"
+    job_file.write_text(
+        "name: from-cli\nmodel: {arch: digits_cnn, num_classes: 10, checkpoint: %s}\n"
+        "dataset: {spec: digits}\nsparsity: 0.8\nschedule: {pruning_epochs: 1, max_epochs: 2}\n" % ckpt
+    )
+    conn = ["--url", service.url, "--token", TOKEN]
+    assert main(["submit", str(job_file), "--wait", *conn]) == 0
+    job_id = capsys.readouterr().out.split("submitted ")[1].split()[0]
+    assert main(["status", job_id, "--json", *conn]) == 0
+    assert json.loads(capsys.readouterr().out)["state"] == "succeeded"
+    assert main(["jobs", "--state", "succeeded", *conn]) == 0
+    assert job_id in capsys.readouterr().out
+    assert main(["download", job_id, "--out", str(tmp_path / "dl"), *conn]) == 0
+    assert (tmp_path / "dl" / "model.safetensors").exists()
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(job_file.read_text().replace("sparsity: 0.8", "sparsity: 2"))
+    assert main(["submit", str(bad), *conn]) == 2
+    assert "sparsity" in capsys.readouterr().err
+    assert main(["status", "0" * 32, *conn]) == 2

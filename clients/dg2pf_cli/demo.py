@@ -1,0 +1,111 @@
+"""``dg2pf demo``: the whole user path on the embedded default, end to end.
+
+Start the service (local Ray head, SQLite, local artifact directory), pre-train the digits example,
+upload it, submit a 90% job through the Python client, follow it, print the result, shut down.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+from dg2pf_client import Client
+from dg2pf_core.example import write_example
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_demo(out: Path, sparsity: float = 0.9) -> int:
+    out = out.resolve()
+    data_dir = out / "service"
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    env = {**os.environ, "DG2PF_DATA_DIR": str(data_dir), "DG2PF_POLL_SECONDS": "0.5"}
+    env.pop("RAY_ADDRESS", None)
+    out.mkdir(parents=True, exist_ok=True)
+    log = (out / "service.log").open("ab")
+    print(f"== 1/5 starting the service at {url} (log: {out / 'service.log'})", flush=True)
+    service = subprocess.Popen([sys.executable, "-m", "dg2pf_service", "--port", str(port)], env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.time() + 180
+        while True:
+            if service.poll() is not None:
+                print(f"dg2pf: error: the service exited ({service.returncode}); see {out / 'service.log'}", file=sys.stderr)
+                return 1
+            try:
+                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.time() > deadline:
+                print("dg2pf: error: the service did not become ready in 180 s", file=sys.stderr)
+                return 1
+            time.sleep(0.5)
+        print(f"   API {url}  (OpenAPI docs: {url}/docs)", flush=True)
+
+        example = out / "example"
+        print("== 2/5 pre-training digits_cnn on scikit-learn's handwritten digits", flush=True)
+        if not (example / "model.safetensors").exists():
+            metrics = write_example("digits", example)
+            print(f"   dense test top-1 {metrics['test_top1']:.2f}%", flush=True)
+
+        with Client(url) as client:
+            print("== 3/5 uploading the checkpoint", flush=True)
+            ckpt = client.upload_checkpoint(example / "model.safetensors")
+            print(f"   checkpoint {ckpt.id} ({ckpt.bytes} bytes)", flush=True)
+            print(f"== 4/5 submitting a {sparsity:.0%} DG2PF job", flush=True)
+            job = client.submit({"name": "demo", "model": {"arch": "digits_cnn", "num_classes": 10, "checkpoint": ckpt.id},
+                                 "dataset": {"spec": "digits"}, "sparsity": sparsity})
+
+            def show(j) -> None:
+                val = (j.latest_metrics or {}).get("val_top1")
+                eta = f"  eta {j.eta_seconds:.0f} s" if j.eta_seconds else ""
+                print(f"   {j.state:<9} {j.phase:<15} epoch {j.epoch:>3}  sparsity {j.current_sparsity:6.2%}"
+                      f"{f'  val top-1 {val:.2f}%' if val is not None else ''}{eta}", flush=True)
+
+            final = client.wait(job.id, timeout=1800, on_update=show)
+            if final.state != "succeeded":
+                print(f"dg2pf: error: job {final.state}: {final.error}", file=sys.stderr)
+                return 1
+            files = client.download(final.id, out / "pruned")
+        m = json.loads((out / "pruned" / "metrics.json").read_text())
+        print("== 5/5 result", flush=True)
+        rows = [
+            ("job", final.id),
+            ("target sparsity", f"{m['target_sparsity']:.2%}"),
+            ("sparsity (prunable weights)", f"{m['sparsity_prunable']:.4%}"),
+            ("parameters nonzero / total", f"{m['params_nonzero']:,} / {m['params_total']:,}"),
+            ("MACs sparse / dense", f"{m['flops_sparse'] / max(m['flops_dense'], 1):.3f}x"),
+            ("test top-1 dense -> pruned", f"{m['baseline_test_top1']:.2f}% -> {m['test_top1']:.2f}% ({m['test_top1'] - m['baseline_test_top1']:+.2f})"),
+            ("epochs", str(m["epochs"])),
+            ("artifacts", ", ".join(sorted(p.name for p in files))),
+        ]
+        width = max(len(k) for k, _ in rows)
+        for k, v in rows:
+            print(f"{k:<{width}}  {v}")
+        return 0
+    finally:
+        print("== shutting down the service and its Ray head", flush=True)
+        if service.poll() is None:
+            service.send_signal(signal.SIGTERM)
+            try:
+                service.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                service.kill()
+        record = data_dir / "ray-state" / "ray-head.json"
+        if record.exists():
+            from dg2pf_service.cluster import ClusterInfo, stop_embedded
+
+            stop_embedded(ClusterInfo(**json.loads(record.read_text())))
