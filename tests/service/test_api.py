@@ -225,3 +225,40 @@ def test_cli_submit_wait_status_jobs_download(service, ckpt, tmp_path, capsys):
     assert main(["submit", str(bad), *conn]) == 2
     assert "sparsity" in capsys.readouterr().err
     assert main(["status", "0" * 32, *conn]) == 2
+
+
+def test_cancel_during_finetuning(service, client, ckpt):
+    # patience 4: fine-tuning lasts at least 4 epochs, a window of several seconds to cancel in
+    job_id = client.submit(spec(ckpt, schedule={"pruning_epochs": 1, "max_epochs": 40, "patience": 4})).id
+    deadline = time.time() + 300
+    job = client.get(job_id)
+    while time.time() < deadline and not (job.phase == "finetuning" or job.state != "running" and job.state != "queued"):
+        time.sleep(0.1)
+        job = client.get(job_id)
+    assert job.phase == "finetuning" and job.state == "running", job
+    assert client.cancel(job_id).state == "cancelled"
+    time.sleep(3)
+    job = client.get(job_id)
+    assert job.state == "cancelled" and job.finished_at is not None
+    assert {h["phase"] for h in job.history} >= {"gradual_pruning", "distillation", "finetuning"}
+
+
+def test_job_whose_ray_work_vanished_is_marked_failed(digits_example, tmp_path):
+    svc = ServiceProcess(tmp_path / "state")
+    try:
+        svc.start()
+        with Client(svc.url) as c:
+            ck = c.upload_checkpoint(digits_example / "model.safetensors").id
+            job_id = c.submit(spec(ck, schedule={"pruning_epochs": 20, "max_epochs": 30})).id
+            deadline = time.time() + 240
+            while c.get(job_id).state != "running" and time.time() < deadline:
+                time.sleep(0.3)
+        svc.stop()  # the API and the whole Ray cluster go away: the job's Ray work is gone
+        time.sleep(2)
+        svc.start()  # a new Ray head; the store still says "running"
+        with Client(svc.url) as c:
+            job = c.wait(job_id, timeout=60)
+        assert job.state == "failed" and job.error.type == "LostJob"
+        assert "no longer exists" in job.error.message
+    finally:
+        svc.stop()
