@@ -25,7 +25,9 @@ def connect(address: str | None = None) -> str:
     runtime_env = {"env_vars": {"PYTHONUNBUFFERED": "1"}}
     try:
         if address:
-            ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
+            # No runtime_env here: inside a Ray Job the job's own runtime env applies, and Ray
+            # refuses a driver env that differs from it.
+            ray.init(address=address, log_to_driver=True)
             return f"joined Ray cluster at {address}"
         # The dashboard stays on: Ray Train's placement-group cleaner needs its state API, without
         # which a trial stopped early by Tune leaks its workers' CPUs and later trials never start.

@@ -65,24 +65,39 @@ class Client:
         return JobOut.model_validate(self._call("POST", f"/jobs/{job_id}/cancel").json())
 
     def wait(self, job_id: str, timeout: float | None = None, on_update: Callable[[JobOut], None] | None = None,
-             poll: float = 0.5, max_poll: float = 5.0) -> JobOut:
-        """Poll until the job ends (backoff from ``poll`` to ``max_poll`` seconds); ``on_update`` sees each change."""
+             poll: float = 0.5, max_poll: float = 5.0, progress: bool = False) -> JobOut:
+        """Poll until the job ends (backoff from ``poll`` to ``max_poll`` seconds); ``on_update`` sees each
+        change; ``progress=True`` draws a progress bar of epochs (phase, sparsity, validation top-1)."""
         deadline = None if timeout is None else time.monotonic() + timeout
         last, delay = None, poll
-        while True:
-            job = self.get(job_id)
-            key = (job.state, job.phase, job.epoch)
-            if key != last:
-                if on_update is not None:
-                    on_update(job)
-                last, delay = key, poll
-            else:
-                delay = min(delay * 1.5, max_poll)
-            if job.state in TERMINAL:
-                return job
-            if deadline is not None and time.monotonic() + delay > deadline:
-                raise WaitTimeout(f"job {job_id} still {job.state} ({job.phase}) after {timeout} s")
-            time.sleep(delay)
+        bar = None
+        if progress:
+            from tqdm import tqdm
+
+            bar = tqdm(desc=f"job {job_id[:8]}", unit="epoch")
+        try:
+            while True:
+                job = self.get(job_id)
+                key = (job.state, job.phase, job.epoch)
+                if key != last:
+                    if on_update is not None:
+                        on_update(job)
+                    if bar is not None:
+                        bar.update(job.epoch - bar.n)
+                        val = (job.latest_metrics or {}).get("val_top1")
+                        bar.set_postfix_str(f"{job.state} {job.phase} sparsity {job.current_sparsity:.1%}"
+                                            + (f" val top-1 {val:.2f}%" if val is not None else ""))
+                    last, delay = key, poll
+                else:
+                    delay = min(delay * 1.5, max_poll)
+                if job.state in TERMINAL:
+                    return job
+                if deadline is not None and time.monotonic() + delay > deadline:
+                    raise WaitTimeout(f"job {job_id} still {job.state} ({job.phase}) after {timeout} s")
+                time.sleep(delay)
+        finally:
+            if bar is not None:
+                bar.close()
 
     def artifacts(self, job_id: str) -> list[dict]:
         return self._call("GET", f"/jobs/{job_id}/artifacts").json()["artifacts"]

@@ -93,6 +93,14 @@ def test_full_lifecycle(service, client, ckpt, tmp_path):
     assert client.list(state="succeeded").total >= 1
 
 
+def test_two_ddp_workers_through_the_service(service, client, ckpt):
+    job_id = client.submit(spec(ckpt, resources={"num_workers": 2}, schedule={"pruning_epochs": 1, "max_epochs": 2})).id
+    job = client.wait(job_id, timeout=300)
+    assert job.state == "succeeded", job.error
+    assert job.best_metrics["world_size"] == 2 and abs(job.best_metrics["sparsity_prunable"] - 0.9) < 1e-3
+    assert [h["epoch"] for h in job.history] == list(range(len(job.history)))
+
+
 BAD = [
     (lambda c: spec(c, sparsity=1.5), 422, "sparsity"),
     (lambda c: spec(c, sparsity=0), 422, "sparsity"),
@@ -195,7 +203,7 @@ def test_restart_api_mid_job_sqlite(digits_example, tmp_path):
         time.sleep(4)
         svc.start()
         with Client(svc.url) as c:
-            job = c.wait(job_id, timeout=300)
+            job = c.wait(job_id, timeout=300, progress=True)
         assert job.state == "succeeded", job.error
         assert [h["epoch"] for h in job.history] == list(range(len(job.history)))  # continuous history
         assert (svc.data_dir / "dg2pf.db").exists()
