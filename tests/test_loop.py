@@ -7,7 +7,7 @@ from dg2pf_core import DG2PFConfig, TrainingState, run_dg2pf
 from dg2pf_core.errors import ConfigError, ResumeError
 from dg2pf_core.masks import select_prunable
 
-from conftest import TinyNet
+from tiny import TinyNet
 
 CFG = dict(sparsity=0.8, pruning_epochs=3, patience=2, max_epochs=12, batch_size=16, lr=5e-3, finetune_lr=1e-2, seed=0)
 

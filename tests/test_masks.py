@@ -4,7 +4,7 @@ import torch
 from dg2pf_core.errors import ConfigError
 from dg2pf_core.masks import Selection, magnitude_masks, masks_checksum, select_prunable
 
-from conftest import TinyNet
+from tiny import TinyNet
 
 
 def _weights(seed: int = 0) -> dict[str, torch.Tensor]:

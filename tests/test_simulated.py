@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from dg2pf_core.masks import magnitude_masks, select_prunable
 from dg2pf_core.simulated import hard_step, simulated_step
 
-from conftest import TinyNet, tiny_data
+from tiny import TinyNet, tiny_data
 
 
 def _setup(seed: int = 0):
