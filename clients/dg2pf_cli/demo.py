@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,18 +18,13 @@ import httpx
 
 from dg2pf_client import Client
 from dg2pf_core.example import write_example
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from dg2pf_service.cluster import free_port
 
 
 def run_demo(out: Path, sparsity: float = 0.9) -> int:
     out = out.resolve()
     data_dir = out / "service"
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     env = {**os.environ, "DG2PF_DATA_DIR": str(data_dir), "DG2PF_POLL_SECONDS": "0.5"}
     env.pop("RAY_ADDRESS", None)

@@ -31,7 +31,7 @@ class ClusterInfo:
     embedded: bool
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -71,10 +71,10 @@ def start_embedded(state_dir: Path, num_cpus: int | None = None) -> ClusterInfo:
         info = ClusterInfo(**json.loads(record.read_text()))
         if _dashboard_up(info.dashboard_url):
             return info
-    gcs_port, dash_port = _free_port(), _free_port()
+    gcs_port, dash_port = free_port(), free_port()
     # Every listening port explicit and free: a second Ray on the machine (another service, a test
     # cluster) otherwise takes the default agent ports and this head's job agent never comes up.
-    ports = {name: _free_port() for name in ("dashboard-agent-listen-port", "dashboard-agent-grpc-port",
+    ports = {name: free_port() for name in ("dashboard-agent-listen-port", "dashboard-agent-grpc-port",
                                              "metrics-export-port", "runtime-env-agent-port", "ray-client-server-port")}
     cmd = [str(Path(sys.executable).parent / "ray"), "start", "--head", f"--port={gcs_port}",
            "--dashboard-host=127.0.0.1", f"--dashboard-port={dash_port}", "--disable-usage-stats",
