@@ -95,9 +95,8 @@ def start_embedded(state_dir: Path, num_cpus: int | None = None) -> ClusterInfo:
     return info
 
 
-def stop_embedded(info: ClusterInfo) -> None:
-    """Stop only the head this service started (matched by its GCS port), not other Ray instances."""
-    port = info.gcs_address.rsplit(":", 1)[1]
+def _head_pids(port: str) -> list[int]:
+    pids = []
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit():
             continue
@@ -106,10 +105,37 @@ def stop_embedded(info: ClusterInfo) -> None:
         except OSError:
             continue
         if "ray" in cmd and (f":{port}" in cmd or f"--port={port}" in cmd or f"gcs_server_port={port}" in cmd):
+            pids.append(int(proc.name))
+    return pids
+
+
+def stop_embedded(info: ClusterInfo, grace_seconds: float = 10.0) -> None:
+    """Stop only the head this service started (matched by its GCS port), not other Ray instances:
+    SIGTERM, then SIGKILL for whatever is still alive after ``grace_seconds``."""
+    port = info.gcs_address.rsplit(":", 1)[1]
+    for sig_ in (15, 9):
+        pids = _head_pids(port)
+        for pid in pids:
             try:
-                os.kill(int(proc.name), 15)
+                os.kill(pid, sig_)
             except OSError:
                 pass
+        deadline = time.time() + (grace_seconds if sig_ == 15 else 2.0)
+        while pids and time.time() < deadline:
+            pids = [p for p in pids if Path(f"/proc/{p}").exists() and "zombie" not in _state(p)]
+            time.sleep(0.2)
+        if not pids:
+            return
+
+
+def _state(pid: int) -> str:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("State:"):
+                return line.lower()
+    except OSError:
+        return "gone"
+    return ""
 
 
 def connect_driver(info: ClusterInfo) -> None:
