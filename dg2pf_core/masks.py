@@ -8,7 +8,7 @@ can be inspected, saved, broadcast between workers and compared bit for bit.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -180,8 +180,3 @@ def masks_checksum(masks: Mapping[str, torch.Tensor]) -> int:
         # Weighted index sum: differs when any pruned position differs (collisions are negligible).
         total += (i + 1) * int(((idx * 2654435761) % 1_000_000_007).sum()) + int(flat.sum())
     return total % (2**61 - 1)
-
-
-def iter_masked(params: Mapping[str, torch.Tensor], masks: Mapping[str, torch.Tensor]) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
-    for name, mask in masks.items():
-        yield params[name], mask

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -116,7 +115,3 @@ def size_report(
         flops_dense=dense,
         flops_sparse=sparse,
     )
-
-
-def finite_or_none(value: float) -> float | None:
-    return None if value is None or math.isnan(value) else value

@@ -9,6 +9,7 @@ containers only), so reading a checkpoint never runs code.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -39,6 +40,12 @@ class EpochRecord:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def append_record(path: str | Path, record: dict[str, Any]) -> None:
+    """One JSON line per epoch: how progress leaves a run (a worker, a Ray Job) without a connection."""
+    with open(path, "a") as fh:
+        fh.write(json.dumps(record) + "\n")
 
 
 @dataclass

@@ -28,7 +28,7 @@ from dg2pf_core.export import OutputDir, write_metrics, write_model
 from dg2pf_core.job import PruneJob, prepare, result_metrics
 from dg2pf_core.loop import run_dg2pf
 from dg2pf_core.masks import masks_checksum
-from dg2pf_core.state import EpochRecord, TrainingState
+from dg2pf_core.state import EpochRecord, TrainingState, append_record
 
 from .cluster import ClusterError, check_capacity, connect
 
@@ -55,12 +55,6 @@ def _gather(value) -> list:
     out = [None] * dist.get_world_size()
     dist.all_gather_object(out, value)
     return out
-
-
-def append_progress(path: str, record: dict) -> None:
-    """One JSON line per epoch: how a job's progress leaves the workers without a Ray connection."""
-    with open(path, "a") as fh:
-        fh.write(json.dumps(record) + "\n")
 
 
 def epochs_at_target(epoch: int, pruning_epochs: int) -> int:
@@ -96,7 +90,7 @@ def train_worker(config: dict) -> None:
                    "epochs_at_target": epochs_at_target(record.epoch, job.config.pruning_epochs)}
         if rank == 0:
             if config.get("progress_path"):
-                append_progress(config["progress_path"], {**record.to_dict(), "world_size": world})
+                append_record(config["progress_path"], {**record.to_dict(), "world_size": world})
             if config.get("verbose", True):
                 print(f"epoch {record.epoch:>3} {record.phase:<15} sparsity {record.sparsity:6.2%} "
                       f"val top-1 {record.val_top1:6.2f}%{' *best' if record.is_best else ''}"

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from dg2pf_core.errors import DG2PFError
 from dg2pf_core.job import PruneJob, prune_to_dir
-from dg2pf_core.state import EpochRecord
+from dg2pf_core.state import EpochRecord, append_record
 
 PROGRESS = "progress.jsonl"
 OUTPUT = "output"
@@ -37,9 +37,7 @@ class _ProgressFile:
         pass
 
     def end_epoch(self, record: EpochRecord) -> None:
-        from dg2pf_ray.train import append_progress
-
-        append_progress(str(self.path), {**record.to_dict(), "world_size": 1})
+        append_record(self.path, {**record.to_dict(), "world_size": 1})
 
 
 def run(job_dir: Path) -> None:
