@@ -37,8 +37,9 @@ _SAFE_FORMAT_HINT = (
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """The name -> tensor mapping stored in ``path``, on CPU, without unpickling objects.
 
-    Accepts ``.safetensors`` files and ``torch.save`` files of a state_dict, optionally wrapped
-    as ``{"state_dict": ...}`` or ``{"model": ...}`` and/or with DDP's ``module.`` prefix.
+    Accepts ``.safetensors`` files (dense, or the compact sparse artifacts of
+    :mod:`dg2pf_core.compact`, given back dense) and ``torch.save`` files of a state_dict, optionally
+    wrapped as ``{"state_dict": ...}`` or ``{"model": ...}`` and/or with DDP's ``module.`` prefix.
     """
     path = Path(path)
     if not path.exists():
@@ -53,7 +54,9 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"checkpoint {path} is empty (0 bytes); was it fully written?")
 
     if path.suffix == ".safetensors":
-        raw = _load_safetensors(path)
+        from dg2pf_core.compact import is_compact, load_compact  # imported here: compact imports this module
+
+        raw = load_compact(path) if is_compact(path) else _load_safetensors(path)
     else:
         raw = _load_torch(path)
     return _as_state_dict(raw, path)

@@ -15,6 +15,7 @@ from typing import Any
 from torch import nn
 
 from .checkpoints import save_state_dict
+from .compact import save_compact
 from .errors import ConfigError
 
 
@@ -44,6 +45,11 @@ class OutputDir:
 def write_model(model: nn.Module, path: Path) -> None:
     """The pruned weights with the input state_dict's keys and shapes (pruned entries are 0)."""
     save_state_dict(model.state_dict(), path)
+
+
+def write_compact(model: nn.Module, path: Path, values: str = "fp32") -> None:
+    """The same weights as a compact sparse artifact (bitmask + nonzero values; see dg2pf_core.compact)."""
+    save_compact(model.state_dict(), path, values=values)
 
 
 def _json_safe(value: Any) -> Any:

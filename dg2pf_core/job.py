@@ -17,10 +17,11 @@ import torch
 from torch import nn
 
 from .checkpoints import load_into, read_state_dict
+from .compact import check_values
 from .config import DG2PFConfig
 from .data import DataRequest, DataSplits, load_dataset
 from .errors import ConfigError, DatasetError
-from .export import OutputDir, write_metrics, write_model
+from .export import OutputDir, write_compact, write_metrics, write_model
 from .loaders import LocalLoaders, Loaders, ShardedLoaders
 from .loop import DG2PFResult, Progress, Reporter, resolve_device, run_dg2pf
 from .metrics import size_report
@@ -40,6 +41,10 @@ class PruneJob:
     teacher: str | None = None  # a separate teacher checkpoint of the same architecture
     image_size: int | None = None  # default: the architecture's input size
     val_fraction: float = 0.1
+    compact_values: str = "fp32"  # value dtype of model.compact.safetensors: "fp32" (exact) or "fp16"
+
+    def __post_init__(self) -> None:
+        check_values(self.compact_values)
 
     def to_dict(self) -> dict:
         """Plain values only: travels to Ray workers and into job records."""
@@ -108,6 +113,7 @@ def load_data(dataset: str, arch: ArchSpec, num_classes: int, image_size: int | 
 def prepare(job: PruneJob) -> PreparedJob:
     """Load and check everything; raises a ``DG2PFError`` naming the bad input."""
     job.config.validate()
+    check_values(job.compact_values)
     arch, model = load_model(job.arch, job.num_classes, job.checkpoint)
     teacher = None
     if job.teacher is not None:
@@ -174,7 +180,8 @@ def prune_to_dir(
     progress: Progress | None = None,
     on_prepared: Callable[[PreparedJob], None] | None = None,
 ) -> dict:
-    """Run ``job`` in this process and write ``out/model.safetensors`` and ``out/metrics.json``.
+    """Run ``job`` in this process and write ``out/model.safetensors`` (dense),
+    ``out/model.compact.safetensors`` (bitmask + nonzero values) and ``out/metrics.json``.
 
     Nothing is written until the run succeeds, and then all at once (temp dir + rename).
     """
@@ -187,5 +194,6 @@ def prune_to_dir(
     metrics = result_metrics(prepared, result, world_size=1, wall_seconds=time.perf_counter() - started)
     with output.staging() as tmp:
         write_model(result.model, tmp / "model.safetensors")
+        write_compact(result.model, tmp / "model.compact.safetensors", job.compact_values)
         write_metrics(metrics, tmp / "metrics.json")
     return metrics

@@ -24,7 +24,7 @@ from ray.train.torch import TorchTrainer
 from ray.train.v2.api.exceptions import TrainingFailedError
 
 from dg2pf_core.errors import DG2PFError
-from dg2pf_core.export import OutputDir, write_metrics, write_model
+from dg2pf_core.export import OutputDir, write_compact, write_metrics, write_model
 from dg2pf_core.job import PruneJob, prepare, result_metrics
 from dg2pf_core.loop import run_dg2pf
 from dg2pf_core.masks import masks_checksum
@@ -32,7 +32,7 @@ from dg2pf_core.state import EpochRecord, TrainingState, append_record
 
 from .cluster import ClusterError, check_capacity, connect
 
-FINAL_FILES = ("model.safetensors", "metrics.json")
+FINAL_FILES = ("model.safetensors", "model.compact.safetensors", "metrics.json")
 
 
 @dataclass(frozen=True)
@@ -113,6 +113,7 @@ def train_worker(config: dict) -> None:
     if rank == 0:
         with tempfile.TemporaryDirectory() as tmp:
             write_model(result.model, Path(tmp) / "model.safetensors")
+            write_compact(result.model, Path(tmp) / "model.compact.safetensors", job.compact_values)
             write_metrics(metrics, Path(tmp) / "metrics.json")
             ray.train.report(final, checkpoint=Checkpoint.from_directory(tmp), checkpoint_dir_name="final")
     else:

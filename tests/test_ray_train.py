@@ -15,6 +15,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from dg2pf_core import DG2PFConfig, PruneJob
+from dg2pf_core.checkpoints import read_state_dict
 from dg2pf_core.job import load_data, load_model
 from dg2pf_core.metrics import evaluate
 from dg2pf_ray.cluster import ClusterError, connect
@@ -51,6 +52,8 @@ def test_two_workers_equal_masks_global_metrics_target_sparsity(local_ray, digit
     whole = evaluate(model, DataLoader(splits.test, batch_size=512), torch.device("cpu"))
     assert m["test_top1"] == pytest.approx(whole.top1)
     assert (out / "model.safetensors").exists()
+    compact, dense = read_state_dict(out / "model.compact.safetensors"), read_state_dict(out / "model.safetensors")
+    assert compact.keys() == dense.keys() and all(torch.equal(compact[k], v) for k, v in dense.items())
     assert {"phase", "epoch", "val_top1", "restarts"} <= m["history"][-1].keys()
 
 

@@ -72,6 +72,7 @@ def _cmd_prune(args: argparse.Namespace) -> int:
     job = PruneJob(
         arch=args.arch, num_classes=args.num_classes, checkpoint=args.checkpoint, dataset=args.dataset,
         config=_config_from(args), teacher=args.teacher, image_size=args.image_size, val_fraction=args.val_fraction,
+        compact_values=args.compact_values,
     )
 
     def announce(prepared) -> None:
@@ -99,7 +100,7 @@ def _cmd_prune(args: argparse.Namespace) -> int:
     width = max(len(k) for k, _ in rows)
     for k, v in rows:
         print(f"{k:<{width}}  {v}")
-    print(f"wrote {args.out}/model.safetensors and {args.out}/metrics.json")
+    print(f"wrote {args.out}/model.safetensors, model.compact.safetensors and metrics.json")
     return 0
 
 
@@ -109,6 +110,7 @@ def _cmd_tune(args: argparse.Namespace) -> int:
     job = PruneJob(
         arch=args.arch, num_classes=args.num_classes, checkpoint=args.checkpoint, dataset=args.dataset,
         config=_config_from(args), teacher=args.teacher, image_size=args.image_size, val_fraction=args.val_fraction,
+        compact_values=args.compact_values,
     )
     options = TuneOptions(samples=args.samples, search_space=args.search_space, workers_per_trial=args.workers or 1,
                           use_gpu=args.gpu, address=args.ray_address, storage_path=args.storage_path,
@@ -119,7 +121,7 @@ def _cmd_tune(args: argparse.Namespace) -> int:
         val = f"{row['val_top1']:.2f}%" if row.get("val_top1") is not None else "-"
         print(f"{row['trial_id']:<24} {row['status']:<14} val top-1 {val}")
     print(f"best trial {t['best_trial']}: val top-1 {m['val_top1']:.2f}%, test top-1 {m['test_top1']:.2f}%")
-    print(f"wrote {args.out}/model.safetensors, metrics.json and trials.csv")
+    print(f"wrote {args.out}/model.safetensors, model.compact.safetensors, metrics.json and trials.csv")
     return 0
 
 
@@ -324,6 +326,8 @@ def _add_job_options(pr: argparse.ArgumentParser) -> None:
     pr.add_argument("--teacher", help="separate teacher checkpoint (default: the unpruned input model)")
     pr.add_argument("--image-size", type=int, help="input size (default: the architecture's)")
     pr.add_argument("--val-fraction", type=float, default=0.1, help="held out from train when the dataset has no val split")
+    pr.add_argument("--compact-values", choices=["fp32", "fp16"], default="fp32",
+                    help="value dtype of OUT/model.compact.safetensors (default: fp32, exact)")
     pr.add_argument("--quiet", action="store_true", help="no progress bars")
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import typing
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, create_model
 
@@ -70,6 +70,9 @@ class JobSpec(_Strict):
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
     tune: TuneSpec | None = None
     serve: bool = False
+    compact_values: Literal["fp32", "fp16"] = Field(
+        "fp32", description="value dtype of the compact artifact model.compact.safetensors (fp32: exact)"
+    )
 
     def config(self) -> DG2PFConfig:
         """The DG2PFConfig this spec asks for (raises ConfigError on inconsistent values)."""
@@ -80,4 +83,5 @@ class JobSpec(_Strict):
             arch=self.model.arch, num_classes=self.model.num_classes, checkpoint=checkpoint_path,
             dataset=self.dataset.spec, config=self.config(), teacher=teacher_path,
             image_size=self.dataset.image_size, val_fraction=self.dataset.val_fraction,
+            compact_values=self.compact_values,
         )

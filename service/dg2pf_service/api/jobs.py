@@ -17,7 +17,7 @@ from .schemas import ArtifactList, ErrorInfo, JobList, JobOut, JobSubmitted, Sta
 
 router = APIRouter(prefix="/jobs", tags=["jobs"], dependencies=[Depends(require_token)])
 
-ARTIFACTS = ("model.safetensors", "metrics.json", "history.json", "trials.csv")
+ARTIFACTS = ("model.safetensors", "model.compact.safetensors", "metrics.json", "history.json", "trials.csv")
 
 
 def _links(job_id: str) -> dict[str, str]:
