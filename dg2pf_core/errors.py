@@ -51,3 +51,9 @@ class ResumeError(DG2PFError):
     """A training checkpoint does not belong to this run."""
 
     field = "resume"
+
+
+class InputError(DG2PFError):
+    """Data sent to a served model (a tensor, an image) does not fit it."""
+
+    field = "inputs"

@@ -1,7 +1,8 @@
 """``dg2pf demo``: the whole user path on the embedded default, end to end.
 
 Start the service (local Ray head, SQLite, local artifact directory), pre-train the digits example,
-upload it, submit a 90% job through the Python client, follow it, print the result, shut down.
+upload it, submit a 90% job through the Python client, follow it, print the result, then send real
+digit images to the pruned model served on Ray Serve and print its predictions; shut down.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from pathlib import Path
 import httpx
 
 from dg2pf_client import Client
+from dg2pf_core.data.digits import write_test_digit_images
 from dg2pf_core.example import write_example
 from dg2pf_service.cluster import free_port
 
@@ -26,11 +28,12 @@ def run_demo(out: Path, sparsity: float = 0.9) -> int:
     data_dir = out / "service"
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    env = {**os.environ, "DG2PF_DATA_DIR": str(data_dir), "DG2PF_POLL_SECONDS": "0.5"}
+    serve_port = free_port()
+    env = {**os.environ, "DG2PF_DATA_DIR": str(data_dir), "DG2PF_POLL_SECONDS": "0.5", "DG2PF_SERVE_PORT": str(serve_port)}
     env.pop("RAY_ADDRESS", None)
     out.mkdir(parents=True, exist_ok=True)
     log = (out / "service.log").open("ab")
-    print(f"== 1/5 starting the service at {url} (log: {out / 'service.log'})", flush=True)
+    print(f"== 1/6 starting the service at {url} (log: {out / 'service.log'})", flush=True)
     service = subprocess.Popen([sys.executable, "-m", "dg2pf_service", "--port", str(port)], env=env, stdout=log, stderr=subprocess.STDOUT)
     try:
         deadline = time.time() + 180
@@ -50,18 +53,18 @@ def run_demo(out: Path, sparsity: float = 0.9) -> int:
         print(f"   API {url}  (OpenAPI docs: {url}/docs)", flush=True)
 
         example = out / "example"
-        print("== 2/5 pre-training digits_cnn on scikit-learn's handwritten digits", flush=True)
+        print("== 2/6 pre-training digits_cnn on scikit-learn's handwritten digits", flush=True)
         if not (example / "model.safetensors").exists():
             metrics = write_example("digits", example)
             print(f"   dense test top-1 {metrics['test_top1']:.2f}%", flush=True)
 
         with Client(url) as client:
-            print("== 3/5 uploading the checkpoint", flush=True)
+            print("== 3/6 uploading the checkpoint", flush=True)
             ckpt = client.upload_checkpoint(example / "model.safetensors")
             print(f"   checkpoint {ckpt.id} ({ckpt.bytes} bytes)", flush=True)
-            print(f"== 4/5 submitting a {sparsity:.0%} DG2PF job", flush=True)
+            print(f"== 4/6 submitting a {sparsity:.0%} DG2PF job", flush=True)
             job = client.submit({"name": "demo", "model": {"arch": "digits_cnn", "num_classes": 10, "checkpoint": ckpt.id},
-                                 "dataset": {"spec": "digits"}, "sparsity": sparsity})
+                                 "dataset": {"spec": "digits"}, "sparsity": sparsity, "serve": True})
 
             def show(j) -> None:
                 val = (j.latest_metrics or {}).get("val_top1")
@@ -74,21 +77,20 @@ def run_demo(out: Path, sparsity: float = 0.9) -> int:
                 print(f"dg2pf: error: job {final.state}: {final.error}", file=sys.stderr)
                 return 1
             files = client.download(final.id, out / "pruned")
-        m = json.loads((out / "pruned" / "metrics.json").read_text())
-        print("== 5/5 result", flush=True)
-        rows = [
-            ("job", final.id),
-            ("target sparsity", f"{m['target_sparsity']:.2%}"),
-            ("sparsity (prunable weights)", f"{m['sparsity_prunable']:.4%}"),
-            ("parameters nonzero / total", f"{m['params_nonzero']:,} / {m['params_total']:,}"),
-            ("MACs sparse / dense", f"{m['flops_sparse'] / max(m['flops_dense'], 1):.3f}x"),
-            ("test top-1 dense -> pruned", f"{m['baseline_test_top1']:.2f}% -> {m['test_top1']:.2f}% ({m['test_top1'] - m['baseline_test_top1']:+.2f})"),
-            ("epochs", str(m["epochs"])),
-            ("artifacts", ", ".join(sorted(p.name for p in files))),
-        ]
-        width = max(len(k) for k, _ in rows)
-        for k, v in rows:
-            print(f"{k:<{width}}  {v}")
+            m = json.loads((out / "pruned" / "metrics.json").read_text())
+            _print_result(final.id, m, files)
+
+            print("== 6/6 the pruned model on Ray Serve: predictions for real digit images", flush=True)
+            model = client.wait_model(final.id, timeout=300)
+            print(f"   POST {model.url}", flush=True)
+            images = write_test_digit_images(out / "digits", count=8)
+            preds = client.predict(model.id, images=[p for p, _ in images], top_k=2)["predictions"]
+            correct = 0
+            for (path, label), top in zip(images, preds):
+                correct += top[0]["index"] == label
+                ranked = ", ".join(f"{p['label']} ({p['probability']:.1%})" for p in top)
+                print(f"   {Path(path).name:<22} true {label}  predicted {ranked}", flush=True)
+            print(f"   {correct}/{len(images)} correct", flush=True)
         return 0
     finally:
         print("== shutting down the service and its Ray head", flush=True)
@@ -103,3 +105,20 @@ def run_demo(out: Path, sparsity: float = 0.9) -> int:
             from dg2pf_service.cluster import ClusterInfo, stop_embedded
 
             stop_embedded(ClusterInfo(**json.loads(record.read_text())))
+
+
+def _print_result(job_id: str, m: dict, files: list[Path]) -> None:
+    print("== 5/6 result", flush=True)
+    rows = [
+        ("job", job_id),
+        ("target sparsity", f"{m['target_sparsity']:.2%}"),
+        ("sparsity (prunable weights)", f"{m['sparsity_prunable']:.4%}"),
+        ("parameters nonzero / total", f"{m['params_nonzero']:,} / {m['params_total']:,}"),
+        ("MACs sparse / dense", f"{m['flops_sparse'] / max(m['flops_dense'], 1):.3f}x"),
+        ("test top-1 dense -> pruned", f"{m['baseline_test_top1']:.2f}% -> {m['test_top1']:.2f}% ({m['test_top1'] - m['baseline_test_top1']:+.2f})"),
+        ("epochs", str(m["epochs"])),
+        ("artifacts", ", ".join(sorted(p.name for p in files))),
+    ]
+    width = max(len(k) for k, _ in rows)
+    for k, v in rows:
+        print(f"{k:<{width}}  {v}")

@@ -227,6 +227,60 @@ def _cmd_download(args: argparse.Namespace) -> int:
     return 0
 
 
+@_client_errors
+def _cmd_deploy(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        model = client.deploy(args.id, wait=not args.no_wait, timeout=args.timeout)
+    print(f"{model.id}  {model.status}  {model.url}")
+    return 0
+
+
+@_client_errors
+def _cmd_models(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        page = client.models()
+    for m in page.items:
+        top1 = f"test top-1 {m.test_top1:.2f}%" if m.test_top1 is not None else ""
+        sparsity = f"sparsity {m.sparsity:.2%}" if m.sparsity is not None else ""
+        print(f"{m.id}  {m.status:<9} {m.arch or '?':<12} {sparsity}  {top1}  {m.url}")
+    print(f"({len(page.items)} deployed; Serve at {page.serve_url})")
+    return 0
+
+
+@_client_errors
+def _cmd_undeploy(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        client.undeploy(args.id)
+    print(f"undeployed {args.id}")
+    return 0
+
+
+@_client_errors
+def _cmd_predict(args: argparse.Namespace) -> int:
+    if bool(args.images) == bool(args.inputs):
+        raise DG2PFError("give image files, or --inputs FILE.json with a batch of tensors, not both", field="images")
+    missing = [p for p in args.images if not Path(p).is_file()]
+    if missing:
+        raise DG2PFError(f"no such image file: {', '.join(missing)}", field="images")
+    inputs = None
+    if args.inputs:
+        try:
+            doc = json.loads(Path(args.inputs).read_text())
+        except (OSError, ValueError) as exc:
+            raise DG2PFError(f"cannot read {args.inputs}: {exc}", field="inputs") from exc
+        inputs = doc["inputs"] if isinstance(doc, dict) and "inputs" in doc else doc
+    with _client(args) as client:
+        out = client.predict(args.id, inputs=inputs, images=args.images or None, top_k=args.top_k)
+    if args.json:
+        print(json.dumps(out, indent=2))
+        return 0
+    names = args.images or [f"input {i}" for i in range(len(out["predictions"]))]
+    for name, preds in zip(names, out["predictions"]):
+        ranked = ", ".join(f"{p['label'] if p['label'] is not None else p['index']} ({p['probability']:.1%})" for p in preds)
+        print(f"{name}: {ranked}")
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
@@ -268,6 +322,23 @@ def _add_service_commands(sub) -> None:
     dl.add_argument("id")
     dl.add_argument("--out", help="directory (default: ./ID)")
     dl.set_defaults(func=_cmd_download)
+    de = client_parser("deploy", "deploy a succeeded job's pruned model on Ray Serve")
+    de.add_argument("id")
+    de.add_argument("--no-wait", action="store_true", help="return without waiting for the model to answer")
+    de.add_argument("--timeout", type=float, default=300.0)
+    de.set_defaults(func=_cmd_deploy)
+    ms = client_parser("models", "list deployed models and their URLs")
+    ms.set_defaults(func=_cmd_models)
+    ud = client_parser("undeploy", "stop serving a model")
+    ud.add_argument("id")
+    ud.set_defaults(func=_cmd_undeploy)
+    pd = client_parser("predict", "send images (PNG/JPEG) or tensors to a deployed model")
+    pd.add_argument("id", help="model id (the job id)")
+    pd.add_argument("images", nargs="*", help="image files")
+    pd.add_argument("--inputs", help='JSON file: {"inputs": [...]} or a list of C x H x W nested lists')
+    pd.add_argument("--top-k", type=int, default=5)
+    pd.add_argument("--json", action="store_true", help="print the raw response")
+    pd.set_defaults(func=_cmd_predict)
 
 
 def _fmt_pair(before: float | None, after: float | None) -> str:

@@ -9,6 +9,7 @@ from typing import Any
 
 import httpx
 
+from dg2pf_service.api.models import ModelList, ModelOut
 from dg2pf_service.api.schemas import CheckpointOut, JobList, JobOut, JobSubmitted
 from dg2pf_service.spec import JobSpec
 
@@ -21,6 +22,7 @@ class Client:
     def __init__(self, base_url: str, token: str | None = None, timeout: float = 60.0) -> None:
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         self._http = httpx.Client(base_url=base_url.rstrip("/"), headers=headers, timeout=timeout)
+        self._model_urls: dict[str, str] = {}
 
     def close(self) -> None:
         self._http.close()
@@ -35,7 +37,8 @@ class Client:
         try:
             r = self._http.request(method, path, **kw)
         except httpx.TransportError as exc:
-            raise ServiceUnreachable(0, "unreachable", f"cannot reach the dg2pf service at {self._http.base_url}: {exc}") from exc
+            where = path if path.startswith("http") else f"the dg2pf service at {self._http.base_url}"
+            raise ServiceUnreachable(0, "unreachable", f"cannot reach {where}: {exc}") from exc
         if r.status_code >= 400:
             try:
                 body = r.json()
@@ -117,6 +120,59 @@ class Client:
                         fh.write(chunk)
             written.append(target)
         return written
+
+    # --- serving ------------------------------------------------------------------------------
+
+    def deploy(self, job_id: str, wait: bool = True, timeout: float = 300.0) -> ModelOut:
+        """Deploy a succeeded job's model on Ray Serve; with ``wait``, return once it answers."""
+        model = ModelOut.model_validate(self._call("POST", f"/jobs/{job_id}/deploy").json())
+        return self.wait_model(model.id, timeout) if wait else model
+
+    def models(self) -> ModelList:
+        return ModelList.model_validate(self._call("GET", "/models").json())
+
+    def model(self, model_id: str) -> ModelOut:
+        model = ModelOut.model_validate(self._call("GET", f"/models/{model_id}").json())
+        self._model_urls[model_id] = model.url
+        return model
+
+    def undeploy(self, model_id: str) -> None:
+        self._call("DELETE", f"/models/{model_id}")
+        self._model_urls.pop(model_id, None)
+
+    def wait_model(self, model_id: str, timeout: float = 300.0, poll: float = 0.5) -> ModelOut:
+        """Poll until the model's status is ``ready`` (raises WaitTimeout, or ApiError if it failed)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            model = self.model(model_id)
+            if model.status == "ready":
+                return model
+            if time.monotonic() > deadline:
+                raise WaitTimeout(f"model {model_id} still {model.status} after {timeout} s: {model.message or ''}")
+            time.sleep(poll)
+
+    def predict(self, model_id: str, inputs: Any = None, images: list[str | Path | bytes] | None = None,
+                top_k: int = 5, logits: bool = False) -> dict:
+        """Predictions of a deployed model for tensors (nested lists, ``[N, C, H, W]``) or image files.
+
+        Returns ``{"model", "predictions": [[{"index", "label", "probability"}, ...], ...]}`` with one
+        list per input, most probable first (plus ``"logits"`` when asked).
+        """
+        if (inputs is None) == (images is None):
+            raise ValueError("pass exactly one of inputs= (tensors as nested lists) or images= (files or bytes)")
+        url = self._model_urls.get(model_id) or self.model(model_id).url
+        params = {"top_k": top_k, "logits": str(logits).lower()}
+        headers = {"serve_multiplexed_model_id": model_id}  # routes to a replica that has the model loaded
+        if inputs is not None:
+            if hasattr(inputs, "tolist"):
+                inputs = inputs.tolist()
+            return self._call("POST", url, params=params, headers=headers, json={"inputs": inputs}).json()
+        files = []
+        for i, image in enumerate(images or []):
+            data = image if isinstance(image, bytes) else Path(image).read_bytes()
+            name = f"image{i}" if isinstance(image, bytes) else Path(image).name
+            files.append(("image", (name, data, "application/octet-stream")))
+        return self._call("POST", url, params=params, headers=headers, files=files).json()
 
     def health(self) -> dict:
         return self._call("GET", "/readyz").json()

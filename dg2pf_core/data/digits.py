@@ -6,6 +6,8 @@ smoke tests and CI. All images are preprocessed once into one in-memory tensor.
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import PIL.Image
 import torch
@@ -87,6 +89,7 @@ class _DigitImages(Dataset):
     "digits",
     needs_path=False,
     help="scikit-learn's 1797 handwritten 8x8 digits, bundled offline; 10 classes",
+    eval_transform=DigitsEvalTransform,
 )
 def load_digits(path: str | None, request: DataRequest) -> DataSplits:
     # Imported here: scikit-learn takes a second to import, and serving a model needs only the
@@ -120,3 +123,29 @@ def load_digits(path: str | None, request: DataRequest) -> DataSplits:
         eval_transform=DigitsEvalTransform(request),
         description=f"digits: {len(train)} train / {len(val)} val / {len(test)} test, 10 classes",
     )
+
+
+def write_test_digit_images(out_dir: str | os.PathLike, count: int = 8, scale: int = 4) -> list[tuple[str, int]]:
+    """Write ``count`` images of the held-out test split as PNG files, dark ink on white paper.
+
+    Each 8x8 digit is drawn at ``8 * scale`` pixels (nearest neighbour), so ``DigitsEvalTransform``'s
+    box downscale and ink inversion recover the dataset's pixels up to 8-bit rounding: what a user
+    sending a scanned digit to the served model does. Returns ``(path, true label)`` pairs.
+    """
+    from sklearn.datasets import load_digits as sklearn_load_digits
+    from sklearn.model_selection import train_test_split
+
+    bunch = sklearn_load_digits()
+    labels = np.asarray(bunch.target, dtype=np.int64)
+    _, test_idx = train_test_split(
+        np.arange(len(labels)), test_size=TEST_FRACTION, stratify=labels, random_state=TEST_SPLIT_SEED
+    )
+    os.makedirs(out_dir, exist_ok=True)
+    written = []
+    for n, i in enumerate(test_idx[:count]):
+        ink = np.round(bunch.images[i] / 16.0 * 255.0).astype(np.uint8)
+        image = PIL.Image.fromarray(255 - ink, mode="L").resize((NATIVE_SIZE * scale,) * 2, PIL.Image.NEAREST)
+        path = os.path.join(os.fspath(out_dir), f"digit{n:02d}_label{labels[i]}.png")
+        image.save(path)
+        written.append((path, int(labels[i])))
+    return written

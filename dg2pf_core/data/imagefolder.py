@@ -63,6 +63,7 @@ def _images(folder: str) -> ImageFolder:
     "imagefolder",
     needs_path=True,
     help="a folder with train/<class>/<images>, optionally val/ and test/ with the same classes",
+    eval_transform=lambda request: imagenet_transforms(request)[1],
 )
 def load_imagefolder(path: str | None, request: DataRequest) -> DataSplits:
     assert path is not None  # the registry enforces needs_path

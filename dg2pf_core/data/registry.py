@@ -43,6 +43,7 @@ class DataSplits:
 
 
 Loader = Callable[[str | None, DataRequest], DataSplits]
+EvalTransformFactory = Callable[[DataRequest], Callable[[PIL.Image.Image], torch.Tensor]]
 
 
 @dataclass(frozen=True)
@@ -51,6 +52,7 @@ class _Entry:
     needs_path: bool
     help: str
     loader: Loader
+    eval_transform: EvalTransformFactory
 
     @property
     def usage(self) -> str:
@@ -60,15 +62,21 @@ class _Entry:
 _REGISTRY: dict[str, _Entry] = {}
 
 
-def register_dataset(name: str, *, needs_path: bool, help: str) -> Callable[[Loader], Loader]:
-    """Register ``loader(path, request) -> DataSplits`` under ``name`` (lower case, no colon)."""
+def register_dataset(
+    name: str, *, needs_path: bool, help: str, eval_transform: EvalTransformFactory
+) -> Callable[[Loader], Loader]:
+    """Register ``loader(path, request) -> DataSplits`` under ``name`` (lower case, no colon).
+
+    ``eval_transform(request)`` builds the same preprocessing as ``DataSplits.eval_transform``
+    without reading any data: serving a model needs it, the dataset itself may be long gone.
+    """
     if not name or ":" in name or name != name.lower():
         raise ValueError(f"dataset name must be lower case without ':', got {name!r}")
 
     def decorator(loader: Loader) -> Loader:
         if name in _REGISTRY and _REGISTRY[name].loader is not loader:
             raise ValueError(f"dataset {name!r} is already registered")
-        _REGISTRY[name] = _Entry(name, needs_path, help, loader)
+        _REGISTRY[name] = _Entry(name, needs_path, help, loader, eval_transform)
         return loader
 
     return decorator
@@ -119,15 +127,27 @@ def _check_request(request: DataRequest) -> None:
         )
 
 
-def load_dataset(spec: str, request: DataRequest) -> DataSplits:
-    """Load the dataset a spec names, adapted to ``request``; every bad input is a DatasetError."""
-    _check_request(request)
-    name, path = parse_spec(spec)
+def _entry(name: str) -> _Entry:
     entry = _REGISTRY.get(name)
     if entry is None:
         close = difflib.get_close_matches(name, dataset_names(), n=1)
         hint = f"did you mean `{_REGISTRY[close[0]].usage}`? " if close else ""
         raise DatasetError(f"unknown dataset {name!r}; {hint}valid specs: {_valid_specs()}")
+    return entry
+
+
+def eval_transform_for(spec: str, request: DataRequest) -> Callable[[PIL.Image.Image], torch.Tensor]:
+    """The eval preprocessing of the dataset ``spec`` names, built without touching its files."""
+    _check_request(request)
+    name, _ = parse_spec(spec)
+    return _entry(name).eval_transform(request)
+
+
+def load_dataset(spec: str, request: DataRequest) -> DataSplits:
+    """Load the dataset a spec names, adapted to ``request``; every bad input is a DatasetError."""
+    _check_request(request)
+    name, path = parse_spec(spec)
+    entry = _entry(name)
     if entry.needs_path and path is None:
         raise DatasetError(f"dataset {name!r} needs a path: use `{entry.usage}` ({entry.help})")
     if not entry.needs_path and path is not None:

@@ -20,6 +20,9 @@ from pathlib import Path
 from dg2pf_core.errors import DG2PFError
 
 
+SERVICE_SECRETS = ("DG2PF_API_TOKENS", "DG2PF_DATABASE_URL")
+
+
 class ClusterUnavailable(DG2PFError):
     field = "ray"
 
@@ -64,8 +67,20 @@ def _dashboard_up(url: str) -> bool:
         return False
 
 
+def ensure_auth_token() -> None:
+    """Make sure a Ray token exists: Ray's own ``ray get-auth-token --generate`` writes
+    ``~/.ray/auth_token`` (only when none exists) on a machine that never ran a token-auth cluster."""
+    if auth_token() is not None:
+        return
+    proc = subprocess.run([str(Path(sys.executable).parent / "ray"), "get-auth-token", "--generate"],
+                          capture_output=True, text=True, timeout=60)
+    if proc.returncode != 0 or auth_token() is None:
+        raise ClusterUnavailable(f"could not create a Ray auth token (ray get-auth-token --generate): {proc.stderr.strip()[-300:]}")
+
+
 def start_embedded(state_dir: Path, num_cpus: int | None = None) -> ClusterInfo:
     """Reuse the head this data directory started before (if alive), else start one."""
+    ensure_auth_token()
     record = state_dir / "ray-head.json"
     if record.exists():
         info = ClusterInfo(**json.loads(record.read_text()))
@@ -81,7 +96,9 @@ def start_embedded(state_dir: Path, num_cpus: int | None = None) -> ClusterInfo:
            "--include-dashboard=true", *[f"--{k}={v}" for k, v in ports.items()]]
     if num_cpus is not None:
         cmd.append(f"--num-cpus={num_cpus}")
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180)
+    # Every process of the cluster inherits this environment: keep the service's secrets out of it.
+    env = {k: v for k, v in os.environ.items() if k not in SERVICE_SECRETS}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=env)
     if proc.returncode != 0:
         raise ClusterUnavailable(f"could not start a local Ray head: {proc.stderr.strip().splitlines()[-1:]}")
     info = ClusterInfo(f"127.0.0.1:{gcs_port}", f"http://127.0.0.1:{dash_port}", True)
@@ -96,25 +113,38 @@ def start_embedded(state_dir: Path, num_cpus: int | None = None) -> ClusterInfo:
 
 
 def _head_pids(port: str) -> list[int]:
-    pids = []
+    """The head's daemons (their command lines name its GCS port) and all their descendants
+    (Ray workers: Serve replicas, job supervisors and drivers), which would otherwise linger."""
+    parent: dict[int, int] = {}
+    roots: set[int] = set()
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit():
             continue
         try:
             cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
+            parent[int(proc.name)] = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
             continue
         if "ray" in cmd and (f":{port}" in cmd or f"--port={port}" in cmd or f"gcs_server_port={port}" in cmd):
-            pids.append(int(proc.name))
-    return pids
+            roots.add(int(proc.name))
+    found = set(roots)
+    changed = True
+    while changed:
+        changed = False
+        for pid, ppid in parent.items():
+            if ppid in found and pid not in found:
+                found.add(pid)
+                changed = True
+    return sorted(found)
 
 
 def stop_embedded(info: ClusterInfo, grace_seconds: float = 10.0) -> None:
     """Stop only the head this service started (matched by its GCS port), not other Ray instances:
     SIGTERM, then SIGKILL for whatever is still alive after ``grace_seconds``."""
     port = info.gcs_address.rsplit(":", 1)[1]
+    # Found once: after SIGTERM the workers are re-parented to init and no longer look like ours.
+    pids = _head_pids(port)
     for sig_ in (15, 9):
-        pids = _head_pids(port)
         for pid in pids:
             try:
                 os.kill(pid, sig_)

@@ -50,8 +50,9 @@ def progress_fields(records: list[dict], target: float, pruning_epochs: int) -> 
 
 class Scheduler:
     def __init__(self, store: JobStore, executor: RayJobsExecutor, capacity: Callable[[], tuple[float, float]],
-                 make_order: Callable[[dict], Order]) -> None:
+                 make_order: Callable[[dict], Order], on_succeeded: Callable[[object], None] | None = None) -> None:
         self.store, self.executor, self.capacity, self.make_order = store, executor, capacity, make_order
+        self.on_succeeded = on_succeeded
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -81,7 +82,9 @@ class Scheduler:
             fields.update(phase="done", eta_seconds=0.0, best_metrics=_summary(metrics) or fields.get("best_metrics"))
             if metrics.get("history"):
                 fields["history"] = metrics["history"]
-            self.store.transition(row.id, {"running"}, "succeeded", finished_at=_now(), **fields)
+            done = self.store.transition(row.id, {"running"}, "succeeded", finished_at=_now(), **fields)
+            if done is not None and self.on_succeeded is not None:
+                self.on_succeeded(done)
         elif status == "FAILED":
             err = read_error(job_dir) or {"type": "RayJobFailed", "message": self.executor.logs_tail(row.ray_submission_id) or "the Ray job failed"}
             self.store.transition(row.id, {"running"}, "failed", finished_at=_now(), error_type=err["type"], error_message=err["message"], **fields)

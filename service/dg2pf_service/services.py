@@ -4,13 +4,18 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from urllib.parse import urlparse
 
 from dg2pf_core.errors import DG2PFError
 
 from .cluster import ClusterInfo, connect_driver, start_embedded, total_resources
 from .executor import Order, RayJobsExecutor
+from .executor import output_dir
 from .scheduler import Scheduler
+from .serving.deploy import Deployments
+from .serving.options import ServeOptions
+from .serving.supervisor import ServingSupervisor
 from .settings import Settings
 from .spec import JobSpec
 from .store.db import make_engine, make_sessionmaker
@@ -25,10 +30,25 @@ class Services:
     cluster: ClusterInfo
     executor: RayJobsExecutor
     scheduler: Scheduler
+    serving: ServingSupervisor
+    deployments: Deployments
 
     def capacity(self) -> tuple[float, float]:
+        """CPUs and GPUs jobs can count on: the cluster's, less what serving replicas may hold."""
         r = total_resources()
-        return float(r.get("CPU", 0.0)), float(r.get("GPU", 0.0))
+        cpu, gpu = float(r.get("CPU", 0.0)), float(r.get("GPU", 0.0))
+        if self.store.list_deployments():
+            cpu -= self.serving.options.reserved_cpus
+            gpu -= self.serving.options.reserved_gpus
+        return max(cpu, 0.0), max(gpu, 0.0)
+
+    def on_succeeded(self, row) -> None:
+        """Deploy a job that asked for it (``serve: true``) as soon as it succeeds."""
+        if row.spec["spec"].get("serve"):
+            self.deployments.deploy(row.id)
+
+    def public_serve_url(self) -> str:
+        return self.settings.serve_public_url or self.serving.url
 
 
 def cluster_for(settings: Settings) -> ClusterInfo:
@@ -58,8 +78,13 @@ def build(settings: Settings) -> Services:
             tune=spec.tune.model_dump() if spec.tune else None, storage_path=storage,
         )
 
-    services = Services(settings, store, cluster, executor, None)  # type: ignore[arg-type]
-    services.scheduler = Scheduler(store, executor, services.capacity, make_order)
+    serving = ServingSupervisor(
+        ServeOptions.from_settings(settings),
+        wanted=lambda: {d.model_id: d.output_dir for d in store.list_deployments()},
+    )
+    deployments = Deployments(store, serving, lambda row: output_dir(Path(row.artifacts_dir)))
+    services = Services(settings, store, cluster, executor, None, serving, deployments)  # type: ignore[arg-type]
+    services.scheduler = Scheduler(store, executor, services.capacity, make_order, on_succeeded=services.on_succeeded)
     return services
 
 

@@ -45,6 +45,22 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
 
+    # Serving (Ray Serve). The HTTP proxy is cluster-wide and fixed once Serve has started.
+    serve_host: str = Field("127.0.0.1", description="interface of Ray Serve's HTTP proxy")
+    serve_port: int = Field(8001, ge=1, le=65535, description="port of Ray Serve's HTTP proxy")
+    serve_public_url: str | None = Field(None, description="base URL clients reach Serve at; default http://serve_host:serve_port")
+    serve_replicas: int = Field(1, ge=1, description="replicas (the minimum when autoscaling)")
+    serve_max_replicas: int | None = Field(None, ge=1, description="autoscale up to this many replicas when set")
+    serve_cpus_per_replica: float = Field(1.0, ge=0)
+    serve_gpus_per_replica: float = Field(0.0, ge=0)
+    serve_max_models_per_replica: int = Field(4, ge=1, description="models kept loaded per replica (LRU)")
+    serve_max_batch_size: int = Field(32, ge=1, description="requests batched into one forward pass")
+    serve_batch_wait_ms: float = Field(2.0, ge=0, description="how long a batch waits to fill")
+    serve_max_ongoing_requests: int = Field(128, ge=1, description="requests in flight per replica")
+    serve_max_request_bytes: int = Field(8 * 1024 * 1024, gt=0)
+    serve_max_inputs: int = Field(64, ge=1, description="inputs (tensors or images) per predict request")
+    serve_poll_seconds: float = Field(2.0, gt=0, description="how often the serving supervisor reconciles")
+
     @field_validator("data_dir")
     @classmethod
     def _absolute(cls, value: Path) -> Path:
@@ -74,6 +90,8 @@ class Settings(BaseSettings):
             self.data_roots = [self.data_dir / "datasets"]
         if self.storage_uri is None:
             self.storage_uri = str(self.data_dir / "ray")
+        if self.serve_max_replicas is not None and self.serve_max_replicas < self.serve_replicas:
+            raise ValueError(f"serve_max_replicas ({self.serve_max_replicas}) must be >= serve_replicas ({self.serve_replicas})")
         return self
 
     @property
@@ -88,6 +106,10 @@ class Settings(BaseSettings):
     @property
     def jobs_dir(self) -> Path:
         return self.data_dir / "jobs"
+
+    @property
+    def serving_dir(self) -> Path:
+        return self.data_dir / "serving" / "models"
 
     @property
     def auth_enabled(self) -> bool:

@@ -69,7 +69,7 @@ class JobSpec(_Strict):
     schedule: ScheduleSpec = Field(default_factory=ScheduleSpec)  # type: ignore[valid-type]
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
     tune: TuneSpec | None = None
-    serve: bool = False
+    serve: bool = Field(False, description="deploy the pruned model on Ray Serve when the job succeeds")
     compact_values: Literal["fp32", "fp16"] = Field(
         "fp32", description="value dtype of the compact artifact model.compact.safetensors (fp32: exact)"
     )

@@ -303,3 +303,15 @@ def test_add_checkpoint_rejects_bad_input(store: JobStore) -> None:
         store.add_checkpoint("abc", 1, "/x", "torch")
     with pytest.raises(ValueError, match="valid: safetensors, torch"):
         store.add_checkpoint(SHA, 1, "/x", "onnx")
+
+
+def test_deployments_are_idempotent_listed_in_order_and_removable(store: JobStore) -> None:
+    a, b = "a" * 32, "b" * 32
+    first = store.add_deployment(b, "/data/jobs/b/output")
+    assert store.add_deployment(b, "/elsewhere").output_dir == "/data/jobs/b/output"  # deploying twice: same row
+    store.add_deployment(a, "/data/jobs/a/output")
+    assert [d.model_id for d in store.list_deployments()] == [b, a]  # oldest first
+    assert store.get_deployment(b).created_at == first.created_at
+    assert in_threads([lambda: store.add_deployment("c" * 32, "/x")] * 4)[0].model_id == "c" * 32
+    assert store.remove_deployment(b) is True and store.remove_deployment(b) is False
+    assert store.get_deployment(b) is None and {d.model_id for d in store.list_deployments()} == {a, "c" * 32}

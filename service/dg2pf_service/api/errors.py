@@ -8,11 +8,8 @@ from fastapi.responses import JSONResponse
 
 from dg2pf_core.errors import DG2PFError
 
+from ..errorshape import error_body
 from ..validation import InvalidJob
-
-
-def error_body(type_: str, message: str, field: str | None = None) -> dict:
-    return {"error": {"type": type_, "field": field, "message": message}}
 
 
 class ApiError(HTTPException):

@@ -132,3 +132,12 @@ class CheckpointRow(Base):
 
     def __repr__(self) -> str:
         return f"CheckpointRow(id={self.id!r}, format={self.format!r}, bytes={self.bytes})"
+
+
+class DeploymentRow(Base):
+    """A job's pruned model deployed on Ray Serve; the model id is the job id."""
+
+    __tablename__ = "deployments"
+    model_id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    output_dir: Mapped[str] = mapped_column(String(1024))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)

@@ -17,11 +17,11 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import func, insert, select, update
+from sqlalchemy import delete, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
-from dg2pf_service.store.models import CheckpointFormat, CheckpointRow, JobPhase, JobRow, JobState, utcnow
+from dg2pf_service.store.models import CheckpointFormat, CheckpointRow, DeploymentRow, JobPhase, JobRow, JobState, utcnow
 
 
 class JobNotFoundError(LookupError):
@@ -228,3 +228,34 @@ class JobStore:
     def get_checkpoint(self, checkpoint_id: str) -> CheckpointRow | None:
         with self._sessions() as session:
             return session.get(CheckpointRow, checkpoint_id)
+
+    # -- deployments --------------------------------------------------------------------------
+
+    def add_deployment(self, model_id: str, output_dir: str) -> DeploymentRow:
+        """Record ``model_id`` as deployed; deploying it again returns the existing row."""
+        existing = self.get_deployment(model_id)
+        if existing is not None:
+            return existing
+        row = DeploymentRow(model_id=model_id, output_dir=str(output_dir), created_at=utcnow())
+        try:
+            with self._sessions.begin() as session:
+                session.add(row)
+            return row
+        except IntegrityError:
+            existing = self.get_deployment(model_id)
+            if existing is None:
+                raise
+            return existing
+
+    def get_deployment(self, model_id: str) -> DeploymentRow | None:
+        with self._sessions() as session:
+            return session.get(DeploymentRow, model_id)
+
+    def list_deployments(self) -> list[DeploymentRow]:
+        with self._sessions() as session:
+            return list(session.scalars(select(DeploymentRow).order_by(DeploymentRow.created_at, DeploymentRow.model_id)))
+
+    def remove_deployment(self, model_id: str) -> bool:
+        """True when a deployment was removed."""
+        with self._sessions.begin() as session:
+            return session.execute(delete(DeploymentRow).where(DeploymentRow.model_id == model_id)).rowcount > 0

@@ -1,0 +1,104 @@
+"""/models: deploy a succeeded job's pruned model on Ray Serve, list, inspect and undeploy models.
+
+Predictions are served by Ray Serve itself, at each model's ``url`` (``POST .../models/{id}/predict``
+on Serve's HTTP proxy), not by this API process: the API only decides what is deployed.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from pathlib import Path
+
+from fastapi import APIRouter, Depends, Request, Response
+from pydantic import BaseModel
+
+from dg2pf_core.inference import METRICS_FILE
+
+from ..serving.deploy import NotDeployable
+from .auth import require_token
+from .errors import ApiError
+
+router = APIRouter(tags=["models"], dependencies=[Depends(require_token)])
+
+
+class ModelOut(BaseModel):
+    id: str
+    job_id: str
+    status: str  # ready | deploying | unhealthy | failed | pending
+    url: str
+    created_at: datetime
+    arch: str | None
+    num_classes: int | None
+    input_shape: list[int] | None
+    class_names: list[str] | None
+    sparsity: float | None
+    test_top1: float | None
+    message: str | None = None
+
+
+class ModelList(BaseModel):
+    items: list[ModelOut]
+    serve_url: str
+
+
+def _services(request: Request):
+    return request.app.state.services
+
+
+def _model_out(services, row, status: str, message: str | None) -> ModelOut:
+    try:
+        meta = json.loads((Path(row.output_dir) / METRICS_FILE).read_text())
+    except (OSError, ValueError):
+        meta = {}
+    shape = [meta["in_channels"], meta["image_size"], meta["image_size"]] if "in_channels" in meta and "image_size" in meta else None
+    return ModelOut(
+        id=row.model_id, job_id=row.model_id, status=status, created_at=row.created_at,
+        url=services.serving.model_url(row.model_id, services.public_serve_url()),
+        arch=meta.get("arch"), num_classes=meta.get("num_classes"), input_shape=shape, class_names=meta.get("class_names"),
+        sparsity=meta.get("sparsity_prunable"), test_top1=meta.get("test_top1"), message=message,
+    )
+
+
+def _status(services) -> tuple[str, str | None]:
+    try:
+        return services.serving.model_status()
+    except Exception as exc:  # noqa: BLE001 - Serve unreachable is a status, not a 500
+        return "unknown", f"Ray Serve did not answer: {exc}"[:300]
+
+
+@router.post("/jobs/{job_id}/deploy", status_code=202, response_model=ModelOut)
+def deploy(job_id: str, response: Response, services=Depends(_services)) -> ModelOut:
+    try:
+        row = services.deployments.deploy(job_id)
+    except NotDeployable as exc:
+        status = 404 if exc.field == "id" else 409
+        raise ApiError(status, "not_found" if status == 404 else "conflict", exc.message, exc.field) from None
+    response.headers["Location"] = f"/models/{job_id}"
+    return _model_out(services, row, *_status(services))
+
+
+@router.get("/models", response_model=ModelList)
+def list_models(services=Depends(_services)) -> ModelList:
+    status, message = _status(services)
+    return ModelList(items=[_model_out(services, r, status, message) for r in services.store.list_deployments()],
+                     serve_url=services.public_serve_url())
+
+
+def _deployment_or_404(services, model_id: str):
+    row = services.store.get_deployment(model_id)
+    if row is None:
+        raise ApiError(404, "not_found", f"no deployed model with id {model_id!r}; deploy a succeeded job with POST /jobs/{{id}}/deploy", "id")
+    return row
+
+
+@router.get("/models/{model_id}", response_model=ModelOut)
+def get_model(model_id: str, services=Depends(_services)) -> ModelOut:
+    return _model_out(services, _deployment_or_404(services, model_id), *_status(services))
+
+
+@router.delete("/models/{model_id}", status_code=204)
+def undeploy(model_id: str, services=Depends(_services)) -> Response:
+    _deployment_or_404(services, model_id)
+    services.deployments.undeploy(model_id)
+    return Response(status_code=204)

@@ -1,0 +1,122 @@
+"""API side of serving: keep the Serve application deployed while the database lists any model.
+
+``reconcile`` is idempotent and runs at start-up and then every few seconds in its own thread (a
+Serve deployment can take a minute to come up, so it must not hold up job scheduling). It rewrites
+the registry files from the database, deploys the application when models are listed but the app
+is missing (a fresh or restarted Ray cluster) or failed, and deletes the application when no model
+is listed, handing its CPUs back to pruning jobs.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+
+from .options import APP_NAME, ServeOptions
+from .registry import ModelRegistry
+
+log = logging.getLogger("dg2pf.serving")
+
+REDEPLOY_BACKOFF_S = 30.0
+
+# Serve's application status -> what GET /models reports for each model.
+_MODEL_STATUS = {"RUNNING": "ready", "DEPLOYING": "deploying", "NOT_STARTED": "deploying", "UNHEALTHY": "unhealthy",
+                 "DEPLOY_FAILED": "failed", "DELETING": "deploying"}
+
+
+class ServingSupervisor:
+    def __init__(self, options: ServeOptions, wanted: Callable[[], dict[str, str]]) -> None:
+        """``wanted()`` returns the deployed models from the database: model id -> job output dir."""
+        self.options, self.wanted = options, wanted
+        self.registry = ModelRegistry(options.serving_dir)
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._last_deploy = 0.0
+        self.last_error: str | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.options.host}:{self.options.port}"
+
+    def model_url(self, model_id: str, public_url: str | None = None) -> str:
+        return f"{(public_url or self.url).rstrip('/')}/models/{model_id}/predict"
+
+    # --- state --------------------------------------------------------------------------------
+
+    def app_status(self) -> tuple[str | None, str]:
+        """(Serve's status of the dg2pf application or None when absent, its message)."""
+        from ray import serve
+
+        app = serve.status().applications.get(APP_NAME)
+        return (str(app.status.value if hasattr(app.status, "value") else app.status), app.message or "") if app else (None, "")
+
+    def model_status(self) -> tuple[str, str | None]:
+        """What GET /models reports for every deployed model, and Serve's message if any."""
+        status, message = self.app_status()
+        return _MODEL_STATUS.get(status or "", "pending"), (message or self.last_error or None)
+
+    # --- reconcile ----------------------------------------------------------------------------
+
+    def reconcile(self) -> None:
+        with self._lock:
+            wanted = self.wanted()
+            self.registry.sync(wanted)
+            status, message = self.app_status()
+            if wanted and status in (None, "DEPLOY_FAILED"):
+                if status == "DEPLOY_FAILED":
+                    self.last_error = message
+                    if time.monotonic() - self._last_deploy < REDEPLOY_BACKOFF_S:
+                        return
+                self._deploy()
+            elif not wanted and status is not None and status != "DELETING":
+                self._delete()
+
+    def _deploy(self) -> None:
+        from ray import serve
+        from ray.serve.api import RunTarget
+
+        from .app import build_app
+
+        log.info("deploying the Serve application %r on port %s", APP_NAME, self.options.port)
+        self._last_deploy = time.monotonic()
+        # Serve's HTTP options are cluster-wide and fixed once Serve runs; a no-op when it already does.
+        serve.start(http_options={"host": self.options.host, "port": self.options.port}, proxy_location="HeadOnly")
+        serve.run_many([RunTarget(target=build_app(self.options), name=APP_NAME, route_prefix="/")],
+                       wait_for_ingress_deployment_creation=False, wait_for_applications_running=False)
+
+    def _delete(self) -> None:
+        from ray import serve
+
+        log.info("no model is deployed: deleting the Serve application %r", APP_NAME)
+        serve.delete(APP_NAME, _blocking=False)
+
+    # --- background loop ----------------------------------------------------------------------
+
+    def start(self, poll_seconds: float) -> None:
+        def loop() -> None:
+            while True:
+                try:
+                    self.reconcile()
+                except Exception:  # noqa: BLE001 - keep trying; Ray may be briefly unreachable
+                    log.exception("serving reconcile failed")
+                self._wake.wait(poll_seconds)
+                self._wake.clear()
+                if self._stop.is_set():
+                    return
+
+        self._thread = threading.Thread(target=loop, name="dg2pf-serving", daemon=True)
+        self._thread.start()
+
+    def poke(self) -> None:
+        """Reconcile now rather than at the next poll (a model was deployed or removed)."""
+        self._wake.set()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
