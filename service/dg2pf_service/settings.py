@@ -55,10 +55,12 @@ class Settings(BaseSettings):
     serve_gpus_per_replica: float = Field(0.0, ge=0)
     serve_max_models_per_replica: int = Field(4, ge=1, description="models kept loaded per replica (LRU)")
     serve_max_batch_size: int = Field(32, ge=1, description="requests batched into one forward pass")
-    serve_batch_wait_ms: float = Field(2.0, ge=0, description="how long a batch waits to fill")
+    serve_batch_wait_ms: float = Field(0.0, ge=0, description="how long a batch waits to fill (requests that arrive "
+                                       "while a forward pass runs are batched anyway)")
     serve_max_ongoing_requests: int = Field(128, ge=1, description="requests in flight per replica")
     serve_max_request_bytes: int = Field(8 * 1024 * 1024, gt=0)
     serve_max_inputs: int = Field(64, ge=1, description="inputs (tensors or images) per predict request")
+    serve_access_log: bool = Field(False, description="Serve's per-request access logs (cost CPU per request)")
     serve_poll_seconds: float = Field(2.0, gt=0, description="how often the serving supervisor reconciles")
 
     @field_validator("data_dir")

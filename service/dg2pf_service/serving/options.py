@@ -30,12 +30,13 @@ class ServeOptions:
     gpus_per_replica: float = 0.0
     max_models_per_replica: int = 4
     max_batch_size: int = 32
-    batch_wait_ms: float = 2.0
+    batch_wait_ms: float = 0.0
     max_ongoing_requests: int = 128
     max_request_bytes: int = 8 * 1024 * 1024
     max_inputs: int = 64
     host: str = "127.0.0.1"
     port: int = 8001
+    access_log: bool = False
 
     @classmethod
     def from_settings(cls, settings: Any) -> "ServeOptions":
@@ -54,6 +55,7 @@ class ServeOptions:
             max_inputs=settings.serve_max_inputs,
             host=settings.serve_host,
             port=settings.serve_port,
+            access_log=settings.serve_access_log,
         )
 
     def to_dict(self) -> dict[str, Any]:

@@ -84,8 +84,12 @@ class ServingSupervisor:
         log.info("deploying the Serve application %r on port %s", APP_NAME, self.options.port)
         self._last_deploy = time.monotonic()
         # Serve's HTTP options are cluster-wide and fixed once Serve runs; a no-op when it already does.
-        serve.start(http_options={"host": self.options.host, "port": self.options.port}, proxy_location="HeadOnly")
-        serve.run_many([RunTarget(target=build_app(self.options), name=APP_NAME, route_prefix="/")],
+        # Per-request access logs cost the proxy and the replica more CPU than a small model's forward
+        # pass; they are off unless asked for (DG2PF_SERVE_ACCESS_LOG).
+        logging = {"enable_access_log": self.options.access_log, "log_level": "INFO" if self.options.access_log else "WARNING"}
+        serve.start(http_options={"host": self.options.host, "port": self.options.port}, proxy_location="HeadOnly",
+                    logging_config=logging)
+        serve.run_many([RunTarget(target=build_app(self.options), name=APP_NAME, route_prefix="/", logging_config=logging)],
                        wait_for_ingress_deployment_creation=False, wait_for_applications_running=False)
 
     def _delete(self) -> None:
