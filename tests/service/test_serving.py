@@ -43,6 +43,7 @@ def service(tmp_path_factory):
     root = tmp_path_factory.mktemp("serving")
     svc = ServiceProcess(root / "state", DG2PF_API_TOKENS=TOKEN, DG2PF_SERVE_PORT=str(free_port()),
                          DG2PF_SERVE_POLL_SECONDS="0.5", DG2PF_SERVE_MAX_INPUTS="16",
+                         DG2PF_SERVE_MAX_MODELS_PER_REPLICA="1",
                          DG2PF_SERVE_MAX_REQUEST_BYTES=str(200_000))
     svc.start()
     yield svc
@@ -118,6 +119,27 @@ def test_image_uploads_raw_and_multipart(served, client, tmp_path, test_inputs):
     r = httpx.post(served["model"].url, content=buf.getvalue(), headers={**AUTH, "Content-Type": "image/jpeg"}, params={"top_k": 10})
     assert r.status_code == 200, r.text
     assert len(r.json()["predictions"][0]) == 10
+
+
+def test_two_models_take_turns_in_one_replica_beyond_the_lru_bound(served, client, service, test_inputs):
+    """One model per replica at most (DG2PF_SERVE_MAX_MODELS_PER_REPLICA=1): alternating requests evict
+    and reload, and every answer is still the right model's."""
+    other = client.wait(client.submit(_spec(served["checkpoint"], sparsity=0.5, serve=True,
+                                            schedule={"pruning_epochs": 1, "max_epochs": 2, "patience": 2})).id, timeout=300)
+    assert other.state == "succeeded", other.error
+    client.wait_model(other.id, timeout=240)
+    xs = test_inputs[0][:4]
+    expected = {}
+    for job_id in (served["job"].id, other.id):
+        _, dense = load_model("digits_cnn", 10, _output_dir(service, job_id) / "model.safetensors")
+        with torch.no_grad():
+            expected[job_id] = dense.eval()(xs)
+    assert not torch.allclose(expected[served["job"].id], expected[other.id])  # two different models
+    for job_id in [served["job"].id, other.id] * 2:
+        got = torch.tensor(client.predict(job_id, inputs=xs, logits=True)["logits"])
+        assert torch.allclose(got, expected[job_id], atol=1e-5, rtol=0)
+    assert {m.id for m in client.models().items} == {served["job"].id, other.id}
+    client.undeploy(other.id)
 
 
 def test_cli_models_and_predict(served, service, tmp_path, capsys):
@@ -205,8 +227,11 @@ def test_deploy_rules_undeploy_and_redeploy(served, client, service, test_inputs
 
     client.undeploy(model_id)
     assert client.models().items == []
+    # The last model gone, the Serve application is deleted (its CPUs go back to jobs): until then the
+    # replica answers with the service's 404, afterwards Serve's proxy with its own.
     r = httpx.post(served["model"].url, headers=AUTH, json={"inputs": test_inputs[0][:1].tolist()}, timeout=30)
-    assert r.status_code == 404 and "no deployed model" in r.json()["error"]["message"]
+    assert r.status_code == 404
+    assert "no deployed model" in r.text or "not found" in r.text
     with pytest.raises(NotFound):
         client.undeploy(model_id)
 

@@ -207,8 +207,8 @@ class ModelServer:
         return results
 
 
-def build_app(options: ServeOptions):
-    """The Serve application for ``serve.run``: the ingress deployment configured by ``options``."""
+def deployment_for(options: ServeOptions):
+    """The ingress deployment configured by ``options`` (replicas or autoscaling, CPUs/GPUs, limits)."""
     scaling: dict[str, Any] = (
         {"autoscaling_config": {"min_replicas": options.replicas, "max_replicas": options.max_replicas,
                                 "target_ongoing_requests": max(2, options.max_batch_size // 2)}}
@@ -221,7 +221,12 @@ def build_app(options: ServeOptions):
         graceful_shutdown_timeout_s=5,
         **scaling,
     )(ModelServer)
-    return deployment.bind(options.to_dict())
+    return deployment
 
 
-__all__ = ["APP_NAME", "ModelServer", "build_app"]
+def build_app(options: ServeOptions):
+    """The Serve application for ``serve.run``."""
+    return deployment_for(options).bind(options.to_dict())
+
+
+__all__ = ["APP_NAME", "ModelServer", "build_app", "deployment_for"]

@@ -1,0 +1,53 @@
+"""Serving settings -> the Serve deployment's options (no cluster needed)."""
+
+from __future__ import annotations
+
+import hashlib
+
+import pytest
+from pydantic import ValidationError
+
+from dg2pf_service.serving.app import deployment_for
+from dg2pf_service.serving.options import ServeOptions
+from dg2pf_service.serving.registry import ModelRegistry, RegisteredModel
+from dg2pf_service.settings import Settings
+
+
+def test_settings_become_replica_options_with_token_digests_only(tmp_path):
+    settings = Settings(data_dir=tmp_path, api_tokens=["t1", "t2"], serve_replicas=2, serve_max_replicas=6,
+                        serve_gpus_per_replica=0.5, serve_cpus_per_replica=2, serve_max_models_per_replica=3)
+    options = ServeOptions.from_settings(settings)
+    assert options.token_digests == tuple(hashlib.sha256(t.encode()).hexdigest() for t in ("t1", "t2"))
+    assert "t1" not in repr(options.to_dict())
+    assert ServeOptions.from_dict(options.to_dict()) == options
+    assert options.autoscaling and options.reserved_cpus == 12 and options.reserved_gpus == 3
+    assert options.serving_dir == str(tmp_path / "serving" / "models")
+
+
+def test_deployment_scales_fixed_or_autoscaled_with_its_resources():
+    fixed = deployment_for(ServeOptions(serving_dir="/s", replicas=3, cpus_per_replica=0.5))
+    assert fixed.num_replicas == 3 and fixed.ray_actor_options == {"num_cpus": 0.5, "num_gpus": 0.0}
+    auto = deployment_for(ServeOptions(serving_dir="/s", replicas=1, max_replicas=4, gpus_per_replica=1, max_ongoing_requests=64))
+    scaling = auto._deployment_config.autoscaling_config
+    assert (scaling.min_replicas, scaling.max_replicas) == (1, 4)
+    assert auto.ray_actor_options["num_gpus"] == 1 and auto.max_ongoing_requests == 64
+
+
+def test_inconsistent_serving_settings_are_refused(tmp_path):
+    with pytest.raises(ValidationError, match="serve_max_replicas"):
+        Settings(data_dir=tmp_path, serve_replicas=3, serve_max_replicas=2)
+    with pytest.raises(ValidationError):
+        Settings(data_dir=tmp_path, serve_max_batch_size=0)
+
+
+def test_registry_files_follow_the_wanted_set_and_refuse_bad_ids(tmp_path):
+    registry = ModelRegistry(tmp_path / "models")
+    a, b = "a" * 32, "b" * 32
+    registry.sync({a: "/out/a", b: "/out/b"})
+    assert registry.ids() == {a, b} and registry.get(a) == RegisteredModel(a, "/out/a")
+    registry.sync({b: "/out/b2"})
+    assert registry.ids() == {b} and registry.get(b).output_dir == "/out/b2" and registry.get(a) is None
+    assert registry.get("../../etc/passwd") is None
+    with pytest.raises(ValueError):
+        registry.put(RegisteredModel("../x", "/out"))
+    assert not list((tmp_path / "models").glob(".tmp-*"))  # atomic writes leave nothing behind
