@@ -60,7 +60,8 @@ def client(service):
 def served(client, digits_example) -> dict:
     """The job (serve: true) and its deployed model, once ready."""
     ckpt = client.upload_checkpoint(digits_example / "model.safetensors").id
-    job = client.wait(client.submit(_spec(ckpt, serve=True)).id, timeout=300)
+    job = client.wait(client.submit(_spec(ckpt, serve=True, schedule={"pruning_epochs": 1, "max_epochs": 3, "patience": 2})).id,
+                      timeout=300)
     assert job.state == "succeeded", job.error
     model = client.wait_model(job.id, timeout=240)
     return {"job": job, "model": model, "checkpoint": ckpt}

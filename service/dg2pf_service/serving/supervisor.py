@@ -36,6 +36,7 @@ class ServingSupervisor:
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
         self._last_deploy = 0.0
+        self._app_may_exist = True  # until Serve says otherwise (an app left by an earlier API process)
         self.last_error: str | None = None
 
     @property
@@ -65,7 +66,10 @@ class ServingSupervisor:
         with self._lock:
             wanted = self.wanted()
             self.registry.sync(wanted)
+            if not wanted and not self._app_may_exist:
+                return  # nothing to serve and nothing to clean up: no need to ask Serve
             status, message = self.app_status()
+            self._app_may_exist = status is not None
             if wanted and status in (None, "DEPLOY_FAILED"):
                 if status == "DEPLOY_FAILED":
                     self.last_error = message
@@ -83,6 +87,7 @@ class ServingSupervisor:
 
         log.info("deploying the Serve application %r on port %s", APP_NAME, self.options.port)
         self._last_deploy = time.monotonic()
+        self._app_may_exist = True
         # Serve's HTTP options are cluster-wide and fixed once Serve runs; a no-op when it already does.
         # Per-request access logs cost the proxy and the replica more CPU than a small model's forward
         # pass; they are off unless asked for (DG2PF_SERVE_ACCESS_LOG).
