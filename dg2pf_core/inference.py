@@ -52,7 +52,6 @@ class InferenceModel:
     input_shape: tuple[int, int, int]  # (C, H, W) of one input
     class_names: list[str] | None
     transform: Callable[[PIL.Image.Image], torch.Tensor]
-    weights_file: str
 
     @classmethod
     def load(cls, output_dir: str | Path, device: str | torch.device = "cpu") -> "InferenceModel":
@@ -78,7 +77,6 @@ class InferenceModel:
             input_shape=(request.in_channels, request.image_size, request.image_size),
             class_names=meta.get("class_names"),
             transform=eval_transform_for(meta["dataset"], request),
-            weights_file=weights.name,
         )
 
     @property

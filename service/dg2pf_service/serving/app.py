@@ -29,7 +29,7 @@ from dg2pf_core.inference import InferenceModel, finite_logits, predictions_json
 
 from ..errorshape import error_body
 from .options import APP_NAME, DEPLOYMENT_NAME, ServeOptions, token_digest
-from .registry import ModelRegistry, valid_model_id
+from .registry import ModelRegistry
 
 IMAGE_TYPES = ("image/png", "image/jpeg", "application/octet-stream")
 INLINE_FORWARD_S = 0.002  # per input: forward passes faster than this skip the thread hand-off
@@ -102,7 +102,7 @@ class ModelServer:
         logits: bool = Query(False, description="also return the raw logits"),
     ) -> JSONResponse:
         self._authorize(request)
-        if not valid_model_id(model_id) or self.registry.get(model_id) is None:
+        if not self.registry.has(model_id):
             raise RequestError(404, "not_found", f"no deployed model with id {model_id!r}; GET /models on the API lists them", "model")
         body = await self._read_body(request)
         try:
@@ -195,11 +195,10 @@ class ModelServer:
             batch = torch.cat([items[i][1] for i in idx])
             # A short forward pass runs inline (a thread hand-off would cost more than the pass); a
             # long one in a thread, so that the replica keeps receiving requests meanwhile.
+            started = time.perf_counter()
             if self._last_forward_s.get(model_id, 1.0) < INLINE_FORWARD_S:
-                started = time.perf_counter()
                 out = model.logits(batch)
             else:
-                started = time.perf_counter()
                 out = await asyncio.to_thread(model.logits, batch)
             self._last_forward_s[model_id] = (time.perf_counter() - started) / max(1, len(batch))
             for i, part in zip(idx, out.split(sizes)):

@@ -9,7 +9,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 APP_NAME = "dg2pf"
@@ -72,13 +71,15 @@ class ServeOptions:
         return self.max_replicas is not None and self.max_replicas > self.replicas
 
     @property
+    def replica_ceiling(self) -> int:
+        """The most replicas there can be: ``max_replicas`` when autoscaling, else ``replicas``."""
+        return self.max_replicas if self.autoscaling and self.max_replicas is not None else self.replicas
+
+    @property
     def reserved_cpus(self) -> float:
         """CPUs the serving replicas may hold at most (what jobs cannot count on)."""
-        return self.cpus_per_replica * (self.max_replicas if self.autoscaling else self.replicas)
+        return self.cpus_per_replica * self.replica_ceiling
 
     @property
     def reserved_gpus(self) -> float:
-        return self.gpus_per_replica * (self.max_replicas if self.autoscaling else self.replicas)
-
-    def registry_path(self) -> Path:
-        return Path(self.serving_dir)
+        return self.gpus_per_replica * self.replica_ceiling

@@ -55,6 +55,10 @@ class ModelRegistry:
             return None
         return RegisteredModel(doc["model_id"], doc["output_dir"])
 
+    def has(self, model_id: str) -> bool:
+        """Deployed right now: one stat, cheap enough to ask on every request."""
+        return valid_model_id(model_id) and self._file(model_id).is_file()
+
     def remove(self, model_id: str) -> None:
         try:
             self._file(model_id).unlink()

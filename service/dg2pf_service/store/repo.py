@@ -214,16 +214,7 @@ class JobStore:
         if existing is not None:
             return existing
         row = CheckpointRow(id=checkpoint_id, sha256=digest, bytes=int(bytes), path=str(path), format=str(format), created_at=utcnow())
-        try:
-            with self._sessions.begin() as session:
-                session.add(row)
-            return row
-        except IntegrityError:
-            # Another upload of the same bytes committed between our read and our insert.
-            existing = self.get_checkpoint(checkpoint_id)
-            if existing is None:
-                raise
-            return existing
+        return self._insert_or_existing(row, lambda: self.get_checkpoint(checkpoint_id))
 
     def get_checkpoint(self, checkpoint_id: str) -> CheckpointRow | None:
         with self._sessions() as session:
@@ -237,15 +228,7 @@ class JobStore:
         if existing is not None:
             return existing
         row = DeploymentRow(model_id=model_id, output_dir=str(output_dir), created_at=utcnow())
-        try:
-            with self._sessions.begin() as session:
-                session.add(row)
-            return row
-        except IntegrityError:
-            existing = self.get_deployment(model_id)
-            if existing is None:
-                raise
-            return existing
+        return self._insert_or_existing(row, lambda: self.get_deployment(model_id))
 
     def get_deployment(self, model_id: str) -> DeploymentRow | None:
         with self._sessions() as session:
@@ -259,3 +242,16 @@ class JobStore:
         """True when a deployment was removed."""
         with self._sessions.begin() as session:
             return session.execute(delete(DeploymentRow).where(DeploymentRow.model_id == model_id)).rowcount > 0
+
+    def _insert_or_existing(self, row: Any, existing: Any) -> Any:
+        """Insert ``row``; if another writer committed the same key between our read and our insert,
+        return theirs (``existing()``), so concurrent identical requests all succeed."""
+        try:
+            with self._sessions.begin() as session:
+                session.add(row)
+            return row
+        except IntegrityError:
+            found = existing()
+            if found is None:
+                raise
+            return found
