@@ -42,6 +42,7 @@ class RayOptions:
     address: str | None = None
     storage_path: str | None = None  # local dir, shared filesystem or object-store URI
     max_failures: int = 2
+    placement: str = "pack"  # "pack" | "spread": Ray's placement-group strategy for the workers
     run_name: str | None = None
     verbose: bool = True
     progress_path: str | None = None  # rank 0 appends one JSON line per epoch (shared filesystem)
@@ -90,7 +91,7 @@ def train_worker(config: dict) -> None:
                    "epochs_at_target": epochs_at_target(record.epoch, job.config.pruning_epochs)}
         if rank == 0:
             if config.get("progress_path"):
-                append_record(config["progress_path"], {**record.to_dict(), "world_size": world})
+                append_record(config["progress_path"], {**record.to_dict(), "world_size": world, "nodes": nodes})
             if config.get("verbose", True):
                 print(f"epoch {record.epoch:>3} {record.phase:<15} sparsity {record.sparsity:6.2%} "
                       f"val top-1 {record.val_top1:6.2f}%{' *best' if record.is_best else ''}"
@@ -128,7 +129,8 @@ def make_trainer(job: PruneJob, options: RayOptions, callbacks: list | None = No
     return TorchTrainer(
         train_worker,
         train_loop_config={"job": job.to_dict(), "verbose": options.verbose, "progress_path": options.progress_path},
-        scaling_config=ScalingConfig(num_workers=options.workers, use_gpu=options.use_gpu),
+        scaling_config=ScalingConfig(num_workers=options.workers, use_gpu=options.use_gpu,
+                                     placement_strategy=options.placement.upper()),
         run_config=RunConfig(
             name=options.run_name or f"dg2pf-{time.strftime('%Y%m%d-%H%M%S')}",
             storage_path=options.storage_path or default_storage(),

@@ -41,6 +41,7 @@ class TuneOptions:
     search_space: str | None = None  # YAML/JSON file; default: DEFAULT_SPACE
     workers_per_trial: int = 1
     use_gpu: bool = False
+    placement: str = "pack"  # of each trial's workers: "pack" | "spread"
     address: str | None = None
     storage_path: str | None = None
     max_concurrent: int | None = None  # default: as many as the cluster's CPUs (or GPUs) allow
@@ -54,7 +55,8 @@ def _trial(config: dict[str, Any], *, base_job: dict, options: dict, name: str) 
     base = PruneJob.from_dict(base_job)
     job = dataclasses.replace(base, config=trial_config(base.config, config))
     trial_id = tune.get_context().get_trial_id()
-    run = RayOptions(workers=options["workers_per_trial"], use_gpu=options["use_gpu"], storage_path=options["storage_path"],
+    run = RayOptions(workers=options["workers_per_trial"], use_gpu=options["use_gpu"], placement=options["placement"],
+                     storage_path=options["storage_path"],
                      max_failures=0, run_name=f"{name}-{trial_id}", verbose=options["verbose"])
     make_trainer(job, run, callbacks=[TuneReportCallback()]).fit()
 
@@ -85,7 +87,8 @@ def tune_job(job: PruneJob, out: str | Path, options: TuneOptions) -> dict:
     post_pruning = job.config.max_epochs - job.config.pruning_epochs
     trainable = tune.with_resources(
         partial(_trial, base_job=job.to_dict(), name=name,
-                options={"workers_per_trial": per_trial, "use_gpu": options.use_gpu, "storage_path": storage, "verbose": options.verbose}),
+                options={"workers_per_trial": per_trial, "use_gpu": options.use_gpu, "placement": options.placement,
+                         "storage_path": storage, "verbose": options.verbose}),
         {"cpu": DRIVER_CPU},  # the trial driver only waits on its TorchTrainer, whose workers hold the CPUs
     )
     tuner = tune.Tuner(

@@ -44,6 +44,8 @@ def _add_ray_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("Ray Train (distributed) options")
     group.add_argument("--workers", type=int, help="run on Ray Train with N DDP workers (default: in this process)")
     group.add_argument("--gpu", action="store_true", help="one GPU per worker (NCCL)")
+    group.add_argument("--placement", choices=("pack", "spread"), default="pack",
+                       help="pack workers on few nodes (default) or spread them one per node")
     group.add_argument("--ray-address", help="existing Ray cluster (default: $RAY_ADDRESS, else a local Ray)")
     group.add_argument("--storage-path", help="Ray Train storage for per-epoch checkpoints (default: runs/ray-train)")
     group.add_argument("--max-failures", type=int, default=2, help="worker failures to recover from (default: 2)")
@@ -84,7 +86,7 @@ def _cmd_prune(args: argparse.Namespace) -> int:
     else:
         from dg2pf_ray.train import RayOptions, prune_on_ray
 
-        options = RayOptions(workers=args.workers, use_gpu=args.gpu, address=args.ray_address,
+        options = RayOptions(workers=args.workers, use_gpu=args.gpu, placement=args.placement, address=args.ray_address,
                              storage_path=args.storage_path, max_failures=args.max_failures, verbose=not args.quiet)
         m = prune_on_ray(job, args.out, options)
     rows = [
@@ -113,7 +115,7 @@ def _cmd_tune(args: argparse.Namespace) -> int:
         compact_values=args.compact_values,
     )
     options = TuneOptions(samples=args.samples, search_space=args.search_space, workers_per_trial=args.workers or 1,
-                          use_gpu=args.gpu, address=args.ray_address, storage_path=args.storage_path,
+                          use_gpu=args.gpu, placement=args.placement, address=args.ray_address, storage_path=args.storage_path,
                           max_concurrent=args.max_concurrent, grace_period=args.grace_period, verbose=not args.quiet)
     m = tune_job(job, args.out, options)
     t = m["tune"]

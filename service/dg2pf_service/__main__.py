@@ -15,10 +15,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     overrides = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
     settings = Settings(**overrides)
-    if not settings.ray_address:
-        # The embedded head is a default Ray 2.60 cluster, which demands its token (~/.ray/auth_token).
-        # Ray reads the mode when it is first imported, hence before importing anything that imports ray.
-        os.environ.setdefault("RAY_AUTH_MODE", "token")
+    # Ray 2.60 clusters (the embedded head, `ray start`, KubeRay) demand a token (RAY_AUTH_TOKEN or
+    # ~/.ray/auth_token). Ray reads the mode when it is first imported, hence before importing anything
+    # that imports ray. Set RAY_AUTH_MODE=disabled explicitly for a cluster that runs without auth.
+    os.environ.setdefault("RAY_AUTH_MODE", "token")
     import uvicorn
 
     from .api.app import create_app

@@ -35,9 +35,35 @@ class ClusterInfo:
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_ports(1)[0]
+
+
+def free_ports(count: int) -> list[int]:
+    """``count`` distinct free ports: all are held open until every one is chosen (one at a time, the
+    kernel may hand out the same port twice, and Ray refuses a node whose components share a port)."""
+    sockets = []
+    try:
+        for _ in range(count):
+            s = socket.socket()
+            s.bind(("127.0.0.1", 0))
+            sockets.append(s)
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
+# Every listening port of a Ray node, set explicitly: a second Ray on the machine (another service, a
+# test cluster, a second node) otherwise takes the same default agent ports and that node's job agent
+# never comes up.
+NODE_PORT_FLAGS = ("node-manager-port", "object-manager-port", "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
+                   "metrics-export-port", "runtime-env-agent-port")
+
+
+def node_ports(extra: tuple[str, ...] = ()) -> dict[str, int]:
+    """``ray start`` flag name -> a distinct free port, for every port of a node (and ``extra``)."""
+    names = NODE_PORT_FLAGS + extra
+    return dict(zip(names, free_ports(len(names))))
 
 
 def auth_token() -> str | None:
@@ -86,21 +112,17 @@ def start_embedded(state_dir: Path, num_cpus: int | None = None) -> ClusterInfo:
         info = ClusterInfo(**json.loads(record.read_text()))
         if _dashboard_up(info.dashboard_url):
             return info
-    gcs_port, dash_port = free_port(), free_port()
-    # Every listening port explicit and free: a second Ray on the machine (another service, a test
-    # cluster) otherwise takes the default agent ports and this head's job agent never comes up.
-    ports = {name: free_port() for name in ("dashboard-agent-listen-port", "dashboard-agent-grpc-port",
-                                             "metrics-export-port", "runtime-env-agent-port", "ray-client-server-port")}
-    cmd = [str(Path(sys.executable).parent / "ray"), "start", "--head", f"--port={gcs_port}",
-           "--dashboard-host=127.0.0.1", f"--dashboard-port={dash_port}", "--disable-usage-stats",
-           "--include-dashboard=true", *[f"--{k}={v}" for k, v in ports.items()]]
+    ports = node_ports(("port", "dashboard-port", "ray-client-server-port"))
+    gcs_port, dash_port = ports["port"], ports["dashboard-port"]
+    cmd = [str(Path(sys.executable).parent / "ray"), "start", "--head", "--dashboard-host=127.0.0.1",
+           "--disable-usage-stats", "--include-dashboard=true", *[f"--{k}={v}" for k, v in ports.items()]]
     if num_cpus is not None:
         cmd.append(f"--num-cpus={num_cpus}")
     # Every process of the cluster inherits this environment: keep the service's secrets out of it.
     env = {k: v for k, v in os.environ.items() if k not in SERVICE_SECRETS}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=env)
     if proc.returncode != 0:
-        raise ClusterUnavailable(f"could not start a local Ray head: {proc.stderr.strip().splitlines()[-1:]}")
+        raise ClusterUnavailable(f"could not start a local Ray head: {proc.stderr.strip()[-1500:]}")
     info = ClusterInfo(f"127.0.0.1:{gcs_port}", f"http://127.0.0.1:{dash_port}", True)
     deadline = time.time() + 60
     while not _dashboard_up(info.dashboard_url):
@@ -112,39 +134,53 @@ def start_embedded(state_dir: Path, num_cpus: int | None = None) -> ClusterInfo:
     return info
 
 
-def _head_pids(port: str) -> list[int]:
-    """The head's daemons (their command lines name its GCS port) and all their descendants
-    (Ray workers: Serve replicas, job supervisors and drivers), which would otherwise linger."""
-    parent: dict[int, int] = {}
-    roots: set[int] = set()
+def _process_table() -> dict[int, tuple[int, str]]:
+    """pid -> (parent pid, command line) of every process we can read."""
+    table: dict[int, tuple[int, str]] = {}
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit():
             continue
         try:
             cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            parent[int(proc.name)] = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            table[int(proc.name)] = (int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1]), cmd)
         except (OSError, ValueError, IndexError):
             continue
-        if "ray" in cmd and (f":{port}" in cmd or f"--port={port}" in cmd or f"gcs_server_port={port}" in cmd):
-            roots.add(int(proc.name))
+    return table
+
+
+def descendants(roots: set[int], table: dict[int, tuple[int, str]] | None = None) -> list[int]:
+    """``roots`` and every process below them."""
+    table = _process_table() if table is None else table
     found = set(roots)
     changed = True
     while changed:
         changed = False
-        for pid, ppid in parent.items():
+        for pid, (ppid, _) in table.items():
             if ppid in found and pid not in found:
                 found.add(pid)
                 changed = True
     return sorted(found)
 
 
+def _head_pids(port: str) -> list[int]:
+    """The head's daemons (their command lines name its GCS port) and all their descendants
+    (Ray workers: Serve replicas, job supervisors and drivers), which would otherwise linger."""
+    table = _process_table()
+    roots = {pid for pid, (_, cmd) in table.items()
+             if "ray" in cmd and (f":{port}" in cmd or f"--port={port}" in cmd or f"gcs_server_port={port}" in cmd)}
+    return descendants(roots, table)
+
+
 def stop_embedded(info: ClusterInfo, grace_seconds: float = 10.0) -> None:
     """Stop only the head this service started (matched by its GCS port), not other Ray instances:
     SIGTERM, then SIGKILL for whatever is still alive after ``grace_seconds``."""
-    port = info.gcs_address.rsplit(":", 1)[1]
     # Found once: after SIGTERM the workers are re-parented to init and no longer look like ours.
-    pids = _head_pids(port)
-    for sig_ in (15, 9):
+    kill_processes(_head_pids(info.gcs_address.rsplit(":", 1)[1]), grace_seconds)
+
+
+def kill_processes(pids: list[int], grace_seconds: float = 10.0) -> None:
+    """SIGTERM ``pids`` (SIGKILL at once when ``grace_seconds`` is 0), then SIGKILL what is left."""
+    for sig_ in ((15, 9) if grace_seconds > 0 else (9,)):
         for pid in pids:
             try:
                 os.kill(pid, sig_)

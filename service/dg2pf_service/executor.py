@@ -32,6 +32,8 @@ class Order:
     use_gpu: bool
     tune: dict | None
     storage_path: str
+    placement: str = "pack"
+    worker_start_timeout_s: float = 60.0
 
     @property
     def in_process(self) -> bool:
@@ -58,7 +60,7 @@ class RayJobsExecutor:
         job_dir.mkdir(parents=True, exist_ok=True)
         (job_dir / JOB).write_text(json.dumps({
             "prune_job": order.prune_job.to_dict(), "workers": order.workers, "use_gpu": order.use_gpu,
-            "tune": order.tune, "storage_path": order.storage_path,
+            "tune": order.tune, "storage_path": order.storage_path, "placement": order.placement,
         }, indent=1))
         submission_id = f"dg2pf-{job_id}"
         self.client.submit_job(
@@ -66,7 +68,10 @@ class RayJobsExecutor:
             submission_id=submission_id,
             # An in-process job trains in the entrypoint itself; a Ray Train job's workers hold the CPUs.
             entrypoint_num_cpus=1 if order.in_process else 0,
-            runtime_env={"env_vars": {"PYTHONUNBUFFERED": "1"}},
+            # Ray Train's controller reads its worker start timeout from the driver's environment: a job
+            # whose workers cannot be placed (a node was lost) then fails over instead of waiting for ever.
+            runtime_env={"env_vars": {"PYTHONUNBUFFERED": "1",
+                                      "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": f"{order.worker_start_timeout_s:g}"}},
             metadata={"dg2pf_job": job_id},
         )
         return submission_id

@@ -30,6 +30,9 @@ def progress_fields(records: list[dict], target: float, pruning_epochs: int) -> 
     if not records:
         return {"phase": "baseline"}
     last = records[-1]
+    # A restarted run (lost worker or node) repeats the epochs after its last checkpoint: the latest
+    # attempt at each epoch is the one that counts.
+    records = sorted({r["epoch"]: r for r in records}.values(), key=lambda r: r["epoch"])
     best = [r for r in records if r.get("is_best")]
     fields = {
         "phase": last["phase"] if last["phase"] != "baseline" else "gradual_pruning",

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
@@ -54,7 +53,7 @@ class Services:
 def cluster_for(settings: Settings) -> ClusterInfo:
     if settings.ray_address:
         host = urlparse(f"//{settings.ray_address.removeprefix('ray://')}").hostname or "127.0.0.1"
-        dashboard = os.environ.get("DG2PF_RAY_DASHBOARD_URL") or f"http://{host}:8265"
+        dashboard = settings.ray_dashboard_url or f"http://{host}:8265"
         return ClusterInfo(settings.ray_address, dashboard, embedded=False)
     return start_embedded(settings.data_dir / "ray-state")
 
@@ -76,6 +75,7 @@ def build(settings: Settings) -> Services:
             prune_job=spec.prune_job(resolved["checkpoint"], resolved.get("teacher")),
             workers=spec.resources.num_workers, use_gpu=spec.resources.use_gpu,
             tune=spec.tune.model_dump() if spec.tune else None, storage_path=storage,
+            placement=spec.resources.placement, worker_start_timeout_s=settings.worker_start_timeout_s,
         )
 
     serving = ServingSupervisor(

@@ -32,6 +32,9 @@ class Settings(BaseSettings):
     # Ray's own variable is honoured so the service joins the cluster `ray start` / KubeRay set up;
     # DG2PF_RAY_ADDRESS wins when both are set (AliasChoices tries them in order).
     ray_address: str | None = Field(None, validation_alias=AliasChoices("DG2PF_RAY_ADDRESS", "RAY_ADDRESS"))
+    ray_dashboard_url: str | None = Field(None, description="the cluster's dashboard (Jobs API); default http://<ray_address host>:8265")
+    worker_start_timeout_s: float = Field(60.0, gt=0, description="how long Ray Train waits to place a job's workers before "
+                                          "it counts a failed attempt (after a node is lost, for example)")
     storage_uri: str | None = Field(None, description="Ray Train/Tune storage; default: data_dir/ray")
     data_roots: Annotated[list[Path], NoDecode] = Field(
         default_factory=list,

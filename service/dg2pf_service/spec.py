@@ -53,6 +53,10 @@ ScheduleSpec = _schedule_model()
 class ResourcesSpec(_Strict):
     num_workers: int = Field(1, ge=1, le=1024, description="DDP workers (1: one process, no DDP)")
     use_gpu: bool = False
+    placement: Literal["pack", "spread"] = Field(
+        "pack", description="pack: workers on as few nodes as possible (fast collectives); spread: one per node where "
+        "possible (losing a node then costs fewer workers, and a restart can still fit on the rest)",
+    )
 
 
 class TuneSpec(_Strict):

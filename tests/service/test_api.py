@@ -93,14 +93,6 @@ def test_full_lifecycle(service, client, ckpt, tmp_path):
     assert client.list(state="succeeded").total >= 1
 
 
-def test_two_ddp_workers_through_the_service(service, client, ckpt):
-    job_id = client.submit(spec(ckpt, resources={"num_workers": 2}, schedule={"pruning_epochs": 1, "max_epochs": 2})).id
-    job = client.wait(job_id, timeout=300)
-    assert job.state == "succeeded", job.error
-    assert job.best_metrics["world_size"] == 2 and abs(job.best_metrics["sparsity_prunable"] - 0.9) < 1e-3
-    assert [h["epoch"] for h in job.history] == list(range(len(job.history)))
-
-
 BAD = [
     (lambda c: spec(c, sparsity=1.5), 422, "sparsity"),
     (lambda c: spec(c, sparsity=0), 422, "sparsity"),
@@ -111,6 +103,7 @@ BAD = [
     (lambda c: {**spec(c), "dataset": {"spec": "cifar10:/nonexistent/x"}}, 422, "dataset.spec"),
     (lambda c: {**spec(c), "resources": {"num_workers": 0}}, 422, "resources.num_workers"),
     (lambda c: {**spec(c), "resources": {"num_workers": 64}}, 422, "resources.num_workers"),
+    (lambda c: {**spec(c), "resources": {"num_workers": 2, "placement": "diagonal"}}, 422, "resources.placement"),
     (lambda c: {**spec(c), "bogus": 1}, 422, "bogus"),
     (lambda c: {**spec(c), "schedule": {"recovery": "magic"}}, 422, "schedule.recovery"),
 ]
