@@ -21,7 +21,8 @@ import ray.train.torch
 import torch.distributed as dist
 from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
-from ray.train.v2.api.exceptions import TrainingFailedError
+from ray.train.v2._internal.exceptions import WorkerGroupStartupTimeoutError
+from ray.train.v2.api.exceptions import ControllerError, TrainingFailedError, WorkerGroupError
 
 from dg2pf_core.errors import DG2PFError
 from dg2pf_core.export import OutputDir, write_compact, write_metrics, write_model
@@ -43,6 +44,7 @@ class RayOptions:
     storage_path: str | None = None  # local dir, shared filesystem or object-store URI
     max_failures: int = 2
     placement: str = "pack"  # "pack" | "spread": Ray's placement-group strategy for the workers
+    cluster_may_grow: bool = False  # an autoscaling cluster: wait for nodes instead of refusing the run
     run_name: str | None = None
     verbose: bool = True
     progress_path: str | None = None  # rank 0 appends one JSON line per epoch (shared filesystem)
@@ -142,8 +144,26 @@ def make_trainer(job: PruneJob, options: RayOptions, callbacks: list | None = No
     )
 
 
-def _explain(exc: Exception) -> str:
-    """The first line a user can act on, from Ray's nested worker errors."""
+def _explain(exc: Exception, options: RayOptions) -> str:
+    """What went wrong, in words a user can act on, from Ray Train's nested errors."""
+    if isinstance(exc, ControllerError) and isinstance(exc.controller_failure, WorkerGroupStartupTimeoutError):
+        total = ray.cluster_resources()
+        need = f"1 CPU{' and 1 GPU' if options.use_gpu else ''} each"
+        return (f"Ray could not place the {options.workers} workers ({need}) in time, on any attempt: the cluster now has "
+                f"{total.get('CPU', 0):g} CPUs and {total.get('GPU', 0):g} GPUs in all. A node may have been lost, an "
+                "autoscaler may not have started one in time, or other work holds the resources: add nodes or resubmit "
+                "with fewer workers (DG2PF_WORKER_START_TIMEOUT_S / RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S sets how long "
+                "each attempt waits)")
+    if isinstance(exc, ControllerError):
+        return _error_line(exc.controller_failure)
+    if isinstance(exc, WorkerGroupError) and exc.worker_failures:
+        rank, error = min(exc.worker_failures.items())
+        return f"worker {rank}: {_error_line(error)}"
+    return _error_line(exc)
+
+
+def _error_line(exc: BaseException) -> str:
+    """The last line that names an error, from a (possibly remote) traceback's text."""
     text = str(exc)
     for line in reversed(text.splitlines()):
         line = line.strip()
@@ -158,14 +178,17 @@ def prune_on_ray(job: PruneJob, out: str | Path, options: RayOptions) -> dict:
     started = time.perf_counter()
     prepare(job)  # every input error surfaces here, in seconds, before any Ray work
     connect(options.address)
-    check_capacity(options.workers, options.use_gpu)
+    if not options.cluster_may_grow:
+        check_capacity(options.workers, options.use_gpu)
     trainer = make_trainer(job, options)
     try:
         result = trainer.fit()
     except TrainingFailedError as exc:
-        raise RunFailed(f"training failed after {options.max_failures} restart(s): {_explain(exc)}") from exc
+        # Worker failures are retried max_failures times; a worker group that cannot start, 3 times.
+        retried = f" after {options.max_failures} restart(s)" if isinstance(exc, WorkerGroupError) else ""
+        raise RunFailed(f"training failed{retried}: {_explain(exc, options)}") from exc
     if result.error is not None:
-        raise RunFailed(f"training failed: {_explain(result.error)}")
+        raise RunFailed(f"training failed: {_explain(result.error, options)}")
     if result.checkpoint is None:
         raise RunFailed("training finished without a final checkpoint")
     with result.checkpoint.as_directory() as final, output.staging() as tmp:

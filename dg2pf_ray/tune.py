@@ -42,6 +42,7 @@ class TuneOptions:
     workers_per_trial: int = 1
     use_gpu: bool = False
     placement: str = "pack"  # of each trial's workers: "pack" | "spread"
+    cluster_may_grow: bool = False  # an autoscaling cluster: wait for nodes instead of refusing the run
     address: str | None = None
     storage_path: str | None = None
     max_concurrent: int | None = None  # default: as many as the cluster's CPUs (or GPUs) allow
@@ -77,7 +78,8 @@ def tune_job(job: PruneJob, out: str | Path, options: TuneOptions) -> dict:
     document = load_space(options.search_space)
     space = build_space(document, job.config)
     connect(options.address)
-    check_capacity(options.workers_per_trial, options.use_gpu)
+    if not options.cluster_may_grow:
+        check_capacity(options.workers_per_trial, options.use_gpu)
     resources = ray.cluster_resources()
     per_trial = options.workers_per_trial
     capacity = resources.get("GPU", 0) if options.use_gpu else resources.get("CPU", 1)

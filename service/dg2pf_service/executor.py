@@ -34,6 +34,7 @@ class Order:
     storage_path: str
     placement: str = "pack"
     worker_start_timeout_s: float = 60.0
+    cluster_may_grow: bool = False  # autoscaling: do not refuse work the cluster cannot place right now
 
     @property
     def in_process(self) -> bool:
@@ -61,6 +62,7 @@ class RayJobsExecutor:
         (job_dir / JOB).write_text(json.dumps({
             "prune_job": order.prune_job.to_dict(), "workers": order.workers, "use_gpu": order.use_gpu,
             "tune": order.tune, "storage_path": order.storage_path, "placement": order.placement,
+            "cluster_may_grow": order.cluster_may_grow,
         }, indent=1))
         submission_id = f"dg2pf-{job_id}"
         self.client.submit_job(

@@ -56,12 +56,14 @@ def run(job_dir: Path) -> None:
         metrics = tune_job(job, out, TuneOptions(samples=tune["samples"], search_space=str(space_file) if space_file else None,
                                                  workers_per_trial=order["workers"], use_gpu=order["use_gpu"],
                                                  placement=order.get("placement", "pack"),
+                                                 cluster_may_grow=order.get("cluster_may_grow", False),
                                                  storage_path=order["storage_path"], run_name=f"job-{job_dir.name}"))
     elif order["workers"] > 1 or order["use_gpu"]:
         from dg2pf_ray.train import RayOptions, prune_on_ray
 
         metrics = prune_on_ray(job, out, RayOptions(workers=order["workers"], use_gpu=order["use_gpu"],
                                                     placement=order.get("placement", "pack"),
+                                                    cluster_may_grow=order.get("cluster_may_grow", False),
                                                     storage_path=order["storage_path"], run_name=f"job-{job_dir.name}",
                                                     progress_path=str(progress), verbose=False))
     else:

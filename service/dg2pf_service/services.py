@@ -33,9 +33,11 @@ class Services:
     deployments: Deployments
 
     def capacity(self) -> tuple[float, float]:
-        """CPUs and GPUs jobs can count on: the cluster's, less what serving replicas may hold."""
-        r = total_resources()
-        cpu, gpu = float(r.get("CPU", 0.0)), float(r.get("GPU", 0.0))
+        """CPUs and GPUs jobs can count on: the cluster's (or what it can scale up to, when set), less
+        what serving replicas may hold."""
+        r, s = total_resources(), self.settings
+        cpu = max(float(r.get("CPU", 0.0)), s.cluster_max_cpus or 0.0)
+        gpu = max(float(r.get("GPU", 0.0)), s.cluster_max_gpus or 0.0)
         if self.store.list_deployments():
             cpu -= self.serving.options.reserved_cpus
             gpu -= self.serving.options.reserved_gpus
@@ -76,6 +78,7 @@ def build(settings: Settings) -> Services:
             workers=spec.resources.num_workers, use_gpu=spec.resources.use_gpu,
             tune=spec.tune.model_dump() if spec.tune else None, storage_path=storage,
             placement=spec.resources.placement, worker_start_timeout_s=settings.worker_start_timeout_s,
+            cluster_may_grow=settings.cluster_max_cpus is not None or settings.cluster_max_gpus is not None,
         )
 
     serving = ServingSupervisor(

@@ -33,6 +33,11 @@ class Settings(BaseSettings):
     # DG2PF_RAY_ADDRESS wins when both are set (AliasChoices tries them in order).
     ray_address: str | None = Field(None, validation_alias=AliasChoices("DG2PF_RAY_ADDRESS", "RAY_ADDRESS"))
     ray_dashboard_url: str | None = Field(None, description="the cluster's dashboard (Jobs API); default http://<ray_address host>:8265")
+    # An autoscaling cluster (KubeRay, `ray up`) may have no GPU node until a job asks for one: jobs up to
+    # these sizes are accepted and dispatched, and Ray starts the nodes (raise worker_start_timeout_s to
+    # cover a node's start-up). Default: only what the cluster has now.
+    cluster_max_cpus: float | None = Field(None, ge=0, description="CPUs the cluster can scale up to")
+    cluster_max_gpus: float | None = Field(None, ge=0, description="GPUs the cluster can scale up to")
     worker_start_timeout_s: float = Field(60.0, gt=0, description="how long Ray Train waits to place a job's workers before "
                                           "it counts a failed attempt (after a node is lost, for example)")
     storage_uri: str | None = Field(None, description="Ray Train/Tune storage; default: data_dir/ray")

@@ -80,9 +80,11 @@ def validate_job(spec: JobSpec, settings: Settings, store: JobStore, capacity: t
     cpus, gpus = capacity
     workers = spec.resources.num_workers
     if spec.resources.use_gpu and workers > gpus:
-        raise InvalidJob("resources.num_workers", f"{workers} GPU workers cannot be placed: the Ray cluster has {gpus:g} GPUs for jobs (those held by serving replicas excluded)")
+        raise InvalidJob("resources.num_workers", f"{workers} GPU workers cannot be placed: the Ray cluster has {gpus:g} GPUs for jobs (those held by serving replicas excluded; "
+                         "DG2PF_CLUSTER_MAX_GPUS declares what an autoscaling cluster can grow to)")
     if workers > cpus:
-        raise InvalidJob("resources.num_workers", f"{workers} workers cannot be placed: the Ray cluster has {cpus:g} CPUs for jobs (those held by serving replicas excluded)")
+        raise InvalidJob("resources.num_workers", f"{workers} workers cannot be placed: the Ray cluster has {cpus:g} CPUs for jobs (those held by serving replicas excluded; "
+                         "DG2PF_CLUSTER_MAX_CPUS declares what an autoscaling cluster can grow to)")
     if spec.tune is not None and spec.tune.search_space:
         from dg2pf_ray.search_space import build_space
 

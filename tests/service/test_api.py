@@ -3,17 +3,14 @@
 from __future__ import annotations
 
 import json
-import shutil
 import threading
 import time
-from pathlib import Path
 
 import httpx
 import pytest
 
 from dg2pf_client import Client, Conflict, Forbidden, InvalidRequest, NotFound, TooLarge, Unauthorized
 from dg2pf_core.checkpoints import save_state_dict
-from dg2pf_core.models import build_model
 
 from service_process import ServiceProcess
 

@@ -80,10 +80,17 @@ def cluster(tmp_path_factory):
 def service(cluster, digits_example):
     head, _, root = cluster
     svc = ServiceProcess(root / "state", DG2PF_RAY_ADDRESS=head.gcs_address, DG2PF_RAY_DASHBOARD_URL=head.dashboard_url,
-                         DG2PF_API_TOKENS=TOKEN, DG2PF_DATA_ROOTS="", DG2PF_WORKER_START_TIMEOUT_S="30")
+                         DG2PF_API_TOKENS=TOKEN, DG2PF_DATA_ROOTS="", DG2PF_WORKER_START_TIMEOUT_S="10",
+                         # as for an autoscaling cluster whose GPU group is at 0 nodes
+                         DG2PF_CLUSTER_MAX_GPUS="1")
     svc.start()
     yield svc
     svc.kill()  # the service started no Ray of its own: the cluster fixture stops the nodes
+
+
+def _job(ckpt: str, **resources) -> dict:
+    return {"model": {"arch": "digits_cnn", "num_classes": 10, "checkpoint": ckpt}, "dataset": {"spec": "digits"},
+            "sparsity": 0.9, "schedule": {"pruning_epochs": 4, "max_epochs": 8, "patience": 8}, "resources": resources}
 
 
 def test_job_spans_two_nodes_and_survives_losing_one(cluster, service, digits_example):
@@ -94,11 +101,7 @@ def test_job_spans_two_nodes_and_survives_losing_one(cluster, service, digits_ex
         assert client.health()["checks"]["ray"] == "ok"
         assert not (service.data_dir / "ray-state").exists(), "the service must use the given cluster, not start its own"
         ckpt = client.upload_checkpoint(digits_example / "model.safetensors").id
-        job = client.submit({
-            "model": {"arch": "digits_cnn", "num_classes": 10, "checkpoint": ckpt}, "dataset": {"spec": "digits"},
-            "sparsity": 0.9, "schedule": {"pruning_epochs": 4, "max_epochs": 8, "patience": 8},
-            "resources": {"num_workers": 2, "placement": "spread"},
-        })
+        job = client.submit(_job(ckpt, num_workers=2, placement="spread"))
 
         # 1. Both workers run, one on each node (the progress record names each rank's node).
         deadline = time.time() + 240
@@ -132,3 +135,20 @@ def test_job_spans_two_nodes_and_survives_losing_one(cluster, service, digits_ex
     assert resumed, "the job finished without a restart: the node was lost after the work ended?"
     assert resumed[0]["epoch"] > 0 and all(r["nodes"] == [head_id, head_id] for r in resumed), resumed
     assert killed_at_epoch < progress[-1]["epoch"]
+
+
+def test_work_the_cluster_cannot_place_fails_clearly_instead_of_waiting(cluster, service, digits_example):
+    """A GPU job on a cluster declared able to grow to 1 GPU (DG2PF_CLUSTER_MAX_GPUS) is accepted and
+    dispatched; no GPU node ever comes, so Ray Train's placement attempts time out and the job fails
+    with a message that says why and what to do."""
+    head, _, _ = cluster
+    assert all(n["resources_total"].get("GPU", 0) == 0 for n in _nodes(head))
+    with Client(service.url, token=TOKEN) as client:
+        ckpt = client.upload_checkpoint(digits_example / "model.safetensors").id
+        job = client.submit(_job(ckpt, num_workers=1, use_gpu=True))
+        final = client.wait(job.id, timeout=300)
+        assert final.state == "failed" and final.error.type == "RunFailed", final.error
+        message = final.error.message
+        assert "could not place the 1 workers (1 CPU and 1 GPU each)" in message and "0 GPUs" in message, message
+        assert "DG2PF_WORKER_START_TIMEOUT_S" in message
+        assert client.get(job.id).state == "failed"

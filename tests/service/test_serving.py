@@ -20,7 +20,6 @@ import torch
 from dg2pf_client import Client, Conflict, NotFound
 from dg2pf_core.data import DataRequest, load_dataset
 from dg2pf_core.data.digits import write_test_digit_images
-from dg2pf_core.inference import InferenceModel
 from dg2pf_core.job import load_model
 from dg2pf_service.cluster import free_port
 

@@ -6,10 +6,8 @@ fresh database is created for this module and dropped afterwards. scripts/test.s
 
 from __future__ import annotations
 
-import os
 import sqlite3
 import threading
-import uuid
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -18,7 +16,7 @@ from typing import Any, TypeVar
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
-from sqlalchemy import inspect, make_url, text
+from sqlalchemy import inspect, text
 
 from dg2pf_service.store import JobNotFoundError, JobState, JobStore, make_engine, make_sessionmaker, upgrade
 from dg2pf_service.store.migrate import current_revision, head_revision
