@@ -175,7 +175,24 @@ def stop_embedded(info: ClusterInfo, grace_seconds: float = 10.0) -> None:
     """Stop only the head this service started (matched by its GCS port), not other Ray instances:
     SIGTERM, then SIGKILL for whatever is still alive after ``grace_seconds``."""
     # Found once: after SIGTERM the workers are re-parented to init and no longer look like ours.
-    kill_processes(_head_pids(info.gcs_address.rsplit(":", 1)[1]), grace_seconds)
+    port = info.gcs_address.rsplit(":", 1)[1]
+    kill_processes(_head_pids(port), grace_seconds)
+    forget_current_cluster(port)
+
+
+def forget_current_cluster(port: str) -> None:
+    """Do what ``ray stop`` does for the head on ``port``: remove Ray's record of the last started
+    cluster (``<ray temp dir>/ray_current_cluster``) when it names that head. Ray processes that look
+    up "the current cluster" without an address (Ray Train's placement-group cleaner does, through the
+    state API) would otherwise keep trying to reach the dead head, even from another Ray instance."""
+    from ray._common.utils import get_ray_address_file
+
+    path = Path(get_ray_address_file(None))
+    try:
+        if path.read_text().strip().rsplit(":", 1)[-1] == port:
+            path.unlink()
+    except OSError:
+        pass
 
 
 def kill_processes(pids: list[int], grace_seconds: float = 10.0) -> None:
