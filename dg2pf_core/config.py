@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -12,6 +13,7 @@ from .schedule import schedule_names
 from .simulated import RECOVERY_MODES
 
 Amp = Literal["none", "bf16", "fp16"]
+FINETUNE_MODES = ("sgd", "overparam")
 
 
 @dataclass
@@ -39,6 +41,10 @@ class DG2PFConfig:
     finetune_lr: float = 1e-3  # SGD
     finetune_momentum: float = 0.9
     finetune_weight_decay: float = 0.0
+    finetune: str = "sgd"  # "sgd" (Algorithm 2) or "overparam" (linear over-parameterization + SP distillation)
+    overparam_expansion: int = 4  # hidden width of each expanded layer, in multiples of its input width
+    sp_weight: float = 3000.0  # weight of the similarity-preserving loss (Tung & Mori's CIFAR setting)
+    sp_blocks: list[str] = field(default_factory=list)  # regexes over module names; default: top-level blocks
     # --- data and execution ---
     batch_size: int = 64
     eval_batch_size: int = 256
@@ -83,6 +89,17 @@ class DG2PFConfig:
                 raise bad(name, f"must be >= 1, got {getattr(self, name)}")
         if self.loader_workers < 0:
             raise bad("loader_workers", f"must be >= 0, got {self.loader_workers}")
+        if self.finetune not in FINETUNE_MODES:
+            raise bad("finetune", f"must be one of {list(FINETUNE_MODES)}, got {self.finetune!r}")
+        if self.overparam_expansion < 1:
+            raise bad("overparam_expansion", f"must be >= 1, got {self.overparam_expansion}")
+        if self.sp_weight < 0:
+            raise bad("sp_weight", f"must be >= 0, got {self.sp_weight}")
+        for pattern in self.sp_blocks:
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise bad("sp_blocks", f"{pattern!r} is not a regular expression: {exc}") from exc
         if self.amp not in ("none", "bf16", "fp16"):
             raise bad("amp", f"must be 'none', 'bf16' or 'fp16', got {self.amp!r}")
         # Compiles the patterns: a bad regex is reported here, not mid-run.

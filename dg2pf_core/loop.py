@@ -8,7 +8,9 @@ Read top to bottom, ``run_dg2pf`` is the paper's pseudo-code:
    frozen unpruned model (AdamW). After the last one the mask becomes final (hard).
 3. ``distillation``: same loss and optimiser with the final mask, while validation top-1 improves.
 4. ``finetuning``: cross-entropy only, SGD with momentum, from the best weights so far, while
-   validation top-1 improves.
+   validation top-1 improves. With ``finetune="overparam"`` every pruned layer is first expanded into
+   a chain of linear layers (``overparam``) and the loss adds similarity-preserving distillation from
+   the dense teacher; the chains collapse back into the original layers at the end.
 
 The result is the best model by validation top-1 among epochs at the final sparsity. After every
 epoch a reporter receives the epoch's record and the full ``TrainingState``; passing a state back as
@@ -29,11 +31,12 @@ from torch import nn
 
 from .config import DG2PFConfig
 from . import distributed
-from .distillation import kd_loss
+from .distillation import FeatureTaps, kd_loss, similarity_blocks, similarity_loss
 from .errors import ResumeError
 from .loaders import Loaders
 from .masks import Masks, apply_masks_, magnitude_masks, mask_sparsity, select_prunable
 from .metrics import Accuracy, autocast_context, evaluate
+from . import overparam
 from .schedule import sparsity_targets
 from .simulated import _backup, _restore, hard_step, simulated_step
 from .state import EpochRecord, TrainingState, fingerprint
@@ -106,6 +109,7 @@ class _Run:
         self.targets = sparsity_targets(config.schedule, config.sparsity, config.pruning_epochs)
         self.scaler = torch.amp.GradScaler("cuda") if config.amp == "fp16" and device.type == "cuda" else None
         self.optimizer: torch.optim.Optimizer = self.adamw()
+        self.taps: tuple[FeatureTaps, FeatureTaps] | None = None  # (student, teacher) while over-parameterized
 
     # --- optimisers ---
     def adamw(self) -> torch.optim.Optimizer:
@@ -128,11 +132,45 @@ class _Run:
             logits = self.model(inputs)
         return F.cross_entropy(logits.float(), targets)
 
+    def similarity_loss(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy plus similarity-preserving distillation of the tapped blocks' features."""
+        student, teacher = self.taps  # type: ignore[misc]
+        with torch.no_grad(), autocast_context(self.device, self.cfg.amp):
+            self.teacher(inputs)
+        loss = self.ce_loss(inputs, targets)
+        sp = sum(similarity_loss(student.outputs[n], teacher.outputs[n]) for n in student.outputs)
+        return loss + self.cfg.sp_weight * sp
+
+    # --- linear over-parameterization (finetune="overparam") ---
+    def expand(self, masks: Masks) -> None:
+        """Pruned layers -> chains (the mask applied inside them), the optimiser's parameter list and
+        DDP rebuilt around the new module, feature taps on student and teacher."""
+        module = _unwrap(self.model)
+        overparam.expand(module, masks, self.cfg.overparam_expansion, seed=self.cfg.seed)
+        module.to(self.device)
+        if isinstance(self.model, nn.parallel.DistributedDataParallel):
+            ddp = self.model
+            self.model = nn.parallel.DistributedDataParallel(module, device_ids=ddp.device_ids, output_device=ddp.output_device)
+        self.all_params = [p for p in self.model.parameters() if p.requires_grad]
+        blocks = similarity_blocks(module, self.cfg.sp_blocks)
+        self.taps = (FeatureTaps(module, blocks), FeatureTaps(self.teacher, blocks))
+
+    def collapse(self) -> None:
+        module = _unwrap(self.model)
+        overparam.collapse(module)
+        self.params = select_prunable(module, self.cfg.selection()).params
+        if self.taps is not None:
+            for taps in self.taps:
+                taps.remove()
+            self.taps = None
+
     # --- one epoch ---
     def train_epoch(self, state: TrainingState, masks: Masks, *, simulated: bool, distill: bool, sparsity: float) -> float:
         self.model.train()
         self.progress.start_epoch(state.phase, state.epoch + 1, sparsity, self.loaders.train_batches())
-        loss_fn = self.distilled_loss if distill else self.ce_loss
+        loss_fn = self.distilled_loss if distill else (self.similarity_loss if self.taps else self.ce_loss)
+        # Over-parameterized layers apply the mask in their forward pass: no per-step masking.
+        step_masks = {} if self.taps else masks
         total, batches = 0.0, 0
         for inputs, targets in self.loaders.train(state.epoch):
             inputs, targets = inputs.to(self.device, non_blocking=True), targets.to(self.device, non_blocking=True)
@@ -141,7 +179,7 @@ class _Run:
             if simulated:
                 loss = simulated_step(compute, self.optimizer, self.params, masks, recovery=self.cfg.recovery, **common)
             else:
-                loss = hard_step(compute, self.optimizer, self.params, masks, **common)
+                loss = hard_step(compute, self.optimizer, self.params, step_masks, **common)
             value = float(loss)
             if not math.isfinite(value):
                 raise FloatingPointError(
@@ -191,15 +229,18 @@ class _Run:
         """Track the best epoch at the final sparsity; ``stale`` counts epochs without improvement."""
         if state.best_val_top1 is None or val.top1 > state.best_val_top1:
             state.best_val_top1, state.best_epoch = val.top1, state.epoch
-            state.best_model = {k: v.detach().clone() for k, v in _unwrap(self.model).state_dict().items()}
+            # Always in the input model's keys and shapes (chains collapsed), whatever the phase.
+            state.best_model = overparam.collapsed_state_dict(_unwrap(self.model))
             state.stale = 0
             return True
         state.stale += 1
         return False
 
     def restore(self, state: TrainingState) -> Masks:
-        _unwrap(self.model).load_state_dict(state.model)
         masks = {k: v.to(self.device) for k, v in state.masks.items()}
+        if state.phase in ("finetuning", "done") and self.cfg.finetune == "overparam":
+            self.expand(masks)  # the saved model is the over-parameterized one
+        _unwrap(self.model).load_state_dict(state.model)
         if state.optimizer_kind == "sgd":
             self.optimizer = self.sgd()
         if state.optimizer:
@@ -278,6 +319,8 @@ def run_dg2pf(
         if state.stale >= config.patience or state.epoch >= config.max_epochs:
             # 4. Pruned fine-tuning starts from the best weights so far, with a fresh SGD optimiser.
             _unwrap(run.model).load_state_dict(state.best_model)
+            if config.finetune == "overparam":
+                run.expand(masks)
             run.optimizer = run.sgd()
             state.phase, state.stale = "finetuning", 0
             break
@@ -300,7 +343,9 @@ def run_dg2pf(
         best = run.consider_best(state, val)
         run.finish_epoch(state, masks, EpochRecord("finetuning", state.epoch, mask_sparsity(masks), loss, val.top1, val.top5, run.lr(), time.perf_counter() - t0, best))
 
-    # The result: the best epoch at the final sparsity.
+    # The result: the best epoch at the final sparsity, in the input model's architecture.
+    if run.taps is not None:
+        run.collapse()
     _unwrap(run.model).load_state_dict(state.best_model)
     apply_masks_(run.params, masks)
     test_loader = loaders.test()

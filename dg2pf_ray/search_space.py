@@ -5,6 +5,7 @@ A search space file (YAML or JSON) maps DG2PFConfig fields to one distribution e
     lr: {loguniform: [1.0e-4, 3.0e-3]}
     pruning_epochs: {randint: [3, 11]}      # upper bound exclusive
     recovery: {choice: [frozen, feedback]}
+    finetune: {choice: [sgd, overparam]}     # the fine-tuning method
     kd_alpha: {uniform: [0.5, 0.9]}
     kd_temperature: {grid: [2, 4, 6]}        # every value, crossed with the samples
     finetune_lr: 0.001                       # a constant
@@ -30,6 +31,7 @@ DEFAULT_SPACE: dict[str, Any] = {
     "kd_alpha": {"uniform": [0.5, 0.9]},
     "recovery": {"choice": ["frozen", "feedback"]},
     "finetune_lr": {"loguniform": [1e-4, 1e-2]},
+    "finetune": {"choice": ["sgd", "overparam"]},
 }
 
 _DISTRIBUTIONS: dict[str, Callable[[list], Any]] = {

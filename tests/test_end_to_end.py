@@ -71,3 +71,19 @@ def test_evaluate_command_agrees_with_the_job(pruned):
     r = json.loads(result.stdout)
     assert r["top1"] == pytest.approx(m["test_top1"])
     assert r["sparsity_prunable"] == pytest.approx(0.9, abs=1e-4)  # round(0.9 * N) / N
+
+
+@pytest.mark.parametrize("finetune", ["sgd", "overparam"])
+def test_95_percent_in_both_fine_tuning_modes(digits_example, tmp_path, finetune):
+    out = tmp_path / finetune
+    result = dg2pf("prune", "--arch", "digits_cnn", "--num-classes", "10", "--checkpoint", str(digits_example / "model.safetensors"),
+                   "--dataset", "digits", "--sparsity", "0.95", "--pruning-epochs", "4", "--max-epochs", "9", "--patience", "1",
+                   "--finetune", finetune, "--overparam-expansion", "2", "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["config"]["finetune"] == finetune
+    assert abs(m["sparsity_prunable"] - 0.95) <= 0.001
+    assert "finetuning" in [r["phase"] for r in m["history"]]
+    before, after = read_state_dict(digits_example / "model.safetensors"), read_state_dict(out / "model.safetensors")
+    assert {k: v.shape for k, v in before.items()} == {k: v.shape for k, v in after.items()}
+    assert m["test_top1"] >= 85.0, m["test_top1"]

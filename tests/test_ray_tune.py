@@ -20,13 +20,14 @@ BASE = DG2PFConfig(sparsity=0.9, pruning_epochs=2, max_epochs=4, patience=2)
 
 def test_default_space_is_valid_and_covers_the_schedule_knobs():
     space = build_space(DEFAULT_SPACE, BASE)
-    assert {"pruning_epochs", "lr", "kd_temperature", "kd_alpha", "recovery", "finetune_lr"} <= space.keys()
+    assert {"pruning_epochs", "lr", "kd_temperature", "kd_alpha", "recovery", "finetune_lr", "finetune"} <= space.keys()
 
 
 @pytest.mark.parametrize(
     "document, needle",
     [({"sparsity": {"uniform": [0.5, 0.9]}}, "not a tunable option"),
      ({"recovery": {"choice": ["frozen", "magic"]}}, "recovery"),
+     ({"finetune": {"choice": ["sgd", "adam"]}}, "finetune"),
      ({"lr": {"loguniform": [-1, 0.1]}}, "lr"),
      ({"lr": {"normal": [0, 1]}}, "one of"),
      ({"kd_alpha": {"uniform": [0.5]}}, "needs a list of 2")],

@@ -103,6 +103,7 @@ BAD = [
     (lambda c: {**spec(c), "resources": {"num_workers": 2, "placement": "diagonal"}}, 422, "resources.placement"),
     (lambda c: {**spec(c), "bogus": 1}, 422, "bogus"),
     (lambda c: {**spec(c), "schedule": {"recovery": "magic"}}, 422, "schedule.recovery"),
+    (lambda c: {**spec(c), "schedule": {"finetune": "adam"}}, 422, "schedule.finetune"),
 ]
 
 
