@@ -167,16 +167,16 @@ def test_concurrent_submissions_queue_fifo(service, client, ckpt):
         t.join()
     assert len(set(ids)) == 20
     # The cluster has 2 CPUs and each job holds 1: never more than 2 run at once, the rest wait (the
-    # first-in-first-out order itself is tested on the store, tests/service/test_store.py). Once 6
-    # have succeeded (3 rounds of 2) the rest are cancelled: the queue's behaviour is shown by then,
-    # and 14 more identical tiny jobs would add minutes and no evidence.
+    # first-in-first-out order itself is tested on the store, tests/service/test_store.py). Once 4
+    # have succeeded (2 rounds of 2: queued jobs did start as others finished) the rest are cancelled:
+    # 16 more identical tiny jobs would add minutes and no evidence.
     peak_running, saw_queued = 0, False
     deadline = time.time() + 600
     while time.time() < deadline:
         states = [client.get(i).state for i in ids]
         peak_running = max(peak_running, states.count("running"))
         saw_queued |= "queued" in states
-        if states.count("succeeded") >= 6:
+        if states.count("succeeded") >= 4:
             break
         assert "failed" not in states
         time.sleep(1)
@@ -187,7 +187,7 @@ def test_concurrent_submissions_queue_fifo(service, client, ckpt):
             except Conflict:  # it ended between the two calls
                 pass
     jobs = {i: client.get(i) for i in ids}
-    assert sum(j.state == "succeeded" for j in jobs.values()) >= 6
+    assert sum(j.state == "succeeded" for j in jobs.values()) >= 4
     assert all(j.state in ("succeeded", "cancelled") for j in jobs.values())
     assert peak_running <= 2 and saw_queued
 

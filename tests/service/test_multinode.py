@@ -80,7 +80,7 @@ def cluster(tmp_path_factory):
 def service(cluster, digits_example):
     head, _, root = cluster
     svc = ServiceProcess(root / "state", DG2PF_RAY_ADDRESS=head.gcs_address, DG2PF_RAY_DASHBOARD_URL=head.dashboard_url,
-                         DG2PF_API_TOKENS=TOKEN, DG2PF_DATA_ROOTS="", DG2PF_WORKER_START_TIMEOUT_S="10",
+                         DG2PF_API_TOKENS=TOKEN, DG2PF_DATA_ROOTS="", DG2PF_WORKER_START_TIMEOUT_S="6",
                          # as for an autoscaling cluster whose GPU group is at 0 nodes
                          DG2PF_CLUSTER_MAX_GPUS="1")
     svc.start()
@@ -90,7 +90,7 @@ def service(cluster, digits_example):
 
 def _job(ckpt: str, **resources) -> dict:
     return {"model": {"arch": "digits_cnn", "num_classes": 10, "checkpoint": ckpt}, "dataset": {"spec": "digits"},
-            "sparsity": 0.9, "schedule": {"pruning_epochs": 4, "max_epochs": 8, "patience": 8}, "resources": resources}
+            "sparsity": 0.9, "schedule": {"pruning_epochs": 3, "max_epochs": 6, "patience": 6}, "resources": resources}
 
 
 def test_job_spans_two_nodes_and_survives_losing_one(cluster, service, digits_example):
