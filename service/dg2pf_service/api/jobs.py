@@ -71,12 +71,12 @@ def get_job(job_id: str, services=Depends(_services)) -> JobOut:
 def cancel(job_id: str, services=Depends(_services)) -> JobOut:
     row = _row_or_404(services, job_id)
     now = datetime.now(timezone.utc)
-    if row.state == "queued":
-        services.store.transition(job_id, {"queued"}, "cancelled", finished_at=now)
-    elif row.state == "running":
+    if row.state == "queued" and services.store.transition(job_id, {"queued"}, "cancelled", finished_at=now) is None:
+        row = services.store.get_job(job_id)  # dispatched meanwhile: cancel it as a running job
+    if row.state == "running":
         services.executor.stop(row.ray_submission_id)
         services.store.transition(job_id, {"running"}, "cancelled", finished_at=now)
-    else:
+    elif row.state != "queued":
         raise ApiError(409, "conflict", f"job {job_id} is already {row.state}; only queued or running jobs can be cancelled", "state")
     return job_out(services.store.get_job(job_id))
 
