@@ -238,7 +238,7 @@ class _Run:
 
     def restore(self, state: TrainingState) -> Masks:
         masks = {k: v.to(self.device) for k, v in state.masks.items()}
-        if state.phase in ("finetuning", "done") and self.cfg.finetune == "overparam":
+        if state.phase == "finetuning" and self.cfg.finetune == "overparam":
             self.expand(masks)  # the saved model is the over-parameterized one
         _unwrap(self.model).load_state_dict(state.model)
         if state.optimizer_kind == "sgd":

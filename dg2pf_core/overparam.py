@@ -54,6 +54,14 @@ class _Chain(nn.Module):
         w = torch.einsum("ohk,hi->oik", b, self.a).reshape(self.keep.shape)
         return w * self.keep
 
+    def _filled(self, layer: nn.Module) -> nn.Module:
+        """``layer`` (the original type and shape) holding this chain's effective weight and bias."""
+        with torch.no_grad():
+            layer.weight.copy_(self.weight())
+            if self.bias is not None:
+                layer.bias.copy_(self.bias)
+        return layer
+
 
 class ExpandedLinear(_Chain):
     def __init__(self, layer: nn.Linear, mask: torch.Tensor, factor: int, generator: torch.Generator) -> None:
@@ -64,12 +72,7 @@ class ExpandedLinear(_Chain):
 
     def collapse(self) -> nn.Linear:
         out_f, in_f = self.keep.shape
-        layer = nn.Linear(in_f, out_f, bias=self.bias is not None, device=self.a.device, dtype=self.a.dtype)
-        with torch.no_grad():
-            layer.weight.copy_(self.weight())
-            if self.bias is not None:
-                layer.bias.copy_(self.bias)
-        return layer
+        return self._filled(nn.Linear(in_f, out_f, bias=self.bias is not None, device=self.a.device, dtype=self.a.dtype))
 
 
 class ExpandedConv2d(_Chain):
@@ -86,13 +89,9 @@ class ExpandedConv2d(_Chain):
 
     def collapse(self) -> nn.Conv2d:
         out_c, in_c, kh, kw = self.keep.shape
-        layer = nn.Conv2d(in_c, out_c, (kh, kw), stride=self.stride, padding=self.padding, dilation=self.dilation,
-                          bias=self.bias is not None, padding_mode=self.padding_mode, device=self.a.device, dtype=self.a.dtype)
-        with torch.no_grad():
-            layer.weight.copy_(self.weight())
-            if self.bias is not None:
-                layer.bias.copy_(self.bias)
-        return layer
+        return self._filled(nn.Conv2d(in_c, out_c, (kh, kw), stride=self.stride, padding=self.padding, dilation=self.dilation,
+                                      bias=self.bias is not None, padding_mode=self.padding_mode, device=self.a.device,
+                                      dtype=self.a.dtype))
 
 
 EXPANDED = (ExpandedLinear, ExpandedConv2d)

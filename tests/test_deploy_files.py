@@ -22,9 +22,9 @@ and assert that the validator or checker rejects it, so no check can pass vacuou
 
 from __future__ import annotations
 
-import ast
 import copy
 import fnmatch
+import functools
 import http.server
 import importlib.metadata
 import importlib.util
@@ -87,37 +87,14 @@ def problems_or_exception(check: Callable[[], list[str]]) -> list[str]:
         return [f"{type(exc).__name__}: {exc}"]
 
 
-_ray_start_options: set[str] | None = None
-
-
-def _click_option_names(call: ast.expr) -> set[str]:
-    if isinstance(call, ast.Call) and isinstance(call.func, ast.Attribute) and call.func.attr == "option":
-        return {a.value for a in call.args if isinstance(a, ast.Constant) and str(a.value).startswith("-")}
-    return set()
-
-
+@functools.cache
 def ray_start_options() -> set[str]:
-    """Every option name of the installed `ray start`: read from the click decorators of `start` in
-    ray/scripts/scripts.py (the definition `ray start --help` prints; importing that module would
-    import most of Ray and take seconds)."""
-    global _ray_start_options
-    if _ray_start_options is None:
-        spec = importlib.util.find_spec("ray")
-        ray_dir = Path(spec.origin).parent
-        tree = ast.parse((ray_dir / "scripts" / "scripts.py").read_text())
-        start = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "start")
-        names: set[str] = set()
-        for deco in start.decorator_list:
-            names |= _click_option_names(deco)
-            if isinstance(deco, ast.Name) and deco.id == "add_click_logging_options":
-                logger_tree = ast.parse((ray_dir / "autoscaler" / "_private" / "cli_logger.py").read_text())
-                for node in ast.walk(logger_tree):
-                    if isinstance(node, ast.Assign) and any(getattr(t, "id", "") == "CLICK_LOGGING_OPTIONS" for t in node.targets):
-                        for call in node.value.elts:
-                            names |= _click_option_names(call)
-        assert {"--head", "--address", "--block", "--num-cpus", "--dashboard-host", "--log-style"} <= names
-        _ray_start_options = names
-    return _ray_start_options
+    """Every option name of the installed `ray start` (what `ray start --help` prints)."""
+    from ray.scripts.scripts import start
+
+    names = {opt for param in start.params for opt in param.opts}
+    assert {"--head", "--address", "--block", "--num-cpus", "--dashboard-host", "--log-style"} <= names
+    return names
 
 
 def ray_start_flag_problems(args: list[str], where: str) -> list[str]:

@@ -23,6 +23,17 @@ from dg2pf_core.errors import DG2PFError
 SERVICE_SECRETS = ("DG2PF_API_TOKENS", "DG2PF_DATABASE_URL")
 
 
+def ray_cli() -> str:
+    """The ``ray`` command of this installation (next to the running interpreter)."""
+    return str(Path(sys.executable).parent / "ray")
+
+
+def node_env() -> dict[str, str]:
+    """The environment for a Ray node this process starts: every process of the node inherits it,
+    so the service's secrets are left out."""
+    return {k: v for k, v in os.environ.items() if k not in SERVICE_SECRETS}
+
+
 class ClusterUnavailable(DG2PFError):
     field = "ray"
 
@@ -98,7 +109,7 @@ def ensure_auth_token() -> None:
     ``~/.ray/auth_token`` (only when none exists) on a machine that never ran a token-auth cluster."""
     if auth_token() is not None:
         return
-    proc = subprocess.run([str(Path(sys.executable).parent / "ray"), "get-auth-token", "--generate"],
+    proc = subprocess.run([ray_cli(), "get-auth-token", "--generate"],
                           capture_output=True, text=True, timeout=60)
     if proc.returncode != 0 or auth_token() is None:
         raise ClusterUnavailable(f"could not create a Ray auth token (ray get-auth-token --generate): {proc.stderr.strip()[-300:]}")
@@ -114,13 +125,11 @@ def start_embedded(state_dir: Path, num_cpus: int | None = None) -> ClusterInfo:
             return info
     ports = node_ports(("port", "dashboard-port", "ray-client-server-port"))
     gcs_port, dash_port = ports["port"], ports["dashboard-port"]
-    cmd = [str(Path(sys.executable).parent / "ray"), "start", "--head", "--dashboard-host=127.0.0.1",
+    cmd = [ray_cli(), "start", "--head", "--dashboard-host=127.0.0.1",
            "--disable-usage-stats", "--include-dashboard=true", *[f"--{k}={v}" for k, v in ports.items()]]
     if num_cpus is not None:
         cmd.append(f"--num-cpus={num_cpus}")
-    # Every process of the cluster inherits this environment: keep the service's secrets out of it.
-    env = {k: v for k, v in os.environ.items() if k not in SERVICE_SECRETS}
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=env)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=node_env())
     if proc.returncode != 0:
         raise ClusterUnavailable(f"could not start a local Ray head: {proc.stderr.strip()[-1500:]}")
     info = ClusterInfo(f"127.0.0.1:{gcs_port}", f"http://127.0.0.1:{dash_port}", True)

@@ -45,6 +45,8 @@ def run(job_dir: Path) -> None:
     job = PruneJob.from_dict(order["prune_job"])
     out = job_dir / OUTPUT
     progress = job_dir / PROGRESS
+    # Absent from job.json files written before these options existed (jobs running across an upgrade).
+    placement = {"placement": order.get("placement", "pack"), "cluster_may_grow": order.get("cluster_may_grow", False)}
     if order.get("tune"):
         from dg2pf_ray.tune import TuneOptions, tune_job
 
@@ -54,16 +56,12 @@ def run(job_dir: Path) -> None:
             space_file = job_dir / "search_space.json"
             space_file.write_text(json.dumps(tune["search_space"]))
         metrics = tune_job(job, out, TuneOptions(samples=tune["samples"], search_space=str(space_file) if space_file else None,
-                                                 workers_per_trial=order["workers"], use_gpu=order["use_gpu"],
-                                                 placement=order.get("placement", "pack"),
-                                                 cluster_may_grow=order.get("cluster_may_grow", False),
+                                                 workers_per_trial=order["workers"], use_gpu=order["use_gpu"], **placement,
                                                  storage_path=order["storage_path"], run_name=f"job-{job_dir.name}"))
     elif order["workers"] > 1 or order["use_gpu"]:
         from dg2pf_ray.train import RayOptions, prune_on_ray
 
-        metrics = prune_on_ray(job, out, RayOptions(workers=order["workers"], use_gpu=order["use_gpu"],
-                                                    placement=order.get("placement", "pack"),
-                                                    cluster_may_grow=order.get("cluster_may_grow", False),
+        metrics = prune_on_ray(job, out, RayOptions(workers=order["workers"], use_gpu=order["use_gpu"], **placement,
                                                     storage_path=order["storage_path"], run_name=f"job-{job_dir.name}",
                                                     progress_path=str(progress), verbose=False))
     else:

@@ -10,9 +10,7 @@ second node is killed (SIGKILL of every process it runs, as in a machine failure
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -20,7 +18,7 @@ import httpx
 import pytest
 
 from dg2pf_client import Client
-from dg2pf_service.cluster import (SERVICE_SECRETS, ClusterInfo, auth_headers, descendants, kill_processes, node_ports,
+from dg2pf_service.cluster import (ClusterInfo, auth_headers, descendants, kill_processes, node_env, node_ports, ray_cli,
                                    start_embedded, stop_embedded)
 
 from service_process import ServiceProcess
@@ -40,9 +38,8 @@ class SecondNode:
     """``ray start --address HEAD --block``: a Ray node that lives as long as this process tree."""
 
     def __init__(self, head: ClusterInfo, num_cpus: int, log: Path) -> None:
-        env = {k: v for k, v in os.environ.items() if k not in SERVICE_SECRETS}
-        env["RAY_AUTH_MODE"] = "token"
-        cmd = [str(Path(sys.executable).parent / "ray"), "start", f"--address={head.gcs_address}", f"--num-cpus={num_cpus}",
+        env = {**node_env(), "RAY_AUTH_MODE": "token"}
+        cmd = [ray_cli(), "start", f"--address={head.gcs_address}", f"--num-cpus={num_cpus}",
                "--disable-usage-stats", "--block",
                *[f"--{k}={v}" for k, v in node_ports().items()]]
         self.proc = subprocess.Popen(cmd, env=env, stdout=log.open("ab"), stderr=subprocess.STDOUT, start_new_session=True)
