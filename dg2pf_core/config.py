@@ -14,6 +14,7 @@ from .simulated import RECOVERY_MODES
 
 Amp = Literal["none", "bf16", "fp16"]
 FINETUNE_MODES = ("sgd", "overparam")
+GRADUAL_MASKS = ("simulated", "hard")
 
 
 @dataclass
@@ -25,7 +26,13 @@ class DG2PFConfig:
     pruning_epochs: int = 10
     schedule: str = "linear"  # "linear" (DG2PF) or "cubic" (gradual magnitude pruning)
     recovery: str = "frozen"  # "frozen" (paper) or "feedback" (dense update)
+    gradual_masks: str = "simulated"  # "simulated" (DG2PF: weights put back after each step) or "hard" (zeroed for good)
     scope: str = "global"  # "global" ranking or "layerwise"
+    # Layer collapse guard: a global ranking prunes no layer beyond this fraction; what a capped layer
+    # keeps is pruned from the others instead, so the global target is still met exactly. 1.0: off.
+    max_layer_sparsity: float = 0.99
+    warn_layer_sparsity: float = 0.98  # the result warns about layers pruned beyond this fraction
+    bn_recalibration_batches: int = 0  # >0: re-estimate BatchNorm statistics on that many batches after each mask change
     keep_classifier_dense: bool = False
     include: list[str] = field(default_factory=list)  # regexes over parameter names
     exclude: list[str] = field(default_factory=list)
@@ -70,6 +77,19 @@ class DG2PFConfig:
             raise bad("recovery", f"must be one of {list(RECOVERY_MODES)}, got {self.recovery!r}")
         if self.scope not in ("global", "layerwise"):
             raise bad("scope", f"must be 'global' or 'layerwise', got {self.scope!r}")
+        if self.gradual_masks not in GRADUAL_MASKS:
+            raise bad("gradual_masks", f"must be one of {list(GRADUAL_MASKS)}, got {self.gradual_masks!r}")
+        for name in ("max_layer_sparsity", "warn_layer_sparsity"):
+            if not 0.0 < getattr(self, name) <= 1.0:
+                raise bad(name, f"must be in (0, 1], got {getattr(self, name)}")
+        if self.scope == "global" and self.sparsity > self.max_layer_sparsity:
+            raise bad(
+                "max_layer_sparsity",
+                f"{self.max_layer_sparsity} is below the target sparsity {self.sparsity}: no layer may be pruned "
+                "beyond it, so the target cannot be met; raise it (1.0 turns the cap off)",
+            )
+        if self.bn_recalibration_batches < 0:
+            raise bad("bn_recalibration_batches", f"must be >= 0, got {self.bn_recalibration_batches}")
         for name in ("lr", "finetune_lr", "kd_temperature"):
             if not getattr(self, name) > 0:
                 raise bad(name, f"must be > 0, got {getattr(self, name)}")

@@ -24,6 +24,7 @@ from .errors import ConfigError, DatasetError
 from .export import OutputDir, write_compact, write_metrics, write_model
 from .loaders import LocalLoaders, Loaders, ShardedLoaders
 from .loop import DG2PFResult, Progress, Reporter, resolve_device, run_dg2pf
+from .masks import layer_sparsity, layer_warnings
 from .metrics import size_report
 from .models import ArchSpec, build_model, get_arch
 from .state import TrainingState
@@ -141,6 +142,7 @@ def result_metrics(prepared: PreparedJob, result: DG2PFResult, *, world_size: in
     job = prepared.job
     size = size_report(result.model, result.masks, prepared.input_shape, prepared.device)
     last = result.history[-1] if result.history else {}
+    layers = layer_sparsity(result.masks)
     return {
         "arch": job.arch,
         "num_classes": job.num_classes,
@@ -167,7 +169,9 @@ def result_metrics(prepared: PreparedJob, result: DG2PFResult, *, world_size: in
         "final_phase": last.get("phase"),
         "world_size": world_size,
         "wall_seconds": wall_seconds,
-        "layer_sparsity": {n: float(m.float().mean()) for n, m in result.masks.items()},
+        "layer_sparsity": layers,
+        "max_layer_sparsity": max(layers.values(), default=0.0),
+        "warnings": layer_warnings(result.masks, job.config.warn_layer_sparsity),
         "config": job.config.to_dict(),
         "history": result.history,
     }

@@ -5,7 +5,9 @@ Read top to bottom, ``run_dg2pf`` is the paper's pseudo-code:
 1. ``baseline``: evaluate the dense input model.
 2. ``gradual_pruning``: for each of ``pruning_epochs`` targets (linear in (0, s]), rank all prunable
    weights by magnitude, then train one epoch with simulated pruning and self-distillation from the
-   frozen unpruned model (AdamW). After the last one the mask becomes final (hard).
+   frozen unpruned model (AdamW). After the last one the mask becomes final (hard). The ranking is
+   global but no layer goes beyond ``max_layer_sparsity`` (what it keeps is pruned elsewhere), so no
+   layer collapses; ``bn_recalibration_batches`` re-estimates BatchNorm statistics at each new mask.
 3. ``distillation``: same loss and optimiser with the final mask, while validation top-1 improves.
 4. ``finetuning``: cross-entropy only, SGD with momentum, from the best weights so far, while
    validation top-1 improves. With ``finetune="overparam"`` every pruned layer is first expanded into
@@ -29,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .batchnorm import recalibrate_batchnorm
 from .config import DG2PFConfig
 from . import distributed
 from .distillation import FeatureTaps, kd_loss, similarity_blocks, similarity_loss
@@ -121,6 +124,8 @@ class _Run:
 
     # --- losses ---
     def distilled_loss(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        if self.cfg.kd_alpha == 0.0:  # no distillation: the teacher's forward pass would be wasted
+            return self.ce_loss(inputs, targets)
         with torch.no_grad(), autocast_context(self.device, self.cfg.amp):
             teacher_logits = self.teacher(inputs)
         with autocast_context(self.device, self.cfg.amp):
@@ -209,6 +214,20 @@ class _Run:
 
     def lr(self) -> float:
         return float(self.optimizer.param_groups[0]["lr"])
+
+    def recalibrate(self, state: TrainingState, masks: Masks) -> None:
+        """BatchNorm statistics of the network pruned by ``masks`` (weights restored after), when
+        ``bn_recalibration_batches`` asks for it; every rank then holds rank 0's."""
+        if self.cfg.bn_recalibration_batches <= 0:
+            return
+        module = _unwrap(self.model)
+        backup = _backup(self.params, masks)
+        apply_masks_(self.params, masks)
+        try:
+            recalibrate_batchnorm(module, self.loaders.train(state.epoch), self.device, self.cfg.bn_recalibration_batches)
+        finally:
+            _restore(self.params, masks, backup)
+        distributed.sync_buffers(module)
 
     # --- bookkeeping ---
     def finish_epoch(self, state: TrainingState, masks: Masks, record: EpochRecord) -> None:
@@ -300,8 +319,12 @@ def run_dg2pf(
     while state.phase == "gradual_pruning":
         t0 = time.perf_counter()
         target = run.targets[state.epoch]
-        masks = distributed.sync_masks(magnitude_masks(run.params, target, config.scope))
-        loss = run.train_epoch(state, masks, simulated=True, distill=True, sparsity=target)
+        masks = distributed.sync_masks(magnitude_masks(run.params, target, config.scope, config.max_layer_sparsity))
+        simulated = config.gradual_masks == "simulated"
+        if not simulated:
+            apply_masks_(run.params, masks)  # hard gradual masks (ablation): pruned weights are gone for good
+        run.recalibrate(state, masks)
+        loss = run.train_epoch(state, masks, simulated=simulated, distill=True, sparsity=target)
         state.epoch += 1
         last = state.epoch == config.pruning_epochs
         if last:

@@ -7,6 +7,7 @@ can be inspected, saved, broadcast between workers and compared bit for bit.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -105,8 +106,32 @@ def _smallest_k(scores: torch.Tensor, k: int) -> torch.Tensor:
     return pruned
 
 
+def layer_caps(weights: Mapping[str, torch.Tensor], max_layer_sparsity: float, k: int) -> dict[str, int]:
+    """The most weights each tensor may lose to a global ranking pruning ``k`` weights.
+
+    ``floor(max_layer_sparsity * n_i)``. Where those sum to less than ``k`` because of the rounding
+    (a target sparsity equal to the cap), the tensors closest to their next whole weight get one
+    more, just enough of them, and never so that a tensor is emptied; a shortfall left after that is
+    the caller's to report.
+    """
+    caps = {name: math.floor(max_layer_sparsity * w.numel() + 1e-9) for name, w in weights.items()}
+    deficit = k - sum(caps.values())
+    if deficit > 0:
+        remainder = {name: max_layer_sparsity * w.numel() - caps[name] for name, w in weights.items()}
+        for name in sorted(weights, key=lambda n: -remainder[n]):  # stable: the same order on every rank
+            if deficit == 0:
+                break
+            if caps[name] + 1 < weights[name].numel():
+                caps[name] += 1
+                deficit -= 1
+    return caps
+
+
 def magnitude_masks(
-    weights: Mapping[str, torch.Tensor], sparsity: float, scope: Scope = "global"
+    weights: Mapping[str, torch.Tensor],
+    sparsity: float,
+    scope: Scope = "global",
+    max_layer_sparsity: float = 1.0,
 ) -> Masks:
     """Masks pruning the smallest-magnitude weights.
 
@@ -114,9 +139,17 @@ def magnitude_masks(
     pruned, N being the total number of weights. ``layerwise``: each tensor pruned to
     ``round(sparsity * n_i)`` on its own. Ties are broken by position, so equal inputs give equal
     masks on every process.
+
+    ``max_layer_sparsity`` < 1 caps every tensor of a global ranking at that fraction pruned: a
+    tensor whose share of the smallest weights would exceed its cap is pruned to the cap exactly, and
+    the weights it keeps are taken from the other tensors' ranking instead, so the global count is
+    still exact. The result is the smallest-magnitude set under the caps (greedy with per-tensor
+    capacities is optimal), found by capping the overflowing tensors and ranking the rest again.
     """
     if not 0.0 <= sparsity < 1.0:
         raise ConfigError(f"sparsity must be in [0, 1), got {sparsity}", field="sparsity")
+    if not 0.0 < max_layer_sparsity <= 1.0:
+        raise ConfigError(f"max_layer_sparsity must be in (0, 1], got {max_layer_sparsity}", field="max_layer_sparsity")
     if scope == "layerwise":
         return {
             name: _smallest_k(w.detach().abs().flatten(), round(sparsity * w.numel())).view_as(w)
@@ -124,6 +157,36 @@ def magnitude_masks(
         }
     if scope != "global":
         raise ConfigError(f"scope must be 'global' or 'layerwise', got {scope!r}", field="scope")
+    total = sum(w.numel() for w in weights.values())
+    k = round(sparsity * total)
+    if max_layer_sparsity >= 1.0:
+        return _global_smallest(weights, k)
+    caps = layer_caps(weights, max_layer_sparsity, k)
+    if k > sum(caps.values()):
+        raise ConfigError(
+            f"sparsity {sparsity} needs {k} of {total} weights pruned, but max_layer_sparsity "
+            f"{max_layer_sparsity} lets at most {sum(caps.values())} go: raise max_layer_sparsity "
+            "(1.0 turns the cap off) or lower the sparsity",
+            field="max_layer_sparsity",
+        )
+    capped: dict[str, torch.Tensor] = {}
+    while True:
+        free = {n: w for n, w in weights.items() if n not in capped}
+        masks = _global_smallest(free, k - sum(caps[n] for n in capped)) if free else {}
+        over = [n for n, m in masks.items() if int(m.sum()) > caps[n]]
+        if not over:
+            break
+        # A tensor over its cap now stays over it once others are capped too (their weights leave
+        # the ranking, so the threshold only rises): cap it for good and rank the rest again.
+        for n in over:
+            w = weights[n]
+            capped[n] = _smallest_k(w.detach().abs().flatten(), caps[n]).view_as(w)
+    masks.update(capped)
+    return {n: masks[n] for n in weights}
+
+
+def _global_smallest(weights: Mapping[str, torch.Tensor], k: int) -> Masks:
+    """Masks of exactly the ``k`` smallest-magnitude weights over all ``weights`` together."""
     names = list(weights)
     first = weights[names[0]]
     # One buffer of magnitudes, filled in place: no per-tensor temporaries, no concatenation copy.
@@ -133,7 +196,7 @@ def magnitude_masks(
         w = weights[n].detach().reshape(-1)
         flat[offset : offset + w.numel()].copy_(w).abs_()
         offset += w.numel()
-    pruned = _smallest_k(flat, round(sparsity * flat.numel()))
+    pruned = _smallest_k(flat, k)
     masks: Masks = {}
     offset = 0
     for n in names:
@@ -154,6 +217,28 @@ def mask_sparsity(masks: Mapping[str, torch.Tensor]) -> float:
 
 def layer_sparsity(masks: Mapping[str, torch.Tensor]) -> dict[str, float]:
     return {name: float(m.float().mean()) for name, m in masks.items()}
+
+
+def layers_above(masks: Mapping[str, torch.Tensor], threshold: float) -> dict[str, float]:
+    """The tensors pruned beyond ``threshold`` (fraction), most pruned first: candidates for collapse."""
+    above = {name: s for name, s in layer_sparsity(masks).items() if s > threshold}
+    return dict(sorted(above.items(), key=lambda item: -item[1]))
+
+
+def layer_warnings(masks: Mapping[str, torch.Tensor], threshold: float) -> list[str]:
+    """Warnings, for a result, about tensors pruned beyond ``threshold``; empty when there are none."""
+    above = layers_above(masks, threshold)
+    if not above:
+        return []
+    shown = ", ".join(f"{name} {s:.2%}" for name, s in list(above.items())[:5])
+    more = f" and {len(above) - 5} more" if len(above) > 5 else ""
+    emptied = sum(1 for s in above.values() if s >= 1.0)
+    gone = f"; {emptied} of them entirely pruned (the network's path through them is cut)" if emptied else ""
+    return [
+        f"{len(above)} layer(s) pruned beyond {threshold:.0%}: {shown}{more}{gone}. A layer left with few "
+        "weights can cost accuracy (layer collapse): lower max_layer_sparsity or the sparsity, or exclude "
+        "the layer from pruning (exclude) if the accuracy suffers."
+    ]
 
 
 @torch.no_grad()

@@ -22,9 +22,14 @@ pytestmark = pytest.mark.slow
 def pruned(digits_example, tmp_path_factory):
     out = tmp_path_factory.mktemp("pruned") / "digits90"
     result = dg2pf("prune", "--arch", "digits_cnn", "--num-classes", "10", "--checkpoint", str(digits_example / "model.safetensors"),
-                   "--dataset", "digits", "--sparsity", "0.9", "--out", str(out))
+                   "--dataset", "digits", "--sparsity", "0.9", "--warn-layer-sparsity", "0.9", "--out", str(out))
     assert result.returncode == 0, result.stderr
-    return out, json.loads((out / "metrics.json").read_text())
+    m = json.loads((out / "metrics.json").read_text())
+    # Global ranking prunes the wide layers beyond the 90% average: the low threshold makes it warn.
+    assert m["max_layer_sparsity"] == max(m["layer_sparsity"].values()) > 0.9
+    assert len(m["warnings"]) == 1 and "beyond 90%" in m["warnings"][0]
+    assert "warning: " in result.stderr and "most pruned layer" in result.stdout
+    return out, m
 
 
 def test_pretrained_example_reaches_95_percent(digits_example):

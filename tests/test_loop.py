@@ -107,9 +107,56 @@ def test_unreadable_training_checkpoint(tmp_path):
     "override, field",
     [({"sparsity": 0.0}, "sparsity"), ({"sparsity": 1.0}, "sparsity"), ({"recovery": "magic"}, "recovery"),
      ({"schedule": "exp"}, "schedule"), ({"kd_alpha": 2.0}, "kd_alpha"), ({"max_epochs": 2}, "max_epochs"),
-     ({"include": ["("]}, "include"), ({"patience": 0}, "patience")],
+     ({"include": ["("]}, "include"), ({"patience": 0}, "patience"), ({"gradual_masks": "soft"}, "gradual_masks"),
+     ({"max_layer_sparsity": 0.7}, "max_layer_sparsity"), ({"max_layer_sparsity": 1.2}, "max_layer_sparsity"),
+     ({"bn_recalibration_batches": -1}, "bn_recalibration_batches")],
 )
 def test_config_validation_names_the_field(override, field):
     with pytest.raises(ConfigError) as info:
         DG2PFConfig(**{**CFG, **override})
     assert info.value.field == field
+
+
+def test_hard_gradual_masks_and_the_layer_cap(tiny_loaders):
+    """The ablation: pruned weights are 0 after every step from the first pruning epoch on (no weight
+    recovery), and the cap holds at every ranking while the global target is exact."""
+    model = _model()
+    seen: list[dict[str, float]] = []
+
+    class HardWatch(Watch):
+        def __call__(self, record, state):
+            super().__call__(record, state)
+            if state.masks:
+                seen.append({k: float(m.float().mean()) for k, m in state.masks.items()})
+
+        def batch(self, loss):
+            params = select_prunable(model).params
+            for name, mask in (self.masks or {}).items():
+                assert (params[name][mask] == 0).all()
+
+    w = HardWatch()
+    cfg = DG2PFConfig(**{**CFG, "gradual_masks": "hard", "max_layer_sparsity": 0.81, "max_epochs": 6})
+    result = run_dg2pf(model, tiny_loaders, cfg, reporter=w, progress=w)
+    assert seen and all(max(layers.values()) <= 0.81 for layers in seen)
+    params = select_prunable(result.model).params
+    n = sum(p.numel() for p in params.values())
+    assert sum(int(m.sum()) for m in result.masks.values()) == round(0.8 * n)
+    # fc1 holds most weights and would take more than 81% under a plain ranking; here it stops at 81%
+    plain = run_dg2pf(_model(), tiny_loaders, DG2PFConfig(**{**CFG, "max_layer_sparsity": 1.0, "max_epochs": 3}))
+    assert float(plain.masks["fc1.weight"].float().mean()) > 0.81
+
+
+def test_no_distillation_never_runs_the_teacher(tiny_loaders):
+    teacher = _model()
+    calls = []
+    teacher.register_forward_hook(lambda *_: calls.append(1))
+    result = run_dg2pf(_model(), tiny_loaders, DG2PFConfig(**{**CFG, "kd_alpha": 0.0, "max_epochs": 5}), teacher=teacher)
+    assert calls == [] and result.epochs == 5
+
+
+def test_batchnorm_recalibration_in_the_loop(tiny_loaders):
+    result = run_dg2pf(_model(), tiny_loaders, DG2PFConfig(**{**CFG, "bn_recalibration_batches": 2, "max_epochs": 5}))
+    params = select_prunable(result.model).params
+    n = sum(p.numel() for p in params.values())
+    assert sum(int(m.sum()) for m in result.masks.values()) == round(0.8 * n)
+    assert torch.isfinite(result.model.bn.running_var).all() and result.model.bn.momentum == 0.1

@@ -1,8 +1,20 @@
 import pytest
 import torch
+import torchvision
 
+from dg2pf_core import DG2PFConfig
 from dg2pf_core.errors import ConfigError
-from dg2pf_core.masks import Selection, magnitude_masks, masks_checksum, select_prunable
+from dg2pf_core.masks import (
+    Selection,
+    count_pruned,
+    layer_caps,
+    layer_sparsity,
+    layer_warnings,
+    layers_above,
+    magnitude_masks,
+    masks_checksum,
+    select_prunable,
+)
 
 from tiny import TinyNet
 
@@ -81,3 +93,93 @@ def test_excluded_layers_stay_dense_while_global_target_holds():
 def test_invalid_sparsity_is_refused(bad):
     with pytest.raises(ConfigError, match="sparsity"):
         magnitude_masks(_weights(), bad)
+
+
+# --- layer collapse: the per-layer cap ---
+
+
+def _greedy_under_caps(w: dict[str, torch.Tensor], k: int, caps: dict[str, int]) -> dict[str, torch.Tensor]:
+    """Reference: walk all weights from the smallest magnitude up (ties by position), taking each one
+    whose tensor is still under its cap, until k are taken."""
+    entries = sorted(
+        ((float(v), i, name) for name, t in w.items() for i, v in enumerate(t.abs().flatten().tolist())),
+        key=lambda e: (e[0], list(w).index(e[2]), e[1]),
+    )
+    masks = {name: torch.zeros(t.numel(), dtype=torch.bool) for name, t in w.items()}
+    taken = dict.fromkeys(w, 0)
+    for _, i, name in entries:
+        if k == 0:
+            break
+        if taken[name] < caps[name]:
+            masks[name][i] = True
+            taken[name] += 1
+            k -= 1
+    return {name: m.view_as(w[name]) for name, m in masks.items()}
+
+
+def test_plain_global_ranking_can_empty_a_layer_and_the_cap_prevents_it():
+    g = torch.Generator().manual_seed(0)
+    # A layer of small weights (think: a wide 1x1 conv whose init scale is 1/sqrt(fan_in)).
+    w = {"big": torch.randn(200, generator=g), "small": torch.randn(40, generator=g) * 1e-3}
+    plain = magnitude_masks(w, 0.5)
+    assert bool(plain["small"].all()), "plain global ranking prunes the whole small layer"
+    capped = magnitude_masks(w, 0.5, max_layer_sparsity=0.9)
+    assert int(capped["small"].sum()) == 36  # floor(0.9 * 40): 4 weights survive
+    assert count_pruned(capped) == count_pruned(plain) == 120  # the global target is still exact
+    # the 4 weights "small" keeps are its largest; "big" gives up its 4 next-smallest instead
+    kept = w["small"].abs()[~capped["small"]]
+    assert kept.min() >= w["small"].abs()[capped["small"]].max()
+    assert int(capped["big"].sum()) == int(plain["big"].sum()) + 4
+
+
+@pytest.mark.parametrize("seed, sparsity, cap", [(0, 0.6, 0.7), (1, 0.9, 0.92), (2, 0.95, 0.95), (3, 0.5, 0.55), (4, 0.8, 0.99)])
+def test_capped_masks_are_the_smallest_weights_under_the_caps(seed, sparsity, cap):
+    g = torch.Generator().manual_seed(seed)
+    # Scales differing per tensor, so a plain ranking would overfill the small-scale ones.
+    w = {"a": torch.randn(30, 7, generator=g) * 0.01, "b": torch.randn(3, 3, 3, 3, generator=g), "c": torch.randn(50, generator=g) * 0.1, "d": torch.randn(11, generator=g) * 1e-4}
+    n = sum(t.numel() for t in w.values())
+    k = round(sparsity * n)
+    masks = magnitude_masks(w, sparsity, max_layer_sparsity=cap)
+    assert count_pruned(masks) == k
+    caps = layer_caps(w, cap, k)
+    assert all(int(masks[name].sum()) <= caps[name] for name in w)
+    reference = _greedy_under_caps(w, k, caps)
+    assert all(torch.equal(masks[name], reference[name]) for name in w)
+
+
+def test_cap_equal_to_the_target_rounds_up_by_at_most_one_weight():
+    w = {name: torch.randn(n) for name, n in (("a", 7), ("b", 13), ("c", 101))}
+    masks = magnitude_masks(w, 0.9, max_layer_sparsity=0.9)
+    assert count_pruned(masks) == round(0.9 * 121)
+    assert all(int(m.sum()) <= int(0.9 * m.numel()) + 1 for m in masks.values())
+
+
+def test_a_cap_below_the_target_is_refused_with_the_fix():
+    with pytest.raises(ConfigError, match="raise max_layer_sparsity") as info:
+        magnitude_masks(_weights(), 0.9, max_layer_sparsity=0.8)
+    assert info.value.field == "max_layer_sparsity"
+
+
+def test_shufflenet_at_95_percent_is_exactly_95_with_no_layer_above_the_default_cap():
+    torch.manual_seed(0)
+    model = torchvision.models.shufflenet_v2_x0_5(num_classes=10)
+    params = select_prunable(model).params
+    n = sum(p.numel() for p in params.values())
+    cap = DG2PFConfig(sparsity=0.95).max_layer_sparsity
+    plain = layer_sparsity(magnitude_masks(params, 0.95))
+    assert sum(s == 1.0 for s in plain.values()) >= 5, "the case the cap exists for: plain ranking empties layers"
+    masks = magnitude_masks(params, 0.95, max_layer_sparsity=cap)
+    assert count_pruned(masks) == round(0.95 * n)
+    assert max(layer_sparsity(masks).values()) <= cap
+    assert layers_above(masks, cap) == {}
+    warnings = layer_warnings(magnitude_masks(params, 0.95), 0.98)
+    assert len(warnings) == 1 and "entirely pruned" in warnings[0] and "max_layer_sparsity" in warnings[0]
+
+
+def test_rounding_up_to_meet_the_target_never_empties_a_small_tensor():
+    # Ten-weight tensors under a 0.99 cap: floor leaves 9 each (90%), short of a 95% target. Rounding
+    # up would empty them; the target cannot be met without emptying layers, so it is refused.
+    w = {f"t{i}": torch.randn(10) for i in range(5)}
+    assert all(c == 9 for c in layer_caps(w, 0.99, round(0.95 * 50)).values())
+    with pytest.raises(ConfigError, match="max_layer_sparsity"):
+        magnitude_masks(w, 0.95, max_layer_sparsity=0.99)

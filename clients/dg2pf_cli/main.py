@@ -95,6 +95,7 @@ def _cmd_prune(args: argparse.Namespace) -> int:
         ("sparsity (all parameters)", f"{m['sparsity_total']:.4%}"),
         ("parameters nonzero / total", f"{m['params_nonzero']:,} / {m['params_total']:,}"),
         ("MACs sparse / dense", f"{m['flops_sparse']:,} / {m['flops_dense']:,} ({m['flops_sparse'] / max(m['flops_dense'], 1):.3f}x)"),
+        ("most pruned layer", _most_pruned(m)),
         ("test top-1 dense -> pruned", _fmt_pair(m["baseline_test_top1"], m["test_top1"])),
         ("val top-1 (best epoch)", f"{m['val_top1']:.2f}% (epoch {m['best_epoch']} of {m['epochs']})"),
         ("wall time", f"{m['wall_seconds']:.1f} s"),
@@ -102,8 +103,18 @@ def _cmd_prune(args: argparse.Namespace) -> int:
     width = max(len(k) for k, _ in rows)
     for k, v in rows:
         print(f"{k:<{width}}  {v}")
+    for warning in m.get("warnings") or []:
+        print(f"warning: {warning}", file=sys.stderr)
     print(f"wrote {args.out}/model.safetensors, model.compact.safetensors and metrics.json")
     return 0
+
+
+def _most_pruned(m: dict) -> str:
+    layers = m.get("layer_sparsity") or {}
+    if not layers:
+        return "-"
+    name = max(layers, key=layers.__getitem__)
+    return f"{name} {layers[name]:.2%} (cap {m['config']['max_layer_sparsity']:.0%})"
 
 
 def _cmd_tune(args: argparse.Namespace) -> int:
@@ -167,6 +178,8 @@ def _print_job(job) -> None:
     if m.get("test_top1") is not None:
         print(f"  test top-1 {m.get('baseline_test_top1', float('nan')):.2f}% dense -> {m['test_top1']:.2f}% pruned; "
               f"params nonzero {m.get('params_nonzero')}/{m.get('params_total')}")
+    for warning in m.get("warnings") or []:
+        print(f"  warning: {warning}")
     if job.error:
         print(f"  error: {job.error.type}: {job.error.message}")
 
