@@ -1,0 +1,84 @@
+"""DG2PF, its ablations, and the peers that are DG2PF configurations with ingredients removed.
+
+Each method is one ``DG2PFConfig`` run by ``dg2pf_core.run_dg2pf``: defaults except for the fields
+named below, plus the cell's budget (``pruning_epochs=P``, ``max_epochs=E``, ``patience``) and seed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from dg2pf_core import DG2PFConfig, run_dg2pf
+
+from .data import loaders
+from .methods import Cell, MethodUnavailable, Outcome, register_method
+
+# One-shot pruning + fine-tuning and gradual magnitude pruning as their authors define them: hard
+# masks, no teacher, one global ranking with no per-layer cap.
+_PLAIN = {"gradual_masks": "hard", "kd_alpha": 0.0, "max_layer_sparsity": 1.0}
+
+VARIANTS: dict[str, tuple[dict, str]] = {
+    "dg2pf": ({}, "DG2PFConfig defaults: linear schedule, simulated masks, frozen recovery, KD, 0.99 layer cap, SGD fine-tune"),
+    "dg2pf-no-kd": ({"kd_alpha": 0.0}, "dg2pf with kd_alpha=0: cross-entropy only, no teacher"),
+    "dg2pf-hard-masks": ({"gradual_masks": "hard"}, "dg2pf with gradual_masks='hard': pruned weights zeroed for good at each step"),
+    "dg2pf-feedback": ({"recovery": "feedback"}, "dg2pf with recovery='feedback': masked weights receive the gradient (dense update)"),
+    "dg2pf-cubic": ({"schedule": "cubic"}, "dg2pf with the cubic (Zhu & Gupta) sparsity schedule instead of linear"),
+    "dg2pf-overparam": ({"finetune": "overparam"}, "dg2pf with finetune='overparam': linear over-parameterization + SP distillation"),
+    "dg2pf-no-cap": ({"max_layer_sparsity": 1.0}, "dg2pf with max_layer_sparsity=1.0: plain global ranking, as the paper has it"),
+    "dg2pf-bn-recal": ({"bn_recalibration_batches": 8}, "dg2pf with BatchNorm statistics re-estimated on 8 batches after each mask change"),
+    "oneshot-ft": (
+        {"pruning_epochs": 1, **_PLAIN},
+        "DG2PFConfig(pruning_epochs=1, gradual_masks='hard', kd_alpha=0, max_layer_sparsity=1.0): one global "
+        "magnitude cut to the target, then the rest of the budget fine-tuning (AdamW, then SGD)",
+    ),
+    "gmp-cubic": (
+        {"schedule": "cubic", **_PLAIN},
+        "DG2PFConfig(schedule='cubic', gradual_masks='hard', kd_alpha=0, max_layer_sparsity=1.0): Zhu & Gupta "
+        "gradual magnitude pruning, one step per epoch, then fine-tuning",
+    ),
+}
+
+
+def make_config(cell: Cell, overrides: dict) -> DG2PFConfig:
+    known = {f.name for f in dataclasses.fields(DG2PFConfig)}
+    missing = sorted(set(overrides) - known)
+    if missing:
+        raise MethodUnavailable(
+            f"this dg2pf_core's DG2PFConfig has no field(s) {missing}, which method {cell.method!r} needs; "
+            "update dg2pf_core and re-run (finished cells are kept)"
+        )
+    values = {
+        "sparsity": cell.sparsity,
+        "pruning_epochs": cell.budget.pruning_epochs,
+        "max_epochs": cell.budget.epochs,
+        "patience": cell.budget.patience,
+        "batch_size": cell.budget.batch_size,
+        "seed": cell.seed,
+        "device": "cpu",
+        **overrides,
+    }
+    return DG2PFConfig(**values)
+
+
+def _run(cell: Cell, overrides: dict) -> Outcome:
+    config = make_config(cell, overrides)
+    model = cell.dense.build()
+    batches = loaders(cell.split, cell.data, batch_size=config.batch_size, seed=cell.seed)
+    result = run_dg2pf(model, batches, config, device=torch.device("cpu"))
+    notes = {
+        "config": config.to_dict(),
+        "best_epoch": result.best_epoch,
+        "history": result.history,
+        "extra": {k: v for k, v in result.extra.items() if isinstance(v, (int, float, str, bool, list, dict))},
+    }
+    return Outcome(epochs=result.epochs, model=result.model, notes=notes)
+
+
+def _register(name: str, overrides: dict, description: str) -> None:
+    register_method(name, description)(lambda cell: _run(cell, overrides))
+
+
+for _name, (_overrides, _description) in VARIANTS.items():
+    _register(_name, _overrides, _description)

@@ -1,0 +1,99 @@
+"""The method registry: a name -> a function that prunes one dense model for one cell.
+
+A method receives a ``Cell`` (what to prune, to which sparsity, with which seed and budget) and
+returns an ``Outcome``: the pruned model (scored afterwards by ``measure``, the same for all), or,
+for methods that run in another process, the numbers that process measured with the same rule.
+The implementations live beside this file, one per family: ``dg2pf_family`` (DG2PF, its ablations
+and the peers expressible as DG2PF configurations), ``torch_prune`` and ``inc``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from torch import nn
+
+from .data import DataSettings, Split
+from .measure import Measured
+from .pretrain import Dense
+
+
+@dataclass(frozen=True)
+class Budget:
+    epochs: int = 15  # E: total training epochs of a cell, all phases
+    pruning_epochs: int = 6  # P: epochs over which the sparsity is raised, where a method has a schedule
+    patience: int = 4  # early stopping inside E, the same for every method; the best-val model is kept
+    batch_size: int = 64
+
+    def check(self) -> None:
+        if self.pruning_epochs < 1 or self.epochs < self.pruning_epochs:
+            raise ValueError(f"need 1 <= pruning epochs ({self.pruning_epochs}) <= epochs ({self.epochs})")
+
+
+@dataclass
+class Cell:
+    model: str
+    method: str
+    sparsity: float
+    seed: int
+    budget: Budget
+    dense: Dense
+    split: Split
+    data: DataSettings
+    npz: Path  # the split as arrays, for out-of-process methods
+    threads: int
+
+
+@dataclass
+class Outcome:
+    epochs: int  # training epochs actually run
+    model: nn.Module | None = None  # in-process methods: scored by measure.measure
+    measured: Measured | None = None  # out-of-process methods: their own measurement, same rule
+    notes: dict = field(default_factory=dict)  # method-specific detail kept in the cell's JSON
+    cpu_seconds: float | None = None  # out-of-process methods: their process's CPU time
+
+
+class MethodUnavailable(RuntimeError):
+    """The method cannot run here (a missing dependency or environment); the cell is recorded as failed."""
+
+
+MethodFn = Callable[[Cell], Outcome]
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    fn: MethodFn
+    description: str  # one line: how it is implemented (shown in the report)
+
+
+METHODS: dict[str, Method] = {}
+
+
+def register_method(name: str, description: str) -> Callable[[MethodFn], MethodFn]:
+    def wrap(fn: MethodFn) -> MethodFn:
+        if name in METHODS:
+            raise ValueError(f"method {name!r} registered twice")
+        METHODS[name] = Method(name, fn, description)
+        return fn
+
+    return wrap
+
+
+def method_names() -> list[str]:
+    _load_all()
+    return list(METHODS)
+
+
+def get_method(name: str) -> Method:
+    _load_all()
+    if name not in METHODS:
+        raise KeyError(f"unknown method {name!r}; choose from {list(METHODS)}")
+    return METHODS[name]
+
+
+def _load_all() -> None:
+    # Imported for their registrations; here rather than at the top to avoid an import cycle.
+    from . import dg2pf_family, torch_prune, inc  # noqa: F401  (registry order = report order)

@@ -1,0 +1,202 @@
+"""Aggregate the cell JSONs into docs/fidelity-results.json, the table in docs/fidelity.md and docs/fidelity.png.
+
+    .venv/bin/python -m bench.fidelity.report [--results-dir DIR] [--docs-dir DIR]
+
+The table covers the full grid (every registered method, model and sparsity) so a cell that never
+ran shows as "not run" rather than silently missing; cells outside the default grid are added.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from collections import defaultdict
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent.parent
+START, END = "<!-- fidelity-table:start -->", "<!-- fidelity-table:end -->"
+
+
+def load_cells(results: Path) -> list[dict]:
+    cells = []
+    for path in sorted(results.glob("*/*/s*-seed*.json")):
+        cell = json.loads(path.read_text())
+        cell.pop("traceback", None)
+        cell["file"] = str(path.relative_to(results))
+        cells.append(cell)
+    return cells
+
+
+def _grid(cells: list[dict]) -> tuple[list[str], list[float], list[str]]:
+    from .methods import method_names
+    from .pretrain import MODELS
+    from .run import SPARSITIES
+
+    models = list(MODELS) + sorted({c["model"] for c in cells} - set(MODELS))
+    sparsities = sorted(set(SPARSITIES) | {c["sparsity_target"] for c in cells})
+    methods = method_names() + sorted({c["method"] for c in cells} - set(method_names()))
+    return models, sparsities, methods
+
+
+def _mean_std(values: list[float]) -> tuple[float, float | None]:
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else None)
+
+
+def summarize(cells: list[dict]) -> dict[tuple[str, float, str], dict]:
+    """Per (model, sparsity, method): mean/std of the ``ok`` seeds, and the failures' first error line."""
+    groups: dict[tuple[str, float, str], list[dict]] = defaultdict(list)
+    for c in cells:
+        groups[(c["model"], c["sparsity_target"], c["method"])].append(c)
+    out = {}
+    for key, group in groups.items():
+        ok = [c for c in group if c["status"] == "ok"]
+        row: dict = {"n": len(ok), "failed": [c for c in group if c["status"] != "ok"]}
+        if ok:
+            row["top1"] = _mean_std([c["test_top1"] for c in ok])
+            row["sparsity"] = statistics.fmean(c["sparsity"] for c in ok)
+            row["max_layer"] = max(ok, key=lambda c: c["max_layer_sparsity"])
+            row["emptied"] = max(c["layers_emptied"] for c in ok)
+            row["wall"] = statistics.fmean(c["wall_seconds"] for c in ok)
+            cpu = [c["cpu_seconds"] for c in ok if c.get("cpu_seconds") is not None]
+            row["cpu"] = statistics.fmean(cpu) if cpu else None
+            row["epochs"] = statistics.fmean(c["epochs"] for c in ok)
+        out[key] = row
+    return out
+
+
+def _dense(cells: list[dict]) -> dict[str, float]:
+    return {c["model"]: c["dense_test_top1"] for c in cells if c.get("dense_test_top1") is not None}
+
+
+def _budgets(cells: list[dict]) -> list[dict]:
+    seen = []
+    for c in cells:
+        if c.get("budget") not in seen:
+            seen.append(c.get("budget"))
+    return seen
+
+
+def table(cells: list[dict]) -> str:
+    models, sparsities, methods = _grid(cells)
+    rows = summarize(cells)
+    dense = _dense(cells)
+    budgets = _budgets(cells)
+    budget_line = "; ".join(f"E={b['epochs']}, P={b['pruning_epochs']}, patience={b['patience']}" for b in budgets if b) or "none yet"
+    lines = [
+        f"Generated {time.strftime('%Y-%m-%d %H:%M')} from {len(cells)} cell(s) by `python -m bench.fidelity.report`; "
+        f"budget: {budget_line}. Test top-1 is mean ± sample std over the seeds that finished (n); "
+        "sparsity is the zero fraction over all Conv2d/Linear weights; max layer is the worst layer over seeds; "
+        "emptied = layers at 100% (max over seeds); wall and CPU seconds (all threads) of pruning + training, "
+        "mean over seeds.",
+        "",
+        "| model | sparsity | method | test top-1 % | Δ dense | n | achieved sparsity | max layer sparsity | layers emptied | epochs | wall s | CPU s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for model in models:
+        d = dense.get(model)
+        lines.append(f"| **{model}** | dense | — | {d:.2f} | | | 0 | | | | | |" if d is not None else f"| **{model}** | dense | — | not run | | | | | | | | |")
+        for sp in sparsities:
+            for method in methods:
+                row = rows.get((model, sp, method))
+                head = f"| {model} | {sp:.2f} | {method} |"
+                if row is None:
+                    lines.append(f"{head} not run | | 0 | | | | | | |")
+                    continue
+                if row["n"] == 0:
+                    why = row["failed"][0]["error"].splitlines()[0].replace("|", "\\|")[:140]
+                    lines.append(f"{head} failed: {why} | | 0 | | | | | | |")
+                    continue
+                mean, std = row["top1"]
+                acc = f"{mean:.2f} ± {std:.2f}" if std is not None else f"{mean:.2f}"
+                delta = f"{mean - d:+.2f}" if d is not None else ""
+                worst = row["max_layer"]
+                n = f"{row['n']}" + (f" (+{len(row['failed'])} failed)" if row["failed"] else "")
+                lines.append(
+                    f"{head} {acc} | {delta} | {n} | {row['sparsity']:.4f} | {worst['max_layer_sparsity']:.3f} "
+                    f"(`{worst['max_layer']}`) | {row['emptied']} | {row['epochs']:.1f} | {row['wall']:.0f} | "
+                    + (f"{row['cpu']:.0f} |" if row["cpu"] is not None else "|")
+                )
+    return "\n".join(lines)
+
+
+SKELETON = f"""# Fidelity benchmark
+
+{START}
+{END}
+"""
+
+
+def write_table(md: Path, text: str) -> None:
+    body = md.read_text() if md.exists() else SKELETON
+    if START not in body or END not in body:
+        raise SystemExit(f"{md} lacks the markers {START} / {END}; put them where the table belongs")
+    head, rest = body.split(START, 1)
+    _, tail = rest.split(END, 1)
+    md.parent.mkdir(parents=True, exist_ok=True)
+    md.write_text(f"{head}{START}\n{text}\n{END}{tail}")
+
+
+def plot(cells: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on the machines this runs on
+    import matplotlib.pyplot as plt
+
+    models, sparsities, methods = _grid(cells)
+    rows = summarize(cells)
+    dense = _dense(cells)
+    fig, axes = plt.subplots(1, len(models), figsize=(5.5 * len(models), 4.5), squeeze=False)
+    for ax, model in zip(axes[0], models):
+        for i, method in enumerate(methods):
+            pts = [(sp, rows[(model, sp, method)]["top1"]) for sp in sparsities
+                   if rows.get((model, sp, method), {}).get("n")]
+            if not pts:
+                continue
+            # Sparsities on evenly spaced positions (0.90 and 0.95 would overlap on a linear axis),
+            # each method nudged sideways so the error bars stay apart.
+            xs = [sparsities.index(sp) + (i - (len(methods) - 1) / 2) * 0.04 for sp, _ in pts]
+            ys = [m for _, (m, _) in pts]
+            errs = [s or 0.0 for _, (_, s) in pts]
+            ax.errorbar(xs, ys, yerr=errs, marker="o", ms=3, capsize=2, lw=1, label=method)
+        if model in dense:
+            ax.axhline(dense[model], color="k", ls="--", lw=0.8, label="dense")
+        if not ax.lines:
+            ax.text(0.5, 0.5, "not run", ha="center", va="center", transform=ax.transAxes, color="grey")
+        ax.set_title(model)
+        ax.set_xlabel("target sparsity")
+        ax.set_xticks(range(len(sparsities)), [f"{sp:.2f}" for sp in sparsities])
+        ax.set_xlim(-0.5, len(sparsities) - 0.5)
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("test top-1 (%), mean ± std over seeds")
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    for ax in axes[0][1:]:
+        for h, l in zip(*ax.get_legend_handles_labels()):
+            if l not in labels:
+                handles.append(h)
+                labels.append(l)
+    fig.legend(handles, labels, loc="lower center", ncol=min(6, max(1, len(labels))), fontsize=8)
+    fig.tight_layout(rect=(0, 0.12, 1, 1))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m bench.fidelity.report", description=__doc__.splitlines()[0])
+    p.add_argument("--results-dir", type=Path, default=HERE / "results")
+    p.add_argument("--docs-dir", type=Path, default=REPO / "docs")
+    args = p.parse_args(argv)
+    cells = load_cells(args.results_dir)
+    args.docs_dir.mkdir(parents=True, exist_ok=True)
+    raw = {"generated": time.strftime("%Y-%m-%dT%H:%M:%S"), "budgets": _budgets(cells), "cells": cells}
+    (args.docs_dir / "fidelity-results.json").write_text(json.dumps(raw, indent=1, default=str) + "\n")
+    write_table(args.docs_dir / "fidelity.md", table(cells))
+    plot(cells, args.docs_dir / "fidelity.png")
+    print(f"[report] {len(cells)} cell(s) -> {args.docs_dir}/fidelity.md, fidelity.png, fidelity-results.json")
+
+
+if __name__ == "__main__":
+    main()

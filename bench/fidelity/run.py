@@ -1,0 +1,152 @@
+"""Run the fidelity grid: models x sparsities x methods x seeds, one cached JSON per cell, then the report.
+
+    .venv/bin/python -m bench.fidelity.run [--models ...] [--methods ...] [--sparsities ...] [--seeds ...]
+        [--epochs E] [--pruning-epochs P] [--threads N] [--results-dir DIR] [--only-report]
+
+(``bash bench/fidelity/run.sh`` sets up both environments first, then runs this.) A finished cell
+is never run again, so an interrupted run resumes where it stopped; a failed cell is retried.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import traceback
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from .data import DataSettings, export_npz, load_split
+from .measure import measure
+from .methods import Budget, Cell, get_method, method_names
+from .pretrain import MODELS, PretrainError, dense_model, settings_for
+from . import report
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent.parent
+SPARSITIES = (0.70, 0.90, 0.95)
+SEEDS = (0, 1, 2)
+
+
+def cell_path(results: Path, model: str, method: str, sparsity: float, seed: int) -> Path:
+    return results / model / method / f"s{sparsity:.2f}-seed{seed}.json"
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def finished(path: Path, budget: Budget) -> bool:
+    """True for an ``ok`` cell run with this budget; a cell from another budget is an error, not a skip."""
+    if not path.exists():
+        return False
+    done = json.loads(path.read_text())
+    if done.get("budget") != asdict(budget):
+        raise SystemExit(
+            f"{path} was run with budget {done.get('budget')}, this run asks for {asdict(budget)}; "
+            "pass another --results-dir to keep both, or delete that directory to redo it"
+        )
+    return done.get("status") == "ok"
+
+
+def run_cell(cell: Cell) -> dict:
+    record = {
+        "method": cell.method, "model": cell.model, "sparsity_target": cell.sparsity, "seed": cell.seed,
+        "budget": asdict(cell.budget), "threads": cell.threads,
+        "dense_test_top1": cell.dense.test_top1, "dense_val_top1": cell.dense.val_top1,
+        "torch": torch.__version__, "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
+    t0, c0 = time.perf_counter(), time.process_time()
+    try:
+        outcome = get_method(cell.method).fn(cell)
+        wall = time.perf_counter() - t0  # pruning + training only: scoring is the harness's, not the method's
+        # CPU seconds of this process (all its threads): less sensitive than wall time to other work on
+        # the machine. Out-of-process methods (INC) report their child's instead.
+        cpu = outcome.cpu_seconds if outcome.cpu_seconds is not None else time.process_time() - c0
+        measured = outcome.measured if outcome.measured is not None else measure(outcome.model, cell.split)
+        record.update(measured.summary())
+        record.update({"epochs": outcome.epochs, "wall_seconds": wall, "cpu_seconds": cpu, "status": "ok", "error": None, "notes": outcome.notes})
+    except Exception as exc:  # one bad cell must not stop the grid; its reason goes into its JSON
+        record.update({"status": "failed", "error": f"{type(exc).__name__}: {exc}",
+                       "traceback": traceback.format_exc()[-3000:], "wall_seconds": time.perf_counter() - t0})
+    return record
+
+
+def write_json(path: Path, payload: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(payload, indent=1, default=str))
+    tmp.replace(path)  # atomic: an interrupted write never leaves a half cell that looks finished
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m bench.fidelity.run", description=__doc__.splitlines()[0])
+    p.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
+    p.add_argument("--methods", nargs="+", default=None, help=f"default: all ({', '.join(method_names())})")
+    p.add_argument("--sparsities", nargs="+", type=float, default=list(SPARSITIES))
+    p.add_argument("--seeds", nargs="+", type=int, default=list(SEEDS))
+    p.add_argument("--epochs", type=int, default=Budget.epochs, help="E: total training epochs per cell")
+    p.add_argument("--pruning-epochs", type=int, default=Budget.pruning_epochs, help="P: pruning epochs within E")
+    p.add_argument("--patience", type=int, default=Budget.patience)
+    p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads for every cell (and INC)")
+    p.add_argument("--results-dir", type=Path, default=HERE / "results")
+    p.add_argument("--cache-dir", type=Path, default=HERE / "cache", help="pretrained dense models and the split .npz")
+    p.add_argument("--docs-dir", type=Path, default=REPO / "docs", help="where the report writes fidelity.{md,png} and fidelity-results.json")
+    p.add_argument("--only-report", action="store_true", help="aggregate existing cells; run nothing")
+    args = p.parse_args(argv)
+    unknown = [m for m in args.methods or [] if m not in method_names()]
+    if unknown:
+        p.error(f"unknown method(s) {unknown}; choose from {method_names()}")
+    bad = [s for s in args.sparsities if not 0.0 < s < 1.0]
+    if bad:
+        p.error(f"sparsities must be in (0, 1), got {bad}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    methods = args.methods or method_names()
+    budget = Budget(epochs=args.epochs, pruning_epochs=args.pruning_epochs, patience=args.patience)
+    budget.check()
+    if not args.only_report:
+        torch.set_num_threads(args.threads)
+        data = DataSettings()
+        split = load_split(data)
+        npz = export_npz(split, args.cache_dir / f"digits-{data.key()}.npz")
+        todo = [(model, sp, method, seed) for seed in args.seeds for model in args.models
+                for sp in args.sparsities for method in methods
+                if not finished(cell_path(args.results_dir, model, method, sp, seed), budget)]
+        log(f"[fidelity] {split.sizes()}; budget E={budget.epochs} P={budget.pruning_epochs}; "
+            f"{len(todo)} cell(s) to run in {args.results_dir}")
+        # All pre-training first, so a model that misses the accuracy bar is known before hours of cells;
+        # its cells are skipped (shown as "not run") and the run exits non-zero with the reason.
+        dense, unusable = {}, []
+        for m in args.models:
+            if any(t[0] == m for t in todo):
+                try:
+                    dense[m] = dense_model(m, split, data, args.cache_dir, settings_for(m), log=log)
+                except PretrainError as exc:
+                    log(f"[pretrain] ERROR: {exc}")
+                    unusable.append(str(exc))
+        todo = [t for t in todo if t[0] in dense]
+        for i, (model, sp, method, seed) in enumerate(todo, 1):
+            cell = Cell(model, method, sp, seed, budget, dense[model], split, data, npz, args.threads)
+            log(f"[fidelity] cell {i}/{len(todo)}: {model} {method} s={sp:.2f} seed={seed}")
+            record = run_cell(cell)
+            write_json(cell_path(args.results_dir, model, method, sp, seed), record)
+            if record["status"] == "ok":
+                log(f"[fidelity]   test {record['test_top1']:.2f}% (dense {record['dense_test_top1']:.2f}%), sparsity "
+                    f"{record['sparsity']:.4f}, max layer {record['max_layer_sparsity']:.3f}, {record['epochs']} epochs, "
+                    f"{record['wall_seconds']:.0f} s")
+            else:
+                log(f"[fidelity]   FAILED: {record['error'].splitlines()[0]}")
+    report.main(["--results-dir", str(args.results_dir), "--docs-dir", str(args.docs_dir)])
+    if not args.only_report and unusable:
+        raise SystemExit("pre-training missed the accuracy bar, those models' cells did not run:\n" + "\n".join(unusable))
+
+
+if __name__ == "__main__":
+    main()
