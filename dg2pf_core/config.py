@@ -31,6 +31,9 @@ class DG2PFConfig:
     # Layer collapse guard: a global ranking prunes no layer beyond this fraction; what a capped layer
     # keeps is pruned from the others instead, so the global target is still met exactly. 1.0: off.
     max_layer_sparsity: float = 0.99
+    # ... and none beyond 1 - layer_density_floor * (1 - s) at a target s: every tensor keeps at least
+    # this fraction of the network's average density, whatever the target. 0: off.
+    layer_density_floor: float = 0.0
     warn_layer_sparsity: float = 0.98  # the result warns about layers pruned beyond this fraction
     bn_recalibration_batches: int = 0  # >0: re-estimate BatchNorm statistics on that many batches after each mask change
     keep_classifier_dense: bool = False
@@ -88,6 +91,8 @@ class DG2PFConfig:
                 f"{self.max_layer_sparsity} is below the target sparsity {self.sparsity}: no layer may be pruned "
                 "beyond it, so the target cannot be met; raise it (1.0 turns the cap off)",
             )
+        if not 0.0 <= self.layer_density_floor < 1.0:
+            raise bad("layer_density_floor", f"must be in [0, 1), got {self.layer_density_floor}")
         if self.bn_recalibration_batches < 0:
             raise bad("bn_recalibration_batches", f"must be >= 0, got {self.bn_recalibration_batches}")
         for name in ("lr", "finetune_lr", "kd_temperature"):
@@ -124,6 +129,10 @@ class DG2PFConfig:
             raise bad("amp", f"must be 'none', 'bf16' or 'fp16', got {self.amp!r}")
         # Compiles the patterns: a bad regex is reported here, not mid-run.
         self.selection()
+
+    def layer_cap(self, target: float) -> float:
+        """The most any one tensor may be pruned while the network's target is ``target``."""
+        return min(self.max_layer_sparsity, 1.0 - self.layer_density_floor * (1.0 - target))
 
     def selection(self) -> Selection:
         return Selection(self.keep_classifier_dense, tuple(self.include), tuple(self.exclude))

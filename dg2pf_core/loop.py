@@ -319,7 +319,7 @@ def run_dg2pf(
     while state.phase == "gradual_pruning":
         t0 = time.perf_counter()
         target = run.targets[state.epoch]
-        masks = distributed.sync_masks(magnitude_masks(run.params, target, config.scope, config.max_layer_sparsity))
+        masks = distributed.sync_masks(magnitude_masks(run.params, target, config.scope, config.layer_cap(target)))
         simulated = config.gradual_masks == "simulated"
         if not simulated:
             apply_masks_(run.params, masks)  # hard gradual masks (ablation): pruned weights are gone for good

@@ -23,10 +23,12 @@ class Watch:
     def __init__(self, save_dir=None):
         self.save_dir, self.records, self.masks, self.phase, self.model = save_dir, [], None, None, None
         self.zero_checks = 0
+        self.mask_history = []
 
     def __call__(self, record, state):
         self.records.append(record)
         self.masks = {k: v.clone() for k, v in state.masks.items()}
+        self.mask_history.append(self.masks)
         if self.save_dir is not None:
             state.save(self.save_dir / f"epoch{record.epoch}")
 
@@ -109,7 +111,8 @@ def test_unreadable_training_checkpoint(tmp_path):
      ({"schedule": "exp"}, "schedule"), ({"kd_alpha": 2.0}, "kd_alpha"), ({"max_epochs": 2}, "max_epochs"),
      ({"include": ["("]}, "include"), ({"patience": 0}, "patience"), ({"gradual_masks": "soft"}, "gradual_masks"),
      ({"max_layer_sparsity": 0.7}, "max_layer_sparsity"), ({"max_layer_sparsity": 1.2}, "max_layer_sparsity"),
-     ({"bn_recalibration_batches": -1}, "bn_recalibration_batches")],
+     ({"bn_recalibration_batches": -1}, "bn_recalibration_batches"), ({"layer_density_floor": 1.0}, "layer_density_floor"),
+     ({"layer_density_floor": -0.1}, "layer_density_floor")],
 )
 def test_config_validation_names_the_field(override, field):
     with pytest.raises(ConfigError) as info:
@@ -160,3 +163,24 @@ def test_batchnorm_recalibration_in_the_loop(tiny_loaders):
     n = sum(p.numel() for p in params.values())
     assert sum(int(m.sum()) for m in result.masks.values()) == round(0.8 * n)
     assert torch.isfinite(result.model.bn.running_var).all() and result.model.bn.momentum == 0.1
+
+
+def test_the_density_floor_caps_each_ranking_relative_to_its_own_target(tiny_loaders):
+    """Every tensor keeps at least floor x the network's density at every pruning epoch; the global
+    target is still exact."""
+    floor = 0.95
+    cfg = DG2PFConfig(**{**CFG, "layer_density_floor": floor, "max_epochs": 5})
+    assert cfg.layer_cap(0.8) == pytest.approx(0.81) and cfg.layer_cap(0.4) == pytest.approx(0.43)
+    assert DG2PFConfig(**{**CFG, "layer_density_floor": 0.2}).layer_cap(0.98) == 0.99  # max_layer_sparsity still holds
+    w = Watch()
+    model = _model()
+    w.model = model
+    result = run_dg2pf(model, tiny_loaders, cfg, reporter=w, progress=w)
+    pruning = [r for r in w.records if r.phase == "gradual_pruning"]
+    assert len(pruning) == 3
+    for record, masks in zip(pruning, w.mask_history[1:4]):
+        assert max(float(m.float().mean()) for m in masks.values()) <= 1.0 - floor * (1.0 - record.sparsity) + 1e-6
+    # a plain ranking prunes fc1 beyond 81% at 80% (test_hard_gradual_masks_and_the_layer_cap): the floor bound it
+    assert float(result.masks["fc1.weight"].float().mean()) <= 0.81 + 1e-6
+    params = select_prunable(result.model).params
+    assert sum(int(m.sum()) for m in result.masks.values()) == round(0.8 * sum(p.numel() for p in params.values()))
