@@ -17,7 +17,7 @@ from .methods import Cell, MethodUnavailable, Outcome, register_method
 
 # One-shot pruning + fine-tuning and gradual magnitude pruning as their authors define them: hard
 # masks, no teacher, one global ranking with no per-layer cap.
-_PLAIN = {"gradual_masks": "hard", "kd_alpha": 0.0, "max_layer_sparsity": 1.0}
+_PLAIN = {"gradual_masks": "hard", "kd_alpha": 0.0, "max_layer_sparsity": 1.0, "layer_density_floor": 0.0}
 
 VARIANTS: dict[str, tuple[dict, str]] = {
     "dg2pf": ({}, "DG2PFConfig defaults: linear schedule, simulated masks, frozen recovery, KD, 0.99 layer cap, SGD fine-tune"),
@@ -26,7 +26,7 @@ VARIANTS: dict[str, tuple[dict, str]] = {
     "dg2pf-feedback": ({"recovery": "feedback"}, "dg2pf with recovery='feedback': masked weights receive the gradient (dense update)"),
     "dg2pf-cubic": ({"schedule": "cubic"}, "dg2pf with the cubic (Zhu & Gupta) sparsity schedule instead of linear"),
     "dg2pf-overparam": ({"finetune": "overparam"}, "dg2pf with finetune='overparam': linear over-parameterization + SP distillation"),
-    "dg2pf-no-cap": ({"max_layer_sparsity": 1.0}, "dg2pf with max_layer_sparsity=1.0: plain global ranking, as the paper has it"),
+    "dg2pf-no-cap": ({"max_layer_sparsity": 1.0, "layer_density_floor": 0.0}, "dg2pf with no per-layer cap: plain global ranking, as the paper has it"),
     "dg2pf-bn-recal": ({"bn_recalibration_batches": 8}, "dg2pf with BatchNorm statistics re-estimated on 8 batches after each mask change"),
     "oneshot-ft": (
         {"pruning_epochs": 1, **_PLAIN},
@@ -38,6 +38,18 @@ VARIANTS: dict[str, tuple[dict, str]] = {
         "DG2PFConfig(schedule='cubic', gradual_masks='hard', kd_alpha=0, max_layer_sparsity=1.0): Zhu & Gupta "
         "gradual magnitude pruning, one step per epoch, then fine-tuning",
     ),
+}
+
+
+# Investigations of the defaults on the hard settings (docs/fidelity.md, "Findings"): not in the default
+# grid, run with --methods.
+INVESTIGATIONS: dict[str, tuple[dict, str]] = {
+    "dg2pf-cap0.99": ({"max_layer_sparsity": 0.99, "layer_density_floor": 0.0}, "dg2pf with max_layer_sparsity=0.99 and no density floor"),
+    "dg2pf-cap0.98": ({"max_layer_sparsity": 0.98, "layer_density_floor": 0.0}, "dg2pf with max_layer_sparsity=0.98"),
+    "dg2pf-cap0.97": ({"max_layer_sparsity": 0.97, "layer_density_floor": 0.0}, "dg2pf with max_layer_sparsity=0.97"),
+    "dg2pf-cap0.96": ({"max_layer_sparsity": 0.96, "layer_density_floor": 0.0}, "dg2pf with max_layer_sparsity=0.96"),
+    "dg2pf-floor0.4": ({"max_layer_sparsity": 0.99, "layer_density_floor": 0.4}, "dg2pf with layer_density_floor=0.4 (cap 0.98 at 95%, 0.96 at 90%, 0.88 at 70%)"),
+    "dg2pf-floor0.6": ({"max_layer_sparsity": 0.99, "layer_density_floor": 0.6}, "dg2pf with layer_density_floor=0.6 (cap 0.97 at 95%, 0.94 at 90%, 0.82 at 70%)"),
 }
 
 
@@ -76,9 +88,11 @@ def _run(cell: Cell, overrides: dict) -> Outcome:
     return Outcome(epochs=result.epochs, model=result.model, notes=notes)
 
 
-def _register(name: str, overrides: dict, description: str) -> None:
-    register_method(name, description)(lambda cell: _run(cell, overrides))
+def _register(name: str, overrides: dict, description: str, in_grid: bool) -> None:
+    register_method(name, description, in_grid=in_grid)(lambda cell: _run(cell, overrides))
 
 
 for _name, (_overrides, _description) in VARIANTS.items():
-    _register(_name, _overrides, _description)
+    _register(_name, _overrides, _description, True)
+for _name, (_overrides, _description) in INVESTIGATIONS.items():
+    _register(_name, _overrides, _description, False)

@@ -67,24 +67,27 @@ class Method:
     name: str
     fn: MethodFn
     description: str  # one line: how it is implemented (shown in the report)
+    in_grid: bool = True  # False: an investigation variant, run only when named with --methods
 
 
 METHODS: dict[str, Method] = {}
 
 
-def register_method(name: str, description: str) -> Callable[[MethodFn], MethodFn]:
+def register_method(name: str, description: str, *, in_grid: bool = True) -> Callable[[MethodFn], MethodFn]:
     def wrap(fn: MethodFn) -> MethodFn:
         if name in METHODS:
             raise ValueError(f"method {name!r} registered twice")
-        METHODS[name] = Method(name, fn, description)
+        METHODS[name] = Method(name, fn, description, in_grid)
         return fn
 
     return wrap
 
 
-def method_names() -> list[str]:
+def method_names(*, grid_only: bool = True) -> list[str]:
+    """The methods of the default grid (registry order); with ``grid_only=False`` also the
+    investigation variants."""
     _load_all()
-    return list(METHODS)
+    return [name for name, m in METHODS.items() if m.in_grid or not grid_only]
 
 
 def get_method(name: str) -> Method:

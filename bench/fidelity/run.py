@@ -1,7 +1,7 @@
 """Run the fidelity grid: models x sparsities x methods x seeds, one cached JSON per cell, then the report.
 
     .venv/bin/python -m bench.fidelity.run [--models ...] [--methods ...] [--sparsities ...] [--seeds ...]
-        [--epochs E] [--pruning-epochs P] [--threads N] [--results-dir DIR] [--only-report]
+        [--epochs E] [--pruning-epochs P] [--jobs J] [--threads N] [--results-dir DIR] [--only-report]
 
 (``bash bench/fidelity/run.sh`` sets up both environments first, then runs this.) A finished cell
 is never run again, so an interrupted run resumes where it stopped; a failed cell is retried.
@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import sys
 import time
 import traceback
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict
 from pathlib import Path
 
@@ -82,24 +84,59 @@ def write_json(path: Path, payload: dict) -> None:
     tmp.replace(path)  # atomic: an interrupted write never leaves a half cell that looks finished
 
 
+# One worker's fixed inputs (set once per process by ``_start_worker``): cells are sent as a few names.
+_WORKER: dict = {}
+
+
+def _start_worker(threads: int, budget: Budget, dense: dict, data: DataSettings, npz: Path) -> None:
+    torch.set_num_threads(threads)
+    _WORKER.update(threads=threads, budget=budget, dense=dense, data=data, npz=npz, split=load_split(data))
+
+
+def _run_task(task: tuple) -> dict:
+    i, n, model, sp, method, seed, path = task
+    w = _WORKER
+    log(f"[fidelity] cell {i}/{n}: {model} {method} s={sp:.2f} seed={seed}")
+    cell = Cell(model, method, sp, seed, w["budget"], w["dense"][model], w["split"], w["data"], w["npz"], w["threads"])
+    record = run_cell(cell)
+    write_json(path, record)
+    return record
+
+
+def _log_record(record: dict) -> None:
+    head = f"[fidelity]   done {record['model']} {record['method']} s={record['sparsity_target']:.2f} seed={record['seed']}:"
+    if record["status"] == "ok":
+        log(f"{head} test {record['test_top1']:.2f}% (dense {record['dense_test_top1']:.2f}%), sparsity "
+            f"{record['sparsity']:.4f}, max layer {record['max_layer_sparsity']:.3f}, {record['epochs']} epochs, "
+            f"{record['wall_seconds']:.0f} s wall, {record['cpu_seconds']:.0f} s CPU")
+    else:
+        log(f"{head} FAILED: {record['error'].splitlines()[0]}")
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench.fidelity.run", description=__doc__.splitlines()[0])
     p.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
-    p.add_argument("--methods", nargs="+", default=None, help=f"default: all ({', '.join(method_names())})")
+    p.add_argument("--methods", nargs="+", default=None,
+                   help=f"default: the grid ({', '.join(method_names())}); investigation variants: "
+                        f"{', '.join(sorted(set(method_names(grid_only=False)) - set(method_names())))}")
     p.add_argument("--sparsities", nargs="+", type=float, default=list(SPARSITIES))
     p.add_argument("--seeds", nargs="+", type=int, default=list(SEEDS))
     p.add_argument("--epochs", type=int, default=Budget.epochs, help="E: total training epochs per cell")
     p.add_argument("--pruning-epochs", type=int, default=Budget.pruning_epochs, help="P: pruning epochs within E")
     p.add_argument("--patience", type=int, default=Budget.patience)
-    p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads for every cell (and INC)")
+    p.add_argument("--threads", type=int, default=1, help="torch.set_num_threads for every cell (and INC)")
+    p.add_argument("--jobs", type=int, default=2,
+                   help="cells run at once, each in its own process (jobs x threads = the cores to use)")
     p.add_argument("--results-dir", type=Path, default=HERE / "results")
     p.add_argument("--cache-dir", type=Path, default=HERE / "cache", help="pretrained dense models and the split .npz")
     p.add_argument("--docs-dir", type=Path, default=REPO / "docs", help="where the report writes fidelity.{md,png} and fidelity-results.json")
     p.add_argument("--only-report", action="store_true", help="aggregate existing cells; run nothing")
     args = p.parse_args(argv)
-    unknown = [m for m in args.methods or [] if m not in method_names()]
+    unknown = [m for m in args.methods or [] if m not in method_names(grid_only=False)]
     if unknown:
-        p.error(f"unknown method(s) {unknown}; choose from {method_names()}")
+        p.error(f"unknown method(s) {unknown}; choose from {method_names(grid_only=False)}")
+    if args.jobs < 1 or args.threads < 1:
+        p.error("--jobs and --threads must be >= 1")
     bad = [s for s in args.sparsities if not 0.0 < s < 1.0]
     if bad:
         p.error(f"sparsities must be in (0, 1), got {bad}")
@@ -132,17 +169,18 @@ def main(argv: list[str] | None = None) -> None:
                     log(f"[pretrain] ERROR: {exc}")
                     unusable.append(str(exc))
         todo = [t for t in todo if t[0] in dense]
-        for i, (model, sp, method, seed) in enumerate(todo, 1):
-            cell = Cell(model, method, sp, seed, budget, dense[model], split, data, npz, args.threads)
-            log(f"[fidelity] cell {i}/{len(todo)}: {model} {method} s={sp:.2f} seed={seed}")
-            record = run_cell(cell)
-            write_json(cell_path(args.results_dir, model, method, sp, seed), record)
-            if record["status"] == "ok":
-                log(f"[fidelity]   test {record['test_top1']:.2f}% (dense {record['dense_test_top1']:.2f}%), sparsity "
-                    f"{record['sparsity']:.4f}, max layer {record['max_layer_sparsity']:.3f}, {record['epochs']} epochs, "
-                    f"{record['wall_seconds']:.0f} s")
-            else:
-                log(f"[fidelity]   FAILED: {record['error'].splitlines()[0]}")
+        setup = (args.threads, budget, dense, data, npz)
+        tasks = [(i, len(todo), *t, cell_path(args.results_dir, t[0], t[2], t[1], t[3])) for i, t in enumerate(todo, 1)]
+        if args.jobs == 1:
+            _start_worker(*setup)
+            for record in map(_run_task, tasks):
+                _log_record(record)
+        else:
+            # Spawned processes: a forked copy of a process that has run torch's thread pool can hang.
+            with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn"),
+                                     initializer=_start_worker, initargs=setup) as pool:
+                for future in as_completed([pool.submit(_run_task, t) for t in tasks]):
+                    _log_record(future.result())
     report.main(["--results-dir", str(args.results_dir), "--docs-dir", str(args.docs_dir)])
     if not args.only_report and unusable:
         raise SystemExit("pre-training missed the accuracy bar, those models' cells did not run:\n" + "\n".join(unusable))
