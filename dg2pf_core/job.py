@@ -171,6 +171,7 @@ def result_metrics(prepared: PreparedJob, result: DG2PFResult, *, world_size: in
         "wall_seconds": wall_seconds,
         "layer_sparsity": layers,
         "max_layer_sparsity": max(layers.values(), default=0.0),
+        "layer_cap": job.config.layer_cap(job.config.sparsity) if job.config.scope == "global" else None,
         "warnings": layer_warnings(result.masks, job.config.warn_layer_sparsity),
         "config": job.config.to_dict(),
         "history": result.history,

@@ -236,8 +236,8 @@ def layer_warnings(masks: Mapping[str, torch.Tensor], threshold: float) -> list[
     gone = f"; {emptied} of them entirely pruned (the network's path through them is cut)" if emptied else ""
     return [
         f"{len(above)} layer(s) pruned beyond {threshold:.0%}: {shown}{more}{gone}. A layer left with few "
-        "weights can cost accuracy (layer collapse): lower max_layer_sparsity or the sparsity, or exclude "
-        "the layer from pruning (exclude) if the accuracy suffers."
+        "weights can cost accuracy (layer collapse): raise layer_density_floor, lower max_layer_sparsity or "
+        "the sparsity, or exclude the layer from pruning (exclude) if the accuracy suffers."
     ]
 
 

@@ -145,7 +145,7 @@ def test_hard_gradual_masks_and_the_layer_cap(tiny_loaders):
     n = sum(p.numel() for p in params.values())
     assert sum(int(m.sum()) for m in result.masks.values()) == round(0.8 * n)
     # fc1 holds most weights and would take more than 81% under a plain ranking; here it stops at 81%
-    plain = run_dg2pf(_model(), tiny_loaders, DG2PFConfig(**{**CFG, "max_layer_sparsity": 1.0, "max_epochs": 3}))
+    plain = run_dg2pf(_model(), tiny_loaders, DG2PFConfig(**{**CFG, "max_layer_sparsity": 1.0, "layer_density_floor": 0.0, "max_epochs": 3}))
     assert float(plain.masks["fc1.weight"].float().mean()) > 0.81
 
 

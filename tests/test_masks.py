@@ -165,7 +165,8 @@ def test_shufflenet_at_95_percent_is_exactly_95_with_no_layer_above_the_default_
     model = torchvision.models.shufflenet_v2_x0_5(num_classes=10)
     params = select_prunable(model).params
     n = sum(p.numel() for p in params.values())
-    cap = DG2PFConfig(sparsity=0.95).max_layer_sparsity
+    cap = DG2PFConfig(sparsity=0.95).layer_cap(0.95)
+    assert cap == pytest.approx(0.97)  # the default: max_layer_sparsity 0.99, density floor 0.6
     plain = layer_sparsity(magnitude_masks(params, 0.95))
     assert sum(s == 1.0 for s in plain.values()) >= 5, "the case the cap exists for: plain ranking empties layers"
     masks = magnitude_masks(params, 0.95, max_layer_sparsity=cap)

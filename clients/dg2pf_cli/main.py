@@ -114,7 +114,8 @@ def _most_pruned(m: dict) -> str:
     if not layers:
         return "-"
     name = max(layers, key=layers.__getitem__)
-    return f"{name} {layers[name]:.2%} (cap {m['config']['max_layer_sparsity']:.0%})"
+    cap = f" (cap {m['layer_cap']:.2%})" if m.get("layer_cap") is not None else ""
+    return f"{name} {layers[name]:.2%}{cap}"
 
 
 def _cmd_tune(args: argparse.Namespace) -> int:
