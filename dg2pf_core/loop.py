@@ -37,7 +37,7 @@ from . import distributed
 from .distillation import FeatureTaps, kd_loss, similarity_blocks, similarity_loss
 from .errors import ResumeError
 from .loaders import Loaders
-from .masks import Masks, apply_masks_, magnitude_masks, mask_sparsity, select_prunable
+from .masks import Masks, apply_masks_, magnitude_masks, mask_sparsity, recovered, select_prunable
 from .metrics import Accuracy, autocast_context, evaluate
 from . import overparam
 from .schedule import sparsity_targets
@@ -319,6 +319,7 @@ def run_dg2pf(
     while state.phase == "gradual_pruning":
         t0 = time.perf_counter()
         target = run.targets[state.epoch]
+        previous = masks
         masks = distributed.sync_masks(magnitude_masks(run.params, target, config.scope, config.layer_cap(target)))
         simulated = config.gradual_masks == "simulated"
         if not simulated:
@@ -334,7 +335,8 @@ def run_dg2pf(
             state.phase = "distillation"
         else:
             val, best = run.validate(masks), False
-        record = EpochRecord("gradual_pruning", state.epoch, mask_sparsity(masks), loss, val.top1, val.top5, run.lr(), time.perf_counter() - t0, best)
+        record = EpochRecord("gradual_pruning", state.epoch, mask_sparsity(masks), loss, val.top1, val.top5, run.lr(),
+                             time.perf_counter() - t0, best, recovered=recovered(previous, masks))
         run.finish_epoch(state, masks, record)
 
     # 3. Distilled training with the final mask while validation top-1 improves (Algorithm 1, i > s_e).

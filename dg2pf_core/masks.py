@@ -210,6 +210,13 @@ def count_pruned(masks: Mapping[str, torch.Tensor]) -> int:
     return int(sum(int(m.sum()) for m in masks.values()))
 
 
+def recovered(previous: Mapping[str, torch.Tensor], current: Mapping[str, torch.Tensor]) -> int:
+    """Weights pruned by ``previous`` that ``current`` keeps: the paper's weight recovery, counted.
+
+    Tensors missing from either mask count as not pruned there (the first ranking recovers nothing)."""
+    return int(sum(int((previous[n].to(m.device) & ~m).sum()) for n, m in current.items() if n in previous))
+
+
 def mask_sparsity(masks: Mapping[str, torch.Tensor]) -> float:
     total = sum(m.numel() for m in masks.values())
     return count_pruned(masks) / total if total else 0.0

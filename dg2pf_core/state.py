@@ -37,6 +37,9 @@ class EpochRecord:
     seconds: float
     is_best: bool = False
     restarts: int = 0  # how many times the run had been resumed from a checkpoint before this epoch
+    # Pruning epochs: weights the previous ranking pruned that this epoch's ranking kept (weight
+    # recovery; always 0 with hard gradual masks, which zero pruned weights). None in other phases.
+    recovered: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

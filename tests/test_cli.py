@@ -133,3 +133,14 @@ def test_every_config_knob_is_a_cli_option():
     help_text = build_parser()._subparsers._group_actions[0].choices["prune"].format_help()
     for f in dataclasses.fields(DG2PFConfig):
         assert "--" + f.name.replace("_", "-") in help_text
+
+
+def test_progress_lines_show_weight_recovery_in_pruning_epochs(capsys):
+    from dg2pf_cli.progress import EpochBars
+    from dg2pf_core.state import EpochRecord
+
+    bars = EpochBars()  # stderr is captured, not a terminal: one plain line per epoch
+    bars.end_epoch(EpochRecord("gradual_pruning", 2, 0.5, 0.1, 90.0, 99.0, 0.01, 1.0, recovered=12))
+    bars.end_epoch(EpochRecord("gradual_pruning", 3, 0.6, 0.1, 90.0, 99.0, 0.01, 1.0, recovered=0))
+    lines = capsys.readouterr().err.splitlines()
+    assert "12 weights recovered" in lines[0] and "recovered" not in lines[1]

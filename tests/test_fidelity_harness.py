@@ -67,6 +67,6 @@ def test_torch_prune_path_ends_exactly_at_the_target():
 def test_the_default_grid_has_every_method_the_comparison_needs_and_no_investigation():
     grid = method_names()
     assert {"dg2pf", "dg2pf-no-kd", "dg2pf-hard-masks", "dg2pf-feedback", "dg2pf-cubic", "dg2pf-overparam",
-            "oneshot-ft", "gmp-cubic", "torch-prune-l1", "inc-magnitude"} <= set(grid)
+            "dg2pf-no-cap", "oneshot-ft", "gmp-cubic", "torch-prune-l1", "inc-magnitude"} <= set(grid)
     extra = set(method_names(grid_only=False)) - set(grid)
-    assert extra and all(name.startswith(("dg2pf-cap", "dg2pf-floor")) for name in extra)
+    assert extra and all(name.startswith(("dg2pf-cap", "dg2pf-floor", "dg2pf-bn-recal")) for name in extra)

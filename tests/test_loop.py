@@ -5,7 +5,7 @@ import torch
 
 from dg2pf_core import DG2PFConfig, TrainingState, run_dg2pf
 from dg2pf_core.errors import ConfigError, ResumeError
-from dg2pf_core.masks import select_prunable
+from dg2pf_core.masks import recovered, select_prunable
 
 from tiny import TinyNet
 
@@ -147,6 +147,20 @@ def test_hard_gradual_masks_and_the_layer_cap(tiny_loaders):
     # fc1 holds most weights and would take more than 81% under a plain ranking; here it stops at 81%
     plain = run_dg2pf(_model(), tiny_loaders, DG2PFConfig(**{**CFG, "max_layer_sparsity": 1.0, "layer_density_floor": 0.0, "max_epochs": 3}))
     assert float(plain.masks["fc1.weight"].float().mean()) > 0.81
+
+
+def test_weight_recovery_is_counted_per_pruning_epoch(tiny_loaders):
+    """Each pruning epoch's record says how many weights the previous ranking pruned and this one kept:
+    none with hard masks (a zeroed weight cannot outrank a live one), some with feedback recovery."""
+    hard = Watch()
+    run_dg2pf(_model(), tiny_loaders, DG2PFConfig(**{**CFG, "gradual_masks": "hard", "max_epochs": 4}), reporter=hard)
+    assert [r.recovered for r in hard.records if r.phase == "gradual_pruning"] == [0, 0, 0]
+    fed = Watch()
+    run_dg2pf(_model(), tiny_loaders, DG2PFConfig(**{**CFG, "recovery": "feedback", "max_epochs": 4}), reporter=fed)
+    pruning = [i for i, r in enumerate(fed.records) if r.phase == "gradual_pruning"]
+    expected = [recovered(fed.mask_history[i - 1], fed.mask_history[i]) for i in pruning]
+    assert [fed.records[i].recovered for i in pruning] == expected and expected[0] == 0 and sum(expected) > 0
+    assert all(r.recovered is None for r in fed.records if r.phase != "gradual_pruning")
 
 
 def test_no_distillation_never_runs_the_teacher(tiny_loaders):

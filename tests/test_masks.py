@@ -13,6 +13,7 @@ from dg2pf_core.masks import (
     layers_above,
     magnitude_masks,
     masks_checksum,
+    recovered,
     select_prunable,
 )
 
@@ -184,3 +185,10 @@ def test_rounding_up_to_meet_the_target_never_empties_a_small_tensor():
     assert all(c == 9 for c in layer_caps(w, 0.99, round(0.95 * 50)).values())
     with pytest.raises(ConfigError, match="max_layer_sparsity"):
         magnitude_masks(w, 0.95, max_layer_sparsity=0.99)
+
+
+def test_recovered_counts_weights_pruned_before_and_kept_now():
+    before = {"a": torch.tensor([True, True, False, False]), "b": torch.tensor([True])}
+    after = {"a": torch.tensor([False, True, True, True]), "b": torch.tensor([False]), "c": torch.tensor([False])}
+    assert recovered(before, after) == 2  # a[0] and b[0]; "c" was not ranked before
+    assert recovered({}, after) == 0 and recovered(after, after) == 0

@@ -20,14 +20,13 @@ from .methods import Cell, MethodUnavailable, Outcome, register_method
 _PLAIN = {"gradual_masks": "hard", "kd_alpha": 0.0, "max_layer_sparsity": 1.0, "layer_density_floor": 0.0}
 
 VARIANTS: dict[str, tuple[dict, str]] = {
-    "dg2pf": ({}, "DG2PFConfig defaults: linear schedule, simulated masks, frozen recovery, KD, 0.99 layer cap, SGD fine-tune"),
+    "dg2pf": ({}, "DG2PFConfig defaults: linear schedule, simulated masks, frozen recovery, KD, layer cap min(0.99, 1 - 0.6 x (1 - target)), SGD fine-tune"),
     "dg2pf-no-kd": ({"kd_alpha": 0.0}, "dg2pf with kd_alpha=0: cross-entropy only, no teacher"),
     "dg2pf-hard-masks": ({"gradual_masks": "hard"}, "dg2pf with gradual_masks='hard': pruned weights zeroed for good at each step"),
     "dg2pf-feedback": ({"recovery": "feedback"}, "dg2pf with recovery='feedback': masked weights receive the gradient (dense update)"),
     "dg2pf-cubic": ({"schedule": "cubic"}, "dg2pf with the cubic (Zhu & Gupta) sparsity schedule instead of linear"),
     "dg2pf-overparam": ({"finetune": "overparam"}, "dg2pf with finetune='overparam': linear over-parameterization + SP distillation"),
     "dg2pf-no-cap": ({"max_layer_sparsity": 1.0, "layer_density_floor": 0.0}, "dg2pf with no per-layer cap: plain global ranking, as the paper has it"),
-    "dg2pf-bn-recal": ({"bn_recalibration_batches": 8}, "dg2pf with BatchNorm statistics re-estimated on 8 batches after each mask change"),
     "oneshot-ft": (
         {"pruning_epochs": 1, **_PLAIN},
         "DG2PFConfig(pruning_epochs=1, gradual_masks='hard', kd_alpha=0, max_layer_sparsity=1.0): one global "
@@ -44,12 +43,12 @@ VARIANTS: dict[str, tuple[dict, str]] = {
 # Investigations of the defaults on the hard settings (docs/fidelity.md, "Findings"): not in the default
 # grid, run with --methods.
 INVESTIGATIONS: dict[str, tuple[dict, str]] = {
+    "dg2pf-bn-recal": ({"bn_recalibration_batches": 8}, "dg2pf with BatchNorm statistics re-estimated on 8 batches after each mask change"),
     "dg2pf-cap0.99": ({"max_layer_sparsity": 0.99, "layer_density_floor": 0.0}, "dg2pf with max_layer_sparsity=0.99 and no density floor"),
     "dg2pf-cap0.98": ({"max_layer_sparsity": 0.98, "layer_density_floor": 0.0}, "dg2pf with max_layer_sparsity=0.98"),
     "dg2pf-cap0.97": ({"max_layer_sparsity": 0.97, "layer_density_floor": 0.0}, "dg2pf with max_layer_sparsity=0.97"),
     "dg2pf-cap0.96": ({"max_layer_sparsity": 0.96, "layer_density_floor": 0.0}, "dg2pf with max_layer_sparsity=0.96"),
     "dg2pf-floor0.4": ({"max_layer_sparsity": 0.99, "layer_density_floor": 0.4}, "dg2pf with layer_density_floor=0.4 (cap 0.98 at 95%, 0.96 at 90%, 0.88 at 70%)"),
-    "dg2pf-floor0.6": ({"max_layer_sparsity": 0.99, "layer_density_floor": 0.6}, "dg2pf with layer_density_floor=0.6 (cap 0.97 at 95%, 0.94 at 90%, 0.82 at 70%)"),
 }
 
 

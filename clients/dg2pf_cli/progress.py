@@ -37,7 +37,8 @@ class EpochBars:
                 print(f"baseline (dense) val top-1 {record.val_top1:.2f}%", file=sys.stderr)
             return
         star = " *best" if record.is_best else ""
-        summary = f"loss {record.train_loss:.4f} val top-1 {record.val_top1:.2f}%{star}"
+        back = f", {record.recovered} weights recovered" if record.recovered else ""
+        summary = f"loss {record.train_loss:.4f} val top-1 {record.val_top1:.2f}%{star}{back}"
         if self.bar is not None:
             self.bar.set_postfix_str(summary)
             self.bar.close()
