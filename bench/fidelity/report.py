@@ -160,7 +160,9 @@ def plot(cells: list[dict], path: Path) -> None:
             xs = [sparsities.index(sp) + (i - (len(methods) - 1) / 2) * 0.04 for sp, _ in pts]
             ys = [m for _, (m, _) in pts]
             errs = [s or 0.0 for _, (_, s) in pts]
-            ax.errorbar(xs, ys, yerr=errs, marker="o", ms=3, capsize=2, lw=1, label=method)
+            # tab20 and a marker per method: more methods than the default 10-colour cycle has colours.
+            ax.errorbar(xs, ys, yerr=errs, marker="os^vD"[i % 5], ms=3, capsize=2, lw=1, label=method,
+                        color=plt.cm.tab20(i % 20))
         if model in dense:
             ax.axhline(dense[model], color="k", ls="--", lw=0.8, label="dense")
         if not ax.lines:
