@@ -17,7 +17,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import delete, func, insert, select, update
+from sqlalchemy import delete, func, insert, select, text, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -47,6 +47,10 @@ _FORMATS = frozenset(f.value for f in CheckpointFormat)
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 # A lost queue_seq race costs one retry; needing this many means something else is wrong.
 _CREATE_ATTEMPTS = 8
+# PostgreSQL: job inserts take this transaction-level advisory lock first, so concurrent submissions
+# (threads, API replicas) number the queue one after another instead of colliding and retrying (a
+# retry storm under 4 concurrent submitters exhausted the attempts in CI). Any fixed 64-bit key.
+_QUEUE_LOCK_KEY = 0x6467327066_7173  # "dg2pf" "qs"
 
 
 def _json_value(field: str, value: Any) -> Any:
@@ -108,9 +112,10 @@ class JobStore:
         if not 0.0 < target_sparsity < 1.0:
             raise ValueError(f"target_sparsity must be in (0, 1), got {target_sparsity}")
         root = Path(artifacts_root).expanduser().resolve()
-        # max+1 evaluated inside the INSERT: on SQLite the statement holds the write lock, on
-        # PostgreSQL two concurrent inserts may compute the same number and the unique constraint
-        # turns the loser into an IntegrityError, which we retry with a fresh snapshot.
+        # max+1 evaluated inside the INSERT: on SQLite the statement holds the write lock; on
+        # PostgreSQL the advisory lock serialises the inserts (each sees the previous one committed),
+        # and should two writers still compute the same number (a writer that does not take the
+        # lock), the unique constraint turns the loser into an IntegrityError, retried here.
         next_seq = select(func.coalesce(func.max(JobRow.queue_seq), 0) + 1).scalar_subquery()
         last_error: IntegrityError | None = None
         for _ in range(_CREATE_ATTEMPTS):
@@ -127,6 +132,8 @@ class JobStore:
             )
             try:
                 with self._sessions.begin() as session:
+                    if session.get_bind().dialect.name == "postgresql":
+                        session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _QUEUE_LOCK_KEY})
                     return session.scalars(stmt).one()
             except IntegrityError as e:
                 last_error = e
