@@ -214,7 +214,8 @@ def recovered(previous: Mapping[str, torch.Tensor], current: Mapping[str, torch.
     """Weights pruned by ``previous`` that ``current`` keeps: the paper's weight recovery, counted.
 
     Tensors missing from either mask count as not pruned there (the first ranking recovers nothing)."""
-    return int(sum(int((previous[n].to(m.device) & ~m).sum()) for n, m in current.items() if n in previous))
+    # Summed on the masks' device, read back once (not one device sync per tensor).
+    return int(sum((previous[n].to(m.device) & ~m).sum() for n, m in current.items() if n in previous))
 
 
 def mask_sparsity(masks: Mapping[str, torch.Tensor]) -> float:

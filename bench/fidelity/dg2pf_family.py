@@ -19,8 +19,12 @@ from .methods import Cell, MethodUnavailable, Outcome, register_method
 # masks, no teacher, one global ranking with no per-layer cap.
 _PLAIN = {"gradual_masks": "hard", "kd_alpha": 0.0, "max_layer_sparsity": 1.0, "layer_density_floor": 0.0}
 
+_DEFAULTS = DG2PFConfig(sparsity=0.9)  # the sparsity is per cell; the rest are the defaults
+
 VARIANTS: dict[str, tuple[dict, str]] = {
-    "dg2pf": ({}, "DG2PFConfig defaults: linear schedule, simulated masks, frozen recovery, KD, layer cap min(0.99, 1 - 0.6 x (1 - target)), SGD fine-tune"),
+    "dg2pf": ({}, f"DG2PFConfig defaults: {_DEFAULTS.schedule} schedule, {_DEFAULTS.gradual_masks} masks, "
+                  f"{_DEFAULTS.recovery} recovery, KD, layer cap min({_DEFAULTS.max_layer_sparsity}, "
+                  f"1 - {_DEFAULTS.layer_density_floor} x (1 - target)), {_DEFAULTS.finetune} fine-tune"),
     "dg2pf-no-kd": ({"kd_alpha": 0.0}, "dg2pf with kd_alpha=0: cross-entropy only, no teacher"),
     "dg2pf-hard-masks": ({"gradual_masks": "hard"}, "dg2pf with gradual_masks='hard': pruned weights zeroed for good at each step"),
     "dg2pf-feedback": ({"recovery": "feedback"}, "dg2pf with recovery='feedback': masked weights receive the gradient (dense update)"),
