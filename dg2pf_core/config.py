@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -72,6 +73,10 @@ class DG2PFConfig:
         def bad(name: str, why: str) -> ConfigError:
             return ConfigError(f"{name}: {why}", field=name)
 
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise bad(f.name, f"must be a finite number, got {value}")
         if not isinstance(self.sparsity, (int, float)) or not 0.0 < self.sparsity < 1.0:
             raise bad("sparsity", f"must be strictly between 0 and 1 (e.g. 0.9 for 90%), got {self.sparsity}")
         if self.pruning_epochs < 1:

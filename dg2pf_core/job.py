@@ -184,18 +184,21 @@ def prune_to_dir(
     *,
     progress: Progress | None = None,
     on_prepared: Callable[[PreparedJob], None] | None = None,
+    reporter: Reporter | None = None,
+    resume: TrainingState | None = None,
 ) -> dict:
     """Run ``job`` in this process and write ``out/model.safetensors`` (dense),
     ``out/model.compact.safetensors`` (bitmask + nonzero values) and ``out/metrics.json``.
 
     Nothing is written until the run succeeds, and then all at once (temp dir + rename).
+    ``reporter`` receives every epoch's full state (to save it); ``resume`` continues from one.
     """
     output = OutputDir(out)  # refuses a non-empty destination before any work
     started = time.perf_counter()
     prepared = prepare(job)
     if on_prepared is not None:
         on_prepared(prepared)
-    result = run(prepared, progress=progress)
+    result = run(prepared, progress=progress, reporter=reporter, resume=resume)
     metrics = result_metrics(prepared, result, world_size=1, wall_seconds=time.perf_counter() - started)
     with output.staging() as tmp:
         write_model(result.model, tmp / "model.safetensors")

@@ -76,13 +76,27 @@ def train_worker(config: dict) -> None:
     started = time.perf_counter()
     nodes = _gather(ray.get_runtime_context().get_node_id())
 
-    teacher = prepared.teacher if prepared.teacher is not None else copy.deepcopy(prepared.model)
-    model = ray.train.torch.prepare_model(prepared.model)  # to device + DDP
     resume = None
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
+            if all((Path(d) / f).is_file() for f in FINAL_FILES):
+                # The run had ended (this is a re-run after its driver was lost): report the result again.
+                done = json.loads((Path(d) / "metrics.json").read_text())
+                final = {"final": True, "epoch": done["epochs"], "val_top1": done["val_top1"], "test_top1": done["test_top1"],
+                         "sparsity": done["sparsity_prunable"],
+                         "epochs_at_target": epochs_at_target(done["epochs"], job.config.pruning_epochs) + 1}
+                if rank == 0:
+                    with tempfile.TemporaryDirectory() as tmp:
+                        for f in FINAL_FILES:
+                            shutil.copy2(Path(d) / f, Path(tmp) / f)
+                        ray.train.report(final, checkpoint=Checkpoint.from_directory(tmp), checkpoint_dir_name="final_again")
+                else:
+                    ray.train.report(final, checkpoint=None)
+                return
             resume = TrainingState.load(d)
+    teacher = prepared.teacher if prepared.teacher is not None else copy.deepcopy(prepared.model)
+    model = ray.train.torch.prepare_model(prepared.model)  # to device + DDP
     checksums: list[list] = []
 
     def report(record: EpochRecord, state: TrainingState) -> None:

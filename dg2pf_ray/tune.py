@@ -93,7 +93,19 @@ def tune_job(job: PruneJob, out: str | Path, options: TuneOptions) -> dict:
                          "storage_path": storage, "verbose": options.verbose}),
         {"cpu": DRIVER_CPU},  # the trial driver only waits on its TorchTrainer, whose workers hold the CPUs
     )
-    tuner = tune.Tuner(
+    experiment = f"{storage.rstrip('/')}/{name}"
+    if options.run_name and tune.Tuner.can_restore(experiment):
+        # The same named run again (the service resubmits a job whose Ray work was lost): finished trials
+        # keep their results, unfinished and errored ones resume from their last checkpoints.
+        grid = tune.Tuner.restore(experiment, trainable, param_space=space, resume_unfinished=True,
+                                  resume_errored=True).fit()
+    else:
+        grid = _new_tuner(trainable, space, options, concurrent, name, storage, post_pruning).fit()
+    return _write_result(grid, job, output, options, document, storage, name, started)
+
+
+def _new_tuner(trainable, space: dict, options: TuneOptions, concurrent: int, name: str, storage: str, post_pruning: int):
+    return tune.Tuner(
         trainable,
         param_space=space,
         tune_config=tune.TuneConfig(
@@ -104,8 +116,10 @@ def tune_job(job: PruneJob, out: str | Path, options: TuneOptions) -> dict:
         ),
         run_config=tune.RunConfig(name=name, storage_path=storage, verbose=0),
     )
-    grid = tuner.fit()
 
+
+def _write_result(grid, job: PruneJob, output: OutputDir, options: TuneOptions, document: dict, storage: str, name: str,
+                  started: float) -> dict:
     rows = []
     for result in grid:
         m, status = result.metrics or {}, _status(result)

@@ -1080,31 +1080,33 @@ def fake_bin(tmp_path):
     return tmp_path
 
 
-def run_start_api(fake: Path, **env: str) -> subprocess.CompletedProcess:
+def run_start_api(fake: Path, *args: str, **env: str) -> subprocess.CompletedProcess:
     base = {"PATH": f"{fake / 'bin'}:/usr/bin:/bin", "DG2PF_RAY_ADDRESS": "ray-head:6379", "RAY_AUTH_MODE": "token",
             "RAY_AUTH_TOKEN": "t0k", "DG2PF_API_TOKENS": "secret-api-token", "DG2PF_DATABASE_URL": "postgresql+psycopg2://u:pw@db/x"}
     base.update(env)
-    return subprocess.run(["bash", str(START_API)], env={k: v for k, v in base.items() if v is not None},
+    return subprocess.run(["bash", str(START_API), *args], env={k: v for k, v in base.items() if v is not None},
                           capture_output=True, text=True, timeout=30)
 
 
-def test_start_api_joins_without_the_api_secrets(fake_bin):
-    proc = run_start_api(fake_bin)
+def test_start_api_runs_the_service_and_no_ray(fake_bin):
+    """The API is no Ray node: no `ray` command at all, only the service, with its whole environment."""
+    assert "ray start" not in START_API.read_text()
+    proc = run_start_api(fake_bin, "--port", "8000")
     assert proc.returncode == 0, proc.stderr
-    ray_out, python_out = (fake_bin / "ray.out").read_text(), (fake_bin / "python.out").read_text()
-    args = ray_out.splitlines()[0].split()[1:]
-    assert args[:2] == ["start", "--address=ray-head:6379"] and {"--num-cpus=0", "--num-gpus=0"} <= set(args)
-    assert ray_start_flag_problems(args[1:], "start-api.sh") == []
-    assert "RAY_AUTH_TOKEN=t0k" in ray_out and "RAY_AUTH_MODE=token" in ray_out
-    assert "secret-api-token" not in ray_out and "pw@db" not in ray_out
-    assert python_out.splitlines()[0] == "ARGS -m dg2pf_service"
-    assert "DG2PF_API_TOKENS=secret-api-token" in python_out and "RAY_AUTH_TOKEN=t0k" in python_out
+    assert not (fake_bin / "ray.out").exists()
+    python_out = (fake_bin / "python.out").read_text()
+    assert python_out.splitlines()[0] == "ARGS -m dg2pf_service --port 8000"
+    env = set(python_out.splitlines()[1:])
+    assert {"DG2PF_API_TOKENS=secret-api-token", "DG2PF_DATABASE_URL=postgresql+psycopg2://u:pw@db/x",
+            "RAY_AUTH_MODE=token", "RAY_AUTH_TOKEN=t0k", "DG2PF_RAY_ADDRESS=ray-head:6379"} <= env
 
 
 @pytest.mark.parametrize("env, message", [
     ({"RAY_AUTH_MODE": None}, "RAY_AUTH_MODE must be 'token'"),
     ({"RAY_AUTH_MODE": "disabled"}, "RAY_AUTH_MODE must be 'token'"),
     ({"DG2PF_RAY_ADDRESS": None}, "DG2PF_RAY_ADDRESS"),
+    # The dashboard URL alone is not enough: without DG2PF_RAY_ADDRESS the service starts a Ray head of its own.
+    ({"DG2PF_RAY_ADDRESS": None, "DG2PF_RAY_DASHBOARD_URL": "http://ray-head:8265"}, "DG2PF_RAY_ADDRESS"),
 ])
 def test_start_api_refuses_without_auth_or_address(fake_bin, env, message):
     proc = run_start_api(fake_bin, **env)

@@ -169,8 +169,28 @@ def _client_errors(fn):
 def _cmd_serve(args: argparse.Namespace) -> int:
     from dg2pf_service.__main__ import main as serve_main
 
+    if args.stop:
+        args.action = "stop"
+        return _cmd_cluster(args)
     argv = [*(["--host", args.host] if args.host else []), *(["--port", str(args.port)] if args.port else [])]
     return serve_main(argv)
+
+
+def _cmd_cluster(args: argparse.Namespace) -> int:
+    import os
+
+    os.environ.setdefault("RAY_AUTH_MODE", "token")
+    from dg2pf_service.lifecycle import cluster_report, stop_cluster
+    from dg2pf_service.settings import Settings
+
+    settings = Settings(**({"data_dir": args.data_dir} if args.data_dir else {}))
+    if args.action == "status":
+        for line in cluster_report(settings).lines():
+            print(line)
+        return 0
+    for line in stop_cluster(settings):
+        print(line)
+    return 0
 
 
 def _print_job(job) -> None:
@@ -311,7 +331,15 @@ def _add_service_commands(sub) -> None:
     sv = sub.add_parser("serve", help="run the API with an embedded Ray and store (data in $DG2PF_DATA_DIR)")
     sv.add_argument("--host")
     sv.add_argument("--port", type=int)
+    sv.add_argument("--stop", action="store_true", help="stop the embedded Ray cluster instead (= dg2pf cluster stop)")
+    sv.add_argument("--data-dir", help=argparse.SUPPRESS)
     sv.set_defaults(func=_cmd_serve)
+
+    cl = sub.add_parser("cluster", help="the embedded Ray cluster the service started: status, or stop it "
+                        "(running jobs are cancelled; refused while the API runs)")
+    cl.add_argument("action", choices=["status", "stop"])
+    cl.add_argument("--data-dir", help="the service's data directory (default: $DG2PF_DATA_DIR or ./dg2pf-data)")
+    cl.set_defaults(func=_cmd_cluster)
 
     def client_parser(name: str, help_: str):
         cp = sub.add_parser(name, help=help_)

@@ -1,18 +1,16 @@
 #!/usr/bin/env bash
 # The API container's command when the service uses an existing Ray cluster (compose, KubeRay, ray up).
 #
-# The service connects a Ray driver to DG2PF_RAY_ADDRESS (cluster resources, Ray Serve), and a Ray
-# driver needs a raylet on its own machine: ray.init(address=...) looks for a local raylet process.
-# So this container first joins the cluster as a node that offers no CPUs and no GPUs (nothing that
-# asks for either is scheduled here), then runs the API. The raylet is started without the API's own
-# secrets in its environment, so no Ray process can read them.
+# The API is no Ray node and no Ray driver: it talks to the cluster only over HTTP, through the
+# head's dashboard (Jobs, State and Serve APIs; DG2PF_RAY_DASHBOARD_URL, default
+# http://<host of DG2PF_RAY_ADDRESS>:8265), sending the Ray token (RAY_AUTH_TOKEN or ~/.ray/auth_token).
+# DG2PF_RAY_ADDRESS is what tells the service to use that cluster: without it the service would start
+# a Ray head of its own in this container. The cluster must use token auth, so this refuses any other
+# RAY_AUTH_MODE.
 set -euo pipefail
-: "${DG2PF_RAY_ADDRESS:?set DG2PF_RAY_ADDRESS to the GCS address of the Ray head, host:6379}"
+: "${DG2PF_RAY_ADDRESS:?set DG2PF_RAY_ADDRESS to the address of the Ray head, host:6379 (without it the service starts a Ray head of its own)}"
 if [ "${RAY_AUTH_MODE:-}" != "token" ]; then
     echo "start-api.sh: RAY_AUTH_MODE must be 'token' (Ray clusters of this service always use token auth)" >&2
     exit 2
 fi
-env -u DG2PF_API_TOKENS -u DG2PF_DATABASE_URL \
-    ray start --address="$DG2PF_RAY_ADDRESS" --num-cpus=0 --num-gpus=0 \
-    --object-store-memory=200000000 --disable-usage-stats
 exec python -m dg2pf_service "$@"

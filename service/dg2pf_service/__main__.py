@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
+import sys
 
 from .settings import Settings
 
@@ -23,9 +25,18 @@ def main(argv: list[str] | None = None) -> int:
 
     from .api.app import create_app
 
+    from .lifecycle import shutdown_message
+
     app = create_app(settings)
     print(f"dg2pf API on http://{settings.host}:{settings.port} (docs: /docs); data in {settings.data_dir}", flush=True)
+    # uvicorn shuts down gracefully on SIGINT/SIGTERM, then raises the signal again with the handlers it
+    # found: these make that a quiet, normal exit instead of a KeyboardInterrupt traceback or a kill.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: None)
     uvicorn.run(app, host=settings.host, port=settings.port, log_level="warning")
+    services = getattr(app.state, "services", None)
+    if services is not None:
+        print(shutdown_message(services), file=sys.stderr, flush=True)
     return 0
 
 

@@ -1,9 +1,15 @@
 """The Ray cluster the service runs jobs on: found by address, or started next to the service.
 
 Jobs must outlive the API process, so the embedded default is a Ray head started as its own
-process (``ray start --head``), not a Ray tied to the API's lifetime. Ray 2.60 clusters demand a
-token (``~/.ray/auth_token``, ``RAY_AUTH_TOKEN`` or ``RAY_AUTH_TOKEN_PATH``): the service sends
-it to the Jobs API and enables token mode for its own driver connection, never disabling auth.
+process (``ray start --head``) in a session of its own: Ctrl-C, SIGTERM or SIGKILL sent to the API's
+process group does not reach it, and a restarted API re-attaches to it. ``dg2pf cluster stop``
+stops it on purpose. Should the head itself die, ``Cluster.ensure`` starts a new one and the
+scheduler resubmits the jobs it lost.
+
+The API process talks to Ray only over HTTP (the dashboard's Jobs, State and Serve APIs) and is
+never a Ray driver: a Ray driver exits 60 s after its GCS is gone, which would take the API down
+with a lost head. Ray 2.60 clusters demand a token (``~/.ray/auth_token``, ``RAY_AUTH_TOKEN`` or
+``RAY_AUTH_TOKEN_PATH``): the service sends it with every request, never disabling auth.
 """
 
 from __future__ import annotations
@@ -18,6 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dg2pf_core.errors import DG2PFError
+
+from .processes import descendants, kill_processes, process_table
 
 
 SERVICE_SECRETS = ("DG2PF_API_TOKENS", "DG2PF_DATABASE_URL")
@@ -92,7 +100,7 @@ def auth_headers() -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"} if token else {}
 
 
-def _dashboard_up(url: str) -> bool:
+def dashboard_up(url: str) -> bool:
     """The dashboard answers and its job agent is registered (job submission would otherwise fail)."""
     import httpx
 
@@ -121,7 +129,7 @@ def start_embedded(state_dir: Path, num_cpus: int | None = None) -> ClusterInfo:
     record = state_dir / "ray-head.json"
     if record.exists():
         info = ClusterInfo(**json.loads(record.read_text()))
-        if _dashboard_up(info.dashboard_url):
+        if dashboard_up(info.dashboard_url):
             return info
     ports = node_ports(("port", "dashboard-port", "ray-client-server-port"))
     gcs_port, dash_port = ports["port"], ports["dashboard-port"]
@@ -129,12 +137,14 @@ def start_embedded(state_dir: Path, num_cpus: int | None = None) -> ClusterInfo:
            "--disable-usage-stats", "--include-dashboard=true", *[f"--{k}={v}" for k, v in ports.items()]]
     if num_cpus is not None:
         cmd.append(f"--num-cpus={num_cpus}")
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=node_env())
+    # A session of its own: signals to the API's process group (Ctrl-C, a service manager's stop)
+    # leave the head and its jobs running.
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=node_env(), start_new_session=True)
     if proc.returncode != 0:
         raise ClusterUnavailable(f"could not start a local Ray head: {proc.stderr.strip()[-1500:]}")
     info = ClusterInfo(f"127.0.0.1:{gcs_port}", f"http://127.0.0.1:{dash_port}", True)
     deadline = time.time() + 60
-    while not _dashboard_up(info.dashboard_url):
+    while not dashboard_up(info.dashboard_url):
         if time.time() > deadline:
             raise ClusterUnavailable(f"the local Ray dashboard at {info.dashboard_url} did not come up")
         time.sleep(0.5)
@@ -143,38 +153,10 @@ def start_embedded(state_dir: Path, num_cpus: int | None = None) -> ClusterInfo:
     return info
 
 
-def _process_table() -> dict[int, tuple[int, str]]:
-    """pid -> (parent pid, command line) of every process we can read."""
-    table: dict[int, tuple[int, str]] = {}
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            table[int(proc.name)] = (int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1]), cmd)
-        except (OSError, ValueError, IndexError):
-            continue
-    return table
-
-
-def descendants(roots: set[int], table: dict[int, tuple[int, str]] | None = None) -> list[int]:
-    """``roots`` and every process below them."""
-    table = _process_table() if table is None else table
-    found = set(roots)
-    changed = True
-    while changed:
-        changed = False
-        for pid, (ppid, _) in table.items():
-            if ppid in found and pid not in found:
-                found.add(pid)
-                changed = True
-    return sorted(found)
-
-
-def _head_pids(port: str) -> list[int]:
+def head_pids(port: str) -> list[int]:
     """The head's daemons (their command lines name its GCS port) and all their descendants
     (Ray workers: Serve replicas, job supervisors and drivers), which would otherwise linger."""
-    table = _process_table()
+    table = process_table()
     roots = {pid for pid, (_, cmd) in table.items()
              if "ray" in cmd and (f":{port}" in cmd or f"--port={port}" in cmd or f"gcs_server_port={port}" in cmd)}
     return descendants(roots, table)
@@ -185,7 +167,7 @@ def stop_embedded(info: ClusterInfo, grace_seconds: float = 10.0) -> None:
     SIGTERM, then SIGKILL for whatever is still alive after ``grace_seconds``."""
     # Found once: after SIGTERM the workers are re-parented to init and no longer look like ours.
     port = info.gcs_address.rsplit(":", 1)[1]
-    kill_processes(_head_pids(port), grace_seconds)
+    kill_processes(head_pids(port), grace_seconds)
     forget_current_cluster(port)
 
 
@@ -204,45 +186,86 @@ def forget_current_cluster(port: str) -> None:
         pass
 
 
-def kill_processes(pids: list[int], grace_seconds: float = 10.0) -> None:
-    """SIGTERM ``pids`` (SIGKILL at once when ``grace_seconds`` is 0), then SIGKILL what is left."""
-    for sig_ in ((15, 9) if grace_seconds > 0 else (9,)):
-        for pid in pids:
-            try:
-                os.kill(pid, sig_)
-            except OSError:
-                pass
-        deadline = time.time() + (grace_seconds if sig_ == 15 else 2.0)
-        while pids and time.time() < deadline:
-            pids = [p for p in pids if Path(f"/proc/{p}").exists() and "zombie" not in _state(p)]
-            time.sleep(0.2)
-        if not pids:
-            return
+def gcs_process_alive(info: ClusterInfo) -> bool:
+    """The head's GCS server process still runs on this machine (an embedded head)."""
+    port = info.gcs_address.rsplit(":", 1)[1]
+    return any("gcs_server" in cmd and f"gcs_server_port={port}" in cmd for _, cmd in process_table().values())
 
 
-def _state(pid: int) -> str:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("State:"):
-                return line.lower()
-    except OSError:
-        return "gone"
-    return ""
+def cluster_resources(dashboard_url: str, timeout: float = 10.0) -> dict[str, float]:
+    """Total resources of the cluster's alive nodes, from the dashboard's State API."""
+    import httpx
+
+    r = httpx.get(f"{dashboard_url.rstrip('/')}/api/v0/nodes", params={"detail": "true", "limit": 10000},
+                  headers=auth_headers(), timeout=timeout)
+    r.raise_for_status()
+    total: dict[str, float] = {}
+    for node in r.json()["data"]["result"]["result"]:
+        if node.get("state") == "ALIVE":
+            for key, value in (node.get("resources_total") or {}).items():
+                total[key] = total.get(key, 0.0) + float(value)
+    return total
 
 
-def connect_driver(info: ClusterInfo) -> None:
-    """Connect this process to the cluster (to read its resources)."""
-    import ray
+class Cluster:
+    """The cluster as the API sees it: where it is, whether it answers, what it has; an embedded head
+    that is gone is started again by ``ensure``."""
 
-    if ray.is_initialized():
-        return
-    try:
-        ray.init(address=info.gcs_address, log_to_driver=False, logging_level="WARNING")
-    except ConnectionError as exc:
-        raise ClusterUnavailable(f"cannot reach Ray at {info.gcs_address}: {exc}") from exc
+    # An embedded head whose GCS process still runs but whose dashboard does not answer (a busy
+    # machine) is given this long before it is replaced.
+    UNRESPONSIVE_S = 60.0
 
+    def __init__(self, state_dir: Path, address: str | None = None, dashboard_url: str | None = None) -> None:
+        self.state_dir = state_dir
+        self.embedded = address is None
+        self.info = ClusterInfo(address, dashboard_url or "", False) if address else None  # type: ignore[arg-type]
+        self.restarts = 0
+        self._down_since: float | None = None
 
-def total_resources() -> dict[str, float]:
-    import ray
+    @classmethod
+    def attached(cls, state_dir: Path, info: ClusterInfo) -> "Cluster":
+        """The embedded head ``info`` as started earlier (read from its record)."""
+        cluster = cls(state_dir)
+        cluster.info = info
+        return cluster
 
-    return dict(ray.cluster_resources())
+    @property
+    def record(self) -> Path:
+        return self.state_dir / "ray-head.json"
+
+    def start(self) -> ClusterInfo:
+        """Attach to the embedded head this data directory started (if it answers), else start one."""
+        if self.embedded:
+            self.info = start_embedded(self.state_dir)
+        return self.info
+
+    @property
+    def dashboard_url(self) -> str:
+        return self.info.dashboard_url
+
+    def answers(self) -> bool:
+        return self.info is not None and dashboard_up(self.info.dashboard_url)
+
+    def ensure(self) -> bool:
+        """True when the cluster answers. An embedded head that does not is replaced by a new one
+        (at once when its GCS process is gone, after ``UNRESPONSIVE_S`` when it only does not answer);
+        ``restarts`` counts the replacements."""
+        if self.answers():
+            self._down_since = None
+            return True
+        if not self.embedded:
+            return False
+        now = time.monotonic()
+        self._down_since = self._down_since or now
+        if self.info is not None and gcs_process_alive(self.info) and now - self._down_since < self.UNRESPONSIVE_S:
+            return False
+        if self.info is not None:
+            stop_embedded(self.info, grace_seconds=2.0)  # whatever is left of the old head
+        self.record.unlink(missing_ok=True)
+        self.info = start_embedded(self.state_dir)
+        self.restarts += 1
+        self._down_since = None
+        return True
+
+    def resources(self) -> dict[str, float]:
+        return cluster_resources(self.info.dashboard_url)

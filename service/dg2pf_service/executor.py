@@ -17,7 +17,7 @@ from ray.job_submission import JobStatus, JobSubmissionClient
 
 from dg2pf_core.job import PruneJob
 
-from .cluster import auth_headers
+from .cluster import Cluster, auth_headers
 from .runner import ERROR, JOB, OUTPUT, PROGRESS
 
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
@@ -52,30 +52,51 @@ def needs_of(doc: dict) -> tuple[float, float]:
     return (float(workers), float(workers) if gpu else 0.0)
 
 
-class RayJobsExecutor:
-    def __init__(self, dashboard_url: str, python: str | None = None) -> None:
-        self.client = JobSubmissionClient(dashboard_url, headers=auth_headers())
-        self.python = python or sys.executable
+class SubmissionExists(RuntimeError):
+    """Ray already has a job with this submission id (submitted by an API that died before recording it)."""
 
-    def submit(self, job_id: str, job_dir: Path, order: Order) -> str:
+
+class RayJobsExecutor:
+    def __init__(self, cluster: Cluster, python: str | None = None) -> None:
+        self.cluster = cluster
+        self.python = python or sys.executable
+        self._client: JobSubmissionClient | None = None
+        self._client_url: str | None = None
+
+    @property
+    def client(self) -> JobSubmissionClient:
+        """A Jobs API client for the cluster's dashboard now (a restarted embedded head has a new one)."""
+        url = self.cluster.dashboard_url
+        if self._client is None or self._client_url != url:
+            self._client, self._client_url = JobSubmissionClient(url, headers=auth_headers()), url
+        return self._client
+
+    def submit(self, job_id: str, job_dir: Path, order: Order, attempt: int = 0) -> str:
+        """Submit the job's runner as a Ray Job; ``attempt`` > 0 for a resubmission after lost work
+        (a fresh submission id: Ray keeps the ids of its finished jobs)."""
         job_dir.mkdir(parents=True, exist_ok=True)
         (job_dir / JOB).write_text(json.dumps({
             "prune_job": order.prune_job.to_dict(), "workers": order.workers, "use_gpu": order.use_gpu,
             "tune": order.tune, "storage_path": order.storage_path, "placement": order.placement,
             "cluster_may_grow": order.cluster_may_grow,
         }, indent=1))
-        submission_id = f"dg2pf-{job_id}"
-        self.client.submit_job(
-            entrypoint=f"{shlex.quote(self.python)} -m dg2pf_service.runner {shlex.quote(str(job_dir))}",
-            submission_id=submission_id,
-            # An in-process job trains in the entrypoint itself; a Ray Train job's workers hold the CPUs.
-            entrypoint_num_cpus=1 if order.in_process else 0,
-            # Ray Train's controller reads its worker start timeout from the driver's environment: a job
-            # whose workers cannot be placed (a node was lost) then fails over instead of waiting for ever.
-            runtime_env={"env_vars": {"PYTHONUNBUFFERED": "1",
-                                      "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": f"{order.worker_start_timeout_s:g}"}},
-            metadata={"dg2pf_job": job_id},
-        )
+        submission_id = f"dg2pf-{job_id}" if attempt == 0 else f"dg2pf-{job_id}-r{attempt}"
+        try:
+            self.client.submit_job(
+                entrypoint=f"{shlex.quote(self.python)} -m dg2pf_service.runner {shlex.quote(str(job_dir))}",
+                submission_id=submission_id,
+                # An in-process job trains in the entrypoint itself; a Ray Train job's workers hold the CPUs.
+                entrypoint_num_cpus=1 if order.in_process else 0,
+                # Ray Train's controller reads its worker start timeout from the driver's environment: a job
+                # whose workers cannot be placed (a node was lost) then fails over instead of waiting for ever.
+                runtime_env={"env_vars": {"PYTHONUNBUFFERED": "1",
+                                          "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": f"{order.worker_start_timeout_s:g}"}},
+                metadata={"dg2pf_job": job_id, "attempt": str(attempt)},
+            )
+        except RuntimeError as exc:
+            if "already exists" in str(exc):
+                raise SubmissionExists(submission_id) from exc
+            raise
         return submission_id
 
     def status(self, submission_id: str) -> str | None:

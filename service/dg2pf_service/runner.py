@@ -5,23 +5,33 @@ leaves everything the service needs in ``JOB_DIR``: ``progress.jsonl`` (a line p
 happens), ``output/`` (model.safetensors, metrics.json, history.json, trials.csv for tune jobs) and,
 on failure, ``error.json`` ({type, message}). The API process may be down meanwhile; it reads these
 files when it comes back.
+
+A job may be run again after its Ray work was lost (a head restart, a lost node, a killed runner):
+the new run resumes instead of starting over. A single-process job saves its full training state
+after every epoch in ``JOB_DIR/state/`` and continues from it; a Ray Train job resumes from its last
+Ray Train checkpoint (same run name and storage); a run whose output is already complete ends at
+once. The runner's lifeline (``lifeline``) stops it when its Ray supervisor or cluster is gone.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 import traceback
 from pathlib import Path
 
 from dg2pf_core.errors import DG2PFError
 from dg2pf_core.job import PruneJob, prune_to_dir
-from dg2pf_core.state import EpochRecord, append_record
+from dg2pf_core.state import STATE_FILE, EpochRecord, TrainingState, append_record
+
+from .lifeline import start_lifeline
 
 PROGRESS = "progress.jsonl"
 OUTPUT = "output"
 ERROR = "error.json"
 JOB = "job.json"
+STATE = "state"  # the last epoch's TrainingState of a single-process job
 
 
 class _ProgressFile:
@@ -45,6 +55,14 @@ def run(job_dir: Path) -> None:
     job = PruneJob.from_dict(order["prune_job"])
     out = job_dir / OUTPUT
     progress = job_dir / PROGRESS
+    if (out / "metrics.json").is_file():
+        # A previous run wrote the output (renamed into place whole) and was lost before it ended.
+        metrics = json.loads((out / "metrics.json").read_text())
+        (out / "history.json").write_text(json.dumps(metrics.get("history", []), indent=1))
+        return
+    (job_dir / ERROR).unlink(missing_ok=True)  # from an earlier run of this job
+    for partial in job_dir.glob(f".{OUTPUT}.partial-*"):  # staging left by a run killed while writing
+        shutil.rmtree(partial, ignore_errors=True)
     # Absent from job.json files written before these options existed (jobs running across an upgrade).
     placement = {"placement": order.get("placement", "pack"), "cluster_may_grow": order.get("cluster_may_grow", False)}
     if order.get("tune"):
@@ -65,13 +83,22 @@ def run(job_dir: Path) -> None:
                                                     storage_path=order["storage_path"], run_name=f"job-{job_dir.name}",
                                                     progress_path=str(progress), verbose=False))
     else:
-        metrics = prune_to_dir(job, out, progress=_ProgressFile(progress))
+        import torch
+
+        # The job holds one CPU (entrypoint_num_cpus=1): one thread, not one per core of the node,
+        # so jobs side by side do not make OpenMP spin.
+        torch.set_num_threads(1)
+        state_dir = job_dir / STATE
+        resume = TrainingState.load(state_dir) if (state_dir / STATE_FILE).is_file() else None
+        metrics = prune_to_dir(job, out, progress=_ProgressFile(progress), resume=resume,
+                               reporter=lambda record, state: state.save(state_dir))
     (out / "history.json").write_text(json.dumps(metrics.get("history", []), indent=1))
 
 
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     job_dir = Path(args[0])
+    start_lifeline()
     try:
         run(job_dir)
     except DG2PFError as exc:

@@ -1,21 +1,33 @@
 """Reconciling the job store with Ray, and dispatching queued jobs first in, first out.
 
-One ``tick`` does both. It runs in a background thread of the API process every ``poll_seconds``
-and once at start-up, which is how a restarted API re-attaches to jobs that kept running on Ray,
-and how a job whose Ray work vanished is marked failed instead of staying "running" for ever.
+One ``tick`` does it all. It runs in a background thread of the API process every ``poll_seconds``
+and once at start-up, which is how a restarted API re-attaches to jobs that kept running on Ray.
+
+- The cluster first: an embedded head that is gone is started again (``Cluster.ensure``); while an
+  external cluster does not answer nothing is decided, and after ``cluster_lost_timeout_s`` its
+  running jobs fail (a job never stays "running" for ever).
+- A running job whose Ray work is gone (the Ray job no longer exists, or its runner ended without a
+  result: killed, or its node lost) is resubmitted and resumes from its last epoch, up to
+  ``max_restarts`` times; then it fails with what happened each time.
+- A queued job whose order cannot be built or submitted fails with the reason; the queue moves on.
+- No process of a job outlives it: runners of jobs that ended are killed (``processes``).
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 
 from dg2pf_core.errors import DG2PFError
 
-from .executor import Order, RayJobsExecutor, needs_of, read_error, read_metrics, read_progress
+from .cluster import Cluster
+from .executor import Order, RayJobsExecutor, SubmissionExists, needs_of, read_error, read_metrics, read_progress
+from .processes import RUNNER, kill_job_processes, process_table
+from .store.models import TERMINAL_STATES
 from .store.repo import JobStore
 
 log = logging.getLogger("dg2pf.scheduler")
@@ -51,24 +63,71 @@ def progress_fields(records: list[dict], target: float, pruning_epochs: int) -> 
     return fields
 
 
+# A running job whose state the service cannot read this many ticks in a row fails (never "running" for ever).
+MAX_RECONCILE_ERRORS = 30
+SWEEP_EVERY_S = 5.0
+
+
+def reason_of(exc: BaseException) -> str:
+    """One message for a job's error record: a DG2PFError's own, else the type and the first lines."""
+    if isinstance(exc, DG2PFError):
+        return exc.message
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text}"[:1000]
+
+
 class Scheduler:
-    def __init__(self, store: JobStore, executor: RayJobsExecutor, capacity: Callable[[], tuple[float, float]],
-                 make_order: Callable[[dict], Order], on_succeeded: Callable[[object], None] | None = None) -> None:
-        self.store, self.executor, self.capacity, self.make_order = store, executor, capacity, make_order
-        self.on_succeeded = on_succeeded
+    def __init__(self, store: JobStore, executor: RayJobsExecutor, cluster: Cluster,
+                 capacity: Callable[[], tuple[float, float]], make_order: Callable[[dict], Order], *,
+                 jobs_dir: Path, on_succeeded: Callable[[object], None] | None = None, max_restarts: int = 2,
+                 cluster_lost_timeout_s: float = 600.0) -> None:
+        self.store, self.executor, self.cluster, self.capacity, self.make_order = store, executor, cluster, capacity, make_order
+        self.jobs_dir, self.on_succeeded = Path(jobs_dir), on_succeeded
+        self.max_restarts, self.cluster_lost_timeout_s = max_restarts, cluster_lost_timeout_s
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._errors: dict[str, int] = {}
+        self._unreachable_since: float | None = None
+        self._last_sweep = 0.0
 
     # --- one pass ---
     def tick(self) -> None:
         with self._lock:
+            if self._cluster_answers():
+                for row in self.store.active_jobs():
+                    try:
+                        self._reconcile(row)
+                        self._errors.pop(row.id, None)
+                    except Exception as exc:  # noqa: BLE001 - one bad job must not stop the others
+                        log.exception("reconciling job %s failed", row.id)
+                        self._reconcile_failed(row, exc)
+                self._dispatch()
+            if time.monotonic() - self._last_sweep >= SWEEP_EVERY_S:
+                self._last_sweep = time.monotonic()
+                self.sweep()
+
+    def _cluster_answers(self) -> bool:
+        before = self.cluster.restarts
+        try:
+            up = self.cluster.ensure()
+        except Exception:  # noqa: BLE001 - a head that cannot start now may start on the next tick
+            log.exception("the Ray cluster does not answer and could not be started")
+            up = False
+        if self.cluster.restarts != before:
+            log.warning("the embedded Ray head was gone: started a new one (dashboard %s); its jobs are resubmitted",
+                        self.cluster.dashboard_url)
+        if up:
+            self._unreachable_since = None
+            return True
+        now = time.monotonic()
+        self._unreachable_since = self._unreachable_since or now
+        if now - self._unreachable_since >= self.cluster_lost_timeout_s:
+            message = (f"the Ray cluster at {self.cluster.dashboard_url} has not answered for {self.cluster_lost_timeout_s:g} s "
+                       "(DG2PF_CLUSTER_LOST_TIMEOUT_S); the job's work is lost: resubmit it once the cluster is back")
             for row in self.store.active_jobs():
-                try:
-                    self._reconcile(row)
-                except Exception:  # noqa: BLE001 - one bad job must not stop the others
-                    log.exception("reconciling job %s failed", row.id)
-            self._dispatch()
+                self._fail(row, "LostJob", message)
+        return False
 
     def _reconcile(self, row) -> None:
         job_dir = Path(row.artifacts_dir)
@@ -77,9 +136,8 @@ class Scheduler:
         fields = progress_fields(records, row.target_sparsity, int(schedule.get("pruning_epochs", 10)))
         status = self.executor.status(row.ray_submission_id) if row.ray_submission_id else None
         if status is None:
-            self.store.transition(row.id, {"running"}, "failed", finished_at=_now(), error_type="LostJob",
-                                  error_message=f"the Ray job {row.ray_submission_id} no longer exists (was the Ray cluster restarted?)",
-                                  **fields)
+            what = f"the Ray job {row.ray_submission_id}" if row.ray_submission_id else "its Ray job"
+            self._lost(row, fields, f"{what} no longer exists (the Ray head was restarted or lost)")
         elif status == "SUCCEEDED":
             metrics = read_metrics(job_dir) or {}
             fields.update(phase="done", eta_seconds=0.0, best_metrics=_summary(metrics) or fields.get("best_metrics"))
@@ -89,33 +147,120 @@ class Scheduler:
             if done is not None and self.on_succeeded is not None:
                 self.on_succeeded(done)
         elif status == "FAILED":
-            err = read_error(job_dir) or {"type": "RayJobFailed", "message": self.executor.logs_tail(row.ray_submission_id) or "the Ray job failed"}
-            self.store.transition(row.id, {"running"}, "failed", finished_at=_now(), error_type=err["type"], error_message=err["message"], **fields)
+            err = read_error(job_dir)
+            if err is None:
+                # No error.json: the runner did not end by itself (killed, out of memory, its node lost).
+                tail = self.executor.logs_tail(row.ray_submission_id, lines=3).strip().replace("\n", " | ")
+                self._lost(row, fields, "its runner ended without a result (killed, out of memory, or its node was lost)"
+                           + (f"; last log lines: {tail[-300:]}" if tail else ""))
+            else:
+                self._fail(row, err["type"], err["message"], **fields)
         elif status == "STOPPED":
             self.store.transition(row.id, {"running"}, "cancelled", finished_at=_now(), **fields)
+            kill_job_processes(job_dir)
         else:
             self.store.update_job(row.id, **fields)
 
+    def _lost(self, row, fields: dict, reason: str) -> None:
+        """The job's Ray work is gone: resubmit it (it resumes from its last epoch), or fail it once
+        it has been restarted ``max_restarts`` times."""
+        job_dir = Path(row.artifacts_dir)
+        # The old runner, if it still runs here, must not write beside the new one.
+        kill_job_processes(job_dir, grace_seconds=1.0)
+        log_ = [*(row.restart_log or []), {"at": _now().isoformat(), "epoch": int(fields.get("epoch") or 0), "reason": reason}]
+        if row.restarts >= self.max_restarts:
+            steps = "; ".join(f"({i}) at epoch {e['epoch']}: {e['reason']}" for i, e in enumerate(log_, 1))
+            self._fail(row, "LostJob", f"the job's Ray work was lost {len(log_)} times, and DG2PF_JOB_MAX_RESTARTS={self.max_restarts} "
+                       f"allows {self.max_restarts} restart(s): {steps}", restart_log=log_, **fields)
+            return
+        attempt = row.restarts + 1
+        log.warning("job %s: %s; resubmitting it (restart %d of %d)", row.id, reason, attempt, self.max_restarts)
+        try:
+            submission = self._submit(row, attempt)
+        except _JobRefused as exc:
+            self._fail(row, exc.type, f"{reason}; resubmitting it failed: {exc.message}", restart_log=log_, **fields)
+            return
+        if self.store.transition(row.id, {"running"}, "running", ray_submission_id=submission, restarts=attempt,
+                                 restart_log=log_, **fields) is None:
+            self.executor.stop(submission)  # cancelled meanwhile
+
+    def _submit(self, row, attempt: int = 0) -> str:
+        """Build the job's order and submit it; ``_JobRefused`` when the job itself is the problem."""
+        try:
+            order = self.make_order(row.spec)
+        except Exception as exc:  # noqa: BLE001 - whatever the spec does wrong, this job fails, not the queue
+            raise _JobRefused(type(exc).__name__, reason_of(exc)) from exc
+        try:
+            return self.executor.submit(row.id, Path(row.artifacts_dir), order, attempt=attempt)
+        except SubmissionExists as exc:
+            return exc.args[0]  # an earlier API process submitted it and died before recording it
+        except DG2PFError as exc:
+            raise _JobRefused(type(exc).__name__, exc.message) from exc
+        except Exception as exc:
+            if self.cluster.answers():  # the cluster is fine: Ray refused this job
+                raise _JobRefused(type(exc).__name__, f"Ray refused the job: {reason_of(exc)}") from exc
+            raise  # the cluster went away: try again on a later tick
+
+    def _fail(self, row, error_type: str, message: str, **fields) -> None:
+        self.store.transition(row.id, {"running", "queued"}, "failed", finished_at=_now(), error_type=error_type,
+                              error_message=message, **fields)
+        kill_job_processes(Path(row.artifacts_dir), grace_seconds=1.0)
+
+    def _reconcile_failed(self, row, exc: Exception) -> None:
+        self._errors[row.id] = self._errors.get(row.id, 0) + 1
+        if self._errors[row.id] >= MAX_RECONCILE_ERRORS:
+            self._errors.pop(row.id, None)
+            self._fail(row, "ServiceError", f"the service could not follow this job {MAX_RECONCILE_ERRORS} times in a row: {reason_of(exc)}")
+
     def _dispatch(self) -> None:
-        total_cpu, total_gpu = self.capacity()
+        try:
+            total_cpu, total_gpu = self.capacity()
+        except Exception:  # noqa: BLE001 - the cluster went away between ticks
+            log.exception("cannot read the cluster's resources")
+            return
         used_cpu = used_gpu = 0.0
         for row in self.store.active_jobs():
             c, g = needs_of(row.spec)
             used_cpu, used_gpu = used_cpu + c, used_gpu + g
         for row in self.store.queued_in_order():
-            c, g = needs_of(row.spec)
+            try:
+                c, g = needs_of(row.spec)
+            except Exception as exc:  # noqa: BLE001 - a malformed stored spec
+                self._fail(row, type(exc).__name__, f"the stored job spec is unusable: {reason_of(exc)}")
+                continue
             if used_cpu + c > total_cpu or used_gpu + g > total_gpu:
                 break  # first in, first out: nobody overtakes the head of the queue
             try:
-                order = self.make_order(row.spec)
-                submission = self.executor.submit(row.id, Path(row.artifacts_dir), order)
-            except DG2PFError as exc:
-                self.store.transition(row.id, {"queued"}, "failed", finished_at=_now(), error_type=type(exc).__name__, error_message=exc.message)
+                submission = self._submit(row)
+            except _JobRefused as exc:
+                self._fail(row, exc.type, exc.message)
                 continue
+            except Exception:  # noqa: BLE001 - the cluster is gone: the job stays queued
+                log.exception("submitting job %s failed; it stays queued", row.id)
+                return
             if self.store.transition(row.id, {"queued"}, "running", started_at=_now(), ray_submission_id=submission, phase="baseline") is None:
                 self.executor.stop(submission)  # cancelled while we were submitting
                 continue
             used_cpu, used_gpu = used_cpu + c, used_gpu + g
+
+    def sweep(self) -> list[str]:
+        """Kill this machine's runner processes of jobs that have ended (or are unknown); returns their ids."""
+        root = str(self.jobs_dir.resolve())
+        found: set[str] = set()
+        for _, cmd in process_table().values():
+            if RUNNER not in cmd or root not in cmd:
+                continue
+            rest = cmd.split(root, 1)[1].lstrip("/")
+            job_id = rest.split("/", 1)[0].split(" ", 1)[0].strip("'\"")
+            if job_id:
+                found.add(job_id)
+        ended = []
+        for job_id in found:
+            row = self.store.get_job(job_id)
+            if row is None or row.state in TERMINAL_STATES:
+                kill_job_processes(self.jobs_dir / job_id)
+                ended.append(job_id)
+        return ended
 
     # --- background loop ---
     def start(self, poll_seconds: float) -> None:
@@ -133,6 +278,12 @@ class Scheduler:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=10)
+
+
+class _JobRefused(Exception):
+    def __init__(self, type_: str, message: str) -> None:
+        super().__init__(message)
+        self.type, self.message = type_, message
 
 
 def _summary(metrics: dict) -> dict | None:

@@ -8,7 +8,7 @@ from urllib.parse import urlparse
 
 from dg2pf_core.errors import DG2PFError
 
-from .cluster import ClusterInfo, connect_driver, start_embedded, total_resources
+from .cluster import Cluster
 from .executor import Order, RayJobsExecutor
 from .executor import output_dir
 from .scheduler import Scheduler
@@ -26,7 +26,7 @@ from .store.repo import JobStore
 class Services:
     settings: Settings
     store: JobStore
-    cluster: ClusterInfo
+    cluster: Cluster
     executor: RayJobsExecutor
     scheduler: Scheduler
     serving: ServingSupervisor
@@ -35,7 +35,7 @@ class Services:
     def capacity(self) -> tuple[float, float]:
         """CPUs and GPUs jobs can count on: the cluster's (or what it can scale up to, when set), less
         what serving replicas may hold."""
-        r, s = total_resources(), self.settings
+        r, s = self.cluster.resources(), self.settings
         cpu = max(float(r.get("CPU", 0.0)), s.cluster_max_cpus or 0.0)
         gpu = max(float(r.get("GPU", 0.0)), s.cluster_max_gpus or 0.0)
         if self.store.list_deployments():
@@ -52,12 +52,14 @@ class Services:
         return self.settings.serve_public_url or self.serving.url
 
 
-def cluster_for(settings: Settings) -> ClusterInfo:
+def cluster_for(settings: Settings) -> Cluster:
+    """The configured cluster (``ray_address``), or the embedded head of this data directory."""
+    state_dir = settings.data_dir / "ray-state"
     if settings.ray_address:
         host = urlparse(f"//{settings.ray_address.removeprefix('ray://')}").hostname or "127.0.0.1"
         dashboard = settings.ray_dashboard_url or f"http://{host}:8265"
-        return ClusterInfo(settings.ray_address, dashboard, embedded=False)
-    return start_embedded(settings.data_dir / "ray-state")
+        return Cluster(state_dir, settings.ray_address, dashboard)
+    return Cluster(state_dir)
 
 
 def build(settings: Settings) -> Services:
@@ -66,8 +68,8 @@ def build(settings: Settings) -> Services:
     upgrade(settings.db_url)
     store = JobStore(make_sessionmaker(make_engine(settings.db_url)))
     cluster = cluster_for(settings)
-    connect_driver(cluster)
-    executor = RayJobsExecutor(cluster.dashboard_url)
+    cluster.start()
+    executor = RayJobsExecutor(cluster)
     storage = settings.storage_uri or str(settings.data_dir / "ray")
 
     def make_order(spec_doc: dict) -> Order:
@@ -84,10 +86,13 @@ def build(settings: Settings) -> Services:
     serving = ServingSupervisor(
         ServeOptions.from_settings(settings),
         wanted=lambda: {d.model_id: d.output_dir for d in store.list_deployments()},
+        dashboard_url=lambda: cluster.dashboard_url,
     )
     deployments = Deployments(store, serving, lambda row: output_dir(Path(row.artifacts_dir)))
     services = Services(settings, store, cluster, executor, None, serving, deployments)  # type: ignore[arg-type]
-    services.scheduler = Scheduler(store, executor, services.capacity, make_order, on_succeeded=services.on_succeeded)
+    services.scheduler = Scheduler(store, executor, cluster, services.capacity, make_order, jobs_dir=settings.jobs_dir,
+                                   on_succeeded=services.on_succeeded, max_restarts=settings.job_max_restarts,
+                                   cluster_lost_timeout_s=settings.cluster_lost_timeout_s)
     return services
 
 

@@ -50,6 +50,10 @@ class Settings(BaseSettings):
     api_tokens: Annotated[list[str], NoDecode] = Field(default_factory=list, repr=False, exclude=True)
     max_upload_bytes: int = Field(2 * GIB, gt=0)
     poll_seconds: float = Field(1.0, gt=0)
+    job_max_restarts: int = Field(2, ge=0, le=100, description="times a job whose Ray work was lost (head restarted, node "
+                                  "lost, runner killed) is resubmitted to resume from its last epoch before it fails")
+    cluster_lost_timeout_s: float = Field(600.0, gt=0, description="running jobs fail when an external Ray cluster has not "
+                                          "answered for this long (an embedded head is restarted instead)")
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
 

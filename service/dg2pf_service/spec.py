@@ -17,7 +17,8 @@ from dg2pf_core.job import PruneJob
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # Infinity/NaN are refused (JSON stores them as null, and a job built from null cannot run).
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class ModelSpec(_Strict):
@@ -44,7 +45,7 @@ def _schedule_model() -> type[BaseModel]:
             continue
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
         fields[f.name] = (hints[f.name], default)
-    return create_model("ScheduleSpec", __config__=ConfigDict(extra="forbid"), **fields)
+    return create_model("ScheduleSpec", __config__=ConfigDict(extra="forbid", allow_inf_nan=False), **fields)
 
 
 ScheduleSpec = _schedule_model()

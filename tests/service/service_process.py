@@ -1,4 +1,9 @@
-"""A real dg2pf service process (uvicorn on a free port, embedded Ray head) for the API tests."""
+"""A real dg2pf service process (uvicorn on a free port, embedded Ray head) for the API tests.
+
+The API runs in a process group of its own, as a terminal or a service manager starts it, so tests
+can stop it the way the world does: ``signal_group`` sends Ctrl-C (SIGINT), SIGTERM or SIGKILL to
+the whole group.
+"""
 
 from __future__ import annotations
 
@@ -20,6 +25,7 @@ class ServiceProcess:
         self.data_dir, self.env = data_dir, env
         self.port = free_port()
         self.proc: subprocess.Popen | None = None
+        self.log_path = data_dir.parent / f"service-{self.port}.log"
 
     @property
     def url(self) -> str:
@@ -28,8 +34,10 @@ class ServiceProcess:
     def start(self, timeout: float = 180) -> "ServiceProcess":
         env = {**os.environ, "DG2PF_DATA_DIR": str(self.data_dir), "DG2PF_POLL_SECONDS": "0.3", **self.env}
         env.pop("RAY_ADDRESS", None)
-        log = (self.data_dir.parent / f"service-{self.port}.log").open("ab")
-        self.proc = subprocess.Popen([sys.executable, "-m", "dg2pf_service", "--port", str(self.port)], env=env, stdout=log, stderr=subprocess.STDOUT)
+        self.data_dir.parent.mkdir(parents=True, exist_ok=True)
+        log = self.log_path.open("ab")
+        self.proc = subprocess.Popen([sys.executable, "-m", "dg2pf_service", "--port", str(self.port)], env=env, stdout=log,
+                                     stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.time() + timeout
         while time.time() < deadline:
             if self.proc.poll() is not None:
@@ -42,16 +50,29 @@ class ServiceProcess:
             time.sleep(0.5)
         raise TimeoutError(f"service did not come up in {timeout} s")
 
+    def signal_group(self, sig: int, timeout: float = 60) -> int:
+        """Send ``sig`` to the API's whole process group (as Ctrl-C or a service manager does); wait for
+        the API to exit and return its exit status."""
+        assert self.proc is not None
+        os.killpg(self.proc.pid, sig)
+        return self.proc.wait(timeout=timeout)
+
     def kill(self) -> None:
         """SIGKILL: the API process dies without any clean-up, as in a crash."""
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGKILL)
             self.proc.wait(timeout=30)
 
+    def head(self):
+        from dg2pf_service.cluster import ClusterInfo
+
+        record = self.data_dir / "ray-state" / "ray-head.json"
+        return ClusterInfo(**json.loads(record.read_text())) if record.exists() else None
+
     def stop(self) -> None:
         self.kill()
-        record = self.data_dir / "ray-state" / "ray-head.json"
-        if record.exists():
-            from dg2pf_service.cluster import ClusterInfo, stop_embedded
+        head = self.head()
+        if head is not None:
+            from dg2pf_service.cluster import stop_embedded
 
-            stop_embedded(ClusterInfo(**json.loads(record.read_text())))
+            stop_embedded(head)

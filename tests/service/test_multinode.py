@@ -18,8 +18,8 @@ import httpx
 import pytest
 
 from dg2pf_client import Client
-from dg2pf_service.cluster import (ClusterInfo, auth_headers, descendants, kill_processes, node_env, node_ports, ray_cli,
-                                   start_embedded, stop_embedded)
+from dg2pf_service.cluster import ClusterInfo, auth_headers, node_env, node_ports, ray_cli, start_embedded, stop_embedded
+from dg2pf_service.processes import descendants, kill_processes
 
 from service_process import ServiceProcess
 

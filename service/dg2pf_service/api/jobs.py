@@ -27,6 +27,7 @@ def _links(job_id: str) -> dict[str, str]:
 def job_out(row) -> JobOut:
     return JobOut(
         id=row.id, name=row.name, state=row.state, phase=row.phase, epoch=row.epoch,
+        restarts=row.restarts or 0, restart_log=row.restart_log or [],
         current_sparsity=row.current_sparsity, target_sparsity=row.target_sparsity,
         latest_metrics=row.latest_metrics, best_metrics=row.best_metrics, history=row.history or [],
         error=ErrorInfo(type=row.error_type, message=row.error_message or "") if row.error_type else None,

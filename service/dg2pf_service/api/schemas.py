@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any, Literal
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 State = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 Phase = Literal["pending", "baseline", "gradual_pruning", "distillation", "finetuning", "done"]
@@ -28,12 +28,20 @@ class JobSubmitted(BaseModel):
     links: dict[str, str]
 
 
+class RestartInfo(BaseModel):
+    at: datetime
+    epoch: int
+    reason: str
+
+
 class JobOut(BaseModel):
     id: str
     name: str | None
     state: State
     phase: Phase
     epoch: int
+    restarts: int = Field(0, description="times the job was resubmitted after its Ray work was lost (it resumed from its last epoch)")
+    restart_log: list[RestartInfo] = Field(default_factory=list, description="when and why each restart happened")
     current_sparsity: float
     target_sparsity: float
     latest_metrics: dict[str, Any] | None

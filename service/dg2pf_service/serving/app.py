@@ -228,4 +228,10 @@ def build_app(options: ServeOptions):
     return deployment_for(options).bind(options.to_dict())
 
 
-__all__ = ["APP_NAME", "ModelServer", "build_app", "deployment_for"]
+def app_builder(args: dict[str, Any]):
+    """Serve's application builder: the ``import_path`` of the declarative config the API sends to
+    Serve's REST API (``dg2pf_service.serving.supervisor``); ``args`` is ``ServeOptions.to_dict()``."""
+    return build_app(ServeOptions.from_dict(args))
+
+
+__all__ = ["APP_NAME", "ModelServer", "app_builder", "build_app", "deployment_for"]

@@ -13,6 +13,8 @@ from typing import Any
 
 APP_NAME = "dg2pf"
 DEPLOYMENT_NAME = "ModelServer"
+# The application builder Serve imports on the cluster (declarative deploys through the REST API).
+IMPORT_PATH = "dg2pf_service.serving.app:app_builder"
 
 
 def token_digest(token: str) -> str:

@@ -5,6 +5,11 @@ Serve deployment can take a minute to come up, so it must not hold up job schedu
 the registry files from the database, deploys the application when models are listed but the app
 is missing (a fresh or restarted Ray cluster) or failed, and deletes the application when no model
 is listed, handing its CPUs back to pruning jobs.
+
+It talks to Serve only through the dashboard's REST API (``/api/serve/applications/``: a
+declarative config naming the application builder ``IMPORT_PATH``), as ``serve deploy`` and
+KubeRay do: the API process is not a Ray driver, so a lost Ray head cannot take it down, and a
+restarted head gets the application back on the next reconcile.
 """
 
 from __future__ import annotations
@@ -14,7 +19,10 @@ import threading
 import time
 from collections.abc import Callable
 
-from .options import APP_NAME, ServeOptions
+import httpx
+
+from ..cluster import auth_headers
+from .options import APP_NAME, IMPORT_PATH, ServeOptions
 from .registry import ModelRegistry
 
 log = logging.getLogger("dg2pf.serving")
@@ -26,10 +34,18 @@ _MODEL_STATUS = {"RUNNING": "ready", "DEPLOYING": "deploying", "NOT_STARTED": "d
                  "DEPLOY_FAILED": "failed", "DELETING": "deploying"}
 
 
+SERVE_API = "/api/serve/applications/"
+
+
+class ServeApiError(RuntimeError):
+    pass
+
+
 class ServingSupervisor:
-    def __init__(self, options: ServeOptions, wanted: Callable[[], dict[str, str]]) -> None:
-        """``wanted()`` returns the deployed models from the database: model id -> job output dir."""
-        self.options, self.wanted = options, wanted
+    def __init__(self, options: ServeOptions, wanted: Callable[[], dict[str, str]], dashboard_url: Callable[[], str]) -> None:
+        """``wanted()`` returns the deployed models from the database: model id -> job output dir;
+        ``dashboard_url()`` the Ray dashboard's URL now (it changes when an embedded head is restarted)."""
+        self.options, self.wanted, self.dashboard_url = options, wanted, dashboard_url
         self.registry = ModelRegistry(options.serving_dir)
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -48,12 +64,20 @@ class ServingSupervisor:
 
     # --- state --------------------------------------------------------------------------------
 
+    def _request(self, method: str, body: dict | None = None) -> dict:
+        try:
+            r = httpx.request(method, f"{self.dashboard_url().rstrip('/')}{SERVE_API}", json=body,
+                              headers=auth_headers(), timeout=30)
+        except httpx.HTTPError as exc:
+            raise ServeApiError(f"Ray's Serve API does not answer: {exc}") from exc
+        if r.status_code >= 400:
+            raise ServeApiError(f"Ray's Serve API refused {method}: {r.status_code} {r.text[:500]}")
+        return r.json() if r.content and method == "GET" else {}
+
     def app_status(self) -> tuple[str | None, str]:
         """(Serve's status of the dg2pf application or None when absent, its message)."""
-        from ray import serve
-
-        app = serve.status().applications.get(APP_NAME)
-        return (str(app.status.value if hasattr(app.status, "value") else app.status), app.message or "") if app else (None, "")
+        app = (self._request("GET").get("applications") or {}).get(APP_NAME)
+        return (str(app.get("status")), app.get("message") or "") if app else (None, "")
 
     def model_status(self) -> tuple[str, str | None]:
         """What GET /models reports for every deployed model, and Serve's message if any."""
@@ -79,29 +103,29 @@ class ServingSupervisor:
             elif not wanted and status is not None and status != "DELETING":
                 self._delete()
 
-    def _deploy(self) -> None:
-        from ray import serve
-        from ray.serve.api import RunTarget
-
-        from .app import build_app
-
-        log.info("deploying the Serve application %r on port %s", APP_NAME, self.options.port)
-        self._last_deploy = time.monotonic()
-        self._app_may_exist = True
-        # Serve's HTTP options are cluster-wide and fixed once Serve runs; a no-op when it already does.
+    def config(self) -> dict:
+        """The declarative Serve config of the dg2pf application (what ``serve deploy`` would send)."""
         # Per-request access logs cost the proxy and the replica more CPU than a small model's forward
         # pass; they are off unless asked for (DG2PF_SERVE_ACCESS_LOG).
         logging = {"enable_access_log": self.options.access_log, "log_level": "INFO" if self.options.access_log else "WARNING"}
-        serve.start(http_options={"host": self.options.host, "port": self.options.port}, proxy_location="HeadOnly",
-                    logging_config=logging)
-        serve.run_many([RunTarget(target=build_app(self.options), name=APP_NAME, route_prefix="/", logging_config=logging)],
-                       wait_for_ingress_deployment_creation=False, wait_for_applications_running=False)
+        return {
+            # Serve's HTTP options are cluster-wide and fixed once Serve runs.
+            "proxy_location": "HeadOnly",
+            "http_options": {"host": self.options.host, "port": self.options.port},
+            "logging_config": logging,
+            "applications": [{"name": APP_NAME, "route_prefix": "/", "import_path": IMPORT_PATH,
+                              "args": self.options.to_dict(), "logging_config": logging}],
+        }
+
+    def _deploy(self) -> None:
+        log.info("deploying the Serve application %r on port %s", APP_NAME, self.options.port)
+        self._last_deploy = time.monotonic()
+        self._app_may_exist = True
+        self._request("PUT", self.config())
 
     def _delete(self) -> None:
-        from ray import serve
-
         log.info("no model is deployed: deleting the Serve application %r", APP_NAME)
-        serve.delete(APP_NAME, _blocking=False)
+        self._request("DELETE")
 
     # --- background loop ----------------------------------------------------------------------
 

@@ -102,6 +102,10 @@ class JobRow(Base):
     error_type: Mapped[str | None] = mapped_column(String(128))
     error_message: Mapped[str | None] = mapped_column(Text)
     ray_submission_id: Mapped[str | None] = mapped_column(String(128), index=True)
+    # Resubmissions after the job's Ray work was lost (head restarted, node lost, runner killed), and
+    # one {at, epoch, reason} record per loss.
+    restarts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    restart_log: Mapped[list[dict[str, Any]] | None] = mapped_column(JSON(none_as_null=True))
     artifacts_dir: Mapped[str] = mapped_column(String(1024))
     eta_seconds: Mapped[float | None] = mapped_column(Float)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)

@@ -40,7 +40,7 @@ _READ_ONLY = {
     "state": "change state with transition(), which checks the current state atomically",
 }
 _UPDATABLE = frozenset(attr.key for attr in JobRow.__mapper__.column_attrs) - _READ_ONLY.keys()
-_JSON_FIELDS = frozenset({"spec", "latest_metrics", "best_metrics", "history"})
+_JSON_FIELDS = frozenset({"spec", "latest_metrics", "best_metrics", "history", "restart_log"})
 _STATES = frozenset(s.value for s in JobState)
 _PHASES = frozenset(p.value for p in JobPhase)
 _FORMATS = frozenset(f.value for f in CheckpointFormat)

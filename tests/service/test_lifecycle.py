@@ -1,0 +1,283 @@
+"""What survives what: the API's process group stopped every way it is stopped in the world, the
+embedded Ray head lost with and without the API, cancels in every phase, `dg2pf cluster stop`.
+
+One service data directory (SQLite, the embedded head) is shared by the tests in order; the API is
+started in a process group of its own and stopped by signals to that group. Every test ends by
+checking that no process of its jobs is left (a scan of /proc for the job directory).
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from dg2pf_client import Client
+from dg2pf_core.checkpoints import read_state_dict
+from dg2pf_service.cluster import dashboard_up, head_pids
+from dg2pf_service.processes import job_processes, kill_processes, process_table
+
+from service_process import ServiceProcess
+
+pytestmark = pytest.mark.slow
+MAX_RESTARTS = 1
+
+
+def spec(checkpoint: str, **schedule) -> dict:
+    return {"model": {"arch": "digits_cnn", "num_classes": 10, "checkpoint": checkpoint}, "dataset": {"spec": "digits"},
+            "sparsity": 0.9, "schedule": {"pruning_epochs": 3, "max_epochs": 8, "patience": 2, **schedule}}
+
+
+@pytest.fixture(scope="module")
+def svc(tmp_path_factory):
+    root = tmp_path_factory.mktemp("lifecycle")
+    service = ServiceProcess(root / "state", DG2PF_JOB_MAX_RESTARTS=str(MAX_RESTARTS)).start()
+    yield service
+    service.stop()
+
+
+@pytest.fixture(scope="module")
+def ckpt(svc, digits_example) -> str:
+    with Client(svc.url) as c:
+        return c.upload_checkpoint(digits_example / "model.safetensors").id
+
+
+def job_dir(svc: ServiceProcess, job_id: str) -> Path:
+    return svc.data_dir / "jobs" / job_id
+
+
+def wait_for(predicate, timeout: float = 240, what: str = "condition"):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.3)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+def assert_no_process_left(svc: ServiceProcess, *job_ids: str, timeout: float = 30) -> None:
+    """No process on this machine names any of the jobs' directories (runner, shell, loader workers)."""
+    dirs = [job_dir(svc, j) for j in job_ids]
+    left = {}
+
+    def none_left() -> bool:
+        left.clear()
+        left.update({str(d): job_processes(d) for d in dirs if job_processes(d)})
+        return not left
+
+    deadline = time.time() + timeout
+    while time.time() < deadline and not none_left():
+        time.sleep(0.5)
+    assert not left, f"processes of ended jobs still run: {left}"
+
+
+def embedded_head_pids(svc: ServiceProcess) -> list[int]:
+    return head_pids(svc.head().gcs_address.rsplit(":", 1)[1])
+
+
+def log_text(svc: ServiceProcess) -> str:
+    return svc.log_path.read_text(errors="replace")
+
+
+def test_infinite_or_nan_schedule_values_are_refused_at_submit(svc, ckpt):
+    import httpx
+
+    for value in ("Infinity", "-Infinity", "NaN"):
+        body = json.dumps(spec(ckpt)).replace('"pruning_epochs": 3', f'"pruning_epochs": 3, "lr": {value}')
+        r = httpx.post(f"{svc.url}/jobs", content=body, headers={"content-type": "application/json"})
+        assert r.status_code == 422, r.text
+        assert r.json()["error"]["field"] == "schedule.lr"
+    with Client(svc.url) as c:
+        assert c.list().total == 0
+
+
+def test_a_job_whose_order_cannot_be_built_fails_and_the_queue_moves_on(svc, ckpt):
+    from dg2pf_service.settings import Settings
+    from dg2pf_service.store.db import make_engine, make_sessionmaker
+    from dg2pf_service.store.repo import JobStore
+
+    # A job stored by an older version that let lr=Infinity through (stored as null): its order cannot
+    # be built. It is written straight into the service's database, ahead of a good job.
+    store = JobStore(make_sessionmaker(make_engine(Settings(data_dir=svc.data_dir).db_url)))
+    bad_spec = spec(ckpt)
+    bad_spec["schedule"]["lr"] = None
+    with Client(svc.url) as c:
+        good_doc = c.get(c.submit(spec(ckpt, pruning_epochs=1, max_epochs=2)).id)
+    bad = store.create_job({"spec": bad_spec, "resolved": {"checkpoint": store.get_checkpoint(ckpt).path, "teacher": None}},
+                           "bad", 0.9, svc.data_dir / "jobs")
+    with Client(svc.url) as c:
+        after = c.submit(spec(ckpt, pruning_epochs=1, max_epochs=2)).id
+        failed = c.wait(bad.id, timeout=60)
+        assert failed.state == "failed" and "lr" in failed.error.message, failed.error
+        assert c.wait(good_doc.id, timeout=240).state == "succeeded"
+        assert c.wait(after, timeout=240).state == "succeeded"
+    assert_no_process_left(svc, bad.id, good_doc.id, after)
+
+
+def test_stopping_the_api_process_group_leaves_the_job_running(svc, ckpt):
+    """Ctrl-C, SIGTERM and SIGKILL of the API's whole process group, one after another during one
+    job: the embedded head and the job go on; each restarted API re-attaches; the job succeeds with
+    a continuous history and no restart (its Ray work was never lost)."""
+    head_before = set(embedded_head_pids(svc))
+    with Client(svc.url) as c:
+        job_id = c.submit(spec(ckpt, pruning_epochs=6, max_epochs=12, patience=2)).id
+    epoch = 0
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGKILL):
+        with Client(svc.url) as c:
+            epoch = wait_for(lambda: (j := c.get(job_id)).state == "running" and j.epoch > epoch and j.epoch,
+                             what=f"an epoch after {epoch}")
+        log_before = len(log_text(svc))
+        code = svc.signal_group(sig)
+        log = log_text(svc)[log_before:]
+        assert "Traceback" not in log, log
+        if sig != signal.SIGKILL:
+            assert code == 0, log
+            assert "keeps running with 1 running" in log and "dg2pf cluster stop" in log, log
+        assert set(embedded_head_pids(svc)) >= head_before  # the embedded head was not touched
+        assert job_processes(job_dir(svc, job_id)), "the job's runner died with the API"
+        svc.start()
+    with Client(svc.url) as c:
+        job = c.wait(job_id, timeout=300)
+    assert job.state == "succeeded", job.error
+    assert abs(job.best_metrics["sparsity_prunable"] - 0.9) < 1e-3
+    assert [h["epoch"] for h in job.history] == list(range(len(job.history)))
+    assert job.restarts == 0 and job.restart_log == []
+    assert_no_process_left(svc, job_id)
+
+
+def test_head_lost_while_the_api_is_down_the_runner_stops_and_the_job_resumes(svc, ckpt):
+    """The API's group is SIGKILLed, then the embedded head's daemons die (as when a service manager
+    stops everything the API started, in the old layout): the job's runner, in a session of its own,
+    notices within seconds and stops (no orphan). The restarted API starts a new head and resubmits
+    the job, which resumes from its last epoch."""
+    with Client(svc.url) as c:
+        job_id = c.submit(spec(ckpt, pruning_epochs=4, max_epochs=10, patience=2)).id
+        wait_for(lambda: c.get(job_id).epoch >= 2, what="epoch 2")
+    svc.signal_group(signal.SIGKILL)
+    runner = job_processes(job_dir(svc, job_id))
+    assert runner
+    kill_processes([p for p in embedded_head_pids(svc) if p not in runner], grace_seconds=0)
+    started = time.time()
+    wait_for(lambda: not job_processes(job_dir(svc, job_id)), timeout=60, what="the orphaned runner to stop")
+    assert time.time() - started < 30
+    svc.start()
+    with Client(svc.url) as c:
+        job = c.wait(job_id, timeout=300)
+    assert job.state == "succeeded", job.error
+    assert job.restarts == 1 and "no longer exists" in job.restart_log[0].reason
+    assert [h["epoch"] for h in job.history] == list(range(len(job.history)))
+    assert any(h["restarts"] == 1 for h in job.history)  # resumed, not started over
+    assert_no_process_left(svc, job_id)
+
+
+def test_head_killed_with_the_api_alive_is_replaced_and_the_job_resumes_bit_exactly(svc, ckpt, tmp_path):
+    """Every process of the embedded head SIGKILLed mid-job (the API lives on): the service starts a
+    new head and resubmits the job; it resumes from its last epoch and ends with the same weights as
+    an uninterrupted run of the same job."""
+    with Client(svc.url) as c:
+        job_id = c.submit(spec(ckpt, pruning_epochs=4, max_epochs=10, patience=2)).id
+        wait_for(lambda: c.get(job_id).epoch >= 2, what="epoch 2")
+        old_head = svc.head()
+        kill_processes(embedded_head_pids(svc), grace_seconds=0)
+        job = c.wait(job_id, timeout=300)
+        assert c.health()["checks"]["ray"] == "ok"
+    assert job.state == "succeeded", job.error
+    assert job.restarts == 1 and job.restart_log[0].epoch >= 2
+    assert svc.head().gcs_address != old_head.gcs_address and not dashboard_up(old_head.dashboard_url)
+    assert [h["epoch"] for h in job.history] == list(range(len(job.history)))
+    assert_no_process_left(svc, job_id)
+
+    from dg2pf_core.job import PruneJob, prune_to_dir
+
+    order = json.loads((job_dir(svc, job_id) / "job.json").read_text())
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the runner trains
+    try:
+        prune_to_dir(PruneJob.from_dict(order["prune_job"]), tmp_path / "uninterrupted")
+    finally:
+        torch.set_num_threads(threads)
+    resumed = read_state_dict(job_dir(svc, job_id) / "output" / "model.safetensors")
+    reference = read_state_dict(tmp_path / "uninterrupted" / "model.safetensors")
+    assert resumed.keys() == reference.keys()
+    assert all(torch.equal(resumed[k], reference[k]) for k in reference)
+
+
+def test_head_lost_more_often_than_the_limit_fails_the_job_naming_each_loss(svc, ckpt):
+    with Client(svc.url) as c:
+        job_id = c.submit(spec(ckpt, pruning_epochs=8, max_epochs=16, patience=2)).id
+        wait_for(lambda: c.get(job_id).epoch >= 1, what="epoch 1")
+        kill_processes(embedded_head_pids(svc), grace_seconds=0)
+        wait_for(lambda: (j := c.get(job_id)).restarts == 1 and j.state == "running", what="the first restart")
+        resumed_at = c.get(job_id).epoch
+        wait_for(lambda: c.get(job_id).epoch > resumed_at, what="an epoch after the restart")
+        kill_processes(embedded_head_pids(svc), grace_seconds=0)
+        job = c.wait(job_id, timeout=240)
+    assert job.state == "failed" and job.error.type == "LostJob", job
+    assert f"lost {MAX_RESTARTS + 1} times" in job.error.message and f"DG2PF_JOB_MAX_RESTARTS={MAX_RESTARTS}" in job.error.message
+    assert job.error.message.count("no longer exists") == MAX_RESTARTS + 1
+    assert_no_process_left(svc, job_id)
+
+
+def _ray_train_processes() -> list[int]:
+    return [p for p, (_, cmd) in process_table().items() if "RayTrainWorker" in cmd or "TrainController" in cmd]
+
+
+def test_cancel_in_every_phase_leaves_no_process(svc, ckpt):
+    cancelled = []
+    with Client(svc.url) as c:
+        # queued: two running jobs hold both CPUs, a third waits
+        blockers = [c.submit(spec(ckpt, pruning_epochs=10, max_epochs=20)).id for _ in range(2)]
+        queued = c.submit(spec(ckpt)).id
+        wait_for(lambda: all(c.get(b).state == "running" for b in blockers), what="two running jobs")
+        assert c.get(queued).state == "queued"
+        assert c.cancel(queued).state == "cancelled"
+        # baseline / gradual pruning: the two blockers, at their first epochs
+        wait_for(lambda: c.get(blockers[0]).epoch >= 1, what="a pruning epoch")
+        for b in blockers:
+            assert c.cancel(b).state == "cancelled"
+        cancelled += [queued, *blockers]
+        # distillation, then fine-tuning
+        for phase in ("distillation", "finetuning"):
+            job_id = c.submit(spec(ckpt, pruning_epochs=1, max_epochs=40, patience=3)).id
+            job = wait_for(lambda: (j := c.get(job_id)).phase == phase and j, what=phase)
+            assert job.state == "running"
+            assert c.cancel(job_id).state == "cancelled"
+            cancelled.append(job_id)
+        # a Ray Train job (2 DDP workers): its workers are Ray actors and go with their runner
+        ddp = c.submit({**spec(ckpt, pruning_epochs=10, max_epochs=20), "resources": {"num_workers": 2}}).id
+        wait_for(lambda: c.get(ddp).epoch >= 1, what="a DDP epoch")
+        assert _ray_train_processes()
+        assert c.cancel(ddp).state == "cancelled"
+        cancelled.append(ddp)
+        assert {c.get(j).state for j in cancelled} == {"cancelled"}
+    assert_no_process_left(svc, *cancelled)
+    wait_for(lambda: not _ray_train_processes(), timeout=60, what="the DDP workers to stop")
+    assert not job_processes(job_dir(svc, queued)) and not (job_dir(svc, queued) / "progress.jsonl").exists()
+
+
+def test_cluster_stop_is_refused_while_the_api_runs_then_cancels_running_jobs(svc, ckpt, capsys):
+    from dg2pf_cli.main import main
+
+    with Client(svc.url) as c:
+        job_id = c.submit(spec(ckpt, pruning_epochs=10, max_epochs=20)).id
+        wait_for(lambda: c.get(job_id).epoch >= 1, what="epoch 1")
+    assert main(["cluster", "stop", "--data-dir", str(svc.data_dir)]) == 2
+    assert "stop it first" in capsys.readouterr().err
+    assert svc.signal_group(signal.SIGTERM) == 0
+    head = embedded_head_pids(svc)
+    assert main(["cluster", "status", "--data-dir", str(svc.data_dir)]) == 0
+    assert "1 running" in capsys.readouterr().out
+    assert main(["cluster", "stop", "--data-dir", str(svc.data_dir)]) == 0
+    out = capsys.readouterr().out
+    assert f"cancelled running job {job_id}" in out and "stopped the embedded Ray head" in out
+    assert not [p for p in head if Path(f"/proc/{p}").exists() and "Z" not in Path(f"/proc/{p}/stat").read_text().split(")")[-1][:3]]
+    assert_no_process_left(svc, job_id)
+    svc.start()  # the job stays cancelled; the service starts a new head for new work
+    with Client(svc.url) as c:
+        job = c.get(job_id)
+    assert job.state == "cancelled" and job.error.type == "ClusterStopped"

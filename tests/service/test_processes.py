@@ -1,0 +1,86 @@
+"""Finding and stopping a job's processes, and the runner's lifeline, with real processes (no Ray)."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+from dg2pf_service.lifeline import Lifeline, _stat, supervising_ancestors
+from dg2pf_service.processes import job_processes, kill_job_processes
+
+# A stand-in runner: its command line names the runner module and the job directory, as Ray's
+# entrypoint does; it starts a child (a data-loader worker), then sleeps.
+FAKE_RUNNER = "import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)']); time.sleep(120)"
+
+
+def start_fake_runner(job_dir: Path) -> subprocess.Popen:
+    proc = subprocess.Popen([sys.executable, "-c", FAKE_RUNNER, "-m", "dg2pf_service.runner", str(job_dir)])
+    deadline = time.time() + 10
+    while len(job_processes(job_dir)) < 2 and time.time() < deadline:
+        time.sleep(0.1)
+    return proc
+
+
+def test_a_jobs_processes_are_found_by_its_directory_and_all_stopped(tmp_path):
+    job_dir = tmp_path / "jobs" / "abc123"
+    other = start_fake_runner(tmp_path / "jobs" / "abc1234")  # a directory name with the same prefix
+    proc = start_fake_runner(job_dir)
+    try:
+        found = job_processes(job_dir)
+        assert proc.pid in found and len(found) == 2  # the runner and its child, nothing else
+        assert other.pid not in found
+        assert kill_job_processes(job_dir, grace_seconds=1) == found
+        proc.wait(timeout=10)
+        assert job_processes(job_dir) == []
+        assert other.poll() is None  # the other job's runner is untouched
+    finally:
+        kill_job_processes(tmp_path / "jobs" / "abc1234", grace_seconds=0)
+        other.wait(timeout=10)
+
+
+def test_the_lifeline_fires_within_seconds_of_its_supervisors_death():
+    parent = subprocess.Popen(["sleep", "60"])
+    fired: list[str] = []
+    done = threading.Event()
+    line = Lifeline(None, poll_s=0.1, on_lost=lambda reason: (fired.append(reason), done.set()))
+    started = _stat(parent.pid)
+    assert started is not None
+    line.ancestors = [(parent.pid, started[1])]
+    line.start()
+    time.sleep(0.5)
+    assert not fired  # alive: nothing happens
+    parent.kill()
+    parent.wait()
+    assert done.wait(5), "the lifeline did not notice its supervisor's death"
+    assert f"process {parent.pid} is gone" in fired[0]
+
+
+def test_the_lifeline_fires_when_the_gcs_refuses_connections():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed once the block ends: connections are refused
+    done = threading.Event()
+    fired: list[str] = []
+    line = Lifeline(f"127.0.0.1:{port}", poll_s=0.1, gcs_grace_s=0.5, on_lost=lambda r: (fired.append(r), done.set()))
+    line.ancestors = []
+    line.start()
+    assert done.wait(5)
+    assert "refused connections" in fired[0]
+
+
+def test_a_process_under_a_ray_job_supervisor_finds_it_and_one_run_by_hand_does_not(tmp_path):
+    child = tmp_path / "child.py"
+    child.write_text("import os\nfrom dg2pf_service.lifeline import supervising_ancestors\n"
+                     "print(supervising_ancestors(), os.getppid(), sep='|')\n")
+    parent = tmp_path / "parent.py"
+    parent.write_text(f"import subprocess\nsubprocess.run([{sys.executable!r}, {str(child)!r}])\n")
+    # `exec -a` gives the parent the command line a Ray job supervisor actor has (ray::JobSupervisor).
+    out = subprocess.run(["bash", "-c", f"exec -a ray::JobSupervisor {sys.executable} {parent}"],
+                         capture_output=True, text=True, timeout=60)
+    chain, ppid = out.stdout.strip().split("|")
+    assert chain.startswith(f"[({ppid}, "), out
+    assert supervising_ancestors() == []  # pytest is not a Ray job: no lifeline
