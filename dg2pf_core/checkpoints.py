@@ -1,21 +1,27 @@
 """Reading and writing model weights safely.
 
-Checkpoints come from users, so reading one must never run code: ``.safetensors`` files are
-pure data, and everything else goes through ``torch.load(weights_only=True)``, which refuses
-pickled objects other than tensors and plain containers. Every way a file can be unusable
-(missing, corrupt, pickled objects, wrong shapes) becomes a :class:`CheckpointError` that
-names the file and what to do.
+Checkpoints come from users, so reading one must never run code. A file is recognised by its
+first bytes, not its name: safetensors content is pure data, and ``torch.save`` files go through
+``torch.load(weights_only=True)``, which refuses pickled objects other than tensors and plain
+containers. Every way a file can be unusable (missing, corrupt, pickled objects, a Git LFS
+pointer or an HTML page saved in its place, a TorchScript archive, non-finite weights, wrong
+shapes) becomes a :class:`CheckpointError` that names the file, says what it is and what to do.
 """
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 import os
 import pickle
+import pickletools
 import re
 import warnings
+import zipfile
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
+from typing import NoReturn
 
 import safetensors.torch
 import torch
@@ -25,21 +31,79 @@ from dg2pf_core.errors import CheckpointError
 
 # Training scripts commonly save {"state_dict": ...} or {"model": ...} next to optimiser state.
 _WRAPPER_KEYS = ("state_dict", "model")
-# nn.DataParallel / DistributedDataParallel prefix every key with this.
-_DDP_PREFIX = "module."
+# nn.DataParallel / DistributedDataParallel and torch.compile prefix every key with these, in
+# either order when a compiled model is wrapped (or a wrapped one compiled).
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+# A LightningModule's checkpoint holds its own state_dict, so the network's keys carry the
+# attribute name it was assigned to; "model" is the convention we undo.
+_LIGHTNING_PREFIX = "model."
 _MAX_NAMES = 3
 
 _SAFE_FORMAT_HINT = (
     "save a plain state_dict (torch.save(model.state_dict(), ...)) or a .safetensors file"
 )
 
+# Enough for every signature below (tar's sits at byte 257) and a line of text to quote.
+_SNIFF_BYTES = 1024
+# safetensors refuses headers above 100 MB; a larger "length" means the file is something else.
+_MAX_SAFETENSORS_HEADER = 100_000_000
+# torch.save before PyTorch 1.6 starts with a protocol-2 pickle of this magic number.
+_LEGACY_TORCH_MAGIC = b"\x80\x02\x8a\x0a" + (0x1950A86A20F9469CFC6C).to_bytes(10, "little")
+_LFS_POINTER = "version https://git-lfs.github.com/spec/"
+_REDOWNLOAD = "re-download it"
+_EXTRACT = "extract it and give the path of the checkpoint inside"
+_NOT_TORCH = "convert the weights to a PyTorch state_dict and save it with torch.save or safetensors"
+# (offset, signature, what it is, what to do) for binary formats that are not checkpoints.
+_OTHER_FORMATS = (
+    (0, b"\x1f\x8b", "a gzip-compressed file", "decompress it (gunzip, or tar xzf for .tar.gz) "
+     "and give the path of the checkpoint inside"),
+    (0, b"BZh", "a bzip2-compressed file", "decompress it (bunzip2) and give the path of the "
+     "checkpoint inside"),
+    (0, b"\xfd7zXZ\x00", "an xz-compressed file", "decompress it (unxz) and give the path of the "
+     "checkpoint inside"),
+    (0, b"\x28\xb5\x2f\xfd", "a zstd-compressed file", "decompress it (unzstd) and give the path "
+     "of the checkpoint inside"),
+    (0, b"7z\xbc\xaf\x27\x1c", "a 7-Zip archive", _EXTRACT),
+    (0, b"Rar!\x1a\x07", "a RAR archive", _EXTRACT),
+    (257, b"ustar", "a tar archive", "extract it (tar xf) and give the path of the checkpoint inside"),
+    (0, b"\x93NUMPY", "a NumPy .npy array, not a mapping of parameter names to tensors",
+     _SAFE_FORMAT_HINT),
+    (0, b"\x89HDF\r\n\x1a\n", "an HDF5 file (Keras or TensorFlow weights?), not a PyTorch "
+     "checkpoint", _NOT_TORCH),
+)
+# What a file's extension promises, to point out a misnamed file when its content fails to load.
+_SUFFIX_FAMILY = {".safetensors": "safetensors", ".pt": "torch", ".pth": "torch", ".bin": "torch",
+                  ".ckpt": "torch"}
 
-def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+
+@dataclass(frozen=True)
+class _Format:
+    """What a file's first bytes say it is.
+
+    ``family`` picks the reader: "safetensors", "torch" (``torch.load(weights_only=True)``),
+    "pickle" (a plain pickle, refused after a scan that runs nothing) or "refuse". ``what`` names
+    the content for messages ("a torch.save zip file"); ``advice`` says what to do about a refusal.
+    """
+
+    family: str
+    what: str
+    advice: str = ""
+
+
+def read_state_dict(path: str | Path, *, allow_nonfinite: bool = False) -> dict[str, torch.Tensor]:
     """The name -> tensor mapping stored in ``path``, on CPU, without unpickling objects.
 
-    Accepts ``.safetensors`` files (dense, or the compact sparse artifacts of
-    :mod:`dg2pf_core.compact`, given back dense) and ``torch.save`` files of a state_dict, optionally
-    wrapped as ``{"state_dict": ...}`` or ``{"model": ...}`` and/or with DDP's ``module.`` prefix.
+    The format comes from the file's content, whatever its name: safetensors (dense, or the
+    compact sparse artifacts of :mod:`dg2pf_core.compact`, given back dense) or ``torch.save``
+    files (zip or legacy) of a state_dict. Containers are unwrapped when every key agrees:
+    ``{"state_dict": ...}`` / ``{"model": ...}``, PyTorch Lightning checkpoints (their
+    ``model.`` prefix), DDP's ``module.`` and torch.compile's ``_orig_mod.`` prefixes. Tensors
+    keep their stored dtype and shape (fp16/bf16 stay fp16/bf16).
+
+    Raises :class:`CheckpointError`, naming the file and what to do, when the file is missing,
+    empty, truncated or corrupt, holds pickled Python objects, is not a checkpoint (a Git LFS
+    pointer, an HTML page, a TorchScript archive, a plain pickle, text, an archive), holds
+    anything but tensors, or - unless ``allow_nonfinite`` - has NaN or Inf in a floating tensor.
     """
     path = Path(path)
     if not path.exists():
@@ -53,52 +117,214 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     if size == 0:
         raise CheckpointError(f"checkpoint {path} is empty (0 bytes); was it fully written?")
 
-    if path.suffix == ".safetensors":
+    fmt = _sniff(path, size)
+    if fmt.family == "safetensors":
         from dg2pf_core.compact import is_compact, load_compact  # imported here: compact imports this module
 
-        raw = load_compact(path) if is_compact(path) else _load_safetensors(path)
+        raw = load_compact(path) if is_compact(path) else _load_safetensors(path, fmt)
+    elif fmt.family == "torch":
+        raw = _load_torch(path, fmt)
+    elif fmt.family == "pickle":
+        _refuse_pickle(path)
     else:
-        raw = _load_torch(path)
-    return _as_state_dict(raw, path)
+        raise CheckpointError(f"checkpoint {path} is {fmt.what}; {fmt.advice}")
+    state = _as_state_dict(raw, path)
+    if not allow_nonfinite:
+        _check_finite(state, path)
+    return state
 
 
-def _load_safetensors(path: Path) -> object:
+def _sniff(path: Path, size: int) -> _Format:
+    try:
+        with open(path, "rb") as f:
+            head = f.read(_SNIFF_BYTES)
+    except OSError as e:
+        raise CheckpointError(f"checkpoint {path} cannot be read: {e.strerror or e}") from e
+
+    # safetensors first: its leading length is arbitrary bytes that can look like PK or a pickle.
+    if len(head) > 8 and head[8:9] == b"{":
+        header = int.from_bytes(head[:8], "little")
+        if 2 <= header <= size - 8:
+            return _Format("safetensors", "a safetensors file")
+        if header <= _MAX_SAFETENSORS_HEADER:
+            return _Format(
+                "refuse",
+                f"a truncated or corrupt safetensors file: its header declares {header} bytes "
+                f"of metadata but only {max(size - 8, 0)} bytes follow the length",
+                "copy or download it again",
+            )
+    if head.startswith((b"PK\x03\x04", b"PK\x05\x06")):
+        return _sniff_zip(path)
+    if head.startswith(_LEGACY_TORCH_MAGIC):
+        return _Format("torch", "a legacy torch.save file from before PyTorch 1.6")
+    if head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
+        return _Format("pickle", "a plain Python pickle")
+    for offset, signature, what, advice in _OTHER_FORMATS:
+        if head[offset : offset + len(signature)] == signature:
+            return _Format("refuse", what, advice)
+    text = _as_text(head)
+    if text is not None:
+        return _sniff_text(text)
+    return _Format(
+        "refuse",
+        f"not in a format dg2pf reads (its first bytes are {head[:8].hex(' ')})",
+        "dg2pf reads .safetensors and torch.save files; the file may be truncated or corrupt, "
+        "or written by another framework",
+    )
+
+
+def _sniff_zip(path: Path) -> _Format:
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()  # the central directory only; nothing is extracted
+    except Exception as e:  # BadZipFile and friends: the central directory at the end is missing
+        return _Format(
+            "refuse",
+            f"a zip file (as torch.save writes) that is truncated or corrupt ({_short(e)})",
+            "copy or download it again",
+        )
+    # torch.save, torch.jit.save and torch.export.save all write one top folder of records.
+    records = {name.split("/", 1)[-1] for name in names}
+    if "archive_format" in records or any(r.startswith("models/") for r in records):
+        return _Format(
+            "refuse",
+            "a torch.export program (.pt2), which dg2pf does not run",
+            "in Python, take its weights with torch.export.load(f).state_dict and save them with "
+            "torch.save(state_dict, 'model.pt') or safetensors.torch.save_file",
+        )
+    if "constants.pkl" in records or any(r.startswith("code/") for r in records):
+        return _Format(
+            "refuse",
+            "a TorchScript archive (torch.jit.save), which dg2pf does not run",
+            "in Python, take its weights with torch.jit.load(f).state_dict() and save them with "
+            "torch.save(state_dict, 'model.pt') or safetensors.torch.save_file",
+        )
+    if "data.pkl" in records:
+        return _Format("torch", "a torch.save zip file")
+    if names and all(name.endswith(".npy") for name in names):
+        return _Format("refuse", "a NumPy .npz archive, not a PyTorch checkpoint", _NOT_TORCH)
+    shown = ", ".join(names[:_MAX_NAMES]) + (", ..." if len(names) > _MAX_NAMES else "")
+    return _Format("refuse", f"a zip archive ({shown or 'empty'}), not a checkpoint", _EXTRACT)
+
+
+def _as_text(head: bytes) -> str | None:
+    """``head`` decoded, when it reads as text: UTF-8, or UTF-16 with a BOM (as PowerShell writes)."""
+    encoding = "utf-16" if head.startswith((b"\xff\xfe", b"\xfe\xff")) else "utf-8-sig"
+    if encoding == "utf-8-sig" and b"\x00" in head:
+        return None
+    try:
+        # Incremental, so a character cut at the end of the prefix is no decoding error.
+        text = codecs.getincrementaldecoder(encoding)().decode(head, final=False)
+    except UnicodeDecodeError:
+        return None
+    if not text.strip():
+        return None
+    if encoding == "utf-16" and sum(c.isascii() for c in text) < 0.9 * len(text):
+        return None  # binary that happens to start with a BOM: its "characters" are arbitrary
+    printable = sum(c.isprintable() or c in "\t\n\r\f\v" for c in text)
+    return text if printable >= 0.95 * len(text) else None
+
+
+def _sniff_text(text: str) -> _Format:
+    start = text.lstrip("\ufeff \t\r\n\f\v")
+    if start.startswith(_LFS_POINTER):
+        found = re.search(r"^size (\d+)", start, re.MULTILINE)
+        real = f"real {_human_bytes(int(found.group(1)))} " if found else "real "
+        return _Format(
+            "refuse",
+            f"a Git LFS pointer (a small text stand-in for the {real}file), not the checkpoint",
+            "run `git lfs pull` in its repository (or download the real file)",
+        )
+    lowered = start[:_SNIFF_BYTES].lower()
+    if lowered.startswith("<") and ("<html" in lowered or lowered.startswith("<!doctype html")):
+        return _Format(
+            "refuse",
+            "an HTML page, not a checkpoint (a download page or an error page saved instead of "
+            "the file)",
+            _REDOWNLOAD,
+        )
+    begins = f"it begins: {_quote(start)}"
+    if lowered.startswith("<"):
+        return _Format(
+            "refuse",
+            f"an XML document, not a checkpoint (often a storage service's error response saved "
+            f"instead of the file; {begins})",
+            _REDOWNLOAD,
+        )
+    kind = "a JSON text file" if lowered.startswith(("{", "[")) else "a text file"
+    return _Format(
+        "refuse",
+        f"{kind}, not a checkpoint ({begins})",
+        "give the path of the weights file (.safetensors or torch.save); if a download saved "
+        "an error message instead of the file, re-download it",
+    )
+
+
+def _quote(text: str, limit: int = 60) -> str:
+    flat = " ".join(text.split())
+    return repr(flat if len(flat) <= limit else flat[:limit] + "...")
+
+
+def _human_bytes(n: int) -> str:
+    size, unit = float(n), "bytes"
+    for bigger in ("KB", "MB", "GB", "TB"):
+        if size < 1000:
+            break
+        size, unit = size / 1000, bigger
+    return f"{n} bytes" if unit == "bytes" else f"{size:.1f} {unit}"
+
+
+def _misnamed(path: Path, fmt: _Format) -> str:
+    """' (named .pt but it is a safetensors file)' when the extension promises another format."""
+    suffix = path.suffix.lower()
+    expected = _SUFFIX_FAMILY.get(suffix)
+    return f" (named {suffix} but it is {fmt.what})" if expected not in (None, fmt.family) else ""
+
+
+def _load_safetensors(path: Path, fmt: _Format) -> object:
     try:
         return safetensors.torch.load_file(str(path), device="cpu")
     except OSError as e:
         raise CheckpointError(f"checkpoint {path} cannot be read: {e.strerror or e}") from e
     except Exception as e:  # SafetensorError and friends: header or data is malformed
         raise CheckpointError(
-            f"checkpoint {path} is not a valid .safetensors file ({_short(e)}); "
-            "it may be truncated or corrupt"
+            f"checkpoint {path}{_misnamed(path, fmt)} is not a valid .safetensors file "
+            f"({_short(e)}); it may be truncated or corrupt"
         ) from e
 
 
-def _load_torch(path: Path) -> object:
+def _load_torch(path: Path, fmt: _Format) -> object:
     try:
         with warnings.catch_warnings():
             # Harmless notice about pickle protocol versions; the load either works or we raise.
             warnings.filterwarnings("ignore", message="Detected pickle protocol")
-            return torch.load(path, map_location="cpu", weights_only=True)
+            # A file object, not the path: torch.load hands any path ending in .safetensors to
+            # safetensors, and this one's content says otherwise.
+            with open(path, "rb") as f:
+                return torch.load(f, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         if "Weights only load failed" in str(e):
             found = re.search(r"GLOBAL ([\w.]+)", str(e))
-            detail = f" (it references {found.group(1)})" if found else ""
-            raise CheckpointError(
-                f"{path} contains pickled Python objects{detail}, which dg2pf refuses to load "
-                f"for safety; {_SAFE_FORMAT_HINT}"
-            ) from e
-        raise _corrupt(path, e) from e
+            _refuse_objects(path, found.group(1) if found else None, _misnamed(path, fmt))
+        raise _corrupt(path, fmt, e) from e
     except OSError as e:
         raise CheckpointError(f"checkpoint {path} cannot be read: {e.strerror or e}") from e
     except Exception as e:  # torch raises RuntimeError/EOFError/KeyError/... on garbage bytes
-        raise _corrupt(path, e) from e
+        raise _corrupt(path, fmt, e) from e
 
 
-def _corrupt(path: Path, e: BaseException) -> CheckpointError:
+def _refuse_objects(path: Path, reference: str | None, note: str = "") -> NoReturn:
+    detail = f" (it references {reference})" if reference else ""
+    raise CheckpointError(
+        f"{path}{note} contains pickled Python objects{detail}, which dg2pf refuses to load "
+        f"for safety; {_SAFE_FORMAT_HINT}"
+    )
+
+
+def _corrupt(path: Path, fmt: _Format, e: BaseException) -> CheckpointError:
     return CheckpointError(
-        f"checkpoint {path} is not a readable PyTorch or safetensors file "
-        f"({_short(e)}); it may be truncated or corrupt"
+        f"checkpoint {path}{_misnamed(path, fmt)} cannot be read as {fmt.what} ({_short(e)}); "
+        "it may be truncated or corrupt"
     )
 
 
@@ -109,11 +335,66 @@ def _short(e: BaseException) -> str:
     return f"{type(e).__name__}: {first}" if first else type(e).__name__
 
 
+# Globals a pickle.dump of tensors, arrays or containers names; anything else is an object.
+_DATA_GLOBAL_MODULES = ("torch", "numpy", "_codecs", "collections")
+_STRING_OPS = frozenset({"SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "UNICODE",
+                         "SHORT_BINSTRING", "BINSTRING", "STRING"})
+
+
+def _refuse_pickle(path: Path) -> NoReturn:
+    """Refuse a plain pickle, naming the first object it would build; reads opcodes, runs nothing."""
+    reference = _first_object_global(path)
+    if reference is not None:
+        _refuse_objects(path, reference or None)
+    raise CheckpointError(
+        f"checkpoint {path} is a plain Python pickle (pickle.dump), not a torch.save file, and "
+        "dg2pf does not unpickle plain pickles for safety; save model.state_dict() with "
+        "torch.save(model.state_dict(), 'model.pt') or as a .safetensors file"
+    )
+
+
+def _first_object_global(path: Path) -> str | None:
+    """The first global outside plain data that the pickle at ``path`` names ("" if unnamed)."""
+    memo: dict[int, object] = {}
+    recent: list[object] = []  # the top of the stack: STACK_GLOBAL takes module and name from it
+    try:
+        with open(path, "rb") as f:
+            for op, arg, _ in pickletools.genops(f):
+                name = op.name
+                if name in _STRING_OPS:
+                    recent.append(arg)
+                elif name in ("GET", "BINGET", "LONG_BINGET"):
+                    recent.append(memo.get(arg))
+                elif name == "MEMOIZE":
+                    memo[len(memo)] = recent[-1] if recent else None
+                elif name in ("PUT", "BINPUT", "LONG_BINPUT"):
+                    memo[arg] = recent[-1] if recent else None
+                elif name in ("GLOBAL", "INST", "STACK_GLOBAL"):
+                    if name == "STACK_GLOBAL":
+                        module, qualname = ([None, None] + recent)[-2:]
+                        del recent[-2:]
+                        both = isinstance(module, str) and isinstance(qualname, str)
+                        reference = f"{module}.{qualname}" if both else ""
+                    else:
+                        reference = str(arg).replace(" ", ".")
+                    if reference.split(".", 1)[0] not in _DATA_GLOBAL_MODULES:
+                        return reference
+                    recent.append(None)
+                elif name not in ("PROTO", "FRAME", "STOP"):
+                    recent.append(None)  # some other value: only strings matter to STACK_GLOBAL
+                del recent[:-2]
+    except Exception:  # a truncated or malformed pickle: refused as a plain pickle all the same
+        return None
+    return None
+
+
 def _as_state_dict(raw: object, path: Path) -> dict[str, torch.Tensor]:
+    lightning = False
     while isinstance(raw, Mapping):
         wrapper = next((k for k in _WRAPPER_KEYS if isinstance(raw.get(k), Mapping)), None)
         if wrapper is None:
             break
+        lightning = lightning or (wrapper == "state_dict" and _is_lightning(raw))
         raw = raw[wrapper]
     if not isinstance(raw, Mapping):
         raise CheckpointError(
@@ -130,9 +411,50 @@ def _as_state_dict(raw: object, path: Path) -> dict[str, torch.Tensor]:
         state[key] = value
     if not state:
         raise CheckpointError(f"checkpoint {path} holds no tensors")
-    if all(k.startswith(_DDP_PREFIX) for k in state):
-        state = {k[len(_DDP_PREFIX) :]: v for k, v in state.items()}
+    if lightning and _all_prefixed(state, _LIGHTNING_PREFIX):
+        state = _strip_prefix(state, _LIGHTNING_PREFIX)
+    while prefix := next((p for p in _WRAPPER_PREFIXES if _all_prefixed(state, p)), None):
+        state = _strip_prefix(state, prefix)
     return state
+
+
+def _is_lightning(checkpoint: Mapping) -> bool:
+    return "pytorch-lightning_version" in checkpoint or (
+        "epoch" in checkpoint and "global_step" in checkpoint
+    )
+
+
+def _all_prefixed(state: Mapping[str, torch.Tensor], prefix: str) -> bool:
+    """Whether every key starts with ``prefix`` and keeps a name without it."""
+    return all(k.startswith(prefix) and len(k) > len(prefix) for k in state)
+
+
+def _strip_prefix(state: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    return {k[len(prefix) :]: v for k, v in state.items()}
+
+
+def _check_finite(state: Mapping[str, torch.Tensor], path: Path) -> None:
+    """Raise CheckpointError if a floating tensor holds NaN or Inf: pruning ranks weights by size."""
+    bad: list[str] = []
+    for name, tensor in state.items():
+        if not (tensor.is_floating_point() or tensor.is_complex()):
+            continue
+        values = tensor.coalesce().values() if tensor.is_sparse else tensor
+        if values.layout != torch.strided:  # CSR and friends: their stored values
+            values = values.values()
+        finite = torch.isfinite(values)
+        if bool(finite.all()):
+            continue
+        nan = int(torch.isnan(values).sum())
+        inf = values.numel() - int(finite.sum()) - nan
+        counts = " and ".join(f"{n} {label}" for n, label in ((nan, "NaN"), (inf, "Inf")) if n)
+        bad.append(f"{name}: {counts}")
+    if bad:
+        shown = ", ".join(bad[:_MAX_NAMES]) + (", ..." if len(bad) > _MAX_NAMES else "")
+        raise CheckpointError(
+            f"checkpoint {path} has non-finite values in {_count(len(bad), 'tensor')} ({shown}); "
+            "it cannot be pruned or evaluated: re-export it from a healthy training run"
+        )
 
 
 def load_into(

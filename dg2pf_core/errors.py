@@ -57,3 +57,9 @@ class InputError(DG2PFError):
     """Data sent to a served model (a tensor, an image) does not fit it."""
 
     field = "inputs"
+
+
+class TrainingDiverged(DG2PFError):
+    """The training loss became NaN or infinite: the options (learning rate) do not suit the model."""
+
+    field = "lr"

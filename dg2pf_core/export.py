@@ -16,7 +16,7 @@ from torch import nn
 
 from .checkpoints import save_state_dict
 from .compact import save_compact
-from .errors import ConfigError
+from .preflight import check_output
 
 
 class OutputDir:
@@ -24,8 +24,7 @@ class OutputDir:
 
     def __init__(self, out: str | Path) -> None:
         self.path = Path(out)
-        if self.path.exists() and (not self.path.is_dir() or any(self.path.iterdir())):
-            raise ConfigError(f"output directory {self.path} already exists and is not empty; choose a new --out", field="out")
+        check_output(self.path)  # absent or empty, creatable, writable
 
     @contextlib.contextmanager
     def staging(self) -> Iterator[Path]:
@@ -42,9 +41,13 @@ class OutputDir:
             raise
 
 
-def write_model(model: nn.Module, path: Path) -> None:
-    """The pruned weights with the input state_dict's keys and shapes (pruned entries are 0)."""
-    save_state_dict(model.state_dict(), path)
+def write_model(model: nn.Module, path: Path, dtypes: dict | None = None) -> None:
+    """The pruned weights with the input state_dict's keys and shapes (pruned entries are 0), each
+    floating tensor in ``dtypes[name]`` when given (the input checkpoint's: fp16 in, fp16 out)."""
+    state = model.state_dict()
+    if dtypes:
+        state = {k: (v.to(dtypes[k]) if k in dtypes and v.is_floating_point() else v) for k, v in state.items()}
+    save_state_dict(state, path)
 
 
 def write_compact(model: nn.Module, path: Path, values: str = "fp32") -> None:

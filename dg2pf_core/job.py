@@ -1,13 +1,19 @@
 """A pruning job end to end: validate every input, run DG2PF, write the artifacts.
 
-``prepare`` does all the checking that can fail because of the user's input (architecture,
-checkpoint, dataset, classes, options) before any training starts, so a bad job fails in seconds
-with a message, never after an hour of work.
+``prepare`` is the one preflight: everything that can fail because of the user's input or this
+machine (options, device and AMP mode, output location, checkpoints, data, a dry forward + backward
+pass; see ``preflight``) is checked before any training starts, so a bad job fails in seconds with
+a message, never after an hour of work. ``prune_to_dir`` keeps the run's state (the last epoch's
+``TrainingState`` and the job) in a state directory while it trains, so a run interrupted or unable
+to write its results is continued with ``resume=True`` (``dg2pf prune --resume DIR``), not lost.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -20,14 +26,29 @@ from .checkpoints import load_into, read_state_dict
 from .compact import check_values
 from .config import DG2PFConfig
 from .data import DataRequest, DataSplits, load_dataset
-from .errors import ConfigError, DatasetError
+from .data.registry import parse_spec
+from .errors import ConfigError, DatasetError, DG2PFError
 from .export import OutputDir, write_compact, write_metrics, write_model
 from .loaders import LocalLoaders, Loaders, ShardedLoaders
-from .loop import DG2PFResult, Progress, Reporter, resolve_device, run_dg2pf
+from .loop import DG2PFResult, Progress, Reporter, run_dg2pf
 from .masks import layer_sparsity, layer_warnings
 from .metrics import size_report
 from .models import ArchSpec, build_model, get_arch
-from .state import TrainingState
+from .preflight import check_device, check_fp16_range, check_output, dry_run
+from .state import STATE_FILE, TrainingState
+
+JOB_FILE = "job.json"  # in a state directory: the job and its output path, for resuming
+
+
+class OutputError(DG2PFError):
+    """The results could not be written (disk full, permissions) after training finished."""
+
+    field = "out"
+
+
+def _absolute(path: str) -> str:
+    # Ray workers and resumed runs do not share the caller's working directory.
+    return os.path.abspath(os.path.expanduser(path))
 
 
 @dataclass
@@ -43,9 +64,19 @@ class PruneJob:
     image_size: int | None = None  # default: the architecture's input size
     val_fraction: float = 0.1
     compact_values: str = "fp32"  # value dtype of model.compact.safetensors: "fp32" (exact) or "fp16"
+    skip_bad_images: bool = False  # leave out unreadable images (counted in metrics.json) instead of failing
 
     def __post_init__(self) -> None:
         check_values(self.compact_values)
+        self.checkpoint = _absolute(self.checkpoint)
+        if self.teacher is not None:
+            self.teacher = _absolute(self.teacher)
+        try:
+            name, path = parse_spec(self.dataset)
+        except DG2PFError:
+            return  # reported by prepare, with the valid specs
+        if path is not None:
+            self.dataset = f"{name}:{_absolute(path)}"
 
     def to_dict(self) -> dict:
         """Plain values only: travels to Ray workers and into job records."""
@@ -68,6 +99,7 @@ class PreparedJob:
     image_size: int
     device: torch.device
     meta: dict = field(default_factory=dict)
+    dtypes: dict[str, torch.dtype] = field(default_factory=dict)  # the input checkpoint's, per tensor
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
@@ -90,18 +122,30 @@ class PreparedJob:
         )
 
 
-def load_model(arch: str, num_classes: int, checkpoint: str | Path) -> tuple[ArchSpec, nn.Module]:
+def load_checkpoint_model(arch: str, num_classes: int, checkpoint: str | Path) -> tuple[ArchSpec, nn.Module, dict[str, torch.dtype]]:
+    """``arch`` built with ``num_classes`` and the checkpoint's weights (read by content, finite,
+    fitting), and the dtype each tensor had in the checkpoint. Raises ``DG2PFError``."""
     spec = get_arch(arch)
     model = build_model(arch, num_classes)
-    load_into(model, read_state_dict(checkpoint), arch=f"{arch} with num_classes={num_classes}")
+    state = read_state_dict(checkpoint)
+    if spec.ignored_keys:
+        state = {k: v for k, v in state.items() if not k.startswith(spec.ignored_keys)}
+    load_into(model, state, arch=f"{arch} with num_classes={num_classes}")
+    return spec, model, {k: v.dtype for k, v in state.items() if v.is_floating_point()}
+
+
+def load_model(arch: str, num_classes: int, checkpoint: str | Path) -> tuple[ArchSpec, nn.Module]:
+    spec, model, _ = load_checkpoint_model(arch, num_classes, checkpoint)
     return spec, model
 
 
-def load_data(dataset: str, arch: ArchSpec, num_classes: int, image_size: int | None, val_fraction: float, seed: int) -> tuple[DataSplits, int]:
+def load_data(dataset: str, arch: ArchSpec, num_classes: int, image_size: int | None, val_fraction: float, seed: int,
+              skip_bad_images: bool = False) -> tuple[DataSplits, int]:
     size = image_size or arch.input_size
     if size < 8:
         raise ConfigError(f"image_size must be >= 8, got {size}", field="image_size")
-    splits = load_dataset(dataset, DataRequest(image_size=size, in_channels=arch.in_channels, val_fraction=val_fraction, seed=seed))
+    splits = load_dataset(dataset, DataRequest(image_size=size, in_channels=arch.in_channels, val_fraction=val_fraction,
+                                               seed=seed, skip_bad_images=skip_bad_images))
     if splits.num_classes != num_classes:
         raise DatasetError(
             f"dataset {dataset!r} has {splits.num_classes} classes but the model was given num_classes={num_classes}; "
@@ -111,16 +155,36 @@ def load_data(dataset: str, arch: ArchSpec, num_classes: int, image_size: int | 
     return splits, size
 
 
-def prepare(job: PruneJob) -> PreparedJob:
-    """Load and check everything; raises a ``DG2PFError`` naming the bad input."""
+def check_static(job: PruneJob) -> tuple[ArchSpec, nn.Module, dict[str, torch.dtype], nn.Module | None]:
+    """The checks that need neither the data nor the training machine: options, the checkpoint(s)
+    (by content, finite, fitting ``arch``) and fp16 compact values. What a service can check when a
+    job is submitted; ``prepare`` runs them too."""
     job.config.validate()
     check_values(job.compact_values)
-    arch, model = load_model(job.arch, job.num_classes, job.checkpoint)
+    arch, model, dtypes = load_checkpoint_model(job.arch, job.num_classes, job.checkpoint)
+    if job.compact_values == "fp16":
+        check_fp16_range(model.state_dict(), "the checkpoint's")
     teacher = None
     if job.teacher is not None:
-        _, teacher = load_model(job.arch, job.num_classes, job.teacher)
-    splits, size = load_data(job.dataset, arch, job.num_classes, job.image_size, job.val_fraction, job.config.seed)
-    return PreparedJob(job, arch, model, teacher, splits, size, resolve_device(job.config.device))
+        _, teacher, _ = load_checkpoint_model(job.arch, job.num_classes, job.teacher)
+    return arch, model, dtypes, teacher
+
+
+def prepare(job: PruneJob, *, out: str | Path | None = None, world_size: int = 1, dry: bool = True) -> PreparedJob:
+    """The preflight: load and check everything (see ``preflight``); raises a ``DG2PFError`` naming
+    the bad input. ``out``: the output directory to check; ``world_size``: the DDP workers the batch
+    is split over; ``dry``: run the dry forward + backward pass (on the device that will train)."""
+    job.config.validate()
+    device = check_device(job.config.device, job.config.amp)
+    if out is not None:
+        check_output(out)
+    arch, model, dtypes, teacher = check_static(job)
+    splits, size = load_data(job.dataset, arch, job.num_classes, job.image_size, job.val_fraction, job.config.seed,
+                             job.skip_bad_images)
+    if dry:
+        dry_run(model, teacher, splits.train, arch=job.arch, num_classes=job.num_classes, image_size=size,
+                batch_size=job.config.batch_size, world_size=world_size, device=device, amp=job.config.amp)
+    return PreparedJob(job, arch, model, teacher, splits, size, device, dtypes=dtypes)
 
 
 def run(
@@ -173,9 +237,18 @@ def result_metrics(prepared: PreparedJob, result: DG2PFResult, *, world_size: in
         "max_layer_sparsity": max(layers.values(), default=0.0),
         "layer_cap": job.config.layer_cap(job.config.sparsity) if job.config.scope == "global" else None,
         "warnings": layer_warnings(result.masks, job.config.warn_layer_sparsity),
+        "dtype": _dtype_summary(prepared.dtypes),
+        "skipped_images": len(getattr(prepared.splits, "skipped_images", []) or []),
+        "skipped_image_files": list(getattr(prepared.splits, "skipped_images", []) or [])[:100],
         "config": job.config.to_dict(),
         "history": result.history,
     }
+
+
+def _dtype_summary(dtypes: dict[str, torch.dtype]) -> str:
+    """The floating dtype(s) of the input checkpoint, which the pruned model.safetensors keeps."""
+    names = sorted({str(d).removeprefix("torch.") for d in dtypes.values()})
+    return names[0] if len(names) == 1 else ("mixed: " + ", ".join(names) if names else "none")
 
 
 def prune_to_dir(
@@ -184,24 +257,64 @@ def prune_to_dir(
     *,
     progress: Progress | None = None,
     on_prepared: Callable[[PreparedJob], None] | None = None,
-    reporter: Reporter | None = None,
-    resume: TrainingState | None = None,
+    state_dir: str | Path | None = None,
+    resume: bool = False,
+    keep_state: bool = False,
 ) -> dict:
-    """Run ``job`` in this process and write ``out/model.safetensors`` (dense),
-    ``out/model.compact.safetensors`` (bitmask + nonzero values) and ``out/metrics.json``.
+    """Run ``job`` in this process and write ``out/model.safetensors`` (dense, in the input
+    checkpoint's dtypes), ``out/model.compact.safetensors`` (bitmask + nonzero values) and
+    ``out/metrics.json``.
 
-    Nothing is written until the run succeeds, and then all at once (temp dir + rename).
-    ``reporter`` receives every epoch's full state (to save it); ``resume`` continues from one.
+    Nothing is written to ``out`` until the run succeeds, and then all at once (temp dir + rename).
+    With ``state_dir``, the job and every epoch's full training state are kept there while the run
+    trains (created only once the preflight passed); ``resume`` continues from the state found
+    there; the directory is removed after success unless ``keep_state``. If writing ``out`` fails
+    after training, ``OutputError`` says where the state waits.
     """
     output = OutputDir(out)  # refuses a non-empty destination before any work
     started = time.perf_counter()
-    prepared = prepare(job)
+    prepared = prepare(job, out=out)
     if on_prepared is not None:
         on_prepared(prepared)
-    result = run(prepared, progress=progress, reporter=reporter, resume=resume)
+    state = None
+    reporter = None
+    if state_dir is not None:
+        state_dir = Path(state_dir)
+        if resume and (state_dir / STATE_FILE).is_file():
+            state = TrainingState.load(state_dir)
+        state_dir.mkdir(parents=True, exist_ok=True)
+        (state_dir / JOB_FILE).write_text(json.dumps({"job": job.to_dict(), "out": os.path.abspath(out)}, indent=1))
+        reporter = lambda record, s: s.save(state_dir)  # noqa: E731
+    result = run(prepared, progress=progress, reporter=reporter, resume=state)
     metrics = result_metrics(prepared, result, world_size=1, wall_seconds=time.perf_counter() - started)
-    with output.staging() as tmp:
-        write_model(result.model, tmp / "model.safetensors")
-        write_compact(result.model, tmp / "model.compact.safetensors", job.compact_values)
-        write_metrics(metrics, tmp / "metrics.json")
+    try:
+        with output.staging() as tmp:
+            write_model(result.model, tmp / "model.safetensors", prepared.dtypes)
+            write_compact(result.model, tmp / "model.compact.safetensors", job.compact_values)
+            write_metrics(metrics, tmp / "metrics.json")
+    except OSError as exc:
+        kept = (f"; the trained state is kept in {state_dir}: fix the cause, then continue with "
+                f"`dg2pf prune --resume {state_dir}`") if state_dir is not None else ""
+        raise OutputError(f"training finished but {out} could not be written ({exc.strerror or exc}){kept}") from exc
+    if state_dir is not None and not keep_state:
+        shutil.rmtree(state_dir, ignore_errors=True)
     return metrics
+
+
+def state_dir_for(out: str | Path) -> Path:
+    """Where ``dg2pf prune`` keeps a run's state while it trains: ``OUT.dg2pf-run`` beside ``OUT``."""
+    absolute = Path(os.path.abspath(os.path.expanduser(out)))
+    return absolute.with_name(absolute.name + ".dg2pf-run")
+
+
+def read_state_dir(state_dir: str | Path) -> tuple[PruneJob, Path]:
+    """The job and output path an interrupted run left in ``state_dir`` (``dg2pf prune --resume``)."""
+    path = Path(state_dir) / JOB_FILE
+    if not path.is_file():
+        raise ConfigError(f"{state_dir} is not a dg2pf run's state directory (no {JOB_FILE}); give the OUT.dg2pf-run "
+                          "directory an interrupted `dg2pf prune` named", field="resume")
+    try:
+        doc = json.loads(path.read_text())
+        return PruneJob.from_dict(doc["job"]), Path(doc["out"])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ConfigError(f"{path} cannot be read ({exc}); the state directory is damaged", field="resume") from exc

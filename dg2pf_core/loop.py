@@ -35,7 +35,7 @@ from .batchnorm import recalibrate_batchnorm
 from .config import DG2PFConfig
 from . import distributed
 from .distillation import FeatureTaps, kd_loss, similarity_blocks, similarity_loss
-from .errors import ResumeError
+from .errors import ResumeError, TrainingDiverged
 from .loaders import Loaders
 from .masks import Masks, apply_masks_, magnitude_masks, mask_sparsity, recovered, select_prunable
 from .metrics import Accuracy, autocast_context, evaluate
@@ -187,7 +187,7 @@ class _Run:
                 loss = hard_step(compute, self.optimizer, self.params, step_masks, **common)
             value = float(loss)
             if not math.isfinite(value):
-                raise FloatingPointError(
+                raise TrainingDiverged(
                     f"training loss became {value} in epoch {state.epoch + 1} ({state.phase}); lower lr/finetune_lr"
                 )
             total += value

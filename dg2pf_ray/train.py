@@ -34,6 +34,7 @@ from dg2pf_core.state import EpochRecord, TrainingState, append_record
 from .cluster import ClusterError, check_capacity, connect
 
 FINAL_FILES = ("model.safetensors", "model.compact.safetensors", "metrics.json")
+REFUSED_FILE = "refused.json"  # the checkpoint of a run whose workers refused the job (a bad input)
 
 
 @dataclass(frozen=True)
@@ -72,7 +73,24 @@ def train_worker(config: dict) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     job = PruneJob.from_dict(config["job"])
     job.config.device = str(ray.train.torch.get_device())
-    prepared = prepare(job)
+    # The worker's own preflight (its device, its share of the batch). A bad input is reported by
+    # every rank alike, as the run's result, instead of raised: Ray Train would retry a raised error,
+    # and a configuration error fails the same way every time.
+    try:
+        prepared, refusal = prepare(job, world_size=world), None
+    except DG2PFError as exc:
+        prepared, refusal = None, {"type": type(exc).__name__, "message": exc.message, "field": exc.field}
+    refusals = [r for r in _gather(refusal) if r is not None]
+    if refusals:
+        # The driver reads the run's result from its last checkpoint: the refusal travels as one.
+        if rank == 0:
+            with tempfile.TemporaryDirectory() as tmp:
+                (Path(tmp) / REFUSED_FILE).write_text(json.dumps(refusals[0]))
+                ray.train.report({"final": True, "refused": refusals[0]}, checkpoint=Checkpoint.from_directory(tmp),
+                                 checkpoint_dir_name="refused")
+        else:
+            ray.train.report({"final": True, "refused": refusals[0]}, checkpoint=None)
+        return
     started = time.perf_counter()
     nodes = _gather(ray.get_runtime_context().get_node_id())
 
@@ -129,7 +147,7 @@ def train_worker(config: dict) -> None:
              "epochs_at_target": epochs_at_target(result.epochs, job.config.pruning_epochs) + 1}
     if rank == 0:
         with tempfile.TemporaryDirectory() as tmp:
-            write_model(result.model, Path(tmp) / "model.safetensors")
+            write_model(result.model, Path(tmp) / "model.safetensors", prepared.dtypes)
             write_compact(result.model, Path(tmp) / "model.compact.safetensors", job.compact_values)
             write_metrics(metrics, Path(tmp) / "metrics.json")
             ray.train.report(final, checkpoint=Checkpoint.from_directory(tmp), checkpoint_dir_name="final")
@@ -190,7 +208,9 @@ def prune_on_ray(job: PruneJob, out: str | Path, options: RayOptions) -> dict:
     """Run ``job`` with ``options.workers`` DDP workers on Ray; write ``out/`` like ``prune_to_dir``."""
     output = OutputDir(out)
     started = time.perf_counter()
-    prepare(job)  # every input error surfaces here, in seconds, before any Ray work
+    # Every input error surfaces here, in seconds, before any Ray work; the dry run is the workers'
+    # (on their devices, with their share of the batch).
+    prepare(job, out=out, dry=False)
     connect(options.address)
     if not options.cluster_may_grow:
         check_capacity(options.workers, options.use_gpu)
@@ -205,6 +225,10 @@ def prune_on_ray(job: PruneJob, out: str | Path, options: RayOptions) -> dict:
         raise RunFailed(f"training failed: {_explain(result.error, options)}")
     if result.checkpoint is None:
         raise RunFailed("training finished without a final checkpoint")
+    with result.checkpoint.as_directory() as final:
+        if (Path(final) / REFUSED_FILE).is_file():
+            refused = json.loads((Path(final) / REFUSED_FILE).read_text())
+            raise RunFailed(f"a worker refused the job: {refused['message']}", field=refused.get("field") or "run")
     with result.checkpoint.as_directory() as final, output.staging() as tmp:
         missing = [f for f in FINAL_FILES if not (Path(final) / f).exists()]
         if missing:

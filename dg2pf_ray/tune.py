@@ -63,7 +63,7 @@ def _trial(config: dict[str, Any], *, base_job: dict, options: dict, name: str) 
 
 
 def _status(result) -> str:
-    if result.error is not None:
+    if result.error is not None or (result.metrics or {}).get("refused"):
         return "failed"
     return "completed" if (result.metrics or {}).get("final") else "stopped_early"
 
@@ -72,7 +72,7 @@ def tune_job(job: PruneJob, out: str | Path, options: TuneOptions) -> dict:
     """Search ``options.samples`` configs; write the best model, metrics.json and trials.csv to ``out``."""
     output = OutputDir(out)
     started = time.perf_counter()
-    prepare(job)
+    prepare(job, out=out, dry=False)  # the dry run is each trial's workers'  
     if options.samples < 1:
         raise RunFailed(f"samples must be >= 1, got {options.samples}", field="samples")
     document = load_space(options.search_space)
@@ -134,7 +134,8 @@ def _write_result(grid, job: PruneJob, output: OutputDir, options: TuneOptions, 
             "sparsity": m.get("sparsity") if at_target else None,
             "epochs": m.get("epoch"),
             "wall_seconds": m.get("time_total_s"),
-            "error": str(result.error).strip().splitlines()[-1][:300] if result.error is not None else None,
+            "error": (str(result.error).strip().splitlines()[-1][:300] if result.error is not None
+                      else (m.get("refused") or {}).get("message")),
             "_checkpoint": m.get("checkpoint_path") if status == "completed" else None,
         })
     done = [r for r in rows if r["status"] == "completed" and r["_checkpoint"]]

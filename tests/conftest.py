@@ -31,3 +31,12 @@ def digits_example(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("example") / "digits"
     write_example("digits", out)
     return out
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _image_check_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Image-check caches of the tests' datasets go to a temporary folder, not the user's ~/.cache
+    (set in the environment, so the service and runner processes the tests start use it too)."""
+    import os
+
+    os.environ["DG2PF_CACHE_DIR"] = str(tmp_path_factory.mktemp("dg2pf-cache"))

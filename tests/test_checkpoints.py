@@ -1,6 +1,11 @@
+import gzip
+import json
 import os
 import pickle
+import struct
+import zipfile
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -231,3 +236,280 @@ def test_file_sha256_identifies_content(tmp_path):
     b = tmp_path / "b"
     b.write_bytes(b"abd")
     assert file_sha256(b) != file_sha256(a)
+
+
+# --- recognising files by content ------------------------------------------------------------
+
+
+def _refusal(path) -> str:
+    with pytest.raises(CheckpointError) as info:
+        read_state_dict(path)
+    msg = str(info.value)
+    assert str(path) in msg
+    assert "\n" not in msg
+    return msg
+
+
+def test_git_lfs_pointer_is_refused_with_lfs_advice(tmp_path):
+    path = tmp_path / "model.safetensors"
+    path.write_text(
+        "version https://git-lfs.github.com/spec/v1\n"
+        "oid sha256:4d7a214614ab2935c943f9e0ff69d22eadbb8f32b1258daaa5e2ca24d17e2393\n"
+        "size 44739242\n"
+    )
+    msg = _refusal(path)
+    assert "Git LFS pointer" in msg and "44.7 MB" in msg
+    assert "git lfs pull" in msg and "download the real file" in msg
+    assert "pickled" not in msg
+
+
+@pytest.mark.parametrize("start", ["<!DOCTYPE html>", "\ufeff\n  <html lang='en'>", "<!doctype HTML>"])
+def test_html_page_is_refused_with_redownload_advice(tmp_path, start):
+    path = tmp_path / "model.pth"
+    path.write_text(f"{start}<head><title>Download model.pth</title></head><body>...</body></html>")
+    msg = _refusal(path)
+    assert "an HTML page, not a checkpoint" in msg
+    assert "re-download it" in msg
+    assert "pickled" not in msg
+
+
+def test_xml_error_response_is_refused_quoting_it(tmp_path):
+    path = tmp_path / "model.pt"
+    path.write_text('<?xml version="1.0"?><Error><Code>AccessDenied</Code></Error>')
+    msg = _refusal(path)
+    assert "an XML document" in msg and "AccessDenied" in msg and "re-download it" in msg
+
+
+def test_text_file_is_refused_quoting_its_first_characters(tmp_path):
+    path = tmp_path / "model.bin"
+    path.write_text('{"error": "Repository not found", "status": 404}\n' + "x" * 500)
+    msg = _refusal(path)
+    assert "a JSON text file, not a checkpoint" in msg
+    assert "'{\"error\": \"Repository not found\", \"status\": 404} xxxxxxxxxxx...'" in msg
+    assert "x" * 20 not in msg  # about 60 characters are quoted, not the whole file
+    assert "re-download it" in msg
+
+    # Windows PowerShell saves redirected output as UTF-16.
+    utf16 = tmp_path / "ps.pt"
+    utf16.write_bytes("curl : (404) Not Found".encode("utf-16"))
+    assert "a text file, not a checkpoint (it begins: 'curl : (404) Not Found')" in _refusal(utf16)
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")  # torch.jit is deprecated, but users still have the files
+def test_torchscript_archive_is_refused_with_state_dict_advice(tmp_path):
+    path = tmp_path / "model.pt"
+    torch.jit.save(torch.jit.script(nn.Linear(3, 2)), str(path))
+    msg = _refusal(path)
+    assert "a TorchScript archive" in msg and "does not run" in msg
+    assert "torch.jit.load(f).state_dict()" in msg and "torch.save" in msg and "safetensors" in msg
+    assert "corrupt" not in msg
+
+
+def test_safetensors_content_named_bin_loads(tmp_path, digits_state):
+    path = tmp_path / "model.bin"
+    save_state_dict(digits_state, path)
+    _assert_same(read_state_dict(path), digits_state)
+
+
+def test_compact_artifact_with_any_name_loads(tmp_path, digits_state):
+    from dg2pf_core.compact import save_compact
+
+    pruned = {k: v * (torch.rand_like(v) > 0.9) if v.is_floating_point() else v for k, v in digits_state.items()}
+    for name in ("model.compact.safetensors", "model.bin", "weights"):
+        path = tmp_path / name
+        save_compact(pruned, path)
+        _assert_same(read_state_dict(path), pruned)
+
+
+def test_torch_zip_named_safetensors_loads(tmp_path, digits_state):
+    path = tmp_path / "model.safetensors"
+    torch.save(digits_state, path)
+    _assert_same(read_state_dict(path), digits_state)
+
+
+def test_misnamed_file_that_fails_to_load_names_the_mismatch(tmp_path):
+    path = tmp_path / "model.safetensors"
+    torch.save({"weight": torch.zeros(2), "m": nn.Linear(2, 2)}, path)
+    msg = _refusal(path)
+    assert "named .safetensors but it is a torch.save zip file" in msg
+    assert "pickled Python objects" in msg
+
+
+def test_legacy_torch_save_loads(tmp_path, digits_state):
+    path = tmp_path / "old.pth"
+    torch.save(digits_state, path, _use_new_zipfile_serialization=False)
+    _assert_same(read_state_dict(path), digits_state)
+
+
+def test_safetensors_whose_length_looks_like_a_pickle_loads(tmp_path):
+    # A header of 0x380 bytes starts the file with b"\x80\x03", a pickle's first two bytes.
+    header = json.dumps({"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}).encode()
+    header = header.ljust(0x380, b" ")
+    path = tmp_path / "w.pt"
+    path.write_bytes(len(header).to_bytes(8, "little") + header + struct.pack("<2f", 1.5, -2.0))
+    assert path.read_bytes()[:2] == b"\x80\x03"
+    assert torch.equal(read_state_dict(path)["w"], torch.tensor([1.5, -2.0]))
+
+
+@pytest.mark.parametrize("data", [{"a": [1, 2, 3], "b": ["x"]}, "state_dict"])
+def test_plain_pickle_is_refused_with_torch_save_advice(tmp_path, digits_state, data):
+    path = tmp_path / "model.pkl"
+    with open(path, "wb") as f:
+        pickle.dump(digits_state if data == "state_dict" else data, f)
+    msg = _refusal(path)
+    assert "plain Python pickle" in msg and "not a torch.save file" in msg
+    assert "model.state_dict()" in msg and "torch.save" in msg and ".safetensors" in msg
+
+
+def _gzip(path):
+    path.write_bytes(gzip.compress(b"not a checkpoint" * 10))
+
+
+def _folder_zip(path):
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr("run/config.json", "{}")
+        z.writestr("run/model.safetensors", b"\x00" * 16)
+
+
+def _npz(path):
+    with open(path, "wb") as f:
+        np.savez(f, weight=np.zeros(3))
+
+
+def _npy(path):
+    with open(path, "wb") as f:
+        np.save(f, np.zeros(3))
+
+
+@pytest.mark.parametrize(
+    ("write", "what", "advice"),
+    [
+        (_gzip, "a gzip-compressed file", "decompress it"),
+        (_folder_zip, "a zip archive (run/config.json, run/model.safetensors)", "extract it"),
+        (_npz, "a NumPy .npz archive", "convert the weights to a PyTorch state_dict"),
+        (_npy, "a NumPy .npy array", "state_dict"),
+    ],
+)
+def test_archives_and_arrays_are_refused_saying_what_they_are(tmp_path, write, what, advice):
+    path = tmp_path / "model.pt"
+    write(path)
+    msg = _refusal(path)
+    assert f"is {what}" in msg and advice in msg
+
+
+def test_safetensors_cut_inside_its_header_is_truncated(tmp_path, digits_state):
+    full = tmp_path / "full.safetensors"
+    save_state_dict(digits_state, full)
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(full.read_bytes()[:40])
+    msg = _refusal(cut)
+    assert "truncated or corrupt" in msg and "download it again" in msg
+
+
+def test_unknown_binary_is_refused_showing_its_first_bytes(tmp_path):
+    path = tmp_path / "model.pt"
+    path.write_bytes(bytes(range(256)))
+    msg = _refusal(path)
+    assert "00 01 02 03 04 05 06 07" in msg and "truncated or corrupt" in msg
+
+
+# --- unwrapping containers ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("prefix", ["_orig_mod.", "module._orig_mod.", "_orig_mod.module."])
+def test_compile_and_ddp_prefixes_are_unwrapped(tmp_path, digits_state, prefix):
+    path = tmp_path / "compiled.pt"
+    torch.save({f"{prefix}{k}": v for k, v in digits_state.items()}, path)
+    loaded = read_state_dict(path)
+    _assert_same(loaded, digits_state)
+    load_into(build_model("digits_cnn", num_classes=10), loaded)
+
+
+def test_prefix_is_kept_unless_every_key_has_it(tmp_path):
+    path = tmp_path / "partial.pt"
+    torch.save({"_orig_mod.a": torch.zeros(1), "b": torch.zeros(1)}, path)
+    assert sorted(read_state_dict(path)) == ["_orig_mod.a", "b"]
+    bare = tmp_path / "bare.pt"
+    torch.save({"module.": torch.zeros(1)}, bare)  # stripping would leave no name
+    assert list(read_state_dict(bare)) == ["module."]
+
+
+def _lightning(state: dict, **markers) -> dict:
+    return {
+        **markers,
+        "state_dict": {f"model.{k}": v for k, v in state.items()},
+        "hparams_name": "kwargs",
+        "hyper_parameters": {"lr": 0.1, "widths": [16, 32], "arch": "digits_cnn"},
+        "callbacks": {"ModelCheckpoint{'monitor': 'val_acc', 'mode': 'max'}": {"best_model_score": 0.9}},
+        "loops": {"fit_loop": {"state_dict": {}, "epoch_progress": {"total": {"ready": 3}}}},
+        "optimizer_states": [{"state": {0: {"momentum_buffer": torch.zeros(2)}}, "param_groups": [{"lr": 0.1}]}],
+        "lr_schedulers": [{"last_epoch": 3}],
+    }
+
+
+@pytest.mark.parametrize(
+    "markers",
+    [{"pytorch-lightning_version": "2.4.0", "epoch": 3, "global_step": 120}, {"epoch": 3, "global_step": 120}],
+)
+def test_lightning_checkpoint_is_unwrapped(tmp_path, digits_state, markers):
+    path = tmp_path / "epoch=3-step=120.ckpt"
+    torch.save(_lightning(digits_state, **markers), path)
+    loaded = read_state_dict(path)
+    _assert_same(loaded, digits_state)
+    load_into(build_model("digits_cnn", num_classes=10), loaded)
+
+
+def test_lightning_prefix_is_stripped_only_when_every_key_has_it(tmp_path, digits_state):
+    ckpt = _lightning(digits_state, **{"pytorch-lightning_version": "2.4.0"})
+    ckpt["state_dict"]["teacher.w"] = torch.zeros(1)
+    path = tmp_path / "mixed.ckpt"
+    torch.save(ckpt, path)
+    assert "teacher.w" in read_state_dict(path) and "model.classifier.weight" in read_state_dict(path)
+
+    # Without Lightning's markers a "model." prefix is a real module name and stays.
+    plain = tmp_path / "plain.pt"
+    torch.save({"state_dict": {"model.w": torch.zeros(1)}}, plain)
+    assert list(read_state_dict(plain)) == ["model.w"]
+
+
+# --- what the tensors hold ------------------------------------------------------------------
+
+
+def test_non_finite_weights_are_refused_naming_tensors(tmp_path, digits_state):
+    state = {k: v.clone() for k, v in digits_state.items()}
+    names = [k for k, v in state.items() if v.is_floating_point()]
+    state[names[0]].view(-1)[:3] = float("nan")
+    state[names[1]].view(-1)[0] = float("-inf")
+    for path in (tmp_path / "bad.safetensors", tmp_path / "bad.pt"):
+        if path.suffix == ".pt":
+            torch.save(state, path)
+        else:
+            save_state_dict(state, path)
+        msg = _refusal(path)
+        assert "has non-finite values in 2 tensors" in msg
+        assert f"{names[0]}: 3 NaN" in msg and f"{names[1]}: 1 Inf" in msg
+        assert "re-export it from a healthy training run" in msg
+        assert torch.isnan(read_state_dict(path, allow_nonfinite=True)[names[0]]).sum() == 3
+
+
+def test_non_finite_half_precision_is_refused(tmp_path):
+    path = tmp_path / "half.safetensors"
+    save_state_dict({"a": torch.tensor([1.0, float("inf")], dtype=torch.bfloat16),
+                     "b": torch.tensor([float("nan"), float("inf")], dtype=torch.float16),
+                     "steps": torch.tensor(3)}, path)
+    msg = _refusal(path)
+    assert "in 2 tensors" in msg and "a: 1 Inf" in msg and "b: 1 NaN and 1 Inf" in msg
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pt"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_stored_dtype_is_kept(tmp_path, digits_state, suffix, dtype):
+    state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in digits_state.items()}
+    path = tmp_path / f"half{suffix}"
+    if suffix == ".pt":
+        torch.save(state, path)
+    else:
+        save_state_dict(state, path)
+    loaded = read_state_dict(path)
+    _assert_same(loaded, state)
+    assert {v.dtype for v in loaded.values() if v.is_floating_point()} == {dtype}

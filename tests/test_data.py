@@ -5,6 +5,7 @@ Every dataset here is real files in the real on-disk format, written by the test
 
 from __future__ import annotations
 
+import io
 import os
 import pickle
 from pathlib import Path
@@ -15,11 +16,27 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
+from torchvision import transforms as T
+
 from dg2pf_core.data import DataRequest, dataset_names, load_dataset, parse_spec
-from dg2pf_core.data.transforms import CIFAR10_MEAN, CIFAR10_STD
+from dg2pf_core.data.transforms import (
+    CIFAR10_MEAN,
+    CIFAR10_STD,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    ConvertMode,
+    channel_stats,
+    imagenet_transforms,
+)
 from dg2pf_core.errors import DatasetError
 
 DIGITS_TOTAL = 1797
+
+
+@pytest.fixture(autouse=True)
+def _private_cache(tmp_path_factory, monkeypatch):
+    """Folder datasets cache their image check; keep each test's out of the user's ~/.cache."""
+    monkeypatch.setenv("DG2PF_CACHE_DIR", str(tmp_path_factory.mktemp("cache")))
 
 
 # --------------------------------------------------------------------------------------- digits
@@ -335,6 +352,202 @@ def test_imagefolder_rejects_an_empty_train_split(tmp_path, layout):
         (tmp_path / "train" / "cat" / "notes.txt").write_text("not an image")
     with pytest.raises(DatasetError, match="train"):
         _load_folder(tmp_path)
+
+
+APPLEDOUBLE = b"\x00\x05\x16\x07\x00\x02\x00\x00" + b"Mac OS X        " + bytes(64)
+
+
+def test_imagefolder_ignores_hidden_files_and_folders(tmp_path):
+    """macOS / Jupyter / git droppings are neither classes nor images, at any depth."""
+    _write_images(tmp_path / "train", CLASSES)
+    _write_images(tmp_path / "test", {"cat": 1, "dog": 2}, seed=1)
+    for folder in ("train/cat", "train/dog", "test/dog"):
+        (tmp_path / folder / "._0.jpg").write_bytes(APPLEDOUBLE)
+        (tmp_path / folder / "._1.png").write_bytes(APPLEDOUBLE)
+        (tmp_path / folder / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1" + bytes(32))
+    # a dot-folder inside a class, one nested deeper, and dot-named class folders
+    _write_images(tmp_path / "train" / "cat" / ".ipynb_checkpoints", {"deep": 2})
+    (tmp_path / "train" / "dog" / "sub" / ".thumbs").mkdir(parents=True)
+    (tmp_path / "train" / "dog" / "sub" / ".thumbs" / "x.jpg").write_bytes(APPLEDOUBLE)
+    _write_images(tmp_path / "train" / ".Trashes", {"old": 1})
+    _write_images(tmp_path / "train", {".ipynb_checkpoints": 2})
+    _write_images(tmp_path / "test", {".hidden_class": 1})
+    (tmp_path / "train" / "._cat").write_bytes(APPLEDOUBLE)
+
+    splits = _load_folder(tmp_path)
+    assert splits.class_names == ["cat", "dog"] and splits.num_classes == 2
+    assert len(splits.train) + len(splits.val) == 10 and len(splits.test) == 3
+    assert splits.skipped_images == []
+    for i in range(len(splits.test)):
+        assert splits.test[i][0].shape == (3, 24, 24)
+
+
+def test_imagefolder_hidden_files_alone_do_not_make_a_class(tmp_path):
+    _write_images(tmp_path / "train", CLASSES)
+    (tmp_path / "train" / "bird").mkdir()
+    (tmp_path / "train" / "bird" / "._0.jpg").write_bytes(APPLEDOUBLE)
+    with pytest.raises(DatasetError, match="bird"):
+        _load_folder(tmp_path)
+
+
+def test_imagefolder_under_a_dot_folder_is_found(tmp_path):
+    """Only the part inside the split folder decides what is hidden."""
+    root = tmp_path / ".data" / "pets"
+    _write_images(root / "train", CLASSES)
+    assert len(_load_folder(root).class_names) == 2
+
+
+# -------------------------------------------------------------------------------- image modes
+#
+# Each case: an image of a few 1-pixel-wide columns, and the RGB (0..255) each column must become.
+
+
+def _from_png(image: Image.Image, **save) -> Image.Image:
+    """``image`` as PIL reads it back from a real PNG file, the way a dataset's files arrive."""
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", **save)
+    buffer.seek(0)
+    loaded = Image.open(buffer)
+    loaded.load()
+    return loaded
+
+
+def _columns(mode: str, values: list) -> Image.Image:
+    image = Image.new(mode, (len(values), 1))
+    for x, value in enumerate(values):
+        image.putpixel((x, 0), value)
+    return image
+
+
+def _palette(transparent: bool) -> Image.Image:
+    image = Image.new("P", (3, 1))
+    image.putpalette([0, 0, 0, 200, 100, 50, 10, 20, 30] + [0] * (3 * 253))
+    for x in range(3):
+        image.putpixel((x, 0), x)
+    return _from_png(image, transparency=0) if transparent else _from_png(image)
+
+
+def _sixteen_bit(mode: str, values: list[int]) -> Image.Image:
+    array = np.array([values], dtype=">u2" if mode == "I;16B" else "<u2")
+    image = Image.frombytes(mode, (len(values), 1), array.tobytes())
+    return _from_png(image) if mode == "I;16" else image  # a real 16-bit PNG
+
+
+WHITE, BLACK = (255, 255, 255), (0, 0, 0)
+
+
+def _gray(v: float) -> tuple[float, float, float]:
+    return (v, v, v)
+
+
+MODE_CASES = {
+    "1": lambda: (_columns("1", [0, 1]), [BLACK, WHITE]),
+    "L": lambda: (_columns("L", [0, 100, 255]), [BLACK, _gray(100), WHITE]),
+    "P": lambda: (_palette(False), [BLACK, (200, 100, 50), (10, 20, 30)]),
+    "P with transparency": lambda: (_palette(True), [WHITE, (200, 100, 50), (10, 20, 30)]),
+    "RGB": lambda: (_columns("RGB", [(10, 20, 30), WHITE]), [(10, 20, 30), WHITE]),
+    # fully transparent -> white whatever colour it stores; half transparent black -> mid gray
+    "RGBA": lambda: (
+        _from_png(_columns("RGBA", [(10, 20, 30, 0), (0, 0, 0, 128), (10, 20, 30, 255)])),
+        [WHITE, _gray(127), (10, 20, 30)],
+    ),
+    "LA": lambda: (
+        _from_png(_columns("LA", [(50, 0), (0, 128), (50, 255)])),
+        [WHITE, _gray(127), _gray(50)],
+    ),
+    "CMYK": lambda: (
+        _columns("CMYK", [(0, 0, 0, 0), (255, 0, 0, 0), (0, 0, 0, 255)]),
+        [WHITE, (0, 255, 255), BLACK],
+    ),
+    # 16-bit: full scale -> 1.0, half scale -> 0.5, never clipped to white
+    "I;16": lambda: (
+        _sixteen_bit("I;16", [0, 257 * 100, 32768, 65535]),
+        [BLACK, _gray(100), _gray(128), WHITE],
+    ),
+    "I;16B": lambda: (
+        _sixteen_bit("I;16B", [0, 257 * 100, 32768, 65535]),
+        [BLACK, _gray(100), _gray(128), WHITE],
+    ),
+    "I": lambda: (
+        Image.fromarray(np.array([[-5, 257 * 100, 32768, 65535, 100000]], dtype=np.int32)),
+        [BLACK, _gray(100), _gray(128), WHITE, WHITE],
+    ),
+    # float: [0, 1] when the image's maximum is at most 1 ...
+    "F": lambda: (
+        Image.fromarray(np.array([[0.0, 0.5, 1.0, float("nan")]], dtype=np.float32)),
+        [BLACK, _gray(128), WHITE, BLACK],
+    ),
+    # ... [0, 255] up to 255 (what PIL's convert("F") gives) ...
+    "F 8-bit range": lambda: (
+        Image.fromarray(np.array([[0.0, 100.0, 255.0]], dtype=np.float32)),
+        [BLACK, _gray(100), WHITE],
+    ),
+    # ... else 16-bit counts
+    "F 16-bit range": lambda: (
+        Image.fromarray(np.array([[0.0, 32768.0, 65535.0]], dtype=np.float32)),
+        [BLACK, _gray(128), WHITE],
+    ),
+}
+
+
+def _luma(rgb: tuple[float, float, float]) -> float:
+    return 0.299 * rgb[0] + 0.587 * rgb[1] + 0.114 * rgb[2]
+
+
+@pytest.mark.parametrize("case", list(MODE_CASES))
+@pytest.mark.parametrize("channels", [3, 1])
+def test_every_pil_mode_becomes_the_right_pixels(case, channels):
+    image, expected = MODE_CASES[case]()
+    assert image.mode == case.split(" ")[0]
+    want = torch.tensor(
+        [rgb if channels == 3 else (_luma(rgb),) for rgb in expected], dtype=torch.float32
+    ).T.reshape(channels, 1, len(expected)) / 255
+    converted = ConvertMode(channels)(image)
+    assert converted.mode == ("RGB" if channels == 3 else "L")
+    got = T.ToTensor()(converted)
+    assert torch.allclose(got, want, atol=1.01 / 255), (got * 255, want * 255)
+
+
+@pytest.mark.parametrize("case", list(MODE_CASES))
+def test_the_eval_transform_sees_the_same_pixels(case):
+    """What serving applies: a uniform image of each column's colour, normalisation undone."""
+    image, expected = MODE_CASES[case]()
+    request = DataRequest(image_size=16, in_channels=3)
+    evaluate = imagenet_transforms(request)[1]
+    mean, std = channel_stats(IMAGENET_MEAN, IMAGENET_STD, 3)
+    for x, rgb in enumerate(expected):
+        uniform = image.crop((x, 0, x + 1, 1)).resize((20, 20), Image.NEAREST)
+        uniform.info = dict(image.info)  # crop drops the palette's transparency entry
+        tensor = evaluate(uniform)
+        pixels = tensor * torch.tensor(std).view(3, 1, 1) + torch.tensor(mean).view(3, 1, 1)
+        want = torch.tensor(rgb, dtype=torch.float32).view(3, 1, 1).expand(3, 16, 16) / 255
+        assert torch.allclose(pixels, want, atol=1.5 / 255), (case, x)
+
+
+def test_sixteen_bit_pngs_in_an_imagefolder_are_scaled_not_clipped(tmp_path):
+    for split, value in (("train", 65535), ("test", 32768)):
+        for cls in ("dark", "light"):
+            (tmp_path / split / cls).mkdir(parents=True)
+            for i in range(3):
+                pixels = np.full((30, 30), value if cls == "light" else 0, dtype="<u2")
+                image = Image.frombytes("I;16", (30, 30), pixels.tobytes())
+                image.save(tmp_path / split / cls / f"{i}.png")
+    splits = _load_folder(tmp_path, in_channels=1)
+    (mean,), (std,) = channel_stats(IMAGENET_MEAN, IMAGENET_STD, 1)
+    light = [splits.test[i][0] * std + mean for i in range(6) if splits.test[i][1] == 1]
+    dark = [splits.test[i][0] * std + mean for i in range(6) if splits.test[i][1] == 0]
+    assert all(torch.allclose(t, torch.full_like(t, 128 / 255), atol=1e-4) for t in light)
+    assert all(torch.allclose(t, torch.zeros_like(t), atol=1e-4) for t in dark)
+    for tensor, label in (splits.val[i] for i in range(len(splits.val))):
+        pixels = tensor * std + mean  # 65535 (full scale) -> 1.0, 0 -> 0.0
+        assert torch.allclose(pixels, torch.full_like(pixels, float(label)), atol=1e-4)
+
+
+def test_convert_mode_pickles():
+    convert = ConvertMode(1)
+    copy = pickle.loads(pickle.dumps(convert))
+    image, _ = MODE_CASES["I;16"]()
+    assert np.array_equal(np.asarray(copy(image)), np.asarray(convert(image)))
 
 
 # ------------------------------------------------------------------------------ specs and errors

@@ -68,3 +68,15 @@ def test_more_workers_than_the_cluster_has_fails_fast(local_ray, digits_example,
         prune_on_ray(job_for(digits_example), tmp_path / "out", RayOptions(workers=16, storage_path=str(tmp_path / "s")))
     assert time.time() - started < 30
     assert not (tmp_path / "out").exists()
+
+
+def test_a_configuration_error_on_the_workers_fails_once_without_retries(local_ray, digits_example, tmp_path):
+    # batch_size 2 over 2 workers: 1 image per BatchNorm step. Only the workers' own preflight (their
+    # dry run, on their device, with their share of the batch) can see it; every rank reports the
+    # refusal as the run's result, so Ray Train does not retry it (max_failures=2 would, for an error).
+    from dg2pf_ray.train import RunFailed
+
+    with pytest.raises(RunFailed, match=r"a worker refused the job: batch_size 2 over 2 workers .*BatchNorm.*--batch-size 4"):
+        prune_on_ray(job_for(digits_example, batch_size=2), tmp_path / "out",
+                     RayOptions(workers=2, storage_path=str(tmp_path / "store"), verbose=False))
+    assert not (tmp_path / "out").exists()

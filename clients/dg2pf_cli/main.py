@@ -68,21 +68,62 @@ def _cmd_example(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_prune(args: argparse.Namespace) -> int:
-    from dg2pf_core.job import prune_to_dir
+_JOB_OPTIONS = ("arch", "num_classes", "checkpoint", "dataset", "sparsity", "out")
 
-    job = PruneJob(
+
+def _job_from(args: argparse.Namespace) -> PruneJob:
+    missing = [f"--{name.replace('_', '-')}" for name in _JOB_OPTIONS if getattr(args, name, None) is None]
+    if missing:
+        raise DG2PFError(f"the following arguments are required: {', '.join(missing)} (or --resume DIR)")
+    return PruneJob(
         arch=args.arch, num_classes=args.num_classes, checkpoint=args.checkpoint, dataset=args.dataset,
         config=_config_from(args), teacher=args.teacher, image_size=args.image_size, val_fraction=args.val_fraction,
-        compact_values=args.compact_values,
+        compact_values=args.compact_values, skip_bad_images=args.skip_bad_images,
     )
+
+
+def _cmd_prune(args: argparse.Namespace) -> int:
+    from dg2pf_core.job import prune_to_dir, read_state_dir, state_dir_for
+    from dg2pf_core.state import STATE_FILE
+
+    _set_threads(args)
+    if args.resume:
+        options = (*_JOB_OPTIONS, "workers", "teacher", "image_size", *(f.name for f in dataclasses.fields(_Config)))
+        given = [f"--{n.replace('_', '-')}" for n in options if getattr(args, n, None) is not None]
+        if given:
+            raise DG2PFError(f"--resume continues a run with its own options; leave out {', '.join(given)}", field="resume")
+        state_dir = Path(args.resume)
+        job, out = read_state_dir(state_dir)
+        args.out = str(out)
+    else:
+        job = _job_from(args)
+        state_dir = state_dir_for(args.out)
+        if args.workers is None and (state_dir / STATE_FILE).exists():
+            raise DG2PFError(f"{state_dir} holds an interrupted run for this --out: continue it with "
+                             f"`dg2pf prune --resume {state_dir}`, or delete it to start over", field="out")
 
     def announce(prepared) -> None:
         if not args.quiet:
-            print(f"data: {prepared.splits.description}; device: {prepared.device}", file=sys.stderr)
+            skipped = len(getattr(prepared.splits, "skipped_images", []) or [])
+            note = f"; skipped {skipped} unreadable image(s)" if skipped else ""
+            print(f"data: {prepared.splits.description}{note}; device: {prepared.device}", file=sys.stderr)
 
     if args.workers is None:
-        m = prune_to_dir(job, args.out, progress=EpochBars(enabled=not args.quiet), on_prepared=announce)
+        try:
+            m = prune_to_dir(job, args.out, progress=EpochBars(enabled=not args.quiet), on_prepared=announce,
+                             state_dir=state_dir, resume=bool(args.resume))
+        except KeyboardInterrupt:
+            if (state_dir / STATE_FILE).exists():
+                print(f"dg2pf: interrupted; nothing was written to {args.out}. The run's state is kept in {state_dir}: "
+                      f"continue with `dg2pf prune --resume {state_dir}`", file=sys.stderr)
+                return 130
+            raise
+        except Exception as exc:
+            if not isinstance(exc, DG2PFError) or exc.field != "out":
+                if (state_dir / STATE_FILE).exists():
+                    print(f"dg2pf: the run's state is kept in {state_dir}: continue with "
+                          f"`dg2pf prune --resume {state_dir}`", file=sys.stderr)
+            raise
     else:
         from dg2pf_ray.train import RayOptions, prune_on_ray
 
@@ -121,11 +162,8 @@ def _most_pruned(m: dict) -> str:
 def _cmd_tune(args: argparse.Namespace) -> int:
     from dg2pf_ray.tune import TuneOptions, tune_job
 
-    job = PruneJob(
-        arch=args.arch, num_classes=args.num_classes, checkpoint=args.checkpoint, dataset=args.dataset,
-        config=_config_from(args), teacher=args.teacher, image_size=args.image_size, val_fraction=args.val_fraction,
-        compact_values=args.compact_values,
-    )
+    _set_threads(args)
+    job = _job_from(args)
     options = TuneOptions(samples=args.samples, search_space=args.search_space, workers_per_trial=args.workers or 1,
                           use_gpu=args.gpu, placement=args.placement, address=args.ray_address, storage_path=args.storage_path,
                           max_concurrent=args.max_concurrent, grace_period=args.grace_period, verbose=not args.quiet)
@@ -423,7 +461,9 @@ def build_parser() -> argparse.ArgumentParser:
     ex.set_defaults(func=_cmd_example)
 
     pr = sub.add_parser("prune", help="prune a checkpoint with DG2PF")
-    _add_job_options(pr)
+    _add_job_options(pr, required=False)
+    pr.add_argument("--resume", metavar="DIR", help="continue an interrupted run from its state directory "
+                    "(OUT.dg2pf-run, named when the run stopped); no other job options")
     _add_ray_options(pr)
     _add_config_options(pr)
     pr.set_defaults(func=_cmd_prune)
@@ -431,19 +471,32 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _add_job_options(pr: argparse.ArgumentParser) -> None:
-    pr.add_argument("--arch", required=True, help="e.g. digits_cnn, cifar/resnet18, torchvision/resnet50 (see `dg2pf archs`)")
-    pr.add_argument("--num-classes", type=int, required=True)
-    pr.add_argument("--checkpoint", required=True, help=".safetensors or a torch state_dict file")
-    pr.add_argument("--dataset", required=True, help="digits | cifar10:PATH | imagefolder:PATH")
-    pr.add_argument("--sparsity", type=float, required=True, help="fraction of prunable weights to remove, in (0, 1)")
-    pr.add_argument("--out", required=True, help="output directory (must not exist or be empty)")
+def _add_job_options(pr: argparse.ArgumentParser, required: bool = True) -> None:
+    # prune checks the required ones itself: --resume DIR replaces them all.
+    pr.add_argument("--arch", required=required, help="e.g. digits_cnn, cifar/resnet18, torchvision/resnet50 (see `dg2pf archs`)")
+    pr.add_argument("--num-classes", type=int, required=required)
+    pr.add_argument("--checkpoint", required=required, help=".safetensors or a torch state_dict file (recognised by content)")
+    pr.add_argument("--dataset", required=required, help="digits | cifar10:PATH | imagefolder:PATH")
+    pr.add_argument("--sparsity", type=float, required=required, help="fraction of prunable weights to remove, in (0, 1)")
+    pr.add_argument("--out", required=required, help="output directory (must not exist or be empty)")
     pr.add_argument("--teacher", help="separate teacher checkpoint (default: the unpruned input model)")
     pr.add_argument("--image-size", type=int, help="input size (default: the architecture's)")
     pr.add_argument("--val-fraction", type=float, default=0.1, help="held out from train when the dataset has no val split")
     pr.add_argument("--compact-values", choices=["fp32", "fp16"], default="fp32",
                     help="value dtype of OUT/model.compact.safetensors (default: fp32, exact)")
+    pr.add_argument("--skip-bad-images", action="store_true",
+                    help="leave out images that cannot be decoded (counted in metrics.json) instead of stopping")
     pr.add_argument("--quiet", action="store_true", help="no progress bars")
+    pr.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's, one per core)")
+
+
+def _set_threads(args: argparse.Namespace) -> None:
+    if getattr(args, "threads", None) is not None:
+        if args.threads < 1:
+            raise DG2PFError(f"--threads must be >= 1, got {args.threads}", field="threads")
+        import torch
+
+        torch.set_num_threads(args.threads)
 
 
 def _add_tune_evaluate_archs(sub) -> None:

@@ -16,6 +16,7 @@ from torch.utils.data import Dataset
 
 from dg2pf_core.data.registry import DataRequest, DataSplits, register_dataset
 from dg2pf_core.data.splits import hold_out
+from dg2pf_core.data.transforms import ConvertMode
 from dg2pf_core.errors import DatasetError
 
 NATIVE_SIZE = 8
@@ -58,7 +59,8 @@ class DigitsEvalTransform:
         self.request = request
 
     def __call__(self, image: PIL.Image.Image) -> torch.Tensor:
-        gray = image.convert("L").resize((NATIVE_SIZE, NATIVE_SIZE), PIL.Image.BOX)
+        # ConvertMode, not convert("L"): 16-bit and transparent images come out as in other datasets
+        gray = ConvertMode(1)(image).resize((NATIVE_SIZE, NATIVE_SIZE), PIL.Image.BOX)
         pixels = torch.from_numpy(np.asarray(gray, dtype=np.float32) / 255.0)
         # The dataset has light strokes on a dark ground; a photo or scan of ink on paper is the
         # reverse, and a mostly-light image can only be that.

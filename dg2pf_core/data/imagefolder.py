@@ -10,26 +10,99 @@ Which folder plays which role:
     train/ + val/           validation held out from train/, test = val/  (ImageNet: the numbers
                             papers report are on its val/, so it must stay unseen by early stopping)
     train/ only             validation held out from train/, no test split
+
+Names starting with "." are neither classes nor images, at any depth (macOS's ``._x.jpg`` and
+``.DS_Store``, ``.ipynb_checkpoints/``, ``.git/``). Every image is decoded once before training
+(``imagecheck``): unreadable ones refuse the dataset, naming them, or with
+``DataRequest.skip_bad_images`` are left out and listed in ``DataSplits.skipped_images``.
 """
 
 from __future__ import annotations
 
 import os
+from pathlib import Path
+from typing import Callable
 
 from torchvision.datasets import ImageFolder
-from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes
+from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension, make_dataset
 
+from dg2pf_core.data.imagecheck import UnreadableImage, find_unreadable_images, load_image
 from dg2pf_core.data.registry import DataRequest, DataSplits, register_dataset
 from dg2pf_core.data.splits import hold_out
 from dg2pf_core.data.transforms import TransformedView, imagenet_transforms
 from dg2pf_core.errors import DatasetError
 
 _LAYOUT = "expected PATH/train/<class>/<images>, optionally PATH/val/ and PATH/test/ alike"
+_LISTED = 10  # unreadable files named in the error; the rest are counted
+
+
+def is_hidden(relative_path: str) -> bool:
+    """Whether a path inside a split folder is hidden: any part of it starts with a dot.
+
+    Covers macOS's ``._name.jpg`` AppleDouble files and ``.DS_Store``, ``.ipynb_checkpoints/``,
+    ``.git/`` and any other dot-folder, at any depth. Only the part inside the split folder
+    counts: the dataset may well live under a dot-folder itself (``~/.data/imagenet``).
+    """
+    return any(part.startswith(".") for part in Path(relative_path).parts)
+
+
+def find_visible_classes(directory: str) -> tuple[list[str], dict[str, int]]:
+    """torchvision's ``find_classes`` without hidden folders; FileNotFoundError when none."""
+    classes = sorted(
+        entry.name
+        for entry in os.scandir(directory)
+        if entry.is_dir() and not is_hidden(entry.name)
+    )
+    if not classes:
+        raise FileNotFoundError(f"Couldn't find any class folder in {directory}.")
+    return classes, {name: i for i, name in enumerate(classes)}
+
+
+class VisibleImageFolder(ImageFolder):
+    """torchvision's ImageFolder minus hidden files and folders, images kept in their own mode.
+
+    Items are ``(PIL image, class index)``, the image fully decoded by ``imagecheck.load_image``:
+    torchvision's default loader would convert to RGB and so clip 16-bit images before
+    ``ConvertMode`` could scale them, and would fail on a bad file without naming it.
+    """
+
+    def __init__(self, root: str) -> None:
+        super().__init__(root, loader=load_image)
+
+    def find_classes(self, directory: str | os.PathLike[str]) -> tuple[list[str], dict[str, int]]:
+        return find_visible_classes(os.fspath(directory))
+
+    @staticmethod
+    def make_dataset(
+        directory: str | os.PathLike[str],
+        class_to_idx: dict[str, int],
+        extensions: tuple[str, ...] | None = None,
+        is_valid_file: Callable[[str], bool] | None = None,
+        allow_empty: bool = False,
+    ) -> list[tuple[str, int]]:
+        directory = os.fspath(directory)
+
+        def visible_and_valid(path: str) -> bool:
+            if is_hidden(os.path.relpath(path, directory)):
+                return False
+            if is_valid_file is not None:
+                return is_valid_file(path)
+            return extensions is not None and has_file_allowed_extension(path, extensions)
+
+        return make_dataset(
+            directory, class_to_idx, is_valid_file=visible_and_valid, allow_empty=allow_empty
+        )
+
+    def drop(self, paths: set[str]) -> None:
+        """Leave the files ``paths`` out of the samples."""
+        self.samples = [sample for sample in self.samples if sample[0] not in paths]
+        self.imgs = self.samples
+        self.targets = [label for _, label in self.samples]
 
 
 def _class_folders(folder: str) -> list[str]:
     try:
-        classes, _ = find_classes(folder)
+        classes, _ = find_visible_classes(folder)
     except FileNotFoundError:
         raise DatasetError(f"{folder!r} has no class folders; {_LAYOUT}") from None
     return classes
@@ -48,10 +121,10 @@ def _check_same_classes(folder: str, classes: list[str], train_classes: list[str
     raise DatasetError(f"{folder!r} {'; '.join(parts)}; every split needs the same class folders")
 
 
-def _images(folder: str) -> ImageFolder:
+def _images(folder: str) -> VisibleImageFolder:
     """The ``(PIL image, label)`` items of one split folder; transforms come from the views."""
     try:
-        return ImageFolder(folder)
+        return VisibleImageFolder(folder)
     except FileNotFoundError as exc:  # torchvision's way of saying a class folder has no images
         raise DatasetError(
             f"{folder!r}: {exc} Every class folder needs at least one image "
@@ -77,27 +150,30 @@ def load_imagefolder(path: str | None, request: DataRequest) -> DataSplits:
     for folder in split_dirs.values():
         _check_same_classes(folder, _class_folders(folder), train_classes)
 
+    images = {"train": _images(train_dir)}
+    images.update({name: _images(d) for name, d in split_dirs.items()})
+    skipped = _leave_out_unreadable(path, images, request.skip_bad_images)
+
     train_tf, eval_tf = imagenet_transforms(request)
-    train_images = _images(train_dir)
+    train_images = images["train"]
     if "val" in split_dirs and "test" in split_dirs:
         train = TransformedView(train_images, train_tf)
-        val = TransformedView(_images(split_dirs["val"]), eval_tf)
-        test_dir: str | None = split_dirs["test"]
+        val = TransformedView(images["val"], eval_tf)
+        test_name: str | None = "test"
         val_source = "from val/"
     else:
         train, val = hold_out(
             TransformedView(train_images, train_tf), TransformedView(train_images, eval_tf),
             request.val_fraction, request.seed,
         )  # fmt: skip
-        test_dir = split_dirs.get("test", split_dirs.get("val"))
+        test_name = "test" if "test" in split_dirs else "val" if "val" in split_dirs else None
         val_source = "held out from train/"
-    test = TransformedView(_images(test_dir), eval_tf) if test_dir is not None else None
+    test = TransformedView(images[test_name], eval_tf) if test_name is not None else None
 
     test_part = (
-        f" / {len(test)} test (from {os.path.basename(test_dir)}/)"
-        if test is not None and test_dir is not None
-        else ", no test split"
+        f" / {len(test)} test (from {test_name}/)" if test is not None else ", no test split"
     )
+    skipped_part = f"; {len(skipped)} unreadable image(s) skipped" if skipped else ""
     return DataSplits(
         train=train,
         val=val,
@@ -107,6 +183,39 @@ def load_imagefolder(path: str | None, request: DataRequest) -> DataSplits:
         eval_transform=eval_tf,
         description=(
             f"imagefolder ({path}): {len(train)} train / {len(val)} val ({val_source})"
-            f"{test_part}, {len(train_classes)} classes"
+            f"{test_part}, {len(train_classes)} classes{skipped_part}"
         ),
+        skipped_images=skipped,
     )
+
+
+def _leave_out_unreadable(
+    root: str, images: dict[str, VisibleImageFolder], skip: bool
+) -> list[str]:
+    """Decode every image of every split once; refuse the dataset, or with ``skip`` leave the
+    unreadable ones out. Returns the files left out, relative to ``root``."""
+    paths = (sample_path for folder in images.values() for sample_path, _ in folder.samples)
+    bad = find_unreadable_images(root, paths)
+    if not bad:
+        return []
+    if not skip:
+        raise DatasetError(_unreadable_message(root, bad))
+    left_out = {image.path for image in bad}
+    for split_name, folder in images.items():
+        folder.drop(left_out)
+        emptied = sorted(set(folder.classes) - {folder.classes[t] for t in folder.targets})
+        if emptied:
+            raise DatasetError(
+                f"{split_name}/ has no readable image left in class folder(s) "
+                f"{', '.join(emptied)} once the {len(bad)} unreadable image(s) are skipped; "
+                "every class folder needs at least one"
+            )
+    return [image.relative_path for image in bad]
+
+
+def _unreadable_message(root: str, bad: list[UnreadableImage]) -> str:
+    # One line (the CLI's and the job status's error is one line): the first files, then the count.
+    listed = "; ".join(f"{image.relative_path} ({image.reason})" for image in bad[:_LISTED])
+    more = f"; ... and {len(bad) - _LISTED} more ({len(bad)} in all)" if len(bad) > _LISTED else ""
+    return (f"{len(bad)} image(s) in {root!r} cannot be read: {listed}{more}; "
+            "remove or fix them, or pass --skip-bad-images (skip_bad_images: true in a job spec)")

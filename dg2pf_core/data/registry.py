@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import difflib
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import PIL.Image
@@ -26,6 +26,9 @@ class DataRequest:
     in_channels: int  # 1 or 3
     val_fraction: float = 0.1  # held out from train when the dataset has no validation split
     seed: int = 0  # seeds the validation hold-out only
+    # Folder datasets: leave out images that cannot be decoded (listed in
+    # DataSplits.skipped_images) instead of refusing the dataset.
+    skip_bad_images: bool = False
 
 
 @dataclass
@@ -40,6 +43,8 @@ class DataSplits:
     # applied to a user's image at serving time: the same preprocessing as val/test
     eval_transform: Callable[[PIL.Image.Image], torch.Tensor]
     description: str  # e.g. "digits: 1293 train / 144 val / 360 test, 10 classes"
+    # Unreadable images left out under DataRequest.skip_bad_images, relative to the dataset root
+    skipped_images: list[str] = field(default_factory=list)
 
 
 Loader = Callable[[str | None, DataRequest], DataSplits]
@@ -124,6 +129,11 @@ def _check_request(request: DataRequest) -> None:
             f"val_fraction must be in (0, 0.5] (share of train held out for validation), "
             f"got {fraction!r}",
             field="val_fraction",
+        )
+    if not isinstance(request.skip_bad_images, bool):
+        raise DatasetError(
+            f"skip_bad_images must be true or false, got {request.skip_bad_images!r}",
+            field="skip_bad_images",
         )
 
 

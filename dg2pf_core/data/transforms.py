@@ -3,7 +3,8 @@
 Two recipes, as in the paper's experiments: CIFAR-style (pad-and-crop + flip on small images) and
 ImageNet-style (random resized crop + flip; resize + center crop to evaluate). Each returns the
 training transform and the eval transform; the eval transform is also what serving applies to a
-user's image, so it starts by converting any PIL mode (RGBA, P, L, ...) to the one the model wants.
+user's image, so it starts by converting any PIL mode (RGBA, P, L, 16-bit, ...) to the one the model
+wants (``ConvertMode``).
 
 Everything here is a class or a torchvision transform, not a lambda, so the transforms pickle
 (DataLoader workers, shipping a model's preprocessing to a serving process).
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 from typing import Callable
 
+import numpy as np
 import PIL.Image
 import torch
 from torch.utils.data import Dataset
@@ -47,16 +49,83 @@ def channel_stats(
 
 
 class ConvertMode:
-    """PIL image -> PIL image in ``"RGB"`` or ``"L"``, whatever mode it came in."""
+    """PIL image -> 8-bit ``"RGB"`` or ``"L"``, whatever mode it came in.
+
+    PIL's own ``convert`` is right for most modes and wrong for three kinds, handled here:
+
+    * 16-bit integer ("I;16", "I;16B", "I;16L", "I;16N") and "I" (what 16-bit PNGs and TIFFs
+      open as): 0..65535 scaled to 0..255 (65535 -> 255, 32768 -> 128). PIL clips at 255 instead,
+      which turns all but the darkest pixels white. "I" is assumed to hold 16-bit data; negative
+      values become 0, larger ones 255.
+    * "F" (32-bit float): there is no standard range, so the smallest of the three common ones
+      that holds the image is taken: [0, 1] (normalised intensities, what numpy/OpenCV pipelines
+      write) when its maximum is at most 1, else [0, 255] (8-bit values as floats, what PIL's own
+      ``convert("F")`` gives) when at most 255, else [0, 65535] (16-bit counts). A fixed range,
+      not the image's own min/max, so brightness is not stretched per image. NaN -> 0.
+    * transparency (RGBA, LA, PA, RGBa, La, or a palette/colour marked transparent in
+      ``info["transparency"]``): composited over white before the alpha is dropped. Dropping it
+      alone exposes whatever colour the transparent pixels happen to store (often black), and
+      transparent images (logos, product shots, scans) are made to be seen on a white page.
+
+    Everything else ("1", "P" without transparency, "CMYK", "YCbCr", "LAB", "HSV", "RGBX") goes
+    through PIL's conversion to RGB. Then RGB -> L by ITU-R 601-2 luma and L -> RGB by copying the
+    gray into all three channels, as PIL does.
+    """
 
     def __init__(self, in_channels: int) -> None:
         self.mode = "RGB" if in_channels == 3 else "L"
 
     def __call__(self, image: PIL.Image.Image) -> PIL.Image.Image:
+        if image.mode == self.mode and "transparency" not in image.info:
+            return image
+        image = to_8bit(image)
         return image if image.mode == self.mode else image.convert(self.mode)
 
     def __repr__(self) -> str:
         return f"ConvertMode({self.mode!r})"
+
+
+_SIXTEEN_BIT = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+_ALPHA_COLOUR = ("RGBA", "RGBa", "PA")  # composited in RGB
+_ALPHA_GRAY = ("LA", "La")  # composited in L
+_WHITE = 255
+
+
+def to_8bit(image: PIL.Image.Image) -> PIL.Image.Image:
+    """Any PIL image as an 8-bit ``"L"`` or ``"RGB"`` image, by ``ConvertMode``'s rules."""
+    mode = image.mode
+    if mode in _SIXTEEN_BIT:
+        return _scaled(np.asarray(image), 65535.0)
+    if mode == "F":
+        values = np.asarray(image)
+        finite = values[np.isfinite(values)]
+        peak = float(finite.max()) if finite.size else 0.0
+        return _scaled(values, 1.0 if peak <= 1.0 else 255.0 if peak <= 255.0 else 65535.0)
+    transparent = "transparency" in image.info
+    if mode in _ALPHA_GRAY or (transparent and mode in ("1", "L")):
+        return _over_white(image.convert("LA"))
+    if mode in _ALPHA_COLOUR or (transparent and mode in ("P", "RGB")):
+        return _over_white(image.convert("RGBA"))
+    if mode in ("L", "RGB"):
+        return image
+    if mode == "1":
+        return image.convert("L")
+    return image.convert("RGB")
+
+
+def _scaled(values: np.ndarray, full_scale: float) -> PIL.Image.Image:
+    """``values`` in [0, full_scale] -> 8-bit gray, rounded; outside the range clipped."""
+    x = np.nan_to_num(values.astype(np.float64), nan=0.0, posinf=full_scale, neginf=0.0)
+    x = np.clip(x, 0.0, full_scale) * (255.0 / full_scale)
+    return PIL.Image.fromarray(np.rint(x).astype(np.uint8))
+
+
+def _over_white(image: PIL.Image.Image) -> PIL.Image.Image:
+    """An "LA" or "RGBA" image composited over white, without its alpha."""
+    colour_mode = image.mode[:-1]
+    colour, alpha = image.convert(colour_mode), image.getchannel("A")
+    white = PIL.Image.new(colour_mode, image.size, (_WHITE,) * len(colour_mode))
+    return PIL.Image.composite(colour, white, alpha)
 
 
 def cifar_transforms(request: DataRequest) -> tuple[Transform, Transform]:

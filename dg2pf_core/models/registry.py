@@ -34,6 +34,8 @@ class ArchSpec:
     input_size: int  # default square input size, pixels
     in_channels: int
     description: str
+    # Checkpoint key prefixes of parts the built model leaves out (auxiliary heads): dropped on load.
+    ignored_keys: tuple[str, ...] = ()
 
 
 _REGISTRY: dict[str, ArchSpec] = {}
@@ -67,16 +69,29 @@ def _torchvision_classifiers() -> list[str]:
     return sorted(torchvision.models.list_models(module=torchvision.models))
 
 
-def _torchvision_spec(model_name: str) -> ArchSpec:
-    def build(num_classes: int) -> nn.Module:
-        return torchvision.models.get_model(model_name, weights=None, num_classes=num_classes)
+# Models whose training-mode forward returns auxiliary logits beside the main ones. They are built
+# without their auxiliary heads: those only help training from scratch (torchvision's inference
+# models drop them too), pruning fine-tunes a trained network on its main logits, and the pruned
+# model is the inference model. A checkpoint's auxiliary-head weights are ignored on load.
+_AUX_HEADS = {"googlenet": ("aux1.", "aux2."), "inception_v3": ("AuxLogits.",)}
+_INPUT_SIZE = {"inception_v3": 299}
 
+
+def _torchvision_spec(model_name: str) -> ArchSpec:
+    # init_weights=False: the checkpoint overwrites them (and it silences a FutureWarning).
+    extra = {"aux_logits": False, "init_weights": False} if model_name in _AUX_HEADS else {}
+
+    def build(num_classes: int) -> nn.Module:
+        return torchvision.models.get_model(model_name, weights=None, num_classes=num_classes, **extra)
+
+    note = ", built without its auxiliary heads" if model_name in _AUX_HEADS else ""
     return ArchSpec(
         name=TORCHVISION_PREFIX + model_name,
         builder=build,
-        input_size=224,
+        input_size=_INPUT_SIZE.get(model_name, 224),
         in_channels=3,
-        description=f"torchvision {model_name} (ImageNet-style, randomly initialised)",
+        description=f"torchvision {model_name} (ImageNet-style, randomly initialised{note})",
+        ignored_keys=_AUX_HEADS.get(model_name, ()),
     )
 
 

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from dg2pf_core.errors import DG2PFError
 from dg2pf_core.job import PruneJob, prune_to_dir
-from dg2pf_core.state import STATE_FILE, EpochRecord, TrainingState, append_record
+from dg2pf_core.state import EpochRecord, append_record
 
 from .lifeline import start_lifeline
 
@@ -88,10 +88,8 @@ def run(job_dir: Path) -> None:
         # The job holds one CPU (entrypoint_num_cpus=1): one thread, not one per core of the node,
         # so jobs side by side do not make OpenMP spin.
         torch.set_num_threads(1)
-        state_dir = job_dir / STATE
-        resume = TrainingState.load(state_dir) if (state_dir / STATE_FILE).is_file() else None
-        metrics = prune_to_dir(job, out, progress=_ProgressFile(progress), resume=resume,
-                               reporter=lambda record, state: state.save(state_dir))
+        # The state directory outlives a lost run (resubmitted, it resumes) and goes once the output is written.
+        metrics = prune_to_dir(job, out, progress=_ProgressFile(progress), state_dir=job_dir / STATE, resume=True)
     (out / "history.json").write_text(json.dumps(metrics.get("history", []), indent=1))
 
 

@@ -31,6 +31,8 @@ class DatasetSpec(_Strict):
     spec: str = Field(description="digits | cifar10:PATH | imagefolder:PATH")
     val_fraction: float = Field(0.1, gt=0, le=0.5)
     image_size: int | None = Field(None, ge=8, le=1024)
+    skip_bad_images: bool = Field(False, description="leave out images that cannot be decoded (counted in metrics.json) "
+                                  "instead of failing the job")
 
 
 # Options that are the job's, not the schedule's: set elsewhere in the spec or by the executor.
@@ -88,5 +90,5 @@ class JobSpec(_Strict):
             arch=self.model.arch, num_classes=self.model.num_classes, checkpoint=checkpoint_path,
             dataset=self.dataset.spec, config=self.config(), teacher=teacher_path,
             image_size=self.dataset.image_size, val_fraction=self.dataset.val_fraction,
-            compact_values=self.compact_values,
+            compact_values=self.compact_values, skip_bad_images=self.dataset.skip_bad_images,
         )

@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from dg2pf_core.errors import DG2PFError
-from dg2pf_core.job import load_model
+from dg2pf_core.job import check_static
 from dg2pf_core.data import parse_spec
 from dg2pf_core.data.registry import dataset_names
 
@@ -66,17 +66,21 @@ def validate_job(spec: JobSpec, settings: Settings, store: JobStore, capacity: t
         config = spec.config()
     except DG2PFError as exc:
         raise InvalidJob(f"schedule.{exc.field}" if exc.field and exc.field != "sparsity" else "sparsity", exc.message) from exc
+    if config.amp != "none" and not spec.resources.use_gpu:
+        raise InvalidJob("schedule.amp", f"amp {config.amp!r} needs a GPU (mixed precision runs under CUDA autocast only): "
+                         "set resources.use_gpu: true, or amp: none")
     checkpoint = resolve_checkpoint(spec.model.checkpoint, "model.checkpoint", settings, store)
     teacher = resolve_checkpoint(spec.teacher, "teacher", settings, store) if spec.teacher else None
-    for path, field in ((checkpoint, "model.checkpoint"), (teacher, "teacher")):
-        if path is None:
-            continue
-        try:
-            load_model(spec.model.arch, spec.model.num_classes, path)
-        except DG2PFError as exc:
-            where = "model.arch" if exc.field == "arch" else ("model.num_classes" if exc.field == "num_classes" else field)
-            raise InvalidJob(where, exc.message) from exc
     check_dataset(spec.dataset.spec, settings)
+    # What the preflight can check here (the checkpoints by content, finite, fitting the architecture;
+    # fp16 compact values); the data and the dry run are checked by the job's runner before training.
+    try:
+        check_static(spec.prune_job(checkpoint, teacher))
+    except DG2PFError as exc:
+        teacher_file = teacher is not None and teacher in exc.message
+        where = {"arch": "model.arch", "num_classes": "model.num_classes", "compact_values": "compact_values"}.get(
+            exc.field or "", "teacher" if teacher_file else "model.checkpoint")
+        raise InvalidJob(where, exc.message) from exc
     cpus, gpus = capacity
     workers = spec.resources.num_workers
     if spec.resources.use_gpu and workers > gpus:

@@ -110,6 +110,8 @@ BAD = [
     (lambda c: {**spec(c), "schedule": {"recovery": "magic"}}, 422, "schedule.recovery"),
     (lambda c: {**spec(c), "schedule": {"finetune": "adam"}}, 422, "schedule.finetune"),
     (lambda c: {**spec(c), "schedule": {"max_layer_sparsity": 0.8}}, 422, "schedule.max_layer_sparsity"),
+    (lambda c: {**spec(c), "schedule": {"amp": "fp16"}}, 422, "schedule.amp"),
+    (lambda c: {**spec(c), "compact_values": "fp8"}, 422, "compact_values"),
 ]
 
 
@@ -236,3 +238,45 @@ def test_cancel_during_finetuning(service, client, ckpt):
     job = client.get(job_id)
     assert job.state == "cancelled" and job.finished_at is not None
     assert {h["phase"] for h in job.history} >= {"gradual_pruning", "distillation", "finetuning"}
+
+
+def test_inputs_the_preflight_refuses_fail_the_job_with_its_message_and_the_queue_goes_on(service, client, ckpt, tmp_path):
+    """What only the job's runner can check (every image decoded, a dry forward + backward pass) fails
+    the job with the preflight's one line, before any epoch; the next job runs."""
+    import numpy as np
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    root = service.data_dir.parent / "data" / "digits-folder"
+    for label in range(10):
+        d = root / "train" / str(label)
+        d.mkdir(parents=True, exist_ok=True)
+        for i, img in enumerate(digits.images[digits.target == label][:6]):
+            Image.fromarray((img * 16).astype(np.uint8), "L").save(d / f"{i}.png")
+    broken = root / "train" / "7" / "2.png"
+    broken.write_bytes(broken.read_bytes()[:40])
+    bad_images = client.submit({**spec(ckpt), "dataset": {"spec": f"imagefolder:{root}"}}).id
+    bn_batch_1 = client.submit({**spec(ckpt), "schedule": {**FAST, "batch_size": 1}}).id
+    good = client.submit(spec(ckpt, schedule={"pruning_epochs": 1, "max_epochs": 1})).id
+    a, b = client.wait(bad_images, timeout=300), client.wait(bn_batch_1, timeout=300)
+    assert a.state == "failed" and "2.png" in a.error.message and "skip_bad_images" in a.error.message, a.error
+    assert b.state == "failed" and "BatchNorm" in b.error.message and "batch_size" in b.error.message, b.error
+    assert a.history == [] and b.history == []  # refused before any epoch
+    assert client.wait(good, timeout=300).state == "succeeded"
+    skipped = client.wait(client.submit({**spec(ckpt, schedule={"pruning_epochs": 1, "max_epochs": 1}),
+                                         "dataset": {"spec": f"imagefolder:{root}", "skip_bad_images": True}}).id, timeout=300)
+    assert skipped.state == "succeeded", skipped.error
+
+
+def test_a_checkpoint_with_nan_is_refused_at_upload(client, tmp_path):
+    from dg2pf_core.models import build_model
+
+    state = build_model("digits_cnn", 10).state_dict()
+    name = next(k for k, v in state.items() if v.dim() > 1)
+    state[name] = state[name].clone()
+    state[name][0] = float("inf")
+    path = tmp_path / "inf.safetensors"
+    save_state_dict(state, path)
+    with pytest.raises(InvalidRequest, match=name):
+        client.upload_checkpoint(path)

@@ -1,0 +1,182 @@
+"""Checks before any training: what can fail because of the user's input or this machine fails here,
+in seconds, with one line saying what to fix — never after an epoch, never as a traceback.
+
+``dg2pf_core.job.prepare`` runs them in this order: options; device and AMP mode (valid for this
+machine); the output location (writable, no file in the way); the checkpoint(s) (recognised by
+content, finite, fitting the architecture; fp16 compact values in range); the data (every image
+decoded once, bad ones named or skipped); and a dry forward + backward pass of the model on one
+real training batch at the configured batch size (per worker), image size, device and AMP mode,
+which catches input sizes an architecture cannot take, a batch of 1 with BatchNorm, outputs that
+are not logits, and a batch that does not fit in GPU memory. The dry run leaves no trace: the
+model's weights and buffers and the RNG states are put back as they were.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import ConfigError
+
+_DEVICE_HINT = "use auto, cpu, cuda or cuda:N"
+
+
+def check_device(name: str, amp: str) -> torch.device:
+    """The torch device ``name`` asks for, if this machine has it, and an AMP mode it supports.
+
+    Raises ConfigError (field ``device`` or ``amp``): an unknown device name, CUDA asked for where
+    torch sees no GPU (or fewer than N+1), AMP asked for where it would not run (autocast is used on
+    CUDA only: on CPU the run is fp32 and claiming fp16 in metrics.json would be false).
+    """
+    if name == "auto":
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        try:
+            device = torch.device(name)
+        except (RuntimeError, TypeError):
+            raise ConfigError(f"device {name!r} is not a device name; {_DEVICE_HINT}", field="device") from None
+        if device.type not in ("cpu", "cuda"):
+            raise ConfigError(f"device {name!r}: dg2pf trains on cpu or cuda; {_DEVICE_HINT}", field="device")
+        if device.type == "cuda":
+            count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+            if count == 0:
+                raise ConfigError(f"device {name!r}: torch sees no CUDA GPU on this machine "
+                                  "(torch.cuda.is_available() is False); use --device cpu or auto", field="device")
+            if device.index is not None and device.index >= count:
+                raise ConfigError(f"device {name!r}: this machine has {count} CUDA GPU(s), cuda:0 to cuda:{count - 1}",
+                                  field="device")
+    if amp != "none" and device.type != "cuda":
+        raise ConfigError(f"amp {amp!r} needs a CUDA device (mixed precision runs under CUDA autocast only), and this run "
+                          f"is on {device}; use --amp none on CPU", field="amp")
+    if amp == "bf16" and not torch.cuda.is_bf16_supported():
+        raise ConfigError("amp 'bf16': this GPU does not support bfloat16; use --amp fp16 or none", field="amp")
+    return device
+
+
+def check_output(out: str | Path) -> None:
+    """``out`` can be created and written: no file stands where a directory must be, the nearest
+    existing folder is writable, and ``out`` itself is absent or an empty directory. Nothing is
+    created (a temporary file is written and removed to prove the folder is writable)."""
+    out = Path(out).expanduser()
+    absolute = Path(os.path.abspath(out))
+    if absolute.exists():
+        if not absolute.is_dir():
+            raise ConfigError(f"output {out} is a file; give a directory that does not exist yet (or is empty)", field="out")
+        if any(absolute.iterdir()):
+            raise ConfigError(f"output directory {out} already exists and is not empty; choose a new --out", field="out")
+    existing = absolute.parent
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(f"output {out}: {existing} is a file, not a directory, so {out} cannot be created", field="out")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".dg2pf-probe-", dir=existing)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise ConfigError(f"output {out}: cannot write in {existing} ({exc.strerror or exc}); choose another --out",
+                          field="out") from None
+
+
+def check_fp16_range(state_dict: dict[str, torch.Tensor], what: str) -> None:
+    """Every floating value fits float16 (``compact_values=fp16`` stores them so)."""
+    limit = float(torch.finfo(torch.float16).max)
+    for name, t in state_dict.items():
+        if t.is_floating_point() and t.numel() and float(t.detach().abs().max()) > limit:
+            raise ConfigError(f"compact_values fp16: {what} tensor {name} holds values beyond float16's range "
+                              f"(|x| up to {float(t.abs().max()):.3g} > {limit:g}); use compact_values fp32",
+                              field="compact_values")
+
+
+@contextlib.contextmanager
+def _untouched(model: nn.Module, device: torch.device):
+    """Put the model's state (weights, BatchNorm statistics) and the RNG states back afterwards."""
+    saved = copy.deepcopy(model.state_dict())
+    cpu_rng = torch.get_rng_state()
+    cuda_rng = torch.cuda.get_rng_state_all() if device.type == "cuda" else None
+    training = model.training
+    try:
+        yield
+    finally:
+        model.load_state_dict(saved)
+        model.train(training)
+        model.zero_grad(set_to_none=True)
+        torch.set_rng_state(cpu_rng)
+        if cuda_rng is not None:
+            torch.cuda.set_rng_state_all(cuda_rng)
+
+
+def _first_batch(dataset, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    items = [dataset[i] for i in range(min(size, len(dataset)))]
+    return torch.stack([x for x, _ in items]), torch.tensor([int(y) for _, y in items])
+
+
+def dry_run(model: nn.Module, teacher: nn.Module | None, train_set, *, arch: str, num_classes: int, image_size: int,
+            batch_size: int, world_size: int, device: torch.device, amp: str) -> None:
+    """One forward + backward pass on the first real training batch, as each worker will run it.
+
+    Raises ConfigError naming the cause: the batch a worker sees is 1 and the model has BatchNorm;
+    the architecture cannot take ``image_size`` inputs; its training-mode output is not a logits
+    tensor of shape [batch, num_classes]; the logits or the gradients are not finite; the batch
+    does not fit in GPU memory.
+    """
+    from .metrics import autocast_context
+
+    per_worker = max(1, batch_size // world_size)
+    has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    workers = f" over {world_size} workers" if world_size > 1 else ""
+    if has_bn and min(per_worker, len(train_set)) < 2:
+        raise ConfigError(f"batch_size {batch_size}{workers} gives each training step {min(per_worker, len(train_set))} "
+                          f"image; {arch} has BatchNorm layers, which need at least 2 per step in training: use "
+                          f"--batch-size {2 * world_size} or more", field="batch_size")
+    model.to(device)
+    with _untouched(model, device):
+        inputs, targets = _first_batch(train_set, per_worker)
+        inputs, targets = inputs.to(device), targets.to(device)
+        model.train()
+        try:
+            with autocast_context(device, amp):
+                logits = model(inputs)
+                if teacher is not None:
+                    teacher.to(device).eval()
+                    with torch.no_grad():
+                        teacher(inputs)
+        except torch.OutOfMemoryError:
+            raise ConfigError(f"batch_size {batch_size}{workers} does not fit in {device}'s memory for {arch} at "
+                              f"{image_size}x{image_size}; lower --batch-size", field="batch_size") from None
+        except Exception as exc:  # noqa: BLE001 - the model cannot take this input: say which and why
+            raise ConfigError(f"{arch} cannot run on {image_size}x{image_size} inputs ({_last_line(exc)}); "
+                              f"give a --image-size it accepts (its default: leave --image-size out)",
+                              field="image_size") from None
+        if not isinstance(logits, torch.Tensor):
+            raise ConfigError(f"{arch} returns a {type(logits).__name__} in training mode, not a logits tensor; "
+                              "dg2pf cannot prune it", field="arch")
+        if tuple(logits.shape) != (len(inputs), num_classes):
+            raise ConfigError(f"{arch} returns logits of shape {tuple(logits.shape)} for a batch of {len(inputs)}, "
+                              f"expected ({len(inputs)}, {num_classes})", field="arch")
+        if not bool(torch.isfinite(logits).all()):
+            raise ConfigError(f"{arch} gives non-finite logits on the first training batch with this checkpoint; "
+                              "check the checkpoint and the data", field="checkpoint")
+        loss = F.cross_entropy(logits.float(), targets)
+        try:
+            loss.backward()
+        except torch.OutOfMemoryError:
+            raise ConfigError(f"batch_size {batch_size}{workers} does not fit in {device}'s memory for {arch} at "
+                              f"{image_size}x{image_size} (backward pass); lower --batch-size", field="batch_size") from None
+        bad = [n for n, p in model.named_parameters() if p.grad is not None and not bool(torch.isfinite(p.grad).all())]
+        if bad:
+            raise ConfigError(f"{arch}: the gradients of {len(bad)} tensor(s) are not finite on the first batch "
+                              f"(first: {bad[0]}); check the checkpoint and the data", field="checkpoint")
+
+
+def _last_line(exc: BaseException) -> str:
+    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    text = lines[-1] if lines else type(exc).__name__
+    return f"{type(exc).__name__}: {text[:240]}"
