@@ -26,7 +26,7 @@ from ray.train.v2.api.exceptions import ControllerError, TrainingFailedError, Wo
 
 from dg2pf_core.errors import DG2PFError
 from dg2pf_core.export import OutputDir, write_compact, write_metrics, write_model
-from dg2pf_core.job import PruneJob, prepare, result_metrics
+from dg2pf_core.job import OutputError, PruneJob, prepare, result_metrics
 from dg2pf_core.loop import run_dg2pf
 from dg2pf_core.masks import masks_checksum
 from dg2pf_core.state import EpochRecord, TrainingState, append_record
@@ -229,16 +229,22 @@ def prune_on_ray(job: PruneJob, out: str | Path, options: RayOptions) -> dict:
         if (Path(final) / REFUSED_FILE).is_file():
             refused = json.loads((Path(final) / REFUSED_FILE).read_text())
             raise RunFailed(f"a worker refused the job: {refused['message']}", field=refused.get("field") or "run")
-    with result.checkpoint.as_directory() as final, output.staging() as tmp:
-        missing = [f for f in FINAL_FILES if not (Path(final) / f).exists()]
-        if missing:
-            raise RunFailed(f"the final checkpoint at {result.checkpoint.path} lacks {missing}")
-        for f in FINAL_FILES:
-            shutil.copy2(Path(final) / f, tmp / f)
-    metrics = json.loads((Path(out) / "metrics.json").read_text())
-    metrics["driver_wall_seconds"] = time.perf_counter() - started
-    metrics["ray_run"] = {"storage_path": trainer.run_config.storage_path, "name": trainer.run_config.name}
-    write_metrics(metrics, Path(out) / "metrics.json")
+    try:
+        with result.checkpoint.as_directory() as final, output.staging() as tmp:
+            missing = [f for f in FINAL_FILES if not (Path(final) / f).exists()]
+            if missing:
+                raise RunFailed(f"the final checkpoint at {result.checkpoint.path} lacks {missing}")
+            for f in FINAL_FILES:
+                shutil.copy2(Path(final) / f, tmp / f)
+            metrics = json.loads((tmp / "metrics.json").read_text())
+            metrics["driver_wall_seconds"] = time.perf_counter() - started
+            metrics["ray_run"] = {"storage_path": trainer.run_config.storage_path, "name": trainer.run_config.name}
+            write_metrics(metrics, tmp / "metrics.json")
+    except OSError as exc:
+        # Nothing trained is lost: the model and its metrics stay in Ray Train's final checkpoint.
+        raise OutputError(f"training finished but {out} could not be written ({exc.strerror or exc}); the trained model "
+                          f"and metrics are kept in Ray Train's final checkpoint at {result.checkpoint.path}: copy "
+                          f"{', '.join(FINAL_FILES)} from there") from exc
     return metrics
 
 

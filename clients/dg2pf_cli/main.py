@@ -210,6 +210,10 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     if args.stop:
         args.action = "stop"
         return _cmd_cluster(args)
+    if args.data_dir:
+        import os
+
+        os.environ["DG2PF_DATA_DIR"] = args.data_dir  # Settings read it (with the other DG2PF_* settings)
     argv = [*(["--host", args.host] if args.host else []), *(["--port", str(args.port)] if args.port else [])]
     return serve_main(argv)
 
@@ -370,7 +374,7 @@ def _add_service_commands(sub) -> None:
     sv.add_argument("--host")
     sv.add_argument("--port", type=int)
     sv.add_argument("--stop", action="store_true", help="stop the embedded Ray cluster instead (= dg2pf cluster stop)")
-    sv.add_argument("--data-dir", help=argparse.SUPPRESS)
+    sv.add_argument("--data-dir", help="the service's data directory (default: $DG2PF_DATA_DIR or ./dg2pf-data)")
     sv.set_defaults(func=_cmd_serve)
 
     cl = sub.add_parser("cluster", help="the embedded Ray cluster the service started: status, or stop it "

@@ -25,8 +25,17 @@ def main(argv: list[str] | None = None) -> int:
 
     from .api.app import create_app
 
-    from .lifecycle import shutdown_message
+    from dg2pf_core.errors import DG2PFError
 
+    from .lifecycle import DataDirHold, shutdown_message
+
+    try:
+        # Held for the process's lifetime: `dg2pf cluster stop` refuses while an API holds the data
+        # directory, and a second API with an embedded head is refused here.
+        hold = DataDirHold(settings.data_dir, exclusive=settings.ray_address is None)
+    except DG2PFError as exc:
+        print(f"dg2pf: error: {exc.message}", file=sys.stderr)
+        return 2
     app = create_app(settings)
     print(f"dg2pf API on http://{settings.host}:{settings.port} (docs: /docs); data in {settings.data_dir}", flush=True)
     # uvicorn shuts down gracefully on SIGINT/SIGTERM, then raises the signal again with the handlers it
@@ -37,6 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     services = getattr(app.state, "services", None)
     if services is not None:
         print(shutdown_message(services), file=sys.stderr, flush=True)
+    hold.release()
     return 0
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -123,16 +124,48 @@ def ensure_auth_token() -> None:
         raise ClusterUnavailable(f"could not create a Ray auth token (ray get-auth-token --generate): {proc.stderr.strip()[-300:]}")
 
 
-def start_embedded(state_dir: Path, num_cpus: int | None = None) -> ClusterInfo:
-    """Reuse the head this data directory started before (if alive), else start one."""
+STARTUP_S = 60.0  # how long a starting head's dashboard is given to answer
+
+
+def _wait_for_dashboard(info: ClusterInfo, seconds: float) -> bool:
+    deadline = time.time() + seconds
+    while not dashboard_up(info.dashboard_url):
+        if time.time() > deadline:
+            return False
+        time.sleep(0.5)
+    return True
+
+
+def start_embedded(state_dir: Path, num_cpus: int | None = None, *, replace_unresponsive: bool = False) -> ClusterInfo:
+    """Reuse the head this data directory started before (if alive), else start one.
+
+    The head's record (``state_dir/ray-head.json``, its ports) is written *before* ``ray start`` runs,
+    so a head is never left without one (an API killed while the head starts): a recorded head whose
+    GCS process runs but whose dashboard does not answer yet is waited for (``STARTUP_S``), unless
+    ``replace_unresponsive``; one that is gone is cleared away (its leftover processes stopped) and a
+    new head started.
+    """
     ensure_auth_token()
     record = state_dir / "ray-head.json"
     if record.exists():
-        info = ClusterInfo(**json.loads(record.read_text()))
-        if dashboard_up(info.dashboard_url):
-            return info
+        try:
+            info = ClusterInfo(**json.loads(record.read_text()))
+        except (ValueError, TypeError):
+            info = None
+        if info is not None:
+            if dashboard_up(info.dashboard_url):
+                return info
+            if not replace_unresponsive and gcs_process_alive(info) and _wait_for_dashboard(info, STARTUP_S):
+                return info
+            stop_embedded(info, grace_seconds=2.0)  # whatever is left of it
+        record.unlink(missing_ok=True)
     ports = node_ports(("port", "dashboard-port", "ray-client-server-port"))
     gcs_port, dash_port = ports["port"], ports["dashboard-port"]
+    info = ClusterInfo(f"127.0.0.1:{gcs_port}", f"http://127.0.0.1:{dash_port}", True)
+    state_dir.mkdir(parents=True, exist_ok=True)
+    tmp = record.with_suffix(".tmp")
+    tmp.write_text(json.dumps(info.__dict__))
+    os.replace(tmp, record)
     cmd = [ray_cli(), "start", "--head", "--dashboard-host=127.0.0.1",
            "--disable-usage-stats", "--include-dashboard=true", *[f"--{k}={v}" for k, v in ports.items()]]
     if num_cpus is not None:
@@ -141,24 +174,24 @@ def start_embedded(state_dir: Path, num_cpus: int | None = None) -> ClusterInfo:
     # leave the head and its jobs running.
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=node_env(), start_new_session=True)
     if proc.returncode != 0:
+        stop_embedded(info, grace_seconds=2.0)
+        record.unlink(missing_ok=True)
         raise ClusterUnavailable(f"could not start a local Ray head: {proc.stderr.strip()[-1500:]}")
-    info = ClusterInfo(f"127.0.0.1:{gcs_port}", f"http://127.0.0.1:{dash_port}", True)
-    deadline = time.time() + 60
-    while not dashboard_up(info.dashboard_url):
-        if time.time() > deadline:
-            raise ClusterUnavailable(f"the local Ray dashboard at {info.dashboard_url} did not come up")
-        time.sleep(0.5)
-    state_dir.mkdir(parents=True, exist_ok=True)
-    record.write_text(json.dumps(info.__dict__))
+    if not _wait_for_dashboard(info, STARTUP_S):
+        stop_embedded(info, grace_seconds=2.0)
+        record.unlink(missing_ok=True)
+        raise ClusterUnavailable(f"the local Ray dashboard at {info.dashboard_url} did not come up in {STARTUP_S:g} s")
     return info
 
 
 def head_pids(port: str) -> list[int]:
     """The head's daemons (their command lines name its GCS port) and all their descendants
     (Ray workers: Serve replicas, job supervisors and drivers), which would otherwise linger."""
+    # The port as a whole number (":6379" must not match ":63790"): an address "host:PORT", or one of
+    # the flags Ray's daemons get it with.
+    named = re.compile(rf"(?:[\w.\]-]:|--port=|gcs_server_port=|--gcs-port=){re.escape(str(port))}(?!\d)")
     table = process_table()
-    roots = {pid for pid, (_, cmd) in table.items()
-             if "ray" in cmd and (f":{port}" in cmd or f"--port={port}" in cmd or f"gcs_server_port={port}" in cmd)}
+    roots = {pid for pid, (_, cmd) in table.items() if "ray" in cmd and named.search(cmd)}
     return descendants(roots, table)
 
 
@@ -259,10 +292,8 @@ class Cluster:
         self._down_since = self._down_since or now
         if self.info is not None and gcs_process_alive(self.info) and now - self._down_since < self.UNRESPONSIVE_S:
             return False
-        if self.info is not None:
-            stop_embedded(self.info, grace_seconds=2.0)  # whatever is left of the old head
-        self.record.unlink(missing_ok=True)
-        self.info = start_embedded(self.state_dir)
+        # start_embedded stops whatever is left of the recorded head first.
+        self.info = start_embedded(self.state_dir, replace_unresponsive=True)
         self.restarts += 1
         self._down_since = None
         return True

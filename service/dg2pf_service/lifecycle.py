@@ -32,13 +32,29 @@ class DataDirInUse(DG2PFError):
 
 
 class DataDirHold:
-    """The running API's shared hold on its data directory (``DATA_DIR/api.lock``, holder pids inside)."""
+    """The running API's hold on its data directory (``DATA_DIR/api.lock``, holder pids inside).
 
-    def __init__(self, data_dir: Path) -> None:
+    Exclusive for an API with an embedded head: a second API on the same data directory would restart
+    a lost head too and resubmit the same jobs (two heads, jobs killed by each other). Shared for an
+    API on an external cluster, where several may run (job resubmissions are compare-and-set in the
+    database, so only one of them resubmits a job). Raises ``DataDirInUse`` when it cannot be taken.
+    """
+
+    def __init__(self, data_dir: Path, exclusive: bool = True) -> None:
         data_dir.mkdir(parents=True, exist_ok=True)
         self.path = data_dir / LOCK
         self._fh = open(self.path, "a+")  # noqa: SIM115 - held for the process's lifetime
-        fcntl.flock(self._fh, fcntl.LOCK_SH)
+        try:
+            fcntl.flock(self._fh, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._fh.seek(0)
+            pids = [p for p in self._fh.read().split() if p.isdigit() and Path(f"/proc/{p}").exists()]
+            self._fh.close()
+            raise DataDirInUse(f"another dg2pf API (pid {', '.join(pids) or '?'}) is using {data_dir} with its embedded "
+                               "Ray head; stop it first, or give this one its own DG2PF_DATA_DIR") from None
+        if exclusive:
+            self._fh.seek(0)
+            self._fh.truncate()
         self._fh.write(f"{os.getpid()}\n")
         self._fh.flush()
 
@@ -66,6 +82,14 @@ def api_holders(data_dir: Path) -> list[int] | None:
     return None
 
 
+def check_data_dir(settings: Settings) -> None:
+    """``settings.data_dir`` is a service's data directory (so status and stop never create one)."""
+    d = settings.data_dir
+    if not d.is_dir() or not any((d / name).exists() for name in ("ray-state", "dg2pf.db", "jobs", LOCK)):
+        raise DG2PFError(f"{d} is not a dg2pf service's data directory (no ray-state/, jobs/ or dg2pf.db there); give "
+                         "the service's DG2PF_DATA_DIR with --data-dir", field="data_dir")
+
+
 def embedded_head(settings: Settings) -> ClusterInfo | None:
     """The embedded head this data directory started (alive or not), from its record."""
     record = settings.data_dir / "ray-state" / "ray-head.json"
@@ -80,14 +104,17 @@ class ClusterReport:
     answers: bool
     processes: int
     api_pids: list[int] | None
+    data_dir: Path = Path(".")
     running_jobs: list[str] = field(default_factory=list)
     queued_jobs: list[str] = field(default_factory=list)
 
     def lines(self) -> list[str]:
         if self.head is None:
-            return ["no embedded Ray head has been started from this data directory"]
+            return [f"data directory {self.data_dir}: no embedded Ray head recorded",
+                    f"jobs: {len(self.running_jobs)} running, {len(self.queued_jobs)} queued"]
         state = "answers" if self.answers else ("does not answer" if self.processes else "is not running")
-        out = [f"embedded Ray head (GCS {self.head.gcs_address}, dashboard {self.head.dashboard_url}) {state}; "
+        out = [f"data directory {self.data_dir}",
+               f"embedded Ray head (GCS {self.head.gcs_address}, dashboard {self.head.dashboard_url}) {state}; "
                f"{self.processes} process(es)"]
         out.append(f"API: running (pid {', '.join(map(str, self.api_pids))})" if self.api_pids else "API: not running")
         out.append(f"jobs: {len(self.running_jobs)} running, {len(self.queued_jobs)} queued")
@@ -104,6 +131,7 @@ def _store(settings: Settings):
 
 
 def cluster_report(settings: Settings, store=None) -> ClusterReport:
+    check_data_dir(settings)
     head = embedded_head(settings)
     store = store or _store(settings)
     return ClusterReport(
@@ -111,6 +139,7 @@ def cluster_report(settings: Settings, store=None) -> ClusterReport:
         answers=head is not None and dashboard_up(head.dashboard_url),
         processes=len(head_pids(head.gcs_address.rsplit(":", 1)[1])) if head else 0,
         api_pids=api_holders(settings.data_dir),
+        data_dir=settings.data_dir,
         running_jobs=[r.id for r in store.active_jobs()],
         queued_jobs=[r.id for r in store.queued_in_order()],
     )
@@ -122,6 +151,7 @@ def stop_cluster(settings: Settings) -> list[str]:
     if settings.ray_address:
         raise DG2PFError(f"this service uses the external Ray cluster at {settings.ray_address}; stop that cluster with "
                          "the tools that started it (ray stop, KubeRay, docker compose)", field="ray_address")
+    check_data_dir(settings)
     holders = api_holders(settings.data_dir)
     if holders is not None:
         raise DataDirInUse(f"the dg2pf API (pid {', '.join(map(str, holders)) or '?'}) is using {settings.data_dir}: stop it "
@@ -145,11 +175,13 @@ def stop_cluster(settings: Settings) -> list[str]:
         kill_job_processes(Path(row.artifacts_dir))
         done.append(f"cancelled running job {row.id}")
     if head is not None:
+        processes = len(head_pids(head.gcs_address.rsplit(":", 1)[1]))
         stop_embedded(head)
         (settings.data_dir / "ray-state" / "ray-head.json").unlink(missing_ok=True)
-        done.append(f"stopped the embedded Ray head (GCS {head.gcs_address})")
+        done.append(f"stopped the embedded Ray head (GCS {head.gcs_address}, {processes} processes)" if processes
+                    else f"the embedded Ray head (GCS {head.gcs_address}) was not running; its record is removed")
     else:
-        done.append("no embedded Ray head to stop")
+        done.append(f"no embedded Ray head recorded in {settings.data_dir}")
     queued = store.queued_in_order()
     if queued:
         done.append(f"{len(queued)} queued job(s) stay queued: they run when `dg2pf serve` starts again")

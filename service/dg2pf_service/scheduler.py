@@ -90,11 +90,13 @@ class Scheduler:
         self._errors: dict[str, int] = {}
         self._unreachable_since: float | None = None
         self._last_sweep = 0.0
+        self._pending_stops: set[str] = set()
 
     # --- one pass ---
     def tick(self) -> None:
         with self._lock:
             if self._cluster_answers():
+                self._retry_stops()
                 for row in self.store.active_jobs():
                     try:
                         self._reconcile(row)
@@ -105,7 +107,29 @@ class Scheduler:
                 self._dispatch()
             if time.monotonic() - self._last_sweep >= SWEEP_EVERY_S:
                 self._last_sweep = time.monotonic()
-                self.sweep()
+                try:
+                    self.sweep()
+                except Exception:  # noqa: BLE001 - the next sweep may succeed
+                    log.exception("sweeping the processes of ended jobs failed")
+
+    def stop_ray_job(self, submission_id: str | None) -> None:
+        """Stop a cancelled job's Ray job now if Ray answers, else on a later tick (its processes on
+        this machine are stopped by the sweep meanwhile)."""
+        if not submission_id:
+            return
+        try:
+            self.executor.stop(submission_id)
+        except Exception as exc:  # noqa: BLE001 - Ray unreachable (a head being restarted): retried
+            log.warning("could not stop Ray job %s now (%s); retrying on the next ticks", submission_id, reason_of(exc))
+            self._pending_stops.add(submission_id)
+
+    def _retry_stops(self) -> None:
+        for submission_id in list(self._pending_stops):
+            try:
+                self.executor.stop(submission_id)
+                self._pending_stops.discard(submission_id)
+            except Exception:  # noqa: BLE001 - still unreachable: next tick
+                return
 
     def _cluster_answers(self) -> bool:
         before = self.cluster.restarts
@@ -139,13 +163,7 @@ class Scheduler:
             what = f"the Ray job {row.ray_submission_id}" if row.ray_submission_id else "its Ray job"
             self._lost(row, fields, f"{what} no longer exists (the Ray head was restarted or lost)")
         elif status == "SUCCEEDED":
-            metrics = read_metrics(job_dir) or {}
-            fields.update(phase="done", eta_seconds=0.0, best_metrics=_summary(metrics) or fields.get("best_metrics"))
-            if metrics.get("history"):
-                fields["history"] = metrics["history"]
-            done = self.store.transition(row.id, {"running"}, "succeeded", finished_at=_now(), **fields)
-            if done is not None and self.on_succeeded is not None:
-                self.on_succeeded(done)
+            self._succeed(row, fields)
         elif status == "FAILED":
             err = read_error(job_dir)
             if err is None:
@@ -161,12 +179,24 @@ class Scheduler:
         else:
             self.store.update_job(row.id, **fields)
 
+    def _succeed(self, row, fields: dict) -> None:
+        metrics = read_metrics(Path(row.artifacts_dir)) or {}
+        fields.update(phase="done", eta_seconds=0.0, best_metrics=_summary(metrics) or fields.get("best_metrics"))
+        if metrics.get("history"):
+            fields["history"] = metrics["history"]
+        done = self.store.transition(row.id, {"running"}, "succeeded", finished_at=_now(), **fields)
+        if done is not None and self.on_succeeded is not None:
+            self.on_succeeded(done)
+
     def _lost(self, row, fields: dict, reason: str) -> None:
         """The job's Ray work is gone: resubmit it (it resumes from its last epoch), or fail it once
-        it has been restarted ``max_restarts`` times."""
+        it has been restarted ``max_restarts`` times. A job whose output is complete succeeded."""
         job_dir = Path(row.artifacts_dir)
         # The old runner, if it still runs here, must not write beside the new one.
         kill_job_processes(job_dir, grace_seconds=1.0)
+        if read_metrics(job_dir) is not None:  # renamed into place whole: the run had finished
+            self._succeed(row, fields)
+            return
         log_ = [*(row.restart_log or []), {"at": _now().isoformat(), "epoch": int(fields.get("epoch") or 0), "reason": reason}]
         if row.restarts >= self.max_restarts:
             steps = "; ".join(f"({i}) at epoch {e['epoch']}: {e['reason']}" for i, e in enumerate(log_, 1))
@@ -174,15 +204,21 @@ class Scheduler:
                        f"allows {self.max_restarts} restart(s): {steps}", restart_log=log_, **fields)
             return
         attempt = row.restarts + 1
+        # Claim the restart first (compare-and-set on the lost submission): should two schedulers see
+        # the same loss, only one resubmits.
+        claimed = self.store.transition(row.id, {"running"}, "running", expect_submission=row.ray_submission_id,
+                                        ray_submission_id=f"dg2pf-{row.id}-r{attempt}", restarts=attempt,
+                                        restart_log=log_, **fields)
+        if claimed is None:
+            return  # cancelled meanwhile, or another scheduler took it
         log.warning("job %s: %s; resubmitting it (restart %d of %d)", row.id, reason, attempt, self.max_restarts)
         try:
             submission = self._submit(row, attempt)
         except _JobRefused as exc:
             self._fail(row, exc.type, f"{reason}; resubmitting it failed: {exc.message}", restart_log=log_, **fields)
             return
-        if self.store.transition(row.id, {"running"}, "running", ray_submission_id=submission, restarts=attempt,
-                                 restart_log=log_, **fields) is None:
-            self.executor.stop(submission)  # cancelled meanwhile
+        if self.store.get_job(row.id).state != "running":
+            self.stop_ray_job(submission)  # cancelled while we were submitting
 
     def _submit(self, row, attempt: int = 0) -> str:
         """Build the job's order and submit it; ``_JobRefused`` when the job itself is the problem."""
@@ -215,12 +251,15 @@ class Scheduler:
     def _dispatch(self) -> None:
         try:
             total_cpu, total_gpu = self.capacity()
-        except Exception:  # noqa: BLE001 - the cluster went away between ticks
-            log.exception("cannot read the cluster's resources")
+        except Exception as exc:  # noqa: BLE001 - the cluster went away between ticks
+            log.warning("cannot read the cluster's resources now (%s); dispatching on a later tick", reason_of(exc))
             return
         used_cpu = used_gpu = 0.0
         for row in self.store.active_jobs():
-            c, g = needs_of(row.spec)
+            try:
+                c, g = needs_of(row.spec)
+            except Exception:  # noqa: BLE001 - a spec stored by an older version: count what it can hold at least
+                c, g = 1.0, 0.0
             used_cpu, used_gpu = used_cpu + c, used_gpu + g
         for row in self.store.queued_in_order():
             try:
@@ -239,7 +278,7 @@ class Scheduler:
                 log.exception("submitting job %s failed; it stays queued", row.id)
                 return
             if self.store.transition(row.id, {"queued"}, "running", started_at=_now(), ray_submission_id=submission, phase="baseline") is None:
-                self.executor.stop(submission)  # cancelled while we were submitting
+                self.stop_ray_job(submission)  # cancelled while we were submitting
                 continue
             used_cpu, used_gpu = used_cpu + c, used_gpu + g
 

@@ -76,6 +76,13 @@ def assert_no_process_left(svc: ServiceProcess, *job_ids: str, timeout: float = 
     assert not left, f"processes of ended jobs still run: {left}"
 
 
+def ready(svc: ServiceProcess) -> bool:
+    """/readyz: the database and Ray's Jobs API answer (503 while the head is being replaced)."""
+    import httpx
+
+    return httpx.get(f"{svc.url}/readyz", timeout=10).status_code == 200
+
+
 def embedded_head_pids(svc: ServiceProcess) -> list[int]:
     return head_pids(svc.head().gcs_address.rsplit(":", 1)[1])
 
@@ -223,6 +230,53 @@ def test_head_lost_more_often_than_the_limit_fails_the_job_naming_each_loss(svc,
     assert_no_process_left(svc, job_id)
 
 
+def _heads_of(svc: ServiceProcess) -> list[int]:
+    """GCS server processes started for this service's data directory (read from their environment)."""
+    mark = f"DG2PF_DATA_DIR={svc.data_dir}".encode()
+    found = []
+    for pid, (_, cmd) in process_table().items():
+        if "gcs_server" in cmd:
+            try:
+                if mark in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"):
+                    found.append(pid)
+            except OSError:
+                pass
+    return found
+
+
+def test_a_second_api_on_the_same_data_directory_is_refused(svc):
+    second = ServiceProcess(svc.data_dir)
+    with pytest.raises(RuntimeError, match="exited with 2"):
+        second.start(timeout=120)
+    assert "another dg2pf API" in second.log_path.read_text() and len(_heads_of(svc)) == 1
+
+
+def test_cancel_while_the_head_is_being_replaced_cancels_for_good(svc, ckpt):
+    with Client(svc.url) as c:
+        job_id = c.submit(spec(ckpt, pruning_epochs=10, max_epochs=20)).id
+        wait_for(lambda: c.get(job_id).epoch >= 1, what="epoch 1")
+        kill_processes(embedded_head_pids(svc), grace_seconds=0)
+        job = c.cancel(job_id)  # Ray does not answer now
+        assert job.state == "cancelled"
+        wait_for(lambda: ready(svc), timeout=120, what="the new head")
+        time.sleep(3)
+        job = c.get(job_id)
+    assert job.state == "cancelled" and job.restarts == 0
+    assert_no_process_left(svc, job_id)
+
+
+def test_an_api_killed_while_it_replaces_the_head_leaves_no_second_head(svc, ckpt):
+    before = _heads_of(svc)
+    assert len(before) == 1
+    kill_processes(embedded_head_pids(svc), grace_seconds=0)
+    wait_for(lambda: [p for p in _heads_of(svc) if p not in before], timeout=120, what="a new head starting")
+    svc.signal_group(signal.SIGKILL)  # the API dies while the new head is still starting
+    svc.start()
+    wait_for(lambda: ready(svc), timeout=120, what="the head")
+    time.sleep(2)
+    assert len(_heads_of(svc)) == 1, _heads_of(svc)
+
+
 def _ray_train_processes() -> list[int]:
     return [p for p, (_, cmd) in process_table().items() if "RayTrainWorker" in cmd or "TrainController" in cmd]
 
@@ -260,8 +314,12 @@ def test_cancel_in_every_phase_leaves_no_process(svc, ckpt):
     assert not job_processes(job_dir(svc, queued)) and not (job_dir(svc, queued) / "progress.jsonl").exists()
 
 
-def test_cluster_stop_is_refused_while_the_api_runs_then_cancels_running_jobs(svc, ckpt, capsys):
+def test_cluster_stop_is_refused_while_the_api_runs_then_cancels_running_jobs(svc, ckpt, capsys, tmp_path):
     from dg2pf_cli.main import main
+
+    nowhere = tmp_path / "not-a-data-dir"
+    assert main(["cluster", "status", "--data-dir", str(nowhere)]) == 2
+    assert "not a dg2pf service's data directory" in capsys.readouterr().err and not nowhere.exists()
 
     with Client(svc.url) as c:
         job_id = c.submit(spec(ckpt, pruning_epochs=10, max_epochs=20)).id
@@ -274,7 +332,7 @@ def test_cluster_stop_is_refused_while_the_api_runs_then_cancels_running_jobs(sv
     assert "1 running" in capsys.readouterr().out
     assert main(["cluster", "stop", "--data-dir", str(svc.data_dir)]) == 0
     out = capsys.readouterr().out
-    assert f"cancelled running job {job_id}" in out and "stopped the embedded Ray head" in out
+    assert f"cancelled running job {job_id}" in out and "stopped the embedded Ray head" in out and "processes)" in out
     assert not [p for p in head if Path(f"/proc/{p}").exists() and "Z" not in Path(f"/proc/{p}/stat").read_text().split(")")[-1][:3]]
     assert_no_process_left(svc, job_id)
     svc.start()  # the job stays cancelled; the service starts a new head for new work

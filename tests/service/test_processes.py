@@ -84,3 +84,47 @@ def test_a_process_under_a_ray_job_supervisor_finds_it_and_one_run_by_hand_does_
     chain, ppid = out.stdout.strip().split("|")
     assert chain.startswith(f"[({ppid}, "), out
     assert supervising_ancestors() == []  # pytest is not a Ray job: no lifeline
+
+
+def test_a_heads_processes_are_found_by_its_whole_port_number():
+    from dg2pf_service.cluster import head_pids
+
+    procs = [subprocess.Popen(["bash", "-c", f'exec -a "{title}" sleep 60']) for title in (
+        "/x/ray/gcs_server --gcs_server_port=3896 --node-ip-address=127.0.0.1",
+        "/x/ray/raylet --gcs-address=127.0.0.1:3896 --node_manager_port=1",
+        "/x/ray/raylet --gcs-address=127.0.0.1:38967",  # another Ray whose port starts the same
+        "/x/ray/gcs_server --gcs_server_port=13896",
+    )]
+    try:
+        time.sleep(0.3)
+        found = head_pids("3896")
+        assert procs[0].pid in found and procs[1].pid in found
+        assert procs[2].pid not in found and procs[3].pid not in found
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+
+
+def test_a_lost_job_whose_output_is_complete_succeeds_instead_of_being_resubmitted(tmp_path):
+    import json
+
+    from dg2pf_service.scheduler import Scheduler
+    from dg2pf_service.store.db import make_engine, make_sessionmaker
+    from dg2pf_service.store.migrate import upgrade
+    from dg2pf_service.store.repo import JobStore
+
+    url = f"sqlite:///{tmp_path / 'db.sqlite'}"
+    upgrade(url)
+    store = JobStore(make_sessionmaker(make_engine(url)))
+    row = store.create_job({"spec": {}, "resolved": {}}, "done-before-loss", 0.9, tmp_path / "jobs")
+    row = store.transition(row.id, {"queued"}, "running", ray_submission_id=f"dg2pf-{row.id}")
+    out = Path(row.artifacts_dir) / "output"
+    out.mkdir(parents=True)
+    (out / "metrics.json").write_text(json.dumps({"test_top1": 97.5, "history": [{"epoch": 0}]}))
+    # No restarts left and no Ray needed: the rule reads only the job's directory and the store.
+    scheduler = Scheduler(store, executor=None, cluster=None, capacity=lambda: (0, 0), make_order=None,
+                          jobs_dir=tmp_path / "jobs", max_restarts=0)
+    scheduler._lost(row, {"phase": "finetuning"}, "the Ray job no longer exists")
+    done = store.get_job(row.id)
+    assert done.state == "succeeded" and done.best_metrics["test_top1"] == 97.5 and done.restarts == 0

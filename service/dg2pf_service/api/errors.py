@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -10,6 +12,9 @@ from dg2pf_core.errors import DG2PFError
 
 from ..errorshape import error_body
 from ..validation import InvalidJob
+
+
+log = logging.getLogger("dg2pf.api")
 
 
 class ApiError(HTTPException):
@@ -40,3 +45,11 @@ def install(app: FastAPI) -> None:
     async def _http(request: Request, exc: HTTPException) -> JSONResponse:
         body = exc.detail if isinstance(exc.detail, dict) and "error" in exc.detail else error_body("http_error", str(exc.detail))
         return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        # A bug or an unreachable dependency, not the client's input: logged with its traceback, answered
+        # in the one error shape (never a plain-text 500).
+        log.exception("%s %s failed", request.method, request.url.path)
+        return JSONResponse(error_body("internal", f"the service could not complete {request.method} {request.url.path}: "
+                                       f"{type(exc).__name__}; see the service log"), status_code=500)

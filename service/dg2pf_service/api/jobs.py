@@ -75,8 +75,11 @@ def cancel(job_id: str, services=Depends(_services)) -> JobOut:
     if row.state == "queued" and services.store.transition(job_id, {"queued"}, "cancelled", finished_at=now) is None:
         row = services.store.get_job(job_id)  # dispatched meanwhile: cancel it as a running job
     if row.state == "running":
-        services.executor.stop(row.ray_submission_id)
-        services.store.transition(job_id, {"running"}, "cancelled", finished_at=now)
+        # Recorded first, so the job is cancelled even while Ray does not answer (a head being
+        # restarted): the scheduler stops its Ray job as soon as it can, and never resubmits it.
+        done = services.store.transition(job_id, {"running"}, "cancelled", finished_at=now)
+        if done is not None:
+            services.scheduler.stop_ray_job(done.ray_submission_id)
     elif row.state != "queued":
         raise ApiError(409, "conflict", f"job {job_id} is already {row.state}; only queued or running jobs can be cancelled", "state")
     return job_out(services.store.get_job(job_id))

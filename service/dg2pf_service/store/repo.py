@@ -177,20 +177,26 @@ class JobStore:
             raise JobNotFoundError(job_id)
         return row
 
-    def transition(self, job_id: str, from_states: Iterable[str], to_state: str, **fields: Any) -> JobRow | None:
-        """Move the job to ``to_state`` (setting ``fields`` too) only if it is in ``from_states`` now.
+    def transition(self, job_id: str, from_states: Iterable[str], to_state: str, *, expect_submission: str | None = None,
+                   **fields: Any) -> JobRow | None:
+        """Move the job to ``to_state`` (setting ``fields`` too) only if it is in ``from_states`` now
+        (and, with ``expect_submission``, still has that Ray submission id).
 
         A compare-and-set in one UPDATE: of two racing transitions out of the same state exactly
-        one wins. Returns the updated row, or None when the job was in another state (the caller
-        lost the race or the job already finished). Raises JobNotFoundError for an unknown id.
+        one wins (two schedulers resubmitting one lost job: only one of them does). Returns the
+        updated row, or None when the job was in another state (the caller lost the race or the job
+        already finished). Raises JobNotFoundError for an unknown id.
         """
         sources = sorted({_check_state(s, "from state") for s in from_states})
         if not sources:
             raise ValueError("from_states is empty: name the states the job may be leaving")
         values = _check_fields(fields)
+        where = [JobRow.id == job_id, JobRow.state.in_(sources)]
+        if expect_submission is not None:
+            where.append(JobRow.ray_submission_id == expect_submission)
         stmt = (
             update(JobRow)
-            .where(JobRow.id == job_id, JobRow.state.in_(sources))
+            .where(*where)
             .values(**values, state=_check_state(to_state, "to_state"), updated_at=utcnow())
             .returning(JobRow)
         )
