@@ -4,8 +4,9 @@ Checkpoints come from users, so reading one must never run code. A file is recog
 first bytes, not its name: safetensors content is pure data, and ``torch.save`` files go through
 ``torch.load(weights_only=True)``, which refuses pickled objects other than tensors and plain
 containers. Every way a file can be unusable (missing, corrupt, pickled objects, a Git LFS
-pointer or an HTML page saved in its place, a TorchScript archive, non-finite weights, wrong
-shapes) becomes a :class:`CheckpointError` that names the file, says what it is and what to do.
+pointer or an HTML page saved in its place, a TorchScript archive, tensors without dense CPU
+data, non-finite weights, wrong shapes or dtypes) becomes a :class:`CheckpointError` that names
+the file, says what it is and what to do.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import pickletools
 import re
 import warnings
 import zipfile
+from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,8 +31,13 @@ import torch.nn as nn
 
 from dg2pf_core.errors import CheckpointError
 
-# Training scripts commonly save {"state_dict": ...} or {"model": ...} next to optimiser state.
-_WRAPPER_KEYS = ("state_dict", "model")
+# Training scripts save the weights under one of these keys next to optimiser state and counters
+# ({"model_state_dict": ..., "optimizer_state_dict": ..., "epoch": 5} is the PyTorch tutorial's).
+# When a file has several, the first wins: names that say "state dict" outright before the bare
+# "model"/"net" ones, which scripts also use for other things (a config, an architecture name).
+# EMA copies ("state_dict_ema", "model_ema") are left out: which of two sets of weights to prune
+# is the user's call, so such a file is refused with advice rather than guessed at.
+_WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "model_state", "net", "network")
 # nn.DataParallel / DistributedDataParallel and torch.compile prefix every key with these, in
 # either order when a compiled model is wrapped (or a wrapped one compiled).
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
@@ -95,15 +102,18 @@ def read_state_dict(path: str | Path, *, allow_nonfinite: bool = False) -> dict[
 
     The format comes from the file's content, whatever its name: safetensors (dense, or the
     compact sparse artifacts of :mod:`dg2pf_core.compact`, given back dense) or ``torch.save``
-    files (zip or legacy) of a state_dict. Containers are unwrapped when every key agrees:
-    ``{"state_dict": ...}`` / ``{"model": ...}``, PyTorch Lightning checkpoints (their
-    ``model.`` prefix), DDP's ``module.`` and torch.compile's ``_orig_mod.`` prefixes. Tensors
-    keep their stored dtype and shape (fp16/bf16 stay fp16/bf16).
+    files (zip or legacy) of a state_dict. Containers are unwrapped: training checkpoints that
+    keep the weights under ``state_dict``, ``model_state_dict``, ``model``, ``model_state``,
+    ``net`` or ``network`` beside other entries, PyTorch Lightning checkpoints (their ``model.``
+    prefix), and - when every key has them - DDP's ``module.`` and torch.compile's
+    ``_orig_mod.`` prefixes. Tensors keep their stored dtype and shape (fp16/bf16 stay fp16/bf16).
 
     Raises :class:`CheckpointError`, naming the file and what to do, when the file is missing,
     empty, truncated or corrupt, holds pickled Python objects, is not a checkpoint (a Git LFS
     pointer, an HTML page, a TorchScript archive, a plain pickle, text, an archive), holds
-    anything but tensors, or - unless ``allow_nonfinite`` - has NaN or Inf in a floating tensor.
+    anything but tensors, holds tensors without dense data on the CPU (meta, sparse, quantized
+    or nested tensors, dtypes that cannot be converted), or - unless ``allow_nonfinite`` - has
+    NaN or Inf in a floating tensor.
     """
     path = Path(path)
     if not path.exists():
@@ -129,6 +139,8 @@ def read_state_dict(path: str | Path, *, allow_nonfinite: bool = False) -> dict[
     else:
         raise CheckpointError(f"checkpoint {path} is {fmt.what}; {fmt.advice}")
     state = _as_state_dict(raw, path)
+    # Before the finiteness check, which needs dense values it can compute on.
+    _refuse_unusable(state, f"checkpoint {path}", on_cpu=True)
     if not allow_nonfinite:
         _check_finite(state, path)
     return state
@@ -296,8 +308,11 @@ def _load_safetensors(path: Path, fmt: _Format) -> object:
 def _load_torch(path: Path, fmt: _Format) -> object:
     try:
         with warnings.catch_warnings():
-            # Harmless notice about pickle protocol versions; the load either works or we raise.
+            # Harmless notices (pickle protocol versions; the scan torch makes of sparse tensors,
+            # and the storage API it uses for quantized ones, both of which are refused after).
             warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            warnings.filterwarnings("ignore", message="Validating sparse tensor invariants")
+            warnings.filterwarnings("ignore", message="TypedStorage is deprecated")
             # A file object, not the path: torch.load hands any path ending in .safetensors to
             # safetensors, and this one's content says otherwise.
             with open(path, "rb") as f:
@@ -388,10 +403,23 @@ def _first_object_global(path: Path) -> str | None:
     return None
 
 
+def _wrapper_key(checkpoint: Mapping) -> str | None:
+    """The key of ``checkpoint`` that holds the weights, if it is a training checkpoint."""
+    found = [k for k in _WRAPPER_KEYS if isinstance(checkpoint.get(k), Mapping)]
+    # A candidate that holds tensors (or wraps them once more) beats one that holds, say, a config.
+    holding = [
+        k
+        for k in found
+        if any(isinstance(v, torch.Tensor) for v in checkpoint[k].values())
+        or any(isinstance(checkpoint[k].get(w), Mapping) for w in _WRAPPER_KEYS)
+    ]
+    return (holding or found or [None])[0]
+
+
 def _as_state_dict(raw: object, path: Path) -> dict[str, torch.Tensor]:
     lightning = False
     while isinstance(raw, Mapping):
-        wrapper = next((k for k in _WRAPPER_KEYS if isinstance(raw.get(k), Mapping)), None)
+        wrapper = _wrapper_key(raw)
         if wrapper is None:
             break
         lightning = lightning or (wrapper == "state_dict" and _is_lightning(raw))
@@ -403,6 +431,13 @@ def _as_state_dict(raw: object, path: Path) -> dict[str, torch.Tensor]:
         )
     state: dict[str, torch.Tensor] = {}
     for key, value in raw.items():
+        if isinstance(key, str) and isinstance(value, Mapping):
+            keys = ", ".join(repr(k) for k in _WRAPPER_KEYS)
+            raise CheckpointError(
+                f"checkpoint {path} maps {key!r} to a dict, not a tensor, and "
+                f"has no entry dg2pf takes the weights from ({keys}); save the weights you mean "
+                f"on their own: torch.save(checkpoint[{key!r}], 'model.pt')"
+            )
         if not isinstance(key, str) or not isinstance(value, torch.Tensor):
             raise CheckpointError(
                 f"checkpoint {path} maps {key!r} to a {type(value).__name__}; a state_dict maps "
@@ -433,15 +468,80 @@ def _strip_prefix(state: Mapping[str, torch.Tensor], prefix: str) -> dict[str, t
     return {k[len(prefix) :]: v for k, v in state.items()}
 
 
+_SPARSE_LAYOUTS = frozenset({torch.sparse_coo, torch.sparse_csr, torch.sparse_csc,
+                             torch.sparse_bsr, torch.sparse_bsc})
+# Floating dtypes every CPU kernel handles; others (float8, packed float4) are probed by converting.
+_PLAIN_FLOATS = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64})
+
+
+def _refuse_unusable(state: Mapping[str, torch.Tensor], source: str, *, on_cpu: bool) -> None:
+    """Raise CheckpointError naming the tensors that hold no dense data a model can copy.
+
+    ``source`` names the checkpoint in the message ("checkpoint /p/x.pt"); ``on_cpu`` also
+    refuses tensors on another device (after ``torch.load(map_location="cpu")`` only a device
+    that holds no data, like 'meta', can be left).
+    """
+    problems: dict[str, list[str]] = {}
+    for name, tensor in state.items():
+        problem = _unusable(tensor, on_cpu=on_cpu)
+        if problem is not None:
+            problems.setdefault(problem, []).append(name)
+    if not problems:
+        return
+    clauses = []
+    for problem, names in problems.items():
+        one, many = _UNUSABLE.get(problem, (problem, problem))
+        noun = "tensor" if len(names) == 1 else "tensors"
+        clauses.append(f"{noun} {_names(names)} {one if len(names) == 1 else many}")
+    raise CheckpointError(f"{source}'s " + "; ".join(clauses))
+
+
+# What is wrong, said of one tensor and of several.
+_UNUSABLE = {
+    "meta": ("holds no data (saved from a model on the 'meta' device: materialise it first)",
+             "hold no data (saved from a model on the 'meta' device: materialise it first)"),
+    "sparse": ("is a sparse tensor; save dense weights (tensor.to_dense())",
+               "are sparse tensors; save dense weights (tensor.to_dense())"),
+    "nested": ("is a nested tensor, which no layer's weight is; save the model's dense state_dict",
+               "are nested tensors, which no layer's weight is; save the model's dense state_dict"),
+}
+
+
+def _unusable(tensor: torch.Tensor, *, on_cpu: bool) -> str | None:
+    """What keeps a model from copying ``tensor`` (a key of _UNUSABLE or a phrase), or None."""
+    if tensor.is_meta:
+        return "meta"
+    if tensor.layout in _SPARSE_LAYOUTS:
+        return "sparse"
+    if tensor.is_nested:
+        return "nested"
+    if tensor.is_quantized:
+        dtype = _dtype_name(tensor.dtype)
+        return (f"is quantized ({dtype}), and quantized checkpoints are not supported: give the "
+                "floating-point weights from before quantization")
+    if tensor.layout != torch.strided:
+        return (f"has layout {tensor.layout}, which dg2pf cannot copy into a model; save dense "
+                "weights (tensor.to_dense())")
+    if on_cpu and tensor.device.type != "cpu":
+        return (f"is on the '{tensor.device.type}' device after loading onto the CPU; save it "
+                "from the CPU (tensor.cpu())")
+    if tensor.is_floating_point() and tensor.dtype not in _PLAIN_FLOATS:
+        try:
+            tensor.detach().reshape(-1)[:1].float()
+        except (NotImplementedError, RuntimeError):
+            return (f"is {_dtype_name(tensor.dtype)}, which PyTorch cannot convert to float32 on "
+                    "the CPU; save float32, float16 or bfloat16 weights")
+    return None
+
+
 def _check_finite(state: Mapping[str, torch.Tensor], path: Path) -> None:
     """Raise CheckpointError if a floating tensor holds NaN or Inf: pruning ranks weights by size."""
     bad: list[str] = []
     for name, tensor in state.items():
         if not (tensor.is_floating_point() or tensor.is_complex()):
             continue
-        values = tensor.coalesce().values() if tensor.is_sparse else tensor
-        if values.layout != torch.strided:  # CSR and friends: their stored values
-            values = values.values()
+        # isfinite has no kernel for most float8 dtypes; float32 holds each of their values.
+        values = tensor if tensor.dtype in _PLAIN_FLOATS or tensor.is_complex() else tensor.float()
         finite = torch.isfinite(values)
         if bool(finite.all()):
             continue
@@ -466,11 +566,17 @@ def load_into(
 ) -> None:
     """Copy ``state_dict`` into ``model`` strictly, converting to the model's dtypes.
 
-    Raises :class:`CheckpointError` listing every kind of mismatch (keys the model lacks, keys
-    the checkpoint lacks, shape mismatches) before touching the model. ``what`` names the
-    source and ``arch`` the target in that message.
+    Raises :class:`CheckpointError` before touching the model when the checkpoint does not fit:
+    keys the model lacks, keys the checkpoint lacks and shape mismatches (every kind listed in
+    one message), tensors without dense data (meta, sparse, quantized), or a tensor of another
+    kind of dtype than the model's (an integer or bool weight where the model has a floating
+    one, a floating value for an integer buffer). Floating dtypes convert into each other
+    (fp16/bf16/fp64 into fp32), and so do integer ones. ``what`` names the source and may carry
+    its path ("checkpoint /p/x.pt", "teacher checkpoint /p/t.pt"); ``arch`` names the target
+    ("resnet18 with num_classes=10").
     """
     expected = model.state_dict()
+    noun = _source_noun(what)
     unexpected = [k for k in state_dict if k not in expected]
     # BatchNorm fills in a missing counter itself (checkpoints from before it existed lack it),
     # and it does not affect the forward pass, so its absence is not a misfit.
@@ -491,20 +597,81 @@ def load_into(
             )
         if missing:
             parts.append(
-                f"{_count(len(missing), 'key')} missing from the {what} (first: {_first(missing)})"
+                f"{_count(len(missing), 'key')} missing from the {noun} (first: {_first(missing)})"
             )
         if mismatched:
             shapes = ", ".join(
-                f"{k}: {what} {_shape(state_dict[k])} vs model {_shape(expected[k])}"
+                f"{k}: {noun} {_shape(state_dict[k])} vs model {_shape(expected[k])}"
                 for k in mismatched[:_MAX_NAMES]
             )
             more = ", ..." if len(mismatched) > _MAX_NAMES else ""
             count = _count(len(mismatched), "shape mismatch", "shape mismatches")
             parts.append(f"{count} ({shapes}{more})")
         raise CheckpointError(f"{what} does not fit {target}: " + ", ".join(parts))
+    # Tensors handed in directly may live on an accelerator, so only their data is checked here.
+    _refuse_unusable(state_dict, what, on_cpu=False)
+    _refuse_dtype_kinds(state_dict, expected, what)
 
+    full = OrderedDict(state_dict)
+    for k, v in expected.items():
+        # What BatchNorm does for a checkpoint without the counter: keep the model's own. It no
+        # longer does so itself once the metadata below says the checkpoint is of today's version.
+        full.setdefault(k, v)
+    # Modules read their serialisation version from this (torchvision's MNASNet refuses to load
+    # without it). Files carry none - safetensors has no room for it and read_state_dict returns
+    # plain dicts - and the shapes were just checked against this model, so its versions apply.
+    full._metadata = OrderedDict(  # type: ignore[attr-defined]
+        (k, dict(v)) for k, v in getattr(expected, "_metadata", {}).items()
+    )
     # load_state_dict copies in place (param.copy_), which converts dtype and device.
-    model.load_state_dict(dict(state_dict), strict=True)
+    model.load_state_dict(full, strict=True)
+
+
+def _source_noun(what: str) -> str:
+    """``what`` without a path after it: "teacher checkpoint /p/t.pt" -> "teacher checkpoint"."""
+    found = re.match(r".*?\bcheckpoint\b", what)
+    return found.group(0) if found else what
+
+
+def _dtype_kind(dtype: torch.dtype) -> str:
+    # bool goes with the integers: masks saved as uint8 by older code load into bool buffers.
+    if dtype.is_complex:
+        return "complex"
+    return "floating" if dtype.is_floating_point else "integer"
+
+
+def _refuse_dtype_kinds(
+    state_dict: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor], what: str
+) -> None:
+    """Raise CheckpointError if a tensor's dtype is of another kind than the model's.
+
+    Copying converts silently, so an int32 weight (or float counter) would load as nonsense.
+    """
+    # In the model's order (layer by layer), not the file's: safetensors sorts its keys.
+    bad = [
+        k
+        for k, v in expected.items()
+        if k in state_dict and _dtype_kind(state_dict[k].dtype) != _dtype_kind(v.dtype)
+    ]
+    if not bad:
+        return
+    first = bad[0]
+    others = bad[1:]
+    more = f" (and {_count(len(others), 'more tensor')}: {_names(others)})" if others else ""
+    raise CheckpointError(
+        f"{what}'s tensor {first} is {_dtype_name(state_dict[first].dtype)} but the model's is "
+        f"{_dtype_name(expected[first].dtype)}{more}: not weights of this architecture"
+    )
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _names(names: list[str]) -> str:
+    """The first few of ``names``, and how many more there are."""
+    shown = ", ".join(names[:_MAX_NAMES])
+    return shown + (f" and {len(names) - _MAX_NAMES} more" if len(names) > _MAX_NAMES else "")
 
 
 def _count(n: int, singular: str, plural: str | None = None) -> str:

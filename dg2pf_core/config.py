@@ -18,6 +18,17 @@ FINETUNE_MODES = ("sgd", "overparam")
 GRADUAL_MASKS = ("simulated", "hard")
 
 
+# Upper bounds well beyond any real run: values past them are typos or attacks (a seed torch cannot
+# take, a batch of a billion images, a million epochs), refused before anything is built.
+_INT_RANGES = {
+    "pruning_epochs": (1, 10_000), "max_epochs": (1, 100_000), "patience": (1, 100_000),
+    "batch_size": (1, 65_536), "eval_batch_size": (1, 65_536), "seed": (0, 2**32 - 1),
+    "bn_recalibration_batches": (0, 100_000), "overparam_expansion": (1, 64), "loader_workers": (0, 256),
+}
+_FLOAT_MAXIMA = {"lr": 100.0, "finetune_lr": 100.0, "weight_decay": 100.0, "finetune_weight_decay": 100.0,
+                 "kd_temperature": 1000.0, "grad_clip": 1e6, "sp_weight": 1e9}
+
+
 @dataclass
 class DG2PFConfig:
     """Hyperparameters of one DG2PF run. Defaults follow the paper and the authors' scripts."""
@@ -77,6 +88,17 @@ class DG2PFConfig:
             value = getattr(self, f.name)
             if isinstance(value, float) and not math.isfinite(value):
                 raise bad(f.name, f"must be a finite number, got {value}")
+        for name in ("include", "exclude", "sp_blocks"):
+            patterns = getattr(self, name)
+            if not isinstance(patterns, list) or len(patterns) > 256 or any(not isinstance(p, str) or len(p) > 1000 for p in patterns):
+                raise bad(name, "must be a list of at most 256 regular expressions of at most 1000 characters")
+        for name, (lo, hi) in _INT_RANGES.items():
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+                raise bad(name, f"must be an integer in [{lo}, {hi:,}], got {value!r}")
+        for name, hi in _FLOAT_MAXIMA.items():
+            if isinstance(getattr(self, name), (int, float)) and getattr(self, name) > hi:
+                raise bad(name, f"must be at most {hi:g}, got {getattr(self, name)}")
         if not isinstance(self.sparsity, (int, float)) or not 0.0 < self.sparsity < 1.0:
             raise bad("sparsity", f"must be strictly between 0 and 1 (e.g. 0.9 for 90%), got {self.sparsity}")
         if self.pruning_epochs < 1:

@@ -9,14 +9,20 @@ from .errors import DatasetError
 from .job import load_data, load_model
 from .masks import select_prunable
 from .metrics import evaluate
+from .preflight import check_eval_forward
 
 
-def evaluate_checkpoint(arch: str, num_classes: int, checkpoint: str, dataset: str, *, image_size: int | None = None, split: str = "test") -> dict:
+def evaluate_checkpoint(arch: str, num_classes: int, checkpoint: str, dataset: str, *, image_size: int | None = None,
+                        split: str = "test", skip_bad_images: bool = False) -> dict:
+    """Top-1/top-5 (%) of a checkpoint on a split, and its sparsity; DG2PFError for bad input, checked
+    before the evaluation (the checkpoint, the data, and a forward pass on the first batch)."""
     spec, model = load_model(arch, num_classes, checkpoint)
-    splits, _ = load_data(dataset, spec, num_classes, image_size, 0.1, 0)
+    splits, size = load_data(dataset, spec, num_classes, image_size, 0.1, 0, skip_bad_images)
     data = splits.test if split == "test" else splits.val
     if data is None:
         raise DatasetError(f"dataset {dataset!r} has no {split} split; use --split val", field="split")
+    first = torch.stack([data[i][0] for i in range(min(8, len(data)))])
+    check_eval_forward(model, first, arch=arch, num_classes=num_classes, image_size=size, device=torch.device("cpu"))
     acc = evaluate(model, DataLoader(data, batch_size=256), torch.device("cpu"))
     prunable = select_prunable(model).params.values()
     n_prunable = sum(p.numel() for p in prunable)

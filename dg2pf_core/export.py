@@ -16,15 +16,15 @@ from torch import nn
 
 from .checkpoints import save_state_dict
 from .compact import save_compact
-from .preflight import check_output
+from .preflight import check_output, output_path
 
 
 class OutputDir:
     """``out`` must not exist or be empty; results are staged in a sibling temp dir and renamed in."""
 
     def __init__(self, out: str | Path) -> None:
-        self.path = Path(out)
-        check_output(self.path)  # absent or empty, creatable, writable
+        check_output(out)  # absent or empty, creatable, writable
+        self.path = output_path(out)  # through a symbolic link: the linked directory is filled
 
     @contextlib.contextmanager
     def staging(self) -> Iterator[Path]:

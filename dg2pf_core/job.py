@@ -27,17 +27,19 @@ from .compact import check_values
 from .config import DG2PFConfig
 from .data import DataRequest, DataSplits, load_dataset
 from .data.registry import parse_spec
-from .errors import ConfigError, DatasetError, DG2PFError
+from .errors import ConfigError, DatasetError, DG2PFError, TrainingDiverged
 from .export import OutputDir, write_compact, write_metrics, write_model
 from .loaders import LocalLoaders, Loaders, ShardedLoaders
 from .loop import DG2PFResult, Progress, Reporter, run_dg2pf
-from .masks import layer_sparsity, layer_warnings
+from .masks import layer_sparsity, layer_warnings, select_prunable
 from .metrics import size_report
 from .models import ArchSpec, build_model, get_arch
 from .preflight import check_device, check_fp16_range, check_output, dry_run
 from .state import STATE_FILE, TrainingState
 
 JOB_FILE = "job.json"  # in a state directory: the job and its output path, for resuming
+LOCK_FILE = ".lock"  # in a state directory: held by the run that trains there
+MIN_IMAGE_SIZE, MAX_IMAGE_SIZE = 8, 2048
 
 
 class OutputError(DG2PFError):
@@ -122,15 +124,16 @@ class PreparedJob:
         )
 
 
-def load_checkpoint_model(arch: str, num_classes: int, checkpoint: str | Path) -> tuple[ArchSpec, nn.Module, dict[str, torch.dtype]]:
+def load_checkpoint_model(arch: str, num_classes: int, checkpoint: str | Path,
+                          what: str = "checkpoint") -> tuple[ArchSpec, nn.Module, dict[str, torch.dtype]]:
     """``arch`` built with ``num_classes`` and the checkpoint's weights (read by content, finite,
     fitting), and the dtype each tensor had in the checkpoint. Raises ``DG2PFError``."""
     spec = get_arch(arch)
-    model = build_model(arch, num_classes)
     state = read_state_dict(checkpoint)
+    model = build_model(arch, num_classes)
     if spec.ignored_keys:
         state = {k: v for k, v in state.items() if not k.startswith(spec.ignored_keys)}
-    load_into(model, state, arch=f"{arch} with num_classes={num_classes}")
+    load_into(model, state, what=f"{what} {checkpoint}", arch=f"{arch} with num_classes={num_classes}")
     return spec, model, {k: v.dtype for k, v in state.items() if v.is_floating_point()}
 
 
@@ -141,9 +144,9 @@ def load_model(arch: str, num_classes: int, checkpoint: str | Path) -> tuple[Arc
 
 def load_data(dataset: str, arch: ArchSpec, num_classes: int, image_size: int | None, val_fraction: float, seed: int,
               skip_bad_images: bool = False) -> tuple[DataSplits, int]:
-    size = image_size or arch.input_size
-    if size < 8:
-        raise ConfigError(f"image_size must be >= 8, got {size}", field="image_size")
+    size = arch.input_size if image_size is None else image_size
+    if not MIN_IMAGE_SIZE <= size <= MAX_IMAGE_SIZE:
+        raise ConfigError(f"image_size must be in [{MIN_IMAGE_SIZE}, {MAX_IMAGE_SIZE}] pixels, got {size}", field="image_size")
     splits = load_dataset(dataset, DataRequest(image_size=size, in_channels=arch.in_channels, val_fraction=val_fraction,
                                                seed=seed, skip_bad_images=skip_bad_images))
     if splits.num_classes != num_classes:
@@ -162,11 +165,15 @@ def check_static(job: PruneJob) -> tuple[ArchSpec, nn.Module, dict[str, torch.dt
     job.config.validate()
     check_values(job.compact_values)
     arch, model, dtypes = load_checkpoint_model(job.arch, job.num_classes, job.checkpoint)
+    select_prunable(model, job.config.selection())  # --include/--exclude select something
     if job.compact_values == "fp16":
         check_fp16_range(model.state_dict(), "the checkpoint's")
     teacher = None
     if job.teacher is not None:
-        _, teacher, _ = load_checkpoint_model(job.arch, job.num_classes, job.teacher)
+        try:
+            _, teacher, _ = load_checkpoint_model(job.arch, job.num_classes, job.teacher, what="teacher checkpoint")
+        except DG2PFError as exc:
+            raise type(exc)(exc.message if "teacher" in exc.message else f"--teacher: {exc.message}", field="teacher") from exc
     return arch, model, dtypes, teacher
 
 
@@ -278,14 +285,33 @@ def prune_to_dir(
         on_prepared(prepared)
     state = None
     reporter = None
+    lock = None
+    saved: list[int] = []
     if state_dir is not None:
         state_dir = Path(state_dir)
+        state_dir.mkdir(parents=True, exist_ok=True)
+        lock = _lock_state_dir(state_dir, out)
         if resume and (state_dir / STATE_FILE).is_file():
             state = TrainingState.load(state_dir)
-        state_dir.mkdir(parents=True, exist_ok=True)
         (state_dir / JOB_FILE).write_text(json.dumps({"job": job.to_dict(), "out": os.path.abspath(out)}, indent=1))
-        reporter = lambda record, s: s.save(state_dir)  # noqa: E731
-    result = run(prepared, progress=progress, reporter=reporter, resume=state)
+
+        def reporter(record, s) -> None:
+            s.save(state_dir)
+            saved.append(record.epoch)
+
+    try:
+        result = run(prepared, progress=progress, reporter=reporter, resume=state)
+    except TrainingDiverged:
+        if state_dir is not None and not keep_state:
+            shutil.rmtree(state_dir, ignore_errors=True)  # resuming would diverge again: start over instead
+        raise
+    except BaseException as exc:
+        if saved:
+            exc.state_kept = state_dir  # type: ignore[attr-defined] - where a front end says to --resume from
+        raise
+    finally:
+        if lock is not None:
+            lock.close()
     metrics = result_metrics(prepared, result, world_size=1, wall_seconds=time.perf_counter() - started)
     try:
         with output.staging() as tmp:
@@ -301,9 +327,25 @@ def prune_to_dir(
     return metrics
 
 
+def _lock_state_dir(state_dir: Path, out: str | Path):
+    """One run trains in a state directory at a time (two `dg2pf prune` with the same --out)."""
+    import fcntl
+
+    fh = open(state_dir / LOCK_FILE, "a+")  # noqa: SIM115 - closed when the run ends
+    try:
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        fh.close()
+        raise ConfigError(f"another dg2pf run is training for --out {out} (its state is in {state_dir}); wait for it "
+                          "or choose another --out", field="out") from None
+    return fh
+
+
 def state_dir_for(out: str | Path) -> Path:
     """Where ``dg2pf prune`` keeps a run's state while it trains: ``OUT.dg2pf-run`` beside ``OUT``."""
     absolute = Path(os.path.abspath(os.path.expanduser(out)))
+    if not absolute.name:
+        raise ConfigError(f"output {out} is the root directory; give a new directory for the results", field="out")
     return absolute.with_name(absolute.name + ".dg2pf-run")
 
 

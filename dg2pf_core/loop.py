@@ -188,7 +188,9 @@ class _Run:
             value = float(loss)
             if not math.isfinite(value):
                 raise TrainingDiverged(
-                    f"training loss became {value} in epoch {state.epoch + 1} ({state.phase}); lower lr/finetune_lr"
+                    f"training loss became {value} in epoch {state.epoch + 1} ({state.phase}): the run diverged; start "
+                    f"again with a lower {'finetune_lr' if state.phase == 'finetuning' else 'lr'} (now "
+                    f"{self.cfg.finetune_lr if state.phase == 'finetuning' else self.cfg.lr:g})"
                 )
             total += value
             batches += 1
@@ -240,9 +242,10 @@ class _Run:
         state.history.append(record.to_dict())
         state.rng_cpu = torch.get_rng_state()
         state.rng_cuda = torch.cuda.get_rng_state_all() if self.device.type == "cuda" else []
-        self.progress.end_epoch(record)
+        # The state first: whatever happens while the epoch is announced (Ctrl-C), it is kept.
         if self.reporter is not None:
             self.reporter(record, state)
+        self.progress.end_epoch(record)
 
     def consider_best(self, state: TrainingState, val: Accuracy) -> bool:
         """Track the best epoch at the final sparsity; ``stale`` counts epochs without improvement."""

@@ -66,6 +66,14 @@ def check_output(out: str | Path) -> None:
     created (a temporary file is written and removed to prove the folder is writable)."""
     out = Path(out).expanduser()
     absolute = Path(os.path.abspath(out))
+    if absolute.is_symlink() and not absolute.exists():
+        raise ConfigError(f"output {out} is a symbolic link to {os.readlink(absolute)}, which does not exist; "
+                          "give a directory that does not exist yet (or is empty)", field="out")
+    absolute = output_path(out)
+    cwd = Path(os.getcwd()).resolve()
+    if absolute == cwd or absolute in cwd.parents or absolute.parent == absolute:
+        raise ConfigError(f"output {out} is {'the root directory' if absolute.parent == absolute else 'the current directory or one above it'}; "
+                          "give a new directory for the results (e.g. --out pruned)", field="out")
     if absolute.exists():
         if not absolute.is_dir():
             raise ConfigError(f"output {out} is a file; give a directory that does not exist yet (or is empty)", field="out")
@@ -83,6 +91,12 @@ def check_output(out: str | Path) -> None:
     except OSError as exc:
         raise ConfigError(f"output {out}: cannot write in {existing} ({exc.strerror or exc}); choose another --out",
                           field="out") from None
+
+
+def output_path(out: str | Path) -> Path:
+    """The directory the results go to: ``out`` made absolute, through a symbolic link if ``out`` is one
+    (so results land in the linked directory instead of failing to replace the link)."""
+    return Path(os.path.realpath(os.path.expanduser(out)))
 
 
 def check_fp16_range(state_dict: dict[str, torch.Tensor], what: str) -> None:
@@ -174,6 +188,38 @@ def dry_run(model: nn.Module, teacher: nn.Module | None, train_set, *, arch: str
         if bad:
             raise ConfigError(f"{arch}: the gradients of {len(bad)} tensor(s) are not finite on the first batch "
                               f"(first: {bad[0]}); check the checkpoint and the data", field="checkpoint")
+        # Evaluation and the teacher run in eval mode, on the stored BatchNorm statistics: a checkpoint
+        # can be finite and still give NaN there (a negative running_var).
+        model.eval()
+        check_eval_forward(model, inputs, arch=arch, num_classes=num_classes, image_size=image_size, device=device,
+                           amp=amp, what="the checkpoint")
+        if teacher is not None:
+            check_eval_forward(teacher, inputs, arch=arch, num_classes=num_classes, image_size=image_size, device=device,
+                               amp=amp, what="the teacher checkpoint")
+
+
+@torch.no_grad()
+def check_eval_forward(model: nn.Module, inputs: torch.Tensor, *, arch: str, num_classes: int, image_size: int,
+                       device: torch.device, amp: str = "none", what: str = "the checkpoint") -> None:
+    """An eval-mode forward pass on ``inputs`` [B, C, H, W] gives finite logits [B, num_classes];
+    ConfigError otherwise (the input size the model cannot take, or broken stored statistics)."""
+    from .metrics import autocast_context
+
+    model.eval()
+    try:
+        with autocast_context(device, amp):
+            logits = model(inputs.to(device))
+    except Exception as exc:  # noqa: BLE001 - the model cannot take this input: say which and why
+        raise ConfigError(f"{arch} cannot run on {image_size}x{image_size} inputs ({_last_line(exc)}); "
+                          f"give a --image-size it accepts (its default: leave --image-size out)", field="image_size") from None
+    if not isinstance(logits, torch.Tensor) or tuple(logits.shape) != (len(inputs), num_classes):
+        got = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
+        raise ConfigError(f"{arch} returns {got} in eval mode for a batch of {len(inputs)}, expected "
+                          f"({len(inputs)}, {num_classes}) logits", field="arch")
+    if not bool(torch.isfinite(logits).all()):
+        raise ConfigError(f"{arch} with {what} gives non-finite logits in eval mode on the first batch (its stored "
+                          "BatchNorm statistics may be broken, e.g. a negative running_var): re-export it from a "
+                          "healthy training run", field="checkpoint")
 
 
 def _last_line(exc: BaseException) -> str:

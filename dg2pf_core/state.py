@@ -94,7 +94,9 @@ class TrainingState:
         try:
             payload = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:  # noqa: BLE001 - any unreadable file is the user's input problem
-            raise ResumeError(f"cannot read training checkpoint {path}: {exc}") from exc
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+            raise ResumeError(f"cannot read training checkpoint {path} (truncated or corrupt: {first}); the run cannot be "
+                              "continued from it: start it again") from exc
         if not isinstance(payload, dict) or payload.get("format") != FORMAT:
             raise ResumeError(f"{path} is not a dg2pf training checkpoint ({FORMAT})")
         payload.pop("format")

@@ -513,3 +513,235 @@ def test_stored_dtype_is_kept(tmp_path, digits_state, suffix, dtype):
     loaded = read_state_dict(path)
     _assert_same(loaded, state)
     assert {v.dtype for v in loaded.values() if v.is_floating_point()} == {dtype}
+
+
+def test_float8_weights_are_checked_for_nan_and_load_as_float32(tmp_path, digits_state):
+    # isfinite has no CPU kernel for float8_e4m3fn; the check must still see the NaN.
+    state = {k: v.to(torch.float8_e4m3fn) if v.is_floating_point() else v for k, v in digits_state.items()}
+    path = tmp_path / "fp8.pt"
+    torch.save(state, path)
+    model = build_model("digits_cnn", num_classes=10)
+    load_into(model, read_state_dict(path))
+    assert model.state_dict()["classifier.weight"].dtype == torch.float32
+
+    state["classifier.bias"] = torch.tensor([float("nan")] * 10).to(torch.float8_e4m3fn)
+    torch.save(state, path)
+    assert "classifier.bias: 10 NaN" in _refusal(path)
+
+
+@pytest.mark.parametrize(
+    ("make", "says"),
+    [
+        (lambda v: torch.empty_like(v, device="meta"), "holds no data (saved from a model on the 'meta' device: materialise it first)"),
+        (lambda v: v.to_sparse(), "is a sparse tensor; save dense weights (tensor.to_dense())"),
+        (lambda v: v.to_sparse_csr(), "is a sparse tensor; save dense weights (tensor.to_dense())"),
+        (lambda v: v.to_sparse_csc(), "is a sparse tensor; save dense weights (tensor.to_dense())"),
+        (lambda v: v.to_sparse_bsr((1, 1)), "is a sparse tensor; save dense weights (tensor.to_dense())"),
+        (lambda v: torch.quantize_per_tensor(v, 0.1, 0, torch.qint8), "is quantized (qint8), and quantized checkpoints are not supported"),
+        (lambda v: torch.nested.nested_tensor(list(v), layout=torch.jagged), "is a nested tensor"),
+    ],
+    ids=["meta", "coo", "csr", "csc", "bsr", "quantized", "nested"],
+)
+@pytest.mark.parametrize("allow_nonfinite", [False, True])
+@pytest.mark.filterwarnings("ignore::UserWarning")  # quantized and nested tensors are deprecated/prototype
+def test_tensors_without_dense_cpu_data_are_refused_naming_them(tmp_path, digits_state, make, says, allow_nonfinite):
+    state = dict(digits_state)
+    state["classifier.weight"] = make(state["classifier.weight"])
+    path = tmp_path / "odd.pt"
+    torch.save(state, path)
+    with pytest.raises(CheckpointError) as info:
+        read_state_dict(path, allow_nonfinite=allow_nonfinite)
+    msg = str(info.value)
+    assert msg == f"checkpoint {path}'s tensor classifier.weight {says}" or msg.startswith(
+        f"checkpoint {path}'s tensor classifier.weight {says}"
+    )
+    assert "\n" not in msg
+
+
+def test_whole_meta_model_is_refused_listing_a_few_tensors(tmp_path, digits_state):
+    path = tmp_path / "meta.pt"
+    torch.save({k: torch.empty_like(v, device="meta") for k, v in digits_state.items()}, path)
+    msg = _refusal(path)
+    assert msg == (
+        f"checkpoint {path}'s tensors features.0.weight, features.1.weight, features.1.bias and 17 more "
+        "hold no data (saved from a model on the 'meta' device: materialise it first)"
+    )
+
+
+def test_several_kinds_of_unusable_tensor_are_named_in_one_line(tmp_path, digits_state):
+    state = dict(digits_state)
+    state["features.0.weight"] = torch.empty_like(state["features.0.weight"], device="meta")
+    state["classifier.weight"] = state["classifier.weight"].to_sparse()
+    state["classifier.bias"] = state["classifier.bias"].to_sparse()
+    path = tmp_path / "mixed.pt"
+    torch.save(state, path)
+    msg = _refusal(path)
+    assert "tensor features.0.weight holds no data" in msg
+    assert "tensors classifier.weight, classifier.bias are sparse tensors" in msg
+
+
+def test_unconvertible_float_dtype_is_refused(tmp_path):
+    path = tmp_path / "fp4.pt"
+    torch.save({"w": torch.zeros(4, dtype=torch.uint8).view(torch.float4_e2m1fn_x2)}, path)
+    msg = _refusal(path)
+    assert "tensor w is float4_e2m1fn_x2, which PyTorch cannot convert to float32" in msg
+    assert "save float32, float16 or bfloat16 weights" in msg
+
+
+def test_load_into_refuses_sparse_and_meta_tensors_given_directly(digits_state):
+    model = build_model("digits_cnn", num_classes=10)
+    state = dict(digits_state)
+    state["classifier.weight"] = state["classifier.weight"].to_sparse()
+    with pytest.raises(CheckpointError, match=r"^checkpoint's tensor classifier.weight is a sparse tensor"):
+        load_into(model, state)
+    state["classifier.weight"] = torch.empty(10, 128, device="meta")
+    with pytest.raises(CheckpointError, match="classifier.weight holds no data"):
+        load_into(model, state, what="teacher checkpoint /p/t.pt")
+
+
+# --- torchvision models that version their weights ------------------------------------------
+
+
+@pytest.mark.parametrize("writer", ["save_state_dict", "torch.save"])
+def test_mnasnet_checkpoint_loads_into_a_fresh_model(tmp_path, writer):
+    # MNASNet reads its version from the state_dict's metadata, which files do not keep.
+    torch.manual_seed(0)
+    state = build_model("torchvision/mnasnet0_5", 2).state_dict()
+    path = tmp_path / ("m.safetensors" if writer == "save_state_dict" else "m.pt")
+    if writer == "save_state_dict":
+        save_state_dict(state, path)
+    else:
+        torch.save(state, path)
+    model = build_model("torchvision/mnasnet0_5", 2)
+    load_into(model, read_state_dict(path), what=f"checkpoint {path}", arch="torchvision/mnasnet0_5")
+    _assert_same(model.state_dict(), state)
+
+    plain = {k: v.clone() for k, v in state.items()}  # a plain dict handed in directly
+    load_into(build_model("torchvision/mnasnet0_5", 2), plain)
+
+
+def test_checkpoint_without_batchnorm_counters_still_loads(digits_state):
+    model = build_model("digits_cnn", num_classes=10)
+    model.features[1].num_batches_tracked.fill_(7)
+    state = {k: v for k, v in digits_state.items() if not k.endswith("num_batches_tracked")}
+    load_into(model, state)
+    loaded = model.state_dict()
+    assert loaded["features.1.num_batches_tracked"] == 7  # the model keeps its own counter
+    assert torch.equal(loaded["classifier.weight"], digits_state["classifier.weight"])
+
+
+# --- training checkpoints -------------------------------------------------------------------
+
+
+def _tutorial_checkpoint(state: dict, key: str = "model_state_dict") -> dict:
+    optimizer = torch.optim.SGD(build_model("digits_cnn", num_classes=10).parameters(), lr=0.1, momentum=0.9)
+    return {"epoch": 5, key: state, "optimizer_state_dict": optimizer.state_dict(), "loss": torch.tensor(0.25)}
+
+
+@pytest.mark.parametrize("key", ["model_state_dict", "model_state", "net", "network", "state_dict", "model"])
+def test_training_checkpoint_weights_are_unwrapped(tmp_path, digits_state, key):
+    path = tmp_path / "tutorial.tar"
+    torch.save(_tutorial_checkpoint(digits_state, key), path)
+    loaded = read_state_dict(path)
+    _assert_same(loaded, digits_state)
+    load_into(build_model("digits_cnn", num_classes=10), loaded)
+
+
+def test_model_and_optimizer_checkpoint_still_unwraps_model(tmp_path, digits_state):
+    optimizer = torch.optim.Adam(build_model("digits_cnn", num_classes=10).parameters())
+    path = tmp_path / "run.pt"
+    torch.save({"model": digits_state, "optimizer": optimizer.state_dict(), "epoch": 3}, path)
+    _assert_same(read_state_dict(path), digits_state)
+
+
+def test_several_weight_entries_prefer_state_dict_then_model_state_dict(tmp_path, digits_state):
+    other = {k: torch.zeros_like(v) for k, v in digits_state.items()}
+    path = tmp_path / "both.pt"
+    torch.save({"model": other, "model_state_dict": digits_state, "net": other}, path)
+    _assert_same(read_state_dict(path), digits_state)
+    torch.save({"model_state_dict": other, "state_dict": digits_state}, path)
+    _assert_same(read_state_dict(path), digits_state)
+    # An entry that holds no tensors (a config) loses to one that does, whatever the order.
+    torch.save({"model": {"arch": "digits_cnn", "width": 32}, "network": digits_state}, path)
+    _assert_same(read_state_dict(path), digits_state)
+
+
+def test_weights_under_an_unknown_key_are_refused_with_advice(tmp_path, digits_state):
+    path = tmp_path / "ema.pt"
+    torch.save({"model_ema": digits_state, "optimizer": {"lr": 0.1}, "epoch": 2}, path)
+    msg = _refusal(path)
+    assert "maps 'model_ema' to a dict, not a tensor" in msg
+    assert "'model_state_dict'" in msg and "torch.save(checkpoint['model_ema'], 'model.pt')" in msg
+
+
+# --- dtypes ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int64, torch.uint8, torch.bool, torch.complex64])
+def test_load_into_refuses_non_floating_weights(digits_state, dtype):
+    model = build_model("digits_cnn", num_classes=10)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    state = dict(digits_state)
+    state["features.0.weight"] = state["features.0.weight"].to(dtype)
+    with pytest.raises(CheckpointError) as info:
+        load_into(model, state, what="checkpoint /p/x.pt")
+    name = str(dtype).removeprefix("torch.")
+    assert str(info.value) == (
+        f"checkpoint /p/x.pt's tensor features.0.weight is {name} but the model's is float32: "
+        "not weights of this architecture"
+    )
+    _assert_same(model.state_dict(), before)
+
+
+def test_load_into_dtype_refusal_names_the_first_few(tmp_path, digits_state):
+    path = tmp_path / "ints.safetensors"
+    save_state_dict({k: v.to(torch.int32) for k, v in digits_state.items()}, path)
+    with pytest.raises(CheckpointError) as info:
+        load_into(build_model("digits_cnn", 10), read_state_dict(path), what=f"teacher checkpoint {path}")
+    msg = str(info.value)
+    assert msg.startswith(f"teacher checkpoint {path}'s tensor features.0.weight is int32 but the model's is float32")
+    assert "(and 16 more tensors: features.1.weight, features.1.bias, features.1.running_mean and 13 more)" in msg
+    assert msg.endswith(": not weights of this architecture")
+    assert "num_batches_tracked" not in msg  # int32 -> int64 counters are fine
+
+
+def test_load_into_refuses_floating_value_for_integer_buffer(digits_state):
+    state = dict(digits_state)
+    state["features.1.num_batches_tracked"] = torch.tensor(3.0)
+    with pytest.raises(CheckpointError, match="features.1.num_batches_tracked is float32 but the model's is int64"):
+        load_into(build_model("digits_cnn", 10), state)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+def test_load_into_converts_between_floating_and_between_integer_dtypes(digits_state, dtype):
+    state = {k: v.to(dtype) if v.is_floating_point() else v.to(torch.int32) for k, v in digits_state.items()}
+    model = build_model("digits_cnn", 10)
+    load_into(model, state)
+    loaded = model.state_dict()
+    assert loaded["features.0.weight"].dtype == torch.float32
+    assert loaded["features.1.num_batches_tracked"].dtype == torch.int64
+    assert torch.equal(loaded["classifier.bias"], digits_state["classifier.bias"].to(dtype).float())
+
+
+# --- messages name the file -----------------------------------------------------------------
+
+
+def test_load_into_message_names_the_file(tmp_path):
+    path = tmp_path / "x.safetensors"
+    save_state_dict(build_model("digits_cnn", 10).state_dict(), path)
+    state = read_state_dict(path)
+    del state["features.0.weight"]
+    with pytest.raises(CheckpointError) as info:
+        load_into(build_model("digits_cnn", 100), state, what=f"checkpoint {path}", arch="digits_cnn with num_classes=100")
+    msg = str(info.value)
+    assert msg.startswith(f"checkpoint {path} does not fit digits_cnn with num_classes=100: ")
+    assert "1 key missing from the checkpoint (first: features.0.weight)" in msg
+    assert "classifier.weight: checkpoint (10, 128) vs model (100, 128)" in msg
+    assert msg.count(str(path)) == 1
+
+    with pytest.raises(CheckpointError) as info:
+        load_into(build_model("digits_cnn", 100), state, what=f"teacher checkpoint {path}", arch="digits_cnn with num_classes=100")
+    msg = str(info.value)
+    assert msg.startswith(f"teacher checkpoint {path} does not fit digits_cnn with num_classes=100: ")
+    assert "missing from the teacher checkpoint (first" in msg
+    assert "classifier.weight: teacher checkpoint (10, 128) vs model (100, 128)" in msg

@@ -8,6 +8,7 @@ from __future__ import annotations
 import io
 import os
 import pickle
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -382,6 +383,55 @@ def test_imagefolder_ignores_hidden_files_and_folders(tmp_path):
         assert splits.test[i][0].shape == (3, 24, 24)
 
 
+def _unzip_as_macos_makes_it(files: dict[str, bytes], into: Path) -> None:
+    """Extract what macOS's "Compress" writes: each file, plus its AppleDouble twin under
+    ``__MACOSX/`` at the same relative path, folders included."""
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        for name, data in files.items():
+            archive.writestr(name, data)
+            folder, _, base = name.rpartition("/")
+            archive.writestr(f"__MACOSX/{folder}/._{base}", APPLEDOUBLE)
+    with zipfile.ZipFile(buffer) as archive:
+        archive.extractall(into)
+
+
+def test_imagefolder_ignores_macos_zip_leftovers_at_any_depth(tmp_path):
+    _write_images(tmp_path / "test", CLASSES, seed=1)
+    sources = tmp_path / "sources"
+    _write_images(sources, CLASSES)
+    # a zip of train/'s contents, unzipped into train/: train/__MACOSX/ sits beside the classes
+    _unzip_as_macos_makes_it(
+        {f"{cls}/{path.name}": path.read_bytes()
+         for cls in CLASSES for path in sorted((sources / cls).iterdir())},
+        tmp_path / "train",
+    )  # fmt: skip
+    # ... and one zip of a single class, unzipped inside its folder
+    _unzip_as_macos_makes_it({"extra/0.jpg": (sources / "dog" / "0.jpg").read_bytes()},
+                             tmp_path / "test" / "dog")
+    # a __MACOSX/ holding files that look like images still holds no class and no image
+    _write_images(tmp_path / "train" / "__MACOSX", {"cat": 1})
+    assert (tmp_path / "train" / "__MACOSX" / "cat" / "._0.jpg").exists()
+
+    splits = _load_folder(tmp_path)
+    assert splits.class_names == ["cat", "dog"]
+    assert len(splits.train) + len(splits.val) == 10 and len(splits.test) == 11
+    assert splits.skipped_images == []
+
+
+def test_imagefolder_ignores_windows_thumbs_db_and_desktop_ini(tmp_path):
+    _write_images(tmp_path / "train", CLASSES)
+    _write_images(tmp_path / "val", {"cat": 1, "dog": 1}, seed=1)
+    for folder in ("train", "train/cat", "train/dog", "val/dog"):
+        # Thumbs.db is an OLE2 compound file: this is its signature
+        (tmp_path / folder / "Thumbs.db").write_bytes(bytes.fromhex("d0cf11e0a1b11ae1") + bytes(64))
+        (tmp_path / folder / "desktop.ini").write_text("[.ShellClassInfo]\r\nIconResource=x\r\n")
+    splits = _load_folder(tmp_path)
+    assert splits.class_names == ["cat", "dog"]
+    assert len(splits.train) + len(splits.val) == 10 and len(splits.test) == 2
+    assert splits.skipped_images == []
+
+
 def test_imagefolder_hidden_files_alone_do_not_make_a_class(tmp_path):
     _write_images(tmp_path / "train", CLASSES)
     (tmp_path / "train" / "bird").mkdir()
@@ -406,6 +456,16 @@ def _from_png(image: Image.Image, **save) -> Image.Image:
     """``image`` as PIL reads it back from a real PNG file, the way a dataset's files arrive."""
     buffer = io.BytesIO()
     image.save(buffer, format="PNG", **save)
+    buffer.seek(0)
+    loaded = Image.open(buffer)
+    loaded.load()
+    return loaded
+
+
+def _from_tiff(image: Image.Image) -> Image.Image:
+    """``image`` as PIL reads it back from a TIFF file (mode "I": 32-bit signed samples)."""
+    buffer = io.BytesIO()
+    image.save(buffer, format="TIFF")
     buffer.seek(0)
     loaded = Image.open(buffer)
     loaded.load()
@@ -468,9 +528,23 @@ MODE_CASES = {
         _sixteen_bit("I;16B", [0, 257 * 100, 32768, 65535]),
         [BLACK, _gray(100), _gray(128), WHITE],
     ),
+    # "I" (32-bit integer): like "F", the smallest of [0, 255], [0, 65535], [0, 2**32 - 1] that
+    # holds the image's maximum; negative -> 0. 16-bit values here ...
     "I": lambda: (
-        Image.fromarray(np.array([[-5, 257 * 100, 32768, 65535, 100000]], dtype=np.int32)),
-        [BLACK, _gray(100), _gray(128), WHITE, WHITE],
+        Image.fromarray(np.array([[-5, 257 * 100, 32768, 65535]], dtype=np.int32)),
+        [BLACK, _gray(100), _gray(128), WHITE],
+    ),
+    # ... 8-bit values: an 8-bit PNG through convert("I"), saved as TIFF; not nearly black ...
+    "I holding 8-bit values": lambda: (
+        _from_tiff(_from_png(_columns("L", [0, 100, 255])).convert("I")),
+        [BLACK, _gray(100), WHITE],
+    ),
+    # ... 32-bit values, as 32-bit integer TIFFs hold (2**32 - 1 = 255 * 16843009)
+    "I 32-bit range": lambda: (
+        _from_tiff(Image.fromarray(
+            np.array([[-5, 100000, 16843009 * 100, 2**31 - 1]], dtype=np.int32)
+        )),
+        [BLACK, BLACK, _gray(100), _gray(127)],
     ),
     # float: [0, 1] when the image's maximum is at most 1 ...
     "F": lambda: (
@@ -541,6 +615,35 @@ def test_sixteen_bit_pngs_in_an_imagefolder_are_scaled_not_clipped(tmp_path):
     for tensor, label in (splits.val[i] for i in range(len(splits.val))):
         pixels = tensor * std + mean  # 65535 (full scale) -> 1.0, 0 -> 0.0
         assert torch.allclose(pixels, torch.full_like(pixels, float(label)), atol=1e-4)
+
+
+def test_8_bit_values_in_i_tiffs_in_an_imagefolder_keep_their_brightness(tmp_path):
+    """What ``Image.open(png).convert("I").save(tiff)`` makes: values 0..255 in 32-bit samples."""
+    for split in ("train", "test"):
+        for cls, value in (("dim", 60), ("bright", 200)):
+            (tmp_path / split / cls).mkdir(parents=True)
+            for i in range(3):
+                png = tmp_path / f"{split}-{cls}-{i}.png"
+                Image.fromarray(np.full((30, 30), value, dtype=np.uint8)).save(png)
+                Image.open(png).convert("I").save(tmp_path / split / cls / f"{i}.tif")
+                png.unlink()
+    splits = _load_folder(tmp_path, in_channels=1)
+    (mean,), (std,) = channel_stats(IMAGENET_MEAN, IMAGENET_STD, 1)
+    for tensor, label in (splits.test[i] for i in range(len(splits.test))):
+        want = (200 if splits.class_names[label] == "bright" else 60) / 255
+        assert torch.allclose(tensor * std + mean, torch.full_like(tensor, want), atol=1e-4)
+
+
+def test_i_images_read_from_png_are_16_bit_however_dark(tmp_path, monkeypatch):
+    """Older Pillow opens 16-bit gray PNGs as "I": they must not be mistaken for 8-bit values."""
+    from PIL import PngImagePlugin
+
+    monkeypatch.setitem(PngImagePlugin._MODES, (16, 0), ("I", "I;16B"))  # as older Pillow did
+    path = tmp_path / "dark.png"
+    Image.frombytes("I;16", (3, 1), np.array([0, 255, 257 * 100], dtype="<u2").tobytes()).save(path)
+    image = Image.open(path)
+    assert image.mode == "I"
+    assert np.asarray(ConvertMode(1)(image)).tolist() == [[0, 1, 100]]
 
 
 def test_convert_mode_pickles():

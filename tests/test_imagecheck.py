@@ -11,6 +11,7 @@ import os
 import pickle
 import re
 import threading
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +21,13 @@ from PIL import Image
 
 from dg2pf_core.data import DataRequest, load_dataset
 from dg2pf_core.data import imagecheck
-from dg2pf_core.data.imagecheck import cache_file, find_unreadable_images, load_image
+from dg2pf_core.data.imagecheck import (
+    cache_file,
+    describe_failure,
+    find_unreadable_images,
+    load_image,
+)
+from dg2pf_core.data.transforms import TransformedView
 from dg2pf_core.errors import DatasetError
 
 SKIP_HINT = "remove or fix them, or pass --skip-bad-images (skip_bad_images: true in a job spec)"
@@ -120,6 +127,62 @@ def test_a_decompression_bomb_is_refused(tmp_path, monkeypatch):
         _load(tmp_path)
 
 
+def test_large_images_under_the_bomb_limit_load_without_warnings(tmp_path, monkeypatch, recwarn):
+    """Images between MAX_IMAGE_PIXELS and twice it are decoded on purpose: no warning per image
+    from the check (on its threads) nor from the items training reads."""
+    files = _write_good(tmp_path / "train", {"cat": 4, "dog": 4})
+    _write_good(tmp_path / "test", {"cat": 2, "dog": 2}, seed=1)
+    monkeypatch.setattr(PIL.Image, "MAX_IMAGE_PIXELS", 2000)  # 48x48 = 2304 pixels: just above
+    warnings.simplefilter("always")  # each warning recorded, not only the first of its text
+    splits = _load(tmp_path)
+    for split in (splits.train, splits.val, splits.test):
+        for i in range(len(split)):
+            split[i]
+    # RandomResizedCrop crops near the whole image only sometimes (PIL warns about large crops
+    # too): such a crop, always
+    cropped = TransformedView(splits.test.base, _CropAllButOneColumn())
+    assert [cropped[i][0] for i in range(len(cropped))] == [(47, 48)] * 4
+    assert [w for w in recwarn if issubclass(w.category, PIL.Image.DecompressionBombWarning)] == []
+
+    # PIL's warning is silenced only while the dataset reads images, not for the rest of the process
+    with pytest.warns(PIL.Image.DecompressionBombWarning):
+        Image.open(files[0]).close()
+
+
+class _CropAllButOneColumn:
+    def __call__(self, image: Image.Image) -> tuple[int, int]:
+        return image.crop((1, 0, *image.size)).size  # the whole image would be a mere copy
+
+
+def test_the_message_stays_one_line_whatever_the_file_name(tmp_path):
+    files = _write_good(tmp_path / "train", {"cat": 3, "dog": 3})
+    odd = files[0].with_name("two\nlines.jpg")
+    files[0].rename(odd)
+    _truncate(odd)
+    with pytest.raises(DatasetError) as info:
+        _load(tmp_path)
+    assert "\n" not in info.value.message
+    assert repr(f"train{os.sep}cat{os.sep}two\nlines.jpg") + " (image file is truncated" in (
+        info.value.message
+    )
+    with pytest.raises(DatasetError) as info:
+        load_image(str(odd))
+    assert "\n" not in info.value.message and repr(str(odd)) in info.value.message
+
+
+def test_a_caller_s_own_filter_for_the_bomb_warning_is_kept(tmp_path):
+    Image.new("L", (4, 4)).save(tmp_path / "a.png")
+    warnings.filterwarnings("ignore", category=PIL.Image.DecompressionBombWarning)
+    mine = warnings.filters[0]
+    load_image(str(tmp_path / "a.png"))
+    assert mine in warnings.filters
+
+
+def test_a_multi_line_reason_is_made_one_line():
+    reason = describe_failure(SyntaxError("broken PNG file\n  chunk IDAT:\tbad CRC\n"))
+    assert reason == "broken PNG file chunk IDAT: bad CRC"
+
+
 def test_more_than_ten_bad_files_list_ten_and_count_all(tmp_path):
     files = _write_good(tmp_path / "train", {"cat": 10, "dog": 10})
     for path in files[:13]:
@@ -157,6 +220,41 @@ def test_skip_bad_images_loads_the_good_ones_and_counts_the_bad(tmp_path):
     assert {path for path, _ in splits.test.base.samples} == {str(p) for p in test if p not in bad}
     for i in range(len(splits.test)):  # every item left decodes
         assert splits.test[i][0].shape == (3, 16, 16)
+
+
+@pytest.mark.parametrize(
+    "splits_present", [("train",), ("train", "val"), ("train", "test"), ("train", "val", "test")]
+)
+def test_skip_bad_images_works_for_every_layout(tmp_path, splits_present):
+    """What ``dg2pf evaluate --skip-bad-images`` relies on: a bad image in any split, train
+    included, is left out whichever folders the dataset has, and every item left decodes."""
+    counts = {
+        "train": {"cat": 5, "dog": 5}, "val": {"cat": 2, "dog": 3}, "test": {"cat": 3, "dog": 2}
+    }  # fmt: skip
+    written = {name: _write_good(tmp_path / name, counts[name], seed=i)
+               for i, name in enumerate(splits_present)}  # fmt: skip
+    bad = [files[-1] for files in written.values()]  # one in each split present
+    for path in bad:
+        _truncate(path)
+
+    with pytest.raises(DatasetError, match="cannot be read"):
+        _load(tmp_path)
+    splits = _load(tmp_path, skip_bad_images=True)
+
+    assert sorted(splits.skipped_images) == sorted(str(p.relative_to(tmp_path)) for p in bad)
+    assert f"{len(bad)} unreadable image(s) skipped" in splits.description
+    # one bad image left out of each folder, whichever role the folder plays
+    sizes = {
+        ("train",): (9, None),
+        ("train", "val"): (9, 4),  # val/ becomes the test split
+        ("train", "test"): (9, 4),
+        ("train", "val", "test"): (13, 4),  # train + val, as val/ is the validation split
+    }[splits_present]
+    assert len(splits.train) + len(splits.val) == sizes[0]
+    assert (None if splits.test is None else len(splits.test)) == sizes[1]
+    for split in (splits.train, splits.val, splits.test):
+        for i in range(len(split) if split is not None else 0):
+            assert split[i][0].shape == (3, 16, 16)
 
 
 def test_skipping_every_image_of_a_class_is_refused(tmp_path):

@@ -232,3 +232,127 @@ def test_ctrl_c_keeps_the_state_and_resume_gives_the_uninterrupted_result(folder
     assert subprocess.run(_cli(*reference), capture_output=True, timeout=300).returncode == 0
     a, b = read_state_dict(tmp_path / "out" / "model.safetensors"), read_state_dict(tmp_path / "reference" / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("extra, needles", [
+    (["--image-size", "100000"], ["image_size must be in [8, 2048]"]),
+    (["--image-size", "0"], ["image_size must be in [8, 2048]"]),
+    (["--seed", str(10**24)], ["seed"]),
+    (["--include", "no_such_layer"], ["no_such_layer"]),
+    (["--workers", "0"], ["--workers must be >= 1"]),
+    (["--sparsity=nan"], ["sparsity"]),
+    (["--batch-size", "x"], ["invalid int value", "--help"]),
+])
+def test_out_of_range_values_are_refused_before_anything_is_built(folder, ckpt2, tmp_path, capsys, extra, needles):
+    out = tmp_path / "out"
+    argv = prune_args(ckpt2, f"imagefolder:{folder}", out, *extra)
+    if "--sparsity=nan" in extra:
+        argv.remove("--sparsity")
+        argv.remove("0.5")
+    if "--batch-size" in extra:
+        with pytest.raises(SystemExit) as info:
+            main(argv)
+        assert info.value.code == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and all(n in err for n in needles), err
+        return
+    refused(capsys, argv, *needles, out=out)
+
+
+def test_a_huge_class_count_is_refused_without_building_the_classifier(folder, ckpt2, tmp_path, capsys):
+    started = time.time()
+    refused(capsys, prune_args(ckpt2, f"imagefolder:{folder}", tmp_path / "out", classes=10**9), "num_classes", "100,000")
+    assert time.time() - started < 20
+
+
+def test_a_finite_checkpoint_that_gives_nan_in_eval_mode_is_refused_by_prune_and_evaluate(folder, tmp_path, capsys):
+    state = build_model("digits_cnn", 2).state_dict()
+    var = next(k for k in state if k.endswith("running_var"))
+    state[var] = -torch.ones_like(state[var])  # finite, but sqrt(-1) in eval-mode BatchNorm
+    bad = tmp_path / "negvar.safetensors"
+    save_state_dict(state, bad)
+    out = tmp_path / "out"
+    refused(capsys, prune_args(bad, f"imagefolder:{folder}", out), "non-finite logits in eval mode", out=out)
+    refused(capsys, ["evaluate", "--arch", "digits_cnn", "--num-classes", "2", "--checkpoint", str(bad),
+                     "--dataset", f"imagefolder:{folder}"], "non-finite logits in eval mode")
+
+
+def test_evaluate_refuses_an_input_size_the_model_cannot_take(folder, tmp_path, capsys):
+    ckpt = tmp_path / "vit.safetensors"
+    save_state_dict(build_model("torchvision/vit_b_32", 2).state_dict(), ckpt)
+    refused(capsys, ["evaluate", "--arch", "torchvision/vit_b_32", "--num-classes", "2", "--checkpoint", str(ckpt),
+                     "--dataset", f"imagefolder:{folder}", "--image-size", "32"], "cannot run on 32x32")
+
+
+def test_output_locations_the_results_cannot_be_renamed_into_are_refused_and_links_are_followed(folder, ckpt2, tmp_path,
+                                                                                                 capsys, monkeypatch):
+    refused(capsys, prune_args(ckpt2, f"imagefolder:{folder}", Path("/")), "root directory")
+    empty = tmp_path / "here"
+    empty.mkdir()
+    monkeypatch.chdir(empty)
+    refused(capsys, prune_args(ckpt2, f"imagefolder:{folder}", Path(".")), "current directory")
+    (tmp_path / "dangling").symlink_to(tmp_path / "missing")
+    refused(capsys, prune_args(ckpt2, f"imagefolder:{folder}", tmp_path / "dangling"), "symbolic link", "does not exist")
+    target = tmp_path / "target"
+    target.mkdir()
+    (tmp_path / "link").symlink_to(target)
+    assert main(prune_args(ckpt2, f"imagefolder:{folder}", tmp_path / "link")) == 0, capsys.readouterr().err
+    assert (target / "model.safetensors").is_file() and (tmp_path / "link").is_symlink()
+
+
+def test_a_second_run_for_the_same_output_is_refused_while_the_first_trains(folder, ckpt2, tmp_path, capsys):
+    import fcntl
+
+    out = tmp_path / "out"
+    state_dir = state_dir_for(out)
+    state_dir.mkdir()
+    with open(state_dir / ".lock", "a+") as held:  # the first run's hold
+        fcntl.flock(held, fcntl.LOCK_EX)
+        refused(capsys, prune_args(ckpt2, f"imagefolder:{folder}", out), "another dg2pf run is training")
+    assert not out.exists() and not (state_dir / "train_state.pt").exists()
+
+
+class _StopAt:
+    """A progress listener that raises ``error`` at the end of epoch ``epoch`` (what the loop itself
+    raises when the loss diverges, or a Ctrl-C arriving then)."""
+
+    def __init__(self, epoch: int, error: BaseException) -> None:
+        self.epoch, self.error = epoch, error
+
+    def start_epoch(self, *args) -> None:
+        pass
+
+    def batch(self, loss: float) -> None:
+        pass
+
+    def end_epoch(self, record) -> None:
+        if record.epoch >= self.epoch:
+            raise self.error
+
+
+def test_a_diverged_run_leaves_no_state_to_resume_so_starting_again_is_not_blocked(folder, ckpt2, tmp_path, capsys):
+    from dg2pf_core.config import DG2PFConfig
+    from dg2pf_core.errors import TrainingDiverged
+    from dg2pf_core.job import PruneJob, prune_to_dir
+
+    out = tmp_path / "out"
+    job = PruneJob("digits_cnn", 2, str(ckpt2), f"imagefolder:{folder}", DG2PFConfig(sparsity=0.5, pruning_epochs=3))
+    with pytest.raises(TrainingDiverged):
+        prune_to_dir(job, out, progress=_StopAt(1, TrainingDiverged("training loss became nan")), state_dir=state_dir_for(out))
+    assert not state_dir_for(out).exists() and not out.exists()  # resuming would diverge again
+    assert main(prune_args(ckpt2, f"imagefolder:{folder}", out)) == 0
+
+
+def test_resume_from_a_damaged_state_says_so_in_one_line(folder, ckpt2, tmp_path, capsys):
+    out = tmp_path / "out"
+    state_dir = state_dir_for(out)
+    from dg2pf_core.config import DG2PFConfig
+    from dg2pf_core.job import PruneJob, prune_to_dir
+
+    job = PruneJob("digits_cnn", 2, str(ckpt2), f"imagefolder:{folder}", DG2PFConfig(sparsity=0.5, pruning_epochs=3))
+    with pytest.raises(KeyboardInterrupt):
+        prune_to_dir(job, out, progress=_StopAt(1, KeyboardInterrupt()), state_dir=state_dir)
+    state = state_dir / "train_state.pt"
+    state.write_bytes(state.read_bytes()[:100])
+    err = refused(capsys, ["prune", "--resume", str(state_dir), "--quiet"], "truncated or corrupt", "start it again")
+    assert "--resume" not in err

@@ -68,6 +68,10 @@ def _cmd_example(args: argparse.Namespace) -> int:
     return 0
 
 
+def _interrupt(*_) -> None:
+    raise KeyboardInterrupt
+
+
 _JOB_OPTIONS = ("arch", "num_classes", "checkpoint", "dataset", "sparsity", "out")
 
 
@@ -89,7 +93,7 @@ def _cmd_prune(args: argparse.Namespace) -> int:
     _set_threads(args)
     if args.resume:
         options = (*_JOB_OPTIONS, "workers", "teacher", "image_size", *(f.name for f in dataclasses.fields(_Config)))
-        given = [f"--{n.replace('_', '-')}" for n in options if getattr(args, n, None) is not None]
+        given = list(dict.fromkeys(f"--{n.replace('_', '-')}" for n in options if getattr(args, n, None) is not None))
         if given:
             raise DG2PFError(f"--resume continues a run with its own options; leave out {', '.join(given)}", field="resume")
         state_dir = Path(args.resume)
@@ -108,21 +112,27 @@ def _cmd_prune(args: argparse.Namespace) -> int:
             note = f"; skipped {skipped} unreadable image(s)" if skipped else ""
             print(f"data: {prepared.splits.description}{note}; device: {prepared.device}", file=sys.stderr)
 
+    if args.workers is not None and args.workers < 1:
+        raise DG2PFError(f"--workers must be >= 1, got {args.workers}", field="workers")
     if args.workers is None:
+        import signal
+
+        # SIGTERM (a service manager, `kill`) ends the run like Ctrl-C: the state is kept and named.
+        signal.signal(signal.SIGTERM, _interrupt)
         try:
             m = prune_to_dir(job, args.out, progress=EpochBars(enabled=not args.quiet), on_prepared=announce,
                              state_dir=state_dir, resume=bool(args.resume))
-        except KeyboardInterrupt:
-            if (state_dir / STATE_FILE).exists():
-                print(f"dg2pf: interrupted; nothing was written to {args.out}. The run's state is kept in {state_dir}: "
-                      f"continue with `dg2pf prune --resume {state_dir}`", file=sys.stderr)
+        except BaseException as exc:
+            kept = getattr(exc, "state_kept", None)
+            interrupted = isinstance(exc, KeyboardInterrupt)
+            if kept is not None and not isinstance(exc, DG2PFError):
+                what = "interrupted" if interrupted else f"stopped by {type(exc).__name__}: {exc}"
+                print(f"dg2pf: {what}; nothing was written to {args.out}. The run's state (the last epoch) is kept in "
+                      f"{kept}: continue with `dg2pf prune --resume {kept}`", file=sys.stderr)
+                return 130 if interrupted else 1
+            if interrupted:
+                print(f"dg2pf: interrupted before training; nothing was written to {args.out}", file=sys.stderr)
                 return 130
-            raise
-        except Exception as exc:
-            if not isinstance(exc, DG2PFError) or exc.field != "out":
-                if (state_dir / STATE_FILE).exists():
-                    print(f"dg2pf: the run's state is kept in {state_dir}: continue with "
-                          f"`dg2pf prune --resume {state_dir}`", file=sys.stderr)
             raise
     else:
         from dg2pf_ray.train import RayOptions, prune_on_ray
@@ -436,7 +446,8 @@ def _fmt_pair(before: float | None, after: float | None) -> str:
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from dg2pf_core.evaluation import evaluate_checkpoint
 
-    r = evaluate_checkpoint(args.arch, args.num_classes, args.checkpoint, args.dataset, image_size=args.image_size, split=args.split)
+    r = evaluate_checkpoint(args.arch, args.num_classes, args.checkpoint, args.dataset, image_size=args.image_size, split=args.split,
+                            skip_bad_images=args.skip_bad_images)
     if args.json:
         print(json.dumps(r, indent=2))
     else:
@@ -453,9 +464,16 @@ def _cmd_archs(args: argparse.Namespace) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors in one line, like every other bad input (the full usage is one --help away)."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="dg2pf", description="Distilled Gradual Pruning with Pruned Fine-tuning")
-    sub = p.add_subparsers(dest="command", required=True)
+    p = _Parser(prog="dg2pf", description="Distilled Gradual Pruning with Pruned Fine-tuning")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     ex = sub.add_parser("example", help="train an example model to prune (writes OUT/model.safetensors)")
     ex.add_argument("name", help="example name: digits")
@@ -521,6 +539,7 @@ def _add_tune_evaluate_archs(sub) -> None:
     ev.add_argument("--dataset", required=True)
     ev.add_argument("--image-size", type=int)
     ev.add_argument("--split", choices=["test", "val"], default="test")
+    ev.add_argument("--skip-bad-images", action="store_true", help="leave out images that cannot be decoded")
     ev.add_argument("--json", action="store_true")
     ev.set_defaults(func=_cmd_evaluate)
 

@@ -23,8 +23,10 @@ import hashlib
 import json
 import os
 import tempfile
+import threading
 import warnings
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -41,6 +43,44 @@ _VERSION = 1
 _CHUNK = 1024
 
 
+_BOMB_WARNING_FILTER = ("ignore", None, PIL.Image.DecompressionBombWarning, None, 0)
+_quiet_lock = threading.Lock()
+_quiet_users = 0
+_quiet_owns_filter = False  # False when the caller had already ignored the warning: theirs stays
+
+
+@contextmanager
+def large_images_expected() -> Iterator[None]:
+    """No ``DecompressionBombWarning`` inside: a dataset's large images are decoded on purpose.
+
+    PIL warns for every image over ``MAX_IMAGE_PIXELS`` (89 MP) and refuses those over twice it
+    (``DecompressionBombError``, still raised and reported as unreadable). A dataset of large
+    scans would otherwise print a warning per image, in the check and again in every loader
+    worker. ``warnings.catch_warnings`` cannot do this: it swaps the process-wide filter list, so
+    the check's threads, entering and leaving at different times, would restore each other's
+    lists; one filter shared by all callers, counted, is taken out when the last one leaves.
+    """
+    global _quiet_users, _quiet_owns_filter
+    with _quiet_lock:
+        _quiet_users += 1
+        if _quiet_users == 1:
+            _quiet_owns_filter = _BOMB_WARNING_FILTER not in warnings.filters
+            if _quiet_owns_filter:
+                # Not filterwarnings(): it also resets every module's record of warnings already
+                # shown, so a warning meant to show once would show again after each image.
+                warnings.filters.insert(0, _BOMB_WARNING_FILTER)  # type: ignore[arg-type]
+    try:
+        yield
+    finally:
+        with _quiet_lock:
+            _quiet_users -= 1
+            if _quiet_users == 0 and _quiet_owns_filter:
+                try:
+                    warnings.filters.remove(_BOMB_WARNING_FILTER)  # type: ignore[arg-type]
+                except ValueError:  # the filters were reset meanwhile (catch_warnings exited)
+                    pass
+
+
 def open_image(path: str) -> PIL.Image.Image:
     """The image at ``path`` fully decoded, in the mode it was stored in.
 
@@ -48,7 +88,7 @@ def open_image(path: str) -> PIL.Image.Image:
     passed the check also loads. The mode is kept (unlike torchvision's loader, which converts to
     RGB and so clips 16-bit images): ``transforms.ConvertMode`` adapts it to the model.
     """
-    with open(path, "rb") as f:
+    with large_images_expected(), open(path, "rb") as f:
         image = PIL.Image.open(f)
         image.load()  # decodes every pixel now, while ``f`` is open: truncation fails here
     return image
@@ -62,7 +102,14 @@ def load_image(path: str) -> PIL.Image.Image:
     try:
         return open_image(path)
     except (OSError, SyntaxError, ValueError, EOFError, PIL.Image.DecompressionBombError) as exc:
-        raise DatasetError(f"image {path} cannot be read: {describe_failure(exc)}") from exc
+        reason = describe_failure(exc)
+        raise DatasetError(f"image {shown_path(path)} cannot be read: {reason}") from exc
+
+
+def shown_path(path: str) -> str:
+    """``path`` for a one-line message: as it is, or quoted with escapes when it holds a newline
+    or another control character (legal in file names, and it would break the line)."""
+    return path if path.isprintable() else repr(path)
 
 
 def describe_failure(exc: BaseException) -> str:
@@ -75,8 +122,9 @@ def describe_failure(exc: BaseException) -> str:
     if isinstance(exc, OSError) and exc.strerror:
         return f"cannot read the file: {exc.strerror}"
     # PIL says what is wrong in the message ("image file is truncated", "broken PNG file"); its
-    # exception types (OSError, SyntaxError, ...) would tell a user nothing more.
-    return str(exc).strip() or type(exc).__name__
+    # exception types (OSError, SyntaxError, ...) would tell a user nothing more. Whitespace is
+    # collapsed: the reason goes into a one-line error (CLI, job status).
+    return " ".join(str(exc).split()) or type(exc).__name__
 
 
 @dataclass(frozen=True)

@@ -11,8 +11,10 @@ Which folder plays which role:
                             papers report are on its val/, so it must stay unseen by early stopping)
     train/ only             validation held out from train/, no test split
 
-Names starting with "." are neither classes nor images, at any depth (macOS's ``._x.jpg`` and
-``.DS_Store``, ``.ipynb_checkpoints/``, ``.git/``). Every image is decoded once before training
+Names starting with "." and ``__MACOSX`` are neither classes nor images, at any depth (macOS's
+``._x.jpg``, ``.DS_Store`` and the ``__MACOSX/`` its zip files carry, ``.ipynb_checkpoints/``,
+``.git/``); other files that are not images by extension (Windows' ``Thumbs.db`` and
+``desktop.ini``, notes) are never looked at. Every image is decoded once before training
 (``imagecheck``): unreadable ones refuse the dataset, naming them, or with
 ``DataRequest.skip_bad_images`` are left out and listed in ``DataSplits.skipped_images``.
 """
@@ -26,7 +28,12 @@ from typing import Callable
 from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension, make_dataset
 
-from dg2pf_core.data.imagecheck import UnreadableImage, find_unreadable_images, load_image
+from dg2pf_core.data.imagecheck import (
+    UnreadableImage,
+    find_unreadable_images,
+    load_image,
+    shown_path,
+)
 from dg2pf_core.data.registry import DataRequest, DataSplits, register_dataset
 from dg2pf_core.data.splits import hold_out
 from dg2pf_core.data.transforms import TransformedView, imagenet_transforms
@@ -36,14 +43,23 @@ _LAYOUT = "expected PATH/train/<class>/<images>, optionally PATH/val/ and PATH/t
 _LISTED = 10  # unreadable files named in the error; the rest are counted
 
 
-def is_hidden(relative_path: str) -> bool:
-    """Whether a path inside a split folder is hidden: any part of it starts with a dot.
+# Folders that tools leave beside the data: macOS's Archive Utility puts the AppleDouble
+# (``._name``) files of a zip's entries under ``__MACOSX/``, mirroring the real folders.
+_TOOL_FOLDERS = frozenset({"__MACOSX"})
 
-    Covers macOS's ``._name.jpg`` AppleDouble files and ``.DS_Store``, ``.ipynb_checkpoints/``,
-    ``.git/`` and any other dot-folder, at any depth. Only the part inside the split folder
-    counts: the dataset may well live under a dot-folder itself (``~/.data/imagenet``).
+
+def is_hidden(relative_path: str) -> bool:
+    """Whether a path inside a split folder is hidden: any part of it starts with a dot or is
+    ``__MACOSX``.
+
+    Covers macOS's ``._name.jpg`` AppleDouble files, ``.DS_Store`` and ``__MACOSX/``,
+    ``.ipynb_checkpoints/``, ``.git/`` and any other dot-folder, at any depth. Only the part
+    inside the split folder counts: the dataset may well live under a dot-folder itself
+    (``~/.data/imagenet``).
     """
-    return any(part.startswith(".") for part in Path(relative_path).parts)
+    return any(
+        part.startswith(".") or part in _TOOL_FOLDERS for part in Path(relative_path).parts
+    )
 
 
 def find_visible_classes(directory: str) -> tuple[list[str], dict[str, int]]:
@@ -215,7 +231,9 @@ def _leave_out_unreadable(
 
 def _unreadable_message(root: str, bad: list[UnreadableImage]) -> str:
     # One line (the CLI's and the job status's error is one line): the first files, then the count.
-    listed = "; ".join(f"{image.relative_path} ({image.reason})" for image in bad[:_LISTED])
+    listed = "; ".join(
+        f"{shown_path(image.relative_path)} ({image.reason})" for image in bad[:_LISTED]
+    )
     more = f"; ... and {len(bad) - _LISTED} more ({len(bad)} in all)" if len(bad) > _LISTED else ""
     return (f"{len(bad)} image(s) in {root!r} cannot be read: {listed}{more}; "
             "remove or fix them, or pass --skip-bad-images (skip_bad_images: true in a job spec)")

@@ -20,6 +20,7 @@ import torch
 from torch.utils.data import Dataset
 from torchvision import transforms as T
 
+from dg2pf_core.data.imagecheck import large_images_expected
 from dg2pf_core.data.registry import DataRequest
 
 Transform = Callable[[PIL.Image.Image], torch.Tensor]
@@ -51,17 +52,24 @@ def channel_stats(
 class ConvertMode:
     """PIL image -> 8-bit ``"RGB"`` or ``"L"``, whatever mode it came in.
 
-    PIL's own ``convert`` is right for most modes and wrong for three kinds, handled here:
+    PIL's own ``convert`` is right for most modes and wrong for these, handled here:
 
-    * 16-bit integer ("I;16", "I;16B", "I;16L", "I;16N") and "I" (what 16-bit PNGs and TIFFs
-      open as): 0..65535 scaled to 0..255 (65535 -> 255, 32768 -> 128). PIL clips at 255 instead,
-      which turns all but the darkest pixels white. "I" is assumed to hold 16-bit data; negative
-      values become 0, larger ones 255.
-    * "F" (32-bit float): there is no standard range, so the smallest of the three common ones
-      that holds the image is taken: [0, 1] (normalised intensities, what numpy/OpenCV pipelines
-      write) when its maximum is at most 1, else [0, 255] (8-bit values as floats, what PIL's own
-      ``convert("F")`` gives) when at most 255, else [0, 65535] (16-bit counts). A fixed range,
-      not the image's own min/max, so brightness is not stretched per image. NaN -> 0.
+    * 16-bit integer ("I;16", "I;16B", "I;16L", "I;16N", what 16-bit PNGs and TIFFs open as):
+      0..65535 scaled to 0..255 (65535 -> 255, 32768 -> 128). PIL clips at 255 instead, which
+      turns all but the darkest pixels white.
+    * "I" (32-bit signed integer) says nothing about the range its values were meant in: 8-bit
+      pixels widened by ``convert("I")`` and saved as TIFF, 32-bit integer TIFFs and signed 16-bit
+      TIFFs all open as "I". So, as for "F", the smallest common range that holds the image's
+      maximum is taken: [0, 255] when it is at most 255, else [0, 65535], else [0, 2**32 - 1].
+      Negative values become 0. One exception: an "I" image read from a PNG is 16-bit (PNG holds
+      nothing wider; older Pillow releases open 16-bit gray PNGs as "I"), however dark it is.
+    * "F" (32-bit float): likewise the smallest of [0, 1] (normalised intensities, what
+      numpy/OpenCV pipelines write), [0, 255] (8-bit values as floats, what PIL's own
+      ``convert("F")`` gives) and [0, 65535] (16-bit counts) that holds the image's maximum;
+      larger values become 255. NaN -> 0.
+
+      Both take a fixed range chosen by the maximum, never the image's own min/max, so brightness
+      is not stretched per image: a dim 8-bit photo stays dim.
     * transparency (RGBA, LA, PA, RGBa, La, or a palette/colour marked transparent in
       ``info["transparency"]``): composited over white before the alpha is dropped. Dropping it
       alone exposes whatever colour the transparent pixels happen to store (often black), and
@@ -85,7 +93,9 @@ class ConvertMode:
         return f"ConvertMode({self.mode!r})"
 
 
-_SIXTEEN_BIT = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+_SIXTEEN_BIT = ("I;16", "I;16B", "I;16L", "I;16N")
+_INTEGER_RANGES = (255.0, 65535.0, 2.0**32 - 1)  # for "I": 8-bit, 16-bit, 32-bit counts
+_FLOAT_RANGES = (1.0, 255.0, 65535.0)  # for "F": normalised, 8-bit, 16-bit
 _ALPHA_COLOUR = ("RGBA", "RGBa", "PA")  # composited in RGB
 _ALPHA_GRAY = ("LA", "La")  # composited in L
 _WHITE = 255
@@ -94,13 +104,14 @@ _WHITE = 255
 def to_8bit(image: PIL.Image.Image) -> PIL.Image.Image:
     """Any PIL image as an 8-bit ``"L"`` or ``"RGB"`` image, by ``ConvertMode``'s rules."""
     mode = image.mode
-    if mode in _SIXTEEN_BIT:
+    if mode in _SIXTEEN_BIT or (mode == "I" and image.format == "PNG"):
         return _scaled(np.asarray(image), 65535.0)
-    if mode == "F":
+    if mode in ("I", "F"):
         values = np.asarray(image)
         finite = values[np.isfinite(values)]
         peak = float(finite.max()) if finite.size else 0.0
-        return _scaled(values, 1.0 if peak <= 1.0 else 255.0 if peak <= 255.0 else 65535.0)
+        ranges = _INTEGER_RANGES if mode == "I" else _FLOAT_RANGES
+        return _scaled(values, next((r for r in ranges if peak <= r), ranges[-1]))
     transparent = "transparency" in image.info
     if mode in _ALPHA_GRAY or (transparent and mode in ("1", "L")):
         return _over_white(image.convert("LA"))
@@ -173,5 +184,7 @@ class TransformedView(Dataset):
         return len(self.base)  # type: ignore[arg-type]
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        image, label = self.base[index]
-        return self.transform(image), int(label)
+        # Cropping a large image (RandomResizedCrop near full scale) warns like opening it does.
+        with large_images_expected():
+            image, label = self.base[index]
+            return self.transform(image), int(label)

@@ -21,6 +21,7 @@ import torchvision
 from dg2pf_core.errors import ConfigError, UnknownArchitectureError
 
 TORCHVISION_PREFIX = "torchvision/"
+MAX_CLASSES = 100_000  # ImageNet-21k has 21,841; beyond this a classifier alone is gigabytes
 
 Builder = Callable[[int], nn.Module]
 
@@ -129,4 +130,8 @@ def build_model(name: str, num_classes: int) -> nn.Module:
             f"got {num_classes!r}",
             field="num_classes",
         )
+    if num_classes > MAX_CLASSES:
+        # Checked before building: the classifier alone would take num_classes x features x 4 bytes.
+        raise ConfigError(f"num_classes {num_classes} is beyond the {MAX_CLASSES:,} classes dg2pf builds a classifier for",
+                          field="num_classes")
     return spec.builder(num_classes)
