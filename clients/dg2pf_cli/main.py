@@ -229,9 +229,6 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _cmd_cluster(args: argparse.Namespace) -> int:
-    import os
-
-    os.environ.setdefault("RAY_AUTH_MODE", "token")
     from dg2pf_service.lifecycle import cluster_report, stop_cluster
     from dg2pf_service.settings import Settings
 
