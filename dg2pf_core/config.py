@@ -18,15 +18,39 @@ FINETUNE_MODES = ("sgd", "overparam")
 GRADUAL_MASKS = ("simulated", "hard")
 
 
-# Upper bounds well beyond any real run: values past them are typos or attacks (a seed torch cannot
-# take, a batch of a billion images, a million epochs), refused before anything is built.
-_INT_RANGES = {
-    "pruning_epochs": (1, 10_000), "max_epochs": (1, 100_000), "patience": (1, 100_000),
-    "batch_size": (1, 65_536), "eval_batch_size": (1, 65_536), "seed": (0, 2**32 - 1),
-    "bn_recalibration_batches": (0, 100_000), "overparam_expansion": (1, 64), "loader_workers": (0, 256),
+@dataclass(frozen=True)
+class Bounds:
+    """The valid range of a numeric option; one table serves ``validate`` and the service's JobSpec
+    (where it becomes the OpenAPI's minimum/maximum)."""
+
+    low: float
+    high: float
+    low_open: bool = False  # low itself is excluded
+    high_open: bool = False
+
+    def contains(self, value: float) -> bool:
+        above = value > self.low if self.low_open else value >= self.low
+        below = value < self.high if self.high_open else value <= self.high
+        return above and below
+
+    def text(self) -> str:
+        return f"{'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
+
+
+# Upper bounds lie well beyond any real run: values past them are typos or attacks (a seed torch
+# cannot take, a batch of a billion images, a million epochs), refused before anything is built.
+BOUNDS: dict[str, Bounds] = {
+    "pruning_epochs": Bounds(1, 10_000), "max_epochs": Bounds(1, 100_000), "patience": Bounds(1, 100_000),
+    "batch_size": Bounds(1, 65_536), "eval_batch_size": Bounds(1, 65_536), "seed": Bounds(0, 2**32 - 1),
+    "bn_recalibration_batches": Bounds(0, 100_000), "overparam_expansion": Bounds(1, 64), "loader_workers": Bounds(0, 256),
+    "max_layer_sparsity": Bounds(0, 1, low_open=True), "warn_layer_sparsity": Bounds(0, 1, low_open=True),
+    "layer_density_floor": Bounds(0, 1, high_open=True),
+    "lr": Bounds(0, 100, low_open=True), "finetune_lr": Bounds(0, 100, low_open=True),
+    "kd_temperature": Bounds(0.01, 1000), "kd_alpha": Bounds(0, 1),
+    "weight_decay": Bounds(0, 100), "finetune_weight_decay": Bounds(0, 100), "grad_clip": Bounds(0, 1e6),
+    "finetune_momentum": Bounds(0, 1, high_open=True), "sp_weight": Bounds(0, 1e9),
 }
-_FLOAT_MAXIMA = {"lr": 100.0, "finetune_lr": 100.0, "weight_decay": 100.0, "finetune_weight_decay": 100.0,
-                 "kd_temperature": 1000.0, "grad_clip": 1e6, "sp_weight": 1e9}
+MAX_PATTERNS, MAX_PATTERN_LENGTH = 256, 1000  # include / exclude / sp_blocks
 
 
 @dataclass
@@ -90,19 +114,19 @@ class DG2PFConfig:
                 raise bad(f.name, f"must be a finite number, got {value}")
         for name in ("include", "exclude", "sp_blocks"):
             patterns = getattr(self, name)
-            if not isinstance(patterns, list) or len(patterns) > 256 or any(not isinstance(p, str) or len(p) > 1000 for p in patterns):
-                raise bad(name, "must be a list of at most 256 regular expressions of at most 1000 characters")
-        for name, (lo, hi) in _INT_RANGES.items():
+            if (not isinstance(patterns, list) or len(patterns) > MAX_PATTERNS
+                    or any(not isinstance(p, str) or len(p) > MAX_PATTERN_LENGTH for p in patterns)):
+                raise bad(name, f"must be a list of at most {MAX_PATTERNS} regular expressions of at most "
+                                f"{MAX_PATTERN_LENGTH} characters")
+        for name, bounds in BOUNDS.items():
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
-                raise bad(name, f"must be an integer in [{lo}, {hi:,}], got {value!r}")
-        for name, hi in _FLOAT_MAXIMA.items():
-            if isinstance(getattr(self, name), (int, float)) and getattr(self, name) > hi:
-                raise bad(name, f"must be at most {hi:g}, got {getattr(self, name)}")
+            integral = type(getattr(type(self), name)) is int  # the field's default says what it holds
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or (integral and not isinstance(value, int)):
+                raise bad(name, f"must be {'an integer' if integral else 'a number'}, got {value!r}")
+            if not bounds.contains(value):
+                raise bad(name, f"must be in {bounds.text()}, got {value}")
         if not isinstance(self.sparsity, (int, float)) or not 0.0 < self.sparsity < 1.0:
             raise bad("sparsity", f"must be strictly between 0 and 1 (e.g. 0.9 for 90%), got {self.sparsity}")
-        if self.pruning_epochs < 1:
-            raise bad("pruning_epochs", f"must be >= 1, got {self.pruning_epochs}")
         if self.schedule not in schedule_names():
             raise bad("schedule", f"must be one of {schedule_names()}, got {self.schedule!r}")
         if self.recovery not in RECOVERY_MODES:
@@ -111,44 +135,16 @@ class DG2PFConfig:
             raise bad("scope", f"must be 'global' or 'layerwise', got {self.scope!r}")
         if self.gradual_masks not in GRADUAL_MASKS:
             raise bad("gradual_masks", f"must be one of {list(GRADUAL_MASKS)}, got {self.gradual_masks!r}")
-        for name in ("max_layer_sparsity", "warn_layer_sparsity"):
-            if not 0.0 < getattr(self, name) <= 1.0:
-                raise bad(name, f"must be in (0, 1], got {getattr(self, name)}")
         if self.scope == "global" and self.sparsity > self.max_layer_sparsity:
             raise bad(
                 "max_layer_sparsity",
                 f"{self.max_layer_sparsity} is below the target sparsity {self.sparsity}: no layer may be pruned "
                 "beyond it, so the target cannot be met; raise it (1.0 turns the cap off)",
             )
-        if not 0.0 <= self.layer_density_floor < 1.0:
-            raise bad("layer_density_floor", f"must be in [0, 1), got {self.layer_density_floor}")
-        if self.bn_recalibration_batches < 0:
-            raise bad("bn_recalibration_batches", f"must be >= 0, got {self.bn_recalibration_batches}")
-        for name in ("lr", "finetune_lr", "kd_temperature"):
-            if not getattr(self, name) > 0:
-                raise bad(name, f"must be > 0, got {getattr(self, name)}")
-        for name in ("weight_decay", "finetune_weight_decay", "grad_clip"):
-            if getattr(self, name) < 0:
-                raise bad(name, f"must be >= 0, got {getattr(self, name)}")
-        if not 0.0 <= self.kd_alpha <= 1.0:
-            raise bad("kd_alpha", f"must be in [0, 1], got {self.kd_alpha}")
-        if not 0.0 <= self.finetune_momentum < 1.0:
-            raise bad("finetune_momentum", f"must be in [0, 1), got {self.finetune_momentum}")
-        if self.patience < 1:
-            raise bad("patience", f"must be >= 1, got {self.patience}")
         if self.max_epochs < self.pruning_epochs:
             raise bad("max_epochs", f"must be >= pruning_epochs ({self.pruning_epochs}), got {self.max_epochs}")
-        for name in ("batch_size", "eval_batch_size"):
-            if getattr(self, name) < 1:
-                raise bad(name, f"must be >= 1, got {getattr(self, name)}")
-        if self.loader_workers < 0:
-            raise bad("loader_workers", f"must be >= 0, got {self.loader_workers}")
         if self.finetune not in FINETUNE_MODES:
             raise bad("finetune", f"must be one of {list(FINETUNE_MODES)}, got {self.finetune!r}")
-        if self.overparam_expansion < 1:
-            raise bad("overparam_expansion", f"must be >= 1, got {self.overparam_expansion}")
-        if self.sp_weight < 0:
-            raise bad("sp_weight", f"must be >= 0, got {self.sp_weight}")
         for pattern in self.sp_blocks:
             try:
                 re.compile(pattern)

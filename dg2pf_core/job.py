@@ -10,11 +10,13 @@ to write its results is continued with ``resume=True`` (``dg2pf prune --resume D
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
 import shutil
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +36,7 @@ from .loop import DG2PFResult, Progress, Reporter, run_dg2pf
 from .masks import layer_sparsity, layer_warnings, select_prunable
 from .metrics import size_report
 from .models import ArchSpec, build_model, get_arch
+from .models.registry import parameter_count
 from .preflight import check_device, check_fp16_range, check_output, dry_run
 from .state import STATE_FILE, TrainingState
 
@@ -67,6 +70,7 @@ class PruneJob:
     val_fraction: float = 0.1
     compact_values: str = "fp32"  # value dtype of model.compact.safetensors: "fp32" (exact) or "fp16"
     skip_bad_images: bool = False  # leave out unreadable images (counted in metrics.json) instead of failing
+    allowed_roots: list[str] = field(default_factory=list)  # the data must stay inside these folders (a service's)
 
     def __post_init__(self) -> None:
         check_values(self.compact_values)
@@ -124,16 +128,25 @@ class PreparedJob:
         )
 
 
-def load_checkpoint_model(arch: str, num_classes: int, checkpoint: str | Path,
-                          what: str = "checkpoint") -> tuple[ArchSpec, nn.Module, dict[str, torch.dtype]]:
+def load_checkpoint_model(arch: str, num_classes: int, checkpoint: str | Path, what: str = "checkpoint", *,
+                          meta: bool = False, fp16_values: bool = False) -> tuple[ArchSpec, nn.Module, dict[str, torch.dtype]]:
     """``arch`` built with ``num_classes`` and the checkpoint's weights (read by content, finite,
-    fitting), and the dtype each tensor had in the checkpoint. Raises ``DG2PFError``."""
+    fitting), and the dtype each tensor had in the checkpoint. Raises ``DG2PFError``.
+
+    ``meta``: build the model on the meta device and only check the fit (names, shapes, dtype kinds):
+    no memory for the weights (what a service checks at submit). ``fp16_values``: every value must
+    fit float16 (``compact_values=fp16``)."""
     spec = get_arch(arch)
     state = read_state_dict(checkpoint)
-    model = build_model(arch, num_classes)
     if spec.ignored_keys:
         state = {k: v for k, v in state.items() if not k.startswith(spec.ignored_keys)}
-    load_into(model, state, what=f"{what} {checkpoint}", arch=f"{arch} with num_classes={num_classes}")
+    if fp16_values:
+        check_fp16_range(state, f"the {what}'s")
+    with torch.device("meta") if meta else contextlib.nullcontext(), warnings.catch_warnings():
+        # Copying into meta tensors is the no-op wanted here; torch warns about every tensor.
+        warnings.filterwarnings("ignore", message=".*copying from a non-meta parameter")
+        model = build_model(arch, num_classes)
+        load_into(model, state, what=f"{what} {checkpoint}", arch=f"{arch} with num_classes={num_classes}")
     return spec, model, {k: v.dtype for k, v in state.items() if v.is_floating_point()}
 
 
@@ -143,12 +156,13 @@ def load_model(arch: str, num_classes: int, checkpoint: str | Path) -> tuple[Arc
 
 
 def load_data(dataset: str, arch: ArchSpec, num_classes: int, image_size: int | None, val_fraction: float, seed: int,
-              skip_bad_images: bool = False) -> tuple[DataSplits, int]:
+              skip_bad_images: bool = False, allowed_roots: tuple[str, ...] = ()) -> tuple[DataSplits, int]:
     size = arch.input_size if image_size is None else image_size
     if not MIN_IMAGE_SIZE <= size <= MAX_IMAGE_SIZE:
         raise ConfigError(f"image_size must be in [{MIN_IMAGE_SIZE}, {MAX_IMAGE_SIZE}] pixels, got {size}", field="image_size")
     splits = load_dataset(dataset, DataRequest(image_size=size, in_channels=arch.in_channels, val_fraction=val_fraction,
-                                               seed=seed, skip_bad_images=skip_bad_images))
+                                               seed=seed, skip_bad_images=skip_bad_images,
+                                               allowed_roots=tuple(allowed_roots)))
     if splits.num_classes != num_classes:
         raise DatasetError(
             f"dataset {dataset!r} has {splits.num_classes} classes but the model was given num_classes={num_classes}; "
@@ -158,20 +172,26 @@ def load_data(dataset: str, arch: ArchSpec, num_classes: int, image_size: int | 
     return splits, size
 
 
-def check_static(job: PruneJob) -> tuple[ArchSpec, nn.Module, dict[str, torch.dtype], nn.Module | None]:
-    """The checks that need neither the data nor the training machine: options, the checkpoint(s)
-    (by content, finite, fitting ``arch``) and fp16 compact values. What a service can check when a
-    job is submitted; ``prepare`` runs them too."""
+def check_static(job: PruneJob, *, meta: bool = False, max_params: int | None = None,
+                 ) -> tuple[ArchSpec, nn.Module, dict[str, torch.dtype], nn.Module | None]:
+    """The checks that need neither the data nor the training machine: options, the architecture's
+    size (``max_params``, counted before anything is built), the checkpoint(s) (by content, finite,
+    fitting ``arch``) and fp16 compact values. What a service checks when a job is submitted (with
+    ``meta``: the models are built on the meta device, no memory for weights); ``prepare`` runs them too."""
     job.config.validate()
     check_values(job.compact_values)
-    arch, model, dtypes = load_checkpoint_model(job.arch, job.num_classes, job.checkpoint)
+    if max_params is not None:
+        count = parameter_count(job.arch, job.num_classes)
+        if count > max_params:
+            raise ConfigError(f"{job.arch} with {job.num_classes} classes has {count:,} parameters, over this service's "
+                              f"limit of {max_params:,} (DG2PF_MAX_MODEL_PARAMS)", field="arch")
+    arch, model, dtypes = load_checkpoint_model(job.arch, job.num_classes, job.checkpoint, meta=meta,
+                                                fp16_values=job.compact_values == "fp16")
     select_prunable(model, job.config.selection())  # --include/--exclude select something
-    if job.compact_values == "fp16":
-        check_fp16_range(model.state_dict(), "the checkpoint's")
     teacher = None
     if job.teacher is not None:
         try:
-            _, teacher, _ = load_checkpoint_model(job.arch, job.num_classes, job.teacher, what="teacher checkpoint")
+            _, teacher, _ = load_checkpoint_model(job.arch, job.num_classes, job.teacher, what="teacher checkpoint", meta=meta)
         except DG2PFError as exc:
             raise type(exc)(exc.message if "teacher" in exc.message else f"--teacher: {exc.message}", field="teacher") from exc
     return arch, model, dtypes, teacher
@@ -187,7 +207,7 @@ def prepare(job: PruneJob, *, out: str | Path | None = None, world_size: int = 1
         check_output(out)
     arch, model, dtypes, teacher = check_static(job)
     splits, size = load_data(job.dataset, arch, job.num_classes, job.image_size, job.val_fraction, job.config.seed,
-                             job.skip_bad_images)
+                             job.skip_bad_images, tuple(job.allowed_roots))
     if dry:
         dry_run(model, teacher, splits.train, arch=job.arch, num_classes=job.num_classes, image_size=size,
                 batch_size=job.config.batch_size, world_size=world_size, device=device, amp=job.config.amp)

@@ -52,8 +52,10 @@ def test_three_trials_one_failing_best_by_validation(digits_example, tmp_path):
     connect(None)
     try:
         space = tmp_path / "space.yaml"
-        # lr=1e6 diverges (NaN loss): that trial must fail alone; pruning_epochs differ per trial.
-        space.write_text("lr: {grid: [0.001, 0.003, 1.0e+6]}\npruning_epochs: {choice: [1, 3]}\n")
+        # lr=100 (the largest valid) with weight_decay=10 diverges (AdamW's decoupled decay multiplies the
+        # weights by 1 - 1000 per step: NaN loss) in its first epoch: that trial must fail alone (the others
+        # only decay by 1-3% per step); pruning_epochs differ per trial.
+        space.write_text("lr: {grid: [0.001, 0.003, 100.0]}\nweight_decay: 10.0\npruning_epochs: {choice: [1, 3]}\n")
         job = PruneJob("digits_cnn", 10, str(digits_example / "model.safetensors"), "digits", BASE)
         out = tmp_path / "out"
         m = tune_job(job, out, TuneOptions(samples=1, search_space=str(space), storage_path=str(tmp_path / "store"), grace_period=1))
@@ -63,7 +65,7 @@ def test_three_trials_one_failing_best_by_validation(digits_example, tmp_path):
         rows = list(csv.DictReader(fh))
     assert len(rows) == 3
     by_lr = {float(r["config.lr"]): r for r in rows}
-    assert by_lr[1e6]["status"] == "failed" and "nan" in by_lr[1e6]["error"].lower()
+    assert by_lr[100.0]["status"] == "failed" and "nan" in by_lr[100.0]["error"].lower()
     ok = [r for r in rows if r["status"] == "completed"]
     assert ok, rows
     for r in rows:

@@ -29,10 +29,11 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, Sequence
 
 import PIL.Image
 
+from dg2pf_core.data.roots import confined_open
 from dg2pf_core.errors import DatasetError
 
 CACHE_DIR_ENV = "DG2PF_CACHE_DIR"
@@ -81,26 +82,27 @@ def large_images_expected() -> Iterator[None]:
                     pass
 
 
-def open_image(path: str) -> PIL.Image.Image:
+def open_image(path: str, roots: Sequence[str] = ()) -> PIL.Image.Image:
     """The image at ``path`` fully decoded, in the mode it was stored in.
 
     The one way images are read, by the check and by the training loader alike, so that whatever
     passed the check also loads. The mode is kept (unlike torchvision's loader, which converts to
-    RGB and so clips 16-bit images): ``transforms.ConvertMode`` adapts it to the model.
+    RGB and so clips 16-bit images): ``transforms.ConvertMode`` adapts it to the model. With
+    ``roots``, the file opened must lie inside them (``roots.confined_open``).
     """
-    with large_images_expected(), open(path, "rb") as f:
+    with large_images_expected(), confined_open(path, roots) as f:
         image = PIL.Image.open(f)
         image.load()  # decodes every pixel now, while ``f`` is open: truncation fails here
     return image
 
 
-def load_image(path: str) -> PIL.Image.Image:
+def load_image(path: str, roots: Sequence[str] = ()) -> PIL.Image.Image:
     """``open_image`` for a dataset's ``__getitem__``: a failure names the file.
 
     A file the check passed can still change under a running job; the error then says which.
     """
     try:
-        return open_image(path)
+        return open_image(path, roots)
     except (OSError, SyntaxError, ValueError, EOFError, PIL.Image.DecompressionBombError) as exc:
         reason = describe_failure(exc)
         raise DatasetError(f"image {shown_path(path)} cannot be read: {reason}") from exc

@@ -21,6 +21,7 @@ Names starting with "." and ``__MACOSX`` are neither classes nor images, at any 
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 from typing import Callable
@@ -82,8 +83,9 @@ class VisibleImageFolder(ImageFolder):
     ``ConvertMode`` could scale them, and would fail on a bad file without naming it.
     """
 
-    def __init__(self, root: str) -> None:
-        super().__init__(root, loader=load_image)
+    def __init__(self, root: str, roots: tuple[str, ...] = ()) -> None:
+        # functools.partial of a module function: pickles for DataLoader workers.
+        super().__init__(root, loader=functools.partial(load_image, roots=roots))
 
     def find_classes(self, directory: str | os.PathLike[str]) -> tuple[list[str], dict[str, int]]:
         return find_visible_classes(os.fspath(directory))
@@ -137,10 +139,10 @@ def _check_same_classes(folder: str, classes: list[str], train_classes: list[str
     raise DatasetError(f"{folder!r} {'; '.join(parts)}; every split needs the same class folders")
 
 
-def _images(folder: str) -> VisibleImageFolder:
+def _images(folder: str, roots: tuple[str, ...] = ()) -> VisibleImageFolder:
     """The ``(PIL image, label)`` items of one split folder; transforms come from the views."""
     try:
-        return VisibleImageFolder(folder)
+        return VisibleImageFolder(folder, roots)
     except FileNotFoundError as exc:  # torchvision's way of saying a class folder has no images
         raise DatasetError(
             f"{folder!r}: {exc} Every class folder needs at least one image "
@@ -166,8 +168,8 @@ def load_imagefolder(path: str | None, request: DataRequest) -> DataSplits:
     for folder in split_dirs.values():
         _check_same_classes(folder, _class_folders(folder), train_classes)
 
-    images = {"train": _images(train_dir)}
-    images.update({name: _images(d) for name, d in split_dirs.items()})
+    images = {"train": _images(train_dir, request.allowed_roots)}
+    images.update({name: _images(d, request.allowed_roots) for name, d in split_dirs.items()})
     skipped = _leave_out_unreadable(path, images, request.skip_bad_images)
 
     train_tf, eval_tf = imagenet_transforms(request)

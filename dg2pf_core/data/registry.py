@@ -15,6 +15,7 @@ import PIL.Image
 import torch
 from torch.utils.data import Dataset
 
+from dg2pf_core.data.roots import check_tree
 from dg2pf_core.errors import DatasetError
 
 
@@ -29,6 +30,8 @@ class DataRequest:
     # Folder datasets: leave out images that cannot be decoded (listed in
     # DataSplits.skipped_images) instead of refusing the dataset.
     skip_bad_images: bool = False
+    # Folders every file must stay inside (a service's DG2PF_DATA_ROOTS, see roots.py); () = anywhere.
+    allowed_roots: tuple[str, ...] = ()
 
 
 @dataclass
@@ -89,6 +92,11 @@ def register_dataset(
 
 def dataset_names() -> list[str]:
     return sorted(_REGISTRY)
+
+
+def needs_path(name: str) -> bool:
+    """Whether dataset ``name`` is given as ``name:PATH`` (DatasetError for an unknown name)."""
+    return _entry(name).needs_path
 
 
 def dataset_usages() -> list[tuple[str, str]]:
@@ -166,6 +174,7 @@ def load_dataset(spec: str, request: DataRequest) -> DataSplits:
         path = os.path.expanduser(path)
         if not os.path.exists(path):
             raise DatasetError(f"dataset path {path!r} does not exist (spec {spec!r})")
+        check_tree(path, request.allowed_roots)  # no link out of the allowed roots
 
     splits = entry.loader(path, request)
 

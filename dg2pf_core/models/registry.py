@@ -135,3 +135,13 @@ def build_model(name: str, num_classes: int) -> nn.Module:
         raise ConfigError(f"num_classes {num_classes} is beyond the {MAX_CLASSES:,} classes dg2pf builds a classifier for",
                           field="num_classes")
     return spec.builder(num_classes)
+
+
+def parameter_count(name: str, num_classes: int) -> int:
+    """Parameters of ``name`` with ``num_classes`` classes, counted on the meta device: nothing is
+    allocated, so a service can refuse a huge architecture before building it."""
+    import torch
+
+    with torch.device("meta"):
+        model = build_model(name, num_classes)
+    return sum(p.numel() for p in model.parameters())

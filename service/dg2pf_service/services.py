@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
@@ -20,6 +21,9 @@ from .spec import JobSpec
 from .store.db import make_engine, make_sessionmaker
 from .store.migrate import upgrade
 from .store.repo import JobStore
+from .uploads import clean_partial_uploads
+
+log = logging.getLogger("dg2pf.service")
 
 
 @dataclass
@@ -65,6 +69,8 @@ def cluster_for(settings: Settings) -> Cluster:
 def build(settings: Settings) -> Services:
     for d in (settings.data_dir, settings.checkpoints_dir, settings.jobs_dir):
         d.mkdir(parents=True, exist_ok=True)
+    for path in clean_partial_uploads(settings):
+        log.info("removed %s: an upload or pinned checkpoint a stopped process left unfinished", path)
     upgrade(settings.db_url)
     store = JobStore(make_sessionmaker(make_engine(settings.db_url)))
     cluster = cluster_for(settings)
@@ -76,7 +82,7 @@ def build(settings: Settings) -> Services:
         spec = JobSpec.model_validate(spec_doc["spec"])
         resolved = spec_doc["resolved"]
         return Order(
-            prune_job=spec.prune_job(resolved["checkpoint"], resolved.get("teacher")),
+            prune_job=spec.prune_job(resolved["checkpoint"], resolved.get("teacher"), [str(r) for r in settings.data_roots]),
             workers=spec.resources.num_workers, use_gpu=spec.resources.use_gpu,
             tune=spec.tune.model_dump() if spec.tune else None, storage_path=storage,
             placement=spec.resources.placement, worker_start_timeout_s=settings.worker_start_timeout_s,

@@ -49,6 +49,15 @@ class Settings(BaseSettings):
     # repr=False and exclude=True keep tokens out of logs, error reports and model_dump().
     api_tokens: Annotated[list[str], NoDecode] = Field(default_factory=list, repr=False, exclude=True)
     max_upload_bytes: int = Field(2 * GIB, gt=0)
+    max_uncompressed_bytes: int | None = Field(None, gt=0, description="largest in-memory size an uploaded checkpoint may "
+                                               "declare (zip directory, safetensors header), checked before it is read; "
+                                               "default 4 x max_upload_bytes")
+    upload_idle_timeout_s: float = Field(30.0, gt=0, description="an upload whose body sends nothing for this long is aborted (408)")
+    upload_timeout_s: float = Field(3600.0, gt=0, description="an upload not received in full within this long is aborted (408)")
+    upload_validations: int = Field(2, ge=1, description="uploaded checkpoints checked at once; each may hold up to "
+                                    "max_uncompressed_bytes (plus its finiteness check) in memory")
+    max_model_params: int = Field(1_000_000_000, ge=1, description="architectures with more parameters (counted before "
+                                  "anything is built) are refused at submit")
     poll_seconds: float = Field(1.0, gt=0)
     job_max_restarts: int = Field(2, ge=0, le=100, description="times a job whose Ray work was lost (head restarted, node "
                                   "lost, runner killed) is resubmitted to resume from its last epoch before it fails")

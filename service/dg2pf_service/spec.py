@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import dataclasses
 import typing
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, create_model
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, create_model
 
-from dg2pf_core.config import DG2PFConfig
-from dg2pf_core.job import PruneJob
+from dg2pf_core.config import BOUNDS, MAX_PATTERN_LENGTH, MAX_PATTERNS, DG2PFConfig
+from dg2pf_core.job import MIN_IMAGE_SIZE, PruneJob
+from dg2pf_core.models.registry import MAX_CLASSES
 
 
 class _Strict(BaseModel):
@@ -21,16 +22,27 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
+def _no_nul(value: str) -> str:
+    # A NUL byte cannot be part of a file name: refused here, not by the operating system later.
+    if "\x00" in value:
+        raise ValueError("must not contain a NUL character")
+    return value
+
+
+Text = Annotated[str, Field(max_length=4096), AfterValidator(_no_nul)]
+Name = Annotated[str, Field(min_length=1, max_length=200), AfterValidator(_no_nul)]
+
+
 class ModelSpec(_Strict):
-    arch: str = Field(description="architecture name, e.g. digits_cnn, cifar/resnet18, torchvision/resnet50")
-    num_classes: int = Field(ge=2)
-    checkpoint: str = Field(description="a checkpoint id from POST /checkpoints, or a path under an allowed root")
+    arch: Name = Field(description="architecture name, e.g. digits_cnn, cifar/resnet18, torchvision/resnet50")
+    num_classes: int = Field(ge=2, le=MAX_CLASSES)
+    checkpoint: Text = Field(description="a checkpoint id from POST /checkpoints, or a path under an allowed root")
 
 
 class DatasetSpec(_Strict):
-    spec: str = Field(description="digits | cifar10:PATH | imagefolder:PATH")
+    spec: Text = Field(description="digits | cifar10:PATH | imagefolder:PATH")
     val_fraction: float = Field(0.1, gt=0, le=0.5)
-    image_size: int | None = Field(None, ge=8, le=1024)
+    image_size: int | None = Field(None, ge=MIN_IMAGE_SIZE, le=1024)
     skip_bad_images: bool = Field(False, description="leave out images that cannot be decoded (counted in metrics.json) "
                                   "instead of failing the job")
 
@@ -46,7 +58,16 @@ def _schedule_model() -> type[BaseModel]:
         if f.name in _NOT_SCHEDULE:
             continue
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-        fields[f.name] = (hints[f.name], default)
+        hint: Any = hints[f.name]
+        bounds = BOUNDS.get(f.name)
+        if bounds is not None:  # the core's own ranges, so they appear in the OpenAPI
+            limits = {"gt" if bounds.low_open else "ge": bounds.low, "lt" if bounds.high_open else "le": bounds.high}
+            hint = Annotated[hint, Field(**limits)]
+        elif typing.get_origin(hint) is list:
+            hint = Annotated[list[Annotated[str, Field(max_length=MAX_PATTERN_LENGTH)]], Field(max_length=MAX_PATTERNS)]
+        elif hint is str:
+            hint = Annotated[str, Field(max_length=64)]
+        fields[f.name] = (hint, default)
     return create_model("ScheduleSpec", __config__=ConfigDict(extra="forbid", allow_inf_nan=False), **fields)
 
 
@@ -64,13 +85,14 @@ class ResourcesSpec(_Strict):
 
 class TuneSpec(_Strict):
     samples: int = Field(4, ge=1, le=256)
-    search_space: dict[str, Any] | None = Field(None, description="option -> distribution, as in `dg2pf tune --search-space`")
+    search_space: dict[str, Any] | None = Field(None, max_length=64,
+                                                description="option -> distribution, as in `dg2pf tune --search-space`")
 
 
 class JobSpec(_Strict):
     name: str | None = Field(None, max_length=128)
     model: ModelSpec
-    teacher: str | None = Field(None, description="checkpoint id or path of a separate teacher (same arch)")
+    teacher: Text | None = Field(None, description="checkpoint id or path of a separate teacher (same arch)")
     dataset: DatasetSpec
     sparsity: float = Field(gt=0, lt=1, description="fraction of prunable weights to remove")
     schedule: ScheduleSpec = Field(default_factory=ScheduleSpec)  # type: ignore[valid-type]
@@ -85,10 +107,12 @@ class JobSpec(_Strict):
         """The DG2PFConfig this spec asks for (raises ConfigError on inconsistent values)."""
         return DG2PFConfig(sparsity=self.sparsity, **self.schedule.model_dump())
 
-    def prune_job(self, checkpoint_path: str, teacher_path: str | None) -> PruneJob:
+    def prune_job(self, checkpoint_path: str, teacher_path: str | None, data_roots: list[str] | None = None) -> PruneJob:
+        """The engine's job; ``data_roots``: the folders its data must stay inside (the service's)."""
         return PruneJob(
             arch=self.model.arch, num_classes=self.model.num_classes, checkpoint=checkpoint_path,
             dataset=self.dataset.spec, config=self.config(), teacher=teacher_path,
             image_size=self.dataset.image_size, val_fraction=self.dataset.val_fraction,
             compact_values=self.compact_values, skip_bad_images=self.dataset.skip_bad_images,
+            allowed_roots=list(data_roots or []),
         )

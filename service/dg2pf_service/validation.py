@@ -5,13 +5,16 @@ Each check raises ``InvalidJob`` naming the spec field and the reason; the API t
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
+from dg2pf_core.data import parse_spec
+from dg2pf_core.data.registry import needs_path
+from dg2pf_core.data.roots import check_tree, under
 from dg2pf_core.errors import DG2PFError
 from dg2pf_core.job import check_static
-from dg2pf_core.data import parse_spec
-from dg2pf_core.data.registry import dataset_names
 
+from .pinning import pin_checkpoint
 from .settings import Settings
 from .spec import JobSpec
 from .store.repo import JobStore
@@ -23,41 +26,43 @@ class InvalidJob(DG2PFError):
         self.status = status
 
 
-def under_roots(path: Path, roots: list[Path]) -> bool:
-    resolved = path.resolve()
-    return any(resolved == r.resolve() or r.resolve() in resolved.parents for r in roots)
-
-
 def resolve_checkpoint(ref: str, field: str, settings: Settings, store: JobStore) -> str:
-    """A checkpoint id from POST /checkpoints, or a path under an allowed root."""
+    """A checkpoint id from POST /checkpoints, or a file under ``DG2PF_DATA_ROOTS``, pinned: the file is
+    copied into the checkpoint store (registered like an upload) and the job reads that copy, so
+    replacing or relinking the original later cannot change what the job reads."""
     row = store.get_checkpoint(ref)
     if row is not None:
         return row.path
     if "/" not in ref and "." not in ref:
         raise InvalidJob(field, f"unknown checkpoint id {ref!r}; upload it with POST /checkpoints first", status=404)
-    path = Path(ref)
-    roots = [settings.checkpoints_dir, *settings.data_roots]
-    if not path.is_absolute() or not under_roots(path, roots):
-        raise InvalidJob(field, f"checkpoint path {ref!r} is not under an allowed root ({', '.join(map(str, roots))})")
-    if not path.is_file():
-        raise InvalidJob(field, f"checkpoint file {ref!r} does not exist")
-    return str(path)
+    try:
+        return pin_checkpoint(Path(ref), settings, store)
+    except DG2PFError as exc:
+        raise InvalidJob(field, exc.message) from exc
 
 
 def check_dataset(spec: str, settings: Settings) -> None:
     try:
         name, path = parse_spec(spec)
+        wants_path = needs_path(name)
     except DG2PFError as exc:
         raise InvalidJob("dataset.spec", exc.message) from exc
-    if name not in dataset_names():
-        raise InvalidJob("dataset.spec", f"unknown dataset {name!r}; use one of digits, cifar10:PATH, imagefolder:PATH")
+    if wants_path and path is None:
+        raise InvalidJob("dataset.spec", f"dataset {name!r} needs a path under DG2PF_DATA_ROOTS: use {name}:PATH")
+    if not wants_path and path is not None:
+        raise InvalidJob("dataset.spec", f"dataset {name!r} takes no path: use {name!r}")
     if path is None:
         return
     p = Path(path)
-    if not p.is_absolute() or not under_roots(p, settings.data_roots):
-        raise InvalidJob("dataset.spec", f"dataset path {path!r} is outside DG2PF_DATA_ROOTS ({', '.join(map(str, settings.data_roots))})")
+    roots = [str(r) for r in settings.data_roots]
+    if not p.is_absolute() or not under(os.path.realpath(p), [os.path.realpath(r) for r in roots]):
+        raise InvalidJob("dataset.spec", f"dataset path {path!r} is outside DG2PF_DATA_ROOTS ({', '.join(roots) or 'none set'})")
     if not p.exists():
         raise InvalidJob("dataset.spec", f"dataset path {path!r} does not exist")
+    try:
+        check_tree(str(p), roots)  # every file under it: no link out of the roots, no hard link
+    except DG2PFError as exc:
+        raise InvalidJob("dataset.spec", exc.message) from exc
 
 
 def validate_job(spec: JobSpec, settings: Settings, store: JobStore, capacity: tuple[float, float]) -> tuple[str, str | None]:
@@ -75,7 +80,8 @@ def validate_job(spec: JobSpec, settings: Settings, store: JobStore, capacity: t
     # What the preflight can check here (the checkpoints by content, finite, fitting the architecture;
     # fp16 compact values); the data and the dry run are checked by the job's runner before training.
     try:
-        check_static(spec.prune_job(checkpoint, teacher))
+        check_static(spec.prune_job(checkpoint, teacher, [str(r) for r in settings.data_roots]), meta=True,
+                     max_params=settings.max_model_params)
     except DG2PFError as exc:
         teacher_file = teacher is not None and teacher in exc.message
         where = {"arch": "model.arch", "num_classes": "model.num_classes", "compact_values": "compact_values"}.get(

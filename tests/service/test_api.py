@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -31,7 +32,8 @@ def service(tmp_path_factory, pg_url):
     root = tmp_path_factory.mktemp("svc")
     (root / "data").mkdir()
     svc = ServiceProcess(root / "state", DG2PF_DATABASE_URL=pg_url, DG2PF_API_TOKENS=f"{TOKEN},another",
-                         DG2PF_DATA_ROOTS=str(root / "data"), DG2PF_MAX_UPLOAD_BYTES=str(2_000_000))
+                         DG2PF_DATA_ROOTS=str(root / "data"), DG2PF_MAX_UPLOAD_BYTES=str(2_000_000),
+                         DG2PF_MAX_MODEL_PARAMS=str(400_000_000))
     svc.start()
     yield svc
     svc.stop()
@@ -111,6 +113,14 @@ BAD = [
     (lambda c: {**spec(c), "schedule": {"finetune": "adam"}}, 422, "schedule.finetune"),
     (lambda c: {**spec(c), "schedule": {"max_layer_sparsity": 0.8}}, 422, "schedule.max_layer_sparsity"),
     (lambda c: {**spec(c), "schedule": {"amp": "fp16"}}, 422, "schedule.amp"),
+    (lambda c: {**spec(c), "dataset": {"spec": "cifar10"}}, 422, "dataset.spec"),
+    (lambda c: {**spec(c), "dataset": {"spec": "imagefolder:/data/x\u0000y"}}, 422, "dataset.spec"),
+    (lambda c: {**spec(c), "model": {"arch": "digits_cnn", "num_classes": 10, "checkpoint": "/a/b\u0000.pt"}}, 422, "model.checkpoint"),
+    (lambda c: {**spec(c), "teacher": "/x\u0000"}, 422, "teacher"),
+    (lambda c: {**spec(c), "model": {"arch": "digits_cnn", "num_classes": 2**40, "checkpoint": c}}, 422, "model.num_classes"),
+    (lambda c: {**spec(c), "schedule": {"batch_size": 10**9}}, 422, "schedule.batch_size"),
+    (lambda c: {**spec(c), "schedule": {"max_epochs": 10**12}}, 422, "schedule.max_epochs"),
+    (lambda c: {**spec(c), "schedule": {"seed": 2**63}}, 422, "schedule.seed"),
     (lambda c: {**spec(c), "compact_values": "fp8"}, 422, "compact_values"),
 ]
 
@@ -280,3 +290,59 @@ def test_a_checkpoint_with_nan_is_refused_at_upload(client, tmp_path):
     save_state_dict(state, path)
     with pytest.raises(InvalidRequest, match=name):
         client.upload_checkpoint(path)
+
+
+def test_huge_query_numbers_are_refused_not_500(service):
+    for query in ("offset=" + "9" * 30, "limit=" + "9" * 30, "offset=-1", "state=exploded"):
+        r = httpx.get(f"{service.url}/jobs?{query}", headers={"Authorization": f"Bearer {TOKEN}"})
+        assert r.status_code == 422 and "error" in r.json(), (query, r.text)
+
+
+def test_paths_cannot_escape_the_data_roots_and_checkpoints_are_pinned(service, client, ckpt, digits_example, tmp_path):
+    import os
+    import shutil
+
+    root = service.data_dir.parent / "data"
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    shutil.copy(digits_example / "model.safetensors", outside / "model.safetensors")
+    os.symlink(outside / "model.safetensors", root / "linked.safetensors")
+    os.link(outside / "model.safetensors", root / "hardlinked.safetensors")
+    (root / "ds-with-link" / "train").mkdir(parents=True)
+    os.symlink(outside, root / "ds-with-link" / "train" / "0")
+    headers = {"Authorization": f"Bearer {TOKEN}"}
+    cases = [
+        ({**spec(ckpt), "model": {"arch": "digits_cnn", "num_classes": 10, "checkpoint": str(root / "linked.safetensors")}},
+         "model.checkpoint", "not under DG2PF_DATA_ROOTS"),
+        ({**spec(ckpt), "model": {"arch": "digits_cnn", "num_classes": 10, "checkpoint": str(root / "hardlinked.safetensors")}},
+         "model.checkpoint", "hard link"),
+        ({**spec(ckpt), "model": {"arch": "digits_cnn", "num_classes": 10, "checkpoint": str(service.data_dir / "checkpoints" / f"{ckpt}.safetensors")}},
+         "model.checkpoint", "not under DG2PF_DATA_ROOTS"),
+        ({**spec(ckpt), "dataset": {"spec": f"imagefolder:{root / 'ds-with-link'}"}}, "dataset.spec", "symbolic link"),
+    ]
+    total = client.list().total
+    for body, field, needle in cases:
+        r = httpx.post(f"{service.url}/jobs", json=body, headers=headers)
+        assert r.status_code == 422 and r.json()["error"]["field"] == field and needle in r.json()["error"]["message"], r.text
+    assert client.list().total == total
+    # A checkpoint under the roots is copied into the store when the job is submitted: replacing the
+    # original afterwards (here by a link to another file) does not change what the job reads.
+    own = root / "own.safetensors"
+    shutil.copy(digits_example / "model.safetensors", own)
+    job_id = client.submit({**spec(ckpt, schedule={"pruning_epochs": 1, "max_epochs": 1}),
+                            "model": {"arch": "digits_cnn", "num_classes": 10, "checkpoint": str(own)}}).id
+    own.unlink()
+    os.symlink(outside / "model.safetensors", own)
+    job = client.wait(job_id, timeout=300)
+    assert job.state == "succeeded", job.error
+    order = json.loads((service.data_dir / "jobs" / job_id / "job.json").read_text())
+    assert Path(order["prune_job"]["checkpoint"]).parent == service.data_dir / "checkpoints"
+
+
+def test_a_huge_architecture_is_refused_before_it_is_built(service, client, ckpt):
+    headers = {"Authorization": f"Bearer {TOKEN}"}
+    for arch, needle in (("torchvision/vit_h_14", "over this service's limit of 400,000,000"),
+                         ("torchvision/vit_l_16", "does not fit")):  # under the limit: checked on the meta device
+        r = httpx.post(f"{service.url}/jobs", json={**spec(ckpt), "model": {"arch": arch, "num_classes": 10, "checkpoint": ckpt}},
+                       headers=headers, timeout=60)
+        assert r.status_code == 422 and needle in r.json()["error"]["message"], r.text

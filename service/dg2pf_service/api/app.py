@@ -1,14 +1,21 @@
-"""The FastAPI application: routes, error shape, and the scheduler's lifetime."""
+"""The FastAPI application: routes, error shape, docs behind the token, and the scheduler's lifetime."""
 
 from __future__ import annotations
 
 from contextlib import asynccontextmanager
+from typing import Any, Callable
 
-from fastapi import FastAPI
+from fastapi import APIRouter, Depends, FastAPI
+from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
+from fastapi.responses import HTMLResponse, JSONResponse
 
 from ..services import Services, build
 from ..settings import Settings
 from . import checkpoints, errors, health, jobs, models
+from .auth import require_token
+
+TITLE = "dg2pf"
+BEARER = "bearer"
 
 
 def create_app(settings: Settings | None = None, services: Services | None = None) -> FastAPI:
@@ -23,10 +30,57 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
         svc.serving.stop()
         svc.scheduler.stop()
 
-    app = FastAPI(title="dg2pf", version="0.1.0", description="DG2PF pruning jobs on Ray", lifespan=lifespan)
+    # FastAPI's own /docs, /redoc and /openapi.json would be public: _docs serves them behind the token.
+    app = FastAPI(title=TITLE, version="0.1.0", description="DG2PF pruning jobs on Ray", lifespan=lifespan,
+                  docs_url=None, redoc_url=None, openapi_url=None, responses=errors.error_responses(500))
     errors.install(app)
     app.include_router(health.router)
-    app.include_router(checkpoints.router)
-    app.include_router(jobs.router)
-    app.include_router(models.router)
+    for router in (checkpoints.router, jobs.router, models.router):
+        app.include_router(router, responses=errors.error_responses(*errors.AUTH))
+    app.include_router(_docs(app))
+    app.openapi = _openapi(app)
     return app
+
+
+def _docs(app: FastAPI) -> APIRouter:
+    router = APIRouter(dependencies=[Depends(require_token)], include_in_schema=False)
+
+    @router.get("/openapi.json")
+    def openapi() -> JSONResponse:
+        return JSONResponse(app.openapi())
+
+    @router.get("/docs")
+    def swagger() -> HTMLResponse:
+        # The schema goes inline: the page's own fetch of /openapi.json would carry no token.
+        return get_swagger_ui_html(openapi_url="/openapi.json", title=f"{TITLE} - Swagger UI", oauth2_redirect_url=None,
+                                   swagger_ui_parameters={"spec": app.openapi()})
+
+    @router.get("/redoc")
+    def redoc() -> HTMLResponse:
+        return get_redoc_html(openapi_url="/openapi.json", title=f"{TITLE} - ReDoc")
+
+    return router
+
+
+def _openapi(app: FastAPI) -> Callable[[], dict[str, Any]]:
+    generate = app.openapi  # FastAPI's: builds the schema once and keeps it in app.openapi_schema
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = generate()
+            services = getattr(app.state, "services", None)
+            if services is not None and services.settings.api_tokens:
+                _declare_bearer(schema)
+        return app.openapi_schema
+
+    return openapi
+
+
+def _declare_bearer(schema: dict[str, Any]) -> None:
+    """Mark the operations that need the token (those that answer 401), so /docs offers 'Authorize'."""
+    schema.setdefault("components", {}).setdefault("securitySchemes", {})[BEARER] = {
+        "type": "http", "scheme": "bearer", "description": "one of the service's DG2PF_API_TOKENS"}
+    for operations in schema["paths"].values():
+        for operation in operations.values():
+            if "401" in operation.get("responses", {}):
+                operation["security"] = [{BEARER: []}]

@@ -1,69 +1,58 @@
-"""POST /checkpoints: a weights file, streamed to disk, checked to be loadable without unpickling."""
+"""POST /checkpoints: a weights file, streamed to a staging folder, checked, then put in the store.
+
+The body is read here as it arrives (``uploads.CheckpointUploads``), not parsed up front by FastAPI,
+so size and time limits hold while it is received; the file is checked off the event loop.
+"""
 
 from __future__ import annotations
 
-import hashlib
-import os
-import tempfile
-from pathlib import Path
+from fastapi import APIRouter, Depends, FastAPI, Request, Response
+from starlette.requests import ClientDisconnect
 
-from fastapi import APIRouter, Depends, Request, Response, UploadFile
-
-from dg2pf_core.checkpoints import read_state_dict
-from dg2pf_core.errors import CheckpointError
-
+from ..uploads import FIELD, CheckpointUploads, UploadRefused
 from .auth import require_token
 from .errors import ApiError
 from .schemas import CheckpointOut
 
 router = APIRouter(prefix="/checkpoints", tags=["checkpoints"], dependencies=[Depends(require_token)])
-CHUNK = 1 << 20
+_SUFFIX = {"safetensors": ".safetensors", "torch": ".pt"}
 
 
-def _sniff_suffix(head: bytes) -> str:
-    # safetensors: 8-byte little-endian header length, then a JSON object.
-    return ".safetensors" if len(head) > 8 and head[8:9] == b"{" else ".pt"
+def _intake(app: FastAPI) -> CheckpointUploads:
+    # One per app: its validation slots are shared by every upload the app receives.
+    intake = getattr(app.state, "checkpoint_uploads", None)
+    if intake is None:
+        intake = app.state.checkpoint_uploads = CheckpointUploads(app.state.services.settings)
+    return intake
 
 
-@router.post("", status_code=201, response_model=CheckpointOut)
-async def upload(request: Request, file: UploadFile, response: Response) -> CheckpointOut:
+@router.post("", status_code=201, response_model=CheckpointOut, responses={200: {"model": CheckpointOut, "description": "the same content was uploaded before: the same id"}, **ApiError.responses(400, 408, 413, 422)})
+async def upload(request: Request, response: Response) -> CheckpointOut:
     services = request.app.state.services
-    limit = services.settings.max_upload_bytes
-    declared = int(request.headers.get("content-length") or 0)
-    if declared > limit + (1 << 16):  # multipart framing is small; refuse before reading
-        raise ApiError(413, "too_large", f"upload of {declared} bytes exceeds the limit of {limit} bytes", "file")
-    target_dir = services.settings.checkpoints_dir
-    fd, tmp_name = tempfile.mkstemp(dir=target_dir, prefix=".upload-")
-    tmp = Path(tmp_name)
-    digest, size, head = hashlib.sha256(), 0, b""
+    intake = _intake(request.app)
     try:
-        with os.fdopen(fd, "wb") as out:
-            while chunk := await file.read(CHUNK):
-                size += len(chunk)
-                if size > limit:
-                    raise ApiError(413, "too_large", f"upload exceeds the limit of {limit} bytes", "file")
-                if len(head) < 16:
-                    head += chunk[:16]
-                digest.update(chunk)
-                out.write(chunk)
-        if size == 0:
-            raise ApiError(422, "invalid_checkpoint", "the uploaded file is empty", "file")
-        sha = digest.hexdigest()
-        final = target_dir / f"{sha[:32]}{_sniff_suffix(head)}"
-        named = tmp.with_suffix(_sniff_suffix(head))
-        os.replace(tmp, named)
-        tmp = named
-        try:
-            read_state_dict(tmp)
-        except CheckpointError as exc:
-            raise ApiError(422, "invalid_checkpoint", exc.message.replace(str(tmp), file.filename or "upload"), "file") from exc
-        existing = services.store.get_checkpoint(sha[:32])
-        if existing is None:
-            os.replace(tmp, final)
-            services.store.add_checkpoint(sha, size, str(final), "safetensors" if final.suffix == ".safetensors" else "torch")
-        else:
-            response.status_code = 200  # same content as before: same id
-        return CheckpointOut(id=sha[:32], sha256=sha, bytes=size)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+        async with intake.receive(request.stream(), request.headers) as staged:
+            kind = await intake.check(staged)
+            checkpoint_id = staged.sha256[:32]
+            if services.store.get_checkpoint(checkpoint_id) is None:
+                final = services.settings.checkpoints_dir / f"{checkpoint_id}{_SUFFIX[kind]}"
+                intake.publish(staged, final)
+                services.store.add_checkpoint(staged.sha256, staged.size, str(final), kind)
+            else:
+                response.status_code = 200  # same content as before: same id
+            return CheckpointOut(id=checkpoint_id, sha256=staged.sha256, bytes=staged.size)
+    except UploadRefused as exc:
+        # Closing the connection with the answer keeps the server from reading the rest of the body.
+        headers = {"Connection": "close"} if exc.body_unread else None
+        raise ApiError(exc.status, exc.type, exc.message, exc.field, headers=headers) from exc
+    except ClientDisconnect:
+        raise ApiError(400, "client_disconnected", "the client closed the connection before the upload was complete",
+                       FIELD) from None
+
+
+# FastAPI documents a body only from parameters it parses itself; this one is read by hand.
+_route = next(r for r in router.routes if getattr(r, "endpoint", None) is upload)
+_route.openapi_extra = {**(_route.openapi_extra or {}), "requestBody": {"required": True, "content": {"multipart/form-data": {
+    "schema": {"type": "object", "required": [FIELD], "properties": {FIELD: {
+        "type": "string", "format": "binary",
+        "description": "the weights: a .safetensors file or a torch.save state_dict (at most DG2PF_MAX_UPLOAD_BYTES)"}}}}}}}

@@ -5,7 +5,10 @@ from __future__ import annotations
 from datetime import datetime, timezone
 from pathlib import Path
 
+from typing import Annotated
+
 from fastapi import APIRouter, Depends, Query, Request, Response
+from fastapi import Path as PathParam
 from fastapi.responses import FileResponse
 
 from ..executor import output_dir
@@ -13,9 +16,12 @@ from ..spec import JobSpec
 from ..validation import validate_job
 from .auth import require_token
 from .errors import ApiError
-from .schemas import ArtifactList, ErrorInfo, JobList, JobOut, JobSubmitted, State
+from .schemas import ARTIFACT_CONTENT, LOCATION, ArtifactList, ErrorInfo, JobList, JobOut, JobSubmitted, State, artifact_media_type
 
 router = APIRouter(prefix="/jobs", tags=["jobs"], dependencies=[Depends(require_token)])
+
+MAX_OFFSET = 2**31 - 1  # beyond any page a store holds; larger numbers overflow SQL integers
+JobId = Annotated[str, PathParam(pattern=r"^[0-9a-f]{32}$", description="a job id (32 hex digits)")]
 
 ARTIFACTS = ("model.safetensors", "model.compact.safetensors", "metrics.json", "history.json", "trials.csv")
 
@@ -47,7 +53,8 @@ def _row_or_404(services, job_id: str):
     return row
 
 
-@router.post("", status_code=202, response_model=JobSubmitted)
+@router.post("", status_code=202, response_model=JobSubmitted,
+             responses={202: {"headers": LOCATION}, **ApiError.responses(400, 404, 422)})
 def submit(spec: JobSpec, response: Response, services=Depends(_services)) -> JobSubmitted:
     checkpoint, teacher = validate_job(spec, services.settings, services.store, services.capacity())
     doc = {"spec": spec.model_dump(mode="json"), "resolved": {"checkpoint": checkpoint, "teacher": teacher}}
@@ -56,20 +63,20 @@ def submit(spec: JobSpec, response: Response, services=Depends(_services)) -> Jo
     return JobSubmitted(id=row.id, state="queued", links=_links(row.id))
 
 
-@router.get("", response_model=JobList)
-def list_jobs(state: State | None = None, limit: int = Query(50, ge=1, le=500), offset: int = Query(0, ge=0),
+@router.get("", response_model=JobList, responses=ApiError.responses(422))
+def list_jobs(state: State | None = None, limit: int = Query(50, ge=1, le=500), offset: int = Query(0, ge=0, le=MAX_OFFSET),
               services=Depends(_services)) -> JobList:
     rows, total = services.store.list_jobs(state=state, limit=limit, offset=offset)
     return JobList(items=[job_out(r) for r in rows], total=total, limit=limit, offset=offset)
 
 
-@router.get("/{job_id}", response_model=JobOut)
-def get_job(job_id: str, services=Depends(_services)) -> JobOut:
+@router.get("/{job_id}", response_model=JobOut, responses=ApiError.responses(404, 422))
+def get_job(job_id: JobId, services=Depends(_services)) -> JobOut:
     return job_out(_row_or_404(services, job_id))
 
 
-@router.post("/{job_id}/cancel", response_model=JobOut)
-def cancel(job_id: str, services=Depends(_services)) -> JobOut:
+@router.post("/{job_id}/cancel", response_model=JobOut, responses=ApiError.responses(404, 409, 422))
+def cancel(job_id: JobId, services=Depends(_services)) -> JobOut:
     row = _row_or_404(services, job_id)
     now = datetime.now(timezone.utc)
     if row.state == "queued" and services.store.transition(job_id, {"queued"}, "cancelled", finished_at=now) is None:
@@ -85,8 +92,8 @@ def cancel(job_id: str, services=Depends(_services)) -> JobOut:
     return job_out(services.store.get_job(job_id))
 
 
-@router.get("/{job_id}/artifacts", response_model=ArtifactList)
-def artifacts(job_id: str, services=Depends(_services)) -> ArtifactList:
+@router.get("/{job_id}/artifacts", response_model=ArtifactList, responses=ApiError.responses(404, 422))
+def artifacts(job_id: JobId, services=Depends(_services)) -> ArtifactList:
     row = _row_or_404(services, job_id)
     out = output_dir(Path(row.artifacts_dir))
     found = [{"name": n, "bytes": (out / n).stat().st_size, "url": f"/jobs/{job_id}/artifacts/{n}"} for n in ARTIFACTS if (out / n).is_file()]
@@ -96,8 +103,11 @@ def artifacts(job_id: str, services=Depends(_services)) -> ArtifactList:
     return ArtifactList(job_id=job_id, artifacts=found)
 
 
-@router.get("/{job_id}/artifacts/{name}")
-def artifact(job_id: str, name: str, services=Depends(_services)) -> FileResponse:
+@router.get("/{job_id}/artifacts/{name}", response_class=FileResponse,
+            responses={200: {"description": "the file: .safetensors as application/octet-stream, .json as application/json, "
+                             "trials.csv as text/csv, progress.jsonl as application/x-ndjson", "content": ARTIFACT_CONTENT},
+                       **ApiError.responses(404, 422)})
+def artifact(job_id: JobId, name: Annotated[str, PathParam(max_length=64)], services=Depends(_services)) -> FileResponse:
     row = _row_or_404(services, job_id)
     if name == "progress.jsonl":
         path = Path(row.artifacts_dir) / name
@@ -107,4 +117,4 @@ def artifact(job_id: str, name: str, services=Depends(_services)) -> FileRespons
         raise ApiError(404, "not_found", f"unknown artifact {name!r}; one of {[*ARTIFACTS, 'progress.jsonl']}", "name")
     if not path.is_file():
         raise ApiError(404, "not_found", f"job {job_id} has no {name} (yet)", "name")
-    return FileResponse(path, filename=name)
+    return FileResponse(path, filename=name, media_type=artifact_media_type(name))

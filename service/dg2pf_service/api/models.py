@@ -18,6 +18,8 @@ from dg2pf_core.inference import METRICS_FILE
 from ..serving.deploy import NotDeployable
 from .auth import require_token
 from .errors import ApiError
+from .jobs import JobId
+from .schemas import LOCATION
 
 router = APIRouter(tags=["models"], dependencies=[Depends(require_token)])
 
@@ -67,8 +69,9 @@ def _status(services) -> tuple[str, str | None]:
         return "unknown", f"Ray Serve did not answer: {exc}"[:300]
 
 
-@router.post("/jobs/{job_id}/deploy", status_code=202, response_model=ModelOut)
-def deploy(job_id: str, response: Response, services=Depends(_services)) -> ModelOut:
+@router.post("/jobs/{job_id}/deploy", status_code=202, response_model=ModelOut,
+             responses={202: {"headers": LOCATION}, **ApiError.responses(404, 409, 422)})
+def deploy(job_id: JobId, response: Response, services=Depends(_services)) -> ModelOut:
     try:
         row = services.deployments.deploy(job_id)
     except NotDeployable as exc:
@@ -92,13 +95,13 @@ def _deployment_or_404(services, model_id: str):
     return row
 
 
-@router.get("/models/{model_id}", response_model=ModelOut)
-def get_model(model_id: str, services=Depends(_services)) -> ModelOut:
+@router.get("/models/{model_id}", response_model=ModelOut, responses=ApiError.responses(404, 422))
+def get_model(model_id: JobId, services=Depends(_services)) -> ModelOut:
     return _model_out(services, _deployment_or_404(services, model_id), *_status(services))
 
 
-@router.delete("/models/{model_id}", status_code=204)
-def undeploy(model_id: str, services=Depends(_services)) -> Response:
+@router.delete("/models/{model_id}", status_code=204, responses=ApiError.responses(404, 422))
+def undeploy(model_id: JobId, services=Depends(_services)) -> Response:
     _deployment_or_404(services, model_id)
     services.deployments.undeploy(model_id)
     return Response(status_code=204)

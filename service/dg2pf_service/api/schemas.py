@@ -3,9 +3,22 @@
 from __future__ import annotations
 
 from datetime import datetime
+from pathlib import PurePosixPath
 from typing import Any, Literal
 
 from pydantic import BaseModel, Field
+
+# The content type each kind of artifact is served with, by file suffix.
+ARTIFACT_MEDIA_TYPES = {
+    ".safetensors": "application/octet-stream",
+    ".json": "application/json",
+    ".csv": "text/csv",
+    ".jsonl": "application/x-ndjson",
+}
+BINARY = {"type": "string", "format": "binary"}
+ARTIFACT_CONTENT = {media_type: {"schema": {} if media_type == "application/json" else BINARY}
+                    for media_type in ARTIFACT_MEDIA_TYPES.values()}
+LOCATION = {"Location": {"description": "where the created resource is", "schema": {"type": "string"}}}
 
 State = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 Phase = Literal["pending", "baseline", "gradual_pruning", "distillation", "finetuning", "done"]
@@ -20,6 +33,35 @@ class CheckpointOut(BaseModel):
 class ErrorInfo(BaseModel):
     type: str
     message: str
+
+
+class ErrorDetail(BaseModel):
+    type: str = Field(description="what went wrong, for programs: not_found, invalid_field, invalid_job, conflict, ...")
+    field: str | None = Field(description="the dotted path of the input at fault (a JobSpec field, a query or path "
+                              "parameter, `file`), or null when the request as a whole is")
+    message: str = Field(description="what went wrong, for people: says what to change")
+
+
+class ErrorResponse(BaseModel):
+    """The one shape of every error response of the API."""
+
+    error: ErrorDetail
+
+
+class Health(BaseModel):
+    status: Literal["ok"]
+
+
+class Readiness(BaseModel):
+    status: Literal["ready"]
+    checks: dict[str, str] = Field(description="per dependency (database, ray): ok")
+
+
+class NotReady(ErrorResponse):
+    """503 from /readyz: the error shape, with the per-check detail beside it."""
+
+    status: Literal["not_ready"]
+    checks: dict[str, str] = Field(description="per dependency (database, ray): ok or the error it gave")
 
 
 class JobSubmitted(BaseModel):
@@ -66,3 +108,7 @@ class JobList(BaseModel):
 class ArtifactList(BaseModel):
     job_id: str
     artifacts: list[dict[str, Any]]
+
+
+def artifact_media_type(name: str) -> str:
+    return ARTIFACT_MEDIA_TYPES.get(PurePosixPath(name).suffix, "application/octet-stream")

@@ -22,6 +22,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from ray import serve
 from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.formparsers import MultiPartException, MultiPartParser
 
 from dg2pf_core.errors import DG2PFError, InputError
@@ -41,7 +42,22 @@ class RequestError(Exception):
         self.status, self.type, self.message, self.field, self.headers = status, type_, message, field, headers
 
 
-api = FastAPI(title="dg2pf models", description="Pruned models served by Ray Serve")
+async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    # Starlette's own errors (an unknown route, a method /predict does not take) in the one error shape.
+    where = f"{request.method} {request.url.path}"
+    if exc.status_code == 404:
+        return JSONResponse(error_body("not_found", f"no route for {where}; predict with POST /models/{{id}}/predict"), status_code=404)
+    if exc.status_code == 405:
+        allowed = (exc.headers or {}).get("Allow", "")
+        return JSONResponse(error_body("method_not_allowed", f"{where} is not allowed; {request.url.path} takes {allowed}"),
+                            status_code=405, headers=exc.headers)
+    return JSONResponse(error_body("http_error", str(exc.detail)), status_code=exc.status_code, headers=exc.headers)
+
+
+# No /docs, /redoc or /openapi.json: whoever reaches Serve's proxy would read them without a token;
+# docs/service.md documents the predict route.
+api = FastAPI(title="dg2pf models", description="Pruned models served by Ray Serve", docs_url=None, redoc_url=None,
+              openapi_url=None, exception_handlers={StarletteHTTPException: _http_error})
 
 
 @api.exception_handler(RequestError)

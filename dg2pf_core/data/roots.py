@@ -1,0 +1,85 @@
+"""Datasets confined to allowed roots (a service's ``DG2PF_DATA_ROOTS``).
+
+A job names a dataset folder under an allowed root; nothing it reads may come from elsewhere:
+
+- ``check_tree`` walks the folder (links not followed) and refuses a symbolic link that resolves
+  outside the roots and a hard-linked file (a second name of a file that may live anywhere; copy it
+  instead). The service runs it when a job is submitted and the job again when it starts.
+- ``confined_open`` opens a file and then checks the file it actually opened (``/proc/self/fd``), so
+  a link swapped in after the walk still cannot redirect a read.
+
+Empty ``roots`` means unconfined (the command line reads whatever the user can).
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from collections.abc import Sequence
+from typing import BinaryIO
+
+from dg2pf_core.errors import DatasetError
+
+_LISTED = 3
+
+
+def under(path: str, roots: Sequence[str]) -> bool:
+    """``path`` (already resolved) is one of ``roots`` or inside one."""
+    return any(path == root or path.startswith(root.rstrip(os.sep) + os.sep) for root in roots)
+
+
+def _real_roots(roots: Sequence[str]) -> list[str]:
+    return [os.path.realpath(r) for r in roots]
+
+
+def check_tree(path: str, roots: Sequence[str]) -> None:
+    """Every entry under ``path`` stays inside ``roots``; DatasetError naming the offenders otherwise."""
+    if not roots:
+        return
+    real_roots = _real_roots(roots)
+    top = os.path.realpath(path)
+    if not under(top, real_roots):
+        raise DatasetError(f"dataset path {path} resolves to {top}, outside the allowed roots ({', '.join(real_roots)})")
+    escaping: list[str] = []
+    linked: list[str] = []
+    for dirpath, dirnames, filenames in os.walk(top, followlinks=False):
+        for name in (*dirnames, *filenames):
+            full = os.path.join(dirpath, name)
+            try:
+                st = os.lstat(full)
+            except OSError:
+                continue  # vanished meanwhile: the loader reports what is missing
+            if stat.S_ISLNK(st.st_mode):
+                if not under(os.path.realpath(full), real_roots):
+                    escaping.append(os.path.relpath(full, top))
+            elif stat.S_ISREG(st.st_mode) and st.st_nlink > 1:
+                linked.append(os.path.relpath(full, top))
+    if escaping:
+        raise DatasetError(f"dataset {path}: {_some(escaping)} symbolic link(s) lead outside the allowed roots "
+                           f"({', '.join(real_roots)}); copy the data in instead of linking to it")
+    if linked:
+        raise DatasetError(f"dataset {path}: {_some(linked)} file(s) are hard links (a second name of a file that may live "
+                           "outside the allowed roots); copy them instead of linking")
+
+
+def _some(items: list[str]) -> str:
+    shown = ", ".join(items[:_LISTED]) + (f" and {len(items) - _LISTED} more" if len(items) > _LISTED else "")
+    return f"{len(items)} ({shown})"
+
+
+def confined_open(path: str, roots: Sequence[str]) -> BinaryIO:
+    """``open(path, "rb")``, refused (DatasetError) when the file opened lies outside ``roots``."""
+    fh = open(path, "rb")  # noqa: SIM115 - returned to the caller
+    if not roots:
+        return fh
+    try:
+        opened = os.path.realpath(f"/proc/self/fd/{fh.fileno()}") if os.path.exists("/proc/self/fd") else os.path.realpath(path)
+        if not under(opened, _real_roots(roots)):
+            raise DatasetError(f"{path} leads to {opened}, outside the allowed roots; it is not read")
+        if os.fstat(fh.fileno()).st_nlink > 1:
+            raise DatasetError(f"{path} is a hard link (a second name of a file that may live outside the allowed roots); "
+                               "it is not read")
+    except BaseException:
+        fh.close()
+        raise
+    return fh

@@ -1,0 +1,88 @@
+"""Pinning a checkpoint a job names by path: the job reads a checked copy in the checkpoint store.
+
+A path is checked when the job is submitted, but the job reads it later: a file swapped, or made a
+link to somewhere else, in between would otherwise be read unchecked. So the file is opened once,
+the file actually opened is checked (inside ``DG2PF_DATA_ROOTS``, a regular file, not hard-linked,
+within the upload size limit), and copied from that open descriptor into the checkpoint store,
+content-addressed and registered like an upload; the job gets the copy's path.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import os
+import stat
+import tempfile
+from pathlib import Path
+
+from dg2pf_core.data.roots import under
+from dg2pf_core.errors import CheckpointError
+
+from .settings import Settings
+from .store.repo import JobStore
+from .uploads import staging_dir
+
+CHUNK = 1 << 20
+
+
+def pin_checkpoint(path: Path, settings: Settings, store: JobStore) -> str:
+    """The store's path of a checked copy of ``path`` (CheckpointError naming what is wrong)."""
+    roots = [os.path.realpath(r) for r in settings.data_roots]
+    if not path.is_absolute():
+        raise CheckpointError(f"checkpoint path {str(path)!r} must be absolute (a file under DG2PF_DATA_ROOTS: "
+                              f"{', '.join(roots) or 'none set'}), or an id from POST /checkpoints")
+    try:
+        fd = os.open(path, os.O_RDONLY)  # links are followed: what counts is the file opened, checked below
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint file {str(path)!r} does not exist") from None
+    except OSError as exc:
+        raise CheckpointError(f"checkpoint file {str(path)!r} cannot be opened ({exc.strerror})") from None
+    try:
+        opened = os.path.realpath(f"/proc/self/fd/{fd}") if os.path.isdir("/proc/self/fd") else os.path.realpath(path)
+        if not under(opened, roots):
+            shown = f" (it leads to {opened})" if opened != str(path) else ""
+            raise CheckpointError(f"checkpoint path {str(path)!r}{shown} is not under DG2PF_DATA_ROOTS "
+                                  f"({', '.join(roots) or 'none set'})")
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise CheckpointError(f"checkpoint path {str(path)!r} is not a regular file")
+        if st.st_nlink > 1:
+            raise CheckpointError(f"checkpoint file {str(path)!r} is a hard link (a second name of a file that may live "
+                                  "outside the allowed roots); copy it instead of linking")
+        if st.st_size > settings.max_upload_bytes:
+            raise CheckpointError(f"checkpoint file {str(path)!r} has {st.st_size} bytes, over DG2PF_MAX_UPLOAD_BYTES "
+                                  f"({settings.max_upload_bytes})")
+        return _copy_into_store(fd, settings, store)
+    finally:
+        os.close(fd)
+
+
+def _copy_into_store(fd: int, settings: Settings, store: JobStore) -> str:
+    staging = staging_dir(settings)  # where uploads are staged: cleaned at start-up, never read by jobs
+    staging.mkdir(parents=True, exist_ok=True)
+    digest, head = hashlib.sha256(), b""
+    out_fd, tmp_name = tempfile.mkstemp(dir=staging, prefix="pin-")
+    tmp = Path(tmp_name)
+    try:
+        with os.fdopen(out_fd, "wb") as out, os.fdopen(os.dup(fd), "rb") as src:
+            fcntl.flock(out, fcntl.LOCK_EX)  # a live copy: clean_partial_uploads of another process keeps it
+            size = 0
+            while chunk := src.read(CHUNK):
+                size += len(chunk)
+                if size > settings.max_upload_bytes:  # grew while being copied
+                    raise CheckpointError(f"checkpoint file grew past DG2PF_MAX_UPLOAD_BYTES ({settings.max_upload_bytes}) "
+                                          "while it was copied")
+                head = head or chunk[:16]
+                digest.update(chunk)
+                out.write(chunk)
+        sha = digest.hexdigest()
+        existing = store.get_checkpoint(sha[:32])
+        if existing is not None:
+            return existing.path
+        safetensors = len(head) > 8 and head[8:9] == b"{"
+        final = settings.checkpoints_dir / f"{sha[:32]}{'.safetensors' if safetensors else '.pt'}"
+        os.replace(tmp, final)
+        return store.add_checkpoint(sha, size, str(final), "safetensors" if safetensors else "torch").path
+    finally:
+        tmp.unlink(missing_ok=True)
