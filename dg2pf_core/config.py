@@ -10,6 +10,7 @@ from typing import Any, Literal
 
 from .errors import ConfigError
 from .masks import Selection
+from .nm import NM, parse_granularity
 from .schedule import schedule_names
 from .simulated import RECOVERY_MODES
 
@@ -64,6 +65,10 @@ class DG2PFConfig:
     recovery: str = "frozen"  # "frozen" (paper) or "feedback" (dense update)
     gradual_masks: str = "simulated"  # "simulated" (DG2PF: weights put back after each step) or "hard" (zeroed for good)
     scope: str = "global"  # "global" ranking or "layerwise"
+    # "unstructured" (DG2PF) or "N:M" ("2:4": at most N of every M consecutive weights along a row kept,
+    # dg2pf_core/nm.py). N:M needs sparsity (M-N)/M and the global scope; the layer caps below do not
+    # apply to it (no tensor goes beyond (M-N)/M: every group is capped by construction).
+    granularity: str = "unstructured"
     # Layer collapse guard: a global ranking prunes no layer beyond this fraction; what a capped layer
     # keeps is pruned from the others instead, so the global target is still met exactly. 1.0: off.
     max_layer_sparsity: float = 0.99
@@ -135,7 +140,14 @@ class DG2PFConfig:
             raise bad("scope", f"must be 'global' or 'layerwise', got {self.scope!r}")
         if self.gradual_masks not in GRADUAL_MASKS:
             raise bad("gradual_masks", f"must be one of {list(GRADUAL_MASKS)}, got {self.gradual_masks!r}")
-        if self.scope == "global" and self.sparsity > self.max_layer_sparsity:
+        nm = parse_granularity(self.granularity)
+        if nm is not None and abs(self.sparsity - nm.sparsity) > 1e-9:
+            raise bad("granularity", f"{nm} prunes exactly {nm.m - nm.n} of every {nm.m} weights ({nm.sparsity!r} of each "
+                                     f"group): set sparsity to {nm.sparsity!r} (got {self.sparsity})")
+        if nm is not None and self.scope != "global":
+            raise bad("scope", f"{self.scope!r} does not apply to granularity {nm}, which ranks all tensors' groups together "
+                               f"and prunes every tensor to exactly {nm.sparsity!r} at the end: leave scope 'global'")
+        if nm is None and self.scope == "global" and self.sparsity > self.max_layer_sparsity:
             raise bad(
                 "max_layer_sparsity",
                 f"{self.max_layer_sparsity} is below the target sparsity {self.sparsity}: no layer may be pruned "
@@ -158,6 +170,10 @@ class DG2PFConfig:
     def layer_cap(self, target: float) -> float:
         """The most any one tensor may be pruned while the network's target is ``target``."""
         return min(self.max_layer_sparsity, 1.0 - self.layer_density_floor * (1.0 - target))
+
+    def nm(self) -> NM | None:
+        """The N:M pattern, or None for unstructured pruning."""
+        return parse_granularity(self.granularity)
 
     def selection(self) -> Selection:
         return Selection(self.keep_classifier_dense, tuple(self.include), tuple(self.exclude))

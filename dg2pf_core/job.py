@@ -35,6 +35,7 @@ from .loaders import LocalLoaders, Loaders, ShardedLoaders
 from .loop import DG2PFResult, Progress, Reporter, run_dg2pf
 from .masks import layer_sparsity, layer_warnings, select_prunable
 from .metrics import size_report
+from .nm import check_divisible, nm_violations
 from .models import ArchSpec, build_model, get_arch
 from .models.registry import parameter_count
 from .preflight import check_device, check_fp16_range, check_output, dry_run
@@ -176,7 +177,8 @@ def check_static(job: PruneJob, *, meta: bool = False, max_params: int | None = 
                  ) -> tuple[ArchSpec, nn.Module, dict[str, torch.dtype], nn.Module | None]:
     """The checks that need neither the data nor the training machine: options, the architecture's
     size (``max_params``, counted before anything is built), the checkpoint(s) (by content, finite,
-    fitting ``arch``) and fp16 compact values. What a service checks when a job is submitted (with
+    fitting ``arch``), the selected weights (some, and for N:M granularity each row a whole number
+    of groups) and fp16 compact values. What a service checks when a job is submitted (with
     ``meta``: the models are built on the meta device, no memory for weights); ``prepare`` runs them too."""
     job.config.validate()
     check_values(job.compact_values)
@@ -187,7 +189,10 @@ def check_static(job: PruneJob, *, meta: bool = False, max_params: int | None = 
                               f"limit of {max_params:,} (DG2PF_MAX_MODEL_PARAMS)", field="arch")
     arch, model, dtypes = load_checkpoint_model(job.arch, job.num_classes, job.checkpoint, meta=meta,
                                                 fp16_values=job.compact_values == "fp16")
-    select_prunable(model, job.config.selection())  # --include/--exclude select something
+    prunable = select_prunable(model, job.config.selection())  # --include/--exclude select something
+    nm = job.config.nm()
+    if nm is not None:
+        check_divisible(prunable.params, nm)  # shapes only: meta tensors will do
     teacher = None
     if job.teacher is not None:
         try:
@@ -234,6 +239,10 @@ def result_metrics(prepared: PreparedJob, result: DG2PFResult, *, world_size: in
     size = size_report(result.model, result.masks, prepared.input_shape, prepared.device)
     last = result.history[-1] if result.history else {}
     layers = layer_sparsity(result.masks)
+    nm = job.config.nm()
+    # The check reads the weights as written, not the masks: groups over N nonzeros (0 when the pattern holds).
+    violations = {} if nm is None else {
+        "nm_violations": nm_violations(select_prunable(result.model, job.config.selection()).params, nm)}
     return {
         "arch": job.arch,
         "num_classes": job.num_classes,
@@ -242,6 +251,8 @@ def result_metrics(prepared: PreparedJob, result: DG2PFResult, *, world_size: in
         "in_channels": prepared.arch.in_channels,
         "class_names": prepared.splits.class_names,
         "target_sparsity": job.config.sparsity,
+        "granularity": job.config.granularity,
+        **violations,
         "sparsity_prunable": size.sparsity_prunable,
         "sparsity_total": size.sparsity_total,
         "params_total": size.params_total,
@@ -262,7 +273,8 @@ def result_metrics(prepared: PreparedJob, result: DG2PFResult, *, world_size: in
         "wall_seconds": wall_seconds,
         "layer_sparsity": layers,
         "max_layer_sparsity": max(layers.values(), default=0.0),
-        "layer_cap": job.config.layer_cap(job.config.sparsity) if job.config.scope == "global" else None,
+        # N:M holds every tensor at (M-N)/M by construction: no cap applies.
+        "layer_cap": job.config.layer_cap(job.config.sparsity) if job.config.scope == "global" and nm is None else None,
         "warnings": layer_warnings(result.masks, job.config.warn_layer_sparsity),
         "dtype": _dtype_summary(prepared.dtypes),
         "skipped_images": len(getattr(prepared.splits, "skipped_images", []) or []),

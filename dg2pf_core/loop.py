@@ -8,6 +8,8 @@ Read top to bottom, ``run_dg2pf`` is the paper's pseudo-code:
    frozen unpruned model (AdamW). After the last one the mask becomes final (hard). The ranking is
    global but no layer goes beyond ``max_layer_sparsity`` (what it keeps is pruned elsewhere), so no
    layer collapses; ``bn_recalibration_batches`` re-estimates BatchNorm statistics at each new mask.
+   With ``granularity="N:M"`` the same global ranking prunes at most M-N of every group of M
+   consecutive weights (``nm``), ending with exactly N kept in each.
 3. ``distillation``: same loss and optimiser with the final mask, while validation top-1 improves.
 4. ``finetuning``: cross-entropy only, SGD with momentum, from the best weights so far, while
    validation top-1 improves. With ``finetune="overparam"`` every pruned layer is first expanded into
@@ -39,6 +41,7 @@ from .errors import ResumeError, TrainingDiverged
 from .loaders import Loaders
 from .masks import Masks, apply_masks_, magnitude_masks, mask_sparsity, recovered, select_prunable
 from .metrics import Accuracy, autocast_context, evaluate
+from .nm import check_divisible, nm_masks
 from . import overparam
 from .schedule import sparsity_targets
 from .simulated import _backup, _restore, hard_step, simulated_step
@@ -110,9 +113,20 @@ class _Run:
         self.params = select_prunable(_unwrap(model), config.selection()).params
         self.all_params = [p for p in model.parameters() if p.requires_grad]
         self.targets = sparsity_targets(config.schedule, config.sparsity, config.pruning_epochs)
+        self.nm = config.nm()
+        if self.nm is not None:
+            check_divisible(self.params, self.nm)  # before any epoch: prepare checked it already for jobs
         self.scaler = torch.amp.GradScaler("cuda") if config.amp == "fp16" and device.type == "cuda" else None
         self.optimizer: torch.optim.Optimizer = self.adamw()
         self.taps: tuple[FeatureTaps, FeatureTaps] | None = None  # (student, teacher) while over-parameterized
+
+    # --- the pruning rule ---
+    def rank(self, target: float) -> Masks:
+        """The masks of the smallest-magnitude weights at ``target``: one global ranking, under the
+        layer caps (unstructured) or at most M-N per group (N:M)."""
+        if self.nm is not None:
+            return nm_masks(self.params, target, self.nm)
+        return magnitude_masks(self.params, target, self.cfg.scope, self.cfg.layer_cap(target))
 
     # --- optimisers ---
     def adamw(self) -> torch.optim.Optimizer:
@@ -323,7 +337,7 @@ def run_dg2pf(
         t0 = time.perf_counter()
         target = run.targets[state.epoch]
         previous = masks
-        masks = distributed.sync_masks(magnitude_masks(run.params, target, config.scope, config.layer_cap(target)))
+        masks = distributed.sync_masks(run.rank(target))
         simulated = config.gradual_masks == "simulated"
         if not simulated:
             apply_masks_(run.params, masks)  # hard gradual masks (ablation): pruned weights are gone for good

@@ -112,7 +112,8 @@ def test_unreadable_training_checkpoint(tmp_path):
      ({"include": ["("]}, "include"), ({"patience": 0}, "patience"), ({"gradual_masks": "soft"}, "gradual_masks"),
      ({"max_layer_sparsity": 0.7}, "max_layer_sparsity"), ({"max_layer_sparsity": 1.2}, "max_layer_sparsity"),
      ({"bn_recalibration_batches": -1}, "bn_recalibration_batches"), ({"layer_density_floor": 1.0}, "layer_density_floor"),
-     ({"layer_density_floor": -0.1}, "layer_density_floor")],
+     ({"layer_density_floor": -0.1}, "layer_density_floor"), ({"granularity": "2:4"}, "granularity"),
+     ({"granularity": "4:2"}, "granularity"), ({"granularity": "1:5", "scope": "layerwise"}, "scope")],
 )
 def test_config_validation_names_the_field(override, field):
     with pytest.raises(ConfigError) as info:

@@ -242,6 +242,8 @@ def test_ctrl_c_keeps_the_state_and_resume_gives_the_uninterrupted_result(folder
     (["--workers", "0"], ["--workers must be >= 1"]),
     (["--sparsity=nan"], ["sparsity"]),
     (["--batch-size", "x"], ["invalid int value", "--help"]),
+    (["--granularity", "2-4"], ["granularity", "'2:4'"]),
+    (["--granularity", "1:4"], ["granularity", "set sparsity to 0.75"]),
 ])
 def test_out_of_range_values_are_refused_before_anything_is_built(folder, ckpt2, tmp_path, capsys, extra, needles):
     out = tmp_path / "out"
@@ -257,6 +259,19 @@ def test_out_of_range_values_are_refused_before_anything_is_built(folder, ckpt2,
         assert len(err.splitlines()) == 1 and all(n in err for n in needles), err
         return
     refused(capsys, argv, *needles, out=out)
+
+
+def test_a_granularity_a_tensor_cannot_take_is_refused_before_training_and_exclude_fixes_it(folder, ckpt2, tmp_path,
+                                                                                          capsys):
+    out = tmp_path / "out"
+    # digits_cnn's first convolution has rows of 1x3x3 = 9 weights: not whole groups of 4
+    refused(capsys, prune_args(ckpt2, f"imagefolder:{folder}", out, "--granularity", "2:4"),
+            "granularity 2:4", "features.0.weight (32x1x3x3: rows of 9)", r"--exclude '^features\.0\.weight$'", out=out)
+    assert main(prune_args(ckpt2, f"imagefolder:{folder}", out, "--granularity", "2:4",
+                           "--exclude", r"^features\.0\.weight$")) == 0, capsys.readouterr().err
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["granularity"] == "2:4" and metrics["nm_violations"] == 0 and metrics["sparsity_prunable"] == 0.5
+    assert "features.0.weight" not in metrics["layer_sparsity"]
 
 
 def test_a_huge_class_count_is_refused_without_building_the_classifier(folder, ckpt2, tmp_path, capsys):

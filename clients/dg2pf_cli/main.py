@@ -147,6 +147,7 @@ def _cmd_prune(args: argparse.Namespace) -> int:
         ("parameters nonzero / total", f"{m['params_nonzero']:,} / {m['params_total']:,}"),
         ("MACs sparse / dense", f"{m['flops_sparse']:,} / {m['flops_dense']:,} ({m['flops_sparse'] / max(m['flops_dense'], 1):.3f}x)"),
         ("most pruned layer", _most_pruned(m)),
+        *([("granularity", _nm_check(m))] if m.get("nm_violations") is not None else []),
         ("test top-1 dense -> pruned", _fmt_pair(m["baseline_test_top1"], m["test_top1"])),
         ("val top-1 (best epoch)", f"{m['val_top1']:.2f}% (epoch {m['best_epoch']} of {m['epochs']})"),
         ("wall time", f"{m['wall_seconds']:.1f} s"),
@@ -158,6 +159,11 @@ def _cmd_prune(args: argparse.Namespace) -> int:
         print(f"warning: {warning}", file=sys.stderr)
     print(f"wrote {args.out}/model.safetensors, model.compact.safetensors and metrics.json")
     return 0
+
+
+def _nm_check(m: dict) -> str:
+    n = m["granularity"].split(":")[0]
+    return f"{m['granularity']} (groups with more than {n} nonzeros: {m['nm_violations']})"
 
 
 def _most_pruned(m: dict) -> str:

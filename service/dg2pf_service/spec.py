@@ -15,6 +15,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, create_model
 from dg2pf_core.config import BOUNDS, MAX_PATTERN_LENGTH, MAX_PATTERNS, DG2PFConfig
 from dg2pf_core.job import MIN_IMAGE_SIZE, PruneJob
 from dg2pf_core.models.registry import MAX_CLASSES
+from dg2pf_core.nm import PATTERN as GRANULARITY_PATTERN
 
 
 class _Strict(BaseModel):
@@ -49,6 +50,9 @@ class DatasetSpec(_Strict):
 
 # Options that are the job's, not the schedule's: set elsewhere in the spec or by the executor.
 _NOT_SCHEDULE = {"sparsity", "device", "loader_workers"}
+# String options with a fixed form, so it appears in the OpenAPI (the range is the core's to check).
+_PATTERNS = {"granularity": (GRANULARITY_PATTERN, "'unstructured' or N:M, e.g. '2:4' (at most N of every M consecutive "
+                             "weights of a row kept; sparsity must then be (M-N)/M)")}
 
 
 def _schedule_model() -> type[BaseModel]:
@@ -63,6 +67,9 @@ def _schedule_model() -> type[BaseModel]:
         if bounds is not None:  # the core's own ranges, so they appear in the OpenAPI
             limits = {"gt" if bounds.low_open else "ge": bounds.low, "lt" if bounds.high_open else "le": bounds.high}
             hint = Annotated[hint, Field(**limits)]
+        elif f.name in _PATTERNS:
+            pattern, description = _PATTERNS[f.name]
+            hint = Annotated[str, Field(max_length=16, pattern=pattern, description=description)]
         elif typing.get_origin(hint) is list:
             hint = Annotated[list[Annotated[str, Field(max_length=MAX_PATTERN_LENGTH)]], Field(max_length=MAX_PATTERNS)]
         elif hint is str:

@@ -16,8 +16,11 @@ from dg2pf_core.job import check_static
 
 from .pinning import pin_checkpoint
 from .settings import Settings
-from .spec import JobSpec
+from .spec import JobSpec, ScheduleSpec
 from .store.repo import JobStore
+
+
+_SCHEDULE_FIELDS = frozenset(ScheduleSpec.model_fields)
 
 
 class InvalidJob(DG2PFError):
@@ -86,6 +89,8 @@ def validate_job(spec: JobSpec, settings: Settings, store: JobStore, capacity: t
         teacher_file = teacher is not None and teacher in exc.message
         where = {"arch": "model.arch", "num_classes": "model.num_classes", "compact_values": "compact_values"}.get(
             exc.field or "", "teacher" if teacher_file else "model.checkpoint")
+        if exc.field in _SCHEDULE_FIELDS:  # a schedule option that does not fit this model (N:M, include/exclude)
+            where = f"schedule.{exc.field}"
         raise InvalidJob(where, exc.message) from exc
     cpus, gpus = capacity
     workers = spec.resources.num_workers

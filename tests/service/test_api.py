@@ -122,6 +122,10 @@ BAD = [
     (lambda c: {**spec(c), "schedule": {"max_epochs": 10**12}}, 422, "schedule.max_epochs"),
     (lambda c: {**spec(c), "schedule": {"seed": 2**63}}, 422, "schedule.seed"),
     (lambda c: {**spec(c), "compact_values": "fp8"}, 422, "compact_values"),
+    (lambda c: {**spec(c), "schedule": {"granularity": "2x4"}}, 422, "schedule.granularity"),
+    (lambda c: {**spec(c), "schedule": {"granularity": "2:4"}}, 422, "schedule.granularity"),  # sparsity 0.9, not 0.5
+    # digits_cnn's first convolution has rows of 9 weights: no whole groups of 4 (checked at submit)
+    (lambda c: {**spec(c, sparsity=0.5), "schedule": {"granularity": "2:4"}}, 422, "schedule.granularity"),
 ]
 
 
