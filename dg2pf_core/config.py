@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import re
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from .errors import ConfigError
 from .masks import Selection
 from .nm import NM, parse_granularity
+from .patterns import compile_pattern
 from .schedule import schedule_names
 from .simulated import RECOVERY_MODES
 
@@ -158,10 +158,7 @@ class DG2PFConfig:
         if self.finetune not in FINETUNE_MODES:
             raise bad("finetune", f"must be one of {list(FINETUNE_MODES)}, got {self.finetune!r}")
         for pattern in self.sp_blocks:
-            try:
-                re.compile(pattern)
-            except re.error as exc:
-                raise bad("sp_blocks", f"{pattern!r} is not a regular expression: {exc}") from exc
+            compile_pattern(pattern, "sp_blocks")
         if self.amp not in ("none", "bf16", "fp16"):
             raise bad("amp", f"must be 'none', 'bf16' or 'fp16', got {self.amp!r}")
         # Compiles the patterns: a bad regex is reported here, not mid-run.

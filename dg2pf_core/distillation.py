@@ -3,10 +3,10 @@ distillation of intermediate features (the over-parameterized fine-tuning)."""
 
 from __future__ import annotations
 
-import re
-
 import torch
 import torch.nn.functional as F
+
+from .patterns import fullmatch
 
 
 def kd_loss(
@@ -66,7 +66,7 @@ class FeatureTaps:
 def similarity_blocks(model: torch.nn.Module, patterns: list[str]) -> list[str]:
     """The modules whose outputs similarity-preserving distillation compares: the names that fully
     match one of ``patterns``; without patterns, the top-level children that hold parameters, except
-    the last (the classifier)."""
+    the last (the classifier). Patterns are RE2 (dg2pf_core/patterns.py): linear time."""
     if not patterns:
         return [n for n, m in model.named_children() if any(True for _ in m.parameters())][:-1]
-    return [n for n, _ in model.named_modules() if n and any(re.fullmatch(p, n) for p in patterns)]
+    return [n for n, _ in model.named_modules() if n and any(fullmatch(p, n, "sp_blocks") for p in patterns)]

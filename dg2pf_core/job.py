@@ -10,11 +10,11 @@ to write its results is continued with ``resume=True`` (``dg2pf prune --resume D
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import os
 import shutil
+import tempfile
 import time
 import warnings
 from collections.abc import Callable
@@ -29,18 +29,21 @@ from .compact import check_values
 from .config import DG2PFConfig
 from .data import DataRequest, DataSplits, load_dataset
 from .data.registry import parse_spec
-from .errors import ConfigError, DatasetError, DG2PFError, TrainingDiverged
+from .errors import CheckpointError, ConfigError, DatasetError, DG2PFError, TrainingDiverged
 from .export import OutputDir, write_compact, write_metrics, write_model
+from .latency import DEFAULT_BATCH_SIZES, DEFAULT_RUNS, DEFAULT_WARMUP, JOB_BUDGET_S, compare, measure_latency
 from .loaders import LocalLoaders, Loaders, ShardedLoaders
 from .loop import DG2PFResult, Progress, Reporter, run_dg2pf
 from .masks import layer_sparsity, layer_warnings, select_prunable
 from .metrics import size_report
 from .nm import check_divisible, nm_violations
 from .models import ArchSpec, build_model, get_arch
-from .models.registry import parameter_count
+from .models.registry import build_meta, parameter_count
+from .onnx_export import ONNX_FILE, OnnxReport, export_onnx
 from .preflight import check_device, check_fp16_range, check_output, dry_run
 from .state import STATE_FILE, TrainingState
 
+MODEL_FILE, COMPACT_FILE, METRICS_FILE = "model.safetensors", "model.compact.safetensors", "metrics.json"
 JOB_FILE = "job.json"  # in a state directory: the job and its output path, for resuming
 LOCK_FILE = ".lock"  # in a state directory: held by the run that trains there
 MIN_IMAGE_SIZE, MAX_IMAGE_SIZE = 8, 2048
@@ -143,12 +146,29 @@ def load_checkpoint_model(arch: str, num_classes: int, checkpoint: str | Path, w
         state = {k: v for k, v in state.items() if not k.startswith(spec.ignored_keys)}
     if fp16_values:
         check_fp16_range(state, f"the {what}'s")
-    with torch.device("meta") if meta else contextlib.nullcontext(), warnings.catch_warnings():
+    with warnings.catch_warnings():
         # Copying into meta tensors is the no-op wanted here; torch warns about every tensor.
         warnings.filterwarnings("ignore", message=".*copying from a non-meta parameter")
-        model = build_model(arch, num_classes)
+        model = build_meta(arch, num_classes) if meta else build_model(arch, num_classes)
         load_into(model, state, what=f"{what} {checkpoint}", arch=f"{arch} with num_classes={num_classes}")
     return spec, model, {k: v.dtype for k, v in state.items() if v.is_floating_point()}
+
+
+def checkpoint_num_classes(arch: str, checkpoint: str | Path) -> int:
+    """The number of classes ``checkpoint`` was trained for: the output size of ``arch``'s classifier
+    (its last Conv/Linear, the convention the pruning code relies on) in the checkpoint. Raises
+    ``DG2PFError`` when the file cannot be read or holds no such weight."""
+    from .masks import PRUNABLE_MODULES
+
+    get_arch(arch)  # an unknown name is named as such, with suggestions
+    model = build_meta(arch, 2)
+    last = [name for name, m in model.named_modules() if isinstance(m, PRUNABLE_MODULES)]
+    state = read_state_dict(checkpoint)
+    key = f"{last[-1]}.weight" if last else None
+    if key is None or key not in state or state[key].dim() < 2:
+        raise CheckpointError(f"checkpoint {checkpoint} has no classifier weight {key or '(none in ' + arch + ')'} to "
+                              f"count the classes from; give --num-classes", field="num_classes")
+    return int(state[key].shape[0])
 
 
 def load_model(arch: str, num_classes: int, checkpoint: str | Path) -> tuple[ArchSpec, nn.Module]:
@@ -284,6 +304,59 @@ def result_metrics(prepared: PreparedJob, result: DG2PFResult, *, world_size: in
     }
 
 
+def write_results(out: Path, prepared: PreparedJob, result: DG2PFResult, metrics: dict) -> dict:
+    """Write a finished job's artifacts into ``out`` (a staging directory): ``model.safetensors``,
+    ``model.compact.safetensors``, ``model.onnx`` (when it exports and matches PyTorch's logits) and
+    ``metrics.json`` with its ``onnx`` and ``latency`` sections; returns the metrics written.
+
+    ONNX and latency are measured on the weights as written (read back from ``model.safetensors``
+    into the architecture, float32 on the CPU: what ``InferenceModel`` serves); neither can fail
+    the job, each section says what happened. ``OSError`` (disk full) propagates."""
+    job = prepared.job
+    write_model(result.model, out / MODEL_FILE, prepared.dtypes)
+    write_compact(result.model, out / COMPACT_FILE, job.compact_values)
+    _, pruned, _ = load_checkpoint_model(job.arch, job.num_classes, out / MODEL_FILE, what="written model")
+    onnx = export_onnx(pruned, prepared.input_shape, out / ONNX_FILE, what=job.arch)
+    macs_ratio = metrics["flops_sparse"] / metrics["flops_dense"] if metrics.get("flops_dense") else None
+    metrics = {**metrics, "onnx": onnx.to_dict(),
+               "latency": job_latency(prepared, pruned, onnx, out / ONNX_FILE, macs_ratio)}
+    write_metrics(metrics, out / METRICS_FILE)
+    return metrics
+
+
+def job_latency(prepared: PreparedJob, pruned: nn.Module, onnx: OnnxReport, onnx_file: Path,
+                macs_ratio: float | None) -> dict:
+    """The ``latency`` section of metrics.json: the unpruned input model (read again from the job's
+    checkpoint) and the pruned one, timed side by side (``dg2pf_core.latency``) with this process's
+    torch threads, within ``JOB_BUDGET_S``; on the GPU too when the job ran on one."""
+    job = prepared.job
+    notes: list[str] = []
+    models = {"pruned": pruned}
+    files = {"pruned": onnx_file} if onnx.written else {}
+    if not onnx.written:
+        notes.append(f"onnxruntime: not measured, there is no model.onnx ({onnx.reason})")
+    try:
+        with tempfile.TemporaryDirectory(prefix="dg2pf-latency-") as tmp:
+            try:
+                _, models["dense"], _ = load_checkpoint_model(job.arch, job.num_classes, job.checkpoint)
+            except DG2PFError as exc:
+                notes.append(f"dense: not measured, the input checkpoint cannot be read again ({exc.message})")
+            if onnx.written and "dense" in models:
+                dense_onnx = export_onnx(models["dense"], prepared.input_shape, Path(tmp) / "dense.onnx", what="the dense model")
+                if dense_onnx.written:
+                    files["dense"] = Path(tmp) / "dense.onnx"
+                else:
+                    notes.append(f"onnxruntime: dense not measured ({dense_onnx.reason})")
+            report = measure_latency(models, prepared.input_shape, onnx=files, batch_sizes=DEFAULT_BATCH_SIZES,
+                                     runs=DEFAULT_RUNS, warmup=DEFAULT_WARMUP, cuda=prepared.device.type == "cuda",
+                                     budget_s=JOB_BUDGET_S)
+    except Exception as exc:  # noqa: BLE001 - a finished training is not lost to its latency measurement
+        return {"measured": False, "reason": f"{type(exc).__name__}: {exc}"[:500], "macs_ratio": macs_ratio}
+    document = report.to_dict()
+    return {**{k: v for k, v in document.items() if k not in ("backends", "notes")},
+            "backends": compare(report), "macs_ratio": macs_ratio, "notes": notes + document["notes"]}
+
+
 def _dtype_summary(dtypes: dict[str, torch.dtype]) -> str:
     """The floating dtype(s) of the input checkpoint, which the pruned model.safetensors keeps."""
     names = sorted({str(d).removeprefix("torch.") for d in dtypes.values()})
@@ -347,9 +420,7 @@ def prune_to_dir(
     metrics = result_metrics(prepared, result, world_size=1, wall_seconds=time.perf_counter() - started)
     try:
         with output.staging() as tmp:
-            write_model(result.model, tmp / "model.safetensors", prepared.dtypes)
-            write_compact(result.model, tmp / "model.compact.safetensors", job.compact_values)
-            write_metrics(metrics, tmp / "metrics.json")
+            metrics = write_results(tmp, prepared, result, metrics)
     except OSError as exc:
         kept = (f"; the trained state is kept in {state_dir}: fix the cause, then continue with "
                 f"`dg2pf prune --resume {state_dir}`") if state_dir is not None else ""

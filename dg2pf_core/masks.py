@@ -8,7 +8,6 @@ can be inspected, saved, broadcast between workers and compared bit for bit.
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Literal
@@ -17,6 +16,7 @@ import torch
 from torch import nn
 
 from .errors import ConfigError
+from .patterns import compile_pattern, search
 
 Masks = dict[str, torch.Tensor]
 Scope = Literal["global", "layerwise"]
@@ -30,7 +30,8 @@ class Selection:
     """Which weights take part in pruning.
 
     Default: the ``weight`` of every Conv and Linear layer. ``include``/``exclude`` are regular
-    expressions matched (``re.search``) against parameter names; ``exclude`` wins.
+    expressions searched for (``re.search`` semantics, RE2 syntax: dg2pf_core/patterns.py) in
+    parameter names; ``exclude`` wins.
     """
 
     keep_classifier_dense: bool = False
@@ -38,11 +39,9 @@ class Selection:
     exclude: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
-        for pattern in (*self.include, *self.exclude):
-            try:
-                re.compile(pattern)
-            except re.error as exc:
-                raise ConfigError(f"invalid name pattern {pattern!r}: {exc}", field="include") from exc
+        for name in ("include", "exclude"):
+            for pattern in getattr(self, name):
+                compile_pattern(pattern, name)
 
 
 @dataclass
@@ -72,9 +71,9 @@ def select_prunable(model: nn.Module, selection: Selection = Selection()) -> Pru
         candidates = candidates[:-1]
     chosen: dict[str, nn.Parameter] = {}
     for name, param in candidates:
-        if selection.include and not any(re.search(p, name) for p in selection.include):
+        if selection.include and not any(search(p, name, "include") for p in selection.include):
             continue
-        if any(re.search(p, name) for p in selection.exclude):
+        if any(search(p, name, "exclude") for p in selection.exclude):
             continue
         chosen[name] = param
     if not chosen:

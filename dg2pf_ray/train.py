@@ -25,15 +25,17 @@ from ray.train.v2._internal.exceptions import WorkerGroupStartupTimeoutError
 from ray.train.v2.api.exceptions import ControllerError, TrainingFailedError, WorkerGroupError
 
 from dg2pf_core.errors import DG2PFError
-from dg2pf_core.export import OutputDir, write_compact, write_metrics, write_model
-from dg2pf_core.job import OutputError, PruneJob, prepare, result_metrics
+from dg2pf_core.export import OutputDir, write_metrics
+from dg2pf_core.job import OutputError, PruneJob, prepare, result_metrics, write_results
 from dg2pf_core.loop import run_dg2pf
 from dg2pf_core.masks import masks_checksum
+from dg2pf_core.onnx_export import ONNX_FILE
 from dg2pf_core.state import EpochRecord, TrainingState, append_record
 
 from .cluster import ClusterError, check_capacity, connect
 
 FINAL_FILES = ("model.safetensors", "model.compact.safetensors", "metrics.json")
+OPTIONAL_FILES = (ONNX_FILE,)  # written when the model exports to ONNX and matches PyTorch (see metrics.json's onnx)
 REFUSED_FILE = "refused.json"  # the checkpoint of a run whose workers refused the job (a bad input)
 
 
@@ -106,8 +108,7 @@ def train_worker(config: dict) -> None:
                          "epochs_at_target": epochs_at_target(done["epochs"], job.config.pruning_epochs) + 1}
                 if rank == 0:
                     with tempfile.TemporaryDirectory() as tmp:
-                        for f in FINAL_FILES:
-                            shutil.copy2(Path(d) / f, Path(tmp) / f)
+                        copy_final(Path(d), Path(tmp))
                         ray.train.report(final, checkpoint=Checkpoint.from_directory(tmp), checkpoint_dir_name="final_again")
                 else:
                     ray.train.report(final, checkpoint=None)
@@ -147,12 +148,16 @@ def train_worker(config: dict) -> None:
              "epochs_at_target": epochs_at_target(result.epochs, job.config.pruning_epochs) + 1}
     if rank == 0:
         with tempfile.TemporaryDirectory() as tmp:
-            write_model(result.model, Path(tmp) / "model.safetensors", prepared.dtypes)
-            write_compact(result.model, Path(tmp) / "model.compact.safetensors", job.compact_values)
-            write_metrics(metrics, Path(tmp) / "metrics.json")
+            write_results(Path(tmp), prepared, result, metrics)
             ray.train.report(final, checkpoint=Checkpoint.from_directory(tmp), checkpoint_dir_name="final")
     else:
         ray.train.report(final, checkpoint=None)
+
+
+def copy_final(source: Path, dest: Path) -> None:
+    """A final checkpoint's artifacts: every one of FINAL_FILES, and the OPTIONAL_FILES it has."""
+    for f in (*FINAL_FILES, *(o for o in OPTIONAL_FILES if (source / o).is_file())):
+        shutil.copy2(source / f, dest / f)
 
 
 def default_storage() -> str:
@@ -234,8 +239,7 @@ def prune_on_ray(job: PruneJob, out: str | Path, options: RayOptions) -> dict:
             missing = [f for f in FINAL_FILES if not (Path(final) / f).exists()]
             if missing:
                 raise RunFailed(f"the final checkpoint at {result.checkpoint.path} lacks {missing}")
-            for f in FINAL_FILES:
-                shutil.copy2(Path(final) / f, tmp / f)
+            copy_final(Path(final), tmp)
             metrics = json.loads((tmp / "metrics.json").read_text())
             metrics["driver_wall_seconds"] = time.perf_counter() - started
             metrics["ray_run"] = {"storage_path": trainer.run_config.storage_path, "name": trainer.run_config.name}

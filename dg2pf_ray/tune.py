@@ -10,7 +10,6 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
-import shutil
 import time
 from dataclasses import dataclass
 from functools import partial
@@ -28,7 +27,7 @@ from dg2pf_core.job import PruneJob, prepare
 
 from .cluster import check_capacity, connect
 from .search_space import build_space, load_space, trial_config
-from .train import FINAL_FILES, RayOptions, RunFailed, default_storage, make_trainer
+from .train import RayOptions, RunFailed, copy_final, default_storage, make_trainer
 
 RANK_METRIC = "val_top1"
 TIME_ATTR = "epochs_at_target"
@@ -76,7 +75,7 @@ def tune_job(job: PruneJob, out: str | Path, options: TuneOptions) -> dict:
     if options.samples < 1:
         raise RunFailed(f"samples must be >= 1, got {options.samples}", field="samples")
     document = load_space(options.search_space)
-    space = build_space(document, job.config)
+    space = build_space(document, job.config, samples=options.samples)
     connect(options.address)
     if not options.cluster_may_grow:
         check_capacity(options.workers_per_trial, options.use_gpu)
@@ -145,8 +144,7 @@ def _write_result(grid, job: PruneJob, output: OutputDir, options: TuneOptions, 
     best = max(done, key=lambda r: r["val_top1"])
 
     with Checkpoint(best["_checkpoint"]).as_directory() as final, output.staging() as tmp:
-        for f in FINAL_FILES:
-            shutil.copy2(Path(final) / f, tmp / f)
+        copy_final(Path(final), tmp)
         table = [{k: v for k, v in r.items() if not k.startswith("_")} for r in rows]
         with (tmp / "trials.csv").open("w", newline="") as fh:
             writer = csv.DictWriter(fh, fieldnames=list(table[0]))

@@ -79,6 +79,28 @@ def test_evaluate_command_agrees_with_the_job(pruned):
     assert r["sparsity_prunable"] == pytest.approx(0.9, abs=1e-4)  # round(0.9 * N) / N
 
 
+def test_the_job_writes_model_onnx_as_accurate_as_the_job_and_measures_latency(pruned):
+    import onnxruntime as ort
+
+    out, m = pruned
+    assert {p.name for p in out.iterdir()} == {"model.safetensors", "model.compact.safetensors", "model.onnx", "metrics.json"}
+    assert m["onnx"]["written"] is True and m["onnx"]["max_abs_diff"] <= m["onnx"]["tolerance"]
+    spec, _ = load_model("digits_cnn", 10, out / "model.safetensors")
+    test = load_data("digits", spec, 10, None, 0.1, 0)[0].test
+    images, labels = torch.stack([x for x, _ in test]), torch.tensor([int(y) for _, y in test])
+    session = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+    logits = torch.from_numpy(session.run(None, {session.get_inputs()[0].name: images.numpy()})[0])
+    top1 = 100.0 * float((logits.argmax(1) == labels).float().mean())
+    assert top1 == pytest.approx(m["test_top1"], abs=100.0 / len(labels) + 1e-9)  # one image at most, on a near tie
+    latency = m["latency"]
+    assert latency["threads"] >= 1 and latency["runs"] == 30 and latency["macs_ratio"] == pytest.approx(
+        m["flops_sparse"] / m["flops_dense"])
+    for backend in ("torch", "onnxruntime"):
+        for batch in ("1", "32"):
+            row = latency["backends"][backend][batch]
+            assert row["dense_ms"] > 0 and row["pruned_ms"] > 0 and row["speedup"] > 0 and 1 <= row["runs"] <= 30
+
+
 @pytest.mark.parametrize("finetune", ["sgd", "overparam"])
 def test_95_percent_in_both_fine_tuning_modes(digits_example, tmp_path, finetune):
     out = tmp_path / finetune

@@ -54,6 +54,9 @@ def test_two_workers_equal_masks_global_metrics_target_sparsity(local_ray, digit
     whole = evaluate(model, DataLoader(splits.test, batch_size=512), torch.device("cpu"))
     assert m["test_top1"] == pytest.approx(whole.top1)
     assert (out / "model.safetensors").exists()
+    # rank 0 writes model.onnx and measures latency like a local job; the driver copies it out
+    assert (out / "model.onnx").is_file() and m["onnx"]["written"] is True
+    assert set(m["latency"]["backends"]) == {"torch", "onnxruntime"}
     compact, dense = read_state_dict(out / "model.compact.safetensors"), read_state_dict(out / "model.safetensors")
     assert compact.keys() == dense.keys() and all(torch.equal(compact[k], v) for k, v in dense.items())
     assert {"phase", "epoch", "val_top1", "restarts"} <= m["history"][-1].keys()

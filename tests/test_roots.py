@@ -80,3 +80,35 @@ def test_an_imagefolder_job_reads_no_image_swapped_for_a_link_out(tmp_path):
     with pytest.raises(DatasetError, match="outside the allowed roots"):
         for split in (splits.train, splits.val):
             [split[i] for i in range(len(split))]
+
+
+def _two_hops(root, out):
+    # data/train/b -> mid (inside the root), whose file links out: the walk must go through the folder link.
+    (root / "mid").mkdir()
+    os.symlink(out / "secret.png", root / "mid" / "x.png")
+    os.symlink(root / "mid", root / "data" / "train" / "b")
+
+
+def test_a_link_out_reached_through_a_folder_link_inside_the_roots_is_refused(layout):
+    root, outside = layout
+    _two_hops(root, outside)
+    with pytest.raises(DatasetError, match="symbolic link"):
+        check_tree(str(root / "data"), [str(root)])
+
+
+def test_folder_link_cycles_end(layout):
+    root, _ = layout
+    os.symlink(root / "data", root / "data" / "train" / "loop")
+    check_tree(str(root / "data"), [str(root)])
+
+
+def test_cifar10_batches_are_read_confined(tmp_path):
+    from dg2pf_core.data.cifar10 import _load_batch
+
+    root, outside = tmp_path / "root", tmp_path / "outside"
+    root.mkdir()
+    outside.mkdir()
+    (outside / "data_batch_1").write_bytes(b"not read")
+    os.symlink(outside / "data_batch_1", root / "data_batch_1")
+    with pytest.raises(DatasetError, match="outside the allowed roots"):
+        _load_batch(str(root / "data_batch_1"), [str(root)])

@@ -108,6 +108,8 @@ def run_demo(out: Path, sparsity: float = 0.9) -> int:
 
 
 def _print_result(job_id: str, m: dict, files: list[Path]) -> None:
+    from .main import _latency_rows
+
     print("== 5/6 result", flush=True)
     rows = [
         ("job", job_id),
@@ -117,6 +119,7 @@ def _print_result(job_id: str, m: dict, files: list[Path]) -> None:
         ("MACs sparse / dense", f"{m['flops_sparse'] / max(m['flops_dense'], 1):.3f}x"),
         ("test top-1 dense -> pruned", f"{m['baseline_test_top1']:.2f}% -> {m['test_top1']:.2f}% ({m['test_top1'] - m['baseline_test_top1']:+.2f})"),
         ("epochs", str(m["epochs"])),
+        *_latency_rows(m),  # measured, dense vs pruned: ~1.0x, unstructured sparsity runs on dense kernels
         ("artifacts", ", ".join(sorted(p.name for p in files))),
     ]
     width = max(len(k) for k, _ in rows)

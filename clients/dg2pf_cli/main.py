@@ -151,14 +151,40 @@ def _cmd_prune(args: argparse.Namespace) -> int:
         ("test top-1 dense -> pruned", _fmt_pair(m["baseline_test_top1"], m["test_top1"])),
         ("val top-1 (best epoch)", f"{m['val_top1']:.2f}% (epoch {m['best_epoch']} of {m['epochs']})"),
         ("wall time", f"{m['wall_seconds']:.1f} s"),
+        ("model.onnx", _onnx_line(m)),
+        *_latency_rows(m),
     ]
     width = max(len(k) for k, _ in rows)
     for k, v in rows:
         print(f"{k:<{width}}  {v}")
     for warning in m.get("warnings") or []:
         print(f"warning: {warning}", file=sys.stderr)
-    print(f"wrote {args.out}/model.safetensors, model.compact.safetensors and metrics.json")
+    onnx = "model.onnx, " if (m.get("onnx") or {}).get("written") else ""
+    print(f"wrote {args.out}/model.safetensors, model.compact.safetensors, {onnx}and metrics.json")
     return 0
+
+
+def _onnx_line(m: dict) -> str:
+    onnx = m.get("onnx") or {}
+    if onnx.get("written"):
+        return f"written (opset {onnx['opset']}; logits match PyTorch's within {onnx['max_abs_diff']:.2g})"
+    return f"not written: {onnx.get('reason', 'not attempted')}"
+
+
+def _latency_rows(m: dict) -> list[tuple[str, str]]:
+    """One row per backend: the measured speed-up of the pruned model over the dense one, per batch size."""
+    latency = m.get("latency") or {}
+    if not latency.get("backends"):
+        return [("latency", f"not measured: {latency.get('reason', '-')}")] if latency else []
+    rows = []
+    for backend, by_batch in latency["backends"].items():
+        cells = [f"batch {n}: {r['dense_ms']:.2f} -> {r['pruned_ms']:.2f} ms ({r['speedup']:.2f}x)"
+                 for n, r in by_batch.items() if r.get("speedup") is not None]
+        if cells:
+            rows.append((f"latency {backend}", "; ".join(cells)))
+    macs = f"MACs ratio {latency['macs_ratio']:.3f}x; " if latency.get("macs_ratio") is not None else ""
+    rows.append(("latency threads", f"{latency['threads']} ({macs}speed-up = dense / pruned median)"))
+    return rows
 
 
 def _nm_check(m: dict) -> str:
@@ -189,7 +215,8 @@ def _cmd_tune(args: argparse.Namespace) -> int:
         val = f"{row['val_top1']:.2f}%" if row.get("val_top1") is not None else "-"
         print(f"{row['trial_id']:<24} {row['status']:<14} val top-1 {val}")
     print(f"best trial {t['best_trial']}: val top-1 {m['val_top1']:.2f}%, test top-1 {m['test_top1']:.2f}%")
-    print(f"wrote {args.out}/model.safetensors, model.compact.safetensors, metrics.json and trials.csv")
+    onnx = "model.onnx, " if (m.get("onnx") or {}).get("written") else ""
+    print(f"wrote {args.out}/model.safetensors, model.compact.safetensors, {onnx}metrics.json and trials.csv")
     return 0
 
 
@@ -254,6 +281,10 @@ def _print_job(job) -> None:
     if m.get("test_top1") is not None:
         print(f"  test top-1 {m.get('baseline_test_top1', float('nan')):.2f}% dense -> {m['test_top1']:.2f}% pruned; "
               f"params nonzero {m.get('params_nonzero')}/{m.get('params_total')}")
+    speed = ((m.get("latency") or {}).get("speedup")) or {}
+    if speed:
+        cells = ", ".join(f"{b} batch {n} {x:.2f}x" for b, by in speed.items() for n, x in by.items() if x is not None)
+        print(f"  measured speed-up dense -> pruned: {cells} (MACs ratio {m['latency'].get('macs_ratio') or 0:.3f}x)")
     for warning in m.get("warnings") or []:
         print(f"  warning: {warning}")
     if job.error:
@@ -459,6 +490,100 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_latency(args: argparse.Namespace) -> int:
+    import tempfile
+
+    import torch
+
+    from dg2pf_core.job import MAX_IMAGE_SIZE, MIN_IMAGE_SIZE, checkpoint_num_classes, load_checkpoint_model
+    from dg2pf_core.latency import measure_latency
+    from dg2pf_core.metrics import conv_linear_macs
+    from dg2pf_core.onnx_export import export_onnx
+    from dg2pf_core.preflight import check_eval_forward
+
+    _set_threads(args)
+    batch_sizes = _batch_sizes(args.batch_sizes)
+    for name, value, low, high in (("--runs", args.runs, 1, 10_000), ("--warmup", args.warmup, 0, 1_000)):
+        if not low <= value <= high:
+            raise DG2PFError(f"{name} must be in [{low}, {high}], got {value}", field=name[2:])
+    if args.max_seconds is not None and not args.max_seconds > 0:
+        raise DG2PFError(f"--max-seconds must be > 0, got {args.max_seconds}", field="max_seconds")
+    backends = [b.strip() for b in args.backends.split(",") if b.strip()]
+    unknown = [b for b in backends if b not in ("torch", "onnxruntime")]
+    if unknown or "torch" not in backends:
+        raise DG2PFError(f"--backends takes torch and optionally onnxruntime (e.g. torch,onnxruntime), got {args.backends!r}",
+                         field="backends")
+    num_classes = args.num_classes if args.num_classes is not None else checkpoint_num_classes(args.arch, args.checkpoint)
+    spec, model, _ = load_checkpoint_model(args.arch, num_classes, args.checkpoint)
+    size = args.image_size or spec.input_size
+    if not MIN_IMAGE_SIZE <= size <= MAX_IMAGE_SIZE:
+        raise DG2PFError(f"--image-size must be in [{MIN_IMAGE_SIZE}, {MAX_IMAGE_SIZE}] pixels, got {size}", field="image_size")
+    shape = (spec.in_channels, size, size)
+    models = {"model": model}
+    if args.dense_checkpoint:
+        _, models["dense"], _ = load_checkpoint_model(args.arch, num_classes, args.dense_checkpoint, what="dense checkpoint")
+    probe = torch.randn((2, *shape), generator=torch.Generator().manual_seed(0))
+    for name, m in models.items():
+        check_eval_forward(m, probe, arch=args.arch, num_classes=num_classes, image_size=size, device=torch.device("cpu"),
+                           what="the dense checkpoint" if name == "dense" else "the checkpoint")
+    macs = {name: conv_linear_macs(m, shape, torch.device("cpu")) for name, m in models.items()}
+    notes = []
+    with tempfile.TemporaryDirectory(prefix="dg2pf-latency-") as tmp:
+        files = {}
+        if "onnxruntime" in backends:
+            for name, m in models.items():
+                exported = export_onnx(m, shape, Path(tmp) / f"{name}.onnx", what=f"the {name} ({args.arch})")
+                if exported.written:
+                    files[name] = Path(tmp) / f"{name}.onnx"
+                else:
+                    notes.append(f"onnxruntime: {name} not measured: {exported.reason}")
+        report = measure_latency(models, shape, onnx=files, batch_sizes=batch_sizes, runs=args.runs, warmup=args.warmup,
+                                 budget_s=args.max_seconds)
+    doc = {"arch": args.arch, "checkpoint": args.checkpoint, "dense_checkpoint": args.dense_checkpoint,
+           "num_classes": num_classes, "input_shape": list(shape),
+           "macs_ratio": macs["model"][1] / macs["model"][0] if macs["model"][0] else None,
+           **report.to_dict()}
+    doc["notes"] = notes + doc["notes"]
+    if "dense" in models:
+        doc["speedup_vs_dense"] = {b: {str(n): cells["dense"].median_ms / cells["model"].median_ms
+                                       for n, cells in by.items() if "dense" in cells and "model" in cells}
+                                   for b, by in report.timings.items()}
+    if args.json:
+        print(json.dumps(doc, indent=2))
+        return 0
+    print(f"{args.arch} ({num_classes} classes), inputs {' x '.join(map(str, shape))}, {report.threads} thread(s), "
+          f"{doc['cpu']}; MACs nonzero / dense {doc['macs_ratio']:.3f}x")
+    headers = ["backend", "batch", "median ms", "p90 ms", "runs", *(["dense median ms", "vs dense"] if "dense" in models else [])]
+    rows = []
+    for backend, by_batch in report.timings.items():
+        for n, cells in by_batch.items():
+            if "model" not in cells:
+                continue
+            t = cells["model"]
+            row = [backend, str(n), f"{t.median_ms:.3f}", f"{t.p90_ms:.3f}", str(t.runs)]
+            if "dense" in models:
+                d = cells.get("dense")
+                row += [f"{d.median_ms:.3f}", f"{d.median_ms / t.median_ms:.2f}x"] if d else ["-", "-"]
+            rows.append(row)
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
+    print("  ".join(h.rjust(w) if i else h.ljust(w) for i, (h, w) in enumerate(zip(headers, widths))))
+    for r in rows:
+        print("  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))))
+    for note in doc["notes"]:
+        print(f"note: {note}")
+    return 0
+
+
+def _batch_sizes(text: str) -> tuple[int, ...]:
+    try:
+        sizes = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        sizes = ()
+    if not sizes or any(not 1 <= n <= 4096 for n in sizes):
+        raise DG2PFError(f"--batch-sizes takes comma-separated sizes in [1, 4096], e.g. 1,32; got {text!r}", field="batch_sizes")
+    return tuple(dict.fromkeys(sizes))
+
+
 def _cmd_archs(args: argparse.Namespace) -> int:
     from dg2pf_core.models import list_archs
 
@@ -545,6 +670,23 @@ def _add_tune_evaluate_archs(sub) -> None:
     ev.add_argument("--skip-bad-images", action="store_true", help="leave out images that cannot be decoded")
     ev.add_argument("--json", action="store_true")
     ev.set_defaults(func=_cmd_evaluate)
+
+    la = sub.add_parser("latency", help="measure a checkpoint's inference latency: PyTorch and ONNX Runtime on the CPU")
+    la.add_argument("--arch", required=True)
+    la.add_argument("--checkpoint", required=True, help="a plain or compact checkpoint (recognised by content)")
+    la.add_argument("--num-classes", type=int, help="default: the output size of the checkpoint's classifier")
+    la.add_argument("--image-size", type=int, help="input size (default: the architecture's)")
+    la.add_argument("--batch-sizes", default="1,32", help="comma-separated (default: 1,32)")
+    la.add_argument("--runs", type=int, default=30, help="timed runs per model and batch size (default: 30)")
+    la.add_argument("--warmup", type=int, default=5, help="untimed rounds first (default: 5; at least 2 are run)")
+    la.add_argument("--threads", type=int, help="torch and ONNX Runtime intra-op threads (default: torch's, one per core)")
+    la.add_argument("--dense-checkpoint", help="the unpruned model, timed interleaved with the checkpoint: adds 'vs dense'")
+    la.add_argument("--backends", default="torch,onnxruntime", help="torch[,onnxruntime] (default: both; "
+                    "onnxruntime exports the model(s) to ONNX first)")
+    la.add_argument("--max-seconds", type=float, help="cap the measuring time: fewer runs where needed, each cell "
+                    "says how many (default: no cap)")
+    la.add_argument("--json", action="store_true")
+    la.set_defaults(func=_cmd_latency)
 
     ar = sub.add_parser("archs", help="list architecture names")
     ar.set_defaults(func=_cmd_archs)

@@ -13,6 +13,7 @@ import io
 import os
 import pickle
 import warnings
+from collections.abc import Sequence
 from typing import Any, Callable
 
 import numpy as np
@@ -20,6 +21,7 @@ import PIL.Image
 from torch.utils.data import Dataset
 
 from dg2pf_core.data.registry import DataRequest, DataSplits, register_dataset
+from dg2pf_core.data.roots import confined_open
 from dg2pf_core.data.splits import hold_out
 from dg2pf_core.data.transforms import TransformedView, cifar_transforms
 from dg2pf_core.errors import DatasetError
@@ -84,10 +86,11 @@ class _ArrayOnlyUnpickler(pickle.Unpickler):
         return _resolve(candidates, name)
 
 
-def _load_batch(path: str) -> dict[str, Any]:
-    """One batch file as a dict with str keys, read without running code from the file."""
+def _load_batch(path: str, roots: Sequence[str] = ()) -> dict[str, Any]:
+    """One batch file as a dict with str keys, read without running code from the file; with
+    ``roots``, the file opened must lie inside them (``roots.confined_open``)."""
     try:
-        with open(path, "rb") as f:
+        with confined_open(path, roots) as f:
             raw = f.read()
     except OSError as exc:
         raise DatasetError(f"cannot read CIFAR-10 file {path!r}: {exc}") from exc
@@ -109,9 +112,9 @@ def _load_batch(path: str) -> dict[str, Any]:
     return {(k.decode("latin1") if isinstance(k, bytes) else k): v for k, v in obj.items()}
 
 
-def _images_and_labels(path: str) -> tuple[np.ndarray, np.ndarray]:
+def _images_and_labels(path: str, roots: Sequence[str] = ()) -> tuple[np.ndarray, np.ndarray]:
     """``(uint8 [N, 32, 32, 3], int64 [N])`` from one batch file."""
-    batch = _load_batch(path)
+    batch = _load_batch(path, roots)
     missing = [key for key in ("data", "labels") if key not in batch]
     if missing:
         raise DatasetError(f"{path!r} lacks the key(s) {missing}; keys found: {sorted(batch)}")
@@ -157,11 +160,11 @@ class _CifarImages(Dataset):
         return PIL.Image.fromarray(self.images[index]), int(self.labels[index])
 
 
-def _read_class_names(folder: str) -> list[str]:
+def _read_class_names(folder: str, roots: Sequence[str] = ()) -> list[str]:
     meta_path = os.path.join(folder, META_FILE)
     if not os.path.exists(meta_path):
         return list(DEFAULT_CLASS_NAMES)
-    names = _load_batch(meta_path).get("label_names")
+    names = _load_batch(meta_path, roots).get("label_names")
     if not isinstance(names, list) or len(names) != 10:
         raise DatasetError(f"{meta_path!r}: label_names is not a list of 10 class names")
     return [n.decode("latin1") if isinstance(n, bytes) else str(n) for n in names]
@@ -182,12 +185,13 @@ def load_cifar10(path: str | None, request: DataRequest) -> DataSplits:
             f"CIFAR-10 folder {folder!r} lacks {', '.join(missing)}; expected the extracted "
             f"cifar-10-python.tar.gz (data_batch_1..5, test_batch, batches.meta)"
         )
-    class_names = _read_class_names(folder)
+    roots = request.allowed_roots
+    class_names = _read_class_names(folder, roots)
 
-    parts = [_images_and_labels(os.path.join(folder, f)) for f in TRAIN_FILES]
+    parts = [_images_and_labels(os.path.join(folder, f), roots) for f in TRAIN_FILES]
     train_images = np.concatenate([images for images, _ in parts])
     train_labels = np.concatenate([labels for _, labels in parts])
-    test_images, test_labels = _images_and_labels(os.path.join(folder, TEST_FILE))
+    test_images, test_labels = _images_and_labels(os.path.join(folder, TEST_FILE), roots)
     for name, labels in (("training", train_labels), ("test", test_labels)):
         if len(labels) and (labels.min() < 0 or labels.max() >= len(class_names)):
             raise DatasetError(

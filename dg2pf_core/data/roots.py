@@ -42,7 +42,10 @@ def check_tree(path: str, roots: Sequence[str]) -> None:
         raise DatasetError(f"dataset path {path} resolves to {top}, outside the allowed roots ({', '.join(real_roots)})")
     escaping: list[str] = []
     linked: list[str] = []
-    for dirpath, dirnames, filenames in os.walk(top, followlinks=False):
+    # Links to folders inside the roots are followed (a loader reads through them: every file there
+    # is checked too), each real folder once, so link cycles end.
+    seen = {top}
+    for dirpath, dirnames, filenames in os.walk(top, followlinks=True):
         for name in (*dirnames, *filenames):
             full = os.path.join(dirpath, name)
             try:
@@ -52,8 +55,20 @@ def check_tree(path: str, roots: Sequence[str]) -> None:
             if stat.S_ISLNK(st.st_mode):
                 if not under(os.path.realpath(full), real_roots):
                     escaping.append(os.path.relpath(full, top))
-            elif stat.S_ISREG(st.st_mode) and st.st_nlink > 1:
+                    continue
+                try:
+                    st = os.stat(full)
+                except OSError:
+                    continue  # a dangling link: nothing to read through it
+            if stat.S_ISREG(st.st_mode) and st.st_nlink > 1:
                 linked.append(os.path.relpath(full, top))
+        kept = []
+        for name in dirnames:
+            real = os.path.realpath(os.path.join(dirpath, name))
+            if real not in seen and under(real, real_roots):
+                seen.add(real)
+                kept.append(name)
+        dirnames[:] = kept
     if escaping:
         raise DatasetError(f"dataset {path}: {_some(escaping)} symbolic link(s) lead outside the allowed roots "
                            f"({', '.join(real_roots)}); copy the data in instead of linking to it")

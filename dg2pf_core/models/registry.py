@@ -15,8 +15,11 @@ import difflib
 from dataclasses import dataclass
 from typing import Callable
 
+import torch
 import torch.nn as nn
 import torchvision
+from torch.overrides import TorchFunctionMode
+from torch.utils._device import _device_constructors
 
 from dg2pf_core.errors import ConfigError, UnknownArchitectureError
 
@@ -137,11 +140,36 @@ def build_model(name: str, num_classes: int) -> nn.Module:
     return spec.builder(num_classes)
 
 
+def build_meta(name: str, num_classes: int) -> nn.Module:
+    """``name`` with its weights on the meta device: every shape, no memory for the values (what a
+    service checks at submit). A builder that computes its layout from the values of tensors
+    (regnet's widths: ``.tolist()`` of a computed tensor, which meta tensors cannot give) is built
+    again with small tensors real and only the large ones on meta."""
+    try:
+        with torch.device("meta"):
+            return build_model(name, num_classes)
+    except (NotImplementedError, RuntimeError):  # "Cannot copy out of meta tensor", ".item() ... meta"
+        with _LargeOnMeta():
+            return build_model(name, num_classes)
+
+
+class _LargeOnMeta(TorchFunctionMode):
+    """Like ``torch.device("meta")`` for tensors of more than SMALL elements; smaller ones are made
+    where they would be without it, so a builder can read the values it computes with them. What is
+    allocated is bounded by the model's count of small tensors, not by its size."""
+
+    SMALL = 4096
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in _device_constructors() and kwargs.get("device") is None:
+            made = func(*args, **{**kwargs, "device": "meta"})  # the shape, for nothing
+            if not isinstance(made, torch.Tensor) or made.numel() > self.SMALL:
+                return made
+        return func(*args, **kwargs)
+
+
 def parameter_count(name: str, num_classes: int) -> int:
     """Parameters of ``name`` with ``num_classes`` classes, counted on the meta device: nothing is
     allocated, so a service can refuse a huge architecture before building it."""
-    import torch
-
-    with torch.device("meta"):
-        model = build_model(name, num_classes)
-    return sum(p.numel() for p in model.parameters())
+    return sum(p.numel() for p in build_meta(name, num_classes).parameters())

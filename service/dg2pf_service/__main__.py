@@ -28,6 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     from dg2pf_core.errors import DG2PFError
 
     from .lifecycle import DataDirHold, shutdown_message
+    from .server import uvicorn_options
 
     try:
         # Held for the process's lifetime: `dg2pf cluster stop` refuses while an API holds the data
@@ -42,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     # found: these make that a quiet, normal exit instead of a KeyboardInterrupt traceback or a kill.
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: None)
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level="warning")
+    uvicorn.run(app, log_level="warning", **uvicorn_options(settings))
     services = getattr(app.state, "services", None)
     if services is not None:
         print(shutdown_message(services), file=sys.stderr, flush=True)

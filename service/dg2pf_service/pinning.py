@@ -21,29 +21,37 @@ from dg2pf_core.errors import CheckpointError
 
 from .settings import Settings
 from .store.repo import JobStore
-from .uploads import staging_dir
+from .uploads import UploadRefused, check_checkpoint_file, staging_dir
 
 CHUNK = 1 << 20
 
 
 def pin_checkpoint(path: Path, settings: Settings, store: JobStore) -> str:
-    """The store's path of a checked copy of ``path`` (CheckpointError naming what is wrong)."""
+    """The store's path of a checked copy of ``path`` (CheckpointError naming what is wrong).
+
+    Nothing outside the roots is opened, and refusals of such paths all read the same, so they tell
+    nothing about what exists there or where links lead. The copy gets the check an upload gets (its
+    declared in-memory size, loadable weights) before it is registered.
+    """
     roots = [os.path.realpath(r) for r in settings.data_roots]
-    if not path.is_absolute():
-        raise CheckpointError(f"checkpoint path {str(path)!r} must be absolute (a file under DG2PF_DATA_ROOTS: "
-                              f"{', '.join(roots) or 'none set'}), or an id from POST /checkpoints")
+    outside = CheckpointError(f"checkpoint path {str(path)!r} is not a file under DG2PF_DATA_ROOTS "
+                              f"({', '.join(roots) or 'none set'}); or give an id from POST /checkpoints")
+    if not path.is_absolute() or not under(os.path.realpath(path), roots):
+        raise outside
+    resolved = os.path.realpath(path)
     try:
-        fd = os.open(path, os.O_RDONLY)  # links are followed: what counts is the file opened, checked below
+        # No link is followed now (O_NOFOLLOW on the resolved path: one swapped in meanwhile fails), and
+        # a FIFO or device neither blocks nor is read (O_NONBLOCK; refused below as not a regular file).
+        fd = os.open(resolved, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW)
     except FileNotFoundError:
         raise CheckpointError(f"checkpoint file {str(path)!r} does not exist") from None
-    except OSError as exc:
-        raise CheckpointError(f"checkpoint file {str(path)!r} cannot be opened ({exc.strerror})") from None
+    except OSError:
+        raise CheckpointError(f"checkpoint file {str(path)!r} cannot be opened by the service (a link replaced "
+                              "meanwhile, or no read permission)") from None
     try:
-        opened = os.path.realpath(f"/proc/self/fd/{fd}") if os.path.isdir("/proc/self/fd") else os.path.realpath(path)
+        opened = os.path.realpath(f"/proc/self/fd/{fd}") if os.path.isdir("/proc/self/fd") else resolved
         if not under(opened, roots):
-            shown = f" (it leads to {opened})" if opened != str(path) else ""
-            raise CheckpointError(f"checkpoint path {str(path)!r}{shown} is not under DG2PF_DATA_ROOTS "
-                                  f"({', '.join(roots) or 'none set'})")
+            raise outside
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             raise CheckpointError(f"checkpoint path {str(path)!r} is not a regular file")
@@ -53,15 +61,16 @@ def pin_checkpoint(path: Path, settings: Settings, store: JobStore) -> str:
         if st.st_size > settings.max_upload_bytes:
             raise CheckpointError(f"checkpoint file {str(path)!r} has {st.st_size} bytes, over DG2PF_MAX_UPLOAD_BYTES "
                                   f"({settings.max_upload_bytes})")
-        return _copy_into_store(fd, settings, store)
+        os.set_blocking(fd, True)
+        return _copy_into_store(fd, str(path), settings, store)
     finally:
         os.close(fd)
 
 
-def _copy_into_store(fd: int, settings: Settings, store: JobStore) -> str:
+def _copy_into_store(fd: int, shown_as: str, settings: Settings, store: JobStore) -> str:
     staging = staging_dir(settings)  # where uploads are staged: cleaned at start-up, never read by jobs
     staging.mkdir(parents=True, exist_ok=True)
-    digest, head = hashlib.sha256(), b""
+    digest = hashlib.sha256()
     out_fd, tmp_name = tempfile.mkstemp(dir=staging, prefix="pin-")
     tmp = Path(tmp_name)
     try:
@@ -73,16 +82,19 @@ def _copy_into_store(fd: int, settings: Settings, store: JobStore) -> str:
                 if size > settings.max_upload_bytes:  # grew while being copied
                     raise CheckpointError(f"checkpoint file grew past DG2PF_MAX_UPLOAD_BYTES ({settings.max_upload_bytes}) "
                                           "while it was copied")
-                head = head or chunk[:16]
                 digest.update(chunk)
                 out.write(chunk)
-        sha = digest.hexdigest()
-        existing = store.get_checkpoint(sha[:32])
-        if existing is not None:
-            return existing.path
-        safetensors = len(head) > 8 and head[8:9] == b"{"
-        final = settings.checkpoints_dir / f"{sha[:32]}{'.safetensors' if safetensors else '.pt'}"
-        os.replace(tmp, final)
-        return store.add_checkpoint(sha, size, str(final), "safetensors" if safetensors else "torch").path
+            out.flush()
+            sha = digest.hexdigest()
+            existing = store.get_checkpoint(sha[:32])
+            if existing is not None:
+                return existing.path
+            try:
+                kind = check_checkpoint_file(tmp, shown_as, settings)  # before anything is registered
+            except UploadRefused as exc:
+                raise CheckpointError(exc.message) from None
+            final = settings.checkpoints_dir / f"{sha[:32]}{'.safetensors' if kind == 'safetensors' else '.pt'}"
+            os.replace(tmp, final)
+            return store.add_checkpoint(sha, size, str(final), kind).path
     finally:
         tmp.unlink(missing_ok=True)

@@ -23,6 +23,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from dg2pf_core.errors import DG2PFError
+from dg2pf_core.latency import speedups
 
 from .cluster import Cluster
 from .executor import Order, RayJobsExecutor, SubmissionExists, needs_of, read_error, read_metrics, read_progress
@@ -331,4 +332,7 @@ def _summary(metrics: dict) -> dict | None:
     keys = ("val_top1", "test_top1", "test_top5", "baseline_test_top1", "sparsity_prunable", "sparsity_total",
             "params_total", "params_nonzero", "flops_dense", "flops_sparse", "best_epoch", "epochs", "world_size",
             "max_layer_sparsity", "layer_cap", "layer_sparsity", "warnings")
-    return {k: metrics.get(k) for k in keys}
+    summary = {k: metrics.get(k) for k in keys}
+    # Measured speed beside the MACs ratio (the figures per batch size are in metrics.json).
+    summary["latency"] = speedups(metrics["latency"]) if isinstance(metrics.get("latency"), dict) else None
+    return summary

@@ -56,6 +56,14 @@ class Settings(BaseSettings):
     upload_timeout_s: float = Field(3600.0, gt=0, description="an upload not received in full within this long is aborted (408)")
     upload_validations: int = Field(2, ge=1, description="uploaded checkpoints checked at once; each may hold up to "
                                     "max_uncompressed_bytes (plus its finiteness check) in memory")
+    max_request_bytes: int = Field(1024 * 1024, gt=0, description="largest body of any request but an upload (a JobSpec is "
+                                   "a few KB); larger ones get 413 before they are read")
+    request_body_timeout_s: float = Field(60.0, gt=0, description="a request body (uploads aside) not complete within this "
+                                          "long gets 408; one that sends nothing for upload_idle_timeout_s too")
+    header_timeout_s: float = Field(10.0, gt=0, description="a connection that has not sent a complete request line and "
+                                    "headers this long after it opened (or after its previous response) is closed")
+    max_header_bytes: int = Field(64 * 1024, ge=4096, description="request line and headers larger than this get 400")
+    max_connections: int = Field(1000, ge=1, description="connections (and requests in flight) beyond this get 503")
     max_model_params: int = Field(1_000_000_000, ge=1, description="architectures with more parameters (counted before "
                                   "anything is built) are refused at submit")
     poll_seconds: float = Field(1.0, gt=0)

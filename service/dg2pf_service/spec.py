@@ -7,6 +7,7 @@ the two can never drift apart. Unknown fields are rejected at every level.
 from __future__ import annotations
 
 import dataclasses
+import re
 import typing
 from typing import Annotated, Any, Literal
 
@@ -23,15 +24,23 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
-def _no_nul(value: str) -> str:
-    # A NUL byte cannot be part of a file name: refused here, not by the operating system later.
-    if "\x00" in value:
-        raise ValueError("must not contain a NUL character")
+# C0 controls (NUL, ESC, CR, LF, ...), DEL and C1 controls.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def _no_control(value: str) -> str:
+    # A NUL byte cannot be part of a file name: refused here, not by the operating system later. The
+    # others rewrite a terminal or a log line when the CLI or the service prints the value (an ANSI
+    # escape, a CR that overprints a line, a LF that forges one).
+    found = _CONTROL.search(value)
+    if found:
+        raise ValueError(f"must not contain control characters (NUL, escape, CR, LF, ...); got {found.group()!r} "
+                         f"at position {found.start()}")
     return value
 
 
-Text = Annotated[str, Field(max_length=4096), AfterValidator(_no_nul)]
-Name = Annotated[str, Field(min_length=1, max_length=200), AfterValidator(_no_nul)]
+Text = Annotated[str, Field(max_length=4096), AfterValidator(_no_control)]
+Name = Annotated[str, Field(min_length=1, max_length=200), AfterValidator(_no_control)]
 
 
 class ModelSpec(_Strict):
@@ -97,11 +106,13 @@ class TuneSpec(_Strict):
 
 
 class JobSpec(_Strict):
-    name: str | None = Field(None, max_length=128)
+    name: Annotated[str, Field(max_length=128), AfterValidator(_no_control)] | None = None
     model: ModelSpec
     teacher: Text | None = Field(None, description="checkpoint id or path of a separate teacher (same arch)")
     dataset: DatasetSpec
-    sparsity: float = Field(gt=0, lt=1, description="fraction of prunable weights to remove")
+    # At least 0.1%: below it round(s x N) prunes nothing of a model under a thousand weights, and no
+    # real job asks for it; values like 5e-324 are typos or probes.
+    sparsity: float = Field(ge=0.001, lt=1, description="fraction of prunable weights to remove")
     schedule: ScheduleSpec = Field(default_factory=ScheduleSpec)  # type: ignore[valid-type]
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
     tune: TuneSpec | None = None

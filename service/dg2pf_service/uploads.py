@@ -19,6 +19,7 @@ import errno
 import fcntl
 import hashlib
 import json
+import logging
 import math
 import os
 import uuid
@@ -39,6 +40,8 @@ from dg2pf_core.compact import FORMAT as COMPACT_FORMAT
 from dg2pf_core.errors import CheckpointError
 
 from .settings import Settings
+
+log = logging.getLogger("dg2pf.uploads")
 
 STAGING = ".partial"
 FIELD = "file"
@@ -331,18 +334,28 @@ class _FileForm:
 
 
 def _check(path: Path, filename: str, limits: UploadLimits) -> str:
-    """Worker-thread body of :meth:`CheckpointUploads.check`: the file's kind, or UploadRefused."""
-    size, what = in_memory_size(path, limits.max_uncompressed_bytes)
-    if size > limits.max_uncompressed_bytes:
-        raise UploadRefused(413, "too_large", f"{filename} would take {size} bytes in memory ({what}), above this "
-                            f"service's limit of {limits.max_uncompressed_bytes} bytes (DG2PF_MAX_UNCOMPRESSED_BYTES); "
-                            "save the weights uncompressed (torch.save or safetensors) or ask the operator to raise the limit")
+    """Worker-thread body of :meth:`CheckpointUploads.check`: the file's kind, or UploadRefused.
+
+    Never another exception: whatever a crafted file makes a reader raise is a refusal of that file
+    (422), its traceback logged, not a server error."""
     try:
+        size, what = in_memory_size(path, limits.max_uncompressed_bytes)
+        if size > limits.max_uncompressed_bytes:
+            raise UploadRefused(413, "too_large", f"{filename} would take {size} bytes in memory ({what}), above this "
+                                f"service's limit of {limits.max_uncompressed_bytes} bytes (DG2PF_MAX_UNCOMPRESSED_BYTES); "
+                                "save the weights uncompressed (torch.save or safetensors) or ask the operator to raise the limit")
         read_state_dict(path)
+        with open(path, "rb") as f:
+            head = f.read(9)
+    except UploadRefused:
+        raise
     except CheckpointError as exc:
-        raise UploadRefused(422, "invalid_checkpoint", exc.message.replace(str(path), filename)) from exc
-    with open(path, "rb") as f:
-        head = f.read(9)
+        message = exc.message.replace(str(path), filename)
+        raise UploadRefused(422, "invalid_checkpoint", message if filename in message else f"{filename}: {message}") from exc
+    except Exception as exc:  # noqa: BLE001 - see the docstring
+        log.exception("checking the upload %s (%s) failed", filename, path)
+        why = _clip(f"{type(exc).__name__}: {exc}".replace(str(path), filename))
+        raise UploadRefused(422, "invalid_checkpoint", f"{filename} is not a readable checkpoint: {why}") from exc
     return "safetensors" if head[8:9] == b"{" else "torch"
 
 
@@ -398,21 +411,57 @@ def _zip_record_count(f: BinaryIO, size: int) -> int | None:
 
 
 def _safetensors_size(f: BinaryIO, size: int) -> tuple[int, str]:
+    """The data size a safetensors header declares (or its compact layout's dense size). Raises
+    CheckpointError for a header the format does not allow, whatever is wrong with it (nesting,
+    types, offsets that are not integers within the file): readers given one refuse it by crashing."""
     f.seek(0)
     header_len = int.from_bytes(f.read(8), "little")
     if header_len > size - 8:
         return size, "the file's size"  # truncated: the reader refuses it
+    data_len = size - 8 - header_len
     try:
         header = json.loads(f.read(header_len))
-        data = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
-    except (ValueError, KeyError, TypeError, IndexError):
-        return size, "the file's size"  # malformed: the reader refuses it
+    except RecursionError as exc:  # e.g. {"a":[[[...]]]} nested 200,000 deep
+        raise _malformed("it is nested too deeply") from exc
+    except ValueError as exc:  # not JSON, not UTF-8, or an integer of thousands of digits
+        raise _malformed(f"it is not JSON ({_clip(str(exc))})") from exc
+    if not isinstance(header, dict):
+        raise _malformed(f"it is a JSON {type(header).__name__}, not an object of tensors")
+    data = 0
+    for name, entry in header.items():
+        if name == "__metadata__":
+            if entry is not None and (not isinstance(entry, dict) or not all(isinstance(v, str) for v in entry.values())):
+                raise _malformed("__metadata__ must be an object of strings")
+            continue
+        if not isinstance(entry, dict):
+            raise _malformed(f"tensor {_clip(repr(name))} is a JSON {type(entry).__name__}, not an object")
+        offsets, shape = entry.get("data_offsets"), entry.get("shape")
+        # type() is int: no bools, no floats (1e400 parses as inf), and end within the data section.
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)
+                and 0 <= offsets[0] <= offsets[1] <= data_len):
+            raise _malformed(f"tensor {_clip(repr(name))}: data_offsets must be two integers 0 <= begin <= end <= "
+                             f"{data_len} (the size of the data after the header), got {_clip(repr(offsets))}")
+        if not isinstance(entry.get("dtype"), str) or not (isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape)):
+            raise _malformed(f"tensor {_clip(repr(name))}: needs a dtype name and a shape of non-negative integers, "
+                             f"got dtype {_clip(repr(entry.get('dtype')))}, shape {_clip(repr(shape))}")
+        data = max(data, offsets[1])
     meta = header.get("__metadata__") or {}
-    if isinstance(meta, dict) and meta.get("format") == COMPACT_FORMAT:
-        dense = _compact_dense_size(meta.get("layout"))
+    if meta.get("format") == COMPACT_FORMAT:
+        try:
+            dense = _compact_dense_size(meta.get("layout"))
+        except (RecursionError, OverflowError) as exc:  # a layout nested too deeply, or a dimension of 1e400
+            raise _malformed(f"its compact layout cannot be read ({type(exc).__name__})") from exc
         if dense is not None:
             return max(dense, data), "the dense size of the tensors its compact layout lists"
     return data, "the data size its safetensors header declares"
+
+
+def _malformed(why: str) -> CheckpointError:
+    return CheckpointError(f"malformed safetensors header: {why}")
+
+
+def _clip(text: str, limit: int = 200) -> str:
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def _compact_dense_size(layout: object) -> int | None:
@@ -421,3 +470,9 @@ def _compact_dense_size(layout: object) -> int | None:
         return sum(math.prod(int(d) for d in shape) * _SAFETENSORS_ITEMSIZE[code] for _, _, code, shape in entries)
     except (ValueError, TypeError, KeyError):
         return None  # malformed: the reader refuses it
+
+
+def check_checkpoint_file(path: Path, shown_as: str, settings: Settings) -> str:
+    """The check an upload gets (its declared in-memory size against ``max_uncompressed_bytes``, then
+    loadable weights), for a file already on disk: its kind ("safetensors" or "torch"), or UploadRefused."""
+    return _check(path, shown_as, UploadLimits.from_settings(settings))

@@ -6,12 +6,14 @@ Each check raises ``InvalidJob`` naming the spec field and the reason; the API t
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
+from dg2pf_core.config import DG2PFConfig
 from dg2pf_core.data import parse_spec
 from dg2pf_core.data.registry import needs_path
 from dg2pf_core.data.roots import check_tree, under
-from dg2pf_core.errors import DG2PFError
+from dg2pf_core.errors import ConfigError, DG2PFError
 from dg2pf_core.job import check_static
 
 from .pinning import pin_checkpoint
@@ -68,15 +70,37 @@ def check_dataset(spec: str, settings: Settings) -> None:
         raise InvalidJob("dataset.spec", exc.message) from exc
 
 
-def validate_job(spec: JobSpec, settings: Settings, store: JobStore, capacity: tuple[float, float]) -> tuple[str, str | None]:
-    """All checks; returns (checkpoint path, teacher path)."""
+def _amp_refusal(config: DG2PFConfig, use_gpu: bool) -> str | None:
+    if config.amp != "none" and not use_gpu:
+        return (f"amp {config.amp!r} needs a GPU (mixed precision runs under CUDA autocast only): "
+                "set resources.use_gpu: true, or amp: none")
+    return None
+
+
+def validate_job(spec: JobSpec, settings: Settings, store: JobStore,
+                 capacity: Callable[[], tuple[float, float]]) -> tuple[str, str | None]:
+    """All checks; returns (checkpoint path, teacher path). ``capacity`` is asked last (it asks Ray):
+    what the request alone shows wrong is refused even while the cluster does not answer."""
     try:
         config = spec.config()
     except DG2PFError as exc:
         raise InvalidJob(f"schedule.{exc.field}" if exc.field and exc.field != "sparsity" else "sparsity", exc.message) from exc
-    if config.amp != "none" and not spec.resources.use_gpu:
-        raise InvalidJob("schedule.amp", f"amp {config.amp!r} needs a GPU (mixed precision runs under CUDA autocast only): "
-                         "set resources.use_gpu: true, or amp: none")
+    refusal = _amp_refusal(config, spec.resources.use_gpu)
+    if refusal:
+        raise InvalidJob("schedule.amp", refusal)
+    if spec.tune is not None and spec.tune.search_space:  # cheap: before any checkpoint is pinned
+        from dg2pf_ray.search_space import build_space
+
+        try:
+            # The service's own rules hold for every value the space can give a trial, too.
+            def service_rules(trial: DG2PFConfig) -> None:
+                refusal = _amp_refusal(trial, spec.resources.use_gpu)
+                if refusal:
+                    raise ConfigError(refusal, field="amp")
+
+            build_space(spec.tune.search_space, config, samples=spec.tune.samples, check=service_rules)
+        except DG2PFError as exc:
+            raise InvalidJob("tune.search_space", exc.message) from exc
     checkpoint = resolve_checkpoint(spec.model.checkpoint, "model.checkpoint", settings, store)
     teacher = resolve_checkpoint(spec.teacher, "teacher", settings, store) if spec.teacher else None
     check_dataset(spec.dataset.spec, settings)
@@ -91,8 +115,17 @@ def validate_job(spec: JobSpec, settings: Settings, store: JobStore, capacity: t
             exc.field or "", "teacher" if teacher_file else "model.checkpoint")
         if exc.field in _SCHEDULE_FIELDS:  # a schedule option that does not fit this model (N:M, include/exclude)
             where = f"schedule.{exc.field}"
-        raise InvalidJob(where, exc.message) from exc
-    cpus, gpus = capacity
+        # The client named the checkpoints; where the store keeps them is none of its business.
+        message = exc.message.replace(checkpoint, spec.model.checkpoint)
+        if teacher is not None and spec.teacher is not None:
+            message = message.replace(teacher, spec.teacher)
+        raise InvalidJob(where, message) from exc
+    try:
+        cpus, gpus = capacity()
+    except Exception as exc:  # noqa: BLE001 - Ray does not answer (restarting, unreachable)
+        raise InvalidJob("resources", f"the Ray cluster does not answer now ({type(exc).__name__}), so this job's resources "
+                         "cannot be checked; nothing was created: submit it again shortly (GET /readyz says when Ray is back)",
+                         status=503) from exc
     workers = spec.resources.num_workers
     if spec.resources.use_gpu and workers > gpus:
         raise InvalidJob("resources.num_workers", f"{workers} GPU workers cannot be placed: the Ray cluster has {gpus:g} GPUs for jobs (those held by serving replicas excluded; "
@@ -100,11 +133,4 @@ def validate_job(spec: JobSpec, settings: Settings, store: JobStore, capacity: t
     if workers > cpus:
         raise InvalidJob("resources.num_workers", f"{workers} workers cannot be placed: the Ray cluster has {cpus:g} CPUs for jobs (those held by serving replicas excluded; "
                          "DG2PF_CLUSTER_MAX_CPUS declares what an autoscaling cluster can grow to)")
-    if spec.tune is not None and spec.tune.search_space:
-        from dg2pf_ray.search_space import build_space
-
-        try:
-            build_space(spec.tune.search_space, config)
-        except DG2PFError as exc:
-            raise InvalidJob("tune.search_space", exc.message) from exc
     return checkpoint, teacher

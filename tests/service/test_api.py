@@ -89,10 +89,16 @@ def test_full_lifecycle(service, client, ckpt, tmp_path):
     assert job.best_metrics["layer_cap"] == pytest.approx(0.94)
     assert len(layers) >= 3 and job.best_metrics["max_layer_sparsity"] == max(layers.values()) <= 0.94 + 1e-9
     assert isinstance(job.best_metrics["warnings"], list)
+    # measured speed beside the MACs ratio: dense vs pruned, per backend and batch size (the runner's 1 thread)
+    latency = job.best_metrics["latency"]
+    assert latency["threads"] == 1 and latency["macs_ratio"] == pytest.approx(
+        job.best_metrics["flops_sparse"] / job.best_metrics["flops_dense"])
+    assert set(latency["speedup"]) == {"torch", "onnxruntime"} and all(
+        x > 0 for by in latency["speedup"].values() for x in by.values())
     assert [h["epoch"] for h in job.history] == list(range(len(job.history)))
     assert ("running", "gradual_pruning") in seen or ("running", "baseline") in seen
     files = {p.name for p in client.download(job.id, tmp_path / "dl")}
-    assert {"model.safetensors", "metrics.json", "history.json"} <= files
+    assert {"model.safetensors", "model.onnx", "metrics.json", "history.json"} <= files
     assert json.loads((tmp_path / "dl" / "metrics.json").read_text())["target_sparsity"] == 0.9
     assert client.list(state="succeeded").total >= 1
 
@@ -126,6 +132,32 @@ BAD = [
     (lambda c: {**spec(c), "schedule": {"granularity": "2:4"}}, 422, "schedule.granularity"),  # sparsity 0.9, not 0.5
     # digits_cnn's first convolution has rows of 9 weights: no whole groups of 4 (checked at submit)
     (lambda c: {**spec(c, sparsity=0.5), "schedule": {"granularity": "2:4"}}, 422, "schedule.granularity"),
+    # control characters in what the CLI prints: NUL, an ANSI escape, CR/LF, DEL, a C1 control
+    (lambda c: spec(c, name="a\u0000b"), 422, "name"),
+    (lambda c: spec(c, name="\u001b[2J\u001b[31mowned"), 422, "name"),
+    (lambda c: spec(c, name="ok\r\nstate: succeeded"), 422, "name"),
+    (lambda c: spec(c, name="del\u007f"), 422, "name"),
+    (lambda c: spec(c, name="csi\u009b31m"), 422, "name"),
+    (lambda c: {**spec(c), "model": {"arch": "digits_cnn\u001b[0m", "num_classes": 10, "checkpoint": c}}, 422, "model.arch"),
+    (lambda c: {**spec(c), "dataset": {"spec": "imagefolder:/data/x\ny"}}, 422, "dataset.spec"),
+    (lambda c: {**spec(c), "teacher": "/x\u001b"}, 422, "teacher"),
+    (lambda c: spec(c, sparsity=5e-324), 422, "sparsity"),
+    (lambda c: spec(c, sparsity=0.0009), 422, "sparsity"),
+    # user regular expressions: RE2 takes no backreference (and no pattern can freeze the API)
+    (lambda c: {**spec(c), "schedule": {**FAST, "include": ["(conv)\\1"]}}, 422, "schedule.include"),
+    (lambda c: {**spec(c), "schedule": {**FAST, "exclude": ["fc(?=2)"]}}, 422, "schedule.exclude"),
+    (lambda c: {**spec(c), "schedule": {**FAST, "include": ["(.*.*.*)*="]}}, 422, "schedule.include"),  # matches nothing
+    # search spaces: every kind that was a 500 or accepted
+    (lambda c: {**spec(c), "tune": {"search_space": {"weight_decay": {"loguniform": [0, 0.1]}}}}, 422, "tune.search_space"),
+    (lambda c: {**spec(c), "tune": {"search_space": {"pruning_epochs": {"randint": ["1", "3"]}}}}, 422, "tune.search_space"),
+    (lambda c: {**spec(c), "tune": {"search_space": {"lr": {"uniform": [0.01, 0.001]}}}}, 422, "tune.search_space"),
+    (lambda c: {**spec(c), "tune": {"search_space": {"pruning_epochs": {"randint": [5, 5]}}}}, 422, "tune.search_space"),
+    (lambda c: {**spec(c), "tune": {"samples": 256, "search_space": {"kd_alpha": {"grid": [0.5] * 100_000}}}}, 422, "tune.search_space"),
+    (lambda c: {**spec(c), "tune": {"samples": 256, "search_space": {
+        n: {"grid": [v] * 50} for n, v in [("lr", 1e-3), ("kd_alpha", 0.5), ("kd_temperature", 4.0), ("weight_decay", 0.0),
+                                           ("grad_clip", 0.5), ("finetune_lr", 1e-3), ("sp_weight", 1.0), ("finetune_momentum", 0.9)]}}},
+     422, "tune.search_space"),
+    (lambda c: {**spec(c), "tune": {"search_space": {"amp": {"choice": ["none", "bf16"]}}}}, 422, "tune.search_space"),
 ]
 
 

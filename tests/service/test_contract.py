@@ -10,27 +10,29 @@ from fastapi.testclient import TestClient
 
 from dg2pf_service.api.app import create_app
 from dg2pf_service.api.schemas import ErrorResponse, NotReady, artifact_media_type
+from dg2pf_service.settings import Settings
 
 from service_process import ServiceProcess
 
 TOKEN = "contract-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 JOB_ID = "0" * 32
-# The error statuses each operation declares (500 everywhere: an unexpected failure can happen anywhere).
+# The error statuses each operation declares (413 and 500 everywhere: any request may carry a body over
+# DG2PF_MAX_REQUEST_BYTES, and an unexpected failure can happen anywhere).
 ERRORS = {
-    ("get", "/healthz"): {500},
-    ("get", "/readyz"): {500, 503},
-    ("post", "/checkpoints"): {400, 401, 403, 408, 413, 422, 500},
-    ("post", "/jobs"): {400, 401, 403, 404, 422, 500},
-    ("get", "/jobs"): {401, 403, 422, 500},
-    ("get", "/jobs/{job_id}"): {401, 403, 404, 422, 500},
-    ("post", "/jobs/{job_id}/cancel"): {401, 403, 404, 409, 422, 500},
-    ("get", "/jobs/{job_id}/artifacts"): {401, 403, 404, 422, 500},
-    ("get", "/jobs/{job_id}/artifacts/{name}"): {401, 403, 404, 422, 500},
-    ("post", "/jobs/{job_id}/deploy"): {401, 403, 404, 409, 422, 500},
-    ("get", "/models"): {401, 403, 500},
-    ("get", "/models/{model_id}"): {401, 403, 404, 422, 500},
-    ("delete", "/models/{model_id}"): {401, 403, 404, 422, 500},
+    ("get", "/healthz"): {413, 500},
+    ("get", "/readyz"): {413, 500, 503},
+    ("post", "/checkpoints"): {400, 401, 403, 408, 413, 422, 500, 507},
+    ("post", "/jobs"): {400, 401, 403, 404, 408, 413, 422, 500, 503},
+    ("get", "/jobs"): {401, 403, 422, 413, 500},
+    ("get", "/jobs/{job_id}"): {401, 403, 404, 422, 413, 500},
+    ("post", "/jobs/{job_id}/cancel"): {401, 403, 404, 409, 422, 413, 500},
+    ("get", "/jobs/{job_id}/artifacts"): {401, 403, 404, 422, 413, 500},
+    ("get", "/jobs/{job_id}/artifacts/{name}"): {401, 403, 404, 422, 413, 500},
+    ("post", "/jobs/{job_id}/deploy"): {401, 403, 404, 409, 422, 413, 500},
+    ("get", "/models"): {401, 403, 413, 500},
+    ("get", "/models/{model_id}"): {401, 403, 404, 422, 413, 500},
+    ("delete", "/models/{model_id}"): {401, 403, 404, 422, 413, 500},
 }
 PUBLIC = {"/healthz", "/readyz"}
 
@@ -79,7 +81,7 @@ def test_openapi_declares_every_error_response_with_the_error_shape(openapi):
             content = op["responses"][str(status)]["content"]
             assert list(content) == ["application/json"], (key, status)
             name = _ref(content["application/json"]["schema"])
-            assert name == ("NotReady" if status == 503 else "ErrorResponse"), (key, status, name)
+            assert name == ("NotReady" if key == ("get", "/readyz") and status == 503 else "ErrorResponse"), (key, status, name)
     # FastAPI's default 422 schema is replaced everywhere, not only declared beside ours.
     assert "HTTPValidationError" not in openapi["components"]["schemas"]
     schemas = openapi["components"]["schemas"]
@@ -104,6 +106,7 @@ def test_openapi_declares_the_token_and_the_artifact_content_types(openapi):
 def test_artifacts_are_served_with_their_content_type():
     assert artifact_media_type("model.safetensors") == "application/octet-stream"
     assert artifact_media_type("model.compact.safetensors") == "application/octet-stream"
+    assert artifact_media_type("model.onnx") == "application/octet-stream"
     assert artifact_media_type("metrics.json") == "application/json"
     assert artifact_media_type("history.json") == "application/json"
     assert artifact_media_type("trials.csv") == "text/csv"
@@ -154,7 +157,7 @@ def test_unknown_routes_wrong_methods_and_malformed_bodies_answer_in_the_error_s
 def _bare_app(**services) -> TestClient:
     # The app without its lifespan (no Ray, no database): for the handlers that need no real service.
     app = create_app()
-    app.state.services = SimpleNamespace(**services)
+    app.state.services = SimpleNamespace(**{"settings": Settings(api_tokens=[]), **services})
     return TestClient(app, raise_server_exceptions=False)
 
 
@@ -162,7 +165,7 @@ def test_an_unexpected_failure_answers_500_in_the_error_shape():
     def ping():
         raise RuntimeError("database gone")
 
-    client = _bare_app(store=SimpleNamespace(ping=ping), settings=SimpleNamespace(api_tokens=[]))
+    client = _bare_app(store=SimpleNamespace(ping=ping))
 
     @client.app.get("/test-only/boom")
     def boom():

@@ -231,6 +231,65 @@ def test_a_compact_artifact_expanding_past_the_ceiling_is_refused_before_it_is_r
     assert staged_files(staging) == []
 
 
+def safetensors_file(header: bytes, data: bytes = bytes(8)) -> bytes:
+    return len(header).to_bytes(8, "little") + header + data
+
+
+def _tensor(offsets: str, shape: str = "[2]", dtype: str = '"F32"') -> bytes:
+    return f'{{"a":{{"dtype":{dtype},"shape":{shape},"data_offsets":{offsets}}}}}'.encode()
+
+
+# Headers that once crashed the check (RecursionError, OverflowError: 500s) and their kin.
+MALFORMED_HEADERS = [
+    (b'{"a":' + b"[" * 200_000 + b"]" * 200_000 + b"}", "nested too deeply"),
+    (_tensor("[0,1e400]"), "data_offsets must be two integers"),
+    (_tensor("[0,8.0]"), "data_offsets must be two integers"),
+    (_tensor("[-8,0]"), "data_offsets must be two integers"),
+    (_tensor("[8,0]"), "data_offsets must be two integers"),
+    (_tensor("[0,99999999999]"), "data_offsets must be two integers"),
+    (_tensor("[false,true]"), "data_offsets must be two integers"),
+    (_tensor('"0,8"'), "data_offsets must be two integers"),
+    (_tensor("[0," + "9" * 5000 + "]"), "not JSON"),
+    (_tensor("[0,8]", shape="[1e400]"), "shape of non-negative integers"),
+    (_tensor("[0,8]", dtype="7"), "dtype name"),
+    (b'{"a":"x"}', "not an object"),
+    (b'{"a":[0,8]}', "not an object"),
+    (b'{"__metadata__":[1]}', "__metadata__"),
+    (b'{"__metadata__":{"format":"dg2pf-compact","layout":"' + b"[" * 100_000 + b'"}}', "compact layout cannot be read"),
+    (b'{"a\xff":1}', "not JSON"),
+]
+
+
+@pytest.mark.parametrize("header, why", MALFORMED_HEADERS, ids=lambda v: v if isinstance(v, str) else None)
+def test_a_malformed_safetensors_header_is_refused_with_a_message(service, staging, header, why):
+    from dg2pf_core.compact import FORMAT
+
+    body = safetensors_file(header.replace(b"dg2pf-compact", FORMAT.encode()))
+    assert len(body) < LIMIT
+    r = upload(service, {"file": ("crafted.safetensors", body)})
+    assert r.status_code == 422, r.text
+    err = r.json()["error"]
+    assert err["type"] == "invalid_checkpoint" and why in err["message"] and "crafted.safetensors" in err["message"], err
+    assert staged_files(staging) == []
+
+
+def test_an_unexpected_error_while_checking_is_a_refusal_logged_with_its_traceback(tmp_path, monkeypatch, caplog):
+    from dg2pf_service import uploads
+
+    def crash(_path):
+        raise OverflowError("a reader's bug, reached through a crafted file")
+
+    path = small_checkpoint(tmp_path / "staged-name")
+    monkeypatch.setattr(uploads, "read_state_dict", crash)
+    limits = uploads.UploadLimits.from_settings(Settings(data_dir=tmp_path / "state"))
+    with caplog.at_level("ERROR", logger="dg2pf.uploads"), pytest.raises(uploads.UploadRefused) as refused:
+        uploads._check(path, "model.safetensors", limits)
+    assert refused.value.status == 422 and refused.value.type == "invalid_checkpoint"
+    assert refused.value.message.startswith("model.safetensors is not a readable checkpoint: OverflowError: a reader's bug")
+    assert str(path) not in refused.value.message  # the staging path is the service's business
+    assert any(r.exc_info and r.exc_info[0] is OverflowError for r in caplog.records)
+
+
 def slow_to_check(size: int = LIMIT - 1000) -> bytes:
     # A plain pickle of one-byte opcodes: the reader scans each opcode in Python (~1 s per MB here)
     # before refusing it, so checking it on the event loop would stall every other request.

@@ -13,6 +13,7 @@ from ..services import Services, build
 from ..settings import Settings
 from . import checkpoints, errors, health, jobs, models
 from .auth import require_token
+from .guard import RequestGuard
 
 TITLE = "dg2pf"
 BEARER = "bearer"
@@ -32,7 +33,9 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
 
     # FastAPI's own /docs, /redoc and /openapi.json would be public: _docs serves them behind the token.
     app = FastAPI(title=TITLE, version="0.1.0", description="DG2PF pruning jobs on Ray", lifespan=lifespan,
-                  docs_url=None, redoc_url=None, openapi_url=None, responses=errors.error_responses(500))
+                  docs_url=None, redoc_url=None, openapi_url=None, responses=errors.error_responses(413, 500),
+                  redirect_slashes=False)  # /jobs/ is 404, not a redirect answered before the token is checked
+    app.add_middleware(RequestGuard)
     errors.install(app)
     app.include_router(health.router)
     for router in (checkpoints.router, jobs.router, models.router):

@@ -26,7 +26,7 @@ def _intake(app: FastAPI) -> CheckpointUploads:
     return intake
 
 
-@router.post("", status_code=201, response_model=CheckpointOut, responses={200: {"model": CheckpointOut, "description": "the same content was uploaded before: the same id"}, **ApiError.responses(400, 408, 413, 422)})
+@router.post("", status_code=201, response_model=CheckpointOut, responses={200: {"model": CheckpointOut, "description": "the same content was uploaded before: the same id"}, **ApiError.responses(400, 408, 413, 422, 507)})
 async def upload(request: Request, response: Response) -> CheckpointOut:
     services = request.app.state.services
     intake = _intake(request.app)

@@ -32,12 +32,14 @@ MEANING = {
     401: "no bearer token (only when the service runs with DG2PF_API_TOKENS)",
     403: "a bearer token that is not one of DG2PF_API_TOKENS",
     404: "no such job, model, artifact or checkpoint",
-    408: "the upload was not received in time",
+    408: "the request body (an upload: its file) was not received in time",
     409: "the job's state does not allow it",
-    413: "the upload is larger than DG2PF_MAX_UPLOAD_BYTES",
+    413: "the request body is larger than DG2PF_MAX_REQUEST_BYTES (an upload: DG2PF_MAX_UPLOAD_BYTES, or it declares more "
+         "than DG2PF_MAX_UNCOMPRESSED_BYTES in memory)",
     422: "a field is invalid; `field` names it",
     500: "an unexpected failure of the service (its log has the traceback)",
     503: "a dependency does not answer",
+    507: "the service has no disk space left for the upload",
 }
 AUTH = (401, 403)
 
@@ -53,6 +55,16 @@ class ApiError(HTTPException):
 
     def __init__(self, status: int, type_: str, message: str, field: str | None = None, headers: dict | None = None) -> None:
         super().__init__(status, detail=error_body(type_, message, field), headers=headers)
+
+
+class BodyRefused(ApiError):
+    """A request body refused while a route reads it (``guard``): too large (413) or too slow (408).
+
+    An HTTPException, so FastAPI passes it on as it is while it reads a body (other exceptions there
+    become its own 400); the connection closes with the answer, leaving the rest of the body unread."""
+
+    def __init__(self, status: int, type_: str, message: str) -> None:
+        super().__init__(status, type_, message, headers={"Connection": "close"})
 
 
 def _starlette_error(request: Request, exc: StarletteHTTPException) -> dict:
@@ -103,7 +115,8 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(InvalidJob)
     async def _invalid_job(request: Request, exc: InvalidJob) -> JSONResponse:
-        return JSONResponse(error_body("invalid_job", exc.message, exc.field), status_code=exc.status)
+        type_ = "cluster_unavailable" if exc.status == 503 else "invalid_job"
+        return JSONResponse(error_body(type_, exc.message, exc.field), status_code=exc.status)
 
     @app.exception_handler(DG2PFError)
     async def _dg2pf(request: Request, exc: DG2PFError) -> JSONResponse:

@@ -23,7 +23,7 @@ router = APIRouter(prefix="/jobs", tags=["jobs"], dependencies=[Depends(require_
 MAX_OFFSET = 2**31 - 1  # beyond any page a store holds; larger numbers overflow SQL integers
 JobId = Annotated[str, PathParam(pattern=r"^[0-9a-f]{32}$", description="a job id (32 hex digits)")]
 
-ARTIFACTS = ("model.safetensors", "model.compact.safetensors", "metrics.json", "history.json", "trials.csv")
+ARTIFACTS = ("model.safetensors", "model.compact.safetensors", "model.onnx", "metrics.json", "history.json", "trials.csv")
 
 
 def _links(job_id: str) -> dict[str, str]:
@@ -54,9 +54,9 @@ def _row_or_404(services, job_id: str):
 
 
 @router.post("", status_code=202, response_model=JobSubmitted,
-             responses={202: {"headers": LOCATION}, **ApiError.responses(400, 404, 422)})
+             responses={202: {"headers": LOCATION}, **ApiError.responses(400, 404, 408, 422, 503)})
 def submit(spec: JobSpec, response: Response, services=Depends(_services)) -> JobSubmitted:
-    checkpoint, teacher = validate_job(spec, services.settings, services.store, services.capacity())
+    checkpoint, teacher = validate_job(spec, services.settings, services.store, services.capacity)
     doc = {"spec": spec.model_dump(mode="json"), "resolved": {"checkpoint": checkpoint, "teacher": teacher}}
     row = services.store.create_job(doc, spec.name, spec.sparsity, services.settings.jobs_dir)
     response.headers["Location"] = f"/jobs/{row.id}"
