@@ -349,11 +349,11 @@ def test_paths_cannot_escape_the_data_roots_and_checkpoints_are_pinned(service, 
     headers = {"Authorization": f"Bearer {TOKEN}"}
     cases = [
         ({**spec(ckpt), "model": {"arch": "digits_cnn", "num_classes": 10, "checkpoint": str(root / "linked.safetensors")}},
-         "model.checkpoint", "not under DG2PF_DATA_ROOTS"),
+         "model.checkpoint", "not a file under DG2PF_DATA_ROOTS"),
         ({**spec(ckpt), "model": {"arch": "digits_cnn", "num_classes": 10, "checkpoint": str(root / "hardlinked.safetensors")}},
          "model.checkpoint", "hard link"),
         ({**spec(ckpt), "model": {"arch": "digits_cnn", "num_classes": 10, "checkpoint": str(service.data_dir / "checkpoints" / f"{ckpt}.safetensors")}},
-         "model.checkpoint", "not under DG2PF_DATA_ROOTS"),
+         "model.checkpoint", "not a file under DG2PF_DATA_ROOTS"),
         ({**spec(ckpt), "dataset": {"spec": f"imagefolder:{root / 'ds-with-link'}"}}, "dataset.spec", "symbolic link"),
     ]
     total = client.list().total
