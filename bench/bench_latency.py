@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from benchreport import Contention, contention_line, environment, environment_lines, table, write_result
+from benchreport import Contention, contention_line, environment, environment_lines, table, update_docs, write_result
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -41,7 +41,6 @@ from dg2pf_core.models import build_model  # noqa: E402
 from dg2pf_core.onnx_export import export_onnx  # noqa: E402
 
 DOCS = ROOT / "docs" / "benchmarks.md"
-BEGIN, END = "<!-- bench_latency:begin -->", "<!-- bench_latency:end -->"
 SPARSITY = 0.9
 # (arch, image size, classes, {batch: runs}); the quick variant divides the runs and keeps the small inputs
 CASES = [
@@ -128,17 +127,6 @@ def report(results: list[dict], env: dict) -> str:
     return "\n".join(lines)
 
 
-def update_docs(block: str) -> None:
-    text = DOCS.read_text()
-    if BEGIN in text and END in text:
-        head, rest = text.split(BEGIN, 1)
-        text = head + BEGIN + "\n" + block + "\n" + END + rest.split(END, 1)[1]
-    else:
-        heading = "## 10. `bench_latency`: inference latency, dense vs 90% unstructured"
-        text = text.rstrip("\n") + f"\n\n{heading}\n\n{BEGIN}\n{block}\n{END}\n"
-    DOCS.write_text(text)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="32x32 cases only, 5 runs; no docs update")
@@ -161,7 +149,7 @@ def main() -> None:
     print(block)
     write_result("bench_latency", {"environment": env, "sparsity": SPARSITY, "results": results})
     if not (args.quick or args.no_docs):
-        update_docs(block)
+        update_docs(DOCS, "bench_latency", '## 10. `bench_latency`: inference latency, dense vs 90% unstructured', block)
         print(f"(updated {DOCS.relative_to(ROOT)})", file=sys.stderr)
 
 

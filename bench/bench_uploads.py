@@ -51,7 +51,7 @@ from pathlib import Path
 import httpx
 import torch
 
-from benchreport import ProcessTreeContention, contention_line, environment, environment_lines, table, write_result
+from benchreport import ProcessTreeContention, contention_line, environment, environment_lines, table, update_docs, write_result
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests" / "service"))
@@ -67,7 +67,6 @@ BIG_LIMIT = 64 * MIB
 CEILING = 4 * BIG_LIMIT
 BOUNDARY = "bench-boundary"
 DOCS = ROOT / "docs" / "benchmarks.md"
-BEGIN, END = "<!-- bench_uploads:begin -->", "<!-- bench_uploads:end -->"
 
 
 def start_service(root: Path, limit: int) -> ServiceProcess:
@@ -255,17 +254,6 @@ def report(cut: list[dict], mem: list[dict], health: dict, env: dict, args) -> s
     return "\n".join(lines)
 
 
-def update_docs(block: str) -> None:
-    text = DOCS.read_text()
-    if BEGIN in text and END in text:
-        head, rest = text.split(BEGIN, 1)
-        text = head + BEGIN + "\n" + block + "\n" + END + rest.split(END, 1)[1]
-    else:
-        heading = "## 9. `bench_uploads`: POST /checkpoints under hostile uploads"
-        text = text.rstrip("\n") + f"\n\n{heading}\n\n{BEGIN}\n{block}\n{END}\n"
-    DOCS.write_text(text)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="1 round of 2 s windows; no docs update")
@@ -306,7 +294,7 @@ def main() -> None:
     write_result("bench_uploads", {"environment": env, "cut_off": cut, "memory": mem, "healthz": health,
                                    "limits": {"small": SMALL_LIMIT, "big": BIG_LIMIT, "ceiling": CEILING}})
     if not (args.quick or args.no_docs):
-        update_docs(block)
+        update_docs(DOCS, "bench_uploads", '## 9. `bench_uploads`: POST /checkpoints under hostile uploads', block)
         print(f"(updated {DOCS.relative_to(ROOT)})", file=sys.stderr)
     if args.keep:
         print(f"(kept {tmp})", file=sys.stderr)

@@ -19,18 +19,13 @@ from typing import Any
 
 import torch
 
+from dg2pf_core.latency import cpu_name
+
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 
 def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
+    return cpu_name()
 
 
 def _busy_cpu_seconds() -> float:
@@ -201,3 +196,16 @@ def write_result(name: str, payload: dict[str, Any]) -> Path:
     path = RESULTS_DIR / f"{name}.json"
     path.write_text(json.dumps(payload, indent=2) + "\n")
     return path
+
+
+def update_docs(docs: Path, name: str, heading: str, block: str) -> None:
+    """Put ``block`` between ``<!-- NAME:begin -->`` and ``<!-- NAME:end -->`` in ``docs``, or append
+    it under ``heading`` when the markers are not there yet."""
+    begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
+    text = docs.read_text()
+    if begin in text and end in text:
+        head, rest = text.split(begin, 1)
+        text = head + begin + "\n" + block + "\n" + end + rest.split(end, 1)[1]
+    else:
+        text = text.rstrip("\n") + f"\n\n{heading}\n\n{begin}\n{block}\n{end}\n"
+    docs.write_text(text)
