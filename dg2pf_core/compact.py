@@ -55,8 +55,10 @@ def check_values(values: str) -> None:
         raise ConfigError(f"compact_values must be one of {list(VALUE_DTYPES)}, got {values!r}", field="compact_values")
 
 
-def save_compact(state_dict: Mapping[str, torch.Tensor], path: str | Path, values: str = "fp32") -> None:
-    """Write ``state_dict`` to ``path`` as a compact artifact, atomically (see the module doc)."""
+def save_compact(state_dict: Mapping[str, torch.Tensor], path: str | Path, values: str = "fp32",
+                 metadata: Mapping[str, str] | None = None) -> None:
+    """Write ``state_dict`` to ``path`` as a compact artifact, atomically (see the module doc);
+    ``metadata``: more safetensors metadata entries (a channel structure)."""
     check_values(values)
     tensors: dict[str, torch.Tensor] = {}
     layout: list[list] = []
@@ -80,7 +82,7 @@ def save_compact(state_dict: Mapping[str, torch.Tensor], path: str | Path, value
         else:
             tensors[str(i)] = t
         layout.append(entry)
-    metadata = {"format": FORMAT, "version": VERSION, "values": values,
+    metadata = {**(metadata or {}), "format": FORMAT, "version": VERSION, "values": values,
                 "layout": json.dumps(layout, separators=(",", ":"))}
     save_state_dict(tensors, path, metadata=metadata)
 

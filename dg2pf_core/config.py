@@ -9,7 +9,7 @@ from typing import Any, Literal
 
 from .errors import ConfigError
 from .masks import Selection
-from .nm import NM, parse_granularity
+from .nm import CHANNEL, NM, parse_granularity
 from .patterns import compile_pattern
 from .schedule import schedule_names
 from .simulated import RECOVERY_MODES
@@ -58,7 +58,9 @@ MAX_PATTERNS, MAX_PATTERN_LENGTH = 256, 1000  # include / exclude / sp_blocks
 class DG2PFConfig:
     """Hyperparameters of one DG2PF run. Defaults follow the paper and the authors' scripts."""
 
-    sparsity: float
+    # Fraction of the prunable weights to remove (of the prunable channels with granularity "channel").
+    # 0 (unset) only with target_macs_ratio, which then decides it.
+    sparsity: float = 0.0
     # --- gradual pruning (Algorithm 1) ---
     pruning_epochs: int = 10
     schedule: str = "linear"  # "linear" (DG2PF) or "cubic" (gradual magnitude pruning)
@@ -68,7 +70,15 @@ class DG2PFConfig:
     # "unstructured" (DG2PF) or "N:M" ("2:4": at most N of every M consecutive weights along a row kept,
     # dg2pf_core/nm.py). N:M needs sparsity (M-N)/M and the global scope; the layer caps below do not
     # apply to it (no tensor goes beyond (M-N)/M: every group is capped by construction).
+    # "channel": whole output channels with everything coupled to them (Torch-Pruning's dependency
+    # graph, dg2pf_core/channels.py); sparsity is then the fraction of prunable channels, unless
+    # target_macs_ratio is given, and the pruned channels are physically removed after the last
+    # pruning epoch.
     granularity: str = "unstructured"
+    # Channel granularity only: the multiply-accumulates the pruned network may keep, as a fraction of
+    # the dense network's (0.5: half the compute); converted to a channel fraction (replacing sparsity)
+    # before training and met exactly at the last pruning epoch. None: use sparsity.
+    target_macs_ratio: float | None = None
     # Layer collapse guard: a global ranking prunes no layer beyond this fraction; what a capped layer
     # keeps is pruned from the others instead, so the global target is still met exactly. 1.0: off.
     max_layer_sparsity: float = 0.99
@@ -130,8 +140,13 @@ class DG2PFConfig:
                 raise bad(name, f"must be {'an integer' if integral else 'a number'}, got {value!r}")
             if not bounds.contains(value):
                 raise bad(name, f"must be in {bounds.text()}, got {value}")
-        if not isinstance(self.sparsity, (int, float)) or not 0.0 < self.sparsity < 1.0:
-            raise bad("sparsity", f"must be strictly between 0 and 1 (e.g. 0.9 for 90%), got {self.sparsity}")
+        if self.target_macs_ratio is not None and self.sparsity != 0.0:
+            raise bad("sparsity", f"give sparsity or target_macs_ratio, not both (target_macs_ratio {self.target_macs_ratio} "
+                                  f"decides the channel fraction; got sparsity {self.sparsity})")
+        if self.target_macs_ratio is None and (isinstance(self.sparsity, bool) or not isinstance(self.sparsity, (int, float))
+                                               or not 0.0 < self.sparsity < 1.0):
+            raise bad("sparsity", f"must be strictly between 0 and 1 (e.g. 0.9 for 90%), got {self.sparsity}"
+                      + ("; or give target_macs_ratio with granularity 'channel'" if self.sparsity == 0.0 else ""))
         if self.schedule not in schedule_names():
             raise bad("schedule", f"must be one of {schedule_names()}, got {self.schedule!r}")
         if self.recovery not in RECOVERY_MODES:
@@ -144,6 +159,16 @@ class DG2PFConfig:
         if nm is not None and abs(self.sparsity - nm.sparsity) > 1e-9:
             raise bad("granularity", f"{nm} prunes exactly {nm.m - nm.n} of every {nm.m} weights ({nm.sparsity!r} of each "
                                      f"group): set sparsity to {nm.sparsity!r} (got {self.sparsity})")
+        if self.target_macs_ratio is not None:
+            ratio = self.target_macs_ratio
+            if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0.0 < ratio < 1.0:
+                raise bad("target_macs_ratio", f"must be a number strictly between 0 and 1 (0.5: half the multiply-accumulates), "
+                                               f"got {ratio!r}")
+            if self.granularity != CHANNEL:
+                raise bad("target_macs_ratio", f"only applies to granularity 'channel' (got {self.granularity!r}): unstructured "
+                                               "and N:M masks do not remove compute on dense kernels; use sparsity")
+        if self.granularity == CHANNEL and self.scope != "global":
+            raise bad("scope", "granularity 'channel' ranks all channel groups together: leave scope 'global'")
         if nm is not None and self.scope != "global":
             raise bad("scope", f"{self.scope!r} does not apply to granularity {nm}, which ranks all tensors' groups together "
                                f"and prunes every tensor to exactly {nm.sparsity!r} at the end: leave scope 'global'")
@@ -167,6 +192,11 @@ class DG2PFConfig:
     def layer_cap(self, target: float) -> float:
         """The most any one tensor may be pruned while the network's target is ``target``."""
         return min(self.max_layer_sparsity, 1.0 - self.layer_density_floor * (1.0 - target))
+
+    @property
+    def channel(self) -> bool:
+        """Whether whole channels are pruned (``granularity="channel"``)."""
+        return self.granularity == CHANNEL
 
     def nm(self) -> NM | None:
         """The N:M pattern, or None for unstructured pruning."""

@@ -14,6 +14,7 @@ from typing import Any
 
 from torch import nn
 
+from .channels import STRUCTURE_KEY, Structure
 from .checkpoints import save_state_dict
 from .compact import save_compact
 from .preflight import check_output, output_path
@@ -41,18 +42,24 @@ class OutputDir:
             raise
 
 
-def write_model(model: nn.Module, path: Path, dtypes: dict | None = None) -> None:
-    """The pruned weights with the input state_dict's keys and shapes (pruned entries are 0), each
-    floating tensor in ``dtypes[name]`` when given (the input checkpoint's: fp16 in, fp16 out)."""
+def _metadata(structure: Structure | None) -> dict[str, str] | None:
+    return None if structure is None or structure.empty else {STRUCTURE_KEY: structure.to_json()}
+
+
+def write_model(model: nn.Module, path: Path, dtypes: dict | None = None, structure: Structure | None = None) -> None:
+    """The pruned weights with the input state_dict's keys (pruned entries are 0), each floating
+    tensor in ``dtypes[name]`` when given (the input checkpoint's: fp16 in, fp16 out). The shapes are
+    the architecture's, or, with channels removed, those ``structure`` (stored in the file's metadata,
+    ``channels.STRUCTURE_KEY``) rebuilds from it."""
     state = model.state_dict()
     if dtypes:
         state = {k: (v.to(dtypes[k]) if k in dtypes and v.is_floating_point() else v) for k, v in state.items()}
-    save_state_dict(state, path)
+    save_state_dict(state, path, metadata=_metadata(structure))
 
 
-def write_compact(model: nn.Module, path: Path, values: str = "fp32") -> None:
+def write_compact(model: nn.Module, path: Path, values: str = "fp32", structure: Structure | None = None) -> None:
     """The same weights as a compact sparse artifact (bitmask + nonzero values; see dg2pf_core.compact)."""
-    save_compact(model.state_dict(), path, values=values)
+    save_compact(model.state_dict(), path, values=values, metadata=_metadata(structure))
 
 
 def _json_safe(value: Any) -> Any:

@@ -21,6 +21,7 @@ import PIL.Image
 import torch
 from torch import nn
 
+from .channels import structured
 from .checkpoints import load_into, read_state_dict
 from .data import DataRequest, eval_transform_for
 from .errors import CheckpointError, InputError
@@ -66,7 +67,7 @@ class InferenceModel:
             raise CheckpointError(f"{out / METRICS_FILE} lacks {', '.join(missing)}; it was not written by a dg2pf job")
         weights = out / COMPACT_FILE if (out / COMPACT_FILE).is_file() else out / DENSE_FILE
         spec = get_arch(meta["arch"])
-        model = build_model(meta["arch"], int(meta["num_classes"]))
+        model = structured(build_model(meta["arch"], int(meta["num_classes"])), weights)  # channels removed
         load_into(model, read_state_dict(weights), arch=f"{meta['arch']} with num_classes={meta['num_classes']}")
         request = DataRequest(image_size=int(meta.get("image_size") or spec.input_size),
                               in_channels=int(meta.get("in_channels") or spec.in_channels))

@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .channels import Structure, apply_structure, read_structure
 from .checkpoints import load_into, read_state_dict
 from .compact import check_values
 from .config import DG2PFConfig
@@ -110,6 +111,15 @@ class PreparedJob:
     device: torch.device
     meta: dict = field(default_factory=dict)
     dtypes: dict[str, torch.dtype] = field(default_factory=dict)  # the input checkpoint's, per tensor
+    structure: Structure | None = None  # the input checkpoint's channel structure (already channel-pruned)
+
+    def output_structure(self, result: DG2PFResult) -> Structure | None:
+        """What rebuilds the result from the architecture: the input's structure, then this run's removal."""
+        removed = result.extra.get("structure")
+        if removed is None or removed.empty:
+            return self.structure
+        base = self.structure or Structure(removed.input_shape)
+        return Structure(base.input_shape, (*base.stages, *removed.stages))
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
@@ -142,6 +152,7 @@ def load_checkpoint_model(arch: str, num_classes: int, checkpoint: str | Path, w
     fit float16 (``compact_values=fp16``)."""
     spec = get_arch(arch)
     state = read_state_dict(checkpoint)
+    structure = read_structure(checkpoint)  # a channel-pruned model: other shapes than the architecture's
     if spec.ignored_keys:
         state = {k: v for k, v in state.items() if not k.startswith(spec.ignored_keys)}
     if fp16_values:
@@ -149,7 +160,9 @@ def load_checkpoint_model(arch: str, num_classes: int, checkpoint: str | Path, w
     with warnings.catch_warnings():
         # Copying into meta tensors is the no-op wanted here; torch warns about every tensor.
         warnings.filterwarnings("ignore", message=".*copying from a non-meta parameter")
-        model = build_meta(arch, num_classes) if meta else build_model(arch, num_classes)
+        model = build_meta(arch, num_classes) if meta and structure is None else build_model(arch, num_classes)
+        if structure is not None:
+            apply_structure(model, structure)
         load_into(model, state, what=f"{what} {checkpoint}", arch=f"{arch} with num_classes={num_classes}")
     return spec, model, {k: v.dtype for k, v in state.items() if v.is_floating_point()}
 
@@ -236,7 +249,7 @@ def prepare(job: PruneJob, *, out: str | Path | None = None, world_size: int = 1
     if dry:
         dry_run(model, teacher, splits.train, arch=job.arch, num_classes=job.num_classes, image_size=size,
                 batch_size=job.config.batch_size, world_size=world_size, device=device, amp=job.config.amp)
-    return PreparedJob(job, arch, model, teacher, splits, size, device, dtypes=dtypes)
+    return PreparedJob(job, arch, model, teacher, splits, size, device, dtypes=dtypes, structure=read_structure(job.checkpoint))
 
 
 def run(
@@ -250,6 +263,7 @@ def run(
     return run_dg2pf(
         prepared.model, loaders or prepared.local_loaders(), prepared.job.config,
         teacher=prepared.teacher, reporter=reporter, progress=progress, resume=resume, device=prepared.device,
+        input_shape=prepared.input_shape,
     )
 
 
@@ -263,6 +277,14 @@ def result_metrics(prepared: PreparedJob, result: DG2PFResult, *, world_size: in
     # The check reads the weights as written, not the masks: groups over N nonzeros (0 when the pattern holds).
     violations = {} if nm is None else {
         "nm_violations": nm_violations(select_prunable(result.model, job.config.selection()).params, nm)}
+    channel: dict = {}
+    if job.config.channel:
+        # The result is the smaller dense network: sparsity is of channels, MACs against the input model's.
+        x = result.extra
+        layers = x["layer_channels"]
+        channel = {"target_macs_ratio": job.config.target_macs_ratio, "channels_total": x["channels_total"],
+                   "channels_pruned": x["channels_pruned"], "channel_sparsity": x["channels_pruned"] / x["channels_total"],
+                   "params_dense": x["params_dense"], "skipped_groups": x["skipped_groups"]}
     return {
         "arch": job.arch,
         "num_classes": job.num_classes,
@@ -270,15 +292,16 @@ def result_metrics(prepared: PreparedJob, result: DG2PFResult, *, world_size: in
         "image_size": prepared.image_size,
         "in_channels": prepared.arch.in_channels,
         "class_names": prepared.splits.class_names,
-        "target_sparsity": job.config.sparsity,
+        "target_sparsity": job.config.sparsity if job.config.target_macs_ratio is None else None,
         "granularity": job.config.granularity,
         **violations,
-        "sparsity_prunable": size.sparsity_prunable,
+        **channel,
+        "sparsity_prunable": channel["channel_sparsity"] if channel else size.sparsity_prunable,
         "sparsity_total": size.sparsity_total,
         "params_total": size.params_total,
         "params_nonzero": size.params_nonzero,
         "params_prunable": size.prunable_total,
-        "flops_dense": size.flops_dense,
+        "flops_dense": result.extra["macs_dense"] if channel else size.flops_dense,
         "flops_sparse": size.flops_sparse,
         "flops_unit": "multiply-accumulates of Conv/Linear layers per sample",
         "baseline_val_top1": result.baseline_val_top1,
@@ -294,7 +317,8 @@ def result_metrics(prepared: PreparedJob, result: DG2PFResult, *, world_size: in
         "layer_sparsity": layers,
         "max_layer_sparsity": max(layers.values(), default=0.0),
         # N:M holds every tensor at (M-N)/M by construction: no cap applies.
-        "layer_cap": job.config.layer_cap(job.config.sparsity) if job.config.scope == "global" and nm is None else None,
+        "layer_cap": job.config.layer_cap(channel["channel_sparsity"] if channel else job.config.sparsity)
+        if job.config.scope == "global" and nm is None else None,
         "warnings": layer_warnings(result.masks, job.config.warn_layer_sparsity),
         "dtype": _dtype_summary(prepared.dtypes),
         "skipped_images": len(getattr(prepared.splits, "skipped_images", []) or []),
@@ -313,8 +337,9 @@ def write_results(out: Path, prepared: PreparedJob, result: DG2PFResult, metrics
     into the architecture, float32 on the CPU: what ``InferenceModel`` serves); neither can fail
     the job, each section says what happened. ``OSError`` (disk full) propagates."""
     job = prepared.job
-    write_model(result.model, out / MODEL_FILE, prepared.dtypes)
-    write_compact(result.model, out / COMPACT_FILE, job.compact_values)
+    structure = prepared.output_structure(result)
+    write_model(result.model, out / MODEL_FILE, prepared.dtypes, structure)
+    write_compact(result.model, out / COMPACT_FILE, job.compact_values, structure)
     _, pruned, _ = load_checkpoint_model(job.arch, job.num_classes, out / MODEL_FILE, what="written model")
     onnx = export_onnx(pruned, prepared.input_shape, out / ONNX_FILE, what=job.arch)
     macs_ratio = metrics["flops_sparse"] / metrics["flops_dense"] if metrics.get("flops_dense") else None

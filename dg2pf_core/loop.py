@@ -9,7 +9,11 @@ Read top to bottom, ``run_dg2pf`` is the paper's pseudo-code:
    global but no layer goes beyond ``max_layer_sparsity`` (what it keeps is pruned elsewhere), so no
    layer collapses; ``bn_recalibration_batches`` re-estimates BatchNorm statistics at each new mask.
    With ``granularity="N:M"`` the same global ranking prunes at most M-N of every group of M
-   consecutive weights (``nm``), ending with exactly N kept in each.
+   consecutive weights (``nm``), ending with exactly N kept in each. With ``granularity="channel"``
+   the ranking is over groups of coupled output channels (``channels``: root-mean-square magnitude,
+   the same caps), simulated pruning zeroes and restores whole channels, and after the last pruning
+   epoch the pruned channels are physically removed: distillation and fine-tuning continue on the
+   smaller dense network.
 3. ``distillation``: same loss and optimiser with the final mask, while validation top-1 improves.
 4. ``finetuning``: cross-entropy only, SGD with momentum, from the best weights so far, while
    validation top-1 improves. With ``finetune="overparam"`` every pruned layer is first expanded into
@@ -34,6 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .batchnorm import recalibrate_batchnorm
+from .channels import ChannelPlan, Structure, apply_structure, remove_channels
 from .config import DG2PFConfig
 from . import distributed
 from .distillation import FeatureTaps, kd_loss, similarity_blocks, similarity_loss
@@ -82,6 +87,8 @@ class DG2PFResult:
     baseline_test_top1: float | None
     test: Accuracy | None
     epochs: int
+    # Channel granularity: "structure" (the Structure removed, relative to the input model),
+    # "channels_total", "channels_pruned", "macs_dense" (of the input model), "skipped_groups".
     extra: dict = field(default_factory=dict)
 
 
@@ -107,12 +114,24 @@ class _Run:
         device: torch.device,
         progress: Progress,
         reporter: Reporter | None,
+        input_shape: tuple[int, ...] | None = None,
     ) -> None:
         self.model, self.teacher, self.loaders, self.cfg = model, teacher, loaders, config
         self.device, self.progress, self.reporter = device, progress, reporter
         self.params = select_prunable(_unwrap(model), config.selection()).params
         self.all_params = [p for p in model.parameters() if p.requires_grad]
-        self.targets = sparsity_targets(config.schedule, config.sparsity, config.pruning_epochs)
+        fraction = config.sparsity
+        self.plan: ChannelPlan | None = None  # channel granularity: the groups of the input model
+        if config.channel:
+            self.input_shape = tuple(input_shape or next(iter(loaders.val()))[0].shape[1:])
+            self.plan = ChannelPlan.build(_unwrap(model), self.input_shape, config.selection())
+            self.params = dict(_unwrap(model).named_parameters())  # a group touches biases and BatchNorms too
+            self.macs_dense = self.plan.dense_macs(self.params)
+            if config.target_macs_ratio is not None:
+                fraction, _ = self.plan.fraction_for_macs(self.params, config.target_macs_ratio, config.layer_cap)
+        self.targets = sparsity_targets(config.schedule, fraction, config.pruning_epochs)
+        self.channels_pruned = 0
+        self.selected: dict[str, torch.Tensor] = {}  # channel granularity: the last ranking's pruned channels
         self.nm = config.nm()
         if self.nm is not None:
             check_divisible(self.params, self.nm)  # before any epoch: prepare checked it already for jobs
@@ -121,12 +140,46 @@ class _Run:
         self.taps: tuple[FeatureTaps, FeatureTaps] | None = None  # (student, teacher) while over-parameterized
 
     # --- the pruning rule ---
-    def rank(self, target: float) -> Masks:
+    def rank(self, target: float, last: bool = False) -> Masks:
         """The masks of the smallest-magnitude weights at ``target``: one global ranking, under the
-        layer caps (unstructured) or at most M-N per group (N:M)."""
+        layer caps (unstructured), at most M-N per group (N:M), or of whole channel groups (channel;
+        with ``target_macs_ratio`` the last ranking meets the MACs ratio with the weights as they are)."""
         if self.nm is not None:
             return nm_masks(self.params, target, self.nm)
+        if self.plan is not None:
+            if last and self.cfg.target_macs_ratio is not None:
+                target, _ = self.plan.fraction_for_macs(self.params, self.cfg.target_macs_ratio, self.cfg.layer_cap)
+            self.selected = self.plan.select(self.params, target, self.cfg.layer_cap(target))
+            self.channels_pruned = sum(int(v.sum()) for v in self.selected.values())
+            return self.plan.masks(self.params, self.selected)
         return magnitude_masks(self.params, target, self.cfg.scope, self.cfg.layer_cap(target))
+
+    def sparsity(self, masks: Masks) -> float:
+        """What an epoch record calls its sparsity: of the prunable weights, or of the channels."""
+        if self.plan is not None:
+            return self.channels_pruned / self.plan.channels
+        return mask_sparsity(masks)
+
+    # --- channel granularity: the physical removal ---
+    def remove(self, state: TrainingState) -> None:
+        """Remove the selected channels (their weights already zero): the model becomes the smaller
+        dense network; parameters, optimiser (a fresh AdamW: the old state's shapes are gone) and DDP
+        are rebuilt around it, and the state records the structure for resuming."""
+        stage = self.plan.pruned_channels(self.selected)  # type: ignore[union-attr]
+        remove_channels(_unwrap(self.model), self.input_shape, stage)
+        state.structure = Structure(self.input_shape).then(stage).to_json()  # type: ignore[arg-type]
+        state.channels_pruned = self.channels_pruned
+        self.rebuilt()
+
+    def rebuilt(self) -> None:
+        module = _unwrap(self.model)
+        module.to(self.device)
+        if isinstance(self.model, nn.parallel.DistributedDataParallel):
+            ddp = self.model
+            self.model = nn.parallel.DistributedDataParallel(module, device_ids=ddp.device_ids, output_device=ddp.output_device)
+        self.params = dict(module.named_parameters())
+        self.all_params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = self.adamw()
 
     # --- optimisers ---
     def adamw(self) -> torch.optim.Optimizer:
@@ -165,6 +218,9 @@ class _Run:
         """Pruned layers -> chains (the mask applied inside them), the optimiser's parameter list and
         DDP rebuilt around the new module, feature taps on student and teacher."""
         module = _unwrap(self.model)
+        if self.plan is not None:  # the compact network: every selected layer expanded, nothing masked
+            masks = {n: torch.zeros(p.shape, dtype=torch.bool, device=p.device)
+                     for n, p in select_prunable(module, self.cfg.selection()).params.items()}
         overparam.expand(module, masks, self.cfg.overparam_expansion, seed=self.cfg.seed)
         module.to(self.device)
         if isinstance(self.model, nn.parallel.DistributedDataParallel):
@@ -177,7 +233,7 @@ class _Run:
     def collapse(self) -> None:
         module = _unwrap(self.model)
         overparam.collapse(module)
-        self.params = select_prunable(module, self.cfg.selection()).params
+        self.params = dict(module.named_parameters()) if self.plan is not None else select_prunable(module, self.cfg.selection()).params
         if self.taps is not None:
             for taps in self.taps:
                 taps.remove()
@@ -274,6 +330,11 @@ class _Run:
 
     def restore(self, state: TrainingState) -> Masks:
         masks = {k: v.to(self.device) for k, v in state.masks.items()}
+        if state.structure:  # channels were removed: the saved model is the smaller network
+            structure = Structure.from_json(state.structure, source="the training checkpoint")
+            apply_structure(_unwrap(self.model), structure)
+            self.channels_pruned = state.channels_pruned
+            self.rebuilt()
         if state.phase == "finetuning" and self.cfg.finetune == "overparam":
             self.expand(masks)  # the saved model is the over-parameterized one
         _unwrap(self.model).load_state_dict(state.model)
@@ -288,6 +349,11 @@ class _Run:
         return masks
 
 
+def state_stage(state: TrainingState) -> dict[str, list[int]] | None:
+    """The channels this run removed (root -> indices), once it has removed them."""
+    return Structure.from_json(state.structure).stages[0] if state.structure else None
+
+
 def run_dg2pf(
     model: nn.Module,
     loaders: Loaders,
@@ -298,11 +364,13 @@ def run_dg2pf(
     progress: Progress | None = None,
     resume: TrainingState | None = None,
     device: torch.device | None = None,
+    input_shape: tuple[int, ...] | None = None,
 ) -> DG2PFResult:
     """Prune ``model`` (pre-trained, dense) to ``config.sparsity`` with DG2PF.
 
     ``teacher`` defaults to a frozen copy of ``model`` as passed in (self-distillation), so when
-    resuming pass the same input model and teacher as the original run.
+    resuming pass the same input model and teacher as the original run. ``input_shape`` (C, H, W):
+    what channel granularity traces the model with (default: a validation batch's).
     """
     device = device or resolve_device(config.device)
     torch.manual_seed(config.seed)
@@ -311,7 +379,7 @@ def run_dg2pf(
     teacher.to(device).eval().requires_grad_(False)
     teacher_id = fingerprint(teacher.state_dict())
 
-    run = _Run(model, teacher, loaders, config, device, progress or _NoProgress(), reporter)
+    run = _Run(model, teacher, loaders, config, device, progress or _NoProgress(), reporter, input_shape)
     masks: Masks = {}
     if resume is None:
         state = TrainingState(teacher_fingerprint=teacher_id, config=config.to_dict())
@@ -337,23 +405,27 @@ def run_dg2pf(
         t0 = time.perf_counter()
         target = run.targets[state.epoch]
         previous = masks
-        masks = distributed.sync_masks(run.rank(target))
+        last = state.epoch + 1 == config.pruning_epochs
+        masks = distributed.sync_masks(run.rank(target, last))
         simulated = config.gradual_masks == "simulated"
         if not simulated:
             apply_masks_(run.params, masks)  # hard gradual masks (ablation): pruned weights are gone for good
         run.recalibrate(state, masks)
         loss = run.train_epoch(state, masks, simulated=simulated, distill=True, sparsity=target)
         state.epoch += 1
-        last = state.epoch == config.pruning_epochs
+        sparsity, changed = run.sparsity(masks), recovered(previous, masks)
         if last:
             apply_masks_(run.params, masks)  # the mask is final from here on
+            if run.plan is not None:
+                run.remove(state)  # ... and the pruned channels are gone: nothing left to mask
+                masks = {}
             val = run.validate()
             best = run.consider_best(state, val)
             state.phase = "distillation"
         else:
             val, best = run.validate(masks), False
-        record = EpochRecord("gradual_pruning", state.epoch, mask_sparsity(masks), loss, val.top1, val.top5, run.lr(),
-                             time.perf_counter() - t0, best, recovered=recovered(previous, masks))
+        record = EpochRecord("gradual_pruning", state.epoch, sparsity, loss, val.top1, val.top5, run.lr(),
+                             time.perf_counter() - t0, best, recovered=changed)
         run.finish_epoch(state, masks, record)
 
     # 3. Distilled training with the final mask while validation top-1 improves (Algorithm 1, i > s_e).
@@ -367,11 +439,11 @@ def run_dg2pf(
             state.phase, state.stale = "finetuning", 0
             break
         t0 = time.perf_counter()
-        loss = run.train_epoch(state, masks, simulated=False, distill=True, sparsity=config.sparsity)
+        loss = run.train_epoch(state, masks, simulated=False, distill=True, sparsity=run.sparsity(masks))
         state.epoch += 1
         val = run.validate()
         best = run.consider_best(state, val)
-        run.finish_epoch(state, masks, EpochRecord("distillation", state.epoch, mask_sparsity(masks), loss, val.top1, val.top5, run.lr(), time.perf_counter() - t0, best))
+        run.finish_epoch(state, masks, EpochRecord("distillation", state.epoch, run.sparsity(masks), loss, val.top1, val.top5, run.lr(), time.perf_counter() - t0, best))
 
     # 4. Pruned fine-tuning: cross-entropy, SGD, while validation top-1 improves (Algorithm 2).
     while state.phase == "finetuning":
@@ -379,11 +451,11 @@ def run_dg2pf(
             state.phase = "done"
             break
         t0 = time.perf_counter()
-        loss = run.train_epoch(state, masks, simulated=False, distill=False, sparsity=config.sparsity)
+        loss = run.train_epoch(state, masks, simulated=False, distill=False, sparsity=run.sparsity(masks))
         state.epoch += 1
         val = run.validate()
         best = run.consider_best(state, val)
-        run.finish_epoch(state, masks, EpochRecord("finetuning", state.epoch, mask_sparsity(masks), loss, val.top1, val.top5, run.lr(), time.perf_counter() - t0, best))
+        run.finish_epoch(state, masks, EpochRecord("finetuning", state.epoch, run.sparsity(masks), loss, val.top1, val.top5, run.lr(), time.perf_counter() - t0, best))
 
     # The result: the best epoch at the final sparsity, in the input model's architecture.
     if run.taps is not None:
@@ -392,6 +464,13 @@ def run_dg2pf(
     apply_masks_(run.params, masks)
     test_loader = loaders.test()
     test = run.evaluate(test_loader) if test_loader is not None else None
+    extra = {} if run.plan is None else {
+        "structure": Structure.from_json(state.structure) if state.structure else None,
+        "channels_total": run.plan.channels, "channels_pruned": run.channels_pruned,
+        "macs_dense": run.macs_dense, "skipped_groups": list(run.plan.skipped),
+        "params_dense": sum(p.numel() for p in teacher.parameters()),
+        # per group (its root layer): the fraction of its channels removed
+        "layer_channels": {g.root: len((state_stage(state) or {}).get(g.root, [])) / g.channels for g in run.plan.groups}}
     return DG2PFResult(
         model=_unwrap(run.model),
         masks=masks,
@@ -402,4 +481,5 @@ def run_dg2pf(
         baseline_test_top1=state.baseline.get("test_top1"),
         test=test,
         epochs=state.epoch,
+        extra=extra,
     )

@@ -23,9 +23,10 @@ from .errors import ConfigError
 from .masks import Masks, _smallest_k
 
 UNSTRUCTURED = "unstructured"
+CHANNEL = "channel"  # structured: whole output channels with their coupled layers (``channels``)
 MAX_M = 32
 #: what a granularity string looks like (the service's JobSpec pattern); the range is checked by ``parse``
-PATTERN = r"^(unstructured|[0-9]{1,2}:[0-9]{1,2})$"
+PATTERN = r"^(unstructured|channel|[0-9]{1,2}:[0-9]{1,2})$"
 _NM = re.compile(r"([0-9]{1,2}):([0-9]{1,2})")
 
 
@@ -46,14 +47,14 @@ class NM:
 
 
 def parse_granularity(text: object) -> NM | None:
-    """``None`` for ``"unstructured"``, the ``NM`` of an ``"N:M"`` string; ConfigError (field
-    ``granularity``) for anything else."""
-    if text == UNSTRUCTURED:
+    """``None`` for ``"unstructured"`` and ``"channel"``, the ``NM`` of an ``"N:M"`` string; ConfigError
+    (field ``granularity``) for anything else."""
+    if text in (UNSTRUCTURED, CHANNEL):
         return None
     match = _NM.fullmatch(text) if isinstance(text, str) else None
     if match is None:
-        raise ConfigError(f"granularity: must be 'unstructured' or N:M such as '2:4' (at most N of every M "
-                          f"consecutive weights kept), got {text!r}", field="granularity")
+        raise ConfigError(f"granularity: must be 'unstructured', 'channel' (whole output channels removed) or "
+                          f"N:M such as '2:4' (at most N of every M consecutive weights kept), got {text!r}", field="granularity")
     n, m = int(match[1]), int(match[2])
     if not 1 <= n < m <= MAX_M:
         raise ConfigError(f"granularity: N:M needs 1 <= N < M <= {MAX_M} (e.g. '2:4': 2 of every 4 kept), got {text!r}",

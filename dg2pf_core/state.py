@@ -69,6 +69,10 @@ class TrainingState:
     rng_cpu: torch.Tensor | None = None
     rng_cuda: list[torch.Tensor] = field(default_factory=list)
     teacher_fingerprint: str = ""
+    # Channel granularity, once the pruned channels are removed: the Structure (JSON) that rebuilds the
+    # smaller network from the input model, and how many channels it removed.
+    structure: str = ""
+    channels_pruned: int = 0
     config: dict[str, Any] = field(default_factory=dict)
 
     def to_payload(self) -> dict[str, Any]:

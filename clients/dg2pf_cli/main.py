@@ -9,6 +9,7 @@ import argparse
 import dataclasses
 import json
 import sys
+import types
 import typing
 from collections.abc import Sequence
 from pathlib import Path
@@ -32,6 +33,8 @@ def _add_config_options(parser: argparse.ArgumentParser) -> None:
         flag = "--" + f.name.replace("_", "-")
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
         hint = hints[f.name]
+        if typing.get_origin(hint) in (typing.Union, types.UnionType):  # "X | None": an option of type X
+            hint = next(a for a in typing.get_args(hint) if a is not type(None))
         if hint is bool:
             group.add_argument(flag, dest=f.name, action="store_true", default=None, help=f"(default: {default})")
         elif typing.get_origin(hint) is list:
@@ -56,6 +59,17 @@ def _config_from(args: argparse.Namespace) -> DG2PFConfig:
     return DG2PFConfig(**values)
 
 
+def _channel_rows(m: dict) -> list[tuple[str, str]]:
+    return [("channels removed", f"{m['channels_pruned']:,} of {m['channels_total']:,} prunable ({m['channel_sparsity']:.2%}); "
+                                 "the model is the smaller dense network"),
+            ("parameters pruned / dense", f"{m['params_total']:,} / {m['params_dense']:,} "
+                                          f"({m['params_total'] / max(m['params_dense'], 1):.3f}x)")]
+
+
+def _target(job) -> str:
+    return f"{job.target_sparsity:.0%}" if job.target_sparsity else "MACs target"
+
+
 def _cmd_example(args: argparse.Namespace) -> int:
     from dg2pf_core.example import write_example
 
@@ -72,13 +86,16 @@ def _interrupt(*_) -> None:
     raise KeyboardInterrupt
 
 
-_JOB_OPTIONS = ("arch", "num_classes", "checkpoint", "dataset", "sparsity", "out")
+_JOB_OPTIONS = ("arch", "num_classes", "checkpoint", "dataset", "out")
 
 
 def _job_from(args: argparse.Namespace) -> PruneJob:
     missing = [f"--{name.replace('_', '-')}" for name in _JOB_OPTIONS if getattr(args, name, None) is None]
     if missing:
         raise DG2PFError(f"the following arguments are required: {', '.join(missing)} (or --resume DIR)")
+    if args.sparsity is None and getattr(args, "target_macs_ratio", None) is None:
+        raise DG2PFError("the following arguments are required: --sparsity (or --target-macs-ratio with --granularity "
+                         "channel, or --resume DIR)", field="sparsity")
     return PruneJob(
         arch=args.arch, num_classes=args.num_classes, checkpoint=args.checkpoint, dataset=args.dataset,
         config=_config_from(args), teacher=args.teacher, image_size=args.image_size, val_fraction=args.val_fraction,
@@ -141,10 +158,12 @@ def _cmd_prune(args: argparse.Namespace) -> int:
                              storage_path=args.storage_path, max_failures=args.max_failures, verbose=not args.quiet)
         m = prune_on_ray(job, args.out, options)
     rows = [
-        ("target sparsity", f"{m['target_sparsity']:.2%}"),
-        ("sparsity (prunable weights)", f"{m['sparsity_prunable']:.4%}"),
-        ("sparsity (all parameters)", f"{m['sparsity_total']:.4%}"),
-        ("parameters nonzero / total", f"{m['params_nonzero']:,} / {m['params_total']:,}"),
+        ("target sparsity", f"{m['target_sparsity']:.2%}" if m.get("target_sparsity") is not None
+         else f"MACs ratio {m['target_macs_ratio']:g} -> {m['channel_sparsity']:.2%} of channels"),
+        *(_channel_rows(m) if m.get("granularity") == "channel" else [
+            ("sparsity (prunable weights)", f"{m['sparsity_prunable']:.4%}"),
+            ("sparsity (all parameters)", f"{m['sparsity_total']:.4%}"),
+            ("parameters nonzero / total", f"{m['params_nonzero']:,} / {m['params_total']:,}")]),
         ("MACs sparse / dense", f"{m['flops_sparse']:,} / {m['flops_dense']:,} ({m['flops_sparse'] / max(m['flops_dense'], 1):.3f}x)"),
         ("most pruned layer", _most_pruned(m)),
         *([("granularity", _nm_check(m))] if m.get("nm_violations") is not None else []),
@@ -277,7 +296,7 @@ def _cmd_cluster(args: argparse.Namespace) -> int:
 
 def _print_job(job) -> None:
     m = job.best_metrics or {}
-    print(f"{job.id}  {job.state:<9} phase {job.phase:<15} epoch {job.epoch:>3}  sparsity {job.current_sparsity:6.2%} -> {job.target_sparsity:.0%}")
+    print(f"{job.id}  {job.state:<9} phase {job.phase:<15} epoch {job.epoch:>3}  sparsity {job.current_sparsity:6.2%} -> {_target(job)}")
     if m.get("test_top1") is not None:
         print(f"  test top-1 {m.get('baseline_test_top1', float('nan')):.2f}% dense -> {m['test_top1']:.2f}% pruned; "
               f"params nonzero {m.get('params_nonzero')}/{m.get('params_total')}")
@@ -329,7 +348,7 @@ def _cmd_jobs(args: argparse.Namespace) -> int:
     with _client(args) as client:
         page = client.list(state=args.state, limit=args.limit)
     for job in page.items:
-        print(f"{job.id}  {job.state:<9} {job.phase:<15} {job.target_sparsity:.0%}  {job.name or ''}")
+        print(f"{job.id}  {job.state:<9} {job.phase:<15} {_target(job)}  {job.name or ''}")
     print(f"({len(page.items)} of {page.total})")
     return 0
 
@@ -627,7 +646,8 @@ def _add_job_options(pr: argparse.ArgumentParser, required: bool = True) -> None
     pr.add_argument("--num-classes", type=int, required=required)
     pr.add_argument("--checkpoint", required=required, help=".safetensors or a torch state_dict file (recognised by content)")
     pr.add_argument("--dataset", required=required, help="digits | cifar10:PATH | imagefolder:PATH")
-    pr.add_argument("--sparsity", type=float, required=required, help="fraction of prunable weights to remove, in (0, 1)")
+    pr.add_argument("--sparsity", type=float, help="fraction of prunable weights (channels with --granularity channel) "
+                    "to remove, in (0, 1); required unless --target-macs-ratio")
     pr.add_argument("--out", required=required, help="output directory (must not exist or be empty)")
     pr.add_argument("--teacher", help="separate teacher checkpoint (default: the unpruned input model)")
     pr.add_argument("--image-size", type=int, help="input size (default: the architecture's)")

@@ -60,8 +60,12 @@ class DatasetSpec(_Strict):
 # Options that are the job's, not the schedule's: set elsewhere in the spec or by the executor.
 _NOT_SCHEDULE = {"sparsity", "device", "loader_workers"}
 # String options with a fixed form, so it appears in the OpenAPI (the range is the core's to check).
-_PATTERNS = {"granularity": (GRANULARITY_PATTERN, "'unstructured' or N:M, e.g. '2:4' (at most N of every M consecutive "
-                             "weights of a row kept; sparsity must then be (M-N)/M)")}
+_PATTERNS = {"granularity": (GRANULARITY_PATTERN, "'unstructured', 'channel' (whole output channels removed with their "
+                             "coupled layers: a smaller, faster dense network) or N:M, e.g. '2:4' (at most N of every M "
+                             "consecutive weights of a row kept; sparsity must then be (M-N)/M)")}
+# Optional numbers with a range: the OpenAPI shows it, the core checks it again.
+_OPTIONAL_RANGES = {"target_macs_ratio": (dict(gt=0, lt=1), "granularity 'channel': the multiply-accumulates to keep, as "
+                                          "a fraction of the dense model's (0.5: half the compute); replaces sparsity")}
 
 
 def _schedule_model() -> type[BaseModel]:
@@ -76,6 +80,9 @@ def _schedule_model() -> type[BaseModel]:
         if bounds is not None:  # the core's own ranges, so they appear in the OpenAPI
             limits = {"gt" if bounds.low_open else "ge": bounds.low, "lt" if bounds.high_open else "le": bounds.high}
             hint = Annotated[hint, Field(**limits)]
+        elif f.name in _OPTIONAL_RANGES:
+            limits, description = _OPTIONAL_RANGES[f.name]
+            hint = Annotated[float | None, Field(**limits, description=description)]
         elif f.name in _PATTERNS:
             pattern, description = _PATTERNS[f.name]
             hint = Annotated[str, Field(max_length=16, pattern=pattern, description=description)]
@@ -112,7 +119,8 @@ class JobSpec(_Strict):
     dataset: DatasetSpec
     # At least 0.1%: below it round(s x N) prunes nothing of a model under a thousand weights, and no
     # real job asks for it; values like 5e-324 are typos or probes.
-    sparsity: float = Field(ge=0.001, lt=1, description="fraction of prunable weights to remove")
+    sparsity: float | None = Field(None, ge=0.001, lt=1, description="fraction of prunable weights (of prunable channels "
+                                   "with granularity 'channel') to remove; required unless schedule.target_macs_ratio")
     schedule: ScheduleSpec = Field(default_factory=ScheduleSpec)  # type: ignore[valid-type]
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
     tune: TuneSpec | None = None
@@ -123,7 +131,7 @@ class JobSpec(_Strict):
 
     def config(self) -> DG2PFConfig:
         """The DG2PFConfig this spec asks for (raises ConfigError on inconsistent values)."""
-        return DG2PFConfig(sparsity=self.sparsity, **self.schedule.model_dump())
+        return DG2PFConfig(sparsity=self.sparsity or 0.0, **self.schedule.model_dump())
 
     def prune_job(self, checkpoint_path: str, teacher_path: str | None, data_roots: list[str] | None = None) -> PruneJob:
         """The engine's job; ``data_roots``: the folders its data must stay inside (the service's)."""

@@ -58,7 +58,7 @@ def _row_or_404(services, job_id: str):
 def submit(spec: JobSpec, response: Response, services=Depends(_services)) -> JobSubmitted:
     checkpoint, teacher = validate_job(spec, services.settings, services.store, services.capacity)
     doc = {"spec": spec.model_dump(mode="json"), "resolved": {"checkpoint": checkpoint, "teacher": teacher}}
-    row = services.store.create_job(doc, spec.name, spec.sparsity, services.settings.jobs_dir)
+    row = services.store.create_job(doc, spec.name, spec.sparsity or 0.0, services.settings.jobs_dir)
     response.headers["Location"] = f"/jobs/{row.id}"
     return JobSubmitted(id=row.id, state="queued", links=_links(row.id))
 

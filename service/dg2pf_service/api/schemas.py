@@ -85,7 +85,8 @@ class JobOut(BaseModel):
     restarts: int = Field(0, description="times the job was resubmitted after its Ray work was lost (it resumed from its last epoch)")
     restart_log: list[RestartInfo] = Field(default_factory=list, description="when and why each restart happened")
     current_sparsity: float
-    target_sparsity: float
+    target_sparsity: float = Field(description="the job's sparsity; 0 when its schedule's target_macs_ratio decides the "
+                                   "channel fraction during the run (current_sparsity shows it once pruning starts)")
     latest_metrics: dict[str, Any] | None
     best_metrics: dict[str, Any] | None
     history: list[dict[str, Any]]

@@ -109,8 +109,8 @@ class JobStore:
         if not isinstance(spec, dict):
             raise TypeError(f"spec must be a dict (e.g. JobSpec.model_dump(mode='json')), got {type(spec).__name__}")
         spec = _json_value("spec", spec)
-        if not 0.0 < target_sparsity < 1.0:
-            raise ValueError(f"target_sparsity must be in (0, 1), got {target_sparsity}")
+        if not 0.0 <= target_sparsity < 1.0:  # 0: decided during the run (a job's target_macs_ratio)
+            raise ValueError(f"target_sparsity must be in [0, 1), got {target_sparsity}")
         root = Path(artifacts_root).expanduser().resolve()
         # max+1 evaluated inside the INSERT: on SQLite the statement holds the write lock; on
         # PostgreSQL the advisory lock serialises the inserts (each sees the previous one committed),

@@ -1,0 +1,384 @@
+"""Channel granularity: DG2PF over groups of coupled output channels, then their physical removal.
+
+The coupling comes from Torch-Pruning's dependency graph (DepGraph, ``torch_pruning``): pruning output
+channel ``c`` of a layer also removes the matching entries of everything tied to it (its BatchNorm, the
+next layers' input columns, every layer added to it in a residual sum). One such set of channels across
+coupled layers is a *group* (rooted at a Conv/Linear layer); ``ChannelPlan`` lists the prunable groups
+once and turns any choice of pruned channels into ordinary element masks (``masks``' convention:
+``{parameter name: bool}``, ``True`` = pruned) over every parameter a group touches, so simulated
+pruning, weight recovery and distillation run on them unchanged.
+
+- Ranking: a channel's importance is the L2 norm of all its entries across the group, divided by the
+  square root of their number (the root-mean-square magnitude: groups of different sizes compare
+  fairly). One global ranking over all groups prunes ``round(fraction * channels)`` channels; the layer
+  collapse guard caps each group at ``cap`` of its channels (at least one channel always stays).
+- MACs: a Conv/Linear layer's multiply-accumulates after removal are its unmasked weight entries times
+  its output positions, so the MACs of a channel mask are known without removing anything;
+  ``fraction_for_macs`` finds the channel fraction that meets a MACs ratio by bisection.
+- Removal: ``remove_channels`` prunes the model in place through the dependency graph. What was removed
+  is a ``Structure``: plain data (module names and channel indices per stage) stored as JSON in the
+  safetensors metadata of the written model (``STRUCTURE_KEY``); ``apply_structure`` rebuilds the smaller
+  network from the architecture by replaying it. No module is ever pickled.
+
+Groups are skipped (left dense) when they contain the classifier's output, a layer the selection
+leaves out, or a layer whose parameters this module cannot map to channels (grouped, non-depthwise
+convolutions, recurrent or attention layers); ``ChannelPlan.skipped`` names them.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .errors import CheckpointError, ConfigError
+from .masks import PRUNABLE_MODULES, Masks, Selection, magnitude_masks, select_prunable
+
+STRUCTURE_KEY = "dg2pf_structure"  # safetensors metadata key of a channel-pruned model's structure
+STRUCTURE_FORMAT = "dg2pf-channels/1"
+MAX_STRUCTURE_STAGES = 16
+MAX_STRUCTURE_BYTES = 8 << 20
+_CAP_BELOW_ONE = 1.0 - 1e-9  # floor(cap * C) <= C - 1 for any group of up to 1e9 channels  # far above any torchvision classifier's (resnet152: ~0.2 MB at 90%)
+
+
+@dataclass(frozen=True)
+class _Item:
+    param: str  # parameter name in the model
+    dim: int  # the dimension channels index
+    idxs: torch.Tensor  # positions along ``dim`` (int64)
+    roots: torch.Tensor  # the group channel each position belongs to (int64, same length)
+
+
+@dataclass(frozen=True)
+class ChannelGroup:
+    """One set of coupled channels: ``root`` (a Conv/Linear module name) and its ``channels``."""
+
+    root: str
+    channels: int
+    items: tuple[_Item, ...]
+
+    def entries_per_channel(self, params: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        counts = torch.zeros(self.channels, dtype=torch.float64)
+        for item in self.items:
+            p = params[item.param]
+            per_position = p.numel() // p.shape[item.dim]
+            counts.index_add_(0, item.roots, torch.full((len(item.roots),), float(per_position), dtype=torch.float64))
+        return counts
+
+
+@dataclass(frozen=True)
+class Structure:
+    """What channel pruning removed: ``stages`` of ``{root module name: pruned channel indices}``,
+    each stage's indices in the numbering of the network the previous stages left, and the input
+    shape (C, H, W) the dependency graph is traced with."""
+
+    input_shape: tuple[int, int, int]
+    stages: tuple[dict[str, list[int]], ...] = ()
+
+    def then(self, stage: Mapping[str, list[int]]) -> "Structure":
+        return Structure(self.input_shape, (*self.stages, {k: list(v) for k, v in stage.items() if v}))
+
+    @property
+    def empty(self) -> bool:
+        return not any(self.stages)
+
+    def to_json(self) -> str:
+        return json.dumps({"format": STRUCTURE_FORMAT, "input_shape": list(self.input_shape),
+                           "stages": [dict(s) for s in self.stages]}, separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, text: str, source: str = "the checkpoint") -> "Structure":
+        """Parse and bound-check (types, sizes); the names and indices are checked against a model
+        by ``apply_structure``. Raises ``CheckpointError``."""
+        def bad(why: str) -> CheckpointError:
+            return CheckpointError(f"{source} has an invalid channel structure ({STRUCTURE_KEY} metadata): {why}; "
+                                   "re-export it with dg2pf, or use an unpruned checkpoint", field="checkpoint")
+
+        if len(text) > MAX_STRUCTURE_BYTES:
+            raise bad(f"{len(text):,} bytes, over the {MAX_STRUCTURE_BYTES:,} allowed")
+        try:
+            doc = json.loads(text)
+        except ValueError as exc:
+            raise bad(f"not JSON ({exc})") from exc
+        if not isinstance(doc, dict) or doc.get("format") != STRUCTURE_FORMAT:
+            raise bad(f"format is not {STRUCTURE_FORMAT!r}")
+        shape, stages = doc.get("input_shape"), doc.get("stages")
+        if (not isinstance(shape, list) or len(shape) != 3
+                or not all(isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= 4096 for v in shape)):
+            raise bad("input_shape must be three integers in [1, 4096]")
+        if not isinstance(stages, list) or len(stages) > MAX_STRUCTURE_STAGES:
+            raise bad(f"stages must be a list of at most {MAX_STRUCTURE_STAGES}")
+        parsed = []
+        for stage in stages:
+            if not isinstance(stage, dict) or not all(isinstance(k, str) and len(k) <= 1000 for k in stage):
+                raise bad("each stage must map module names to channel index lists")
+            for name, idxs in stage.items():
+                if (not isinstance(idxs, list) or not idxs
+                        or not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < 1 << 24 for i in idxs)
+                        or len(set(idxs)) != len(idxs)):
+                    raise bad(f"{name!r}: channel indices must be distinct non-negative integers")
+            parsed.append({k: list(v) for k, v in stage.items()})
+        return cls(tuple(shape), tuple(parsed))  # type: ignore[arg-type]
+
+
+def _tp():
+    import torch_pruning  # noqa: PLC0415 - only channel granularity needs it
+
+    return torch_pruning
+
+
+def _dependency_graph(model: nn.Module, input_shape: tuple[int, ...]):
+    """Torch-Pruning's graph of ``model``, traced once in eval mode (BatchNorm statistics untouched)."""
+    tp = _tp()
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.enable_grad():
+            return tp.DependencyGraph().build_dependency(model, example_inputs=torch.zeros((1, *input_shape), device=device),
+                                                         verbose=False)
+    finally:
+        model.train(was_training)
+
+
+def _param_dims(module: nn.Module, handler, fn) -> list[tuple[str, int]] | None:
+    """(parameter attribute, dimension) that ``handler`` prunes channels along in ``module``; None
+    when this module cannot say (the group is then skipped); [] for parameter-free nodes."""
+    own = [n for n, _ in module.named_parameters(recurse=False)] if isinstance(module, nn.Module) else None
+    if own is None:  # a bare nn.Parameter node
+        return None
+    if handler in (fn.prune_conv_out_channels, fn.prune_depthwise_conv_out_channels, fn.prune_depthwise_conv_in_channels):
+        if not isinstance(module, nn.modules.conv._ConvNd):
+            return None
+        depthwise = module.groups == module.out_channels == module.in_channels
+        if module.groups > 1 and not depthwise:
+            return None
+        dims = [("weight", 1 if module.transposed and not depthwise else 0)]
+        return dims + ([("bias", 0)] if module.bias is not None else [])
+    if handler == fn.prune_conv_in_channels:
+        if not isinstance(module, nn.modules.conv._ConvNd) or module.groups > 1:
+            return None
+        return [("weight", 0 if module.transposed else 1)]
+    if handler == fn.prune_linear_out_channels:
+        return [("weight", 0)] + ([("bias", 0)] if module.bias is not None else [])
+    if handler == fn.prune_linear_in_channels:
+        return [("weight", 1)]
+    if handler in (fn.prune_batchnorm_out_channels, fn.prune_batchnorm_in_channels):
+        return [(n, 0) for n in ("weight", "bias") if n in own]
+    if handler in (fn.prune_prelu_out_channels, fn.prune_prelu_in_channels):
+        return [("weight", 0)] if module.weight.numel() > 1 else []
+    return [] if not own else None
+
+
+@dataclass
+class ChannelPlan:
+    """The prunable channel groups of one model (in its current shapes)."""
+
+    groups: list[ChannelGroup]
+    positions: dict[str, int]  # Conv/Linear weight name -> output positions per sample
+    skipped: list[str] = field(default_factory=list)  # roots left dense: "name (why)"
+
+    @property
+    def channels(self) -> int:
+        return sum(g.channels for g in self.groups)
+
+    @classmethod
+    def build(cls, model: nn.Module, input_shape: tuple[int, ...], selection: Selection = Selection()) -> "ChannelPlan":
+        """Trace ``model`` (a dense nn.Module, not DDP) with one zero input of ``input_shape`` (C, H, W).
+        Raises ``ConfigError`` (field ``granularity``) when no group can be pruned."""
+        tp = _tp()
+        fn = tp.pruner.function
+        graph = _dependency_graph(model, input_shape)
+        names = {m: n for n, m in model.named_modules()}
+        layers = [(n, m) for n, m in model.named_modules() if isinstance(m, PRUNABLE_MODULES)]
+        selected = set(select_prunable(model, selection).params)
+        classifier = layers[-1][1] if layers else None
+        ignored = [m for n, m in layers if f"{n}.weight" not in selected or m is classifier]
+        groups, skipped = [], []
+        for group in graph.get_all_groups(ignored_layers=ignored, root_module_types=PRUNABLE_MODULES):
+            root_module = group[0].dep.target.module
+            root = names[root_module]
+            items, why = [], None
+            for item in group.items:
+                module, handler = item.dep.target.module, item.dep.handler
+                dims = _param_dims(module, handler, fn)
+                if dims is None:
+                    why = f"{names.get(module, type(module).__name__)} ({type(module).__name__}) has no channel mapping"
+                    break
+                if not dims:
+                    continue
+                idxs = torch.as_tensor(list(item.idxs), dtype=torch.int64)
+                roots = torch.as_tensor(list(item.root_idxs), dtype=torch.int64)
+                for attr, dim in dims:
+                    items.append(_Item(f"{names[module]}.{attr}" if names[module] else attr, dim, idxs, roots))
+            channels = len(group[0].idxs)
+            if why is None and channels < 2:
+                why = "a single channel"
+            if why is not None:
+                skipped.append(f"{root} ({why})")
+                continue
+            groups.append(ChannelGroup(root, channels, tuple(items)))
+        if not groups:
+            raise ConfigError("granularity 'channel': no channel group of this model can be pruned (the classifier's "
+                              "outputs never are; see include/exclude)" + (f"; skipped: {', '.join(skipped[:5])}" if skipped else ""),
+                              field="granularity")
+        return cls(groups, _positions(model, input_shape), skipped)
+
+    # --- ranking ---
+    def importance(self, params: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Per group: each channel's root-mean-square magnitude over all its entries (float32, CPU)."""
+        out = {}
+        for g in self.groups:
+            sq = torch.zeros(g.channels, dtype=torch.float64)
+            for item in g.items:
+                p = params[item.param].detach()
+                per = p.float().pow(2).transpose(0, item.dim).reshape(p.shape[item.dim], -1).sum(1).cpu().double()
+                sq.index_add_(0, item.roots, per[item.idxs])
+            out[g.root] = (sq / g.entries_per_channel(params)).sqrt().float()
+        return out
+
+    def select(self, params: Mapping[str, torch.Tensor], fraction: float, cap: float) -> dict[str, torch.Tensor]:
+        """Per group, a bool vector of its pruned channels: the globally least important
+        ``round(fraction * channels)``, no group beyond ``cap`` of its channels nor left empty."""
+        # The guard: at most floor(cap * C) channels of a group go, and (cap < 1) never all of them.
+        return magnitude_masks(self.importance(params), fraction, "global", max_layer_sparsity=min(cap, _CAP_BELOW_ONE))
+
+    def masks(self, params: Mapping[str, torch.Tensor], pruned: Mapping[str, torch.Tensor]) -> Masks:
+        """Element masks over every parameter the groups touch for the chosen channels ``pruned``."""
+        out: Masks = {}
+        for g in self.groups:
+            chosen = pruned[g.root]
+            for item in g.items:
+                p = params[item.param]
+                if item.param not in out:
+                    out[item.param] = torch.zeros(p.shape, dtype=torch.bool, device=p.device)
+                hit = item.idxs[chosen[item.roots]].to(p.device)
+                if len(hit):
+                    out[item.param].index_fill_(item.dim, hit, True)
+        return out
+
+    def pruned_channels(self, pruned: Mapping[str, torch.Tensor]) -> dict[str, list[int]]:
+        """The structure stage of a selection: root -> sorted pruned indices (empty groups left out)."""
+        return {g.root: torch.nonzero(pruned[g.root]).flatten().tolist() for g in self.groups if bool(pruned[g.root].any())}
+
+    # --- cost ---
+    def macs(self, params: Mapping[str, torch.Tensor], masks: Mapping[str, torch.Tensor]) -> int:
+        """Conv/Linear multiply-accumulates per sample once the masked channels are removed."""
+        total = 0
+        for name, positions in self.positions.items():
+            kept = params[name].numel() - (int(masks[name].sum()) if name in masks else 0)
+            total += kept * positions
+        return total
+
+    def dense_macs(self, params: Mapping[str, torch.Tensor]) -> int:
+        return sum(params[name].numel() * positions for name, positions in self.positions.items())
+
+    def fraction_for_macs(self, params: Mapping[str, torch.Tensor], ratio: float,
+                          cap: Callable[[float], float]) -> tuple[float, float]:
+        """The channel fraction whose selection (under ``cap(fraction)``, the layer collapse guard at that
+        fraction) leaves the MACs ratio closest to ``ratio`` (one channel either side of the first count
+        at or under it), and that MACs ratio. Raises ``ConfigError`` (field ``target_macs_ratio``) when the guard cannot reach it."""
+        dense = self.dense_macs(params)
+        total = self.channels
+
+        def ratio_at(k: int) -> float:
+            return self.macs(params, self.masks(params, self.select(params, k / total, cap(k / total)))) / dense
+
+        def allowed(k: int) -> bool:  # the guard lets k channels go
+            c = min(cap(k / total), _CAP_BELOW_ONE)
+            return k <= sum(math.floor(c * g.channels + 1e-9) for g in self.groups)
+
+        lo, hi = 0, total - 1  # the most channels the guard lets go: allowed() holds up to it, not after
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            lo, hi = (mid, hi) if allowed(mid) else (lo, mid)
+        most = hi if allowed(hi) else lo
+        if ratio_at(most) > ratio:
+            raise ConfigError(f"target_macs_ratio {ratio:g} cannot be reached: pruning every channel the layer collapse guard "
+                              f"allows leaves {ratio_at(most):.3f} of the MACs (raise max_layer_sparsity or lower "
+                              "layer_density_floor, or ask for a larger ratio)", field="target_macs_ratio")
+        lo, hi = 0, most
+        while hi - lo > 1:  # ratio_at falls as k grows: the first k at or under the target ...
+            mid = (lo + hi) // 2
+            lo, hi = (lo, mid) if ratio_at(mid) <= ratio else (mid, hi)
+        k = min((lo, hi), key=lambda k: abs(ratio_at(k) - ratio))  # ... or the one before, if closer
+        return k / total, ratio_at(k)
+
+
+@torch.no_grad()
+def _positions(model: nn.Module, input_shape: tuple[int, ...]) -> dict[str, int]:
+    positions: dict[str, int] = {}
+    names = {m: n for n, m in model.named_modules()}
+
+    def hook(module: nn.Module, _inputs, output: torch.Tensor) -> None:
+        out = module.out_channels if isinstance(module, nn.modules.conv._ConvNd) else module.out_features
+        positions[f"{names[module]}.weight"] = output.numel() // out
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, PRUNABLE_MODULES)]
+    was_training = model.training
+    model.eval()
+    try:
+        model(torch.zeros((1, *input_shape), device=next(model.parameters()).device))
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    return positions
+
+
+def remove_channels(model: nn.Module, input_shape: tuple[int, ...], stage: Mapping[str, list[int]]) -> None:
+    """Physically remove, in place, the output channels ``stage`` names (root module -> indices in the
+    model's current numbering) with everything coupled to them. Raises ``CheckpointError`` when a
+    name or index does not fit the model (a structure from another architecture or a tampered file)."""
+    if not stage:
+        return
+    tp = _tp()
+    graph = _dependency_graph(model, input_shape)
+    for root, idxs in stage.items():
+        try:
+            module = model.get_submodule(root)
+        except AttributeError:
+            module = None
+        if not isinstance(module, PRUNABLE_MODULES):
+            raise CheckpointError(f"channel structure names {root!r}, which is not a Conv/Linear layer of this model: "
+                                  "the checkpoint was pruned from another architecture", field="checkpoint")
+        pruner = graph.get_pruner_of_module(module)
+        width = pruner.get_out_channels(module)
+        if max(idxs) >= width or len(set(idxs)) >= width:
+            raise CheckpointError(f"channel structure prunes channels {max(idxs)} of {root!r}, which has {width}: the "
+                                  "checkpoint was pruned from another architecture or model size", field="checkpoint")
+        group = graph.get_pruning_group(module, pruner.prune_out_channels, sorted(idxs))
+        group.prune()
+
+
+def apply_structure(model: nn.Module, structure: Structure) -> nn.Module:
+    """``model`` (built dense from its architecture) pruned, in place, to ``structure``."""
+    for stage in structure.stages:
+        remove_channels(model, structure.input_shape, stage)
+    return model
+
+
+def structured(model: nn.Module, checkpoint: str | Path) -> nn.Module:
+    """``model`` (the architecture, built dense) pruned to the channel structure ``checkpoint`` records,
+    if any: what every reader of a dg2pf artifact calls before loading its weights."""
+    structure = read_structure(checkpoint)
+    return model if structure is None else apply_structure(model, structure)
+
+
+def read_structure(path: str | Path) -> Structure | None:
+    """The channel structure stored in a safetensors file's metadata, or None (unpruned or not
+    safetensors). Raises ``CheckpointError`` for a malformed one."""
+    from safetensors import safe_open  # noqa: PLC0415
+
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            metadata = fh.metadata() or {}
+    except Exception:  # noqa: BLE001 - not safetensors: read_state_dict reports what it is
+        return None
+    text = metadata.get(STRUCTURE_KEY)
+    return None if text is None else Structure.from_json(text, source=str(path))
