@@ -255,9 +255,9 @@ class ChannelPlan:
             chosen = pruned[g.root]
             for item in g.items:
                 p = params[item.param]
-                if item.param not in out:
-                    out[item.param] = torch.zeros(p.shape, dtype=torch.bool, device=p.device)
-                hit = item.idxs[chosen[item.roots]].to(p.device)
+                if item.param not in out:  # shapes only (meta tensors): the masks on the CPU
+                    out[item.param] = torch.zeros(p.shape, dtype=torch.bool, device="cpu" if p.is_meta else p.device)
+                hit = item.idxs[chosen[item.roots]].to(out[item.param].device)
                 if len(hit):
                     out[item.param].index_fill_(item.dim, hit, True)
         return out
@@ -278,6 +278,29 @@ class ChannelPlan:
     def dense_macs(self, params: Mapping[str, torch.Tensor]) -> int:
         return sum(params[name].numel() * positions for name, positions in self.positions.items())
 
+    def check_reachable(self, params: Mapping[str, torch.Tensor], ratio: float, cap: Callable[[float], float]) -> int:
+        """The most channels the layer collapse guard lets go; ``ConfigError`` (field ``target_macs_ratio``)
+        when even that leaves more than ``ratio`` of the MACs. Reads shapes only (every group at its
+        cap; which channels does not change a count): works on meta tensors, before any weight is read."""
+        total = self.channels
+
+        def caps(k: int) -> list[int]:
+            c = min(cap(k / total), _CAP_BELOW_ONE)
+            return [math.floor(c * g.channels + 1e-9) for g in self.groups]
+
+        lo, hi = 0, total - 1  # k <= what the caps at k/total let go: holds up to the most, not after
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            lo, hi = (mid, hi) if mid <= sum(caps(mid)) else (lo, mid)
+        most = hi if hi <= sum(caps(hi)) else lo
+        at_cap = {g.root: torch.arange(g.channels) < n for g, n in zip(self.groups, caps(most))}
+        least = self.macs(params, self.masks(params, at_cap)) / self.dense_macs(params)
+        if least > ratio:
+            raise ConfigError(f"target_macs_ratio {ratio:g} cannot be reached: pruning every channel the layer collapse guard "
+                              f"allows leaves {least:.3f} of the MACs (raise max_layer_sparsity or lower "
+                              "layer_density_floor, or ask for a larger ratio)", field="target_macs_ratio")
+        return most
+
     def fraction_for_macs(self, params: Mapping[str, torch.Tensor], ratio: float,
                           cap: Callable[[float], float]) -> tuple[float, float]:
         """The channel fraction whose selection (under ``cap(fraction)``, the layer collapse guard at that
@@ -289,19 +312,7 @@ class ChannelPlan:
         def ratio_at(k: int) -> float:
             return self.macs(params, self.masks(params, self.select(params, k / total, cap(k / total)))) / dense
 
-        def allowed(k: int) -> bool:  # the guard lets k channels go
-            c = min(cap(k / total), _CAP_BELOW_ONE)
-            return k <= sum(math.floor(c * g.channels + 1e-9) for g in self.groups)
-
-        lo, hi = 0, total - 1  # the most channels the guard lets go: allowed() holds up to it, not after
-        while hi - lo > 1:
-            mid = (lo + hi) // 2
-            lo, hi = (mid, hi) if allowed(mid) else (lo, mid)
-        most = hi if allowed(hi) else lo
-        if ratio_at(most) > ratio:
-            raise ConfigError(f"target_macs_ratio {ratio:g} cannot be reached: pruning every channel the layer collapse guard "
-                              f"allows leaves {ratio_at(most):.3f} of the MACs (raise max_layer_sparsity or lower "
-                              "layer_density_floor, or ask for a larger ratio)", field="target_macs_ratio")
+        most = self.check_reachable(params, ratio, cap)
         lo, hi = 0, most
         while hi - lo > 1:  # ratio_at falls as k grows: the first k at or under the target ...
             mid = (lo + hi) // 2

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .channels import Structure, apply_structure, read_structure
+from .channels import ChannelPlan, Structure, apply_structure, read_structure
 from .checkpoints import load_into, read_state_dict
 from .compact import check_values
 from .config import DG2PFConfig
@@ -226,6 +226,11 @@ def check_static(job: PruneJob, *, meta: bool = False, max_params: int | None = 
     nm = job.config.nm()
     if nm is not None:
         check_divisible(prunable.params, nm)  # shapes only: meta tensors will do
+    if job.config.channel:  # some group prunable, the MACs target reachable: traced on meta tensors too
+        size = job.image_size or arch.input_size
+        plan = ChannelPlan.build(model, (arch.in_channels, size, size), job.config.selection())
+        if job.config.target_macs_ratio is not None:
+            plan.check_reachable(dict(model.named_parameters()), job.config.target_macs_ratio, job.config.layer_cap)
     teacher = None
     if job.teacher is not None:
         try:

@@ -138,7 +138,7 @@ def train_worker(config: dict) -> None:
             ray.train.report(metrics, checkpoint=None)
 
     result = run_dg2pf(model, prepared.sharded_loaders(rank, world), job.config, teacher=teacher,
-                       reporter=report, resume=resume, device=prepared.device)
+                       reporter=report, resume=resume, device=prepared.device, input_shape=prepared.input_shape)
     metrics = result_metrics(prepared, result, world_size=world, wall_seconds=time.perf_counter() - started)
     metrics["distributed"] = {"backend": dist.get_backend(), "worker_nodes": nodes, "mask_checksums": checksums}
     # The last report carries the result: the best epoch's validation top-1 (what Tune ranks) and

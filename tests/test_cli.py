@@ -144,3 +144,20 @@ def test_progress_lines_show_weight_recovery_in_pruning_epochs(capsys):
     bars.end_epoch(EpochRecord("gradual_pruning", 3, 0.6, 0.1, 90.0, 99.0, 0.01, 1.0, recovered=0))
     lines = capsys.readouterr().err.splitlines()
     assert "12 weights recovered" in lines[0] and "recovered" not in lines[1]
+
+
+@pytest.mark.parametrize("over, extra, needles", [
+    ({}, ["--granularity", "channel", "--target-macs-ratio", "0.5"], ["give sparsity or target_macs_ratio, not both"]),
+    ({"--sparsity": None}, ["--target-macs-ratio", "0.5"], ["only applies to granularity 'channel'"]),
+    ({"--sparsity": None}, [], ["--sparsity", "--target-macs-ratio"]),
+    ({"--sparsity": None}, ["--granularity", "channel", "--target-macs-ratio", "0.1", "--max-layer-sparsity", "0.5"],
+     ["target_macs_ratio 0.1 cannot be reached"]),
+    ({"--sparsity": None}, ["--granularity", "channel", "--target-macs-ratio", "1"], ["strictly between 0 and 1"]),
+])
+def test_channel_options_are_refused_before_training(untrained_ckpt, tmp_path, over, extra, needles):
+    out = tmp_path / "out"
+    args = prune_args(untrained_ckpt, out, **{k: v for k, v in over.items() if v is not None})
+    if over.get("--sparsity", "") is None:
+        i = args.index("--sparsity")
+        del args[i:i + 2]
+    assert_refused(dg2pf(*args, *extra), out, *needles)

@@ -65,6 +65,23 @@ def test_two_workers_equal_masks_global_metrics_target_sparsity(local_ray, digit
     assert {k: v.shape for k, v in before.items()} == {k: v.shape for k, v in dense.items()}
 
 
+def test_channel_pruning_removes_channels_under_ddp(local_ray, digits_example, tmp_path):
+    # After the last pruning epoch both ranks remove the same channels and DDP is rebuilt around the
+    # smaller network; the written model reloads from its structure to the whole split's top-1.
+    out = tmp_path / "out"
+    config = DG2PFConfig(granularity="channel", target_macs_ratio=0.5, pruning_epochs=2, max_epochs=3, patience=1)
+    job = PruneJob("digits_cnn", 10, str(digits_example / "model.safetensors"), "digits", config)
+    m = prune_on_ray(job, out, RayOptions(workers=2, storage_path=str(tmp_path / "store"), verbose=False))
+    assert m["world_size"] == 2 and m["channels_pruned"] > 0
+    assert abs(m["flops_sparse"] / m["flops_dense"] - 0.5) <= 0.025
+    for epoch, sums in m["distributed"]["mask_checksums"]:
+        assert sums[0] == sums[1], f"channel masks differ across ranks at epoch {epoch}"
+    spec, model = load_model("digits_cnn", 10, out / "model.safetensors")
+    assert sum(p.numel() for p in model.parameters()) == m["params_total"] < m["params_dense"]
+    splits, _ = load_data("digits", spec, 10, None, 0.1, 0)
+    assert evaluate(model, DataLoader(splits.test, batch_size=512), torch.device("cpu")).top1 == pytest.approx(m["test_top1"])
+
+
 def test_more_workers_than_the_cluster_has_fails_fast(local_ray, digits_example, tmp_path):
     started = time.time()
     with pytest.raises(ClusterError, match="CPUs"):

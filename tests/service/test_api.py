@@ -132,6 +132,15 @@ BAD = [
     (lambda c: {**spec(c), "schedule": {"granularity": "2:4"}}, 422, "schedule.granularity"),  # sparsity 0.9, not 0.5
     # digits_cnn's first convolution has rows of 9 weights: no whole groups of 4 (checked at submit)
     (lambda c: {**spec(c, sparsity=0.5), "schedule": {"granularity": "2:4"}}, 422, "schedule.granularity"),
+    # channel granularity: the MACs target only with it, instead of sparsity, reachable under the guard (at submit)
+    (lambda c: {**spec(c, sparsity=None), "schedule": {**FAST, "target_macs_ratio": 0.5}}, 422, "schedule.target_macs_ratio"),
+    (lambda c: {**spec(c), "schedule": {**FAST, "granularity": "channel", "target_macs_ratio": 0.5}}, 422, "sparsity"),
+    (lambda c: {**spec(c, sparsity=None), "schedule": {**FAST, "granularity": "channel", "target_macs_ratio": 1.5}},
+     422, "schedule.target_macs_ratio"),
+    (lambda c: {**spec(c, sparsity=None), "schedule": {**FAST, "granularity": "channel", "target_macs_ratio": 0.1,
+                                                        "max_layer_sparsity": 0.5}}, 422, "schedule.target_macs_ratio"),
+    (lambda c: spec(c, sparsity=None), 422, "sparsity"),
+    (lambda c: {**spec(c), "schedule": {**FAST, "granularity": "channel", "scope": "layerwise"}}, 422, "schedule.scope"),
     # control characters in what the CLI prints: NUL, an ANSI escape, CR/LF, DEL, a C1 control
     (lambda c: spec(c, name="a\u0000b"), 422, "name"),
     (lambda c: spec(c, name="\u001b[2J\u001b[31mowned"), 422, "name"),
