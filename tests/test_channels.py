@@ -256,3 +256,23 @@ def test_a_channel_job_writes_artifacts_that_reload_to_the_same_logits(tmp_path,
     assert (onnx_logits(out / "model.onnx", x) - expected).abs().max() <= ATOL * max(1.0, float(expected.abs().max()))
     # the pruned network really is smaller: measured side by side in the job
     assert set(metrics["latency"]["backends"]) == {"torch", "onnxruntime"}
+
+
+def test_a_pruned_model_pruned_again_replays_both_stages(tmp_path):
+    from dg2pf_core.job import load_checkpoint_model
+
+    shape = (1, 8, 8)
+    model = _trained_looking(build_model("digits_cnn", 10))
+    structure = Structure(shape)
+    for fraction in (0.3, 0.3):  # the second stage in the numbering the first one left
+        plan = ChannelPlan.build(model, shape)
+        params = dict(model.named_parameters())
+        stage = plan.pruned_channels(plan.select(params, fraction, 0.7))
+        remove_channels(model, shape, stage)
+        structure = structure.then(stage)
+    path = tmp_path / "twice.safetensors"
+    save_state_dict(model.state_dict(), path, metadata={STRUCTURE_KEY: structure.to_json()})
+    _, reloaded, _ = load_checkpoint_model("digits_cnn", 10, path)
+    x = torch.randn(3, *shape)
+    with torch.no_grad():
+        assert torch.equal(reloaded.eval()(x), model.eval()(x))
