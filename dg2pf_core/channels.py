@@ -368,9 +368,16 @@ def remove_channels(model: nn.Module, input_shape: tuple[int, ...], stage: Mappi
 
 
 def apply_structure(model: nn.Module, structure: Structure) -> nn.Module:
-    """``model`` (built dense from its architecture) pruned, in place, to ``structure``."""
+    """``model`` (built dense from its architecture) pruned, in place, to ``structure``. Raises
+    ``CheckpointError`` when the structure does not fit the model or would remove classes."""
+    layers = [m for m in model.modules() if isinstance(m, PRUNABLE_MODULES)]
+    classes = layers[-1].weight.shape[0] if layers else None
     for stage in structure.stages:
         remove_channels(model, structure.input_shape, stage)
+    if layers and layers[-1].weight.shape[0] != classes:  # the outputs are the classes: never pruned
+        raise CheckpointError(f"the checkpoint's channel structure removes outputs of the classifier ({classes} classes -> "
+                              f"{layers[-1].weight.shape[0]}); dg2pf never writes such a model: use an unpruned checkpoint",
+                              field="checkpoint")
     return model
 
 

@@ -195,6 +195,9 @@ def test_structures_from_files_are_checked(tmp_path):
     for stage, match in [({"nope": [0]}, "not a Conv/Linear layer"), ({"features.0": [10_000]}, "which has")]:
         with pytest.raises(CheckpointError, match=match):
             remove_channels(copy.deepcopy(model), (1, 8, 8), stage)
+    classifier = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)][-1]
+    with pytest.raises(CheckpointError, match="removes outputs of the classifier"):
+        apply_structure(copy.deepcopy(model), Structure((1, 8, 8), ({classifier: [0, 1]},)))
 
 
 # ------------------------------------------------------------------------------ jobs and artifacts
