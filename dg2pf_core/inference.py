@@ -5,6 +5,10 @@ artifact, or the dense file when there is none) and nothing else: the dataset is
 eval transform is rebuilt from its name. Serving replicas, ``dg2pf predict --local`` and the tests'
 in-process reference all go through this one class, so they cannot disagree on preprocessing.
 Every problem with a request's data is an ``InputError`` naming what was expected.
+
+The logits come from ``model``, a PyTorch module: the job's architecture by default, or another
+engine wrapped as a module (``dg2pf_core.onnx_backend`` runs the job's ``model.onnx`` on ONNX
+Runtime); ``backend`` names which, and everything else (inputs, top-k, labels) is the same code.
 """
 
 from __future__ import annotations
@@ -53,36 +57,40 @@ class InferenceModel:
     input_shape: tuple[int, int, int]  # (C, H, W) of one input
     class_names: list[str] | None
     transform: Callable[[PIL.Image.Image], torch.Tensor]
+    backend: str = "torch"  # what computes the logits: "torch", or the engine ``model`` wraps
 
     @classmethod
     def load(cls, output_dir: str | Path, device: str | torch.device = "cpu") -> "InferenceModel":
         """The model a job wrote to ``output_dir``, in eval mode on ``device``."""
         out = Path(output_dir)
-        try:
-            meta = json.loads((out / METRICS_FILE).read_text())
-        except (OSError, ValueError) as exc:
-            raise CheckpointError(f"{out} holds no readable {METRICS_FILE} (is it a finished job's output?): {exc}") from exc
-        missing = [k for k in ("arch", "num_classes", "dataset") if k not in meta]
-        if missing:
-            raise CheckpointError(f"{out / METRICS_FILE} lacks {', '.join(missing)}; it was not written by a dg2pf job")
+        meta = read_job_metrics(out)
         weights = out / COMPACT_FILE if (out / COMPACT_FILE).is_file() else out / DENSE_FILE
-        spec = get_arch(meta["arch"])
         model = structured(build_model(meta["arch"], int(meta["num_classes"])), weights)  # channels removed
         load_into(model, read_state_dict(weights), arch=f"{meta['arch']} with num_classes={meta['num_classes']}")
+        return cls.for_module(model.to(device).eval(), meta)
+
+    @classmethod
+    def for_module(cls, module: nn.Module, meta: dict[str, Any], backend: str = "torch") -> "InferenceModel":
+        """Logits from ``module`` (``[N, C, H, W]`` float32 -> ``[N, num_classes]``), inputs, labels and
+        preprocessing from the job's ``metrics.json`` (``meta``, as ``read_job_metrics`` returns it)."""
+        spec = get_arch(meta["arch"])
         request = DataRequest(image_size=int(meta.get("image_size") or spec.input_size),
                               in_channels=int(meta.get("in_channels") or spec.in_channels))
         return cls(
-            model=model.to(device).eval(),
+            model=module,
             arch=meta["arch"],
             num_classes=int(meta["num_classes"]),
             input_shape=(request.in_channels, request.image_size, request.image_size),
             class_names=meta.get("class_names"),
             transform=eval_transform_for(meta["dataset"], request),
+            backend=backend,
         )
 
     @property
     def device(self) -> torch.device:
-        return next(self.model.parameters()).device
+        # A module wrapping another engine has no parameters; it takes its inputs on the CPU.
+        first = next(self.model.parameters(), None)
+        return first.device if first is not None else torch.device("cpu")
 
     # --- inputs -------------------------------------------------------------------------------
 
@@ -144,6 +152,21 @@ class InferenceModel:
     def _label(self, index: int) -> str | None:
         names = self.class_names
         return names[index] if names is not None and 0 <= index < len(names) else None
+
+
+def read_job_metrics(output_dir: str | Path) -> dict[str, Any]:
+    """A finished job's ``metrics.json`` (what serving needs of it: ``arch``, ``num_classes``,
+    ``dataset``, ...). Raises ``CheckpointError`` naming the directory when it is missing, unreadable
+    or not a dg2pf job's."""
+    out = Path(output_dir)
+    try:
+        meta = json.loads((out / METRICS_FILE).read_text())
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{out} holds no readable {METRICS_FILE} (is it a finished job's output?): {exc}") from exc
+    missing = [k for k in ("arch", "num_classes", "dataset") if k not in meta]
+    if missing:
+        raise CheckpointError(f"{out / METRICS_FILE} lacks {', '.join(missing)}; it was not written by a dg2pf job")
+    return meta
 
 
 def predictions_json(preds: Sequence[Sequence[Prediction]]) -> list[list[dict[str, Any]]]:

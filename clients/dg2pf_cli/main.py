@@ -383,7 +383,8 @@ def _cmd_models(args: argparse.Namespace) -> int:
     for m in page.items:
         top1 = f"test top-1 {m.test_top1:.2f}%" if m.test_top1 is not None else ""
         sparsity = f"sparsity {m.sparsity:.2%}" if m.sparsity is not None else ""
-        print(f"{m.id}  {m.status:<9} {m.arch or '?':<12} {sparsity}  {top1}  {m.url}")
+        backend = f"on {m.backend}" if m.backend else ""
+        print(f"{m.id}  {m.status:<9} {m.arch or '?':<12} {sparsity}  {top1}  {backend}  {m.url}")
     print(f"({len(page.items)} deployed; Serve at {page.serve_url})")
     return 0
 

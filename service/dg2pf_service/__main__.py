@@ -7,7 +7,9 @@ import os
 import signal
 import sys
 
-from .settings import Settings
+from pydantic import ValidationError
+
+from .settings import Settings, invalid_settings_message
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -16,7 +18,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int)
     args = parser.parse_args(argv)
     overrides = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
-    settings = Settings(**overrides)
+    try:
+        settings = Settings(**overrides)
+    except ValidationError as exc:  # refused before anything starts, in one line naming the variables
+        print(f"dg2pf: error: {invalid_settings_message(exc)}", file=sys.stderr)
+        return 2
     # Ray 2.60 clusters (the embedded head, `ray start`, KubeRay) demand a token (RAY_AUTH_TOKEN or
     # ~/.ray/auth_token). Ray reads the mode when it is first imported, hence before importing anything
     # that imports ray. Set RAY_AUTH_MODE=disabled explicitly for a cluster that runs without auth.

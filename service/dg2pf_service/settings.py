@@ -8,9 +8,9 @@ service calls ``get_settings()`` once at start-up and passes the object down.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
-from pydantic import AliasChoices, Field, field_validator, model_validator
+from pydantic import AliasChoices, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 GIB = 1024**3
@@ -82,6 +82,10 @@ class Settings(BaseSettings):
     serve_max_replicas: int | None = Field(None, ge=1, description="autoscale up to this many replicas when set")
     serve_cpus_per_replica: float = Field(1.0, ge=0)
     serve_gpus_per_replica: float = Field(0.0, ge=0)
+    # What computes a served model's logits; preprocessing, top-k and errors are the same either way.
+    serve_backend: Literal["torch", "onnxruntime"] = Field(
+        "torch", description="'torch': the job's pruned architecture in PyTorch; 'onnxruntime': the job's model.onnx on "
+        "ONNX Runtime's CPU provider (a job without one, its export having failed, is served by PyTorch)")
     serve_max_models_per_replica: int = Field(4, ge=1, description="models kept loaded per replica (LRU)")
     serve_max_batch_size: int = Field(32, ge=1, description="requests batched into one forward pass")
     serve_batch_wait_ms: float = Field(0.0, ge=0, description="how long a batch waits to fill (requests that arrive "
@@ -123,6 +127,10 @@ class Settings(BaseSettings):
             self.storage_uri = str(self.data_dir / "ray")
         if self.serve_max_replicas is not None and self.serve_max_replicas < self.serve_replicas:
             raise ValueError(f"serve_max_replicas ({self.serve_max_replicas}) must be >= serve_replicas ({self.serve_replicas})")
+        if self.serve_backend == "onnxruntime" and self.serve_gpus_per_replica > 0:
+            raise ValueError(f"serve_backend 'onnxruntime' runs on the CPU, so the {self.serve_gpus_per_replica:g} GPU(s) per "
+                             "replica (serve_gpus_per_replica) would sit idle: set serve_gpus_per_replica to 0, or serve "
+                             "on the GPU with serve_backend 'torch'")
         return self
 
     @property
@@ -145,6 +153,26 @@ class Settings(BaseSettings):
     @property
     def auth_enabled(self) -> bool:
         return bool(self.api_tokens)
+
+
+# Never echoed back in an error message: they may hold a password or a token.
+_SECRET_FIELDS = {"api_tokens", "database_url"}
+
+
+def invalid_settings_message(exc: ValidationError) -> str:
+    """What ``Settings()`` refused, one clause per problem, each naming the environment variable an
+    operator sets (``DG2PF_SERVE_BACKEND: Input should be 'torch' or 'onnxruntime' (got 'tensorrt')``)."""
+    clauses = []
+    for error in exc.errors():
+        loc = [str(part) for part in error.get("loc", ())]
+        message = str(error.get("msg", "invalid")).removeprefix("Value error, ")
+        if not loc:  # a check across settings (model_validator): its message names them
+            clauses.append(message)
+            continue
+        name = loc[0] if loc[0].isupper() else f"DG2PF_{loc[0].upper()}"  # an alias (RAY_ADDRESS) is already a variable
+        given = "" if loc[0] in _SECRET_FIELDS or "input" not in error else f" (got {error['input']!r})"
+        clauses.append(f"{name}: {message}{given}")
+    return "invalid settings: " + "; ".join(clauses)
 
 
 def get_settings() -> Settings:

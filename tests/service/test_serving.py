@@ -1,12 +1,15 @@
 """Serving pruned models on Ray Serve, over real HTTP: a real service, embedded Ray head, Serve proxy.
 
 One service (SQLite, bearer tokens) for the module: a digits job with ``serve: true`` is deployed
-when it succeeds; the tests then query it as a user would, break it, and restart everything.
+when it succeeds; the tests then query it as a user would, break it, and restart everything (the
+restart switches the replicas to ``DG2PF_SERVE_BACKEND=onnxruntime``, so both backends answer the same
+models over the same HTTP path).
 """
 
 from __future__ import annotations
 
 import io
+import json
 import os
 import signal
 import time
@@ -20,7 +23,9 @@ import torch
 from dg2pf_client import Client, Conflict, NotFound
 from dg2pf_core.data import DataRequest, load_dataset
 from dg2pf_core.data.digits import write_test_digit_images
+from dg2pf_core.inference import InferenceModel
 from dg2pf_core.job import load_model
+from dg2pf_core.onnx_export import ATOL
 from dg2pf_service.cluster import free_port
 
 from service_process import ServiceProcess
@@ -279,12 +284,55 @@ def test_killed_replica_is_restarted_and_serves_again(served, client, service, t
     assert len(client.predict(model_id, inputs=test_inputs[0][:3])["predictions"]) == 3
 
 
-def test_models_are_restored_after_the_service_and_cluster_restart(served, service, test_inputs):
-    model_id = served["model"].id
+@pytest.fixture(scope="module")
+def channel_served(client, served):
+    """A channel-pruned job (half the MACs: whole channels removed, smaller shapes) deployed with
+    ``serve: true`` beside the first model."""
+    spec = _spec(served["checkpoint"], serve=True, schedule={"granularity": "channel", "target_macs_ratio": 0.5,
+                                                             "pruning_epochs": 1, "max_epochs": 2, "patience": 1})
+    del spec["sparsity"]  # target_macs_ratio decides it
+    job = client.wait(client.submit(spec).id, timeout=300)
+    assert job.state == "succeeded", job.error
+    return client.wait_model(job.id, timeout=240)
+
+
+def test_a_channel_pruned_job_is_served_with_its_in_process_logits(channel_served, client, service, test_inputs):
+    xs = test_inputs[0]
+    out_dir = _output_dir(service, channel_served.id)
+    metrics = json.loads((out_dir / "metrics.json").read_text())
+    assert metrics["granularity"] == "channel" and metrics["params_total"] < metrics["params_dense"]
+    assert channel_served.status == "ready" and channel_served.backend == "torch"
+    reference = InferenceModel.load(out_dir)  # rebuilds the smaller structure from the safetensors metadata
+    expected = reference.logits(xs)
+    out = client.predict(channel_served.id, inputs=xs, top_k=3, logits=True)
+    assert out["backend"] == "torch"
+    assert torch.allclose(torch.tensor(out["logits"]), expected, atol=1e-5, rtol=0)
+    for got, want in zip(out["predictions"], reference.top_k(expected, 3)):
+        assert [(p["index"], p["label"]) for p in got] == [(p.index, p.label) for p in want]
+        assert [p["probability"] for p in got] == pytest.approx([p.probability for p in want], abs=1e-6)
+
+
+def test_models_are_restored_after_the_service_and_cluster_restart_here_on_onnxruntime(served, channel_served, service,
+                                                                                      test_inputs):
+    """Restarted with DG2PF_SERVE_BACKEND=onnxruntime, the same models come back at the same URLs, now
+    answered by ONNX Runtime from each job's model.onnx: the same top-1, logits within the tolerance of
+    the job's export check."""
+    xs = test_inputs[0]
+    model_ids = [served["model"].id, channel_served.id]
+    with Client(service.url, token=TOKEN) as client:
+        by_torch = {model_id: client.predict(model_id, inputs=xs, logits=True) for model_id in model_ids}
     service.stop()  # API killed and the embedded Ray head (with Serve) stopped
     assert not _replica_pids(service)
+    service.env["DG2PF_SERVE_BACKEND"] = "onnxruntime"
     service.start()
     with Client(service.url, token=TOKEN) as client:
-        model = client.wait_model(model_id, timeout=240)
-        out = client.predict(model_id, inputs=test_inputs[0][:4], logits=True)
-    assert model.status == "ready" and len(out["predictions"]) == 4
+        for model_id in model_ids:
+            model = client.wait_model(model_id, timeout=240)
+            assert model.status == "ready" and model.backend == "onnxruntime"
+            out = client.predict(model_id, inputs=xs, logits=True)
+            assert out["backend"] == "onnxruntime" and len(out["predictions"]) == len(xs)
+            expected, got = torch.tensor(by_torch[model_id]["logits"]), torch.tensor(out["logits"])
+            assert float((got - expected).abs().max()) <= ATOL * max(1.0, float(expected.abs().max()))
+            assert [r[0]["index"] for r in out["predictions"]] == [r[0]["index"] for r in by_torch[model_id]["predictions"]]
+        serve_url = client.models().serve_url
+    assert httpx.get(f"{serve_url}/healthz", timeout=30).json() == {"status": "ok", "backend": "onnxruntime"}

@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import hashlib
+import logging
+import shutil
 
 import pytest
+import torch
 from pydantic import ValidationError
 
+from dg2pf_core.inference import InferenceModel
 from dg2pf_service.serving.app import deployment_for
+from dg2pf_service.serving.backends import backend_for, load_served_model
 from dg2pf_service.serving.options import ServeOptions
 from dg2pf_service.serving.registry import ModelRegistry, RegisteredModel
 from dg2pf_service.settings import Settings
@@ -17,6 +22,8 @@ def test_settings_become_replica_options_with_token_digests_only(tmp_path):
     settings = Settings(data_dir=tmp_path, api_tokens=["t1", "t2"], serve_replicas=2, serve_max_replicas=6,
                         serve_gpus_per_replica=0.5, serve_cpus_per_replica=2, serve_max_models_per_replica=3)
     options = ServeOptions.from_settings(settings)
+    assert options.backend == "torch"
+    assert ServeOptions.from_settings(Settings(data_dir=tmp_path, serve_backend="onnxruntime")).backend == "onnxruntime"
     assert options.token_digests == tuple(hashlib.sha256(t.encode()).hexdigest() for t in ("t1", "t2"))
     assert "t1" not in repr(options.to_dict())
     assert ServeOptions.from_dict(options.to_dict()) == options
@@ -51,3 +58,25 @@ def test_registry_files_follow_the_wanted_set_and_refuse_bad_ids(tmp_path):
     with pytest.raises(ValueError):
         registry.put(RegisteredModel("../x", "/out"))
     assert not list((tmp_path / "models").glob(".tmp-*"))  # atomic writes leave nothing behind
+
+
+def test_onnxruntime_service_serves_a_job_without_model_onnx_with_pytorch_and_says_why(digits_example, tmp_path, caplog):
+    """A job whose ONNX export failed stays servable on an onnxruntime service: by PyTorch, with the
+    job's recorded reason logged, and ``backend`` saying which engine answered."""
+    import json
+
+    out = tmp_path / "out"
+    shutil.copytree(digits_example, out)  # a real job output with no model.onnx
+    metrics = json.loads((out / "metrics.json").read_text())
+    reason = "the ONNX exporter could not convert digits_cnn: RuntimeError: unsupported op"
+    (out / "metrics.json").write_text(json.dumps({**metrics, "onnx": {"written": False, "reason": reason}}))
+    model_id = "c" * 32
+    assert backend_for("torch", out) == ("torch", None)
+    assert backend_for("onnxruntime", out) == ("torch", f"the job's ONNX export failed: {reason}")
+    with caplog.at_level(logging.WARNING, logger="dg2pf.serving"):
+        served = load_served_model(model_id, out, "onnxruntime", "cpu", threads=1)
+    assert served.backend == "torch"
+    assert any(model_id in r.getMessage() and reason in r.getMessage() and "DG2PF_SERVE_BACKEND=onnxruntime" in r.getMessage()
+               for r in caplog.records)
+    x = torch.randn(3, *served.input_shape, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(served.logits(x), InferenceModel.load(out).logits(x))

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -80,3 +82,26 @@ def test_bad_values_name_the_setting(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("DG2PF_PORT", "eighty")
     with pytest.raises(ValidationError, match="port"):
         get_settings()
+
+
+def test_serve_backend_is_torch_or_onnxruntime(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert get_settings().serve_backend == "torch"
+    monkeypatch.setenv("DG2PF_SERVE_BACKEND", "onnxruntime")
+    assert get_settings().serve_backend == "onnxruntime"
+    monkeypatch.setenv("DG2PF_SERVE_BACKEND", "tensorrt")
+    with pytest.raises(ValidationError, match="serve_backend"):
+        get_settings()
+    # ONNX Runtime serves on the CPU: GPUs reserved for its replicas would sit idle.
+    with pytest.raises(ValidationError, match="serve_gpus_per_replica to 0"):
+        Settings(serve_backend="onnxruntime", serve_gpus_per_replica=1)
+
+
+def test_the_service_refuses_a_bad_setting_at_start_in_one_line(tmp_path: Path) -> None:
+    """Before anything starts (no data directory, no Ray head): exit 2 and the variable to fix."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DG2PF_") and k != "RAY_ADDRESS"}
+    env.update(DG2PF_DATA_DIR=str(tmp_path / "state"), DG2PF_SERVE_BACKEND="tensorrt")
+    done = subprocess.run([sys.executable, "-m", "dg2pf_service"], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr == ("dg2pf: error: invalid settings: DG2PF_SERVE_BACKEND: Input should be 'torch' or 'onnxruntime' "
+                           "(got 'tensorrt')\n")
+    assert not (tmp_path / "state").exists()

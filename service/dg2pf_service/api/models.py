@@ -13,8 +13,10 @@ from pathlib import Path
 from fastapi import APIRouter, Depends, Request, Response
 from pydantic import BaseModel
 
+from dg2pf_core.errors import DG2PFError
 from dg2pf_core.inference import METRICS_FILE
 
+from ..serving.backends import backend_for
 from ..serving.deploy import NotDeployable
 from .auth import require_token
 from .errors import ApiError
@@ -36,6 +38,9 @@ class ModelOut(BaseModel):
     class_names: list[str] | None
     sparsity: float | None
     test_top1: float | None
+    # What computes its logits: DG2PF_SERVE_BACKEND, or "torch" on an onnxruntime service for a job
+    # that has no model.onnx (the job's metrics.json says why, in onnx.reason).
+    backend: str | None = None
     message: str | None = None
 
 
@@ -54,11 +59,15 @@ def _model_out(services, row, status: str, message: str | None) -> ModelOut:
     except (OSError, ValueError):
         meta = {}
     shape = [meta["in_channels"], meta["image_size"], meta["image_size"]] if "in_channels" in meta and "image_size" in meta else None
+    try:
+        backend: str | None = backend_for(services.serving.options.backend, row.output_dir)[0]
+    except DG2PFError:  # the output is gone or damaged: the replica's error says so when it is asked
+        backend = None
     return ModelOut(
         id=row.model_id, job_id=row.model_id, status=status, created_at=row.created_at,
         url=services.serving.model_url(row.model_id, services.public_serve_url()),
         arch=meta.get("arch"), num_classes=meta.get("num_classes"), input_shape=shape, class_names=meta.get("class_names"),
-        sparsity=meta.get("sparsity_prunable"), test_top1=meta.get("test_top1"), message=message,
+        sparsity=meta.get("sparsity_prunable"), test_top1=meta.get("test_top1"), backend=backend, message=message,
     )
 
 

@@ -3,7 +3,8 @@
 One deployment hosts all models. ``serve.multiplexed`` keeps at most ``max_models_per_replica``
 of them loaded per replica (least recently used goes first) and Serve routes a request to a
 replica that already holds its model when the ``serve_multiplexed_model_id`` header names it;
-``serve.batch`` gathers concurrent requests into one forward pass per model. Everything a client
+``serve.batch`` gathers concurrent requests into one forward pass per model, computed by PyTorch or
+ONNX Runtime (``DG2PF_SERVE_BACKEND``, see ``backends``). Everything a client
 sends is checked here, at the boundary: a bad request gets a 4xx with the one error shape of the
 service and the replica goes on serving. This module runs inside Serve replicas; the API process
 only imports it to build the application.
@@ -29,6 +30,7 @@ from dg2pf_core.errors import DG2PFError, InputError
 from dg2pf_core.inference import InferenceModel, finite_logits, predictions_json
 
 from ..errorshape import error_body
+from .backends import BACKENDS, ONNXRUNTIME, load_served_model
 from .options import APP_NAME, DEPLOYMENT_NAME, ServeOptions, token_digest
 from .registry import ModelRegistry
 
@@ -89,13 +91,25 @@ class ModelServer:
         self.options = ServeOptions.from_dict(options)
         self.registry = ModelRegistry(self.options.serving_dir)
         self.device = "cuda" if self.options.gpus_per_replica > 0 and torch.cuda.is_available() else "cpu"
-        torch.set_num_threads(max(1, int(self.options.cpus_per_replica)))
+        # One thread per CPU the replica reserves, for PyTorch and for each ONNX Runtime session alike
+        # (sessions do not spin-wait, so the idle ones of other loaded models cost nothing).
+        self.threads = max(1, int(self.options.cpus_per_replica))
+        torch.set_num_threads(self.threads)
+        self.backend = self.options.backend
+        if self.backend not in BACKENDS:
+            raise ValueError(f"DG2PF_SERVE_BACKEND={self.backend!r} is not a serving backend; one of {', '.join(BACKENDS)}")
+        if self.backend == ONNXRUNTIME:
+            try:  # a replica that could serve no model fails its start, with the reason in GET /models
+                import onnxruntime  # noqa: F401
+            except ImportError as exc:
+                raise RuntimeError(f"DG2PF_SERVE_BACKEND=onnxruntime, but the replica cannot import onnxruntime ({exc}): "
+                                   "install onnxruntime on the Ray nodes, or set DG2PF_SERVE_BACKEND=torch") from exc
 
         async def load(model_id: str) -> InferenceModel:
             entry = self.registry.get(model_id)
             if entry is None:
                 raise RequestError(404, "not_found", f"model {model_id} is not deployed", "model")
-            return await asyncio.to_thread(InferenceModel.load, entry.output_dir, self.device)
+            return await asyncio.to_thread(load_served_model, model_id, entry.output_dir, self.backend, self.device, self.threads)
 
         # Wired per instance so the LRU bound comes from the options (Serve detects this form).
         self.get_model = serve.multiplexed(max_num_models_per_replica=self.options.max_models_per_replica)(load)
@@ -107,7 +121,7 @@ class ModelServer:
 
     @api.get("/healthz")
     async def healthz(self) -> dict:
-        return {"status": "ok"}
+        return {"status": "ok", "backend": self.backend}
 
     @api.post("/models/{model_id}/predict")
     async def predict(
@@ -127,7 +141,7 @@ class ModelServer:
             raise RequestError(500, "model_unavailable", f"model {model_id} could not be loaded: {exc.message}", "model") from None
         batch = await self._inputs(model, request, body)
         out = await self._forward((model_id, batch))
-        doc: dict[str, Any] = {"model": model_id, "predictions": predictions_json(model.top_k(out, top_k))}
+        doc: dict[str, Any] = {"model": model_id, "backend": model.backend, "predictions": predictions_json(model.top_k(out, top_k))}
         if logits:
             doc["logits"] = finite_logits(out)
         return JSONResponse(doc)

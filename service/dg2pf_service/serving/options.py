@@ -29,6 +29,7 @@ class ServeOptions:
     max_replicas: int | None = None  # autoscaling between replicas and max_replicas when set
     cpus_per_replica: float = 1.0
     gpus_per_replica: float = 0.0
+    backend: str = "torch"  # "torch" | "onnxruntime": what computes the logits (serving/backends.py)
     max_models_per_replica: int = 4
     max_batch_size: int = 32
     batch_wait_ms: float = 0.0
@@ -48,6 +49,7 @@ class ServeOptions:
             max_replicas=settings.serve_max_replicas,
             cpus_per_replica=settings.serve_cpus_per_replica,
             gpus_per_replica=settings.serve_gpus_per_replica,
+            backend=settings.serve_backend,
             max_models_per_replica=settings.serve_max_models_per_replica,
             max_batch_size=settings.serve_max_batch_size,
             batch_wait_ms=settings.serve_batch_wait_ms,
