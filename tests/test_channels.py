@@ -148,7 +148,7 @@ def test_the_loop_removes_channels_after_the_last_pruning_epoch(tiny_loaders):
 
 
 def test_target_macs_ratio_is_met(tiny_loaders):
-    cfg = DG2PFConfig(**{**CFG, "target_macs_ratio": 0.5})
+    cfg = DG2PFConfig(**{**CFG, "sparsity": 0.0, "target_macs_ratio": 0.5})
     torch.manual_seed(0)
     result = run_dg2pf(build_model("digits_cnn", 4), tiny_loaders, cfg, input_shape=(1, 8, 8))
     pruned, _ = conv_linear_macs(result.model, (1, 8, 8), CPU)
@@ -169,8 +169,10 @@ def test_resume_after_and_before_the_removal(tiny_loaders, tmp_path, stop_after,
 
 
 @pytest.mark.parametrize("change,match", [
-    ({"granularity": "unstructured", "target_macs_ratio": 0.5}, "only applies to granularity 'channel'"),
-    ({"target_macs_ratio": 1.5}, "strictly between 0 and 1"),
+    ({"granularity": "unstructured", "sparsity": 0.0, "target_macs_ratio": 0.5}, "only applies to granularity 'channel'"),
+    ({"sparsity": 0.0, "target_macs_ratio": 1.5}, "strictly between 0 and 1"),
+    ({"target_macs_ratio": 0.5}, "give sparsity or target_macs_ratio, not both"),
+    ({"sparsity": 0.0}, "or give target_macs_ratio with granularity 'channel'"),
     ({"scope": "layerwise"}, "leave scope 'global'"),
 ])
 def test_bad_channel_options_name_the_field(change, match):
