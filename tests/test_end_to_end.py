@@ -105,7 +105,7 @@ def test_the_job_writes_model_onnx_as_accurate_as_the_job_and_measures_latency(p
 def test_95_percent_in_both_fine_tuning_modes(digits_example, tmp_path, finetune):
     out = tmp_path / finetune
     result = dg2pf("prune", "--arch", "digits_cnn", "--num-classes", "10", "--checkpoint", str(digits_example / "model.safetensors"),
-                   "--dataset", "digits", "--sparsity", "0.95", "--pruning-epochs", "4", "--max-epochs", "9", "--patience", "1",
+                   "--dataset", "digits", "--sparsity", "0.95", "--pruning-epochs", "4", "--max-epochs", "14", "--patience", "1",
                    "--finetune", finetune, "--overparam-expansion", "2", "--out", str(out))
     assert result.returncode == 0, result.stderr
     m = json.loads((out / "metrics.json").read_text())
