@@ -37,13 +37,58 @@ import torch
 from torch import nn
 
 from .errors import CheckpointError, ConfigError
-from .masks import PRUNABLE_MODULES, Masks, Selection, magnitude_masks, select_prunable
+from .masks import PRUNABLE_MODULES, Masks, Selection, layer_caps, magnitude_masks, select_prunable
 
 STRUCTURE_KEY = "dg2pf_structure"  # safetensors metadata key of a channel-pruned model's structure
 STRUCTURE_FORMAT = "dg2pf-channels/1"
 MAX_STRUCTURE_STAGES = 16
 MAX_STRUCTURE_BYTES = 8 << 20
+# Tracing runs one forward + backward pass at the input size: its memory grows with the pixels
+# (resnet50 at 512x512: ~0.5 GB). Channel granularity traces up to this size, and a structure's
+# recorded input size is bounded by it.
+MAX_TRACE_SIZE = 512
 _CAP_BELOW_ONE = 1.0 - 1e-9  # floor(cap * C) <= C - 1 for any group of up to 1e9 channels  # far above any torchvision classifier's (resnet152: ~0.2 MB at 90%)
+
+
+# The architectures channel granularity is verified on (Torch-Pruning 1.6, this torchvision): each
+# traced at its default input size in seconds and about 1 GB, and its masked network's logits equal
+# those of the network with the channels removed (tests/test_channels.py runs digits_cnn, resnet18
+# and mobilenet_v2; docs/benchmarks.md lists the survey of the others). Patterns are fnmatch-style.
+CHANNEL_ARCHS = (
+    "digits_cnn", "cifar/*",
+    "torchvision/alexnet", "torchvision/convnext_*", "torchvision/densenet*", "torchvision/efficientnet_*",
+    "torchvision/googlenet", "torchvision/inception_v3", "torchvision/mnasnet*", "torchvision/mobilenet_v2",
+    "torchvision/mobilenet_v3_*", "torchvision/regnet_*", "torchvision/resnet*", "torchvision/resnext*",
+    "torchvision/squeezenet*", "torchvision/vgg*", "torchvision/wide_resnet*", "torchvision/vit_*",
+)
+# Known not to work, and why (checked first: a clear reason instead of "not verified").
+CHANNEL_REFUSED = {
+    "torchvision/shufflenet_v2_*": "Torch-Pruning's dependency graph fails on its channel shuffle (ZeroDivisionError "
+                                   "inside torch_pruning)",
+    "torchvision/swin_*": "tracing its shifted-window attention with Torch-Pruning takes minutes and over 8 GB of memory",
+    "torchvision/maxvit_*": "tracing its block and grid attention with Torch-Pruning takes minutes and over 8 GB of memory",
+}
+
+
+def unsupported_reason(arch: str) -> str | None:
+    """Why channel granularity is not available for ``arch`` (a registry name), or None when it is:
+    decided from the name alone, before any model is built or traced."""
+    from fnmatch import fnmatchcase  # noqa: PLC0415
+
+    for pattern, why in CHANNEL_REFUSED.items():
+        if fnmatchcase(arch, pattern):
+            return why
+    if not any(fnmatchcase(arch, p) for p in CHANNEL_ARCHS):
+        return f"it is not verified on it (it is on: {', '.join(p.removeprefix('torchvision/') for p in CHANNEL_ARCHS)})"
+    return None
+
+
+def check_architecture(arch: str) -> None:
+    """``ConfigError`` (field ``granularity``) unless channel granularity is available for ``arch``."""
+    why = unsupported_reason(arch)
+    if why is not None:
+        raise ConfigError(f"granularity 'channel' is not available for {arch}: {why}; use granularity 'unstructured' "
+                          "or an N:M pattern for this model", field="granularity")
 
 
 @dataclass(frozen=True)
@@ -105,12 +150,15 @@ class Structure:
             doc = json.loads(text)
         except ValueError as exc:
             raise bad(f"not JSON ({exc})") from exc
+        except RecursionError as exc:  # nesting deeper than the interpreter's stack
+            raise bad("JSON nested too deeply") from exc
         if not isinstance(doc, dict) or doc.get("format") != STRUCTURE_FORMAT:
             raise bad(f"format is not {STRUCTURE_FORMAT!r}")
         shape, stages = doc.get("input_shape"), doc.get("stages")
         if (not isinstance(shape, list) or len(shape) != 3
-                or not all(isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= 4096 for v in shape)):
-            raise bad("input_shape must be three integers in [1, 4096]")
+                or not all(isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= MAX_TRACE_SIZE for v in shape)
+                or shape[0] > 4):
+            raise bad(f"input_shape must be three integers: channels in [1, 4], height and width in [1, {MAX_TRACE_SIZE}]")
         if not isinstance(stages, list) or len(stages) > MAX_STRUCTURE_STAGES:
             raise bad(f"stages must be a list of at most {MAX_STRUCTURE_STAGES}")
         parsed = []
@@ -132,8 +180,28 @@ def _tp():
     return torch_pruning
 
 
+class TraceError(Exception):
+    """Torch-Pruning (or the model's forward pass) failed on this model: the reason, one line."""
+
+
+def _traced(fn: Callable, *args):
+    """``fn(*args)`` with any failure of the tracer or of the model's forward pass (a Torch-Pruning
+    bug on an unusual graph, a shape the model cannot take, memory) as ``TraceError``."""
+    try:
+        return fn(*args)
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as exc:  # noqa: BLE001 - third-party tracer: any failure is "cannot trace"
+        text = " ".join(str(exc).split())
+        raise TraceError(f"{type(exc).__name__}: {text[:200]}" if text else type(exc).__name__) from exc
+
+
 def _dependency_graph(model: nn.Module, input_shape: tuple[int, ...]):
     """Torch-Pruning's graph of ``model``, traced once in eval mode (BatchNorm statistics untouched)."""
+    return _traced(_build_graph, model, input_shape)
+
+
+def _build_graph(model: nn.Module, input_shape: tuple[int, ...]):
     tp = _tp()
     device = next(model.parameters()).device
     was_training = model.training
@@ -191,16 +259,26 @@ class ChannelPlan:
     def build(cls, model: nn.Module, input_shape: tuple[int, ...], selection: Selection = Selection()) -> "ChannelPlan":
         """Trace ``model`` (a dense nn.Module, not DDP) with one zero input of ``input_shape`` (C, H, W).
         Raises ``ConfigError`` (field ``granularity``) when no group can be pruned."""
-        tp = _tp()
-        fn = tp.pruner.function
-        graph = _dependency_graph(model, input_shape)
+        fn = _tp().pruner.function
+        shape = "x".join(map(str, input_shape))
+        if max(input_shape[1:]) > MAX_TRACE_SIZE:
+            raise ConfigError(f"granularity 'channel' traces the model at its input size, {shape}: at most "
+                              f"{MAX_TRACE_SIZE}x{MAX_TRACE_SIZE} (set image_size)", field="granularity")
         names = {m: n for n, m in model.named_modules()}
         layers = [(n, m) for n, m in model.named_modules() if isinstance(m, PRUNABLE_MODULES)]
         selected = set(select_prunable(model, selection).params)
         classifier = layers[-1][1] if layers else None
         ignored = [m for n, m in layers if f"{n}.weight" not in selected or m is classifier]
+        try:
+            graph = _dependency_graph(model, input_shape)
+            raw = _traced(lambda: list(graph.get_all_groups(ignored_layers=ignored, root_module_types=PRUNABLE_MODULES)))
+            positions = _traced(_positions, model, input_shape)
+        except TraceError as exc:
+            raise ConfigError(f"granularity 'channel' cannot trace {type(model).__name__} at input {shape} with Torch-Pruning's "
+                              f"dependency graph ({exc}); use granularity 'unstructured' or an N:M pattern for this "
+                              "model", field="granularity") from exc
         groups, skipped = [], []
-        for group in graph.get_all_groups(ignored_layers=ignored, root_module_types=PRUNABLE_MODULES):
+        for group in raw:
             root_module = group[0].dep.target.module
             root = names[root_module]
             items, why = [], None
@@ -227,7 +305,7 @@ class ChannelPlan:
             raise ConfigError("granularity 'channel': no channel group of this model can be pruned (the classifier's "
                               "outputs never are; see include/exclude)" + (f"; skipped: {', '.join(skipped[:5])}" if skipped else ""),
                               field="granularity")
-        return cls(groups, _positions(model, input_shape), skipped)
+        return cls(groups, positions, skipped)
 
     # --- ranking ---
     def importance(self, params: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -277,6 +355,19 @@ class ChannelPlan:
 
     def dense_macs(self, params: Mapping[str, torch.Tensor]) -> int:
         return sum(params[name].numel() * positions for name, positions in self.positions.items())
+
+    def check_fraction(self, fraction: float, cap: float) -> None:
+        """``ConfigError`` (field ``sparsity``) when the layer collapse guard (``cap``: the most of a group
+        that may go) cannot let ``round(fraction * channels)`` channels go. Shapes only (meta tensors)."""
+        total = self.channels
+        want = round(fraction * total)
+        sizes = {g.root: torch.empty(g.channels, device="meta") for g in self.groups}
+        allowed = sum(layer_caps(sizes, min(cap, _CAP_BELOW_ONE), want).values())
+        if want > allowed:
+            raise ConfigError(f"sparsity {fraction:g} with granularity 'channel' asks for {want:,} of the {total:,} prunable "
+                              f"channels, but the layer collapse guard (at most {cap:g} of a layer's channels, one always "
+                              f"kept) lets {allowed:,} ({allowed / total:.3f}) go: lower sparsity, or raise max_layer_sparsity "
+                              "/ lower layer_density_floor", field="sparsity")
 
     def check_reachable(self, params: Mapping[str, torch.Tensor], ratio: float, cap: Callable[[float], float]) -> int:
         """The most channels the layer collapse guard lets go; ``ConfigError`` (field ``target_macs_ratio``)
@@ -348,8 +439,12 @@ def remove_channels(model: nn.Module, input_shape: tuple[int, ...], stage: Mappi
     name or index does not fit the model (a structure from another architecture or a tampered file)."""
     if not stage:
         return
-    tp = _tp()
-    graph = _dependency_graph(model, input_shape)
+    try:
+        graph = _dependency_graph(model, input_shape)
+    except TraceError as exc:
+        raise CheckpointError(f"the checkpoint's channel structure cannot be replayed on {type(model).__name__} at its "
+                              f"recorded input {'x'.join(map(str, input_shape))} ({exc}): the checkpoint was pruned "
+                              "from another architecture or the structure was altered", field="checkpoint") from exc
     for root, idxs in stage.items():
         try:
             module = model.get_submodule(root)
@@ -360,18 +455,37 @@ def remove_channels(model: nn.Module, input_shape: tuple[int, ...], stage: Mappi
                                   "the checkpoint was pruned from another architecture", field="checkpoint")
         pruner = graph.get_pruner_of_module(module)
         width = pruner.get_out_channels(module)
-        if max(idxs) >= width or len(set(idxs)) >= width:
-            raise CheckpointError(f"channel structure prunes channels {max(idxs)} of {root!r}, which has {width}: the "
-                                  "checkpoint was pruned from another architecture or model size", field="checkpoint")
-        group = graph.get_pruning_group(module, pruner.prune_out_channels, sorted(idxs))
-        group.prune()
+        if max(idxs) >= width:
+            raise CheckpointError(f"channel structure prunes channel {max(idxs)} of {root!r}, which has {width} (0 to "
+                                  f"{width - 1}): the checkpoint was pruned from another architecture or model size",
+                                  field="checkpoint")
+        if len(idxs) >= width:
+            raise CheckpointError(f"channel structure removes all {width} channels of {root!r}: dg2pf always keeps one; "
+                                  "the structure was altered", field="checkpoint")
+        try:
+            _traced(lambda: graph.get_pruning_group(module, pruner.prune_out_channels, sorted(idxs)).prune())
+        except TraceError as exc:
+            raise CheckpointError(f"the checkpoint's channel structure cannot be replayed at {root!r} ({exc}): the "
+                                  "checkpoint was pruned from another architecture or the structure was altered",
+                                  field="checkpoint") from exc
 
 
-def apply_structure(model: nn.Module, structure: Structure) -> nn.Module:
-    """``model`` (built dense from its architecture) pruned, in place, to ``structure``. Raises
-    ``CheckpointError`` when the structure does not fit the model or would remove classes."""
+def apply_structure(model: nn.Module, structure: Structure, arch: str | None = None) -> nn.Module:
+    """``model`` (built dense from its architecture, registry name ``arch`` where known) pruned, in place,
+    to ``structure``. Raises ``CheckpointError`` when the structure does not fit the model, would remove
+    classes, or names an architecture channel granularity is not available for (checked first: tracing
+    some graphs takes minutes and GBs)."""
+    why = None if arch is None else unsupported_reason(arch)
+    if why is not None:
+        raise CheckpointError(f"the checkpoint carries a channel structure ({STRUCTURE_KEY}), which dg2pf never writes "
+                              f"for {arch} ({why}): it was altered; use an unpruned checkpoint", field="checkpoint")
     layers = [m for m in model.modules() if isinstance(m, PRUNABLE_MODULES)]
     classes = layers[-1].weight.shape[0] if layers else None
+    first = next((m for m in layers if isinstance(m, nn.modules.conv._ConvNd)), None)
+    if first is not None and first.in_channels != structure.input_shape[0]:
+        raise CheckpointError(f"the checkpoint's channel structure was traced on {structure.input_shape[0]}-channel "
+                              f"inputs, but this {type(model).__name__} takes {first.in_channels}: it was pruned from "
+                              "another architecture or the structure was altered", field="checkpoint")
     for stage in structure.stages:
         remove_channels(model, structure.input_shape, stage)
     if layers and layers[-1].weight.shape[0] != classes:  # the outputs are the classes: never pruned
@@ -381,11 +495,11 @@ def apply_structure(model: nn.Module, structure: Structure) -> nn.Module:
     return model
 
 
-def structured(model: nn.Module, checkpoint: str | Path) -> nn.Module:
-    """``model`` (the architecture, built dense) pruned to the channel structure ``checkpoint`` records,
-    if any: what every reader of a dg2pf artifact calls before loading its weights."""
+def structured(model: nn.Module, checkpoint: str | Path, arch: str | None = None) -> nn.Module:
+    """``model`` (the architecture ``arch``, built dense) pruned to the channel structure ``checkpoint``
+    records, if any: what every reader of a dg2pf artifact calls before loading its weights."""
     structure = read_structure(checkpoint)
-    return model if structure is None else apply_structure(model, structure)
+    return model if structure is None else apply_structure(model, structure, arch)
 
 
 def read_structure(path: str | Path) -> Structure | None:

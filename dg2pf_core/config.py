@@ -140,6 +140,17 @@ class DG2PFConfig:
                 raise bad(name, f"must be {'an integer' if integral else 'a number'}, got {value!r}")
             if not bounds.contains(value):
                 raise bad(name, f"must be in {bounds.text()}, got {value}")
+        # Before the sparsity rules: with a MACs target, sparsity is unset, and what is wrong is the target
+        # (a granularity that is no name at all is named as such first).
+        if self.target_macs_ratio is not None:
+            parse_granularity(self.granularity)
+            ratio = self.target_macs_ratio
+            if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0.0 < ratio < 1.0:
+                raise bad("target_macs_ratio", f"must be a number strictly between 0 and 1 (0.5: half the multiply-accumulates), "
+                                               f"got {ratio!r}")
+            if self.granularity != CHANNEL:
+                raise bad("target_macs_ratio", f"only applies to granularity 'channel' (got {self.granularity!r}): unstructured "
+                                               "and N:M masks do not remove compute on dense kernels; use sparsity")
         if self.target_macs_ratio is not None and self.sparsity != 0.0:
             raise bad("sparsity", f"give sparsity or target_macs_ratio, not both (target_macs_ratio {self.target_macs_ratio} "
                                   f"decides the channel fraction; got sparsity {self.sparsity})")
@@ -159,14 +170,6 @@ class DG2PFConfig:
         if nm is not None and abs(self.sparsity - nm.sparsity) > 1e-9:
             raise bad("granularity", f"{nm} prunes exactly {nm.m - nm.n} of every {nm.m} weights ({nm.sparsity!r} of each "
                                      f"group): set sparsity to {nm.sparsity!r} (got {self.sparsity})")
-        if self.target_macs_ratio is not None:
-            ratio = self.target_macs_ratio
-            if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0.0 < ratio < 1.0:
-                raise bad("target_macs_ratio", f"must be a number strictly between 0 and 1 (0.5: half the multiply-accumulates), "
-                                               f"got {ratio!r}")
-            if self.granularity != CHANNEL:
-                raise bad("target_macs_ratio", f"only applies to granularity 'channel' (got {self.granularity!r}): unstructured "
-                                               "and N:M masks do not remove compute on dense kernels; use sparsity")
         if self.granularity == CHANNEL and self.scope != "global":
             raise bad("scope", "granularity 'channel' ranks all channel groups together: leave scope 'global'")
         if nm is not None and self.scope != "global":

@@ -1,21 +1,25 @@
-"""Evaluating a checkpoint on a dataset split: accuracy and sparsity."""
+"""Evaluating a checkpoint on a dataset split: accuracy, sparsity, and its size against the dense architecture."""
 
 from __future__ import annotations
 
 import torch
 from torch.utils.data import DataLoader
 
+from .channels import read_structure
 from .errors import DatasetError
 from .job import load_data, load_model
 from .masks import select_prunable
-from .metrics import evaluate
+from .metrics import Footprint, compared, evaluate, footprint
+from .models import build_model
 from .preflight import check_eval_forward
 
 
 def evaluate_checkpoint(arch: str, num_classes: int, checkpoint: str, dataset: str, *, image_size: int | None = None,
                         split: str = "test", skip_bad_images: bool = False) -> dict:
-    """Top-1/top-5 (%) of a checkpoint on a split, and its sparsity; DG2PFError for bad input, checked
-    before the evaluation (the checkpoint, the data, and a forward pass on the first batch)."""
+    """Top-1/top-5 (%) of a checkpoint on a split, its sparsity, the channels its structure removed
+    (a channel-pruned checkpoint) and its MACs and parameters against the architecture's dense default
+    (``compared``); DG2PFError for bad input, checked before the evaluation (the checkpoint, the data,
+    and a forward pass on the first batch)."""
     spec, model = load_model(arch, num_classes, checkpoint)
     splits, size = load_data(dataset, spec, num_classes, image_size, 0.1, 0, skip_bad_images)
     data = splits.test if split == "test" else splits.val
@@ -30,7 +34,22 @@ def evaluate_checkpoint(arch: str, num_classes: int, checkpoint: str, dataset: s
     params = list(model.parameters())
     n_all = sum(p.numel() for p in params)
     zero_all = sum(int((p == 0).sum()) for p in params)
+    structure = read_structure(checkpoint)
+    shape = (spec.in_channels, size, size)
     return {
         "split": split, "top1": acc.top1, "top5": acc.top5, "samples": acc.samples,
         "sparsity_prunable": zero_prunable / n_prunable, "sparsity_total": zero_all / n_all,
+        "channels_removed": None if structure is None else sum(len(v) for stage in structure.stages for v in stage.values()),
+        "input_shape": list(shape),
+        **compared(footprint(model, shape), dense_default_footprint(arch, num_classes, shape), dense_default_name(arch)),
     }
+
+
+def dense_default_name(arch: str) -> str:
+    return f"{arch}'s dense default (the architecture built unpruned)"
+
+
+def dense_default_footprint(arch: str, num_classes: int, input_shape: tuple[int, ...]) -> Footprint:
+    """The size of ``arch`` as the registry builds it, every channel kept: what a pruned checkpoint of
+    it is measured against when its own dense model is not at hand."""
+    return footprint(build_model(arch, num_classes), input_shape)

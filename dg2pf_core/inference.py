@@ -65,7 +65,7 @@ class InferenceModel:
         out = Path(output_dir)
         meta = read_job_metrics(out)
         weights = out / COMPACT_FILE if (out / COMPACT_FILE).is_file() else out / DENSE_FILE
-        model = structured(build_model(meta["arch"], int(meta["num_classes"])), weights)  # channels removed
+        model = structured(build_model(meta["arch"], int(meta["num_classes"])), weights, meta["arch"])  # channels removed
         load_into(model, read_state_dict(weights), arch=f"{meta['arch']} with num_classes={meta['num_classes']}")
         return cls.for_module(model.to(device).eval(), meta)
 

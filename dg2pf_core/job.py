@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .channels import ChannelPlan, Structure, apply_structure, read_structure
+from .channels import ChannelPlan, Structure, apply_structure, check_architecture, read_structure
 from .checkpoints import load_into, read_state_dict
 from .compact import check_values
 from .config import DG2PFConfig
@@ -162,7 +162,7 @@ def load_checkpoint_model(arch: str, num_classes: int, checkpoint: str | Path, w
         warnings.filterwarnings("ignore", message=".*copying from a non-meta parameter")
         model = build_meta(arch, num_classes) if meta and structure is None else build_model(arch, num_classes)
         if structure is not None:
-            apply_structure(model, structure)
+            apply_structure(model, structure, arch)
         load_into(model, state, what=f"{what} {checkpoint}", arch=f"{arch} with num_classes={num_classes}")
     return spec, model, {k: v.dtype for k, v in state.items() if v.is_floating_point()}
 
@@ -220,6 +220,8 @@ def check_static(job: PruneJob, *, meta: bool = False, max_params: int | None = 
         if count > max_params:
             raise ConfigError(f"{job.arch} with {job.num_classes} classes has {count:,} parameters, over this service's "
                               f"limit of {max_params:,} (DG2PF_MAX_MODEL_PARAMS)", field="arch")
+    if job.config.channel:
+        check_architecture(job.arch)  # by name, before building: some graphs take minutes and GBs to trace
     arch, model, dtypes = load_checkpoint_model(job.arch, job.num_classes, job.checkpoint, meta=meta,
                                                 fp16_values=job.compact_values == "fp16")
     prunable = select_prunable(model, job.config.selection())  # --include/--exclude select something
@@ -231,6 +233,8 @@ def check_static(job: PruneJob, *, meta: bool = False, max_params: int | None = 
         plan = ChannelPlan.build(model, (arch.in_channels, size, size), job.config.selection())
         if job.config.target_macs_ratio is not None:
             plan.check_reachable(dict(model.named_parameters()), job.config.target_macs_ratio, job.config.layer_cap)
+        else:
+            plan.check_fraction(job.config.sparsity, job.config.layer_cap(job.config.sparsity))
     teacher = None
     if job.teacher is not None:
         try:
@@ -283,13 +287,19 @@ def result_metrics(prepared: PreparedJob, result: DG2PFResult, *, world_size: in
     violations = {} if nm is None else {
         "nm_violations": nm_violations(select_prunable(result.model, job.config.selection()).params, nm)}
     channel: dict = {}
+    warned = layer_warnings(result.masks, job.config.warn_layer_sparsity)
     if job.config.channel:
-        # The result is the smaller dense network: sparsity is of channels, MACs against the input model's.
+        # The result is the smaller dense network: sparsity is of channels, MACs and parameters against
+        # the input model's (what this job started from).
         x = result.extra
         layers = x["layer_channels"]
         channel = {"target_macs_ratio": job.config.target_macs_ratio, "channels_total": x["channels_total"],
                    "channels_pruned": x["channels_pruned"], "channel_sparsity": x["channels_pruned"] / x["channels_total"],
-                   "params_dense": x["params_dense"], "skipped_groups": x["skipped_groups"]}
+                   "macs_ratio": size.flops_sparse / x["macs_dense"] if x["macs_dense"] else None,
+                   "params_dense": x["params_dense"], "params_ratio": size.params_total / x["params_dense"],
+                   "skipped_groups": x["skipped_groups"]}
+        if not x["channels_pruned"]:
+            warned = [_nothing_removed(job.config, x["channels_total"]), *warned]
     return {
         "arch": job.arch,
         "num_classes": job.num_classes,
@@ -302,10 +312,11 @@ def result_metrics(prepared: PreparedJob, result: DG2PFResult, *, world_size: in
         **violations,
         **channel,
         "sparsity_prunable": channel["channel_sparsity"] if channel else size.sparsity_prunable,
-        "sparsity_total": size.sparsity_total,
+        # Channel granularity: of the input model's parameters, the fraction removed (or zero).
+        "sparsity_total": 1.0 - size.params_nonzero / channel["params_dense"] if channel else size.sparsity_total,
         "params_total": size.params_total,
         "params_nonzero": size.params_nonzero,
-        "params_prunable": size.prunable_total,
+        "params_prunable": result.extra["params_prunable"] if channel else size.prunable_total,
         "flops_dense": result.extra["macs_dense"] if channel else size.flops_dense,
         "flops_sparse": size.flops_sparse,
         "flops_unit": "multiply-accumulates of Conv/Linear layers per sample",
@@ -324,7 +335,7 @@ def result_metrics(prepared: PreparedJob, result: DG2PFResult, *, world_size: in
         # N:M holds every tensor at (M-N)/M by construction: no cap applies.
         "layer_cap": job.config.layer_cap(channel["channel_sparsity"] if channel else job.config.sparsity)
         if job.config.scope == "global" and nm is None else None,
-        "warnings": layer_warnings(result.masks, job.config.warn_layer_sparsity),
+        "warnings": warned,
         "dtype": _dtype_summary(prepared.dtypes),
         "skipped_images": len(getattr(prepared.splits, "skipped_images", []) or []),
         "skipped_image_files": list(getattr(prepared.splits, "skipped_images", []) or [])[:100],
@@ -387,6 +398,15 @@ def job_latency(prepared: PreparedJob, pruned: nn.Module, onnx: OnnxReport, onnx
             "backends": compare(report), "macs_ratio": macs_ratio, "notes": notes + document["notes"]}
 
 
+def _nothing_removed(config: DG2PFConfig, channels: int) -> str:
+    """Why a channel job left the network as it was: its target was too mild for one channel."""
+    why = (f"target_macs_ratio {config.target_macs_ratio:g} is within one channel of the unpruned network's MACs"
+           if config.target_macs_ratio is not None
+           else f"sparsity {config.sparsity:g} of {channels:,} prunable channels rounds to 0")
+    return (f"no channel was removed: {why}; the model keeps the input's structure (only its weights were trained): "
+            "ask for a larger sparsity or a smaller target_macs_ratio")
+
+
 def _dtype_summary(dtypes: dict[str, torch.dtype]) -> str:
     """The floating dtype(s) of the input checkpoint, which the pruned model.safetensors keeps."""
     names = sorted({str(d).removeprefix("torch.") for d in dtypes.values()})
@@ -436,9 +456,10 @@ def prune_to_dir(
 
     try:
         result = run(prepared, progress=progress, reporter=reporter, resume=state)
-    except TrainingDiverged:
+    except (TrainingDiverged, ConfigError):
         if state_dir is not None and not keep_state:
-            shutil.rmtree(state_dir, ignore_errors=True)  # resuming would diverge again: start over instead
+            # Resuming would diverge again / fail on the same options: start over instead.
+            shutil.rmtree(state_dir, ignore_errors=True)
         raise
     except BaseException as exc:
         if saved:

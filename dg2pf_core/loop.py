@@ -88,7 +88,8 @@ class DG2PFResult:
     test: Accuracy | None
     epochs: int
     # Channel granularity: "structure" (the Structure removed, relative to the input model),
-    # "channels_total", "channels_pruned", "macs_dense" (of the input model), "skipped_groups".
+    # "channels_total", "channels_pruned", "macs_dense" and "params_dense" (of the input model),
+    # "params_prunable" (the input model's parameters in tensors some group touches), "skipped_groups".
     extra: dict = field(default_factory=dict)
 
 
@@ -120,6 +121,9 @@ class _Run:
         self.device, self.progress, self.reporter = device, progress, reporter
         self.params = select_prunable(_unwrap(model), config.selection()).params
         self.all_params = [p for p in model.parameters() if p.requires_grad]
+        # The input model's size, counted before anything is removed or expanded (a resumed run is
+        # handed the input model too): not the teacher's, which may be another checkpoint.
+        self.params_dense = sum(p.numel() for p in _unwrap(model).parameters())
         fraction = config.sparsity
         self.plan: ChannelPlan | None = None  # channel granularity: the groups of the input model
         if config.channel:
@@ -127,6 +131,8 @@ class _Run:
             self.plan = ChannelPlan.build(_unwrap(model), self.input_shape, config.selection())
             self.params = dict(_unwrap(model).named_parameters())  # a group touches biases and BatchNorms too
             self.macs_dense = self.plan.dense_macs(self.params)
+            # The parameters channel removal can shrink: every tensor some group touches.
+            self.params_prunable = sum(self.params[n].numel() for n in {i.param for g in self.plan.groups for i in g.items})
             if config.target_macs_ratio is not None:
                 fraction, _ = self.plan.fraction_for_macs(self.params, config.target_macs_ratio, config.layer_cap)
         self.targets = sparsity_targets(config.schedule, fraction, config.pruning_epochs)
@@ -468,7 +474,7 @@ def run_dg2pf(
         "structure": Structure.from_json(state.structure) if state.structure else None,
         "channels_total": run.plan.channels, "channels_pruned": run.channels_pruned,
         "macs_dense": run.macs_dense, "skipped_groups": list(run.plan.skipped),
-        "params_dense": sum(p.numel() for p in teacher.parameters()),
+        "params_dense": run.params_dense, "params_prunable": run.params_prunable,
         # per group (its root layer): the fraction of its channels removed
         "layer_channels": {g.root: len((state_stage(state) or {}).get(g.root, [])) / g.channels for g in run.plan.groups}}
     return DG2PFResult(

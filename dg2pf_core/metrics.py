@@ -115,3 +115,28 @@ def size_report(
         flops_dense=dense,
         flops_sparse=sparse,
     )
+
+
+@dataclass(frozen=True)
+class Footprint:
+    """A model's size as it runs: its parameters and its Conv/Linear multiply-accumulates per sample."""
+
+    params: int
+    params_nonzero: int
+    macs: int  # counting only nonzero weights: what a sparse kernel, or a smaller dense network, runs
+    macs_dense: int  # counting every weight entry
+
+
+def footprint(model: nn.Module, input_shape: tuple[int, ...], device: torch.device = torch.device("cpu")) -> Footprint:
+    dense, sparse = conv_linear_macs(model, input_shape, device)
+    params = list(model.parameters())
+    return Footprint(sum(p.numel() for p in params), sum(int(torch.count_nonzero(p)) for p in params), sparse, dense)
+
+
+def compared(model: Footprint, reference: Footprint, reference_name: str) -> dict:
+    """``model`` against an unpruned ``reference`` (every entry of it counted): what a user reads as
+    "0.5x the compute, 0.4x the parameters"."""
+    return {"reference": reference_name, "macs": model.macs, "macs_reference": reference.macs_dense,
+            "macs_ratio": model.macs / reference.macs_dense if reference.macs_dense else None,
+            "params": model.params, "params_nonzero": model.params_nonzero, "params_reference": reference.params,
+            "params_ratio": model.params_nonzero / reference.params if reference.params else None}

@@ -202,6 +202,72 @@ def test_structures_from_files_are_checked(tmp_path):
         apply_structure(copy.deepcopy(model), Structure((1, 8, 8), ({classifier: [0, 1]},)))
 
 
+@pytest.mark.parametrize("text, match", [
+    ('{"format":"dg2pf-channels/1","input_shape":[1,8,8],"stages":' + "[" * 100_000 + "]" * 100_000 + "}", "nested too deeply"),
+    ('{"format":"dg2pf-channels/1","input_shape":[1,4096,4096],"stages":[]}', "height and width in"),
+    ('{"format":"dg2pf-channels/1","input_shape":[64,8,8],"stages":[]}', "channels in"),
+])
+def test_a_tampered_structure_is_refused_before_any_tracing(tmp_path, text, match):
+    path = tmp_path / "m.safetensors"
+    save_state_dict(build_model("digits_cnn", 10).state_dict(), path, metadata={STRUCTURE_KEY: text})
+    with pytest.raises(CheckpointError, match=match):
+        read_structure(path)
+
+
+@pytest.mark.parametrize("structure, match", [
+    (Structure((3, 8, 8), ({"features.0": [0]},)), "traced on 3-channel inputs, but this DigitsCNN takes 1"),
+    (Structure((1, 2, 2), ({"features.0": [0]},)), "cannot be replayed"),  # too small for its pooling
+    (Structure((1, 8, 8), ({"features.0": list(range(32))},)), "removes all 32 channels of 'features.0'"),
+    (Structure((1, 8, 8), ({"features.0": [63]},)), "prunes channel 63 of 'features.0', which has 32"),
+])
+def test_a_structure_that_does_not_fit_the_architecture_is_a_checkpoint_error(structure, match):
+    with pytest.raises(CheckpointError, match=match):
+        apply_structure(build_model("digits_cnn", 10), structure)
+
+
+def test_a_model_the_tracer_cannot_take_is_a_config_error_naming_granularity():
+    # Torch-Pruning 1.6 cannot trace ShuffleNetV2's channel shuffle (ZeroDivisionError inside it);
+    # a ViT cannot run on 32x32 inputs at all. Neither may surface as a bare exception.
+    for arch in ("torchvision/shufflenet_v2_x0_5", "torchvision/vit_b_32"):
+        with torch.device("meta"):
+            model = build_model(arch, 10)
+        with pytest.raises(ConfigError, match="granularity 'channel' cannot trace") as info:
+            ChannelPlan.build(model, (3, 32, 32))
+        assert info.value.field == "granularity" and "\n" not in info.value.message
+    with pytest.raises(ConfigError, match="at most 512x512"):
+        ChannelPlan.build(build_model("digits_cnn", 10), (1, 1024, 1024))
+
+
+def test_architectures_channel_granularity_cannot_take_are_refused_by_name_before_any_tracing(tmp_path):
+    from dg2pf_core.channels import check_architecture, unsupported_reason
+    from dg2pf_core.job import load_checkpoint_model
+    from dg2pf_core.models import list_archs
+
+    verdicts = {arch: unsupported_reason(arch) for arch in list_archs()}  # names only: instant for every one
+    for arch in ("digits_cnn", "cifar/resnet18", "torchvision/resnet50", "torchvision/mobilenet_v2"):
+        assert verdicts[arch] is None
+    for arch, needle in [("torchvision/swin_t", "memory"), ("torchvision/maxvit_t", "memory"),
+                         ("torchvision/shufflenet_v2_x1_0", "channel shuffle"), ("no/such_arch", "not verified")]:
+        with pytest.raises(ConfigError, match=needle) as info:
+            check_architecture(arch)
+        assert info.value.field == "granularity" and "unstructured" in info.value.message
+    # A checkpoint whose metadata claims a channel structure for such an architecture is refused
+    # before its structure is traced (swin_t's graph alone would take minutes and GBs).
+    path = tmp_path / "swin.safetensors"
+    save_state_dict({"w": torch.zeros(1)}, path,
+                    metadata={STRUCTURE_KEY: Structure((3, 224, 224), ({"features.0.0": [0]},)).to_json()})
+    with pytest.raises(CheckpointError, match="never writes for torchvision/swin_t"):
+        load_checkpoint_model("torchvision/swin_t", 10, path)
+
+
+def test_a_channel_fraction_beyond_the_collapse_guard_is_refused():
+    plan = ChannelPlan.build(build_model("digits_cnn", 10), (1, 8, 8))
+    plan.check_fraction(0.5, 0.9)
+    with pytest.raises(ConfigError, match="layer collapse guard") as info:
+        plan.check_fraction(0.99, 0.9)
+    assert info.value.field == "sparsity"
+
+
 # ------------------------------------------------------------------------------ jobs and artifacts
 
 
@@ -281,3 +347,25 @@ def test_a_pruned_model_pruned_again_replays_both_stages(tmp_path):
     x = torch.randn(3, *shape)
     with torch.no_grad():
         assert torch.equal(reloaded.eval()(x), model.eval()(x))
+
+
+@pytest.mark.parametrize("finetune", ["sgd", "overparam"])
+def test_params_dense_counts_the_input_model_not_its_teacher_nor_a_restored_state(tiny_loaders, tmp_path, finetune):
+    """metrics.json's params_dense: the model the run started from, here already channel-pruned, with
+    the dense model as its teacher; the same after resuming past the removal."""
+    shape = (1, 8, 8)
+
+    def pruned_input() -> TinyNet:
+        return apply_structure(_tiny(), Structure(shape, ({"conv": [0, 1], "fc1": [0, 1, 2, 3]},)))
+
+    count = sum(p.numel() for p in pruned_input().parameters())
+    assert sum(p.numel() for p in _tiny().parameters()) > count
+    cfg = DG2PFConfig(**{**CFG, "finetune": finetune, "max_epochs": 6})
+    w = Watch(tmp_path)
+    result = run_dg2pf(pruned_input(), tiny_loaders, cfg, teacher=_tiny(), reporter=w, input_shape=shape)
+    assert "finetuning" in [r.phase for r in w.records]  # the over-parameterized phase ran, and did not count
+    assert result.extra["params_dense"] == count
+    assert 0 < result.extra["params_prunable"] <= count
+    again = run_dg2pf(pruned_input(), tiny_loaders, cfg, teacher=_tiny(), resume=TrainingState.load(tmp_path / "epoch3"),
+                      input_shape=shape)
+    assert again.extra["params_dense"] == count

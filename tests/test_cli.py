@@ -1,13 +1,17 @@
-"""Bad input exits 2 with one clear line, and nothing is written."""
+"""Bad input exits 2 with one clear line, and nothing is written; what the commands show of a channel-pruned
+model; Ctrl-C at any moment ends with one line and status 130."""
 
 from __future__ import annotations
 
 import contextlib
 import io
-
+import json
+import os
 import pickle
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -153,6 +157,9 @@ def test_progress_lines_show_weight_recovery_in_pruning_epochs(capsys):
     ({"--sparsity": None}, ["--granularity", "channel", "--target-macs-ratio", "0.1", "--max-layer-sparsity", "0.5"],
      ["target_macs_ratio 0.1 cannot be reached"]),
     ({"--sparsity": None}, ["--granularity", "channel", "--target-macs-ratio", "1"], ["strictly between 0 and 1"]),
+    ({"--sparsity": "0.99"}, ["--granularity", "channel"], ["sparsity 0.99", "layer collapse guard"]),
+    ({}, ["--granularity", "channel", "--image-size", "1024"], ["granularity 'channel'", "at most 512x512"]),
+    ({"--arch": "torchvision/swin_t"}, ["--granularity", "channel"], ["not available for torchvision/swin_t"]),
 ])
 def test_channel_options_are_refused_before_training(untrained_ckpt, tmp_path, over, extra, needles):
     out = tmp_path / "out"
@@ -161,3 +168,191 @@ def test_channel_options_are_refused_before_training(untrained_ckpt, tmp_path, o
         i = args.index("--sparsity")
         del args[i:i + 2]
     assert_refused(dg2pf(*args, *extra), out, *needles)
+
+
+# --------------------------------------------------------------------- channel granularity: what the commands show
+
+
+def _without_sparsity(args: list[str]) -> list[str]:
+    i = args.index("--sparsity")
+    return args[:i] + args[i + 2:]
+
+
+def _param_count(arch: str, path: Path) -> int:
+    from dg2pf_core.job import load_checkpoint_model
+
+    _, model, _ = load_checkpoint_model(arch, 10, path)
+    return sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize("sparsity", [None, "0.5"])
+def test_a_macs_target_with_n_m_granularity_is_refused_as_channel_only(untrained_ckpt, tmp_path, sparsity):
+    out = tmp_path / "out"
+    args = prune_args(untrained_ckpt, out, **({"--sparsity": sparsity} if sparsity else {}))
+    args = args if sparsity else _without_sparsity(args)
+    assert_refused(dg2pf(*args, "--granularity", "2:4", "--target-macs-ratio", "0.5"), out,
+                   "target_macs_ratio", "only applies to granularity 'channel'")
+
+
+@pytest.fixture(scope="module")
+def channel_job(untrained_ckpt, tmp_path_factory) -> tuple[Path, dict]:
+    """digits_cnn with half its MACs removed by channel pruning (an untrained input: sizes, not accuracy)."""
+    out = tmp_path_factory.mktemp("channel") / "half"
+    result = dg2pf(*_without_sparsity(prune_args(untrained_ckpt, out)), "--granularity", "channel", "--target-macs-ratio", "0.5",
+                   "--threads", "1")
+    assert result.returncode == 0, result.stderr
+    return out, json.loads((out / "metrics.json").read_text())
+
+
+def test_channel_metrics_say_what_was_removed_against_the_input_model(channel_job, untrained_ckpt):
+    from dg2pf_core.metrics import conv_linear_macs
+
+    out, m = channel_job
+    assert m["params_dense"] == _param_count("digits_cnn", untrained_ckpt)  # the model the job started from
+    assert m["params_total"] == _param_count("digits_cnn", out / "model.safetensors") < m["params_dense"]
+    assert m["flops_dense"] == conv_linear_macs(build_model("digits_cnn", 10), (1, 16, 16), torch.device("cpu"))[0]
+    assert m["channels_pruned"] > 0
+    assert m["sparsity_prunable"] == m["channel_sparsity"] == m["channels_pruned"] / m["channels_total"]
+    assert m["macs_ratio"] == pytest.approx(m["flops_sparse"] / m["flops_dense"]) and abs(m["macs_ratio"] - 0.5) <= 0.025
+    assert m["params_ratio"] == pytest.approx(m["params_total"] / m["params_dense"])
+    # no field reads 0 for a network that lost half its compute
+    assert m["sparsity_total"] == pytest.approx(1 - m["params_nonzero"] / m["params_dense"]) and m["sparsity_total"] > 0.3
+    assert m["params_total"] - m["params_dense"] < 0 < m["params_prunable"] <= m["params_dense"]
+    assert m["target_sparsity"] is None and m["config"]["target_macs_ratio"] == 0.5 and m["warnings"] == []
+
+
+@pytest.mark.parametrize("dense", [True, False])
+def test_latency_compares_a_channel_pruned_model_with_the_dense_one(channel_job, untrained_ckpt, dense):
+    out, m = channel_job
+    reference = ["--dense-checkpoint", str(untrained_ckpt)] if dense else []
+    args = ["latency", "--arch", "digits_cnn", "--checkpoint", str(out / "model.safetensors"), *reference, "--backends", "torch",
+            "--batch-sizes", "1", "--runs", "2", "--warmup", "0", "--threads", "1"]
+    doc = json.loads(dg2pf(*args, "--json").stdout)
+    assert doc["macs_ratio"] == pytest.approx(m["macs_ratio"])  # was 1.000x: the pruned model against itself
+    assert doc["params_ratio"] == pytest.approx(m["params_nonzero"] / m["params_dense"])
+    text = dg2pf(*args)
+    assert text.returncode == 0, text.stderr
+    header = text.stdout.splitlines()[0]
+    assert f"MACs nonzero / dense {m['macs_ratio']:.3f}x" in header
+    assert ("(vs the dense checkpoint)" if dense else "(vs digits_cnn's dense default") in header
+
+
+def test_evaluate_shows_the_channels_and_macs_of_a_channel_pruned_checkpoint(channel_job):
+    out, m = channel_job
+    args = ["evaluate", "--arch", "digits_cnn", "--num-classes", "10", "--checkpoint", str(out / "model.safetensors"),
+            "--dataset", "digits"]
+    r = json.loads(dg2pf(*args, "--json").stdout)
+    assert r["channels_removed"] == m["channels_pruned"]
+    assert (r["macs"], r["macs_reference"], r["params_reference"]) == (m["flops_sparse"], m["flops_dense"], m["params_dense"])
+    text = dg2pf(*args).stdout
+    assert f"channels: {m['channels_pruned']:,} removed" in text
+    assert f"MACs {m['flops_sparse']:,} / {m['flops_dense']:,} ({m['macs_ratio']:.3f}x)" in text
+    assert "vs digits_cnn's dense default" in text
+
+
+def test_re_pruning_a_channel_pruned_checkpoint_counts_from_it_not_from_its_dense_teacher(channel_job, untrained_ckpt, tmp_path):
+    out, first = channel_job
+    again = tmp_path / "again"
+    result = dg2pf(*prune_args(out / "model.safetensors", again, **{"--sparsity": "0.2"}), "--granularity", "channel",
+                   "--teacher", str(untrained_ckpt), "--threads", "1")
+    assert result.returncode == 0, result.stderr
+    m = json.loads((again / "metrics.json").read_text())
+    assert (m["params_dense"], m["flops_dense"]) == (first["params_total"], first["flops_sparse"])
+    assert m["params_total"] < m["params_dense"] and m["channels_pruned"] > 0
+
+
+class _GroupedCNN(torch.nn.Module):
+    """A grouped (not depthwise) convolution: Torch-Pruning groups it, dg2pf cannot map its channels."""
+
+    def __init__(self, num_classes: int) -> None:
+        super().__init__()
+        self.conv1 = torch.nn.Conv2d(1, 8, 3, padding=1)
+        self.conv2 = torch.nn.Conv2d(8, 16, 3, padding=1, groups=2)
+        self.conv3 = torch.nn.Conv2d(16, 32, 3, padding=1)
+        self.bn3 = torch.nn.BatchNorm2d(32)
+        self.classifier = torch.nn.Linear(32, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.conv2(torch.relu(self.conv1(x))))
+        x = torch.relu(self.bn3(self.conv3(torch.nn.functional.max_pool2d(x, 2))))
+        return self.classifier(x.mean((2, 3)))
+
+
+@pytest.fixture(scope="module")
+def grouped_job(tmp_path_factory) -> subprocess.CompletedProcess:
+    """A channel job on a model with groups left dense, at a sparsity too mild to remove one channel."""
+    from dg2pf_core import channels
+    from dg2pf_core.models.registry import register_arch
+
+    try:
+        register_arch("test/grouped_cnn", input_size=16, in_channels=1, description="tests: a grouped convolution")(_GroupedCNN)
+    except ValueError:  # registered by an earlier module run
+        pass
+    root = tmp_path_factory.mktemp("grouped")
+    torch.manual_seed(0)
+    save_state_dict(_GroupedCNN(10).state_dict(), root / "in.safetensors")
+    # Channel granularity runs on the architectures it is verified on; the smallest of those with a
+    # grouped convolution (regnet_x_400mf, 5 M parameters) would take minutes here, so this one is added.
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(channels, "CHANNEL_ARCHS", (*channels.CHANNEL_ARCHS, "test/grouped_cnn"))
+        result = dg2pf(*prune_args(root / "in.safetensors", root / "out", **{"--arch": "test/grouped_cnn", "--sparsity": "0.01"}),
+                       "--granularity", "channel", "--threads", "1")
+    assert result.returncode == 0, result.stderr
+    return result
+
+
+def test_the_summary_names_the_groups_left_dense(grouped_job):
+    row = next(line for line in grouped_job.stdout.splitlines() if line.startswith("groups left dense"))
+    count, names = row.removeprefix("groups left dense").strip().split(": ", 1)
+    assert count == "2"
+    assert sorted(names.split("; ")) == [f"{n} (conv2 (Conv2d) has no channel mapping)" for n in ("conv1", "conv2")]
+
+
+def test_a_run_that_removed_no_channel_says_so(grouped_job):
+    assert "none of 32 prunable" in grouped_job.stdout
+    said = [line for line in grouped_job.stderr.splitlines() if "no channel was removed" in line]
+    assert len(said) == 1 and "sparsity 0.01 of 32 prunable channels rounds to 0" in said[0]
+
+
+def _sigint_caught(pid: int) -> bool:
+    try:
+        return any(line.startswith("SigCgt:") and int(line.split()[1], 16) & (1 << (signal.SIGINT - 1))
+                   for line in Path(f"/proc/{pid}/status").read_text().splitlines())
+    except OSError:
+        return False
+
+
+def _torch_loading(pid: int) -> bool:
+    try:
+        return "/torch/" in Path(f"/proc/{pid}/maps").read_text()
+    except OSError:
+        return False
+
+
+@pytest.mark.parametrize("when", ["while importing", "later"])
+def test_ctrl_c_at_any_moment_ends_with_one_line_and_status_130(untrained_ckpt, tmp_path, when):
+    script = Path(sys.executable).parent / "dg2pf"  # the console script as installed, else the module
+    command = [str(script)] if script.exists() else [sys.executable, "-m", "dg2pf_cli"]
+    args = [*prune_args(untrained_ckpt, tmp_path / "out"), "--pruning-epochs", "20", "--max-epochs", "40"]  # long enough
+    # SIGINT's default disposition back (a CI started in the background passes it ignored down).
+    proc = subprocess.Popen([*command, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        # Python's own start (before any dg2pf code runs) is over once it catches SIGINT and loads torch;
+        # without /proc, a second in is in the imports on any machine.
+        deadline = time.time() + (60 if Path("/proc/self/maps").exists() else 1)
+        while not (_sigint_caught(proc.pid) and _torch_loading(proc.pid)) and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.002)
+        if when == "later":
+            time.sleep(3.0)
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and "Exception ignored" not in err, err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("dg2pf: interrupted"), err

@@ -216,7 +216,10 @@ def test_ctrl_c_keeps_the_state_and_resume_gives_the_uninterrupted_result(folder
     args[args.index("--max-epochs") + 1] = "8"
     args[args.index("--pruning-epochs") + 1] = "4"
     state_dir = state_dir_for(tmp_path / "out")
-    proc = subprocess.Popen(_cli(*args), stderr=subprocess.PIPE, text=True, start_new_session=True)
+    # A terminal's foreground job has Ctrl-C's default disposition; a CI started in the background
+    # (`cmd &`) passes SIGINT ignored down to every child, so the test gives it back explicitly.
+    proc = subprocess.Popen(_cli(*args), stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 120
     while not (state_dir / "train_state.pt").exists() and time.time() < deadline:
         time.sleep(0.05)

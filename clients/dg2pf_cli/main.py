@@ -60,10 +60,17 @@ def _config_from(args: argparse.Namespace) -> DG2PFConfig:
 
 
 def _channel_rows(m: dict) -> list[tuple[str, str]]:
-    return [("channels removed", f"{m['channels_pruned']:,} of {m['channels_total']:,} prunable ({m['channel_sparsity']:.2%}); "
-                                 "the model is the smaller dense network"),
+    removed = (f"{m['channels_pruned']:,} of {m['channels_total']:,} prunable ({m['channel_sparsity']:.2%}); "
+               "the model is the smaller dense network" if m["channels_pruned"]
+               else f"none of {m['channels_total']:,} prunable: the model keeps the input's structure (see the warning)")
+    rows = [("channels removed", removed),
             ("parameters pruned / dense", f"{m['params_total']:,} / {m['params_dense']:,} "
                                           f"({m['params_total'] / max(m['params_dense'], 1):.3f}x)")]
+    skipped = m.get("skipped_groups") or []
+    if skipped:  # layers Torch-Pruning groups but this code cannot map to channels: left dense, never pruned
+        more = f"; {len(skipped) - 3} more in metrics.json skipped_groups" if len(skipped) > 3 else ""
+        rows.append(("groups left dense", f"{len(skipped)}: {'; '.join(skipped[:3])}{more}"))
+    return rows
 
 
 def _target(job) -> str:
@@ -150,6 +157,10 @@ def _cmd_prune(args: argparse.Namespace) -> int:
             if interrupted:
                 print(f"dg2pf: interrupted before training; nothing was written to {args.out}", file=sys.stderr)
                 return 130
+            if kept is not None and Path(kept, STATE_FILE).exists():  # a DG2PFError after some epochs
+                print(f"dg2pf: error: {exc.message}; the run's state (the last epoch) is kept in {kept}: continue with "
+                      f"`dg2pf prune --resume {kept}` once the cause is fixed, or delete it to start over", file=sys.stderr)
+                return 2
             raise
     else:
         from dg2pf_ray.train import RayOptions, prune_on_ray
@@ -507,7 +518,16 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     else:
         print(f"{r['split']} top-1 {r['top1']:.2f}%  top-5 {r['top5']:.2f}%  ({r['samples']} images)")
         print(f"sparsity: {r['sparsity_prunable']:.4%} of prunable weights, {r['sparsity_total']:.4%} of all parameters")
+        if r["channels_removed"] is not None:
+            print(f"channels: {r['channels_removed']:,} removed (the checkpoint's channel structure): a smaller dense network")
+        print(_size_line(r))
     return 0
+
+
+def _size_line(size: dict) -> str:
+    """One line of ``dg2pf_core.metrics.compared``: MACs and parameters against the dense reference."""
+    return (f"MACs {size['macs']:,} / {size['macs_reference']:,} ({size['macs_ratio']:.3f}x), parameters nonzero "
+            f"{size['params_nonzero']:,} / {size['params_reference']:,} ({size['params_ratio']:.3f}x) vs {size['reference']}")
 
 
 def _cmd_latency(args: argparse.Namespace) -> int:
@@ -515,9 +535,10 @@ def _cmd_latency(args: argparse.Namespace) -> int:
 
     import torch
 
+    from dg2pf_core.evaluation import dense_default_footprint, dense_default_name
     from dg2pf_core.job import MAX_IMAGE_SIZE, MIN_IMAGE_SIZE, checkpoint_num_classes, load_checkpoint_model
     from dg2pf_core.latency import measure_latency
-    from dg2pf_core.metrics import conv_linear_macs
+    from dg2pf_core.metrics import compared, footprint
     from dg2pf_core.onnx_export import export_onnx
     from dg2pf_core.preflight import check_eval_forward
 
@@ -546,7 +567,13 @@ def _cmd_latency(args: argparse.Namespace) -> int:
     for name, m in models.items():
         check_eval_forward(m, probe, arch=args.arch, num_classes=num_classes, image_size=size, device=torch.device("cpu"),
                            what="the dense checkpoint" if name == "dense" else "the checkpoint")
-    macs = {name: conv_linear_macs(m, shape, torch.device("cpu")) for name, m in models.items()}
+    # The pruned model against the dense checkpoint when given, else the architecture built unpruned
+    # (a channel-pruned model is dense in its own, smaller shapes: its own counts say nothing).
+    if "dense" in models:
+        reference, reference_name = footprint(models["dense"], shape), "the dense checkpoint"
+    else:
+        reference, reference_name = dense_default_footprint(args.arch, num_classes, shape), dense_default_name(args.arch)
+    size = compared(footprint(models["model"], shape), reference, reference_name)
     notes = []
     with tempfile.TemporaryDirectory(prefix="dg2pf-latency-") as tmp:
         files = {}
@@ -561,7 +588,7 @@ def _cmd_latency(args: argparse.Namespace) -> int:
                                  budget_s=args.max_seconds)
     doc = {"arch": args.arch, "checkpoint": args.checkpoint, "dense_checkpoint": args.dense_checkpoint,
            "num_classes": num_classes, "input_shape": list(shape),
-           "macs_ratio": macs["model"][1] / macs["model"][0] if macs["model"][0] else None,
+           "macs_ratio": size["macs_ratio"], "params_ratio": size["params_ratio"], "size": size,
            **report.to_dict()}
     doc["notes"] = notes + doc["notes"]
     if "dense" in models:
@@ -572,7 +599,8 @@ def _cmd_latency(args: argparse.Namespace) -> int:
         print(json.dumps(doc, indent=2))
         return 0
     print(f"{args.arch} ({num_classes} classes), inputs {' x '.join(map(str, shape))}, {report.threads} thread(s), "
-          f"{doc['cpu']}; MACs nonzero / dense {doc['macs_ratio']:.3f}x")
+          f"{doc['cpu']}; MACs nonzero / dense {doc['macs_ratio']:.3f}x, parameters {doc['params_ratio']:.3f}x "
+          f"(vs {size['reference']})")
     headers = ["backend", "batch", "median ms", "p90 ms", "runs", *(["dense median ms", "vs dense"] if "dense" in models else [])]
     rows = []
     for backend, by_batch in report.timings.items():

@@ -111,7 +111,8 @@ def validate_job(spec: JobSpec, settings: Settings, store: JobStore,
                      max_params=settings.max_model_params)
     except DG2PFError as exc:
         teacher_file = teacher is not None and teacher in exc.message
-        where = {"arch": "model.arch", "num_classes": "model.num_classes", "compact_values": "compact_values"}.get(
+        where = {"arch": "model.arch", "num_classes": "model.num_classes", "compact_values": "compact_values",
+                 "sparsity": "sparsity"}.get(
             exc.field or "", "teacher" if teacher_file else "model.checkpoint")
         if exc.field in _SCHEDULE_FIELDS:  # a schedule option that does not fit this model (N:M, include/exclude)
             where = f"schedule.{exc.field}"

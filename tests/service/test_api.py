@@ -134,6 +134,9 @@ BAD = [
     (lambda c: {**spec(c, sparsity=0.5), "schedule": {"granularity": "2:4"}}, 422, "schedule.granularity"),
     # channel granularity: the MACs target only with it, instead of sparsity, reachable under the guard (at submit)
     (lambda c: {**spec(c, sparsity=None), "schedule": {**FAST, "target_macs_ratio": 0.5}}, 422, "schedule.target_macs_ratio"),
+    # ... named as channel-only with N:M too, not as N:M's sparsity rule
+    (lambda c: {**spec(c, sparsity=None), "schedule": {**FAST, "granularity": "2:4", "target_macs_ratio": 0.5}}, 422,
+     "schedule.target_macs_ratio"),
     (lambda c: {**spec(c), "schedule": {**FAST, "granularity": "channel", "target_macs_ratio": 0.5}}, 422, "sparsity"),
     (lambda c: {**spec(c, sparsity=None), "schedule": {**FAST, "granularity": "channel", "target_macs_ratio": 1.5}},
      422, "schedule.target_macs_ratio"),
@@ -141,6 +144,10 @@ BAD = [
                                                         "max_layer_sparsity": 0.5}}, 422, "schedule.target_macs_ratio"),
     (lambda c: spec(c, sparsity=None), 422, "sparsity"),
     (lambda c: {**spec(c), "schedule": {**FAST, "granularity": "channel", "scope": "layerwise"}}, 422, "schedule.scope"),
+    (lambda c: {**spec(c, sparsity=0.99), "schedule": {**FAST, "granularity": "channel"}}, 422, "sparsity"),
+    # refused by name: tracing swin_t alone would take minutes and GBs at submit
+    (lambda c: {**spec(c), "model": {"arch": "torchvision/swin_t", "num_classes": 10, "checkpoint": c},
+                "schedule": {**FAST, "granularity": "channel"}}, 422, "schedule.granularity"),
     # control characters in what the CLI prints: NUL, an ANSI escape, CR/LF, DEL, a C1 control
     (lambda c: spec(c, name="a\u0000b"), 422, "name"),
     (lambda c: spec(c, name="\u001b[2J\u001b[31mowned"), 422, "name"),
