@@ -1,27 +1,48 @@
-"""Inference latency, dense vs 90% unstructured: does magnitude pruning make a model faster on the CPU?
+"""Inference latency on the CPU, dense vs pruned (90% unstructured; channel-pruned to a MACs ratio).
 
-For torchvision resnet18 and mobilenet_v2 at 32x32 (10 classes, the CIFAR setting) and 224x224 (1000
-classes, the ImageNet setting) and resnet50 at 224x224: a random-initialised model with
-trained-looking BatchNorm statistics (seed 0) is the dense model; the pruned model is the same
-weights with global magnitude masks at 90% applied (``dg2pf_core.masks.magnitude_masks``: the same
-zeros a DG2PF run at 90% has, up to which weights they are; no training is needed to time them, since
-dense kernels do the same work whatever the values). Both are timed with ``dg2pf_core.latency`` —
-what every job's metrics.json holds — interleaved in this process, PyTorch eager and ONNX Runtime
-(CPU provider, the model exported with ``dg2pf_core.onnx_export``, the job's exporter), batch 1 and
-32, medians and p90s, with torch and ONNX Runtime set to the same thread count (default: torch's).
+Does pruning make a model faster? Dense vs 90% unstructured, and dense vs channel pruning
+(``granularity="channel"``) to a MACs ratio.
 
-Runs per cell: 30 at batch 1 and at 32x32; at 224x224 batch 32, 10 (resnet50: 6), so the full run
-stays under ~10 minutes on 2 cores; the counts are in the table.
+Models: torchvision resnet18 and mobilenet_v2 at 32x32 (10 classes, the CIFAR setting) and at
+224x224 (1000 classes, the ImageNet setting), and resnet50 (224x224 for the unstructured part, both
+sizes for the channel part). The dense model is random-initialised with trained-looking BatchNorm
+statistics (seed 0); no training is needed to time a model, only its shapes (and, for the
+unstructured part, its zeros) matter.
 
-The report goes to stdout and ``bench/results/bench_latency.json``; unless ``--no-docs`` (or
-``--quick``), the measured block of docs/benchmarks.md section 10 (between its markers) is replaced.
+- *Unstructured* (section 10 of docs/benchmarks.md): the same weights with global magnitude masks at
+  90% applied (``dg2pf_core.masks.magnitude_masks``: the zeros a DG2PF run at 90% has, up to which
+  weights they are). Dense kernels do the same work whatever the values.
+- *Channel* (section 11): the smaller dense networks DG2PF's channel granularity leaves at
+  ``target_macs_ratio`` 0.5 and 0.25: the channel fraction ``ChannelPlan.fraction_for_macs`` finds
+  under ``DG2PFConfig``'s default layer collapse guard, the globally least important channel groups
+  (``ChannelPlan.select``, root-mean-square magnitude) removed through Torch-Pruning's dependency graph
+  (``Structure`` + ``apply_structure``, what every reader of a channel-pruned artifact replays). This
+  is DG2PF's last ranking on these weights without the training before it: the layer shapes, and so
+  the latency, are what a job at that ratio produces from such weights (trained weights rank the
+  layers differently, so a real job's shapes, not its MACs ratio, may differ).
 
-    .venv/bin/python bench/bench_latency.py [--quick] [--no-docs] [--threads N]
+All models are timed with ``dg2pf_core.latency`` (what every job's metrics.json holds): the models of
+one case interleaved in this process (dense and every pruned variant, one run of each per round, the
+order rotating), PyTorch eager and ONNX Runtime (CPU provider, each model exported with
+``dg2pf_core.onnx_export``, the job's exporter), batch 1 and 32, medians and p90s, with torch and ONNX
+Runtime set to the same thread count (default: torch's).
+
+Runs per cell (unstructured): 30 at batch 1 and at 32x32; at 224x224 batch 32, 10 (resnet50: 6).
+Channel cells: 30 everywhere (``--runs`` to change). The counts are in the tables.
+
+The reports go to stdout and ``bench/results/bench_latency.json`` (``bench_latency_channel.json``);
+a full run of a part (no subset options, not ``--quick``, not ``--no-docs``) replaces its measured
+block in docs/benchmarks.md (between its markers).
+
+    .venv/bin/python bench/bench_latency.py [--part channel|unstructured|all] [--quick] [--no-docs]
+        [--threads N] [--models resnet18 ...] [--sizes 32 224] [--batches 1 32] [--macs-ratios 0.5 0.25]
+        [--runs N]
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import tempfile
 import time
@@ -34,6 +55,8 @@ from benchreport import Contention, contention_line, environment, environment_li
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from dg2pf_core import DG2PFConfig  # noqa: E402
+from dg2pf_core.channels import ChannelPlan, Structure, apply_structure  # noqa: E402
 from dg2pf_core.latency import measure_latency  # noqa: E402
 from dg2pf_core.masks import apply_masks_, magnitude_masks, select_prunable  # noqa: E402
 from dg2pf_core.metrics import conv_linear_macs  # noqa: E402
@@ -51,6 +74,15 @@ CASES = [
     ("torchvision/resnet50", 224, 1000, {1: 30, 32: 6}),
 ]
 WARMUP = 3
+# The channel part: every (arch, size) below at each MACs ratio, batch 1 and 32, 30 runs per cell.
+CHANNEL_ARCHS = ("resnet18", "mobilenet_v2", "resnet50")
+CHANNEL_SIZES = (32, 224)
+MACS_RATIOS = (0.5, 0.25)
+BATCHES = (1, 32)
+CHANNEL_RUNS = 30
+CLASSES = {32: 10, 224: 1000}
+# Issue 19's target: at MACs 0.5, resnet50 at 224x224, batch 32 on ONNX Runtime runs in <= 0.6x the dense time.
+TARGET = {"arch": "resnet50", "size": 224, "batch": 32, "backend": "onnxruntime", "ratio": 0.5, "latency_ratio": 0.6}
 
 
 def trained_looking(model: nn.Module) -> nn.Module:
@@ -99,6 +131,164 @@ def measure_case(arch: str, size: int, classes: int, runs: dict[int, int], tmp: 
             "threads": report.threads}
 
 
+def round_kept(plan: ChannelPlan, importance: dict[str, torch.Tensor], pruned: dict[str, torch.Tensor],
+               multiple: int) -> dict[str, torch.Tensor]:
+    """``pruned`` with every group's kept channels rounded up to a multiple of ``multiple`` (the most
+    important of its pruned channels put back; a group keeps all its channels at most)."""
+    out = {}
+    for g in plan.groups:
+        chosen = pruned[g.root].clone()
+        kept = g.channels - int(chosen.sum())
+        want = min(g.channels, -(-kept // multiple) * multiple)
+        if want > kept:
+            idx = torch.nonzero(chosen).flatten()
+            chosen[idx[importance[g.root][idx].argsort(descending=True)[: want - kept]]] = False
+        out[g.root] = chosen
+    return out
+
+
+def rounded_selection(plan: ChannelPlan, params: dict, config: DG2PFConfig, ratio: float, multiple: int) -> dict[str, torch.Tensor]:
+    """DG2PF's selection with kept widths rounded to ``multiple``, at the smallest channel count whose
+    rounded network keeps at most ``ratio`` of the MACs (a diagnostic: dg2pf_core does not round)."""
+    total, dense, importance = plan.channels, plan.dense_macs(params), plan.importance(params)
+
+    def pick(k: int) -> dict[str, torch.Tensor]:
+        return round_kept(plan, importance, plan.select(params, k / total, config.layer_cap(k / total)), multiple)
+
+    def ratio_at(k: int) -> float:
+        return plan.macs(params, plan.masks(params, pick(k))) / dense
+
+    def allowed(k: int) -> bool:  # the layer collapse guard lets k channels go (as ChannelPlan.fraction_for_macs has it)
+        cap = min(config.layer_cap(k / total), 1.0 - 1e-9)
+        return k <= sum(math.floor(cap * g.channels + 1e-9) for g in plan.groups)
+
+    lo, hi = 0, total - 1
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if allowed(mid) else (lo, mid)
+    lo, hi = 0, hi if allowed(hi) else lo
+    if ratio_at(hi) > ratio:
+        raise SystemExit(f"MACs {ratio:g} cannot be reached with widths rounded to {multiple}")
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if ratio_at(mid) <= ratio else (mid, hi)
+    return pick(hi)
+
+
+def channel_pruned(dense: nn.Module, arch: str, classes: int, shape: tuple[int, int, int], ratio: float,
+                   round_to: int | None = None) -> tuple[nn.Module, dict]:
+    """The smaller dense network DG2PF's channel granularity leaves at ``target_macs_ratio=ratio`` from
+    ``dense``'s weights (its last ranking, under the default layer collapse guard), and how it was cut;
+    with ``round_to``, every group's kept width rounded up to a multiple of it (``rounded_selection``)."""
+    config = DG2PFConfig(granularity="channel", target_macs_ratio=ratio)
+    plan = ChannelPlan.build(dense, shape, config.selection())
+    params = dict(dense.named_parameters())
+    if round_to:
+        selected = rounded_selection(plan, params, config, ratio, round_to)
+    else:
+        fraction, _ = plan.fraction_for_macs(params, ratio, config.layer_cap)
+        selected = plan.select(params, fraction, config.layer_cap(fraction))
+    stage = plan.pruned_channels(selected)
+    pruned = trained_looking(build_model(arch, classes))
+    pruned.load_state_dict(dense.state_dict())
+    apply_structure(pruned, Structure(shape).then(stage))
+    return pruned.eval(), {"channel_fraction": sum(map(len, stage.values())) / plan.channels, "channels_total": plan.channels,
+                           "groups": len(plan.groups), "skipped_groups": list(plan.skipped)}
+
+
+def _params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def measure_channel_case(arch: str, size: int, ratios: list[float], batches: list[int], runs: int, tmp: Path,
+                         round_to: int | None = None) -> dict:
+    """Dense and its channel-pruned variants (with ``round_to``, also rounded-width ones), all timed
+    interleaved in one ``measure_latency`` call per batch size."""
+    classes, shape, cpu = CLASSES[size], (3, size, size), torch.device("cpu")
+    torch.manual_seed(0)
+    dense = trained_looking(build_model(f"torchvision/{arch}", classes))
+    macs_dense, _ = conv_linear_macs(dense, shape, cpu)
+    models, variants = {"dense": dense}, {}
+    for ratio, multiple in [(r, m) for r in ratios for m in ((None, round_to) if round_to else (None,))]:
+        name = f"macs{ratio:g}" + (f"-r{multiple}" if multiple else "")
+        started = time.perf_counter()
+        models[name], info = channel_pruned(dense, f"torchvision/{arch}", classes, shape, ratio, multiple)
+        macs, _ = conv_linear_macs(models[name], shape, cpu)
+        variants[name] = {"target_macs_ratio": ratio, "round_to": multiple, "macs_ratio": macs / macs_dense,
+                          "params_ratio": _params(models[name]) / _params(dense), "prune_seconds": time.perf_counter() - started, **info}
+    files, export_s = {}, {}
+    for name, model in models.items():
+        report = export_onnx(model, shape, tmp / f"{name}.onnx", what=f"{arch} ({name})")
+        export_s[name] = report.seconds
+        if not report.written:
+            raise SystemExit(f"{arch} at {size}: {report.reason}")
+        files[name] = tmp / f"{name}.onnx"
+    cells = []
+    for batch in batches:
+        report = measure_latency(models, shape, onnx=files, batch_sizes=(batch,), runs=runs, warmup=WARMUP)
+        for backend, by_batch in report.timings.items():
+            timings = by_batch[batch]
+            d = timings["dense"]
+            for name in variants:
+                p = timings[name]
+                cells.append({"backend": backend, "batch": batch, "variant": name, "runs": p.runs, "dense_runs": d.runs,
+                              "dense_ms": d.median_ms, "pruned_ms": p.median_ms, "dense_p90_ms": d.p90_ms,
+                              "pruned_p90_ms": p.p90_ms, "speedup": d.median_ms / p.median_ms,
+                              "latency_ratio": p.median_ms / d.median_ms})
+        print(f"({arch} {size} batch {batch}: " + ", ".join(f"{c['backend']} {c['variant']} {c['latency_ratio']:.3f}x"
+                                                            for c in cells if c["batch"] == batch) + " of dense latency)",
+              file=sys.stderr, flush=True)
+    return {"arch": arch, "image_size": size, "classes": classes, "macs_dense": macs_dense, "params_dense": _params(dense),
+            "variants": variants, "export_seconds": export_s, "cells": cells, "threads": report.threads}
+
+
+def channel_report(results: list[dict], env: dict, runs: int) -> str:
+    lines = ["### bench_latency: dense vs channel-pruned (DG2PF channel granularity at a MACs ratio), PyTorch eager and "
+             "ONNX Runtime, CPU", "", environment_lines(env), contention_line(env["contention"]),
+             f"- torch intra-op threads = ONNX Runtime intra_op_num_threads = {results[0]['threads']} (inter-op 1, no "
+             f"spin-wait); {WARMUP} warm-up rounds per cell, then {runs} timed rounds, the dense model and its pruned "
+             "variants interleaved in one process; latency ratio = pruned median / dense median (below 1: the pruned "
+             "model is faster), speed-up = its inverse; MACs ratio = Conv/Linear multiply-accumulates of the pruned network "
+             "/ the dense one's, measured on the pruned network", ""]
+    rows = []
+    for r in results:
+        for c in r["cells"]:
+            v = r["variants"][c["variant"]]
+            rows.append([r["arch"] + (f" (widths rounded to {v['round_to']})" if v.get("round_to") else ""),
+                         f"{r['image_size']}x{r['image_size']}", c["batch"], c["backend"], c["runs"],
+                         f"{v['macs_ratio']:.3f}x", f"{v['params_ratio']:.3f}x", f"{c['dense_ms']:.2f}", f"{c['pruned_ms']:.2f}",
+                         f"{c['dense_p90_ms']:.2f}", f"{c['pruned_p90_ms']:.2f}", f"**{c['latency_ratio']:.3f}x**",
+                         f"{c['speedup']:.2f}x"])
+    lines.append(table(["model", "input", "batch", "backend", "runs", "MACs pruned / dense", "params pruned / dense",
+                        "dense median ms", "pruned median ms", "dense p90 ms", "pruned p90 ms", "latency pruned / dense",
+                        "speed-up"], rows))
+    lines.append("")
+    for target in sorted({v["target_macs_ratio"] for r in results for v in r["variants"].values()}, reverse=True):
+        for backend in ("onnxruntime", "torch"):
+            picked = [(r, c) for r in results for c in r["cells"] if c["backend"] == backend
+                      and r["variants"][c["variant"]]["target_macs_ratio"] == target and not r["variants"][c["variant"]].get("round_to")]
+            if picked:
+                ratios = sorted(c["latency_ratio"] for _, c in picked)
+                macs = [r["variants"][c["variant"]]["macs_ratio"] for r, c in picked]
+                lines.append(f"- MACs {target:g} ({min(macs):.3f}-{max(macs):.3f}x), {backend}: latency {ratios[0]:.3f}x to "
+                             f"{ratios[-1]:.3f}x of dense over {len(ratios)} cells (median {ratios[len(ratios) // 2]:.3f}x)")
+    hit = [(r, c) for r in results for c in r["cells"] if r["arch"] == TARGET["arch"] and r["image_size"] == TARGET["size"]
+           and c["batch"] == TARGET["batch"] and c["backend"] == TARGET["backend"]
+           and r["variants"][c["variant"]]["target_macs_ratio"] == TARGET["ratio"]]
+    for r, c in hit:
+        met = "met" if c["latency_ratio"] <= TARGET["latency_ratio"] else "NOT met"
+        met += f", widths rounded to {r['variants'][c['variant']]['round_to']}" if r["variants"][c["variant"]].get("round_to") else ""
+        lines.append(f"- target (issue 19: {TARGET['arch']} at {TARGET['size']}x{TARGET['size']}, batch {TARGET['batch']}, "
+                     f"{TARGET['backend']}, MACs {TARGET['ratio']:g}: latency <= {TARGET['latency_ratio']:g}x dense): "
+                     f"**{c['latency_ratio']:.3f}x, {met}**")
+    lines.append("- channels removed (fraction of the prunable channels) for the MACs ratio: " + "; ".join(
+        f"{r['arch']}@{r['image_size']} " + " / ".join(f"{name.removeprefix('macs')}: {v['channel_fraction']:.3f}"
+                                                      for name, v in r["variants"].items()) for r in results))
+    lines.append("- export to ONNX (s, dense / " + " / ".join(results[0]["variants"]) + "): " + "; ".join(
+        f"{r['arch']}@{r['image_size']} " + " / ".join(f"{s:.1f}" for s in r["export_seconds"].values()) for r in results))
+    return "\n".join(lines)
+
+
 def report(results: list[dict], env: dict) -> str:
     lines = [f"### bench_latency: dense vs {SPARSITY:.0%} unstructured (global magnitude), PyTorch eager and ONNX Runtime, CPU",
              "", environment_lines(env), contention_line(env["contention"]),
@@ -129,29 +319,78 @@ def report(results: list[dict], env: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--part", choices=("unstructured", "channel", "all"), default="channel",
+                        help="which comparison to run: dense vs 90%% unstructured (section 10), dense vs channel-pruned "
+                             "(section 11, the default), or both one after the other")
     parser.add_argument("--quick", action="store_true", help="32x32 cases only, 5 runs; no docs update")
     parser.add_argument("--no-docs", action="store_true", help="do not update docs/benchmarks.md")
     parser.add_argument("--threads", type=int, help="torch and ONNX Runtime intra-op threads (default: torch's)")
+    parser.add_argument("--models", nargs="+", choices=CHANNEL_ARCHS, help="only these torchvision models (a subset: no docs update)")
+    parser.add_argument("--sizes", nargs="+", type=int, choices=CHANNEL_SIZES, help="only these input sizes (a subset)")
+    parser.add_argument("--batches", nargs="+", type=int, help=f"only these batch sizes (default {list(BATCHES)}; a subset)")
+    parser.add_argument("--macs-ratios", nargs="+", type=float, help=f"channel part: MACs ratios (default {list(MACS_RATIOS)}; a subset)")
+    parser.add_argument("--runs", type=int, help="timed rounds per cell instead of the defaults (no docs update)")
+    parser.add_argument("--round-to", type=int, help="channel part: also time variants whose kept widths are rounded up to "
+                                                     "a multiple of N (a diagnostic dg2pf_core does not do; no docs update)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    cases = [(a, s, k, {b: 5 for b in r}) for a, s, k, r in CASES if s == 32] if args.quick else CASES
+    if args.runs is not None and args.runs < 2:
+        parser.error("--runs must be >= 2")
+    if any(not 0.0 < r < 1.0 for r in args.macs_ratios or ()):
+        parser.error("--macs-ratios must be in (0, 1)")
+    if args.round_to is not None and args.round_to < 2:
+        parser.error("--round-to must be >= 2")
+    subset = any(v is not None for v in (args.models, args.sizes, args.batches, args.macs_ratios, args.runs, args.round_to))
+    archs = args.models or (["resnet18", "mobilenet_v2"] if args.quick else list(CHANNEL_ARCHS))
+    sizes = args.sizes or ([32] if args.quick else list(CHANNEL_SIZES))
+    batches = args.batches or list(BATCHES)
+    docs = not (args.quick or args.no_docs or subset)
+    with tempfile.TemporaryDirectory(prefix="bench-latency-") as tmp:
+        if args.part in ("unstructured", "all"):
+            default_runs = 5 if args.quick else None
+            cases = [(a, s, k, {b: args.runs or default_runs or n for b, n in r.items() if b in batches})
+                     for a, s, k, r in CASES if a.removeprefix("torchvision/") in archs and s in sizes]
+            run_unstructured([c for c in cases if c[3]], Path(tmp), docs)
+        if args.part in ("channel", "all"):
+            runs = args.runs or (5 if args.quick else CHANNEL_RUNS)
+            run_channel([(a, s) for s in sizes for a in archs], list(args.macs_ratios or MACS_RATIOS), batches, runs,
+                        Path(tmp), docs, args.round_to)
+
+
+def run_unstructured(cases: list, tmp: Path, docs: bool) -> None:
+    if not cases:
+        print("(unstructured: no case matches the selection)", file=sys.stderr)
+        return
     contention = Contention()
     started = time.perf_counter()
-    results = []
-    with tempfile.TemporaryDirectory(prefix="bench-latency-") as tmp:
-        for arch, size, classes, runs in cases:
-            results.append(measure_case(arch, size, classes, runs, Path(tmp)))
+    results = [measure_case(arch, size, classes, runs, tmp) for arch, size, classes, runs in cases]
     env = environment()
     env["contention"] = contention.result()
     env["wall_s"] = time.perf_counter() - started
     block = report(results, env)
     print(block)
     write_result("bench_latency", {"environment": env, "sparsity": SPARSITY, "results": results})
-    if not (args.quick or args.no_docs):
+    if docs:
         update_docs(DOCS, "bench_latency", '## 10. `bench_latency`: inference latency, dense vs 90% unstructured', block)
         print(f"(updated {DOCS.relative_to(ROOT)})", file=sys.stderr)
 
+
+def run_channel(cases: list[tuple[str, int]], ratios: list[float], batches: list[int], runs: int, tmp: Path, docs: bool,
+                round_to: int | None = None) -> None:
+    contention = Contention()
+    started = time.perf_counter()
+    results = [measure_channel_case(arch, size, ratios, batches, runs, tmp, round_to) for arch, size in cases]
+    env = environment()
+    env["contention"] = contention.result()
+    env["wall_s"] = time.perf_counter() - started
+    block = channel_report(results, env, runs)
+    print(block)
+    write_result("bench_latency_channel", {"environment": env, "target": TARGET, "results": results})
+    if docs:
+        update_docs(DOCS, "bench_latency_channel", "## 11. `bench_latency` (channel): inference latency, dense vs "
+                    "channel-pruned to a MACs ratio", block)
+        print(f"(updated {DOCS.relative_to(ROOT)})", file=sys.stderr)
 
 if __name__ == "__main__":
     main()

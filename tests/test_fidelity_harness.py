@@ -70,3 +70,76 @@ def test_the_default_grid_has_every_method_the_comparison_needs_and_no_investiga
             "dg2pf-no-cap", "oneshot-ft", "gmp-cubic", "torch-prune-l1", "inc-magnitude"} <= set(grid)
     extra = set(method_names(grid_only=False)) - set(grid)
     assert extra and all(name.startswith(("dg2pf-cap", "dg2pf-floor", "dg2pf-bn-recal")) for name in extra)
+
+
+# --- the channel grid (methods of kind "macs") ---------------------------------------------------
+
+def _tiny_cell(method, macs_ratio, tmp_path):
+    from bench.fidelity.data import DataSettings, Split
+    from bench.fidelity.methods import Cell
+    from bench.fidelity.pretrain import build
+
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(96, 3, 12, 12, generator=g), torch.arange(96) % 10
+    split = Split(x[:64], y[:64], x[64:80], y[64:80], x[80:], y[80:])
+
+    class Dense:  # what a Cell needs of pretrain.Dense: a fresh copy of the same weights
+        test_top1 = val_top1 = 10.0
+
+        def __init__(self):
+            torch.manual_seed(0)
+            self.state = build("digits_cnn").state_dict()
+
+        def build(self):
+            model = build("digits_cnn")
+            model.load_state_dict(self.state)
+            return model
+
+    return Cell("digits_cnn", method, 0.0, 0, Budget(epochs=2, pruning_epochs=1, patience=1, batch_size=32), Dense(), split,
+                DataSettings(augment_pad=0), tmp_path / "split.npz", 1, macs_ratio)
+
+
+@pytest.mark.parametrize("method", ["dg2pf-channel", "tp-magnitude"])
+def test_channel_methods_remove_channels_down_to_the_macs_target(method, tmp_path):
+    from bench.fidelity.methods import get_method
+    from bench.fidelity.run import size_ratios
+
+    cell = _tiny_cell(method, 0.5, tmp_path)
+    outcome = get_method(method).fn(cell)
+    sizes = size_ratios(cell, outcome.model)
+    # physically smaller (not zeroed), at the target: DG2PF within a channel, Torch-Pruning at most one of its steps under
+    assert sizes["params_pruned"] < sizes["params_dense"]
+    assert 0.45 <= sizes["macs_ratio"] <= 0.51
+    assert outcome.model(cell.split.x_test).shape == (16, 10)
+
+
+def test_channel_methods_are_their_own_grid_and_refuse_a_sparsity_cell(tmp_path):
+    from bench.fidelity.methods import MethodUnavailable, get_method
+
+    assert method_names(kind="macs") == ["dg2pf-channel", "tp-magnitude"]
+    assert not set(method_names(grid_only=False, kind="macs")) & set(method_names(grid_only=False))
+    with pytest.raises(MethodUnavailable, match="--macs-ratios"):
+        get_method("tp-magnitude").fn(_tiny_cell("tp-magnitude", None, tmp_path))
+
+
+def test_channel_table_shows_seeds_sizes_and_the_difference_to_the_peer(tmp_path):
+    from bench.fidelity.run import macs_cell_path
+
+    for method, seed, top1 in [("dg2pf-channel", 0, 99.0), ("dg2pf-channel", 1, 98.0), ("tp-magnitude", 0, 98.5),
+                               ("tp-magnitude", 1, 98.5)]:
+        cell = _cell(method, seed, top1, model="digits_cnn", sparsity=0.0)
+        cell.update(macs_ratio_target=0.5, macs_ratio=0.5, params_ratio=0.3)
+        write_json(macs_cell_path(tmp_path, "digits_cnn", method, 0.5, seed), cell)
+    write_json(cell_path(tmp_path, "digits_cnn", "dg2pf", 0.9, 0), _cell("dg2pf", 0, 97.0, model="digits_cnn"))
+    cells = report.load_cells(tmp_path, "m*-seed*.json")
+    assert len(cells) == 4 and len(report.load_cells(tmp_path)) == 1  # each table reads only its own cells
+    text = report.channel_table(cells)
+    assert "| digits_cnn | 0.50 | dg2pf-channel | 98.50 ± 0.71 | -0.50 | 2 | 99.00, 98.00 | 0.500 | 0.300 |" in text
+    assert "- digits_cnn at MACs 0.50: +0.00 (seeds: +0.50, -0.50)" in text
+
+
+def test_channel_table_has_its_own_markers(tmp_path):
+    md = tmp_path / "fidelity.md"
+    md.write_text(f"{report.START}\nsparsity\n{report.END}\n{report.CHANNEL_START}\nold\n{report.CHANNEL_END}\n")
+    report.write_table(md, "channel", report.CHANNEL_START, report.CHANNEL_END)
+    assert md.read_text() == f"{report.START}\nsparsity\n{report.END}\n{report.CHANNEL_START}\nchannel\n{report.CHANNEL_END}\n"

@@ -1,10 +1,15 @@
 """The method registry: a name -> a function that prunes one dense model for one cell.
 
-A method receives a ``Cell`` (what to prune, to which sparsity, with which seed and budget) and
+A method receives a ``Cell`` (what to prune, to which sparsity or MACs ratio, with which seed and budget) and
 returns an ``Outcome``: the pruned model (scored afterwards by ``measure``, the same for all), or,
 for methods that run in another process, the numbers that process measured with the same rule.
 The implementations live beside this file, one per family: ``dg2pf_family`` (DG2PF, its ablations
-and the peers expressible as DG2PF configurations), ``torch_prune`` and ``inc``.
+and the peers expressible as DG2PF configurations), ``torch_prune``, ``inc`` and ``channel`` (channel
+pruning to a MACs ratio: DG2PF's channel granularity and Torch-Pruning's own pruner).
+
+Methods are of one of two kinds: ``sparsity`` (a fraction of the weights set to zero; the default
+grid) or ``macs`` (whole channels removed until the network keeps a fraction of its dense
+multiply-accumulates; cells run with ``--macs-ratios``).
 """
 
 from __future__ import annotations
@@ -44,6 +49,7 @@ class Cell:
     data: DataSettings
     npz: Path  # the split as arrays, for out-of-process methods
     threads: int
+    macs_ratio: float | None = None  # methods of kind "macs": the fraction of the dense MACs to keep (sparsity is then 0)
 
 
 @dataclass
@@ -68,26 +74,33 @@ class Method:
     fn: MethodFn
     description: str  # one line: how it is implemented (shown in the report)
     in_grid: bool = True  # False: an investigation variant, run only when named with --methods
+    kind: str = "sparsity"  # "sparsity" (a weight sparsity target) or "macs" (a MACs ratio target)
 
 
 METHODS: dict[str, Method] = {}
 
 
-def register_method(name: str, description: str, *, in_grid: bool = True) -> Callable[[MethodFn], MethodFn]:
+KINDS = ("sparsity", "macs")
+
+
+def register_method(name: str, description: str, *, in_grid: bool = True, kind: str = "sparsity") -> Callable[[MethodFn], MethodFn]:
+    if kind not in KINDS:
+        raise ValueError(f"method {name!r}: kind must be one of {KINDS}, got {kind!r}")
+
     def wrap(fn: MethodFn) -> MethodFn:
         if name in METHODS:
             raise ValueError(f"method {name!r} registered twice")
-        METHODS[name] = Method(name, fn, description, in_grid)
+        METHODS[name] = Method(name, fn, description, in_grid, kind)
         return fn
 
     return wrap
 
 
-def method_names(*, grid_only: bool = True) -> list[str]:
-    """The methods of the default grid (registry order); with ``grid_only=False`` also the
+def method_names(*, grid_only: bool = True, kind: str = "sparsity") -> list[str]:
+    """The methods of the default grid of ``kind`` (registry order); with ``grid_only=False`` also the
     investigation variants."""
     _load_all()
-    return [name for name, m in METHODS.items() if m.in_grid or not grid_only]
+    return [name for name, m in METHODS.items() if m.kind == kind and (m.in_grid or not grid_only)]
 
 
 def get_method(name: str) -> Method:
@@ -99,4 +112,4 @@ def get_method(name: str) -> Method:
 
 def _load_all() -> None:
     # Imported for their registrations; here rather than at the top to avoid an import cycle.
-    from . import dg2pf_family, torch_prune, inc  # noqa: F401  (registry order = report order)
+    from . import dg2pf_family, torch_prune, inc, channel  # noqa: F401  (registry order = report order)

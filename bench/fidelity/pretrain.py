@@ -79,11 +79,18 @@ class Dense:
 
 
 MODELS = ("resnet18", "mobilenet_v2", "shufflenet_v2_x0_5")
+# Not in the default grid; run when named with --models. digits_cnn: dg2pf's own demo CNN
+# (dg2pf_core/models/digits.py), built for the harness's 3-channel 32x32 images.
+EXTRA_MODELS = ("digits_cnn",)
 
 
 def build(arch: str) -> nn.Module:
+    if arch == "digits_cnn":
+        from dg2pf_core.models.digits import DigitsCNN  # noqa: PLC0415
+
+        return DigitsCNN(10, in_channels=3)
     if arch not in MODELS:
-        raise ValueError(f"unknown model {arch!r}; the benchmark knows {list(MODELS)}")
+        raise ValueError(f"unknown model {arch!r}; the benchmark knows {list(MODELS) + list(EXTRA_MODELS)}")
     return getattr(torchvision.models, arch)(num_classes=10)
 
 

@@ -1,9 +1,12 @@
 """Aggregate the cell JSONs into docs/fidelity-results.json, the table in docs/fidelity.md and docs/fidelity.png.
 
-    .venv/bin/python -m bench.fidelity.report [--results-dir DIR] [--docs-dir DIR]
+    .venv/bin/python -m bench.fidelity.report [--results-dir DIR] [--docs-dir DIR] [--channel]
 
 The table covers the full grid (every registered method, model and sparsity) so a cell that never
 ran shows as "not run" rather than silently missing; cells outside the default grid are added.
+With ``--channel`` it aggregates the channel cells (``m<ratio>-seed<k>.json``, methods of kind
+``macs``) into their own table of docs/fidelity.md instead, between its own markers, and touches
+nothing else.
 """
 
 from __future__ import annotations
@@ -18,11 +21,12 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
 START, END = "<!-- fidelity-table:start -->", "<!-- fidelity-table:end -->"
+CHANNEL_START, CHANNEL_END = "<!-- fidelity-channel-table:start -->", "<!-- fidelity-channel-table:end -->"
 
 
-def load_cells(results: Path) -> list[dict]:
+def load_cells(results: Path, pattern: str = "s*-seed*.json") -> list[dict]:
     cells = []
-    for path in sorted(results.glob("*/*/s*-seed*.json")):
+    for path in sorted(results.glob(f"*/*/{pattern}")):
         cell = json.loads(path.read_text())
         cell.pop("traceback", None)
         cell["file"] = str(path.relative_to(results))
@@ -122,6 +126,74 @@ def table(cells: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def channel_table(cells: list[dict]) -> str:
+    """The channel grid: per model, MACs ratio and method, test top-1 over seeds, the MACs and parameters
+    the pruned networks keep, and DG2PF-channel's difference to Torch-Pruning's pruner seed by seed."""
+    from .methods import method_names
+    from .pretrain import EXTRA_MODELS, MODELS
+
+    present = {c["model"] for c in cells}
+    models = [m for m in (*MODELS, *EXTRA_MODELS) if m in present] + sorted(present - set(MODELS) - set(EXTRA_MODELS))
+    ratios = sorted({c["macs_ratio_target"] for c in cells}, reverse=True)
+    grid = method_names(kind="macs")
+    methods = grid + sorted({c["method"] for c in cells} - set(grid))
+    groups: dict[tuple[str, float, str], list[dict]] = defaultdict(list)
+    for c in cells:
+        groups[(c["model"], c["macs_ratio_target"], c["method"])].append(c)
+    dense = _dense(cells)
+    budget_line = "; ".join(f"E={b['epochs']}, P={b['pruning_epochs']}, patience={b['patience']}" for b in _budgets(cells) if b) or "none yet"
+    lines = [
+        f"Generated {time.strftime('%Y-%m-%d %H:%M')} from {len(cells)} channel cell(s) by `python -m bench.fidelity.report "
+        f"--channel`; budget: {budget_line}. Test top-1 is mean ± sample std over the seeds that finished (n), the seeds' "
+        "own figures beside it; MACs and params are the pruned network's Conv/Linear multiply-accumulates and parameters "
+        "over the dense network's (mean over seeds); wall and CPU seconds (all threads) of pruning + training, mean over seeds.",
+        "",
+        "| model | MACs target | method | test top-1 % | Δ dense | n | per seed | MACs kept | params kept | epochs | wall s | CPU s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for model in models:
+        d = dense.get(model)
+        lines.append(f"| **{model}** | dense | — | {d:.2f} | | | | 1 | 1 | | | |" if d is not None else f"| **{model}** | dense | — | not run | | | | | | | | |")
+        for ratio in ratios:
+            for method in methods:
+                group = groups.get((model, ratio, method), [])
+                ok = sorted((c for c in group if c["status"] == "ok"), key=lambda c: c["seed"])
+                head = f"| {model} | {ratio:.2f} | {method} |"
+                if not ok:
+                    why = (f"failed: {group[0]['error'].splitlines()[0].replace('|', chr(92) + '|')[:140]}" if group else "not run")
+                    lines.append(f"{head} {why} | | 0 | | | | | | |")
+                    continue
+                mean, std = _mean_std([c["test_top1"] for c in ok])
+                acc = f"{mean:.2f} ± {std:.2f}" if std is not None else f"{mean:.2f}"
+                failed = len(group) - len(ok)
+                cpu = [c["cpu_seconds"] for c in ok if c.get("cpu_seconds") is not None]
+                lines.append(
+                    f"{head} {acc} | {f'{mean - d:+.2f}' if d is not None else ''} | {len(ok)}{f' (+{failed} failed)' if failed else ''} | "
+                    + ", ".join(f"{c['test_top1']:.2f}" for c in ok)
+                    + f" | {statistics.fmean(c['macs_ratio'] for c in ok):.3f} | {statistics.fmean(c['params_ratio'] for c in ok):.3f} | "
+                    f"{statistics.fmean(c['epochs'] for c in ok):.1f} | {statistics.fmean(c['wall_seconds'] for c in ok):.0f} | "
+                    + (f"{statistics.fmean(cpu):.0f} |" if cpu else "|")
+                )
+    diffs = channel_differences(cells)
+    if diffs:
+        lines += ["", "DG2PF-channel minus Torch-Pruning (`dg2pf-channel` − `tp-magnitude`), test top-1 points, over the seeds both finished:", ""]
+        for (model, ratio), (per_seed, mean) in diffs.items():
+            lines.append(f"- {model} at MACs {ratio:.2f}: {mean:+.2f} (seeds: {', '.join(f'{v:+.2f}' for v in per_seed)})")
+    return "\n".join(lines)
+
+
+def channel_differences(cells: list[dict], ours: str = "dg2pf-channel", peer: str = "tp-magnitude") -> dict:
+    """Per (model, MACs ratio): ours - peer test top-1 for each seed both finished, and their mean."""
+    top1 = {(c["model"], c["macs_ratio_target"], c["method"], c["seed"]): c["test_top1"] for c in cells if c["status"] == "ok"}
+    out = {}
+    for model, ratio in sorted({(m, r) for m, r, _, _ in top1}, key=lambda k: (k[0], -k[1])):
+        seeds = sorted(s for m, r, meth, s in top1 if (m, r, meth) == (model, ratio, ours) and (model, ratio, peer, s) in top1)
+        if seeds:
+            per_seed = [top1[(model, ratio, ours, s)] - top1[(model, ratio, peer, s)] for s in seeds]
+            out[(model, ratio)] = (per_seed, statistics.fmean(per_seed))
+    return out
+
+
 SKELETON = f"""# Fidelity benchmark
 
 {START}
@@ -129,14 +201,14 @@ SKELETON = f"""# Fidelity benchmark
 """
 
 
-def write_table(md: Path, text: str) -> None:
+def write_table(md: Path, text: str, start: str = START, end: str = END) -> None:
     body = md.read_text() if md.exists() else SKELETON
-    if START not in body or END not in body:
-        raise SystemExit(f"{md} lacks the markers {START} / {END}; put them where the table belongs")
-    head, rest = body.split(START, 1)
-    _, tail = rest.split(END, 1)
+    if start not in body or end not in body:
+        raise SystemExit(f"{md} lacks the markers {start} / {end}; put them where the table belongs")
+    head, rest = body.split(start, 1)
+    _, tail = rest.split(end, 1)
     md.parent.mkdir(parents=True, exist_ok=True)
-    md.write_text(f"{head}{START}\n{text}\n{END}{tail}")
+    md.write_text(f"{head}{start}\n{text}\n{end}{tail}")
 
 
 def plot(cells: list[dict], path: Path) -> None:
@@ -190,7 +262,13 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m bench.fidelity.report", description=__doc__.splitlines()[0])
     p.add_argument("--results-dir", type=Path, default=HERE / "results")
     p.add_argument("--docs-dir", type=Path, default=REPO / "docs")
+    p.add_argument("--channel", action="store_true", help="the channel cells' table only (docs/fidelity.md, its own markers)")
     args = p.parse_args(argv)
+    if args.channel:
+        cells = load_cells(args.results_dir, "m*-seed*.json")
+        write_table(args.docs_dir / "fidelity.md", channel_table(cells), CHANNEL_START, CHANNEL_END)
+        print(f"[report] {len(cells)} channel cell(s) -> {args.docs_dir}/fidelity.md")
+        return
     cells = load_cells(args.results_dir)
     args.docs_dir.mkdir(parents=True, exist_ok=True)
     raw = {"generated": time.strftime("%Y-%m-%dT%H:%M:%S"), "budgets": _budgets(cells), "cells": cells}

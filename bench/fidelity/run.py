@@ -2,6 +2,11 @@
 
     .venv/bin/python -m bench.fidelity.run [--models ...] [--methods ...] [--sparsities ...] [--seeds ...]
         [--epochs E] [--pruning-epochs P] [--jobs J] [--threads N] [--results-dir DIR] [--only-report]
+    .venv/bin/python -m bench.fidelity.run --macs-ratios 0.5 [0.25] [--models ...] [--methods ...] [--seeds ...]
+
+With ``--macs-ratios`` it runs the channel grid instead: models x MACs ratios x the channel methods
+(kind ``macs``: ``dg2pf-channel``, ``tp-magnitude``) x seeds, cells in ``<model>/<method>/m<ratio>-seed<k>.json``,
+and writes only the channel table of docs/fidelity.md (the sparsity table is left as it is).
 
 (``bash bench/fidelity/run.sh`` sets up both environments first, then runs this.) A finished cell
 is never run again, so an interrupted run resumes where it stopped; a failed cell is retried.
@@ -21,10 +26,12 @@ from pathlib import Path
 
 import torch
 
+from dg2pf_core.metrics import conv_linear_macs
+
 from .data import DataSettings, export_npz, load_split
 from .measure import measure
 from .methods import Budget, Cell, get_method, method_names
-from .pretrain import MODELS, PretrainError, dense_model, settings_for
+from .pretrain import EXTRA_MODELS, MODELS, PretrainError, dense_model, settings_for
 from . import report
 
 HERE = Path(__file__).resolve().parent
@@ -35,6 +42,10 @@ SEEDS = (0, 1, 2)
 
 def cell_path(results: Path, model: str, method: str, sparsity: float, seed: int) -> Path:
     return results / model / method / f"s{sparsity:.2f}-seed{seed}.json"
+
+
+def macs_cell_path(results: Path, model: str, method: str, macs_ratio: float, seed: int) -> Path:
+    return results / model / method / f"m{macs_ratio:.2f}-seed{seed}.json"
 
 
 def log(msg: str) -> None:
@@ -57,6 +68,7 @@ def finished(path: Path, budget: Budget) -> bool:
 def run_cell(cell: Cell) -> dict:
     record = {
         "method": cell.method, "model": cell.model, "sparsity_target": cell.sparsity, "seed": cell.seed,
+        **({"macs_ratio_target": cell.macs_ratio} if cell.macs_ratio is not None else {}),
         "budget": asdict(cell.budget), "threads": cell.threads,
         "dense_test_top1": cell.dense.test_top1, "dense_val_top1": cell.dense.val_top1,
         "torch": torch.__version__, "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
@@ -70,11 +82,23 @@ def run_cell(cell: Cell) -> dict:
         cpu = outcome.cpu_seconds if outcome.cpu_seconds is not None else time.process_time() - c0
         measured = outcome.measured if outcome.measured is not None else measure(outcome.model, cell.split)
         record.update(measured.summary())
+        if cell.macs_ratio is not None:
+            record.update(size_ratios(cell, outcome.model))
         record.update({"epochs": outcome.epochs, "wall_seconds": wall, "cpu_seconds": cpu, "status": "ok", "error": None, "notes": outcome.notes})
     except Exception as exc:  # one bad cell must not stop the grid; its reason goes into its JSON
         record.update({"status": "failed", "error": f"{type(exc).__name__}: {exc}",
                        "traceback": traceback.format_exc()[-3000:], "wall_seconds": time.perf_counter() - t0})
     return record
+
+
+def size_ratios(cell: Cell, model: torch.nn.Module) -> dict:
+    """MACs and parameters of the pruned network against the dense one, measured on both networks."""
+    shape, cpu = tuple(cell.split.x_val.shape[1:]), torch.device("cpu")
+    dense = cell.dense.build()
+    dense_macs, pruned_macs = conv_linear_macs(dense, shape, cpu)[0], conv_linear_macs(model, shape, cpu)[0]
+    dense_params, pruned_params = (sum(p.numel() for p in m.parameters()) for m in (dense, model))
+    return {"macs_dense": dense_macs, "macs_pruned": pruned_macs, "macs_ratio": pruned_macs / dense_macs,
+            "params_dense": dense_params, "params_pruned": pruned_params, "params_ratio": pruned_params / dense_params}
 
 
 def write_json(path: Path, payload: dict) -> None:
@@ -94,20 +118,28 @@ def _start_worker(threads: int, budget: Budget, dense: dict, data: DataSettings,
 
 
 def _run_task(task: tuple) -> dict:
-    i, n, model, sp, method, seed, path = task
+    i, n, model, target, method, seed, path, kind = task
     w = _WORKER
-    log(f"[fidelity] cell {i}/{n}: {model} {method} s={sp:.2f} seed={seed}")
-    cell = Cell(model, method, sp, seed, w["budget"], w["dense"][model], w["split"], w["data"], w["npz"], w["threads"])
+    sp, ratio = (target, None) if kind == "sparsity" else (0.0, target)
+    log(f"[fidelity] cell {i}/{n}: {model} {method} {_target_text(kind, target)} seed={seed}")
+    cell = Cell(model, method, sp, seed, w["budget"], w["dense"][model], w["split"], w["data"], w["npz"], w["threads"], ratio)
     record = run_cell(cell)
     write_json(path, record)
     return record
 
 
+def _target_text(kind: str, target: float) -> str:
+    return f"s={target:.2f}" if kind == "sparsity" else f"macs={target:.2f}"
+
+
 def _log_record(record: dict) -> None:
-    head = f"[fidelity]   done {record['model']} {record['method']} s={record['sparsity_target']:.2f} seed={record['seed']}:"
+    macs = "macs_ratio_target" in record
+    target = _target_text("macs" if macs else "sparsity", record["macs_ratio_target"] if macs else record["sparsity_target"])
+    head = f"[fidelity]   done {record['model']} {record['method']} {target} seed={record['seed']}:"
     if record["status"] == "ok":
-        log(f"{head} test {record['test_top1']:.2f}% (dense {record['dense_test_top1']:.2f}%), sparsity "
-            f"{record['sparsity']:.4f}, max layer {record['max_layer_sparsity']:.3f}, {record['epochs']} epochs, "
+        size = (f"MACs {record['macs_ratio']:.3f}x, params {record['params_ratio']:.3f}x" if macs else
+                f"sparsity {record['sparsity']:.4f}, max layer {record['max_layer_sparsity']:.3f}")
+        log(f"{head} test {record['test_top1']:.2f}% (dense {record['dense_test_top1']:.2f}%), {size}, {record['epochs']} epochs, "
             f"{record['wall_seconds']:.0f} s wall, {record['cpu_seconds']:.0f} s CPU")
     else:
         log(f"{head} FAILED: {record['error'].splitlines()[0]}")
@@ -115,11 +147,16 @@ def _log_record(record: dict) -> None:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench.fidelity.run", description=__doc__.splitlines()[0])
-    p.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
+    p.add_argument("--models", nargs="+", default=list(MODELS), choices=[*MODELS, *EXTRA_MODELS],
+                   help=f"default: {' '.join(MODELS)}; also {' '.join(EXTRA_MODELS)}")
     p.add_argument("--methods", nargs="+", default=None,
                    help=f"default: the grid ({', '.join(method_names())}); investigation variants: "
                         f"{', '.join(sorted(set(method_names(grid_only=False)) - set(method_names())))}")
-    p.add_argument("--sparsities", nargs="+", type=float, default=list(SPARSITIES))
+    p.add_argument("--sparsities", nargs="+", type=float, default=None, help=f"default: {list(SPARSITIES)}")
+    p.add_argument("--macs-ratios", nargs="+", type=float, default=None,
+                   help=f"run the channel grid instead (methods of kind macs: {', '.join(method_names(kind='macs'))}; "
+                        f"investigation variants: {', '.join(sorted(set(method_names(grid_only=False, kind='macs')) - set(method_names(kind='macs'))))}) "
+                        "at these fractions of the dense MACs")
     p.add_argument("--seeds", nargs="+", type=int, default=list(SEEDS))
     p.add_argument("--epochs", type=int, default=Budget.epochs, help="E: total training epochs per cell")
     p.add_argument("--pruning-epochs", type=int, default=Budget.pruning_epochs, help="P: pruning epochs within E")
@@ -132,12 +169,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--docs-dir", type=Path, default=REPO / "docs", help="where the report writes fidelity.{md,png} and fidelity-results.json")
     p.add_argument("--only-report", action="store_true", help="aggregate existing cells; run nothing")
     args = p.parse_args(argv)
-    unknown = [m for m in args.methods or [] if m not in method_names(grid_only=False)]
+    args.kind = "macs" if args.macs_ratios is not None else "sparsity"
+    if args.macs_ratios is not None and args.sparsities is not None:
+        p.error("give --sparsities (the sparsity grid) or --macs-ratios (the channel grid), not both")
+    known = method_names(grid_only=False, kind=args.kind)
+    unknown = [m for m in args.methods or [] if m not in known]
     if unknown:
-        p.error(f"unknown method(s) {unknown}; choose from {method_names(grid_only=False)}")
+        p.error(f"unknown method(s) {unknown} for the {args.kind} grid; choose from {known}")
+    bad = [r for r in args.macs_ratios or [] if not 0.0 < r < 1.0]
+    if bad:
+        p.error(f"MACs ratios must be in (0, 1), got {bad}")
+    args.targets = args.macs_ratios if args.macs_ratios is not None else (args.sparsities or list(SPARSITIES))
     if args.jobs < 1 or args.threads < 1:
         p.error("--jobs and --threads must be >= 1")
-    bad = [s for s in args.sparsities if not 0.0 < s < 1.0]
+    bad = [s for s in args.sparsities or [] if not 0.0 < s < 1.0]
     if bad:
         p.error(f"sparsities must be in (0, 1), got {bad}")
     return args
@@ -145,7 +190,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    methods = args.methods or method_names()
+    methods = args.methods or method_names(kind=args.kind)
+    path_of = cell_path if args.kind == "sparsity" else macs_cell_path
     budget = Budget(epochs=args.epochs, pruning_epochs=args.pruning_epochs, patience=args.patience)
     budget.check()
     if not args.only_report:
@@ -153,9 +199,9 @@ def main(argv: list[str] | None = None) -> None:
         data = DataSettings()
         split = load_split(data)
         npz = export_npz(split, args.cache_dir / f"digits-{data.key()}.npz")
-        todo = [(model, sp, method, seed) for seed in args.seeds for model in args.models
-                for sp in args.sparsities for method in methods
-                if not finished(cell_path(args.results_dir, model, method, sp, seed), budget)]
+        todo = [(model, target, method, seed) for seed in args.seeds for model in args.models
+                for target in args.targets for method in methods
+                if not finished(path_of(args.results_dir, model, method, target, seed), budget)]
         log(f"[fidelity] {split.sizes()}; budget E={budget.epochs} P={budget.pruning_epochs}; "
             f"{len(todo)} cell(s) to run in {args.results_dir}")
         # All pre-training first, so a model that misses the accuracy bar is known before hours of cells;
@@ -170,7 +216,7 @@ def main(argv: list[str] | None = None) -> None:
                     unusable.append(str(exc))
         todo = [t for t in todo if t[0] in dense]
         setup = (args.threads, budget, dense, data, npz)
-        tasks = [(i, len(todo), *t, cell_path(args.results_dir, t[0], t[2], t[1], t[3])) for i, t in enumerate(todo, 1)]
+        tasks = [(i, len(todo), *t, path_of(args.results_dir, t[0], t[2], t[1], t[3]), args.kind) for i, t in enumerate(todo, 1)]
         if args.jobs == 1:
             _start_worker(*setup)
             for record in map(_run_task, tasks):
@@ -181,7 +227,8 @@ def main(argv: list[str] | None = None) -> None:
                                      initializer=_start_worker, initargs=setup) as pool:
                 for future in as_completed([pool.submit(_run_task, t) for t in tasks]):
                     _log_record(future.result())
-    report.main(["--results-dir", str(args.results_dir), "--docs-dir", str(args.docs_dir)])
+    report.main(["--results-dir", str(args.results_dir), "--docs-dir", str(args.docs_dir)]
+                + (["--channel"] if args.kind == "macs" else []))
     if not args.only_report and unusable:
         raise SystemExit("pre-training missed the accuracy bar, those models' cells did not run:\n" + "\n".join(unusable))
 
