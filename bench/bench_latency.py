@@ -13,9 +13,10 @@ unstructured part, its zeros) matter.
   90% applied (``dg2pf_core.masks.magnitude_masks``: the zeros a DG2PF run at 90% has, up to which
   weights they are). Dense kernels do the same work whatever the values.
 - *Channel* (section 11): the smaller dense networks DG2PF's channel granularity leaves at
-  ``target_macs_ratio`` 0.5 and 0.25: the channel fraction ``ChannelPlan.fraction_for_macs`` finds
-  under ``DG2PFConfig``'s default layer collapse guard, the globally least important channel groups
-  (``ChannelPlan.select``, root-mean-square magnitude) removed through Torch-Pruning's dependency graph
+  ``target_macs_ratio`` 0.5 and 0.25: the channel fraction ``ChannelPlan.fit_macs`` finds under
+  ``DG2PFConfig``'s default layer collapse guard and ``channel_multiple`` (kept widths rounded up to
+  multiples of 16), the globally least important channel groups (``ChannelPlan.select``,
+  root-mean-square magnitude) removed through Torch-Pruning's dependency graph
   (``Structure`` + ``apply_structure``, what every reader of a channel-pruned artifact replays). This
   is DG2PF's last ranking on these weights without the training before it: the layer shapes, and so
   the latency, are what a job at that ratio produces from such weights (trained weights rank the
@@ -42,7 +43,6 @@ block in docs/benchmarks.md (between its markers).
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 import tempfile
 import time
@@ -131,69 +131,23 @@ def measure_case(arch: str, size: int, classes: int, runs: dict[int, int], tmp: 
             "threads": report.threads}
 
 
-def round_kept(plan: ChannelPlan, importance: dict[str, torch.Tensor], pruned: dict[str, torch.Tensor],
-               multiple: int) -> dict[str, torch.Tensor]:
-    """``pruned`` with every group's kept channels rounded up to a multiple of ``multiple`` (the most
-    important of its pruned channels put back; a group keeps all its channels at most)."""
-    out = {}
-    for g in plan.groups:
-        chosen = pruned[g.root].clone()
-        kept = g.channels - int(chosen.sum())
-        want = min(g.channels, -(-kept // multiple) * multiple)
-        if want > kept:
-            idx = torch.nonzero(chosen).flatten()
-            chosen[idx[importance[g.root][idx].argsort(descending=True)[: want - kept]]] = False
-        out[g.root] = chosen
-    return out
-
-
-def rounded_selection(plan: ChannelPlan, params: dict, config: DG2PFConfig, ratio: float, multiple: int) -> dict[str, torch.Tensor]:
-    """DG2PF's selection with kept widths rounded to ``multiple``, at the smallest channel count whose
-    rounded network keeps at most ``ratio`` of the MACs (a diagnostic: dg2pf_core does not round)."""
-    total, dense, importance = plan.channels, plan.dense_macs(params), plan.importance(params)
-
-    def pick(k: int) -> dict[str, torch.Tensor]:
-        return round_kept(plan, importance, plan.select(params, k / total, config.layer_cap(k / total)), multiple)
-
-    def ratio_at(k: int) -> float:
-        return plan.macs(params, plan.masks(params, pick(k))) / dense
-
-    def allowed(k: int) -> bool:  # the layer collapse guard lets k channels go (as ChannelPlan.fraction_for_macs has it)
-        cap = min(config.layer_cap(k / total), 1.0 - 1e-9)
-        return k <= sum(math.floor(cap * g.channels + 1e-9) for g in plan.groups)
-
-    lo, hi = 0, total - 1
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        lo, hi = (mid, hi) if allowed(mid) else (lo, mid)
-    lo, hi = 0, hi if allowed(hi) else lo
-    if ratio_at(hi) > ratio:
-        raise SystemExit(f"MACs {ratio:g} cannot be reached with widths rounded to {multiple}")
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        lo, hi = (lo, mid) if ratio_at(mid) <= ratio else (mid, hi)
-    return pick(hi)
-
-
 def channel_pruned(dense: nn.Module, arch: str, classes: int, shape: tuple[int, int, int], ratio: float,
-                   round_to: int | None = None) -> tuple[nn.Module, dict]:
+                   multiple: int | None = None) -> tuple[nn.Module, dict]:
     """The smaller dense network DG2PF's channel granularity leaves at ``target_macs_ratio=ratio`` from
-    ``dense``'s weights (its last ranking, under the default layer collapse guard), and how it was cut;
-    with ``round_to``, every group's kept width rounded up to a multiple of it (``rounded_selection``)."""
-    config = DG2PFConfig(granularity="channel", target_macs_ratio=ratio)
+    ``dense``'s weights (its last ranking, under the default layer collapse guard), and how it was cut:
+    kept widths rounded to ``DG2PFConfig.channel_multiple`` (``multiple`` overrides it; 1: not rounded),
+    or the smaller multiple ``ChannelPlan.fit_macs`` falls back to when the MACs target needs it."""
+    config = DG2PFConfig(granularity="channel", target_macs_ratio=ratio, **({"channel_multiple": multiple} if multiple else {}))
     plan = ChannelPlan.build(dense, shape, config.selection())
     params = dict(dense.named_parameters())
-    if round_to:
-        selected = rounded_selection(plan, params, config, ratio, round_to)
-    else:
-        fraction, _ = plan.fraction_for_macs(params, ratio, config.layer_cap)
-        selected = plan.select(params, fraction, config.layer_cap(fraction))
+    fraction, _, used = plan.fit_macs(params, ratio, config.layer_cap, config.channel_multiple)
+    selected = plan.select(params, fraction, config.layer_cap(fraction), used)
     stage = plan.pruned_channels(selected)
     pruned = trained_looking(build_model(arch, classes))
     pruned.load_state_dict(dense.state_dict())
     apply_structure(pruned, Structure(shape).then(stage))
     return pruned.eval(), {"channel_fraction": sum(map(len, stage.values())) / plan.channels, "channels_total": plan.channels,
-                           "groups": len(plan.groups), "skipped_groups": list(plan.skipped)}
+                           "groups": len(plan.groups), "skipped_groups": list(plan.skipped), "channel_multiple": used}
 
 
 def _params(model: nn.Module) -> int:
@@ -202,8 +156,8 @@ def _params(model: nn.Module) -> int:
 
 def measure_channel_case(arch: str, size: int, ratios: list[float], batches: list[int], runs: int, tmp: Path,
                          round_to: int | None = None) -> dict:
-    """Dense and its channel-pruned variants (with ``round_to``, also rounded-width ones), all timed
-    interleaved in one ``measure_latency`` call per batch size."""
+    """Dense and its channel-pruned variants (DG2PF's default channel_multiple; with ``round_to``, also
+    variants at that channel_multiple), all timed interleaved in one ``measure_latency`` call per batch size."""
     classes, shape, cpu = CLASSES[size], (3, size, size), torch.device("cpu")
     torch.manual_seed(0)
     dense = trained_looking(build_model(f"torchvision/{arch}", classes))
@@ -214,7 +168,7 @@ def measure_channel_case(arch: str, size: int, ratios: list[float], batches: lis
         started = time.perf_counter()
         models[name], info = channel_pruned(dense, f"torchvision/{arch}", classes, shape, ratio, multiple)
         macs, _ = conv_linear_macs(models[name], shape, cpu)
-        variants[name] = {"target_macs_ratio": ratio, "round_to": multiple, "macs_ratio": macs / macs_dense,
+        variants[name] = {"target_macs_ratio": ratio, "round_to": multiple, "macs_ratio": macs / macs_dense,  # round_to: not the default
                           "params_ratio": _params(models[name]) / _params(dense), "prune_seconds": time.perf_counter() - started, **info}
     files, export_s = {}, {}
     for name, model in models.items():
@@ -254,7 +208,7 @@ def channel_report(results: list[dict], env: dict, runs: int) -> str:
     for r in results:
         for c in r["cells"]:
             v = r["variants"][c["variant"]]
-            rows.append([r["arch"] + (f" (widths rounded to {v['round_to']})" if v.get("round_to") else ""),
+            rows.append([r["arch"] + f" (channel_multiple {v['channel_multiple']})",
                          f"{r['image_size']}x{r['image_size']}", c["batch"], c["backend"], c["runs"],
                          f"{v['macs_ratio']:.3f}x", f"{v['params_ratio']:.3f}x", f"{c['dense_ms']:.2f}", f"{c['pruned_ms']:.2f}",
                          f"{c['dense_p90_ms']:.2f}", f"{c['pruned_p90_ms']:.2f}", f"**{c['latency_ratio']:.3f}x**",
@@ -277,7 +231,7 @@ def channel_report(results: list[dict], env: dict, runs: int) -> str:
            and r["variants"][c["variant"]]["target_macs_ratio"] == TARGET["ratio"]]
     for r, c in hit:
         met = "met" if c["latency_ratio"] <= TARGET["latency_ratio"] else "NOT met"
-        met += f", widths rounded to {r['variants'][c['variant']]['round_to']}" if r["variants"][c["variant"]].get("round_to") else ""
+        met += f", channel_multiple {r['variants'][c['variant']]['channel_multiple']}"
         lines.append(f"- target (issue 19: {TARGET['arch']} at {TARGET['size']}x{TARGET['size']}, batch {TARGET['batch']}, "
                      f"{TARGET['backend']}, MACs {TARGET['ratio']:g}: latency <= {TARGET['latency_ratio']:g}x dense): "
                      f"**{c['latency_ratio']:.3f}x, {met}**")
@@ -330,8 +284,9 @@ def main() -> None:
     parser.add_argument("--batches", nargs="+", type=int, help=f"only these batch sizes (default {list(BATCHES)}; a subset)")
     parser.add_argument("--macs-ratios", nargs="+", type=float, help=f"channel part: MACs ratios (default {list(MACS_RATIOS)}; a subset)")
     parser.add_argument("--runs", type=int, help="timed rounds per cell instead of the defaults (no docs update)")
-    parser.add_argument("--round-to", type=int, help="channel part: also time variants whose kept widths are rounded up to "
-                                                     "a multiple of N (a diagnostic dg2pf_core does not do; no docs update)")
+    parser.add_argument("--round-to", type=int, help="channel part: also time variants with channel_multiple N (kept widths "
+                                                     "rounded up to multiples of N; 1: not rounded) beside DG2PF's default "
+                                                     "(no docs update)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -339,8 +294,8 @@ def main() -> None:
         parser.error("--runs must be >= 2")
     if any(not 0.0 < r < 1.0 for r in args.macs_ratios or ()):
         parser.error("--macs-ratios must be in (0, 1)")
-    if args.round_to is not None and args.round_to < 2:
-        parser.error("--round-to must be >= 2")
+    if args.round_to is not None and args.round_to < 1:
+        parser.error("--round-to must be >= 1")
     subset = any(v is not None for v in (args.models, args.sizes, args.batches, args.macs_ratios, args.runs, args.round_to))
     archs = args.models or (["resnet18", "mobilenet_v2"] if args.quick else list(CHANNEL_ARCHS))
     sizes = args.sizes or ([32] if args.quick else list(CHANNEL_SIZES))

@@ -27,6 +27,7 @@ convolutions, recurrent or attention layers); ``ChannelPlan.skipped`` names them
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 from collections.abc import Callable, Mapping
@@ -41,12 +42,13 @@ from .masks import PRUNABLE_MODULES, Masks, Selection, layer_caps, magnitude_mas
 
 STRUCTURE_KEY = "dg2pf_structure"  # safetensors metadata key of a channel-pruned model's structure
 STRUCTURE_FORMAT = "dg2pf-channels/1"
-MAX_STRUCTURE_STAGES = 16
+MAX_STRUCTURE_STAGES = 8  # one per channel job a model went through (each replay traces once)
 MAX_STRUCTURE_BYTES = 8 << 20
 # Tracing runs one forward + backward pass at the input size: its memory grows with the pixels
 # (resnet50 at 512x512: ~0.5 GB). Channel granularity traces up to this size, and a structure's
 # recorded input size is bounded by it.
 MAX_TRACE_SIZE = 512
+MACS_TOLERANCE = 0.02  # target_macs_ratio is met within 2% (relative) when widths are rounded
 _CAP_BELOW_ONE = 1.0 - 1e-9  # floor(cap * C) <= C - 1 for any group of up to 1e9 channels  # far above any torchvision classifier's (resnet152: ~0.2 MB at 90%)
 
 
@@ -320,11 +322,24 @@ class ChannelPlan:
             out[g.root] = (sq / g.entries_per_channel(params)).sqrt().float()
         return out
 
-    def select(self, params: Mapping[str, torch.Tensor], fraction: float, cap: float) -> dict[str, torch.Tensor]:
+    def select(self, params: Mapping[str, torch.Tensor], fraction: float, cap: float,
+               multiple: int = 1) -> dict[str, torch.Tensor]:
         """Per group, a bool vector of its pruned channels: the globally least important
-        ``round(fraction * channels)``, no group beyond ``cap`` of its channels nor left empty."""
+        ``round(fraction * channels)``, no group beyond ``cap`` of its channels nor left empty; then,
+        with ``multiple`` > 1, every group's kept width rounded up to a multiple of it (its most
+        important pruned channels put back; a group keeps all its channels at most), so fewer go."""
+        importance = self.importance(params)
         # The guard: at most floor(cap * C) channels of a group go, and (cap < 1) never all of them.
-        return magnitude_masks(self.importance(params), fraction, "global", max_layer_sparsity=min(cap, _CAP_BELOW_ONE))
+        pruned = magnitude_masks(importance, fraction, "global", max_layer_sparsity=min(cap, _CAP_BELOW_ONE))
+        if multiple <= 1:
+            return pruned
+        for g in self.groups:
+            chosen = pruned[g.root]
+            back = _kept_to_multiple(g.channels, g.channels - int(chosen.sum()), multiple) - (g.channels - int(chosen.sum()))
+            if back > 0:
+                idx = torch.nonzero(chosen).flatten()
+                chosen[idx[importance[g.root][idx].argsort(descending=True, stable=True)[:back]]] = False
+        return pruned
 
     def masks(self, params: Mapping[str, torch.Tensor], pruned: Mapping[str, torch.Tensor]) -> Masks:
         """Element masks over every parameter the groups touch for the chosen channels ``pruned``."""
@@ -369,10 +384,12 @@ class ChannelPlan:
                               f"kept) lets {allowed:,} ({allowed / total:.3f}) go: lower sparsity, or raise max_layer_sparsity "
                               "/ lower layer_density_floor", field="sparsity")
 
-    def check_reachable(self, params: Mapping[str, torch.Tensor], ratio: float, cap: Callable[[float], float]) -> int:
+    def check_reachable(self, params: Mapping[str, torch.Tensor], ratio: float, cap: Callable[[float], float],
+                        multiple: int = 1) -> int:
         """The most channels the layer collapse guard lets go; ``ConfigError`` (field ``target_macs_ratio``)
-        when even that leaves more than ``ratio`` of the MACs. Reads shapes only (every group at its
-        cap; which channels does not change a count): works on meta tensors, before any weight is read."""
+        when even that (kept widths rounded up to ``multiple``) leaves more than ``ratio`` of the MACs.
+        Reads shapes only (every group at its cap; which channels does not change a count): works on
+        meta tensors, before any weight is read."""
         total = self.channels
 
         def caps(k: int) -> list[int]:
@@ -384,16 +401,88 @@ class ChannelPlan:
             mid = (lo + hi) // 2
             lo, hi = (mid, hi) if mid <= sum(caps(mid)) else (lo, mid)
         most = hi if hi <= sum(caps(hi)) else lo
-        at_cap = {g.root: torch.arange(g.channels) < n for g, n in zip(self.groups, caps(most))}
+        at_cap = {g.root: torch.arange(g.channels) < g.channels - _kept_to_multiple(g.channels, g.channels - n, multiple)
+                  for g, n in zip(self.groups, caps(most))}
         least = self.macs(params, self.masks(params, at_cap)) / self.dense_macs(params)
         if least > ratio:
+            rounded = f" with widths rounded up to multiples of {multiple} (channel_multiple)" if multiple > 1 else ""
             raise ConfigError(f"target_macs_ratio {ratio:g} cannot be reached: pruning every channel the layer collapse guard "
-                              f"allows leaves {least:.3f} of the MACs (raise max_layer_sparsity or lower "
-                              "layer_density_floor, or ask for a larger ratio)", field="target_macs_ratio")
+                              f"allows{rounded} leaves {least:.3f} of the MACs (raise max_layer_sparsity or lower "
+                              "layer_density_floor" + (", lower channel_multiple" if multiple > 1 else "")
+                              + ", or ask for a larger ratio)", field="target_macs_ratio")
         return most
 
+    def fraction_for_count(self, params: Mapping[str, torch.Tensor], fraction: float, cap: Callable[[float], float],
+                           multiple: int) -> float:
+        """The ranking fraction whose selection with kept widths rounded up to ``multiple`` prunes
+        ``round(fraction * channels)`` channels (rounding puts some back: the ranking goes further to
+        make up for them), or the most the layer collapse guard allows when it cannot. ``fraction``
+        itself when ``multiple`` is 1."""
+        total = self.channels
+        want = round(fraction * total)
+        if multiple <= 1 or want == 0:
+            return fraction
+
+        def pruned(k: int) -> int:
+            return sum(int(v.sum()) for v in self.select(params, k / total, cap(k / total), multiple).values())
+
+        lo, hi = want, self.most_prunable(cap)
+        if hi <= lo:  # the guard lets no more go (a fraction it cannot reach is refused at submit)
+            return fraction
+        if pruned(hi) < want:  # even the most the guard allows, rounded, prunes fewer: prune that
+            return hi / total
+        while hi - lo > 1:  # the smallest k whose rounded selection prunes at least want ...
+            mid = (lo + hi) // 2
+            lo, hi = (lo, mid) if pruned(mid) >= want else (mid, hi)
+        return min((lo, hi), key=lambda k: (abs(pruned(k) - want), k)) / total  # ... or the one before, if closer
+
+    def fit_count(self, params: Mapping[str, torch.Tensor], fraction: float, cap: Callable[[float], float],
+                  multiple: int = 1, tolerance: float = MACS_TOLERANCE) -> tuple[float, int]:
+        """``fraction_for_count`` with the largest of ``multiple``, its halves, ... 1 whose rounded
+        selection prunes ``round(fraction * channels)`` channels within ``tolerance`` of them (relative,
+        at least one channel): narrow layers in steps of 16 may not come near. Returns (ranking fraction,
+        the multiple used)."""
+        total, want, m = self.channels, round(fraction * self.channels), max(1, multiple)
+        while True:
+            at = self.fraction_for_count(params, fraction, cap, m)
+            got = sum(int(v.sum()) for v in self.select(params, at, cap(at), m).values())
+            if m == 1 or abs(got - want) <= max(1.0, tolerance * want):
+                return at, m
+            m //= 2
+
+    def most_prunable(self, cap: Callable[[float], float]) -> int:
+        """The most channels a ranking may prune under the layer collapse guard ``cap(fraction)``."""
+        total = self.channels
+
+        def caps(k: int) -> int:
+            c = min(cap(k / total), _CAP_BELOW_ONE)
+            return sum(math.floor(c * g.channels + 1e-9) for g in self.groups)
+
+        lo, hi = 0, total - 1
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            lo, hi = (mid, hi) if mid <= caps(mid) else (lo, mid)
+        return hi if hi <= caps(hi) else lo
+
+    def fit_macs(self, params: Mapping[str, torch.Tensor], ratio: float, cap: Callable[[float], float],
+                 multiple: int = 1, tolerance: float = MACS_TOLERANCE) -> tuple[float, float, int]:
+        """``fraction_for_macs`` with kept widths rounded to the largest of ``multiple``, its halves, ... 1
+        that still meets ``ratio`` within ``tolerance`` (relative): a narrow network's widths in steps of
+        16 may not come near the target. Returns (fraction, MACs ratio, the multiple used)."""
+        m = max(1, multiple)
+        while True:
+            try:
+                fraction, got = self.fraction_for_macs(params, ratio, cap, m)
+            except ConfigError:
+                if m == 1:
+                    raise
+            else:
+                if m == 1 or abs(got - ratio) <= tolerance * ratio:
+                    return fraction, got, m
+            m //= 2
+
     def fraction_for_macs(self, params: Mapping[str, torch.Tensor], ratio: float,
-                          cap: Callable[[float], float]) -> tuple[float, float]:
+                          cap: Callable[[float], float], multiple: int = 1) -> tuple[float, float]:
         """The channel fraction whose selection (under ``cap(fraction)``, the layer collapse guard at that
         fraction) leaves the MACs ratio closest to ``ratio`` (one channel either side of the first count
         at or under it), and that MACs ratio. Raises ``ConfigError`` (field ``target_macs_ratio``) when the guard cannot reach it."""
@@ -401,15 +490,20 @@ class ChannelPlan:
         total = self.channels
 
         def ratio_at(k: int) -> float:
-            return self.macs(params, self.masks(params, self.select(params, k / total, cap(k / total)))) / dense
+            return self.macs(params, self.masks(params, self.select(params, k / total, cap(k / total), multiple))) / dense
 
-        most = self.check_reachable(params, ratio, cap)
+        most = self.check_reachable(params, ratio, cap, multiple)
         lo, hi = 0, most
         while hi - lo > 1:  # ratio_at falls as k grows: the first k at or under the target ...
             mid = (lo + hi) // 2
             lo, hi = (lo, mid) if ratio_at(mid) <= ratio else (mid, hi)
         k = min((lo, hi), key=lambda k: abs(ratio_at(k) - ratio))  # ... or the one before, if closer
         return k / total, ratio_at(k)
+
+
+def _kept_to_multiple(channels: int, kept: int, multiple: int) -> int:
+    """``kept`` rounded up to a multiple of ``multiple``, at most ``channels``."""
+    return min(channels, -(-kept // multiple) * multiple) if multiple > 1 else kept
 
 
 @torch.no_grad()
@@ -486,8 +580,18 @@ def apply_structure(model: nn.Module, structure: Structure, arch: str | None = N
         raise CheckpointError(f"the checkpoint's channel structure was traced on {structure.input_shape[0]}-channel "
                               f"inputs, but this {type(model).__name__} takes {first.in_channels}: it was pruned from "
                               "another architecture or the structure was altered", field="checkpoint")
+    for stage in structure.stages:  # names first, for every stage: nothing is traced for a structure that cannot fit
+        for root in stage:
+            try:
+                module = model.get_submodule(root) if root else None
+            except AttributeError:
+                module = None
+            if not isinstance(module, PRUNABLE_MODULES):
+                raise CheckpointError(f"channel structure names {root!r}, which is not a Conv/Linear layer of this model: "
+                                      "the checkpoint was pruned from another architecture", field="checkpoint")
     for stage in structure.stages:
         remove_channels(model, structure.input_shape, stage)
+        gc.collect()  # the dependency graph is a web of cycles holding the traced activations: free it now
     if layers and layers[-1].weight.shape[0] != classes:  # the outputs are the classes: never pruned
         raise CheckpointError(f"the checkpoint's channel structure removes outputs of the classifier ({classes} classes -> "
                               f"{layers[-1].weight.shape[0]}); dg2pf never writes such a model: use an unpruned checkpoint",

@@ -24,7 +24,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .channels import ChannelPlan, Structure, apply_structure, check_architecture, read_structure
+from .channels import (MAX_STRUCTURE_STAGES, STRUCTURE_KEY, ChannelPlan, Structure, apply_structure, check_architecture,
+                       read_structure)
 from .checkpoints import load_into, read_state_dict
 from .compact import check_values
 from .config import DG2PFConfig
@@ -75,6 +76,7 @@ class PruneJob:
     val_fraction: float = 0.1
     compact_values: str = "fp32"  # value dtype of model.compact.safetensors: "fp32" (exact) or "fp16"
     skip_bad_images: bool = False  # leave out unreadable images (counted in metrics.json) instead of failing
+    augment: str | None = None  # training augmentation policy (data.AUGMENT_POLICIES); None: the dataset's default
     allowed_roots: list[str] = field(default_factory=list)  # the data must stay inside these folders (a service's)
 
     def __post_init__(self) -> None:
@@ -163,8 +165,23 @@ def load_checkpoint_model(arch: str, num_classes: int, checkpoint: str | Path, w
         model = build_meta(arch, num_classes) if meta and structure is None else build_model(arch, num_classes)
         if structure is not None:
             apply_structure(model, structure, arch)
-        load_into(model, state, what=f"{what} {checkpoint}", arch=f"{arch} with num_classes={num_classes}")
+        try:
+            load_into(model, state, what=f"{what} {checkpoint}", arch=f"{arch} with num_classes={num_classes}")
+        except CheckpointError as exc:
+            if structure is None and _narrower(state, model):
+                raise CheckpointError(f"{exc.message}; its layers are narrower than {arch}'s, as in a channel-pruned model, but "
+                                      f"it carries no channel structure ({STRUCTURE_KEY} metadata): use the model.safetensors "
+                                      "dg2pf wrote (a tool that re-saves a file can drop its metadata)",
+                                      field=exc.field) from exc
+            raise
     return spec, model, {k: v.dtype for k, v in state.items() if v.is_floating_point()}
+
+
+def _narrower(state: dict[str, torch.Tensor], model: nn.Module) -> bool:
+    """Whether some tensor of ``state`` has ``model``'s rank but is smaller along a dimension."""
+    own = model.state_dict()
+    return any(k in own and v.dim() == own[k].dim() and v.shape != own[k].shape
+               and all(a <= b for a, b in zip(v.shape, own[k].shape)) for k, v in state.items())
 
 
 def checkpoint_num_classes(arch: str, checkpoint: str | Path) -> int:
@@ -190,13 +207,14 @@ def load_model(arch: str, num_classes: int, checkpoint: str | Path) -> tuple[Arc
 
 
 def load_data(dataset: str, arch: ArchSpec, num_classes: int, image_size: int | None, val_fraction: float, seed: int,
-              skip_bad_images: bool = False, allowed_roots: tuple[str, ...] = ()) -> tuple[DataSplits, int]:
+              skip_bad_images: bool = False, allowed_roots: tuple[str, ...] = (),
+              augment: str | None = None) -> tuple[DataSplits, int]:
     size = arch.input_size if image_size is None else image_size
     if not MIN_IMAGE_SIZE <= size <= MAX_IMAGE_SIZE:
         raise ConfigError(f"image_size must be in [{MIN_IMAGE_SIZE}, {MAX_IMAGE_SIZE}] pixels, got {size}", field="image_size")
     splits = load_dataset(dataset, DataRequest(image_size=size, in_channels=arch.in_channels, val_fraction=val_fraction,
                                                seed=seed, skip_bad_images=skip_bad_images,
-                                               allowed_roots=tuple(allowed_roots)))
+                                               allowed_roots=tuple(allowed_roots), augment=augment))
     if splits.num_classes != num_classes:
         raise DatasetError(
             f"dataset {dataset!r} has {splits.num_classes} classes but the model was given num_classes={num_classes}; "
@@ -222,6 +240,11 @@ def check_static(job: PruneJob, *, meta: bool = False, max_params: int | None = 
                               f"limit of {max_params:,} (DG2PF_MAX_MODEL_PARAMS)", field="arch")
     if job.config.channel:
         check_architecture(job.arch)  # by name, before building: some graphs take minutes and GBs to trace
+        earlier = read_structure(job.checkpoint)
+        if earlier is not None and len(earlier.stages) >= MAX_STRUCTURE_STAGES:
+            raise ConfigError(f"the checkpoint was channel-pruned {len(earlier.stages)} times already, the most a model "
+                              f"records ({MAX_STRUCTURE_STAGES}): prune it with granularity 'unstructured' or N:M, or start "
+                              "from a checkpoint with fewer stages", field="granularity")
     arch, model, dtypes = load_checkpoint_model(job.arch, job.num_classes, job.checkpoint, meta=meta,
                                                 fp16_values=job.compact_values == "fp16")
     prunable = select_prunable(model, job.config.selection())  # --include/--exclude select something
@@ -232,6 +255,7 @@ def check_static(job: PruneJob, *, meta: bool = False, max_params: int | None = 
         size = job.image_size or arch.input_size
         plan = ChannelPlan.build(model, (arch.in_channels, size, size), job.config.selection())
         if job.config.target_macs_ratio is not None:
+            # (unrounded: a run rounds widths to a smaller multiple, down to 1, when the target needs it)
             plan.check_reachable(dict(model.named_parameters()), job.config.target_macs_ratio, job.config.layer_cap)
         else:
             plan.check_fraction(job.config.sparsity, job.config.layer_cap(job.config.sparsity))
@@ -254,7 +278,7 @@ def prepare(job: PruneJob, *, out: str | Path | None = None, world_size: int = 1
         check_output(out)
     arch, model, dtypes, teacher = check_static(job)
     splits, size = load_data(job.dataset, arch, job.num_classes, job.image_size, job.val_fraction, job.config.seed,
-                             job.skip_bad_images, tuple(job.allowed_roots))
+                             job.skip_bad_images, tuple(job.allowed_roots), job.augment)
     if dry:
         dry_run(model, teacher, splits.train, arch=job.arch, num_classes=job.num_classes, image_size=size,
                 batch_size=job.config.batch_size, world_size=world_size, device=device, amp=job.config.amp)
@@ -297,14 +321,21 @@ def result_metrics(prepared: PreparedJob, result: DG2PFResult, *, world_size: in
                    "channels_pruned": x["channels_pruned"], "channel_sparsity": x["channels_pruned"] / x["channels_total"],
                    "macs_ratio": size.flops_sparse / x["macs_dense"] if x["macs_dense"] else None,
                    "params_dense": x["params_dense"], "params_ratio": size.params_total / x["params_dense"],
-                   "skipped_groups": x["skipped_groups"]}
+                   "skipped_groups": x["skipped_groups"], "channel_multiple": x["channel_multiple"]}
+        # The masks are gone with the removed channels: the collapse warning reads each group's fraction.
+        warned = _channel_warnings(layers, job.config.warn_layer_sparsity)
         if not x["channels_pruned"]:
-            warned = [_nothing_removed(job.config, x["channels_total"]), *warned]
+            warned = [_nothing_removed(job.config, x["channels_total"], x["channel_multiple"]), *warned]
+        elif job.config.target_macs_ratio is None and abs(channel["channel_sparsity"] - job.config.sparsity) > 0.02:
+            warned.append(f"{channel['channel_sparsity']:.2%} of the channels were removed for sparsity {job.config.sparsity:g}: "
+                          f"kept widths rounded up to multiples of {x['channel_multiple']} (channel_multiple) under the layer "
+                          "collapse guard could not come closer; lower channel_multiple for an exact channel fraction")
     return {
         "arch": job.arch,
         "num_classes": job.num_classes,
         "dataset": job.dataset,
         "image_size": prepared.image_size,
+        "augment": getattr(prepared.splits, "augment", None),  # the policy trained with: asked for, or the default
         "in_channels": prepared.arch.in_channels,
         "class_names": prepared.splits.class_names,
         "target_sparsity": job.config.sparsity if job.config.target_macs_ratio is None else None,
@@ -333,7 +364,7 @@ def result_metrics(prepared: PreparedJob, result: DG2PFResult, *, world_size: in
         "layer_sparsity": layers,
         "max_layer_sparsity": max(layers.values(), default=0.0),
         # N:M holds every tensor at (M-N)/M by construction: no cap applies.
-        "layer_cap": job.config.layer_cap(channel["channel_sparsity"] if channel else job.config.sparsity)
+        "layer_cap": result.extra["layer_cap"] if channel else job.config.layer_cap(job.config.sparsity)
         if job.config.scope == "global" and nm is None else None,
         "warnings": warned,
         "dtype": _dtype_summary(prepared.dtypes),
@@ -398,13 +429,33 @@ def job_latency(prepared: PreparedJob, pruned: nn.Module, onnx: OnnxReport, onnx
             "backends": compare(report), "macs_ratio": macs_ratio, "notes": notes + document["notes"]}
 
 
-def _nothing_removed(config: DG2PFConfig, channels: int) -> str:
-    """Why a channel job left the network as it was: its target was too mild for one channel."""
-    why = (f"target_macs_ratio {config.target_macs_ratio:g} is within one channel of the unpruned network's MACs"
-           if config.target_macs_ratio is not None
-           else f"sparsity {config.sparsity:g} of {channels:,} prunable channels rounds to 0")
+def _nothing_removed(config: DG2PFConfig, channels: int, multiple: int = 1) -> str:
+    """Why a channel job left the network as it was: its target was too mild for one channel, or for
+    one block of ``multiple`` channels."""
+    if config.target_macs_ratio is not None:
+        why = f"target_macs_ratio {config.target_macs_ratio:g} is within one channel of the unpruned network's MACs"
+    elif round(config.sparsity * channels) == 0:
+        why = f"sparsity {config.sparsity:g} of {channels:,} prunable channels rounds to 0"
+    else:
+        return (f"no channel was removed: sparsity {config.sparsity:g} asks for {round(config.sparsity * channels):,} of "
+                f"{channels:,} channels, and kept widths are rounded up to multiples of channel_multiple {multiple}, which "
+                "put them all back; the model keeps the input's structure (only its weights were trained): lower "
+                "channel_multiple or ask for a larger sparsity")
     return (f"no channel was removed: {why}; the model keeps the input's structure (only its weights were trained): "
             "ask for a larger sparsity or a smaller target_macs_ratio")
+
+
+def _channel_warnings(removed: dict[str, float], threshold: float) -> list[str]:
+    """The layer collapse warning of a channel job: groups (root layer -> fraction of its channels
+    removed) beyond ``threshold``; empty when there are none."""
+    above = {name: f for name, f in sorted(removed.items(), key=lambda kv: -kv[1]) if f > threshold}
+    if not above:
+        return []
+    shown = ", ".join(f"{name} {f:.2%}" for name, f in list(above.items())[:5])
+    more = f" and {len(above) - 5} more" if len(above) > 5 else ""
+    return [f"{len(above)} layer(s) with more than {threshold:.0%} of their channels removed: {shown}{more}. A layer left "
+            "with few channels can cost accuracy (layer collapse): raise layer_density_floor, lower max_layer_sparsity, "
+            "ask for less (sparsity / a larger target_macs_ratio), or exclude the layer from pruning (exclude)."]
 
 
 def _dtype_summary(dtypes: dict[str, torch.dtype]) -> str:

@@ -126,6 +126,9 @@ class _Run:
         self.params_dense = sum(p.numel() for p in _unwrap(model).parameters())
         fraction = config.sparsity
         self.plan: ChannelPlan | None = None  # channel granularity: the groups of the input model
+        # kept widths rounded to this (channel_multiple, or a smaller one a MACs target needs)
+        self.multiple = config.channel_multiple
+        self.ranked_at = 0.0  # channel granularity: the fraction the last ranking used (before rounding)
         if config.channel:
             self.input_shape = tuple(input_shape or next(iter(loaders.val()))[0].shape[1:])
             self.plan = ChannelPlan.build(_unwrap(model), self.input_shape, config.selection())
@@ -133,8 +136,11 @@ class _Run:
             self.macs_dense = self.plan.dense_macs(self.params)
             # The parameters channel removal can shrink: every tensor some group touches.
             self.params_prunable = sum(self.params[n].numel() for n in {i.param for g in self.plan.groups for i in g.items})
+            if config.target_macs_ratio is None and config.channel_multiple > 1:  # the multiple the fraction allows
+                _, self.multiple = self.plan.fit_count(self.params, config.sparsity, config.layer_cap, config.channel_multiple)
             if config.target_macs_ratio is not None:
-                fraction, _ = self.plan.fraction_for_macs(self.params, config.target_macs_ratio, config.layer_cap)
+                fraction, _, self.multiple = self.plan.fit_macs(self.params, config.target_macs_ratio, config.layer_cap,
+                                                                config.channel_multiple)
         self.targets = sparsity_targets(config.schedule, fraction, config.pruning_epochs)
         self.channels_pruned = 0
         self.selected: dict[str, torch.Tensor] = {}  # channel granularity: the last ranking's pruned channels
@@ -154,8 +160,12 @@ class _Run:
             return nm_masks(self.params, target, self.nm)
         if self.plan is not None:
             if last and self.cfg.target_macs_ratio is not None:
-                target, _ = self.plan.fraction_for_macs(self.params, self.cfg.target_macs_ratio, self.cfg.layer_cap)
-            self.selected = self.plan.select(self.params, target, self.cfg.layer_cap(target))
+                target, _ = self.plan.fraction_for_macs(self.params, self.cfg.target_macs_ratio, self.cfg.layer_cap,
+                                                        self.multiple)
+            else:  # the channel fraction the schedule asks for, after the widths are rounded to the multiple
+                target = self.plan.fraction_for_count(self.params, target, self.cfg.layer_cap, self.multiple)
+            self.ranked_at = target  # the layer collapse guard applied was layer_cap(ranked_at)
+            self.selected = self.plan.select(self.params, target, self.cfg.layer_cap(target), self.multiple)
             self.channels_pruned = sum(int(v.sum()) for v in self.selected.values())
             return self.plan.masks(self.params, self.selected)
         return magnitude_masks(self.params, target, self.cfg.scope, self.cfg.layer_cap(target))
@@ -474,7 +484,9 @@ def run_dg2pf(
         "structure": Structure.from_json(state.structure) if state.structure else None,
         "channels_total": run.plan.channels, "channels_pruned": run.channels_pruned,
         "macs_dense": run.macs_dense, "skipped_groups": list(run.plan.skipped),
-        "params_dense": run.params_dense, "params_prunable": run.params_prunable,
+        "params_dense": run.params_dense, "params_prunable": run.params_prunable, "channel_multiple": run.multiple,
+        # the guard the last ranking applied (before widths were rounded up; resumed after it: estimated)
+        "layer_cap": run.cfg.layer_cap(run.ranked_at or run.channels_pruned / run.plan.channels),
         # per group (its root layer): the fraction of its channels removed
         "layer_channels": {g.root: len((state_stage(state) or {}).get(g.root, [])) / g.channels for g in run.plan.groups}}
     return DG2PFResult(

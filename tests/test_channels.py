@@ -20,7 +20,7 @@ CPU = torch.device("cpu")
 # (arch, input shape): the issue's three, torchvision ones at a small input
 ARCHS = [("digits_cnn", (1, 8, 8)), ("torchvision/resnet18", (3, 32, 32)), ("torchvision/mobilenet_v2", (3, 32, 32))]
 CFG = dict(granularity="channel", sparsity=0.5, pruning_epochs=2, patience=1, max_epochs=5, batch_size=16, lr=5e-3,
-           finetune_lr=1e-2, seed=0)
+           finetune_lr=1e-2, seed=0, channel_multiple=1)  # TinyNet's layers are narrower than the default 16
 
 
 def _trained_looking(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
@@ -225,6 +225,13 @@ def test_a_structure_that_does_not_fit_the_architecture_is_a_checkpoint_error(st
         apply_structure(build_model("digits_cnn", 10), structure)
 
 
+def test_every_stage_is_checked_by_name_before_the_first_is_traced():
+    model = build_model("digits_cnn", 10)
+    with pytest.raises(CheckpointError, match="'nope', which is not a Conv/Linear layer"):
+        apply_structure(model, Structure((1, 8, 8), ({"features.0": [0]}, {"nope": [0]})))
+    assert model.features[0].out_channels == 32  # nothing was removed (nor traced) for a structure that cannot fit
+
+
 def test_a_model_the_tracer_cannot_take_is_a_config_error_naming_granularity():
     # Torch-Pruning 1.6 cannot trace ShuffleNetV2's channel shuffle (ZeroDivisionError inside it);
     # a ViT cannot run on 32x32 inputs at all. Neither may surface as a bare exception.
@@ -258,6 +265,54 @@ def test_architectures_channel_granularity_cannot_take_are_refused_by_name_befor
                     metadata={STRUCTURE_KEY: Structure((3, 224, 224), ({"features.0.0": [0]},)).to_json()})
     with pytest.raises(CheckpointError, match="never writes for torchvision/swin_t"):
         load_checkpoint_model("torchvision/swin_t", 10, path)
+
+
+@pytest.mark.parametrize("arch,shape", ARCHS[1:])
+def test_kept_widths_are_multiples_of_channel_multiple_and_the_macs_target_still_holds(arch, shape):
+    model = _trained_looking(build_model(arch, 10))
+    plan = ChannelPlan.build(model, shape)
+    params = dict(model.named_parameters())
+    cap = DG2PFConfig(granularity="channel", target_macs_ratio=0.5).layer_cap
+    fraction, ratio = plan.fraction_for_macs(params, 0.5, cap, multiple=16)
+    selected = plan.select(params, fraction, cap(fraction), multiple=16)
+    for g in plan.groups:
+        kept = g.channels - int(selected[g.root].sum())
+        assert kept == g.channels or kept % 16 == 0, (g.root, g.channels, kept)
+    assert sum(int(v.sum()) for v in selected.values()) > 0 and abs(ratio - 0.5) <= 0.05 * 0.5
+    # what is put back is the most important of a group's pruned channels: the kept set is still a top set
+    importance = plan.importance(params)
+    for g in plan.groups:
+        pruned, kept = importance[g.root][selected[g.root]], importance[g.root][~selected[g.root]]
+        assert not len(pruned) or pruned.max() <= kept.min()
+    apply_structure(model, Structure(shape).then(plan.pruned_channels(selected)))
+    after, _ = conv_linear_macs(model, shape, CPU)
+    dense, _ = conv_linear_macs(build_model(arch, 10), shape, CPU)
+    assert after / dense == pytest.approx(ratio, rel=1e-9)
+
+
+def test_a_macs_target_that_rounding_makes_unreachable_names_channel_multiple():
+    plan = ChannelPlan.build(build_model("digits_cnn", 10), (1, 8, 8))
+    params = dict(build_model("digits_cnn", 10).named_parameters())
+    with pytest.raises(ConfigError, match="channel_multiple") as info:
+        plan.check_reachable(params, 0.2, lambda t: 0.99, multiple=64)
+    assert info.value.field == "target_macs_ratio"
+
+
+def test_a_narrow_network_falls_back_to_a_smaller_multiple_to_meet_the_macs_target():
+    # digits_cnn (32/64/128 channels) in steps of 16 lands at 0.44x for a 0.5 target: fit_macs halves the
+    # multiple until the target holds within MACS_TOLERANCE; resnet18's widths keep 16.
+    from dg2pf_core.channels import MACS_TOLERANCE
+
+    for arch, shape, expect in [("digits_cnn", (1, 8, 8), lambda m: m < 16), ("torchvision/resnet18", (3, 32, 32), lambda m: m == 16)]:
+        model = _trained_looking(build_model(arch, 10))
+        plan = ChannelPlan.build(model, shape)
+        params = dict(model.named_parameters())
+        cap = DG2PFConfig(granularity="channel", target_macs_ratio=0.5).layer_cap
+        fraction, ratio, multiple = plan.fit_macs(params, 0.5, cap, 16)
+        assert expect(multiple) and abs(ratio - 0.5) <= MACS_TOLERANCE * 0.5, (arch, multiple, ratio)
+        selected = plan.select(params, fraction, cap(fraction), multiple)
+        assert all((g.channels - int(selected[g.root].sum())) % multiple == 0 or not selected[g.root].any()
+                   for g in plan.groups)
 
 
 def test_a_channel_fraction_beyond_the_collapse_guard_is_refused():

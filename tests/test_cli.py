@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dg2pf_core.checkpoints import save_state_dict
+from dg2pf_core.checkpoints import read_state_dict, save_state_dict
 from dg2pf_core.models import build_model
 
 
@@ -109,7 +109,7 @@ def test_missing_or_empty_dataset(tmp_path, untrained_ckpt):
     assert_refused(dg2pf(*prune_args(untrained_ckpt, out, **{"--dataset": f"imagefolder:{tmp_path / 'none'}"})), out, "does not exist")
     (tmp_path / "empty" / "train").mkdir(parents=True)
     assert_refused(dg2pf(*prune_args(untrained_ckpt, out, **{"--dataset": f"imagefolder:{tmp_path / 'empty'}"})), out, "train")
-    assert_refused(dg2pf(*prune_args(untrained_ckpt, out, **{"--dataset": "mnist"})), out, "unknown dataset")
+    assert_refused(dg2pf(*prune_args(untrained_ckpt, out, **{"--dataset": "svhn"})), out, "unknown dataset")
 
 
 def test_num_classes_not_matching_the_dataset(tmp_path):
@@ -219,6 +219,44 @@ def test_channel_metrics_say_what_was_removed_against_the_input_model(channel_jo
     assert m["sparsity_total"] == pytest.approx(1 - m["params_nonzero"] / m["params_dense"]) and m["sparsity_total"] > 0.3
     assert m["params_total"] - m["params_dense"] < 0 < m["params_prunable"] <= m["params_dense"]
     assert m["target_sparsity"] is None and m["config"]["target_macs_ratio"] == 0.5 and m["warnings"] == []
+
+
+@pytest.mark.parametrize("extra, fraction", [(["--sparsity", "0.3"], 0.3), (["--sparsity", "0.3", "--channel-multiple", "1"], 0.3)])
+def test_a_channel_fraction_is_met_with_widths_rounded_and_no_layer_beyond_the_reported_cap(untrained_ckpt, tmp_path,
+                                                                                             extra, fraction):
+    out = tmp_path / "out"
+    result = dg2pf(*_without_sparsity(prune_args(untrained_ckpt, out)), "--granularity", "channel", *extra, "--threads", "1")
+    assert result.returncode == 0, result.stderr
+    m = json.loads((out / "metrics.json").read_text())
+    # rounding kept widths up to a multiple puts channels back: the ranking goes further to make up for them
+    assert abs(m["channel_sparsity"] - fraction) <= 0.02 and m["warnings"] == [], m
+    assert max(m["layer_sparsity"].values()) <= m["layer_cap"] + 1e-9  # the cap printed is the cap applied
+    model = read_state_dict(out / "model.safetensors")
+    widths = [v.shape[0] for k, v in model.items() if k.endswith(".weight") and v.dim() == 4]
+    multiple = m["channel_multiple"]
+    # digits_cnn's 32/64/128 channels in steps of 16 cannot come within 2% of 0.3: a smaller multiple is used
+    assert multiple in ((16, 8, 4, 2) if "--channel-multiple" not in extra else (1,))
+    assert all(w % multiple == 0 for w in widths), widths
+
+
+def test_a_channel_job_that_collapses_layers_warns(untrained_ckpt, tmp_path):
+    out = tmp_path / "out"
+    result = dg2pf(*_without_sparsity(prune_args(untrained_ckpt, out)), "--granularity", "channel", "--target-macs-ratio", "0.001",
+                   "--threads", "1")
+    assert result.returncode == 0, result.stderr
+    m = json.loads((out / "metrics.json").read_text())
+    assert max(m["layer_sparsity"].values()) > 0.98
+    assert any("of their channels removed" in w and "layer collapse" in w for w in m["warnings"]), m["warnings"]
+    assert "layer collapse" in result.stderr
+
+
+def test_a_channel_pruned_file_that_lost_its_structure_says_so(channel_job, tmp_path):
+    out, _ = channel_job
+    stripped = tmp_path / "resaved.safetensors"
+    save_state_dict(read_state_dict(out / "model.safetensors"), stripped)  # another tool re-saving it: no metadata
+    result = dg2pf("evaluate", "--arch", "digits_cnn", "--num-classes", "10", "--checkpoint", str(stripped), "--dataset", "digits")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "carries no channel structure" in result.stderr and "narrower" in result.stderr
 
 
 @pytest.mark.parametrize("dense", [True, False])

@@ -669,7 +669,7 @@ def test_registered_names():
 
 def test_unknown_dataset_suggests_the_valid_specs():
     with pytest.raises(DatasetError) as info:
-        load_dataset("mnist", DataRequest(28, 1))
+        load_dataset("svhn", DataRequest(28, 1))
     for spec in ("`digits`", "`cifar10:PATH`", "`imagefolder:PATH`"):
         assert spec in info.value.message
     assert info.value.field == "dataset"

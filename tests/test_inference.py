@@ -38,7 +38,7 @@ def test_eval_transform_is_rebuilt_without_the_data(tmp_path):
     assert eval_transform_for("cifar10:/nowhere", DataRequest(32, 3))(rgb).shape == (3, 32, 32)
     assert eval_transform_for("imagefolder:/nowhere", DataRequest(64, 3))(rgb).shape == (3, 64, 64)
     with pytest.raises(DatasetError, match="unknown dataset"):
-        eval_transform_for("mnist", request)
+        eval_transform_for("svhn", request)
 
 
 def test_images_are_preprocessed_like_the_dataset(served, tmp_path):

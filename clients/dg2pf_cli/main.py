@@ -16,6 +16,7 @@ from pathlib import Path
 
 from dg2pf_core import DG2PFConfig, DG2PFError, PruneJob
 from dg2pf_core.config import DG2PFConfig as _Config
+from dg2pf_core.data import AUGMENT_POLICIES, dataset_usages
 
 from .progress import EpochBars
 
@@ -64,7 +65,7 @@ def _channel_rows(m: dict) -> list[tuple[str, str]]:
                "the model is the smaller dense network" if m["channels_pruned"]
                else f"none of {m['channels_total']:,} prunable: the model keeps the input's structure (see the warning)")
     rows = [("channels removed", removed),
-            ("parameters pruned / dense", f"{m['params_total']:,} / {m['params_dense']:,} "
+            ("parameters, pruned model / dense", f"{m['params_total']:,} / {m['params_dense']:,} "
                                           f"({m['params_total'] / max(m['params_dense'], 1):.3f}x)")]
     skipped = m.get("skipped_groups") or []
     if skipped:  # layers Torch-Pruning groups but this code cannot map to channels: left dense, never pruned
@@ -107,6 +108,7 @@ def _job_from(args: argparse.Namespace) -> PruneJob:
         arch=args.arch, num_classes=args.num_classes, checkpoint=args.checkpoint, dataset=args.dataset,
         config=_config_from(args), teacher=args.teacher, image_size=args.image_size, val_fraction=args.val_fraction,
         compact_values=args.compact_values, skip_bad_images=args.skip_bad_images,
+        augment=None if args.augment in (None, "auto") else args.augment,
     )
 
 
@@ -116,7 +118,7 @@ def _cmd_prune(args: argparse.Namespace) -> int:
 
     _set_threads(args)
     if args.resume:
-        options = (*_JOB_OPTIONS, "workers", "teacher", "image_size", *(f.name for f in dataclasses.fields(_Config)))
+        options = (*_JOB_OPTIONS, "workers", "teacher", "image_size", "augment", *(f.name for f in dataclasses.fields(_Config)))
         given = list(dict.fromkeys(f"--{n.replace('_', '-')}" for n in options if getattr(args, n, None) is not None))
         if given:
             raise DG2PFError(f"--resume continues a run with its own options; leave out {', '.join(given)}", field="resume")
@@ -134,6 +136,8 @@ def _cmd_prune(args: argparse.Namespace) -> int:
         if not args.quiet:
             skipped = len(getattr(prepared.splits, "skipped_images", []) or [])
             note = f"; skipped {skipped} unreadable image(s)" if skipped else ""
+            augment = getattr(prepared.splits, "augment", None)
+            note += f"; augment: {augment}" if augment else ""
             print(f"data: {prepared.splits.description}{note}; device: {prepared.device}", file=sys.stderr)
 
     if args.workers is not None and args.workers < 1:
@@ -674,7 +678,7 @@ def _add_job_options(pr: argparse.ArgumentParser, required: bool = True) -> None
     pr.add_argument("--arch", required=required, help="e.g. digits_cnn, cifar/resnet18, torchvision/resnet50 (see `dg2pf archs`)")
     pr.add_argument("--num-classes", type=int, required=required)
     pr.add_argument("--checkpoint", required=required, help=".safetensors or a torch state_dict file (recognised by content)")
-    pr.add_argument("--dataset", required=required, help="digits | cifar10:PATH | imagefolder:PATH")
+    pr.add_argument("--dataset", required=required, help=" | ".join(usage for usage, _ in dataset_usages()))
     pr.add_argument("--sparsity", type=float, help="fraction of prunable weights (channels with --granularity channel) "
                     "to remove, in (0, 1); required unless --target-macs-ratio")
     pr.add_argument("--out", required=required, help="output directory (must not exist or be empty)")
@@ -685,6 +689,11 @@ def _add_job_options(pr: argparse.ArgumentParser, required: bool = True) -> None
                     help="value dtype of OUT/model.compact.safetensors (default: fp32, exact)")
     pr.add_argument("--skip-bad-images", action="store_true",
                     help="leave out images that cannot be decoded (counted in metrics.json) instead of stopping")
+    pr.add_argument("--augment", choices=("auto", *AUGMENT_POLICIES),
+                    help="training augmentation: imagenet (random resized crop + flip), cifar (pad + random crop + "
+                    "flip), shift (pad + random crop), none; auto (default): imagefolder imagenet from 96 px, cifar "
+                    "below; cifar10 cifar; mnist, fashion-mnist shift; digits none. Evaluation and serving are the same "
+                    "whatever it is")
     pr.add_argument("--quiet", action="store_true", help="no progress bars")
     pr.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's, one per core)")
 

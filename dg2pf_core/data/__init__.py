@@ -4,8 +4,10 @@ Importing this package registers every bundled loader; see ``dataset_usages()`` 
 """
 
 from dg2pf_core.data.registry import (
+    AUGMENT_POLICIES,
     DataRequest,
     DataSplits,
+    augment_for,
     dataset_names,
     dataset_usages,
     eval_transform_for,
@@ -15,11 +17,13 @@ from dg2pf_core.data.registry import (
 )
 
 # Imported for their @register_dataset side effect.
-from dg2pf_core.data import cifar10, digits, imagefolder  # noqa: E402,F401  isort: skip
+from dg2pf_core.data import cifar10, digits, idx, imagefolder  # noqa: E402,F401  isort: skip
 
 __all__ = [
+    "AUGMENT_POLICIES",
     "DataRequest",
     "DataSplits",
+    "augment_for",
     "dataset_names",
     "dataset_usages",
     "eval_transform_for",

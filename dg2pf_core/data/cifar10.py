@@ -175,6 +175,7 @@ def _read_class_names(folder: str, roots: Sequence[str] = ()) -> list[str]:
     needs_path=True,
     help="CIFAR-10 python version: a folder with data_batch_1..5, test_batch, batches.meta",
     eval_transform=lambda request: cifar_transforms(request)[1],
+    default_augment="cifar",
 )
 def load_cifar10(path: str | None, request: DataRequest) -> DataSplits:
     assert path is not None  # the registry enforces needs_path

@@ -7,16 +7,18 @@ smoke tests and CI. All images are preprocessed once into one in-memory tensor.
 from __future__ import annotations
 
 import os
+from typing import Callable
 
 import numpy as np
 import PIL.Image
 import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
+from torchvision import transforms as T
 
-from dg2pf_core.data.registry import DataRequest, DataSplits, register_dataset
+from dg2pf_core.data.registry import AUTO, DataRequest, DataSplits, register_dataset
 from dg2pf_core.data.splits import hold_out
-from dg2pf_core.data.transforms import ConvertMode
+from dg2pf_core.data.transforms import ConvertMode, augment_padding, augmentation
 from dg2pf_core.errors import DatasetError
 
 NATIVE_SIZE = 8
@@ -75,16 +77,28 @@ class DigitsEvalTransform:
 
 
 class _DigitImages(Dataset):
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor, in_channels: int) -> None:
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, in_channels: int,
+                 augment: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
         self.images = images
         self.labels = labels
         self.in_channels = in_channels
+        self.augment = augment  # applied to the one-channel image, before the channels are copied
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        return _with_channels(self.images[index], self.in_channels), int(self.labels[index])
+        image = self.images[index]
+        if self.augment is not None:
+            image = self.augment(image)
+        return _with_channels(image, self.in_channels), int(self.labels[index])
+
+
+def _train_augmentation(request: DataRequest) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """``request.augment`` on the preprocessed ``[1, S, S]`` tensors; padding is the empty ground."""
+    policy = request.augment if request.augment not in (None, AUTO) else "none"
+    steps = augmentation(policy, request.image_size, augment_padding(request.image_size), fill=-DIGITS_MEAN / DIGITS_STD)
+    return T.Compose(steps) if steps else None
 
 
 @register_dataset(
@@ -92,6 +106,7 @@ class _DigitImages(Dataset):
     needs_path=False,
     help="scikit-learn's 1797 handwritten 8x8 digits, bundled offline; 10 classes",
     eval_transform=DigitsEvalTransform,
+    default_augment="none",  # see load_digits
 )
 def load_digits(path: str | None, request: DataRequest) -> DataSplits:
     # Imported here: scikit-learn takes a second to import, and serving a model needs only the
@@ -111,10 +126,11 @@ def load_digits(path: str | None, request: DataRequest) -> DataSplits:
     images = _to_model_input(torch.from_numpy(bunch.images / 16.0), request)
     targets = torch.from_numpy(labels)
 
-    # No augmentation: at 8x8 native resolution a crop or flip changes the digit, and an
-    # augmentation-free train view keeps the demo runs fast and reproducible.
+    # No augmentation by default (policy "none"): at 8x8 native resolution a crop or flip changes
+    # the digit, and an augmentation-free train view keeps the demo runs fast and reproducible.
     train_all = _DigitImages(images[train_idx], targets[train_idx], request.in_channels)
-    train, val = hold_out(train_all, train_all, request.val_fraction, request.seed)
+    augmented = _DigitImages(images[train_idx], targets[train_idx], request.in_channels, _train_augmentation(request))
+    train, val = hold_out(augmented, train_all, request.val_fraction, request.seed)
     test = _DigitImages(images[test_idx], targets[test_idx], request.in_channels)
     return DataSplits(
         train=train,

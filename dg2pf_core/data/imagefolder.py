@@ -150,11 +150,23 @@ def _images(folder: str, roots: tuple[str, ...] = ()) -> VisibleImageFolder:
         ) from None
 
 
+# Below this input size the ImageNet recipe's random resized crop (down to 8% of the image, scaled
+# back up) leaves a few blurred pixels of what the class looks like: a 32 px image cropped to 8% is
+# 9 px across. Small images train with CIFAR's pad-and-crop + flip instead; 96 px (STL-10's size)
+# is the smallest at which ImageNet-style crops are customary.
+IMAGENET_AUGMENT_MIN_SIZE = 96
+
+
+def default_augment(request: DataRequest) -> str:
+    return "imagenet" if request.image_size >= IMAGENET_AUGMENT_MIN_SIZE else "cifar"
+
+
 @register_dataset(
     "imagefolder",
     needs_path=True,
     help="a folder with train/<class>/<images>, optionally val/ and test/ with the same classes",
     eval_transform=lambda request: imagenet_transforms(request)[1],
+    default_augment=default_augment,
 )
 def load_imagefolder(path: str | None, request: DataRequest) -> DataSplits:
     assert path is not None  # the registry enforces needs_path

@@ -6,6 +6,7 @@ Each loader module registers itself with ``@register_dataset``; callers only eve
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import os
 from dataclasses import dataclass, field
@@ -17,6 +18,14 @@ from torch.utils.data import Dataset
 
 from dg2pf_core.data.roots import check_tree
 from dg2pf_core.errors import DatasetError
+
+# Training augmentation policies (transforms.py builds them):
+#   imagenet: random resized crop (8% to 100% of the image) + horizontal flip
+#   cifar:    pad + random crop back to size + horizontal flip
+#   shift:    pad + random crop back to size, no flip
+#   none:     the eval transform for training too
+AUGMENT_POLICIES = ("imagenet", "cifar", "shift", "none")
+AUTO = "auto"  # the dataset's default, what DataRequest.augment=None also means
 
 
 @dataclass(frozen=True)
@@ -32,6 +41,9 @@ class DataRequest:
     skip_bad_images: bool = False
     # Folders every file must stay inside (a service's DG2PF_DATA_ROOTS, see roots.py); () = anywhere.
     allowed_roots: tuple[str, ...] = ()
+    # Training augmentation, one of AUGMENT_POLICIES; None or "auto": the dataset's default for this
+    # image size. Only the training view changes: validation, test and serving preprocess alike.
+    augment: str | None = None
 
 
 @dataclass
@@ -48,10 +60,14 @@ class DataSplits:
     description: str  # e.g. "digits: 1293 train / 144 val / 360 test, 10 classes"
     # Unreadable images left out under DataRequest.skip_bad_images, relative to the dataset root
     skipped_images: list[str] = field(default_factory=list)
+    # The augmentation policy the train view applies (load_dataset sets it: the one asked for, or the
+    # dataset's default)
+    augment: str = "none"
 
 
 Loader = Callable[[str | None, DataRequest], DataSplits]
 EvalTransformFactory = Callable[[DataRequest], Callable[[PIL.Image.Image], torch.Tensor]]
+DefaultAugment = Callable[[DataRequest], str]
 
 
 @dataclass(frozen=True)
@@ -61,6 +77,7 @@ class _Entry:
     help: str
     loader: Loader
     eval_transform: EvalTransformFactory
+    default_augment: DefaultAugment
 
     @property
     def usage(self) -> str:
@@ -71,12 +88,15 @@ _REGISTRY: dict[str, _Entry] = {}
 
 
 def register_dataset(
-    name: str, *, needs_path: bool, help: str, eval_transform: EvalTransformFactory
+    name: str, *, needs_path: bool, help: str, eval_transform: EvalTransformFactory,
+    default_augment: str | DefaultAugment = "none",
 ) -> Callable[[Loader], Loader]:
     """Register ``loader(path, request) -> DataSplits`` under ``name`` (lower case, no colon).
 
     ``eval_transform(request)`` builds the same preprocessing as ``DataSplits.eval_transform``
     without reading any data: serving a model needs it, the dataset itself may be long gone.
+    ``default_augment``: the policy (or ``request -> policy``) used when the request asks for none;
+    the loader is called with ``request.augment`` resolved and must train with it.
     """
     if not name or ":" in name or name != name.lower():
         raise ValueError(f"dataset name must be lower case without ':', got {name!r}")
@@ -84,7 +104,8 @@ def register_dataset(
     def decorator(loader: Loader) -> Loader:
         if name in _REGISTRY and _REGISTRY[name].loader is not loader:
             raise ValueError(f"dataset {name!r} is already registered")
-        _REGISTRY[name] = _Entry(name, needs_path, help, loader, eval_transform)
+        default = default_augment if callable(default_augment) else (lambda _request: default_augment)
+        _REGISTRY[name] = _Entry(name, needs_path, help, loader, eval_transform, default)
         return loader
 
     return decorator
@@ -143,6 +164,11 @@ def _check_request(request: DataRequest) -> None:
             f"skip_bad_images must be true or false, got {request.skip_bad_images!r}",
             field="skip_bad_images",
         )
+    if request.augment is not None and request.augment not in (AUTO, *AUGMENT_POLICIES):
+        raise DatasetError(
+            f"unknown augment policy {request.augment!r}; valid: {', '.join((AUTO, *AUGMENT_POLICIES))}",
+            field="augment",
+        )
 
 
 def _entry(name: str) -> _Entry:
@@ -161,6 +187,16 @@ def eval_transform_for(spec: str, request: DataRequest) -> Callable[[PIL.Image.I
     return _entry(name).eval_transform(request)
 
 
+def augment_for(spec: str, request: DataRequest) -> str:
+    """The augmentation policy loading ``spec`` with ``request`` trains with: the one asked for, or
+    the dataset's default for the request (its image size)."""
+    _check_request(request)
+    if request.augment not in (None, AUTO):
+        return request.augment
+    name, _ = parse_spec(spec)
+    return _entry(name).default_augment(request)
+
+
 def load_dataset(spec: str, request: DataRequest) -> DataSplits:
     """Load the dataset a spec names, adapted to ``request``; every bad input is a DatasetError."""
     _check_request(request)
@@ -176,7 +212,9 @@ def load_dataset(spec: str, request: DataRequest) -> DataSplits:
             raise DatasetError(f"dataset path {path!r} does not exist (spec {spec!r})")
         check_tree(path, request.allowed_roots)  # no link out of the allowed roots
 
+    request = dataclasses.replace(request, augment=augment_for(spec, request))
     splits = entry.loader(path, request)
+    splits.augment = request.augment
 
     for split_name in ("train", "val", "test"):
         split = getattr(splits, split_name)

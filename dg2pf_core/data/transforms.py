@@ -1,10 +1,14 @@
 """Preprocessing recipes shared by the loaders, and the dataset view that applies them.
 
 Two recipes, as in the paper's experiments: CIFAR-style (pad-and-crop + flip on small images) and
-ImageNet-style (random resized crop + flip; resize + center crop to evaluate). Each returns the
+ImageNet-style (random resized crop + flip; resize + center crop to evaluate), and a third for
+grayscale small images (MNIST, Fashion-MNIST: pad-and-crop, no flip). Each returns the
 training transform and the eval transform; the eval transform is also what serving applies to a
 user's image, so it starts by converting any PIL mode (RGBA, P, L, 16-bit, ...) to the one the model
 wants (``ConvertMode``).
+
+The training transform follows ``DataRequest.augment`` (``augmentation``), the recipe's own policy
+when the request names none; the eval transform never depends on it.
 
 Everything here is a class or a torchvision transform, not a lambda, so the transforms pickle
 (DataLoader workers, shipping a model's preprocessing to a serving process).
@@ -21,7 +25,7 @@ from torch.utils.data import Dataset
 from torchvision import transforms as T
 
 from dg2pf_core.data.imagecheck import large_images_expected
-from dg2pf_core.data.registry import DataRequest
+from dg2pf_core.data.registry import AUTO, DataRequest
 
 Transform = Callable[[PIL.Image.Image], torch.Tensor]
 
@@ -139,8 +143,51 @@ def _over_white(image: PIL.Image.Image) -> PIL.Image.Image:
     return PIL.Image.composite(colour, white, alpha)
 
 
+def augment_padding(size: int, per: int = 8) -> int:
+    """Pixels of padding for the ``cifar`` and ``shift`` policies at ``size``: ``size / per``
+    rounded, at least 1. ``per=8`` is CIFAR training's 4 px at 32; the MNIST-style recipe uses
+    ``per=14`` (2 px at 28)."""
+    return max(1, round(size / per))
+
+
+def augmentation(policy: str, size: int, padding: int, fill: float = 0) -> list[Transform]:
+    """The random steps of an augmentation policy (``registry.AUGMENT_POLICIES``) for an image
+    (PIL or tensor) already ``size`` x ``size``; ``fill``: the value padding adds.
+
+    ``imagenet``: RandomResizedCrop (8% to 100% of the area) + horizontal flip; ``cifar``: pad
+    ``padding`` pixels + random crop back to ``size`` (a shift of at most ``padding``) + horizontal
+    flip; ``shift``: the same without the flip; ``none``: nothing.
+    """
+    if policy == "imagenet":
+        return [T.RandomResizedCrop(size), T.RandomHorizontalFlip()]
+    shift = [T.RandomCrop(size, padding=padding, fill=fill)]
+    if policy == "cifar":
+        return shift + [T.RandomHorizontalFlip()]
+    if policy == "shift":
+        return shift
+    if policy == "none":
+        return []
+    raise ValueError(f"unknown augment policy {policy!r}")  # the registry refuses it before any loader
+
+
+def _recipe(
+    request: DataRequest, default: str, convert: Transform, resize: list, suffix: list, padding: int
+) -> tuple[Transform, Transform]:
+    """``(train, eval)``: eval is ``convert, *resize, *suffix``; train inserts the augmentation of
+    ``request.augment`` (``default`` when it names none) before the suffix, so a ``cifar`` or
+    ``shift`` training image is the eval image shifted by at most ``padding`` pixels."""
+    evaluate = T.Compose([convert, *resize, *suffix])
+    policy = request.augment if request.augment not in (None, AUTO) else default
+    if policy == "none":
+        return evaluate, evaluate
+    # RandomResizedCrop samples from the image as it came, not from a resized copy of it (ImageNet's way).
+    geometry = [] if policy == "imagenet" else resize
+    return T.Compose([convert, *geometry, *augmentation(policy, request.image_size, padding), *suffix]), evaluate
+
+
 def cifar_transforms(request: DataRequest) -> tuple[Transform, Transform]:
-    """CIFAR-10 recipe: RandomCrop(32, padding=4) + horizontal flip; eval only normalises.
+    """CIFAR-10 recipe: RandomCrop(32, padding=4) + horizontal flip (policy ``cifar``, unless
+    ``request.augment`` names another); eval only normalises.
 
     Other sizes resize first and scale the padding with the image (4 pixels per 32).
     """
@@ -148,25 +195,50 @@ def cifar_transforms(request: DataRequest) -> tuple[Transform, Transform]:
     mean, std = channel_stats(CIFAR10_MEAN, CIFAR10_STD, request.in_channels)
     # Resize((s, s)) is a no-op on images already s x s, and brings a user's image at serving time
     # to the size the model saw.
-    prefix = [ConvertMode(request.in_channels), T.Resize((size, size))]
+    resize = [T.Resize((size, size))]
     suffix = [T.ToTensor(), T.Normalize(mean, std)]
-    train = T.Compose(
-        prefix
-        + [T.RandomCrop(size, padding=max(1, round(size / 8))), T.RandomHorizontalFlip()]
-        + suffix
-    )
-    return train, T.Compose(prefix + suffix)
+    return _recipe(request, "cifar", ConvertMode(request.in_channels), resize, suffix, augment_padding(size))
+
+
+class RepeatChannels:
+    """``[1, H, W]`` -> ``[channels, H, W]``: a grayscale image for a model that wants RGB."""
+
+    def __init__(self, channels: int) -> None:
+        self.channels = channels
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return x.repeat(self.channels, 1, 1)
+
+    def __repr__(self) -> str:
+        return f"RepeatChannels({self.channels})"
+
+
+def grayscale_shift_transforms(request: DataRequest, mean: float, std: float) -> tuple[Transform, Transform]:
+    """Grayscale small-image recipe (MNIST, Fashion-MNIST): pad 2 px per 28 + random crop back to
+    size, no flip (policy ``shift``: digits and most garments are not mirror images of themselves;
+    ``request.augment`` may name another, ``cifar`` with the same padding); eval only normalises.
+    ``mean`` and ``std`` are the dataset's gray-level statistics.
+
+    Every image is made gray first, also for a 3-channel model, which gets the gray copied into
+    all three channels: the model never saw colour, so a user's colour picture must not show it any.
+    """
+    size = request.image_size
+    resize = [T.Resize((size, size))]  # a no-op on images already size x size
+    suffix = [T.ToTensor(), T.Normalize((mean,), (std,))]
+    if request.in_channels != 1:
+        suffix.append(RepeatChannels(request.in_channels))
+    return _recipe(request, "shift", ConvertMode(1), resize, suffix, augment_padding(size, per=14))
 
 
 def imagenet_transforms(request: DataRequest) -> tuple[Transform, Transform]:
-    """ImageNet recipe: RandomResizedCrop + flip; eval Resize(size * 256/224) + CenterCrop."""
+    """ImageNet recipe: RandomResizedCrop + flip (policy ``imagenet``, unless ``request.augment``
+    names another: ``cifar`` and ``shift`` pad-and-crop the eval image, 4 px per 32); eval
+    Resize(size * 256/224) + CenterCrop."""
     size = request.image_size
     mean, std = channel_stats(IMAGENET_MEAN, IMAGENET_STD, request.in_channels)
-    convert = ConvertMode(request.in_channels)
+    resize = [T.Resize(int(size * 256 / 224)), T.CenterCrop(size)]
     suffix = [T.ToTensor(), T.Normalize(mean, std)]
-    train = T.Compose([convert, T.RandomResizedCrop(size), T.RandomHorizontalFlip()] + suffix)
-    evaluate = T.Compose([convert, T.Resize(int(size * 256 / 224)), T.CenterCrop(size)] + suffix)
-    return train, evaluate
+    return _recipe(request, "imagenet", ConvertMode(request.in_channels), resize, suffix, augment_padding(size))
 
 
 class TransformedView(Dataset):

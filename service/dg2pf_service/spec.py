@@ -14,6 +14,7 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, create_model
 
 from dg2pf_core.config import BOUNDS, MAX_PATTERN_LENGTH, MAX_PATTERNS, DG2PFConfig
+from dg2pf_core.data.registry import AUGMENT_POLICIES, AUTO
 from dg2pf_core.job import MIN_IMAGE_SIZE, PruneJob
 from dg2pf_core.models.registry import MAX_CLASSES
 from dg2pf_core.nm import PATTERN as GRANULARITY_PATTERN
@@ -50,11 +51,17 @@ class ModelSpec(_Strict):
 
 
 class DatasetSpec(_Strict):
-    spec: Text = Field(description="digits | cifar10:PATH | imagefolder:PATH")
+    spec: Text = Field(description="digits | cifar10:PATH | fashion-mnist:PATH | mnist:PATH | imagefolder:PATH")
     val_fraction: float = Field(0.1, gt=0, le=0.5)
     image_size: int | None = Field(None, ge=MIN_IMAGE_SIZE, le=1024)
     skip_bad_images: bool = Field(False, description="leave out images that cannot be decoded (counted in metrics.json) "
                                   "instead of failing the job")
+    augment: Literal[(AUTO, *AUGMENT_POLICIES)] = Field(  # type: ignore[valid-type]
+        "auto", description="training augmentation: imagenet (random resized crop + flip), cifar (pad + random crop + "
+        "flip; padding 4 px per 32, 2 px per 28 on mnist and fashion-mnist), shift (the same, no flip), none (the eval "
+        "transform); auto: imagefolder imagenet from 96 px and cifar below, cifar10 cifar, mnist and fashion-mnist "
+        "shift, digits none. Validation, test and serving preprocess the same whatever it is; metrics.json records "
+        "the policy used")
 
 
 # Options that are the job's, not the schedule's: set elsewhere in the spec or by the executor.
@@ -140,5 +147,6 @@ class JobSpec(_Strict):
             dataset=self.dataset.spec, config=self.config(), teacher=teacher_path,
             image_size=self.dataset.image_size, val_fraction=self.dataset.val_fraction,
             compact_values=self.compact_values, skip_bad_images=self.dataset.skip_bad_images,
+            augment=None if self.dataset.augment == AUTO else self.dataset.augment,
             allowed_roots=list(data_roots or []),
         )

@@ -120,6 +120,7 @@ BAD = [
     (lambda c: {**spec(c), "schedule": {"max_layer_sparsity": 0.8}}, 422, "schedule.max_layer_sparsity"),
     (lambda c: {**spec(c), "schedule": {"amp": "fp16"}}, 422, "schedule.amp"),
     (lambda c: {**spec(c), "dataset": {"spec": "cifar10"}}, 422, "dataset.spec"),
+    (lambda c: {**spec(c), "dataset": {"spec": "digits", "augment": "randaugment"}}, 422, "dataset.augment"),
     (lambda c: {**spec(c), "dataset": {"spec": "imagefolder:/data/x\u0000y"}}, 422, "dataset.spec"),
     (lambda c: {**spec(c), "model": {"arch": "digits_cnn", "num_classes": 10, "checkpoint": "/a/b\u0000.pt"}}, 422, "model.checkpoint"),
     (lambda c: {**spec(c), "teacher": "/x\u0000"}, 422, "teacher"),

@@ -1,0 +1,262 @@
+"""``fashion-mnist:PATH`` and ``mnist:PATH``: the four IDX files as their publishers ship them.
+
+A folder holds ``train-images-idx3-ubyte``, ``train-labels-idx1-ubyte``, ``t10k-images-idx3-ubyte``
+and ``t10k-labels-idx1-ubyte``, each raw or gzipped (``.gz``). The IDX format is read here with numpy,
+not torchvision, because a dataset path comes from a user (or an HTTP request): every header is
+checked and its sizes bounded before any data is read, and a gzipped file is decompressed in chunks
+up to the size its header declares, so a file that lies about its size (a gzip bomb, a header
+claiming 10^9 images) is refused without the memory it asks for.
+
+IDX: two zero bytes, a dtype code (0x08 = unsigned byte, the only one these datasets use), the
+number of dimensions, one big-endian uint32 per dimension, then the data in row-major order.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import BinaryIO
+
+import numpy as np
+import PIL.Image
+from torch.utils.data import Dataset
+
+from dg2pf_core.data.registry import DataRequest, DataSplits, register_dataset
+from dg2pf_core.data.roots import confined_open
+from dg2pf_core.data.splits import hold_out
+from dg2pf_core.data.transforms import TransformedView, grayscale_shift_transforms
+from dg2pf_core.errors import DatasetError
+
+UBYTE = 0x08
+# Far above any IDX dataset held in memory (MNIST: 60,000 images of 28x28, 47 MB), far below what
+# would exhaust a machine: a header past these is refused before its data is read.
+MAX_IMAGES = 10_000_000
+MAX_SIDE = 1024
+MAX_DATA_BYTES = 8 * 1024**3  # one file's pixels; 10 million 28x28 images are 7.3 GiB
+CHUNK = 1 << 20  # gzip is decompressed this much at a time
+GZIP_MAGIC = b"\x1f\x8b"
+NUM_CLASSES = 10
+
+FILES = {
+    "train_images": "train-images-idx3-ubyte",
+    "train_labels": "train-labels-idx1-ubyte",
+    "test_images": "t10k-images-idx3-ubyte",
+    "test_labels": "t10k-labels-idx1-ubyte",
+}
+
+
+@dataclass(frozen=True)
+class IdxDataset:
+    name: str  # the spec's name
+    title: str
+    class_names: tuple[str, ...]
+    # Gray-level mean and std of the training images scaled to [0, 1]; hard-coded so that serving
+    # needs no dataset at hand.
+    mean: float
+    std: float
+    torchvision_folder: str  # where torchvision's download puts the files: ROOT/<this>/raw
+
+
+FASHION_MNIST = IdxDataset(
+    name="fashion-mnist",
+    title="Fashion-MNIST",
+    class_names=("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+                 "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"),  # fmt: skip
+    mean=0.2860,  # over the 60,000 training images: 0.286041, std 0.353024
+    std=0.3530,
+    torchvision_folder="FashionMNIST",
+)
+MNIST = IdxDataset(
+    name="mnist",
+    title="MNIST",
+    class_names=tuple(str(d) for d in range(10)),
+    mean=0.1307,  # the figures every MNIST recipe uses (training set: 0.130660, 0.308108)
+    std=0.3081,
+    torchvision_folder="MNIST",
+)
+
+
+def _exactly(f: BinaryIO, n: int) -> bytes:
+    """``n`` bytes from ``f`` (fewer only at the end of the data), read ``CHUNK`` at a time so that
+    a stream that ends early never costs more memory than it delivered."""
+    parts: list[bytes] = []
+    left = n
+    while left:
+        part = f.read(min(left, CHUNK))
+        if not part:
+            break
+        parts.append(part)
+        left -= len(part)
+    return b"".join(parts)
+
+
+def _read_idx(path: str, dims: int, roots: Sequence[str]) -> np.ndarray:
+    """The uint8 array of one IDX file with ``dims`` dimensions, raw or gzipped (told by content)."""
+    kind = "images" if dims == 3 else "labels"
+    try:
+        with confined_open(path, roots) as raw:
+            gzipped = raw.read(2) == GZIP_MAGIC
+            raw.seek(0)
+            if not gzipped:
+                return _parse(path, raw, dims, kind, os.fstat(raw.fileno()).st_size)
+            with gzip.GzipFile(fileobj=raw, mode="rb") as unzipped:
+                return _parse(path, unzipped, dims, kind, None)  # type: ignore[arg-type]
+    except (EOFError, gzip.BadGzipFile, zlib.error) as exc:
+        raise DatasetError(f"{path!r}: the gzip stream is damaged or truncated ({exc}); "
+                           f"download the file again") from None
+    except OSError as exc:
+        raise DatasetError(f"cannot read IDX file {path!r}: {exc}") from exc
+
+
+def _parse(path: str, f: BinaryIO, dims: int, kind: str, file_size: int | None) -> np.ndarray:
+    head = _exactly(f, 4)
+    if len(head) < 4 or head[:2] != b"\0\0":
+        raise DatasetError(f"{path!r} is not an IDX file: it starts with {head.hex() or 'nothing'}, an IDX "
+                           f"file with two zero bytes (0000080{dims} for the published {kind} files)")
+    if head[2] != UBYTE:
+        raise DatasetError(f"{path!r}: IDX dtype code 0x{head[2]:02x}, expected 0x08 (unsigned bytes) "
+                           f"as in the published files")
+    if head[3] != dims:
+        raise DatasetError(f"{path!r}: {head[3]} dimension(s), expected {dims} for {kind}; "
+                           f"is this the {'labels' if dims == 3 else 'images'} file?")
+    sizes_raw = _exactly(f, 4 * dims)
+    if len(sizes_raw) < 4 * dims:
+        raise DatasetError(f"{path!r}: the header ends early (truncated file)")
+    shape = tuple(int(s) for s in np.frombuffer(sizes_raw, dtype=">u4"))
+    if shape[0] > MAX_IMAGES:
+        raise DatasetError(f"{path!r}: the header declares {shape[0]:,} {kind}, more than this loader "
+                           f"holds in memory ({MAX_IMAGES:,}); the file is damaged, or use imagefolder:PATH")
+    if dims == 3 and not all(1 <= side <= MAX_SIDE for side in shape[1:]):
+        raise DatasetError(f"{path!r}: the header declares {shape[1]}x{shape[2]} images, "
+                           f"expected sides of 1..{MAX_SIDE} (28x28 in the published files)")
+    declared = int(np.prod(shape, dtype=np.int64))
+    if declared > MAX_DATA_BYTES:
+        raise DatasetError(f"{path!r}: the header declares {declared:,} bytes of {kind} "
+                           f"({' x '.join(map(str, shape))}), more than {MAX_DATA_BYTES:,}")
+    header = 4 + 4 * dims
+    if file_size is not None and file_size != header + declared:
+        raise DatasetError(_size_mismatch(path, shape, kind, file_size - header, declared))
+    data = _exactly(f, declared)
+    if len(data) < declared:
+        raise DatasetError(_size_mismatch(path, shape, kind, len(data), declared))
+    if f.read(1):  # for gzip: one more byte, never the rest of a stream that may be endless
+        raise DatasetError(f"{path!r}: the data continues past the {declared:,} bytes the header declares "
+                           f"({' x '.join(map(str, shape))} {kind}): the file has trailing bytes")
+    return np.frombuffer(data, dtype=np.uint8).reshape(shape)
+
+
+def _size_mismatch(path: str, shape: tuple[int, ...], kind: str, got: int, declared: int) -> str:
+    what = "truncated" if got < declared else "has trailing bytes"
+    return (f"{path!r}: {got:,} bytes of data, the header declares {declared:,} "
+            f"({' x '.join(map(str, shape))} {kind}): the file {what}")
+
+
+def _find(folder: str, base: str) -> str | None:
+    """The raw file, else the gzipped one (the raw one is read faster when both exist)."""
+    for name in (base, base + ".gz"):
+        candidate = os.path.join(folder, name)
+        if os.path.isfile(candidate):
+            return candidate
+    return None
+
+
+def _locate(path: str, ds: IdxDataset) -> dict[str, str]:
+    """The four files in ``path``, or in torchvision's ``path/<Name>/raw`` download folder."""
+    if not os.path.isdir(path):
+        raise DatasetError(f"{ds.name} path {path!r} is not a folder; point it at the folder holding "
+                           f"the four IDX files ({', '.join(FILES.values())}, raw or .gz)")
+    missing = []
+    for folder in (path, os.path.join(path, ds.torchvision_folder, "raw")):
+        found = {key: _find(folder, base) for key, base in FILES.items()}
+        if all(found.values()):
+            return {key: p for key, p in found.items() if p is not None}
+        missing = missing or [base for key, base in FILES.items() if found[key] is None]
+    raise DatasetError(
+        f"{ds.title} folder {path!r} lacks {', '.join(missing)} (raw or .gz); expected the four files as "
+        f"published: {', '.join(FILES.values())}"
+    )
+
+
+class _GrayImages(Dataset):
+    """In-memory ``uint8 [N, H, W]`` images as ``(PIL "L" image, label)``; views add the transforms."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray) -> None:
+        self.images = images
+        self.labels = labels
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> tuple[PIL.Image.Image, int]:
+        return PIL.Image.fromarray(self.images[index]), int(self.labels[index])
+
+
+def _images_and_labels(images_path: str, labels_path: str, roots: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    images = _read_idx(images_path, 3, roots)
+    labels = _read_idx(labels_path, 1, roots)
+    if len(images) != len(labels):
+        raise DatasetError(f"{images_path!r} holds {len(images):,} images but {labels_path!r} "
+                           f"{len(labels):,} labels; both must come from the same release")
+    if len(labels) and labels.max() >= NUM_CLASSES:
+        bad = int(np.argmax(labels >= NUM_CLASSES))
+        raise DatasetError(f"{labels_path!r}: label {labels[bad]} at position {bad}, expected 0..{NUM_CLASSES - 1}")
+    return images, labels.astype(np.int64)
+
+
+def load_idx(path: str | None, request: DataRequest, ds: IdxDataset) -> DataSplits:
+    """The official train/test split; validation held out from train (``request.val_fraction``)."""
+    assert path is not None  # the registry enforces needs_path
+    files = _locate(path, ds)
+    roots = request.allowed_roots
+    train_images, train_labels = _images_and_labels(files["train_images"], files["train_labels"], roots)
+    test_images, test_labels = _images_and_labels(files["test_images"], files["test_labels"], roots)
+    if train_images.shape[1:] != test_images.shape[1:]:
+        raise DatasetError(
+            f"{files['train_images']!r} holds {'x'.join(map(str, train_images.shape[1:]))} images but "
+            f"{files['test_images']!r} {'x'.join(map(str, test_images.shape[1:]))}; both must come from one dataset"
+        )
+
+    train_tf, eval_tf = grayscale_shift_transforms(request, ds.mean, ds.std)
+    base = _GrayImages(train_images, train_labels)
+    train, val = hold_out(
+        TransformedView(base, train_tf), TransformedView(base, eval_tf),
+        request.val_fraction, request.seed,
+    )  # fmt: skip
+    test = TransformedView(_GrayImages(test_images, test_labels), eval_tf)
+    return DataSplits(
+        train=train,
+        val=val,
+        test=test,
+        num_classes=NUM_CLASSES,
+        class_names=list(ds.class_names),
+        eval_transform=eval_tf,
+        description=(
+            f"{ds.name} ({os.path.dirname(files['train_images'])}): {len(train)} train / {len(val)} val "
+            f"(held out from train) / {len(test)} test, {NUM_CLASSES} classes"
+        ),
+    )
+
+
+@register_dataset(
+    "fashion-mnist",
+    needs_path=True,
+    help="Fashion-MNIST: a folder with the four IDX files (train-images-idx3-ubyte, ... raw or .gz)",
+    eval_transform=lambda request: grayscale_shift_transforms(request, FASHION_MNIST.mean, FASHION_MNIST.std)[1],
+    default_augment="shift",
+)
+def load_fashion_mnist(path: str | None, request: DataRequest) -> DataSplits:
+    return load_idx(path, request, FASHION_MNIST)
+
+
+@register_dataset(
+    "mnist",
+    needs_path=True,
+    help="MNIST: a folder with the four IDX files (train-images-idx3-ubyte, ... raw or .gz)",
+    eval_transform=lambda request: grayscale_shift_transforms(request, MNIST.mean, MNIST.std)[1],
+    default_augment="shift",
+)
+def load_mnist(path: str | None, request: DataRequest) -> DataSplits:
+    return load_idx(path, request, MNIST)
