@@ -85,9 +85,9 @@ def service(cluster, digits_example):
     svc.kill()  # the service started no Ray of its own: the cluster fixture stops the nodes
 
 
-def _job(ckpt: str, **resources) -> dict:
+def _job(ckpt: str, epochs: int = 6, **resources) -> dict:
     return {"model": {"arch": "digits_cnn", "num_classes": 10, "checkpoint": ckpt}, "dataset": {"spec": "digits"},
-            "sparsity": 0.9, "schedule": {"pruning_epochs": 3, "max_epochs": 6, "patience": 6}, "resources": resources}
+            "sparsity": 0.9, "schedule": {"pruning_epochs": 3, "max_epochs": epochs, "patience": epochs}, "resources": resources}
 
 
 def test_job_spans_two_nodes_and_survives_losing_one(cluster, service, digits_example):
@@ -98,7 +98,9 @@ def test_job_spans_two_nodes_and_survives_losing_one(cluster, service, digits_ex
         assert client.health()["checks"]["ray"] == "ok"
         assert not (service.data_dir / "ray-state").exists(), "the service must use the given cluster, not start its own"
         ckpt = client.upload_checkpoint(digits_example / "model.safetensors").id
-        job = client.submit(_job(ckpt, num_workers=2, placement="spread"))
+        # Long enough that the node dies mid-training even when the progress the test polls lags the
+        # workers (a CI run on 2 loaded cores saw all 6 epochs of a shorter job end before the kill).
+        job = client.submit(_job(ckpt, epochs=16, num_workers=2, placement="spread"))
 
         # 1. Both workers run, one on each node (the progress record names each rank's node).
         deadline = time.time() + 240
