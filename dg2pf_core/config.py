@@ -83,7 +83,7 @@ class DG2PFConfig:
     # width rounded up; target_macs_ratio is still met, by pruning more elsewhere). CPU convolution
     # kernels work in blocks of channels (ONNX Runtime's NCHWc: 16 with AVX-512, 8 with AVX2), GPUs'
     # tensor cores in multiples of 8: resnet50 at 224x224, MACs 0.5, ONNX Runtime on AVX-512 ran in
-    # 0.467x of the dense latency with 16, 0.744x with 1 (docs/benchmarks.md section 11). 1: off.
+    # 0.501x of the dense latency with 16, 0.636x with 1 (docs/benchmarks.md section 11). 1: off.
     channel_multiple: int = 16
     # Layer collapse guard: a global ranking prunes no layer beyond this fraction; what a capped layer
     # keeps is pruned from the others instead, so the global target is still met exactly. 1.0: off.
