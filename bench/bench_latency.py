@@ -105,17 +105,25 @@ def dense_and_pruned(arch: str, classes: int) -> tuple[nn.Module, nn.Module]:
     return dense, pruned
 
 
+def export_all(models: dict[str, nn.Module], shape: tuple[int, int, int], tmp: Path,
+               case: str) -> tuple[dict[str, Path], dict[str, float]]:
+    """Each model exported to ``tmp/<name>.onnx`` by the job's exporter (checked against PyTorch's
+    logits): the files and the export seconds by name; exits naming ``case`` when one is refused."""
+    files, seconds = {}, {}
+    for name, model in models.items():
+        report = export_onnx(model, shape, tmp / f"{name}.onnx", what=f"{case} ({name})")
+        seconds[name] = report.seconds
+        if not report.written:
+            raise SystemExit(f"{case}: {report.reason}")
+        files[name] = tmp / f"{name}.onnx"
+    return files, seconds
+
+
 def measure_case(arch: str, size: int, classes: int, runs: dict[int, int], tmp: Path) -> dict:
     dense, pruned = dense_and_pruned(arch, classes)
     shape = (3, size, size)
     macs_dense, macs_sparse = conv_linear_macs(pruned, shape, torch.device("cpu"))
-    files, export_s = {}, {}
-    for name, model in (("dense", dense), ("pruned", pruned)):
-        report = export_onnx(model, shape, tmp / f"{name}.onnx", what=f"{arch} ({name})")
-        export_s[name] = report.seconds
-        if not report.written:
-            raise SystemExit(f"{arch} at {size}: {report.reason}")
-        files[name] = tmp / f"{name}.onnx"
+    files, export_s = export_all({"dense": dense, "pruned": pruned}, shape, tmp, f"{arch} at {size}")
     cells = []
     for batch, n in runs.items():
         report = measure_latency({"dense": dense, "pruned": pruned}, shape, onnx=files, batch_sizes=(batch,), runs=n,
@@ -170,13 +178,7 @@ def measure_channel_case(arch: str, size: int, ratios: list[float], batches: lis
         macs, _ = conv_linear_macs(models[name], shape, cpu)
         variants[name] = {"target_macs_ratio": ratio, "round_to": multiple, "macs_ratio": macs / macs_dense,  # round_to: not the default
                           "params_ratio": _params(models[name]) / _params(dense), "prune_seconds": time.perf_counter() - started, **info}
-    files, export_s = {}, {}
-    for name, model in models.items():
-        report = export_onnx(model, shape, tmp / f"{name}.onnx", what=f"{arch} ({name})")
-        export_s[name] = report.seconds
-        if not report.written:
-            raise SystemExit(f"{arch} at {size}: {report.reason}")
-        files[name] = tmp / f"{name}.onnx"
+    files, export_s = export_all(models, shape, tmp, f"{arch} at {size}")
     cells = []
     for batch in batches:
         report = measure_latency(models, shape, onnx=files, batch_sizes=(batch,), runs=runs, warmup=WARMUP)

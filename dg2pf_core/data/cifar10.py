@@ -17,13 +17,11 @@ from collections.abc import Sequence
 from typing import Any, Callable
 
 import numpy as np
-import PIL.Image
-from torch.utils.data import Dataset
 
 from dg2pf_core.data.registry import DataRequest, DataSplits, register_dataset
 from dg2pf_core.data.roots import confined_open
 from dg2pf_core.data.splits import hold_out
-from dg2pf_core.data.transforms import TransformedView, cifar_transforms
+from dg2pf_core.data.transforms import ArrayImages, TransformedView, cifar_transforms
 from dg2pf_core.errors import DatasetError
 
 TRAIN_FILES = tuple(f"data_batch_{i}" for i in range(1, 6))
@@ -146,20 +144,6 @@ def _find_folder(path: str) -> str:
     return path
 
 
-class _CifarImages(Dataset):
-    """In-memory CIFAR images as ``(PIL image, label)``; views add the transforms."""
-
-    def __init__(self, images: np.ndarray, labels: np.ndarray) -> None:
-        self.images = images
-        self.labels = labels
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def __getitem__(self, index: int) -> tuple[PIL.Image.Image, int]:
-        return PIL.Image.fromarray(self.images[index]), int(self.labels[index])
-
-
 def _read_class_names(folder: str, roots: Sequence[str] = ()) -> list[str]:
     meta_path = os.path.join(folder, META_FILE)
     if not os.path.exists(meta_path):
@@ -201,12 +185,12 @@ def load_cifar10(path: str | None, request: DataRequest) -> DataSplits:
             )
 
     train_tf, eval_tf = cifar_transforms(request)
-    base = _CifarImages(train_images, train_labels)
+    base = ArrayImages(train_images, train_labels)
     train, val = hold_out(
         TransformedView(base, train_tf), TransformedView(base, eval_tf),
         request.val_fraction, request.seed,
     )  # fmt: skip
-    test = TransformedView(_CifarImages(test_images, test_labels), eval_tf)
+    test = TransformedView(ArrayImages(test_images, test_labels), eval_tf)
     return DataSplits(
         train=train,
         val=val,

@@ -21,13 +21,11 @@ from dataclasses import dataclass
 from typing import BinaryIO
 
 import numpy as np
-import PIL.Image
-from torch.utils.data import Dataset
 
 from dg2pf_core.data.registry import DataRequest, DataSplits, register_dataset
 from dg2pf_core.data.roots import confined_open
 from dg2pf_core.data.splits import hold_out
-from dg2pf_core.data.transforms import TransformedView, grayscale_shift_transforms
+from dg2pf_core.data.transforms import ArrayImages, TransformedView, grayscale_shift_transforms
 from dg2pf_core.errors import DatasetError
 
 UBYTE = 0x08
@@ -180,20 +178,6 @@ def _locate(path: str, ds: IdxDataset) -> dict[str, str]:
     )
 
 
-class _GrayImages(Dataset):
-    """In-memory ``uint8 [N, H, W]`` images as ``(PIL "L" image, label)``; views add the transforms."""
-
-    def __init__(self, images: np.ndarray, labels: np.ndarray) -> None:
-        self.images = images
-        self.labels = labels
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def __getitem__(self, index: int) -> tuple[PIL.Image.Image, int]:
-        return PIL.Image.fromarray(self.images[index]), int(self.labels[index])
-
-
 def _images_and_labels(images_path: str, labels_path: str, roots: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
     images = _read_idx(images_path, 3, roots)
     labels = _read_idx(labels_path, 1, roots)
@@ -220,12 +204,12 @@ def load_idx(path: str | None, request: DataRequest, ds: IdxDataset) -> DataSpli
         )
 
     train_tf, eval_tf = grayscale_shift_transforms(request, ds.mean, ds.std)
-    base = _GrayImages(train_images, train_labels)
+    base = ArrayImages(train_images, train_labels)
     train, val = hold_out(
         TransformedView(base, train_tf), TransformedView(base, eval_tf),
         request.val_fraction, request.seed,
     )  # fmt: skip
-    test = TransformedView(_GrayImages(test_images, test_labels), eval_tf)
+    test = TransformedView(ArrayImages(test_images, test_labels), eval_tf)
     return DataSplits(
         train=train,
         val=val,

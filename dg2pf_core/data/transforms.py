@@ -241,6 +241,21 @@ def imagenet_transforms(request: DataRequest) -> tuple[Transform, Transform]:
     return _recipe(request, "imagenet", ConvertMode(request.in_channels), resize, suffix, augment_padding(size))
 
 
+class ArrayImages(Dataset):
+    """In-memory ``uint8`` images (``[N, H, W]`` gray or ``[N, H, W, 3]`` RGB) as ``(PIL image, label)``;
+    a ``TransformedView`` adds the transforms."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray) -> None:
+        self.images = images
+        self.labels = labels
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> tuple[PIL.Image.Image, int]:
+        return PIL.Image.fromarray(self.images[index]), int(self.labels[index])
+
+
 class TransformedView(Dataset):
     """``base`` items ``(PIL image, label)`` seen through ``transform``.
 
