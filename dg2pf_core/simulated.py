@@ -72,6 +72,8 @@ def simulated_step(
     scaler: torch.amp.GradScaler | None = None,
 ) -> torch.Tensor:
     """Forward/backward with masked weights zeroed, then one optimiser step per ``recovery``."""
+    if recovery not in RECOVERY_MODES:  # before touching the weights: a bad name changes nothing
+        raise ValueError(f"recovery must be one of {RECOVERY_MODES}, got {recovery!r}")
     backup = _backup(params, masks)
     apply_masks_(params, masks)
     optimizer.zero_grad(set_to_none=True)
@@ -81,10 +83,8 @@ def simulated_step(
         # optimiser still does to them (weight decay, momentum) is undone by the restore.
         _backward_and_step(loss, optimizer, lambda: zero_masked_grads_(params, masks), clip_params, clip_norm, scaler)
         _restore(params, masks, backup)
-    elif recovery == "feedback":
+    else:  # feedback
         _backward_and_step(loss, optimizer, lambda: _restore(params, masks, backup), clip_params, clip_norm, scaler)
-    else:  # validated in the config; guards direct callers
-        raise ValueError(f"recovery must be one of {RECOVERY_MODES}, got {recovery!r}")
     return loss.detach()
 
 

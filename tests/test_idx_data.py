@@ -295,6 +295,90 @@ def test_a_gzip_bomb_is_refused_without_decompressing_it(tmp_path):
     assert "trailing bytes" in info.value.message and f"{TEST_IMAGES}.gz" in info.value.message
 
 
+def test_a_compressible_images_file_whose_count_disagrees_with_its_labels_costs_no_memory(tmp_path):
+    """A small .gz declaring (and holding) two million images, beside a labels file of 50: the two
+    headers disagree, which is seen before any image byte is decompressed."""
+    write_dataset(tmp_path)
+    header = bytes([0, 0, 8, 3]) + struct.pack(">3I", 2_000_000, 28, 28)
+    (tmp_path / f"{TRAIN_IMAGES}.gz").write_bytes(_gzip_bomb(header, extra_mib=1496))  # 1.5 GB inside, ~1.5 MB on disk
+    os.remove(tmp_path / TRAIN_IMAGES)
+    started = time.perf_counter()
+    with peak_allocation() as memory, pytest.raises(DatasetError) as info:
+        load_dataset(f"fashion-mnist:{tmp_path}", DataRequest(28, 1))
+    assert time.perf_counter() - started < 5
+    assert memory["peak"] < 16 * 2**20
+    message = info.value.message
+    assert "2,000,000 images" in message and TRAIN_IMAGES in message and TRAIN_LABELS in message
+
+
+def test_data_is_read_into_one_array_without_a_second_copy(tmp_path):
+    """Peak memory of a good (gzipped) file is about its data, not twice it."""
+    big = np.random.default_rng(0).integers(0, 256, (16000, 28, 28), dtype=np.uint8)  # 12.5 MB
+    write(tmp_path, TRAIN_IMAGES, idx(big), True)
+    with peak_allocation() as memory:
+        images = _read_idx(str(tmp_path / f"{TRAIN_IMAGES}.gz"), 3, ())
+    assert np.array_equal(images, big)
+    assert memory["peak"] < big.nbytes * 1.5  # the array plus a chunk or two of buffers
+
+
+def _as_directory(path: Path) -> str:
+    path.mkdir()
+    return "a directory"
+
+
+def _as_broken_link(path: Path) -> str:
+    os.symlink(path.parent / "nowhere", path)
+    return "a broken symbolic link"
+
+
+def _as_device(path: Path) -> str:
+    os.symlink("/dev/zero", path)
+    return "a device"
+
+
+@pytest.mark.parametrize("make", [_as_directory, _as_broken_link, _as_device])
+def test_an_entry_that_is_not_a_file_is_named_for_what_it_is(tmp_path, make):
+    write_dataset(tmp_path)
+    os.remove(tmp_path / TEST_IMAGES)
+    what = make(tmp_path / TEST_IMAGES)
+    with pytest.raises(DatasetError) as info:
+        load_dataset(f"fashion-mnist:{tmp_path}", DataRequest(28, 1))
+    message = info.value.message
+    assert what in message and TEST_IMAGES in message and "lacks" not in message
+
+
+@pytest.mark.parametrize(("name", "count", "needle"), [
+    (TRAIN_LABELS, 0, "at least 2"), (TRAIN_LABELS, 1, "at least 2"), (TEST_LABELS, 0, "at least 1"),
+])
+def test_too_few_images_name_the_file(tmp_path, name, count, needle):
+    write_dataset(tmp_path)
+    write(tmp_path, name, idx(np.zeros(count, np.uint8)), False)
+    images = TRAIN_IMAGES if name == TRAIN_LABELS else TEST_IMAGES
+    write(tmp_path, images, idx(np.zeros((count, 28, 28), np.uint8)), False)
+    with pytest.raises(DatasetError) as info:
+        load_dataset(f"fashion-mnist:{tmp_path}", DataRequest(28, 1))
+    assert name in info.value.message and needle in info.value.message
+    assert "val/ folder" not in info.value.message
+
+
+def test_digits_at_a_large_image_size_are_preprocessed_per_item():
+    """1797 images at 2048 px would be 30 GB preprocessed at once; items are made when read, with
+    the values the eager path gives."""
+    big = load_dataset("digits", DataRequest(2048, 3))
+    assert big.test.images.shape[-2:] == (8, 8)  # native pixels held, not 2048x2048 ones
+    image, _ = big.test[0]
+    assert image.shape == (3, 2048, 2048)
+    from sklearn.datasets import load_digits
+
+    from dg2pf_core.data import digits
+
+    native = torch.from_numpy(load_digits().images / 16.0)
+    request = DataRequest(64, 1)
+    eager = digits._to_model_input(native[:5], request)
+    lazy = digits._DigitImages(native[:5], torch.zeros(5, dtype=torch.int64), 1, lazy=request)
+    assert all(torch.equal(lazy[i][0], eager[i]) for i in range(5))
+
+
 # ---------------------------------------------------------------------------- allowed roots
 
 

@@ -55,7 +55,7 @@ def macs(model: nn.Module, shape: tuple[int, ...]) -> int:
 
 
 def _input_shape(cell: Cell) -> tuple[int, ...]:
-    return tuple(cell.split.x_val.shape[1:])
+    return cell.split.input_shape
 
 
 def _classifier(model: nn.Module) -> nn.Module:

@@ -1,7 +1,12 @@
 """DG2PF, its ablations, and the peers that are DG2PF configurations with ingredients removed.
 
-Each method is one ``DG2PFConfig`` run by ``dg2pf_core.run_dg2pf``: defaults except for the fields
-named below, plus the cell's budget (``pruning_epochs=P``, ``max_epochs=E``, ``patience``) and seed.
+Each method is one ``DG2PFConfig``: defaults except for the fields named below, plus the cell's
+budget (``pruning_epochs=P``, ``max_epochs=E``, ``patience``) and seed. On digits it is run by
+``dg2pf_core.run_dg2pf`` over the harness's fixed split; on a job-path dataset (fashion-mnist) it
+is run as a user's job is: a ``PruneJob`` with the dataset spec, ``dg2pf_core.job.prepare`` (the
+registry, the real transforms, the checkpoint read as any user's), then ``dg2pf_core.job.run``. The
+one departure: the prepared training split is cut to the cell's subset (``data.train_subset``, the
+indices every peer of the seed trains on).
 """
 
 from __future__ import annotations
@@ -11,8 +16,9 @@ import dataclasses
 import torch
 
 from dg2pf_core import DG2PFConfig, run_dg2pf
+from dg2pf_core import job as product
 
-from .data import loaders
+from .data import loaders, train_subset
 from .methods import Cell, MethodUnavailable, Outcome, register_method
 
 # One-shot pruning + fine-tuning and gradual magnitude pruning as their authors define them: hard
@@ -77,12 +83,27 @@ def make_config(cell: Cell, overrides: dict) -> DG2PFConfig:
     return DG2PFConfig(**values)
 
 
+def _run_job(cell: Cell, config: DG2PFConfig):
+    """The product's path: ``PruneJob`` -> ``prepare`` -> ``run`` (see the module docstring)."""
+    job = product.PruneJob(
+        arch=f"torchvision/{cell.model}", num_classes=10, checkpoint=str(cell.dense.path), dataset=cell.data.spec(),
+        config=config, image_size=cell.data.image_size, val_fraction=cell.data.job_val_fraction,
+    )
+    prepared = product.prepare(job, dry=False)
+    prepared.splits.train = train_subset(prepared.splits.train, cell.data.train_subset, cell.seed)
+    return product.run(prepared), {"job": job.to_dict(), "data": prepared.splits.description,
+                                   "augment": prepared.splits.augment, "train_images": len(prepared.splits.train)}
+
+
 def _run(cell: Cell, overrides: dict) -> Outcome:
     config = make_config(cell, overrides)
-    model = cell.dense.build()
-    batches = loaders(cell.split, cell.data, batch_size=config.batch_size, seed=cell.seed)
-    result = run_dg2pf(model, batches, config, device=torch.device("cpu"))
+    if cell.data.job_path:
+        result, job_notes = _run_job(cell, config)
+    else:
+        batches = loaders(cell.split, cell.data, batch_size=config.batch_size, seed=cell.seed)
+        result, job_notes = run_dg2pf(cell.dense.build(), batches, config, device=torch.device("cpu")), {}
     notes = {
+        **job_notes,
         "config": config.to_dict(),
         "best_epoch": result.best_epoch,
         "history": result.history,

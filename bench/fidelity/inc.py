@@ -36,6 +36,11 @@ def _tail(text: str, lines: int = 15) -> str:
     "Intel Neural Compressor 2.x magnitude pruning (WeightPruningConfig), own venv, via inc/run_inc.py",
 )
 def inc_magnitude(cell: Cell) -> Outcome:
+    if cell.npz is None:
+        raise MethodUnavailable(
+            f"INC trains in its own environment on fixed arrays (.npz); {cell.data.dataset} goes through the product's "
+            "data path, whose per-image augmentation has no array form, so INC is not run on it"
+        )
     if SETUP_ERROR.exists():
         raise MethodUnavailable(f"INC set-up failed (bench/fidelity/inc/setup.sh): {_tail(SETUP_ERROR.read_text())}")
     for path, what in ((PYTHON, "the INC interpreter"), (RUNNER, "the INC runner")):

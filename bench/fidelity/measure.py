@@ -12,11 +12,11 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader
 
 from dg2pf_core.metrics import evaluate
 
-from .data import Split
+from .data import JobSplit, Split
 
 MEASURED_MODULES = (nn.Conv2d, nn.Linear)
 EMPTY = 1.0  # a layer counts as emptied when every weight is zero
@@ -60,10 +60,10 @@ def from_layer_sparsity(test_top1: float, val_top1: float, sparsity: float, laye
 
 
 @torch.no_grad()
-def measure(model: nn.Module, split: Split) -> Measured:
+def measure(model: nn.Module, split: Split | JobSplit) -> Measured:
     device = torch.device("cpu")
     model = model.to(device).eval()
-    val = DataLoader(TensorDataset(split.x_val, split.y_val), batch_size=256)
-    test = DataLoader(TensorDataset(split.x_test, split.y_test), batch_size=256)
+    val_set, test_set = split.eval_sets()
+    val, test = DataLoader(val_set, batch_size=256), DataLoader(test_set, batch_size=256)
     sparsity, layers = zero_fractions(model)
     return Measured(evaluate(model, test, device).top1, evaluate(model, val, device).top1, sparsity, layers)

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from torch import nn
 
-from .data import DataSettings, Split
+from .data import DataSettings, JobSplit, Split
 from .measure import Measured
 from .pretrain import Dense
 
@@ -45,9 +45,9 @@ class Cell:
     seed: int
     budget: Budget
     dense: Dense
-    split: Split
+    split: Split | JobSplit  # the cell's data (fashion-mnist: the product's, for this seed)
     data: DataSettings
-    npz: Path  # the split as arrays, for out-of-process methods
+    npz: Path | None  # the split as arrays, for out-of-process methods (digits only)
     threads: int
     macs_ratio: float | None = None  # methods of kind "macs": the fraction of the dense MACs to keep (sparsity is then 0)
 

@@ -1,6 +1,10 @@
 """Aggregate the cell JSONs into docs/fidelity-results.json, the table in docs/fidelity.md and docs/fidelity.png.
 
-    .venv/bin/python -m bench.fidelity.report [--results-dir DIR] [--docs-dir DIR] [--channel]
+    .venv/bin/python -m bench.fidelity.report [--dataset digits|fashion-mnist] [--results-dir DIR] [--docs-dir DIR] [--channel]
+
+Each dataset has its own table in docs/fidelity.md (its own markers), its own plot
+(fidelity.png, fidelity-<dataset>.png) and raw results (fidelity-results.json,
+fidelity-<dataset>-results.json). Under the table: DG2PF against the best peer, paired by seed.
 
 The table covers the full grid (every registered method, model and sparsity) so a cell that never
 ran shows as "not run" rather than silently missing; cells outside the default grid are added.
@@ -22,6 +26,16 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
 START, END = "<!-- fidelity-table:start -->", "<!-- fidelity-table:end -->"
 CHANNEL_START, CHANNEL_END = "<!-- fidelity-channel-table:start -->", "<!-- fidelity-channel-table:end -->"
+# The methods that are not DG2PF or one of its ablations: what DG2PF is compared with, seed by seed.
+PEERS = ("oneshot-ft", "gmp-cubic", "torch-prune-l1", "inc-magnitude")
+
+
+def outputs(dataset: str, docs: Path) -> tuple[str, str, Path, Path]:
+    """(start marker, end marker, plot, raw results) of ``dataset``'s table."""
+    if dataset == "digits":
+        return START, END, docs / "fidelity.png", docs / "fidelity-results.json"
+    return (f"<!-- fidelity-{dataset}-table:start -->", f"<!-- fidelity-{dataset}-table:end -->",
+            docs / f"fidelity-{dataset}.png", docs / f"fidelity-{dataset}-results.json")
 
 
 def load_cells(results: Path, pattern: str = "s*-seed*.json") -> list[dict]:
@@ -34,13 +48,13 @@ def load_cells(results: Path, pattern: str = "s*-seed*.json") -> list[dict]:
     return cells
 
 
-def _grid(cells: list[dict]) -> tuple[list[str], list[float], list[str]]:
+def _grid(cells: list[dict], dataset: str = "digits") -> tuple[list[str], list[float], list[str]]:
     from .methods import method_names
     from .pretrain import MODELS
-    from .run import SPARSITIES
+    from .run import SPARSITIES_BY_DATASET
 
     models = list(MODELS) + sorted({c["model"] for c in cells} - set(MODELS))
-    sparsities = sorted(set(SPARSITIES) | {c["sparsity_target"] for c in cells})
+    sparsities = sorted(set(SPARSITIES_BY_DATASET[dataset]) | {c["sparsity_target"] for c in cells})
     methods = method_names() + sorted({c["method"] for c in cells} - set(method_names()))
     return models, sparsities, methods
 
@@ -83,8 +97,68 @@ def _budgets(cells: list[dict]) -> list[dict]:
     return seen
 
 
-def table(cells: list[dict]) -> str:
-    models, sparsities, methods = _grid(cells)
+def paired(cells: list[dict], ours: str = "dg2pf") -> list[dict]:
+    """Per (model, sparsity): ``ours`` against the peer with the best mean test top-1, on the seeds
+    where both finished: the per-seed differences (points), their mean, wins, and whether the mean
+    difference exceeds the larger of the two methods' seed standard deviations."""
+    rows = summarize(cells)
+    by_seed = {(c["model"], c["sparsity_target"], c["method"], c["seed"]): c["test_top1"] for c in cells if c["status"] == "ok"}
+    out = []
+    for model, sp in sorted({(m, s) for m, s, _ in rows}):
+        mine = rows.get((model, sp, ours), {})
+        peers = [(rows[(model, sp, p)]["top1"][0], p) for p in PEERS if rows.get((model, sp, p), {}).get("n")]
+        if not mine.get("n") or not peers:
+            continue
+        best = max(peers)[1]
+        seeds = sorted(s for (m, x, meth, s) in by_seed if (m, x, meth) == (model, sp, ours) and (model, sp, best, s) in by_seed)
+        diffs = [by_seed[(model, sp, ours, s)] - by_seed[(model, sp, best, s)] for s in seeds]
+        if not diffs:
+            continue
+        spread = max(v or 0.0 for v in (mine["top1"][1], rows[(model, sp, best)]["top1"][1]))
+        mean = statistics.fmean(diffs)
+        out.append({"model": model, "sparsity": sp, "peer": best, "seeds": seeds, "diffs": diffs, "mean": mean,
+                    "wins": sum(d > 0 for d in diffs), "spread": spread, "beyond_spread": mean > spread and len(diffs) > 1})
+    return out
+
+
+def paired_table(cells: list[dict]) -> str:
+    lines = ["", "DG2PF (default config) against the best peer (highest mean among "
+             f"{', '.join(PEERS)}), paired by seed: differences in test top-1 points.", "",
+             "| model | sparsity | best peer | seeds | dg2pf − peer per seed | mean | wins | larger seed std | beyond spread |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    rows = paired(cells)
+    for r in rows:
+        lines.append(f"| {r['model']} | {r['sparsity']:.2f} | {r['peer']} | {len(r['seeds'])} | "
+                     f"{', '.join(f'{d:+.2f}' for d in r['diffs'])} | {r['mean']:+.2f} | {r['wins']}/{len(r['diffs'])} | "
+                     f"{r['spread']:.2f} | {'yes' if r['beyond_spread'] else 'no'} |")
+    if not rows:
+        lines.append("| (no setting where dg2pf and a peer both finished a seed yet) | | | | | | | | |")
+    return "\n".join(lines)
+
+
+def recovered_total(cell: dict) -> int | None:
+    """Weights the rankings of a DG2PF cell gave back (pruned by one ranking, kept by the next),
+    summed over its rankings; None for cells without the counter."""
+    counts = [r.get("recovered") for r in (cell.get("notes") or {}).get("history", []) if r.get("recovered") is not None]
+    return sum(counts) if counts else None
+
+
+def recovery_table(cells: list[dict]) -> str:
+    groups: dict[tuple, list[int]] = defaultdict(list)
+    for c in cells:
+        if c["status"] == "ok" and (n := recovered_total(c)) is not None:
+            groups[(c["model"], c["sparsity_target"], c["method"])].append(n)
+    if not groups:
+        return ""
+    lines = ["", "Weights recovered: pruned by one ranking and kept by the next, summed over a cell's rankings "
+             "(per seed).", "", "| model | sparsity | method | recovered per seed |", "|---|---|---|---|"]
+    for (model, sp, method), counts in sorted(groups.items()):
+        lines.append(f"| {model} | {sp:.2f} | {method} | {', '.join(f'{n:,}' for n in counts)} |")
+    return "\n".join(lines)
+
+
+def table(cells: list[dict], dataset: str = "digits") -> str:
+    models, sparsities, methods = _grid(cells, dataset)
     rows = summarize(cells)
     dense = _dense(cells)
     budgets = _budgets(cells)
@@ -123,7 +197,7 @@ def table(cells: list[dict]) -> str:
                     f"(`{worst['max_layer']}`) | {row['emptied']} | {row['epochs']:.1f} | {row['wall']:.0f} | "
                     + (f"{row['cpu']:.0f} |" if row["cpu"] is not None else "|")
                 )
-    return "\n".join(lines)
+    return "\n".join(lines) + "\n" + paired_table(cells) + "\n" + recovery_table(cells)
 
 
 def channel_table(cells: list[dict]) -> str:
@@ -211,13 +285,13 @@ def write_table(md: Path, text: str, start: str = START, end: str = END) -> None
     md.write_text(f"{head}{start}\n{text}\n{end}{tail}")
 
 
-def plot(cells: list[dict], path: Path) -> None:
+def plot(cells: list[dict], path: Path, dataset: str = "digits") -> None:
     import matplotlib
 
     matplotlib.use("Agg")  # no display on the machines this runs on
     import matplotlib.pyplot as plt
 
-    models, sparsities, methods = _grid(cells)
+    models, sparsities, methods = _grid(cells, dataset)
     rows = summarize(cells)
     dense = _dense(cells)
     fig, axes = plt.subplots(1, len(models), figsize=(5.5 * len(models), 4.5), squeeze=False)
@@ -260,22 +334,27 @@ def plot(cells: list[dict], path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m bench.fidelity.report", description=__doc__.splitlines()[0])
-    p.add_argument("--results-dir", type=Path, default=HERE / "results")
+    p.add_argument("--dataset", choices=("digits", "fashion-mnist"), default="digits")
+    p.add_argument("--results-dir", type=Path, default=None, help="default: results/ (digits), results-<dataset>/")
     p.add_argument("--docs-dir", type=Path, default=REPO / "docs")
     p.add_argument("--channel", action="store_true", help="the channel cells' table only (docs/fidelity.md, its own markers)")
     args = p.parse_args(argv)
+    from .run import results_dir_for
+
+    args.results_dir = args.results_dir or results_dir_for(args.dataset)
     if args.channel:
         cells = load_cells(args.results_dir, "m*-seed*.json")
         write_table(args.docs_dir / "fidelity.md", channel_table(cells), CHANNEL_START, CHANNEL_END)
         print(f"[report] {len(cells)} channel cell(s) -> {args.docs_dir}/fidelity.md")
         return
     cells = load_cells(args.results_dir)
+    start, end, png, raw_path = outputs(args.dataset, args.docs_dir)
     args.docs_dir.mkdir(parents=True, exist_ok=True)
-    raw = {"generated": time.strftime("%Y-%m-%dT%H:%M:%S"), "budgets": _budgets(cells), "cells": cells}
-    (args.docs_dir / "fidelity-results.json").write_text(json.dumps(raw, indent=1, default=str) + "\n")
-    write_table(args.docs_dir / "fidelity.md", table(cells))
-    plot(cells, args.docs_dir / "fidelity.png")
-    print(f"[report] {len(cells)} cell(s) -> {args.docs_dir}/fidelity.md, fidelity.png, fidelity-results.json")
+    raw = {"generated": time.strftime("%Y-%m-%dT%H:%M:%S"), "dataset": args.dataset, "budgets": _budgets(cells), "cells": cells}
+    raw_path.write_text(json.dumps(raw, indent=1, default=str) + "\n")
+    write_table(args.docs_dir / "fidelity.md", table(cells, args.dataset), start, end)
+    plot(cells, png, args.dataset)
+    print(f"[report] {len(cells)} cell(s) -> {args.docs_dir}/fidelity.md ({args.dataset} table), {png.name}, {raw_path.name}")
 
 
 if __name__ == "__main__":

@@ -4,6 +4,11 @@
         [--epochs E] [--pruning-epochs P] [--jobs J] [--threads N] [--results-dir DIR] [--only-report]
     .venv/bin/python -m bench.fidelity.run --macs-ratios 0.5 [0.25] [--models ...] [--methods ...] [--seeds ...]
 
+With ``--dataset fashion-mnist`` the cells run on Fashion-MNIST through the product's own data path and
+(for DG2PF and its ablations) its job path (see data.py and dg2pf_family.py): sparsities 0.90 0.95 0.98
+by default, pruning cells on ``--train-subset`` training images (10,000 unless told), results under
+``results-fashion-mnist/``, the report into docs/fidelity.md's Fashion-MNIST table.
+
 With ``--macs-ratios`` it runs the channel grid instead: models x MACs ratios x the channel methods
 (kind ``macs``: ``dg2pf-channel``, ``tp-magnitude``) x seeds, cells in ``<model>/<method>/m<ratio>-seed<k>.json``,
 and writes only the channel table of docs/fidelity.md (the sparsity table is left as it is).
@@ -15,6 +20,7 @@ is never run again, so an interrupted run resumes where it stopped; a failed cel
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import multiprocessing
 import sys
@@ -28,7 +34,7 @@ import torch
 
 from dg2pf_core.metrics import conv_linear_macs
 
-from .data import DataSettings, export_npz, load_split
+from .data import DATASETS, DataSettings, export_npz, load_job_split, load_split, settings_for_dataset
 from .measure import measure
 from .methods import Budget, Cell, get_method, method_names
 from .pretrain import EXTRA_MODELS, MODELS, PretrainError, dense_model, settings_for
@@ -37,7 +43,12 @@ from . import report
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
 SPARSITIES = (0.70, 0.90, 0.95)
+SPARSITIES_BY_DATASET = {"digits": SPARSITIES, "fashion-mnist": (0.90, 0.95, 0.98)}
 SEEDS = (0, 1, 2)
+
+
+def results_dir_for(dataset: str) -> Path:
+    return HERE / ("results" if dataset == "digits" else f"results-{dataset}")
 
 
 def cell_path(results: Path, model: str, method: str, sparsity: float, seed: int) -> Path:
@@ -52,11 +63,17 @@ def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def finished(path: Path, budget: Budget) -> bool:
-    """True for an ``ok`` cell run with this budget; a cell from another budget is an error, not a skip."""
+def finished(path: Path, budget: Budget, data: DataSettings | None = None) -> bool:
+    """True for an ``ok`` cell run with this budget (and data settings, for cells that record them);
+    a cell from another budget or data is an error, not a skip."""
     if not path.exists():
         return False
     done = json.loads(path.read_text())
+    if data is not None and "data" in done and done["data"] != asdict(data):
+        raise SystemExit(
+            f"{path} was run with data settings {done['data']}, this run asks for {asdict(data)}; "
+            "pass another --results-dir to keep both, or delete that directory to redo it"
+        )
     if done.get("budget") != asdict(budget):
         raise SystemExit(
             f"{path} was run with budget {done.get('budget')}, this run asks for {asdict(budget)}; "
@@ -69,7 +86,7 @@ def run_cell(cell: Cell) -> dict:
     record = {
         "method": cell.method, "model": cell.model, "sparsity_target": cell.sparsity, "seed": cell.seed,
         **({"macs_ratio_target": cell.macs_ratio} if cell.macs_ratio is not None else {}),
-        "budget": asdict(cell.budget), "threads": cell.threads,
+        "budget": asdict(cell.budget), "threads": cell.threads, "data": asdict(cell.data), "dataset": cell.data.dataset,
         "dense_test_top1": cell.dense.test_top1, "dense_val_top1": cell.dense.val_top1,
         "torch": torch.__version__, "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
@@ -93,7 +110,7 @@ def run_cell(cell: Cell) -> dict:
 
 def size_ratios(cell: Cell, model: torch.nn.Module) -> dict:
     """MACs and parameters of the pruned network against the dense one, measured on both networks."""
-    shape, cpu = tuple(cell.split.x_val.shape[1:]), torch.device("cpu")
+    shape, cpu = cell.split.input_shape, torch.device("cpu")
     dense = cell.dense.build()
     dense_macs, pruned_macs = conv_linear_macs(dense, shape, cpu)[0], conv_linear_macs(model, shape, cpu)[0]
     dense_params, pruned_params = (sum(p.numel() for p in m.parameters()) for m in (dense, model))
@@ -112,9 +129,19 @@ def write_json(path: Path, payload: dict) -> None:
 _WORKER: dict = {}
 
 
-def _start_worker(threads: int, budget: Budget, dense: dict, data: DataSettings, npz: Path) -> None:
+def _start_worker(threads: int, budget: Budget, dense: dict, data: DataSettings, npz: Path | None) -> None:
     torch.set_num_threads(threads)
-    _WORKER.update(threads=threads, budget=budget, dense=dense, data=data, npz=npz, split=load_split(data))
+    _WORKER.update(threads=threads, budget=budget, dense=dense, data=data, npz=npz, splits={})
+
+
+def _split(seed: int):
+    """The cell's data: digits' fixed split, or the product's split for this seed (hold-out and subset)."""
+    w = _WORKER
+    key = seed if w["data"].job_path else "fixed"
+    if key not in w["splits"]:
+        w["splits"].clear()  # one at a time: a worker's cells are grouped by seed
+        w["splits"][key] = load_job_split(w["data"], seed) if w["data"].job_path else load_split(w["data"])
+    return w["splits"][key]
 
 
 def _run_task(task: tuple) -> dict:
@@ -122,7 +149,7 @@ def _run_task(task: tuple) -> dict:
     w = _WORKER
     sp, ratio = (target, None) if kind == "sparsity" else (0.0, target)
     log(f"[fidelity] cell {i}/{n}: {model} {method} {_target_text(kind, target)} seed={seed}")
-    cell = Cell(model, method, sp, seed, w["budget"], w["dense"][model], w["split"], w["data"], w["npz"], w["threads"], ratio)
+    cell = Cell(model, method, sp, seed, w["budget"], w["dense"][model], _split(seed), w["data"], w["npz"], w["threads"], ratio)
     record = run_cell(cell)
     write_json(path, record)
     return record
@@ -157,6 +184,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help=f"run the channel grid instead (methods of kind macs: {', '.join(method_names(kind='macs'))}; "
                         f"investigation variants: {', '.join(sorted(set(method_names(grid_only=False, kind='macs')) - set(method_names(kind='macs'))))}) "
                         "at these fractions of the dense MACs")
+    p.add_argument("--dataset", choices=DATASETS, default="digits",
+                   help="digits (the original grid) or fashion-mnist (the product's data and job path; "
+                        "files from DG2PF_FASHION_MNIST, default /usr/share/datasets/fashion-mnist)")
+    p.add_argument("--train-subset", type=int, default=None,
+                   help="fashion-mnist: training images per pruning cell, the same for every method of a seed "
+                        "(default 10000; 0 = all); pre-training always uses the whole training split")
+    p.add_argument("--pretrain-epochs", type=int, default=None,
+                   help="override the dense models' pre-training epochs (a quick trial; part of the cache key)")
+    p.add_argument("--min-dense-top1", type=float, default=None,
+                   help="override the dense models' test top-1 bar (a quick trial)")
     p.add_argument("--seeds", nargs="+", type=int, default=list(SEEDS))
     p.add_argument("--epochs", type=int, default=Budget.epochs, help="E: total training epochs per cell")
     p.add_argument("--pruning-epochs", type=int, default=Budget.pruning_epochs, help="P: pruning epochs within E")
@@ -164,10 +201,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1, help="torch.set_num_threads for every cell (and INC)")
     p.add_argument("--jobs", type=int, default=2,
                    help="cells run at once, each in its own process (jobs x threads = the cores to use)")
-    p.add_argument("--results-dir", type=Path, default=HERE / "results")
+    p.add_argument("--results-dir", type=Path, default=None, help="default: results/ (digits), results-<dataset>/ otherwise")
     p.add_argument("--cache-dir", type=Path, default=HERE / "cache", help="pretrained dense models and the split .npz")
     p.add_argument("--docs-dir", type=Path, default=REPO / "docs", help="where the report writes fidelity.{md,png} and fidelity-results.json")
     p.add_argument("--only-report", action="store_true", help="aggregate existing cells; run nothing")
+    p.add_argument("--pretrain-only", action="store_true",
+                   help="train (or find cached) the dense models of --models and stop: pre-training may then use "
+                        "--threads 2 in one process, the cells --jobs 2 --threads 1")
     args = p.parse_args(argv)
     args.kind = "macs" if args.macs_ratios is not None else "sparsity"
     if args.macs_ratios is not None and args.sparsities is not None:
@@ -179,7 +219,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     bad = [r for r in args.macs_ratios or [] if not 0.0 < r < 1.0]
     if bad:
         p.error(f"MACs ratios must be in (0, 1), got {bad}")
-    args.targets = args.macs_ratios if args.macs_ratios is not None else (args.sparsities or list(SPARSITIES))
+    args.targets = args.macs_ratios if args.macs_ratios is not None else (args.sparsities or list(SPARSITIES_BY_DATASET[args.dataset]))
+    args.results_dir = args.results_dir or results_dir_for(args.dataset)
+    if args.dataset != "digits" and set(args.models) & set(EXTRA_MODELS):
+        p.error(f"{args.dataset} runs through the product's job path, which builds torchvision models: "
+                f"{' '.join(EXTRA_MODELS)} is digits-only")
+    if args.train_subset is not None and (args.dataset == "digits" or args.train_subset < 0):
+        p.error("--train-subset is for the job-path datasets (fashion-mnist), and must be >= 0")
     if args.jobs < 1 or args.threads < 1:
         p.error("--jobs and --threads must be >= 1")
     bad = [s for s in args.sparsities or [] if not 0.0 < s < 1.0]
@@ -196,24 +242,36 @@ def main(argv: list[str] | None = None) -> None:
     budget.check()
     if not args.only_report:
         torch.set_num_threads(args.threads)
-        data = DataSettings()
-        split = load_split(data)
-        npz = export_npz(split, args.cache_dir / f"digits-{data.key()}.npz")
+        data = settings_for_dataset(args.dataset, args.train_subset)
+        if data.job_path:
+            # Pre-training: the whole training split (seed 0's hold-out); cells: their seed's subset.
+            split, npz = load_job_split(data, 0, subset=False), None
+            pretrain_data = dataclasses.replace(data, train_subset=0)
+        else:
+            split, pretrain_data = load_split(data), data
+            npz = export_npz(split, args.cache_dir / f"digits-{data.key()}.npz")
         todo = [(model, target, method, seed) for seed in args.seeds for model in args.models
                 for target in args.targets for method in methods
-                if not finished(path_of(args.results_dir, model, method, target, seed), budget)]
+                if not finished(path_of(args.results_dir, model, method, target, seed), budget, data)]
         log(f"[fidelity] {split.sizes()}; budget E={budget.epochs} P={budget.pruning_epochs}; "
             f"{len(todo)} cell(s) to run in {args.results_dir}")
         # All pre-training first, so a model that misses the accuracy bar is known before hours of cells;
         # its cells are skipped (shown as "not run") and the run exits non-zero with the reason.
         dense, unusable = {}, []
         for m in args.models:
-            if any(t[0] == m for t in todo):
+            if args.pretrain_only or any(t[0] == m for t in todo):
                 try:
-                    dense[m] = dense_model(m, split, data, args.cache_dir, settings_for(m), log=log)
+                    settings = settings_for(m, dataset=args.dataset)
+                    trial = {k: v for k, v in (("epochs", args.pretrain_epochs), ("min_test_top1", args.min_dense_top1)) if v is not None}
+                    settings = dataclasses.replace(settings, **trial)
+                    dense[m] = dense_model(m, split, pretrain_data, args.cache_dir, settings, log=log)
                 except PretrainError as exc:
                     log(f"[pretrain] ERROR: {exc}")
                     unusable.append(str(exc))
+        if args.pretrain_only:
+            if unusable:
+                raise SystemExit("pre-training missed the accuracy bar:\n" + "\n".join(unusable))
+            return
         todo = [t for t in todo if t[0] in dense]
         setup = (args.threads, budget, dense, data, npz)
         tasks = [(i, len(todo), *t, path_of(args.results_dir, t[0], t[2], t[1], t[3]), args.kind) for i, t in enumerate(todo, 1)]
@@ -227,7 +285,7 @@ def main(argv: list[str] | None = None) -> None:
                                      initializer=_start_worker, initargs=setup) as pool:
                 for future in as_completed([pool.submit(_run_task, t) for t in tasks]):
                     _log_record(future.result())
-    report.main(["--results-dir", str(args.results_dir), "--docs-dir", str(args.docs_dir)]
+    report.main(["--results-dir", str(args.results_dir), "--docs-dir", str(args.docs_dir), "--dataset", args.dataset]
                 + (["--channel"] if args.kind == "macs" else []))
     if not args.only_report and unusable:
         raise SystemExit("pre-training missed the accuracy bar, those models' cells did not run:\n" + "\n".join(unusable))

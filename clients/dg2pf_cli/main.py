@@ -515,6 +515,7 @@ def _fmt_pair(before: float | None, after: float | None) -> str:
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from dg2pf_core.evaluation import evaluate_checkpoint
 
+    _set_threads(args)
     r = evaluate_checkpoint(args.arch, args.num_classes, args.checkpoint, args.dataset, image_size=args.image_size, split=args.split,
                             skip_bad_images=args.skip_bad_images)
     if args.json:
@@ -678,7 +679,7 @@ def _add_job_options(pr: argparse.ArgumentParser, required: bool = True) -> None
     pr.add_argument("--arch", required=required, help="e.g. digits_cnn, cifar/resnet18, torchvision/resnet50 (see `dg2pf archs`)")
     pr.add_argument("--num-classes", type=int, required=required)
     pr.add_argument("--checkpoint", required=required, help=".safetensors or a torch state_dict file (recognised by content)")
-    pr.add_argument("--dataset", required=required, help=" | ".join(usage for usage, _ in dataset_usages()))
+    pr.add_argument("--dataset", required=required, help="; ".join(f"{usage}: {text}" for usage, text in dataset_usages()))
     pr.add_argument("--sparsity", type=float, help="fraction of prunable weights (channels with --granularity channel) "
                     "to remove, in (0, 1); required unless --target-macs-ratio")
     pr.add_argument("--out", required=required, help="output directory (must not exist or be empty)")
@@ -722,11 +723,12 @@ def _add_tune_evaluate_archs(sub) -> None:
     ev.add_argument("--arch", required=True)
     ev.add_argument("--num-classes", type=int, required=True)
     ev.add_argument("--checkpoint", required=True)
-    ev.add_argument("--dataset", required=True)
+    ev.add_argument("--dataset", required=True, help="as for prune: " + " | ".join(usage for usage, _ in dataset_usages()))
     ev.add_argument("--image-size", type=int)
     ev.add_argument("--split", choices=["test", "val"], default="test")
     ev.add_argument("--skip-bad-images", action="store_true", help="leave out images that cannot be decoded")
     ev.add_argument("--json", action="store_true")
+    ev.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's, one per core)")
     ev.set_defaults(func=_cmd_evaluate)
 
     la = sub.add_parser("latency", help="measure a checkpoint's inference latency: PyTorch and ONNX Runtime on the CPU")

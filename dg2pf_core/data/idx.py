@@ -31,9 +31,12 @@ from dg2pf_core.errors import DatasetError
 UBYTE = 0x08
 # Far above any IDX dataset held in memory (MNIST: 60,000 images of 28x28, 47 MB), far below what
 # would exhaust a machine: a header past these is refused before its data is read.
-MAX_IMAGES = 10_000_000
+# The largest published IDX set (EMNIST ByClass: 697,932 training images of 28x28, 0.5 GiB) fits
+# several times over; a damaged or hostile header costs at most MAX_DATA_BYTES, read into one
+# preallocated array (no second copy), and only after the labels file agrees on the count.
+MAX_IMAGES = 3_000_000
 MAX_SIDE = 1024
-MAX_DATA_BYTES = 8 * 1024**3  # one file's pixels; 10 million 28x28 images are 7.3 GiB
+MAX_DATA_BYTES = 2 * 1024**3  # one file's pixels
 CHUNK = 1 << 20  # gzip is decompressed this much at a time
 GZIP_MAGIC = b"\x1f\x8b"
 NUM_CLASSES = 10
@@ -78,8 +81,7 @@ MNIST = IdxDataset(
 
 
 def _exactly(f: BinaryIO, n: int) -> bytes:
-    """``n`` bytes from ``f`` (fewer only at the end of the data), read ``CHUNK`` at a time so that
-    a stream that ends early never costs more memory than it delivered."""
+    """``n`` bytes from ``f`` (fewer only at the end of the data); for headers."""
     parts: list[bytes] = []
     left = n
     while left:
@@ -91,17 +93,32 @@ def _exactly(f: BinaryIO, n: int) -> bytes:
     return b"".join(parts)
 
 
-def _read_idx(path: str, dims: int, roots: Sequence[str]) -> np.ndarray:
-    """The uint8 array of one IDX file with ``dims`` dimensions, raw or gzipped (told by content)."""
+def _read_into(f: BinaryIO, out: np.ndarray) -> int:
+    """Fill ``out`` (uint8, contiguous) from ``f`` ``CHUNK`` bytes at a time; the bytes read, fewer
+    only when the data ends early. No intermediate copies: the array is the only buffer."""
+    view, done = memoryview(out.reshape(-1)), 0
+    while done < len(view):
+        part = f.read(min(len(view) - done, CHUNK))
+        if not part:
+            break
+        view[done:done + len(part)] = part
+        done += len(part)
+    return done
+
+
+def _read_idx(path: str, dims: int, roots: Sequence[str], count: tuple[int, str] | None = None) -> np.ndarray:
+    """The uint8 array of one IDX file with ``dims`` dimensions, raw or gzipped (told by content).
+    ``count``: (items, the file that says so): what the header must declare (the labels' count, for
+    the images), checked before any data is read."""
     kind = "images" if dims == 3 else "labels"
     try:
         with confined_open(path, roots) as raw:
             gzipped = raw.read(2) == GZIP_MAGIC
             raw.seek(0)
             if not gzipped:
-                return _parse(path, raw, dims, kind, os.fstat(raw.fileno()).st_size)
+                return _parse(path, raw, dims, kind, os.fstat(raw.fileno()).st_size, count)
             with gzip.GzipFile(fileobj=raw, mode="rb") as unzipped:
-                return _parse(path, unzipped, dims, kind, None)  # type: ignore[arg-type]
+                return _parse(path, unzipped, dims, kind, None, count)  # type: ignore[arg-type]
     except (EOFError, gzip.BadGzipFile, zlib.error) as exc:
         raise DatasetError(f"{path!r}: the gzip stream is damaged or truncated ({exc}); "
                            f"download the file again") from None
@@ -109,7 +126,8 @@ def _read_idx(path: str, dims: int, roots: Sequence[str]) -> np.ndarray:
         raise DatasetError(f"cannot read IDX file {path!r}: {exc}") from exc
 
 
-def _parse(path: str, f: BinaryIO, dims: int, kind: str, file_size: int | None) -> np.ndarray:
+def _parse(path: str, f: BinaryIO, dims: int, kind: str, file_size: int | None,
+           count: tuple[int, str] | None = None) -> np.ndarray:
     head = _exactly(f, 4)
     if len(head) < 4 or head[:2] != b"\0\0":
         raise DatasetError(f"{path!r} is not an IDX file: it starts with {head.hex() or 'nothing'}, an IDX "
@@ -130,6 +148,9 @@ def _parse(path: str, f: BinaryIO, dims: int, kind: str, file_size: int | None) 
     if dims == 3 and not all(1 <= side <= MAX_SIDE for side in shape[1:]):
         raise DatasetError(f"{path!r}: the header declares {shape[1]}x{shape[2]} images, "
                            f"expected sides of 1..{MAX_SIDE} (28x28 in the published files)")
+    if count is not None and shape[0] != count[0]:
+        raise DatasetError(f"{path!r} declares {shape[0]:,} {kind} but {count[1]!r} {count[0]:,} labels; "
+                           "both must come from the same release")
     declared = int(np.prod(shape, dtype=np.int64))
     if declared > MAX_DATA_BYTES:
         raise DatasetError(f"{path!r}: the header declares {declared:,} bytes of {kind} "
@@ -137,28 +158,41 @@ def _parse(path: str, f: BinaryIO, dims: int, kind: str, file_size: int | None) 
     header = 4 + 4 * dims
     if file_size is not None and file_size != header + declared:
         raise DatasetError(_size_mismatch(path, shape, kind, file_size - header, declared))
-    data = _exactly(f, declared)
-    if len(data) < declared:
-        raise DatasetError(_size_mismatch(path, shape, kind, len(data), declared))
+    data = np.empty(shape, dtype=np.uint8)
+    got = _read_into(f, data)
+    if got < declared:
+        raise DatasetError(_size_mismatch(path, shape, kind, got, declared))
     if f.read(1):  # for gzip: one more byte, never the rest of a stream that may be endless
         raise DatasetError(f"{path!r}: the data continues past the {declared:,} bytes the header declares "
                            f"({' x '.join(map(str, shape))} {kind}): the file has trailing bytes")
-    return np.frombuffer(data, dtype=np.uint8).reshape(shape)
+    return data
 
 
 def _size_mismatch(path: str, shape: tuple[int, ...], kind: str, got: int, declared: int) -> str:
-    what = "truncated" if got < declared else "has trailing bytes"
+    what = "is truncated" if got < declared else "has trailing bytes"
     return (f"{path!r}: {got:,} bytes of data, the header declares {declared:,} "
             f"({' x '.join(map(str, shape))} {kind}): the file {what}")
 
 
 def _find(folder: str, base: str) -> str | None:
-    """The raw file, else the gzipped one (the raw one is read faster when both exist)."""
+    """The raw file, else the gzipped one (the raw one is read faster when both exist); an entry of
+    that name that is not a readable regular file is named for what it is, not reported missing."""
     for name in (base, base + ".gz"):
         candidate = os.path.join(folder, name)
         if os.path.isfile(candidate):
             return candidate
+        if os.path.lexists(candidate):
+            raise DatasetError(f"{candidate!r} is {_what(candidate)}, not a regular file; the dataset needs "
+                               f"{base} (raw or .gz) as a file")
     return None
+
+
+def _what(path: str) -> str:
+    if os.path.islink(path) and not os.path.exists(path):
+        return f"a broken symbolic link (to {os.readlink(path)!r})"
+    if os.path.isdir(path):
+        return "a directory"
+    return "a device, pipe or socket" if os.path.exists(path) else "unreadable"
 
 
 def _locate(path: str, ds: IdxDataset) -> dict[str, str]:
@@ -178,12 +212,14 @@ def _locate(path: str, ds: IdxDataset) -> dict[str, str]:
     )
 
 
-def _images_and_labels(images_path: str, labels_path: str, roots: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-    images = _read_idx(images_path, 3, roots)
+def _images_and_labels(images_path: str, labels_path: str, roots: Sequence[str], minimum: int) -> tuple[np.ndarray, np.ndarray]:
+    # Labels first (one byte per image): the images' header must then declare as many, before
+    # a byte of image data is read.
     labels = _read_idx(labels_path, 1, roots)
-    if len(images) != len(labels):
-        raise DatasetError(f"{images_path!r} holds {len(images):,} images but {labels_path!r} "
-                           f"{len(labels):,} labels; both must come from the same release")
+    if len(labels) < minimum:
+        raise DatasetError(f"{labels_path!r} declares {len(labels):,} labels; the split needs at least {minimum} "
+                           f"({'a training and a validation image' if minimum > 1 else 'one image'})")
+    images = _read_idx(images_path, 3, roots, count=(len(labels), labels_path))
     if len(labels) and labels.max() >= NUM_CLASSES:
         bad = int(np.argmax(labels >= NUM_CLASSES))
         raise DatasetError(f"{labels_path!r}: label {labels[bad]} at position {bad}, expected 0..{NUM_CLASSES - 1}")
@@ -195,8 +231,8 @@ def load_idx(path: str | None, request: DataRequest, ds: IdxDataset) -> DataSpli
     assert path is not None  # the registry enforces needs_path
     files = _locate(path, ds)
     roots = request.allowed_roots
-    train_images, train_labels = _images_and_labels(files["train_images"], files["train_labels"], roots)
-    test_images, test_labels = _images_and_labels(files["test_images"], files["test_labels"], roots)
+    train_images, train_labels = _images_and_labels(files["train_images"], files["train_labels"], roots, 2)
+    test_images, test_labels = _images_and_labels(files["test_images"], files["test_labels"], roots, 1)
     if train_images.shape[1:] != test_images.shape[1:]:
         raise DatasetError(
             f"{files['train_images']!r} holds {'x'.join(map(str, train_images.shape[1:]))} images but "
@@ -227,7 +263,8 @@ def load_idx(path: str | None, request: DataRequest, ds: IdxDataset) -> DataSpli
 @register_dataset(
     "fashion-mnist",
     needs_path=True,
-    help="Fashion-MNIST: a folder with the four IDX files (train-images-idx3-ubyte, ... raw or .gz)",
+    help="Fashion-MNIST: a folder with the four IDX files (train-images-idx3-ubyte, ... raw or .gz; "
+         "Debian/Ubuntu: apt-get install dataset-fashion-mnist puts them in /usr/share/datasets/fashion-mnist)",
     eval_transform=lambda request: grayscale_shift_transforms(request, FASHION_MNIST.mean, FASHION_MNIST.std)[1],
     default_augment="shift",
 )
