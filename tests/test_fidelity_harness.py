@@ -143,3 +143,36 @@ def test_channel_table_has_its_own_markers(tmp_path):
     md.write_text(f"{report.START}\nsparsity\n{report.END}\n{report.CHANNEL_START}\nold\n{report.CHANNEL_END}\n")
     report.write_table(md, "channel", report.CHANNEL_START, report.CHANNEL_END)
     assert md.read_text() == f"{report.START}\nsparsity\n{report.END}\n{report.CHANNEL_START}\nchannel\n{report.CHANNEL_END}\n"
+
+
+def _write_cells(results, cells):
+    for cell in cells:
+        write_json(cell_path(results, cell["model"], cell["method"], cell["sparsity_target"], cell["seed"]), cell)
+
+
+def test_report_never_replaces_a_table_with_one_from_fewer_cells(tmp_path):
+    """A fresh clone lacks the per-cell results behind a published table: re-aggregating there
+    must leave the table (and its plot and raw results) as they are, unless told --force."""
+    docs, full, empty = tmp_path / "docs", tmp_path / "full", tmp_path / "empty"
+    docs.mkdir()
+    start, end, png, raw = report.outputs("fashion-mnist", docs)
+    (docs / "fidelity.md").write_text(f"intro\n{start}\nold\n{end}\n")
+    _write_cells(full, [_cell("dg2pf", s, 90.0 + s, sparsity=0.95) for s in range(3)])
+    report.main(["--dataset", "fashion-mnist", "--results-dir", str(full), "--docs-dir", str(docs)])
+    published = (docs / "fidelity.md").read_text()
+    assert "from 3 cell(s)" in published and png.exists() and raw.exists()
+    raw_before = raw.read_text()
+    with pytest.raises(SystemExit, match="made from 3 cell"):
+        report.main(["--dataset", "fashion-mnist", "--results-dir", str(empty), "--docs-dir", str(docs)])
+    assert (docs / "fidelity.md").read_text() == published and raw.read_text() == raw_before
+    report.main(["--dataset", "fashion-mnist", "--results-dir", str(empty), "--docs-dir", str(docs), "--force"])
+    assert "from 0 cell(s)" in (docs / "fidelity.md").read_text()
+
+
+def test_paired_comparison_is_per_seed_against_the_best_peer(tmp_path):
+    _write_cells(tmp_path, [_cell("dg2pf", 0, 90.0), _cell("dg2pf", 1, 91.0), _cell("dg2pf", 2, 92.0),
+                            _cell("gmp-cubic", 0, 89.0), _cell("gmp-cubic", 1, 89.5), _cell("gmp-cubic", 2, 90.0),
+                            _cell("oneshot-ft", 0, 80.0), _cell("oneshot-ft", 1, 95.0)])
+    (row,) = report.paired(report.load_cells(tmp_path))
+    assert row["peer"] == "gmp-cubic" and row["diffs"] == [1.0, 1.5, 2.0] and row["wins"] == 3
+    assert row["mean"] == pytest.approx(1.5) and row["spread"] == pytest.approx(1.0) and row["beyond_spread"]

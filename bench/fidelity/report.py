@@ -164,7 +164,8 @@ def table(cells: list[dict], dataset: str = "digits") -> str:
     budgets = _budgets(cells)
     budget_line = "; ".join(f"E={b['epochs']}, P={b['pruning_epochs']}, patience={b['patience']}" for b in budgets if b) or "none yet"
     lines = [
-        f"Generated {time.strftime('%Y-%m-%d %H:%M')} from {len(cells)} cell(s) by `python -m bench.fidelity.report`; "
+        f"Generated {time.strftime('%Y-%m-%d %H:%M')} from {len(cells)} cell(s) by `python -m bench.fidelity.report"
+        + (f" --dataset {dataset}" if dataset != "digits" else "") + "`; "
         f"budget: {budget_line}. Test top-1 is mean ± sample std over the seeds that finished (n); "
         "sparsity is the zero fraction over all Conv2d/Linear weights; max layer is the worst layer over seeds; "
         "emptied = layers at 100% (max over seeds); wall and CPU seconds (all threads) of pruning + training, "
@@ -275,10 +276,28 @@ SKELETON = f"""# Fidelity benchmark
 """
 
 
-def write_table(md: Path, text: str, start: str = START, end: str = END) -> None:
+def cells_in_table(md: Path, start: str = START, end: str = END) -> int:
+    """How many cells the table now in ``md`` between the markers was generated from (0: none)."""
+    import re
+
+    body = md.read_text() if md.exists() else ""
+    if start not in body or end not in body:
+        return 0
+    found = re.search(r"from (\d+) (?:channel )?cell", body.split(start, 1)[1].split(end, 1)[0])
+    return int(found.group(1)) if found else 0
+
+
+def write_table(md: Path, text: str, start: str = START, end: str = END, *, cells: int | None = None,
+                force: bool = False) -> None:
+    """Replace the table between the markers. With ``cells``: refuse (SystemExit) to replace a table
+    made from more cells, unless ``force`` (a fresh clone lacks the per-cell results a published
+    table came from; re-aggregating there must not wipe the figures)."""
     body = md.read_text() if md.exists() else SKELETON
     if start not in body or end not in body:
         raise SystemExit(f"{md} lacks the markers {start} / {end}; put them where the table belongs")
+    if cells is not None and not force and (had := cells_in_table(md, start, end)) > cells:
+        raise SystemExit(f"{md}: the table there was made from {had} cell(s), the results directory holds {cells}; "
+                         "not overwritten (pass --force to replace it, or --results-dir with the cells it came from)")
     head, rest = body.split(start, 1)
     _, tail = rest.split(end, 1)
     md.parent.mkdir(parents=True, exist_ok=True)
@@ -338,17 +357,22 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--results-dir", type=Path, default=None, help="default: results/ (digits), results-<dataset>/")
     p.add_argument("--docs-dir", type=Path, default=REPO / "docs")
     p.add_argument("--channel", action="store_true", help="the channel cells' table only (docs/fidelity.md, its own markers)")
+    p.add_argument("--force", action="store_true", help="replace a table made from more cells than the results directory holds")
     args = p.parse_args(argv)
     from .run import results_dir_for
 
     args.results_dir = args.results_dir or results_dir_for(args.dataset)
     if args.channel:
         cells = load_cells(args.results_dir, "m*-seed*.json")
-        write_table(args.docs_dir / "fidelity.md", channel_table(cells), CHANNEL_START, CHANNEL_END)
+        write_table(args.docs_dir / "fidelity.md", channel_table(cells), CHANNEL_START, CHANNEL_END, cells=len(cells), force=args.force)
         print(f"[report] {len(cells)} channel cell(s) -> {args.docs_dir}/fidelity.md")
         return
     cells = load_cells(args.results_dir)
     start, end, png, raw_path = outputs(args.dataset, args.docs_dir)
+    md = args.docs_dir / "fidelity.md"
+    if not args.force and (had := cells_in_table(md, start, end)) > len(cells):  # before any file is touched
+        raise SystemExit(f"{md}: the {args.dataset} table there was made from {had} cell(s), {args.results_dir} holds "
+                         f"{len(cells)}; nothing overwritten (pass --force to replace it, or --results-dir with its cells)")
     args.docs_dir.mkdir(parents=True, exist_ok=True)
     raw = {"generated": time.strftime("%Y-%m-%dT%H:%M:%S"), "dataset": args.dataset, "budgets": _budgets(cells), "cells": cells}
     raw_path.write_text(json.dumps(raw, indent=1, default=str) + "\n")
