@@ -390,19 +390,10 @@ class ChannelPlan:
         when even that (kept widths rounded up to ``multiple``) leaves more than ``ratio`` of the MACs.
         Reads shapes only (every group at its cap; which channels does not change a count): works on
         meta tensors, before any weight is read."""
-        total = self.channels
-
-        def caps(k: int) -> list[int]:
-            c = min(cap(k / total), _CAP_BELOW_ONE)
-            return [math.floor(c * g.channels + 1e-9) for g in self.groups]
-
-        lo, hi = 0, total - 1  # k <= what the caps at k/total let go: holds up to the most, not after
-        while hi - lo > 1:
-            mid = (lo + hi) // 2
-            lo, hi = (mid, hi) if mid <= sum(caps(mid)) else (lo, mid)
-        most = hi if hi <= sum(caps(hi)) else lo
+        most = self.most_prunable(cap)
+        c = min(cap(most / self.channels), _CAP_BELOW_ONE)
         at_cap = {g.root: torch.arange(g.channels) < g.channels - _kept_to_multiple(g.channels, g.channels - n, multiple)
-                  for g, n in zip(self.groups, caps(most))}
+                  for g, n in zip(self.groups, self._group_caps(c))}
         least = self.macs(params, self.masks(params, at_cap)) / self.dense_macs(params)
         if least > ratio:
             rounded = f" with widths rounded up to multiples of {multiple} (channel_multiple)" if multiple > 1 else ""
@@ -450,15 +441,18 @@ class ChannelPlan:
                 return at, m
             m //= 2
 
+    def _group_caps(self, c: float) -> list[int]:
+        """Per group, the channels a per-group cap ``c`` lets go."""
+        return [math.floor(c * g.channels + 1e-9) for g in self.groups]
+
     def most_prunable(self, cap: Callable[[float], float]) -> int:
         """The most channels a ranking may prune under the layer collapse guard ``cap(fraction)``."""
         total = self.channels
 
         def caps(k: int) -> int:
-            c = min(cap(k / total), _CAP_BELOW_ONE)
-            return sum(math.floor(c * g.channels + 1e-9) for g in self.groups)
+            return sum(self._group_caps(min(cap(k / total), _CAP_BELOW_ONE)))
 
-        lo, hi = 0, total - 1
+        lo, hi = 0, total - 1  # k <= what the caps at k/total let go: holds up to the most, not after
         while hi - lo > 1:
             mid = (lo + hi) // 2
             lo, hi = (mid, hi) if mid <= caps(mid) else (lo, mid)

@@ -176,3 +176,39 @@ def test_paired_comparison_is_per_seed_against_the_best_peer(tmp_path):
     (row,) = report.paired(report.load_cells(tmp_path))
     assert row["peer"] == "gmp-cubic" and row["diffs"] == [1.0, 1.5, 2.0] and row["wins"] == 3
     assert row["mean"] == pytest.approx(1.5) and row["spread"] == pytest.approx(1.0) and row["beyond_spread"]
+
+
+def test_fashion_mnist_peers_get_the_tensors_a_users_job_gets(tmp_path, monkeypatch):
+    """The harness's split for a seed (what the peers train and are scored on) is the one
+    ``dg2pf_core.job.prepare`` builds for a user's job with that seed: same hold-out, same subset,
+    same transforms, item for item (augmentation included, from the same RNG state)."""
+    import safetensors.torch
+    import torchvision
+
+    from bench.fidelity import data as fdata
+    from dg2pf_core import DG2PFConfig
+    from dg2pf_core import job as product
+    from tests.test_idx_data import write_dataset
+
+    write_dataset(tmp_path / "fm")
+    monkeypatch.setattr(fdata, "FASHION_MNIST_DIR", str(tmp_path / "fm"))
+    settings = fdata.DataSettings(image_size=28, augment_pad=0, dataset="fashion-mnist", job_val_fraction=0.2, train_subset=12)
+    ckpt = tmp_path / "dense.safetensors"
+    safetensors.torch.save_file(torchvision.models.shufflenet_v2_x0_5(num_classes=10).state_dict(), str(ckpt))
+    for seed in (0, 3):
+        ours = fdata.load_job_split(settings, seed)
+        job = product.PruneJob(arch="torchvision/shufflenet_v2_x0_5", num_classes=10, checkpoint=str(ckpt),
+                               dataset=settings.spec(), config=DG2PFConfig(sparsity=0.5, seed=seed, device="cpu"),
+                               image_size=28, val_fraction=settings.job_val_fraction)
+        prepared = product.prepare(job, dry=False)
+        theirs = fdata.train_subset(prepared.splits.train, settings.train_subset, seed)
+        assert len(ours.splits.train) == len(theirs) == 12 and ours.splits.augment == prepared.splits.augment == "shift"
+        for split_ours, split_theirs in ((ours.splits.train, theirs), (ours.splits.val, prepared.splits.val),
+                                         (ours.splits.test, prepared.splits.test)):
+            for i in range(len(split_theirs)):
+                torch.manual_seed(i)
+                a = split_ours[i]
+                torch.manual_seed(i)
+                b = split_theirs[i]
+                assert torch.equal(a[0], b[0]) and a[1] == b[1]
+    assert fdata.load_job_split(settings, 0).splits.train.indices != fdata.load_job_split(settings, 3).splits.train.indices

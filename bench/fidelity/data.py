@@ -73,12 +73,12 @@ class DataSettings:
 
 def settings_for_dataset(dataset: str, train_subset: int | None = None) -> DataSettings:
     """The settings of each source: digits as before; fashion-mnist at its native 28 px, 5% of the
-    training set held out for validation, pruning cells on 10,000 training images unless told."""
+    training set held out for validation, pruning cells on 8,000 training images unless told."""
     if dataset == "digits":
         return DataSettings()
     if dataset == "fashion-mnist":
         return DataSettings(image_size=28, augment_pad=0, dataset=dataset, job_val_fraction=0.05,
-                            train_subset=10_000 if train_subset is None else train_subset)
+                            train_subset=8_000 if train_subset is None else train_subset)
     raise ValueError(f"unknown dataset {dataset!r}; choose from {DATASETS}")
 
 

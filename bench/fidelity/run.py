@@ -6,7 +6,7 @@
 
 With ``--dataset fashion-mnist`` the cells run on Fashion-MNIST through the product's own data path and
 (for DG2PF and its ablations) its job path (see data.py and dg2pf_family.py): sparsities 0.90 0.95 0.98
-by default, pruning cells on ``--train-subset`` training images (10,000 unless told), results under
+by default, pruning cells on ``--train-subset`` training images (8,000 unless told), results under
 ``results-fashion-mnist/``, the report into docs/fidelity.md's Fashion-MNIST table.
 
 With ``--macs-ratios`` it runs the channel grid instead: models x MACs ratios x the channel methods
@@ -189,7 +189,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "files from DG2PF_FASHION_MNIST, default /usr/share/datasets/fashion-mnist)")
     p.add_argument("--train-subset", type=int, default=None,
                    help="fashion-mnist: training images per pruning cell, the same for every method of a seed "
-                        "(default 10000; 0 = all); pre-training always uses the whole training split")
+                        "(default 8000; 0 = all); pre-training always uses the whole training split")
     p.add_argument("--pretrain-epochs", type=int, default=None,
                    help="override the dense models' pre-training epochs (a quick trial; part of the cache key)")
     p.add_argument("--min-dense-top1", type=float, default=None,
