@@ -157,7 +157,8 @@ def test_report_never_replaces_a_table_with_one_from_fewer_cells(tmp_path):
     docs.mkdir()
     start, end, png, raw = report.outputs("fashion-mnist", docs)
     (docs / "fidelity.md").write_text(f"intro\n{start}\nold\n{end}\n")
-    _write_cells(full, [_cell("dg2pf", s, 90.0 + s, sparsity=0.95) for s in range(3)])
+    _write_cells(full, [{**_cell("dg2pf", s, 90.0 + s, sparsity=0.95), "dataset": "fashion-mnist"} for s in range(3)])
+    empty.mkdir()
     report.main(["--dataset", "fashion-mnist", "--results-dir", str(full), "--docs-dir", str(docs)])
     published = (docs / "fidelity.md").read_text()
     assert "from 3 cell(s)" in published and png.exists() and raw.exists()
@@ -165,8 +166,31 @@ def test_report_never_replaces_a_table_with_one_from_fewer_cells(tmp_path):
     with pytest.raises(SystemExit, match="made from 3 cell"):
         report.main(["--dataset", "fashion-mnist", "--results-dir", str(empty), "--docs-dir", str(docs)])
     assert (docs / "fidelity.md").read_text() == published and raw.read_text() == raw_before
+    # a mistyped results directory, a directory of the other dataset's cells, a damaged cell: refused, nothing written
+    with pytest.raises(SystemExit, match="does not exist"):
+        report.main(["--dataset", "fashion-mnist", "--results-dir", str(tmp_path / "typo"), "--docs-dir", str(docs), "--force"])
+    with pytest.raises(SystemExit, match="another dataset"):
+        report.main(["--dataset", "digits", "--results-dir", str(full), "--docs-dir", str(docs), "--force"])
+    damaged = cell_path(full, "resnet18", "dg2pf", 0.95, 0)
+    damaged.write_text(damaged.read_text()[:40])
+    with pytest.raises(SystemExit, match="not a readable cell") as info:
+        report.main(["--dataset", "fashion-mnist", "--results-dir", str(full), "--docs-dir", str(docs)])
+    assert str(damaged) in str(info.value)
+    assert (docs / "fidelity.md").read_text() == published and raw.read_text() == raw_before
     report.main(["--dataset", "fashion-mnist", "--results-dir", str(empty), "--docs-dir", str(docs), "--force"])
     assert "from 0 cell(s)" in (docs / "fidelity.md").read_text()
+
+
+def test_report_into_a_fresh_docs_dir_and_refusing_one_without_markers(tmp_path):
+    results, fresh, unmarked = tmp_path / "r", tmp_path / "fresh", tmp_path / "unmarked"
+    _write_cells(results, [{**_cell("dg2pf", 0, 90.0, sparsity=0.95), "dataset": "fashion-mnist"}])
+    report.main(["--dataset", "fashion-mnist", "--results-dir", str(results), "--docs-dir", str(fresh)])
+    assert "from 1 cell(s)" in (fresh / "fidelity.md").read_text()
+    unmarked.mkdir()
+    (unmarked / "fidelity.md").write_text("no markers here\n")
+    with pytest.raises(SystemExit, match="lacks the markers"):
+        report.main(["--dataset", "fashion-mnist", "--results-dir", str(results), "--docs-dir", str(unmarked)])
+    assert sorted(p.name for p in unmarked.iterdir()) == ["fidelity.md"]
 
 
 def test_paired_comparison_is_per_seed_against_the_best_peer(tmp_path):

@@ -38,10 +38,25 @@ def outputs(dataset: str, docs: Path) -> tuple[str, str, Path, Path]:
             docs / f"fidelity-{dataset}.png", docs / f"fidelity-{dataset}-results.json")
 
 
+REQUIRED_KEYS = ("method", "model", "seed", "status")
+REQUIRED_OK_NUMBERS = ("test_top1", "val_top1", "sparsity", "epochs", "wall_seconds")
+
+
 def load_cells(results: Path, pattern: str = "s*-seed*.json") -> list[dict]:
+    """The cell JSONs under ``results``; ``SystemExit`` naming the file for one that is not a
+    readable cell (truncated, not an object, a required field missing or of the wrong type)."""
     cells = []
     for path in sorted(results.glob(f"*/*/{pattern}")):
-        cell = json.loads(path.read_text())
+        try:
+            cell = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise SystemExit(f"{path}: not a readable cell ({exc}); delete it to have the run redo the cell") from None
+        missing = [k for k in REQUIRED_KEYS if not isinstance(cell, dict) or k not in cell]
+        if not missing and cell["status"] == "ok":
+            missing = [k for k in REQUIRED_OK_NUMBERS if not isinstance(cell.get(k), (int, float)) or isinstance(cell.get(k), bool)]
+        if missing:
+            raise SystemExit(f"{path}: not a cell this report can read (missing or non-numeric: {', '.join(missing)}); "
+                             "delete it to have the run redo the cell")
         cell.pop("traceback", None)
         cell["file"] = str(path.relative_to(results))
         cells.append(cell)
@@ -292,7 +307,7 @@ def write_table(md: Path, text: str, start: str = START, end: str = END, *, cell
     """Replace the table between the markers. With ``cells``: refuse (SystemExit) to replace a table
     made from more cells, unless ``force`` (a fresh clone lacks the per-cell results a published
     table came from; re-aggregating there must not wipe the figures)."""
-    body = md.read_text() if md.exists() else SKELETON
+    body = md.read_text() if md.exists() else f"# Fidelity benchmark\n\n{start}\n{end}\n"
     if start not in body or end not in body:
         raise SystemExit(f"{md} lacks the markers {start} / {end}; put them where the table belongs")
     if cells is not None and not force and (had := cells_in_table(md, start, end)) > cells:
@@ -363,14 +378,26 @@ def main(argv: list[str] | None = None) -> None:
 
     args.results_dir = args.results_dir or results_dir_for(args.dataset)
     if args.channel:
+        if args.dataset != "digits":
+            raise SystemExit("the channel table covers the digits grid only; run --channel without --dataset")
+        if not args.results_dir.is_dir():
+            raise SystemExit(f"results directory {args.results_dir} does not exist")
         cells = load_cells(args.results_dir, "m*-seed*.json")
         write_table(args.docs_dir / "fidelity.md", channel_table(cells), CHANNEL_START, CHANNEL_END, cells=len(cells), force=args.force)
         print(f"[report] {len(cells)} channel cell(s) -> {args.docs_dir}/fidelity.md")
         return
+    if not args.results_dir.is_dir():  # a typo must not read as an empty run, --force or not
+        raise SystemExit(f"results directory {args.results_dir} does not exist")
     cells = load_cells(args.results_dir)
+    other = sorted({c["file"] for c in cells if c.get("dataset", "digits") != args.dataset})
+    if other:
+        raise SystemExit(f"{args.results_dir} holds cells of another dataset than {args.dataset} (e.g. {other[0]}); "
+                         "give --dataset to match, or the results directory of this dataset")
     start, end, png, raw_path = outputs(args.dataset, args.docs_dir)
     md = args.docs_dir / "fidelity.md"
-    if not args.force and (had := cells_in_table(md, start, end)) > len(cells):  # before any file is touched
+    if md.exists() and (start not in md.read_text() or end not in md.read_text()):  # before any file is touched
+        raise SystemExit(f"{md} lacks the markers {start} / {end}; put them where the {args.dataset} table belongs")
+    if not args.force and (had := cells_in_table(md, start, end)) > len(cells):
         raise SystemExit(f"{md}: the {args.dataset} table there was made from {had} cell(s), {args.results_dir} holds "
                          f"{len(cells)}; nothing overwritten (pass --force to replace it, or --results-dir with its cells)")
     args.docs_dir.mkdir(parents=True, exist_ok=True)

@@ -32,6 +32,7 @@ from pathlib import Path
 
 import torch
 
+from dg2pf_core.errors import DG2PFError
 from dg2pf_core.metrics import conv_linear_macs
 
 from .data import DATASETS, DataSettings, export_npz, load_job_split, load_split, settings_for_dataset
@@ -221,6 +222,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error(f"MACs ratios must be in (0, 1), got {bad}")
     args.targets = args.macs_ratios if args.macs_ratios is not None else (args.sparsities or list(SPARSITIES_BY_DATASET[args.dataset]))
     args.results_dir = args.results_dir or results_dir_for(args.dataset)
+    if args.dataset != "digits" and args.macs_ratios is not None:
+        p.error("--macs-ratios (the channel grid) runs on digits only")
+    if args.pretrain_epochs is not None and args.pretrain_epochs < 1:
+        p.error(f"--pretrain-epochs must be >= 1, got {args.pretrain_epochs}")
+    if args.min_dense_top1 is not None and not 0.0 <= args.min_dense_top1 <= 100.0:
+        p.error(f"--min-dense-top1 is a percentage in [0, 100], got {args.min_dense_top1}")
     if args.dataset != "digits" and set(args.models) & set(EXTRA_MODELS):
         p.error(f"{args.dataset} runs through the product's job path, which builds torchvision models: "
                 f"{' '.join(EXTRA_MODELS)} is digits-only")
@@ -245,7 +252,11 @@ def main(argv: list[str] | None = None) -> None:
         data = settings_for_dataset(args.dataset, args.train_subset)
         if data.job_path:
             # Pre-training: the whole training split (seed 0's hold-out); cells: their seed's subset.
-            split, npz = load_job_split(data, 0, subset=False), None
+            try:
+                split, npz = load_job_split(data, 0, subset=False), None
+            except DG2PFError as exc:
+                raise SystemExit(f"{args.dataset} data ({data.spec()}; the folder is DG2PF_FASHION_MNIST when set): "
+                                 f"{exc.message}") from None
             pretrain_data = dataclasses.replace(data, train_subset=0)
         else:
             split, pretrain_data = load_split(data), data
