@@ -71,8 +71,10 @@ def finished(path: Path, budget: Budget, data: DataSettings | None = None) -> bo
         return False
     done = json.loads(path.read_text())
     if data is not None and "data" in done and done["data"] != asdict(data):
+        differ = ", ".join(f"{k} {done['data'].get(k)!r} there, {v!r} now" for k, v in asdict(data).items()
+                           if done["data"].get(k) != v)
         raise SystemExit(
-            f"{path} was run with data settings {done['data']}, this run asks for {asdict(data)}; "
+            f"{path} was run with other data settings ({differ}); "
             "pass another --results-dir to keep both, or delete that directory to redo it"
         )
     if done.get("budget") != asdict(budget):
