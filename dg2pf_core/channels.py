@@ -391,9 +391,8 @@ class ChannelPlan:
         Reads shapes only (every group at its cap; which channels does not change a count): works on
         meta tensors, before any weight is read."""
         most = self.most_prunable(cap)
-        c = min(cap(most / self.channels), _CAP_BELOW_ONE)
         at_cap = {g.root: torch.arange(g.channels) < g.channels - _kept_to_multiple(g.channels, g.channels - n, multiple)
-                  for g, n in zip(self.groups, self._group_caps(c))}
+                  for g, n in zip(self.groups, self._group_caps(most, cap))}
         least = self.macs(params, self.masks(params, at_cap)) / self.dense_macs(params)
         if least > ratio:
             rounded = f" with widths rounded up to multiples of {multiple} (channel_multiple)" if multiple > 1 else ""
@@ -441,18 +440,17 @@ class ChannelPlan:
                 return at, m
             m //= 2
 
-    def _group_caps(self, c: float) -> list[int]:
-        """Per group, the channels a per-group cap ``c`` lets go."""
+    def _group_caps(self, k: int, cap: Callable[[float], float]) -> list[int]:
+        """Per group, the channels the guard ``cap`` lets go at a ranking of ``k`` channels."""
+        c = min(cap(k / self.channels), _CAP_BELOW_ONE)
         return [math.floor(c * g.channels + 1e-9) for g in self.groups]
 
     def most_prunable(self, cap: Callable[[float], float]) -> int:
         """The most channels a ranking may prune under the layer collapse guard ``cap(fraction)``."""
-        total = self.channels
-
         def caps(k: int) -> int:
-            return sum(self._group_caps(min(cap(k / total), _CAP_BELOW_ONE)))
+            return sum(self._group_caps(k, cap))
 
-        lo, hi = 0, total - 1  # k <= what the caps at k/total let go: holds up to the most, not after
+        lo, hi = 0, self.channels - 1  # k <= what the caps at k/total let go: holds up to the most, not after
         while hi - lo > 1:
             mid = (lo + hi) // 2
             lo, hi = (mid, hi) if mid <= caps(mid) else (lo, mid)

@@ -239,16 +239,12 @@ def test_fashion_mnist_peers_get_the_tensors_a_users_job_gets(tmp_path, monkeypa
 
 
 def test_resume_refuses_a_cell_of_other_data_settings_naming_the_field(tmp_path):
+    from dataclasses import asdict
+
     from bench.fidelity.data import settings_for_dataset
 
     cell = tmp_path / "cell.json"
-    cell.write_text(json.dumps({**_cell("dg2pf", 0, 90.0), "data": vars_of(settings_for_dataset("fashion-mnist", 8000))}))
+    cell.write_text(json.dumps({**_cell("dg2pf", 0, 90.0), "data": asdict(settings_for_dataset("fashion-mnist", 8000))}))
     assert finished(cell, Budget(), settings_for_dataset("fashion-mnist", 8000))
     with pytest.raises(SystemExit, match="train_subset 8000 there, 4000 now"):
         finished(cell, Budget(), settings_for_dataset("fashion-mnist", 4000))
-
-
-def vars_of(settings):
-    from dataclasses import asdict
-
-    return asdict(settings)

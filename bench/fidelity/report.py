@@ -284,35 +284,30 @@ def channel_differences(cells: list[dict], ours: str = "dg2pf-channel", peer: st
     return out
 
 
-SKELETON = f"""# Fidelity benchmark
-
-{START}
-{END}
-"""
-
-
-def cells_in_table(md: Path, start: str = START, end: str = END) -> int:
-    """How many cells the table now in ``md`` between the markers was generated from (0: none)."""
+def check_replaceable(md: Path, start: str, end: str, cells: int, force: bool, source: Path) -> None:
+    """``SystemExit`` unless the table between the markers of ``md`` may be replaced by one made from
+    ``cells`` cells: the markers must be there (when ``md`` exists), and the table there must not come
+    from more cells, unless ``force`` (a fresh clone lacks the per-cell results a published table came
+    from; re-aggregating there must not wipe the figures). Called before any output is written."""
     import re
 
-    body = md.read_text() if md.exists() else ""
+    if not md.exists():
+        return
+    body = md.read_text()
     if start not in body or end not in body:
-        return 0
+        raise SystemExit(f"{md} lacks the markers {start} / {end}; put them where the table belongs")
     found = re.search(r"from (\d+) (?:channel )?cell", body.split(start, 1)[1].split(end, 1)[0])
-    return int(found.group(1)) if found else 0
+    had = int(found.group(1)) if found else 0
+    if not force and had > cells:
+        raise SystemExit(f"{md}: the table there was made from {had} cell(s), {source} holds {cells}; nothing "
+                         "overwritten (pass --force to replace it, or --results-dir with the cells it came from)")
 
 
-def write_table(md: Path, text: str, start: str = START, end: str = END, *, cells: int | None = None,
-                force: bool = False) -> None:
-    """Replace the table between the markers. With ``cells``: refuse (SystemExit) to replace a table
-    made from more cells, unless ``force`` (a fresh clone lacks the per-cell results a published
-    table came from; re-aggregating there must not wipe the figures)."""
+def write_table(md: Path, text: str, start: str = START, end: str = END) -> None:
+    """Replace the table between the markers (a new ``md`` gets them)."""
     body = md.read_text() if md.exists() else f"# Fidelity benchmark\n\n{start}\n{end}\n"
     if start not in body or end not in body:
         raise SystemExit(f"{md} lacks the markers {start} / {end}; put them where the table belongs")
-    if cells is not None and not force and (had := cells_in_table(md, start, end)) > cells:
-        raise SystemExit(f"{md}: the table there was made from {had} cell(s), the results directory holds {cells}; "
-                         "not overwritten (pass --force to replace it, or --results-dir with the cells it came from)")
     head, rest = body.split(start, 1)
     _, tail = rest.split(end, 1)
     md.parent.mkdir(parents=True, exist_ok=True)
@@ -377,33 +372,28 @@ def main(argv: list[str] | None = None) -> None:
     from .run import results_dir_for
 
     args.results_dir = args.results_dir or results_dir_for(args.dataset)
+    if not args.results_dir.is_dir():  # a typo must not read as an empty run, --force or not
+        raise SystemExit(f"results directory {args.results_dir} does not exist")
+    md = args.docs_dir / "fidelity.md"
     if args.channel:
         if args.dataset != "digits":
             raise SystemExit("the channel table covers the digits grid only; run --channel without --dataset")
-        if not args.results_dir.is_dir():
-            raise SystemExit(f"results directory {args.results_dir} does not exist")
         cells = load_cells(args.results_dir, "m*-seed*.json")
-        write_table(args.docs_dir / "fidelity.md", channel_table(cells), CHANNEL_START, CHANNEL_END, cells=len(cells), force=args.force)
-        print(f"[report] {len(cells)} channel cell(s) -> {args.docs_dir}/fidelity.md")
+        check_replaceable(md, CHANNEL_START, CHANNEL_END, len(cells), args.force, args.results_dir)
+        write_table(md, channel_table(cells), CHANNEL_START, CHANNEL_END)
+        print(f"[report] {len(cells)} channel cell(s) -> {md}")
         return
-    if not args.results_dir.is_dir():  # a typo must not read as an empty run, --force or not
-        raise SystemExit(f"results directory {args.results_dir} does not exist")
     cells = load_cells(args.results_dir)
     other = sorted({c["file"] for c in cells if c.get("dataset", "digits") != args.dataset})
     if other:
         raise SystemExit(f"{args.results_dir} holds cells of another dataset than {args.dataset} (e.g. {other[0]}); "
                          "give --dataset to match, or the results directory of this dataset")
     start, end, png, raw_path = outputs(args.dataset, args.docs_dir)
-    md = args.docs_dir / "fidelity.md"
-    if md.exists() and (start not in md.read_text() or end not in md.read_text()):  # before any file is touched
-        raise SystemExit(f"{md} lacks the markers {start} / {end}; put them where the {args.dataset} table belongs")
-    if not args.force and (had := cells_in_table(md, start, end)) > len(cells):
-        raise SystemExit(f"{md}: the {args.dataset} table there was made from {had} cell(s), {args.results_dir} holds "
-                         f"{len(cells)}; nothing overwritten (pass --force to replace it, or --results-dir with its cells)")
+    check_replaceable(md, start, end, len(cells), args.force, args.results_dir)
     args.docs_dir.mkdir(parents=True, exist_ok=True)
     raw = {"generated": time.strftime("%Y-%m-%dT%H:%M:%S"), "dataset": args.dataset, "budgets": _budgets(cells), "cells": cells}
     raw_path.write_text(json.dumps(raw, indent=1, default=str) + "\n")
-    write_table(args.docs_dir / "fidelity.md", table(cells, args.dataset), start, end)
+    write_table(md, table(cells, args.dataset), start, end)
     plot(cells, png, args.dataset)
     print(f"[report] {len(cells)} cell(s) -> {args.docs_dir}/fidelity.md ({args.dataset} table), {png.name}, {raw_path.name}")
 

@@ -82,15 +82,8 @@ MNIST = IdxDataset(
 
 def _exactly(f: BinaryIO, n: int) -> bytes:
     """``n`` bytes from ``f`` (fewer only at the end of the data); for headers."""
-    parts: list[bytes] = []
-    left = n
-    while left:
-        part = f.read(min(left, CHUNK))
-        if not part:
-            break
-        parts.append(part)
-        left -= len(part)
-    return b"".join(parts)
+    buffer = np.empty(n, dtype=np.uint8)
+    return buffer[: _read_into(f, buffer)].tobytes()
 
 
 def _read_into(f: BinaryIO, out: np.ndarray) -> int:
