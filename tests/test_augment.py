@@ -255,6 +255,21 @@ def test_the_job_spec_offers_the_policies_and_hands_them_to_the_job():
     assert info.value.errors()[0]["loc"] == ("dataset", "augment")
 
 
+def test_the_job_spec_and_the_library_share_the_image_size_bounds():
+    from pydantic import ValidationError
+
+    from dg2pf_core.job import MAX_IMAGE_SIZE, MIN_IMAGE_SIZE
+    from dg2pf_service.spec import JobSpec
+
+    doc = {"model": {"arch": "digits_cnn", "num_classes": 10, "checkpoint": "c"}, "sparsity": 0.5}
+    for size in (MIN_IMAGE_SIZE, MAX_IMAGE_SIZE):  # what `dg2pf prune --image-size` takes, the API takes
+        assert JobSpec(**doc, dataset={"spec": "digits", "image_size": size}).prune_job("/c", None).image_size == size
+    for size in (MIN_IMAGE_SIZE - 1, MAX_IMAGE_SIZE + 1):
+        with pytest.raises(ValidationError) as info:
+            JobSpec(**doc, dataset={"spec": "digits", "image_size": size})
+        assert info.value.errors()[0]["loc"] == ("dataset", "image_size")
+
+
 def dg2pf(*args: str) -> subprocess.CompletedProcess:
     from dg2pf_cli.main import main
 

@@ -214,6 +214,28 @@ BAD_FILES = {
 }
 
 
+def test_non_square_images_are_refused_not_stretched(tmp_path):
+    arrays = write_dataset(tmp_path)
+    write(tmp_path, TRAIN_IMAGES, idx(np.zeros((N_TRAIN, 28, 20), np.uint8)), False)
+    write(tmp_path, TEST_IMAGES, idx(np.zeros((N_TEST, 28, 20), np.uint8)), True)
+    assert arrays  # labels stay valid: only the image shape is wrong
+    with pytest.raises(DatasetError, match="28x20 images") as info:
+        load_dataset(f"mnist:{tmp_path}", DataRequest(28, 1))
+    assert TRAIN_IMAGES in info.value.message and "imagefolder" in info.value.message
+
+
+def test_a_path_is_taken_as_written_and_a_stray_space_is_pointed_out(tmp_path):
+    spaced = tmp_path / "fm "  # a folder whose name ends with a space is a valid folder
+    write_dataset(spaced)
+    splits = load_dataset(f"fashion-mnist:{spaced}", DataRequest(28, 1))
+    assert len(splits.test) == N_TEST
+    plain = tmp_path / "plain"
+    write_dataset(plain)
+    with pytest.raises(DatasetError, match="does not exist") as info:
+        load_dataset(f"fashion-mnist:{plain} ", DataRequest(28, 1))
+    assert "without the surrounding spaces" in info.value.message
+
+
 @pytest.mark.parametrize("case", sorted(BAD_FILES))
 def test_a_bad_file_is_refused_naming_it(tmp_path, case):
     corrupt, needle = BAD_FILES[case]

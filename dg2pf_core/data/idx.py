@@ -231,6 +231,12 @@ def load_idx(path: str | None, request: DataRequest, ds: IdxDataset) -> DataSpli
             f"{files['train_images']!r} holds {'x'.join(map(str, train_images.shape[1:]))} images but "
             f"{files['test_images']!r} {'x'.join(map(str, test_images.shape[1:]))}; both must come from one dataset"
         )
+    rows, cols = train_images.shape[1:]
+    if rows != cols:
+        raise DatasetError(
+            f"{files['train_images']!r} holds {rows}x{cols} images; {ds.name} images are square and the "
+            f"loader would stretch these to image_size x image_size: use `imagefolder:PATH` for other data"
+        )
 
     train_tf, eval_tf = grayscale_shift_transforms(request, ds.mean, ds.std)
     base = ArrayImages(train_images, train_labels)

@@ -132,14 +132,14 @@ def _valid_specs() -> str:
 def parse_spec(spec: str) -> tuple[str, str | None]:
     """``"cifar10:/d/c10"`` -> ``("cifar10", "/d/c10")``; ``"digits"`` -> ``("digits", None)``.
 
-    Only the first colon separates, so Windows paths (``imagefolder:C:\\data``) survive.
+    Only the first colon separates, so Windows paths (``imagefolder:C:\\data``) survive. The path
+    is kept byte for byte (a folder name may begin or end with a space; error messages quote it).
     """
     if not isinstance(spec, str) or not spec.strip():
         raise DatasetError(f"empty dataset spec; use one of {_valid_specs()}")
-    name, sep, path = spec.strip().partition(":")
+    name, sep, path = spec.partition(":")
     name = name.strip().lower()
-    path = path.strip()
-    return name, (path if sep and path else None)
+    return name, (path if sep and path.strip() else None)
 
 
 def _check_request(request: DataRequest) -> None:
@@ -209,7 +209,10 @@ def load_dataset(spec: str, request: DataRequest) -> DataSplits:
     if path is not None:
         path = os.path.expanduser(path)
         if not os.path.exists(path):
-            raise DatasetError(f"dataset path {path!r} does not exist (spec {spec!r})")
+            hint = ""
+            if path != path.strip() and os.path.exists(path.strip()):
+                hint = f"; {path.strip()!r}, without the surrounding spaces, does: drop them from the spec"
+            raise DatasetError(f"dataset path {path!r} does not exist (spec {spec!r}){hint}")
         check_tree(path, request.allowed_roots)  # no link out of the allowed roots
 
     request = dataclasses.replace(request, augment=augment_for(spec, request))

@@ -15,7 +15,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, create_model
 
 from dg2pf_core.config import BOUNDS, MAX_PATTERN_LENGTH, MAX_PATTERNS, DG2PFConfig
 from dg2pf_core.data.registry import AUGMENT_POLICIES, AUTO
-from dg2pf_core.job import MIN_IMAGE_SIZE, PruneJob
+from dg2pf_core.job import MAX_IMAGE_SIZE, MIN_IMAGE_SIZE, PruneJob
 from dg2pf_core.models.registry import MAX_CLASSES
 from dg2pf_core.nm import PATTERN as GRANULARITY_PATTERN
 
@@ -53,7 +53,7 @@ class ModelSpec(_Strict):
 class DatasetSpec(_Strict):
     spec: Text = Field(description="digits | cifar10:PATH | fashion-mnist:PATH | mnist:PATH | imagefolder:PATH")
     val_fraction: float = Field(0.1, gt=0, le=0.5)
-    image_size: int | None = Field(None, ge=MIN_IMAGE_SIZE, le=1024)
+    image_size: int | None = Field(None, ge=MIN_IMAGE_SIZE, le=MAX_IMAGE_SIZE)
     skip_bad_images: bool = Field(False, description="leave out images that cannot be decoded (counted in metrics.json) "
                                   "instead of failing the job")
     augment: Literal[(AUTO, *AUGMENT_POLICIES)] = Field(  # type: ignore[valid-type]
