@@ -181,6 +181,33 @@ def test_report_never_replaces_a_table_with_one_from_fewer_cells(tmp_path):
     assert "from 0 cell(s)" in (docs / "fidelity.md").read_text()
 
 
+def test_published_cells_restore_into_a_fresh_results_dir_and_reproduce_the_table(tmp_path):
+    """The raw results committed beside a table are enough to rebuild it on a fresh clone."""
+    docs, results, fresh = tmp_path / "docs", tmp_path / "results", tmp_path / "fresh"
+    cells = [{**_cell(m, s, 80.0 + s + (m == "dg2pf"), sparsity=0.95), "dataset": "fashion-mnist"}
+             for m in ("dg2pf", "gmp-cubic") for s in range(2)]
+    _write_cells(results, cells)
+    report.main(["--dataset", "fashion-mnist", "--results-dir", str(results), "--docs-dir", str(docs)])
+    published = (docs / "fidelity.md").read_text()
+    report.main(["--dataset", "fashion-mnist", "--results-dir", str(fresh), "--docs-dir", str(docs), "--restore"])
+    assert sorted(p.relative_to(fresh) for p in fresh.rglob("*.json")) == sorted(p.relative_to(results) for p in results.rglob("*.json"))
+    report.main(["--dataset", "fashion-mnist", "--results-dir", str(fresh), "--docs-dir", str(docs)])
+    strip = lambda text: [line for line in text.splitlines() if not line.startswith("Generated ")]  # noqa: E731
+    assert strip((docs / "fidelity.md").read_text()) == strip(published)
+    # a cell already in the results dir is kept, not replaced by the published one
+    kept = next(fresh.rglob("*.json"))
+    kept.write_text(kept.read_text() + " ")
+    mine = kept.read_text()
+    report.main(["--dataset", "fashion-mnist", "--results-dir", str(fresh), "--docs-dir", str(docs), "--restore"])
+    assert kept.read_text() == mine
+    # raw results naming a path outside the results dir are refused before anything is written
+    raw = report.outputs("fashion-mnist", docs)[3]
+    raw.write_text(json.dumps({"cells": [{**cells[0], "file": "a/b/fine.json"}, {**cells[0], "file": "../../escape.json"}]}))
+    with pytest.raises(SystemExit, match="not <model>/<method>/<cell>.json"):
+        report.main(["--dataset", "fashion-mnist", "--results-dir", str(tmp_path / "other"), "--docs-dir", str(docs), "--restore"])
+    assert not (tmp_path / "escape.json").exists() and not (tmp_path / "other").exists()
+
+
 def test_report_into_a_fresh_docs_dir_and_refusing_one_without_markers(tmp_path):
     results, fresh, unmarked = tmp_path / "r", tmp_path / "fresh", tmp_path / "unmarked"
     _write_cells(results, [{**_cell("dg2pf", 0, 90.0, sparsity=0.95), "dataset": "fashion-mnist"}])

@@ -1,6 +1,7 @@
 """Aggregate the cell JSONs into docs/fidelity-results.json, the table in docs/fidelity.md and docs/fidelity.png.
 
     .venv/bin/python -m bench.fidelity.report [--dataset digits|fashion-mnist] [--results-dir DIR] [--docs-dir DIR] [--channel]
+    .venv/bin/python -m bench.fidelity.report --dataset fashion-mnist --restore   # published cells -> results dir
 
 Each dataset has its own table in docs/fidelity.md (its own markers), its own plot
 (fidelity.png, fidelity-<dataset>.png) and raw results (fidelity-results.json,
@@ -61,6 +62,35 @@ def load_cells(results: Path, pattern: str = "s*-seed*.json") -> list[dict]:
         cell["file"] = str(path.relative_to(results))
         cells.append(cell)
     return cells
+
+
+def restore_cells(raw_path: Path, results: Path) -> tuple[int, int]:
+    """Write the cells published in ``raw_path`` (a report's raw results) back under ``results``, each
+    at the path it was read from; a cell already there is kept. Returns (written, kept). ``SystemExit``
+    naming the file when it is not a report's raw results or names a path outside ``results``."""
+    try:
+        raw = json.loads(raw_path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise SystemExit(f"{raw_path}: not readable raw results ({exc})") from None
+    cells = raw.get("cells") if isinstance(raw, dict) else None
+    if not isinstance(cells, list):
+        raise SystemExit(f"{raw_path}: not a report's raw results (no list of cells)")
+    for cell in cells:  # every cell checked before any is written
+        name = cell.get("file") if isinstance(cell, dict) else None
+        parts = Path(name).parts if isinstance(name, str) else ()
+        if len(parts) != 3 or Path(name).is_absolute() or ".." in parts or not parts[2].endswith(".json"):
+            raise SystemExit(f"{raw_path}: a cell names {name!r}, not <model>/<method>/<cell>.json")
+    written = kept = 0
+    for cell in cells:
+        path = results / cell["file"]
+        if path.exists():
+            kept += 1
+            continue
+        from .run import write_json
+
+        write_json(path, {k: v for k, v in cell.items() if k != "file"})
+        written += 1
+    return written, kept
 
 
 def _grid(cells: list[dict], dataset: str = "digits") -> tuple[list[str], list[float], list[str]]:
@@ -368,10 +398,21 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--docs-dir", type=Path, default=REPO / "docs")
     p.add_argument("--channel", action="store_true", help="the channel cells' table only (docs/fidelity.md, its own markers)")
     p.add_argument("--force", action="store_true", help="replace a table made from more cells than the results directory holds")
+    p.add_argument("--restore", action="store_true",
+                   help="write the published cells (docs/fidelity[-DATASET]-results.json) back into the results "
+                        "directory, keeping any cell already there, and stop: on a fresh clone the grid then "
+                        "resumes from them and the report re-generates the published table")
     args = p.parse_args(argv)
     from .run import results_dir_for
 
     args.results_dir = args.results_dir or results_dir_for(args.dataset)
+    if args.restore:
+        if args.channel:
+            raise SystemExit("--restore restores the sparsity cells of docs/fidelity[-DATASET]-results.json; drop --channel")
+        raw_path = outputs(args.dataset, args.docs_dir)[3]
+        written, kept = restore_cells(raw_path, args.results_dir)
+        print(f"[report] {written} cell(s) restored from {raw_path} into {args.results_dir} ({kept} already there, kept)")
+        return
     if not args.results_dir.is_dir():  # a typo must not read as an empty run, --force or not
         raise SystemExit(f"results directory {args.results_dir} does not exist")
     md = args.docs_dir / "fidelity.md"
