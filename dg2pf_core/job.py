@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -42,6 +43,7 @@ from .nm import check_divisible, nm_violations
 from .models import ArchSpec, build_model, get_arch
 from .models.registry import build_meta, parameter_count
 from .onnx_export import ONNX_FILE, OnnxReport, export_onnx
+from .plots import write_plots
 from .preflight import check_device, check_fp16_range, check_output, dry_run
 from .state import STATE_FILE, TrainingState
 
@@ -49,6 +51,8 @@ MODEL_FILE, COMPACT_FILE, METRICS_FILE = "model.safetensors", "model.compact.saf
 JOB_FILE = "job.json"  # in a state directory: the job and its output path, for resuming
 LOCK_FILE = ".lock"  # in a state directory: held by the run that trains there
 MIN_IMAGE_SIZE, MAX_IMAGE_SIZE = 8, 2048
+
+log = logging.getLogger(__name__)
 
 
 class OutputError(DG2PFError):
@@ -378,11 +382,13 @@ def result_metrics(prepared: PreparedJob, result: DG2PFResult, *, world_size: in
 def write_results(out: Path, prepared: PreparedJob, result: DG2PFResult, metrics: dict) -> dict:
     """Write a finished job's artifacts into ``out`` (a staging directory): ``model.safetensors``,
     ``model.compact.safetensors``, ``model.onnx`` (when it exports and matches PyTorch's logits) and
-    ``metrics.json`` with its ``onnx`` and ``latency`` sections; returns the metrics written.
+    ``metrics.json`` with its ``onnx`` and ``latency`` sections, and ``training.png`` and
+    ``layers.png`` drawn from it (``plots``); returns the metrics written.
 
     ONNX and latency are measured on the weights as written (read back from ``model.safetensors``
     into the architecture, float32 on the CPU: what ``InferenceModel`` serves); neither can fail
-    the job, each section says what happened. ``OSError`` (disk full) propagates."""
+    the job, each section says what happened. Nor can the plots: a failure to draw them is logged as
+    a warning. ``OSError`` writing the model or metrics (disk full) propagates."""
     job = prepared.job
     structure = prepared.output_structure(result)
     write_model(result.model, out / MODEL_FILE, prepared.dtypes, structure)
@@ -393,6 +399,11 @@ def write_results(out: Path, prepared: PreparedJob, result: DG2PFResult, metrics
     metrics = {**metrics, "onnx": onnx.to_dict(),
                "latency": job_latency(prepared, pruned, onnx, out / ONNX_FILE, macs_ratio)}
     write_metrics(metrics, out / METRICS_FILE)
+    try:
+        write_plots(metrics, out)
+    except Exception as exc:  # noqa: BLE001 - pictures are drawn again any time (dg2pf plot); the model is the job
+        log.warning("the job's plots (training.png, layers.png) were not drawn: %s: %s; the model and metrics.json are "
+                    "written, draw them later with `dg2pf plot` on the output directory", type(exc).__name__, exc)
     return metrics
 
 

@@ -30,12 +30,15 @@ from dg2pf_core.job import OutputError, PruneJob, prepare, result_metrics, write
 from dg2pf_core.loop import run_dg2pf
 from dg2pf_core.masks import masks_checksum
 from dg2pf_core.onnx_export import ONNX_FILE
+from dg2pf_core.plots import PLOT_FILES
 from dg2pf_core.state import EpochRecord, TrainingState, append_record
 
 from .cluster import ClusterError, check_capacity, connect
 
 FINAL_FILES = ("model.safetensors", "model.compact.safetensors", "metrics.json")
-OPTIONAL_FILES = (ONNX_FILE,)  # written when the model exports to ONNX and matches PyTorch (see metrics.json's onnx)
+# model.onnx: written when the model exports to ONNX and matches PyTorch (see metrics.json's onnx); the
+# plots: unless drawing them failed (a warning in the worker's log; `dg2pf plot` draws them again).
+OPTIONAL_FILES = (ONNX_FILE, *PLOT_FILES)
 REFUSED_FILE = "refused.json"  # the checkpoint of a run whose workers refused the job (a bad input)
 
 

@@ -344,7 +344,7 @@ def _image_folder(root, size: int = 32, per_class: int = 6) -> str:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("arch", [a for a, _ in ARCHS])
-def test_a_channel_job_writes_artifacts_that_reload_to_the_same_logits(tmp_path, arch, monkeypatch):
+def test_a_channel_job_writes_artifacts_that_reload_to_the_same_logits(tmp_path, arch, monkeypatch, caplog):
     from dg2pf_core.inference import InferenceModel
     from dg2pf_core.job import MODEL_FILE, PruneJob, load_checkpoint_model, prepare, result_metrics, run, write_results
     from dg2pf_core.onnx_export import ATOL
@@ -365,7 +365,12 @@ def test_a_channel_job_writes_artifacts_that_reload_to_the_same_logits(tmp_path,
     out.mkdir()
     if arch != "digits_cnn":  # latency of the bigger ones is bench_latency's (a minute each here): artifacts only
         monkeypatch.setattr("dg2pf_core.job.job_latency", lambda *a: {"backends": {"torch": {}, "onnxruntime": {}}})
-    metrics = write_results(out, prepared, result, metrics)
+    # Even when its plots cannot be written (a directory in the way): a warning, and nothing else is lost.
+    (out / "training.png").mkdir()
+    with caplog.at_level("WARNING", logger="dg2pf_core.job"):
+        metrics = write_results(out, prepared, result, metrics)
+    assert "plots (training.png, layers.png) were not drawn: IsADirectoryError" in caplog.text
+    assert (out / "metrics.json").is_file() and not (out / "layers.png").exists()
 
     assert metrics["granularity"] == "channel" and metrics["channels_pruned"] > 0
     assert abs(metrics["flops_sparse"] / metrics["flops_dense"] - 0.5) <= 0.05 * 0.5

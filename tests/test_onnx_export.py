@@ -145,7 +145,8 @@ def test_a_job_writes_model_onnx_that_computes_what_is_served(tmp_path):
     torch.manual_seed(0)
     out = tmp_path / "out"
     metrics = prune_to_dir(_job(tmp_path, "digits_cnn", build_model("digits_cnn", 10)), out)
-    assert {p.name for p in out.iterdir()} == {"model.safetensors", "model.compact.safetensors", "model.onnx", "metrics.json"}
+    assert {p.name for p in out.iterdir()} == {"model.safetensors", "model.compact.safetensors", "model.onnx", "metrics.json",
+                                               "training.png", "layers.png"}
     written = json.loads((out / "metrics.json").read_text())
     assert written["onnx"]["written"] is True and written["onnx"]["opset"] == OPSET
     assert written["onnx"] == metrics["onnx"] and written["latency"]["backends"].keys() == {"torch", "onnxruntime"}

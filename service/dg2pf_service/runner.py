@@ -2,8 +2,8 @@
 
 It reads ``JOB_DIR/job.json`` (written by the executor), runs the job with the engine adapters and
 leaves everything the service needs in ``JOB_DIR``: ``progress.jsonl`` (a line per epoch, as it
-happens), ``output/`` (model.safetensors, model.onnx, metrics.json, history.json, trials.csv for tune jobs) and,
-on failure, ``error.json`` ({type, message}). The API process may be down meanwhile; it reads these
+happens), ``output/`` (model.safetensors, model.onnx, metrics.json, history.json, training.png, layers.png,
+trials.csv for tune jobs) and, on failure, ``error.json`` ({type, message}). The API process may be down meanwhile; it reads these
 files when it comes back.
 
 A job may be run again after its Ray work was lost (a head restart, a lost node, a killed runner):
