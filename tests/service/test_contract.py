@@ -98,7 +98,7 @@ def test_openapi_declares_the_token_and_the_artifact_content_types(openapi):
         for op in ops.values():
             assert op.get("security") == (None if path in PUBLIC else [{"bearer": []}]), path
     artifact = openapi["paths"]["/jobs/{job_id}/artifacts/{name}"]["get"]["responses"]["200"]["content"]
-    assert set(artifact) == {"application/octet-stream", "application/json", "text/csv", "application/x-ndjson"}
+    assert set(artifact) == {"application/octet-stream", "application/json", "text/csv", "application/x-ndjson", "image/png"}
     for post in ("/jobs", "/jobs/{job_id}/deploy"):
         assert "Location" in openapi["paths"][post]["post"]["responses"]["202"]["headers"]
 
@@ -111,6 +111,7 @@ def test_artifacts_are_served_with_their_content_type():
     assert artifact_media_type("history.json") == "application/json"
     assert artifact_media_type("trials.csv") == "text/csv"
     assert artifact_media_type("progress.jsonl") == "application/x-ndjson"
+    assert artifact_media_type("training.png") == artifact_media_type("layers.png") == "image/png"
 
 
 @pytest.mark.slow

@@ -23,7 +23,8 @@ router = APIRouter(prefix="/jobs", tags=["jobs"], dependencies=[Depends(require_
 MAX_OFFSET = 2**31 - 1  # beyond any page a store holds; larger numbers overflow SQL integers
 JobId = Annotated[str, PathParam(pattern=r"^[0-9a-f]{32}$", description="a job id (32 hex digits)")]
 
-ARTIFACTS = ("model.safetensors", "model.compact.safetensors", "model.onnx", "metrics.json", "history.json", "trials.csv")
+ARTIFACTS = ("model.safetensors", "model.compact.safetensors", "model.onnx", "metrics.json", "history.json", "training.png",
+             "layers.png", "trials.csv")
 
 
 def _links(job_id: str) -> dict[str, str]:
@@ -105,7 +106,8 @@ def artifacts(job_id: JobId, services=Depends(_services)) -> ArtifactList:
 
 @router.get("/{job_id}/artifacts/{name}", response_class=FileResponse,
             responses={200: {"description": "the file: .safetensors as application/octet-stream, .json as application/json, "
-                             "trials.csv as text/csv, progress.jsonl as application/x-ndjson", "content": ARTIFACT_CONTENT},
+                             "training.png and layers.png as image/png, trials.csv as text/csv, progress.jsonl as "
+                             "application/x-ndjson", "content": ARTIFACT_CONTENT},
                        **ApiError.responses(404, 422)})
 def artifact(job_id: JobId, name: Annotated[str, PathParam(max_length=64)], services=Depends(_services)) -> FileResponse:
     row = _row_or_404(services, job_id)

@@ -14,6 +14,7 @@ ARTIFACT_MEDIA_TYPES = {
     ".json": "application/json",
     ".csv": "text/csv",
     ".jsonl": "application/x-ndjson",
+    ".png": "image/png",
 }
 BINARY = {"type": "string", "format": "binary"}
 ARTIFACT_CONTENT = {media_type: {"schema": {} if media_type == "application/json" else BINARY}
