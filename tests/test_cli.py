@@ -8,6 +8,7 @@ import io
 import json
 import os
 import pickle
+import shutil
 import signal
 import subprocess
 import sys
@@ -350,6 +351,133 @@ def test_a_run_that_removed_no_channel_says_so(grouped_job):
     assert "none of 32 prunable" in grouped_job.stdout
     said = [line for line in grouped_job.stderr.splitlines() if "no channel was removed" in line]
     assert len(said) == 1 and "sparsity 0.01 of 32 prunable channels rounds to 0" in said[0]
+
+
+# --- dg2pf plot: the pictures every job writes, drawn again for any run --------------------------
+
+def assert_drawn_png(path: Path) -> None:
+    """A real PNG with something drawn in it (not an empty canvas)."""
+    from PIL import Image
+
+    with Image.open(path) as image:
+        assert image.format == "PNG" and image.width > 100 and image.height > 100
+        colours = image.convert("RGB").getcolors(maxcolors=1 << 16)
+        assert colours is None or len(colours) > 16, f"{path} is blank"
+
+
+def test_a_job_writes_its_plots_and_dg2pf_plot_draws_them_for_any_run(channel_job, tmp_path):
+    out, m = channel_job
+    for name in ("training.png", "layers.png"):
+        assert_drawn_png(out / name)
+    # A run directory holding only its metrics.json: the PNGs go next to it.
+    run = tmp_path / "run"
+    run.mkdir()
+    shutil.copy(out / "metrics.json", run / "metrics.json")
+    result = dg2pf("plot", str(run))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == f"wrote {run / 'training.png'} and {run / 'layers.png'}"
+    for name in ("training.png", "layers.png"):
+        assert_drawn_png(run / name)
+    # An older run's metrics.json (before recovered, is_best, latency, onnx, granularity, ...): drawn too.
+    old = {k: m[k] for k in ("arch", "dataset", "target_sparsity", "sparsity_prunable", "test_top1", "layer_sparsity")}
+    old["history"] = [{k: r[k] for k in ("phase", "epoch", "sparsity", "train_loss", "val_top1")} for r in m["history"]]
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "metrics.json").write_text(json.dumps(old))
+    result = dg2pf("plot", str(tmp_path / "old" / "metrics.json"), "--out", str(tmp_path / "pictures" / "old"))
+    assert result.returncode == 0, result.stderr
+    assert sorted(p.name for p in (tmp_path / "pictures" / "old").iterdir()) == ["layers.png", "training.png"]
+
+
+def test_the_plots_mark_the_phases_the_kept_epoch_the_recovered_weights_and_every_layer(channel_job):
+    from dg2pf_core.plots import layers_figure, training_figure
+
+    _, m = channel_job
+    figure = training_figure(m)
+    # top-1, sparsity, loss, and the weights each ranking recovered (its pruning epochs record them)
+    assert [ax.get_ylabel() for ax in figure.axes][-1] == "weights recovered\nper ranking" and len(figure.axes) == 4
+    marked = [t.get_text() for t in figure.legends[0].get_texts()]
+    assert marked == ["baseline (unpruned)", "gradual pruning", f"kept (best) epoch {m['best_epoch']}"]
+    bars = layers_figure(m).axes[0].patches
+    assert [round(b.get_width(), 6) for b in bars] == [round(v * 100, 6) for v in m["layer_sparsity"].values()]
+
+
+def test_plot_refuses_bad_input_in_one_line_and_writes_nothing(channel_job, tmp_path):
+    from dg2pf_service.cluster import free_port
+
+    out, _ = channel_job
+    empty, damaged, example, listed = (tmp_path / n for n in ("empty", "damaged", "example", "listed"))
+    for folder in (empty, damaged, example, listed):
+        folder.mkdir()
+    (damaged / "metrics.json").write_text('{"history": [{"epoch": 0,')  # cut off mid-write
+    (example / "metrics.json").write_text(json.dumps({"arch": "digits_cnn", "test_top1": 97.2}))  # dg2pf example's
+    (listed / "metrics.json").write_text("[]")
+    (tmp_path / "file").write_text("")
+    nowhere = f"http://127.0.0.1:{free_port()}"
+    cases = [
+        ((str(tmp_path / "missing"),), "does not exist"),
+        ((str(empty),), "holds no metrics.json"),
+        ((str(damaged),), "is not valid JSON"),
+        ((str(example),), "no per-epoch history"),
+        ((str(listed),), "not a run's metrics object"),
+        ((str(out), "--out", str(tmp_path / "file")), "is a file"),
+        (("0" * 32, "--url", nowhere, "--out", str(empty)), f"cannot reach the dg2pf service at {nowhere}"),
+    ]
+    for args, needle in cases:
+        result = dg2pf("plot", *args)
+        assert result.returncode == 2, (args, result.stderr)
+        lines = [line for line in result.stderr.splitlines() if line.strip()]
+        assert len(lines) == 1 and lines[0].startswith("dg2pf: error:") and needle in lines[0], (args, result.stderr)
+    assert not list(tmp_path.rglob("*.png"))
+
+
+def test_plot_of_a_job_id_draws_from_the_services_metrics_and_the_job_lists_its_plots(channel_job, tmp_path):
+    """The real API over HTTP (its routes and store; no scheduler or Ray: the job's output is in place)."""
+    import threading
+    from types import SimpleNamespace
+
+    import httpx
+    import uvicorn
+
+    from dg2pf_service.api.app import create_app
+    from dg2pf_service.cluster import free_port
+    from dg2pf_service.settings import Settings
+    from dg2pf_service.store.db import make_engine, make_sessionmaker
+    from dg2pf_service.store.migrate import upgrade
+    from dg2pf_service.store.repo import JobStore
+
+    out, _ = channel_job
+    url = f"sqlite:///{tmp_path / 'db.sqlite'}"
+    upgrade(url)
+    store = JobStore(make_sessionmaker(make_engine(url)))
+    row = store.create_job({"spec": {}, "resolved": {}}, "plotted", 0.0, tmp_path / "jobs")
+    shutil.copytree(out, Path(row.artifacts_dir) / "output")
+    app = create_app()
+    app.state.services = SimpleNamespace(settings=Settings(api_tokens=["plot-token"]), store=store)
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, lifespan="off", log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        while not server.started:
+            time.sleep(0.01)
+        base, auth = f"http://127.0.0.1:{port}", {"Authorization": "Bearer plot-token"}
+        listed = httpx.get(f"{base}/jobs/{row.id}/artifacts", headers=auth).json()["artifacts"]
+        assert {"training.png", "layers.png"} <= {a["name"] for a in listed}
+        png = httpx.get(f"{base}/jobs/{row.id}/artifacts/layers.png", headers=auth)
+        assert png.headers["content-type"] == "image/png" and png.content == (out / "layers.png").read_bytes()
+
+        result = dg2pf("plot", row.id, "--url", base, "--token", "plot-token", "--out", str(tmp_path / "pictures"))
+        assert result.returncode == 0, result.stderr
+        for name in ("training.png", "layers.png"):
+            assert_drawn_png(tmp_path / "pictures" / name)
+        for args, needle in (((row.id, "--token", "wrong"), "invalid bearer token"),
+                             (("f" * 32, "--token", "plot-token"), f"no job with id {'f' * 32!r}")):
+            result = dg2pf("plot", *args, "--url", base, "--out", str(tmp_path / "refused"))
+            assert result.returncode == 2 and result.stderr.count("\n") == 1 and needle in result.stderr, result.stderr
+        assert not (tmp_path / "refused").exists()
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
 
 
 def _sigint_caught(pid: int) -> bool:

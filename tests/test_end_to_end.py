@@ -13,7 +13,7 @@ from dg2pf_core.job import load_data, load_model
 from dg2pf_core.masks import apply_masks_, magnitude_masks, select_prunable
 from dg2pf_core.metrics import evaluate
 
-from test_cli import dg2pf
+from test_cli import assert_drawn_png, dg2pf
 
 pytestmark = pytest.mark.slow
 
@@ -79,11 +79,18 @@ def test_evaluate_command_agrees_with_the_job(pruned):
     assert r["sparsity_prunable"] == pytest.approx(0.9, abs=1e-4)  # round(0.9 * N) / N
 
 
+def test_the_job_draws_its_training_curves_and_per_layer_sparsity(pruned):
+    out, m = pruned
+    for name in ("training.png", "layers.png"):
+        assert_drawn_png(out / name)
+
+
 def test_the_job_writes_model_onnx_as_accurate_as_the_job_and_measures_latency(pruned):
     import onnxruntime as ort
 
     out, m = pruned
-    assert {p.name for p in out.iterdir()} == {"model.safetensors", "model.compact.safetensors", "model.onnx", "metrics.json"}
+    assert {p.name for p in out.iterdir()} == {"model.safetensors", "model.compact.safetensors", "model.onnx", "metrics.json",
+                                               "training.png", "layers.png"}
     assert m["onnx"]["written"] is True and m["onnx"]["max_abs_diff"] <= m["onnx"]["tolerance"]
     spec, _ = load_model("digits_cnn", 10, out / "model.safetensors")
     test = load_data("digits", spec, 10, None, 0.1, 0)[0].test

@@ -18,6 +18,7 @@ from dg2pf_core import DG2PFConfig, DG2PFError, PruneJob
 from dg2pf_core.config import DG2PFConfig as _Config
 from dg2pf_core.data import AUGMENT_POLICIES, dataset_usages
 
+from .plot import add_plot_command
 from .progress import EpochBars
 
 # Config fields the CLI sets through dedicated, required options rather than generated ones.
@@ -671,6 +672,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_options(pr)
     pr.set_defaults(func=_cmd_prune)
     _add_tune_evaluate_archs(sub)
+    add_plot_command(sub)
     return p
 
 
