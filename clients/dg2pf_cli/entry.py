@@ -1,8 +1,10 @@
 """The ``dg2pf`` console script and ``python -m dg2pf_cli``.
 
-Importing the command line takes seconds (torch); Ctrl-C in that time must end like Ctrl-C later:
-one line and status 130, not a traceback from inside an import. So this module imports nothing
-heavy itself and catches the interrupt around the import as well as the command.
+The commands that talk to a service (``dg2pf_client.cli``: submit, status, jobs, ...) and ``--version``
+run without importing torch, so they answer at once. The others import torch, which takes seconds;
+Ctrl-C in that time must end like Ctrl-C later: one line and status 130, not a traceback from inside
+an import. So this module imports nothing heavy itself and catches the interrupt around the import as
+well as the command.
 """
 
 from __future__ import annotations
@@ -12,10 +14,17 @@ from collections.abc import Sequence
 
 
 def run(argv: Sequence[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
     try:
+        from dg2pf_client.cli import REMOTE_COMMANDS
+
+        if args and (args[0] in REMOTE_COMMANDS or args[0] == "--version"):
+            from dg2pf_client.cli import run as run_remote
+
+            return run_remote(args)
         from .main import main
 
-        return main(argv)
+        return main(args)
     except KeyboardInterrupt:
         print("dg2pf: interrupted; nothing was written", file=sys.stderr)
         return 130

@@ -14,6 +14,7 @@ import typing
 from collections.abc import Sequence
 from pathlib import Path
 
+from dg2pf_client.cli import OneLineParser, add_remote_commands, version_line
 from dg2pf_core import DG2PFConfig, DG2PFError, PruneJob
 from dg2pf_core.config import DG2PFConfig as _Config
 from dg2pf_core.data import AUGMENT_POLICIES, dataset_usages
@@ -73,10 +74,6 @@ def _channel_rows(m: dict) -> list[tuple[str, str]]:
         more = f"; {len(skipped) - 3} more in metrics.json skipped_groups" if len(skipped) > 3 else ""
         rows.append(("groups left dense", f"{len(skipped)}: {'; '.join(skipped[:3])}{more}"))
     return rows
-
-
-def _target(job) -> str:
-    return f"{job.target_sparsity:.0%}" if job.target_sparsity else "MACs target"
 
 
 def _cmd_example(args: argparse.Namespace) -> int:
@@ -255,32 +252,7 @@ def _cmd_tune(args: argparse.Namespace) -> int:
     return 0
 
 
-# --- the service: serve, submit, status, jobs, cancel, download ---
-
-def _client(args: argparse.Namespace):
-    import os
-
-    from dg2pf_client import Client
-
-    url = args.url or os.environ.get("DG2PF_URL", "http://127.0.0.1:8000")
-    return Client(url, token=args.token or os.environ.get("DG2PF_TOKEN"))
-
-
-def _client_errors(fn):
-    """Server-side refusals become exit 2 with the server's message, like local bad input."""
-
-    def run(args: argparse.Namespace) -> int:
-        from dg2pf_client import ApiError
-
-        try:
-            return fn(args)
-        except ApiError as exc:
-            where = f" ({exc.field})" if exc.field else ""
-            print(f"dg2pf: error: {exc.message}{where}", file=sys.stderr)
-            return 2
-
-    return run
-
+# --- the service: serve and its embedded cluster here; the remote commands are dg2pf_client.cli's ---
 
 def _cmd_serve(args: argparse.Namespace) -> int:
     from dg2pf_service.__main__ import main as serve_main
@@ -310,135 +282,6 @@ def _cmd_cluster(args: argparse.Namespace) -> int:
     return 0
 
 
-def _print_job(job) -> None:
-    m = job.best_metrics or {}
-    print(f"{job.id}  {job.state:<9} phase {job.phase:<15} epoch {job.epoch:>3}  sparsity {job.current_sparsity:6.2%} -> {_target(job)}")
-    if m.get("test_top1") is not None:
-        print(f"  test top-1 {m.get('baseline_test_top1', float('nan')):.2f}% dense -> {m['test_top1']:.2f}% pruned; "
-              f"params nonzero {m.get('params_nonzero')}/{m.get('params_total')}")
-    speed = ((m.get("latency") or {}).get("speedup")) or {}
-    if speed:
-        cells = ", ".join(f"{b} batch {n} {x:.2f}x" for b, by in speed.items() for n, x in by.items() if x is not None)
-        print(f"  measured speed-up dense -> pruned: {cells} (MACs ratio {m['latency'].get('macs_ratio') or 0:.3f}x)")
-    for warning in m.get("warnings") or []:
-        print(f"  warning: {warning}")
-    if job.error:
-        print(f"  error: {job.error.type}: {job.error.message}")
-
-
-@_client_errors
-def _cmd_submit(args: argparse.Namespace) -> int:
-    import yaml
-
-    from dg2pf_service.spec import JobSpec
-
-    try:
-        document = yaml.safe_load(Path(args.spec).read_text())
-        spec = JobSpec.model_validate(document)
-    except (OSError, yaml.YAMLError) as exc:
-        raise DG2PFError(f"cannot read job spec {args.spec}: {exc}") from exc
-    except ValueError as exc:  # pydantic's ValidationError
-        raise DG2PFError(f"job spec {args.spec} is invalid: {exc}") from exc
-    with _client(args) as client:
-        submitted = client.submit(spec)
-        print(f"submitted {submitted.id}")
-        if not args.wait:
-            return 0
-        job = client.wait(submitted.id, on_update=_print_job)
-        return 0 if job.state == "succeeded" else 1
-
-
-@_client_errors
-def _cmd_status(args: argparse.Namespace) -> int:
-    with _client(args) as client:
-        job = client.get(args.id)
-    if args.json:
-        print(job.model_dump_json(indent=2))
-    else:
-        _print_job(job)
-    return 0
-
-
-@_client_errors
-def _cmd_jobs(args: argparse.Namespace) -> int:
-    with _client(args) as client:
-        page = client.list(state=args.state, limit=args.limit)
-    for job in page.items:
-        print(f"{job.id}  {job.state:<9} {job.phase:<15} {_target(job)}  {job.name or ''}")
-    print(f"({len(page.items)} of {page.total})")
-    return 0
-
-
-@_client_errors
-def _cmd_cancel(args: argparse.Namespace) -> int:
-    with _client(args) as client:
-        _print_job(client.cancel(args.id))
-    return 0
-
-
-@_client_errors
-def _cmd_download(args: argparse.Namespace) -> int:
-    with _client(args) as client:
-        for path in client.download(args.id, args.out or args.id):
-            print(path)
-    return 0
-
-
-@_client_errors
-def _cmd_deploy(args: argparse.Namespace) -> int:
-    with _client(args) as client:
-        model = client.deploy(args.id, wait=not args.no_wait, timeout=args.timeout)
-    print(f"{model.id}  {model.status}  {model.url}")
-    return 0
-
-
-@_client_errors
-def _cmd_models(args: argparse.Namespace) -> int:
-    with _client(args) as client:
-        page = client.models()
-    for m in page.items:
-        top1 = f"test top-1 {m.test_top1:.2f}%" if m.test_top1 is not None else ""
-        sparsity = f"sparsity {m.sparsity:.2%}" if m.sparsity is not None else ""
-        backend = f"on {m.backend}" if m.backend else ""
-        print(f"{m.id}  {m.status:<9} {m.arch or '?':<12} {sparsity}  {top1}  {backend}  {m.url}")
-    print(f"({len(page.items)} deployed; Serve at {page.serve_url})")
-    return 0
-
-
-@_client_errors
-def _cmd_undeploy(args: argparse.Namespace) -> int:
-    with _client(args) as client:
-        client.undeploy(args.id)
-    print(f"undeployed {args.id}")
-    return 0
-
-
-@_client_errors
-def _cmd_predict(args: argparse.Namespace) -> int:
-    if bool(args.images) == bool(args.inputs):
-        raise DG2PFError("give image files, or --inputs FILE.json with a batch of tensors, not both", field="images")
-    missing = [p for p in args.images if not Path(p).is_file()]
-    if missing:
-        raise DG2PFError(f"no such image file: {', '.join(missing)}", field="images")
-    inputs = None
-    if args.inputs:
-        try:
-            doc = json.loads(Path(args.inputs).read_text())
-        except (OSError, ValueError) as exc:
-            raise DG2PFError(f"cannot read {args.inputs}: {exc}", field="inputs") from exc
-        inputs = doc["inputs"] if isinstance(doc, dict) and "inputs" in doc else doc
-    with _client(args) as client:
-        out = client.predict(args.id, inputs=inputs, images=args.images or None, top_k=args.top_k)
-    if args.json:
-        print(json.dumps(out, indent=2))
-        return 0
-    names = args.images or [f"input {i}" for i in range(len(out["predictions"]))]
-    for name, preds in zip(names, out["predictions"]):
-        ranked = ", ".join(f"{p['label'] if p['label'] is not None else p['index']} ({p['probability']:.1%})" for p in preds)
-        print(f"{name}: {ranked}")
-    return 0
-
-
 def _cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
@@ -463,48 +306,7 @@ def _add_service_commands(sub) -> None:
     cl.add_argument("--data-dir", help="the service's data directory (default: $DG2PF_DATA_DIR or ./dg2pf-data)")
     cl.set_defaults(func=_cmd_cluster)
 
-    def client_parser(name: str, help_: str):
-        cp = sub.add_parser(name, help=help_)
-        cp.add_argument("--url", help="service URL (default: $DG2PF_URL or http://127.0.0.1:8000)")
-        cp.add_argument("--token", help="bearer token (default: $DG2PF_TOKEN)")
-        return cp
-
-    sb = client_parser("submit", "submit a job spec (YAML or JSON) to the service")
-    sb.add_argument("spec")
-    sb.add_argument("--wait", action="store_true", help="follow the job until it ends")
-    sb.set_defaults(func=_cmd_submit)
-    st = client_parser("status", "show a job")
-    st.add_argument("id")
-    st.add_argument("--json", action="store_true")
-    st.set_defaults(func=_cmd_status)
-    js = client_parser("jobs", "list jobs")
-    js.add_argument("--state", choices=["queued", "running", "succeeded", "failed", "cancelled"])
-    js.add_argument("--limit", type=int, default=50)
-    js.set_defaults(func=_cmd_jobs)
-    cn = client_parser("cancel", "cancel a queued or running job")
-    cn.add_argument("id")
-    cn.set_defaults(func=_cmd_cancel)
-    dl = client_parser("download", "download a job's artifacts")
-    dl.add_argument("id")
-    dl.add_argument("--out", help="directory (default: ./ID)")
-    dl.set_defaults(func=_cmd_download)
-    de = client_parser("deploy", "deploy a succeeded job's pruned model on Ray Serve")
-    de.add_argument("id")
-    de.add_argument("--no-wait", action="store_true", help="return without waiting for the model to answer")
-    de.add_argument("--timeout", type=float, default=300.0)
-    de.set_defaults(func=_cmd_deploy)
-    ms = client_parser("models", "list deployed models and their URLs")
-    ms.set_defaults(func=_cmd_models)
-    ud = client_parser("undeploy", "stop serving a model")
-    ud.add_argument("id")
-    ud.set_defaults(func=_cmd_undeploy)
-    pd = client_parser("predict", "send images (PNG/JPEG) or tensors to a deployed model")
-    pd.add_argument("id", help="model id (the job id)")
-    pd.add_argument("images", nargs="*", help="image files")
-    pd.add_argument("--inputs", help='JSON file: {"inputs": [...]} or a list of C x H x W nested lists')
-    pd.add_argument("--top-k", type=int, default=5)
-    pd.add_argument("--json", action="store_true", help="print the raw response")
-    pd.set_defaults(func=_cmd_predict)
+    add_remote_commands(sub)
 
 
 def _fmt_pair(before: float | None, after: float | None) -> str:
@@ -646,16 +448,10 @@ def _cmd_archs(args: argparse.Namespace) -> int:
     return 0
 
 
-class _Parser(argparse.ArgumentParser):
-    """Usage errors in one line, like every other bad input (the full usage is one --help away)."""
-
-    def error(self, message: str):  # type: ignore[override]
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="dg2pf", description="Distilled Gradual Pruning with Pruned Fine-tuning")
-    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    p = OneLineParser(prog="dg2pf", description="Distilled Gradual Pruning with Pruned Fine-tuning")
+    p.add_argument("--version", action="version", version=version_line())
+    sub = p.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
 
     ex = sub.add_parser("example", help="train an example model to prune (writes OUT/model.safetensors)")
     ex.add_argument("name", help="example name: digits")

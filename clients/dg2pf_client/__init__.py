@@ -1,6 +1,33 @@
-"""Python client of the dg2pf service."""
+"""Python client of the dg2pf service: httpx and pydantic only (no torch, no Ray).
 
-from .client import Client
-from .errors import ApiError, Conflict, Forbidden, InvalidRequest, NotFound, ServiceUnreachable, TooLarge, Unauthorized, WaitTimeout
+The names below are imported on first use, so ``dg2pf --help`` and ``dg2pf --version`` start without
+loading httpx and pydantic at all.
+"""
 
-__all__ = ["ApiError", "Client", "Conflict", "Forbidden", "InvalidRequest", "NotFound", "ServiceUnreachable", "TooLarge", "Unauthorized", "WaitTimeout"]
+from __future__ import annotations
+
+from importlib import import_module
+from typing import TYPE_CHECKING
+
+__version__ = "0.1.0"  # clients/pyproject.toml reads it; the same as the full package's (a test checks)
+
+_WHERE = {
+    "Client": "client",
+    **dict.fromkeys(("ApiError", "Conflict", "Forbidden", "InvalidRequest", "NotFound", "ServiceUnreachable", "TooLarge",
+                     "Unauthorized", "WaitTimeout"), "errors"),
+    **dict.fromkeys(("Artifact", "CheckpointOut", "JobList", "JobOut", "JobSubmitted", "ModelList", "ModelOut"), "schemas"),
+}
+__all__ = sorted(_WHERE)
+
+if TYPE_CHECKING:
+    from .client import Client
+    from .errors import ApiError, Conflict, Forbidden, InvalidRequest, NotFound, ServiceUnreachable, TooLarge, Unauthorized, WaitTimeout
+    from .schemas import Artifact, CheckpointOut, JobList, JobOut, JobSubmitted, ModelList, ModelOut
+
+
+def __getattr__(name: str):
+    if name not in _WHERE:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(import_module(f".{_WHERE[name]}", __name__), name)
+    globals()[name] = value
+    return value

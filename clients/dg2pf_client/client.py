@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -9,13 +10,8 @@ from typing import Any
 
 import httpx
 
-from dg2pf_service.api.models import ModelList, ModelOut
-from dg2pf_service.api.schemas import CheckpointOut, JobList, JobOut, JobSubmitted
-from dg2pf_service.spec import JobSpec
-
 from .errors import ServiceUnreachable, WaitTimeout, from_response
-
-TERMINAL = {"succeeded", "failed", "cancelled"}
+from .schemas import TERMINAL, Artifact, ArtifactList, CheckpointOut, JobList, JobOut, JobSubmitted, ModelList, ModelOut
 
 
 class Client:
@@ -40,11 +36,7 @@ class Client:
             where = path if path.startswith("http") else f"the dg2pf service at {self._http.base_url}"
             raise ServiceUnreachable(0, "unreachable", f"cannot reach {where}: {exc}") from exc
         if r.status_code >= 400:
-            try:
-                body = r.json()
-            except ValueError:
-                body = None
-            raise from_response(r.status_code, body, r.text)
+            raise from_response(r.status_code, _json_or_none(r), r.text)
         return r
 
     def upload_checkpoint(self, path: str | Path) -> CheckpointOut:
@@ -53,8 +45,10 @@ class Client:
             r = self._call("POST", "/checkpoints", files={"file": (path.name, fh, "application/octet-stream")})
         return CheckpointOut.model_validate(r.json())
 
-    def submit(self, spec: JobSpec | dict) -> JobSubmitted:
-        body = spec.model_dump(mode="json", exclude_unset=True) if isinstance(spec, JobSpec) else spec
+    def submit(self, spec: Any) -> JobSubmitted:
+        """Submit a job spec: a dict as in a job file, or a ``dg2pf_service.spec.JobSpec``. The service
+        validates it; an invalid field raises ``InvalidRequest`` naming it (``.field``)."""
+        body = spec.model_dump(mode="json", exclude_unset=True) if hasattr(spec, "model_dump") else spec
         return JobSubmitted.model_validate(self._call("POST", "/jobs", json=body).json())
 
     def get(self, job_id: str) -> JobOut:
@@ -70,14 +64,19 @@ class Client:
     def wait(self, job_id: str, timeout: float | None = None, on_update: Callable[[JobOut], None] | None = None,
              poll: float = 0.5, max_poll: float = 5.0, progress: bool = False) -> JobOut:
         """Poll until the job ends (backoff from ``poll`` to ``max_poll`` seconds); ``on_update`` sees each
-        change; ``progress=True`` draws a progress bar of epochs (phase, sparsity, validation top-1)."""
+        change (``on_update=print`` prints a one-line summary); ``progress=True`` draws a progress bar of
+        epochs (phase, sparsity, validation top-1) with tqdm (``dg2pf-client[progress]``), else a line per
+        change on stderr."""
         deadline = None if timeout is None else time.monotonic() + timeout
         last, delay = None, poll
-        bar = None
+        bar, echo = None, False
         if progress:
-            from tqdm import tqdm
-
-            bar = tqdm(desc=f"job {job_id[:8]}", unit="epoch")
+            try:
+                from tqdm import tqdm
+            except ImportError:  # the light client without its [progress] extra
+                echo = True
+            else:
+                bar = tqdm(desc=f"job {job_id[:8]}", unit="epoch")
         try:
             while True:
                 job = self.get(job_id)
@@ -85,6 +84,8 @@ class Client:
                 if key != last:
                     if on_update is not None:
                         on_update(job)
+                    if echo:
+                        print(job.summary(), file=sys.stderr, flush=True)
                     if bar is not None:
                         bar.update(job.epoch - bar.n)
                         val = (job.latest_metrics or {}).get("val_top1")
@@ -102,22 +103,31 @@ class Client:
             if bar is not None:
                 bar.close()
 
-    def artifacts(self, job_id: str) -> list[dict]:
-        return self._call("GET", f"/jobs/{job_id}/artifacts").json()["artifacts"]
+    def artifacts(self, job_id: str) -> list[Artifact]:
+        return ArtifactList.model_validate(self._call("GET", f"/jobs/{job_id}/artifacts").json()).artifacts
 
     def download(self, job_id: str, dest: str | Path) -> list[Path]:
+        """Fetch every artifact of the job into ``dest``; each file appears whole or not at all."""
         dest = Path(dest)
         dest.mkdir(parents=True, exist_ok=True)
         written = []
         for item in self.artifacts(job_id):
-            with self._http.stream("GET", item["url"]) as r:
-                if r.status_code >= 400:
-                    r.read()
-                    raise from_response(r.status_code, r.json() if r.content else None, r.text)
-                target = dest / item["name"]
-                with target.open("wb") as fh:
-                    for chunk in r.iter_bytes():
-                        fh.write(chunk)
+            target = dest / Path(item.name).name
+            part = target.with_name(f".{target.name}.part")
+            try:
+                with self._http.stream("GET", item.url) as r:
+                    if r.status_code >= 400:
+                        r.read()
+                        raise from_response(r.status_code, _json_or_none(r), r.text)
+                    with part.open("wb") as fh:
+                        for chunk in r.iter_bytes():
+                            fh.write(chunk)
+                part.replace(target)
+            except httpx.TransportError as exc:
+                raise ServiceUnreachable(0, "unreachable", f"lost the dg2pf service at {self._http.base_url} while "
+                                         f"downloading {item.name}: {exc}") from exc
+            finally:
+                part.unlink(missing_ok=True)
             written.append(target)
         return written
 
@@ -176,3 +186,10 @@ class Client:
 
     def health(self) -> dict:
         return self._call("GET", "/readyz").json()
+
+
+def _json_or_none(r: httpx.Response) -> Any:
+    try:
+        return r.json()
+    except ValueError:
+        return None

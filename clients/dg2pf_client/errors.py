@@ -46,7 +46,9 @@ class WaitTimeout(TimeoutError):
 _BY_STATUS = {401: Unauthorized, 403: Forbidden, 404: NotFound, 409: Conflict, 413: TooLarge}
 
 
-def from_response(status: int, body: dict | None, text: str) -> ApiError:
-    err = (body or {}).get("error") or {}
+def from_response(status: int, body: object, text: str) -> ApiError:
+    # Anything else than the API's error shape (a proxy's page, a body cut off) still gives a message.
+    err = body.get("error") if isinstance(body, dict) else None
+    err = err if isinstance(err, dict) else {}
     cls = _BY_STATUS.get(status, InvalidRequest if 400 <= status < 500 else ApiError)
     return cls(status, err.get("type", "error"), err.get("message", text[:500]), err.get("field"))

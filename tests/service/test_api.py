@@ -211,7 +211,7 @@ def test_cancel_during_pruning_stops_the_work_and_keeps_artifacts(service, clien
     time.sleep(3)
     job = client.get(job_id)
     assert job.state == "cancelled" and job.epoch < 12
-    names = {a["name"] for a in client.artifacts(job_id)}
+    names = {a.name for a in client.artifacts(job_id)}
     assert "progress.jsonl" in names  # what was written so far is kept
     progress_lines = len((service.data_dir / "jobs" / job_id / "progress.jsonl").read_text().splitlines())
     time.sleep(3)

@@ -16,7 +16,7 @@ from ..spec import JobSpec
 from ..validation import validate_job
 from .auth import require_token
 from .errors import ApiError
-from .schemas import ARTIFACT_CONTENT, LOCATION, ArtifactList, ErrorInfo, JobList, JobOut, JobSubmitted, State, artifact_media_type
+from .schemas import ARTIFACT_CONTENT, LOCATION, Artifact, ArtifactList, ErrorInfo, JobList, JobOut, JobSubmitted, State, artifact_media_type
 
 router = APIRouter(prefix="/jobs", tags=["jobs"], dependencies=[Depends(require_token)])
 
@@ -97,10 +97,10 @@ def cancel(job_id: JobId, services=Depends(_services)) -> JobOut:
 def artifacts(job_id: JobId, services=Depends(_services)) -> ArtifactList:
     row = _row_or_404(services, job_id)
     out = output_dir(Path(row.artifacts_dir))
-    found = [{"name": n, "bytes": (out / n).stat().st_size, "url": f"/jobs/{job_id}/artifacts/{n}"} for n in ARTIFACTS if (out / n).is_file()]
+    found = [Artifact(name=n, bytes=(out / n).stat().st_size, url=f"/jobs/{job_id}/artifacts/{n}") for n in ARTIFACTS if (out / n).is_file()]
     progress = Path(row.artifacts_dir) / "progress.jsonl"
     if progress.is_file():
-        found.append({"name": "progress.jsonl", "bytes": progress.stat().st_size, "url": f"/jobs/{job_id}/artifacts/progress.jsonl"})
+        found.append(Artifact(name="progress.jsonl", bytes=progress.stat().st_size, url=f"/jobs/{job_id}/artifacts/progress.jsonl"))
     return ArtifactList(job_id=job_id, artifacts=found)
 
 

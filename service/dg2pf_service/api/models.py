@@ -7,11 +7,9 @@ on Serve's HTTP proxy), not by this API process: the API only decides what is de
 from __future__ import annotations
 
 import json
-from datetime import datetime
 from pathlib import Path
 
 from fastapi import APIRouter, Depends, Request, Response
-from pydantic import BaseModel
 
 from dg2pf_core.errors import DG2PFError
 from dg2pf_core.inference import METRICS_FILE
@@ -21,32 +19,9 @@ from ..serving.deploy import NotDeployable
 from .auth import require_token
 from .errors import ApiError
 from .jobs import JobId
-from .schemas import LOCATION
+from .schemas import LOCATION, ModelList, ModelOut
 
 router = APIRouter(tags=["models"], dependencies=[Depends(require_token)])
-
-
-class ModelOut(BaseModel):
-    id: str
-    job_id: str
-    status: str  # ready | deploying | unhealthy | failed | pending
-    url: str
-    created_at: datetime
-    arch: str | None
-    num_classes: int | None
-    input_shape: list[int] | None
-    class_names: list[str] | None
-    sparsity: float | None
-    test_top1: float | None
-    # What computes its logits: DG2PF_SERVE_BACKEND, or "torch" on an onnxruntime service for a job
-    # that has no model.onnx (the job's metrics.json says why, in onnx.reason).
-    backend: str | None = None
-    message: str | None = None
-
-
-class ModelList(BaseModel):
-    items: list[ModelOut]
-    serve_url: str
 
 
 def _services(request: Request):

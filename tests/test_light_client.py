@@ -1,0 +1,199 @@
+"""The light client (clients/, dg2pf-client): nothing heavy imported, its wire models equal to the API's
+OpenAPI, the remote commands fast (no torch) with one line for bad input and for Ctrl-C.
+
+The fresh-venv install of the package alone talking to a real service is in tests/service/test_api.py
+(it reuses that module's service)."""
+
+from __future__ import annotations
+
+import ast
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from dg2pf_client.cli import LOCAL_COMMANDS, REMOTE_COMMANDS
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGE = ROOT / "clients" / "dg2pf_client"
+HEAVY = ("torch", "torchvision", "ray", "numpy", "dg2pf_core", "dg2pf_ray", "dg2pf_service")
+# What the client parses, by the operation that answers it (method, path, success status).
+RESPONSES = {
+    ("post", "/checkpoints", "201"): "CheckpointOut",
+    ("post", "/jobs", "202"): "JobSubmitted",
+    ("get", "/jobs", "200"): "JobList",
+    ("get", "/jobs/{job_id}", "200"): "JobOut",
+    ("post", "/jobs/{job_id}/cancel", "200"): "JobOut",
+    ("get", "/jobs/{job_id}/artifacts", "200"): "ArtifactList",
+    ("post", "/jobs/{job_id}/deploy", "202"): "ModelOut",
+    ("get", "/models", "200"): "ModelList",
+    ("get", "/models/{model_id}", "200"): "ModelOut",
+}
+
+
+def _loaded_after(code: str) -> list[str]:
+    """The heavy top-level modules loaded once ``code`` ran in a fresh interpreter."""
+    probe = f"{code}\nimport sys\nprint(sorted({{m.split('.')[0] for m in sys.modules}} & {set(HEAVY)!r}))"
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    return eval(out.stdout.strip().splitlines()[-1])
+
+
+def test_importing_the_client_and_its_command_line_loads_no_torch_ray_or_service():
+    names = "Client, JobOut, JobList, ModelList, ApiError, WaitTimeout"
+    assert _loaded_after(f"import dg2pf_client, dg2pf_client.cli, dg2pf_client.schemas\nfrom dg2pf_client import {names}") == []
+
+
+def test_no_module_of_the_client_imports_a_heavy_package_even_inside_a_function():
+    found = []
+    for path in sorted(PACKAGE.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) and node.level == 0 else []
+            found += [f"{path.name}:{node.lineno} {n}" for n in names if n.split(".")[0] in HEAVY]
+    assert found == []
+
+
+def test_the_full_command_line_runs_remote_commands_without_importing_torch():
+    run = "from dg2pf_cli.entry import run\ntry:\n    run(['jobs', '--help'])\nexcept SystemExit:\n    pass"
+    assert _loaded_after(run) == []
+
+
+def _openapi() -> dict:
+    from dg2pf_service.api.app import create_app
+
+    return create_app().openapi()
+
+
+def _shape(schema):
+    """A schema's wire shape: field names, types, required, nested; not its titles, descriptions, defaults."""
+    if isinstance(schema, dict):
+        return {k: sorted(v) if k == "required" else _shape(v) for k, v in schema.items()
+                if k not in ("title", "description", "default")}
+    if isinstance(schema, list):
+        return [_shape(v) for v in schema]
+    return schema
+
+
+def test_the_client_wire_models_match_the_service_openapi():
+    from pydantic.json_schema import models_json_schema
+
+    import dg2pf_client.schemas as wire
+
+    openapi = _openapi()
+    for (method, path, status), name in RESPONSES.items():
+        content = openapi["paths"][path][method]["responses"][status]["content"]["application/json"]["schema"]
+        assert content == {"$ref": f"#/components/schemas/{name}"}, (method, path)
+    models = [getattr(wire, name) for name in {*RESPONSES.values(), "ErrorResponse"}]
+    _, top = models_json_schema([(m, "serialization") for m in models], ref_template="#/components/schemas/{model}")
+    client = top["$defs"]
+    served = openapi["components"]["schemas"]
+    for name, schema in client.items():  # each model the client parses and every model inside one
+        assert name in served, name
+        assert _shape(served[name]) == _shape(schema), name
+
+
+def test_the_service_declares_its_responses_with_the_client_classes():
+    import dg2pf_client.schemas as wire
+    from dg2pf_service.api import models, schemas
+
+    for name in {*RESPONSES.values(), "ErrorResponse", "ErrorDetail"}:
+        assert getattr(schemas, name) is getattr(wire, name), name
+    assert models.ModelOut is wire.ModelOut and models.ModelList is wire.ModelList
+
+
+def test_the_client_version_is_the_package_version_and_dg2pf_version_prints_it():
+    from dg2pf_client import __version__
+
+    assert __version__ == tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
+    out = subprocess.run([*_dg2pf(), "--version"], capture_output=True, text=True, timeout=60)
+    assert (out.returncode, out.stdout.strip()) == (0, f"dg2pf {__version__}")
+
+
+def test_the_full_command_line_has_every_remote_command_and_the_light_one_knows_its_local_ones():
+    from dg2pf_cli.main import build_parser
+
+    commands = set(build_parser()._subparsers._group_actions[0].choices)  # type: ignore[union-attr]
+    assert set(REMOTE_COMMANDS) <= commands
+    assert commands - set(REMOTE_COMMANDS) <= set(LOCAL_COMMANDS)  # the light one names where each of them is
+
+
+def test_a_job_prints_as_one_line():
+    from dg2pf_client import JobOut
+
+    job = JobOut.model_validate({
+        "id": "ab" * 16, "name": "n", "state": "running", "phase": "distillation", "epoch": 7, "current_sparsity": 0.9,
+        "target_sparsity": 0.9, "latest_metrics": {"val_top1": 97.5}, "best_metrics": None, "history": [{"epoch": 1}] * 50,
+        "error": None, "created_at": "2026-01-01T00:00:00Z", "started_at": None, "finished_at": None, "eta_seconds": 3.0,
+        "spec": {"model": {"arch": "digits_cnn"}}, "links": {}})
+    line = str(job)
+    assert "\n" not in line and len(line) < 160, line
+    for needle in ("ab" * 16, "running", "distillation", "epoch   7", "90.00% -> 90%", "val top-1 97.50%", "eta 3 s"):
+        assert needle in line, line
+
+
+def _dg2pf() -> list[str]:
+    script = Path(sys.executable).parent / "dg2pf"  # the console script as installed, else the module
+    return [str(script)] if script.exists() else [sys.executable, "-m", "dg2pf_cli"]
+
+
+def _refused(*args: str) -> str:
+    out = subprocess.run([*_dg2pf(), *args], capture_output=True, text=True, timeout=60)
+    lines = [line for line in out.stderr.splitlines() if line.strip()]
+    assert out.returncode == 2 and len(lines) == 1 and lines[0].startswith("dg2pf") and " error: " in lines[0], out.stderr
+    return lines[0]
+
+
+def test_bad_input_to_remote_commands_is_one_line_and_exit_2(tmp_path):
+    nowhere = ["--url", "http://127.0.0.1:9"]  # a refusal that names the service would mean the spec was sent
+    assert "no-such.json" in _refused("submit", str(tmp_path / "no-such.json"), *nowhere)
+    (tmp_path / "list.json").write_text("[1, 2]")
+    assert "must be a mapping" in _refused("submit", str(tmp_path / "list.json"), *nowhere)
+    (tmp_path / "broken.yaml").write_text("model: {arch: [\n")
+    assert "broken.yaml" in _refused("submit", str(tmp_path / "broken.yaml"), *nowhere)
+    assert "no such file" in _refused("upload", str(tmp_path / "none.safetensors"), *nowhere)
+    assert "cannot reach" in _refused("jobs", *nowhere)
+    assert "invalid choice" in _refused("jobs", "--state", "sleeping")
+
+
+def test_ctrl_c_while_a_remote_command_waits_for_the_service_ends_with_one_line_and_130():
+    with socket.socket() as silent:  # a service that accepts the connection and never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        silent.settimeout(60)
+        proc = subprocess.Popen([*_dg2pf(), "jobs", "--url", f"http://127.0.0.1:{silent.getsockname()[1]}"],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+        try:
+            conn, _ = silent.accept()  # the command is waiting for its answer now
+            if Path(f"/proc/{proc.pid}/maps").exists():
+                assert "/torch/" not in Path(f"/proc/{proc.pid}/maps").read_text()
+            time.sleep(0.2)
+            os.killpg(proc.pid, signal.SIGINT)
+            _, err = proc.communicate(timeout=60)
+            conn.close()
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert proc.returncode == 130 and len(lines) == 1 and lines[0].startswith("dg2pf: interrupted"), err
+
+
+@pytest.mark.parametrize("command", ["jobs", "--version"])
+def test_remote_commands_start_in_well_under_a_second(command):
+    # CPU time, not wall time: a busy machine (CI shares its cores) stretches the latter. Importing torch
+    # alone takes several CPU seconds.
+    args = [command, "--help"] if command != "--version" else [command]
+    before = os.times()
+    out = subprocess.run([*_dg2pf(), *args], capture_output=True, text=True, timeout=60)
+    after = os.times()
+    assert out.returncode == 0, out.stderr
+    cpu = (after.children_user - before.children_user) + (after.children_system - before.children_system)
+    assert cpu < 0.8, cpu
