@@ -1,10 +1,14 @@
-"""Fixtures for the service tests: a fresh PostgreSQL database on the real server."""
+"""Fixtures for the service tests: a fresh PostgreSQL database on the real server; the light client alone."""
 
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
+import sys
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from sqlalchemy.engine import make_url
@@ -32,3 +36,19 @@ def pg_url() -> Iterator[str]:
         with admin.cursor() as cur:
             cur.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         admin.close()
+
+
+@pytest.fixture(scope="session")
+def light_client_bin(tmp_path_factory) -> Path:
+    """The bin/ folder of a fresh venv (no system site packages) holding only ``pip install clients/``
+    (dg2pf-client and what it depends on, from the package index): as a user without torch has it."""
+    root = tmp_path_factory.mktemp("light-client")
+    clients = Path(__file__).resolve().parents[2] / "clients"
+    src = root / "src"  # a copy: the build leaves build/ and *.egg-info beside the sources
+    shutil.copytree(clients / "dg2pf_client", src / "dg2pf_client", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(clients / "pyproject.toml", src)
+    subprocess.run([sys.executable, "-m", "venv", str(root / "venv")], check=True, timeout=300)
+    pip = subprocess.run([str(root / "venv" / "bin" / "python"), "-m", "pip", "install", "--quiet", str(src)],
+                         capture_output=True, text=True, timeout=900)
+    assert pip.returncode == 0, pip.stdout + pip.stderr
+    return root / "venv" / "bin"

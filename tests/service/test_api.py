@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -285,6 +287,44 @@ def test_cli_submit_wait_status_jobs_download(service, ckpt, tmp_path, capsys):
     assert main(["submit", str(bad), *conn]) == 2
     assert "sparsity" in capsys.readouterr().err
     assert main(["status", "0" * 32, *conn]) == 2
+
+
+def test_the_light_client_alone_in_a_fresh_venv_drives_the_service(service, ckpt, digits_example, light_client_bin, tmp_path):
+    listed = subprocess.run([str(light_client_bin / "python"), "-m", "pip", "list", "--format=json"], capture_output=True,
+                            text=True, timeout=120)
+    installed = {p["name"].lower() for p in json.loads(listed.stdout)}
+    assert "dg2pf-client" in installed and not installed & {"torch", "torchvision", "ray", "numpy", "dg2pf"}, installed
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"DG2PF_URL": service.url, "DG2PF_TOKEN": TOKEN}
+
+    def dg2pf(*args: str, **over: str) -> subprocess.CompletedProcess:
+        return subprocess.run([str(light_client_bin / "dg2pf"), *args], capture_output=True, text=True, cwd=tmp_path,
+                              env=env | over, timeout=600)
+
+    up = dg2pf("upload", str(digits_example / "model.safetensors"))
+    assert up.returncode == 0 and up.stdout.split()[0] == ckpt, up.stderr  # the same content: the same id
+    (tmp_path / "job.json").write_text(json.dumps(spec(ckpt, name="light", sparsity=0.8,
+                                                       schedule={"pruning_epochs": 1, "max_epochs": 2})))
+    listing = dg2pf("jobs")
+    assert listing.returncode == 0 and listing.stdout.rstrip().endswith(")"), listing.stderr
+    sub = dg2pf("submit", "job.json", "--wait")
+    assert sub.returncode == 0, sub.stdout + sub.stderr
+    job_id = sub.stdout.split("submitted ")[1].split()[0]
+    updates = [line for line in sub.stdout.splitlines() if line.startswith(job_id)]
+    assert len(updates) >= 2 and "succeeded" in updates[-1], sub.stdout  # one line per change, not the job object
+    assert job_id in dg2pf("jobs", "--state", "succeeded").stdout
+    assert json.loads(dg2pf("status", job_id, "--json").stdout)["state"] == "succeeded"
+    assert dg2pf("download", job_id, "--out", "dl").returncode == 0
+    assert {"model.safetensors", "metrics.json"} <= {p.name for p in (tmp_path / "dl").iterdir()}
+    (tmp_path / "bad.json").write_text(json.dumps(spec(ckpt, sparsity=2)))
+    for result, needle in ((dg2pf("submit", "bad.json"), "(sparsity)"), (dg2pf("cancel", job_id), "already succeeded"),
+                           (dg2pf("jobs", DG2PF_TOKEN="wrong"), "token"), (dg2pf("prune", "--arch", "x"), "pip install dg2pf")):
+        lines = result.stderr.strip().splitlines()
+        assert result.returncode == 2 and len(lines) == 1 and needle in lines[0], result.stderr
+    probe = ("import sys\nfrom dg2pf_client import Client\n"
+             f"with Client({service.url!r}, token={TOKEN!r}) as c:\n    print(c.get({job_id!r}).state)\n"
+             "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'ray', 'numpy'}))")
+    out = subprocess.run([str(light_client_bin / "python"), "-c", probe], capture_output=True, text=True, env=env, timeout=120)
+    assert out.stdout.split() == ["succeeded", "[]"], out.stderr
 
 
 def test_cancel_during_finetuning(service, client, ckpt):
