@@ -303,7 +303,7 @@ def add_remote_commands(sub) -> None:
 def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(prog="dg2pf", description="The dg2pf service from the command line (the light client, "
                       "dg2pf-client). The commands that prune on this machine (example, prune, evaluate, serve, ...) "
-                      "come with the full package: pip install dg2pf")
+                      "come with the full dg2pf package (`pip install .` in the repository)")
     p.add_argument("--version", action="version", version=version_line())
     add_remote_commands(p.add_subparsers(dest="command", required=True, parser_class=OneLineParser))
     return p
@@ -318,8 +318,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             from dg2pf_cli.entry import run as run_full
 
             return run_full(argv)
-        return _fail(f"`dg2pf {argv[0]}` runs on this machine and comes with the full package (torch, Ray): "
-                     "pip install dg2pf; this light client has the service commands: " + ", ".join(REMOTE_COMMANDS))
+        return _fail(f"`dg2pf {argv[0]}` runs on this machine and comes with the full dg2pf package (torch, Ray: "
+                     "`pip install .` in the repository); this light client has the service commands: "
+                     + ", ".join(REMOTE_COMMANDS))
     args = build_parser().parse_args(argv)
     return args.func(args)
 

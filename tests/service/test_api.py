@@ -317,7 +317,7 @@ def test_the_light_client_alone_in_a_fresh_venv_drives_the_service(service, ckpt
     assert {"model.safetensors", "metrics.json"} <= {p.name for p in (tmp_path / "dl").iterdir()}
     (tmp_path / "bad.json").write_text(json.dumps(spec(ckpt, sparsity=2)))
     for result, needle in ((dg2pf("submit", "bad.json"), "(sparsity)"), (dg2pf("cancel", job_id), "already succeeded"),
-                           (dg2pf("jobs", DG2PF_TOKEN="wrong"), "token"), (dg2pf("prune", "--arch", "x"), "pip install dg2pf")):
+                           (dg2pf("jobs", DG2PF_TOKEN="wrong"), "token"), (dg2pf("prune", "--arch", "x"), "full dg2pf package")):
         lines = result.stderr.strip().splitlines()
         assert result.returncode == 2 and len(lines) == 1 and needle in lines[0], result.stderr
     probe = ("import sys\nfrom dg2pf_client import Client\n"
