@@ -69,7 +69,9 @@ def test_the_default_grid_has_every_method_the_comparison_needs_and_no_investiga
     assert {"dg2pf", "dg2pf-no-kd", "dg2pf-hard-masks", "dg2pf-feedback", "dg2pf-cubic", "dg2pf-overparam",
             "dg2pf-no-cap", "oneshot-ft", "gmp-cubic", "torch-prune-l1", "inc-magnitude"} <= set(grid)
     extra = set(method_names(grid_only=False)) - set(grid)
-    assert extra and all(name.startswith(("dg2pf-cap", "dg2pf-floor", "dg2pf-bn-recal")) for name in extra)
+    from bench.fidelity.dg2pf_family import INVESTIGATIONS
+
+    assert extra and extra == set(INVESTIGATIONS)  # investigations run only when named
 
 
 # --- the channel grid (methods of kind "macs") ---------------------------------------------------
@@ -148,6 +150,30 @@ def test_channel_table_has_its_own_markers(tmp_path):
 def _write_cells(results, cells):
     for cell in cells:
         write_json(cell_path(results, cell["model"], cell["method"], cell["sparsity_target"], cell["seed"]), cell)
+
+
+def test_cells_of_another_dense_model_are_refused_before_new_cells_join_them(tmp_path):
+    """A re-trained dense cache is another baseline: its cells must not mix with the old ones."""
+    from bench.fidelity.pretrain import Dense
+    from bench.fidelity.run import check_dense
+
+    weights = tmp_path / "dense.safetensors"
+    weights.write_bytes(b"the dense model now")
+    dense = Dense("resnet18", weights, 98.5, 99.0, 1.0, 10, cached=True)
+    results = tmp_path / "results"
+    _write_cells(results, [{**_cell("dg2pf", 0, 90.0), "dense_sha256": dense.sha256},
+                           _cell("gmp-cubic", 0, 91.0),  # recorded before the digest: its dense top-1 (99.0) matches
+                           _cell("oneshot-ft", 0, None, status="failed")])
+    check_dense(results, dense)
+    other = cell_path(results, "resnet18", "dg2pf", 0.9, 1)
+    write_json(other, {**_cell("dg2pf", 1, 90.0), "dense_sha256": "0" * 64})
+    with pytest.raises(SystemExit, match="another dense resnet18") as info:
+        check_dense(results, dense)
+    assert str(other) in str(info.value)
+    other.unlink()
+    write_json(other, {**_cell("dg2pf", 1, 90.0), "dense_test_top1": 98.77})  # an older cell of another baseline
+    with pytest.raises(SystemExit, match="98.77% there, 99.00% now"):
+        check_dense(results, dense)
 
 
 def test_report_never_replaces_a_table_with_one_from_fewer_cells(tmp_path):
@@ -275,3 +301,41 @@ def test_resume_refuses_a_cell_of_other_data_settings_naming_the_field(tmp_path)
     assert finished(cell, Budget(), settings_for_dataset("fashion-mnist", 8000))
     with pytest.raises(SystemExit, match="train_subset 8000 there, 4000 now"):
         finished(cell, Budget(), settings_for_dataset("fashion-mnist", 4000))
+
+
+def test_a_pool_worker_stops_when_its_run_is_killed(tmp_path):
+    """SIGKILL (or SIGTERM) reaches the run's main process only; its cell workers must not go on."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    script = tmp_path / "run.py"
+    script.write_text(
+        "import multiprocessing, os, time\n"
+        "from bench.fidelity.run import _exit_with_parent\n"
+        "def worker():\n"
+        "    _exit_with_parent(os.getppid())\n"
+        "if __name__ == '__main__':\n"
+        "    child = multiprocessing.get_context('fork').Process(target=worker)\n"
+        "    child.start()\n"
+        "    print(child.pid, flush=True)\n"
+        "    time.sleep(600)\n"
+    )
+    run = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True,
+                           cwd=str(report.REPO), env={**os.environ, "PYTHONPATH": str(report.REPO)})
+    child = int(run.stdout.readline())
+    os.kill(run.pid, signal.SIGKILL)
+    run.wait(timeout=30)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            os.kill(child, 0)
+        except ProcessLookupError:
+            return
+        if open(f"/proc/{child}/stat").read().split()[2] == "Z":  # exited, waiting to be reaped by init
+            return
+        time.sleep(0.2)
+    os.kill(child, signal.SIGKILL)
+    raise AssertionError("the worker outlived its killed run by 30 s")

@@ -53,12 +53,18 @@ VARIANTS: dict[str, tuple[dict, str]] = {
 # Investigations of the defaults on the hard settings (docs/fidelity.md, "Findings"): not in the default
 # grid, run with --methods.
 INVESTIGATIONS: dict[str, tuple[dict, str]] = {
-    "dg2pf-bn-recal": ({"bn_recalibration_batches": 8}, "dg2pf with BatchNorm statistics re-estimated on 8 batches after each mask change"),
+    "dg2pf-bn-recal": ({"bn_recalibration_batches": 8}, "dg2pf with BatchNorm statistics re-estimated on 8 batches before each validation"),
+    "dg2pf-no-bn-recal": ({"bn_recalibration_batches": 0}, "dg2pf validated with BatchNorm's running averages as training left them (the default before 2026-12-01)"),
     "dg2pf-cap0.99": ({"max_layer_sparsity": 0.99, "layer_density_floor": 0.0}, "dg2pf with max_layer_sparsity=0.99 and no density floor"),
     "dg2pf-cap0.98": ({"max_layer_sparsity": 0.98, "layer_density_floor": 0.0}, "dg2pf with max_layer_sparsity=0.98"),
     "dg2pf-cap0.97": ({"max_layer_sparsity": 0.97, "layer_density_floor": 0.0}, "dg2pf with max_layer_sparsity=0.97"),
     "dg2pf-cap0.96": ({"max_layer_sparsity": 0.96, "layer_density_floor": 0.0}, "dg2pf with max_layer_sparsity=0.96"),
     "dg2pf-floor0.4": ({"max_layer_sparsity": 0.99, "layer_density_floor": 0.4}, "dg2pf with layer_density_floor=0.4 (cap 0.98 at 95%, 0.96 at 90%, 0.88 at 70%)"),
+    # Fashion-MNIST component search (docs/fidelity.md): dg2pf-cubic collapses at 98%; which part?
+    "dg2pf-cubic-no-cap": ({"schedule": "cubic", "max_layer_sparsity": 1.0, "layer_density_floor": 0.0},
+                           "dg2pf-cubic without the per-layer cap (plain global ranking)"),
+    "dg2pf-cubic-no-kd": ({"schedule": "cubic", "kd_alpha": 0.0}, "dg2pf-cubic with kd_alpha=0: cross-entropy only, no teacher"),
+    "dg2pf-p10": ({"pruning_epochs": 10}, "dg2pf with 10 pruning epochs (the linear schedule's last step smaller) in the same epoch budget"),
 }
 
 

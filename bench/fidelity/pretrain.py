@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import hashlib
+import functools
 import json
 import math
 import time
@@ -83,6 +84,11 @@ class Dense:
     seconds: float  # pre-training wall time (when this process trained it; the cached value otherwise)
     epochs: int
     cached: bool
+
+    @functools.cached_property
+    def sha256(self) -> str:
+        """The checkpoint file's digest: which dense model a cell pruned (a re-trained cache differs)."""
+        return hashlib.sha256(self.path.read_bytes()).hexdigest()
 
     def build(self) -> nn.Module:
         model = build(self.arch)

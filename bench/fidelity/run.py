@@ -23,7 +23,9 @@ import argparse
 import dataclasses
 import json
 import multiprocessing
+import os
 import sys
+import threading
 import time
 import traceback
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -38,7 +40,7 @@ from dg2pf_core.metrics import conv_linear_macs
 from .data import DATASETS, DataSettings, export_npz, load_job_split, load_split, settings_for_dataset
 from .measure import measure
 from .methods import Budget, Cell, get_method, method_names
-from .pretrain import EXTRA_MODELS, MODELS, PretrainError, dense_model, settings_for
+from .pretrain import EXTRA_MODELS, MODELS, Dense, PretrainError, dense_model, settings_for
 from . import report
 
 HERE = Path(__file__).resolve().parent
@@ -85,12 +87,33 @@ def finished(path: Path, budget: Budget, data: DataSettings | None = None) -> bo
     return done.get("status") == "ok"
 
 
+def check_dense(results: Path, dense: Dense) -> None:
+    """``SystemExit`` naming the first finished cell of ``dense.arch`` in ``results`` that pruned
+    another dense model than ``dense`` (by its file digest; cells from before the digest was recorded,
+    by the dense test top-1 they quote): one table must not mix pruned networks of two baselines."""
+    for path in sorted((results / dense.arch).glob("*/*-seed*.json")):
+        try:
+            done = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue  # the report names unreadable cells
+        if not isinstance(done, dict) or done.get("status") != "ok":
+            continue
+        there = done.get("dense_sha256")
+        same = there == dense.sha256 if there else round(float(done.get("dense_test_top1", -1)), 2) == round(dense.test_top1, 2)
+        if not same:
+            raise SystemExit(
+                f"{path} pruned another dense {dense.arch} (test top-1 {done.get('dense_test_top1')}% there, "
+                f"{dense.test_top1:.2f}% now: the cached dense model was re-trained); pass another --results-dir "
+                "for cells of this one, or bring back the dense checkpoint those cells used"
+            )
+
+
 def run_cell(cell: Cell) -> dict:
     record = {
         "method": cell.method, "model": cell.model, "sparsity_target": cell.sparsity, "seed": cell.seed,
         **({"macs_ratio_target": cell.macs_ratio} if cell.macs_ratio is not None else {}),
         "budget": asdict(cell.budget), "threads": cell.threads, "data": asdict(cell.data), "dataset": cell.data.dataset,
-        "dense_test_top1": cell.dense.test_top1, "dense_val_top1": cell.dense.val_top1,
+        "dense_test_top1": cell.dense.test_top1, "dense_val_top1": cell.dense.val_top1, "dense_sha256": cell.dense.sha256,
         "torch": torch.__version__, "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
     t0, c0 = time.perf_counter(), time.process_time()
@@ -135,6 +158,16 @@ _WORKER: dict = {}
 def _start_worker(threads: int, budget: Budget, dense: dict, data: DataSettings, npz: Path | None) -> None:
     torch.set_num_threads(threads)
     _WORKER.update(threads=threads, budget=budget, dense=dense, data=data, npz=npz, splits={})
+    if multiprocessing.parent_process() is not None:  # a pool worker: end with the run that started it
+        threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True).start()
+
+
+def _exit_with_parent(parent: int) -> None:
+    """A pool worker outlives a killed run (SIGTERM or SIGKILL reaches the run only) and would go on
+    computing cells nobody waits for; it stops within 2 s of its parent instead."""
+    while os.getppid() == parent:
+        time.sleep(2)
+    os._exit(1)
 
 
 def _split(seed: int):
@@ -286,6 +319,8 @@ def main(argv: list[str] | None = None) -> None:
                 raise SystemExit("pre-training missed the accuracy bar:\n" + "\n".join(unusable))
             return
         todo = [t for t in todo if t[0] in dense]
+        for m in {t[0] for t in todo}:
+            check_dense(args.results_dir, dense[m])
         setup = (args.threads, budget, dense, data, npz)
         tasks = [(i, len(todo), *t, path_of(args.results_dir, t[0], t[2], t[1], t[3]), args.kind) for i, t in enumerate(todo, 1)]
         if args.jobs == 1:

@@ -1,0 +1,82 @@
+"""Is a pruned network's validation top-1 its own, or its BatchNorm running averages'?
+
+Runs one Fashion-MNIST job the way the fidelity grid does (``PruneJob`` -> ``prepare`` -> ``run``, the
+cell's 8,000-image training subset) and, after every epoch from the last ranking on (the mask is
+then final), scores the epoch's network twice on the validation split: with BatchNorm's running averages as training left them, and
+after re-estimating them on 50 training batches (``dg2pf_core.batchnorm.recalibrate_batchnorm``).
+The probe saves and restores torch's random state, so the job trains as it would without it.
+
+    .venv/bin/python -m bench.fidelity.bn_probe --sparsity 0.98 --seed 0 --set bn_recalibration_batches=0
+    .venv/bin/python -m bench.fidelity.bn_probe --sparsity 0.98 --seed 0 --method gmp-cubic --set bn_recalibration_batches=0
+
+Needs the cached dense shufflenet_v2_x0_5 (``python -m bench.fidelity.run --dataset fashion-mnist
+--models shufflenet_v2_x0_5 --pretrain-only``). Prints one line per epoch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+from pathlib import Path
+
+import torch
+
+from dg2pf_core import DG2PFConfig
+from dg2pf_core import job as product
+from dg2pf_core.batchnorm import recalibrate_batchnorm
+from dg2pf_core.metrics import evaluate
+
+from .data import FASHION_MNIST_DIR, train_subset
+from .dg2pf_family import INVESTIGATIONS, VARIANTS
+from .methods import Budget
+from .run import HERE
+
+PROBE_BATCHES, PROBE_EPOCH = 50, 99  # the probe's batches: the training loader's order of epoch 99
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m bench.fidelity.bn_probe", description=__doc__.splitlines()[0])
+    p.add_argument("--sparsity", type=float, default=0.98)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--method", default="dg2pf", choices=sorted({**VARIANTS, **INVESTIGATIONS}))
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=JSON", help="a DG2PFConfig field over the method's")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--cache-dir", default=str(HERE / "cache"))
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    budget = Budget(epochs=12, pruning_epochs=6)
+    overrides = {**{**VARIANTS, **INVESTIGATIONS}[args.method][0]}
+    for item in args.set:
+        field, _, value = item.partition("=")
+        overrides[field] = json.loads(value)
+    config = DG2PFConfig(sparsity=args.sparsity, pruning_epochs=budget.pruning_epochs, max_epochs=budget.epochs,
+                                 patience=budget.patience, batch_size=budget.batch_size, seed=args.seed, device="cpu",
+                                 **overrides)
+    checkpoint = next(iter(sorted(Path(args.cache_dir).glob("shufflenet_v2_x0_5-*.safetensors"))), None)
+    if checkpoint is None:
+        raise SystemExit(f"no dense shufflenet_v2_x0_5 in {args.cache_dir}; pre-train it first (see the docstring)")
+    job = product.PruneJob(arch="torchvision/shufflenet_v2_x0_5", num_classes=10, checkpoint=str(checkpoint),
+                           dataset=f"fashion-mnist:{FASHION_MNIST_DIR}", config=config, image_size=28, val_fraction=0.05)
+    prepared = product.prepare(job, dry=False)
+    prepared.splits.train = train_subset(prepared.splits.train, 8_000, args.seed)
+    loaders = prepared.local_loaders()
+    probe, cpu = copy.deepcopy(prepared.model), torch.device("cpu")
+
+    def reporter(record, state) -> None:
+        line = f"epoch {record.epoch:2d} {record.phase:15s} sparsity {record.sparsity:.3f} val {record.val_top1:6.2f}"
+        if record.epoch >= budget.pruning_epochs:
+            rng = torch.get_rng_state()
+            probe.load_state_dict(state.model)
+            running = evaluate(probe, loaders.val(), cpu).top1
+            recalibrate_batchnorm(probe, loaders.train(PROBE_EPOCH), cpu, PROBE_BATCHES)
+            line += f" | running averages {running:6.2f} re-estimated {evaluate(probe, loaders.val(), cpu).top1:6.2f}"
+            torch.set_rng_state(rng)
+        print(line, flush=True)
+
+    result = product.run(prepared, loaders=loaders, reporter=reporter)
+    print(f"test top-1 {result.test.top1:.2f} (epoch {result.best_epoch} kept)")
+
+
+if __name__ == "__main__":
+    main()
