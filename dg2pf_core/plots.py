@@ -8,7 +8,8 @@ the number of layers, so a 200-layer network stays readable.
 Every job writes both beside metrics.json (``job.write_results``); ``dg2pf plot`` draws them for any
 finished run, older ones included: only ``history`` and ``layer_sparsity`` are needed, every other
 field is drawn when present. Matplotlib's object API on the Agg canvas: no display, and no pyplot
-state shared between jobs or threads.
+state shared between jobs or threads. Layer names, paths and options come from the run and are drawn
+as written (``parse_math=False``: a "$" in a name is no TeX).
 """
 
 from __future__ import annotations
@@ -35,7 +36,6 @@ NAME_LIMIT = 36  # characters of a layer name on layers.png; longer ones lose th
 DPI = 100
 MAX_HEIGHT_IN = 600  # layers.png: under Agg's limit of 2^16 pixels at DPI
 MAX_VALUE_LABELS = 300  # layers.png writes each bar's figure beside it up to this many layers
-# Names, paths and options come from the run: drawn as written (parse_math=False), a "$" is no TeX here.
 
 
 class PlotError(DG2PFError):
@@ -57,8 +57,9 @@ def parse_metrics(text: str, where: str) -> dict:
 
 def write_plots(metrics: dict, out: str | Path) -> list[Path]:
     """Draw ``training.png`` and ``layers.png`` of ``metrics`` into the directory ``out`` (created if
-    needed); returns their paths. Both are drawn before either is written, and each file appears whole or not at all.
-    Raises ``PlotError`` when ``metrics`` lacks the per-epoch history or the per-layer sparsity."""
+    needed); returns their paths. Both are drawn before either is written, and each file appears
+    whole or not at all. Raises ``PlotError`` when ``metrics`` lacks the per-epoch history or the
+    per-layer sparsity."""
     figures = {TRAINING_FILE: training_figure(metrics), LAYERS_FILE: layers_figure(metrics)}
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -198,7 +199,8 @@ def training_figure(metrics: dict):
             top1.plot([kept], [test], marker="D", ms=6, color="#d62728", mfc="white", ls="none",
                       label=f"test top-1 of the kept model ({test:.2f}%)")
     top1.set_ylabel("top-1 (%)")
-    top1.legend(loc="best", fontsize=8)
+    if top1.get_legend_handles_labels()[0]:  # a damaged history may leave nothing to name
+        top1.legend(loc="best", fontsize=8)
 
     sparsity = axes[1]
     x, y = series("sparsity", 100.0)
@@ -208,7 +210,8 @@ def training_figure(metrics: dict):
         sparsity.axhline(target * 100, color="black", ls=":", lw=1, label=_target_text(metrics))
     sparsity.set_ylabel("channels removed (%)" if _is_channel(metrics) else "sparsity of prunable\nweights (%)")
     sparsity.set_ylim(0, 105)
-    sparsity.legend(loc="best", fontsize=8)
+    if sparsity.get_legend_handles_labels()[0]:  # a damaged history may leave nothing to name
+        sparsity.legend(loc="best", fontsize=8)
 
     loss = axes[2]
     x, y = series("train_loss")
