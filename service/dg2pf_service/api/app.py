@@ -11,6 +11,7 @@ from fastapi.responses import HTMLResponse, JSONResponse
 
 from ..services import Services, build
 from ..settings import Settings
+from ..ui import routes as ui
 from . import checkpoints, errors, health, jobs, models
 from .auth import require_token
 from .guard import RequestGuard
@@ -41,6 +42,7 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
     for router in (checkpoints.router, jobs.router, models.router):
         app.include_router(router, responses=errors.error_responses(*errors.AUTH))
     app.include_router(_docs(app))
+    ui.install(app)  # /ui: the dashboard's pages (no data, no token) over the routes above
     app.openapi = _openapi(app)
     return app
 

@@ -2,7 +2,8 @@
 
 An ASGI middleware, so it acts before FastAPI reads and parses a body:
 
-- with ``DG2PF_API_TOKENS`` set, every path but the health checks needs the token, checked from the
+- with ``DG2PF_API_TOKENS`` set, every path but the health checks and the dashboard's page shells
+  (``ui.paths.is_shell``: HTML, scripts and styles that hold no data) needs the token, checked from the
   headers alone (a 300 MB body without a token is never read; unknown routes answer 401 too, so an
   anonymous client cannot tell which exist);
 - a request body (uploads aside: ``uploads.py`` bounds those) is cut off with 413 past
@@ -23,6 +24,7 @@ import anyio
 
 from ..errorshape import error_body
 from ..settings import Settings
+from ..ui.paths import is_shell
 from .auth import token_error
 from .errors import BodyRefused
 
@@ -45,7 +47,7 @@ class RequestGuard:
             return
         settings: Settings = scope["app"].state.services.settings
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
-        if scope["path"] not in PUBLIC:
+        if scope["path"] not in PUBLIC and not is_shell(scope["path"]):
             refused = token_error(settings.api_tokens, headers.get("authorization", ""))
             if refused is not None:
                 status, type_, message, extra = refused
