@@ -313,7 +313,10 @@ class _Run:
         if self.cfg.bn_recalibration_batches <= 0:
             return
         module = _unwrap(self.model)
-        recalibrate_batchnorm(module, self.loaders.train(state.epoch), self.device, self.cfg.bn_recalibration_batches)
+        # Its batches' augmentation draws random numbers: on a fork of the generators, so re-estimation
+        # changes what validation measures, never what training sees afterwards.
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            recalibrate_batchnorm(module, self.loaders.train(state.epoch), self.device, self.cfg.bn_recalibration_batches)
         distributed.sync_buffers(module)
 
     # --- bookkeeping ---

@@ -661,7 +661,7 @@ def test_parse_spec():
     assert parse_spec("digits") == ("digits", None)
     assert parse_spec("imagefolder:C:\\data") == ("imagefolder", "C:\\data")
     assert parse_spec("cifar10:") == ("cifar10", None)
-    assert parse_spec(" CIFAR10 :/data/c10 ") == ("cifar10", "/data/c10 ")  # the path as written
+    assert parse_spec(" CIFAR10 : /data/c10 ") == ("cifar10", "/data/c10 ")  # blanks after the colon dropped, the rest as written
 
 
 def test_registered_names():

@@ -174,6 +174,9 @@ def test_cells_of_another_dense_model_are_refused_before_new_cells_join_them(tmp
     write_json(other, {**_cell("dg2pf", 1, 90.0), "dense_test_top1": 98.77})  # an older cell of another baseline
     with pytest.raises(SystemExit, match="98.77% there, 99.00% now"):
         check_dense(results, dense)
+    write_json(other, {**_cell("dg2pf", 1, 90.0), "dense_test_top1": None})  # nothing to compare: refused, not a crash
+    with pytest.raises(SystemExit, match="None% there"):
+        check_dense(results, dense)
 
 
 def test_report_never_replaces_a_table_with_one_from_fewer_cells(tmp_path):

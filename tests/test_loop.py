@@ -180,6 +180,16 @@ def test_batchnorm_recalibration_in_the_loop(tiny_loaders):
     assert torch.isfinite(result.model.bn.running_var).all() and result.model.bn.momentum == 0.1
 
 
+def test_batchnorm_re_estimation_changes_what_validation_measures_not_what_training_sees(tiny_loaders):
+    """Train-mode BatchNorm never reads the running averages, and the re-estimation's batches come
+    from a fork of the random generators: every epoch's training loss is the same with it or without."""
+    runs = [run_dg2pf(_model(), tiny_loaders, DG2PFConfig(**{**CFG, "bn_recalibration_batches": n, "max_epochs": 4}))
+            for n in (0, 2)]
+    losses = [[r["train_loss"] for r in result.history] for result in runs]
+    assert losses[0] == losses[1]
+    assert [r["val_top1"] for r in runs[0].history][0] == [r["val_top1"] for r in runs[1].history][0]  # the baseline: not re-estimated
+
+
 def test_the_density_floor_caps_each_ranking_relative_to_its_own_target(tiny_loaders):
     """Every tensor keeps at least floor x the network's density at every pruning epoch; the global
     target is still exact."""

@@ -98,11 +98,14 @@ def check_dense(results: Path, dense: Dense) -> None:
             continue  # the report names unreadable cells
         if not isinstance(done, dict) or done.get("status") != "ok":
             continue
-        there = done.get("dense_sha256")
-        same = there == dense.sha256 if there else round(float(done.get("dense_test_top1", -1)), 2) == round(dense.test_top1, 2)
+        there, quoted = done.get("dense_sha256"), done.get("dense_test_top1")
+        if there:
+            same = there == dense.sha256
+        else:  # recorded before the digest: the dense test top-1 it quotes, when it quotes a number
+            same = isinstance(quoted, (int, float)) and round(quoted, 2) == round(dense.test_top1, 2)
         if not same:
             raise SystemExit(
-                f"{path} pruned another dense {dense.arch} (test top-1 {done.get('dense_test_top1')}% there, "
+                f"{path} pruned another dense {dense.arch} (test top-1 {quoted}% there, "
                 f"{dense.test_top1:.2f}% now: the cached dense model was re-trained); pass another --results-dir "
                 "for cells of this one, or bring back the dense checkpoint those cells used"
             )

@@ -132,13 +132,14 @@ def _valid_specs() -> str:
 def parse_spec(spec: str) -> tuple[str, str | None]:
     """``"cifar10:/d/c10"`` -> ``("cifar10", "/d/c10")``; ``"digits"`` -> ``("digits", None)``.
 
-    Only the first colon separates, so Windows paths (``imagefolder:C:\\data``) survive. The path
-    is kept byte for byte (a folder name may begin or end with a space; error messages quote it).
+    Only the first colon separates, so Windows paths (``imagefolder:C:\\data``) survive. Blanks after
+    the colon are dropped (``fashion-mnist: /data``); the rest of the path is kept as written (a folder
+    name may end with a space; error messages quote it and point out a stray one).
     """
     if not isinstance(spec, str) or not spec.strip():
         raise DatasetError(f"empty dataset spec; use one of {_valid_specs()}")
     name, sep, path = spec.partition(":")
-    name = name.strip().lower()
+    name, path = name.strip().lower(), path.lstrip()
     return name, (path if sep and path.strip() else None)
 
 
