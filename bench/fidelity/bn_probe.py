@@ -2,8 +2,8 @@
 
 Runs one Fashion-MNIST job the way the fidelity grid does (``PruneJob`` -> ``prepare`` -> ``run``, the
 cell's 8,000-image training subset) and, after every epoch from the last ranking on (the mask is
-then final), scores the epoch's network twice on the validation split: with BatchNorm's running averages as training left them, and
-after re-estimating them on 50 training batches (``dg2pf_core.batchnorm.recalibrate_batchnorm``).
+then final), scores the epoch's network twice on the validation split: with BatchNorm's running
+averages as training left them, and after re-estimating them on 50 training batches (``dg2pf_core.batchnorm.recalibrate_batchnorm``).
 The probe saves and restores torch's random state, so the job trains as it would without it.
 
     .venv/bin/python -m bench.fidelity.bn_probe --sparsity 0.98 --seed 0 --set bn_recalibration_batches=0
@@ -17,55 +17,55 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 from pathlib import Path
 
 import torch
 
-from dg2pf_core import DG2PFConfig
 from dg2pf_core import job as product
 from dg2pf_core.batchnorm import recalibrate_batchnorm
 from dg2pf_core.metrics import evaluate
 
-from .data import FASHION_MNIST_DIR, train_subset
-from .dg2pf_family import INVESTIGATIONS, VARIANTS
+from .data import settings_for_dataset
+from .dg2pf_family import INVESTIGATIONS, VARIANTS, config_for, prepare_job
 from .methods import Budget
+from .pretrain import cache_key, settings_for
 from .run import HERE
 
+MODEL = "shufflenet_v2_x0_5"
 PROBE_BATCHES, PROBE_EPOCH = 50, 99  # the probe's batches: the training loader's order of epoch 99
 
 
 def main(argv: list[str] | None = None) -> None:
+    methods = {**VARIANTS, **INVESTIGATIONS}
     p = argparse.ArgumentParser(prog="python -m bench.fidelity.bn_probe", description=__doc__.splitlines()[0])
     p.add_argument("--sparsity", type=float, default=0.98)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--method", default="dg2pf", choices=sorted({**VARIANTS, **INVESTIGATIONS}))
+    p.add_argument("--method", default="dg2pf", choices=sorted(methods))
     p.add_argument("--set", action="append", default=[], metavar="FIELD=JSON", help="a DG2PFConfig field over the method's")
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--cache-dir", default=str(HERE / "cache"))
+    p.add_argument("--cache-dir", type=Path, default=HERE / "cache")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    budget = Budget(epochs=12, pruning_epochs=6)
-    overrides = {**{**VARIANTS, **INVESTIGATIONS}[args.method][0]}
+    overrides = dict(methods[args.method][0])
     for item in args.set:
         field, _, value = item.partition("=")
         overrides[field] = json.loads(value)
-    config = DG2PFConfig(sparsity=args.sparsity, pruning_epochs=budget.pruning_epochs, max_epochs=budget.epochs,
-                                 patience=budget.patience, batch_size=budget.batch_size, seed=args.seed, device="cpu",
-                                 **overrides)
-    checkpoint = next(iter(sorted(Path(args.cache_dir).glob("shufflenet_v2_x0_5-*.safetensors"))), None)
-    if checkpoint is None:
-        raise SystemExit(f"no dense shufflenet_v2_x0_5 in {args.cache_dir}; pre-train it first (see the docstring)")
-    job = product.PruneJob(arch="torchvision/shufflenet_v2_x0_5", num_classes=10, checkpoint=str(checkpoint),
-                           dataset=f"fashion-mnist:{FASHION_MNIST_DIR}", config=config, image_size=28, val_fraction=0.05)
-    prepared = product.prepare(job, dry=False)
-    prepared.splits.train = train_subset(prepared.splits.train, 8_000, args.seed)
+    config = config_for(args.method, args.sparsity, args.seed, Budget(epochs=12, pruning_epochs=6), overrides)
+    data = settings_for_dataset("fashion-mnist")
+    # The dense model the grid's cells prune: the cache entry of the same pre-training settings.
+    key = cache_key(MODEL, dataclasses.replace(data, train_subset=0), settings_for(MODEL, dataset=data.dataset))
+    checkpoint = args.cache_dir / f"{key}.safetensors"
+    if not checkpoint.is_file():
+        raise SystemExit(f"no dense {MODEL} at {checkpoint}; pre-train it first (see the docstring)")
+    _job, prepared = prepare_job(MODEL, checkpoint, data, config)
     loaders = prepared.local_loaders()
     probe, cpu = copy.deepcopy(prepared.model), torch.device("cpu")
 
     def reporter(record, state) -> None:
         line = f"epoch {record.epoch:2d} {record.phase:15s} sparsity {record.sparsity:.3f} val {record.val_top1:6.2f}"
-        if record.epoch >= budget.pruning_epochs:
+        if record.epoch >= config.pruning_epochs:
             rng = torch.get_rng_state()
             probe.load_state_dict(state.model)
             running = evaluate(probe, loaders.val(), cpu).top1

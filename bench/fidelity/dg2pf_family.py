@@ -12,14 +12,15 @@ indices every peer of the seed trains on).
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import torch
 
 from dg2pf_core import DG2PFConfig, run_dg2pf
 from dg2pf_core import job as product
 
-from .data import loaders, train_subset
-from .methods import Cell, MethodUnavailable, Outcome, register_method
+from .data import DataSettings, loaders, train_subset
+from .methods import Budget, Cell, MethodUnavailable, Outcome, register_method
 
 # One-shot pruning + fine-tuning and gradual magnitude pruning as their authors define them: hard
 # masks, no teacher, one global ranking with no per-layer cap.
@@ -68,35 +69,47 @@ INVESTIGATIONS: dict[str, tuple[dict, str]] = {
 }
 
 
-def make_config(cell: Cell, overrides: dict) -> DG2PFConfig:
+def config_for(method: str, sparsity: float, seed: int, budget: Budget, overrides: dict) -> DG2PFConfig:
+    """``method``'s configuration (its ``overrides`` over the defaults) at a cell's budget and seed."""
     known = {f.name for f in dataclasses.fields(DG2PFConfig)}
     missing = sorted(set(overrides) - known)
     if missing:
         raise MethodUnavailable(
-            f"this dg2pf_core's DG2PFConfig has no field(s) {missing}, which method {cell.method!r} needs; "
+            f"this dg2pf_core's DG2PFConfig has no field(s) {missing}, which method {method!r} needs; "
             "update dg2pf_core and re-run (finished cells are kept)"
         )
     values = {
-        "sparsity": cell.sparsity,
-        "pruning_epochs": cell.budget.pruning_epochs,
-        "max_epochs": cell.budget.epochs,
-        "patience": cell.budget.patience,
-        "batch_size": cell.budget.batch_size,
-        "seed": cell.seed,
+        "sparsity": sparsity,
+        "pruning_epochs": budget.pruning_epochs,
+        "max_epochs": budget.epochs,
+        "patience": budget.patience,
+        "batch_size": budget.batch_size,
+        "seed": seed,
         "device": "cpu",
         **overrides,
     }
     return DG2PFConfig(**values)
 
 
-def _run_job(cell: Cell, config: DG2PFConfig):
-    """The product's path: ``PruneJob`` -> ``prepare`` -> ``run`` (see the module docstring)."""
+def make_config(cell: Cell, overrides: dict) -> DG2PFConfig:
+    return config_for(cell.method, cell.sparsity, cell.seed, cell.budget, overrides)
+
+
+def prepare_job(model: str, checkpoint: Path, data: DataSettings, config: DG2PFConfig) -> tuple[product.PruneJob, product.PreparedJob]:
+    """A user's job on ``data`` (``PruneJob`` -> ``prepare``), its training split cut to the cell's
+    subset (``train_subset`` with the config's seed)."""
     job = product.PruneJob(
-        arch=f"torchvision/{cell.model}", num_classes=10, checkpoint=str(cell.dense.path), dataset=cell.data.spec(),
-        config=config, image_size=cell.data.image_size, val_fraction=cell.data.job_val_fraction,
+        arch=f"torchvision/{model}", num_classes=10, checkpoint=str(checkpoint), dataset=data.spec(),
+        config=config, image_size=data.image_size, val_fraction=data.job_val_fraction,
     )
     prepared = product.prepare(job, dry=False)
-    prepared.splits.train = train_subset(prepared.splits.train, cell.data.train_subset, cell.seed)
+    prepared.splits.train = train_subset(prepared.splits.train, data.train_subset, config.seed)
+    return job, prepared
+
+
+def _run_job(cell: Cell, config: DG2PFConfig):
+    """The product's path: ``PruneJob`` -> ``prepare`` -> ``run`` (see the module docstring)."""
+    job, prepared = prepare_job(cell.model, cell.dense.path, cell.data, config)
     return product.run(prepared), {"job": job.to_dict(), "data": prepared.splits.description,
                                    "augment": prepared.splits.augment, "train_images": len(prepared.splits.train)}
 

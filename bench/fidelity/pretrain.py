@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import hashlib
 import functools
+import hashlib
 import json
 import math
 import time

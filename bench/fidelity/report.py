@@ -80,14 +80,14 @@ def restore_cells(raw_path: Path, results: Path) -> tuple[int, int]:
         parts = Path(name).parts if isinstance(name, str) else ()
         if len(parts) != 3 or Path(name).is_absolute() or ".." in parts or not parts[2].endswith(".json"):
             raise SystemExit(f"{raw_path}: a cell names {name!r}, not <model>/<method>/<cell>.json")
+    from .run import write_json
+
     written = kept = 0
     for cell in cells:
         path = results / cell["file"]
         if path.exists():
             kept += 1
             continue
-        from .run import write_json
-
         write_json(path, {k: v for k, v in cell.items() if k != "file"})
         written += 1
     return written, kept
@@ -400,8 +400,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--force", action="store_true", help="replace a table made from more cells than the results directory holds")
     p.add_argument("--restore", action="store_true",
                    help="write the published cells (docs/fidelity[-DATASET]-results.json) back into the results "
-                        "directory, keeping any cell already there, and stop: on a fresh clone the grid then "
-                        "resumes from them and the report re-generates the published table")
+                        "directory, keeping any cell already there, and stop: on a fresh clone the report then "
+                        "re-generates the published table (new cells need the dense checkpoints these pruned)")
     args = p.parse_args(argv)
     from .run import results_dir_for
 

@@ -11,10 +11,10 @@ line saying what to fix.
 from __future__ import annotations
 
 import argparse
-import os
 import re
 from pathlib import Path
 
+from dg2pf_client.cli import DEFAULT_URL
 from dg2pf_core.plots import PlotError, parse_metrics, write_plots
 
 METRICS_FILE = "metrics.json"
@@ -27,7 +27,7 @@ def add_plot_command(sub) -> None:
     pl.add_argument("run", metavar="DIR|JOB_ID", help="a run's output directory (holding metrics.json), or a job id "
                     "of the service (looked up when no such directory exists)")
     pl.add_argument("--out", help="directory for the PNGs (default: DIR, or ./JOB_ID for a job)")
-    pl.add_argument("--url", help="service URL, for a job id (default: $DG2PF_URL or http://127.0.0.1:8000)")
+    pl.add_argument("--url", help=f"service URL, for a job id (default: $DG2PF_URL or {DEFAULT_URL})")
     pl.add_argument("--token", help="bearer token, for a job id (default: $DG2PF_TOKEN)")
     pl.set_defaults(func=run_plot)
 
@@ -37,8 +37,7 @@ def run_plot(args: argparse.Namespace) -> int:
     if path.exists() or not JOB_ID.fullmatch(args.run):
         metrics, default_out = _local(path)
     else:
-        metrics, default_out = _remote(args.run, args.url or os.environ.get("DG2PF_URL", "http://127.0.0.1:8000"),
-                                       args.token or os.environ.get("DG2PF_TOKEN")), Path(args.run)
+        metrics, default_out = _remote(args), Path(args.run)
     out = Path(args.out).expanduser() if args.out else default_out
     if out.exists() and not out.is_dir():
         raise PlotError(f"--out {out} is a file; give a directory for the PNGs", field="out")
@@ -66,23 +65,20 @@ def _local(path: Path) -> tuple[dict, Path]:
     return parse_metrics(text, str(file)), folder
 
 
-def _remote(job_id: str, url: str, token: str | None) -> dict:
-    """A service job's metrics.json, over HTTP."""
+def _remote(args: argparse.Namespace) -> dict:
+    """A service job's metrics.json, over HTTP (the remote commands' client, URL and token)."""
     import httpx
 
-    from dg2pf_client.errors import from_response
+    from dg2pf_client.cli import _client
+    from dg2pf_client.errors import ApiError
 
-    where = f"{url.rstrip('/')}/jobs/{job_id}/artifacts/{METRICS_FILE}"
-    headers = {"Authorization": f"Bearer {token}"} if token else {}
     try:
-        r = httpx.get(where, headers=headers, timeout=60.0)
-    except (httpx.TransportError, httpx.InvalidURL, httpx.UnsupportedProtocol) as exc:
-        raise PlotError(f"cannot reach the dg2pf service at {url}: {exc} (give --url or set DG2PF_URL)", field="url") from None
-    if r.status_code >= 400:
-        try:
-            body = r.json()
-        except ValueError:
-            body = None
-        err = from_response(r.status_code, body, r.text)
-        raise PlotError(f"job {job_id}: {err.message}", field=err.field or "run")
-    return parse_metrics(r.text, f"job {job_id}'s {METRICS_FILE}")
+        with _client(args) as client:
+            text = client.artifact(args.run, METRICS_FILE).decode("utf-8", errors="replace")
+    except httpx.InvalidURL as exc:
+        raise PlotError(f"cannot reach the dg2pf service at {args.url}: {exc} (give --url or set DG2PF_URL)", field="url") from None
+    except ApiError as err:
+        if err.type == "unreachable":
+            raise PlotError(f"{err.message} (give --url or set DG2PF_URL)", field="url") from None
+        raise PlotError(f"job {args.run}: {err.message}", field=err.field or "run") from None
+    return parse_metrics(text, f"job {args.run}'s {METRICS_FILE}")

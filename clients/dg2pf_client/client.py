@@ -106,6 +106,10 @@ class Client:
     def artifacts(self, job_id: str) -> list[Artifact]:
         return ArtifactList.model_validate(self._call("GET", f"/jobs/{job_id}/artifacts").json()).artifacts
 
+    def artifact(self, job_id: str, name: str) -> bytes:
+        """One artifact of the job (``metrics.json``, ``training.png``, ...), held in memory."""
+        return self._call("GET", f"/jobs/{job_id}/artifacts/{name}").content
+
     def download(self, job_id: str, dest: str | Path) -> list[Path]:
         """Fetch every artifact of the job into ``dest``; each file appears whole or not at all."""
         dest = Path(dest)
