@@ -231,10 +231,16 @@ def test_published_cells_restore_into_a_fresh_results_dir_and_reproduce_the_tabl
     assert kept.read_text() == mine
     # raw results naming a path outside the results dir are refused before anything is written
     raw = report.outputs("fashion-mnist", docs)[3]
-    raw.write_text(json.dumps({"cells": [{**cells[0], "file": "a/b/fine.json"}, {**cells[0], "file": "../../escape.json"}]}))
+    raw.write_text(json.dumps({"cells": [{**cells[0], "file": "a/b/s0.95-seed0.json"}, {**cells[0], "file": "../../escape.json"}]}))
     with pytest.raises(SystemExit, match="not <model>/<method>/<cell>.json"):
         report.main(["--dataset", "fashion-mnist", "--results-dir", str(tmp_path / "other"), "--docs-dir", str(docs), "--restore"])
     assert not (tmp_path / "escape.json").exists() and not (tmp_path / "other").exists()
+    for bad, needle in (([{**cells[0], "file": "a/b/notacell.json"}], "not <model>/<method>/<cell>.json"),
+                        ([{**cells[0], "file": "a/b/s0.95-seed0.json"}] * 2, "two cells name")):
+        raw.write_text(json.dumps({"cells": bad}))
+        with pytest.raises(SystemExit, match=needle):
+            report.main(["--dataset", "fashion-mnist", "--results-dir", str(tmp_path / "other"), "--docs-dir", str(docs), "--restore"])
+        assert not (tmp_path / "other").exists()
 
 
 def test_report_into_a_fresh_docs_dir_and_refusing_one_without_markers(tmp_path):

@@ -162,6 +162,60 @@ def test_bad_input_to_remote_commands_is_one_line_and_exit_2(tmp_path):
     assert "invalid choice" in _refused("jobs", "--state", "sleeping")
 
 
+def test_bad_urls_tokens_ids_and_specs_are_refused_here_before_any_request(tmp_path):
+    """Nothing to send: refused on this side, one line, and no folder made for a refused download."""
+    nowhere = ["--url", "http://127.0.0.1:9"]
+    for url in ("notaurl", "ftp://x", "http://", "http://127.0.0.1:99999"):
+        assert f"--url {url!r}" in _refused("jobs", "--url", url)
+    assert "printable ASCII" in _refused("jobs", "--token", "tökén", *nowhere)
+    for command in (("status", "../healthz"), ("cancel", "x?y"), ("undeploy", "../models/abc"), ("status", "")):
+        assert "is not a job or model id" in _refused(*command, *nowhere)
+    assert "is not a job or model id" in _refused("download", "../escape", "--out", str(tmp_path / "out"), *nowhere)
+    assert not (tmp_path / "out").exists()
+    (tmp_path / "empty.json").write_text(" \n")
+    assert "is empty" in _refused("submit", str(tmp_path / "empty.json"), *nowhere)
+    (tmp_path / "deep.json").write_text("[" * 100_000 + "]" * 100_000)
+    assert "nested too deeply" in _refused("submit", str(tmp_path / "deep.json"), *nowhere)
+    assert "is a directory" in _refused("upload", str(tmp_path), *nowhere)
+    assert "neither was given" in _refused("predict", "0" * 32, *nowhere)
+
+
+def test_a_url_that_is_not_the_dg2pf_service_is_named_in_one_line():
+    """Another server at the URL (a web page, an empty 404, JSON of another shape): one line saying
+    so, never a parsing traceback."""
+    import http.server
+    import threading
+
+    from dg2pf_client import Client, NotTheService
+
+    class Other(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802
+            body, kind, status = {"/html/jobs": (b"<html>hi</html>", "text/html", 200),
+                                  "/json/jobs": (b'{"status": "ok"}', "application/json", 200)}.get(
+                self.path.split("?")[0], (b"", "text/plain", 404))
+            self.send_response(status)
+            self.send_header("Content-Type", kind)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Other)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        for prefix, needle in (("/html", "text/html, not the dg2pf API's JobList"),
+                               ("/json", "not the dg2pf API's JobList"),
+                               ("/empty", "HTTP 404 Not Found with an empty answer")):
+            assert needle in _refused("jobs", "--url", base + prefix)
+        with pytest.raises(NotTheService):
+            Client(base + "/html").list()
+    finally:
+        server.shutdown()
+
+
 def test_ctrl_c_while_a_remote_command_waits_for_the_service_ends_with_one_line_and_130():
     with socket.socket() as silent:  # a service that accepts the connection and never answers
         silent.bind(("127.0.0.1", 0))

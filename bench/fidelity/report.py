@@ -75,11 +75,17 @@ def restore_cells(raw_path: Path, results: Path) -> tuple[int, int]:
     cells = raw.get("cells") if isinstance(raw, dict) else None
     if not isinstance(cells, list):
         raise SystemExit(f"{raw_path}: not a report's raw results (no list of cells)")
+    seen: set[str] = set()
     for cell in cells:  # every cell checked before any is written
         name = cell.get("file") if isinstance(cell, dict) else None
         parts = Path(name).parts if isinstance(name, str) else ()
-        if len(parts) != 3 or Path(name).is_absolute() or ".." in parts or not parts[2].endswith(".json"):
-            raise SystemExit(f"{raw_path}: a cell names {name!r}, not <model>/<method>/<cell>.json")
+        if (len(parts) != 3 or Path(name).is_absolute() or ".." in parts or "\0" in name
+                or not any(Path(parts[2]).match(p) for p in ("s*-seed*.json", "m*-seed*.json"))):
+            raise SystemExit(f"{raw_path}: a cell names {name!r}, not <model>/<method>/<cell>.json "
+                             "(s<sparsity>-seed<k>.json or m<ratio>-seed<k>.json)")
+        if name in seen:
+            raise SystemExit(f"{raw_path}: two cells name {name!r}; the raw results are damaged")
+        seen.add(name)
     from .run import write_json
 
     written = kept = 0

@@ -69,7 +69,7 @@ def _remote(args: argparse.Namespace) -> dict:
     """A service job's metrics.json, over HTTP (the remote commands' client, URL and token)."""
     import httpx
 
-    from dg2pf_client.cli import _client
+    from dg2pf_client.cli import CliError, _client
     from dg2pf_client.errors import ApiError
 
     try:
@@ -77,6 +77,8 @@ def _remote(args: argparse.Namespace) -> dict:
             text = client.artifact(args.run, METRICS_FILE).decode("utf-8", errors="replace")
     except httpx.InvalidURL as exc:
         raise PlotError(f"cannot reach the dg2pf service at {args.url}: {exc} (give --url or set DG2PF_URL)", field="url") from None
+    except CliError as err:
+        raise PlotError(err.message, field=err.field or "url") from None
     except ApiError as err:
         if err.type == "unreachable":
             raise PlotError(f"{err.message} (give --url or set DG2PF_URL)", field="url") from None

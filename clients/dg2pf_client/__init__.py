@@ -13,15 +13,16 @@ __version__ = "0.1.0"  # clients/pyproject.toml reads it; the same as the full p
 
 _WHERE = {
     "Client": "client",
-    **dict.fromkeys(("ApiError", "Conflict", "Forbidden", "InvalidRequest", "NotFound", "ServiceUnreachable", "TooLarge",
-                     "Unauthorized", "WaitTimeout"), "errors"),
+    **dict.fromkeys(("ApiError", "Conflict", "Forbidden", "InvalidRequest", "NotFound", "NotTheService", "ServiceUnreachable",
+                     "TooLarge", "Unauthorized", "WaitTimeout"), "errors"),
     **dict.fromkeys(("Artifact", "CheckpointOut", "JobList", "JobOut", "JobSubmitted", "ModelList", "ModelOut"), "schemas"),
 }
 __all__ = sorted(_WHERE)
 
 if TYPE_CHECKING:
     from .client import Client
-    from .errors import ApiError, Conflict, Forbidden, InvalidRequest, NotFound, ServiceUnreachable, TooLarge, Unauthorized, WaitTimeout
+    from .errors import (ApiError, Conflict, Forbidden, InvalidRequest, NotFound, NotTheService, ServiceUnreachable, TooLarge,
+                         Unauthorized, WaitTimeout)
     from .schemas import Artifact, CheckpointOut, JobList, JobOut, JobSubmitted, ModelList, ModelOut
 
 

@@ -48,10 +48,36 @@ def version_line() -> str:
 
 
 def _client(args: argparse.Namespace):
+    """The client of ``--url``/``$DG2PF_URL`` with ``--token``/``$DG2PF_TOKEN``, both checked first."""
+    from urllib.parse import urlsplit
+
     from .client import Client
 
-    url = args.url or os.environ.get("DG2PF_URL", DEFAULT_URL)
-    return Client(url, token=args.token or os.environ.get("DG2PF_TOKEN"))
+    url = args.url or os.environ.get("DG2PF_URL") or DEFAULT_URL
+    where = "--url" if args.url else ("DG2PF_URL" if os.environ.get("DG2PF_URL") else "the default URL")
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError for a port outside 0..65535
+    except ValueError as exc:
+        raise CliError(f"{where} {url!r} is not a URL ({exc})", field="url") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise CliError(f"{where} {url!r} is not an http(s) URL with a host (e.g. {DEFAULT_URL})", field="url")
+    token = args.token or os.environ.get("DG2PF_TOKEN")
+    if token is not None and not (token.isascii() and token.isprintable()):
+        raise CliError("the token (--token or DG2PF_TOKEN) must be printable ASCII, as bearer tokens are", field="token")
+    return Client(url, token=token)
+
+
+def _load_json(text: str, what: str) -> object:
+    """``text`` as strict JSON (no NaN/Infinity, which the service refuses and cannot be sent)."""
+
+    def no_constant(name: str) -> object:
+        raise ValueError(f"{name} is not a JSON number")
+
+    try:
+        return json.loads(text, parse_constant=no_constant)
+    except RecursionError:
+        raise CliError(f"{what} is nested too deeply to be a job spec or a batch") from None
 
 
 def _fail(message: str) -> int:
@@ -69,7 +95,8 @@ def _one_line_errors(fn: Callable[[argparse.Namespace], int]) -> Callable[[argpa
         try:
             return fn(args)
         except (ApiError, CliError) as exc:
-            hint = " (give --url or set DG2PF_URL)" if getattr(exc, "type", None) == "unreachable" else ""
+            unreachable = getattr(exc, "type", None) == "unreachable" and not getattr(args, "url", None)
+            hint = " (give --url or set DG2PF_URL)" if unreachable else ""
             return _fail(exc.message + (f" ({exc.field})" if exc.field else "") + hint)
         except WaitTimeout as exc:
             _fail(str(exc))
@@ -109,8 +136,10 @@ def _read_spec(path: str) -> dict:
         text = Path(path).read_text()
     except (OSError, UnicodeDecodeError) as exc:
         raise CliError(f"cannot read job spec {path}: {exc}") from exc
+    if not text.strip():
+        raise CliError(f"job spec {path} is empty")
     try:
-        doc = json.loads(text)
+        doc = _load_json(text, f"job spec {path}")
     except ValueError as json_error:
         try:
             import yaml
@@ -186,8 +215,11 @@ def _cmd_download(args: argparse.Namespace) -> int:
 @_one_line_errors
 def _cmd_upload(args: argparse.Namespace) -> int:
     path = Path(args.file)
-    if not path.is_file():
+    if not path.exists():
         raise CliError(f"no such file: {args.file}", field="file")
+    if not path.is_file():
+        raise CliError(f"{args.file} is {'a directory' if path.is_dir() else 'not a regular file'}: give a checkpoint file",
+                       field="file")
     with _client(args) as client:
         ckpt = client.upload_checkpoint(path)
     if args.json:
@@ -226,14 +258,15 @@ def _cmd_undeploy(args: argparse.Namespace) -> int:
 @_one_line_errors
 def _cmd_predict(args: argparse.Namespace) -> int:
     if bool(args.images) == bool(args.inputs):
-        raise CliError("give image files, or --inputs FILE.json with a batch of tensors, not both", field="images")
+        raise CliError(f"give image files, or --inputs FILE.json with a batch of tensors ({'not both' if args.images else 'neither was given'})",
+                       field="images")
     missing = [p for p in args.images if not Path(p).is_file()]
     if missing:
         raise CliError(f"no such image file: {', '.join(missing)}", field="images")
     inputs = None
     if args.inputs:
         try:
-            doc = json.loads(Path(args.inputs).read_text())
+            doc = _load_json(Path(args.inputs).read_text(), str(args.inputs))
         except (OSError, ValueError) as exc:
             raise CliError(f"cannot read {args.inputs}: {exc}", field="inputs") from exc
         inputs = doc["inputs"] if isinstance(doc, dict) and "inputs" in doc else doc

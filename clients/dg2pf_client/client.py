@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import sys
 import time
 from collections.abc import Callable
@@ -10,7 +11,7 @@ from typing import Any
 
 import httpx
 
-from .errors import ServiceUnreachable, WaitTimeout, from_response
+from .errors import InvalidRequest, NotTheService, ServiceUnreachable, WaitTimeout, from_response
 from .schemas import TERMINAL, Artifact, ArtifactList, CheckpointOut, JobList, JobOut, JobSubmitted, ModelList, ModelOut
 
 
@@ -39,27 +40,38 @@ class Client:
             raise from_response(r.status_code, _json_or_none(r), r.text)
         return r
 
+    def _parse(self, cls, r: httpx.Response):
+        """``r``'s body as the API model ``cls``; an answer of another shape (a web page, another server
+        at the URL) is ``NotTheService``, not a parsing traceback."""
+        try:
+            return cls.model_validate(r.json()) if cls is not None else r.json()
+        except ValueError as exc:  # json.JSONDecodeError and pydantic's ValidationError are ValueErrors
+            kind = r.headers.get("content-type", "no content type").split(";")[0]
+            what = cls.__name__ if cls is not None else "JSON"
+            raise NotTheService(r.status_code, "not_the_service", f"{r.request.url} answered {r.status_code} {kind}, "
+                                f"not the dg2pf API's {what} ({str(exc).splitlines()[0]}): is the URL a dg2pf service?") from None
+
     def upload_checkpoint(self, path: str | Path) -> CheckpointOut:
         path = Path(path)
         with path.open("rb") as fh:
             r = self._call("POST", "/checkpoints", files={"file": (path.name, fh, "application/octet-stream")})
-        return CheckpointOut.model_validate(r.json())
+        return self._parse(CheckpointOut, r)
 
     def submit(self, spec: Any) -> JobSubmitted:
         """Submit a job spec: a dict as in a job file, or a ``dg2pf_service.spec.JobSpec``. The service
         validates it; an invalid field raises ``InvalidRequest`` naming it (``.field``)."""
         body = spec.model_dump(mode="json", exclude_unset=True) if hasattr(spec, "model_dump") else spec
-        return JobSubmitted.model_validate(self._call("POST", "/jobs", json=body).json())
+        return self._parse(JobSubmitted, self._call("POST", "/jobs", json=body))
 
     def get(self, job_id: str) -> JobOut:
-        return JobOut.model_validate(self._call("GET", f"/jobs/{job_id}").json())
+        return self._parse(JobOut, self._call("GET", f"/jobs/{_id(job_id)}"))
 
     def list(self, state: str | None = None, limit: int = 50, offset: int = 0) -> JobList:
         params = {"limit": limit, "offset": offset, **({"state": state} if state else {})}
-        return JobList.model_validate(self._call("GET", "/jobs", params=params).json())
+        return self._parse(JobList, self._call("GET", "/jobs", params=params))
 
     def cancel(self, job_id: str) -> JobOut:
-        return JobOut.model_validate(self._call("POST", f"/jobs/{job_id}/cancel").json())
+        return self._parse(JobOut, self._call("POST", f"/jobs/{_id(job_id)}/cancel"))
 
     def wait(self, job_id: str, timeout: float | None = None, on_update: Callable[[JobOut], None] | None = None,
              poll: float = 0.5, max_poll: float = 5.0, progress: bool = False) -> JobOut:
@@ -104,18 +116,19 @@ class Client:
                 bar.close()
 
     def artifacts(self, job_id: str) -> list[Artifact]:
-        return ArtifactList.model_validate(self._call("GET", f"/jobs/{job_id}/artifacts").json()).artifacts
+        return self._parse(ArtifactList, self._call("GET", f"/jobs/{_id(job_id)}/artifacts")).artifacts
 
     def artifact(self, job_id: str, name: str) -> bytes:
         """One artifact of the job (``metrics.json``, ``training.png``, ...), held in memory."""
-        return self._call("GET", f"/jobs/{job_id}/artifacts/{name}").content
+        return self._call("GET", f"/jobs/{_id(job_id)}/artifacts/{name}").content
 
     def download(self, job_id: str, dest: str | Path) -> list[Path]:
         """Fetch every artifact of the job into ``dest``; each file appears whole or not at all."""
+        items = self.artifacts(job_id)  # first: a refused id or an unreachable service creates no folder
         dest = Path(dest)
         dest.mkdir(parents=True, exist_ok=True)
         written = []
-        for item in self.artifacts(job_id):
+        for item in items:
             target = dest / Path(item.name).name
             part = target.with_name(f".{target.name}.part")
             try:
@@ -139,19 +152,19 @@ class Client:
 
     def deploy(self, job_id: str, wait: bool = True, timeout: float = 300.0) -> ModelOut:
         """Deploy a succeeded job's model on Ray Serve; with ``wait``, return once it answers."""
-        model = ModelOut.model_validate(self._call("POST", f"/jobs/{job_id}/deploy").json())
+        model = self._parse(ModelOut, self._call("POST", f"/jobs/{_id(job_id)}/deploy"))
         return self.wait_model(model.id, timeout) if wait else model
 
     def models(self) -> ModelList:
-        return ModelList.model_validate(self._call("GET", "/models").json())
+        return self._parse(ModelList, self._call("GET", "/models"))
 
     def model(self, model_id: str) -> ModelOut:
-        model = ModelOut.model_validate(self._call("GET", f"/models/{model_id}").json())
+        model = self._parse(ModelOut, self._call("GET", f"/models/{_id(model_id)}"))
         self._model_urls[model_id] = model.url
         return model
 
     def undeploy(self, model_id: str) -> None:
-        self._call("DELETE", f"/models/{model_id}")
+        self._call("DELETE", f"/models/{_id(model_id)}")
         self._model_urls.pop(model_id, None)
 
     def wait_model(self, model_id: str, timeout: float = 300.0, poll: float = 0.5) -> ModelOut:
@@ -180,16 +193,27 @@ class Client:
         if inputs is not None:
             if hasattr(inputs, "tolist"):
                 inputs = inputs.tolist()
-            return self._call("POST", url, params=params, headers=headers, json={"inputs": inputs}).json()
+            return self._parse(None, self._call("POST", url, params=params, headers=headers, json={"inputs": inputs}))
         files = []
         for i, image in enumerate(images or []):
             data = image if isinstance(image, bytes) else Path(image).read_bytes()
             name = f"image{i}" if isinstance(image, bytes) else Path(image).name
             files.append(("image", (name, data, "application/octet-stream")))
-        return self._call("POST", url, params=params, headers=headers, files=files).json()
+        return self._parse(None, self._call("POST", url, params=params, headers=headers, files=files))
 
     def health(self) -> dict:
-        return self._call("GET", "/readyz").json()
+        return self._parse(None, self._call("GET", "/readyz"))
+
+
+_ID = re.compile(r"[0-9a-f]{32}")
+
+
+def _id(value: str) -> str:
+    """A job or model id as the API names them (32 hex digits), before it goes into a URL path."""
+    if not isinstance(value, str) or not _ID.fullmatch(value):
+        raise InvalidRequest(0, "invalid_id", f"{value!r} is not a job or model id (32 hex digits, as "
+                             "`dg2pf jobs` and `dg2pf models` list them)", "id")
+    return value
 
 
 def _json_or_none(r: httpx.Response) -> Any:

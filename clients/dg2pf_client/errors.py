@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from http import HTTPStatus
+
 
 class ApiError(Exception):
     status: int = 0
@@ -39,6 +41,10 @@ class ServiceUnreachable(ApiError):
     pass
 
 
+class NotTheService(ApiError):
+    """The URL answered, but not as the dg2pf API does (a web page, another server, a cut-off body)."""
+
+
 class WaitTimeout(TimeoutError):
     pass
 
@@ -51,4 +57,8 @@ def from_response(status: int, body: object, text: str) -> ApiError:
     err = body.get("error") if isinstance(body, dict) else None
     err = err if isinstance(err, dict) else {}
     cls = _BY_STATUS.get(status, InvalidRequest if 400 <= status < 500 else ApiError)
-    return cls(status, err.get("type", "error"), err.get("message", text[:500]), err.get("field"))
+    message = err.get("message") or " ".join(text[:500].split())
+    if not message:  # an empty body: say what came back
+        reason = HTTPStatus(status).phrase if status in HTTPStatus._value2member_map_ else "error"
+        message = f"HTTP {status} {reason} with an empty answer: is the URL a dg2pf service?"
+    return cls(status, err.get("type", "error"), message, err.get("field"))
