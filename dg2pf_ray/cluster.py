@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 
 import ray
@@ -13,27 +14,30 @@ class ClusterError(DG2PFError):
     field = "resources"
 
 
-def connect(address: str | None = None) -> str:
+def connect(address: str | None = None, quiet: bool = False) -> str:
     """Join the cluster at ``address`` (or ``RAY_ADDRESS``); without one, start a local Ray.
 
-    Returns a short description for logs. Idempotent within a process.
+    ``quiet`` hides this driver's INFO lines from Ray (its start); Ray Train's own (worker-group set-up,
+    a line per report of every worker) are ``train_logging`` 's. Returns a short description for logs.
+    Idempotent within a process.
     """
     if ray.is_initialized():
         return "ray already initialised in this process"
     address = address or os.environ.get("RAY_ADDRESS") or None
+    logs = {"logging_level": logging.WARNING} if quiet else {}
     # Worker processes import dg2pf from the same installation as the driver; nothing is shipped.
     runtime_env = {"env_vars": {"PYTHONUNBUFFERED": "1"}}
     try:
         if address:
             # No runtime_env here: inside a Ray Job the job's own runtime env applies, and Ray
             # refuses a driver env that differs from it.
-            ray.init(address=address, log_to_driver=True)
+            ray.init(address=address, log_to_driver=True, **logs)
             return f"joined Ray cluster at {address}"
         # The dashboard stays on: Ray Train's placement-group cleaner needs its state API, without
         # which a trial stopped early by Tune leaks its workers' CPUs and later trials never start.
         # address="local": always a fresh instance, never silently joining another cluster that
         # happens to run on this machine.
-        ray.init(address="local", runtime_env=runtime_env, log_to_driver=True)
+        ray.init(address="local", runtime_env=runtime_env, log_to_driver=True, **logs)
     except ConnectionError as exc:
         raise ClusterError(f"cannot reach the Ray cluster at {address}: {exc}", field="ray_address") from exc
     return "started a local Ray instance"

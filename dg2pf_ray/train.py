@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import shutil
 import tempfile
 import time
@@ -52,7 +53,8 @@ class RayOptions:
     placement: str = "pack"  # "pack" | "spread": Ray's placement-group strategy for the workers
     cluster_may_grow: bool = False  # an autoscaling cluster: wait for nodes instead of refusing the run
     run_name: str | None = None
-    verbose: bool = True
+    verbose: bool = True  # rank 0 prints a line per epoch
+    ray_logs: bool = True  # Ray's own INFO lines (False: warnings and errors only; see cluster.connect)
     progress_path: str | None = None  # rank 0 appends one JSON line per epoch (shared filesystem)
 
 
@@ -72,8 +74,21 @@ def epochs_at_target(epoch: int, pruning_epochs: int) -> int:
     return max(0, epoch - pruning_epochs + 1)
 
 
+def _quiet_report_lines() -> None:
+    """Ray Train's "Reporting training result N: ..." line per worker and epoch is logged under the file's
+    path, not a ``ray.train`` logger name (Ray 2.60, execution/context.py), so its LoggingConfig does not
+    reach it: that logger alone is held to warnings."""
+    try:
+        from ray.train.v2._internal.execution import context
+    except ImportError:  # another Ray layout: its lines show, nothing else changes
+        return
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)
+
+
 def train_worker(config: dict) -> None:
     """Runs on every Ray Train worker (one DDP rank)."""
+    if not config.get("ray_logs", True):
+        _quiet_report_lines()
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     job = PruneJob.from_dict(config["job"])
@@ -170,7 +185,8 @@ def default_storage() -> str:
 def make_trainer(job: PruneJob, options: RayOptions, callbacks: list | None = None) -> TorchTrainer:
     return TorchTrainer(
         train_worker,
-        train_loop_config={"job": job.to_dict(), "verbose": options.verbose, "progress_path": options.progress_path},
+        train_loop_config={"job": job.to_dict(), "verbose": options.verbose, "ray_logs": options.ray_logs,
+                           "progress_path": options.progress_path},
         scaling_config=ScalingConfig(num_workers=options.workers, use_gpu=options.use_gpu,
                                      placement_strategy=options.placement.upper()),
         run_config=RunConfig(
@@ -180,6 +196,9 @@ def make_trainer(job: PruneJob, options: RayOptions, callbacks: list | None = No
             failure_config=FailureConfig(max_failures=options.max_failures, controller_failure_limit=3),
             checkpoint_config=CheckpointConfig(num_to_keep=3),
             callbacks=callbacks,
+            # Ray Train's INFO lines on the console (worker set-up, "Reporting training result" per worker and
+            # epoch) only with ray_logs; its log files under the Ray session keep everything.
+            logging_config=ray.train.LoggingConfig(log_level="INFO" if options.ray_logs else "WARNING"),
         ),
     )
 
@@ -219,7 +238,7 @@ def prune_on_ray(job: PruneJob, out: str | Path, options: RayOptions) -> dict:
     # Every input error surfaces here, in seconds, before any Ray work; the dry run is the workers'
     # (on their devices, with their share of the batch).
     prepare(job, out=out, dry=False)
-    connect(options.address)
+    connect(options.address, quiet=not options.ray_logs)
     if not options.cluster_may_grow:
         check_capacity(options.workers, options.use_gpu)
     trainer = make_trainer(job, options)

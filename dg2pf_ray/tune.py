@@ -48,6 +48,7 @@ class TuneOptions:
     grace_period: int = 2  # epochs at the final sparsity before ASHA may stop a trial
     run_name: str | None = None
     verbose: bool = False
+    ray_logs: bool = True  # Ray's own INFO lines (False: warnings and errors only; see cluster.connect)
 
 
 def _trial(config: dict[str, Any], *, base_job: dict, options: dict, name: str) -> None:
@@ -57,7 +58,8 @@ def _trial(config: dict[str, Any], *, base_job: dict, options: dict, name: str) 
     trial_id = tune.get_context().get_trial_id()
     run = RayOptions(workers=options["workers_per_trial"], use_gpu=options["use_gpu"], placement=options["placement"],
                      storage_path=options["storage_path"],
-                     max_failures=0, run_name=f"{name}-{trial_id}", verbose=options["verbose"])
+                     max_failures=0, run_name=f"{name}-{trial_id}", verbose=options["verbose"],
+                     ray_logs=options["ray_logs"])
     make_trainer(job, run, callbacks=[TuneReportCallback()]).fit()
 
 
@@ -76,7 +78,7 @@ def tune_job(job: PruneJob, out: str | Path, options: TuneOptions) -> dict:
         raise RunFailed(f"samples must be >= 1, got {options.samples}", field="samples")
     document = load_space(options.search_space)
     space = build_space(document, job.config, samples=options.samples)
-    connect(options.address)
+    connect(options.address, quiet=not options.ray_logs)
     if not options.cluster_may_grow:
         check_capacity(options.workers_per_trial, options.use_gpu)
     resources = ray.cluster_resources()
@@ -89,7 +91,7 @@ def tune_job(job: PruneJob, out: str | Path, options: TuneOptions) -> dict:
     trainable = tune.with_resources(
         partial(_trial, base_job=job.to_dict(), name=name,
                 options={"workers_per_trial": per_trial, "use_gpu": options.use_gpu, "placement": options.placement,
-                         "storage_path": storage, "verbose": options.verbose}),
+                         "storage_path": storage, "verbose": options.verbose, "ray_logs": options.ray_logs}),
         {"cpu": DRIVER_CPU},  # the trial driver only waits on its TorchTrainer, whose workers hold the CPUs
     )
     experiment = f"{storage.rstrip('/')}/{name}"

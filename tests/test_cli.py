@@ -199,10 +199,20 @@ def test_a_macs_target_with_n_m_granularity_is_refused_as_channel_only(untrained
 def channel_job(untrained_ckpt, tmp_path_factory) -> tuple[Path, dict]:
     """digits_cnn with half its MACs removed by channel pruning (an untrained input: sizes, not accuracy)."""
     out = tmp_path_factory.mktemp("channel") / "half"
-    result = dg2pf(*_without_sparsity(prune_args(untrained_ckpt, out)), "--granularity", "channel", "--target-macs-ratio", "0.5",
-                   "--threads", "1")
+    args = [a for a in _without_sparsity(prune_args(untrained_ckpt, out)) if a != "--quiet"]  # its progress lines too
+    result = dg2pf(*args, "--granularity", "channel", "--target-macs-ratio", "0.5", "--threads", "1")
     assert result.returncode == 0, result.stderr
+    assert "device: cpu (1 thread; --threads to change)" in result.stderr
     return out, json.loads((out / "metrics.json").read_text())
+
+
+@pytest.mark.parametrize("cpus, load, threads", [(2, 0.0, 2), (2, 0.4, 2), (2, 1.0, 1), (2, 3.5, 1), (16, 3.4, 13)])
+def test_the_default_thread_count_leaves_the_cores_other_work_uses(monkeypatch, cpus, load, threads):
+    from dg2pf_cli.main import default_threads
+
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(cpus)))
+    monkeypatch.setattr("os.getloadavg", lambda: (load, load, load))
+    assert default_threads() == threads
 
 
 def test_channel_metrics_say_what_was_removed_against_the_input_model(channel_job, untrained_ckpt):

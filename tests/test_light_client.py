@@ -216,6 +216,58 @@ def test_a_url_that_is_not_the_dg2pf_service_is_named_in_one_line():
         server.shutdown()
 
 
+def test_events_survive_keep_alives_and_a_dropped_connection_resuming_from_the_last_id():
+    """Client.events against a peer that speaks the stream's wire format: keep-alive comments are not
+    events, a connection cut mid-job is resumed with Last-Event-ID, and nothing arrives twice."""
+    import http.server
+    import json
+    import threading
+
+    from dg2pf_client import Client
+
+    job = {"id": "a" * 32, "name": None, "state": "running", "phase": "gradual_pruning", "epoch": 1, "current_sparsity": 0.3,
+           "target_sparsity": 0.9, "latest_metrics": None, "best_metrics": None, "history": [], "error": None,
+           "created_at": "2026-12-01T00:00:00Z", "started_at": None, "finished_at": None, "eta_seconds": None, "spec": {},
+           "links": {}}
+    done = {**job, "state": "succeeded", "phase": "done"}
+    record = {"epoch": 1, "phase": "gradual_pruning", "sparsity": 0.3, "train_loss": 0.5, "val_top1": 90.0}
+    streams = [  # what each connection sends; the first ends before the job does
+        [("state", "0:running:gradual_pruning", job), None, ("epoch", "1:running:gradual_pruning", record)],
+        [("epoch", "2:running:gradual_pruning", {**record, "epoch": 2}), ("state", "2:succeeded:done", done)],
+    ]
+    asked: list[str | None] = []
+
+    class Stream(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802
+            asked.append(self.headers.get("Last-Event-ID"))
+            self.send_response(200)
+            self.send_header("Content-Type", "text/event-stream")
+            self.end_headers()
+            for item in streams[len(asked) - 1]:
+                if item is None:
+                    self.wfile.write(b": ping\n\n")  # as FastAPI sends after 15 s of silence
+                else:
+                    kind, id_, data = item
+                    self.wfile.write(f"event: {kind}\nid: {id_}\ndata: {json.dumps(data)}\n\n".encode())
+                self.wfile.flush()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Stream)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        with Client(f"http://127.0.0.1:{server.server_address[1]}") as client:
+            events = list(client.events("a" * 32))
+    finally:
+        server.shutdown()
+    assert [(e.kind, e.id) for e in events] == [("state", "0:running:gradual_pruning"), ("epoch", "1:running:gradual_pruning"),
+                                                ("epoch", "2:running:gradual_pruning"), ("state", "2:succeeded:done")]
+    assert asked == [None, "1:running:gradual_pruning"]
+    assert events[1].summary().startswith("  epoch   1  gradual_pruning") and "val top-1  90.00%" in events[1].summary()
+    assert events[-1].job.state == "succeeded"
+
+
 def test_ctrl_c_while_a_remote_command_waits_for_the_service_ends_with_one_line_and_130():
     with socket.socket() as silent:  # a service that accepts the connection and never answers
         silent.bind(("127.0.0.1", 0))

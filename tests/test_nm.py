@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from dg2pf_core import DG2PFConfig, TrainingState, run_dg2pf
+from dg2pf_core import DG2PFConfig, TrainingState, overparam, run_dg2pf
 from dg2pf_core.errors import ConfigError
 from dg2pf_core.masks import masks_checksum, select_prunable
 from dg2pf_core.nm import NM, check_divisible, nm_masks, nm_violations, parse_granularity
@@ -169,7 +169,8 @@ class _Watch:
 
     def batch(self, loss):
         if self.phase in ("distillation", "finetuning"):
-            params = select_prunable(self.model).params
+            # an over-parameterized fine-tuning trains chains: what must stay pruned is their product
+            params = overparam.collapsed_state_dict(self.model)
             for name, mask in self.masks[-1].items():
                 assert (params[name][mask] == 0).all(), f"pruned weight of {name} nonzero in {self.phase}"
 

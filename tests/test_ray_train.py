@@ -28,6 +28,13 @@ def job_for(example: Path, **cfg) -> PruneJob:
     return PruneJob("digits_cnn", 10, str(example / "model.safetensors"), "digits", config)
 
 
+def worker_logs_since(t0: float) -> str:
+    """What the Ray workers of this session wrote to their stdout/stderr log files since ``t0``."""
+    logs = Path(ray._private.worker._global_node.get_logs_dir_path())
+    return "".join(p.read_text(errors="replace") for p in sorted(logs.glob("worker-*")) if p.suffix in (".out", ".err")
+                   and p.stat().st_mtime >= t0)
+
+
 @pytest.fixture(scope="module")
 def local_ray():
     ray.shutdown()
@@ -42,7 +49,12 @@ def test_two_workers_equal_masks_global_metrics_target_sparsity(local_ray, digit
     out = tmp_path / "out"
     # max_epochs leaves room after distillation (patience 1 stops it, but it can improve for several epochs)
     job = job_for(digits_example, pruning_epochs=2, max_epochs=10, patience=1, finetune="overparam", overparam_expansion=2)
-    m = prune_on_ray(job, out, RayOptions(workers=2, storage_path=str(tmp_path / "store"), verbose=False))
+    t0 = time.time()
+    # as `dg2pf prune --workers 2` runs without --verbose: rank 0's epoch lines, none of Ray Train's own
+    m = prune_on_ray(job, out, RayOptions(workers=2, storage_path=str(tmp_path / "store"), verbose=True, ray_logs=False))
+    logs = worker_logs_since(t0)
+    assert "epoch   1 gradual_pruning" in logs and "Reporting training result" not in logs
+    assert "Wrapping provided model in DistributedDataParallel" not in logs
     assert m["world_size"] == 2 and m["distributed"]["backend"] == "gloo"
     assert abs(m["sparsity_prunable"] - 0.9) <= 0.001
     by_epoch = m["distributed"]["mask_checksums"]
@@ -72,7 +84,9 @@ def test_channel_pruning_removes_channels_under_ddp(local_ray, digits_example, t
     out = tmp_path / "out"
     config = DG2PFConfig(granularity="channel", target_macs_ratio=0.5, pruning_epochs=2, max_epochs=3, patience=1)
     job = PruneJob("digits_cnn", 10, str(digits_example / "model.safetensors"), "digits", config)
+    t0 = time.time()
     m = prune_on_ray(job, out, RayOptions(workers=2, storage_path=str(tmp_path / "store"), verbose=False))
+    assert "Reporting training result" in worker_logs_since(t0)  # Ray's own lines by default (the service's logs)
     assert m["world_size"] == 2 and m["channels_pruned"] > 0
     assert abs(m["flops_sparse"] / m["flops_dense"] - 0.5) <= 0.025
     for epoch, sums in m["distributed"]["mask_checksums"]:

@@ -118,10 +118,17 @@ def _print_result(job_id: str, m: dict, files: list[Path]) -> None:
         ("parameters nonzero / total", f"{m['params_nonzero']:,} / {m['params_total']:,}"),
         ("MACs sparse / dense", f"{m['flops_sparse'] / max(m['flops_dense'], 1):.3f}x"),
         ("test top-1 dense -> pruned", f"{m['baseline_test_top1']:.2f}% -> {m['test_top1']:.2f}% ({m['test_top1'] - m['baseline_test_top1']:+.2f})"),
-        ("epochs", str(m["epochs"])),
+        ("epoch kept", f"{m['best_epoch']} of {m['epochs']} (val top-1 {m['val_top1']:.2f}%)"),
         *_latency_rows(m),  # measured, dense vs pruned: ~1.0x, unstructured sparsity runs on dense kernels
-        ("artifacts", ", ".join(sorted(p.name for p in files))),
+        ("artifacts in", str(files[0].parent) if files else "-"),
+        *((f"  {p.name}", _size(p.stat().st_size)) for p in sorted(files)),
     ]
     width = max(len(k) for k, _ in rows)
     for k, v in rows:
         print(f"{k:<{width}}  {v}")
+
+
+def _size(n: int) -> str:
+    if n < 1024:
+        return f"{n:,} bytes"
+    return f"{n / 1024:.1f} KiB" if n < 1024**2 else f"{n / 1024**2:.1f} MiB"

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 import types
 import typing
@@ -55,6 +56,9 @@ def _add_ray_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--ray-address", help="existing Ray cluster (default: $RAY_ADDRESS, else a local Ray)")
     group.add_argument("--storage-path", help="Ray Train storage for per-epoch checkpoints (default: runs/ray-train)")
     group.add_argument("--max-failures", type=int, default=2, help="worker failures to recover from (default: 2)")
+    group.add_argument("--verbose", action="store_true",
+                       help="show Ray's own log lines too (its start, Ray Train's worker set-up, a line per report of "
+                       "every worker); by default only its warnings and errors, and one line per epoch")
 
 
 def _config_from(args: argparse.Namespace) -> DG2PFConfig:
@@ -78,6 +82,10 @@ def _channel_rows(m: dict) -> list[tuple[str, str]]:
 
 def _cmd_example(args: argparse.Namespace) -> int:
     from dg2pf_core.example import write_example
+
+    _set_threads(args)
+    if not args.quiet:
+        print(f"training the {args.name} example on {args.threads} CPU thread(s) (--threads to change)", file=sys.stderr)
 
     def on_epoch(epoch: int, val: float) -> None:
         if not args.quiet:
@@ -136,7 +144,9 @@ def _cmd_prune(args: argparse.Namespace) -> int:
             note = f"; skipped {skipped} unreadable image(s)" if skipped else ""
             augment = getattr(prepared.splits, "augment", None)
             note += f"; augment: {augment}" if augment else ""
-            print(f"data: {prepared.splits.description}{note}; device: {prepared.device}", file=sys.stderr)
+            threads = f" ({args.threads} thread{'s' if args.threads != 1 else ''}; --threads to change)" \
+                if prepared.device.type == "cpu" and args.workers is None else ""
+            print(f"data: {prepared.splits.description}{note}; device: {prepared.device}{threads}", file=sys.stderr)
 
     if args.workers is not None and args.workers < 1:
         raise DG2PFError(f"--workers must be >= 1, got {args.workers}", field="workers")
@@ -168,7 +178,8 @@ def _cmd_prune(args: argparse.Namespace) -> int:
         from dg2pf_ray.train import RayOptions, prune_on_ray
 
         options = RayOptions(workers=args.workers, use_gpu=args.gpu, placement=args.placement, address=args.ray_address,
-                             storage_path=args.storage_path, max_failures=args.max_failures, verbose=not args.quiet)
+                             storage_path=args.storage_path, max_failures=args.max_failures, verbose=not args.quiet,
+                             ray_logs=args.verbose)
         m = prune_on_ray(job, args.out, options)
     rows = [
         ("target sparsity", f"{m['target_sparsity']:.2%}" if m.get("target_sparsity") is not None
@@ -182,7 +193,7 @@ def _cmd_prune(args: argparse.Namespace) -> int:
         *([("granularity", _nm_check(m))] if m.get("nm_violations") is not None else []),
         ("test top-1 dense -> pruned", _fmt_pair(m["baseline_test_top1"], m["test_top1"])),
         ("val top-1 (best epoch)", f"{m['val_top1']:.2f}% (epoch {m['best_epoch']} of {m['epochs']})"),
-        ("wall time", f"{m['wall_seconds']:.1f} s"),
+        ("wall time", _wall_time(m)),
         ("model.onnx", _onnx_line(m)),
         *_latency_rows(m),
     ]
@@ -194,6 +205,14 @@ def _cmd_prune(args: argparse.Namespace) -> int:
     onnx = "model.onnx, " if (m.get("onnx") or {}).get("written") else ""
     print(f"wrote {args.out}/model.safetensors, model.compact.safetensors, {onnx}and metrics.json")
     return 0
+
+
+def _wall_time(m: dict) -> str:
+    """The run from the command's start; on Ray, the workers' own share beside it (the rest is Ray and
+    its workers starting, and the results coming back)."""
+    if m.get("driver_wall_seconds") is None:
+        return f"{m['wall_seconds']:.1f} s"
+    return f"{m['driver_wall_seconds']:.1f} s (the workers' training and evaluation {m['wall_seconds']:.1f} s of it)"
 
 
 def _onnx_line(m: dict) -> str:
@@ -240,7 +259,8 @@ def _cmd_tune(args: argparse.Namespace) -> int:
     job = _job_from(args)
     options = TuneOptions(samples=args.samples, search_space=args.search_space, workers_per_trial=args.workers or 1,
                           use_gpu=args.gpu, placement=args.placement, address=args.ray_address, storage_path=args.storage_path,
-                          max_concurrent=args.max_concurrent, grace_period=args.grace_period, verbose=not args.quiet)
+                          max_concurrent=args.max_concurrent, grace_period=args.grace_period, verbose=not args.quiet,
+                          ray_logs=args.verbose)
     m = tune_job(job, args.out, options)
     t = m["tune"]
     for row in t["trials"]:
@@ -350,7 +370,7 @@ def _cmd_latency(args: argparse.Namespace) -> int:
     from dg2pf_core.onnx_export import export_onnx
     from dg2pf_core.preflight import check_eval_forward
 
-    _set_threads(args)
+    _set_threads(args, adaptive=False)  # a latency table keeps torch's default unless told: comparable runs
     batch_sizes = _batch_sizes(args.batch_sizes)
     for name, value, low, high in (("--runs", args.runs, 1, 10_000), ("--warmup", args.warmup, 0, 1_000)):
         if not low <= value <= high:
@@ -458,6 +478,7 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--out", required=True)
     ex.add_argument("--seed", type=int, default=0)
     ex.add_argument("--quiet", action="store_true")
+    ex.add_argument("--threads", type=int, help=THREADS_HELP)
     ex.set_defaults(func=_cmd_example)
 
     pr = sub.add_parser("prune", help="prune a checkpoint with DG2PF")
@@ -494,16 +515,36 @@ def _add_job_options(pr: argparse.ArgumentParser, required: bool = True) -> None
                     "below; cifar10 cifar; mnist, fashion-mnist shift; digits none. Evaluation and serving are the same "
                     "whatever it is")
     pr.add_argument("--quiet", action="store_true", help="no progress bars")
-    pr.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's, one per core)")
+    pr.add_argument("--threads", type=int, help=THREADS_HELP)
 
 
-def _set_threads(args: argparse.Namespace) -> None:
-    if getattr(args, "threads", None) is not None:
-        if args.threads < 1:
-            raise DG2PFError(f"--threads must be >= 1, got {args.threads}", field="threads")
-        import torch
+THREADS_HELP = ("CPU threads for torch (default: the CPUs this process may use less the machine's load average, at "
+                "least 1: on a busy machine torch's one thread per core oversubscribes it and runs several times slower)")
 
-        torch.set_num_threads(args.threads)
+
+def default_threads() -> int:
+    """CPUs this process may use (its affinity) less the 1-minute load average, rounded, at least 1.
+
+    torch's own default, one thread per core, assumes an idle machine: on a 2-core box busy with another
+    job it made ``dg2pf prune`` and ``dg2pf example`` 2-11x slower than one thread (OpenMP threads
+    spin-waiting for each other). An idle machine gets every core, as with torch's default.
+    """
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    return max(1, cpus - int(load + 0.5))
+
+
+def _set_threads(args: argparse.Namespace, adaptive: bool = True) -> None:
+    """``--threads``, else (``adaptive``) ``default_threads()``, else torch's default; recorded in
+    ``args.threads`` for what the command prints."""
+    if getattr(args, "threads", None) is not None and args.threads < 1:
+        raise DG2PFError(f"--threads must be >= 1, got {args.threads}", field="threads")
+    if getattr(args, "threads", None) is None and not adaptive:
+        return
+    import torch
+
+    args.threads = args.threads if getattr(args, "threads", None) is not None else default_threads()
+    torch.set_num_threads(args.threads)
 
 
 def _add_tune_evaluate_archs(sub) -> None:
@@ -526,7 +567,7 @@ def _add_tune_evaluate_archs(sub) -> None:
     ev.add_argument("--split", choices=["test", "val"], default="test")
     ev.add_argument("--skip-bad-images", action="store_true", help="leave out images that cannot be decoded")
     ev.add_argument("--json", action="store_true")
-    ev.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's, one per core)")
+    ev.add_argument("--threads", type=int, help=THREADS_HELP)
     ev.set_defaults(func=_cmd_evaluate)
 
     la = sub.add_parser("latency", help="measure a checkpoint's inference latency: PyTorch and ONNX Runtime on the CPU")

@@ -178,6 +178,8 @@ def _cmd_submit(args: argparse.Namespace) -> int:
 
 @_one_line_errors
 def _cmd_status(args: argparse.Namespace) -> int:
+    if args.follow:
+        return _follow(args)
     with _client(args) as client:
         job = client.get(args.id)
     if args.json:
@@ -185,6 +187,24 @@ def _cmd_status(args: argparse.Namespace) -> int:
     else:
         _print_job(job)
     return 0
+
+
+def _follow(args: argparse.Namespace) -> int:
+    """``status ID --follow``: a line per state change and per epoch until the job ends (``--json``: each
+    event as one JSON line); exit 0 if it succeeded, 1 if it failed or was cancelled."""
+    job = None
+    try:
+        with _client(args) as client:
+            for event in client.events(args.id):
+                print(event.model_dump_json() if args.json else event.summary(), flush=True)
+                job = event.job or job
+    except KeyboardInterrupt:
+        print(f"dg2pf: stopped following; job {args.id} goes on in the service (dg2pf cancel {args.id} stops it)",
+              file=sys.stderr)
+        return 130
+    if not args.json:
+        _print_result(job)
+    return 0 if job.state == "succeeded" else 1
 
 
 @_one_line_errors
@@ -297,7 +317,9 @@ def add_remote_commands(sub) -> None:
     sb.set_defaults(func=_cmd_submit)
     st = client_parser("status", "show a job")
     st.add_argument("id")
-    st.add_argument("--json", action="store_true")
+    st.add_argument("--json", action="store_true", help="the job as JSON (with --follow: one JSON line per event)")
+    st.add_argument("--follow", "-f", action="store_true",
+                    help="stream the job's events live until it ends: a line per state change and per epoch")
     st.set_defaults(func=_cmd_status)
     js = client_parser("jobs", "list jobs")
     js.add_argument("--state", choices=["queued", "running", "succeeded", "failed", "cancelled"])

@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import json
 import re
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
+from httpx_sse import SSEError, connect_sse
 
 from .errors import InvalidRequest, NotTheService, ServiceUnreachable, WaitTimeout, from_response
-from .schemas import TERMINAL, Artifact, ArtifactList, CheckpointOut, JobList, JobOut, JobSubmitted, ModelList, ModelOut
+from .schemas import (TERMINAL, Artifact, ArtifactList, CheckpointOut, JobEvent, JobList, JobOut, JobSubmitted, ModelList,
+                      ModelOut)
 
 
 class Client:
@@ -114,6 +117,61 @@ class Client:
         finally:
             if bar is not None:
                 bar.close()
+
+    def events(self, job_id: str, last_event_id: str | None = None, reconnect_for: float = 60.0) -> Iterator[JobEvent]:
+        """The job's live events (``GET /jobs/{id}/events``) until it ends: a ``state`` event on connecting
+        and on every change of state or phase, an ``epoch`` event per epoch record, each once and in order.
+
+        A lost connection (the service restarting, a proxy cutting it) is resumed from the last event
+        seen, with ``Last-Event-ID``, for up to ``reconnect_for`` seconds without an event; then
+        ``ServiceUnreachable``. ``last_event_id`` resumes an earlier iteration (its last ``event.id``).
+        An unknown job raises ``NotFound`` at the first ``next()``.
+        """
+        job_id, last, lost_since = _id(job_id), last_event_id, None
+        while True:
+            headers = {"Last-Event-ID": last} if last else {}
+            try:
+                with connect_sse(self._http, "GET", f"/jobs/{job_id}/events", headers=headers) as source:
+                    r = source.response
+                    if r.status_code >= 400:
+                        r.read()
+                        raise from_response(r.status_code, _json_or_none(r), r.text)
+                    try:
+                        for sse in source.iter_sse():
+                            if not sse.data:
+                                continue  # a keep-alive comment (the decoder repeats the last id for it)
+                            event = self._event(r, sse)
+                            lost_since, last = None, sse.id or last
+                            yield event
+                            if event.job is not None and event.job.state in TERMINAL:
+                                return
+                    except SSEError:  # not an event stream at all
+                        r.read()
+                        self._parse(JobEvent, r)
+                        raise
+            except httpx.TransportError as exc:
+                reason = str(exc) or type(exc).__name__
+            else:
+                if last and last.split(":")[1:2] and last.split(":")[1] in TERMINAL:
+                    return  # resumed after the final state: nothing more to come
+                reason = "the stream ended before the job did"  # e.g. the service restarted
+            lost_since = lost_since or time.monotonic()
+            if time.monotonic() - lost_since > reconnect_for:
+                raise ServiceUnreachable(0, "unreachable", f"lost the events of job {job_id} from the dg2pf service at "
+                                         f"{self._http.base_url} for over {reconnect_for:g} s: {reason}")
+            time.sleep(1.0)
+
+    def _event(self, r: httpx.Response, sse) -> JobEvent:
+        try:
+            data = json.loads(sse.data)
+            if sse.event == "state":
+                return JobEvent(id=sse.id, kind="state", job=JobOut.model_validate(data))
+            if sse.event == "epoch" and isinstance(data, dict):
+                return JobEvent(id=sse.id, kind="epoch", record=data)
+            raise ValueError(f"an event {sse.event!r}")
+        except ValueError as exc:
+            raise NotTheService(r.status_code, "not_the_service", f"{r.request.url} sent {str(exc).splitlines()[0]}, "
+                                "not a dg2pf job event: is the URL a dg2pf service?") from None
 
     def artifacts(self, job_id: str) -> list[Artifact]:
         return self._parse(ArtifactList, self._call("GET", f"/jobs/{_id(job_id)}/artifacts")).artifacts

@@ -102,6 +102,33 @@ class JobOut(BaseModel):
         return self.summary()
 
 
+class JobEvent(BaseModel):
+    """One event of ``GET /jobs/{id}/events``: a ``state`` event carries the job (``job``), an ``epoch``
+    event one epoch record (``record``: epoch, phase, sparsity, train_loss, val_top1, val_top5, lr,
+    seconds, is_best, recovered); ``id`` is what ``Last-Event-ID`` resumes from."""
+
+    id: str
+    kind: Literal["state", "epoch"]
+    job: JobOut | None = None
+    record: dict[str, Any] | None = None
+
+    def summary(self) -> str:
+        """One line: the job's summary for a state event; for an epoch, its phase, sparsity, loss and
+        validation top-1 (``*`` marks the best so far, ``recovered`` the weights a ranking brought back)."""
+        if self.job is not None:
+            return self.job.summary()
+        r = self.record or {}
+        loss = r.get("train_loss")
+        line = (f"  epoch {r.get('epoch', '?'):>3}  {r.get('phase', '?'):<15} sparsity {r.get('sparsity') or 0:6.2%}  "
+                f"loss {'-' if loss is None else f'{loss:.4f}'}  val top-1 {r.get('val_top1') or 0:6.2f}%"
+                f"{' *' if r.get('is_best') else '  '}")
+        if r.get("recovered") is not None:
+            line += f"  recovered {r['recovered']}"
+        if r.get("seconds") is not None:
+            line += f"  {r['seconds']:.1f} s"
+        return line
+
+
 class JobList(BaseModel):
     items: list[JobOut]
     total: int

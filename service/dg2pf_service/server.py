@@ -71,4 +71,7 @@ def uvicorn_options(settings: Settings) -> dict[str, Any]:
         "host": settings.host, "port": settings.port,
         "http": protocol_for(settings), "h11_max_incomplete_event_size": settings.max_header_bytes,
         "limit_concurrency": settings.max_connections, "timeout_keep_alive": 5,
+        # On SIGTERM/Ctrl-C, open streams (GET /jobs/{id}/events followers) are closed after this many
+        # seconds instead of holding the shutdown until their jobs end; their clients resume elsewhere.
+        "timeout_graceful_shutdown": 5,
     }

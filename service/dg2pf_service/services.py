@@ -21,6 +21,7 @@ from .spec import JobSpec
 from .store.db import make_engine, make_sessionmaker
 from .store.migrate import upgrade
 from .store.repo import JobStore
+from .tracking import MlflowTracking
 from .uploads import clean_partial_uploads
 
 log = logging.getLogger("dg2pf.service")
@@ -35,6 +36,7 @@ class Services:
     scheduler: Scheduler
     serving: ServingSupervisor
     deployments: Deployments
+    tracking: MlflowTracking | None = None  # DG2PF_MLFLOW_TRACKING_URI
 
     def capacity(self) -> tuple[float, float]:
         """CPUs and GPUs jobs can count on: the cluster's (or what it can scale up to, when set), less
@@ -99,6 +101,10 @@ def build(settings: Settings) -> Services:
     services.scheduler = Scheduler(store, executor, cluster, services.capacity, make_order, jobs_dir=settings.jobs_dir,
                                    on_succeeded=services.on_succeeded, max_restarts=settings.job_max_restarts,
                                    cluster_lost_timeout_s=settings.cluster_lost_timeout_s)
+    if settings.mlflow_tracking_uri:
+        local = settings.mlflow_tracking_uri.startswith(("sqlite:", "file:", "/"))
+        artifacts = settings.mlflow_artifact_location or (str(settings.data_dir / "mlflow-artifacts") if local else None)
+        services.tracking = MlflowTracking(settings.mlflow_tracking_uri, store, settings.mlflow_experiment, artifacts)
     return services
 
 

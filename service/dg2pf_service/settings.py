@@ -7,6 +7,7 @@ service calls ``get_settings()`` once at start-up and passes the object down.
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -95,6 +96,14 @@ class Settings(BaseSettings):
     serve_max_inputs: int = Field(64, ge=1, description="inputs (tensors or images) per predict request")
     serve_access_log: bool = Field(False, description="Serve's per-request access logs (cost CPU per request)")
     serve_poll_seconds: float = Field(2.0, gt=0, description="how often the serving supervisor reconciles")
+    mlflow_tracking_uri: str | None = Field(None, description="log every job to MLflow (params, per-epoch metrics, results, "
+                                            "artifacts): sqlite:///path/mlflow.db, http://mlflow:5000, ...; needs "
+                                            "pip install 'dg2pf[mlflow]'")
+    mlflow_experiment: str = Field("dg2pf", min_length=1, description="the MLflow experiment the jobs' runs go to")
+    mlflow_artifact_location: str | None = Field(None, description="where the experiment keeps the runs' artifacts when "
+                                                 "the service creates it; default: data_dir/mlflow-artifacts for a "
+                                                 "sqlite:// or file: store, the server's own for an MLflow server")
+    mlflow_poll_seconds: float = Field(2.0, gt=0, description="how often new epochs and ended jobs are sent to MLflow")
 
     @field_validator("data_dir")
     @classmethod
@@ -111,6 +120,16 @@ class Settings(BaseSettings):
     @classmethod
     def _split_tokens(cls, value: Any) -> Any:
         return _comma_list(value)
+
+    @field_validator("mlflow_tracking_uri")
+    @classmethod
+    def _mlflow_installed(cls, value: str | None) -> str | None:
+        # Checked before anything starts (a Ray head, the API), not when the first job would be logged.
+        if value is not None and not value.strip():
+            return None
+        if value is not None and importlib.util.find_spec("mlflow") is None:
+            raise ValueError("MLflow is not installed: pip install 'dg2pf[mlflow]' (mlflow-skinny), or unset it")
+        return value
 
     @field_validator("data_roots")
     @classmethod

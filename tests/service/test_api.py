@@ -35,7 +35,9 @@ def service(tmp_path_factory, pg_url):
     (root / "data").mkdir()
     svc = ServiceProcess(root / "state", DG2PF_DATABASE_URL=pg_url, DG2PF_API_TOKENS=f"{TOKEN},another",
                          DG2PF_DATA_ROOTS=str(root / "data"), DG2PF_MAX_UPLOAD_BYTES=str(2_000_000),
-                         DG2PF_MAX_MODEL_PARAMS=str(400_000_000))
+                         DG2PF_MAX_MODEL_PARAMS=str(400_000_000),
+                         DG2PF_MLFLOW_TRACKING_URI=f"sqlite:///{root / 'mlflow.db'}", DG2PF_MLFLOW_POLL_SECONDS="0.5")
+    svc.mlflow_uri = f"sqlite:///{root / 'mlflow.db'}"
     svc.start()
     yield svc
     svc.stop()
@@ -81,9 +83,23 @@ def test_full_lifecycle(service, client, ckpt, tmp_path):
     r = httpx.post(f"{service.url}/jobs", json=spec(ckpt, name="lifecycle"), headers={"Authorization": f"Bearer {TOKEN}"})
     assert r.status_code == 202 and r.headers["location"] == f"/jobs/{r.json()['id']}"
     assert r.json()["state"] == "queued"
+    job_id = r.json()["id"]
+    # Followed live over GET /jobs/{id}/events (server-sent events) while client.wait polls.
+    streamed: list[tuple[float, object]] = []
+
+    def follow() -> None:
+        with Client(service.url, token=TOKEN) as c:
+            streamed.extend((time.time(), e) for e in c.events(job_id))
+
+    follower = threading.Thread(target=follow)
+    follower.start()
     seen: list[tuple[str, str]] = []
-    job = client.wait(r.json()["id"], timeout=300, on_update=lambda j: seen.append((j.state, j.phase)))
+    job = client.wait(job_id, timeout=300, on_update=lambda j: seen.append((j.state, j.phase)))
     assert job.state == "succeeded", job.error
+    follower.join(30)
+    assert not follower.is_alive(), "the event stream did not end with the job"
+    _check_events(service, job, streamed)
+    _check_mlflow(service, job)
     assert job.phase == "done" and abs(job.best_metrics["sparsity_prunable"] - 0.9) < 1e-3
     assert job.best_metrics["test_top1"] >= job.best_metrics["baseline_test_top1"] - 5
     # per-layer sparsity in the status, none beyond the default cap (0.94 at 90%); warnings always a list
@@ -103,6 +119,73 @@ def test_full_lifecycle(service, client, ckpt, tmp_path):
     assert {"model.safetensors", "model.onnx", "metrics.json", "history.json"} <= files
     assert json.loads((tmp_path / "dl" / "metrics.json").read_text())["target_sparsity"] == 0.9
     assert client.list(state="succeeded").total >= 1
+
+
+def _mlflow_run(service, job_id: str, status: str):
+    """The job's MLflow run once the service has logged it to ``status`` (it follows the store every 0.5 s)."""
+    from mlflow.tracking import MlflowClient
+
+    mlflow = MlflowClient(tracking_uri=service.mlflow_uri)
+    deadline = time.time() + 60
+    while True:
+        experiment = mlflow.get_experiment_by_name("dg2pf")
+        runs = mlflow.search_runs([experiment.experiment_id], f"tags.`dg2pf.job_id` = '{job_id}'") if experiment else []
+        if runs and runs[0].info.status == status:
+            return mlflow, runs[0]
+        assert time.time() < deadline, f"job {job_id} not logged to MLflow as {status}: {runs}"
+        time.sleep(0.5)
+
+
+def _check_mlflow(service, job) -> None:
+    """The succeeded job as an MLflow run: its spec as params, each epoch's metrics at its step, the
+    results, the artifacts, FINISHED."""
+    mlflow, run = _mlflow_run(service, job.id, "FINISHED")
+    assert run.info.run_name == "lifecycle" and run.data.tags["dg2pf.state"] == "succeeded"
+    assert run.data.params["sparsity"] == "0.9" and run.data.params["model.arch"] == "digits_cnn"
+    assert run.data.params["schedule.pruning_epochs"] == str(FAST["pruning_epochs"])
+    history = mlflow.get_metric_history(run.info.run_id, "val_top1")
+    assert sorted((m.step, m.value) for m in history) == [(h["epoch"], h["val_top1"]) for h in job.history]  # once each
+    assert run.data.metrics["test_top1"] == pytest.approx(job.best_metrics["test_top1"])
+    assert run.data.metrics["best_val_top1"] == pytest.approx(job.best_metrics["val_top1"])
+    assert run.data.metrics["sparsity_prunable"] == pytest.approx(job.best_metrics["sparsity_prunable"])
+    assert "speedup_onnxruntime_batch1" in run.data.metrics
+    assert str(service.data_dir / "mlflow-artifacts") in run.info.artifact_uri  # not ./mlruns of its cwd
+    logged = {a.path for a in mlflow.list_artifacts(run.info.run_id)}
+    assert {"metrics.json", "history.json", "training.png", "layers.png", "model.safetensors", "model.onnx"} <= logged
+
+
+def _check_events(service, job, streamed) -> None:
+    """The stream of a finished job: each epoch record once and in order, live, states without
+    repeats ending with the final one; a Last-Event-ID resumes with exactly what came after it."""
+    events = [e for _, e in streamed]
+    assert events[0].kind == "state" and events[-1].kind == "state" and events[-1].job.state == "succeeded"
+    # each record once, in order (live ones are the run's progress records: the final history's, plus world_size)
+    assert [(e.record["epoch"], e.record["val_top1"]) for e in events if e.kind == "epoch"] == \
+        [(h["epoch"], h["val_top1"]) for h in job.history]
+    states = [(e.job.state, e.job.phase) for e in events if e.kind == "state"]
+    assert all(a != b for a, b in zip(states, states[1:])) and ("running", "gradual_pruning") in states, states
+    assert len({e.id for e in events}) == len(events)
+    # live: records arrived while the job ran, not all at its end
+    finished = job.finished_at.timestamp()
+    assert any(t < finished for t, e in streamed if e.kind == "epoch"), "no epoch arrived before the job finished"
+    # resume after the third epoch record: the rest of the records, then nothing twice
+    cut = [i for i, e in enumerate(events) if e.kind == "epoch"][2]
+    with Client(service.url, token=TOKEN) as c:
+        resumed = list(c.events(job.id, last_event_id=events[cut].id))
+    assert [e.record["epoch"] for e in resumed if e.kind == "epoch"] == [e.record["epoch"] for e in events[cut + 1:]
+                                                                         if e.kind == "epoch"]
+    assert resumed[-1].job.state == "succeeded"
+    with Client(service.url, token=TOKEN) as c:  # a finished job's stream from its last event: nothing more
+        assert [e.kind for e in c.events(job.id, last_event_id=events[-1].id)] == []
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    with httpx.stream("GET", f"{service.url}/jobs/{job.id}/events", headers=auth) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        assert "retry: 2000" in r.read().decode()  # a browser's EventSource reconnects after 2 s
+    for bad in ("yesterday", "3:running:sleeping", "99999999999:running:baseline"):
+        r = httpx.get(f"{service.url}/jobs/{job.id}/events", headers={**auth, "Last-Event-ID": bad})
+        assert r.status_code == 422 and r.json()["error"]["field"] == "Last-Event-ID", r.text
+    assert httpx.get(f"{service.url}/jobs/{'f' * 32}/events", headers=auth).status_code == 404
+    assert httpx.get(f"{service.url}/jobs/{job.id}/events").status_code == 401
 
 
 BAD = [
@@ -220,6 +303,8 @@ def test_cancel_during_pruning_stops_the_work_and_keeps_artifacts(service, clien
     assert len((service.data_dir / "jobs" / job_id / "progress.jsonl").read_text().splitlines()) == progress_lines  # stopped
     with pytest.raises(Conflict):
         client.cancel(job_id)
+    mlflow, run = _mlflow_run(service, job_id, "KILLED")  # the epochs it ran, then its end
+    assert len(mlflow.get_metric_history(run.info.run_id, "val_top1")) == len(client.get(job_id).history) >= 2
 
 
 def test_concurrent_submissions_queue_fifo(service, client, ckpt):
@@ -277,7 +362,16 @@ def test_cli_submit_wait_status_jobs_download(service, ckpt, tmp_path, capsys):
     assert main(["submit", str(job_file), "--wait", *conn]) == 0
     job_id = capsys.readouterr().out.split("submitted ")[1].split()[0]
     assert main(["status", job_id, "--json", *conn]) == 0
-    assert json.loads(capsys.readouterr().out)["state"] == "succeeded"
+    status = json.loads(capsys.readouterr().out)
+    assert status["state"] == "succeeded"
+    epochs = [str(h["epoch"]) for h in status["history"]]
+    assert main(["status", job_id, "--follow", *conn]) == 0  # a finished job: its epochs, its final state, its result
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[1] for line in lines[:len(epochs)] if line.startswith("  epoch ")] == epochs
+    assert lines[len(epochs)].startswith(job_id) and "succeeded" in lines[len(epochs)]
+    assert lines[len(epochs) + 1].startswith("  test top-1")
+    assert main(["status", job_id, "--follow", "--json", *conn]) == 0
+    assert [json.loads(line)["kind"] for line in capsys.readouterr().out.splitlines()] == ["epoch"] * len(epochs) + ["state"]
     assert main(["jobs", "--state", "succeeded", *conn]) == 0
     assert job_id in capsys.readouterr().out
     assert main(["download", job_id, "--out", str(tmp_path / "dl"), *conn]) == 0

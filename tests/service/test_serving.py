@@ -234,7 +234,14 @@ def test_deploy_rules_undeploy_and_redeploy(served, client, service, test_inputs
     assert client.models().items == []
     # The last model gone, the Serve application is deleted (its CPUs go back to jobs): until then the
     # replica answers with the service's 404, afterwards Serve's proxy with its own.
-    r = httpx.post(served["model"].url, headers=AUTH, json={"inputs": test_inputs[0][:1].tolist()}, timeout=30)
+    deadline = time.time() + 60
+    while True:
+        try:
+            r = httpx.post(served["model"].url, headers=AUTH, json={"inputs": test_inputs[0][:1].tolist()}, timeout=30)
+            break
+        except httpx.TransportError:  # Serve's proxy drops a request that reaches the application it is deleting
+            assert time.time() < deadline, "Serve's proxy kept dropping requests after the last model was undeployed"
+            time.sleep(0.5)
     assert r.status_code == 404
     assert "no deployed model" in r.text or "not found" in r.text
     with pytest.raises(NotFound):

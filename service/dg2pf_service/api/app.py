@@ -12,7 +12,7 @@ from fastapi.responses import HTMLResponse, JSONResponse
 from ..services import Services, build
 from ..settings import Settings
 from ..ui import routes as ui
-from . import checkpoints, errors, health, jobs, models
+from . import checkpoints, errors, events, health, jobs, models
 from .auth import require_token
 from .guard import RequestGuard
 
@@ -28,7 +28,11 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
         svc.scheduler.tick()  # re-attach to running jobs, resubmit lost ones, dispatch the queue
         svc.scheduler.start(svc.settings.poll_seconds)
         svc.serving.start(svc.settings.serve_poll_seconds)  # restores deployed models (registry + Serve app)
+        if svc.tracking is not None:
+            svc.tracking.start(svc.settings.mlflow_poll_seconds)
         yield
+        if svc.tracking is not None:
+            svc.tracking.stop()
         svc.serving.stop()
         svc.scheduler.stop()
 
@@ -39,7 +43,7 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
     app.add_middleware(RequestGuard)
     errors.install(app)
     app.include_router(health.router)
-    for router in (checkpoints.router, jobs.router, models.router):
+    for router in (checkpoints.router, jobs.router, events.router, models.router):
         app.include_router(router, responses=errors.error_responses(*errors.AUTH))
     app.include_router(_docs(app))
     ui.install(app)  # /ui: the dashboard's pages (no data, no token) over the routes above
@@ -73,12 +77,24 @@ def _openapi(app: FastAPI) -> Callable[[], dict[str, Any]]:
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
             schema = generate()
+            _errors_as_json(schema)
             services = getattr(app.state, "services", None)
             if services is not None and services.settings.api_tokens:
                 _declare_bearer(schema)
         return app.openapi_schema
 
     return openapi
+
+
+def _errors_as_json(schema: dict[str, Any]) -> None:
+    """Errors are JSON on every route, the event stream's included: FastAPI documents a route's error
+    responses under its response class's media type (text/event-stream for GET /jobs/{id}/events)."""
+    for operations in schema["paths"].values():
+        for operation in operations.values():
+            for status, response in operation.get("responses", {}).items():
+                content = response.get("content") or {}
+                if status[0] in "45" and content and "application/json" not in content:
+                    response["content"] = {"application/json": next(iter(content.values()))}
 
 
 def _declare_bearer(schema: dict[str, Any]) -> None:

@@ -11,7 +11,7 @@ from pydantic import BaseModel, Field
 # both sides of the wire. Only what the client never reads is declared here.
 from dg2pf_client.schemas import (  # noqa: F401 - re-exported for the routes
     Artifact, ArtifactList, CheckpointOut, ErrorDetail, ErrorInfo, ErrorResponse, JobList, JobOut, JobSubmitted, ModelList,
-    ModelOut, Phase, RestartInfo, State,
+    ModelOut, Phase, RestartInfo, State, TERMINAL,
 )
 
 # The content type each kind of artifact is served with, by file suffix.
