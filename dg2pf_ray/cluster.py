@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 
 import ray
 
@@ -25,6 +26,9 @@ def connect(address: str | None = None, quiet: bool = False) -> str:
         return "ray already initialised in this process"
     address = address or os.environ.get("RAY_ADDRESS") or None
     logs = {"logging_level": logging.WARNING} if quiet else {}
+    if not (sys.stdout.isatty() and sys.stderr.isatty()):
+        # The workers' lines the driver prints: no colour codes in a log file or a pipe.
+        os.environ.setdefault("RAY_COLOR_PREFIX", "0")
     # Worker processes import dg2pf from the same installation as the driver; nothing is shipped.
     runtime_env = {"env_vars": {"PYTHONUNBUFFERED": "1"}}
     try:

@@ -11,6 +11,7 @@ import copy
 import json
 import logging
 import shutil
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -146,9 +147,11 @@ def train_worker(config: dict) -> None:
             if config.get("progress_path"):
                 append_record(config["progress_path"], {**record.to_dict(), "world_size": world, "nodes": nodes})
             if config.get("verbose", True):
+                # To the process's own stdout: Ray Train's patched print() would send a line on sys.stdout
+                # to its logger (stderr) as well, and the driver would show every epoch twice.
                 print(f"epoch {record.epoch:>3} {record.phase:<15} sparsity {record.sparsity:6.2%} "
                       f"val top-1 {record.val_top1:6.2f}%{' *best' if record.is_best else ''}"
-                      f"{f' (restarts: {record.restarts})' if record.restarts else ''}", flush=True)
+                      f"{f' (restarts: {record.restarts})' if record.restarts else ''}", flush=True, file=sys.__stdout__)
             with tempfile.TemporaryDirectory() as tmp:
                 state.save(tmp)
                 ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp), checkpoint_dir_name=f"epoch_{record.epoch:04d}")

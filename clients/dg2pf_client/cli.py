@@ -202,6 +202,8 @@ def _follow(args: argparse.Namespace) -> int:
         print(f"dg2pf: stopped following; job {args.id} goes on in the service (dg2pf cancel {args.id} stops it)",
               file=sys.stderr)
         return 130
+    if job is None:  # no state event at all: not something the service sends
+        return _fail(f"the service sent no state for job {args.id}")
     if not args.json:
         _print_result(job)
     return 0 if job.state == "succeeded" else 1

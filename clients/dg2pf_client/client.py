@@ -152,7 +152,7 @@ class Client:
             except httpx.TransportError as exc:
                 reason = str(exc) or type(exc).__name__
             else:
-                if last and last.split(":")[1:2] and last.split(":")[1] in TERMINAL:
+                if last and last.count(":") == 2 and last.split(":")[1] in TERMINAL:
                     return  # resumed after the final state: nothing more to come
                 reason = "the stream ended before the job did"  # e.g. the service restarted
             lost_since = lost_since or time.monotonic()

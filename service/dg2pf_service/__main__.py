@@ -27,14 +27,12 @@ def main(argv: list[str] | None = None) -> int:
     # ~/.ray/auth_token). Ray reads the mode when it is first imported, hence before importing anything
     # that imports ray. Set RAY_AUTH_MODE=disabled explicitly for a cluster that runs without auth.
     os.environ.setdefault("RAY_AUTH_MODE", "token")
-    import uvicorn
-
     from .api.app import create_app
 
     from dg2pf_core.errors import DG2PFError
 
     from .lifecycle import DataDirHold, shutdown_message
-    from .server import uvicorn_options
+    from .server import serve
 
     try:
         # Held for the process's lifetime: `dg2pf cluster stop` refuses while an API holds the data
@@ -49,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     # found: these make that a quiet, normal exit instead of a KeyboardInterrupt traceback or a kill.
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: None)
-    uvicorn.run(app, log_level="warning", **uvicorn_options(settings))
+    serve(app, settings)
     services = getattr(app.state, "services", None)
     if services is not None:
         print(shutdown_message(services), file=sys.stderr, flush=True)

@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+from types import FrameType
 from typing import Any
 
 import h11
+import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from .errorshape import error_body
@@ -71,7 +73,30 @@ def uvicorn_options(settings: Settings) -> dict[str, Any]:
         "host": settings.host, "port": settings.port,
         "http": protocol_for(settings), "h11_max_incomplete_event_size": settings.max_header_bytes,
         "limit_concurrency": settings.max_connections, "timeout_keep_alive": 5,
-        # On SIGTERM/Ctrl-C, open streams (GET /jobs/{id}/events followers) are closed after this many
-        # seconds instead of holding the shutdown until their jobs end; their clients resume elsewhere.
+        # On SIGTERM/Ctrl-C, a request still open after this many seconds is cancelled instead of holding
+        # the shutdown (event streams end by themselves before: StoppingServer).
         "timeout_graceful_shutdown": 5,
     }
+
+
+class StoppingServer(uvicorn.Server):
+    """uvicorn's server, telling the app when a shutdown begins (``app.state.stopping``, an Event): open
+    event streams end by themselves within a poll (their clients resume from another API, or this one
+    restarted) instead of uvicorn cancelling them at ``timeout_graceful_shutdown`` with a traceback."""
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        stopping = getattr(getattr(self.config.app, "state", None), "stopping", None)
+        if stopping is not None:
+            stopping.set()
+        super().handle_exit(sig, frame)
+
+
+def serve(app: Any, settings: Settings) -> None:
+    """Run the API until SIGINT/SIGTERM; ``SystemExit(3)`` when it could not start (as ``uvicorn.run``)."""
+    server = StoppingServer(uvicorn.Config(app, log_level="warning", **uvicorn_options(settings)))
+    try:
+        server.run()
+    except KeyboardInterrupt:
+        pass
+    if not server.started:
+        raise SystemExit(3)

@@ -96,8 +96,8 @@ class Settings(BaseSettings):
     serve_max_inputs: int = Field(64, ge=1, description="inputs (tensors or images) per predict request")
     serve_access_log: bool = Field(False, description="Serve's per-request access logs (cost CPU per request)")
     serve_poll_seconds: float = Field(2.0, gt=0, description="how often the serving supervisor reconciles")
-    mlflow_tracking_uri: str | None = Field(None, description="log every job to MLflow (params, per-epoch metrics, results, "
-                                            "artifacts): sqlite:///path/mlflow.db, http://mlflow:5000, ...; needs "
+    mlflow_tracking_uri: str | None = Field(None, repr=False, description="log every job to MLflow (params, per-epoch metrics, results, "
+                                            "artifacts): sqlite:///mlflow.db (under data_dir), http://mlflow:5000, ...; needs "
                                             "pip install 'dg2pf[mlflow]'")
     mlflow_experiment: str = Field("dg2pf", min_length=1, description="the MLflow experiment the jobs' runs go to")
     mlflow_artifact_location: str | None = Field(None, description="where the experiment keeps the runs' artifacts when "
@@ -125,9 +125,14 @@ class Settings(BaseSettings):
     @classmethod
     def _mlflow_installed(cls, value: str | None) -> str | None:
         # Checked before anything starts (a Ray head, the API), not when the first job would be logged.
-        if value is not None and not value.strip():
+        if value is None or not value.strip():
             return None
-        if value is not None and importlib.util.find_spec("mlflow") is None:
+        value = value.strip()
+        if value.startswith("file:") or ("://" not in value and not value.startswith("databricks")):
+            raise ValueError("a file store (a path or file:), which MLflow 3 no longer opens: give a database "
+                             "(sqlite:///mlflow.db, relative to DG2PF_DATA_DIR, or sqlite:////abs/path.db) or an MLflow "
+                             "server (http://mlflow:5000)")
+        if importlib.util.find_spec("mlflow") is None:
             raise ValueError("MLflow is not installed: pip install 'dg2pf[mlflow]' (mlflow-skinny), or unset it")
         return value
 
@@ -144,6 +149,11 @@ class Settings(BaseSettings):
             self.data_roots = [self.data_dir / "datasets"]
         if self.storage_uri is None:
             self.storage_uri = str(self.data_dir / "ray")
+        uri = self.mlflow_tracking_uri
+        if uri and uri.startswith("sqlite:///") and not uri.startswith("sqlite:////") and uri != "sqlite:///:memory:":
+            # A relative SQLite path is the data directory's, like everything else the service writes (not
+            # the working directory's, which a restart from elsewhere would change).
+            self.mlflow_tracking_uri = f"sqlite:///{self.data_dir / uri.removeprefix('sqlite:///')}"
         if self.serve_max_replicas is not None and self.serve_max_replicas < self.serve_replicas:
             raise ValueError(f"serve_max_replicas ({self.serve_max_replicas}) must be >= serve_replicas ({self.serve_replicas})")
         if self.serve_backend == "onnxruntime" and self.serve_gpus_per_replica > 0:

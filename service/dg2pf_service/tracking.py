@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import threading
 import time
 from pathlib import Path
@@ -45,6 +46,7 @@ ARTIFACTS = ("metrics.json", "history.json", "training.png", "layers.png", "tria
 END_STATUS = {"succeeded": "FINISHED", "failed": "FAILED", "cancelled": "KILLED"}
 RECENT_JOBS = 100  # each pass looks at the newest jobs and the running ones
 MAX_PARAM_CHARS = 6000  # MLflow's limit on a param value
+WARN_EVERY_S = 300.0  # while MLflow keeps failing, one warning this often
 
 
 class TrackingUnavailable(RuntimeError):
@@ -72,12 +74,20 @@ def _number(value: Any) -> float | None:
 class MlflowTracking:
     def __init__(self, tracking_uri: str, store: JobStore, experiment: str = EXPERIMENT,
                  artifact_location: str | None = None) -> None:
+        # MLflow's HTTP defaults (7 retries with back-off, 120 s timeouts) held one call for about 4 minutes
+        # against an unreachable server: a pass gives up in seconds and the next one tries again. An
+        # operator's own values win.
+        for name, value in (("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1"), ("MLFLOW_HTTP_REQUEST_TIMEOUT", "10"),
+                            ("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")):
+            os.environ.setdefault(name, value)
         try:
             from mlflow.tracking import MlflowClient
         except ImportError as exc:
             raise TrackingUnavailable("DG2PF_MLFLOW_TRACKING_URI is set but MLflow is not installed: pip install "
                                       "'dg2pf[mlflow]' (mlflow-skinny), or unset it") from exc
         self.client = MlflowClient(tracking_uri=tracking_uri)
+        self._failing_since: float | None = None
+        self._last_warning = 0.0
         # Only for an experiment the service creates: a local store would put artifacts under ./mlruns
         # of the process's working directory.
         self.store, self.experiment_name, self.artifact_location = store, experiment, artifact_location
@@ -99,7 +109,9 @@ class MlflowTracking:
     def stop(self) -> None:
         self._stop.set()
         if self._thread is not None:
-            self._thread.join(timeout=30)  # what ends while no API runs is logged by the next one
+            # Not waiting out a call to a slow MLflow: the thread is a daemon, and what ends while no
+            # API runs is logged by the next one.
+            self._thread.join(timeout=2)
 
     def tick(self) -> None:
         try:
@@ -117,7 +129,19 @@ class MlflowTracking:
             try:
                 self._sync(row)
             except Exception as exc:  # noqa: BLE001 - MLflow down or slow: the job is untouched, retried next pass
-                log.warning("MLflow tracking of job %s failed (retried on the next pass): %s", row.id, exc)
+                self._failed(row.id, exc)
+                return  # the other jobs would most likely fail the same way: next pass
+        self._failing_since = None
+
+    def _failed(self, job_id: str, exc: Exception) -> None:
+        """One warning when MLflow starts failing, then one every WARN_EVERY_S while it goes on."""
+        now = time.monotonic()
+        if self._failing_since is None or now - self._last_warning >= WARN_EVERY_S:
+            since = "" if self._failing_since is None else f" (failing for {now - self._failing_since:.0f} s)"
+            log.warning("MLflow tracking (DG2PF_MLFLOW_TRACKING_URI) failed for job %s%s; the jobs are not affected and "
+                        "are logged once it answers: %s", job_id, since, " ".join(str(exc).split())[:300])
+            self._last_warning = now
+        self._failing_since = self._failing_since or now
 
     # --- one job ---
     def _experiment(self) -> str:

@@ -105,3 +105,15 @@ def test_the_service_refuses_a_bad_setting_at_start_in_one_line(tmp_path: Path) 
     assert done.stderr == ("dg2pf: error: invalid settings: DG2PF_SERVE_BACKEND: Input should be 'torch' or 'onnxruntime' "
                            "(got 'tensorrt')\n")
     assert not (tmp_path / "state").exists()
+
+
+def test_the_mlflow_store_is_a_database_or_a_server_and_a_relative_one_lives_in_the_data_dir(tmp_path: Path) -> None:
+    data = tmp_path / "state"
+    assert Settings(data_dir=data, mlflow_tracking_uri="sqlite:///mlflow.db").mlflow_tracking_uri == f"sqlite:///{data}/mlflow.db"
+    assert Settings(data_dir=data, mlflow_tracking_uri="sqlite:////srv/m.db").mlflow_tracking_uri == "sqlite:////srv/m.db"
+    assert Settings(data_dir=data, mlflow_tracking_uri="http://mlflow:5000").mlflow_tracking_uri == "http://mlflow:5000"
+    assert Settings(data_dir=data, mlflow_tracking_uri=" ").mlflow_tracking_uri is None  # an empty variable: no tracking
+    for file_store in ("mlruns", "./mlruns", "/srv/mlruns", "file:/srv/mlruns", "file:///srv/mlruns"):
+        with pytest.raises(ValidationError, match="file store.*sqlite:///mlflow.db"):
+            Settings(data_dir=data, mlflow_tracking_uri=file_store)
+    assert "secret" not in repr(Settings(data_dir=data, mlflow_tracking_uri="http://user:secret@mlflow:5000"))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from contextlib import asynccontextmanager
 from typing import Any, Callable
 
@@ -40,6 +41,7 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
     app = FastAPI(title=TITLE, version="0.1.0", description="DG2PF pruning jobs on Ray", lifespan=lifespan,
                   docs_url=None, redoc_url=None, openapi_url=None, responses=errors.error_responses(413, 500),
                   redirect_slashes=False)  # /jobs/ is 404, not a redirect answered before the token is checked
+    app.state.stopping = threading.Event()  # set when a shutdown begins (server.StoppingServer): streams end
     app.add_middleware(RequestGuard)
     errors.install(app)
     app.include_router(health.router)

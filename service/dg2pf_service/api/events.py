@@ -88,7 +88,7 @@ def events_since(row: Any, seen: Cursor) -> tuple[list[ServerSentEvent], Cursor]
 
 
 def _start(job_id: JobId, services=Depends(_services),
-           last_event_id: Annotated[str | None, Header(alias="Last-Event-ID", max_length=200,
+           last_event_id: Annotated[str | None, Header(alias="Last-Event-ID",
                                                        description="the last event id received, to resume")] = None
            ) -> tuple[Any, Cursor]:
     # A dependency, so an unknown job or a bad Last-Event-ID is an error response, not a broken stream.
@@ -110,8 +110,9 @@ async def events(request: Request, start: tuple[Any, Cursor] = Depends(_start),
             if first:
                 event.retry, first = RETRY_MS, False
             yield event
-        if row.state in TERMINAL or await request.is_disconnected():
-            return
+        stopping = getattr(request.app.state, "stopping", None)
+        if row.state in TERMINAL or await request.is_disconnected() or (stopping is not None and stopping.is_set()):
+            return  # a shutdown ends the stream: the client resumes with its last id
         await asyncio.sleep(POLL_S)
         row = await run_in_threadpool(services.store.get_job, row.id)
         if row is None:  # not something the API does; a store emptied by hand
