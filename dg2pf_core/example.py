@@ -24,15 +24,16 @@ class Example:
     arch: str
     dataset: str
     num_classes: int
-    epochs: int
+    epochs: int  # at most; the cosine learning rate spans them
     lr: float
     batch_size: int
     description: str
+    patience: int | None = None  # stop after this many epochs without a better validation top-1
 
 
 EXAMPLES: dict[str, Example] = {
     "digits": Example(
-        arch="digits_cnn", dataset="digits", num_classes=10, epochs=30, lr=2e-3, batch_size=64,
+        arch="digits_cnn", dataset="digits", num_classes=10, epochs=30, lr=2e-3, batch_size=64, patience=10,
         description="digits_cnn trained on scikit-learn's handwritten digits (16x16, 10 classes)",
     ),
 }
@@ -41,8 +42,13 @@ EXAMPLES: dict[str, Example] = {
 def pretrain(
     arch: str, num_classes: int, dataset: str, *, epochs: int, lr: float, batch_size: int = 64,
     seed: int = 0, image_size: int | None = None, on_epoch: Callable[[int, float], None] | None = None,
+    patience: int | None = None,
 ) -> tuple[torch.nn.Module, dict]:
-    """Train ``arch`` from scratch (Adam, cosine lr) and keep the best epoch by validation top-1."""
+    """Train ``arch`` from scratch (Adam, cosine lr over ``epochs``) and keep the best epoch by validation
+    top-1; with ``patience``, stop once that many epochs in a row brought no better one. The learning
+    rate follows the same cosine either way, so the epochs run are the same as without it and the kept
+    weights too unless a later epoch would have been better (metrics: ``epochs`` run, ``max_epochs``,
+    ``best_epoch``)."""
     torch.manual_seed(seed)
     spec = get_arch(arch)
     model = build_model(arch, num_classes)
@@ -51,7 +57,7 @@ def pretrain(
     device = torch.device("cpu")
     optimizer = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=1e-4)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, epochs)
-    best_val, best_state = -1.0, None
+    best_val, best_state, best_epoch, ran = -1.0, None, 0, 0
     started = time.perf_counter()
     for epoch in range(epochs):
         model.train()
@@ -61,16 +67,19 @@ def pretrain(
             optimizer.step()
         scheduler.step()
         val = evaluate(model, loaders.val(), device).top1
+        ran = epoch + 1
         if val > best_val:
-            best_val, best_state = val, copy.deepcopy(model.state_dict())
+            best_val, best_state, best_epoch = val, copy.deepcopy(model.state_dict()), ran
         if on_epoch is not None:
-            on_epoch(epoch + 1, val)
+            on_epoch(ran, val)
+        if patience is not None and ran - best_epoch >= patience:
+            break
     model.load_state_dict(best_state)
     test_loader = loaders.test()
     test = evaluate(model, test_loader, device) if test_loader is not None else None
     metrics = {
         "arch": arch, "num_classes": num_classes, "dataset": dataset, "image_size": size,
-        "epochs": epochs, "val_top1": best_val, "test_top1": test.top1 if test else None,
+        "epochs": ran, "max_epochs": epochs, "best_epoch": best_epoch, "val_top1": best_val, "test_top1": test.top1 if test else None,
         "test_top5": test.top5 if test else None, "wall_seconds": time.perf_counter() - started,
     }
     return model, metrics
@@ -82,7 +91,8 @@ def write_example(name: str, out: str | Path, *, seed: int = 0, on_epoch: Callab
         raise ConfigError(f"unknown example {name!r}; available: {sorted(EXAMPLES)}", field="example")
     ex = EXAMPLES[name]
     output = OutputDir(out)
-    model, metrics = pretrain(ex.arch, ex.num_classes, ex.dataset, epochs=ex.epochs, lr=ex.lr, batch_size=ex.batch_size, seed=seed, on_epoch=on_epoch)
+    model, metrics = pretrain(ex.arch, ex.num_classes, ex.dataset, epochs=ex.epochs, lr=ex.lr, batch_size=ex.batch_size,
+                              seed=seed, on_epoch=on_epoch, patience=ex.patience)
     with output.staging() as tmp:
         write_model(model, tmp / "model.safetensors")
         write_metrics(metrics, tmp / "metrics.json")

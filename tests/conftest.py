@@ -25,7 +25,7 @@ def tiny_loaders() -> LocalLoaders:
 
 @pytest.fixture(scope="session")
 def digits_example(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The real pre-trained digits example (trained once per test session, ~1 min on 2 cores)."""
+    """The real pre-trained digits example (trained once per test session, 10-20 s on 2 cores)."""
     from dg2pf_core.example import write_example
 
     out = tmp_path_factory.mktemp("example") / "digits"

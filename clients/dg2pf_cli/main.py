@@ -92,7 +92,11 @@ def _cmd_example(args: argparse.Namespace) -> int:
             print(f"epoch {epoch:>3}  val top-1 {val:6.2f}%", file=sys.stderr)
 
     metrics = write_example(args.name, args.out, seed=args.seed, on_epoch=on_epoch)
-    print(f"wrote {args.out}/model.safetensors ({metrics['arch']}): test top-1 {metrics['test_top1']:.2f}%")
+    if metrics["epochs"] < metrics["max_epochs"] and not args.quiet:
+        print(f"stopped after epoch {metrics['epochs']} of {metrics['max_epochs']}: no better validation top-1 since "
+              f"epoch {metrics['best_epoch']}, whose weights are kept", file=sys.stderr)
+    print(f"wrote {args.out}/model.safetensors ({metrics['arch']}): test top-1 {metrics['test_top1']:.2f}% "
+          f"(epoch {metrics['best_epoch']}, {metrics['wall_seconds']:.0f} s)")
     return 0
 
 
