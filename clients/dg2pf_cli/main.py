@@ -541,14 +541,17 @@ def default_threads() -> int:
 def _set_threads(args: argparse.Namespace, adaptive: bool = True) -> None:
     """``--threads``, else (``adaptive``) ``default_threads()``, else torch's default; recorded in
     ``args.threads`` for what the command prints."""
-    if getattr(args, "threads", None) is not None and args.threads < 1:
-        raise DG2PFError(f"--threads must be >= 1, got {args.threads}", field="threads")
-    if getattr(args, "threads", None) is None and not adaptive:
-        return
+    threads = getattr(args, "threads", None)
+    if threads is not None and threads < 1:
+        raise DG2PFError(f"--threads must be >= 1, got {threads}", field="threads")
+    if threads is None:
+        if not adaptive:
+            return
+        threads = default_threads()
     import torch
 
-    args.threads = args.threads if getattr(args, "threads", None) is not None else default_threads()
-    torch.set_num_threads(args.threads)
+    args.threads = threads
+    torch.set_num_threads(threads)
 
 
 def _add_tune_evaluate_archs(sub) -> None:

@@ -85,9 +85,7 @@ class StoppingServer(uvicorn.Server):
     restarted) instead of uvicorn cancelling them at ``timeout_graceful_shutdown`` with a traceback."""
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-        stopping = getattr(getattr(self.config.app, "state", None), "stopping", None)
-        if stopping is not None:
-            stopping.set()
+        self.config.app.state.stopping.set()  # create_app's
         super().handle_exit(sig, frame)
 
 

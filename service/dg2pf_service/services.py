@@ -102,9 +102,8 @@ def build(settings: Settings) -> Services:
                                    on_succeeded=services.on_succeeded, max_restarts=settings.job_max_restarts,
                                    cluster_lost_timeout_s=settings.cluster_lost_timeout_s)
     if settings.mlflow_tracking_uri:
-        local = settings.mlflow_tracking_uri.startswith("sqlite:")
-        artifacts = settings.mlflow_artifact_location or (str(settings.data_dir / "mlflow-artifacts") if local else None)
-        services.tracking = MlflowTracking(settings.mlflow_tracking_uri, store, settings.mlflow_experiment, artifacts)
+        services.tracking = MlflowTracking(settings.mlflow_tracking_uri, store, settings.mlflow_experiment,
+                                           settings.mlflow_artifact_location)
     return services
 
 

@@ -154,6 +154,9 @@ class Settings(BaseSettings):
             # A relative SQLite path is the data directory's, like everything else the service writes (not
             # the working directory's, which a restart from elsewhere would change).
             self.mlflow_tracking_uri = f"sqlite:///{self.data_dir / uri.removeprefix('sqlite:///')}"
+        if self.mlflow_tracking_uri and self.mlflow_tracking_uri.startswith("sqlite:") and self.mlflow_artifact_location is None:
+            # MLflow's own default for a local store is ./mlruns of the process's working directory.
+            self.mlflow_artifact_location = str(self.data_dir / "mlflow-artifacts")
         if self.serve_max_replicas is not None and self.serve_max_replicas < self.serve_replicas:
             raise ValueError(f"serve_max_replicas ({self.serve_max_replicas}) must be >= serve_replicas ({self.serve_replicas})")
         if self.serve_backend == "onnxruntime" and self.serve_gpus_per_replica > 0:

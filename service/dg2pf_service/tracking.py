@@ -88,8 +88,7 @@ class MlflowTracking:
         self.client = MlflowClient(tracking_uri=tracking_uri)
         self._failing_since: float | None = None
         self._last_warning = 0.0
-        # Only for an experiment the service creates: a local store would put artifacts under ./mlruns
-        # of the process's working directory.
+        # Only for an experiment the service creates (Settings gives a local store one under data_dir).
         self.store, self.experiment_name, self.artifact_location = store, experiment, artifact_location
         self._experiment_id: str | None = None
         self._open: dict[str, tuple[str, int, str]] = {}  # job id -> (run id, epoch records logged, state tagged)
@@ -115,21 +114,27 @@ class MlflowTracking:
 
     def tick(self) -> None:
         try:
-            rows, _ = self.store.list_jobs(limit=RECENT_JOBS)
-            rows = {r.id: r for r in [*self.store.active_jobs(), *rows]}
+            # Ids and states only: a job's row (its history) is read when it has something to log.
+            running = {r.id: r for r in self.store.active_jobs()}
+            jobs = dict(self.store.recent_states(RECENT_JOBS)) | {i: r.state for i, r in running.items()}
         except Exception:  # noqa: BLE001 - the store may be briefly unreachable; next pass
             log.exception("MLflow tracking could not read the jobs")
             return
-        for row in rows.values():
-            if row.id in self._done or row.state == "queued":
+        for job_id, state in jobs.items():
+            if job_id in self._done or state == "queued":
                 continue
-            if row.started_at is None:  # cancelled while queued: it never ran, nothing to track
-                self._done.add(row.id)
+            try:
+                row = running.get(job_id) or self.store.get_job(job_id)
+            except Exception:  # noqa: BLE001 - as above
+                log.exception("MLflow tracking could not read job %s", job_id)
+                return
+            if row is None or row.started_at is None:  # cancelled while queued: it never ran, nothing to track
+                self._done.add(job_id)
                 continue
             try:
                 self._sync(row)
             except Exception as exc:  # noqa: BLE001 - MLflow down or slow: the job is untouched, retried next pass
-                self._failed(row.id, exc)
+                self._failed(job_id, exc)
                 return  # the other jobs would most likely fail the same way: next pass
         self._failing_since = None
 

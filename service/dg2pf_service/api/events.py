@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import re
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Header, Request
@@ -72,18 +72,20 @@ def events_since(row: Any, seen: Cursor) -> tuple[list[ServerSentEvent], Cursor]
     A restarted run may rewrite its history shorter: records already counted are not sent again.
     """
     out: list[ServerSentEvent] = []
-    records = row.history or []
-    changed = (row.state, row.phase) != (seen.state, seen.phase)
-    final = row.state in TERMINAL
-    if changed and not final:
-        seen = Cursor(seen.records, row.state, row.phase)
+
+    def state_event() -> None:
+        nonlocal seen
+        seen = replace(seen, state=row.state, phase=row.phase)
         out.append(ServerSentEvent(event="state", id=str(seen), data=job_out(row)))
-    for i, record in enumerate(records[seen.records:], start=seen.records + 1):
-        seen = Cursor(i, seen.state, seen.phase)
+
+    changed, final = (row.state, row.phase) != (seen.state, seen.phase), row.state in TERMINAL
+    if changed and not final:
+        state_event()
+    for i, record in enumerate((row.history or [])[seen.records:], start=seen.records + 1):
+        seen = replace(seen, records=i)
         out.append(ServerSentEvent(event="epoch", id=str(seen), data=record))
     if changed and final:
-        seen = Cursor(seen.records, row.state, row.phase)
-        out.append(ServerSentEvent(event="state", id=str(seen), data=job_out(row)))
+        state_event()
     return out, seen
 
 
@@ -110,8 +112,7 @@ async def events(request: Request, start: tuple[Any, Cursor] = Depends(_start),
             if first:
                 event.retry, first = RETRY_MS, False
             yield event
-        stopping = getattr(request.app.state, "stopping", None)
-        if row.state in TERMINAL or await request.is_disconnected() or (stopping is not None and stopping.is_set()):
+        if row.state in TERMINAL or await request.is_disconnected() or request.app.state.stopping.is_set():
             return  # a shutdown ends the stream: the client resumes with its last id
         await asyncio.sleep(POLL_S)
         row = await run_in_threadpool(services.store.get_job, row.id)

@@ -155,6 +155,13 @@ class JobStore:
             ).all()
         return list(rows), total
 
+    def recent_states(self, limit: int) -> list[tuple[str, str]]:
+        """``(id, state)`` of the ``limit`` newest jobs: what a follower of many jobs reads each pass
+        without loading their histories."""
+        with self._sessions() as session:
+            return [(i, s) for i, s in session.execute(
+                select(JobRow.id, JobRow.state).order_by(JobRow.queue_seq.desc()).limit(limit)).all()]
+
     def queued_in_order(self) -> list[JobRow]:
         """Queued jobs, first submitted first."""
         return self._in_state(JobState.QUEUED)
