@@ -89,10 +89,19 @@ def embedded_head_pids(svc: ServiceProcess) -> list[int]:
 
 
 def head_daemon_pids(svc: ServiceProcess) -> set[int]:
-    """The head's own daemons (GCS, raylet, dashboard, ...), without its workers (``ray::...``), which
-    Ray starts and reaps by itself (an idle pooled worker ends after a while)."""
+    """The head's own daemons (GCS, raylet, dashboard, agents, monitors): the processes that name its
+    GCS port, without Ray's workers, which Ray starts and reaps by itself. A worker names the port too
+    while it starts (``.../default_worker.py --gcs-address=...``) and is renamed ``ray::...`` after, so
+    one caught starting in a snapshot would look like a daemon that went away."""
+    port = svc.head().gcs_address.rsplit(":", 1)[1]
     table = process_table()
-    return {pid for pid in embedded_head_pids(svc) if pid in table and not table[pid][1].startswith("ray::")}
+    return {pid for pid in head_pids(port) if pid in table and _is_head_daemon(port, table[pid][1])}
+
+
+def _is_head_daemon(port: str, cmd: str) -> bool:
+    names_port = f":{port} " in f"{cmd} " or f"={port} " in f"{cmd} "
+    program = " ".join(cmd.split()[:2])  # the interpreter and its script (the raylet's flags name the worker script too)
+    return names_port and not cmd.startswith("ray::") and "_worker.py" not in program
 
 
 def log_text(svc: ServiceProcess) -> str:
@@ -139,6 +148,9 @@ def test_stopping_the_api_process_group_leaves_the_job_running(svc, ckpt):
     job: the embedded head and the job go on; each restarted API re-attaches; the job succeeds with
     a continuous history and no restart (its Ray work was never lost)."""
     head_before = head_daemon_pids(svc)
+    commands = process_table()
+    assert {"gcs_server", "raylet"} <= {name for pid in head_before for name in ("gcs_server", "raylet")
+                                        if name in commands[pid][1]}, head_before
     with Client(svc.url) as c:
         job_id = c.submit(spec(ckpt, pruning_epochs=6, max_epochs=12, patience=2)).id
     # A follower of the job's event stream the whole time: it resumes after each stop with its last id.
