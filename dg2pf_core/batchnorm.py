@@ -44,3 +44,13 @@ def recalibrate_batchnorm(model: nn.Module, batches: Iterable, device: torch.dev
             m.momentum = momentum
         model.train(was_training)
     return used
+
+
+def freeze_batchnorm(model: nn.Module) -> int:
+    """Put every BatchNorm layer of ``model`` in eval mode (call after ``model.train()``): it then
+    normalises by its running statistics and leaves them unchanged, while its affine weights still
+    train. Returns the number of layers frozen."""
+    norms = [m for m in model.modules() if isinstance(m, _BatchNorm) and m.track_running_stats]
+    for m in norms:
+        m.eval()
+    return len(norms)

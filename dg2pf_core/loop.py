@@ -10,7 +10,9 @@ Read top to bottom, ``run_dg2pf`` is the paper's pseudo-code:
    layer collapses. Before every validation of a pruned network, BatchNorm statistics are
    re-estimated on ``bn_recalibration_batches`` training batches of that network (``batchnorm``):
    the running averages lag behind a sparse network whose few weights move fast, and an evaluation
-   with them can read 10% where the network scores 70% (docs/fidelity.md).
+   with them can read 10% where the network scores 70% (docs/fidelity.md). With
+   ``bn_after_pruning="frozen"`` BatchNorm trains in eval mode from the last ranking on, on the
+   statistics re-estimated before each validation.
    With ``granularity="N:M"`` the same global ranking prunes at most M-N of every group of M
    consecutive weights (``nm``), ending with exactly N kept in each. With ``granularity="channel"``
    the ranking is over groups of coupled output channels (``channels``: root-mean-square magnitude,
@@ -40,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .batchnorm import recalibrate_batchnorm
+from .batchnorm import freeze_batchnorm, recalibrate_batchnorm
 from .channels import ChannelPlan, Structure, apply_structure, remove_channels
 from .config import DG2PFConfig
 from . import distributed
@@ -261,6 +263,8 @@ class _Run:
     # --- one epoch ---
     def train_epoch(self, state: TrainingState, masks: Masks, *, simulated: bool, distill: bool, sparsity: float) -> float:
         self.model.train()
+        if self.cfg.bn_after_pruning == "frozen" and state.phase in ("distillation", "finetuning"):
+            freeze_batchnorm(_unwrap(self.model))  # the statistics of the last re-estimate (validate)
         self.progress.start_epoch(state.phase, state.epoch + 1, sparsity, self.loaders.train_batches())
         loss_fn = self.distilled_loss if distill else (self.similarity_loss if self.taps else self.ce_loss)
         # Over-parameterized layers apply the mask in their forward pass: no per-step masking.

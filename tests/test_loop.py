@@ -190,6 +190,35 @@ def test_batchnorm_re_estimation_changes_what_validation_measures_not_what_train
     assert [r["val_top1"] for r in runs[0].history][0] == [r["val_top1"] for r in runs[1].history][0]  # the baseline: not re-estimated
 
 
+def test_frozen_batchnorm_after_pruning_trains_on_the_statistics_the_served_network_uses(tiny_loaders):
+    """bn_after_pruning="frozen": after the last ranking no training step touches BatchNorm's running
+    statistics (with re-estimation off they stay exactly as the last pruning epoch left them), while
+    the network still trains; "batch" (the default) keeps updating them."""
+    def buffers_per_epoch(mode: str) -> tuple[list[dict], list[dict]]:
+        states, records = [], []
+
+        def keep(record, state):
+            records.append(record.to_dict())
+            states.append({k: v.clone() for k, v in state.model.items() if k.startswith("bn.running_") or k == "bn.num_batches_tracked"})
+
+        run_dg2pf(_model(), tiny_loaders, DG2PFConfig(**{**CFG, "bn_recalibration_batches": 0, "patience": 1,
+                                                          "max_epochs": 7, "bn_after_pruning": mode}), reporter=keep)
+        return states, records
+
+    frozen, records = buffers_per_epoch("frozen")
+    last_pruning = max(i for i, r in enumerate(records) if r["phase"] == "gradual_pruning")
+    after = range(last_pruning + 1, len(records))
+    assert {records[i]["phase"] for i in after} == {"distillation", "finetuning"}  # both phases are covered
+    for i in after:
+        assert all(torch.equal(frozen[i][k], frozen[last_pruning][k]) for k in frozen[i]), records[i]["phase"]
+    assert not torch.equal(frozen[last_pruning]["bn.running_mean"], frozen[0]["bn.running_mean"])  # before: ordinary training
+    assert len({round(r["train_loss"], 6) for r in (records[i] for i in after)}) > 1  # the weights still train
+    batch, _ = buffers_per_epoch("batch")
+    assert not torch.equal(batch[-1]["bn.running_mean"], batch[last_pruning]["bn.running_mean"])
+    with pytest.raises(ConfigError, match="bn_after_pruning"):
+        DG2PFConfig(**{**CFG, "bn_after_pruning": "eval"})
+
+
 def test_the_density_floor_caps_each_ranking_relative_to_its_own_target(tiny_loaders):
     """Every tensor keeps at least floor x the network's density at every pruning epoch; the global
     target is still exact."""

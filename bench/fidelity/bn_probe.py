@@ -3,7 +3,9 @@
 Runs one Fashion-MNIST job the way the fidelity grid does (``PruneJob`` -> ``prepare`` -> ``run``, the
 cell's 8,000-image training subset) and, after every epoch from the last ranking on (the mask is
 then final), scores the epoch's network twice on the validation split: with BatchNorm's running
-averages as training left them, and after re-estimating them on 50 training batches (``dg2pf_core.batchnorm.recalibrate_batchnorm``).
+averages as training left them, and after re-estimating them on 50 training batches (``dg2pf_core.batchnorm.recalibrate_batchnorm``);
+then on 50 augmented training batches with the re-estimated statistics, and on the validation split
+with each batch normalised by its own statistics (train mode: what training's loss sees).
 The probe saves and restores torch's random state, so the job trains as it would without it.
 
     .venv/bin/python -m bench.fidelity.bn_probe --sparsity 0.98 --seed 0 --set bn_recalibration_batches=0
@@ -71,11 +73,36 @@ def main(argv: list[str] | None = None) -> None:
             running = evaluate(probe, loaders.val(), cpu).top1
             recalibrate_batchnorm(probe, loaders.train(PROBE_EPOCH), cpu, PROBE_BATCHES)
             line += f" | running averages {running:6.2f} re-estimated {evaluate(probe, loaders.val(), cpu).top1:6.2f}"
+            probe.eval()
+            line += f" | train batches {_top1(probe, loaders.train(PROBE_EPOCH), PROBE_BATCHES):6.2f}"
+            line += f" | batch statistics {_top1_in_train_mode(probe, loaders.val()):6.2f}"
             torch.set_rng_state(rng)
         print(line, flush=True)
 
     result = product.run(prepared, loaders=loaders, reporter=reporter)
     print(f"test top-1 {result.test.top1:.2f} (epoch {result.best_epoch} kept)")
+
+
+@torch.no_grad()
+def _top1(model: torch.nn.Module, batches, limit: int | None = None) -> float:
+    """Top-1 % of ``model`` in its current mode over ``batches`` (the first ``limit``)."""
+    correct = seen = 0
+    for i, (inputs, targets) in enumerate(batches):
+        if limit is not None and i >= limit:
+            break
+        correct += int((model(inputs).argmax(1) == targets).sum())
+        seen += len(targets)
+    return 100.0 * correct / max(seen, 1)
+
+
+def _top1_in_train_mode(model: torch.nn.Module, batches) -> float:
+    """Top-1 % with every BatchNorm normalising by its batch's own statistics (train mode): what the
+    training loss sees. The model's running statistics are changed; the caller reloads it."""
+    model.train()
+    try:
+        return _top1(model, batches)
+    finally:
+        model.eval()
 
 
 if __name__ == "__main__":

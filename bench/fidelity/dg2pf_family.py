@@ -61,11 +61,14 @@ INVESTIGATIONS: dict[str, tuple[dict, str]] = {
     "dg2pf-cap0.97": ({"max_layer_sparsity": 0.97, "layer_density_floor": 0.0}, "dg2pf with max_layer_sparsity=0.97"),
     "dg2pf-cap0.96": ({"max_layer_sparsity": 0.96, "layer_density_floor": 0.0}, "dg2pf with max_layer_sparsity=0.96"),
     "dg2pf-floor0.4": ({"max_layer_sparsity": 0.99, "layer_density_floor": 0.4}, "dg2pf with layer_density_floor=0.4 (cap 0.98 at 95%, 0.96 at 90%, 0.88 at 70%)"),
-    # Fashion-MNIST component search (docs/fidelity.md): dg2pf-cubic collapses at 98%; which part?
+    # Fashion-MNIST component search (docs/fidelity.md, runs 1-3): which part of dg2pf falls short?
     "dg2pf-cubic-no-cap": ({"schedule": "cubic", "max_layer_sparsity": 1.0, "layer_density_floor": 0.0},
                            "dg2pf-cubic without the per-layer cap (plain global ranking)"),
     "dg2pf-cubic-no-kd": ({"schedule": "cubic", "kd_alpha": 0.0}, "dg2pf-cubic with kd_alpha=0: cross-entropy only, no teacher"),
     "dg2pf-p10": ({"pruning_epochs": 10}, "dg2pf with 10 pruning epochs (the linear schedule's last step smaller) in the same epoch budget"),
+    "dg2pf-frozen-bn": ({"bn_after_pruning": "frozen"}, "dg2pf with bn_after_pruning='frozen': BatchNorm trains in eval mode (re-estimated statistics) after the last ranking"),
+    "dg2pf-t2": ({"kd_temperature": 2.0}, "dg2pf with kd_temperature=2 (sharper soft targets: less weight on the teacher's small logits)"),
+    "dg2pf-alpha0.5": ({"kd_alpha": 0.5}, "dg2pf with kd_alpha=0.5 (distillation and cross-entropy weighted equally)"),
 }
 
 

@@ -8,7 +8,8 @@ Each dataset has its own table in docs/fidelity.md (its own markers), its own pl
 fidelity-<dataset>-results.json). Under the table: DG2PF against the best peer, paired by seed.
 
 The table covers the full grid (every registered method, model and sparsity) so a cell that never
-ran shows as "not run" rather than silently missing; cells outside the default grid are added.
+ran shows as "not run" rather than silently missing (a model or a sparsity with no cell at all in one
+line); cells outside the default grid are added.
 With ``--channel`` it aggregates the channel cells (``m<ratio>-seed<k>.json``, methods of kind
 ``macs``) into their own table of docs/fidelity.md instead, between its own markers, and touches
 nothing else.
@@ -225,10 +226,15 @@ def table(cells: list[dict], dataset: str = "digits") -> str:
         "| model | sparsity | method | test top-1 % | Δ dense | n | achieved sparsity | max layer sparsity | layers emptied | epochs | wall s | CPU s |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+    ran = {(c["model"], c["sparsity_target"]) for c in cells}
     for model in models:
         d = dense.get(model)
         lines.append(f"| **{model}** | dense | — | {d:.2f} | | | 0 | | | | | |" if d is not None else f"| **{model}** | dense | — | not run | | | | | | | | |")
         for sp in sparsities:
+            if not any(m == model and abs(s - sp) < 1e-9 for m, s in ran):
+                if any(m == model for m, _ in ran):  # a model that ran elsewhere: this sparsity in one line
+                    lines.append(f"| {model} | {sp:.2f} | every method | not run | | 0 | | | | | | |")
+                continue
             for method in methods:
                 row = rows.get((model, sp, method))
                 head = f"| {model} | {sp:.2f} | {method} |"
