@@ -102,7 +102,8 @@ class DG2PFConfig:
     bn_recalibration_batches: int = 32
     # After the last ranking: "batch" (BatchNorm normalises each training batch by its own statistics,
     # as in ordinary training) or "frozen" (BatchNorm layers train in eval mode, normalising by the
-    # statistics last re-estimated for the final mask, as the served network will). docs/fidelity.md
+    # statistics last re-estimated for the final mask, as the served network will; with
+    # bn_recalibration_batches=0, by the running averages the last pruning epoch left). docs/fidelity.md
     # (Fashion-MNIST, shufflenet_v2_x0_5 at 98%): a network scoring 46-68% with batch statistics scored
     # 10-18% with any population statistics; trained with them frozen, the two agreed, but accuracy
     # did not follow (run 3: 86.52% vs 87.14% at 95%, one of three seeds diverged at 98%): off by default.
