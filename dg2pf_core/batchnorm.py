@@ -16,14 +16,14 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 
 def has_batchnorm(model: nn.Module) -> bool:
-    return any(isinstance(m, _BatchNorm) and m.track_running_stats for m in model.modules())
+    return bool(_tracking_norms(model))
 
 
 @torch.no_grad()
 def recalibrate_batchnorm(model: nn.Module, batches: Iterable, device: torch.device, limit: int) -> int:
     """Re-estimate every BatchNorm's running statistics over up to ``limit`` batches of ``batches``
     (``(inputs, targets)`` pairs); returns the number of batches used. Weights are not changed."""
-    norms = [m for m in model.modules() if isinstance(m, _BatchNorm) and m.track_running_stats]
+    norms = _tracking_norms(model)
     if not norms or limit <= 0:
         return 0
     momenta = [m.momentum for m in norms]
@@ -46,11 +46,13 @@ def recalibrate_batchnorm(model: nn.Module, batches: Iterable, device: torch.dev
     return used
 
 
-def freeze_batchnorm(model: nn.Module) -> int:
+def freeze_batchnorm(model: nn.Module) -> None:
     """Put every BatchNorm layer of ``model`` in eval mode (call after ``model.train()``): it then
     normalises by its running statistics and leaves them unchanged, while its affine weights still
-    train. Returns the number of layers frozen."""
-    norms = [m for m in model.modules() if isinstance(m, _BatchNorm) and m.track_running_stats]
-    for m in norms:
+    train."""
+    for m in _tracking_norms(model):
         m.eval()
-    return len(norms)
+
+
+def _tracking_norms(model: nn.Module) -> list[_BatchNorm]:
+    return [m for m in model.modules() if isinstance(m, _BatchNorm) and m.track_running_stats]

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import itertools
 import json
 from pathlib import Path
 
@@ -73,8 +74,8 @@ def main(argv: list[str] | None = None) -> None:
             running = evaluate(probe, loaders.val(), cpu).top1
             recalibrate_batchnorm(probe, loaders.train(PROBE_EPOCH), cpu, PROBE_BATCHES)
             line += f" | running averages {running:6.2f} re-estimated {evaluate(probe, loaders.val(), cpu).top1:6.2f}"
-            probe.eval()
-            line += f" | train batches {_top1(probe, loaders.train(PROBE_EPOCH), PROBE_BATCHES):6.2f}"
+            train_batches = itertools.islice(loaders.train(PROBE_EPOCH), PROBE_BATCHES)
+            line += f" | train batches {evaluate(probe, train_batches, cpu).top1:6.2f}"
             line += f" | batch statistics {_top1_in_train_mode(probe, loaders.val()):6.2f}"
             torch.set_rng_state(rng)
         print(line, flush=True)
@@ -84,25 +85,19 @@ def main(argv: list[str] | None = None) -> None:
 
 
 @torch.no_grad()
-def _top1(model: torch.nn.Module, batches, limit: int | None = None) -> float:
-    """Top-1 % of ``model`` in its current mode over ``batches`` (the first ``limit``)."""
-    correct = seen = 0
-    for i, (inputs, targets) in enumerate(batches):
-        if limit is not None and i >= limit:
-            break
-        correct += int((model(inputs).argmax(1) == targets).sum())
-        seen += len(targets)
-    return 100.0 * correct / max(seen, 1)
-
-
 def _top1_in_train_mode(model: torch.nn.Module, batches) -> float:
     """Top-1 % with every BatchNorm normalising by its batch's own statistics (train mode): what the
-    training loss sees. The model's running statistics are changed; the caller reloads it."""
+    training loss sees (``evaluate`` always scores in eval mode). The model's running statistics are
+    changed; the caller reloads it."""
     model.train()
+    correct = seen = 0
     try:
-        return _top1(model, batches)
+        for inputs, targets in batches:
+            correct += int((model(inputs).argmax(1) == targets).sum())
+            seen += len(targets)
     finally:
         model.eval()
+    return 100.0 * correct / max(seen, 1)
 
 
 if __name__ == "__main__":

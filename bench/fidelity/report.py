@@ -227,12 +227,13 @@ def table(cells: list[dict], dataset: str = "digits") -> str:
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     ran = {(c["model"], c["sparsity_target"]) for c in cells}
+    ran_models = {model for model, _ in ran}
     for model in models:
         d = dense.get(model)
         lines.append(f"| **{model}** | dense | — | {d:.2f} | | | 0 | | | | | |" if d is not None else f"| **{model}** | dense | — | not run | | | | | | | | |")
         for sp in sparsities:
-            if not any(m == model and abs(s - sp) < 1e-9 for m, s in ran):
-                if any(m == model for m, _ in ran):  # a model that ran elsewhere: this sparsity in one line
+            if (model, sp) not in ran:
+                if model in ran_models:  # a model that ran elsewhere: this sparsity in one line
                     lines.append(f"| {model} | {sp:.2f} | every method | not run | | 0 | | | | | | |")
                 continue
             for method in methods:
