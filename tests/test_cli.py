@@ -498,14 +498,17 @@ def _sigint_caught(pid: int) -> bool:
         return False
 
 
-def _torch_loading(pid: int) -> bool:
+def _loading(pid: int, package: str) -> bool:
+    """True once the process has mapped a file of ``package`` (its shared libraries load with its import)."""
     try:
-        return "/torch/" in Path(f"/proc/{pid}/maps").read_text()
+        return f"/{package}/" in Path(f"/proc/{pid}/maps").read_text()
     except OSError:
         return False
 
 
-@pytest.mark.parametrize("when", ["while importing", "later"])
+# "while loading data": the digits come through scikit-learn, whose import loads scipy's compiled modules;
+# an interrupt inside one's initialisation surfaces as `ImportError: initialization failed` raised from it.
+@pytest.mark.parametrize("when", ["while importing", "while loading data", "later"])
 def test_ctrl_c_at_any_moment_ends_with_one_line_and_status_130(untrained_ckpt, tmp_path, when):
     script = Path(sys.executable).parent / "dg2pf"  # the console script as installed, else the module
     command = [str(script)] if script.exists() else [sys.executable, "-m", "dg2pf_cli"]
@@ -517,8 +520,12 @@ def test_ctrl_c_at_any_moment_ends_with_one_line_and_status_130(untrained_ckpt, 
         # Python's own start (before any dg2pf code runs) is over once it catches SIGINT and loads torch;
         # without /proc, a second in is in the imports on any machine.
         deadline = time.time() + (60 if Path("/proc/self/maps").exists() else 1)
-        while not (_sigint_caught(proc.pid) and _torch_loading(proc.pid)) and time.time() < deadline and proc.poll() is None:
+        while not (_sigint_caught(proc.pid) and _loading(proc.pid, "torch")) and time.time() < deadline and proc.poll() is None:
             time.sleep(0.002)
+        if when == "while loading data":
+            deadline = time.time() + 60
+            while not _loading(proc.pid, "scipy") and time.time() < deadline and proc.poll() is None:
+                time.sleep(0.001)
         if when == "later":
             time.sleep(3.0)
         if proc.poll() is None:
@@ -532,3 +539,45 @@ def test_ctrl_c_at_any_moment_ends_with_one_line_and_status_130(untrained_ckpt, 
     assert "Traceback" not in err and "Exception ignored" not in err, err
     lines = [line for line in err.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("dg2pf: interrupted"), err
+
+
+def test_an_interrupt_a_library_wrapped_in_another_exception_still_ends_as_an_interrupt(untrained_ckpt, tmp_path,
+                                                                                        monkeypatch):
+    """Ctrl-C inside a compiled module's initialisation reaches us as ImportError raised from the
+    KeyboardInterrupt (seen in CI: scipy's HiGHS wrapper, imported by scikit-learn while loading the digits)."""
+    from dg2pf_client.interrupt import caused_by_interrupt
+    from dg2pf_core.data import registry
+
+    def wrapped(outer: type[BaseException], how: str) -> BaseException:
+        try:
+            try:
+                raise KeyboardInterrupt
+            except KeyboardInterrupt as interrupt:
+                if how == "from":
+                    raise outer("initialization failed") from interrupt
+                raise outer("cleanup failed")  # raised while handling it: __context__
+        except BaseException as exc:  # noqa: BLE001 - the wrapped exception is the value under test
+            return exc
+
+    assert caused_by_interrupt(KeyboardInterrupt()) and caused_by_interrupt(wrapped(ImportError, "from"))
+    assert caused_by_interrupt(wrapped(RuntimeError, "context"))
+    assert not caused_by_interrupt(ValueError("x")) and not caused_by_interrupt(None)
+    looped = ValueError("a")
+    looped.__context__ = RuntimeError("b")
+    looped.__context__.__context__ = looped
+    assert not caused_by_interrupt(looped)
+
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))  # the plug-in below is this test's own
+
+    @registry.register_dataset("interrupted", needs_path=False, help="raises what an interrupted import raises",
+                               eval_transform=lambda request: None)
+    def _interrupted(path, request):
+        raise wrapped(ImportError, "from")
+
+    out = tmp_path / "out"
+    result = dg2pf(*prune_args(untrained_ckpt, out, **{"--dataset": "interrupted"}), "--threads",
+                   str(torch.get_num_threads()))
+    assert result.returncode == 130, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("dg2pf: interrupted"), result.stderr
+    assert not out.exists()

@@ -25,6 +25,10 @@ def run(argv: Sequence[str] | None = None) -> int:
         from .main import main
 
         return main(args)
-    except KeyboardInterrupt:
+    except BaseException as exc:
+        from dg2pf_client.interrupt import caused_by_interrupt  # light: nothing beyond the standard library
+
+        if not caused_by_interrupt(exc):
+            raise
         print("dg2pf: interrupted; nothing was written", file=sys.stderr)
         return 130

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from dg2pf_client.cli import OneLineParser, add_remote_commands, version_line
+from dg2pf_client.interrupt import caused_by_interrupt
 from dg2pf_core import DG2PFConfig, DG2PFError, PruneJob
 from dg2pf_core.config import DG2PFConfig as _Config
 from dg2pf_core.data import AUGMENT_POLICIES, dataset_usages
@@ -164,7 +165,7 @@ def _cmd_prune(args: argparse.Namespace) -> int:
                              state_dir=state_dir, resume=bool(args.resume))
         except BaseException as exc:
             kept = getattr(exc, "state_kept", None)
-            interrupted = isinstance(exc, KeyboardInterrupt)
+            interrupted = caused_by_interrupt(exc)
             if kept is not None and not isinstance(exc, DG2PFError):
                 what = "interrupted" if interrupted else f"stopped by {type(exc).__name__}: {exc}"
                 print(f"dg2pf: {what}; nothing was written to {args.out}. The run's state (the last epoch) is kept in "
@@ -606,7 +607,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except DG2PFError as exc:
         print(f"dg2pf: error: {exc.message}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except BaseException as exc:
+        if not caused_by_interrupt(exc):
+            raise
         print("dg2pf: interrupted; nothing was written", file=sys.stderr)
         return 130
 

@@ -21,6 +21,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from . import __version__
+from .interrupt import caused_by_interrupt
 
 REMOTE_COMMANDS = ("submit", "status", "jobs", "cancel", "download", "upload", "deploy", "models", "undeploy", "predict")
 # The full package's: named here only to say where they are when this package is alone.
@@ -386,7 +387,9 @@ def run(argv: Sequence[str] | None = None) -> int:
     """The ``dg2pf`` console script of dg2pf-client."""
     try:
         return main(argv)
-    except KeyboardInterrupt:
+    except BaseException as exc:
+        if not caused_by_interrupt(exc):
+            raise
         print("dg2pf: interrupted", file=sys.stderr)
         return 130
 
