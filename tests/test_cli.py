@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from dg2pf_core import DG2PFError
 from dg2pf_core.checkpoints import read_state_dict, save_state_dict
 from dg2pf_core.models import build_model
 
@@ -561,6 +562,14 @@ def test_an_interrupt_a_library_wrapped_in_another_exception_still_ends_as_an_in
 
     assert caused_by_interrupt(KeyboardInterrupt()) and caused_by_interrupt(wrapped(ImportError, "from"))
     assert caused_by_interrupt(wrapped(RuntimeError, "context"))
+    try:  # raised from another error while handling the interrupt: the context still holds it
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt:
+            raise RuntimeError("cleanup failed") from ValueError("why")
+    except RuntimeError as exc:
+        assert caused_by_interrupt(exc)
+    assert caused_by_interrupt(BaseExceptionGroup("workers", [ValueError("x"), KeyboardInterrupt()]))
     assert not caused_by_interrupt(ValueError("x")) and not caused_by_interrupt(None)
     looped = ValueError("a")
     looped.__context__ = RuntimeError("b")
@@ -569,14 +578,42 @@ def test_an_interrupt_a_library_wrapped_in_another_exception_still_ends_as_an_in
 
     monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))  # the plug-in below is this test's own
 
+    raised: list[BaseException] = []
+
     @registry.register_dataset("interrupted", needs_path=False, help="raises what an interrupted import raises",
                                eval_transform=lambda request: None)
     def _interrupted(path, request):
-        raise wrapped(ImportError, "from")
+        raise raised[-1]
 
+    for exc in (wrapped(ImportError, "from"), wrapped(DG2PFError, "context")):  # the product's own error too
+        raised.append(exc)
+        out = tmp_path / f"out{len(raised)}"
+        result = dg2pf(*prune_args(untrained_ckpt, out, **{"--dataset": "interrupted"}), "--threads",
+                       str(torch.get_num_threads()))
+        assert result.returncode == 130, result.stderr
+        lines = [line for line in result.stderr.splitlines() if line.strip()]
+        assert len(lines) == 1 and lines[0].startswith("dg2pf: interrupted"), result.stderr
+        assert not out.exists()
+
+
+def test_an_interrupt_a_library_swallowed_still_stops_the_run(untrained_ckpt, tmp_path):
+    """Python drops a KeyboardInterrupt raised in some callbacks (importlib's module-lock callback prints
+    "Exception ignored" and the import goes on; seen while scikit-learn loaded): the console script's
+    handler notes the signal, and the run stops at the next point it checks, before training."""
     out = tmp_path / "out"
-    result = dg2pf(*prune_args(untrained_ckpt, out, **{"--dataset": "interrupted"}), "--threads",
-                   str(torch.get_num_threads()))
+    code = (
+        "import os, signal, sys, time\n"
+        "from dg2pf_client import interrupt\n"
+        "interrupt.install()\n"
+        "try:\n"
+        "    os.kill(os.getpid(), signal.SIGINT)\n"
+        "    time.sleep(5)\n"
+        "except KeyboardInterrupt:\n"
+        "    pass  # swallowed, as a library might\n"
+        "from dg2pf_cli.entry import run\n"
+        f"sys.exit(run({[*prune_args(untrained_ckpt, out), '--threads', '1']!r}))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert result.returncode == 130, result.stderr
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("dg2pf: interrupted"), result.stderr

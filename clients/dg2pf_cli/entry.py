@@ -15,6 +15,9 @@ from collections.abc import Sequence
 
 def run(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
+    from dg2pf_client.interrupt import install  # light: the standard library only
+
+    install()  # Ctrl-C is noted before it is raised: a library that loses the KeyboardInterrupt cannot hide it
     try:
         from dg2pf_client.cli import REMOTE_COMMANDS
 
@@ -26,7 +29,7 @@ def run(argv: Sequence[str] | None = None) -> int:
 
         return main(args)
     except BaseException as exc:
-        from dg2pf_client.interrupt import caused_by_interrupt  # light: nothing beyond the standard library
+        from dg2pf_client.interrupt import caused_by_interrupt
 
         if not caused_by_interrupt(exc):
             raise

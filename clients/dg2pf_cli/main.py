@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from dg2pf_client.cli import OneLineParser, add_remote_commands, version_line
+from dg2pf_client import interrupt
 from dg2pf_client.interrupt import caused_by_interrupt
 from dg2pf_core import DG2PFConfig, DG2PFError, PruneJob
 from dg2pf_core.config import DG2PFConfig as _Config
@@ -144,6 +145,7 @@ def _cmd_prune(args: argparse.Namespace) -> int:
                              f"`dg2pf prune --resume {state_dir}`, or delete it to start over", field="out")
 
     def announce(prepared) -> None:
+        interrupt.check()  # a Ctrl-C a library swallowed while the data loaded (importlib prints "Exception ignored")
         if not args.quiet:
             skipped = len(getattr(prepared.splits, "skipped_images", []) or [])
             note = f"; skipped {skipped} unreadable image(s)" if skipped else ""
@@ -166,7 +168,7 @@ def _cmd_prune(args: argparse.Namespace) -> int:
         except BaseException as exc:
             kept = getattr(exc, "state_kept", None)
             interrupted = caused_by_interrupt(exc)
-            if kept is not None and not isinstance(exc, DG2PFError):
+            if kept is not None and (interrupted or not isinstance(exc, DG2PFError)):
                 what = "interrupted" if interrupted else f"stopped by {type(exc).__name__}: {exc}"
                 print(f"dg2pf: {what}; nothing was written to {args.out}. The run's state (the last epoch) is kept in "
                       f"{kept}: continue with `dg2pf prune --resume {kept}`", file=sys.stderr)
@@ -604,14 +606,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except DG2PFError as exc:
-        print(f"dg2pf: error: {exc.message}", file=sys.stderr)
-        return 2
     except BaseException as exc:
-        if not caused_by_interrupt(exc):
-            raise
-        print("dg2pf: interrupted; nothing was written", file=sys.stderr)
-        return 130
+        if caused_by_interrupt(exc):  # before DG2PFError: an error raised because of Ctrl-C is the interrupt
+            print("dg2pf: interrupted; nothing was written", file=sys.stderr)
+            return 130
+        if isinstance(exc, DG2PFError):
+            print(f"dg2pf: error: {exc.message}", file=sys.stderr)
+            return 2
+        raise
 
 
 if __name__ == "__main__":

@@ -6,6 +6,8 @@ import sys
 
 from tqdm import tqdm
 
+from dg2pf_client import interrupt
+
 from dg2pf_core.state import EpochRecord
 
 
@@ -20,6 +22,7 @@ class EpochBars:
         self.batches = 0
 
     def start_epoch(self, phase: str, epoch: int, sparsity: float, batches: int) -> None:
+        interrupt.check()  # a Ctrl-C that a library swallowed stops the run here, its state kept
         self.loss_sum, self.batches = 0.0, 0
         if self.enabled and self.tty:
             self.bar = tqdm(total=batches, desc=f"epoch {epoch:>3} {phase:<15} sparsity {sparsity:6.2%}", file=sys.stderr, leave=True, dynamic_ncols=True)

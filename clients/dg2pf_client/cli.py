@@ -96,6 +96,8 @@ def _one_line_errors(fn: Callable[[argparse.Namespace], int]) -> Callable[[argpa
         try:
             return fn(args)
         except (ApiError, CliError) as exc:
+            if caused_by_interrupt(exc):  # an error raised because of Ctrl-C is the interrupt
+                raise KeyboardInterrupt from exc
             unreachable = getattr(exc, "type", None) == "unreachable" and not getattr(args, "url", None)
             hint = " (give --url or set DG2PF_URL)" if unreachable else ""
             return _fail(exc.message + (f" ({exc.field})" if exc.field else "") + hint)
@@ -103,6 +105,8 @@ def _one_line_errors(fn: Callable[[argparse.Namespace], int]) -> Callable[[argpa
             _fail(str(exc))
             return 1
         except OSError as exc:  # a local file or folder (the service's answers are ApiErrors)
+            if caused_by_interrupt(exc):
+                raise KeyboardInterrupt from exc
             return _fail(str(exc))
 
     return run
