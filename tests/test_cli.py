@@ -604,6 +604,7 @@ def test_an_interrupt_a_library_swallowed_still_stops_the_run(untrained_ckpt, tm
     code = (
         "import os, signal, sys, time\n"
         "from dg2pf_client import interrupt\n"
+        "signal.signal(signal.SIGINT, signal.default_int_handler)  # a CI started in the background ignores it\n"
         "interrupt.install()\n"
         "try:\n"
         "    os.kill(os.getpid(), signal.SIGINT)\n"
