@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 def run(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
-    from dg2pf_client.interrupt import install  # light: the standard library only
+    from dg2pf_client.interrupt import caused_by_interrupt, install  # light: the standard library only
 
     install()  # Ctrl-C is noted before it is raised: a library that loses the KeyboardInterrupt cannot hide it
     try:
@@ -29,8 +29,6 @@ def run(argv: Sequence[str] | None = None) -> int:
 
         return main(args)
     except BaseException as exc:
-        from dg2pf_client.interrupt import caused_by_interrupt
-
         if not caused_by_interrupt(exc):
             raise
         print("dg2pf: interrupted; nothing was written", file=sys.stderr)

@@ -17,7 +17,6 @@ from pathlib import Path
 
 from dg2pf_client.cli import OneLineParser, add_remote_commands, version_line
 from dg2pf_client import interrupt
-from dg2pf_client.interrupt import caused_by_interrupt
 from dg2pf_core import DG2PFConfig, DG2PFError, PruneJob
 from dg2pf_core.config import DG2PFConfig as _Config
 from dg2pf_core.data import AUGMENT_POLICIES, dataset_usages
@@ -167,7 +166,7 @@ def _cmd_prune(args: argparse.Namespace) -> int:
                              state_dir=state_dir, resume=bool(args.resume))
         except BaseException as exc:
             kept = getattr(exc, "state_kept", None)
-            interrupted = caused_by_interrupt(exc)
+            interrupted = interrupt.caused_by_interrupt(exc)
             if kept is not None and (interrupted or not isinstance(exc, DG2PFError)):
                 what = "interrupted" if interrupted else f"stopped by {type(exc).__name__}: {exc}"
                 print(f"dg2pf: {what}; nothing was written to {args.out}. The run's state (the last epoch) is kept in "
@@ -607,7 +606,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.func(args)
     except BaseException as exc:
-        if caused_by_interrupt(exc):  # before DG2PFError: an error raised because of Ctrl-C is the interrupt
+        if interrupt.caused_by_interrupt(exc):  # before DG2PFError: an error raised because of Ctrl-C is the interrupt
             print("dg2pf: interrupted; nothing was written", file=sys.stderr)
             return 130
         if isinstance(exc, DG2PFError):

@@ -37,11 +37,6 @@ def install() -> None:
         pass
 
 
-def received() -> bool:
-    """True once SIGINT reached :func:`install`'s handler in this process."""
-    return _received
-
-
 def check() -> None:
     """Raise ``KeyboardInterrupt`` if SIGINT arrived and was swallowed on the way (call at points
     where a long command may stop: after loading data, between epochs)."""
