@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -18,6 +19,7 @@ Amp = Literal["none", "bf16", "fp16"]
 FINETUNE_MODES = ("sgd", "overparam")
 GRADUAL_MASKS = ("simulated", "hard")
 BN_AFTER_PRUNING = ("batch", "frozen")
+KD_LOSSES = ("standard", "authors")
 
 
 @dataclass(frozen=True)
@@ -51,21 +53,58 @@ BOUNDS: dict[str, Bounds] = {
     "kd_temperature": Bounds(0.01, 1000), "kd_alpha": Bounds(0, 1),
     "weight_decay": Bounds(0, 100), "finetune_weight_decay": Bounds(0, 100), "grad_clip": Bounds(0, 1e6),
     "finetune_momentum": Bounds(0, 1, high_open=True), "sp_weight": Bounds(0, 1e9),
+    "min_weights_per_tensor": Bounds(0, 1_000_000), "min_weights_per_class": Bounds(0, 1_000_000),
+    "rerank_every_steps": Bounds(0, 10_000_000),
 }
 MAX_PATTERNS, MAX_PATTERN_LENGTH = 256, 1000  # include / exclude / sp_blocks
 
 
+# Named configurations. A field a preset names defaults to None in DG2PFConfig and takes the preset's
+# value unless the job sets it; every other field has one default for all presets. Both presets list
+# the same fields, so a config's values never depend on which preset a field was left to.
+#   "paper": DG2PF as its paper writes it (Algorithm 1 and 2; ../shared/reference/dg2pf.md) with the
+#     authors' hyperparameters (their public code: AdamW lr 1e-5 without weight decay, the loss
+#     (alpha KL + (1 - alpha) CE) T^2 at T=4, alpha=0.75, gradient norm clipped to 0.5), a linear
+#     schedule, one global magnitude ranking per pruning epoch, masked weights updated with the gradient
+#     taken at the pruned point (Algorithm 1 restores them before the optimiser step), and no layer
+#     guard beyond the emptying guard (below).
+#   "default": the best configuration measured (docs/fidelity.md).
+PRESET_FIELDS = ("schedule", "recovery", "rerank_every_steps", "max_layer_sparsity", "layer_density_floor",
+                 "lr", "weight_decay", "kd_loss", "kd_temperature", "kd_alpha", "grad_clip")
+PRESETS: dict[str, dict[str, Any]] = {
+    "default": {
+        "schedule": "linear", "recovery": "frozen", "rerank_every_steps": 0,
+        "max_layer_sparsity": 0.99, "layer_density_floor": 0.6,
+        "lr": 1e-3, "weight_decay": 1e-4, "kd_loss": "standard", "kd_temperature": 4.0, "kd_alpha": 0.75, "grad_clip": 0.5,
+    },
+    "paper": {
+        "schedule": "linear", "recovery": "feedback", "rerank_every_steps": 0,
+        "max_layer_sparsity": 1.0, "layer_density_floor": 0.0,
+        "lr": 1e-5, "weight_decay": 0.0, "kd_loss": "authors", "kd_temperature": 4.0, "kd_alpha": 0.75, "grad_clip": 0.5,
+    },
+}
+assert all(set(values) == set(PRESET_FIELDS) for values in PRESETS.values())
+
+
 @dataclass
 class DG2PFConfig:
-    """Hyperparameters of one DG2PF run. Defaults follow the paper and the authors' scripts."""
+    """Hyperparameters of one DG2PF run. ``preset`` names a configuration (``PRESETS``): the fields it
+    lists are None here and take the preset's values unless given."""
 
     # Fraction of the prunable weights to remove (of the prunable channels with granularity "channel").
     # 0 (unset) only with target_macs_ratio, which then decides it.
     sparsity: float = 0.0
+    preset: str = "default"  # "default" (the best measured) or "paper" (the paper's algorithm as written)
     # --- gradual pruning (Algorithm 1) ---
     pruning_epochs: int = 10
-    schedule: str = "linear"  # "linear" (DG2PF) or "cubic" (gradual magnitude pruning)
-    recovery: str = "frozen"  # "frozen" (paper) or "feedback" (dense update)
+    schedule: str | None = None  # "linear" (DG2PF) or "cubic" (gradual magnitude pruning)
+    # Simulated pruning: "feedback" (masked weights restored before the optimiser step and updated with
+    # the gradient taken at the pruned point, so a weight pruned by mistake can grow back: dynamic pruning
+    # with feedback, Lin et al. 2020) or "frozen" (masked weights keep their values until the next ranking).
+    recovery: str | None = None
+    # Rank again every this many optimiser steps inside a pruning epoch, at the epoch's target (0: once per
+    # pruning epoch, as Algorithm 1). Each ranking's recovered weights are counted in the epoch's record.
+    rerank_every_steps: int | None = None
     gradual_masks: str = "simulated"  # "simulated" (DG2PF: weights put back after each step) or "hard" (zeroed for good)
     scope: str = "global"  # "global" ranking or "layerwise"
     # "unstructured" (DG2PF) or "N:M" ("2:4": at most N of every M consecutive weights along a row kept,
@@ -86,14 +125,18 @@ class DG2PFConfig:
     # tensor cores in multiples of 8: resnet50 at 224x224, MACs 0.5, ONNX Runtime on AVX-512 ran in
     # 0.501x of the dense latency with 16, 0.636x with 1 (docs/benchmarks.md section 11). 1: off.
     channel_multiple: int = 16
-    # Layer collapse guard: a global ranking prunes no layer beyond this fraction; what a capped layer
-    # keeps is pruned from the others instead, so the global target is still met exactly. 1.0: off.
-    max_layer_sparsity: float = 0.99
-    # ... and none beyond 1 - layer_density_floor * (1 - s) at a target s: every tensor keeps at least
-    # this fraction of the network's average density (0.6: cap 0.97 at 95%, 0.94 at 90%). 0: off.
-    # 0.6 from docs/fidelity.md: mobilenet_v2 at 95%, 93.43% -> 96.30% test top-1 against the 0.99 cap
-    # alone (3 seeds; 93.24% -> 96.67% in an earlier run).
-    layer_density_floor: float = 0.6
+    # The emptying guard (unstructured): every ranking keeps the this-many largest weights of each
+    # prunable tensor and of each classifier row (one row per class), so no layer and no class is cut off;
+    # the global target is still met exactly. 0 turns each off.
+    min_weights_per_tensor: int = 1
+    min_weights_per_class: int = 1
+    # Layer caps (optional): a global ranking prunes no tensor beyond max_layer_sparsity, nor beyond
+    # 1 - layer_density_floor * (1 - s) at a target s (every tensor keeps at least that fraction of the
+    # network's average density); what a capped tensor keeps is pruned from the others instead, so the
+    # global target is still met exactly. 1.0 / 0: off. Channel granularity: caps every group (one
+    # channel always kept).
+    max_layer_sparsity: float | None = None
+    layer_density_floor: float | None = None
     warn_layer_sparsity: float = 0.98  # the result warns about layers pruned beyond this fraction
     # Before every validation of a pruned network, re-estimate BatchNorm statistics on this many training
     # batches (0: off, the running averages as training left them). docs/fidelity.md (Fashion-MNIST,
@@ -111,11 +154,14 @@ class DG2PFConfig:
     keep_classifier_dense: bool = False
     include: list[str] = field(default_factory=list)  # regexes over parameter names
     exclude: list[str] = field(default_factory=list)
-    lr: float = 1e-3  # AdamW, gradual pruning and distillation
-    weight_decay: float = 1e-4
-    kd_temperature: float = 4.0
-    kd_alpha: float = 0.75
-    grad_clip: float = 0.5
+    lr: float | None = None  # AdamW, gradual pruning and distillation
+    weight_decay: float | None = None
+    # "standard": alpha T^2 KL(teacher_T || student_T) + (1 - alpha) CE (Hinton et al.; KL:CE 48:1 at T=4,
+    # alpha=0.75); "authors": (alpha KL + (1 - alpha) CE) T^2, the authors' code (3:1).
+    kd_loss: str | None = None
+    kd_temperature: float | None = None
+    kd_alpha: float | None = None
+    grad_clip: float | None = None  # gradient norm clipping in every training phase (0: off)
     # --- stopping ---
     patience: int = 4  # epochs without validation top-1 improvement before a phase ends
     max_epochs: int = 60  # total training epochs, all phases together
@@ -136,7 +182,16 @@ class DG2PFConfig:
     loader_workers: int = 0
 
     def __post_init__(self) -> None:
+        if not isinstance(self.preset, str) or self.preset not in PRESETS:
+            raise ConfigError(f"preset: must be one of {list(PRESETS)}, got {self.preset!r}", field="preset")
+        for name, value in PRESETS[self.preset].items():
+            if getattr(self, name) is None:
+                setattr(self, name, value)
         self.validate()
+
+    def preset_departures(self) -> dict[str, Any]:
+        """The fields its preset lists that this config sets otherwise (what a job changed)."""
+        return {k: getattr(self, k) for k, v in PRESETS[self.preset].items() if getattr(self, k) != v}
 
     def validate(self) -> None:
         def bad(name: str, why: str) -> ConfigError:
@@ -154,7 +209,7 @@ class DG2PFConfig:
                                 f"{MAX_PATTERN_LENGTH} characters")
         for name, bounds in BOUNDS.items():
             value = getattr(self, name)
-            integral = type(getattr(type(self), name)) is int  # the field's default says what it holds
+            integral = name in _INTEGRAL
             if isinstance(value, bool) or not isinstance(value, (int, float)) or (integral and not isinstance(value, int)):
                 raise bad(name, f"must be {'an integer' if integral else 'a number'}, got {value!r}")
             if not bounds.contains(value):
@@ -202,6 +257,11 @@ class DG2PFConfig:
                 f"{self.max_layer_sparsity} is below the target sparsity {self.sparsity}: no layer may be pruned "
                 "beyond it, so the target cannot be met; raise it (1.0 turns the cap off)",
             )
+        if self.kd_loss not in KD_LOSSES:
+            raise bad("kd_loss", f"must be one of {list(KD_LOSSES)}, got {self.kd_loss!r}")
+        if self.rerank_every_steps and (self.gradual_masks != "simulated" or nm is not None or self.granularity == CHANNEL):
+            raise bad("rerank_every_steps", "re-ranking inside a pruning epoch applies to unstructured simulated pruning "
+                                            "(gradual_masks 'simulated'); set it to 0")
         if self.max_epochs < self.pruning_epochs:
             raise bad("max_epochs", f"must be >= pruning_epochs ({self.pruning_epochs}), got {self.max_epochs}")
         if self.finetune not in FINETUNE_MODES:
@@ -239,3 +299,12 @@ class DG2PFConfig:
         if unknown:
             raise ConfigError(f"unknown option(s) {unknown}; known: {sorted(known)}", field=unknown[0])
         return cls(**values)
+
+
+def _integral_fields() -> frozenset[str]:
+    hints = typing.get_type_hints(DG2PFConfig)
+    return frozenset(n for n, h in hints.items() if h is int or (typing.get_args(h) and int in typing.get_args(h)
+                                                                  and float not in typing.get_args(h)))
+
+
+_INTEGRAL = _integral_fields()  # the fields that hold whole numbers (``validate``)

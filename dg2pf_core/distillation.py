@@ -15,18 +15,28 @@ def kd_loss(
     targets: torch.Tensor,
     temperature: float = 4.0,
     alpha: float = 0.75,
+    form: str = "standard",
 ) -> torch.Tensor:
-    """``alpha * T^2 * KL(p_teacher^T || p_student^T) + (1 - alpha) * CE(student, targets)``.
+    """Soft targets at temperature T mixed with cross-entropy, in one of two forms:
 
-    KL is averaged over the batch (``batchmean``, the true KL per sample); the T^2 factor keeps the
-    soft-target gradients on the same scale as the hard-target ones (Hinton et al., 2015).
+    - ``standard``: ``alpha * T^2 * KL(p_teacher^T || p_student^T) + (1 - alpha) * CE(student, targets)``;
+      the T^2 factor keeps the soft-target gradients on the scale of the hard-target ones (Hinton et
+      al., 2015).
+    - ``authors``: ``(alpha * KL + (1 - alpha) * CE) * T^2``, as the DG2PF authors' code computes it
+      (cross-entropy scaled by T^2 too).
+
+    KL is averaged over the batch (``batchmean``, the true KL per sample) in both.
     """
     t = temperature
     log_p_student = F.log_softmax(student_logits.float() / t, dim=1)
     log_p_teacher = F.log_softmax(teacher_logits.float() / t, dim=1)
     kl = F.kl_div(log_p_student, log_p_teacher, reduction="batchmean", log_target=True)
     ce = F.cross_entropy(student_logits.float(), targets)
-    return alpha * t * t * kl + (1.0 - alpha) * ce
+    if form == "standard":
+        return alpha * t * t * kl + (1.0 - alpha) * ce
+    if form == "authors":
+        return (alpha * kl + (1.0 - alpha) * ce) * t * t
+    raise ValueError(f"kd_loss form must be 'standard' or 'authors', got {form!r}")
 
 
 def similarity_loss(student_features: torch.Tensor, teacher_features: torch.Tensor) -> torch.Tensor:

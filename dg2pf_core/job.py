@@ -344,6 +344,9 @@ def result_metrics(prepared: PreparedJob, result: DG2PFResult, *, world_size: in
         "class_names": prepared.splits.class_names,
         "target_sparsity": job.config.sparsity if job.config.target_macs_ratio is None else None,
         "granularity": job.config.granularity,
+        # The named configuration the job started from, and what it set otherwise (config holds every value).
+        "preset": job.config.preset,
+        "preset_departures": job.config.preset_departures(),
         **violations,
         **channel,
         "sparsity_prunable": channel["channel_sparsity"] if channel else size.sparsity_prunable,

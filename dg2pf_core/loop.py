@@ -35,6 +35,7 @@ from __future__ import annotations
 import copy
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -49,7 +50,8 @@ from . import distributed
 from .distillation import FeatureTaps, kd_loss, similarity_blocks, similarity_loss
 from .errors import ResumeError, TrainingDiverged
 from .loaders import Loaders
-from .masks import Masks, apply_masks_, magnitude_masks, mask_sparsity, recovered, select_prunable
+from .masks import (EmptyingGuard, Masks, apply_masks_, classifier_weight, magnitude_masks, mask_sparsity, recovered,
+                    select_prunable)
 from .metrics import Accuracy, autocast_context, evaluate
 from .nm import check_divisible, nm_masks
 from . import overparam
@@ -126,6 +128,9 @@ class _Run:
         self.device, self.progress, self.reporter = device, progress, reporter
         self.params = select_prunable(_unwrap(model), config.selection()).params
         self.all_params = [p for p in model.parameters() if p.requires_grad]
+        classifier = classifier_weight(_unwrap(model))
+        self.guard = EmptyingGuard(config.min_weights_per_tensor, config.min_weights_per_class,
+                                   classifier if classifier in self.params else None)
         # The input model's size, counted before anything is removed or expanded (a resumed run is
         # handed the input model too): not the teacher's, which may be another checkpoint.
         self.params_dense = sum(p.numel() for p in _unwrap(model).parameters())
@@ -173,7 +178,8 @@ class _Run:
             self.selected = self.plan.select(self.params, target, self.cfg.layer_cap(target), self.multiple)
             self.channels_pruned = sum(int(v.sum()) for v in self.selected.values())
             return self.plan.masks(self.params, self.selected)
-        return magnitude_masks(self.params, target, self.cfg.scope, self.cfg.layer_cap(target))
+        keep = self.guard.kept(self.params) if self.guard.active else None
+        return magnitude_masks(self.params, target, self.cfg.scope, self.cfg.layer_cap(target), keep)
 
     def sparsity(self, masks: Masks) -> float:
         """What an epoch record calls its sparsity: of the prunable weights, or of the channels."""
@@ -218,7 +224,7 @@ class _Run:
             teacher_logits = self.teacher(inputs)
         with autocast_context(self.device, self.cfg.amp):
             student_logits = self.model(inputs)
-        return kd_loss(student_logits, teacher_logits, targets, self.cfg.kd_temperature, self.cfg.kd_alpha)
+        return kd_loss(student_logits, teacher_logits, targets, self.cfg.kd_temperature, self.cfg.kd_alpha, self.cfg.kd_loss)
 
     def ce_loss(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         with autocast_context(self.device, self.cfg.amp):
@@ -261,7 +267,11 @@ class _Run:
             self.taps = None
 
     # --- one epoch ---
-    def train_epoch(self, state: TrainingState, masks: Masks, *, simulated: bool, distill: bool, sparsity: float) -> float:
+    def train_epoch(self, state: TrainingState, masks: Masks, *, simulated: bool, distill: bool, sparsity: float,
+                    rerank: Callable[[], Masks] | None = None, recoveries: list[int] | None = None) -> tuple[float, Masks]:
+        """One epoch; returns its mean loss and the mask it ended with. ``rerank`` (simulated pruning
+        with ``rerank_every_steps``): called every that many optimiser steps for a new mask, whose
+        recovered weights (against the mask before it) are appended to ``recoveries``."""
         self.model.train()
         if self.cfg.bn_after_pruning == "frozen" and state.phase in ("distillation", "finetuning"):
             freeze_batchnorm(_unwrap(self.model))  # the statistics of the last re-estimate (validate)
@@ -269,11 +279,17 @@ class _Run:
         loss_fn = self.distilled_loss if distill else (self.similarity_loss if self.taps else self.ce_loss)
         # Over-parameterized layers apply the mask in their forward pass: no per-step masking.
         step_masks = {} if self.taps else masks
+        every = self.cfg.rerank_every_steps if rerank is not None else 0
         total, batches = 0.0, 0
         for inputs, targets in self.loaders.train(state.epoch):
+            if every and batches and batches % every == 0:
+                new = distributed.sync_masks(rerank())
+                if recoveries is not None:
+                    recoveries.append(recovered(masks, new))
+                masks = new
             inputs, targets = inputs.to(self.device, non_blocking=True), targets.to(self.device, non_blocking=True)
             compute = lambda: loss_fn(inputs, targets)  # noqa: E731
-            common = {"clip_params": self.all_params, "clip_norm": self.cfg.grad_clip if distill else None, "scaler": self.scaler}
+            common = {"clip_params": self.all_params, "clip_norm": self.cfg.grad_clip, "scaler": self.scaler}
             if simulated:
                 loss = simulated_step(compute, self.optimizer, self.params, masks, recovery=self.cfg.recovery, **common)
             else:
@@ -288,7 +304,7 @@ class _Run:
             total += value
             batches += 1
             self.progress.batch(value)
-        return distributed.mean_across_ranks(total / max(batches, 1), self.device)
+        return distributed.mean_across_ranks(total / max(batches, 1), self.device), masks
 
     def evaluate(self, loader) -> Accuracy:
         # The unwrapped module: DDP's forward runs collectives, and ranks may hold unequal shards.
@@ -429,12 +445,15 @@ def run_dg2pf(
         previous = masks
         last = state.epoch + 1 == config.pruning_epochs
         masks = distributed.sync_masks(run.rank(target, last))
+        recoveries = [recovered(previous, masks)]
         simulated = config.gradual_masks == "simulated"
         if not simulated:
             apply_masks_(run.params, masks)  # hard gradual masks (ablation): pruned weights are gone for good
-        loss = run.train_epoch(state, masks, simulated=simulated, distill=True, sparsity=target)
+        rerank = (lambda: run.rank(target, last)) if simulated and config.rerank_every_steps else None  # noqa: E731
+        loss, masks = run.train_epoch(state, masks, simulated=simulated, distill=True, sparsity=target,
+                                      rerank=rerank, recoveries=recoveries)
         state.epoch += 1
-        sparsity, changed = run.sparsity(masks), recovered(previous, masks)
+        sparsity, changed = run.sparsity(masks), sum(recoveries)
         if last:
             apply_masks_(run.params, masks)  # the mask is final from here on
             if run.plan is not None:
@@ -446,7 +465,8 @@ def run_dg2pf(
         else:
             val, best = run.validate(state, masks), False
         record = EpochRecord("gradual_pruning", state.epoch, sparsity, loss, val.top1, val.top5, run.lr(),
-                             time.perf_counter() - t0, best, recovered=changed)
+                             time.perf_counter() - t0, best, recovered=changed, rankings=len(recoveries),
+                             recovered_per_ranking=recoveries)
         run.finish_epoch(state, masks, record)
 
     # 3. Distilled training with the final mask while validation top-1 improves (Algorithm 1, i > s_e).
@@ -460,7 +480,7 @@ def run_dg2pf(
             state.phase, state.stale = "finetuning", 0
             break
         t0 = time.perf_counter()
-        loss = run.train_epoch(state, masks, simulated=False, distill=True, sparsity=run.sparsity(masks))
+        loss, _ = run.train_epoch(state, masks, simulated=False, distill=True, sparsity=run.sparsity(masks))
         state.epoch += 1
         val = run.validate(state)
         best = run.consider_best(state, val)
@@ -472,7 +492,7 @@ def run_dg2pf(
             state.phase = "done"
             break
         t0 = time.perf_counter()
-        loss = run.train_epoch(state, masks, simulated=False, distill=False, sparsity=run.sparsity(masks))
+        loss, _ = run.train_epoch(state, masks, simulated=False, distill=False, sparsity=run.sparsity(masks))
         state.epoch += 1
         val = run.validate(state)
         best = run.consider_best(state, val)

@@ -126,11 +126,60 @@ def layer_caps(weights: Mapping[str, torch.Tensor], max_layer_sparsity: float, k
     return caps
 
 
+def classifier_weight(model: nn.Module) -> str | None:
+    """The classifier's weight name: the last Conv/Linear layer in module order (fc, classifier.1, head...),
+    the same convention ``keep_classifier_dense`` uses."""
+    model = getattr(model, "module", model) if isinstance(model, nn.parallel.DistributedDataParallel) else model
+    last = None
+    for module_name, module in model.named_modules():
+        if isinstance(module, PRUNABLE_MODULES) and getattr(module, "weight", None) is not None:
+            last = f"{module_name}.weight" if module_name else "weight"
+    return last
+
+
+@dataclass(frozen=True)
+class EmptyingGuard:
+    """The weights no ranking may prune, so that no path through the network is cut: the
+    ``per_tensor`` largest-magnitude weights of every prunable tensor, and the ``per_class``
+    largest of every output row of the classifier (``classifier``, a weight name: one row per class;
+    a class whose row is empty can only be predicted through its bias). A minimum count, not a
+    density floor: it changes nothing until a ranking would leave fewer weights than that, so the
+    global ranking is otherwise the paper's. 0 turns each part off."""
+
+    per_tensor: int = 1
+    per_class: int = 1
+    classifier: str | None = None
+
+    @property
+    def active(self) -> bool:
+        return self.per_tensor > 0 or (self.per_class > 0 and self.classifier is not None)
+
+    @torch.no_grad()
+    def kept(self, weights: Mapping[str, torch.Tensor]) -> Masks:
+        """``{name: bool tensor}``, True for a weight the guard keeps (only tensors it keeps some of)."""
+        keep: Masks = {}
+        for name, w in weights.items():
+            mags = w.detach().abs()
+            mask = torch.zeros(w.shape, dtype=torch.bool, device=w.device)
+            if self.per_tensor > 0:
+                n = min(self.per_tensor, w.numel())
+                mask.view(-1)[torch.topk(mags.flatten(), n, sorted=False).indices] = True
+            if self.per_class > 0 and name == self.classifier and w.dim() >= 2:
+                rows = mags.reshape(w.shape[0], -1)
+                n = min(self.per_class, rows.shape[1])
+                top = torch.topk(rows, n, dim=1, sorted=False).indices
+                mask.view(w.shape[0], -1).scatter_(1, top, True)
+            if mask.any():
+                keep[name] = mask
+        return keep
+
+
 def magnitude_masks(
     weights: Mapping[str, torch.Tensor],
     sparsity: float,
     scope: Scope = "global",
     max_layer_sparsity: float = 1.0,
+    keep: Mapping[str, torch.Tensor] | None = None,
 ) -> Masks:
     """Masks pruning the smallest-magnitude weights.
 
@@ -144,23 +193,37 @@ def magnitude_masks(
     the weights it keeps are taken from the other tensors' ranking instead, so the global count is
     still exact. The result is the smallest-magnitude set under the caps (greedy with per-tensor
     capacities is optimal), found by capping the overflowing tensors and ranking the rest again.
+
+    ``keep`` (``{name: bool tensor}``, e.g. ``EmptyingGuard.kept``): weights never pruned; the others
+    are ranked as usual and the global count stays exact (layerwise: each tensor prunes at most its
+    unkept weights).
     """
     if not 0.0 <= sparsity < 1.0:
         raise ConfigError(f"sparsity must be in [0, 1), got {sparsity}", field="sparsity")
     if not 0.0 < max_layer_sparsity <= 1.0:
         raise ConfigError(f"max_layer_sparsity must be in (0, 1], got {max_layer_sparsity}", field="max_layer_sparsity")
+    keep = {n: m for n, m in (keep or {}).items() if n in weights}
+    kept = {n: int(keep[n].sum()) if n in keep else 0 for n in weights}
     if scope == "layerwise":
         return {
-            name: _smallest_k(w.detach().abs().flatten(), round(sparsity * w.numel())).view_as(w)
+            name: _smallest_k(_scores(w, keep.get(name)), min(round(sparsity * w.numel()), w.numel() - kept[name])).view_as(w)
             for name, w in weights.items()
         }
     if scope != "global":
         raise ConfigError(f"scope must be 'global' or 'layerwise', got {scope!r}", field="scope")
     total = sum(w.numel() for w in weights.values())
     k = round(sparsity * total)
+    if k > total - sum(kept.values()):
+        raise ConfigError(
+            f"sparsity {sparsity} needs {k} of {total} weights pruned, but the emptying guard keeps "
+            f"{sum(kept.values())} of them (min_weights_per_tensor, min_weights_per_class): lower the sparsity "
+            "or the guard's counts",
+            field="sparsity",
+        )
     if max_layer_sparsity >= 1.0:
-        return _global_smallest(weights, k)
+        return _global_smallest(weights, k, keep)
     caps = layer_caps(weights, max_layer_sparsity, k)
+    caps = {n: min(c, weights[n].numel() - kept[n]) for n, c in caps.items()}
     if k > sum(caps.values()):
         raise ConfigError(
             f"sparsity {sparsity} needs {k} of {total} weights pruned, but max_layer_sparsity "
@@ -171,7 +234,7 @@ def magnitude_masks(
     capped: dict[str, torch.Tensor] = {}
     while True:
         free = {n: w for n, w in weights.items() if n not in capped}
-        masks = _global_smallest(free, k - sum(caps[n] for n in capped)) if free else {}
+        masks = _global_smallest(free, k - sum(caps[n] for n in capped), keep) if free else {}
         over = [n for n, m in masks.items() if int(m.sum()) > caps[n]]
         if not over:
             break
@@ -179,21 +242,34 @@ def magnitude_masks(
         # the ranking, so the threshold only rises): cap it for good and rank the rest again.
         for n in over:
             w = weights[n]
-            capped[n] = _smallest_k(w.detach().abs().flatten(), caps[n]).view_as(w)
+            capped[n] = _smallest_k(_scores(w, keep.get(n)), caps[n]).view_as(w)
     masks.update(capped)
     return {n: masks[n] for n in weights}
 
 
-def _global_smallest(weights: Mapping[str, torch.Tensor], k: int) -> Masks:
-    """Masks of exactly the ``k`` smallest-magnitude weights over all ``weights`` together."""
+def _scores(w: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
+    """The flat magnitudes of ``w`` a ranking sorts, kept weights at +inf (never among the smallest)."""
+    scores = w.detach().abs().flatten().float()
+    if keep is not None:
+        scores.masked_fill_(keep.flatten(), float("inf"))
+    return scores
+
+
+def _global_smallest(weights: Mapping[str, torch.Tensor], k: int, keep: Mapping[str, torch.Tensor] | None = None) -> Masks:
+    """Masks of exactly the ``k`` smallest-magnitude weights over all ``weights`` together, none of
+    the ``keep`` ones (``k`` must not exceed the others' count)."""
     names = list(weights)
     first = weights[names[0]]
+    keep = keep or {}
     # One buffer of magnitudes, filled in place: no per-tensor temporaries, no concatenation copy.
     flat = torch.empty(sum(weights[n].numel() for n in names), dtype=torch.float32, device=first.device)
     offset = 0
     for n in names:
         w = weights[n].detach().reshape(-1)
-        flat[offset : offset + w.numel()].copy_(w).abs_()
+        part = flat[offset : offset + w.numel()]
+        part.copy_(w).abs_()
+        if n in keep:
+            part.masked_fill_(keep[n].reshape(-1).to(part.device), float("inf"))
         offset += w.numel()
     pruned = _smallest_k(flat, k)
     masks: Masks = {}

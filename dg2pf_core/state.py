@@ -37,9 +37,13 @@ class EpochRecord:
     seconds: float
     is_best: bool = False
     restarts: int = 0  # how many times the run had been resumed from a checkpoint before this epoch
-    # Pruning epochs: weights the previous ranking pruned that this epoch's ranking kept (weight
-    # recovery; always 0 with hard gradual masks, which zero pruned weights). None in other phases.
+    # Pruning epochs: weights a ranking pruned that the next one kept (weight recovery), summed over the
+    # epoch's rankings: the one at its start (against the previous epoch's last mask) and, with
+    # rerank_every_steps, those inside it; always 0 with hard gradual masks, which zero pruned weights.
+    # None in other phases.
     recovered: int | None = None
+    rankings: int | None = None  # pruning epochs: how many rankings the epoch made
+    recovered_per_ranking: list[int] | None = None  # the same count, ranking by ranking
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -37,7 +37,7 @@ def test_table_shows_mean_std_failures_and_not_run(tmp_path):
 
 
 def test_table_replaces_only_the_marked_block(tmp_path):
-    md = tmp_path / "fidelity.md"
+    md = tmp_path / "fidelity-history.md"
     md.write_text(f"intro\n{report.START}\nold\n{report.END}\noutro\n")
     report.write_table(md, "new table")
     assert md.read_text() == f"intro\n{report.START}\nnew table\n{report.END}\noutro\n"
@@ -68,8 +68,8 @@ def test_torch_prune_path_ends_exactly_at_the_target():
 
 def test_the_default_grid_has_every_method_the_comparison_needs_and_no_investigation():
     grid = method_names()
-    assert {"dg2pf", "dg2pf-no-kd", "dg2pf-hard-masks", "dg2pf-feedback", "dg2pf-cubic", "dg2pf-overparam",
-            "dg2pf-no-cap", "oneshot-ft", "gmp-cubic", "torch-prune-l1", "inc-magnitude"} <= set(grid)
+    assert {"dg2pf", "dg2pf-paper", "gmp-ao", "gmp-global", "gmp-global-kd", "oneshot-ft", "torch-prune-l1",
+            "inc-magnitude"} <= set(grid)
     extra = set(method_names(grid_only=False)) - set(grid)
     from bench.fidelity.dg2pf_family import INVESTIGATIONS
 
@@ -78,7 +78,7 @@ def test_the_default_grid_has_every_method_the_comparison_needs_and_no_investiga
 
 # --- the channel grid (methods of kind "macs") ---------------------------------------------------
 
-def _tiny_cell(method, macs_ratio, tmp_path):
+def _tiny_cell(method, macs_ratio, tmp_path, sparsity=0.0, budget=None):
     from bench.fidelity.data import DataSettings, Split
     from bench.fidelity.methods import Cell
     from bench.fidelity.pretrain import build
@@ -99,8 +99,44 @@ def _tiny_cell(method, macs_ratio, tmp_path):
             model.load_state_dict(self.state)
             return model
 
-    return Cell("digits_cnn", method, 0.0, 0, Budget(epochs=2, pruning_epochs=1, patience=1, batch_size=32), Dense(), split,
-                DataSettings(augment_pad=0), tmp_path / "split.npz", 1, macs_ratio)
+    return Cell("digits_cnn", method, sparsity, 0, budget or Budget(epochs=2, pruning_epochs=1, patience=1, batch_size=32), Dense(),
+                split, DataSettings(augment_pad=0), tmp_path / "split.npz", 1, macs_ratio)
+
+
+def test_the_torch_ao_peer_prunes_every_layer_exactly_to_the_cubic_level_at_each_update(tmp_path):
+    """gmp-ao (Zhu & Gupta through torch.ao.pruning): every mask update prunes each layer to exactly
+    round(level x its size), the levels follow CubicSL up to the target at the end of the pruning epochs,
+    and the squashed result is a plain model at the target in every layer."""
+    from bench.fidelity.gmp import cubic_level, train_peer
+    from bench.fidelity.measure import zero_fractions
+
+    budget = Budget(epochs=3, pruning_epochs=2, patience=3, batch_size=8)  # 8 steps per epoch: 16 pruning steps
+    cell = _tiny_cell("gmp-ao", None, tmp_path, sparsity=0.9, budget=budget)
+    outcome = train_peer(cell, "ao", distill=False, delta_t=4)
+    levels = outcome.notes["levels"]
+    assert [u["step"] for u in levels] == [4, 8, 12, 16]
+    assert [u["level"] for u in levels] == pytest.approx([cubic_level(0.9, k, 4) for k in (1, 2, 3, 4)])
+    assert levels[-1]["level"] == 0.9 and levels[0]["level"] < levels[1]["level"] < levels[2]["level"] < 0.9
+    sizes = {f"{n}.weight": m.weight.numel() for n, m in cell.dense.build().named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
+    for update in levels:
+        assert update["zeros"] == {name: round(update["level"] * n) for name, n in sizes.items()}
+    _, layers = zero_fractions(outcome.model)
+    assert layers == pytest.approx({name: round(0.9 * n) / n for name, n in sizes.items()})
+    assert not any(hasattr(m, "parametrizations") for m in outcome.model.modules())  # squashed: a plain model
+
+
+@pytest.mark.parametrize("kind", ["global", "oneshot"])
+def test_the_global_peers_meet_the_target_over_all_weights_without_emptying_a_layer(kind, tmp_path):
+    from bench.fidelity.gmp import train_peer
+    from bench.fidelity.measure import zero_fractions
+
+    budget = Budget(epochs=3, pruning_epochs=2, patience=3, batch_size=8)
+    outcome = train_peer(_tiny_cell(f"gmp-{kind}", None, tmp_path, sparsity=0.95, budget=budget), kind, distill=kind == "global",
+                         delta_t=4)
+    total, layers = zero_fractions(outcome.model)
+    n = sum(m.weight.numel() for m in outcome.model.modules() if isinstance(m, (nn.Conv2d, nn.Linear)))
+    assert round(total * n) == round(0.95 * n) and max(layers.values()) < 1.0
+    assert outcome.notes["levels"][-1]["level"] == 0.95
 
 
 @pytest.mark.parametrize("method", ["dg2pf-channel", "tp-magnitude"])
@@ -143,7 +179,7 @@ def test_channel_table_shows_seeds_sizes_and_the_difference_to_the_peer(tmp_path
 
 
 def test_channel_table_has_its_own_markers(tmp_path):
-    md = tmp_path / "fidelity.md"
+    md = tmp_path / "fidelity-history.md"
     md.write_text(f"{report.START}\nsparsity\n{report.END}\n{report.CHANNEL_START}\nold\n{report.CHANNEL_END}\n")
     report.write_table(md, "channel", report.CHANNEL_START, report.CHANNEL_END)
     assert md.read_text() == f"{report.START}\nsparsity\n{report.END}\n{report.CHANNEL_START}\nchannel\n{report.CHANNEL_END}\n"
@@ -187,16 +223,16 @@ def test_report_never_replaces_a_table_with_one_from_fewer_cells(tmp_path):
     docs, full, empty = tmp_path / "docs", tmp_path / "full", tmp_path / "empty"
     docs.mkdir()
     start, end, png, raw = report.outputs("fashion-mnist", docs)
-    (docs / "fidelity.md").write_text(f"intro\n{start}\nold\n{end}\n")
+    (docs / "fidelity-history.md").write_text(f"intro\n{start}\nold\n{end}\n")
     _write_cells(full, [{**_cell("dg2pf", s, 90.0 + s, sparsity=0.95), "dataset": "fashion-mnist"} for s in range(3)])
     empty.mkdir()
     report.main(["--dataset", "fashion-mnist", "--results-dir", str(full), "--docs-dir", str(docs)])
-    published = (docs / "fidelity.md").read_text()
+    published = (docs / "fidelity-history.md").read_text()
     assert "from 3 cell(s)" in published and png.exists() and raw.exists()
     raw_before = raw.read_text()
     with pytest.raises(SystemExit, match="made from 3 cell"):
         report.main(["--dataset", "fashion-mnist", "--results-dir", str(empty), "--docs-dir", str(docs)])
-    assert (docs / "fidelity.md").read_text() == published and raw.read_text() == raw_before
+    assert (docs / "fidelity-history.md").read_text() == published and raw.read_text() == raw_before
     # a mistyped results directory, a directory of the other dataset's cells, a damaged cell: refused, nothing written
     with pytest.raises(SystemExit, match="does not exist"):
         report.main(["--dataset", "fashion-mnist", "--results-dir", str(tmp_path / "typo"), "--docs-dir", str(docs), "--force"])
@@ -207,9 +243,9 @@ def test_report_never_replaces_a_table_with_one_from_fewer_cells(tmp_path):
     with pytest.raises(SystemExit, match="not a readable cell") as info:
         report.main(["--dataset", "fashion-mnist", "--results-dir", str(full), "--docs-dir", str(docs)])
     assert str(damaged) in str(info.value)
-    assert (docs / "fidelity.md").read_text() == published and raw.read_text() == raw_before
+    assert (docs / "fidelity-history.md").read_text() == published and raw.read_text() == raw_before
     report.main(["--dataset", "fashion-mnist", "--results-dir", str(empty), "--docs-dir", str(docs), "--force"])
-    assert "from 0 cell(s)" in (docs / "fidelity.md").read_text()
+    assert "from 0 cell(s)" in (docs / "fidelity-history.md").read_text()
 
 
 def test_published_cells_restore_into_a_fresh_results_dir_and_reproduce_the_table(tmp_path):
@@ -219,12 +255,12 @@ def test_published_cells_restore_into_a_fresh_results_dir_and_reproduce_the_tabl
              for m in ("dg2pf", "gmp-cubic") for s in range(2)]
     _write_cells(results, cells)
     report.main(["--dataset", "fashion-mnist", "--results-dir", str(results), "--docs-dir", str(docs)])
-    published = (docs / "fidelity.md").read_text()
+    published = (docs / "fidelity-history.md").read_text()
     report.main(["--dataset", "fashion-mnist", "--results-dir", str(fresh), "--docs-dir", str(docs), "--restore"])
     assert sorted(p.relative_to(fresh) for p in fresh.rglob("*.json")) == sorted(p.relative_to(results) for p in results.rglob("*.json"))
     report.main(["--dataset", "fashion-mnist", "--results-dir", str(fresh), "--docs-dir", str(docs)])
     strip = lambda text: [line for line in text.splitlines() if not line.startswith("Generated ")]  # noqa: E731
-    assert strip((docs / "fidelity.md").read_text()) == strip(published)
+    assert strip((docs / "fidelity-history.md").read_text()) == strip(published)
     # a cell already in the results dir is kept, not replaced by the published one
     kept = next(fresh.rglob("*.json"))
     kept.write_text(kept.read_text() + " ")
@@ -249,12 +285,12 @@ def test_report_into_a_fresh_docs_dir_and_refusing_one_without_markers(tmp_path)
     results, fresh, unmarked = tmp_path / "r", tmp_path / "fresh", tmp_path / "unmarked"
     _write_cells(results, [{**_cell("dg2pf", 0, 90.0, sparsity=0.95), "dataset": "fashion-mnist"}])
     report.main(["--dataset", "fashion-mnist", "--results-dir", str(results), "--docs-dir", str(fresh)])
-    assert "from 1 cell(s)" in (fresh / "fidelity.md").read_text()
+    assert "from 1 cell(s)" in (fresh / "fidelity-history.md").read_text()
     unmarked.mkdir()
-    (unmarked / "fidelity.md").write_text("no markers here\n")
+    (unmarked / "fidelity-history.md").write_text("no markers here\n")
     with pytest.raises(SystemExit, match="lacks the markers"):
         report.main(["--dataset", "fashion-mnist", "--results-dir", str(results), "--docs-dir", str(unmarked)])
-    assert sorted(p.name for p in unmarked.iterdir()) == ["fidelity.md"]
+    assert sorted(p.name for p in unmarked.iterdir()) == ["fidelity-history.md"]
 
 
 def test_paired_comparison_is_per_seed_against_the_best_peer(tmp_path):

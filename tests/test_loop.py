@@ -225,7 +225,7 @@ def test_the_density_floor_caps_each_ranking_relative_to_its_own_target(tiny_loa
     floor = 0.95
     cfg = DG2PFConfig(**{**CFG, "layer_density_floor": floor, "max_epochs": 5})
     assert cfg.layer_cap(0.8) == pytest.approx(0.81) and cfg.layer_cap(0.4) == pytest.approx(0.43)
-    assert DG2PFConfig(**{**CFG, "layer_density_floor": 0.2}).layer_cap(0.98) == 0.99  # max_layer_sparsity still holds
+    assert DG2PFConfig(**{**CFG, "layer_density_floor": 0.2, "max_layer_sparsity": 0.99}).layer_cap(0.98) == 0.99  # the cap still holds
     w = Watch()
     model = _model()
     w.model = model
@@ -238,3 +238,78 @@ def test_the_density_floor_caps_each_ranking_relative_to_its_own_target(tiny_loa
     assert float(result.masks["fc1.weight"].float().mean()) <= 0.81 + 1e-6
     params = select_prunable(result.model).params
     assert sum(int(m.sum()) for m in result.masks.values()) == round(0.8 * sum(p.numel() for p in params.values()))
+
+
+def test_reranking_every_k_steps_changes_the_mask_only_at_those_steps_and_counts_each_ranking(tiny_loaders, monkeypatch):
+    """rerank_every_steps=k: inside a pruning epoch the mask is ranked again before steps k, 2k, ...
+    at the epoch's target and nowhere else; the epoch's record lists what each ranking recovered
+    (the first against the previous epoch's last mask) and sums it."""
+    import dg2pf_core.loop as loop
+    from dg2pf_core.masks import masks_checksum
+
+    seen: list[tuple[int, dict]] = []  # (step within the epoch, the mask the step trained with)
+    real = loop.simulated_step
+    steps = {"n": 0}
+
+    def spy(compute, optimizer, params, masks, **kw):
+        seen.append((steps["n"], {k: v.clone() for k, v in masks.items()}))
+        steps["n"] += 1
+        return real(compute, optimizer, params, masks, **kw)
+
+    class Epochs(Watch):
+        def start_epoch(self, phase, epoch, sparsity, batches):
+            steps["n"] = 0
+            seen.append((-1, {}))  # an epoch boundary
+
+    monkeypatch.setattr(loop, "simulated_step", spy)
+    w = Epochs()
+    cfg = DG2PFConfig(**{**CFG, "recovery": "feedback", "rerank_every_steps": 2, "max_epochs": 4})
+    run_dg2pf(_model(), tiny_loaders, cfg, reporter=w, progress=w)
+    epochs, current = [], None
+    for step, masks in seen:
+        if step == -1:
+            current = []
+            epochs.append(current)
+        else:
+            current.append(masks)
+    epochs = [e for e in epochs if e]  # the distillation epoch takes no simulated step
+    pruning = [r for r in w.records if r.phase == "gradual_pruning"]
+    assert len(epochs) == len(pruning) == 3 and all(len(e) == 6 for e in epochs)  # 96 images / 16
+    previous = {}
+    for record, masks in zip(pruning, epochs):
+        for step in range(1, 6):
+            if step % 2:  # no ranking before odd steps: the very same mask
+                assert masks_checksum(masks[step]) == masks_checksum(masks[step - 1])
+                assert all(torch.equal(masks[step][k], masks[step - 1][k]) for k in masks[step])
+        rankings = [masks[0], masks[2], masks[4]]
+        expected = [recovered(previous, rankings[0])] + [recovered(a, b) for a, b in zip(rankings, rankings[1:])]
+        assert record.rankings == 3 and record.recovered_per_ranking == expected and record.recovered == sum(expected)
+        total = sum(p.numel() for p in select_prunable(_model()).params.values())
+        assert all(sum(int(m.sum()) for m in r.values()) == round(record.sparsity * total) for r in rankings)  # the epoch's target
+        previous = masks[5]
+    assert sum(r.recovered for r in pruning) > 0  # feedback lets pruned weights grow back between rankings
+    assert w.records[-1].rankings is None  # only pruning epochs rank
+    with pytest.raises(ConfigError, match="rerank_every_steps"):
+        DG2PFConfig(**{**CFG, "rerank_every_steps": 2, "gradual_masks": "hard"})
+
+
+def test_the_paper_preset_is_the_listed_configuration_and_a_job_value_wins():
+    """preset 'paper': the paper's algorithm with the authors' hyperparameters; the fields a preset lists
+    take its values unless given; the default preset is DG2PFConfig's documented table."""
+    from dg2pf_core.config import PRESET_FIELDS, PRESETS
+
+    paper = DG2PFConfig(sparsity=0.9, preset="paper")
+    assert {k: getattr(paper, k) for k in PRESET_FIELDS} == PRESETS["paper"]
+    assert (paper.schedule, paper.lr, paper.weight_decay, paper.kd_loss, paper.kd_temperature, paper.kd_alpha,
+            paper.recovery, paper.rerank_every_steps, paper.max_layer_sparsity, paper.layer_density_floor, paper.grad_clip) == (
+        "linear", 1e-5, 0.0, "authors", 4.0, 0.75, "feedback", 0, 1.0, 0.0, 0.5)
+    assert (paper.min_weights_per_tensor, paper.min_weights_per_class) == (1, 1)  # only the emptying guard
+    assert paper.preset_departures() == {}
+    mine = DG2PFConfig(sparsity=0.9, preset="paper", lr=3e-4)
+    assert mine.lr == 3e-4 and mine.kd_loss == "authors" and mine.preset_departures() == {"lr": 3e-4}
+    default = DG2PFConfig(sparsity=0.9)
+    assert default.preset == "default" and {k: getattr(default, k) for k in PRESET_FIELDS} == PRESETS["default"]
+    assert DG2PFConfig.from_dict(paper.to_dict()) == paper  # a stored config reads back the same
+    with pytest.raises(ConfigError, match="preset") as info:
+        DG2PFConfig(sparsity=0.9, preset="fast")
+    assert info.value.field == "preset"

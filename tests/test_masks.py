@@ -5,7 +5,9 @@ import torchvision
 from dg2pf_core import DG2PFConfig
 from dg2pf_core.errors import ConfigError
 from dg2pf_core.masks import (
+    EmptyingGuard,
     Selection,
+    classifier_weight,
     count_pruned,
     layer_caps,
     layer_sparsity,
@@ -161,21 +163,70 @@ def test_a_cap_below_the_target_is_refused_with_the_fix():
     assert info.value.field == "max_layer_sparsity"
 
 
-def test_shufflenet_at_95_percent_is_exactly_95_with_no_layer_above_the_default_cap():
+def test_shufflenet_at_95_percent_under_the_old_density_floor_is_exact_with_no_layer_above_its_cap():
     torch.manual_seed(0)
     model = torchvision.models.shufflenet_v2_x0_5(num_classes=10)
     params = select_prunable(model).params
     n = sum(p.numel() for p in params.values())
-    cap = DG2PFConfig(sparsity=0.95).layer_cap(0.95)
-    assert cap == pytest.approx(0.97)  # the default: max_layer_sparsity 0.99, density floor 0.6
+    cap = DG2PFConfig(sparsity=0.95, preset="paper", max_layer_sparsity=0.99, layer_density_floor=0.6).layer_cap(0.95)
+    assert cap == pytest.approx(0.97)
     plain = layer_sparsity(magnitude_masks(params, 0.95))
-    assert sum(s == 1.0 for s in plain.values()) >= 5, "the case the cap exists for: plain ranking empties layers"
+    assert sum(s == 1.0 for s in plain.values()) >= 5, "the case a guard exists for: plain ranking empties layers"
     masks = magnitude_masks(params, 0.95, max_layer_sparsity=cap)
     assert count_pruned(masks) == round(0.95 * n)
     assert max(layer_sparsity(masks).values()) <= cap
     assert layers_above(masks, cap) == {}
     warnings = layer_warnings(magnitude_masks(params, 0.95), 0.98)
     assert len(warnings) == 1 and "entirely pruned" in warnings[0] and "max_layer_sparsity" in warnings[0]
+
+
+@pytest.mark.parametrize("arch", ["shufflenet_v2_x0_5", "mobilenet_v2"])
+def test_the_emptying_guard_keeps_every_tensor_and_every_class_at_99_9_percent_with_the_target_exact(arch):
+    """At 99.9% a plain global ranking empties many tensors and classifier rows; the default guard
+    keeps the largest weight of each tensor and of each class's row, and nothing else changes: the
+    count is exact and everything the guard does not keep is ranked as before."""
+    torch.manual_seed(0)
+    model = getattr(torchvision.models, arch)(num_classes=10)
+    params = select_prunable(model).params
+    n = sum(p.numel() for p in params.values())
+    classifier = classifier_weight(model)
+    assert classifier in params and params[classifier].shape[0] == 10
+    plain = magnitude_masks(params, 0.999)
+    assert sum(bool(m.all()) for m in plain.values()) >= 5
+    assert bool(plain[classifier].all(dim=1).any()), "a plain ranking cuts off some class"
+    cfg = DG2PFConfig(sparsity=0.999, max_layer_sparsity=1.0, layer_density_floor=0.0)
+    guard = EmptyingGuard(cfg.min_weights_per_tensor, cfg.min_weights_per_class, classifier)
+    kept = guard.kept(params)
+    masks = magnitude_masks(params, 0.999, keep=kept)
+    assert count_pruned(masks) == round(0.999 * n)
+    assert not any(bool(m.all()) for m in masks.values())
+    assert not bool(masks[classifier].all(dim=1).any())
+    for name, w in params.items():  # the kept weight of a tensor is its largest
+        assert not masks[name].view(-1)[w.detach().abs().argmax()]
+    # outside the kept weights, the pruned set is the smallest magnitudes
+    kept_flat = torch.cat([kept.get(k, torch.zeros_like(m)).flatten() for k, m in masks.items()])
+    mags = torch.cat([p.detach().abs().flatten() for p in params.values()])
+    pruned = torch.cat([m.flatten() for m in masks.values()])
+    assert mags[pruned].max() <= mags[~pruned & ~kept_flat].min()
+
+
+def test_the_guard_counts_are_minimums_and_a_target_beyond_them_is_refused():
+    w = {"a": torch.arange(1.0, 11.0), "fc": torch.arange(1.0, 13.0).view(3, 4)}
+    guard = EmptyingGuard(per_tensor=2, per_class=1, classifier="fc")
+    kept = guard.kept(w)
+    assert kept["a"].tolist() == [False] * 8 + [True] * 2  # the two largest
+    # the largest of each row, and the tensor's two largest (both in the last row)
+    assert kept["fc"].tolist() == [[False, False, False, True], [False, False, False, True], [False, False, True, True]]
+    masks = magnitude_masks(w, 16 / 22, keep=kept)  # 16 of 22: exactly the 6 kept survive
+    assert count_pruned(masks) == 16 and not (masks["a"] & kept["a"]).any() and not (masks["fc"] & kept["fc"]).any()
+    with pytest.raises(ConfigError, match="emptying guard") as info:
+        magnitude_masks(w, 17 / 22, keep=kept)  # 17 > 22 - 6
+    assert info.value.field == "sparsity"
+    assert not EmptyingGuard(0, 0, "fc").active and EmptyingGuard(0, 1, "fc").active and not EmptyingGuard(0, 1, None).active
+    # layerwise: a tensor keeps its guarded weights too; capped rankings too
+    assert int(magnitude_masks(w, 0.95, scope="layerwise", keep=kept)["a"].sum()) == 8
+    capped = magnitude_masks(w, 0.5, max_layer_sparsity=0.9, keep=kept)
+    assert count_pruned(capped) == 11 and not (capped["fc"] & kept["fc"]).any()
 
 
 def test_rounding_up_to_meet_the_target_never_empties_a_small_tensor():

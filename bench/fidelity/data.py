@@ -71,13 +71,16 @@ class DataSettings:
         return f"{self.dataset}:{FASHION_MNIST_DIR}"
 
 
-def settings_for_dataset(dataset: str, train_subset: int | None = None) -> DataSettings:
-    """The settings of each source: digits as before; fashion-mnist at its native 28 px, 5% of the
-    training set held out for validation, pruning cells on 8,000 training images unless told."""
+def settings_for_dataset(dataset: str, train_subset: int | None = None, image_size: int | None = None) -> DataSettings:
+    """The settings of each source: digits as before; fashion-mnist at its native 28 px (or
+    ``image_size``: upsampled by the product's transform, as a job with ``--image-size`` has it), 5% of
+    the training set held out for validation, pruning cells on 8,000 training images unless told."""
     if dataset == "digits":
+        if image_size is not None:
+            raise ValueError("digits runs at its fixed 32 px")
         return DataSettings()
     if dataset == "fashion-mnist":
-        return DataSettings(image_size=28, augment_pad=0, dataset=dataset, job_val_fraction=0.05,
+        return DataSettings(image_size=image_size or 28, augment_pad=0, dataset=dataset, job_val_fraction=0.05,
                             train_subset=8_000 if train_subset is None else train_subset)
     raise ValueError(f"unknown dataset {dataset!r}; choose from {DATASETS}")
 

@@ -22,53 +22,54 @@ from dg2pf_core import job as product
 from .data import DataSettings, loaders, train_subset
 from .methods import Budget, Cell, MethodUnavailable, Outcome, register_method
 
-# One-shot pruning + fine-tuning and gradual magnitude pruning as their authors define them: hard
-# masks, no teacher, one global ranking with no per-layer cap.
-_PLAIN = {"gradual_masks": "hard", "kd_alpha": 0.0, "max_layer_sparsity": 1.0, "layer_density_floor": 0.0}
 
-_DEFAULTS = DG2PFConfig(sparsity=0.9)  # the sparsity is per cell; the rest are the defaults
+# Every field the ablations below vary, fixed at its value in the ablations' common base, so an
+# ablation's meaning does not move when the product's defaults do ("abl-base": linear schedule,
+# frozen simulated pruning ranked once per epoch, the emptying guard only, AdamW lr 1e-3 with weight
+# decay 1e-4, the standard distillation loss at T=4, alpha=0.75).
+BASE: dict = {"preset": "default", "schedule": "linear", "recovery": "frozen", "rerank_every_steps": 0,
+              "max_layer_sparsity": 1.0, "layer_density_floor": 0.0, "min_weights_per_tensor": 1, "min_weights_per_class": 1,
+              "lr": 1e-3, "weight_decay": 1e-4, "kd_loss": "standard", "kd_temperature": 4.0, "kd_alpha": 0.75,
+              "grad_clip": 0.5, "gradual_masks": "simulated", "bn_recalibration_batches": 32}
 
 VARIANTS: dict[str, tuple[dict, str]] = {
-    "dg2pf": ({}, f"DG2PFConfig defaults: {_DEFAULTS.schedule} schedule, {_DEFAULTS.gradual_masks} masks, "
-                  f"{_DEFAULTS.recovery} recovery, KD, layer cap min({_DEFAULTS.max_layer_sparsity}, "
-                  f"1 - {_DEFAULTS.layer_density_floor} x (1 - target)), {_DEFAULTS.finetune} fine-tune"),
-    "dg2pf-no-kd": ({"kd_alpha": 0.0}, "dg2pf with kd_alpha=0: cross-entropy only, no teacher"),
-    "dg2pf-hard-masks": ({"gradual_masks": "hard"}, "dg2pf with gradual_masks='hard': pruned weights zeroed for good at each step"),
-    "dg2pf-feedback": ({"recovery": "feedback"}, "dg2pf with recovery='feedback': masked weights receive the gradient (dense update)"),
-    "dg2pf-cubic": ({"schedule": "cubic"}, "dg2pf with the cubic (Zhu & Gupta) sparsity schedule instead of linear"),
-    "dg2pf-overparam": ({"finetune": "overparam"}, "dg2pf with finetune='overparam': linear over-parameterization + SP distillation"),
-    "dg2pf-no-cap": ({"max_layer_sparsity": 1.0, "layer_density_floor": 0.0}, "dg2pf with no per-layer cap: plain global ranking, as the paper has it"),
-    "oneshot-ft": (
-        {"pruning_epochs": 1, **_PLAIN},
-        "DG2PFConfig(pruning_epochs=1, gradual_masks='hard', kd_alpha=0, max_layer_sparsity=1.0): one global "
-        "magnitude cut to the target, then the rest of the budget fine-tuning (AdamW, then SGD)",
-    ),
-    "gmp-cubic": (
-        {"schedule": "cubic", **_PLAIN},
-        "DG2PFConfig(schedule='cubic', gradual_masks='hard', kd_alpha=0, max_layer_sparsity=1.0): Zhu & Gupta "
-        "gradual magnitude pruning, one step per epoch, then fine-tuning",
-    ),
+    "dg2pf": ({}, "DG2PF as the product runs it: DG2PFConfig's defaults (preset 'default')"),
+    "dg2pf-paper": ({"preset": "paper"}, "DG2PF with preset 'paper': the paper's algorithm as written, the authors' hyperparameters"),
 }
 
 
-# Investigations of the defaults on the hard settings (docs/fidelity.md, "Findings"): not in the default
-# grid, run with --methods.
+def _ablation(changes: dict) -> dict:
+    return {**BASE, **changes}
+
+
+# The ablations of the decision grid (docs/fidelity.md): one change at a time from BASE. Not in the
+# default grid; run with --methods.
 INVESTIGATIONS: dict[str, tuple[dict, str]] = {
-    "dg2pf-bn-recal": ({"bn_recalibration_batches": 8}, "dg2pf with BatchNorm statistics re-estimated on 8 batches before each validation"),
-    "dg2pf-no-bn-recal": ({"bn_recalibration_batches": 0}, "dg2pf validated with BatchNorm's running averages as training left them (the default before 2026-12-01)"),
-    "dg2pf-cap0.99": ({"max_layer_sparsity": 0.99, "layer_density_floor": 0.0}, "dg2pf with max_layer_sparsity=0.99 and no density floor"),
-    "dg2pf-cap0.98": ({"max_layer_sparsity": 0.98, "layer_density_floor": 0.0}, "dg2pf with max_layer_sparsity=0.98"),
-    "dg2pf-cap0.97": ({"max_layer_sparsity": 0.97, "layer_density_floor": 0.0}, "dg2pf with max_layer_sparsity=0.97"),
-    "dg2pf-cap0.96": ({"max_layer_sparsity": 0.96, "layer_density_floor": 0.0}, "dg2pf with max_layer_sparsity=0.96"),
-    "dg2pf-floor0.4": ({"max_layer_sparsity": 0.99, "layer_density_floor": 0.4}, "dg2pf with layer_density_floor=0.4 (cap 0.98 at 95%, 0.96 at 90%, 0.88 at 70%)"),
-    # Fashion-MNIST component search (docs/fidelity.md, runs 1-3): which part of dg2pf falls short?
-    "dg2pf-cubic-no-cap": ({"schedule": "cubic", "max_layer_sparsity": 1.0, "layer_density_floor": 0.0},
-                           "dg2pf-cubic without the per-layer cap (plain global ranking)"),
-    "dg2pf-cubic-no-kd": ({"schedule": "cubic", "kd_alpha": 0.0}, "dg2pf-cubic with kd_alpha=0: cross-entropy only, no teacher"),
-    "dg2pf-p10": ({"pruning_epochs": 10}, "dg2pf with 10 pruning epochs (the linear schedule's last step smaller) in the same epoch budget"),
-    "dg2pf-frozen-bn": ({"bn_after_pruning": "frozen"}, "dg2pf with bn_after_pruning='frozen': BatchNorm trains in eval mode (re-estimated statistics) after the last ranking"),
-    "dg2pf-t2": ({"kd_temperature": 2.0}, "dg2pf with kd_temperature=2 (sharper soft targets: less weight on the teacher's small logits)"),
-    "dg2pf-alpha0.5": ({"kd_alpha": 0.5}, "dg2pf with kd_alpha=0.5 (distillation and cross-entropy weighted equally)"),
+    "abl-base": (_ablation({}), "the ablations' base: linear, frozen simulated pruning ranked once per epoch, emptying guard only, "
+                                "AdamW 1e-3 / wd 1e-4, standard KD"),
+    "abl-floor0.6": (_ablation({"max_layer_sparsity": 0.99, "layer_density_floor": 0.6}),
+                     "abl-base with the former layer collapse guard (cap min(0.99, 1 - 0.6 (1 - target)))"),
+    "abl-no-guard": (_ablation({"min_weights_per_tensor": 0, "min_weights_per_class": 0}), "abl-base without the emptying guard"),
+    "abl-lr1e-5": (_ablation({"lr": 1e-5}), "abl-base with AdamW lr 1e-5"),
+    "abl-lr1e-4": (_ablation({"lr": 1e-4}), "abl-base with AdamW lr 1e-4"),
+    "abl-lr3e-4": (_ablation({"lr": 3e-4}), "abl-base with AdamW lr 3e-4"),
+    "abl-lr1e-5-wd0": (_ablation({"lr": 1e-5, "weight_decay": 0.0}), "abl-base with the authors' AdamW: lr 1e-5, no weight decay"),
+    "abl-kd-authors": (_ablation({"kd_loss": "authors"}), "abl-base with the authors' loss (alpha KL + (1 - alpha) CE) T^2"),
+    "abl-no-kd": (_ablation({"kd_alpha": 0.0}), "abl-base without distillation (cross-entropy only)"),
+    "abl-cubic": (_ablation({"schedule": "cubic"}), "abl-base with the cubic schedule"),
+    "abl-hard": (_ablation({"gradual_masks": "hard"}), "abl-base with hard gradual masks (no simulated pruning)"),
+    "abl-feedback": (_ablation({"recovery": "feedback"}), "abl-base with feedback recovery (masked weights take the gradient)"),
+    "abl-feedback-r32": (_ablation({"recovery": "feedback", "rerank_every_steps": 32}),
+                         "abl-base with feedback recovery, ranked again every 32 steps"),
+    "abl-frozen-r32": (_ablation({"rerank_every_steps": 32}), "abl-base ranked again every 32 steps (frozen recovery)"),
+    "abl-floor0.2": (_ablation({"max_layer_sparsity": 1.0, "layer_density_floor": 0.2}),
+                     "abl-base with a weaker density floor (cap 1 - 0.2 (1 - target): 0.996 at 98%, 0.99 at 95%)"),
+    # Run 3-4's collapsing configurations (docs/fidelity-history.md), for the BatchNorm diagnosis: no guard at all.
+    "old-gmp-cubic": (_ablation({"schedule": "cubic", "gradual_masks": "hard", "kd_alpha": 0.0,
+                                 "min_weights_per_tensor": 0, "min_weights_per_class": 0}),
+                      "runs 3-4's gmp-cubic on the DG2PF loop: cubic, hard masks, no distillation, no guard"),
+    "old-dg2pf-cubic-no-cap": (_ablation({"schedule": "cubic", "min_weights_per_tensor": 0, "min_weights_per_class": 0}),
+                               "runs 3-4's dg2pf-cubic-no-cap: cubic schedule, frozen simulated pruning, KD, no guard"),
 }
 
 

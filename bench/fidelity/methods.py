@@ -112,4 +112,4 @@ def get_method(name: str) -> Method:
 
 def _load_all() -> None:
     # Imported for their registrations; here rather than at the top to avoid an import cycle.
-    from . import dg2pf_family, torch_prune, inc, channel  # noqa: F401  (registry order = report order)
+    from . import dg2pf_family, gmp, torch_prune, inc, channel  # noqa: F401  (registry order = report order)

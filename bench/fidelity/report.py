@@ -1,9 +1,12 @@
-"""Aggregate the cell JSONs into docs/fidelity-results.json, the table in docs/fidelity.md and docs/fidelity.png.
+"""Earlier runs' tables (docs/fidelity-history.md): cell JSONs -> raw results, a table per dataset, a plot.
+
+The current page (docs/fidelity.md) is ``bench.fidelity.page``'s; this module keeps the digits, channel and
+Fashion-MNIST run 1-4 tables of docs/fidelity-history.md re-generable from their published cells.
 
     .venv/bin/python -m bench.fidelity.report [--dataset digits|fashion-mnist] [--results-dir DIR] [--docs-dir DIR] [--channel]
     .venv/bin/python -m bench.fidelity.report --dataset fashion-mnist --restore   # published cells -> results dir
 
-Each dataset has its own table in docs/fidelity.md (its own markers), its own plot
+Each dataset has its own table in docs/fidelity-history.md (its own markers), its own plot
 (fidelity.png, fidelity-<dataset>.png) and raw results (fidelity-results.json,
 fidelity-<dataset>-results.json). Under the table: DG2PF against the best peer, paired by seed.
 
@@ -11,7 +14,7 @@ The table covers the full grid (every registered method, model and sparsity) so 
 ran shows as "not run" rather than silently missing (a model or a sparsity with no cell at all in one
 line); cells outside the default grid are added.
 With ``--channel`` it aggregates the channel cells (``m<ratio>-seed<k>.json``, methods of kind
-``macs``) into their own table of docs/fidelity.md instead, between its own markers, and touches
+``macs``) into their own table of docs/fidelity-history.md instead, between its own markers, and touches
 nothing else.
 """
 
@@ -26,6 +29,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
+HISTORY = "fidelity-history.md"  # earlier runs; docs/fidelity.md is bench.fidelity.page's
 START, END = "<!-- fidelity-table:start -->", "<!-- fidelity-table:end -->"
 CHANNEL_START, CHANNEL_END = "<!-- fidelity-channel-table:start -->", "<!-- fidelity-channel-table:end -->"
 # The methods that are not DG2PF or one of its ablations: what DG2PF is compared with, seed by seed.
@@ -409,7 +413,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--dataset", choices=("digits", "fashion-mnist"), default="digits")
     p.add_argument("--results-dir", type=Path, default=None, help="default: results/ (digits), results-<dataset>/")
     p.add_argument("--docs-dir", type=Path, default=REPO / "docs")
-    p.add_argument("--channel", action="store_true", help="the channel cells' table only (docs/fidelity.md, its own markers)")
+    p.add_argument("--channel", action="store_true", help="the channel cells' table only (docs/fidelity-history.md, its own markers)")
     p.add_argument("--force", action="store_true", help="replace a table made from more cells than the results directory holds")
     p.add_argument("--restore", action="store_true",
                    help="write the published cells (docs/fidelity[-DATASET]-results.json) back into the results "
@@ -428,7 +432,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     if not args.results_dir.is_dir():  # a typo must not read as an empty run, --force or not
         raise SystemExit(f"results directory {args.results_dir} does not exist")
-    md = args.docs_dir / "fidelity.md"
+    md = args.docs_dir / HISTORY
     if args.channel:
         if args.dataset != "digits":
             raise SystemExit("the channel table covers the digits grid only; run --channel without --dataset")
@@ -449,7 +453,7 @@ def main(argv: list[str] | None = None) -> None:
     raw_path.write_text(json.dumps(raw, indent=1, default=str) + "\n")
     write_table(md, table(cells, args.dataset), start, end)
     plot(cells, png, args.dataset)
-    print(f"[report] {len(cells)} cell(s) -> {args.docs_dir}/fidelity.md ({args.dataset} table), {png.name}, {raw_path.name}")
+    print(f"[report] {len(cells)} cell(s) -> {md} ({args.dataset} table), {png.name}, {raw_path.name}")
 
 
 if __name__ == "__main__":

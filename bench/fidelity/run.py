@@ -7,11 +7,12 @@
 With ``--dataset fashion-mnist`` the cells run on Fashion-MNIST through the product's own data path and
 (for DG2PF and its ablations) its job path (see data.py and dg2pf_family.py): sparsities 0.90 0.95 0.98
 by default, pruning cells on ``--train-subset`` training images (8,000 unless told), results under
-``results-fashion-mnist/``, the report into docs/fidelity.md's Fashion-MNIST table.
+``results-fashion-mnist/`` (``--results-dir`` per setting: ``--image-size``, ``--pretrain-seed``); the page
+(docs/fidelity.md) is then made from the results directories by ``python -m bench.fidelity.page``.
 
 With ``--macs-ratios`` it runs the channel grid instead: models x MACs ratios x the channel methods
 (kind ``macs``: ``dg2pf-channel``, ``tp-magnitude``) x seeds, cells in ``<model>/<method>/m<ratio>-seed<k>.json``,
-and writes only the channel table of docs/fidelity.md (the sparsity table is left as it is).
+and writes only the channel table of docs/fidelity-history.md (the sparsity table is left as it is).
 
 (``bash bench/fidelity/run.sh`` sets up both environments first, then runs this.) A finished cell
 is never run again, so an interrupted run resumes where it stopped; a failed cell is retried.
@@ -32,6 +33,7 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict
 from pathlib import Path
 
+import safetensors.torch
 import torch
 
 from dg2pf_core.errors import DG2PFError
@@ -111,7 +113,8 @@ def check_dense(results: Path, dense: Dense) -> None:
             )
 
 
-def run_cell(cell: Cell) -> dict:
+def run_cell(cell: Cell, keep_model: Path | None = None) -> dict:
+    """Run and measure one cell; ``keep_model``: also write the pruned model there (safetensors)."""
     record = {
         "method": cell.method, "model": cell.model, "sparsity_target": cell.sparsity, "seed": cell.seed,
         **({"macs_ratio_target": cell.macs_ratio} if cell.macs_ratio is not None else {}),
@@ -127,6 +130,9 @@ def run_cell(cell: Cell) -> dict:
         # the machine. Out-of-process methods (INC) report their child's instead.
         cpu = outcome.cpu_seconds if outcome.cpu_seconds is not None else time.process_time() - c0
         measured = outcome.measured if outcome.measured is not None else measure(outcome.model, cell.split)
+        if keep_model is not None and outcome.model is not None:
+            keep_model.parent.mkdir(parents=True, exist_ok=True)
+            safetensors.torch.save_file({k: v.contiguous() for k, v in outcome.model.state_dict().items()}, str(keep_model))
         record.update(measured.summary())
         if cell.macs_ratio is not None:
             record.update(size_ratios(cell, outcome.model))
@@ -158,9 +164,10 @@ def write_json(path: Path, payload: dict) -> None:
 _WORKER: dict = {}
 
 
-def _start_worker(threads: int, budget: Budget, dense: dict, data: DataSettings, npz: Path | None) -> None:
+def _start_worker(threads: int, budget: Budget, dense: dict, data: DataSettings, npz: Path | None,
+                  keep_models: bool = False) -> None:
     torch.set_num_threads(threads)
-    _WORKER.update(threads=threads, budget=budget, dense=dense, data=data, npz=npz, splits={})
+    _WORKER.update(threads=threads, budget=budget, dense=dense, data=data, npz=npz, splits={}, keep_models=keep_models)
     if multiprocessing.parent_process() is not None:  # a pool worker: end with the run that started it
         threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True).start()
 
@@ -189,7 +196,7 @@ def _run_task(task: tuple) -> dict:
     sp, ratio = (target, None) if kind == "sparsity" else (0.0, target)
     log(f"[fidelity] cell {i}/{n}: {model} {method} {_target_text(kind, target)} seed={seed}")
     cell = Cell(model, method, sp, seed, w["budget"], w["dense"][model], _split(seed), w["data"], w["npz"], w["threads"], ratio)
-    record = run_cell(cell)
+    record = run_cell(cell, path.with_suffix(".safetensors") if w["keep_models"] else None)
     write_json(path, record)
     return record
 
@@ -231,6 +238,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "(default 8000; 0 = all); pre-training always uses the whole training split")
     p.add_argument("--pretrain-epochs", type=int, default=None,
                    help="override the dense models' pre-training epochs (a quick trial; part of the cache key)")
+    p.add_argument("--pretrain-seed", type=int, default=None,
+                   help="the dense models' pre-training seed (default 0; part of the cache key): another seed gives an "
+                        "independently pre-trained dense network, whose cells go to their own --results-dir")
+    p.add_argument("--image-size", type=int, default=None,
+                   help="fashion-mnist: the input size (default 28, the native one; 56 upsamples as a job's --image-size does)")
     p.add_argument("--min-dense-top1", type=float, default=None,
                    help="override the dense models' test top-1 bar (a quick trial)")
     p.add_argument("--seeds", nargs="+", type=int, default=list(SEEDS))
@@ -244,6 +256,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--cache-dir", type=Path, default=HERE / "cache", help="pretrained dense models and the split .npz")
     p.add_argument("--docs-dir", type=Path, default=REPO / "docs", help="where the report writes fidelity.{md,png} and fidelity-results.json")
     p.add_argument("--only-report", action="store_true", help="aggregate existing cells; run nothing")
+    p.add_argument("--keep-models", action="store_true",
+                   help="write each cell's pruned model beside its JSON (<cell>.safetensors, not committed): for bn_probe --model")
     p.add_argument("--pretrain-only", action="store_true",
                    help="train (or find cached) the dense models of --models and stop: pre-training may then use "
                         "--threads 2 in one process, the cells --jobs 2 --threads 1")
@@ -269,6 +283,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.dataset != "digits" and set(args.models) & set(EXTRA_MODELS):
         p.error(f"{args.dataset} runs through the product's job path, which builds torchvision models: "
                 f"{' '.join(EXTRA_MODELS)} is digits-only")
+    if args.image_size is not None and (args.dataset == "digits" or not 8 <= args.image_size <= 512):
+        p.error("--image-size is for the job-path datasets (fashion-mnist), in [8, 512]")
     if args.train_subset is not None and (args.dataset == "digits" or args.train_subset < 0):
         p.error("--train-subset is for the job-path datasets (fashion-mnist), and must be >= 0")
     if args.jobs < 1 or args.threads < 1:
@@ -287,7 +303,7 @@ def main(argv: list[str] | None = None) -> None:
     budget.check()
     if not args.only_report:
         torch.set_num_threads(args.threads)
-        data = settings_for_dataset(args.dataset, args.train_subset)
+        data = settings_for_dataset(args.dataset, args.train_subset, args.image_size)
         if data.job_path:
             # Pre-training: the whole training split (seed 0's hold-out); cells: their seed's subset.
             try:
@@ -311,7 +327,8 @@ def main(argv: list[str] | None = None) -> None:
             if args.pretrain_only or any(t[0] == m for t in todo):
                 try:
                     settings = settings_for(m, dataset=args.dataset)
-                    trial = {k: v for k, v in (("epochs", args.pretrain_epochs), ("min_test_top1", args.min_dense_top1)) if v is not None}
+                    trial = {k: v for k, v in (("epochs", args.pretrain_epochs), ("min_test_top1", args.min_dense_top1),
+                                               ("seed", args.pretrain_seed)) if v is not None}
                     settings = dataclasses.replace(settings, **trial)
                     dense[m] = dense_model(m, split, pretrain_data, args.cache_dir, settings, log=log)
                 except PretrainError as exc:
@@ -324,7 +341,7 @@ def main(argv: list[str] | None = None) -> None:
         todo = [t for t in todo if t[0] in dense]
         for m in {t[0] for t in todo}:
             check_dense(args.results_dir, dense[m])
-        setup = (args.threads, budget, dense, data, npz)
+        setup = (args.threads, budget, dense, data, npz, args.keep_models)
         tasks = [(i, len(todo), *t, path_of(args.results_dir, t[0], t[2], t[1], t[3]), args.kind) for i, t in enumerate(todo, 1)]
         if args.jobs == 1:
             _start_worker(*setup)
@@ -336,8 +353,12 @@ def main(argv: list[str] | None = None) -> None:
                                      initializer=_start_worker, initargs=setup) as pool:
                 for future in as_completed([pool.submit(_run_task, t) for t in tasks]):
                     _log_record(future.result())
-    report.main(["--results-dir", str(args.results_dir), "--docs-dir", str(args.docs_dir), "--dataset", args.dataset]
-                + (["--channel"] if args.kind == "macs" else []))
+    if args.dataset == "digits":  # the digits and channel tables of docs/fidelity-history.md
+        report.main(["--results-dir", str(args.results_dir), "--docs-dir", str(args.docs_dir), "--dataset", args.dataset]
+                    + (["--channel"] if args.kind == "macs" else []))
+    else:  # the current page is made from every setting's results directory at once
+        log(f"[fidelity] cells in {args.results_dir}; docs/fidelity.md: python -m bench.fidelity.page --results-dir "
+            f"{args.results_dir} [--results-dir <another setting's>]")
     if not args.only_report and unusable:
         raise SystemExit("pre-training missed the accuracy bar, those models' cells did not run:\n" + "\n".join(unusable))
 

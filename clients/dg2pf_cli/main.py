@@ -18,6 +18,7 @@ from pathlib import Path
 from dg2pf_client.cli import OneLineParser, add_remote_commands, version_line
 from dg2pf_client import interrupt
 from dg2pf_core import DG2PFConfig, DG2PFError, PruneJob
+from dg2pf_core.config import PRESET_FIELDS, PRESETS
 from dg2pf_core.config import DG2PFConfig as _Config
 from dg2pf_core.data import AUGMENT_POLICIES, dataset_usages
 
@@ -31,7 +32,7 @@ _NOT_GENERATED = {"sparsity"}
 def _add_config_options(parser: argparse.ArgumentParser) -> None:
     """One ``--kebab-case`` option per DG2PFConfig field: every knob of the library, no drift."""
     hints = typing.get_type_hints(_Config)
-    group = parser.add_argument_group("DG2PF options (defaults follow the paper)")
+    group = parser.add_argument_group("DG2PF options")
     for f in dataclasses.fields(_Config):
         if f.name in _NOT_GENERATED:
             continue
@@ -44,6 +45,14 @@ def _add_config_options(parser: argparse.ArgumentParser) -> None:
             group.add_argument(flag, dest=f.name, action="store_true", default=None, help=f"(default: {default})")
         elif typing.get_origin(hint) is list:
             group.add_argument(flag, dest=f.name, action="append", default=None, metavar="REGEX", help="repeatable")
+        elif f.name == "preset":
+            group.add_argument(flag, dest=f.name, choices=list(PRESETS), default=None,
+                               help="the named configuration whose values the options saying \"the preset's\" take unless given: default (the best "
+                                    "measured, docs/fidelity.md) or paper (the paper's algorithm with the authors' "
+                                    f"hyperparameters) (default: {default})")
+        elif f.name in PRESET_FIELDS:
+            values = ", ".join(f"{p} {v[f.name]}" for p, v in PRESETS.items())
+            group.add_argument(flag, dest=f.name, type=hint, default=None, help=f"(default: the preset's: {values})")
         else:
             group.add_argument(flag, dest=f.name, type=hint, default=None, help=f"(default: {default})")
 

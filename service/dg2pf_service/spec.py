@@ -13,7 +13,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, create_model
 
-from dg2pf_core.config import BOUNDS, MAX_PATTERN_LENGTH, MAX_PATTERNS, DG2PFConfig
+from dg2pf_core.config import BOUNDS, KD_LOSSES, MAX_PATTERN_LENGTH, MAX_PATTERNS, PRESET_FIELDS, PRESETS, DG2PFConfig
 from dg2pf_core.data.registry import AUGMENT_POLICIES, AUTO
 from dg2pf_core.job import MAX_IMAGE_SIZE, MIN_IMAGE_SIZE, PruneJob
 from dg2pf_core.models.registry import MAX_CLASSES
@@ -70,6 +70,10 @@ _NOT_SCHEDULE = {"sparsity", "device", "loader_workers"}
 _PATTERNS = {"granularity": (GRANULARITY_PATTERN, "'unstructured', 'channel' (whole output channels removed with their "
                              "coupled layers: a smaller, faster dense network) or N:M, e.g. '2:4' (at most N of every M "
                              "consecutive weights of a row kept; sparsity must then be (M-N)/M)")}
+# Options with a fixed set of values: the OpenAPI lists them (the core checks them again).
+_CHOICES = {"preset": (tuple(PRESETS), "the named configuration the fields it lists default to: 'default' (the best "
+                       "measured, docs/fidelity.md) or 'paper' (the paper's algorithm with the authors' hyperparameters)"),
+            "kd_loss": (KD_LOSSES, None)}
 # Optional numbers with a range: the OpenAPI shows it, the core checks it again.
 _OPTIONAL_RANGES = {"target_macs_ratio": (dict(gt=0, lt=1), "granularity 'channel': the multiply-accumulates to keep, as "
                                           "a fraction of the dense model's (0.5: half the compute); replaces sparsity")}
@@ -84,9 +88,17 @@ def _schedule_model() -> type[BaseModel]:
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
         hint: Any = hints[f.name]
         bounds = BOUNDS.get(f.name)
-        if bounds is not None:  # the core's own ranges, so they appear in the OpenAPI
+        # A field a preset lists: null (unset) takes the preset's value.
+        preset = (f"unset: the preset's ({'; '.join(f'{p}: {v[f.name]!r}' for p, v in PRESETS.items())})"
+                  if f.name in PRESET_FIELDS else None)
+        if f.name in _CHOICES:
+            values, description = _CHOICES[f.name]
+            choice: Any = Literal[values]  # type: ignore[valid-type]
+            hint = Annotated[choice | None if f.name in PRESET_FIELDS else choice,
+                             Field(description="; ".join(d for d in (description, preset) if d) or None)]
+        elif bounds is not None:  # the core's own ranges, so they appear in the OpenAPI
             limits = {"gt" if bounds.low_open else "ge": bounds.low, "lt" if bounds.high_open else "le": bounds.high}
-            hint = Annotated[hint, Field(**limits)]
+            hint = Annotated[hint, Field(**limits, description=preset)]
         elif f.name in _OPTIONAL_RANGES:
             limits, description = _OPTIONAL_RANGES[f.name]
             hint = Annotated[float | None, Field(**limits, description=description)]
@@ -95,8 +107,8 @@ def _schedule_model() -> type[BaseModel]:
             hint = Annotated[str, Field(max_length=16, pattern=pattern, description=description)]
         elif typing.get_origin(hint) is list:
             hint = Annotated[list[Annotated[str, Field(max_length=MAX_PATTERN_LENGTH)]], Field(max_length=MAX_PATTERNS)]
-        elif hint is str:
-            hint = Annotated[str, Field(max_length=64)]
+        elif hint is str or (f.name in PRESET_FIELDS and typing.get_args(hint) and str in typing.get_args(hint)):
+            hint = Annotated[hint, Field(max_length=64, description=preset)]
         fields[f.name] = (hint, default)
     return create_model("ScheduleSpec", __config__=ConfigDict(extra="forbid", allow_inf_nan=False), **fields)
 
