@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .batchnorm import settled_channels
 from .channels import (MAX_STRUCTURE_STAGES, STRUCTURE_KEY, ChannelPlan, Structure, apply_structure, check_architecture,
                        read_structure)
 from .checkpoints import load_into, read_state_dict
@@ -347,6 +348,8 @@ def result_metrics(prepared: PreparedJob, result: DG2PFResult, *, world_size: in
         # The named configuration the job started from, and what it set otherwise (config holds every value).
         "preset": job.config.preset,
         "preset_departures": job.config.preset_departures(),
+        # BatchNorm channels constant within every batch, settled to output their bias (dg2pf_core/batchnorm.py)
+        "bn_settled_channels": settled_channels(result.model),
         **violations,
         **channel,
         "sparsity_prunable": channel["channel_sparsity"] if channel else size.sparsity_prunable,

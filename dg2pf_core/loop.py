@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .batchnorm import freeze_batchnorm, recalibrate_batchnorm
+from .batchnorm import freeze_batchnorm, recalibrate_batchnorm, settle_constant_channels, settled
 from .channels import ChannelPlan, Structure, apply_structure, remove_channels
 from .config import DG2PFConfig
 from . import distributed
@@ -320,7 +320,11 @@ class _Run:
         apply_masks_(self.params, masks)
         try:
             self.recalibrate(state)
-            return self.evaluate(self.loaders.val())
+            module = _unwrap(self.model)
+            if self.cfg.bn_after_pruning == "frozen" and state.phase in ("distillation", "finetuning"):
+                settle_constant_channels(module)  # training runs BatchNorm in eval mode too: settled for good
+            with settled(module):  # as the written network will be (batchnorm.py); training never sees it
+                return self.evaluate(self.loaders.val())
         finally:
             _restore(self.params, masks, backup)
 
@@ -503,6 +507,7 @@ def run_dg2pf(
         run.collapse()
     _unwrap(run.model).load_state_dict(state.best_model)
     apply_masks_(run.params, masks)
+    settle_constant_channels(_unwrap(run.model))  # as its validation measured it
     test_loader = loaders.test()
     test = run.evaluate(test_loader) if test_loader is not None else None
     extra = {} if run.plan is None else {

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.ao.pruning import BaseSparsifier, CubicSL
 
-from dg2pf_core.batchnorm import recalibrate_batchnorm
+from dg2pf_core.batchnorm import recalibrate_batchnorm, settle_constant_channels, settled
 from dg2pf_core.distillation import kd_loss
 from dg2pf_core.masks import EmptyingGuard, apply_masks_, classifier_weight, magnitude_masks, zero_masked_grads_
 from dg2pf_core.metrics import evaluate
@@ -203,7 +203,8 @@ def train_peer(cell: Cell, kind: str, distill: bool, delta_t: int = DELTA_T) -> 
         final = pruner.done >= updates
         with torch.random.fork_rng(devices=[]):
             recalibrate_batchnorm(model, batches.train(epoch), cpu, BN_BATCHES)
-        val = evaluate(model, batches.val(), cpu).top1
+        with settled(model):
+            val = evaluate(model, batches.val(), cpu).top1
         history.append({"epoch": epochs, "loss": total / per_epoch, "val_top1": val, "level": pruner.level(), "final": final})
         if not final:
             continue
@@ -216,6 +217,7 @@ def train_peer(cell: Cell, kind: str, distill: bool, delta_t: int = DELTA_T) -> 
                 break
     pruner.restore(best_state)
     pruner.finish()
+    settle_constant_channels(model)
     return Outcome(epochs=epochs, model=model, notes={"levels": levels, "history": history, "best_epoch": best_epoch,
                                                         "lr": LR, "weight_decay": WEIGHT_DECAY, "delta_t": delta_t, "clip": CLIP})
 

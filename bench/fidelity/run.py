@@ -113,6 +113,21 @@ def check_dense(results: Path, dense: Dense) -> None:
             )
 
 
+def code_version() -> str:
+    """The commit the harness runs (``+changes`` when the work tree differs from it; ``unknown`` outside git)."""
+    import subprocess
+
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO, capture_output=True,
+                               text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    if head.returncode != 0:
+        return "unknown"
+    return head.stdout.strip() + ("+changes" if dirty.stdout.strip() else "")
+
+
 def run_cell(cell: Cell, keep_model: Path | None = None) -> dict:
     """Run and measure one cell; ``keep_model``: also write the pruned model there (safetensors)."""
     record = {
@@ -120,7 +135,7 @@ def run_cell(cell: Cell, keep_model: Path | None = None) -> dict:
         **({"macs_ratio_target": cell.macs_ratio} if cell.macs_ratio is not None else {}),
         "budget": asdict(cell.budget), "threads": cell.threads, "data": asdict(cell.data), "dataset": cell.data.dataset,
         "dense_test_top1": cell.dense.test_top1, "dense_val_top1": cell.dense.val_top1, "dense_sha256": cell.dense.sha256,
-        "torch": torch.__version__, "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "torch": torch.__version__, "code": code_version(), "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
     t0, c0 = time.perf_counter(), time.process_time()
     try:
