@@ -1,0 +1,44 @@
+"""Presets (default | paper) reach the job the same way from the library, the CLI and the service's JobSpec."""
+
+import pytest
+
+from dg2pf_core import DG2PFConfig
+from dg2pf_core.config import PRESET_FIELDS, PRESETS
+
+
+def test_the_cli_takes_a_preset_and_a_value_given_with_it_wins():
+    from dg2pf_cli.main import _config_from, build_parser
+
+    parser = build_parser()
+    base = ["prune", "--arch", "digits_cnn", "--num-classes", "10", "--checkpoint", "c", "--dataset", "digits",
+            "--sparsity", "0.9", "--out", "o"]
+    paper = _config_from(parser.parse_args([*base, "--preset", "paper"]))
+    assert {k: getattr(paper, k) for k in PRESET_FIELDS} == PRESETS["paper"]
+    mine = _config_from(parser.parse_args([*base, "--preset", "paper", "--lr", "0.0003"]))
+    assert mine.lr == 3e-4 and mine.kd_loss == "authors" and mine.preset_departures() == {"lr": 3e-4}
+    default = _config_from(parser.parse_args(base))
+    assert default.preset == "default" and {k: getattr(default, k) for k in PRESET_FIELDS} == PRESETS["default"]
+    with pytest.raises(SystemExit):
+        parser.parse_args([*base, "--preset", "fast"])
+    help_text = parser._subparsers._group_actions[0].choices["prune"].format_help()
+    assert "the preset's: default" in help_text and "{default,paper}" in help_text
+
+
+def test_the_job_spec_takes_a_preset_lists_it_in_the_openapi_and_refuses_an_unknown_one():
+    spec = pytest.importorskip("dg2pf_service.spec")
+    from pydantic import ValidationError
+
+    doc = {"model": {"arch": "digits_cnn", "num_classes": 10, "checkpoint": "c"}, "dataset": {"spec": "digits"}, "sparsity": 0.9}
+    assert spec.JobSpec(**doc).config() == DG2PFConfig(sparsity=0.9)
+    paper = spec.JobSpec(**doc, schedule={"preset": "paper"}).config()
+    assert paper == DG2PFConfig(sparsity=0.9, preset="paper") and paper.lr == PRESETS["paper"]["lr"]
+    mine = spec.JobSpec(**doc, schedule={"preset": "paper", "kd_loss": "standard"}).prune_job("/c", None).config
+    assert mine.kd_loss == "standard" and mine.lr == PRESETS["paper"]["lr"]
+    schema = spec.ScheduleSpec.model_json_schema()["properties"]
+    assert schema["preset"]["enum"] == list(PRESETS) and schema["preset"]["default"] == "default"
+    for name in PRESET_FIELDS:  # unset (null) takes the preset's value, and the OpenAPI says which
+        assert schema[name]["default"] is None and all(p in schema[name]["description"] for p in PRESETS)
+    for bad in ({"preset": "fast"}, {"kd_loss": "hinton"}):
+        with pytest.raises(ValidationError) as info:
+            spec.JobSpec(**doc, schedule=bad)
+        assert info.value.errors()[0]["loc"][:2] == ("schedule", next(iter(bad)))
