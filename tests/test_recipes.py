@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from dg2pf_core.config import PRESET_FIELDS, PRESETS
 from dg2pf_core.data import dataset_names, parse_spec
 from dg2pf_core.masks import select_prunable
 from dg2pf_core.models import build_model, get_arch
@@ -80,12 +81,15 @@ def test_recipe_is_a_valid_job_spec_for_a_registered_arch_and_dataset(path):
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.stem)
 def test_recipe_follows_the_papers_settings_on_a_gpu(path):
     spec = JobSpec.model_validate_json(path.read_text())
-    s = spec.schedule
-    assert (s.schedule, s.recovery, s.scope, s.keep_classifier_dense) == ("linear", "frozen", "global", False)
-    assert (s.lr, s.kd_temperature, s.kd_alpha, s.grad_clip, s.patience) == (1e-3, 4.0, 0.75, 0.5, 4)
-    assert s.finetune == "sgd"
+    assert spec.schedule.preset == "paper"
+    c = spec.config()  # the preset's values: the recipe leaves every one of them to it
+    assert {k: getattr(c, k) for k in PRESET_FIELDS} == PRESETS["paper"]
+    assert (c.schedule, c.recovery, c.scope, c.keep_classifier_dense) == ("linear", "feedback", "global", False)
+    assert (c.lr, c.weight_decay, c.kd_loss, c.kd_temperature, c.kd_alpha, c.grad_clip, c.patience) == (
+        1e-5, 0.0, "authors", 4.0, 0.75, 0.5, 4)
+    assert c.finetune == "sgd"
     assert spec.teacher is None  # self-distillation from the unpruned input
-    assert s.amp in ("bf16", "fp16")
+    assert c.amp in ("bf16", "fp16")
     assert spec.resources.use_gpu
 
 
