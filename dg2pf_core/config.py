@@ -73,8 +73,8 @@ PRESET_FIELDS = ("schedule", "recovery", "rerank_every_steps", "max_layer_sparsi
                  "lr", "weight_decay", "kd_loss", "kd_temperature", "kd_alpha", "grad_clip")
 PRESETS: dict[str, dict[str, Any]] = {
     "default": {
-        "schedule": "linear", "recovery": "frozen", "rerank_every_steps": 0,
-        "max_layer_sparsity": 0.99, "layer_density_floor": 0.6,
+        "schedule": "cubic", "recovery": "frozen", "rerank_every_steps": 0,
+        "max_layer_sparsity": 1.0, "layer_density_floor": 0.0,
         "lr": 1e-3, "weight_decay": 1e-4, "kd_loss": "standard", "kd_temperature": 4.0, "kd_alpha": 0.75, "grad_clip": 0.5,
     },
     "paper": {
@@ -84,6 +84,14 @@ PRESETS: dict[str, dict[str, Any]] = {
     },
 }
 assert all(set(values) == set(PRESET_FIELDS) for values in PRESETS.values())
+# The default preset's values where another granularity was measured with other ones: channel and N:M
+# pruning keep the linear schedule (and channel pruning the layer guard) their figures in docs/benchmarks.md
+# and docs/fidelity-history.md come from; the cubic schedule and the emptying guard alone were measured on
+# unstructured pruning only (docs/fidelity.md).
+GRANULARITY_DEFAULTS: dict[str, dict[str, Any]] = {
+    "channel": {"schedule": "linear", "max_layer_sparsity": 0.99, "layer_density_floor": 0.6},
+    "N:M": {"schedule": "linear"},
+}
 
 
 @dataclass
@@ -184,14 +192,22 @@ class DG2PFConfig:
     def __post_init__(self) -> None:
         if not isinstance(self.preset, str) or self.preset not in PRESETS:
             raise ConfigError(f"preset: must be one of {list(PRESETS)}, got {self.preset!r}", field="preset")
-        for name, value in PRESETS[self.preset].items():
+        for name, value in self.preset_values().items():
             if getattr(self, name) is None:
                 setattr(self, name, value)
         self.validate()
 
+    def preset_values(self) -> dict[str, Any]:
+        """What the preset gives the fields it lists, for this config's granularity."""
+        values = dict(PRESETS[self.preset])
+        if self.preset == "default" and isinstance(self.granularity, str):
+            kind = CHANNEL if self.granularity == CHANNEL else ("N:M" if ":" in self.granularity else None)
+            values.update(GRANULARITY_DEFAULTS.get(kind, {}))
+        return values
+
     def preset_departures(self) -> dict[str, Any]:
         """The fields its preset lists that this config sets otherwise (what a job changed)."""
-        return {k: getattr(self, k) for k, v in PRESETS[self.preset].items() if getattr(self, k) != v}
+        return {k: getattr(self, k) for k, v in self.preset_values().items() if getattr(self, k) != v}
 
     def validate(self) -> None:
         def bad(name: str, why: str) -> ConfigError:

@@ -76,6 +76,23 @@ def test_the_default_grid_has_every_method_the_comparison_needs_and_no_investiga
     assert extra and extra == set(INVESTIGATIONS)  # investigations run only when named
 
 
+def test_the_cub_ablations_are_single_changes_from_the_products_default():
+    """``cub-*`` are read against ``dg2pf`` (the page pairs them): that holds while abl-cubic's spelled-out
+    configuration is the default's, and each cub-* differs from it in one thing (two fields for a guard or a
+    recovery rule)."""
+    from bench.fidelity.dg2pf_family import CUBIC, INVESTIGATIONS, config_for
+    from dg2pf_core import DG2PFConfig
+
+    budget = Budget()
+    assert config_for("abl-cubic", 0.95, 0, budget, CUBIC) == config_for("dg2pf", 0.95, 0, budget, {})
+    default = config_for("dg2pf", 0.95, 0, budget, {}).to_dict()
+    for name, (overrides, _) in INVESTIGATIONS.items():
+        if name.startswith("cub-"):
+            changed = {k for k, v in config_for(name, 0.95, 0, budget, overrides).to_dict().items() if default[k] != v}
+            assert 1 <= len(changed) <= 2, (name, changed)
+    assert DG2PFConfig(sparsity=0.9).schedule == "cubic"
+
+
 # --- the channel grid (methods of kind "macs") ---------------------------------------------------
 
 def _tiny_cell(method, macs_ratio, tmp_path, sparsity=0.0, budget=None):

@@ -9,7 +9,8 @@ from dg2pf_core.masks import recovered, select_prunable
 
 from tiny import TinyNet
 
-CFG = dict(sparsity=0.8, pruning_epochs=3, patience=2, max_epochs=12, batch_size=16, lr=5e-3, finetune_lr=1e-2, seed=0)
+CFG = dict(sparsity=0.8, pruning_epochs=3, patience=2, max_epochs=12, batch_size=16, lr=5e-3, finetune_lr=1e-2, seed=0,
+           schedule="linear")
 
 
 def _model() -> TinyNet:

@@ -42,3 +42,17 @@ def test_the_job_spec_takes_a_preset_lists_it_in_the_openapi_and_refuses_an_unkn
         with pytest.raises(ValidationError) as info:
             spec.JobSpec(**doc, schedule=bad)
         assert info.value.errors()[0]["loc"][:2] == ("schedule", next(iter(bad)))
+
+
+def test_the_default_preset_keeps_each_granularity_on_what_it_was_measured_with():
+    """Unstructured: the cubic schedule and the emptying guard alone (docs/fidelity.md); channel and N:M
+    pruning keep the linear schedule (channel pruning its layer guard) their published figures come from;
+    a value given wins, and the paper preset is the same for every granularity."""
+    assert (DG2PFConfig(sparsity=0.9).schedule, DG2PFConfig(sparsity=0.9).layer_cap(0.9)) == ("cubic", 1.0)
+    channel = DG2PFConfig(granularity="channel", target_macs_ratio=0.5, channel_multiple=1)
+    assert (channel.schedule, channel.max_layer_sparsity, channel.layer_density_floor) == ("linear", 0.99, 0.6)
+    assert channel.preset_departures() == {}
+    assert DG2PFConfig(sparsity=0.5, granularity="2:4").schedule == "linear"
+    assert DG2PFConfig(granularity="channel", target_macs_ratio=0.5, schedule="cubic").schedule == "cubic"
+    paper = DG2PFConfig(granularity="channel", target_macs_ratio=0.5, preset="paper")
+    assert {k: getattr(paper, k) for k in PRESET_FIELDS} == PRESETS["paper"]
