@@ -41,7 +41,19 @@ def main(argv: list[str] | None = None) -> int:
     except DG2PFError as exc:
         print(f"dg2pf: error: {exc.message}", file=sys.stderr)
         return 2
-    app = create_app(settings)
+    except OSError as exc:  # the data directory cannot be made or locked
+        print(f"dg2pf: error: DG2PF_DATA_DIR ({settings.data_dir}): {exc.strerror or exc}"
+              + (f": {exc.filename}" if exc.filename else ""), file=sys.stderr)
+        return 2
+    from .services import build
+
+    try:  # the store and the cluster before the server: a setting they cannot use is one line, exit 2
+        services = build(settings)
+    except DG2PFError as exc:
+        print(f"dg2pf: error: {exc.message}", file=sys.stderr)
+        hold.release()
+        return 2
+    app = create_app(settings, services)
     print(f"dg2pf API on http://{settings.host}:{settings.port} (docs: /docs); data in {settings.data_dir}", flush=True)
     # uvicorn shuts down gracefully on SIGINT/SIGTERM, then raises the signal again with the handlers it
     # found: these make that a quiet, normal exit instead of a KeyboardInterrupt traceback or a kill.

@@ -26,6 +26,7 @@ from dg2pf_core.errors import DG2PFError
 from dg2pf_core.latency import speedups
 
 from .cluster import Cluster
+from .conditions import Conditions, reason_of
 from .executor import Order, RayJobsExecutor, SubmissionExists, needs_of, read_error, read_metrics, read_progress
 from .processes import RUNNER, kill_job_processes, process_table
 from .store.models import TERMINAL_STATES
@@ -69,14 +70,6 @@ MAX_RECONCILE_ERRORS = 30
 SWEEP_EVERY_S = 5.0
 
 
-def reason_of(exc: BaseException) -> str:
-    """One message for a job's error record: a DG2PFError's own, else the type and the first lines."""
-    if isinstance(exc, DG2PFError):
-        return exc.message
-    text = " ".join(str(exc).split())
-    return f"{type(exc).__name__}: {text}"[:1000]
-
-
 class Scheduler:
     def __init__(self, store: JobStore, executor: RayJobsExecutor, cluster: Cluster,
                  capacity: Callable[[], tuple[float, float]], make_order: Callable[[dict], Order], *,
@@ -89,6 +82,7 @@ class Scheduler:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._errors: dict[str, int] = {}
+        self._conditions = Conditions(log)
         self._unreachable_since: float | None = None
         self._last_sweep = 0.0
         self._pending_stops: set[str] = set()
@@ -102,16 +96,18 @@ class Scheduler:
                     try:
                         self._reconcile(row)
                         self._errors.pop(row.id, None)
+                        self._conditions.ok(f"job {row.id}", f"reconciling job {row.id}")
                     except Exception as exc:  # noqa: BLE001 - one bad job must not stop the others
-                        log.exception("reconciling job %s failed", row.id)
+                        self._conditions.failed(f"job {row.id}", f"reconciling job {row.id} failed", exc)
                         self._reconcile_failed(row, exc)
                 self._dispatch()
             if time.monotonic() - self._last_sweep >= SWEEP_EVERY_S:
                 self._last_sweep = time.monotonic()
                 try:
                     self.sweep()
-                except Exception:  # noqa: BLE001 - the next sweep may succeed
-                    log.exception("sweeping the processes of ended jobs failed")
+                    self._conditions.ok("sweep", "sweeping the processes of ended jobs")
+                except Exception as exc:  # noqa: BLE001 - the next sweep may succeed
+                    self._conditions.failed("sweep", "sweeping the processes of ended jobs failed", exc)
 
     def stop_ray_job(self, submission_id: str | None) -> None:
         """Stop a cancelled job's Ray job now if Ray answers, else on a later tick (its processes on
@@ -136,8 +132,9 @@ class Scheduler:
         before = self.cluster.restarts
         try:
             up = self.cluster.ensure()
-        except Exception:  # noqa: BLE001 - a head that cannot start now may start on the next tick
-            log.exception("the Ray cluster does not answer and could not be started")
+            self._conditions.ok("cluster", "the Ray cluster")
+        except Exception as exc:  # noqa: BLE001 - a head that cannot start now may start on the next tick
+            self._conditions.failed("cluster", "the Ray cluster does not answer and could not be started", exc)
             up = False
         if self.cluster.restarts != before:
             log.warning("the embedded Ray head was gone: started a new one (dashboard %s); its jobs are resubmitted",
@@ -308,8 +305,9 @@ class Scheduler:
             while not self._stop.wait(poll_seconds):
                 try:
                     self.tick()
-                except Exception:  # noqa: BLE001 - keep polling; the next tick may succeed
-                    log.exception("scheduler tick failed")
+                    self._conditions.ok("tick", "scheduler tick")
+                except Exception as exc:  # noqa: BLE001 - keep polling; the next tick may succeed
+                    self._conditions.failed("tick", "scheduler tick failed", exc)
 
         self._thread = threading.Thread(target=loop, name="dg2pf-scheduler", daemon=True)
         self._thread.start()

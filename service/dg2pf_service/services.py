@@ -7,6 +7,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
+from alembic.util.exc import CommandError as AlembicError
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import SQLAlchemyError
+
 from dg2pf_core.errors import DG2PFError
 
 from .cluster import Cluster
@@ -18,7 +22,7 @@ from .serving.options import ServeOptions
 from .serving.supervisor import ServingSupervisor
 from .settings import Settings
 from .spec import JobSpec
-from .store.db import make_engine, make_sessionmaker
+from .store.db import DatabaseURLError, make_engine, make_sessionmaker
 from .store.migrate import upgrade
 from .store.repo import JobStore
 from .tracking import MlflowTracking
@@ -68,15 +72,55 @@ def cluster_for(settings: Settings) -> Cluster:
     return Cluster(state_dir)
 
 
+class StartupError(DG2PFError):
+    """A setting the service cannot start with; the message names the variable and the cause."""
+
+
+def _cause(exc: BaseException) -> str:
+    """What went wrong, in one line: the driver's own message under SQLAlchemy's, an OSError's text and file."""
+    inner = getattr(exc, "orig", None) or exc
+    if isinstance(inner, OSError) and inner.strerror:
+        return f"{inner.strerror}" + (f": {inner.filename}" if inner.filename else "")
+    text = " ".join(str(inner).split())
+    return text[:300] or type(inner).__name__
+
+
+def _open_store(settings: Settings) -> JobStore:
+    """The job store, its schema upgraded; ``StartupError`` naming the setting when the database cannot be used."""
+    setting = "DG2PF_DATABASE_URL" if settings.database_url else "DG2PF_DATA_DIR (its default SQLite database)"
+    try:
+        shown = make_url(settings.db_url).render_as_string(hide_password=True)
+    except Exception:  # an unparsable URL: make_engine names it below, without the text
+        shown = "the URL given"
+    try:
+        upgrade(settings.db_url)
+        return JobStore(make_sessionmaker(make_engine(settings.db_url)))
+    except DatabaseURLError as exc:
+        raise StartupError(f"{setting}: {exc}", field="database_url") from None
+    except ImportError as exc:  # a backend whose driver is not installed (mysql://, ...)
+        raise StartupError(f"{setting} ({shown}): no driver for this database is installed ({exc.name or exc}); dg2pf "
+                           "stores jobs in SQLite or PostgreSQL (postgresql+psycopg2://...)", field="database_url") from None
+    except (OSError, SQLAlchemyError, AlembicError) as exc:
+        raise StartupError(f"{setting} ({shown}): cannot open the database: {_cause(exc)}", field="database_url") from None
+
+
 def build(settings: Settings) -> Services:
+    """Every part of the service, each checked as it is made: a setting it cannot start with raises
+    ``StartupError`` naming the variable, before the Ray cluster is started."""
     for d in (settings.data_dir, settings.checkpoints_dir, settings.jobs_dir):
-        d.mkdir(parents=True, exist_ok=True)
+        try:
+            d.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StartupError(f"DG2PF_DATA_DIR ({settings.data_dir}): cannot create {d}: {_cause(exc)}", field="data_dir") from None
     for path in clean_partial_uploads(settings):
         log.info("removed %s: an upload or pinned checkpoint a stopped process left unfinished", path)
-    upgrade(settings.db_url)
-    store = JobStore(make_sessionmaker(make_engine(settings.db_url)))
+    store = _open_store(settings)
     cluster = cluster_for(settings)
-    cluster.start()
+    try:
+        cluster.start()
+    except DG2PFError as exc:
+        setting = "DG2PF_RAY_ADDRESS" if settings.ray_address else "the embedded Ray head (DG2PF_DATA_DIR)"
+        raise StartupError(f"{setting}: {exc.message}", field="ray_address") from None
     executor = RayJobsExecutor(cluster)
     storage = settings.storage_uri or str(settings.data_dir / "ray")
 
@@ -107,4 +151,4 @@ def build(settings: Settings) -> Services:
     return services
 
 
-__all__ = ["DG2PFError", "Services", "build"]
+__all__ = ["DG2PFError", "Services", "StartupError", "build"]

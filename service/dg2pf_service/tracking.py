@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from .conditions import Conditions
 from .executor import output_dir
 from .store.models import TERMINAL_STATES
 from .store.repo import JobStore
@@ -88,6 +89,7 @@ class MlflowTracking:
         self.client = MlflowClient(tracking_uri=tracking_uri)
         self._failing_since: float | None = None
         self._last_warning = 0.0
+        self._conditions = Conditions(log)
         # Only for an experiment the service creates (Settings gives a local store one under data_dir).
         self.store, self.experiment_name, self.artifact_location = store, experiment, artifact_location
         self._experiment_id: str | None = None
@@ -117,16 +119,17 @@ class MlflowTracking:
             # Ids and states only: a job's row (its history) is read when it has something to log.
             running = {r.id: r for r in self.store.active_jobs()}
             jobs = dict(self.store.recent_states(RECENT_JOBS)) | {i: r.state for i, r in running.items()}
-        except Exception:  # noqa: BLE001 - the store may be briefly unreachable; next pass
-            log.exception("MLflow tracking could not read the jobs")
+        except Exception as exc:  # noqa: BLE001 - the store may be briefly unreachable; next pass
+            self._conditions.failed("store", "MLflow tracking could not read the jobs", exc)
             return
+        self._conditions.ok("store", "MLflow tracking reading the jobs")
         for job_id, state in jobs.items():
             if job_id in self._done or state == "queued":
                 continue
             try:
                 row = running.get(job_id) or self.store.get_job(job_id)
-            except Exception:  # noqa: BLE001 - as above
-                log.exception("MLflow tracking could not read job %s", job_id)
+            except Exception as exc:  # noqa: BLE001 - as above
+                self._conditions.failed("store", "MLflow tracking could not read the jobs", exc)
                 return
             if row is None or row.started_at is None:  # cancelled while queued: it never ran, nothing to track
                 self._done.add(job_id)

@@ -117,3 +117,32 @@ def test_the_mlflow_store_is_a_database_or_a_server_and_a_relative_one_lives_in_
         with pytest.raises(ValidationError, match="file store.*sqlite:///mlflow.db"):
             Settings(data_dir=data, mlflow_tracking_uri=file_store)
     assert "secret" not in repr(Settings(data_dir=data, mlflow_tracking_uri="http://user:secret@mlflow:5000"))
+
+
+@pytest.mark.parametrize("database_url, needle", [
+    ("sqlite:////proc/nonexistent/dg2pf.db", "No such file or directory: /proc/nonexistent"),
+    ("postgresql+psycopg2://someone:secretpw@127.0.0.1:1/dg2pf", "Connection refused"),
+    ("mysql://someone@localhost/dg2pf", "no driver for this database is installed"),
+    ("not a url", "cannot parse database URL"),
+])
+def test_a_database_the_service_cannot_open_is_one_line_naming_the_setting(tmp_path: Path, database_url: str, needle: str) -> None:
+    """Checked before the server and the Ray head start: exit 2, DG2PF_DATABASE_URL and the cause in one line,
+    the password never shown."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DG2PF_") and k != "RAY_ADDRESS"}
+    env.update(DG2PF_DATA_DIR=str(tmp_path / "state"), DG2PF_DATABASE_URL=database_url)
+    done = subprocess.run([sys.executable, "-m", "dg2pf_service", "--port", "1"], env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 2, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("dg2pf: error: DG2PF_DATABASE_URL") and needle in lines[0], done.stderr
+    assert "secretpw" not in done.stderr and "Traceback" not in done.stderr
+    assert not (tmp_path / "state" / "ray-state").exists()  # no Ray head was started
+
+
+def test_a_data_directory_that_cannot_be_made_is_one_line_naming_the_setting(tmp_path: Path) -> None:
+    (tmp_path / "a-file").write_text("")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DG2PF_") and k != "RAY_ADDRESS"}
+    env.update(DG2PF_DATA_DIR=str(tmp_path / "a-file" / "state"))
+    done = subprocess.run([sys.executable, "-m", "dg2pf_service"], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
+    assert done.stderr.startswith("dg2pf: error: DG2PF_DATA_DIR") and "Not a directory" in done.stderr

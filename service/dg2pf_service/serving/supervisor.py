@@ -22,6 +22,7 @@ from collections.abc import Callable
 import httpx
 
 from ..cluster import auth_headers
+from ..conditions import Conditions
 from .options import APP_NAME, IMPORT_PATH, ServeOptions
 from .registry import ModelRegistry
 
@@ -54,6 +55,7 @@ class ServingSupervisor:
         self._last_deploy = 0.0
         self._app_may_exist = True  # until Serve says otherwise (an app left by an earlier API process)
         self.last_error: str | None = None
+        self._conditions = Conditions(log)
 
     @property
     def url(self) -> str:
@@ -134,8 +136,9 @@ class ServingSupervisor:
             while True:
                 try:
                     self.reconcile()
-                except Exception:  # noqa: BLE001 - keep trying; Ray may be briefly unreachable
-                    log.exception("serving reconcile failed")
+                    self._conditions.ok("serving", "serving reconcile")
+                except Exception as exc:  # noqa: BLE001 - keep trying; Ray may be briefly unreachable
+                    self._conditions.failed("serving", "serving reconcile failed", exc)
                 self._wake.wait(poll_seconds)
                 self._wake.clear()
                 if self._stop.is_set():
