@@ -20,6 +20,7 @@ FINETUNE_MODES = ("sgd", "overparam")
 GRADUAL_MASKS = ("simulated", "hard")
 BN_AFTER_PRUNING = ("batch", "frozen")
 KD_LOSSES = ("standard", "authors")
+CHANCE_BASELINE = ("warn", "refuse")
 
 
 @dataclass(frozen=True)
@@ -159,6 +160,10 @@ class DG2PFConfig:
     # 10-18% with any population statistics; trained with them frozen, the two agreed, but accuracy
     # did not follow (run 3: 86.52% vs 87.14% at 95%, one of three seeds diverged at 98%): off by default.
     bn_after_pruning: str = "batch"
+    # The input model scoring near chance on the validation split (at most chance + 5 points: it does not fit
+    # the data: another dataset, another class order, other preprocessing): "warn" (the job goes on, and says
+    # so in metrics.json) or "refuse" (the job stops after the baseline, before any training).
+    chance_baseline: str = "warn"
     keep_classifier_dense: bool = False
     include: list[str] = field(default_factory=list)  # regexes over parameter names
     exclude: list[str] = field(default_factory=list)
@@ -273,6 +278,8 @@ class DG2PFConfig:
                 f"{self.max_layer_sparsity} is below the target sparsity {self.sparsity}: no layer may be pruned "
                 "beyond it, so the target cannot be met; raise it (1.0 turns the cap off)",
             )
+        if self.chance_baseline not in CHANCE_BASELINE:
+            raise bad("chance_baseline", f"must be one of {list(CHANCE_BASELINE)}, got {self.chance_baseline!r}")
         if self.kd_loss not in KD_LOSSES:
             raise bad("kd_loss", f"must be one of {list(KD_LOSSES)}, got {self.kd_loss!r}")
         if self.rerank_every_steps and (self.gradual_masks != "simulated" or nm is not None or self.granularity == CHANNEL):

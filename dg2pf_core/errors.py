@@ -59,6 +59,12 @@ class InputError(DG2PFError):
     field = "inputs"
 
 
+class InputModelMismatch(DG2PFError):
+    """The input model scores near chance on the job's data (``chance_baseline: refuse``)."""
+
+    field = "checkpoint"
+
+
 class TrainingDiverged(DG2PFError):
     """The training loss became NaN or infinite: the options (learning rate) do not suit the model."""
 

@@ -28,6 +28,7 @@ from torch import nn
 from .channels import structured
 from .checkpoints import load_into, read_state_dict
 from .data import DataRequest, eval_transform_for
+from .data.imagecheck import large_images_expected, upright
 from .errors import CheckpointError, InputError
 from .models import build_model, get_arch
 
@@ -75,7 +76,7 @@ class InferenceModel:
         preprocessing from the job's ``metrics.json`` (``meta``, as ``read_job_metrics`` returns it)."""
         spec = get_arch(meta["arch"])
         request = DataRequest(image_size=int(meta.get("image_size") or spec.input_size),
-                              in_channels=int(meta.get("in_channels") or spec.in_channels))
+                              in_channels=int(meta.get("in_channels") or spec.in_channels), crop_pct=meta.get("crop_pct"))
         return cls(
             model=module,
             arch=meta["arch"],
@@ -114,9 +115,12 @@ class InferenceModel:
     def image_input(self, data: bytes) -> torch.Tensor:
         """A PNG/JPEG file's bytes -> ``[C, H, W]`` through the job's eval transform."""
         try:
-            image = PIL.Image.open(io.BytesIO(data))
+            with large_images_expected():  # the size is checked below, against our own, lower limit
+                image = PIL.Image.open(io.BytesIO(data))
             image_format = image.format
             width, height = image.size
+        except PIL.Image.DecompressionBombError as exc:  # a header declaring more pixels than Pillow decodes
+            raise InputError(f"image is too large: {exc}; at most {MAX_IMAGE_PIXELS} pixels are accepted", field="image") from None
         except (PIL.UnidentifiedImageError, OSError, ValueError) as exc:
             raise InputError(f"the body is not a readable image ({', '.join(IMAGE_FORMATS)} expected): {exc}", field="image") from None
         if image_format not in IMAGE_FORMATS:
@@ -125,6 +129,7 @@ class InferenceModel:
             raise InputError(f"image is {width} x {height} pixels; at most {MAX_IMAGE_PIXELS} pixels are accepted", field="image")
         try:
             image.load()
+            image = upright(image)  # a phone's EXIF orientation, as every viewer shows the photo
             tensor = self.transform(image)
         except (OSError, ValueError, PIL.Image.DecompressionBombError) as exc:
             raise InputError(f"the image could not be decoded: {exc}", field="image") from None

@@ -32,7 +32,7 @@ from .checkpoints import load_into, read_state_dict
 from .compact import check_values
 from .config import DG2PFConfig
 from .data import DataRequest, DataSplits, load_dataset
-from .data.registry import parse_spec
+from .data.registry import eval_crop_pct, parse_spec
 from .errors import CheckpointError, ConfigError, DatasetError, DG2PFError, TrainingDiverged
 from .export import OutputDir, write_compact, write_metrics, write_model
 from .latency import DEFAULT_BATCH_SIZES, DEFAULT_RUNS, DEFAULT_WARMUP, JOB_BUDGET_S, compare, measure_latency
@@ -82,6 +82,7 @@ class PruneJob:
     compact_values: str = "fp32"  # value dtype of model.compact.safetensors: "fp32" (exact) or "fp16"
     skip_bad_images: bool = False  # leave out unreadable images (counted in metrics.json) instead of failing
     augment: str | None = None  # training augmentation policy (data.AUGMENT_POLICIES); None: the dataset's default
+    crop_pct: float | None = None  # folder datasets' evaluation crop (data.transforms.FitAndCrop); None: 0.875
     allowed_roots: list[str] = field(default_factory=list)  # the data must stay inside these folders (a service's)
 
     def __post_init__(self) -> None:
@@ -213,13 +214,13 @@ def load_model(arch: str, num_classes: int, checkpoint: str | Path) -> tuple[Arc
 
 def load_data(dataset: str, arch: ArchSpec, num_classes: int, image_size: int | None, val_fraction: float, seed: int,
               skip_bad_images: bool = False, allowed_roots: tuple[str, ...] = (),
-              augment: str | None = None) -> tuple[DataSplits, int]:
+              augment: str | None = None, crop_pct: float | None = None) -> tuple[DataSplits, int]:
     size = arch.input_size if image_size is None else image_size
     if not MIN_IMAGE_SIZE <= size <= MAX_IMAGE_SIZE:
         raise ConfigError(f"image_size must be in [{MIN_IMAGE_SIZE}, {MAX_IMAGE_SIZE}] pixels, got {size}", field="image_size")
     splits = load_dataset(dataset, DataRequest(image_size=size, in_channels=arch.in_channels, val_fraction=val_fraction,
                                                seed=seed, skip_bad_images=skip_bad_images,
-                                               allowed_roots=tuple(allowed_roots), augment=augment))
+                                               allowed_roots=tuple(allowed_roots), augment=augment, crop_pct=crop_pct))
     if splits.num_classes != num_classes:
         raise DatasetError(
             f"dataset {dataset!r} has {splits.num_classes} classes but the model was given num_classes={num_classes}; "
@@ -283,7 +284,7 @@ def prepare(job: PruneJob, *, out: str | Path | None = None, world_size: int = 1
         check_output(out)
     arch, model, dtypes, teacher = check_static(job)
     splits, size = load_data(job.dataset, arch, job.num_classes, job.image_size, job.val_fraction, job.config.seed,
-                             job.skip_bad_images, tuple(job.allowed_roots), job.augment)
+                             job.skip_bad_images, tuple(job.allowed_roots), job.augment, job.crop_pct)
     if dry:
         dry_run(model, teacher, splits.train, arch=job.arch, num_classes=job.num_classes, image_size=size,
                 batch_size=job.config.batch_size, world_size=world_size, device=device, amp=job.config.amp)
@@ -341,6 +342,8 @@ def result_metrics(prepared: PreparedJob, result: DG2PFResult, *, world_size: in
         "dataset": job.dataset,
         "image_size": prepared.image_size,
         "augment": getattr(prepared.splits, "augment", None),  # the policy trained with: asked for, or the default
+        # folder datasets' evaluation crop (validation, test and serving alike); None where no crop applies
+        "crop_pct": eval_crop_pct(job.dataset, job.crop_pct),
         "in_channels": prepared.arch.in_channels,
         "class_names": prepared.splits.class_names,
         "target_sparsity": job.config.sparsity if job.config.target_macs_ratio is None else None,
@@ -376,7 +379,8 @@ def result_metrics(prepared: PreparedJob, result: DG2PFResult, *, world_size: in
         # N:M holds every tensor at (M-N)/M by construction: no cap applies.
         "layer_cap": result.extra["layer_cap"] if channel else job.config.layer_cap(job.config.sparsity)
         if job.config.scope == "global" and nm is None else None,
-        "warnings": warned,
+        # the data's, the run's (an input model near chance), then the result's
+        "warnings": [*(getattr(prepared.splits, "warnings", None) or []), *result.warnings, *warned],
         "dtype": _dtype_summary(prepared.dtypes),
         "skipped_images": len(getattr(prepared.splits, "skipped_images", []) or []),
         "skipped_image_files": list(getattr(prepared.splits, "skipped_images", []) or [])[:100],

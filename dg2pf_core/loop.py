@@ -48,7 +48,7 @@ from .channels import ChannelPlan, Structure, apply_structure, remove_channels
 from .config import DG2PFConfig
 from . import distributed
 from .distillation import FeatureTaps, kd_loss, similarity_blocks, similarity_loss
-from .errors import ResumeError, TrainingDiverged
+from .errors import InputModelMismatch, ResumeError, TrainingDiverged
 from .loaders import Loaders
 from .masks import (EmptyingGuard, Masks, apply_masks_, classifier_weight, magnitude_masks, mask_sparsity, recovered,
                     select_prunable)
@@ -94,10 +94,23 @@ class DG2PFResult:
     baseline_test_top1: float | None
     test: Accuracy | None
     epochs: int
+    warnings: list[str] = field(default_factory=list)  # what the run found the user should know (metrics.json)
     # Channel granularity: "structure" (the Structure removed, relative to the input model),
     # "channels_total", "channels_pruned", "macs_dense" and "params_dense" (of the input model),
     # "params_prunable" (the input model's parameters in tensors some group touches), "skipped_groups".
     extra: dict = field(default_factory=dict)
+
+
+def chance_warnings(val_top1: float, num_classes: int | None) -> list[str]:
+    """A warning when the input model's validation top-1 is within 5 points of chance (1 / classes)."""
+    if not num_classes or num_classes < 2:
+        return []
+    chance = 100.0 / num_classes
+    if val_top1 > chance + 5.0:
+        return []
+    return [f"the input model scores {val_top1:.2f}% on the validation split, near chance ({chance:.2f}% for {num_classes} "
+            "classes): it does not fit this data (another dataset, another class order or preprocessing?), and pruning it "
+            "cannot make a useful model; set chance_baseline to 'refuse' to stop such a job before training"]
 
 
 def resolve_device(name: str) -> torch.device:
@@ -180,6 +193,11 @@ class _Run:
             return self.plan.masks(self.params, self.selected)
         keep = self.guard.kept(self.params) if self.guard.active else None
         return magnitude_masks(self.params, target, self.cfg.scope, self.cfg.layer_cap(target), keep)
+
+    def num_classes(self) -> int | None:
+        """The classifier's outputs (its last Conv/Linear layer's), for the chance level."""
+        name = classifier_weight(_unwrap(self.model))
+        return int(dict(_unwrap(self.model).named_parameters())[name].shape[0]) if name else None
 
     def sparsity(self, masks: Masks) -> float:
         """What an epoch record calls its sparsity: of the prunable weights, or of the channels."""
@@ -441,6 +459,9 @@ def run_dg2pf(
         state.baseline = {"val_top1": val.top1, "val_top5": val.top5, "test_top1": test.top1 if test else None, "test_top5": test.top5 if test else None}
         state.phase = "gradual_pruning"
         run.finish_epoch(state, masks, EpochRecord("baseline", 0, 0.0, None, val.top1, val.top5, None, time.perf_counter() - t0))
+    notes = chance_warnings(state.baseline["val_top1"], run.num_classes())
+    if notes and config.chance_baseline == "refuse":
+        raise InputModelMismatch(f"{notes[0]} (chance_baseline is 'refuse': nothing was trained)")
 
     # 2. Distilled gradual pruning with simulated pruning (Algorithm 1, i <= s_e).
     while state.phase == "gradual_pruning":
@@ -529,5 +550,6 @@ def run_dg2pf(
         baseline_test_top1=state.baseline.get("test_top1"),
         test=test,
         epochs=state.epoch,
+        warnings=notes,
         extra=extra,
     )

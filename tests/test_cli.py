@@ -230,7 +230,8 @@ def test_channel_metrics_say_what_was_removed_against_the_input_model(channel_jo
     # no field reads 0 for a network that lost half its compute
     assert m["sparsity_total"] == pytest.approx(1 - m["params_nonzero"] / m["params_dense"]) and m["sparsity_total"] > 0.3
     assert m["params_total"] - m["params_dense"] < 0 < m["params_prunable"] <= m["params_dense"]
-    assert m["target_sparsity"] is None and m["config"]["target_macs_ratio"] == 0.5 and m["warnings"] == []
+    assert m["target_sparsity"] is None and m["config"]["target_macs_ratio"] == 0.5
+    assert [w for w in m["warnings"] if "near chance" not in w] == []  # an untrained input model: only that one
 
 
 @pytest.mark.parametrize("extra, fraction", [(["--sparsity", "0.3"], 0.3), (["--sparsity", "0.3", "--channel-multiple", "1"], 0.3)])
@@ -241,7 +242,7 @@ def test_a_channel_fraction_is_met_with_widths_rounded_and_no_layer_beyond_the_r
     assert result.returncode == 0, result.stderr
     m = json.loads((out / "metrics.json").read_text())
     # rounding kept widths up to a multiple puts channels back: the ranking goes further to make up for them
-    assert abs(m["channel_sparsity"] - fraction) <= 0.02 and m["warnings"] == [], m
+    assert abs(m["channel_sparsity"] - fraction) <= 0.02 and [w for w in m["warnings"] if "near chance" not in w] == [], m
     assert max(m["layer_sparsity"].values()) <= m["layer_cap"] + 1e-9  # the cap printed is the cap applied
     model = read_state_dict(out / "model.safetensors")
     widths = [v.shape[0] for k, v in model.items() if k.endswith(".weight") and v.dim() == 4]

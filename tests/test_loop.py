@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from dg2pf_core import DG2PFConfig, TrainingState, run_dg2pf
-from dg2pf_core.errors import ConfigError, ResumeError
+from dg2pf_core.errors import ConfigError, DG2PFError, ResumeError
 from dg2pf_core.masks import recovered, select_prunable
 
 from tiny import TinyNet
@@ -314,3 +314,22 @@ def test_the_paper_preset_is_the_listed_configuration_and_a_job_value_wins():
     with pytest.raises(ConfigError, match="preset") as info:
         DG2PFConfig(sparsity=0.9, preset="fast")
     assert info.value.field == "preset"
+
+
+def test_an_input_model_near_chance_is_named_before_training_and_refused_on_request(tiny_loaders):
+    """An untrained TinyNet scores about chance (25% for 4 classes) on its validation split: the result says
+    so; with chance_baseline='refuse' the run stops after the baseline, before any epoch trains."""
+    torch.manual_seed(3)
+    dead = TinyNet()
+    with torch.no_grad():
+        dead.fc2.weight.zero_()
+        dead.fc2.bias.copy_(torch.tensor([5.0, 0.0, 0.0, 0.0]))  # one class for every input: exactly 25% here
+    result = run_dg2pf(dead, tiny_loaders, DG2PFConfig(**{**CFG, "max_epochs": 3}))
+    assert len(result.warnings) == 1 and "near chance (25.00% for 4 classes)" in result.warnings[0]
+    records = []
+    with pytest.raises(DG2PFError, match="chance_baseline is 'refuse'") as info:
+        run_dg2pf(dead, tiny_loaders, DG2PFConfig(**{**CFG, "max_epochs": 3, "chance_baseline": "refuse"}),
+                  reporter=lambda record, state: records.append(record))
+    assert info.value.field == "checkpoint" and [r.phase for r in records] == ["baseline"]
+    healthy = run_dg2pf(_model(), tiny_loaders, DG2PFConfig(**{**CFG, "max_epochs": 3}))
+    assert healthy.warnings == [] or healthy.baseline_val_top1 <= 30.0

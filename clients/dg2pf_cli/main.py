@@ -25,6 +25,8 @@ from dg2pf_core.data import AUGMENT_POLICIES, dataset_usages
 from .plot import add_plot_command
 from .progress import EpochBars
 
+CROP_HELP = ("imagefolder: the centre fraction of an image larger than --image-size that evaluation keeps "
+             "(default 0.875, ImageNet's; 1: none); images at or below that size are never cut")
 # Config fields the CLI sets through dedicated, required options rather than generated ones.
 _NOT_GENERATED = {"sparsity"}
 
@@ -128,7 +130,7 @@ def _job_from(args: argparse.Namespace) -> PruneJob:
         arch=args.arch, num_classes=args.num_classes, checkpoint=args.checkpoint, dataset=args.dataset,
         config=_config_from(args), teacher=args.teacher, image_size=args.image_size, val_fraction=args.val_fraction,
         compact_values=args.compact_values, skip_bad_images=args.skip_bad_images,
-        augment=None if args.augment in (None, "auto") else args.augment,
+        augment=None if args.augment in (None, "auto") else args.augment, crop_pct=args.crop_pct,
     )
 
 
@@ -138,7 +140,7 @@ def _cmd_prune(args: argparse.Namespace) -> int:
 
     _set_threads(args)
     if args.resume:
-        options = (*_JOB_OPTIONS, "workers", "teacher", "image_size", "augment", *(f.name for f in dataclasses.fields(_Config)))
+        options = (*_JOB_OPTIONS, "workers", "teacher", "image_size", "augment", "crop_pct", *(f.name for f in dataclasses.fields(_Config)))
         given = list(dict.fromkeys(f"--{n.replace('_', '-')}" for n in options if getattr(args, n, None) is not None))
         if given:
             raise DG2PFError(f"--resume continues a run with its own options; leave out {', '.join(given)}", field="resume")
@@ -162,6 +164,8 @@ def _cmd_prune(args: argparse.Namespace) -> int:
             threads = f" ({args.threads} thread{'s' if args.threads != 1 else ''}; --threads to change)" \
                 if prepared.device.type == "cpu" and args.workers is None else ""
             print(f"data: {prepared.splits.description}{note}; device: {prepared.device}{threads}", file=sys.stderr)
+        for warning in getattr(prepared.splits, "warnings", None) or []:  # shown even with --quiet, as errors are
+            print(f"warning: {warning}", file=sys.stderr)
 
     if args.workers is not None and args.workers < 1:
         raise DG2PFError(f"--workers must be >= 1, got {args.workers}", field="workers")
@@ -355,7 +359,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
     _set_threads(args)
     r = evaluate_checkpoint(args.arch, args.num_classes, args.checkpoint, args.dataset, image_size=args.image_size, split=args.split,
-                            skip_bad_images=args.skip_bad_images)
+                            skip_bad_images=args.skip_bad_images, crop_pct=args.crop_pct)
     if args.json:
         print(json.dumps(r, indent=2))
     else:
@@ -524,6 +528,7 @@ def _add_job_options(pr: argparse.ArgumentParser, required: bool = True) -> None
                     help="value dtype of OUT/model.compact.safetensors (default: fp32, exact)")
     pr.add_argument("--skip-bad-images", action="store_true",
                     help="leave out images that cannot be decoded (counted in metrics.json) instead of stopping")
+    pr.add_argument("--crop-pct", type=float, help=CROP_HELP)
     pr.add_argument("--augment", choices=("auto", *AUGMENT_POLICIES),
                     help="training augmentation: imagenet (random resized crop + flip), cifar (pad + random crop + "
                     "flip), shift (pad + random crop), none; auto (default): imagefolder imagenet from 96 px, cifar "
@@ -582,6 +587,7 @@ def _add_tune_evaluate_archs(sub) -> None:
     ev.add_argument("--checkpoint", required=True)
     ev.add_argument("--dataset", required=True, help="as for prune: " + " | ".join(usage for usage, _ in dataset_usages()))
     ev.add_argument("--image-size", type=int)
+    ev.add_argument("--crop-pct", type=float, help=CROP_HELP)
     ev.add_argument("--split", choices=["test", "val"], default="test")
     ev.add_argument("--skip-bad-images", action="store_true", help="leave out images that cannot be decoded")
     ev.add_argument("--json", action="store_true")

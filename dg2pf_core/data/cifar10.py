@@ -20,7 +20,7 @@ import numpy as np
 
 from dg2pf_core.data.registry import DataRequest, DataSplits, register_dataset
 from dg2pf_core.data.roots import confined_open
-from dg2pf_core.data.splits import hold_out
+from dg2pf_core.data.splits import hold_out, rare_class_warnings
 from dg2pf_core.data.transforms import ArrayImages, TransformedView, cifar_transforms
 from dg2pf_core.errors import DatasetError
 
@@ -188,7 +188,7 @@ def load_cifar10(path: str | None, request: DataRequest) -> DataSplits:
     base = ArrayImages(train_images, train_labels)
     train, val = hold_out(
         TransformedView(base, train_tf), TransformedView(base, eval_tf),
-        request.val_fraction, request.seed,
+        request.val_fraction, request.seed, train_labels,
     )  # fmt: skip
     test = TransformedView(ArrayImages(test_images, test_labels), eval_tf)
     return DataSplits(
@@ -197,6 +197,7 @@ def load_cifar10(path: str | None, request: DataRequest) -> DataSplits:
         test=test,
         num_classes=len(class_names),
         class_names=class_names,
+        warnings=rare_class_warnings(train_labels[train.indices], class_names, len(class_names)),
         eval_transform=eval_tf,
         description=(
             f"cifar10 ({folder}): {len(train)} train / {len(val)} val (held out from train) / "

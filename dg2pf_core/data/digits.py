@@ -142,7 +142,7 @@ def load_digits(path: str | None, request: DataRequest) -> DataSplits:
     # the digit, and an augmentation-free train view keeps the demo runs fast and reproducible.
     train_all = _DigitImages(images[train_idx], targets[train_idx], request.in_channels, lazy=lazy)
     augmented = _DigitImages(images[train_idx], targets[train_idx], request.in_channels, _train_augmentation(request), lazy)
-    train, val = hold_out(augmented, train_all, request.val_fraction, request.seed)
+    train, val = hold_out(augmented, train_all, request.val_fraction, request.seed, targets[train_idx].tolist())
     test = _DigitImages(images[test_idx], targets[test_idx], request.in_channels, lazy=lazy)
     return DataSplits(
         train=train,

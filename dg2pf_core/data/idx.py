@@ -24,7 +24,7 @@ import numpy as np
 
 from dg2pf_core.data.registry import DataRequest, DataSplits, register_dataset
 from dg2pf_core.data.roots import confined_open
-from dg2pf_core.data.splits import hold_out
+from dg2pf_core.data.splits import hold_out, rare_class_warnings
 from dg2pf_core.data.transforms import ArrayImages, TransformedView, grayscale_shift_transforms
 from dg2pf_core.errors import DatasetError
 
@@ -242,7 +242,7 @@ def load_idx(path: str | None, request: DataRequest, ds: IdxDataset) -> DataSpli
     base = ArrayImages(train_images, train_labels)
     train, val = hold_out(
         TransformedView(base, train_tf), TransformedView(base, eval_tf),
-        request.val_fraction, request.seed,
+        request.val_fraction, request.seed, train_labels,
     )  # fmt: skip
     test = TransformedView(ArrayImages(test_images, test_labels), eval_tf)
     return DataSplits(
@@ -251,6 +251,7 @@ def load_idx(path: str | None, request: DataRequest, ds: IdxDataset) -> DataSpli
         test=test,
         num_classes=NUM_CLASSES,
         class_names=list(ds.class_names),
+        warnings=rare_class_warnings(train_labels[train.indices], ds.class_names, NUM_CLASSES),
         eval_transform=eval_tf,
         description=(
             f"{ds.name} ({os.path.dirname(files['train_images'])}): {len(train)} train / {len(val)} val "

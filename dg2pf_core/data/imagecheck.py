@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
 import PIL.Image
+import PIL.ImageOps
 
 from dg2pf_core.data.roots import confined_open
 from dg2pf_core.errors import DatasetError
@@ -93,7 +94,17 @@ def open_image(path: str, roots: Sequence[str] = ()) -> PIL.Image.Image:
     with large_images_expected(), confined_open(path, roots) as f:
         image = PIL.Image.open(f)
         image.load()  # decodes every pixel now, while ``f`` is open: truncation fails here
-    return image
+    return upright(image)
+
+
+def upright(image: PIL.Image.Image) -> PIL.Image.Image:
+    """``image`` as its EXIF orientation says it is shown: phones store a portrait photo's pixels
+    sideways with an Orientation tag that every viewer applies. Training, evaluation and serving all
+    read images through this, so the model sees what the user sees."""
+    orientation = image.getexif().get(0x0112, 1)  # only JPEG, PNG, TIFF and WebP carry one
+    if orientation in (None, 1):
+        return image
+    return PIL.ImageOps.exif_transpose(image)
 
 
 def load_image(path: str, roots: Sequence[str] = ()) -> PIL.Image.Image:

@@ -36,7 +36,7 @@ from dg2pf_core.data.imagecheck import (
     shown_path,
 )
 from dg2pf_core.data.registry import DataRequest, DataSplits, register_dataset
-from dg2pf_core.data.splits import hold_out
+from dg2pf_core.data.splits import hold_out, rare_class_warnings
 from dg2pf_core.data.transforms import TransformedView, imagenet_transforms
 from dg2pf_core.errors import DatasetError
 
@@ -194,7 +194,7 @@ def load_imagefolder(path: str | None, request: DataRequest) -> DataSplits:
     else:
         train, val = hold_out(
             TransformedView(train_images, train_tf), TransformedView(train_images, eval_tf),
-            request.val_fraction, request.seed,
+            request.val_fraction, request.seed, train_images.targets,
         )  # fmt: skip
         test_name = "test" if "test" in split_dirs else "val" if "val" in split_dirs else None
         val_source = "held out from train/"
@@ -210,6 +210,8 @@ def load_imagefolder(path: str | None, request: DataRequest) -> DataSplits:
         test=test,
         num_classes=len(train_classes),
         class_names=list(train_classes),
+        warnings=rare_class_warnings([train_images.targets[i] for i in getattr(train, "indices", range(len(train_images)))],
+                                     train_classes, len(train_classes)),
         eval_transform=eval_tf,
         description=(
             f"imagefolder ({path}): {len(train)} train / {len(val)} val ({val_source})"

@@ -44,6 +44,9 @@ class DataRequest:
     # Training augmentation, one of AUGMENT_POLICIES; None or "auto": the dataset's default for this
     # image size. Only the training view changes: validation, test and serving preprocess alike.
     augment: str | None = None
+    # Folder datasets' evaluation: the fraction of a larger image's short side its centre crop keeps
+    # (transforms.FitAndCrop; None: ImageNet's 0.875). Images at or below the target size are never cut.
+    crop_pct: float | None = None
 
 
 @dataclass
@@ -63,6 +66,8 @@ class DataSplits:
     # The augmentation policy the train view applies (load_dataset sets it: the one asked for, or the
     # dataset's default)
     augment: str = "none"
+    # What a user should know about the data (classes with few training images): metrics.json's warnings
+    warnings: list[str] = field(default_factory=list)
 
 
 Loader = Callable[[str | None, DataRequest], DataSplits]
@@ -160,6 +165,10 @@ def _check_request(request: DataRequest) -> None:
             f"got {fraction!r}",
             field="val_fraction",
         )
+    crop = request.crop_pct
+    if crop is not None and (isinstance(crop, bool) or not isinstance(crop, (int, float)) or not 0.25 <= crop <= 1.0):
+        raise DatasetError(f"crop_pct must be in [0.25, 1] (the centre fraction of a larger image kept at evaluation; "
+                           f"1: no crop), got {crop!r}", field="crop_pct")
     if not isinstance(request.skip_bad_images, bool):
         raise DatasetError(
             f"skip_bad_images must be true or false, got {request.skip_bad_images!r}",
@@ -186,6 +195,17 @@ def eval_transform_for(spec: str, request: DataRequest) -> Callable[[PIL.Image.I
     _check_request(request)
     name, _ = parse_spec(spec)
     return _entry(name).eval_transform(request)
+
+
+def eval_crop_pct(spec: str, crop_pct: float | None) -> float | None:
+    """The centre crop the dataset ``spec`` names evaluates with for a job asking ``crop_pct``: a number
+    where its eval transform crops (``transforms.FitAndCrop``: folders of images), None where it resizes
+    the whole image (the datasets of a fixed size)."""
+    from .transforms import FitAndCrop
+
+    name, _ = parse_spec(spec)
+    steps = getattr(_entry(name).eval_transform(DataRequest(image_size=32, in_channels=3, crop_pct=crop_pct)), "transforms", [])
+    return next((t.crop_pct for t in steps if isinstance(t, FitAndCrop)), None)
 
 
 def augment_for(spec: str, request: DataRequest) -> str:

@@ -230,13 +230,41 @@ def grayscale_shift_transforms(request: DataRequest, mean: float, std: float) ->
     return _recipe(request, "shift", ConvertMode(1), resize, suffix, augment_padding(size, per=14))
 
 
+DEFAULT_CROP_PCT = 224 / 256  # ImageNet's evaluation: resize the short side to size / 0.875, crop the centre
+MAX_ASPECT = 4  # the resized image's long side is at most this many times the target size
+
+
+class FitAndCrop:
+    """Evaluation geometry for folders of images of any size, memory bounded for any aspect ratio.
+
+    An image larger than the target on its short side by the crop margin (``size / crop_pct``) is
+    resized so that its short side is ``size / crop_pct`` and its centre ``size`` x ``size`` is cut out
+    (ImageNet's evaluation; timm's ``crop_pct``); the long side is capped at ``MAX_ASPECT`` x ``size``
+    (the rest of the crop window is zero padding), so a 1 x 16,000 image costs what a 4:1 one does. An
+    image at or below that size (a folder of 32 x 32 images evaluated at 32) is resized to
+    ``size`` x ``size`` whole: no border is cut off where the user's own pipeline sees it all."""
+
+    def __init__(self, size: int, crop_pct: float = DEFAULT_CROP_PCT) -> None:
+        self.size, self.crop_pct = size, crop_pct
+        self.short = max(size, int(size / crop_pct))
+        self.crop = T.Compose([T.Resize(self.short, max_size=max(self.short + 1, MAX_ASPECT * size)), T.CenterCrop(size)])
+        self.whole = T.Resize((size, size))
+
+    def __call__(self, image):
+        width, height = T.functional.get_image_size(image)
+        return self.crop(image) if min(width, height) > self.short else self.whole(image)
+
+    def __repr__(self) -> str:
+        return f"FitAndCrop(size={self.size}, crop_pct={self.crop_pct:g})"
+
+
 def imagenet_transforms(request: DataRequest) -> tuple[Transform, Transform]:
     """ImageNet recipe: RandomResizedCrop + flip (policy ``imagenet``, unless ``request.augment``
     names another: ``cifar`` and ``shift`` pad-and-crop the eval image, 4 px per 32); eval
-    Resize(size * 256/224) + CenterCrop."""
+    ``FitAndCrop`` (the centre ``crop_pct`` of an image larger than the target, a small one whole)."""
     size = request.image_size
     mean, std = channel_stats(IMAGENET_MEAN, IMAGENET_STD, request.in_channels)
-    resize = [T.Resize(int(size * 256 / 224)), T.CenterCrop(size)]
+    resize = [FitAndCrop(size, request.crop_pct if request.crop_pct is not None else DEFAULT_CROP_PCT)]
     suffix = [T.ToTensor(), T.Normalize(mean, std)]
     return _recipe(request, "imagenet", ConvertMode(request.in_channels), resize, suffix, augment_padding(size))
 

@@ -62,6 +62,9 @@ class DatasetSpec(_Strict):
         "transform); auto: imagefolder imagenet from 96 px and cifar below, cifar10 cifar, mnist and fashion-mnist "
         "shift, digits none. Validation, test and serving preprocess the same whatever it is; metrics.json records "
         "the policy used")
+    crop_pct: float | None = Field(None, ge=0.25, le=1.0, description="imagefolder: the centre fraction of an image "
+                                   "larger than image_size that validation, test and serving keep (default 0.875, "
+                                   "ImageNet's; 1: none); images at or below that size are never cut")
 
 
 # Options that are the job's, not the schedule's: set elsewhere in the spec or by the executor.
@@ -159,6 +162,6 @@ class JobSpec(_Strict):
             dataset=self.dataset.spec, config=self.config(), teacher=teacher_path,
             image_size=self.dataset.image_size, val_fraction=self.dataset.val_fraction,
             compact_values=self.compact_values, skip_bad_images=self.dataset.skip_bad_images,
-            augment=None if self.dataset.augment == AUTO else self.dataset.augment,
+            augment=None if self.dataset.augment == AUTO else self.dataset.augment, crop_pct=self.dataset.crop_pct,
             allowed_roots=list(data_roots or []),
         )

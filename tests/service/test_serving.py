@@ -164,8 +164,20 @@ def test_cli_models_and_predict(served, service, tmp_path, capsys):
     assert "no deployed model" in capsys.readouterr().err
 
 
+def _png_header(width: int, height: int) -> bytes:
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00")) + chunk(b"IEND", b"")
+
+
 @pytest.mark.parametrize("kind", ["wrong_shape", "ragged", "not_json_object", "not_an_image", "gif", "too_large",
-                                  "too_many", "unknown_model", "bad_top_k", "media_type", "no_token", "bad_token", "empty"])
+                                  "too_many", "unknown_model", "bad_top_k", "media_type", "no_token", "bad_token", "empty",
+                                  "png_bomb", "jpeg_bomb", "deep_json"])
 def test_bad_requests_get_4xx_and_the_replica_keeps_serving(served, kind, test_inputs):
     url = served["model"].url
     headers = dict(AUTH)
@@ -203,6 +215,16 @@ def test_bad_requests_get_4xx_and_the_replica_keeps_serving(served, kind, test_i
     elif kind == "media_type":
         kw["content"], headers["Content-Type"] = b"a,b", "text/csv"
         expect, message = 415, "text/csv"
+    elif kind == "png_bomb":  # 141 bytes declaring 65535 x 65535 pixels: Pillow refuses to open it
+        kw["content"], headers["Content-Type"] = _png_header(65535, 65535), "image/png"
+        expect, message = 400, "too large"
+    elif kind == "jpeg_bomb":
+        kw["content"] = b"\xff\xd8\xff\xc0\x00\x11\x08\xff\xff\xff\xff\x03\x01\x22\x00\x02\x11\x01\x03\x11\x01\xff\xd9"
+        headers["Content-Type"] = "image/jpeg"
+        expect, message = 400, "at most"
+    elif kind == "deep_json":  # 50,000 nested arrays (100 kB): Python's parser would recurse past its limit
+        kw["content"], headers["Content-Type"] = b'{"inputs": ' + b"[" * 50_000 + b"]" * 50_000 + b"}", "application/json"
+        expect, message = 400, "nests too deeply"
     elif kind == "no_token":
         headers.pop("Authorization")
         kw["json"] = {"inputs": test_inputs[0][:1].tolist()}

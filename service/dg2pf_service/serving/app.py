@@ -184,6 +184,8 @@ class ModelServer:
                 doc = json.loads(body)
             except ValueError as exc:
                 raise RequestError(400, "malformed_json", f"request body is not valid JSON: {exc}", "body") from None
+            except RecursionError:  # 100,000 nested arrays: deeper than any input a model takes
+                raise RequestError(400, "malformed_json", "request body nests too deeply to be an input", "body") from None
             if not isinstance(doc, dict) or "inputs" not in doc:
                 raise InputError('the JSON body must be an object {"inputs": [...]}')
             batch = model.tensor_inputs(doc["inputs"])  # bounded by max_request_bytes: cheap enough inline
