@@ -98,7 +98,8 @@ class _Format:
     advice: str = ""
 
 
-def read_state_dict(path: str | Path, *, allow_nonfinite: bool = False) -> dict[str, torch.Tensor]:
+def read_state_dict(path: str | Path, *, allow_nonfinite: bool = False, key: str | None = None,
+                    any_set: bool = False) -> dict[str, torch.Tensor]:
     """The name -> tensor mapping stored in ``path``, on CPU, without unpickling objects.
 
     The format comes from the file's content, whatever its name: safetensors (dense, or the
@@ -115,6 +116,11 @@ def read_state_dict(path: str | Path, *, allow_nonfinite: bool = False) -> dict[
     anything but tensors, holds tensors without dense data on the CPU (meta, sparse, quantized
     or nested tensors, dtypes that cannot be converted), or - unless ``allow_nonfinite`` - has
     NaN or Inf in a floating tensor.
+
+    Two sets of weights in one file (a training checkpoint with an EMA copy: timm's ``state_dict`` +
+    ``state_dict_ema``, torchvision's references' ``model`` + ``model_ema``): ``key`` names the entry to
+    take; without it the file is refused naming both (``any_set``: the first is taken, for a check
+    that only needs the file to be readable).
     """
     path = Path(path)
     if not path.exists():
@@ -139,7 +145,7 @@ def read_state_dict(path: str | Path, *, allow_nonfinite: bool = False) -> dict[
         _refuse_pickle(path)
     else:
         raise CheckpointError(f"checkpoint {path} is {fmt.what}; {fmt.advice}")
-    state = _as_state_dict(raw, path)
+    state = _as_state_dict(_chosen_set(raw, path, key, any_set), path)
     # Before the finiteness check, which needs dense values it can compute on.
     _refuse_unusable(state, f"checkpoint {path}", on_cpu=True)
     if not allow_nonfinite:
@@ -417,6 +423,43 @@ def _wrapper_key(checkpoint: Mapping) -> str | None:
     return (holding or found or [None])[0]
 
 
+# Entries that hold an exponential moving average of the weights beside the raw ones ("ema" as a word of the key).
+_EMA = re.compile(r"(?:^|[_.])ema(?:$|[_.])", re.IGNORECASE)
+
+
+def _holds_weights(value: object) -> bool:
+    return isinstance(value, Mapping) and (any(isinstance(v, torch.Tensor) for v in value.values())
+                                           or any(isinstance(value.get(w), Mapping) for w in _WRAPPER_KEYS))
+
+
+def weight_sets(raw: object) -> list[str]:
+    """The top-level entries of a checkpoint that each hold a set of weights (a wrapper key or an EMA copy)."""
+    if not isinstance(raw, Mapping):
+        return []
+    return [k for k, v in raw.items() if isinstance(k, str) and (k in _WRAPPER_KEYS or _EMA.search(k)) and _holds_weights(v)]
+
+
+def _chosen_set(raw: object, path: Path, key: str | None, any_set: bool) -> object:
+    """The part of ``raw`` the weights come from: the entry ``key`` names, or the whole checkpoint when it
+    holds one set of weights; ``CheckpointError`` for two sets without a choice, or a key it lacks."""
+    sets = weight_sets(raw)
+    if key is not None:
+        if not isinstance(raw, Mapping) or key not in raw or not _holds_weights(raw[key]):
+            shown = ", ".join(repr(k) for k in sets) or "none (a plain state_dict: leave the key out)"
+            raise CheckpointError(f"checkpoint {path} has no set of weights under {key!r}; the entries that hold "
+                                  f"weights: {shown}", field="checkpoint_key")
+        return raw[key]
+    ema = [k for k in sets if _EMA.search(k)]
+    if ema and len(sets) > 1 and not any_set:
+        raw_sets = [k for k in sets if k not in ema]
+        raise CheckpointError(
+            f"checkpoint {path} holds two sets of weights: {', '.join(repr(k) for k in raw_sets)} (the raw ones) and "
+            f"{', '.join(repr(k) for k in ema)} (an exponential moving average, what most training scripts evaluate and "
+            f"ship); say which to prune: --checkpoint-key {ema[0]} (JobSpec: model.checkpoint_key), or --checkpoint-key "
+            f"{raw_sets[0] if raw_sets else sets[0]} for the raw weights", field="checkpoint_key")
+    return raw
+
+
 def _as_state_dict(raw: object, path: Path) -> dict[str, torch.Tensor]:
     lightning = False
     while isinstance(raw, Mapping):
@@ -436,8 +479,8 @@ def _as_state_dict(raw: object, path: Path) -> dict[str, torch.Tensor]:
             keys = ", ".join(repr(k) for k in _WRAPPER_KEYS)
             raise CheckpointError(
                 f"checkpoint {path} maps {key!r} to a dict, not a tensor, and "
-                f"has no entry dg2pf takes the weights from ({keys}); save the weights you mean "
-                f"on their own: torch.save(checkpoint[{key!r}], 'model.pt')"
+                f"has no entry dg2pf takes the weights from ({keys}); name it: --checkpoint-key {key} (JobSpec: "
+                f"model.checkpoint_key), or save the weights you mean on their own: torch.save(checkpoint[{key!r}], 'model.pt')"
             )
         if not isinstance(key, str) or not isinstance(value, torch.Tensor):
             raise CheckpointError(

@@ -15,12 +15,13 @@ from .preflight import check_eval_forward
 
 
 def evaluate_checkpoint(arch: str, num_classes: int, checkpoint: str, dataset: str, *, image_size: int | None = None,
-                        split: str = "test", skip_bad_images: bool = False, crop_pct: float | None = None) -> dict:
+                        split: str = "test", skip_bad_images: bool = False, crop_pct: float | None = None,
+                        checkpoint_key: str | None = None) -> dict:
     """Top-1/top-5 (%) of a checkpoint on a split, its sparsity, the channels its structure removed
     (a channel-pruned checkpoint) and its MACs and parameters against the architecture's dense default
     (``compared``); DG2PFError for bad input, checked before the evaluation (the checkpoint, the data,
     and a forward pass on the first batch)."""
-    spec, model = load_model(arch, num_classes, checkpoint)
+    spec, model = load_model(arch, num_classes, checkpoint, key=checkpoint_key)
     splits, size = load_data(dataset, spec, num_classes, image_size, 0.1, 0, skip_bad_images, crop_pct=crop_pct)
     data = splits.test if split == "test" else splits.val
     if data is None:

@@ -84,6 +84,8 @@ class PruneJob:
     augment: str | None = None  # training augmentation policy (data.AUGMENT_POLICIES); None: the dataset's default
     crop_pct: float | None = None  # folder datasets' evaluation crop (data.transforms.FitAndCrop); None: 0.875
     allowed_roots: list[str] = field(default_factory=list)  # the data must stay inside these folders (a service's)
+    # The entry of a checkpoint holding two sets of weights (raw + EMA) to prune; None: a file with one set
+    checkpoint_key: str | None = None
 
     def __post_init__(self) -> None:
         check_values(self.compact_values)
@@ -151,7 +153,8 @@ class PreparedJob:
 
 
 def load_checkpoint_model(arch: str, num_classes: int, checkpoint: str | Path, what: str = "checkpoint", *,
-                          meta: bool = False, fp16_values: bool = False) -> tuple[ArchSpec, nn.Module, dict[str, torch.dtype]]:
+                          meta: bool = False, fp16_values: bool = False,
+                          key: str | None = None) -> tuple[ArchSpec, nn.Module, dict[str, torch.dtype]]:
     """``arch`` built with ``num_classes`` and the checkpoint's weights (read by content, finite,
     fitting), and the dtype each tensor had in the checkpoint. Raises ``DG2PFError``.
 
@@ -159,7 +162,7 @@ def load_checkpoint_model(arch: str, num_classes: int, checkpoint: str | Path, w
     no memory for the weights (what a service checks at submit). ``fp16_values``: every value must
     fit float16 (``compact_values=fp16``)."""
     spec = get_arch(arch)
-    state = read_state_dict(checkpoint)
+    state = read_state_dict(checkpoint, key=key)
     structure = read_structure(checkpoint)  # a channel-pruned model: other shapes than the architecture's
     if spec.ignored_keys:
         state = {k: v for k, v in state.items() if not k.startswith(spec.ignored_keys)}
@@ -190,7 +193,7 @@ def _narrower(state: dict[str, torch.Tensor], model: nn.Module) -> bool:
                and all(a <= b for a, b in zip(v.shape, own[k].shape)) for k, v in state.items())
 
 
-def checkpoint_num_classes(arch: str, checkpoint: str | Path) -> int:
+def checkpoint_num_classes(arch: str, checkpoint: str | Path, key: str | None = None) -> int:
     """The number of classes ``checkpoint`` was trained for: the output size of ``arch``'s classifier
     (its last Conv/Linear, the convention the pruning code relies on) in the checkpoint. Raises
     ``DG2PFError`` when the file cannot be read or holds no such weight."""
@@ -199,7 +202,7 @@ def checkpoint_num_classes(arch: str, checkpoint: str | Path) -> int:
     get_arch(arch)  # an unknown name is named as such, with suggestions
     model = build_meta(arch, 2)
     last = [name for name, m in model.named_modules() if isinstance(m, PRUNABLE_MODULES)]
-    state = read_state_dict(checkpoint)
+    state = read_state_dict(checkpoint, key=key)
     key = f"{last[-1]}.weight" if last else None
     if key is None or key not in state or state[key].dim() < 2:
         raise CheckpointError(f"checkpoint {checkpoint} has no classifier weight {key or '(none in ' + arch + ')'} to "
@@ -207,8 +210,8 @@ def checkpoint_num_classes(arch: str, checkpoint: str | Path) -> int:
     return int(state[key].shape[0])
 
 
-def load_model(arch: str, num_classes: int, checkpoint: str | Path) -> tuple[ArchSpec, nn.Module]:
-    spec, model, _ = load_checkpoint_model(arch, num_classes, checkpoint)
+def load_model(arch: str, num_classes: int, checkpoint: str | Path, key: str | None = None) -> tuple[ArchSpec, nn.Module]:
+    spec, model, _ = load_checkpoint_model(arch, num_classes, checkpoint, key=key)
     return spec, model
 
 
@@ -252,7 +255,7 @@ def check_static(job: PruneJob, *, meta: bool = False, max_params: int | None = 
                               f"records ({MAX_STRUCTURE_STAGES}): prune it with granularity 'unstructured' or N:M, or start "
                               "from a checkpoint with fewer stages", field="granularity")
     arch, model, dtypes = load_checkpoint_model(job.arch, job.num_classes, job.checkpoint, meta=meta,
-                                                fp16_values=job.compact_values == "fp16")
+                                                fp16_values=job.compact_values == "fp16", key=job.checkpoint_key)
     prunable = select_prunable(model, job.config.selection())  # --include/--exclude select something
     nm = job.config.nm()
     if nm is not None:
@@ -431,7 +434,7 @@ def job_latency(prepared: PreparedJob, pruned: nn.Module, onnx: OnnxReport, onnx
     try:
         with tempfile.TemporaryDirectory(prefix="dg2pf-latency-") as tmp:
             try:
-                _, models["dense"], _ = load_checkpoint_model(job.arch, job.num_classes, job.checkpoint)
+                _, models["dense"], _ = load_checkpoint_model(job.arch, job.num_classes, job.checkpoint, key=job.checkpoint_key)
             except DG2PFError as exc:
                 notes.append(f"dense: not measured, the input checkpoint cannot be read again ({exc.message})")
             if onnx.written and "dense" in models:

@@ -674,6 +674,47 @@ def test_weights_under_an_unknown_key_are_refused_with_advice(tmp_path, digits_s
     assert "'model_state_dict'" in msg and "torch.save(checkpoint['model_ema'], 'model.pt')" in msg
 
 
+@pytest.mark.parametrize("raw_key, ema_key", [("state_dict", "state_dict_ema"), ("model", "model_ema"),
+                                               ("model_state_dict", "ema_state_dict")])
+def test_raw_and_ema_weights_in_one_file_are_refused_naming_both_until_one_is_chosen(tmp_path, digits_state, raw_key, ema_key):
+    """timm's --model-ema checkpoints (state_dict + state_dict_ema), torchvision's references (model +
+    model_ema): the raw weights were taken without a word; now the file is refused naming both entries and
+    the option, and the key chosen is the set read. A check that only needs a readable file takes either."""
+    ema = {k: v + 1.0 if v.is_floating_point() else v for k, v in digits_state.items()}
+    path = tmp_path / "train.pth"
+    torch.save({raw_key: digits_state, ema_key: ema, "optimizer": {"lr": 0.1}, "epoch": 9}, path)
+    msg = _refusal(path)
+    assert "two sets of weights" in msg and f"'{raw_key}'" in msg and f"'{ema_key}'" in msg
+    assert f"--checkpoint-key {ema_key}" in msg and "model.checkpoint_key" in msg
+    with pytest.raises(CheckpointError) as info:
+        read_state_dict(path)
+    assert info.value.field == "checkpoint_key"
+    _assert_same(read_state_dict(path, key=ema_key), ema)
+    _assert_same(read_state_dict(path, key=raw_key), digits_state)
+    _assert_same(read_state_dict(path, any_set=True), digits_state)  # readable: what an upload checks
+    with pytest.raises(CheckpointError, match=rf"no set of weights under 'optimizer'.*'{raw_key}', '{ema_key}'"):
+        read_state_dict(path, key="optimizer")
+    torch.save(digits_state, path)  # a plain state_dict: a key is an error that says so
+    with pytest.raises(CheckpointError, match="a plain state_dict: leave the key out"):
+        read_state_dict(path, key=ema_key)
+
+
+def test_the_chosen_set_is_what_a_job_prunes(tmp_path, digits_state):
+    from dg2pf_core import DG2PFConfig
+    from dg2pf_core.job import PruneJob, check_static
+
+    ema = {k: v * 0.5 if v.is_floating_point() else v for k, v in digits_state.items()}
+    path = tmp_path / "train.pth"
+    torch.save({"state_dict": digits_state, "state_dict_ema": ema}, path)
+    job = PruneJob(arch="digits_cnn", num_classes=10, checkpoint=str(path), dataset="digits",
+                   config=DG2PFConfig(sparsity=0.5), checkpoint_key="state_dict_ema")
+    _, model, _, _ = check_static(job)
+    _assert_same(model.state_dict(), ema)
+    with pytest.raises(CheckpointError, match="two sets of weights"):
+        check_static(PruneJob(arch="digits_cnn", num_classes=10, checkpoint=str(path), dataset="digits",
+                              config=DG2PFConfig(sparsity=0.5)))
+
+
 # --- dtypes ---------------------------------------------------------------------------------
 
 

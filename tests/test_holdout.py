@@ -39,3 +39,33 @@ def test_a_folder_with_rare_classes_trains_on_all_of_them_and_warns(tmp_path):
     warning = splits.warnings[0]
     assert f"fewer than {MIN_TRAIN_PER_CLASS} training images" in warning and "'rare' 1" in warning and "'few'" in warning
     assert "'common'" not in warning
+
+
+def _folder(root, split, classes, n=3):
+    for cls in classes:
+        d = root / split / cls
+        d.mkdir(parents=True)
+        for i in range(n):
+            PIL.Image.new("RGB", (8, 8), (i * 40, 0, 0)).save(d / f"{i}.png")
+
+
+def test_a_class_spelled_nfc_in_train_and_nfd_in_test_is_one_class_with_a_note(tmp_path):
+    import unicodedata
+
+    nfc, nfd = unicodedata.normalize("NFC", "café"), unicodedata.normalize("NFD", "café")
+    assert nfc != nfd
+    _folder(tmp_path, "train", [nfc, "tea"])
+    _folder(tmp_path, "test", [nfd, "tea"])
+    splits = load_dataset(f"imagefolder:{tmp_path}", DataRequest(8, 3, val_fraction=0.2))
+    assert splits.class_names == [nfc, "tea"]
+    test = splits.test.base
+    assert {test.classes[t] for t in test.targets} == {nfc, "tea"} and sorted(set(test.targets)) == [0, 1]
+    assert any("another Unicode form" in w and "taken as the same classes" in w for w in splits.warnings)
+
+
+def test_a_class_folder_name_that_is_not_utf8_is_refused_with_its_bytes(tmp_path):
+    import os
+
+    _folder(tmp_path, "train", ["tea", os.fsdecode(b"caf\xe9")])
+    with pytest.raises(DatasetError, match=r"not valid UTF-8: b'caf\\xe9'"):
+        load_dataset(f"imagefolder:{tmp_path}", DataRequest(8, 3, val_fraction=0.2))

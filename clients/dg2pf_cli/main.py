@@ -25,6 +25,8 @@ from dg2pf_core.data import AUGMENT_POLICIES, dataset_usages
 from .plot import add_plot_command
 from .progress import EpochBars
 
+CHECKPOINT_KEY_HELP = ("the entry of a checkpoint holding two sets of weights to use (state_dict_ema, model_ema, ...: "
+                       "a training checkpoint with an EMA copy)")
 CROP_HELP = ("imagefolder: the centre fraction of an image larger than --image-size that evaluation keeps "
              "(default 0.875, ImageNet's; 1: none); images at or below that size are never cut")
 # Config fields the CLI sets through dedicated, required options rather than generated ones.
@@ -127,7 +129,8 @@ def _job_from(args: argparse.Namespace) -> PruneJob:
         raise DG2PFError("the following arguments are required: --sparsity (or --target-macs-ratio with --granularity "
                          "channel, or --resume DIR)", field="sparsity")
     return PruneJob(
-        arch=args.arch, num_classes=args.num_classes, checkpoint=args.checkpoint, dataset=args.dataset,
+        arch=args.arch, num_classes=args.num_classes, checkpoint=args.checkpoint, checkpoint_key=args.checkpoint_key,
+        dataset=args.dataset,
         config=_config_from(args), teacher=args.teacher, image_size=args.image_size, val_fraction=args.val_fraction,
         compact_values=args.compact_values, skip_bad_images=args.skip_bad_images,
         augment=None if args.augment in (None, "auto") else args.augment, crop_pct=args.crop_pct,
@@ -140,7 +143,8 @@ def _cmd_prune(args: argparse.Namespace) -> int:
 
     _set_threads(args)
     if args.resume:
-        options = (*_JOB_OPTIONS, "workers", "teacher", "image_size", "augment", "crop_pct", *(f.name for f in dataclasses.fields(_Config)))
+        options = (*_JOB_OPTIONS, "workers", "teacher", "image_size", "augment", "crop_pct", "checkpoint_key",
+                   *(f.name for f in dataclasses.fields(_Config)))
         given = list(dict.fromkeys(f"--{n.replace('_', '-')}" for n in options if getattr(args, n, None) is not None))
         if given:
             raise DG2PFError(f"--resume continues a run with its own options; leave out {', '.join(given)}", field="resume")
@@ -359,7 +363,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
     _set_threads(args)
     r = evaluate_checkpoint(args.arch, args.num_classes, args.checkpoint, args.dataset, image_size=args.image_size, split=args.split,
-                            skip_bad_images=args.skip_bad_images, crop_pct=args.crop_pct)
+                            skip_bad_images=args.skip_bad_images, crop_pct=args.crop_pct, checkpoint_key=args.checkpoint_key)
     if args.json:
         print(json.dumps(r, indent=2))
     else:
@@ -401,8 +405,9 @@ def _cmd_latency(args: argparse.Namespace) -> int:
     if unknown or "torch" not in backends:
         raise DG2PFError(f"--backends takes torch and optionally onnxruntime (e.g. torch,onnxruntime), got {args.backends!r}",
                          field="backends")
-    num_classes = args.num_classes if args.num_classes is not None else checkpoint_num_classes(args.arch, args.checkpoint)
-    spec, model, _ = load_checkpoint_model(args.arch, num_classes, args.checkpoint)
+    num_classes = (args.num_classes if args.num_classes is not None
+                   else checkpoint_num_classes(args.arch, args.checkpoint, key=args.checkpoint_key))
+    spec, model, _ = load_checkpoint_model(args.arch, num_classes, args.checkpoint, key=args.checkpoint_key)
     size = args.image_size or spec.input_size
     if not MIN_IMAGE_SIZE <= size <= MAX_IMAGE_SIZE:
         raise DG2PFError(f"--image-size must be in [{MIN_IMAGE_SIZE}, {MAX_IMAGE_SIZE}] pixels, got {size}", field="image_size")
@@ -517,6 +522,7 @@ def _add_job_options(pr: argparse.ArgumentParser, required: bool = True) -> None
     pr.add_argument("--arch", required=required, help="e.g. digits_cnn, cifar/resnet18, torchvision/resnet50 (see `dg2pf archs`)")
     pr.add_argument("--num-classes", type=int, required=required)
     pr.add_argument("--checkpoint", required=required, help=".safetensors or a torch state_dict file (recognised by content)")
+    pr.add_argument("--checkpoint-key", help=CHECKPOINT_KEY_HELP)
     pr.add_argument("--dataset", required=required, help="; ".join(f"{usage}: {text}" for usage, text in dataset_usages()))
     pr.add_argument("--sparsity", type=float, help="fraction of prunable weights (channels with --granularity channel) "
                     "to remove, in (0, 1); required unless --target-macs-ratio")
@@ -585,6 +591,7 @@ def _add_tune_evaluate_archs(sub) -> None:
     ev.add_argument("--arch", required=True)
     ev.add_argument("--num-classes", type=int, required=True)
     ev.add_argument("--checkpoint", required=True)
+    ev.add_argument("--checkpoint-key", help=CHECKPOINT_KEY_HELP)
     ev.add_argument("--dataset", required=True, help="as for prune: " + " | ".join(usage for usage, _ in dataset_usages()))
     ev.add_argument("--image-size", type=int)
     ev.add_argument("--crop-pct", type=float, help=CROP_HELP)
@@ -597,6 +604,7 @@ def _add_tune_evaluate_archs(sub) -> None:
     la = sub.add_parser("latency", help="measure a checkpoint's inference latency: PyTorch and ONNX Runtime on the CPU")
     la.add_argument("--arch", required=True)
     la.add_argument("--checkpoint", required=True, help="a plain or compact checkpoint (recognised by content)")
+    la.add_argument("--checkpoint-key", help=CHECKPOINT_KEY_HELP)
     la.add_argument("--num-classes", type=int, help="default: the output size of the checkpoint's classifier")
     la.add_argument("--image-size", type=int, help="input size (default: the architecture's)")
     la.add_argument("--batch-sizes", default="1,32", help="comma-separated (default: 1,32)")

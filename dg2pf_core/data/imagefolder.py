@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import functools
 import os
+import unicodedata
 from pathlib import Path
 from typing import Callable
 
@@ -64,15 +65,45 @@ def is_hidden(relative_path: str) -> bool:
 
 
 def find_visible_classes(directory: str) -> tuple[list[str], dict[str, int]]:
-    """torchvision's ``find_classes`` without hidden folders; FileNotFoundError when none."""
-    classes = sorted(
-        entry.name
-        for entry in os.scandir(directory)
-        if entry.is_dir() and not is_hidden(entry.name)
-    )
-    if not classes:
+    """torchvision's ``find_classes`` without hidden folders; FileNotFoundError when none.
+
+    Classes are the folder names in Unicode NFC form, sorted: the same class spelled NFC in one split and
+    NFD in another (a copy made on macOS) is one class with one index. ``class_to_idx`` maps the folder
+    names as they are on disk. A name that is not valid UTF-8 (a zip from another system) or two folders
+    that are the same name in two forms are refused, naming them."""
+    names = sorted(entry.name for entry in os.scandir(directory) if entry.is_dir() and not is_hidden(entry.name))
+    if not names:
         raise FileNotFoundError(f"Couldn't find any class folder in {directory}.")
-    return classes, {name: i for i, name in enumerate(classes)}
+    for name in names:
+        try:
+            name.encode("utf-8")
+        except UnicodeEncodeError:  # bytes the file system gave that are not UTF-8, kept as lone surrogates
+            raise DatasetError(f"{directory!r} has a class folder whose name is not valid UTF-8: "
+                               f"{os.fsencode(name)!r} (made on a system with another encoding?); rename it: the name "
+                               "is the label the model answers with") from None
+    by_form: dict[str, str] = {}
+    for name in names:
+        form = unicodedata.normalize("NFC", name)
+        if form in by_form:
+            raise DatasetError(f"{directory!r} has two class folders with the same name in two Unicode forms: "
+                               f"{by_form[form]!r} and {name!r} (NFC and NFD); merge them")
+        by_form[form] = name
+    classes = sorted(by_form)
+    index = {form: i for i, form in enumerate(classes)}
+    return classes, {name: index[form] for form, name in by_form.items()}
+
+
+def spelling_notes(folder: str, directory: str, train_dir: str) -> list[str]:
+    """A note when a split spells some class folders in another Unicode form than train/ does."""
+    def on_disk(d: str) -> dict[str, str]:
+        return {unicodedata.normalize("NFC", n): n for n in find_visible_classes(d)[1]}
+
+    here, train = on_disk(directory), on_disk(train_dir)
+    differ = [train[f] for f in here if f in train and here[f] != train[f]]
+    if not differ:
+        return []
+    return [f"{folder}/ spells {len(differ)} class folder name(s) in another Unicode form than train/ "
+            f"(e.g. {differ[0]!r}, NFC vs NFD: a copy made on macOS); they were taken as the same classes"]
 
 
 class VisibleImageFolder(ImageFolder):
@@ -177,8 +208,10 @@ def load_imagefolder(path: str | None, request: DataRequest) -> DataSplits:
     split_dirs = {name: d for name, d in split_dirs.items() if os.path.isdir(d)}
 
     train_classes = _class_folders(train_dir)
-    for folder in split_dirs.values():
+    notes: list[str] = []
+    for name, folder in split_dirs.items():
         _check_same_classes(folder, _class_folders(folder), train_classes)
+        notes += spelling_notes(name, folder, train_dir)
 
     images = {"train": _images(train_dir, request.allowed_roots)}
     images.update({name: _images(d, request.allowed_roots) for name, d in split_dirs.items()})
@@ -210,8 +243,8 @@ def load_imagefolder(path: str | None, request: DataRequest) -> DataSplits:
         test=test,
         num_classes=len(train_classes),
         class_names=list(train_classes),
-        warnings=rare_class_warnings([train_images.targets[i] for i in getattr(train, "indices", range(len(train_images)))],
-                                     train_classes, len(train_classes)),
+        warnings=notes + rare_class_warnings([train_images.targets[i] for i in getattr(train, "indices", range(len(train_images)))],
+                                             train_classes, len(train_classes)),
         eval_transform=eval_tf,
         description=(
             f"imagefolder ({path}): {len(train)} train / {len(val)} val ({val_source})"

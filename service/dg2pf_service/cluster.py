@@ -14,12 +14,14 @@ with a lost head. Ray 2.60 clusters demand a token (``~/.ray/auth_token``, ``RAY
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -127,6 +129,15 @@ def ensure_auth_token() -> None:
 STARTUP_S = 60.0  # how long a starting head's dashboard is given to answer
 
 
+def ray_temp_dir(state_dir: Path) -> Path:
+    """The embedded head's own Ray temp directory (short: Ray's sockets live under it, and a Unix socket
+    path holds at most 107 bytes). Ray records "the current cluster" there, and its job supervisor finds
+    the address it hands each job ("auto" discovery) there: in the default /tmp/ray, shared by every Ray
+    on the machine, a job could be given another head's address (the one started last)."""
+    digest = hashlib.sha256(str(state_dir.resolve()).encode()).hexdigest()[:10]
+    return Path(tempfile.gettempdir()) / f"dg2pf-ray-{digest}"
+
+
 def _wait_for_dashboard(info: ClusterInfo, seconds: float) -> bool:
     deadline = time.time() + seconds
     while not dashboard_up(info.dashboard_url):
@@ -166,7 +177,7 @@ def start_embedded(state_dir: Path, num_cpus: int | None = None, *, replace_unre
     tmp = record.with_suffix(".tmp")
     tmp.write_text(json.dumps(info.__dict__))
     os.replace(tmp, record)
-    cmd = [ray_cli(), "start", "--head", "--dashboard-host=127.0.0.1",
+    cmd = [ray_cli(), "start", "--head", "--dashboard-host=127.0.0.1", f"--temp-dir={ray_temp_dir(state_dir)}",
            "--disable-usage-stats", "--include-dashboard=true", *[f"--{k}={v}" for k, v in ports.items()]]
     if num_cpus is not None:
         cmd.append(f"--num-cpus={num_cpus}")

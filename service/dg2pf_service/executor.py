@@ -18,7 +18,7 @@ from ray.job_submission import JobStatus, JobSubmissionClient
 from dg2pf_core.job import PruneJob
 
 from .cluster import Cluster, auth_headers
-from .runner import ERROR, JOB, OUTPUT, PROGRESS
+from .runner import CLUSTER_ADDRESS_ENV, ERROR, JOB, OUTPUT, PROGRESS
 
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 
@@ -90,7 +90,8 @@ class RayJobsExecutor:
                 # Ray Train's controller reads its worker start timeout from the driver's environment: a job
                 # whose workers cannot be placed (a node was lost) then fails over instead of waiting for ever.
                 runtime_env={"env_vars": {"PYTHONUNBUFFERED": "1",
-                                          "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": f"{order.worker_start_timeout_s:g}"}},
+                                          "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": f"{order.worker_start_timeout_s:g}",
+                                          **self._cluster_env()}},
                 metadata={"dg2pf_job": job_id, "attempt": str(attempt)},
             )
         except RuntimeError as exc:
@@ -98,6 +99,16 @@ class RayJobsExecutor:
                 raise SubmissionExists(submission_id) from exc
             raise
         return submission_id
+
+    def _cluster_env(self) -> dict[str, str]:
+        """The service's own cluster, named for the job: the runner connects to it (and Ray Train and Tune
+        inside it, through RAY_ADDRESS) and its lifeline watches it, whatever other Ray runs on the host.
+        A plain GCS address only (host:port): a Ray Client address (ray://) means nothing inside the cluster."""
+        info = self.cluster.info
+        address = info.gcs_address if info is not None else ""
+        if not address or "://" in address or ":" not in address:
+            return {}
+        return {CLUSTER_ADDRESS_ENV: address}
 
     def status(self, submission_id: str) -> str | None:
         """PENDING/RUNNING/SUCCEEDED/FAILED/STOPPED, or None when Ray has no such job."""

@@ -16,6 +16,7 @@ once. The runner's lifeline (``lifeline``) stops it when its Ray supervisor or c
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import sys
 import traceback
@@ -32,6 +33,9 @@ OUTPUT = "output"
 ERROR = "error.json"
 JOB = "job.json"
 STATE = "state"  # the last epoch's TrainingState of a single-process job
+# The job's own cluster, set by the service (``RayJobsExecutor._cluster_env``). Ray's job supervisor sets
+# RAY_ADDRESS itself, by "auto" discovery: on a host with several Ray clusters that can be another one.
+CLUSTER_ADDRESS_ENV = "DG2PF_RAY_ADDRESS"
 
 
 class _ProgressFile:
@@ -96,6 +100,12 @@ def run(job_dir: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     job_dir = Path(args[0])
+    own = os.environ.get(CLUSTER_ADDRESS_ENV)
+    if own:  # the service's cluster, not the one Ray's supervisor discovered: for ray.init, Train, Tune, the lifeline
+        if os.environ.get("RAY_ADDRESS") not in (None, own):
+            print(f"dg2pf runner: Ray handed this job RAY_ADDRESS={os.environ['RAY_ADDRESS']}; using the service's "
+                  f"cluster at {own}", file=sys.stderr, flush=True)
+        os.environ["RAY_ADDRESS"] = own
     start_lifeline()
     try:
         run(job_dir)

@@ -48,6 +48,9 @@ class ModelSpec(_Strict):
     arch: Name = Field(description="architecture name, e.g. digits_cnn, cifar/resnet18, torchvision/resnet50")
     num_classes: int = Field(ge=2, le=MAX_CLASSES)
     checkpoint: Text = Field(description="a checkpoint id from POST /checkpoints, or a path under an allowed root")
+    checkpoint_key: Name | None = Field(None, description="a checkpoint holding two sets of weights (a training "
+                                        "checkpoint with an EMA copy: state_dict + state_dict_ema, model + model_ema): "
+                                        "the entry to prune")
 
 
 class DatasetSpec(_Strict):
@@ -159,6 +162,7 @@ class JobSpec(_Strict):
         """The engine's job; ``data_roots``: the folders its data must stay inside (the service's)."""
         return PruneJob(
             arch=self.model.arch, num_classes=self.model.num_classes, checkpoint=checkpoint_path,
+            checkpoint_key=self.model.checkpoint_key,
             dataset=self.dataset.spec, config=self.config(), teacher=teacher_path,
             image_size=self.dataset.image_size, val_fraction=self.dataset.val_fraction,
             compact_values=self.compact_values, skip_bad_images=self.dataset.skip_bad_images,

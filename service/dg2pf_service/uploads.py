@@ -344,7 +344,7 @@ def _check(path: Path, filename: str, limits: UploadLimits) -> str:
             raise UploadRefused(413, "too_large", f"{filename} would take {size} bytes in memory ({what}), above this "
                                 f"service's limit of {limits.max_uncompressed_bytes} bytes (DG2PF_MAX_UNCOMPRESSED_BYTES); "
                                 "save the weights uncompressed (torch.save or safetensors) or ask the operator to raise the limit")
-        read_state_dict(path)
+        read_state_dict(path, any_set=True)  # a file with raw + EMA weights: the job says which (checkpoint_key)
         with open(path, "rb") as f:
             head = f.read(9)
     except UploadRefused:

@@ -143,6 +143,46 @@ def test_a_job_whose_order_cannot_be_built_fails_and_the_queue_moves_on(svc, ckp
     assert_no_process_left(svc, bad.id, good_doc.id, after)
 
 
+def test_an_unrelated_ray_head_on_the_host_started_and_killed_mid_job_leaves_the_job_alone(svc, ckpt, tmp_path):
+    """Another Ray head (a neighbour's `ray start --head`, in Ray's default temp directory, so the host's
+    "current cluster" is now it) started after the service's and killed while a job runs: the job was
+    handed the service's own cluster, not the neighbour's, and ends without losing an attempt."""
+    import subprocess
+
+    from dg2pf_service.cluster import node_env, node_ports, ray_cli, ray_temp_dir
+
+    ports = node_ports(("port", "dashboard-port", "ray-client-server-port"))
+    foreign_port = ports["port"]
+    with Client(svc.url) as c:
+        job_id = c.submit(spec(ckpt, pruning_epochs=4, max_epochs=10, patience=2)).id
+        wait_for(lambda: c.get(job_id).state == "running", what="the job running")
+    started = subprocess.run([ray_cli(), "start", "--head", "--disable-usage-stats", "--include-dashboard=false",
+                              *[f"--{k}={v}" for k, v in ports.items() if k != "dashboard-port"]],
+                             capture_output=True, text=True, timeout=180, env=node_env(), start_new_session=True)
+    assert started.returncode == 0, started.stderr
+    try:
+        with Client(svc.url) as c:
+            epoch = c.get(job_id).epoch
+            wait_for(lambda: c.get(job_id).epoch > epoch or c.get(job_id).state != "running", what="another epoch")
+    finally:
+        kill_processes(head_pids(str(foreign_port)), grace_seconds=0)  # the neighbour's head dies, as in the report
+    with Client(svc.url) as c:
+        job = c.wait(job_id, timeout=300)
+    assert job.state == "succeeded", job.error
+    assert job.restarts == 0 and job.restart_log == []
+    assert [h["epoch"] for h in job.history] == list(range(len(job.history)))
+    # The job's driver ran against the service's own head (Ray's discovery looks in the head's own temp
+    # directory; the runner names the service's cluster explicitly), never the neighbour's port
+    logs = ray_temp_dir(svc.data_dir / "ray-state").glob(f"session_*/logs/job-driver-dg2pf-{job_id}*.log")
+    driver_log = "".join(p.read_text(errors="replace") for p in logs)
+    assert "Running entrypoint" in driver_log and f":{foreign_port}" not in driver_log, driver_log[-2000:]
+    our_port = svc.head().gcs_address.rsplit(":", 1)[1]
+    for line in driver_log.splitlines():
+        if "RAY_ADDRESS" in line:
+            assert line.split("RAY_ADDRESS", 1)[1].split(";")[0].rstrip().endswith(f":{our_port}"), line
+    assert_no_process_left(svc, job_id)
+
+
 def test_stopping_the_api_process_group_leaves_the_job_running(svc, ckpt):
     """Ctrl-C, SIGTERM and SIGKILL of the API's whole process group, one after another during one
     job: the embedded head and the job go on; each restarted API re-attaches; the job succeeds with
