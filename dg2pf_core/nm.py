@@ -1,7 +1,8 @@
 """N:M granularity: masks where every group of M consecutive weights keeps at most N.
 
-A prunable weight is viewed as ``W.reshape(out, -1)`` (a Conv's row is PyTorch's (in, kh, kw) order)
-and each row is cut into groups of M consecutive weights. DG2PF reaches the pattern gradually: at a
+Groups run along the input channels, the layout sparse tensor cores use (NVIDIA's ASP prunes so): a
+Linear's rows ``W[out, :]`` and, for a Conv ``W[out, in, kh, kw]``, the input channels of every output
+channel and kernel tap ``W[out, :, y, x]``, each cut into groups of M consecutive weights. DG2PF reaches the pattern gradually: at a
 target ``s`` the globally smallest-magnitude weights are pruned, at most ``M - N`` per group, so the
 candidates are the ``M - N`` smallest of each group and exactly ``round(s * total)`` of them, the
 smallest over all tensors together, are pruned. At the final target ``(M - N) / M`` that is every
@@ -63,7 +64,23 @@ def parse_granularity(text: object) -> NM | None:
 
 
 def _row_length(shape: torch.Size) -> int:
-    return shape[1:].numel() if len(shape) > 1 else 1
+    """The length the groups are cut from: the input channels (a Linear's row, a Conv's channels per tap)."""
+    return shape[1] if len(shape) > 1 else 1
+
+
+def _groups(w: torch.Tensor, m: int) -> torch.Tensor:
+    """``w`` as rows of ``m`` consecutive input-channel weights: ``W[out, in, *k]`` -> ``[out * prod(k) * in/m, m]``."""
+    if w.dim() > 2:
+        w = w.movedim(1, -1)
+    return w.reshape(-1, m)
+
+
+def _ungroup(groups: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """The inverse of ``_groups`` for a tensor of ``shape``."""
+    if len(shape) > 2:
+        moved = (shape[0], *shape[2:], shape[1])
+        return groups.reshape(moved).movedim(-1, 1).contiguous()
+    return groups.reshape(shape)
 
 
 def check_divisible(weights: Mapping[str, torch.Tensor], nm: NM) -> None:
@@ -74,13 +91,14 @@ def check_divisible(weights: Mapping[str, torch.Tensor], nm: NM) -> None:
     if not misfits:
         return
     shown = misfits[:3]
-    listed = ", ".join(f"{name} ({'x'.join(map(str, shape))}: rows of {_row_length(shape)})" for name, shape in shown)
+    listed = ", ".join(f"{name} ({'x'.join(map(str, shape))}: {_row_length(shape)} input channel{'' if _row_length(shape) == 1 else 's'})" for name, shape in shown)
     more = f" and {len(misfits) - len(shown)} more" if len(misfits) > len(shown) else ""
     names = "|".join(re.escape(name) for name, _ in shown)
     example = f"^({names})$" if len(shown) > 1 else f"^{names}$"
     raise ConfigError(
-        f"granularity {nm} groups each weight row's {nm.m} consecutive input weights, but {len(misfits)} prunable "
-        f"tensor(s) have rows that are not a multiple of {nm.m}: {listed}{more}; leave them out of pruning with "
+        f"granularity {nm} groups {nm.m} consecutive input channels of every output (and kernel tap), but {len(misfits)} "
+        f"prunable tensor(s) have a number of input channels that is not a multiple of {nm.m} (grouped and depthwise "
+        f"convolutions among them): {listed}{more}; leave them out of pruning with "
         f"--exclude REGEX (`exclude` in a job's schedule), e.g. --exclude '{example}'",
         field="granularity",
     )
@@ -108,7 +126,7 @@ def nm_masks(weights: Mapping[str, torch.Tensor], sparsity: float, nm: NM) -> Ma
     order: dict[str, torch.Tensor] = {}
     offset = 0
     for n in names:
-        groups = weights[n].detach().reshape(-1, nm.m).abs().float()
+        groups = _groups(weights[n].detach(), nm.m).abs().float()
         values, index = torch.sort(groups, dim=1, stable=True)
         order[n] = index[:, :drop].to(torch.uint8)  # positions < 32: a byte each, not int64's eight
         scores[offset : offset + order[n].numel()].copy_(values[:, :drop].reshape(-1))
@@ -119,7 +137,7 @@ def nm_masks(weights: Mapping[str, torch.Tensor], sparsity: float, nm: NM) -> Ma
     for n in names:
         chosen = pruned[offset : offset + order[n].numel()].view_as(order[n])
         groups = torch.zeros(order[n].shape[0], nm.m, dtype=torch.bool, device=first.device)
-        masks[n] = groups.scatter_(1, order[n].long(), chosen).view_as(weights[n])
+        masks[n] = _ungroup(groups.scatter_(1, order[n].long(), chosen), weights[n].shape)
         offset += order[n].numel()
     return masks
 
@@ -127,4 +145,4 @@ def nm_masks(weights: Mapping[str, torch.Tensor], sparsity: float, nm: NM) -> Ma
 @torch.no_grad()
 def nm_violations(weights: Mapping[str, torch.Tensor], nm: NM) -> int:
     """Groups holding more than N nonzero weights (0 for a network pruned to ``nm``)."""
-    return int(sum(int(((w.detach().reshape(-1, nm.m) != 0).sum(dim=1) > nm.n).sum()) for w in weights.values()))
+    return int(sum(int(((_groups(w.detach(), nm.m) != 0).sum(dim=1) > nm.n).sum()) for w in weights.values()))

@@ -1,4 +1,5 @@
-"""N:M granularity: at most N of every M consecutive weights of a row kept, reached on DG2PF's schedule."""
+"""N:M granularity: at most N of every M consecutive input channels kept (per output and kernel tap), reached on
+DG2PF's schedule."""
 
 import json
 
@@ -12,37 +13,52 @@ from dg2pf_core.nm import NM, check_divisible, nm_masks, nm_violations, parse_gr
 
 from tiny import TinyNet
 
-# TinyNet's conv has rows of 1x3x3 = 9 weights, which no M > 1 divides: left out.
+# TinyNet's conv has 1 input channel, which no M > 1 divides: left out.
 CFG = dict(sparsity=0.5, granularity="2:4", exclude=["^conv"], pruning_epochs=3, patience=2, max_epochs=6,
            batch_size=16, lr=5e-3, finetune_lr=1e-2, seed=0)
 
 
 def _weights(seed: int = 0) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
-    # A Conv (rows of 8x3x3 = 72), a Linear (rows of 32) and a 1x1 Conv (rows of 16).
+    # A Conv (8 input channels per tap), a Linear (rows of 32) and a 1x1 Conv (16 input channels).
     return {"conv": torch.randn(6, 8, 3, 3, generator=g), "fc": torch.randn(10, 32, generator=g),
             "pw": torch.randn(4, 16, 1, 1, generator=g)}
 
 
+def _layout(t: torch.Tensor, m: int) -> torch.Tensor:
+    """The layout sparse tensor cores read (NVIDIA ASP), written out: for every output channel and kernel tap,
+    the input channels in order, cut into groups of M: ``[groups, M]``."""
+    if t.dim() == 4:
+        out, cin, kh, kw = t.shape
+        return torch.stack([t[o, c0:c0 + m, y, x] for o in range(out) for y in range(kh) for x in range(kw)
+                            for c0 in range(0, cin, m)])
+    return t.reshape(-1, m)
+
+
 def _per_group(mask: torch.Tensor, m: int) -> torch.Tensor:
-    """Pruned count of every group: rows of W.reshape(out, -1) cut into M consecutive weights."""
-    rows = mask.reshape(mask.shape[0], -1)
-    return rows.reshape(rows.shape[0], -1, m).sum(dim=2)
+    """Pruned count of every group of the layout."""
+    return _layout(mask, m).sum(dim=1)
 
 
 def _reference(weights: dict[str, torch.Tensor], sparsity: float, nm: NM) -> dict[str, torch.Tensor]:
     """The rule written out plainly: each group's M-N smallest are candidates, the globally smallest
-    round(s * total) candidates are pruned."""
+    round(s * total) candidates are pruned (groups in the layout's order, positions within them)."""
     candidates = []
     for name, w in weights.items():
-        for g, group in enumerate(w.abs().reshape(-1, nm.m).tolist()):
+        for g, group in enumerate(_layout(w.abs(), nm.m).tolist()):
             for j in sorted(range(nm.m), key=lambda j: (group[j], j))[: nm.m - nm.n]:
                 candidates.append((group[j], name, g, j))
     k = round(sparsity * sum(w.numel() for w in weights.values()))
-    masks = {name: torch.zeros(w.numel() // nm.m, nm.m, dtype=torch.bool) for name, w in weights.items()}
+    chosen = {name: torch.zeros(w.numel() // nm.m, nm.m, dtype=torch.bool) for name, w in weights.items()}
     for _, name, g, j in sorted(candidates)[:k]:
-        masks[name][g, j] = True
-    return {name: m.view_as(weights[name]) for name, m in masks.items()}
+        chosen[name][g, j] = True
+    masks = {}
+    for name, w in weights.items():  # back from the layout: mark each pruned weight where it sits in the tensor
+        index = torch.arange(w.numel()).view_as(w)
+        masks[name] = torch.zeros(w.numel(), dtype=torch.bool)
+        masks[name][_layout(index, nm.m)[chosen[name]]] = True
+        masks[name] = masks[name].view_as(w)
+    return masks
 
 
 @pytest.mark.parametrize("text, nm", [("2:4", NM(2, 4)), ("1:4", NM(1, 4)), ("4:8", NM(4, 8)), ("31:32", NM(31, 32)),
@@ -84,7 +100,7 @@ def test_the_final_mask_prunes_exactly_m_minus_n_per_group_the_smallest(nm):
     for name, t in w.items():
         assert masks[name].dtype == torch.bool and masks[name].shape == t.shape
         assert (_per_group(masks[name], nm.m) == nm.m - nm.n).all()
-        groups, pruned = t.abs().reshape(-1, nm.m), masks[name].reshape(-1, nm.m)
+        groups, pruned = _layout(t.abs(), nm.m), _layout(masks[name], nm.m)
         # within a group, every pruned weight is no larger than every kept one
         largest_pruned = groups.masked_fill(~pruned, -1).max(dim=1).values
         smallest_kept = groups.masked_fill(pruned, float("inf")).min(dim=1).values
@@ -140,7 +156,7 @@ def test_a_tensor_whose_rows_are_not_whole_groups_is_named_with_the_exclude_that
         check_divisible(w, NM(2, 4))
     message = info.value.message
     assert info.value.field == "granularity" and "\n" not in message
-    assert "features.0.weight (32x1x3x3: rows of 9)" in message and "head.weight (10x6: rows of 6)" in message
+    assert "features.0.weight (32x1x3x3: 1 input channel)" in message and "head.weight (10x6: 6 input channels)" in message
     assert "features.3.weight" not in message and r"--exclude '^(features\.0\.weight|head\.weight)$'" in message
     check_divisible({"features.3.weight": w["features.3.weight"]}, NM(2, 4))
     meta = {n: torch.empty(t.shape, device="meta") for n, t in w.items()}  # shapes are all it reads
@@ -148,6 +164,25 @@ def test_a_tensor_whose_rows_are_not_whole_groups_is_named_with_the_exclude_that
         check_divisible(meta, NM(1, 8))
     with pytest.raises(ConfigError, match="features.0.weight"):
         nm_masks(w, 0.5, NM(2, 4))
+
+
+def test_a_conv_mask_has_at_most_n_of_every_m_input_channels_at_every_tap_and_the_old_layout_would_not():
+    """The layout definition (NVIDIA ASP: groups along input channels, per output channel and kernel tap),
+    checked directly on a 3x3 convolution. Rows of W.reshape(out, -1) (in, kh, kw order) grouped weights of
+    one channel's taps instead: about a third of these groups held more than 2 nonzeros."""
+    g = torch.Generator().manual_seed(5)
+    w = {"conv": torch.randn(16, 32, 3, 3, generator=g)}
+    mask = nm_masks(w, 0.5, NM(2, 4))["conv"]
+    kept = (~mask).float()
+    for o in range(16):
+        for y in range(3):
+            for x in range(3):
+                assert (kept[o, :, y, x].reshape(-1, 4).sum(dim=1) == 2).all()
+    assert nm_violations({"conv": w["conv"].masked_fill(mask, 0)}, NM(2, 4)) == 0
+    # the same network pruned in the old layout holds groups of the new one with more than 2 nonzeros
+    old = w["conv"].reshape(16, -1).abs().reshape(-1, 4).argsort(dim=1)[:, :2]
+    old_mask = torch.zeros(16 * 32 * 9 // 4, 4, dtype=torch.bool).scatter_(1, old, True).view_as(w["conv"])
+    assert nm_violations({"conv": w["conv"].masked_fill(old_mask, 0)}, NM(2, 4)) > 0
 
 
 def test_nm_violations_counts_groups_over_n_nonzeros():
@@ -234,6 +269,6 @@ def test_a_real_prune_on_the_digits_keeps_at_most_n_per_group_in_both_artifacts(
     for artifact in ("model.safetensors", "model.compact.safetensors"):
         state = read_state_dict(out / artifact)
         for name in pruned:
-            nonzero = state[name].reshape(state[name].shape[0], -1).reshape(-1, 4) != 0
+            nonzero = _layout(state[name], 4) != 0
             assert (nonzero.sum(dim=1) <= 2).all(), (artifact, name)
         assert int((state["features.0.weight"] == 0).sum()) == 0  # excluded: dense

@@ -267,9 +267,9 @@ def test_out_of_range_values_are_refused_before_anything_is_built(folder, ckpt2,
 def test_a_granularity_a_tensor_cannot_take_is_refused_before_training_and_exclude_fixes_it(folder, ckpt2, tmp_path,
                                                                                           capsys):
     out = tmp_path / "out"
-    # digits_cnn's first convolution has rows of 1x3x3 = 9 weights: not whole groups of 4
+    # digits_cnn's first convolution has 1 input channel: not whole groups of 4
     refused(capsys, prune_args(ckpt2, f"imagefolder:{folder}", out, "--granularity", "2:4"),
-            "granularity 2:4", "features.0.weight (32x1x3x3: rows of 9)", r"--exclude '^features\.0\.weight$'", out=out)
+            "granularity 2:4", "features.0.weight (32x1x3x3: 1 input channel)", r"--exclude '^features\.0\.weight$'", out=out)
     assert main(prune_args(ckpt2, f"imagefolder:{folder}", out, "--granularity", "2:4",
                            "--exclude", r"^features\.0\.weight$")) == 0, capsys.readouterr().err
     metrics = json.loads((out / "metrics.json").read_text())

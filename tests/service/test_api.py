@@ -216,7 +216,7 @@ BAD = [
     (lambda c: {**spec(c), "compact_values": "fp8"}, 422, "compact_values"),
     (lambda c: {**spec(c), "schedule": {"granularity": "2x4"}}, 422, "schedule.granularity"),
     (lambda c: {**spec(c), "schedule": {"granularity": "2:4"}}, 422, "schedule.granularity"),  # sparsity 0.9, not 0.5
-    # digits_cnn's first convolution has rows of 9 weights: no whole groups of 4 (checked at submit)
+    # digits_cnn's first convolution has 1 input channel: no whole groups of 4 (checked at submit)
     (lambda c: {**spec(c, sparsity=0.5), "schedule": {"granularity": "2:4"}}, 422, "schedule.granularity"),
     # channel granularity: the MACs target only with it, instead of sparsity, reachable under the guard (at submit)
     (lambda c: {**spec(c, sparsity=None), "schedule": {**FAST, "target_macs_ratio": 0.5}}, 422, "schedule.target_macs_ratio"),
