@@ -15,7 +15,7 @@ from dg2pf_core.overparam import ExpandedConv2d, ExpandedLinear, collapse, colla
 
 from tiny import TinyNet
 
-CFG = dict(sparsity=0.8, pruning_epochs=3, patience=2, max_epochs=10, batch_size=16, lr=5e-3, finetune_lr=1e-2, seed=0,
+CFG = dict(sparsity=0.8, pruning_epochs=3, patience=2, max_epochs=16, batch_size=16, lr=5e-3, finetune_lr=1e-2, seed=0,
            finetune="overparam", overparam_expansion=3, sp_weight=100.0)
 
 

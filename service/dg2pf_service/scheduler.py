@@ -329,7 +329,7 @@ def _summary(metrics: dict) -> dict | None:
         return None
     keys = ("val_top1", "test_top1", "test_top5", "baseline_test_top1", "sparsity_prunable", "sparsity_total",
             "params_total", "params_nonzero", "flops_dense", "flops_sparse", "best_epoch", "epochs", "world_size",
-            "max_layer_sparsity", "layer_cap", "layer_sparsity", "warnings")
+            "max_layer_sparsity", "layer_cap", "layer_sparsity", "preset", "preset_departures", "crop_pct", "warnings")
     summary = {k: metrics.get(k) for k in keys}
     # Measured speed beside the MACs ratio (the figures per batch size are in metrics.json).
     summary["latency"] = speedups(metrics["latency"]) if isinstance(metrics.get("latency"), dict) else None

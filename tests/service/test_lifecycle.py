@@ -125,11 +125,11 @@ def test_a_job_whose_order_cannot_be_built_fails_and_the_queue_moves_on(svc, ckp
     from dg2pf_service.store.db import make_engine, make_sessionmaker
     from dg2pf_service.store.repo import JobStore
 
-    # A job stored by an older version that let lr=Infinity through (stored as null): its order cannot
-    # be built. It is written straight into the service's database, ahead of a good job.
+    # A job stored by an older version that let a negative lr through (lr=None now means "the preset's"): its
+    # order cannot be built. It is written straight into the service's database, ahead of a good job.
     store = JobStore(make_sessionmaker(make_engine(Settings(data_dir=svc.data_dir).db_url)))
     bad_spec = spec(ckpt)
-    bad_spec["schedule"]["lr"] = None
+    bad_spec["schedule"]["lr"] = -1.0
     with Client(svc.url) as c:
         good_doc = c.get(c.submit(spec(ckpt, pruning_epochs=1, max_epochs=2)).id)
     bad = store.create_job({"spec": bad_spec, "resolved": {"checkpoint": store.get_checkpoint(ckpt).path, "teacher": None}},

@@ -276,7 +276,7 @@ def test_a_malformed_safetensors_header_is_refused_with_a_message(service, stagi
 def test_an_unexpected_error_while_checking_is_a_refusal_logged_with_its_traceback(tmp_path, monkeypatch, caplog):
     from dg2pf_service import uploads
 
-    def crash(_path):
+    def crash(_path, **_options):
         raise OverflowError("a reader's bug, reached through a crafted file")
 
     path = small_checkpoint(tmp_path / "staged-name")
