@@ -1,35 +1,89 @@
 """The HTTP server the API runs in: uvicorn, with limits on what a connection may hold.
 
 uvicorn's h11 protocol bounds the request line and headers (``max_header_bytes``: a larger one gets
-400); on top of it, a connection that has not sent a complete request line and headers within
-``header_timeout_s`` of opening (or of its previous response) is closed, so a client that opens
-connections and trickles headers (slowloris) cannot hold them; ``max_connections`` bounds the rest
-(503 beyond). The server's own refusals (a malformed request line or header) answer in the API's
-error shape. Bodies are bounded by ``api.guard`` and ``uploads``.
+400). On top of it, so that sockets held open by someone cannot lock the users out:
+
+- one client address (an IPv6 client: its /64) holds at most ``max_connections_per_client`` open
+  connections: one more is answered 503 and closed as it is accepted, before anything is read from it;
+- a connection that has not sent a complete request line and headers within ``header_timeout_s`` of
+  opening (or of its previous response) is closed, so a client that opens connections and trickles
+  headers (slowloris) holds each only that long;
+- a request that finds ``max_connections`` connections open (or requests in flight) gets 503, unless it
+  presents a valid token (``DG2PF_API_TOKENS``): unfinished headers cannot be authenticated, so sockets
+  nobody authenticated may fill the cap, but never keep out a request that carries a token.
+
+The server's own refusals (a malformed request line or header, a crowded address or server) answer in
+the API's error shape. Bodies are bounded by ``api.guard`` and ``uploads``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import json
+import logging
+import resource
 from types import FrameType
 from typing import Any
 
 import h11
 import uvicorn
+from uvicorn.config import Config
 from uvicorn.protocols.http.h11_impl import H11Protocol
+from uvicorn.server import ServerState
 
+from .api.auth import token_error
 from .errorshape import error_body
 from .settings import Settings
 
+log = logging.getLogger(__name__)
+# Besides the connections: the store, uploads, artifacts, Ray's sockets and the logs.
+OTHER_FILES = 1024
+
+
+def client_key(host: str) -> str:
+    """What ``max_connections_per_client`` counts by: the client's IPv4 address, or its IPv6 address's
+    /64 (the share of IPv6 space one host gets: a cap per single address would be a cap per socket)."""
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return host
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.ip_network(f"{ip}/64", strict=False))
+    return str(ip)
+
+
+def _raw_answer(status: int, reason: str, body: dict) -> bytes:
+    """A whole HTTP/1.1 response that closes the connection, written before (or without) reading a request."""
+    payload = json.dumps(body).encode()
+    return (f"HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\ncontent-length: {len(payload)}\r\n"
+            "retry-after: 1\r\nconnection: close\r\n\r\n").encode() + payload
+
 
 def protocol_for(settings: Settings) -> type[H11Protocol]:
+    per_client: dict[str, int] = {}  # open connections by client_key, over all of this server's connections
+    per_client_cap = settings.max_connections_per_client
+
     class GuardedH11Protocol(H11Protocol):
         header_timeout_s = settings.header_timeout_s
         _headers_deadline: asyncio.TimerHandle | None = None
+        _counted_as: str | None = None
+
+        def __init__(self, config: Config, server_state: ServerState, app_state: dict[str, Any],
+                     _loop: asyncio.AbstractEventLoop | None = None) -> None:
+            super().__init__(config, server_state, app_state, _loop)
+            self._app, self.app = self.app, self._within_cap
 
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
             super().connection_made(transport)
+            if self.client is not None:  # None: a Unix socket, no address to count by
+                key = self._counted_as = client_key(self.client[0])
+                per_client[key] = per_client.get(key, 0) + 1
+                if per_client_cap and per_client[key] > per_client_cap:
+                    self._refuse_crowded_address(key)
+                    return
             self._arm()
 
         def on_response_complete(self) -> None:
@@ -38,7 +92,19 @@ def protocol_for(settings: Settings) -> type[H11Protocol]:
 
         def connection_lost(self, exc: Exception | None) -> None:
             self._disarm()
+            if self._counted_as is not None:
+                left = per_client.pop(self._counted_as) - 1
+                if left:
+                    per_client[self._counted_as] = left
+                self._counted_as = None
             super().connection_lost(exc)
+
+        def _refuse_crowded_address(self, key: str) -> None:
+            # Answered unread and closed at once: the cheapest refusal, so opening more costs the server nothing.
+            message = (f"{per_client_cap} connections from {key} are open already, the most one client address may hold "
+                       "(DG2PF_MAX_CONNECTIONS_PER_CLIENT): reuse them, or close some")
+            self.transport.write(_raw_answer(503, "Service Unavailable", error_body("too_many_connections", message)))
+            self.transport.close()
 
         def _arm(self) -> None:
             self._disarm()
@@ -55,6 +121,22 @@ def protocol_for(settings: Settings) -> type[H11Protocol]:
             if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
                 self.transport.close()
 
+        async def _within_cap(self, scope: dict, receive: Any, send: Any) -> None:
+            """The app behind ``max_connections``, counted once the request's headers are complete: the first
+            moment its token can be checked (so uvicorn's own ``limit_concurrency``, which cannot, is off)."""
+            cap = settings.max_connections
+            # This request's own task is in ``tasks`` already: more than the cap means one over it.
+            if (len(self.connections) > cap or len(self.tasks) > cap) and not _carries_token(settings, scope):
+                message = (f"the service is at its limit of {cap} open connections or requests in flight "
+                           "(DG2PF_MAX_CONNECTIONS): try again shortly")
+                payload = json.dumps(error_body("server_busy", message)).encode()
+                await send({"type": "http.response.start", "status": 503, "headers": [
+                    (b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode()),
+                    (b"retry-after", b"1"), (b"connection", b"close")]})
+                await send({"type": "http.response.body", "body": payload})
+                return
+            await self._app(scope, receive, send)
+
         def send_400_response(self, msg: str) -> None:
             body = json.dumps(error_body("bad_request", "invalid HTTP request: a malformed request line or header, "
                                          f"or request line and headers over {settings.max_header_bytes} bytes")).encode()
@@ -67,16 +149,39 @@ def protocol_for(settings: Settings) -> type[H11Protocol]:
     return GuardedH11Protocol
 
 
+def _carries_token(settings: Settings, scope: dict) -> bool:
+    """True when tokens are set and the request presents one of them (without tokens nobody is told apart)."""
+    if not settings.api_tokens:
+        return False
+    authorization = next((v for k, v in scope["headers"] if k == b"authorization"), b"").decode("latin-1")
+    return token_error(settings.api_tokens, authorization) is None
+
+
 def uvicorn_options(settings: Settings) -> dict[str, Any]:
     """Keyword arguments for ``uvicorn.run`` / ``uvicorn.Config``."""
     return {
         "host": settings.host, "port": settings.port,
         "http": protocol_for(settings), "h11_max_incomplete_event_size": settings.max_header_bytes,
-        "limit_concurrency": settings.max_connections, "timeout_keep_alive": 5,
+        # The API has no WebSocket route: an Upgrade request stays an HTTP request, on the protocol that counts it.
+        "ws": "none", "timeout_keep_alive": 5,
         # On SIGTERM/Ctrl-C, a request still open after this many seconds is cancelled instead of holding
         # the shutdown (event streams end by themselves before: StoppingServer).
         "timeout_graceful_shutdown": 5,
     }
+
+
+def fit_open_files(max_connections: int) -> None:
+    """Raise this process's soft limit on open files (within the hard limit) to what ``max_connections``
+    needs: a connection past the limit would fail at accept, for users and intruders alike."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = max_connections + OTHER_FILES
+    if soft == resource.RLIM_INFINITY or soft >= want:
+        return
+    new = want if hard == resource.RLIM_INFINITY else min(want, hard)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
+    if new < want:
+        log.warning("DG2PF_MAX_CONNECTIONS (%d) needs about %d open files, but this process may open %d (its hard "
+                    "limit, ulimit -Hn): raise it, or lower DG2PF_MAX_CONNECTIONS", max_connections, want, new)
 
 
 class StoppingServer(uvicorn.Server):
@@ -91,6 +196,7 @@ class StoppingServer(uvicorn.Server):
 
 def serve(app: Any, settings: Settings) -> None:
     """Run the API until SIGINT/SIGTERM; ``SystemExit(3)`` when it could not start (as ``uvicorn.run``)."""
+    fit_open_files(settings.max_connections)
     server = StoppingServer(uvicorn.Config(app, log_level="warning", **uvicorn_options(settings)))
     try:
         server.run()

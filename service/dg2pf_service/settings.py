@@ -64,7 +64,11 @@ class Settings(BaseSettings):
     header_timeout_s: float = Field(10.0, gt=0, description="a connection that has not sent a complete request line and "
                                     "headers this long after it opened (or after its previous response) is closed")
     max_header_bytes: int = Field(64 * 1024, ge=4096, description="request line and headers larger than this get 400")
-    max_connections: int = Field(1000, ge=1, description="connections (and requests in flight) beyond this get 503")
+    max_connections: int = Field(4096, ge=1, description="a request that finds this many connections open (or requests in "
+                                 "flight) gets 503, unless it presents a valid token (DG2PF_API_TOKENS)")
+    max_connections_per_client: int = Field(100, ge=0, description="open connections one client address (an IPv6 client: "
+                                            "its /64) may hold; one more is answered 503 and closed as it is accepted. "
+                                            "0: no limit (behind a reverse proxy, every connection has the proxy's address)")
     max_model_params: int = Field(1_000_000_000, ge=1, description="architectures with more parameters (counted before "
                                   "anything is built) are refused at submit")
     poll_seconds: float = Field(1.0, gt=0)

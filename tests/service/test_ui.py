@@ -13,9 +13,11 @@ so running the suite leaves the repository as it was.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import shutil
+import time
 import tomllib
 from pathlib import Path
 
@@ -216,7 +218,7 @@ def test_login_with_the_token_then_the_jobs_table_refreshes_and_filters(service,
     expect(row.locator(".progress progress")).to_be_attached()
 
     page.locator("#state-filter").select_option("failed")
-    expect(page.locator("#jobs-empty")).to_be_visible()
+    expect(page.locator("#jobs-empty")).to_have_text("No jobs here yet.")
     assert "state=failed" in page.url
     page.locator("#state-filter").select_option("running")
     expect(row).to_be_visible()
@@ -268,6 +270,124 @@ def test_job_page_follows_the_running_job_until_its_charts_hold_the_final_epoch(
     assert download.value.suggested_filename == "metrics.json"
     assert Path(download.value.path()).read_bytes() == api.get(f"/jobs/{followed}/artifacts/metrics.json").content
     tab.screenshot("ui-job.png")
+
+
+# Every text a placeholder (.placeholder) shows, in order, from the page's first parse: what a user saw
+# while the data was on its way.
+RECORD_PLACEHOLDERS = """
+window.__placeholders = {};
+new MutationObserver(() => {
+  for (const el of document.querySelectorAll(".placeholder")) {
+    const seen = (window.__placeholders[el.id] ||= []);
+    const text = el.hidden ? "" : el.textContent;
+    if (text && seen[seen.length - 1] !== text) seen.push(text);
+  }
+}).observe(document, { subtree: true, childList: true, characterData: true, attributes: true });
+"""
+
+
+def hold(page, pattern: re.Pattern) -> list:
+    """Intercept the requests matching ``pattern`` and keep them waiting: the list of held routes."""
+    held: list = []
+    page.route(pattern, lambda route: held.append(route))
+    return held
+
+
+def release(page, pattern: re.Pattern, held: list) -> None:
+    deadline = time.monotonic() + 30
+    while not held and time.monotonic() < deadline:  # the page's script asks once it has run
+        page.wait_for_timeout(100)
+    assert held, f"the page never asked for {pattern.pattern}"
+    for route in held:
+        route.continue_()
+    page.unroute(pattern)
+
+
+def ratios(text: str) -> list[float]:
+    return [float(x) for x in re.findall(r"\(([0-9.]+)×\)", text)]
+
+
+def counts(text: str) -> list[int]:
+    """"1,234 / 5,678 (0.217×)" -> [1234, 5678], whatever the browser's digit grouping."""
+    return [int(re.sub(r"\D", "", part)) for part in text.split("(")[0].split("/")]
+
+
+@pytest.mark.slow
+def test_pages_say_loading_until_their_data_comes_and_a_finished_job_shows_its_results(api, followed, logged_in):
+    from playwright.sync_api import expect
+
+    tab, page = logged_in, logged_in.page
+    deadline = time.monotonic() + 480
+    while (job := api.get(f"/jobs/{followed}").json())["state"] not in ("succeeded", "failed", "cancelled"):
+        assert time.monotonic() < deadline, f"the job is still {job['state']}"
+        time.sleep(2)
+    assert job["state"] == "succeeded", job["error"]
+    metrics = api.get(f"/jobs/{followed}/artifacts/metrics.json").json()
+    page.add_init_script(RECORD_PLACEHOLDERS)
+
+    # The job page while GET /jobs/{id} is on its way: it says so, not "No epoch recorded yet.".
+    status = re.compile(rf"://[^/]+/jobs/{followed}$")
+    held = hold(page, status)
+    tab.open(f"/ui/jobs/{followed}")
+    for placeholder in ("#charts-empty", "#artifacts-empty", "#results-empty"):
+        expect(page.locator(placeholder)).to_have_text("Loading…")
+    expect(page.locator("#spec")).to_have_text("Loading…")
+    release(page, status, held)
+    page.wait_for_selector("body[data-finished=true]", state="attached", timeout=60 * S)
+    for placeholder in ("#charts-empty", "#artifacts-empty", "#results-empty"):
+        expect(page.locator(placeholder)).to_be_hidden()
+    seen = page.evaluate("() => window.__placeholders")
+    assert seen["charts-empty"] == ["Loading…"] and seen["artifacts-empty"] == ["Loading…"], seen
+
+    # Its results, as `dg2pf status` prints them: the MACs and parameter ratios, the measured speed-ups.
+    macs = page.locator('#results dd[data-metric="macs"]')
+    expect(macs).to_contain_text("×)")
+    assert counts(macs.inner_text()) == [metrics["flops_sparse"], metrics["flops_dense"]]
+    assert ratios(macs.inner_text()) == pytest.approx([metrics["flops_sparse"] / metrics["flops_dense"]], abs=1.1e-3)
+    params = page.locator('#results dd[data-metric="params"]')
+    expect(params).to_contain_text("×)")
+    assert counts(params.inner_text()) == [metrics["params_nonzero"], metrics["params_total"]]
+    assert ratios(params.inner_text()) == pytest.approx([metrics["params_nonzero"] / metrics["params_total"]], abs=1.1e-3)
+    speed = job["best_metrics"]["latency"]["speedup"]  # what the status summarises, from metrics.json's medians
+    measured = {b: {n: x for n, x in by.items() if x is not None} for b, by in speed.items()}
+    measured = {b: by for b, by in measured.items() if by}
+    assert measured, f"the digits job measured no latency: {metrics['latency']}"
+    expect(page.locator('#results dd[data-metric="speedup"]')).to_have_count(len(measured))
+    for backend, by_batch in measured.items():
+        text = page.locator(f'#results dd[data-metric="speedup"][data-backend="{backend}"]').inner_text()
+        shown = {n: float(x) for n, x in re.findall(r"batch (\d+): [0-9.]+ → [0-9.]+ ms \(([0-9.]+)×\)", text)}
+        assert shown == pytest.approx(by_batch, abs=6e-3), (backend, text)
+    expect(page.locator("#results-note")).to_contain_text(f"{metrics['latency']['threads']} thread")
+
+    # A first answer that fails says so, in place of the data, and the page recovers once the API answers.
+    refusal = {"error": {"type": "server_busy", "field": None, "message": "the service is busy for this test"}}
+    page.route(status, lambda route: route.fulfill(status=503, content_type="application/json", body=json.dumps(refusal)))
+    tab.open(f"/ui/jobs/{followed}")
+    expect(page.locator("#charts-empty")).to_have_text("Not loaded: the service is busy for this test")
+    expect(page.locator("#results-empty")).to_have_text("Not loaded: the service is busy for this test")
+    expect(page.locator("#job-error")).to_have_text("the service is busy for this test")
+    page.unroute(status)
+    page.wait_for_selector("body[data-finished=true]", state="attached", timeout=60 * S)
+    expect(page.locator("#charts-empty")).to_be_hidden()
+    expect(page.locator("#job-error")).to_be_hidden()
+    assert "No epoch recorded yet." not in page.evaluate("() => window.__placeholders")["charts-empty"]
+
+    # The jobs table and the models page: "Loading…" until their list comes, never "none" before it.
+    listing = re.compile(r"://[^/]+/jobs\?")
+    held = hold(page, listing)
+    tab.open("/ui")
+    expect(page.locator("#jobs-empty")).to_have_text("Loading…")
+    release(page, listing, held)
+    expect(page.locator(f'#jobs tr[data-job-id="{followed}"]')).to_be_visible()
+    expect(page.locator("#jobs-empty")).to_be_hidden()
+    assert page.evaluate("() => window.__placeholders")["jobs-empty"] == ["Loading…"]
+    models = re.compile(r"://[^/]+/models$")
+    held = hold(page, models)
+    tab.open("/ui/models")
+    expect(page.locator("#models-empty")).to_have_text("Loading…")
+    release(page, models, held)
+    page.wait_for_selector("#models[data-loaded=true]", state="attached")
+    expect(page.locator("#models-empty")).not_to_have_text("Loading…")
 
 
 @pytest.mark.slow

@@ -107,6 +107,34 @@ const dg2pf = (() => {
     return el;
   }
 
+  // A placeholder where data will be (<p class="placeholder" data-empty="None yet.">Loading…</p>): it
+  // says "Loading…" until the data's first answer, then its empty text if there really is nothing, or
+  // nothing (hidden) if there is; a first fetch that fails says so instead of "none". Once loaded, a
+  // later failure leaves what was shown (the page's error line says why it is not refreshed).
+  const LOADING = "Loading…";
+
+  function loading(id) {
+    const el = document.getElementById(id);
+    el.dataset.state = "loading";
+    el.textContent = LOADING;
+    el.hidden = false;
+  }
+
+  function loaded(id, empty) {
+    const el = document.getElementById(id);
+    el.dataset.state = empty ? "empty" : "loaded";
+    el.textContent = el.dataset.empty;
+    el.hidden = !empty;
+  }
+
+  function loadFailed(id, error) {
+    const el = document.getElementById(id);
+    if (el.dataset.state === "loaded" || el.dataset.state === "empty") return;
+    el.dataset.state = "failed";
+    el.textContent = `Not loaded: ${error.message || String(error)}`;
+    el.hidden = false;
+  }
+
   function showError(id, error) {
     const el = document.getElementById(id);
     if (!el) return;
@@ -189,7 +217,7 @@ const dg2pf = (() => {
   }
 
   return {
-    root, api, getJson, ApiError, h, showError, fraction, percent, duration, when, date, jobSeconds, num, TERMINAL,
-    epochRecords, every, start, token,
+    root, api, getJson, ApiError, h, showError, loading, loaded, loadFailed, fraction, percent, duration, when, date,
+    jobSeconds, num, TERMINAL, epochRecords, every, start, token,
   };
 })();

@@ -1,6 +1,7 @@
 // A job's page: GET /jobs/{id} every 1.5 s while it is queued or running, drawn as the curves of
 // dg2pf_core/plots.py's training.png (same phases, same colours) with uPlot; once it has finished, its
-// per-layer sparsity from metrics.json. Cancel and deploy call the API; artifacts download with the token.
+// results (MACs, parameters and measured speed-ups, as `dg2pf status` prints them) and per-layer
+// sparsity from metrics.json. Cancel and deploy call the API; artifacts download with the token.
 "use strict";
 
 dg2pf.start(() => {
@@ -137,7 +138,7 @@ dg2pf.start(() => {
       fig.dataset.points = String(shown.length);
       fig.dataset.lastEpoch = shown.length ? String(shown[shown.length - 1]) : "";
     }
-    document.getElementById("charts-empty").hidden = xs.length > 0;
+    dg2pf.loaded("charts-empty", xs.length === 0);
     const legend = spans.map(([phase]) => phase).filter((p, i, all) => all.indexOf(p) === i).map((phase) => {
       const swatch = h("span", { class: "swatch" });
       swatch.style.background = phaseStyle(phase)[1];
@@ -193,7 +194,9 @@ dg2pf.start(() => {
     document.getElementById("failure-message").textContent = job.error ? job.error.message : "";
     document.getElementById("restart-log").replaceChildren(...(job.restart_log || []).map(
       (r) => h("li", {}, `restarted at epoch ${r.epoch} (${when(r.at)}): ${r.reason}`)));
-    document.getElementById("spec").textContent = JSON.stringify(job.spec, null, 2);
+    const spec = document.getElementById("spec");
+    spec.textContent = JSON.stringify(job.spec, null, 2);
+    spec.className = "";
     document.getElementById("cancel").disabled = TERMINAL.has(job.state);
   }
 
@@ -215,7 +218,13 @@ dg2pf.start(() => {
   }
 
   async function drawArtifacts() {
-    const list = await dg2pf.getJson(`/jobs/${jobId}/artifacts`);
+    let list;
+    try {
+      list = await dg2pf.getJson(`/jobs/${jobId}/artifacts`);
+    } catch (e) {
+      dg2pf.loadFailed("artifacts-empty", e);
+      throw e;
+    }
     const rows = list.artifacts.map((a) => h("tr", { data: { artifact: a.name } },
       h("td", { class: "mono" }, a.name),
       h("td", { class: "num" }, size(a.bytes)),
@@ -224,16 +233,69 @@ dg2pf.start(() => {
         onclick: () => download(a.name).catch((e) => dg2pf.showError("job-error", e)),
       }, "Download"))));
     document.querySelector("#artifacts tbody").replaceChildren(...rows);
-    document.getElementById("artifacts-empty").hidden = rows.length > 0;
+    dg2pf.loaded("artifacts-empty", rows.length === 0);
   }
 
-  async function drawLayers() {
-    let metrics = null;
+  // A finished job's metrics.json; without one (a failed or cancelled job), the status's summary of it, if any.
+  async function finalMetrics() {
     try {
-      metrics = await (await dg2pf.api(`/jobs/${jobId}/artifacts/metrics.json`)).json();
+      return await (await dg2pf.api(`/jobs/${jobId}/artifacts/metrics.json`)).json();
     } catch (e) {
-      metrics = job.best_metrics; // no metrics.json (a failed or cancelled job): the status's copy, if any
+      return job.best_metrics;
     }
+  }
+
+  const count = (x) => x.toLocaleString();
+  const times = (x, digits) => `${x.toFixed(digits)}×`;
+
+  // Per backend, the measured speed-up of the pruned model over the dense one at each batch size: with
+  // the two medians from metrics.json, or the speed-ups alone from the status's summary.
+  function speedUps(latency) {
+    const out = [];
+    const rows = latency.backends
+      || Object.fromEntries(Object.entries(latency.speedup || {}).map(([b, byBatch]) => [b,
+        Object.fromEntries(Object.entries(byBatch).map(([n, x]) => [n, { speedup: x }]))]));
+    for (const [backend, byBatch] of Object.entries(rows)) {
+      const cells = Object.entries(byBatch).filter(([, r]) => num(r.speedup) !== null).map(([n, r]) => (
+        num(r.dense_ms) !== null && num(r.pruned_ms) !== null
+          ? `batch ${n}: ${r.dense_ms.toFixed(2)} → ${r.pruned_ms.toFixed(2)} ms (${times(r.speedup, 2)})`
+          : `batch ${n}: ${times(r.speedup, 2)}`));
+      if (cells.length) out.push([backend, cells]);
+    }
+    return out;
+  }
+
+  function drawResults(m) {
+    const items = [];
+    const result = (label, metric, value, data = {}) => [h("dt", {}, label), h("dd", { data: { metric, ...data } }, value)];
+    if (m && num(m.flops_sparse) !== null && num(m.flops_dense)) {
+      items.push(result("MACs, pruned / dense", "macs",
+        `${count(m.flops_sparse)} / ${count(m.flops_dense)} (${times(m.flops_sparse / m.flops_dense, 3)})`));
+    }
+    if (m && m.granularity === "channel" && num(m.params_total) !== null && num(m.params_dense)) {
+      items.push(result("parameters, pruned model / dense", "params",
+        `${count(m.params_total)} / ${count(m.params_dense)} (${times(m.params_total / m.params_dense, 3)})`));
+    } else if (m && num(m.params_nonzero) !== null && num(m.params_total)) {
+      items.push(result("parameters, nonzero / total", "params",
+        `${count(m.params_nonzero)} / ${count(m.params_total)} (${times(m.params_nonzero / m.params_total, 3)})`));
+    }
+    const latency = (m && m.latency) || {};
+    const speeds = speedUps(latency);
+    for (const [backend, cells] of speeds) {
+      items.push(result(`measured speed-up, ${backend}`, "speedup", cells.join(" · "), { backend }));
+    }
+    if (items.length && !speeds.length) {
+      items.push(result("measured speed-up", "speedup", latency.reason ? `not measured: ${latency.reason}` : "not measured"));
+    }
+    document.getElementById("results").replaceChildren(...items.flat());
+    document.getElementById("results-note").textContent = speeds.length && num(latency.threads) !== null
+      ? `· latency on ${latency.threads} thread${latency.threads === 1 ? "" : "s"}${latency.cpu ? ` of ${latency.cpu}` : ""}; `
+        + "speed-up = dense / pruned median" : "";
+    document.getElementById("results-empty").dataset.empty = "None: the job ended without results.";
+    dg2pf.loaded("results-empty", items.length === 0);
+  }
+
+  function drawLayers(metrics) {
     const layers = metrics && metrics.layer_sparsity;
     if (!layers || !Object.keys(layers).length) return;
     const target = num(metrics.target_sparsity);
@@ -286,16 +348,28 @@ dg2pf.start(() => {
       dg2pf.showError("job-error", null);
     } catch (e) {
       dg2pf.showError("job-error", e);
+      // Before its first answer, the page says it has none (not that the job has no epochs or artifacts).
+      for (const id of ["charts-empty", "artifacts-empty", "results-empty"]) dg2pf.loadFailed(id, e);
+      if (job === null) document.getElementById("spec").textContent = `Not loaded: ${e.message}`;
       if (e instanceof dg2pf.ApiError && e.status === 404) return false;
       throw e;
     }
     drawSummary();
     drawCharts();
+    if (!TERMINAL.has(job.state)) {
+      document.getElementById("results-empty").dataset.empty = "Measured once the job has finished: MACs, parameters "
+        + "and speed-ups.";
+      dg2pf.loaded("results-empty", true);
+    }
     await drawArtifacts();
     if (!TERMINAL.has(job.state)) return true;
     if (!finished) {
       finished = true;
-      await Promise.all([drawLayers(), drawDeployment()]);
+      const drawn = finalMetrics().then((metrics) => {
+        drawResults(metrics);
+        drawLayers(metrics);
+      });
+      await Promise.all([drawn, drawDeployment()]);
     }
     document.body.dataset.finished = "true";
     return false;

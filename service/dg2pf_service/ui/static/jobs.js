@@ -53,7 +53,7 @@ dg2pf.start(() => {
       const list = await dg2pf.getJson(`/jobs?${query}`);
       if (mine !== generation) return false;
       body.replaceChildren(...list.items.map(row));
-      document.getElementById("jobs-empty").hidden = list.items.length > 0;
+      dg2pf.loaded("jobs-empty", list.items.length === 0);
       const shown = list.items.length ? `${offset + 1}-${offset + list.items.length} of ${list.total}` : `${list.total}`;
       document.getElementById("jobs-total").textContent = `${shown} job${list.total === 1 ? "" : "s"}`;
       document.getElementById("prev").disabled = offset === 0;
@@ -61,7 +61,9 @@ dg2pf.start(() => {
       dg2pf.showError("jobs-error", null);
       document.getElementById("jobs").dataset.loaded = "true";
     } catch (e) {
+      if (mine !== generation) return false;
       dg2pf.showError("jobs-error", e);
+      dg2pf.loadFailed("jobs-empty", e);
       throw e;
     }
     return auto.checked;
@@ -76,6 +78,10 @@ dg2pf.start(() => {
     history.replaceState(null, "", `${location.pathname}${query.toString() ? `?${query}` : ""}`);
     loop.stop();
     generation += 1;
+    // Another filter or page: its rows are on their way, the old ones would pass for them.
+    body.replaceChildren();
+    document.getElementById("jobs-total").textContent = "";
+    dg2pf.loading("jobs-empty");
     loop = dg2pf.every(2000, refresh);
   }
 

@@ -91,6 +91,7 @@ dg2pf.start(() => {
       dg2pf.showError("models-error", null);
     } catch (e) {
       dg2pf.showError("models-error", e);
+      dg2pf.loadFailed("models-empty", e);
       throw e;
     }
     document.getElementById("serve-url").textContent = `Ray Serve: ${models.serve_url}`;
@@ -123,7 +124,7 @@ dg2pf.start(() => {
         cards.delete(id);
       }
     }
-    document.getElementById("models-empty").hidden = models.items.length > 0;
+    dg2pf.loaded("models-empty", models.items.length === 0);
     list.dataset.loaded = "true";
   }
 

@@ -234,10 +234,13 @@ dg2pf.start(async () => {
     const spec = resolve(body).schema;
     const needed = new Set(spec.required || []);
     for (const [name, schema] of Object.entries(spec.properties)) fieldsRoot.append(field(name, name, schema, needed.has(name)));
+    dg2pf.loaded("fields-loading", false);
+    document.getElementById("submit").disabled = false;
     const from = new URLSearchParams(location.search).get("from");
     if (from && /^[0-9a-f]{32}$/.test(from)) fill((await dg2pf.getJson(`/jobs/${from}`)).spec);
     form.dataset.ready = "true";
   } catch (e) {
+    dg2pf.loadFailed("fields-loading", e); // the form itself did not come: nothing to submit
     dg2pf.showError("submit-error", e);
   }
 });
