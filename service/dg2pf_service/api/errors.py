@@ -14,12 +14,15 @@ from typing import Any
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import compile_path
 
 from dg2pf_core.errors import DG2PFError
 
 from ..errorshape import error_body
+from ..store.db import RETRY_AFTER_S, StoreBusy, busy_reason
 from ..validation import InvalidJob
 from .schemas import ErrorResponse
 
@@ -38,7 +41,7 @@ MEANING = {
          "than DG2PF_MAX_UNCOMPRESSED_BYTES in memory)",
     422: "a field is invalid; `field` names it",
     500: "an unexpected failure of the service (its log has the traceback)",
-    503: "a dependency does not answer",
+    503: "a dependency does not answer, or the job store is busy (then Retry-After says in how many seconds to try again)",
     507: "the service has no disk space left for the upload",
 }
 AUTH = (401, 403)
@@ -133,10 +136,30 @@ def install(app: FastAPI) -> None:
         body = exc.detail if isinstance(exc.detail, dict) and "error" in exc.detail else _starlette_error(request, exc)
         return JSONResponse(body, status_code=exc.status_code, headers=headers)
 
+    # A store busy under a burst of requests (SQLite's lock, PostgreSQL's connection pool): 503 with
+    # Retry-After, on a connection kept open. Handled here rather than by the catch-all below, which
+    # Starlette answers and then raises on to the server, which closes the connection.
+    @app.exception_handler(StoreBusy)
+    @app.exception_handler(PoolTimeoutError)
+    @app.exception_handler(OperationalError)
+    async def _store_busy(request: Request, exc: Exception) -> JSONResponse:
+        reason = busy_reason(exc)
+        if reason is None:
+            return _internal(request, exc)
+        log.warning("%s %s: %s; answered 503", request.method, request.url.path, reason)
+        return JSONResponse(error_body("store_busy", f"the job store is busy ({reason}): try again in "
+                                       f"{RETRY_AFTER_S} s"), status_code=503, headers={"Retry-After": str(RETRY_AFTER_S)})
+
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
-        # A bug or an unreachable dependency, not the client's input: logged with its traceback, answered
-        # in the one error shape (never a plain-text 500).
-        log.exception("%s %s failed", request.method, request.url.path)
-        return JSONResponse(error_body("internal", f"the service could not complete {request.method} {request.url.path}: "
-                                       f"{type(exc).__name__}; see the service log"), status_code=500)
+        # The server closes the connection after this answer: Connection: close tells the client not to
+        # send its next request on it.
+        return _internal(request, exc, headers={"Connection": "close"})
+
+
+def _internal(request: Request, exc: Exception, headers: dict[str, str] | None = None) -> JSONResponse:
+    # A bug or an unreachable dependency, not the client's input: logged with its traceback, answered
+    # in the one error shape (never a plain-text 500).
+    log.exception("%s %s failed", request.method, request.url.path, exc_info=exc)
+    return JSONResponse(error_body("internal", f"the service could not complete {request.method} {request.url.path}: "
+                                   f"{type(exc).__name__}; see the service log"), status_code=500, headers=headers)

@@ -2,8 +2,9 @@
 
 Each method is one short transaction whose first statement is its write, so SQLite never has to
 upgrade a read lock (the cause of spurious "database is locked") and PostgreSQL re-checks the
-WHERE clause of a contended UPDATE against the committed row. Rows come back detached but fully
-loaded; change them through the store, not by setting attributes.
+WHERE clause of a contended UPDATE against the committed row; on SQLite the writes of one process
+take turns (``db.write_session``). Rows come back detached but fully loaded; change them through the
+store, not by setting attributes.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from sqlalchemy import delete, func, insert, select, text, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
+from dg2pf_service.store.db import write_session
 from dg2pf_service.store.models import CheckpointFormat, CheckpointRow, DeploymentRow, JobPhase, JobRow, JobState, utcnow
 
 
@@ -131,7 +133,7 @@ class JobStore:
                 .returning(JobRow)
             )
             try:
-                with self._sessions.begin() as session:
+                with write_session(self._sessions) as session:
                     if session.get_bind().dialect.name == "postgresql":
                         session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _QUEUE_LOCK_KEY})
                     return session.scalars(stmt).one()
@@ -178,7 +180,7 @@ class JobStore:
         """Set progress fields (phase, epoch, metrics, ...) whatever the state; refuses unknown fields."""
         values = _check_fields(fields)
         stmt = update(JobRow).where(JobRow.id == job_id).values(**values, updated_at=utcnow()).returning(JobRow)
-        with self._sessions.begin() as session:
+        with write_session(self._sessions) as session:
             row = session.scalars(stmt, execution_options={"synchronize_session": False}).one_or_none()
         if row is None:
             raise JobNotFoundError(job_id)
@@ -207,7 +209,7 @@ class JobStore:
             .values(**values, state=_check_state(to_state, "to_state"), updated_at=utcnow())
             .returning(JobRow)
         )
-        with self._sessions.begin() as session:
+        with write_session(self._sessions) as session:
             row = session.scalars(stmt, execution_options={"synchronize_session": False}).one_or_none()
         if row is None and self.get_job(job_id) is None:
             raise JobNotFoundError(job_id)
@@ -260,14 +262,14 @@ class JobStore:
 
     def remove_deployment(self, model_id: str) -> bool:
         """True when a deployment was removed."""
-        with self._sessions.begin() as session:
+        with write_session(self._sessions) as session:
             return session.execute(delete(DeploymentRow).where(DeploymentRow.model_id == model_id)).rowcount > 0
 
     def _insert_or_existing(self, row: Any, existing: Any) -> Any:
         """Insert ``row``; if another writer committed the same key between our read and our insert,
         return theirs (``existing()``), so concurrent identical requests all succeed."""
         try:
-            with self._sessions.begin() as session:
+            with write_session(self._sessions) as session:
                 session.add(row)
             return row
         except IntegrityError:
