@@ -17,23 +17,24 @@ from service_process import ServiceProcess
 TOKEN = "contract-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 JOB_ID = "0" * 32
-# The error statuses each operation declares (413 and 500 everywhere: any request may carry a body over
-# DG2PF_MAX_REQUEST_BYTES, and an unexpected failure can happen anywhere).
+# The error statuses each operation declares (413, 500 and 503 everywhere: any request may carry a body over
+# DG2PF_MAX_REQUEST_BYTES, an unexpected failure can happen anywhere, and any request may find the store busy
+# or the connection cap reached: 503 with Retry-After).
 ERRORS = {
-    ("get", "/healthz"): {413, 500},
+    ("get", "/healthz"): {413, 500, 503},
     ("get", "/readyz"): {413, 500, 503},
-    ("post", "/checkpoints"): {400, 401, 403, 408, 413, 422, 500, 507},
+    ("post", "/checkpoints"): {400, 401, 403, 408, 413, 422, 500, 503, 507},
     ("post", "/jobs"): {400, 401, 403, 404, 408, 413, 422, 500, 503},
-    ("get", "/jobs"): {401, 403, 422, 413, 500},
-    ("get", "/jobs/{job_id}"): {401, 403, 404, 422, 413, 500},
-    ("post", "/jobs/{job_id}/cancel"): {401, 403, 404, 409, 422, 413, 500},
-    ("get", "/jobs/{job_id}/events"): {401, 403, 404, 422, 413, 500},
-    ("get", "/jobs/{job_id}/artifacts"): {401, 403, 404, 422, 413, 500},
-    ("get", "/jobs/{job_id}/artifacts/{name}"): {401, 403, 404, 422, 413, 500},
-    ("post", "/jobs/{job_id}/deploy"): {401, 403, 404, 409, 422, 413, 500},
-    ("get", "/models"): {401, 403, 413, 500},
-    ("get", "/models/{model_id}"): {401, 403, 404, 422, 413, 500},
-    ("delete", "/models/{model_id}"): {401, 403, 404, 422, 413, 500},
+    ("get", "/jobs"): {401, 403, 422, 413, 500, 503},
+    ("get", "/jobs/{job_id}"): {401, 403, 404, 422, 413, 500, 503},
+    ("post", "/jobs/{job_id}/cancel"): {401, 403, 404, 409, 422, 413, 500, 503},
+    ("get", "/jobs/{job_id}/events"): {401, 403, 404, 422, 413, 500, 503},
+    ("get", "/jobs/{job_id}/artifacts"): {401, 403, 404, 422, 413, 500, 503},
+    ("get", "/jobs/{job_id}/artifacts/{name}"): {401, 403, 404, 422, 413, 500, 503},
+    ("post", "/jobs/{job_id}/deploy"): {401, 403, 404, 409, 422, 413, 500, 503},
+    ("get", "/models"): {401, 403, 413, 500, 503},
+    ("get", "/models/{model_id}"): {401, 403, 404, 422, 413, 500, 503},
+    ("delete", "/models/{model_id}"): {401, 403, 404, 422, 413, 500, 503},
 }
 PUBLIC = {"/healthz", "/readyz"}
 

@@ -39,7 +39,7 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
 
     # FastAPI's own /docs, /redoc and /openapi.json would be public: _docs serves them behind the token.
     app = FastAPI(title=TITLE, version="0.1.0", description="DG2PF pruning jobs on Ray", lifespan=lifespan,
-                  docs_url=None, redoc_url=None, openapi_url=None, responses=errors.error_responses(413, 500),
+                  docs_url=None, redoc_url=None, openapi_url=None, responses=errors.error_responses(413, 500, 503),
                   redirect_slashes=False)  # /jobs/ is 404, not a redirect answered before the token is checked
     app.state.stopping = threading.Event()  # set when a shutdown begins (server.StoppingServer): streams end
     app.add_middleware(RequestGuard)
