@@ -62,6 +62,28 @@ class OutputError(DG2PFError):
     field = "out"
 
 
+def write_text_atomic(path: str | Path, text: str) -> None:
+    """Replace ``path`` with ``text`` whole or not at all: a temp file beside it, flushed, then renamed
+    over it. A full disk or a kill while writing leaves the previous file (or none), never half of one;
+    the temp file is removed when the write fails."""
+    path = Path(path)
+    tmp = None
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        if exc.filename is None:  # a failed write() names no file: name the one being written
+            raise OSError(exc.errno, exc.strerror, str(path)) from exc
+        raise
+    finally:
+        if tmp is not None and os.path.exists(tmp):
+            os.unlink(tmp)
+
+
 def _absolute(path: str) -> str:
     # Ray workers and resumed runs do not share the caller's working directory.
     return os.path.abspath(os.path.expanduser(path))
@@ -523,7 +545,8 @@ def prune_to_dir(
         lock = _lock_state_dir(state_dir, out)
         if resume and (state_dir / STATE_FILE).is_file():
             state = TrainingState.load(state_dir)
-        (state_dir / JOB_FILE).write_text(json.dumps({"job": job.to_dict(), "out": os.path.abspath(out)}, indent=1))
+        # Atomic: rewritten on every resume, and a full disk must not empty the job a resume needs.
+        write_text_atomic(state_dir / JOB_FILE, json.dumps({"job": job.to_dict(), "out": os.path.abspath(out)}, indent=1))
 
         def reporter(record, s) -> None:
             s.save(state_dir)

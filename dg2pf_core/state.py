@@ -88,7 +88,16 @@ class TrainingState:
         directory.mkdir(parents=True, exist_ok=True)
         path = directory / STATE_FILE
         tmp = path.with_suffix(".tmp")
-        torch.save(self.to_payload(), tmp)
+        try:
+            # Into an open file, not a path: then a full disk surfaces as the OSError (ENOSPC) it is, where
+            # torch.save to a path only says "unexpected pos"; the previous state file is left as it was.
+            with tmp.open("wb") as fh:
+                torch.save(self.to_payload(), fh)
+                fh.flush()
+                os.fsync(fh.fileno())
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
         os.replace(tmp, path)
         return path
 

@@ -333,3 +333,27 @@ def test_an_input_model_near_chance_is_named_before_training_and_refused_on_requ
     assert info.value.field == "checkpoint" and [r.phase for r in records] == ["baseline"]
     healthy = run_dg2pf(_model(), tiny_loaders, DG2PFConfig(**{**CFG, "max_epochs": 3}))
     assert healthy.warnings == [] or healthy.baseline_val_top1 <= 30.0
+
+
+def test_a_state_save_on_a_full_disk_says_so_and_keeps_the_previous_state(tiny_loaders, tmp_path, monkeypatch):
+    import errno
+
+    from dg2pf_core import state as state_module
+
+    run_dg2pf(_model(), tiny_loaders, DG2PFConfig(**{**CFG, "max_epochs": 3}), reporter=Watch(tmp_path))
+    saved = TrainingState.load(tmp_path / "epoch2")
+    saved.save(tmp_path / "keep")
+    before = (tmp_path / "keep" / "train_state.pt").read_bytes()
+    real_save = torch.save
+
+    def full_disk(obj, fh):  # some bytes land, then the device is full (as /dev/full or a filled tmpfs)
+        fh.write(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(state_module.torch, "save", full_disk)
+    with pytest.raises(OSError) as failed:
+        saved.save(tmp_path / "keep")
+    monkeypatch.setattr(state_module.torch, "save", real_save)
+    assert failed.value.errno == errno.ENOSPC
+    assert (tmp_path / "keep" / "train_state.pt").read_bytes() == before  # the previous state is intact
+    assert not list((tmp_path / "keep").glob("*.tmp"))  # no half-written file left behind

@@ -15,10 +15,11 @@ from pathlib import Path
 
 from ray.job_submission import JobStatus, JobSubmissionClient
 
-from dg2pf_core.job import PruneJob
+from dg2pf_core.errors import DG2PFError
+from dg2pf_core.job import PruneJob, write_text_atomic
 
 from .cluster import Cluster, auth_headers
-from .runner import CLUSTER_ADDRESS_ENV, ERROR, JOB, OUTPUT, PROGRESS
+from .runner import CLUSTER_ADDRESS_ENV, ERROR, JOB, OUTPUT, PROGRESS, no_space_in, no_space_message
 
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 
@@ -56,6 +57,11 @@ class SubmissionExists(RuntimeError):
     """Ray already has a job with this submission id (submitted by an API that died before recording it)."""
 
 
+class NoSpace(DG2PFError):
+    """A disk the job writes to is full (``runner.no_space_message`` says which and what to do); its name is
+    the job's error type, ``runner.NO_SPACE``."""
+
+
 class RayJobsExecutor:
     def __init__(self, cluster: Cluster, python: str | None = None) -> None:
         self.cluster = cluster
@@ -74,12 +80,19 @@ class RayJobsExecutor:
     def submit(self, job_id: str, job_dir: Path, order: Order, attempt: int = 0) -> str:
         """Submit the job's runner as a Ray Job; ``attempt`` > 0 for a resubmission after lost work
         (a fresh submission id: Ray keeps the ids of its finished jobs)."""
-        job_dir.mkdir(parents=True, exist_ok=True)
-        (job_dir / JOB).write_text(json.dumps({
-            "prune_job": order.prune_job.to_dict(), "workers": order.workers, "use_gpu": order.use_gpu,
-            "tune": order.tune, "storage_path": order.storage_path, "placement": order.placement,
-            "cluster_may_grow": order.cluster_may_grow,
-        }, indent=1))
+        try:
+            job_dir.mkdir(parents=True, exist_ok=True)
+            # Whole or not at all: a resubmission on a full disk must not leave an empty job.json behind.
+            write_text_atomic(job_dir / JOB, json.dumps({
+                "prune_job": order.prune_job.to_dict(), "workers": order.workers, "use_gpu": order.use_gpu,
+                "tune": order.tune, "storage_path": order.storage_path, "placement": order.placement,
+                "cluster_may_grow": order.cluster_may_grow,
+            }, indent=1))
+        except OSError as exc:
+            full = no_space_in(exc)
+            if full is None:
+                raise
+            raise NoSpace(no_space_message(job_dir, path=getattr(full, "filename", None))) from exc
         submission_id = f"dg2pf-{job_id}" if attempt == 0 else f"dg2pf-{job_id}-r{attempt}"
         try:
             self.client.submit_job(
@@ -127,6 +140,13 @@ class RayJobsExecutor:
             if "does not exist" not in str(exc):
                 raise
 
+    def exit_code(self, submission_id: str) -> int | None:
+        """The exit status of the job's runner once it has ended (None while it runs or when Ray does not say)."""
+        try:
+            return self.client.get_job_info(submission_id).driver_exit_code
+        except RuntimeError:
+            return None
+
     def logs_tail(self, submission_id: str, lines: int = 20) -> str:
         try:
             return "\n".join(self.client.get_job_logs(submission_id).splitlines()[-lines:])
@@ -139,22 +159,47 @@ def read_progress(job_dir: Path) -> list[dict]:
     if not path.exists():
         return []
     records = []
-    for line in path.read_text().splitlines():
+    for line in path.read_text(errors="replace").splitlines():
         try:
             records.append(json.loads(line))
         except json.JSONDecodeError:
-            break  # a line being written right now
+            # The last line may be being written right now; one before it was cut short by a full disk
+            # (its run failed there): the lines after it are still good.
+            continue
     return records
 
 
+UNREADABLE = "UnreadableError"  # read_error's type when error.json is there but is not a record
+
+
 def read_error(job_dir: Path) -> dict | None:
+    """The runner's ``error.json`` ({type, message, field}), None when there is none. A file that is not
+    a record (empty, cut short: written by a runner before writes were atomic, or damaged) gives a
+    record of type ``UNREADABLE`` naming the file, never a JSON error."""
     path = job_dir / ERROR
-    return json.loads(path.read_text()) if path.exists() else None
+    try:
+        text = path.read_text(errors="replace")
+    except FileNotFoundError:
+        return None
+    try:
+        doc = json.loads(text)
+        if isinstance(doc, dict) and isinstance(doc.get("type"), str) and isinstance(doc.get("message"), str):
+            return doc
+        what = "not an error record"
+    except ValueError:
+        what = "empty" if not text.strip() else f"not valid JSON ({len(text):,} bytes, cut short?)"
+    return {"type": UNREADABLE, "message": f"the job failed, and its error record {path} is {what}", "field": None}
 
 
 def read_metrics(job_dir: Path) -> dict | None:
+    """The job's ``metrics.json`` (renamed into place whole), None when the run has not finished."""
     path = job_dir / OUTPUT / "metrics.json"
-    return json.loads(path.read_text()) if path.exists() else None
+    if not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except ValueError as exc:
+        raise ValueError(f"{path} is not valid JSON ({exc})") from None
 
 
 def output_dir(job_dir: Path) -> Path:

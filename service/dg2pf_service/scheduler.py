@@ -27,8 +27,9 @@ from dg2pf_core.latency import speedups
 
 from .cluster import Cluster
 from .conditions import Conditions, reason_of
-from .executor import Order, RayJobsExecutor, SubmissionExists, needs_of, read_error, read_metrics, read_progress
+from .executor import UNREADABLE, Order, RayJobsExecutor, SubmissionExists, needs_of, read_error, read_metrics, read_progress
 from .processes import RUNNER, kill_job_processes, process_table
+from .runner import ERROR, NO_SPACE, NO_SPACE_EXIT, no_space_message
 from .store.models import TERMINAL_STATES
 from .store.repo import JobStore
 
@@ -163,19 +164,34 @@ class Scheduler:
         elif status == "SUCCEEDED":
             self._succeed(row, fields)
         elif status == "FAILED":
-            err = read_error(job_dir)
-            if err is None:
-                # No error.json: the runner did not end by itself (killed, out of memory, its node lost).
-                tail = self.executor.logs_tail(row.ray_submission_id, lines=3).strip().replace("\n", " | ")
-                self._lost(row, fields, "its runner ended without a result (killed, out of memory, or its node was lost)"
-                           + (f"; last log lines: {tail[-300:]}" if tail else ""))
-            else:
-                self._fail(row, err["type"], err["message"], **fields)
+            self._failed(row, fields)
         elif status == "STOPPED":
             self.store.transition(row.id, {"running"}, "cancelled", finished_at=_now(), **fields)
             kill_job_processes(job_dir)
         else:
             self.store.update_job(row.id, **fields)
+
+    def _failed(self, row, fields: dict) -> None:
+        """The runner ended with an error: fail the job with the runner's error.json, or, without a
+        readable one, with what its exit status says; a runner that did not end by itself was lost."""
+        job_dir = Path(row.artifacts_dir)
+        err = read_error(job_dir)
+        if err is not None and err["type"] != UNREADABLE:
+            self._fail(row, err["type"], err["message"], **fields)
+            return
+        code = self.executor.exit_code(row.ray_submission_id)
+        if code == NO_SPACE_EXIT:  # the disk was too full for error.json as well
+            unrecorded = err["message"] if err is not None else f"its error record {job_dir / ERROR} could not be written"
+            self._fail(row, NO_SPACE, f"{no_space_message(job_dir)} ({unrecorded})", **fields)
+            return
+        tail = self.executor.logs_tail(row.ray_submission_id, lines=3).strip().replace("\n", " | ")
+        tail = f"; last log lines: {tail[-300:]}" if tail else ""
+        if err is not None:
+            status = f" (runner exit status {code})" if code is not None else ""
+            self._fail(row, err["type"], f"{err['message']}{status}{tail}", **fields)
+            return
+        # No error.json: the runner did not end by itself (killed, out of memory, its node lost).
+        self._lost(row, fields, f"its runner ended without a result (killed, out of memory, or its node was lost){tail}")
 
     def _succeed(self, row, fields: dict) -> None:
         metrics = read_metrics(Path(row.artifacts_dir)) or {}
@@ -236,8 +252,10 @@ class Scheduler:
             raise  # the cluster went away: try again on a later tick
 
     def _fail(self, row, error_type: str, message: str, **fields) -> None:
-        self.store.transition(row.id, {"running", "queued"}, "failed", finished_at=_now(), error_type=error_type,
-                              error_message=message, **fields)
+        failed = self.store.transition(row.id, {"running", "queued"}, "failed", finished_at=_now(), error_type=error_type,
+                                       error_message=message, **fields)
+        if failed is not None and error_type == NO_SPACE:  # the operator's problem, not the job's: once per job
+            log.error("job %s failed: %s", row.id, message)
         kill_job_processes(Path(row.artifacts_dir), grace_seconds=1.0)
 
     def _reconcile_failed(self, row, exc: Exception) -> None:
@@ -249,8 +267,9 @@ class Scheduler:
     def _dispatch(self) -> None:
         try:
             total_cpu, total_gpu = self.capacity()
+            self._conditions.ok("capacity", "reading the cluster's resources")
         except Exception as exc:  # noqa: BLE001 - the cluster went away between ticks
-            log.warning("cannot read the cluster's resources now (%s); dispatching on a later tick", reason_of(exc))
+            self._conditions.failed("capacity", "cannot read the cluster's resources; dispatching on a later tick", exc)
             return
         used_cpu = used_gpu = 0.0
         for row in self.store.active_jobs():
@@ -272,9 +291,10 @@ class Scheduler:
             except _JobRefused as exc:
                 self._fail(row, exc.type, exc.message)
                 continue
-            except Exception:  # noqa: BLE001 - the cluster is gone: the job stays queued
-                log.exception("submitting job %s failed; it stays queued", row.id)
+            except Exception as exc:  # noqa: BLE001 - the cluster is gone: the job stays queued
+                self._conditions.failed("dispatch", f"submitting job {row.id} failed; it stays queued", exc)
                 return
+            self._conditions.ok("dispatch", "submitting queued jobs")
             if self.store.transition(row.id, {"queued"}, "running", started_at=_now(), ray_submission_id=submission, phase="baseline") is None:
                 self.stop_ray_job(submission)  # cancelled while we were submitting
                 continue

@@ -341,6 +341,34 @@ def test_a_channel_pruned_job_is_served_with_its_in_process_logits(channel_serve
         assert [p["probability"] for p in got] == pytest.approx([p.probability for p in want], abs=1e-6)
 
 
+def test_an_api_restarted_with_another_backend_redeploys_and_reports_what_answers(served, service, test_inputs):
+    """Only the API restarted, with another DG2PF_SERVE_BACKEND, while the Ray head and Serve's replicas
+    keep running: the service redeploys the replicas with it, and GET /models never reports a backend
+    other than the one answering (``deploying`` until the new replicas are up). Both ways."""
+    model_id, xs = served["model"].id, test_inputs[0][:4]
+    for backend in ("onnxruntime", "torch"):
+        service.kill()  # the API process only
+        service.env["DG2PF_SERVE_BACKEND"] = backend
+        service.start()
+        deadline, seen = time.time() + 240, []
+        with Client(service.url, token=TOKEN) as client:
+            while True:
+                before = client.model(model_id)
+                out = client.predict(model_id, inputs=xs)
+                after = client.model(model_id)
+                seen.append((before.status, before.backend, out["backend"]))
+                if before.status == after.status == "ready" and before.backend == after.backend:
+                    assert out["backend"] == before.backend, seen  # what GET /models says is what answered
+                    if before.backend == backend:
+                        break
+                assert time.time() < deadline, f"not redeployed with {backend} in 240 s: {seen[-5:]}"
+                time.sleep(0.5)
+            models = client.models()
+            listed = {m.id: m for m in models.items}[model_id]
+            assert (listed.status, listed.backend) == ("ready", backend)
+    assert httpx.get(f"{models.serve_url}/healthz", timeout=30).json() == {"status": "ok", "backend": "torch"}
+
+
 def test_models_are_restored_after_the_service_and_cluster_restart_here_on_onnxruntime(served, channel_served, service,
                                                                                       test_inputs):
     """Restarted with DG2PF_SERVE_BACKEND=onnxruntime, the same models come back at the same URLs, now

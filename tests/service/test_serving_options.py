@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import shutil
+from dataclasses import replace as dataclasses_replace
 
 import pytest
 import torch
@@ -80,3 +82,50 @@ def test_onnxruntime_service_serves_a_job_without_model_onnx_with_pytorch_and_sa
                for r in caplog.records)
     x = torch.randn(3, *served.input_shape, generator=torch.Generator().manual_seed(0))
     assert torch.equal(served.logits(x), InferenceModel.load(out).logits(x))
+
+
+class _FakeServe:
+    """Serve's REST API as the supervisor sees it: one dg2pf application deployed with ``args``."""
+
+    def __init__(self, args: dict | None, status: str = "RUNNING") -> None:
+        self.args, self.status, self.puts = args, status, []
+
+    def __call__(self, method: str, body: dict | None = None) -> dict:
+        if method == "PUT":
+            self.puts.append(body)
+            self.args, self.status = body["applications"][0]["args"], "DEPLOYING"
+            return {}
+        if method == "GET":
+            if self.args is None:
+                return {"applications": {}}
+            return {"applications": {"dg2pf": {"status": self.status, "message": "",
+                                                "deployed_app_config": {"name": "dg2pf", "args": self.args}}}}
+        return {}
+
+
+def test_an_application_running_other_options_is_redeployed_and_reported_as_it_runs(tmp_path):
+    """An API restarted with another DG2PF_SERVE_BACKEND (Serve kept running): until Serve has the new
+    replicas up, GET /models reports the backend that answers, as deploying; then the configured one."""
+    from dg2pf_service.serving.supervisor import ServingSupervisor
+
+    before = ServeOptions(serving_dir=str(tmp_path / "models"), backend="torch")
+    now = dataclasses_replace(before, backend="onnxruntime")
+    serve = _FakeServe(json.loads(json.dumps(before.to_dict())))  # as Serve hands the args back: JSON
+    supervisor = ServingSupervisor(now, wanted=lambda: {"a" * 32: str(tmp_path / "out")}, dashboard_url=lambda: "http://ray")
+    supervisor._request = serve
+
+    status = supervisor.model_status()
+    assert (status.status, status.backend) == ("deploying", "torch")
+    assert "DG2PF_SERVE_BACKEND=torch" in status.message and "onnxruntime" in status.message
+    supervisor.reconcile()
+    assert len(serve.puts) == 1 and serve.puts[0]["applications"][0]["args"]["backend"] == "onnxruntime"
+    serve.status = "RUNNING"
+    status = supervisor.model_status()
+    assert (status.status, status.backend, status.message) == ("ready", "onnxruntime", None)
+    supervisor.reconcile()  # the same options: nothing to do
+    assert len(serve.puts) == 1
+
+    same = ServingSupervisor(before, wanted=lambda: {"a" * 32: "/out"}, dashboard_url=lambda: "http://ray")
+    same._request = _FakeServe(json.loads(json.dumps(before.to_dict())))
+    same.reconcile()
+    assert same._request.puts == [] and same.model_status().backend == "torch"

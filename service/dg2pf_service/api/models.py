@@ -16,6 +16,7 @@ from dg2pf_core.inference import METRICS_FILE
 
 from ..serving.backends import backend_for
 from ..serving.deploy import NotDeployable
+from ..serving.supervisor import ServingStatus
 from .auth import require_token
 from .errors import ApiError
 from .jobs import JobId
@@ -28,29 +29,32 @@ def _services(request: Request):
     return request.app.state.services
 
 
-def _model_out(services, row, status: str, message: str | None) -> ModelOut:
+def _model_out(services, row, serving: ServingStatus) -> ModelOut:
     try:
         meta = json.loads((Path(row.output_dir) / METRICS_FILE).read_text())
     except (OSError, ValueError):
         meta = {}
     shape = [meta["in_channels"], meta["image_size"], meta["image_size"]] if "in_channels" in meta and "image_size" in meta else None
     try:
-        backend: str | None = backend_for(services.serving.options.backend, row.output_dir)[0]
+        # The backend of the replicas that answer (the running application's), with the same per-job
+        # fallback they apply (a job without model.onnx is served by PyTorch).
+        backend: str | None = backend_for(serving.backend, row.output_dir)[0]
     except DG2PFError:  # the output is gone or damaged: the replica's error says so when it is asked
         backend = None
     return ModelOut(
-        id=row.model_id, job_id=row.model_id, status=status, created_at=row.created_at,
+        id=row.model_id, job_id=row.model_id, created_at=row.created_at,
         url=services.serving.model_url(row.model_id, services.public_serve_url()),
         arch=meta.get("arch"), num_classes=meta.get("num_classes"), input_shape=shape, class_names=meta.get("class_names"),
-        sparsity=meta.get("sparsity_prunable"), test_top1=meta.get("test_top1"), backend=backend, message=message,
+        sparsity=meta.get("sparsity_prunable"), test_top1=meta.get("test_top1"), backend=backend,
+        status=serving.status, message=serving.message,
     )
 
 
-def _status(services) -> tuple[str, str | None]:
+def _status(services) -> ServingStatus:
     try:
         return services.serving.model_status()
     except Exception as exc:  # noqa: BLE001 - Serve unreachable is a status, not a 500
-        return "unknown", f"Ray Serve did not answer: {exc}"[:300]
+        return ServingStatus("unknown", f"Ray Serve did not answer: {exc}"[:300], services.serving.options.backend)
 
 
 @router.post("/jobs/{job_id}/deploy", status_code=202, response_model=ModelOut,
@@ -62,13 +66,13 @@ def deploy(job_id: JobId, response: Response, services=Depends(_services)) -> Mo
         status = 404 if exc.field == "id" else 409
         raise ApiError(status, "not_found" if status == 404 else "conflict", exc.message, exc.field) from None
     response.headers["Location"] = f"/models/{job_id}"
-    return _model_out(services, row, *_status(services))
+    return _model_out(services, row, _status(services))
 
 
 @router.get("/models", response_model=ModelList)
 def list_models(services=Depends(_services)) -> ModelList:
-    status, message = _status(services)
-    return ModelList(items=[_model_out(services, r, status, message) for r in services.store.list_deployments()],
+    serving = _status(services)
+    return ModelList(items=[_model_out(services, r, serving) for r in services.store.list_deployments()],
                      serve_url=services.public_serve_url())
 
 
@@ -81,7 +85,7 @@ def _deployment_or_404(services, model_id: str):
 
 @router.get("/models/{model_id}", response_model=ModelOut, responses=ApiError.responses(404, 422))
 def get_model(model_id: JobId, services=Depends(_services)) -> ModelOut:
-    return _model_out(services, _deployment_or_404(services, model_id), *_status(services))
+    return _model_out(services, _deployment_or_404(services, model_id), _status(services))
 
 
 @router.delete("/models/{model_id}", status_code=204, responses=ApiError.responses(404, 422))

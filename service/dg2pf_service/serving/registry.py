@@ -42,9 +42,13 @@ class ModelRegistry:
         self.root.mkdir(parents=True, exist_ok=True)
         path = self._file(model.model_id)
         fd, tmp = tempfile.mkstemp(dir=self.root, prefix=".tmp-", suffix=".json")
-        with os.fdopen(fd, "w") as f:
-            json.dump({"model_id": model.model_id, "output_dir": model.output_dir}, f)
-        os.replace(tmp, path)  # atomic: a replica never reads half a file
+        try:
+            with os.fdopen(fd, "w") as f:
+                json.dump({"model_id": model.model_id, "output_dir": model.output_dir}, f)
+            os.replace(tmp, path)  # atomic: a replica never reads half a file
+        finally:
+            if os.path.exists(tmp):  # the write failed (a full disk): no temp file left per reconcile pass
+                os.unlink(tmp)
 
     def get(self, model_id: str) -> RegisteredModel | None:
         if not valid_model_id(model_id):

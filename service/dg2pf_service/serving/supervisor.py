@@ -4,7 +4,10 @@
 Serve deployment can take a minute to come up, so it must not hold up job scheduling). It rewrites
 the registry files from the database, deploys the application when models are listed but the app
 is missing (a fresh or restarted Ray cluster) or failed, and deletes the application when no model
-is listed, handing its CPUs back to pruning jobs.
+is listed, handing its CPUs back to pruning jobs. An application that runs with other options than
+this service's (the API restarted with another ``DG2PF_SERVE_BACKEND``, other tokens or limits, while
+the Ray cluster and Serve kept running) is redeployed with this service's: what GET /models says is
+what answers.
 
 It talks to Serve only through the dashboard's REST API (``/api/serve/applications/``: a
 declarative config naming the application builder ``IMPORT_PATH``), as ``serve deploy`` and
@@ -14,10 +17,12 @@ restarted head gets the application back on the next reconcile.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import httpx
 
@@ -42,6 +47,45 @@ class ServeApiError(RuntimeError):
     pass
 
 
+@dataclass(frozen=True)
+class AppState:
+    """The dg2pf application as Serve reports it."""
+
+    status: str | None  # Serve's status (RUNNING, DEPLOYING, ...), None when there is no application
+    message: str
+    options: ServeOptions | None  # what it was deployed with; None when absent or not readable as ours
+
+
+@dataclass(frozen=True)
+class ServingStatus:
+    """What GET /models reports for every deployed model."""
+
+    status: str  # ready | deploying | unhealthy | failed | pending
+    message: str | None
+    backend: str  # DG2PF_SERVE_BACKEND of the application that answers (this service's while there is none)
+
+
+def _deployed_options(app: dict) -> ServeOptions | None:
+    args = (app.get("deployed_app_config") or {}).get("args")
+    try:
+        return ServeOptions.from_dict(args) if isinstance(args, dict) else None
+    except (TypeError, ValueError):  # deployed by another version of the service
+        return None
+
+
+def differences(running: ServeOptions | None, wanted: ServeOptions) -> list[str]:
+    """The options in which the running application differs from ``wanted``, as "name a -> b" (token
+    digests by name only)."""
+    if running is None:
+        return ["options unreadable"]
+    out = []
+    for f in dataclasses.fields(ServeOptions):
+        a, b = getattr(running, f.name), getattr(wanted, f.name)
+        if a != b:
+            out.append(f.name if f.name == "token_digests" else f"{f.name} {a} -> {b}")
+    return out
+
+
 class ServingSupervisor:
     def __init__(self, options: ServeOptions, wanted: Callable[[], dict[str, str]], dashboard_url: Callable[[], str]) -> None:
         """``wanted()`` returns the deployed models from the database: model id -> job output dir;
@@ -52,7 +96,7 @@ class ServingSupervisor:
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
-        self._last_deploy = 0.0
+        self._last_deploy = float("-inf")
         self._app_may_exist = True  # until Serve says otherwise (an app left by an earlier API process)
         self.last_error: str | None = None
         self._conditions = Conditions(log)
@@ -76,15 +120,32 @@ class ServingSupervisor:
             raise ServeApiError(f"Ray's Serve API refused {method}: {r.status_code} {r.text[:500]}")
         return r.json() if r.content and method == "GET" else {}
 
+    def app_state(self) -> AppState:
+        app = (self._request("GET").get("applications") or {}).get(APP_NAME)
+        if not app:
+            return AppState(None, "", None)
+        return AppState(str(app.get("status")), app.get("message") or "", _deployed_options(app))
+
     def app_status(self) -> tuple[str | None, str]:
         """(Serve's status of the dg2pf application or None when absent, its message)."""
-        app = (self._request("GET").get("applications") or {}).get(APP_NAME)
-        return (str(app.get("status")), app.get("message") or "") if app else (None, "")
+        state = self.app_state()
+        return state.status, state.message
 
-    def model_status(self) -> tuple[str, str | None]:
-        """What GET /models reports for every deployed model, and Serve's message if any."""
-        status, message = self.app_status()
-        return _MODEL_STATUS.get(status or "", "pending"), (message or self.last_error or None)
+    def model_status(self) -> ServingStatus:
+        """What GET /models reports for every deployed model: the status, Serve's message if any, and
+        the backend of the application that answers, which differs from this service's only until
+        the redeploy ``reconcile`` starts is done (or when Serve refused it: the message says so)."""
+        state = self.app_state()
+        status = _MODEL_STATUS.get(state.status or "", "pending")
+        message = state.message or self.last_error or None
+        running = state.options.backend if state.options is not None else None
+        if state.status is None or running is None or running == self.options.backend:
+            return ServingStatus(status, message, self.options.backend)
+        if status == "ready":  # Serve has not taken the redeploy up yet: the old replicas answer
+            status = "deploying"
+        note = (f"answered by the replicas running DG2PF_SERVE_BACKEND={running} until they are redeployed with this "
+                f"service's {self.options.backend}")
+        return ServingStatus(status, f"{note}; {message}" if message else note, running)
 
     # --- reconcile ----------------------------------------------------------------------------
 
@@ -94,13 +155,21 @@ class ServingSupervisor:
             self.registry.sync(wanted)
             if not wanted and not self._app_may_exist:
                 return  # nothing to serve and nothing to clean up: no need to ask Serve
-            status, message = self.app_status()
+            state = self.app_state()
+            status = state.status
             self._app_may_exist = status is not None
             if wanted and status in (None, "DEPLOY_FAILED"):
                 if status == "DEPLOY_FAILED":
-                    self.last_error = message
+                    self.last_error = state.message
                     if time.monotonic() - self._last_deploy < REDEPLOY_BACKOFF_S:
                         return
+                self._deploy()
+            elif wanted and status != "DELETING" and state.options != self.options:
+                # Left by an API process with other settings: Serve replaces the replicas, one by one.
+                if time.monotonic() - self._last_deploy < REDEPLOY_BACKOFF_S:
+                    return
+                log.warning("the Serve application %r runs with other options than this service's (%s): redeploying it",
+                            APP_NAME, ", ".join(differences(state.options, self.options)))
                 self._deploy()
             elif not wanted and status is not None and status != "DELETING":
                 self._delete()
