@@ -8,6 +8,7 @@ with DDP, hands the loop sharded loaders, and turns the loop's per-epoch reporte
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import logging
 import shutil
@@ -49,7 +50,7 @@ class RayOptions:
     workers: int = 1
     use_gpu: bool = False
     address: str | None = None
-    storage_path: str | None = None  # local dir, shared filesystem or object-store URI
+    storage_path: str | None = None  # local dir, shared filesystem or object-store URI; None: RunStorage's temporary one
     max_failures: int = 2
     placement: str = "pack"  # "pack" | "spread": Ray's placement-group strategy for the workers
     cluster_may_grow: bool = False  # an autoscaling cluster: wait for nodes instead of refusing the run
@@ -181,8 +182,37 @@ def copy_final(source: Path, dest: Path) -> None:
         shutil.copy2(source / f, dest / f)
 
 
-def default_storage() -> str:
-    return str(Path("runs/ray-train").resolve())
+class RunStorage:
+    """Where Ray Train and Tune write a run's checkpoints: ``given`` as it is (the caller's: a shared
+    filesystem or an object store, kept), else a temporary folder beside ``out``
+    (``.OUT.ray-XXXX``, on the results' filesystem; the current directory only holds it when ``out``
+    is there) removed when the run ends, unless ``keep()`` was called (the results could not be
+    copied out of it)."""
+
+    def __init__(self, given: str | None, out: Path) -> None:
+        self.temporary = not given
+        if given:
+            self.path = given
+        else:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            self.path = tempfile.mkdtemp(prefix=f".{out.name}.ray-", dir=out.parent)
+        self._kept = False
+
+    @property
+    def recorded(self) -> str | None:
+        """The storage path for metrics.json: None for a temporary one (removed)."""
+        return None if self.temporary else self.path
+
+    def keep(self) -> str:
+        self._kept = True
+        return self.path
+
+    def __enter__(self) -> RunStorage:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.temporary and not self._kept:
+            shutil.rmtree(self.path, ignore_errors=True)
 
 
 def make_trainer(job: PruneJob, options: RayOptions, callbacks: list | None = None) -> TorchTrainer:
@@ -194,7 +224,7 @@ def make_trainer(job: PruneJob, options: RayOptions, callbacks: list | None = No
                                      placement_strategy=options.placement.upper()),
         run_config=RunConfig(
             name=options.run_name or f"dg2pf-{time.strftime('%Y%m%d-%H%M%S')}",
-            storage_path=options.storage_path or default_storage(),
+            storage_path=options.storage_path,  # RunStorage's, always given
             # A finite controller limit: workers that can never start end the run instead of retrying forever.
             failure_config=FailureConfig(max_failures=options.max_failures, controller_failure_limit=3),
             checkpoint_config=CheckpointConfig(num_to_keep=3),
@@ -244,6 +274,11 @@ def prune_on_ray(job: PruneJob, out: str | Path, options: RayOptions) -> dict:
     connect(options.address, quiet=not options.ray_logs)
     if not options.cluster_may_grow:
         check_capacity(options.workers, options.use_gpu)
+    with RunStorage(options.storage_path, output.path) as storage:
+        return _fit(job, out, output, dataclasses.replace(options, storage_path=storage.path), storage, started)
+
+
+def _fit(job: PruneJob, out: str | Path, output: OutputDir, options: RayOptions, storage: RunStorage, started: float) -> dict:
     trainer = make_trainer(job, options)
     try:
         result = trainer.fit()
@@ -267,10 +302,11 @@ def prune_on_ray(job: PruneJob, out: str | Path, options: RayOptions) -> dict:
             copy_final(Path(final), tmp)
             metrics = json.loads((tmp / "metrics.json").read_text())
             metrics["driver_wall_seconds"] = time.perf_counter() - started
-            metrics["ray_run"] = {"storage_path": trainer.run_config.storage_path, "name": trainer.run_config.name}
+            metrics["ray_run"] = {"storage_path": storage.recorded, "name": trainer.run_config.name}
             write_metrics(metrics, tmp / "metrics.json")
     except OSError as exc:
         # Nothing trained is lost: the model and its metrics stay in Ray Train's final checkpoint.
+        storage.keep()
         raise OutputError(f"training finished but {out} could not be written ({exc.strerror or exc}); the trained model "
                           f"and metrics are kept in Ray Train's final checkpoint at {result.checkpoint.path}: copy "
                           f"{', '.join(FINAL_FILES)} from there") from exc

@@ -7,9 +7,11 @@ still in its pruning phase its time is 0 and no rung can judge it.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import json
+import os
 import time
 from dataclasses import dataclass
 from functools import partial
@@ -27,7 +29,7 @@ from dg2pf_core.job import PruneJob, prepare
 
 from .cluster import check_capacity, connect
 from .search_space import build_space, load_space, trial_config
-from .train import RayOptions, RunFailed, copy_final, default_storage, make_trainer
+from .train import RayOptions, RunFailed, RunStorage, copy_final, make_trainer
 
 RANK_METRIC = "val_top1"
 TIME_ATTR = "epochs_at_target"
@@ -43,7 +45,7 @@ class TuneOptions:
     placement: str = "pack"  # of each trial's workers: "pack" | "spread"
     cluster_may_grow: bool = False  # an autoscaling cluster: wait for nodes instead of refusing the run
     address: str | None = None
-    storage_path: str | None = None
+    storage_path: str | None = None  # as RayOptions': None is a temporary folder beside out, removed at the end
     max_concurrent: int | None = None  # default: as many as the cluster's CPUs (or GPUs) allow
     grace_period: int = 2  # epochs at the final sparsity before ASHA may stop a trial
     run_name: str | None = None
@@ -85,9 +87,30 @@ def tune_job(job: PruneJob, out: str | Path, options: TuneOptions) -> dict:
     per_trial = options.workers_per_trial
     capacity = resources.get("GPU", 0) if options.use_gpu else resources.get("CPU", 1)
     concurrent = options.max_concurrent or max(1, int(capacity // (per_trial + DRIVER_CPU)))
-    storage = options.storage_path or default_storage()
     name = options.run_name or f"dg2pf-tune-{time.strftime('%Y%m%d-%H%M%S')}"
+    with RunStorage(options.storage_path, output.path) as storage, _tune_output(options.ray_logs):
+        grid = _fit(job, options, space, concurrent, name, storage.path)
+        return _write_result(grid, job, output, options, document, storage.recorded, name, started)
+
+
+@contextlib.contextmanager
+def _tune_output(ray_logs: bool):
+    """Without Ray's own logs, none of Tune's console output either: its new output engine prints an
+    experiment table and "View detailed results here: <storage>" whatever RunConfig's verbose says
+    (Ray 2.60, tune/experimental/output.py); its legacy engine honours verbose=0."""
+    if ray_logs or "RAY_AIR_NEW_OUTPUT" in os.environ:
+        yield
+        return
+    os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
+    try:
+        yield
+    finally:
+        os.environ.pop("RAY_AIR_NEW_OUTPUT", None)
+
+
+def _fit(job: PruneJob, options: TuneOptions, space: dict, concurrent: int, name: str, storage: str):
     post_pruning = job.config.max_epochs - job.config.pruning_epochs
+    per_trial = options.workers_per_trial
     trainable = tune.with_resources(
         partial(_trial, base_job=job.to_dict(), name=name,
                 options={"workers_per_trial": per_trial, "use_gpu": options.use_gpu, "placement": options.placement,
@@ -102,7 +125,7 @@ def tune_job(job: PruneJob, out: str | Path, options: TuneOptions) -> dict:
                                   resume_errored=True).fit()
     else:
         grid = _new_tuner(trainable, space, options, concurrent, name, storage, post_pruning).fit()
-    return _write_result(grid, job, output, options, document, storage, name, started)
+    return grid
 
 
 def _new_tuner(trainable, space: dict, options: TuneOptions, concurrent: int, name: str, storage: str, post_pruning: int):
@@ -119,8 +142,8 @@ def _new_tuner(trainable, space: dict, options: TuneOptions, concurrent: int, na
     )
 
 
-def _write_result(grid, job: PruneJob, output: OutputDir, options: TuneOptions, document: dict, storage: str, name: str,
-                  started: float) -> dict:
+def _write_result(grid, job: PruneJob, output: OutputDir, options: TuneOptions, document: dict, storage: str | None,
+                  name: str, started: float) -> dict:
     rows = []
     for result in grid:
         m, status = result.metrics or {}, _status(result)

@@ -68,7 +68,8 @@ def _add_ray_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--placement", choices=("pack", "spread"), default="pack",
                        help="pack workers on few nodes (default) or spread them one per node")
     group.add_argument("--ray-address", help="existing Ray cluster (default: $RAY_ADDRESS, else a local Ray)")
-    group.add_argument("--storage-path", help="Ray Train storage for per-epoch checkpoints (default: runs/ray-train)")
+    group.add_argument("--storage-path", help="Ray Train/Tune storage for per-epoch checkpoints, kept (shared storage on a "
+                       "multi-node cluster; default: a temporary folder beside --out, .OUT.ray-*, removed when the command ends)")
     group.add_argument("--max-failures", type=int, default=2, help="worker failures to recover from (default: 2)")
     group.add_argument("--verbose", action="store_true",
                        help="show Ray's own log lines too (its start, Ray Train's worker set-up, a line per report of "
@@ -112,6 +113,62 @@ def _cmd_example(args: argparse.Namespace) -> int:
     print(f"wrote {args.out}/model.safetensors ({metrics['arch']}): test top-1 {metrics['test_top1']:.2f}% "
           f"(epoch {metrics['best_epoch']}, {metrics['wall_seconds']:.0f} s)")
     return 0
+
+
+INIT_KEY = "dg2pf_init"  # safetensors metadata of `dg2pf init`'s files: what built them, to build them again
+MAX_SEED = 2**32 - 1  # torch.manual_seed's range, as DG2PFConfig.seed's
+
+
+def _cmd_init(args: argparse.Namespace) -> int:
+    """Seeded random weights for any architecture ``dg2pf archs`` lists, as a plain .safetensors
+    state_dict that every command taking ``--checkpoint`` reads."""
+    import torch
+
+    from dg2pf_core.checkpoints import save_state_dict
+    from dg2pf_core.models import build_model, get_arch
+    from dg2pf_core.models.registry import MAX_CLASSES
+
+    get_arch(args.arch)  # an unknown name, with the closest known ones
+    if not 2 <= args.num_classes <= MAX_CLASSES:
+        raise DG2PFError(f"--num-classes must be in [2, {MAX_CLASSES:,}] (a classifier needs at least two classes), "
+                         f"got {args.num_classes}", field="num_classes")
+    if not 0 <= args.seed <= MAX_SEED:
+        raise DG2PFError(f"--seed must be in [0, {MAX_SEED}], got {args.seed}", field="seed")
+    out = Path(args.out).expanduser()
+    _check_init_out(out, args.force)
+    _set_threads(args)
+    with torch.random.fork_rng(devices=[]):  # the caller's RNG stream is left as it was
+        torch.manual_seed(args.seed)
+        model = build_model(args.arch, args.num_classes)
+    meta = {INIT_KEY: json.dumps({"arch": args.arch, "num_classes": args.num_classes, "seed": args.seed}, sort_keys=True)}
+    try:
+        save_state_dict(model.state_dict(), out, metadata=meta)
+    except OSError as exc:
+        raise DG2PFError(f"--out {out} could not be written: {exc.strerror or exc}", field="out") from exc
+    params = sum(p.numel() for p in model.parameters())
+    print(f"wrote {out} ({args.arch}, {args.num_classes} classes, {params:,} parameters, seed {args.seed}): random "
+          f"weights; e.g. dg2pf prune --arch {args.arch} --num-classes {args.num_classes} --checkpoint {out} ...")
+    return 0
+
+
+def _check_init_out(out: Path, force: bool) -> None:
+    """A new .safetensors file name whose folder can be written; an existing file only with --force."""
+    if out.is_dir():
+        raise DG2PFError(f"--out {out} is a directory; give a file name, e.g. {out / 'model.safetensors'}", field="out")
+    if out.suffix != ".safetensors":
+        raise DG2PFError(f"--out {out}: name the file .safetensors (the only format dg2pf writes weights in)", field="out")
+    if out.exists() or out.is_symlink():
+        if not force:
+            raise DG2PFError(f"--out {out} already exists; choose a new name, or --force to replace it", field="out")
+        if not out.is_file():
+            raise DG2PFError(f"--out {out} is not a regular file; choose a new name", field="out")
+    folder = Path(os.path.abspath(out)).parent
+    while not folder.exists():
+        folder = folder.parent
+    if not folder.is_dir():
+        raise DG2PFError(f"--out {out}: {folder} is a file, not a directory, so {out} cannot be created", field="out")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise DG2PFError(f"--out {out}: the folder {folder} is not writable", field="out")
 
 
 def _interrupt(*_) -> None:
@@ -288,7 +345,8 @@ def _cmd_tune(args: argparse.Namespace) -> int:
     t = m["tune"]
     for row in t["trials"]:
         val = f"{row['val_top1']:.2f}%" if row.get("val_top1") is not None else "-"
-        print(f"{row['trial_id']:<24} {row['status']:<14} val top-1 {val}")
+        error = f"  error: {row['error']}" if row["status"] == "failed" and row.get("error") else ""
+        print(f"{row['trial_id']:<24} {row['status']:<14} val top-1 {val}{error}")
     print(f"best trial {t['best_trial']}: val top-1 {m['val_top1']:.2f}%, test top-1 {m['test_top1']:.2f}%")
     onnx = "model.onnx, " if (m.get("onnx") or {}).get("written") else ""
     print(f"wrote {args.out}/model.safetensors, model.compact.safetensors, {onnx}metrics.json and trials.csv")
@@ -393,7 +451,7 @@ def _cmd_latency(args: argparse.Namespace) -> int:
     from dg2pf_core.onnx_export import export_onnx
     from dg2pf_core.preflight import check_eval_forward
 
-    _set_threads(args, adaptive=False)  # a latency table keeps torch's default unless told: comparable runs
+    _set_threads(args)
     batch_sizes = _batch_sizes(args.batch_sizes)
     for name, value, low, high in (("--runs", args.runs, 1, 10_000), ("--warmup", args.warmup, 0, 1_000)):
         if not low <= value <= high:
@@ -436,12 +494,22 @@ def _cmd_latency(args: argparse.Namespace) -> int:
                     files[name] = Path(tmp) / f"{name}.onnx"
                 else:
                     notes.append(f"onnxruntime: {name} not measured: {exported.reason}")
+        load_before = machine_load()
         report = measure_latency(models, shape, onnx=files, batch_sizes=batch_sizes, runs=args.runs, warmup=args.warmup,
-                                 budget_s=args.max_seconds)
+                                 threads=args.threads, budget_s=args.max_seconds)
+        load_after = machine_load()
     doc = {"arch": args.arch, "checkpoint": args.checkpoint, "dense_checkpoint": args.dense_checkpoint,
            "num_classes": num_classes, "input_shape": list(shape),
            "macs_ratio": size["macs_ratio"], "params_ratio": size["params_ratio"], "size": size,
-           **report.to_dict()}
+           **report.to_dict(), "threads_from": args.threads_from,
+           "machine": {"cpus": load_before["cpus"], "load_before": [round(v, 2) for v in load_before["load"]],
+                       "load_after": [round(v, 2) for v in load_after["load"]]}}
+    # Other work's share of the load: the average after measuring counts this command's own threads too.
+    others = max(load_before["load"][0], load_after["load"][0] - args.threads)
+    if others > load_before["cpus"] - args.threads + 0.5:  # fewer idle CPUs than measuring threads
+        notes.append(f"the machine was busy (other work's load about {others:.1f} on {load_before['cpus']} CPUs, "
+                     f"{args.threads} thread(s) measuring): the figures are slower and noisier than on an idle machine; "
+                     "compare tables measured at a similar load")
     doc["notes"] = notes + doc["notes"]
     if "dense" in models:
         doc["speedup_vs_dense"] = {b: {str(n): cells["dense"].median_ms / cells["model"].median_ms
@@ -469,9 +537,20 @@ def _cmd_latency(args: argparse.Namespace) -> int:
     print("  ".join(h.rjust(w) if i else h.ljust(w) for i, (h, w) in enumerate(zip(headers, widths))))
     for r in rows:
         print("  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))))
+    print(_threads_line(doc))
     for note in doc["notes"]:
         print(f"note: {note}")
     return 0
+
+
+def _threads_line(doc: dict) -> str:
+    """The threads the figures were measured with and how busy the machine was: a table measured on a
+    loaded machine is slower than the model is."""
+    machine = doc["machine"]
+    source = ("--threads" if doc["threads_from"] == "--threads"
+              else "the default: the CPUs less the load average, at least 1; --threads to change")
+    return (f"threads: {doc['threads']} ({source}); machine: {machine['cpus']} CPUs, 1-minute load average "
+            f"{machine['load_before'][0]:.2f} before measuring, {machine['load_after'][0]:.2f} after")
 
 
 def _batch_sizes(text: str) -> tuple[int, ...]:
@@ -504,6 +583,18 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--quiet", action="store_true")
     ex.add_argument("--threads", type=int, help=THREADS_HELP)
     ex.set_defaults(func=_cmd_example)
+
+    it = sub.add_parser("init", help="write seeded random weights for an architecture (OUT.safetensors): a "
+                        "checkpoint to prune or train when there is no trained one")
+    it.add_argument("--arch", required=True, help="any name `dg2pf archs` lists, e.g. digits_cnn, cifar/resnet18, "
+                    "torchvision/resnet50")
+    it.add_argument("--num-classes", type=int, required=True)
+    it.add_argument("--out", required=True, metavar="FILE.safetensors",
+                    help="the file to write (refused if it exists, unless --force)")
+    it.add_argument("--seed", type=int, default=0, help="the same seed writes the same file, byte for byte (default: 0)")
+    it.add_argument("--force", action="store_true", help="replace an existing --out file")
+    it.add_argument("--threads", type=int, help=THREADS_HELP)
+    it.set_defaults(func=_cmd_init)
 
     pr = sub.add_parser("prune", help="prune a checkpoint with DG2PF")
     _add_job_options(pr, required=False)
@@ -548,6 +639,14 @@ THREADS_HELP = ("CPU threads for torch (default: the CPUs this process may use l
                 "least 1: on a busy machine torch's one thread per core oversubscribes it and runs several times slower)")
 
 
+def machine_load() -> dict:
+    """The CPUs this process may use (its affinity) and the 1-, 5- and 15-minute load averages
+    (zeros where the platform has none)."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    load = list(os.getloadavg()) if hasattr(os, "getloadavg") else [0.0, 0.0, 0.0]
+    return {"cpus": cpus, "load": load}
+
+
 def default_threads() -> int:
     """CPUs this process may use (its affinity) less the 1-minute load average, rounded, at least 1.
 
@@ -555,21 +654,21 @@ def default_threads() -> int:
     job it made ``dg2pf prune`` and ``dg2pf example`` 2-11x slower than one thread (OpenMP threads
     spin-waiting for each other). An idle machine gets every core, as with torch's default.
     """
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
-    return max(1, cpus - int(load + 0.5))
+    machine = machine_load()
+    return max(1, machine["cpus"] - int(machine["load"][0] + 0.5))
 
 
-def _set_threads(args: argparse.Namespace, adaptive: bool = True) -> None:
-    """``--threads``, else (``adaptive``) ``default_threads()``, else torch's default; recorded in
-    ``args.threads`` for what the command prints."""
+def _set_threads(args: argparse.Namespace) -> None:
+    """``--threads``, else ``default_threads()``; recorded in ``args.threads`` (and where it came from in
+    ``args.threads_from``) for what the command prints."""
     threads = getattr(args, "threads", None)
     if threads is not None and threads < 1:
         raise DG2PFError(f"--threads must be >= 1, got {threads}", field="threads")
     if threads is None:
-        if not adaptive:
-            return
         threads = default_threads()
+        args.threads_from = "default"
+    else:
+        args.threads_from = "--threads"
     import torch
 
     args.threads = threads
@@ -610,7 +709,8 @@ def _add_tune_evaluate_archs(sub) -> None:
     la.add_argument("--batch-sizes", default="1,32", help="comma-separated (default: 1,32)")
     la.add_argument("--runs", type=int, default=30, help="timed runs per model and batch size (default: 30)")
     la.add_argument("--warmup", type=int, default=5, help="untimed rounds first (default: 5; at least 2 are run)")
-    la.add_argument("--threads", type=int, help="torch and ONNX Runtime intra-op threads (default: torch's, one per core)")
+    la.add_argument("--threads", type=int, help="torch and ONNX Runtime intra-op threads (default: as for prune, the CPUs "
+                    "this process may use less the machine's load average, at least 1); the output names them and the load")
     la.add_argument("--dense-checkpoint", help="the unpruned model, timed interleaved with the checkpoint: adds 'vs dense'")
     la.add_argument("--backends", default="torch,onnxruntime", help="torch[,onnxruntime] (default: both; "
                     "onnxruntime exports the model(s) to ONNX first)")

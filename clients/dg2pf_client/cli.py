@@ -25,7 +25,7 @@ from .interrupt import caused_by_interrupt
 
 REMOTE_COMMANDS = ("submit", "status", "jobs", "cancel", "download", "upload", "deploy", "models", "undeploy", "predict")
 # The full package's: named here only to say where they are when this package is alone.
-LOCAL_COMMANDS = ("example", "prune", "evaluate", "tune", "latency", "archs", "plot", "demo", "serve", "cluster")
+LOCAL_COMMANDS = ("example", "init", "prune", "evaluate", "tune", "latency", "archs", "plot", "demo", "serve", "cluster")
 DEFAULT_URL = "http://127.0.0.1:8000"
 
 
