@@ -767,9 +767,12 @@ def save_state_dict(
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     try:
-        safetensors.torch.save_file(
-            tensors, str(tmp), metadata=dict(metadata) if metadata else None
-        )
+        try:
+            safetensors.torch.save_file(
+                tensors, str(tmp), metadata=dict(metadata) if metadata else None
+            )
+        except safetensors.SafetensorError as exc:  # its I/O failures (no such folder, permission, no space) as OSError
+            raise OSError(f"cannot write {path}: {exc}") from exc
         os.replace(tmp, path)
     finally:
         if tmp.exists():

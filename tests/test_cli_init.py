@@ -81,7 +81,8 @@ def test_prune_takes_the_file(tmp_path):
     ("digits_cnn", "1", (), "--num-classes must be in [2, 100,000]"),
     ("digits_cnn", "100001", (), "--num-classes must be in [2, 100,000]"),
     ("digits_cnn", "10", ("--seed", "-1"), "--seed must be in [0, 4294967295]"),
-    ("digits_cnn", "10", ("--threads", "0"), "--threads must be >= 1"),
+    ("digits_cnn", "10", ("--threads", "0"), "--threads must be in [1, 1024]"),
+    ("digits_cnn", "10", ("--threads", "999999"), "--threads must be in [1, 1024]"),
 ])
 def test_bad_options_are_refused_in_one_line_and_nothing_is_written(tmp_path, arch, classes, extra, needle):
     out = tmp_path / "m.safetensors"
@@ -97,7 +98,8 @@ def test_the_output_must_be_a_new_safetensors_file_unless_forced(tmp_path):
     for out, needle in [(existing, "already exists; choose a new name, or --force"),
                         (tmp_path / "m.pt", "name the file .safetensors"),
                         (tmp_path, "is a directory"),
-                        (existing / "x.safetensors", "is a file, not a directory")]:
+                        (existing / "x.safetensors", "is a file, not a directory"),
+                        (tmp_path / ("a" * 300 + ".safetensors"), "cannot be written: File name too long")]:
         result = init(out)
         assert result.returncode == 2 and result.stderr.count("\n") == 1 and needle in result.stderr, result.stderr
     assert existing.read_bytes() == b"keep me" and sorted(p.name for p in tmp_path.iterdir()) == ["m.safetensors"]
@@ -105,3 +107,11 @@ def test_the_output_must_be_a_new_safetensors_file_unless_forced(tmp_path):
     assert result.returncode == 0, result.stderr
     assert read_state_dict(existing).keys() == build_model("digits_cnn", 10).state_dict().keys()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.safetensors"]  # no temporary file left
+
+
+@pytest.mark.parametrize("where", ["/proc", "/sys"])
+def test_a_folder_that_cannot_take_the_file_is_one_line(where):
+    # /proc takes no new files, /sys refuses them: the writer's own error, named, exit 2, no traceback
+    result = init(f"{where}/dg2pf-init-test.safetensors")
+    assert result.returncode == 2 and result.stdout == "" and result.stderr.count("\n") == 1, result.stderr
+    assert result.stderr.startswith(f"dg2pf: error: --out {where}/dg2pf-init-test.safetensors")

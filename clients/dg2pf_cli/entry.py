@@ -28,6 +28,13 @@ def run(argv: Sequence[str] | None = None) -> int:
         from .main import main
 
         return main(args)
+    except BrokenPipeError:
+        # The reader of our output went away (`dg2pf archs | head`): as for any command line tool, stop
+        # quietly; stdout is pointed at /dev/null so the interpreter's final flush cannot fail again.
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE, as a shell reports a process a broken pipe ended
     except BaseException as exc:
         if not caused_by_interrupt(exc):
             raise

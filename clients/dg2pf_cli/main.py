@@ -153,6 +153,13 @@ def _cmd_init(args: argparse.Namespace) -> int:
 
 def _check_init_out(out: Path, force: bool) -> None:
     """A new .safetensors file name whose folder can be written; an existing file only with --force."""
+    try:
+        _check_init_path(out, force)
+    except OSError as exc:  # a name too long, a folder that cannot be looked into, ...
+        raise DG2PFError(f"--out {out} cannot be written: {exc.strerror or exc}", field="out") from exc
+
+
+def _check_init_path(out: Path, force: bool) -> None:
     if out.is_dir():
         raise DG2PFError(f"--out {out} is a directory; give a file name, e.g. {out / 'model.safetensors'}", field="out")
     if out.suffix != ".safetensors":
@@ -658,12 +665,17 @@ def default_threads() -> int:
     return max(1, machine["cpus"] - int(machine["load"][0] + 0.5))
 
 
+# More compute threads than this is a typo, not a plan (they only contend for the CPUs).
+MAX_THREADS = 1024
+
+
 def _set_threads(args: argparse.Namespace) -> None:
     """``--threads``, else ``default_threads()``; recorded in ``args.threads`` (and where it came from in
     ``args.threads_from``) for what the command prints."""
     threads = getattr(args, "threads", None)
-    if threads is not None and threads < 1:
-        raise DG2PFError(f"--threads must be >= 1, got {threads}", field="threads")
+    if threads is not None and not 1 <= threads <= MAX_THREADS:
+        raise DG2PFError(f"--threads must be in [1, {MAX_THREADS}] (this machine has {os.cpu_count()} CPUs; more threads "
+                         f"than CPUs only makes torch slower), got {threads}", field="threads")
     if threads is None:
         threads = default_threads()
         args.threads_from = "default"

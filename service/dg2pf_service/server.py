@@ -62,6 +62,12 @@ def _raw_answer(status: int, reason: str, body: dict) -> bytes:
             "retry-after: 1\r\nconnection: close\r\n\r\n").encode() + payload
 
 
+# How long a connection refused at accept stays half-closed, its input read and dropped, before it is closed.
+REFUSED_LINGER_S = 2.0
+# Paths the global connection cap never refuses (liveness and readiness probes carry no token).
+PROBES = frozenset({"/healthz", "/readyz"})
+
+
 def protocol_for(settings: Settings) -> type[H11Protocol]:
     per_client: dict[str, int] = {}  # open connections by client_key, over all of this server's connections
     per_client_cap = settings.max_connections_per_client
@@ -92,19 +98,35 @@ def protocol_for(settings: Settings) -> type[H11Protocol]:
 
         def connection_lost(self, exc: Exception | None) -> None:
             self._disarm()
+            self._uncount()
+            super().connection_lost(exc)
+
+        def _uncount(self) -> None:
             if self._counted_as is not None:
                 left = per_client.pop(self._counted_as) - 1
                 if left:
                     per_client[self._counted_as] = left
                 self._counted_as = None
-            super().connection_lost(exc)
+
+        def data_received(self, data: bytes) -> None:
+            if self._refused:
+                return  # a refused connection's request is read and dropped: never parsed, never run
+            super().data_received(data)
+
+        _refused = False
 
         def _refuse_crowded_address(self, key: str) -> None:
-            # Answered unread and closed at once: the cheapest refusal, so opening more costs the server nothing.
+            # Answered unread: the cheapest refusal, so opening more costs the server nothing. It no longer
+            # counts against the address; the write side is shut and what the client already sent is read and
+            # dropped for a moment before the close, so the close is not a reset that could lose the 503.
+            self._uncount()
+            self._refused = True
             message = (f"{per_client_cap} connections from {key} are open already, the most one client address may hold "
                        "(DG2PF_MAX_CONNECTIONS_PER_CLIENT): reuse them, or close some")
             self.transport.write(_raw_answer(503, "Service Unavailable", error_body("too_many_connections", message)))
-            self.transport.close()
+            if self.transport.can_write_eof():
+                self.transport.write_eof()
+            self.loop.call_later(REFUSED_LINGER_S, self.transport.close)
 
         def _arm(self) -> None:
             self._disarm()
@@ -125,8 +147,9 @@ def protocol_for(settings: Settings) -> type[H11Protocol]:
             """The app behind ``max_connections``, counted once the request's headers are complete: the first
             moment its token can be checked (so uvicorn's own ``limit_concurrency``, which cannot, is off)."""
             cap = settings.max_connections
-            # This request's own task is in ``tasks`` already: more than the cap means one over it.
-            if (len(self.connections) > cap or len(self.tasks) > cap) and not _carries_token(settings, scope):
+            # This request's own task is in ``tasks`` already: more than the cap means one over it. The health
+            # probes pass too: an orchestrator's liveness probe carries no token.
+            if scope.get("path") not in PROBES and (len(self.connections) > cap or len(self.tasks) > cap) and not _carries_token(settings, scope):
                 message = (f"the service is at its limit of {cap} open connections or requests in flight "
                            "(DG2PF_MAX_CONNECTIONS): try again shortly")
                 payload = json.dumps(error_body("server_busy", message)).encode()
