@@ -54,6 +54,9 @@ LOCK_FILE = ".lock"  # in a state directory: held by the run that trains there
 MIN_IMAGE_SIZE, MAX_IMAGE_SIZE = 8, 2048
 
 log = logging.getLogger(__name__)
+# Loading weights into a model built on the meta device (a fit check, nothing computed) makes torch warn for
+# every tensor; only this module builds such models, and the warning says nothing a user could act on.
+warnings.filterwarnings("ignore", message=r".*copying from a non-meta parameter in the checkpoint to a meta parameter")
 
 
 class OutputError(DG2PFError):
@@ -191,7 +194,8 @@ def load_checkpoint_model(arch: str, num_classes: int, checkpoint: str | Path, w
     if fp16_values:
         check_fp16_range(state, f"the {what}'s")
     with warnings.catch_warnings():
-        # Copying into meta tensors is the no-op wanted here; torch warns about every tensor.
+        # Copying into meta tensors is the no-op wanted here; torch warns about every tensor. (Also filtered
+        # once for the process below: catch_warnings is not thread-safe, and a service checks jobs in threads.)
         warnings.filterwarnings("ignore", message=".*copying from a non-meta parameter")
         model = build_meta(arch, num_classes) if meta and structure is None else build_model(arch, num_classes)
         if structure is not None:
