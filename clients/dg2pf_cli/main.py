@@ -27,8 +27,9 @@ from .progress import EpochBars
 
 CHECKPOINT_KEY_HELP = ("the entry of a checkpoint holding two sets of weights to use (state_dict_ema, model_ema, ...: "
                        "a training checkpoint with an EMA copy)")
-CROP_HELP = ("imagefolder: the centre fraction of an image larger than --image-size that evaluation keeps "
-             "(default 0.875, ImageNet's; 1: none); images at or below that size are never cut")
+CROP_HELP = ("imagefolder: evaluation resizes an image whose short side is over --image-size / crop_pct to that "
+             "short side and keeps its centre square (default 0.875, ImageNet's: 256 for 224; 1: the centre square "
+             "only); a smaller image is resized whole to --image-size, nothing cut")
 # Config fields the CLI sets through dedicated, required options rather than generated ones.
 _NOT_GENERATED = {"sparsity"}
 

@@ -90,7 +90,7 @@ def _open_store(settings: Settings) -> JobStore:
     setting = "DG2PF_DATABASE_URL" if settings.database_url else "DG2PF_DATA_DIR (its default SQLite database)"
     try:
         shown = make_url(settings.db_url).render_as_string(hide_password=True)
-    except Exception:  # an unparsable URL: make_engine names it below, without the text
+    except Exception:  # an unparsable URL: make_engine names it below, its password hidden
         shown = "the URL given"
     try:
         upgrade(settings.db_url)

@@ -65,9 +65,10 @@ class DatasetSpec(_Strict):
         "transform); auto: imagefolder imagenet from 96 px and cifar below, cifar10 cifar, mnist and fashion-mnist "
         "shift, digits none. Validation, test and serving preprocess the same whatever it is; metrics.json records "
         "the policy used")
-    crop_pct: float | None = Field(None, ge=0.25, le=1.0, description="imagefolder: the centre fraction of an image "
-                                   "larger than image_size that validation, test and serving keep (default 0.875, "
-                                   "ImageNet's; 1: none); images at or below that size are never cut")
+    crop_pct: float | None = Field(None, ge=0.25, le=1.0, description="imagefolder: validation, test and serving "
+                                   "resize an image whose short side is over image_size / crop_pct to that short side "
+                                   "and keep its centre square (default 0.875, ImageNet's: 256 for 224; 1: the centre "
+                                   "square only); a smaller image is resized whole to image_size, nothing cut")
 
 
 # Options that are the job's, not the schedule's: set elsewhere in the spec or by the executor.

@@ -112,12 +112,14 @@ def validate_job(spec: JobSpec, settings: Settings, store: JobStore,
     except DG2PFError as exc:
         teacher_file = teacher is not None and teacher in exc.message
         where = {"arch": "model.arch", "num_classes": "model.num_classes", "compact_values": "compact_values",
-                 "sparsity": "sparsity"}.get(
+                 "sparsity": "sparsity", "checkpoint_key": "teacher" if teacher_file else "model.checkpoint_key"}.get(
             exc.field or "", "teacher" if teacher_file else "model.checkpoint")
         if exc.field in _SCHEDULE_FIELDS:  # a schedule option that does not fit this model (N:M, include/exclude)
             where = f"schedule.{exc.field}"
         # The client named the checkpoints; where the store keeps them is none of its business.
         message = exc.message.replace(checkpoint, spec.model.checkpoint)
+        if where == "model.checkpoint_key":  # the spec's field, not the command line's option
+            message = message.replace(" (JobSpec: model.checkpoint_key)", "").replace("--checkpoint-key ", "model.checkpoint_key ")
         if teacher is not None and spec.teacher is not None:
             message = message.replace(teacher, spec.teacher)
         raise InvalidJob(where, message) from exc

@@ -479,6 +479,27 @@ def test_a_checkpoint_with_nan_is_refused_at_upload(client, tmp_path):
         client.upload_checkpoint(path)
 
 
+def test_a_checkpoint_with_raw_and_ema_weights_is_refused_on_checkpoint_key_until_chosen(service, client, digits_example, tmp_path):
+    import torch
+
+    from dg2pf_core.checkpoints import read_state_dict
+
+    state = read_state_dict(digits_example / "model.safetensors")
+    path = tmp_path / "ema.pt"
+    torch.save({"state_dict": state, "state_dict_ema": {k: v.clone() for k, v in state.items()}}, path)
+    ckpt = client.upload_checkpoint(path).id  # uploads take either set
+    headers = {"Authorization": f"Bearer {TOKEN}"}
+    r = httpx.post(f"{service.url}/jobs", json=spec(ckpt), headers=headers)
+    assert r.status_code == 422, r.text
+    error = r.json()["error"]
+    assert error["field"] == "model.checkpoint_key" and "'state_dict_ema'" in error["message"]
+    assert "model.checkpoint_key state_dict_ema" in error["message"] and "--checkpoint-key" not in error["message"]
+    r = httpx.post(f"{service.url}/jobs", json={**spec(ckpt), "model": {**spec(ckpt)["model"], "checkpoint_key": "state_dict_ema"}},
+                   headers=headers)
+    assert r.status_code == 202, r.text
+    client.cancel(r.json()["id"])  # not needed further: the module's later tests expect an idle queue
+
+
 def test_huge_query_numbers_are_refused_not_500(service):
     for query in ("offset=" + "9" * 30, "limit=" + "9" * 30, "offset=-1", "state=exploded"):
         r = httpx.get(f"{service.url}/jobs?{query}", headers={"Authorization": f"Bearer {TOKEN}"})

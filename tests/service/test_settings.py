@@ -124,6 +124,8 @@ def test_the_mlflow_store_is_a_database_or_a_server_and_a_relative_one_lives_in_
     ("postgresql+psycopg2://someone:secretpw@127.0.0.1:1/dg2pf", "Connection refused"),
     ("mysql://someone@localhost/dg2pf", "no driver for this database is installed"),
     ("not a url", "cannot parse database URL"),
+    ("someone:secretpw@127.0.0.1/dg2pf", "cannot parse database URL"),  # no scheme: the password still hidden
+    ("postgresql+psycopg2://someone:secretpw@127.0.0.1:port/dg2pf", "cannot parse database URL"),  # a port that is no number
 ])
 def test_a_database_the_service_cannot_open_is_one_line_naming_the_setting(tmp_path: Path, database_url: str, needle: str) -> None:
     """Checked before the server and the Ray head start: exit 2, DG2PF_DATABASE_URL and the cause in one line,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import threading
 import time
 from collections.abc import Iterator
@@ -37,6 +38,12 @@ _BUSY_SQLSTATES = frozenset({
 
 class DatabaseURLError(ValueError):
     pass
+
+
+def redact_url(text: str) -> str:
+    """``text`` with the password of any ``scheme://user:password@`` in it hidden, parsable or not."""
+    text = re.sub(r"(://[^:/@\s]*:)[^@\s]*@", r"\1***@", text)
+    return re.sub(r"^(?![A-Za-z][A-Za-z0-9+.-]*://)([^:/@\s]*:)[^@\s]*@", r"\1***@", text)  # no scheme: user:pw@host
 
 
 class StoreBusy(RuntimeError):
@@ -140,9 +147,9 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
     """
     try:
         parsed = make_url(url)
-    except ArgumentError as e:
+    except (ArgumentError, ValueError) as e:  # ValueError: a port that is not a number
         raise DatabaseURLError(
-            f"cannot parse database URL {url!r} ({e}); expected e.g. sqlite:////var/lib/dg2pf/dg2pf.db "
+            f"cannot parse database URL {redact_url(url)!r} ({redact_url(str(e))}); expected e.g. sqlite:////var/lib/dg2pf/dg2pf.db "
             "or postgresql+psycopg2://user:password@host:5432/dg2pf"
         ) from None
     if parsed.get_backend_name() == "sqlite":
