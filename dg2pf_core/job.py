@@ -33,7 +33,7 @@ from .compact import check_values
 from .config import DG2PFConfig
 from .data import DataRequest, DataSplits, load_dataset
 from .data.registry import eval_crop_pct, parse_spec
-from .errors import CheckpointError, ConfigError, DatasetError, DG2PFError, TrainingDiverged
+from .errors import CheckpointError, ConfigError, DatasetError, DG2PFError, InputModelMismatch, TrainingDiverged
 from .export import OutputDir, write_compact, write_metrics, write_model
 from .latency import DEFAULT_BATCH_SIZES, DEFAULT_RUNS, DEFAULT_WARMUP, JOB_BUDGET_S, compare, measure_latency
 from .loaders import LocalLoaders, Loaders, ShardedLoaders
@@ -558,9 +558,9 @@ def prune_to_dir(
 
     try:
         result = run(prepared, progress=progress, reporter=reporter, resume=state)
-    except (TrainingDiverged, ConfigError):
+    except (TrainingDiverged, ConfigError, InputModelMismatch):
         if state_dir is not None and not keep_state:
-            # Resuming would diverge again / fail on the same options: start over instead.
+            # Resuming would diverge again / fail on the same options / refuse the same input model: start over instead.
             shutil.rmtree(state_dir, ignore_errors=True)
         raise
     except BaseException as exc:

@@ -101,6 +101,15 @@ class DG2PFResult:
     extra: dict = field(default_factory=dict)
 
 
+def _refuse_at_chance(state, run, config) -> list[str]:
+    """The chance-level warnings of the baseline; ``InputModelMismatch`` instead with ``chance_baseline='refuse'``."""
+    notes = chance_warnings(state.baseline["val_top1"], run.num_classes())
+    if notes and config.chance_baseline == "refuse":
+        refusal = notes[0].split("; set chance_baseline to 'refuse'")[0]
+        raise InputModelMismatch(f"{refusal} (chance_baseline is 'refuse': nothing was trained)")
+    return notes
+
+
 def chance_warnings(val_top1: float, num_classes: int | None) -> list[str]:
     """A warning when the input model's validation top-1 is within 5 points of chance (1 / classes)."""
     if not num_classes or num_classes < 2:
@@ -457,11 +466,10 @@ def run_dg2pf(
         test_loader = loaders.test()
         test = run.evaluate(test_loader) if test_loader is not None else None
         state.baseline = {"val_top1": val.top1, "val_top5": val.top5, "test_top1": test.top1 if test else None, "test_top5": test.top5 if test else None}
+        _refuse_at_chance(state, run, config)  # before the baseline is reported (saved): nothing to resume
         state.phase = "gradual_pruning"
         run.finish_epoch(state, masks, EpochRecord("baseline", 0, 0.0, None, val.top1, val.top5, None, time.perf_counter() - t0))
-    notes = chance_warnings(state.baseline["val_top1"], run.num_classes())
-    if notes and config.chance_baseline == "refuse":
-        raise InputModelMismatch(f"{notes[0]} (chance_baseline is 'refuse': nothing was trained)")
+    notes = _refuse_at_chance(state, run, config)  # again for a run resumed with chance_baseline changed to 'refuse'
 
     # 2. Distilled gradual pruning with simulated pruning (Algorithm 1, i <= s_e).
     while state.phase == "gradual_pruning":

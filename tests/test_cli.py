@@ -71,6 +71,14 @@ def test_sparsity_outside_0_1(tmp_path, untrained_ckpt, value):
     assert_refused(dg2pf(*prune_args(untrained_ckpt, out, **{"--sparsity": value})), out, "sparsity", "between 0 and 1")
 
 
+def test_an_input_model_at_chance_refused_on_request_leaves_nothing_to_resume(tmp_path, untrained_ckpt):
+    out = tmp_path / "out"
+    result = dg2pf(*prune_args(untrained_ckpt, out, **{"--chance-baseline": "refuse"}))
+    assert_refused(result, out, "near chance", "chance_baseline is 'refuse': nothing was trained")
+    assert "--resume" not in result.stderr and "set chance_baseline" not in result.stderr
+    assert list(tmp_path.iterdir()) == []  # no OUT.dg2pf-run either: there is nothing to continue
+
+
 def test_unknown_arch_suggests_close_names(tmp_path, untrained_ckpt):
     out = tmp_path / "out"
     assert_refused(dg2pf(*prune_args(untrained_ckpt, out, **{"--arch": "digit_cnn"})), out, "unknown architecture", "digits_cnn")
