@@ -60,8 +60,9 @@ def method_order(methods: set[str]) -> list[str]:
 
 
 def ablation_base(method: str) -> str | None:
-    """What an ablation changes one thing of: ``cub-*`` the default (``dg2pf``), ``abl-*`` ``abl-base``."""
-    if method.startswith("cub-"):
+    """What an ablation changes one thing of: ``cub-*`` the default (``dg2pf``), ``abl-*`` ``abl-base``, and
+    ``abl-base`` itself the default (it is ``dg2pf`` on the linear schedule)."""
+    if method.startswith("cub-") or method == ABLATION_BASE:
         return DEFAULT
     if method.startswith("abl-") and method != ABLATION_BASE:
         return ABLATION_BASE
@@ -190,7 +191,7 @@ def render(cells: list[dict]) -> str:
                 rows.append(_paired_row(f"{setting_text(key[0], None)}, {key[1]:.2f}: `{m}`", f"`{base}`", r))
     if rows:
         lines += ["", f"**Each ablation against its base** (one change each: `cub-*` from `{DEFAULT}`, whose configuration "
-                  f"`abl-cubic` repeats, `abl-*` from `{ABLATION_BASE}`), paired by seed:", "", *head, *rows]
+                  f"`abl-cubic` repeats, `abl-*` from `{ABLATION_BASE}`, which is `{DEFAULT}` on the linear schedule), paired by seed:", "", *head, *rows]
     return "\n".join(lines)
 
 
