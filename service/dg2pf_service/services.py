@@ -8,7 +8,6 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from alembic.util.exc import CommandError as AlembicError
-from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 
 from dg2pf_core.errors import DG2PFError
@@ -22,7 +21,7 @@ from .serving.options import ServeOptions
 from .serving.supervisor import ServingSupervisor
 from .settings import Settings
 from .spec import JobSpec
-from .store.db import DatabaseURLError, make_engine, make_sessionmaker
+from .store.db import DatabaseURLError, make_engine, make_sessionmaker, redact_url
 from .store.migrate import upgrade
 from .store.repo import JobStore
 from .tracking import MlflowTracking
@@ -88,10 +87,7 @@ def _cause(exc: BaseException) -> str:
 def _open_store(settings: Settings) -> JobStore:
     """The job store, its schema upgraded; ``StartupError`` naming the setting when the database cannot be used."""
     setting = "DG2PF_DATABASE_URL" if settings.database_url else "DG2PF_DATA_DIR (its default SQLite database)"
-    try:
-        shown = make_url(settings.db_url).render_as_string(hide_password=True)
-    except Exception:  # an unparsable URL: make_engine names it below, its password hidden
-        shown = "the URL given"
+    shown = redact_url(settings.db_url)  # parsable or not, the password hidden
     try:
         upgrade(settings.db_url)
         return JobStore(make_sessionmaker(make_engine(settings.db_url)))
