@@ -36,6 +36,7 @@ from benchreport import Contention, contention_line, environment, environment_li
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from dg2pf_contract.artifacts import Artifacts  # noqa: E402
 from dg2pf_core import DG2PFConfig  # noqa: E402
 from dg2pf_core.example import write_example  # noqa: E402
 from dg2pf_core.job import PruneJob, prune_to_dir  # noqa: E402
@@ -51,20 +52,19 @@ def run_one(checkpoint: Path, ratio: float, seed: int, out: Path, quick: bool) -
     job = PruneJob(arch="digits_cnn", num_classes=10, checkpoint=str(checkpoint), dataset="digits",
                    config=DG2PFConfig(granularity="channel", target_macs_ratio=ratio, seed=seed, **extra))
     started = time.perf_counter()
-    metrics = prune_to_dir(job, out)
+    m = prune_to_dir(job, out)
     wall = time.perf_counter() - started
-    latency = metrics.get("latency") or {}
-    speedups = {f"{backend} b{batch}": row.get("speedup") for backend, by_batch in (latency.get("backends") or {}).items()
-                for batch, row in by_batch.items()}
-    print(f"(macs {ratio:g} seed {seed}: test {metrics['baseline_test_top1']:.2f} -> {metrics['test_top1']:.2f}, "
-          f"{metrics['epochs']} epochs, {wall:.0f} s)", file=sys.stderr, flush=True)
-    return {"macs_ratio_target": ratio, "seed": seed, "dense_test_top1": metrics["baseline_test_top1"],
-            "test_top1": metrics["test_top1"], "dense_val_top1": metrics["baseline_val_top1"], "val_top1": metrics["val_top1"],
-            "macs_ratio": metrics["flops_sparse"] / metrics["flops_dense"],
-            "params_ratio": metrics["params_total"] / metrics["params_dense"], "channel_sparsity": metrics["channel_sparsity"],
-            "epochs": metrics["epochs"], "best_epoch": metrics["best_epoch"], "final_phase": metrics["final_phase"],
-            "wall_seconds": wall, "latency_speedups": speedups, "latency_threads": latency.get("threads"),
-            "latency_runs": {f"{b} b{n}": row.get("runs") for b, by in (latency.get("backends") or {}).items() for n, row in by.items()}}
+    backends = m.latency.backends if m.latency is not None else {}
+    speedups = {f"{backend} b{batch}": cell.speedup for backend, by_batch in backends.items() for batch, cell in by_batch.items()}
+    print(f"(macs {ratio:g} seed {seed}: test {m.baseline_test_top1:.2f} -> {m.test_top1:.2f}, "
+          f"{m.epochs} epochs, {wall:.0f} s)", file=sys.stderr, flush=True)
+    return {"macs_ratio_target": ratio, "seed": seed, "dense_test_top1": m.baseline_test_top1,
+            "test_top1": m.test_top1, "dense_val_top1": m.baseline_val_top1, "val_top1": m.val_top1,
+            "macs_ratio": m.macs_sparse / m.macs_dense,
+            "params_ratio": m.params_ratio, "channel_sparsity": m.channel_sparsity,
+            "epochs": m.epochs, "best_epoch": m.best_epoch, "final_phase": m.final_phase,
+            "wall_seconds": wall, "latency_speedups": speedups, "latency_threads": m.latency.threads if m.latency else None,
+            "latency_runs": {f"{b} b{n}": cell.runs for b, by in backends.items() for n, cell in by.items()}}
 
 
 def report(runs: list[dict], example: dict, env: dict) -> str:
@@ -124,9 +124,9 @@ def main() -> None:
         if checkpoint is None:
             t0 = time.perf_counter()
             trained = write_example("digits", Path(tmp) / "example", seed=0)
-            checkpoint = Path(tmp) / "example" / "model.safetensors"
-            what = (f"the digits example (`dg2pf example digits`, seed 0: {trained['epochs']} epochs, val "
-                    f"{trained['val_top1']:.2f}%, test {trained['test_top1']:.2f}%, trained in {time.perf_counter() - t0:.0f} s)")
+            checkpoint = Artifacts(Path(tmp) / "example").model
+            what = (f"the digits example (`dg2pf example digits`, seed 0: {trained.epochs} epochs, val "
+                    f"{trained.val_top1:.2f}%, test {trained.test_top1:.2f}%, trained in {time.perf_counter() - t0:.0f} s)")
         else:
             what = f"`{checkpoint}`"
         for ratio in ratios:

@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 from benchreport import Contention, contention_line, environment, environment_lines, table, write_result
+from dg2pf_contract.artifacts import Artifacts
 from dg2pf_core import DG2PFConfig, PruneJob
 from dg2pf_core.example import write_example
 from dg2pf_core.job import prune_to_dir
@@ -41,24 +42,24 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         example = Path(tmp) / "example"
         base = write_example("digits", example)
-        print(f"pre-trained digits example: test top-1 {base['test_top1']:.2f}%", flush=True)
+        print(f"pre-trained digits example: test top-1 {base.test_top1:.2f}%", flush=True)
         for sparsity in args.sparsities:
             for seed in range(args.seeds):
                 for mode in MODES:
                     config = DG2PFConfig(sparsity=sparsity, pruning_epochs=args.pruning_epochs, max_epochs=args.max_epochs,
                                          patience=args.patience, seed=seed, finetune=mode, device="cpu")
-                    job = PruneJob("digits_cnn", 10, str(example / "model.safetensors"), "digits", config)
+                    job = PruneJob("digits_cnn", 10, str(Artifacts(example).model), "digits", config)
                     started = time.perf_counter()
                     m = prune_to_dir(job, Path(tmp) / f"{sparsity}-{seed}-{mode}")
-                    ft = [r for r in m["history"] if r["phase"] == "finetuning"]
-                    run = {"sparsity": sparsity, "seed": seed, "mode": mode, "test_top1": m["test_top1"],
-                           "achieved": m["sparsity_prunable"], "epochs": m["epochs"], "best_epoch": m["best_epoch"],
-                           "finetune_epochs": len(ft), "finetune_s_per_epoch": statistics.mean(r["seconds"] for r in ft) if ft else None,
-                           "best_phase": next(r["phase"] for r in m["history"] if r["epoch"] == m["best_epoch"]),
+                    ft = [r for r in m.history if r.phase == "finetuning"]
+                    run = {"sparsity": sparsity, "seed": seed, "mode": mode, "test_top1": m.test_top1,
+                           "achieved": m.sparsity_prunable, "epochs": m.epochs, "best_epoch": m.best_epoch,
+                           "finetune_epochs": len(ft), "finetune_s_per_epoch": statistics.mean(r.seconds for r in ft) if ft else None,
+                           "best_phase": next(r.phase for r in m.history if r.epoch == m.best_epoch),
                            # the fine-tuning method's own effect, whether or not an epoch of it is chosen
-                           "val_before_finetuning": max(r["val_top1"] for r in m["history"] if r["phase"] == "distillation"
-                                                        or (r["phase"] == "gradual_pruning" and r["epoch"] == args.pruning_epochs)),
-                           "val_best_finetuning": max((r["val_top1"] for r in ft), default=None),
+                           "val_before_finetuning": max(r.val_top1 for r in m.history if r.phase == "distillation"
+                                                        or (r.phase == "gradual_pruning" and r.epoch == args.pruning_epochs)),
+                           "val_best_finetuning": max((r.val_top1 for r in ft), default=None),
                            "wall_s": time.perf_counter() - started}
                     runs.append(run)
                     print(f"{sparsity:.0%} seed {seed} {mode:<9} test {run['test_top1']:6.2f}%  epochs {run['epochs']:>2} "

@@ -83,6 +83,7 @@ def main() -> None:
 
     import ray
 
+    from dg2pf_contract.artifacts import Artifacts
     from dg2pf_core import DG2PFConfig, PruneJob
     from dg2pf_core.job import load_data, prune_to_dir
     from dg2pf_core.models import get_arch
@@ -96,7 +97,7 @@ def main() -> None:
         t0 = time.perf_counter()
         example = make_example(tmp)
         print(f"(made the pre-trained example in {time.perf_counter() - t0:.0f} s: {example})", file=sys.stderr)
-    checkpoint = example / "model.safetensors"
+    checkpoint = Artifacts(example).model
     if not checkpoint.exists():
         parser.error(f"{checkpoint} does not exist; pass the --out dir of `dg2pf example digits`")
 
@@ -128,31 +129,31 @@ def main() -> None:
                                                     run_name=f"bench-{variant}-{i}", verbose=False))
         wall = time.perf_counter() - t0
         cont = c.result()
-        epochs = [h for h in m["history"] if h["epoch"] >= 1]
-        if m["epochs"] != EPOCHS or len(epochs) != EPOCHS:
-            raise SystemExit(f"{variant}: expected {EPOCHS} training epochs, got metrics epochs={m['epochs']}, "
-                             f"history {[h['epoch'] for h in epochs]}")
-        if any(h.get("restarts") for h in m["history"]):
+        epochs = [h for h in m.history if h.epoch >= 1]
+        if m.epochs != EPOCHS or len(epochs) != EPOCHS:
+            raise SystemExit(f"{variant}: expected {EPOCHS} training epochs, got metrics epochs={m.epochs}, "
+                             f"history {[h.epoch for h in epochs]}")
+        if any(h.restarts for h in m.history):
             raise SystemExit(f"{variant}: the run restarted, its timings are not comparable")
-        train_s = sum(h["seconds"] for h in epochs)
+        train_s = sum(h.seconds for h in epochs)
         return {
             "variant": variant,
             "repeat": i,
-            "world_size": m["world_size"],
+            "world_size": m.world_size,
             "wall_s": wall,
             "train_s": train_s,
             "non_train_s": wall - train_s,
             # Ray runs: the worker's own wall time, from after its job preparation to the end of the
             # loop (metrics["wall_seconds"]); the rest of end-to-end is Ray's per-run start-up and
             # teardown, the driver's own checks and the final copy.
-            "worker_wall_s": m["wall_seconds"] if variant != "single" else None,
+            "worker_wall_s": m.wall_seconds if variant != "single" else None,
             "samples_per_s": train_samples * EPOCHS / train_s,
-            "epoch_seconds": [h["seconds"] for h in epochs],
-            "baseline_eval_s": next((h["seconds"] for h in m["history"] if h["epoch"] == 0), None),
-            "phases": [h["phase"] for h in epochs],
-            "sparsity_prunable": m["sparsity_prunable"],
-            "val_top1": m["val_top1"],
-            "test_top1": m["test_top1"],
+            "epoch_seconds": [h.seconds for h in epochs],
+            "baseline_eval_s": next((h.seconds for h in m.history if h.epoch == 0), None),
+            "phases": [h.phase for h in epochs],
+            "sparsity_prunable": m.sparsity_prunable,
+            "val_top1": m.val_top1,
+            "test_top1": m.test_top1,
             "contention": cont,
         }
 

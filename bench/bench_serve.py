@@ -43,6 +43,7 @@ import httpx
 import torch
 
 from benchreport import contention_line, environment, environment_lines, table, write_result
+from dg2pf_contract.artifacts import Artifacts, JobDir
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests" / "service"))
@@ -148,7 +149,7 @@ def main() -> int:
     try:
         service.start()
         with Client(service.url) as client:
-            ckpt = client.upload_checkpoint(example / "model.safetensors").id
+            ckpt = client.upload_checkpoint(Artifacts(example).model).id
             spec = {"model": {"arch": "digits_cnn", "num_classes": 10, "checkpoint": ckpt}, "dataset": {"spec": "digits"},
                     "sparsity": 0.9, "schedule": {"pruning_epochs": 2, "max_epochs": 4, "patience": 2}, "serve": True}
             job = client.wait(client.submit(spec).id, timeout=600)
@@ -157,7 +158,7 @@ def main() -> int:
             model = client.wait_model(job.id, timeout=600)
             results["deploy_to_ready_s"] = time.perf_counter() - t
         x = load_dataset("digits", DataRequest(image_size=16, in_channels=1)).test[0][0].unsqueeze(0)
-        output_dir = service.data_dir / "jobs" / job.id / "output"
+        output_dir = JobDir(service.data_dir / "jobs" / job.id).output.root
         contention = ServiceContention(str(ray_tmp))
         results["in_process"] = in_process(output_dir, x)
         # Ray starts its workers (the proxy and replicas among them) at nice 15; a load generator at

@@ -59,6 +59,8 @@ from pathlib import Path
 import httpx
 
 from benchreport import Contention, _busy_cpu_seconds, contention_line, environment, environment_lines, median, table, write_result
+from dg2pf_contract.artifacts import Artifacts
+from dg2pf_contract.results import Metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests" / "service"))
@@ -469,15 +471,14 @@ def cli_run(checkpoint: Path, out: Path, marker: str, one_thread: bool = False) 
     contention = cont.result()
     if proc.returncode != 0:
         raise SystemExit(f"dg2pf prune failed ({proc.returncode}): {proc.stderr[-2000:]}")
-    m = json.loads((out / "metrics.json").read_text())
-    history = m["history"]
-    epochs = [h for h in history if h["epoch"] >= 1]
-    if len(epochs) != EPOCHS or m.get("epochs") not in (None, EPOCHS):
-        raise SystemExit(f"CLI: expected {EPOCHS} training epochs, got {len(epochs)} (metrics: {m.get('epochs')})")
-    train_s = sum(h["seconds"] for h in epochs)
+    m = Metrics.read(Artifacts(out).metrics)
+    epochs = [h for h in m.history if h.epoch >= 1]
+    if len(epochs) != EPOCHS or m.epochs != EPOCHS:
+        raise SystemExit(f"CLI: expected {EPOCHS} training epochs, got {len(epochs)} (metrics: {m.epochs})")
+    train_s = sum(h.seconds for h in epochs)
     return {"variant": "cli1" if one_thread else "cli", "wall_s": wall, "train_s": train_s, "non_train_s": wall - train_s,
-            "baseline_eval_s": next((h["seconds"] for h in history if h["epoch"] == 0), None),
-            "test_top1": m.get("test_top1"), "sparsity_prunable": m.get("sparsity_prunable"),
+            "baseline_eval_s": next((h.seconds for h in m.history if h.epoch == 0), None),
+            "test_top1": m.test_top1, "sparsity_prunable": m.sparsity_prunable,
             "command": " ".join(cmd), "contention": contention}
 
 
@@ -558,7 +559,7 @@ def main() -> None:
         t0 = time.perf_counter()
         example = make_example(tmp)
         print(f"(made the pre-trained example in {time.perf_counter() - t0:.0f} s: {example})", file=sys.stderr)
-    checkpoint = example / "model.safetensors"
+    checkpoint = Artifacts(example).model
     if not checkpoint.exists():
         parser.error(f"{checkpoint} does not exist; pass the --out dir of `dg2pf example digits`")
 
@@ -572,7 +573,7 @@ def main() -> None:
         data_dir = svc.data_dir
         http = httpx.Client(base_url=svc.url, timeout=120)
         with checkpoint.open("rb") as fh:
-            ckpt = http.post("/checkpoints", files={"file": ("model.safetensors", fh, "application/octet-stream")}).raise_for_status().json()["id"]
+            ckpt = http.post("/checkpoints", files={"file": (Artifacts.MODEL, fh, "application/octet-stream")}).raise_for_status().json()["id"]
         full = job_spec(ckpt, 3, EPOCHS)
         tiny = job_spec(ckpt, 1, 1)
 

@@ -57,7 +57,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests" / "service"))
 from service_process import ServiceProcess  # noqa: E402  (the tests' way of starting a real service)
 
-from dg2pf_core.checkpoints import save_state_dict  # noqa: E402
+from dg2pf_core.checkpoint_save import save_state_dict  # noqa: E402
 from dg2pf_service.cluster import free_port  # noqa: E402
 from dg2pf_service.uploads import in_memory_size  # noqa: E402
 

@@ -38,13 +38,13 @@ import numpy as np
 import torch
 
 from benchreport import environment
-from dg2pf_core.checkpoints import save_state_dict
+from dg2pf_core.checkpoint_save import save_state_dict
 from dg2pf_core.data.cifar10 import DEFAULT_CLASS_NAMES, META_FILE, SUBFOLDER, TEST_FILE, TRAIN_FILES
 from dg2pf_core.errors import DG2PFError
-from dg2pf_core.job import PreparedJob, prune_to_dir
+from dg2pf_core.job import PreparedJob, PruneJob, prune_to_dir
 from dg2pf_core.models import build_model
 from dg2pf_core.state import EpochRecord
-from dg2pf_service.spec import JobSpec
+from dg2pf_contract.job import JobSpec
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_RECIPE = ROOT / "recipes" / "cifar10-resnet18-95.json"
@@ -149,7 +149,7 @@ def main() -> int:
         document["schedule"].update(pruning_epochs=args.pruning_epochs, max_epochs=args.max_epochs, amp=amp,
                                     **({"batch_size": args.batch_size} if args.batch_size else {}))
         spec = JobSpec.model_validate(document)
-        job = spec.prune_job(str(checkpoint), None)
+        job = PruneJob.from_spec(spec, str(checkpoint))
         job.config = dataclasses.replace(job.config, device=str(device), loader_workers=args.loader_workers)
         cfg = job.config
 
@@ -174,8 +174,8 @@ def main() -> int:
     train_images = sum(min(e["batches"] * batch, train_len) for e in timer.epochs)
     train_seconds = sum(e["train_seconds"] for e in timer.epochs)
     # round(s * N) weights are pruned, so the achieved fraction is within half a weight of the target.
-    tolerance = 0.5 / metrics["params_prunable"] + 1e-12
-    sparsity_ok = abs(metrics["sparsity_prunable"] - spec.sparsity) <= tolerance
+    tolerance = 0.5 / metrics.params_prunable + 1e-12
+    sparsity_ok = abs(metrics.sparsity_prunable - spec.sparsity) <= tolerance
     summary = {
         "recipe": args.recipe.name,
         "arch": spec.model.arch,
@@ -187,20 +187,20 @@ def main() -> int:
         "loader_workers": cfg.loader_workers,
         "images": {"train": train_len, "val": len(p.splits.val), "test": len(p.splits.test) if p.splits.test else 0},
         "target_sparsity": spec.sparsity,
-        "sparsity_prunable": metrics["sparsity_prunable"],
-        "sparsity_total": metrics["sparsity_total"],
+        "sparsity_prunable": metrics.sparsity_prunable,
+        "sparsity_total": metrics.sparsity_total,
         "sparsity_ok": sparsity_ok,
-        "max_layer_sparsity": metrics.get("max_layer_sparsity"),
-        "warnings": metrics.get("warnings", []),
-        "params_prunable": metrics["params_prunable"],
-        "params_nonzero": metrics["params_nonzero"],
-        "epochs": metrics["epochs"],
+        "max_layer_sparsity": metrics.max_layer_sparsity,
+        "warnings": metrics.warnings,
+        "params_prunable": metrics.params_prunable,
+        "params_nonzero": metrics.params_nonzero,
+        "epochs": metrics.epochs,
         "epochs_by_phase": dict(Counter(e["phase"] for e in timer.epochs)),
         "pruning_epochs": cfg.pruning_epochs,
         "max_epochs": cfg.max_epochs,
-        "final_phase": metrics["final_phase"],
-        "val_top1": metrics["val_top1"],
-        "test_top1": metrics["test_top1"],
+        "final_phase": metrics.final_phase,
+        "val_top1": metrics.val_top1,
+        "test_top1": metrics.test_top1,
         "wall_seconds": wall,
         "train_seconds": train_seconds,
         "train_images_per_s": train_images / train_seconds if train_seconds > 0 else None,
@@ -216,18 +216,18 @@ def main() -> int:
     print(f"amp                {amp}{amp_note}")
     print(f"data               synthetic CIFAR-10: {train_len} train / {summary['images']['val']} val / {summary['images']['test']} test")
     print(f"target sparsity    {spec.sparsity:.2%}")
-    print(f"achieved sparsity  {metrics['sparsity_prunable']:.6%} of {metrics['params_prunable']:,} prunable weights "
-          f"({'= target' if sparsity_ok else 'NOT THE TARGET'}); {metrics['sparsity_total']:.4%} of all parameters")
+    print(f"achieved sparsity  {metrics.sparsity_prunable:.6%} of {metrics.params_prunable:,} prunable weights "
+          f"({'= target' if sparsity_ok else 'NOT THE TARGET'}); {metrics.sparsity_total:.4%} of all parameters")
     for warning in summary["warnings"]:
         print(f"warning            {warning}")
-    print(f"epochs             {metrics['epochs']} ({', '.join(f'{k} {v}' for k, v in summary['epochs_by_phase'].items())}); "
-          f"final phase {metrics['final_phase']}")
+    print(f"epochs             {metrics.epochs} ({', '.join(f'{k} {v}' for k, v in summary['epochs_by_phase'].items())}); "
+          f"final phase {metrics.final_phase}")
     print(f"wall time          {wall:.1f} s (whole job: data loading, baseline, training, evaluation, artifacts)")
     print(f"throughput         {summary['train_images_per_s']:.1f} train images/s in the training loops "
           f"({train_images} images in {train_seconds:.1f} s; {summary['end_to_end_train_images_per_s']:.1f}/s over the wall time)")
     if summary["peak_gpu_memory_gib"] is not None:
         print(f"peak GPU memory    {summary['peak_gpu_memory_gib']:.2f} GiB")
-    print(f"top-1 (synthetic)  val {metrics['val_top1']:.2f}%  test {metrics['test_top1']:.2f}%")
+    print(f"top-1 (synthetic)  val {metrics.val_top1:.2f}%  test {metrics.test_top1:.2f}%")
     print(f"wrote {args.out}")
     return 0 if sparsity_ok else 1
 

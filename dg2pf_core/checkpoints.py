@@ -1,4 +1,4 @@
-"""Reading and writing model weights safely.
+"""Reading model weights safely (writing them: :mod:`dg2pf_core.checkpoint_save`).
 
 Checkpoints come from users, so reading one must never run code. A file is recognised by its
 first bytes, not its name: safetensors content is pure data, and ``torch.save`` files go through
@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import codecs
 import hashlib
-import os
 import pickle
 import pickletools
 import re
@@ -29,6 +28,7 @@ import safetensors.torch
 import torch
 import torch.nn as nn
 
+from dg2pf_core.compact import is_compact, load_compact
 from dg2pf_core.errors import CheckpointError
 
 # Training scripts save the weights under one of these keys next to optimiser state and counters
@@ -136,8 +136,6 @@ def read_state_dict(path: str | Path, *, allow_nonfinite: bool = False, key: str
 
     fmt = _sniff(path, size)
     if fmt.family == "safetensors":
-        from dg2pf_core.compact import is_compact, load_compact  # imported here: compact imports this module
-
         raw = load_compact(path) if is_compact(path) else _load_safetensors(path, fmt)
     elif fmt.family == "torch":
         raw = _load_torch(path, fmt)
@@ -734,49 +732,6 @@ def _first(names: list[str]) -> str:
 
 def _shape(t: torch.Tensor) -> str:
     return "(" + ", ".join(str(d) for d in t.shape) + ")"
-
-
-def save_state_dict(
-    state_dict: Mapping[str, torch.Tensor],
-    path: str | Path,
-    *,
-    metadata: Mapping[str, str] | None = None,
-) -> None:
-    """Write ``state_dict`` as a ``.safetensors`` file, atomically.
-
-    The file appears complete or not at all: it is written beside ``path`` and renamed over it,
-    so a crash or a concurrent reader never sees half a checkpoint.
-    """
-    path = Path(path)
-    tensors: dict[str, torch.Tensor] = {}
-    seen_storages: set[int] = set()
-    for key, value in state_dict.items():
-        if not isinstance(value, torch.Tensor):
-            raise TypeError(f"state_dict[{key!r}] is a {type(value).__name__}, not a tensor")
-        t = value.detach().to("cpu").contiguous()
-        # safetensors refuses tensors that share memory (tied weights, views of one buffer);
-        # a private copy for each one after the first keeps the values and drops the aliasing.
-        ptr = t.untyped_storage().data_ptr()
-        owns_whole_storage = t.untyped_storage().nbytes() == t.numel() * t.element_size()
-        if t.numel() and (ptr in seen_storages or not owns_whole_storage):
-            t = t.clone()
-            ptr = t.untyped_storage().data_ptr()
-        seen_storages.add(ptr)
-        tensors[key] = t
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        try:
-            safetensors.torch.save_file(
-                tensors, str(tmp), metadata=dict(metadata) if metadata else None
-            )
-        except safetensors.SafetensorError as exc:  # its I/O failures (no such folder, permission, no space) as OSError
-            raise OSError(f"cannot write {path}: {exc}") from exc
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def file_sha256(path: str | Path) -> str:

@@ -26,7 +26,7 @@ import numpy as np
 import safetensors
 import torch
 
-from .checkpoints import save_state_dict
+from .checkpoint_save import save_state_dict
 from .errors import CheckpointError, ConfigError
 
 FORMAT = "dg2pf-compact"

@@ -12,7 +12,10 @@ import torch
 import torch.nn.functional as F
 
 from .errors import ConfigError
-from .export import OutputDir, write_metrics, write_model
+from dg2pf_contract.artifacts import Artifacts
+from dg2pf_contract.results import ExampleMetrics
+
+from .export import OutputDir, write_model
 from .job import load_data
 from .loaders import LocalLoaders
 from .metrics import evaluate
@@ -43,7 +46,7 @@ def pretrain(
     arch: str, num_classes: int, dataset: str, *, epochs: int, lr: float, batch_size: int = 64,
     seed: int = 0, image_size: int | None = None, on_epoch: Callable[[int, float], None] | None = None,
     patience: int | None = None,
-) -> tuple[torch.nn.Module, dict]:
+) -> tuple[torch.nn.Module, ExampleMetrics]:
     """Train ``arch`` from scratch (Adam, cosine lr over ``epochs``) and keep the best epoch by validation
     top-1; with ``patience``, stop once that many epochs in a row brought no better one. The learning
     rate follows the same cosine either way, so the epochs run are the same as without it and the kept
@@ -77,15 +80,16 @@ def pretrain(
     model.load_state_dict(best_state)
     test_loader = loaders.test()
     test = evaluate(model, test_loader, device) if test_loader is not None else None
-    metrics = {
-        "arch": arch, "num_classes": num_classes, "dataset": dataset, "image_size": size,
-        "epochs": ran, "max_epochs": epochs, "best_epoch": best_epoch, "val_top1": best_val, "test_top1": test.top1 if test else None,
-        "test_top5": test.top5 if test else None, "wall_seconds": time.perf_counter() - started,
-    }
+    metrics = ExampleMetrics(
+        arch=arch, num_classes=num_classes, dataset=dataset, image_size=size, epochs=ran, max_epochs=epochs,
+        best_epoch=best_epoch, val_top1=best_val, test_top1=test.top1 if test else None,
+        test_top5=test.top5 if test else None, wall_seconds=time.perf_counter() - started,
+    )
     return model, metrics
 
 
-def write_example(name: str, out: str | Path, *, seed: int = 0, on_epoch: Callable[[int, float], None] | None = None) -> dict:
+def write_example(name: str, out: str | Path, *, seed: int = 0,
+                  on_epoch: Callable[[int, float], None] | None = None) -> ExampleMetrics:
     """Train example ``name`` and write ``out/model.safetensors`` + ``out/metrics.json``."""
     if name not in EXAMPLES:
         raise ConfigError(f"unknown example {name!r}; available: {sorted(EXAMPLES)}", field="example")
@@ -94,6 +98,7 @@ def write_example(name: str, out: str | Path, *, seed: int = 0, on_epoch: Callab
     model, metrics = pretrain(ex.arch, ex.num_classes, ex.dataset, epochs=ex.epochs, lr=ex.lr, batch_size=ex.batch_size,
                               seed=seed, on_epoch=on_epoch, patience=ex.patience)
     with output.staging() as tmp:
-        write_model(model, tmp / "model.safetensors")
-        write_metrics(metrics, tmp / "metrics.json")
+        files = Artifacts(tmp)
+        write_model(model, files.model)
+        metrics.write(files.metrics)
     return metrics

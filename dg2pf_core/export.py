@@ -3,19 +3,16 @@
 from __future__ import annotations
 
 import contextlib
-import json
-import math
 import os
 import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 from torch import nn
 
 from .channels import STRUCTURE_KEY, Structure
-from .checkpoints import save_state_dict
+from .checkpoint_save import save_state_dict
 from .compact import save_compact
 from .preflight import check_output, output_path
 
@@ -60,17 +57,3 @@ def write_model(model: nn.Module, path: Path, dtypes: dict | None = None, struct
 def write_compact(model: nn.Module, path: Path, values: str = "fp32", structure: Structure | None = None) -> None:
     """The same weights as a compact sparse artifact (bitmask + nonzero values; see dg2pf_core.compact)."""
     save_compact(model.state_dict(), path, values=values, metadata=_metadata(structure))
-
-
-def _json_safe(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    return value
-
-
-def write_metrics(metrics: dict[str, Any], path: Path) -> None:
-    path.write_text(json.dumps(_json_safe(metrics), indent=2) + "\n")

@@ -14,7 +14,6 @@ Runtime); ``backend`` names which, and everything else (inputs, top-k, labels) i
 from __future__ import annotations
 
 import io
-import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -25,6 +24,9 @@ import PIL.Image
 import torch
 from torch import nn
 
+from dg2pf_contract.artifacts import Artifacts
+from dg2pf_contract.results import ModelInfo
+
 from .channels import structured
 from .checkpoints import load_into, read_state_dict
 from .data import DataRequest, eval_transform_for
@@ -32,9 +34,6 @@ from .data.imagecheck import large_images_expected, upright
 from .errors import CheckpointError, InputError
 from .models import build_model, get_arch
 
-COMPACT_FILE = "model.compact.safetensors"
-DENSE_FILE = "model.safetensors"
-METRICS_FILE = "metrics.json"
 IMAGE_FORMATS = ("PNG", "JPEG")
 # Decoded size limit: a small compressed file can expand to gigabytes (a "decompression bomb").
 MAX_IMAGE_PIXELS = 4096 * 4096
@@ -63,27 +62,26 @@ class InferenceModel:
     @classmethod
     def load(cls, output_dir: str | Path, device: str | torch.device = "cpu") -> "InferenceModel":
         """The model a job wrote to ``output_dir``, in eval mode on ``device``."""
-        out = Path(output_dir)
-        meta = read_job_metrics(out)
-        weights = out / COMPACT_FILE if (out / COMPACT_FILE).is_file() else out / DENSE_FILE
-        model = structured(build_model(meta["arch"], int(meta["num_classes"])), weights, meta["arch"])  # channels removed
-        load_into(model, read_state_dict(weights), arch=f"{meta['arch']} with num_classes={meta['num_classes']}")
+        meta = read_job_metrics(output_dir)
+        weights = Artifacts(output_dir).weights
+        model = structured(build_model(meta.arch, meta.num_classes), weights, meta.arch)  # channels removed
+        load_into(model, read_state_dict(weights), arch=f"{meta.arch} with num_classes={meta.num_classes}")
         return cls.for_module(model.to(device).eval(), meta)
 
     @classmethod
-    def for_module(cls, module: nn.Module, meta: dict[str, Any], backend: str = "torch") -> "InferenceModel":
+    def for_module(cls, module: nn.Module, meta: ModelInfo, backend: str = "torch") -> "InferenceModel":
         """Logits from ``module`` (``[N, C, H, W]`` float32 -> ``[N, num_classes]``), inputs, labels and
         preprocessing from the job's ``metrics.json`` (``meta``, as ``read_job_metrics`` returns it)."""
-        spec = get_arch(meta["arch"])
-        request = DataRequest(image_size=int(meta.get("image_size") or spec.input_size),
-                              in_channels=int(meta.get("in_channels") or spec.in_channels), crop_pct=meta.get("crop_pct"))
+        spec = get_arch(meta.arch)
+        request = DataRequest(image_size=meta.image_size or spec.input_size, in_channels=meta.in_channels or spec.in_channels,
+                              crop_pct=meta.crop_pct)
         return cls(
             model=module,
-            arch=meta["arch"],
-            num_classes=int(meta["num_classes"]),
+            arch=meta.arch,
+            num_classes=meta.num_classes,
             input_shape=(request.in_channels, request.image_size, request.image_size),
-            class_names=meta.get("class_names"),
-            transform=eval_transform_for(meta["dataset"], request),
+            class_names=meta.class_names,
+            transform=eval_transform_for(meta.dataset, request),
             backend=backend,
         )
 
@@ -159,19 +157,18 @@ class InferenceModel:
         return names[index] if names is not None and 0 <= index < len(names) else None
 
 
-def read_job_metrics(output_dir: str | Path) -> dict[str, Any]:
+def read_job_metrics(output_dir: str | Path) -> ModelInfo:
     """A finished job's ``metrics.json`` (what serving needs of it: ``arch``, ``num_classes``,
     ``dataset``, ...). Raises ``CheckpointError`` naming the directory when it is missing, unreadable
     or not a dg2pf job's."""
-    out = Path(output_dir)
+    files = Artifacts(output_dir)
     try:
-        meta = json.loads((out / METRICS_FILE).read_text())
-    except (OSError, ValueError) as exc:
-        raise CheckpointError(f"{out} holds no readable {METRICS_FILE} (is it a finished job's output?): {exc}") from exc
-    missing = [k for k in ("arch", "num_classes", "dataset") if k not in meta]
-    if missing:
-        raise CheckpointError(f"{out / METRICS_FILE} lacks {', '.join(missing)}; it was not written by a dg2pf job")
-    return meta
+        return ModelInfo.read(files.metrics)
+    except OSError as exc:
+        raise CheckpointError(f"{files.root} holds no readable {files.METRICS} (is it a finished job's output?): "
+                              f"{exc.strerror or exc}") from exc
+    except ValueError as exc:  # MetricsError: names the file and what is wrong with it
+        raise CheckpointError(str(exc)) from exc
 
 
 def predictions_json(preds: Sequence[Sequence[Prediction]]) -> list[list[dict[str, Any]]]:

@@ -25,6 +25,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from dg2pf_contract.artifacts import Artifacts, StateDir, write_text_atomic
+from dg2pf_contract.job import AUTO, MAX_IMAGE_SIZE, MIN_IMAGE_SIZE, JobSpec
+from dg2pf_contract.results import Latency, Metrics
+
 from .batchnorm import settled_channels
 from .channels import (MAX_STRUCTURE_STAGES, STRUCTURE_KEY, ChannelPlan, Structure, apply_structure, check_architecture,
                        read_structure)
@@ -34,7 +38,7 @@ from .config import DG2PFConfig
 from .data import DataRequest, DataSplits, load_dataset
 from .data.registry import eval_crop_pct, parse_spec
 from .errors import CheckpointError, ConfigError, DatasetError, DG2PFError, InputModelMismatch, TrainingDiverged
-from .export import OutputDir, write_compact, write_metrics, write_model
+from .export import OutputDir, write_compact, write_model
 from .latency import DEFAULT_BATCH_SIZES, DEFAULT_RUNS, DEFAULT_WARMUP, JOB_BUDGET_S, compare, measure_latency
 from .loaders import LocalLoaders, Loaders, ShardedLoaders
 from .loop import DG2PFResult, Progress, Reporter, run_dg2pf
@@ -43,15 +47,10 @@ from .metrics import size_report
 from .nm import check_divisible, nm_violations
 from .models import ArchSpec, build_model, get_arch
 from .models.registry import build_meta, parameter_count
-from .onnx_export import ONNX_FILE, OnnxReport, export_onnx
+from .onnx_export import OnnxReport, export_onnx
 from .plots import write_plots
 from .preflight import check_device, check_fp16_range, check_output, dry_run
-from .state import STATE_FILE, TrainingState
-
-MODEL_FILE, COMPACT_FILE, METRICS_FILE = "model.safetensors", "model.compact.safetensors", "metrics.json"
-JOB_FILE = "job.json"  # in a state directory: the job and its output path, for resuming
-LOCK_FILE = ".lock"  # in a state directory: held by the run that trains there
-MIN_IMAGE_SIZE, MAX_IMAGE_SIZE = 8, 2048
+from .state import TrainingState
 
 log = logging.getLogger(__name__)
 # Loading weights into a model built on the meta device (a fit check, nothing computed) makes torch warn for
@@ -63,28 +62,6 @@ class OutputError(DG2PFError):
     """The results could not be written (disk full, permissions) after training finished."""
 
     field = "out"
-
-
-def write_text_atomic(path: str | Path, text: str) -> None:
-    """Replace ``path`` with ``text`` whole or not at all: a temp file beside it, flushed, then renamed
-    over it. A full disk or a kill while writing leaves the previous file (or none), never half of one;
-    the temp file is removed when the write fails."""
-    path = Path(path)
-    tmp = None
-    try:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except OSError as exc:
-        if exc.filename is None:  # a failed write() names no file: name the one being written
-            raise OSError(exc.errno, exc.strerror, str(path)) from exc
-        raise
-    finally:
-        if tmp is not None and os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def _absolute(path: str) -> str:
@@ -124,6 +101,20 @@ class PruneJob:
         if path is not None:
             self.dataset = f"{name}:{_absolute(path)}"
 
+    @classmethod
+    def from_spec(cls, spec: JobSpec, checkpoint: str, teacher: str | None = None,
+                  data_roots: list[str] | None = None) -> "PruneJob":
+        """The job a spec describes, its checkpoint (and teacher) resolved to paths; ``data_roots``: the
+        folders its data must stay inside (a service's)."""
+        return cls(
+            arch=spec.model.arch, num_classes=spec.model.num_classes, checkpoint=checkpoint,
+            checkpoint_key=spec.model.checkpoint_key, dataset=spec.dataset.spec, config=DG2PFConfig.from_spec(spec),
+            teacher=teacher, image_size=spec.dataset.image_size, val_fraction=spec.dataset.val_fraction,
+            compact_values=spec.compact_values, skip_bad_images=spec.dataset.skip_bad_images,
+            augment=None if spec.dataset.augment == AUTO else spec.dataset.augment, crop_pct=spec.dataset.crop_pct,
+            allowed_roots=list(data_roots or []),
+        )
+
     def to_dict(self) -> dict:
         """Plain values only: travels to Ray workers and into job records."""
         return {**dataclasses.asdict(self), "config": self.config.to_dict()}
@@ -150,7 +141,7 @@ class PreparedJob:
 
     def output_structure(self, result: DG2PFResult) -> Structure | None:
         """What rebuilds the result from the architecture: the input's structure, then this run's removal."""
-        removed = result.extra.get("structure")
+        removed = result.structure
         if removed is None or removed.empty:
             return self.structure
         base = self.structure or Structure(removed.input_shape)
@@ -335,8 +326,9 @@ def run(
     )
 
 
-def result_metrics(prepared: PreparedJob, result: DG2PFResult, *, world_size: int, wall_seconds: float) -> dict:
-    """The ``metrics.json`` document of a finished job."""
+def result_metrics(prepared: PreparedJob, result: DG2PFResult, *, world_size: int, wall_seconds: float) -> Metrics:
+    """The ``metrics.json`` document of a finished job (without the ``onnx`` and ``latency`` sections:
+    ``write_results`` measures them on the weights as written)."""
     job = prepared.job
     size = size_report(result.model, result.masks, prepared.input_shape, prepared.device)
     last = result.history[-1] if result.history else {}
@@ -347,78 +339,77 @@ def result_metrics(prepared: PreparedJob, result: DG2PFResult, *, world_size: in
         "nm_violations": nm_violations(select_prunable(result.model, job.config.selection()).params, nm)}
     channel: dict = {}
     warned = layer_warnings(result.masks, job.config.warn_layer_sparsity)
-    if job.config.channel:
+    x = result.channels
+    if job.config.channel and x is not None:
         # The result is the smaller dense network: sparsity is of channels, MACs and parameters against
         # the input model's (what this job started from).
-        x = result.extra
-        layers = x["layer_channels"]
-        channel = {"target_macs_ratio": job.config.target_macs_ratio, "channels_total": x["channels_total"],
-                   "channels_pruned": x["channels_pruned"], "channel_sparsity": x["channels_pruned"] / x["channels_total"],
-                   "macs_ratio": size.flops_sparse / x["macs_dense"] if x["macs_dense"] else None,
-                   "params_dense": x["params_dense"], "params_ratio": size.params_total / x["params_dense"],
-                   "skipped_groups": x["skipped_groups"], "channel_multiple": x["channel_multiple"]}
+        layers = x.layer_channels
+        channel = {"target_macs_ratio": job.config.target_macs_ratio, "channels_total": x.channels_total,
+                   "channels_pruned": x.channels_pruned, "channel_sparsity": x.channels_pruned / x.channels_total,
+                   "macs_ratio": size.macs_sparse / x.macs_dense if x.macs_dense else None,
+                   "params_dense": x.params_dense, "params_ratio": size.params_total / x.params_dense,
+                   "skipped_groups": x.skipped_groups, "channel_multiple": x.channel_multiple}
         # The masks are gone with the removed channels: the collapse warning reads each group's fraction.
         warned = _channel_warnings(layers, job.config.warn_layer_sparsity)
-        if not x["channels_pruned"]:
-            warned = [_nothing_removed(job.config, x["channels_total"], x["channel_multiple"]), *warned]
+        if not x.channels_pruned:
+            warned = [_nothing_removed(job.config, x.channels_total, x.channel_multiple), *warned]
         elif job.config.target_macs_ratio is None and abs(channel["channel_sparsity"] - job.config.sparsity) > 0.02:
             warned.append(f"{channel['channel_sparsity']:.2%} of the channels were removed for sparsity {job.config.sparsity:g}: "
-                          f"kept widths rounded up to multiples of {x['channel_multiple']} (channel_multiple) under the layer "
+                          f"kept widths rounded up to multiples of {x.channel_multiple} (channel_multiple) under the layer "
                           "collapse guard could not come closer; lower channel_multiple for an exact channel fraction")
-    return {
-        "arch": job.arch,
-        "num_classes": job.num_classes,
-        "dataset": job.dataset,
-        "image_size": prepared.image_size,
-        "augment": getattr(prepared.splits, "augment", None),  # the policy trained with: asked for, or the default
+    return Metrics(
+        arch=job.arch,
+        num_classes=job.num_classes,
+        dataset=job.dataset,
+        image_size=prepared.image_size,
+        augment=getattr(prepared.splits, "augment", None),  # the policy trained with: asked for, or the default
         # folder datasets' evaluation crop (validation, test and serving alike); None where no crop applies
-        "crop_pct": eval_crop_pct(job.dataset, job.crop_pct),
-        "in_channels": prepared.arch.in_channels,
-        "class_names": prepared.splits.class_names,
-        "target_sparsity": job.config.sparsity if job.config.target_macs_ratio is None else None,
-        "granularity": job.config.granularity,
+        crop_pct=eval_crop_pct(job.dataset, job.crop_pct),
+        in_channels=prepared.arch.in_channels,
+        class_names=prepared.splits.class_names,
+        target_sparsity=job.config.sparsity if job.config.target_macs_ratio is None else None,
+        granularity=job.config.granularity,
         # The named configuration the job started from, and what it set otherwise (config holds every value).
-        "preset": job.config.preset,
-        "preset_departures": job.config.preset_departures(),
+        preset=job.config.preset,
+        preset_departures=job.config.preset_departures(),
         # BatchNorm channels constant within every batch, settled to output their bias (dg2pf_core/batchnorm.py)
-        "bn_settled_channels": settled_channels(result.model),
+        bn_settled_channels=settled_channels(result.model),
         **violations,
         **channel,
-        "sparsity_prunable": channel["channel_sparsity"] if channel else size.sparsity_prunable,
+        sparsity_prunable=channel["channel_sparsity"] if channel else size.sparsity_prunable,
         # Channel granularity: of the input model's parameters, the fraction removed (or zero).
-        "sparsity_total": 1.0 - size.params_nonzero / channel["params_dense"] if channel else size.sparsity_total,
-        "params_total": size.params_total,
-        "params_nonzero": size.params_nonzero,
-        "params_prunable": result.extra["params_prunable"] if channel else size.prunable_total,
-        "flops_dense": result.extra["macs_dense"] if channel else size.flops_dense,
-        "flops_sparse": size.flops_sparse,
-        "flops_unit": "multiply-accumulates of Conv/Linear layers per sample",
-        "baseline_val_top1": result.baseline_val_top1,
-        "baseline_test_top1": result.baseline_test_top1,
-        "val_top1": result.best_val_top1,
-        "test_top1": result.test.top1 if result.test else None,
-        "test_top5": result.test.top5 if result.test else None,
-        "best_epoch": result.best_epoch,
-        "epochs": result.epochs,
-        "final_phase": last.get("phase"),
-        "world_size": world_size,
-        "wall_seconds": wall_seconds,
-        "layer_sparsity": layers,
-        "max_layer_sparsity": max(layers.values(), default=0.0),
+        sparsity_total=1.0 - size.params_nonzero / x.params_dense if channel else size.sparsity_total,
+        params_total=size.params_total,
+        params_nonzero=size.params_nonzero,
+        params_prunable=x.params_prunable if channel else size.prunable_total,
+        macs_dense=x.macs_dense if channel else size.macs_dense,
+        macs_sparse=size.macs_sparse,
+        baseline_val_top1=result.baseline_val_top1,
+        baseline_test_top1=result.baseline_test_top1,
+        val_top1=result.best_val_top1,
+        test_top1=result.test.top1 if result.test else None,
+        test_top5=result.test.top5 if result.test else None,
+        best_epoch=result.best_epoch,
+        epochs=result.epochs,
+        final_phase=last.get("phase"),
+        world_size=world_size,
+        wall_seconds=wall_seconds,
+        layer_sparsity=layers,
+        max_layer_sparsity=max(layers.values(), default=0.0),
         # N:M holds every tensor at (M-N)/M by construction: no cap applies.
-        "layer_cap": result.extra["layer_cap"] if channel else job.config.layer_cap(job.config.sparsity)
+        layer_cap=x.layer_cap if channel else job.config.layer_cap(job.config.sparsity)
         if job.config.scope == "global" and nm is None else None,
         # the data's, the run's (an input model near chance), then the result's
-        "warnings": [*(getattr(prepared.splits, "warnings", None) or []), *result.warnings, *warned],
-        "dtype": _dtype_summary(prepared.dtypes),
-        "skipped_images": len(getattr(prepared.splits, "skipped_images", []) or []),
-        "skipped_image_files": list(getattr(prepared.splits, "skipped_images", []) or [])[:100],
-        "config": job.config.to_dict(),
-        "history": result.history,
-    }
+        warnings=[*(getattr(prepared.splits, "warnings", None) or []), *result.warnings, *warned],
+        dtype=_dtype_summary(prepared.dtypes),
+        skipped_images=len(getattr(prepared.splits, "skipped_images", []) or []),
+        skipped_image_files=list(getattr(prepared.splits, "skipped_images", []) or [])[:100],
+        config=job.config.to_dict(),
+        history=result.history,
+    )
 
 
-def write_results(out: Path, prepared: PreparedJob, result: DG2PFResult, metrics: dict) -> dict:
+def write_results(out: Path, prepared: PreparedJob, result: DG2PFResult, metrics: Metrics) -> Metrics:
     """Write a finished job's artifacts into ``out`` (a staging directory): ``model.safetensors``,
     ``model.compact.safetensors``, ``model.onnx`` (when it exports and matches PyTorch's logits) and
     ``metrics.json`` with its ``onnx`` and ``latency`` sections, and ``training.png`` and
@@ -429,15 +420,16 @@ def write_results(out: Path, prepared: PreparedJob, result: DG2PFResult, metrics
     the job, each section says what happened. Nor can the plots: a failure to draw them is logged as
     a warning. ``OSError`` writing the model or metrics (disk full) propagates."""
     job = prepared.job
+    files = Artifacts(out)
     structure = prepared.output_structure(result)
-    write_model(result.model, out / MODEL_FILE, prepared.dtypes, structure)
-    write_compact(result.model, out / COMPACT_FILE, job.compact_values, structure)
-    _, pruned, _ = load_checkpoint_model(job.arch, job.num_classes, out / MODEL_FILE, what="written model")
-    onnx = export_onnx(pruned, prepared.input_shape, out / ONNX_FILE, what=job.arch)
-    macs_ratio = metrics["flops_sparse"] / metrics["flops_dense"] if metrics.get("flops_dense") else None
-    metrics = {**metrics, "onnx": onnx.to_dict(),
-               "latency": job_latency(prepared, pruned, onnx, out / ONNX_FILE, macs_ratio)}
-    write_metrics(metrics, out / METRICS_FILE)
+    write_model(result.model, files.model, prepared.dtypes, structure)
+    write_compact(result.model, files.compact, job.compact_values, structure)
+    _, pruned, _ = load_checkpoint_model(job.arch, job.num_classes, files.model, what="written model")
+    onnx = export_onnx(pruned, prepared.input_shape, files.onnx, what=job.arch)
+    macs_ratio = metrics.macs_sparse / metrics.macs_dense if metrics.macs_dense else None
+    metrics = metrics.model_copy(update={"onnx": onnx.section(),
+                                         "latency": job_latency(prepared, pruned, onnx, files.onnx, macs_ratio)})
+    metrics.write(files.metrics)
     try:
         write_plots(metrics, out)
     except Exception as exc:  # noqa: BLE001 - pictures are drawn again any time (dg2pf plot); the model is the job
@@ -447,7 +439,7 @@ def write_results(out: Path, prepared: PreparedJob, result: DG2PFResult, metrics
 
 
 def job_latency(prepared: PreparedJob, pruned: nn.Module, onnx: OnnxReport, onnx_file: Path,
-                macs_ratio: float | None) -> dict:
+                macs_ratio: float | None) -> Latency:
     """The ``latency`` section of metrics.json: the unpruned input model (read again from the job's
     checkpoint) and the pruned one, timed side by side (``dg2pf_core.latency``) with this process's
     torch threads, within ``JOB_BUDGET_S``; on the GPU too when the job ran on one."""
@@ -456,7 +448,7 @@ def job_latency(prepared: PreparedJob, pruned: nn.Module, onnx: OnnxReport, onnx
     models = {"pruned": pruned}
     files = {"pruned": onnx_file} if onnx.written else {}
     if not onnx.written:
-        notes.append(f"onnxruntime: not measured, there is no model.onnx ({onnx.reason})")
+        notes.append(f"onnxruntime: not measured, there is no {Artifacts.ONNX} ({onnx.reason})")
     try:
         with tempfile.TemporaryDirectory(prefix="dg2pf-latency-") as tmp:
             try:
@@ -473,10 +465,10 @@ def job_latency(prepared: PreparedJob, pruned: nn.Module, onnx: OnnxReport, onnx
                                      runs=DEFAULT_RUNS, warmup=DEFAULT_WARMUP, cuda=prepared.device.type == "cuda",
                                      budget_s=JOB_BUDGET_S)
     except Exception as exc:  # noqa: BLE001 - a finished training is not lost to its latency measurement
-        return {"measured": False, "reason": f"{type(exc).__name__}: {exc}"[:500], "macs_ratio": macs_ratio}
+        return Latency(measured=False, reason=f"{type(exc).__name__}: {exc}"[:500], macs_ratio=macs_ratio)
     document = report.to_dict()
-    return {**{k: v for k, v in document.items() if k not in ("backends", "notes")},
-            "backends": compare(report), "macs_ratio": macs_ratio, "notes": notes + document["notes"]}
+    return Latency.model_validate({**{k: v for k, v in document.items() if k not in ("backends", "notes")},
+                                   "backends": compare(report), "macs_ratio": macs_ratio, "notes": notes + document["notes"]})
 
 
 def _nothing_removed(config: DG2PFConfig, channels: int, multiple: int = 1) -> str:
@@ -523,7 +515,7 @@ def prune_to_dir(
     state_dir: str | Path | None = None,
     resume: bool = False,
     keep_state: bool = False,
-) -> dict:
+) -> Metrics:
     """Run ``job`` in this process and write ``out/model.safetensors`` (dense, in the input
     checkpoint's dtypes), ``out/model.compact.safetensors`` (bitmask + nonzero values) and
     ``out/metrics.json``.
@@ -547,10 +539,10 @@ def prune_to_dir(
         state_dir = Path(state_dir)
         state_dir.mkdir(parents=True, exist_ok=True)
         lock = _lock_state_dir(state_dir, out)
-        if resume and (state_dir / STATE_FILE).is_file():
+        if resume and StateDir(state_dir).training_state.is_file():
             state = TrainingState.load(state_dir)
         # Atomic: rewritten on every resume, and a full disk must not empty the job a resume needs.
-        write_text_atomic(state_dir / JOB_FILE, json.dumps({"job": job.to_dict(), "out": os.path.abspath(out)}, indent=1))
+        write_text_atomic(StateDir(state_dir).job, json.dumps({"job": job.to_dict(), "out": os.path.abspath(out)}, indent=1))
 
         def reporter(record, s) -> None:
             s.save(state_dir)
@@ -587,7 +579,7 @@ def _lock_state_dir(state_dir: Path, out: str | Path):
     """One run trains in a state directory at a time (two `dg2pf prune` with the same --out)."""
     import fcntl
 
-    fh = open(state_dir / LOCK_FILE, "a+")  # noqa: SIM115 - closed when the run ends
+    fh = open(StateDir(state_dir).lock, "a+")  # noqa: SIM115 - closed when the run ends
     try:
         fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -607,9 +599,9 @@ def state_dir_for(out: str | Path) -> Path:
 
 def read_state_dir(state_dir: str | Path) -> tuple[PruneJob, Path]:
     """The job and output path an interrupted run left in ``state_dir`` (``dg2pf prune --resume``)."""
-    path = Path(state_dir) / JOB_FILE
+    path = StateDir(state_dir).job
     if not path.is_file():
-        raise ConfigError(f"{state_dir} is not a dg2pf run's state directory (no {JOB_FILE}); give the OUT.dg2pf-run "
+        raise ConfigError(f"{state_dir} is not a dg2pf run's state directory (no {StateDir.JOB}); give the OUT.dg2pf-run "
                           "directory an interrupted `dg2pf prune` named", field="resume")
     try:
         doc = json.loads(path.read_text())

@@ -146,17 +146,6 @@ def compare(report: LatencyReport, dense: str = "dense", pruned: str = "pruned")
     return out
 
 
-def speedups(latency: Mapping) -> dict:
-    """The compact view of a job's latency section (the service's job status): the speed-ups per
-    backend and batch size, the MACs ratio beside them, and the threads they were measured with."""
-    backends = latency.get("backends") or {}
-    return {
-        "speedup": {b: {n: row.get("speedup") for n, row in by_batch.items()} for b, by_batch in backends.items()},
-        "macs_ratio": latency.get("macs_ratio"),
-        "threads": latency.get("threads"),
-    }
-
-
 def cpu_name() -> str:
     try:
         with open("/proc/cpuinfo") as f:

@@ -43,6 +43,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dg2pf_contract.results import ChannelSummary
+
 from .batchnorm import freeze_batchnorm, recalibrate_batchnorm, settle_constant_channels, settled
 from .channels import ChannelPlan, Structure, apply_structure, remove_channels
 from .config import DG2PFConfig
@@ -95,10 +97,10 @@ class DG2PFResult:
     test: Accuracy | None
     epochs: int
     warnings: list[str] = field(default_factory=list)  # what the run found the user should know (metrics.json)
-    # Channel granularity: "structure" (the Structure removed, relative to the input model),
-    # "channels_total", "channels_pruned", "macs_dense" and "params_dense" (of the input model),
-    # "params_prunable" (the input model's parameters in tensors some group touches), "skipped_groups".
-    extra: dict = field(default_factory=dict)
+    # Channel granularity: what was removed, against the input model, and the Structure that removes it
+    # from the input model's architecture (None: no channel was removed).
+    channels: ChannelSummary | None = None
+    structure: Structure | None = None
 
 
 def _refuse_at_chance(state, run, config) -> list[str]:
@@ -468,7 +470,8 @@ def run_dg2pf(
         state.baseline = {"val_top1": val.top1, "val_top5": val.top5, "test_top1": test.top1 if test else None, "test_top5": test.top5 if test else None}
         _refuse_at_chance(state, run, config)  # before the baseline is reported (saved): nothing to resume
         state.phase = "gradual_pruning"
-        run.finish_epoch(state, masks, EpochRecord("baseline", 0, 0.0, None, val.top1, val.top5, None, time.perf_counter() - t0))
+        run.finish_epoch(state, masks, EpochRecord(phase="baseline", epoch=0, sparsity=0.0, train_loss=None, val_top1=val.top1,
+                                                   val_top5=val.top5, lr=None, seconds=time.perf_counter() - t0))
     notes = _refuse_at_chance(state, run, config)  # again for a run resumed with chance_baseline changed to 'refuse'
 
     # 2. Distilled gradual pruning with simulated pruning (Algorithm 1, i <= s_e).
@@ -497,9 +500,9 @@ def run_dg2pf(
             state.phase = "distillation"
         else:
             val, best = run.validate(state, masks), False
-        record = EpochRecord("gradual_pruning", state.epoch, sparsity, loss, val.top1, val.top5, run.lr(),
-                             time.perf_counter() - t0, best, recovered=changed, rankings=len(recoveries),
-                             recovered_per_ranking=recoveries)
+        record = EpochRecord(phase="gradual_pruning", epoch=state.epoch, sparsity=sparsity, train_loss=loss, val_top1=val.top1,
+                             val_top5=val.top5, lr=run.lr(), seconds=time.perf_counter() - t0, is_best=best,
+                             recovered=changed, rankings=len(recoveries), recovered_per_ranking=recoveries)
         run.finish_epoch(state, masks, record)
 
     # 3. Distilled training with the final mask while validation top-1 improves (Algorithm 1, i > s_e).
@@ -517,7 +520,9 @@ def run_dg2pf(
         state.epoch += 1
         val = run.validate(state)
         best = run.consider_best(state, val)
-        run.finish_epoch(state, masks, EpochRecord("distillation", state.epoch, run.sparsity(masks), loss, val.top1, val.top5, run.lr(), time.perf_counter() - t0, best))
+        run.finish_epoch(state, masks, EpochRecord(phase="distillation", epoch=state.epoch, sparsity=run.sparsity(masks),
+                                                   train_loss=loss, val_top1=val.top1, val_top5=val.top5, lr=run.lr(),
+                                                   seconds=time.perf_counter() - t0, is_best=best))
 
     # 4. Pruned fine-tuning: cross-entropy, SGD, while validation top-1 improves (Algorithm 2).
     while state.phase == "finetuning":
@@ -529,7 +534,9 @@ def run_dg2pf(
         state.epoch += 1
         val = run.validate(state)
         best = run.consider_best(state, val)
-        run.finish_epoch(state, masks, EpochRecord("finetuning", state.epoch, run.sparsity(masks), loss, val.top1, val.top5, run.lr(), time.perf_counter() - t0, best))
+        run.finish_epoch(state, masks, EpochRecord(phase="finetuning", epoch=state.epoch, sparsity=run.sparsity(masks),
+                                                   train_loss=loss, val_top1=val.top1, val_top5=val.top5, lr=run.lr(),
+                                                   seconds=time.perf_counter() - t0, is_best=best))
 
     # The result: the best epoch at the final sparsity, in the input model's architecture.
     if run.taps is not None:
@@ -539,15 +546,13 @@ def run_dg2pf(
     settle_constant_channels(_unwrap(run.model))  # as its validation measured it
     test_loader = loaders.test()
     test = run.evaluate(test_loader) if test_loader is not None else None
-    extra = {} if run.plan is None else {
-        "structure": Structure.from_json(state.structure) if state.structure else None,
-        "channels_total": run.plan.channels, "channels_pruned": run.channels_pruned,
-        "macs_dense": run.macs_dense, "skipped_groups": list(run.plan.skipped),
-        "params_dense": run.params_dense, "params_prunable": run.params_prunable, "channel_multiple": run.multiple,
+    channels = None if run.plan is None else ChannelSummary(
+        channels_total=run.plan.channels, channels_pruned=run.channels_pruned,
+        macs_dense=run.macs_dense, skipped_groups=list(run.plan.skipped),
+        params_dense=run.params_dense, params_prunable=run.params_prunable, channel_multiple=run.multiple,
         # the guard the last ranking applied (before widths were rounded up; resumed after it: estimated)
-        "layer_cap": run.cfg.layer_cap(run.ranked_at or run.channels_pruned / run.plan.channels),
-        # per group (its root layer): the fraction of its channels removed
-        "layer_channels": {g.root: len((state_stage(state) or {}).get(g.root, [])) / g.channels for g in run.plan.groups}}
+        layer_cap=run.cfg.layer_cap(run.ranked_at or run.channels_pruned / run.plan.channels),
+        layer_channels={g.root: len((state_stage(state) or {}).get(g.root, [])) / g.channels for g in run.plan.groups})
     return DG2PFResult(
         model=_unwrap(run.model),
         masks=masks,
@@ -559,5 +564,6 @@ def run_dg2pf(
         test=test,
         epochs=state.epoch,
         warnings=notes,
-        extra=extra,
+        channels=channels,
+        structure=Structure.from_json(state.structure) if run.plan is not None and state.structure else None,
     )

@@ -63,8 +63,8 @@ class SizeReport:
     prunable_pruned: int  # by the mask, exactly
     sparsity_prunable: float
     sparsity_total: float
-    flops_dense: int  # multiply-accumulates of Conv/Linear layers per sample, dense
-    flops_sparse: int  # the same counting only nonzero weights
+    macs_dense: int  # multiply-accumulates of Conv/Linear layers per sample, dense
+    macs_sparse: int  # the same counting only nonzero weights
 
 
 @torch.no_grad()
@@ -112,8 +112,8 @@ def size_report(
         prunable_pruned=pruned,
         sparsity_prunable=pruned / prunable_total if prunable_total else 0.0,
         sparsity_total=1.0 - nonzero / total if total else 0.0,
-        flops_dense=dense,
-        flops_sparse=sparse,
+        macs_dense=dense,
+        macs_sparse=sparse,
     )
 
 

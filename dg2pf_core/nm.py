@@ -20,14 +20,13 @@ from dataclasses import dataclass
 
 import torch
 
+from dg2pf_contract.options import CHANNEL
+
 from .errors import ConfigError
 from .masks import Masks, _smallest_k
 
 UNSTRUCTURED = "unstructured"
-CHANNEL = "channel"  # structured: whole output channels with their coupled layers (``channels``)
 MAX_M = 32
-#: what a granularity string looks like (the service's JobSpec pattern); the range is checked by ``parse``
-PATTERN = r"^(unstructured|channel|[0-9]{1,2}:[0-9]{1,2})$"
 _NM = re.compile(r"([0-9]{1,2}):([0-9]{1,2})")
 
 

@@ -19,9 +19,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from dg2pf_contract.artifacts import Artifacts
+from dg2pf_contract.results import ModelInfo
+
 from .errors import CheckpointError
 from .inference import InferenceModel, read_job_metrics
-from .onnx_export import ONNX_FILE, ort_session
+from .onnx_export import ort_session
 
 BACKEND = "onnxruntime"
 
@@ -50,19 +53,19 @@ class OrtModule(nn.Module):
         return f"path={str(self.path)!r}"
 
 
-def onnx_missing_reason(output_dir: str | Path, meta: dict[str, Any] | None = None) -> str | None:
+def onnx_missing_reason(output_dir: str | Path, meta: ModelInfo | None = None) -> str | None:
     """``None`` when ``output_dir`` holds a ``model.onnx``, else why it does not, in words a user can
     act on: the export failure the job recorded in ``metrics.json`` (``meta``, read when not given)."""
-    out = Path(output_dir)
-    if (out / ONNX_FILE).is_file():
+    files = Artifacts(output_dir)
+    if files.onnx.is_file():
         return None
-    section = (meta if meta is not None else read_job_metrics(out)).get("onnx")
-    if not isinstance(section, dict):
-        return (f"the job wrote no {ONNX_FILE} (its metrics.json has no 'onnx' section: it ran before dg2pf "
+    section = (meta if meta is not None else read_job_metrics(files.root)).onnx
+    if section is None:
+        return (f"the job wrote no {files.ONNX} (its {files.METRICS} has no 'onnx' section: it ran before dg2pf "
                 "exported ONNX); run the job again to get one")
-    if not section.get("written"):
-        return f"the job's ONNX export failed: {section.get('reason') or 'no reason recorded'}"
-    return f"{ONNX_FILE} was written by the job but is no longer in {out}"
+    if not section.written:
+        return f"the job's ONNX export failed: {section.reason or 'no reason recorded'}"
+    return f"{files.ONNX} was written by the job but is no longer in {files.root}"
 
 
 def load_onnx_model(output_dir: str | Path, threads: int) -> InferenceModel:
@@ -78,11 +81,12 @@ def load_onnx_model(output_dir: str | Path, threads: int) -> InferenceModel:
     reason = onnx_missing_reason(out, meta)
     if reason is not None:
         raise OnnxUnavailable(f"{out} cannot be served by ONNX Runtime: {reason}", field="model")
+    onnx = Artifacts(out).onnx
     try:
-        session = ort_session(out / ONNX_FILE, threads=max(1, int(threads)))
+        session = ort_session(onnx, threads=max(1, int(threads)))
     except ImportError as exc:
         raise OnnxUnavailable(f"ONNX Runtime is not installed ({exc}); install onnxruntime", field="model") from exc
     except Exception as exc:  # noqa: BLE001 - ONNX Runtime raises its own types for a bad or truncated file
-        raise OnnxUnavailable(f"ONNX Runtime cannot load {out / ONNX_FILE}: {str(exc).splitlines()[0][:300]}",
+        raise OnnxUnavailable(f"ONNX Runtime cannot load {onnx}: {str(exc).splitlines()[0][:300]}",
                               field="model") from exc
-    return InferenceModel.for_module(OrtModule(session, out / ONNX_FILE), meta, backend=BACKEND)
+    return InferenceModel.for_module(OrtModule(session, onnx), meta, backend=BACKEND)

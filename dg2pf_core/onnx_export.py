@@ -29,7 +29,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-ONNX_FILE = "model.onnx"
+from dg2pf_contract.artifacts import Artifacts
+from dg2pf_contract.results import OnnxExport
+
 # torch.onnx's function library (torchlib) is written for opset 18: exporting at it needs no version
 # conversion, and ONNX Runtime has run it since 1.14.
 OPSET = 18
@@ -50,12 +52,15 @@ class OnnxReport:
     reason: str | None = None  # why the file was not written
     seconds: float = 0.0
 
-    def to_dict(self) -> dict:
+    def section(self) -> OnnxExport:
         """The ``onnx`` section of metrics.json."""
         if not self.written:
-            return {"written": False, "reason": self.reason}
-        return {"written": True, "file": ONNX_FILE, "opset": self.opset, "max_abs_diff": self.max_abs_diff,
-                "tolerance": self.tolerance, "check_batch": CHECK_BATCH, "seconds": round(self.seconds, 2)}
+            return OnnxExport(written=False, reason=self.reason)
+        return OnnxExport(written=True, file=Artifacts.ONNX, opset=self.opset, max_abs_diff=self.max_abs_diff,
+                          tolerance=self.tolerance, check_batch=CHECK_BATCH, seconds=round(self.seconds, 2))
+
+    def to_dict(self) -> dict:
+        return self.section().model_dump(exclude_unset=True)
 
 
 def ort_session(path: str | Path, threads: int | None = None):

@@ -6,25 +6,25 @@ the sparsity of every pruned layer as a horizontal bar, the target as a line; th
 the number of layers, so a 200-layer network stays readable.
 
 Every job writes both beside metrics.json (``job.write_results``); ``dg2pf plot`` draws them for any
-finished run, older ones included: only ``history`` and ``layer_sparsity`` are needed, every other
-field is drawn when present. Matplotlib's object API on the Agg canvas: no display, and no pyplot
+finished run, older ones included (any run's metrics.json reads as ``dg2pf_contract.results.Metrics``;
+a field its version did not write is drawn when present). Matplotlib's object API on the Agg canvas: no display, and no pyplot
 state shared between jobs or threads. Layer names, paths and options come from the run and are drawn
 as written (``parse_math=False``: a "$" in a name is no TeX).
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+
+from dg2pf_contract.artifacts import Artifacts
+from dg2pf_contract.results import EpochRecord, Metrics, MetricsError
 
 from .errors import DG2PFError
 
-TRAINING_FILE, LAYERS_FILE = "training.png", "layers.png"
-PLOT_FILES = (TRAINING_FILE, LAYERS_FILE)
 # The loop's phases in their order, with a label and a colour each (shaded behind every panel).
 PHASES = {
     "baseline": ("baseline (unpruned)", "#9e9e9e"),
@@ -44,23 +44,20 @@ class PlotError(DG2PFError):
     field = "metrics"
 
 
-def parse_metrics(text: str, where: str) -> dict:
+def parse_metrics(text: str, where: str) -> Metrics:
     """The ``metrics.json`` document in ``text`` (read from ``where``, named in errors)."""
     try:
-        metrics = json.loads(text)
-    except ValueError as exc:
-        raise PlotError(f"{where} is not valid JSON ({exc}): the file is damaged; take it from the run again") from None
-    if not isinstance(metrics, dict):
-        raise PlotError(f"{where} holds a JSON {type(metrics).__name__}, not a run's metrics object")
-    return metrics
+        return Metrics.parse(text, where)
+    except MetricsError as exc:
+        raise PlotError(str(exc)) from None
 
 
-def write_plots(metrics: dict, out: str | Path) -> list[Path]:
+def write_plots(metrics: Metrics, out: str | Path) -> list[Path]:
     """Draw ``training.png`` and ``layers.png`` of ``metrics`` into the directory ``out`` (created if
     needed); returns their paths. Both are drawn before either is written, and each file appears
     whole or not at all. Raises ``PlotError`` when ``metrics`` lacks the per-epoch history or the
     per-layer sparsity."""
-    figures = {TRAINING_FILE: training_figure(metrics), LAYERS_FILE: layers_figure(metrics)}
+    figures = {Artifacts.TRAINING_PLOT: training_figure(metrics), Artifacts.LAYERS_PLOT: layers_figure(metrics)}
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     written = []
@@ -86,38 +83,28 @@ def _figure(width: float, height: float):
     return figure
 
 
-def _num(value: Any) -> float | None:
-    """A finite number, or None (missing, null, NaN written as null, or not a number at all)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return None
-    return float(value) if math.isfinite(value) else None
+def _num(value: float | None) -> float | None:
+    """A finite number, or None (not recorded, or NaN written as null)."""
+    return float(value) if value is not None and math.isfinite(value) else None
 
 
-def epoch_records(metrics: dict) -> list[dict]:
-    """The history's records with a whole epoch number, one per epoch (a resumed run's latest), in order."""
-    history = metrics.get("history")
-    if not isinstance(history, list) or not history:
-        raise PlotError("metrics.json has no per-epoch history: it is not the metrics.json of a pruning run "
-                        "(dg2pf prune, dg2pf tune or a service job)")
-    by_epoch: dict[int, dict] = {}
-    for record in history:
-        epoch = _num(record.get("epoch")) if isinstance(record, dict) else None
-        if epoch is not None and epoch == int(epoch):
-            by_epoch[int(epoch)] = record
-    if not by_epoch:
-        raise PlotError("metrics.json's history has no record with an epoch number: the file is damaged")
+def epoch_records(metrics: Metrics) -> list[EpochRecord]:
+    """The history's records, one per epoch (a resumed run's latest), in order."""
+    if not metrics.history:
+        raise PlotError(f"{Artifacts.METRICS} has no per-epoch history: it is not the {Artifacts.METRICS} of a pruning "
+                        "run (dg2pf prune, dg2pf tune or a service job)")
+    by_epoch = {record.epoch: record for record in metrics.history}
     return [by_epoch[e] for e in sorted(by_epoch)]
 
 
-def _phase_spans(records: list[dict]) -> list[tuple[str, int, int]]:
+def _phase_spans(records: list[EpochRecord]) -> list[tuple[str, int, int]]:
     """(phase, first epoch, last epoch) of each run of consecutive records in one phase."""
     spans: list[tuple[str, int, int]] = []
     for r in records:
-        phase = str(r.get("phase"))
-        if spans and spans[-1][0] == phase:
-            spans[-1] = (phase, spans[-1][1], r["epoch"])
+        if spans and spans[-1][0] == r.phase:
+            spans[-1] = (r.phase, spans[-1][1], r.epoch)
         else:
-            spans.append((phase, r["epoch"], r["epoch"]))
+            spans.append((r.phase, r.epoch, r.epoch))
     return spans
 
 
@@ -125,20 +112,12 @@ def _phase_style(phase: str) -> tuple[str, str]:
     return PHASES.get(phase, (phase, "#bab0ac"))  # a phase this version does not know: named as recorded
 
 
-def _kept_epoch(metrics: dict, records: list[dict]) -> int | None:
-    best = _num(metrics.get("best_epoch"))
-    if best is not None:
-        return int(best)
-    marked = [r["epoch"] for r in records if r.get("is_best") is True]
-    return marked[-1] if marked else None
+def _is_channel(metrics: Metrics) -> bool:
+    return metrics.granularity == "channel"
 
 
-def _is_channel(metrics: dict) -> bool:
-    return metrics.get("granularity") == "channel"
-
-
-def _target_text(metrics: dict) -> str:
-    target, macs = _num(metrics.get("target_sparsity")), _num(metrics.get("target_macs_ratio"))
+def _target_text(metrics: Metrics) -> str:
+    target, macs = _num(metrics.target_sparsity), _num(metrics.target_macs_ratio)
     if target is not None:
         return f"target {target:.0%}" if target * 100 == round(target * 100) else f"target {target:.2%}"
     if macs is not None:
@@ -146,35 +125,36 @@ def _target_text(metrics: dict) -> str:
     return "no target recorded"
 
 
-def _title(metrics: dict) -> str:
-    dataset = str(metrics.get("dataset") or "?")
+def _title(metrics: Metrics) -> str:
+    dataset = metrics.dataset
     name, _, path = dataset.partition(":")
     if path:  # a dataset spec with a path: its last folder says enough in a title
         dataset = f"{name}:…/{Path(path).name}"
-    head = f"{metrics.get('arch') or '?'} on {dataset}, {metrics.get('granularity') or 'unstructured'}, {_target_text(metrics)}"
+    head = f"{metrics.arch} on {dataset}, {metrics.granularity}, {_target_text(metrics)}"
     pairs = []
-    for what, before, after in (("val", "baseline_val_top1", "val_top1"), ("test", "baseline_test_top1", "test_top1")):
-        a, b = _num(metrics.get(before)), _num(metrics.get(after))
+    for what, before, after in (("val", metrics.baseline_val_top1, metrics.val_top1),
+                                ("test", metrics.baseline_test_top1, metrics.test_top1)):
+        a, b = _num(before), _num(after)
         if a is not None and b is not None:
             pairs.append(f"{what} top-1 {a:.2f}% → {b:.2f}% ({b - a:+.2f})")
     return head + ("\n" + ", ".join(pairs) if pairs else "")
 
 
-def training_figure(metrics: dict):
+def training_figure(metrics: Metrics):
     """The training curves of a run (a matplotlib Figure on the Agg canvas)."""
     from matplotlib.lines import Line2D
     from matplotlib.patches import Patch
 
     records = epoch_records(metrics)
-    epochs = [r["epoch"] for r in records]
-    pruning = [r for r in records if r.get("phase") == "gradual_pruning" and _num(r.get("recovered")) is not None]
+    epochs = [r.epoch for r in records]
+    pruning = [r for r in records if r.phase == "gradual_pruning" and r.recovered is not None]
     panels = 4 if pruning else 3
     figure = _figure(9.0, 1.2 + 2.1 * panels)
     axes = figure.subplots(panels, 1, sharex=True)
-    kept = _kept_epoch(metrics, records)
+    kept = metrics.best_epoch
 
-    def series(key: str, scale: float = 1.0) -> tuple[list[int], list[float]]:
-        points = [(r["epoch"], _num(r.get(key))) for r in records]
+    def series(value: Callable[[EpochRecord], float | None], scale: float = 1.0) -> tuple[list[int], list[float]]:
+        points = [(r.epoch, _num(value(r))) for r in records]
         return [e for e, v in points if v is not None], [v * scale for _, v in points if v is not None]
 
     spans = _phase_spans(records)
@@ -186,13 +166,13 @@ def training_figure(metrics: dict):
         ax.grid(alpha=0.3)
 
     top1 = axes[0]
-    x, y = series("val_top1")
+    x, y = series(lambda r: r.val_top1)
     top1.plot(x, y, "o-", color="#1f4e79", ms=3, lw=1.5, label="validation top-1")
-    baseline = _num(metrics.get("baseline_val_top1"))
+    baseline = _num(metrics.baseline_val_top1)
     if baseline is not None:
         top1.axhline(baseline, color="#555555", ls=":", lw=1, label=f"unpruned validation top-1 ({baseline:.2f}%)")
-    test = _num(metrics.get("test_top1"))
-    if kept is not None and kept in x:
+    test = _num(metrics.test_top1)
+    if kept in x:
         top1.plot([kept], [y[x.index(kept)]], marker="*", ms=14, color="#d62728", ls="none",
                   label=f"kept: epoch {kept}, validation {y[x.index(kept)]:.2f}%")
         if test is not None:
@@ -203,9 +183,9 @@ def training_figure(metrics: dict):
         top1.legend(loc="best", fontsize=8)
 
     sparsity = axes[1]
-    x, y = series("sparsity", 100.0)
+    x, y = series(lambda r: r.sparsity, 100.0)
     sparsity.plot(x, y, "o-", color="#b07aa1", ms=3, lw=1.5, label="channels removed" if _is_channel(metrics) else "sparsity")
-    target = _num(metrics.get("target_sparsity"))
+    target = _num(metrics.target_sparsity)
     if target is not None:
         sparsity.axhline(target * 100, color="black", ls=":", lw=1, label=_target_text(metrics))
     sparsity.set_ylabel("channels removed (%)" if _is_channel(metrics) else "sparsity of prunable\nweights (%)")
@@ -214,7 +194,7 @@ def training_figure(metrics: dict):
         sparsity.legend(loc="best", fontsize=8)
 
     loss = axes[2]
-    x, y = series("train_loss")
+    x, y = series(lambda r: r.train_loss)
     loss.plot(x, y, "o-", color="#e15759", ms=3, lw=1.5)
     loss.set_ylabel("training loss")
     if not x:
@@ -222,11 +202,11 @@ def training_figure(metrics: dict):
 
     if pruning:
         recovered = axes[3]
-        x = [r["epoch"] for r in pruning]
-        y = [_num(r.get("recovered")) for r in pruning]
+        x = [r.epoch for r in pruning]
+        y = [r.recovered for r in pruning]
         recovered.bar(x, y, width=0.6, color="#76b7b2")
         recovered.set_ylabel("weights recovered\nper ranking")
-        config = metrics.get("config") if isinstance(metrics.get("config"), dict) else {}
+        config = metrics.config  # the options as that run's version named them: read by name, where present
         how = ", ".join(f"{k} {config[k]}" for k in ("recovery", "gradual_masks") if isinstance(config.get(k), str))
         note = f"{sum(y):,.0f} in all" + (f" ({how})" if how else "")
         recovered.text(0.99, 0.95, note, ha="right", va="top", transform=recovered.transAxes, fontsize=8, parse_math=False)
@@ -238,8 +218,7 @@ def training_figure(metrics: dict):
     axes[-1].set_xlim(min(epochs) - 0.5, max(epochs) + 0.5)
     axes[-1].xaxis.get_major_locator().set_params(integer=True)
     handles = [Patch(color=_phase_style(p)[1], alpha=0.35, label=_phase_style(p)[0]) for p in dict.fromkeys(s[0] for s in spans)]
-    if kept is not None:
-        handles.append(Line2D([], [], color="black", ls="--", lw=1, label=f"kept (best) epoch {kept}"))
+    handles.append(Line2D([], [], color="black", ls="--", lw=1, label=f"kept (best) epoch {kept}"))
     legend = figure.legend(handles=handles, loc="outside lower center", ncols=len(handles), fontsize=8, frameon=False)
     for text in legend.get_texts():
         text.set_parse_math(False)
@@ -247,18 +226,13 @@ def training_figure(metrics: dict):
     return figure
 
 
-def layer_values(metrics: dict) -> dict[str, float]:
+def layer_values(metrics: Metrics) -> dict[str, float]:
     """Per-layer sparsity (fraction) in the network's order; a damaged entry is an error."""
-    layers = metrics.get("layer_sparsity")
-    if not isinstance(layers, dict):
-        raise PlotError("metrics.json has no per-layer sparsity (layer_sparsity): it is not the metrics.json of a "
-                        "pruning run (dg2pf prune, dg2pf tune or a service job)")
-    values = {str(name): _num(v) for name, v in layers.items()}
-    bad = [name for name, v in values.items() if v is None]
+    bad = [name for name, v in metrics.layer_sparsity.items() if _num(v) is None]
     if bad:
-        raise PlotError(f"metrics.json's layer_sparsity has no number for {len(bad)} layer(s), first {bad[0]!r}: "
+        raise PlotError(f"{Artifacts.METRICS}'s layer_sparsity has no number for {len(bad)} layer(s), first {bad[0]!r}: "
                         "the file is damaged")
-    return values  # type: ignore[return-value]
+    return metrics.layer_sparsity
 
 
 def short_name(name: str, limit: int = NAME_LIMIT) -> str:
@@ -289,7 +263,7 @@ def _labels(names: list[str]) -> list[str]:
             limits[n] += 8
 
 
-def layers_figure(metrics: dict):
+def layers_figure(metrics: Metrics):
     """The per-layer sparsity bars of a run (a matplotlib Figure on the Agg canvas)."""
     from matplotlib.patches import Patch
 
@@ -300,8 +274,8 @@ def layers_figure(metrics: dict):
     # A row per layer; past ~3,500 layers rows get thinner: Agg draws no image over 2^16 pixels high.
     figure = _figure(8.5, max(3.0, 1.4 + min(0.17, MAX_HEIGHT_IN / max(n, 1)) * n))
     ax = figure.subplots()
-    config = metrics.get("config") if isinstance(metrics.get("config"), dict) else {}
-    warn = _num(config.get("warn_layer_sparsity"))
+    warning = metrics.config.get("warn_layer_sparsity")
+    warn = _num(warning) if isinstance(warning, (int, float)) else None
     if n:
         shares = [values[k] * 100 for k in names]
         high = [warn is not None and v / 100 > warn for v in shares]
@@ -319,10 +293,10 @@ def layers_figure(metrics: dict):
         ax.set_yticks([])
         ax.text(50, 0.5, "no pruned layer recorded", ha="center", va="center", color="grey")
         handles = []
-    target = _num(metrics.get("target_sparsity"))
+    target = _num(metrics.target_sparsity)
     if target is not None:
         handles.append(ax.axvline(target * 100, color="black", ls="--", lw=1.2, label=_target_text(metrics)))
-    cap = _num(metrics.get("layer_cap"))
+    cap = _num(metrics.layer_cap)
     if cap is not None:
         handles.append(ax.axvline(cap * 100, color="#d62728", ls=":", lw=1.2, label=f"layer cap {cap:.2%}"))
     ax.set_xlim(0, 112)
@@ -333,9 +307,9 @@ def layers_figure(metrics: dict):
     ax.grid(axis="x", alpha=0.3)
     if handles:
         figure.legend(handles=handles, loc="outside lower center", ncols=len(handles), fontsize=8, frameon=False)
-    achieved = _num(metrics.get("sparsity_prunable"))
+    achieved = _num(metrics.sparsity_prunable)
     what = "channels removed per layer group" if channel else "sparsity per layer"
     overall = f", {achieved:.2%} overall" if achieved is not None else ""
-    ax.set_title(f"{metrics.get('arch') or '?'}: {what} ({n} {'group' if channel else 'layer'}{'s' if n != 1 else ''}"
+    ax.set_title(f"{metrics.arch}: {what} ({n} {'group' if channel else 'layer'}{'s' if n != 1 else ''}"
                  f"{overall}, {_target_text(metrics)})", fontsize=10, parse_math=False)
     return figure

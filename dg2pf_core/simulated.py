@@ -19,11 +19,11 @@ from collections.abc import Callable, Mapping
 from typing import Literal
 
 import torch
+from dg2pf_contract.options import RECOVERY_MODES
 
 from .masks import apply_masks_, zero_masked_grads_
 
 Recovery = Literal["frozen", "feedback"]
-RECOVERY_MODES: tuple[str, ...] = ("frozen", "feedback")
 
 
 def _backup(params: Mapping[str, torch.Tensor], masks: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

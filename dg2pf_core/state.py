@@ -11,42 +11,20 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from dg2pf_contract.artifacts import StateDir
+from dg2pf_contract.results import EpochRecord  # noqa: F401 - the loop's per-epoch record, defined with the result
+
 from .errors import ResumeError
 
 FORMAT = "dg2pf-train-state/1"
-STATE_FILE = "train_state.pt"
 
 PHASES = ("baseline", "gradual_pruning", "distillation", "finetuning", "done")
-
-
-@dataclass
-class EpochRecord:
-    phase: str
-    epoch: int  # training epochs completed (0 for the baseline evaluation)
-    sparsity: float  # sparsity of the prunable weights the epoch trained at
-    train_loss: float | None
-    val_top1: float
-    val_top5: float
-    lr: float | None
-    seconds: float
-    is_best: bool = False
-    restarts: int = 0  # how many times the run had been resumed from a checkpoint before this epoch
-    # Pruning epochs: weights a ranking pruned that the next one kept (weight recovery), summed over the
-    # epoch's rankings: the one at its start (against the previous epoch's last mask) and, with
-    # rerank_every_steps, those inside it; always 0 with hard gradual masks, which zero pruned weights.
-    # None in other phases.
-    recovered: int | None = None
-    rankings: int | None = None  # pruning epochs: how many rankings the epoch made
-    recovered_per_ranking: list[int] | None = None  # the same count, ranking by ranking
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 def append_record(path: str | Path, record: dict[str, Any]) -> None:
@@ -86,7 +64,7 @@ class TrainingState:
         """Write ``directory/train_state.pt`` atomically (temp file + rename)."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        path = directory / STATE_FILE
+        path = StateDir(directory).training_state
         tmp = path.with_suffix(".tmp")
         try:
             # Into an open file, not a path: then a full disk surfaces as the OSError (ENOSPC) it is, where
@@ -105,7 +83,7 @@ class TrainingState:
     def load(cls, path: str | Path) -> "TrainingState":
         path = Path(path)
         if path.is_dir():
-            path = path / STATE_FILE
+            path = StateDir(path).training_state
         if not path.is_file():
             raise ResumeError(f"no training checkpoint at {path}")
         try:

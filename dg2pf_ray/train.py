@@ -27,21 +27,20 @@ from ray.train.torch import TorchTrainer
 from ray.train.v2._internal.exceptions import WorkerGroupStartupTimeoutError
 from ray.train.v2.api.exceptions import ControllerError, TrainingFailedError, WorkerGroupError
 
+from dg2pf_contract.artifacts import Artifacts
+from dg2pf_contract.results import DistributedRun, Metrics, RayRun
 from dg2pf_core.errors import DG2PFError
-from dg2pf_core.export import OutputDir, write_metrics
+from dg2pf_core.export import OutputDir
 from dg2pf_core.job import OutputError, PruneJob, prepare, result_metrics, write_results
 from dg2pf_core.loop import run_dg2pf
 from dg2pf_core.masks import masks_checksum
-from dg2pf_core.onnx_export import ONNX_FILE
-from dg2pf_core.plots import PLOT_FILES
 from dg2pf_core.state import EpochRecord, TrainingState, append_record
 
 from .cluster import ClusterError, check_capacity, connect
 
-FINAL_FILES = ("model.safetensors", "model.compact.safetensors", "metrics.json")
-# model.onnx: written when the model exports to ONNX and matches PyTorch (see metrics.json's onnx); the
-# plots: unless drawing them failed (a warning in the worker's log; `dg2pf plot` draws them again).
-OPTIONAL_FILES = (ONNX_FILE, *PLOT_FILES)
+# A final checkpoint holds the run's Artifacts: every REQUIRED one and the OPTIONAL ones it has (model.onnx
+# when the model exports to ONNX and matches PyTorch, see metrics.json's onnx; the plots unless drawing them
+# failed: a warning in the worker's log, and `dg2pf plot` draws them again).
 REFUSED_FILE = "refused.json"  # the checkpoint of a run whose workers refused the job (a bad input)
 
 
@@ -120,12 +119,12 @@ def train_worker(config: dict) -> None:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
-            if all((Path(d) / f).is_file() for f in FINAL_FILES):
+            if all((Path(d) / f).is_file() for f in Artifacts.REQUIRED):
                 # The run had ended (this is a re-run after its driver was lost): report the result again.
-                done = json.loads((Path(d) / "metrics.json").read_text())
-                final = {"final": True, "epoch": done["epochs"], "val_top1": done["val_top1"], "test_top1": done["test_top1"],
-                         "sparsity": done["sparsity_prunable"],
-                         "epochs_at_target": epochs_at_target(done["epochs"], job.config.pruning_epochs) + 1}
+                done = Metrics.read(Artifacts(d).metrics)
+                final = {"final": True, "epoch": done.epochs, "val_top1": done.val_top1, "test_top1": done.test_top1,
+                         "sparsity": done.sparsity_prunable,
+                         "epochs_at_target": epochs_at_target(done.epochs, job.config.pruning_epochs) + 1}
                 if rank == 0:
                     with tempfile.TemporaryDirectory() as tmp:
                         copy_final(Path(d), Path(tmp))
@@ -162,11 +161,11 @@ def train_worker(config: dict) -> None:
     result = run_dg2pf(model, prepared.sharded_loaders(rank, world), job.config, teacher=teacher,
                        reporter=report, resume=resume, device=prepared.device, input_shape=prepared.input_shape)
     metrics = result_metrics(prepared, result, world_size=world, wall_seconds=time.perf_counter() - started)
-    metrics["distributed"] = {"backend": dist.get_backend(), "worker_nodes": nodes, "mask_checksums": checksums}
+    metrics.distributed = DistributedRun(backend=dist.get_backend(), worker_nodes=nodes, mask_checksums=checksums)
     # The last report carries the result: the best epoch's validation top-1 (what Tune ranks) and
     # the artifacts, so the driver (possibly on another node) reads them from storage.
     final = {"final": True, "epoch": result.epochs, "val_top1": result.best_val_top1,
-             "test_top1": metrics["test_top1"], "sparsity": metrics["sparsity_prunable"],
+             "test_top1": metrics.test_top1, "sparsity": metrics.sparsity_prunable,
              "epochs_at_target": epochs_at_target(result.epochs, job.config.pruning_epochs) + 1}
     if rank == 0:
         with tempfile.TemporaryDirectory() as tmp:
@@ -177,8 +176,8 @@ def train_worker(config: dict) -> None:
 
 
 def copy_final(source: Path, dest: Path) -> None:
-    """A final checkpoint's artifacts: every one of FINAL_FILES, and the OPTIONAL_FILES it has."""
-    for f in (*FINAL_FILES, *(o for o in OPTIONAL_FILES if (source / o).is_file())):
+    """A final checkpoint's artifacts: every one of ``Artifacts.REQUIRED``, and the ``Artifacts.OPTIONAL`` it has."""
+    for f in (*Artifacts.REQUIRED, *(o for o in Artifacts.OPTIONAL if (source / o).is_file())):
         shutil.copy2(source / f, dest / f)
 
 
@@ -264,7 +263,7 @@ def _error_line(exc: BaseException) -> str:
     return text.splitlines()[0][:500] if text else type(exc).__name__
 
 
-def prune_on_ray(job: PruneJob, out: str | Path, options: RayOptions) -> dict:
+def prune_on_ray(job: PruneJob, out: str | Path, options: RayOptions) -> Metrics:
     """Run ``job`` with ``options.workers`` DDP workers on Ray; write ``out/`` like ``prune_to_dir``."""
     output = OutputDir(out)
     started = time.perf_counter()
@@ -278,7 +277,7 @@ def prune_on_ray(job: PruneJob, out: str | Path, options: RayOptions) -> dict:
         return _fit(job, out, output, dataclasses.replace(options, storage_path=storage.path), storage, started)
 
 
-def _fit(job: PruneJob, out: str | Path, output: OutputDir, options: RayOptions, storage: RunStorage, started: float) -> dict:
+def _fit(job: PruneJob, out: str | Path, output: OutputDir, options: RayOptions, storage: RunStorage, started: float) -> Metrics:
     trainer = make_trainer(job, options)
     try:
         result = trainer.fit()
@@ -296,20 +295,21 @@ def _fit(job: PruneJob, out: str | Path, output: OutputDir, options: RayOptions,
             raise RunFailed(f"a worker refused the job: {refused['message']}", field=refused.get("field") or "run")
     try:
         with result.checkpoint.as_directory() as final, output.staging() as tmp:
-            missing = [f for f in FINAL_FILES if not (Path(final) / f).exists()]
+            missing = [f for f in Artifacts.REQUIRED if not (Path(final) / f).exists()]
             if missing:
                 raise RunFailed(f"the final checkpoint at {result.checkpoint.path} lacks {missing}")
             copy_final(Path(final), tmp)
-            metrics = json.loads((tmp / "metrics.json").read_text())
-            metrics["driver_wall_seconds"] = time.perf_counter() - started
-            metrics["ray_run"] = {"storage_path": storage.recorded, "name": trainer.run_config.name}
-            write_metrics(metrics, tmp / "metrics.json")
+            files = Artifacts(tmp)
+            metrics = Metrics.read(files.metrics)
+            metrics.driver_wall_seconds = time.perf_counter() - started
+            metrics.ray_run = RayRun(storage_path=storage.recorded, name=trainer.run_config.name)
+            metrics.write(files.metrics)
     except OSError as exc:
         # Nothing trained is lost: the model and its metrics stay in Ray Train's final checkpoint.
         storage.keep()
         raise OutputError(f"training finished but {out} could not be written ({exc.strerror or exc}); the trained model "
                           f"and metrics are kept in Ray Train's final checkpoint at {result.checkpoint.path}: copy "
-                          f"{', '.join(FINAL_FILES)} from there") from exc
+                          f"{', '.join(Artifacts.REQUIRED)} from there") from exc
     return metrics
 
 

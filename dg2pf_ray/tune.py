@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import csv
 import dataclasses
-import json
 import os
 import time
 from dataclasses import dataclass
@@ -24,7 +23,9 @@ from ray.train import Checkpoint
 from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler
 
-from dg2pf_core.export import OutputDir, write_metrics
+from dg2pf_contract.artifacts import Artifacts
+from dg2pf_contract.results import Metrics, TuneSummary
+from dg2pf_core.export import OutputDir
 from dg2pf_core.job import PruneJob, prepare
 
 from .cluster import check_capacity, connect
@@ -71,7 +72,7 @@ def _status(result) -> str:
     return "completed" if (result.metrics or {}).get("final") else "stopped_early"
 
 
-def tune_job(job: PruneJob, out: str | Path, options: TuneOptions) -> dict:
+def tune_job(job: PruneJob, out: str | Path, options: TuneOptions) -> Metrics:
     """Search ``options.samples`` configs; write the best model, metrics.json and trials.csv to ``out``."""
     output = OutputDir(out)
     started = time.perf_counter()
@@ -143,7 +144,7 @@ def _new_tuner(trainable, space: dict, options: TuneOptions, concurrent: int, na
 
 
 def _write_result(grid, job: PruneJob, output: OutputDir, options: TuneOptions, document: dict, storage: str | None,
-                  name: str, started: float) -> dict:
+                  name: str, started: float) -> Metrics:
     rows = []
     for result in grid:
         m, status = result.metrics or {}, _status(result)
@@ -171,21 +172,22 @@ def _write_result(grid, job: PruneJob, output: OutputDir, options: TuneOptions, 
     with Checkpoint(best["_checkpoint"]).as_directory() as final, output.staging() as tmp:
         copy_final(Path(final), tmp)
         table = [{k: v for k, v in r.items() if not k.startswith("_")} for r in rows]
-        with (tmp / "trials.csv").open("w", newline="") as fh:
+        files = Artifacts(tmp)
+        with files.trials.open("w", newline="") as fh:
             writer = csv.DictWriter(fh, fieldnames=list(table[0]))
             writer.writeheader()
             writer.writerows(table)
-        metrics = json.loads((tmp / "metrics.json").read_text())
-        metrics["tune"] = {
-            "best_trial": best["trial_id"],
-            "best_config": trial_config(job.config, {k[7:]: v for k, v in best.items() if k.startswith("config.")}).to_dict(),
-            "search_space": document,
-            "samples": options.samples,
-            "scheduler": f"ASHA on {TIME_ATTR} (grace {max(1, options.grace_period)}), ranked by {RANK_METRIC}",
-            "trials": table,
-            "storage_path": storage,
-            "name": name,
-            "wall_seconds": time.perf_counter() - started,
-        }
-        write_metrics(metrics, tmp / "metrics.json")
+        metrics = Metrics.read(files.metrics)
+        metrics.tune = TuneSummary(
+            best_trial=best["trial_id"],
+            best_config=trial_config(job.config, {k[7:]: v for k, v in best.items() if k.startswith("config.")}).to_dict(),
+            search_space=document,
+            samples=options.samples,
+            scheduler=f"ASHA on {TIME_ATTR} (grace {max(1, options.grace_period)}), ranked by {RANK_METRIC}",
+            trials=table,
+            storage_path=storage,
+            name=name,
+            wall_seconds=time.perf_counter() - started,
+        )
+        metrics.write(files.metrics)
     return metrics

@@ -15,7 +15,7 @@ import pytest
 import torch
 from torchvision import transforms as T
 
-from dg2pf_core.checkpoints import save_state_dict
+from dg2pf_core.checkpoint_save import save_state_dict
 from dg2pf_core.config import DG2PFConfig
 from dg2pf_core.data import AUGMENT_POLICIES, DataRequest, augment_for, dataset_names, eval_transform_for, load_dataset
 from dg2pf_core.data.registry import needs_path
@@ -240,15 +240,17 @@ def test_the_job_carries_the_policy_through_its_records():
 
 
 def test_the_job_spec_offers_the_policies_and_hands_them_to_the_job():
-    spec_module = pytest.importorskip("dg2pf_service.spec")
+    from dg2pf_contract import job as spec_module
+    from dg2pf_core.job import PruneJob
+
     from pydantic import ValidationError
 
     doc = {"model": {"arch": "digits_cnn", "num_classes": 10, "checkpoint": "c"}, "dataset": {"spec": "digits"}, "sparsity": 0.5}
     schema = spec_module.DatasetSpec.model_json_schema()["properties"]["augment"]
     assert schema["enum"] == ["auto", *AUGMENT_POLICIES] and schema["default"] == "auto"
-    assert spec_module.JobSpec(**doc).prune_job("/c", None).augment is None
+    assert PruneJob.from_spec(spec_module.JobSpec(**doc), "/c").augment is None
     for policy in AUGMENT_POLICIES:
-        job = spec_module.JobSpec(**{**doc, "dataset": {"spec": "digits", "augment": policy}}).prune_job("/c", None)
+        job = PruneJob.from_spec(spec_module.JobSpec(**{**doc, "dataset": {"spec": "digits", "augment": policy}}), "/c")
         assert job.augment == policy
     with pytest.raises(ValidationError) as info:
         spec_module.JobSpec(**{**doc, "dataset": {"spec": "digits", "augment": "randaugment"}})
@@ -259,11 +261,12 @@ def test_the_job_spec_and_the_library_share_the_image_size_bounds():
     from pydantic import ValidationError
 
     from dg2pf_core.job import MAX_IMAGE_SIZE, MIN_IMAGE_SIZE
-    from dg2pf_service.spec import JobSpec
+    from dg2pf_contract.job import JobSpec
+    from dg2pf_core.job import PruneJob
 
     doc = {"model": {"arch": "digits_cnn", "num_classes": 10, "checkpoint": "c"}, "sparsity": 0.5}
     for size in (MIN_IMAGE_SIZE, MAX_IMAGE_SIZE):  # what `dg2pf prune --image-size` takes, the API takes
-        assert JobSpec(**doc, dataset={"spec": "digits", "image_size": size}).prune_job("/c", None).image_size == size
+        assert PruneJob.from_spec(JobSpec(**doc, dataset={"spec": "digits", "image_size": size}), "/c").image_size == size
     for size in (MIN_IMAGE_SIZE - 1, MAX_IMAGE_SIZE + 1):
         with pytest.raises(ValidationError) as info:
             JobSpec(**doc, dataset={"spec": "digits", "image_size": size})

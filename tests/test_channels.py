@@ -8,7 +8,7 @@ import torch
 
 from dg2pf_core import DG2PFConfig, TrainingState, run_dg2pf
 from dg2pf_core.channels import STRUCTURE_KEY, ChannelPlan, Structure, apply_structure, read_structure, remove_channels
-from dg2pf_core.checkpoints import save_state_dict
+from dg2pf_core.checkpoint_save import save_state_dict
 from dg2pf_core.errors import CheckpointError, ConfigError
 from dg2pf_core.metrics import conv_linear_macs
 from dg2pf_core.models import build_model
@@ -136,10 +136,10 @@ def test_the_loop_removes_channels_after_the_last_pruning_epoch(tiny_loaders):
     result = run_dg2pf(_tiny(), tiny_loaders, DG2PFConfig(**CFG), reporter=w, input_shape=(1, 8, 8))
     assert [r.phase for r in w.records[:3]] == ["baseline", "gradual_pruning", "gradual_pruning"]
     assert [r.sparsity for r in w.records[1:3]] == pytest.approx([0.25, 0.5], abs=0.02)
-    structure = result.extra["structure"]
-    assert result.extra["channels_pruned"] == round(0.5 * result.extra["channels_total"])
+    structure, removed = result.structure, result.channels
+    assert removed.channels_pruned == round(0.5 * removed.channels_total)
     # the result is the smaller dense network: conv 8 -> fewer, fc1 32 -> fewer
-    assert result.model.conv.out_channels + result.model.fc1.out_features == 40 - result.extra["channels_pruned"]
+    assert result.model.conv.out_channels + result.model.fc1.out_features == 40 - removed.channels_pruned
     assert result.masks == {}
     rebuilt = apply_structure(_tiny(), structure)
     rebuilt.load_state_dict(result.model.state_dict())
@@ -152,7 +152,7 @@ def test_target_macs_ratio_is_met(tiny_loaders):
     torch.manual_seed(0)
     result = run_dg2pf(build_model("digits_cnn", 4), tiny_loaders, cfg, input_shape=(1, 8, 8))
     pruned, _ = conv_linear_macs(result.model, (1, 8, 8), CPU)
-    assert abs(pruned / result.extra["macs_dense"] - 0.5) <= 0.05 * 0.5
+    assert abs(pruned / result.channels.macs_dense - 0.5) <= 0.05 * 0.5
 
 
 @pytest.mark.parametrize("stop_after,finetune", [(1, "sgd"), (3, "overparam")])
@@ -346,7 +346,9 @@ def _image_folder(root, size: int = 32, per_class: int = 6) -> str:
 @pytest.mark.parametrize("arch", [a for a, _ in ARCHS])
 def test_a_channel_job_writes_artifacts_that_reload_to_the_same_logits(tmp_path, arch, monkeypatch, caplog):
     from dg2pf_core.inference import InferenceModel
-    from dg2pf_core.job import MODEL_FILE, PruneJob, load_checkpoint_model, prepare, result_metrics, run, write_results
+    from dg2pf_contract.artifacts import Artifacts
+    from dg2pf_contract.results import Latency
+    from dg2pf_core.job import PruneJob, load_checkpoint_model, prepare, result_metrics, run, write_results
     from dg2pf_core.onnx_export import ATOL
     from test_onnx_export import onnx_logits
 
@@ -364,7 +366,7 @@ def test_a_channel_job_writes_artifacts_that_reload_to_the_same_logits(tmp_path,
     out = tmp_path / "out"
     out.mkdir()
     if arch != "digits_cnn":  # latency of the bigger ones is bench_latency's (a minute each here): artifacts only
-        monkeypatch.setattr("dg2pf_core.job.job_latency", lambda *a: {"backends": {"torch": {}, "onnxruntime": {}}})
+        monkeypatch.setattr("dg2pf_core.job.job_latency", lambda *a: Latency(backends={"torch": {}, "onnxruntime": {}}))
     # Even when its plots cannot be written (a directory in the way): a warning, and nothing else is lost.
     (out / "training.png").mkdir()
     with caplog.at_level("WARNING", logger="dg2pf_core.job"):
@@ -372,21 +374,21 @@ def test_a_channel_job_writes_artifacts_that_reload_to_the_same_logits(tmp_path,
     assert "plots (training.png, layers.png) were not drawn: IsADirectoryError" in caplog.text
     assert (out / "metrics.json").is_file() and not (out / "layers.png").exists()
 
-    assert metrics["granularity"] == "channel" and metrics["channels_pruned"] > 0
-    assert abs(metrics["flops_sparse"] / metrics["flops_dense"] - 0.5) <= 0.05 * 0.5
-    assert metrics["params_total"] < metrics["params_dense"]
+    assert metrics.granularity == "channel" and metrics.channels_pruned > 0
+    assert abs(metrics.macs_sparse / metrics.macs_dense - 0.5) <= 0.05 * 0.5
+    assert metrics.params_total < metrics.params_dense
     x = torch.randn(4, *prepared.input_shape, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         expected = result.model.eval()(x)
-    _, reloaded, _ = load_checkpoint_model(arch, classes, out / MODEL_FILE)
+    _, reloaded, _ = load_checkpoint_model(arch, classes, Artifacts(out).model)
     with torch.no_grad():
         assert torch.equal(reloaded.eval()(x), expected)  # the dense artifact
     served = InferenceModel.load(out)  # the compact artifact, what serving loads
     assert torch.equal(served.logits(x), expected)
-    assert metrics["onnx"]["written"] is True
+    assert metrics.onnx.written is True
     assert (onnx_logits(out / "model.onnx", x) - expected).abs().max() <= ATOL * max(1.0, float(expected.abs().max()))
     # the pruned network really is smaller: measured side by side in the job
-    assert set(metrics["latency"]["backends"]) == {"torch", "onnxruntime"}
+    assert set(metrics.latency.backends) == {"torch", "onnxruntime"}
 
 
 def test_a_pruned_model_pruned_again_replays_both_stages(tmp_path):
@@ -424,8 +426,8 @@ def test_params_dense_counts_the_input_model_not_its_teacher_nor_a_restored_stat
     w = Watch(tmp_path)
     result = run_dg2pf(pruned_input(), tiny_loaders, cfg, teacher=_tiny(), reporter=w, input_shape=shape)
     assert "finetuning" in [r.phase for r in w.records]  # the over-parameterized phase ran, and did not count
-    assert result.extra["params_dense"] == count
-    assert 0 < result.extra["params_prunable"] <= count
+    assert result.channels.params_dense == count
+    assert 0 < result.channels.params_prunable <= count
     again = run_dg2pf(pruned_input(), tiny_loaders, cfg, teacher=_tiny(), resume=TrainingState.load(tmp_path / "epoch3"),
                       input_shape=shape)
-    assert again.extra["params_dense"] == count
+    assert again.channels.params_dense == count

@@ -10,7 +10,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-from dg2pf_core.checkpoints import file_sha256, load_into, read_state_dict, save_state_dict
+from dg2pf_core.checkpoint_save import save_state_dict
+from dg2pf_core.checkpoints import file_sha256, load_into, read_state_dict
 from dg2pf_core.errors import CheckpointError
 from dg2pf_core.models import build_model
 

@@ -19,7 +19,8 @@ import pytest
 import torch
 
 from dg2pf_core import DG2PFError
-from dg2pf_core.checkpoints import read_state_dict, save_state_dict
+from dg2pf_core.checkpoint_save import save_state_dict
+from dg2pf_core.checkpoints import read_state_dict
 from dg2pf_core.models import build_model
 
 
@@ -67,6 +68,7 @@ def assert_refused(result: subprocess.CompletedProcess, out: Path, *needles: str
 
 @pytest.mark.parametrize("value", ["0", "1", "1.5", "-0.2"])
 def test_sparsity_outside_0_1(tmp_path, untrained_ckpt, value):
+    # The flags fill a JobSpec: the CLI refuses what POST /jobs refuses, with the same message.
     out = tmp_path / "out"
     assert_refused(dg2pf(*prune_args(untrained_ckpt, out, **{"--sparsity": value})), out, "sparsity", "between 0 and 1")
 
@@ -154,8 +156,9 @@ def test_progress_lines_show_weight_recovery_in_pruning_epochs(capsys):
     from dg2pf_core.state import EpochRecord
 
     bars = EpochBars()  # stderr is captured, not a terminal: one plain line per epoch
-    bars.end_epoch(EpochRecord("gradual_pruning", 2, 0.5, 0.1, 90.0, 99.0, 0.01, 1.0, recovered=12))
-    bars.end_epoch(EpochRecord("gradual_pruning", 3, 0.6, 0.1, 90.0, 99.0, 0.01, 1.0, recovered=0))
+    epoch = dict(phase="gradual_pruning", train_loss=0.1, val_top1=90.0, val_top5=99.0, lr=0.01, seconds=1.0)
+    bars.end_epoch(EpochRecord(**epoch, epoch=2, sparsity=0.5, recovered=12))
+    bars.end_epoch(EpochRecord(**epoch, epoch=3, sparsity=0.6, recovered=0))
     lines = capsys.readouterr().err.splitlines()
     assert "12 weights recovered" in lines[0] and "recovered" not in lines[1]
 
@@ -398,9 +401,15 @@ def test_a_job_writes_its_plots_and_dg2pf_plot_draws_them_for_any_run(channel_jo
     assert result.stdout.strip() == f"wrote {run / 'training.png'} and {run / 'layers.png'}"
     for name in ("training.png", "layers.png"):
         assert_drawn_png(run / name)
-    # An older run's metrics.json (before recovered, is_best, latency, onnx, granularity, ...): drawn too.
-    old = {k: m[k] for k in ("arch", "dataset", "target_sparsity", "sparsity_prunable", "test_top1", "layer_sparsity")}
-    old["history"] = [{k: r[k] for k in ("phase", "epoch", "sparsity", "train_loss", "val_top1")} for r in m["history"]]
+    # The first release's metrics.json (before recovered, restarts, latency, onnx, granularity, warnings, macs_*, ...,
+    # its MACs named flops_*): drawn too.
+    first = ("arch", "num_classes", "dataset", "image_size", "in_channels", "class_names", "target_sparsity",
+             "sparsity_prunable", "sparsity_total", "params_total", "params_nonzero", "params_prunable", "flops_dense",
+             "flops_sparse", "flops_unit", "baseline_val_top1", "baseline_test_top1", "val_top1", "test_top1", "test_top5",
+             "best_epoch", "epochs", "final_phase", "world_size", "wall_seconds", "layer_sparsity", "config")
+    old = {k: m[k] for k in first}
+    old["history"] = [{k: r[k] for k in ("phase", "epoch", "sparsity", "train_loss", "val_top1", "val_top5", "lr", "seconds",
+                                         "is_best")} for r in m["history"]]
     (tmp_path / "old").mkdir()
     (tmp_path / "old" / "metrics.json").write_text(json.dumps(old))
     result = dg2pf("plot", str(tmp_path / "old" / "metrics.json"), "--out", str(tmp_path / "pictures" / "old"))
@@ -409,16 +418,18 @@ def test_a_job_writes_its_plots_and_dg2pf_plot_draws_them_for_any_run(channel_jo
 
 
 def test_the_plots_mark_the_phases_the_kept_epoch_the_recovered_weights_and_every_layer(channel_job):
+    from dg2pf_contract.results import Metrics
     from dg2pf_core.plots import layers_figure, training_figure
 
-    _, m = channel_job
+    _, document = channel_job
+    m = Metrics.model_validate(document)
     figure = training_figure(m)
     # top-1, sparsity, loss, and the weights each ranking recovered (its pruning epochs record them)
     assert [ax.get_ylabel() for ax in figure.axes][-1] == "weights recovered\nper ranking" and len(figure.axes) == 4
     marked = [t.get_text() for t in figure.legends[0].get_texts()]
-    assert marked == ["baseline (unpruned)", "gradual pruning", f"kept (best) epoch {m['best_epoch']}"]
+    assert marked == ["baseline (unpruned)", "gradual pruning", f"kept (best) epoch {m.best_epoch}"]
     bars = layers_figure(m).axes[0].patches
-    assert [round(b.get_width(), 6) for b in bars] == [round(v * 100, 6) for v in m["layer_sparsity"].values()]
+    assert [round(b.get_width(), 6) for b in bars] == [round(v * 100, 6) for v in m.layer_sparsity.values()]
 
 
 def test_plot_refuses_bad_input_in_one_line_and_writes_nothing(channel_job, tmp_path):
@@ -437,8 +448,8 @@ def test_plot_refuses_bad_input_in_one_line_and_writes_nothing(channel_job, tmp_
         ((str(tmp_path / "missing"),), "does not exist"),
         ((str(empty),), "holds no metrics.json"),
         ((str(damaged),), "is not valid JSON"),
-        ((str(example),), "no per-epoch history"),
-        ((str(listed),), "not a run's metrics object"),
+        ((str(example),), "is not a dg2pf run's metrics.json: it has no num_classes, dataset, image_size and "),
+        ((str(listed),), "holds a JSON list, not an object"),
         ((str(out), "--out", str(tmp_path / "file")), "is a file"),
         (("0" * 32, "--url", nowhere, "--out", str(empty)), f"cannot reach the dg2pf service at {nowhere}"),
     ]

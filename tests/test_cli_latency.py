@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import dg2pf_core.latency as latency_module
-from dg2pf_core.checkpoints import save_state_dict
+from dg2pf_core.checkpoint_save import save_state_dict
 from dg2pf_core.models import build_model
 
 

@@ -10,7 +10,8 @@ import safetensors.torch
 import torch
 
 from dg2pf_core import DG2PFConfig, PruneJob
-from dg2pf_core.checkpoints import load_into, read_state_dict, save_state_dict
+from dg2pf_core.checkpoint_save import save_state_dict
+from dg2pf_core.checkpoints import load_into, read_state_dict
 from dg2pf_core.compact import FORMAT, is_compact, load_compact, save_compact
 from dg2pf_core.errors import CheckpointError, ConfigError
 from dg2pf_core.models import build_model
@@ -165,7 +166,7 @@ def test_dg2pf_90_percent_digits_compact_is_at_most_15_percent_and_equal(digits_
     config = DG2PFConfig(sparsity=0.9, pruning_epochs=1, max_epochs=1, patience=1)
     out = tmp_path / "out"
     metrics = prune_to_dir(PruneJob("digits_cnn", 10, str(digits_example / "model.safetensors"), "digits", config), out)
-    assert metrics["sparsity_prunable"] == pytest.approx(0.9, abs=1e-3)
+    assert metrics.sparsity_prunable == pytest.approx(0.9, abs=1e-3)
     dense, compact = out / "model.safetensors", out / "model.compact.safetensors"
     ratio = compact.stat().st_size / dense.stat().st_size
     print(f"digits_cnn at 90%: compact {compact.stat().st_size} B / dense {dense.stat().st_size} B = {ratio:.4f}")

@@ -27,9 +27,9 @@ def test_stopping_early_keeps_the_weights_of_the_full_run_when_no_later_epoch_is
         full, m_full = pretrain("digits_cnn", 10, "digits", **kw)
     finally:
         torch.set_num_threads(threads)
-    assert m_full["epochs"] == 10 and m_early["epochs"] == min(10, m_early["best_epoch"] + 2)
-    if m_full["best_epoch"] == m_early["best_epoch"]:
+    assert m_full.epochs == 10 and m_early.epochs == min(10, m_early.best_epoch + 2)
+    if m_full.best_epoch == m_early.best_epoch:
         a, b = early.state_dict(), full.state_dict()
         assert all(torch.equal(a[k], b[k]) for k in a)
     else:  # a later epoch was better: the full run found it, the early one had stopped before
-        assert m_full["best_epoch"] > m_early["epochs"] and m_full["val_top1"] > m_early["val_top1"]
+        assert m_full.best_epoch > m_early.epochs and m_full.val_top1 > m_early.val_top1

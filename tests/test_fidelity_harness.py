@@ -8,8 +8,10 @@ from torch import nn
 
 from bench.fidelity import report
 from bench.fidelity.measure import zero_fractions
-from bench.fidelity.methods import Budget, method_names
-from bench.fidelity.run import cell_path, finished, write_json
+from bench.fidelity.cells import cell_path, write_json
+from bench.fidelity.methods import method_names
+from bench.fidelity.registry import Budget
+from bench.fidelity.run import finished
 from bench.fidelity.torch_prune import linear_path
 
 
@@ -97,7 +99,7 @@ def test_the_cub_ablations_are_single_changes_from_the_products_default():
 
 def _tiny_cell(method, macs_ratio, tmp_path, sparsity=0.0, budget=None):
     from bench.fidelity.data import DataSettings, Split
-    from bench.fidelity.methods import Cell
+    from bench.fidelity.registry import Cell
     from bench.fidelity.pretrain import build
 
     g = torch.Generator().manual_seed(0)
@@ -171,7 +173,8 @@ def test_channel_methods_remove_channels_down_to_the_macs_target(method, tmp_pat
 
 
 def test_channel_methods_are_their_own_grid_and_refuse_a_sparsity_cell(tmp_path):
-    from bench.fidelity.methods import MethodUnavailable, get_method
+    from bench.fidelity.methods import get_method
+    from bench.fidelity.registry import MethodUnavailable
 
     assert method_names(kind="macs") == ["dg2pf-channel", "tp-magnitude"]
     assert not set(method_names(grid_only=False, kind="macs")) & set(method_names(grid_only=False))
@@ -180,7 +183,7 @@ def test_channel_methods_are_their_own_grid_and_refuse_a_sparsity_cell(tmp_path)
 
 
 def test_channel_table_shows_seeds_sizes_and_the_difference_to_the_peer(tmp_path):
-    from bench.fidelity.run import macs_cell_path
+    from bench.fidelity.cells import macs_cell_path
 
     for method, seed, top1 in [("dg2pf-channel", 0, 99.0), ("dg2pf-channel", 1, 98.0), ("tp-magnitude", 0, 98.5),
                                ("tp-magnitude", 1, 98.5)]:

@@ -461,7 +461,7 @@ def dg2pf(*args: str) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module")
 def digits_cnn_ckpt(tmp_path_factory) -> Path:
-    from dg2pf_core.checkpoints import save_state_dict
+    from dg2pf_core.checkpoint_save import save_state_dict
     from dg2pf_core.models import build_model
 
     path = tmp_path_factory.mktemp("ckpt") / "digits.safetensors"

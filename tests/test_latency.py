@@ -11,8 +11,9 @@ import pytest
 import torch
 from torch import nn
 
+from dg2pf_contract.results import Latency
 from dg2pf_core.compact import save_compact
-from dg2pf_core.latency import MIN_RUNS, compare, measure_latency, speedups
+from dg2pf_core.latency import MIN_RUNS, compare, measure_latency
 from dg2pf_core.masks import apply_masks_, magnitude_masks, select_prunable
 from dg2pf_core.onnx_export import export_onnx
 
@@ -74,7 +75,7 @@ def test_compare_gives_dense_pruned_and_their_ratio(dense_and_pruned):
         row = rows[backend]["1"]
         assert row.keys() == {"dense_ms", "pruned_ms", "dense_p90_ms", "pruned_p90_ms", "runs", "speedup"}
         assert row["speedup"] == pytest.approx(row["dense_ms"] / row["pruned_ms"], rel=1e-3)
-    compact = speedups({"backends": rows, "macs_ratio": 0.1, "threads": 1})
+    compact = Latency(backends=rows, macs_ratio=0.1, threads=1).speedups()
     assert compact == {"speedup": {b: {"1": rows[b]["1"]["speedup"]} for b in rows}, "macs_ratio": 0.1, "threads": 1}
 
 
@@ -156,7 +157,7 @@ def test_cli_json_parses(capsys, digits_example):
 ])
 def test_cli_bad_input_exits_2_with_one_line(capsys, tmp_path, argv, needle):
     ckpt = tmp_path / "model.safetensors"
-    from dg2pf_core.checkpoints import save_state_dict
+    from dg2pf_core.checkpoint_save import save_state_dict
     from dg2pf_core.models import build_model
 
     save_state_dict(build_model("digits_cnn", 10).state_dict(), ckpt)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ast
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -47,7 +48,7 @@ def _loaded_after(code: str) -> list[str]:
 
 def test_importing_the_client_and_its_command_line_loads_no_torch_ray_or_service():
     names = "Client, JobOut, JobList, ModelList, ApiError, WaitTimeout"
-    assert _loaded_after(f"import dg2pf_client, dg2pf_client.cli, dg2pf_client.schemas\nfrom dg2pf_client import {names}") == []
+    assert _loaded_after(f"import dg2pf_client, dg2pf_client.cli, dg2pf_contract.api, dg2pf_contract.job\nfrom dg2pf_client import {names}") == []
 
 
 def test_no_module_of_the_client_imports_a_heavy_package_even_inside_a_function():
@@ -63,6 +64,44 @@ def test_no_module_of_the_client_imports_a_heavy_package_even_inside_a_function(
 def test_the_full_command_line_runs_remote_commands_without_importing_torch():
     run = "from dg2pf_cli.entry import run\ntry:\n    run(['jobs', '--help'])\nexcept SystemExit:\n    pass"
     assert _loaded_after(run) == []
+
+
+def test_the_light_client_never_names_the_package_that_plugs_into_it():
+    """The full package's commands reach ``dg2pf`` through the entry point it declares: the light client
+    looks up the entry point, never the package (no import of it, no find_spec of its name)."""
+    found = [f"{path.name}:{node.lineno}" for path in sorted(PACKAGE.glob("*.py"))
+             for node in ast.walk(ast.parse(path.read_text(), str(path)))
+             if isinstance(node, ast.Constant) and isinstance(node.value, str) and re.search(r"\bdg2pf_cli\b", node.value)]
+    assert found == []
+
+
+def test_both_installs_have_one_dg2pf_script_and_the_full_package_plugs_its_commands_in():
+    from dg2pf_cli.entry import run as full_run
+    from dg2pf_client.cli import PLUGIN_GROUP, PLUGIN_NAME, local_command_line
+
+    projects = [tomllib.loads(p.read_text())["project"] for p in (ROOT / "pyproject.toml", ROOT / "clients" / "pyproject.toml")]
+    assert {project["scripts"]["dg2pf"] for project in projects} == {"dg2pf_client.cli:run"}
+    assert projects[0]["entry-points"][PLUGIN_GROUP] == {PLUGIN_NAME: "dg2pf_cli.entry:run"}
+    assert local_command_line() is full_run  # as installed (pip install -e .): found by its entry point
+    out = subprocess.run([*_dg2pf(), "--help"], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and "prune" in out.stdout and "submit" in out.stdout, out.stderr
+
+
+def test_alone_the_light_client_runs_the_service_commands_and_says_where_the_others_are(monkeypatch, capsys):
+    import importlib.metadata
+
+    from dg2pf_client import cli
+
+    monkeypatch.setattr(importlib.metadata, "entry_points", lambda **selection: [])  # no package plugs in
+    assert cli.local_command_line() is None
+    assert cli.main(["prune", "--arch", "x"]) == 2
+    err = capsys.readouterr().err
+    assert "comes with the full dg2pf package" in err and len(err.strip().splitlines()) == 1, err
+    with pytest.raises(SystemExit) as help_exit:
+        cli.main(["--help"])
+    shown = capsys.readouterr().out
+    listed = shown[shown.index("{") + 1:shown.index("}")].split(",")  # the usage line's commands
+    assert help_exit.value.code == 0 and listed == list(cli.REMOTE_COMMANDS), shown
 
 
 def _openapi() -> dict:
@@ -84,7 +123,7 @@ def _shape(schema):
 def test_the_client_wire_models_match_the_service_openapi():
     from pydantic.json_schema import models_json_schema
 
-    import dg2pf_client.schemas as wire
+    import dg2pf_contract.api as wire
 
     openapi = _openapi()
     for (method, path, status), name in RESPONSES.items():
@@ -100,7 +139,7 @@ def test_the_client_wire_models_match_the_service_openapi():
 
 
 def test_the_service_declares_its_responses_with_the_client_classes():
-    import dg2pf_client.schemas as wire
+    import dg2pf_contract.api as wire
     from dg2pf_service.api import models, schemas
 
     for name in {*RESPONSES.values(), "ErrorResponse", "ErrorDetail"}:

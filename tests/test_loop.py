@@ -297,7 +297,7 @@ def test_reranking_every_k_steps_changes_the_mask_only_at_those_steps_and_counts
 def test_the_paper_preset_is_the_listed_configuration_and_a_job_value_wins():
     """preset 'paper': the paper's algorithm with the authors' hyperparameters; the fields a preset lists
     take its values unless given; the default preset is DG2PFConfig's documented table."""
-    from dg2pf_core.config import PRESET_FIELDS, PRESETS
+    from dg2pf_contract.options import PRESET_FIELDS, PRESETS
 
     paper = DG2PFConfig(sparsity=0.9, preset="paper")
     assert {k: getattr(paper, k) for k in PRESET_FIELDS} == PRESETS["paper"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from dg2pf_core import DG2PFConfig, PruneJob
-from dg2pf_core.checkpoints import save_state_dict
+from dg2pf_core.checkpoint_save import save_state_dict
 from dg2pf_core.job import check_static, checkpoint_num_classes
 from dg2pf_core.models import build_model, list_archs
 from dg2pf_core.models.registry import build_meta, parameter_count

@@ -10,13 +10,14 @@ from pathlib import Path
 import pytest
 import torch
 
+from dg2pf_contract.artifacts import Artifacts
 from dg2pf_core.data import DataRequest, load_dataset
 from dg2pf_core.data.digits import write_test_digit_images
 from dg2pf_core.errors import CheckpointError, InputError
 from dg2pf_core.inference import InferenceModel
 from dg2pf_core.job import load_model
 from dg2pf_core.onnx_backend import OnnxUnavailable, OrtModule, load_onnx_model
-from dg2pf_core.onnx_export import ATOL, ONNX_FILE, export_onnx
+from dg2pf_core.onnx_export import ATOL, export_onnx
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +28,7 @@ def job_dir(digits_example: Path, tmp_path_factory: pytest.TempPathFactory) -> P
     out = tmp_path_factory.mktemp("onnx-backend") / "out"
     shutil.copytree(digits_example, out)
     _, model = load_model("digits_cnn", 10, out / "model.safetensors")
-    report = export_onnx(model, (1, 16, 16), out / ONNX_FILE, what="digits_cnn")
+    report = export_onnx(model, (1, 16, 16), out / Artifacts.ONNX, what="digits_cnn")
     assert report.written, report.reason
     metrics = json.loads((out / "metrics.json").read_text())
     (out / "metrics.json").write_text(json.dumps({**metrics, "onnx": report.to_dict()}))
@@ -69,7 +70,7 @@ def test_onnxruntime_answers_like_pytorch_through_the_same_inference_model(job_d
 def test_a_job_without_model_onnx_names_the_export_failure(job_dir, tmp_path):
     out = tmp_path / "out"
     shutil.copytree(job_dir, out)
-    (out / ONNX_FILE).unlink()
+    (out / Artifacts.ONNX).unlink()
     with pytest.raises(OnnxUnavailable, match="no longer in"):
         load_onnx_model(out, threads=1)
     # What a job whose export failed records (OnnxReport.to_dict), and a job from before ONNX export.
@@ -84,7 +85,7 @@ def test_a_job_without_model_onnx_names_the_export_failure(job_dir, tmp_path):
     with pytest.raises(OnnxUnavailable, match="before dg2pf exported ONNX"):
         load_onnx_model(out, threads=1)
     # A file ONNX Runtime cannot read, and a directory that is no job's output.
-    (out / ONNX_FILE).write_bytes((job_dir / ONNX_FILE).read_bytes()[:100])
+    (out / Artifacts.ONNX).write_bytes((job_dir / Artifacts.ONNX).read_bytes()[:100])
     with pytest.raises(OnnxUnavailable, match="ONNX Runtime cannot load"):
         load_onnx_model(out, threads=1)
     with pytest.raises(CheckpointError, match="no readable metrics.json"):

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from dg2pf_core import DG2PFConfig, PruneJob
-from dg2pf_core.checkpoints import save_state_dict
+from dg2pf_core.checkpoint_save import save_state_dict
 from dg2pf_core.masks import apply_masks_, magnitude_masks, select_prunable
 from dg2pf_core.models import build_model
 from dg2pf_core.models.registry import _REGISTRY, ArchSpec
@@ -149,7 +149,7 @@ def test_a_job_writes_model_onnx_that_computes_what_is_served(tmp_path):
                                                "training.png", "layers.png"}
     written = json.loads((out / "metrics.json").read_text())
     assert written["onnx"]["written"] is True and written["onnx"]["opset"] == OPSET
-    assert written["onnx"] == metrics["onnx"] and written["latency"]["backends"].keys() == {"torch", "onnxruntime"}
+    assert written["onnx"] == metrics.to_document()["onnx"] and written["latency"]["backends"].keys() == {"torch", "onnxruntime"}
     served = InferenceModel.load(out)
     x = torch.randn(4, *served.input_shape, generator=torch.Generator().manual_seed(1))
     expected = served.logits(x)
@@ -166,7 +166,7 @@ def test_a_job_whose_model_cannot_be_exported_still_succeeds(tmp_path, monkeypat
     assert not (out / "model.onnx").exists() and (out / "model.safetensors").is_file()
     onnx_section = json.loads((out / "metrics.json").read_text())["onnx"]
     assert onnx_section["written"] is False and "could not convert test/unexportable" in onnx_section["reason"]
-    latency = metrics["latency"]
-    assert set(latency["backends"]) == {"torch"}  # PyTorch still measured, dense vs pruned
-    assert latency["backends"]["torch"]["1"]["speedup"] > 0
-    assert any(n.startswith("onnxruntime: not measured") for n in latency["notes"])
+    latency = metrics.latency
+    assert set(latency.backends) == {"torch"}  # PyTorch still measured, dense vs pruned
+    assert latency.backends["torch"]["1"].speedup > 0
+    assert any(n.startswith("onnxruntime: not measured") for n in latency.notes)

@@ -20,7 +20,8 @@ import torch
 from PIL import Image
 
 from dg2pf_cli.main import main
-from dg2pf_core.checkpoints import read_state_dict, save_state_dict
+from dg2pf_core.checkpoint_save import save_state_dict
+from dg2pf_core.checkpoints import read_state_dict
 from dg2pf_core.job import state_dir_for
 from dg2pf_core.models import build_model
 
@@ -238,8 +239,8 @@ def test_ctrl_c_keeps_the_state_and_resume_gives_the_uninterrupted_result(folder
 
 
 @pytest.mark.parametrize("extra, needles", [
-    (["--image-size", "100000"], ["image_size must be in [8, 2048]"]),
-    (["--image-size", "0"], ["image_size must be in [8, 2048]"]),
+    (["--image-size", "100000"], ["image_size: must be in [8, 2048]"]),
+    (["--image-size", "0"], ["image_size: must be in [8, 2048]"]),
     (["--seed", str(10**24)], ["seed"]),
     (["--include", "no_such_layer"], ["no_such_layer"]),
     (["--workers", "0"], ["--workers must be >= 1"]),

@@ -3,11 +3,14 @@
 import pytest
 
 from dg2pf_core import DG2PFConfig
-from dg2pf_core.config import PRESET_FIELDS, PRESETS
+from dg2pf_contract.options import PRESET_FIELDS, PRESETS
 
 
 def test_the_cli_takes_a_preset_and_a_value_given_with_it_wins():
-    from dg2pf_cli.main import _config_from, build_parser
+    from dg2pf_cli.main import _job_from, build_parser
+
+    def _config_from(args):
+        return _job_from(args)[1].config
 
     parser = build_parser()
     base = ["prune", "--arch", "digits_cnn", "--num-classes", "10", "--checkpoint", "c", "--dataset", "digits",
@@ -25,14 +28,16 @@ def test_the_cli_takes_a_preset_and_a_value_given_with_it_wins():
 
 
 def test_the_job_spec_takes_a_preset_lists_it_in_the_openapi_and_refuses_an_unknown_one():
-    spec = pytest.importorskip("dg2pf_service.spec")
+    from dg2pf_contract import job as spec
+    from dg2pf_core.job import PruneJob
+
     from pydantic import ValidationError
 
     doc = {"model": {"arch": "digits_cnn", "num_classes": 10, "checkpoint": "c"}, "dataset": {"spec": "digits"}, "sparsity": 0.9}
-    assert spec.JobSpec(**doc).config() == DG2PFConfig(sparsity=0.9)
-    paper = spec.JobSpec(**doc, schedule={"preset": "paper"}).config()
+    assert DG2PFConfig.from_spec(spec.JobSpec(**doc)) == DG2PFConfig(sparsity=0.9)
+    paper = DG2PFConfig.from_spec(spec.JobSpec(**doc, schedule={"preset": "paper"}))
     assert paper == DG2PFConfig(sparsity=0.9, preset="paper") and paper.lr == PRESETS["paper"]["lr"]
-    mine = spec.JobSpec(**doc, schedule={"preset": "paper", "kd_loss": "standard"}).prune_job("/c", None).config
+    mine = PruneJob.from_spec(spec.JobSpec(**doc, schedule={"preset": "paper", "kd_loss": "standard"}), "/c").config
     assert mine.kd_loss == "standard" and mine.lr == PRESETS["paper"]["lr"]
     schema = spec.ScheduleSpec.model_json_schema()["properties"]
     assert schema["preset"]["enum"] == list(PRESETS) and schema["preset"]["default"] == "default"

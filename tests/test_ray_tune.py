@@ -133,9 +133,9 @@ def test_three_trials_one_failing_best_by_validation(digits_example, tmp_path):
         if r["status"] == "stopped_early":  # never judged before reaching the final sparsity
             assert int(r["epochs"]) >= int(r["config.pruning_epochs"])
     best = max(ok, key=lambda r: float(r["val_top1"]))
-    assert m["tune"]["best_trial"] == best["trial_id"]
-    assert m["val_top1"] == pytest.approx(float(best["val_top1"]))
-    assert abs(m["sparsity_prunable"] - 0.9) <= 0.001
+    assert m.tune.best_trial == best["trial_id"]
+    assert m.val_top1 == pytest.approx(float(best["val_top1"]))
+    assert abs(m.sparsity_prunable - 0.9) <= 0.001
     assert (out / "model.safetensors").exists()
-    assert (out / "model.onnx").is_file() and m["onnx"]["written"] is True  # the best trial's, copied with its model
+    assert (out / "model.onnx").is_file() and m.onnx.written is True  # the best trial's, copied with its model
     assert json.loads((out / "metrics.json").read_text())["tune"]["trials"][0]["trial_id"]

@@ -10,11 +10,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from dg2pf_core.config import PRESET_FIELDS, PRESETS
+from dg2pf_contract.options import PRESET_FIELDS, PRESETS
+from dg2pf_core.config import DG2PFConfig
 from dg2pf_core.data import dataset_names, parse_spec
 from dg2pf_core.masks import select_prunable
 from dg2pf_core.models import build_model, get_arch
-from dg2pf_service.spec import JobSpec
+from dg2pf_contract.job import JobSpec
 
 ROOT = Path(__file__).resolve().parent.parent
 RECIPES = sorted((ROOT / "recipes").glob("*.json"))
@@ -58,7 +59,7 @@ def test_docs_table_lists_exactly_the_recipe_files():
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.stem)
 def test_recipe_is_a_valid_job_spec_for_a_registered_arch_and_dataset(path):
     spec = JobSpec.model_validate_json(path.read_text())
-    spec.config()  # a consistent DG2PFConfig
+    DG2PFConfig.from_spec(spec)  # a consistent DG2PFConfig
     name = NAME.fullmatch(path.name)
     assert name, f"{path.name}: expected <cifar10|imagenet>-<model>-<percent>.json"
     assert spec.sparsity == pytest.approx(int(name["percent"]) / 100)
@@ -82,7 +83,7 @@ def test_recipe_is_a_valid_job_spec_for_a_registered_arch_and_dataset(path):
 def test_recipe_follows_the_papers_settings_on_a_gpu(path):
     spec = JobSpec.model_validate_json(path.read_text())
     assert spec.schedule.preset == "paper"
-    c = spec.config()  # the preset's values: the recipe leaves every one of them to it
+    c = DG2PFConfig.from_spec(spec)  # the preset's values: the recipe leaves every one of them to it
     assert {k: getattr(c, k) for k in PRESET_FIELDS} == PRESETS["paper"]
     assert (c.schedule, c.recovery, c.scope, c.keep_classifier_dense) == ("linear", "feedback", "global", False)
     assert (c.lr, c.weight_decay, c.kd_loss, c.kd_temperature, c.kd_alpha, c.grad_clip, c.patience) == (
@@ -110,7 +111,7 @@ def test_docs_nonzero_params_are_what_the_recipe_leaves(path):
     spec = JobSpec.model_validate_json(path.read_text())
     with torch.device("meta"):  # shapes only: no memory, no initialisation cost
         model = build_model(spec.model.arch, spec.model.num_classes)
-    prunable = sum(p.numel() for p in select_prunable(model, spec.config().selection()).params.values())
+    prunable = sum(p.numel() for p in select_prunable(model, DG2PFConfig.from_spec(spec).selection()).params.values())
     total = sum(p.numel() for p in model.parameters())
     assert TABLE[path.name]["nonzero params, this arch"] == f"{total - round(spec.sparsity * prunable):,}"
 

@@ -34,7 +34,7 @@ from dg2pf_core.metrics import evaluate
 
 from .data import settings_for_dataset
 from .dg2pf_family import INVESTIGATIONS, VARIANTS, config_for, prepare_job
-from .methods import Budget
+from .registry import Budget
 from .pretrain import cache_key, settings_for
 from .run import HERE
 

@@ -34,7 +34,7 @@ from dg2pf_core.metrics import conv_linear_macs, evaluate
 
 from .data import loaders
 from .dg2pf_family import _run
-from .methods import Cell, MethodUnavailable, Outcome, register_method
+from .registry import Cell, MethodUnavailable, Outcome, register_method
 from .torch_prune import LR, WEIGHT_DECAY
 
 # Torch-Pruning's benchmark default: each step removes up to 1/400 of the prunable channels, so the MACs

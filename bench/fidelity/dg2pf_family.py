@@ -20,7 +20,7 @@ from dg2pf_core import DG2PFConfig, run_dg2pf
 from dg2pf_core import job as product
 
 from .data import DataSettings, loaders, train_subset
-from .methods import Budget, Cell, MethodUnavailable, Outcome, register_method
+from .registry import Budget, Cell, MethodUnavailable, Outcome, register_method
 
 
 # Every field the ablations below vary, fixed at its value in the ablations' common base, so an
@@ -144,7 +144,7 @@ def _run(cell: Cell, overrides: dict) -> Outcome:
         "config": config.to_dict(),
         "best_epoch": result.best_epoch,
         "history": result.history,
-        "extra": {k: v for k, v in result.extra.items() if isinstance(v, (int, float, str, bool, list, dict))},
+        "extra": result.channels.model_dump() if result.channels is not None else {},  # what a channel run removed
     }
     return Outcome(epochs=result.epochs, model=result.model, notes=notes)
 

@@ -45,7 +45,7 @@ from dg2pf_core.masks import EmptyingGuard, apply_masks_, classifier_weight, mag
 from dg2pf_core.metrics import evaluate
 
 from .data import loaders
-from .methods import Cell, Outcome, register_method
+from .registry import Cell, Outcome, register_method
 
 LR, WEIGHT_DECAY, MOMENTUM = 0.01, 5e-5, 0.9
 # Gradient norm clipping, a safeguard only (DG2PF clips at 0.5 with AdamW): per-layer GMP at 98% without it

@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 from .measure import from_layer_sparsity
-from .methods import Cell, MethodUnavailable, Outcome, register_method
+from .registry import Cell, MethodUnavailable, Outcome, register_method
 
 HERE = Path(__file__).resolve().parent
 PYTHON = HERE / ".venv-inc" / "bin" / "python"

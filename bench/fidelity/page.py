@@ -22,6 +22,7 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
+from .cells import write_json
 from .report import check_replaceable, load_cells, write_table
 
 HERE = Path(__file__).resolve().parent
@@ -45,9 +46,8 @@ def setting_text(setting: tuple[str, int, str], dense: float | None) -> str:
 
 
 def method_order(methods: set[str]) -> list[str]:
-    from .methods import METHODS, _load_all
+    from .methods import METHODS  # every method, registered
 
-    _load_all()
     head = [m for m in (DEFAULT, PAPER) if m in methods]
     ablations = sorted(m for m in methods if m.startswith("cub-")) + sorted(m for m in methods if m.startswith("abl-"))
     if ABLATION_BASE in ablations:
@@ -126,9 +126,8 @@ def _paired_row(label: str, theirs: str, r: dict) -> str:
 
 
 def render(cells: list[dict]) -> str:
-    from .methods import METHODS, _load_all
+    from .methods import METHODS  # every method, registered
 
-    _load_all()
     groups = group(cells)
     methods = method_order({c["method"] for c in cells})
     dense = {setting_of(c): c.get("dense_test_top1") for c in cells}
@@ -250,8 +249,6 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     raw_path = args.docs_dir / CELLS_FILE
     if args.restore:
-        from .run import write_json
-
         raw = json.loads(raw_path.read_text())
         written = 0
         for cell in raw["cells"]:

@@ -27,6 +27,8 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
+from .cells import SPARSITIES_BY_DATASET, results_dir_for, write_json
+
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
 HISTORY = "fidelity-history.md"  # earlier runs; docs/fidelity.md is bench.fidelity.page's
@@ -91,8 +93,6 @@ def restore_cells(raw_path: Path, results: Path) -> tuple[int, int]:
         if name in seen:
             raise SystemExit(f"{raw_path}: two cells name {name!r}; the raw results are damaged")
         seen.add(name)
-    from .run import write_json
-
     written = kept = 0
     for cell in cells:
         path = results / cell["file"]
@@ -107,7 +107,6 @@ def restore_cells(raw_path: Path, results: Path) -> tuple[int, int]:
 def _grid(cells: list[dict], dataset: str = "digits") -> tuple[list[str], list[float], list[str]]:
     from .methods import method_names
     from .pretrain import MODELS
-    from .run import SPARSITIES_BY_DATASET
 
     models = list(MODELS) + sorted({c["model"] for c in cells} - set(MODELS))
     sparsities = sorted(set(SPARSITIES_BY_DATASET[dataset]) | {c["sparsity_target"] for c in cells})
@@ -420,8 +419,6 @@ def main(argv: list[str] | None = None) -> None:
                         "directory, keeping any cell already there, and stop: on a fresh clone the report then "
                         "re-generates the published table (new cells need the dense checkpoints these pruned)")
     args = p.parse_args(argv)
-    from .run import results_dir_for
-
     args.results_dir = args.results_dir or results_dir_for(args.dataset)
     if args.restore:
         if args.channel:

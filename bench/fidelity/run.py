@@ -39,29 +39,17 @@ import torch
 from dg2pf_core.errors import DG2PFError
 from dg2pf_core.metrics import conv_linear_macs
 
+from . import report
+from .cells import SPARSITIES, SPARSITIES_BY_DATASET, cell_path, macs_cell_path, results_dir_for, write_json
 from .data import DATASETS, DataSettings, export_npz, load_job_split, load_split, settings_for_dataset
 from .measure import measure
-from .methods import Budget, Cell, get_method, method_names
+from .methods import get_method, method_names
 from .pretrain import EXTRA_MODELS, MODELS, Dense, PretrainError, dense_model, settings_for
-from . import report
+from .registry import Budget, Cell
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
-SPARSITIES = (0.70, 0.90, 0.95)
-SPARSITIES_BY_DATASET = {"digits": SPARSITIES, "fashion-mnist": (0.90, 0.95, 0.98)}
 SEEDS = (0, 1, 2)
-
-
-def results_dir_for(dataset: str) -> Path:
-    return HERE / ("results" if dataset == "digits" else f"results-{dataset}")
-
-
-def cell_path(results: Path, model: str, method: str, sparsity: float, seed: int) -> Path:
-    return results / model / method / f"s{sparsity:.2f}-seed{seed}.json"
-
-
-def macs_cell_path(results: Path, model: str, method: str, macs_ratio: float, seed: int) -> Path:
-    return results / model / method / f"m{macs_ratio:.2f}-seed{seed}.json"
 
 
 def log(msg: str) -> None:
@@ -166,13 +154,6 @@ def size_ratios(cell: Cell, model: torch.nn.Module) -> dict:
     dense_params, pruned_params = (sum(p.numel() for p in m.parameters()) for m in (dense, model))
     return {"macs_dense": dense_macs, "macs_pruned": pruned_macs, "macs_ratio": pruned_macs / dense_macs,
             "params_dense": dense_params, "params_pruned": pruned_params, "params_ratio": pruned_params / dense_params}
-
-
-def write_json(path: Path, payload: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(payload, indent=1, default=str))
-    tmp.replace(path)  # atomic: an interrupted write never leaves a half cell that looks finished
 
 
 # One worker's fixed inputs (set once per process by ``_start_worker``): cells are sent as a few names.

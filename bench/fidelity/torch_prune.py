@@ -22,7 +22,7 @@ from dg2pf_core import DG2PFConfig
 from dg2pf_core.metrics import evaluate
 
 from .data import loaders
-from .methods import Cell, Outcome, register_method
+from .registry import Cell, Outcome, register_method
 
 _DEFAULTS = DG2PFConfig(sparsity=0.5)
 LR, WEIGHT_DECAY = _DEFAULTS.lr, _DEFAULTS.weight_decay

@@ -12,10 +12,13 @@ from typing import TYPE_CHECKING
 __version__ = "0.1.0"  # clients/pyproject.toml reads it; the same as the full package's (a test checks)
 
 _WHERE = {
-    "Client": "client",
+    "Client": "dg2pf_client.client",
     **dict.fromkeys(("ApiError", "Conflict", "Forbidden", "InvalidRequest", "NotFound", "NotTheService", "ServiceUnreachable",
-                     "TooLarge", "Unauthorized", "WaitTimeout"), "errors"),
-    **dict.fromkeys(("Artifact", "CheckpointOut", "JobList", "JobOut", "JobSubmitted", "ModelList", "ModelOut"), "schemas"),
+                     "TooLarge", "Unauthorized", "WaitTimeout"), "dg2pf_client.errors"),
+    # the contract: the job going in, the answers coming back
+    "JobSpec": "dg2pf_contract.job",
+    **dict.fromkeys(("Artifact", "CheckpointOut", "JobList", "JobOut", "JobSubmitted", "ModelList", "ModelOut"),
+                    "dg2pf_contract.api"),
 }
 __all__ = sorted(_WHERE)
 
@@ -23,12 +26,13 @@ if TYPE_CHECKING:
     from .client import Client
     from .errors import (ApiError, Conflict, Forbidden, InvalidRequest, NotFound, NotTheService, ServiceUnreachable, TooLarge,
                          Unauthorized, WaitTimeout)
-    from .schemas import Artifact, CheckpointOut, JobList, JobOut, JobSubmitted, ModelList, ModelOut
+    from dg2pf_contract.api import Artifact, CheckpointOut, JobList, JobOut, JobSubmitted, ModelList, ModelOut
+    from dg2pf_contract.job import JobSpec
 
 
 def __getattr__(name: str):
     if name not in _WHERE:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(import_module(f".{_WHERE[name]}", __name__), name)
+    value = getattr(import_module(_WHERE[name]), name)
     globals()[name] = value
     return value

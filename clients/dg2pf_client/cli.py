@@ -1,10 +1,11 @@
 """``dg2pf`` commands that talk to a dg2pf service: submit, status, jobs, cancel, download, upload,
 deploy, models, undeploy, predict.
 
-They need only this package (httpx, pydantic), so they answer at once. The full ``dg2pf`` package adds
-the commands that run on this machine (prune, evaluate, serve, ...; they need torch): its console
-script hands the commands below to ``main`` here without importing torch, and this script hands
-those to it when it is installed.
+They need only this package (httpx, pydantic), so they answer at once. This module is the ``dg2pf``
+console script of both installs. The full ``dg2pf`` package adds the commands that run on this machine
+(prune, evaluate, serve, ...; they need torch) as a plug-in: the entry point ``local`` of group
+``dg2pf.commands``, a ``run(argv) -> int`` for every command but the service ones. This package looks
+the plug-in up by that name only, so it never depends on the package that provides it.
 
 Bad input exits with status 2 and one line saying what to fix (the service's refusals included);
 Ctrl-C with one line and status 130.
@@ -21,11 +22,13 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from . import __version__
-from .interrupt import caused_by_interrupt
+from .interrupt import caused_by_interrupt, install
 
 REMOTE_COMMANDS = ("submit", "status", "jobs", "cancel", "download", "upload", "deploy", "models", "undeploy", "predict")
 # The full package's: named here only to say where they are when this package is alone.
 LOCAL_COMMANDS = ("example", "init", "prune", "evaluate", "tune", "latency", "archs", "plot", "demo", "serve", "cluster")
+# Where a package installed beside this one plugs in the commands that run on this machine.
+PLUGIN_GROUP, PLUGIN_NAME = "dg2pf.commands", "local"
 DEFAULT_URL = "http://127.0.0.1:8000"
 
 
@@ -371,26 +374,44 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def local_command_line() -> Callable[[list[str]], int] | None:
+    """The ``run(argv) -> int`` of the commands that run on this machine, if an installed package plugs
+    one in (the full dg2pf package does); None for this package alone. Loading it imports no torch."""
+    from importlib.metadata import entry_points
+
+    for plugin in entry_points(group=PLUGIN_GROUP, name=PLUGIN_NAME):
+        return plugin.load()
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] in LOCAL_COMMANDS:
-        from importlib.util import find_spec
-
-        if find_spec("dg2pf_cli") is not None:  # the full package is here too: its command line runs them
-            from dg2pf_cli.entry import run as run_full
-
-            return run_full(argv)
-        return _fail(f"`dg2pf {argv[0]}` runs on this machine and comes with the full dg2pf package (torch, Ray: "
-                     "`pip install .` in the repository); this light client has the service commands: "
-                     + ", ".join(REMOTE_COMMANDS))
+    if not argv or argv[0] not in (*REMOTE_COMMANDS, "--version"):
+        local = local_command_line()
+        if local is not None:  # its parser has every command (--help lists them all)
+            return local(argv)
+        if argv and argv[0] in LOCAL_COMMANDS:
+            return _fail(f"`dg2pf {argv[0]}` runs on this machine and comes with the full dg2pf package (torch, Ray: "
+                         "`pip install .` in the repository); this light client has the service commands: "
+                         + ", ".join(REMOTE_COMMANDS))
     args = build_parser().parse_args(argv)
     return args.func(args)
 
 
+def stop_quietly_on_broken_pipe() -> int:
+    """The reader of our output went away (``dg2pf jobs | head``): as for any command line tool, stop
+    quietly. stdout is pointed at /dev/null so the interpreter's final flush cannot fail again."""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return 141  # 128 + SIGPIPE, as a shell reports a process a broken pipe ended
+
+
 def run(argv: Sequence[str] | None = None) -> int:
-    """The ``dg2pf`` console script of dg2pf-client."""
+    """The ``dg2pf`` console script (of dg2pf-client, and of the full package, whose commands plug in)."""
+    install()  # Ctrl-C is noted before it is raised: a library that loses the KeyboardInterrupt cannot hide it
     try:
         return main(argv)
+    except BrokenPipeError:
+        return stop_quietly_on_broken_pipe()
     except BaseException as exc:
         if not caused_by_interrupt(exc):
             raise

@@ -13,9 +13,14 @@ from typing import Any
 import httpx
 from httpx_sse import SSEError, connect_sse
 
+from dg2pf_contract.api import (TERMINAL, Artifact, ArtifactList, CheckpointOut, JobEvent, JobList, JobOut, JobSubmitted,
+                                ModelList, ModelOut)
+from dg2pf_contract.artifacts import Artifacts
+from dg2pf_contract.job import JobSpec, describe
+from dg2pf_contract.results import Metrics
+from pydantic import ValidationError
+
 from .errors import InvalidRequest, NotTheService, ServiceUnreachable, WaitTimeout, from_response
-from .schemas import (TERMINAL, Artifact, ArtifactList, CheckpointOut, JobEvent, JobList, JobOut, JobSubmitted, ModelList,
-                      ModelOut)
 
 
 class Client:
@@ -60,10 +65,19 @@ class Client:
             r = self._call("POST", "/checkpoints", files={"file": (path.name, fh, "application/octet-stream")})
         return self._parse(CheckpointOut, r)
 
-    def submit(self, spec: Any) -> JobSubmitted:
-        """Submit a job spec: a dict as in a job file, or a ``dg2pf_service.spec.JobSpec``. The service
-        validates it; an invalid field raises ``InvalidRequest`` naming it (``.field``)."""
-        body = spec.model_dump(mode="json", exclude_unset=True) if hasattr(spec, "model_dump") else spec
+    def submit(self, spec: JobSpec | dict[str, Any]) -> JobSubmitted:
+        """Submit a job: a ``JobSpec``, or a dict as in a job file. A dict is checked as a JobSpec here
+        first, then the service checks it against its world (checkpoint, data, cluster); an invalid
+        field raises ``InvalidRequest`` naming it (``.field``), with the message the API would give."""
+        if isinstance(spec, JobSpec):
+            body = spec.model_dump(mode="json", exclude_unset=True)
+        else:
+            try:
+                JobSpec.model_validate(spec)
+            except ValidationError as exc:
+                field, message = describe(exc)
+                raise InvalidRequest(422, "invalid_field", message, field) from None
+            body = spec
         return self._parse(JobSubmitted, self._call("POST", "/jobs", json=body))
 
     def get(self, job_id: str) -> JobOut:
@@ -179,6 +193,12 @@ class Client:
     def artifact(self, job_id: str, name: str) -> bytes:
         """One artifact of the job (``metrics.json``, ``training.png``, ...), held in memory."""
         return self._call("GET", f"/jobs/{_id(job_id)}/artifacts/{name}").content
+
+    def metrics(self, job_id: str) -> Metrics:
+        """The result of a succeeded job: its ``metrics.json``, typed. Raises ``MetricsError`` (a
+        ``ValueError`` naming the job) when what came back is not a run's metrics."""
+        text = self.artifact(job_id, Artifacts.METRICS).decode("utf-8", errors="replace")
+        return Metrics.parse(text, f"job {job_id}'s {Artifacts.METRICS}")
 
     def download(self, job_id: str, dest: str | Path) -> list[Path]:
         """Fetch every artifact of the job into ``dest``; each file appears whole or not at all."""

@@ -5,7 +5,6 @@ Importing this package registers every bundled loader; see ``dataset_usages()`` 
 
 from dg2pf_core.data.registry import (
     AUGMENT_POLICIES,
-    DataRequest,
     DataSplits,
     augment_for,
     dataset_names,
@@ -15,6 +14,7 @@ from dg2pf_core.data.registry import (
     parse_spec,
     register_dataset,
 )
+from dg2pf_core.data.request import DataRequest
 
 # Imported for their @register_dataset side effect.
 from dg2pf_core.data import cifar10, digits, idx, imagefolder  # noqa: E402,F401  isort: skip

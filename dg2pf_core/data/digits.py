@@ -16,7 +16,10 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 from torchvision import transforms as T
 
-from dg2pf_core.data.registry import AUTO, DataRequest, DataSplits, register_dataset
+from dg2pf_contract.job import AUTO
+
+from dg2pf_core.data.registry import DataSplits, register_dataset
+from dg2pf_core.data.request import DataRequest
 from dg2pf_core.data.splits import hold_out
 from dg2pf_core.data.transforms import ConvertMode, augment_padding, augmentation
 from dg2pf_core.errors import DatasetError

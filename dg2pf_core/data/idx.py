@@ -22,7 +22,8 @@ from typing import BinaryIO
 
 import numpy as np
 
-from dg2pf_core.data.registry import DataRequest, DataSplits, register_dataset
+from dg2pf_core.data.registry import DataSplits, register_dataset
+from dg2pf_core.data.request import DataRequest
 from dg2pf_core.data.roots import confined_open
 from dg2pf_core.data.splits import hold_out, rare_class_warnings
 from dg2pf_core.data.transforms import ArrayImages, TransformedView, grayscale_shift_transforms

@@ -36,7 +36,8 @@ from dg2pf_core.data.imagecheck import (
     load_image,
     shown_path,
 )
-from dg2pf_core.data.registry import DataRequest, DataSplits, register_dataset
+from dg2pf_core.data.registry import DataSplits, register_dataset
+from dg2pf_core.data.request import DataRequest
 from dg2pf_core.data.splits import hold_out, rare_class_warnings
 from dg2pf_core.data.transforms import TransformedView, imagenet_transforms
 from dg2pf_core.errors import DatasetError

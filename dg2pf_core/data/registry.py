@@ -16,37 +16,14 @@ import PIL.Image
 import torch
 from torch.utils.data import Dataset
 
+# Training augmentation policies (transforms.py builds them); AUTO: the dataset's default, what
+# DataRequest.augment=None also means.
+from dg2pf_contract.job import AUGMENT_POLICIES, AUTO
+
+from dg2pf_core.data.request import DataRequest
 from dg2pf_core.data.roots import check_tree
 from dg2pf_core.errors import DatasetError
 
-# Training augmentation policies (transforms.py builds them):
-#   imagenet: random resized crop (8% to 100% of the image) + horizontal flip
-#   cifar:    pad + random crop back to size + horizontal flip
-#   shift:    pad + random crop back to size, no flip
-#   none:     the eval transform for training too
-AUGMENT_POLICIES = ("imagenet", "cifar", "shift", "none")
-AUTO = "auto"  # the dataset's default, what DataRequest.augment=None also means
-
-
-@dataclass(frozen=True)
-class DataRequest:
-    """What the model needs from the data; the loader adapts its images to it."""
-
-    image_size: int  # square input size the model wants
-    in_channels: int  # 1 or 3
-    val_fraction: float = 0.1  # held out from train when the dataset has no validation split
-    seed: int = 0  # seeds the validation hold-out only
-    # Folder datasets: leave out images that cannot be decoded (listed in
-    # DataSplits.skipped_images) instead of refusing the dataset.
-    skip_bad_images: bool = False
-    # Folders every file must stay inside (a service's DG2PF_DATA_ROOTS, see roots.py); () = anywhere.
-    allowed_roots: tuple[str, ...] = ()
-    # Training augmentation, one of AUGMENT_POLICIES; None or "auto": the dataset's default for this
-    # image size. Only the training view changes: validation, test and serving preprocess alike.
-    augment: str | None = None
-    # Folder datasets' evaluation: the fraction of a larger image's short side its centre crop keeps
-    # (transforms.FitAndCrop; None: ImageNet's 0.875). Images at or below the target size are never cut.
-    crop_pct: float | None = None
 
 
 @dataclass

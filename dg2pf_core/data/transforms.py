@@ -24,8 +24,10 @@ import torch
 from torch.utils.data import Dataset
 from torchvision import transforms as T
 
+from dg2pf_contract.job import AUTO
+
 from dg2pf_core.data.imagecheck import large_images_expected
-from dg2pf_core.data.registry import AUTO, DataRequest
+from dg2pf_core.data.request import DataRequest
 
 Transform = Callable[[PIL.Image.Image], torch.Tensor]
 

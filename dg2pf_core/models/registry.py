@@ -21,10 +21,11 @@ import torchvision
 from torch.overrides import TorchFunctionMode
 from torch.utils._device import _device_constructors
 
+from dg2pf_contract.job import MAX_CLASSES
+
 from dg2pf_core.errors import ConfigError, UnknownArchitectureError
 
 TORCHVISION_PREFIX = "torchvision/"
-MAX_CLASSES = 100_000  # ImageNet-21k has 21,841; beyond this a classifier alone is gigabytes
 
 Builder = Callable[[int], nn.Module]
 

@@ -10,47 +10,25 @@ from __future__ import annotations
 import json
 import shlex
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 from ray.job_submission import JobStatus, JobSubmissionClient
 
+from dg2pf_contract.artifacts import JobDir, write_text_atomic
+from dg2pf_contract.job import JobSpec
+from dg2pf_contract.results import Metrics
 from dg2pf_core.errors import DG2PFError
-from dg2pf_core.job import PruneJob, write_text_atomic
+from dg2pf_ray.execute import Engine
 
 from .cluster import Cluster, auth_headers
-from .runner import CLUSTER_ADDRESS_ENV, ERROR, JOB, OUTPUT, PROGRESS, no_space_in, no_space_message
+from .runner import CLUSTER_ADDRESS_ENV, ERROR, JOB, PROGRESS, JobFile, no_space_in, no_space_message
 
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 
 
-@dataclass(frozen=True)
-class Order:
-    """What a job needs from the cluster and how to run it."""
-
-    prune_job: PruneJob
-    workers: int
-    use_gpu: bool
-    tune: dict | None
-    storage_path: str
-    placement: str = "pack"
-    worker_start_timeout_s: float = 60.0
-    cluster_may_grow: bool = False  # autoscaling: do not refuse work the cluster cannot place right now
-
-    @property
-    def in_process(self) -> bool:
-        return self.workers == 1 and not self.use_gpu and not self.tune
-
-    def needs(self) -> tuple[float, float]:
-        """(CPUs, GPUs) the job holds while it runs."""
-        return (float(self.workers), float(self.workers) if self.use_gpu else 0.0)
-
-
 def needs_of(doc: dict) -> tuple[float, float]:
-    """(CPUs, GPUs) of a stored job document ({"spec": JobSpec dump, "resolved": paths})."""
-    r = doc["spec"].get("resources") or {}
-    workers, gpu = int(r.get("num_workers", 1)), bool(r.get("use_gpu", False))
-    return (float(workers), float(workers) if gpu else 0.0)
+    """(CPUs, GPUs) of a stored job document ({"spec": JobSpec dump, "resolved": paths}) while it runs."""
+    return Engine.of(JobSpec.model_validate(doc["spec"])).needs()
 
 
 class SubmissionExists(RuntimeError):
@@ -77,17 +55,13 @@ class RayJobsExecutor:
             self._client, self._client_url = JobSubmissionClient(url, headers=auth_headers()), url
         return self._client
 
-    def submit(self, job_id: str, job_dir: Path, order: Order, attempt: int = 0) -> str:
+    def submit(self, job_id: str, job_dir: Path, order: JobFile, attempt: int = 0) -> str:
         """Submit the job's runner as a Ray Job; ``attempt`` > 0 for a resubmission after lost work
         (a fresh submission id: Ray keeps the ids of its finished jobs)."""
         try:
             job_dir.mkdir(parents=True, exist_ok=True)
             # Whole or not at all: a resubmission on a full disk must not leave an empty job.json behind.
-            write_text_atomic(job_dir / JOB, json.dumps({
-                "prune_job": order.prune_job.to_dict(), "workers": order.workers, "use_gpu": order.use_gpu,
-                "tune": order.tune, "storage_path": order.storage_path, "placement": order.placement,
-                "cluster_may_grow": order.cluster_may_grow,
-            }, indent=1))
+            write_text_atomic(job_dir / JOB, order.model_dump_json(indent=1))
         except OSError as exc:
             full = no_space_in(exc)
             if full is None:
@@ -99,7 +73,7 @@ class RayJobsExecutor:
                 entrypoint=f"{shlex.quote(self.python)} -m dg2pf_service.runner {shlex.quote(str(job_dir))}",
                 submission_id=submission_id,
                 # An in-process job trains in the entrypoint itself; a Ray Train job's workers hold the CPUs.
-                entrypoint_num_cpus=1 if order.in_process else 0,
+                entrypoint_num_cpus=1 if order.engine(job_dir).in_process else 0,
                 # Ray Train's controller reads its worker start timeout from the driver's environment: a job
                 # whose workers cannot be placed (a node was lost) then fails over instead of waiting for ever.
                 runtime_env={"env_vars": {"PYTHONUNBUFFERED": "1",
@@ -191,16 +165,14 @@ def read_error(job_dir: Path) -> dict | None:
     return {"type": UNREADABLE, "message": f"the job failed, and its error record {path} is {what}", "field": None}
 
 
-def read_metrics(job_dir: Path) -> dict | None:
-    """The job's ``metrics.json`` (renamed into place whole), None when the run has not finished."""
-    path = job_dir / OUTPUT / "metrics.json"
+def read_metrics(job_dir: Path) -> Metrics | None:
+    """The job's ``metrics.json`` (renamed into place whole), None when the run has not finished.
+    Raises ``MetricsError`` (a ``ValueError`` naming the file) when it is not a run's metrics."""
+    path = JobDir(job_dir).output.metrics
     if not path.exists():
         return None
-    try:
-        return json.loads(path.read_text())
-    except ValueError as exc:
-        raise ValueError(f"{path} is not valid JSON ({exc})") from None
+    return Metrics.read(path)
 
 
 def output_dir(job_dir: Path) -> Path:
-    return job_dir / OUTPUT
+    return JobDir(job_dir).output.root

@@ -30,17 +30,20 @@ import sys
 import traceback
 from pathlib import Path
 
+from pydantic import BaseModel
+
+from dg2pf_contract.artifacts import Artifacts, JobDir, write_json, write_text_atomic
+from dg2pf_contract.job import JobSpec
+from dg2pf_contract.results import Metrics
 from dg2pf_core.errors import DG2PFError
-from dg2pf_core.job import PruneJob, prune_to_dir, write_text_atomic
-from dg2pf_core.state import STATE_FILE, EpochRecord, append_record
+from dg2pf_core.job import PruneJob
+from dg2pf_ray.execute import Engine, execute
+from dg2pf_core.state import EpochRecord, append_record
 
 from .lifeline import start_lifeline
 
-PROGRESS = "progress.jsonl"
-OUTPUT = "output"
-ERROR = "error.json"
-JOB = "job.json"
-STATE = "state"  # the last epoch's TrainingState of a single-process job
+# The job directory's files (dg2pf_contract.artifacts.JobDir); STATE: the last epoch's TrainingState of a single-process job
+PROGRESS, OUTPUT, ERROR, JOB, STATE = JobDir.PROGRESS, JobDir.OUTPUT, JobDir.ERROR, JobDir.ORDER, JobDir.STATE
 # The job's own cluster, set by the service (``RayJobsExecutor._cluster_env``). Ray's job supervisor sets
 # RAY_ADDRESS itself, by "auto" discovery: on a host with several Ray clusters that can be another one.
 CLUSTER_ADDRESS_ENV = "DG2PF_RAY_ADDRESS"
@@ -126,7 +129,7 @@ def no_space_message(job_dir: Path, *, path: str | None = None, storage_path: st
                            else ("DG2PF_DATA_DIR", str(job_dir), "this job's files"))
     free = _free(disk)
     free = f", {_size(free)} free now" if free is not None else ""
-    state = job_dir / STATE / STATE_FILE
+    state = JobDir(job_dir).state.training_state
     kept = f"; the training state of the last epoch saved is intact in {state}" if state.is_file() else ""
     where = f" writing {path}" if path and path != disk else ""
     return (f"no space left on device{where}: the disk of {setting} is full ({what}: {disk}{free}){kept}. "
@@ -181,56 +184,58 @@ def _storage_path(job_dir: Path) -> str | None:
         return None
 
 
+class JobFile(BaseModel):
+    """``job.json``: the job as submitted (its JobSpec) and what the service resolved for it."""
+
+    spec: JobSpec
+    checkpoint: str  # the pinned checkpoint file (the spec's id or path, resolved)
+    teacher: str | None = None
+    data_roots: list[str] = []  # the folders the job's data must stay inside (DG2PF_DATA_ROOTS)
+    storage_path: str  # Ray Train and Tune storage (DG2PF_STORAGE_URI)
+    cluster_may_grow: bool = False  # an autoscaling cluster: wait for nodes instead of refusing the run
+    worker_start_timeout_s: float = 60.0
+
+    def prune_job(self) -> PruneJob:
+        return PruneJob.from_spec(self.spec, self.checkpoint, self.teacher, self.data_roots)
+
+    def engine(self, job_dir: Path) -> Engine:
+        # The run name and storage stay the same across resubmissions: a Ray Train run resumes from its checkpoints.
+        return Engine.of(self.spec, storage_path=self.storage_path, run_name=f"job-{job_dir.name}",
+                         cluster_may_grow=self.cluster_may_grow, progress_path=str(job_dir / PROGRESS))
+
+
 def run(job_dir: Path) -> None:
-    order = json.loads((job_dir / JOB).read_text())
-    job = PruneJob.from_dict(order["prune_job"])
+    order = JobFile.model_validate_json((job_dir / JOB).read_text())
+    job, engine = order.prune_job(), order.engine(job_dir)
     out = job_dir / OUTPUT
     progress = job_dir / PROGRESS
-    if (out / "metrics.json").is_file():
+    if Artifacts(out).metrics.is_file():
         # A previous run wrote the output (renamed into place whole) and was lost before it ended.
-        metrics = json.loads((out / "metrics.json").read_text())
-        _write_history(out, metrics)
+        _write_history(out, Metrics.read(Artifacts(out).metrics))
         return
     (job_dir / ERROR).unlink(missing_ok=True)  # from an earlier run of this job
     for partial in job_dir.glob(f".{OUTPUT}.partial-*"):  # staging left by a run killed while writing
         shutil.rmtree(partial, ignore_errors=True)
-    # Absent from job.json files written before these options existed (jobs running across an upgrade).
-    placement = {"placement": order.get("placement", "pack"), "cluster_may_grow": order.get("cluster_may_grow", False)}
-    if order.get("tune"):
-        from dg2pf_ray.tune import TuneOptions, tune_job
-
-        tune = order["tune"]
-        space_file = None
-        if tune.get("search_space"):
-            space_file = job_dir / "search_space.json"
-            write_text_atomic(space_file, json.dumps(tune["search_space"]))
-        metrics = tune_job(job, out, TuneOptions(samples=tune["samples"], search_space=str(space_file) if space_file else None,
-                                                 workers_per_trial=order["workers"], use_gpu=order["use_gpu"], **placement,
-                                                 storage_path=order["storage_path"], run_name=f"job-{job_dir.name}"))
-    elif order["workers"] > 1 or order["use_gpu"]:
-        from dg2pf_ray.train import RayOptions, prune_on_ray
-
-        metrics = prune_on_ray(job, out, RayOptions(workers=order["workers"], use_gpu=order["use_gpu"], **placement,
-                                                    storage_path=order["storage_path"], run_name=f"job-{job_dir.name}",
-                                                    progress_path=str(progress), verbose=False))
-    else:
+    if engine.in_process:
         import torch
 
         # The job holds one CPU (entrypoint_num_cpus=1): one thread, not one per core of the node,
         # so jobs side by side do not make OpenMP spin.
         torch.set_num_threads(1)
-        # The state directory outlives a lost run (resubmitted, it resumes) and goes once the output is written.
-        metrics = prune_to_dir(job, out, progress=_ProgressFile(progress), state_dir=job_dir / STATE, resume=True)
+    # In this process, the state directory outlives a lost run (resubmitted, it resumes) and goes once the
+    # output is written.
+    metrics = execute(job, out, engine, progress=_ProgressFile(progress), state_dir=job_dir / STATE, resume=True)
     _write_history(out, metrics)
 
 
-def _write_history(out: Path, metrics: dict) -> None:
+def _write_history(out: Path, metrics: Metrics) -> None:
     """``history.json`` beside the complete output: a copy of metrics.json's history, so a disk too full
     for it does not fail a job whose model and metrics are written."""
+    files = Artifacts(out)
     try:
-        write_text_atomic(out / "history.json", json.dumps(metrics.get("history", []), indent=1))
+        write_json(files.history, [record.to_dict() for record in metrics.history], indent=1)
     except OSError as exc:
-        print(f"dg2pf runner: {out / 'history.json'} not written ({exc.strerror or exc}); metrics.json holds the "
+        print(f"dg2pf runner: {files.history} not written ({exc.strerror or exc}); {files.METRICS} holds the "
               "same history", file=sys.stderr, flush=True)
 
 

@@ -22,14 +22,14 @@ from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 
+from dg2pf_contract.results import Metrics
 from dg2pf_core.errors import DG2PFError
-from dg2pf_core.latency import speedups
 
 from .cluster import Cluster
 from .conditions import Conditions, reason_of
-from .executor import UNREADABLE, Order, RayJobsExecutor, SubmissionExists, needs_of, read_error, read_metrics, read_progress
+from .executor import UNREADABLE, RayJobsExecutor, SubmissionExists, needs_of, read_error, read_metrics, read_progress
 from .processes import RUNNER, kill_job_processes, process_table
-from .runner import ERROR, NO_SPACE, NO_SPACE_EXIT, no_space_message
+from .runner import ERROR, NO_SPACE, NO_SPACE_EXIT, JobFile, no_space_message
 from .store.models import TERMINAL_STATES
 from .store.repo import JobStore
 
@@ -73,7 +73,7 @@ SWEEP_EVERY_S = 5.0
 
 class Scheduler:
     def __init__(self, store: JobStore, executor: RayJobsExecutor, cluster: Cluster,
-                 capacity: Callable[[], tuple[float, float]], make_order: Callable[[dict], Order], *,
+                 capacity: Callable[[], tuple[float, float]], make_order: Callable[[dict], JobFile], *,
                  jobs_dir: Path, on_succeeded: Callable[[object], None] | None = None, max_restarts: int = 2,
                  cluster_lost_timeout_s: float = 600.0) -> None:
         self.store, self.executor, self.cluster, self.capacity, self.make_order = store, executor, cluster, capacity, make_order
@@ -194,10 +194,11 @@ class Scheduler:
         self._lost(row, fields, f"its runner ended without a result (killed, out of memory, or its node was lost){tail}")
 
     def _succeed(self, row, fields: dict) -> None:
-        metrics = read_metrics(Path(row.artifacts_dir)) or {}
-        fields.update(phase="done", eta_seconds=0.0, best_metrics=_summary(metrics) or fields.get("best_metrics"))
-        if metrics.get("history"):
-            fields["history"] = metrics["history"]
+        metrics = read_metrics(Path(row.artifacts_dir))
+        fields.update(phase="done", eta_seconds=0.0,
+                      best_metrics=_summary(metrics) if metrics is not None else fields.get("best_metrics"))
+        if metrics is not None and metrics.history:
+            fields["history"] = [record.to_dict() for record in metrics.history]
         done = self.store.transition(row.id, {"running"}, "succeeded", finished_at=_now(), **fields)
         if done is not None and self.on_succeeded is not None:
             self.on_succeeded(done)
@@ -344,13 +345,17 @@ class _JobRefused(Exception):
         self.type, self.message = type_, message
 
 
-def _summary(metrics: dict) -> dict | None:
-    if not metrics:
-        return None
-    keys = ("val_top1", "test_top1", "test_top5", "baseline_test_top1", "sparsity_prunable", "sparsity_total",
-            "params_total", "params_nonzero", "flops_dense", "flops_sparse", "best_epoch", "epochs", "world_size",
-            "max_layer_sparsity", "layer_cap", "layer_sparsity", "preset", "preset_departures", "crop_pct", "warnings")
-    summary = {k: metrics.get(k) for k in keys}
-    # Measured speed beside the MACs ratio (the figures per batch size are in metrics.json).
-    summary["latency"] = speedups(metrics["latency"]) if isinstance(metrics.get("latency"), dict) else None
-    return summary
+def _summary(m: Metrics) -> dict:
+    """A finished job's ``best_metrics``: the headline figures of its metrics.json, under their names there
+    (MACs under their former flops_* names too, for one release, as metrics.json has them)."""
+    return {
+        "val_top1": m.val_top1, "test_top1": m.test_top1, "test_top5": m.test_top5, "baseline_test_top1": m.baseline_test_top1,
+        "sparsity_prunable": m.sparsity_prunable, "sparsity_total": m.sparsity_total, "params_total": m.params_total,
+        "params_nonzero": m.params_nonzero, "macs_dense": m.macs_dense, "macs_sparse": m.macs_sparse,
+        "flops_dense": m.macs_dense, "flops_sparse": m.macs_sparse, "best_epoch": m.best_epoch, "epochs": m.epochs,
+        "world_size": m.world_size, "max_layer_sparsity": m.max_layer_sparsity, "layer_cap": m.layer_cap,
+        "layer_sparsity": m.layer_sparsity, "preset": m.preset, "preset_departures": m.preset_departures,
+        "crop_pct": m.crop_pct, "warnings": m.warnings,
+        # Measured speed beside the MACs ratio (the figures per batch size are in metrics.json).
+        "latency": m.latency.speedups() if m.latency is not None else None,
+    }

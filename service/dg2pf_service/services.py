@@ -10,17 +10,18 @@ from urllib.parse import urlparse
 from alembic.util.exc import CommandError as AlembicError
 from sqlalchemy.exc import SQLAlchemyError
 
+from dg2pf_contract.job import JobSpec
 from dg2pf_core.errors import DG2PFError
 
 from .cluster import Cluster
-from .executor import Order, RayJobsExecutor
+from .executor import RayJobsExecutor
 from .executor import output_dir
 from .scheduler import Scheduler
 from .serving.deploy import Deployments
 from .serving.options import ServeOptions
 from .serving.supervisor import ServingSupervisor
+from .runner import JobFile
 from .settings import Settings
-from .spec import JobSpec
 from .store.db import DatabaseURLError, make_engine, make_sessionmaker, redact_url
 from .store.migrate import upgrade
 from .store.repo import JobStore
@@ -120,14 +121,12 @@ def build(settings: Settings) -> Services:
     executor = RayJobsExecutor(cluster)
     storage = settings.storage_uri or str(settings.data_dir / "ray")
 
-    def make_order(spec_doc: dict) -> Order:
-        spec = JobSpec.model_validate(spec_doc["spec"])
+    def make_order(spec_doc: dict) -> JobFile:
         resolved = spec_doc["resolved"]
-        return Order(
-            prune_job=spec.prune_job(resolved["checkpoint"], resolved.get("teacher"), [str(r) for r in settings.data_roots]),
-            workers=spec.resources.num_workers, use_gpu=spec.resources.use_gpu,
-            tune=spec.tune.model_dump() if spec.tune else None, storage_path=storage,
-            placement=spec.resources.placement, worker_start_timeout_s=settings.worker_start_timeout_s,
+        return JobFile(
+            spec=JobSpec.model_validate(spec_doc["spec"]), checkpoint=resolved["checkpoint"],
+            teacher=resolved.get("teacher"), data_roots=[str(r) for r in settings.data_roots], storage_path=storage,
+            worker_start_timeout_s=settings.worker_start_timeout_s,
             cluster_may_grow=settings.cluster_max_cpus is not None or settings.cluster_max_gpus is not None,
         )
 

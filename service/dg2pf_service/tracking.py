@@ -28,6 +28,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from dg2pf_contract.artifacts import Artifacts
+
 from .conditions import Conditions
 from .executor import output_dir
 from .store.models import TERMINAL_STATES
@@ -39,11 +41,13 @@ EXPERIMENT = "dg2pf"
 JOB_TAG = "dg2pf.job_id"
 RECORD_METRICS = ("val_top1", "val_top5", "train_loss", "sparsity", "lr", "recovered", "seconds")
 # The job's results, once, at step 0; the best epoch's validation top-1 as best_val_top1 (val_top1 is per epoch).
+# Read from the job's status summary (``best_metrics``, named as in metrics.json); flops_*: the MACs' former
+# names, logged beside macs_* for one release.
 RESULT_METRICS = ("test_top1", "test_top5", "baseline_test_top1", "sparsity_prunable", "sparsity_total",
-                  "params_nonzero", "params_total", "flops_sparse", "flops_dense", "best_epoch", "epochs", "wall_seconds",
-                  "max_layer_sparsity", "channel_sparsity", "macs_ratio")
-ARTIFACTS = ("metrics.json", "history.json", "training.png", "layers.png", "trials.csv", "model.onnx", "model.safetensors",
-             "model.compact.safetensors")
+                  "params_nonzero", "params_total", "macs_sparse", "macs_dense", "flops_sparse", "flops_dense", "best_epoch",
+                  "epochs", "wall_seconds", "max_layer_sparsity", "channel_sparsity", "macs_ratio")
+ARTIFACTS = (Artifacts.METRICS, Artifacts.HISTORY, *Artifacts.PLOTS, Artifacts.TRIALS, Artifacts.ONNX, Artifacts.MODEL,
+             Artifacts.COMPACT)
 END_STATUS = {"succeeded": "FINISHED", "failed": "FAILED", "cancelled": "KILLED"}
 RECENT_JOBS = 100  # each pass looks at the newest jobs and the running ones
 MAX_PARAM_CHARS = 6000  # MLflow's limit on a param value

@@ -9,16 +9,16 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
+from dg2pf_contract.job import JobSpec, ScheduleSpec
 from dg2pf_core.config import DG2PFConfig
 from dg2pf_core.data import parse_spec
 from dg2pf_core.data.registry import needs_path
 from dg2pf_core.data.roots import check_tree, under
 from dg2pf_core.errors import ConfigError, DG2PFError
-from dg2pf_core.job import check_static
+from dg2pf_core.job import PruneJob, check_static
 
 from .pinning import pin_checkpoint
 from .settings import Settings
-from .spec import JobSpec, ScheduleSpec
 from .store.repo import JobStore
 
 
@@ -82,7 +82,7 @@ def validate_job(spec: JobSpec, settings: Settings, store: JobStore,
     """All checks; returns (checkpoint path, teacher path). ``capacity`` is asked last (it asks Ray):
     what the request alone shows wrong is refused even while the cluster does not answer."""
     try:
-        config = spec.config()
+        config = DG2PFConfig.from_spec(spec)
     except DG2PFError as exc:
         raise InvalidJob(f"schedule.{exc.field}" if exc.field and exc.field != "sparsity" else "sparsity", exc.message) from exc
     refusal = _amp_refusal(config, spec.resources.use_gpu)
@@ -107,7 +107,7 @@ def validate_job(spec: JobSpec, settings: Settings, store: JobStore,
     # What the preflight can check here (the checkpoints by content, finite, fitting the architecture;
     # fp16 compact values); the data and the dry run are checked by the job's runner before training.
     try:
-        check_static(spec.prune_job(checkpoint, teacher, [str(r) for r in settings.data_roots]), meta=True,
+        check_static(PruneJob.from_spec(spec, checkpoint, teacher, [str(r) for r in settings.data_roots]), meta=True,
                      max_params=settings.max_model_params)
     except DG2PFError as exc:
         teacher_file = teacher is not None and teacher in exc.message

@@ -45,8 +45,7 @@ def light_client_bin(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("light-client")
     clients = Path(__file__).resolve().parents[2] / "clients"
     src = root / "src"  # a copy: the build leaves build/ and *.egg-info beside the sources
-    shutil.copytree(clients / "dg2pf_client", src / "dg2pf_client", ignore=shutil.ignore_patterns("__pycache__"))
-    shutil.copy(clients / "pyproject.toml", src)
+    shutil.copytree(clients, src, ignore=shutil.ignore_patterns("__pycache__", "build", "dist", "*.egg-info"))
     subprocess.run([sys.executable, "-m", "venv", str(root / "venv")], check=True, timeout=300)
     pip = subprocess.run([str(root / "venv" / "bin" / "python"), "-m", "pip", "install", "--quiet", str(src)],
                          capture_output=True, text=True, timeout=900)

@@ -13,7 +13,7 @@ import httpx
 import pytest
 
 from dg2pf_client import Client, Conflict, Forbidden, InvalidRequest, NotFound, TooLarge, Unauthorized
-from dg2pf_core.checkpoints import save_state_dict
+from dg2pf_core.checkpoint_save import save_state_dict
 
 from service_process import ServiceProcess
 
@@ -383,6 +383,36 @@ def test_cli_submit_wait_status_jobs_download(service, ckpt, tmp_path, capsys):
     assert main(["status", "0" * 32, *conn]) == 2
 
 
+def test_one_job_file_runs_through_dg2pf_prune_and_post_jobs(service, client, digits_example, tmp_path, capsys):
+    """The JobSpec is one type: the same YAML file (its checkpoint a path under the service's data root)
+    runs locally with `dg2pf prune JOB` and on the service with POST /jobs (`dg2pf submit JOB`), and both
+    results record the same job."""
+    from dg2pf_cli.main import main
+    from dg2pf_contract.job import JobSpec
+    from dg2pf_contract.results import Metrics
+
+    checkpoint = Path(service.env["DG2PF_DATA_ROOTS"]) / "same-file.safetensors"
+    checkpoint.write_bytes((digits_example / "model.safetensors").read_bytes())
+    job_file = tmp_path / "job.yaml"
+    job_file.write_text(
+        f"name: one-file\nmodel: {{arch: digits_cnn, num_classes: 10, checkpoint: {checkpoint}}}\n"
+        "dataset: {spec: digits}\nsparsity: 0.75\nschedule: {pruning_epochs: 1, max_epochs: 2, seed: 3}\n"
+    )
+    JobSpec.read(job_file)  # the file is a JobSpec as it is
+    assert main(["prune", str(job_file), "--out", str(tmp_path / "local"), "--quiet", "--threads", "1"]) == 0
+    local = Metrics.read(tmp_path / "local" / "metrics.json")
+    assert main(["submit", str(job_file), "--wait", "--url", service.url, "--token", TOKEN]) == 0
+    job_id = capsys.readouterr().out.split("submitted ")[1].split()[0]
+    job = client.get(job_id)
+    assert job.state == "succeeded" and job.name == "one-file"
+    assert job.spec == JobSpec.read(job_file).model_dump(mode="json")  # stored as the same JobSpec
+    client.download(job_id, tmp_path / "remote")
+    remote = Metrics.read(tmp_path / "remote" / "metrics.json")
+    for m in (local, remote):
+        assert m.target_sparsity == 0.75 and m.config["seed"] == 3 and m.config["pruning_epochs"] == 1
+    assert local.config == remote.config
+
+
 def test_the_light_client_alone_in_a_fresh_venv_drives_the_service(service, ckpt, digits_example, light_client_bin, tmp_path):
     listed = subprocess.run([str(light_client_bin / "python"), "-m", "pip", "list", "--format=json"], capture_output=True,
                             text=True, timeout=120)
@@ -544,7 +574,7 @@ def test_paths_cannot_escape_the_data_roots_and_checkpoints_are_pinned(service, 
     job = client.wait(job_id, timeout=300)
     assert job.state == "succeeded", job.error
     order = json.loads((service.data_dir / "jobs" / job_id / "job.json").read_text())
-    assert Path(order["prune_job"]["checkpoint"]).parent == service.data_dir / "checkpoints"
+    assert Path(order["checkpoint"]).parent == service.data_dir / "checkpoints"
 
 
 def test_a_huge_architecture_is_refused_before_it_is_built(service, client, ckpt):

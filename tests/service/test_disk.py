@@ -21,7 +21,7 @@ import pytest
 
 from dg2pf_core.job import write_text_atomic
 from dg2pf_service import runner
-from dg2pf_service.executor import UNREADABLE, NoSpace, Order, RayJobsExecutor, read_error, read_progress
+from dg2pf_service.executor import UNREADABLE, NoSpace, RayJobsExecutor, read_error, read_progress
 from dg2pf_service.runner import ERROR, NO_SPACE, NO_SPACE_EXIT, STATE
 
 FULL = os.strerror(errno.ENOSPC)  # "No space left on device"
@@ -172,14 +172,14 @@ def test_a_damaged_error_json_is_read_as_a_clear_error_naming_the_file(tmp_path,
 
 
 def test_submitting_on_a_full_disk_is_refused_as_no_space_and_keeps_job_json(tmp_path, monkeypatch):
-    from dg2pf_core.config import DG2PFConfig
-    from dg2pf_core.job import PruneJob
+    from dg2pf_contract.job import JobSpec
 
     job_dir = _job_dir(tmp_path)
     before = (job_dir / runner.JOB).read_text()
     executor = RayJobsExecutor(cluster=None)
-    order = Order(PruneJob("digits_cnn", 10, str(tmp_path / "c.safetensors"), "digits", DG2PFConfig(sparsity=0.5)),
-                  workers=1, use_gpu=False, tune=None, storage_path=str(tmp_path / "ray"))
+    spec = JobSpec.model_validate({"model": {"arch": "digits_cnn", "num_classes": 10, "checkpoint": "c"},
+                                   "dataset": {"spec": "digits"}, "sparsity": 0.5})
+    order = runner.JobFile(spec=spec, checkpoint=str(tmp_path / "c.safetensors"), storage_path=str(tmp_path / "ray"))
     monkeypatch.setattr(os, "fsync", _disk_full)
     with pytest.raises(NoSpace, match="no space left on device writing .*job.json.*DG2PF_DATA_DIR"):
         executor.submit("a" * 32, job_dir, order, attempt=1)
@@ -295,15 +295,15 @@ cp -a "$DISK/job" "$OUT/job"
 @pytest.mark.skipif(not _can_mount_a_small_disk(), reason="this machine does not let an unprivileged user mount a tmpfs "
                                                           "in a user namespace (unshare -Urm); the unit tests above cover it")
 def test_a_job_on_a_disk_that_fills_up_fails_as_no_space_and_keeps_its_state(tmp_path, digits_example):
-    from dg2pf_core.config import DG2PFConfig
-    from dg2pf_core.job import PruneJob
+    from dg2pf_contract.job import JobSpec
     from dg2pf_core.state import TrainingState
 
-    job = PruneJob("digits_cnn", 10, str(digits_example / "model.safetensors"), "digits",
-                   DG2PFConfig(sparsity=0.9, pruning_epochs=4, max_epochs=8, patience=4))
+    checkpoint = str(digits_example / "model.safetensors")
+    spec = JobSpec.model_validate({"model": {"arch": "digits_cnn", "num_classes": 10, "checkpoint": checkpoint},
+                                   "dataset": {"spec": "digits"}, "sparsity": 0.9,
+                                   "schedule": {"pruning_epochs": 4, "max_epochs": 8, "patience": 4}})
     order = tmp_path / "job.json"
-    order.write_text(json.dumps({"prune_job": job.to_dict(), "workers": 1, "use_gpu": False, "tune": None,
-                                 "storage_path": str(tmp_path / "ray")}))
+    order.write_text(runner.JobFile(spec=spec, checkpoint=checkpoint, storage_path=str(tmp_path / "ray")).model_dump_json())
     disk, out = tmp_path / "disk", tmp_path / "out"
     disk.mkdir()
     out.mkdir()

@@ -191,7 +191,7 @@ def test_a_zip_bomb_named_by_path_is_refused_by_its_directory_and_not_registered
 
 
 def test_a_valid_job_while_ray_does_not_answer_gets_503_and_creates_nothing(service):
-    from dg2pf_core.checkpoints import save_state_dict
+    from dg2pf_core.checkpoint_save import save_state_dict
     from dg2pf_core.models import build_model
 
     path = service.root / "data" / "good.safetensors"

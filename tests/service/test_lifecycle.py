@@ -271,13 +271,14 @@ def test_head_killed_with_the_api_alive_is_replaced_and_the_job_resumes_bit_exac
     assert [h["epoch"] for h in job.history] == list(range(len(job.history)))
     assert_no_process_left(svc, job_id)
 
-    from dg2pf_core.job import PruneJob, prune_to_dir
+    from dg2pf_core.job import prune_to_dir
+    from dg2pf_service.runner import JobFile
 
     order = json.loads((job_dir(svc, job_id) / "job.json").read_text())
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as the runner trains
     try:
-        prune_to_dir(PruneJob.from_dict(order["prune_job"]), tmp_path / "uninterrupted")
+        prune_to_dir(JobFile.model_validate(order).prune_job(), tmp_path / "uninterrupted")
     finally:
         torch.set_num_threads(threads)
     resumed = read_state_dict(job_dir(svc, job_id) / "output" / "model.safetensors")

@@ -110,6 +110,7 @@ def test_a_lost_job_whose_output_is_complete_succeeds_instead_of_being_resubmitt
     import json
 
     from dg2pf_service.scheduler import Scheduler
+    from tiny import metrics_document
     from dg2pf_service.store.db import make_engine, make_sessionmaker
     from dg2pf_service.store.migrate import upgrade
     from dg2pf_service.store.repo import JobStore
@@ -121,7 +122,7 @@ def test_a_lost_job_whose_output_is_complete_succeeds_instead_of_being_resubmitt
     row = store.transition(row.id, {"queued"}, "running", ray_submission_id=f"dg2pf-{row.id}")
     out = Path(row.artifacts_dir) / "output"
     out.mkdir(parents=True)
-    (out / "metrics.json").write_text(json.dumps({"test_top1": 97.5, "history": [{"epoch": 0}]}))
+    (out / "metrics.json").write_text(json.dumps(metrics_document(test_top1=97.5)))
     # No restarts left and no Ray needed: the rule reads only the job's directory and the store.
     scheduler = Scheduler(store, executor=None, cluster=None, capacity=lambda: (0, 0), make_order=None,
                           jobs_dir=tmp_path / "jobs", max_restarts=0)

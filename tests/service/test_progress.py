@@ -7,7 +7,8 @@ from dg2pf_service.scheduler import progress_fields
 
 
 def _rec(epoch: int, phase: str = "gradual_pruning", restarts: int = 0, best: bool = False, seconds: float = 2.0) -> dict:
-    return {**EpochRecord(phase, epoch, 0.5, 0.1, 90.0 + epoch, 99.0, 0.01, seconds, best, restarts).to_dict(),
+    return {**EpochRecord(phase=phase, epoch=epoch, sparsity=0.5, train_loss=0.1, val_top1=90.0 + epoch, val_top5=99.0,
+                          lr=0.01, seconds=seconds, is_best=best, restarts=restarts).to_dict(),
             "world_size": 2, "nodes": ["a", "b"]}
 
 

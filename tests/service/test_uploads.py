@@ -24,7 +24,7 @@ import pytest
 import torch
 
 from dg2pf_client import Client, TooLarge
-from dg2pf_core.checkpoints import save_state_dict
+from dg2pf_core.checkpoint_save import save_state_dict
 from dg2pf_service.cluster import free_port
 from dg2pf_service.settings import Settings
 from dg2pf_service.uploads import STAGING, clean_partial_uploads

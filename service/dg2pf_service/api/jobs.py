@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 from datetime import datetime, timezone
-from pathlib import Path
-
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Query, Request, Response
 from fastapi import Path as PathParam
 from fastapi.responses import FileResponse
 
-from ..executor import output_dir
-from ..spec import JobSpec
+from dg2pf_contract.artifacts import JobDir
+from dg2pf_contract.job import JobSpec
+
 from ..validation import validate_job
 from .auth import require_token
 from .errors import ApiError
@@ -22,10 +21,6 @@ router = APIRouter(prefix="/jobs", tags=["jobs"], dependencies=[Depends(require_
 
 MAX_OFFSET = 2**31 - 1  # beyond any page a store holds; larger numbers overflow SQL integers
 JobId = Annotated[str, PathParam(pattern=r"^[0-9a-f]{32}$", description="a job id (32 hex digits)")]
-
-ARTIFACTS = ("model.safetensors", "model.compact.safetensors", "model.onnx", "metrics.json", "history.json", "training.png",
-             "layers.png", "trials.csv")
-
 
 def _links(job_id: str) -> dict[str, str]:
     return {"self": f"/jobs/{job_id}", "cancel": f"/jobs/{job_id}/cancel", "artifacts": f"/jobs/{job_id}/artifacts"}
@@ -95,12 +90,10 @@ def cancel(job_id: JobId, services=Depends(_services)) -> JobOut:
 
 @router.get("/{job_id}/artifacts", response_model=ArtifactList, responses=ApiError.responses(404, 422))
 def artifacts(job_id: JobId, services=Depends(_services)) -> ArtifactList:
-    row = _row_or_404(services, job_id)
-    out = output_dir(Path(row.artifacts_dir))
-    found = [Artifact(name=n, bytes=(out / n).stat().st_size, url=f"/jobs/{job_id}/artifacts/{n}") for n in ARTIFACTS if (out / n).is_file()]
-    progress = Path(row.artifacts_dir) / "progress.jsonl"
-    if progress.is_file():
-        found.append(Artifact(name="progress.jsonl", bytes=progress.stat().st_size, url=f"/jobs/{job_id}/artifacts/progress.jsonl"))
+    job_dir = JobDir(_row_or_404(services, job_id).artifacts_dir)
+    paths = {name: job_dir.served(name) for name in JobDir.SERVED}
+    found = [Artifact(name=name, bytes=path.stat().st_size, url=f"/jobs/{job_id}/artifacts/{name}")
+             for name, path in paths.items() if path is not None and path.is_file()]
     return ArtifactList(job_id=job_id, artifacts=found)
 
 
@@ -110,13 +103,9 @@ def artifacts(job_id: JobId, services=Depends(_services)) -> ArtifactList:
                              "application/x-ndjson", "content": ARTIFACT_CONTENT},
                        **ApiError.responses(404, 422)})
 def artifact(job_id: JobId, name: Annotated[str, PathParam(max_length=64)], services=Depends(_services)) -> FileResponse:
-    row = _row_or_404(services, job_id)
-    if name == "progress.jsonl":
-        path = Path(row.artifacts_dir) / name
-    elif name in ARTIFACTS:
-        path = output_dir(Path(row.artifacts_dir)) / name
-    else:
-        raise ApiError(404, "not_found", f"unknown artifact {name!r}; one of {[*ARTIFACTS, 'progress.jsonl']}", "name")
+    path = JobDir(_row_or_404(services, job_id).artifacts_dir).served(name)
+    if path is None:
+        raise ApiError(404, "not_found", f"unknown artifact {name!r}; one of {list(JobDir.SERVED)}", "name")
     if not path.is_file():
         raise ApiError(404, "not_found", f"job {job_id} has no {name} (yet)", "name")
     return FileResponse(path, filename=name, media_type=artifact_media_type(name))

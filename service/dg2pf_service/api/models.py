@@ -6,13 +6,11 @@ on Serve's HTTP proxy), not by this API process: the API only decides what is de
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 from fastapi import APIRouter, Depends, Request, Response
 
+from dg2pf_contract.artifacts import Artifacts
+from dg2pf_contract.results import Metrics
 from dg2pf_core.errors import DG2PFError
-from dg2pf_core.inference import METRICS_FILE
 
 from ..serving.backends import backend_for
 from ..serving.deploy import NotDeployable
@@ -31,10 +29,9 @@ def _services(request: Request):
 
 def _model_out(services, row, serving: ServingStatus) -> ModelOut:
     try:
-        meta = json.loads((Path(row.output_dir) / METRICS_FILE).read_text())
-    except (OSError, ValueError):
-        meta = {}
-    shape = [meta["in_channels"], meta["image_size"], meta["image_size"]] if "in_channels" in meta and "image_size" in meta else None
+        meta: Metrics | None = Metrics.read(Artifacts(row.output_dir).metrics)
+    except (OSError, ValueError):  # the output is gone or damaged: the model's figures are unknown
+        meta = None
     try:
         # The backend of the replicas that answer (the running application's), with the same per-job
         # fallback they apply (a job without model.onnx is served by PyTorch).
@@ -44,8 +41,10 @@ def _model_out(services, row, serving: ServingStatus) -> ModelOut:
     return ModelOut(
         id=row.model_id, job_id=row.model_id, created_at=row.created_at,
         url=services.serving.model_url(row.model_id, services.public_serve_url()),
-        arch=meta.get("arch"), num_classes=meta.get("num_classes"), input_shape=shape, class_names=meta.get("class_names"),
-        sparsity=meta.get("sparsity_prunable"), test_top1=meta.get("test_top1"), backend=backend,
+        arch=meta.arch if meta else None, num_classes=meta.num_classes if meta else None,
+        input_shape=[meta.in_channels, meta.image_size, meta.image_size] if meta else None,
+        class_names=meta.class_names if meta else None, sparsity=meta.sparsity_prunable if meta else None,
+        test_top1=meta.test_top1 if meta else None, backend=backend,
         status=serving.status, message=serving.message,
     )
 

@@ -1,4 +1,4 @@
-"""Response models of the HTTP API (those the client parses come from ``dg2pf_client.schemas``)."""
+"""Response models of the HTTP API (those the client parses come from ``dg2pf_contract.api``)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pydantic import BaseModel, Field
 
 # The models the client parses live in the light client package (pure pydantic): one definition for
 # both sides of the wire. Only what the client never reads is declared here.
-from dg2pf_client.schemas import (  # noqa: F401 - re-exported for the routes
+from dg2pf_contract.api import (  # noqa: F401 - re-exported for the routes
     Artifact, ArtifactList, CheckpointOut, ErrorDetail, ErrorInfo, ErrorResponse, JobList, JobOut, JobSubmitted, ModelList,
     ModelOut, Phase, RestartInfo, State, TERMINAL,
 )

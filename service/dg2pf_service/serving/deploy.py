@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
+from dg2pf_contract.artifacts import Artifacts
 from dg2pf_core.errors import DG2PFError
-from dg2pf_core.inference import COMPACT_FILE, DENSE_FILE, METRICS_FILE
 
 from ..store.models import DeploymentRow, JobRow
 from ..store.repo import JobStore
@@ -31,7 +31,8 @@ class Deployments:
         if row.state != "succeeded":
             raise NotDeployable(f"job {job_id} is {row.state}; only succeeded jobs can be deployed")
         out = Path(self.jobs_output(row))
-        if not (out / METRICS_FILE).is_file() or not ((out / COMPACT_FILE).is_file() or (out / DENSE_FILE).is_file()):
+        files = Artifacts(out)
+        if not files.metrics.is_file() or not files.weights.is_file():
             raise NotDeployable(f"job {job_id} has no model files in {out}; was its output removed?", field="artifacts")
         deployment = self.store.add_deployment(job_id, str(out))
         self.registry.put(RegisteredModel(job_id, str(out)))  # servable at once if the app is up

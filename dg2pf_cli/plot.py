@@ -15,9 +15,10 @@ import re
 from pathlib import Path
 
 from dg2pf_client.cli import DEFAULT_URL
+from dg2pf_contract.artifacts import Artifacts
+from dg2pf_contract.results import Metrics, MetricsError
 from dg2pf_core.plots import PlotError, parse_metrics, write_plots
 
-METRICS_FILE = "metrics.json"
 JOB_ID = re.compile(r"[0-9a-f]{32}")
 
 
@@ -49,14 +50,14 @@ def run_plot(args: argparse.Namespace) -> int:
     return 0
 
 
-def _local(path: Path) -> tuple[dict, Path]:
+def _local(path: Path) -> tuple[Metrics, Path]:
     """The metrics of a run directory (or of a metrics.json named directly) and where its PNGs go."""
     if not path.exists():
-        raise PlotError(f"{path} does not exist: give a run's output directory (holding {METRICS_FILE}) or a job id "
+        raise PlotError(f"{path} does not exist: give a run's output directory (holding {Artifacts.METRICS}) or a job id "
                         "(32 hex digits)", field="run")
-    file, folder = (path / METRICS_FILE, path) if path.is_dir() else (path, path.parent)
+    file, folder = (Artifacts(path).metrics, path) if path.is_dir() else (path, path.parent)
     if not file.is_file():
-        raise PlotError(f"{path} holds no {METRICS_FILE}: give the output directory of a finished run (dg2pf prune "
+        raise PlotError(f"{path} holds no {Artifacts.METRICS}: give the output directory of a finished run (dg2pf prune "
                         "--out, dg2pf download) or a job id", field="run")
     try:
         text = file.read_text(encoding="utf-8")
@@ -65,7 +66,7 @@ def _local(path: Path) -> tuple[dict, Path]:
     return parse_metrics(text, str(file)), folder
 
 
-def _remote(args: argparse.Namespace) -> dict:
+def _remote(args: argparse.Namespace) -> Metrics:
     """A service job's metrics.json, over HTTP (the remote commands' client, URL and token)."""
     import httpx
 
@@ -74,7 +75,7 @@ def _remote(args: argparse.Namespace) -> dict:
 
     try:
         with _client(args) as client:
-            text = client.artifact(args.run, METRICS_FILE).decode("utf-8", errors="replace")
+            return client.metrics(args.run)
     except httpx.InvalidURL as exc:
         raise PlotError(f"cannot reach the dg2pf service at {args.url}: {exc} (give --url or set DG2PF_URL)", field="url") from None
     except CliError as err:
@@ -83,4 +84,5 @@ def _remote(args: argparse.Namespace) -> dict:
         if err.type == "unreachable":
             raise PlotError(f"{err.message} (give --url or set DG2PF_URL)", field="url") from None
         raise PlotError(f"job {args.run}: {err.message}", field=err.field or "run") from None
-    return parse_metrics(text, f"job {args.run}'s {METRICS_FILE}")
+    except MetricsError as err:  # the service sent something that is not a run's metrics.json
+        raise PlotError(str(err), field="run") from None

@@ -18,9 +18,13 @@ from pathlib import Path
 import httpx
 
 from dg2pf_client import Client
+from dg2pf_contract.artifacts import Artifacts
+from dg2pf_contract.results import Metrics
 from dg2pf_core.data.digits import write_test_digit_images
 from dg2pf_core.example import write_example
 from dg2pf_service.cluster import free_port
+
+from .summary import latency_rows
 
 
 def run_demo(out: Path, sparsity: float = 0.9) -> int:
@@ -54,13 +58,14 @@ def run_demo(out: Path, sparsity: float = 0.9) -> int:
 
         example = out / "example"
         print("== 2/6 pre-training digits_cnn on scikit-learn's handwritten digits", flush=True)
-        if not (example / "model.safetensors").exists():
+        dense = Artifacts(example)
+        if not dense.model.exists():
             metrics = write_example("digits", example)
-            print(f"   dense test top-1 {metrics['test_top1']:.2f}%", flush=True)
+            print(f"   dense test top-1 {metrics.test_top1:.2f}%", flush=True)
 
         with Client(url) as client:
             print("== 3/6 uploading the checkpoint", flush=True)
-            ckpt = client.upload_checkpoint(example / "model.safetensors")
+            ckpt = client.upload_checkpoint(dense.model)
             print(f"   checkpoint {ckpt.id} ({ckpt.bytes} bytes)", flush=True)
             print(f"== 4/6 submitting a {sparsity:.0%} DG2PF job", flush=True)
             job = client.submit({"name": "demo", "model": {"arch": "digits_cnn", "num_classes": 10, "checkpoint": ckpt.id},
@@ -77,8 +82,7 @@ def run_demo(out: Path, sparsity: float = 0.9) -> int:
                 print(f"dg2pf: error: job {final.state}: {final.error}", file=sys.stderr)
                 return 1
             files = client.download(final.id, out / "pruned")
-            m = json.loads((out / "pruned" / "metrics.json").read_text())
-            _print_result(final.id, m, files)
+            _print_result(final.id, Metrics.read(Artifacts(out / "pruned").metrics), files)
 
             print("== 6/6 the pruned model on Ray Serve: predictions for real digit images", flush=True)
             model = client.wait_model(final.id, timeout=300)
@@ -107,19 +111,17 @@ def run_demo(out: Path, sparsity: float = 0.9) -> int:
             stop_embedded(ClusterInfo(**json.loads(record.read_text())))
 
 
-def _print_result(job_id: str, m: dict, files: list[Path]) -> None:
-    from .main import _latency_rows
-
+def _print_result(job_id: str, m: Metrics, files: list[Path]) -> None:
     print("== 5/6 result", flush=True)
     rows = [
         ("job", job_id),
-        ("target sparsity", f"{m['target_sparsity']:.2%}"),
-        ("sparsity (prunable weights)", f"{m['sparsity_prunable']:.4%}"),
-        ("parameters nonzero / total", f"{m['params_nonzero']:,} / {m['params_total']:,}"),
-        ("MACs sparse / dense", f"{m['flops_sparse'] / max(m['flops_dense'], 1):.3f}x"),
-        ("test top-1 dense -> pruned", f"{m['baseline_test_top1']:.2f}% -> {m['test_top1']:.2f}% ({m['test_top1'] - m['baseline_test_top1']:+.2f})"),
-        ("epoch kept", f"{m['best_epoch']} of {m['epochs']} (val top-1 {m['val_top1']:.2f}%)"),
-        *_latency_rows(m),  # measured, dense vs pruned: ~1.0x, unstructured sparsity runs on dense kernels
+        ("target sparsity", f"{m.target_sparsity:.2%}"),
+        ("sparsity (prunable weights)", f"{m.sparsity_prunable:.4%}"),
+        ("parameters nonzero / total", f"{m.params_nonzero:,} / {m.params_total:,}"),
+        ("MACs sparse / dense", f"{m.macs_sparse / max(m.macs_dense, 1):.3f}x"),
+        ("test top-1 dense -> pruned", f"{m.baseline_test_top1:.2f}% -> {m.test_top1:.2f}% ({m.test_top1 - m.baseline_test_top1:+.2f})"),
+        ("epoch kept", f"{m.best_epoch} of {m.epochs} (val top-1 {m.val_top1:.2f}%)"),
+        *latency_rows(m),  # measured, dense vs pruned: ~1.0x, unstructured sparsity runs on dense kernels
         ("artifacts in", str(files[0].parent) if files else "-"),
         *((f"  {p.name}", _size(p.stat().st_size)) for p in sorted(files)),
     ]

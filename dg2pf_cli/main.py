@@ -17,13 +17,18 @@ from pathlib import Path
 
 from dg2pf_client.cli import OneLineParser, add_remote_commands, version_line
 from dg2pf_client import interrupt
+from dg2pf_contract.artifacts import Artifacts, StateDir
+from dg2pf_contract.job import JobFileError, JobSpec, apply_overrides, describe, read_job_file
+from dg2pf_contract.results import Metrics
 from dg2pf_core import DG2PFConfig, DG2PFError, PruneJob
-from dg2pf_core.config import PRESET_FIELDS, PRESETS
+from dg2pf_contract.options import PRESET_FIELDS, PRESETS
 from dg2pf_core.config import DG2PFConfig as _Config
 from dg2pf_core.data import AUGMENT_POLICIES, dataset_usages
+from dg2pf_ray.execute import Engine
 
 from .plot import add_plot_command
 from .progress import EpochBars
+from .summary import latency_rows
 
 CHECKPOINT_KEY_HELP = ("the entry of a checkpoint holding two sets of weights to use (state_dict_ema, model_ema, ...: "
                        "a training checkpoint with an EMA copy)")
@@ -66,7 +71,7 @@ def _add_ray_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("Ray Train (distributed) options")
     group.add_argument("--workers", type=int, help="run on Ray Train with N DDP workers (default: in this process)")
     group.add_argument("--gpu", action="store_true", help="one GPU per worker (NCCL)")
-    group.add_argument("--placement", choices=("pack", "spread"), default="pack",
+    group.add_argument("--placement", choices=("pack", "spread"),
                        help="pack workers on few nodes (default) or spread them one per node")
     group.add_argument("--ray-address", help="existing Ray cluster (default: $RAY_ADDRESS, else a local Ray)")
     group.add_argument("--storage-path", help="Ray Train/Tune storage for per-epoch checkpoints, kept (shared storage on a "
@@ -77,21 +82,17 @@ def _add_ray_options(parser: argparse.ArgumentParser) -> None:
                        "every worker); by default only its warnings and errors, and one line per epoch")
 
 
-def _config_from(args: argparse.Namespace) -> DG2PFConfig:
-    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(_Config) if getattr(args, f.name, None) is not None}
-    return DG2PFConfig(**values)
-
-
-def _channel_rows(m: dict) -> list[tuple[str, str]]:
-    removed = (f"{m['channels_pruned']:,} of {m['channels_total']:,} prunable ({m['channel_sparsity']:.2%}); "
-               "the model is the smaller dense network" if m["channels_pruned"]
-               else f"none of {m['channels_total']:,} prunable: the model keeps the input's structure (see the warning)")
+def _channel_rows(m: Metrics) -> list[tuple[str, str]]:
+    removed = (f"{m.channels_pruned:,} of {m.channels_total:,} prunable ({m.channel_sparsity:.2%}); "
+               "the model is the smaller dense network" if m.channels_pruned
+               else f"none of {m.channels_total:,} prunable: the model keeps the input's structure (see the warning)")
+    params_dense = m.params_dense or 0
     rows = [("channels removed", removed),
-            ("parameters, pruned model / dense", f"{m['params_total']:,} / {m['params_dense']:,} "
-                                          f"({m['params_total'] / max(m['params_dense'], 1):.3f}x)")]
-    skipped = m.get("skipped_groups") or []
+            ("parameters, pruned model / dense", f"{m.params_total:,} / {params_dense:,} "
+                                          f"({m.params_total / max(params_dense, 1):.3f}x)")]
+    skipped = m.skipped_groups or []
     if skipped:  # layers Torch-Pruning groups but this code cannot map to channels: left dense, never pruned
-        more = f"; {len(skipped) - 3} more in metrics.json skipped_groups" if len(skipped) > 3 else ""
+        more = f"; {len(skipped) - 3} more in {Artifacts.METRICS} skipped_groups" if len(skipped) > 3 else ""
         rows.append(("groups left dense", f"{len(skipped)}: {'; '.join(skipped[:3])}{more}"))
     return rows
 
@@ -107,12 +108,12 @@ def _cmd_example(args: argparse.Namespace) -> int:
         if not args.quiet:
             print(f"epoch {epoch:>3}  val top-1 {val:6.2f}%", file=sys.stderr)
 
-    metrics = write_example(args.name, args.out, seed=args.seed, on_epoch=on_epoch)
-    if metrics["epochs"] < metrics["max_epochs"] and not args.quiet:
-        print(f"stopped after epoch {metrics['epochs']} of {metrics['max_epochs']}: no better validation top-1 since "
-              f"epoch {metrics['best_epoch']}, whose weights are kept", file=sys.stderr)
-    print(f"wrote {args.out}/model.safetensors ({metrics['arch']}): test top-1 {metrics['test_top1']:.2f}% "
-          f"(epoch {metrics['best_epoch']}, {metrics['wall_seconds']:.0f} s)")
+    m = write_example(args.name, args.out, seed=args.seed, on_epoch=on_epoch)
+    if m.epochs < m.max_epochs and not args.quiet:
+        print(f"stopped after epoch {m.epochs} of {m.max_epochs}: no better validation top-1 since "
+              f"epoch {m.best_epoch}, whose weights are kept", file=sys.stderr)
+    print(f"wrote {args.out}/{Artifacts.MODEL} ({m.arch}): test top-1 {m.test_top1:.2f}% "
+          f"(epoch {m.best_epoch}, {m.wall_seconds:.0f} s)")
     return 0
 
 
@@ -125,7 +126,7 @@ def _cmd_init(args: argparse.Namespace) -> int:
     state_dict that every command taking ``--checkpoint`` reads."""
     import torch
 
-    from dg2pf_core.checkpoints import save_state_dict
+    from dg2pf_core.checkpoint_save import save_state_dict
     from dg2pf_core.models import build_model, get_arch
     from dg2pf_core.models.registry import MAX_CLASSES
 
@@ -162,7 +163,7 @@ def _check_init_out(out: Path, force: bool) -> None:
 
 def _check_init_path(out: Path, force: bool) -> None:
     if out.is_dir():
-        raise DG2PFError(f"--out {out} is a directory; give a file name, e.g. {out / 'model.safetensors'}", field="out")
+        raise DG2PFError(f"--out {out} is a directory; give a file name, e.g. {out / Artifacts.MODEL}", field="out")
     if out.suffix != ".safetensors":
         raise DG2PFError(f"--out {out}: name the file .safetensors (the only format dg2pf writes weights in)", field="out")
     if out.exists() or out.is_symlink():
@@ -186,40 +187,93 @@ def _interrupt(*_) -> None:
 _JOB_OPTIONS = ("arch", "num_classes", "checkpoint", "dataset", "out")
 
 
-def _job_from(args: argparse.Namespace) -> PruneJob:
-    missing = [f"--{name.replace('_', '-')}" for name in _JOB_OPTIONS if getattr(args, name, None) is None]
-    if missing:
-        raise DG2PFError(f"the following arguments are required: {', '.join(missing)} (or --resume DIR)")
-    if args.sparsity is None and getattr(args, "target_macs_ratio", None) is None:
-        raise DG2PFError("the following arguments are required: --sparsity (or --target-macs-ratio with --granularity "
-                         "channel, or --resume DIR)", field="sparsity")
-    return PruneJob(
-        arch=args.arch, num_classes=args.num_classes, checkpoint=args.checkpoint, checkpoint_key=args.checkpoint_key,
-        dataset=args.dataset,
-        config=_config_from(args), teacher=args.teacher, image_size=args.image_size, val_fraction=args.val_fraction,
-        compact_values=args.compact_values, skip_bad_images=args.skip_bad_images,
-        augment=None if args.augment in (None, "auto") else args.augment, crop_pct=args.crop_pct,
-    )
+# Flags of the job's fields -> their dotted path in the JobSpec; every DG2PF option flag is schedule.<name>.
+_SPEC_PATHS = {"arch": "model.arch", "num_classes": "model.num_classes", "checkpoint": "model.checkpoint",
+               "checkpoint_key": "model.checkpoint_key", "dataset": "dataset.spec", "sparsity": "sparsity",
+               "teacher": "teacher", "image_size": "dataset.image_size", "val_fraction": "dataset.val_fraction",
+               "compact_values": "compact_values", "skip_bad_images": "dataset.skip_bad_images",
+               "crop_pct": "dataset.crop_pct", "augment": "dataset.augment"}
+# Options of how this process runs the job, not of the job (no JobSpec field): set on the config after.
+_EXECUTION_OPTIONS = ("device", "loader_workers")
+
+
+def _spec_from(args: argparse.Namespace) -> JobSpec:
+    """The job as a JobSpec: the JOB file (what POST /jobs takes) if given, the flags given over it, then
+    the ``--set KEY=VALUE`` overrides. Without a file the flags are the whole job."""
+    from pydantic import ValidationError
+
+    job_file = getattr(args, "job", None)
+    if job_file is None:
+        missing = [f"--{name.replace('_', '-')}" for name in _JOB_OPTIONS if getattr(args, name, None) is None]
+        if missing:
+            raise DG2PFError(f"the following arguments are required: {', '.join(missing)} (or a JOB file, or --resume DIR)")
+        if args.sparsity is None and getattr(args, "target_macs_ratio", None) is None and not args.set:
+            raise DG2PFError("the following arguments are required: --sparsity (or --target-macs-ratio with --granularity "
+                             "channel, or --resume DIR)", field="sparsity")
+    elif args.out is None:
+        raise DG2PFError("the following arguments are required: --out", field="out")
+    flags = [f"{path}={json.dumps(getattr(args, name))}" for name, path in _SPEC_PATHS.items()
+             if getattr(args, name, None) is not None]
+    flags += [f"schedule.{f.name}={json.dumps(getattr(args, f.name))}" for f in dataclasses.fields(_Config)
+              if f.name not in _SPEC_PATHS and f.name not in _EXECUTION_OPTIONS and getattr(args, f.name, None) is not None]
+    where = f"job spec {job_file}: " if job_file else ""
+    try:
+        doc = read_job_file(job_file) if job_file else {}
+        return JobSpec.model_validate(apply_overrides(doc, flags + list(args.set or [])))
+    except JobFileError as exc:
+        raise DG2PFError(exc.message, field=exc.field) from None
+    except ValidationError as exc:
+        field, message = describe(exc)
+        raise DG2PFError(where + message, field=field) from None
+
+
+def _job_from(args: argparse.Namespace) -> tuple[JobSpec, PruneJob]:
+    """The job's spec and the engine's job (its checkpoint and teacher are paths here)."""
+    spec = _spec_from(args)
+    job = PruneJob.from_spec(spec, spec.model.checkpoint, spec.teacher)
+    execution = {name: getattr(args, name) for name in _EXECUTION_OPTIONS if getattr(args, name, None) is not None}
+    if execution:
+        job.config = dataclasses.replace(job.config, **execution)
+    return spec, job
+
+
+def _engine(args: argparse.Namespace, spec: JobSpec | None) -> Engine:
+    """Where the job runs: what the spec's resources (and tune section) ask for, then the Ray flags over
+    it (--workers N: Ray Train with N workers, even 1); no spec (--resume): this process."""
+    how = dict(address=args.ray_address, storage_path=args.storage_path, max_failures=args.max_failures,
+               verbose=not args.quiet, ray_logs=args.verbose)
+    engine = Engine.of(spec, **how) if spec is not None else Engine(**how)
+    if args.workers is not None and args.workers < 1:
+        raise DG2PFError(f"--workers must be >= 1, got {args.workers}", field="workers")
+    if args.workers is not None or args.gpu:
+        engine = dataclasses.replace(engine, workers=args.workers or engine.workers or 1, use_gpu=args.gpu or engine.use_gpu)
+    return engine.with_overrides(placement=args.placement)
 
 
 def _cmd_prune(args: argparse.Namespace) -> int:
-    from dg2pf_core.job import prune_to_dir, read_state_dir, state_dir_for
-    from dg2pf_core.state import STATE_FILE
+    from dg2pf_core.job import read_state_dir, state_dir_for
+    from dg2pf_ray.execute import execute
 
     _set_threads(args)
     if args.resume:
-        options = (*_JOB_OPTIONS, "workers", "teacher", "image_size", "augment", "crop_pct", "checkpoint_key",
-                   *(f.name for f in dataclasses.fields(_Config)))
+        options = (*_JOB_OPTIONS, "workers", "teacher", "image_size", "augment", "crop_pct", "checkpoint_key", "set",
+                   "val_fraction", "compact_values", "skip_bad_images", *(f.name for f in dataclasses.fields(_Config)))
         given = list(dict.fromkeys(f"--{n.replace('_', '-')}" for n in options if getattr(args, n, None) is not None))
+        given = ([args.job] if args.job else []) + given
         if given:
             raise DG2PFError(f"--resume continues a run with its own options; leave out {', '.join(given)}", field="resume")
         state_dir = Path(args.resume)
         job, out = read_state_dir(state_dir)
         args.out = str(out)
+        engine = _engine(args, None)
     else:
-        job = _job_from(args)
+        spec, job = _job_from(args)
+        engine = _engine(args, spec)
+        if spec.tune is not None:
+            raise DG2PFError(f"{args.job} has a tune section: run it with `dg2pf tune {args.job} --out {args.out}`",
+                             field="tune")
         state_dir = state_dir_for(args.out)
-        if args.workers is None and (state_dir / STATE_FILE).exists():
+        if engine.in_process and StateDir(state_dir).training_state.exists():
             raise DG2PFError(f"{state_dir} holds an interrupted run for this --out: continue it with "
                              f"`dg2pf prune --resume {state_dir}`, or delete it to start over", field="out")
 
@@ -231,21 +285,19 @@ def _cmd_prune(args: argparse.Namespace) -> int:
             augment = getattr(prepared.splits, "augment", None)
             note += f"; augment: {augment}" if augment else ""
             threads = f" ({args.threads} thread{'s' if args.threads != 1 else ''}; --threads to change)" \
-                if prepared.device.type == "cpu" and args.workers is None else ""
+                if prepared.device.type == "cpu" and engine.in_process else ""
             print(f"data: {prepared.splits.description}{note}; device: {prepared.device}{threads}", file=sys.stderr)
         for warning in getattr(prepared.splits, "warnings", None) or []:  # shown even with --quiet, as errors are
             print(f"warning: {warning}", file=sys.stderr)
 
-    if args.workers is not None and args.workers < 1:
-        raise DG2PFError(f"--workers must be >= 1, got {args.workers}", field="workers")
-    if args.workers is None:
+    if engine.in_process:
         import signal
 
         # SIGTERM (a service manager, `kill`) ends the run like Ctrl-C: the state is kept and named.
         signal.signal(signal.SIGTERM, _interrupt)
         try:
-            m = prune_to_dir(job, args.out, progress=EpochBars(enabled=not args.quiet), on_prepared=announce,
-                             state_dir=state_dir, resume=bool(args.resume))
+            m = execute(job, args.out, engine, progress=EpochBars(enabled=not args.quiet), on_prepared=announce,
+                        state_dir=state_dir, resume=bool(args.resume))
         except BaseException as exc:
             kept = getattr(exc, "state_kept", None)
             interrupted = interrupt.caused_by_interrupt(exc)
@@ -257,107 +309,90 @@ def _cmd_prune(args: argparse.Namespace) -> int:
             if interrupted:
                 print(f"dg2pf: interrupted before training; nothing was written to {args.out}", file=sys.stderr)
                 return 130
-            if kept is not None and Path(kept, STATE_FILE).exists():  # a DG2PFError after some epochs
+            if kept is not None and StateDir(kept).training_state.exists():  # a DG2PFError after some epochs
                 print(f"dg2pf: error: {exc.message}; the run's state (the last epoch) is kept in {kept}: continue with "
                       f"`dg2pf prune --resume {kept}` once the cause is fixed, or delete it to start over", file=sys.stderr)
                 return 2
             raise
     else:
-        from dg2pf_ray.train import RayOptions, prune_on_ray
-
-        options = RayOptions(workers=args.workers, use_gpu=args.gpu, placement=args.placement, address=args.ray_address,
-                             storage_path=args.storage_path, max_failures=args.max_failures, verbose=not args.quiet,
-                             ray_logs=args.verbose)
-        m = prune_on_ray(job, args.out, options)
+        m = execute(job, args.out, engine)
     rows = [
-        ("target sparsity", f"{m['target_sparsity']:.2%}" if m.get("target_sparsity") is not None
-         else f"MACs ratio {m['target_macs_ratio']:g} -> {m['channel_sparsity']:.2%} of channels"),
-        *(_channel_rows(m) if m.get("granularity") == "channel" else [
-            ("sparsity (prunable weights)", f"{m['sparsity_prunable']:.4%}"),
-            ("sparsity (all parameters)", f"{m['sparsity_total']:.4%}"),
-            ("parameters nonzero / total", f"{m['params_nonzero']:,} / {m['params_total']:,}")]),
-        ("MACs sparse / dense", f"{m['flops_sparse']:,} / {m['flops_dense']:,} ({m['flops_sparse'] / max(m['flops_dense'], 1):.3f}x)"),
+        ("target sparsity", f"{m.target_sparsity:.2%}" if m.target_sparsity is not None
+         else f"MACs ratio {m.target_macs_ratio:g} -> {m.channel_sparsity:.2%} of channels"),
+        *(_channel_rows(m) if m.granularity == "channel" else [
+            ("sparsity (prunable weights)", f"{m.sparsity_prunable:.4%}"),
+            ("sparsity (all parameters)", f"{m.sparsity_total:.4%}"),
+            ("parameters nonzero / total", f"{m.params_nonzero:,} / {m.params_total:,}")]),
+        ("MACs sparse / dense", f"{m.macs_sparse:,} / {m.macs_dense:,} ({m.macs_sparse / max(m.macs_dense, 1):.3f}x)"),
         ("most pruned layer", _most_pruned(m)),
-        *([("granularity", _nm_check(m))] if m.get("nm_violations") is not None else []),
-        ("test top-1 dense -> pruned", _fmt_pair(m["baseline_test_top1"], m["test_top1"])),
-        ("val top-1 (best epoch)", f"{m['val_top1']:.2f}% (epoch {m['best_epoch']} of {m['epochs']})"),
+        *([("granularity", _nm_check(m))] if m.nm_violations is not None else []),
+        ("test top-1 dense -> pruned", _fmt_pair(m.baseline_test_top1, m.test_top1)),
+        ("val top-1 (best epoch)", f"{m.val_top1:.2f}% (epoch {m.best_epoch} of {m.epochs})"),
         ("wall time", _wall_time(m)),
-        ("model.onnx", _onnx_line(m)),
-        *_latency_rows(m),
+        (Artifacts.ONNX, _onnx_line(m)),
+        *latency_rows(m),
     ]
     width = max(len(k) for k, _ in rows)
     for k, v in rows:
         print(f"{k:<{width}}  {v}")
-    for warning in m.get("warnings") or []:
+    for warning in m.warnings:
         print(f"warning: {warning}", file=sys.stderr)
-    onnx = "model.onnx, " if (m.get("onnx") or {}).get("written") else ""
-    print(f"wrote {args.out}/model.safetensors, model.compact.safetensors, {onnx}and metrics.json")
+    print(f"wrote {args.out}/{_written(m)}, and {Artifacts.METRICS}")
     return 0
 
 
-def _wall_time(m: dict) -> str:
+def _written(m: Metrics) -> str:
+    """The model files a run wrote, for the line that says where the results are."""
+    onnx = [Artifacts.ONNX] if m.onnx is not None and m.onnx.written else []
+    return ", ".join([Artifacts.MODEL, Artifacts.COMPACT, *onnx])
+
+
+def _wall_time(m: Metrics) -> str:
     """The run from the command's start; on Ray, the workers' own share beside it (the rest is Ray and
     its workers starting, and the results coming back)."""
-    if m.get("driver_wall_seconds") is None:
-        return f"{m['wall_seconds']:.1f} s"
-    return f"{m['driver_wall_seconds']:.1f} s (the workers' training and evaluation {m['wall_seconds']:.1f} s of it)"
+    if m.driver_wall_seconds is None:
+        return f"{m.wall_seconds:.1f} s"
+    return f"{m.driver_wall_seconds:.1f} s (the workers' training and evaluation {m.wall_seconds:.1f} s of it)"
 
 
-def _onnx_line(m: dict) -> str:
-    onnx = m.get("onnx") or {}
-    if onnx.get("written"):
-        return f"written (opset {onnx['opset']}; logits match PyTorch's within {onnx['max_abs_diff']:.2g})"
-    return f"not written: {onnx.get('reason', 'not attempted')}"
+def _onnx_line(m: Metrics) -> str:
+    if m.onnx is not None and m.onnx.written:
+        return f"written (opset {m.onnx.opset}; logits match PyTorch's within {m.onnx.max_abs_diff:.2g})"
+    return f"not written: {m.onnx.reason if m.onnx is not None else 'not attempted'}"
 
 
-def _latency_rows(m: dict) -> list[tuple[str, str]]:
-    """One row per backend: the measured speed-up of the pruned model over the dense one, per batch size."""
-    latency = m.get("latency") or {}
-    if not latency.get("backends"):
-        return [("latency", f"not measured: {latency.get('reason', '-')}")] if latency else []
-    rows = []
-    for backend, by_batch in latency["backends"].items():
-        cells = [f"batch {n}: {r['dense_ms']:.2f} -> {r['pruned_ms']:.2f} ms ({r['speedup']:.2f}x)"
-                 for n, r in by_batch.items() if r.get("speedup") is not None]
-        if cells:
-            rows.append((f"latency {backend}", "; ".join(cells)))
-    macs = f"MACs ratio {latency['macs_ratio']:.3f}x; " if latency.get("macs_ratio") is not None else ""
-    rows.append(("latency threads", f"{latency['threads']} ({macs}speed-up = dense / pruned median)"))
-    return rows
+def _nm_check(m: Metrics) -> str:
+    n = m.granularity.split(":")[0]
+    return f"{m.granularity} (groups with more than {n} nonzeros: {m.nm_violations})"
 
 
-def _nm_check(m: dict) -> str:
-    n = m["granularity"].split(":")[0]
-    return f"{m['granularity']} (groups with more than {n} nonzeros: {m['nm_violations']})"
-
-
-def _most_pruned(m: dict) -> str:
-    layers = m.get("layer_sparsity") or {}
+def _most_pruned(m: Metrics) -> str:
+    layers = m.layer_sparsity
     if not layers:
         return "-"
     name = max(layers, key=layers.__getitem__)
-    cap = f" (cap {m['layer_cap']:.2%})" if m.get("layer_cap") is not None else ""
+    cap = f" (cap {m.layer_cap:.2%})" if m.layer_cap is not None else ""
     return f"{name} {layers[name]:.2%}{cap}"
 
 
 def _cmd_tune(args: argparse.Namespace) -> int:
-    from dg2pf_ray.tune import TuneOptions, tune_job
+    from dg2pf_ray.execute import execute
 
     _set_threads(args)
-    job = _job_from(args)
-    options = TuneOptions(samples=args.samples, search_space=args.search_space, workers_per_trial=args.workers or 1,
-                          use_gpu=args.gpu, placement=args.placement, address=args.ray_address, storage_path=args.storage_path,
-                          max_concurrent=args.max_concurrent, grace_period=args.grace_period, verbose=not args.quiet,
-                          ray_logs=args.verbose)
-    m = tune_job(job, args.out, options)
-    t = m["tune"]
-    for row in t["trials"]:
-        val = f"{row['val_top1']:.2f}%" if row.get("val_top1") is not None else "-"
-        error = f"  error: {row['error']}" if row["status"] == "failed" and row.get("error") else ""
-        print(f"{row['trial_id']:<24} {row['status']:<14} val top-1 {val}{error}")
-    print(f"best trial {t['best_trial']}: val top-1 {m['val_top1']:.2f}%, test top-1 {m['test_top1']:.2f}%")
-    onnx = "model.onnx, " if (m.get("onnx") or {}).get("written") else ""
-    print(f"wrote {args.out}/model.safetensors, model.compact.safetensors, {onnx}metrics.json and trials.csv")
+    spec, job = _job_from(args)
+    engine = _engine(args, spec)
+    # A search: the JOB file's tune section, the flags over it; each trial on Ray Train.
+    engine = dataclasses.replace(engine, workers=engine.workers or 1, tune_samples=engine.tune_samples or 4,
+                                 max_concurrent=args.max_concurrent, grace_period=args.grace_period)
+    m = execute(job, args.out, engine.with_overrides(tune_samples=args.samples, search_space=args.search_space))
+    t = m.tune
+    assert t is not None  # a search's metrics always carry it (dg2pf_ray.tune)
+    for row in t.trials:
+        val = f"{row.val_top1:.2f}%" if row.val_top1 is not None else "-"
+        error = f"  error: {row.error}" if row.status == "failed" and row.error else ""
+        print(f"{row.trial_id:<24} {row.status:<14} val top-1 {val}{error}")
+    print(f"best trial {t.best_trial}: val top-1 {m.val_top1:.2f}%, test top-1 {m.test_top1:.2f}%")
+    print(f"wrote {args.out}/{_written(m)}, {Artifacts.METRICS} and {Artifacts.TRIALS}")
     return 0
 
 
@@ -617,7 +652,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_job_options(pr: argparse.ArgumentParser, required: bool = True) -> None:
-    # prune checks the required ones itself: --resume DIR replaces them all.
+    # prune checks the required ones itself: a JOB file or --resume DIR replaces them.
+    pr.add_argument("job", nargs="?", metavar="JOB", help="a job spec file, JSON or YAML: exactly what POST /jobs takes "
+                    "(model.checkpoint a path here); the options given below replace its values")
+    pr.add_argument("--set", action="append", metavar="KEY=VALUE", help="set a field of the job, by its dotted path in "
+                    "the job spec (schedule.lr=0.001, dataset.image_size=64); repeatable; applied last")
     pr.add_argument("--arch", required=required, help="e.g. digits_cnn, cifar/resnet18, torchvision/resnet50 (see `dg2pf archs`)")
     pr.add_argument("--num-classes", type=int, required=required)
     pr.add_argument("--checkpoint", required=required, help=".safetensors or a torch state_dict file (recognised by content)")
@@ -628,10 +667,11 @@ def _add_job_options(pr: argparse.ArgumentParser, required: bool = True) -> None
     pr.add_argument("--out", required=required, help="output directory (must not exist or be empty)")
     pr.add_argument("--teacher", help="separate teacher checkpoint (default: the unpruned input model)")
     pr.add_argument("--image-size", type=int, help="input size (default: the architecture's)")
-    pr.add_argument("--val-fraction", type=float, default=0.1, help="held out from train when the dataset has no val split")
-    pr.add_argument("--compact-values", choices=["fp32", "fp16"], default="fp32",
+    pr.add_argument("--val-fraction", type=float, help="held out from train when the dataset has no val split "
+                    "(default: 0.1)")
+    pr.add_argument("--compact-values", choices=["fp32", "fp16"],
                     help="value dtype of OUT/model.compact.safetensors (default: fp32, exact)")
-    pr.add_argument("--skip-bad-images", action="store_true",
+    pr.add_argument("--skip-bad-images", action="store_true", default=None,
                     help="leave out images that cannot be decoded (counted in metrics.json) instead of stopping")
     pr.add_argument("--crop-pct", type=float, help=CROP_HELP)
     pr.add_argument("--augment", choices=("auto", *AUGMENT_POLICIES),
@@ -690,8 +730,8 @@ def _set_threads(args: argparse.Namespace) -> None:
 
 def _add_tune_evaluate_archs(sub) -> None:
     tu = sub.add_parser("tune", help="search DG2PF schedule hyperparameters with Ray Tune")
-    _add_job_options(tu)
-    tu.add_argument("--samples", type=int, default=4, help="configurations to try (default: 4)")
+    _add_job_options(tu, required=False)
+    tu.add_argument("--samples", type=int, help="configurations to try (default: the JOB file's tune.samples, else 4)")
     tu.add_argument("--search-space", help="YAML/JSON file of option -> distribution (default: the built-in space)")
     tu.add_argument("--max-concurrent", type=int, help="trials at once (default: what the cluster fits)")
     tu.add_argument("--grace-period", type=int, default=2, help="epochs at the final sparsity before early stopping (default: 2)")

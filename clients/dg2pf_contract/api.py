@@ -3,8 +3,7 @@
 The service declares its responses with these classes (``dg2pf_service.api.schemas`` imports them), and
 the client parses the answers with the same ones, so the two cannot drift apart; a contract test checks
 them against the service's OpenAPI as well. Pure pydantic: importing this module must never bring torch,
-Ray or the service. The request side (``JobSpec``, generated from the core's config) stays in the service:
-the client sends it as plain JSON and shows the API's validation errors.
+Ray or the service. The request side is ``dg2pf_contract.job.JobSpec``.
 """
 
 from __future__ import annotations

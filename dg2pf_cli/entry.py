@@ -1,10 +1,13 @@
-"""The ``dg2pf`` console script and ``python -m dg2pf_cli``.
+"""The commands of the full package, as the ``dg2pf`` console script runs them, and ``python -m dg2pf_cli``.
 
-The commands that talk to a service (``dg2pf_client.cli``: submit, status, jobs, ...) and ``--version``
-run without importing torch, so they answer at once. The others import torch, which takes seconds;
-Ctrl-C in that time must end like Ctrl-C later: one line and status 130, not a traceback from inside
-an import. So this module imports nothing heavy itself and catches the interrupt around the import as
-well as the command.
+The console script is the light client's (``dg2pf_client.cli``); this package plugs into it as the
+entry point ``local`` of group ``dg2pf.commands`` (pyproject.toml), so the script hands :func:`run`
+every command but the service ones. Here the service commands (submit, status, jobs, ...) and
+``--version`` go back to ``dg2pf_client.cli`` without importing torch, for ``python -m dg2pf_cli``.
+
+The other commands import torch, which takes seconds; Ctrl-C in that time must end like Ctrl-C later:
+one line and status 130, not a traceback from inside an import. So this module imports nothing heavy
+itself and catches the interrupt around the import as well as the command.
 """
 
 from __future__ import annotations
@@ -29,12 +32,9 @@ def run(argv: Sequence[str] | None = None) -> int:
 
         return main(args)
     except BrokenPipeError:
-        # The reader of our output went away (`dg2pf archs | head`): as for any command line tool, stop
-        # quietly; stdout is pointed at /dev/null so the interpreter's final flush cannot fail again.
-        import os
+        from dg2pf_client.cli import stop_quietly_on_broken_pipe
 
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 141  # 128 + SIGPIPE, as a shell reports a process a broken pipe ended
+        return stop_quietly_on_broken_pipe()
     except BaseException as exc:
         if not caused_by_interrupt(exc):
             raise

@@ -1,23 +1,34 @@
-"""The job spec: one pydantic type describes a pruning job everywhere (API, CLI, client, engine).
+"""The job spec: one pydantic type describes a pruning job everywhere: POST /jobs, ``dg2pf submit``,
+``dg2pf prune JOB.yaml``, the recipes in recipes/, the runner's job.json.
 
-``schedule`` is generated from ``DG2PFConfig``, so every knob of the algorithm is settable here and
-the two can never drift apart. Unknown fields are rejected at every level.
+``schedule`` is generated from the algorithm's options (``dg2pf_contract.options.Options``), so every option
+of the algorithm is settable here and the two can never drift apart. Unknown fields are rejected at every
+level. dg2pf_core checks the options again, with what needs the core (``dg2pf_core.jobspec``).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
 import typing
+from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, create_model
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, WrapValidator, create_model
+from pydantic_core import PydanticCustomError
 
-from dg2pf_core.config import BOUNDS, KD_LOSSES, MAX_PATTERN_LENGTH, MAX_PATTERNS, PRESET_FIELDS, PRESETS, DG2PFConfig
-from dg2pf_core.data.registry import AUGMENT_POLICIES, AUTO
-from dg2pf_core.job import MAX_IMAGE_SIZE, MIN_IMAGE_SIZE, PruneJob
-from dg2pf_core.models.registry import MAX_CLASSES
-from dg2pf_core.nm import PATTERN as GRANULARITY_PATTERN
+from .options import BOUNDS, GRANULARITY_PATTERN, KD_LOSSES, MAX_PATTERN_LENGTH, MAX_PATTERNS, PRESET_FIELDS, PRESETS, Options
+
+MAX_CLASSES = 100_000  # ImageNet-21k has 21,841; beyond this a classifier alone is gigabytes
+MIN_IMAGE_SIZE, MAX_IMAGE_SIZE = 8, 2048
+# Training augmentation policies (dg2pf_core/data/transforms.py builds them):
+#   imagenet: random resized crop (8% to 100% of the image) + horizontal flip
+#   cifar:    pad + random crop back to size + horizontal flip
+#   shift:    pad + random crop back to size, no flip
+#   none:     the eval transform for training too
+AUGMENT_POLICIES = ("imagenet", "cifar", "shift", "none")
+AUTO = "auto"  # the dataset's default
 
 
 class _Strict(BaseModel):
@@ -40,13 +51,32 @@ def _no_control(value: str) -> str:
     return value
 
 
+_RANGE_ERRORS = {"greater_than", "greater_than_equal", "less_than", "less_than_equal", "string_pattern_mismatch"}
+
+
+def worded(valid: str) -> WrapValidator:
+    """A field's range or form error in words a user acts on ("must be in [8, 2048], got 100000") instead
+    of pydantic's ("Input should be less than or equal to 2048"); the bounds stay in the OpenAPI."""
+
+    def check(value: Any, handler: Any) -> Any:
+        try:
+            return handler(value)
+        except ValidationError as exc:
+            if any(e["type"] in _RANGE_ERRORS for e in exc.errors()):
+                raise PydanticCustomError("out_of_range", "must be {valid}, got {value}",
+                                          {"valid": valid, "value": repr(value) if isinstance(value, str) else value})
+            raise
+
+    return WrapValidator(check)
+
+
 Text = Annotated[str, Field(max_length=4096), AfterValidator(_no_control)]
 Name = Annotated[str, Field(min_length=1, max_length=200), AfterValidator(_no_control)]
 
 
 class ModelSpec(_Strict):
     arch: Name = Field(description="architecture name, e.g. digits_cnn, cifar/resnet18, torchvision/resnet50")
-    num_classes: int = Field(ge=2, le=MAX_CLASSES)
+    num_classes: Annotated[int, worded(f"in [2, {MAX_CLASSES:,}]")] = Field(ge=2, le=MAX_CLASSES)
     checkpoint: Text = Field(description="a checkpoint id from POST /checkpoints, or a path under an allowed root")
     checkpoint_key: Name | None = Field(None, description="a checkpoint holding two sets of weights (a training "
                                         "checkpoint with an EMA copy: state_dict + state_dict_ema, model + model_ema): "
@@ -55,8 +85,9 @@ class ModelSpec(_Strict):
 
 class DatasetSpec(_Strict):
     spec: Text = Field(description="digits | cifar10:PATH | fashion-mnist:PATH | mnist:PATH | imagefolder:PATH")
-    val_fraction: float = Field(0.1, gt=0, le=0.5)
-    image_size: int | None = Field(None, ge=MIN_IMAGE_SIZE, le=MAX_IMAGE_SIZE)
+    val_fraction: Annotated[float, worded("in (0, 0.5]")] = Field(0.1, gt=0, le=0.5)
+    image_size: Annotated[int | None, worded(f"in [{MIN_IMAGE_SIZE}, {MAX_IMAGE_SIZE}]")] = Field(
+        None, ge=MIN_IMAGE_SIZE, le=MAX_IMAGE_SIZE)
     skip_bad_images: bool = Field(False, description="leave out images that cannot be decoded (counted in metrics.json) "
                                   "instead of failing the job")
     augment: Literal[(AUTO, *AUGMENT_POLICIES)] = Field(  # type: ignore[valid-type]
@@ -65,7 +96,7 @@ class DatasetSpec(_Strict):
         "transform); auto: imagefolder imagenet from 96 px and cifar below, cifar10 cifar, mnist and fashion-mnist "
         "shift, digits none. Validation, test and serving preprocess the same whatever it is; metrics.json records "
         "the policy used")
-    crop_pct: float | None = Field(None, ge=0.25, le=1.0, description="imagefolder: validation, test and serving "
+    crop_pct: Annotated[float | None, worded("in [0.25, 1]")] = Field(None, ge=0.25, le=1.0, description="imagefolder: validation, test and serving "
                                    "resize an image whose short side is over image_size / crop_pct to that short side "
                                    "and keep its centre square (default 0.875, ImageNet's: 256 for 224; 1: the centre "
                                    "square only); a smaller image is resized whole to image_size, nothing cut")
@@ -87,9 +118,9 @@ _OPTIONAL_RANGES = {"target_macs_ratio": (dict(gt=0, lt=1), "granularity 'channe
 
 
 def _schedule_model() -> type[BaseModel]:
-    hints = typing.get_type_hints(DG2PFConfig)
+    hints = typing.get_type_hints(Options)
     fields: dict[str, Any] = {}
-    for f in dataclasses.fields(DG2PFConfig):
+    for f in dataclasses.fields(Options):
         if f.name in _NOT_SCHEDULE:
             continue
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
@@ -105,13 +136,15 @@ def _schedule_model() -> type[BaseModel]:
                              Field(description="; ".join(d for d in (description, preset) if d) or None)]
         elif bounds is not None:  # the core's own ranges, so they appear in the OpenAPI
             limits = {"gt" if bounds.low_open else "ge": bounds.low, "lt" if bounds.high_open else "le": bounds.high}
-            hint = Annotated[hint, Field(**limits, description=preset)]
+            hint = Annotated[hint, Field(**limits, description=preset), worded(f"in {bounds.text()}")]
         elif f.name in _OPTIONAL_RANGES:
             limits, description = _OPTIONAL_RANGES[f.name]
-            hint = Annotated[float | None, Field(**limits, description=description)]
+            hint = Annotated[float | None, Field(**limits, description=description),
+                             worded("strictly between 0 and 1 (0.5: half the multiply-accumulates)")]
         elif f.name in _PATTERNS:
             pattern, description = _PATTERNS[f.name]
-            hint = Annotated[str, Field(max_length=16, pattern=pattern, description=description)]
+            hint = Annotated[str, Field(max_length=16, pattern=pattern, description=description),
+                             worded("'unstructured', 'channel' or N:M such as '2:4'")]
         elif typing.get_origin(hint) is list:
             hint = Annotated[list[Annotated[str, Field(max_length=MAX_PATTERN_LENGTH)]], Field(max_length=MAX_PATTERNS)]
         elif hint is str or (f.name in PRESET_FIELDS and typing.get_args(hint) and str in typing.get_args(hint)):
@@ -124,7 +157,7 @@ ScheduleSpec = _schedule_model()
 
 
 class ResourcesSpec(_Strict):
-    num_workers: int = Field(1, ge=1, le=1024, description="DDP workers (1: one process, no DDP)")
+    num_workers: Annotated[int, worded("in [1, 1024]")] = Field(1, ge=1, le=1024, description="DDP workers (1: one process, no DDP)")
     use_gpu: bool = False
     placement: Literal["pack", "spread"] = Field(
         "pack", description="pack: workers on as few nodes as possible (fast collectives); spread: one per node where "
@@ -133,7 +166,7 @@ class ResourcesSpec(_Strict):
 
 
 class TuneSpec(_Strict):
-    samples: int = Field(4, ge=1, le=256)
+    samples: Annotated[int, worded("in [1, 256]")] = Field(4, ge=1, le=256)
     search_space: dict[str, Any] | None = Field(None, max_length=64,
                                                 description="option -> distribution, as in `dg2pf tune --search-space`")
 
@@ -145,7 +178,8 @@ class JobSpec(_Strict):
     dataset: DatasetSpec
     # At least 0.1%: below it round(s x N) prunes nothing of a model under a thousand weights, and no
     # real job asks for it; values like 5e-324 are typos or probes.
-    sparsity: float | None = Field(None, ge=0.001, lt=1, description="fraction of prunable weights (of prunable channels "
+    sparsity: Annotated[float | None, worded("strictly between 0 and 1, at least 0.001 (e.g. 0.9 for 90%)")] = Field(
+        None, ge=0.001, lt=1, description="fraction of prunable weights (of prunable channels "
                                    "with granularity 'channel') to remove; required unless schedule.target_macs_ratio")
     schedule: ScheduleSpec = Field(default_factory=ScheduleSpec)  # type: ignore[valid-type]
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
@@ -155,18 +189,83 @@ class JobSpec(_Strict):
         "fp32", description="value dtype of the compact artifact model.compact.safetensors (fp32: exact)"
     )
 
-    def config(self) -> DG2PFConfig:
-        """The DG2PFConfig this spec asks for (raises ConfigError on inconsistent values)."""
-        return DG2PFConfig(sparsity=self.sparsity or 0.0, **self.schedule.model_dump())
+    @classmethod
+    def read(cls, path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> "JobSpec":
+        """The job in a JSON or YAML file, with ``KEY=VALUE`` overrides (``apply_overrides``); raises
+        JobFileError for a file that is no job, pydantic's ValidationError for a field at fault."""
+        return cls.model_validate(apply_overrides(read_job_file(path), list(overrides)))
 
-    def prune_job(self, checkpoint_path: str, teacher_path: str | None, data_roots: list[str] | None = None) -> PruneJob:
-        """The engine's job; ``data_roots``: the folders its data must stay inside (the service's)."""
-        return PruneJob(
-            arch=self.model.arch, num_classes=self.model.num_classes, checkpoint=checkpoint_path,
-            checkpoint_key=self.model.checkpoint_key,
-            dataset=self.dataset.spec, config=self.config(), teacher=teacher_path,
-            image_size=self.dataset.image_size, val_fraction=self.dataset.val_fraction,
-            compact_values=self.compact_values, skip_bad_images=self.dataset.skip_bad_images,
-            augment=None if self.dataset.augment == AUTO else self.dataset.augment, crop_pct=self.dataset.crop_pct,
-            allowed_roots=list(data_roots or []),
-        )
+
+class JobFileError(ValueError):
+    """A job file that cannot be read as a job (not the fields: those are ``JobSpec``'s ValidationError)."""
+
+    def __init__(self, message: str, field: str | None = None) -> None:
+        super().__init__(message)
+        self.message, self.field = message, field
+
+
+def read_job_file(path: str | Path) -> dict[str, Any]:
+    """A job file as the mapping POST /jobs takes: JSON, or YAML when PyYAML is installed (the light client's
+    ``[yaml]`` extra; the full package has it). Strict JSON: NaN and Infinity are refused, as the API does."""
+    try:
+        text = Path(path).read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise JobFileError(f"cannot read job spec {path}: {exc}") from exc
+    if not text.strip():
+        raise JobFileError(f"job spec {path} is empty")
+
+    def no_constant(name: str) -> object:
+        raise ValueError(f"{name} is not a JSON number")
+
+    try:
+        doc = json.loads(text, parse_constant=no_constant)
+    except RecursionError:
+        raise JobFileError(f"job spec {path} is nested too deeply to be a job spec") from None
+    except ValueError as json_error:
+        try:
+            import yaml
+        except ImportError:
+            raise JobFileError(f"job spec {path} is not JSON ({json_error}); for YAML install PyYAML: "
+                               "pip install 'dg2pf-client[yaml]'") from None
+        try:
+            doc = yaml.safe_load(text)
+        except (yaml.YAMLError, RecursionError) as exc:
+            raise JobFileError(f"cannot read job spec {path}: {' '.join(str(exc).split())}") from None
+    if not isinstance(doc, dict):
+        raise JobFileError(f"job spec {path} must be a mapping of fields (model, dataset, sparsity, ...), "
+                           f"not {type(doc).__name__}")
+    return doc
+
+
+def apply_overrides(doc: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """``doc`` with ``KEY=VALUE`` overrides applied (``--set schedule.lr=0.001``): KEY a dotted path of
+    JobSpec fields, VALUE read as JSON where it is JSON (numbers, true, null, lists) and as text otherwise."""
+    doc = json.loads(json.dumps(doc))  # a deep copy of plain values
+    for override in overrides:
+        key, sep, raw = override.partition("=")
+        path = [p for p in key.strip().split(".")]
+        if not sep or not all(path):
+            raise JobFileError(f"--set {override!r}: give KEY=VALUE, KEY a dotted field path such as "
+                               "schedule.lr or dataset.image_size", field=key.strip() or None)
+        try:
+            value: Any = json.loads(raw, parse_constant=lambda name: raw)
+        except ValueError:
+            value = raw
+        node = doc
+        for i, part in enumerate(path[:-1]):
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            elif not isinstance(child, dict):
+                raise JobFileError(f"--set {override!r}: {'.'.join(path[:i + 1])} is not a section of fields",
+                                   field=".".join(path[:i + 1]))
+            node = child
+        node[path[-1]] = value
+    return doc
+
+
+def describe(error: ValidationError) -> tuple[str | None, str]:
+    """The first problem of a JobSpec ValidationError as (dotted field, message): what the API's 422 says."""
+    first = next(iter(error.errors()), {})
+    field = ".".join(str(p) for p in first.get("loc", ())) or None
+    return field, f"{field}: {first.get('msg')}" if field else str(first.get("msg", error))
