@@ -30,10 +30,10 @@ from pathlib import Path
 import torch
 
 from benchreport import Contention, contention_line, environment, environment_lines, median, table, write_result
-from dg2pf_core.checkpoint_save import save_state_dict
-from dg2pf_core.checkpoints import load_into, read_state_dict
-from dg2pf_core.compact import load_compact, save_compact
-from dg2pf_core.masks import apply_masks_, magnitude_masks, select_prunable
+from dg2pf_core.io.checkpoint_save import save_state_dict
+from dg2pf_core.io.checkpoints import load_into, read_state_dict
+from dg2pf_core.io.compact import load_compact, save_compact
+from dg2pf_core.algorithm.masks import apply_masks_, magnitude_masks, select_prunable
 from dg2pf_core.models import build_model
 
 ARCHS = ("cifar/resnet18", "digits_cnn")

@@ -1,7 +1,7 @@
 """Accuracy of DG2PF channel pruning on the digits example: does half the compute keep the accuracy?
 
 The example checkpoint (``dg2pf example digits``: digits_cnn trained on scikit-learn's digits at
-16x16, ``dg2pf_core.example.write_example`` with seed 0, unless ``--checkpoint`` gives one) is pruned
+16x16, ``dg2pf_core.job.example.write_example`` with seed 0, unless ``--checkpoint`` gives one) is pruned
 with ``granularity="channel"`` and ``target_macs_ratio`` 0.5 through the job path a user's
 ``dg2pf prune --granularity channel --target-macs-ratio 0.5`` takes (``dg2pf_core.job.prune_to_dir``:
 preflight, DG2PF, physical removal, model files, ONNX export, metrics.json with its latency
@@ -38,7 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from dg2pf_contract.artifacts import Artifacts  # noqa: E402
 from dg2pf_core import DG2PFConfig  # noqa: E402
-from dg2pf_core.example import write_example  # noqa: E402
+from dg2pf_core.job.example import write_example  # noqa: E402
 from dg2pf_core.job import PruneJob, prune_to_dir  # noqa: E402
 
 DOCS = ROOT / "docs" / "benchmarks.md"

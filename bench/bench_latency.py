@@ -10,7 +10,7 @@ statistics (seed 0); no training is needed to time a model, only its shapes (and
 unstructured part, its zeros) matter.
 
 - *Unstructured* (section 10 of docs/benchmarks.md): the same weights with global magnitude masks at
-  90% applied (``dg2pf_core.masks.magnitude_masks``: the zeros a DG2PF run at 90% has, up to which
+  90% applied (``dg2pf_core.algorithm.masks.magnitude_masks``: the zeros a DG2PF run at 90% has, up to which
   weights they are). Dense kernels do the same work whatever the values.
 - *Channel* (section 11): the smaller dense networks DG2PF's channel granularity leaves at
   ``target_macs_ratio`` 0.5 and 0.25: the channel fraction ``ChannelPlan.fit_macs`` finds under
@@ -22,10 +22,10 @@ unstructured part, its zeros) matter.
   the latency, are what a job at that ratio produces from such weights (trained weights rank the
   layers differently, so a real job's shapes, not its MACs ratio, may differ).
 
-All models are timed with ``dg2pf_core.latency`` (what every job's metrics.json holds): the models of
+All models are timed with ``dg2pf_core.io.latency`` (what every job's metrics.json holds): the models of
 one case interleaved in this process (dense and every pruned variant, one run of each per round, the
 order rotating), PyTorch eager and ONNX Runtime (CPU provider, each model exported with
-``dg2pf_core.onnx_export``, the job's exporter), batch 1 and 32, medians and p90s, with torch and ONNX
+``dg2pf_core.io.onnx_export``, the job's exporter), batch 1 and 32, medians and p90s, with torch and ONNX
 Runtime set to the same thread count (default: torch's).
 
 Runs per cell (unstructured): 30 at batch 1 and at 32x32; at 224x224 batch 32, 10 (resnet50: 6).
@@ -56,12 +56,12 @@ from benchreport import Contention, contention_line, environment, environment_li
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from dg2pf_core import DG2PFConfig  # noqa: E402
-from dg2pf_core.channels import ChannelPlan, Structure, apply_structure  # noqa: E402
-from dg2pf_core.latency import measure_latency  # noqa: E402
-from dg2pf_core.masks import apply_masks_, magnitude_masks, select_prunable  # noqa: E402
-from dg2pf_core.metrics import conv_linear_macs  # noqa: E402
+from dg2pf_core.algorithm.channels import ChannelPlan, Structure, apply_structure  # noqa: E402
+from dg2pf_core.io.latency import measure_latency  # noqa: E402
+from dg2pf_core.algorithm.masks import apply_masks_, magnitude_masks, select_prunable  # noqa: E402
+from dg2pf_core.io.metrics import conv_linear_macs  # noqa: E402
 from dg2pf_core.models import build_model  # noqa: E402
-from dg2pf_core.onnx_export import export_onnx  # noqa: E402
+from dg2pf_core.io.onnx_export import export_onnx  # noqa: E402
 
 DOCS = ROOT / "docs" / "benchmarks.md"
 SPARSITY = 0.9

@@ -1,6 +1,6 @@
 """Global magnitude masks for torchvision ResNet-50 at 90% sparsity: dg2pf vs torch.nn.utils.prune.
 
-``dg2pf_core.masks.magnitude_masks(params, 0.9)`` against
+``dg2pf_core.algorithm.masks.magnitude_masks(params, 0.9)`` against
 ``prune.global_unstructured(..., pruning_method=prune.L1Unstructured, amount=0.9)`` on the same
 weights (every Conv/Linear ``weight``, ~25.5M), each on a fresh copy of the model; only the call is
 timed, and torch's reparametrisation is removed afterwards. The two run interleaved (order
@@ -23,8 +23,8 @@ import torch
 import torch.nn.utils.prune as prune
 
 from benchreport import Contention, contention_line, environment, environment_lines, median, table, write_result
-from dg2pf_core.config import DG2PFConfig
-from dg2pf_core.masks import count_pruned, magnitude_masks, select_prunable
+from dg2pf_core.algorithm.config import DG2PFConfig
+from dg2pf_core.algorithm.masks import count_pruned, magnitude_masks, select_prunable
 from dg2pf_core.models import build_model
 
 TARGET_SPEEDUP = 5.0

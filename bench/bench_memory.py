@@ -4,7 +4,7 @@ For each sparsity, in a fresh child process (so one measurement's freed-but-kept
 the next one's peak):
 
 - exact: bytes held by the masks (bool tensors, distinct storages counted once) and by the backup
-  that ``dg2pf_core.simulated._backup(params, masks)`` keeps (the masked values);
+  that ``dg2pf_core.algorithm.simulated._backup(params, masks)`` keeps (the masked values);
 - measured: the process's peak RSS (``VmHWM``, reset through ``/proc/self/clear_refs``) minus its RSS
   before building masks + backup, i.e. the transient peak including temporaries; and the RSS still
   held afterwards while masks and backup are alive.
@@ -26,9 +26,9 @@ import sys
 import torch
 
 from benchreport import environment, environment_lines, table, write_result
-from dg2pf_core.masks import magnitude_masks, select_prunable
+from dg2pf_core.algorithm.masks import magnitude_masks, select_prunable
 from dg2pf_core.models import build_model
-from dg2pf_core.simulated import _backup
+from dg2pf_core.algorithm.simulated import _backup
 
 ARCH, NUM_CLASSES = "torchvision/resnet50", 1000
 SPARSITIES = (0.5, 0.9, 0.95)

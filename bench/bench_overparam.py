@@ -22,7 +22,7 @@ from pathlib import Path
 from benchreport import Contention, contention_line, environment, environment_lines, table, write_result
 from dg2pf_contract.artifacts import Artifacts
 from dg2pf_core import DG2PFConfig, PruneJob
-from dg2pf_core.example import write_example
+from dg2pf_core.job.example import write_example
 from dg2pf_core.job import prune_to_dir
 
 MODES = ("sgd", "overparam")

@@ -46,14 +46,14 @@ from benchreport import contention_line, environment, environment_lines, table, 
 from dg2pf_contract.artifacts import Artifacts, JobDir
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests" / "service"))
+sys.path.insert(0, str(ROOT / "tests" / "support"))
 from service_process import ServiceProcess  # noqa: E402
 
 from bench_service import ServiceContention, make_example, pct  # noqa: E402
 
 
 def in_process(output_dir: Path, x: torch.Tensor, calls: int = 500) -> dict:
-    from dg2pf_core.inference import InferenceModel
+    from dg2pf_core.io.inference import InferenceModel
 
     torch.set_num_threads(1)
     model = InferenceModel.load(output_dir)

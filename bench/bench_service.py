@@ -1,7 +1,7 @@
 """The dg2pf service over real HTTP: POST /jobs latency, queued -> running latency, end-to-end vs the CLI.
 
 The script starts a real service process (``python -m dg2pf_service --port P``, as
-``tests/service/service_process.py`` does) in a fresh temp data dir: SQLite store (the default), its
+``tests/support/service_process.py`` does) in a fresh temp data dir: SQLite store (the default), its
 own embedded Ray head, ``DG2PF_POLL_SECONDS=0.2`` (the scheduler's tick: reconcile + dispatch).
 ``RAY_TMPDIR`` points at a private directory, so the head cannot be confused with another Ray on
 this machine and its processes (which ``ray start`` detaches from us) can be counted as ours in the
@@ -63,7 +63,7 @@ from dg2pf_contract.artifacts import Artifacts
 from dg2pf_contract.results import Metrics
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests" / "service"))
+sys.path.insert(0, str(ROOT / "tests" / "support"))
 from service_process import ServiceProcess  # noqa: E402  (the tests' way of starting a real service)
 
 POLL_SECONDS = 0.2  # DG2PF_POLL_SECONDS of the service under test

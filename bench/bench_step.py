@@ -23,11 +23,11 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-import dg2pf_core.simulated as simulated
+import dg2pf_core.algorithm.simulated as simulated
 from benchreport import Contention, contention_line, environment, environment_lines, median, table, write_result
-from dg2pf_core.distillation import kd_loss
-from dg2pf_core.masks import magnitude_masks, select_prunable
-from dg2pf_core.metrics import autocast_context
+from dg2pf_core.algorithm.distillation import kd_loss
+from dg2pf_core.algorithm.masks import magnitude_masks, select_prunable
+from dg2pf_core.io.metrics import autocast_context
 from dg2pf_core.models import build_model
 
 TARGET_RATIO = 1.45

@@ -2,7 +2,7 @@
 uploads, and /healthz latency while uploads are checked.
 
 The script starts real service processes (``python -m dg2pf_service --port P``, as
-``tests/service/service_process.py`` does) in a fresh temp data dir: SQLite, and a Ray address where
+``tests/support/service_process.py`` does) in a fresh temp data dir: SQLite, and a Ray address where
 nothing listens (uploads never touch Ray; no Ray head competes for the 2 cores).
 
 a. **Cut-off.** Against ``DG2PF_MAX_UPLOAD_BYTES=2000000``: a 1 GiB file part generated on the fly,
@@ -54,10 +54,10 @@ import torch
 from benchreport import ProcessTreeContention, contention_line, environment, environment_lines, table, update_docs, write_result
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests" / "service"))
+sys.path.insert(0, str(ROOT / "tests" / "support"))
 from service_process import ServiceProcess  # noqa: E402  (the tests' way of starting a real service)
 
-from dg2pf_core.checkpoint_save import save_state_dict  # noqa: E402
+from dg2pf_core.io.checkpoint_save import save_state_dict  # noqa: E402
 from dg2pf_service.cluster import free_port  # noqa: E402
 from dg2pf_service.uploads import in_memory_size  # noqa: E402
 

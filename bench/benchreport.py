@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from dg2pf_core.latency import cpu_name
+from dg2pf_core.io.latency import cpu_name
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 

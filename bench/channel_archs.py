@@ -1,8 +1,8 @@
-"""Which architectures channel granularity works on: the survey behind ``dg2pf_core.channels.CHANNEL_ARCHS``.
+"""Which architectures channel granularity works on: the survey behind ``dg2pf_core.algorithm.channels.CHANNEL_ARCHS``.
 
 For each architecture (one representative per family by default), in a fresh subprocess limited to
 10 GB of address space and 300 s: build it (``torchvision`` ones randomly initialised, weights spread
-and BatchNorm statistics moved off their defaults as tests/test_channels.py does), trace it with
+and BatchNorm statistics moved off their defaults as tests/dg2pf_core/algorithm/test_channels.py does), trace it with
 ``ChannelPlan.build`` at the given input size, find the channel fraction for ``target_macs_ratio`` 0.5
 under a layer collapse guard, zero the selected groups (simulated pruning) and compare the logits of
 that masked network with those of the network whose channels were removed (``apply_structure``), and
@@ -46,8 +46,8 @@ def one(arch: str, size: int) -> dict:
     sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
     from test_channels import _trained_looking  # noqa: PLC0415
 
-    from dg2pf_core.channels import ChannelPlan, Structure, apply_structure  # noqa: PLC0415
-    from dg2pf_core.metrics import conv_linear_macs  # noqa: PLC0415
+    from dg2pf_core.algorithm.channels import ChannelPlan, Structure, apply_structure  # noqa: PLC0415
+    from dg2pf_core.io.metrics import conv_linear_macs  # noqa: PLC0415
     from dg2pf_core.models import build_model, get_arch  # noqa: PLC0415
 
     torch.set_num_threads(1)

@@ -38,12 +38,12 @@ import numpy as np
 import torch
 
 from benchreport import environment
-from dg2pf_core.checkpoint_save import save_state_dict
+from dg2pf_core.io.checkpoint_save import save_state_dict
 from dg2pf_core.data.cifar10 import DEFAULT_CLASS_NAMES, META_FILE, SUBFOLDER, TEST_FILE, TRAIN_FILES
 from dg2pf_core.errors import DG2PFError
 from dg2pf_core.job import PreparedJob, PruneJob, prune_to_dir
 from dg2pf_core.models import build_model
-from dg2pf_core.state import EpochRecord
+from dg2pf_core.algorithm.state import EpochRecord
 from dg2pf_contract.job import JobSpec
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -21,7 +21,7 @@ from dg2pf_client import Client
 from dg2pf_contract.artifacts import Artifacts
 from dg2pf_contract.results import Metrics
 from dg2pf_core.data.digits import write_test_digit_images
-from dg2pf_core.example import write_example
+from dg2pf_core.job.example import write_example
 from dg2pf_service.cluster import free_port
 
 from .summary import latency_rows

@@ -22,7 +22,7 @@ from dg2pf_contract.job import JobFileError, JobSpec, apply_overrides, describe,
 from dg2pf_contract.results import Metrics
 from dg2pf_core import DG2PFConfig, DG2PFError, PruneJob
 from dg2pf_contract.options import PRESET_FIELDS, PRESETS
-from dg2pf_core.config import DG2PFConfig as _Config
+from dg2pf_core.algorithm.config import DG2PFConfig as _Config
 from dg2pf_core.data import AUGMENT_POLICIES, dataset_usages
 from dg2pf_ray.execute import Engine
 
@@ -98,7 +98,7 @@ def _channel_rows(m: Metrics) -> list[tuple[str, str]]:
 
 
 def _cmd_example(args: argparse.Namespace) -> int:
-    from dg2pf_core.example import write_example
+    from dg2pf_core.job.example import write_example
 
     _set_threads(args)
     if not args.quiet:
@@ -126,7 +126,7 @@ def _cmd_init(args: argparse.Namespace) -> int:
     state_dict that every command taking ``--checkpoint`` reads."""
     import torch
 
-    from dg2pf_core.checkpoint_save import save_state_dict
+    from dg2pf_core.io.checkpoint_save import save_state_dict
     from dg2pf_core.models import build_model, get_arch
     from dg2pf_core.models.registry import MAX_CLASSES
 
@@ -460,7 +460,7 @@ def _fmt_pair(before: float | None, after: float | None) -> str:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-    from dg2pf_core.evaluation import evaluate_checkpoint
+    from dg2pf_core.job.evaluation import evaluate_checkpoint
 
     _set_threads(args)
     r = evaluate_checkpoint(args.arch, args.num_classes, args.checkpoint, args.dataset, image_size=args.image_size, split=args.split,
@@ -477,7 +477,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def _size_line(size: dict) -> str:
-    """One line of ``dg2pf_core.metrics.compared``: MACs and parameters against the dense reference."""
+    """One line of ``dg2pf_core.io.metrics.compared``: MACs and parameters against the dense reference."""
     return (f"MACs {size['macs']:,} / {size['macs_reference']:,} ({size['macs_ratio']:.3f}x), parameters nonzero "
             f"{size['params_nonzero']:,} / {size['params_reference']:,} ({size['params_ratio']:.3f}x) vs {size['reference']}")
 
@@ -487,12 +487,13 @@ def _cmd_latency(args: argparse.Namespace) -> int:
 
     import torch
 
-    from dg2pf_core.evaluation import dense_default_footprint, dense_default_name
-    from dg2pf_core.job import MAX_IMAGE_SIZE, MIN_IMAGE_SIZE, checkpoint_num_classes, load_checkpoint_model
-    from dg2pf_core.latency import measure_latency
-    from dg2pf_core.metrics import compared, footprint
-    from dg2pf_core.onnx_export import export_onnx
-    from dg2pf_core.preflight import check_eval_forward
+    from dg2pf_contract.job import MAX_IMAGE_SIZE, MIN_IMAGE_SIZE
+    from dg2pf_core.io.latency import measure_latency
+    from dg2pf_core.io.metrics import compared, footprint
+    from dg2pf_core.io.onnx_export import export_onnx
+    from dg2pf_core.job import checkpoint_num_classes, load_checkpoint_model
+    from dg2pf_core.job.evaluation import dense_default_footprint, dense_default_name
+    from dg2pf_core.job.preflight import check_eval_forward
 
     _set_threads(args)
     batch_sizes = _batch_sizes(args.batch_sizes)

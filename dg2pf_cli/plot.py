@@ -1,5 +1,5 @@
 """``dg2pf plot DIR|JOB_ID [--out DIR]``: ``training.png`` and ``layers.png`` of any run, drawn here
-from its ``metrics.json`` (``dg2pf_core.plots``).
+from its ``metrics.json`` (``dg2pf_core.io.plots``).
 
 DIR is a run's output directory (``dg2pf prune --out``, ``dg2pf download``; a metrics.json file is
 taken too); the PNGs go there unless ``--out`` says otherwise. A job id, when no such directory
@@ -17,7 +17,7 @@ from pathlib import Path
 from dg2pf_client.cli import DEFAULT_URL
 from dg2pf_contract.artifacts import Artifacts
 from dg2pf_contract.results import Metrics, MetricsError
-from dg2pf_core.plots import PlotError, parse_metrics, write_plots
+from dg2pf_core.io.plots import PlotError, parse_metrics, write_plots
 
 JOB_ID = re.compile(r"[0-9a-f]{32}")
 

@@ -8,7 +8,7 @@ from tqdm import tqdm
 
 from dg2pf_client import interrupt
 
-from dg2pf_core.state import EpochRecord
+from dg2pf_core.algorithm.state import EpochRecord
 
 
 class EpochBars:

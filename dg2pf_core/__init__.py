@@ -3,16 +3,29 @@
 Entry points: ``run_dg2pf`` (the loop on your own model and loaders), ``PruneJob`` + ``prune_to_dir``
 (a whole job from a checkpoint and a dataset spec), ``magnitude_masks`` and ``nm_masks`` (the pruning
 rules, unstructured and N:M).
+
+The code is grouped by concept: ``algorithm`` (the method: masks, schedule, the loop), ``io`` (files in
+and out: checkpoints, the compact format, ONNX, plots, latency, metrics), ``job`` (a pruning job end
+to end, phase by phase), ``data`` and ``models`` (the registries of datasets and architectures).
 """
 
-from .config import DG2PFConfig
-from .errors import CheckpointError, ConfigError, DatasetError, DG2PFError, ResumeError, UnknownArchitectureError
-from .job import PreparedJob, PruneJob, prepare, prune_to_dir
-from .loop import DG2PFResult, run_dg2pf
-from .masks import Selection, apply_masks_, magnitude_masks, select_prunable
-from .nm import nm_masks
-from .schedule import sparsity_targets
-from .state import EpochRecord, TrainingState
+from dg2pf_core.algorithm.config import DG2PFConfig
+from dg2pf_core.algorithm.loop import DG2PFResult, run_dg2pf
+from dg2pf_core.algorithm.masks import Selection, apply_masks_, magnitude_masks, select_prunable
+from dg2pf_core.algorithm.nm import nm_masks
+from dg2pf_core.algorithm.schedule import sparsity_targets
+from dg2pf_core.algorithm.state import EpochRecord, TrainingState
+from dg2pf_core.errors import (
+    CheckpointError,
+    ConfigError,
+    DatasetError,
+    DG2PFError,
+    ResumeError,
+    UnknownArchitectureError,
+)
+from dg2pf_core.job.preflight import prepare
+from dg2pf_core.job.prune import prune_to_dir
+from dg2pf_core.job.spec import PreparedJob, PruneJob
 
 __all__ = [
     "CheckpointError", "ConfigError", "DatasetError", "DG2PFConfig", "DG2PFError", "DG2PFResult",

@@ -69,3 +69,9 @@ class TrainingDiverged(DG2PFError):
     """The training loss became NaN or infinite: the options (learning rate) do not suit the model."""
 
     field = "lr"
+
+
+class OutputError(DG2PFError):
+    """The results could not be written (disk full, permissions) after training finished."""
+
+    field = "out"

@@ -12,8 +12,8 @@ from typing import Any
 
 from dg2pf_contract.job import JobSpec
 from dg2pf_contract.results import Metrics
+from dg2pf_core.algorithm.loop import Progress
 from dg2pf_core.job import PreparedJob, PruneJob, prune_to_dir
-from dg2pf_core.loop import Progress
 
 
 @dataclass(frozen=True)

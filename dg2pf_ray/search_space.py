@@ -24,7 +24,7 @@ from typing import Any
 import yaml
 from ray import tune
 
-from dg2pf_core.config import DG2PFConfig
+from dg2pf_core.algorithm.config import DG2PFConfig
 from dg2pf_core.errors import ConfigError
 
 DEFAULT_SPACE: dict[str, Any] = {

@@ -29,12 +29,12 @@ from ray.train.v2.api.exceptions import ControllerError, TrainingFailedError, Wo
 
 from dg2pf_contract.artifacts import Artifacts
 from dg2pf_contract.results import DistributedRun, Metrics, RayRun
+from dg2pf_core.algorithm.loop import run_dg2pf
+from dg2pf_core.algorithm.masks import masks_checksum
+from dg2pf_core.algorithm.state import EpochRecord, TrainingState, append_record
 from dg2pf_core.errors import DG2PFError
-from dg2pf_core.export import OutputDir
+from dg2pf_core.io.export import OutputDir
 from dg2pf_core.job import OutputError, PruneJob, prepare, result_metrics, write_results
-from dg2pf_core.loop import run_dg2pf
-from dg2pf_core.masks import masks_checksum
-from dg2pf_core.state import EpochRecord, TrainingState, append_record
 
 from .cluster import ClusterError, check_capacity, connect
 

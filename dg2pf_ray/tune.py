@@ -25,7 +25,7 @@ from ray.tune.schedulers import ASHAScheduler
 
 from dg2pf_contract.artifacts import Artifacts
 from dg2pf_contract.results import Metrics, TuneSummary
-from dg2pf_core.export import OutputDir
+from dg2pf_core.io.export import OutputDir
 from dg2pf_core.job import PruneJob, prepare
 
 from .cluster import check_capacity, connect

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from dg2pf_core.metrics import evaluate
+from dg2pf_core.io.metrics import evaluate
 
 from .data import load_job_split, loaders, settings_for_dataset
 from .pretrain import build

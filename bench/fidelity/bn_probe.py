@@ -3,7 +3,7 @@
 Runs one Fashion-MNIST job the way the fidelity grid does (``PruneJob`` -> ``prepare`` -> ``run``, the
 cell's 8,000-image training subset) and, after every epoch from the last ranking on (the mask is
 then final), scores the epoch's network twice on the validation split: with BatchNorm's running
-averages as training left them, and after re-estimating them on 50 training batches (``dg2pf_core.batchnorm.recalibrate_batchnorm``);
+averages as training left them, and after re-estimating them on 50 training batches (``dg2pf_core.algorithm.batchnorm.recalibrate_batchnorm``);
 then on 50 augmented training batches with the re-estimated statistics, on the validation split
 with each batch normalised by its own statistics (train mode: what training's loss sees), and after
 one and three rounds of estimating the statistics in eval mode (``_estimate_in_eval_mode``: as the
@@ -29,8 +29,8 @@ from pathlib import Path
 import torch
 
 from dg2pf_core import job as product
-from dg2pf_core.batchnorm import recalibrate_batchnorm
-from dg2pf_core.metrics import evaluate
+from dg2pf_core.algorithm.batchnorm import recalibrate_batchnorm
+from dg2pf_core.io.metrics import evaluate
 
 from .data import settings_for_dataset
 from .dg2pf_family import INVESTIGATIONS, VARIANTS, config_for, prepare_job

@@ -2,7 +2,7 @@
 
 Both remove whole output channels (with everything coupled to them: BatchNorms, the next layers'
 inputs, residual sums) until the network keeps ``cell.macs_ratio`` of the dense network's Conv/Linear
-multiply-accumulates (``dg2pf_core.metrics.conv_linear_macs``, the ruler every cell is measured with),
+multiply-accumulates (``dg2pf_core.io.metrics.conv_linear_macs``, the ruler every cell is measured with),
 over the same P pruning epochs within the same E epochs, with the same early stopping and best-val
 selection; the classifier's outputs are never pruned.
 
@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dg2pf_core.metrics import conv_linear_macs, evaluate
+from dg2pf_core.io.metrics import conv_linear_macs, evaluate
 
 from .data import loaders
 from .dg2pf_family import _run

@@ -33,7 +33,7 @@ from torch.utils.data import Dataset, Subset, TensorDataset
 
 from dg2pf_core.data import DataRequest, DataSplits, load_dataset
 from dg2pf_core.data.digits import DIGITS_MEAN, DIGITS_STD
-from dg2pf_core.loaders import LocalLoaders
+from dg2pf_core.data.loaders import LocalLoaders
 
 DATASETS = ("digits", "fashion-mnist")
 # Where the four IDX files are (Debian/Ubuntu: apt-get install dataset-fashion-mnist).

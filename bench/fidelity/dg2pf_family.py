@@ -84,7 +84,7 @@ INVESTIGATIONS: dict[str, tuple[dict, str]] = {
 }
 
 
-CUBIC = INVESTIGATIONS["abl-cubic"][0]  # the default's configuration, spelled out (tests/test_fidelity_harness.py)
+CUBIC = INVESTIGATIONS["abl-cubic"][0]  # the default's configuration, spelled out (tests/bench/test_fidelity_harness.py)
 
 
 def config_for(method: str, sparsity: float, seed: int, budget: Budget, overrides: dict) -> DG2PFConfig:

@@ -39,10 +39,16 @@ import torch.nn.functional as F
 from torch import nn
 from torch.ao.pruning import BaseSparsifier, CubicSL
 
-from dg2pf_core.batchnorm import recalibrate_batchnorm, settle_constant_channels, settled
-from dg2pf_core.distillation import kd_loss
-from dg2pf_core.masks import EmptyingGuard, apply_masks_, classifier_weight, magnitude_masks, zero_masked_grads_
-from dg2pf_core.metrics import evaluate
+from dg2pf_core.algorithm.batchnorm import recalibrate_batchnorm, settle_constant_channels, settled
+from dg2pf_core.algorithm.distillation import kd_loss
+from dg2pf_core.algorithm.masks import (
+    EmptyingGuard,
+    apply_masks_,
+    classifier_weight,
+    magnitude_masks,
+    zero_masked_grads_,
+)
+from dg2pf_core.io.metrics import evaluate
 
 from .data import loaders
 from .registry import Cell, Outcome, register_method

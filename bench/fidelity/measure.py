@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from dg2pf_core.metrics import evaluate
+from dg2pf_core.io.metrics import evaluate
 
 from .data import JobSplit, Split
 

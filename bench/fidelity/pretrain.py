@@ -23,7 +23,7 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
-from dg2pf_core.metrics import evaluate
+from dg2pf_core.io.metrics import evaluate
 
 from .data import DataSettings, JobSplit, Split, loaders
 

@@ -37,7 +37,7 @@ import safetensors.torch
 import torch
 
 from dg2pf_core.errors import DG2PFError
-from dg2pf_core.metrics import conv_linear_macs
+from dg2pf_core.io.metrics import conv_linear_macs
 
 from . import report
 from .cells import SPARSITIES, SPARSITIES_BY_DATASET, cell_path, macs_cell_path, results_dir_for, write_json

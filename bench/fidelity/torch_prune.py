@@ -19,7 +19,7 @@ import torch.nn.utils.prune as prune
 from torch import nn
 
 from dg2pf_core import DG2PFConfig
-from dg2pf_core.metrics import evaluate
+from dg2pf_core.io.metrics import evaluate
 
 from .data import loaders
 from .registry import Cell, Outcome, register_method

@@ -31,7 +31,7 @@ class Artifacts:
     COMPACT = "model.compact.safetensors"  # the same weights as bitmask + nonzero values
     ONNX = "model.onnx"  # only when the model exports and ONNX Runtime matches PyTorch's logits
     METRICS = "metrics.json"  # the result document: dg2pf_contract.results.Metrics
-    TRAINING_PLOT = "training.png"  # drawn from metrics.json (dg2pf_core.plots), unless drawing failed
+    TRAINING_PLOT = "training.png"  # drawn from metrics.json (dg2pf_core.io.plots), unless drawing failed
     LAYERS_PLOT = "layers.png"
     HISTORY = "history.json"  # service jobs: metrics.json's history on its own
     TRIALS = "trials.csv"  # tune runs: one row per trial
@@ -90,7 +90,7 @@ class StateDir:
     root: Path
 
     JOB = "job.json"  # the job and its output path, for resuming
-    TRAINING_STATE = "train_state.pt"  # the last epoch's full TrainingState (dg2pf_core.state)
+    TRAINING_STATE = "train_state.pt"  # the last epoch's full TrainingState (dg2pf_core.algorithm.state)
     LOCK = ".lock"  # held by the run that trains there
 
     def __post_init__(self) -> None:

@@ -3,7 +3,7 @@
 
 ``schedule`` is generated from the algorithm's options (``dg2pf_contract.options.Options``), so every option
 of the algorithm is settable here and the two can never drift apart. Unknown fields are rejected at every
-level. dg2pf_core checks the options again, with what needs the core (``dg2pf_core.jobspec``).
+level. dg2pf_core checks the options again, with what needs the core (``dg2pf_core.job.preflight.check_static``).
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ GRADUAL_MASKS = ("simulated", "hard")
 BN_AFTER_PRUNING = ("batch", "frozen")
 KD_LOSSES = ("standard", "authors")
 SCOPES = ("global", "layerwise")
-RECOVERY_MODES = ("frozen", "feedback")  # dg2pf_core/simulated.py
+RECOVERY_MODES = ("frozen", "feedback")  # dg2pf_core/algorithm/simulated.py
 AMP_MODES = ("none", "bf16", "fp16")
 CHANCE_BASELINE = ("warn", "refuse")
 
@@ -97,7 +97,8 @@ GRANULARITY_DEFAULTS: dict[str, dict[str, Any]] = {
 
 
 
-# Granularity: "unstructured", "channel" or N:M such as "2:4" (dg2pf_core/nm.py checks N < M and the sparsity).
+# Granularity: "unstructured", "channel" or N:M such as "2:4" (dg2pf_core/algorithm/nm.py checks N < M and the
+# sparsity).
 CHANNEL = "channel"
 GRANULARITY_PATTERN = r"^(unstructured|channel|[0-9]{1,2}:[0-9]{1,2})$"
 
@@ -124,10 +125,10 @@ class Options:
     gradual_masks: str = "simulated"  # "simulated" (DG2PF: weights put back after each step) or "hard" (zeroed for good)
     scope: str = "global"  # "global" ranking or "layerwise"
     # "unstructured" (DG2PF) or "N:M" ("2:4": at most N of every M consecutive weights along a row kept,
-    # dg2pf_core/nm.py). N:M needs sparsity (M-N)/M and the global scope; the layer caps below do not
+    # dg2pf_core/algorithm/nm.py). N:M needs sparsity (M-N)/M and the global scope; the layer caps below do not
     # apply to it (no tensor goes beyond (M-N)/M: every group is capped by construction).
     # "channel": whole output channels with everything coupled to them (Torch-Pruning's dependency
-    # graph, dg2pf_core/channels.py); sparsity is then the fraction of prunable channels, unless
+    # graph, dg2pf_core/algorithm/channels.py); sparsity is then the fraction of prunable channels, unless
     # target_macs_ratio is given, and the pruned channels are physically removed after the last
     # pruning epoch.
     granularity: str = "unstructured"
@@ -136,10 +137,8 @@ class Options:
     # before training and met exactly at the last pruning epoch. None: use sparsity.
     target_macs_ratio: float | None = None
     # Channel granularity only: every pruned layer keeps a multiple of this many channels (the kept
-    # width rounded up; target_macs_ratio is still met, by pruning more elsewhere). CPU convolution
-    # kernels work in blocks of channels (ONNX Runtime's NCHWc: 16 with AVX-512, 8 with AVX2), GPUs'
-    # tensor cores in multiples of 8: resnet50 at 224x224, MACs 0.5, ONNX Runtime on AVX-512 ran in
-    # 0.501x of the dense latency with 16, 0.636x with 1 (docs/benchmarks.md section 11). 1: off.
+    # width rounded up; target_macs_ratio is still met, by pruning more elsewhere), as CPU kernels and
+    # tensor cores work in blocks of channels (measured: docs/benchmarks.md section 11). 1: off.
     channel_multiple: int = 16
     # The emptying guard (unstructured): every ranking keeps the this-many largest weights of each
     # prunable tensor and of each classifier row (one row per class), so no layer and no class is cut off;
@@ -155,17 +154,14 @@ class Options:
     layer_density_floor: float | None = None
     warn_layer_sparsity: float = 0.98  # the result warns about layers pruned beyond this fraction
     # Before every validation of a pruned network, re-estimate BatchNorm statistics on this many training
-    # batches (0: off, the running averages as training left them). docs/fidelity.md (Fashion-MNIST,
-    # shufflenet_v2_x0_5 at 98%): with the running averages validation read 10% where the network
-    # scored 68-72% after re-estimation, so early stopping kept the wrong epochs.
+    # batches (0: off, the running averages as training left them): stale averages misread a pruned
+    # network's accuracy and early stopping kept the wrong epochs (docs/fidelity.md).
     bn_recalibration_batches: int = 32
     # After the last ranking: "batch" (BatchNorm normalises each training batch by its own statistics,
     # as in ordinary training) or "frozen" (BatchNorm layers train in eval mode, normalising by the
     # statistics last re-estimated for the final mask, as the served network will; with
-    # bn_recalibration_batches=0, by the running averages the last pruning epoch left). docs/fidelity.md
-    # (Fashion-MNIST, shufflenet_v2_x0_5 at 98%): a network scoring 46-68% with batch statistics scored
-    # 10-18% with any population statistics; trained with them frozen, the two agreed, but accuracy
-    # did not follow (run 3: 86.52% vs 87.14% at 95%, one of three seeds diverged at 98%): off by default.
+    # bn_recalibration_batches=0, by the running averages the last pruning epoch left). Off by default:
+    # it made training and serving agree but did not raise accuracy (docs/fidelity.md).
     bn_after_pruning: str = "batch"
     # The input model scoring near chance on the validation split (at most chance + 5 points: it does not fit
     # the data: another dataset, another class order, other preprocessing): "warn" (the job goes on, and says

@@ -143,7 +143,7 @@ class LatencyCell(_Open):
 
 class Latency(_Open):
     """The ``latency`` section: the unpruned input model and the pruned one timed side by side
-    (``dg2pf_core.latency``), or why they were not (``measured`` false and ``reason``)."""
+    (``dg2pf_core.io.latency``), or why they were not (``measured`` false and ``reason``)."""
 
     measured: bool = Field(True, description="false: the measurement failed (``reason``); present only then")
     reason: str | None = Field(None, description="not measured: why")

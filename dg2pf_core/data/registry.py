@@ -178,7 +178,7 @@ def eval_crop_pct(spec: str, crop_pct: float | None) -> float | None:
     """The centre crop the dataset ``spec`` names evaluates with for a job asking ``crop_pct``: a number
     where its eval transform crops (``transforms.FitAndCrop``: folders of images), None where it resizes
     the whole image (the datasets of a fixed size)."""
-    from .transforms import FitAndCrop
+    from dg2pf_core.data.transforms import FitAndCrop
 
     name, _ = parse_spec(spec)
     steps = getattr(_entry(name).eval_transform(DataRequest(image_size=32, in_channels=3, crop_pct=crop_pct)), "transforms", [])

@@ -38,7 +38,7 @@ from dg2pf_contract.results import Metrics
 from dg2pf_core.errors import DG2PFError
 from dg2pf_core.job import PruneJob
 from dg2pf_ray.execute import Engine, execute
-from dg2pf_core.state import EpochRecord, append_record
+from dg2pf_core.algorithm.state import EpochRecord, append_record
 
 from .lifeline import start_lifeline
 

@@ -35,9 +35,9 @@ import anyio.to_thread
 from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import MultipartParser, parse_options_header
 
-from dg2pf_core.checkpoints import read_state_dict
-from dg2pf_core.compact import FORMAT as COMPACT_FORMAT
 from dg2pf_core.errors import CheckpointError
+from dg2pf_core.io.checkpoints import read_state_dict
+from dg2pf_core.io.compact import FORMAT as COMPACT_FORMAT
 
 from .settings import Settings
 

@@ -10,7 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from dg2pf_contract.job import JobSpec, ScheduleSpec
-from dg2pf_core.config import DG2PFConfig
+from dg2pf_core.algorithm.config import DG2PFConfig
 from dg2pf_core.data import parse_spec
 from dg2pf_core.data.registry import needs_path
 from dg2pf_core.data.roots import check_tree, under

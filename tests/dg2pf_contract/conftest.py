@@ -13,7 +13,7 @@ import torch
 def finished_job(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """(the run's output directory, its state directory, kept)."""
     from dg2pf_core import DG2PFConfig, PruneJob
-    from dg2pf_core.checkpoint_save import save_state_dict
+    from dg2pf_core.io.checkpoint_save import save_state_dict
     from dg2pf_core.job import prune_to_dir
     from dg2pf_core.models import build_model
 

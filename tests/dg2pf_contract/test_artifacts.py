@@ -7,11 +7,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from dg2pf_contract.artifacts import Artifacts, JobDir, StateDir
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
+@pytest.mark.slow
 def test_every_file_a_finished_job_writes_is_named_by_artifacts(finished_job):
     out, state = finished_job
     written = {p.name for p in out.iterdir()}

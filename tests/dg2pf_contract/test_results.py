@@ -25,6 +25,7 @@ def _unknown_keys(m: Metrics) -> dict:
     return found
 
 
+@pytest.mark.slow
 def test_a_real_runs_metrics_json_is_typed_entirely(finished_job):
     out, _ = finished_job
     written = json.loads(Artifacts(out).metrics.read_text())
@@ -37,6 +38,7 @@ def test_a_real_runs_metrics_json_is_typed_entirely(finished_job):
     assert m.to_document() == written  # what is read is what was written, key for key
 
 
+@pytest.mark.slow
 def test_macs_are_written_under_their_former_flops_names_too(finished_job):
     out, _ = finished_job
     written = json.loads(Artifacts(out).metrics.read_text())
@@ -102,6 +104,7 @@ def test_what_is_not_a_runs_metrics_json_is_named_with_what_is_wrong(tmp_path):
         Metrics.parse(json.dumps(damaged), "x")
 
 
+@pytest.mark.slow
 def test_a_model_folder_of_either_kind_says_what_serving_needs(finished_job, digits_example):
     """A pruning run's output and a pre-trained example both hold the model's arch, classes and data."""
     out, _ = finished_job

@@ -27,7 +27,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.formparsers import MultiPartException, MultiPartParser
 
 from dg2pf_core.errors import DG2PFError, InputError
-from dg2pf_core.inference import InferenceModel, finite_logits, predictions_json
+from dg2pf_core.io.inference import InferenceModel, finite_logits, predictions_json
 
 from ..errorshape import error_body
 from .backends import BACKENDS, ONNXRUNTIME, load_served_model

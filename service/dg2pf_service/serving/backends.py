@@ -3,11 +3,11 @@
 - ``torch`` (default): the job's architecture with its compact weights (``InferenceModel.load``), on
   the replica's device (a GPU with ``DG2PF_SERVE_GPUS_PER_REPLICA``).
 - ``onnxruntime``: the job's ``model.onnx`` on ONNX Runtime's CPU provider
-  (``dg2pf_core.onnx_backend``); no PyTorch weights are loaded.
+  (``dg2pf_core.io.onnx_backend``); no PyTorch weights are loaded.
 
 Either way the model is an ``InferenceModel``: request parsing, image preprocessing, input errors,
 top-k and labels are the same code, and the logits agree within the tolerance every job's export
-was checked against (``dg2pf_core.onnx_export.ATOL`` relative to the largest logit).
+was checked against (``dg2pf_core.io.onnx_export.ATOL`` relative to the largest logit).
 
 A job whose ONNX export failed has no ``model.onnx``. On an ``onnxruntime`` service it is served by
 PyTorch rather than refused: the two compute the same answers, so the backend is the operator's
@@ -23,9 +23,9 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from dg2pf_core.inference import InferenceModel
-from dg2pf_core.onnx_backend import BACKEND as ONNXRUNTIME
-from dg2pf_core.onnx_backend import load_onnx_model, onnx_missing_reason
+from dg2pf_core.io.inference import InferenceModel
+from dg2pf_core.io.onnx_backend import BACKEND as ONNXRUNTIME
+from dg2pf_core.io.onnx_backend import load_onnx_model, onnx_missing_reason
 
 log = logging.getLogger("dg2pf.serving")
 

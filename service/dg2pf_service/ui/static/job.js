@@ -1,5 +1,5 @@
 // A job's page: GET /jobs/{id} every 1.5 s while it is queued or running, drawn as the curves of
-// dg2pf_core/plots.py's training.png (same phases, same colours) with uPlot; once it has finished, its
+// dg2pf_core/io/plots.py's training.png (same phases, same colours) with uPlot; once it has finished, its
 // results (MACs, parameters and measured speed-ups, as `dg2pf status` prints them) and per-layer
 // sparsity from metrics.json. Cancel and deploy call the API; artifacts download with the token.
 "use strict";
