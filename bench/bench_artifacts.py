@@ -28,12 +28,12 @@ import time
 from pathlib import Path
 
 import torch
-
 from benchreport import Contention, contention_line, environment, environment_lines, median, table, write_result
+
+from dg2pf_core.algorithm.masks import apply_masks_, magnitude_masks, select_prunable
 from dg2pf_core.io.checkpoint_save import save_state_dict
 from dg2pf_core.io.checkpoints import load_into, read_state_dict
 from dg2pf_core.io.compact import load_compact, save_compact
-from dg2pf_core.algorithm.masks import apply_masks_, magnitude_masks, select_prunable
 from dg2pf_core.models import build_model
 
 ARCHS = ("cifar/resnet18", "digits_cnn")
@@ -82,7 +82,7 @@ def measure(arch: str, sparsity: float, repeats: int, work: Path) -> dict:
         load_into(target, load(fmt, paths[fmt]))
     times = {f"{op}_{fmt}": [] for op in ("save", "load") for fmt in FORMATS}
     for i in range(repeats):
-        order = FORMATS[i % 3:] + FORMATS[: i % 3]
+        order = FORMATS[i % 3 :] + FORMATS[: i % 3]
         for fmt in order:
             gc.collect()
             t0 = time.perf_counter()
@@ -97,13 +97,19 @@ def measure(arch: str, sparsity: float, repeats: int, work: Path) -> dict:
     exact = list(back) == list(state) and all(torch.equal(back[k], v) for k, v in state.items())
     sizes = {fmt: paths[fmt].stat().st_size for fmt in FORMATS}
     return {
-        "arch": arch, "sparsity": sparsity, "prunable_weights": prunable, "pruned_weights": zeros,
+        "arch": arch,
+        "sparsity": sparsity,
+        "prunable_weights": prunable,
+        "pruned_weights": zeros,
         "params_total": sum(v.numel() for v in state.values() if v.is_floating_point()),
-        "bytes": sizes, "header_bytes": {fmt: header_bytes(paths[fmt]) for fmt in FORMATS},
-        "ratio_fp32": sizes["fp32"] / sizes["dense"], "ratio_fp16": sizes["fp16"] / sizes["dense"],
+        "bytes": sizes,
+        "header_bytes": {fmt: header_bytes(paths[fmt]) for fmt in FORMATS},
+        "ratio_fp32": sizes["fp32"] / sizes["dense"],
+        "ratio_fp16": sizes["fp16"] / sizes["dense"],
         # bitmask + fp32 values of the prunable weights alone, over their dense fp32 bytes
         "ratio_prunable_ideal": (1 / 32) + (prunable - zeros) / prunable,
-        "seconds": times, "median_ms": {k: 1000 * median(v) for k, v in times.items()},
+        "seconds": times,
+        "median_ms": {k: 1000 * median(v) for k, v in times.items()},
         "fp32_round_trip_exact": exact,
     }
 
@@ -125,31 +131,73 @@ def main() -> None:
     print()
     print(environment_lines(env))
     print(contention_line(env["contention"]))
-    print(f"- random-init weights (seed 0), global magnitude masks; 1 untimed round, then {repeats} timed repeats "
-          "per format, interleaved (order rotating), files in a temp dir (page cache warm)")
+    print(
+        f"- random-init weights (seed 0), global magnitude masks; 1 untimed round, then {repeats} timed repeats "
+        "per format, interleaved (order rotating), files in a temp dir (page cache warm)"
+    )
     print()
-    print(table(
-        ["model", "sparsity", "dense bytes", "compact fp32 bytes", "fp32 / dense", "compact fp16 bytes", "fp16 / dense",
-         "ideal fp32 (prunable only)", "header bytes dense / fp32", "fp32 exact"],
-        [[r["arch"], r["sparsity"], f"{r['bytes']['dense']:,}", f"{r['bytes']['fp32']:,}", f"{r['ratio_fp32']:.4f}",
-          f"{r['bytes']['fp16']:,}", f"{r['ratio_fp16']:.4f}", f"{r['ratio_prunable_ideal']:.4f}",
-          f"{r['header_bytes']['dense']:,} / {r['header_bytes']['fp32']:,}", "yes" if r["fp32_round_trip_exact"] else "NO"]
-         for r in rows],
-    ))
+    print(
+        table(
+            [
+                "model",
+                "sparsity",
+                "dense bytes",
+                "compact fp32 bytes",
+                "fp32 / dense",
+                "compact fp16 bytes",
+                "fp16 / dense",
+                "ideal fp32 (prunable only)",
+                "header bytes dense / fp32",
+                "fp32 exact",
+            ],
+            [
+                [
+                    r["arch"],
+                    r["sparsity"],
+                    f"{r['bytes']['dense']:,}",
+                    f"{r['bytes']['fp32']:,}",
+                    f"{r['ratio_fp32']:.4f}",
+                    f"{r['bytes']['fp16']:,}",
+                    f"{r['ratio_fp16']:.4f}",
+                    f"{r['ratio_prunable_ideal']:.4f}",
+                    f"{r['header_bytes']['dense']:,} / {r['header_bytes']['fp32']:,}",
+                    "yes" if r["fp32_round_trip_exact"] else "NO",
+                ]
+                for r in rows
+            ],
+        )
+    )
     print()
     print("### Save, and load into a model (read + `load_into`), median ms")
     print()
-    print(table(
-        ["model", "sparsity", "save dense", "save fp32", "save fp16", "load dense", "load fp32", "load fp16"],
-        [[r["arch"], r["sparsity"], *(f"{r['median_ms'][f'{op}_{fmt}']:.1f}" for op in ("save", "load") for fmt in FORMATS)]
-         for r in rows],
-    ))
-    path = write_result("bench_artifacts", {
-        "benchmark": "bench_artifacts",
-        "environment": env,
-        "config": {"archs": ARCHS, "num_classes": NUM_CLASSES, "sparsities": SPARSITIES, "warmup": 1, "repeats": repeats},
-        "rows": rows,
-    })
+    print(
+        table(
+            ["model", "sparsity", "save dense", "save fp32", "save fp16", "load dense", "load fp32", "load fp16"],
+            [
+                [
+                    r["arch"],
+                    r["sparsity"],
+                    *(f"{r['median_ms'][f'{op}_{fmt}']:.1f}" for op in ("save", "load") for fmt in FORMATS),
+                ]
+                for r in rows
+            ],
+        )
+    )
+    path = write_result(
+        "bench_artifacts",
+        {
+            "benchmark": "bench_artifacts",
+            "environment": env,
+            "config": {
+                "archs": ARCHS,
+                "num_classes": NUM_CLASSES,
+                "sparsities": SPARSITIES,
+                "warmup": 1,
+                "repeats": repeats,
+            },
+            "rows": rows,
+        },
+    )
     print()
     print(f"JSON: {path}")
 

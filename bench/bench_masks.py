@@ -21,8 +21,8 @@ import time
 
 import torch
 import torch.nn.utils.prune as prune
-
 from benchreport import Contention, contention_line, environment, environment_lines, median, table, write_result
+
 from dg2pf_core.algorithm.config import DG2PFConfig
 from dg2pf_core.algorithm.masks import count_pruned, magnitude_masks, select_prunable
 from dg2pf_core.models import build_model
@@ -106,43 +106,66 @@ def main() -> None:
     print()
     print(environment_lines(env))
     print(contention_line(env["contention"]))
-    print(f"- 1 untimed warm-up call each, then {repeats} timed repeats, interleaved (order alternating), "
-          "each call on a fresh deepcopy of the model")
+    print(
+        f"- 1 untimed warm-up call each, then {repeats} timed repeats, interleaved (order alternating), "
+        "each call on a fresh deepcopy of the model"
+    )
     print()
-    print(table(
-        ["method", "median s", "min s", "max s", "repeats"],
-        [
-            ["dg2pf `magnitude_masks`", med["dg2pf"], min(times["dg2pf"]), max(times["dg2pf"]), repeats],
-            ["torch `prune.global_unstructured` (L1Unstructured)", med["torch"], min(times["torch"]), max(times["torch"]), repeats],
-            [f"dg2pf `magnitude_masks` with the layer collapse guard (cap {cap:.2f})", med["guard"], min(times["guard"]), max(times["guard"]), repeats],
-        ],
-    ))
+    print(
+        table(
+            ["method", "median s", "min s", "max s", "repeats"],
+            [
+                ["dg2pf `magnitude_masks`", med["dg2pf"], min(times["dg2pf"]), max(times["dg2pf"]), repeats],
+                [
+                    "torch `prune.global_unstructured` (L1Unstructured)",
+                    med["torch"],
+                    min(times["torch"]),
+                    max(times["torch"]),
+                    repeats,
+                ],
+                [
+                    f"dg2pf `magnitude_masks` with the layer collapse guard (cap {cap:.2f})",
+                    med["guard"],
+                    min(times["guard"]),
+                    max(times["guard"]),
+                    repeats,
+                ],
+            ],
+        )
+    )
     print()
-    print(table(
-        ["", "value"],
-        [
-            ["speedup (ratio of medians, torch / dg2pf)", f"{speedup:.2f}x"],
-            ["median of per-repeat speedups", f"{median(pair_speedups):.2f}x"],
-            ["ratio of minima (least-disturbed calls)", f"{min(times['torch']) / min(times['dg2pf']):.2f}x"],
-            ["target", f">= {TARGET_SPEEDUP:g}x"],
-            ["verdict", "met" if met else "NOT met"],
-            ["layer collapse guard's cost (ratio of medians, guard / plain dg2pf)", f"{med['guard'] / med['dg2pf']:.2f}x"],
-        ],
-    ))
+    print(
+        table(
+            ["", "value"],
+            [
+                ["speedup (ratio of medians, torch / dg2pf)", f"{speedup:.2f}x"],
+                ["median of per-repeat speedups", f"{median(pair_speedups):.2f}x"],
+                ["ratio of minima (least-disturbed calls)", f"{min(times['torch']) / min(times['dg2pf']):.2f}x"],
+                ["target", f">= {TARGET_SPEEDUP:g}x"],
+                ["verdict", "met" if met else "NOT met"],
+                [
+                    "layer collapse guard's cost (ratio of medians, guard / plain dg2pf)",
+                    f"{med['guard'] / med['dg2pf']:.2f}x",
+                ],
+            ],
+        )
+    )
     print()
     print("### Do both prune the same weights?")
     print()
-    print(table(
-        ["check", "result"],
-        [
-            ["weights pruned by dg2pf", f"{check['dg2pf_pruned']:,}"],
-            ["weights pruned by torch", f"{check['torch_pruned']:,}"],
-            ["expected round(0.9 x N)", f"{check['expected']:,}"],
-            ["same number (every repeat)", "yes" if same_count_all else "NO"],
-            ["weights whose magnitude equals the threshold", f"{check['at_threshold']:,}"],
-            ["same set (every repeat)", "yes" if same_set_all else f"NO ({check['differing']:,} positions differ)"],
-        ],
-    ))
+    print(
+        table(
+            ["check", "result"],
+            [
+                ["weights pruned by dg2pf", f"{check['dg2pf_pruned']:,}"],
+                ["weights pruned by torch", f"{check['torch_pruned']:,}"],
+                ["expected round(0.9 x N)", f"{check['expected']:,}"],
+                ["same number (every repeat)", "yes" if same_count_all else "NO"],
+                ["weights whose magnitude equals the threshold", f"{check['at_threshold']:,}"],
+                ["same set (every repeat)", "yes" if same_set_all else f"NO ({check['differing']:,} positions differ)"],
+            ],
+        )
+    )
     if check["at_threshold"] > 1 and not same_set_all:
         print()
         print("The threshold value is tied, so the two may legitimately pick different weights among the ties.")
@@ -158,7 +181,15 @@ def main() -> None:
         {
             "benchmark": "bench_masks",
             "environment": env,
-            "config": {"arch": ARCH, "num_classes": NUM_CLASSES, "sparsity": SPARSITY, "guard_cap": cap, "warmup": 1, "repeats": repeats, "prunable_weights": n_weights},
+            "config": {
+                "arch": ARCH,
+                "num_classes": NUM_CLASSES,
+                "sparsity": SPARSITY,
+                "guard_cap": cap,
+                "warmup": 1,
+                "repeats": repeats,
+                "prunable_weights": n_weights,
+            },
             "seconds": times,
             "median_seconds": med,
             "speedup_ratio_of_medians": speedup,
@@ -175,7 +206,8 @@ def main() -> None:
 
 
 def profile(base, dg2pf_call, torch_call, names) -> str:
-    from torch.profiler import ProfilerActivity, profile as torch_profile
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
 
     out = []
     for label, call in (("dg2pf magnitude_masks", dg2pf_call), ("torch global_unstructured", torch_call)):

@@ -24,11 +24,11 @@ import subprocess
 import sys
 
 import torch
-
 from benchreport import environment, environment_lines, table, write_result
+
 from dg2pf_core.algorithm.masks import magnitude_masks, select_prunable
-from dg2pf_core.models import build_model
 from dg2pf_core.algorithm.simulated import _backup
+from dg2pf_core.models import build_model
 
 ARCH, NUM_CLASSES = "torchvision/resnet50", 1000
 SPARSITIES = (0.5, 0.9, 0.95)
@@ -136,35 +136,53 @@ def main() -> None:
     rows = []
     for r in runs:
         per = lambda b: f"{b / r['prunable_weights']:.3f}"  # noqa: E731
-        rows.append([
-            r["sparsity"],
-            f"{r['pruned_weights']:,}",
-            per(r["mask_bytes"]),
-            per(r["backup_bytes"]),
-            per(r["exact_bytes"]),
-            f"{r['exact_bytes'] / 2**20:.1f}",
-            per(r["held_rss_delta_bytes"]),
-            per(r["peak_rss_delta_bytes_masks"]),
-            per(r["peak_rss_delta_bytes"]),
-            f"{r['peak_rss_delta_bytes'] / 2**20:.1f}",
-        ])
+        rows.append(
+            [
+                r["sparsity"],
+                f"{r['pruned_weights']:,}",
+                per(r["mask_bytes"]),
+                per(r["backup_bytes"]),
+                per(r["exact_bytes"]),
+                f"{r['exact_bytes'] / 2**20:.1f}",
+                per(r["held_rss_delta_bytes"]),
+                per(r["peak_rss_delta_bytes_masks"]),
+                per(r["peak_rss_delta_bytes"]),
+                f"{r['peak_rss_delta_bytes'] / 2**20:.1f}",
+            ]
+        )
     print(f"## bench_memory: masks + simulated-pruning backup, {ARCH} ({n:,} prunable weights)")
     print()
     print(environment_lines(env))
-    print("- each sparsity measured in a fresh child process (MALLOC_MMAP_THRESHOLD_=65536); RSS from "
-          "/proc/self/status (VmHWM reset via /proc/self/clear_refs, glibc heap trimmed before each reading" + ("" if all(r["peak_reset"] for r in runs) else ", RESET FAILED: peak is since process start") + ")")
+    print(
+        "- each sparsity measured in a fresh child process (MALLOC_MMAP_THRESHOLD_=65536); RSS from "
+        "/proc/self/status (VmHWM reset via /proc/self/clear_refs, glibc heap trimmed before each reading"
+        + ("" if all(r["peak_reset"] for r in runs) else ", RESET FAILED: peak is since process start")
+        + ")"
+    )
     print()
-    print(table(
-        [
-            "sparsity", "pruned", "masks B/w", "backup B/w", "exact total B/w", "exact total MiB",
-            "RSS held after B/w", "peak RSS during masks B/w", "peak RSS masks+backup B/w", "peak RSS MiB",
-        ],
-        rows,
-    ))
+    print(
+        table(
+            [
+                "sparsity",
+                "pruned",
+                "masks B/w",
+                "backup B/w",
+                "exact total B/w",
+                "exact total MiB",
+                "RSS held after B/w",
+                "peak RSS during masks B/w",
+                "peak RSS masks+backup B/w",
+                "peak RSS MiB",
+            ],
+            rows,
+        )
+    )
     print()
-    print("B/w = bytes per prunable weight. Exact = tensor storage bytes (masks: one bool buffer that "
-          "all masks are views of; backup: float32 masked values). Peak RSS = process high-water mark "
-          "minus RSS before the call, so it includes the temporaries of `magnitude_masks`.")
+    print(
+        "B/w = bytes per prunable weight. Exact = tensor storage bytes (masks: one bool buffer that "
+        "all masks are views of; backup: float32 masked values). Peak RSS = process high-water mark "
+        "minus RSS before the call, so it includes the temporaries of `magnitude_masks`."
+    )
 
     path = write_result(
         "bench_memory",

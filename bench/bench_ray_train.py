@@ -33,7 +33,15 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchreport import ProcessTreeContention, contention_line, environment, environment_lines, median, table, write_result
+from benchreport import (
+    ProcessTreeContention,
+    contention_line,
+    environment,
+    environment_lines,
+    median,
+    table,
+    write_result,
+)
 
 EPOCHS = 6
 VARIANTS = ("single", "ray1", "ray2")
@@ -125,14 +133,19 @@ def main() -> None:
             m = prune_to_dir(job(), out)
         else:
             workers = 1 if variant == "ray1" else 2
-            m = prune_on_ray(job(), out, RayOptions(workers=workers, storage_path=str(storage),
-                                                    run_name=f"bench-{variant}-{i}", verbose=False))
+            m = prune_on_ray(
+                job(),
+                out,
+                RayOptions(workers=workers, storage_path=str(storage), run_name=f"bench-{variant}-{i}", verbose=False),
+            )
         wall = time.perf_counter() - t0
         cont = c.result()
         epochs = [h for h in m.history if h.epoch >= 1]
         if m.epochs != EPOCHS or len(epochs) != EPOCHS:
-            raise SystemExit(f"{variant}: expected {EPOCHS} training epochs, got metrics epochs={m.epochs}, "
-                             f"history {[h.epoch for h in epochs]}")
+            raise SystemExit(
+                f"{variant}: expected {EPOCHS} training epochs, got metrics epochs={m.epochs}, "
+                f"history {[h.epoch for h in epochs]}"
+            )
         if any(h.restarts for h in m.history):
             raise SystemExit(f"{variant}: the run restarted, its timings are not comparable")
         train_s = sum(h.seconds for h in epochs)
@@ -163,8 +176,12 @@ def main() -> None:
             for variant in VARIANTS:
                 r = run(variant, i)
                 runs.append(r)
-                print(f"({variant} #{i}: wall {r['wall_s']:.1f} s, training {r['train_s']:.1f} s, "
-                      f"other processes {100 * r['contention']['other_share']:.0f}%)", file=sys.stderr, flush=True)
+                print(
+                    f"({variant} #{i}: wall {r['wall_s']:.1f} s, training {r['train_s']:.1f} s, "
+                    f"other processes {100 * r['contention']['other_share']:.0f}%)",
+                    file=sys.stderr,
+                    flush=True,
+                )
     finally:
         ray.shutdown()
         if not args.keep:
@@ -179,7 +196,10 @@ def main() -> None:
     env["ray_worker_probe"] = worker_threads
 
     by = {v: [r for r in runs if r["variant"] == v] for v in VARIANTS}
-    med = {v: {k: median([r[k] for r in by[v]]) for k in ("wall_s", "train_s", "non_train_s", "samples_per_s")} for v in VARIANTS}
+    med = {
+        v: {k: median([r[k] for r in by[v]]) for k in ("wall_s", "train_s", "non_train_s", "samples_per_s")}
+        for v in VARIANTS
+    }
     ratios = {
         "samples_per_s_ray2_over_ray1": med["ray2"]["samples_per_s"] / med["ray1"]["samples_per_s"],
         "train_s_ray1_over_single": med["ray1"]["train_s"] / med["single"]["train_s"],
@@ -194,39 +214,75 @@ def main() -> None:
     print(f"## bench_ray_train: DG2PF digits_cnn on digits, 90% sparsity, {EPOCHS} epochs: one process vs Ray Train")
     print()
     print(environment_lines(env))
-    print(f"- Ray {ray.__version__}, private local instance started once in {ray_start_s:.1f} s (not in any figure below); "
-          f"a 1-CPU Ray task sees OMP_NUM_THREADS={worker_threads['OMP_NUM_THREADS']}, "
-          f"torch {worker_threads['torch_threads']} intra-op thread(s)")
+    print(
+        f"- Ray {ray.__version__}, private local instance started once in {ray_start_s:.1f} s "
+        "(not in any figure below); "
+        f"a 1-CPU Ray task sees OMP_NUM_THREADS={worker_threads['OMP_NUM_THREADS']}, "
+        f"torch {worker_threads['torch_threads']} intra-op thread(s)"
+    )
     print(contention_line(env["contention"]) + " (CPU of Ray's processes counts as ours)")
     print(f"- worst single run: other processes {100 * worst:.0f}% of the machine")
-    print(f"- {repeats} repeat(s) of each variant, interleaved ({', '.join(VARIANTS)}, ...), medians; "
-          f"{train_samples} training samples per epoch ({stepped} stepped on per epoch by every variant: drop_last, batch {batch})")
+    print(
+        f"- {repeats} repeat(s) of each variant, interleaved ({', '.join(VARIANTS)}, ...), medians; "
+        f"{train_samples} training samples per epoch "
+        f"({stepped} stepped on per epoch by every variant: drop_last, batch {batch})"
+    )
     print()
-    print(table(
-        ["variant", "end-to-end s", "training s (6 epochs)", "rest s", "train samples/s", "runs: end-to-end s", "runs: training s"],
-        [
-            [LABELS[v], med[v]["wall_s"], med[v]["train_s"], med[v]["non_train_s"], med[v]["samples_per_s"],
-             " / ".join(f"{r['wall_s']:.1f}" for r in by[v]), " / ".join(f"{r['train_s']:.1f}" for r in by[v])]
-            for v in VARIANTS
-        ],
-    ))
+    print(
+        table(
+            [
+                "variant",
+                "end-to-end s",
+                "training s (6 epochs)",
+                "rest s",
+                "train samples/s",
+                "runs: end-to-end s",
+                "runs: training s",
+            ],
+            [
+                [
+                    LABELS[v],
+                    med[v]["wall_s"],
+                    med[v]["train_s"],
+                    med[v]["non_train_s"],
+                    med[v]["samples_per_s"],
+                    " / ".join(f"{r['wall_s']:.1f}" for r in by[v]),
+                    " / ".join(f"{r['train_s']:.1f}" for r in by[v]),
+                ]
+                for v in VARIANTS
+            ],
+        )
+    )
     print()
-    print(table(
-        ["", "value"],
-        [
-            ["samples/s, 2 workers / 1 worker", f"{ratios['samples_per_s_ray2_over_ray1']:.2f}x"],
-            ["training s, Ray Train 1 worker / single process", f"{ratios['train_s_ray1_over_single']:.2f}x"],
-            ["training s, Ray Train 2 workers / single process", f"{ratios['train_s_ray2_over_single']:.2f}x"],
-            ["Ray end-to-end overhead, 1 worker (end-to-end s minus single process)", f"{ratios['ray1_e2e_overhead_s']:+.1f} s"],
-            ["of which outside the training epochs (rest s minus single process)", f"{ratios['ray1_fixed_overhead_s']:+.1f} s"],
-            ["Ray end-to-end overhead, 2 workers (end-to-end s minus single process)", f"{ratios['ray2_e2e_overhead_s']:+.1f} s"],
-            ["of which outside the training epochs", f"{ratios['ray2_fixed_overhead_s']:+.1f} s"],
-        ],
-    ))
+    print(
+        table(
+            ["", "value"],
+            [
+                ["samples/s, 2 workers / 1 worker", f"{ratios['samples_per_s_ray2_over_ray1']:.2f}x"],
+                ["training s, Ray Train 1 worker / single process", f"{ratios['train_s_ray1_over_single']:.2f}x"],
+                ["training s, Ray Train 2 workers / single process", f"{ratios['train_s_ray2_over_single']:.2f}x"],
+                [
+                    "Ray end-to-end overhead, 1 worker (end-to-end s minus single process)",
+                    f"{ratios['ray1_e2e_overhead_s']:+.1f} s",
+                ],
+                [
+                    "of which outside the training epochs (rest s minus single process)",
+                    f"{ratios['ray1_fixed_overhead_s']:+.1f} s",
+                ],
+                [
+                    "Ray end-to-end overhead, 2 workers (end-to-end s minus single process)",
+                    f"{ratios['ray2_e2e_overhead_s']:+.1f} s",
+                ],
+                ["of which outside the training epochs", f"{ratios['ray2_fixed_overhead_s']:+.1f} s"],
+            ],
+        )
+    )
     print()
-    print("Training s = sum of the loop's per-epoch `seconds` (epochs 1-6: mask computation, training steps, "
-          "validation); rest s = end-to-end minus training (job preparation, baseline + test evaluation, "
-          "Ray worker start-up, per-epoch checkpoints, artifacts).")
+    print(
+        "Training s = sum of the loop's per-epoch `seconds` (epochs 1-6: mask computation, training steps, "
+        "validation); rest s = end-to-end minus training (job preparation, baseline + test evaluation, "
+        "Ray worker start-up, per-epoch checkpoints, artifacts)."
+    )
     print()
     print("Where the Ray runs' rest goes (medians):")
     print()
@@ -235,19 +291,37 @@ def main() -> None:
         outside = median([r["wall_s"] - r["worker_wall_s"] for r in by[v]])
         inside = median([r["worker_wall_s"] - r["train_s"] for r in by[v]])
         rows.append([LABELS[v], outside, inside])
-    print(table(
-        ["variant", "outside the worker's run s (driver checks, Ray run + worker start-up, process group, "
-                    "job preparation on the worker, final report + checkpoint, teardown, final copy)",
-         "inside the worker's run, outside the epochs s (DDP wrap, baseline + test evaluation, "
-         "7 per-epoch reports with checkpoints, metrics)"],
-        rows,
-    ))
+    print(
+        table(
+            [
+                "variant",
+                "outside the worker's run s (driver checks, Ray run + worker start-up, process group, "
+                "job preparation on the worker, final report + checkpoint, teardown, final copy)",
+                "inside the worker's run, outside the epochs s (DDP wrap, baseline + test evaluation, "
+                "7 per-epoch reports with checkpoints, metrics)",
+            ],
+            rows,
+        )
+    )
     print()
-    print(table(
-        ["run", "variant", "end-to-end s", "training s", "samples/s", "val top-1", "sparsity", "other processes"],
-        [[f"{r['repeat']}", r["variant"], r["wall_s"], r["train_s"], r["samples_per_s"], r["val_top1"],
-          f"{r['sparsity_prunable']:.4f}", f"{100 * r['contention']['other_share']:.0f}%"] for r in runs],
-    ))
+    print(
+        table(
+            ["run", "variant", "end-to-end s", "training s", "samples/s", "val top-1", "sparsity", "other processes"],
+            [
+                [
+                    f"{r['repeat']}",
+                    r["variant"],
+                    r["wall_s"],
+                    r["train_s"],
+                    r["samples_per_s"],
+                    r["val_top1"],
+                    f"{r['sparsity_prunable']:.4f}",
+                    f"{100 * r['contention']['other_share']:.0f}%",
+                ]
+                for r in runs
+            ],
+        )
+    )
 
     path = write_result(
         "bench_ray_train",
@@ -255,10 +329,19 @@ def main() -> None:
             "benchmark": "bench_ray_train",
             "environment": env,
             "config": {
-                "arch": "digits_cnn", "dataset": "digits", "sparsity": 0.9, "pruning_epochs": 3, "max_epochs": EPOCHS,
-                "patience": 100, "batch_size": batch, "train_samples_per_epoch": train_samples,
-                "stepped_samples_per_epoch": stepped, "repeats": repeats, "order": list(VARIANTS),
-                "example": str(example), "example_made_by_script": example_made,
+                "arch": "digits_cnn",
+                "dataset": "digits",
+                "sparsity": 0.9,
+                "pruning_epochs": 3,
+                "max_epochs": EPOCHS,
+                "patience": 100,
+                "batch_size": batch,
+                "train_samples_per_epoch": train_samples,
+                "stepped_samples_per_epoch": stepped,
+                "repeats": repeats,
+                "order": list(VARIANTS),
+                "example": str(example),
+                "example_made_by_script": example_made,
             },
             "ray_start_s": ray_start_s,
             "runs": runs,

@@ -41,15 +41,14 @@ from pathlib import Path
 
 import httpx
 import torch
-
 from benchreport import contention_line, environment, environment_lines, table, write_result
+
 from dg2pf_contract.artifacts import Artifacts, JobDir
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests" / "support"))
-from service_process import ServiceProcess  # noqa: E402
-
 from bench_service import ServiceContention, make_example, pct  # noqa: E402
+from service_process import ServiceProcess  # noqa: E402
 
 
 def in_process(output_dir: Path, x: torch.Tensor, calls: int = 500) -> dict:
@@ -67,7 +66,9 @@ def in_process(output_dir: Path, x: torch.Tensor, calls: int = 500) -> dict:
     return {"p50_ms": pct(times, 0.5) * 1e3, "p99_ms": pct(times, 0.99) * 1e3, "calls": calls}
 
 
-async def load(url: str, concurrency: int, seconds: float, *, body: dict | None, headers: dict, warmup: float = 2.0) -> dict:
+async def load(
+    url: str, concurrency: int, seconds: float, *, body: dict | None, headers: dict, warmup: float = 2.0
+) -> dict:
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     async with httpx.AsyncClient(limits=limits, timeout=60) as client:
         latencies: list[float] = []
@@ -97,9 +98,16 @@ async def load(url: str, concurrency: int, seconds: float, *, body: dict | None,
         start = time.perf_counter()
         await asyncio.gather(*(worker(start + seconds) for _ in range(concurrency)))
         wall = time.perf_counter() - start
-    return {"concurrency": concurrency, "requests": len(latencies), "errors": len(errors), "error_samples": errors[:5],
-            "rps": len(latencies) / wall, "p50_ms": pct(latencies, 0.5) * 1e3 if latencies else None,
-            "p99_ms": pct(latencies, 0.99) * 1e3 if latencies else None, "seconds": wall}
+    return {
+        "concurrency": concurrency,
+        "requests": len(latencies),
+        "errors": len(errors),
+        "error_samples": errors[:5],
+        "rps": len(latencies) / wall,
+        "p50_ms": pct(latencies, 0.5) * 1e3 if latencies else None,
+        "p99_ms": pct(latencies, 0.99) * 1e3 if latencies else None,
+        "seconds": wall,
+    }
 
 
 def deploy_noop(data_dir: Path, port: int) -> None:
@@ -119,7 +127,12 @@ def deploy_noop(data_dir: Path, port: int) -> None:
             await request.body()
             return {"ok": True}
 
-    serve.run(Noop.bind(), name="noop", route_prefix="/noop", logging_config={"enable_access_log": False, "log_level": "WARNING"})
+    serve.run(
+        Noop.bind(),
+        name="noop",
+        route_prefix="/noop",
+        logging_config={"enable_access_log": False, "log_level": "WARNING"},
+    )
 
 
 def main() -> int:
@@ -150,8 +163,13 @@ def main() -> int:
         service.start()
         with Client(service.url) as client:
             ckpt = client.upload_checkpoint(Artifacts(example).model).id
-            spec = {"model": {"arch": "digits_cnn", "num_classes": 10, "checkpoint": ckpt}, "dataset": {"spec": "digits"},
-                    "sparsity": 0.9, "schedule": {"pruning_epochs": 2, "max_epochs": 4, "patience": 2}, "serve": True}
+            spec = {
+                "model": {"arch": "digits_cnn", "num_classes": 10, "checkpoint": ckpt},
+                "dataset": {"spec": "digits"},
+                "sparsity": 0.9,
+                "schedule": {"pruning_epochs": 2, "max_epochs": 4, "patience": 2},
+                "serve": True,
+            }
             job = client.wait(client.submit(spec).id, timeout=600)
             assert job.state == "succeeded", job.error
             t = time.perf_counter()
@@ -195,15 +213,31 @@ def main() -> int:
     print(f"deploy -> ready: {results['deploy_to_ready_s']:.1f} s; {seconds:.0f} s per level\n")
     rows = [["in-process forward (1 thread)", "-", "-", f"{ip['p50_ms']:.3f}", f"{ip['p99_ms']:.3f}", "-"]]
     for n in results["noop"]:
-        rows.append(["POST no-op Serve app (the floor)", n["concurrency"], f"{n['rps']:.0f}", f"{n['p50_ms']:.2f}", f"{n['p99_ms']:.2f}", n["errors"]])
+        rows.append(
+            [
+                "POST no-op Serve app (the floor)",
+                n["concurrency"],
+                f"{n['rps']:.0f}",
+                f"{n['p50_ms']:.2f}",
+                f"{n['p99_ms']:.2f}",
+                n["errors"],
+            ]
+        )
     h = results["healthz_c1"]
-    rows.append(["GET /healthz of the dg2pf app", 1, f"{h['rps']:.0f}", f"{h['p50_ms']:.2f}", f"{h['p99_ms']:.2f}", h["errors"]])
+    rows.append(
+        ["GET /healthz of the dg2pf app", 1, f"{h['rps']:.0f}", f"{h['p50_ms']:.2f}", f"{h['p99_ms']:.2f}", h["errors"]]
+    )
     for c in (1, 16, 64):
         r = http[c]
-        rows.append(["POST predict, batch 1", c, f"{r['rps']:.0f}", f"{r['p50_ms']:.2f}", f"{r['p99_ms']:.2f}", r["errors"]])
+        rows.append(
+            ["POST predict, batch 1", c, f"{r['rps']:.0f}", f"{r['p50_ms']:.2f}", f"{r['p99_ms']:.2f}", r["errors"]]
+        )
     print(table(["what", "concurrency", "req/s", "p50 ms", "p99 ms", "errors"], rows))
-    print(f"\np50 overhead over in-process forward at concurrency 1: {results['overhead_p50_ms_c1']:.2f} ms (goal <= 5 ms); "
-          f"a no-op Serve request alone: {results['noop_c1']['p50_ms']:.2f} ms")
+    print(
+        f"\np50 overhead over in-process forward at concurrency 1: {results['overhead_p50_ms_c1']:.2f} ms "
+        "(goal <= 5 ms); "
+        f"a no-op Serve request alone: {results['noop_c1']['p50_ms']:.2f} ms"
+    )
     print(f"throughput concurrency 64 / concurrency 1: {results['rps_ratio_c64_c1']:.2f}x (goal >= 3x)")
     print(f"results: {path}")
     return 0

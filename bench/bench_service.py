@@ -57,8 +57,17 @@ from datetime import datetime
 from pathlib import Path
 
 import httpx
+from benchreport import (
+    Contention,
+    _busy_cpu_seconds,
+    contention_line,
+    environment,
+    environment_lines,
+    median,
+    table,
+    write_result,
+)
 
-from benchreport import Contention, _busy_cpu_seconds, contention_line, environment, environment_lines, median, table, write_result
 from dg2pf_contract.artifacts import Artifacts
 from dg2pf_contract.results import Metrics
 
@@ -71,7 +80,9 @@ EPOCHS = 6
 TERMINAL = {"succeeded", "failed", "cancelled"}
 
 
-def job_spec(checkpoint: str, pruning_epochs: int, max_epochs: int, patience: int = 100, name: str | None = None) -> dict:
+def job_spec(
+    checkpoint: str, pruning_epochs: int, max_epochs: int, patience: int = 100, name: str | None = None
+) -> dict:
     doc = {
         "model": {"arch": "digits_cnn", "num_classes": 10, "checkpoint": checkpoint},
         "dataset": {"spec": "digits"},
@@ -145,9 +156,14 @@ class ServiceContention(Contention):
         own = sum(v - self._start.get(pid, 0.0) for pid, v in self._last.items())
         busy = _busy_cpu_seconds() - self.busy0
         other = max(busy - own, 0.0)
-        return {"wall_s": wall, "own_cpu_s": own, "other_cpu_s": other,
-                "other_share": other / (wall * (os.cpu_count() or 1)), "loadavg_1min_end": os.getloadavg()[0],
-                "own_processes_seen": len(self._last)}
+        return {
+            "wall_s": wall,
+            "own_cpu_s": own,
+            "other_cpu_s": other,
+            "other_share": other / (wall * (os.cpu_count() or 1)),
+            "loadavg_1min_end": os.getloadavg()[0],
+            "own_processes_seen": len(self._last),
+        }
 
 
 # --- helpers ---------------------------------------------------------------------------------------
@@ -203,7 +219,11 @@ def driver_env(pid: int) -> dict:
     """What the job driver runs with: OMP_NUM_THREADS from its environment, its thread count."""
     out: dict = {}
     try:
-        env = dict(kv.split("=", 1) for kv in Path(f"/proc/{pid}/environ").read_bytes().decode(errors="replace").split("\0") if "=" in kv)
+        env = dict(
+            kv.split("=", 1)
+            for kv in Path(f"/proc/{pid}/environ").read_bytes().decode(errors="replace").split("\0")
+            if "=" in kv
+        )
         out["OMP_NUM_THREADS"] = env.get("OMP_NUM_THREADS")
         out["CUDA_VISIBLE_DEVICES"] = env.get("CUDA_VISIBLE_DEVICES")
     except OSError:
@@ -287,18 +307,21 @@ class RayJobs:
         except Exception as exc:  # noqa: BLE001
             print(f"(no Ray job info for {job_id}: {exc})", file=sys.stderr)
             return None
-        return {"status": str(info.status.value if hasattr(info.status, "value") else info.status),
-                "start_time_s": info.start_time / 1000 if info.start_time else None,
-                "end_time_s": info.end_time / 1000 if info.end_time else None,
-                "driver_exit_code": getattr(info, "driver_exit_code", None)}
+        return {
+            "status": str(info.status.value if hasattr(info.status, "value") else info.status),
+            "start_time_s": info.start_time / 1000 if info.start_time else None,
+            "end_time_s": info.end_time / 1000 if info.end_time else None,
+            "driver_exit_code": getattr(info, "driver_exit_code", None),
+        }
 
 
 def ts(value: str | None) -> float | None:
     return datetime.fromisoformat(value).timestamp() if value else None
 
 
-def poll_until(http: httpx.Client, job_id: str, states: set[str], every: float, timeout: float,
-               on_poll=None) -> tuple[dict, float]:
+def poll_until(
+    http: httpx.Client, job_id: str, states: set[str], every: float, timeout: float, on_poll=None
+) -> tuple[dict, float]:
     """GET /jobs/{id} every ``every`` s until its state is in ``states``; (job, perf_counter then)."""
     deadline = time.perf_counter() + timeout
     while True:
@@ -366,12 +389,21 @@ def post_burst(url: str, spec: dict, clients: int, per_client: int, marker: str)
     cancel_s = time.perf_counter() - t0
     flat = [x for per in latencies for x in per]
     return {
-        "clients": clients, "jobs_per_client": per_client, "requests": len(flat),
-        "wall_s": wall, "requests_per_s": len(flat) / wall,
-        "p50_ms": 1000 * pct(flat, 0.50), "p90_ms": 1000 * pct(flat, 0.90), "p99_ms": 1000 * pct(flat, 0.99),
-        "max_ms": 1000 * max(flat), "min_ms": 1000 * min(flat), "mean_ms": 1000 * statistics.fmean(flat),
+        "clients": clients,
+        "jobs_per_client": per_client,
+        "requests": len(flat),
+        "wall_s": wall,
+        "requests_per_s": len(flat) / wall,
+        "p50_ms": 1000 * pct(flat, 0.50),
+        "p90_ms": 1000 * pct(flat, 0.90),
+        "p99_ms": 1000 * pct(flat, 0.99),
+        "max_ms": 1000 * max(flat),
+        "min_ms": 1000 * min(flat),
+        "mean_ms": 1000 * statistics.fmean(flat),
         "latencies_ms": [1000 * x for x in flat],
-        "cancelled": cancelled, "dispatched_to_ray_before_cancel": was_running, "cancel_all_s": cancel_s,
+        "cancelled": cancelled,
+        "dispatched_to_ray_before_cancel": was_running,
+        "cancel_all_s": cancel_s,
         "contention": contention,
     }
 
@@ -395,9 +427,15 @@ def queued_to_running(http: httpx.Client, spec: dict, data_dir: Path, marker: st
     done, t_done = poll_until(http, job_id, {"succeeded"}, every=0.1, timeout=300)
     idle_wait = wait_idle(data_dir)
     contention = cont.result()  # over the whole repeat: a ~0.2 s window is too short for /proc's 10 ms ticks
-    return {"job_id": job_id, "queued_to_running_s": t_running - t_202, "server_started_minus_created_s": server_s,
-            "polls": polls, "submit_to_succeeded_s": t_done - t_202, "driver_exit_wait_s": idle_wait,
-            "contention": contention}
+    return {
+        "job_id": job_id,
+        "queued_to_running_s": t_running - t_202,
+        "server_started_minus_created_s": server_s,
+        "polls": polls,
+        "submit_to_succeeded_s": t_done - t_202,
+        "driver_exit_wait_s": idle_wait,
+        "contention": contention,
+    }
 
 
 def service_run(http: httpx.Client, spec: dict, data_dir: Path, ray_jobs: RayJobs, marker: str) -> dict:
@@ -431,24 +469,36 @@ def service_run(http: httpx.Client, spec: dict, data_dir: Path, ray_jobs: RayJob
     epochs = [h for h in history if h["epoch"] >= 1]
     n_epochs = (job.get("best_metrics") or {}).get("epochs")
     if len(epochs) != EPOCHS or n_epochs not in (None, EPOCHS):
-        raise SystemExit(f"service job {job_id}: expected {EPOCHS} training epochs, got {len(epochs)} (metrics: {n_epochs})")
+        raise SystemExit(
+            f"service job {job_id}: expected {EPOCHS} training epochs, got {len(epochs)} (metrics: {n_epochs})"
+        )
     train_s = sum(h["seconds"] for h in epochs)
     out = {
-        "variant": "service", "job_id": job_id, "wall_s": t_done - t0, "post_s": t_202 - t0,
-        "train_s": train_s, "non_train_s": (t_done - t0) - train_s,
+        "variant": "service",
+        "job_id": job_id,
+        "wall_s": t_done - t0,
+        "post_s": t_202 - t0,
+        "train_s": train_s,
+        "non_train_s": (t_done - t0) - train_s,
         "baseline_eval_s": next((h["seconds"] for h in history if h["epoch"] == 0), None),
         "seen_running_s": marks.get("running", t_done) - t_202,
         "seen_first_progress_s": marks.get("first_progress", t_done) - t_202,
         "server_started_minus_created_s": ts(job["started_at"]) - ts(job["created_at"]),
         "server_finished_minus_created_s": ts(job["finished_at"]) - ts(job["created_at"]),
-        "driver": driver, "ray_job": ray, "test_top1": (job.get("best_metrics") or {}).get("test_top1"),
+        "driver": driver,
+        "ray_job": ray,
+        "test_top1": (job.get("best_metrics") or {}).get("test_top1"),
         "sparsity_prunable": (job.get("best_metrics") or {}).get("sparsity_prunable"),
         "contention": contention,
     }
     if ray and ray.get("start_time_s") and ray.get("end_time_s"):
         out["dispatch_s"] = ray["start_time_s"] - wall_202  # 202 -> Ray accepted the job (scheduler tick + submit)
-        out["ray_job_s"] = ray["end_time_s"] - ray["start_time_s"]  # supervisor + driver: python/torch import, data, training, writes
-        out["detect_s"] = wall_done - ray["end_time_s"]  # Ray job end -> client sees succeeded (scheduler tick + client poll)
+        out["ray_job_s"] = (
+            ray["end_time_s"] - ray["start_time_s"]
+        )  # supervisor + driver: python/torch import, data, training, writes
+        out["detect_s"] = (
+            wall_done - ray["end_time_s"]
+        )  # Ray job end -> client sees succeeded (scheduler tick + client poll)
         out["ray_job_non_train_s"] = out["ray_job_s"] - train_s
         if driver.get("start_wall"):
             out["supervisor_s"] = driver["start_wall"] - ray["start_time_s"]  # Ray job start -> driver process exists
@@ -458,9 +508,29 @@ def service_run(http: httpx.Client, spec: dict, data_dir: Path, ray_jobs: RayJob
 
 
 def cli_run(checkpoint: Path, out: Path, marker: str, one_thread: bool = False) -> dict:
-    cmd = [str(Path(sys.executable).with_name("dg2pf")), "prune", "--arch", "digits_cnn", "--num-classes", "10",
-           "--checkpoint", str(checkpoint), "--dataset", "digits", "--sparsity", "0.9", "--out", str(out),
-           "--pruning-epochs", "3", "--max-epochs", str(EPOCHS), "--patience", "100", "--quiet"]
+    cmd = [
+        str(Path(sys.executable).with_name("dg2pf")),
+        "prune",
+        "--arch",
+        "digits_cnn",
+        "--num-classes",
+        "10",
+        "--checkpoint",
+        str(checkpoint),
+        "--dataset",
+        "digits",
+        "--sparsity",
+        "0.9",
+        "--out",
+        str(out),
+        "--pruning-epochs",
+        "3",
+        "--max-epochs",
+        str(EPOCHS),
+        "--patience",
+        "100",
+        "--quiet",
+    ]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     if one_thread:
         env["OMP_NUM_THREADS"] = "1"  # as Ray sets it for the service's 1-CPU job driver
@@ -476,16 +546,24 @@ def cli_run(checkpoint: Path, out: Path, marker: str, one_thread: bool = False) 
     if len(epochs) != EPOCHS or m.epochs != EPOCHS:
         raise SystemExit(f"CLI: expected {EPOCHS} training epochs, got {len(epochs)} (metrics: {m.epochs})")
     train_s = sum(h.seconds for h in epochs)
-    return {"variant": "cli1" if one_thread else "cli", "wall_s": wall, "train_s": train_s, "non_train_s": wall - train_s,
-            "baseline_eval_s": next((h.seconds for h in m.history if h.epoch == 0), None),
-            "test_top1": m.test_top1, "sparsity_prunable": m.sparsity_prunable,
-            "command": " ".join(cmd), "contention": contention}
+    return {
+        "variant": "cli1" if one_thread else "cli",
+        "wall_s": wall,
+        "train_s": train_s,
+        "non_train_s": wall - train_s,
+        "baseline_eval_s": next((h.seconds for h in m.history if h.epoch == 0), None),
+        "test_top1": m.test_top1,
+        "sparsity_prunable": m.sparsity_prunable,
+        "command": " ".join(cmd),
+        "contention": contention,
+    }
 
 
 IMPORTS = {
     "bare": "pass",
     "cli": "import dg2pf_cli.main, dg2pf_core.job",  # what `dg2pf prune` imports (torch included)
-    "driver": "import dg2pf_service.runner, dg2pf_ray.train",  # the job driver (its progress writer imports dg2pf_ray.train)
+    # the job driver (its progress writer imports dg2pf_ray.train)
+    "driver": "import dg2pf_service.runner, dg2pf_ray.train",
 }
 
 
@@ -506,8 +584,12 @@ def import_probe(repeats: int) -> dict:
             if i > 0:
                 wall[name].append(time.perf_counter() - t0)
                 cpu[name].append(usage.ru_utime + usage.ru_stime)
-    return {"wall_s": wall, "cpu_s": cpu, "median_s": {k: median(v) for k, v in wall.items()},
-            "median_cpu_s": {k: median(v) for k, v in cpu.items()}}
+    return {
+        "wall_s": wall,
+        "cpu_s": cpu,
+        "median_s": {k: median(v) for k, v in wall.items()},
+        "median_cpu_s": {k: median(v) for k, v in cpu.items()},
+    }
 
 
 def sequential_posts(http: httpx.Client, spec: dict, n: int) -> dict:
@@ -517,8 +599,13 @@ def sequential_posts(http: httpx.Client, spec: dict, n: int) -> dict:
         r = http.post("/jobs", json=spec)
         lat.append(time.perf_counter() - t0)
         http.post(f"/jobs/{r.raise_for_status().json()['id']}/cancel").raise_for_status()
-    return {"requests": n, "p50_ms": 1000 * pct(lat, 0.5), "max_ms": 1000 * max(lat), "min_ms": 1000 * min(lat),
-            "latencies_ms": [1000 * x for x in lat]}
+    return {
+        "requests": n,
+        "p50_ms": 1000 * pct(lat, 0.5),
+        "max_ms": 1000 * max(lat),
+        "min_ms": 1000 * min(lat),
+        "latencies_ms": [1000 * x for x in lat],
+    }
 
 
 # --- main ----------------------------------------------------------------------------------------------
@@ -534,11 +621,18 @@ LABELS = {
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true",
-                        help="fewer repeats: 2 jobs per client, 2 queued->running, 1 round of the end-to-end variants")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="fewer repeats: 2 jobs per client, 2 queued->running, 1 round of the end-to-end variants",
+    )
     parser.add_argument("--clients", type=int, default=20)
-    parser.add_argument("--jobs-per-client", type=int, default=None, help="POSTs per client thread (default 5; --quick 2)")
-    parser.add_argument("--dispatch-repeats", type=int, default=None, help="queued->running repeats (default 5; --quick 2)")
+    parser.add_argument(
+        "--jobs-per-client", type=int, default=None, help="POSTs per client thread (default 5; --quick 2)"
+    )
+    parser.add_argument(
+        "--dispatch-repeats", type=int, default=None, help="queued->running repeats (default 5; --quick 2)"
+    )
     parser.add_argument("--repeats", type=int, default=None, help="rounds of service, cli, cli1 (default 2; --quick 1)")
     parser.add_argument("--example", type=Path, default=None, help="a `dg2pf example digits` output dir to reuse")
     parser.add_argument("--keep", action="store_true", help="keep the temp dir (data dir, service log, CLI outputs)")
@@ -569,11 +663,19 @@ def main() -> None:
         t0 = time.perf_counter()
         svc.start(timeout=300)
         start_s = time.perf_counter() - t0
-        print(f"(service up in {start_s:.1f} s at {svc.url}; log {tmp / f'service-{svc.port}.log'})", file=sys.stderr, flush=True)
+        print(
+            f"(service up in {start_s:.1f} s at {svc.url}; log {tmp / f'service-{svc.port}.log'})",
+            file=sys.stderr,
+            flush=True,
+        )
         data_dir = svc.data_dir
         http = httpx.Client(base_url=svc.url, timeout=120)
         with checkpoint.open("rb") as fh:
-            ckpt = http.post("/checkpoints", files={"file": (Artifacts.MODEL, fh, "application/octet-stream")}).raise_for_status().json()["id"]
+            ckpt = (
+                http.post("/checkpoints", files={"file": (Artifacts.MODEL, fh, "application/octet-stream")})
+                .raise_for_status()
+                .json()["id"]
+            )
         full = job_spec(ckpt, 3, EPOCHS)
         tiny = job_spec(ckpt, 1, 1)
 
@@ -583,9 +685,14 @@ def main() -> None:
             http.post(f"/jobs/{jid}/cancel")
         sequential = sequential_posts(http, full, sequential_n)
         burst = post_burst(svc.url, full, args.clients, per_client, marker)
-        print(f"(POST /jobs: one client p50 {sequential['p50_ms']:.0f} ms; {args.clients} clients p50 {burst['p50_ms']:.0f} ms, "
-              f"p99 {burst['p99_ms']:.0f} ms, {burst['requests_per_s']:.1f} req/s; "
-              f"{burst['dispatched_to_ray_before_cancel']} dispatched before cancel)", file=sys.stderr, flush=True)
+        print(
+            f"(POST /jobs: one client p50 {sequential['p50_ms']:.0f} ms; "
+            f"{args.clients} clients p50 {burst['p50_ms']:.0f} ms, "
+            f"p99 {burst['p99_ms']:.0f} ms, {burst['requests_per_s']:.1f} req/s; "
+            f"{burst['dispatched_to_ray_before_cancel']} dispatched before cancel)",
+            file=sys.stderr,
+            flush=True,
+        )
         idle_after_burst = wait_idle(data_dir)
 
         # 2. warm-up tiny job, then queued -> running on the idle cluster.
@@ -599,8 +706,12 @@ def main() -> None:
         for i in range(dispatch_repeats):
             d = queued_to_running(http, tiny, data_dir, marker)
             dispatch.append(d)
-            print(f"(queued->running #{i}: {1000 * d['queued_to_running_s']:.0f} ms; tiny job end-to-end {d['submit_to_succeeded_s']:.1f} s)",
-                  file=sys.stderr, flush=True)
+            print(
+                f"(queued->running #{i}: {1000 * d['queued_to_running_s']:.0f} ms; "
+                f"tiny job end-to-end {d['submit_to_succeeded_s']:.1f} s)",
+                file=sys.stderr,
+                flush=True,
+            )
 
         # 3. service vs CLI, interleaved.
         ray_jobs = RayJobs(data_dir)
@@ -613,8 +724,12 @@ def main() -> None:
                     r = cli_run(checkpoint, tmp / f"{variant}-{i}", marker, one_thread=variant == "cli1")
                 r["repeat"] = i
                 runs.append(r)
-                print(f"({variant} #{i}: {r['wall_s']:.1f} s, training {r['train_s']:.1f} s, "
-                      f"other processes {100 * r['contention']['other_share']:.0f}%)", file=sys.stderr, flush=True)
+                print(
+                    f"({variant} #{i}: {r['wall_s']:.1f} s, training {r['train_s']:.1f} s, "
+                    f"other processes {100 * r['contention']['other_share']:.0f}%)",
+                    file=sys.stderr,
+                    flush=True,
+                )
         http.close()
     finally:
         svc.stop()
@@ -642,109 +757,286 @@ def main() -> None:
     ratio1 = med["service"]["wall_s"] / med["cli1"]["wall_s"]
     pair_ratios = [s["wall_s"] / c["wall_s"] for s, c in zip(by["service"], by["cli"])]
     pair_ratios1 = [s["wall_s"] / c["wall_s"] for s, c in zip(by["service"], by["cli1"])]
-    part_keys = ("dispatch_s", "supervisor_s", "driver_s", "driver_non_train_s", "ray_job_s", "ray_job_non_train_s", "detect_s",
-                 "seen_first_progress_s")
-    svc_parts = {k: median([r[k] for r in by["service"] if k in r]) for k in part_keys if any(k in r for r in by["service"])}
-    worst = max([burst["contention"]["other_share"], *(d["contention"]["other_share"] for d in dispatch),
-                 *(r["contention"]["other_share"] for r in runs)])
+    part_keys = (
+        "dispatch_s",
+        "supervisor_s",
+        "driver_s",
+        "driver_non_train_s",
+        "ray_job_s",
+        "ray_job_non_train_s",
+        "detect_s",
+        "seen_first_progress_s",
+    )
+    svc_parts = {
+        k: median([r[k] for r in by["service"] if k in r]) for k in part_keys if any(k in r for r in by["service"])
+    }
+    worst = max(
+        [
+            burst["contention"]["other_share"],
+            *(d["contention"]["other_share"] for d in dispatch),
+            *(r["contention"]["other_share"] for r in runs),
+        ]
+    )
     driver_threads = next((r["driver"].get("OMP_NUM_THREADS") for r in by["service"] if r["driver"]), None)
     imp, imp_cpu = imports["median_s"], imports["median_cpu_s"]
 
     print("### bench_service: the dg2pf service over HTTP (SQLite, embedded Ray head), digits_cnn on digits")
     print()
     print(environment_lines(env))
-    print(f"- Ray {ray.__version__}; service: `python -m dg2pf_service` with DG2PF_POLL_SECONDS={POLL_SECONDS}, SQLite in a fresh "
-          f"temp data dir, its own embedded Ray head (up in {start_s:.1f} s, until /healthz answered; polled every 0.5 s)")
-    print(f"- the job driver (Ray job entrypoint, entrypoint_num_cpus=1) runs with OMP_NUM_THREADS={driver_threads} (set by Ray); "
-          f"the CLI with torch's default ({env['torch_threads']} threads) and, as a third variant, with OMP_NUM_THREADS=1")
+    print(
+        f"- Ray {ray.__version__}; service: `python -m dg2pf_service` with DG2PF_POLL_SECONDS={POLL_SECONDS}, "
+        "SQLite in a fresh "
+        f"temp data dir, its own embedded Ray head (up in {start_s:.1f} s, until /healthz answered; polled every 0.5 s)"
+    )
+    print(
+        "- the job driver (Ray job entrypoint, entrypoint_num_cpus=1) "
+        f"runs with OMP_NUM_THREADS={driver_threads} (set by Ray); "
+        f"the CLI with torch's default ({env['torch_threads']} threads) and, as a third variant, with OMP_NUM_THREADS=1"
+    )
     print(contention_line(env["contention"]) + " (CPU of the service, its Ray head and the CLI runs counts as ours)")
     print(f"- worst single measurement: other processes {100 * worst:.0f}% of the machine")
     print()
-    print(f"#### 1. POST /jobs: one client alone, then {burst['clients']} concurrent clients x {burst['jobs_per_client']} jobs")
+    print(
+        f"#### 1. POST /jobs: one client alone, then {burst['clients']} concurrent clients "
+        f"x {burst['jobs_per_client']} jobs"
+    )
     print()
-    print(table(["clients", "requests", "p50 ms", "p90 ms", "p99 ms", "max ms", "min ms", "requests/s", "other processes"],
-                [[1, sequential["requests"], f"{sequential['p50_ms']:.0f}", "-", "-", f"{sequential['max_ms']:.0f}",
-                  f"{sequential['min_ms']:.0f}", f"{1000 / sequential['p50_ms']:.1f} (1/p50)", "-"],
-                 [burst["clients"], burst["requests"], f"{burst['p50_ms']:.0f}", f"{burst['p90_ms']:.0f}", f"{burst['p99_ms']:.0f}",
-                  f"{burst['max_ms']:.0f}", f"{burst['min_ms']:.0f}", f"{burst['requests_per_s']:.1f}",
-                  f"{100 * burst['contention']['other_share']:.0f}%"]]))
+    print(
+        table(
+            ["clients", "requests", "p50 ms", "p90 ms", "p99 ms", "max ms", "min ms", "requests/s", "other processes"],
+            [
+                [
+                    1,
+                    sequential["requests"],
+                    f"{sequential['p50_ms']:.0f}",
+                    "-",
+                    "-",
+                    f"{sequential['max_ms']:.0f}",
+                    f"{sequential['min_ms']:.0f}",
+                    f"{1000 / sequential['p50_ms']:.1f} (1/p50)",
+                    "-",
+                ],
+                [
+                    burst["clients"],
+                    burst["requests"],
+                    f"{burst['p50_ms']:.0f}",
+                    f"{burst['p90_ms']:.0f}",
+                    f"{burst['p99_ms']:.0f}",
+                    f"{burst['max_ms']:.0f}",
+                    f"{burst['min_ms']:.0f}",
+                    f"{burst['requests_per_s']:.1f}",
+                    f"{100 * burst['contention']['other_share']:.0f}%",
+                ],
+            ],
+        )
+    )
     print()
-    print(f"Each client thread has its own `httpx.Client` (connection opened before the start); all start together "
-          f"(burst {burst['wall_s']:.2f} s). All jobs were cancelled right after (not timed; {burst['cancel_all_s']:.1f} s for "
-          f"{burst['cancelled']} cancels from one client); the scheduler had dispatched {burst['dispatched_to_ray_before_cancel']} "
-          f"of the burst's jobs to Ray by then.")
+    print(
+        f"Each client thread has its own `httpx.Client` (connection opened before the start); all start together "
+        f"(burst {burst['wall_s']:.2f} s). All jobs were cancelled right after "
+        f"(not timed; {burst['cancel_all_s']:.1f} s for "
+        f"{burst['cancelled']} cancels from one client); the scheduler had dispatched "
+        f"{burst['dispatched_to_ray_before_cancel']} "
+        f"of the burst's jobs to Ray by then."
+    )
     print()
-    print(f"#### 2. queued -> running on a warm, idle cluster (DG2PF_POLL_SECONDS={POLL_SECONDS}, client polls every 50 ms)")
+    print(
+        "#### 2. queued -> running on a warm, idle cluster "
+        f"(DG2PF_POLL_SECONDS={POLL_SECONDS}, client polls every 50 ms)"
+    )
     print()
-    print(table(["repeat", "202 -> first GET showing running, ms", "server: started_at - created_at, ms", "tiny job 202 -> succeeded, s"],
-                [[i, f"{1000 * d['queued_to_running_s']:.0f}", f"{1000 * d['server_started_minus_created_s']:.0f}",
-                  f"{d['submit_to_succeeded_s']:.1f}"] for i, d in enumerate(dispatch)]
-                + [["**median**", f"**{1000 * median(q2r):.0f}**", f"**{1000 * median(srv_q2r):.0f}**", f"**{median(tiny_e2e):.1f}**"]]))
+    print(
+        table(
+            [
+                "repeat",
+                "202 -> first GET showing running, ms",
+                "server: started_at - created_at, ms",
+                "tiny job 202 -> succeeded, s",
+            ],
+            [
+                [
+                    i,
+                    f"{1000 * d['queued_to_running_s']:.0f}",
+                    f"{1000 * d['server_started_minus_created_s']:.0f}",
+                    f"{d['submit_to_succeeded_s']:.1f}",
+                ]
+                for i, d in enumerate(dispatch)
+            ]
+            + [
+                [
+                    "**median**",
+                    f"**{1000 * median(q2r):.0f}**",
+                    f"**{1000 * median(srv_q2r):.0f}**",
+                    f"**{median(tiny_e2e):.1f}**",
+                ]
+            ],
+        )
+    )
     print()
-    print(f"Warm-up: one tiny job (pruning_epochs 1, max_epochs 1) ran to succeeded first ({warm_s:.1f} s from submit). "
-          f"\"running\" = the scheduler has submitted the job to Ray's Jobs API, before the job's driver process starts.")
+    print(
+        f"Warm-up: one tiny job (pruning_epochs 1, max_epochs 1) ran to succeeded first ({warm_s:.1f} s from submit). "
+        f"\"running\" = the scheduler has submitted the job to Ray's Jobs API, before the job's driver process starts."
+    )
     print()
     print(f"#### 3. end to end, {EPOCHS} epochs (pruning_epochs 3, max_epochs 6, patience 100): service vs CLI")
     print()
-    print(table(["variant", "median end-to-end s", "median training s", "median rest s", "runs: end-to-end s", "runs: training s"],
-                [[LABELS[v], f"{med[v]['wall_s']:.1f}", f"{med[v]['train_s']:.1f}", f"{med[v]['non_train_s']:.1f}",
-                  " / ".join(f"{r['wall_s']:.1f}" for r in by[v]), " / ".join(f"{r['train_s']:.1f}" for r in by[v])] for v in VARIANTS]))
+    print(
+        table(
+            [
+                "variant",
+                "median end-to-end s",
+                "median training s",
+                "median rest s",
+                "runs: end-to-end s",
+                "runs: training s",
+            ],
+            [
+                [
+                    LABELS[v],
+                    f"{med[v]['wall_s']:.1f}",
+                    f"{med[v]['train_s']:.1f}",
+                    f"{med[v]['non_train_s']:.1f}",
+                    " / ".join(f"{r['wall_s']:.1f}" for r in by[v]),
+                    " / ".join(f"{r['train_s']:.1f}" for r in by[v]),
+                ]
+                for v in VARIANTS
+            ],
+        )
+    )
     print()
-    rows = [["**ratio of medians, service / CLI**", f"**{ratio:.2f}x**"],
-            ["per-round ratios, service / CLI", " / ".join(f"{x:.2f}x" for x in pair_ratios)],
-            ["ratio of medians, service / CLI with OMP_NUM_THREADS=1", f"{ratio1:.2f}x"],
-            ["per-round ratios, service / CLI with OMP_NUM_THREADS=1", " / ".join(f"{x:.2f}x" for x in pair_ratios1)],
-            ["service minus CLI (1 thread): end-to-end", f"{med['service']['wall_s'] - med['cli1']['wall_s']:+.1f} s"],
-            ["service minus CLI (1 thread): training epochs only", f"{med['service']['train_s'] - med['cli1']['train_s']:+.1f} s"],
-            ["service minus CLI (1 thread): outside the epochs", f"{med['service']['non_train_s'] - med['cli1']['non_train_s']:+.1f} s"]]
+    rows = [
+        ["**ratio of medians, service / CLI**", f"**{ratio:.2f}x**"],
+        ["per-round ratios, service / CLI", " / ".join(f"{x:.2f}x" for x in pair_ratios)],
+        ["ratio of medians, service / CLI with OMP_NUM_THREADS=1", f"{ratio1:.2f}x"],
+        ["per-round ratios, service / CLI with OMP_NUM_THREADS=1", " / ".join(f"{x:.2f}x" for x in pair_ratios1)],
+        ["service minus CLI (1 thread): end-to-end", f"{med['service']['wall_s'] - med['cli1']['wall_s']:+.1f} s"],
+        [
+            "service minus CLI (1 thread): training epochs only",
+            f"{med['service']['train_s'] - med['cli1']['train_s']:+.1f} s",
+        ],
+        [
+            "service minus CLI (1 thread): outside the epochs",
+            f"{med['service']['non_train_s'] - med['cli1']['non_train_s']:+.1f} s",
+        ],
+    ]
     if "dispatch_s" in svc_parts:
-        rows.append(["service: 202 -> Ray job start_time (scheduler tick + Ray submit)", f"{svc_parts['dispatch_s']:.2f} s"])
+        rows.append(
+            ["service: 202 -> Ray job start_time (scheduler tick + Ray submit)", f"{svc_parts['dispatch_s']:.2f} s"]
+        )
     if "supervisor_s" in svc_parts:
-        rows += [["service: Ray job start_time -> driver process started (job supervisor actor)", f"{svc_parts['supervisor_s']:.2f} s"],
-                 ["service: driver process start -> Ray job end_time", f"{svc_parts['driver_s']:.1f} s"],
-                 ["  of which outside the training epochs (imports, data, baseline/test eval, artifacts, exit)",
-                  f"{svc_parts['driver_non_train_s']:.1f} s"]]
+        rows += [
+            [
+                "service: Ray job start_time -> driver process started (job supervisor actor)",
+                f"{svc_parts['supervisor_s']:.2f} s",
+            ],
+            ["service: driver process start -> Ray job end_time", f"{svc_parts['driver_s']:.1f} s"],
+            [
+                "  of which outside the training epochs (imports, data, baseline/test eval, artifacts, exit)",
+                f"{svc_parts['driver_non_train_s']:.1f} s",
+            ],
+        ]
     elif "ray_job_s" in svc_parts:
         rows.append(["service: Ray job start_time -> end_time", f"{svc_parts['ray_job_s']:.1f} s"])
     if "detect_s" in svc_parts:
-        rows.append(["service: Ray job end_time -> client sees succeeded (scheduler tick + 0.1 s client poll)", f"{svc_parts['detect_s']:.2f} s"])
-    rows += [[f"fresh python: `{IMPORTS['bare']}`, wall / CPU", f"{imp['bare']:.2f} s / {imp_cpu['bare']:.2f} s"],
-             [f"fresh python: `{IMPORTS['cli']}` (the CLI's imports), wall / CPU", f"{imp['cli']:.1f} s / {imp_cpu['cli']:.1f} s"],
-             [f"fresh python: `{IMPORTS['driver']}` (the driver's imports), wall / CPU",
-              f"{imp['driver']:.1f} s / {imp_cpu['driver']:.1f} s"]]
+        rows.append(
+            [
+                "service: Ray job end_time -> client sees succeeded (scheduler tick + 0.1 s client poll)",
+                f"{svc_parts['detect_s']:.2f} s",
+            ]
+        )
+    rows += [
+        [f"fresh python: `{IMPORTS['bare']}`, wall / CPU", f"{imp['bare']:.2f} s / {imp_cpu['bare']:.2f} s"],
+        [
+            f"fresh python: `{IMPORTS['cli']}` (the CLI's imports), wall / CPU",
+            f"{imp['cli']:.1f} s / {imp_cpu['cli']:.1f} s",
+        ],
+        [
+            f"fresh python: `{IMPORTS['driver']}` (the driver's imports), wall / CPU",
+            f"{imp['driver']:.1f} s / {imp_cpu['driver']:.1f} s",
+        ],
+    ]
     print(table(["", "value"], rows))
     print()
-    print("Training s = sum of the loop's per-epoch `seconds` (epochs 1-6); rest = end-to-end minus training "
-          "(process start, python + torch import, data and model loading, baseline + test evaluation, artifacts; "
-          "for the service also dispatch, the Ray job supervisor and completion polling). Import times: "
-          f"median of {len(imports['wall_s']['bare'])} fresh interpreters each (after one untimed round), measured after the "
-          "service was stopped; CPU = user + sys of the child.")
+    print(
+        "Training s = sum of the loop's per-epoch `seconds` (epochs 1-6); rest = end-to-end minus training "
+        "(process start, python + torch import, data and model loading, baseline + test evaluation, artifacts; "
+        "for the service also dispatch, the Ray job supervisor and completion polling). Import times: "
+        f"median of {len(imports['wall_s']['bare'])} fresh interpreters each (after one untimed round), "
+        "measured after the "
+        "service was stopped; CPU = user + sys of the child."
+    )
     print()
-    print(table(["round", "variant", "end-to-end s", "training s", "rest s", "baseline eval s", "test top-1", "other processes"],
-                [[r["repeat"], r["variant"], f"{r['wall_s']:.1f}", f"{r['train_s']:.1f}", f"{r['non_train_s']:.1f}",
-                  f"{r['baseline_eval_s']:.2f}" if r["baseline_eval_s"] is not None else "-",
-                  f"{r['test_top1']:.4f}" if r["test_top1"] is not None else "-",
-                  f"{100 * r['contention']['other_share']:.0f}%"] for r in runs]))
+    print(
+        table(
+            [
+                "round",
+                "variant",
+                "end-to-end s",
+                "training s",
+                "rest s",
+                "baseline eval s",
+                "test top-1",
+                "other processes",
+            ],
+            [
+                [
+                    r["repeat"],
+                    r["variant"],
+                    f"{r['wall_s']:.1f}",
+                    f"{r['train_s']:.1f}",
+                    f"{r['non_train_s']:.1f}",
+                    f"{r['baseline_eval_s']:.2f}" if r["baseline_eval_s"] is not None else "-",
+                    f"{r['test_top1']:.4f}" if r["test_top1"] is not None else "-",
+                    f"{100 * r['contention']['other_share']:.0f}%",
+                ]
+                for r in runs
+            ],
+        )
+    )
 
-    path = write_result("bench_service", {
-        "benchmark": "bench_service",
-        "environment": env,
-        "config": {"poll_seconds": POLL_SECONDS, "store": "sqlite", "clients": args.clients, "jobs_per_client": per_client,
-                   "sequential_posts": sequential_n, "dispatch_repeats": dispatch_repeats, "rounds": rounds,
-                   "order": list(VARIANTS), "spec": full, "tiny_spec": tiny, "example": str(example),
-                   "example_made_by_script": example_made},
-        "service_start_s": start_s,
-        "post_jobs_sequential": sequential,
-        "post_jobs": burst,
-        "idle_wait_after_burst_s": idle_after_burst,
-        "warmup_tiny_job_s": warm_s,
-        "queued_to_running": {"runs": dispatch, "median_s": median(q2r), "median_server_s": median(srv_q2r),
-                              "median_tiny_e2e_s": median(tiny_e2e)},
-        "end_to_end": {"runs": runs, "medians": med, "ratio_service_over_cli": ratio, "ratio_service_over_cli_1thread": ratio1,
-                       "round_ratios": pair_ratios, "round_ratios_1thread": pair_ratios1,
-                       "service_parts_median": svc_parts, "driver_omp_num_threads": driver_threads},
-        "imports": imports,
-    })
+    path = write_result(
+        "bench_service",
+        {
+            "benchmark": "bench_service",
+            "environment": env,
+            "config": {
+                "poll_seconds": POLL_SECONDS,
+                "store": "sqlite",
+                "clients": args.clients,
+                "jobs_per_client": per_client,
+                "sequential_posts": sequential_n,
+                "dispatch_repeats": dispatch_repeats,
+                "rounds": rounds,
+                "order": list(VARIANTS),
+                "spec": full,
+                "tiny_spec": tiny,
+                "example": str(example),
+                "example_made_by_script": example_made,
+            },
+            "service_start_s": start_s,
+            "post_jobs_sequential": sequential,
+            "post_jobs": burst,
+            "idle_wait_after_burst_s": idle_after_burst,
+            "warmup_tiny_job_s": warm_s,
+            "queued_to_running": {
+                "runs": dispatch,
+                "median_s": median(q2r),
+                "median_server_s": median(srv_q2r),
+                "median_tiny_e2e_s": median(tiny_e2e),
+            },
+            "end_to_end": {
+                "runs": runs,
+                "medians": med,
+                "ratio_service_over_cli": ratio,
+                "ratio_service_over_cli_1thread": ratio1,
+                "round_ratios": pair_ratios,
+                "round_ratios_1thread": pair_ratios1,
+                "service_parts_median": svc_parts,
+                "driver_omp_num_threads": driver_threads,
+            },
+            "imports": imports,
+        },
+    )
     print()
     print(f"JSON: {path}")
 

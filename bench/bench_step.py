@@ -22,9 +22,9 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+from benchreport import Contention, contention_line, environment, environment_lines, median, table, write_result
 
 import dg2pf_core.algorithm.simulated as simulated
-from benchreport import Contention, contention_line, environment, environment_lines, median, table, write_result
 from dg2pf_core.algorithm.distillation import kd_loss
 from dg2pf_core.algorithm.masks import magnitude_masks, select_prunable
 from dg2pf_core.io.metrics import autocast_context
@@ -154,7 +154,10 @@ def main() -> None:
     ]
     plain_rows.append(["**whole plain step**", f"{pl_total * 1e3:.1f}", "100%"])
 
-    print(f"## bench_step: {ARCH}, batch {BATCH}, {device.type}" + (f", autocast {args.amp}" if args.amp != "none" else ""))
+    print(
+        f"## bench_step: {ARCH}, batch {BATCH}, {device.type}"
+        + (f", autocast {args.amp}" if args.amp != "none" else "")
+    )
     print()
     print(environment_lines(env))
     print(contention_line(headline_contention).replace("- other", "- headline steps: other"))
@@ -190,8 +193,15 @@ def main() -> None:
             "benchmark": "bench_step",
             "environment": env,
             "config": {
-                "arch": ARCH, "num_classes": NUM_CLASSES, "batch": BATCH, "sparsity": SPARSITY,
-                "clip_norm": CLIP_NORM, "recovery": "frozen", "amp": args.amp, "warmup": warmup, "steps": steps,
+                "arch": ARCH,
+                "num_classes": NUM_CLASSES,
+                "batch": BATCH,
+                "sparsity": SPARSITY,
+                "clip_norm": CLIP_NORM,
+                "recovery": "frozen",
+                "amp": args.amp,
+                "warmup": warmup,
+                "steps": steps,
             },
             "seconds": times,
             "median_seconds": {"plain": plain_med, "dg2pf": dg2pf_med},
@@ -234,7 +244,8 @@ PLAIN_PARTS = (
 
 
 def breakdown(steps, sync, timed, plain_step, dg2pf_step, plain_opt, dg2pf_opt, teacher, model):
-    """Median seconds and median share of the step per part, by wrapping the functions ``simulated_step`` looks up at call time."""
+    """Median seconds and median share of the step per part, by wrapping the functions ``simulated_step``
+    looks up at call time."""
     acc: dict[str, float] = defaultdict(float)
 
     def wrap(key: str, fn: Callable) -> Callable:
@@ -258,8 +269,10 @@ def breakdown(steps, sync, timed, plain_step, dg2pf_step, plain_opt, dg2pf_opt, 
     ]
     saved = [(obj, name, getattr(obj, name)) for obj, name, _ in patches]
     instance_patches = [
-        (dg2pf_opt, "step", "step"), (dg2pf_opt, "zero_grad", "zero_grad"),
-        (plain_opt, "step", "step"), (plain_opt, "zero_grad", "zero_grad"),
+        (dg2pf_opt, "step", "step"),
+        (dg2pf_opt, "zero_grad", "zero_grad"),
+        (plain_opt, "step", "step"),
+        (plain_opt, "zero_grad", "zero_grad"),
         (teacher, "forward", "teacher"),
     ]
     student_forward = model.forward
@@ -316,7 +329,8 @@ def breakdown(steps, sync, timed, plain_step, dg2pf_step, plain_opt, dg2pf_opt, 
 
 
 def profile(plain_step, dg2pf_step, sync, device) -> str:
-    from torch.profiler import ProfilerActivity, profile as torch_profile
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     sort = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"

@@ -50,8 +50,15 @@ from pathlib import Path
 
 import httpx
 import torch
-
-from benchreport import ProcessTreeContention, contention_line, environment, environment_lines, table, update_docs, write_result
+from benchreport import (
+    ProcessTreeContention,
+    contention_line,
+    environment,
+    environment_lines,
+    table,
+    update_docs,
+    write_result,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests" / "support"))
@@ -71,9 +78,14 @@ DOCS = ROOT / "docs" / "benchmarks.md"
 
 def start_service(root: Path, limit: int) -> ServiceProcess:
     nowhere = f"127.0.0.1:{free_port()}"
-    return ServiceProcess(root / "state", DG2PF_RAY_ADDRESS=nowhere, DG2PF_RAY_DASHBOARD_URL=f"http://{nowhere}",
-                          DG2PF_POLL_SECONDS="600", DG2PF_SERVE_POLL_SECONDS="3600",
-                          DG2PF_MAX_UPLOAD_BYTES=str(limit)).start(timeout=120)
+    return ServiceProcess(
+        root / "state",
+        DG2PF_RAY_ADDRESS=nowhere,
+        DG2PF_RAY_DASHBOARD_URL=f"http://{nowhere}",
+        DG2PF_POLL_SECONDS="600",
+        DG2PF_SERVE_POLL_SECONDS="3600",
+        DG2PF_MAX_UPLOAD_BYTES=str(limit),
+    ).start(timeout=120)
 
 
 def proc_kb(pid: int, key: str) -> int:
@@ -95,10 +107,14 @@ def oversized_chunked(svc: ServiceProcess, total: int, sndbuf: int | None) -> di
     if sndbuf:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, sndbuf)
     sock.settimeout(60)
-    head = (f"POST /checkpoints HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: multipart/form-data; boundary={BOUNDARY}\r\n"
-            "Transfer-Encoding: chunked\r\n\r\n").encode()
-    part = (f"--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"huge.pt\"\r\n"
-            "Content-Type: application/octet-stream\r\n\r\n").encode()
+    head = (
+        f"POST /checkpoints HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: multipart/form-data; boundary={BOUNDARY}\r\n"
+        "Transfer-Encoding: chunked\r\n\r\n"
+    ).encode()
+    part = (
+        f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="file"; filename="huge.pt"\r\n'
+        "Content-Type: application/octet-stream\r\n\r\n"
+    ).encode()
     piece = os.urandom(64 * 1024)
     frame = f"{len(piece):x}\r\n".encode() + piece + b"\r\n"
     read0 = rchar(pid)
@@ -122,8 +138,13 @@ def oversized_chunked(svc: ServiceProcess, total: int, sndbuf: int | None) -> di
     seconds = time.perf_counter() - t0
     sock.close()
     time.sleep(0.2)
-    return {"status": int(answer[9:12]) if answer.startswith(b"HTTP/1.1 ") else None, "client_sent": sent,
-            "server_read": rchar(pid) - read0, "seconds": seconds, "sndbuf": sndbuf}
+    return {
+        "status": int(answer[9:12]) if answer.startswith(b"HTTP/1.1 ") else None,
+        "client_sent": sent,
+        "server_read": rchar(pid) - read0,
+        "seconds": seconds,
+        "sndbuf": sndbuf,
+    }
 
 
 # --- b. memory -------------------------------------------------------------------------------------
@@ -148,7 +169,9 @@ def deflated_torch_zip(path: Path, declared: int) -> Path:
 
 def post_file(url: str, path: Path) -> httpx.Response:
     with path.open("rb") as fh:
-        return httpx.post(f"{url}/checkpoints", files={"file": (path.name, fh, "application/octet-stream")}, timeout=600)
+        return httpx.post(
+            f"{url}/checkpoints", files={"file": (path.name, fh, "application/octet-stream")}, timeout=600
+        )
 
 
 def peak_while(svc: ServiceProcess, path: Path, copies: int) -> dict:
@@ -166,10 +189,18 @@ def peak_while(svc: ServiceProcess, path: Path, copies: int) -> dict:
         t.join()
     seconds = time.perf_counter() - t0
     peak = proc_kb(pid, "VmHWM")
-    return {"file": path.name, "file_bytes": path.stat().st_size, "declared_bytes": in_memory_size(path, 1 << 62)[0],
-            "copies": copies, "statuses": sorted(r.status_code for r in results), "rss_before_mb": before / 1024,
-            "peak_mb": peak / 1024, "peak_over_before_mb": (peak - before) / 1024, "seconds": seconds,
-            "rss_after_mb": proc_kb(pid, "VmRSS") / 1024}
+    return {
+        "file": path.name,
+        "file_bytes": path.stat().st_size,
+        "declared_bytes": in_memory_size(path, 1 << 62)[0],
+        "copies": copies,
+        "statuses": sorted(r.status_code for r in results),
+        "rss_before_mb": before / 1024,
+        "peak_mb": peak / 1024,
+        "peak_over_before_mb": (peak - before) / 1024,
+        "seconds": seconds,
+        "rss_after_mb": proc_kb(pid, "VmRSS") / 1024,
+    }
 
 
 # --- c. /healthz while uploads are checked ---------------------------------------------------------
@@ -187,10 +218,11 @@ def healthz_windows(svc: ServiceProcess, slow: Path, rounds: int, window: float,
     with httpx.Client(base_url=svc.url, timeout=30) as probe:
         probe.get("/healthz")
         for r in range(rounds):
-            for variant in (list(lat) if r % 2 == 0 else list(lat)[::-1]):
+            for variant in list(lat) if r % 2 == 0 else list(lat)[::-1]:
                 stop = threading.Event()
                 threads = []
                 if variant != "without uploads":
+
                     def loop() -> None:
                         with httpx.Client(base_url=svc.url, timeout=600) as c:
                             while not stop.is_set():
@@ -212,8 +244,12 @@ def healthz_windows(svc: ServiceProcess, slow: Path, rounds: int, window: float,
     out = {}
     for variant, values in lat.items():
         values = sorted(values)
-        out[variant] = {"n": len(values), "p50_ms": 1000 * statistics.median(values),
-                        "p99_ms": 1000 * values[min(len(values) - 1, int(0.99 * len(values)))], "max_ms": 1000 * values[-1]}
+        out[variant] = {
+            "n": len(values),
+            "p50_ms": 1000 * statistics.median(values),
+            "p99_ms": 1000 * values[min(len(values) - 1, int(0.99 * len(values)))],
+            "max_ms": 1000 * values[-1],
+        }
     out["uploads_checked"] = len(statuses)
     out["upload_statuses"] = sorted(set(statuses))
     return out
@@ -223,34 +259,94 @@ def healthz_windows(svc: ServiceProcess, slow: Path, rounds: int, window: float,
 
 
 def report(cut: list[dict], mem: list[dict], health: dict, env: dict, args) -> str:
-    lines = ["### bench_uploads: POST /checkpoints under hostile uploads (real service process, SQLite)", "",
-             environment_lines(env), f"- service: `python -m dg2pf_service`, uvicorn (httptools, uvloop), no Ray head "
-             "(an address where nothing listens); DG2PF_UPLOAD_VALIDATIONS=2 (default)", contention_line(env["contention"]), ""]
+    lines = [
+        "### bench_uploads: POST /checkpoints under hostile uploads (real service process, SQLite)",
+        "",
+        environment_lines(env),
+        "- service: `python -m dg2pf_service`, uvicorn (httptools, uvloop), no Ray head "
+        "(an address where nothing listens); DG2PF_UPLOAD_VALIDATIONS=2 (default)",
+        contention_line(env["contention"]),
+        "",
+    ]
     lines += [f"#### a. a 1 GiB chunked upload against DG2PF_MAX_UPLOAD_BYTES={SMALL_LIMIT}", ""]
-    rows = [["32 KiB" if c["sndbuf"] else "default", c["status"], c["client_sent"] - SMALL_LIMIT,
-             c["server_read"] - SMALL_LIMIT, f"{1000 * c['seconds']:.0f}"] for c in cut]
-    lines += [table(["client send buffer", "answer", "client had sent past the limit (bytes)",
-                     "API process read past the limit (bytes, rchar)", "ms to the answer"], rows), ""]
+    rows = [
+        [
+            "32 KiB" if c["sndbuf"] else "default",
+            c["status"],
+            c["client_sent"] - SMALL_LIMIT,
+            c["server_read"] - SMALL_LIMIT,
+            f"{1000 * c['seconds']:.0f}",
+        ]
+        for c in cut
+    ]
+    lines += [
+        table(
+            [
+                "client send buffer",
+                "answer",
+                "client had sent past the limit (bytes)",
+                "API process read past the limit (bytes, rchar)",
+                "ms to the answer",
+            ],
+            rows,
+        ),
+        "",
+    ]
     worst = max(c["server_read"] - SMALL_LIMIT for c in cut)
-    lines += [f"- most the API process read past the limit: {worst} bytes (target < 1 MB: "
-              f"{'met' if worst < 1_000_000 and all(c['status'] == 413 for c in cut) else 'NOT met'})", ""]
-    lines += [f"#### b. peak RSS of the API process while it checks (DG2PF_MAX_UPLOAD_BYTES={BIG_LIMIT}, "
-              f"ceiling {CEILING})", ""]
-    rows = [[m["file"], m["file_bytes"], m["declared_bytes"], m["copies"], ",".join(map(str, m["statuses"])),
-             f"{m['rss_before_mb']:.0f}", f"{m['peak_over_before_mb']:.0f}",
-             f"{m['peak_over_before_mb'] * MIB / m['declared_bytes']:.2f}", f"{m['seconds']:.1f}"] for m in mem]
-    lines += [table(["upload", "bytes on the wire", "declared in memory", "at once", "answers", "RSS before (MiB)",
-                     "peak over before (MiB)", "peak / declared (per batch)", "s"], rows), ""]
+    lines += [
+        f"- most the API process read past the limit: {worst} bytes (target < 1 MB: "
+        f"{'met' if worst < 1_000_000 and all(c['status'] == 413 for c in cut) else 'NOT met'})",
+        "",
+    ]
+    lines += [
+        f"#### b. peak RSS of the API process while it checks (DG2PF_MAX_UPLOAD_BYTES={BIG_LIMIT}, ceiling {CEILING})",
+        "",
+    ]
+    rows = [
+        [
+            m["file"],
+            m["file_bytes"],
+            m["declared_bytes"],
+            m["copies"],
+            ",".join(map(str, m["statuses"])),
+            f"{m['rss_before_mb']:.0f}",
+            f"{m['peak_over_before_mb']:.0f}",
+            f"{m['peak_over_before_mb'] * MIB / m['declared_bytes']:.2f}",
+            f"{m['seconds']:.1f}",
+        ]
+        for m in mem
+    ]
+    lines += [
+        table(
+            [
+                "upload",
+                "bytes on the wire",
+                "declared in memory",
+                "at once",
+                "answers",
+                "RSS before (MiB)",
+                "peak over before (MiB)",
+                "peak / declared (per batch)",
+                "s",
+            ],
+            rows,
+        ),
+        "",
+    ]
     one, four = mem[1]["peak_over_before_mb"], mem[2]["peak_over_before_mb"]
     lines += [f"- four deflated zips at once / one: {four / one:.2f}x the peak (at most 2 are checked at a time)", ""]
     base, load = health["without uploads"], health["4 uploads in flight"]
     lines += [f"#### c. GET /healthz every 10 ms, {args.rounds} windows of {args.window:g} s each way, alternating", ""]
-    rows = [[k, v["n"], f"{v['p50_ms']:.1f}", f"{v['p99_ms']:.1f}", f"{v['max_ms']:.1f}"]
-            for k, v in (("without uploads", base), ("4 uploads in flight", load))]
+    rows = [
+        [k, v["n"], f"{v['p50_ms']:.1f}", f"{v['p99_ms']:.1f}", f"{v['max_ms']:.1f}"]
+        for k, v in (("without uploads", base), ("4 uploads in flight", load))
+    ]
     lines += [table(["variant", "requests", "p50 ms", "p99 ms", "max ms"], rows), ""]
-    lines += [f"- p99 with / without uploads: **{load['p99_ms'] / base['p99_ms']:.2f}x** "
-              f"(p50 {load['p50_ms'] / base['p50_ms']:.2f}x); {health['uploads_checked']} uploads checked meanwhile, "
-              f"answered {health['upload_statuses']}"]
+    lines += [
+        f"- p99 with / without uploads: **{load['p99_ms'] / base['p99_ms']:.2f}x** "
+        f"(p50 {load['p50_ms'] / base['p50_ms']:.2f}x); {health['uploads_checked']} uploads checked meanwhile, "
+        f"answered {health['upload_statuses']}"
+    ]
     return "\n".join(lines)
 
 
@@ -291,10 +387,18 @@ def main() -> None:
     env["contention"] = contention.result()
     block = report(cut, mem, health, env, args)
     print(block)
-    write_result("bench_uploads", {"environment": env, "cut_off": cut, "memory": mem, "healthz": health,
-                                   "limits": {"small": SMALL_LIMIT, "big": BIG_LIMIT, "ceiling": CEILING}})
+    write_result(
+        "bench_uploads",
+        {
+            "environment": env,
+            "cut_off": cut,
+            "memory": mem,
+            "healthz": health,
+            "limits": {"small": SMALL_LIMIT, "big": BIG_LIMIT, "ceiling": CEILING},
+        },
+    )
     if not (args.quick or args.no_docs):
-        update_docs(DOCS, "bench_uploads", '## 9. `bench_uploads`: POST /checkpoints under hostile uploads', block)
+        update_docs(DOCS, "bench_uploads", "## 9. `bench_uploads`: POST /checkpoints under hostile uploads", block)
         print(f"(updated {DOCS.relative_to(ROOT)})", file=sys.stderr)
     if args.keep:
         print(f"(kept {tmp})", file=sys.stderr)

@@ -27,14 +27,32 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT = [
-    "digits_cnn:16", "cifar/resnet18:32", "cifar/vgg16_bn:32", "torchvision/alexnet:224", "torchvision/convnext_tiny:64",
-    "torchvision/convnext_small:64", "torchvision/densenet121:64", "torchvision/efficientnet_b0:64",
-    "torchvision/efficientnet_b3:64", "torchvision/efficientnet_v2_s:64", "torchvision/googlenet:64",
-    "torchvision/inception_v3:96", "torchvision/mnasnet0_5:64", "torchvision/mnasnet1_3:64", "torchvision/mobilenet_v2:64",
-    "torchvision/mobilenet_v3_small:64", "torchvision/regnet_x_400mf:64", "torchvision/regnet_y_400mf:64",
-    "torchvision/regnet_y_1_6gf:64", "torchvision/resnet18:64", "torchvision/resnet50:64",
-    "torchvision/resnext50_32x4d:64", "torchvision/squeezenet1_0:64", "torchvision/vgg11:64",
-    "torchvision/wide_resnet50_2:64", "torchvision/vit_b_32:224",
+    "digits_cnn:16",
+    "cifar/resnet18:32",
+    "cifar/vgg16_bn:32",
+    "torchvision/alexnet:224",
+    "torchvision/convnext_tiny:64",
+    "torchvision/convnext_small:64",
+    "torchvision/densenet121:64",
+    "torchvision/efficientnet_b0:64",
+    "torchvision/efficientnet_b3:64",
+    "torchvision/efficientnet_v2_s:64",
+    "torchvision/googlenet:64",
+    "torchvision/inception_v3:96",
+    "torchvision/mnasnet0_5:64",
+    "torchvision/mnasnet1_3:64",
+    "torchvision/mobilenet_v2:64",
+    "torchvision/mobilenet_v3_small:64",
+    "torchvision/regnet_x_400mf:64",
+    "torchvision/regnet_y_400mf:64",
+    "torchvision/regnet_y_1_6gf:64",
+    "torchvision/resnet18:64",
+    "torchvision/resnet50:64",
+    "torchvision/resnext50_32x4d:64",
+    "torchvision/squeezenet1_0:64",
+    "torchvision/vgg11:64",
+    "torchvision/wide_resnet50_2:64",
+    "torchvision/vit_b_32:224",
 ]
 
 
@@ -77,8 +95,15 @@ def one(arch: str, size: int) -> dict:
     after, _ = conv_linear_macs(model, shape, torch.device("cpu"))
     rebuilt = apply_structure(build_model(arch, 10), Structure.from_json(structure.to_json()), arch)
     same = {k: v.shape for k, v in rebuilt.state_dict().items()} == {k: v.shape for k, v in model.state_dict().items()}
-    return {"ok": relerr < 1e-4 and same and abs(after / dense - ratio) < 1e-9, "relerr": relerr, "macs": after / dense,
-            "groups": len(plan.groups), "skipped": len(plan.skipped), "fraction": fraction, "trace_s": trace_s}
+    return {
+        "ok": relerr < 1e-4 and same and abs(after / dense - ratio) < 1e-9,
+        "relerr": relerr,
+        "macs": after / dense,
+        "groups": len(plan.groups),
+        "skipped": len(plan.skipped),
+        "fraction": fraction,
+        "trace_s": trace_s,
+    }
 
 
 def main() -> None:
@@ -96,21 +121,36 @@ def main() -> None:
         row["maxrss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024
         print(json.dumps(row))
         return
-    print("| architecture | input | passes | groups (skipped) | channels removed | MACs kept | max rel. logit error | trace s | peak RSS MB |")
+    print(
+        "| architecture | input | passes | groups (skipped) | channels removed | MACs kept "
+        "| max rel. logit error | trace s | peak RSS MB |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     for item in args.archs:
         arch, size = item.rsplit(":", 1)
         try:
-            done = subprocess.run([sys.executable, __file__, "--child", item], capture_output=True, text=True, timeout=300)
-            row = json.loads(done.stdout.strip().splitlines()[-1]) if done.stdout.strip() else {"ok": False, "error": done.stderr[-160:]}
+            done = subprocess.run(
+                [sys.executable, __file__, "--child", item], capture_output=True, text=True, timeout=300
+            )
+            row = (
+                json.loads(done.stdout.strip().splitlines()[-1])
+                if done.stdout.strip()
+                else {"ok": False, "error": done.stderr[-160:]}
+            )
         except subprocess.TimeoutExpired:
             row = {"ok": False, "error": "over 300 s"}
         if "error" in row:
-            print(f"| {arch} | {size}x{size} | **no**: {row['error']} | | | | | | {row.get('maxrss_mb', '')} |", flush=True)
+            print(
+                f"| {arch} | {size}x{size} | **no**: {row['error']} | | | | | | {row.get('maxrss_mb', '')} |",
+                flush=True,
+            )
             continue
-        print(f"| {arch} | {size}x{size} | {'yes' if row['ok'] else '**no**'} | {row['groups']} ({row['skipped']}) | "
-              f"{row['fraction']:.3f} | {row['macs']:.4f}x | {row['relerr']:.1e} | {row['trace_s']:.1f} | {row['maxrss_mb']} |",
-              flush=True)
+        print(
+            f"| {arch} | {size}x{size} | {'yes' if row['ok'] else '**no**'} | {row['groups']} ({row['skipped']}) | "
+            f"{row['fraction']:.3f} | {row['macs']:.4f}x | {row['relerr']:.1e} | "
+            f"{row['trace_s']:.1f} | {row['maxrss_mb']} |",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

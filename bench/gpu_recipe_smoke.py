@@ -36,15 +36,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
 from benchreport import environment
-from dg2pf_core.io.checkpoint_save import save_state_dict
+
+from dg2pf_contract.job import JobSpec
+from dg2pf_core.algorithm.state import EpochRecord
 from dg2pf_core.data.cifar10 import DEFAULT_CLASS_NAMES, META_FILE, SUBFOLDER, TEST_FILE, TRAIN_FILES
 from dg2pf_core.errors import DG2PFError
+from dg2pf_core.io.checkpoint_save import save_state_dict
 from dg2pf_core.job import PreparedJob, PruneJob, prune_to_dir
 from dg2pf_core.models import build_model
-from dg2pf_core.algorithm.state import EpochRecord
-from dg2pf_contract.job import JobSpec
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_RECIPE = ROOT / "recipes" / "cifar10-resnet18-95.json"
@@ -100,11 +100,22 @@ class TrainTimer:
     def end_epoch(self, record: EpochRecord) -> None:
         if record.phase == "baseline":
             return
-        self.epochs.append({"phase": record.phase, "epoch": record.epoch, "sparsity": record.sparsity,
-                            "batches": self._batches, "train_seconds": self._last - self._start,
-                            "val_top1": record.val_top1, "seconds": record.seconds})
-        print(f"  epoch {record.epoch:>2} {record.phase:<15} sparsity {record.sparsity:7.2%}  "
-              f"loss {record.train_loss:.4f}  val top-1 {record.val_top1:6.2f}%  {record.seconds:6.1f} s", flush=True)
+        self.epochs.append(
+            {
+                "phase": record.phase,
+                "epoch": record.epoch,
+                "sparsity": record.sparsity,
+                "batches": self._batches,
+                "train_seconds": self._last - self._start,
+                "val_top1": record.val_top1,
+                "seconds": record.seconds,
+            }
+        )
+        print(
+            f"  epoch {record.epoch:>2} {record.phase:<15} sparsity {record.sparsity:7.2%}  "
+            f"loss {record.train_loss:.4f}  val top-1 {record.val_top1:6.2f}%  {record.seconds:6.1f} s",
+            flush=True,
+        )
 
 
 def main() -> int:
@@ -113,14 +124,24 @@ def main() -> int:
     parser.add_argument("--out", type=Path, required=True, help="where to write the JSON summary")
     parser.add_argument("--device", default="cuda", help="cuda, cuda:N or cpu (default: cuda)")
     parser.add_argument("--amp", choices=["none", "bf16", "fp16"], help="default: the recipe's")
-    parser.add_argument("--images-per-file", type=int, default=2000,
-                        help="images in each of the 6 batch files: 5x train (minus the val hold-out), 1x test")
+    parser.add_argument(
+        "--images-per-file",
+        type=int,
+        default=2000,
+        help="images in each of the 6 batch files: 5x train (minus the val hold-out), 1x test",
+    )
     parser.add_argument("--pruning-epochs", type=int, default=3)
     parser.add_argument("--max-epochs", type=int, default=5)
     parser.add_argument("--batch-size", type=int, help="default: the recipe's")
-    parser.add_argument("--loader-workers", type=int, default=0,
-                        help="DataLoader processes; 0 is what a service job gets today (default: 0)")
-    parser.add_argument("--workdir", type=Path, help="keep the data, checkpoint and artifacts here (default: a temp dir)")
+    parser.add_argument(
+        "--loader-workers",
+        type=int,
+        default=0,
+        help="DataLoader processes; 0 is what a service job gets today (default: 0)",
+    )
+    parser.add_argument(
+        "--workdir", type=Path, help="keep the data, checkpoint and artifacts here (default: a temp dir)"
+    )
     args = parser.parse_args()
 
     device = torch.device(args.device)
@@ -132,7 +153,9 @@ def main() -> int:
     document = json.loads(args.recipe.read_text())
     recipe = JobSpec.model_validate(document)  # the recipe as shipped must be valid
     if not recipe.dataset.spec.startswith("cifar10:"):
-        parser.error(f"{args.recipe} is a {recipe.dataset.spec.split(':')[0]} recipe; this smoke run writes CIFAR-10 data")
+        parser.error(
+            f"{args.recipe} is a {recipe.dataset.spec.split(':')[0]} recipe; this smoke run writes CIFAR-10 data"
+        )
     amp = args.amp or recipe.schedule.amp
 
     with tempfile.TemporaryDirectory(prefix="dg2pf-smoke-") as tmp:
@@ -146,8 +169,12 @@ def main() -> int:
         # The recipe, shortened; validated again as a JobSpec so the smoke run is a valid job too.
         document["dataset"]["spec"] = f"cifar10:{data_folder}"
         document["model"]["checkpoint"] = str(checkpoint)
-        document["schedule"].update(pruning_epochs=args.pruning_epochs, max_epochs=args.max_epochs, amp=amp,
-                                    **({"batch_size": args.batch_size} if args.batch_size else {}))
+        document["schedule"].update(
+            pruning_epochs=args.pruning_epochs,
+            max_epochs=args.max_epochs,
+            amp=amp,
+            **({"batch_size": args.batch_size} if args.batch_size else {}),
+        )
         spec = JobSpec.model_validate(document)
         job = PruneJob.from_spec(spec, str(checkpoint))
         job.config = dataclasses.replace(job.config, device=str(device), loader_workers=args.loader_workers)
@@ -156,8 +183,11 @@ def main() -> int:
         prepared: list[PreparedJob] = []
         timer = TrainTimer()
         amp_note = "" if amp == "none" or device.type == "cuda" else " (not applied: dg2pf autocasts on CUDA only)"
-        print(f"recipe {args.recipe.name}: {spec.model.arch}, target sparsity {spec.sparsity:.0%}, "
-              f"amp {amp}{amp_note}, batch {cfg.batch_size}, pruning epochs {cfg.pruning_epochs}, max epochs {cfg.max_epochs}")
+        print(
+            f"recipe {args.recipe.name}: {spec.model.arch}, target sparsity {spec.sparsity:.0%}, "
+            f"amp {amp}{amp_note}, batch {cfg.batch_size}, pruning epochs {cfg.pruning_epochs}, "
+            f"max epochs {cfg.max_epochs}"
+        )
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         started = time.perf_counter()
@@ -214,17 +244,28 @@ def main() -> int:
 
     print(f"device             {summary['device']}" + (f" ({summary['gpu']})" if summary["gpu"] else ""))
     print(f"amp                {amp}{amp_note}")
-    print(f"data               synthetic CIFAR-10: {train_len} train / {summary['images']['val']} val / {summary['images']['test']} test")
+    print(
+        f"data               synthetic CIFAR-10: {train_len} train / {summary['images']['val']} val / "
+        f"{summary['images']['test']} test"
+    )
     print(f"target sparsity    {spec.sparsity:.2%}")
-    print(f"achieved sparsity  {metrics.sparsity_prunable:.6%} of {metrics.params_prunable:,} prunable weights "
-          f"({'= target' if sparsity_ok else 'NOT THE TARGET'}); {metrics.sparsity_total:.4%} of all parameters")
+    print(
+        f"achieved sparsity  {metrics.sparsity_prunable:.6%} of {metrics.params_prunable:,} prunable weights "
+        f"({'= target' if sparsity_ok else 'NOT THE TARGET'}); {metrics.sparsity_total:.4%} of all parameters"
+    )
     for warning in summary["warnings"]:
         print(f"warning            {warning}")
-    print(f"epochs             {metrics.epochs} ({', '.join(f'{k} {v}' for k, v in summary['epochs_by_phase'].items())}); "
-          f"final phase {metrics.final_phase}")
+    print(
+        f"epochs             {metrics.epochs} "
+        f"({', '.join(f'{k} {v}' for k, v in summary['epochs_by_phase'].items())}); "
+        f"final phase {metrics.final_phase}"
+    )
     print(f"wall time          {wall:.1f} s (whole job: data loading, baseline, training, evaluation, artifacts)")
-    print(f"throughput         {summary['train_images_per_s']:.1f} train images/s in the training loops "
-          f"({train_images} images in {train_seconds:.1f} s; {summary['end_to_end_train_images_per_s']:.1f}/s over the wall time)")
+    print(
+        f"throughput         {summary['train_images_per_s']:.1f} train images/s in the training loops "
+        f"({train_images} images in {train_seconds:.1f} s; "
+        f"{summary['end_to_end_train_images_per_s']:.1f}/s over the wall time)"
+    )
     if summary["peak_gpu_memory_gib"] is not None:
         print(f"peak GPU memory    {summary['peak_gpu_memory_gib']:.2f} GiB")
     print(f"top-1 (synthetic)  val {metrics.val_top1:.2f}%  test {metrics.test_top1:.2f}%")

@@ -33,17 +33,27 @@ def run_demo(out: Path, sparsity: float = 0.9) -> int:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     serve_port = free_port()
-    env = {**os.environ, "DG2PF_DATA_DIR": str(data_dir), "DG2PF_POLL_SECONDS": "0.5", "DG2PF_SERVE_PORT": str(serve_port)}
+    env = {
+        **os.environ,
+        "DG2PF_DATA_DIR": str(data_dir),
+        "DG2PF_POLL_SECONDS": "0.5",
+        "DG2PF_SERVE_PORT": str(serve_port),
+    }
     env.pop("RAY_ADDRESS", None)
     out.mkdir(parents=True, exist_ok=True)
     log = (out / "service.log").open("ab")
     print(f"== 1/6 starting the service at {url} (log: {out / 'service.log'})", flush=True)
-    service = subprocess.Popen([sys.executable, "-m", "dg2pf_service", "--port", str(port)], env=env, stdout=log, stderr=subprocess.STDOUT)
+    service = subprocess.Popen(
+        [sys.executable, "-m", "dg2pf_service", "--port", str(port)], env=env, stdout=log, stderr=subprocess.STDOUT
+    )
     try:
         deadline = time.time() + 180
         while True:
             if service.poll() is not None:
-                print(f"dg2pf: error: the service exited ({service.returncode}); see {out / 'service.log'}", file=sys.stderr)
+                print(
+                    f"dg2pf: error: the service exited ({service.returncode}); see {out / 'service.log'}",
+                    file=sys.stderr,
+                )
                 return 1
             try:
                 if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
@@ -68,14 +78,24 @@ def run_demo(out: Path, sparsity: float = 0.9) -> int:
             ckpt = client.upload_checkpoint(dense.model)
             print(f"   checkpoint {ckpt.id} ({ckpt.bytes} bytes)", flush=True)
             print(f"== 4/6 submitting a {sparsity:.0%} DG2PF job", flush=True)
-            job = client.submit({"name": "demo", "model": {"arch": "digits_cnn", "num_classes": 10, "checkpoint": ckpt.id},
-                                 "dataset": {"spec": "digits"}, "sparsity": sparsity, "serve": True})
+            job = client.submit(
+                {
+                    "name": "demo",
+                    "model": {"arch": "digits_cnn", "num_classes": 10, "checkpoint": ckpt.id},
+                    "dataset": {"spec": "digits"},
+                    "sparsity": sparsity,
+                    "serve": True,
+                }
+            )
 
             def show(j) -> None:
                 val = (j.latest_metrics or {}).get("val_top1")
                 eta = f"  eta {j.eta_seconds:.0f} s" if j.eta_seconds else ""
-                print(f"   {j.state:<9} {j.phase:<15} epoch {j.epoch:>3}  sparsity {j.current_sparsity:6.2%}"
-                      f"{f'  val top-1 {val:.2f}%' if val is not None else ''}{eta}", flush=True)
+                print(
+                    f"   {j.state:<9} {j.phase:<15} epoch {j.epoch:>3}  sparsity {j.current_sparsity:6.2%}"
+                    f"{f'  val top-1 {val:.2f}%' if val is not None else ''}{eta}",
+                    flush=True,
+                )
 
             final = client.wait(job.id, timeout=1800, on_update=show)
             if final.state != "succeeded":
@@ -119,7 +139,10 @@ def _print_result(job_id: str, m: Metrics, files: list[Path]) -> None:
         ("sparsity (prunable weights)", f"{m.sparsity_prunable:.4%}"),
         ("parameters nonzero / total", f"{m.params_nonzero:,} / {m.params_total:,}"),
         ("MACs sparse / dense", f"{m.macs_sparse / max(m.macs_dense, 1):.3f}x"),
-        ("test top-1 dense -> pruned", f"{m.baseline_test_top1:.2f}% -> {m.test_top1:.2f}% ({m.test_top1 - m.baseline_test_top1:+.2f})"),
+        (
+            "test top-1 dense -> pruned",
+            f"{m.baseline_test_top1:.2f}% -> {m.test_top1:.2f}% ({m.test_top1 - m.baseline_test_top1:+.2f})",
+        ),
         ("epoch kept", f"{m.best_epoch} of {m.epochs} (val top-1 {m.val_top1:.2f}%)"),
         *latency_rows(m),  # measured, dense vs pruned: ~1.0x, unstructured sparsity runs on dense kernels
         ("artifacts in", str(files[0].parent) if files else "-"),

@@ -15,13 +15,13 @@ import typing
 from collections.abc import Sequence
 from pathlib import Path
 
-from dg2pf_client.cli import OneLineParser, add_remote_commands, version_line
 from dg2pf_client import interrupt
+from dg2pf_client.cli import OneLineParser, add_remote_commands, version_line
 from dg2pf_contract.artifacts import Artifacts, StateDir
 from dg2pf_contract.job import JobFileError, JobSpec, apply_overrides, describe, read_job_file
-from dg2pf_contract.results import Metrics
-from dg2pf_core import DG2PFConfig, DG2PFError, PruneJob
 from dg2pf_contract.options import PRESET_FIELDS, PRESETS
+from dg2pf_contract.results import Metrics
+from dg2pf_core import DG2PFError, PruneJob
 from dg2pf_core.algorithm.config import DG2PFConfig as _Config
 from dg2pf_core.data import AUGMENT_POLICIES, dataset_usages
 from dg2pf_ray.execute import Engine
@@ -30,11 +30,15 @@ from .plot import add_plot_command
 from .progress import EpochBars
 from .summary import latency_rows
 
-CHECKPOINT_KEY_HELP = ("the entry of a checkpoint holding two sets of weights to use (state_dict_ema, model_ema, ...: "
-                       "a training checkpoint with an EMA copy)")
-CROP_HELP = ("imagefolder: evaluation resizes an image whose short side is over --image-size / crop_pct to that "
-             "short side and keeps its centre square (default 0.875, ImageNet's: 256 for 224; 1: the centre square "
-             "only); a smaller image is resized whole to --image-size, nothing cut")
+CHECKPOINT_KEY_HELP = (
+    "the entry of a checkpoint holding two sets of weights to use (state_dict_ema, model_ema, ...: "
+    "a training checkpoint with an EMA copy)"
+)
+CROP_HELP = (
+    "imagefolder: evaluation resizes an image whose short side is over --image-size / crop_pct to that "
+    "short side and keeps its centre square (default 0.875, ImageNet's: 256 for 224; 1: the centre square "
+    "only); a smaller image is resized whole to --image-size, nothing cut"
+)
 # Config fields the CLI sets through dedicated, required options rather than generated ones.
 _NOT_GENERATED = {"sparsity"}
 
@@ -56,10 +60,16 @@ def _add_config_options(parser: argparse.ArgumentParser) -> None:
         elif typing.get_origin(hint) is list:
             group.add_argument(flag, dest=f.name, action="append", default=None, metavar="REGEX", help="repeatable")
         elif f.name == "preset":
-            group.add_argument(flag, dest=f.name, choices=list(PRESETS), default=None,
-                               help="the named configuration whose values the options saying \"the preset's\" take unless given: default (the best "
-                                    "measured, docs/fidelity.md) or paper (the paper's algorithm with the authors' "
-                                    f"hyperparameters) (default: {default})")
+            group.add_argument(
+                flag,
+                dest=f.name,
+                choices=list(PRESETS),
+                default=None,
+                help='the named configuration whose values the options saying "the preset\'s" take unless given: '
+                "default (the best "
+                "measured, docs/fidelity.md) or paper (the paper's algorithm with the authors' "
+                f"hyperparameters) (default: {default})",
+            )
         elif f.name in PRESET_FIELDS:
             values = ", ".join(f"{p} {v[f.name]}" for p, v in PRESETS.items())
             group.add_argument(flag, dest=f.name, type=hint, default=None, help=f"(default: the preset's: {values})")
@@ -71,25 +81,41 @@ def _add_ray_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("Ray Train (distributed) options")
     group.add_argument("--workers", type=int, help="run on Ray Train with N DDP workers (default: in this process)")
     group.add_argument("--gpu", action="store_true", help="one GPU per worker (NCCL)")
-    group.add_argument("--placement", choices=("pack", "spread"),
-                       help="pack workers on few nodes (default) or spread them one per node")
+    group.add_argument(
+        "--placement",
+        choices=("pack", "spread"),
+        help="pack workers on few nodes (default) or spread them one per node",
+    )
     group.add_argument("--ray-address", help="existing Ray cluster (default: $RAY_ADDRESS, else a local Ray)")
-    group.add_argument("--storage-path", help="Ray Train/Tune storage for per-epoch checkpoints, kept (shared storage on a "
-                       "multi-node cluster; default: a temporary folder beside --out, .OUT.ray-*, removed when the command ends)")
+    group.add_argument(
+        "--storage-path",
+        help="Ray Train/Tune storage for per-epoch checkpoints, kept (shared storage on a "
+        "multi-node cluster; default: a temporary folder beside --out, .OUT.ray-*, removed when the command ends)",
+    )
     group.add_argument("--max-failures", type=int, default=2, help="worker failures to recover from (default: 2)")
-    group.add_argument("--verbose", action="store_true",
-                       help="show Ray's own log lines too (its start, Ray Train's worker set-up, a line per report of "
-                       "every worker); by default only its warnings and errors, and one line per epoch")
+    group.add_argument(
+        "--verbose",
+        action="store_true",
+        help="show Ray's own log lines too (its start, Ray Train's worker set-up, a line per report of "
+        "every worker); by default only its warnings and errors, and one line per epoch",
+    )
 
 
 def _channel_rows(m: Metrics) -> list[tuple[str, str]]:
-    removed = (f"{m.channels_pruned:,} of {m.channels_total:,} prunable ({m.channel_sparsity:.2%}); "
-               "the model is the smaller dense network" if m.channels_pruned
-               else f"none of {m.channels_total:,} prunable: the model keeps the input's structure (see the warning)")
+    removed = (
+        f"{m.channels_pruned:,} of {m.channels_total:,} prunable ({m.channel_sparsity:.2%}); "
+        "the model is the smaller dense network"
+        if m.channels_pruned
+        else f"none of {m.channels_total:,} prunable: the model keeps the input's structure (see the warning)"
+    )
     params_dense = m.params_dense or 0
-    rows = [("channels removed", removed),
-            ("parameters, pruned model / dense", f"{m.params_total:,} / {params_dense:,} "
-                                          f"({m.params_total / max(params_dense, 1):.3f}x)")]
+    rows = [
+        ("channels removed", removed),
+        (
+            "parameters, pruned model / dense",
+            f"{m.params_total:,} / {params_dense:,} ({m.params_total / max(params_dense, 1):.3f}x)",
+        ),
+    ]
     skipped = m.skipped_groups or []
     if skipped:  # layers Torch-Pruning groups but this code cannot map to channels: left dense, never pruned
         more = f"; {len(skipped) - 3} more in {Artifacts.METRICS} skipped_groups" if len(skipped) > 3 else ""
@@ -102,7 +128,9 @@ def _cmd_example(args: argparse.Namespace) -> int:
 
     _set_threads(args)
     if not args.quiet:
-        print(f"training the {args.name} example on {args.threads} CPU thread(s) (--threads to change)", file=sys.stderr)
+        print(
+            f"training the {args.name} example on {args.threads} CPU thread(s) (--threads to change)", file=sys.stderr
+        )
 
     def on_epoch(epoch: int, val: float) -> None:
         if not args.quiet:
@@ -110,10 +138,15 @@ def _cmd_example(args: argparse.Namespace) -> int:
 
     m = write_example(args.name, args.out, seed=args.seed, on_epoch=on_epoch)
     if m.epochs < m.max_epochs and not args.quiet:
-        print(f"stopped after epoch {m.epochs} of {m.max_epochs}: no better validation top-1 since "
-              f"epoch {m.best_epoch}, whose weights are kept", file=sys.stderr)
-    print(f"wrote {args.out}/{Artifacts.MODEL} ({m.arch}): test top-1 {m.test_top1:.2f}% "
-          f"(epoch {m.best_epoch}, {m.wall_seconds:.0f} s)")
+        print(
+            f"stopped after epoch {m.epochs} of {m.max_epochs}: no better validation top-1 since "
+            f"epoch {m.best_epoch}, whose weights are kept",
+            file=sys.stderr,
+        )
+    print(
+        f"wrote {args.out}/{Artifacts.MODEL} ({m.arch}): test top-1 {m.test_top1:.2f}% "
+        f"(epoch {m.best_epoch}, {m.wall_seconds:.0f} s)"
+    )
     return 0
 
 
@@ -132,8 +165,11 @@ def _cmd_init(args: argparse.Namespace) -> int:
 
     get_arch(args.arch)  # an unknown name, with the closest known ones
     if not 2 <= args.num_classes <= MAX_CLASSES:
-        raise DG2PFError(f"--num-classes must be in [2, {MAX_CLASSES:,}] (a classifier needs at least two classes), "
-                         f"got {args.num_classes}", field="num_classes")
+        raise DG2PFError(
+            f"--num-classes must be in [2, {MAX_CLASSES:,}] (a classifier needs at least two classes), "
+            f"got {args.num_classes}",
+            field="num_classes",
+        )
     if not 0 <= args.seed <= MAX_SEED:
         raise DG2PFError(f"--seed must be in [0, {MAX_SEED}], got {args.seed}", field="seed")
     out = Path(args.out).expanduser()
@@ -142,14 +178,18 @@ def _cmd_init(args: argparse.Namespace) -> int:
     with torch.random.fork_rng(devices=[]):  # the caller's RNG stream is left as it was
         torch.manual_seed(args.seed)
         model = build_model(args.arch, args.num_classes)
-    meta = {INIT_KEY: json.dumps({"arch": args.arch, "num_classes": args.num_classes, "seed": args.seed}, sort_keys=True)}
+    meta = {
+        INIT_KEY: json.dumps({"arch": args.arch, "num_classes": args.num_classes, "seed": args.seed}, sort_keys=True)
+    }
     try:
         save_state_dict(model.state_dict(), out, metadata=meta)
     except OSError as exc:
         raise DG2PFError(f"--out {out} could not be written: {exc.strerror or exc}", field="out") from exc
     params = sum(p.numel() for p in model.parameters())
-    print(f"wrote {out} ({args.arch}, {args.num_classes} classes, {params:,} parameters, seed {args.seed}): random "
-          f"weights; e.g. dg2pf prune --arch {args.arch} --num-classes {args.num_classes} --checkpoint {out} ...")
+    print(
+        f"wrote {out} ({args.arch}, {args.num_classes} classes, {params:,} parameters, seed {args.seed}): random "
+        f"weights; e.g. dg2pf prune --arch {args.arch} --num-classes {args.num_classes} --checkpoint {out} ..."
+    )
     return 0
 
 
@@ -165,7 +205,9 @@ def _check_init_path(out: Path, force: bool) -> None:
     if out.is_dir():
         raise DG2PFError(f"--out {out} is a directory; give a file name, e.g. {out / Artifacts.MODEL}", field="out")
     if out.suffix != ".safetensors":
-        raise DG2PFError(f"--out {out}: name the file .safetensors (the only format dg2pf writes weights in)", field="out")
+        raise DG2PFError(
+            f"--out {out}: name the file .safetensors (the only format dg2pf writes weights in)", field="out"
+        )
     if out.exists() or out.is_symlink():
         if not force:
             raise DG2PFError(f"--out {out} already exists; choose a new name, or --force to replace it", field="out")
@@ -188,11 +230,21 @@ _JOB_OPTIONS = ("arch", "num_classes", "checkpoint", "dataset", "out")
 
 
 # Flags of the job's fields -> their dotted path in the JobSpec; every DG2PF option flag is schedule.<name>.
-_SPEC_PATHS = {"arch": "model.arch", "num_classes": "model.num_classes", "checkpoint": "model.checkpoint",
-               "checkpoint_key": "model.checkpoint_key", "dataset": "dataset.spec", "sparsity": "sparsity",
-               "teacher": "teacher", "image_size": "dataset.image_size", "val_fraction": "dataset.val_fraction",
-               "compact_values": "compact_values", "skip_bad_images": "dataset.skip_bad_images",
-               "crop_pct": "dataset.crop_pct", "augment": "dataset.augment"}
+_SPEC_PATHS = {
+    "arch": "model.arch",
+    "num_classes": "model.num_classes",
+    "checkpoint": "model.checkpoint",
+    "checkpoint_key": "model.checkpoint_key",
+    "dataset": "dataset.spec",
+    "sparsity": "sparsity",
+    "teacher": "teacher",
+    "image_size": "dataset.image_size",
+    "val_fraction": "dataset.val_fraction",
+    "compact_values": "compact_values",
+    "skip_bad_images": "dataset.skip_bad_images",
+    "crop_pct": "dataset.crop_pct",
+    "augment": "dataset.augment",
+}
 # Options of how this process runs the job, not of the job (no JobSpec field): set on the config after.
 _EXECUTION_OPTIONS = ("device", "loader_workers")
 
@@ -206,16 +258,27 @@ def _spec_from(args: argparse.Namespace) -> JobSpec:
     if job_file is None:
         missing = [f"--{name.replace('_', '-')}" for name in _JOB_OPTIONS if getattr(args, name, None) is None]
         if missing:
-            raise DG2PFError(f"the following arguments are required: {', '.join(missing)} (or a JOB file, or --resume DIR)")
+            raise DG2PFError(
+                f"the following arguments are required: {', '.join(missing)} (or a JOB file, or --resume DIR)"
+            )
         if args.sparsity is None and getattr(args, "target_macs_ratio", None) is None and not args.set:
-            raise DG2PFError("the following arguments are required: --sparsity (or --target-macs-ratio with --granularity "
-                             "channel, or --resume DIR)", field="sparsity")
+            raise DG2PFError(
+                "the following arguments are required: --sparsity (or --target-macs-ratio with --granularity "
+                "channel, or --resume DIR)",
+                field="sparsity",
+            )
     elif args.out is None:
         raise DG2PFError("the following arguments are required: --out", field="out")
-    flags = [f"{path}={json.dumps(getattr(args, name))}" for name, path in _SPEC_PATHS.items()
-             if getattr(args, name, None) is not None]
-    flags += [f"schedule.{f.name}={json.dumps(getattr(args, f.name))}" for f in dataclasses.fields(_Config)
-              if f.name not in _SPEC_PATHS and f.name not in _EXECUTION_OPTIONS and getattr(args, f.name, None) is not None]
+    flags = [
+        f"{path}={json.dumps(getattr(args, name))}"
+        for name, path in _SPEC_PATHS.items()
+        if getattr(args, name, None) is not None
+    ]
+    flags += [
+        f"schedule.{f.name}={json.dumps(getattr(args, f.name))}"
+        for f in dataclasses.fields(_Config)
+        if f.name not in _SPEC_PATHS and f.name not in _EXECUTION_OPTIONS and getattr(args, f.name, None) is not None
+    ]
     where = f"job spec {job_file}: " if job_file else ""
     try:
         doc = read_job_file(job_file) if job_file else {}
@@ -240,13 +303,20 @@ def _job_from(args: argparse.Namespace) -> tuple[JobSpec, PruneJob]:
 def _engine(args: argparse.Namespace, spec: JobSpec | None) -> Engine:
     """Where the job runs: what the spec's resources (and tune section) ask for, then the Ray flags over
     it (--workers N: Ray Train with N workers, even 1); no spec (--resume): this process."""
-    how = dict(address=args.ray_address, storage_path=args.storage_path, max_failures=args.max_failures,
-               verbose=not args.quiet, ray_logs=args.verbose)
+    how = dict(
+        address=args.ray_address,
+        storage_path=args.storage_path,
+        max_failures=args.max_failures,
+        verbose=not args.quiet,
+        ray_logs=args.verbose,
+    )
     engine = Engine.of(spec, **how) if spec is not None else Engine(**how)
     if args.workers is not None and args.workers < 1:
         raise DG2PFError(f"--workers must be >= 1, got {args.workers}", field="workers")
     if args.workers is not None or args.gpu:
-        engine = dataclasses.replace(engine, workers=args.workers or engine.workers or 1, use_gpu=args.gpu or engine.use_gpu)
+        engine = dataclasses.replace(
+            engine, workers=args.workers or engine.workers or 1, use_gpu=args.gpu or engine.use_gpu
+        )
     return engine.with_overrides(placement=args.placement)
 
 
@@ -256,12 +326,26 @@ def _cmd_prune(args: argparse.Namespace) -> int:
 
     _set_threads(args)
     if args.resume:
-        options = (*_JOB_OPTIONS, "workers", "teacher", "image_size", "augment", "crop_pct", "checkpoint_key", "set",
-                   "val_fraction", "compact_values", "skip_bad_images", *(f.name for f in dataclasses.fields(_Config)))
+        options = (
+            *_JOB_OPTIONS,
+            "workers",
+            "teacher",
+            "image_size",
+            "augment",
+            "crop_pct",
+            "checkpoint_key",
+            "set",
+            "val_fraction",
+            "compact_values",
+            "skip_bad_images",
+            *(f.name for f in dataclasses.fields(_Config)),
+        )
         given = list(dict.fromkeys(f"--{n.replace('_', '-')}" for n in options if getattr(args, n, None) is not None))
         given = ([args.job] if args.job else []) + given
         if given:
-            raise DG2PFError(f"--resume continues a run with its own options; leave out {', '.join(given)}", field="resume")
+            raise DG2PFError(
+                f"--resume continues a run with its own options; leave out {', '.join(given)}", field="resume"
+            )
         state_dir = Path(args.resume)
         job, out = read_state_dir(state_dir)
         args.out = str(out)
@@ -270,12 +354,16 @@ def _cmd_prune(args: argparse.Namespace) -> int:
         spec, job = _job_from(args)
         engine = _engine(args, spec)
         if spec.tune is not None:
-            raise DG2PFError(f"{args.job} has a tune section: run it with `dg2pf tune {args.job} --out {args.out}`",
-                             field="tune")
+            raise DG2PFError(
+                f"{args.job} has a tune section: run it with `dg2pf tune {args.job} --out {args.out}`", field="tune"
+            )
         state_dir = state_dir_for(args.out)
         if engine.in_process and StateDir(state_dir).training_state.exists():
-            raise DG2PFError(f"{state_dir} holds an interrupted run for this --out: continue it with "
-                             f"`dg2pf prune --resume {state_dir}`, or delete it to start over", field="out")
+            raise DG2PFError(
+                f"{state_dir} holds an interrupted run for this --out: continue it with "
+                f"`dg2pf prune --resume {state_dir}`, or delete it to start over",
+                field="out",
+            )
 
     def announce(prepared) -> None:
         interrupt.check()  # a Ctrl-C a library swallowed while the data loaded (importlib prints "Exception ignored")
@@ -284,8 +372,11 @@ def _cmd_prune(args: argparse.Namespace) -> int:
             note = f"; skipped {skipped} unreadable image(s)" if skipped else ""
             augment = getattr(prepared.splits, "augment", None)
             note += f"; augment: {augment}" if augment else ""
-            threads = f" ({args.threads} thread{'s' if args.threads != 1 else ''}; --threads to change)" \
-                if prepared.device.type == "cpu" and engine.in_process else ""
+            threads = (
+                f" ({args.threads} thread{'s' if args.threads != 1 else ''}; --threads to change)"
+                if prepared.device.type == "cpu" and engine.in_process
+                else ""
+            )
             print(f"data: {prepared.splits.description}{note}; device: {prepared.device}{threads}", file=sys.stderr)
         for warning in getattr(prepared.splits, "warnings", None) or []:  # shown even with --quiet, as errors are
             print(f"warning: {warning}", file=sys.stderr)
@@ -296,33 +387,55 @@ def _cmd_prune(args: argparse.Namespace) -> int:
         # SIGTERM (a service manager, `kill`) ends the run like Ctrl-C: the state is kept and named.
         signal.signal(signal.SIGTERM, _interrupt)
         try:
-            m = execute(job, args.out, engine, progress=EpochBars(enabled=not args.quiet), on_prepared=announce,
-                        state_dir=state_dir, resume=bool(args.resume))
+            m = execute(
+                job,
+                args.out,
+                engine,
+                progress=EpochBars(enabled=not args.quiet),
+                on_prepared=announce,
+                state_dir=state_dir,
+                resume=bool(args.resume),
+            )
         except BaseException as exc:
             kept = getattr(exc, "state_kept", None)
             interrupted = interrupt.caused_by_interrupt(exc)
             if kept is not None and (interrupted or not isinstance(exc, DG2PFError)):
                 what = "interrupted" if interrupted else f"stopped by {type(exc).__name__}: {exc}"
-                print(f"dg2pf: {what}; nothing was written to {args.out}. The run's state (the last epoch) is kept in "
-                      f"{kept}: continue with `dg2pf prune --resume {kept}`", file=sys.stderr)
+                print(
+                    f"dg2pf: {what}; nothing was written to {args.out}. The run's state (the last epoch) is kept in "
+                    f"{kept}: continue with `dg2pf prune --resume {kept}`",
+                    file=sys.stderr,
+                )
                 return 130 if interrupted else 1
             if interrupted:
                 print(f"dg2pf: interrupted before training; nothing was written to {args.out}", file=sys.stderr)
                 return 130
             if kept is not None and StateDir(kept).training_state.exists():  # a DG2PFError after some epochs
-                print(f"dg2pf: error: {exc.message}; the run's state (the last epoch) is kept in {kept}: continue with "
-                      f"`dg2pf prune --resume {kept}` once the cause is fixed, or delete it to start over", file=sys.stderr)
+                print(
+                    f"dg2pf: error: {exc.message}; the run's state (the last epoch) is kept in {kept}: continue with "
+                    f"`dg2pf prune --resume {kept}` once the cause is fixed, or delete it to start over",
+                    file=sys.stderr,
+                )
                 return 2
             raise
     else:
         m = execute(job, args.out, engine)
     rows = [
-        ("target sparsity", f"{m.target_sparsity:.2%}" if m.target_sparsity is not None
-         else f"MACs ratio {m.target_macs_ratio:g} -> {m.channel_sparsity:.2%} of channels"),
-        *(_channel_rows(m) if m.granularity == "channel" else [
-            ("sparsity (prunable weights)", f"{m.sparsity_prunable:.4%}"),
-            ("sparsity (all parameters)", f"{m.sparsity_total:.4%}"),
-            ("parameters nonzero / total", f"{m.params_nonzero:,} / {m.params_total:,}")]),
+        (
+            "target sparsity",
+            f"{m.target_sparsity:.2%}"
+            if m.target_sparsity is not None
+            else f"MACs ratio {m.target_macs_ratio:g} -> {m.channel_sparsity:.2%} of channels",
+        ),
+        *(
+            _channel_rows(m)
+            if m.granularity == "channel"
+            else [
+                ("sparsity (prunable weights)", f"{m.sparsity_prunable:.4%}"),
+                ("sparsity (all parameters)", f"{m.sparsity_total:.4%}"),
+                ("parameters nonzero / total", f"{m.params_nonzero:,} / {m.params_total:,}"),
+            ]
+        ),
         ("MACs sparse / dense", f"{m.macs_sparse:,} / {m.macs_dense:,} ({m.macs_sparse / max(m.macs_dense, 1):.3f}x)"),
         ("most pruned layer", _most_pruned(m)),
         *([("granularity", _nm_check(m))] if m.nm_violations is not None else []),
@@ -382,8 +495,13 @@ def _cmd_tune(args: argparse.Namespace) -> int:
     spec, job = _job_from(args)
     engine = _engine(args, spec)
     # A search: the JOB file's tune section, the flags over it; each trial on Ray Train.
-    engine = dataclasses.replace(engine, workers=engine.workers or 1, tune_samples=engine.tune_samples or 4,
-                                 max_concurrent=args.max_concurrent, grace_period=args.grace_period)
+    engine = dataclasses.replace(
+        engine,
+        workers=engine.workers or 1,
+        tune_samples=engine.tune_samples or 4,
+        max_concurrent=args.max_concurrent,
+        grace_period=args.grace_period,
+    )
     m = execute(job, args.out, engine.with_overrides(tune_samples=args.samples, search_space=args.search_space))
     t = m.tune
     assert t is not None  # a search's metrics always carry it (dg2pf_ray.tune)
@@ -397,6 +515,7 @@ def _cmd_tune(args: argparse.Namespace) -> int:
 
 
 # --- the service: serve and its embedded cluster here; the remote commands are dg2pf_client.cli's ---
+
 
 def _cmd_serve(args: argparse.Namespace) -> int:
     from dg2pf_service.__main__ import main as serve_main
@@ -444,8 +563,11 @@ def _add_service_commands(sub) -> None:
     sv.add_argument("--data-dir", help="the service's data directory (default: $DG2PF_DATA_DIR or ./dg2pf-data)")
     sv.set_defaults(func=_cmd_serve)
 
-    cl = sub.add_parser("cluster", help="the embedded Ray cluster the service started: status, or stop it "
-                        "(running jobs are cancelled; refused while the API runs)")
+    cl = sub.add_parser(
+        "cluster",
+        help="the embedded Ray cluster the service started: status, or stop it "
+        "(running jobs are cancelled; refused while the API runs)",
+    )
     cl.add_argument("action", choices=["status", "stop"])
     cl.add_argument("--data-dir", help="the service's data directory (default: $DG2PF_DATA_DIR or ./dg2pf-data)")
     cl.set_defaults(func=_cmd_cluster)
@@ -463,23 +585,40 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     from dg2pf_core.job.evaluation import evaluate_checkpoint
 
     _set_threads(args)
-    r = evaluate_checkpoint(args.arch, args.num_classes, args.checkpoint, args.dataset, image_size=args.image_size, split=args.split,
-                            skip_bad_images=args.skip_bad_images, crop_pct=args.crop_pct, checkpoint_key=args.checkpoint_key)
+    r = evaluate_checkpoint(
+        args.arch,
+        args.num_classes,
+        args.checkpoint,
+        args.dataset,
+        image_size=args.image_size,
+        split=args.split,
+        skip_bad_images=args.skip_bad_images,
+        crop_pct=args.crop_pct,
+        checkpoint_key=args.checkpoint_key,
+    )
     if args.json:
         print(json.dumps(r, indent=2))
     else:
         print(f"{r['split']} top-1 {r['top1']:.2f}%  top-5 {r['top5']:.2f}%  ({r['samples']} images)")
-        print(f"sparsity: {r['sparsity_prunable']:.4%} of prunable weights, {r['sparsity_total']:.4%} of all parameters")
+        print(
+            f"sparsity: {r['sparsity_prunable']:.4%} of prunable weights, {r['sparsity_total']:.4%} of all parameters"
+        )
         if r["channels_removed"] is not None:
-            print(f"channels: {r['channels_removed']:,} removed (the checkpoint's channel structure): a smaller dense network")
+            print(
+                f"channels: {r['channels_removed']:,} removed (the checkpoint's channel structure): "
+                "a smaller dense network"
+            )
         print(_size_line(r))
     return 0
 
 
 def _size_line(size: dict) -> str:
     """One line of ``dg2pf_core.io.metrics.compared``: MACs and parameters against the dense reference."""
-    return (f"MACs {size['macs']:,} / {size['macs_reference']:,} ({size['macs_ratio']:.3f}x), parameters nonzero "
-            f"{size['params_nonzero']:,} / {size['params_reference']:,} ({size['params_ratio']:.3f}x) vs {size['reference']}")
+    return (
+        f"MACs {size['macs']:,} / {size['macs_reference']:,} ({size['macs_ratio']:.3f}x), parameters nonzero "
+        f"{size['params_nonzero']:,} / {size['params_reference']:,} ({size['params_ratio']:.3f}x) "
+        f"vs {size['reference']}"
+    )
 
 
 def _cmd_latency(args: argparse.Namespace) -> int:
@@ -505,28 +644,47 @@ def _cmd_latency(args: argparse.Namespace) -> int:
     backends = [b.strip() for b in args.backends.split(",") if b.strip()]
     unknown = [b for b in backends if b not in ("torch", "onnxruntime")]
     if unknown or "torch" not in backends:
-        raise DG2PFError(f"--backends takes torch and optionally onnxruntime (e.g. torch,onnxruntime), got {args.backends!r}",
-                         field="backends")
-    num_classes = (args.num_classes if args.num_classes is not None
-                   else checkpoint_num_classes(args.arch, args.checkpoint, key=args.checkpoint_key))
+        raise DG2PFError(
+            f"--backends takes torch and optionally onnxruntime (e.g. torch,onnxruntime), got {args.backends!r}",
+            field="backends",
+        )
+    num_classes = (
+        args.num_classes
+        if args.num_classes is not None
+        else checkpoint_num_classes(args.arch, args.checkpoint, key=args.checkpoint_key)
+    )
     spec, model, _ = load_checkpoint_model(args.arch, num_classes, args.checkpoint, key=args.checkpoint_key)
     size = args.image_size or spec.input_size
     if not MIN_IMAGE_SIZE <= size <= MAX_IMAGE_SIZE:
-        raise DG2PFError(f"--image-size must be in [{MIN_IMAGE_SIZE}, {MAX_IMAGE_SIZE}] pixels, got {size}", field="image_size")
+        raise DG2PFError(
+            f"--image-size must be in [{MIN_IMAGE_SIZE}, {MAX_IMAGE_SIZE}] pixels, got {size}", field="image_size"
+        )
     shape = (spec.in_channels, size, size)
     models = {"model": model}
     if args.dense_checkpoint:
-        _, models["dense"], _ = load_checkpoint_model(args.arch, num_classes, args.dense_checkpoint, what="dense checkpoint")
+        _, models["dense"], _ = load_checkpoint_model(
+            args.arch, num_classes, args.dense_checkpoint, what="dense checkpoint"
+        )
     probe = torch.randn((2, *shape), generator=torch.Generator().manual_seed(0))
     for name, m in models.items():
-        check_eval_forward(m, probe, arch=args.arch, num_classes=num_classes, image_size=size, device=torch.device("cpu"),
-                           what="the dense checkpoint" if name == "dense" else "the checkpoint")
+        check_eval_forward(
+            m,
+            probe,
+            arch=args.arch,
+            num_classes=num_classes,
+            image_size=size,
+            device=torch.device("cpu"),
+            what="the dense checkpoint" if name == "dense" else "the checkpoint",
+        )
     # The pruned model against the dense checkpoint when given, else the architecture built unpruned
     # (a channel-pruned model is dense in its own, smaller shapes: its own counts say nothing).
     if "dense" in models:
         reference, reference_name = footprint(models["dense"], shape), "the dense checkpoint"
     else:
-        reference, reference_name = dense_default_footprint(args.arch, num_classes, shape), dense_default_name(args.arch)
+        reference, reference_name = (
+            dense_default_footprint(args.arch, num_classes, shape),
+            dense_default_name(args.arch),
+        )
     size = compared(footprint(models["model"], shape), reference, reference_name)
     notes = []
     with tempfile.TemporaryDirectory(prefix="dg2pf-latency-") as tmp:
@@ -539,33 +697,68 @@ def _cmd_latency(args: argparse.Namespace) -> int:
                 else:
                     notes.append(f"onnxruntime: {name} not measured: {exported.reason}")
         load_before = machine_load()
-        report = measure_latency(models, shape, onnx=files, batch_sizes=batch_sizes, runs=args.runs, warmup=args.warmup,
-                                 threads=args.threads, budget_s=args.max_seconds)
+        report = measure_latency(
+            models,
+            shape,
+            onnx=files,
+            batch_sizes=batch_sizes,
+            runs=args.runs,
+            warmup=args.warmup,
+            threads=args.threads,
+            budget_s=args.max_seconds,
+        )
         load_after = machine_load()
-    doc = {"arch": args.arch, "checkpoint": args.checkpoint, "dense_checkpoint": args.dense_checkpoint,
-           "num_classes": num_classes, "input_shape": list(shape),
-           "macs_ratio": size["macs_ratio"], "params_ratio": size["params_ratio"], "size": size,
-           **report.to_dict(), "threads_from": args.threads_from,
-           "machine": {"cpus": load_before["cpus"], "load_before": [round(v, 2) for v in load_before["load"]],
-                       "load_after": [round(v, 2) for v in load_after["load"]]}}
+    doc = {
+        "arch": args.arch,
+        "checkpoint": args.checkpoint,
+        "dense_checkpoint": args.dense_checkpoint,
+        "num_classes": num_classes,
+        "input_shape": list(shape),
+        "macs_ratio": size["macs_ratio"],
+        "params_ratio": size["params_ratio"],
+        "size": size,
+        **report.to_dict(),
+        "threads_from": args.threads_from,
+        "machine": {
+            "cpus": load_before["cpus"],
+            "load_before": [round(v, 2) for v in load_before["load"]],
+            "load_after": [round(v, 2) for v in load_after["load"]],
+        },
+    }
     # Other work's share of the load: the average after measuring counts this command's own threads too.
     others = max(load_before["load"][0], load_after["load"][0] - args.threads)
     if others > load_before["cpus"] - args.threads + 0.5:  # fewer idle CPUs than measuring threads
-        notes.append(f"the machine was busy (other work's load about {others:.1f} on {load_before['cpus']} CPUs, "
-                     f"{args.threads} thread(s) measuring): the figures are slower and noisier than on an idle machine; "
-                     "compare tables measured at a similar load")
+        notes.append(
+            f"the machine was busy (other work's load about {others:.1f} on {load_before['cpus']} CPUs, "
+            f"{args.threads} thread(s) measuring): the figures are slower and noisier than on an idle machine; "
+            "compare tables measured at a similar load"
+        )
     doc["notes"] = notes + doc["notes"]
     if "dense" in models:
-        doc["speedup_vs_dense"] = {b: {str(n): cells["dense"].median_ms / cells["model"].median_ms
-                                       for n, cells in by.items() if "dense" in cells and "model" in cells}
-                                   for b, by in report.timings.items()}
+        doc["speedup_vs_dense"] = {
+            b: {
+                str(n): cells["dense"].median_ms / cells["model"].median_ms
+                for n, cells in by.items()
+                if "dense" in cells and "model" in cells
+            }
+            for b, by in report.timings.items()
+        }
     if args.json:
         print(json.dumps(doc, indent=2))
         return 0
-    print(f"{args.arch} ({num_classes} classes), inputs {' x '.join(map(str, shape))}, {report.threads} thread(s), "
-          f"{doc['cpu']}; MACs nonzero / dense {doc['macs_ratio']:.3f}x, parameters {doc['params_ratio']:.3f}x "
-          f"(vs {size['reference']})")
-    headers = ["backend", "batch", "median ms", "p90 ms", "runs", *(["dense median ms", "vs dense"] if "dense" in models else [])]
+    print(
+        f"{args.arch} ({num_classes} classes), inputs {' x '.join(map(str, shape))}, {report.threads} thread(s), "
+        f"{doc['cpu']}; MACs nonzero / dense {doc['macs_ratio']:.3f}x, parameters {doc['params_ratio']:.3f}x "
+        f"(vs {size['reference']})"
+    )
+    headers = [
+        "backend",
+        "batch",
+        "median ms",
+        "p90 ms",
+        "runs",
+        *(["dense median ms", "vs dense"] if "dense" in models else []),
+    ]
     rows = []
     for backend, by_batch in report.timings.items():
         for n, cells in by_batch.items():
@@ -591,10 +784,15 @@ def _threads_line(doc: dict) -> str:
     """The threads the figures were measured with and how busy the machine was: a table measured on a
     loaded machine is slower than the model is."""
     machine = doc["machine"]
-    source = ("--threads" if doc["threads_from"] == "--threads"
-              else "the default: the CPUs less the load average, at least 1; --threads to change")
-    return (f"threads: {doc['threads']} ({source}); machine: {machine['cpus']} CPUs, 1-minute load average "
-            f"{machine['load_before'][0]:.2f} before measuring, {machine['load_after'][0]:.2f} after")
+    source = (
+        "--threads"
+        if doc["threads_from"] == "--threads"
+        else "the default: the CPUs less the load average, at least 1; --threads to change"
+    )
+    return (
+        f"threads: {doc['threads']} ({source}); machine: {machine['cpus']} CPUs, 1-minute load average "
+        f"{machine['load_before'][0]:.2f} before measuring, {machine['load_after'][0]:.2f} after"
+    )
 
 
 def _batch_sizes(text: str) -> tuple[int, ...]:
@@ -603,7 +801,9 @@ def _batch_sizes(text: str) -> tuple[int, ...]:
     except ValueError:
         sizes = ()
     if not sizes or any(not 1 <= n <= 4096 for n in sizes):
-        raise DG2PFError(f"--batch-sizes takes comma-separated sizes in [1, 4096], e.g. 1,32; got {text!r}", field="batch_sizes")
+        raise DG2PFError(
+            f"--batch-sizes takes comma-separated sizes in [1, 4096], e.g. 1,32; got {text!r}", field="batch_sizes"
+        )
     return tuple(dict.fromkeys(sizes))
 
 
@@ -628,22 +828,38 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--threads", type=int, help=THREADS_HELP)
     ex.set_defaults(func=_cmd_example)
 
-    it = sub.add_parser("init", help="write seeded random weights for an architecture (OUT.safetensors): a "
-                        "checkpoint to prune or train when there is no trained one")
-    it.add_argument("--arch", required=True, help="any name `dg2pf archs` lists, e.g. digits_cnn, cifar/resnet18, "
-                    "torchvision/resnet50")
+    it = sub.add_parser(
+        "init",
+        help="write seeded random weights for an architecture (OUT.safetensors): a "
+        "checkpoint to prune or train when there is no trained one",
+    )
+    it.add_argument(
+        "--arch",
+        required=True,
+        help="any name `dg2pf archs` lists, e.g. digits_cnn, cifar/resnet18, torchvision/resnet50",
+    )
     it.add_argument("--num-classes", type=int, required=True)
-    it.add_argument("--out", required=True, metavar="FILE.safetensors",
-                    help="the file to write (refused if it exists, unless --force)")
-    it.add_argument("--seed", type=int, default=0, help="the same seed writes the same file, byte for byte (default: 0)")
+    it.add_argument(
+        "--out",
+        required=True,
+        metavar="FILE.safetensors",
+        help="the file to write (refused if it exists, unless --force)",
+    )
+    it.add_argument(
+        "--seed", type=int, default=0, help="the same seed writes the same file, byte for byte (default: 0)"
+    )
     it.add_argument("--force", action="store_true", help="replace an existing --out file")
     it.add_argument("--threads", type=int, help=THREADS_HELP)
     it.set_defaults(func=_cmd_init)
 
     pr = sub.add_parser("prune", help="prune a checkpoint with DG2PF")
     _add_job_options(pr, required=False)
-    pr.add_argument("--resume", metavar="DIR", help="continue an interrupted run from its state directory "
-                    "(OUT.dg2pf-run, named when the run stopped); no other job options")
+    pr.add_argument(
+        "--resume",
+        metavar="DIR",
+        help="continue an interrupted run from its state directory "
+        "(OUT.dg2pf-run, named when the run stopped); no other job options",
+    )
     _add_ray_options(pr)
     _add_config_options(pr)
     pr.set_defaults(func=_cmd_prune)
@@ -654,38 +870,71 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_job_options(pr: argparse.ArgumentParser, required: bool = True) -> None:
     # prune checks the required ones itself: a JOB file or --resume DIR replaces them.
-    pr.add_argument("job", nargs="?", metavar="JOB", help="a job spec file, JSON or YAML: exactly what POST /jobs takes "
-                    "(model.checkpoint a path here); the options given below replace its values")
-    pr.add_argument("--set", action="append", metavar="KEY=VALUE", help="set a field of the job, by its dotted path in "
-                    "the job spec (schedule.lr=0.001, dataset.image_size=64); repeatable; applied last")
-    pr.add_argument("--arch", required=required, help="e.g. digits_cnn, cifar/resnet18, torchvision/resnet50 (see `dg2pf archs`)")
+    pr.add_argument(
+        "job",
+        nargs="?",
+        metavar="JOB",
+        help="a job spec file, JSON or YAML: exactly what POST /jobs takes "
+        "(model.checkpoint a path here); the options given below replace its values",
+    )
+    pr.add_argument(
+        "--set",
+        action="append",
+        metavar="KEY=VALUE",
+        help="set a field of the job, by its dotted path in "
+        "the job spec (schedule.lr=0.001, dataset.image_size=64); repeatable; applied last",
+    )
+    pr.add_argument(
+        "--arch", required=required, help="e.g. digits_cnn, cifar/resnet18, torchvision/resnet50 (see `dg2pf archs`)"
+    )
     pr.add_argument("--num-classes", type=int, required=required)
-    pr.add_argument("--checkpoint", required=required, help=".safetensors or a torch state_dict file (recognised by content)")
+    pr.add_argument(
+        "--checkpoint", required=required, help=".safetensors or a torch state_dict file (recognised by content)"
+    )
     pr.add_argument("--checkpoint-key", help=CHECKPOINT_KEY_HELP)
-    pr.add_argument("--dataset", required=required, help="; ".join(f"{usage}: {text}" for usage, text in dataset_usages()))
-    pr.add_argument("--sparsity", type=float, help="fraction of prunable weights (channels with --granularity channel) "
-                    "to remove, in (0, 1); required unless --target-macs-ratio")
+    pr.add_argument(
+        "--dataset", required=required, help="; ".join(f"{usage}: {text}" for usage, text in dataset_usages())
+    )
+    pr.add_argument(
+        "--sparsity",
+        type=float,
+        help="fraction of prunable weights (channels with --granularity channel) "
+        "to remove, in (0, 1); required unless --target-macs-ratio",
+    )
     pr.add_argument("--out", required=required, help="output directory (must not exist or be empty)")
     pr.add_argument("--teacher", help="separate teacher checkpoint (default: the unpruned input model)")
     pr.add_argument("--image-size", type=int, help="input size (default: the architecture's)")
-    pr.add_argument("--val-fraction", type=float, help="held out from train when the dataset has no val split "
-                    "(default: 0.1)")
-    pr.add_argument("--compact-values", choices=["fp32", "fp16"],
-                    help="value dtype of OUT/model.compact.safetensors (default: fp32, exact)")
-    pr.add_argument("--skip-bad-images", action="store_true", default=None,
-                    help="leave out images that cannot be decoded (counted in metrics.json) instead of stopping")
+    pr.add_argument(
+        "--val-fraction", type=float, help="held out from train when the dataset has no val split (default: 0.1)"
+    )
+    pr.add_argument(
+        "--compact-values",
+        choices=["fp32", "fp16"],
+        help="value dtype of OUT/model.compact.safetensors (default: fp32, exact)",
+    )
+    pr.add_argument(
+        "--skip-bad-images",
+        action="store_true",
+        default=None,
+        help="leave out images that cannot be decoded (counted in metrics.json) instead of stopping",
+    )
     pr.add_argument("--crop-pct", type=float, help=CROP_HELP)
-    pr.add_argument("--augment", choices=("auto", *AUGMENT_POLICIES),
-                    help="training augmentation: imagenet (random resized crop + flip), cifar (pad + random crop + "
-                    "flip), shift (pad + random crop), none; auto (default): imagefolder imagenet from 96 px, cifar "
-                    "below; cifar10 cifar; mnist, fashion-mnist shift; digits none. Evaluation and serving are the same "
-                    "whatever it is")
+    pr.add_argument(
+        "--augment",
+        choices=("auto", *AUGMENT_POLICIES),
+        help="training augmentation: imagenet (random resized crop + flip), cifar (pad + random crop + "
+        "flip), shift (pad + random crop), none; auto (default): imagefolder imagenet from 96 px, cifar "
+        "below; cifar10 cifar; mnist, fashion-mnist shift; digits none. Evaluation and serving are the same "
+        "whatever it is",
+    )
     pr.add_argument("--quiet", action="store_true", help="no progress bars")
     pr.add_argument("--threads", type=int, help=THREADS_HELP)
 
 
-THREADS_HELP = ("CPU threads for torch (default: the CPUs this process may use less the machine's load average, at "
-                "least 1: on a busy machine torch's one thread per core oversubscribes it and runs several times slower)")
+THREADS_HELP = (
+    "CPU threads for torch (default: the CPUs this process may use less the machine's load average, at "
+    "least 1: on a busy machine torch's one thread per core oversubscribes it and runs several times slower)"
+)
 
 
 def machine_load() -> dict:
@@ -716,8 +965,11 @@ def _set_threads(args: argparse.Namespace) -> None:
     ``args.threads_from``) for what the command prints."""
     threads = getattr(args, "threads", None)
     if threads is not None and not 1 <= threads <= MAX_THREADS:
-        raise DG2PFError(f"--threads must be in [1, {MAX_THREADS}] (this machine has {os.cpu_count()} CPUs; more threads "
-                         f"than CPUs only makes torch slower), got {threads}", field="threads")
+        raise DG2PFError(
+            f"--threads must be in [1, {MAX_THREADS}] (this machine has {os.cpu_count()} CPUs; more threads "
+            f"than CPUs only makes torch slower), got {threads}",
+            field="threads",
+        )
     if threads is None:
         threads = default_threads()
         args.threads_from = "default"
@@ -735,7 +987,9 @@ def _add_tune_evaluate_archs(sub) -> None:
     tu.add_argument("--samples", type=int, help="configurations to try (default: the JOB file's tune.samples, else 4)")
     tu.add_argument("--search-space", help="YAML/JSON file of option -> distribution (default: the built-in space)")
     tu.add_argument("--max-concurrent", type=int, help="trials at once (default: what the cluster fits)")
-    tu.add_argument("--grace-period", type=int, default=2, help="epochs at the final sparsity before early stopping (default: 2)")
+    tu.add_argument(
+        "--grace-period", type=int, default=2, help="epochs at the final sparsity before early stopping (default: 2)"
+    )
     _add_ray_options(tu)
     _add_config_options(tu)
     tu.set_defaults(func=_cmd_tune)
@@ -745,7 +999,9 @@ def _add_tune_evaluate_archs(sub) -> None:
     ev.add_argument("--num-classes", type=int, required=True)
     ev.add_argument("--checkpoint", required=True)
     ev.add_argument("--checkpoint-key", help=CHECKPOINT_KEY_HELP)
-    ev.add_argument("--dataset", required=True, help="as for prune: " + " | ".join(usage for usage, _ in dataset_usages()))
+    ev.add_argument(
+        "--dataset", required=True, help="as for prune: " + " | ".join(usage for usage, _ in dataset_usages())
+    )
     ev.add_argument("--image-size", type=int)
     ev.add_argument("--crop-pct", type=float, help=CROP_HELP)
     ev.add_argument("--split", choices=["test", "val"], default="test")
@@ -763,13 +1019,25 @@ def _add_tune_evaluate_archs(sub) -> None:
     la.add_argument("--batch-sizes", default="1,32", help="comma-separated (default: 1,32)")
     la.add_argument("--runs", type=int, default=30, help="timed runs per model and batch size (default: 30)")
     la.add_argument("--warmup", type=int, default=5, help="untimed rounds first (default: 5; at least 2 are run)")
-    la.add_argument("--threads", type=int, help="torch and ONNX Runtime intra-op threads (default: as for prune, the CPUs "
-                    "this process may use less the machine's load average, at least 1); the output names them and the load")
-    la.add_argument("--dense-checkpoint", help="the unpruned model, timed interleaved with the checkpoint: adds 'vs dense'")
-    la.add_argument("--backends", default="torch,onnxruntime", help="torch[,onnxruntime] (default: both; "
-                    "onnxruntime exports the model(s) to ONNX first)")
-    la.add_argument("--max-seconds", type=float, help="cap the measuring time: fewer runs where needed, each cell "
-                    "says how many (default: no cap)")
+    la.add_argument(
+        "--threads",
+        type=int,
+        help="torch and ONNX Runtime intra-op threads (default: as for prune, the CPUs "
+        "this process may use less the machine's load average, at least 1); the output names them and the load",
+    )
+    la.add_argument(
+        "--dense-checkpoint", help="the unpruned model, timed interleaved with the checkpoint: adds 'vs dense'"
+    )
+    la.add_argument(
+        "--backends",
+        default="torch,onnxruntime",
+        help="torch[,onnxruntime] (default: both; onnxruntime exports the model(s) to ONNX first)",
+    )
+    la.add_argument(
+        "--max-seconds",
+        type=float,
+        help="cap the measuring time: fewer runs where needed, each cell says how many (default: no cap)",
+    )
     la.add_argument("--json", action="store_true")
     la.set_defaults(func=_cmd_latency)
 

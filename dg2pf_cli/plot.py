@@ -25,8 +25,12 @@ JOB_ID = re.compile(r"[0-9a-f]{32}")
 def add_plot_command(sub) -> None:
     """Register ``plot`` on the ``dg2pf`` sub-command parsers ``sub``."""
     pl = sub.add_parser("plot", help="draw training.png and layers.png of a run directory or a service job")
-    pl.add_argument("run", metavar="DIR|JOB_ID", help="a run's output directory (holding metrics.json), or a job id "
-                    "of the service (looked up when no such directory exists)")
+    pl.add_argument(
+        "run",
+        metavar="DIR|JOB_ID",
+        help="a run's output directory (holding metrics.json), or a job id "
+        "of the service (looked up when no such directory exists)",
+    )
     pl.add_argument("--out", help="directory for the PNGs (default: DIR, or ./JOB_ID for a job)")
     pl.add_argument("--url", help=f"service URL, for a job id (default: $DG2PF_URL or {DEFAULT_URL})")
     pl.add_argument("--token", help="bearer token, for a job id (default: $DG2PF_TOKEN)")
@@ -45,7 +49,9 @@ def run_plot(args: argparse.Namespace) -> int:
     try:
         written = write_plots(metrics, out)
     except OSError as exc:
-        raise PlotError(f"cannot write the plots to {out} ({exc.strerror or exc}); give a writable --out", field="out") from None
+        raise PlotError(
+            f"cannot write the plots to {out} ({exc.strerror or exc}); give a writable --out", field="out"
+        ) from None
     print(f"wrote {written[0]} and {written[1]}")
     return 0
 
@@ -53,12 +59,18 @@ def run_plot(args: argparse.Namespace) -> int:
 def _local(path: Path) -> tuple[Metrics, Path]:
     """The metrics of a run directory (or of a metrics.json named directly) and where its PNGs go."""
     if not path.exists():
-        raise PlotError(f"{path} does not exist: give a run's output directory (holding {Artifacts.METRICS}) or a job id "
-                        "(32 hex digits)", field="run")
+        raise PlotError(
+            f"{path} does not exist: give a run's output directory (holding {Artifacts.METRICS}) or a job id "
+            "(32 hex digits)",
+            field="run",
+        )
     file, folder = (Artifacts(path).metrics, path) if path.is_dir() else (path, path.parent)
     if not file.is_file():
-        raise PlotError(f"{path} holds no {Artifacts.METRICS}: give the output directory of a finished run (dg2pf prune "
-                        "--out, dg2pf download) or a job id", field="run")
+        raise PlotError(
+            f"{path} holds no {Artifacts.METRICS}: give the output directory of a finished run (dg2pf prune "
+            "--out, dg2pf download) or a job id",
+            field="run",
+        )
     try:
         text = file.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
@@ -77,7 +89,9 @@ def _remote(args: argparse.Namespace) -> Metrics:
         with _client(args) as client:
             return client.metrics(args.run)
     except httpx.InvalidURL as exc:
-        raise PlotError(f"cannot reach the dg2pf service at {args.url}: {exc} (give --url or set DG2PF_URL)", field="url") from None
+        raise PlotError(
+            f"cannot reach the dg2pf service at {args.url}: {exc} (give --url or set DG2PF_URL)", field="url"
+        ) from None
     except CliError as err:
         raise PlotError(err.message, field=err.field or "url") from None
     except ApiError as err:

@@ -7,7 +7,6 @@ import sys
 from tqdm import tqdm
 
 from dg2pf_client import interrupt
-
 from dg2pf_core.algorithm.state import EpochRecord
 
 
@@ -25,7 +24,13 @@ class EpochBars:
         interrupt.check()  # a Ctrl-C that a library swallowed stops the run here, its state kept
         self.loss_sum, self.batches = 0.0, 0
         if self.enabled and self.tty:
-            self.bar = tqdm(total=batches, desc=f"epoch {epoch:>3} {phase:<15} sparsity {sparsity:6.2%}", file=sys.stderr, leave=True, dynamic_ncols=True)
+            self.bar = tqdm(
+                total=batches,
+                desc=f"epoch {epoch:>3} {phase:<15} sparsity {sparsity:6.2%}",
+                file=sys.stderr,
+                leave=True,
+                dynamic_ncols=True,
+            )
 
     def batch(self, loss: float) -> None:
         self.loss_sum += loss
@@ -48,7 +53,8 @@ class EpochBars:
             self.bar = None
         elif self.enabled:
             print(
-                f"epoch {record.epoch:>3} {record.phase:<15} sparsity {record.sparsity:6.2%}  {summary}  ({record.seconds:.1f} s)",
+                f"epoch {record.epoch:>3} {record.phase:<15} sparsity {record.sparsity:6.2%}  "
+                f"{summary}  ({record.seconds:.1f} s)",
                 file=sys.stderr,
                 flush=True,
             )

@@ -14,8 +14,11 @@ def latency_rows(m: Metrics) -> list[tuple[str, str]]:
         return [("latency", f"not measured: {latency.reason or '-'}")]
     rows = []
     for backend, by_batch in latency.backends.items():
-        cells = [f"batch {n}: {r.dense_ms:.2f} -> {r.pruned_ms:.2f} ms ({r.speedup:.2f}x)"
-                 for n, r in by_batch.items() if r.speedup is not None]
+        cells = [
+            f"batch {n}: {r.dense_ms:.2f} -> {r.pruned_ms:.2f} ms ({r.speedup:.2f}x)"
+            for n, r in by_batch.items()
+            if r.speedup is not None
+        ]
         if cells:
             rows.append((f"latency {backend}", "; ".join(cells)))
     macs = f"MACs ratio {latency.macs_ratio:.3f}x; " if latency.macs_ratio is not None else ""

@@ -28,9 +28,26 @@ from dg2pf_core.job.prune import prune_to_dir
 from dg2pf_core.job.spec import PreparedJob, PruneJob
 
 __all__ = [
-    "CheckpointError", "ConfigError", "DatasetError", "DG2PFConfig", "DG2PFError", "DG2PFResult",
-    "EpochRecord", "PreparedJob", "PruneJob", "ResumeError", "Selection", "TrainingState",
-    "UnknownArchitectureError", "apply_masks_", "magnitude_masks", "nm_masks", "prepare", "prune_to_dir",
-    "run_dg2pf", "select_prunable", "sparsity_targets",
+    "CheckpointError",
+    "ConfigError",
+    "DatasetError",
+    "DG2PFConfig",
+    "DG2PFError",
+    "DG2PFResult",
+    "EpochRecord",
+    "PreparedJob",
+    "PruneJob",
+    "ResumeError",
+    "Selection",
+    "TrainingState",
+    "UnknownArchitectureError",
+    "apply_masks_",
+    "magnitude_masks",
+    "nm_masks",
+    "prepare",
+    "prune_to_dir",
+    "run_dg2pf",
+    "select_prunable",
+    "sparsity_targets",
 ]
 __version__ = "0.1.0"

@@ -32,8 +32,10 @@ def connect(address: str | None = None, quiet: bool = False) -> str:
         # The workers' lines the driver prints: no colour codes in a log file or a pipe.
         os.environ.setdefault("RAY_COLOR_PREFIX", "0")
     # Worker processes import dg2pf from the same installation as the driver; nothing is shipped.
-    runtime_env = {"env_vars": {"PYTHONUNBUFFERED": "1"},
-                   "worker_process_setup_hook": "dg2pf_ray.worker_setup.know_own_cluster"}
+    runtime_env = {
+        "env_vars": {"PYTHONUNBUFFERED": "1"},
+        "worker_process_setup_hook": "dg2pf_ray.worker_setup.know_own_cluster",
+    }
     try:
         if address:
             # No runtime_env here: inside a Ray Job the job's own runtime env applies, and Ray

@@ -25,7 +25,9 @@ class Engine:
     use_gpu: bool = False
     placement: str = "pack"
     tune_samples: int | None = None  # a Ray Tune search of this many configurations
-    search_space: dict[str, Any] | str | None = None  # option -> distribution (a document or its file); None: the default
+    search_space: dict[str, Any] | str | None = (
+        None  # option -> distribution (a document or its file); None: the default
+    )
     max_concurrent: int | None = None
     grace_period: int = 2
     address: str | None = None
@@ -38,14 +40,19 @@ class Engine:
     progress_path: str | None = None  # Ray Train: rank 0 appends a JSON line per epoch
 
     @classmethod
-    def of(cls, spec: JobSpec, **how: Any) -> "Engine":
+    def of(cls, spec: JobSpec, **how: Any) -> Engine:
         """What a spec's resources and tune section ask for: this process unless it asks for several
         workers, a GPU or a search. ``how``: the other fields (storage, run name, logs, ...)."""
         r = spec.resources
         on_ray = r.num_workers > 1 or r.use_gpu or spec.tune is not None
-        return cls(workers=r.num_workers if on_ray else None, use_gpu=r.use_gpu, placement=r.placement,
-                   tune_samples=spec.tune.samples if spec.tune else None,
-                   search_space=spec.tune.search_space if spec.tune else None, **how)
+        return cls(
+            workers=r.num_workers if on_ray else None,
+            use_gpu=r.use_gpu,
+            placement=r.placement,
+            tune_samples=spec.tune.samples if spec.tune else None,
+            search_space=spec.tune.search_space if spec.tune else None,
+            **how,
+        )
 
     @property
     def in_process(self) -> bool:
@@ -56,13 +63,20 @@ class Engine:
         workers = self.workers or 1
         return float(workers), float(workers) if self.use_gpu else 0.0
 
-    def with_overrides(self, **changes: Any) -> "Engine":
+    def with_overrides(self, **changes: Any) -> Engine:
         return replace(self, **{k: v for k, v in changes.items() if v is not None})
 
 
-def execute(job: PruneJob, out: str | Path, engine: Engine, *, progress: Progress | None = None,
-            on_prepared: Callable[[PreparedJob], None] | None = None, state_dir: str | Path | None = None,
-            resume: bool = False) -> Metrics:
+def execute(
+    job: PruneJob,
+    out: str | Path,
+    engine: Engine,
+    *,
+    progress: Progress | None = None,
+    on_prepared: Callable[[PreparedJob], None] | None = None,
+    state_dir: str | Path | None = None,
+    resume: bool = False,
+) -> Metrics:
     """Run ``job`` as ``engine`` says and write its artifacts into ``out``; returns its metrics.
     ``progress``, ``on_prepared``, ``state_dir`` and ``resume`` apply to a run in this process (a Ray
     Train run resumes from its own checkpoints, under the same storage and run name)."""
@@ -70,20 +84,45 @@ def execute(job: PruneJob, out: str | Path, engine: Engine, *, progress: Progres
         from .tune import TuneOptions, tune_job
 
         with _space_file(engine.search_space, Path(out)) as space:
-            return tune_job(job, out, TuneOptions(
-                samples=engine.tune_samples, search_space=space, workers_per_trial=engine.workers or 1,
-                use_gpu=engine.use_gpu, placement=engine.placement, cluster_may_grow=engine.cluster_may_grow,
-                address=engine.address, storage_path=engine.storage_path, max_concurrent=engine.max_concurrent,
-                grace_period=engine.grace_period, run_name=engine.run_name, verbose=engine.verbose,
-                ray_logs=engine.ray_logs))
+            return tune_job(
+                job,
+                out,
+                TuneOptions(
+                    samples=engine.tune_samples,
+                    search_space=space,
+                    workers_per_trial=engine.workers or 1,
+                    use_gpu=engine.use_gpu,
+                    placement=engine.placement,
+                    cluster_may_grow=engine.cluster_may_grow,
+                    address=engine.address,
+                    storage_path=engine.storage_path,
+                    max_concurrent=engine.max_concurrent,
+                    grace_period=engine.grace_period,
+                    run_name=engine.run_name,
+                    verbose=engine.verbose,
+                    ray_logs=engine.ray_logs,
+                ),
+            )
     if engine.workers is not None:
         from .train import RayOptions, prune_on_ray
 
-        return prune_on_ray(job, out, RayOptions(
-            workers=engine.workers, use_gpu=engine.use_gpu, address=engine.address, storage_path=engine.storage_path,
-            max_failures=engine.max_failures, placement=engine.placement, cluster_may_grow=engine.cluster_may_grow,
-            run_name=engine.run_name, verbose=engine.verbose, ray_logs=engine.ray_logs,
-            progress_path=engine.progress_path))
+        return prune_on_ray(
+            job,
+            out,
+            RayOptions(
+                workers=engine.workers,
+                use_gpu=engine.use_gpu,
+                address=engine.address,
+                storage_path=engine.storage_path,
+                max_failures=engine.max_failures,
+                placement=engine.placement,
+                cluster_may_grow=engine.cluster_may_grow,
+                run_name=engine.run_name,
+                verbose=engine.verbose,
+                ray_logs=engine.ray_logs,
+                progress_path=engine.progress_path,
+            ),
+        )
     return prune_to_dir(job, out, progress=progress, on_prepared=on_prepared, state_dir=state_dir, resume=resume)
 
 
@@ -98,8 +137,9 @@ class _space_file:
         if not isinstance(self.space, dict):
             return self.space
         self.out.absolute().parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile("w", suffix=".json", prefix=f".{self.out.name}.space-",
-                                         dir=self.out.absolute().parent, delete=False) as f:
+        with tempfile.NamedTemporaryFile(
+            "w", suffix=".json", prefix=f".{self.out.name}.space-", dir=self.out.absolute().parent, delete=False
+        ) as f:
             json.dump(self.space, f)
         self.path = f.name
         return self.path

@@ -72,12 +72,15 @@ def load_space(path: str | Path | None) -> dict[str, Any]:
     except (OSError, yaml.YAMLError) as exc:
         raise ConfigError(f"cannot read search space {path}: {exc}", field="search_space") from exc
     if not isinstance(document, dict) or not document:
-        raise ConfigError(f"search space {path} must be a non-empty mapping of option -> distribution", field="search_space")
+        raise ConfigError(
+            f"search space {path} must be a non-empty mapping of option -> distribution", field="search_space"
+        )
     return document
 
 
-def build_space(document: dict[str, Any], base: DG2PFConfig, samples: int = 1,
-                check: Callable[[DG2PFConfig], None] | None = None) -> dict[str, Any]:
+def build_space(
+    document: dict[str, Any], base: DG2PFConfig, samples: int = 1, check: Callable[[DG2PFConfig], None] | None = None
+) -> dict[str, Any]:
     """Validate ``document`` and turn it into Tune's param_space (values as Tune domains).
 
     Every value a distribution can produce must be a valid config: the bounds and each choice are
@@ -92,12 +95,18 @@ def build_space(document: dict[str, Any], base: DG2PFConfig, samples: int = 1,
     trials = samples
     for name, spec in document.items():
         if name not in _TUNABLE:
-            raise ConfigError(f"search space: {_show(name)} is not a tunable option; choose from {sorted(_TUNABLE)}", field="search_space")
+            raise ConfigError(
+                f"search space: {_show(name)} is not a tunable option; choose from {sorted(_TUNABLE)}",
+                field="search_space",
+            )
         if not isinstance(spec, dict):
             parsed[name] = (None, spec)  # a constant
             continue
         if len(spec) != 1 or next(iter(spec)) not in _DISTRIBUTIONS:
-            raise ConfigError(f"search space: {name} must be one of {sorted(_DISTRIBUTIONS)} with its arguments, got {_show(spec)}", field="search_space")
+            raise ConfigError(
+                f"search space: {name} must be one of {sorted(_DISTRIBUTIONS)} with its arguments, got {_show(spec)}",
+                field="search_space",
+            )
         kind, args = next(iter(spec.items()))
         _check_arguments(name, kind, args)
         if kind == "grid":
@@ -105,8 +114,11 @@ def build_space(document: dict[str, Any], base: DG2PFConfig, samples: int = 1,
         parsed[name] = (kind, args)
     if trials > MAX_TRIALS:
         grids = [f"{len(a)} values of {n}" for n, (k, a) in parsed.items() if k == "grid"]
-        raise ConfigError(f"search space: {' x '.join([*grids, f'{samples} samples'])} would be {trials:,} trials; "
-                          f"at most {MAX_TRIALS:,} are allowed (fewer grid values or samples)", field="search_space")
+        raise ConfigError(
+            f"search space: {' x '.join([*grids, f'{samples} samples'])} would be {trials:,} trials; "
+            f"at most {MAX_TRIALS:,} are allowed (fewer grid values or samples)",
+            field="search_space",
+        )
     space: dict[str, Any] = {}
     for name, (kind, args) in parsed.items():
         if kind is None:
@@ -118,13 +130,17 @@ def build_space(document: dict[str, Any], base: DG2PFConfig, samples: int = 1,
         try:
             space[name] = _DISTRIBUTIONS[kind](args)
         except Exception as exc:  # Tune's own checks: whatever it refuses is the user's input, not a crash
-            raise ConfigError(f"search space: {name}.{kind} {_show(args)} is refused by Ray Tune: {_clip(str(exc))}", field="search_space") from exc
+            raise ConfigError(
+                f"search space: {name}.{kind} {_show(args)} is refused by Ray Tune: {_clip(str(exc))}",
+                field="search_space",
+            ) from exc
     return space
 
 
 def _check_arguments(name: str, kind: str, args: Any) -> None:
     """The arguments of one distribution: two numbers low < high (ints for randint, low > 0 for
     loguniform), or a list of at most MAX_VALUES values for choice and grid."""
+
     def bad(why: str) -> ConfigError:
         return ConfigError(f"search space: {name}.{kind} {why}, got {_show(args)}", field="search_space")
 
@@ -173,11 +189,14 @@ def _check(base: DG2PFConfig, name: str, value: Any, check: Callable[[DG2PFConfi
         if check is not None:
             check(config)
     except ConfigError as exc:
-        raise ConfigError(f"search space: {name}={_show(value)} is not a valid value: {_clip(str(exc))}",
-                          field="search_space") from exc
+        raise ConfigError(
+            f"search space: {name}={_show(value)} is not a valid value: {_clip(str(exc))}", field="search_space"
+        ) from exc
     except Exception as exc:  # a value of a type the option cannot hold: the user's input, not a crash
-        raise ConfigError(f"search space: {name}={_show(value)} is not a valid value ({type(exc).__name__}: "
-                          f"{_clip(str(exc))})", field="search_space") from exc
+        raise ConfigError(
+            f"search space: {name}={_show(value)} is not a valid value ({type(exc).__name__}: {_clip(str(exc))})",
+            field="search_space",
+        ) from exc
 
 
 def _show(value: Any) -> str:

@@ -49,7 +49,9 @@ class RayOptions:
     workers: int = 1
     use_gpu: bool = False
     address: str | None = None
-    storage_path: str | None = None  # local dir, shared filesystem or object-store URI; None: RunStorage's temporary one
+    storage_path: str | None = (
+        None  # local dir, shared filesystem or object-store URI; None: RunStorage's temporary one
+    )
     max_failures: int = 2
     placement: str = "pack"  # "pack" | "spread": Ray's placement-group strategy for the workers
     cluster_may_grow: bool = False  # an autoscaling cluster: wait for nodes instead of refusing the run
@@ -107,8 +109,11 @@ def train_worker(config: dict) -> None:
         if rank == 0:
             with tempfile.TemporaryDirectory() as tmp:
                 (Path(tmp) / REFUSED_FILE).write_text(json.dumps(refusals[0]))
-                ray.train.report({"final": True, "refused": refusals[0]}, checkpoint=Checkpoint.from_directory(tmp),
-                                 checkpoint_dir_name="refused")
+                ray.train.report(
+                    {"final": True, "refused": refusals[0]},
+                    checkpoint=Checkpoint.from_directory(tmp),
+                    checkpoint_dir_name="refused",
+                )
         else:
             ray.train.report({"final": True, "refused": refusals[0]}, checkpoint=None)
         return
@@ -122,13 +127,20 @@ def train_worker(config: dict) -> None:
             if all((Path(d) / f).is_file() for f in Artifacts.REQUIRED):
                 # The run had ended (this is a re-run after its driver was lost): report the result again.
                 done = Metrics.read(Artifacts(d).metrics)
-                final = {"final": True, "epoch": done.epochs, "val_top1": done.val_top1, "test_top1": done.test_top1,
-                         "sparsity": done.sparsity_prunable,
-                         "epochs_at_target": epochs_at_target(done.epochs, job.config.pruning_epochs) + 1}
+                final = {
+                    "final": True,
+                    "epoch": done.epochs,
+                    "val_top1": done.val_top1,
+                    "test_top1": done.test_top1,
+                    "sparsity": done.sparsity_prunable,
+                    "epochs_at_target": epochs_at_target(done.epochs, job.config.pruning_epochs) + 1,
+                }
                 if rank == 0:
                     with tempfile.TemporaryDirectory() as tmp:
                         copy_final(Path(d), Path(tmp))
-                        ray.train.report(final, checkpoint=Checkpoint.from_directory(tmp), checkpoint_dir_name="final_again")
+                        ray.train.report(
+                            final, checkpoint=Checkpoint.from_directory(tmp), checkpoint_dir_name="final_again"
+                        )
                 else:
                     ray.train.report(final, checkpoint=None)
                 return
@@ -141,32 +153,55 @@ def train_worker(config: dict) -> None:
         sums = _gather(masks_checksum(state.masks)) if state.masks else []
         if sums:
             checksums.append([record.epoch, sums])
-        metrics = {**record.to_dict(), "mask_checksums": sums, "world_size": world,
-                   "epochs_at_target": epochs_at_target(record.epoch, job.config.pruning_epochs)}
+        metrics = {
+            **record.to_dict(),
+            "mask_checksums": sums,
+            "world_size": world,
+            "epochs_at_target": epochs_at_target(record.epoch, job.config.pruning_epochs),
+        }
         if rank == 0:
             if config.get("progress_path"):
                 append_record(config["progress_path"], {**record.to_dict(), "world_size": world, "nodes": nodes})
             if config.get("verbose", True):
                 # To the process's own stdout: Ray Train's patched print() would send a line on sys.stdout
                 # to its logger (stderr) as well, and the driver would show every epoch twice.
-                print(f"epoch {record.epoch:>3} {record.phase:<15} sparsity {record.sparsity:6.2%} "
-                      f"val top-1 {record.val_top1:6.2f}%{' *best' if record.is_best else ''}"
-                      f"{f' (restarts: {record.restarts})' if record.restarts else ''}", flush=True, file=sys.__stdout__)
+                print(
+                    f"epoch {record.epoch:>3} {record.phase:<15} sparsity {record.sparsity:6.2%} "
+                    f"val top-1 {record.val_top1:6.2f}%{' *best' if record.is_best else ''}"
+                    f"{f' (restarts: {record.restarts})' if record.restarts else ''}",
+                    flush=True,
+                    file=sys.__stdout__,
+                )
             with tempfile.TemporaryDirectory() as tmp:
                 state.save(tmp)
-                ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp), checkpoint_dir_name=f"epoch_{record.epoch:04d}")
+                ray.train.report(
+                    metrics, checkpoint=Checkpoint.from_directory(tmp), checkpoint_dir_name=f"epoch_{record.epoch:04d}"
+                )
         else:
             ray.train.report(metrics, checkpoint=None)
 
-    result = run_dg2pf(model, prepared.sharded_loaders(rank, world), job.config, teacher=teacher,
-                       reporter=report, resume=resume, device=prepared.device, input_shape=prepared.input_shape)
+    result = run_dg2pf(
+        model,
+        prepared.sharded_loaders(rank, world),
+        job.config,
+        teacher=teacher,
+        reporter=report,
+        resume=resume,
+        device=prepared.device,
+        input_shape=prepared.input_shape,
+    )
     metrics = result_metrics(prepared, result, world_size=world, wall_seconds=time.perf_counter() - started)
     metrics.distributed = DistributedRun(backend=dist.get_backend(), worker_nodes=nodes, mask_checksums=checksums)
     # The last report carries the result: the best epoch's validation top-1 (what Tune ranks) and
     # the artifacts, so the driver (possibly on another node) reads them from storage.
-    final = {"final": True, "epoch": result.epochs, "val_top1": result.best_val_top1,
-             "test_top1": metrics.test_top1, "sparsity": metrics.sparsity_prunable,
-             "epochs_at_target": epochs_at_target(result.epochs, job.config.pruning_epochs) + 1}
+    final = {
+        "final": True,
+        "epoch": result.epochs,
+        "val_top1": result.best_val_top1,
+        "test_top1": metrics.test_top1,
+        "sparsity": metrics.sparsity_prunable,
+        "epochs_at_target": epochs_at_target(result.epochs, job.config.pruning_epochs) + 1,
+    }
     if rank == 0:
         with tempfile.TemporaryDirectory() as tmp:
             write_results(Path(tmp), prepared, result, metrics)
@@ -217,10 +252,15 @@ class RunStorage:
 def make_trainer(job: PruneJob, options: RayOptions, callbacks: list | None = None) -> TorchTrainer:
     return TorchTrainer(
         train_worker,
-        train_loop_config={"job": job.to_dict(), "verbose": options.verbose, "ray_logs": options.ray_logs,
-                           "progress_path": options.progress_path},
-        scaling_config=ScalingConfig(num_workers=options.workers, use_gpu=options.use_gpu,
-                                     placement_strategy=options.placement.upper()),
+        train_loop_config={
+            "job": job.to_dict(),
+            "verbose": options.verbose,
+            "ray_logs": options.ray_logs,
+            "progress_path": options.progress_path,
+        },
+        scaling_config=ScalingConfig(
+            num_workers=options.workers, use_gpu=options.use_gpu, placement_strategy=options.placement.upper()
+        ),
         run_config=RunConfig(
             name=options.run_name or f"dg2pf-{time.strftime('%Y%m%d-%H%M%S')}",
             storage_path=options.storage_path,  # RunStorage's, always given
@@ -240,11 +280,13 @@ def _explain(exc: Exception, options: RayOptions) -> str:
     if isinstance(exc, ControllerError) and isinstance(exc.controller_failure, WorkerGroupStartupTimeoutError):
         total = ray.cluster_resources()
         need = f"1 CPU{' and 1 GPU' if options.use_gpu else ''} each"
-        return (f"Ray could not place the {options.workers} workers ({need}) in time, on any attempt: the cluster now has "
-                f"{total.get('CPU', 0):g} CPUs and {total.get('GPU', 0):g} GPUs in all. A node may have been lost, an "
-                "autoscaler may not have started one in time, or other work holds the resources: add nodes or resubmit "
-                "with fewer workers (DG2PF_WORKER_START_TIMEOUT_S / RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S sets how long "
-                "each attempt waits)")
+        return (
+            f"Ray could not place the {options.workers} workers ({need}) in time, on any attempt: the cluster now has "
+            f"{total.get('CPU', 0):g} CPUs and {total.get('GPU', 0):g} GPUs in all. A node may have been lost, an "
+            "autoscaler may not have started one in time, or other work holds the resources: add nodes or resubmit "
+            "with fewer workers (DG2PF_WORKER_START_TIMEOUT_S / RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S sets how long "
+            "each attempt waits)"
+        )
     if isinstance(exc, ControllerError):
         return _error_line(exc.controller_failure)
     if isinstance(exc, WorkerGroupError) and exc.worker_failures:
@@ -277,7 +319,9 @@ def prune_on_ray(job: PruneJob, out: str | Path, options: RayOptions) -> Metrics
         return _fit(job, out, output, dataclasses.replace(options, storage_path=storage.path), storage, started)
 
 
-def _fit(job: PruneJob, out: str | Path, output: OutputDir, options: RayOptions, storage: RunStorage, started: float) -> Metrics:
+def _fit(
+    job: PruneJob, out: str | Path, output: OutputDir, options: RayOptions, storage: RunStorage, started: float
+) -> Metrics:
     trainer = make_trainer(job, options)
     try:
         result = trainer.fit()
@@ -307,9 +351,11 @@ def _fit(job: PruneJob, out: str | Path, output: OutputDir, options: RayOptions,
     except OSError as exc:
         # Nothing trained is lost: the model and its metrics stay in Ray Train's final checkpoint.
         storage.keep()
-        raise OutputError(f"training finished but {out} could not be written ({exc.strerror or exc}); the trained model "
-                          f"and metrics are kept in Ray Train's final checkpoint at {result.checkpoint.path}: copy "
-                          f"{', '.join(Artifacts.REQUIRED)} from there") from exc
+        raise OutputError(
+            f"training finished but {out} could not be written ({exc.strerror or exc}); the trained model "
+            f"and metrics are kept in Ray Train's final checkpoint at {result.checkpoint.path}: copy "
+            f"{', '.join(Artifacts.REQUIRED)} from there"
+        ) from exc
     return metrics
 
 

@@ -59,10 +59,16 @@ def _trial(config: dict[str, Any], *, base_job: dict, options: dict, name: str) 
     base = PruneJob.from_dict(base_job)
     job = dataclasses.replace(base, config=trial_config(base.config, config))
     trial_id = tune.get_context().get_trial_id()
-    run = RayOptions(workers=options["workers_per_trial"], use_gpu=options["use_gpu"], placement=options["placement"],
-                     storage_path=options["storage_path"],
-                     max_failures=0, run_name=f"{name}-{trial_id}", verbose=options["verbose"],
-                     ray_logs=options["ray_logs"])
+    run = RayOptions(
+        workers=options["workers_per_trial"],
+        use_gpu=options["use_gpu"],
+        placement=options["placement"],
+        storage_path=options["storage_path"],
+        max_failures=0,
+        run_name=f"{name}-{trial_id}",
+        verbose=options["verbose"],
+        ray_logs=options["ray_logs"],
+    )
     make_trainer(job, run, callbacks=[TuneReportCallback()]).fit()
 
 
@@ -76,7 +82,7 @@ def tune_job(job: PruneJob, out: str | Path, options: TuneOptions) -> Metrics:
     """Search ``options.samples`` configs; write the best model, metrics.json and trials.csv to ``out``."""
     output = OutputDir(out)
     started = time.perf_counter()
-    prepare(job, out=out, dry=False)  # the dry run is each trial's workers'  
+    prepare(job, out=out, dry=False)  # the dry run is each trial's workers'
     if options.samples < 1:
         raise RunFailed(f"samples must be >= 1, got {options.samples}", field="samples")
     document = load_space(options.search_space)
@@ -113,56 +119,87 @@ def _fit(job: PruneJob, options: TuneOptions, space: dict, concurrent: int, name
     post_pruning = job.config.max_epochs - job.config.pruning_epochs
     per_trial = options.workers_per_trial
     trainable = tune.with_resources(
-        partial(_trial, base_job=job.to_dict(), name=name,
-                options={"workers_per_trial": per_trial, "use_gpu": options.use_gpu, "placement": options.placement,
-                         "storage_path": storage, "verbose": options.verbose, "ray_logs": options.ray_logs}),
+        partial(
+            _trial,
+            base_job=job.to_dict(),
+            name=name,
+            options={
+                "workers_per_trial": per_trial,
+                "use_gpu": options.use_gpu,
+                "placement": options.placement,
+                "storage_path": storage,
+                "verbose": options.verbose,
+                "ray_logs": options.ray_logs,
+            },
+        ),
         {"cpu": DRIVER_CPU},  # the trial driver only waits on its TorchTrainer, whose workers hold the CPUs
     )
     experiment = f"{storage.rstrip('/')}/{name}"
     if options.run_name and tune.Tuner.can_restore(experiment):
         # The same named run again (the service resubmits a job whose Ray work was lost): finished trials
         # keep their results, unfinished and errored ones resume from their last checkpoints.
-        grid = tune.Tuner.restore(experiment, trainable, param_space=space, resume_unfinished=True,
-                                  resume_errored=True).fit()
+        grid = tune.Tuner.restore(
+            experiment, trainable, param_space=space, resume_unfinished=True, resume_errored=True
+        ).fit()
     else:
         grid = _new_tuner(trainable, space, options, concurrent, name, storage, post_pruning).fit()
     return grid
 
 
-def _new_tuner(trainable, space: dict, options: TuneOptions, concurrent: int, name: str, storage: str, post_pruning: int):
+def _new_tuner(
+    trainable, space: dict, options: TuneOptions, concurrent: int, name: str, storage: str, post_pruning: int
+):
     return tune.Tuner(
         trainable,
         param_space=space,
         tune_config=tune.TuneConfig(
             num_samples=options.samples,
             max_concurrent_trials=concurrent,
-            scheduler=ASHAScheduler(time_attr=TIME_ATTR, metric=RANK_METRIC, mode="max",
-                                    grace_period=max(1, options.grace_period), max_t=post_pruning + 3),
+            scheduler=ASHAScheduler(
+                time_attr=TIME_ATTR,
+                metric=RANK_METRIC,
+                mode="max",
+                grace_period=max(1, options.grace_period),
+                max_t=post_pruning + 3,
+            ),
         ),
         run_config=tune.RunConfig(name=name, storage_path=storage, verbose=0),
     )
 
 
-def _write_result(grid, job: PruneJob, output: OutputDir, options: TuneOptions, document: dict, storage: str | None,
-                  name: str, started: float) -> Metrics:
+def _write_result(
+    grid,
+    job: PruneJob,
+    output: OutputDir,
+    options: TuneOptions,
+    document: dict,
+    storage: str | None,
+    name: str,
+    started: float,
+) -> Metrics:
     rows = []
     for result in grid:
         m, status = result.metrics or {}, _status(result)
         at_target = status != "failed" and m.get("epochs_at_target", 0) > 0
-        rows.append({
-            "trial_id": m.get("trial_id") or Path(result.path).name,
-            "status": status,
-            **{f"config.{k}": v for k, v in sorted(result.config.items())},
-            # figures only where they describe a model at the final sparsity
-            "val_top1": m.get("val_top1") if at_target else None,
-            "test_top1": m.get("test_top1") if status == "completed" else None,
-            "sparsity": m.get("sparsity") if at_target else None,
-            "epochs": m.get("epoch"),
-            "wall_seconds": m.get("time_total_s"),
-            "error": (str(result.error).strip().splitlines()[-1][:300] if result.error is not None
-                      else (m.get("refused") or {}).get("message")),
-            "_checkpoint": m.get("checkpoint_path") if status == "completed" else None,
-        })
+        rows.append(
+            {
+                "trial_id": m.get("trial_id") or Path(result.path).name,
+                "status": status,
+                **{f"config.{k}": v for k, v in sorted(result.config.items())},
+                # figures only where they describe a model at the final sparsity
+                "val_top1": m.get("val_top1") if at_target else None,
+                "test_top1": m.get("test_top1") if status == "completed" else None,
+                "sparsity": m.get("sparsity") if at_target else None,
+                "epochs": m.get("epoch"),
+                "wall_seconds": m.get("time_total_s"),
+                "error": (
+                    str(result.error).strip().splitlines()[-1][:300]
+                    if result.error is not None
+                    else (m.get("refused") or {}).get("message")
+                ),
+                "_checkpoint": m.get("checkpoint_path") if status == "completed" else None,
+            }
+        )
     done = [r for r in rows if r["status"] == "completed" and r["_checkpoint"]]
     if not done:
         failures = "; ".join(f"{r['trial_id']}: {r['status']} {r['error'] or ''}" for r in rows)
@@ -180,7 +217,9 @@ def _write_result(grid, job: PruneJob, output: OutputDir, options: TuneOptions, 
         metrics = Metrics.read(files.metrics)
         metrics.tune = TuneSummary(
             best_trial=best["trial_id"],
-            best_config=trial_config(job.config, {k[7:]: v for k, v in best.items() if k.startswith("config.")}).to_dict(),
+            best_config=trial_config(
+                job.config, {k[7:]: v for k, v in best.items() if k.startswith("config.")}
+            ).to_dict(),
             search_space=document,
             samples=options.samples,
             scheduler=f"ASHA on {TIME_ATTR} (grace {max(1, options.grace_period)}), ranked by {RANK_METRIC}",

@@ -10,10 +10,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny import TinyNet, tiny_data
 
 from dg2pf_core.data.loaders import LocalLoaders
-
-from tiny import TinyNet, tiny_data
 
 PG_SERVER = os.environ.get("DG2PF_TEST_POSTGRES", "postgresql+psycopg2://postgres@127.0.0.1:5432/test")
 
@@ -26,7 +25,9 @@ def tiny_model() -> TinyNet:
 
 @pytest.fixture
 def tiny_loaders() -> LocalLoaders:
-    return LocalLoaders(tiny_data(96, seed=0), tiny_data(32, seed=1), tiny_data(32, seed=2), batch_size=16, eval_batch_size=64, seed=0)
+    return LocalLoaders(
+        tiny_data(96, seed=0), tiny_data(32, seed=1), tiny_data(32, seed=2), batch_size=16, eval_batch_size=64, seed=0
+    )
 
 
 @pytest.fixture(scope="session")
@@ -52,11 +53,20 @@ def pg_url() -> Iterator[str]:
     from sqlalchemy.engine import make_url
 
     server = make_url(PG_SERVER)
-    connect = dict(host=server.host, port=server.port or 5432, user=server.username, password=server.password, dbname=server.database)
+    connect = dict(
+        host=server.host,
+        port=server.port or 5432,
+        user=server.username,
+        password=server.password,
+        dbname=server.database,
+    )
     try:
         admin = psycopg2.connect(**connect, connect_timeout=3)
     except psycopg2.OperationalError as e:
-        pytest.fail(f"no PostgreSQL at {server.render_as_string(hide_password=True)} (scripts/test.sh starts it; or set DG2PF_TEST_POSTGRES): {e}")
+        pytest.fail(
+            f"no PostgreSQL at {server.render_as_string(hide_password=True)} "
+            f"(scripts/test.sh starts it; or set DG2PF_TEST_POSTGRES): {e}"
+        )
     admin.autocommit = True  # CREATE/DROP DATABASE cannot run inside a transaction
     name = f"dg2pf_test_{uuid.uuid4().hex[:12]}"
     with admin.cursor() as cur:

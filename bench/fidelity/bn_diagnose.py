@@ -31,7 +31,10 @@ from .pretrain import build
 def layer_report(model: nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> list[dict]:
     norms = [(n, m) for n, m in model.named_modules() if isinstance(m, _BatchNorm)]
     inputs: dict[str, list[torch.Tensor]] = {n: [] for n, _ in norms}
-    outputs: dict[str, dict[str, list[torch.Tensor]]] = {"train": {n: [] for n, _ in norms}, "eval": {n: [] for n, _ in norms}}
+    outputs: dict[str, dict[str, list[torch.Tensor]]] = {
+        "train": {n: [] for n, _ in norms},
+        "eval": {n: [] for n, _ in norms},
+    }
     mode = {"now": "train"}
 
     def hook(name):
@@ -39,6 +42,7 @@ def layer_report(model: nn.Module, batches: list[tuple[torch.Tensor, torch.Tenso
             if mode["now"] == "train":
                 inputs[name].append(args[0].detach())
             outputs[mode["now"]][name].append(out.detach())
+
         return fn
 
     handles = [m.register_forward_hook(hook(n)) for n, m in norms]
@@ -57,7 +61,9 @@ def layer_report(model: nn.Module, batches: list[tuple[torch.Tensor, torch.Tenso
         for h in handles:
             h.remove()
         for n, m in norms:
-            m.running_mean.copy_(saved[n][0]); m.running_var.copy_(saved[n][1]); m.momentum = saved[n][2]
+            m.running_mean.copy_(saved[n][0])
+            m.running_var.copy_(saved[n][1])
+            m.momentum = saved[n][2]
     rows = []
     for name, m in norms:
         xs = inputs[name]
@@ -73,17 +79,27 @@ def layer_report(model: nn.Module, batches: list[tuple[torch.Tensor, torch.Tenso
             shape = [1, -1] + [1] * (x.dim() - 2)
             ye = (x - rm.view(shape)) / torch.sqrt(rv.view(shape) + m.eps) * m.weight.view(shape) + m.bias.view(shape)
             local.append(((ye - yt).norm() / yt.norm().clamp_min(1e-12)).item())
-        prop = [((ye - yt).norm() / yt.norm().clamp_min(1e-12)).item()
-                for yt, ye in zip(outputs["train"][name], outputs["eval"][name])]
+        prop = [
+            ((ye - yt).norm() / yt.norm().clamp_min(1e-12)).item()
+            for yt, ye in zip(outputs["train"][name], outputs["eval"][name])
+        ]
         live = (m.weight.abs() > 1e-8) | (m.bias.abs() > 1e-8)
-        rows.append({
-            "layer": name, "channels": int(rv.numel()), "values_per_channel": per_values,
-            "var_ratio_median": float(ratio.median()), "var_ratio_max": float(ratio.max()),
-            "channels_ratio_gt4": int((ratio > 4).sum()), "channels_ratio_lt_quarter": int((ratio < 0.25).sum()),
-            "mean_shift_max": float(((bmean - rm).abs() / torch.sqrt(rv + m.eps)).max()),
-            "tiny_var_channels": int((med < m.eps).sum()), "live_affine": int(live.sum()),
-            "local_rel_err": sum(local) / len(local), "propagated_rel_err": sum(prop) / len(prop),
-        })
+        rows.append(
+            {
+                "layer": name,
+                "channels": int(rv.numel()),
+                "values_per_channel": per_values,
+                "var_ratio_median": float(ratio.median()),
+                "var_ratio_max": float(ratio.max()),
+                "channels_ratio_gt4": int((ratio > 4).sum()),
+                "channels_ratio_lt_quarter": int((ratio < 0.25).sum()),
+                "mean_shift_max": float(((bmean - rm).abs() / torch.sqrt(rv + m.eps)).max()),
+                "tiny_var_channels": int((med < m.eps).sum()),
+                "live_affine": int(live.sum()),
+                "local_rel_err": sum(local) / len(local),
+                "propagated_rel_err": sum(prop) / len(prop),
+            }
+        )
     return rows
 
 
@@ -106,12 +122,29 @@ def main(argv: list[str] | None = None) -> None:
     cpu = torch.device("cpu")
     print(f"val top-1 eval mode {evaluate(model, batches_src.val(), cpu).top1:.2f}")
     rows = layer_report(model, batches)
-    head = ("layer", "C", "n/C", "ratio med", "ratio max", ">4", "<1/4", "shift max", "tiny var", "live", "local err", "prop err")
+    head = (
+        "layer",
+        "C",
+        "n/C",
+        "ratio med",
+        "ratio max",
+        ">4",
+        "<1/4",
+        "shift max",
+        "tiny var",
+        "live",
+        "local err",
+        "prop err",
+    )
     print(" | ".join(head))
     for r in rows:
-        print(f"{r['layer']} | {r['channels']} | {r['values_per_channel']} | {r['var_ratio_median']:.3g} | {r['var_ratio_max']:.3g} | "
-              f"{r['channels_ratio_gt4']} | {r['channels_ratio_lt_quarter']} | {r['mean_shift_max']:.3g} | {r['tiny_var_channels']} | "
-              f"{r['live_affine']} | {r['local_rel_err']:.3g} | {r['propagated_rel_err']:.3g}")
+        print(
+            f"{r['layer']} | {r['channels']} | {r['values_per_channel']} | "
+            f"{r['var_ratio_median']:.3g} | {r['var_ratio_max']:.3g} | "
+            f"{r['channels_ratio_gt4']} | {r['channels_ratio_lt_quarter']} | "
+            f"{r['mean_shift_max']:.3g} | {r['tiny_var_channels']} | "
+            f"{r['live_affine']} | {r['local_rel_err']:.3g} | {r['propagated_rel_err']:.3g}"
+        )
 
 
 if __name__ == "__main__":

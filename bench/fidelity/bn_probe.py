@@ -3,7 +3,8 @@
 Runs one Fashion-MNIST job the way the fidelity grid does (``PruneJob`` -> ``prepare`` -> ``run``, the
 cell's 8,000-image training subset) and, after every epoch from the last ranking on (the mask is
 then final), scores the epoch's network twice on the validation split: with BatchNorm's running
-averages as training left them, and after re-estimating them on 50 training batches (``dg2pf_core.algorithm.batchnorm.recalibrate_batchnorm``);
+averages as training left them, and after re-estimating them on 50 training batches
+(``dg2pf_core.algorithm.batchnorm.recalibrate_batchnorm``);
 then on 50 augmented training batches with the re-estimated statistics, on the validation split
 with each batch normalised by its own statistics (train mode: what training's loss sees), and after
 one and three rounds of estimating the statistics in eval mode (``_estimate_in_eval_mode``: as the
@@ -11,7 +12,8 @@ served network computes its activations).
 The probe saves and restores torch's random state, so the job trains as it would without it.
 
     .venv/bin/python -m bench.fidelity.bn_probe --sparsity 0.98 --seed 0 --set bn_recalibration_batches=0
-    .venv/bin/python -m bench.fidelity.bn_probe --sparsity 0.98 --seed 0 --method gmp-cubic --set bn_recalibration_batches=0
+    .venv/bin/python -m bench.fidelity.bn_probe --sparsity 0.98 --seed 0 --method gmp-cubic \\
+        --set bn_recalibration_batches=0
 
 Needs the cached dense shufflenet_v2_x0_5 (``python -m bench.fidelity.run --dataset fashion-mnist
 --models shufflenet_v2_x0_5 --pretrain-only``). Prints one line per epoch.
@@ -34,8 +36,8 @@ from dg2pf_core.io.metrics import evaluate
 
 from .data import settings_for_dataset
 from .dg2pf_family import INVESTIGATIONS, VARIANTS, config_for, prepare_job
-from .registry import Budget
 from .pretrain import cache_key, settings_for
+from .registry import Budget
 from .run import HERE
 
 MODEL = "shufflenet_v2_x0_5"
@@ -49,7 +51,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--sparsity", type=float, default=0.98)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--method", default="dg2pf", choices=sorted(methods))
-    p.add_argument("--set", action="append", default=[], metavar="FIELD=JSON", help="a DG2PFConfig field over the method's")
+    p.add_argument(
+        "--set", action="append", default=[], metavar="FIELD=JSON", help="a DG2PFConfig field over the method's"
+    )
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--cache-dir", type=Path, default=HERE / "cache")
     args = p.parse_args(argv)

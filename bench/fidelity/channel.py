@@ -71,7 +71,8 @@ def _target(cell: Cell) -> float:
 @register_method(
     "dg2pf-channel",
     "DG2PFConfig(granularity='channel', target_macs_ratio=r), otherwise the defaults: RMS group magnitude, global "
-    "ranking under the layer guard, simulated group pruning with KD, physical removal after P, then KD + SGD fine-tuning",
+    "ranking under the layer guard, simulated group pruning with KD, physical removal after P, "
+    "then KD + SGD fine-tuning",
     kind="macs",
 )
 def dg2pf_channel(cell: Cell) -> Outcome:
@@ -81,7 +82,8 @@ def dg2pf_channel(cell: Cell) -> Outcome:
 @register_method(
     "dg2pf-channel-no-kd",
     "dg2pf-channel with kd_alpha=0: cross-entropy only, no teacher",
-    kind="macs", in_grid=False,
+    kind="macs",
+    in_grid=False,
 )
 def dg2pf_channel_no_kd(cell: Cell) -> Outcome:
     return _run(cell, {"granularity": "channel", "target_macs_ratio": _target(cell), "kd_alpha": 0.0})
@@ -106,8 +108,13 @@ def tp_magnitude(cell: Cell) -> Outcome:
     model = cell.dense.build()
     dense_macs = macs(model, shape)
     pruner = tp.pruner.MagnitudePruner(
-        model, torch.zeros((1, *shape)), importance=tp.importance.MagnitudeImportance(p=2), global_pruning=True,
-        pruning_ratio=1.0, iterative_steps=TP_STEPS, ignored_layers=[_classifier(model)],
+        model,
+        torch.zeros((1, *shape)),
+        importance=tp.importance.MagnitudeImportance(p=2),
+        global_pruning=True,
+        pruning_ratio=1.0,
+        iterative_steps=TP_STEPS,
+        ignored_layers=[_classifier(model)],
     )
     batches = loaders(cell.split, cell.data, batch_size=budget.batch_size, seed=cell.seed)
     optimizer = None
@@ -140,5 +147,15 @@ def tp_magnitude(cell: Cell) -> Outcome:
             best_val, best_model, best_epoch, stale = val, copy.deepcopy(model), epoch, 0
         else:
             stale += 1
-    return Outcome(epochs=epoch, model=best_model, notes={"steps": steps, "best_epoch": best_epoch, "best_val_top1": best_val,
-                                                          "lr": LR, "weight_decay": WEIGHT_DECAY, "tp_steps": TP_STEPS})
+    return Outcome(
+        epochs=epoch,
+        model=best_model,
+        notes={
+            "steps": steps,
+            "best_epoch": best_epoch,
+            "best_val_top1": best_val,
+            "lr": LR,
+            "weight_decay": WEIGHT_DECAY,
+            "tp_steps": TP_STEPS,
+        },
+    )

@@ -80,8 +80,13 @@ def settings_for_dataset(dataset: str, train_subset: int | None = None, image_si
             raise ValueError("digits runs at its fixed 32 px")
         return DataSettings()
     if dataset == "fashion-mnist":
-        return DataSettings(image_size=image_size or 28, augment_pad=0, dataset=dataset, job_val_fraction=0.05,
-                            train_subset=8_000 if train_subset is None else train_subset)
+        return DataSettings(
+            image_size=image_size or 28,
+            augment_pad=0,
+            dataset=dataset,
+            job_val_fraction=0.05,
+            train_subset=8_000 if train_subset is None else train_subset,
+        )
     raise ValueError(f"unknown dataset {dataset!r}; choose from {DATASETS}")
 
 
@@ -116,8 +121,10 @@ class JobSplit:
     train_full: int  # training images before the subset
 
     def sizes(self) -> str:
-        return (f"{len(self.splits.train)} train (of {self.train_full}) / {len(self.splits.val)} val / "
-                f"{len(self.splits.test)} test, augment {self.splits.augment}")
+        return (
+            f"{len(self.splits.train)} train (of {self.train_full}) / {len(self.splits.val)} val / "
+            f"{len(self.splits.test)} test, augment {self.splits.augment}"
+        )
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -141,8 +148,9 @@ def job_request(settings: DataSettings, seed: int) -> DataRequest:
     """What ``dg2pf prune --image-size S --val-fraction F --seed K`` asks of the data loader: the same
     request ``dg2pf_core.job.prepare`` makes, so the harness's peers and the product's jobs get the
     same images, hold-out and transforms."""
-    return DataRequest(image_size=settings.image_size, in_channels=settings.channels,
-                       val_fraction=settings.job_val_fraction, seed=seed)
+    return DataRequest(
+        image_size=settings.image_size, in_channels=settings.channels, val_fraction=settings.job_val_fraction, seed=seed
+    )
 
 
 def load_job_split(settings: DataSettings, seed: int, *, subset: bool = True) -> JobSplit:
@@ -206,8 +214,9 @@ class ShiftAugmented(Dataset):
         return self.padded[i, :, dy : dy + size, dx : dx + size], int(self.y[i])
 
 
-def loaders(split: Split | JobSplit, settings: DataSettings, *, batch_size: int, seed: int,
-            eval_batch_size: int = 256) -> LocalLoaders:
+def loaders(
+    split: Split | JobSplit, settings: DataSettings, *, batch_size: int, seed: int, eval_batch_size: int = 256
+) -> LocalLoaders:
     """dg2pf_core's single-process loaders over the split; the shuffling depends on ``seed``."""
     if isinstance(split, JobSplit):
         s = split.splits

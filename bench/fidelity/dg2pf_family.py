@@ -22,19 +22,35 @@ from dg2pf_core import job as product
 from .data import DataSettings, loaders, train_subset
 from .registry import Budget, Cell, MethodUnavailable, Outcome, register_method
 
-
 # Every field the ablations below vary, fixed at its value in the ablations' common base, so an
 # ablation's meaning does not move when the product's defaults do ("abl-base": linear schedule,
 # frozen simulated pruning ranked once per epoch, the emptying guard only, AdamW lr 1e-3 with weight
 # decay 1e-4, the standard distillation loss at T=4, alpha=0.75).
-BASE: dict = {"preset": "default", "schedule": "linear", "recovery": "frozen", "rerank_every_steps": 0,
-              "max_layer_sparsity": 1.0, "layer_density_floor": 0.0, "min_weights_per_tensor": 1, "min_weights_per_class": 1,
-              "lr": 1e-3, "weight_decay": 1e-4, "kd_loss": "standard", "kd_temperature": 4.0, "kd_alpha": 0.75,
-              "grad_clip": 0.5, "gradual_masks": "simulated", "bn_recalibration_batches": 32}
+BASE: dict = {
+    "preset": "default",
+    "schedule": "linear",
+    "recovery": "frozen",
+    "rerank_every_steps": 0,
+    "max_layer_sparsity": 1.0,
+    "layer_density_floor": 0.0,
+    "min_weights_per_tensor": 1,
+    "min_weights_per_class": 1,
+    "lr": 1e-3,
+    "weight_decay": 1e-4,
+    "kd_loss": "standard",
+    "kd_temperature": 4.0,
+    "kd_alpha": 0.75,
+    "grad_clip": 0.5,
+    "gradual_masks": "simulated",
+    "bn_recalibration_batches": 32,
+}
 
 VARIANTS: dict[str, tuple[dict, str]] = {
     "dg2pf": ({}, "DG2PF as the product runs it: DG2PFConfig's defaults (preset 'default')"),
-    "dg2pf-paper": ({"preset": "paper"}, "DG2PF with preset 'paper': the paper's algorithm as written, the authors' hyperparameters"),
+    "dg2pf-paper": (
+        {"preset": "paper"},
+        "DG2PF with preset 'paper': the paper's algorithm as written, the authors' hyperparameters",
+    ),
 }
 
 
@@ -45,46 +61,89 @@ def _ablation(changes: dict) -> dict:
 # The ablations of the decision grid (docs/fidelity.md): one change at a time from BASE. Not in the
 # default grid; run with --methods.
 INVESTIGATIONS: dict[str, tuple[dict, str]] = {
-    "abl-base": (_ablation({}), "the ablations' base: linear, frozen simulated pruning ranked once per epoch, emptying guard only, "
-                                "AdamW 1e-3 / wd 1e-4, standard KD"),
-    "abl-floor0.6": (_ablation({"max_layer_sparsity": 0.99, "layer_density_floor": 0.6}),
-                     "abl-base with the former layer collapse guard (cap min(0.99, 1 - 0.6 (1 - target)))"),
-    "abl-no-guard": (_ablation({"min_weights_per_tensor": 0, "min_weights_per_class": 0}), "abl-base without the emptying guard"),
+    "abl-base": (
+        _ablation({}),
+        "the ablations' base: linear, frozen simulated pruning ranked once per epoch, emptying guard only, "
+        "AdamW 1e-3 / wd 1e-4, standard KD",
+    ),
+    "abl-floor0.6": (
+        _ablation({"max_layer_sparsity": 0.99, "layer_density_floor": 0.6}),
+        "abl-base with the former layer collapse guard (cap min(0.99, 1 - 0.6 (1 - target)))",
+    ),
+    "abl-no-guard": (
+        _ablation({"min_weights_per_tensor": 0, "min_weights_per_class": 0}),
+        "abl-base without the emptying guard",
+    ),
     "abl-lr1e-5": (_ablation({"lr": 1e-5}), "abl-base with AdamW lr 1e-5"),
     "abl-lr1e-4": (_ablation({"lr": 1e-4}), "abl-base with AdamW lr 1e-4"),
     "abl-lr3e-4": (_ablation({"lr": 3e-4}), "abl-base with AdamW lr 3e-4"),
-    "abl-lr1e-5-wd0": (_ablation({"lr": 1e-5, "weight_decay": 0.0}), "abl-base with the authors' AdamW: lr 1e-5, no weight decay"),
-    "abl-kd-authors": (_ablation({"kd_loss": "authors"}), "abl-base with the authors' loss (alpha KL + (1 - alpha) CE) T^2"),
+    "abl-lr1e-5-wd0": (
+        _ablation({"lr": 1e-5, "weight_decay": 0.0}),
+        "abl-base with the authors' AdamW: lr 1e-5, no weight decay",
+    ),
+    "abl-kd-authors": (
+        _ablation({"kd_loss": "authors"}),
+        "abl-base with the authors' loss (alpha KL + (1 - alpha) CE) T^2",
+    ),
     "abl-no-kd": (_ablation({"kd_alpha": 0.0}), "abl-base without distillation (cross-entropy only)"),
     "abl-cubic": (_ablation({"schedule": "cubic"}), "abl-base with the cubic schedule"),
     "abl-hard": (_ablation({"gradual_masks": "hard"}), "abl-base with hard gradual masks (no simulated pruning)"),
-    "abl-feedback": (_ablation({"recovery": "feedback"}), "abl-base with feedback recovery (masked weights take the gradient)"),
-    "abl-feedback-r32": (_ablation({"recovery": "feedback", "rerank_every_steps": 32}),
-                         "abl-base with feedback recovery, ranked again every 32 steps"),
+    "abl-feedback": (
+        _ablation({"recovery": "feedback"}),
+        "abl-base with feedback recovery (masked weights take the gradient)",
+    ),
+    "abl-feedback-r32": (
+        _ablation({"recovery": "feedback", "rerank_every_steps": 32}),
+        "abl-base with feedback recovery, ranked again every 32 steps",
+    ),
     "abl-frozen-r32": (_ablation({"rerank_every_steps": 32}), "abl-base ranked again every 32 steps (frozen recovery)"),
-    "abl-floor0.2": (_ablation({"max_layer_sparsity": 1.0, "layer_density_floor": 0.2}),
-                     "abl-base with a weaker density floor (cap 1 - 0.2 (1 - target): 0.996 at 98%, 0.99 at 95%)"),
+    "abl-floor0.2": (
+        _ablation({"max_layer_sparsity": 1.0, "layer_density_floor": 0.2}),
+        "abl-base with a weaker density floor (cap 1 - 0.2 (1 - target): 0.996 at 98%, 0.99 at 95%)",
+    ),
     # Single changes from the default (dg2pf, whose configuration is abl-cubic's: CUBIC below; the cubic schedule
     # scored 86.34% against the linear abl-base's 80.50% at 98%, seed 0): each factor measured where the product stands.
-    "cub-floor0.6": (_ablation({"schedule": "cubic", "max_layer_sparsity": 0.99, "layer_density_floor": 0.6}),
-                     "dg2pf with the former layer collapse guard (cap min(0.99, 1 - 0.6 (1 - target)))"),
-    "cub-feedback-r32": (_ablation({"schedule": "cubic", "recovery": "feedback", "rerank_every_steps": 32}),
-                         "dg2pf with feedback recovery, ranked again every 32 steps"),
-    "cub-kd-authors": (_ablation({"schedule": "cubic", "kd_loss": "authors"}), "dg2pf with the authors' loss (alpha KL + (1 - alpha) CE) T^2"),
+    "cub-floor0.6": (
+        _ablation({"schedule": "cubic", "max_layer_sparsity": 0.99, "layer_density_floor": 0.6}),
+        "dg2pf with the former layer collapse guard (cap min(0.99, 1 - 0.6 (1 - target)))",
+    ),
+    "cub-feedback-r32": (
+        _ablation({"schedule": "cubic", "recovery": "feedback", "rerank_every_steps": 32}),
+        "dg2pf with feedback recovery, ranked again every 32 steps",
+    ),
+    "cub-kd-authors": (
+        _ablation({"schedule": "cubic", "kd_loss": "authors"}),
+        "dg2pf with the authors' loss (alpha KL + (1 - alpha) CE) T^2",
+    ),
     "cub-lr3e-4": (_ablation({"schedule": "cubic", "lr": 3e-4}), "dg2pf with AdamW lr 3e-4"),
-    "cub-hard": (_ablation({"schedule": "cubic", "gradual_masks": "hard"}),
-                 "dg2pf with hard gradual masks: no simulated pruning (GMP with DG2PF's distillation and optimiser)"),
+    "cub-hard": (
+        _ablation({"schedule": "cubic", "gradual_masks": "hard"}),
+        "dg2pf with hard gradual masks: no simulated pruning (GMP with DG2PF's distillation and optimiser)",
+    ),
     "cub-no-kd": (_ablation({"schedule": "cubic", "kd_alpha": 0.0}), "dg2pf without distillation (cross-entropy only)"),
     # Run 3-4's collapsing configurations (docs/fidelity-history.md), for the BatchNorm diagnosis: no guard at all.
-    "old-gmp-cubic": (_ablation({"schedule": "cubic", "gradual_masks": "hard", "kd_alpha": 0.0,
-                                 "min_weights_per_tensor": 0, "min_weights_per_class": 0}),
-                      "runs 3-4's gmp-cubic on the DG2PF loop: cubic, hard masks, no distillation, no guard"),
-    "old-dg2pf-cubic-no-cap": (_ablation({"schedule": "cubic", "min_weights_per_tensor": 0, "min_weights_per_class": 0}),
-                               "runs 3-4's dg2pf-cubic-no-cap: cubic schedule, frozen simulated pruning, KD, no guard"),
+    "old-gmp-cubic": (
+        _ablation(
+            {
+                "schedule": "cubic",
+                "gradual_masks": "hard",
+                "kd_alpha": 0.0,
+                "min_weights_per_tensor": 0,
+                "min_weights_per_class": 0,
+            }
+        ),
+        "runs 3-4's gmp-cubic on the DG2PF loop: cubic, hard masks, no distillation, no guard",
+    ),
+    "old-dg2pf-cubic-no-cap": (
+        _ablation({"schedule": "cubic", "min_weights_per_tensor": 0, "min_weights_per_class": 0}),
+        "runs 3-4's dg2pf-cubic-no-cap: cubic schedule, frozen simulated pruning, KD, no guard",
+    ),
 }
 
 
-CUBIC = INVESTIGATIONS["abl-cubic"][0]  # the default's configuration, spelled out (tests/bench/test_fidelity_harness.py)
+CUBIC = INVESTIGATIONS["abl-cubic"][
+    0
+]  # the default's configuration, spelled out (tests/bench/test_fidelity_harness.py)
 
 
 def config_for(method: str, sparsity: float, seed: int, budget: Budget, overrides: dict) -> DG2PFConfig:
@@ -113,12 +172,19 @@ def make_config(cell: Cell, overrides: dict) -> DG2PFConfig:
     return config_for(cell.method, cell.sparsity, cell.seed, cell.budget, overrides)
 
 
-def prepare_job(model: str, checkpoint: Path, data: DataSettings, config: DG2PFConfig) -> tuple[product.PruneJob, product.PreparedJob]:
+def prepare_job(
+    model: str, checkpoint: Path, data: DataSettings, config: DG2PFConfig
+) -> tuple[product.PruneJob, product.PreparedJob]:
     """A user's job on ``data`` (``PruneJob`` -> ``prepare``), its training split cut to the cell's
     subset (``train_subset`` with the config's seed)."""
     job = product.PruneJob(
-        arch=f"torchvision/{model}", num_classes=10, checkpoint=str(checkpoint), dataset=data.spec(),
-        config=config, image_size=data.image_size, val_fraction=data.job_val_fraction,
+        arch=f"torchvision/{model}",
+        num_classes=10,
+        checkpoint=str(checkpoint),
+        dataset=data.spec(),
+        config=config,
+        image_size=data.image_size,
+        val_fraction=data.job_val_fraction,
     )
     prepared = product.prepare(job, dry=False)
     prepared.splits.train = train_subset(prepared.splits.train, data.train_subset, config.seed)
@@ -128,8 +194,12 @@ def prepare_job(model: str, checkpoint: Path, data: DataSettings, config: DG2PFC
 def _run_job(cell: Cell, config: DG2PFConfig):
     """The product's path: ``PruneJob`` -> ``prepare`` -> ``run`` (see the module docstring)."""
     job, prepared = prepare_job(cell.model, cell.dense.path, cell.data, config)
-    return product.run(prepared), {"job": job.to_dict(), "data": prepared.splits.description,
-                                   "augment": prepared.splits.augment, "train_images": len(prepared.splits.train)}
+    return product.run(prepared), {
+        "job": job.to_dict(),
+        "data": prepared.splits.description,
+        "augment": prepared.splits.augment,
+        "train_images": len(prepared.splits.train),
+    }
 
 
 def _run(cell: Cell, overrides: dict) -> Outcome:

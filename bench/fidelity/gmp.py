@@ -20,7 +20,8 @@ between them is only the pruning rule and the loss:
   fine-tuning.
 
 The trainer (all four): SGD with Nesterov momentum 0.9, weight decay ``WEIGHT_DECAY``, gradient norm
-clipped at ``CLIP`` (a safeguard), learning rate ``LR`` decayed by a cosine over the E epochs (the dense networks were trained this way, at a peak of
+clipped at ``CLIP`` (a safeguard), learning rate ``LR`` decayed by a cosine over the E epochs (the dense networks
+were trained this way, at a peak of
 0.05), cross-entropy (or the distillation loss), the cell's data and batch size, and what every DG2PF
 cell gets too: BatchNorm statistics re-estimated on 32 training batches before each validation, the
 best validation top-1 among the epochs at the final sparsity kept, early stopping with the budget's
@@ -138,8 +139,11 @@ class _Pruner:
 
     def snapshot(self) -> dict:
         """What restores the model's weights and masks as they are now (``restore``)."""
-        masks = ([getattr(m.parametrizations, "weight")[0].mask.clone() for _, m in self.layers] if self.kind == "ao"
-                 else {k: v.clone() for k, v in self.masks.items()})
+        masks = (
+            [m.parametrizations.weight[0].mask.clone() for _, m in self.layers]
+            if self.kind == "ao"
+            else {k: v.clone() for k, v in self.masks.items()}
+        )
         return {"state": copy.deepcopy(self.model.state_dict()), "masks": masks}
 
     def restore(self, snapshot: dict) -> None:
@@ -147,7 +151,7 @@ class _Pruner:
         self.model.load_state_dict(snapshot["state"], strict=self.kind != "ao")
         if self.kind == "ao":
             for (_, m), mask in zip(self.layers, snapshot["masks"]):
-                getattr(m.parametrizations, "weight")[0].mask.copy_(mask)
+                m.parametrizations.weight[0].mask.copy_(mask)
         else:
             self.masks = snapshot["masks"]
 
@@ -171,14 +175,18 @@ def train_peer(cell: Cell, kind: str, distill: bool, delta_t: int = DELTA_T) -> 
     total_steps = budget.epochs * per_epoch
     pruner = _Pruner(model, kind, cell.sparsity, updates)
     optimizer = torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM, nesterov=True, weight_decay=WEIGHT_DECAY)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda t: 0.5 * (1 + math.cos(math.pi * min(t, total_steps) / total_steps)))
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda t: 0.5 * (1 + math.cos(math.pi * min(t, total_steps) / total_steps))
+    )
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
     if teacher is not None:
+
         def loss_fn(x, y):
             with torch.no_grad():
                 t = teacher(x)
             return kd_loss(model(x), t, y, KD_T, KD_ALPHA)
     else:
+
         def loss_fn(x, y):
             return F.cross_entropy(model(x), y)
 
@@ -204,14 +212,18 @@ def train_peer(cell: Cell, kind: str, distill: bool, delta_t: int = DELTA_T) -> 
             total += float(loss.detach())
             step += 1
         if kind != "oneshot" and step >= pruning_steps and pruner.done < updates:
-            levels.append({"step": step, "level": pruner.update(), "zeros": pruner.zeros()})  # the last: the final sparsity
+            levels.append(
+                {"step": step, "level": pruner.update(), "zeros": pruner.zeros()}
+            )  # the last: the final sparsity
         epochs += 1
         final = pruner.done >= updates
         with torch.random.fork_rng(devices=[]):
             recalibrate_batchnorm(model, batches.train(epoch), cpu, BN_BATCHES)
         with settled(model):
             val = evaluate(model, batches.val(), cpu).top1
-        history.append({"epoch": epochs, "loss": total / per_epoch, "val_top1": val, "level": pruner.level(), "final": final})
+        history.append(
+            {"epoch": epochs, "loss": total / per_epoch, "val_top1": val, "level": pruner.level(), "final": final}
+        )
         if not final:
             continue
         if val > best:
@@ -224,27 +236,47 @@ def train_peer(cell: Cell, kind: str, distill: bool, delta_t: int = DELTA_T) -> 
     pruner.restore(best_state)
     pruner.finish()
     settle_constant_channels(model)
-    return Outcome(epochs=epochs, model=model, notes={"levels": levels, "history": history, "best_epoch": best_epoch,
-                                                        "lr": LR, "weight_decay": WEIGHT_DECAY, "delta_t": delta_t, "clip": CLIP})
+    return Outcome(
+        epochs=epochs,
+        model=model,
+        notes={
+            "levels": levels,
+            "history": history,
+            "best_epoch": best_epoch,
+            "lr": LR,
+            "weight_decay": WEIGHT_DECAY,
+            "delta_t": delta_t,
+            "clip": CLIP,
+        },
+    )
 
 
-@register_method("gmp-ao", "Zhu & Gupta GMP through torch.ao.pruning (per-layer magnitude, CubicSL, masks every "
-                 f"{DELTA_T} steps, pruned values kept), SGD + cosine lr")
+@register_method(
+    "gmp-ao",
+    "Zhu & Gupta GMP through torch.ao.pruning (per-layer magnitude, CubicSL, masks every "
+    f"{DELTA_T} steps, pruned values kept), SGD + cosine lr",
+)
 def gmp_ao(cell: Cell) -> Outcome:
     return train_peer(cell, "ao", distill=False)
 
 
-@register_method("gmp-global", f"GMP with one global magnitude ranking every {DELTA_T} steps (cubic schedule, emptying "
-                 "guard), SGD + cosine lr")
+@register_method(
+    "gmp-global",
+    f"GMP with one global magnitude ranking every {DELTA_T} steps (cubic schedule, emptying guard), SGD + cosine lr",
+)
 def gmp_global(cell: Cell) -> Outcome:
     return train_peer(cell, "global", distill=False)
 
 
-@register_method("gmp-global-kd", "gmp-global trained with distillation from the dense network (standard KD, T=4, alpha=0.75)")
+@register_method(
+    "gmp-global-kd", "gmp-global trained with distillation from the dense network (standard KD, T=4, alpha=0.75)"
+)
 def gmp_global_kd(cell: Cell) -> Outcome:
     return train_peer(cell, "global", distill=True)
 
 
-@register_method("oneshot-ft", "one global magnitude cut to the target (emptying guard), then fine-tuning: SGD + cosine lr")
+@register_method(
+    "oneshot-ft", "one global magnitude cut to the target (emptying guard), then fine-tuning: SGD + cosine lr"
+)
 def oneshot_ft(cell: Cell) -> Outcome:
     return train_peer(cell, "oneshot", distill=False)

@@ -51,9 +51,28 @@ def inc_magnitude(cell: Cell) -> Outcome:
     out.unlink(missing_ok=True)
     b = cell.budget
     command = [
-        str(PYTHON), str(RUNNER), "--arch", cell.model, "--checkpoint", str(cell.dense.path), "--data", str(cell.npz),
-        "--sparsity", str(cell.sparsity), "--epochs", str(b.epochs), "--pruning-epochs", str(b.pruning_epochs),
-        "--seed", str(cell.seed), "--batch-size", str(b.batch_size), "--threads", str(cell.threads), "--out", str(out),
+        str(PYTHON),
+        str(RUNNER),
+        "--arch",
+        cell.model,
+        "--checkpoint",
+        str(cell.dense.path),
+        "--data",
+        str(cell.npz),
+        "--sparsity",
+        str(cell.sparsity),
+        "--epochs",
+        str(b.epochs),
+        "--pruning-epochs",
+        str(b.pruning_epochs),
+        "--seed",
+        str(cell.seed),
+        "--batch-size",
+        str(b.batch_size),
+        "--threads",
+        str(cell.threads),
+        "--out",
+        str(out),
     ]
     before = os.times()
     try:
@@ -71,7 +90,9 @@ def inc_magnitude(cell: Cell) -> Outcome:
     missing = [k for k in REQUIRED if k not in result]
     if missing:
         raise RuntimeError(f"inc/run_inc.py's result {out} lacks {missing} (contract: bench/fidelity/inc.py)")
-    measured = from_layer_sparsity(result["test_top1"], result["val_top1"], result["sparsity"], result["layer_sparsity"])
+    measured = from_layer_sparsity(
+        result["test_top1"], result["val_top1"], result["sparsity"], result["layer_sparsity"]
+    )
     notes = {k: v for k, v in result.items() if k not in ("test_top1", "val_top1", "sparsity", "layer_sparsity")}
     after = os.times()  # the finished child's CPU time, all its threads
     cpu = (after.children_user - before.children_user) + (after.children_system - before.children_system)

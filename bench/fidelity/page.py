@@ -95,7 +95,9 @@ def ran_finetuning(cell: dict) -> bool:
 
 
 def recovered_total(cell: dict) -> int | None:
-    counts = [r.get("recovered") for r in (cell.get("notes") or {}).get("history", []) if r.get("recovered") is not None]
+    counts = [
+        r.get("recovered") for r in (cell.get("notes") or {}).get("history", []) if r.get("recovered") is not None
+    ]
     return sum(counts) if counts else None
 
 
@@ -109,20 +111,31 @@ def paired(by_method: dict[str, dict[int, dict]], ours: str, theirs: str) -> dic
     diffs = [a[s]["test_top1"] - b[s]["test_top1"] for s in seeds]
     stds = [_stats([m[s]["test_top1"] for s in seeds])[1] or 0.0 for m in (a, b)]
     mean = statistics.fmean(diffs)
-    return {"seeds": seeds, "diffs": diffs, "mean": mean, "wins": sum(d > 0 for d in diffs), "spread": max(stds),
-            "beyond": len(seeds) > 1 and abs(mean) > max(stds)}
+    return {
+        "seeds": seeds,
+        "diffs": diffs,
+        "mean": mean,
+        "wins": sum(d > 0 for d in diffs),
+        "spread": max(stds),
+        "beyond": len(seeds) > 1 and abs(mean) > max(stds),
+    }
 
 
 def best_peer(by_method: dict[str, dict[int, dict]]) -> str | None:
-    peers = [(statistics.fmean(c["test_top1"] for c in by_method[p].values()), -PEERS.index(p), p)
-             for p in PEERS if by_method.get(p)]
+    peers = [
+        (statistics.fmean(c["test_top1"] for c in by_method[p].values()), -PEERS.index(p), p)
+        for p in PEERS
+        if by_method.get(p)
+    ]
     return max(peers)[2] if peers else None
 
 
 def _paired_row(label: str, theirs: str, r: dict) -> str:
     verdict = "yes" if r["beyond"] else "no"
-    return (f"| {label} | {theirs} | {len(r['seeds'])} | {', '.join(f'{d:+.2f}' for d in r['diffs'])} | {r['mean']:+.2f} | "
-            f"{r['wins']}/{len(r['diffs'])} | {r['spread']:.2f} | {verdict} |")
+    return (
+        f"| {label} | {theirs} | {len(r['seeds'])} | {', '.join(f'{d:+.2f}' for d in r['diffs'])} | {r['mean']:+.2f} | "
+        f"{r['wins']}/{len(r['diffs'])} | {r['spread']:.2f} | {verdict} |"
+    )
 
 
 def render(cells: list[dict]) -> str:
@@ -133,18 +146,32 @@ def render(cells: list[dict]) -> str:
     dense = {setting_of(c): c.get("dense_test_top1") for c in cells}
     failed = [c for c in cells if c["status"] != "ok"]
     budgets = sorted({json.dumps(c.get("budget"), sort_keys=True) for c in cells})
-    lines = [f"Generated {time.strftime('%Y-%m-%d %H:%M')} from {len(cells)} cell(s) by `python -m bench.fidelity.page`; "
-             f"budget{'s' if len(budgets) > 1 else ''}: "
-             + "; ".join(f"E={b['epochs']}, P={b['pruning_epochs']}, patience {b['patience']}, batch {b['batch_size']}"
-                         for b in (json.loads(x) for x in budgets) if b) + ".", "",
-             "**Methods.**", "", "| method | what it is (source) |", "|---|---|"]
+    lines = [
+        f"Generated {time.strftime('%Y-%m-%d %H:%M')} from {len(cells)} cell(s) by `python -m bench.fidelity.page`; "
+        f"budget{'s' if len(budgets) > 1 else ''}: "
+        + "; ".join(
+            f"E={b['epochs']}, P={b['pruning_epochs']}, patience {b['patience']}, batch {b['batch_size']}"
+            for b in (json.loads(x) for x in budgets)
+            if b
+        )
+        + ".",
+        "",
+        "**Methods.**",
+        "",
+        "| method | what it is (source) |",
+        "|---|---|",
+    ]
     for m in methods:
         lines.append(f"| `{m}` | {METHODS[m].description if m in METHODS else '(no longer registered)'} |")
-    lines += ["", "**Results.** Test top-1 % on the 10,000 official test images: mean ± sample std over seeds (n), each "
-              "seed's figure (seeds in order); Δ is against the dense network; FT = seeds whose run reached Algorithm 2's "
-              "fine-tuning; recovered = weights pruned by a ranking and kept by the next, summed over the run (mean).",
-              "", "| setting | sparsity | method | test top-1 | n | per seed | Δ dense | epochs | FT | recovered | CPU s |",
-              "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines += [
+        "",
+        "**Results.** Test top-1 % on the 10,000 official test images: mean ± sample std over seeds (n), each "
+        "seed's figure (seeds in order); Δ is against the dense network; FT = seeds whose run reached Algorithm 2's "
+        "fine-tuning; recovered = weights pruned by a ranking and kept by the next, summed over the run (mean).",
+        "",
+        "| setting | sparsity | method | test top-1 | n | per seed | Δ dense | epochs | FT | recovered | CPU s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for key in sorted(groups, key=lambda k: (k[0], k[1])):
         setting, sparsity = key
         d = dense.get(setting)
@@ -160,22 +187,39 @@ def render(cells: list[dict]) -> str:
                 f"| {setting_text(setting, d)} | {sparsity:.2f} | `{m}` | {_fmt(tops)} | {len(ok)} | "
                 f"{', '.join(f'{t:.2f}' for t in tops)} | {statistics.fmean(tops) - d:+.2f} | "
                 f"{statistics.fmean(c['epochs'] for c in ok):.1f} | {sum(map(ran_finetuning, ok))}/{len(ok)} | "
-                + (f"{statistics.fmean(rec):,.0f}" if rec else "") + " | "
-                + (f"{statistics.fmean(cpu):.0f}" if cpu else "") + " |")
+                + (f"{statistics.fmean(rec):,.0f}" if rec else "")
+                + " | "
+                + (f"{statistics.fmean(cpu):.0f}" if cpu else "")
+                + " |"
+            )
     if failed:
-        lines += ["", f"Failed cells ({len(failed)}): " + "; ".join(
-            f"{c['model']} {c['method']} s={c['sparsity_target']:.2f} seed {c['seed']}: {c.get('error', '').splitlines()[0][:120]}"
-            for c in failed)]
-    head = ["| setting, sparsity | against | seeds | difference per seed | mean | wins | larger seed std | beyond it |",
-            "|---|---|---|---|---|---|---|---|"]
+        lines += [
+            "",
+            f"Failed cells ({len(failed)}): "
+            + "; ".join(
+                f"{c['model']} {c['method']} s={c['sparsity_target']:.2f} seed {c['seed']}: "
+                f"{c.get('error', '').splitlines()[0][:120]}"
+                for c in failed
+            ),
+        ]
+    head = [
+        "| setting, sparsity | against | seeds | difference per seed | mean | wins | larger seed std | beyond it |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     rows = []
     for key in sorted(groups):
         by_method = groups[key]
         peer = best_peer(by_method)
         if peer and (r := paired(by_method, DEFAULT, peer)):
             rows.append(_paired_row(f"{setting_text(key[0], None)}, {key[1]:.2f}", f"`{peer}` (best peer)", r))
-    lines += ["", f"**`{DEFAULT}` against the best peer** (highest mean of {', '.join(f'`{p}`' for p in PEERS)} in the "
-              "setting), paired by seed, test top-1 points:", "", *head, *(rows or ["| (none yet) | | | | | | | |"])]
+    lines += [
+        "",
+        f"**`{DEFAULT}` against the best peer** (highest mean of {', '.join(f'`{p}`' for p in PEERS)} in the "
+        "setting), paired by seed, test top-1 points:",
+        "",
+        *head,
+        *(rows or ["| (none yet) | | | | | | | |"]),
+    ]
     rows = []
     for key in sorted(groups):
         if r := paired(groups[key], PAPER, DEFAULT):
@@ -189,8 +233,15 @@ def render(cells: list[dict]) -> str:
             if base and (r := paired(groups[key], m, base)):
                 rows.append(_paired_row(f"{setting_text(key[0], None)}, {key[1]:.2f}: `{m}`", f"`{base}`", r))
     if rows:
-        lines += ["", f"**Each ablation against its base** (one change each: `cub-*` from `{DEFAULT}`, whose configuration "
-                  f"`abl-cubic` repeats, `abl-*` from `{ABLATION_BASE}`, which is `{DEFAULT}` on the linear schedule), paired by seed:", "", *head, *rows]
+        lines += [
+            "",
+            f"**Each ablation against its base** (one change each: `cub-*` from `{DEFAULT}`, whose configuration "
+            f"`abl-cubic` repeats, `abl-*` from `{ABLATION_BASE}`, which is `{DEFAULT}` on the linear schedule), "
+            "paired by seed:",
+            "",
+            *head,
+            *rows,
+        ]
     return "\n".join(lines)
 
 
@@ -208,14 +259,25 @@ def plot(cells: list[dict], path: Path) -> None:
     for ax, setting in zip(axes[0], settings):
         sparsities = sorted({k[1] for k in groups if k[0] == setting})
         for i, m in enumerate(shown):
-            pts = [(j, [c["test_top1"] for c in groups[(setting, sp)][m].values()]) for j, sp in enumerate(sparsities)
-                   if groups[(setting, sp)].get(m)]
+            pts = [
+                (j, [c["test_top1"] for c in groups[(setting, sp)][m].values()])
+                for j, sp in enumerate(sparsities)
+                if groups[(setting, sp)].get(m)
+            ]
             if not pts:
                 continue
             xs = [j + (i - (len(shown) - 1) / 2) * 0.06 for j, _ in pts]
-            ax.errorbar(xs, [statistics.fmean(v) for _, v in pts], yerr=[_stats(v)[1] or 0.0 for _, v in pts],
-                        marker="os^vD*"[i % 6], ms=4, capsize=2, lw=1.2 if m == DEFAULT else 0.8, label=m,
-                        color=plt.cm.tab10(i % 10))
+            ax.errorbar(
+                xs,
+                [statistics.fmean(v) for _, v in pts],
+                yerr=[_stats(v)[1] or 0.0 for _, v in pts],
+                marker="os^vD*"[i % 6],
+                ms=4,
+                capsize=2,
+                lw=1.2 if m == DEFAULT else 0.8,
+                label=m,
+                color=plt.cm.tab10(i % 10),
+            )
             for x, (_, v) in zip(xs, pts):
                 ax.scatter([x] * len(v), v, s=6, color=plt.cm.tab10(i % 10), alpha=0.5)
         if dense.get(setting) is not None:
@@ -243,8 +305,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--results-dir", type=Path, action="append", default=[], help="repeatable: one per setting")
     p.add_argument("--docs-dir", type=Path, default=REPO / "docs")
     p.add_argument("--force", action="store_true", help="replace a page made from more cells than given")
-    p.add_argument("--restore", action="store_true", help="write docs/fidelity-cells.json back into results directories "
-                   "(--into, default bench/fidelity/results-page/<dir>) and stop")
+    p.add_argument(
+        "--restore",
+        action="store_true",
+        help="write docs/fidelity-cells.json back into results directories "
+        "(--into, default bench/fidelity/results-page/<dir>) and stop",
+    )
     p.add_argument("--into", type=Path, default=HERE / "results-page")
     args = p.parse_args(argv)
     raw_path = args.docs_dir / CELLS_FILE
@@ -272,7 +338,9 @@ def main(argv: list[str] | None = None) -> None:
             cells.append(c)
     md = args.docs_dir / "fidelity.md"
     check_replaceable(md, START, END, len(cells), args.force, args.results_dir[0])
-    raw_path.write_text(json.dumps({"generated": time.strftime("%Y-%m-%dT%H:%M:%S"), "cells": cells}, indent=1, default=str) + "\n")
+    raw_path.write_text(
+        json.dumps({"generated": time.strftime("%Y-%m-%dT%H:%M:%S"), "cells": cells}, indent=1, default=str) + "\n"
+    )
     write_table(md, render(cells), START, END)
     plot(cells, args.docs_dir / PLOT_FILE)
     print(f"[page] {len(cells)} cell(s) -> {md}, {PLOT_FILE}, {CELLS_FILE}")

@@ -117,8 +117,14 @@ def cache_key(arch: str, data: DataSettings, settings: PretrainSettings) -> str:
     return f"{arch}-{hashlib.sha256(blob.encode()).hexdigest()[:10]}"
 
 
-def dense_model(arch: str, split: Split | JobSplit, data: DataSettings, cache_dir: Path,
-                settings: PretrainSettings = PretrainSettings(), log=print) -> Dense:
+def dense_model(
+    arch: str,
+    split: Split | JobSplit,
+    data: DataSettings,
+    cache_dir: Path,
+    settings: PretrainSettings = PretrainSettings(),
+    log=print,
+) -> Dense:
     """The cached dense model for ``arch``, training it first if the cache lacks it."""
     key = cache_key(arch, data, settings)
     weights, meta_path = cache_dir / f"{key}.safetensors", cache_dir / f"{key}.json"
@@ -126,7 +132,9 @@ def dense_model(arch: str, split: Split | JobSplit, data: DataSettings, cache_di
         meta = json.loads(meta_path.read_text())
         return Dense(arch, weights, meta["val_top1"], meta["test_top1"], meta["seconds"], meta["epochs"], cached=True)
 
-    log(f"[pretrain] {arch}: training {settings.epochs} epochs on {split.sizes()} (cached afterwards as {weights.name})")
+    log(
+        f"[pretrain] {arch}: training {settings.epochs} epochs on {split.sizes()} (cached afterwards as {weights.name})"
+    )
     t0 = time.perf_counter()
     model, val_top1, test_top1, epochs = _train(arch, split, data, settings, log)
     seconds = time.perf_counter() - t0
@@ -140,27 +148,40 @@ def dense_model(arch: str, split: Split | JobSplit, data: DataSettings, cache_di
     tmp = weights.with_suffix(".tmp")
     safetensors.torch.save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp))
     tmp.replace(weights)
-    meta = {"arch": arch, "val_top1": val_top1, "test_top1": test_top1, "seconds": seconds, "epochs": epochs,
-            "threads": torch.get_num_threads(), "data": asdict(data), "pretrain": asdict(settings)}
+    meta = {
+        "arch": arch,
+        "val_top1": val_top1,
+        "test_top1": test_top1,
+        "seconds": seconds,
+        "epochs": epochs,
+        "threads": torch.get_num_threads(),
+        "data": asdict(data),
+        "pretrain": asdict(settings),
+    }
     meta_path.write_text(json.dumps(meta, indent=2))
     log(f"[pretrain] {arch}: test top-1 {test_top1:.2f}%, val {val_top1:.2f}%, {seconds:.0f} s")
     return Dense(arch, weights, val_top1, test_top1, seconds, epochs, cached=False)
 
 
-def _train(arch: str, split: Split | JobSplit, data: DataSettings, s: PretrainSettings, log) -> tuple[nn.Module, float, float, int]:
+def _train(
+    arch: str, split: Split | JobSplit, data: DataSettings, s: PretrainSettings, log
+) -> tuple[nn.Module, float, float, int]:
     torch.manual_seed(s.seed)
     model = build(arch).to(DEVICE)
     batches = loaders(split, data, batch_size=s.batch_size, seed=s.seed)
     steps_per_epoch = batches.train_batches()
     total = s.epochs * steps_per_epoch
     if s.optimizer == "sgd":
-        optimizer = torch.optim.SGD(model.parameters(), lr=s.lr, momentum=0.9, nesterov=True, weight_decay=s.weight_decay)
+        optimizer = torch.optim.SGD(
+            model.parameters(), lr=s.lr, momentum=0.9, nesterov=True, weight_decay=s.weight_decay
+        )
     else:
         optimizer = torch.optim.AdamW(model.parameters(), lr=s.lr, weight_decay=s.weight_decay)
     # Linear warm-up over the first epoch (BatchNorm statistics of a random net are wild), then cosine.
     warm = steps_per_epoch
     schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda t: (t + 1) / warm if t < warm else 0.5 * (1 + math.cos(math.pi * (t - warm) / max(1, total - warm)))
+        optimizer,
+        lambda t: (t + 1) / warm if t < warm else 0.5 * (1 + math.cos(math.pi * (t - warm) / max(1, total - warm))),
     )
     best_val, best_state = -1.0, None
     for epoch in range(s.epochs):
@@ -175,7 +196,10 @@ def _train(arch: str, split: Split | JobSplit, data: DataSettings, s: PretrainSe
         if val >= best_val:
             best_val, best_state = val, copy.deepcopy(model.state_dict())
         if epoch % 5 == 4 or epoch == s.epochs - 1 or data.job_path:
-            log(f"[pretrain] {arch} epoch {epoch + 1}/{s.epochs}: val {val:.2f}% (best {best_val:.2f}%), {time.perf_counter() - t0:.1f} s/epoch")
+            log(
+                f"[pretrain] {arch} epoch {epoch + 1}/{s.epochs}: val {val:.2f}% (best {best_val:.2f}%), "
+                f"{time.perf_counter() - t0:.1f} s/epoch"
+            )
     model.load_state_dict(best_state)
     test = evaluate(model, batches.test(), DEVICE).top1
     return model, best_val, test, s.epochs

@@ -52,7 +52,9 @@ class Cell:
     data: DataSettings
     npz: Path | None  # the split as arrays, for out-of-process methods (digits only)
     threads: int
-    macs_ratio: float | None = None  # methods of kind "macs": the fraction of the dense MACs to keep (sparsity is then 0)
+    macs_ratio: float | None = (
+        None  # methods of kind "macs": the fraction of the dense MACs to keep (sparsity is then 0)
+    )
 
 
 @dataclass
@@ -86,7 +88,9 @@ METHODS: dict[str, Method] = {}
 KINDS = ("sparsity", "macs")
 
 
-def register_method(name: str, description: str, *, in_grid: bool = True, kind: str = "sparsity") -> Callable[[MethodFn], MethodFn]:
+def register_method(
+    name: str, description: str, *, in_grid: bool = True, kind: str = "sparsity"
+) -> Callable[[MethodFn], MethodFn]:
     if kind not in KINDS:
         raise ValueError(f"method {name!r}: kind must be one of {KINDS}, got {kind!r}")
 

@@ -63,8 +63,9 @@ def finished(path: Path, budget: Budget, data: DataSettings | None = None) -> bo
         return False
     done = json.loads(path.read_text())
     if data is not None and "data" in done and done["data"] != asdict(data):
-        differ = ", ".join(f"{k} {done['data'].get(k)!r} there, {v!r} now" for k, v in asdict(data).items()
-                           if done["data"].get(k) != v)
+        differ = ", ".join(
+            f"{k} {done['data'].get(k)!r} there, {v!r} now" for k, v in asdict(data).items() if done["data"].get(k) != v
+        )
         raise SystemExit(
             f"{path} was run with other data settings ({differ}); "
             "pass another --results-dir to keep both, or delete that directory to redo it"
@@ -106,9 +107,16 @@ def code_version() -> str:
     import subprocess
 
     try:
-        head = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=10)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO, capture_output=True,
-                               text=True, timeout=10)
+        head = subprocess.run(
+            ["git", "rev-parse", "--short=12", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=10
+        )
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
     except (OSError, subprocess.SubprocessError):
         return "unknown"
     if head.returncode != 0:
@@ -119,11 +127,21 @@ def code_version() -> str:
 def run_cell(cell: Cell, keep_model: Path | None = None) -> dict:
     """Run and measure one cell; ``keep_model``: also write the pruned model there (safetensors)."""
     record = {
-        "method": cell.method, "model": cell.model, "sparsity_target": cell.sparsity, "seed": cell.seed,
+        "method": cell.method,
+        "model": cell.model,
+        "sparsity_target": cell.sparsity,
+        "seed": cell.seed,
         **({"macs_ratio_target": cell.macs_ratio} if cell.macs_ratio is not None else {}),
-        "budget": asdict(cell.budget), "threads": cell.threads, "data": asdict(cell.data), "dataset": cell.data.dataset,
-        "dense_test_top1": cell.dense.test_top1, "dense_val_top1": cell.dense.val_top1, "dense_sha256": cell.dense.sha256,
-        "torch": torch.__version__, "code": code_version(), "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "budget": asdict(cell.budget),
+        "threads": cell.threads,
+        "data": asdict(cell.data),
+        "dataset": cell.data.dataset,
+        "dense_test_top1": cell.dense.test_top1,
+        "dense_val_top1": cell.dense.val_top1,
+        "dense_sha256": cell.dense.sha256,
+        "torch": torch.__version__,
+        "code": code_version(),
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
     t0, c0 = time.perf_counter(), time.process_time()
     try:
@@ -135,14 +153,31 @@ def run_cell(cell: Cell, keep_model: Path | None = None) -> dict:
         measured = outcome.measured if outcome.measured is not None else measure(outcome.model, cell.split)
         if keep_model is not None and outcome.model is not None:
             keep_model.parent.mkdir(parents=True, exist_ok=True)
-            safetensors.torch.save_file({k: v.contiguous() for k, v in outcome.model.state_dict().items()}, str(keep_model))
+            safetensors.torch.save_file(
+                {k: v.contiguous() for k, v in outcome.model.state_dict().items()}, str(keep_model)
+            )
         record.update(measured.summary())
         if cell.macs_ratio is not None:
             record.update(size_ratios(cell, outcome.model))
-        record.update({"epochs": outcome.epochs, "wall_seconds": wall, "cpu_seconds": cpu, "status": "ok", "error": None, "notes": outcome.notes})
+        record.update(
+            {
+                "epochs": outcome.epochs,
+                "wall_seconds": wall,
+                "cpu_seconds": cpu,
+                "status": "ok",
+                "error": None,
+                "notes": outcome.notes,
+            }
+        )
     except Exception as exc:  # one bad cell must not stop the grid; its reason goes into its JSON
-        record.update({"status": "failed", "error": f"{type(exc).__name__}: {exc}",
-                       "traceback": traceback.format_exc()[-3000:], "wall_seconds": time.perf_counter() - t0})
+        record.update(
+            {
+                "status": "failed",
+                "error": f"{type(exc).__name__}: {exc}",
+                "traceback": traceback.format_exc()[-3000:],
+                "wall_seconds": time.perf_counter() - t0,
+            }
+        )
     return record
 
 
@@ -152,16 +187,23 @@ def size_ratios(cell: Cell, model: torch.nn.Module) -> dict:
     dense = cell.dense.build()
     dense_macs, pruned_macs = conv_linear_macs(dense, shape, cpu)[0], conv_linear_macs(model, shape, cpu)[0]
     dense_params, pruned_params = (sum(p.numel() for p in m.parameters()) for m in (dense, model))
-    return {"macs_dense": dense_macs, "macs_pruned": pruned_macs, "macs_ratio": pruned_macs / dense_macs,
-            "params_dense": dense_params, "params_pruned": pruned_params, "params_ratio": pruned_params / dense_params}
+    return {
+        "macs_dense": dense_macs,
+        "macs_pruned": pruned_macs,
+        "macs_ratio": pruned_macs / dense_macs,
+        "params_dense": dense_params,
+        "params_pruned": pruned_params,
+        "params_ratio": pruned_params / dense_params,
+    }
 
 
 # One worker's fixed inputs (set once per process by ``_start_worker``): cells are sent as a few names.
 _WORKER: dict = {}
 
 
-def _start_worker(threads: int, budget: Budget, dense: dict, data: DataSettings, npz: Path | None,
-                  keep_models: bool = False) -> None:
+def _start_worker(
+    threads: int, budget: Budget, dense: dict, data: DataSettings, npz: Path | None, keep_models: bool = False
+) -> None:
     torch.set_num_threads(threads)
     _WORKER.update(threads=threads, budget=budget, dense=dense, data=data, npz=npz, splits={}, keep_models=keep_models)
     if multiprocessing.parent_process() is not None:  # a pool worker: end with the run that started it
@@ -191,7 +233,9 @@ def _run_task(task: tuple) -> dict:
     w = _WORKER
     sp, ratio = (target, None) if kind == "sparsity" else (0.0, target)
     log(f"[fidelity] cell {i}/{n}: {model} {method} {_target_text(kind, target)} seed={seed}")
-    cell = Cell(model, method, sp, seed, w["budget"], w["dense"][model], _split(seed), w["data"], w["npz"], w["threads"], ratio)
+    cell = Cell(
+        model, method, sp, seed, w["budget"], w["dense"][model], _split(seed), w["data"], w["npz"], w["threads"], ratio
+    )
     record = run_cell(cell, path.with_suffix(".safetensors") if w["keep_models"] else None)
     write_json(path, record)
     return record
@@ -203,60 +247,121 @@ def _target_text(kind: str, target: float) -> str:
 
 def _log_record(record: dict) -> None:
     macs = "macs_ratio_target" in record
-    target = _target_text("macs" if macs else "sparsity", record["macs_ratio_target"] if macs else record["sparsity_target"])
+    target = _target_text(
+        "macs" if macs else "sparsity", record["macs_ratio_target"] if macs else record["sparsity_target"]
+    )
     head = f"[fidelity]   done {record['model']} {record['method']} {target} seed={record['seed']}:"
     if record["status"] == "ok":
-        size = (f"MACs {record['macs_ratio']:.3f}x, params {record['params_ratio']:.3f}x" if macs else
-                f"sparsity {record['sparsity']:.4f}, max layer {record['max_layer_sparsity']:.3f}")
-        log(f"{head} test {record['test_top1']:.2f}% (dense {record['dense_test_top1']:.2f}%), {size}, {record['epochs']} epochs, "
-            f"{record['wall_seconds']:.0f} s wall, {record['cpu_seconds']:.0f} s CPU")
+        size = (
+            f"MACs {record['macs_ratio']:.3f}x, params {record['params_ratio']:.3f}x"
+            if macs
+            else f"sparsity {record['sparsity']:.4f}, max layer {record['max_layer_sparsity']:.3f}"
+        )
+        log(
+            f"{head} test {record['test_top1']:.2f}% (dense {record['dense_test_top1']:.2f}%), "
+            f"{size}, {record['epochs']} epochs, "
+            f"{record['wall_seconds']:.0f} s wall, {record['cpu_seconds']:.0f} s CPU"
+        )
     else:
         log(f"{head} FAILED: {record['error'].splitlines()[0]}")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench.fidelity.run", description=__doc__.splitlines()[0])
-    p.add_argument("--models", nargs="+", default=list(MODELS), choices=[*MODELS, *EXTRA_MODELS],
-                   help=f"default: {' '.join(MODELS)}; also {' '.join(EXTRA_MODELS)}")
-    p.add_argument("--methods", nargs="+", default=None,
-                   help=f"default: the grid ({', '.join(method_names())}); investigation variants: "
-                        f"{', '.join(sorted(set(method_names(grid_only=False)) - set(method_names())))}")
+    p.add_argument(
+        "--models",
+        nargs="+",
+        default=list(MODELS),
+        choices=[*MODELS, *EXTRA_MODELS],
+        help=f"default: {' '.join(MODELS)}; also {' '.join(EXTRA_MODELS)}",
+    )
+    p.add_argument(
+        "--methods",
+        nargs="+",
+        default=None,
+        help=f"default: the grid ({', '.join(method_names())}); investigation variants: "
+        f"{', '.join(sorted(set(method_names(grid_only=False)) - set(method_names())))}",
+    )
     p.add_argument("--sparsities", nargs="+", type=float, default=None, help=f"default: {list(SPARSITIES)}")
-    p.add_argument("--macs-ratios", nargs="+", type=float, default=None,
-                   help=f"run the channel grid instead (methods of kind macs: {', '.join(method_names(kind='macs'))}; "
-                        f"investigation variants: {', '.join(sorted(set(method_names(grid_only=False, kind='macs')) - set(method_names(kind='macs'))))}) "
-                        "at these fractions of the dense MACs")
-    p.add_argument("--dataset", choices=DATASETS, default="digits",
-                   help="digits (the original grid) or fashion-mnist (the product's data and job path; "
-                        "files from DG2PF_FASHION_MNIST, default /usr/share/datasets/fashion-mnist)")
-    p.add_argument("--train-subset", type=int, default=None,
-                   help="fashion-mnist: training images per pruning cell, the same for every method of a seed "
-                        "(default 8000; 0 = all); pre-training always uses the whole training split")
-    p.add_argument("--pretrain-epochs", type=int, default=None,
-                   help="override the dense models' pre-training epochs (a quick trial; part of the cache key)")
-    p.add_argument("--pretrain-seed", type=int, default=None,
-                   help="the dense models' pre-training seed (default 0; part of the cache key): another seed gives an "
-                        "independently pre-trained dense network, whose cells go to their own --results-dir")
-    p.add_argument("--image-size", type=int, default=None,
-                   help="fashion-mnist: the input size (default 28, the native one; 56 upsamples as a job's --image-size does)")
-    p.add_argument("--min-dense-top1", type=float, default=None,
-                   help="override the dense models' test top-1 bar (a quick trial)")
+    p.add_argument(
+        "--macs-ratios",
+        nargs="+",
+        type=float,
+        default=None,
+        help=f"run the channel grid instead (methods of kind macs: {', '.join(method_names(kind='macs'))}; "
+        "investigation variants: "
+        f"{', '.join(sorted(set(method_names(grid_only=False, kind='macs')) - set(method_names(kind='macs'))))}) "
+        "at these fractions of the dense MACs",
+    )
+    p.add_argument(
+        "--dataset",
+        choices=DATASETS,
+        default="digits",
+        help="digits (the original grid) or fashion-mnist (the product's data and job path; "
+        "files from DG2PF_FASHION_MNIST, default /usr/share/datasets/fashion-mnist)",
+    )
+    p.add_argument(
+        "--train-subset",
+        type=int,
+        default=None,
+        help="fashion-mnist: training images per pruning cell, the same for every method of a seed "
+        "(default 8000; 0 = all); pre-training always uses the whole training split",
+    )
+    p.add_argument(
+        "--pretrain-epochs",
+        type=int,
+        default=None,
+        help="override the dense models' pre-training epochs (a quick trial; part of the cache key)",
+    )
+    p.add_argument(
+        "--pretrain-seed",
+        type=int,
+        default=None,
+        help="the dense models' pre-training seed (default 0; part of the cache key): another seed gives an "
+        "independently pre-trained dense network, whose cells go to their own --results-dir",
+    )
+    p.add_argument(
+        "--image-size",
+        type=int,
+        default=None,
+        help="fashion-mnist: the input size (default 28, the native one; 56 upsamples as a job's --image-size does)",
+    )
+    p.add_argument(
+        "--min-dense-top1", type=float, default=None, help="override the dense models' test top-1 bar (a quick trial)"
+    )
     p.add_argument("--seeds", nargs="+", type=int, default=list(SEEDS))
     p.add_argument("--epochs", type=int, default=Budget.epochs, help="E: total training epochs per cell")
     p.add_argument("--pruning-epochs", type=int, default=Budget.pruning_epochs, help="P: pruning epochs within E")
     p.add_argument("--patience", type=int, default=Budget.patience)
     p.add_argument("--threads", type=int, default=1, help="torch.set_num_threads for every cell (and INC)")
-    p.add_argument("--jobs", type=int, default=2,
-                   help="cells run at once, each in its own process (jobs x threads = the cores to use)")
-    p.add_argument("--results-dir", type=Path, default=None, help="default: results/ (digits), results-<dataset>/ otherwise")
+    p.add_argument(
+        "--jobs",
+        type=int,
+        default=2,
+        help="cells run at once, each in its own process (jobs x threads = the cores to use)",
+    )
+    p.add_argument(
+        "--results-dir", type=Path, default=None, help="default: results/ (digits), results-<dataset>/ otherwise"
+    )
     p.add_argument("--cache-dir", type=Path, default=HERE / "cache", help="pretrained dense models and the split .npz")
-    p.add_argument("--docs-dir", type=Path, default=REPO / "docs", help="where the report writes fidelity.{md,png} and fidelity-results.json")
+    p.add_argument(
+        "--docs-dir",
+        type=Path,
+        default=REPO / "docs",
+        help="where the report writes fidelity.{md,png} and fidelity-results.json",
+    )
     p.add_argument("--only-report", action="store_true", help="aggregate existing cells; run nothing")
-    p.add_argument("--keep-models", action="store_true",
-                   help="write each cell's pruned model beside its JSON (<cell>.safetensors, not committed): for bn_probe --model")
-    p.add_argument("--pretrain-only", action="store_true",
-                   help="train (or find cached) the dense models of --models and stop: pre-training may then use "
-                        "--threads 2 in one process, the cells --jobs 2 --threads 1")
+    p.add_argument(
+        "--keep-models",
+        action="store_true",
+        help="write each cell's pruned model beside its JSON (<cell>.safetensors, not committed): for bn_probe --model",
+    )
+    p.add_argument(
+        "--pretrain-only",
+        action="store_true",
+        help="train (or find cached) the dense models of --models and stop: pre-training may then use "
+        "--threads 2 in one process, the cells --jobs 2 --threads 1",
+    )
     args = p.parse_args(argv)
     args.kind = "macs" if args.macs_ratios is not None else "sparsity"
     if args.macs_ratios is not None and args.sparsities is not None:
@@ -268,7 +373,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     bad = [r for r in args.macs_ratios or [] if not 0.0 < r < 1.0]
     if bad:
         p.error(f"MACs ratios must be in (0, 1), got {bad}")
-    args.targets = args.macs_ratios if args.macs_ratios is not None else (args.sparsities or list(SPARSITIES_BY_DATASET[args.dataset]))
+    args.targets = (
+        args.macs_ratios
+        if args.macs_ratios is not None
+        else (args.sparsities or list(SPARSITIES_BY_DATASET[args.dataset]))
+    )
     args.results_dir = args.results_dir or results_dir_for(args.dataset)
     if args.dataset != "digits" and args.macs_ratios is not None:
         p.error("--macs-ratios (the channel grid) runs on digits only")
@@ -277,8 +386,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.min_dense_top1 is not None and not 0.0 <= args.min_dense_top1 <= 100.0:
         p.error(f"--min-dense-top1 is a percentage in [0, 100], got {args.min_dense_top1}")
     if args.dataset != "digits" and set(args.models) & set(EXTRA_MODELS):
-        p.error(f"{args.dataset} runs through the product's job path, which builds torchvision models: "
-                f"{' '.join(EXTRA_MODELS)} is digits-only")
+        p.error(
+            f"{args.dataset} runs through the product's job path, which builds torchvision models: "
+            f"{' '.join(EXTRA_MODELS)} is digits-only"
+        )
     if args.image_size is not None and (args.dataset == "digits" or not 8 <= args.image_size <= 512):
         p.error("--image-size is for the job-path datasets (fashion-mnist), in [8, 512]")
     if args.train_subset is not None and (args.dataset == "digits" or args.train_subset < 0):
@@ -305,17 +416,25 @@ def main(argv: list[str] | None = None) -> None:
             try:
                 split, npz = load_job_split(data, 0, subset=False), None
             except DG2PFError as exc:
-                raise SystemExit(f"{args.dataset} data ({data.spec()}; the folder is DG2PF_FASHION_MNIST when set): "
-                                 f"{exc.message}") from None
+                raise SystemExit(
+                    f"{args.dataset} data ({data.spec()}; the folder is DG2PF_FASHION_MNIST when set): {exc.message}"
+                ) from None
             pretrain_data = dataclasses.replace(data, train_subset=0)
         else:
             split, pretrain_data = load_split(data), data
             npz = export_npz(split, args.cache_dir / f"digits-{data.key()}.npz")
-        todo = [(model, target, method, seed) for seed in args.seeds for model in args.models
-                for target in args.targets for method in methods
-                if not finished(path_of(args.results_dir, model, method, target, seed), budget, data)]
-        log(f"[fidelity] {split.sizes()}; budget E={budget.epochs} P={budget.pruning_epochs}; "
-            f"{len(todo)} cell(s) to run in {args.results_dir}")
+        todo = [
+            (model, target, method, seed)
+            for seed in args.seeds
+            for model in args.models
+            for target in args.targets
+            for method in methods
+            if not finished(path_of(args.results_dir, model, method, target, seed), budget, data)
+        ]
+        log(
+            f"[fidelity] {split.sizes()}; budget E={budget.epochs} P={budget.pruning_epochs}; "
+            f"{len(todo)} cell(s) to run in {args.results_dir}"
+        )
         # All pre-training first, so a model that misses the accuracy bar is known before hours of cells;
         # its cells are skipped (shown as "not run") and the run exits non-zero with the reason.
         dense, unusable = {}, []
@@ -323,8 +442,15 @@ def main(argv: list[str] | None = None) -> None:
             if args.pretrain_only or any(t[0] == m for t in todo):
                 try:
                     settings = settings_for(m, dataset=args.dataset)
-                    trial = {k: v for k, v in (("epochs", args.pretrain_epochs), ("min_test_top1", args.min_dense_top1),
-                                               ("seed", args.pretrain_seed)) if v is not None}
+                    trial = {
+                        k: v
+                        for k, v in (
+                            ("epochs", args.pretrain_epochs),
+                            ("min_test_top1", args.min_dense_top1),
+                            ("seed", args.pretrain_seed),
+                        )
+                        if v is not None
+                    }
                     settings = dataclasses.replace(settings, **trial)
                     dense[m] = dense_model(m, split, pretrain_data, args.cache_dir, settings, log=log)
                 except PretrainError as exc:
@@ -338,25 +464,35 @@ def main(argv: list[str] | None = None) -> None:
         for m in {t[0] for t in todo}:
             check_dense(args.results_dir, dense[m])
         setup = (args.threads, budget, dense, data, npz, args.keep_models)
-        tasks = [(i, len(todo), *t, path_of(args.results_dir, t[0], t[2], t[1], t[3]), args.kind) for i, t in enumerate(todo, 1)]
+        tasks = [
+            (i, len(todo), *t, path_of(args.results_dir, t[0], t[2], t[1], t[3]), args.kind)
+            for i, t in enumerate(todo, 1)
+        ]
         if args.jobs == 1:
             _start_worker(*setup)
             for record in map(_run_task, tasks):
                 _log_record(record)
         else:
             # Spawned processes: a forked copy of a process that has run torch's thread pool can hang.
-            with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn"),
-                                     initializer=_start_worker, initargs=setup) as pool:
+            with ProcessPoolExecutor(
+                args.jobs, mp_context=multiprocessing.get_context("spawn"), initializer=_start_worker, initargs=setup
+            ) as pool:
                 for future in as_completed([pool.submit(_run_task, t) for t in tasks]):
                     _log_record(future.result())
     if args.dataset == "digits":  # the digits and channel tables of docs/fidelity-history.md
-        report.main(["--results-dir", str(args.results_dir), "--docs-dir", str(args.docs_dir), "--dataset", args.dataset]
-                    + (["--channel"] if args.kind == "macs" else []))
+        report.main(
+            ["--results-dir", str(args.results_dir), "--docs-dir", str(args.docs_dir), "--dataset", args.dataset]
+            + (["--channel"] if args.kind == "macs" else [])
+        )
     else:  # the current page is made from every setting's results directory at once
-        log(f"[fidelity] cells in {args.results_dir}; docs/fidelity.md: python -m bench.fidelity.page --results-dir "
-            f"{args.results_dir} [--results-dir <another setting's>]")
+        log(
+            f"[fidelity] cells in {args.results_dir}; docs/fidelity.md: python -m bench.fidelity.page --results-dir "
+            f"{args.results_dir} [--results-dir <another setting's>]"
+        )
     if not args.only_report and unusable:
-        raise SystemExit("pre-training missed the accuracy bar, those models' cells did not run:\n" + "\n".join(unusable))
+        raise SystemExit(
+            "pre-training missed the accuracy bar, those models' cells did not run:\n" + "\n".join(unusable)
+        )
 
 
 if __name__ == "__main__":

@@ -71,7 +71,9 @@ def torch_prune_l1(cell: Cell) -> Outcome:
         if k > 0:
             # An int amount is a count among the weights not yet pruned: exactly the step's share.
             prune.global_unstructured(
-                layers, pruning_method=prune.L1Unstructured, amount=k,
+                layers,
+                pruning_method=prune.L1Unstructured,
+                amount=k,
                 importance_scores={(m, n): _current_weights(m) for m, n in layers},
             )
             pruned += k
@@ -92,5 +94,14 @@ def torch_prune_l1(cell: Cell) -> Outcome:
     model.load_state_dict(best_state)
     for module, name in layers:
         prune.remove(module, name)
-    return Outcome(epochs=epoch, model=model, notes={"steps": steps, "best_epoch": best_epoch, "best_val_top1": best_val,
-                                                    "lr": LR, "weight_decay": WEIGHT_DECAY})
+    return Outcome(
+        epochs=epoch,
+        model=model,
+        notes={
+            "steps": steps,
+            "best_epoch": best_epoch,
+            "best_val_top1": best_val,
+            "lr": LR,
+            "weight_decay": WEIGHT_DECAY,
+        },
+    )

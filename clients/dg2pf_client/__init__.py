@@ -13,21 +13,47 @@ __version__ = "0.1.0"  # clients/pyproject.toml reads it; the same as the full p
 
 _WHERE = {
     "Client": "dg2pf_client.client",
-    **dict.fromkeys(("ApiError", "Conflict", "Forbidden", "InvalidRequest", "NotFound", "NotTheService", "ServiceUnreachable",
-                     "TooLarge", "Unauthorized", "WaitTimeout"), "dg2pf_client.errors"),
+    **dict.fromkeys(
+        (
+            "ApiError",
+            "Conflict",
+            "Forbidden",
+            "InvalidRequest",
+            "NotFound",
+            "NotTheService",
+            "ServiceUnreachable",
+            "TooLarge",
+            "Unauthorized",
+            "WaitTimeout",
+        ),
+        "dg2pf_client.errors",
+    ),
     # the contract: the job going in, the answers coming back
     "JobSpec": "dg2pf_contract.job",
-    **dict.fromkeys(("Artifact", "CheckpointOut", "JobList", "JobOut", "JobSubmitted", "ModelList", "ModelOut"),
-                    "dg2pf_contract.api"),
+    **dict.fromkeys(
+        ("Artifact", "CheckpointOut", "JobList", "JobOut", "JobSubmitted", "ModelList", "ModelOut"),
+        "dg2pf_contract.api",
+    ),
 }
 __all__ = sorted(_WHERE)
 
 if TYPE_CHECKING:
-    from .client import Client
-    from .errors import (ApiError, Conflict, Forbidden, InvalidRequest, NotFound, NotTheService, ServiceUnreachable, TooLarge,
-                         Unauthorized, WaitTimeout)
     from dg2pf_contract.api import Artifact, CheckpointOut, JobList, JobOut, JobSubmitted, ModelList, ModelOut
     from dg2pf_contract.job import JobSpec
+
+    from .client import Client
+    from .errors import (
+        ApiError,
+        Conflict,
+        Forbidden,
+        InvalidRequest,
+        NotFound,
+        NotTheService,
+        ServiceUnreachable,
+        TooLarge,
+        Unauthorized,
+        WaitTimeout,
+    )
 
 
 def __getattr__(name: str):

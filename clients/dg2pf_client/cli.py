@@ -24,9 +24,32 @@ from pathlib import Path
 from . import __version__
 from .interrupt import caused_by_interrupt, install
 
-REMOTE_COMMANDS = ("submit", "status", "jobs", "cancel", "download", "upload", "deploy", "models", "undeploy", "predict")
+REMOTE_COMMANDS = (
+    "submit",
+    "status",
+    "jobs",
+    "cancel",
+    "download",
+    "upload",
+    "deploy",
+    "models",
+    "undeploy",
+    "predict",
+)
 # The full package's: named here only to say where they are when this package is alone.
-LOCAL_COMMANDS = ("example", "init", "prune", "evaluate", "tune", "latency", "archs", "plot", "demo", "serve", "cluster")
+LOCAL_COMMANDS = (
+    "example",
+    "init",
+    "prune",
+    "evaluate",
+    "tune",
+    "latency",
+    "archs",
+    "plot",
+    "demo",
+    "serve",
+    "cluster",
+)
 # Where a package installed beside this one plugs in the commands that run on this machine.
 PLUGIN_GROUP, PLUGIN_NAME = "dg2pf.commands", "local"
 DEFAULT_URL = "http://127.0.0.1:8000"
@@ -68,7 +91,9 @@ def _client(args: argparse.Namespace):
         raise CliError(f"{where} {url!r} is not an http(s) URL with a host (e.g. {DEFAULT_URL})", field="url")
     token = args.token or os.environ.get("DG2PF_TOKEN")
     if token is not None and not (token.isascii() and token.isprintable()):
-        raise CliError("the token (--token or DG2PF_TOKEN) must be printable ASCII, as bearer tokens are", field="token")
+        raise CliError(
+            "the token (--token or DG2PF_TOKEN) must be printable ASCII, as bearer tokens are", field="token"
+        )
     return Client(url, token=token)
 
 
@@ -117,6 +142,7 @@ def _one_line_errors(fn: Callable[[argparse.Namespace], int]) -> Callable[[argpa
 
 # --- what the commands print ---
 
+
 def _print_job(job) -> None:
     print(job.summary())
     _print_result(job)
@@ -125,8 +151,10 @@ def _print_job(job) -> None:
 def _print_result(job) -> None:
     m = job.best_metrics or {}
     if m.get("test_top1") is not None:
-        print(f"  test top-1 {m.get('baseline_test_top1', float('nan')):.2f}% dense -> {m['test_top1']:.2f}% pruned; "
-              f"params nonzero {m.get('params_nonzero')}/{m.get('params_total')}")
+        print(
+            f"  test top-1 {m.get('baseline_test_top1', float('nan')):.2f}% dense -> {m['test_top1']:.2f}% pruned; "
+            f"params nonzero {m.get('params_nonzero')}/{m.get('params_total')}"
+        )
     speed = ((m.get("latency") or {}).get("speedup")) or {}
     if speed:
         cells = ", ".join(f"{b} batch {n} {x:.2f}x" for b, by in speed.items() for n, x in by.items() if x is not None)
@@ -152,19 +180,22 @@ def _read_spec(path: str) -> dict:
         try:
             import yaml
         except ImportError:
-            raise CliError(f"job spec {path} is not JSON ({json_error}); for YAML install PyYAML: "
-                           "pip install 'dg2pf-client[yaml]'") from None
+            raise CliError(
+                f"job spec {path} is not JSON ({json_error}); for YAML install PyYAML: pip install 'dg2pf-client[yaml]'"
+            ) from None
         try:
             doc = yaml.safe_load(text)
         except yaml.YAMLError as exc:
             raise CliError(f"cannot read job spec {path}: {exc}") from exc
     if not isinstance(doc, dict):
-        raise CliError(f"job spec {path} must be a mapping of fields (model, dataset, sparsity, ...), "
-                       f"not {type(doc).__name__}")
+        raise CliError(
+            f"job spec {path} must be a mapping of fields (model, dataset, sparsity, ...), not {type(doc).__name__}"
+        )
     return doc
 
 
 # --- the commands ---
+
 
 @_one_line_errors
 def _cmd_submit(args: argparse.Namespace) -> int:
@@ -177,8 +208,10 @@ def _cmd_submit(args: argparse.Namespace) -> int:
         try:
             job = client.wait(submitted.id, on_update=lambda j: print(j.summary(), flush=True))
         except KeyboardInterrupt:
-            print(f"dg2pf: interrupted; job {submitted.id} goes on in the service (dg2pf cancel {submitted.id} "
-                  "stops it)", file=sys.stderr)
+            print(
+                f"dg2pf: interrupted; job {submitted.id} goes on in the service (dg2pf cancel {submitted.id} stops it)",
+                file=sys.stderr,
+            )
             return 130
         _print_result(job)
         return 0 if job.state == "succeeded" else 1
@@ -207,8 +240,10 @@ def _follow(args: argparse.Namespace) -> int:
                 print(event.model_dump_json() if args.json else event.summary(), flush=True)
                 job = event.job or job
     except KeyboardInterrupt:
-        print(f"dg2pf: stopped following; job {args.id} goes on in the service (dg2pf cancel {args.id} stops it)",
-              file=sys.stderr)
+        print(
+            f"dg2pf: stopped following; job {args.id} goes on in the service (dg2pf cancel {args.id} stops it)",
+            file=sys.stderr,
+        )
         return 130
     if job is None:  # no state event at all: not something the service sends
         return _fail(f"the service sent no state for job {args.id}")
@@ -248,8 +283,10 @@ def _cmd_upload(args: argparse.Namespace) -> int:
     if not path.exists():
         raise CliError(f"no such file: {args.file}", field="file")
     if not path.is_file():
-        raise CliError(f"{args.file} is {'a directory' if path.is_dir() else 'not a regular file'}: give a checkpoint file",
-                       field="file")
+        raise CliError(
+            f"{args.file} is {'a directory' if path.is_dir() else 'not a regular file'}: give a checkpoint file",
+            field="file",
+        )
     with _client(args) as client:
         ckpt = client.upload_checkpoint(path)
     if args.json:
@@ -288,8 +325,11 @@ def _cmd_undeploy(args: argparse.Namespace) -> int:
 @_one_line_errors
 def _cmd_predict(args: argparse.Namespace) -> int:
     if bool(args.images) == bool(args.inputs):
-        raise CliError(f"give image files, or --inputs FILE.json with a batch of tensors ({'not both' if args.images else 'neither was given'})",
-                       field="images")
+        raise CliError(
+            "give image files, or --inputs FILE.json with a batch of tensors "
+            f"({'not both' if args.images else 'neither was given'})",
+            field="images",
+        )
     missing = [p for p in args.images if not Path(p).is_file()]
     if missing:
         raise CliError(f"no such image file: {', '.join(missing)}", field="images")
@@ -307,7 +347,9 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         return 0
     names = args.images or [f"input {i}" for i in range(len(out["predictions"]))]
     for name, preds in zip(names, out["predictions"]):
-        ranked = ", ".join(f"{p['label'] if p['label'] is not None else p['index']} ({p['probability']:.1%})" for p in preds)
+        ranked = ", ".join(
+            f"{p['label'] if p['label'] is not None else p['index']} ({p['probability']:.1%})" for p in preds
+        )
         print(f"{name}: {ranked}")
     return 0
 
@@ -328,8 +370,12 @@ def add_remote_commands(sub) -> None:
     st = client_parser("status", "show a job")
     st.add_argument("id")
     st.add_argument("--json", action="store_true", help="the job as JSON (with --follow: one JSON line per event)")
-    st.add_argument("--follow", "-f", action="store_true",
-                    help="stream the job's events live until it ends: a line per state change and per epoch")
+    st.add_argument(
+        "--follow",
+        "-f",
+        action="store_true",
+        help="stream the job's events live until it ends: a line per state change and per epoch",
+    )
     st.set_defaults(func=_cmd_status)
     js = client_parser("jobs", "list jobs")
     js.add_argument("--state", choices=["queued", "running", "succeeded", "failed", "cancelled"])
@@ -342,7 +388,9 @@ def add_remote_commands(sub) -> None:
     dl.add_argument("id")
     dl.add_argument("--out", help="directory (default: ./ID)")
     dl.set_defaults(func=_cmd_download)
-    up = client_parser("upload", "upload a checkpoint (.safetensors or a torch state_dict); prints its id for a job spec")
+    up = client_parser(
+        "upload", "upload a checkpoint (.safetensors or a torch state_dict); prints its id for a job spec"
+    )
     up.add_argument("file")
     up.add_argument("--json", action="store_true")
     up.set_defaults(func=_cmd_upload)
@@ -366,9 +414,12 @@ def add_remote_commands(sub) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = OneLineParser(prog="dg2pf", description="The dg2pf service from the command line (the light client, "
-                      "dg2pf-client). The commands that prune on this machine (example, prune, evaluate, serve, ...) "
-                      "come with the full dg2pf package (`pip install .` in the repository)")
+    p = OneLineParser(
+        prog="dg2pf",
+        description="The dg2pf service from the command line (the light client, "
+        "dg2pf-client). The commands that prune on this machine (example, prune, evaluate, serve, ...) "
+        "come with the full dg2pf package (`pip install .` in the repository)",
+    )
     p.add_argument("--version", action="version", version=version_line())
     add_remote_commands(p.add_subparsers(dest="command", required=True, parser_class=OneLineParser))
     return p
@@ -391,9 +442,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if local is not None:  # its parser has every command (--help lists them all)
             return local(argv)
         if argv and argv[0] in LOCAL_COMMANDS:
-            return _fail(f"`dg2pf {argv[0]}` runs on this machine and comes with the full dg2pf package (torch, Ray: "
-                         "`pip install .` in the repository); this light client has the service commands: "
-                         + ", ".join(REMOTE_COMMANDS))
+            return _fail(
+                f"`dg2pf {argv[0]}` runs on this machine and comes with the full dg2pf package (torch, Ray: "
+                "`pip install .` in the repository); this light client has the service commands: "
+                + ", ".join(REMOTE_COMMANDS)
+            )
     args = build_parser().parse_args(argv)
     return args.func(args)
 

@@ -12,13 +12,23 @@ from typing import Any
 
 import httpx
 from httpx_sse import SSEError, connect_sse
+from pydantic import ValidationError
 
-from dg2pf_contract.api import (TERMINAL, Artifact, ArtifactList, CheckpointOut, JobEvent, JobList, JobOut, JobSubmitted,
-                                ModelList, ModelOut)
+from dg2pf_contract.api import (
+    TERMINAL,
+    Artifact,
+    ArtifactList,
+    CheckpointOut,
+    JobEvent,
+    JobList,
+    JobOut,
+    JobSubmitted,
+    ModelList,
+    ModelOut,
+)
 from dg2pf_contract.artifacts import Artifacts
 from dg2pf_contract.job import JobSpec, describe
 from dg2pf_contract.results import Metrics
-from pydantic import ValidationError
 
 from .errors import InvalidRequest, NotTheService, ServiceUnreachable, WaitTimeout, from_response
 
@@ -32,7 +42,7 @@ class Client:
     def close(self) -> None:
         self._http.close()
 
-    def __enter__(self) -> "Client":
+    def __enter__(self) -> Client:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -56,8 +66,12 @@ class Client:
         except ValueError as exc:  # json.JSONDecodeError and pydantic's ValidationError are ValueErrors
             kind = r.headers.get("content-type", "no content type").split(";")[0]
             what = cls.__name__ if cls is not None else "JSON"
-            raise NotTheService(r.status_code, "not_the_service", f"{r.request.url} answered {r.status_code} {kind}, "
-                                f"not the dg2pf API's {what} ({str(exc).splitlines()[0]}): is the URL a dg2pf service?") from None
+            raise NotTheService(
+                r.status_code,
+                "not_the_service",
+                f"{r.request.url} answered {r.status_code} {kind}, "
+                f"not the dg2pf API's {what} ({str(exc).splitlines()[0]}): is the URL a dg2pf service?",
+            ) from None
 
     def upload_checkpoint(self, path: str | Path) -> CheckpointOut:
         path = Path(path)
@@ -90,8 +104,15 @@ class Client:
     def cancel(self, job_id: str) -> JobOut:
         return self._parse(JobOut, self._call("POST", f"/jobs/{_id(job_id)}/cancel"))
 
-    def wait(self, job_id: str, timeout: float | None = None, on_update: Callable[[JobOut], None] | None = None,
-             poll: float = 0.5, max_poll: float = 5.0, progress: bool = False) -> JobOut:
+    def wait(
+        self,
+        job_id: str,
+        timeout: float | None = None,
+        on_update: Callable[[JobOut], None] | None = None,
+        poll: float = 0.5,
+        max_poll: float = 5.0,
+        progress: bool = False,
+    ) -> JobOut:
         """Poll until the job ends (backoff from ``poll`` to ``max_poll`` seconds); ``on_update`` sees each
         change (``on_update=print`` prints a one-line summary); ``progress=True`` draws a progress bar of
         epochs (phase, sparsity, validation top-1) with tqdm (``dg2pf-client[progress]``), else a line per
@@ -118,8 +139,10 @@ class Client:
                     if bar is not None:
                         bar.update(job.epoch - bar.n)
                         val = (job.latest_metrics or {}).get("val_top1")
-                        bar.set_postfix_str(f"{job.state} {job.phase} sparsity {job.current_sparsity:.1%}"
-                                            + (f" val top-1 {val:.2f}%" if val is not None else ""))
+                        bar.set_postfix_str(
+                            f"{job.state} {job.phase} sparsity {job.current_sparsity:.1%}"
+                            + (f" val top-1 {val:.2f}%" if val is not None else "")
+                        )
                     last, delay = key, poll
                 else:
                     delay = min(delay * 1.5, max_poll)
@@ -171,8 +194,12 @@ class Client:
                 reason = "the stream ended before the job did"  # e.g. the service restarted
             lost_since = lost_since or time.monotonic()
             if time.monotonic() - lost_since > reconnect_for:
-                raise ServiceUnreachable(0, "unreachable", f"lost the events of job {job_id} from the dg2pf service at "
-                                         f"{self._http.base_url} for over {reconnect_for:g} s: {reason}")
+                raise ServiceUnreachable(
+                    0,
+                    "unreachable",
+                    f"lost the events of job {job_id} from the dg2pf service at "
+                    f"{self._http.base_url} for over {reconnect_for:g} s: {reason}",
+                )
             time.sleep(1.0)
 
     def _event(self, r: httpx.Response, sse) -> JobEvent:
@@ -184,8 +211,11 @@ class Client:
                 return JobEvent(id=sse.id, kind="epoch", record=data)
             raise ValueError(f"an event {sse.event!r}")
         except ValueError as exc:
-            raise NotTheService(r.status_code, "not_the_service", f"{r.request.url} sent {str(exc).splitlines()[0]}, "
-                                "not a dg2pf job event: is the URL a dg2pf service?") from None
+            raise NotTheService(
+                r.status_code,
+                "not_the_service",
+                f"{r.request.url} sent {str(exc).splitlines()[0]}, not a dg2pf job event: is the URL a dg2pf service?",
+            ) from None
 
     def artifacts(self, job_id: str) -> list[Artifact]:
         return self._parse(ArtifactList, self._call("GET", f"/jobs/{_id(job_id)}/artifacts")).artifacts
@@ -219,8 +249,11 @@ class Client:
                             fh.write(chunk)
                 part.replace(target)
             except httpx.TransportError as exc:
-                raise ServiceUnreachable(0, "unreachable", f"lost the dg2pf service at {self._http.base_url} while "
-                                         f"downloading {item.name}: {exc}") from exc
+                raise ServiceUnreachable(
+                    0,
+                    "unreachable",
+                    f"lost the dg2pf service at {self._http.base_url} while downloading {item.name}: {exc}",
+                ) from exc
             finally:
                 part.unlink(missing_ok=True)
             written.append(target)
@@ -256,8 +289,14 @@ class Client:
                 raise WaitTimeout(f"model {model_id} still {model.status} after {timeout} s: {model.message or ''}")
             time.sleep(poll)
 
-    def predict(self, model_id: str, inputs: Any = None, images: list[str | Path | bytes] | None = None,
-                top_k: int = 5, logits: bool = False) -> dict:
+    def predict(
+        self,
+        model_id: str,
+        inputs: Any = None,
+        images: list[str | Path | bytes] | None = None,
+        top_k: int = 5,
+        logits: bool = False,
+    ) -> dict:
         """Predictions of a deployed model for tensors (nested lists, ``[N, C, H, W]``) or image files.
 
         Returns ``{"model", "predictions": [[{"index", "label", "probability"}, ...], ...]}`` with one
@@ -289,8 +328,12 @@ _ID = re.compile(r"[0-9a-f]{32}")
 def _id(value: str) -> str:
     """A job or model id as the API names them (32 hex digits), before it goes into a URL path."""
     if not isinstance(value, str) or not _ID.fullmatch(value):
-        raise InvalidRequest(0, "invalid_id", f"{value!r} is not a job or model id (32 hex digits, as "
-                             "`dg2pf jobs` and `dg2pf models` list them)", "id")
+        raise InvalidRequest(
+            0,
+            "invalid_id",
+            f"{value!r} is not a job or model id (32 hex digits, as `dg2pf jobs` and `dg2pf models` list them)",
+            "id",
+        )
     return value
 
 

@@ -20,8 +20,10 @@ TERMINAL: frozenset[str] = frozenset({"succeeded", "failed", "cancelled"})
 
 class ErrorDetail(BaseModel):
     type: str = Field(description="what went wrong, for programs: not_found, invalid_field, invalid_job, conflict, ...")
-    field: str | None = Field(description="the dotted path of the input at fault (a JobSpec field, a query or path "
-                              "parameter, `file`), or null when the request as a whole is")
+    field: str | None = Field(
+        description="the dotted path of the input at fault (a JobSpec field, a query or path "
+        "parameter, `file`), or null when the request as a whole is"
+    )
     message: str = Field(description="what went wrong, for people: says what to change")
 
 
@@ -60,11 +62,15 @@ class JobOut(BaseModel):
     state: State
     phase: Phase
     epoch: int
-    restarts: int = Field(0, description="times the job was resubmitted after its Ray work was lost (it resumed from its last epoch)")
+    restarts: int = Field(
+        0, description="times the job was resubmitted after its Ray work was lost (it resumed from its last epoch)"
+    )
     restart_log: list[RestartInfo] = Field(default_factory=list, description="when and why each restart happened")
     current_sparsity: float
-    target_sparsity: float = Field(description="the job's sparsity; 0 when its schedule's target_macs_ratio decides the "
-                                   "channel fraction during the run (current_sparsity shows it once pruning starts)")
+    target_sparsity: float = Field(
+        description="the job's sparsity; 0 when its schedule's target_macs_ratio decides the "
+        "channel fraction during the run (current_sparsity shows it once pruning starts)"
+    )
     latest_metrics: dict[str, Any] | None
     best_metrics: dict[str, Any] | None
     history: list[dict[str, Any]]
@@ -84,8 +90,10 @@ class JobOut(BaseModel):
     def summary(self) -> str:
         """One line: id, state, phase, epoch, sparsity, the latest validation top-1 or the test top-1 once
         done, the ETA while running, the error's type."""
-        line = (f"{self.id}  {self.state:<9} {self.phase:<15} epoch {self.epoch:>3}  "
-                f"sparsity {self.current_sparsity:6.2%} -> {self.target}")
+        line = (
+            f"{self.id}  {self.state:<9} {self.phase:<15} epoch {self.epoch:>3}  "
+            f"sparsity {self.current_sparsity:6.2%} -> {self.target}"
+        )
         best, latest = self.best_metrics or {}, self.latest_metrics or {}
         if best.get("test_top1") is not None:
             line += f"  test top-1 {best['test_top1']:.2f}%"
@@ -118,9 +126,11 @@ class JobEvent(BaseModel):
             return self.job.summary()
         r = self.record or {}
         loss = r.get("train_loss")
-        line = (f"  epoch {r.get('epoch', '?'):>3}  {r.get('phase', '?'):<15} sparsity {r.get('sparsity') or 0:6.2%}  "
-                f"loss {'-' if loss is None else f'{loss:.4f}'}  val top-1 {r.get('val_top1') or 0:6.2f}%"
-                f"{' *' if r.get('is_best') else '  '}")
+        line = (
+            f"  epoch {r.get('epoch', '?'):>3}  {r.get('phase', '?'):<15} sparsity {r.get('sparsity') or 0:6.2%}  "
+            f"loss {'-' if loss is None else f'{loss:.4f}'}  val top-1 {r.get('val_top1') or 0:6.2f}%"
+            f"{' *' if r.get('is_best') else '  '}"
+        )
         if r.get("recovered") is not None:
             line += f"  recovered {r['recovered']}"
         if r.get("seconds") is not None:
@@ -149,7 +159,9 @@ class ArtifactList(BaseModel):
 class ModelOut(BaseModel):
     id: str
     job_id: str
-    status: str = Field(description="ready | deploying | unhealthy | failed | pending | unknown (Ray Serve did not answer)")
+    status: str = Field(
+        description="ready | deploying | unhealthy | failed | pending | unknown (Ray Serve did not answer)"
+    )
     url: str = Field(description="where to POST predictions: Ray Serve's HTTP proxy, not this API")
     created_at: datetime
     arch: str | None

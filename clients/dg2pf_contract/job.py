@@ -18,7 +18,16 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, WrapValidator, create_model
 from pydantic_core import PydanticCustomError
 
-from .options import BOUNDS, GRANULARITY_PATTERN, KD_LOSSES, MAX_PATTERN_LENGTH, MAX_PATTERNS, PRESET_FIELDS, PRESETS, Options
+from .options import (
+    BOUNDS,
+    GRANULARITY_PATTERN,
+    KD_LOSSES,
+    MAX_PATTERN_LENGTH,
+    MAX_PATTERNS,
+    PRESET_FIELDS,
+    PRESETS,
+    Options,
+)
 
 MAX_CLASSES = 100_000  # ImageNet-21k has 21,841; beyond this a classifier alone is gigabytes
 MIN_IMAGE_SIZE, MAX_IMAGE_SIZE = 8, 2048
@@ -46,8 +55,10 @@ def _no_control(value: str) -> str:
     # escape, a CR that overprints a line, a LF that forges one).
     found = _CONTROL.search(value)
     if found:
-        raise ValueError(f"must not contain control characters (NUL, escape, CR, LF, ...); got {found.group()!r} "
-                         f"at position {found.start()}")
+        raise ValueError(
+            f"must not contain control characters (NUL, escape, CR, LF, ...); got {found.group()!r} "
+            f"at position {found.start()}"
+        )
     return value
 
 
@@ -63,8 +74,11 @@ def worded(valid: str) -> WrapValidator:
             return handler(value)
         except ValidationError as exc:
             if any(e["type"] in _RANGE_ERRORS for e in exc.errors()):
-                raise PydanticCustomError("out_of_range", "must be {valid}, got {value}",
-                                          {"valid": valid, "value": repr(value) if isinstance(value, str) else value})
+                raise PydanticCustomError(
+                    "out_of_range",
+                    "must be {valid}, got {value}",
+                    {"valid": valid, "value": repr(value) if isinstance(value, str) else value},
+                ) from None
             raise
 
     return WrapValidator(check)
@@ -78,43 +92,71 @@ class ModelSpec(_Strict):
     arch: Name = Field(description="architecture name, e.g. digits_cnn, cifar/resnet18, torchvision/resnet50")
     num_classes: Annotated[int, worded(f"in [2, {MAX_CLASSES:,}]")] = Field(ge=2, le=MAX_CLASSES)
     checkpoint: Text = Field(description="a checkpoint id from POST /checkpoints, or a path under an allowed root")
-    checkpoint_key: Name | None = Field(None, description="a checkpoint holding two sets of weights (a training "
-                                        "checkpoint with an EMA copy: state_dict + state_dict_ema, model + model_ema): "
-                                        "the entry to prune")
+    checkpoint_key: Name | None = Field(
+        None,
+        description="a checkpoint holding two sets of weights (a training "
+        "checkpoint with an EMA copy: state_dict + state_dict_ema, model + model_ema): "
+        "the entry to prune",
+    )
 
 
 class DatasetSpec(_Strict):
     spec: Text = Field(description="digits | cifar10:PATH | fashion-mnist:PATH | mnist:PATH | imagefolder:PATH")
     val_fraction: Annotated[float, worded("in (0, 0.5]")] = Field(0.1, gt=0, le=0.5)
     image_size: Annotated[int | None, worded(f"in [{MIN_IMAGE_SIZE}, {MAX_IMAGE_SIZE}]")] = Field(
-        None, ge=MIN_IMAGE_SIZE, le=MAX_IMAGE_SIZE)
-    skip_bad_images: bool = Field(False, description="leave out images that cannot be decoded (counted in metrics.json) "
-                                  "instead of failing the job")
+        None, ge=MIN_IMAGE_SIZE, le=MAX_IMAGE_SIZE
+    )
+    skip_bad_images: bool = Field(
+        False,
+        description="leave out images that cannot be decoded (counted in metrics.json) instead of failing the job",
+    )
     augment: Literal[(AUTO, *AUGMENT_POLICIES)] = Field(  # type: ignore[valid-type]
-        "auto", description="training augmentation: imagenet (random resized crop + flip), cifar (pad + random crop + "
+        "auto",
+        description="training augmentation: imagenet (random resized crop + flip), cifar (pad + random crop + "
         "flip; padding 4 px per 32, 2 px per 28 on mnist and fashion-mnist), shift (the same, no flip), none (the eval "
         "transform); auto: imagefolder imagenet from 96 px and cifar below, cifar10 cifar, mnist and fashion-mnist "
         "shift, digits none. Validation, test and serving preprocess the same whatever it is; metrics.json records "
-        "the policy used")
-    crop_pct: Annotated[float | None, worded("in [0.25, 1]")] = Field(None, ge=0.25, le=1.0, description="imagefolder: validation, test and serving "
-                                   "resize an image whose short side is over image_size / crop_pct to that short side "
-                                   "and keep its centre square (default 0.875, ImageNet's: 256 for 224; 1: the centre "
-                                   "square only); a smaller image is resized whole to image_size, nothing cut")
+        "the policy used",
+    )
+    crop_pct: Annotated[float | None, worded("in [0.25, 1]")] = Field(
+        None,
+        ge=0.25,
+        le=1.0,
+        description="imagefolder: validation, test and serving "
+        "resize an image whose short side is over image_size / crop_pct to that short side "
+        "and keep its centre square (default 0.875, ImageNet's: 256 for 224; 1: the centre "
+        "square only); a smaller image is resized whole to image_size, nothing cut",
+    )
 
 
 # Options that are the job's, not the schedule's: set elsewhere in the spec or by the executor.
 _NOT_SCHEDULE = {"sparsity", "device", "loader_workers"}
 # String options with a fixed form, so it appears in the OpenAPI (the range is the core's to check).
-_PATTERNS = {"granularity": (GRANULARITY_PATTERN, "'unstructured', 'channel' (whole output channels removed with their "
-                             "coupled layers: a smaller, faster dense network) or N:M, e.g. '2:4' (at most N of every M "
-                             "consecutive weights of a row kept; sparsity must then be (M-N)/M)")}
+_PATTERNS = {
+    "granularity": (
+        GRANULARITY_PATTERN,
+        "'unstructured', 'channel' (whole output channels removed with their "
+        "coupled layers: a smaller, faster dense network) or N:M, e.g. '2:4' (at most N of every M "
+        "consecutive weights of a row kept; sparsity must then be (M-N)/M)",
+    )
+}
 # Options with a fixed set of values: the OpenAPI lists them (the core checks them again).
-_CHOICES = {"preset": (tuple(PRESETS), "the named configuration the fields it lists default to: 'default' (the best "
-                       "measured, docs/fidelity.md) or 'paper' (the paper's algorithm with the authors' hyperparameters)"),
-            "kd_loss": (KD_LOSSES, None)}
+_CHOICES = {
+    "preset": (
+        tuple(PRESETS),
+        "the named configuration the fields it lists default to: 'default' (the best "
+        "measured, docs/fidelity.md) or 'paper' (the paper's algorithm with the authors' hyperparameters)",
+    ),
+    "kd_loss": (KD_LOSSES, None),
+}
 # Optional numbers with a range: the OpenAPI shows it, the core checks it again.
-_OPTIONAL_RANGES = {"target_macs_ratio": (dict(gt=0, lt=1), "granularity 'channel': the multiply-accumulates to keep, as "
-                                          "a fraction of the dense model's (0.5: half the compute); replaces sparsity")}
+_OPTIONAL_RANGES = {
+    "target_macs_ratio": (
+        dict(gt=0, lt=1),
+        "granularity 'channel': the multiply-accumulates to keep, as "
+        "a fraction of the dense model's (0.5: half the compute); replaces sparsity",
+    )
+}
 
 
 def _schedule_model() -> type[BaseModel]:
@@ -127,24 +169,35 @@ def _schedule_model() -> type[BaseModel]:
         hint: Any = hints[f.name]
         bounds = BOUNDS.get(f.name)
         # A field a preset lists: null (unset) takes the preset's value.
-        preset = (f"unset: the preset's ({'; '.join(f'{p}: {v[f.name]!r}' for p, v in PRESETS.items())})"
-                  if f.name in PRESET_FIELDS else None)
+        preset = (
+            f"unset: the preset's ({'; '.join(f'{p}: {v[f.name]!r}' for p, v in PRESETS.items())})"
+            if f.name in PRESET_FIELDS
+            else None
+        )
         if f.name in _CHOICES:
             values, description = _CHOICES[f.name]
             choice: Any = Literal[values]  # type: ignore[valid-type]
-            hint = Annotated[choice | None if f.name in PRESET_FIELDS else choice,
-                             Field(description="; ".join(d for d in (description, preset) if d) or None)]
+            hint = Annotated[
+                choice | None if f.name in PRESET_FIELDS else choice,
+                Field(description="; ".join(d for d in (description, preset) if d) or None),
+            ]
         elif bounds is not None:  # the core's own ranges, so they appear in the OpenAPI
             limits = {"gt" if bounds.low_open else "ge": bounds.low, "lt" if bounds.high_open else "le": bounds.high}
             hint = Annotated[hint, Field(**limits, description=preset), worded(f"in {bounds.text()}")]
         elif f.name in _OPTIONAL_RANGES:
             limits, description = _OPTIONAL_RANGES[f.name]
-            hint = Annotated[float | None, Field(**limits, description=description),
-                             worded("strictly between 0 and 1 (0.5: half the multiply-accumulates)")]
+            hint = Annotated[
+                float | None,
+                Field(**limits, description=description),
+                worded("strictly between 0 and 1 (0.5: half the multiply-accumulates)"),
+            ]
         elif f.name in _PATTERNS:
             pattern, description = _PATTERNS[f.name]
-            hint = Annotated[str, Field(max_length=16, pattern=pattern, description=description),
-                             worded("'unstructured', 'channel' or N:M such as '2:4'")]
+            hint = Annotated[
+                str,
+                Field(max_length=16, pattern=pattern, description=description),
+                worded("'unstructured', 'channel' or N:M such as '2:4'"),
+            ]
         elif typing.get_origin(hint) is list:
             hint = Annotated[list[Annotated[str, Field(max_length=MAX_PATTERN_LENGTH)]], Field(max_length=MAX_PATTERNS)]
         elif hint is str or (f.name in PRESET_FIELDS and typing.get_args(hint) and str in typing.get_args(hint)):
@@ -157,18 +210,22 @@ ScheduleSpec = _schedule_model()
 
 
 class ResourcesSpec(_Strict):
-    num_workers: Annotated[int, worded("in [1, 1024]")] = Field(1, ge=1, le=1024, description="DDP workers (1: one process, no DDP)")
+    num_workers: Annotated[int, worded("in [1, 1024]")] = Field(
+        1, ge=1, le=1024, description="DDP workers (1: one process, no DDP)"
+    )
     use_gpu: bool = False
     placement: Literal["pack", "spread"] = Field(
-        "pack", description="pack: workers on as few nodes as possible (fast collectives); spread: one per node where "
+        "pack",
+        description="pack: workers on as few nodes as possible (fast collectives); spread: one per node where "
         "possible (losing a node then costs fewer workers, and a restart can still fit on the rest)",
     )
 
 
 class TuneSpec(_Strict):
     samples: Annotated[int, worded("in [1, 256]")] = Field(4, ge=1, le=256)
-    search_space: dict[str, Any] | None = Field(None, max_length=64,
-                                                description="option -> distribution, as in `dg2pf tune --search-space`")
+    search_space: dict[str, Any] | None = Field(
+        None, max_length=64, description="option -> distribution, as in `dg2pf tune --search-space`"
+    )
 
 
 class JobSpec(_Strict):
@@ -179,8 +236,12 @@ class JobSpec(_Strict):
     # At least 0.1%: below it round(s x N) prunes nothing of a model under a thousand weights, and no
     # real job asks for it; values like 5e-324 are typos or probes.
     sparsity: Annotated[float | None, worded("strictly between 0 and 1, at least 0.001 (e.g. 0.9 for 90%)")] = Field(
-        None, ge=0.001, lt=1, description="fraction of prunable weights (of prunable channels "
-                                   "with granularity 'channel') to remove; required unless schedule.target_macs_ratio")
+        None,
+        ge=0.001,
+        lt=1,
+        description="fraction of prunable weights (of prunable channels "
+        "with granularity 'channel') to remove; required unless schedule.target_macs_ratio",
+    )
     schedule: ScheduleSpec = Field(default_factory=ScheduleSpec)  # type: ignore[valid-type]
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
     tune: TuneSpec | None = None
@@ -190,7 +251,7 @@ class JobSpec(_Strict):
     )
 
     @classmethod
-    def read(cls, path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> "JobSpec":
+    def read(cls, path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> JobSpec:
         """The job in a JSON or YAML file, with ``KEY=VALUE`` overrides (``apply_overrides``); raises
         JobFileError for a file that is no job, pydantic's ValidationError for a field at fault."""
         return cls.model_validate(apply_overrides(read_job_file(path), list(overrides)))
@@ -225,15 +286,17 @@ def read_job_file(path: str | Path) -> dict[str, Any]:
         try:
             import yaml
         except ImportError:
-            raise JobFileError(f"job spec {path} is not JSON ({json_error}); for YAML install PyYAML: "
-                               "pip install 'dg2pf-client[yaml]'") from None
+            raise JobFileError(
+                f"job spec {path} is not JSON ({json_error}); for YAML install PyYAML: pip install 'dg2pf-client[yaml]'"
+            ) from None
         try:
             doc = yaml.safe_load(text)
         except (yaml.YAMLError, RecursionError) as exc:
             raise JobFileError(f"cannot read job spec {path}: {' '.join(str(exc).split())}") from None
     if not isinstance(doc, dict):
-        raise JobFileError(f"job spec {path} must be a mapping of fields (model, dataset, sparsity, ...), "
-                           f"not {type(doc).__name__}")
+        raise JobFileError(
+            f"job spec {path} must be a mapping of fields (model, dataset, sparsity, ...), not {type(doc).__name__}"
+        )
     return doc
 
 
@@ -245,8 +308,11 @@ def apply_overrides(doc: dict[str, Any], overrides: list[str]) -> dict[str, Any]
         key, sep, raw = override.partition("=")
         path = [p for p in key.strip().split(".")]
         if not sep or not all(path):
-            raise JobFileError(f"--set {override!r}: give KEY=VALUE, KEY a dotted field path such as "
-                               "schedule.lr or dataset.image_size", field=key.strip() or None)
+            raise JobFileError(
+                f"--set {override!r}: give KEY=VALUE, KEY a dotted field path such as "
+                "schedule.lr or dataset.image_size",
+                field=key.strip() or None,
+            )
         try:
             value: Any = json.loads(raw, parse_constant=lambda name: raw)
         except ValueError:
@@ -257,8 +323,10 @@ def apply_overrides(doc: dict[str, Any], overrides: list[str]) -> dict[str, Any]
             if child is None:
                 child = node[part] = {}
             elif not isinstance(child, dict):
-                raise JobFileError(f"--set {override!r}: {'.'.join(path[:i + 1])} is not a section of fields",
-                                   field=".".join(path[:i + 1]))
+                raise JobFileError(
+                    f"--set {override!r}: {'.'.join(path[: i + 1])} is not a section of fields",
+                    field=".".join(path[: i + 1]),
+                )
             node = child
         node[path[-1]] = value
     return doc

@@ -46,16 +46,30 @@ class Bounds:
 # Upper bounds lie well beyond any real run: values past them are typos or attacks (a seed torch
 # cannot take, a batch of a billion images, a million epochs), refused before anything is built.
 BOUNDS: dict[str, Bounds] = {
-    "pruning_epochs": Bounds(1, 10_000), "max_epochs": Bounds(1, 100_000), "patience": Bounds(1, 100_000),
-    "batch_size": Bounds(1, 65_536), "eval_batch_size": Bounds(1, 65_536), "seed": Bounds(0, 2**32 - 1),
-    "bn_recalibration_batches": Bounds(0, 100_000), "overparam_expansion": Bounds(1, 64), "channel_multiple": Bounds(1, 1024), "loader_workers": Bounds(0, 256),
-    "max_layer_sparsity": Bounds(0, 1, low_open=True), "warn_layer_sparsity": Bounds(0, 1, low_open=True),
+    "pruning_epochs": Bounds(1, 10_000),
+    "max_epochs": Bounds(1, 100_000),
+    "patience": Bounds(1, 100_000),
+    "batch_size": Bounds(1, 65_536),
+    "eval_batch_size": Bounds(1, 65_536),
+    "seed": Bounds(0, 2**32 - 1),
+    "bn_recalibration_batches": Bounds(0, 100_000),
+    "overparam_expansion": Bounds(1, 64),
+    "channel_multiple": Bounds(1, 1024),
+    "loader_workers": Bounds(0, 256),
+    "max_layer_sparsity": Bounds(0, 1, low_open=True),
+    "warn_layer_sparsity": Bounds(0, 1, low_open=True),
     "layer_density_floor": Bounds(0, 1, high_open=True),
-    "lr": Bounds(0, 100, low_open=True), "finetune_lr": Bounds(0, 100, low_open=True),
-    "kd_temperature": Bounds(0.01, 1000), "kd_alpha": Bounds(0, 1),
-    "weight_decay": Bounds(0, 100), "finetune_weight_decay": Bounds(0, 100), "grad_clip": Bounds(0, 1e6),
-    "finetune_momentum": Bounds(0, 1, high_open=True), "sp_weight": Bounds(0, 1e9),
-    "min_weights_per_tensor": Bounds(0, 1_000_000), "min_weights_per_class": Bounds(0, 1_000_000),
+    "lr": Bounds(0, 100, low_open=True),
+    "finetune_lr": Bounds(0, 100, low_open=True),
+    "kd_temperature": Bounds(0.01, 1000),
+    "kd_alpha": Bounds(0, 1),
+    "weight_decay": Bounds(0, 100),
+    "finetune_weight_decay": Bounds(0, 100),
+    "grad_clip": Bounds(0, 1e6),
+    "finetune_momentum": Bounds(0, 1, high_open=True),
+    "sp_weight": Bounds(0, 1e9),
+    "min_weights_per_tensor": Bounds(0, 1_000_000),
+    "min_weights_per_class": Bounds(0, 1_000_000),
     "rerank_every_steps": Bounds(0, 10_000_000),
 }
 MAX_PATTERNS, MAX_PATTERN_LENGTH = 256, 1000  # include / exclude / sp_blocks
@@ -71,18 +85,45 @@ MAX_PATTERNS, MAX_PATTERN_LENGTH = 256, 1000  # include / exclude / sp_blocks
 #     taken at the pruned point (Algorithm 1 restores them before the optimiser step), and no layer
 #     guard beyond the emptying guard (below).
 #   "default": the best configuration measured (docs/fidelity.md).
-PRESET_FIELDS = ("schedule", "recovery", "rerank_every_steps", "max_layer_sparsity", "layer_density_floor",
-                 "lr", "weight_decay", "kd_loss", "kd_temperature", "kd_alpha", "grad_clip")
+PRESET_FIELDS = (
+    "schedule",
+    "recovery",
+    "rerank_every_steps",
+    "max_layer_sparsity",
+    "layer_density_floor",
+    "lr",
+    "weight_decay",
+    "kd_loss",
+    "kd_temperature",
+    "kd_alpha",
+    "grad_clip",
+)
 PRESETS: dict[str, dict[str, Any]] = {
     "default": {
-        "schedule": "cubic", "recovery": "frozen", "rerank_every_steps": 0,
-        "max_layer_sparsity": 1.0, "layer_density_floor": 0.0,
-        "lr": 1e-3, "weight_decay": 1e-4, "kd_loss": "standard", "kd_temperature": 4.0, "kd_alpha": 0.75, "grad_clip": 0.5,
+        "schedule": "cubic",
+        "recovery": "frozen",
+        "rerank_every_steps": 0,
+        "max_layer_sparsity": 1.0,
+        "layer_density_floor": 0.0,
+        "lr": 1e-3,
+        "weight_decay": 1e-4,
+        "kd_loss": "standard",
+        "kd_temperature": 4.0,
+        "kd_alpha": 0.75,
+        "grad_clip": 0.5,
     },
     "paper": {
-        "schedule": "linear", "recovery": "feedback", "rerank_every_steps": 0,
-        "max_layer_sparsity": 1.0, "layer_density_floor": 0.0,
-        "lr": 1e-5, "weight_decay": 0.0, "kd_loss": "authors", "kd_temperature": 4.0, "kd_alpha": 0.75, "grad_clip": 0.5,
+        "schedule": "linear",
+        "recovery": "feedback",
+        "rerank_every_steps": 0,
+        "max_layer_sparsity": 1.0,
+        "layer_density_floor": 0.0,
+        "lr": 1e-5,
+        "weight_decay": 0.0,
+        "kd_loss": "authors",
+        "kd_temperature": 4.0,
+        "kd_alpha": 0.75,
+        "grad_clip": 0.5,
     },
 }
 assert all(set(values) == set(PRESET_FIELDS) for values in PRESETS.values())
@@ -94,7 +135,6 @@ GRANULARITY_DEFAULTS: dict[str, dict[str, Any]] = {
     "channel": {"schedule": "linear", "max_layer_sparsity": 0.99, "layer_density_floor": 0.6},
     "N:M": {"schedule": "linear"},
 }
-
 
 
 # Granularity: "unstructured", "channel" or N:M such as "2:4" (dg2pf_core/algorithm/nm.py checks N < M and the
@@ -122,7 +162,9 @@ class Options:
     # Rank again every this many optimiser steps inside a pruning epoch, at the epoch's target (0: once per
     # pruning epoch, as Algorithm 1). Each ranking's recovered weights are counted in the epoch's record.
     rerank_every_steps: int | None = None
-    gradual_masks: str = "simulated"  # "simulated" (DG2PF: weights put back after each step) or "hard" (zeroed for good)
+    gradual_masks: str = (
+        "simulated"  # "simulated" (DG2PF: weights put back after each step) or "hard" (zeroed for good)
+    )
     scope: str = "global"  # "global" ranking or "layerwise"
     # "unstructured" (DG2PF) or "N:M" ("2:4": at most N of every M consecutive weights along a row kept,
     # dg2pf_core/algorithm/nm.py). N:M needs sparsity (M-N)/M and the global scope; the layer caps below do not

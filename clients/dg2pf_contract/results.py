@@ -51,7 +51,9 @@ class _Document(_Open):
         try:
             document = json.loads(text)
         except ValueError as exc:
-            raise MetricsError(f"{where} is not valid JSON ({exc}): the file is damaged; take it from the run again") from None
+            raise MetricsError(
+                f"{where} is not valid JSON ({exc}): the file is damaged; take it from the run again"
+            ) from None
         if not isinstance(document, dict):
             raise MetricsError(f"{where} holds a JSON {type(document).__name__}, not an object: it is not {cls._what}")
         try:
@@ -64,7 +66,9 @@ class _Document(_Open):
                 raise MetricsError(f"{where} is not {cls._what}: it has no {shown}") from None
             at = ".".join(str(p) for p in errors[0]["loc"]) or "the document"
             more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
-            raise MetricsError(f"{where} is not {cls._what} (damaged?): {at}: {errors[0]['msg'].lower()}{more}") from None
+            raise MetricsError(
+                f"{where} is not {cls._what} (damaged?): {at}: {errors[0]['msg'].lower()}{more}"
+            ) from None
 
     @classmethod
     def read(cls, path: str | Path) -> Self:
@@ -80,8 +84,9 @@ class EpochRecord(_Open):
 
     phase: str = Field(description="baseline | gradual_pruning | distillation | finetuning (loop order)")
     epoch: int = Field(description="training epochs completed, all phases (0: the baseline evaluation)")
-    sparsity: float = Field(description="sparsity of the prunable weights (channel jobs: of the channels) the epoch "
-                            "trained at, a fraction")
+    sparsity: float = Field(
+        description="sparsity of the prunable weights (channel jobs: of the channels) the epoch trained at, a fraction"
+    )
     train_loss: float | None = Field(description="mean training loss (None: the baseline, or not finite)")
     val_top1: float = Field(description="validation top-1 after the epoch, in %")
     val_top5: float = Field(description="validation top-5 after the epoch, in %")
@@ -89,12 +94,17 @@ class EpochRecord(_Open):
     seconds: float = Field(description="wall time of the epoch, validation included")
     is_best: bool = Field(False, description="the best validation top-1 at the final sparsity so far: the weights kept")
     restarts: int = Field(0, description="how many times the run had been resumed from a checkpoint before this epoch")
-    recovered: int | None = Field(None, description="pruning epochs: weights a ranking pruned that the next one kept "
-                                  "(weight recovery), summed over the epoch's rankings (the one at its start, against the "
-                                  "previous epoch's last mask, and with rerank_every_steps those inside it); always 0 "
-                                  "with hard gradual masks, which zero pruned weights; None in other phases")
+    recovered: int | None = Field(
+        None,
+        description="pruning epochs: weights a ranking pruned that the next one kept "
+        "(weight recovery), summed over the epoch's rankings (the one at its start, against the "
+        "previous epoch's last mask, and with rerank_every_steps those inside it); always 0 "
+        "with hard gradual masks, which zero pruned weights; None in other phases",
+    )
     rankings: int | None = Field(None, description="pruning epochs: how many rankings the epoch made")
-    recovered_per_ranking: list[int] | None = Field(None, description="pruning epochs: ``recovered``, ranking by ranking")
+    recovered_per_ranking: list[int] | None = Field(
+        None, description="pruning epochs: ``recovered``, ranking by ranking"
+    )
 
     def to_dict(self) -> dict[str, Any]:
         """Every field, plain values: what the history, progress.jsonl and Ray's reports hold."""
@@ -112,9 +122,13 @@ class ChannelSummary(_Open):
     params_prunable: int = Field(description="the input model's parameters in tensors some channel group touches")
     skipped_groups: list[str] = Field(description="groups left dense: 'root layer (why)'")
     channel_multiple: int = Field(description="kept widths are multiples of this (rounded up)")
-    layer_cap: float = Field(description="the most channels of one group the last ranking could remove, a fraction "
-                             "(resumed after that ranking: estimated)")
-    layer_channels: dict[str, float] = Field(description="per group (its root layer): the fraction of its channels removed")
+    layer_cap: float = Field(
+        description="the most channels of one group the last ranking could remove, a fraction "
+        "(resumed after that ranking: estimated)"
+    )
+    layer_channels: dict[str, float] = Field(
+        description="per group (its root layer): the fraction of its channels removed"
+    )
 
 
 class OnnxExport(_Open):
@@ -124,7 +138,9 @@ class OnnxExport(_Open):
     reason: str | None = Field(None, description="not written: why")
     file: str | None = Field(None, description="written: the file's name")
     opset: int | None = Field(None, description="written: the ONNX opset exported at")
-    max_abs_diff: float | None = Field(None, description="written: largest |ONNX Runtime - PyTorch| over the check batch")
+    max_abs_diff: float | None = Field(
+        None, description="written: largest |ONNX Runtime - PyTorch| over the check batch"
+    )
     tolerance: float | None = Field(None, description="written: the largest difference allowed")
     check_batch: int | None = Field(None, description="written: inputs compared")
     seconds: float | None = Field(None, description="written: time to export and check")
@@ -156,15 +172,19 @@ class Latency(_Open):
     seconds: float | None = Field(None, description="the time it took")
     cuda_device: str | None = Field(None, description="the GPU of the torch_cuda rows, when the job ran on one")
     backends: dict[str, dict[str, LatencyCell]] = Field(
-        default_factory=dict, description="backend (torch, onnxruntime, torch_cuda) -> batch size -> timings")
+        default_factory=dict, description="backend (torch, onnxruntime, torch_cuda) -> batch size -> timings"
+    )
     macs_ratio: float | None = Field(None, description="macs_sparse / macs_dense, to read the speed-ups against")
     notes: list[str] = Field(default_factory=list, description="what was left out and why")
 
     def speedups(self) -> dict[str, Any]:
         """The compact view (the service's job status): the speed-up per backend and batch size, the
         MACs ratio beside them, and the threads they were measured with."""
-        return {"speedup": {b: {n: cell.speedup for n, cell in by_batch.items()} for b, by_batch in self.backends.items()},
-                "macs_ratio": self.macs_ratio, "threads": self.threads}
+        return {
+            "speedup": {b: {n: cell.speedup for n, cell in by_batch.items()} for b, by_batch in self.backends.items()},
+            "macs_ratio": self.macs_ratio,
+            "threads": self.threads,
+        }
 
 
 class DistributedRun(_Open):
@@ -173,7 +193,8 @@ class DistributedRun(_Open):
     backend: str = Field(description="torch.distributed's backend (gloo, nccl)")
     worker_nodes: list[str] = Field(description="the Ray node of each rank")
     mask_checksums: list[tuple[int, list[int]]] = Field(
-        description="[epoch, one mask checksum per rank]: every rank pruned the same weights when they agree")
+        description="[epoch, one mask checksum per rank]: every rank pruned the same weights when they agree"
+    )
 
 
 class RayRun(_Open):
@@ -223,23 +244,32 @@ class Metrics(_Document):
     num_classes: int
     dataset: str = Field(description="the dataset spec (name, or name:path with the path absolute)")
     image_size: int = Field(description="input height = width, in pixels")
-    augment: str | None = Field(None, description="the training augmentation policy used (asked for, or the dataset's default)")
-    crop_pct: float | None = Field(None, description="folder datasets' evaluation crop (validation, test, serving); "
-                                   "None where no crop applies")
+    augment: str | None = Field(
+        None, description="the training augmentation policy used (asked for, or the dataset's default)"
+    )
+    crop_pct: float | None = Field(
+        None, description="folder datasets' evaluation crop (validation, test, serving); None where no crop applies"
+    )
     in_channels: int
     class_names: list[str] | None = Field(description="labels by class index (None: the dataset names none)")
-    target_sparsity: float | None = Field(description="the sparsity asked for; None for a channel job sized by "
-                                          "target_macs_ratio")
+    target_sparsity: float | None = Field(
+        description="the sparsity asked for; None for a channel job sized by target_macs_ratio"
+    )
     granularity: str = Field("unstructured", description="unstructured | N:M | channel")
     preset: str | None = Field(None, description="the named configuration the job started from")
-    preset_departures: dict[str, Any] = Field(default_factory=dict, description="what the job set otherwise than its "
-                                              "preset (``config`` holds every value)")
-    bn_settled_channels: int | None = Field(None, description="BatchNorm channels constant within every batch, settled "
-                                            "to output their bias")
-    nm_violations: int | None = Field(None, description="N:M jobs: groups of the written weights with more than N "
-                                      "nonzeros (0: the pattern holds)")
+    preset_departures: dict[str, Any] = Field(
+        default_factory=dict, description="what the job set otherwise than its preset (``config`` holds every value)"
+    )
+    bn_settled_channels: int | None = Field(
+        None, description="BatchNorm channels constant within every batch, settled to output their bias"
+    )
+    nm_violations: int | None = Field(
+        None, description="N:M jobs: groups of the written weights with more than N nonzeros (0: the pattern holds)"
+    )
     # Channel jobs only: the result is a smaller dense network, measured against the input model.
-    target_macs_ratio: float | None = Field(None, description="channel jobs: the MACs target asked for (pruned / dense)")
+    target_macs_ratio: float | None = Field(
+        None, description="channel jobs: the MACs target asked for (pruned / dense)"
+    )
     channels_total: int | None = Field(None, description="channel jobs: prunable output channels of the input model")
     channels_pruned: int | None = Field(None, description="channel jobs: channels removed")
     channel_sparsity: float | None = Field(None, description="channel jobs: channels_pruned / channels_total")
@@ -249,14 +279,17 @@ class Metrics(_Document):
     skipped_groups: list[str] | None = Field(None, description="channel jobs: groups left dense, 'root layer (why)'")
     channel_multiple: int | None = Field(None, description="channel jobs: kept widths are multiples of this")
     # Size.
-    sparsity_prunable: float = Field(description="fraction of the prunable weights pruned (channel jobs: of the "
-                                     "channels removed)")
-    sparsity_total: float = Field(description="fraction of all parameters pruned (channel jobs: of the input model's "
-                                  "parameters, removed)")
+    sparsity_prunable: float = Field(
+        description="fraction of the prunable weights pruned (channel jobs: of the channels removed)"
+    )
+    sparsity_total: float = Field(
+        description="fraction of all parameters pruned (channel jobs: of the input model's parameters, removed)"
+    )
     params_total: int = Field(description="parameters of the pruned model")
     params_nonzero: int = Field(description="nonzero parameters of the pruned model")
-    params_prunable: int = Field(description="parameters in prunable tensors (channel jobs: the input model's, in "
-                                 "tensors some group touches)")
+    params_prunable: int = Field(
+        description="parameters in prunable tensors (channel jobs: the input model's, in tensors some group touches)"
+    )
     macs_dense: int = Field(description="multiply-accumulates of the Conv/Linear layers per sample, of the input model")
     macs_sparse: int = Field(description="the same, counting only nonzero weights of the pruned model")
     # Accuracy and the run.
@@ -270,13 +303,20 @@ class Metrics(_Document):
     final_phase: str | None = Field(description="the phase of the last epoch")
     world_size: int = Field(description="DDP workers that trained")
     wall_seconds: float = Field(description="preflight, training and evaluation (Ray: on the workers)")
-    layer_sparsity: dict[str, float] = Field(description="per prunable weight (channel jobs: per group's root layer), "
-                                             "the fraction pruned, in the network's order")
+    layer_sparsity: dict[str, float] = Field(
+        description="per prunable weight (channel jobs: per group's root layer), "
+        "the fraction pruned, in the network's order"
+    )
     max_layer_sparsity: float | None = Field(None, description="the largest of layer_sparsity")
-    layer_cap: float | None = Field(None, description="the most one layer could be pruned (global scope; None: no cap applies)")
-    warnings: list[str] = Field(default_factory=list, description="what the data, the run and the result found a "
-                                "user should know")
-    dtype: str | None = Field(None, description="the input checkpoint's floating dtype(s), which model.safetensors keeps")
+    layer_cap: float | None = Field(
+        None, description="the most one layer could be pruned (global scope; None: no cap applies)"
+    )
+    warnings: list[str] = Field(
+        default_factory=list, description="what the data, the run and the result found a user should know"
+    )
+    dtype: str | None = Field(
+        None, description="the input checkpoint's floating dtype(s), which model.safetensors keeps"
+    )
     skipped_images: int = Field(0, description="unreadable images left out (skip_bad_images)")
     skipped_image_files: list[str] = Field(default_factory=list, description="the first 100 of them")
     config: dict[str, Any] = Field(description="every option of the DG2PF configuration the run used")
@@ -334,7 +374,9 @@ class ExampleMetrics(_Document):
     dataset: str
     image_size: int
     epochs: int = Field(description="training epochs run")
-    max_epochs: int = Field(description="the most it would have run (fewer: no better validation top-1 for patience epochs)")
+    max_epochs: int = Field(
+        description="the most it would have run (fewer: no better validation top-1 for patience epochs)"
+    )
     best_epoch: int = Field(description="the epoch whose weights were kept")
     val_top1: float = Field(description="validation top-1 of the kept epoch, in %")
     test_top1: float | None = Field(description="test top-1 of the kept weights, in % (None: no test split)")

@@ -109,6 +109,8 @@ def settled(model: nn.Module) -> Iterator[int]:
 def settled_channels(model: nn.Module) -> int:
     """Channels of ``model`` that are constant (``constant_channels``) and settled (gamma 0)."""
     return sum(int((m.weight[c] == 0).sum()) for m, c in constant_channels(model).items())
+
+
 def freeze_batchnorm(model: nn.Module) -> None:
     """Put every BatchNorm layer of ``model`` in eval mode (call after ``model.train()``): it then
     normalises by its running statistics and leaves them unchanged, while its affine weights still

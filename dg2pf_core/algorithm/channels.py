@@ -43,13 +43,14 @@ from dg2pf_core.errors import CheckpointError, ConfigError
 STRUCTURE_KEY = "dg2pf_structure"  # safetensors metadata key of a channel-pruned model's structure
 STRUCTURE_FORMAT = "dg2pf-channels/1"
 MAX_STRUCTURE_STAGES = 8  # one per channel job a model went through (each replay traces once)
-MAX_STRUCTURE_BYTES = 8 << 20
+MAX_STRUCTURE_BYTES = 8 << 20  # far above any torchvision classifier's (resnet152: ~0.2 MB at 90%)
 # Tracing runs one forward + backward pass at the input size: its memory grows with the pixels
 # (resnet50 at 512x512: ~0.5 GB). Channel granularity traces up to this size, and a structure's
 # recorded input size is bounded by it.
 MAX_TRACE_SIZE = 512
 MACS_TOLERANCE = 0.02  # target_macs_ratio is met within 2% (relative) when widths are rounded
-_CAP_BELOW_ONE = 1.0 - 1e-9  # floor(cap * C) <= C - 1 for any group of up to 1e9 channels  # far above any torchvision classifier's (resnet152: ~0.2 MB at 90%)
+# floor(cap * C) <= C - 1 for any group of up to 1e9 channels
+_CAP_BELOW_ONE = 1.0 - 1e-9
 
 
 # The architectures channel granularity is verified on (Torch-Pruning 1.6, this torchvision): each
@@ -57,18 +58,33 @@ _CAP_BELOW_ONE = 1.0 - 1e-9  # floor(cap * C) <= C - 1 for any group of up to 1e
 # those of the network with the channels removed (tests/dg2pf_core/algorithm/test_channels.py runs digits_cnn, resnet18
 # and mobilenet_v2; docs/benchmarks.md lists the survey of the others). Patterns are fnmatch-style.
 CHANNEL_ARCHS = (
-    "digits_cnn", "cifar/*",
-    "torchvision/alexnet", "torchvision/convnext_*", "torchvision/densenet*", "torchvision/efficientnet_*",
-    "torchvision/googlenet", "torchvision/inception_v3", "torchvision/mnasnet*", "torchvision/mobilenet_v2",
-    "torchvision/mobilenet_v3_*", "torchvision/regnet_*", "torchvision/resnet*", "torchvision/resnext*",
-    "torchvision/squeezenet*", "torchvision/vgg*", "torchvision/wide_resnet*", "torchvision/vit_*",
+    "digits_cnn",
+    "cifar/*",
+    "torchvision/alexnet",
+    "torchvision/convnext_*",
+    "torchvision/densenet*",
+    "torchvision/efficientnet_*",
+    "torchvision/googlenet",
+    "torchvision/inception_v3",
+    "torchvision/mnasnet*",
+    "torchvision/mobilenet_v2",
+    "torchvision/mobilenet_v3_*",
+    "torchvision/regnet_*",
+    "torchvision/resnet*",
+    "torchvision/resnext*",
+    "torchvision/squeezenet*",
+    "torchvision/vgg*",
+    "torchvision/wide_resnet*",
+    "torchvision/vit_*",
 )
 # Known not to work, and why (checked first: a clear reason instead of "not verified").
 CHANNEL_REFUSED = {
     "torchvision/shufflenet_v2_*": "Torch-Pruning's dependency graph fails on its channel shuffle (ZeroDivisionError "
-                                   "inside torch_pruning)",
-    "torchvision/swin_*": "tracing its shifted-window attention with Torch-Pruning takes minutes and over 8 GB of memory",
-    "torchvision/maxvit_*": "tracing its block and grid attention with Torch-Pruning takes minutes and over 8 GB of memory",
+    "inside torch_pruning)",
+    "torchvision/swin_*": "tracing its shifted-window attention with Torch-Pruning takes minutes and over 8 GB "
+    "of memory",
+    "torchvision/maxvit_*": "tracing its block and grid attention with Torch-Pruning takes minutes and over 8 GB "
+    "of memory",
 }
 
 
@@ -81,7 +97,9 @@ def unsupported_reason(arch: str) -> str | None:
         if fnmatchcase(arch, pattern):
             return why
     if not any(fnmatchcase(arch, p) for p in CHANNEL_ARCHS):
-        return f"it is not verified on it (it is on: {', '.join(p.removeprefix('torchvision/') for p in CHANNEL_ARCHS)})"
+        return (
+            f"it is not verified on it (it is on: {', '.join(p.removeprefix('torchvision/') for p in CHANNEL_ARCHS)})"
+        )
     return None
 
 
@@ -89,8 +107,11 @@ def check_architecture(arch: str) -> None:
     """``ConfigError`` (field ``granularity``) unless channel granularity is available for ``arch``."""
     why = unsupported_reason(arch)
     if why is not None:
-        raise ConfigError(f"granularity 'channel' is not available for {arch}: {why}; use granularity 'unstructured' "
-                          "or an N:M pattern for this model", field="granularity")
+        raise ConfigError(
+            f"granularity 'channel' is not available for {arch}: {why}; use granularity 'unstructured' "
+            "or an N:M pattern for this model",
+            field="granularity",
+        )
 
 
 @dataclass(frozen=True)
@@ -127,7 +148,7 @@ class Structure:
     input_shape: tuple[int, int, int]
     stages: tuple[dict[str, list[int]], ...] = ()
 
-    def then(self, stage: Mapping[str, list[int]]) -> "Structure":
+    def then(self, stage: Mapping[str, list[int]]) -> Structure:
         return Structure(self.input_shape, (*self.stages, {k: list(v) for k, v in stage.items() if v}))
 
     @property
@@ -135,16 +156,26 @@ class Structure:
         return not any(self.stages)
 
     def to_json(self) -> str:
-        return json.dumps({"format": STRUCTURE_FORMAT, "input_shape": list(self.input_shape),
-                           "stages": [dict(s) for s in self.stages]}, separators=(",", ":"))
+        return json.dumps(
+            {
+                "format": STRUCTURE_FORMAT,
+                "input_shape": list(self.input_shape),
+                "stages": [dict(s) for s in self.stages],
+            },
+            separators=(",", ":"),
+        )
 
     @classmethod
-    def from_json(cls, text: str, source: str = "the checkpoint") -> "Structure":
+    def from_json(cls, text: str, source: str = "the checkpoint") -> Structure:
         """Parse and bound-check (types, sizes); the names and indices are checked against a model
         by ``apply_structure``. Raises ``CheckpointError``."""
+
         def bad(why: str) -> CheckpointError:
-            return CheckpointError(f"{source} has an invalid channel structure ({STRUCTURE_KEY} metadata): {why}; "
-                                   "re-export it with dg2pf, or use an unpruned checkpoint", field="checkpoint")
+            return CheckpointError(
+                f"{source} has an invalid channel structure ({STRUCTURE_KEY} metadata): {why}; "
+                "re-export it with dg2pf, or use an unpruned checkpoint",
+                field="checkpoint",
+            )
 
         if len(text) > MAX_STRUCTURE_BYTES:
             raise bad(f"{len(text):,} bytes, over the {MAX_STRUCTURE_BYTES:,} allowed")
@@ -157,10 +188,15 @@ class Structure:
         if not isinstance(doc, dict) or doc.get("format") != STRUCTURE_FORMAT:
             raise bad(f"format is not {STRUCTURE_FORMAT!r}")
         shape, stages = doc.get("input_shape"), doc.get("stages")
-        if (not isinstance(shape, list) or len(shape) != 3
-                or not all(isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= MAX_TRACE_SIZE for v in shape)
-                or shape[0] > 4):
-            raise bad(f"input_shape must be three integers: channels in [1, 4], height and width in [1, {MAX_TRACE_SIZE}]")
+        if (
+            not isinstance(shape, list)
+            or len(shape) != 3
+            or not all(isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= MAX_TRACE_SIZE for v in shape)
+            or shape[0] > 4
+        ):
+            raise bad(
+                f"input_shape must be three integers: channels in [1, 4], height and width in [1, {MAX_TRACE_SIZE}]"
+            )
         if not isinstance(stages, list) or len(stages) > MAX_STRUCTURE_STAGES:
             raise bad(f"stages must be a list of at most {MAX_STRUCTURE_STAGES}")
         parsed = []
@@ -168,9 +204,12 @@ class Structure:
             if not isinstance(stage, dict) or not all(isinstance(k, str) and len(k) <= 1000 for k in stage):
                 raise bad("each stage must map module names to channel index lists")
             for name, idxs in stage.items():
-                if (not isinstance(idxs, list) or not idxs
-                        or not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < 1 << 24 for i in idxs)
-                        or len(set(idxs)) != len(idxs)):
+                if (
+                    not isinstance(idxs, list)
+                    or not idxs
+                    or not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < 1 << 24 for i in idxs)
+                    or len(set(idxs)) != len(idxs)
+                ):
                     raise bad(f"{name!r}: channel indices must be distinct non-negative integers")
             parsed.append({k: list(v) for k, v in stage.items()})
         return cls(tuple(shape), tuple(parsed))  # type: ignore[arg-type]
@@ -210,8 +249,9 @@ def _build_graph(model: nn.Module, input_shape: tuple[int, ...]):
     model.eval()
     try:
         with torch.enable_grad():
-            return tp.DependencyGraph().build_dependency(model, example_inputs=torch.zeros((1, *input_shape), device=device),
-                                                         verbose=False)
+            return tp.DependencyGraph().build_dependency(
+                model, example_inputs=torch.zeros((1, *input_shape), device=device), verbose=False
+            )
     finally:
         model.train(was_training)
 
@@ -222,7 +262,11 @@ def _param_dims(module: nn.Module, handler, fn) -> list[tuple[str, int]] | None:
     own = [n for n, _ in module.named_parameters(recurse=False)] if isinstance(module, nn.Module) else None
     if own is None:  # a bare nn.Parameter node
         return None
-    if handler in (fn.prune_conv_out_channels, fn.prune_depthwise_conv_out_channels, fn.prune_depthwise_conv_in_channels):
+    if handler in (
+        fn.prune_conv_out_channels,
+        fn.prune_depthwise_conv_out_channels,
+        fn.prune_depthwise_conv_in_channels,
+    ):
         if not isinstance(module, nn.modules.conv._ConvNd):
             return None
         depthwise = module.groups == module.out_channels == module.in_channels
@@ -258,14 +302,17 @@ class ChannelPlan:
         return sum(g.channels for g in self.groups)
 
     @classmethod
-    def build(cls, model: nn.Module, input_shape: tuple[int, ...], selection: Selection = Selection()) -> "ChannelPlan":
+    def build(cls, model: nn.Module, input_shape: tuple[int, ...], selection: Selection = Selection()) -> ChannelPlan:
         """Trace ``model`` (a dense nn.Module, not DDP) with one zero input of ``input_shape`` (C, H, W).
         Raises ``ConfigError`` (field ``granularity``) when no group can be pruned."""
         fn = _tp().pruner.function
         shape = "x".join(map(str, input_shape))
         if max(input_shape[1:]) > MAX_TRACE_SIZE:
-            raise ConfigError(f"granularity 'channel' traces the model at its input size, {shape}: at most "
-                              f"{MAX_TRACE_SIZE}x{MAX_TRACE_SIZE} (set image_size)", field="granularity")
+            raise ConfigError(
+                f"granularity 'channel' traces the model at its input size, {shape}: at most "
+                f"{MAX_TRACE_SIZE}x{MAX_TRACE_SIZE} (set image_size)",
+                field="granularity",
+            )
         names = {m: n for n, m in model.named_modules()}
         layers = [(n, m) for n, m in model.named_modules() if isinstance(m, PRUNABLE_MODULES)]
         selected = set(select_prunable(model, selection).params)
@@ -273,12 +320,17 @@ class ChannelPlan:
         ignored = [m for n, m in layers if f"{n}.weight" not in selected or m is classifier]
         try:
             graph = _dependency_graph(model, input_shape)
-            raw = _traced(lambda: list(graph.get_all_groups(ignored_layers=ignored, root_module_types=PRUNABLE_MODULES)))
+            raw = _traced(
+                lambda: list(graph.get_all_groups(ignored_layers=ignored, root_module_types=PRUNABLE_MODULES))
+            )
             positions = _traced(_positions, model, input_shape)
         except TraceError as exc:
-            raise ConfigError(f"granularity 'channel' cannot trace {type(model).__name__} at input {shape} with Torch-Pruning's "
-                              f"dependency graph ({exc}); use granularity 'unstructured' or an N:M pattern for this "
-                              "model", field="granularity") from exc
+            raise ConfigError(
+                f"granularity 'channel' cannot trace {type(model).__name__} at input {shape} with Torch-Pruning's "
+                f"dependency graph ({exc}); use granularity 'unstructured' or an N:M pattern for this "
+                "model",
+                field="granularity",
+            ) from exc
         groups, skipped = [], []
         for group in raw:
             root_module = group[0].dep.target.module
@@ -304,9 +356,11 @@ class ChannelPlan:
                 continue
             groups.append(ChannelGroup(root, channels, tuple(items)))
         if not groups:
-            raise ConfigError("granularity 'channel': no channel group of this model can be pruned (the classifier's "
-                              "outputs never are; see include/exclude)" + (f"; skipped: {', '.join(skipped[:5])}" if skipped else ""),
-                              field="granularity")
+            raise ConfigError(
+                "granularity 'channel': no channel group of this model can be pruned (the classifier's "
+                "outputs never are; see include/exclude)" + (f"; skipped: {', '.join(skipped[:5])}" if skipped else ""),
+                field="granularity",
+            )
         return cls(groups, positions, skipped)
 
     # --- ranking ---
@@ -322,8 +376,9 @@ class ChannelPlan:
             out[g.root] = (sq / g.entries_per_channel(params)).sqrt().float()
         return out
 
-    def select(self, params: Mapping[str, torch.Tensor], fraction: float, cap: float,
-               multiple: int = 1) -> dict[str, torch.Tensor]:
+    def select(
+        self, params: Mapping[str, torch.Tensor], fraction: float, cap: float, multiple: int = 1
+    ) -> dict[str, torch.Tensor]:
         """Per group, a bool vector of its pruned channels: the globally least important
         ``round(fraction * channels)``, no group beyond ``cap`` of its channels nor left empty; then,
         with ``multiple`` > 1, every group's kept width rounded up to a multiple of it (its most
@@ -335,7 +390,9 @@ class ChannelPlan:
             return pruned
         for g in self.groups:
             chosen = pruned[g.root]
-            back = _kept_to_multiple(g.channels, g.channels - int(chosen.sum()), multiple) - (g.channels - int(chosen.sum()))
+            back = _kept_to_multiple(g.channels, g.channels - int(chosen.sum()), multiple) - (
+                g.channels - int(chosen.sum())
+            )
             if back > 0:
                 idx = torch.nonzero(chosen).flatten()
                 chosen[idx[importance[g.root][idx].argsort(descending=True, stable=True)[:back]]] = False
@@ -357,7 +414,9 @@ class ChannelPlan:
 
     def pruned_channels(self, pruned: Mapping[str, torch.Tensor]) -> dict[str, list[int]]:
         """The structure stage of a selection: root -> sorted pruned indices (empty groups left out)."""
-        return {g.root: torch.nonzero(pruned[g.root]).flatten().tolist() for g in self.groups if bool(pruned[g.root].any())}
+        return {
+            g.root: torch.nonzero(pruned[g.root]).flatten().tolist() for g in self.groups if bool(pruned[g.root].any())
+        }
 
     # --- cost ---
     def macs(self, params: Mapping[str, torch.Tensor], masks: Mapping[str, torch.Tensor]) -> int:
@@ -379,31 +438,42 @@ class ChannelPlan:
         sizes = {g.root: torch.empty(g.channels, device="meta") for g in self.groups}
         allowed = sum(layer_caps(sizes, min(cap, _CAP_BELOW_ONE), want).values())
         if want > allowed:
-            raise ConfigError(f"sparsity {fraction:g} with granularity 'channel' asks for {want:,} of the {total:,} prunable "
-                              f"channels, but the layer collapse guard (at most {cap:g} of a layer's channels, one always "
-                              f"kept) lets {allowed:,} ({allowed / total:.3f}) go: lower sparsity, or raise max_layer_sparsity "
-                              "/ lower layer_density_floor", field="sparsity")
+            raise ConfigError(
+                f"sparsity {fraction:g} with granularity 'channel' asks for {want:,} of the {total:,} prunable "
+                f"channels, but the layer collapse guard (at most {cap:g} of a layer's channels, one always "
+                f"kept) lets {allowed:,} ({allowed / total:.3f}) go: lower sparsity, or raise max_layer_sparsity "
+                "/ lower layer_density_floor",
+                field="sparsity",
+            )
 
-    def check_reachable(self, params: Mapping[str, torch.Tensor], ratio: float, cap: Callable[[float], float],
-                        multiple: int = 1) -> int:
+    def check_reachable(
+        self, params: Mapping[str, torch.Tensor], ratio: float, cap: Callable[[float], float], multiple: int = 1
+    ) -> int:
         """The most channels the layer collapse guard lets go; ``ConfigError`` (field ``target_macs_ratio``)
         when even that (kept widths rounded up to ``multiple``) leaves more than ``ratio`` of the MACs.
         Reads shapes only (every group at its cap; which channels does not change a count): works on
         meta tensors, before any weight is read."""
         most = self.most_prunable(cap)
-        at_cap = {g.root: torch.arange(g.channels) < g.channels - _kept_to_multiple(g.channels, g.channels - n, multiple)
-                  for g, n in zip(self.groups, self._group_caps(most, cap))}
+        at_cap = {
+            g.root: torch.arange(g.channels) < g.channels - _kept_to_multiple(g.channels, g.channels - n, multiple)
+            for g, n in zip(self.groups, self._group_caps(most, cap))
+        }
         least = self.macs(params, self.masks(params, at_cap)) / self.dense_macs(params)
         if least > ratio:
             rounded = f" with widths rounded up to multiples of {multiple} (channel_multiple)" if multiple > 1 else ""
-            raise ConfigError(f"target_macs_ratio {ratio:g} cannot be reached: pruning every channel the layer collapse guard "
-                              f"allows{rounded} leaves {least:.3f} of the MACs (raise max_layer_sparsity or lower "
-                              "layer_density_floor" + (", lower channel_multiple" if multiple > 1 else "")
-                              + ", or ask for a larger ratio)", field="target_macs_ratio")
+            raise ConfigError(
+                f"target_macs_ratio {ratio:g} cannot be reached: pruning every channel the layer collapse guard "
+                f"allows{rounded} leaves {least:.3f} of the MACs (raise max_layer_sparsity or lower "
+                "layer_density_floor"
+                + (", lower channel_multiple" if multiple > 1 else "")
+                + ", or ask for a larger ratio)",
+                field="target_macs_ratio",
+            )
         return most
 
-    def fraction_for_count(self, params: Mapping[str, torch.Tensor], fraction: float, cap: Callable[[float], float],
-                           multiple: int) -> float:
+    def fraction_for_count(
+        self, params: Mapping[str, torch.Tensor], fraction: float, cap: Callable[[float], float], multiple: int
+    ) -> float:
         """The ranking fraction whose selection with kept widths rounded up to ``multiple`` prunes
         ``round(fraction * channels)`` channels (rounding puts some back: the ranking goes further to
         make up for them), or the most the layer collapse guard allows when it cannot. ``fraction``
@@ -426,13 +496,19 @@ class ChannelPlan:
             lo, hi = (lo, mid) if pruned(mid) >= want else (mid, hi)
         return min((lo, hi), key=lambda k: (abs(pruned(k) - want), k)) / total  # ... or the one before, if closer
 
-    def fit_count(self, params: Mapping[str, torch.Tensor], fraction: float, cap: Callable[[float], float],
-                  multiple: int = 1, tolerance: float = MACS_TOLERANCE) -> tuple[float, int]:
+    def fit_count(
+        self,
+        params: Mapping[str, torch.Tensor],
+        fraction: float,
+        cap: Callable[[float], float],
+        multiple: int = 1,
+        tolerance: float = MACS_TOLERANCE,
+    ) -> tuple[float, int]:
         """``fraction_for_count`` with the largest of ``multiple``, its halves, ... 1 whose rounded
         selection prunes ``round(fraction * channels)`` channels within ``tolerance`` of them (relative,
         at least one channel): narrow layers in steps of 16 may not come near. Returns (ranking fraction,
         the multiple used)."""
-        total, want, m = self.channels, round(fraction * self.channels), max(1, multiple)
+        want, m = round(fraction * self.channels), max(1, multiple)
         while True:
             at = self.fraction_for_count(params, fraction, cap, m)
             got = sum(int(v.sum()) for v in self.select(params, at, cap(at), m).values())
@@ -447,6 +523,7 @@ class ChannelPlan:
 
     def most_prunable(self, cap: Callable[[float], float]) -> int:
         """The most channels a ranking may prune under the layer collapse guard ``cap(fraction)``."""
+
         def caps(k: int) -> int:
             return sum(self._group_caps(k, cap))
 
@@ -456,8 +533,14 @@ class ChannelPlan:
             lo, hi = (mid, hi) if mid <= caps(mid) else (lo, mid)
         return hi if hi <= caps(hi) else lo
 
-    def fit_macs(self, params: Mapping[str, torch.Tensor], ratio: float, cap: Callable[[float], float],
-                 multiple: int = 1, tolerance: float = MACS_TOLERANCE) -> tuple[float, float, int]:
+    def fit_macs(
+        self,
+        params: Mapping[str, torch.Tensor],
+        ratio: float,
+        cap: Callable[[float], float],
+        multiple: int = 1,
+        tolerance: float = MACS_TOLERANCE,
+    ) -> tuple[float, float, int]:
         """``fraction_for_macs`` with kept widths rounded to the largest of ``multiple``, its halves, ... 1
         that still meets ``ratio`` within ``tolerance`` (relative): a narrow network's widths in steps of
         16 may not come near the target. Returns (fraction, MACs ratio, the multiple used)."""
@@ -473,16 +556,20 @@ class ChannelPlan:
                     return fraction, got, m
             m //= 2
 
-    def fraction_for_macs(self, params: Mapping[str, torch.Tensor], ratio: float,
-                          cap: Callable[[float], float], multiple: int = 1) -> tuple[float, float]:
+    def fraction_for_macs(
+        self, params: Mapping[str, torch.Tensor], ratio: float, cap: Callable[[float], float], multiple: int = 1
+    ) -> tuple[float, float]:
         """The channel fraction whose selection (under ``cap(fraction)``, the layer collapse guard at that
         fraction) leaves the MACs ratio closest to ``ratio`` (one channel either side of the first count
-        at or under it), and that MACs ratio. Raises ``ConfigError`` (field ``target_macs_ratio``) when the guard cannot reach it."""
+        at or under it), and that MACs ratio. Raises ``ConfigError`` (field ``target_macs_ratio``) when the guard
+        cannot reach it."""
         dense = self.dense_macs(params)
         total = self.channels
 
         def ratio_at(k: int) -> float:
-            return self.macs(params, self.masks(params, self.select(params, k / total, cap(k / total), multiple))) / dense
+            return (
+                self.macs(params, self.masks(params, self.select(params, k / total, cap(k / total), multiple))) / dense
+            )
 
         most = self.check_reachable(params, ratio, cap, multiple)
         lo, hi = 0, most
@@ -528,32 +615,45 @@ def remove_channels(model: nn.Module, input_shape: tuple[int, ...], stage: Mappi
     try:
         graph = _dependency_graph(model, input_shape)
     except TraceError as exc:
-        raise CheckpointError(f"the checkpoint's channel structure cannot be replayed on {type(model).__name__} at its "
-                              f"recorded input {'x'.join(map(str, input_shape))} ({exc}): the checkpoint was pruned "
-                              "from another architecture or the structure was altered", field="checkpoint") from exc
+        raise CheckpointError(
+            f"the checkpoint's channel structure cannot be replayed on {type(model).__name__} at its "
+            f"recorded input {'x'.join(map(str, input_shape))} ({exc}): the checkpoint was pruned "
+            "from another architecture or the structure was altered",
+            field="checkpoint",
+        ) from exc
     for root, idxs in stage.items():
         try:
             module = model.get_submodule(root)
         except AttributeError:
             module = None
         if not isinstance(module, PRUNABLE_MODULES):
-            raise CheckpointError(f"channel structure names {root!r}, which is not a Conv/Linear layer of this model: "
-                                  "the checkpoint was pruned from another architecture", field="checkpoint")
+            raise CheckpointError(
+                f"channel structure names {root!r}, which is not a Conv/Linear layer of this model: "
+                "the checkpoint was pruned from another architecture",
+                field="checkpoint",
+            )
         pruner = graph.get_pruner_of_module(module)
         width = pruner.get_out_channels(module)
         if max(idxs) >= width:
-            raise CheckpointError(f"channel structure prunes channel {max(idxs)} of {root!r}, which has {width} (0 to "
-                                  f"{width - 1}): the checkpoint was pruned from another architecture or model size",
-                                  field="checkpoint")
+            raise CheckpointError(
+                f"channel structure prunes channel {max(idxs)} of {root!r}, which has {width} (0 to "
+                f"{width - 1}): the checkpoint was pruned from another architecture or model size",
+                field="checkpoint",
+            )
         if len(idxs) >= width:
-            raise CheckpointError(f"channel structure removes all {width} channels of {root!r}: dg2pf always keeps one; "
-                                  "the structure was altered", field="checkpoint")
+            raise CheckpointError(
+                f"channel structure removes all {width} channels of {root!r}: dg2pf always keeps one; "
+                "the structure was altered",
+                field="checkpoint",
+            )
         try:
             _traced(lambda: graph.get_pruning_group(module, pruner.prune_out_channels, sorted(idxs)).prune())
         except TraceError as exc:
-            raise CheckpointError(f"the checkpoint's channel structure cannot be replayed at {root!r} ({exc}): the "
-                                  "checkpoint was pruned from another architecture or the structure was altered",
-                                  field="checkpoint") from exc
+            raise CheckpointError(
+                f"the checkpoint's channel structure cannot be replayed at {root!r} ({exc}): the "
+                "checkpoint was pruned from another architecture or the structure was altered",
+                field="checkpoint",
+            ) from exc
 
 
 def apply_structure(model: nn.Module, structure: Structure, arch: str | None = None) -> nn.Module:
@@ -563,15 +663,21 @@ def apply_structure(model: nn.Module, structure: Structure, arch: str | None = N
     some graphs takes minutes and GBs)."""
     why = None if arch is None else unsupported_reason(arch)
     if why is not None:
-        raise CheckpointError(f"the checkpoint carries a channel structure ({STRUCTURE_KEY}), which dg2pf never writes "
-                              f"for {arch} ({why}): it was altered; use an unpruned checkpoint", field="checkpoint")
+        raise CheckpointError(
+            f"the checkpoint carries a channel structure ({STRUCTURE_KEY}), which dg2pf never writes "
+            f"for {arch} ({why}): it was altered; use an unpruned checkpoint",
+            field="checkpoint",
+        )
     layers = [m for m in model.modules() if isinstance(m, PRUNABLE_MODULES)]
     classes = layers[-1].weight.shape[0] if layers else None
     first = next((m for m in layers if isinstance(m, nn.modules.conv._ConvNd)), None)
     if first is not None and first.in_channels != structure.input_shape[0]:
-        raise CheckpointError(f"the checkpoint's channel structure was traced on {structure.input_shape[0]}-channel "
-                              f"inputs, but this {type(model).__name__} takes {first.in_channels}: it was pruned from "
-                              "another architecture or the structure was altered", field="checkpoint")
+        raise CheckpointError(
+            f"the checkpoint's channel structure was traced on {structure.input_shape[0]}-channel "
+            f"inputs, but this {type(model).__name__} takes {first.in_channels}: it was pruned from "
+            "another architecture or the structure was altered",
+            field="checkpoint",
+        )
     for stage in structure.stages:  # names first, for every stage: nothing is traced for a structure that cannot fit
         for root in stage:
             try:
@@ -579,15 +685,20 @@ def apply_structure(model: nn.Module, structure: Structure, arch: str | None = N
             except AttributeError:
                 module = None
             if not isinstance(module, PRUNABLE_MODULES):
-                raise CheckpointError(f"channel structure names {root!r}, which is not a Conv/Linear layer of this model: "
-                                      "the checkpoint was pruned from another architecture", field="checkpoint")
+                raise CheckpointError(
+                    f"channel structure names {root!r}, which is not a Conv/Linear layer of this model: "
+                    "the checkpoint was pruned from another architecture",
+                    field="checkpoint",
+                )
     for stage in structure.stages:
         remove_channels(model, structure.input_shape, stage)
         gc.collect()  # the dependency graph is a web of cycles holding the traced activations: free it now
     if layers and layers[-1].weight.shape[0] != classes:  # the outputs are the classes: never pruned
-        raise CheckpointError(f"the checkpoint's channel structure removes outputs of the classifier ({classes} classes -> "
-                              f"{layers[-1].weight.shape[0]}); dg2pf never writes such a model: use an unpruned checkpoint",
-                              field="checkpoint")
+        raise CheckpointError(
+            f"the checkpoint's channel structure removes outputs of the classifier ({classes} classes -> "
+            f"{layers[-1].weight.shape[0]}); dg2pf never writes such a model: use an unpruned checkpoint",
+            field="checkpoint",
+        )
     return model
 
 

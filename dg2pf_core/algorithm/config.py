@@ -70,14 +70,24 @@ class DG2PFConfig(Options):
                 raise bad(f.name, f"must be a finite number, got {value}")
         for name in ("include", "exclude", "sp_blocks"):
             patterns = getattr(self, name)
-            if (not isinstance(patterns, list) or len(patterns) > MAX_PATTERNS
-                    or any(not isinstance(p, str) or len(p) > MAX_PATTERN_LENGTH for p in patterns)):
-                raise bad(name, f"must be a list of at most {MAX_PATTERNS} regular expressions of at most "
-                                f"{MAX_PATTERN_LENGTH} characters")
+            if (
+                not isinstance(patterns, list)
+                or len(patterns) > MAX_PATTERNS
+                or any(not isinstance(p, str) or len(p) > MAX_PATTERN_LENGTH for p in patterns)
+            ):
+                raise bad(
+                    name,
+                    f"must be a list of at most {MAX_PATTERNS} regular expressions of at most "
+                    f"{MAX_PATTERN_LENGTH} characters",
+                )
         for name, bounds in BOUNDS.items():
             value = getattr(self, name)
             integral = name in _INTEGRAL
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or (integral and not isinstance(value, int)):
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, (int, float))
+                or (integral and not isinstance(value, int))
+            ):
                 raise bad(name, f"must be {'an integer' if integral else 'a number'}, got {value!r}")
             if not bounds.contains(value):
                 raise bad(name, f"must be in {bounds.text()}, got {value}")
@@ -87,18 +97,32 @@ class DG2PFConfig(Options):
             parse_granularity(self.granularity)
             ratio = self.target_macs_ratio
             if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0.0 < ratio < 1.0:
-                raise bad("target_macs_ratio", f"must be a number strictly between 0 and 1 (0.5: half the multiply-accumulates), "
-                                               f"got {ratio!r}")
+                raise bad(
+                    "target_macs_ratio",
+                    f"must be a number strictly between 0 and 1 (0.5: half the multiply-accumulates), got {ratio!r}",
+                )
             if self.granularity != CHANNEL:
-                raise bad("target_macs_ratio", f"only applies to granularity 'channel' (got {self.granularity!r}): unstructured "
-                                               "and N:M masks do not remove compute on dense kernels; use sparsity")
+                raise bad(
+                    "target_macs_ratio",
+                    f"only applies to granularity 'channel' (got {self.granularity!r}): unstructured "
+                    "and N:M masks do not remove compute on dense kernels; use sparsity",
+                )
         if self.target_macs_ratio is not None and self.sparsity != 0.0:
-            raise bad("sparsity", f"give sparsity or target_macs_ratio, not both (target_macs_ratio {self.target_macs_ratio} "
-                                  f"decides the channel fraction; got sparsity {self.sparsity})")
-        if self.target_macs_ratio is None and (isinstance(self.sparsity, bool) or not isinstance(self.sparsity, (int, float))
-                                               or not 0.0 < self.sparsity < 1.0):
-            raise bad("sparsity", f"must be strictly between 0 and 1 (e.g. 0.9 for 90%), got {self.sparsity}"
-                      + ("; or give target_macs_ratio with granularity 'channel'" if self.sparsity == 0.0 else ""))
+            raise bad(
+                "sparsity",
+                f"give sparsity or target_macs_ratio, not both (target_macs_ratio {self.target_macs_ratio} "
+                f"decides the channel fraction; got sparsity {self.sparsity})",
+            )
+        if self.target_macs_ratio is None and (
+            isinstance(self.sparsity, bool)
+            or not isinstance(self.sparsity, (int, float))
+            or not 0.0 < self.sparsity < 1.0
+        ):
+            raise bad(
+                "sparsity",
+                f"must be strictly between 0 and 1 (e.g. 0.9 for 90%), got {self.sparsity}"
+                + ("; or give target_macs_ratio with granularity 'channel'" if self.sparsity == 0.0 else ""),
+            )
         if self.schedule not in schedule_names():
             raise bad("schedule", f"must be one of {schedule_names()}, got {self.schedule!r}")
         if self.recovery not in RECOVERY_MODES:
@@ -111,13 +135,19 @@ class DG2PFConfig(Options):
             raise bad("gradual_masks", f"must be one of {list(GRADUAL_MASKS)}, got {self.gradual_masks!r}")
         nm = parse_granularity(self.granularity)
         if nm is not None and abs(self.sparsity - nm.sparsity) > 1e-9:
-            raise bad("granularity", f"{nm} prunes exactly {nm.m - nm.n} of every {nm.m} weights ({nm.sparsity!r} of each "
-                                     f"group): set sparsity to {nm.sparsity!r} (got {self.sparsity})")
+            raise bad(
+                "granularity",
+                f"{nm} prunes exactly {nm.m - nm.n} of every {nm.m} weights ({nm.sparsity!r} of each "
+                f"group): set sparsity to {nm.sparsity!r} (got {self.sparsity})",
+            )
         if self.granularity == CHANNEL and self.scope != "global":
             raise bad("scope", "granularity 'channel' ranks all channel groups together: leave scope 'global'")
         if nm is not None and self.scope != "global":
-            raise bad("scope", f"{self.scope!r} does not apply to granularity {nm}, which ranks all tensors' groups together "
-                               f"and prunes every tensor to exactly {nm.sparsity!r} at the end: leave scope 'global'")
+            raise bad(
+                "scope",
+                f"{self.scope!r} does not apply to granularity {nm}, which ranks all tensors' groups together "
+                f"and prunes every tensor to exactly {nm.sparsity!r} at the end: leave scope 'global'",
+            )
         if nm is None and self.scope == "global" and self.sparsity > self.max_layer_sparsity:
             raise bad(
                 "max_layer_sparsity",
@@ -128,9 +158,14 @@ class DG2PFConfig(Options):
             raise bad("chance_baseline", f"must be one of {list(CHANCE_BASELINE)}, got {self.chance_baseline!r}")
         if self.kd_loss not in KD_LOSSES:
             raise bad("kd_loss", f"must be one of {list(KD_LOSSES)}, got {self.kd_loss!r}")
-        if self.rerank_every_steps and (self.gradual_masks != "simulated" or nm is not None or self.granularity == CHANNEL):
-            raise bad("rerank_every_steps", "re-ranking inside a pruning epoch applies to unstructured simulated pruning "
-                                            "(gradual_masks 'simulated'); set it to 0")
+        if self.rerank_every_steps and (
+            self.gradual_masks != "simulated" or nm is not None or self.granularity == CHANNEL
+        ):
+            raise bad(
+                "rerank_every_steps",
+                "re-ranking inside a pruning epoch applies to unstructured simulated pruning "
+                "(gradual_masks 'simulated'); set it to 0",
+            )
         if self.max_epochs < self.pruning_epochs:
             raise bad("max_epochs", f"must be >= pruning_epochs ({self.pruning_epochs}), got {self.max_epochs}")
         if self.finetune not in FINETUNE_MODES:
@@ -143,7 +178,7 @@ class DG2PFConfig(Options):
         self.selection()
 
     @classmethod
-    def from_spec(cls, spec: JobSpec) -> "DG2PFConfig":
+    def from_spec(cls, spec: JobSpec) -> DG2PFConfig:
         """The configuration a job spec asks for (raises ConfigError on inconsistent values)."""
         return cls(sparsity=spec.sparsity or 0.0, **spec.schedule.model_dump())
 
@@ -167,7 +202,7 @@ class DG2PFConfig(Options):
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> "DG2PFConfig":
+    def from_dict(cls, values: dict[str, Any]) -> DG2PFConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
@@ -177,8 +212,11 @@ class DG2PFConfig(Options):
 
 def _integral_fields() -> frozenset[str]:
     hints = typing.get_type_hints(DG2PFConfig)
-    return frozenset(n for n, h in hints.items() if h is int or (typing.get_args(h) and int in typing.get_args(h)
-                                                                  and float not in typing.get_args(h)))
+    return frozenset(
+        n
+        for n, h in hints.items()
+        if h is int or (typing.get_args(h) and int in typing.get_args(h) and float not in typing.get_args(h))
+    )
 
 
 _INTEGRAL = _integral_fields()  # the fields that hold whole numbers (``validate``)

@@ -125,9 +125,11 @@ def chance_warnings(val_top1: float, num_classes: int | None) -> list[str]:
     chance = 100.0 / num_classes
     if val_top1 > chance + 5.0:
         return []
-    return [f"the input model scores {val_top1:.2f}% on the validation split, near chance ({chance:.2f}% for {num_classes} "
-            "classes): it does not fit this data (another dataset, another class order or preprocessing?), and pruning it "
-            "cannot make a useful model; set chance_baseline to 'refuse' to stop such a job before training"]
+    return [
+        f"the input model scores {val_top1:.2f}% on the validation split, near chance ({chance:.2f}% for {num_classes} "
+        "classes): it does not fit this data (another dataset, another class order or preprocessing?), and pruning it "
+        "cannot make a useful model; set chance_baseline to 'refuse' to stop such a job before training"
+    ]
 
 
 def resolve_device(name: str) -> torch.device:
@@ -159,8 +161,11 @@ class _Run:
         self.params = select_prunable(_unwrap(model), config.selection()).params
         self.all_params = [p for p in model.parameters() if p.requires_grad]
         classifier = classifier_weight(_unwrap(model))
-        self.guard = EmptyingGuard(config.min_weights_per_tensor, config.min_weights_per_class,
-                                   classifier if classifier in self.params else None)
+        self.guard = EmptyingGuard(
+            config.min_weights_per_tensor,
+            config.min_weights_per_class,
+            classifier if classifier in self.params else None,
+        )
         # The input model's size, counted before anything is removed or expanded (a resumed run is
         # handed the input model too): not the teacher's, which may be another checkpoint.
         self.params_dense = sum(p.numel() for p in _unwrap(model).parameters())
@@ -175,12 +180,17 @@ class _Run:
             self.params = dict(_unwrap(model).named_parameters())  # a group touches biases and BatchNorms too
             self.macs_dense = self.plan.dense_macs(self.params)
             # The parameters channel removal can shrink: every tensor some group touches.
-            self.params_prunable = sum(self.params[n].numel() for n in {i.param for g in self.plan.groups for i in g.items})
+            self.params_prunable = sum(
+                self.params[n].numel() for n in {i.param for g in self.plan.groups for i in g.items}
+            )
             if config.target_macs_ratio is None and config.channel_multiple > 1:  # the multiple the fraction allows
-                _, self.multiple = self.plan.fit_count(self.params, config.sparsity, config.layer_cap, config.channel_multiple)
+                _, self.multiple = self.plan.fit_count(
+                    self.params, config.sparsity, config.layer_cap, config.channel_multiple
+                )
             if config.target_macs_ratio is not None:
-                fraction, _, self.multiple = self.plan.fit_macs(self.params, config.target_macs_ratio, config.layer_cap,
-                                                                config.channel_multiple)
+                fraction, _, self.multiple = self.plan.fit_macs(
+                    self.params, config.target_macs_ratio, config.layer_cap, config.channel_multiple
+                )
         self.targets = sparsity_targets(config.schedule, fraction, config.pruning_epochs)
         self.channels_pruned = 0
         self.selected: dict[str, torch.Tensor] = {}  # channel granularity: the last ranking's pruned channels
@@ -200,8 +210,9 @@ class _Run:
             return nm_masks(self.params, target, self.nm)
         if self.plan is not None:
             if last and self.cfg.target_macs_ratio is not None:
-                target, _ = self.plan.fraction_for_macs(self.params, self.cfg.target_macs_ratio, self.cfg.layer_cap,
-                                                        self.multiple)
+                target, _ = self.plan.fraction_for_macs(
+                    self.params, self.cfg.target_macs_ratio, self.cfg.layer_cap, self.multiple
+                )
             else:  # the channel fraction the schedule asks for, after the widths are rounded to the multiple
                 target = self.plan.fraction_for_count(self.params, target, self.cfg.layer_cap, self.multiple)
             self.ranked_at = target  # the layer collapse guard applied was layer_cap(ranked_at)
@@ -238,7 +249,9 @@ class _Run:
         module.to(self.device)
         if isinstance(self.model, nn.parallel.DistributedDataParallel):
             ddp = self.model
-            self.model = nn.parallel.DistributedDataParallel(module, device_ids=ddp.device_ids, output_device=ddp.output_device)
+            self.model = nn.parallel.DistributedDataParallel(
+                module, device_ids=ddp.device_ids, output_device=ddp.output_device
+            )
         self.params = dict(module.named_parameters())
         self.all_params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = self.adamw()
@@ -249,7 +262,9 @@ class _Run:
 
     def sgd(self) -> torch.optim.Optimizer:
         c = self.cfg
-        return torch.optim.SGD(self.all_params, lr=c.finetune_lr, momentum=c.finetune_momentum, weight_decay=c.finetune_weight_decay)
+        return torch.optim.SGD(
+            self.all_params, lr=c.finetune_lr, momentum=c.finetune_momentum, weight_decay=c.finetune_weight_decay
+        )
 
     # --- losses ---
     def distilled_loss(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -259,7 +274,9 @@ class _Run:
             teacher_logits = self.teacher(inputs)
         with autocast_context(self.device, self.cfg.amp):
             student_logits = self.model(inputs)
-        return kd_loss(student_logits, teacher_logits, targets, self.cfg.kd_temperature, self.cfg.kd_alpha, self.cfg.kd_loss)
+        return kd_loss(
+            student_logits, teacher_logits, targets, self.cfg.kd_temperature, self.cfg.kd_alpha, self.cfg.kd_loss
+        )
 
     def ce_loss(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         with autocast_context(self.device, self.cfg.amp):
@@ -281,13 +298,17 @@ class _Run:
         DDP rebuilt around the new module, feature taps on student and teacher."""
         module = _unwrap(self.model)
         if self.plan is not None:  # the compact network: every selected layer expanded, nothing masked
-            masks = {n: torch.zeros(p.shape, dtype=torch.bool, device=p.device)
-                     for n, p in select_prunable(module, self.cfg.selection()).params.items()}
+            masks = {
+                n: torch.zeros(p.shape, dtype=torch.bool, device=p.device)
+                for n, p in select_prunable(module, self.cfg.selection()).params.items()
+            }
         overparam.expand(module, masks, self.cfg.overparam_expansion, seed=self.cfg.seed)
         module.to(self.device)
         if isinstance(self.model, nn.parallel.DistributedDataParallel):
             ddp = self.model
-            self.model = nn.parallel.DistributedDataParallel(module, device_ids=ddp.device_ids, output_device=ddp.output_device)
+            self.model = nn.parallel.DistributedDataParallel(
+                module, device_ids=ddp.device_ids, output_device=ddp.output_device
+            )
         self.all_params = [p for p in self.model.parameters() if p.requires_grad]
         blocks = similarity_blocks(module, self.cfg.sp_blocks)
         self.taps = (FeatureTaps(module, blocks), FeatureTaps(self.teacher, blocks))
@@ -295,15 +316,28 @@ class _Run:
     def collapse(self) -> None:
         module = _unwrap(self.model)
         overparam.collapse(module)
-        self.params = dict(module.named_parameters()) if self.plan is not None else select_prunable(module, self.cfg.selection()).params
+        self.params = (
+            dict(module.named_parameters())
+            if self.plan is not None
+            else select_prunable(module, self.cfg.selection()).params
+        )
         if self.taps is not None:
             for taps in self.taps:
                 taps.remove()
             self.taps = None
 
     # --- one epoch ---
-    def train_epoch(self, state: TrainingState, masks: Masks, *, simulated: bool, distill: bool, sparsity: float,
-                    rerank: Callable[[], Masks] | None = None, recoveries: list[int] | None = None) -> tuple[float, Masks]:
+    def train_epoch(
+        self,
+        state: TrainingState,
+        masks: Masks,
+        *,
+        simulated: bool,
+        distill: bool,
+        sparsity: float,
+        rerank: Callable[[], Masks] | None = None,
+        recoveries: list[int] | None = None,
+    ) -> tuple[float, Masks]:
         """One epoch; returns its mean loss and the mask it ended with. ``rerank`` (simulated pruning
         with ``rerank_every_steps``): called every that many optimiser steps for a new mask, whose
         recovered weights (against the mask before it) are appended to ``recoveries``."""
@@ -375,7 +409,9 @@ class _Run:
         # Its batches' augmentation draws random numbers: on a fork of the generators, so re-estimation
         # changes what validation measures, never what training sees afterwards.
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
-            recalibrate_batchnorm(module, self.loaders.train(state.epoch), self.device, self.cfg.bn_recalibration_batches)
+            recalibrate_batchnorm(
+                module, self.loaders.train(state.epoch), self.device, self.cfg.bn_recalibration_batches
+            )
         distributed.sync_buffers(module)
 
     # --- bookkeeping ---
@@ -463,7 +499,10 @@ def run_dg2pf(
     else:
         state = resume
         if state.teacher_fingerprint != teacher_id:
-            raise ResumeError("the training checkpoint was made with a different input model/teacher; resume with the original checkpoint")
+            raise ResumeError(
+                "the training checkpoint was made with a different input model/teacher; "
+                "resume with the original checkpoint"
+            )
         masks = run.restore(state)
         state.restarts += 1  # the history shows where a run was resumed
 
@@ -473,11 +512,28 @@ def run_dg2pf(
         val = run.evaluate(loaders.val())  # the input model as given: no recalibration
         test_loader = loaders.test()
         test = run.evaluate(test_loader) if test_loader is not None else None
-        state.baseline = {"val_top1": val.top1, "val_top5": val.top5, "test_top1": test.top1 if test else None, "test_top5": test.top5 if test else None}
+        state.baseline = {
+            "val_top1": val.top1,
+            "val_top5": val.top5,
+            "test_top1": test.top1 if test else None,
+            "test_top5": test.top5 if test else None,
+        }
         _refuse_at_chance(state, run, config)  # before the baseline is reported (saved): nothing to resume
         state.phase = "gradual_pruning"
-        run.finish_epoch(state, masks, EpochRecord(phase="baseline", epoch=0, sparsity=0.0, train_loss=None, val_top1=val.top1,
-                                                   val_top5=val.top5, lr=None, seconds=time.perf_counter() - t0))
+        run.finish_epoch(
+            state,
+            masks,
+            EpochRecord(
+                phase="baseline",
+                epoch=0,
+                sparsity=0.0,
+                train_loss=None,
+                val_top1=val.top1,
+                val_top5=val.top5,
+                lr=None,
+                seconds=time.perf_counter() - t0,
+            ),
+        )
     notes = _refuse_at_chance(state, run, config)  # again for a run resumed with chance_baseline changed to 'refuse'
 
     # 2. Distilled gradual pruning with simulated pruning (Algorithm 1, i <= s_e).
@@ -492,8 +548,9 @@ def run_dg2pf(
         if not simulated:
             apply_masks_(run.params, masks)  # hard gradual masks (ablation): pruned weights are gone for good
         rerank = (lambda: run.rank(target, last)) if simulated and config.rerank_every_steps else None  # noqa: E731
-        loss, masks = run.train_epoch(state, masks, simulated=simulated, distill=True, sparsity=target,
-                                      rerank=rerank, recoveries=recoveries)
+        loss, masks = run.train_epoch(
+            state, masks, simulated=simulated, distill=True, sparsity=target, rerank=rerank, recoveries=recoveries
+        )
         state.epoch += 1
         sparsity, changed = run.sparsity(masks), sum(recoveries)
         if last:
@@ -506,9 +563,20 @@ def run_dg2pf(
             state.phase = "distillation"
         else:
             val, best = run.validate(state, masks), False
-        record = EpochRecord(phase="gradual_pruning", epoch=state.epoch, sparsity=sparsity, train_loss=loss, val_top1=val.top1,
-                             val_top5=val.top5, lr=run.lr(), seconds=time.perf_counter() - t0, is_best=best,
-                             recovered=changed, rankings=len(recoveries), recovered_per_ranking=recoveries)
+        record = EpochRecord(
+            phase="gradual_pruning",
+            epoch=state.epoch,
+            sparsity=sparsity,
+            train_loss=loss,
+            val_top1=val.top1,
+            val_top5=val.top5,
+            lr=run.lr(),
+            seconds=time.perf_counter() - t0,
+            is_best=best,
+            recovered=changed,
+            rankings=len(recoveries),
+            recovered_per_ranking=recoveries,
+        )
         run.finish_epoch(state, masks, record)
 
     # 3. Distilled training with the final mask while validation top-1 improves (Algorithm 1, i > s_e).
@@ -526,9 +594,21 @@ def run_dg2pf(
         state.epoch += 1
         val = run.validate(state)
         best = run.consider_best(state, val)
-        run.finish_epoch(state, masks, EpochRecord(phase="distillation", epoch=state.epoch, sparsity=run.sparsity(masks),
-                                                   train_loss=loss, val_top1=val.top1, val_top5=val.top5, lr=run.lr(),
-                                                   seconds=time.perf_counter() - t0, is_best=best))
+        run.finish_epoch(
+            state,
+            masks,
+            EpochRecord(
+                phase="distillation",
+                epoch=state.epoch,
+                sparsity=run.sparsity(masks),
+                train_loss=loss,
+                val_top1=val.top1,
+                val_top5=val.top5,
+                lr=run.lr(),
+                seconds=time.perf_counter() - t0,
+                is_best=best,
+            ),
+        )
 
     # 4. Pruned fine-tuning: cross-entropy, SGD, while validation top-1 improves (Algorithm 2).
     while state.phase == "finetuning":
@@ -540,9 +620,21 @@ def run_dg2pf(
         state.epoch += 1
         val = run.validate(state)
         best = run.consider_best(state, val)
-        run.finish_epoch(state, masks, EpochRecord(phase="finetuning", epoch=state.epoch, sparsity=run.sparsity(masks),
-                                                   train_loss=loss, val_top1=val.top1, val_top5=val.top5, lr=run.lr(),
-                                                   seconds=time.perf_counter() - t0, is_best=best))
+        run.finish_epoch(
+            state,
+            masks,
+            EpochRecord(
+                phase="finetuning",
+                epoch=state.epoch,
+                sparsity=run.sparsity(masks),
+                train_loss=loss,
+                val_top1=val.top1,
+                val_top5=val.top5,
+                lr=run.lr(),
+                seconds=time.perf_counter() - t0,
+                is_best=best,
+            ),
+        )
 
     # The result: the best epoch at the final sparsity, in the input model's architecture.
     if run.taps is not None:
@@ -552,13 +644,24 @@ def run_dg2pf(
     settle_constant_channels(_unwrap(run.model))  # as its validation measured it
     test_loader = loaders.test()
     test = run.evaluate(test_loader) if test_loader is not None else None
-    channels = None if run.plan is None else ChannelSummary(
-        channels_total=run.plan.channels, channels_pruned=run.channels_pruned,
-        macs_dense=run.macs_dense, skipped_groups=list(run.plan.skipped),
-        params_dense=run.params_dense, params_prunable=run.params_prunable, channel_multiple=run.multiple,
-        # the guard the last ranking applied (before widths were rounded up; resumed after it: estimated)
-        layer_cap=run.cfg.layer_cap(run.ranked_at or run.channels_pruned / run.plan.channels),
-        layer_channels={g.root: len((state_stage(state) or {}).get(g.root, [])) / g.channels for g in run.plan.groups})
+    channels = (
+        None
+        if run.plan is None
+        else ChannelSummary(
+            channels_total=run.plan.channels,
+            channels_pruned=run.channels_pruned,
+            macs_dense=run.macs_dense,
+            skipped_groups=list(run.plan.skipped),
+            params_dense=run.params_dense,
+            params_prunable=run.params_prunable,
+            channel_multiple=run.multiple,
+            # the guard the last ranking applied (before widths were rounded up; resumed after it: estimated)
+            layer_cap=run.cfg.layer_cap(run.ranked_at or run.channels_pruned / run.plan.channels),
+            layer_channels={
+                g.root: len((state_stage(state) or {}).get(g.root, [])) / g.channels for g in run.plan.groups
+            },
+        )
+    )
     return DG2PFResult(
         model=_unwrap(run.model),
         masks=masks,

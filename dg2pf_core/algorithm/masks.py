@@ -206,7 +206,9 @@ def magnitude_masks(
     kept = {n: int(keep[n].sum()) if n in keep else 0 for n in weights}
     if scope == "layerwise":
         return {
-            name: _smallest_k(_scores(w, keep.get(name)), min(round(sparsity * w.numel()), w.numel() - kept[name])).view_as(w)
+            name: _smallest_k(
+                _scores(w, keep.get(name)), min(round(sparsity * w.numel()), w.numel() - kept[name])
+            ).view_as(w)
             for name, w in weights.items()
         }
     if scope != "global":
@@ -255,7 +257,9 @@ def _scores(w: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
     return scores
 
 
-def _global_smallest(weights: Mapping[str, torch.Tensor], k: int, keep: Mapping[str, torch.Tensor] | None = None) -> Masks:
+def _global_smallest(
+    weights: Mapping[str, torch.Tensor], k: int, keep: Mapping[str, torch.Tensor] | None = None
+) -> Masks:
     """Masks of exactly the ``k`` smallest-magnitude weights over all ``weights`` together, none of
     the ``keep`` ones (``k`` must not exceed the others' count)."""
     names = list(weights)

@@ -2,7 +2,8 @@
 
 Groups run along the input channels, the layout sparse tensor cores use (NVIDIA's ASP prunes so): a
 Linear's rows ``W[out, :]`` and, for a Conv ``W[out, in, kh, kw]``, the input channels of every output
-channel and kernel tap ``W[out, :, y, x]``, each cut into groups of M consecutive weights. DG2PF reaches the pattern gradually: at a
+channel and kernel tap ``W[out, :, y, x]``, each cut into groups of M consecutive weights. DG2PF reaches the
+pattern gradually: at a
 target ``s`` the globally smallest-magnitude weights are pruned, at most ``M - N`` per group, so the
 candidates are the ``M - N`` smallest of each group and exactly ``round(s * total)`` of them, the
 smallest over all tensors together, are pruned. At the final target ``(M - N) / M`` that is every
@@ -52,12 +53,17 @@ def parse_granularity(text: object) -> NM | None:
         return None
     match = _NM.fullmatch(text) if isinstance(text, str) else None
     if match is None:
-        raise ConfigError(f"granularity: must be 'unstructured', 'channel' (whole output channels removed) or "
-                          f"N:M such as '2:4' (at most N of every M consecutive weights kept), got {text!r}", field="granularity")
+        raise ConfigError(
+            f"granularity: must be 'unstructured', 'channel' (whole output channels removed) or "
+            f"N:M such as '2:4' (at most N of every M consecutive weights kept), got {text!r}",
+            field="granularity",
+        )
     n, m = int(match[1]), int(match[2])
     if not 1 <= n < m <= MAX_M:
-        raise ConfigError(f"granularity: N:M needs 1 <= N < M <= {MAX_M} (e.g. '2:4': 2 of every 4 kept), got {text!r}",
-                          field="granularity")
+        raise ConfigError(
+            f"granularity: N:M needs 1 <= N < M <= {MAX_M} (e.g. '2:4': 2 of every 4 kept), got {text!r}",
+            field="granularity",
+        )
     return NM(n, m)
 
 
@@ -89,12 +95,17 @@ def check_divisible(weights: Mapping[str, torch.Tensor], nm: NM) -> None:
     if not misfits:
         return
     shown = misfits[:3]
-    listed = ", ".join(f"{name} ({'x'.join(map(str, shape))}: {_row_length(shape)} input channel{'' if _row_length(shape) == 1 else 's'})" for name, shape in shown)
+    listed = ", ".join(
+        f"{name} ({'x'.join(map(str, shape))}: "
+        f"{_row_length(shape)} input channel{'' if _row_length(shape) == 1 else 's'})"
+        for name, shape in shown
+    )
     more = f" and {len(misfits) - len(shown)} more" if len(misfits) > len(shown) else ""
     names = "|".join(re.escape(name) for name, _ in shown)
     example = f"^({names})$" if len(shown) > 1 else f"^{names}$"
     raise ConfigError(
-        f"granularity {nm} groups {nm.m} consecutive input channels of every output (and kernel tap), but {len(misfits)} "
+        f"granularity {nm} groups {nm.m} consecutive input channels of every output (and kernel tap), "
+        f"but {len(misfits)} "
         f"prunable tensor(s) have a number of input channels that is not a multiple of {nm.m} (grouped and depthwise "
         f"convolutions among them): {listed}{more}; leave them out of pruning with "
         f"--exclude REGEX (`exclude` in a job's schedule), e.g. --exclude '{example}'",
@@ -112,8 +123,9 @@ def nm_masks(weights: Mapping[str, torch.Tensor], sparsity: float, nm: NM) -> Ma
     global selection.
     """
     if not 0.0 <= sparsity <= nm.sparsity + 1e-9:
-        raise ConfigError(f"granularity {nm} prunes at most {nm.sparsity:g} of the weights, asked for {sparsity}",
-                          field="sparsity")
+        raise ConfigError(
+            f"granularity {nm} prunes at most {nm.sparsity:g} of the weights, asked for {sparsity}", field="sparsity"
+        )
     check_divisible(weights, nm)
     drop = nm.m - nm.n  # pruned per group at the end
     names = list(weights)

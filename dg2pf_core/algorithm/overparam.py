@@ -36,7 +36,14 @@ def _orthonormal_columns(rows: int, cols: int, generator: torch.Generator) -> to
 class _Chain(nn.Module):
     """``weight = keep * (B composed with A)``; subclasses say how the weight is used and collapsed."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, mask: torch.Tensor, factor: int, generator: torch.Generator) -> None:
+    def __init__(
+        self,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        mask: torch.Tensor,
+        factor: int,
+        generator: torch.Generator,
+    ) -> None:
         super().__init__()
         out_features, in_features = weight.shape[0], weight.shape[1]
         hidden = factor * in_features
@@ -72,7 +79,9 @@ class ExpandedLinear(_Chain):
 
     def collapse(self) -> nn.Linear:
         out_f, in_f = self.keep.shape
-        return self._filled(nn.Linear(in_f, out_f, bias=self.bias is not None, device=self.a.device, dtype=self.a.dtype))
+        return self._filled(
+            nn.Linear(in_f, out_f, bias=self.bias is not None, device=self.a.device, dtype=self.a.dtype)
+        )
 
 
 class ExpandedConv2d(_Chain):
@@ -84,14 +93,27 @@ class ExpandedConv2d(_Chain):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.padding_mode != "zeros":
             pad = [p for p in reversed(self.padding) for _ in range(2)]
-            return F.conv2d(F.pad(x, pad, mode=self.padding_mode), self.weight(), self.bias, self.stride, 0, self.dilation)
+            return F.conv2d(
+                F.pad(x, pad, mode=self.padding_mode), self.weight(), self.bias, self.stride, 0, self.dilation
+            )
         return F.conv2d(x, self.weight(), self.bias, self.stride, self.padding, self.dilation)
 
     def collapse(self) -> nn.Conv2d:
         out_c, in_c, kh, kw = self.keep.shape
-        return self._filled(nn.Conv2d(in_c, out_c, (kh, kw), stride=self.stride, padding=self.padding, dilation=self.dilation,
-                                      bias=self.bias is not None, padding_mode=self.padding_mode, device=self.a.device,
-                                      dtype=self.a.dtype))
+        return self._filled(
+            nn.Conv2d(
+                in_c,
+                out_c,
+                (kh, kw),
+                stride=self.stride,
+                padding=self.padding,
+                dilation=self.dilation,
+                bias=self.bias is not None,
+                padding_mode=self.padding_mode,
+                device=self.a.device,
+                dtype=self.a.dtype,
+            )
+        )
 
 
 EXPANDED = (ExpandedLinear, ExpandedConv2d)

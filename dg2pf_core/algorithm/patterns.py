@@ -34,7 +34,9 @@ def compile_pattern(pattern: str, field: str):
         why = exc.args[0].decode(errors="replace") if exc.args and isinstance(exc.args[0], bytes) else str(exc)
         raise ConfigError(
             f"{field}: invalid name pattern {pattern!r}: {why} (patterns are matched in linear time by RE2, "
-            "which has no backreferences or lookarounds)", field=field) from exc
+            "which has no backreferences or lookarounds)",
+            field=field,
+        ) from exc
 
 
 def search(pattern: str, name: str, field: str) -> bool:

@@ -32,7 +32,9 @@ def _backup(params: Mapping[str, torch.Tensor], masks: Mapping[str, torch.Tensor
 
 
 @torch.no_grad()
-def _restore(params: Mapping[str, torch.Tensor], masks: Mapping[str, torch.Tensor], backup: Mapping[str, torch.Tensor]) -> None:
+def _restore(
+    params: Mapping[str, torch.Tensor], masks: Mapping[str, torch.Tensor], backup: Mapping[str, torch.Tensor]
+) -> None:
     for name, mask in masks.items():
         params[name].masked_scatter_(mask, backup[name])
 

@@ -79,7 +79,7 @@ class TrainingState:
         return path
 
     @classmethod
-    def load(cls, path: str | Path) -> "TrainingState":
+    def load(cls, path: str | Path) -> TrainingState:
         path = Path(path)
         if path.is_dir():
             path = StateDir(path).training_state
@@ -89,8 +89,10 @@ class TrainingState:
             payload = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:  # noqa: BLE001 - any unreadable file is the user's input problem
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
-            raise ResumeError(f"cannot read training checkpoint {path} (truncated or corrupt: {first}); the run cannot be "
-                              "continued from it: start it again") from exc
+            raise ResumeError(
+                f"cannot read training checkpoint {path} (truncated or corrupt: {first}); the run cannot be "
+                "continued from it: start it again"
+            ) from exc
         if not isinstance(payload, dict) or payload.get("format") != FORMAT:
             raise ResumeError(f"{path} is not a dg2pf training checkpoint ({FORMAT})")
         payload.pop("format")

@@ -13,8 +13,8 @@ import io
 import os
 import pickle
 import warnings
-from collections.abc import Sequence
-from typing import Any, Callable
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -137,8 +137,9 @@ def _images_and_labels(path: str, roots: Sequence[str] = ()) -> tuple[np.ndarray
 def _find_folder(path: str) -> str:
     """``path`` itself, or the tarball's ``cifar-10-batches-py/`` inside it."""
     if not os.path.isdir(path):
-        raise DatasetError(f"cifar10 path {path!r} is not a folder; point it at the folder "
-                           f"holding data_batch_1..5 and test_batch")
+        raise DatasetError(
+            f"cifar10 path {path!r} is not a folder; point it at the folder holding data_batch_1..5 and test_batch"
+        )
     nested = os.path.join(path, SUBFOLDER)
     if not os.path.exists(os.path.join(path, TEST_FILE)) and os.path.isdir(nested):
         return nested
@@ -181,8 +182,7 @@ def load_cifar10(path: str | None, request: DataRequest) -> DataSplits:
     for name, labels in (("training", train_labels), ("test", test_labels)):
         if len(labels) and (labels.min() < 0 or labels.max() >= len(class_names)):
             raise DatasetError(
-                f"{folder!r}: {name} labels span {labels.min()}..{labels.max()}, "
-                f"expected 0..{len(class_names) - 1}"
+                f"{folder!r}: {name} labels span {labels.min()}..{labels.max()}, expected 0..{len(class_names) - 1}"
             )
 
     train_tf, eval_tf = cifar_transforms(request)

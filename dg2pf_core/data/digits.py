@@ -7,7 +7,7 @@ smoke tests and CI. All images are preprocessed once into one in-memory tensor.
 from __future__ import annotations
 
 import os
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import PIL.Image
@@ -17,7 +17,6 @@ from torch.utils.data import Dataset
 from torchvision import transforms as T
 
 from dg2pf_contract.job import AUTO
-
 from dg2pf_core.data.registry import DataSplits, register_dataset
 from dg2pf_core.data.request import DataRequest
 from dg2pf_core.data.splits import hold_out
@@ -43,9 +42,7 @@ def _to_model_input(pixels: torch.Tensor, request: DataRequest) -> torch.Tensor:
     """
     x = pixels.to(torch.float32).unsqueeze(1)
     if request.image_size != NATIVE_SIZE:
-        x = F.interpolate(
-            x, size=(request.image_size, request.image_size), mode="bilinear", align_corners=False
-        )
+        x = F.interpolate(x, size=(request.image_size, request.image_size), mode="bilinear", align_corners=False)
     return (x - DIGITS_MEAN) / DIGITS_STD
 
 
@@ -86,9 +83,14 @@ EAGER_BYTES = 256 * 1024**2
 
 
 class _DigitImages(Dataset):
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor, in_channels: int,
-                 augment: Callable[[torch.Tensor], torch.Tensor] | None = None,
-                 lazy: DataRequest | None = None) -> None:
+    def __init__(
+        self,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        in_channels: int,
+        augment: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        lazy: DataRequest | None = None,
+    ) -> None:
         self.images = images  # [N, 1, S, S] preprocessed; with ``lazy``: [N, 8, 8] in [0, 1]
         self.labels = labels
         self.in_channels = in_channels
@@ -110,7 +112,9 @@ class _DigitImages(Dataset):
 def _train_augmentation(request: DataRequest) -> Callable[[torch.Tensor], torch.Tensor] | None:
     """``request.augment`` on the preprocessed ``[1, S, S]`` tensors; padding is the empty ground."""
     policy = request.augment if request.augment not in (None, AUTO) else "none"
-    steps = augmentation(policy, request.image_size, augment_padding(request.image_size), fill=-DIGITS_MEAN / DIGITS_STD)
+    steps = augmentation(
+        policy, request.image_size, augment_padding(request.image_size), fill=-DIGITS_MEAN / DIGITS_STD
+    )
     return T.Compose(steps) if steps else None
 
 
@@ -144,7 +148,9 @@ def load_digits(path: str | None, request: DataRequest) -> DataSplits:
     # No augmentation by default (policy "none"): at 8x8 native resolution a crop or flip changes
     # the digit, and an augmentation-free train view keeps the demo runs fast and reproducible.
     train_all = _DigitImages(images[train_idx], targets[train_idx], request.in_channels, lazy=lazy)
-    augmented = _DigitImages(images[train_idx], targets[train_idx], request.in_channels, _train_augmentation(request), lazy)
+    augmented = _DigitImages(
+        images[train_idx], targets[train_idx], request.in_channels, _train_augmentation(request), lazy
+    )
     train, val = hold_out(augmented, train_all, request.val_fraction, request.seed, targets[train_idx].tolist())
     test = _DigitImages(images[test_idx], targets[test_idx], request.in_channels, lazy=lazy)
     return DataSplits(

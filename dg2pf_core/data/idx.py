@@ -65,8 +65,18 @@ class IdxDataset:
 FASHION_MNIST = IdxDataset(
     name="fashion-mnist",
     title="Fashion-MNIST",
-    class_names=("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
-                 "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"),  # fmt: skip
+    class_names=(
+        "T-shirt/top",
+        "Trouser",
+        "Pullover",
+        "Dress",
+        "Coat",
+        "Sandal",
+        "Shirt",
+        "Sneaker",
+        "Bag",
+        "Ankle boot",
+    ),  # fmt: skip
     mean=0.2860,  # over the 60,000 training images: 0.286041, std 0.353024
     std=0.3530,
     torchvision_folder="FashionMNIST",
@@ -95,7 +105,7 @@ def _read_into(f: BinaryIO, out: np.ndarray) -> int:
         part = f.read(min(len(view) - done, CHUNK))
         if not part:
             break
-        view[done:done + len(part)] = part
+        view[done : done + len(part)] = part
         done += len(part)
     return done
 
@@ -114,41 +124,56 @@ def _read_idx(path: str, dims: int, roots: Sequence[str], count: tuple[int, str]
             with gzip.GzipFile(fileobj=raw, mode="rb") as unzipped:
                 return _parse(path, unzipped, dims, kind, None, count)  # type: ignore[arg-type]
     except (EOFError, gzip.BadGzipFile, zlib.error) as exc:
-        raise DatasetError(f"{path!r}: the gzip stream is damaged or truncated ({exc}); "
-                           f"download the file again") from None
+        raise DatasetError(
+            f"{path!r}: the gzip stream is damaged or truncated ({exc}); download the file again"
+        ) from None
     except OSError as exc:
         raise DatasetError(f"cannot read IDX file {path!r}: {exc}") from exc
 
 
-def _parse(path: str, f: BinaryIO, dims: int, kind: str, file_size: int | None,
-           count: tuple[int, str] | None = None) -> np.ndarray:
+def _parse(
+    path: str, f: BinaryIO, dims: int, kind: str, file_size: int | None, count: tuple[int, str] | None = None
+) -> np.ndarray:
     head = _exactly(f, 4)
     if len(head) < 4 or head[:2] != b"\0\0":
-        raise DatasetError(f"{path!r} is not an IDX file: it starts with {head.hex() or 'nothing'}, an IDX "
-                           f"file with two zero bytes (0000080{dims} for the published {kind} files)")
+        raise DatasetError(
+            f"{path!r} is not an IDX file: it starts with {head.hex() or 'nothing'}, an IDX "
+            f"file with two zero bytes (0000080{dims} for the published {kind} files)"
+        )
     if head[2] != UBYTE:
-        raise DatasetError(f"{path!r}: IDX dtype code 0x{head[2]:02x}, expected 0x08 (unsigned bytes) "
-                           f"as in the published files")
+        raise DatasetError(
+            f"{path!r}: IDX dtype code 0x{head[2]:02x}, expected 0x08 (unsigned bytes) as in the published files"
+        )
     if head[3] != dims:
-        raise DatasetError(f"{path!r}: {head[3]} dimension(s), expected {dims} for {kind}; "
-                           f"is this the {'labels' if dims == 3 else 'images'} file?")
+        raise DatasetError(
+            f"{path!r}: {head[3]} dimension(s), expected {dims} for {kind}; "
+            f"is this the {'labels' if dims == 3 else 'images'} file?"
+        )
     sizes_raw = _exactly(f, 4 * dims)
     if len(sizes_raw) < 4 * dims:
         raise DatasetError(f"{path!r}: the header ends early (truncated file)")
     shape = tuple(int(s) for s in np.frombuffer(sizes_raw, dtype=">u4"))
     if shape[0] > MAX_IMAGES:
-        raise DatasetError(f"{path!r}: the header declares {shape[0]:,} {kind}, more than this loader "
-                           f"holds in memory ({MAX_IMAGES:,}); the file is damaged, or use imagefolder:PATH")
+        raise DatasetError(
+            f"{path!r}: the header declares {shape[0]:,} {kind}, more than this loader "
+            f"holds in memory ({MAX_IMAGES:,}); the file is damaged, or use imagefolder:PATH"
+        )
     if dims == 3 and not all(1 <= side <= MAX_SIDE for side in shape[1:]):
-        raise DatasetError(f"{path!r}: the header declares {shape[1]}x{shape[2]} images, "
-                           f"expected sides of 1..{MAX_SIDE} (28x28 in the published files)")
+        raise DatasetError(
+            f"{path!r}: the header declares {shape[1]}x{shape[2]} images, "
+            f"expected sides of 1..{MAX_SIDE} (28x28 in the published files)"
+        )
     if count is not None and shape[0] != count[0]:
-        raise DatasetError(f"{path!r} declares {shape[0]:,} {kind} but {count[1]!r} {count[0]:,} labels; "
-                           "both must come from the same release")
+        raise DatasetError(
+            f"{path!r} declares {shape[0]:,} {kind} but {count[1]!r} {count[0]:,} labels; "
+            "both must come from the same release"
+        )
     declared = int(np.prod(shape, dtype=np.int64))
     if declared > MAX_DATA_BYTES:
-        raise DatasetError(f"{path!r}: the header declares {declared:,} bytes of {kind} "
-                           f"({' x '.join(map(str, shape))}), more than {MAX_DATA_BYTES:,}")
+        raise DatasetError(
+            f"{path!r}: the header declares {declared:,} bytes of {kind} "
+            f"({' x '.join(map(str, shape))}), more than {MAX_DATA_BYTES:,}"
+        )
     header = 4 + 4 * dims
     if file_size is not None and file_size != header + declared:
         raise DatasetError(_size_mismatch(path, shape, kind, file_size - header, declared))
@@ -157,15 +182,19 @@ def _parse(path: str, f: BinaryIO, dims: int, kind: str, file_size: int | None,
     if got < declared:
         raise DatasetError(_size_mismatch(path, shape, kind, got, declared))
     if f.read(1):  # for gzip: one more byte, never the rest of a stream that may be endless
-        raise DatasetError(f"{path!r}: the data continues past the {declared:,} bytes the header declares "
-                           f"({' x '.join(map(str, shape))} {kind}): the file has trailing bytes")
+        raise DatasetError(
+            f"{path!r}: the data continues past the {declared:,} bytes the header declares "
+            f"({' x '.join(map(str, shape))} {kind}): the file has trailing bytes"
+        )
     return data
 
 
 def _size_mismatch(path: str, shape: tuple[int, ...], kind: str, got: int, declared: int) -> str:
     what = "is truncated" if got < declared else "has trailing bytes"
-    return (f"{path!r}: {got:,} bytes of data, the header declares {declared:,} "
-            f"({' x '.join(map(str, shape))} {kind}): the file {what}")
+    return (
+        f"{path!r}: {got:,} bytes of data, the header declares {declared:,} "
+        f"({' x '.join(map(str, shape))} {kind}): the file {what}"
+    )
 
 
 def _find(folder: str, base: str) -> str | None:
@@ -176,8 +205,10 @@ def _find(folder: str, base: str) -> str | None:
         if os.path.isfile(candidate):
             return candidate
         if os.path.lexists(candidate):
-            raise DatasetError(f"{candidate!r} is {_what(candidate)}, not a regular file; the dataset needs "
-                               f"{base} (raw or .gz) as a file")
+            raise DatasetError(
+                f"{candidate!r} is {_what(candidate)}, not a regular file; the dataset needs "
+                f"{base} (raw or .gz) as a file"
+            )
     return None
 
 
@@ -192,8 +223,10 @@ def _what(path: str) -> str:
 def _locate(path: str, ds: IdxDataset) -> dict[str, str]:
     """The four files in ``path``, or in torchvision's ``path/<Name>/raw`` download folder."""
     if not os.path.isdir(path):
-        raise DatasetError(f"{ds.name} path {path!r} is not a folder; point it at the folder holding "
-                           f"the four IDX files ({', '.join(FILES.values())}, raw or .gz)")
+        raise DatasetError(
+            f"{ds.name} path {path!r} is not a folder; point it at the folder holding "
+            f"the four IDX files ({', '.join(FILES.values())}, raw or .gz)"
+        )
     missing = []
     for folder in (path, os.path.join(path, ds.torchvision_folder, "raw")):
         found = {key: _find(folder, base) for key, base in FILES.items()}
@@ -206,13 +239,17 @@ def _locate(path: str, ds: IdxDataset) -> dict[str, str]:
     )
 
 
-def _images_and_labels(images_path: str, labels_path: str, roots: Sequence[str], minimum: int) -> tuple[np.ndarray, np.ndarray]:
+def _images_and_labels(
+    images_path: str, labels_path: str, roots: Sequence[str], minimum: int
+) -> tuple[np.ndarray, np.ndarray]:
     # Labels first (one byte per image): the images' header must then declare as many, before
     # a byte of image data is read.
     labels = _read_idx(labels_path, 1, roots)
     if len(labels) < minimum:
-        raise DatasetError(f"{labels_path!r} declares {len(labels):,} labels; the split needs at least {minimum} "
-                           f"({'a training and a validation image' if minimum > 1 else 'one image'})")
+        raise DatasetError(
+            f"{labels_path!r} declares {len(labels):,} labels; the split needs at least {minimum} "
+            f"({'a training and a validation image' if minimum > 1 else 'one image'})"
+        )
     images = _read_idx(images_path, 3, roots, count=(len(labels), labels_path))
     if len(labels) and labels.max() >= NUM_CLASSES:
         bad = int(np.argmax(labels >= NUM_CLASSES))
@@ -265,7 +302,7 @@ def load_idx(path: str | None, request: DataRequest, ds: IdxDataset) -> DataSpli
     "fashion-mnist",
     needs_path=True,
     help="Fashion-MNIST: a folder with the four IDX files (train-images-idx3-ubyte, ... raw or .gz; "
-         "Debian/Ubuntu: apt-get install dataset-fashion-mnist puts them in /usr/share/datasets/fashion-mnist)",
+    "Debian/Ubuntu: apt-get install dataset-fashion-mnist puts them in /usr/share/datasets/fashion-mnist)",
     eval_transform=lambda request: grayscale_shift_transforms(request, FASHION_MNIST.mean, FASHION_MNIST.std)[1],
     default_augment="shift",
 )

@@ -25,11 +25,11 @@ import os
 import tempfile
 import threading
 import warnings
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
 
 import PIL.Image
 import PIL.ImageOps
@@ -201,9 +201,7 @@ def find_unreadable_images(
                     if verdict.reason is _PENDING:
                         verdict = next(decoded)
                     if verdict.reason is not None:
-                        bad.append(
-                            UnreadableImage(verdict.path, verdict.relative_path, verdict.reason)
-                        )
+                        bad.append(UnreadableImage(verdict.path, verdict.relative_path, verdict.reason))
                     if verdict.cacheable and verdict.stat is not None:
                         entry = [*verdict.stat, verdict.reason]
                         fresh[verdict.relative_path] = entry
@@ -262,9 +260,7 @@ def _decoded_verdict(pending: _Verdict) -> _Verdict:
         # An OSError with an errno came from the file system (permissions, a vanished file),
         # not from the bytes: it can change without the size or mtime changing, so ask again.
         from_os = isinstance(exc, OSError) and exc.errno is not None
-        return dataclasses.replace(
-            pending, reason=describe_failure(exc), cacheable=not from_os
-        )
+        return dataclasses.replace(pending, reason=describe_failure(exc), cacheable=not from_os)
     return dataclasses.replace(pending, reason=None)
 
 

@@ -24,8 +24,8 @@ from __future__ import annotations
 import functools
 import os
 import unicodedata
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension, make_dataset
@@ -60,9 +60,7 @@ def is_hidden(relative_path: str) -> bool:
     inside the split folder counts: the dataset may well live under a dot-folder itself
     (``~/.data/imagenet``).
     """
-    return any(
-        part.startswith(".") or part in _TOOL_FOLDERS for part in Path(relative_path).parts
-    )
+    return any(part.startswith(".") or part in _TOOL_FOLDERS for part in Path(relative_path).parts)
 
 
 def find_visible_classes(directory: str) -> tuple[list[str], dict[str, int]]:
@@ -79,15 +77,19 @@ def find_visible_classes(directory: str) -> tuple[list[str], dict[str, int]]:
         try:
             name.encode("utf-8")
         except UnicodeEncodeError:  # bytes the file system gave that are not UTF-8, kept as lone surrogates
-            raise DatasetError(f"{directory!r} has a class folder whose name is not valid UTF-8: "
-                               f"{os.fsencode(name)!r} (made on a system with another encoding?); rename it: the name "
-                               "is the label the model answers with") from None
+            raise DatasetError(
+                f"{directory!r} has a class folder whose name is not valid UTF-8: "
+                f"{os.fsencode(name)!r} (made on a system with another encoding?); rename it: the name "
+                "is the label the model answers with"
+            ) from None
     by_form: dict[str, str] = {}
     for name in names:
         form = unicodedata.normalize("NFC", name)
         if form in by_form:
-            raise DatasetError(f"{directory!r} has two class folders with the same name in two Unicode forms: "
-                               f"{by_form[form]!r} and {name!r} (NFC and NFD); merge them")
+            raise DatasetError(
+                f"{directory!r} has two class folders with the same name in two Unicode forms: "
+                f"{by_form[form]!r} and {name!r} (NFC and NFD); merge them"
+            )
         by_form[form] = name
     classes = sorted(by_form)
     index = {form: i for i, form in enumerate(classes)}
@@ -96,6 +98,7 @@ def find_visible_classes(directory: str) -> tuple[list[str], dict[str, int]]:
 
 def spelling_notes(folder: str, directory: str, train_dir: str) -> list[str]:
     """A note when a split spells some class folders in another Unicode form than train/ does."""
+
     def on_disk(d: str) -> dict[str, str]:
         return {unicodedata.normalize("NFC", n): n for n in find_visible_classes(d)[1]}
 
@@ -103,8 +106,10 @@ def spelling_notes(folder: str, directory: str, train_dir: str) -> list[str]:
     differ = [train[f] for f in here if f in train and here[f] != train[f]]
     if not differ:
         return []
-    return [f"{folder}/ spells {len(differ)} class folder name(s) in another Unicode form than train/ "
-            f"(e.g. {differ[0]!r}, NFC vs NFD: a copy made on macOS); they were taken as the same classes"]
+    return [
+        f"{folder}/ spells {len(differ)} class folder name(s) in another Unicode form than train/ "
+        f"(e.g. {differ[0]!r}, NFC vs NFD: a copy made on macOS); they were taken as the same classes"
+    ]
 
 
 class VisibleImageFolder(ImageFolder):
@@ -139,9 +144,7 @@ class VisibleImageFolder(ImageFolder):
                 return is_valid_file(path)
             return extensions is not None and has_file_allowed_extension(path, extensions)
 
-        return make_dataset(
-            directory, class_to_idx, is_valid_file=visible_and_valid, allow_empty=allow_empty
-        )
+        return make_dataset(directory, class_to_idx, is_valid_file=visible_and_valid, allow_empty=allow_empty)
 
     def drop(self, paths: set[str]) -> None:
         """Leave the files ``paths`` out of the samples."""
@@ -177,8 +180,7 @@ def _images(folder: str, roots: tuple[str, ...] = ()) -> VisibleImageFolder:
         return VisibleImageFolder(folder, roots)
     except FileNotFoundError as exc:  # torchvision's way of saying a class folder has no images
         raise DatasetError(
-            f"{folder!r}: {exc} Every class folder needs at least one image "
-            f"({', '.join(IMG_EXTENSIONS)})"
+            f"{folder!r}: {exc} Every class folder needs at least one image ({', '.join(IMG_EXTENSIONS)})"
         ) from None
 
 
@@ -234,9 +236,7 @@ def load_imagefolder(path: str | None, request: DataRequest) -> DataSplits:
         val_source = "held out from train/"
     test = TransformedView(images[test_name], eval_tf) if test_name is not None else None
 
-    test_part = (
-        f" / {len(test)} test (from {test_name}/)" if test is not None else ", no test split"
-    )
+    test_part = f" / {len(test)} test (from {test_name}/)" if test is not None else ", no test split"
     skipped_part = f"; {len(skipped)} unreadable image(s) skipped" if skipped else ""
     return DataSplits(
         train=train,
@@ -244,8 +244,12 @@ def load_imagefolder(path: str | None, request: DataRequest) -> DataSplits:
         test=test,
         num_classes=len(train_classes),
         class_names=list(train_classes),
-        warnings=notes + rare_class_warnings([train_images.targets[i] for i in getattr(train, "indices", range(len(train_images)))],
-                                             train_classes, len(train_classes)),
+        warnings=notes
+        + rare_class_warnings(
+            [train_images.targets[i] for i in getattr(train, "indices", range(len(train_images)))],
+            train_classes,
+            len(train_classes),
+        ),
         eval_transform=eval_tf,
         description=(
             f"imagefolder ({path}): {len(train)} train / {len(val)} val ({val_source})"
@@ -255,9 +259,7 @@ def load_imagefolder(path: str | None, request: DataRequest) -> DataSplits:
     )
 
 
-def _leave_out_unreadable(
-    root: str, images: dict[str, VisibleImageFolder], skip: bool
-) -> list[str]:
+def _leave_out_unreadable(root: str, images: dict[str, VisibleImageFolder], skip: bool) -> list[str]:
     """Decode every image of every split once; refuse the dataset, or with ``skip`` leave the
     unreadable ones out. Returns the files left out, relative to ``root``."""
     paths = (sample_path for folder in images.values() for sample_path, _ in folder.samples)
@@ -281,9 +283,9 @@ def _leave_out_unreadable(
 
 def _unreadable_message(root: str, bad: list[UnreadableImage]) -> str:
     # One line (the CLI's and the job status's error is one line): the first files, then the count.
-    listed = "; ".join(
-        f"{shown_path(image.relative_path)} ({image.reason})" for image in bad[:_LISTED]
-    )
+    listed = "; ".join(f"{shown_path(image.relative_path)} ({image.reason})" for image in bad[:_LISTED])
     more = f"; ... and {len(bad) - _LISTED} more ({len(bad)} in all)" if len(bad) > _LISTED else ""
-    return (f"{len(bad)} image(s) in {root!r} cannot be read: {listed}{more}; "
-            "remove or fix them, or pass --skip-bad-images (skip_bad_images: true in a job spec)")
+    return (
+        f"{len(bad)} image(s) in {root!r} cannot be read: {listed}{more}; "
+        "remove or fix them, or pass --skip-bad-images (skip_bad_images: true in a job spec)"
+    )

@@ -86,7 +86,27 @@ class ShardedLoaders:
 class LocalLoaders(ShardedLoaders):
     """The single-process case: the whole of every split, one shard."""
 
-    def __init__(self, train: Dataset, val: Dataset, test: Dataset | None, *, batch_size: int,
-                 eval_batch_size: int, seed: int, workers: int = 0, pin_memory: bool = False) -> None:
-        super().__init__(train, val, test, rank=0, world_size=1, batch_size=batch_size,
-                         eval_batch_size=eval_batch_size, seed=seed, workers=workers, pin_memory=pin_memory)
+    def __init__(
+        self,
+        train: Dataset,
+        val: Dataset,
+        test: Dataset | None,
+        *,
+        batch_size: int,
+        eval_batch_size: int,
+        seed: int,
+        workers: int = 0,
+        pin_memory: bool = False,
+    ) -> None:
+        super().__init__(
+            train,
+            val,
+            test,
+            rank=0,
+            world_size=1,
+            batch_size=batch_size,
+            eval_batch_size=eval_batch_size,
+            seed=seed,
+            workers=workers,
+            pin_memory=pin_memory,
+        )

@@ -9,8 +9,8 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import PIL.Image
 import torch
@@ -19,11 +19,9 @@ from torch.utils.data import Dataset
 # Training augmentation policies (transforms.py builds them); AUTO: the dataset's default, what
 # DataRequest.augment=None also means.
 from dg2pf_contract.job import AUGMENT_POLICIES, AUTO
-
 from dg2pf_core.data.request import DataRequest
 from dg2pf_core.data.roots import check_tree
 from dg2pf_core.errors import DatasetError
-
 
 
 @dataclass
@@ -70,7 +68,11 @@ _REGISTRY: dict[str, _Entry] = {}
 
 
 def register_dataset(
-    name: str, *, needs_path: bool, help: str, eval_transform: EvalTransformFactory,
+    name: str,
+    *,
+    needs_path: bool,
+    help: str,
+    eval_transform: EvalTransformFactory,
     default_augment: str | DefaultAugment = "none",
 ) -> Callable[[Loader], Loader]:
     """Register ``loader(path, request) -> DataSplits`` under ``name`` (lower case, no colon).
@@ -127,9 +129,7 @@ def parse_spec(spec: str) -> tuple[str, str | None]:
 
 def _check_request(request: DataRequest) -> None:
     if not isinstance(request.image_size, int) or request.image_size < 1:
-        raise DatasetError(
-            f"image_size must be a positive integer, got {request.image_size!r}", field="image_size"
-        )
+        raise DatasetError(f"image_size must be a positive integer, got {request.image_size!r}", field="image_size")
     if request.in_channels not in (1, 3):
         raise DatasetError(
             f"in_channels must be 1 (grayscale) or 3 (RGB), got {request.in_channels!r}",
@@ -138,14 +138,16 @@ def _check_request(request: DataRequest) -> None:
     fraction = request.val_fraction
     if not isinstance(fraction, (int, float)) or not 0.0 < fraction <= 0.5:
         raise DatasetError(
-            f"val_fraction must be in (0, 0.5] (share of train held out for validation), "
-            f"got {fraction!r}",
+            f"val_fraction must be in (0, 0.5] (share of train held out for validation), got {fraction!r}",
             field="val_fraction",
         )
     crop = request.crop_pct
     if crop is not None and (isinstance(crop, bool) or not isinstance(crop, (int, float)) or not 0.25 <= crop <= 1.0):
-        raise DatasetError(f"crop_pct must be in [0.25, 1] (the centre fraction of a larger image kept at evaluation; "
-                           f"1: no crop), got {crop!r}", field="crop_pct")
+        raise DatasetError(
+            f"crop_pct must be in [0.25, 1] (the centre fraction of a larger image kept at evaluation; "
+            f"1: no crop), got {crop!r}",
+            field="crop_pct",
+        )
     if not isinstance(request.skip_bad_images, bool):
         raise DatasetError(
             f"skip_bad_images must be true or false, got {request.skip_bad_images!r}",
@@ -181,7 +183,9 @@ def eval_crop_pct(spec: str, crop_pct: float | None) -> float | None:
     from dg2pf_core.data.transforms import FitAndCrop
 
     name, _ = parse_spec(spec)
-    steps = getattr(_entry(name).eval_transform(DataRequest(image_size=32, in_channels=3, crop_pct=crop_pct)), "transforms", [])
+    steps = getattr(
+        _entry(name).eval_transform(DataRequest(image_size=32, in_channels=3, crop_pct=crop_pct)), "transforms", []
+    )
     return next((t.crop_pct for t in steps if isinstance(t, FitAndCrop)), None)
 
 

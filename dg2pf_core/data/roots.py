@@ -39,7 +39,9 @@ def check_tree(path: str, roots: Sequence[str]) -> None:
     real_roots = _real_roots(roots)
     top = os.path.realpath(path)
     if not under(top, real_roots):
-        raise DatasetError(f"dataset path {path} resolves to {top}, outside the allowed roots ({', '.join(real_roots)})")
+        raise DatasetError(
+            f"dataset path {path} resolves to {top}, outside the allowed roots ({', '.join(real_roots)})"
+        )
     escaping: list[str] = []
     linked: list[str] = []
     # Links to folders inside the roots are followed (a loader reads through them: every file there
@@ -70,11 +72,15 @@ def check_tree(path: str, roots: Sequence[str]) -> None:
                 kept.append(name)
         dirnames[:] = kept
     if escaping:
-        raise DatasetError(f"dataset {path}: {_some(escaping)} symbolic link(s) lead outside the allowed roots "
-                           f"({', '.join(real_roots)}); copy the data in instead of linking to it")
+        raise DatasetError(
+            f"dataset {path}: {_some(escaping)} symbolic link(s) lead outside the allowed roots "
+            f"({', '.join(real_roots)}); copy the data in instead of linking to it"
+        )
     if linked:
-        raise DatasetError(f"dataset {path}: {_some(linked)} file(s) are hard links (a second name of a file that may live "
-                           "outside the allowed roots); copy them instead of linking")
+        raise DatasetError(
+            f"dataset {path}: {_some(linked)} file(s) are hard links (a second name of a file that may live "
+            "outside the allowed roots); copy them instead of linking"
+        )
 
 
 def _some(items: list[str]) -> str:
@@ -88,12 +94,18 @@ def confined_open(path: str, roots: Sequence[str]) -> BinaryIO:
     if not roots:
         return fh
     try:
-        opened = os.path.realpath(f"/proc/self/fd/{fh.fileno()}") if os.path.exists("/proc/self/fd") else os.path.realpath(path)
+        opened = (
+            os.path.realpath(f"/proc/self/fd/{fh.fileno()}")
+            if os.path.exists("/proc/self/fd")
+            else os.path.realpath(path)
+        )
         if not under(opened, _real_roots(roots)):
             raise DatasetError(f"{path} leads to {opened}, outside the allowed roots; it is not read")
         if os.fstat(fh.fileno()).st_nlink > 1:
-            raise DatasetError(f"{path} is a hard link (a second name of a file that may live outside the allowed roots); "
-                               "it is not read")
+            raise DatasetError(
+                f"{path} is a hard link (a second name of a file that may live outside the allowed roots); "
+                "it is not read"
+            )
     except BaseException:
         fh.close()
         raise

@@ -14,14 +14,14 @@ from torch.utils.data import Dataset, Subset
 
 from dg2pf_core.errors import DatasetError
 
-
 # A class with fewer training images than this is named in the job's warnings: it is learnt from a handful
 # of examples, and its test figures rest on them.
 MIN_TRAIN_PER_CLASS = 5
 
 
-def hold_out_indices(n: int, val_fraction: float, seed: int,
-                     labels: Sequence[int] | None = None) -> tuple[list[int], list[int]]:
+def hold_out_indices(
+    n: int, val_fraction: float, seed: int, labels: Sequence[int] | None = None
+) -> tuple[list[int], list[int]]:
     """``(train_indices, val_indices)`` of ``range(n)``, ``val_fraction`` of them held out.
 
     With ``labels`` (one per item) the hold-out is stratified: the ``round(n * val_fraction)`` images
@@ -62,7 +62,7 @@ def hold_out_indices(n: int, val_fraction: float, seed: int,
     val: list[int] = []
     for c in classes:
         order = torch.randperm(len(by_class[c]), generator=generator).tolist()
-        val.extend(by_class[c][j] for j in order[:take[c]])
+        val.extend(by_class[c][j] for j in order[: take[c]])
     held = set(val)
     return [i for i in range(n) if i not in held], sorted(val)
 
@@ -98,6 +98,10 @@ def rare_class_warnings(train_labels: Sequence[int], class_names: Sequence[str] 
     if not rare:
         return []
     name = (lambda c: repr(class_names[c])) if class_names else str  # noqa: E731
-    shown = ", ".join(f"{name(c)} {k}" for c, k in rare[:10]) + (f" and {len(rare) - 10} more" if len(rare) > 10 else "")
-    return [f"{len(rare)} class(es) have fewer than {MIN_TRAIN_PER_CLASS} training images ({shown}): their accuracy rests "
-            "on a handful of examples; add images of them"]
+    shown = ", ".join(f"{name(c)} {k}" for c, k in rare[:10]) + (
+        f" and {len(rare) - 10} more" if len(rare) > 10 else ""
+    )
+    return [
+        f"{len(rare)} class(es) have fewer than {MIN_TRAIN_PER_CLASS} training images ({shown}): their accuracy rests "
+        "on a handful of examples; add images of them"
+    ]

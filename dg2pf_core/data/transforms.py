@@ -16,7 +16,7 @@ Everything here is a class or a torchvision transform, not a lambda, so the tran
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import PIL.Image
@@ -25,7 +25,6 @@ from torch.utils.data import Dataset
 from torchvision import transforms as T
 
 from dg2pf_contract.job import AUTO
-
 from dg2pf_core.data.imagecheck import large_images_expected
 from dg2pf_core.data.request import DataRequest
 
@@ -249,7 +248,9 @@ class FitAndCrop:
     def __init__(self, size: int, crop_pct: float = DEFAULT_CROP_PCT) -> None:
         self.size, self.crop_pct = size, crop_pct
         self.short = max(size, int(size / crop_pct))
-        self.crop = T.Compose([T.Resize(self.short, max_size=max(self.short + 1, MAX_ASPECT * size)), T.CenterCrop(size)])
+        self.crop = T.Compose(
+            [T.Resize(self.short, max_size=max(self.short + 1, MAX_ASPECT * size)), T.CenterCrop(size)]
+        )
         self.whole = T.Resize((size, size))
 
     def __call__(self, image):

@@ -44,9 +44,7 @@ def save_state_dict(
     tmp = path.with_name(path.name + ".tmp")
     try:
         try:
-            safetensors.torch.save_file(
-                tensors, str(tmp), metadata=dict(metadata) if metadata else None
-            )
+            safetensors.torch.save_file(tensors, str(tmp), metadata=dict(metadata) if metadata else None)
         except safetensors.SafetensorError as exc:  # its I/O failures (no such folder, permission, no space) as OSError
             raise OSError(f"cannot write {path}: {exc}") from exc
         os.replace(tmp, path)

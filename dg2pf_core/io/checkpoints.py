@@ -47,9 +47,7 @@ _LIGHTNING_PREFIX = "model."
 _FINITE_CHUNK = 1 << 22  # elements per slice of the finiteness check (16 MiB as float32)
 _MAX_NAMES = 3
 
-_SAFE_FORMAT_HINT = (
-    "save a plain state_dict (torch.save(model.state_dict(), ...)) or a .safetensors file"
-)
+_SAFE_FORMAT_HINT = "save a plain state_dict (torch.save(model.state_dict(), ...)) or a .safetensors file"
 
 # Enough for every signature below (tar's sits at byte 257) and a line of text to quote.
 _SNIFF_BYTES = 1024
@@ -63,25 +61,28 @@ _EXTRACT = "extract it and give the path of the checkpoint inside"
 _NOT_TORCH = "convert the weights to a PyTorch state_dict and save it with torch.save or safetensors"
 # (offset, signature, what it is, what to do) for binary formats that are not checkpoints.
 _OTHER_FORMATS = (
-    (0, b"\x1f\x8b", "a gzip-compressed file", "decompress it (gunzip, or tar xzf for .tar.gz) "
-     "and give the path of the checkpoint inside"),
-    (0, b"BZh", "a bzip2-compressed file", "decompress it (bunzip2) and give the path of the "
-     "checkpoint inside"),
-    (0, b"\xfd7zXZ\x00", "an xz-compressed file", "decompress it (unxz) and give the path of the "
-     "checkpoint inside"),
-    (0, b"\x28\xb5\x2f\xfd", "a zstd-compressed file", "decompress it (unzstd) and give the path "
-     "of the checkpoint inside"),
+    (
+        0,
+        b"\x1f\x8b",
+        "a gzip-compressed file",
+        "decompress it (gunzip, or tar xzf for .tar.gz) and give the path of the checkpoint inside",
+    ),
+    (0, b"BZh", "a bzip2-compressed file", "decompress it (bunzip2) and give the path of the checkpoint inside"),
+    (0, b"\xfd7zXZ\x00", "an xz-compressed file", "decompress it (unxz) and give the path of the checkpoint inside"),
+    (
+        0,
+        b"\x28\xb5\x2f\xfd",
+        "a zstd-compressed file",
+        "decompress it (unzstd) and give the path of the checkpoint inside",
+    ),
     (0, b"7z\xbc\xaf\x27\x1c", "a 7-Zip archive", _EXTRACT),
     (0, b"Rar!\x1a\x07", "a RAR archive", _EXTRACT),
     (257, b"ustar", "a tar archive", "extract it (tar xf) and give the path of the checkpoint inside"),
-    (0, b"\x93NUMPY", "a NumPy .npy array, not a mapping of parameter names to tensors",
-     _SAFE_FORMAT_HINT),
-    (0, b"\x89HDF\r\n\x1a\n", "an HDF5 file (Keras or TensorFlow weights?), not a PyTorch "
-     "checkpoint", _NOT_TORCH),
+    (0, b"\x93NUMPY", "a NumPy .npy array, not a mapping of parameter names to tensors", _SAFE_FORMAT_HINT),
+    (0, b"\x89HDF\r\n\x1a\n", "an HDF5 file (Keras or TensorFlow weights?), not a PyTorch checkpoint", _NOT_TORCH),
 )
 # What a file's extension promises, to point out a misnamed file when its content fails to load.
-_SUFFIX_FAMILY = {".safetensors": "safetensors", ".pt": "torch", ".pth": "torch", ".bin": "torch",
-                  ".ckpt": "torch"}
+_SUFFIX_FAMILY = {".safetensors": "safetensors", ".pt": "torch", ".pth": "torch", ".bin": "torch", ".ckpt": "torch"}
 
 
 @dataclass(frozen=True)
@@ -98,8 +99,9 @@ class _Format:
     advice: str = ""
 
 
-def read_state_dict(path: str | Path, *, allow_nonfinite: bool = False, key: str | None = None,
-                    any_set: bool = False) -> dict[str, torch.Tensor]:
+def read_state_dict(
+    path: str | Path, *, allow_nonfinite: bool = False, key: str | None = None, any_set: bool = False
+) -> dict[str, torch.Tensor]:
     """The name -> tensor mapping stored in ``path``, on CPU, without unpickling objects.
 
     The format comes from the file's content, whatever its name: safetensors (dense, or the
@@ -256,8 +258,7 @@ def _sniff_text(text: str) -> _Format:
     if lowered.startswith("<") and ("<html" in lowered or lowered.startswith("<!doctype html")):
         return _Format(
             "refuse",
-            "an HTML page, not a checkpoint (a download page or an error page saved instead of "
-            "the file)",
+            "an HTML page, not a checkpoint (a download page or an error page saved instead of the file)",
             _REDOWNLOAD,
         )
     begins = f"it begins: {_quote(start)}"
@@ -357,8 +358,9 @@ def _short(e: BaseException) -> str:
 
 # Globals a pickle.dump of tensors, arrays or containers names; anything else is an object.
 _DATA_GLOBAL_MODULES = ("torch", "numpy", "_codecs", "collections")
-_STRING_OPS = frozenset({"SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "UNICODE",
-                         "SHORT_BINSTRING", "BINSTRING", "STRING"})
+_STRING_OPS = frozenset(
+    {"SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "UNICODE", "SHORT_BINSTRING", "BINSTRING", "STRING"}
+)
 
 
 def _refuse_pickle(path: Path) -> NoReturn:
@@ -426,15 +428,19 @@ _EMA = re.compile(r"(?:^|[_.])ema(?:$|[_.])", re.IGNORECASE)
 
 
 def _holds_weights(value: object) -> bool:
-    return isinstance(value, Mapping) and (any(isinstance(v, torch.Tensor) for v in value.values())
-                                           or any(isinstance(value.get(w), Mapping) for w in _WRAPPER_KEYS))
+    return isinstance(value, Mapping) and (
+        any(isinstance(v, torch.Tensor) for v in value.values())
+        or any(isinstance(value.get(w), Mapping) for w in _WRAPPER_KEYS)
+    )
 
 
 def weight_sets(raw: object) -> list[str]:
     """The top-level entries of a checkpoint that each hold a set of weights (a wrapper key or an EMA copy)."""
     if not isinstance(raw, Mapping):
         return []
-    return [k for k, v in raw.items() if isinstance(k, str) and (k in _WRAPPER_KEYS or _EMA.search(k)) and _holds_weights(v)]
+    return [
+        k for k, v in raw.items() if isinstance(k, str) and (k in _WRAPPER_KEYS or _EMA.search(k)) and _holds_weights(v)
+    ]
 
 
 def _chosen_set(raw: object, path: Path, key: str | None, any_set: bool) -> object:
@@ -444,17 +450,22 @@ def _chosen_set(raw: object, path: Path, key: str | None, any_set: bool) -> obje
     if key is not None:
         if not isinstance(raw, Mapping) or key not in raw or not _holds_weights(raw[key]):
             shown = ", ".join(repr(k) for k in sets) or "none (a plain state_dict: leave the key out)"
-            raise CheckpointError(f"checkpoint {path} has no set of weights under {key!r}; the entries that hold "
-                                  f"weights: {shown}", field="checkpoint_key")
+            raise CheckpointError(
+                f"checkpoint {path} has no set of weights under {key!r}; the entries that hold weights: {shown}",
+                field="checkpoint_key",
+            )
         return raw[key]
     ema = [k for k in sets if _EMA.search(k)]
     if ema and len(sets) > 1 and not any_set:
         raw_sets = [k for k in sets if k not in ema]
         raise CheckpointError(
             f"checkpoint {path} holds two sets of weights: {', '.join(repr(k) for k in raw_sets)} (the raw ones) and "
-            f"{', '.join(repr(k) for k in ema)} (an exponential moving average, what most training scripts evaluate and "
-            f"ship); say which to prune: --checkpoint-key {ema[0]} (JobSpec: model.checkpoint_key), or --checkpoint-key "
-            f"{raw_sets[0] if raw_sets else sets[0]} for the raw weights", field="checkpoint_key")
+            f"{', '.join(repr(k) for k in ema)} (an exponential moving average, what most training scripts evaluate "
+            f"and ship); say which to prune: --checkpoint-key {ema[0]} (JobSpec: model.checkpoint_key), or "
+            "--checkpoint-key "
+            f"{raw_sets[0] if raw_sets else sets[0]} for the raw weights",
+            field="checkpoint_key",
+        )
     return raw
 
 
@@ -478,7 +489,8 @@ def _as_state_dict(raw: object, path: Path) -> dict[str, torch.Tensor]:
             raise CheckpointError(
                 f"checkpoint {path} maps {key!r} to a dict, not a tensor, and "
                 f"has no entry dg2pf takes the weights from ({keys}); name it: --checkpoint-key {key} (JobSpec: "
-                f"model.checkpoint_key), or save the weights you mean on their own: torch.save(checkpoint[{key!r}], 'model.pt')"
+                "model.checkpoint_key), or save the weights you mean on their own: "
+                f"torch.save(checkpoint[{key!r}], 'model.pt')"
             )
         if not isinstance(key, str) or not isinstance(value, torch.Tensor):
             raise CheckpointError(
@@ -496,9 +508,7 @@ def _as_state_dict(raw: object, path: Path) -> dict[str, torch.Tensor]:
 
 
 def _is_lightning(checkpoint: Mapping) -> bool:
-    return "pytorch-lightning_version" in checkpoint or (
-        "epoch" in checkpoint and "global_step" in checkpoint
-    )
+    return "pytorch-lightning_version" in checkpoint or ("epoch" in checkpoint and "global_step" in checkpoint)
 
 
 def _all_prefixed(state: Mapping[str, torch.Tensor], prefix: str) -> bool:
@@ -510,8 +520,7 @@ def _strip_prefix(state: Mapping[str, torch.Tensor], prefix: str) -> dict[str, t
     return {k[len(prefix) :]: v for k, v in state.items()}
 
 
-_SPARSE_LAYOUTS = frozenset({torch.sparse_coo, torch.sparse_csr, torch.sparse_csc,
-                             torch.sparse_bsr, torch.sparse_bsc})
+_SPARSE_LAYOUTS = frozenset({torch.sparse_coo, torch.sparse_csr, torch.sparse_csc, torch.sparse_bsr, torch.sparse_bsc})
 # Floating dtypes every CPU kernel handles; others (float8, packed float4) are probed by converting.
 _PLAIN_FLOATS = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64})
 
@@ -540,12 +549,18 @@ def _refuse_unusable(state: Mapping[str, torch.Tensor], source: str, *, on_cpu: 
 
 # What is wrong, said of one tensor and of several.
 _UNUSABLE = {
-    "meta": ("holds no data (saved from a model on the 'meta' device: materialise it first)",
-             "hold no data (saved from a model on the 'meta' device: materialise it first)"),
-    "sparse": ("is a sparse tensor; save dense weights (tensor.to_dense())",
-               "are sparse tensors; save dense weights (tensor.to_dense())"),
-    "nested": ("is a nested tensor, which no layer's weight is; save the model's dense state_dict",
-               "are nested tensors, which no layer's weight is; save the model's dense state_dict"),
+    "meta": (
+        "holds no data (saved from a model on the 'meta' device: materialise it first)",
+        "hold no data (saved from a model on the 'meta' device: materialise it first)",
+    ),
+    "sparse": (
+        "is a sparse tensor; save dense weights (tensor.to_dense())",
+        "are sparse tensors; save dense weights (tensor.to_dense())",
+    ),
+    "nested": (
+        "is a nested tensor, which no layer's weight is; save the model's dense state_dict",
+        "are nested tensors, which no layer's weight is; save the model's dense state_dict",
+    ),
 }
 
 
@@ -559,20 +574,26 @@ def _unusable(tensor: torch.Tensor, *, on_cpu: bool) -> str | None:
         return "nested"
     if tensor.is_quantized:
         dtype = _dtype_name(tensor.dtype)
-        return (f"is quantized ({dtype}), and quantized checkpoints are not supported: give the "
-                "floating-point weights from before quantization")
+        return (
+            f"is quantized ({dtype}), and quantized checkpoints are not supported: give the "
+            "floating-point weights from before quantization"
+        )
     if tensor.layout != torch.strided:
-        return (f"has layout {tensor.layout}, which dg2pf cannot copy into a model; save dense "
-                "weights (tensor.to_dense())")
+        return (
+            f"has layout {tensor.layout}, which dg2pf cannot copy into a model; save dense weights (tensor.to_dense())"
+        )
     if on_cpu and tensor.device.type != "cpu":
-        return (f"is on the '{tensor.device.type}' device after loading onto the CPU; save it "
-                "from the CPU (tensor.cpu())")
+        return (
+            f"is on the '{tensor.device.type}' device after loading onto the CPU; save it from the CPU (tensor.cpu())"
+        )
     if tensor.is_floating_point() and tensor.dtype not in _PLAIN_FLOATS:
         try:
             tensor.detach().reshape(-1)[:1].float()
         except (NotImplementedError, RuntimeError):
-            return (f"is {_dtype_name(tensor.dtype)}, which PyTorch cannot convert to float32 on "
-                    "the CPU; save float32, float16 or bfloat16 weights")
+            return (
+                f"is {_dtype_name(tensor.dtype)}, which PyTorch cannot convert to float32 on "
+                "the CPU; save float32, float16 or bfloat16 weights"
+            )
     return None
 
 
@@ -628,29 +649,18 @@ def load_into(
     unexpected = [k for k in state_dict if k not in expected]
     # BatchNorm fills in a missing counter itself (checkpoints from before it existed lack it),
     # and it does not affect the forward pass, so its absence is not a misfit.
-    missing = [
-        k for k in expected if k not in state_dict and not k.endswith("num_batches_tracked")
-    ]
-    mismatched = [
-        k
-        for k, v in state_dict.items()
-        if k in expected and tuple(v.shape) != tuple(expected[k].shape)
-    ]
+    missing = [k for k in expected if k not in state_dict and not k.endswith("num_batches_tracked")]
+    mismatched = [k for k, v in state_dict.items() if k in expected and tuple(v.shape) != tuple(expected[k].shape)]
     if unexpected or missing or mismatched:
         target = arch or f"the {type(model).__name__} model"
         parts = []
         if unexpected:
-            parts.append(
-                f"{_count(len(unexpected), 'key')} the model lacks (first: {_first(unexpected)})"
-            )
+            parts.append(f"{_count(len(unexpected), 'key')} the model lacks (first: {_first(unexpected)})")
         if missing:
-            parts.append(
-                f"{_count(len(missing), 'key')} missing from the {noun} (first: {_first(missing)})"
-            )
+            parts.append(f"{_count(len(missing), 'key')} missing from the {noun} (first: {_first(missing)})")
         if mismatched:
             shapes = ", ".join(
-                f"{k}: {noun} {_shape(state_dict[k])} vs model {_shape(expected[k])}"
-                for k in mismatched[:_MAX_NAMES]
+                f"{k}: {noun} {_shape(state_dict[k])} vs model {_shape(expected[k])}" for k in mismatched[:_MAX_NAMES]
             )
             more = ", ..." if len(mismatched) > _MAX_NAMES else ""
             count = _count(len(mismatched), "shape mismatch", "shape mismatches")
@@ -697,9 +707,7 @@ def _refuse_dtype_kinds(
     """
     # In the model's order (layer by layer), not the file's: safetensors sorts its keys.
     bad = [
-        k
-        for k, v in expected.items()
-        if k in state_dict and _dtype_kind(state_dict[k].dtype) != _dtype_kind(v.dtype)
+        k for k, v in expected.items() if k in state_dict and _dtype_kind(state_dict[k].dtype) != _dtype_kind(v.dtype)
     ]
     if not bad:
         return

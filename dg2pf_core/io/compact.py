@@ -36,9 +36,16 @@ VALUE_DTYPES = ("fp32", "fp16")
 _DENSE, _MASKED = "d", "m"
 # safetensors' own dtype names; the layout records each tensor's original dtype with one of these.
 _DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-    "U8": torch.uint8, "BOOL": torch.bool,
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
 }
 _CODES = {v: k for k, v in _DTYPES.items()}
 # A masked tensor adds one safetensors header entry and a longer layout entry: ~64 bytes.
@@ -55,8 +62,12 @@ def check_values(values: str) -> None:
         raise ConfigError(f"compact_values must be one of {list(VALUE_DTYPES)}, got {values!r}", field="compact_values")
 
 
-def save_compact(state_dict: Mapping[str, torch.Tensor], path: str | Path, values: str = "fp32",
-                 metadata: Mapping[str, str] | None = None) -> None:
+def save_compact(
+    state_dict: Mapping[str, torch.Tensor],
+    path: str | Path,
+    values: str = "fp32",
+    metadata: Mapping[str, str] | None = None,
+) -> None:
     """Write ``state_dict`` to ``path`` as a compact artifact, atomically (see the module doc);
     ``metadata``: more safetensors metadata entries (a channel structure)."""
     check_values(values)
@@ -82,8 +93,13 @@ def save_compact(state_dict: Mapping[str, torch.Tensor], path: str | Path, value
         else:
             tensors[str(i)] = t
         layout.append(entry)
-    metadata = {**(metadata or {}), "format": FORMAT, "version": VERSION, "values": values,
-                "layout": json.dumps(layout, separators=(",", ":"))}
+    metadata = {
+        **(metadata or {}),
+        "format": FORMAT,
+        "version": VERSION,
+        "values": values,
+        "layout": json.dumps(layout, separators=(",", ":")),
+    }
     save_state_dict(tensors, path, metadata=metadata)
 
 
@@ -128,7 +144,10 @@ def load_compact(path: str | Path) -> dict[str, torch.Tensor]:
             expected = {k for i, (_, enc, _, _) in enumerate(layout) for k in _keys(i, enc)}
             if keys != expected:
                 _key_error(path, layout, expected - keys, keys - expected)
-            return {name: _decode(f, i, name, enc, _DTYPES[code], shape, path) for i, (name, enc, code, shape) in enumerate(layout)}
+            return {
+                name: _decode(f, i, name, enc, _DTYPES[code], shape, path)
+                for i, (name, enc, code, shape) in enumerate(layout)
+            }
     except CheckpointError:
         raise
     except OSError as e:
@@ -157,8 +176,13 @@ def _layout(metadata: Mapping[str, str], path: Path) -> list[list]:
     except ValueError:
         layout = None
     ok = isinstance(layout, list) and all(
-        isinstance(e, list) and len(e) == 4 and isinstance(e[0], str) and e[1] in (_DENSE, _MASKED) and e[2] in _DTYPES
-        and isinstance(e[3], list) and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in e[3])
+        isinstance(e, list)
+        and len(e) == 4
+        and isinstance(e[0], str)
+        and e[1] in (_DENSE, _MASKED)
+        and e[2] in _DTYPES
+        and isinstance(e[3], list)
+        and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in e[3])
         and (e[1] == _DENSE or _DTYPES[e[2]].is_floating_point)
         for e in layout
     )
@@ -177,7 +201,10 @@ def _key_error(path: Path, layout: list[list], missing: set[str], extra: set[str
 
     parts = []
     if missing:
-        parts.append(f"lacks {len(missing)} tensor(s) its layout lists (first: {', '.join(describe(k) for k in sorted(missing)[:3])})")
+        parts.append(
+            f"lacks {len(missing)} tensor(s) its layout lists "
+            f"(first: {', '.join(describe(k) for k in sorted(missing)[:3])})"
+        )
     if extra:
         parts.append(f"holds {len(extra)} tensor(s) its layout does not list (first: {', '.join(sorted(extra)[:3])})")
     raise CheckpointError(f"compact artifact {path} " + " and ".join(parts) + f"; it is corrupt or edited; {_REEXPORT}")
@@ -197,7 +224,10 @@ def _decode(f, i: int, name: str, enc: str, dtype: torch.dtype, shape: list[int]
         return t.to(dtype)
     mask, values = f.get_tensor(f"{i}m"), f.get_tensor(f"{i}v")
     if mask.dtype != torch.uint8 or mask.dim() != 1 or mask.numel() != (n + 7) // 8:
-        raise bad(f"mask is {mask.dtype} of shape {list(mask.shape)}, expected uint8 of shape [{(n + 7) // 8}] for shape {shape}")
+        raise bad(
+            f"mask is {mask.dtype} of shape {list(mask.shape)}, "
+            f"expected uint8 of shape [{(n + 7) // 8}] for shape {shape}"
+        )
     if not values.is_floating_point() or values.dim() != 1:
         raise bad(f"values are {values.dtype} of shape {list(values.shape)}, expected a 1-D float tensor")
     bits = np.unpackbits(mask.numpy(), count=n).view(np.bool_)

@@ -25,30 +25,44 @@ def check_output(out: str | Path) -> None:
     out = Path(out).expanduser()
     absolute = Path(os.path.abspath(out))
     if absolute.is_symlink() and not absolute.exists():
-        raise ConfigError(f"output {out} is a symbolic link to {os.readlink(absolute)}, which does not exist; "
-                          "give a directory that does not exist yet (or is empty)", field="out")
+        raise ConfigError(
+            f"output {out} is a symbolic link to {os.readlink(absolute)}, which does not exist; "
+            "give a directory that does not exist yet (or is empty)",
+            field="out",
+        )
     absolute = output_path(out)
     cwd = Path(os.getcwd()).resolve()
     if absolute == cwd or absolute in cwd.parents or absolute.parent == absolute:
-        raise ConfigError(f"output {out} is {'the root directory' if absolute.parent == absolute else 'the current directory or one above it'}; "
-                          "give a new directory for the results (e.g. --out pruned)", field="out")
+        raise ConfigError(
+            f"output {out} is "
+            f"{'the root directory' if absolute.parent == absolute else 'the current directory or one above it'}; "
+            "give a new directory for the results (e.g. --out pruned)",
+            field="out",
+        )
     if absolute.exists():
         if not absolute.is_dir():
-            raise ConfigError(f"output {out} is a file; give a directory that does not exist yet (or is empty)", field="out")
+            raise ConfigError(
+                f"output {out} is a file; give a directory that does not exist yet (or is empty)", field="out"
+            )
         if any(absolute.iterdir()):
-            raise ConfigError(f"output directory {out} already exists and is not empty; choose a new --out", field="out")
+            raise ConfigError(
+                f"output directory {out} already exists and is not empty; choose a new --out", field="out"
+            )
     existing = absolute.parent
     while not existing.exists():
         existing = existing.parent
     if not existing.is_dir():
-        raise ConfigError(f"output {out}: {existing} is a file, not a directory, so {out} cannot be created", field="out")
+        raise ConfigError(
+            f"output {out}: {existing} is a file, not a directory, so {out} cannot be created", field="out"
+        )
     try:
         fd, probe = tempfile.mkstemp(prefix=".dg2pf-probe-", dir=existing)
         os.close(fd)
         os.unlink(probe)
     except OSError as exc:
-        raise ConfigError(f"output {out}: cannot write in {existing} ({exc.strerror or exc}); choose another --out",
-                          field="out") from None
+        raise ConfigError(
+            f"output {out}: cannot write in {existing} ({exc.strerror or exc}); choose another --out", field="out"
+        ) from None
 
 
 def output_path(out: str | Path) -> Path:

@@ -15,10 +15,10 @@ from __future__ import annotations
 
 import io
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import PIL.Image
 import torch
@@ -59,7 +59,7 @@ class InferenceModel:
     backend: str = "torch"  # what computes the logits: "torch", or the engine ``model`` wraps
 
     @classmethod
-    def load(cls, output_dir: str | Path, device: str | torch.device = "cpu") -> "InferenceModel":
+    def load(cls, output_dir: str | Path, device: str | torch.device = "cpu") -> InferenceModel:
         """The model a job wrote to ``output_dir``, in eval mode on ``device``."""
         meta = read_job_metrics(output_dir)
         weights = Artifacts(output_dir).weights
@@ -68,12 +68,15 @@ class InferenceModel:
         return cls.for_module(model.to(device).eval(), meta)
 
     @classmethod
-    def for_module(cls, module: nn.Module, meta: ModelInfo, backend: str = "torch") -> "InferenceModel":
+    def for_module(cls, module: nn.Module, meta: ModelInfo, backend: str = "torch") -> InferenceModel:
         """Logits from ``module`` (``[N, C, H, W]`` float32 -> ``[N, num_classes]``), inputs, labels and
         preprocessing from the job's ``metrics.json`` (``meta``, as ``read_job_metrics`` returns it)."""
         spec = get_arch(meta.arch)
-        request = DataRequest(image_size=meta.image_size or spec.input_size, in_channels=meta.in_channels or spec.in_channels,
-                              crop_pct=meta.crop_pct)
+        request = DataRequest(
+            image_size=meta.image_size or spec.input_size,
+            in_channels=meta.in_channels or spec.in_channels,
+            crop_pct=meta.crop_pct,
+        )
         return cls(
             model=module,
             arch=meta.arch,
@@ -99,7 +102,9 @@ class InferenceModel:
         try:
             batch = torch.tensor(inputs, dtype=torch.float32)
         except (TypeError, ValueError, RuntimeError) as exc:
-            raise InputError(f"inputs must be a rectangular nested list of numbers, each item {self._shape_text()}: {exc}") from None
+            raise InputError(
+                f"inputs must be a rectangular nested list of numbers, each item {self._shape_text()}: {exc}"
+            ) from None
         if tuple(batch.shape[1:]) != self.input_shape:
             raise InputError(
                 f"each input must have shape {self._shape_text()} (channels x height x width); "
@@ -117,13 +122,19 @@ class InferenceModel:
             image_format = image.format
             width, height = image.size
         except PIL.Image.DecompressionBombError as exc:  # a header declaring more pixels than Pillow decodes
-            raise InputError(f"image is too large: {exc}; at most {MAX_IMAGE_PIXELS} pixels are accepted", field="image") from None
+            raise InputError(
+                f"image is too large: {exc}; at most {MAX_IMAGE_PIXELS} pixels are accepted", field="image"
+            ) from None
         except (PIL.UnidentifiedImageError, OSError, ValueError) as exc:
-            raise InputError(f"the body is not a readable image ({', '.join(IMAGE_FORMATS)} expected): {exc}", field="image") from None
+            raise InputError(
+                f"the body is not a readable image ({', '.join(IMAGE_FORMATS)} expected): {exc}", field="image"
+            ) from None
         if image_format not in IMAGE_FORMATS:
             raise InputError(f"images must be {' or '.join(IMAGE_FORMATS)}, got {image_format}", field="image")
         if width * height > MAX_IMAGE_PIXELS:
-            raise InputError(f"image is {width} x {height} pixels; at most {MAX_IMAGE_PIXELS} pixels are accepted", field="image")
+            raise InputError(
+                f"image is {width} x {height} pixels; at most {MAX_IMAGE_PIXELS} pixels are accepted", field="image"
+            )
         try:
             image.load()
             image = upright(image)  # a phone's EXIF orientation, as every viewer shows the photo
@@ -164,8 +175,9 @@ def read_job_metrics(output_dir: str | Path) -> ModelInfo:
     try:
         return ModelInfo.read(files.metrics)
     except OSError as exc:
-        raise CheckpointError(f"{files.root} holds no readable {files.METRICS} (is it a finished job's output?): "
-                              f"{exc.strerror or exc}") from exc
+        raise CheckpointError(
+            f"{files.root} holds no readable {files.METRICS} (is it a finished job's output?): {exc.strerror or exc}"
+        ) from exc
     except ValueError as exc:  # MetricsError: names the file and what is wrong with it
         raise CheckpointError(str(exc)) from exc
 

@@ -65,11 +65,18 @@ class LatencyReport:
 
     def to_dict(self) -> dict:
         return {
-            "device": "cpu", "cpu": cpu_name(), "threads": self.threads, "runs": self.runs, "warmup": self.warmup,
-            "budget_s": self.budget_s, "seconds": round(self.seconds, 2),
+            "device": "cpu",
+            "cpu": cpu_name(),
+            "threads": self.threads,
+            "runs": self.runs,
+            "warmup": self.warmup,
+            "budget_s": self.budget_s,
+            "seconds": round(self.seconds, 2),
             **({"cuda_device": self.cuda_device} if self.cuda_device else {}),
-            "backends": {b: {str(n): {m: t.to_dict() for m, t in cells.items()} for n, cells in by_batch.items()}
-                         for b, by_batch in self.timings.items()},
+            "backends": {
+                b: {str(n): {m: t.to_dict() for m, t in cells.items()} for n, cells in by_batch.items()}
+                for b, by_batch in self.timings.items()
+            },
             "notes": list(self.notes),
         }
 
@@ -117,8 +124,16 @@ def measure_latency(
                     report.notes.append(f"{backend} batch {batch}: not measured, the {budget_s:g} s budget was spent")
                     continue
                 report.timings.setdefault(backend, {})[batch] = _time_cell(
-                    runners, batch, input_shape, runs, warmup, share, backend == "torch_cuda", report.notes,
-                    f"{backend} batch {batch}")
+                    runners,
+                    batch,
+                    input_shape,
+                    runs,
+                    warmup,
+                    share,
+                    backend == "torch_cuda",
+                    report.notes,
+                    f"{backend} batch {batch}",
+                )
     finally:
         torch.set_num_threads(previous_threads)
         for name, m in named.items():
@@ -136,8 +151,11 @@ def compare(report: LatencyReport, dense: str = "dense", pruned: str = "pruned")
         for batch, cells in by_batch.items():
             row: dict = {}
             if pruned in cells:
-                row.update(pruned_ms=_figure(cells[pruned].median_ms), pruned_p90_ms=_figure(cells[pruned].p90_ms),
-                           runs=cells[pruned].runs)
+                row.update(
+                    pruned_ms=_figure(cells[pruned].median_ms),
+                    pruned_p90_ms=_figure(cells[pruned].p90_ms),
+                    runs=cells[pruned].runs,
+                )
             if dense in cells:
                 row.update(dense_ms=_figure(cells[dense].median_ms), dense_p90_ms=_figure(cells[dense].p90_ms))
             if pruned in cells and dense in cells:
@@ -160,6 +178,7 @@ def cpu_name() -> str:
 
 
 # --- runners: one callable per model that runs a forward pass on a batch ---------------------------
+
 
 def _torch_runners(models: Mapping[str, nn.Module], device: str) -> dict[str, Callable]:
     runners = {}
@@ -195,8 +214,17 @@ def _on(model: nn.Module, device: torch.device) -> nn.Module:
     return copy.deepcopy(model).to(device).float()
 
 
-def _time_cell(runners: Mapping[str, Callable], batch: int, input_shape: Sequence[int], runs: int, warmup: int,
-               budget: float | None, cuda: bool, notes: list[str], label: str) -> dict[str, Timing]:
+def _time_cell(
+    runners: Mapping[str, Callable],
+    batch: int,
+    input_shape: Sequence[int],
+    runs: int,
+    warmup: int,
+    budget: float | None,
+    cuda: bool,
+    notes: list[str],
+    label: str,
+) -> dict[str, Timing]:
     """One (backend, batch size) cell: ``warmup`` untimed rounds (at least 2: the first run of a model
     allocates and plans, the second gives the cost of a round to plan with), then ``runs`` timed
     rounds, one run of every model per round in rotating order; fewer when ``budget`` (seconds)
@@ -233,8 +261,10 @@ def _time_cell(runners: Mapping[str, Callable], batch: int, input_shape: Sequenc
         left = budget - (time.perf_counter() - started)
         planned = min(runs, max(MIN_RUNS if left > 0 else 1, int(left / max(round_s, 1e-9))))
         if planned < runs:
-            notes.append(f"{label}: {planned} of {runs} runs, to stay within the budget ({budget:.1f} s for this cell; "
-                         f"a round of {len(names)} model(s) takes {1000 * round_s:.0f} ms)")
+            notes.append(
+                f"{label}: {planned} of {runs} runs, to stay within the budget ({budget:.1f} s for this cell; "
+                f"a round of {len(names)} model(s) takes {1000 * round_s:.0f} ms)"
+            )
     times: dict[str, list[float]] = {n: [] for n in names}
     for r in range(planned):
         for name, took in one_round(r).items():

@@ -136,7 +136,13 @@ def footprint(model: nn.Module, input_shape: tuple[int, ...], device: torch.devi
 def compared(model: Footprint, reference: Footprint, reference_name: str) -> dict:
     """``model`` against an unpruned ``reference`` (every entry of it counted): what a user reads as
     "0.5x the compute, 0.4x the parameters"."""
-    return {"reference": reference_name, "macs": model.macs, "macs_reference": reference.macs_dense,
-            "macs_ratio": model.macs / reference.macs_dense if reference.macs_dense else None,
-            "params": model.params, "params_nonzero": model.params_nonzero, "params_reference": reference.params,
-            "params_ratio": model.params_nonzero / reference.params if reference.params else None}
+    return {
+        "reference": reference_name,
+        "macs": model.macs,
+        "macs_reference": reference.macs_dense,
+        "macs_ratio": model.macs / reference.macs_dense if reference.macs_dense else None,
+        "params": model.params,
+        "params_nonzero": model.params_nonzero,
+        "params_reference": reference.params,
+        "params_ratio": model.params_nonzero / reference.params if reference.params else None,
+    }

@@ -60,8 +60,10 @@ def onnx_missing_reason(output_dir: str | Path, meta: ModelInfo | None = None) -
         return None
     section = (meta if meta is not None else read_job_metrics(files.root)).onnx
     if section is None:
-        return (f"the job wrote no {files.ONNX} (its {files.METRICS} has no 'onnx' section: it ran before dg2pf "
-                "exported ONNX); run the job again to get one")
+        return (
+            f"the job wrote no {files.ONNX} (its {files.METRICS} has no 'onnx' section: it ran before dg2pf "
+            "exported ONNX); run the job again to get one"
+        )
     if not section.written:
         return f"the job's ONNX export failed: {section.reason or 'no reason recorded'}"
     return f"{files.ONNX} was written by the job but is no longer in {files.root}"
@@ -86,6 +88,7 @@ def load_onnx_model(output_dir: str | Path, threads: int) -> InferenceModel:
     except ImportError as exc:
         raise OnnxUnavailable(f"ONNX Runtime is not installed ({exc}); install onnxruntime", field="model") from exc
     except Exception as exc:  # noqa: BLE001 - ONNX Runtime raises its own types for a bad or truncated file
-        raise OnnxUnavailable(f"ONNX Runtime cannot load {onnx}: {str(exc).splitlines()[0][:300]}",
-                              field="model") from exc
+        raise OnnxUnavailable(
+            f"ONNX Runtime cannot load {onnx}: {str(exc).splitlines()[0][:300]}", field="model"
+        ) from exc
     return InferenceModel.for_module(OrtModule(session, onnx), meta, backend=BACKEND)

@@ -56,8 +56,15 @@ class OnnxReport:
         """The ``onnx`` section of metrics.json."""
         if not self.written:
             return OnnxExport(written=False, reason=self.reason)
-        return OnnxExport(written=True, file=Artifacts.ONNX, opset=self.opset, max_abs_diff=self.max_abs_diff,
-                          tolerance=self.tolerance, check_batch=CHECK_BATCH, seconds=round(self.seconds, 2))
+        return OnnxExport(
+            written=True,
+            file=Artifacts.ONNX,
+            opset=self.opset,
+            max_abs_diff=self.max_abs_diff,
+            tolerance=self.tolerance,
+            check_batch=CHECK_BATCH,
+            seconds=round(self.seconds, 2),
+        )
 
     def to_dict(self) -> dict:
         return self.section().model_dump(exclude_unset=True)
@@ -78,8 +85,9 @@ def ort_session(path: str | Path, threads: int | None = None):
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
-def export_onnx(model: nn.Module, input_shape: tuple[int, ...], path: str | Path, *, check: bool = True,
-                what: str = "the model") -> OnnxReport:
+def export_onnx(
+    model: nn.Module, input_shape: tuple[int, ...], path: str | Path, *, check: bool = True, what: str = "the model"
+) -> OnnxReport:
     """Export ``model`` for inputs ``[batch, *input_shape]`` to ``path`` and check it against PyTorch.
 
     ``path`` exists afterwards only if the export worked and (with ``check``) ONNX Runtime's logits
@@ -105,8 +113,13 @@ def export_onnx(model: nn.Module, input_shape: tuple[int, ...], path: str | Path
         except Exception as exc:  # noqa: BLE001 - a file ONNX Runtime cannot run is not kept either
             return _failed(f"ONNX Runtime could not run the exported model: {_root_cause(exc)}", started)
         if not diff <= tolerance:  # also catches NaN
-            return _failed(f"the exported model's logits differ from PyTorch's by up to {diff:.3g} (allowed: "
-                           f"{tolerance:.3g}); not kept", started, diff, tolerance)
+            return _failed(
+                f"the exported model's logits differ from PyTorch's by up to {diff:.3g} (allowed: "
+                f"{tolerance:.3g}); not kept",
+                started,
+                diff,
+                tolerance,
+            )
         os.replace(partial, path)
         return OnnxReport(True, max_abs_diff=diff, tolerance=tolerance, seconds=time.perf_counter() - started)
     finally:
@@ -118,7 +131,9 @@ def _float32_cpu(model: nn.Module) -> nn.Module:
     model stays where it is); in eval mode either way (the caller's training flag is not restored
     here: a finished job's model is not trained further)."""
     params = [*model.parameters(), *model.buffers()]
-    on_cpu_fp32 = all(t.device.type == "cpu" and (not t.is_floating_point() or t.dtype == torch.float32) for t in params)
+    on_cpu_fp32 = all(
+        t.device.type == "cpu" and (not t.is_floating_point() or t.dtype == torch.float32) for t in params
+    )
     out = model if on_cpu_fp32 else copy.deepcopy(model).cpu().float()
     return out.eval()
 
@@ -141,9 +156,18 @@ def _quiet() -> Iterator[None]:
 def _export(model: nn.Module, input_shape: tuple[int, ...], path: Path) -> None:
     example = torch.zeros((EXPORT_BATCH, *input_shape))
     with _quiet(), torch.no_grad():
-        torch.onnx.export(model, (example,), str(path), dynamo=True, opset_version=OPSET, input_names=[INPUT_NAME],
-                          output_names=[OUTPUT_NAME], dynamic_shapes=({0: torch.export.Dim("batch")},),
-                          external_data=False, verbose=False)
+        torch.onnx.export(
+            model,
+            (example,),
+            str(path),
+            dynamo=True,
+            opset_version=OPSET,
+            input_names=[INPUT_NAME],
+            output_names=[OUTPUT_NAME],
+            dynamic_shapes=({0: torch.export.Dim("batch")},),
+            external_data=False,
+            verbose=False,
+        )
 
 
 @torch.no_grad()
@@ -160,7 +184,9 @@ def _compare(model: nn.Module, input_shape: tuple[int, ...], path: Path) -> tupl
 
 
 def _failed(reason: str, started: float, diff: float | None = None, tolerance: float | None = None) -> OnnxReport:
-    return OnnxReport(False, reason=reason, max_abs_diff=diff, tolerance=tolerance, seconds=time.perf_counter() - started)
+    return OnnxReport(
+        False, reason=reason, max_abs_diff=diff, tolerance=tolerance, seconds=time.perf_counter() - started
+    )
 
 
 def _root_cause(exc: BaseException) -> str:
@@ -172,8 +198,10 @@ def _root_cause(exc: BaseException) -> str:
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
     text = f"{type(exc).__name__}: {lines[0] if lines else ''}".rstrip(": ")
     if len(text) > _MAX_REASON:
-        text = text[:_MAX_REASON - 3] + "..."
-    where = re.findall(r'File "([^"]+)", line (\d+), in (\w+)', outer.split("The following call raised this error:")[-1])
+        text = text[: _MAX_REASON - 3] + "..."
+    where = re.findall(
+        r'File "([^"]+)", line (\d+), in (\w+)', outer.split("The following call raised this error:")[-1]
+    )
     if where and "The following call raised this error:" in outer:
         file, line, function = where[0]
         text += f" (in {function}, {os.path.basename(file)}:{line})"

@@ -7,7 +7,8 @@ the number of layers, so a 200-layer network stays readable.
 
 Every job writes both beside metrics.json (``job.write_results``); ``dg2pf plot`` draws them for any
 finished run, older ones included (any run's metrics.json reads as ``dg2pf_contract.results.Metrics``;
-a field its version did not write is drawn when present). Matplotlib's object API on the Agg canvas: no display, and no pyplot
+a field its version did not write is drawn when present). Matplotlib's object API on the Agg canvas: no
+display, and no pyplot
 state shared between jobs or threads. Layer names, paths and options come from the run and are drawn
 as written (``parse_math=False``: a "$" in a name is no TeX).
 """
@@ -90,8 +91,10 @@ def _num(value: float | None) -> float | None:
 def epoch_records(metrics: Metrics) -> list[EpochRecord]:
     """The history's records, one per epoch (a resumed run's latest), in order."""
     if not metrics.history:
-        raise PlotError(f"{Artifacts.METRICS} has no per-epoch history: it is not the {Artifacts.METRICS} of a pruning "
-                        "run (dg2pf prune, dg2pf tune or a service job)")
+        raise PlotError(
+            f"{Artifacts.METRICS} has no per-epoch history: it is not the {Artifacts.METRICS} of a pruning "
+            "run (dg2pf prune, dg2pf tune or a service job)"
+        )
     by_epoch = {record.epoch: record for record in metrics.history}
     return [by_epoch[e] for e in sorted(by_epoch)]
 
@@ -131,8 +134,10 @@ def _title(metrics: Metrics) -> str:
         dataset = f"{name}:…/{Path(path).name}"
     head = f"{metrics.arch} on {dataset}, {metrics.granularity}, {_target_text(metrics)}"
     pairs = []
-    for what, before, after in (("val", metrics.baseline_val_top1, metrics.val_top1),
-                                ("test", metrics.baseline_test_top1, metrics.test_top1)):
+    for what, before, after in (
+        ("val", metrics.baseline_val_top1, metrics.val_top1),
+        ("test", metrics.baseline_test_top1, metrics.test_top1),
+    ):
         a, b = _num(before), _num(after)
         if a is not None and b is not None:
             pairs.append(f"{what} top-1 {a:.2f}% → {b:.2f}% ({b - a:+.2f})")
@@ -172,18 +177,35 @@ def training_figure(metrics: Metrics):
         top1.axhline(baseline, color="#555555", ls=":", lw=1, label=f"unpruned validation top-1 ({baseline:.2f}%)")
     test = _num(metrics.test_top1)
     if kept in x:
-        top1.plot([kept], [y[x.index(kept)]], marker="*", ms=14, color="#d62728", ls="none",
-                  label=f"kept: epoch {kept}, validation {y[x.index(kept)]:.2f}%")
+        top1.plot(
+            [kept],
+            [y[x.index(kept)]],
+            marker="*",
+            ms=14,
+            color="#d62728",
+            ls="none",
+            label=f"kept: epoch {kept}, validation {y[x.index(kept)]:.2f}%",
+        )
         if test is not None:
-            top1.plot([kept], [test], marker="D", ms=6, color="#d62728", mfc="white", ls="none",
-                      label=f"test top-1 of the kept model ({test:.2f}%)")
+            top1.plot(
+                [kept],
+                [test],
+                marker="D",
+                ms=6,
+                color="#d62728",
+                mfc="white",
+                ls="none",
+                label=f"test top-1 of the kept model ({test:.2f}%)",
+            )
     top1.set_ylabel("top-1 (%)")
     if top1.get_legend_handles_labels()[0]:  # a damaged history may leave nothing to name
         top1.legend(loc="best", fontsize=8)
 
     sparsity = axes[1]
     x, y = series(lambda r: r.sparsity, 100.0)
-    sparsity.plot(x, y, "o-", color="#b07aa1", ms=3, lw=1.5, label="channels removed" if _is_channel(metrics) else "sparsity")
+    sparsity.plot(
+        x, y, "o-", color="#b07aa1", ms=3, lw=1.5, label="channels removed" if _is_channel(metrics) else "sparsity"
+    )
     target = _num(metrics.target_sparsity)
     if target is not None:
         sparsity.axhline(target * 100, color="black", ls=":", lw=1, label=_target_text(metrics))
@@ -197,7 +219,9 @@ def training_figure(metrics: Metrics):
     loss.plot(x, y, "o-", color="#e15759", ms=3, lw=1.5)
     loss.set_ylabel("training loss")
     if not x:
-        loss.text(0.5, 0.5, "no training loss recorded", ha="center", va="center", transform=loss.transAxes, color="grey")
+        loss.text(
+            0.5, 0.5, "no training loss recorded", ha="center", va="center", transform=loss.transAxes, color="grey"
+        )
 
     if pruning:
         recovered = axes[3]
@@ -208,7 +232,9 @@ def training_figure(metrics: Metrics):
         config = metrics.config  # the options as that run's version named them: read by name, where present
         how = ", ".join(f"{k} {config[k]}" for k in ("recovery", "gradual_masks") if isinstance(config.get(k), str))
         note = f"{sum(y):,.0f} in all" + (f" ({how})" if how else "")
-        recovered.text(0.99, 0.95, note, ha="right", va="top", transform=recovered.transAxes, fontsize=8, parse_math=False)
+        recovered.text(
+            0.99, 0.95, note, ha="right", va="top", transform=recovered.transAxes, fontsize=8, parse_math=False
+        )
         if not any(y):
             recovered.set_ylim(0, 1)
         recovered.yaxis.get_major_locator().set_params(integer=True)
@@ -216,7 +242,10 @@ def training_figure(metrics: Metrics):
     axes[-1].set_xlabel("epoch (0: the unpruned network, evaluated before training)")
     axes[-1].set_xlim(min(epochs) - 0.5, max(epochs) + 0.5)
     axes[-1].xaxis.get_major_locator().set_params(integer=True)
-    handles = [Patch(color=_phase_style(p)[1], alpha=0.35, label=_phase_style(p)[0]) for p in dict.fromkeys(s[0] for s in spans)]
+    handles = [
+        Patch(color=_phase_style(p)[1], alpha=0.35, label=_phase_style(p)[0])
+        for p in dict.fromkeys(s[0] for s in spans)
+    ]
     handles.append(Line2D([], [], color="black", ls="--", lw=1, label=f"kept (best) epoch {kept}"))
     legend = figure.legend(handles=handles, loc="outside lower center", ncols=len(handles), fontsize=8, frameon=False)
     for text in legend.get_texts():
@@ -229,8 +258,10 @@ def layer_values(metrics: Metrics) -> dict[str, float]:
     """Per-layer sparsity (fraction) in the network's order; a damaged entry is an error."""
     bad = [name for name, v in metrics.layer_sparsity.items() if _num(v) is None]
     if bad:
-        raise PlotError(f"{Artifacts.METRICS}'s layer_sparsity has no number for {len(bad)} layer(s), first {bad[0]!r}: "
-                        "the file is damaged")
+        raise PlotError(
+            f"{Artifacts.METRICS}'s layer_sparsity has no number for {len(bad)} layer(s), first {bad[0]!r}: "
+            "the file is damaged"
+        )
     return metrics.layer_sparsity
 
 
@@ -246,7 +277,7 @@ def short_name(name: str, limit: int = NAME_LIMIT) -> str:
         if len(longer) + 1 > limit:
             break
         tail = longer
-    return "…" + (tail or name[-(limit - 1):])
+    return "…" + (tail or name[-(limit - 1) :])
 
 
 def _labels(names: list[str]) -> list[str]:
@@ -309,6 +340,10 @@ def layers_figure(metrics: Metrics):
     achieved = _num(metrics.sparsity_prunable)
     what = "channels removed per layer group" if channel else "sparsity per layer"
     overall = f", {achieved:.2%} overall" if achieved is not None else ""
-    ax.set_title(f"{metrics.arch}: {what} ({n} {'group' if channel else 'layer'}{'s' if n != 1 else ''}"
-                 f"{overall}, {_target_text(metrics)})", fontsize=10, parse_math=False)
+    ax.set_title(
+        f"{metrics.arch}: {what} ({n} {'group' if channel else 'layer'}{'s' if n != 1 else ''}"
+        f"{overall}, {_target_text(metrics)})",
+        fontsize=10,
+        parse_math=False,
+    )
     return figure

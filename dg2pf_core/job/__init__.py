@@ -26,7 +26,19 @@ from dg2pf_core.job.spec import PreparedJob, PruneJob
 from dg2pf_core.job.write import write_results
 
 __all__ = [
-    "OutputError", "PreparedJob", "PruneJob", "check_static", "checkpoint_num_classes", "load_checkpoint_model",
-    "load_data", "load_model", "prepare", "prune_to_dir", "read_state_dir", "result_metrics", "run", "state_dir_for",
+    "OutputError",
+    "PreparedJob",
+    "PruneJob",
+    "check_static",
+    "checkpoint_num_classes",
+    "load_checkpoint_model",
+    "load_data",
+    "load_model",
+    "prepare",
+    "prune_to_dir",
+    "read_state_dir",
+    "result_metrics",
+    "run",
+    "state_dir_for",
     "write_results",
 ]

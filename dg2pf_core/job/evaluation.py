@@ -15,9 +15,18 @@ from dg2pf_core.job.preflight import check_eval_forward
 from dg2pf_core.models import build_model
 
 
-def evaluate_checkpoint(arch: str, num_classes: int, checkpoint: str, dataset: str, *, image_size: int | None = None,
-                        split: str = "test", skip_bad_images: bool = False, crop_pct: float | None = None,
-                        checkpoint_key: str | None = None) -> dict:
+def evaluate_checkpoint(
+    arch: str,
+    num_classes: int,
+    checkpoint: str,
+    dataset: str,
+    *,
+    image_size: int | None = None,
+    split: str = "test",
+    skip_bad_images: bool = False,
+    crop_pct: float | None = None,
+    checkpoint_key: str | None = None,
+) -> dict:
     """Top-1/top-5 (%) of a checkpoint on a split, its sparsity, the channels its structure removed
     (a channel-pruned checkpoint) and its MACs and parameters against the architecture's dense default
     (``compared``); DG2PFError for bad input, checked before the evaluation (the checkpoint, the data,
@@ -39,11 +48,19 @@ def evaluate_checkpoint(arch: str, num_classes: int, checkpoint: str, dataset: s
     structure = read_structure(checkpoint)
     shape = (spec.in_channels, size, size)
     return {
-        "split": split, "top1": acc.top1, "top5": acc.top5, "samples": acc.samples,
-        "sparsity_prunable": zero_prunable / n_prunable, "sparsity_total": zero_all / n_all,
-        "channels_removed": None if structure is None else sum(len(v) for stage in structure.stages for v in stage.values()),
+        "split": split,
+        "top1": acc.top1,
+        "top5": acc.top5,
+        "samples": acc.samples,
+        "sparsity_prunable": zero_prunable / n_prunable,
+        "sparsity_total": zero_all / n_all,
+        "channels_removed": None
+        if structure is None
+        else sum(len(v) for stage in structure.stages for v in stage.values()),
         "input_shape": list(shape),
-        **compared(footprint(model, shape), dense_default_footprint(arch, num_classes, shape), dense_default_name(arch)),
+        **compared(
+            footprint(model, shape), dense_default_footprint(arch, num_classes, shape), dense_default_name(arch)
+        ),
     }
 
 

@@ -35,15 +35,29 @@ class Example:
 
 EXAMPLES: dict[str, Example] = {
     "digits": Example(
-        arch="digits_cnn", dataset="digits", num_classes=10, epochs=30, lr=2e-3, batch_size=64, patience=10,
+        arch="digits_cnn",
+        dataset="digits",
+        num_classes=10,
+        epochs=30,
+        lr=2e-3,
+        batch_size=64,
+        patience=10,
         description="digits_cnn trained on scikit-learn's handwritten digits (16x16, 10 classes)",
     ),
 }
 
 
 def pretrain(
-    arch: str, num_classes: int, dataset: str, *, epochs: int, lr: float, batch_size: int = 64,
-    seed: int = 0, image_size: int | None = None, on_epoch: Callable[[int, float], None] | None = None,
+    arch: str,
+    num_classes: int,
+    dataset: str,
+    *,
+    epochs: int,
+    lr: float,
+    batch_size: int = 64,
+    seed: int = 0,
+    image_size: int | None = None,
+    on_epoch: Callable[[int, float], None] | None = None,
     patience: int | None = None,
 ) -> tuple[torch.nn.Module, ExampleMetrics]:
     """Train ``arch`` from scratch (Adam, cosine lr over ``epochs``) and keep the best epoch by validation
@@ -80,22 +94,40 @@ def pretrain(
     test_loader = loaders.test()
     test = evaluate(model, test_loader, device) if test_loader is not None else None
     metrics = ExampleMetrics(
-        arch=arch, num_classes=num_classes, dataset=dataset, image_size=size, epochs=ran, max_epochs=epochs,
-        best_epoch=best_epoch, val_top1=best_val, test_top1=test.top1 if test else None,
-        test_top5=test.top5 if test else None, wall_seconds=time.perf_counter() - started,
+        arch=arch,
+        num_classes=num_classes,
+        dataset=dataset,
+        image_size=size,
+        epochs=ran,
+        max_epochs=epochs,
+        best_epoch=best_epoch,
+        val_top1=best_val,
+        test_top1=test.top1 if test else None,
+        test_top5=test.top5 if test else None,
+        wall_seconds=time.perf_counter() - started,
     )
     return model, metrics
 
 
-def write_example(name: str, out: str | Path, *, seed: int = 0,
-                  on_epoch: Callable[[int, float], None] | None = None) -> ExampleMetrics:
+def write_example(
+    name: str, out: str | Path, *, seed: int = 0, on_epoch: Callable[[int, float], None] | None = None
+) -> ExampleMetrics:
     """Train example ``name`` and write ``out/model.safetensors`` + ``out/metrics.json``."""
     if name not in EXAMPLES:
         raise ConfigError(f"unknown example {name!r}; available: {sorted(EXAMPLES)}", field="example")
     ex = EXAMPLES[name]
     output = OutputDir(out)
-    model, metrics = pretrain(ex.arch, ex.num_classes, ex.dataset, epochs=ex.epochs, lr=ex.lr, batch_size=ex.batch_size,
-                              seed=seed, on_epoch=on_epoch, patience=ex.patience)
+    model, metrics = pretrain(
+        ex.arch,
+        ex.num_classes,
+        ex.dataset,
+        epochs=ex.epochs,
+        lr=ex.lr,
+        batch_size=ex.batch_size,
+        seed=seed,
+        on_epoch=on_epoch,
+        patience=ex.patience,
+    )
     with output.staging() as tmp:
         files = Artifacts(tmp)
         write_model(model, files.model)

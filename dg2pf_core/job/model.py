@@ -20,9 +20,16 @@ from dg2pf_core.models.registry import build_meta
 warnings.filterwarnings("ignore", message=r".*copying from a non-meta parameter in the checkpoint to a meta parameter")
 
 
-def load_checkpoint_model(arch: str, num_classes: int, checkpoint: str | Path, what: str = "checkpoint", *,
-                          meta: bool = False, fp16_values: bool = False,
-                          key: str | None = None) -> tuple[ArchSpec, nn.Module, dict[str, torch.dtype]]:
+def load_checkpoint_model(
+    arch: str,
+    num_classes: int,
+    checkpoint: str | Path,
+    what: str = "checkpoint",
+    *,
+    meta: bool = False,
+    fp16_values: bool = False,
+    key: str | None = None,
+) -> tuple[ArchSpec, nn.Module, dict[str, torch.dtype]]:
     """``arch`` built with ``num_classes`` and the checkpoint's weights (read by content, finite,
     fitting), and the dtype each tensor had in the checkpoint. Raises ``DG2PFError``.
 
@@ -47,10 +54,12 @@ def load_checkpoint_model(arch: str, num_classes: int, checkpoint: str | Path, w
             load_into(model, state, what=f"{what} {checkpoint}", arch=f"{arch} with num_classes={num_classes}")
         except CheckpointError as exc:
             if structure is None and _narrower(state, model):
-                raise CheckpointError(f"{exc.message}; its layers are narrower than {arch}'s, as in a channel-pruned model, but "
-                                      f"it carries no channel structure ({STRUCTURE_KEY} metadata): use the model.safetensors "
-                                      "dg2pf wrote (a tool that re-saves a file can drop its metadata)",
-                                      field=exc.field) from exc
+                raise CheckpointError(
+                    f"{exc.message}; its layers are narrower than {arch}'s, as in a channel-pruned model, but "
+                    f"it carries no channel structure ({STRUCTURE_KEY} metadata): use the model.safetensors "
+                    "dg2pf wrote (a tool that re-saves a file can drop its metadata)",
+                    field=exc.field,
+                ) from exc
             raise
     return spec, model, {k: v.dtype for k, v in state.items() if v.is_floating_point()}
 
@@ -58,8 +67,13 @@ def load_checkpoint_model(arch: str, num_classes: int, checkpoint: str | Path, w
 def _narrower(state: dict[str, torch.Tensor], model: nn.Module) -> bool:
     """Whether some tensor of ``state`` has ``model``'s rank but is smaller along a dimension."""
     own = model.state_dict()
-    return any(k in own and v.dim() == own[k].dim() and v.shape != own[k].shape
-               and all(a <= b for a, b in zip(v.shape, own[k].shape)) for k, v in state.items())
+    return any(
+        k in own
+        and v.dim() == own[k].dim()
+        and v.shape != own[k].shape
+        and all(a <= b for a, b in zip(v.shape, own[k].shape))
+        for k, v in state.items()
+    )
 
 
 def check_fp16_range(state_dict: dict[str, torch.Tensor], what: str) -> None:
@@ -67,9 +81,11 @@ def check_fp16_range(state_dict: dict[str, torch.Tensor], what: str) -> None:
     limit = float(torch.finfo(torch.float16).max)
     for name, t in state_dict.items():
         if t.is_floating_point() and t.numel() and float(t.detach().abs().max()) > limit:
-            raise ConfigError(f"compact_values fp16: {what} tensor {name} holds values beyond float16's range "
-                              f"(|x| up to {float(t.abs().max()):.3g} > {limit:g}); use compact_values fp32",
-                              field="compact_values")
+            raise ConfigError(
+                f"compact_values fp16: {what} tensor {name} holds values beyond float16's range "
+                f"(|x| up to {float(t.abs().max()):.3g} > {limit:g}); use compact_values fp32",
+                field="compact_values",
+            )
 
 
 def checkpoint_num_classes(arch: str, checkpoint: str | Path, key: str | None = None) -> int:
@@ -84,11 +100,16 @@ def checkpoint_num_classes(arch: str, checkpoint: str | Path, key: str | None = 
     state = read_state_dict(checkpoint, key=key)
     key = f"{last[-1]}.weight" if last else None
     if key is None or key not in state or state[key].dim() < 2:
-        raise CheckpointError(f"checkpoint {checkpoint} has no classifier weight {key or '(none in ' + arch + ')'} to "
-                              f"count the classes from; give --num-classes", field="num_classes")
+        raise CheckpointError(
+            f"checkpoint {checkpoint} has no classifier weight {key or '(none in ' + arch + ')'} to "
+            f"count the classes from; give --num-classes",
+            field="num_classes",
+        )
     return int(state[key].shape[0])
 
 
-def load_model(arch: str, num_classes: int, checkpoint: str | Path, key: str | None = None) -> tuple[ArchSpec, nn.Module]:
+def load_model(
+    arch: str, num_classes: int, checkpoint: str | Path, key: str | None = None
+) -> tuple[ArchSpec, nn.Module]:
     spec, model, _ = load_checkpoint_model(arch, num_classes, checkpoint, key=key)
     return spec, model

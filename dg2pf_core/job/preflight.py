@@ -36,8 +36,12 @@ from dg2pf_core.models.registry import parameter_count
 _DEVICE_HINT = "use auto, cpu, cuda or cuda:N"
 
 
-def check_static(job: PruneJob, *, meta: bool = False, max_params: int | None = None,
-                 ) -> tuple[ArchSpec, nn.Module, dict[str, torch.dtype], nn.Module | None]:
+def check_static(
+    job: PruneJob,
+    *,
+    meta: bool = False,
+    max_params: int | None = None,
+) -> tuple[ArchSpec, nn.Module, dict[str, torch.dtype], nn.Module | None]:
     """The checks that need neither the data nor the training machine: options, the architecture's
     size (``max_params``, counted before anything is built), the checkpoint(s) (by content, finite,
     fitting ``arch``), the selected weights (some, and for N:M granularity each row a whole number
@@ -48,17 +52,29 @@ def check_static(job: PruneJob, *, meta: bool = False, max_params: int | None = 
     if max_params is not None:
         count = parameter_count(job.arch, job.num_classes)
         if count > max_params:
-            raise ConfigError(f"{job.arch} with {job.num_classes} classes has {count:,} parameters, over this service's "
-                              f"limit of {max_params:,} (DG2PF_MAX_MODEL_PARAMS)", field="arch")
+            raise ConfigError(
+                f"{job.arch} with {job.num_classes} classes has {count:,} parameters, over this service's "
+                f"limit of {max_params:,} (DG2PF_MAX_MODEL_PARAMS)",
+                field="arch",
+            )
     if job.config.channel:
         check_architecture(job.arch)  # by name, before building: some graphs take minutes and GBs to trace
         earlier = read_structure(job.checkpoint)
         if earlier is not None and len(earlier.stages) >= MAX_STRUCTURE_STAGES:
-            raise ConfigError(f"the checkpoint was channel-pruned {len(earlier.stages)} times already, the most a model "
-                              f"records ({MAX_STRUCTURE_STAGES}): prune it with granularity 'unstructured' or N:M, or start "
-                              "from a checkpoint with fewer stages", field="granularity")
-    arch, model, dtypes = load_checkpoint_model(job.arch, job.num_classes, job.checkpoint, meta=meta,
-                                                fp16_values=job.compact_values == "fp16", key=job.checkpoint_key)
+            raise ConfigError(
+                f"the checkpoint was channel-pruned {len(earlier.stages)} times already, the most a model "
+                f"records ({MAX_STRUCTURE_STAGES}): prune it with granularity 'unstructured' or N:M, or start "
+                "from a checkpoint with fewer stages",
+                field="granularity",
+            )
+    arch, model, dtypes = load_checkpoint_model(
+        job.arch,
+        job.num_classes,
+        job.checkpoint,
+        meta=meta,
+        fp16_values=job.compact_values == "fp16",
+        key=job.checkpoint_key,
+    )
     prunable = select_prunable(model, job.config.selection())  # --include/--exclude select something
     nm = job.config.nm()
     if nm is not None:
@@ -74,9 +90,13 @@ def check_static(job: PruneJob, *, meta: bool = False, max_params: int | None = 
     teacher = None
     if job.teacher is not None:
         try:
-            _, teacher, _ = load_checkpoint_model(job.arch, job.num_classes, job.teacher, what="teacher checkpoint", meta=meta)
+            _, teacher, _ = load_checkpoint_model(
+                job.arch, job.num_classes, job.teacher, what="teacher checkpoint", meta=meta
+            )
         except DG2PFError as exc:
-            raise type(exc)(exc.message if "teacher" in exc.message else f"--teacher: {exc.message}", field="teacher") from exc
+            raise type(exc)(
+                exc.message if "teacher" in exc.message else f"--teacher: {exc.message}", field="teacher"
+            ) from exc
     return arch, model, dtypes, teacher
 
 
@@ -89,12 +109,34 @@ def prepare(job: PruneJob, *, out: str | Path | None = None, world_size: int = 1
     if out is not None:
         check_output(out)
     arch, model, dtypes, teacher = check_static(job)
-    splits, size = load_data(job.dataset, arch, job.num_classes, job.image_size, job.val_fraction, job.config.seed,
-                             job.skip_bad_images, tuple(job.allowed_roots), job.augment, job.crop_pct)
+    splits, size = load_data(
+        job.dataset,
+        arch,
+        job.num_classes,
+        job.image_size,
+        job.val_fraction,
+        job.config.seed,
+        job.skip_bad_images,
+        tuple(job.allowed_roots),
+        job.augment,
+        job.crop_pct,
+    )
     if dry:
-        dry_run(model, teacher, splits.train, arch=job.arch, num_classes=job.num_classes, image_size=size,
-                batch_size=job.config.batch_size, world_size=world_size, device=device, amp=job.config.amp)
-    return PreparedJob(job, arch, model, teacher, splits, size, device, dtypes=dtypes, structure=read_structure(job.checkpoint))
+        dry_run(
+            model,
+            teacher,
+            splits.train,
+            arch=job.arch,
+            num_classes=job.num_classes,
+            image_size=size,
+            batch_size=job.config.batch_size,
+            world_size=world_size,
+            device=device,
+            amp=job.config.amp,
+        )
+    return PreparedJob(
+        job, arch, model, teacher, splits, size, device, dtypes=dtypes, structure=read_structure(job.checkpoint)
+    )
 
 
 def check_device(name: str, amp: str) -> torch.device:
@@ -116,14 +158,21 @@ def check_device(name: str, amp: str) -> torch.device:
         if device.type == "cuda":
             count = torch.cuda.device_count() if torch.cuda.is_available() else 0
             if count == 0:
-                raise ConfigError(f"device {name!r}: torch sees no CUDA GPU on this machine "
-                                  "(torch.cuda.is_available() is False); use --device cpu or auto", field="device")
+                raise ConfigError(
+                    f"device {name!r}: torch sees no CUDA GPU on this machine "
+                    "(torch.cuda.is_available() is False); use --device cpu or auto",
+                    field="device",
+                )
             if device.index is not None and device.index >= count:
-                raise ConfigError(f"device {name!r}: this machine has {count} CUDA GPU(s), cuda:0 to cuda:{count - 1}",
-                                  field="device")
+                raise ConfigError(
+                    f"device {name!r}: this machine has {count} CUDA GPU(s), cuda:0 to cuda:{count - 1}", field="device"
+                )
     if amp != "none" and device.type != "cuda":
-        raise ConfigError(f"amp {amp!r} needs a CUDA device (mixed precision runs under CUDA autocast only), and this run "
-                          f"is on {device}; use --amp none on CPU", field="amp")
+        raise ConfigError(
+            f"amp {amp!r} needs a CUDA device (mixed precision runs under CUDA autocast only), and this run "
+            f"is on {device}; use --amp none on CPU",
+            field="amp",
+        )
     if amp == "bf16" and not torch.cuda.is_bf16_supported():
         raise ConfigError("amp 'bf16': this GPU does not support bfloat16; use --amp fp16 or none", field="amp")
     return device
@@ -152,8 +201,19 @@ def _first_batch(dataset, size: int) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.stack([x for x, _ in items]), torch.tensor([int(y) for _, y in items])
 
 
-def dry_run(model: nn.Module, teacher: nn.Module | None, train_set, *, arch: str, num_classes: int, image_size: int,
-            batch_size: int, world_size: int, device: torch.device, amp: str) -> None:
+def dry_run(
+    model: nn.Module,
+    teacher: nn.Module | None,
+    train_set,
+    *,
+    arch: str,
+    num_classes: int,
+    image_size: int,
+    batch_size: int,
+    world_size: int,
+    device: torch.device,
+    amp: str,
+) -> None:
     """One forward + backward pass on the first real training batch, as each worker will run it.
 
     Raises ConfigError naming the cause: the batch a worker sees is 1 and the model has BatchNorm;
@@ -167,9 +227,12 @@ def dry_run(model: nn.Module, teacher: nn.Module | None, train_set, *, arch: str
     has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
     workers = f" over {world_size} workers" if world_size > 1 else ""
     if has_bn and min(per_worker, len(train_set)) < 2:
-        raise ConfigError(f"batch_size {batch_size}{workers} gives each training step {min(per_worker, len(train_set))} "
-                          f"image; {arch} has BatchNorm layers, which need at least 2 per step in training: use "
-                          f"--batch-size {2 * world_size} or more", field="batch_size")
+        raise ConfigError(
+            f"batch_size {batch_size}{workers} gives each training step {min(per_worker, len(train_set))} "
+            f"image; {arch} has BatchNorm layers, which need at least 2 per step in training: use "
+            f"--batch-size {2 * world_size} or more",
+            field="batch_size",
+        )
     model.to(device)
     with _untouched(model, device):
         inputs, targets = _first_batch(train_set, per_worker)
@@ -183,44 +246,89 @@ def dry_run(model: nn.Module, teacher: nn.Module | None, train_set, *, arch: str
                     with torch.no_grad():
                         teacher(inputs)
         except torch.OutOfMemoryError:
-            raise ConfigError(f"batch_size {batch_size}{workers} does not fit in {device}'s memory for {arch} at "
-                              f"{image_size}x{image_size}; lower --batch-size", field="batch_size") from None
+            raise ConfigError(
+                f"batch_size {batch_size}{workers} does not fit in {device}'s memory for {arch} at "
+                f"{image_size}x{image_size}; lower --batch-size",
+                field="batch_size",
+            ) from None
         except Exception as exc:  # noqa: BLE001 - the model cannot take this input: say which and why
-            raise ConfigError(f"{arch} cannot run on {image_size}x{image_size} inputs ({_last_line(exc)}); "
-                              f"give a --image-size it accepts (its default: leave --image-size out)",
-                              field="image_size") from None
+            raise ConfigError(
+                f"{arch} cannot run on {image_size}x{image_size} inputs ({_last_line(exc)}); "
+                f"give a --image-size it accepts (its default: leave --image-size out)",
+                field="image_size",
+            ) from None
         if not isinstance(logits, torch.Tensor):
-            raise ConfigError(f"{arch} returns a {type(logits).__name__} in training mode, not a logits tensor; "
-                              "dg2pf cannot prune it", field="arch")
+            raise ConfigError(
+                f"{arch} returns a {type(logits).__name__} in training mode, not a logits tensor; "
+                "dg2pf cannot prune it",
+                field="arch",
+            )
         if tuple(logits.shape) != (len(inputs), num_classes):
-            raise ConfigError(f"{arch} returns logits of shape {tuple(logits.shape)} for a batch of {len(inputs)}, "
-                              f"expected ({len(inputs)}, {num_classes})", field="arch")
+            raise ConfigError(
+                f"{arch} returns logits of shape {tuple(logits.shape)} for a batch of {len(inputs)}, "
+                f"expected ({len(inputs)}, {num_classes})",
+                field="arch",
+            )
         if not bool(torch.isfinite(logits).all()):
-            raise ConfigError(f"{arch} gives non-finite logits on the first training batch with this checkpoint; "
-                              "check the checkpoint and the data", field="checkpoint")
+            raise ConfigError(
+                f"{arch} gives non-finite logits on the first training batch with this checkpoint; "
+                "check the checkpoint and the data",
+                field="checkpoint",
+            )
         loss = F.cross_entropy(logits.float(), targets)
         try:
             loss.backward()
         except torch.OutOfMemoryError:
-            raise ConfigError(f"batch_size {batch_size}{workers} does not fit in {device}'s memory for {arch} at "
-                              f"{image_size}x{image_size} (backward pass); lower --batch-size", field="batch_size") from None
+            raise ConfigError(
+                f"batch_size {batch_size}{workers} does not fit in {device}'s memory for {arch} at "
+                f"{image_size}x{image_size} (backward pass); lower --batch-size",
+                field="batch_size",
+            ) from None
         bad = [n for n, p in model.named_parameters() if p.grad is not None and not bool(torch.isfinite(p.grad).all())]
         if bad:
-            raise ConfigError(f"{arch}: the gradients of {len(bad)} tensor(s) are not finite on the first batch "
-                              f"(first: {bad[0]}); check the checkpoint and the data", field="checkpoint")
+            raise ConfigError(
+                f"{arch}: the gradients of {len(bad)} tensor(s) are not finite on the first batch "
+                f"(first: {bad[0]}); check the checkpoint and the data",
+                field="checkpoint",
+            )
         # Evaluation and the teacher run in eval mode, on the stored BatchNorm statistics: a checkpoint
         # can be finite and still give NaN there (a negative running_var).
         model.eval()
-        check_eval_forward(model, inputs, arch=arch, num_classes=num_classes, image_size=image_size, device=device,
-                           amp=amp, what="the checkpoint")
+        check_eval_forward(
+            model,
+            inputs,
+            arch=arch,
+            num_classes=num_classes,
+            image_size=image_size,
+            device=device,
+            amp=amp,
+            what="the checkpoint",
+        )
         if teacher is not None:
-            check_eval_forward(teacher, inputs, arch=arch, num_classes=num_classes, image_size=image_size, device=device,
-                               amp=amp, what="the teacher checkpoint")
+            check_eval_forward(
+                teacher,
+                inputs,
+                arch=arch,
+                num_classes=num_classes,
+                image_size=image_size,
+                device=device,
+                amp=amp,
+                what="the teacher checkpoint",
+            )
 
 
 @torch.no_grad()
-def check_eval_forward(model: nn.Module, inputs: torch.Tensor, *, arch: str, num_classes: int, image_size: int,
-                       device: torch.device, amp: str = "none", what: str = "the checkpoint") -> None:
+def check_eval_forward(
+    model: nn.Module,
+    inputs: torch.Tensor,
+    *,
+    arch: str,
+    num_classes: int,
+    image_size: int,
+    device: torch.device,
+    amp: str = "none",
+    what: str = "the checkpoint",
+) -> None:
     """An eval-mode forward pass on ``inputs`` [B, C, H, W] gives finite logits [B, num_classes];
     ConfigError otherwise (the input size the model cannot take, or broken stored statistics)."""
     from dg2pf_core.io.metrics import autocast_context
@@ -230,16 +338,25 @@ def check_eval_forward(model: nn.Module, inputs: torch.Tensor, *, arch: str, num
         with autocast_context(device, amp):
             logits = model(inputs.to(device))
     except Exception as exc:  # noqa: BLE001 - the model cannot take this input: say which and why
-        raise ConfigError(f"{arch} cannot run on {image_size}x{image_size} inputs ({_last_line(exc)}); "
-                          f"give a --image-size it accepts (its default: leave --image-size out)", field="image_size") from None
+        raise ConfigError(
+            f"{arch} cannot run on {image_size}x{image_size} inputs ({_last_line(exc)}); "
+            f"give a --image-size it accepts (its default: leave --image-size out)",
+            field="image_size",
+        ) from None
     if not isinstance(logits, torch.Tensor) or tuple(logits.shape) != (len(inputs), num_classes):
         got = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
-        raise ConfigError(f"{arch} returns {got} in eval mode for a batch of {len(inputs)}, expected "
-                          f"({len(inputs)}, {num_classes}) logits", field="arch")
+        raise ConfigError(
+            f"{arch} returns {got} in eval mode for a batch of {len(inputs)}, expected "
+            f"({len(inputs)}, {num_classes}) logits",
+            field="arch",
+        )
     if not bool(torch.isfinite(logits).all()):
-        raise ConfigError(f"{arch} with {what} gives non-finite logits in eval mode on the first batch (its stored "
-                          "BatchNorm statistics may be broken, e.g. a negative running_var): re-export it from a "
-                          "healthy training run", field="checkpoint")
+        raise ConfigError(
+            f"{arch} with {what} gives non-finite logits in eval mode on the first batch (its stored "
+            "BatchNorm statistics may be broken, e.g. a negative running_var): re-export it from a "
+            "healthy training run",
+            field="checkpoint",
+        )
 
 
 def _last_line(exc: BaseException) -> str:

@@ -33,8 +33,14 @@ def run(
     resume: TrainingState | None = None,
 ) -> DG2PFResult:
     return run_dg2pf(
-        prepared.model, loaders or prepared.local_loaders(), prepared.job.config,
-        teacher=prepared.teacher, reporter=reporter, progress=progress, resume=resume, device=prepared.device,
+        prepared.model,
+        loaders or prepared.local_loaders(),
+        prepared.job.config,
+        teacher=prepared.teacher,
+        reporter=reporter,
+        progress=progress,
+        resume=resume,
+        device=prepared.device,
         input_shape=prepared.input_shape,
     )
 
@@ -75,7 +81,9 @@ def prune_to_dir(
         if resume and StateDir(state_dir).training_state.is_file():
             state = TrainingState.load(state_dir)
         # Atomic: rewritten on every resume, and a full disk must not empty the job a resume needs.
-        write_text_atomic(StateDir(state_dir).job, json.dumps({"job": job.to_dict(), "out": os.path.abspath(out)}, indent=1))
+        write_text_atomic(
+            StateDir(state_dir).job, json.dumps({"job": job.to_dict(), "out": os.path.abspath(out)}, indent=1)
+        )
 
         def reporter(record, s) -> None:
             s.save(state_dir)
@@ -100,8 +108,14 @@ def prune_to_dir(
         with output.staging() as tmp:
             metrics = write_results(tmp, prepared, result, metrics)
     except OSError as exc:
-        kept = (f"; the trained state is kept in {state_dir}: fix the cause, then continue with "
-                f"`dg2pf prune --resume {state_dir}`") if state_dir is not None else ""
+        kept = (
+            (
+                f"; the trained state is kept in {state_dir}: fix the cause, then continue with "
+                f"`dg2pf prune --resume {state_dir}`"
+            )
+            if state_dir is not None
+            else ""
+        )
         raise OutputError(f"training finished but {out} could not be written ({exc.strerror or exc}){kept}") from exc
     if state_dir is not None and not keep_state:
         shutil.rmtree(state_dir, ignore_errors=True)

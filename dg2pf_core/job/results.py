@@ -41,8 +41,11 @@ def result_metrics(prepared: PreparedJob, result: DG2PFResult, *, world_size: in
     layers = layer_sparsity(result.masks)
     nm = job.config.nm()
     # The check reads the weights as written, not the masks: groups over N nonzeros (0 when the pattern holds).
-    violations = {} if nm is None else {
-        "nm_violations": nm_violations(select_prunable(result.model, job.config.selection()).params, nm)}
+    violations = (
+        {}
+        if nm is None
+        else {"nm_violations": nm_violations(select_prunable(result.model, job.config.selection()).params, nm)}
+    )
     channel: dict = {}
     warned = layer_warnings(result.masks, job.config.warn_layer_sparsity)
     x = result.channels
@@ -50,19 +53,27 @@ def result_metrics(prepared: PreparedJob, result: DG2PFResult, *, world_size: in
         # The result is the smaller dense network: sparsity is of channels, MACs and parameters against
         # the input model's (what this job started from).
         layers = x.layer_channels
-        channel = {"target_macs_ratio": job.config.target_macs_ratio, "channels_total": x.channels_total,
-                   "channels_pruned": x.channels_pruned, "channel_sparsity": x.channels_pruned / x.channels_total,
-                   "macs_ratio": size.macs_sparse / x.macs_dense if x.macs_dense else None,
-                   "params_dense": x.params_dense, "params_ratio": size.params_total / x.params_dense,
-                   "skipped_groups": x.skipped_groups, "channel_multiple": x.channel_multiple}
+        channel = {
+            "target_macs_ratio": job.config.target_macs_ratio,
+            "channels_total": x.channels_total,
+            "channels_pruned": x.channels_pruned,
+            "channel_sparsity": x.channels_pruned / x.channels_total,
+            "macs_ratio": size.macs_sparse / x.macs_dense if x.macs_dense else None,
+            "params_dense": x.params_dense,
+            "params_ratio": size.params_total / x.params_dense,
+            "skipped_groups": x.skipped_groups,
+            "channel_multiple": x.channel_multiple,
+        }
         # The masks are gone with the removed channels: the collapse warning reads each group's fraction.
         warned = _channel_warnings(layers, job.config.warn_layer_sparsity)
         if not x.channels_pruned:
             warned = [_nothing_removed(job.config, x.channels_total, x.channel_multiple), *warned]
         elif job.config.target_macs_ratio is None and abs(channel["channel_sparsity"] - job.config.sparsity) > 0.02:
-            warned.append(f"{channel['channel_sparsity']:.2%} of the channels were removed for sparsity {job.config.sparsity:g}: "
-                          f"kept widths rounded up to multiples of {x.channel_multiple} (channel_multiple) under the layer "
-                          "collapse guard could not come closer; lower channel_multiple for an exact channel fraction")
+            warned.append(
+                f"{channel['channel_sparsity']:.2%} of the channels were removed for sparsity {job.config.sparsity:g}: "
+                f"kept widths rounded up to multiples of {x.channel_multiple} (channel_multiple) under the layer "
+                "collapse guard could not come closer; lower channel_multiple for an exact channel fraction"
+            )
     return Metrics(
         arch=job.arch,
         num_classes=job.num_classes,
@@ -104,8 +115,11 @@ def result_metrics(prepared: PreparedJob, result: DG2PFResult, *, world_size: in
         layer_sparsity=layers,
         max_layer_sparsity=max(layers.values(), default=0.0),
         # N:M holds every tensor at (M-N)/M by construction: no cap applies.
-        layer_cap=x.layer_cap if channel else job.config.layer_cap(job.config.sparsity)
-        if job.config.scope == "global" and nm is None else None,
+        layer_cap=x.layer_cap
+        if channel
+        else job.config.layer_cap(job.config.sparsity)
+        if job.config.scope == "global" and nm is None
+        else None,
         # the data's, the run's (an input model near chance), then the result's
         warnings=[*(getattr(prepared.splits, "warnings", None) or []), *result.warnings, *warned],
         dtype=_dtype_summary(prepared.dtypes),
@@ -116,8 +130,9 @@ def result_metrics(prepared: PreparedJob, result: DG2PFResult, *, world_size: in
     )
 
 
-def job_latency(prepared: PreparedJob, pruned: nn.Module, onnx: OnnxReport, onnx_file: Path,
-                macs_ratio: float | None) -> Latency:
+def job_latency(
+    prepared: PreparedJob, pruned: nn.Module, onnx: OnnxReport, onnx_file: Path, macs_ratio: float | None
+) -> Latency:
     """The ``latency`` section of metrics.json: the unpruned input model (read again from the job's
     checkpoint) and the pruned one, timed side by side (``dg2pf_core.io.latency``) with this process's
     torch threads, within ``JOB_BUDGET_S``; on the GPU too when the job ran on one."""
@@ -130,23 +145,40 @@ def job_latency(prepared: PreparedJob, pruned: nn.Module, onnx: OnnxReport, onnx
     try:
         with tempfile.TemporaryDirectory(prefix="dg2pf-latency-") as tmp:
             try:
-                _, models["dense"], _ = load_checkpoint_model(job.arch, job.num_classes, job.checkpoint, key=job.checkpoint_key)
+                _, models["dense"], _ = load_checkpoint_model(
+                    job.arch, job.num_classes, job.checkpoint, key=job.checkpoint_key
+                )
             except DG2PFError as exc:
                 notes.append(f"dense: not measured, the input checkpoint cannot be read again ({exc.message})")
             if onnx.written and "dense" in models:
-                dense_onnx = export_onnx(models["dense"], prepared.input_shape, Path(tmp) / "dense.onnx", what="the dense model")
+                dense_onnx = export_onnx(
+                    models["dense"], prepared.input_shape, Path(tmp) / "dense.onnx", what="the dense model"
+                )
                 if dense_onnx.written:
                     files["dense"] = Path(tmp) / "dense.onnx"
                 else:
                     notes.append(f"onnxruntime: dense not measured ({dense_onnx.reason})")
-            report = measure_latency(models, prepared.input_shape, onnx=files, batch_sizes=DEFAULT_BATCH_SIZES,
-                                     runs=DEFAULT_RUNS, warmup=DEFAULT_WARMUP, cuda=prepared.device.type == "cuda",
-                                     budget_s=JOB_BUDGET_S)
+            report = measure_latency(
+                models,
+                prepared.input_shape,
+                onnx=files,
+                batch_sizes=DEFAULT_BATCH_SIZES,
+                runs=DEFAULT_RUNS,
+                warmup=DEFAULT_WARMUP,
+                cuda=prepared.device.type == "cuda",
+                budget_s=JOB_BUDGET_S,
+            )
     except Exception as exc:  # noqa: BLE001 - a finished training is not lost to its latency measurement
         return Latency(measured=False, reason=f"{type(exc).__name__}: {exc}"[:500], macs_ratio=macs_ratio)
     document = report.to_dict()
-    return Latency.model_validate({**{k: v for k, v in document.items() if k not in ("backends", "notes")},
-                                   "backends": compare(report), "macs_ratio": macs_ratio, "notes": notes + document["notes"]})
+    return Latency.model_validate(
+        {
+            **{k: v for k, v in document.items() if k not in ("backends", "notes")},
+            "backends": compare(report),
+            "macs_ratio": macs_ratio,
+            "notes": notes + document["notes"],
+        }
+    )
 
 
 def _nothing_removed(config: DG2PFConfig, channels: int, multiple: int = 1) -> str:
@@ -157,12 +189,16 @@ def _nothing_removed(config: DG2PFConfig, channels: int, multiple: int = 1) -> s
     elif round(config.sparsity * channels) == 0:
         why = f"sparsity {config.sparsity:g} of {channels:,} prunable channels rounds to 0"
     else:
-        return (f"no channel was removed: sparsity {config.sparsity:g} asks for {round(config.sparsity * channels):,} of "
-                f"{channels:,} channels, and kept widths are rounded up to multiples of channel_multiple {multiple}, which "
-                "put them all back; the model keeps the input's structure (only its weights were trained): lower "
-                "channel_multiple or ask for a larger sparsity")
-    return (f"no channel was removed: {why}; the model keeps the input's structure (only its weights were trained): "
-            "ask for a larger sparsity or a smaller target_macs_ratio")
+        return (
+            f"no channel was removed: sparsity {config.sparsity:g} asks for {round(config.sparsity * channels):,} of "
+            f"{channels:,} channels, and kept widths are rounded up to multiples of channel_multiple {multiple}, which "
+            "put them all back; the model keeps the input's structure (only its weights were trained): lower "
+            "channel_multiple or ask for a larger sparsity"
+        )
+    return (
+        f"no channel was removed: {why}; the model keeps the input's structure (only its weights were trained): "
+        "ask for a larger sparsity or a smaller target_macs_ratio"
+    )
 
 
 def _channel_warnings(removed: dict[str, float], threshold: float) -> list[str]:
@@ -173,9 +209,11 @@ def _channel_warnings(removed: dict[str, float], threshold: float) -> list[str]:
         return []
     shown = ", ".join(f"{name} {f:.2%}" for name, f in list(above.items())[:5])
     more = f" and {len(above) - 5} more" if len(above) > 5 else ""
-    return [f"{len(above)} layer(s) with more than {threshold:.0%} of their channels removed: {shown}{more}. A layer left "
-            "with few channels can cost accuracy (layer collapse): raise layer_density_floor, lower max_layer_sparsity, "
-            "ask for less (sparsity / a larger target_macs_ratio), or exclude the layer from pruning (exclude)."]
+    return [
+        f"{len(above)} layer(s) with more than {threshold:.0%} of their channels removed: {shown}{more}. A layer left "
+        "with few channels can cost accuracy (layer collapse): raise layer_density_floor, lower max_layer_sparsity, "
+        "ask for less (sparsity / a larger target_macs_ratio), or exclude the layer from pruning (exclude)."
+    ]
 
 
 def _dtype_summary(dtypes: dict[str, torch.dtype]) -> str:

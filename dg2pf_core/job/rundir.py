@@ -29,8 +29,11 @@ def lock_state_dir(state_dir: Path, out: str | Path):
         fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         fh.close()
-        raise ConfigError(f"another dg2pf run is training for --out {out} (its state is in {state_dir}); wait for it "
-                          "or choose another --out", field="out") from None
+        raise ConfigError(
+            f"another dg2pf run is training for --out {out} (its state is in {state_dir}); wait for it "
+            "or choose another --out",
+            field="out",
+        ) from None
     return fh
 
 
@@ -38,8 +41,11 @@ def read_state_dir(state_dir: str | Path) -> tuple[PruneJob, Path]:
     """The job and output path an interrupted run left in ``state_dir`` (``dg2pf prune --resume``)."""
     path = StateDir(state_dir).job
     if not path.is_file():
-        raise ConfigError(f"{state_dir} is not a dg2pf run's state directory (no {StateDir.JOB}); give the OUT.dg2pf-run "
-                          "directory an interrupted `dg2pf prune` named", field="resume")
+        raise ConfigError(
+            f"{state_dir} is not a dg2pf run's state directory (no {StateDir.JOB}); give the OUT.dg2pf-run "
+            "directory an interrupted `dg2pf prune` named",
+            field="resume",
+        )
     try:
         doc = json.loads(path.read_text())
         return PruneJob.from_dict(doc["job"]), Path(doc["out"])

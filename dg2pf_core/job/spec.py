@@ -61,16 +61,25 @@ class PruneJob:
             self.dataset = f"{name}:{_absolute(path)}"
 
     @classmethod
-    def from_spec(cls, spec: JobSpec, checkpoint: str, teacher: str | None = None,
-                  data_roots: list[str] | None = None) -> "PruneJob":
+    def from_spec(
+        cls, spec: JobSpec, checkpoint: str, teacher: str | None = None, data_roots: list[str] | None = None
+    ) -> PruneJob:
         """The job a spec describes, its checkpoint (and teacher) resolved to paths; ``data_roots``: the
         folders its data must stay inside (a service's)."""
         return cls(
-            arch=spec.model.arch, num_classes=spec.model.num_classes, checkpoint=checkpoint,
-            checkpoint_key=spec.model.checkpoint_key, dataset=spec.dataset.spec, config=DG2PFConfig.from_spec(spec),
-            teacher=teacher, image_size=spec.dataset.image_size, val_fraction=spec.dataset.val_fraction,
-            compact_values=spec.compact_values, skip_bad_images=spec.dataset.skip_bad_images,
-            augment=None if spec.dataset.augment == AUTO else spec.dataset.augment, crop_pct=spec.dataset.crop_pct,
+            arch=spec.model.arch,
+            num_classes=spec.model.num_classes,
+            checkpoint=checkpoint,
+            checkpoint_key=spec.model.checkpoint_key,
+            dataset=spec.dataset.spec,
+            config=DG2PFConfig.from_spec(spec),
+            teacher=teacher,
+            image_size=spec.dataset.image_size,
+            val_fraction=spec.dataset.val_fraction,
+            compact_values=spec.compact_values,
+            skip_bad_images=spec.dataset.skip_bad_images,
+            augment=None if spec.dataset.augment == AUTO else spec.dataset.augment,
+            crop_pct=spec.dataset.crop_pct,
             allowed_roots=list(data_roots or []),
         )
 
@@ -79,7 +88,7 @@ class PruneJob:
         return {**dataclasses.asdict(self), "config": self.config.to_dict()}
 
     @classmethod
-    def from_dict(cls, values: dict) -> "PruneJob":
+    def from_dict(cls, values: dict) -> PruneJob:
         values = dict(values)
         config = values.pop("config")
         return cls(**values, config=config if isinstance(config, DG2PFConfig) else DG2PFConfig.from_dict(config))
@@ -113,15 +122,27 @@ class PreparedJob:
     def sharded_loaders(self, rank: int, world_size: int) -> ShardedLoaders:
         c = self.job.config
         return ShardedLoaders(
-            self.splits.train, self.splits.val, self.splits.test, rank=rank, world_size=world_size,
-            batch_size=c.batch_size, eval_batch_size=c.eval_batch_size, seed=c.seed,
-            workers=c.loader_workers, pin_memory=self.device.type == "cuda",
+            self.splits.train,
+            self.splits.val,
+            self.splits.test,
+            rank=rank,
+            world_size=world_size,
+            batch_size=c.batch_size,
+            eval_batch_size=c.eval_batch_size,
+            seed=c.seed,
+            workers=c.loader_workers,
+            pin_memory=self.device.type == "cuda",
         )
 
     def local_loaders(self) -> LocalLoaders:
         c = self.job.config
         return LocalLoaders(
-            self.splits.train, self.splits.val, self.splits.test,
-            batch_size=c.batch_size, eval_batch_size=c.eval_batch_size, seed=c.seed,
-            workers=c.loader_workers, pin_memory=self.device.type == "cuda",
+            self.splits.train,
+            self.splits.val,
+            self.splits.test,
+            batch_size=c.batch_size,
+            eval_batch_size=c.eval_batch_size,
+            seed=c.seed,
+            workers=c.loader_workers,
+            pin_memory=self.device.type == "cuda",
         )

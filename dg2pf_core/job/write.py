@@ -37,12 +37,17 @@ def write_results(out: Path, prepared: PreparedJob, result: DG2PFResult, metrics
     _, pruned, _ = load_checkpoint_model(job.arch, job.num_classes, files.model, what="written model")
     onnx = export_onnx(pruned, prepared.input_shape, files.onnx, what=job.arch)
     macs_ratio = metrics.macs_sparse / metrics.macs_dense if metrics.macs_dense else None
-    metrics = metrics.model_copy(update={"onnx": onnx.section(),
-                                         "latency": job_latency(prepared, pruned, onnx, files.onnx, macs_ratio)})
+    metrics = metrics.model_copy(
+        update={"onnx": onnx.section(), "latency": job_latency(prepared, pruned, onnx, files.onnx, macs_ratio)}
+    )
     metrics.write(files.metrics)
     try:
         write_plots(metrics, out)
     except Exception as exc:  # noqa: BLE001 - pictures are drawn again any time (dg2pf plot); the model is the job
-        log.warning("the job's plots (training.png, layers.png) were not drawn: %s: %s; the model and metrics.json are "
-                    "written, draw them later with `dg2pf plot` on the output directory", type(exc).__name__, exc)
+        log.warning(
+            "the job's plots (training.png, layers.png) were not drawn: %s: %s; the model and metrics.json are "
+            "written, draw them later with `dg2pf plot` on the output directory",
+            type(exc).__name__,
+            exc,
+        )
     return metrics

@@ -12,8 +12,8 @@ Two kinds of names resolve here:
 from __future__ import annotations
 
 import difflib
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -22,7 +22,6 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._device import _device_constructors
 
 from dg2pf_contract.job import MAX_CLASSES
-
 from dg2pf_core.errors import ConfigError, UnknownArchitectureError
 
 TORCHVISION_PREFIX = "torchvision/"
@@ -46,9 +45,7 @@ class ArchSpec:
 _REGISTRY: dict[str, ArchSpec] = {}
 
 
-def register_arch(
-    name: str, *, input_size: int, in_channels: int, description: str
-) -> Callable[[Builder], Builder]:
+def register_arch(name: str, *, input_size: int, in_channels: int, description: str) -> Callable[[Builder], Builder]:
     """Decorator registering ``builder(num_classes) -> nn.Module`` under ``name``."""
     if name.startswith(TORCHVISION_PREFIX):
         # That namespace is resolved dynamically; a static entry would shadow it silently.
@@ -130,14 +127,15 @@ def build_model(name: str, num_classes: int) -> nn.Module:
     spec = get_arch(name)
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
         raise ConfigError(
-            f"num_classes must be an integer >= 2 (a classifier needs at least two classes), "
-            f"got {num_classes!r}",
+            f"num_classes must be an integer >= 2 (a classifier needs at least two classes), got {num_classes!r}",
             field="num_classes",
         )
     if num_classes > MAX_CLASSES:
         # Checked before building: the classifier alone would take num_classes x features x 4 bytes.
-        raise ConfigError(f"num_classes {num_classes} is beyond the {MAX_CLASSES:,} classes dg2pf builds a classifier for",
-                          field="num_classes")
+        raise ConfigError(
+            f"num_classes {num_classes} is beyond the {MAX_CLASSES:,} classes dg2pf builds a classifier for",
+            field="num_classes",
+        )
     return spec.builder(num_classes)
 
 

@@ -27,10 +27,9 @@ def main(argv: list[str] | None = None) -> int:
     # ~/.ray/auth_token). Ray reads the mode when it is first imported, hence before importing anything
     # that imports ray. Set RAY_AUTH_MODE=disabled explicitly for a cluster that runs without auth.
     os.environ.setdefault("RAY_AUTH_MODE", "token")
-    from .api.app import create_app
-
     from dg2pf_core.errors import DG2PFError
 
+    from .api.app import create_app
     from .lifecycle import DataDirHold, shutdown_message
     from .server import serve
 
@@ -42,8 +41,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"dg2pf: error: {exc.message}", file=sys.stderr)
         return 2
     except OSError as exc:  # the data directory cannot be made or locked
-        print(f"dg2pf: error: DG2PF_DATA_DIR ({settings.data_dir}): {exc.strerror or exc}"
-              + (f": {exc.filename}" if exc.filename else ""), file=sys.stderr)
+        print(
+            f"dg2pf: error: DG2PF_DATA_DIR ({settings.data_dir}): {exc.strerror or exc}"
+            + (f": {exc.filename}" if exc.filename else ""),
+            file=sys.stderr,
+        )
         return 2
     from .services import build
 

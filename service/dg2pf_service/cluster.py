@@ -30,7 +30,6 @@ from dg2pf_core.errors import DG2PFError
 
 from .processes import descendants, kill_processes, process_table
 
-
 SERVICE_SECRETS = ("DG2PF_API_TOKENS", "DG2PF_DATABASE_URL")
 
 
@@ -78,8 +77,14 @@ def free_ports(count: int) -> list[int]:
 # Every listening port of a Ray node, set explicitly: a second Ray on the machine (another service, a
 # test cluster, a second node) otherwise takes the same default agent ports and that node's job agent
 # never comes up.
-NODE_PORT_FLAGS = ("node-manager-port", "object-manager-port", "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
-                   "metrics-export-port", "runtime-env-agent-port")
+NODE_PORT_FLAGS = (
+    "node-manager-port",
+    "object-manager-port",
+    "dashboard-agent-listen-port",
+    "dashboard-agent-grpc-port",
+    "metrics-export-port",
+    "runtime-env-agent-port",
+)
 
 
 def node_ports(extra: tuple[str, ...] = ()) -> dict[str, int]:
@@ -120,10 +125,11 @@ def ensure_auth_token() -> None:
     ``~/.ray/auth_token`` (only when none exists) on a machine that never ran a token-auth cluster."""
     if auth_token() is not None:
         return
-    proc = subprocess.run([ray_cli(), "get-auth-token", "--generate"],
-                          capture_output=True, text=True, timeout=60)
+    proc = subprocess.run([ray_cli(), "get-auth-token", "--generate"], capture_output=True, text=True, timeout=60)
     if proc.returncode != 0 or auth_token() is None:
-        raise ClusterUnavailable(f"could not create a Ray auth token (ray get-auth-token --generate): {proc.stderr.strip()[-300:]}")
+        raise ClusterUnavailable(
+            f"could not create a Ray auth token (ray get-auth-token --generate): {proc.stderr.strip()[-300:]}"
+        )
 
 
 STARTUP_S = 60.0  # how long a starting head's dashboard is given to answer
@@ -177,8 +183,16 @@ def start_embedded(state_dir: Path, num_cpus: int | None = None, *, replace_unre
     tmp = record.with_suffix(".tmp")
     tmp.write_text(json.dumps(info.__dict__))
     os.replace(tmp, record)
-    cmd = [ray_cli(), "start", "--head", "--dashboard-host=127.0.0.1", f"--temp-dir={ray_temp_dir(state_dir)}",
-           "--disable-usage-stats", "--include-dashboard=true", *[f"--{k}={v}" for k, v in ports.items()]]
+    cmd = [
+        ray_cli(),
+        "start",
+        "--head",
+        "--dashboard-host=127.0.0.1",
+        f"--temp-dir={ray_temp_dir(state_dir)}",
+        "--disable-usage-stats",
+        "--include-dashboard=true",
+        *[f"--{k}={v}" for k, v in ports.items()],
+    ]
     if num_cpus is not None:
         cmd.append(f"--num-cpus={num_cpus}")
     # A session of its own: signals to the API's process group (Ctrl-C, a service manager's stop)
@@ -240,8 +254,12 @@ def cluster_resources(dashboard_url: str, timeout: float = 10.0) -> dict[str, fl
     """Total resources of the cluster's alive nodes, from the dashboard's State API."""
     import httpx
 
-    r = httpx.get(f"{dashboard_url.rstrip('/')}/api/v0/nodes", params={"detail": "true", "limit": 10000},
-                  headers=auth_headers(), timeout=timeout)
+    r = httpx.get(
+        f"{dashboard_url.rstrip('/')}/api/v0/nodes",
+        params={"detail": "true", "limit": 10000},
+        headers=auth_headers(),
+        timeout=timeout,
+    )
     r.raise_for_status()
     total: dict[str, float] = {}
     for node in r.json()["data"]["result"]["result"]:
@@ -267,7 +285,7 @@ class Cluster:
         self._down_since: float | None = None
 
     @classmethod
-    def attached(cls, state_dir: Path, info: ClusterInfo) -> "Cluster":
+    def attached(cls, state_dir: Path, info: ClusterInfo) -> Cluster:
         """The embedded head ``info`` as started earlier (read from its record)."""
         cluster = cls(state_dir)
         cluster.info = info

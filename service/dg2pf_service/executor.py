@@ -76,9 +76,13 @@ class RayJobsExecutor:
                 entrypoint_num_cpus=1 if order.engine(job_dir).in_process else 0,
                 # Ray Train's controller reads its worker start timeout from the driver's environment: a job
                 # whose workers cannot be placed (a node was lost) then fails over instead of waiting for ever.
-                runtime_env={"env_vars": {"PYTHONUNBUFFERED": "1",
-                                          "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": f"{order.worker_start_timeout_s:g}",
-                                          **self._cluster_env()}},
+                runtime_env={
+                    "env_vars": {
+                        "PYTHONUNBUFFERED": "1",
+                        "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": f"{order.worker_start_timeout_s:g}",
+                        **self._cluster_env(),
+                    }
+                },
                 metadata={"dg2pf_job": job_id, "attempt": str(attempt)},
             )
         except RuntimeError as exc:

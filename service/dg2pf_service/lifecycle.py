@@ -15,7 +15,7 @@ import fcntl
 import json
 import os
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from dg2pf_core.errors import DG2PFError
@@ -50,8 +50,10 @@ class DataDirHold:
             self._fh.seek(0)
             pids = [p for p in self._fh.read().split() if p.isdigit() and Path(f"/proc/{p}").exists()]
             self._fh.close()
-            raise DataDirInUse(f"another dg2pf API (pid {', '.join(pids) or '?'}) is using {data_dir} with its embedded "
-                               "Ray head; stop it first, or give this one its own DG2PF_DATA_DIR") from None
+            raise DataDirInUse(
+                f"another dg2pf API (pid {', '.join(pids) or '?'}) is using {data_dir} with its embedded "
+                "Ray head; stop it first, or give this one its own DG2PF_DATA_DIR"
+            ) from None
         if exclusive:
             self._fh.seek(0)
             self._fh.truncate()
@@ -86,8 +88,11 @@ def check_data_dir(settings: Settings) -> None:
     """``settings.data_dir`` is a service's data directory (so status and stop never create one)."""
     d = settings.data_dir
     if not d.is_dir() or not any((d / name).exists() for name in ("ray-state", "dg2pf.db", "jobs", LOCK)):
-        raise DG2PFError(f"{d} is not a dg2pf service's data directory (no ray-state/, jobs/ or dg2pf.db there); give "
-                         "the service's DG2PF_DATA_DIR with --data-dir", field="data_dir")
+        raise DG2PFError(
+            f"{d} is not a dg2pf service's data directory (no ray-state/, jobs/ or dg2pf.db there); give "
+            "the service's DG2PF_DATA_DIR with --data-dir",
+            field="data_dir",
+        )
 
 
 def embedded_head(settings: Settings) -> ClusterInfo | None:
@@ -110,12 +115,16 @@ class ClusterReport:
 
     def lines(self) -> list[str]:
         if self.head is None:
-            return [f"data directory {self.data_dir}: no embedded Ray head recorded",
-                    f"jobs: {len(self.running_jobs)} running, {len(self.queued_jobs)} queued"]
+            return [
+                f"data directory {self.data_dir}: no embedded Ray head recorded",
+                f"jobs: {len(self.running_jobs)} running, {len(self.queued_jobs)} queued",
+            ]
         state = "answers" if self.answers else ("does not answer" if self.processes else "is not running")
-        out = [f"data directory {self.data_dir}",
-               f"embedded Ray head (GCS {self.head.gcs_address}, dashboard {self.head.dashboard_url}) {state}; "
-               f"{self.processes} process(es)"]
+        out = [
+            f"data directory {self.data_dir}",
+            f"embedded Ray head (GCS {self.head.gcs_address}, dashboard {self.head.dashboard_url}) {state}; "
+            f"{self.processes} process(es)",
+        ]
         out.append(f"API: running (pid {', '.join(map(str, self.api_pids))})" if self.api_pids else "API: not running")
         out.append(f"jobs: {len(self.running_jobs)} running, {len(self.queued_jobs)} queued")
         return out
@@ -149,13 +158,18 @@ def stop_cluster(settings: Settings) -> list[str]:
     """Stop the embedded head on purpose; running jobs are cancelled first. Returns what was done,
     a line each. Raises ``DataDirInUse`` while an API holds the data directory."""
     if settings.ray_address:
-        raise DG2PFError(f"this service uses the external Ray cluster at {settings.ray_address}; stop that cluster with "
-                         "the tools that started it (ray stop, KubeRay, docker compose)", field="ray_address")
+        raise DG2PFError(
+            f"this service uses the external Ray cluster at {settings.ray_address}; stop that cluster with "
+            "the tools that started it (ray stop, KubeRay, docker compose)",
+            field="ray_address",
+        )
     check_data_dir(settings)
     holders = api_holders(settings.data_dir)
     if holders is not None:
-        raise DataDirInUse(f"the dg2pf API (pid {', '.join(map(str, holders)) or '?'}) is using {settings.data_dir}: stop it "
-                           "first (Ctrl-C or SIGTERM), then run `dg2pf cluster stop` again")
+        raise DataDirInUse(
+            f"the dg2pf API (pid {', '.join(map(str, holders)) or '?'}) is using {settings.data_dir}: stop it "
+            "first (Ctrl-C or SIGTERM), then run `dg2pf cluster stop` again"
+        )
     store = _store(settings)
     head = embedded_head(settings)
     done: list[str] = []
@@ -166,20 +180,29 @@ def stop_cluster(settings: Settings) -> list[str]:
         executor = RayJobsExecutor(Cluster.attached(settings.data_dir / "ray-state", head))
     else:
         executor = None
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     for row in store.active_jobs():
         if executor is not None and row.ray_submission_id:
             executor.stop(row.ray_submission_id)
-        store.transition(row.id, {"running"}, "cancelled", finished_at=now, error_type="ClusterStopped",
-                         error_message="cancelled: the embedded Ray cluster was stopped with `dg2pf cluster stop`")
+        store.transition(
+            row.id,
+            {"running"},
+            "cancelled",
+            finished_at=now,
+            error_type="ClusterStopped",
+            error_message="cancelled: the embedded Ray cluster was stopped with `dg2pf cluster stop`",
+        )
         kill_job_processes(Path(row.artifacts_dir))
         done.append(f"cancelled running job {row.id}")
     if head is not None:
         processes = len(head_pids(head.gcs_address.rsplit(":", 1)[1]))
         stop_embedded(head)
         (settings.data_dir / "ray-state" / "ray-head.json").unlink(missing_ok=True)
-        done.append(f"stopped the embedded Ray head (GCS {head.gcs_address}, {processes} processes)" if processes
-                    else f"the embedded Ray head (GCS {head.gcs_address}) was not running; its record is removed")
+        done.append(
+            f"stopped the embedded Ray head (GCS {head.gcs_address}, {processes} processes)"
+            if processes
+            else f"the embedded Ray head (GCS {head.gcs_address}) was not running; its record is removed"
+        )
     else:
         done.append(f"no embedded Ray head recorded in {settings.data_dir}")
     queued = store.queued_in_order()
@@ -198,8 +221,12 @@ def shutdown_message(services) -> str:
         running = queued = -1
     jobs = f"{running} running and {queued} queued job(s)" if running >= 0 else "its jobs"
     if not cluster.embedded:
-        return (f"dg2pf API stopped. The Ray cluster at {cluster.dashboard_url} keeps {jobs}; "
-                "start the API again to follow them.")
-    return (f"dg2pf API stopped. The embedded Ray head (dashboard {cluster.dashboard_url}) keeps running with {jobs}: "
-            f"`dg2pf serve` with the same DG2PF_DATA_DIR ({services.settings.data_dir}) re-attaches to them; "
-            "`dg2pf cluster stop` stops the head (running jobs are cancelled).")
+        return (
+            f"dg2pf API stopped. The Ray cluster at {cluster.dashboard_url} keeps {jobs}; "
+            "start the API again to follow them."
+        )
+    return (
+        f"dg2pf API stopped. The embedded Ray head (dashboard {cluster.dashboard_url}) keeps running with {jobs}: "
+        f"`dg2pf serve` with the same DG2PF_DATA_DIR ({services.settings.data_dir}) re-attaches to them; "
+        "`dg2pf cluster stop` stops the head (running jobs are cancelled)."
+    )

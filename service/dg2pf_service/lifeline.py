@@ -80,8 +80,9 @@ def _gcs_refuses(address: str, timeout: float = 2.0) -> bool:
 
 
 class Lifeline(threading.Thread):
-    def __init__(self, gcs_address: str | None = None, poll_s: float = 1.0, gcs_grace_s: float = 15.0,
-                 on_lost=None) -> None:
+    def __init__(
+        self, gcs_address: str | None = None, poll_s: float = 1.0, gcs_grace_s: float = 15.0, on_lost=None
+    ) -> None:
         super().__init__(name="dg2pf-lifeline", daemon=True)
         self.ancestors = supervising_ancestors() if sys.platform.startswith("linux") else []
         self.gcs_address = gcs_address if gcs_address and ":" in gcs_address else None
@@ -103,7 +104,10 @@ class Lifeline(threading.Thread):
                 if _gcs_refuses(self.gcs_address):
                     refused_since = refused_since or time.monotonic()
                     if time.monotonic() - refused_since >= self.gcs_grace_s:
-                        reason = f"the Ray cluster's GCS at {self.gcs_address} has refused connections for {self.gcs_grace_s:g} s"
+                        reason = (
+                            f"the Ray cluster's GCS at {self.gcs_address} has refused connections "
+                            f"for {self.gcs_grace_s:g} s"
+                        )
                 else:
                     refused_since = None
             if reason is not None:

@@ -34,8 +34,10 @@ def pin_checkpoint(path: Path, settings: Settings, store: JobStore) -> str:
     declared in-memory size, loadable weights) before it is registered.
     """
     roots = [os.path.realpath(r) for r in settings.data_roots]
-    outside = CheckpointError(f"checkpoint path {str(path)!r} is not a file under DG2PF_DATA_ROOTS "
-                              f"({', '.join(roots) or 'none set'}); or give an id from POST /checkpoints")
+    outside = CheckpointError(
+        f"checkpoint path {str(path)!r} is not a file under DG2PF_DATA_ROOTS "
+        f"({', '.join(roots) or 'none set'}); or give an id from POST /checkpoints"
+    )
     if not path.is_absolute() or not under(os.path.realpath(path), roots):
         raise outside
     resolved = os.path.realpath(path)
@@ -46,8 +48,10 @@ def pin_checkpoint(path: Path, settings: Settings, store: JobStore) -> str:
     except FileNotFoundError:
         raise CheckpointError(f"checkpoint file {str(path)!r} does not exist") from None
     except OSError:
-        raise CheckpointError(f"checkpoint file {str(path)!r} cannot be opened by the service (a link replaced "
-                              "meanwhile, or no read permission)") from None
+        raise CheckpointError(
+            f"checkpoint file {str(path)!r} cannot be opened by the service (a link replaced "
+            "meanwhile, or no read permission)"
+        ) from None
     try:
         opened = os.path.realpath(f"/proc/self/fd/{fd}") if os.path.isdir("/proc/self/fd") else resolved
         if not under(opened, roots):
@@ -56,11 +60,15 @@ def pin_checkpoint(path: Path, settings: Settings, store: JobStore) -> str:
         if not stat.S_ISREG(st.st_mode):
             raise CheckpointError(f"checkpoint path {str(path)!r} is not a regular file")
         if st.st_nlink > 1:
-            raise CheckpointError(f"checkpoint file {str(path)!r} is a hard link (a second name of a file that may live "
-                                  "outside the allowed roots); copy it instead of linking")
+            raise CheckpointError(
+                f"checkpoint file {str(path)!r} is a hard link (a second name of a file that may live "
+                "outside the allowed roots); copy it instead of linking"
+            )
         if st.st_size > settings.max_upload_bytes:
-            raise CheckpointError(f"checkpoint file {str(path)!r} has {st.st_size} bytes, over DG2PF_MAX_UPLOAD_BYTES "
-                                  f"({settings.max_upload_bytes})")
+            raise CheckpointError(
+                f"checkpoint file {str(path)!r} has {st.st_size} bytes, over DG2PF_MAX_UPLOAD_BYTES "
+                f"({settings.max_upload_bytes})"
+            )
         os.set_blocking(fd, True)
         return _copy_into_store(fd, str(path), settings, store)
     finally:
@@ -80,8 +88,10 @@ def _copy_into_store(fd: int, shown_as: str, settings: Settings, store: JobStore
             while chunk := src.read(CHUNK):
                 size += len(chunk)
                 if size > settings.max_upload_bytes:  # grew while being copied
-                    raise CheckpointError(f"checkpoint file grew past DG2PF_MAX_UPLOAD_BYTES ({settings.max_upload_bytes}) "
-                                          "while it was copied")
+                    raise CheckpointError(
+                        f"checkpoint file grew past DG2PF_MAX_UPLOAD_BYTES ({settings.max_upload_bytes}) "
+                        "while it was copied"
+                    )
                 digest.update(chunk)
                 out.write(chunk)
             out.flush()

@@ -44,7 +44,7 @@ def descendants(roots: set[int], table: dict[int, tuple[int, str]] | None = None
 
 def kill_processes(pids: list[int], grace_seconds: float = 10.0) -> None:
     """SIGTERM ``pids`` (SIGKILL at once when ``grace_seconds`` is 0), then SIGKILL what is left."""
-    for sig_ in ((15, 9) if grace_seconds > 0 else (9,)):
+    for sig_ in (15, 9) if grace_seconds > 0 else (9,):
         for pid in pids:
             try:
                 os.kill(pid, sig_)

@@ -3,7 +3,8 @@
 It reads ``JOB_DIR/job.json`` (written by the executor), runs the job with the engine adapters and
 leaves everything the service needs in ``JOB_DIR``: ``progress.jsonl`` (a line per epoch, as it
 happens), ``output/`` (model.safetensors, model.onnx, metrics.json, history.json, training.png, layers.png,
-trials.csv for tune jobs) and, on failure, ``error.json`` ({type, message}). The API process may be down meanwhile; it reads these
+trials.csv for tune jobs) and, on failure, ``error.json`` ({type, message}). The API process may be down
+meanwhile; it reads these
 files when it comes back.
 
 Every file the service reads is replaced whole (``write_text_atomic``, or staged and renamed), so a
@@ -35,14 +36,15 @@ from pydantic import BaseModel
 from dg2pf_contract.artifacts import Artifacts, JobDir, write_json, write_text_atomic
 from dg2pf_contract.job import JobSpec
 from dg2pf_contract.results import Metrics
+from dg2pf_core.algorithm.state import EpochRecord, append_record
 from dg2pf_core.errors import DG2PFError
 from dg2pf_core.job import PruneJob
 from dg2pf_ray.execute import Engine, execute
-from dg2pf_core.algorithm.state import EpochRecord, append_record
 
 from .lifeline import start_lifeline
 
-# The job directory's files (dg2pf_contract.artifacts.JobDir); STATE: the last epoch's TrainingState of a single-process job
+# The job directory's files (dg2pf_contract.artifacts.JobDir); STATE: the last epoch's TrainingState of a
+# single-process job
 PROGRESS, OUTPUT, ERROR, JOB, STATE = JobDir.PROGRESS, JobDir.OUTPUT, JobDir.ERROR, JobDir.ORDER, JobDir.STATE
 # The job's own cluster, set by the service (``RayJobsExecutor._cluster_env``). Ray's job supervisor sets
 # RAY_ADDRESS itself, by "auto" discovery: on a host with several Ray clusters that can be another one.
@@ -125,15 +127,20 @@ def no_space_message(job_dir: Path, *, path: str | None = None, storage_path: st
     """What a job that ran out of disk space tells its user: the file it was writing (or a directory on
     the full disk), the setting whose disk is full, the space free now, what was kept, and what to do."""
     in_storage = bool(path and storage_path and str(path).startswith(str(storage_path)))
-    setting, disk, what = (("DG2PF_STORAGE_URI", storage_path, "Ray Train's checkpoints") if in_storage
-                           else ("DG2PF_DATA_DIR", str(job_dir), "this job's files"))
+    setting, disk, what = (
+        ("DG2PF_STORAGE_URI", storage_path, "Ray Train's checkpoints")
+        if in_storage
+        else ("DG2PF_DATA_DIR", str(job_dir), "this job's files")
+    )
     free = _free(disk)
     free = f", {_size(free)} free now" if free is not None else ""
     state = JobDir(job_dir).state.training_state
     kept = f"; the training state of the last epoch saved is intact in {state}" if state.is_file() else ""
     where = f" writing {path}" if path and path != disk else ""
-    return (f"no space left on device{where}: the disk of {setting} is full ({what}: {disk}{free}){kept}. "
-            "Free space there, then submit the job again")
+    return (
+        f"no space left on device{where}: the disk of {setting} is full ({what}: {disk}{free}){kept}. "
+        "Free space there, then submit the job again"
+    )
 
 
 def failure_record(job_dir: Path, exc: BaseException, storage_path: str | None = None) -> dict:
@@ -172,8 +179,12 @@ def record_failure(job_dir: Path, exc: BaseException) -> int:
         write_text_atomic(job_dir / ERROR, json.dumps(doc))
     except OSError as write_error:
         no_space = no_space or no_space_in(write_error) is not None
-        print(f"dg2pf runner: {job_dir / ERROR} could not be written ({write_error.strerror or write_error}); "
-              f"exiting with status {NO_SPACE_EXIT if no_space else 1}", file=sys.stderr, flush=True)
+        print(
+            f"dg2pf runner: {job_dir / ERROR} could not be written ({write_error.strerror or write_error}); "
+            f"exiting with status {NO_SPACE_EXIT if no_space else 1}",
+            file=sys.stderr,
+            flush=True,
+        )
     return NO_SPACE_EXIT if no_space else 1
 
 
@@ -200,8 +211,13 @@ class JobFile(BaseModel):
 
     def engine(self, job_dir: Path) -> Engine:
         # The run name and storage stay the same across resubmissions: a Ray Train run resumes from its checkpoints.
-        return Engine.of(self.spec, storage_path=self.storage_path, run_name=f"job-{job_dir.name}",
-                         cluster_may_grow=self.cluster_may_grow, progress_path=str(job_dir / PROGRESS))
+        return Engine.of(
+            self.spec,
+            storage_path=self.storage_path,
+            run_name=f"job-{job_dir.name}",
+            cluster_may_grow=self.cluster_may_grow,
+            progress_path=str(job_dir / PROGRESS),
+        )
 
 
 def run(job_dir: Path) -> None:
@@ -235,8 +251,12 @@ def _write_history(out: Path, metrics: Metrics) -> None:
     try:
         write_json(files.history, [record.to_dict() for record in metrics.history], indent=1)
     except OSError as exc:
-        print(f"dg2pf runner: {files.history} not written ({exc.strerror or exc}); {files.METRICS} holds the "
-              "same history", file=sys.stderr, flush=True)
+        print(
+            f"dg2pf runner: {files.history} not written ({exc.strerror or exc}); {files.METRICS} holds the "
+            "same history",
+            file=sys.stderr,
+            flush=True,
+        )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -245,8 +265,12 @@ def main(argv: list[str] | None = None) -> int:
     own = os.environ.get(CLUSTER_ADDRESS_ENV)
     if own:  # the service's cluster, not the one Ray's supervisor discovered: for ray.init, Train, Tune, the lifeline
         if os.environ.get("RAY_ADDRESS") not in (None, own):
-            print(f"dg2pf runner: Ray handed this job RAY_ADDRESS={os.environ['RAY_ADDRESS']}; using the service's "
-                  f"cluster at {own}", file=sys.stderr, flush=True)
+            print(
+                f"dg2pf runner: Ray handed this job RAY_ADDRESS={os.environ['RAY_ADDRESS']}; using the service's "
+                f"cluster at {own}",
+                file=sys.stderr,
+                flush=True,
+            )
         os.environ["RAY_ADDRESS"] = own
     start_lifeline()
     try:

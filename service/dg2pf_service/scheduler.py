@@ -19,7 +19,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from dg2pf_contract.results import Metrics
@@ -37,7 +37,7 @@ log = logging.getLogger("dg2pf.scheduler")
 
 
 def _now() -> datetime:
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 def progress_fields(records: list[dict], target: float, pruning_epochs: int) -> dict:
@@ -72,11 +72,26 @@ SWEEP_EVERY_S = 5.0
 
 
 class Scheduler:
-    def __init__(self, store: JobStore, executor: RayJobsExecutor, cluster: Cluster,
-                 capacity: Callable[[], tuple[float, float]], make_order: Callable[[dict], JobFile], *,
-                 jobs_dir: Path, on_succeeded: Callable[[object], None] | None = None, max_restarts: int = 2,
-                 cluster_lost_timeout_s: float = 600.0) -> None:
-        self.store, self.executor, self.cluster, self.capacity, self.make_order = store, executor, cluster, capacity, make_order
+    def __init__(
+        self,
+        store: JobStore,
+        executor: RayJobsExecutor,
+        cluster: Cluster,
+        capacity: Callable[[], tuple[float, float]],
+        make_order: Callable[[dict], JobFile],
+        *,
+        jobs_dir: Path,
+        on_succeeded: Callable[[object], None] | None = None,
+        max_restarts: int = 2,
+        cluster_lost_timeout_s: float = 600.0,
+    ) -> None:
+        self.store, self.executor, self.cluster, self.capacity, self.make_order = (
+            store,
+            executor,
+            cluster,
+            capacity,
+            make_order,
+        )
         self.jobs_dir, self.on_succeeded = Path(jobs_dir), on_succeeded
         self.max_restarts, self.cluster_lost_timeout_s = max_restarts, cluster_lost_timeout_s
         self._lock = threading.Lock()
@@ -138,16 +153,21 @@ class Scheduler:
             self._conditions.failed("cluster", "the Ray cluster does not answer and could not be started", exc)
             up = False
         if self.cluster.restarts != before:
-            log.warning("the embedded Ray head was gone: started a new one (dashboard %s); its jobs are resubmitted",
-                        self.cluster.dashboard_url)
+            log.warning(
+                "the embedded Ray head was gone: started a new one (dashboard %s); its jobs are resubmitted",
+                self.cluster.dashboard_url,
+            )
         if up:
             self._unreachable_since = None
             return True
         now = time.monotonic()
         self._unreachable_since = self._unreachable_since or now
         if now - self._unreachable_since >= self.cluster_lost_timeout_s:
-            message = (f"the Ray cluster at {self.cluster.dashboard_url} has not answered for {self.cluster_lost_timeout_s:g} s "
-                       "(DG2PF_CLUSTER_LOST_TIMEOUT_S); the job's work is lost: resubmit it once the cluster is back")
+            message = (
+                f"the Ray cluster at {self.cluster.dashboard_url} "
+                f"has not answered for {self.cluster_lost_timeout_s:g} s "
+                "(DG2PF_CLUSTER_LOST_TIMEOUT_S); the job's work is lost: resubmit it once the cluster is back"
+            )
             for row in self.store.active_jobs():
                 self._fail(row, "LostJob", message)
         return False
@@ -181,7 +201,9 @@ class Scheduler:
             return
         code = self.executor.exit_code(row.ray_submission_id)
         if code == NO_SPACE_EXIT:  # the disk was too full for error.json as well
-            unrecorded = err["message"] if err is not None else f"its error record {job_dir / ERROR} could not be written"
+            unrecorded = (
+                err["message"] if err is not None else f"its error record {job_dir / ERROR} could not be written"
+            )
             self._fail(row, NO_SPACE, f"{no_space_message(job_dir)} ({unrecorded})", **fields)
             return
         tail = self.executor.logs_tail(row.ray_submission_id, lines=3).strip().replace("\n", " | ")
@@ -191,12 +213,17 @@ class Scheduler:
             self._fail(row, err["type"], f"{err['message']}{status}{tail}", **fields)
             return
         # No error.json: the runner did not end by itself (killed, out of memory, its node lost).
-        self._lost(row, fields, f"its runner ended without a result (killed, out of memory, or its node was lost){tail}")
+        self._lost(
+            row, fields, f"its runner ended without a result (killed, out of memory, or its node was lost){tail}"
+        )
 
     def _succeed(self, row, fields: dict) -> None:
         metrics = read_metrics(Path(row.artifacts_dir))
-        fields.update(phase="done", eta_seconds=0.0,
-                      best_metrics=_summary(metrics) if metrics is not None else fields.get("best_metrics"))
+        fields.update(
+            phase="done",
+            eta_seconds=0.0,
+            best_metrics=_summary(metrics) if metrics is not None else fields.get("best_metrics"),
+        )
         if metrics is not None and metrics.history:
             fields["history"] = [record.to_dict() for record in metrics.history]
         done = self.store.transition(row.id, {"running"}, "succeeded", finished_at=_now(), **fields)
@@ -212,18 +239,34 @@ class Scheduler:
         if read_metrics(job_dir) is not None:  # renamed into place whole: the run had finished
             self._succeed(row, fields)
             return
-        log_ = [*(row.restart_log or []), {"at": _now().isoformat(), "epoch": int(fields.get("epoch") or 0), "reason": reason}]
+        log_ = [
+            *(row.restart_log or []),
+            {"at": _now().isoformat(), "epoch": int(fields.get("epoch") or 0), "reason": reason},
+        ]
         if row.restarts >= self.max_restarts:
             steps = "; ".join(f"({i}) at epoch {e['epoch']}: {e['reason']}" for i, e in enumerate(log_, 1))
-            self._fail(row, "LostJob", f"the job's Ray work was lost {len(log_)} times, and DG2PF_JOB_MAX_RESTARTS={self.max_restarts} "
-                       f"allows {self.max_restarts} restart(s): {steps}", restart_log=log_, **fields)
+            self._fail(
+                row,
+                "LostJob",
+                f"the job's Ray work was lost {len(log_)} times, and DG2PF_JOB_MAX_RESTARTS={self.max_restarts} "
+                f"allows {self.max_restarts} restart(s): {steps}",
+                restart_log=log_,
+                **fields,
+            )
             return
         attempt = row.restarts + 1
         # Claim the restart first (compare-and-set on the lost submission): should two schedulers see
         # the same loss, only one resubmits.
-        claimed = self.store.transition(row.id, {"running"}, "running", expect_submission=row.ray_submission_id,
-                                        ray_submission_id=f"dg2pf-{row.id}-r{attempt}", restarts=attempt,
-                                        restart_log=log_, **fields)
+        claimed = self.store.transition(
+            row.id,
+            {"running"},
+            "running",
+            expect_submission=row.ray_submission_id,
+            ray_submission_id=f"dg2pf-{row.id}-r{attempt}",
+            restarts=attempt,
+            restart_log=log_,
+            **fields,
+        )
         if claimed is None:
             return  # cancelled meanwhile, or another scheduler took it
         log.warning("job %s: %s; resubmitting it (restart %d of %d)", row.id, reason, attempt, self.max_restarts)
@@ -253,8 +296,15 @@ class Scheduler:
             raise  # the cluster went away: try again on a later tick
 
     def _fail(self, row, error_type: str, message: str, **fields) -> None:
-        failed = self.store.transition(row.id, {"running", "queued"}, "failed", finished_at=_now(), error_type=error_type,
-                                       error_message=message, **fields)
+        failed = self.store.transition(
+            row.id,
+            {"running", "queued"},
+            "failed",
+            finished_at=_now(),
+            error_type=error_type,
+            error_message=message,
+            **fields,
+        )
         if failed is not None and error_type == NO_SPACE:  # the operator's problem, not the job's: once per job
             log.error("job %s failed: %s", row.id, message)
         kill_job_processes(Path(row.artifacts_dir), grace_seconds=1.0)
@@ -263,7 +313,11 @@ class Scheduler:
         self._errors[row.id] = self._errors.get(row.id, 0) + 1
         if self._errors[row.id] >= MAX_RECONCILE_ERRORS:
             self._errors.pop(row.id, None)
-            self._fail(row, "ServiceError", f"the service could not follow this job {MAX_RECONCILE_ERRORS} times in a row: {reason_of(exc)}")
+            self._fail(
+                row,
+                "ServiceError",
+                f"the service could not follow this job {MAX_RECONCILE_ERRORS} times in a row: {reason_of(exc)}",
+            )
 
     def _dispatch(self) -> None:
         try:
@@ -296,7 +350,12 @@ class Scheduler:
                 self._conditions.failed("dispatch", f"submitting job {row.id} failed; it stays queued", exc)
                 return
             self._conditions.ok("dispatch", "submitting queued jobs")
-            if self.store.transition(row.id, {"queued"}, "running", started_at=_now(), ray_submission_id=submission, phase="baseline") is None:
+            if (
+                self.store.transition(
+                    row.id, {"queued"}, "running", started_at=_now(), ray_submission_id=submission, phase="baseline"
+                )
+                is None
+            ):
                 self.stop_ray_job(submission)  # cancelled while we were submitting
                 continue
             used_cpu, used_gpu = used_cpu + c, used_gpu + g
@@ -349,13 +408,28 @@ def _summary(m: Metrics) -> dict:
     """A finished job's ``best_metrics``: the headline figures of its metrics.json, under their names there
     (MACs under their former flops_* names too, for one release, as metrics.json has them)."""
     return {
-        "val_top1": m.val_top1, "test_top1": m.test_top1, "test_top5": m.test_top5, "baseline_test_top1": m.baseline_test_top1,
-        "sparsity_prunable": m.sparsity_prunable, "sparsity_total": m.sparsity_total, "params_total": m.params_total,
-        "params_nonzero": m.params_nonzero, "macs_dense": m.macs_dense, "macs_sparse": m.macs_sparse,
-        "flops_dense": m.macs_dense, "flops_sparse": m.macs_sparse, "best_epoch": m.best_epoch, "epochs": m.epochs,
-        "world_size": m.world_size, "max_layer_sparsity": m.max_layer_sparsity, "layer_cap": m.layer_cap,
-        "layer_sparsity": m.layer_sparsity, "preset": m.preset, "preset_departures": m.preset_departures,
-        "crop_pct": m.crop_pct, "warnings": m.warnings,
+        "val_top1": m.val_top1,
+        "test_top1": m.test_top1,
+        "test_top5": m.test_top5,
+        "baseline_test_top1": m.baseline_test_top1,
+        "sparsity_prunable": m.sparsity_prunable,
+        "sparsity_total": m.sparsity_total,
+        "params_total": m.params_total,
+        "params_nonzero": m.params_nonzero,
+        "macs_dense": m.macs_dense,
+        "macs_sparse": m.macs_sparse,
+        "flops_dense": m.macs_dense,
+        "flops_sparse": m.macs_sparse,
+        "best_epoch": m.best_epoch,
+        "epochs": m.epochs,
+        "world_size": m.world_size,
+        "max_layer_sparsity": m.max_layer_sparsity,
+        "layer_cap": m.layer_cap,
+        "layer_sparsity": m.layer_sparsity,
+        "preset": m.preset,
+        "preset_departures": m.preset_departures,
+        "crop_pct": m.crop_pct,
+        "warnings": m.warnings,
         # Measured speed beside the MACs ratio (the figures per batch size are in metrics.json).
         "latency": m.latency.speedups() if m.latency is not None else None,
     }

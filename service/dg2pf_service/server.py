@@ -58,8 +58,10 @@ def client_key(host: str) -> str:
 def _raw_answer(status: int, reason: str, body: dict) -> bytes:
     """A whole HTTP/1.1 response that closes the connection, written before (or without) reading a request."""
     payload = json.dumps(body).encode()
-    return (f"HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\ncontent-length: {len(payload)}\r\n"
-            "retry-after: 1\r\nconnection: close\r\n\r\n").encode() + payload
+    return (
+        f"HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\ncontent-length: {len(payload)}\r\n"
+        "retry-after: 1\r\nconnection: close\r\n\r\n"
+    ).encode() + payload
 
 
 # How long a connection refused at accept stays half-closed, its input read and dropped, before it is closed.
@@ -77,8 +79,13 @@ def protocol_for(settings: Settings) -> type[H11Protocol]:
         _headers_deadline: asyncio.TimerHandle | None = None
         _counted_as: str | None = None
 
-        def __init__(self, config: Config, server_state: ServerState, app_state: dict[str, Any],
-                     _loop: asyncio.AbstractEventLoop | None = None) -> None:
+        def __init__(
+            self,
+            config: Config,
+            server_state: ServerState,
+            app_state: dict[str, Any],
+            _loop: asyncio.AbstractEventLoop | None = None,
+        ) -> None:
             super().__init__(config, server_state, app_state, _loop)
             self._app, self.app = self.app, self._within_cap
 
@@ -121,8 +128,10 @@ def protocol_for(settings: Settings) -> type[H11Protocol]:
             # dropped for a moment before the close, so the close is not a reset that could lose the 503.
             self._uncount()
             self._refused = True
-            message = (f"{per_client_cap} connections from {key} are open already, the most one client address may hold "
-                       "(DG2PF_MAX_CONNECTIONS_PER_CLIENT): reuse them, or close some")
+            message = (
+                f"{per_client_cap} connections from {key} are open already, the most one client address may hold "
+                "(DG2PF_MAX_CONNECTIONS_PER_CLIENT): reuse them, or close some"
+            )
             self.transport.write(_raw_answer(503, "Service Unavailable", error_body("too_many_connections", message)))
             if self.transport.can_write_eof():
                 self.transport.write_eof()
@@ -149,23 +158,46 @@ def protocol_for(settings: Settings) -> type[H11Protocol]:
             cap = settings.max_connections
             # This request's own task is in ``tasks`` already: more than the cap means one over it. The health
             # probes pass too: an orchestrator's liveness probe carries no token.
-            if scope.get("path") not in PROBES and (len(self.connections) > cap or len(self.tasks) > cap) and not _carries_token(settings, scope):
-                message = (f"the service is at its limit of {cap} open connections or requests in flight "
-                           "(DG2PF_MAX_CONNECTIONS): try again shortly")
+            if (
+                scope.get("path") not in PROBES
+                and (len(self.connections) > cap or len(self.tasks) > cap)
+                and not _carries_token(settings, scope)
+            ):
+                message = (
+                    f"the service is at its limit of {cap} open connections or requests in flight "
+                    "(DG2PF_MAX_CONNECTIONS): try again shortly"
+                )
                 payload = json.dumps(error_body("server_busy", message)).encode()
-                await send({"type": "http.response.start", "status": 503, "headers": [
-                    (b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode()),
-                    (b"retry-after", b"1"), (b"connection", b"close")]})
+                await send(
+                    {
+                        "type": "http.response.start",
+                        "status": 503,
+                        "headers": [
+                            (b"content-type", b"application/json"),
+                            (b"content-length", str(len(payload)).encode()),
+                            (b"retry-after", b"1"),
+                            (b"connection", b"close"),
+                        ],
+                    }
+                )
                 await send({"type": "http.response.body", "body": payload})
                 return
             await self._app(scope, receive, send)
 
         def send_400_response(self, msg: str) -> None:
-            body = json.dumps(error_body("bad_request", "invalid HTTP request: a malformed request line or header, "
-                                         f"or request line and headers over {settings.max_header_bytes} bytes")).encode()
+            body = json.dumps(
+                error_body(
+                    "bad_request",
+                    "invalid HTTP request: a malformed request line or header, "
+                    f"or request line and headers over {settings.max_header_bytes} bytes",
+                )
+            ).encode()
             headers = [(b"content-type", b"application/json"), (b"connection", b"close")]
-            for event in (h11.Response(status_code=400, headers=headers, reason=b"Bad Request"), h11.Data(data=body),
-                          h11.EndOfMessage()):
+            for event in (
+                h11.Response(status_code=400, headers=headers, reason=b"Bad Request"),
+                h11.Data(data=body),
+                h11.EndOfMessage(),
+            ):
                 self.transport.write(self.conn.send(event))
             self.transport.close()
 
@@ -183,10 +215,13 @@ def _carries_token(settings: Settings, scope: dict) -> bool:
 def uvicorn_options(settings: Settings) -> dict[str, Any]:
     """Keyword arguments for ``uvicorn.run`` / ``uvicorn.Config``."""
     return {
-        "host": settings.host, "port": settings.port,
-        "http": protocol_for(settings), "h11_max_incomplete_event_size": settings.max_header_bytes,
+        "host": settings.host,
+        "port": settings.port,
+        "http": protocol_for(settings),
+        "h11_max_incomplete_event_size": settings.max_header_bytes,
         # The API has no WebSocket route: an Upgrade request stays an HTTP request, on the protocol that counts it.
-        "ws": "none", "timeout_keep_alive": 5,
+        "ws": "none",
+        "timeout_keep_alive": 5,
         # On SIGTERM/Ctrl-C, a request still open after this many seconds is cancelled instead of holding
         # the shutdown (event streams end by themselves before: StoppingServer).
         "timeout_graceful_shutdown": 5,
@@ -203,8 +238,13 @@ def fit_open_files(max_connections: int) -> None:
     new = want if hard == resource.RLIM_INFINITY else min(want, hard)
     resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
     if new < want:
-        log.warning("DG2PF_MAX_CONNECTIONS (%d) needs about %d open files, but this process may open %d (its hard "
-                    "limit, ulimit -Hn): raise it, or lower DG2PF_MAX_CONNECTIONS", max_connections, want, new)
+        log.warning(
+            "DG2PF_MAX_CONNECTIONS (%d) needs about %d open files, but this process may open %d (its hard "
+            "limit, ulimit -Hn): raise it, or lower DG2PF_MAX_CONNECTIONS",
+            max_connections,
+            want,
+            new,
+        )
 
 
 class StoppingServer(uvicorn.Server):

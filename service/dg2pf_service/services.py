@@ -14,13 +14,12 @@ from dg2pf_contract.job import JobSpec
 from dg2pf_core.errors import DG2PFError
 
 from .cluster import Cluster
-from .executor import RayJobsExecutor
-from .executor import output_dir
+from .executor import RayJobsExecutor, output_dir
+from .runner import JobFile
 from .scheduler import Scheduler
 from .serving.deploy import Deployments
 from .serving.options import ServeOptions
 from .serving.supervisor import ServingSupervisor
-from .runner import JobFile
 from .settings import Settings
 from .store.db import DatabaseURLError, make_engine, make_sessionmaker, redact_url
 from .store.migrate import upgrade
@@ -95,10 +94,15 @@ def _open_store(settings: Settings) -> JobStore:
     except DatabaseURLError as exc:
         raise StartupError(f"{setting}: {exc}", field="database_url") from None
     except ImportError as exc:  # a backend whose driver is not installed (mysql://, ...)
-        raise StartupError(f"{setting} ({shown}): no driver for this database is installed ({exc.name or exc}); dg2pf "
-                           "stores jobs in SQLite or PostgreSQL (postgresql+psycopg2://...)", field="database_url") from None
+        raise StartupError(
+            f"{setting} ({shown}): no driver for this database is installed ({exc.name or exc}); dg2pf "
+            "stores jobs in SQLite or PostgreSQL (postgresql+psycopg2://...)",
+            field="database_url",
+        ) from None
     except (OSError, SQLAlchemyError, AlembicError) as exc:
-        raise StartupError(f"{setting} ({shown}): cannot open the database: {_cause(exc)}", field="database_url") from None
+        raise StartupError(
+            f"{setting} ({shown}): cannot open the database: {_cause(exc)}", field="database_url"
+        ) from None
 
 
 def build(settings: Settings) -> Services:
@@ -108,7 +112,9 @@ def build(settings: Settings) -> Services:
         try:
             d.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            raise StartupError(f"DG2PF_DATA_DIR ({settings.data_dir}): cannot create {d}: {_cause(exc)}", field="data_dir") from None
+            raise StartupError(
+                f"DG2PF_DATA_DIR ({settings.data_dir}): cannot create {d}: {_cause(exc)}", field="data_dir"
+            ) from None
     for path in clean_partial_uploads(settings):
         log.info("removed %s: an upload or pinned checkpoint a stopped process left unfinished", path)
     store = _open_store(settings)
@@ -124,8 +130,11 @@ def build(settings: Settings) -> Services:
     def make_order(spec_doc: dict) -> JobFile:
         resolved = spec_doc["resolved"]
         return JobFile(
-            spec=JobSpec.model_validate(spec_doc["spec"]), checkpoint=resolved["checkpoint"],
-            teacher=resolved.get("teacher"), data_roots=[str(r) for r in settings.data_roots], storage_path=storage,
+            spec=JobSpec.model_validate(spec_doc["spec"]),
+            checkpoint=resolved["checkpoint"],
+            teacher=resolved.get("teacher"),
+            data_roots=[str(r) for r in settings.data_roots],
+            storage_path=storage,
             worker_start_timeout_s=settings.worker_start_timeout_s,
             cluster_may_grow=settings.cluster_max_cpus is not None or settings.cluster_max_gpus is not None,
         )
@@ -137,12 +146,21 @@ def build(settings: Settings) -> Services:
     )
     deployments = Deployments(store, serving, lambda row: output_dir(Path(row.artifacts_dir)))
     services = Services(settings, store, cluster, executor, None, serving, deployments)  # type: ignore[arg-type]
-    services.scheduler = Scheduler(store, executor, cluster, services.capacity, make_order, jobs_dir=settings.jobs_dir,
-                                   on_succeeded=services.on_succeeded, max_restarts=settings.job_max_restarts,
-                                   cluster_lost_timeout_s=settings.cluster_lost_timeout_s)
+    services.scheduler = Scheduler(
+        store,
+        executor,
+        cluster,
+        services.capacity,
+        make_order,
+        jobs_dir=settings.jobs_dir,
+        on_succeeded=services.on_succeeded,
+        max_restarts=settings.job_max_restarts,
+        cluster_lost_timeout_s=settings.cluster_lost_timeout_s,
+    )
     if settings.mlflow_tracking_uri:
-        services.tracking = MlflowTracking(settings.mlflow_tracking_uri, store, settings.mlflow_experiment,
-                                           settings.mlflow_artifact_location)
+        services.tracking = MlflowTracking(
+            settings.mlflow_tracking_uri, store, settings.mlflow_experiment, settings.mlflow_artifact_location
+        )
     return services
 
 

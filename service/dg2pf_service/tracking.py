@@ -43,11 +43,34 @@ RECORD_METRICS = ("val_top1", "val_top5", "train_loss", "sparsity", "lr", "recov
 # The job's results, once, at step 0; the best epoch's validation top-1 as best_val_top1 (val_top1 is per epoch).
 # Read from the job's status summary (``best_metrics``, named as in metrics.json); flops_*: the MACs' former
 # names, logged beside macs_* for one release.
-RESULT_METRICS = ("test_top1", "test_top5", "baseline_test_top1", "sparsity_prunable", "sparsity_total",
-                  "params_nonzero", "params_total", "macs_sparse", "macs_dense", "flops_sparse", "flops_dense", "best_epoch",
-                  "epochs", "wall_seconds", "max_layer_sparsity", "channel_sparsity", "macs_ratio")
-ARTIFACTS = (Artifacts.METRICS, Artifacts.HISTORY, *Artifacts.PLOTS, Artifacts.TRIALS, Artifacts.ONNX, Artifacts.MODEL,
-             Artifacts.COMPACT)
+RESULT_METRICS = (
+    "test_top1",
+    "test_top5",
+    "baseline_test_top1",
+    "sparsity_prunable",
+    "sparsity_total",
+    "params_nonzero",
+    "params_total",
+    "macs_sparse",
+    "macs_dense",
+    "flops_sparse",
+    "flops_dense",
+    "best_epoch",
+    "epochs",
+    "wall_seconds",
+    "max_layer_sparsity",
+    "channel_sparsity",
+    "macs_ratio",
+)
+ARTIFACTS = (
+    Artifacts.METRICS,
+    Artifacts.HISTORY,
+    *Artifacts.PLOTS,
+    Artifacts.TRIALS,
+    Artifacts.ONNX,
+    Artifacts.MODEL,
+    Artifacts.COMPACT,
+)
 END_STATUS = {"succeeded": "FINISHED", "failed": "FAILED", "cancelled": "KILLED"}
 RECENT_JOBS = 100  # each pass looks at the newest jobs and the running ones
 MAX_PARAM_CHARS = 6000  # MLflow's limit on a param value
@@ -77,19 +100,25 @@ def _number(value: Any) -> float | None:
 
 
 class MlflowTracking:
-    def __init__(self, tracking_uri: str, store: JobStore, experiment: str = EXPERIMENT,
-                 artifact_location: str | None = None) -> None:
+    def __init__(
+        self, tracking_uri: str, store: JobStore, experiment: str = EXPERIMENT, artifact_location: str | None = None
+    ) -> None:
         # MLflow's HTTP defaults (7 retries with back-off, 120 s timeouts) held one call for about 4 minutes
         # against an unreachable server: a pass gives up in seconds and the next one tries again. An
         # operator's own values win.
-        for name, value in (("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1"), ("MLFLOW_HTTP_REQUEST_TIMEOUT", "10"),
-                            ("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")):
+        for name, value in (
+            ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1"),
+            ("MLFLOW_HTTP_REQUEST_TIMEOUT", "10"),
+            ("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1"),
+        ):
             os.environ.setdefault(name, value)
         try:
             from mlflow.tracking import MlflowClient
         except ImportError as exc:
-            raise TrackingUnavailable("DG2PF_MLFLOW_TRACKING_URI is set but MLflow is not installed: pip install "
-                                      "'dg2pf[mlflow]' (mlflow-skinny), or unset it") from exc
+            raise TrackingUnavailable(
+                "DG2PF_MLFLOW_TRACKING_URI is set but MLflow is not installed: pip install "
+                "'dg2pf[mlflow]' (mlflow-skinny), or unset it"
+            ) from exc
         self.client = MlflowClient(tracking_uri=tracking_uri)
         self._failing_since: float | None = None
         self._last_warning = 0.0
@@ -150,8 +179,13 @@ class MlflowTracking:
         now = time.monotonic()
         if self._failing_since is None or now - self._last_warning >= WARN_EVERY_S:
             since = "" if self._failing_since is None else f" (failing for {now - self._failing_since:.0f} s)"
-            log.warning("MLflow tracking (DG2PF_MLFLOW_TRACKING_URI) failed for job %s%s; the jobs are not affected and "
-                        "are logged once it answers: %s", job_id, since, " ".join(str(exc).split())[:300])
+            log.warning(
+                "MLflow tracking (DG2PF_MLFLOW_TRACKING_URI) failed for job %s%s; the jobs are not affected and "
+                "are logged once it answers: %s",
+                job_id,
+                since,
+                " ".join(str(exc).split())[:300],
+            )
             self._last_warning = now
         self._failing_since = self._failing_since or now
 
@@ -159,8 +193,11 @@ class MlflowTracking:
     def _experiment(self) -> str:
         if self._experiment_id is None:
             found = self.client.get_experiment_by_name(self.experiment_name)
-            self._experiment_id = found.experiment_id if found else self.client.create_experiment(
-                self.experiment_name, artifact_location=self.artifact_location)
+            self._experiment_id = (
+                found.experiment_id
+                if found
+                else self.client.create_experiment(self.experiment_name, artifact_location=self.artifact_location)
+            )
         return self._experiment_id
 
     def _sync(self, row) -> None:
@@ -188,13 +225,14 @@ class MlflowTracking:
             if run.info.status != "RUNNING":
                 return None, 0, ""
             return run.info.run_id, len(self.client.get_metric_history(run.info.run_id, "val_top1")), ""
-        run = self.client.create_run(experiment, run_name=row.name or row.id[:8],
-                                     tags={JOB_TAG: row.id, "dg2pf.state": row.state})
+        run = self.client.create_run(
+            experiment, run_name=row.name or row.id[:8], tags={JOB_TAG: row.id, "dg2pf.state": row.state}
+        )
         from mlflow.entities import Param
 
         params = [Param(k, v) for k, v in flatten(row.spec.get("spec", {})).items()]
         for i in range(0, len(params), 100):  # MLflow takes at most 100 params per batch
-            self.client.log_batch(run.info.run_id, params=params[i:i + 100])
+            self.client.log_batch(run.info.run_id, params=params[i : i + 100])
         return run.info.run_id, 0, row.state
 
     @staticmethod
@@ -213,7 +251,7 @@ class MlflowTracking:
         now = int(time.time() * 1000)
         batch = [Metric(key, value, now, step) for key, value, step in metrics]
         for i in range(0, len(batch), 1000):  # MLflow takes at most 1000 metrics per batch
-            self.client.log_batch(run_id, metrics=batch[i:i + 1000])
+            self.client.log_batch(run_id, metrics=batch[i : i + 1000])
 
     def _finish(self, row, run_id: str) -> None:
         best = row.best_metrics or {}
@@ -221,8 +259,12 @@ class MlflowTracking:
         if (v := _number(best.get("val_top1"))) is not None and row.state == "succeeded":
             results.append(("best_val_top1", v, 0))
         speedup = (best.get("latency") or {}).get("speedup") or {}
-        results += [(f"speedup_{backend}_batch{n}", v, 0) for backend, by in speedup.items() for n, x in by.items()
-                    if (v := _number(x)) is not None]
+        results += [
+            (f"speedup_{backend}_batch{n}", v, 0)
+            for backend, by in speedup.items()
+            for n, x in by.items()
+            if (v := _number(x)) is not None
+        ]
         if results:
             self._log_metrics(run_id, results)
         out = output_dir(Path(row.artifacts_dir))

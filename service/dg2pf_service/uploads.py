@@ -54,8 +54,24 @@ ZIP_RECORD_BYTES = 512
 # Old code staged uploads beside the checkpoints as ".upload-*"; they are leftovers too.
 _LEGACY_PREFIX = ".upload-"
 _CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
-_SAFETENSORS_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
-                         "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8, "C64": 8}
+_SAFETENSORS_ITEMSIZE = {
+    "F64": 8,
+    "F32": 4,
+    "F16": 2,
+    "BF16": 2,
+    "I64": 8,
+    "I32": 4,
+    "I16": 2,
+    "I8": 1,
+    "U8": 1,
+    "BOOL": 1,
+    "F8_E4M3": 1,
+    "F8_E5M2": 1,
+    "U16": 2,
+    "U32": 4,
+    "U64": 8,
+    "C64": 8,
+}
 
 
 class UploadRefused(Exception):
@@ -65,7 +81,9 @@ class UploadRefused(Exception):
     closed with the answer, or the server would go on reading (and discarding) the rest of it.
     """
 
-    def __init__(self, status: int, type_: str, message: str, *, field: str | None = FIELD, body_unread: bool = False) -> None:
+    def __init__(
+        self, status: int, type_: str, message: str, *, field: str | None = FIELD, body_unread: bool = False
+    ) -> None:
         super().__init__(message)
         self.status, self.type, self.message, self.field, self.body_unread = status, type_, message, field, body_unread
 
@@ -149,8 +167,13 @@ class CheckpointUploads:
         boundary = _boundary(headers.get("content-type"))
         declared = headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > limits.max_bytes + FRAMING_ALLOWANCE:
-            raise UploadRefused(413, "too_large", f"the upload ({int(declared)} bytes) exceeds this service's limit of "
-                                f"{limits.max_bytes} bytes for a checkpoint (DG2PF_MAX_UPLOAD_BYTES)", body_unread=True)
+            raise UploadRefused(
+                413,
+                "too_large",
+                f"the upload ({int(declared)} bytes) exceeds this service's limit of "
+                f"{limits.max_bytes} bytes for a checkpoint (DG2PF_MAX_UPLOAD_BYTES)",
+                body_unread=True,
+            )
         self.staging.mkdir(parents=True, exist_ok=True)
         form = _FileForm(self.staging, limits.max_bytes)
         try:
@@ -178,12 +201,18 @@ def _boundary(content_type: str | None) -> bytes:
     kind, options = parse_options_header(content_type)
     if kind != b"multipart/form-data":
         shown = f"Content-Type {content_type!r}" if content_type else "no Content-Type"
-        raise UploadRefused(422, "invalid_upload", f"POST /checkpoints takes a multipart/form-data body with the weights in "
-                            f"the field '{FIELD}' (got {shown}); e.g. curl -F {FIELD}=@model.safetensors", body_unread=True)
+        raise UploadRefused(
+            422,
+            "invalid_upload",
+            f"POST /checkpoints takes a multipart/form-data body with the weights in "
+            f"the field '{FIELD}' (got {shown}); e.g. curl -F {FIELD}=@model.safetensors",
+            body_unread=True,
+        )
     boundary = options.get(b"boundary")
     if not boundary:
-        raise UploadRefused(400, "malformed_upload", "the multipart/form-data Content-Type has no boundary parameter",
-                            body_unread=True)
+        raise UploadRefused(
+            400, "malformed_upload", "the multipart/form-data Content-Type has no boundary parameter", body_unread=True
+        )
     return boundary
 
 
@@ -192,7 +221,9 @@ async def _feed(chunks: AsyncIterator[bytes], form: _FileForm, boundary: bytes, 
     try:
         parser = MultipartParser(boundary, form.callbacks())
     except FormParserError as e:
-        raise UploadRefused(400, "malformed_upload", f"the multipart body cannot be parsed: {e}", body_unread=True) from e
+        raise UploadRefused(
+            400, "malformed_upload", f"the multipart body cannot be parsed: {e}", body_unread=True
+        ) from e
     stream = aiter(chunks)
     deadline = anyio.current_time() + limits.total_timeout_s
     received = 0
@@ -202,27 +233,43 @@ async def _feed(chunks: AsyncIterator[bytes], form: _FileForm, boundary: bytes, 
             chunk = await anext(stream, None)
         if waited.cancelled_caught:
             if limits.idle_timeout_s < left:
-                message = (f"no data arrived for {limits.idle_timeout_s:g} s (DG2PF_UPLOAD_IDLE_TIMEOUT_S), after "
-                           f"{received} bytes; the upload was aborted: send it again")
+                message = (
+                    f"no data arrived for {limits.idle_timeout_s:g} s (DG2PF_UPLOAD_IDLE_TIMEOUT_S), after "
+                    f"{received} bytes; the upload was aborted: send it again"
+                )
             else:
-                message = (f"the upload did not finish within {limits.total_timeout_s:g} s (DG2PF_UPLOAD_TIMEOUT_S), "
-                           f"after {received} bytes; send it over a faster link or ask the operator to raise the limit")
+                message = (
+                    f"the upload did not finish within {limits.total_timeout_s:g} s (DG2PF_UPLOAD_TIMEOUT_S), "
+                    f"after {received} bytes; send it over a faster link or ask the operator to raise the limit"
+                )
             raise UploadRefused(408, "upload_timeout", message, body_unread=True)
         if chunk is None:
             break
         received += len(chunk)
         if received > limits.max_bytes + FRAMING_ALLOWANCE:
-            raise UploadRefused(413, "too_large", f"the upload exceeds this service's limit of {limits.max_bytes} bytes "
-                                "for a checkpoint (DG2PF_MAX_UPLOAD_BYTES)", body_unread=True)
+            raise UploadRefused(
+                413,
+                "too_large",
+                f"the upload exceeds this service's limit of {limits.max_bytes} bytes "
+                "for a checkpoint (DG2PF_MAX_UPLOAD_BYTES)",
+                body_unread=True,
+            )
         try:
             parser.write(chunk)
         except FormParserError as e:
-            raise UploadRefused(400, "malformed_upload", f"the multipart body cannot be parsed: {e}", body_unread=True) from e
+            raise UploadRefused(
+                400, "malformed_upload", f"the multipart body cannot be parsed: {e}", body_unread=True
+            ) from e
         except OSError as e:
             if e.errno not in (errno.ENOSPC, errno.EDQUOT):
                 raise
-            raise UploadRefused(507, "insufficient_storage", "the service has no disk space left for the upload; try again "
-                                "later or tell its operator", field=None, body_unread=True) from e
+            raise UploadRefused(
+                507,
+                "insufficient_storage",
+                "the service has no disk space left for the upload; try again later or tell its operator",
+                field=None,
+                body_unread=True,
+            ) from e
     form.finish()
 
 
@@ -281,11 +328,19 @@ class _FileForm:
         self._file_parts.append(name)
         if len(self._file_parts) > 1:
             shown = ", ".join(repr(n) for n in self._file_parts)
-            raise UploadRefused(422, "invalid_upload", f"the upload has more than one file part ({shown}); send exactly "
-                                f"one, in the field '{FIELD}'", body_unread=True)
+            raise UploadRefused(
+                422,
+                "invalid_upload",
+                f"the upload has more than one file part ({shown}); send exactly one, in the field '{FIELD}'",
+                body_unread=True,
+            )
         if name != FIELD:
-            raise UploadRefused(422, "invalid_upload", f"the file was sent in the field {name!r}; send it in the field "
-                                f"'{FIELD}'", body_unread=True)
+            raise UploadRefused(
+                422,
+                "invalid_upload",
+                f"the file was sent in the field {name!r}; send it in the field '{FIELD}'",
+                body_unread=True,
+            )
         self.filename = os.path.basename((filename or b"").decode("utf-8", "replace")) or "upload"
         suffix = Path(self.filename).suffix.lower()
         # The client's suffix lets the reader point out a misnamed file (".safetensors" holding a pickle).
@@ -299,8 +354,13 @@ class _FileForm:
             return
         self.size += end - start
         if self.size > self.max_bytes:
-            raise UploadRefused(413, "too_large", f"the file exceeds this service's limit of {self.max_bytes} bytes for "
-                                "a checkpoint (DG2PF_MAX_UPLOAD_BYTES)", body_unread=True)
+            raise UploadRefused(
+                413,
+                "too_large",
+                f"the file exceeds this service's limit of {self.max_bytes} bytes for "
+                "a checkpoint (DG2PF_MAX_UPLOAD_BYTES)",
+                body_unread=True,
+            )
         piece = data[start:end]
         self.digest.update(piece)
         self.out.write(piece)
@@ -312,11 +372,17 @@ class _FileForm:
 
     def finish(self) -> None:
         if not self.ended:
-            raise UploadRefused(400, "malformed_upload", "the multipart body ended before its closing boundary; the upload "
-                                "was cut short: send it again")
+            raise UploadRefused(
+                400,
+                "malformed_upload",
+                "the multipart body ended before its closing boundary; the upload was cut short: send it again",
+            )
         if self.path is None:
-            raise UploadRefused(422, "invalid_upload", f"the upload has no file in the field '{FIELD}'; e.g. curl -F "
-                                f"{FIELD}=@model.safetensors")
+            raise UploadRefused(
+                422,
+                "invalid_upload",
+                f"the upload has no file in the field '{FIELD}'; e.g. curl -F {FIELD}=@model.safetensors",
+            )
         if self.size == 0:
             raise UploadRefused(422, "invalid_checkpoint", "the uploaded file is empty")
 
@@ -341,9 +407,13 @@ def _check(path: Path, filename: str, limits: UploadLimits) -> str:
     try:
         size, what = in_memory_size(path, limits.max_uncompressed_bytes)
         if size > limits.max_uncompressed_bytes:
-            raise UploadRefused(413, "too_large", f"{filename} would take {size} bytes in memory ({what}), above this "
-                                f"service's limit of {limits.max_uncompressed_bytes} bytes (DG2PF_MAX_UNCOMPRESSED_BYTES); "
-                                "save the weights uncompressed (torch.save or safetensors) or ask the operator to raise the limit")
+            raise UploadRefused(
+                413,
+                "too_large",
+                f"{filename} would take {size} bytes in memory ({what}), above this "
+                f"service's limit of {limits.max_uncompressed_bytes} bytes (DG2PF_MAX_UNCOMPRESSED_BYTES); "
+                "save the weights uncompressed (torch.save or safetensors) or ask the operator to raise the limit",
+            )
         read_state_dict(path, any_set=True)  # a file with raw + EMA weights: the job says which (checkpoint_key)
         with open(path, "rb") as f:
             head = f.read(9)
@@ -351,7 +421,9 @@ def _check(path: Path, filename: str, limits: UploadLimits) -> str:
         raise
     except CheckpointError as exc:
         message = exc.message.replace(str(path), filename)
-        raise UploadRefused(422, "invalid_checkpoint", message if filename in message else f"{filename}: {message}") from exc
+        raise UploadRefused(
+            422, "invalid_checkpoint", message if filename in message else f"{filename}: {message}"
+        ) from exc
     except Exception as exc:  # noqa: BLE001 - see the docstring
         log.exception("checking the upload %s (%s) failed", filename, path)
         why = _clip(f"{type(exc).__name__}: {exc}".replace(str(path), filename))
@@ -430,20 +502,32 @@ def _safetensors_size(f: BinaryIO, size: int) -> tuple[int, str]:
     data = 0
     for name, entry in header.items():
         if name == "__metadata__":
-            if entry is not None and (not isinstance(entry, dict) or not all(isinstance(v, str) for v in entry.values())):
+            if entry is not None and (
+                not isinstance(entry, dict) or not all(isinstance(v, str) for v in entry.values())
+            ):
                 raise _malformed("__metadata__ must be an object of strings")
             continue
         if not isinstance(entry, dict):
             raise _malformed(f"tensor {_clip(repr(name))} is a JSON {type(entry).__name__}, not an object")
         offsets, shape = entry.get("data_offsets"), entry.get("shape")
         # type() is int: no bools, no floats (1e400 parses as inf), and end within the data section.
-        if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)
-                and 0 <= offsets[0] <= offsets[1] <= data_len):
-            raise _malformed(f"tensor {_clip(repr(name))}: data_offsets must be two integers 0 <= begin <= end <= "
-                             f"{data_len} (the size of the data after the header), got {_clip(repr(offsets))}")
-        if not isinstance(entry.get("dtype"), str) or not (isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape)):
-            raise _malformed(f"tensor {_clip(repr(name))}: needs a dtype name and a shape of non-negative integers, "
-                             f"got dtype {_clip(repr(entry.get('dtype')))}, shape {_clip(repr(shape))}")
+        if not (
+            isinstance(offsets, list)
+            and len(offsets) == 2
+            and all(type(o) is int for o in offsets)
+            and 0 <= offsets[0] <= offsets[1] <= data_len
+        ):
+            raise _malformed(
+                f"tensor {_clip(repr(name))}: data_offsets must be two integers 0 <= begin <= end <= "
+                f"{data_len} (the size of the data after the header), got {_clip(repr(offsets))}"
+            )
+        if not isinstance(entry.get("dtype"), str) or not (
+            isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape)
+        ):
+            raise _malformed(
+                f"tensor {_clip(repr(name))}: needs a dtype name and a shape of non-negative integers, "
+                f"got dtype {_clip(repr(entry.get('dtype')))}, shape {_clip(repr(shape))}"
+            )
         data = max(data, offsets[1])
     meta = header.get("__metadata__") or {}
     if meta.get("format") == COMPACT_FORMAT:

@@ -21,7 +21,6 @@ from .pinning import pin_checkpoint
 from .settings import Settings
 from .store.repo import JobStore
 
-
 _SCHEDULE_FIELDS = frozenset(ScheduleSpec.model_fields)
 
 
@@ -61,7 +60,9 @@ def check_dataset(spec: str, settings: Settings) -> None:
     p = Path(path)
     roots = [str(r) for r in settings.data_roots]
     if not p.is_absolute() or not under(os.path.realpath(p), [os.path.realpath(r) for r in roots]):
-        raise InvalidJob("dataset.spec", f"dataset path {path!r} is outside DG2PF_DATA_ROOTS ({', '.join(roots) or 'none set'})")
+        raise InvalidJob(
+            "dataset.spec", f"dataset path {path!r} is outside DG2PF_DATA_ROOTS ({', '.join(roots) or 'none set'})"
+        )
     if not p.exists():
         raise InvalidJob("dataset.spec", f"dataset path {path!r} does not exist")
     try:
@@ -72,19 +73,24 @@ def check_dataset(spec: str, settings: Settings) -> None:
 
 def _amp_refusal(config: DG2PFConfig, use_gpu: bool) -> str | None:
     if config.amp != "none" and not use_gpu:
-        return (f"amp {config.amp!r} needs a GPU (mixed precision runs under CUDA autocast only): "
-                "set resources.use_gpu: true, or amp: none")
+        return (
+            f"amp {config.amp!r} needs a GPU (mixed precision runs under CUDA autocast only): "
+            "set resources.use_gpu: true, or amp: none"
+        )
     return None
 
 
-def validate_job(spec: JobSpec, settings: Settings, store: JobStore,
-                 capacity: Callable[[], tuple[float, float]]) -> tuple[str, str | None]:
+def validate_job(
+    spec: JobSpec, settings: Settings, store: JobStore, capacity: Callable[[], tuple[float, float]]
+) -> tuple[str, str | None]:
     """All checks; returns (checkpoint path, teacher path). ``capacity`` is asked last (it asks Ray):
     what the request alone shows wrong is refused even while the cluster does not answer."""
     try:
         config = DG2PFConfig.from_spec(spec)
     except DG2PFError as exc:
-        raise InvalidJob(f"schedule.{exc.field}" if exc.field and exc.field != "sparsity" else "sparsity", exc.message) from exc
+        raise InvalidJob(
+            f"schedule.{exc.field}" if exc.field and exc.field != "sparsity" else "sparsity", exc.message
+        ) from exc
     refusal = _amp_refusal(config, spec.resources.use_gpu)
     if refusal:
         raise InvalidJob("schedule.amp", refusal)
@@ -107,33 +113,53 @@ def validate_job(spec: JobSpec, settings: Settings, store: JobStore,
     # What the preflight can check here (the checkpoints by content, finite, fitting the architecture;
     # fp16 compact values); the data and the dry run are checked by the job's runner before training.
     try:
-        check_static(PruneJob.from_spec(spec, checkpoint, teacher, [str(r) for r in settings.data_roots]), meta=True,
-                     max_params=settings.max_model_params)
+        check_static(
+            PruneJob.from_spec(spec, checkpoint, teacher, [str(r) for r in settings.data_roots]),
+            meta=True,
+            max_params=settings.max_model_params,
+        )
     except DG2PFError as exc:
         teacher_file = teacher is not None and teacher in exc.message
-        where = {"arch": "model.arch", "num_classes": "model.num_classes", "compact_values": "compact_values",
-                 "sparsity": "sparsity", "checkpoint_key": "teacher" if teacher_file else "model.checkpoint_key"}.get(
-            exc.field or "", "teacher" if teacher_file else "model.checkpoint")
+        where = {
+            "arch": "model.arch",
+            "num_classes": "model.num_classes",
+            "compact_values": "compact_values",
+            "sparsity": "sparsity",
+            "checkpoint_key": "teacher" if teacher_file else "model.checkpoint_key",
+        }.get(exc.field or "", "teacher" if teacher_file else "model.checkpoint")
         if exc.field in _SCHEDULE_FIELDS:  # a schedule option that does not fit this model (N:M, include/exclude)
             where = f"schedule.{exc.field}"
         # The client named the checkpoints; where the store keeps them is none of its business.
         message = exc.message.replace(checkpoint, spec.model.checkpoint)
         if where == "model.checkpoint_key":  # the spec's field, not the command line's option
-            message = message.replace(" (JobSpec: model.checkpoint_key)", "").replace("--checkpoint-key ", "model.checkpoint_key ")
+            message = message.replace(" (JobSpec: model.checkpoint_key)", "").replace(
+                "--checkpoint-key ", "model.checkpoint_key "
+            )
         if teacher is not None and spec.teacher is not None:
             message = message.replace(teacher, spec.teacher)
         raise InvalidJob(where, message) from exc
     try:
         cpus, gpus = capacity()
     except Exception as exc:  # noqa: BLE001 - Ray does not answer (restarting, unreachable)
-        raise InvalidJob("resources", f"the Ray cluster does not answer now ({type(exc).__name__}), so this job's resources "
-                         "cannot be checked; nothing was created: submit it again shortly (GET /readyz says when Ray is back)",
-                         status=503) from exc
+        raise InvalidJob(
+            "resources",
+            f"the Ray cluster does not answer now ({type(exc).__name__}), so this job's resources "
+            "cannot be checked; nothing was created: submit it again shortly (GET /readyz says when Ray is back)",
+            status=503,
+        ) from exc
     workers = spec.resources.num_workers
     if spec.resources.use_gpu and workers > gpus:
-        raise InvalidJob("resources.num_workers", f"{workers} GPU workers cannot be placed: the Ray cluster has {gpus:g} GPUs for jobs (those held by serving replicas excluded; "
-                         "DG2PF_CLUSTER_MAX_GPUS declares what an autoscaling cluster can grow to)")
+        raise InvalidJob(
+            "resources.num_workers",
+            f"{workers} GPU workers cannot be placed: the Ray cluster has {gpus:g} GPUs for jobs "
+            "(those held by serving replicas excluded; "
+            "DG2PF_CLUSTER_MAX_GPUS declares what an autoscaling cluster can grow to)",
+        )
     if workers > cpus:
-        raise InvalidJob("resources.num_workers", f"{workers} workers cannot be placed: the Ray cluster has {cpus:g} CPUs for jobs (those held by serving replicas excluded; "
-                         "DG2PF_CLUSTER_MAX_CPUS declares what an autoscaling cluster can grow to)")
+        raise InvalidJob(
+            "resources.num_workers",
+            f"{workers} workers cannot be placed: the Ray cluster has {cpus:g} CPUs for jobs "
+            "(those held by serving replicas excluded; "
+            "DG2PF_CLUSTER_MAX_CPUS declares what an autoscaling cluster can grow to)",
+        )
     return checkpoint, teacher

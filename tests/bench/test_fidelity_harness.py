@@ -7,8 +7,8 @@ import torch
 from torch import nn
 
 from bench.fidelity import report
-from bench.fidelity.measure import zero_fractions
 from bench.fidelity.cells import cell_path, write_json
+from bench.fidelity.measure import zero_fractions
 from bench.fidelity.methods import method_names
 from bench.fidelity.registry import Budget
 from bench.fidelity.run import finished
@@ -16,11 +16,28 @@ from bench.fidelity.torch_prune import linear_path
 
 
 def _cell(method, seed, top1, status="ok", model="resnet18", sparsity=0.9):
-    cell = {"method": method, "model": model, "sparsity_target": sparsity, "seed": seed, "budget": {"epochs": 15, "pruning_epochs": 6, "patience": 4, "batch_size": 64},
-            "dense_test_top1": 99.0, "status": status, "wall_seconds": 10.0}
+    cell = {
+        "method": method,
+        "model": model,
+        "sparsity_target": sparsity,
+        "seed": seed,
+        "budget": {"epochs": 15, "pruning_epochs": 6, "patience": 4, "batch_size": 64},
+        "dense_test_top1": 99.0,
+        "status": status,
+        "wall_seconds": 10.0,
+    }
     if status == "ok":
-        cell.update({"test_top1": top1, "val_top1": top1, "sparsity": sparsity, "max_layer_sparsity": 0.97,
-                     "max_layer": "fc.weight", "layers_emptied": 0, "epochs": 15})
+        cell.update(
+            {
+                "test_top1": top1,
+                "val_top1": top1,
+                "sparsity": sparsity,
+                "max_layer_sparsity": 0.97,
+                "max_layer": "fc.weight",
+                "layers_emptied": 0,
+                "epochs": 15,
+            }
+        )
     else:
         cell["error"] = "MethodUnavailable: INC set-up failed\nmore"
     return cell
@@ -32,7 +49,9 @@ def test_table_shows_mean_std_failures_and_not_run(tmp_path):
     text = report.table(report.load_cells(tmp_path))
     assert "| resnet18 | 0.90 | dg2pf | 98.50 ± 0.71 | -0.50 | 2 |" in text
     assert "| resnet18 | 0.90 | inc-magnitude | failed: MethodUnavailable: INC set-up failed |" in text
-    assert all(f"| resnet18 | 0.90 | {m} | not run |" in text for m in method_names() if m not in ("dg2pf", "inc-magnitude"))
+    assert all(
+        f"| resnet18 | 0.90 | {m} | not run |" in text for m in method_names() if m not in ("dg2pf", "inc-magnitude")
+    )
     # a sparsity where the model has no cell: one line; a model with no cell at all: its dense row only
     assert "| resnet18 | 0.70 | every method | not run |" in text and "| resnet18 | 0.70 | dg2pf |" not in text
     assert "| **mobilenet_v2** | dense | — | not run |" in text and "| mobilenet_v2 | 0.95 |" not in text
@@ -70,8 +89,16 @@ def test_torch_prune_path_ends_exactly_at_the_target():
 
 def test_the_default_grid_has_every_method_the_comparison_needs_and_no_investigation():
     grid = method_names()
-    assert {"dg2pf", "dg2pf-paper", "gmp-ao", "gmp-global", "gmp-global-kd", "oneshot-ft", "torch-prune-l1",
-            "inc-magnitude"} <= set(grid)
+    assert {
+        "dg2pf",
+        "dg2pf-paper",
+        "gmp-ao",
+        "gmp-global",
+        "gmp-global-kd",
+        "oneshot-ft",
+        "torch-prune-l1",
+        "inc-magnitude",
+    } <= set(grid)
     extra = set(method_names(grid_only=False)) - set(grid)
     from bench.fidelity.dg2pf_family import INVESTIGATIONS
 
@@ -97,10 +124,11 @@ def test_the_cub_ablations_are_single_changes_from_the_products_default():
 
 # --- the channel grid (methods of kind "macs") ---------------------------------------------------
 
+
 def _tiny_cell(method, macs_ratio, tmp_path, sparsity=0.0, budget=None):
     from bench.fidelity.data import DataSettings, Split
-    from bench.fidelity.registry import Cell
     from bench.fidelity.pretrain import build
+    from bench.fidelity.registry import Cell
 
     g = torch.Generator().manual_seed(0)
     x, y = torch.randn(96, 3, 12, 12, generator=g), torch.arange(96) % 10
@@ -118,8 +146,19 @@ def _tiny_cell(method, macs_ratio, tmp_path, sparsity=0.0, budget=None):
             model.load_state_dict(self.state)
             return model
 
-    return Cell("digits_cnn", method, sparsity, 0, budget or Budget(epochs=2, pruning_epochs=1, patience=1, batch_size=32), Dense(),
-                split, DataSettings(augment_pad=0), tmp_path / "split.npz", 1, macs_ratio)
+    return Cell(
+        "digits_cnn",
+        method,
+        sparsity,
+        0,
+        budget or Budget(epochs=2, pruning_epochs=1, patience=1, batch_size=32),
+        Dense(),
+        split,
+        DataSettings(augment_pad=0),
+        tmp_path / "split.npz",
+        1,
+        macs_ratio,
+    )
 
 
 def test_the_torch_ao_peer_prunes_every_layer_exactly_to_the_cubic_level_at_each_update(tmp_path):
@@ -136,7 +175,11 @@ def test_the_torch_ao_peer_prunes_every_layer_exactly_to_the_cubic_level_at_each
     assert [u["step"] for u in levels] == [4, 8, 12, 16]
     assert [u["level"] for u in levels] == pytest.approx([cubic_level(0.9, k, 4) for k in (1, 2, 3, 4)])
     assert levels[-1]["level"] == 0.9 and levels[0]["level"] < levels[1]["level"] < levels[2]["level"] < 0.9
-    sizes = {f"{n}.weight": m.weight.numel() for n, m in cell.dense.build().named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
+    sizes = {
+        f"{n}.weight": m.weight.numel()
+        for n, m in cell.dense.build().named_modules()
+        if isinstance(m, (nn.Conv2d, nn.Linear))
+    }
     for update in levels:
         assert update["zeros"] == {name: round(update["level"] * n) for name, n in sizes.items()}
     _, layers = zero_fractions(outcome.model)
@@ -150,8 +193,12 @@ def test_the_global_peers_meet_the_target_over_all_weights_without_emptying_a_la
     from bench.fidelity.measure import zero_fractions
 
     budget = Budget(epochs=3, pruning_epochs=2, patience=3, batch_size=8)
-    outcome = train_peer(_tiny_cell(f"gmp-{kind}", None, tmp_path, sparsity=0.95, budget=budget), kind, distill=kind == "global",
-                         delta_t=4)
+    outcome = train_peer(
+        _tiny_cell(f"gmp-{kind}", None, tmp_path, sparsity=0.95, budget=budget),
+        kind,
+        distill=kind == "global",
+        delta_t=4,
+    )
     total, layers = zero_fractions(outcome.model)
     n = sum(m.weight.numel() for m in outcome.model.modules() if isinstance(m, (nn.Conv2d, nn.Linear)))
     assert round(total * n) == round(0.95 * n) and max(layers.values()) < 1.0
@@ -166,7 +213,8 @@ def test_channel_methods_remove_channels_down_to_the_macs_target(method, tmp_pat
     cell = _tiny_cell(method, 0.5, tmp_path)
     outcome = get_method(method).fn(cell)
     sizes = size_ratios(cell, outcome.model)
-    # physically smaller (not zeroed), at the target: DG2PF within a channel, Torch-Pruning at most one of its steps under
+    # physically smaller (not zeroed), at the target: DG2PF within a channel, Torch-Pruning at most one of its
+    # steps under
     assert sizes["params_pruned"] < sizes["params_dense"]
     assert 0.45 <= sizes["macs_ratio"] <= 0.51
     assert outcome.model(cell.split.x_test).shape == (16, 10)
@@ -185,8 +233,12 @@ def test_channel_methods_are_their_own_grid_and_refuse_a_sparsity_cell(tmp_path)
 def test_channel_table_shows_seeds_sizes_and_the_difference_to_the_peer(tmp_path):
     from bench.fidelity.cells import macs_cell_path
 
-    for method, seed, top1 in [("dg2pf-channel", 0, 99.0), ("dg2pf-channel", 1, 98.0), ("tp-magnitude", 0, 98.5),
-                               ("tp-magnitude", 1, 98.5)]:
+    for method, seed, top1 in [
+        ("dg2pf-channel", 0, 99.0),
+        ("dg2pf-channel", 1, 98.0),
+        ("tp-magnitude", 0, 98.5),
+        ("tp-magnitude", 1, 98.5),
+    ]:
         cell = _cell(method, seed, top1, model="digits_cnn", sparsity=0.0)
         cell.update(macs_ratio_target=0.5, macs_ratio=0.5, params_ratio=0.3)
         write_json(macs_cell_path(tmp_path, "digits_cnn", method, 0.5, seed), cell)
@@ -202,7 +254,10 @@ def test_channel_table_has_its_own_markers(tmp_path):
     md = tmp_path / "fidelity-history.md"
     md.write_text(f"{report.START}\nsparsity\n{report.END}\n{report.CHANNEL_START}\nold\n{report.CHANNEL_END}\n")
     report.write_table(md, "channel", report.CHANNEL_START, report.CHANNEL_END)
-    assert md.read_text() == f"{report.START}\nsparsity\n{report.END}\n{report.CHANNEL_START}\nchannel\n{report.CHANNEL_END}\n"
+    assert (
+        md.read_text()
+        == f"{report.START}\nsparsity\n{report.END}\n{report.CHANNEL_START}\nchannel\n{report.CHANNEL_END}\n"
+    )
 
 
 def _write_cells(results, cells):
@@ -219,9 +274,14 @@ def test_cells_of_another_dense_model_are_refused_before_new_cells_join_them(tmp
     weights.write_bytes(b"the dense model now")
     dense = Dense("resnet18", weights, 98.5, 99.0, 1.0, 10, cached=True)
     results = tmp_path / "results"
-    _write_cells(results, [{**_cell("dg2pf", 0, 90.0), "dense_sha256": dense.sha256},
-                           _cell("gmp-cubic", 0, 91.0),  # recorded before the digest: its dense top-1 (99.0) matches
-                           _cell("oneshot-ft", 0, None, status="failed")])
+    _write_cells(
+        results,
+        [
+            {**_cell("dg2pf", 0, 90.0), "dense_sha256": dense.sha256},
+            _cell("gmp-cubic", 0, 91.0),  # recorded before the digest: its dense top-1 (99.0) matches
+            _cell("oneshot-ft", 0, None, status="failed"),
+        ],
+    )
     check_dense(results, dense)
     other = cell_path(results, "resnet18", "dg2pf", 0.9, 1)
     write_json(other, {**_cell("dg2pf", 1, 90.0), "dense_sha256": "0" * 64})
@@ -255,7 +315,9 @@ def test_report_never_replaces_a_table_with_one_from_fewer_cells(tmp_path):
     assert (docs / "fidelity-history.md").read_text() == published and raw.read_text() == raw_before
     # a mistyped results directory, a directory of the other dataset's cells, a damaged cell: refused, nothing written
     with pytest.raises(SystemExit, match="does not exist"):
-        report.main(["--dataset", "fashion-mnist", "--results-dir", str(tmp_path / "typo"), "--docs-dir", str(docs), "--force"])
+        report.main(
+            ["--dataset", "fashion-mnist", "--results-dir", str(tmp_path / "typo"), "--docs-dir", str(docs), "--force"]
+        )
     with pytest.raises(SystemExit, match="another dataset"):
         report.main(["--dataset", "digits", "--results-dir", str(full), "--docs-dir", str(docs), "--force"])
     damaged = cell_path(full, "resnet18", "dg2pf", 0.95, 0)
@@ -271,13 +333,18 @@ def test_report_never_replaces_a_table_with_one_from_fewer_cells(tmp_path):
 def test_published_cells_restore_into_a_fresh_results_dir_and_reproduce_the_table(tmp_path):
     """The raw results committed beside a table are enough to rebuild it on a fresh clone."""
     docs, results, fresh = tmp_path / "docs", tmp_path / "results", tmp_path / "fresh"
-    cells = [{**_cell(m, s, 80.0 + s + (m == "dg2pf"), sparsity=0.95), "dataset": "fashion-mnist"}
-             for m in ("dg2pf", "gmp-cubic") for s in range(2)]
+    cells = [
+        {**_cell(m, s, 80.0 + s + (m == "dg2pf"), sparsity=0.95), "dataset": "fashion-mnist"}
+        for m in ("dg2pf", "gmp-cubic")
+        for s in range(2)
+    ]
     _write_cells(results, cells)
     report.main(["--dataset", "fashion-mnist", "--results-dir", str(results), "--docs-dir", str(docs)])
     published = (docs / "fidelity-history.md").read_text()
     report.main(["--dataset", "fashion-mnist", "--results-dir", str(fresh), "--docs-dir", str(docs), "--restore"])
-    assert sorted(p.relative_to(fresh) for p in fresh.rglob("*.json")) == sorted(p.relative_to(results) for p in results.rglob("*.json"))
+    assert sorted(p.relative_to(fresh) for p in fresh.rglob("*.json")) == sorted(
+        p.relative_to(results) for p in results.rglob("*.json")
+    )
     report.main(["--dataset", "fashion-mnist", "--results-dir", str(fresh), "--docs-dir", str(docs)])
     strip = lambda text: [line for line in text.splitlines() if not line.startswith("Generated ")]  # noqa: E731
     assert strip((docs / "fidelity-history.md").read_text()) == strip(published)
@@ -289,15 +356,39 @@ def test_published_cells_restore_into_a_fresh_results_dir_and_reproduce_the_tabl
     assert kept.read_text() == mine
     # raw results naming a path outside the results dir are refused before anything is written
     raw = report.outputs("fashion-mnist", docs)[3]
-    raw.write_text(json.dumps({"cells": [{**cells[0], "file": "a/b/s0.95-seed0.json"}, {**cells[0], "file": "../../escape.json"}]}))
+    raw.write_text(
+        json.dumps({"cells": [{**cells[0], "file": "a/b/s0.95-seed0.json"}, {**cells[0], "file": "../../escape.json"}]})
+    )
     with pytest.raises(SystemExit, match="not <model>/<method>/<cell>.json"):
-        report.main(["--dataset", "fashion-mnist", "--results-dir", str(tmp_path / "other"), "--docs-dir", str(docs), "--restore"])
+        report.main(
+            [
+                "--dataset",
+                "fashion-mnist",
+                "--results-dir",
+                str(tmp_path / "other"),
+                "--docs-dir",
+                str(docs),
+                "--restore",
+            ]
+        )
     assert not (tmp_path / "escape.json").exists() and not (tmp_path / "other").exists()
-    for bad, needle in (([{**cells[0], "file": "a/b/notacell.json"}], "not <model>/<method>/<cell>.json"),
-                        ([{**cells[0], "file": "a/b/s0.95-seed0.json"}] * 2, "two cells name")):
+    for bad, needle in (
+        ([{**cells[0], "file": "a/b/notacell.json"}], "not <model>/<method>/<cell>.json"),
+        ([{**cells[0], "file": "a/b/s0.95-seed0.json"}] * 2, "two cells name"),
+    ):
         raw.write_text(json.dumps({"cells": bad}))
         with pytest.raises(SystemExit, match=needle):
-            report.main(["--dataset", "fashion-mnist", "--results-dir", str(tmp_path / "other"), "--docs-dir", str(docs), "--restore"])
+            report.main(
+                [
+                    "--dataset",
+                    "fashion-mnist",
+                    "--results-dir",
+                    str(tmp_path / "other"),
+                    "--docs-dir",
+                    str(docs),
+                    "--restore",
+                ]
+            )
         assert not (tmp_path / "other").exists()
 
 
@@ -314,9 +405,19 @@ def test_report_into_a_fresh_docs_dir_and_refusing_one_without_markers(tmp_path)
 
 
 def test_paired_comparison_is_per_seed_against_the_best_peer(tmp_path):
-    _write_cells(tmp_path, [_cell("dg2pf", 0, 90.0), _cell("dg2pf", 1, 91.0), _cell("dg2pf", 2, 92.0),
-                            _cell("gmp-cubic", 0, 89.0), _cell("gmp-cubic", 1, 89.5), _cell("gmp-cubic", 2, 90.0),
-                            _cell("oneshot-ft", 0, 80.0), _cell("oneshot-ft", 1, 95.0)])
+    _write_cells(
+        tmp_path,
+        [
+            _cell("dg2pf", 0, 90.0),
+            _cell("dg2pf", 1, 91.0),
+            _cell("dg2pf", 2, 92.0),
+            _cell("gmp-cubic", 0, 89.0),
+            _cell("gmp-cubic", 1, 89.5),
+            _cell("gmp-cubic", 2, 90.0),
+            _cell("oneshot-ft", 0, 80.0),
+            _cell("oneshot-ft", 1, 95.0),
+        ],
+    )
     (row,) = report.paired(report.load_cells(tmp_path))
     assert row["peer"] == "gmp-cubic" and row["diffs"] == [1.0, 1.5, 2.0] and row["wins"] == 3
     assert row["mean"] == pytest.approx(1.5) and row["spread"] == pytest.approx(1.0) and row["beyond_spread"]
@@ -328,34 +429,47 @@ def test_fashion_mnist_peers_get_the_tensors_a_users_job_gets(tmp_path, monkeypa
     same transforms, item for item (augmentation included, from the same RNG state)."""
     import safetensors.torch
     import torchvision
+    from idx_files import write_dataset
 
     from bench.fidelity import data as fdata
     from dg2pf_core import DG2PFConfig
     from dg2pf_core import job as product
-    from idx_files import write_dataset
 
     write_dataset(tmp_path / "fm")
     monkeypatch.setattr(fdata, "FASHION_MNIST_DIR", str(tmp_path / "fm"))
-    settings = fdata.DataSettings(image_size=28, augment_pad=0, dataset="fashion-mnist", job_val_fraction=0.2, train_subset=12)
+    settings = fdata.DataSettings(
+        image_size=28, augment_pad=0, dataset="fashion-mnist", job_val_fraction=0.2, train_subset=12
+    )
     ckpt = tmp_path / "dense.safetensors"
     safetensors.torch.save_file(torchvision.models.shufflenet_v2_x0_5(num_classes=10).state_dict(), str(ckpt))
     for seed in (0, 3):
         ours = fdata.load_job_split(settings, seed)
-        job = product.PruneJob(arch="torchvision/shufflenet_v2_x0_5", num_classes=10, checkpoint=str(ckpt),
-                               dataset=settings.spec(), config=DG2PFConfig(sparsity=0.5, seed=seed, device="cpu"),
-                               image_size=28, val_fraction=settings.job_val_fraction)
+        job = product.PruneJob(
+            arch="torchvision/shufflenet_v2_x0_5",
+            num_classes=10,
+            checkpoint=str(ckpt),
+            dataset=settings.spec(),
+            config=DG2PFConfig(sparsity=0.5, seed=seed, device="cpu"),
+            image_size=28,
+            val_fraction=settings.job_val_fraction,
+        )
         prepared = product.prepare(job, dry=False)
         theirs = fdata.train_subset(prepared.splits.train, settings.train_subset, seed)
         assert len(ours.splits.train) == len(theirs) == 12 and ours.splits.augment == prepared.splits.augment == "shift"
-        for split_ours, split_theirs in ((ours.splits.train, theirs), (ours.splits.val, prepared.splits.val),
-                                         (ours.splits.test, prepared.splits.test)):
+        for split_ours, split_theirs in (
+            (ours.splits.train, theirs),
+            (ours.splits.val, prepared.splits.val),
+            (ours.splits.test, prepared.splits.test),
+        ):
             for i in range(len(split_theirs)):
                 torch.manual_seed(i)
                 a = split_ours[i]
                 torch.manual_seed(i)
                 b = split_theirs[i]
                 assert torch.equal(a[0], b[0]) and a[1] == b[1]
-    assert fdata.load_job_split(settings, 0).splits.train.indices != fdata.load_job_split(settings, 3).splits.train.indices
+    assert (
+        fdata.load_job_split(settings, 0).splits.train.indices != fdata.load_job_split(settings, 3).splits.train.indices
+    )
 
 
 def test_resume_refuses_a_cell_of_other_data_settings_naming_the_field(tmp_path):
@@ -364,7 +478,9 @@ def test_resume_refuses_a_cell_of_other_data_settings_naming_the_field(tmp_path)
     from bench.fidelity.data import settings_for_dataset
 
     cell = tmp_path / "cell.json"
-    cell.write_text(json.dumps({**_cell("dg2pf", 0, 90.0), "data": asdict(settings_for_dataset("fashion-mnist", 8000))}))
+    cell.write_text(
+        json.dumps({**_cell("dg2pf", 0, 90.0), "data": asdict(settings_for_dataset("fashion-mnist", 8000))})
+    )
     assert finished(cell, Budget(), settings_for_dataset("fashion-mnist", 8000))
     with pytest.raises(SystemExit, match="train_subset 8000 there, 4000 now"):
         finished(cell, Budget(), settings_for_dataset("fashion-mnist", 4000))
@@ -391,8 +507,13 @@ def test_a_pool_worker_stops_when_its_run_is_killed(tmp_path):
         "    print(child.pid, flush=True)\n"
         "    time.sleep(600)\n"
     )
-    run = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True,
-                           cwd=str(report.REPO), env={**os.environ, "PYTHONPATH": str(report.REPO)})
+    run = subprocess.Popen(
+        [sys.executable, str(script)],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=str(report.REPO),
+        env={**os.environ, "PYTHONPATH": str(report.REPO)},
+    )
     child = int(run.stdout.readline())
     os.kill(run.pid, signal.SIGKILL)
     run.wait(timeout=30)

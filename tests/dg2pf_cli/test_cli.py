@@ -15,19 +15,35 @@ from pathlib import Path
 
 import pytest
 import torch
+from cli_runs import assert_drawn_png, dg2pf
 
 from dg2pf_core import DG2PFError
 from dg2pf_core.io.checkpoint_save import save_state_dict
 from dg2pf_core.io.checkpoints import read_state_dict
 from dg2pf_core.models import build_model
 
-from cli_runs import assert_drawn_png, dg2pf
-
 
 @pytest.mark.slow
 def test_console_entry_point_reports_errors_with_exit_2(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "dg2pf_cli", "evaluate", "--arch", "digits_cnn", "--num-classes", "10",
-                             "--checkpoint", str(tmp_path / "missing.pt"), "--dataset", "digits"], capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "dg2pf_cli",
+            "evaluate",
+            "--arch",
+            "digits_cnn",
+            "--num-classes",
+            "10",
+            "--checkpoint",
+            str(tmp_path / "missing.pt"),
+            "--dataset",
+            "digits",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 2
     assert result.stderr.strip().startswith("dg2pf: error:") and "missing.pt" in result.stderr
 
@@ -41,7 +57,14 @@ def untrained_ckpt(tmp_path_factory) -> Path:
 
 
 def prune_args(ckpt: Path, out: Path, **over: str) -> list[str]:
-    base = {"--arch": "digits_cnn", "--num-classes": "10", "--checkpoint": str(ckpt), "--dataset": "digits", "--sparsity": "0.9", "--out": str(out)}
+    base = {
+        "--arch": "digits_cnn",
+        "--num-classes": "10",
+        "--checkpoint": str(ckpt),
+        "--dataset": "digits",
+        "--sparsity": "0.9",
+        "--out": str(out),
+    }
     base.update(over)
     return ["prune", *[x for kv in base.items() for x in kv], "--pruning-epochs", "1", "--max-epochs", "1", "--quiet"]
 
@@ -74,7 +97,9 @@ def test_an_input_model_at_chance_refused_on_request_leaves_nothing_to_resume(tm
 
 def test_unknown_arch_suggests_close_names(tmp_path, untrained_ckpt):
     out = tmp_path / "out"
-    assert_refused(dg2pf(*prune_args(untrained_ckpt, out, **{"--arch": "digit_cnn"})), out, "unknown architecture", "digits_cnn")
+    assert_refused(
+        dg2pf(*prune_args(untrained_ckpt, out, **{"--arch": "digit_cnn"})), out, "unknown architecture", "digits_cnn"
+    )
 
 
 def test_pickled_checkpoint_is_refused_without_running_it(tmp_path):
@@ -109,9 +134,15 @@ def test_checkpoint_of_another_shape(tmp_path):
 
 def test_missing_or_empty_dataset(tmp_path, untrained_ckpt):
     out = tmp_path / "out"
-    assert_refused(dg2pf(*prune_args(untrained_ckpt, out, **{"--dataset": f"imagefolder:{tmp_path / 'none'}"})), out, "does not exist")
+    assert_refused(
+        dg2pf(*prune_args(untrained_ckpt, out, **{"--dataset": f"imagefolder:{tmp_path / 'none'}"})),
+        out,
+        "does not exist",
+    )
     (tmp_path / "empty" / "train").mkdir(parents=True)
-    assert_refused(dg2pf(*prune_args(untrained_ckpt, out, **{"--dataset": f"imagefolder:{tmp_path / 'empty'}"})), out, "train")
+    assert_refused(
+        dg2pf(*prune_args(untrained_ckpt, out, **{"--dataset": f"imagefolder:{tmp_path / 'empty'}"})), out, "train"
+    )
     assert_refused(dg2pf(*prune_args(untrained_ckpt, out, **{"--dataset": "svhn"})), out, "unknown dataset")
 
 
@@ -154,23 +185,33 @@ def test_progress_lines_show_weight_recovery_in_pruning_epochs(capsys):
     assert "12 weights recovered" in lines[0] and "recovered" not in lines[1]
 
 
-@pytest.mark.parametrize("over, extra, needles", [
-    ({}, ["--granularity", "channel", "--target-macs-ratio", "0.5"], ["give sparsity or target_macs_ratio, not both"]),
-    ({"--sparsity": None}, ["--target-macs-ratio", "0.5"], ["only applies to granularity 'channel'"]),
-    ({"--sparsity": None}, [], ["--sparsity", "--target-macs-ratio"]),
-    ({"--sparsity": None}, ["--granularity", "channel", "--target-macs-ratio", "0.1", "--max-layer-sparsity", "0.5"],
-     ["target_macs_ratio 0.1 cannot be reached"]),
-    ({"--sparsity": None}, ["--granularity", "channel", "--target-macs-ratio", "1"], ["strictly between 0 and 1"]),
-    ({"--sparsity": "0.99"}, ["--granularity", "channel"], ["sparsity 0.99", "layer collapse guard"]),
-    ({}, ["--granularity", "channel", "--image-size", "1024"], ["granularity 'channel'", "at most 512x512"]),
-    ({"--arch": "torchvision/swin_t"}, ["--granularity", "channel"], ["not available for torchvision/swin_t"]),
-])
+@pytest.mark.parametrize(
+    "over, extra, needles",
+    [
+        (
+            {},
+            ["--granularity", "channel", "--target-macs-ratio", "0.5"],
+            ["give sparsity or target_macs_ratio, not both"],
+        ),
+        ({"--sparsity": None}, ["--target-macs-ratio", "0.5"], ["only applies to granularity 'channel'"]),
+        ({"--sparsity": None}, [], ["--sparsity", "--target-macs-ratio"]),
+        (
+            {"--sparsity": None},
+            ["--granularity", "channel", "--target-macs-ratio", "0.1", "--max-layer-sparsity", "0.5"],
+            ["target_macs_ratio 0.1 cannot be reached"],
+        ),
+        ({"--sparsity": None}, ["--granularity", "channel", "--target-macs-ratio", "1"], ["strictly between 0 and 1"]),
+        ({"--sparsity": "0.99"}, ["--granularity", "channel"], ["sparsity 0.99", "layer collapse guard"]),
+        ({}, ["--granularity", "channel", "--image-size", "1024"], ["granularity 'channel'", "at most 512x512"]),
+        ({"--arch": "torchvision/swin_t"}, ["--granularity", "channel"], ["not available for torchvision/swin_t"]),
+    ],
+)
 def test_channel_options_are_refused_before_training(untrained_ckpt, tmp_path, over, extra, needles):
     out = tmp_path / "out"
     args = prune_args(untrained_ckpt, out, **{k: v for k, v in over.items() if v is not None})
     if over.get("--sparsity", "") is None:
         i = args.index("--sparsity")
-        del args[i:i + 2]
+        del args[i : i + 2]
     assert_refused(dg2pf(*args, *extra), out, *needles)
 
 
@@ -179,7 +220,7 @@ def test_channel_options_are_refused_before_training(untrained_ckpt, tmp_path, o
 
 def _without_sparsity(args: list[str]) -> list[str]:
     i = args.index("--sparsity")
-    return args[:i] + args[i + 2:]
+    return args[:i] + args[i + 2 :]
 
 
 def _param_count(arch: str, path: Path) -> int:
@@ -194,8 +235,12 @@ def test_a_macs_target_with_n_m_granularity_is_refused_as_channel_only(untrained
     out = tmp_path / "out"
     args = prune_args(untrained_ckpt, out, **({"--sparsity": sparsity} if sparsity else {}))
     args = args if sparsity else _without_sparsity(args)
-    assert_refused(dg2pf(*args, "--granularity", "2:4", "--target-macs-ratio", "0.5"), out,
-                   "target_macs_ratio", "only applies to granularity 'channel'")
+    assert_refused(
+        dg2pf(*args, "--granularity", "2:4", "--target-macs-ratio", "0.5"),
+        out,
+        "target_macs_ratio",
+        "only applies to granularity 'channel'",
+    )
 
 
 @pytest.fixture(scope="module")
@@ -228,25 +273,36 @@ def test_channel_metrics_say_what_was_removed_against_the_input_model(channel_jo
     assert m["flops_dense"] == conv_linear_macs(build_model("digits_cnn", 10), (1, 16, 16), torch.device("cpu"))[0]
     assert m["channels_pruned"] > 0
     assert m["sparsity_prunable"] == m["channel_sparsity"] == m["channels_pruned"] / m["channels_total"]
-    assert m["macs_ratio"] == pytest.approx(m["flops_sparse"] / m["flops_dense"]) and abs(m["macs_ratio"] - 0.5) <= 0.025
+    assert (
+        m["macs_ratio"] == pytest.approx(m["flops_sparse"] / m["flops_dense"]) and abs(m["macs_ratio"] - 0.5) <= 0.025
+    )
     assert m["params_ratio"] == pytest.approx(m["params_total"] / m["params_dense"])
     # no field reads 0 for a network that lost half its compute
-    assert m["sparsity_total"] == pytest.approx(1 - m["params_nonzero"] / m["params_dense"]) and m["sparsity_total"] > 0.3
+    assert (
+        m["sparsity_total"] == pytest.approx(1 - m["params_nonzero"] / m["params_dense"]) and m["sparsity_total"] > 0.3
+    )
     assert m["params_total"] - m["params_dense"] < 0 < m["params_prunable"] <= m["params_dense"]
     assert m["target_sparsity"] is None and m["config"]["target_macs_ratio"] == 0.5
     assert [w for w in m["warnings"] if "near chance" not in w] == []  # an untrained input model: only that one
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("extra, fraction", [(["--sparsity", "0.3"], 0.3), (["--sparsity", "0.3", "--channel-multiple", "1"], 0.3)])
-def test_a_channel_fraction_is_met_with_widths_rounded_and_no_layer_beyond_the_reported_cap(untrained_ckpt, tmp_path,
-                                                                                             extra, fraction):
+@pytest.mark.parametrize(
+    "extra, fraction", [(["--sparsity", "0.3"], 0.3), (["--sparsity", "0.3", "--channel-multiple", "1"], 0.3)]
+)
+def test_a_channel_fraction_is_met_with_widths_rounded_and_no_layer_beyond_the_reported_cap(
+    untrained_ckpt, tmp_path, extra, fraction
+):
     out = tmp_path / "out"
-    result = dg2pf(*_without_sparsity(prune_args(untrained_ckpt, out)), "--granularity", "channel", *extra, "--threads", "1")
+    result = dg2pf(
+        *_without_sparsity(prune_args(untrained_ckpt, out)), "--granularity", "channel", *extra, "--threads", "1"
+    )
     assert result.returncode == 0, result.stderr
     m = json.loads((out / "metrics.json").read_text())
     # rounding kept widths up to a multiple puts channels back: the ranking goes further to make up for them
-    assert abs(m["channel_sparsity"] - fraction) <= 0.02 and [w for w in m["warnings"] if "near chance" not in w] == [], m
+    assert (
+        abs(m["channel_sparsity"] - fraction) <= 0.02 and [w for w in m["warnings"] if "near chance" not in w] == []
+    ), m
     assert max(m["layer_sparsity"].values()) <= m["layer_cap"] + 1e-9  # the cap printed is the cap applied
     model = read_state_dict(out / "model.safetensors")
     widths = [v.shape[0] for k, v in model.items() if k.endswith(".weight") and v.dim() == 4]
@@ -259,8 +315,15 @@ def test_a_channel_fraction_is_met_with_widths_rounded_and_no_layer_beyond_the_r
 @pytest.mark.slow
 def test_a_channel_job_that_collapses_layers_warns(untrained_ckpt, tmp_path):
     out = tmp_path / "out"
-    result = dg2pf(*_without_sparsity(prune_args(untrained_ckpt, out)), "--granularity", "channel", "--target-macs-ratio", "0.001",
-                   "--threads", "1")
+    result = dg2pf(
+        *_without_sparsity(prune_args(untrained_ckpt, out)),
+        "--granularity",
+        "channel",
+        "--target-macs-ratio",
+        "0.001",
+        "--threads",
+        "1",
+    )
     assert result.returncode == 0, result.stderr
     m = json.loads((out / "metrics.json").read_text())
     assert max(m["layer_sparsity"].values()) > 0.98
@@ -273,7 +336,9 @@ def test_a_channel_pruned_file_that_lost_its_structure_says_so(channel_job, tmp_
     out, _ = channel_job
     stripped = tmp_path / "resaved.safetensors"
     save_state_dict(read_state_dict(out / "model.safetensors"), stripped)  # another tool re-saving it: no metadata
-    result = dg2pf("evaluate", "--arch", "digits_cnn", "--num-classes", "10", "--checkpoint", str(stripped), "--dataset", "digits")
+    result = dg2pf(
+        "evaluate", "--arch", "digits_cnn", "--num-classes", "10", "--checkpoint", str(stripped), "--dataset", "digits"
+    )
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "carries no channel structure" in result.stderr and "narrower" in result.stderr
 
@@ -283,8 +348,24 @@ def test_a_channel_pruned_file_that_lost_its_structure_says_so(channel_job, tmp_
 def test_latency_compares_a_channel_pruned_model_with_the_dense_one(channel_job, untrained_ckpt, dense):
     out, m = channel_job
     reference = ["--dense-checkpoint", str(untrained_ckpt)] if dense else []
-    args = ["latency", "--arch", "digits_cnn", "--checkpoint", str(out / "model.safetensors"), *reference, "--backends", "torch",
-            "--batch-sizes", "1", "--runs", "2", "--warmup", "0", "--threads", "1"]
+    args = [
+        "latency",
+        "--arch",
+        "digits_cnn",
+        "--checkpoint",
+        str(out / "model.safetensors"),
+        *reference,
+        "--backends",
+        "torch",
+        "--batch-sizes",
+        "1",
+        "--runs",
+        "2",
+        "--warmup",
+        "0",
+        "--threads",
+        "1",
+    ]
     doc = json.loads(dg2pf(*args, "--json").stdout)
     assert doc["macs_ratio"] == pytest.approx(m["macs_ratio"])  # was 1.000x: the pruned model against itself
     assert doc["params_ratio"] == pytest.approx(m["params_nonzero"] / m["params_dense"])
@@ -298,11 +379,24 @@ def test_latency_compares_a_channel_pruned_model_with_the_dense_one(channel_job,
 @pytest.mark.slow
 def test_evaluate_shows_the_channels_and_macs_of_a_channel_pruned_checkpoint(channel_job):
     out, m = channel_job
-    args = ["evaluate", "--arch", "digits_cnn", "--num-classes", "10", "--checkpoint", str(out / "model.safetensors"),
-            "--dataset", "digits"]
+    args = [
+        "evaluate",
+        "--arch",
+        "digits_cnn",
+        "--num-classes",
+        "10",
+        "--checkpoint",
+        str(out / "model.safetensors"),
+        "--dataset",
+        "digits",
+    ]
     r = json.loads(dg2pf(*args, "--json").stdout)
     assert r["channels_removed"] == m["channels_pruned"]
-    assert (r["macs"], r["macs_reference"], r["params_reference"]) == (m["flops_sparse"], m["flops_dense"], m["params_dense"])
+    assert (r["macs"], r["macs_reference"], r["params_reference"]) == (
+        m["flops_sparse"],
+        m["flops_dense"],
+        m["params_dense"],
+    )
     text = dg2pf(*args).stdout
     assert f"channels: {m['channels_pruned']:,} removed" in text
     assert f"MACs {m['flops_sparse']:,} / {m['flops_dense']:,} ({m['macs_ratio']:.3f}x)" in text
@@ -310,11 +404,20 @@ def test_evaluate_shows_the_channels_and_macs_of_a_channel_pruned_checkpoint(cha
 
 
 @pytest.mark.slow
-def test_re_pruning_a_channel_pruned_checkpoint_counts_from_it_not_from_its_dense_teacher(channel_job, untrained_ckpt, tmp_path):
+def test_re_pruning_a_channel_pruned_checkpoint_counts_from_it_not_from_its_dense_teacher(
+    channel_job, untrained_ckpt, tmp_path
+):
     out, first = channel_job
     again = tmp_path / "again"
-    result = dg2pf(*prune_args(out / "model.safetensors", again, **{"--sparsity": "0.2"}), "--granularity", "channel",
-                   "--teacher", str(untrained_ckpt), "--threads", "1")
+    result = dg2pf(
+        *prune_args(out / "model.safetensors", again, **{"--sparsity": "0.2"}),
+        "--granularity",
+        "channel",
+        "--teacher",
+        str(untrained_ckpt),
+        "--threads",
+        "1",
+    )
     assert result.returncode == 0, result.stderr
     m = json.loads((again / "metrics.json").read_text())
     assert (m["params_dense"], m["flops_dense"]) == (first["params_total"], first["flops_sparse"])
@@ -345,7 +448,9 @@ def grouped_job(tmp_path_factory) -> subprocess.CompletedProcess:
     from dg2pf_core.models.registry import register_arch
 
     try:
-        register_arch("test/grouped_cnn", input_size=16, in_channels=1, description="tests: a grouped convolution")(_GroupedCNN)
+        register_arch("test/grouped_cnn", input_size=16, in_channels=1, description="tests: a grouped convolution")(
+            _GroupedCNN
+        )
     except ValueError:  # registered by an earlier module run
         pass
     root = tmp_path_factory.mktemp("grouped")
@@ -355,8 +460,13 @@ def grouped_job(tmp_path_factory) -> subprocess.CompletedProcess:
     # grouped convolution (regnet_x_400mf, 5 M parameters) would take minutes here, so this one is added.
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(channels, "CHANNEL_ARCHS", (*channels.CHANNEL_ARCHS, "test/grouped_cnn"))
-        result = dg2pf(*prune_args(root / "in.safetensors", root / "out", **{"--arch": "test/grouped_cnn", "--sparsity": "0.01"}),
-                       "--granularity", "channel", "--threads", "1")
+        result = dg2pf(
+            *prune_args(root / "in.safetensors", root / "out", **{"--arch": "test/grouped_cnn", "--sparsity": "0.01"}),
+            "--granularity",
+            "channel",
+            "--threads",
+            "1",
+        )
     assert result.returncode == 0, result.stderr
     return result
 
@@ -378,6 +488,7 @@ def test_a_run_that_removed_no_channel_says_so(grouped_job):
 
 # --- dg2pf plot: the pictures every job writes, drawn again for any run --------------------------
 
+
 @pytest.mark.slow
 def test_a_job_writes_its_plots_and_dg2pf_plot_draws_them_for_any_run(channel_job, tmp_path):
     out, m = channel_job
@@ -394,13 +505,43 @@ def test_a_job_writes_its_plots_and_dg2pf_plot_draws_them_for_any_run(channel_jo
         assert_drawn_png(run / name)
     # The first release's metrics.json (before recovered, restarts, latency, onnx, granularity, warnings, macs_*, ...,
     # its MACs named flops_*): drawn too.
-    first = ("arch", "num_classes", "dataset", "image_size", "in_channels", "class_names", "target_sparsity",
-             "sparsity_prunable", "sparsity_total", "params_total", "params_nonzero", "params_prunable", "flops_dense",
-             "flops_sparse", "flops_unit", "baseline_val_top1", "baseline_test_top1", "val_top1", "test_top1", "test_top5",
-             "best_epoch", "epochs", "final_phase", "world_size", "wall_seconds", "layer_sparsity", "config")
+    first = (
+        "arch",
+        "num_classes",
+        "dataset",
+        "image_size",
+        "in_channels",
+        "class_names",
+        "target_sparsity",
+        "sparsity_prunable",
+        "sparsity_total",
+        "params_total",
+        "params_nonzero",
+        "params_prunable",
+        "flops_dense",
+        "flops_sparse",
+        "flops_unit",
+        "baseline_val_top1",
+        "baseline_test_top1",
+        "val_top1",
+        "test_top1",
+        "test_top5",
+        "best_epoch",
+        "epochs",
+        "final_phase",
+        "world_size",
+        "wall_seconds",
+        "layer_sparsity",
+        "config",
+    )
     old = {k: m[k] for k in first}
-    old["history"] = [{k: r[k] for k in ("phase", "epoch", "sparsity", "train_loss", "val_top1", "val_top5", "lr", "seconds",
-                                         "is_best")} for r in m["history"]]
+    old["history"] = [
+        {
+            k: r[k]
+            for k in ("phase", "epoch", "sparsity", "train_loss", "val_top1", "val_top5", "lr", "seconds", "is_best")
+        }
+        for r in m["history"]
+    ]
     (tmp_path / "old").mkdir()
     (tmp_path / "old" / "metrics.json").write_text(json.dumps(old))
     result = dg2pf("plot", str(tmp_path / "old" / "metrics.json"), "--out", str(tmp_path / "pictures" / "old"))
@@ -495,8 +636,10 @@ def test_plot_of_a_job_id_draws_from_the_services_metrics_and_the_job_lists_its_
         assert result.returncode == 0, result.stderr
         for name in ("training.png", "layers.png"):
             assert_drawn_png(tmp_path / "pictures" / name)
-        for args, needle in (((row.id, "--token", "wrong"), "invalid bearer token"),
-                             (("f" * 32, "--token", "plot-token"), f"no job with id {'f' * 32!r}")):
+        for args, needle in (
+            ((row.id, "--token", "wrong"), "invalid bearer token"),
+            (("f" * 32, "--token", "plot-token"), f"no job with id {'f' * 32!r}"),
+        ):
             result = dg2pf("plot", *args, "--url", base, "--out", str(tmp_path / "refused"))
             assert result.returncode == 2 and result.stderr.count("\n") == 1 and needle in result.stderr, result.stderr
         assert not (tmp_path / "refused").exists()
@@ -507,8 +650,10 @@ def test_plot_of_a_job_id_draws_from_the_services_metrics_and_the_job_lists_its_
 
 def _sigint_caught(pid: int) -> bool:
     try:
-        return any(line.startswith("SigCgt:") and int(line.split()[1], 16) & (1 << (signal.SIGINT - 1))
-                   for line in Path(f"/proc/{pid}/status").read_text().splitlines())
+        return any(
+            line.startswith("SigCgt:") and int(line.split()[1], 16) & (1 << (signal.SIGINT - 1))
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+        )
     except OSError:
         return False
 
@@ -528,15 +673,31 @@ def _loading(pid: int, package: str) -> bool:
 def test_ctrl_c_at_any_moment_ends_with_one_line_and_status_130(untrained_ckpt, tmp_path, when):
     script = Path(sys.executable).parent / "dg2pf"  # the console script as installed, else the module
     command = [str(script)] if script.exists() else [sys.executable, "-m", "dg2pf_cli"]
-    args = [*prune_args(untrained_ckpt, tmp_path / "out"), "--pruning-epochs", "20", "--max-epochs", "40"]  # long enough
+    args = [
+        *prune_args(untrained_ckpt, tmp_path / "out"),
+        "--pruning-epochs",
+        "20",
+        "--max-epochs",
+        "40",
+    ]  # long enough
     # SIGINT's default disposition back (a CI started in the background passes it ignored down).
-    proc = subprocess.Popen([*command, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    proc = subprocess.Popen(
+        [*command, *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     try:
         # Python's own start (before any dg2pf code runs) is over once it catches SIGINT and loads torch;
         # without /proc, a second in is in the imports on any machine.
         deadline = time.time() + (60 if Path("/proc/self/maps").exists() else 1)
-        while not (_sigint_caught(proc.pid) and _loading(proc.pid, "torch")) and time.time() < deadline and proc.poll() is None:
+        while (
+            not (_sigint_caught(proc.pid) and _loading(proc.pid, "torch"))
+            and time.time() < deadline
+            and proc.poll() is None
+        ):
             time.sleep(0.002)
         if when == "while loading data":
             deadline = time.time() + 60
@@ -557,8 +718,9 @@ def test_ctrl_c_at_any_moment_ends_with_one_line_and_status_130(untrained_ckpt, 
     assert len(lines) == 1 and lines[0].startswith("dg2pf: interrupted"), err
 
 
-def test_an_interrupt_a_library_wrapped_in_another_exception_still_ends_as_an_interrupt(untrained_ckpt, tmp_path,
-                                                                                        monkeypatch):
+def test_an_interrupt_a_library_wrapped_in_another_exception_still_ends_as_an_interrupt(
+    untrained_ckpt, tmp_path, monkeypatch
+):
     """Ctrl-C inside a compiled module's initialisation reaches us as ImportError raised from the
     KeyboardInterrupt (seen in CI: scipy's HiGHS wrapper, imported by scikit-learn while loading the digits)."""
     from dg2pf_client.interrupt import caused_by_interrupt
@@ -571,7 +733,7 @@ def test_an_interrupt_a_library_wrapped_in_another_exception_still_ends_as_an_in
             except KeyboardInterrupt as interrupt:
                 if how == "from":
                     raise outer("initialization failed") from interrupt
-                raise outer("cleanup failed")  # raised while handling it: __context__
+                raise outer("cleanup failed")  # noqa: B904 - raised while handling it: __context__ is under test
         except BaseException as exc:  # noqa: BLE001 - the wrapped exception is the value under test
             return exc
 
@@ -595,16 +757,21 @@ def test_an_interrupt_a_library_wrapped_in_another_exception_still_ends_as_an_in
 
     raised: list[BaseException] = []
 
-    @registry.register_dataset("interrupted", needs_path=False, help="raises what an interrupted import raises",
-                               eval_transform=lambda request: None)
+    @registry.register_dataset(
+        "interrupted",
+        needs_path=False,
+        help="raises what an interrupted import raises",
+        eval_transform=lambda request: None,
+    )
     def _interrupted(path, request):
         raise raised[-1]
 
     for exc in (wrapped(ImportError, "from"), wrapped(DG2PFError, "context")):  # the product's own error too
         raised.append(exc)
         out = tmp_path / f"out{len(raised)}"
-        result = dg2pf(*prune_args(untrained_ckpt, out, **{"--dataset": "interrupted"}), "--threads",
-                       str(torch.get_num_threads()))
+        result = dg2pf(
+            *prune_args(untrained_ckpt, out, **{"--dataset": "interrupted"}), "--threads", str(torch.get_num_threads())
+        )
         assert result.returncode == 130, result.stderr
         lines = [line for line in result.stderr.splitlines() if line.strip()]
         assert len(lines) == 1 and lines[0].startswith("dg2pf: interrupted"), result.stderr

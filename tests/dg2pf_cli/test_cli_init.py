@@ -52,8 +52,12 @@ def test_the_file_is_the_architectures_state_dict_read_like_any_checkpoint(tmp_p
     out = tmp_path / "sq.safetensors"
     result = init(out, "torchvision/squeezenet1_1", "7", "--seed", "3")
     assert result.returncode == 0, result.stderr
-    assert result.stdout.startswith(f"wrote {out} (torchvision/squeezenet1_1, 7 classes, ") and "seed 3" in result.stdout
-    assert out.read_bytes()[:8] != b"PK\x03\x04" and not out.read_bytes().startswith(b"\x80")  # not a pickle or torch.save zip
+    assert (
+        result.stdout.startswith(f"wrote {out} (torchvision/squeezenet1_1, 7 classes, ") and "seed 3" in result.stdout
+    )
+    assert out.read_bytes()[:8] != b"PK\x03\x04" and not out.read_bytes().startswith(
+        b"\x80"
+    )  # not a pickle or torch.save zip
     state = read_state_dict(out)
     expected = build_model("torchvision/squeezenet1_1", 7).state_dict()
     assert {k: v.shape for k, v in state.items()} == {k: v.shape for k, v in expected.items()}
@@ -62,7 +66,11 @@ def test_the_file_is_the_architectures_state_dict_read_like_any_checkpoint(tmp_p
     import safetensors
 
     with safetensors.safe_open(str(out), framework="pt") as f:
-        assert json.loads(f.metadata()["dg2pf_init"]) == {"arch": "torchvision/squeezenet1_1", "num_classes": 7, "seed": 3}
+        assert json.loads(f.metadata()["dg2pf_init"]) == {
+            "arch": "torchvision/squeezenet1_1",
+            "num_classes": 7,
+            "seed": 3,
+        }
 
 
 @pytest.mark.slow
@@ -70,21 +78,43 @@ def test_prune_takes_the_file(tmp_path):
     ckpt = tmp_path / "digits.safetensors"
     assert init(ckpt).returncode == 0
     out = tmp_path / "pruned"
-    result = dg2pf("prune", "--arch", "digits_cnn", "--num-classes", "10", "--checkpoint", str(ckpt), "--dataset", "digits",
-                   "--sparsity", "0.5", "--out", str(out), "--pruning-epochs", "1", "--max-epochs", "1", "--quiet",
-                   "--threads", "1")
+    result = dg2pf(
+        "prune",
+        "--arch",
+        "digits_cnn",
+        "--num-classes",
+        "10",
+        "--checkpoint",
+        str(ckpt),
+        "--dataset",
+        "digits",
+        "--sparsity",
+        "0.5",
+        "--out",
+        str(out),
+        "--pruning-epochs",
+        "1",
+        "--max-epochs",
+        "1",
+        "--quiet",
+        "--threads",
+        "1",
+    )
     assert result.returncode == 0, result.stderr
     assert abs(json.loads((out / "metrics.json").read_text())["sparsity_prunable"] - 0.5) <= 0.001
 
 
-@pytest.mark.parametrize("arch, classes, extra, needle", [
-    ("digts_cnn", "10", (), "unknown architecture 'digts_cnn'; did you mean: digits_cnn?"),
-    ("digits_cnn", "1", (), "--num-classes must be in [2, 100,000]"),
-    ("digits_cnn", "100001", (), "--num-classes must be in [2, 100,000]"),
-    ("digits_cnn", "10", ("--seed", "-1"), "--seed must be in [0, 4294967295]"),
-    ("digits_cnn", "10", ("--threads", "0"), "--threads must be in [1, 1024]"),
-    ("digits_cnn", "10", ("--threads", "999999"), "--threads must be in [1, 1024]"),
-])
+@pytest.mark.parametrize(
+    "arch, classes, extra, needle",
+    [
+        ("digts_cnn", "10", (), "unknown architecture 'digts_cnn'; did you mean: digits_cnn?"),
+        ("digits_cnn", "1", (), "--num-classes must be in [2, 100,000]"),
+        ("digits_cnn", "100001", (), "--num-classes must be in [2, 100,000]"),
+        ("digits_cnn", "10", ("--seed", "-1"), "--seed must be in [0, 4294967295]"),
+        ("digits_cnn", "10", ("--threads", "0"), "--threads must be in [1, 1024]"),
+        ("digits_cnn", "10", ("--threads", "999999"), "--threads must be in [1, 1024]"),
+    ],
+)
 def test_bad_options_are_refused_in_one_line_and_nothing_is_written(tmp_path, arch, classes, extra, needle):
     out = tmp_path / "m.safetensors"
     result = init(out, arch, classes, *extra)
@@ -96,11 +126,13 @@ def test_bad_options_are_refused_in_one_line_and_nothing_is_written(tmp_path, ar
 def test_the_output_must_be_a_new_safetensors_file_unless_forced(tmp_path):
     existing = tmp_path / "m.safetensors"
     existing.write_bytes(b"keep me")
-    for out, needle in [(existing, "already exists; choose a new name, or --force"),
-                        (tmp_path / "m.pt", "name the file .safetensors"),
-                        (tmp_path, "is a directory"),
-                        (existing / "x.safetensors", "is a file, not a directory"),
-                        (tmp_path / ("a" * 300 + ".safetensors"), "cannot be written: File name too long")]:
+    for out, needle in [
+        (existing, "already exists; choose a new name, or --force"),
+        (tmp_path / "m.pt", "name the file .safetensors"),
+        (tmp_path, "is a directory"),
+        (existing / "x.safetensors", "is a file, not a directory"),
+        (tmp_path / ("a" * 300 + ".safetensors"), "cannot be written: File name too long"),
+    ]:
         result = init(out)
         assert result.returncode == 2 and result.stderr.count("\n") == 1 and needle in result.stderr, result.stderr
     assert existing.read_bytes() == b"keep me" and sorted(p.name for p in tmp_path.iterdir()) == ["m.safetensors"]

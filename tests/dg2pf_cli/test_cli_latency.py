@@ -45,15 +45,32 @@ def machine(monkeypatch):
 def latency(capsys, ckpt, *extra: str) -> tuple[int, str, str]:
     from dg2pf_cli.main import main
 
-    code = main(["latency", "--arch", "digits_cnn", "--checkpoint", str(ckpt), "--backends", "torch", "--batch-sizes", "1",
-                 "--runs", "3", "--warmup", "0", *extra])
+    code = main(
+        [
+            "latency",
+            "--arch",
+            "digits_cnn",
+            "--checkpoint",
+            str(ckpt),
+            "--backends",
+            "torch",
+            "--batch-sizes",
+            "1",
+            "--runs",
+            "3",
+            "--warmup",
+            "0",
+            *extra,
+        ]
+    )
     out, err = capsys.readouterr()
     return code, out, err
 
 
 @pytest.mark.parametrize("load, threads, busy", [(0.0, 2, False), (1.2, 1, False), (3.0, 1, True)])
-def test_the_default_threads_are_the_policys_and_the_output_names_them_and_the_load(capsys, ckpt, machine, load, threads,
-                                                                                     busy):
+def test_the_default_threads_are_the_policys_and_the_output_names_them_and_the_load(
+    capsys, ckpt, machine, load, threads, busy
+):
     from dg2pf_cli.main import default_threads
 
     timed_with = machine(load)
@@ -63,8 +80,10 @@ def test_the_default_threads_are_the_policys_and_the_output_names_them_and_the_l
     assert timed_with == [threads]  # what torch ran the timed passes with
     assert f"inputs 1 x 16 x 16, {threads} thread(s)" in out.splitlines()[0]
     line = next(x for x in out.splitlines() if x.startswith("threads: "))
-    assert line == (f"threads: {threads} (the default: the CPUs less the load average, at least 1; --threads to change); "
-                    f"machine: 2 CPUs, 1-minute load average {load:.2f} before measuring, {load:.2f} after")
+    assert line == (
+        f"threads: {threads} (the default: the CPUs less the load average, at least 1; --threads to change); "
+        f"machine: 2 CPUs, 1-minute load average {load:.2f} before measuring, {load:.2f} after"
+    )
     assert ("note: the machine was busy" in out) == busy
 
 

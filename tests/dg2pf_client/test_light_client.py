@@ -48,15 +48,26 @@ def _loaded_after(code: str) -> list[str]:
 
 def test_importing_the_client_and_its_command_line_loads_no_torch_ray_or_service():
     names = "Client, JobOut, JobList, ModelList, ApiError, WaitTimeout"
-    assert _loaded_after(f"import dg2pf_client, dg2pf_client.cli, dg2pf_contract.api, dg2pf_contract.job\nfrom dg2pf_client import {names}") == []
+    assert (
+        _loaded_after(
+            "import dg2pf_client, dg2pf_client.cli, dg2pf_contract.api, dg2pf_contract.job\n"
+            f"from dg2pf_client import {names}"
+        )
+        == []
+    )
 
 
 def test_no_module_of_the_client_imports_a_heavy_package_even_inside_a_function():
     found = []
     for path in sorted(PACKAGE.glob("*.py")):
         for node in ast.walk(ast.parse(path.read_text(), str(path))):
-            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
-                [node.module or ""] if isinstance(node, ast.ImportFrom) and node.level == 0 else []
+            names = (
+                [a.name for a in node.names]
+                if isinstance(node, ast.Import)
+                else [node.module or ""]
+                if isinstance(node, ast.ImportFrom) and node.level == 0
+                else []
+            )
             found += [f"{path.name}:{node.lineno} {n}" for n in names if n.split(".")[0] in HEAVY]
     assert found == []
 
@@ -69,9 +80,12 @@ def test_the_full_command_line_runs_remote_commands_without_importing_torch():
 def test_the_light_client_never_names_the_package_that_plugs_into_it():
     """The full package's commands reach ``dg2pf`` through the entry point it declares: the light client
     looks up the entry point, never the package (no import of it, no find_spec of its name)."""
-    found = [f"{path.name}:{node.lineno}" for path in sorted(PACKAGE.glob("*.py"))
-             for node in ast.walk(ast.parse(path.read_text(), str(path)))
-             if isinstance(node, ast.Constant) and isinstance(node.value, str) and re.search(r"\bdg2pf_cli\b", node.value)]
+    found = [
+        f"{path.name}:{node.lineno}"
+        for path in sorted(PACKAGE.glob("*.py"))
+        for node in ast.walk(ast.parse(path.read_text(), str(path)))
+        if isinstance(node, ast.Constant) and isinstance(node.value, str) and re.search(r"\bdg2pf_cli\b", node.value)
+    ]
     assert found == []
 
 
@@ -80,7 +94,9 @@ def test_both_installs_have_one_dg2pf_script_and_the_full_package_plugs_its_comm
     from dg2pf_cli.entry import run as full_run
     from dg2pf_client.cli import PLUGIN_GROUP, PLUGIN_NAME, local_command_line
 
-    projects = [tomllib.loads(p.read_text())["project"] for p in (ROOT / "pyproject.toml", ROOT / "clients" / "pyproject.toml")]
+    projects = [
+        tomllib.loads(p.read_text())["project"] for p in (ROOT / "pyproject.toml", ROOT / "clients" / "pyproject.toml")
+    ]
     assert {project["scripts"]["dg2pf"] for project in projects} == {"dg2pf_client.cli:run"}
     assert projects[0]["entry-points"][PLUGIN_GROUP] == {PLUGIN_NAME: "dg2pf_cli.entry:run"}
     assert local_command_line() is full_run  # as installed (pip install -e .): found by its entry point
@@ -101,7 +117,7 @@ def test_alone_the_light_client_runs_the_service_commands_and_says_where_the_oth
     with pytest.raises(SystemExit) as help_exit:
         cli.main(["--help"])
     shown = capsys.readouterr().out
-    listed = shown[shown.index("{") + 1:shown.index("}")].split(",")  # the usage line's commands
+    listed = shown[shown.index("{") + 1 : shown.index("}")].split(",")  # the usage line's commands
     assert help_exit.value.code == 0 and listed == list(cli.REMOTE_COMMANDS), shown
 
 
@@ -114,8 +130,11 @@ def _openapi() -> dict:
 def _shape(schema):
     """A schema's wire shape: field names, types, required, nested; not its titles, descriptions, defaults."""
     if isinstance(schema, dict):
-        return {k: sorted(v) if k == "required" else _shape(v) for k, v in schema.items()
-                if k not in ("title", "description", "default")}
+        return {
+            k: sorted(v) if k == "required" else _shape(v)
+            for k, v in schema.items()
+            if k not in ("title", "description", "default")
+        }
     if isinstance(schema, list):
         return [_shape(v) for v in schema]
     return schema
@@ -167,11 +186,27 @@ def test_the_full_command_line_has_every_remote_command_and_the_light_one_knows_
 def test_a_job_prints_as_one_line():
     from dg2pf_client import JobOut
 
-    job = JobOut.model_validate({
-        "id": "ab" * 16, "name": "n", "state": "running", "phase": "distillation", "epoch": 7, "current_sparsity": 0.9,
-        "target_sparsity": 0.9, "latest_metrics": {"val_top1": 97.5}, "best_metrics": None, "history": [{"epoch": 1}] * 50,
-        "error": None, "created_at": "2026-01-01T00:00:00Z", "started_at": None, "finished_at": None, "eta_seconds": 3.0,
-        "spec": {"model": {"arch": "digits_cnn"}}, "links": {}})
+    job = JobOut.model_validate(
+        {
+            "id": "ab" * 16,
+            "name": "n",
+            "state": "running",
+            "phase": "distillation",
+            "epoch": 7,
+            "current_sparsity": 0.9,
+            "target_sparsity": 0.9,
+            "latest_metrics": {"val_top1": 97.5},
+            "best_metrics": None,
+            "history": [{"epoch": 1}] * 50,
+            "error": None,
+            "created_at": "2026-01-01T00:00:00Z",
+            "started_at": None,
+            "finished_at": None,
+            "eta_seconds": 3.0,
+            "spec": {"model": {"arch": "digits_cnn"}},
+            "links": {},
+        }
+    )
     line = str(job)
     assert "\n" not in line and len(line) < 160, line
     for needle in ("ab" * 16, "running", "distillation", "epoch   7", "90.00% -> 90%", "val top-1 97.50%", "eta 3 s"):
@@ -186,7 +221,9 @@ def _dg2pf() -> list[str]:
 def _refused(*args: str) -> str:
     out = subprocess.run([*_dg2pf(), *args], capture_output=True, text=True, timeout=60)
     lines = [line for line in out.stderr.splitlines() if line.strip()]
-    assert out.returncode == 2 and len(lines) == 1 and lines[0].startswith("dg2pf") and " error: " in lines[0], out.stderr
+    assert out.returncode == 2 and len(lines) == 1 and lines[0].startswith("dg2pf") and " error: " in lines[0], (
+        out.stderr
+    )
     return lines[0]
 
 
@@ -232,9 +269,10 @@ def test_a_url_that_is_not_the_dg2pf_service_is_named_in_one_line():
 
     class Other(http.server.BaseHTTPRequestHandler):
         def do_GET(self):  # noqa: N802
-            body, kind, status = {"/html/jobs": (b"<html>hi</html>", "text/html", 200),
-                                  "/json/jobs": (b'{"status": "ok"}', "application/json", 200)}.get(
-                self.path.split("?")[0], (b"", "text/plain", 404))
+            body, kind, status = {
+                "/html/jobs": (b"<html>hi</html>", "text/html", 200),
+                "/json/jobs": (b'{"status": "ok"}', "application/json", 200),
+            }.get(self.path.split("?")[0], (b"", "text/plain", 404))
             self.send_response(status)
             self.send_header("Content-Type", kind)
             self.send_header("Content-Length", str(len(body)))
@@ -248,9 +286,11 @@ def test_a_url_that_is_not_the_dg2pf_service_is_named_in_one_line():
     threading.Thread(target=server.serve_forever, daemon=True).start()
     base = f"http://127.0.0.1:{server.server_address[1]}"
     try:
-        for prefix, needle in (("/html", "text/html, not the dg2pf API's JobList"),
-                               ("/json", "not the dg2pf API's JobList"),
-                               ("/empty", "HTTP 404 Not Found with an empty answer")):
+        for prefix, needle in (
+            ("/html", "text/html, not the dg2pf API's JobList"),
+            ("/json", "not the dg2pf API's JobList"),
+            ("/empty", "HTTP 404 Not Found with an empty answer"),
+        ):
             assert needle in _refused("jobs", "--url", base + prefix)
         with pytest.raises(NotTheService):
             Client(base + "/html").list()
@@ -267,10 +307,25 @@ def test_events_survive_keep_alives_and_a_dropped_connection_resuming_from_the_l
 
     from dg2pf_client import Client
 
-    job = {"id": "a" * 32, "name": None, "state": "running", "phase": "gradual_pruning", "epoch": 1, "current_sparsity": 0.3,
-           "target_sparsity": 0.9, "latest_metrics": None, "best_metrics": None, "history": [], "error": None,
-           "created_at": "2026-12-01T00:00:00Z", "started_at": None, "finished_at": None, "eta_seconds": None, "spec": {},
-           "links": {}}
+    job = {
+        "id": "a" * 32,
+        "name": None,
+        "state": "running",
+        "phase": "gradual_pruning",
+        "epoch": 1,
+        "current_sparsity": 0.3,
+        "target_sparsity": 0.9,
+        "latest_metrics": None,
+        "best_metrics": None,
+        "history": [],
+        "error": None,
+        "created_at": "2026-12-01T00:00:00Z",
+        "started_at": None,
+        "finished_at": None,
+        "eta_seconds": None,
+        "spec": {},
+        "links": {},
+    }
     done = {**job, "state": "succeeded", "phase": "done"}
     record = {"epoch": 1, "phase": "gradual_pruning", "sparsity": 0.3, "train_loss": 0.5, "val_top1": 90.0}
     streams = [  # what each connection sends; the first ends before the job does
@@ -303,8 +358,12 @@ def test_events_survive_keep_alives_and_a_dropped_connection_resuming_from_the_l
             events = list(client.events("a" * 32))
     finally:
         server.shutdown()
-    assert [(e.kind, e.id) for e in events] == [("state", "0:running:gradual_pruning"), ("epoch", "1:running:gradual_pruning"),
-                                                ("epoch", "2:running:gradual_pruning"), ("state", "2:succeeded:done")]
+    assert [(e.kind, e.id) for e in events] == [
+        ("state", "0:running:gradual_pruning"),
+        ("epoch", "1:running:gradual_pruning"),
+        ("epoch", "2:running:gradual_pruning"),
+        ("state", "2:succeeded:done"),
+    ]
     assert asked == [None, "1:running:gradual_pruning"]
     assert events[1].summary().startswith("  epoch   1  gradual_pruning") and "val top-1  90.00%" in events[1].summary()
     assert events[-1].job.state == "succeeded"
@@ -315,9 +374,14 @@ def test_ctrl_c_while_a_remote_command_waits_for_the_service_ends_with_one_line_
         silent.bind(("127.0.0.1", 0))
         silent.listen()
         silent.settimeout(60)
-        proc = subprocess.Popen([*_dg2pf(), "jobs", "--url", f"http://127.0.0.1:{silent.getsockname()[1]}"],
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
-                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+        proc = subprocess.Popen(
+            [*_dg2pf(), "jobs", "--url", f"http://127.0.0.1:{silent.getsockname()[1]}"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+        )
         try:
             conn, _ = silent.accept()  # the command is waiting for its answer now
             if Path(f"/proc/{proc.pid}/maps").exists():

@@ -21,7 +21,10 @@ def finished_job(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     torch.manual_seed(0)
     save_state_dict(build_model("digits_cnn", 10).state_dict(), root / "in.safetensors")
     config = DG2PFConfig(sparsity=0.5, pruning_epochs=1, max_epochs=2, patience=1, seed=0)
-    prune_to_dir(PruneJob("digits_cnn", 10, str(root / "in.safetensors"), "digits", config), root / "out",
-                 state_dir=root / "state", keep_state=True)
+    prune_to_dir(
+        PruneJob("digits_cnn", 10, str(root / "in.safetensors"), "digits", config),
+        root / "out",
+        state_dir=root / "state",
+        keep_state=True,
+    )
     return root / "out", root / "state"
-

@@ -21,8 +21,10 @@ def test_every_file_a_finished_job_writes_is_named_by_artifacts(finished_job):
     assert set(Artifacts.REQUIRED) <= written <= set(Artifacts.SERVED)
     assert written == {*Artifacts.REQUIRED, *Artifacts.OPTIONAL}  # this model exports to ONNX and draws its plots
     files = Artifacts(out)
-    assert all(p.is_file() for p in (files.model, files.compact, files.onnx, files.metrics, files.training_plot,
-                                     files.layers_plot))
+    assert all(
+        p.is_file()
+        for p in (files.model, files.compact, files.onnx, files.metrics, files.training_plot, files.layers_plot)
+    )
     # The state a run keeps while it trains (kept here on purpose: it goes once the output is written).
     assert {p.name for p in state.iterdir()} == {StateDir.JOB, StateDir.TRAINING_STATE, StateDir.LOCK}
     assert StateDir(state).training_state.is_file()
@@ -40,8 +42,15 @@ def test_the_api_serves_the_output_and_the_progress_and_nothing_else(tmp_path):
 def test_a_file_name_is_spelled_nowhere_else_in_the_code():
     """No string constant of the first-party code is a job's file name but the ones in artifacts.py."""
     names = {*Artifacts.SERVED, StateDir.JOB, StateDir.TRAINING_STATE, JobDir.PROGRESS, JobDir.ERROR}
-    packages = ["dg2pf_core", "dg2pf_ray", "dg2pf_cli", "bench", "clients/dg2pf_client", "clients/dg2pf_contract",
-                "service/dg2pf_service"]
+    packages = [
+        "dg2pf_core",
+        "dg2pf_ray",
+        "dg2pf_cli",
+        "bench",
+        "clients/dg2pf_client",
+        "clients/dg2pf_contract",
+        "service/dg2pf_service",
+    ]
     spelled = []
     for package in packages:
         for path in sorted((ROOT / package).rglob("*.py")):
@@ -54,7 +63,9 @@ def test_a_file_name_is_spelled_nowhere_else_in_the_code():
 
 
 def test_the_contract_imports_neither_torch_nor_ray():
-    code = ("import sys, dg2pf_contract.artifacts, dg2pf_contract.results; "
-            "print(sorted(m for m in ('torch', 'numpy', 'ray', 'dg2pf_core') if m in sys.modules))")
+    code = (
+        "import sys, dg2pf_contract.artifacts, dg2pf_contract.results; "
+        "print(sorted(m for m in ('torch', 'numpy', 'ray', 'dg2pf_core') if m in sys.modules))"
+    )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
     assert done.stdout.strip() == "[]"

@@ -2,8 +2,8 @@
 
 import pytest
 
-from dg2pf_core import DG2PFConfig
 from dg2pf_contract.options import PRESET_FIELDS, PRESETS
+from dg2pf_core import DG2PFConfig
 
 
 def test_the_cli_takes_a_preset_and_a_value_given_with_it_wins():
@@ -13,8 +13,21 @@ def test_the_cli_takes_a_preset_and_a_value_given_with_it_wins():
         return _job_from(args)[1].config
 
     parser = build_parser()
-    base = ["prune", "--arch", "digits_cnn", "--num-classes", "10", "--checkpoint", "c", "--dataset", "digits",
-            "--sparsity", "0.9", "--out", "o"]
+    base = [
+        "prune",
+        "--arch",
+        "digits_cnn",
+        "--num-classes",
+        "10",
+        "--checkpoint",
+        "c",
+        "--dataset",
+        "digits",
+        "--sparsity",
+        "0.9",
+        "--out",
+        "o",
+    ]
     paper = _config_from(parser.parse_args([*base, "--preset", "paper"]))
     assert {k: getattr(paper, k) for k in PRESET_FIELDS} == PRESETS["paper"]
     mine = _config_from(parser.parse_args([*base, "--preset", "paper", "--lr", "0.0003"]))
@@ -28,12 +41,16 @@ def test_the_cli_takes_a_preset_and_a_value_given_with_it_wins():
 
 
 def test_the_job_spec_takes_a_preset_lists_it_in_the_openapi_and_refuses_an_unknown_one():
+    from pydantic import ValidationError
+
     from dg2pf_contract import job as spec
     from dg2pf_core.job import PruneJob
 
-    from pydantic import ValidationError
-
-    doc = {"model": {"arch": "digits_cnn", "num_classes": 10, "checkpoint": "c"}, "dataset": {"spec": "digits"}, "sparsity": 0.9}
+    doc = {
+        "model": {"arch": "digits_cnn", "num_classes": 10, "checkpoint": "c"},
+        "dataset": {"spec": "digits"},
+        "sparsity": 0.9,
+    }
     assert DG2PFConfig.from_spec(spec.JobSpec(**doc)) == DG2PFConfig(sparsity=0.9)
     paper = DG2PFConfig.from_spec(spec.JobSpec(**doc, schedule={"preset": "paper"}))
     assert paper == DG2PFConfig(sparsity=0.9, preset="paper") and paper.lr == PRESETS["paper"]["lr"]

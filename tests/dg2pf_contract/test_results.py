@@ -7,11 +7,10 @@ import json
 import math
 
 import pytest
+from tiny import metrics_document
 
 from dg2pf_contract.artifacts import Artifacts
 from dg2pf_contract.results import EpochRecord, Metrics, MetricsError, ModelInfo
-
-from tiny import metrics_document
 
 
 def _unknown_keys(m: Metrics) -> dict:
@@ -76,11 +75,16 @@ def test_what_a_version_wrote_and_this_one_does_not_know_is_read_and_kept(tmp_pa
 
 def test_the_first_releases_document_still_loads():
     """What a run of the first release wrote: no granularity, preset, ONNX or latency, and the MACs as flops_*."""
-    first = {k: v for k, v in metrics_document().items()
-             if k not in ("granularity", "max_layer_sparsity", "layer_cap", "warnings", "macs_dense", "macs_sparse")}
+    first = {
+        k: v
+        for k, v in metrics_document().items()
+        if k not in ("granularity", "max_layer_sparsity", "layer_cap", "warnings", "macs_dense", "macs_sparse")
+    }
     first.update(flops_dense=100, flops_sparse=50, flops_unit="multiply-accumulates of Conv/Linear layers per sample")
-    first["history"] = [{k: v for k, v in r.items() if k not in ("restarts", "recovered", "rankings", "recovered_per_ranking")}
-                        for r in first["history"]]
+    first["history"] = [
+        {k: v for k, v in r.items() if k not in ("restarts", "recovered", "rankings", "recovered_per_ranking")}
+        for r in first["history"]
+    ]
     m = Metrics.model_validate(first)
     assert m.granularity == "unstructured" and m.onnx is None and m.latency is None and m.warnings == []
     assert "granularity" not in m.to_document()  # left out as it was: nothing the run did not write is made up

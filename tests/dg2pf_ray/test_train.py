@@ -15,8 +15,8 @@ from torch.utils.data import DataLoader
 
 from dg2pf_core import DG2PFConfig, PruneJob
 from dg2pf_core.io.checkpoints import read_state_dict
-from dg2pf_core.job import load_data, load_model
 from dg2pf_core.io.metrics import evaluate
+from dg2pf_core.job import load_data, load_model
 from dg2pf_ray.cluster import ClusterError, connect
 from dg2pf_ray.train import RayOptions, prune_on_ray
 
@@ -31,8 +31,11 @@ def job_for(example: Path, **cfg) -> PruneJob:
 def worker_logs_since(t0: float) -> str:
     """What the Ray workers of this session wrote to their stdout/stderr log files since ``t0``."""
     logs = Path(ray._private.worker._global_node.get_logs_dir_path())
-    return "".join(p.read_text(errors="replace") for p in sorted(logs.glob("worker-*")) if p.suffix in (".out", ".err")
-                   and p.stat().st_mtime >= t0)
+    return "".join(
+        p.read_text(errors="replace")
+        for p in sorted(logs.glob("worker-*"))
+        if p.suffix in (".out", ".err") and p.stat().st_mtime >= t0
+    )
 
 
 @pytest.fixture(scope="module")
@@ -48,10 +51,14 @@ def test_two_workers_equal_masks_global_metrics_target_sparsity(local_ray, digit
     # default SGD fine-tuning runs on Ray Train through the service (tests/e2e/service).
     out = tmp_path / "out"
     # max_epochs leaves room after distillation (patience 1 stops it, but it can improve for several epochs)
-    job = job_for(digits_example, pruning_epochs=2, max_epochs=10, patience=1, finetune="overparam", overparam_expansion=2)
+    job = job_for(
+        digits_example, pruning_epochs=2, max_epochs=10, patience=1, finetune="overparam", overparam_expansion=2
+    )
     t0 = time.time()
     # as `dg2pf prune --workers 2` runs without --verbose: rank 0's epoch lines, none of Ray Train's own
-    m = prune_on_ray(job, out, RayOptions(workers=2, storage_path=str(tmp_path / "store"), verbose=True, ray_logs=False))
+    m = prune_on_ray(
+        job, out, RayOptions(workers=2, storage_path=str(tmp_path / "store"), verbose=True, ray_logs=False)
+    )
     logs = worker_logs_since(t0)
     assert "epoch   1 gradual_pruning" in logs and "Reporting training result" not in logs
     assert "Wrapping provided model in DistributedDataParallel" not in logs
@@ -94,13 +101,17 @@ def test_channel_pruning_removes_channels_under_ddp(local_ray, digits_example, t
     spec, model = load_model("digits_cnn", 10, out / "model.safetensors")
     assert sum(p.numel() for p in model.parameters()) == m.params_total < m.params_dense
     splits, _ = load_data("digits", spec, 10, None, 0.1, 0)
-    assert evaluate(model, DataLoader(splits.test, batch_size=512), torch.device("cpu")).top1 == pytest.approx(m.test_top1)
+    assert evaluate(model, DataLoader(splits.test, batch_size=512), torch.device("cpu")).top1 == pytest.approx(
+        m.test_top1
+    )
 
 
 def test_more_workers_than_the_cluster_has_fails_fast(local_ray, digits_example, tmp_path):
     started = time.time()
     with pytest.raises(ClusterError, match="CPUs"):
-        prune_on_ray(job_for(digits_example), tmp_path / "out", RayOptions(workers=16, storage_path=str(tmp_path / "s")))
+        prune_on_ray(
+            job_for(digits_example), tmp_path / "out", RayOptions(workers=16, storage_path=str(tmp_path / "s"))
+        )
     assert time.time() - started < 30
     assert not (tmp_path / "out").exists()
 
@@ -111,7 +122,12 @@ def test_a_configuration_error_on_the_workers_fails_once_without_retries(local_r
     # refusal as the run's result, so Ray Train does not retry it (max_failures=2 would, for an error).
     from dg2pf_ray.train import RunFailed
 
-    with pytest.raises(RunFailed, match=r"a worker refused the job: batch_size 2 over 2 workers .*BatchNorm.*--batch-size 4"):
-        prune_on_ray(job_for(digits_example, batch_size=2), tmp_path / "out",
-                     RayOptions(workers=2, storage_path=str(tmp_path / "store"), verbose=False))
+    with pytest.raises(
+        RunFailed, match=r"a worker refused the job: batch_size 2 over 2 workers .*BatchNorm.*--batch-size 4"
+    ):
+        prune_on_ray(
+            job_for(digits_example, batch_size=2),
+            tmp_path / "out",
+            RayOptions(workers=2, storage_path=str(tmp_path / "store"), verbose=False),
+        )
     assert not (tmp_path / "out").exists()

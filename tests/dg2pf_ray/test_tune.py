@@ -27,12 +27,14 @@ def test_default_space_is_valid_and_covers_the_schedule_knobs():
 
 @pytest.mark.parametrize(
     "document, needle",
-    [({"sparsity": {"uniform": [0.5, 0.9]}}, "not a tunable option"),
-     ({"recovery": {"choice": ["frozen", "magic"]}}, "recovery"),
-     ({"finetune": {"choice": ["sgd", "adam"]}}, "finetune"),
-     ({"lr": {"loguniform": [-1, 0.1]}}, "lr"),
-     ({"lr": {"normal": [0, 1]}}, "one of"),
-     ({"kd_alpha": {"uniform": [0.5]}}, "needs a list of 2")],
+    [
+        ({"sparsity": {"uniform": [0.5, 0.9]}}, "not a tunable option"),
+        ({"recovery": {"choice": ["frozen", "magic"]}}, "recovery"),
+        ({"finetune": {"choice": ["sgd", "adam"]}}, "finetune"),
+        ({"lr": {"loguniform": [-1, 0.1]}}, "lr"),
+        ({"lr": {"normal": [0, 1]}}, "one of"),
+        ({"kd_alpha": {"uniform": [0.5]}}, "needs a list of 2"),
+    ],
 )
 def test_bad_search_spaces_fail_before_any_trial(document, needle):
     with pytest.raises(ConfigError, match=needle):
@@ -40,33 +42,46 @@ def test_bad_search_spaces_fail_before_any_trial(document, needle):
 
 
 # Each a kind the service once answered with a 500 or accepted: every one is a ConfigError on search_space.
-_GRID8 = {n: {"grid": [v] * 50} for n, v in [("lr", 1e-3), ("kd_alpha", 0.5), ("kd_temperature", 4.0), ("weight_decay", 0.0),
-                                              ("grad_clip", 0.5), ("finetune_lr", 1e-3), ("sp_weight", 1.0), ("finetune_momentum", 0.9)]}
+_GRID8 = {
+    n: {"grid": [v] * 50}
+    for n, v in [
+        ("lr", 1e-3),
+        ("kd_alpha", 0.5),
+        ("kd_temperature", 4.0),
+        ("weight_decay", 0.0),
+        ("grad_clip", 0.5),
+        ("finetune_lr", 1e-3),
+        ("sp_weight", 1.0),
+        ("finetune_momentum", 0.9),
+    ]
+}
 
 
 @pytest.mark.parametrize(
     "document, needle",
-    [({"weight_decay": {"loguniform": [0, 0.1]}}, "lower bound > 0"),
-     ({"pruning_epochs": {"randint": ["1", "3"]}}, "two integers"),
-     ({"pruning_epochs": {"randint": [1.5, 3]}}, "two integers"),
-     ({"lr": {"uniform": ["0.1", 0.2]}}, "two numbers"),
-     ({"lr": {"uniform": [True, 0.2]}}, "two numbers"),
-     ({"lr": {"uniform": [0.01, 0.001]}}, "low < high"),
-     ({"lr": {"loguniform": [0.01, 0.001]}}, "low < high"),
-     ({"pruning_epochs": {"randint": [5, 5]}}, "low < high"),
-     ({"pruning_epochs": {"randint": [9, 3]}}, "low < high"),
-     ({"lr": {"uniform": [float("nan"), 0.1]}}, "finite"),
-     ({"lr": {"uniform": [0, 10**400]}}, "finite"),
-     ({"batch_size": {"uniform": [32, 64]}}, "integer"),  # Tune samples floats; batch_size takes integers
-     ({"kd_alpha": {"choice": [0.5] * 257}}, "at most 256 values"),
-     ({"kd_alpha": {"grid": [0.5] * 100_000}}, "at most 256 values"),
-     ({"kd_alpha": {"choice": [0.5, 1.5]}}, "kd_alpha=1.5"),  # every choice is checked, not only the first
-     ({"kd_alpha": {"grid": [0.5, "high"]}}, "kd_alpha='high'"),
-     ({"lr": {"choice": [[[[[[[1e-3]]]]]]]}}, "must be a number"),
-     ({"granularity": {"choice": [5]}}, "granularity=5"),
-     ({"include": {"choice": [["conv"], ["(a)\\1"]]}}, "invalid name pattern"),
-     ({"lr": 500}, r"lr=500 .*must be in"),  # a constant, checked like any value
-     ({7: 1}, "not a tunable option")],
+    [
+        ({"weight_decay": {"loguniform": [0, 0.1]}}, "lower bound > 0"),
+        ({"pruning_epochs": {"randint": ["1", "3"]}}, "two integers"),
+        ({"pruning_epochs": {"randint": [1.5, 3]}}, "two integers"),
+        ({"lr": {"uniform": ["0.1", 0.2]}}, "two numbers"),
+        ({"lr": {"uniform": [True, 0.2]}}, "two numbers"),
+        ({"lr": {"uniform": [0.01, 0.001]}}, "low < high"),
+        ({"lr": {"loguniform": [0.01, 0.001]}}, "low < high"),
+        ({"pruning_epochs": {"randint": [5, 5]}}, "low < high"),
+        ({"pruning_epochs": {"randint": [9, 3]}}, "low < high"),
+        ({"lr": {"uniform": [float("nan"), 0.1]}}, "finite"),
+        ({"lr": {"uniform": [0, 10**400]}}, "finite"),
+        ({"batch_size": {"uniform": [32, 64]}}, "integer"),  # Tune samples floats; batch_size takes integers
+        ({"kd_alpha": {"choice": [0.5] * 257}}, "at most 256 values"),
+        ({"kd_alpha": {"grid": [0.5] * 100_000}}, "at most 256 values"),
+        ({"kd_alpha": {"choice": [0.5, 1.5]}}, "kd_alpha=1.5"),  # every choice is checked, not only the first
+        ({"kd_alpha": {"grid": [0.5, "high"]}}, "kd_alpha='high'"),
+        ({"lr": {"choice": [[[[[[[1e-3]]]]]]]}}, "must be a number"),
+        ({"granularity": {"choice": [5]}}, "granularity=5"),
+        ({"include": {"choice": [["conv"], ["(a)\\1"]]}}, "invalid name pattern"),
+        ({"lr": 500}, r"lr=500 .*must be in"),  # a constant, checked like any value
+        ({7: 1}, "not a tunable option"),
+    ],
 )
 def test_malformed_distributions_are_config_errors(document, needle):
     with pytest.raises(ConfigError, match=needle) as caught:
@@ -79,10 +94,16 @@ def test_the_number_of_trials_is_bounded_without_expanding_the_grid():
 
     with pytest.raises(ConfigError, match=r"would be 10,000,000,000,000,000 trials; at most 1,024"):
         build_space(_GRID8, BASE, samples=256)  # 50^8 x 256: refused at once, the product never built
-    with pytest.raises(ConfigError, match=r"200 values of kd_alpha x 4 values of kd_temperature x 256 samples would be 204,800"):
-        build_space({"kd_alpha": {"grid": [0.5] * 200}, "kd_temperature": {"grid": [2.0, 4.0, 6.0, 8.0]}}, BASE, samples=256)
+    with pytest.raises(
+        ConfigError, match=r"200 values of kd_alpha x 4 values of kd_temperature x 256 samples would be 204,800"
+    ):
+        build_space(
+            {"kd_alpha": {"grid": [0.5] * 200}, "kd_temperature": {"grid": [2.0, 4.0, 6.0, 8.0]}}, BASE, samples=256
+        )
     assert MAX_TRIALS == 1024
-    space = build_space({"kd_alpha": {"grid": [0.5, 0.6, 0.7, 0.8]}, "kd_temperature": {"grid": [2.0, 4.0]}}, BASE, samples=128)
+    space = build_space(
+        {"kd_alpha": {"grid": [0.5, 0.6, 0.7, 0.8]}, "kd_temperature": {"grid": [2.0, 4.0]}}, BASE, samples=128
+    )
     assert set(space) == {"kd_alpha", "kd_temperature"}  # 4 x 2 x 128 = 1,024: just allowed
 
 
@@ -119,7 +140,11 @@ def test_three_trials_one_failing_best_by_validation(digits_example, tmp_path):
         space.write_text("lr: {grid: [0.001, 0.003, 100.0]}\nweight_decay: 10.0\npruning_epochs: {choice: [1, 3]}\n")
         job = PruneJob("digits_cnn", 10, str(digits_example / "model.safetensors"), "digits", BASE)
         out = tmp_path / "out"
-        m = tune_job(job, out, TuneOptions(samples=1, search_space=str(space), storage_path=str(tmp_path / "store"), grace_period=1))
+        m = tune_job(
+            job,
+            out,
+            TuneOptions(samples=1, search_space=str(space), storage_path=str(tmp_path / "store"), grace_period=1),
+        )
     finally:
         ray.shutdown()
     with (out / "trials.csv").open() as fh:

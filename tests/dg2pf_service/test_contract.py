@@ -7,12 +7,11 @@ from types import SimpleNamespace
 import httpx
 import pytest
 from fastapi.testclient import TestClient
+from service_process import ServiceProcess
 
 from dg2pf_service.api.app import create_app
 from dg2pf_service.api.schemas import ErrorResponse, NotReady, artifact_media_type
 from dg2pf_service.settings import Settings
-
-from service_process import ServiceProcess
 
 TOKEN = "contract-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -43,7 +42,9 @@ PUBLIC = {"/healthz", "/readyz"}
 def service(tmp_path_factory, pg_url):
     root = tmp_path_factory.mktemp("contract")
     (root / "data").mkdir()
-    svc = ServiceProcess(root / "state", DG2PF_DATABASE_URL=pg_url, DG2PF_API_TOKENS=TOKEN, DG2PF_DATA_ROOTS=str(root / "data"))
+    svc = ServiceProcess(
+        root / "state", DG2PF_DATABASE_URL=pg_url, DG2PF_API_TOKENS=TOKEN, DG2PF_DATA_ROOTS=str(root / "data")
+    )
     svc.start()
     yield svc
     svc.stop()
@@ -83,24 +84,42 @@ def test_openapi_declares_every_error_response_with_the_error_shape(openapi):
             content = op["responses"][str(status)]["content"]
             assert list(content) == ["application/json"], (key, status)
             name = _ref(content["application/json"]["schema"])
-            assert name == ("NotReady" if key == ("get", "/readyz") and status == 503 else "ErrorResponse"), (key, status, name)
+            assert name == ("NotReady" if key == ("get", "/readyz") and status == 503 else "ErrorResponse"), (
+                key,
+                status,
+                name,
+            )
     # FastAPI's default 422 schema is replaced everywhere, not only declared beside ours.
     assert "HTTPValidationError" not in openapi["components"]["schemas"]
     schemas = openapi["components"]["schemas"]
-    assert schemas["ErrorResponse"]["required"] == ["error"] and _ref(schemas["ErrorResponse"]["properties"]["error"]) == "ErrorDetail"
+    assert (
+        schemas["ErrorResponse"]["required"] == ["error"]
+        and _ref(schemas["ErrorResponse"]["properties"]["error"]) == "ErrorDetail"
+    )
     assert set(schemas["ErrorDetail"]["required"]) == {"type", "field", "message"}
-    assert "error" in schemas["NotReady"]["required"] and _ref(schemas["NotReady"]["properties"]["error"]) == "ErrorDetail"
+    assert (
+        "error" in schemas["NotReady"]["required"] and _ref(schemas["NotReady"]["properties"]["error"]) == "ErrorDetail"
+    )
 
 
 @pytest.mark.slow
 def test_openapi_declares_the_token_and_the_artifact_content_types(openapi):
     assert openapi["components"]["securitySchemes"]["bearer"] == {
-        "type": "http", "scheme": "bearer", "description": "one of the service's DG2PF_API_TOKENS"}
+        "type": "http",
+        "scheme": "bearer",
+        "description": "one of the service's DG2PF_API_TOKENS",
+    }
     for path, ops in openapi["paths"].items():
         for op in ops.values():
             assert op.get("security") == (None if path in PUBLIC else [{"bearer": []}]), path
     artifact = openapi["paths"]["/jobs/{job_id}/artifacts/{name}"]["get"]["responses"]["200"]["content"]
-    assert set(artifact) == {"application/octet-stream", "application/json", "text/csv", "application/x-ndjson", "image/png"}
+    assert set(artifact) == {
+        "application/octet-stream",
+        "application/json",
+        "text/csv",
+        "application/x-ndjson",
+        "image/png",
+    }
     for post in ("/jobs", "/jobs/{job_id}/deploy"):
         assert "Location" in openapi["paths"][post]["post"]["responses"]["202"]["headers"]
 
@@ -120,10 +139,14 @@ def test_artifacts_are_served_with_their_content_type():
 def test_docs_and_every_endpoint_but_the_health_checks_need_the_token(service, openapi):
     for path in ("/docs", "/redoc", "/openapi.json"):
         assert_error_shape(httpx.get(f"{service.url}{path}"), 401, "unauthorized")
-        assert_error_shape(httpx.get(f"{service.url}{path}", headers={"Authorization": "Bearer wrong"}), 403, "forbidden")
+        assert_error_shape(
+            httpx.get(f"{service.url}{path}", headers={"Authorization": "Bearer wrong"}), 403, "forbidden"
+        )
     docs = httpx.get(f"{service.url}/docs", headers=AUTH)
     assert docs.status_code == 200 and docs.headers["content-type"].startswith("text/html")
-    assert '"spec"' in docs.text and '"openapi"' in docs.text  # the schema inline: the page fetches nothing without the token
+    assert (
+        '"spec"' in docs.text and '"openapi"' in docs.text
+    )  # the schema inline: the page fetches nothing without the token
     redoc = httpx.get(f"{service.url}/redoc", headers=AUTH)
     assert redoc.status_code == 200 and redoc.headers["content-type"].startswith("text/html")
     for path in PUBLIC:
@@ -131,7 +154,9 @@ def test_docs_and_every_endpoint_but_the_health_checks_need_the_token(service, o
     for path, ops in openapi["paths"].items():
         if path in PUBLIC:
             continue
-        url = service.url + path.replace("{job_id}", JOB_ID).replace("{model_id}", JOB_ID).replace("{name}", "metrics.json")
+        url = service.url + path.replace("{job_id}", JOB_ID).replace("{model_id}", JOB_ID).replace(
+            "{name}", "metrics.json"
+        )
         for method in ops:
             assert_error_shape(httpx.request(method, url), 401, "unauthorized")
 
@@ -151,7 +176,9 @@ def test_unknown_routes_wrong_methods_and_malformed_bodies_answer_in_the_error_s
     assert "body is missing" in err["message"]
     r = httpx.post(f"{service.url}/jobs", content=b"{}", headers={**AUTH, "Content-Type": "text/plain"})
     assert "Content-Type: application/json" in assert_error_shape(r, 422, "invalid_field")["message"]
-    err = assert_error_shape(httpx.get(f"{service.url}/jobs", params={"limit": "many"}, headers=AUTH), 422, "invalid_field")
+    err = assert_error_shape(
+        httpx.get(f"{service.url}/jobs", params={"limit": "many"}, headers=AUTH), 422, "invalid_field"
+    )
     assert err["field"] == "limit"
     err = assert_error_shape(httpx.get(f"{service.url}/jobs/{JOB_ID}", headers=AUTH), 404, "not_found")
     assert JOB_ID in err["message"]
@@ -182,7 +209,9 @@ def test_not_ready_is_an_error_with_the_checks_beside_it():
     def fail():
         raise ConnectionError("refused")
 
-    client = _bare_app(store=SimpleNamespace(ping=fail), executor=SimpleNamespace(client=SimpleNamespace(list_jobs=lambda: [])))
+    client = _bare_app(
+        store=SimpleNamespace(ping=fail), executor=SimpleNamespace(client=SimpleNamespace(list_jobs=lambda: []))
+    )
     r = client.get("/readyz")
     assert r.status_code == 503
     body = NotReady.model_validate(r.json())

@@ -86,7 +86,9 @@ def test_a_job_that_runs_out_of_space_says_so_and_keeps_its_last_epoch(tmp_path,
 def test_a_wrapped_disk_full_error_is_named_too(tmp_path, monkeypatch):
     """Ray Train hands a worker's failure over as text; a DG2PFError (OutputError) carries the OSError as its cause."""
     job_dir = _job_dir(tmp_path, with_state=False)
-    code = _run_failing_with(monkeypatch, job_dir, RuntimeError(f"worker 1 failed: OSError: [Errno 28] {FULL}: '/ckpt'"))
+    code = _run_failing_with(
+        monkeypatch, job_dir, RuntimeError(f"worker 1 failed: OSError: [Errno 28] {FULL}: '/ckpt'")
+    )
     assert code == NO_SPACE_EXIT and read_error(job_dir)["type"] == NO_SPACE
 
     from dg2pf_core.job import OutputError
@@ -103,7 +105,9 @@ def test_a_torch_save_on_a_full_disk_is_named_by_the_space_left(tmp_path, monkey
     """torch.save to a path says only "unexpected pos" when the disk is full: the disk itself is asked."""
     job_dir = _job_dir(tmp_path)
     free = {str(job_dir): 4096}
-    monkeypatch.setattr(runner.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**9, 10**9, free.get(str(p), 10**9)))
+    monkeypatch.setattr(
+        runner.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**9, 10**9, free.get(str(p), 10**9))
+    )
     torch_says = RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534")
     assert _run_failing_with(monkeypatch, job_dir, torch_says) == NO_SPACE_EXIT
     doc = read_error(job_dir)
@@ -123,10 +127,15 @@ def test_other_failures_keep_their_type_and_exit_status_one(tmp_path, monkeypatc
     assert read_error(job_dir) == {"type": "ValueError", "message": "bad value", "field": None}
 
 
-def test_when_error_json_cannot_be_written_it_is_absent_and_the_exit_status_says_no_space(tmp_path, monkeypatch, capsys):
+def test_when_error_json_cannot_be_written_it_is_absent_and_the_exit_status_says_no_space(
+    tmp_path, monkeypatch, capsys
+):
     job_dir = _job_dir(tmp_path)
     monkeypatch.setattr(os, "fsync", _disk_full)
-    assert _run_failing_with(monkeypatch, job_dir, OSError(errno.ENOSPC, FULL, str(job_dir / "progress.jsonl"))) == NO_SPACE_EXIT
+    assert (
+        _run_failing_with(monkeypatch, job_dir, OSError(errno.ENOSPC, FULL, str(job_dir / "progress.jsonl")))
+        == NO_SPACE_EXIT
+    )
     assert not (job_dir / ERROR).exists()
     assert not [p for p in job_dir.iterdir() if p.name.startswith(f".{ERROR}")]
     assert f"{job_dir / ERROR} could not be written" in capsys.readouterr().err
@@ -139,8 +148,16 @@ def test_a_progress_line_cut_short_by_a_full_disk_is_removed(tmp_path, monkeypat
 
     path = tmp_path / "progress.jsonl"
     progress = runner._ProgressFile(path)
-    record = EpochRecord(phase="gradual_pruning", epoch=1, sparsity=0.5, train_loss=1.0, val_top1=50.0, val_top5=90.0,
-                         lr=1e-3, seconds=1.0)
+    record = EpochRecord(
+        phase="gradual_pruning",
+        epoch=1,
+        sparsity=0.5,
+        train_loss=1.0,
+        val_top1=50.0,
+        val_top5=90.0,
+        lr=1e-3,
+        seconds=1.0,
+    )
     progress.end_epoch(record)
     before = path.read_bytes()
 
@@ -163,7 +180,9 @@ def test_progress_after_a_damaged_line_is_still_read(tmp_path):
     assert read_progress(tmp_path) == [{"epoch": 1}, {"epoch": 2}]
 
 
-@pytest.mark.parametrize("text, what", [("", "is empty"), ('{"type": "NoSp', "is not valid JSON"), ("[1, 2]", "not an error record")])
+@pytest.mark.parametrize(
+    "text, what", [("", "is empty"), ('{"type": "NoSp', "is not valid JSON"), ("[1, 2]", "not an error record")]
+)
 def test_a_damaged_error_json_is_read_as_a_clear_error_naming_the_file(tmp_path, text, what):
     (tmp_path / ERROR).write_text(text)
     doc = read_error(tmp_path)
@@ -177,8 +196,13 @@ def test_submitting_on_a_full_disk_is_refused_as_no_space_and_keeps_job_json(tmp
     job_dir = _job_dir(tmp_path)
     before = (job_dir / runner.JOB).read_text()
     executor = RayJobsExecutor(cluster=None)
-    spec = JobSpec.model_validate({"model": {"arch": "digits_cnn", "num_classes": 10, "checkpoint": "c"},
-                                   "dataset": {"spec": "digits"}, "sparsity": 0.5})
+    spec = JobSpec.model_validate(
+        {
+            "model": {"arch": "digits_cnn", "num_classes": 10, "checkpoint": "c"},
+            "dataset": {"spec": "digits"},
+            "sparsity": 0.5,
+        }
+    )
     order = runner.JobFile(spec=spec, checkpoint=str(tmp_path / "c.safetensors"), storage_path=str(tmp_path / "ray"))
     monkeypatch.setattr(os, "fsync", _disk_full)
     with pytest.raises(NoSpace, match="no space left on device writing .*job.json.*DG2PF_DATA_DIR"):
@@ -218,13 +242,22 @@ def _scheduler_with_a_running_job(tmp_path, code: int | None):
     row = store.create_job({"spec": {}, "resolved": {}}, "full-disk", 0.9, tmp_path / "jobs")
     row = store.transition(row.id, {"queued"}, "running", ray_submission_id=f"dg2pf-{row.id}")
     Path(row.artifacts_dir).mkdir(parents=True, exist_ok=True)
-    scheduler = Scheduler(store, executor=_EndedRunner(code), cluster=None, capacity=lambda: (0, 0), make_order=None,
-                          jobs_dir=tmp_path / "jobs", max_restarts=0)
+    scheduler = Scheduler(
+        store,
+        executor=_EndedRunner(code),
+        cluster=None,
+        capacity=lambda: (0, 0),
+        make_order=None,
+        jobs_dir=tmp_path / "jobs",
+        max_restarts=0,
+    )
     return scheduler, store, row
 
 
 @pytest.mark.parametrize("error_json", [None, ""], ids=["absent", "empty"])
-def test_the_scheduler_names_no_space_from_the_exit_status_when_error_json_is_missing_or_empty(tmp_path, error_json, caplog):
+def test_the_scheduler_names_no_space_from_the_exit_status_when_error_json_is_missing_or_empty(
+    tmp_path, error_json, caplog
+):
     scheduler, store, row = _scheduler_with_a_running_job(tmp_path, NO_SPACE_EXIT)
     job_dir = Path(row.artifacts_dir)
     if error_json is not None:
@@ -253,10 +286,16 @@ def test_the_scheduler_fails_a_job_with_an_empty_error_json_naming_the_file(tmp_
 def test_the_scheduler_passes_the_runners_no_space_record_on(tmp_path):
     scheduler, store, row = _scheduler_with_a_running_job(tmp_path, NO_SPACE_EXIT)
     job_dir = Path(row.artifacts_dir)
-    write_text_atomic(job_dir / ERROR, json.dumps({"type": NO_SPACE, "message": "no space left on device writing X", "field": None}))
+    write_text_atomic(
+        job_dir / ERROR, json.dumps({"type": NO_SPACE, "message": "no space left on device writing X", "field": None})
+    )
     scheduler._reconcile(row)
     done = store.get_job(row.id)
-    assert (done.state, done.error_type, done.error_message) == ("failed", NO_SPACE, "no space left on device writing X")
+    assert (done.state, done.error_type, done.error_message) == (
+        "failed",
+        NO_SPACE,
+        "no space left on device writing X",
+    )
 
 
 # --- a real full disk ---------------------------------------------------------------------------
@@ -266,8 +305,15 @@ def _can_mount_a_small_disk() -> bool:
     if not shutil.which("unshare") or not sys.platform.startswith("linux"):
         return False
     try:
-        return subprocess.run(["unshare", "-Urm", "sh", "-c", "mount -t tmpfs -o size=64k tmpfs /mnt"],
-                              check=False, capture_output=True, timeout=20).returncode == 0
+        return (
+            subprocess.run(
+                ["unshare", "-Urm", "sh", "-c", "mount -t tmpfs -o size=64k tmpfs /mnt"],
+                check=False,
+                capture_output=True,
+                timeout=20,
+            ).returncode
+            == 0
+        )
     except (OSError, subprocess.TimeoutExpired):
         return False
 
@@ -292,18 +338,28 @@ cp -a "$DISK/job" "$OUT/job"
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not _can_mount_a_small_disk(), reason="this machine does not let an unprivileged user mount a tmpfs "
-                                                          "in a user namespace (unshare -Urm); the unit tests above cover it")
+@pytest.mark.skipif(
+    not _can_mount_a_small_disk(),
+    reason="this machine does not let an unprivileged user mount a tmpfs "
+    "in a user namespace (unshare -Urm); the unit tests above cover it",
+)
 def test_a_job_on_a_disk_that_fills_up_fails_as_no_space_and_keeps_its_state(tmp_path, digits_example):
     from dg2pf_contract.job import JobSpec
     from dg2pf_core.algorithm.state import TrainingState
 
     checkpoint = str(digits_example / "model.safetensors")
-    spec = JobSpec.model_validate({"model": {"arch": "digits_cnn", "num_classes": 10, "checkpoint": checkpoint},
-                                   "dataset": {"spec": "digits"}, "sparsity": 0.9,
-                                   "schedule": {"pruning_epochs": 4, "max_epochs": 8, "patience": 4}})
+    spec = JobSpec.model_validate(
+        {
+            "model": {"arch": "digits_cnn", "num_classes": 10, "checkpoint": checkpoint},
+            "dataset": {"spec": "digits"},
+            "sparsity": 0.9,
+            "schedule": {"pruning_epochs": 4, "max_epochs": 8, "patience": 4},
+        }
+    )
     order = tmp_path / "job.json"
-    order.write_text(runner.JobFile(spec=spec, checkpoint=checkpoint, storage_path=str(tmp_path / "ray")).model_dump_json())
+    order.write_text(
+        runner.JobFile(spec=spec, checkpoint=checkpoint, storage_path=str(tmp_path / "ray")).model_dump_json()
+    )
     disk, out = tmp_path / "disk", tmp_path / "out"
     disk.mkdir()
     out.mkdir()
@@ -325,5 +381,7 @@ def test_a_job_on_a_disk_that_fills_up_fails_as_no_space_and_keeps_its_state(tmp
     assert records and len(records) == len((job_dir / "progress.jsonl").read_text().splitlines())
     assert state.epoch <= records[-1]["epoch"]
     assert not (job_dir / "output").exists()
-    print(f"real full disk: {time.monotonic() - started:.0f} s, error.json {'written' if doc else 'absent'}, state at "
-          f"epoch {state.epoch}, {len(records)} progress lines; error: {doc['message'] if doc else stderr[-500:]}")
+    print(
+        f"real full disk: {time.monotonic() - started:.0f} s, error.json {'written' if doc else 'absent'}, state at "
+        f"epoch {state.epoch}, {len(records)} progress lines; error: {doc['message'] if doc else stderr[-500:]}"
+    )

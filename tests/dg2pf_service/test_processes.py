@@ -14,7 +14,10 @@ from dg2pf_service.processes import job_processes, kill_job_processes
 
 # A stand-in runner: its command line names the runner module and the job directory, as Ray's
 # entrypoint does; it starts a child (a data-loader worker), then sleeps.
-FAKE_RUNNER = "import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)']); time.sleep(120)"
+FAKE_RUNNER = (
+    "import subprocess, sys, time; "
+    "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)']); time.sleep(120)"
+)
 
 
 def start_fake_runner(job_dir: Path) -> subprocess.Popen:
@@ -74,13 +77,19 @@ def test_the_lifeline_fires_when_the_gcs_refuses_connections():
 
 def test_a_process_under_a_ray_job_supervisor_finds_it_and_one_run_by_hand_does_not(tmp_path):
     child = tmp_path / "child.py"
-    child.write_text("import os\nfrom dg2pf_service.lifeline import supervising_ancestors\n"
-                     "print(supervising_ancestors(), os.getppid(), sep='|')\n")
+    child.write_text(
+        "import os\nfrom dg2pf_service.lifeline import supervising_ancestors\n"
+        "print(supervising_ancestors(), os.getppid(), sep='|')\n"
+    )
     parent = tmp_path / "parent.py"
     parent.write_text(f"import subprocess\nsubprocess.run([{sys.executable!r}, {str(child)!r}])\n")
     # `exec -a` gives the parent the command line a Ray job supervisor actor has (ray::JobSupervisor).
-    out = subprocess.run(["bash", "-c", f"exec -a ray::JobSupervisor {sys.executable} {parent}"],
-                         capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        ["bash", "-c", f"exec -a ray::JobSupervisor {sys.executable} {parent}"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     chain, ppid = out.stdout.strip().split("|")
     assert chain.startswith(f"[({ppid}, "), out
     assert supervising_ancestors() == []  # pytest is not a Ray job: no lifeline
@@ -89,12 +98,15 @@ def test_a_process_under_a_ray_job_supervisor_finds_it_and_one_run_by_hand_does_
 def test_a_heads_processes_are_found_by_its_whole_port_number():
     from dg2pf_service.cluster import head_pids
 
-    procs = [subprocess.Popen(["bash", "-c", f'exec -a "{title}" sleep 60']) for title in (
-        "/x/ray/gcs_server --gcs_server_port=3896 --node-ip-address=127.0.0.1",
-        "/x/ray/raylet --gcs-address=127.0.0.1:3896 --node_manager_port=1",
-        "/x/ray/raylet --gcs-address=127.0.0.1:38967",  # another Ray whose port starts the same
-        "/x/ray/gcs_server --gcs_server_port=13896",
-    )]
+    procs = [
+        subprocess.Popen(["bash", "-c", f'exec -a "{title}" sleep 60'])
+        for title in (
+            "/x/ray/gcs_server --gcs_server_port=3896 --node-ip-address=127.0.0.1",
+            "/x/ray/raylet --gcs-address=127.0.0.1:3896 --node_manager_port=1",
+            "/x/ray/raylet --gcs-address=127.0.0.1:38967",  # another Ray whose port starts the same
+            "/x/ray/gcs_server --gcs_server_port=13896",
+        )
+    ]
     try:
         time.sleep(0.3)
         found = head_pids("3896")
@@ -109,8 +121,9 @@ def test_a_heads_processes_are_found_by_its_whole_port_number():
 def test_a_lost_job_whose_output_is_complete_succeeds_instead_of_being_resubmitted(tmp_path):
     import json
 
-    from dg2pf_service.scheduler import Scheduler
     from tiny import metrics_document
+
+    from dg2pf_service.scheduler import Scheduler
     from dg2pf_service.store.db import make_engine, make_sessionmaker
     from dg2pf_service.store.migrate import upgrade
     from dg2pf_service.store.repo import JobStore
@@ -124,8 +137,15 @@ def test_a_lost_job_whose_output_is_complete_succeeds_instead_of_being_resubmitt
     out.mkdir(parents=True)
     (out / "metrics.json").write_text(json.dumps(metrics_document(test_top1=97.5)))
     # No restarts left and no Ray needed: the rule reads only the job's directory and the store.
-    scheduler = Scheduler(store, executor=None, cluster=None, capacity=lambda: (0, 0), make_order=None,
-                          jobs_dir=tmp_path / "jobs", max_restarts=0)
+    scheduler = Scheduler(
+        store,
+        executor=None,
+        cluster=None,
+        capacity=lambda: (0, 0),
+        make_order=None,
+        jobs_dir=tmp_path / "jobs",
+        max_restarts=0,
+    )
     scheduler._lost(row, {"phase": "finetuning"}, "the Ray job no longer exists")
     done = store.get_job(row.id)
     assert done.state == "succeeded" and done.best_metrics["test_top1"] == 97.5 and done.restarts == 0

@@ -21,8 +21,15 @@ from dg2pf_service.settings import Settings
 
 
 def test_settings_become_replica_options_with_token_digests_only(tmp_path):
-    settings = Settings(data_dir=tmp_path, api_tokens=["t1", "t2"], serve_replicas=2, serve_max_replicas=6,
-                        serve_gpus_per_replica=0.5, serve_cpus_per_replica=2, serve_max_models_per_replica=3)
+    settings = Settings(
+        data_dir=tmp_path,
+        api_tokens=["t1", "t2"],
+        serve_replicas=2,
+        serve_max_replicas=6,
+        serve_gpus_per_replica=0.5,
+        serve_cpus_per_replica=2,
+        serve_max_models_per_replica=3,
+    )
     options = ServeOptions.from_settings(settings)
     assert options.backend == "torch"
     assert ServeOptions.from_settings(Settings(data_dir=tmp_path, serve_backend="onnxruntime")).backend == "onnxruntime"
@@ -36,7 +43,9 @@ def test_settings_become_replica_options_with_token_digests_only(tmp_path):
 def test_deployment_scales_fixed_or_autoscaled_with_its_resources():
     fixed = deployment_for(ServeOptions(serving_dir="/s", replicas=3, cpus_per_replica=0.5))
     assert fixed.num_replicas == 3 and fixed.ray_actor_options == {"num_cpus": 0.5, "num_gpus": 0.0}
-    auto = deployment_for(ServeOptions(serving_dir="/s", replicas=1, max_replicas=4, gpus_per_replica=1, max_ongoing_requests=64))
+    auto = deployment_for(
+        ServeOptions(serving_dir="/s", replicas=1, max_replicas=4, gpus_per_replica=1, max_ongoing_requests=64)
+    )
     scaling = auto._deployment_config.autoscaling_config
     assert (scaling.min_replicas, scaling.max_replicas) == (1, 4)
     assert auto.ray_actor_options["num_gpus"] == 1 and auto.max_ongoing_requests == 64
@@ -63,7 +72,9 @@ def test_registry_files_follow_the_wanted_set_and_refuse_bad_ids(tmp_path):
 
 
 @pytest.mark.slow
-def test_onnxruntime_service_serves_a_job_without_model_onnx_with_pytorch_and_says_why(digits_example, tmp_path, caplog):
+def test_onnxruntime_service_serves_a_job_without_model_onnx_with_pytorch_and_says_why(
+    digits_example, tmp_path, caplog
+):
     """A job whose ONNX export failed stays servable on an onnxruntime service: by PyTorch, with the
     job's recorded reason logged, and ``backend`` saying which engine answered."""
     import json
@@ -79,8 +90,10 @@ def test_onnxruntime_service_serves_a_job_without_model_onnx_with_pytorch_and_sa
     with caplog.at_level(logging.WARNING, logger="dg2pf.serving"):
         served = load_served_model(model_id, out, "onnxruntime", "cpu", threads=1)
     assert served.backend == "torch"
-    assert any(model_id in r.getMessage() and reason in r.getMessage() and "DG2PF_SERVE_BACKEND=onnxruntime" in r.getMessage()
-               for r in caplog.records)
+    assert any(
+        model_id in r.getMessage() and reason in r.getMessage() and "DG2PF_SERVE_BACKEND=onnxruntime" in r.getMessage()
+        for r in caplog.records
+    )
     x = torch.randn(3, *served.input_shape, generator=torch.Generator().manual_seed(0))
     assert torch.equal(served.logits(x), InferenceModel.load(out).logits(x))
 
@@ -99,8 +112,15 @@ class _FakeServe:
         if method == "GET":
             if self.args is None:
                 return {"applications": {}}
-            return {"applications": {"dg2pf": {"status": self.status, "message": "",
-                                                "deployed_app_config": {"name": "dg2pf", "args": self.args}}}}
+            return {
+                "applications": {
+                    "dg2pf": {
+                        "status": self.status,
+                        "message": "",
+                        "deployed_app_config": {"name": "dg2pf", "args": self.args},
+                    }
+                }
+            }
         return {}
 
 
@@ -112,7 +132,9 @@ def test_an_application_running_other_options_is_redeployed_and_reported_as_it_r
     before = ServeOptions(serving_dir=str(tmp_path / "models"), backend="torch")
     now = dataclasses_replace(before, backend="onnxruntime")
     serve = _FakeServe(json.loads(json.dumps(before.to_dict())))  # as Serve hands the args back: JSON
-    supervisor = ServingSupervisor(now, wanted=lambda: {"a" * 32: str(tmp_path / "out")}, dashboard_url=lambda: "http://ray")
+    supervisor = ServingSupervisor(
+        now, wanted=lambda: {"a" * 32: str(tmp_path / "out")}, dashboard_url=lambda: "http://ray"
+    )
     supervisor._request = serve
 
     status = supervisor.model_status()

@@ -102,17 +102,26 @@ def test_the_service_refuses_a_bad_setting_at_start_in_one_line(tmp_path: Path) 
     env.update(DG2PF_DATA_DIR=str(tmp_path / "state"), DG2PF_SERVE_BACKEND="tensorrt")
     done = subprocess.run([sys.executable, "-m", "dg2pf_service"], env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 2, done.stderr
-    assert done.stderr == ("dg2pf: error: invalid settings: DG2PF_SERVE_BACKEND: Input should be 'torch' or 'onnxruntime' "
-                           "(got 'tensorrt')\n")
+    assert done.stderr == (
+        "dg2pf: error: invalid settings: DG2PF_SERVE_BACKEND: Input should be 'torch' or 'onnxruntime' "
+        "(got 'tensorrt')\n"
+    )
     assert not (tmp_path / "state").exists()
 
 
 def test_the_mlflow_store_is_a_database_or_a_server_and_a_relative_one_lives_in_the_data_dir(tmp_path: Path) -> None:
     data = tmp_path / "state"
-    assert Settings(data_dir=data, mlflow_tracking_uri="sqlite:///mlflow.db").mlflow_tracking_uri == f"sqlite:///{data}/mlflow.db"
-    assert Settings(data_dir=data, mlflow_tracking_uri="sqlite:////srv/m.db").mlflow_tracking_uri == "sqlite:////srv/m.db"
+    assert (
+        Settings(data_dir=data, mlflow_tracking_uri="sqlite:///mlflow.db").mlflow_tracking_uri
+        == f"sqlite:///{data}/mlflow.db"
+    )
+    assert (
+        Settings(data_dir=data, mlflow_tracking_uri="sqlite:////srv/m.db").mlflow_tracking_uri == "sqlite:////srv/m.db"
+    )
     assert Settings(data_dir=data, mlflow_tracking_uri="http://mlflow:5000").mlflow_tracking_uri == "http://mlflow:5000"
-    assert Settings(data_dir=data, mlflow_tracking_uri=" ").mlflow_tracking_uri is None  # an empty variable: no tracking
+    assert (
+        Settings(data_dir=data, mlflow_tracking_uri=" ").mlflow_tracking_uri is None
+    )  # an empty variable: no tracking
     for file_store in ("mlruns", "./mlruns", "/srv/mlruns", "file:/srv/mlruns", "file:///srv/mlruns"):
         with pytest.raises(ValidationError, match="file store.*sqlite:///mlflow.db"):
             Settings(data_dir=data, mlflow_tracking_uri=file_store)
@@ -120,24 +129,35 @@ def test_the_mlflow_store_is_a_database_or_a_server_and_a_relative_one_lives_in_
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("database_url, needle", [
-    ("sqlite:////proc/nonexistent/dg2pf.db", "No such file or directory: /proc/nonexistent"),
-    ("postgresql+psycopg2://someone:secretpw@127.0.0.1:1/dg2pf", "Connection refused"),
-    ("mysql://someone@localhost/dg2pf", "no driver for this database is installed"),
-    ("not a url", "cannot parse database URL"),
-    ("someone:secretpw@127.0.0.1/dg2pf", "cannot parse database URL"),  # no scheme: the password still hidden
-    ("postgresql+psycopg2://someone:secretpw@127.0.0.1:port/dg2pf", "cannot parse database URL"),  # a port that is no number
-])
-def test_a_database_the_service_cannot_open_is_one_line_naming_the_setting(tmp_path: Path, database_url: str, needle: str) -> None:
+@pytest.mark.parametrize(
+    "database_url, needle",
+    [
+        ("sqlite:////proc/nonexistent/dg2pf.db", "No such file or directory: /proc/nonexistent"),
+        ("postgresql+psycopg2://someone:secretpw@127.0.0.1:1/dg2pf", "Connection refused"),
+        ("mysql://someone@localhost/dg2pf", "no driver for this database is installed"),
+        ("not a url", "cannot parse database URL"),
+        ("someone:secretpw@127.0.0.1/dg2pf", "cannot parse database URL"),  # no scheme: the password still hidden
+        (
+            "postgresql+psycopg2://someone:secretpw@127.0.0.1:port/dg2pf",
+            "cannot parse database URL",
+        ),  # a port that is no number
+    ],
+)
+def test_a_database_the_service_cannot_open_is_one_line_naming_the_setting(
+    tmp_path: Path, database_url: str, needle: str
+) -> None:
     """Checked before the server and the Ray head start: exit 2, DG2PF_DATABASE_URL and the cause in one line,
     the password never shown."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("DG2PF_") and k != "RAY_ADDRESS"}
     env.update(DG2PF_DATA_DIR=str(tmp_path / "state"), DG2PF_DATABASE_URL=database_url)
-    done = subprocess.run([sys.executable, "-m", "dg2pf_service", "--port", "1"], env=env, capture_output=True, text=True,
-                          timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-m", "dg2pf_service", "--port", "1"], env=env, capture_output=True, text=True, timeout=120
+    )
     assert done.returncode == 2, done.stderr
     lines = done.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("dg2pf: error: DG2PF_DATABASE_URL") and needle in lines[0], done.stderr
+    assert len(lines) == 1 and lines[0].startswith("dg2pf: error: DG2PF_DATABASE_URL") and needle in lines[0], (
+        done.stderr
+    )
     assert "secretpw" not in done.stderr and "Traceback" not in done.stderr
     assert not (tmp_path / "state" / "ray-state").exists()  # no Ray head was started
 

@@ -1,7 +1,8 @@
 """The job store on both backends it supports: a SQLite file and PostgreSQL.
 
 PostgreSQL comes from DG2PF_TEST_POSTGRES (default: trust auth as postgres on 127.0.0.1:5432); a
-fresh database is created for this module and dropped afterwards. scripts/test.sh makes sure the server runs; without one those cases fail.
+fresh database is created for this module and dropped afterwards. scripts/test.sh makes sure the server
+runs; without one those cases fail.
 """
 
 from __future__ import annotations
@@ -24,8 +25,6 @@ from dg2pf_service.store.models import Base
 
 SHA = "ab" * 32
 T = TypeVar("T")
-
-
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -162,10 +161,12 @@ def test_transition_is_a_compare_and_set(store: JobStore, tmp_path: Path) -> Non
     for _ in range(10):
         job_id = new_job(store, tmp_path)
         assert store.transition(job_id, {"queued"}, "running") is not None
-        results = in_threads([
-            lambda: store.transition(job_id, {"running"}, "cancelled"),
-            lambda: store.transition(job_id, {"running"}, "succeeded", phase="done"),
-        ])
+        results = in_threads(
+            [
+                lambda: store.transition(job_id, {"running"}, "cancelled"),
+                lambda: store.transition(job_id, {"running"}, "succeeded", phase="done"),
+            ]
+        )
         winners = [r for r in results if r is not None]
         assert len(winners) == 1, f"both or neither transition won: {results}"
         final = store.get_job(job_id)
@@ -229,11 +230,21 @@ def test_update_job_refuses_unknown_and_store_owned_fields(store: JobStore, tmp_
     job = store.get_job(job_id)
     assert job is not None and (job.state, job.epoch, job.latest_metrics) == ("queued", 0, None)
     updated = store.update_job(job_id, epoch=3, phase="gradual_pruning", current_sparsity=0.25, eta_seconds=12.5)
-    assert (updated.epoch, updated.phase, updated.current_sparsity, updated.eta_seconds) == (3, "gradual_pruning", 0.25, 12.5)
+    assert (updated.epoch, updated.phase, updated.current_sparsity, updated.eta_seconds) == (
+        3,
+        "gradual_pruning",
+        0.25,
+        12.5,
+    )
 
 
 def test_json_fields_round_trip(store: JobStore, db_url: str, tmp_path: Path) -> None:
-    spec = {"model": {"arch": "cifar/resnet18", "num_classes": 10}, "schedule": {"epochs": [1, 2, 3]}, "serve": False, "teacher": None}
+    spec = {
+        "model": {"arch": "cifar/resnet18", "num_classes": 10},
+        "schedule": {"epochs": [1, 2, 3]},
+        "serve": False,
+        "teacher": None,
+    }
     job_id = store.create_job(spec, "rt", 0.8, tmp_path).id
     history = [
         {"epoch": 0, "phase": "baseline", "sparsity": 0.0, "val": {"top1": 0.91, "loss": 0.3}},

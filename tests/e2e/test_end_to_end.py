@@ -6,14 +6,13 @@ import json
 
 import pytest
 import torch
+from cli_runs import assert_drawn_png, dg2pf
 from torch.utils.data import DataLoader
 
-from dg2pf_core.io.checkpoints import read_state_dict
-from dg2pf_core.job import load_data, load_model
 from dg2pf_core.algorithm.masks import apply_masks_, magnitude_masks, select_prunable
+from dg2pf_core.io.checkpoints import read_state_dict
 from dg2pf_core.io.metrics import evaluate
-
-from cli_runs import assert_drawn_png, dg2pf
+from dg2pf_core.job import load_data, load_model
 
 pytestmark = pytest.mark.slow
 
@@ -21,8 +20,23 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def pruned(digits_example, tmp_path_factory):
     out = tmp_path_factory.mktemp("pruned") / "digits90"
-    result = dg2pf("prune", "--arch", "digits_cnn", "--num-classes", "10", "--checkpoint", str(digits_example / "model.safetensors"),
-                   "--dataset", "digits", "--sparsity", "0.9", "--warn-layer-sparsity", "0.9", "--out", str(out))
+    result = dg2pf(
+        "prune",
+        "--arch",
+        "digits_cnn",
+        "--num-classes",
+        "10",
+        "--checkpoint",
+        str(digits_example / "model.safetensors"),
+        "--dataset",
+        "digits",
+        "--sparsity",
+        "0.9",
+        "--warn-layer-sparsity",
+        "0.9",
+        "--out",
+        str(out),
+    )
     assert result.returncode == 0, result.stderr
     m = json.loads((out / "metrics.json").read_text())
     # Global ranking prunes the wide layers beyond the 90% average: the low threshold makes it warn.
@@ -44,8 +58,21 @@ def test_dg2pf_90_percent_keeps_accuracy(pruned):
     out, m = pruned
     assert abs(m["sparsity_prunable"] - 0.9) <= 0.001
     assert m["test_top1"] >= m["baseline_test_top1"] - 2.0
-    required = {"target_sparsity", "sparsity_prunable", "sparsity_total", "params_total", "params_nonzero", "flops_dense",
-                "flops_sparse", "baseline_test_top1", "test_top1", "val_top1", "epochs", "world_size", "history"}
+    required = {
+        "target_sparsity",
+        "sparsity_prunable",
+        "sparsity_total",
+        "params_total",
+        "params_nonzero",
+        "flops_dense",
+        "flops_sparse",
+        "baseline_test_top1",
+        "test_top1",
+        "val_top1",
+        "epochs",
+        "world_size",
+        "history",
+    }
     assert required <= m.keys() and m["world_size"] == 1
     assert m["flops_sparse"] < 0.2 * m["flops_dense"]
     for rec in m["history"]:
@@ -73,8 +100,18 @@ def test_one_shot_magnitude_pruning_is_far_worse(pruned, digits_example):
 
 def test_evaluate_command_agrees_with_the_job(pruned):
     out, m = pruned
-    result = dg2pf("evaluate", "--arch", "digits_cnn", "--num-classes", "10", "--checkpoint", str(out / "model.safetensors"),
-                   "--dataset", "digits", "--json")
+    result = dg2pf(
+        "evaluate",
+        "--arch",
+        "digits_cnn",
+        "--num-classes",
+        "10",
+        "--checkpoint",
+        str(out / "model.safetensors"),
+        "--dataset",
+        "digits",
+        "--json",
+    )
     assert result.returncode == 0, result.stderr
     r = json.loads(result.stdout)
     assert r["top1"] == pytest.approx(m["test_top1"])
@@ -91,8 +128,14 @@ def test_the_job_writes_model_onnx_as_accurate_as_the_job_and_measures_latency(p
     import onnxruntime as ort
 
     out, m = pruned
-    assert {p.name for p in out.iterdir()} == {"model.safetensors", "model.compact.safetensors", "model.onnx", "metrics.json",
-                                               "training.png", "layers.png"}
+    assert {p.name for p in out.iterdir()} == {
+        "model.safetensors",
+        "model.compact.safetensors",
+        "model.onnx",
+        "metrics.json",
+        "training.png",
+        "layers.png",
+    }
     assert m["onnx"]["written"] is True and m["onnx"]["max_abs_diff"] <= m["onnx"]["tolerance"]
     spec, _ = load_model("digits_cnn", 10, out / "model.safetensors")
     test = load_data("digits", spec, 10, None, 0.1, 0)[0].test
@@ -102,8 +145,11 @@ def test_the_job_writes_model_onnx_as_accurate_as_the_job_and_measures_latency(p
     top1 = 100.0 * float((logits.argmax(1) == labels).float().mean())
     assert top1 == pytest.approx(m["test_top1"], abs=100.0 / len(labels) + 1e-9)  # one image at most, on a near tie
     latency = m["latency"]
-    assert latency["threads"] >= 1 and latency["runs"] == 30 and latency["macs_ratio"] == pytest.approx(
-        m["flops_sparse"] / m["flops_dense"])
+    assert (
+        latency["threads"] >= 1
+        and latency["runs"] == 30
+        and latency["macs_ratio"] == pytest.approx(m["flops_sparse"] / m["flops_dense"])
+    )
     for backend in ("torch", "onnxruntime"):
         for batch in ("1", "32"):
             row = latency["backends"][backend][batch]
@@ -113,9 +159,31 @@ def test_the_job_writes_model_onnx_as_accurate_as_the_job_and_measures_latency(p
 @pytest.mark.parametrize("finetune", ["sgd", "overparam"])
 def test_95_percent_in_both_fine_tuning_modes(digits_example, tmp_path, finetune):
     out = tmp_path / finetune
-    result = dg2pf("prune", "--arch", "digits_cnn", "--num-classes", "10", "--checkpoint", str(digits_example / "model.safetensors"),
-                   "--dataset", "digits", "--sparsity", "0.95", "--pruning-epochs", "4", "--max-epochs", "14", "--patience", "1",
-                   "--finetune", finetune, "--overparam-expansion", "2", "--out", str(out))
+    result = dg2pf(
+        "prune",
+        "--arch",
+        "digits_cnn",
+        "--num-classes",
+        "10",
+        "--checkpoint",
+        str(digits_example / "model.safetensors"),
+        "--dataset",
+        "digits",
+        "--sparsity",
+        "0.95",
+        "--pruning-epochs",
+        "4",
+        "--max-epochs",
+        "14",
+        "--patience",
+        "1",
+        "--finetune",
+        finetune,
+        "--overparam-expansion",
+        "2",
+        "--out",
+        str(out),
+    )
     assert result.returncode == 0, result.stderr
     m = json.loads((out / "metrics.json").read_text())
     assert m["config"]["finetune"] == finetune

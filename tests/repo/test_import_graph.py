@@ -18,8 +18,12 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 # Where each first-party package lives: its folder's parent is the folder Python imports it from.
 PACKAGES = {
-    "dg2pf_core": ROOT, "dg2pf_ray": ROOT, "dg2pf_cli": ROOT, "bench": ROOT,
-    "dg2pf_client": ROOT / "clients", "dg2pf_contract": ROOT / "clients",
+    "dg2pf_core": ROOT,
+    "dg2pf_ray": ROOT,
+    "dg2pf_cli": ROOT,
+    "bench": ROOT,
+    "dg2pf_client": ROOT / "clients",
+    "dg2pf_contract": ROOT / "clients",
     "dg2pf_service": ROOT / "service",
 }
 
@@ -204,8 +208,9 @@ def test_each_layer_imports_only_what_is_below_it(package):
             continue
         for name, line in sorted(out.items()):
             top = name.split(".")[0]
-            first_party_not_allowed = (top in FIRST_PARTY and top != package and allowed is not None
-                                       and top not in allowed)
+            first_party_not_allowed = (
+                top in FIRST_PARTY and top != package and allowed is not None and top not in allowed
+            )
             if top in never or first_party_not_allowed:
                 wrong.append(f"{files[module].relative_to(ROOT)}:{line} imports {name}")
     assert wrong == []

@@ -3,19 +3,18 @@ that lists them (with the paper's figures) says what the files say."""
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
 import pytest
 import torch
 
+from dg2pf_contract.job import JobSpec
 from dg2pf_contract.options import PRESET_FIELDS, PRESETS
 from dg2pf_core.algorithm.config import DG2PFConfig
-from dg2pf_core.data import dataset_names, parse_spec
 from dg2pf_core.algorithm.masks import select_prunable
+from dg2pf_core.data import dataset_names, parse_spec
 from dg2pf_core.models import build_model, get_arch
-from dg2pf_contract.job import JobSpec
 
 ROOT = Path(__file__).resolve().parents[2]
 RECIPES = sorted((ROOT / "recipes").glob("*.json"))
@@ -32,7 +31,7 @@ def _doc_table() -> dict[str, dict[str, str]]:
     start = next(i for i, line in enumerate(lines) if line.startswith("| recipe |"))
     headers = [h.strip() for h in lines[start].strip("|").split("|")]
     rows: dict[str, dict[str, str]] = {}
-    for line in lines[start + 2:]:
+    for line in lines[start + 2 :]:
         if not line.startswith("|"):
             break
         cells = dict(zip(headers, (c.strip() for c in line.strip("|").split("|")), strict=True))
@@ -47,8 +46,12 @@ TABLE = _doc_table()
 
 def test_there_are_recipes_for_every_setting_the_paper_reports():
     assert {p.name for p in RECIPES} == {
-        "cifar10-resnet18-95.json", "cifar10-vgg16-95.json", "cifar10-resnet50-95.json",
-        "imagenet-resnet18-90.json", "imagenet-resnet50-90.json", "imagenet-mobilenetv2-70.json",
+        "cifar10-resnet18-95.json",
+        "cifar10-vgg16-95.json",
+        "cifar10-resnet50-95.json",
+        "imagenet-resnet18-90.json",
+        "imagenet-resnet50-90.json",
+        "imagenet-mobilenetv2-70.json",
     }
 
 
@@ -87,7 +90,14 @@ def test_recipe_follows_the_papers_settings_on_a_gpu(path):
     assert {k: getattr(c, k) for k in PRESET_FIELDS} == PRESETS["paper"]
     assert (c.schedule, c.recovery, c.scope, c.keep_classifier_dense) == ("linear", "feedback", "global", False)
     assert (c.lr, c.weight_decay, c.kd_loss, c.kd_temperature, c.kd_alpha, c.grad_clip, c.patience) == (
-        1e-5, 0.0, "authors", 4.0, 0.75, 0.5, 4)
+        1e-5,
+        0.0,
+        "authors",
+        4.0,
+        0.75,
+        0.5,
+        4,
+    )
     assert c.finetune == "sgd"
     assert spec.teacher is None  # self-distillation from the unpruned input
     assert c.amp in ("bf16", "fp16")

@@ -47,7 +47,8 @@ def dockerfile_problems(text: str) -> list[str]:
     p.extend(f"RUN installs Python packages itself: {r!r}" for r in runs if r != setup and PIP_INSTALL.search(r))
     if parser.baseimage != "python:3.11-slim":
         p.append(
-            f"base image {parser.baseimage!r}: python:3.11-slim (requires-python {PYPROJECT['project']['requires-python']})"
+            f"base image {parser.baseimage!r}: python:3.11-slim "
+            f"(requires-python {PYPROJECT['project']['requires-python']})"
         )
     workdir = next((s["value"] for s in structure if s["instruction"] == "WORKDIR"), None)
     if workdir != "/app":

@@ -114,7 +114,8 @@ def raycluster_problems(rc: dict) -> list[str]:
     only(spec, RAYCLUSTER_SPEC, "spec")
     if spec.get("rayVersion") != ray_version or ray_version != RAY_PIN:
         p.append(
-            f"spec.rayVersion {spec.get('rayVersion')!r}: must be the installed and pinned Ray ({ray_version}, {RAY_PIN})"
+            f"spec.rayVersion {spec.get('rayVersion')!r}: "
+            f"must be the installed and pinned Ray ({ray_version}, {RAY_PIN})"
         )
     if not isinstance(spec.get("enableInTreeAutoscaling", False), bool):
         p.append("spec.enableInTreeAutoscaling: must be a boolean")

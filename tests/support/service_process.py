@@ -31,13 +31,18 @@ class ServiceProcess:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def start(self, timeout: float = 180) -> "ServiceProcess":
+    def start(self, timeout: float = 180) -> ServiceProcess:
         env = {**os.environ, "DG2PF_DATA_DIR": str(self.data_dir), "DG2PF_POLL_SECONDS": "0.3", **self.env}
         env.pop("RAY_ADDRESS", None)
         self.data_dir.parent.mkdir(parents=True, exist_ok=True)
         log = self.log_path.open("ab")
-        self.proc = subprocess.Popen([sys.executable, "-m", "dg2pf_service", "--port", str(self.port)], env=env, stdout=log,
-                                     stderr=subprocess.STDOUT, start_new_session=True)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "dg2pf_service", "--port", str(self.port)],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         deadline = time.time() + timeout
         while time.time() < deadline:
             if self.proc.poll() is not None:

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from contextlib import asynccontextmanager
-from typing import Any, Callable
+from typing import Any
 
 from fastapi import APIRouter, Depends, FastAPI
 from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
@@ -38,9 +39,17 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
         svc.scheduler.stop()
 
     # FastAPI's own /docs, /redoc and /openapi.json would be public: _docs serves them behind the token.
-    app = FastAPI(title=TITLE, version="0.1.0", description="DG2PF pruning jobs on Ray", lifespan=lifespan,
-                  docs_url=None, redoc_url=None, openapi_url=None, responses=errors.error_responses(413, 500, 503),
-                  redirect_slashes=False)  # /jobs/ is 404, not a redirect answered before the token is checked
+    app = FastAPI(
+        title=TITLE,
+        version="0.1.0",
+        description="DG2PF pruning jobs on Ray",
+        lifespan=lifespan,
+        docs_url=None,
+        redoc_url=None,
+        openapi_url=None,
+        responses=errors.error_responses(413, 500, 503),
+        redirect_slashes=False,
+    )  # /jobs/ is 404, not a redirect answered before the token is checked
     app.state.stopping = threading.Event()  # set when a shutdown begins (server.StoppingServer): streams end
     app.add_middleware(RequestGuard)
     errors.install(app)
@@ -63,8 +72,12 @@ def _docs(app: FastAPI) -> APIRouter:
     @router.get("/docs")
     def swagger() -> HTMLResponse:
         # The schema goes inline: the page's own fetch of /openapi.json would carry no token.
-        return get_swagger_ui_html(openapi_url="/openapi.json", title=f"{TITLE} - Swagger UI", oauth2_redirect_url=None,
-                                   swagger_ui_parameters={"spec": app.openapi()})
+        return get_swagger_ui_html(
+            openapi_url="/openapi.json",
+            title=f"{TITLE} - Swagger UI",
+            oauth2_redirect_url=None,
+            swagger_ui_parameters={"spec": app.openapi()},
+        )
 
     @router.get("/redoc")
     def redoc() -> HTMLResponse:
@@ -102,7 +115,10 @@ def _errors_as_json(schema: dict[str, Any]) -> None:
 def _declare_bearer(schema: dict[str, Any]) -> None:
     """Mark the operations that need the token (those that answer 401), so /docs offers 'Authorize'."""
     schema.setdefault("components", {}).setdefault("securitySchemes", {})[BEARER] = {
-        "type": "http", "scheme": "bearer", "description": "one of the service's DG2PF_API_TOKENS"}
+        "type": "http",
+        "scheme": "bearer",
+        "description": "one of the service's DG2PF_API_TOKENS",
+    }
     for operations in schema["paths"].values():
         for operation in operations.values():
             if "401" in operation.get("responses", {}):

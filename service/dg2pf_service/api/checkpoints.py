@@ -26,7 +26,15 @@ def _intake(app: FastAPI) -> CheckpointUploads:
     return intake
 
 
-@router.post("", status_code=201, response_model=CheckpointOut, responses={200: {"model": CheckpointOut, "description": "the same content was uploaded before: the same id"}, **ApiError.responses(400, 408, 413, 422, 507)})
+@router.post(
+    "",
+    status_code=201,
+    response_model=CheckpointOut,
+    responses={
+        200: {"model": CheckpointOut, "description": "the same content was uploaded before: the same id"},
+        **ApiError.responses(400, 408, 413, 422, 507),
+    },
+)
 async def upload(request: Request, response: Response) -> CheckpointOut:
     services = request.app.state.services
     intake = _intake(request.app)
@@ -46,13 +54,32 @@ async def upload(request: Request, response: Response) -> CheckpointOut:
         headers = {"Connection": "close"} if exc.body_unread else None
         raise ApiError(exc.status, exc.type, exc.message, exc.field, headers=headers) from exc
     except ClientDisconnect:
-        raise ApiError(400, "client_disconnected", "the client closed the connection before the upload was complete",
-                       FIELD) from None
+        raise ApiError(
+            400, "client_disconnected", "the client closed the connection before the upload was complete", FIELD
+        ) from None
 
 
 # FastAPI documents a body only from parameters it parses itself; this one is read by hand.
 _route = next(r for r in router.routes if getattr(r, "endpoint", None) is upload)
-_route.openapi_extra = {**(_route.openapi_extra or {}), "requestBody": {"required": True, "content": {"multipart/form-data": {
-    "schema": {"type": "object", "required": [FIELD], "properties": {FIELD: {
-        "type": "string", "format": "binary",
-        "description": "the weights: a .safetensors file or a torch.save state_dict (at most DG2PF_MAX_UPLOAD_BYTES)"}}}}}}}
+_route.openapi_extra = {
+    **(_route.openapi_extra or {}),
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": [FIELD],
+                    "properties": {
+                        FIELD: {
+                            "type": "string",
+                            "format": "binary",
+                            "description": "the weights: a .safetensors file or a torch.save state_dict "
+                            "(at most DG2PF_MAX_UPLOAD_BYTES)",
+                        }
+                    },
+                }
+            }
+        },
+    },
+}

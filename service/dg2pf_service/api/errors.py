@@ -26,7 +26,6 @@ from ..store.db import RETRY_AFTER_S, StoreBusy, busy_reason
 from ..validation import InvalidJob
 from .schemas import ErrorResponse
 
-
 log = logging.getLogger("dg2pf.api")
 
 # What each error status means in this API, as the OpenAPI says it.
@@ -37,11 +36,13 @@ MEANING = {
     404: "no such job, model, artifact or checkpoint",
     408: "the request body (an upload: its file) was not received in time",
     409: "the job's state does not allow it",
-    413: "the request body is larger than DG2PF_MAX_REQUEST_BYTES (an upload: DG2PF_MAX_UPLOAD_BYTES, or it declares more "
-         "than DG2PF_MAX_UNCOMPRESSED_BYTES in memory)",
+    413: "the request body is larger than DG2PF_MAX_REQUEST_BYTES (an upload: DG2PF_MAX_UPLOAD_BYTES, "
+    "or it declares more "
+    "than DG2PF_MAX_UNCOMPRESSED_BYTES in memory)",
     422: "a field is invalid; `field` names it",
     500: "an unexpected failure of the service (its log has the traceback)",
-    503: "a dependency does not answer, or the job store is busy (then Retry-After says in how many seconds to try again)",
+    503: "a dependency does not answer, or the job store is busy "
+    "(then Retry-After says in how many seconds to try again)",
     507: "the service has no disk space left for the upload",
 }
 AUTH = (401, 403)
@@ -56,7 +57,9 @@ class ApiError(HTTPException):
     # For route decorators: ``responses=ApiError.responses(404, 422)``.
     responses = staticmethod(error_responses)
 
-    def __init__(self, status: int, type_: str, message: str, field: str | None = None, headers: dict | None = None) -> None:
+    def __init__(
+        self, status: int, type_: str, message: str, field: str | None = None, headers: dict | None = None
+    ) -> None:
         super().__init__(status, detail=error_body(type_, message, field), headers=headers)
 
 
@@ -77,7 +80,9 @@ def _starlette_error(request: Request, exc: StarletteHTTPException) -> dict:
         return error_body("not_found", f"no route for {where}; /docs lists the routes")
     if exc.status_code == 405:
         allowed = (exc.headers or {}).get("Allow", "")
-        return error_body("method_not_allowed", f"{where} is not allowed; {request.url.path} takes {allowed or 'no method'}")
+        return error_body(
+            "method_not_allowed", f"{where} is not allowed; {request.url.path} takes {allowed or 'no method'}"
+        )
     try:
         type_ = HTTPStatus(exc.status_code).phrase.lower().replace(" ", "_").replace("-", "_")
     except ValueError:
@@ -111,7 +116,9 @@ def install(app: FastAPI) -> None:
         first = next(iter(exc.errors()), {})
         loc = [str(p) for p in first.get("loc", ()) if p not in ("body", "query", "path")]
         if first.get("type") == "json_invalid":
-            return JSONResponse(error_body("malformed_json", f"request body is not valid JSON: {first.get('msg')}"), status_code=400)
+            return JSONResponse(
+                error_body("malformed_json", f"request body is not valid JSON: {first.get('msg')}"), status_code=400
+            )
         field = ".".join(loc) or None
         message = f"{field}: {first.get('msg')}" if field else _whole_body(request, first)
         return JSONResponse(error_body("invalid_field", message, field), status_code=422)
@@ -147,8 +154,11 @@ def install(app: FastAPI) -> None:
         if reason is None:
             return _internal(request, exc)
         log.warning("%s %s: %s; answered 503", request.method, request.url.path, reason)
-        return JSONResponse(error_body("store_busy", f"the job store is busy ({reason}): try again in "
-                                       f"{RETRY_AFTER_S} s"), status_code=503, headers={"Retry-After": str(RETRY_AFTER_S)})
+        return JSONResponse(
+            error_body("store_busy", f"the job store is busy ({reason}): try again in {RETRY_AFTER_S} s"),
+            status_code=503,
+            headers={"Retry-After": str(RETRY_AFTER_S)},
+        )
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
@@ -161,5 +171,12 @@ def _internal(request: Request, exc: Exception, headers: dict[str, str] | None =
     # A bug or an unreachable dependency, not the client's input: logged with its traceback, answered
     # in the one error shape (never a plain-text 500).
     log.exception("%s %s failed", request.method, request.url.path, exc_info=exc)
-    return JSONResponse(error_body("internal", f"the service could not complete {request.method} {request.url.path}: "
-                                   f"{type(exc).__name__}; see the service log"), status_code=500, headers=headers)
+    return JSONResponse(
+        error_body(
+            "internal",
+            f"the service could not complete {request.method} {request.url.path}: "
+            f"{type(exc).__name__}; see the service log",
+        ),
+        status_code=500,
+        headers=headers,
+    )

@@ -53,14 +53,19 @@ class Cursor:
         return f"{self.records}:{self.state}:{self.phase}"
 
     @classmethod
-    def parse(cls, value: str | None) -> "Cursor":
+    def parse(cls, value: str | None) -> Cursor:
         if value is None or not value.strip():
             return cls()
         m = _CURSOR.fullmatch(value.strip())
         if m is None or (m[2], m[3]) != ("", "") and (m[2] not in _STATES or m[3] not in _PHASES):
-            raise ApiError(422, "invalid_field", f"Last-Event-ID {value[:80]!r} is not an id this stream sent "
-                           "(<records>:<state>:<phase>, e.g. 3:running:gradual_pruning); leave it out to start "
-                           "from the beginning", "Last-Event-ID")
+            raise ApiError(
+                422,
+                "invalid_field",
+                f"Last-Event-ID {value[:80]!r} is not an id this stream sent "
+                "(<records>:<state>:<phase>, e.g. 3:running:gradual_pruning); leave it out to start "
+                "from the beginning",
+                "Last-Event-ID",
+            )
         return cls(int(m[1]), m[2], m[3])
 
 
@@ -81,7 +86,7 @@ def events_since(row: Any, seen: Cursor) -> tuple[list[ServerSentEvent], Cursor]
     changed, final = (row.state, row.phase) != (seen.state, seen.phase), row.state in TERMINAL
     if changed and not final:
         state_event()
-    for i, record in enumerate((row.history or [])[seen.records:], start=seen.records + 1):
+    for i, record in enumerate((row.history or [])[seen.records :], start=seen.records + 1):
         seen = replace(seen, records=i)
         out.append(ServerSentEvent(event="epoch", id=str(seen), data=record))
     if changed and final:
@@ -89,21 +94,32 @@ def events_since(row: Any, seen: Cursor) -> tuple[list[ServerSentEvent], Cursor]
     return out, seen
 
 
-def _start(job_id: JobId, services=Depends(_services),
-           last_event_id: Annotated[str | None, Header(alias="Last-Event-ID",
-                                                       description="the last event id received, to resume")] = None
-           ) -> tuple[Any, Cursor]:
+def _start(
+    job_id: JobId,
+    services=Depends(_services),
+    last_event_id: Annotated[
+        str | None, Header(alias="Last-Event-ID", description="the last event id received, to resume")
+    ] = None,
+) -> tuple[Any, Cursor]:
     # A dependency, so an unknown job or a bad Last-Event-ID is an error response, not a broken stream.
     cursor = Cursor.parse(last_event_id)
     return _row_or_404(services, job_id), cursor
 
 
-@router.get("/{job_id}/events", response_class=EventSourceResponse,
-            responses={200: {"description": "text/event-stream: `state` events (data: the job, as GET /jobs/{id}) and "
-                             "`epoch` events (data: one epoch record); ends after the final state"},
-                       **ApiError.responses(404, 422)})
-async def events(request: Request, start: tuple[Any, Cursor] = Depends(_start),
-                 services=Depends(_services)) -> AsyncIterator[ServerSentEvent]:
+@router.get(
+    "/{job_id}/events",
+    response_class=EventSourceResponse,
+    responses={
+        200: {
+            "description": "text/event-stream: `state` events (data: the job, as GET /jobs/{id}) and "
+            "`epoch` events (data: one epoch record); ends after the final state"
+        },
+        **ApiError.responses(404, 422),
+    },
+)
+async def events(
+    request: Request, start: tuple[Any, Cursor] = Depends(_start), services=Depends(_services)
+) -> AsyncIterator[ServerSentEvent]:
     row, seen = start
     first = True
     while True:

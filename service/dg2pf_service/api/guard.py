@@ -59,12 +59,19 @@ class RequestGuard:
         limit = settings.max_request_bytes
         declared = headers.get("content-length", "")
         if declared.isdigit() and int(declared) > limit:
-            await _answer(send, 413, error_body("too_large", f"the request body has {int(declared)} bytes, over "
-                                                             f"DG2PF_MAX_REQUEST_BYTES ({limit})"))
+            await _answer(
+                send,
+                413,
+                error_body(
+                    "too_large", f"the request body has {int(declared)} bytes, over DG2PF_MAX_REQUEST_BYTES ({limit})"
+                ),
+            )
             return
         if "/artifacts/" in scope["path"]:
             scope = {**scope, "headers": [(k, v) for k, v in scope["headers"] if k.lower() != b"range"]}
-        await self.app(scope, _bounded(receive, limit, settings.upload_idle_timeout_s, settings.request_body_timeout_s), send)
+        await self.app(
+            scope, _bounded(receive, limit, settings.upload_idle_timeout_s, settings.request_body_timeout_s), send
+        )
 
 
 def _bounded(receive: Receive, limit: int, idle_s: float, total_s: float) -> Receive:
@@ -80,8 +87,12 @@ def _bounded(receive: Receive, limit: int, idle_s: float, total_s: float) -> Rec
             with anyio.fail_after(max(0.0, min(idle_s, left))):
                 message = await receive()
         except TimeoutError:
-            raise BodyRefused(408, "request_timeout", f"the request body was not received in time (nothing for "
-                                                      f"{idle_s:g} s, or not complete within {total_s:g} s)") from None
+            raise BodyRefused(
+                408,
+                "request_timeout",
+                f"the request body was not received in time (nothing for "
+                f"{idle_s:g} s, or not complete within {total_s:g} s)",
+            ) from None
         if message["type"] == "http.request":
             state["read"] += len(message.get("body", b""))
             if state["read"] > limit:
@@ -97,7 +108,11 @@ def _bounded(receive: Receive, limit: int, idle_s: float, total_s: float) -> Rec
 async def _answer(send: Send, status: int, body: dict, extra: dict[str, str] | None = None) -> None:
     # The body may be unread: the connection closes with the answer, so nothing more of it is read.
     payload = json.dumps(body).encode()
-    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode()),
-               (b"connection", b"close"), *[(k.lower().encode(), v.encode()) for k, v in (extra or {}).items()]]
+    headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(payload)).encode()),
+        (b"connection", b"close"),
+        *[(k.lower().encode(), v.encode()) for k, v in (extra or {}).items()],
+    ]
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": payload})

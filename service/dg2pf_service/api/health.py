@@ -17,8 +17,16 @@ def healthz() -> dict:
     return {"status": "ok"}
 
 
-@router.get("/readyz", response_model=Readiness,
-            responses={503: {"model": NotReady, "description": f"{MEANING[503]}: the error shape, with `status` and `checks` beside it"}})
+@router.get(
+    "/readyz",
+    response_model=Readiness,
+    responses={
+        503: {
+            "model": NotReady,
+            "description": f"{MEANING[503]}: the error shape, with `status` and `checks` beside it",
+        }
+    },
+)
 def readyz(request: Request) -> JSONResponse:
     services = request.app.state.services
     checks: dict[str, str] = {}

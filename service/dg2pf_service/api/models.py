@@ -39,13 +39,19 @@ def _model_out(services, row, serving: ServingStatus) -> ModelOut:
     except DG2PFError:  # the output is gone or damaged: the replica's error says so when it is asked
         backend = None
     return ModelOut(
-        id=row.model_id, job_id=row.model_id, created_at=row.created_at,
+        id=row.model_id,
+        job_id=row.model_id,
+        created_at=row.created_at,
         url=services.serving.model_url(row.model_id, services.public_serve_url()),
-        arch=meta.arch if meta else None, num_classes=meta.num_classes if meta else None,
+        arch=meta.arch if meta else None,
+        num_classes=meta.num_classes if meta else None,
         input_shape=[meta.in_channels, meta.image_size, meta.image_size] if meta else None,
-        class_names=meta.class_names if meta else None, sparsity=meta.sparsity_prunable if meta else None,
-        test_top1=meta.test_top1 if meta else None, backend=backend,
-        status=serving.status, message=serving.message,
+        class_names=meta.class_names if meta else None,
+        sparsity=meta.sparsity_prunable if meta else None,
+        test_top1=meta.test_top1 if meta else None,
+        backend=backend,
+        status=serving.status,
+        message=serving.message,
     )
 
 
@@ -56,8 +62,12 @@ def _status(services) -> ServingStatus:
         return ServingStatus("unknown", f"Ray Serve did not answer: {exc}"[:300], services.serving.options.backend)
 
 
-@router.post("/jobs/{job_id}/deploy", status_code=202, response_model=ModelOut,
-             responses={202: {"headers": LOCATION}, **ApiError.responses(404, 409, 422)})
+@router.post(
+    "/jobs/{job_id}/deploy",
+    status_code=202,
+    response_model=ModelOut,
+    responses={202: {"headers": LOCATION}, **ApiError.responses(404, 409, 422)},
+)
 def deploy(job_id: JobId, response: Response, services=Depends(_services)) -> ModelOut:
     try:
         row = services.deployments.deploy(job_id)
@@ -71,14 +81,21 @@ def deploy(job_id: JobId, response: Response, services=Depends(_services)) -> Mo
 @router.get("/models", response_model=ModelList)
 def list_models(services=Depends(_services)) -> ModelList:
     serving = _status(services)
-    return ModelList(items=[_model_out(services, r, serving) for r in services.store.list_deployments()],
-                     serve_url=services.public_serve_url())
+    return ModelList(
+        items=[_model_out(services, r, serving) for r in services.store.list_deployments()],
+        serve_url=services.public_serve_url(),
+    )
 
 
 def _deployment_or_404(services, model_id: str):
     row = services.store.get_deployment(model_id)
     if row is None:
-        raise ApiError(404, "not_found", f"no deployed model with id {model_id!r}; deploy a succeeded job with POST /jobs/{{id}}/deploy", "id")
+        raise ApiError(
+            404,
+            "not_found",
+            f"no deployed model with id {model_id!r}; deploy a succeeded job with POST /jobs/{{id}}/deploy",
+            "id",
+        )
     return row
 
 

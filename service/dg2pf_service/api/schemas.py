@@ -10,8 +10,21 @@ from pydantic import BaseModel, Field
 # The models the client parses live in the light client package (pure pydantic): one definition for
 # both sides of the wire. Only what the client never reads is declared here.
 from dg2pf_contract.api import (  # noqa: F401 - re-exported for the routes
-    Artifact, ArtifactList, CheckpointOut, ErrorDetail, ErrorInfo, ErrorResponse, JobList, JobOut, JobSubmitted, ModelList,
-    ModelOut, Phase, RestartInfo, State, TERMINAL,
+    TERMINAL,
+    Artifact,
+    ArtifactList,
+    CheckpointOut,
+    ErrorDetail,
+    ErrorInfo,
+    ErrorResponse,
+    JobList,
+    JobOut,
+    JobSubmitted,
+    ModelList,
+    ModelOut,
+    Phase,
+    RestartInfo,
+    State,
 )
 
 # The content type each kind of artifact is served with, by file suffix.
@@ -23,9 +36,12 @@ ARTIFACT_MEDIA_TYPES = {
     ".png": "image/png",
 }
 BINARY = {"type": "string", "format": "binary"}
-ARTIFACT_CONTENT = {media_type: {"schema": {} if media_type == "application/json" else BINARY}
-                    for media_type in ARTIFACT_MEDIA_TYPES.values()}
+ARTIFACT_CONTENT = {
+    media_type: {"schema": {} if media_type == "application/json" else BINARY}
+    for media_type in ARTIFACT_MEDIA_TYPES.values()
+}
 LOCATION = {"Location": {"description": "where the created resource is", "schema": {"type": "string"}}}
+
 
 class Health(BaseModel):
     status: Literal["ok"]

@@ -10,7 +10,6 @@ service and the replica goes on serving. This module runs inside Serve replicas;
 only imports it to build the application.
 """
 
-
 import asyncio
 import hmac
 import json
@@ -39,7 +38,9 @@ INLINE_FORWARD_S = 0.002  # per input: forward passes faster than this skip the 
 
 
 class RequestError(Exception):
-    def __init__(self, status: int, type_: str, message: str, field: str | None = None, headers: dict | None = None) -> None:
+    def __init__(
+        self, status: int, type_: str, message: str, field: str | None = None, headers: dict | None = None
+    ) -> None:
         super().__init__(message)
         self.status, self.type, self.message, self.field, self.headers = status, type_, message, field, headers
 
@@ -48,18 +49,29 @@ async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResp
     # Starlette's own errors (an unknown route, a method /predict does not take) in the one error shape.
     where = f"{request.method} {request.url.path}"
     if exc.status_code == 404:
-        return JSONResponse(error_body("not_found", f"no route for {where}; predict with POST /models/{{id}}/predict"), status_code=404)
+        return JSONResponse(
+            error_body("not_found", f"no route for {where}; predict with POST /models/{{id}}/predict"), status_code=404
+        )
     if exc.status_code == 405:
         allowed = (exc.headers or {}).get("Allow", "")
-        return JSONResponse(error_body("method_not_allowed", f"{where} is not allowed; {request.url.path} takes {allowed}"),
-                            status_code=405, headers=exc.headers)
+        return JSONResponse(
+            error_body("method_not_allowed", f"{where} is not allowed; {request.url.path} takes {allowed}"),
+            status_code=405,
+            headers=exc.headers,
+        )
     return JSONResponse(error_body("http_error", str(exc.detail)), status_code=exc.status_code, headers=exc.headers)
 
 
 # No /docs, /redoc or /openapi.json: whoever reaches Serve's proxy would read them without a token;
 # docs/service.md documents the predict route.
-api = FastAPI(title="dg2pf models", description="Pruned models served by Ray Serve", docs_url=None, redoc_url=None,
-              openapi_url=None, exception_handlers={StarletteHTTPException: _http_error})
+api = FastAPI(
+    title="dg2pf models",
+    description="Pruned models served by Ray Serve",
+    docs_url=None,
+    redoc_url=None,
+    openapi_url=None,
+    exception_handlers={StarletteHTTPException: _http_error},
+)
 
 
 @api.exception_handler(RequestError)
@@ -76,7 +88,10 @@ async def _input_error(request: Request, exc: InputError) -> JSONResponse:
 async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
     first = exc.errors()[0]
     field = ".".join(str(p) for p in first.get("loc", ()) if p not in ("body", "query", "path")) or None
-    return JSONResponse(error_body("invalid_field", f"{field}: {first.get('msg')}" if field else str(first.get("msg")), field), status_code=422)
+    return JSONResponse(
+        error_body("invalid_field", f"{field}: {first.get('msg')}" if field else str(first.get("msg")), field),
+        status_code=422,
+    )
 
 
 async def _chunks(body: bytes):
@@ -97,19 +112,25 @@ class ModelServer:
         torch.set_num_threads(self.threads)
         self.backend = self.options.backend
         if self.backend not in BACKENDS:
-            raise ValueError(f"DG2PF_SERVE_BACKEND={self.backend!r} is not a serving backend; one of {', '.join(BACKENDS)}")
+            raise ValueError(
+                f"DG2PF_SERVE_BACKEND={self.backend!r} is not a serving backend; one of {', '.join(BACKENDS)}"
+            )
         if self.backend == ONNXRUNTIME:
             try:  # a replica that could serve no model fails its start, with the reason in GET /models
                 import onnxruntime  # noqa: F401
             except ImportError as exc:
-                raise RuntimeError(f"DG2PF_SERVE_BACKEND=onnxruntime, but the replica cannot import onnxruntime ({exc}): "
-                                   "install onnxruntime on the Ray nodes, or set DG2PF_SERVE_BACKEND=torch") from exc
+                raise RuntimeError(
+                    f"DG2PF_SERVE_BACKEND=onnxruntime, but the replica cannot import onnxruntime ({exc}): "
+                    "install onnxruntime on the Ray nodes, or set DG2PF_SERVE_BACKEND=torch"
+                ) from exc
 
         async def load(model_id: str) -> InferenceModel:
             entry = self.registry.get(model_id)
             if entry is None:
                 raise RequestError(404, "not_found", f"model {model_id} is not deployed", "model")
-            return await asyncio.to_thread(load_served_model, model_id, entry.output_dir, self.backend, self.device, self.threads)
+            return await asyncio.to_thread(
+                load_served_model, model_id, entry.output_dir, self.backend, self.device, self.threads
+            )
 
         # Wired per instance so the LRU bound comes from the options (Serve detects this form).
         self.get_model = serve.multiplexed(max_num_models_per_replica=self.options.max_models_per_replica)(load)
@@ -133,15 +154,23 @@ class ModelServer:
     ) -> JSONResponse:
         self._authorize(request)
         if not self.registry.has(model_id):
-            raise RequestError(404, "not_found", f"no deployed model with id {model_id!r}; GET /models on the API lists them", "model")
+            raise RequestError(
+                404, "not_found", f"no deployed model with id {model_id!r}; GET /models on the API lists them", "model"
+            )
         body = await self._read_body(request)
         try:
             model = await self.get_model(model_id)
         except DG2PFError as exc:
-            raise RequestError(500, "model_unavailable", f"model {model_id} could not be loaded: {exc.message}", "model") from None
+            raise RequestError(
+                500, "model_unavailable", f"model {model_id} could not be loaded: {exc.message}", "model"
+            ) from None
         batch = await self._inputs(model, request, body)
         out = await self._forward((model_id, batch))
-        doc: dict[str, Any] = {"model": model_id, "backend": model.backend, "predictions": predictions_json(model.top_k(out, top_k))}
+        doc: dict[str, Any] = {
+            "model": model_id,
+            "backend": model.backend,
+            "predictions": predictions_json(model.top_k(out, top_k)),
+        }
         if logits:
             doc["logits"] = finite_logits(out)
         return JSONResponse(doc)
@@ -154,7 +183,12 @@ class ModelServer:
             return
         scheme, _, given = request.headers.get("authorization", "").partition(" ")
         if scheme.lower() != "bearer" or not given:
-            raise RequestError(401, "unauthorized", "missing bearer token: send 'Authorization: Bearer <token>'", headers={"WWW-Authenticate": "Bearer"})
+            raise RequestError(
+                401,
+                "unauthorized",
+                "missing bearer token: send 'Authorization: Bearer <token>'",
+                headers={"WWW-Authenticate": "Bearer"},
+            )
         digest, ok = token_digest(given), False
         for known in digests:  # no early exit: timing tells nothing about which one matched
             ok |= hmac.compare_digest(digest, known)
@@ -163,7 +197,9 @@ class ModelServer:
 
     async def _read_body(self, request: Request) -> bytes:
         limit = self.options.max_request_bytes
-        too_large = RequestError(413, "too_large", f"request body over {limit} bytes; send fewer or smaller inputs", "body")
+        too_large = RequestError(
+            413, "too_large", f"request body over {limit} bytes; send fewer or smaller inputs", "body"
+        )
         declared = request.headers.get("content-length", "")
         if declared.isdigit() and int(declared) > limit:
             raise too_large
@@ -174,7 +210,9 @@ class ModelServer:
                 raise too_large
             parts.append(chunk)
         if size == 0:
-            raise RequestError(400, "invalid_input", 'empty body: send JSON {"inputs": [...]} or a PNG/JPEG image', "body")
+            raise RequestError(
+                400, "invalid_input", 'empty body: send JSON {"inputs": [...]} or a PNG/JPEG image', "body"
+            )
         return b"".join(parts)
 
     async def _inputs(self, model: InferenceModel, request: Request, body: bytes) -> torch.Tensor:
@@ -185,7 +223,9 @@ class ModelServer:
             except ValueError as exc:
                 raise RequestError(400, "malformed_json", f"request body is not valid JSON: {exc}", "body") from None
             except RecursionError:  # 100,000 nested arrays: deeper than any input a model takes
-                raise RequestError(400, "malformed_json", "request body nests too deeply to be an input", "body") from None
+                raise RequestError(
+                    400, "malformed_json", "request body nests too deeply to be an input", "body"
+                ) from None
             if not isinstance(doc, dict) or "inputs" not in doc:
                 raise InputError('the JSON body must be an object {"inputs": [...]}')
             batch = model.tensor_inputs(doc["inputs"])  # bounded by max_request_bytes: cheap enough inline
@@ -195,11 +235,20 @@ class ModelServer:
         elif kind in IMAGE_TYPES:
             batch = (await asyncio.to_thread(model.image_input, body)).unsqueeze(0)
         else:
-            raise RequestError(415, "unsupported_media_type",
-                               f"content type {kind!r} is not accepted; send application/json, multipart/form-data, "
-                               "image/png or image/jpeg", "content-type")
+            raise RequestError(
+                415,
+                "unsupported_media_type",
+                f"content type {kind!r} is not accepted; send application/json, multipart/form-data, "
+                "image/png or image/jpeg",
+                "content-type",
+            )
         if len(batch) > self.options.max_inputs:
-            raise RequestError(413, "too_many_inputs", f"{len(batch)} inputs in one request; at most {self.options.max_inputs}", "inputs")
+            raise RequestError(
+                413,
+                "too_many_inputs",
+                f"{len(batch)} inputs in one request; at most {self.options.max_inputs}",
+                "inputs",
+            )
         return batch
 
     async def _form_images(self, request: Request, body: bytes) -> list[bytes]:
@@ -209,7 +258,10 @@ class ModelServer:
             raise RequestError(400, "invalid_input", f"malformed multipart body: {exc.message}", "body") from None
         files = [v for _, v in form.multi_items() if isinstance(v, UploadFile)]
         if not files:
-            raise InputError("the multipart body holds no file; send each image as a file field (e.g. -F image=@digit.png)", field="image")
+            raise InputError(
+                "the multipart body holds no file; send each image as a file field (e.g. -F image=@digit.png)",
+                field="image",
+            )
         return [await f.read() for f in files]
 
     # --- batched forward ----------------------------------------------------------------------
@@ -241,9 +293,15 @@ class ModelServer:
 def deployment_for(options: ServeOptions):
     """The ingress deployment configured by ``options`` (replicas or autoscaling, CPUs/GPUs, limits)."""
     scaling: dict[str, Any] = (
-        {"autoscaling_config": {"min_replicas": options.replicas, "max_replicas": options.max_replicas,
-                                "target_ongoing_requests": max(2, options.max_batch_size // 2)}}
-        if options.autoscaling else {"num_replicas": options.replicas}
+        {
+            "autoscaling_config": {
+                "min_replicas": options.replicas,
+                "max_replicas": options.max_replicas,
+                "target_ongoing_requests": max(2, options.max_batch_size // 2),
+            }
+        }
+        if options.autoscaling
+        else {"num_replicas": options.replicas}
     )
     deployment = serve.deployment(
         name=DEPLOYMENT_NAME,

@@ -47,7 +47,9 @@ def backend_for(configured: str, output_dir: str | Path) -> tuple[str, str | Non
     return configured, None
 
 
-def load_served_model(model_id: str, output_dir: str | Path, configured: str, device: str, threads: int) -> InferenceModel:
+def load_served_model(
+    model_id: str, output_dir: str | Path, configured: str, device: str, threads: int
+) -> InferenceModel:
     """Model ``model_id`` (the job's output in ``output_dir``) as ``configured`` serves it: ONNX Runtime
     with ``threads`` intra-op threads, or PyTorch on ``device`` (also when an ``onnxruntime`` service
     falls back for a job without ``model.onnx``, logged here). ``model.backend`` says which.
@@ -58,6 +60,7 @@ def load_served_model(model_id: str, output_dir: str | Path, configured: str, de
     if backend == ONNXRUNTIME:
         return load_onnx_model(output_dir, threads)
     if reason is not None:
-        log.warning("model %s is served by PyTorch, not ONNX Runtime (DG2PF_SERVE_BACKEND=%s): %s",
-                    model_id, configured, reason)
+        log.warning(
+            "model %s is served by PyTorch, not ONNX Runtime (DG2PF_SERVE_BACKEND=%s): %s", model_id, configured, reason
+        )
     return InferenceModel.load(output_dir, device)

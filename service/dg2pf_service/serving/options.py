@@ -41,7 +41,7 @@ class ServeOptions:
     access_log: bool = False
 
     @classmethod
-    def from_settings(cls, settings: Any) -> "ServeOptions":
+    def from_settings(cls, settings: Any) -> ServeOptions:
         return cls(
             serving_dir=str(settings.serving_dir),
             token_digests=tuple(token_digest(t) for t in settings.api_tokens),
@@ -65,7 +65,7 @@ class ServeOptions:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> "ServeOptions":
+    def from_dict(cls, values: dict[str, Any]) -> ServeOptions:
         values = dict(values)
         values["token_digests"] = tuple(values.get("token_digests", ()))
         return cls(**values)

@@ -36,8 +36,14 @@ log = logging.getLogger("dg2pf.serving")
 REDEPLOY_BACKOFF_S = 30.0
 
 # Serve's application status -> what GET /models reports for each model.
-_MODEL_STATUS = {"RUNNING": "ready", "DEPLOYING": "deploying", "NOT_STARTED": "deploying", "UNHEALTHY": "unhealthy",
-                 "DEPLOY_FAILED": "failed", "DELETING": "deploying"}
+_MODEL_STATUS = {
+    "RUNNING": "ready",
+    "DEPLOYING": "deploying",
+    "NOT_STARTED": "deploying",
+    "UNHEALTHY": "unhealthy",
+    "DEPLOY_FAILED": "failed",
+    "DELETING": "deploying",
+}
 
 
 SERVE_API = "/api/serve/applications/"
@@ -87,7 +93,9 @@ def differences(running: ServeOptions | None, wanted: ServeOptions) -> list[str]
 
 
 class ServingSupervisor:
-    def __init__(self, options: ServeOptions, wanted: Callable[[], dict[str, str]], dashboard_url: Callable[[], str]) -> None:
+    def __init__(
+        self, options: ServeOptions, wanted: Callable[[], dict[str, str]], dashboard_url: Callable[[], str]
+    ) -> None:
         """``wanted()`` returns the deployed models from the database: model id -> job output dir;
         ``dashboard_url()`` the Ray dashboard's URL now (it changes when an embedded head is restarted)."""
         self.options, self.wanted, self.dashboard_url = options, wanted, dashboard_url
@@ -112,8 +120,9 @@ class ServingSupervisor:
 
     def _request(self, method: str, body: dict | None = None) -> dict:
         try:
-            r = httpx.request(method, f"{self.dashboard_url().rstrip('/')}{SERVE_API}", json=body,
-                              headers=auth_headers(), timeout=30)
+            r = httpx.request(
+                method, f"{self.dashboard_url().rstrip('/')}{SERVE_API}", json=body, headers=auth_headers(), timeout=30
+            )
         except httpx.HTTPError as exc:
             raise ServeApiError(f"Ray's Serve API does not answer: {exc}") from exc
         if r.status_code >= 400:
@@ -143,8 +152,10 @@ class ServingSupervisor:
             return ServingStatus(status, message, self.options.backend)
         if status == "ready":  # Serve has not taken the redeploy up yet: the old replicas answer
             status = "deploying"
-        note = (f"answered by the replicas running DG2PF_SERVE_BACKEND={running} until they are redeployed with this "
-                f"service's {self.options.backend}")
+        note = (
+            f"answered by the replicas running DG2PF_SERVE_BACKEND={running} until they are redeployed with this "
+            f"service's {self.options.backend}"
+        )
         return ServingStatus(status, f"{note}; {message}" if message else note, running)
 
     # --- reconcile ----------------------------------------------------------------------------
@@ -168,8 +179,11 @@ class ServingSupervisor:
                 # Left by an API process with other settings: Serve replaces the replicas, one by one.
                 if time.monotonic() - self._last_deploy < REDEPLOY_BACKOFF_S:
                     return
-                log.warning("the Serve application %r runs with other options than this service's (%s): redeploying it",
-                            APP_NAME, ", ".join(differences(state.options, self.options)))
+                log.warning(
+                    "the Serve application %r runs with other options than this service's (%s): redeploying it",
+                    APP_NAME,
+                    ", ".join(differences(state.options, self.options)),
+                )
                 self._deploy()
             elif not wanted and status is not None and status != "DELETING":
                 self._delete()
@@ -178,14 +192,24 @@ class ServingSupervisor:
         """The declarative Serve config of the dg2pf application (what ``serve deploy`` would send)."""
         # Per-request access logs cost the proxy and the replica more CPU than a small model's forward
         # pass; they are off unless asked for (DG2PF_SERVE_ACCESS_LOG).
-        logging = {"enable_access_log": self.options.access_log, "log_level": "INFO" if self.options.access_log else "WARNING"}
+        logging = {
+            "enable_access_log": self.options.access_log,
+            "log_level": "INFO" if self.options.access_log else "WARNING",
+        }
         return {
             # Serve's HTTP options are cluster-wide and fixed once Serve runs.
             "proxy_location": "HeadOnly",
             "http_options": {"host": self.options.host, "port": self.options.port},
             "logging_config": logging,
-            "applications": [{"name": APP_NAME, "route_prefix": "/", "import_path": IMPORT_PATH,
-                              "args": self.options.to_dict(), "logging_config": logging}],
+            "applications": [
+                {
+                    "name": APP_NAME,
+                    "route_prefix": "/",
+                    "import_path": IMPORT_PATH,
+                    "args": self.options.to_dict(),
+                    "logging_config": logging,
+                }
+            ],
         }
 
     def _deploy(self) -> None:

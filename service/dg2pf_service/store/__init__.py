@@ -2,7 +2,15 @@
 
 from dg2pf_service.store.db import DatabaseURLError, make_engine, make_sessionmaker
 from dg2pf_service.store.migrate import upgrade
-from dg2pf_service.store.models import CheckpointFormat, CheckpointRow, DeploymentRow, JobPhase, JobRow, JobState, TERMINAL_STATES
+from dg2pf_service.store.models import (
+    TERMINAL_STATES,
+    CheckpointFormat,
+    CheckpointRow,
+    DeploymentRow,
+    JobPhase,
+    JobRow,
+    JobState,
+)
 from dg2pf_service.store.repo import JobNotFoundError, JobStore
 
 __all__ = [

@@ -25,15 +25,22 @@ SQLITE_WRITE_WAIT_MAX_S = 30.0
 RETRY_AFTER_S = 1
 
 # Messages and SQLSTATEs of a database that is busy rather than broken: asking again shortly succeeds.
-_BUSY_MESSAGES = ("database is locked", "database table is locked", "database is busy", "too many clients",
-                  "too many connections")
-_BUSY_SQLSTATES = frozenset({
-    "55P03",  # lock_not_available
-    "40001",  # serialization_failure
-    "40P01",  # deadlock_detected
-    "53300",  # too_many_connections
-    "57P03",  # cannot_connect_now (starting up or shutting down)
-})
+_BUSY_MESSAGES = (
+    "database is locked",
+    "database table is locked",
+    "database is busy",
+    "too many clients",
+    "too many connections",
+)
+_BUSY_SQLSTATES = frozenset(
+    {
+        "55P03",  # lock_not_available
+        "40001",  # serialization_failure
+        "40P01",  # deadlock_detected
+        "53300",  # too_many_connections
+        "57P03",  # cannot_connect_now (starting up or shutting down)
+    }
+)
 
 
 class DatabaseURLError(ValueError):
@@ -90,8 +97,11 @@ class _Turns:
             deadline = min(max(started, self._committed) + patience, started + SQLITE_WRITE_WAIT_MAX_S)
             if now >= deadline:
                 stuck = deadline < started + SQLITE_WRITE_WAIT_MAX_S
-                raise StoreBusy(f"no write committed for {patience:g} s" if stuck
-                                else f"a write waited {SQLITE_WRITE_WAIT_MAX_S:g} s for its turn")
+                raise StoreBusy(
+                    f"no write committed for {patience:g} s"
+                    if stuck
+                    else f"a write waited {SQLITE_WRITE_WAIT_MAX_S:g} s for its turn"
+                )
             if self._lock.acquire(timeout=deadline - now):
                 break
         try:
@@ -149,7 +159,8 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
         parsed = make_url(url)
     except (ArgumentError, ValueError) as e:  # ValueError: a port that is not a number
         raise DatabaseURLError(
-            f"cannot parse database URL {redact_url(url)!r} ({redact_url(str(e))}); expected e.g. sqlite:////var/lib/dg2pf/dg2pf.db "
+            f"cannot parse database URL {redact_url(url)!r} ({redact_url(str(e))}); "
+            "expected e.g. sqlite:////var/lib/dg2pf/dg2pf.db "
             "or postgresql+psycopg2://user:password@host:5432/dg2pf"
         ) from None
     if parsed.get_backend_name() == "sqlite":

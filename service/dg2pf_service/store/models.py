@@ -59,7 +59,9 @@ class UTCDateTime(TypeDecorator[datetime]):
         if value is None:
             return None
         if value.tzinfo is None:
-            raise ValueError(f"naive datetime {value.isoformat()} given; pass a timezone-aware value (e.g. datetime.now(UTC))")
+            raise ValueError(
+                f"naive datetime {value.isoformat()} given; pass a timezone-aware value (e.g. datetime.now(UTC))"
+            )
         value = value.astimezone(UTC)
         # SQLite would silently drop the offset anyway; store plain UTC so the text sorts correctly.
         return value.replace(tzinfo=None) if dialect.name == "sqlite" else value

@@ -23,7 +23,15 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from dg2pf_service.store.db import write_session
-from dg2pf_service.store.models import CheckpointFormat, CheckpointRow, DeploymentRow, JobPhase, JobRow, JobState, utcnow
+from dg2pf_service.store.models import (
+    CheckpointFormat,
+    CheckpointRow,
+    DeploymentRow,
+    JobPhase,
+    JobRow,
+    JobState,
+    utcnow,
+)
 
 
 class JobNotFoundError(LookupError):
@@ -75,7 +83,9 @@ def _json_value(field: str, value: Any) -> Any:
     try:
         json.dumps(cleaned, allow_nan=False)
     except (TypeError, ValueError) as e:
-        raise ValueError(f"job field {field!r} must be JSON-serialisable (dicts with str keys, lists, str, numbers, bool, None): {e}") from None
+        raise ValueError(
+            f"job field {field!r} must be JSON-serialisable (dicts with str keys, lists, str, numbers, bool, None): {e}"
+        ) from None
     return cleaned
 
 
@@ -96,7 +106,10 @@ def _check_fields(fields: dict[str, Any]) -> dict[str, Any]:
     fields = {k: (_json_value(k, v) if k in _JSON_FIELDS else v) for k, v in fields.items()}
     for key, value in fields.items():
         if isinstance(value, datetime) and value.tzinfo is None:
-            raise ValueError(f"job field {key!r} got naive datetime {value.isoformat()}; pass a timezone-aware one, e.g. datetime.now(UTC)")
+            raise ValueError(
+                f"job field {key!r} got naive datetime {value.isoformat()}; "
+                "pass a timezone-aware one, e.g. datetime.now(UTC)"
+            )
     return {k: (str(v) if k == "phase" else v) for k, v in fields.items()}
 
 
@@ -106,7 +119,9 @@ class JobStore:
 
     # -- jobs ---------------------------------------------------------------------------------
 
-    def create_job(self, spec: dict[str, Any], name: str | None, target_sparsity: float, artifacts_root: Path) -> JobRow:
+    def create_job(
+        self, spec: dict[str, Any], name: str | None, target_sparsity: float, artifacts_root: Path
+    ) -> JobRow:
         """A new queued job at the back of the FIFO; its artifacts go to ``artifacts_root/<id>``."""
         if not isinstance(spec, dict):
             raise TypeError(f"spec must be a dict (e.g. JobSpec.model_dump(mode='json')), got {type(spec).__name__}")
@@ -126,9 +141,16 @@ class JobStore:
             stmt = (
                 insert(JobRow)
                 .values(
-                    id=job_id, name=name, state=JobState.QUEUED.value, phase=JobPhase.PENDING.value, spec=spec,
-                    target_sparsity=float(target_sparsity), artifacts_dir=str(root / job_id),
-                    created_at=now, updated_at=now, queue_seq=next_seq,
+                    id=job_id,
+                    name=name,
+                    state=JobState.QUEUED.value,
+                    phase=JobPhase.PENDING.value,
+                    spec=spec,
+                    target_sparsity=float(target_sparsity),
+                    artifacts_dir=str(root / job_id),
+                    created_at=now,
+                    updated_at=now,
+                    queue_seq=next_seq,
                 )
                 .returning(JobRow)
             )
@@ -161,8 +183,12 @@ class JobStore:
         """``(id, state)`` of the ``limit`` newest jobs: what a follower of many jobs reads each pass
         without loading their histories."""
         with self._sessions() as session:
-            return [(i, s) for i, s in session.execute(
-                select(JobRow.id, JobRow.state).order_by(JobRow.queue_seq.desc()).limit(limit)).all()]
+            return [
+                (i, s)
+                for i, s in session.execute(
+                    select(JobRow.id, JobRow.state).order_by(JobRow.queue_seq.desc()).limit(limit)
+                ).all()
+            ]
 
     def queued_in_order(self) -> list[JobRow]:
         """Queued jobs, first submitted first."""
@@ -174,7 +200,9 @@ class JobStore:
 
     def _in_state(self, state: JobState) -> list[JobRow]:
         with self._sessions() as session:
-            return list(session.scalars(select(JobRow).where(JobRow.state == state.value).order_by(JobRow.queue_seq)).all())
+            return list(
+                session.scalars(select(JobRow).where(JobRow.state == state.value).order_by(JobRow.queue_seq)).all()
+            )
 
     def update_job(self, job_id: str, **fields: Any) -> JobRow:
         """Set progress fields (phase, epoch, metrics, ...) whatever the state; refuses unknown fields."""
@@ -186,8 +214,15 @@ class JobStore:
             raise JobNotFoundError(job_id)
         return row
 
-    def transition(self, job_id: str, from_states: Iterable[str], to_state: str, *, expect_submission: str | None = None,
-                   **fields: Any) -> JobRow | None:
+    def transition(
+        self,
+        job_id: str,
+        from_states: Iterable[str],
+        to_state: str,
+        *,
+        expect_submission: str | None = None,
+        **fields: Any,
+    ) -> JobRow | None:
         """Move the job to ``to_state`` (setting ``fields`` too) only if it is in ``from_states`` now
         (and, with ``expect_submission``, still has that Ray submission id).
 
@@ -235,7 +270,9 @@ class JobStore:
         existing = self.get_checkpoint(checkpoint_id)
         if existing is not None:
             return existing
-        row = CheckpointRow(id=checkpoint_id, sha256=digest, bytes=int(bytes), path=str(path), format=str(format), created_at=utcnow())
+        row = CheckpointRow(
+            id=checkpoint_id, sha256=digest, bytes=int(bytes), path=str(path), format=str(format), created_at=utcnow()
+        )
         return self._insert_or_existing(row, lambda: self.get_checkpoint(checkpoint_id))
 
     def get_checkpoint(self, checkpoint_id: str) -> CheckpointRow | None:
@@ -258,7 +295,9 @@ class JobStore:
 
     def list_deployments(self) -> list[DeploymentRow]:
         with self._sessions() as session:
-            return list(session.scalars(select(DeploymentRow).order_by(DeploymentRow.created_at, DeploymentRow.model_id)))
+            return list(
+                session.scalars(select(DeploymentRow).order_by(DeploymentRow.created_at, DeploymentRow.model_id))
+            )
 
     def remove_deployment(self, model_id: str) -> bool:
         """True when a deployment was removed."""

@@ -31,7 +31,7 @@ templates = Jinja2Templates(directory=HERE / "templates")
 PREDICT_TIMEOUT_S = 60.0
 HEADERS = {
     "Content-Security-Policy": "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data: blob:; "
-                               "object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'",
+    "object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'",
     "X-Content-Type-Options": "nosniff",
     "Referrer-Policy": "no-referrer",
 }
@@ -67,24 +67,38 @@ def submit_page(request: Request) -> HTMLResponse:
 
 
 @router.post(f"{RELAY}/models/{{model_id}}/predict", dependencies=[Depends(require_token)])
-async def predict(model_id: JobId, request: Request,
-                  top_k: int = Query(5, ge=1, le=1000, description="classes per input, most probable first")) -> Response:
+async def predict(
+    model_id: JobId,
+    request: Request,
+    top_k: int = Query(5, ge=1, le=1000, description="classes per input, most probable first"),
+) -> Response:
     services = request.app.state.services
-    headers = {"Content-Type": request.headers.get("content-type", "application/octet-stream"),
-               "serve_multiplexed_model_id": model_id}  # routes to a replica that has the model loaded
+    headers = {
+        "Content-Type": request.headers.get("content-type", "application/octet-stream"),
+        "serve_multiplexed_model_id": model_id,
+    }  # routes to a replica that has the model loaded
     if "authorization" in request.headers:
         headers["Authorization"] = request.headers["authorization"]
     body = await request.body()
     try:
         async with httpx.AsyncClient(timeout=PREDICT_TIMEOUT_S) as client:
-            answer = await client.post(services.serving.model_url(model_id), content=body, params={"top_k": top_k},
-                                       headers=headers)
+            answer = await client.post(
+                services.serving.model_url(model_id), content=body, params={"top_k": top_k}, headers=headers
+            )
     except httpx.HTTPError as exc:
-        raise ApiError(503, "serve_unavailable", f"Ray Serve did not answer at {services.serving.url} "
-                       f"({type(exc).__name__}); GET /models says the model's status", "model") from None
+        raise ApiError(
+            503,
+            "serve_unavailable",
+            f"Ray Serve did not answer at {services.serving.url} "
+            f"({type(exc).__name__}); GET /models says the model's status",
+            "model",
+        ) from None
     # Serve's answer as it is: its predictions, or its error in the service's one error shape.
-    return Response(answer.content, status_code=answer.status_code,
-                    media_type=answer.headers.get("content-type", "application/json"))
+    return Response(
+        answer.content,
+        status_code=answer.status_code,
+        media_type=answer.headers.get("content-type", "application/json"),
+    )
 
 
 def install(app: FastAPI) -> None:

@@ -1,10 +1,9 @@
 """BatchNorm recalibration: statistics of the network as pruned now, weights untouched."""
 
 import torch
+from tiny import TinyNet
 
 from dg2pf_core.algorithm.batchnorm import has_batchnorm, recalibrate_batchnorm
-
-from tiny import TinyNet
 
 
 def test_recalibration_gives_the_exact_average_of_the_batches_statistics():
@@ -79,7 +78,13 @@ def test_a_channel_constant_within_every_batch_no_longer_kills_the_eval_mode_net
     """Train mode maps the constant channel to its bias, so the network is right with batch statistics;
     eval mode adds gamma (x - mean) / sqrt(eps) for it, the batch-to-batch offset amplified 316-fold, and
     predicts one class. Settled (gamma 0), eval mode agrees with train mode, and train mode is unchanged."""
-    from dg2pf_core.algorithm.batchnorm import constant_channels, settle_constant_channels, settled, settled_channels, unsettle
+    from dg2pf_core.algorithm.batchnorm import (
+        constant_channels,
+        settle_constant_channels,
+        settled,
+        settled_channels,
+        unsettle,
+    )
 
     train, val = _constant_channel_batches(32, 0), _constant_channel_batches(8, 1)
     model = _ConstantChannelNet()
@@ -103,7 +108,9 @@ def test_a_channel_constant_within_every_batch_no_longer_kills_the_eval_mode_net
                 agree += int((e == model(x).argmax(1)).sum())
         assert agree >= 0.95 * sum(len(y) for _, y in val)
         model.train()
-        assert all(torch.allclose(model(x), t, atol=1e-3) for (x, _), t in zip(val, before_train_mode))  # train mode: unchanged (but float rounding)
+        assert all(
+            torch.allclose(model(x), t, atol=1e-3) for (x, _), t in zip(val, before_train_mode)
+        )  # train mode: unchanged (but float rounding)
     assert model.b.weight.item() == 1.0 and settled_channels(model) == 0  # restored after the block
     done = settle_constant_channels(model)  # what a written result gets
     model.eval()

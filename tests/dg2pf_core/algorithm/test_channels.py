@@ -5,22 +5,38 @@ import copy
 
 import pytest
 import torch
+from tiny import TinyNet
 
 from dg2pf_core import DG2PFConfig, TrainingState, run_dg2pf
-from dg2pf_core.algorithm.channels import STRUCTURE_KEY, ChannelPlan, Structure, apply_structure, read_structure, remove_channels
-from dg2pf_core.io.checkpoint_save import save_state_dict
+from dg2pf_core.algorithm.channels import (
+    STRUCTURE_KEY,
+    ChannelPlan,
+    Structure,
+    apply_structure,
+    read_structure,
+    remove_channels,
+)
+from dg2pf_core.algorithm.simulated import simulated_step
 from dg2pf_core.errors import CheckpointError, ConfigError
+from dg2pf_core.io.checkpoint_save import save_state_dict
 from dg2pf_core.io.metrics import conv_linear_macs
 from dg2pf_core.models import build_model
-from dg2pf_core.algorithm.simulated import simulated_step
-
-from tiny import TinyNet
 
 CPU = torch.device("cpu")
 # (arch, input shape): the issue's three, torchvision ones at a small input
 ARCHS = [("digits_cnn", (1, 8, 8)), ("torchvision/resnet18", (3, 32, 32)), ("torchvision/mobilenet_v2", (3, 32, 32))]
-CFG = dict(granularity="channel", sparsity=0.5, pruning_epochs=2, patience=1, max_epochs=5, batch_size=16, lr=5e-3,
-           finetune_lr=1e-2, seed=0, channel_multiple=1)  # TinyNet's layers are narrower than the default 16
+CFG = dict(
+    granularity="channel",
+    sparsity=0.5,
+    pruning_epochs=2,
+    patience=1,
+    max_epochs=5,
+    batch_size=16,
+    lr=5e-3,
+    finetune_lr=1e-2,
+    seed=0,
+    channel_multiple=1,
+)  # TinyNet's layers are narrower than the default 16
 
 
 def _trained_looking(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
@@ -28,7 +44,7 @@ def _trained_looking(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     BatchNorm non-trivial statistics, so removal is tested on values that matter."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for name, p in model.named_parameters():
+        for p in model.parameters():
             p.mul_(torch.rand(p.shape, generator=g) * 2)
         for m in model.modules():
             if isinstance(m, torch.nn.BatchNorm2d):
@@ -82,8 +98,13 @@ def test_importance_is_the_root_mean_square_of_a_channel():
     group = next(g for g in plan.groups if g.root == "conv")
     scores = plan.importance(params)["conv"]
     c = 3
-    entries = [params["conv.weight"][c].flatten(), params["conv.bias"][c:c + 1], params["bn.weight"][c:c + 1],
-               params["bn.bias"][c:c + 1], params["fc1.weight"][:, c * 16:(c + 1) * 16].flatten()]
+    entries = [
+        params["conv.weight"][c].flatten(),
+        params["conv.bias"][c : c + 1],
+        params["bn.weight"][c : c + 1],
+        params["bn.bias"][c : c + 1],
+        params["fc1.weight"][:, c * 16 : (c + 1) * 16].flatten(),
+    ]
     values = torch.cat([e.detach() for e in entries])
     assert group.channels == 8
     assert scores[c].item() == pytest.approx(values.pow(2).mean().sqrt().item(), rel=1e-5)
@@ -109,8 +130,14 @@ def test_simulated_group_pruning_restores_bit_exactly():
     before = {n: params[n].detach().clone() for n in masks}
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     x, y = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3])
-    simulated_step(lambda: torch.nn.functional.cross_entropy(model(x), y), optimizer, params, masks,
-                   recovery="frozen", clip_params=list(model.parameters()))
+    simulated_step(
+        lambda: torch.nn.functional.cross_entropy(model(x), y),
+        optimizer,
+        params,
+        masks,
+        recovery="frozen",
+        clip_params=list(model.parameters()),
+    )
     for n, mask in masks.items():
         assert torch.equal(params[n].detach()[mask], before[n][mask]), n  # pruned entries: the same bits
         assert not torch.equal(params[n].detach()[~mask], before[n][~mask]) or not (~mask).any(), n
@@ -168,13 +195,19 @@ def test_resume_after_and_before_the_removal(tiny_loaders, tmp_path, stop_after,
         assert torch.equal(a[k], b[k]), k
 
 
-@pytest.mark.parametrize("change,match", [
-    ({"granularity": "unstructured", "sparsity": 0.0, "target_macs_ratio": 0.5}, "only applies to granularity 'channel'"),
-    ({"sparsity": 0.0, "target_macs_ratio": 1.5}, "strictly between 0 and 1"),
-    ({"target_macs_ratio": 0.5}, "give sparsity or target_macs_ratio, not both"),
-    ({"sparsity": 0.0}, "or give target_macs_ratio with granularity 'channel'"),
-    ({"scope": "layerwise"}, "leave scope 'global'"),
-])
+@pytest.mark.parametrize(
+    "change,match",
+    [
+        (
+            {"granularity": "unstructured", "sparsity": 0.0, "target_macs_ratio": 0.5},
+            "only applies to granularity 'channel'",
+        ),
+        ({"sparsity": 0.0, "target_macs_ratio": 1.5}, "strictly between 0 and 1"),
+        ({"target_macs_ratio": 0.5}, "give sparsity or target_macs_ratio, not both"),
+        ({"sparsity": 0.0}, "or give target_macs_ratio with granularity 'channel'"),
+        ({"scope": "layerwise"}, "leave scope 'global'"),
+    ],
+)
 def test_bad_channel_options_name_the_field(change, match):
     with pytest.raises(ConfigError, match=match):
         DG2PFConfig(**{**CFG, **change})
@@ -202,11 +235,17 @@ def test_structures_from_files_are_checked(tmp_path):
         apply_structure(copy.deepcopy(model), Structure((1, 8, 8), ({classifier: [0, 1]},)))
 
 
-@pytest.mark.parametrize("text, match", [
-    ('{"format":"dg2pf-channels/1","input_shape":[1,8,8],"stages":' + "[" * 100_000 + "]" * 100_000 + "}", "nested too deeply"),
-    ('{"format":"dg2pf-channels/1","input_shape":[1,4096,4096],"stages":[]}', "height and width in"),
-    ('{"format":"dg2pf-channels/1","input_shape":[64,8,8],"stages":[]}', "channels in"),
-])
+@pytest.mark.parametrize(
+    "text, match",
+    [
+        (
+            '{"format":"dg2pf-channels/1","input_shape":[1,8,8],"stages":' + "[" * 100_000 + "]" * 100_000 + "}",
+            "nested too deeply",
+        ),
+        ('{"format":"dg2pf-channels/1","input_shape":[1,4096,4096],"stages":[]}', "height and width in"),
+        ('{"format":"dg2pf-channels/1","input_shape":[64,8,8],"stages":[]}', "channels in"),
+    ],
+)
 def test_a_tampered_structure_is_refused_before_any_tracing(tmp_path, text, match):
     path = tmp_path / "m.safetensors"
     save_state_dict(build_model("digits_cnn", 10).state_dict(), path, metadata={STRUCTURE_KEY: text})
@@ -214,12 +253,15 @@ def test_a_tampered_structure_is_refused_before_any_tracing(tmp_path, text, matc
         read_structure(path)
 
 
-@pytest.mark.parametrize("structure, match", [
-    (Structure((3, 8, 8), ({"features.0": [0]},)), "traced on 3-channel inputs, but this DigitsCNN takes 1"),
-    (Structure((1, 2, 2), ({"features.0": [0]},)), "cannot be replayed"),  # too small for its pooling
-    (Structure((1, 8, 8), ({"features.0": list(range(32))},)), "removes all 32 channels of 'features.0'"),
-    (Structure((1, 8, 8), ({"features.0": [63]},)), "prunes channel 63 of 'features.0', which has 32"),
-])
+@pytest.mark.parametrize(
+    "structure, match",
+    [
+        (Structure((3, 8, 8), ({"features.0": [0]},)), "traced on 3-channel inputs, but this DigitsCNN takes 1"),
+        (Structure((1, 2, 2), ({"features.0": [0]},)), "cannot be replayed"),  # too small for its pooling
+        (Structure((1, 8, 8), ({"features.0": list(range(32))},)), "removes all 32 channels of 'features.0'"),
+        (Structure((1, 8, 8), ({"features.0": [63]},)), "prunes channel 63 of 'features.0', which has 32"),
+    ],
+)
 def test_a_structure_that_does_not_fit_the_architecture_is_a_checkpoint_error(structure, match):
     with pytest.raises(CheckpointError, match=match):
         apply_structure(build_model("digits_cnn", 10), structure)
@@ -253,16 +295,23 @@ def test_architectures_channel_granularity_cannot_take_are_refused_by_name_befor
     verdicts = {arch: unsupported_reason(arch) for arch in list_archs()}  # names only: instant for every one
     for arch in ("digits_cnn", "cifar/resnet18", "torchvision/resnet50", "torchvision/mobilenet_v2"):
         assert verdicts[arch] is None
-    for arch, needle in [("torchvision/swin_t", "memory"), ("torchvision/maxvit_t", "memory"),
-                         ("torchvision/shufflenet_v2_x1_0", "channel shuffle"), ("no/such_arch", "not verified")]:
+    for arch, needle in [
+        ("torchvision/swin_t", "memory"),
+        ("torchvision/maxvit_t", "memory"),
+        ("torchvision/shufflenet_v2_x1_0", "channel shuffle"),
+        ("no/such_arch", "not verified"),
+    ]:
         with pytest.raises(ConfigError, match=needle) as info:
             check_architecture(arch)
         assert info.value.field == "granularity" and "unstructured" in info.value.message
     # A checkpoint whose metadata claims a channel structure for such an architecture is refused
     # before its structure is traced (swin_t's graph alone would take minutes and GBs).
     path = tmp_path / "swin.safetensors"
-    save_state_dict({"w": torch.zeros(1)}, path,
-                    metadata={STRUCTURE_KEY: Structure((3, 224, 224), ({"features.0.0": [0]},)).to_json()})
+    save_state_dict(
+        {"w": torch.zeros(1)},
+        path,
+        metadata={STRUCTURE_KEY: Structure((3, 224, 224), ({"features.0.0": [0]},)).to_json()},
+    )
     with pytest.raises(CheckpointError, match="never writes for torchvision/swin_t"):
         load_checkpoint_model("torchvision/swin_t", 10, path)
 
@@ -303,7 +352,10 @@ def test_a_narrow_network_falls_back_to_a_smaller_multiple_to_meet_the_macs_targ
     # multiple until the target holds within MACS_TOLERANCE; resnet18's widths keep 16.
     from dg2pf_core.algorithm.channels import MACS_TOLERANCE
 
-    for arch, shape, expect in [("digits_cnn", (1, 8, 8), lambda m: m < 16), ("torchvision/resnet18", (3, 32, 32), lambda m: m == 16)]:
+    for arch, shape, expect in [
+        ("digits_cnn", (1, 8, 8), lambda m: m < 16),
+        ("torchvision/resnet18", (3, 32, 32), lambda m: m == 16),
+    ]:
         model = _trained_looking(build_model(arch, 10))
         plan = ChannelPlan.build(model, shape)
         params = dict(model.named_parameters())
@@ -311,8 +363,10 @@ def test_a_narrow_network_falls_back_to_a_smaller_multiple_to_meet_the_macs_targ
         fraction, ratio, multiple = plan.fit_macs(params, 0.5, cap, 16)
         assert expect(multiple) and abs(ratio - 0.5) <= MACS_TOLERANCE * 0.5, (arch, multiple, ratio)
         selected = plan.select(params, fraction, cap(fraction), multiple)
-        assert all((g.channels - int(selected[g.root].sum())) % multiple == 0 or not selected[g.root].any()
-                   for g in plan.groups)
+        assert all(
+            (g.channels - int(selected[g.root].sum())) % multiple == 0 or not selected[g.root].any()
+            for g in plan.groups
+        )
 
 
 def test_a_channel_fraction_beyond_the_collapse_guard_is_refused():
@@ -345,20 +399,22 @@ def _image_folder(root, size: int = 32, per_class: int = 6) -> str:
 @pytest.mark.slow
 @pytest.mark.parametrize("arch", [a for a, _ in ARCHS])
 def test_a_channel_job_writes_artifacts_that_reload_to_the_same_logits(tmp_path, arch, monkeypatch, caplog):
-    from dg2pf_core.io.inference import InferenceModel
+    from onnx_runs import onnx_logits
+
     from dg2pf_contract.artifacts import Artifacts
     from dg2pf_contract.results import Latency
-    from dg2pf_core.job import PruneJob, load_checkpoint_model, prepare, result_metrics, run, write_results
+    from dg2pf_core.io.inference import InferenceModel
     from dg2pf_core.io.onnx_export import ATOL
-    from onnx_runs import onnx_logits
+    from dg2pf_core.job import PruneJob, load_checkpoint_model, prepare, result_metrics, run, write_results
 
     classes = 10 if arch == "digits_cnn" else 3
     dataset = "digits" if arch == "digits_cnn" else _image_folder(tmp_path / "data")
     torch.manual_seed(0)
     ckpt = tmp_path / "in.safetensors"
     save_state_dict(_trained_looking(build_model(arch, classes)).state_dict(), ckpt)
-    config = DG2PFConfig(granularity="channel", target_macs_ratio=0.5, pruning_epochs=1, max_epochs=2, patience=1,
-                         batch_size=32, seed=0)
+    config = DG2PFConfig(
+        granularity="channel", target_macs_ratio=0.5, pruning_epochs=1, max_epochs=2, patience=1, batch_size=32, seed=0
+    )
     job = PruneJob(arch, classes, str(ckpt), dataset, config, image_size=None if arch == "digits_cnn" else 32)
     prepared = prepare(job)
     result = run(prepared)
@@ -366,7 +422,9 @@ def test_a_channel_job_writes_artifacts_that_reload_to_the_same_logits(tmp_path,
     out = tmp_path / "out"
     out.mkdir()
     if arch != "digits_cnn":  # latency of the bigger ones is bench_latency's (a minute each here): artifacts only
-        monkeypatch.setattr("dg2pf_core.job.write.job_latency", lambda *a: Latency(backends={"torch": {}, "onnxruntime": {}}))
+        monkeypatch.setattr(
+            "dg2pf_core.job.write.job_latency", lambda *a: Latency(backends={"torch": {}, "onnxruntime": {}})
+        )
     # Even when its plots cannot be written (a directory in the way): a warning, and nothing else is lost.
     (out / "training.png").mkdir()
     with caplog.at_level("WARNING", logger="dg2pf_core.job.write"):
@@ -428,6 +486,12 @@ def test_params_dense_counts_the_input_model_not_its_teacher_nor_a_restored_stat
     assert "finetuning" in [r.phase for r in w.records]  # the over-parameterized phase ran, and did not count
     assert result.channels.params_dense == count
     assert 0 < result.channels.params_prunable <= count
-    again = run_dg2pf(pruned_input(), tiny_loaders, cfg, teacher=_tiny(), resume=TrainingState.load(tmp_path / "epoch3"),
-                      input_shape=shape)
+    again = run_dg2pf(
+        pruned_input(),
+        tiny_loaders,
+        cfg,
+        teacher=_tiny(),
+        resume=TrainingState.load(tmp_path / "epoch3"),
+        input_shape=shape,
+    )
     assert again.channels.params_dense == count

@@ -2,15 +2,23 @@
 
 import pytest
 import torch
-
-from dg2pf_core import DG2PFConfig, TrainingState, run_dg2pf
-from dg2pf_core.errors import ConfigError, DG2PFError, ResumeError
-from dg2pf_core.algorithm.masks import recovered, select_prunable
-
 from tiny import TinyNet
 
-CFG = dict(sparsity=0.8, pruning_epochs=3, patience=2, max_epochs=12, batch_size=16, lr=5e-3, finetune_lr=1e-2, seed=0,
-           schedule="linear")
+from dg2pf_core import DG2PFConfig, TrainingState, run_dg2pf
+from dg2pf_core.algorithm.masks import recovered, select_prunable
+from dg2pf_core.errors import ConfigError, DG2PFError, ResumeError
+
+CFG = dict(
+    sparsity=0.8,
+    pruning_epochs=3,
+    patience=2,
+    max_epochs=12,
+    batch_size=16,
+    lr=5e-3,
+    finetune_lr=1e-2,
+    seed=0,
+    schedule="linear",
+)
 
 
 def _model() -> TinyNet:
@@ -108,13 +116,25 @@ def test_unreadable_training_checkpoint(tmp_path):
 
 @pytest.mark.parametrize(
     "override, field",
-    [({"sparsity": 0.0}, "sparsity"), ({"sparsity": 1.0}, "sparsity"), ({"recovery": "magic"}, "recovery"),
-     ({"schedule": "exp"}, "schedule"), ({"kd_alpha": 2.0}, "kd_alpha"), ({"max_epochs": 2}, "max_epochs"),
-     ({"include": ["("]}, "include"), ({"patience": 0}, "patience"), ({"gradual_masks": "soft"}, "gradual_masks"),
-     ({"max_layer_sparsity": 0.7}, "max_layer_sparsity"), ({"max_layer_sparsity": 1.2}, "max_layer_sparsity"),
-     ({"bn_recalibration_batches": -1}, "bn_recalibration_batches"), ({"layer_density_floor": 1.0}, "layer_density_floor"),
-     ({"layer_density_floor": -0.1}, "layer_density_floor"), ({"granularity": "2:4"}, "granularity"),
-     ({"granularity": "4:2"}, "granularity"), ({"granularity": "1:5", "scope": "layerwise"}, "scope")],
+    [
+        ({"sparsity": 0.0}, "sparsity"),
+        ({"sparsity": 1.0}, "sparsity"),
+        ({"recovery": "magic"}, "recovery"),
+        ({"schedule": "exp"}, "schedule"),
+        ({"kd_alpha": 2.0}, "kd_alpha"),
+        ({"max_epochs": 2}, "max_epochs"),
+        ({"include": ["("]}, "include"),
+        ({"patience": 0}, "patience"),
+        ({"gradual_masks": "soft"}, "gradual_masks"),
+        ({"max_layer_sparsity": 0.7}, "max_layer_sparsity"),
+        ({"max_layer_sparsity": 1.2}, "max_layer_sparsity"),
+        ({"bn_recalibration_batches": -1}, "bn_recalibration_batches"),
+        ({"layer_density_floor": 1.0}, "layer_density_floor"),
+        ({"layer_density_floor": -0.1}, "layer_density_floor"),
+        ({"granularity": "2:4"}, "granularity"),
+        ({"granularity": "4:2"}, "granularity"),
+        ({"granularity": "1:5", "scope": "layerwise"}, "scope"),
+    ],
 )
 def test_config_validation_names_the_field(override, field):
     with pytest.raises(ConfigError) as info:
@@ -147,7 +167,11 @@ def test_hard_gradual_masks_and_the_layer_cap(tiny_loaders):
     n = sum(p.numel() for p in params.values())
     assert sum(int(m.sum()) for m in result.masks.values()) == round(0.8 * n)
     # fc1 holds most weights and would take more than 81% under a plain ranking; here it stops at 81%
-    plain = run_dg2pf(_model(), tiny_loaders, DG2PFConfig(**{**CFG, "max_layer_sparsity": 1.0, "layer_density_floor": 0.0, "max_epochs": 3}))
+    plain = run_dg2pf(
+        _model(),
+        tiny_loaders,
+        DG2PFConfig(**{**CFG, "max_layer_sparsity": 1.0, "layer_density_floor": 0.0, "max_epochs": 3}),
+    )
     assert float(plain.masks["fc1.weight"].float().mean()) > 0.81
 
 
@@ -169,7 +193,9 @@ def test_no_distillation_never_runs_the_teacher(tiny_loaders):
     teacher = _model()
     calls = []
     teacher.register_forward_hook(lambda *_: calls.append(1))
-    result = run_dg2pf(_model(), tiny_loaders, DG2PFConfig(**{**CFG, "kd_alpha": 0.0, "max_epochs": 5}), teacher=teacher)
+    result = run_dg2pf(
+        _model(), tiny_loaders, DG2PFConfig(**{**CFG, "kd_alpha": 0.0, "max_epochs": 5}), teacher=teacher
+    )
     assert calls == [] and result.epochs == 5
 
 
@@ -184,26 +210,43 @@ def test_batchnorm_recalibration_in_the_loop(tiny_loaders):
 def test_batchnorm_re_estimation_changes_what_validation_measures_not_what_training_sees(tiny_loaders):
     """Train-mode BatchNorm never reads the running averages, and the re-estimation's batches come
     from a fork of the random generators: every epoch's training loss is the same with it or without."""
-    runs = [run_dg2pf(_model(), tiny_loaders, DG2PFConfig(**{**CFG, "bn_recalibration_batches": n, "max_epochs": 4}))
-            for n in (0, 2)]
+    runs = [
+        run_dg2pf(_model(), tiny_loaders, DG2PFConfig(**{**CFG, "bn_recalibration_batches": n, "max_epochs": 4}))
+        for n in (0, 2)
+    ]
     losses = [[r["train_loss"] for r in result.history] for result in runs]
     assert losses[0] == losses[1]
-    assert [r["val_top1"] for r in runs[0].history][0] == [r["val_top1"] for r in runs[1].history][0]  # the baseline: not re-estimated
+    assert [r["val_top1"] for r in runs[0].history][0] == [r["val_top1"] for r in runs[1].history][
+        0
+    ]  # the baseline: not re-estimated
 
 
 def test_frozen_batchnorm_after_pruning_trains_on_the_statistics_the_served_network_uses(tiny_loaders):
     """bn_after_pruning="frozen": after the last ranking no training step touches BatchNorm's running
     statistics (with re-estimation off they stay exactly as the last pruning epoch left them), while
     the network still trains; "batch" (the default) keeps updating them."""
+
     def buffers_per_epoch(mode: str) -> tuple[list[dict], list[dict]]:
         states, records = [], []
 
         def keep(record, state):
             records.append(record.to_dict())
-            states.append({k: v.clone() for k, v in state.model.items() if k.startswith("bn.running_") or k == "bn.num_batches_tracked"})
+            states.append(
+                {
+                    k: v.clone()
+                    for k, v in state.model.items()
+                    if k.startswith("bn.running_") or k == "bn.num_batches_tracked"
+                }
+            )
 
-        run_dg2pf(_model(), tiny_loaders, DG2PFConfig(**{**CFG, "bn_recalibration_batches": 0, "patience": 1,
-                                                          "max_epochs": 7, "bn_after_pruning": mode}), reporter=keep)
+        run_dg2pf(
+            _model(),
+            tiny_loaders,
+            DG2PFConfig(
+                **{**CFG, "bn_recalibration_batches": 0, "patience": 1, "max_epochs": 7, "bn_after_pruning": mode}
+            ),
+            reporter=keep,
+        )
         return states, records
 
     frozen, records = buffers_per_epoch("frozen")
@@ -212,7 +255,9 @@ def test_frozen_batchnorm_after_pruning_trains_on_the_statistics_the_served_netw
     assert {records[i]["phase"] for i in after} == {"distillation", "finetuning"}  # both phases are covered
     for i in after:
         assert all(torch.equal(frozen[i][k], frozen[last_pruning][k]) for k in frozen[i]), records[i]["phase"]
-    assert not torch.equal(frozen[last_pruning]["bn.running_mean"], frozen[0]["bn.running_mean"])  # before: ordinary training
+    assert not torch.equal(
+        frozen[last_pruning]["bn.running_mean"], frozen[0]["bn.running_mean"]
+    )  # before: ordinary training
     assert len({round(r["train_loss"], 6) for r in (records[i] for i in after)}) > 1  # the weights still train
     batch, _ = buffers_per_epoch("batch")
     assert not torch.equal(batch[-1]["bn.running_mean"], batch[last_pruning]["bn.running_mean"])
@@ -226,7 +271,9 @@ def test_the_density_floor_caps_each_ranking_relative_to_its_own_target(tiny_loa
     floor = 0.95
     cfg = DG2PFConfig(**{**CFG, "layer_density_floor": floor, "max_epochs": 5})
     assert cfg.layer_cap(0.8) == pytest.approx(0.81) and cfg.layer_cap(0.4) == pytest.approx(0.43)
-    assert DG2PFConfig(**{**CFG, "layer_density_floor": 0.2, "max_layer_sparsity": 0.99}).layer_cap(0.98) == 0.99  # the cap still holds
+    assert (
+        DG2PFConfig(**{**CFG, "layer_density_floor": 0.2, "max_layer_sparsity": 0.99}).layer_cap(0.98) == 0.99
+    )  # the cap still holds
     w = Watch()
     model = _model()
     w.model = model
@@ -241,7 +288,9 @@ def test_the_density_floor_caps_each_ranking_relative_to_its_own_target(tiny_loa
     assert sum(int(m.sum()) for m in result.masks.values()) == round(0.8 * sum(p.numel() for p in params.values()))
 
 
-def test_reranking_every_k_steps_changes_the_mask_only_at_those_steps_and_counts_each_ranking(tiny_loaders, monkeypatch):
+def test_reranking_every_k_steps_changes_the_mask_only_at_those_steps_and_counts_each_ranking(
+    tiny_loaders, monkeypatch
+):
     """rerank_every_steps=k: inside a pruning epoch the mask is ranked again before steps k, 2k, ...
     at the epoch's target and nowhere else; the epoch's record lists what each ranking recovered
     (the first against the previous epoch's last mask) and sums it."""
@@ -286,7 +335,9 @@ def test_reranking_every_k_steps_changes_the_mask_only_at_those_steps_and_counts
         expected = [recovered(previous, rankings[0])] + [recovered(a, b) for a, b in zip(rankings, rankings[1:])]
         assert record.rankings == 3 and record.recovered_per_ranking == expected and record.recovered == sum(expected)
         total = sum(p.numel() for p in select_prunable(_model()).params.values())
-        assert all(sum(int(m.sum()) for m in r.values()) == round(record.sparsity * total) for r in rankings)  # the epoch's target
+        assert all(
+            sum(int(m.sum()) for m in r.values()) == round(record.sparsity * total) for r in rankings
+        )  # the epoch's target
         previous = masks[5]
     assert sum(r.recovered for r in pruning) > 0  # feedback lets pruned weights grow back between rankings
     assert w.records[-1].rankings is None  # only pruning epochs rank
@@ -301,9 +352,19 @@ def test_the_paper_preset_is_the_listed_configuration_and_a_job_value_wins():
 
     paper = DG2PFConfig(sparsity=0.9, preset="paper")
     assert {k: getattr(paper, k) for k in PRESET_FIELDS} == PRESETS["paper"]
-    assert (paper.schedule, paper.lr, paper.weight_decay, paper.kd_loss, paper.kd_temperature, paper.kd_alpha,
-            paper.recovery, paper.rerank_every_steps, paper.max_layer_sparsity, paper.layer_density_floor, paper.grad_clip) == (
-        "linear", 1e-5, 0.0, "authors", 4.0, 0.75, "feedback", 0, 1.0, 0.0, 0.5)
+    assert (
+        paper.schedule,
+        paper.lr,
+        paper.weight_decay,
+        paper.kd_loss,
+        paper.kd_temperature,
+        paper.kd_alpha,
+        paper.recovery,
+        paper.rerank_every_steps,
+        paper.max_layer_sparsity,
+        paper.layer_density_floor,
+        paper.grad_clip,
+    ) == ("linear", 1e-5, 0.0, "authors", 4.0, 0.75, "feedback", 0, 1.0, 0.0, 0.5)
     assert (paper.min_weights_per_tensor, paper.min_weights_per_class) == (1, 1)  # only the emptying guard
     assert paper.preset_departures() == {}
     mine = DG2PFConfig(sparsity=0.9, preset="paper", lr=3e-4)
@@ -329,8 +390,12 @@ def test_an_input_model_near_chance_is_named_before_training_and_refused_on_requ
     assert len(result.warnings) == 1 and "near chance (25.00% for 4 classes)" in result.warnings[0]
     records = []
     with pytest.raises(DG2PFError, match="chance_baseline is 'refuse'") as info:
-        run_dg2pf(dead, tiny_loaders, DG2PFConfig(**{**CFG, "max_epochs": 3, "chance_baseline": "refuse"}),
-                  reporter=lambda record, state: records.append(record))
+        run_dg2pf(
+            dead,
+            tiny_loaders,
+            DG2PFConfig(**{**CFG, "max_epochs": 3, "chance_baseline": "refuse"}),
+            reporter=lambda record, state: records.append(record),
+        )
     assert info.value.field == "checkpoint" and records == []
     healthy = run_dg2pf(_model(), tiny_loaders, DG2PFConfig(**{**CFG, "max_epochs": 3}))
     assert healthy.warnings == [] or healthy.baseline_val_top1 <= 30.0

@@ -1,9 +1,9 @@
 import pytest
 import torch
 import torchvision
+from tiny import TinyNet
 
 from dg2pf_core import DG2PFConfig
-from dg2pf_core.errors import ConfigError
 from dg2pf_core.algorithm.masks import (
     EmptyingGuard,
     Selection,
@@ -18,13 +18,16 @@ from dg2pf_core.algorithm.masks import (
     recovered,
     select_prunable,
 )
-
-from tiny import TinyNet
+from dg2pf_core.errors import ConfigError
 
 
 def _weights(seed: int = 0) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
-    return {"a": torch.randn(10, 7, generator=g), "b": torch.randn(3, 3, 3, 3, generator=g), "c": torch.randn(50, generator=g)}
+    return {
+        "a": torch.randn(10, 7, generator=g),
+        "b": torch.randn(3, 3, 3, 3, generator=g),
+        "c": torch.randn(50, generator=g),
+    }
 
 
 @pytest.mark.parametrize("sparsity", [0.0, 0.1, 0.333, 0.5, 0.9, 0.95, 0.999])
@@ -135,11 +138,18 @@ def test_plain_global_ranking_can_empty_a_layer_and_the_cap_prevents_it():
     assert int(capped["big"].sum()) == int(plain["big"].sum()) + 4
 
 
-@pytest.mark.parametrize("seed, sparsity, cap", [(0, 0.6, 0.7), (1, 0.9, 0.92), (2, 0.95, 0.95), (3, 0.5, 0.55), (4, 0.8, 0.99)])
+@pytest.mark.parametrize(
+    "seed, sparsity, cap", [(0, 0.6, 0.7), (1, 0.9, 0.92), (2, 0.95, 0.95), (3, 0.5, 0.55), (4, 0.8, 0.99)]
+)
 def test_capped_masks_are_the_smallest_weights_under_the_caps(seed, sparsity, cap):
     g = torch.Generator().manual_seed(seed)
     # Scales differing per tensor, so a plain ranking would overfill the small-scale ones.
-    w = {"a": torch.randn(30, 7, generator=g) * 0.01, "b": torch.randn(3, 3, 3, 3, generator=g), "c": torch.randn(50, generator=g) * 0.1, "d": torch.randn(11, generator=g) * 1e-4}
+    w = {
+        "a": torch.randn(30, 7, generator=g) * 0.01,
+        "b": torch.randn(3, 3, 3, 3, generator=g),
+        "c": torch.randn(50, generator=g) * 0.1,
+        "d": torch.randn(11, generator=g) * 1e-4,
+    }
     n = sum(t.numel() for t in w.values())
     k = round(sparsity * n)
     masks = magnitude_masks(w, sparsity, max_layer_sparsity=cap)
@@ -222,7 +232,11 @@ def test_the_guard_counts_are_minimums_and_a_target_beyond_them_is_refused():
     with pytest.raises(ConfigError, match="emptying guard") as info:
         magnitude_masks(w, 17 / 22, keep=kept)  # 17 > 22 - 6
     assert info.value.field == "sparsity"
-    assert not EmptyingGuard(0, 0, "fc").active and EmptyingGuard(0, 1, "fc").active and not EmptyingGuard(0, 1, None).active
+    assert (
+        not EmptyingGuard(0, 0, "fc").active
+        and EmptyingGuard(0, 1, "fc").active
+        and not EmptyingGuard(0, 1, None).active
+    )
     # layerwise: a tensor keeps its guarded weights too; capped rankings too
     assert int(magnitude_masks(w, 0.95, scope="layerwise", keep=kept)["a"].sum()) == 8
     capped = magnitude_masks(w, 0.5, max_layer_sparsity=0.9, keep=kept)

@@ -5,25 +5,37 @@ import json
 
 import pytest
 import torch
+from tiny import TinyNet
 
 from dg2pf_core import DG2PFConfig, TrainingState, run_dg2pf
 from dg2pf_core.algorithm import overparam
-from dg2pf_core.errors import ConfigError
 from dg2pf_core.algorithm.masks import masks_checksum, select_prunable
 from dg2pf_core.algorithm.nm import NM, check_divisible, nm_masks, nm_violations, parse_granularity
-
-from tiny import TinyNet
+from dg2pf_core.errors import ConfigError
 
 # TinyNet's conv has 1 input channel, which no M > 1 divides: left out.
-CFG = dict(sparsity=0.5, granularity="2:4", exclude=["^conv"], pruning_epochs=3, patience=2, max_epochs=6,
-           batch_size=16, lr=5e-3, finetune_lr=1e-2, seed=0)
+CFG = dict(
+    sparsity=0.5,
+    granularity="2:4",
+    exclude=["^conv"],
+    pruning_epochs=3,
+    patience=2,
+    max_epochs=6,
+    batch_size=16,
+    lr=5e-3,
+    finetune_lr=1e-2,
+    seed=0,
+)
 
 
 def _weights(seed: int = 0) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     # A Conv (8 input channels per tap), a Linear (rows of 32) and a 1x1 Conv (16 input channels).
-    return {"conv": torch.randn(6, 8, 3, 3, generator=g), "fc": torch.randn(10, 32, generator=g),
-            "pw": torch.randn(4, 16, 1, 1, generator=g)}
+    return {
+        "conv": torch.randn(6, 8, 3, 3, generator=g),
+        "fc": torch.randn(10, 32, generator=g),
+        "pw": torch.randn(4, 16, 1, 1, generator=g),
+    }
 
 
 def _layout(t: torch.Tensor, m: int) -> torch.Tensor:
@@ -31,8 +43,15 @@ def _layout(t: torch.Tensor, m: int) -> torch.Tensor:
     the input channels in order, cut into groups of M: ``[groups, M]``."""
     if t.dim() == 4:
         out, cin, kh, kw = t.shape
-        return torch.stack([t[o, c0:c0 + m, y, x] for o in range(out) for y in range(kh) for x in range(kw)
-                            for c0 in range(0, cin, m)])
+        return torch.stack(
+            [
+                t[o, c0 : c0 + m, y, x]
+                for o in range(out)
+                for y in range(kh)
+                for x in range(kw)
+                for c0 in range(0, cin, m)
+            ]
+        )
     return t.reshape(-1, m)
 
 
@@ -62,8 +81,9 @@ def _reference(weights: dict[str, torch.Tensor], sparsity: float, nm: NM) -> dic
     return masks
 
 
-@pytest.mark.parametrize("text, nm", [("2:4", NM(2, 4)), ("1:4", NM(1, 4)), ("4:8", NM(4, 8)), ("31:32", NM(31, 32)),
-                                      ("unstructured", None)])
+@pytest.mark.parametrize(
+    "text, nm", [("2:4", NM(2, 4)), ("1:4", NM(1, 4)), ("4:8", NM(4, 8)), ("31:32", NM(31, 32)), ("unstructured", None)]
+)
 def test_granularity_strings(text, nm):
     assert parse_granularity(text) == nm
     if nm is not None:
@@ -134,8 +154,10 @@ def test_masks_are_bit_identical_across_calls_and_ties_go_by_position():
     assert all(torch.equal(a[n], b[n]) for n in w) and masks_checksum(a) == masks_checksum(b)
     ones = {"a": torch.ones(2, 8), "b": torch.ones(1, 8)}
     masks = nm_masks(ones, 0.25, NM(2, 4))  # 6 of 24 equal magnitudes: the first candidates in order
-    assert masks["a"].tolist() == [[True, True, False, False, True, True, False, False],
-                                   [True, True, False, False, False, False, False, False]]
+    assert masks["a"].tolist() == [
+        [True, True, False, False, True, True, False, False],
+        [True, True, False, False, False, False, False, False],
+    ]
     assert not masks["b"].any()
 
 
@@ -151,13 +173,18 @@ def test_hard_zeros_stay_pruned_and_no_group_goes_over_its_cap():
 
 
 def test_a_tensor_whose_rows_are_not_whole_groups_is_named_with_the_exclude_that_fixes_it():
-    w = {"features.0.weight": torch.zeros(32, 1, 3, 3), "features.3.weight": torch.zeros(64, 32, 3, 3),
-         "head.weight": torch.zeros(10, 6)}
+    w = {
+        "features.0.weight": torch.zeros(32, 1, 3, 3),
+        "features.3.weight": torch.zeros(64, 32, 3, 3),
+        "head.weight": torch.zeros(10, 6),
+    }
     with pytest.raises(ConfigError) as info:
         check_divisible(w, NM(2, 4))
     message = info.value.message
     assert info.value.field == "granularity" and "\n" not in message
-    assert "features.0.weight (32x1x3x3: 1 input channel)" in message and "head.weight (10x6: 6 input channels)" in message
+    assert (
+        "features.0.weight (32x1x3x3: 1 input channel)" in message and "head.weight (10x6: 6 input channels)" in message
+    )
     assert "features.3.weight" not in message and r"--exclude '^(features\.0\.weight|head\.weight)$'" in message
     check_divisible({"features.3.weight": w["features.3.weight"]}, NM(2, 4))
     meta = {n: torch.empty(t.shape, device="meta") for n, t in w.items()}  # shapes are all it reads
@@ -214,7 +241,9 @@ class _Watch:
         pass
 
 
-@pytest.mark.parametrize("override", [{}, {"gradual_masks": "hard"}, {"recovery": "feedback"}, {"finetune": "overparam"}])
+@pytest.mark.parametrize(
+    "override", [{}, {"gradual_masks": "hard"}, {"recovery": "feedback"}, {"finetune": "overparam"}]
+)
 def test_the_loop_reaches_n_m_gradually_and_ends_with_no_violation(tiny_loaders, override):
     torch.manual_seed(0)
     model = TinyNet()
@@ -257,9 +286,32 @@ def test_a_real_prune_on_the_digits_keeps_at_most_n_per_group_in_both_artifacts(
     from dg2pf_core.models import build_model
 
     out = tmp_path / "pruned"
-    argv = ["prune", "--arch", "digits_cnn", "--num-classes", "10", "--checkpoint", str(digits_example / "model.safetensors"),
-            "--dataset", "digits", "--sparsity", "0.5", "--granularity", "2:4", "--exclude", r"^features\.0\.weight$",
-            "--out", str(out), "--pruning-epochs", "2", "--max-epochs", "3", "--patience", "1", "--quiet"]
+    argv = [
+        "prune",
+        "--arch",
+        "digits_cnn",
+        "--num-classes",
+        "10",
+        "--checkpoint",
+        str(digits_example / "model.safetensors"),
+        "--dataset",
+        "digits",
+        "--sparsity",
+        "0.5",
+        "--granularity",
+        "2:4",
+        "--exclude",
+        r"^features\.0\.weight$",
+        "--out",
+        str(out),
+        "--pruning-epochs",
+        "2",
+        "--max-epochs",
+        "3",
+        "--patience",
+        "1",
+        "--quiet",
+    ]
     assert main(argv) == 0, capsys.readouterr().err
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["granularity"] == "2:4" and metrics["nm_violations"] == 0 and metrics["layer_cap"] is None

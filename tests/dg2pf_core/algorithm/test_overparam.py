@@ -5,18 +5,35 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tiny import TinyNet
 from torch import nn
 
 from dg2pf_core import DG2PFConfig, TrainingState, run_dg2pf
 from dg2pf_core.algorithm.distillation import FeatureTaps, similarity_blocks, similarity_loss
 from dg2pf_core.algorithm.masks import magnitude_masks, select_prunable
+from dg2pf_core.algorithm.overparam import (
+    ExpandedConv2d,
+    ExpandedLinear,
+    collapse,
+    collapsed_state_dict,
+    expand,
+    is_expanded,
+)
 from dg2pf_core.models import build_model
-from dg2pf_core.algorithm.overparam import ExpandedConv2d, ExpandedLinear, collapse, collapsed_state_dict, expand, is_expanded
 
-from tiny import TinyNet
-
-CFG = dict(sparsity=0.8, pruning_epochs=3, patience=2, max_epochs=16, batch_size=16, lr=5e-3, finetune_lr=1e-2, seed=0,
-           finetune="overparam", overparam_expansion=3, sp_weight=100.0)
+CFG = dict(
+    sparsity=0.8,
+    pruning_epochs=3,
+    patience=2,
+    max_epochs=16,
+    batch_size=16,
+    lr=5e-3,
+    finetune_lr=1e-2,
+    seed=0,
+    finetune="overparam",
+    overparam_expansion=3,
+    sp_weight=100.0,
+)
 
 
 class Odd(nn.Module):
@@ -45,7 +62,9 @@ def _pruned(model: nn.Module, sparsity: float):
     return masks
 
 
-@pytest.mark.parametrize("make, shape", [(Odd, (4, 3, 15, 15)), (lambda: build_model("digits_cnn", 10), (8, 1, 16, 16))])
+@pytest.mark.parametrize(
+    "make, shape", [(Odd, (4, 3, 15, 15)), (lambda: build_model("digits_cnn", 10), (8, 1, 16, 16))]
+)
 def test_expansion_keeps_the_function_and_collapse_gives_back_the_input_layers(make, shape):
     torch.manual_seed(0)
     model = make().eval()

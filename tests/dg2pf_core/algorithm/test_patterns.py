@@ -7,8 +7,8 @@ from torch import nn
 
 from dg2pf_core import DG2PFConfig
 from dg2pf_core.algorithm.distillation import similarity_blocks
-from dg2pf_core.errors import ConfigError
 from dg2pf_core.algorithm.masks import Selection, select_prunable
+from dg2pf_core.errors import ConfigError
 
 # Exponential for a backtracking engine on a name without "=": seconds at 30 characters, minutes
 # or more beyond (the break-test froze the API 11 s with the first at submit).
@@ -45,8 +45,10 @@ def test_include_and_exclude_keep_re_search_semantics():
 
 
 @pytest.mark.parametrize("field", ["include", "exclude", "sp_blocks"])
-@pytest.mark.parametrize("pattern, why", [(r"(conv)\1", "backreferences"), (r"conv(?=1)", "lookarounds"),
-                                          (r"(?<!x)fc", "lookarounds"), ("(", "missing")])
+@pytest.mark.parametrize(
+    "pattern, why",
+    [(r"(conv)\1", "backreferences"), (r"conv(?=1)", "lookarounds"), (r"(?<!x)fc", "lookarounds"), ("(", "missing")],
+)
 def test_patterns_re2_cannot_take_are_refused_naming_the_field(field, pattern, why):
     with pytest.raises(ConfigError, match=why) as caught:
         DG2PFConfig(sparsity=0.5, **{field: [pattern]})

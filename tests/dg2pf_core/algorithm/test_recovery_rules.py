@@ -36,7 +36,7 @@ def _neuron(weights, dtype=torch.float64):
 
 def _closure(model, x, t):
     x = torch.tensor([x], dtype=model.weight.dtype)
-    return lambda: (0.5 * (model(x).squeeze() - t) ** 2)
+    return lambda: 0.5 * (model(x).squeeze() - t) ** 2
 
 
 def _masks(pruned):
@@ -56,7 +56,9 @@ def test_frozen_updates_only_unpruned_and_keeps_masked_bit_exact():
     model, params = _neuron(W0)
     before = model.weight.detach().clone()
     opt = torch.optim.SGD(model.parameters(), lr=LR)
-    loss = simulated_step(_closure(model, X, T), opt, params, _masks(PRUNED), recovery="frozen", clip_params=list(model.parameters()))
+    loss = simulated_step(
+        _closure(model, X, T), opt, params, _masks(PRUNED), recovery="frozen", clip_params=list(model.parameters())
+    )
     assert loss.item() == LOSS
     _assert_weights(model, [W0[0] - LR * G[0], W0[1], W0[2] - LR * G[2]])  # [0.875, -0.1, 1.8125]
     assert torch.equal(model.weight.detach()[0, 1], before[0, 1])
@@ -66,9 +68,12 @@ def test_feedback_updates_all_weights_from_their_restored_values():
     """feedback: every weight, pruned ones included, takes w_before - lr*g with g taken at the pruned point."""
     model, params = _neuron(W0)
     opt = torch.optim.SGD(model.parameters(), lr=LR)
-    loss = simulated_step(_closure(model, X, T), opt, params, _masks(PRUNED), recovery="feedback", clip_params=list(model.parameters()))
+    loss = simulated_step(
+        _closure(model, X, T), opt, params, _masks(PRUNED), recovery="feedback", clip_params=list(model.parameters())
+    )
     assert loss.item() == LOSS
-    # Masked entry: -0.1 - 0.25*(-3.0) = 0.65 (starting from 0 would give 0.75; g[1] at the dense point would be -1.7*2).
+    # Masked entry: -0.1 - 0.25*(-3.0) = 0.65 (starting from 0 would give 0.75; g[1] at the dense point would
+    # be -1.7*2).
     _assert_weights(model, [W0[0] - LR * G[0], W0[1] - LR * G[1], W0[2] - LR * G[2]])
 
 
@@ -102,7 +107,9 @@ def test_frozen_undoes_optimizer_state_on_masked_weights(make_opt):
     masks = _masks(PRUNED)
     for _ in range(3):
         unpruned_before = model.weight.detach()[0, [0, 2]].clone()
-        simulated_step(_closure(model, X, T), opt, params, masks, recovery="frozen", clip_params=list(model.parameters()))
+        simulated_step(
+            _closure(model, X, T), opt, params, masks, recovery="frozen", clip_params=list(model.parameters())
+        )
         assert torch.equal(model.weight.detach()[0, 1], masked_value)
         assert not torch.equal(model.weight.detach()[0, [0, 2]], unpruned_before)  # the step did run
 
@@ -123,7 +130,9 @@ def _four_steps(recovery):
     assert first["weight"].tolist() == [[False, True, True, False, False, False]]
     opt = torch.optim.SGD(model.parameters(), lr=LR)
     for _ in range(4):
-        simulated_step(_closure(model, X_REC, 4.0), opt, params, first, recovery=recovery, clip_params=list(model.parameters()))
+        simulated_step(
+            _closure(model, X_REC, 4.0), opt, params, first, recovery=recovery, clip_params=list(model.parameters())
+        )
     return model, params, first
 
 
@@ -156,5 +165,7 @@ def test_invalid_recovery_name_is_rejected():
     model, params = _neuron(W0)
     opt = torch.optim.SGD(model.parameters(), lr=LR)
     with pytest.raises(ValueError, match="frozen") as info:
-        simulated_step(_closure(model, X, T), opt, params, _masks(PRUNED), recovery="freeze", clip_params=list(model.parameters()))
+        simulated_step(
+            _closure(model, X, T), opt, params, _masks(PRUNED), recovery="freeze", clip_params=list(model.parameters())
+        )
     assert "feedback" in str(info.value) and "'freeze'" in str(info.value)

@@ -1,7 +1,7 @@
 import pytest
 
-from dg2pf_core.errors import ConfigError
 from dg2pf_core.algorithm.schedule import sparsity_targets
+from dg2pf_core.errors import ConfigError
 
 
 def test_linear_schedule_is_evenly_spaced_up_to_the_target():

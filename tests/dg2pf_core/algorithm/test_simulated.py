@@ -4,11 +4,10 @@ import copy
 
 import torch
 import torch.nn.functional as F
+from tiny import TinyNet, tiny_data
 
 from dg2pf_core.algorithm.masks import magnitude_masks, select_prunable
 from dg2pf_core.algorithm.simulated import hard_step, simulated_step
-
-from tiny import TinyNet, tiny_data
 
 
 def _setup(seed: int = 0):
@@ -61,10 +60,19 @@ def test_recovery_variants_differ_exactly_as_specified():
 
     frozen = copy.deepcopy(model)
     fp = select_prunable(frozen).params
-    simulated_step(_loss(frozen, x, y), torch.optim.SGD(frozen.parameters(), lr=lr), fp, masks, recovery="frozen", clip_params=[])
+    simulated_step(
+        _loss(frozen, x, y), torch.optim.SGD(frozen.parameters(), lr=lr), fp, masks, recovery="frozen", clip_params=[]
+    )
     feedback = copy.deepcopy(model)
     bp = select_prunable(feedback).params
-    simulated_step(_loss(feedback, x, y), torch.optim.SGD(feedback.parameters(), lr=lr), bp, masks, recovery="feedback", clip_params=[])
+    simulated_step(
+        _loss(feedback, x, y),
+        torch.optim.SGD(feedback.parameters(), lr=lr),
+        bp,
+        masks,
+        recovery="feedback",
+        clip_params=[],
+    )
 
     for n, m in masks.items():
         expected = before[n] - lr * grads[n]  # gradient at the pruned point, applied densely

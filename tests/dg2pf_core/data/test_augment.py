@@ -15,12 +15,17 @@ import pytest
 import torch
 from torchvision import transforms as T
 
-from dg2pf_core.io.checkpoint_save import save_state_dict
 from dg2pf_core.algorithm.config import DG2PFConfig
 from dg2pf_core.data import AUGMENT_POLICIES, DataRequest, augment_for, dataset_names, eval_transform_for, load_dataset
 from dg2pf_core.data.registry import needs_path
-from dg2pf_core.data.transforms import augment_padding, cifar_transforms, grayscale_shift_transforms, imagenet_transforms
+from dg2pf_core.data.transforms import (
+    augment_padding,
+    cifar_transforms,
+    grayscale_shift_transforms,
+    imagenet_transforms,
+)
 from dg2pf_core.errors import DatasetError
+from dg2pf_core.io.checkpoint_save import save_state_dict
 from dg2pf_core.job import PruneJob
 from dg2pf_core.models import build_model
 
@@ -46,7 +51,7 @@ def shift_of(x: torch.Tensor, e: torch.Tensor, padding: int, fill: torch.Tensor)
         for dx in range(-padding, padding + 1):
             expected = fill.view(-1, 1, 1).expand_as(e).clone()
             ys, xs = slice(max(0, -dy), min(size, size - dy)), slice(max(0, -dx), min(size, size - dx))
-            expected[:, ys, xs] = e[:, ys.start + dy:ys.stop + dy, xs.start + dx:xs.stop + dx]
+            expected[:, ys, xs] = e[:, ys.start + dy : ys.stop + dy, xs.start + dx : xs.stop + dx]
             if torch.allclose(x, expected, atol=1e-6):
                 return dy, dx
     return None
@@ -129,17 +134,20 @@ def test_padding_scales_with_the_image():
 # ----------------------------------------------------------------------------- defaults
 
 
-@pytest.mark.parametrize("spec, size, expected", [
-    ("imagefolder:/x", 32, "cifar"),  # RandomResizedCrop down to 8% would leave a 9 px crop of a 32 px image
-    ("imagefolder:/x", 95, "cifar"),
-    ("imagefolder:/x", 96, "imagenet"),
-    ("imagefolder:/x", 224, "imagenet"),
-    ("cifar10:/x", 32, "cifar"),
-    ("cifar10:/x", 224, "cifar"),
-    ("mnist:/x", 28, "shift"),
-    ("fashion-mnist:/x", 28, "shift"),
-    ("digits", 16, "none"),  # 8x8 digits: a shift or flip changes the digit (and the demo stays fast)
-])
+@pytest.mark.parametrize(
+    "spec, size, expected",
+    [
+        ("imagefolder:/x", 32, "cifar"),  # RandomResizedCrop down to 8% would leave a 9 px crop of a 32 px image
+        ("imagefolder:/x", 95, "cifar"),
+        ("imagefolder:/x", 96, "imagenet"),
+        ("imagefolder:/x", 224, "imagenet"),
+        ("cifar10:/x", 32, "cifar"),
+        ("cifar10:/x", 224, "cifar"),
+        ("mnist:/x", 28, "shift"),
+        ("fashion-mnist:/x", 28, "shift"),
+        ("digits", 16, "none"),  # 8x8 digits: a shift or flip changes the digit (and the demo stays fast)
+    ],
+)
 def test_default_policy_by_dataset_and_size(spec, size, expected):
     assert augment_for(spec, DataRequest(size, 3)) == expected
     assert augment_for(spec, DataRequest(size, 3, augment="auto")) == expected
@@ -150,8 +158,11 @@ def test_default_policy_by_dataset_and_size(spec, size, expected):
 @pytest.mark.parametrize("bad", ["randaugment", "CIFAR", "", 3])
 def test_an_unknown_policy_is_refused_naming_the_valid_ones(bad, tmp_path):
     request = DataRequest(32, 3, augment=bad)
-    for call in (lambda: load_dataset("digits", request), lambda: eval_transform_for("cifar10:/x", request),
-                 lambda: augment_for("digits", request)):
+    for call in (
+        lambda: load_dataset("digits", request),
+        lambda: eval_transform_for("cifar10:/x", request),
+        lambda: augment_for("digits", request),
+    ):
         with pytest.raises(DatasetError) as info:
             call()
         assert info.value.field == "augment"
@@ -240,12 +251,16 @@ def test_the_job_carries_the_policy_through_its_records():
 
 
 def test_the_job_spec_offers_the_policies_and_hands_them_to_the_job():
+    from pydantic import ValidationError
+
     from dg2pf_contract import job as spec_module
     from dg2pf_core.job import PruneJob
 
-    from pydantic import ValidationError
-
-    doc = {"model": {"arch": "digits_cnn", "num_classes": 10, "checkpoint": "c"}, "dataset": {"spec": "digits"}, "sparsity": 0.5}
+    doc = {
+        "model": {"arch": "digits_cnn", "num_classes": 10, "checkpoint": "c"},
+        "dataset": {"spec": "digits"},
+        "sparsity": 0.5,
+    }
     schema = spec_module.DatasetSpec.model_json_schema()["properties"]["augment"]
     assert schema["enum"] == ["auto", *AUGMENT_POLICIES] and schema["default"] == "auto"
     assert PruneJob.from_spec(spec_module.JobSpec(**doc), "/c").augment is None
@@ -260,13 +275,14 @@ def test_the_job_spec_offers_the_policies_and_hands_them_to_the_job():
 def test_the_job_spec_and_the_library_share_the_image_size_bounds():
     from pydantic import ValidationError
 
-    from dg2pf_contract.job import MAX_IMAGE_SIZE, MIN_IMAGE_SIZE
-    from dg2pf_contract.job import JobSpec
+    from dg2pf_contract.job import MAX_IMAGE_SIZE, MIN_IMAGE_SIZE, JobSpec
     from dg2pf_core.job import PruneJob
 
     doc = {"model": {"arch": "digits_cnn", "num_classes": 10, "checkpoint": "c"}, "sparsity": 0.5}
     for size in (MIN_IMAGE_SIZE, MAX_IMAGE_SIZE):  # what `dg2pf prune --image-size` takes, the API takes
-        assert PruneJob.from_spec(JobSpec(**doc, dataset={"spec": "digits", "image_size": size}), "/c").image_size == size
+        assert (
+            PruneJob.from_spec(JobSpec(**doc, dataset={"spec": "digits", "image_size": size}), "/c").image_size == size
+        )
     for size in (MIN_IMAGE_SIZE - 1, MAX_IMAGE_SIZE + 1):
         with pytest.raises(ValidationError) as info:
             JobSpec(**doc, dataset={"spec": "digits", "image_size": size})
@@ -294,12 +310,33 @@ def untrained_ckpt(tmp_path_factory) -> Path:
 
 
 def prune_args(ckpt: Path, out: Path, *extra: str) -> list[str]:
-    return ["prune", "--arch", "digits_cnn", "--num-classes", "10", "--checkpoint", str(ckpt), "--dataset", "digits",
-            "--sparsity", "0.5", "--out", str(out), "--pruning-epochs", "1", "--max-epochs", "1", "--quiet", *extra]
+    return [
+        "prune",
+        "--arch",
+        "digits_cnn",
+        "--num-classes",
+        "10",
+        "--checkpoint",
+        str(ckpt),
+        "--dataset",
+        "digits",
+        "--sparsity",
+        "0.5",
+        "--out",
+        str(out),
+        "--pruning-epochs",
+        "1",
+        "--max-epochs",
+        "1",
+        "--quiet",
+        *extra,
+    ]
 
 
-@pytest.mark.parametrize("extra, needle", [(["--augment", "randaugment"], "--augment"),
-                                           (["--resume", "somewhere", "--augment", "cifar"], "--augment")])
+@pytest.mark.parametrize(
+    "extra, needle",
+    [(["--augment", "randaugment"], "--augment"), (["--resume", "somewhere", "--augment", "cifar"], "--augment")],
+)
 def test_the_cli_refuses_a_bad_policy_in_one_line(untrained_ckpt, tmp_path, extra, needle):
     out = tmp_path / "out"
     args = prune_args(untrained_ckpt, out, *extra)

@@ -16,7 +16,6 @@ import pytest
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader
-
 from torchvision import transforms as T
 
 from dg2pf_core.data import DataRequest, dataset_names, load_dataset, parse_spec
@@ -292,8 +291,9 @@ CLASSES = {"cat": 6, "dog": 4}
 
 
 def _load_folder(root: Path, **request) -> object:
-    return load_dataset(f"imagefolder:{root}", DataRequest(**{"image_size": 24, "in_channels": 3,
-                                                              "val_fraction": 0.2, **request}))
+    return load_dataset(
+        f"imagefolder:{root}", DataRequest(**{"image_size": 24, "in_channels": 3, "val_fraction": 0.2, **request})
+    )
 
 
 def test_imagefolder_train_only_holds_out_val_and_has_no_test(tmp_path):
@@ -407,8 +407,7 @@ def test_imagefolder_ignores_macos_zip_leftovers_at_any_depth(tmp_path):
         tmp_path / "train",
     )  # fmt: skip
     # ... and one zip of a single class, unzipped inside its folder
-    _unzip_as_macos_makes_it({"extra/0.jpg": (sources / "dog" / "0.jpg").read_bytes()},
-                             tmp_path / "test" / "dog")
+    _unzip_as_macos_makes_it({"extra/0.jpg": (sources / "dog" / "0.jpg").read_bytes()}, tmp_path / "test" / "dog")
     # a __MACOSX/ holding files that look like images still holds no class and no image
     _write_images(tmp_path / "train" / "__MACOSX", {"cat": 1})
     assert (tmp_path / "train" / "__MACOSX" / "cat" / "._0.jpg").exists()
@@ -541,9 +540,7 @@ MODE_CASES = {
     ),
     # ... 32-bit values, as 32-bit integer TIFFs hold (2**32 - 1 = 255 * 16843009)
     "I 32-bit range": lambda: (
-        _from_tiff(Image.fromarray(
-            np.array([[-5, 100000, 16843009 * 100, 2**31 - 1]], dtype=np.int32)
-        )),
+        _from_tiff(Image.fromarray(np.array([[-5, 100000, 16843009 * 100, 2**31 - 1]], dtype=np.int32))),
         [BLACK, BLACK, _gray(100), _gray(127)],
     ),
     # float: [0, 1] when the image's maximum is at most 1 ...
@@ -573,9 +570,12 @@ def _luma(rgb: tuple[float, float, float]) -> float:
 def test_every_pil_mode_becomes_the_right_pixels(case, channels):
     image, expected = MODE_CASES[case]()
     assert image.mode == case.split(" ")[0]
-    want = torch.tensor(
-        [rgb if channels == 3 else (_luma(rgb),) for rgb in expected], dtype=torch.float32
-    ).T.reshape(channels, 1, len(expected)) / 255
+    want = (
+        torch.tensor([rgb if channels == 3 else (_luma(rgb),) for rgb in expected], dtype=torch.float32).T.reshape(
+            channels, 1, len(expected)
+        )
+        / 255
+    )
     converted = ConvertMode(channels)(image)
     assert converted.mode == ("RGB" if channels == 3 else "L")
     got = T.ToTensor()(converted)
@@ -661,7 +661,10 @@ def test_parse_spec():
     assert parse_spec("digits") == ("digits", None)
     assert parse_spec("imagefolder:C:\\data") == ("imagefolder", "C:\\data")
     assert parse_spec("cifar10:") == ("cifar10", None)
-    assert parse_spec(" CIFAR10 : /data/c10 ") == ("cifar10", "/data/c10 ")  # blanks after the colon dropped, the rest as written
+    assert parse_spec(" CIFAR10 : /data/c10 ") == (
+        "cifar10",
+        "/data/c10 ",
+    )  # blanks after the colon dropped, the rest as written
 
 
 def test_registered_names():

@@ -17,18 +17,12 @@ import subprocess
 import time
 import tracemalloc
 import zlib
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image
-
-from dg2pf_core.data import DataRequest, dataset_usages, eval_transform_for, load_dataset
-from dg2pf_core.data.idx import FASHION_MNIST, MNIST, _read_idx
-from dg2pf_core.errors import DatasetError
-
 from idx_files import (
     ALL_FILES,
     N_TEST,
@@ -41,6 +35,11 @@ from idx_files import (
     write,
     write_dataset,
 )
+from PIL import Image
+
+from dg2pf_core.data import DataRequest, dataset_usages, eval_transform_for, load_dataset
+from dg2pf_core.data.idx import FASHION_MNIST, MNIST, _read_idx
+from dg2pf_core.errors import DatasetError
 
 FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
                    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]  # fmt: skip
@@ -92,8 +91,12 @@ def test_training_augmentation_shifts_by_up_to_2_pixels_and_never_flips(tmp_path
     for _ in range(30):
         image, label = splits.train[0]
         assert label == int(arrays[TRAIN_LABELS][j]) and image.shape == (1, 28, 28)
-        matches = [(dy, dx) for dy in range(5) for dx in range(5)
-                   if torch.allclose(image, normalised(padded[dy:dy + 28, dx:dx + 28], mean, std), atol=1e-6)]
+        matches = [
+            (dy, dx)
+            for dy in range(5)
+            for dx in range(5)
+            if torch.allclose(image, normalised(padded[dy : dy + 28, dx : dx + 28], mean, std), atol=1e-6)
+        ]
         assert len(matches) == 1, "not a shift of the image (flipped, scaled or not this image)"
         shifts.add(matches[0])
     assert len(shifts) > 3  # random, not one fixed crop
@@ -138,8 +141,9 @@ def test_mnist_has_digit_classes_its_own_statistics_and_finds_torchvision_downlo
     assert splits.class_names == [str(d) for d in range(10)]
     assert torch.allclose(splits.test[3][0], normalised(arrays[TEST_IMAGES][3], MNIST.mean, MNIST.std), atol=1e-6)
     assert splits.test[0][0][0, 27, 0].item() == pytest.approx((1.0 - 0.1307) / 0.3081)
-    assert torch.equal(eval_transform_for("mnist:/x", DataRequest(28, 1))(Image.fromarray(arrays[TEST_IMAGES][3])),
-                       splits.test[3][0])
+    assert torch.equal(
+        eval_transform_for("mnist:/x", DataRequest(28, 1))(Image.fromarray(arrays[TEST_IMAGES][3])), splits.test[3][0]
+    )
 
 
 def test_the_specs_are_listed():
@@ -152,11 +156,18 @@ def test_the_specs_are_listed():
 # ------------------------------------------------------------------------- bad files
 
 
-def _rewrite(name: str, array: np.ndarray | None = None, *, data: Callable[[bytes], bytes] = lambda b: b,
-             gz: bool = False, dtype_code: int = 0x08) -> Callable[[Path, dict], str]:
+def _rewrite(
+    name: str,
+    array: np.ndarray | None = None,
+    *,
+    data: Callable[[bytes], bytes] = lambda b: b,
+    gz: bool = False,
+    dtype_code: int = 0x08,
+) -> Callable[[Path, dict], str]:
     def corrupt(folder: Path, arrays: dict) -> str:
         raw = data(idx(arrays[name] if array is None else array, dtype_code))
         return write(folder, name, raw, gz).name
+
     return corrupt
 
 
@@ -186,8 +197,12 @@ BAD_FILES = {
     "trailing bytes in gzip": (_rewrite(TRAIN_IMAGES, data=lambda b: b + b"\0\0\0", gz=True), "trailing bytes"),
     "label count mismatch": (_rewrite(TRAIN_LABELS, np.zeros(N_TRAIN - 1, np.uint8)), f"{N_TRAIN} images but"),
     "label 10": (_labels_with_10, "label 10 at position 3, expected 0..9"),
-    "images over 1024x1024": (_rewrite(TEST_IMAGES, data=lambda b: idx(np.zeros((1, 1, 1), np.uint8))[:4]
-                                       + struct.pack(">3I", N_TEST, 2000, 2000)), "2000x2000"),
+    "images over 1024x1024": (
+        _rewrite(
+            TEST_IMAGES, data=lambda b: idx(np.zeros((1, 1, 1), np.uint8))[:4] + struct.pack(">3I", N_TEST, 2000, 2000)
+        ),
+        "2000x2000",
+    ),
     "test images of another size": (_rewrite(TEST_IMAGES, np.zeros((N_TEST, 32, 32), np.uint8)), "28x28 images but"),
 }
 
@@ -347,9 +362,14 @@ def test_an_entry_that_is_not_a_file_is_named_for_what_it_is(tmp_path, make):
     assert what in message and TEST_IMAGES in message and "lacks" not in message
 
 
-@pytest.mark.parametrize(("name", "count", "needle"), [
-    (TRAIN_LABELS, 0, "at least 2"), (TRAIN_LABELS, 1, "at least 2"), (TEST_LABELS, 0, "at least 1"),
-])
+@pytest.mark.parametrize(
+    ("name", "count", "needle"),
+    [
+        (TRAIN_LABELS, 0, "at least 2"),
+        (TRAIN_LABELS, 1, "at least 2"),
+        (TEST_LABELS, 0, "at least 1"),
+    ],
+)
 def test_too_few_images_name_the_file(tmp_path, name, count, needle):
     write_dataset(tmp_path)
     write(tmp_path, name, idx(np.zeros(count, np.uint8)), False)
@@ -415,8 +435,11 @@ def test_the_service_checks_the_new_specs_against_its_data_roots(tmp_path, monke
     settings = Settings(data_dir=tmp_path / "state", data_roots=[root])
     check_dataset(f"fashion-mnist:{root / 'fm'}", settings)
     check_dataset(f"mnist:{root / 'fm'}", settings)
-    for spec, needle in ((f"fashion-mnist:{tmp_path / 'elsewhere'}", "outside DG2PF_DATA_ROOTS"),
-                         ("fashion-mnist", "needs a path"), (f"mnist:{root / 'nope'}", "does not exist")):
+    for spec, needle in (
+        (f"fashion-mnist:{tmp_path / 'elsewhere'}", "outside DG2PF_DATA_ROOTS"),
+        ("fashion-mnist", "needs a path"),
+        (f"mnist:{root / 'nope'}", "does not exist"),
+    ):
         with pytest.raises(InvalidJob, match=needle) as info:
             check_dataset(spec, settings)
         assert info.value.field == "dataset.spec"
@@ -450,8 +473,22 @@ def digits_cnn_ckpt(tmp_path_factory) -> Path:
 
 def test_cli_refuses_a_missing_folder_with_one_line(tmp_path, digits_cnn_ckpt):
     out = tmp_path / "out"
-    result = dg2pf("prune", "--arch", "digits_cnn", "--num-classes", "10", "--checkpoint", str(digits_cnn_ckpt),
-                   "--dataset", "fashion-mnist:/nonexistent", "--sparsity", "0.9", "--out", str(out), "--quiet")
+    result = dg2pf(
+        "prune",
+        "--arch",
+        "digits_cnn",
+        "--num-classes",
+        "10",
+        "--checkpoint",
+        str(digits_cnn_ckpt),
+        "--dataset",
+        "fashion-mnist:/nonexistent",
+        "--sparsity",
+        "0.9",
+        "--out",
+        str(out),
+        "--quiet",
+    )
     assert result.returncode == 2, result.stderr
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("dg2pf: error:") and "/nonexistent" in lines[0]
@@ -462,8 +499,20 @@ def test_cli_lists_the_specs_and_evaluates_on_idx_files(tmp_path, digits_cnn_ckp
     help_text = dg2pf("prune", "--help").stdout
     assert "fashion-mnist:PATH" in help_text and "mnist:PATH" in help_text
     write_dataset(tmp_path / "fm", GZ_CHOICES["mixed"])
-    result = dg2pf("evaluate", "--arch", "digits_cnn", "--num-classes", "10", "--checkpoint", str(digits_cnn_ckpt),
-                   "--dataset", f"fashion-mnist:{tmp_path / 'fm'}", "--image-size", "28", "--json")
+    result = dg2pf(
+        "evaluate",
+        "--arch",
+        "digits_cnn",
+        "--num-classes",
+        "10",
+        "--checkpoint",
+        str(digits_cnn_ckpt),
+        "--dataset",
+        f"fashion-mnist:{tmp_path / 'fm'}",
+        "--image-size",
+        "28",
+        "--json",
+    )
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     assert report["samples"] == N_TEST and report["split"] == "test"

@@ -3,7 +3,6 @@ applied, decompression bombs refused: alike in training, evaluation and serving.
 
 from __future__ import annotations
 
-import io
 import struct
 import zlib
 from pathlib import Path
@@ -98,12 +97,17 @@ def _png_header(width: int, height: int) -> bytes:
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00")) + chunk(b"IEND", b"")
 
 
-@pytest.mark.parametrize("data", [
-    _png_header(65535, 65535),  # 4.3 G pixels in 141 bytes: Pillow refuses to open it (DecompressionBombError)
-    _png_header(30000, 30000),  # 900 M pixels: beyond Pillow's limit too
-    _png_header(5000, 5000),  # 25 M: under Pillow's, over ours
-    b"\xff\xd8\xff\xc0\x00\x11\x08\xff\xff\xff\xff\x03\x01\x22\x00\x02\x11\x01\x03\x11\x01\xff\xd9",  # a 65535 x 65535 JPEG header
-], ids=["png-65535", "png-30000", "png-5000", "jpeg-65535"])
+@pytest.mark.parametrize(
+    "data",
+    [
+        _png_header(65535, 65535),  # 4.3 G pixels in 141 bytes: Pillow refuses to open it (DecompressionBombError)
+        _png_header(30000, 30000),  # 900 M pixels: beyond Pillow's limit too
+        _png_header(5000, 5000),  # 25 M: under Pillow's, over ours
+        # a 65535 x 65535 JPEG header
+        b"\xff\xd8\xff\xc0\x00\x11\x08\xff\xff\xff\xff\x03\x01\x22\x00\x02\x11\x01\x03\x11\x01\xff\xd9",
+    ],
+    ids=["png-65535", "png-30000", "png-5000", "jpeg-65535"],
+)
 def test_a_decompression_bomb_is_an_input_error_before_any_pixel_is_decoded(digits_example, data):
     served = InferenceModel.load(digits_example)
     with pytest.raises(InputError) as info:

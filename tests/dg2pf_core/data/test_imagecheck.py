@@ -19,8 +19,7 @@ import PIL.Image
 import pytest
 from PIL import Image
 
-from dg2pf_core.data import DataRequest, load_dataset
-from dg2pf_core.data import imagecheck
+from dg2pf_core.data import DataRequest, imagecheck, load_dataset
 from dg2pf_core.data.imagecheck import (
     cache_file,
     describe_failure,
@@ -162,9 +161,7 @@ def test_the_message_stays_one_line_whatever_the_file_name(tmp_path):
     with pytest.raises(DatasetError) as info:
         _load(tmp_path)
     assert "\n" not in info.value.message
-    assert repr(f"train{os.sep}cat{os.sep}two\nlines.jpg") + " (image file is truncated" in (
-        info.value.message
-    )
+    assert repr(f"train{os.sep}cat{os.sep}two\nlines.jpg") + " (image file is truncated" in (info.value.message)
     with pytest.raises(DatasetError) as info:
         load_image(str(odd))
     assert "\n" not in info.value.message and repr(str(odd)) in info.value.message
@@ -207,9 +204,7 @@ def test_skip_bad_images_loads_the_good_ones_and_counts_the_bad(tmp_path):
     (tmp_path / "train" / "cat" / "zero.jpg").write_bytes(b"")
 
     splits = _load(tmp_path, skip_bad_images=True)
-    expected_skipped = sorted(
-        str(p.relative_to(tmp_path)) for p in bad + [tmp_path / "train" / "cat" / "zero.jpg"]
-    )
+    expected_skipped = sorted(str(p.relative_to(tmp_path)) for p in bad + [tmp_path / "train" / "cat" / "zero.jpg"])
     assert sorted(splits.skipped_images) == expected_skipped
     assert "4 unreadable image(s) skipped" in splits.description
 
@@ -222,9 +217,7 @@ def test_skip_bad_images_loads_the_good_ones_and_counts_the_bad(tmp_path):
         assert splits.test[i][0].shape == (3, 16, 16)
 
 
-@pytest.mark.parametrize(
-    "splits_present", [("train",), ("train", "val"), ("train", "test"), ("train", "val", "test")]
-)
+@pytest.mark.parametrize("splits_present", [("train",), ("train", "val"), ("train", "test"), ("train", "val", "test")])
 def test_skip_bad_images_works_for_every_layout(tmp_path, splits_present):
     """What ``dg2pf evaluate --skip-bad-images`` relies on: a bad image in any split, train
     included, is left out whichever folders the dataset has, and every item left decodes."""
@@ -340,9 +333,14 @@ def test_a_changed_file_is_checked_again(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize(
     "garbage",
-    [b"", b"{not json", b"\xff\xfe\x00binary", b"[1, 2, 3]",
-     b'{"format": "dg2pf-imagecheck", "version": 1, "root": "/elsewhere", "files": {}}',
-     b'{"format": "dg2pf-imagecheck", "version": 1, "root": "ROOT", "files": {"K": "odd"}}'],
+    [
+        b"",
+        b"{not json",
+        b"\xff\xfe\x00binary",
+        b"[1, 2, 3]",
+        b'{"format": "dg2pf-imagecheck", "version": 1, "root": "/elsewhere", "files": {}}',
+        b'{"format": "dg2pf-imagecheck", "version": 1, "root": "ROOT", "files": {"K": "odd"}}',
+    ],
 )
 def test_a_corrupt_cache_is_ignored_and_rebuilt(tmp_path, garbage):
     files = _write_good(tmp_path / "train", {"cat": 2, "dog": 2})

@@ -28,11 +28,14 @@ def test_a_tree_with_links_inside_the_roots_passes(layout):
     check_tree(str(root / "data"), [])  # unconfined: nothing checked
 
 
-@pytest.mark.parametrize("make, needle", [
-    (lambda root, out: os.symlink(out / "secret.png", root / "data" / "train" / "a" / "1.png"), "symbolic link"),
-    (lambda root, out: os.symlink(out, root / "data" / "train" / "b"), "symbolic link"),
-    (lambda root, out: os.link(out / "secret.png", root / "data" / "train" / "a" / "2.png"), "hard link"),
-])
+@pytest.mark.parametrize(
+    "make, needle",
+    [
+        (lambda root, out: os.symlink(out / "secret.png", root / "data" / "train" / "a" / "1.png"), "symbolic link"),
+        (lambda root, out: os.symlink(out, root / "data" / "train" / "b"), "symbolic link"),
+        (lambda root, out: os.link(out / "secret.png", root / "data" / "train" / "a" / "2.png"), "hard link"),
+    ],
+)
 def test_links_out_of_the_roots_are_refused_naming_them(layout, make, needle):
     root, outside = layout
     make(root, outside)

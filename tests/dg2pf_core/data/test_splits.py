@@ -37,7 +37,9 @@ def test_a_folder_with_rare_classes_trains_on_all_of_them_and_warns(tmp_path):
     assert trained["rare"] == 1 and all(trained[c] >= 1 for c in sizes)
     assert len(splits.warnings) == 1
     warning = splits.warnings[0]
-    assert f"fewer than {MIN_TRAIN_PER_CLASS} training images" in warning and "'rare' 1" in warning and "'few'" in warning
+    assert (
+        f"fewer than {MIN_TRAIN_PER_CLASS} training images" in warning and "'rare' 1" in warning and "'few'" in warning
+    )
     assert "'common'" not in warning
 
 

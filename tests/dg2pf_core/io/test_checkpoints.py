@@ -10,9 +10,9 @@ import pytest
 import torch
 import torch.nn as nn
 
+from dg2pf_core.errors import CheckpointError
 from dg2pf_core.io.checkpoint_save import save_state_dict
 from dg2pf_core.io.checkpoints import file_sha256, load_into, read_state_dict
-from dg2pf_core.errors import CheckpointError
 from dg2pf_core.models import build_model
 
 
@@ -286,7 +286,7 @@ def test_text_file_is_refused_quoting_its_first_characters(tmp_path):
     path.write_text('{"error": "Repository not found", "status": 404}\n' + "x" * 500)
     msg = _refusal(path)
     assert "a JSON text file, not a checkpoint" in msg
-    assert "'{\"error\": \"Repository not found\", \"status\": 404} xxxxxxxxxxx...'" in msg
+    assert '\'{"error": "Repository not found", "status": 404} xxxxxxxxxxx...\'' in msg
     assert "x" * 20 not in msg  # about 60 characters are quoted, not the whole file
     assert "re-download it" in msg
 
@@ -495,9 +495,14 @@ def test_non_finite_weights_are_refused_naming_tensors(tmp_path, digits_state):
 
 def test_non_finite_half_precision_is_refused(tmp_path):
     path = tmp_path / "half.safetensors"
-    save_state_dict({"a": torch.tensor([1.0, float("inf")], dtype=torch.bfloat16),
-                     "b": torch.tensor([float("nan"), float("inf")], dtype=torch.float16),
-                     "steps": torch.tensor(3)}, path)
+    save_state_dict(
+        {
+            "a": torch.tensor([1.0, float("inf")], dtype=torch.bfloat16),
+            "b": torch.tensor([float("nan"), float("inf")], dtype=torch.float16),
+            "steps": torch.tensor(3),
+        },
+        path,
+    )
     msg = _refusal(path)
     assert "in 2 tensors" in msg and "a: 1 Inf" in msg and "b: 1 NaN and 1 Inf" in msg
 
@@ -533,12 +538,18 @@ def test_float8_weights_are_checked_for_nan_and_load_as_float32(tmp_path, digits
 @pytest.mark.parametrize(
     ("make", "says"),
     [
-        (lambda v: torch.empty_like(v, device="meta"), "holds no data (saved from a model on the 'meta' device: materialise it first)"),
+        (
+            lambda v: torch.empty_like(v, device="meta"),
+            "holds no data (saved from a model on the 'meta' device: materialise it first)",
+        ),
         (lambda v: v.to_sparse(), "is a sparse tensor; save dense weights (tensor.to_dense())"),
         (lambda v: v.to_sparse_csr(), "is a sparse tensor; save dense weights (tensor.to_dense())"),
         (lambda v: v.to_sparse_csc(), "is a sparse tensor; save dense weights (tensor.to_dense())"),
         (lambda v: v.to_sparse_bsr((1, 1)), "is a sparse tensor; save dense weights (tensor.to_dense())"),
-        (lambda v: torch.quantize_per_tensor(v, 0.1, 0, torch.qint8), "is quantized (qint8), and quantized checkpoints are not supported"),
+        (
+            lambda v: torch.quantize_per_tensor(v, 0.1, 0, torch.qint8),
+            "is quantized (qint8), and quantized checkpoints are not supported",
+        ),
         (lambda v: torch.nested.nested_tensor(list(v), layout=torch.jagged), "is a nested tensor"),
     ],
     ids=["meta", "coo", "csr", "csc", "bsr", "quantized", "nested"],
@@ -675,9 +686,13 @@ def test_weights_under_an_unknown_key_are_refused_with_advice(tmp_path, digits_s
     assert "'model_state_dict'" in msg and "torch.save(checkpoint['model_ema'], 'model.pt')" in msg
 
 
-@pytest.mark.parametrize("raw_key, ema_key", [("state_dict", "state_dict_ema"), ("model", "model_ema"),
-                                               ("model_state_dict", "ema_state_dict")])
-def test_raw_and_ema_weights_in_one_file_are_refused_naming_both_until_one_is_chosen(tmp_path, digits_state, raw_key, ema_key):
+@pytest.mark.parametrize(
+    "raw_key, ema_key",
+    [("state_dict", "state_dict_ema"), ("model", "model_ema"), ("model_state_dict", "ema_state_dict")],
+)
+def test_raw_and_ema_weights_in_one_file_are_refused_naming_both_until_one_is_chosen(
+    tmp_path, digits_state, raw_key, ema_key
+):
     """timm's --model-ema checkpoints (state_dict + state_dict_ema), torchvision's references (model +
     model_ema): the raw weights were taken without a word; now the file is refused naming both entries and
     the option, and the key chosen is the set read. A check that only needs a readable file takes either."""
@@ -707,13 +722,26 @@ def test_the_chosen_set_is_what_a_job_prunes(tmp_path, digits_state):
     ema = {k: v * 0.5 if v.is_floating_point() else v for k, v in digits_state.items()}
     path = tmp_path / "train.pth"
     torch.save({"state_dict": digits_state, "state_dict_ema": ema}, path)
-    job = PruneJob(arch="digits_cnn", num_classes=10, checkpoint=str(path), dataset="digits",
-                   config=DG2PFConfig(sparsity=0.5), checkpoint_key="state_dict_ema")
+    job = PruneJob(
+        arch="digits_cnn",
+        num_classes=10,
+        checkpoint=str(path),
+        dataset="digits",
+        config=DG2PFConfig(sparsity=0.5),
+        checkpoint_key="state_dict_ema",
+    )
     _, model, _, _ = check_static(job)
     _assert_same(model.state_dict(), ema)
     with pytest.raises(CheckpointError, match="two sets of weights"):
-        check_static(PruneJob(arch="digits_cnn", num_classes=10, checkpoint=str(path), dataset="digits",
-                              config=DG2PFConfig(sparsity=0.5)))
+        check_static(
+            PruneJob(
+                arch="digits_cnn",
+                num_classes=10,
+                checkpoint=str(path),
+                dataset="digits",
+                config=DG2PFConfig(sparsity=0.5),
+            )
+        )
 
 
 # --- dtypes ---------------------------------------------------------------------------------
@@ -774,7 +802,9 @@ def test_load_into_message_names_the_file(tmp_path):
     state = read_state_dict(path)
     del state["features.0.weight"]
     with pytest.raises(CheckpointError) as info:
-        load_into(build_model("digits_cnn", 100), state, what=f"checkpoint {path}", arch="digits_cnn with num_classes=100")
+        load_into(
+            build_model("digits_cnn", 100), state, what=f"checkpoint {path}", arch="digits_cnn with num_classes=100"
+        )
     msg = str(info.value)
     assert msg.startswith(f"checkpoint {path} does not fit digits_cnn with num_classes=100: ")
     assert "1 key missing from the checkpoint (first: features.0.weight)" in msg
@@ -782,7 +812,12 @@ def test_load_into_message_names_the_file(tmp_path):
     assert msg.count(str(path)) == 1
 
     with pytest.raises(CheckpointError) as info:
-        load_into(build_model("digits_cnn", 100), state, what=f"teacher checkpoint {path}", arch="digits_cnn with num_classes=100")
+        load_into(
+            build_model("digits_cnn", 100),
+            state,
+            what=f"teacher checkpoint {path}",
+            arch="digits_cnn with num_classes=100",
+        )
     msg = str(info.value)
     assert msg.startswith(f"teacher checkpoint {path} does not fit digits_cnn with num_classes=100: ")
     assert "missing from the teacher checkpoint (first" in msg

@@ -10,10 +10,10 @@ import safetensors.torch
 import torch
 
 from dg2pf_core import DG2PFConfig, PruneJob
+from dg2pf_core.errors import CheckpointError, ConfigError
 from dg2pf_core.io.checkpoint_save import save_state_dict
 from dg2pf_core.io.checkpoints import load_into, read_state_dict
 from dg2pf_core.io.compact import FORMAT, is_compact, load_compact, save_compact
-from dg2pf_core.errors import CheckpointError, ConfigError
 from dg2pf_core.models import build_model
 
 
@@ -139,7 +139,10 @@ def test_damaged_files_raise_checkpoint_errors(tmp_path):
         "short_mask": ({"replace": {f"{i}m": mask[:-1].clone()}}, "mask is"),
         "shape": ({"meta": {"layout": json.dumps(shape_changed)}}, "mask is"),
         "layout": ({"meta": {"layout": "[[1,2]]"}}, "malformed layout"),
-        "dense_shape": ({"replace": {str(next(n for n, e in enumerate(layout) if e[0] == "bn.weight")): torch.ones(12)}}, "stored shape"),
+        "dense_shape": (
+            {"replace": {str(next(n for n, e in enumerate(layout) if e[0] == "bn.weight")): torch.ones(12)}},
+            "stored shape",
+        ),
     }
     for name, (change, needle) in cases.items():
         bad = tmp_path / f"{name}.safetensors"

@@ -59,15 +59,18 @@ def test_top_k_is_sorted_labelled_and_capped(served):
     assert len(served.top_k(logits, 50)[0]) == 10
 
 
-@pytest.mark.parametrize("inputs, message", [
-    ([], "non-empty list"),
-    ("abc", "non-empty list"),
-    ([[[1.0, 2.0], [3.0]]], "rectangular"),
-    ([[["a"] * 16] * 16], "rectangular"),
-    (torch.zeros(1, 3, 16, 16).tolist(), "1 x 16 x 16"),
-    (torch.zeros(16, 16).tolist(), "1 x 16 x 16"),
-    (torch.full((1, 1, 16, 16), float("nan")).tolist(), "NaN"),
-])
+@pytest.mark.parametrize(
+    "inputs, message",
+    [
+        ([], "non-empty list"),
+        ("abc", "non-empty list"),
+        ([[[1.0, 2.0], [3.0]]], "rectangular"),
+        ([[["a"] * 16] * 16], "rectangular"),
+        (torch.zeros(1, 3, 16, 16).tolist(), "1 x 16 x 16"),
+        (torch.zeros(16, 16).tolist(), "1 x 16 x 16"),
+        (torch.full((1, 1, 16, 16), float("nan")).tolist(), "NaN"),
+    ],
+)
 def test_bad_tensor_inputs_are_named(served, inputs, message):
     with pytest.raises(InputError, match=message):
         served.tensor_inputs(inputs)

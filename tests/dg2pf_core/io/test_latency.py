@@ -9,15 +9,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny import TinyNet
 from torch import nn
 
 from dg2pf_contract.results import Latency
+from dg2pf_core.algorithm.masks import apply_masks_, magnitude_masks, select_prunable
 from dg2pf_core.io.compact import save_compact
 from dg2pf_core.io.latency import MIN_RUNS, compare, measure_latency
-from dg2pf_core.algorithm.masks import apply_masks_, magnitude_masks, select_prunable
 from dg2pf_core.io.onnx_export import export_onnx
-
-from tiny import TinyNet
 
 SHAPE = (1, 8, 8)
 
@@ -105,6 +104,7 @@ def test_runs_never_go_below_the_minimum_while_budget_is_left():
 
 # --- dg2pf latency ------------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def pruned_example(digits_example, tmp_path_factory) -> Path:
     """The digits example with 90% of its weights zeroed by magnitude, as a compact artifact."""
@@ -128,21 +128,61 @@ def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
 
 @pytest.mark.slow
 def test_cli_prints_a_table_against_the_dense_model(capsys, digits_example, pruned_example):
-    code, out, err = run_cli(capsys, "--arch", "digits_cnn", "--checkpoint", str(pruned_example), "--dense-checkpoint",
-                             str(digits_example / "model.safetensors"), "--batch-sizes", "1,8", "--runs", "5", "--threads", "1")
+    code, out, err = run_cli(
+        capsys,
+        "--arch",
+        "digits_cnn",
+        "--checkpoint",
+        str(pruned_example),
+        "--dense-checkpoint",
+        str(digits_example / "model.safetensors"),
+        "--batch-sizes",
+        "1,8",
+        "--runs",
+        "5",
+        "--threads",
+        "1",
+    )
     assert code == 0, err
     lines = out.splitlines()
     assert "digits_cnn (10 classes), inputs 1 x 16 x 16, 1 thread(s)" in lines[0]  # classes read from the checkpoint
     assert "MACs nonzero / dense 0.1" in lines[0]
-    assert lines[1].split() == ["backend", "batch", "median", "ms", "p90", "ms", "runs", "dense", "median", "ms", "vs", "dense"]
+    assert lines[1].split() == [
+        "backend",
+        "batch",
+        "median",
+        "ms",
+        "p90",
+        "ms",
+        "runs",
+        "dense",
+        "median",
+        "ms",
+        "vs",
+        "dense",
+    ]
     rows = [line.split() for line in lines[2:6]]
     assert [(r[0], r[1]) for r in rows] == [("torch", "1"), ("torch", "8"), ("onnxruntime", "1"), ("onnxruntime", "8")]
     assert all(r[4] == "5" and r[-1].endswith("x") for r in rows)
 
 
 def test_cli_json_parses(capsys, digits_example):
-    code, out, err = run_cli(capsys, "--arch", "digits_cnn", "--checkpoint", str(digits_example / "model.safetensors"),
-                             "--num-classes", "10", "--batch-sizes", "2", "--runs", "3", "--backends", "torch", "--json")
+    code, out, err = run_cli(
+        capsys,
+        "--arch",
+        "digits_cnn",
+        "--checkpoint",
+        str(digits_example / "model.safetensors"),
+        "--num-classes",
+        "10",
+        "--batch-sizes",
+        "2",
+        "--runs",
+        "3",
+        "--backends",
+        "torch",
+        "--json",
+    )
     assert code == 0, err
     doc = json.loads(out)
     assert doc["num_classes"] == 10 and doc["input_shape"] == [1, 16, 16] and doc["threads"] >= 1
@@ -150,13 +190,16 @@ def test_cli_json_parses(capsys, digits_example):
     assert doc["macs_ratio"] == pytest.approx(1.0)  # the dense example: every weight nonzero
 
 
-@pytest.mark.parametrize("argv, needle", [
-    (["--checkpoint", "/nonexistent/model.safetensors"], "does not exist"),
-    (["--batch-sizes", "1,zero"], "--batch-sizes"),
-    (["--runs", "0"], "--runs"),
-    (["--image-size", "4"], "--image-size"),
-    (["--num-classes", "7"], "does not fit digits_cnn with num_classes=7"),
-])
+@pytest.mark.parametrize(
+    "argv, needle",
+    [
+        (["--checkpoint", "/nonexistent/model.safetensors"], "does not exist"),
+        (["--batch-sizes", "1,zero"], "--batch-sizes"),
+        (["--runs", "0"], "--runs"),
+        (["--image-size", "4"], "--image-size"),
+        (["--num-classes", "7"], "does not fit digits_cnn with num_classes=7"),
+    ],
+)
 def test_cli_bad_input_exits_2_with_one_line(capsys, tmp_path, argv, needle):
     ckpt = tmp_path / "model.safetensors"
     from dg2pf_core.io.checkpoint_save import save_state_dict

@@ -15,9 +15,9 @@ from dg2pf_core.data import DataRequest, load_dataset
 from dg2pf_core.data.digits import write_test_digit_images
 from dg2pf_core.errors import CheckpointError, InputError
 from dg2pf_core.io.inference import InferenceModel
-from dg2pf_core.job import load_model
 from dg2pf_core.io.onnx_backend import OnnxUnavailable, OrtModule, load_onnx_model
 from dg2pf_core.io.onnx_export import ATOL, export_onnx
+from dg2pf_core.job import load_model
 
 
 @pytest.fixture(scope="module")
@@ -50,13 +50,19 @@ def test_onnxruntime_answers_like_pytorch_through_the_same_inference_model(job_d
     served = load_onnx_model(job_dir, threads=1)
     assert (reference.backend, served.backend) == ("torch", "onnxruntime")
     assert isinstance(served.model, OrtModule) and not list(served.model.parameters())  # no PyTorch weights loaded
-    assert (served.input_shape, served.num_classes, served.class_names) == (reference.input_shape, 10, reference.class_names)
+    assert (served.input_shape, served.num_classes, served.class_names) == (
+        reference.input_shape,
+        10,
+        reference.class_names,
+    )
     images = [Path(p).read_bytes() for p, _ in write_test_digit_images(tmp_path, count=3)]
     for batch in (digits, digits[:1], torch.stack([served.image_input(b) for b in images])):  # any batch size
         expected, got = reference.logits(batch), served.logits(batch)
         assert got.shape == expected.shape and got.dtype == torch.float32
         assert _within_export_tolerance(got, expected), (got - expected).abs().max()
-        assert [[p.index for p in row] for row in served.top_k(got, 3)] == [[p.index for p in row] for row in reference.top_k(expected, 3)]
+        assert [[p.index for p in row] for row in served.top_k(got, 3)] == [
+            [p.index for p in row] for row in reference.top_k(expected, 3)
+        ]
     # Same preprocessing code: an image decodes to the same tensor, a bad input gets the same error.
     assert torch.equal(served.image_input(images[0]), reference.image_input(images[0]))
     messages = []

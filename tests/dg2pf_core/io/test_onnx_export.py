@@ -7,19 +7,17 @@ import json
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 import torch
+from onnx_runs import onnx_logits
 from torch import nn
 
 from dg2pf_core import DG2PFConfig, PruneJob
-from dg2pf_core.io.checkpoint_save import save_state_dict
 from dg2pf_core.algorithm.masks import apply_masks_, magnitude_masks, select_prunable
+from dg2pf_core.io.checkpoint_save import save_state_dict
+from dg2pf_core.io.onnx_export import ATOL, OPSET, export_onnx
 from dg2pf_core.models import build_model
 from dg2pf_core.models.registry import _REGISTRY, ArchSpec
-from dg2pf_core.io.onnx_export import ATOL, OPSET, export_onnx
-
-from onnx_runs import onnx_logits
 
 
 def assert_same_logits(model: nn.Module, path, input_shape, batch: int = 5) -> None:
@@ -55,8 +53,15 @@ def test_digits_cnn_exports_with_a_dynamic_batch_and_pinned_opset(tmp_path):
     assert batch_dim.dim_param and not batch_dim.dim_value  # symbolic: any batch size
     assert_same_logits(model, tmp_path / "model.onnx", (1, 16, 16))
     assert_same_logits(model, tmp_path / "model.onnx", (1, 16, 16), batch=1)
-    assert report.to_dict() == {"written": True, "file": "model.onnx", "opset": OPSET, "max_abs_diff": report.max_abs_diff,
-                                "tolerance": report.tolerance, "check_batch": 3, "seconds": round(report.seconds, 2)}
+    assert report.to_dict() == {
+        "written": True,
+        "file": "model.onnx",
+        "opset": OPSET,
+        "max_abs_diff": report.max_abs_diff,
+        "tolerance": report.tolerance,
+        "check_batch": 3,
+        "seconds": round(report.seconds, 2),
+    }
 
 
 @pytest.mark.slow
@@ -144,21 +149,34 @@ def test_a_job_writes_model_onnx_that_computes_what_is_served(tmp_path):
     torch.manual_seed(0)
     out = tmp_path / "out"
     metrics = prune_to_dir(_job(tmp_path, "digits_cnn", build_model("digits_cnn", 10)), out)
-    assert {p.name for p in out.iterdir()} == {"model.safetensors", "model.compact.safetensors", "model.onnx", "metrics.json",
-                                               "training.png", "layers.png"}
+    assert {p.name for p in out.iterdir()} == {
+        "model.safetensors",
+        "model.compact.safetensors",
+        "model.onnx",
+        "metrics.json",
+        "training.png",
+        "layers.png",
+    }
     written = json.loads((out / "metrics.json").read_text())
     assert written["onnx"]["written"] is True and written["onnx"]["opset"] == OPSET
-    assert written["onnx"] == metrics.to_document()["onnx"] and written["latency"]["backends"].keys() == {"torch", "onnxruntime"}
+    assert written["onnx"] == metrics.to_document()["onnx"] and written["latency"]["backends"].keys() == {
+        "torch",
+        "onnxruntime",
+    }
     served = InferenceModel.load(out)
     x = torch.randn(4, *served.input_shape, generator=torch.Generator().manual_seed(1))
     expected = served.logits(x)
-    assert np.abs(onnx_logits(out / "model.onnx", x).numpy() - expected.numpy()).max() <= ATOL * max(1.0, float(expected.abs().max()))
+    assert np.abs(onnx_logits(out / "model.onnx", x).numpy() - expected.numpy()).max() <= ATOL * max(
+        1.0, float(expected.abs().max())
+    )
 
 
 def test_a_job_whose_model_cannot_be_exported_still_succeeds(tmp_path, monkeypatch):
     from dg2pf_core.job import prune_to_dir
 
-    monkeypatch.setitem(_REGISTRY, "test/unexportable", ArchSpec("test/unexportable", DataDependentBranch, 16, 1, "test only"))
+    monkeypatch.setitem(
+        _REGISTRY, "test/unexportable", ArchSpec("test/unexportable", DataDependentBranch, 16, 1, "test only")
+    )
     torch.manual_seed(0)
     out = tmp_path / "out"
     metrics = prune_to_dir(_job(tmp_path, "test/unexportable", DataDependentBranch()), out)

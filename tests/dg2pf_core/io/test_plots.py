@@ -7,14 +7,13 @@ from __future__ import annotations
 import json
 
 import pytest
+from tiny import metrics_document
 from torch import nn
 
 from dg2pf_contract.results import Metrics
-from dg2pf_core.models.registry import build_meta
 from dg2pf_core.io.plots import NAME_LIMIT, PlotError, layers_figure, parse_metrics, short_name, write_plots
 from dg2pf_core.io.plots import _labels as bar_labels
-
-from tiny import metrics_document
+from dg2pf_core.models.registry import build_meta
 
 
 def _weights(arch: str) -> list[str]:
@@ -42,8 +41,11 @@ def test_a_long_name_keeps_its_end_which_says_which_layer_it_is():
 
 def test_the_layers_figure_grows_with_the_network_and_names_every_layer():
     names = _weights("torchvision/densenet121")  # 121 layers
-    metrics = Metrics.model_validate(metrics_document(arch="torchvision/densenet121", target_sparsity=0.9, layer_cap=0.94,
-                                                      layer_sparsity={n: 0.9 for n in names}))
+    metrics = Metrics.model_validate(
+        metrics_document(
+            arch="torchvision/densenet121", target_sparsity=0.9, layer_cap=0.94, layer_sparsity={n: 0.9 for n in names}
+        )
+    )
     small = layers_figure(metrics.model_copy(update={"layer_sparsity": dict(list(metrics.layer_sparsity.items())[:4])}))
     big = layers_figure(metrics)
     assert small.get_size_inches()[1] == 3.0 and big.get_size_inches()[1] >= 0.17 * len(names)

@@ -53,9 +53,26 @@ def ckpt2(tmp_path_factory) -> Path:
     return path
 
 
-def prune_args(ckpt: Path, dataset: str, out: Path, *extra: str, arch: str = "digits_cnn", classes: int = 2) -> list[str]:
-    return ["prune", "--arch", arch, "--num-classes", str(classes), "--checkpoint", str(ckpt), "--dataset", dataset,
-            "--sparsity", "0.5", "--out", str(out), *FAST, *extra]
+def prune_args(
+    ckpt: Path, dataset: str, out: Path, *extra: str, arch: str = "digits_cnn", classes: int = 2
+) -> list[str]:
+    return [
+        "prune",
+        "--arch",
+        arch,
+        "--num-classes",
+        str(classes),
+        "--checkpoint",
+        str(ckpt),
+        "--dataset",
+        dataset,
+        "--sparsity",
+        "0.5",
+        "--out",
+        str(out),
+        *FAST,
+        *extra,
+    ]
 
 
 def refused(capsys, argv: list[str], *needles: str, out: Path | None = None) -> str:
@@ -102,13 +119,19 @@ def test_a_truncated_image_is_named_before_training_and_can_be_skipped(folder, c
     assert metrics["skipped_images"] == 1 and any("3.png" in f for f in metrics["skipped_image_files"])
 
 
-@pytest.mark.parametrize("extra, needles", [
-    (["--device", "gpu"], ["device 'gpu'", "cuda"]),
-    (["--device", "cuda"] if not torch.cuda.is_available() else ["--device", "cuda:99"], ["device 'cuda"]),
-    (["--amp", "fp16"] if not torch.cuda.is_available() else ["--amp", "fp16", "--device", "cpu"], ["amp 'fp16'", "CUDA"]),
-    (["--batch-size", "1"], ["batch_size 1", "BatchNorm", "--batch-size 2"]),
-    (["--image-size", "40", "--batch-size", "8"], ["cannot run on 40x40"]),
-])
+@pytest.mark.parametrize(
+    "extra, needles",
+    [
+        (["--device", "gpu"], ["device 'gpu'", "cuda"]),
+        (["--device", "cuda"] if not torch.cuda.is_available() else ["--device", "cuda:99"], ["device 'cuda"]),
+        (
+            ["--amp", "fp16"] if not torch.cuda.is_available() else ["--amp", "fp16", "--device", "cpu"],
+            ["amp 'fp16'", "CUDA"],
+        ),
+        (["--batch-size", "1"], ["batch_size 1", "BatchNorm", "--batch-size 2"]),
+        (["--image-size", "40", "--batch-size", "8"], ["cannot run on 40x40"]),
+    ],
+)
 def test_machine_and_model_misfits_are_refused_before_training(folder, ckpt2, tmp_path, capsys, extra, needles):
     out = tmp_path / "out"
     arch, ckpt = "digits_cnn", ckpt2
@@ -137,23 +160,46 @@ def test_a_checkpoint_with_nan_is_refused_by_prune_and_evaluate(folder, tmp_path
     save_state_dict(state, bad)
     out = tmp_path / "out"
     refused(capsys, prune_args(bad, f"imagefolder:{folder}", out), name, "NaN", out=out)
-    refused(capsys, ["evaluate", "--arch", "digits_cnn", "--num-classes", "2", "--checkpoint", str(bad),
-                     "--dataset", f"imagefolder:{folder}"], name)
+    refused(
+        capsys,
+        [
+            "evaluate",
+            "--arch",
+            "digits_cnn",
+            "--num-classes",
+            "2",
+            "--checkpoint",
+            str(bad),
+            "--dataset",
+            f"imagefolder:{folder}",
+        ],
+        name,
+    )
 
 
-@pytest.mark.parametrize("content, needles", [
-    (b"version https://git-lfs.github.com/spec/v1\noid sha256:" + b"0" * 64 + b"\nsize 1234\n", ["Git LFS", "git lfs pull"]),
-    (b"<!DOCTYPE html><html><head><title>Download</title></head><body>sign in</body></html>", ["HTML"]),
-])
+@pytest.mark.parametrize(
+    "content, needles",
+    [
+        (
+            b"version https://git-lfs.github.com/spec/v1\noid sha256:" + b"0" * 64 + b"\nsize 1234\n",
+            ["Git LFS", "git lfs pull"],
+        ),
+        (b"<!DOCTYPE html><html><head><title>Download</title></head><body>sign in</body></html>", ["HTML"]),
+    ],
+)
 def test_files_that_are_not_checkpoints_are_named_for_what_they_are(folder, tmp_path, capsys, content, needles):
     path = tmp_path / "model.pth"
     path.write_bytes(content)
-    refused(capsys, prune_args(path, f"imagefolder:{folder}", tmp_path / "out"), str(path), *needles, out=tmp_path / "out")
+    refused(
+        capsys, prune_args(path, f"imagefolder:{folder}", tmp_path / "out"), str(path), *needles, out=tmp_path / "out"
+    )
 
 
 @pytest.mark.slow
 def test_a_safetensors_file_named_bin_loads_and_fp16_stays_fp16(folder, tmp_path, capsys):
-    state = {k: (v.half() if v.is_floating_point() else v) for k, v in build_model("digits_cnn", 2).state_dict().items()}
+    state = {
+        k: (v.half() if v.is_floating_point() else v) for k, v in build_model("digits_cnn", 2).state_dict().items()
+    }
     path = tmp_path / "model.bin"
     save_state_dict(state, path)
     out = tmp_path / "out"
@@ -173,12 +219,17 @@ def test_googlenet_and_inception_prune_on_their_main_logits_or_are_refused_by_in
         # a checkpoint with its auxiliary heads, as torchvision's training-mode models save them
         state.update({"aux1.fc2.weight" if "google" in arch else "AuxLogits.fc.weight": torch.zeros(2, 8)})
         save_state_dict(state, ckpt)
-        job = PruneJob(arch, 2, str(ckpt), f"imagefolder:{folder}", DG2PFConfig(sparsity=0.5, batch_size=4), image_size=size)
+        job = PruneJob(
+            arch, 2, str(ckpt), f"imagefolder:{folder}", DG2PFConfig(sparsity=0.5, batch_size=4), image_size=size
+        )
         if ok:
             assert prepare(job).model.training is not None  # the dry forward + backward passed
         else:
-            refused(capsys, prune_args(ckpt, f"imagefolder:{folder}", tmp_path / "o", "--image-size", str(size),
-                                       arch=arch), "cannot run on 32x32")
+            refused(
+                capsys,
+                prune_args(ckpt, f"imagefolder:{folder}", tmp_path / "o", "--image-size", str(size), arch=arch),
+                "cannot run on 32x32",
+            )
 
 
 def test_relative_paths_become_absolute_before_anything_leaves_the_process(folder, ckpt2, tmp_path, monkeypatch):
@@ -186,8 +237,13 @@ def test_relative_paths_become_absolute_before_anything_leaves_the_process(folde
     from dg2pf_core.job import PruneJob
 
     monkeypatch.chdir(ckpt2.parent.parent)
-    job = PruneJob("digits_cnn", 2, f"{ckpt2.parent.name}/{ckpt2.name}", f"imagefolder:{os.path.relpath(folder)}",
-                   DG2PFConfig(sparsity=0.5))
+    job = PruneJob(
+        "digits_cnn",
+        2,
+        f"{ckpt2.parent.name}/{ckpt2.name}",
+        f"imagefolder:{os.path.relpath(folder)}",
+        DG2PFConfig(sparsity=0.5),
+    )
     monkeypatch.chdir(tmp_path)
     again = PruneJob.from_dict(job.to_dict())
     assert Path(again.checkpoint) == ckpt2 and again.dataset == f"imagefolder:{folder}"
@@ -205,8 +261,13 @@ def test_a_write_failure_after_training_keeps_the_state_and_resume_finishes(fold
 
     out = tmp_path / "out"
     state_dir = state_dir_for(out)
-    job = PruneJob("digits_cnn", 2, str(ckpt2), f"imagefolder:{folder}",
-                   DG2PFConfig(sparsity=0.5, pruning_epochs=2, max_epochs=3, patience=1))
+    job = PruneJob(
+        "digits_cnn",
+        2,
+        str(ckpt2),
+        f"imagefolder:{folder}",
+        DG2PFConfig(sparsity=0.5, pruning_epochs=2, max_epochs=3, patience=1),
+    )
     # After the preflight, something takes the output's place (a file): writing the results fails late.
     with pytest.raises(DG2PFError) as info:
         prune_to_dir(job, out, state_dir=state_dir, on_prepared=lambda _: out.write_text("in the way"))
@@ -224,8 +285,13 @@ def test_ctrl_c_keeps_the_state_and_resume_gives_the_uninterrupted_result(folder
     state_dir = state_dir_for(tmp_path / "out")
     # A terminal's foreground job has Ctrl-C's default disposition; a CI started in the background
     # (`cmd &`) passes SIGINT ignored down to every child, so the test gives it back explicitly.
-    proc = subprocess.Popen(_cli(*args), stderr=subprocess.PIPE, text=True, start_new_session=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    proc = subprocess.Popen(
+        _cli(*args),
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     deadline = time.time() + 120
     while not (state_dir / "train_state.pt").exists() and time.time() < deadline:
         time.sleep(0.05)
@@ -233,27 +299,37 @@ def test_ctrl_c_keeps_the_state_and_resume_gives_the_uninterrupted_result(folder
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130 and f"--resume {state_dir}" in err and "Traceback" not in err, err
     assert not (tmp_path / "out").exists()
-    resumed = subprocess.run(_cli("prune", "--resume", str(state_dir), "--quiet", "--threads", "1"),
-                             capture_output=True, text=True, timeout=300)
+    resumed = subprocess.run(
+        _cli("prune", "--resume", str(state_dir), "--quiet", "--threads", "1"),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert resumed.returncode == 0, resumed.stderr
     reference = args.copy()
     reference[reference.index("--out") + 1] = str(tmp_path / "reference")
     assert subprocess.run(_cli(*reference), capture_output=True, timeout=300).returncode == 0
-    a, b = read_state_dict(tmp_path / "out" / "model.safetensors"), read_state_dict(tmp_path / "reference" / "model.safetensors")
+    a, b = (
+        read_state_dict(tmp_path / "out" / "model.safetensors"),
+        read_state_dict(tmp_path / "reference" / "model.safetensors"),
+    )
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-@pytest.mark.parametrize("extra, needles", [
-    (["--image-size", "100000"], ["image_size: must be in [8, 2048]"]),
-    (["--image-size", "0"], ["image_size: must be in [8, 2048]"]),
-    (["--seed", str(10**24)], ["seed"]),
-    (["--include", "no_such_layer"], ["no_such_layer"]),
-    (["--workers", "0"], ["--workers must be >= 1"]),
-    (["--sparsity=nan"], ["sparsity"]),
-    (["--batch-size", "x"], ["invalid int value", "--help"]),
-    (["--granularity", "2-4"], ["granularity", "'2:4'"]),
-    (["--granularity", "1:4"], ["granularity", "set sparsity to 0.75"]),
-])
+@pytest.mark.parametrize(
+    "extra, needles",
+    [
+        (["--image-size", "100000"], ["image_size: must be in [8, 2048]"]),
+        (["--image-size", "0"], ["image_size: must be in [8, 2048]"]),
+        (["--seed", str(10**24)], ["seed"]),
+        (["--include", "no_such_layer"], ["no_such_layer"]),
+        (["--workers", "0"], ["--workers must be >= 1"]),
+        (["--sparsity=nan"], ["sparsity"]),
+        (["--batch-size", "x"], ["invalid int value", "--help"]),
+        (["--granularity", "2-4"], ["granularity", "'2:4'"]),
+        (["--granularity", "1:4"], ["granularity", "set sparsity to 0.75"]),
+    ],
+)
 def test_out_of_range_values_are_refused_before_anything_is_built(folder, ckpt2, tmp_path, capsys, extra, needles):
     out = tmp_path / "out"
     argv = prune_args(ckpt2, f"imagefolder:{folder}", out, *extra)
@@ -271,14 +347,27 @@ def test_out_of_range_values_are_refused_before_anything_is_built(folder, ckpt2,
 
 
 @pytest.mark.slow
-def test_a_granularity_a_tensor_cannot_take_is_refused_before_training_and_exclude_fixes_it(folder, ckpt2, tmp_path,
-                                                                                          capsys):
+def test_a_granularity_a_tensor_cannot_take_is_refused_before_training_and_exclude_fixes_it(
+    folder, ckpt2, tmp_path, capsys
+):
     out = tmp_path / "out"
     # digits_cnn's first convolution has 1 input channel: not whole groups of 4
-    refused(capsys, prune_args(ckpt2, f"imagefolder:{folder}", out, "--granularity", "2:4"),
-            "granularity 2:4", "features.0.weight (32x1x3x3: 1 input channel)", r"--exclude '^features\.0\.weight$'", out=out)
-    assert main(prune_args(ckpt2, f"imagefolder:{folder}", out, "--granularity", "2:4",
-                           "--exclude", r"^features\.0\.weight$")) == 0, capsys.readouterr().err
+    refused(
+        capsys,
+        prune_args(ckpt2, f"imagefolder:{folder}", out, "--granularity", "2:4"),
+        "granularity 2:4",
+        "features.0.weight (32x1x3x3: 1 input channel)",
+        r"--exclude '^features\.0\.weight$'",
+        out=out,
+    )
+    assert (
+        main(
+            prune_args(
+                ckpt2, f"imagefolder:{folder}", out, "--granularity", "2:4", "--exclude", r"^features\.0\.weight$"
+            )
+        )
+        == 0
+    ), capsys.readouterr().err
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["granularity"] == "2:4" and metrics["nm_violations"] == 0 and metrics["sparsity_prunable"] == 0.5
     assert "features.0.weight" not in metrics["layer_sparsity"]
@@ -286,7 +375,9 @@ def test_a_granularity_a_tensor_cannot_take_is_refused_before_training_and_exclu
 
 def test_a_huge_class_count_is_refused_without_building_the_classifier(folder, ckpt2, tmp_path, capsys):
     started = time.time()
-    refused(capsys, prune_args(ckpt2, f"imagefolder:{folder}", tmp_path / "out", classes=10**9), "num_classes", "100,000")
+    refused(
+        capsys, prune_args(ckpt2, f"imagefolder:{folder}", tmp_path / "out", classes=10**9), "num_classes", "100,000"
+    )
     assert time.time() - started < 20
 
 
@@ -298,28 +389,59 @@ def test_a_finite_checkpoint_that_gives_nan_in_eval_mode_is_refused_by_prune_and
     save_state_dict(state, bad)
     out = tmp_path / "out"
     refused(capsys, prune_args(bad, f"imagefolder:{folder}", out), "non-finite logits in eval mode", out=out)
-    refused(capsys, ["evaluate", "--arch", "digits_cnn", "--num-classes", "2", "--checkpoint", str(bad),
-                     "--dataset", f"imagefolder:{folder}"], "non-finite logits in eval mode")
+    refused(
+        capsys,
+        [
+            "evaluate",
+            "--arch",
+            "digits_cnn",
+            "--num-classes",
+            "2",
+            "--checkpoint",
+            str(bad),
+            "--dataset",
+            f"imagefolder:{folder}",
+        ],
+        "non-finite logits in eval mode",
+    )
 
 
 @pytest.mark.slow
 def test_evaluate_refuses_an_input_size_the_model_cannot_take(folder, tmp_path, capsys):
     ckpt = tmp_path / "vit.safetensors"
     save_state_dict(build_model("torchvision/vit_b_32", 2).state_dict(), ckpt)
-    refused(capsys, ["evaluate", "--arch", "torchvision/vit_b_32", "--num-classes", "2", "--checkpoint", str(ckpt),
-                     "--dataset", f"imagefolder:{folder}", "--image-size", "32"], "cannot run on 32x32")
+    refused(
+        capsys,
+        [
+            "evaluate",
+            "--arch",
+            "torchvision/vit_b_32",
+            "--num-classes",
+            "2",
+            "--checkpoint",
+            str(ckpt),
+            "--dataset",
+            f"imagefolder:{folder}",
+            "--image-size",
+            "32",
+        ],
+        "cannot run on 32x32",
+    )
 
 
 @pytest.mark.slow
-def test_output_locations_the_results_cannot_be_renamed_into_are_refused_and_links_are_followed(folder, ckpt2, tmp_path,
-                                                                                                 capsys, monkeypatch):
+def test_output_locations_the_results_cannot_be_renamed_into_are_refused_and_links_are_followed(
+    folder, ckpt2, tmp_path, capsys, monkeypatch
+):
     refused(capsys, prune_args(ckpt2, f"imagefolder:{folder}", Path("/")), "root directory")
     empty = tmp_path / "here"
     empty.mkdir()
     monkeypatch.chdir(empty)
     refused(capsys, prune_args(ckpt2, f"imagefolder:{folder}", Path(".")), "current directory")
     (tmp_path / "dangling").symlink_to(tmp_path / "missing")
-    refused(capsys, prune_args(ckpt2, f"imagefolder:{folder}", tmp_path / "dangling"), "symbolic link", "does not exist")
+    refused(
+        capsys, prune_args(ckpt2, f"imagefolder:{folder}", tmp_path / "dangling"), "symbolic link", "does not exist"
+    )
     target = tmp_path / "target"
     target.mkdir()
     (tmp_path / "link").symlink_to(target)
@@ -366,7 +488,9 @@ def test_a_diverged_run_leaves_no_state_to_resume_so_starting_again_is_not_block
     out = tmp_path / "out"
     job = PruneJob("digits_cnn", 2, str(ckpt2), f"imagefolder:{folder}", DG2PFConfig(sparsity=0.5, pruning_epochs=3))
     with pytest.raises(TrainingDiverged):
-        prune_to_dir(job, out, progress=_StopAt(1, TrainingDiverged("training loss became nan")), state_dir=state_dir_for(out))
+        prune_to_dir(
+            job, out, progress=_StopAt(1, TrainingDiverged("training loss became nan")), state_dir=state_dir_for(out)
+        )
     assert not state_dir_for(out).exists() and not out.exists()  # resuming would diverge again
     assert main(prune_args(ckpt2, f"imagefolder:{folder}", out)) == 0
 

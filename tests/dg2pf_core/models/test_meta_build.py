@@ -11,8 +11,14 @@ from dg2pf_core.models import build_model, list_archs
 from dg2pf_core.models.registry import build_meta, parameter_count
 
 # Cheap to build for real, and regnet's builders read the values of tensors they compute.
-SMALL = ["digits_cnn", "cifar/resnet18", "torchvision/regnet_y_400mf", "torchvision/regnet_x_400mf",
-         "torchvision/mobilenet_v3_small", "torchvision/squeezenet1_1"]
+SMALL = [
+    "digits_cnn",
+    "cifar/resnet18",
+    "torchvision/regnet_y_400mf",
+    "torchvision/regnet_x_400mf",
+    "torchvision/mobilenet_v3_small",
+    "torchvision/squeezenet1_1",
+]
 
 
 @pytest.mark.parametrize("name", list_archs())
@@ -39,8 +45,13 @@ def test_a_builder_that_reads_its_tensors_allocates_nothing_big():
 def test_submit_checks_of_a_regnet_run_on_meta(tmp_path):
     ckpt = tmp_path / "regnet.safetensors"
     save_state_dict(build_model("torchvision/regnet_y_400mf", 10).state_dict(), ckpt)
-    job = PruneJob(arch="torchvision/regnet_y_400mf", num_classes=10, checkpoint=str(ckpt), dataset="digits",
-                   config=DG2PFConfig(sparsity=0.5))
+    job = PruneJob(
+        arch="torchvision/regnet_y_400mf",
+        num_classes=10,
+        checkpoint=str(ckpt),
+        dataset="digits",
+        config=DG2PFConfig(sparsity=0.5),
+    )
     _, model, _, _ = check_static(job, meta=True, max_params=10_000_000)
     assert any(p.is_meta for p in model.parameters())
     assert checkpoint_num_classes("torchvision/regnet_y_400mf", ckpt) == 10

@@ -19,7 +19,11 @@ def light_client_bin(tmp_path_factory) -> Path:
     src = root / "src"  # a copy: the build leaves build/ and *.egg-info beside the sources
     shutil.copytree(clients, src, ignore=shutil.ignore_patterns("__pycache__", "build", "dist", "*.egg-info"))
     subprocess.run([sys.executable, "-m", "venv", str(root / "venv")], check=True, timeout=300)
-    pip = subprocess.run([str(root / "venv" / "bin" / "python"), "-m", "pip", "install", "--quiet", str(src)],
-                         capture_output=True, text=True, timeout=900)
+    pip = subprocess.run(
+        [str(root / "venv" / "bin" / "python"), "-m", "pip", "install", "--quiet", str(src)],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert pip.returncode == 0, pip.stdout + pip.stderr
     return root / "venv" / "bin"

@@ -11,11 +11,10 @@ from pathlib import Path
 
 import httpx
 import pytest
+from service_process import ServiceProcess
 
 from dg2pf_client import Client, Conflict, Forbidden, InvalidRequest, NotFound, TooLarge, Unauthorized
 from dg2pf_core.io.checkpoint_save import save_state_dict
-
-from service_process import ServiceProcess
 
 pytestmark = pytest.mark.slow
 TOKEN = "s3cret-token"
@@ -23,8 +22,12 @@ FAST = {"pruning_epochs": 2, "max_epochs": 4, "patience": 2}
 
 
 def spec(checkpoint: str, **over) -> dict:
-    doc = {"model": {"arch": "digits_cnn", "num_classes": 10, "checkpoint": checkpoint}, "dataset": {"spec": "digits"},
-           "sparsity": 0.9, "schedule": dict(FAST)}
+    doc = {
+        "model": {"arch": "digits_cnn", "num_classes": 10, "checkpoint": checkpoint},
+        "dataset": {"spec": "digits"},
+        "sparsity": 0.9,
+        "schedule": dict(FAST),
+    }
     doc.update(over)
     return doc
 
@@ -33,10 +36,16 @@ def spec(checkpoint: str, **over) -> dict:
 def service(tmp_path_factory, pg_url):
     root = tmp_path_factory.mktemp("svc")
     (root / "data").mkdir()
-    svc = ServiceProcess(root / "state", DG2PF_DATABASE_URL=pg_url, DG2PF_API_TOKENS=f"{TOKEN},another",
-                         DG2PF_DATA_ROOTS=str(root / "data"), DG2PF_MAX_UPLOAD_BYTES=str(2_000_000),
-                         DG2PF_MAX_MODEL_PARAMS=str(400_000_000),
-                         DG2PF_MLFLOW_TRACKING_URI=f"sqlite:///{root / 'mlflow.db'}", DG2PF_MLFLOW_POLL_SECONDS="0.5")
+    svc = ServiceProcess(
+        root / "state",
+        DG2PF_DATABASE_URL=pg_url,
+        DG2PF_API_TOKENS=f"{TOKEN},another",
+        DG2PF_DATA_ROOTS=str(root / "data"),
+        DG2PF_MAX_UPLOAD_BYTES=str(2_000_000),
+        DG2PF_MAX_MODEL_PARAMS=str(400_000_000),
+        DG2PF_MLFLOW_TRACKING_URI=f"sqlite:///{root / 'mlflow.db'}",
+        DG2PF_MLFLOW_POLL_SECONDS="0.5",
+    )
     svc.mlflow_uri = f"sqlite:///{root / 'mlflow.db'}"
     svc.start()
     yield svc
@@ -80,7 +89,9 @@ def test_upload_same_content_same_id_and_size_limit(service, client, digits_exam
 
 
 def test_full_lifecycle(service, client, ckpt, tmp_path):
-    r = httpx.post(f"{service.url}/jobs", json=spec(ckpt, name="lifecycle"), headers={"Authorization": f"Bearer {TOKEN}"})
+    r = httpx.post(
+        f"{service.url}/jobs", json=spec(ckpt, name="lifecycle"), headers={"Authorization": f"Bearer {TOKEN}"}
+    )
     assert r.status_code == 202 and r.headers["location"] == f"/jobs/{r.json()['id']}"
     assert r.json()["state"] == "queued"
     job_id = r.json()["id"]
@@ -110,9 +121,11 @@ def test_full_lifecycle(service, client, ckpt, tmp_path):
     # measured speed beside the MACs ratio: dense vs pruned, per backend and batch size (the runner's 1 thread)
     latency = job.best_metrics["latency"]
     assert latency["threads"] == 1 and latency["macs_ratio"] == pytest.approx(
-        job.best_metrics["flops_sparse"] / job.best_metrics["flops_dense"])
+        job.best_metrics["flops_sparse"] / job.best_metrics["flops_dense"]
+    )
     assert set(latency["speedup"]) == {"torch", "onnxruntime"} and all(
-        x > 0 for by in latency["speedup"].values() for x in by.values())
+        x > 0 for by in latency["speedup"].values() for x in by.values()
+    )
     assert [h["epoch"] for h in job.history] == list(range(len(job.history)))
     assert ("running", "gradual_pruning") in seen or ("running", "baseline") in seen
     files = {p.name for p in client.download(job.id, tmp_path / "dl")}
@@ -160,8 +173,9 @@ def _check_events(service, job, streamed) -> None:
     events = [e for _, e in streamed]
     assert events[0].kind == "state" and events[-1].kind == "state" and events[-1].job.state == "succeeded"
     # each record once, in order (live ones are the run's progress records: the final history's, plus world_size)
-    assert [(e.record["epoch"], e.record["val_top1"]) for e in events if e.kind == "epoch"] == \
-        [(h["epoch"], h["val_top1"]) for h in job.history]
+    assert [(e.record["epoch"], e.record["val_top1"]) for e in events if e.kind == "epoch"] == [
+        (h["epoch"], h["val_top1"]) for h in job.history
+    ]
     states = [(e.job.state, e.job.phase) for e in events if e.kind == "state"]
     assert all(a != b for a, b in zip(states, states[1:])) and ("running", "gradual_pruning") in states, states
     assert len({e.id for e in events}) == len(events)
@@ -172,8 +186,9 @@ def _check_events(service, job, streamed) -> None:
     cut = [i for i, e in enumerate(events) if e.kind == "epoch"][2]
     with Client(service.url, token=TOKEN) as c:
         resumed = list(c.events(job.id, last_event_id=events[cut].id))
-    assert [e.record["epoch"] for e in resumed if e.kind == "epoch"] == [e.record["epoch"] for e in events[cut + 1:]
-                                                                         if e.kind == "epoch"]
+    assert [e.record["epoch"] for e in resumed if e.kind == "epoch"] == [
+        e.record["epoch"] for e in events[cut + 1 :] if e.kind == "epoch"
+    ]
     assert resumed[-1].job.state == "succeeded"
     with Client(service.url, token=TOKEN) as c:  # a finished job's stream from its last event: nothing more
         assert [e.kind for e in c.events(job.id, last_event_id=events[-1].id)] == []
@@ -192,8 +207,16 @@ BAD = [
     (lambda c: spec(c, sparsity=1.5), 422, "sparsity"),
     (lambda c: spec(c, sparsity=0), 422, "sparsity"),
     (lambda c: {**spec(c), "model": {"arch": "digit_cnn", "num_classes": 10, "checkpoint": c}}, 422, "model.arch"),
-    (lambda c: {**spec(c), "model": {"arch": "digits_cnn", "num_classes": 10, "checkpoint": "0" * 32}}, 404, "model.checkpoint"),
-    (lambda c: {**spec(c), "model": {"arch": "digits_cnn", "num_classes": 7, "checkpoint": c}}, 422, "model.checkpoint"),
+    (
+        lambda c: {**spec(c), "model": {"arch": "digits_cnn", "num_classes": 10, "checkpoint": "0" * 32}},
+        404,
+        "model.checkpoint",
+    ),
+    (
+        lambda c: {**spec(c), "model": {"arch": "digits_cnn", "num_classes": 7, "checkpoint": c}},
+        422,
+        "model.checkpoint",
+    ),
     (lambda c: {**spec(c), "dataset": {"spec": "imagefolder:/etc"}}, 422, "dataset.spec"),
     (lambda c: {**spec(c), "dataset": {"spec": "cifar10:/nonexistent/x"}}, 422, "dataset.spec"),
     (lambda c: {**spec(c), "resources": {"num_workers": 0}}, 422, "resources.num_workers"),
@@ -207,9 +230,17 @@ BAD = [
     (lambda c: {**spec(c), "dataset": {"spec": "cifar10"}}, 422, "dataset.spec"),
     (lambda c: {**spec(c), "dataset": {"spec": "digits", "augment": "randaugment"}}, 422, "dataset.augment"),
     (lambda c: {**spec(c), "dataset": {"spec": "imagefolder:/data/x\u0000y"}}, 422, "dataset.spec"),
-    (lambda c: {**spec(c), "model": {"arch": "digits_cnn", "num_classes": 10, "checkpoint": "/a/b\u0000.pt"}}, 422, "model.checkpoint"),
+    (
+        lambda c: {**spec(c), "model": {"arch": "digits_cnn", "num_classes": 10, "checkpoint": "/a/b\u0000.pt"}},
+        422,
+        "model.checkpoint",
+    ),
     (lambda c: {**spec(c), "teacher": "/x\u0000"}, 422, "teacher"),
-    (lambda c: {**spec(c), "model": {"arch": "digits_cnn", "num_classes": 2**40, "checkpoint": c}}, 422, "model.num_classes"),
+    (
+        lambda c: {**spec(c), "model": {"arch": "digits_cnn", "num_classes": 2**40, "checkpoint": c}},
+        422,
+        "model.num_classes",
+    ),
     (lambda c: {**spec(c), "schedule": {"batch_size": 10**9}}, 422, "schedule.batch_size"),
     (lambda c: {**spec(c), "schedule": {"max_epochs": 10**12}}, 422, "schedule.max_epochs"),
     (lambda c: {**spec(c), "schedule": {"seed": 2**63}}, 422, "schedule.seed"),
@@ -219,28 +250,59 @@ BAD = [
     # digits_cnn's first convolution has 1 input channel: no whole groups of 4 (checked at submit)
     (lambda c: {**spec(c, sparsity=0.5), "schedule": {"granularity": "2:4"}}, 422, "schedule.granularity"),
     # channel granularity: the MACs target only with it, instead of sparsity, reachable under the guard (at submit)
-    (lambda c: {**spec(c, sparsity=None), "schedule": {**FAST, "target_macs_ratio": 0.5}}, 422, "schedule.target_macs_ratio"),
+    (
+        lambda c: {**spec(c, sparsity=None), "schedule": {**FAST, "target_macs_ratio": 0.5}},
+        422,
+        "schedule.target_macs_ratio",
+    ),
     # ... named as channel-only with N:M too, not as N:M's sparsity rule
-    (lambda c: {**spec(c, sparsity=None), "schedule": {**FAST, "granularity": "2:4", "target_macs_ratio": 0.5}}, 422,
-     "schedule.target_macs_ratio"),
+    (
+        lambda c: {**spec(c, sparsity=None), "schedule": {**FAST, "granularity": "2:4", "target_macs_ratio": 0.5}},
+        422,
+        "schedule.target_macs_ratio",
+    ),
     (lambda c: {**spec(c), "schedule": {**FAST, "granularity": "channel", "target_macs_ratio": 0.5}}, 422, "sparsity"),
-    (lambda c: {**spec(c, sparsity=None), "schedule": {**FAST, "granularity": "channel", "target_macs_ratio": 1.5}},
-     422, "schedule.target_macs_ratio"),
-    (lambda c: {**spec(c, sparsity=None), "schedule": {**FAST, "granularity": "channel", "target_macs_ratio": 0.1,
-                                                        "max_layer_sparsity": 0.5}}, 422, "schedule.target_macs_ratio"),
+    (
+        lambda c: {**spec(c, sparsity=None), "schedule": {**FAST, "granularity": "channel", "target_macs_ratio": 1.5}},
+        422,
+        "schedule.target_macs_ratio",
+    ),
+    (
+        lambda c: {
+            **spec(c, sparsity=None),
+            "schedule": {**FAST, "granularity": "channel", "target_macs_ratio": 0.1, "max_layer_sparsity": 0.5},
+        },
+        422,
+        "schedule.target_macs_ratio",
+    ),
     (lambda c: spec(c, sparsity=None), 422, "sparsity"),
-    (lambda c: {**spec(c), "schedule": {**FAST, "granularity": "channel", "scope": "layerwise"}}, 422, "schedule.scope"),
+    (
+        lambda c: {**spec(c), "schedule": {**FAST, "granularity": "channel", "scope": "layerwise"}},
+        422,
+        "schedule.scope",
+    ),
     (lambda c: {**spec(c, sparsity=0.99), "schedule": {**FAST, "granularity": "channel"}}, 422, "sparsity"),
     # refused by name: tracing swin_t alone would take minutes and GBs at submit
-    (lambda c: {**spec(c), "model": {"arch": "torchvision/swin_t", "num_classes": 10, "checkpoint": c},
-                "schedule": {**FAST, "granularity": "channel"}}, 422, "schedule.granularity"),
+    (
+        lambda c: {
+            **spec(c),
+            "model": {"arch": "torchvision/swin_t", "num_classes": 10, "checkpoint": c},
+            "schedule": {**FAST, "granularity": "channel"},
+        },
+        422,
+        "schedule.granularity",
+    ),
     # control characters in what the CLI prints: NUL, an ANSI escape, CR/LF, DEL, a C1 control
     (lambda c: spec(c, name="a\u0000b"), 422, "name"),
     (lambda c: spec(c, name="\u001b[2J\u001b[31mowned"), 422, "name"),
     (lambda c: spec(c, name="ok\r\nstate: succeeded"), 422, "name"),
     (lambda c: spec(c, name="del\u007f"), 422, "name"),
     (lambda c: spec(c, name="csi\u009b31m"), 422, "name"),
-    (lambda c: {**spec(c), "model": {"arch": "digits_cnn\u001b[0m", "num_classes": 10, "checkpoint": c}}, 422, "model.arch"),
+    (
+        lambda c: {**spec(c), "model": {"arch": "digits_cnn\u001b[0m", "num_classes": 10, "checkpoint": c}},
+        422,
+        "model.arch",
+    ),
     (lambda c: {**spec(c), "dataset": {"spec": "imagefolder:/data/x\ny"}}, 422, "dataset.spec"),
     (lambda c: {**spec(c), "teacher": "/x\u001b"}, 422, "teacher"),
     (lambda c: spec(c, sparsity=5e-324), 422, "sparsity"),
@@ -248,17 +310,56 @@ BAD = [
     # user regular expressions: RE2 takes no backreference (and no pattern can freeze the API)
     (lambda c: {**spec(c), "schedule": {**FAST, "include": ["(conv)\\1"]}}, 422, "schedule.include"),
     (lambda c: {**spec(c), "schedule": {**FAST, "exclude": ["fc(?=2)"]}}, 422, "schedule.exclude"),
-    (lambda c: {**spec(c), "schedule": {**FAST, "include": ["(.*.*.*)*="]}}, 422, "schedule.include"),  # matches nothing
+    (
+        lambda c: {**spec(c), "schedule": {**FAST, "include": ["(.*.*.*)*="]}},
+        422,
+        "schedule.include",
+    ),  # matches nothing
     # search spaces: every kind that was a 500 or accepted
-    (lambda c: {**spec(c), "tune": {"search_space": {"weight_decay": {"loguniform": [0, 0.1]}}}}, 422, "tune.search_space"),
-    (lambda c: {**spec(c), "tune": {"search_space": {"pruning_epochs": {"randint": ["1", "3"]}}}}, 422, "tune.search_space"),
+    (
+        lambda c: {**spec(c), "tune": {"search_space": {"weight_decay": {"loguniform": [0, 0.1]}}}},
+        422,
+        "tune.search_space",
+    ),
+    (
+        lambda c: {**spec(c), "tune": {"search_space": {"pruning_epochs": {"randint": ["1", "3"]}}}},
+        422,
+        "tune.search_space",
+    ),
     (lambda c: {**spec(c), "tune": {"search_space": {"lr": {"uniform": [0.01, 0.001]}}}}, 422, "tune.search_space"),
-    (lambda c: {**spec(c), "tune": {"search_space": {"pruning_epochs": {"randint": [5, 5]}}}}, 422, "tune.search_space"),
-    (lambda c: {**spec(c), "tune": {"samples": 256, "search_space": {"kd_alpha": {"grid": [0.5] * 100_000}}}}, 422, "tune.search_space"),
-    (lambda c: {**spec(c), "tune": {"samples": 256, "search_space": {
-        n: {"grid": [v] * 50} for n, v in [("lr", 1e-3), ("kd_alpha", 0.5), ("kd_temperature", 4.0), ("weight_decay", 0.0),
-                                           ("grad_clip", 0.5), ("finetune_lr", 1e-3), ("sp_weight", 1.0), ("finetune_momentum", 0.9)]}}},
-     422, "tune.search_space"),
+    (
+        lambda c: {**spec(c), "tune": {"search_space": {"pruning_epochs": {"randint": [5, 5]}}}},
+        422,
+        "tune.search_space",
+    ),
+    (
+        lambda c: {**spec(c), "tune": {"samples": 256, "search_space": {"kd_alpha": {"grid": [0.5] * 100_000}}}},
+        422,
+        "tune.search_space",
+    ),
+    (
+        lambda c: {
+            **spec(c),
+            "tune": {
+                "samples": 256,
+                "search_space": {
+                    n: {"grid": [v] * 50}
+                    for n, v in [
+                        ("lr", 1e-3),
+                        ("kd_alpha", 0.5),
+                        ("kd_temperature", 4.0),
+                        ("weight_decay", 0.0),
+                        ("grad_clip", 0.5),
+                        ("finetune_lr", 1e-3),
+                        ("sp_weight", 1.0),
+                        ("finetune_momentum", 0.9),
+                    ]
+                },
+            },
+        },
+        422,
+        "tune.search_space",
+    ),
     (lambda c: {**spec(c), "tune": {"search_space": {"amp": {"choice": ["none", "bf16"]}}}}, 422, "tune.search_space"),
 ]
 
@@ -274,7 +375,11 @@ def test_bad_input_is_refused_and_nothing_is_created(service, client, ckpt, make
 
 
 def test_malformed_json_and_unknown_job(service, client):
-    r = httpx.post(f"{service.url}/jobs", content=b"{not json", headers={"Authorization": f"Bearer {TOKEN}", "content-type": "application/json"})
+    r = httpx.post(
+        f"{service.url}/jobs",
+        content=b"{not json",
+        headers={"Authorization": f"Bearer {TOKEN}", "content-type": "application/json"},
+    )
     assert r.status_code == 400 and r.json()["error"]["type"] == "malformed_json"
     with pytest.raises(NotFound):
         client.get("f" * 32)
@@ -300,7 +405,9 @@ def test_cancel_during_pruning_stops_the_work_and_keeps_artifacts(service, clien
     assert "progress.jsonl" in names  # what was written so far is kept
     progress_lines = len((service.data_dir / "jobs" / job_id / "progress.jsonl").read_text().splitlines())
     time.sleep(3)
-    assert len((service.data_dir / "jobs" / job_id / "progress.jsonl").read_text().splitlines()) == progress_lines  # stopped
+    assert (
+        len((service.data_dir / "jobs" / job_id / "progress.jsonl").read_text().splitlines()) == progress_lines
+    )  # stopped
     with pytest.raises(Conflict):
         client.cancel(job_id)
     mlflow, run = _mlflow_run(service, job_id, "KILLED")  # the epochs it ran, then its end
@@ -355,8 +462,8 @@ def test_cli_submit_wait_status_jobs_download(service, ckpt, tmp_path, capsys):
 
     job_file = tmp_path / "job.yaml"
     job_file.write_text(
-        "name: from-cli\nmodel: {arch: digits_cnn, num_classes: 10, checkpoint: %s}\n"
-        "dataset: {spec: digits}\nsparsity: 0.8\nschedule: {pruning_epochs: 1, max_epochs: 2}\n" % ckpt
+        f"name: from-cli\nmodel: {{arch: digits_cnn, num_classes: 10, checkpoint: {ckpt}}}\n"
+        "dataset: {spec: digits}\nsparsity: 0.8\nschedule: {pruning_epochs: 1, max_epochs: 2}\n"
     )
     conn = ["--url", service.url, "--token", TOKEN]
     assert main(["submit", str(job_file), "--wait", *conn]) == 0
@@ -367,11 +474,13 @@ def test_cli_submit_wait_status_jobs_download(service, ckpt, tmp_path, capsys):
     epochs = [str(h["epoch"]) for h in status["history"]]
     assert main(["status", job_id, "--follow", *conn]) == 0  # a finished job: its epochs, its final state, its result
     lines = capsys.readouterr().out.splitlines()
-    assert [line.split()[1] for line in lines[:len(epochs)] if line.startswith("  epoch ")] == epochs
+    assert [line.split()[1] for line in lines[: len(epochs)] if line.startswith("  epoch ")] == epochs
     assert lines[len(epochs)].startswith(job_id) and "succeeded" in lines[len(epochs)]
     assert lines[len(epochs) + 1].startswith("  test top-1")
     assert main(["status", job_id, "--follow", "--json", *conn]) == 0
-    assert [json.loads(line)["kind"] for line in capsys.readouterr().out.splitlines()] == ["epoch"] * len(epochs) + ["state"]
+    assert [json.loads(line)["kind"] for line in capsys.readouterr().out.splitlines()] == ["epoch"] * len(epochs) + [
+        "state"
+    ]
     assert main(["jobs", "--state", "succeeded", *conn]) == 0
     assert job_id in capsys.readouterr().out
     assert main(["download", job_id, "--out", str(tmp_path / "dl"), *conn]) == 0
@@ -413,21 +522,34 @@ def test_one_job_file_runs_through_dg2pf_prune_and_post_jobs(service, client, di
     assert local.config == remote.config
 
 
-def test_the_light_client_alone_in_a_fresh_venv_drives_the_service(service, ckpt, digits_example, light_client_bin, tmp_path):
-    listed = subprocess.run([str(light_client_bin / "python"), "-m", "pip", "list", "--format=json"], capture_output=True,
-                            text=True, timeout=120)
+def test_the_light_client_alone_in_a_fresh_venv_drives_the_service(
+    service, ckpt, digits_example, light_client_bin, tmp_path
+):
+    listed = subprocess.run(
+        [str(light_client_bin / "python"), "-m", "pip", "list", "--format=json"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     installed = {p["name"].lower() for p in json.loads(listed.stdout)}
     assert "dg2pf-client" in installed and not installed & {"torch", "torchvision", "ray", "numpy", "dg2pf"}, installed
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"DG2PF_URL": service.url, "DG2PF_TOKEN": TOKEN}
 
     def dg2pf(*args: str, **over: str) -> subprocess.CompletedProcess:
-        return subprocess.run([str(light_client_bin / "dg2pf"), *args], capture_output=True, text=True, cwd=tmp_path,
-                              env=env | over, timeout=600)
+        return subprocess.run(
+            [str(light_client_bin / "dg2pf"), *args],
+            capture_output=True,
+            text=True,
+            cwd=tmp_path,
+            env=env | over,
+            timeout=600,
+        )
 
     up = dg2pf("upload", str(digits_example / "model.safetensors"))
     assert up.returncode == 0 and up.stdout.split()[0] == ckpt, up.stderr  # the same content: the same id
-    (tmp_path / "job.json").write_text(json.dumps(spec(ckpt, name="light", sparsity=0.8,
-                                                       schedule={"pruning_epochs": 1, "max_epochs": 2})))
+    (tmp_path / "job.json").write_text(
+        json.dumps(spec(ckpt, name="light", sparsity=0.8, schedule={"pruning_epochs": 1, "max_epochs": 2}))
+    )
     listing = dg2pf("jobs")
     assert listing.returncode == 0 and listing.stdout.rstrip().endswith(")"), listing.stderr
     sub = dg2pf("submit", "job.json", "--wait")
@@ -440,14 +562,22 @@ def test_the_light_client_alone_in_a_fresh_venv_drives_the_service(service, ckpt
     assert dg2pf("download", job_id, "--out", "dl").returncode == 0
     assert {"model.safetensors", "metrics.json"} <= {p.name for p in (tmp_path / "dl").iterdir()}
     (tmp_path / "bad.json").write_text(json.dumps(spec(ckpt, sparsity=2)))
-    for result, needle in ((dg2pf("submit", "bad.json"), "(sparsity)"), (dg2pf("cancel", job_id), "already succeeded"),
-                           (dg2pf("jobs", DG2PF_TOKEN="wrong"), "token"), (dg2pf("prune", "--arch", "x"), "full dg2pf package")):
+    for result, needle in (
+        (dg2pf("submit", "bad.json"), "(sparsity)"),
+        (dg2pf("cancel", job_id), "already succeeded"),
+        (dg2pf("jobs", DG2PF_TOKEN="wrong"), "token"),
+        (dg2pf("prune", "--arch", "x"), "full dg2pf package"),
+    ):
         lines = result.stderr.strip().splitlines()
         assert result.returncode == 2 and len(lines) == 1 and needle in lines[0], result.stderr
-    probe = ("import sys\nfrom dg2pf_client import Client\n"
-             f"with Client({service.url!r}, token={TOKEN!r}) as c:\n    print(c.get({job_id!r}).state)\n"
-             "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'ray', 'numpy'}))")
-    out = subprocess.run([str(light_client_bin / "python"), "-c", probe], capture_output=True, text=True, env=env, timeout=120)
+    probe = (
+        "import sys\nfrom dg2pf_client import Client\n"
+        f"with Client({service.url!r}, token={TOKEN!r}) as c:\n    print(c.get({job_id!r}).state)\n"
+        "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'ray', 'numpy'}))"
+    )
+    out = subprocess.run(
+        [str(light_client_bin / "python"), "-c", probe], capture_output=True, text=True, env=env, timeout=120
+    )
     assert out.stdout.split() == ["succeeded", "[]"], out.stderr
 
 
@@ -456,7 +586,9 @@ def test_cancel_during_finetuning(service, client, ckpt):
     job_id = client.submit(spec(ckpt, schedule={"pruning_epochs": 1, "max_epochs": 40, "patience": 4})).id
     deadline = time.time() + 300
     job = client.get(job_id)
-    while time.time() < deadline and not (job.phase == "finetuning" or job.state != "running" and job.state != "queued"):
+    while time.time() < deadline and not (
+        job.phase == "finetuning" or job.state != "running" and job.state != "queued"
+    ):
         time.sleep(0.1)
         job = client.get(job_id)
     assert job.phase == "finetuning" and job.state == "running", job
@@ -467,7 +599,9 @@ def test_cancel_during_finetuning(service, client, ckpt):
     assert {h["phase"] for h in job.history} >= {"gradual_pruning", "distillation", "finetuning"}
 
 
-def test_inputs_the_preflight_refuses_fail_the_job_with_its_message_and_the_queue_goes_on(service, client, ckpt, tmp_path):
+def test_inputs_the_preflight_refuses_fail_the_job_with_its_message_and_the_queue_goes_on(
+    service, client, ckpt, tmp_path
+):
     """What only the job's runner can check (every image decoded, a dry forward + backward pass) fails
     the job with the preflight's one line, before any epoch; the next job runs."""
     import numpy as np
@@ -491,8 +625,15 @@ def test_inputs_the_preflight_refuses_fail_the_job_with_its_message_and_the_queu
     assert b.state == "failed" and "BatchNorm" in b.error.message and "batch_size" in b.error.message, b.error
     assert a.history == [] and b.history == []  # refused before any epoch
     assert client.wait(good, timeout=300).state == "succeeded"
-    skipped = client.wait(client.submit({**spec(ckpt, schedule={"pruning_epochs": 1, "max_epochs": 1}),
-                                         "dataset": {"spec": f"imagefolder:{root}", "skip_bad_images": True}}).id, timeout=300)
+    skipped = client.wait(
+        client.submit(
+            {
+                **spec(ckpt, schedule={"pruning_epochs": 1, "max_epochs": 1}),
+                "dataset": {"spec": f"imagefolder:{root}", "skip_bad_images": True},
+            }
+        ).id,
+        timeout=300,
+    )
     assert skipped.state == "succeeded", skipped.error
 
 
@@ -509,7 +650,9 @@ def test_a_checkpoint_with_nan_is_refused_at_upload(client, tmp_path):
         client.upload_checkpoint(path)
 
 
-def test_a_checkpoint_with_raw_and_ema_weights_is_refused_on_checkpoint_key_until_chosen(service, client, digits_example, tmp_path):
+def test_a_checkpoint_with_raw_and_ema_weights_is_refused_on_checkpoint_key_until_chosen(
+    service, client, digits_example, tmp_path
+):
     import torch
 
     from dg2pf_core.io.checkpoints import read_state_dict
@@ -524,8 +667,11 @@ def test_a_checkpoint_with_raw_and_ema_weights_is_refused_on_checkpoint_key_unti
     error = r.json()["error"]
     assert error["field"] == "model.checkpoint_key" and "'state_dict_ema'" in error["message"]
     assert "model.checkpoint_key state_dict_ema" in error["message"] and "--checkpoint-key" not in error["message"]
-    r = httpx.post(f"{service.url}/jobs", json={**spec(ckpt), "model": {**spec(ckpt)["model"], "checkpoint_key": "state_dict_ema"}},
-                   headers=headers)
+    r = httpx.post(
+        f"{service.url}/jobs",
+        json={**spec(ckpt), "model": {**spec(ckpt)["model"], "checkpoint_key": "state_dict_ema"}},
+        headers=headers,
+    )
     assert r.status_code == 202, r.text
     client.cancel(r.json()["id"])  # not needed further: the module's later tests expect an idle queue
 
@@ -550,25 +696,53 @@ def test_paths_cannot_escape_the_data_roots_and_checkpoints_are_pinned(service, 
     os.symlink(outside, root / "ds-with-link" / "train" / "0")
     headers = {"Authorization": f"Bearer {TOKEN}"}
     cases = [
-        ({**spec(ckpt), "model": {"arch": "digits_cnn", "num_classes": 10, "checkpoint": str(root / "linked.safetensors")}},
-         "model.checkpoint", "not a file under DG2PF_DATA_ROOTS"),
-        ({**spec(ckpt), "model": {"arch": "digits_cnn", "num_classes": 10, "checkpoint": str(root / "hardlinked.safetensors")}},
-         "model.checkpoint", "hard link"),
-        ({**spec(ckpt), "model": {"arch": "digits_cnn", "num_classes": 10, "checkpoint": str(service.data_dir / "checkpoints" / f"{ckpt}.safetensors")}},
-         "model.checkpoint", "not a file under DG2PF_DATA_ROOTS"),
+        (
+            {
+                **spec(ckpt),
+                "model": {"arch": "digits_cnn", "num_classes": 10, "checkpoint": str(root / "linked.safetensors")},
+            },
+            "model.checkpoint",
+            "not a file under DG2PF_DATA_ROOTS",
+        ),
+        (
+            {
+                **spec(ckpt),
+                "model": {"arch": "digits_cnn", "num_classes": 10, "checkpoint": str(root / "hardlinked.safetensors")},
+            },
+            "model.checkpoint",
+            "hard link",
+        ),
+        (
+            {
+                **spec(ckpt),
+                "model": {
+                    "arch": "digits_cnn",
+                    "num_classes": 10,
+                    "checkpoint": str(service.data_dir / "checkpoints" / f"{ckpt}.safetensors"),
+                },
+            },
+            "model.checkpoint",
+            "not a file under DG2PF_DATA_ROOTS",
+        ),
         ({**spec(ckpt), "dataset": {"spec": f"imagefolder:{root / 'ds-with-link'}"}}, "dataset.spec", "symbolic link"),
     ]
     total = client.list().total
     for body, field, needle in cases:
         r = httpx.post(f"{service.url}/jobs", json=body, headers=headers)
-        assert r.status_code == 422 and r.json()["error"]["field"] == field and needle in r.json()["error"]["message"], r.text
+        assert (
+            r.status_code == 422 and r.json()["error"]["field"] == field and needle in r.json()["error"]["message"]
+        ), r.text
     assert client.list().total == total
     # A checkpoint under the roots is copied into the store when the job is submitted: replacing the
     # original afterwards (here by a link to another file) does not change what the job reads.
     own = root / "own.safetensors"
     shutil.copy(digits_example / "model.safetensors", own)
-    job_id = client.submit({**spec(ckpt, schedule={"pruning_epochs": 1, "max_epochs": 1}),
-                            "model": {"arch": "digits_cnn", "num_classes": 10, "checkpoint": str(own)}}).id
+    job_id = client.submit(
+        {
+            **spec(ckpt, schedule={"pruning_epochs": 1, "max_epochs": 1}),
+            "model": {"arch": "digits_cnn", "num_classes": 10, "checkpoint": str(own)},
+        }
+    ).id
     own.unlink()
     os.symlink(outside / "model.safetensors", own)
     job = client.wait(job_id, timeout=300)
@@ -579,8 +753,14 @@ def test_paths_cannot_escape_the_data_roots_and_checkpoints_are_pinned(service, 
 
 def test_a_huge_architecture_is_refused_before_it_is_built(service, client, ckpt):
     headers = {"Authorization": f"Bearer {TOKEN}"}
-    for arch, needle in (("torchvision/vit_h_14", "over this service's limit of 400,000,000"),
-                         ("torchvision/vit_l_16", "does not fit")):  # under the limit: checked on the meta device
-        r = httpx.post(f"{service.url}/jobs", json={**spec(ckpt), "model": {"arch": arch, "num_classes": 10, "checkpoint": ckpt}},
-                       headers=headers, timeout=60)
+    for arch, needle in (
+        ("torchvision/vit_h_14", "over this service's limit of 400,000,000"),
+        ("torchvision/vit_l_16", "does not fit"),
+    ):  # under the limit: checked on the meta device
+        r = httpx.post(
+            f"{service.url}/jobs",
+            json={**spec(ckpt), "model": {"arch": arch, "num_classes": 10, "checkpoint": ckpt}},
+            headers=headers,
+            timeout=60,
+        )
         assert r.status_code == 422 and needle in r.json()["error"]["message"], r.text

@@ -16,11 +16,10 @@ import time
 
 import httpx
 import pytest
+from service_process import ServiceProcess
 
 from dg2pf_service.cluster import free_port
 from dg2pf_service.server import client_key
-
-from service_process import ServiceProcess
 
 TOKEN = "connections-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -41,10 +40,17 @@ def test_a_client_is_counted_by_its_ipv4_address_or_its_ipv6_64():
 def service(tmp_path_factory):
     root = tmp_path_factory.mktemp("connections")
     nowhere = f"127.0.0.1:{free_port()}"
-    svc = ServiceProcess(root / "state", DG2PF_RAY_ADDRESS=nowhere, DG2PF_RAY_DASHBOARD_URL=f"http://{nowhere}",
-                         DG2PF_POLL_SECONDS="60", DG2PF_SERVE_POLL_SECONDS="3600", DG2PF_API_TOKENS=TOKEN,
-                         DG2PF_MAX_CONNECTIONS=str(CAP), DG2PF_MAX_CONNECTIONS_PER_CLIENT=str(PER_CLIENT),
-                         DG2PF_HEADER_TIMEOUT_S=str(HEADER_S))
+    svc = ServiceProcess(
+        root / "state",
+        DG2PF_RAY_ADDRESS=nowhere,
+        DG2PF_RAY_DASHBOARD_URL=f"http://{nowhere}",
+        DG2PF_POLL_SECONDS="60",
+        DG2PF_SERVE_POLL_SECONDS="3600",
+        DG2PF_API_TOKENS=TOKEN,
+        DG2PF_MAX_CONNECTIONS=str(CAP),
+        DG2PF_MAX_CONNECTIONS_PER_CLIENT=str(PER_CLIENT),
+        DG2PF_HEADER_TIMEOUT_S=str(HEADER_S),
+    )
     try:
         yield svc.start(timeout=180)
     finally:
@@ -142,8 +148,10 @@ def test_one_address_holds_its_share_and_only_until_the_header_timeout(service):
     assert still_open(held) == PER_CLIENT, "the sockets timed out before the probes ran: raise HEADER_S"
     # The crowded address itself is refused before anything is read, a token or not.
     assert probe(service, "127.0.0.1", AUTH) in (0, 503)
-    print(f"\n{SLOW} slow sockets from 127.0.0.1: {len(held)} held, {refused_503} refused with 503, {reset} reset; "
-          f"authenticated probes from 127.0.0.2: {statuses.count(200)}/{PROBES} answered 200 (in {probing:.1f} s)")
+    print(
+        f"\n{SLOW} slow sockets from 127.0.0.1: {len(held)} held, {refused_503} refused with 503, {reset} reset; "
+        f"authenticated probes from 127.0.0.2: {statuses.count(200)}/{PROBES} answered 200 (in {probing:.1f} s)"
+    )
     assert statuses == [200] * PROBES
 
     # Each held socket is closed, unanswered, once its headers are HEADER_S late.
@@ -174,8 +182,10 @@ def test_a_token_is_served_when_held_sockets_fill_the_connection_cap(service):
         assert client.get(f"{service.url}/healthz").status_code == 200
     statuses = [probe(service, "127.0.0.2", AUTH) for _ in range(PROBES)]
     assert still_open(held) == len(held), "the sockets timed out before the probes ran: raise HEADER_S"
-    print(f"\n{len(held)} held sockets over a cap of {CAP}: unauthenticated 503, authenticated probes "
-          f"{statuses.count(200)}/{PROBES} answered 200")
+    print(
+        f"\n{len(held)} held sockets over a cap of {CAP}: unauthenticated 503, authenticated probes "
+        f"{statuses.count(200)}/{PROBES} answered 200"
+    )
     assert statuses == [200] * PROBES
     for sock in held:
         sock.close()

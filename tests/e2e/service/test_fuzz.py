@@ -21,23 +21,32 @@ from schemathesis.specs.openapi.checks import (
     response_schema_conformance,
     status_code_conformance,
 )
-
 from service_process import ServiceProcess
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 TOKEN = "fuzz-token"
 SEED = 18
 EXAMPLES = 50  # per operation, in the fuzzing phase
-CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance,
-          response_headers_conformance]
+CHECKS = [
+    not_a_server_error,
+    status_code_conformance,
+    content_type_conformance,
+    response_schema_conformance,
+    response_headers_conformance,
+]
 
 
 @pytest.fixture(scope="module")
 def service(tmp_path_factory, pg_url):
     root = tmp_path_factory.mktemp("fuzz")
     (root / "data").mkdir()
-    svc = ServiceProcess(root / "state", DG2PF_DATABASE_URL=pg_url, DG2PF_API_TOKENS=TOKEN,
-                         DG2PF_DATA_ROOTS=str(root / "data"), DG2PF_MAX_UPLOAD_BYTES=str(64 * 1024))
+    svc = ServiceProcess(
+        root / "state",
+        DG2PF_DATABASE_URL=pg_url,
+        DG2PF_API_TOKENS=TOKEN,
+        DG2PF_DATA_ROOTS=str(root / "data"),
+        DG2PF_MAX_UPLOAD_BYTES=str(64 * 1024),
+    )
     svc.start()
     yield svc
     svc.stop()
@@ -45,14 +54,17 @@ def service(tmp_path_factory, pg_url):
 
 @pytest.fixture(scope="module")
 def api_schema(service):
-    config = schemathesis.Config.from_dict({
-        "seed": SEED,
-        "headers": {"Authorization": f"Bearer {TOKEN}"},
-        # No example database: a run replays nothing of an earlier one, so the seed alone decides it.
-        "generation": {"max-examples": EXAMPLES, "database": "none"},
-    })
-    return schemathesis.openapi.from_url(f"{service.url}/openapi.json", headers={"Authorization": f"Bearer {TOKEN}"},
-                                         config=config)
+    config = schemathesis.Config.from_dict(
+        {
+            "seed": SEED,
+            "headers": {"Authorization": f"Bearer {TOKEN}"},
+            # No example database: a run replays nothing of an earlier one, so the seed alone decides it.
+            "generation": {"max-examples": EXAMPLES, "database": "none"},
+        }
+    )
+    return schemathesis.openapi.from_url(
+        f"{service.url}/openapi.json", headers={"Authorization": f"Bearer {TOKEN}"}, config=config
+    )
 
 
 schema = schemathesis.pytest.from_fixture("api_schema")

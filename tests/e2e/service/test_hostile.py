@@ -14,14 +14,12 @@ import select
 import socket
 import time
 import zipfile
-from pathlib import Path
 
 import httpx
 import pytest
+from service_process import ServiceProcess
 
 from dg2pf_service.cluster import free_port
-
-from service_process import ServiceProcess
 
 pytestmark = pytest.mark.slow
 TOKEN = "hostile-token"
@@ -36,11 +34,19 @@ def service(tmp_path_factory):
     root = tmp_path_factory.mktemp("hostile")
     (root / "data").mkdir()
     nowhere = f"127.0.0.1:{free_port()}"
-    svc = ServiceProcess(root / "state", DG2PF_RAY_ADDRESS=nowhere, DG2PF_RAY_DASHBOARD_URL=f"http://{nowhere}",
-                         DG2PF_POLL_SECONDS="60", DG2PF_SERVE_POLL_SECONDS="3600", DG2PF_API_TOKENS=TOKEN,
-                         DG2PF_DATA_ROOTS=str(root / "data"), DG2PF_MAX_UPLOAD_BYTES=str(4 * MB),
-                         DG2PF_MAX_UNCOMPRESSED_BYTES=str(16 * MB), DG2PF_UPLOAD_IDLE_TIMEOUT_S=str(IDLE_S),
-                         DG2PF_HEADER_TIMEOUT_S=str(HEADER_S)).start(timeout=120)
+    svc = ServiceProcess(
+        root / "state",
+        DG2PF_RAY_ADDRESS=nowhere,
+        DG2PF_RAY_DASHBOARD_URL=f"http://{nowhere}",
+        DG2PF_POLL_SECONDS="60",
+        DG2PF_SERVE_POLL_SECONDS="3600",
+        DG2PF_API_TOKENS=TOKEN,
+        DG2PF_DATA_ROOTS=str(root / "data"),
+        DG2PF_MAX_UPLOAD_BYTES=str(4 * MB),
+        DG2PF_MAX_UNCOMPRESSED_BYTES=str(16 * MB),
+        DG2PF_UPLOAD_IDLE_TIMEOUT_S=str(IDLE_S),
+        DG2PF_HEADER_TIMEOUT_S=str(HEADER_S),
+    ).start(timeout=120)
     svc.root = root  # type: ignore[attr-defined]
     yield svc
     svc.stop()
@@ -91,7 +97,9 @@ def test_nothing_is_read_before_the_token_is_checked(service):
 
 
 def test_bodies_over_the_limit_are_cut_off(service):
-    status, data, _ = raw(service, post_head(service, Content_Length=str(2 * MB), Authorization=f"Bearer {TOKEN}"), b"{")
+    status, data, _ = raw(
+        service, post_head(service, Content_Length=str(2 * MB), Authorization=f"Bearer {TOKEN}"), b"{"
+    )
     assert status == 413 and "DG2PF_MAX_REQUEST_BYTES" in error_of(data)["message"]
 
     # Chunked, no Content-Length: counted while it streams in; 64 MB would be sent.
@@ -120,7 +128,9 @@ def test_bodies_over_the_limit_are_cut_off(service):
 
 
 def test_a_stalled_body_gets_408(service):
-    status, data, seconds = raw(service, post_head(service, Content_Length="100", Authorization=f"Bearer {TOKEN}"), b"{")
+    status, data, seconds = raw(
+        service, post_head(service, Content_Length="100", Authorization=f"Bearer {TOKEN}"), b"{"
+    )
     assert status == 408 and error_of(data)["type"] == "request_timeout"
     assert seconds < IDLE_S + 10
 
@@ -142,8 +152,11 @@ def test_trailing_slashes_are_not_redirected(service):
 
 
 def spec(checkpoint: str) -> dict:
-    return {"model": {"arch": "digits_cnn", "num_classes": 10, "checkpoint": checkpoint}, "dataset": {"spec": "digits"},
-            "sparsity": 0.5}
+    return {
+        "model": {"arch": "digits_cnn", "num_classes": 10, "checkpoint": checkpoint},
+        "dataset": {"spec": "digits"},
+        "sparsity": 0.5,
+    }
 
 
 def zip_bomb(declared: int) -> bytes:
@@ -171,8 +184,16 @@ def test_a_checkpoint_path_names_only_a_regular_file_under_the_roots(service, tm
     # Outside the roots, existing or not, linked or not: one answer, naming nothing found there.
     (tmp_path / "exists.pt").write_bytes(b"x")
     os.symlink(tmp_path / "exists.pt", data / "link-out.pt")
-    answers = {submit(service, p).json()["error"]["message"].replace(p, "PATH") for p in (
-        str(tmp_path / "exists.pt"), str(tmp_path / "missing.pt"), "/proc/self/cwd", "/proc/self/mem", str(data / "link-out.pt"))}
+    answers = {
+        submit(service, p).json()["error"]["message"].replace(p, "PATH")
+        for p in (
+            str(tmp_path / "exists.pt"),
+            str(tmp_path / "missing.pt"),
+            "/proc/self/cwd",
+            "/proc/self/mem",
+            str(data / "link-out.pt"),
+        )
+    }
     assert len(answers) == 1, answers
     (message,) = answers
     assert "not a file under DG2PF_DATA_ROOTS" in message and str(tmp_path) not in message

@@ -16,21 +16,24 @@ from pathlib import Path
 
 import pytest
 import torch
+from service_process import ServiceProcess
 
 from dg2pf_client import Client
 from dg2pf_core.io.checkpoints import read_state_dict
 from dg2pf_service.cluster import dashboard_up, head_pids
 from dg2pf_service.processes import job_processes, kill_processes, process_table
 
-from service_process import ServiceProcess
-
 pytestmark = pytest.mark.slow
 MAX_RESTARTS = 1
 
 
 def spec(checkpoint: str, **schedule) -> dict:
-    return {"model": {"arch": "digits_cnn", "num_classes": 10, "checkpoint": checkpoint}, "dataset": {"spec": "digits"},
-            "sparsity": 0.9, "schedule": {"pruning_epochs": 3, "max_epochs": 8, "patience": 2, **schedule}}
+    return {
+        "model": {"arch": "digits_cnn", "num_classes": 10, "checkpoint": checkpoint},
+        "dataset": {"spec": "digits"},
+        "sparsity": 0.9,
+        "schedule": {"pruning_epochs": 3, "max_epochs": 8, "patience": 2, **schedule},
+    }
 
 
 @pytest.fixture(scope="module")
@@ -100,7 +103,9 @@ def head_daemon_pids(svc: ServiceProcess) -> set[int]:
 
 def _is_head_daemon(port: str, cmd: str) -> bool:
     names_port = f":{port} " in f"{cmd} " or f"={port} " in f"{cmd} "
-    program = " ".join(cmd.split()[:2])  # the interpreter and its script (the raylet's flags name the worker script too)
+    program = " ".join(
+        cmd.split()[:2]
+    )  # the interpreter and its script (the raylet's flags name the worker script too)
     return names_port and not cmd.startswith("ray::") and "_worker.py" not in program
 
 
@@ -132,8 +137,12 @@ def test_a_job_whose_order_cannot_be_built_fails_and_the_queue_moves_on(svc, ckp
     bad_spec["schedule"]["lr"] = -1.0
     with Client(svc.url) as c:
         good_doc = c.get(c.submit(spec(ckpt, pruning_epochs=1, max_epochs=2)).id)
-    bad = store.create_job({"spec": bad_spec, "resolved": {"checkpoint": store.get_checkpoint(ckpt).path, "teacher": None}},
-                           "bad", 0.9, svc.data_dir / "jobs")
+    bad = store.create_job(
+        {"spec": bad_spec, "resolved": {"checkpoint": store.get_checkpoint(ckpt).path, "teacher": None}},
+        "bad",
+        0.9,
+        svc.data_dir / "jobs",
+    )
     with Client(svc.url) as c:
         after = c.submit(spec(ckpt, pruning_epochs=1, max_epochs=2)).id
         failed = c.wait(bad.id, timeout=60)
@@ -156,9 +165,21 @@ def test_an_unrelated_ray_head_on_the_host_started_and_killed_mid_job_leaves_the
     with Client(svc.url) as c:
         job_id = c.submit(spec(ckpt, pruning_epochs=4, max_epochs=10, patience=2)).id
         wait_for(lambda: c.get(job_id).state == "running", what="the job running")
-    started = subprocess.run([ray_cli(), "start", "--head", "--disable-usage-stats", "--include-dashboard=false",
-                              *[f"--{k}={v}" for k, v in ports.items() if k != "dashboard-port"]],
-                             capture_output=True, text=True, timeout=180, env=node_env(), start_new_session=True)
+    started = subprocess.run(
+        [
+            ray_cli(),
+            "start",
+            "--head",
+            "--disable-usage-stats",
+            "--include-dashboard=false",
+            *[f"--{k}={v}" for k, v in ports.items() if k != "dashboard-port"],
+        ],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env=node_env(),
+        start_new_session=True,
+    )
     assert started.returncode == 0, started.stderr
     try:
         with Client(svc.url) as c:
@@ -189,8 +210,9 @@ def test_stopping_the_api_process_group_leaves_the_job_running(svc, ckpt):
     a continuous history and no restart (its Ray work was never lost)."""
     head_before = head_daemon_pids(svc)
     commands = process_table()
-    assert {"gcs_server", "raylet"} <= {name for pid in head_before for name in ("gcs_server", "raylet")
-                                        if name in commands[pid][1]}, head_before
+    assert {"gcs_server", "raylet"} <= {
+        name for pid in head_before for name in ("gcs_server", "raylet") if name in commands[pid][1]
+    }, head_before
     with Client(svc.url) as c:
         job_id = c.submit(spec(ckpt, pruning_epochs=6, max_epochs=12, patience=2)).id
     # A follower of the job's event stream the whole time: it resumes after each stop with its last id.
@@ -205,8 +227,10 @@ def test_stopping_the_api_process_group_leaves_the_job_running(svc, ckpt):
     epoch = 0
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGKILL):
         with Client(svc.url) as c:
-            epoch = wait_for(lambda: (j := c.get(job_id)).state == "running" and j.epoch > epoch and j.epoch,
-                             what=f"an epoch after {epoch}")
+            epoch = wait_for(
+                lambda: (j := c.get(job_id)).state == "running" and j.epoch > epoch and j.epoch,
+                what=f"an epoch after {epoch}",
+            )
         log_before = len(log_text(svc))
         code = svc.signal_group(sig)
         log = log_text(svc)[log_before:]
@@ -298,7 +322,10 @@ def test_head_lost_more_often_than_the_limit_fails_the_job_naming_each_loss(svc,
         kill_processes(embedded_head_pids(svc), grace_seconds=0)
         job = c.wait(job_id, timeout=240)
     assert job.state == "failed" and job.error.type == "LostJob", job
-    assert f"lost {MAX_RESTARTS + 1} times" in job.error.message and f"DG2PF_JOB_MAX_RESTARTS={MAX_RESTARTS}" in job.error.message
+    assert (
+        f"lost {MAX_RESTARTS + 1} times" in job.error.message
+        and f"DG2PF_JOB_MAX_RESTARTS={MAX_RESTARTS}" in job.error.message
+    )
     assert job.error.message.count("no longer exists") == MAX_RESTARTS + 1
     assert_no_process_left(svc, job_id)
 
@@ -406,7 +433,11 @@ def test_cluster_stop_is_refused_while_the_api_runs_then_cancels_running_jobs(sv
     assert main(["cluster", "stop", "--data-dir", str(svc.data_dir)]) == 0
     out = capsys.readouterr().out
     assert f"cancelled running job {job_id}" in out and "stopped the embedded Ray head" in out and "processes)" in out
-    assert not [p for p in head if Path(f"/proc/{p}").exists() and "Z" not in Path(f"/proc/{p}/stat").read_text().split(")")[-1][:3]]
+    assert not [
+        p
+        for p in head
+        if Path(f"/proc/{p}").exists() and "Z" not in Path(f"/proc/{p}/stat").read_text().split(")")[-1][:3]
+    ]
     assert_no_process_left(svc, job_id)
     svc.start()  # the job stays cancelled; the service starts a new head for new work
     with Client(svc.url) as c:

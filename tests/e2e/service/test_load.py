@@ -17,20 +17,24 @@ from types import SimpleNamespace
 import httpx
 import pytest
 from fastapi.testclient import TestClient
-from sqlalchemy.exc import OperationalError, TimeoutError as PoolTimeout
+from service_process import ServiceProcess
+from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from dg2pf_service.api.app import create_app
 from dg2pf_service.settings import Settings
 from dg2pf_service.store import JobStore, db, make_engine, make_sessionmaker, upgrade
 
-from service_process import ServiceProcess
-
 SUBMISSIONS, IN_FLIGHT = 200, 50
 
 
 def spec(checkpoint: str, i: int) -> dict:
-    return {"name": f"load-{i}", "model": {"arch": "digits_cnn", "num_classes": 10, "checkpoint": checkpoint},
-            "dataset": {"spec": "digits"}, "sparsity": 0.5}
+    return {
+        "name": f"load-{i}",
+        "model": {"arch": "digits_cnn", "num_classes": 10, "checkpoint": checkpoint},
+        "dataset": {"spec": "digits"},
+        "sparsity": 0.5,
+    }
 
 
 def _bare_app(store) -> TestClient:
@@ -206,9 +210,15 @@ def test_concurrent_submissions_are_each_stored_once_or_refused_with_503(service
         r = httpx.post(f"{service.url}/checkpoints", files={"file": ("model.safetensors", fh)}, timeout=60)
     assert r.status_code == 201, r.text
     statuses, accepted, refused, dropped, seconds = asyncio.run(_hammer(service.url, r.json()["id"]))
-    print(f"\n{SUBMISSIONS} submissions, {IN_FLIGHT} in flight: {dict(statuses)} in {seconds:.1f} s, {len(dropped)} dropped")
+    print(
+        f"\n{SUBMISSIONS} submissions, {IN_FLIGHT} in flight: {dict(statuses)} in {seconds:.1f} s, "
+        f"{len(dropped)} dropped"
+    )
     assert dropped == [], (dropped[:5], str(service.log_path))
-    assert sum(statuses.values()) == SUBMISSIONS and set(statuses) <= {202, 503}, (statuses, [r.text for r in refused][:3])
+    assert sum(statuses.values()) == SUBMISSIONS and set(statuses) <= {202, 503}, (
+        statuses,
+        [r.text for r in refused][:3],
+    )
     for busy in refused:
         _assert_busy(busy)
     assert len(set(accepted)) == len(accepted)

@@ -16,12 +16,19 @@ from pathlib import Path
 
 import httpx
 import pytest
+from service_process import ServiceProcess
 
 from dg2pf_client import Client
-from dg2pf_service.cluster import ClusterInfo, auth_headers, node_env, node_ports, ray_cli, start_embedded, stop_embedded
+from dg2pf_service.cluster import (
+    ClusterInfo,
+    auth_headers,
+    node_env,
+    node_ports,
+    ray_cli,
+    start_embedded,
+    stop_embedded,
+)
 from dg2pf_service.processes import descendants, kill_processes
-
-from service_process import ServiceProcess
 
 pytestmark = pytest.mark.slow
 TOKEN = "multinode-token"
@@ -39,10 +46,18 @@ class SecondNode:
 
     def __init__(self, head: ClusterInfo, num_cpus: int, log: Path) -> None:
         env = {**node_env(), "RAY_AUTH_MODE": "token"}
-        cmd = [ray_cli(), "start", f"--address={head.gcs_address}", f"--num-cpus={num_cpus}",
-               "--disable-usage-stats", "--block",
-               *[f"--{k}={v}" for k, v in node_ports().items()]]
-        self.proc = subprocess.Popen(cmd, env=env, stdout=log.open("ab"), stderr=subprocess.STDOUT, start_new_session=True)
+        cmd = [
+            ray_cli(),
+            "start",
+            f"--address={head.gcs_address}",
+            f"--num-cpus={num_cpus}",
+            "--disable-usage-stats",
+            "--block",
+            *[f"--{k}={v}" for k, v in node_ports().items()],
+        ]
+        self.proc = subprocess.Popen(
+            cmd, env=env, stdout=log.open("ab"), stderr=subprocess.STDOUT, start_new_session=True
+        )
 
     def kill(self) -> None:
         """Every process of the node at once (raylet, agents, the Ray workers it runs)."""
@@ -64,7 +79,9 @@ def cluster(tmp_path_factory):
     try:
         deadline = time.time() + 120
         while len(_nodes(head)) < 2:
-            assert second.proc.poll() is None, f"the second node exited: {(root / 'second-node.log').read_text()[-2000:]}"
+            assert second.proc.poll() is None, (
+                f"the second node exited: {(root / 'second-node.log').read_text()[-2000:]}"
+            )
             assert time.time() < deadline, "the second node did not join the head in 120 s"
             time.sleep(1)
         yield head, second, root
@@ -76,18 +93,29 @@ def cluster(tmp_path_factory):
 @pytest.fixture(scope="module")
 def service(cluster, digits_example):
     head, _, root = cluster
-    svc = ServiceProcess(root / "state", DG2PF_RAY_ADDRESS=head.gcs_address, DG2PF_RAY_DASHBOARD_URL=head.dashboard_url,
-                         DG2PF_API_TOKENS=TOKEN, DG2PF_DATA_ROOTS="", DG2PF_WORKER_START_TIMEOUT_S="6",
-                         # as for an autoscaling cluster whose GPU group is at 0 nodes
-                         DG2PF_CLUSTER_MAX_GPUS="1")
+    svc = ServiceProcess(
+        root / "state",
+        DG2PF_RAY_ADDRESS=head.gcs_address,
+        DG2PF_RAY_DASHBOARD_URL=head.dashboard_url,
+        DG2PF_API_TOKENS=TOKEN,
+        DG2PF_DATA_ROOTS="",
+        DG2PF_WORKER_START_TIMEOUT_S="6",
+        # as for an autoscaling cluster whose GPU group is at 0 nodes
+        DG2PF_CLUSTER_MAX_GPUS="1",
+    )
     svc.start()
     yield svc
     svc.kill()  # the service started no Ray of its own: the cluster fixture stops the nodes
 
 
 def _job(ckpt: str, epochs: int = 6, **resources) -> dict:
-    return {"model": {"arch": "digits_cnn", "num_classes": 10, "checkpoint": ckpt}, "dataset": {"spec": "digits"},
-            "sparsity": 0.9, "schedule": {"pruning_epochs": 3, "max_epochs": epochs, "patience": epochs}, "resources": resources}
+    return {
+        "model": {"arch": "digits_cnn", "num_classes": 10, "checkpoint": ckpt},
+        "dataset": {"spec": "digits"},
+        "sparsity": 0.9,
+        "schedule": {"pruning_epochs": 3, "max_epochs": epochs, "patience": epochs},
+        "resources": resources,
+    }
 
 
 def test_job_spans_two_nodes_and_survives_losing_one(cluster, service, digits_example):
@@ -96,7 +124,9 @@ def test_job_spans_two_nodes_and_survives_losing_one(cluster, service, digits_ex
     head_id = next(i for i, is_head in node_ids.items() if is_head)
     with Client(service.url, token=TOKEN) as client:
         assert client.health()["checks"]["ray"] == "ok"
-        assert not (service.data_dir / "ray-state").exists(), "the service must use the given cluster, not start its own"
+        assert not (service.data_dir / "ray-state").exists(), (
+            "the service must use the given cluster, not start its own"
+        )
         ckpt = client.upload_checkpoint(digits_example / "model.safetensors").id
         # Long enough that the node dies mid-training even when the progress the test polls lags the
         # workers (a CI run on 2 loaded cores saw all 6 epochs of a shorter job end before the kill).
@@ -124,7 +154,9 @@ def test_job_spans_two_nodes_and_survives_losing_one(cluster, service, digits_ex
     with Client(service.url, token=TOKEN) as client:
         assert client.get(job.id).state == final.state
         assert job.id in [j.id for j in client.list().items]
-    progress = [json.loads(line) for line in (service.data_dir / "jobs" / job.id / "progress.jsonl").read_text().splitlines()]
+    progress = [
+        json.loads(line) for line in (service.data_dir / "jobs" / job.id / "progress.jsonl").read_text().splitlines()
+    ]
     # Either outcome the issue allows is checked; with `spread` and 2 CPUs left on the head, Ray Train
     # restarts both workers there from the last checkpoint, which is what this cluster is sized for.
     assert final.state == "succeeded", f"expected recovery on the head's 2 CPUs; got {final.state}: {final.error}"

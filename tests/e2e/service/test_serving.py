@@ -19,16 +19,15 @@ import httpx
 import PIL.Image
 import pytest
 import torch
+from service_process import ServiceProcess
 
 from dg2pf_client import Client, Conflict, NotFound
 from dg2pf_core.data import DataRequest, load_dataset
 from dg2pf_core.data.digits import write_test_digit_images
 from dg2pf_core.io.inference import InferenceModel
-from dg2pf_core.job import load_model
 from dg2pf_core.io.onnx_export import ATOL
+from dg2pf_core.job import load_model
 from dg2pf_service.cluster import free_port
-
-from service_process import ServiceProcess
 
 pytestmark = pytest.mark.slow
 TOKEN = "serve-token"
@@ -36,8 +35,12 @@ AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
 
 def _spec(checkpoint: str, **over) -> dict:
-    doc = {"model": {"arch": "digits_cnn", "num_classes": 10, "checkpoint": checkpoint}, "dataset": {"spec": "digits"},
-           "sparsity": 0.9, "schedule": {"pruning_epochs": 2, "max_epochs": 4, "patience": 2}}
+    doc = {
+        "model": {"arch": "digits_cnn", "num_classes": 10, "checkpoint": checkpoint},
+        "dataset": {"spec": "digits"},
+        "sparsity": 0.9,
+        "schedule": {"pruning_epochs": 2, "max_epochs": 4, "patience": 2},
+    }
     doc.update(over)
     return doc
 
@@ -45,10 +48,15 @@ def _spec(checkpoint: str, **over) -> dict:
 @pytest.fixture(scope="module")
 def service(tmp_path_factory):
     root = tmp_path_factory.mktemp("serving")
-    svc = ServiceProcess(root / "state", DG2PF_API_TOKENS=TOKEN, DG2PF_SERVE_PORT=str(free_port()),
-                         DG2PF_SERVE_POLL_SECONDS="0.5", DG2PF_SERVE_MAX_INPUTS="16",
-                         DG2PF_SERVE_MAX_MODELS_PER_REPLICA="1",
-                         DG2PF_SERVE_MAX_REQUEST_BYTES=str(200_000))
+    svc = ServiceProcess(
+        root / "state",
+        DG2PF_API_TOKENS=TOKEN,
+        DG2PF_SERVE_PORT=str(free_port()),
+        DG2PF_SERVE_POLL_SECONDS="0.5",
+        DG2PF_SERVE_MAX_INPUTS="16",
+        DG2PF_SERVE_MAX_MODELS_PER_REPLICA="1",
+        DG2PF_SERVE_MAX_REQUEST_BYTES=str(200_000),
+    )
     svc.start()
     yield svc
     svc.stop()
@@ -64,8 +72,10 @@ def client(service):
 def served(client, digits_example) -> dict:
     """The job (serve: true) and its deployed model, once ready."""
     ckpt = client.upload_checkpoint(digits_example / "model.safetensors").id
-    job = client.wait(client.submit(_spec(ckpt, serve=True, schedule={"pruning_epochs": 1, "max_epochs": 3, "patience": 2})).id,
-                      timeout=300)
+    job = client.wait(
+        client.submit(_spec(ckpt, serve=True, schedule={"pruning_epochs": 1, "max_epochs": 3, "patience": 2})).id,
+        timeout=300,
+    )
     assert job.state == "succeeded", job.error
     model = client.wait_model(job.id, timeout=240)
     return {"job": job, "model": model, "checkpoint": ckpt}
@@ -86,7 +96,11 @@ def test_serve_true_job_is_deployed_with_its_url(served, client):
     model = served["model"]
     assert model.status == "ready" and model.id == served["job"].id
     assert model.url.endswith(f"/models/{model.id}/predict")
-    assert model.arch == "digits_cnn" and model.input_shape == [1, 16, 16] and model.class_names == [str(d) for d in range(10)]
+    assert (
+        model.arch == "digits_cnn"
+        and model.input_shape == [1, 16, 16]
+        and model.class_names == [str(d) for d in range(10)]
+    )
     assert [m.id for m in client.models().items] == [model.id]
 
 
@@ -121,7 +135,12 @@ def test_image_uploads_raw_and_multipart(served, client, tmp_path, test_inputs):
     # A raw JPEG body (RGB, large, light ink on dark) goes through the same eval transform.
     buf = io.BytesIO()
     PIL.Image.open(images[0][0]).convert("RGB").resize((64, 64)).save(buf, format="JPEG", quality=95)
-    r = httpx.post(served["model"].url, content=buf.getvalue(), headers={**AUTH, "Content-Type": "image/jpeg"}, params={"top_k": 10})
+    r = httpx.post(
+        served["model"].url,
+        content=buf.getvalue(),
+        headers={**AUTH, "Content-Type": "image/jpeg"},
+        params={"top_k": 10},
+    )
     assert r.status_code == 200, r.text
     assert len(r.json()["predictions"][0]) == 10
 
@@ -129,8 +148,17 @@ def test_image_uploads_raw_and_multipart(served, client, tmp_path, test_inputs):
 def test_two_models_take_turns_in_one_replica_beyond_the_lru_bound(served, client, service, test_inputs):
     """One model per replica at most (DG2PF_SERVE_MAX_MODELS_PER_REPLICA=1): alternating requests evict
     and reload, and every answer is still the right model's."""
-    other = client.wait(client.submit(_spec(served["checkpoint"], sparsity=0.5, serve=True,
-                                            schedule={"pruning_epochs": 1, "max_epochs": 2, "patience": 2})).id, timeout=300)
+    other = client.wait(
+        client.submit(
+            _spec(
+                served["checkpoint"],
+                sparsity=0.5,
+                serve=True,
+                schedule={"pruning_epochs": 1, "max_epochs": 2, "patience": 2},
+            )
+        ).id,
+        timeout=300,
+    )
     assert other.state == "succeeded", other.error
     client.wait_model(other.id, timeout=240)
     xs = test_inputs[0][:4]
@@ -175,9 +203,27 @@ def _png_header(width: int, height: int) -> bytes:
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00")) + chunk(b"IEND", b"")
 
 
-@pytest.mark.parametrize("kind", ["wrong_shape", "ragged", "not_json_object", "not_an_image", "gif", "too_large",
-                                  "too_many", "unknown_model", "bad_top_k", "media_type", "no_token", "bad_token", "empty",
-                                  "png_bomb", "jpeg_bomb", "deep_json"])
+@pytest.mark.parametrize(
+    "kind",
+    [
+        "wrong_shape",
+        "ragged",
+        "not_json_object",
+        "not_an_image",
+        "gif",
+        "too_large",
+        "too_many",
+        "unknown_model",
+        "bad_top_k",
+        "media_type",
+        "no_token",
+        "bad_token",
+        "empty",
+        "png_bomb",
+        "jpeg_bomb",
+        "deep_json",
+    ],
+)
 def test_bad_requests_get_4xx_and_the_replica_keeps_serving(served, kind, test_inputs):
     url = served["model"].url
     headers = dict(AUTH)
@@ -223,7 +269,10 @@ def test_bad_requests_get_4xx_and_the_replica_keeps_serving(served, kind, test_i
         headers["Content-Type"] = "image/jpeg"
         expect, message = 400, "at most"
     elif kind == "deep_json":  # 50,000 nested arrays (100 kB): Python's parser would recurse past its limit
-        kw["content"], headers["Content-Type"] = b'{"inputs": ' + b"[" * 50_000 + b"]" * 50_000 + b"}", "application/json"
+        kw["content"], headers["Content-Type"] = (
+            b'{"inputs": ' + b"[" * 50_000 + b"]" * 50_000 + b"}",
+            "application/json",
+        )
         expect, message = 400, "nests too deeply"
     elif kind == "no_token":
         headers.pop("Authorization")
@@ -247,7 +296,9 @@ def test_deploy_rules_undeploy_and_redeploy(served, client, service, test_inputs
     model_id = served["model"].id
     with pytest.raises(NotFound):
         client.deploy("f" * 32)
-    queued = client.submit(_spec(served["checkpoint"], schedule={"pruning_epochs": 1, "max_epochs": 30, "patience": 30})).id
+    queued = client.submit(
+        _spec(served["checkpoint"], schedule={"pruning_epochs": 1, "max_epochs": 30, "patience": 30})
+    ).id
     with pytest.raises(Conflict, match="only succeeded jobs"):
         client.deploy(queued, wait=False)
     client.cancel(queued)
@@ -317,8 +368,17 @@ def test_killed_replica_is_restarted_and_serves_again(served, client, service, t
 def channel_served(client, served):
     """A channel-pruned job (half the MACs: whole channels removed, smaller shapes) deployed with
     ``serve: true`` beside the first model."""
-    spec = _spec(served["checkpoint"], serve=True, schedule={"granularity": "channel", "target_macs_ratio": 0.5,
-                                                             "pruning_epochs": 1, "max_epochs": 2, "patience": 1})
+    spec = _spec(
+        served["checkpoint"],
+        serve=True,
+        schedule={
+            "granularity": "channel",
+            "target_macs_ratio": 0.5,
+            "pruning_epochs": 1,
+            "max_epochs": 2,
+            "patience": 1,
+        },
+    )
     del spec["sparsity"]  # target_macs_ratio decides it
     job = client.wait(client.submit(spec).id, timeout=300)
     assert job.state == "succeeded", job.error
@@ -369,8 +429,9 @@ def test_an_api_restarted_with_another_backend_redeploys_and_reports_what_answer
     assert httpx.get(f"{models.serve_url}/healthz", timeout=30).json() == {"status": "ok", "backend": "torch"}
 
 
-def test_models_are_restored_after_the_service_and_cluster_restart_here_on_onnxruntime(served, channel_served, service,
-                                                                                      test_inputs):
+def test_models_are_restored_after_the_service_and_cluster_restart_here_on_onnxruntime(
+    served, channel_served, service, test_inputs
+):
     """Restarted with DG2PF_SERVE_BACKEND=onnxruntime, the same models come back at the same URLs, now
     answered by ONNX Runtime from each job's model.onnx: the same top-1, logits within the tolerance of
     the job's export check."""
@@ -390,6 +451,8 @@ def test_models_are_restored_after_the_service_and_cluster_restart_here_on_onnxr
             assert out["backend"] == "onnxruntime" and len(out["predictions"]) == len(xs)
             expected, got = torch.tensor(by_torch[model_id]["logits"]), torch.tensor(out["logits"])
             assert float((got - expected).abs().max()) <= ATOL * max(1.0, float(expected.abs().max()))
-            assert [r[0]["index"] for r in out["predictions"]] == [r[0]["index"] for r in by_torch[model_id]["predictions"]]
+            assert [r[0]["index"] for r in out["predictions"]] == [
+                r[0]["index"] for r in by_torch[model_id]["predictions"]
+            ]
         serve_url = client.models().serve_url
     assert httpx.get(f"{serve_url}/healthz", timeout=30).json() == {"status": "ok", "backend": "onnxruntime"}

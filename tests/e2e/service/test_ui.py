@@ -23,12 +23,11 @@ from pathlib import Path
 
 import httpx
 import pytest
+from service_process import ServiceProcess
 
 from dg2pf_core.data.digits import write_test_digit_images
 from dg2pf_service.cluster import free_port
 from dg2pf_service.ui.paths import is_shell
-
-from service_process import ServiceProcess
 
 REPO = Path(__file__).resolve().parents[3]
 UI = REPO / "service" / "dg2pf_service" / "ui"
@@ -47,7 +46,9 @@ S = 1000  # Playwright's timeouts are in milliseconds
 
 def test_only_the_page_shells_are_public():
     assert all(is_shell(p) for p in ("/ui", "/ui/models", "/ui/jobs/" + "a" * 32, "/ui/static/dashboard.js"))
-    assert not any(is_shell(p) for p in ("/uix", "/jobs", "/models", "/ui/api", "/ui/api/models/x/predict", "/openapi.json"))
+    assert not any(
+        is_shell(p) for p in ("/uix", "/jobs", "/models", "/ui/api", "/ui/api/models/x/predict", "/openapi.json")
+    )
 
 
 def test_dashboard_files_ship_as_package_data():
@@ -65,7 +66,9 @@ def test_vendored_uplot_is_the_published_release_named_in_its_readme():
     assert "| version | 1.6.32 (pinned) |" in readme
     for name in ("uPlot.iife.min.js", "uPlot.min.css", "LICENSE"):
         digest = hashlib.sha256((folder / name).read_bytes()).hexdigest()
-        assert re.search(rf"\| `{re.escape(name)}` \| .* \| `{digest}` \|", readme), f"{name}: sha256 {digest} is not in README.md"
+        assert re.search(rf"\| `{re.escape(name)}` \| .* \| `{digest}` \|", readme), (
+            f"{name}: sha256 {digest} is not in README.md"
+        )
     assert (folder / "uPlot.iife.min.js").read_text().startswith("/*! https://github.com/leeoniya/uPlot (v1.6.32) */")
     assert "MIT License" in (folder / "LICENSE").read_text()
 
@@ -76,10 +79,13 @@ def test_vendored_uplot_is_the_published_release_named_in_its_readme():
 @pytest.fixture(scope="module")
 def service(tmp_path_factory):
     root = tmp_path_factory.mktemp("ui")
-    svc = ServiceProcess(root / "state", DG2PF_API_TOKENS=TOKEN, DG2PF_SERVE_PORT=str(free_port()),
-                         DG2PF_SERVE_POLL_SECONDS="0.5")
+    svc = ServiceProcess(
+        root / "state", DG2PF_API_TOKENS=TOKEN, DG2PF_SERVE_PORT=str(free_port()), DG2PF_SERVE_POLL_SECONDS="0.5"
+    )
     try:
-        svc.start(timeout=420)  # a 2-core machine shared with other work: importing torch and Ray alone can take minutes
+        svc.start(
+            timeout=420
+        )  # a 2-core machine shared with other work: importing torch and Ray alone can take minutes
         yield svc
     finally:  # a start that timed out may have left its Ray head behind
         svc.stop()
@@ -100,8 +106,12 @@ def ckpt(api, digits_example) -> str:
 
 
 def spec(checkpoint: str, **over) -> dict:
-    doc = {"model": {"arch": "digits_cnn", "num_classes": 10, "checkpoint": checkpoint}, "dataset": {"spec": "digits"},
-           "sparsity": 0.9, "schedule": dict(FAST)}
+    doc = {
+        "model": {"arch": "digits_cnn", "num_classes": 10, "checkpoint": checkpoint},
+        "dataset": {"spec": "digits"},
+        "sparsity": 0.9,
+        "schedule": dict(FAST),
+    }
     return doc | over
 
 
@@ -119,7 +129,9 @@ def browser():
 
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     if chromium is None:
-        pytest.fail("no chromium on PATH: scripts/test.sh installs the distribution's package (apt-get install chromium)")
+        pytest.fail(
+            "no chromium on PATH: scripts/test.sh installs the distribution's package (apt-get install chromium)"
+        )
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=chromium, headless=True)
         yield browser
@@ -140,7 +152,9 @@ class Tab:
         self.errors: list[str] = []
         self.page.on("dialog", self._dialog)
         self.page.on("pageerror", lambda exc: self.errors.append(str(exc)))
-        self.page.on("console", lambda msg: self.errors.append(msg.text) if "Content Security Policy" in msg.text else None)
+        self.page.on(
+            "console", lambda msg: self.errors.append(msg.text) if "Content Security Policy" in msg.text else None
+        )
 
     def _dialog(self, dialog) -> None:
         if dialog.type != "confirm":
@@ -163,8 +177,12 @@ class Tab:
         if not whole:
             self.page.screenshot(path=str(folder / name))
         else:
-            bottom = self.page.evaluate("() => Math.ceil(document.querySelector('main').getBoundingClientRect().bottom + scrollY)")
-            self.page.screenshot(path=str(folder / name), full_page=True, clip={"x": 0, "y": 0, "width": 1280, "height": bottom + 8})
+            bottom = self.page.evaluate(
+                "() => Math.ceil(document.querySelector('main').getBoundingClientRect().bottom + scrollY)"
+            )
+            self.page.screenshot(
+                path=str(folder / name), full_page=True, clip={"x": 0, "y": 0, "width": 1280, "height": bottom + 8}
+            )
         assert (folder / name).stat().st_size > 5_000, f"{name}: a blank screenshot"
 
     def close(self) -> None:
@@ -234,8 +252,11 @@ def test_job_page_follows_the_running_job_until_its_charts_hold_the_final_epoch(
     tab.open(f"/ui/jobs/{followed}")
     expect(page.locator("#job-name")).to_have_text("digits at 90%")
     # Live: points appear while the job still runs (polled every 1.5 s, no reload).
-    page.wait_for_function("() => document.querySelector('#job-state').textContent === 'running'"
-                           " && +document.querySelector('#chart-top1').dataset.points > 0", timeout=180 * S)
+    page.wait_for_function(
+        "() => document.querySelector('#job-state').textContent === 'running'"
+        " && +document.querySelector('#chart-top1').dataset.points > 0",
+        timeout=180 * S,
+    )
     expect(page.locator("#cancel")).to_be_enabled()
     page.wait_for_selector("body[data-finished=true]", state="attached", timeout=300 * S)
 
@@ -308,7 +329,7 @@ def ratios(text: str) -> list[float]:
 
 
 def counts(text: str) -> list[int]:
-    """"1,234 / 5,678 (0.217×)" -> [1234, 5678], whatever the browser's digit grouping."""
+    """ "1,234 / 5,678 (0.217×)" -> [1234, 5678], whatever the browser's digit grouping."""
     return [int(re.sub(r"\D", "", part)) for part in text.split("(")[0].split("/")]
 
 
@@ -347,7 +368,9 @@ def test_pages_say_loading_until_their_data_comes_and_a_finished_job_shows_its_r
     params = page.locator('#results dd[data-metric="params"]')
     expect(params).to_contain_text("×)")
     assert counts(params.inner_text()) == [metrics["params_nonzero"], metrics["params_total"]]
-    assert ratios(params.inner_text()) == pytest.approx([metrics["params_nonzero"] / metrics["params_total"]], abs=1.1e-3)
+    assert ratios(params.inner_text()) == pytest.approx(
+        [metrics["params_nonzero"] / metrics["params_total"]], abs=1.1e-3
+    )
     speed = job["best_metrics"]["latency"]["speedup"]  # what the status summarises, from metrics.json's medians
     measured = {b: {n: x for n, x in by.items() if x is not None} for b, by in speed.items()}
     measured = {b: by for b, by in measured.items() if by}
@@ -361,7 +384,9 @@ def test_pages_say_loading_until_their_data_comes_and_a_finished_job_shows_its_r
 
     # A first answer that fails says so, in place of the data, and the page recovers once the API answers.
     refusal = {"error": {"type": "server_busy", "field": None, "message": "the service is busy for this test"}}
-    page.route(status, lambda route: route.fulfill(status=503, content_type="application/json", body=json.dumps(refusal)))
+    page.route(
+        status, lambda route: route.fulfill(status=503, content_type="application/json", body=json.dumps(refusal))
+    )
     tab.open(f"/ui/jobs/{followed}")
     expect(page.locator("#charts-empty")).to_have_text("Not loaded: the service is busy for this test")
     expect(page.locator("#results-empty")).to_have_text("Not loaded: the service is busy for this test")
@@ -392,7 +417,8 @@ def test_pages_say_loading_until_their_data_comes_and_a_finished_job_shows_its_r
 
 @pytest.mark.slow
 def test_submit_form_puts_the_refusal_beside_its_field_and_a_markup_name_stays_text_then_cancel(
-        api, ckpt, digits_example, logged_in):
+    api, ckpt, digits_example, logged_in
+):
     from playwright.sync_api import expect
 
     tab, page = logged_in, logged_in.page
@@ -471,15 +497,20 @@ def test_deploy_the_finished_job_then_predict_an_uploaded_png(api, followed, log
     page.locator("#action-message a").click()
     card = page.locator(f'section.model[data-model-id="{followed}"]')
     expect(card).to_have_attribute("data-status", "ready", timeout=240 * S)
-    (png, label), = write_test_digit_images(tmp_path, count=1)
+    ((png, label),) = write_test_digit_images(tmp_path, count=1)
     card.locator("input.image-input").set_input_files(png)
     card.locator(".predict-form button").click()
     rows = card.locator(".predictions tbody tr")
     expect(rows).to_have_count(5)
     shown = rows.evaluate_all("rs => rs.map(r => r.dataset.label)")
     model = api.get(f"/models/{followed}").json()
-    direct = httpx.post(model["url"], params={"top_k": 5}, headers={**AUTH, "serve_multiplexed_model_id": followed},
-                        files=[("image", ("digit.png", Path(png).read_bytes(), "image/png"))], timeout=60).json()
+    direct = httpx.post(
+        model["url"],
+        params={"top_k": 5},
+        headers={**AUTH, "serve_multiplexed_model_id": followed},
+        files=[("image", ("digit.png", Path(png).read_bytes(), "image/png"))],
+        timeout=60,
+    ).json()
     assert shown == [p["label"] for p in direct["predictions"][0]]  # the page shows Serve's own answer
     assert shown[0] == str(label)
     expect(card.locator("img.preview")).to_be_visible()

@@ -22,14 +22,13 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
+from service_process import ServiceProcess
 
 from dg2pf_client import Client, TooLarge
 from dg2pf_core.io.checkpoint_save import save_state_dict
 from dg2pf_service.cluster import free_port
 from dg2pf_service.settings import Settings
 from dg2pf_service.uploads import STAGING, clean_partial_uploads
-
-from service_process import ServiceProcess
 
 pytestmark = pytest.mark.slow
 LIMIT = 2_000_000
@@ -41,9 +40,17 @@ BOUNDARY = "dg2pf-test-boundary"
 
 def start_service(root: Path, **env: str) -> ServiceProcess:
     nowhere = f"127.0.0.1:{free_port()}"
-    return ServiceProcess(root / "state", DG2PF_RAY_ADDRESS=nowhere, DG2PF_RAY_DASHBOARD_URL=f"http://{nowhere}",
-                          DG2PF_POLL_SECONDS="60", DG2PF_SERVE_POLL_SECONDS="3600", DG2PF_MAX_UPLOAD_BYTES=str(LIMIT),
-                          DG2PF_UPLOAD_IDLE_TIMEOUT_S=str(IDLE_S), DG2PF_UPLOAD_TIMEOUT_S=str(TOTAL_S), **env).start(timeout=120)
+    return ServiceProcess(
+        root / "state",
+        DG2PF_RAY_ADDRESS=nowhere,
+        DG2PF_RAY_DASHBOARD_URL=f"http://{nowhere}",
+        DG2PF_POLL_SECONDS="60",
+        DG2PF_SERVE_POLL_SECONDS="3600",
+        DG2PF_MAX_UPLOAD_BYTES=str(LIMIT),
+        DG2PF_UPLOAD_IDLE_TIMEOUT_S=str(IDLE_S),
+        DG2PF_UPLOAD_TIMEOUT_S=str(TOTAL_S),
+        **env,
+    ).start(timeout=120)
 
 
 @pytest.fixture(scope="module")
@@ -63,13 +70,18 @@ def staged_files(staging: Path) -> list[str]:
 
 
 def part_head(name: str = "file", filename: str = "model.pt") -> bytes:
-    return (f"--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"{name}\"; filename=\"{filename}\"\r\n"
-            "Content-Type: application/octet-stream\r\n\r\n").encode()
+    return (
+        f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="{name}"; filename="{filename}"\r\n'
+        "Content-Type: application/octet-stream\r\n\r\n"
+    ).encode()
 
 
 def request_head(port: int, **headers: str) -> bytes:
-    lines = [f"POST /checkpoints HTTP/1.1", f"Host: 127.0.0.1:{port}",
-             f"Content-Type: multipart/form-data; boundary={BOUNDARY}"]
+    lines = [
+        "POST /checkpoints HTTP/1.1",
+        f"Host: 127.0.0.1:{port}",
+        f"Content-Type: multipart/form-data; boundary={BOUNDARY}",
+    ]
     lines += [f"{k.replace('_', '-')}: {v}" for k, v in headers.items()]
     return ("\r\n".join(lines) + "\r\n\r\n").encode()
 
@@ -198,7 +210,9 @@ def test_a_trickling_body_is_aborted_when_the_upload_takes_too_long(service, sta
     # A byte every half second never trips the idle timeout; the bound on the whole upload stops it.
     sock = connect(service.port)
     start = time.monotonic()
-    sock.sendall(request_head(service.port, Transfer_Encoding="chunked") + b"%x\r\n%s\r\n" % (len(part_head()), part_head()))
+    sock.sendall(
+        request_head(service.port, Transfer_Encoding="chunked") + b"%x\r\n%s\r\n" % (len(part_head()), part_head())
+    )
     while not select.select([sock], [], [], IDLE_S / 4)[0]:
         sock.sendall(b"1\r\n\x00\r\n")
         assert time.monotonic() - start < TOTAL_S + 5, "no answer"
@@ -215,7 +229,9 @@ def test_a_zip_bomb_is_refused_before_it_is_inflated(service, staging):
     r = upload(service, {"file": ("bomb.pt", bomb)})
     assert r.status_code == 413, r.text
     err = r.json()["error"]
-    assert err["type"] == "too_large" and "DG2PF_MAX_UNCOMPRESSED_BYTES" in err["message"] and "bomb.pt" in err["message"]
+    assert (
+        err["type"] == "too_large" and "DG2PF_MAX_UNCOMPRESSED_BYTES" in err["message"] and "bomb.pt" in err["message"]
+    )
     assert staged_files(staging) == []
 
 
@@ -255,7 +271,10 @@ MALFORMED_HEADERS = [
     (b'{"a":"x"}', "not an object"),
     (b'{"a":[0,8]}', "not an object"),
     (b'{"__metadata__":[1]}', "__metadata__"),
-    (b'{"__metadata__":{"format":"dg2pf-compact","layout":"' + b"[" * 100_000 + b'"}}', "compact layout cannot be read"),
+    (
+        b'{"__metadata__":{"format":"dg2pf-compact","layout":"' + b"[" * 100_000 + b'"}}',
+        "compact layout cannot be read",
+    ),
     (b'{"a\xff":1}', "not JSON"),
 ]
 
@@ -269,7 +288,9 @@ def test_a_malformed_safetensors_header_is_refused_with_a_message(service, stagi
     r = upload(service, {"file": ("crafted.safetensors", body)})
     assert r.status_code == 422, r.text
     err = r.json()["error"]
-    assert err["type"] == "invalid_checkpoint" and why in err["message"] and "crafted.safetensors" in err["message"], err
+    assert err["type"] == "invalid_checkpoint" and why in err["message"] and "crafted.safetensors" in err["message"], (
+        err
+    )
     assert staged_files(staging) == []
 
 
@@ -285,7 +306,9 @@ def test_an_unexpected_error_while_checking_is_a_refusal_logged_with_its_traceba
     with caplog.at_level("ERROR", logger="dg2pf.uploads"), pytest.raises(uploads.UploadRefused) as refused:
         uploads._check(path, "model.safetensors", limits)
     assert refused.value.status == 422 and refused.value.type == "invalid_checkpoint"
-    assert refused.value.message.startswith("model.safetensors is not a readable checkpoint: OverflowError: a reader's bug")
+    assert refused.value.message.startswith(
+        "model.safetensors is not a readable checkpoint: OverflowError: a reader's bug"
+    )
     assert str(path) not in refused.value.message  # the staging path is the service's business
     assert any(r.exc_info and r.exc_info[0] is OverflowError for r in caplog.records)
 
@@ -314,19 +337,26 @@ def test_health_checks_answer_while_uploads_are_checked(service, staging):
         time.sleep(0.05)
     checking = time.monotonic() - start
     assert [r.status_code for r in results] == [422] * 3
-    assert all(r.json()["error"]["type"] == "invalid_checkpoint" and "slow.pt" in r.json()["error"]["message"] for r in results)
+    assert all(
+        r.json()["error"]["type"] == "invalid_checkpoint" and "slow.pt" in r.json()["error"]["message"] for r in results
+    )
     # Meaningful only if the checks took a while; on the event loop /healthz would have waited that long.
     assert checking > 1.5
-    assert max(latencies) < 1.0, f"/healthz took up to {max(latencies):.2f} s while uploads were checked for {checking:.1f} s"
+    assert max(latencies) < 1.0, (
+        f"/healthz took up to {max(latencies):.2f} s while uploads were checked for {checking:.1f} s"
+    )
     assert staged_files(staging) == []
 
 
-@pytest.mark.parametrize("files, what", [
-    ({"note": (None, b"a plain field")}, "no file in the field 'file'"),
-    ({"file": ("a.pt", b"x"), "second": ("b.pt", b"y")}, "more than one file part"),
-    ({"weights": ("a.pt", b"x")}, "sent in the field 'weights'"),
-    ({"file": ("a.pt", b"")}, "empty"),
-])
+@pytest.mark.parametrize(
+    "files, what",
+    [
+        ({"note": (None, b"a plain field")}, "no file in the field 'file'"),
+        ({"file": ("a.pt", b"x"), "second": ("b.pt", b"y")}, "more than one file part"),
+        ({"weights": ("a.pt", b"x")}, "sent in the field 'weights'"),
+        ({"file": ("a.pt", b"")}, "empty"),
+    ],
+)
 def test_a_body_without_exactly_one_file_is_refused(service, staging, files, what):
     r = upload(service, files)
     assert r.status_code == 422, r.text
@@ -335,10 +365,15 @@ def test_a_body_without_exactly_one_file_is_refused(service, staging, files, wha
 
 
 def test_a_body_that_is_not_multipart_is_refused(service):
-    r = httpx.post(f"{service.url}/checkpoints", content=b"\x00" * 100, headers={"Content-Type": "application/octet-stream"})
+    r = httpx.post(
+        f"{service.url}/checkpoints", content=b"\x00" * 100, headers={"Content-Type": "application/octet-stream"}
+    )
     assert r.status_code == 422 and "multipart/form-data" in r.json()["error"]["message"]
-    r = httpx.post(f"{service.url}/checkpoints", content=part_head() + b"x" * 10,
-                   headers={"Content-Type": f"multipart/form-data; boundary={BOUNDARY}"})
+    r = httpx.post(
+        f"{service.url}/checkpoints",
+        content=part_head() + b"x" * 10,
+        headers={"Content-Type": f"multipart/form-data; boundary={BOUNDARY}"},
+    )
     assert r.status_code == 400 and "closing boundary" in r.json()["error"]["message"]
 
 
@@ -376,7 +411,9 @@ def test_an_api_killed_while_checking_leaves_only_a_hidden_file_that_clean_up_re
         sender = threading.Thread(target=send)
         sender.start()
         deadline = time.monotonic() + 20
-        while time.monotonic() < deadline and not any(p.stat().st_size == len(body) for p in (checkpoints / STAGING).glob("*")):
+        while time.monotonic() < deadline and not any(
+            p.stat().st_size == len(body) for p in (checkpoints / STAGING).glob("*")
+        ):
             time.sleep(0.02)
         time.sleep(0.2)  # received in full: being checked now (that takes over a second)
         svc.kill()

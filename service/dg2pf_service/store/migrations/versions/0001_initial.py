@@ -5,6 +5,7 @@ Revises:
 Create Date: 2025-11-21
 
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence

@@ -5,6 +5,7 @@ Revises: 0001
 Create Date: 2026-11-21
 
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence

@@ -5,6 +5,7 @@ Revises: 0002
 Create Date: 2026-11-30
 
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
