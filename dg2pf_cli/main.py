@@ -279,7 +279,9 @@ def _spec_from(args: argparse.Namespace) -> JobSpec:
         for f in dataclasses.fields(_Config)
         if f.name not in _SPEC_PATHS and f.name not in _EXECUTION_OPTIONS and getattr(args, f.name, None) is not None
     ]
-    where = f"job spec {job_file}: " if job_file else ""
+    # Where each field's value came from, to name it in an error: a flag, a --set, else the file.
+    given = {f.split("=", 1)[0]: "--" + f.split("=", 1)[0].rsplit(".", 1)[-1].replace("_", "-") for f in flags}
+    given.update({s.split("=", 1)[0].strip(): f"--set {s.split('=', 1)[0].strip()}" for s in args.set or []})
     try:
         doc = read_job_file(job_file) if job_file else {}
         return JobSpec.model_validate(apply_overrides(doc, flags + list(args.set or [])))
@@ -287,7 +289,11 @@ def _spec_from(args: argparse.Namespace) -> JobSpec:
         raise DG2PFError(exc.message, field=exc.field) from None
     except ValidationError as exc:
         field, message = describe(exc)
-        raise DG2PFError(where + message, field=field) from None
+        if field in given:
+            message = f"{given[field]}: {message.removeprefix(f'{field}: ')}"
+        elif job_file:
+            message = f"job spec {job_file}: {message}"
+        raise DG2PFError(message, field=field) from None
 
 
 def _job_from(args: argparse.Namespace) -> tuple[JobSpec, PruneJob]:
@@ -355,7 +361,8 @@ def _cmd_prune(args: argparse.Namespace) -> int:
         engine = _engine(args, spec)
         if spec.tune is not None:
             raise DG2PFError(
-                f"{args.job} has a tune section: run it with `dg2pf tune {args.job} --out {args.out}`", field="tune"
+                f"{args.job or 'this job'} has a tune section: run it with `dg2pf tune` (the same arguments)",
+                field="tune",
             )
         state_dir = state_dir_for(args.out)
         if engine.in_process and StateDir(state_dir).training_state.exists():

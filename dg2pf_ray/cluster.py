@@ -11,6 +11,10 @@ import ray
 
 from dg2pf_core.errors import DG2PFError
 
+# A Tune trial's driver only waits on its TorchTrainer, whose workers hold the CPUs; Tune needs a
+# non-empty request for it, which counts against the cluster beside the workers.
+TRIAL_DRIVER_CPU = 0.01
+
 
 class ClusterError(DG2PFError):
     field = "resources"
@@ -89,16 +93,19 @@ def _drop_known_noise() -> None:
 _PRINTER = "ray_print_logs"  # the name ray._private.worker registers its printer of the workers' lines under
 
 
-def check_capacity(workers: int, use_gpu: bool, cpus_per_worker: float = 1.0) -> None:
-    """Fail fast when the cluster can never place ``workers`` training workers (instead of hanging)."""
+def check_capacity(workers: int, use_gpu: bool, cpus_per_worker: float = 1.0, extra_cpus: float = 0.0) -> None:
+    """Fail fast when the cluster can never place ``workers`` training workers (instead of hanging);
+    ``extra_cpus``: what else the run holds beside them (a Tune trial's driver)."""
     if workers < 1:
         raise ClusterError(f"workers must be >= 1, got {workers}", field="num_workers")
     total = ray.cluster_resources()
     cpus, gpus = total.get("CPU", 0.0), total.get("GPU", 0.0)
-    if workers * cpus_per_worker > cpus:
+    if workers * cpus_per_worker + extra_cpus > cpus:
+        extra = f" (+ {extra_cpus:g} for the trial's driver)" if extra_cpus else ""
+        fits = max(int((cpus - extra_cpus) // cpus_per_worker), 1)
         raise ClusterError(
-            f"{workers} workers need {workers * cpus_per_worker:g} CPUs but the Ray cluster has {cpus:g}; "
-            f"use --workers {max(int(cpus // cpus_per_worker), 1)} or add nodes",
+            f"{workers} workers need {workers * cpus_per_worker:g} CPUs{extra} but the Ray cluster has {cpus:g}; "
+            f"use --workers {fits} (resources.num_workers) or add nodes",
             field="num_workers",
         )
     if use_gpu and workers > gpus:

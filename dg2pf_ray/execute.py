@@ -3,8 +3,6 @@ process, on Ray Train's DDP workers, or as a Ray Tune search whose trials run on
 
 from __future__ import annotations
 
-import json
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -83,26 +81,25 @@ def execute(
     if engine.tune_samples is not None:
         from .tune import TuneOptions, tune_job
 
-        with _space_file(engine.search_space, Path(out)) as space:
-            return tune_job(
-                job,
-                out,
-                TuneOptions(
-                    samples=engine.tune_samples,
-                    search_space=space,
-                    workers_per_trial=engine.workers or 1,
-                    use_gpu=engine.use_gpu,
-                    placement=engine.placement,
-                    cluster_may_grow=engine.cluster_may_grow,
-                    address=engine.address,
-                    storage_path=engine.storage_path,
-                    max_concurrent=engine.max_concurrent,
-                    grace_period=engine.grace_period,
-                    run_name=engine.run_name,
-                    verbose=engine.verbose,
-                    ray_logs=engine.ray_logs,
-                ),
-            )
+        return tune_job(
+            job,
+            out,
+            TuneOptions(
+                samples=engine.tune_samples,
+                search_space=engine.search_space,
+                workers_per_trial=engine.workers or 1,
+                use_gpu=engine.use_gpu,
+                placement=engine.placement,
+                cluster_may_grow=engine.cluster_may_grow,
+                address=engine.address,
+                storage_path=engine.storage_path,
+                max_concurrent=engine.max_concurrent,
+                grace_period=engine.grace_period,
+                run_name=engine.run_name,
+                verbose=engine.verbose,
+                ray_logs=engine.ray_logs,
+            ),
+        )
     if engine.workers is not None:
         from .train import RayOptions, prune_on_ray
 
@@ -124,26 +121,3 @@ def execute(
             ),
         )
     return prune_to_dir(job, out, progress=progress, on_prepared=on_prepared, state_dir=state_dir, resume=resume)
-
-
-class _space_file:
-    """The search space as the file Tune's loader reads: a given file as it is, a document written to a
-    temporary file beside ``out`` (removed after)."""
-
-    def __init__(self, space: dict[str, Any] | str | None, out: Path) -> None:
-        self.space, self.out, self.path = space, out, None
-
-    def __enter__(self) -> str | None:
-        if not isinstance(self.space, dict):
-            return self.space
-        self.out.absolute().parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(
-            "w", suffix=".json", prefix=f".{self.out.name}.space-", dir=self.out.absolute().parent, delete=False
-        ) as f:
-            json.dump(self.space, f)
-        self.path = f.name
-        return self.path
-
-    def __exit__(self, *exc: object) -> None:
-        if self.path:
-            Path(self.path).unlink(missing_ok=True)

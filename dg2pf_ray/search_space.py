@@ -63,9 +63,17 @@ _REPR.maxlevel, _REPR.maxlist, _REPR.maxdict, _REPR.maxstring, _REPR.maxother = 
 _TUNABLE = {f.name for f in dataclasses.fields(DG2PFConfig)} - {"sparsity", "device", "seed"}
 
 
-def load_space(path: str | Path | None) -> dict[str, Any]:
+def load_space(path: str | Path | dict[str, Any] | None) -> dict[str, Any]:
+    """The search space: the built-in one (None), a job's ``tune.search_space`` document, or a YAML/JSON file."""
     if path is None:
         return dict(DEFAULT_SPACE)
+    if isinstance(path, dict):
+        if not path:
+            raise ConfigError(
+                "tune.search_space must name at least one option, or be left out for the built-in space",
+                field="search_space",
+            )
+        return path
     path = Path(path)
     try:
         document = yaml.safe_load(path.read_text())

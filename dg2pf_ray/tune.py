@@ -28,19 +28,19 @@ from dg2pf_contract.results import Metrics, TuneSummary
 from dg2pf_core.io.export import OutputDir
 from dg2pf_core.job import PruneJob, prepare
 
-from .cluster import check_capacity, connect
+from .cluster import TRIAL_DRIVER_CPU, check_capacity, connect
 from .search_space import build_space, load_space, trial_config
 from .train import RayOptions, RunFailed, RunStorage, copy_final, make_trainer
 
 RANK_METRIC = "val_top1"
 TIME_ATTR = "epochs_at_target"
-DRIVER_CPU = 0.01  # Tune needs a non-empty request for the trial driver; it only waits on its trainer
+DRIVER_CPU = TRIAL_DRIVER_CPU
 
 
 @dataclass(frozen=True)
 class TuneOptions:
     samples: int = 4
-    search_space: str | None = None  # YAML/JSON file; default: DEFAULT_SPACE
+    search_space: str | dict | None = None  # a YAML/JSON file or a job's document; default: DEFAULT_SPACE
     workers_per_trial: int = 1
     use_gpu: bool = False
     placement: str = "pack"  # of each trial's workers: "pack" | "spread"
@@ -89,7 +89,7 @@ def tune_job(job: PruneJob, out: str | Path, options: TuneOptions) -> Metrics:
     space = build_space(document, job.config, samples=options.samples)
     connect(options.address, quiet=not options.ray_logs)
     if not options.cluster_may_grow:
-        check_capacity(options.workers_per_trial, options.use_gpu)
+        check_capacity(options.workers_per_trial, options.use_gpu, extra_cpus=DRIVER_CPU)
     resources = ray.cluster_resources()
     per_trial = options.workers_per_trial
     capacity = resources.get("GPU", 0) if options.use_gpu else resources.get("CPU", 1)

@@ -110,7 +110,9 @@ def _load_json(text: str, what: str) -> object:
 
 
 def _fail(message: str) -> int:
-    print(f"dg2pf: error: {' '.join(message.split())}", file=sys.stderr)  # one line, whatever the message holds
+    # One line whatever the message holds, control characters escaped (a service's message may echo input).
+    line = " ".join(message.split())
+    print(f"dg2pf: error: {''.join(c if c.isprintable() else repr(c)[1:-1] for c in line)}", file=sys.stderr)
     return 2
 
 
@@ -166,32 +168,14 @@ def _print_result(job) -> None:
 
 
 def _read_spec(path: str) -> dict:
-    """A job spec file as the dict to send: JSON, or YAML when PyYAML is installed. The service checks
-    the fields themselves (its JobSpec) and names the one at fault."""
+    """A job spec file as the dict to send (``dg2pf_contract.job.read_job_file``: JSON, or YAML when PyYAML
+    is installed); ``Client.submit`` checks it as a JobSpec before sending."""
+    from dg2pf_contract.job import JobFileError, read_job_file
+
     try:
-        text = Path(path).read_text()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise CliError(f"cannot read job spec {path}: {exc}") from exc
-    if not text.strip():
-        raise CliError(f"job spec {path} is empty")
-    try:
-        doc = _load_json(text, f"job spec {path}")
-    except ValueError as json_error:
-        try:
-            import yaml
-        except ImportError:
-            raise CliError(
-                f"job spec {path} is not JSON ({json_error}); for YAML install PyYAML: pip install 'dg2pf-client[yaml]'"
-            ) from None
-        try:
-            doc = yaml.safe_load(text)
-        except yaml.YAMLError as exc:
-            raise CliError(f"cannot read job spec {path}: {exc}") from exc
-    if not isinstance(doc, dict):
-        raise CliError(
-            f"job spec {path} must be a mapping of fields (model, dataset, sparsity, ...), not {type(doc).__name__}"
-        )
-    return doc
+        return read_job_file(path)
+    except JobFileError as exc:
+        raise CliError(exc.message, field=exc.field) from None
 
 
 # --- the commands ---

@@ -8,9 +8,12 @@ level. dg2pf_core checks the options again, with what needs the core (``dg2pf_co
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
+import math
 import re
+import stat
 import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -221,9 +224,15 @@ class ResourcesSpec(_Strict):
     )
 
 
+def _not_empty(space: dict[str, Any] | None) -> dict[str, Any] | None:
+    if space == {}:
+        raise ValueError("must name at least one option, or be left out for the built-in space")
+    return space
+
+
 class TuneSpec(_Strict):
     samples: Annotated[int, worded("in [1, 256]")] = Field(4, ge=1, le=256)
-    search_space: dict[str, Any] | None = Field(
+    search_space: Annotated[dict[str, Any] | None, AfterValidator(_not_empty)] = Field(
         None, max_length=64, description="option -> distribution, as in `dg2pf tune --search-space`"
     )
 
@@ -265,13 +274,29 @@ class JobFileError(ValueError):
         self.message, self.field = message, field
 
 
+MAX_JOB_FILE_BYTES = 1 << 20  # as the API's largest request body (DG2PF_MAX_REQUEST_BYTES' default)
+MAX_JOB_VALUES = 100_000  # values in a job document once YAML aliases are expanded: a job has a few hundred
+MAX_JOB_DEPTH = 32
+
+
 def read_job_file(path: str | Path) -> dict[str, Any]:
     """A job file as the mapping POST /jobs takes: JSON, or YAML when PyYAML is installed (the light client's
-    ``[yaml]`` extra; the full package has it). Strict JSON: NaN and Infinity are refused, as the API does."""
+    ``[yaml]`` extra; the full package has it). Only what JSON can hold is a job (no YAML dates, bytes or
+    sets), NaN and Infinity are refused as the API does, and so are files over a MiB, nesting deeper than
+    ``MAX_JOB_DEPTH`` and YAML aliases expanding beyond ``MAX_JOB_VALUES`` values."""
+    path = Path(path)
     try:
-        text = Path(path).read_text()
+        info = path.stat()
+        if not stat.S_ISREG(info.st_mode):
+            raise JobFileError(f"job spec {path} is not a regular file")
+        if info.st_size > MAX_JOB_FILE_BYTES:
+            raise JobFileError(
+                f"job spec {path} is {info.st_size:,} bytes; a job spec is at most "
+                f"{MAX_JOB_FILE_BYTES:,} (a few KB is usual)"
+            )
+        text = path.read_text(encoding="utf-8-sig")  # a byte-order mark some editors write is no error
     except (OSError, UnicodeDecodeError) as exc:
-        raise JobFileError(f"cannot read job spec {path}: {exc}") from exc
+        raise JobFileError(f"cannot read job spec {path}: {exc}") from None
     if not text.strip():
         raise JobFileError(f"job spec {path} is empty")
 
@@ -291,32 +316,85 @@ def read_job_file(path: str | Path) -> dict[str, Any]:
             ) from None
         try:
             doc = yaml.safe_load(text)
-        except (yaml.YAMLError, RecursionError) as exc:
-            raise JobFileError(f"cannot read job spec {path}: {' '.join(str(exc).split())}") from None
+        except (yaml.YAMLError, RecursionError, ValueError) as exc:
+            reason = "nested too deeply" if isinstance(exc, RecursionError) else " ".join(str(exc).split())
+            raise JobFileError(f"cannot read job spec {path}: {reason}") from None
     if not isinstance(doc, dict):
         raise JobFileError(
             f"job spec {path} must be a mapping of fields (model, dataset, sparsity, ...), not {type(doc).__name__}"
         )
+    _check_plain(doc, f"job spec {path}")
     return doc
+
+
+def _check_plain(doc: Any, where: str) -> None:
+    """Refuse what JSON cannot carry (YAML dates, bytes, sets, non-text keys, NaN) and documents too deep or,
+    with YAML aliases, too large once expanded, before anything copies or sends them."""
+    budget = MAX_JOB_VALUES
+    stack: list[tuple[Any, str, int]] = [(doc, "", 0)]
+    while stack:
+        value, at, depth = stack.pop()
+        budget -= 1
+        if budget < 0:
+            raise JobFileError(
+                f"{where} holds more than {MAX_JOB_VALUES:,} values (YAML aliases expand): not a job spec"
+            )
+        if depth > MAX_JOB_DEPTH:
+            raise JobFileError(
+                f"{where} is nested deeper than {MAX_JOB_DEPTH} levels at {at or 'the top'}: not a job spec"
+            )
+        if isinstance(value, dict):
+            for key, item in value.items():
+                if not isinstance(key, str):
+                    raise JobFileError(
+                        f"{where}: the key {_printable(repr(key))} under {at or 'the top'} is not text",
+                        field=at or None,
+                    )
+                stack.append((item, f"{at}.{key}" if at else key, depth + 1))
+        elif isinstance(value, list):
+            stack.extend((item, f"{at}[{i}]", depth + 1) for i, item in enumerate(value))
+        elif isinstance(value, float) and not math.isfinite(value):
+            raise JobFileError(f"{where}: {_printable(at)} is {value}, not a finite number", field=at)
+        elif value is not None and not isinstance(value, (str, int, float, bool)):
+            raise JobFileError(
+                f"{where}: {_printable(at)} is a YAML {type(value).__name__}, which a job spec cannot "
+                "hold (quote it to make it text)",
+                field=at,
+            )
+
+
+def _printable(text: str) -> str:
+    """``text`` with control characters escaped, as it may be printed on a terminal."""
+    return _CONTROL.sub(lambda m: repr(m.group())[1:-1], text)
 
 
 def apply_overrides(doc: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """``doc`` with ``KEY=VALUE`` overrides applied (``--set schedule.lr=0.001``): KEY a dotted path of
-    JobSpec fields, VALUE read as JSON where it is JSON (numbers, true, null, lists) and as text otherwise."""
-    doc = json.loads(json.dumps(doc))  # a deep copy of plain values
+    JobSpec fields, VALUE read as JSON where it is JSON (numbers, true, null, lists, objects) and as text
+    otherwise."""
+    doc = copy.deepcopy(doc)  # shared YAML aliases stay shared: nothing expands here
     for override in overrides:
         key, sep, raw = override.partition("=")
-        path = [p for p in key.strip().split(".")]
+        path = key.strip().split(".")
         if not sep or not all(path):
             raise JobFileError(
-                f"--set {override!r}: give KEY=VALUE, KEY a dotted field path such as "
-                "schedule.lr or dataset.image_size",
+                f"--set {_printable(repr(override))}: give KEY=VALUE, KEY a dotted field path such as schedule.lr or "
+                "dataset.image_size",
                 field=key.strip() or None,
             )
+
+        def no_constant(name: str) -> object:
+            raise ValueError(f"{name} is not a JSON number")
+
         try:
-            value: Any = json.loads(raw, parse_constant=lambda name: raw)
-        except ValueError:
+            value: Any = json.loads(raw, parse_constant=no_constant)
+        except RecursionError:
+            raise JobFileError(f"--set {key}: the value is nested too deeply", field=key) from None
+        except ValueError as exc:
+            if raw.lstrip()[:1] in ("{", "["):  # meant as JSON: say why it is not
+                raise JobFileError(f"--set {key}: the value is not JSON ({exc})", field=key) from None
             value = raw
+        _check_plain(value, f"--set {key}")
         node = doc
         for i, part in enumerate(path[:-1]):
             child = node.get(part)
@@ -324,7 +402,7 @@ def apply_overrides(doc: dict[str, Any], overrides: list[str]) -> dict[str, Any]
                 child = node[part] = {}
             elif not isinstance(child, dict):
                 raise JobFileError(
-                    f"--set {override!r}: {'.'.join(path[: i + 1])} is not a section of fields",
+                    f"--set {_printable(repr(override))}: {'.'.join(path[: i + 1])} is not a section of fields",
                     field=".".join(path[: i + 1]),
                 )
             node = child
@@ -333,7 +411,9 @@ def apply_overrides(doc: dict[str, Any], overrides: list[str]) -> dict[str, Any]
 
 
 def describe(error: ValidationError) -> tuple[str | None, str]:
-    """The first problem of a JobSpec ValidationError as (dotted field, message): what the API's 422 says."""
+    """The first problem of a JobSpec ValidationError as (dotted field, message): what the API's 422 says,
+    control characters escaped (a key in the input may hold any)."""
     first = next(iter(error.errors()), {})
-    field = ".".join(str(p) for p in first.get("loc", ())) or None
-    return field, f"{field}: {first.get('msg')}" if field else str(first.get("msg", error))
+    field = _printable(".".join(str(p) for p in first.get("loc", ()))) or None
+    message = _printable(str(first.get("msg", error)))
+    return field, f"{field}: {message}" if field else message

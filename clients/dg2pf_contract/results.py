@@ -50,6 +50,8 @@ class _Document(_Open):
         """The document in ``text`` (read from ``where``, named in errors); raises ``MetricsError``."""
         try:
             document = json.loads(text)
+        except RecursionError:
+            raise MetricsError(f"{where} is nested too deeply to be {cls._what}: the file is damaged") from None
         except ValueError as exc:
             raise MetricsError(
                 f"{where} is not valid JSON ({exc}): the file is damaged; take it from the run again"

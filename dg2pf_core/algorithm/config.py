@@ -120,8 +120,10 @@ class DG2PFConfig(Options):
         ):
             raise bad(
                 "sparsity",
-                f"must be strictly between 0 and 1 (e.g. 0.9 for 90%), got {self.sparsity}"
-                + ("; or give target_macs_ratio with granularity 'channel'" if self.sparsity == 0.0 else ""),
+                "is required: a fraction strictly between 0 and 1 (e.g. 0.9 for 90%); or give target_macs_ratio "
+                "with granularity 'channel'"
+                if self.sparsity == 0.0 and not isinstance(self.sparsity, bool)
+                else f"must be strictly between 0 and 1 (e.g. 0.9 for 90%), got {self.sparsity}",
             )
         if self.schedule not in schedule_names():
             raise bad("schedule", f"must be one of {schedule_names()}, got {self.schedule!r}")

@@ -16,6 +16,7 @@ from dg2pf_core.data.registry import needs_path
 from dg2pf_core.data.roots import check_tree, under
 from dg2pf_core.errors import ConfigError, DG2PFError
 from dg2pf_core.job import PruneJob, check_static
+from dg2pf_ray.cluster import TRIAL_DRIVER_CPU
 
 from .pinning import pin_checkpoint
 from .settings import Settings
@@ -155,10 +156,12 @@ def validate_job(
             "(those held by serving replicas excluded; "
             "DG2PF_CLUSTER_MAX_GPUS declares what an autoscaling cluster can grow to)",
         )
-    if workers > cpus:
+    driver = TRIAL_DRIVER_CPU if spec.tune is not None else 0.0  # a Tune trial's driver, beside its workers
+    if workers + driver > cpus:
         raise InvalidJob(
             "resources.num_workers",
-            f"{workers} workers cannot be placed: the Ray cluster has {cpus:g} CPUs for jobs "
+            f"{workers} workers{' and a trial driver' if driver else ''} cannot be placed: the Ray cluster has "
+            f"{cpus:g} CPUs for jobs "
             "(those held by serving replicas excluded; "
             "DG2PF_CLUSTER_MAX_CPUS declares what an autoscaling cluster can grow to)",
         )

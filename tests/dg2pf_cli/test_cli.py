@@ -802,3 +802,25 @@ def test_an_interrupt_a_library_swallowed_still_stops_the_run(untrained_ckpt, tm
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("dg2pf: interrupted"), result.stderr
     assert not out.exists()
+
+
+def test_a_job_file_error_names_where_the_value_came_from(tmp_path, capsys):
+    """The flags, --set and the file fill one JobSpec; a bad value is named as the user gave it."""
+    from dg2pf_cli.main import main
+
+    job = tmp_path / "job.yaml"
+    job.write_text(
+        "model: {arch: digits_cnn, num_classes: 10, checkpoint: c.safetensors}\n"
+        "dataset: {spec: digits}\nsparsity: 0.5\nschedule: {lr: 500}\n"
+    )
+    out = ["--out", str(tmp_path / "out")]
+    cases = [
+        ([], f"dg2pf: error: job spec {job}: schedule.lr: must be in (0, 100], got 500"),
+        (["--lr", "-1"], "dg2pf: error: --lr: must be in (0, 100], got -1.0"),
+        (["--set", "schedule.lr=-2"], "dg2pf: error: --set schedule.lr: must be in (0, 100], got -2"),
+        (["--lr", "0.001", "--set", "tune.samples=2"], "has a tune section: run it with `dg2pf tune`"),
+    ]
+    for extra, needle in cases:
+        assert main(["prune", str(job), *out, *extra]) == 2
+        assert needle in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

@@ -319,8 +319,8 @@ def test_ctrl_c_keeps_the_state_and_resume_gives_the_uninterrupted_result(folder
 @pytest.mark.parametrize(
     "extra, needles",
     [
-        (["--image-size", "100000"], ["image_size: must be in [8, 2048]"]),
-        (["--image-size", "0"], ["image_size: must be in [8, 2048]"]),
+        (["--image-size", "100000"], ["--image-size: must be in [8, 2048]"]),
+        (["--image-size", "0"], ["--image-size: must be in [8, 2048]"]),
         (["--seed", str(10**24)], ["seed"]),
         (["--include", "no_such_layer"], ["no_such_layer"]),
         (["--workers", "0"], ["--workers must be >= 1"]),
@@ -376,7 +376,7 @@ def test_a_granularity_a_tensor_cannot_take_is_refused_before_training_and_exclu
 def test_a_huge_class_count_is_refused_without_building_the_classifier(folder, ckpt2, tmp_path, capsys):
     started = time.time()
     refused(
-        capsys, prune_args(ckpt2, f"imagefolder:{folder}", tmp_path / "out", classes=10**9), "num_classes", "100,000"
+        capsys, prune_args(ckpt2, f"imagefolder:{folder}", tmp_path / "out", classes=10**9), "--num-classes", "100,000"
     )
     assert time.time() - started < 20
 
