@@ -446,7 +446,7 @@ def test_submit_form_puts_the_refusal_beside_its_field_and_a_markup_name_stays_t
     error = field("sparsity").locator(".field-error")
     expect(error).to_be_visible()
     expect(error).to_contain_text("sparsity")
-    expect(error).to_contain_text("less than 1")
+    expect(error).to_contain_text("must be strictly between 0 and 1")
     assert page.locator(".field-error:visible").count() == 1 and page.locator("#submit-error").is_hidden()
     assert api.get("/jobs").json()["total"] == before  # refused: nothing created
     tab.screenshot("ui-submit.png", whole=False)  # the form scrolled to the refused field
