@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import sqlite3
 import threading
 import time
 from collections.abc import Iterator
@@ -137,15 +138,39 @@ def write_session(sessions: sessionmaker[Session]) -> Iterator[Session]:
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
-    # WAL lets the API read while the executor writes; busy_timeout makes a second writer wait for
-    # the lock instead of failing at once with "database is locked".
+    # busy_timeout first: a second writer then waits for the lock instead of failing at once with
+    # "database is locked". WAL lets the API read while the executor writes.
     cursor = dbapi_connection.cursor()
     try:
-        cursor.execute("PRAGMA journal_mode=WAL")
-        cursor.execute("PRAGMA foreign_keys=ON")
         cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+        cursor.execute("PRAGMA foreign_keys=ON")
+        _into_wal(cursor)
     finally:
         cursor.close()
+
+
+def _into_wal(cursor: Any) -> None:
+    """Put the database in WAL mode (persistent: a no-op once any connection has done it).
+
+    Switching needs an exclusive lock, and SQLite answers "database is locked" at once, without
+    calling the busy handler, when the connection asking already reads the file (a wait could
+    deadlock). Several processes starting on a new file at once therefore ask again, until the
+    busy timeout has passed.
+    """
+    deadline = time.monotonic() + SQLITE_BUSY_TIMEOUT_MS / 1000
+    delay = 0.005
+    while True:
+        try:
+            mode = cursor.execute("PRAGMA journal_mode").fetchone()[0]
+            if str(mode).lower() in ("wal", "memory"):
+                return
+            cursor.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as e:
+            if "locked" not in str(e) or time.monotonic() >= deadline:
+                raise
+        time.sleep(delay)
+        delay = min(delay * 2, 0.2)
 
 
 def make_engine(url: str, **kwargs: Any) -> Engine:
