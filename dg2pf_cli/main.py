@@ -101,6 +101,20 @@ def _add_ray_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _latency_rows(m: Metrics) -> list[tuple[str, str]]:
+    x = m.latency_objective
+    if x is None:
+        return []
+    measured = "not measured" if x.measured_ms is None else f"{x.measured_ms:.4g} ms"
+    verdict = "" if x.met is None else (" (within the budget)" if x.met else " (OVER the budget)")
+    return [
+        (
+            f"latency ({x.backend}, {x.threads} thr, batch {x.batch_size})",
+            f"{x.dense_measured_ms:.4g} ms dense -> {measured}{verdict}; the table predicted {x.predicted_ms:.4g} ms",
+        )
+    ]
+
+
 def _channel_rows(m: Metrics) -> list[tuple[str, str]]:
     removed = (
         f"{m.channels_pruned:,} of {m.channels_total:,} prunable ({m.channel_sparsity:.2%}); "
@@ -261,10 +275,15 @@ def _spec_from(args: argparse.Namespace) -> JobSpec:
             raise DG2PFError(
                 f"the following arguments are required: {', '.join(missing)} (or a JOB file, or --resume DIR)"
             )
-        if args.sparsity is None and getattr(args, "target_macs_ratio", None) is None and not args.set:
+        if (
+            args.sparsity is None
+            and getattr(args, "target_macs_ratio", None) is None
+            and getattr(args, "latency_budget_ms", None) is None
+            and not args.set
+        ):
             raise DG2PFError(
-                "the following arguments are required: --sparsity (or --target-macs-ratio with --granularity "
-                "channel, or --resume DIR)",
+                "the following arguments are required: --sparsity (or --target-macs-ratio or --latency-budget-ms "
+                "with --granularity channel, or --resume DIR)",
                 field="sparsity",
             )
     elif args.out is None:
@@ -432,8 +451,13 @@ def _cmd_prune(args: argparse.Namespace) -> int:
             "target sparsity",
             f"{m.target_sparsity:.2%}"
             if m.target_sparsity is not None
-            else f"MACs ratio {m.target_macs_ratio:g} -> {m.channel_sparsity:.2%} of channels",
+            else f"MACs ratio {m.target_macs_ratio:g} -> {m.channel_sparsity:.2%} of channels"
+            if m.target_macs_ratio is not None
+            else f"latency {m.latency_objective.budget_ms:g} ms -> {m.channel_sparsity:.2%} of channels"
+            if m.latency_objective is not None
+            else "-",
         ),
+        *_latency_rows(m),
         *(
             _channel_rows(m)
             if m.granularity == "channel"

@@ -25,6 +25,8 @@ from .options import (
     BOUNDS,
     GRANULARITY_PATTERN,
     KD_LOSSES,
+    LATENCY_BACKENDS,
+    LATENCY_BUDGET_BOUNDS,
     MAX_PATTERN_LENGTH,
     MAX_PATTERNS,
     PRESET_FIELDS,
@@ -151,6 +153,7 @@ _CHOICES = {
         "measured, docs/fidelity.md) or 'paper' (the paper's algorithm with the authors' hyperparameters)",
     ),
     "kd_loss": (KD_LOSSES, None),
+    "latency_backend": (LATENCY_BACKENDS, "what latency_budget_ms is measured on: ONNX Runtime or PyTorch eager (CPU)"),
 }
 # Optional numbers with a range: the OpenAPI shows it, the core checks it again.
 _OPTIONAL_RANGES = {
@@ -158,7 +161,14 @@ _OPTIONAL_RANGES = {
         dict(gt=0, lt=1),
         "granularity 'channel': the multiply-accumulates to keep, as "
         "a fraction of the dense model's (0.5: half the compute); replaces sparsity",
-    )
+        "strictly between 0 and 1 (0.5: half the multiply-accumulates)",
+    ),
+    "latency_budget_ms": (
+        dict(gt=LATENCY_BUDGET_BOUNDS.low, le=LATENCY_BUDGET_BOUNDS.high),
+        "granularity 'channel': the latency (ms) the pruned network may take on the job's machine, as "
+        "latency_backend runs it with latency_threads threads at batch latency_batch_size; replaces sparsity",
+        f"milliseconds in {LATENCY_BUDGET_BOUNDS.text()}",
+    ),
 }
 
 
@@ -188,12 +198,8 @@ def _schedule_model() -> type[BaseModel]:
             limits = {"gt" if bounds.low_open else "ge": bounds.low, "lt" if bounds.high_open else "le": bounds.high}
             hint = Annotated[hint, Field(**limits, description=preset), worded(f"in {bounds.text()}")]
         elif f.name in _OPTIONAL_RANGES:
-            limits, description = _OPTIONAL_RANGES[f.name]
-            hint = Annotated[
-                float | None,
-                Field(**limits, description=description),
-                worded("strictly between 0 and 1 (0.5: half the multiply-accumulates)"),
-            ]
+            limits, description, wording = _OPTIONAL_RANGES[f.name]
+            hint = Annotated[float | None, Field(**limits, description=description), worded(wording)]
         elif f.name in _PATTERNS:
             pattern, description = _PATTERNS[f.name]
             hint = Annotated[
@@ -249,7 +255,8 @@ class JobSpec(_Strict):
         ge=0.001,
         lt=1,
         description="fraction of prunable weights (of prunable channels "
-        "with granularity 'channel') to remove; required unless schedule.target_macs_ratio",
+        "with granularity 'channel') to remove; required unless schedule.target_macs_ratio or "
+        "schedule.latency_budget_ms",
     )
     schedule: ScheduleSpec = Field(default_factory=ScheduleSpec)  # type: ignore[valid-type]
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)

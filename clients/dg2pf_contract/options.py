@@ -71,7 +71,12 @@ BOUNDS: dict[str, Bounds] = {
     "min_weights_per_tensor": Bounds(0, 1_000_000),
     "min_weights_per_class": Bounds(0, 1_000_000),
     "rerank_every_steps": Bounds(0, 10_000_000),
+    "latency_threads": Bounds(1, 1024),
+    "latency_batch_size": Bounds(1, 65_536),
 }
+# latency_budget_ms: above 0, at most a day (a typo or an attack beyond it).
+LATENCY_BUDGET_BOUNDS = Bounds(0, 86_400_000, low_open=True)
+LATENCY_BACKENDS = ("onnxruntime", "torch")
 MAX_PATTERNS, MAX_PATTERN_LENGTH = 256, 1000  # include / exclude / sp_blocks
 
 
@@ -182,6 +187,16 @@ class Options:
     # width rounded up; target_macs_ratio is still met, by pruning more elsewhere), as CPU kernels and
     # tensor cores work in blocks of channels (measured: docs/benchmarks.md section 11). 1: off.
     channel_multiple: int = 16
+    # Channel granularity only: the latency (ms) the pruned network may take on the machine the job runs
+    # on, as latency_backend runs it (latency_threads threads, batch latency_batch_size, the job's input
+    # size); replaces sparsity and target_macs_ratio. A per-layer latency table is measured before
+    # training (dg2pf_core/algorithm/latency_table.py) and every ranking keeps, per layer, the channels
+    # worth the most for the time they cost (dg2pf_core/algorithm/allocation.py); the final network is
+    # measured end to end and metrics.json's latency_objective states both figures.
+    latency_budget_ms: float | None = None
+    latency_backend: str = "onnxruntime"  # "onnxruntime" or "torch" (eager, CPU)
+    latency_threads: int = 1
+    latency_batch_size: int = 1
     # The emptying guard (unstructured): every ranking keeps the this-many largest weights of each
     # prunable tensor and of each classifier row (one row per class), so no layer and no class is cut off;
     # the global target is still met exactly. 0 turns each off.

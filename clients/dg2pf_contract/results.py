@@ -189,6 +189,26 @@ class Latency(_Open):
         }
 
 
+class LatencyObjective(_Open):
+    """The ``latency_objective`` section of a job pruned to ``latency_budget_ms``: the budget, what the
+    per-layer latency table predicted for the final network and what that network measured end to end,
+    on the same backend, threads and batch size (dg2pf_core/algorithm/latency_table.py)."""
+
+    budget_ms: float = Field(description="latency_budget_ms, as asked")
+    backend: str = Field(description="onnxruntime or torch")
+    threads: int
+    batch_size: int
+    cpu: str = Field(description="the machine the table and the measurements are of")
+    dense_measured_ms: float = Field(description="the input model, measured end to end when the table was built")
+    predicted_ms: float = Field(description="the final network, as the table predicts it")
+    measured_ms: float | None = Field(None, description="the final network, measured end to end (null: failed)")
+    error: float | None = Field(None, description="predicted / measured - 1 (0.05: the table said 5% more)")
+    met: bool | None = Field(None, description="measured_ms <= budget_ms")
+    table_layers: int = Field(description="Conv/Linear layers the table holds")
+    table_seconds: float = Field(description="what measuring the table took")
+    table_notes: list[str] = Field(default_factory=list)
+
+
 class DistributedRun(_Open):
     """The ``distributed`` section of a Ray Train run (DDP workers)."""
 
@@ -255,7 +275,7 @@ class Metrics(_Document):
     in_channels: int
     class_names: list[str] | None = Field(description="labels by class index (None: the dataset names none)")
     target_sparsity: float | None = Field(
-        description="the sparsity asked for; None for a channel job sized by target_macs_ratio"
+        description="the sparsity asked for; None for a channel job sized by target_macs_ratio or latency_budget_ms"
     )
     granularity: str = Field("unstructured", description="unstructured | N:M | channel")
     preset: str | None = Field(None, description="the named configuration the job started from")
@@ -326,6 +346,9 @@ class Metrics(_Document):
     # Sections of the written model and of the engine that ran it.
     onnx: OnnxExport | None = Field(None, description="the ONNX export (absent: the run predates it)")
     latency: Latency | None = Field(None, description="dense against pruned latency (absent: the run predates it)")
+    latency_objective: LatencyObjective | None = Field(
+        None, description="jobs pruned to latency_budget_ms: the budget, the table's prediction, the measurement"
+    )
     distributed: DistributedRun | None = Field(None, description="Ray Train runs: the DDP workers")
     driver_wall_seconds: float | None = Field(None, description="Ray Train runs: the whole run as the driver saw it")
     ray_run: RayRun | None = Field(None, description="Ray Train runs: where its checkpoints are")

@@ -18,6 +18,8 @@ from dg2pf_contract.options import (
     GRADUAL_MASKS,
     GRANULARITY_DEFAULTS,
     KD_LOSSES,
+    LATENCY_BACKENDS,
+    LATENCY_BUDGET_BOUNDS,
     MAX_PATTERN_LENGTH,
     MAX_PATTERNS,
     PRESETS,
@@ -107,21 +109,53 @@ class DG2PFConfig(Options):
                     f"only applies to granularity 'channel' (got {self.granularity!r}): unstructured "
                     "and N:M masks do not remove compute on dense kernels; use sparsity",
                 )
+        if self.latency_backend not in LATENCY_BACKENDS:
+            raise bad("latency_backend", f"must be one of {list(LATENCY_BACKENDS)}, got {self.latency_backend!r}")
+        if self.latency_budget_ms is not None:
+            parse_granularity(self.granularity)
+            budget = self.latency_budget_ms
+            if (
+                isinstance(budget, bool)
+                or not isinstance(budget, (int, float))
+                or not LATENCY_BUDGET_BOUNDS.contains(budget)
+            ):
+                raise bad(
+                    "latency_budget_ms",
+                    f"must be a number of milliseconds in {LATENCY_BUDGET_BOUNDS.text()}, got {budget!r}",
+                )
+            if self.granularity != CHANNEL:
+                raise bad(
+                    "latency_budget_ms",
+                    f"only applies to granularity 'channel' (got {self.granularity!r}): unstructured and N:M "
+                    "masks do not make dense kernels faster",
+                )
+            if self.target_macs_ratio is not None:
+                raise bad("latency_budget_ms", "give latency_budget_ms or target_macs_ratio, not both")
+            if self.sparsity != 0.0:
+                raise bad(
+                    "sparsity",
+                    f"give sparsity or latency_budget_ms, not both (latency_budget_ms {budget} decides the "
+                    f"channels; got sparsity {self.sparsity})",
+                )
         if self.target_macs_ratio is not None and self.sparsity != 0.0:
             raise bad(
                 "sparsity",
                 f"give sparsity or target_macs_ratio, not both (target_macs_ratio {self.target_macs_ratio} "
                 f"decides the channel fraction; got sparsity {self.sparsity})",
             )
-        if self.target_macs_ratio is None and (
-            isinstance(self.sparsity, bool)
-            or not isinstance(self.sparsity, (int, float))
-            or not 0.0 < self.sparsity < 1.0
+        if (
+            self.target_macs_ratio is None
+            and self.latency_budget_ms is None
+            and (
+                isinstance(self.sparsity, bool)
+                or not isinstance(self.sparsity, (int, float))
+                or not 0.0 < self.sparsity < 1.0
+            )
         ):
             raise bad(
                 "sparsity",
                 "is required: a fraction strictly between 0 and 1 (e.g. 0.9 for 90%); or give target_macs_ratio "
-                "with granularity 'channel'"
+                "or latency_budget_ms with granularity 'channel'"
                 if self.sparsity == 0.0 and not isinstance(self.sparsity, bool)
                 else f"must be strictly between 0 and 1 (e.g. 0.9 for 90%), got {self.sparsity}",
             )

@@ -43,12 +43,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dg2pf_contract.results import ChannelSummary
+from dg2pf_contract.results import ChannelSummary, LatencyObjective
 from dg2pf_core.algorithm import distributed, overparam
 from dg2pf_core.algorithm.batchnorm import freeze_batchnorm, recalibrate_batchnorm, settle_constant_channels, settled
 from dg2pf_core.algorithm.channels import ChannelPlan, Structure, apply_structure, remove_channels
 from dg2pf_core.algorithm.config import DG2PFConfig
 from dg2pf_core.algorithm.distillation import FeatureTaps, kd_loss, similarity_blocks, similarity_loss
+from dg2pf_core.algorithm.latency_table import LatencyTable
+from dg2pf_core.algorithm.latency_target import LatencyTarget
 from dg2pf_core.algorithm.masks import (
     EmptyingGuard,
     Masks,
@@ -107,6 +109,7 @@ class DG2PFResult:
     # from the input model's architecture (None: no channel was removed).
     channels: ChannelSummary | None = None
     structure: Structure | None = None
+    latency: LatencyObjective | None = None  # latency_budget_ms: the budget, predicted and measured
 
 
 def _refuse_at_chance(state, run, config) -> list[str]:
@@ -183,7 +186,9 @@ class _Run:
             self.params_prunable = sum(
                 self.params[n].numel() for n in {i.param for g in self.plan.groups for i in g.items}
             )
-            if config.target_macs_ratio is None and config.channel_multiple > 1:  # the multiple the fraction allows
+            if config.latency_budget_ms is not None:  # the schedule runs over the latency to remove (LatencyTarget)
+                fraction = 1.0
+            elif config.target_macs_ratio is None and config.channel_multiple > 1:  # the multiple the fraction allows
                 _, self.multiple = self.plan.fit_count(
                     self.params, config.sparsity, config.layer_cap, config.channel_multiple
                 )
@@ -191,6 +196,7 @@ class _Run:
                 fraction, _, self.multiple = self.plan.fit_macs(
                     self.params, config.target_macs_ratio, config.layer_cap, config.channel_multiple
                 )
+        self.latency: LatencyTarget | None = None  # latency_budget_ms (set by use_latency)
         self.targets = sparsity_targets(config.schedule, fraction, config.pruning_epochs)
         self.channels_pruned = 0
         self.selected: dict[str, torch.Tensor] = {}  # channel granularity: the last ranking's pruned channels
@@ -208,6 +214,11 @@ class _Run:
         with ``target_macs_ratio`` the last ranking meets the MACs ratio with the weights as they are)."""
         if self.nm is not None:
             return nm_masks(self.params, target, self.nm)
+        if self.plan is not None and self.latency is not None:  # target: the fraction of the latency to remove
+            allocation = self.latency.select(self.params, target)
+            self.selected, self.channels_pruned = allocation.pruned, allocation.channels_pruned
+            self.ranked_at = self.channels_pruned / self.plan.channels
+            return self.plan.masks(self.params, self.selected)
         if self.plan is not None:
             if last and self.cfg.target_macs_ratio is not None:
                 target, _ = self.plan.fraction_for_macs(
@@ -232,6 +243,22 @@ class _Run:
         if self.plan is not None:
             return self.channels_pruned / self.plan.channels
         return mask_sparsity(masks)
+
+    def use_latency(self, state: TrainingState, table: LatencyTable | None) -> None:
+        """latency_budget_ms: the latency table (the state's when resumed, else ``table``, else measured
+        here) and the channel multiple the budget is reachable with; on the input model, before any
+        channel is removed."""
+        self.latency = LatencyTarget.prepare(
+            _unwrap(self.model),
+            self.input_shape,
+            self.plan,
+            self.params,
+            self.cfg,
+            state.latency_table,
+            table,  # type: ignore[arg-type]
+        )
+        state.latency_table = self.latency.to_json()
+        self.multiple = self.latency.multiple
 
     # --- channel granularity: the physical removal ---
     def remove(self, state: TrainingState) -> None:
@@ -478,12 +505,14 @@ def run_dg2pf(
     resume: TrainingState | None = None,
     device: torch.device | None = None,
     input_shape: tuple[int, ...] | None = None,
+    latency_table: LatencyTable | None = None,
 ) -> DG2PFResult:
     """Prune ``model`` (pre-trained, dense) to ``config.sparsity`` with DG2PF.
 
     ``teacher`` defaults to a frozen copy of ``model`` as passed in (self-distillation), so when
     resuming pass the same input model and teacher as the original run. ``input_shape`` (C, H, W):
-    what channel granularity traces the model with (default: a validation batch's).
+    what channel granularity traces the model with (default: a validation batch's). ``latency_table``:
+    with ``latency_budget_ms``, a table measured beforehand for this machine (default: measured here).
     """
     device = device or resolve_device(config.device)
     torch.manual_seed(config.seed)
@@ -498,6 +527,9 @@ def run_dg2pf(
         state = TrainingState(teacher_fingerprint=teacher_id, config=config.to_dict())
     else:
         state = resume
+    if run.plan is not None and config.latency_budget_ms is not None:
+        run.use_latency(state, latency_table)  # before restore: on the input model, whatever was removed since
+    if resume is not None:
         if state.teacher_fingerprint != teacher_id:
             raise ResumeError(
                 "the training checkpoint was made with a different input model/teacher; "
@@ -675,4 +707,5 @@ def run_dg2pf(
         warnings=notes,
         channels=channels,
         structure=Structure.from_json(state.structure) if run.plan is not None and state.structure else None,
+        latency=None if run.latency is None else run.latency.summary(_unwrap(run.model), run.input_shape),
     )

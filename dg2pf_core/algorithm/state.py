@@ -54,6 +54,8 @@ class TrainingState:
     # smaller network from the input model, and how many channels it removed.
     structure: str = ""
     channels_pruned: int = 0
+    # latency_budget_ms: the latency table the run prunes by (JSON), so a resumed run prunes by the same one.
+    latency_table: str = ""
     config: dict[str, Any] = field(default_factory=dict)
 
     def to_payload(self) -> dict[str, Any]:

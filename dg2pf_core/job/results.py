@@ -68,7 +68,11 @@ def result_metrics(prepared: PreparedJob, result: DG2PFResult, *, world_size: in
         warned = _channel_warnings(layers, job.config.warn_layer_sparsity)
         if not x.channels_pruned:
             warned = [_nothing_removed(job.config, x.channels_total, x.channel_multiple), *warned]
-        elif job.config.target_macs_ratio is None and abs(channel["channel_sparsity"] - job.config.sparsity) > 0.02:
+        elif (
+            job.config.target_macs_ratio is None
+            and job.config.latency_budget_ms is None
+            and abs(channel["channel_sparsity"] - job.config.sparsity) > 0.02
+        ):
             warned.append(
                 f"{channel['channel_sparsity']:.2%} of the channels were removed for sparsity {job.config.sparsity:g}: "
                 f"kept widths rounded up to multiples of {x.channel_multiple} (channel_multiple) under the layer "
@@ -84,7 +88,9 @@ def result_metrics(prepared: PreparedJob, result: DG2PFResult, *, world_size: in
         crop_pct=eval_crop_pct(job.dataset, job.crop_pct),
         in_channels=prepared.arch.in_channels,
         class_names=prepared.splits.class_names,
-        target_sparsity=job.config.sparsity if job.config.target_macs_ratio is None else None,
+        target_sparsity=job.config.sparsity
+        if job.config.target_macs_ratio is None and job.config.latency_budget_ms is None
+        else None,
         granularity=job.config.granularity,
         # The named configuration the job started from, and what it set otherwise (config holds every value).
         preset=job.config.preset,
@@ -121,7 +127,13 @@ def result_metrics(prepared: PreparedJob, result: DG2PFResult, *, world_size: in
         if job.config.scope == "global" and nm is None
         else None,
         # the data's, the run's (an input model near chance), then the result's
-        warnings=[*(getattr(prepared.splits, "warnings", None) or []), *result.warnings, *warned],
+        warnings=[
+            *(getattr(prepared.splits, "warnings", None) or []),
+            *result.warnings,
+            *warned,
+            *_over_budget(result),
+        ],
+        latency_objective=result.latency,
         dtype=_dtype_summary(prepared.dtypes),
         skipped_images=len(getattr(prepared.splits, "skipped_images", []) or []),
         skipped_image_files=list(getattr(prepared.splits, "skipped_images", []) or [])[:100],
@@ -179,6 +191,18 @@ def job_latency(
             "notes": notes + document["notes"],
         }
     )
+
+
+def _over_budget(result: DG2PFResult) -> list[str]:
+    """The warning of a network measured over its latency budget (the table predicted it within)."""
+    x = result.latency
+    if x is None or x.met is not False or x.measured_ms is None:
+        return []
+    return [
+        f"the pruned network measured {x.measured_ms:.4g} ms ({x.backend}, {x.threads} thread(s), batch "
+        f"{x.batch_size}), over latency_budget_ms {x.budget_ms:g}: the latency table predicted "
+        f"{x.predicted_ms:.4g} ms ({100 * (x.error or 0):+.1f}%); ask for a budget that much lower"
+    ]
 
 
 def _nothing_removed(config: DG2PFConfig, channels: int, multiple: int = 1) -> str:

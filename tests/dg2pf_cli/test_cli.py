@@ -824,3 +824,30 @@ def test_a_job_file_error_names_where_the_value_came_from(tmp_path, capsys):
         assert main(["prune", str(job), *out, *extra]) == 2
         assert needle in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_a_latency_budget_job_refuses_the_unreachable_and_states_what_it_met(tmp_path, untrained_ckpt):
+    def args(out: Path, budget: str) -> list[str]:
+        flags = {
+            "--arch": "digits_cnn",
+            "--num-classes": "10",
+            "--checkpoint": str(untrained_ckpt),
+            "--dataset": "digits",
+            "--granularity": "channel",
+            "--latency-budget-ms": budget,
+            "--latency-backend": "torch",
+            "--out": str(out),
+        }
+        return ["prune", *[x for kv in flags.items() for x in kv], "--pruning-epochs", "1", "--max-epochs", "1"]
+
+    out = tmp_path / "out"
+    refused = dg2pf(*args(out, "1e-9"), "--quiet")
+    assert_refused(refused, out, "latency_budget_ms 1e-09 cannot be reached", "the dense network measured", "predicted")
+    dense_ms = float(refused.stderr.split("the dense network measured ")[1].split(" ms")[0])
+    done = dg2pf(*args(out, f"{0.7 * dense_ms:.6g}"))
+    assert done.returncode == 0, done.stderr
+    assert "the table predicted" in done.stdout
+    objective = json.loads((out / "metrics.json").read_text())["latency_objective"]
+    assert objective["budget_ms"] == pytest.approx(0.7 * dense_ms, rel=1e-5)
+    assert objective["predicted_ms"] <= objective["budget_ms"]
+    assert objective["measured_ms"] > 0 and objective["backend"] == "torch"

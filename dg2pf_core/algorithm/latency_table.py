@@ -1,0 +1,535 @@
+"""A per-layer latency model of a channel-pruned network: a lookup table measured on this machine.
+
+Channel pruning changes each Conv/Linear layer's input and output widths. The table holds, for every
+such layer of the input model, its latency measured **alone** (one Conv or Gemm, random weights, the
+layer's own kernel, stride, padding, groups and input size, at the job's batch size) on a grid of
+(input width, output width) points: widths of 1/8, 1/4, 1/2, 3/4 and all of its channels, rounded up to
+``channel_multiple`` (HALP, NeurIPS 2022, and NetAdapt, ECCV 2018, use such tables; HALP's is also
+per layer and width). Layers of the same shape are measured once. A width between grid points is
+interpolated (bilinearly); below the smallest point the smallest point's figure is used, so the table
+never predicts a network faster than it was measured to be. Each layer's grid is made monotone
+(a running maximum over both widths): fewer channels never cost more, whatever the timer's noise.
+
+The whole network costs more than its layers alone (activations, BatchNorm, additions, pooling), and
+that cost shrinks with the widths too: the prediction is ``scale * sum(layer latencies)``, ``scale``
+the dense network measured end to end over its layers' sum (``offset`` is kept at 0: a line fitted
+through the dense network and a half-width one extrapolated to -44% errors on cifar/resnet18, the
+proportional model to -7..+12%). The table records how far it predicts a half-width network it
+measured (``notes``), and a job states the error on its own final network (``latency_objective``),
+never assumed.
+
+A table is valid for one machine, backend, thread count, batch size, input shape and architecture
+(``Machine``); ``LatencyTable.check`` refuses one measured elsewhere. ``dg2pf latency-table`` writes one
+for a machine a job will not run on (the serving machine), and a job can be given it.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import platform
+import statistics
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from dg2pf_core.errors import ConfigError
+
+TABLE_FORMAT = "dg2pf-latency-table/1"
+BACKENDS = ("onnxruntime", "torch")
+GRID_FRACTIONS = (0.125, 0.25, 0.5, 0.75, 1.0)
+MAX_TABLE_BYTES = 16 << 20
+LAYER_RUNS, LAYER_WARMUP = 15, 3  # per grid point: the median of this many timed runs
+NETWORK_RUNS, NETWORK_WARMUP = 20, 3
+
+
+@dataclass(frozen=True)
+class Machine:
+    """Where and how a table was measured: a table answers for this and nothing else."""
+
+    cpu: str
+    backend: str
+    threads: int
+    batch_size: int
+    input_shape: tuple[int, ...]
+    arch: str
+    versions: str  # the backend's version (ONNX Runtime or PyTorch)
+
+    def differences(self, other: Machine) -> list[str]:
+        return [
+            f"{k}: {getattr(self, k)!r} here, {getattr(other, k)!r} in the table"
+            for k in asdict(self)
+            if getattr(self, k) != getattr(other, k)
+        ]
+
+
+@dataclass(frozen=True)
+class LayerOp:
+    """One Conv/Linear layer as the table measures it."""
+
+    kind: str  # "conv" or "linear"
+    in_channels: int
+    out_channels: int
+    kernel: tuple[int, ...]
+    stride: tuple[int, ...]
+    padding: tuple[int, ...]
+    dilation: tuple[int, ...]
+    groups: int
+    input_size: tuple[int, ...]  # spatial (conv) or leading (linear, beyond the batch) sizes
+
+    @property
+    def depthwise(self) -> bool:
+        return self.kind == "conv" and self.groups == self.in_channels and self.groups > 1
+
+    def key(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+
+@dataclass
+class LayerEntry:
+    """A layer's measured grid: ``ms[i][j]`` at input width ``in_widths[i]`` and output width
+    ``out_widths[j]`` (a depthwise layer: one width, ``in_widths == out_widths``, ``ms[i][i]`` used)."""
+
+    op: LayerOp
+    in_widths: list[int]
+    out_widths: list[int]
+    ms: list[list[float]]
+
+    def at(self, in_w: float, out_w: float) -> float:
+        if self.op.depthwise:
+            in_w = out_w
+        i0, i1, a = _bracket(self.in_widths, in_w)
+        j0, j1, b = _bracket(self.out_widths, out_w)
+        if self.op.depthwise:
+            return self.ms[i0][i0] * (1 - a) + self.ms[i1][i1] * a
+        m = self.ms
+        return (m[i0][j0] * (1 - a) + m[i1][j0] * a) * (1 - b) + (m[i0][j1] * (1 - a) + m[i1][j1] * a) * b
+
+
+@dataclass
+class LatencyTable:
+    machine: Machine
+    layers: dict[str, LayerEntry]  # Conv/Linear weight name -> its grid
+    offset_ms: float = 0.0
+    scale: float = 1.0
+    dense_measured_ms: float = 0.0
+    half_measured_ms: float = 0.0
+    build_seconds: float = 0.0
+    notes: list[str] = field(default_factory=list)
+
+    def layer_sum(self, widths: Mapping[str, tuple[float, float]]) -> float:
+        """The layers' latencies summed at ``widths`` (weight name -> (in, out)); a layer not named
+        keeps its full widths."""
+        total = 0.0
+        for name, entry in self.layers.items():
+            in_w, out_w = widths.get(name, (entry.op.in_channels, entry.op.out_channels))
+            total += entry.at(in_w, out_w)
+        return total
+
+    def predict(self, widths: Mapping[str, tuple[float, float]]) -> float:
+        """The whole network's predicted latency (ms) at ``widths``."""
+        return self.offset_ms + self.scale * self.layer_sum(widths)
+
+    def dense_ms(self) -> float:
+        return self.predict({})
+
+    def check(self, machine: Machine) -> None:
+        """``ConfigError`` (field ``latency_table``) unless this table was measured for ``machine``."""
+        diff = machine.differences(self.machine)
+        if diff:
+            raise ConfigError(
+                f"latency_table: measured for another setting ({'; '.join(diff)}): build one for this job's "
+                "with `dg2pf latency-table`, or leave latency_table out to have the job measure one here",
+                field="latency_table",
+            )
+
+    # --- files ---
+    def to_json(self) -> dict:
+        return {
+            "format": TABLE_FORMAT,
+            "machine": asdict(self.machine),
+            "offset_ms": self.offset_ms,
+            "scale": self.scale,
+            "dense_measured_ms": self.dense_measured_ms,
+            "half_measured_ms": self.half_measured_ms,
+            "build_seconds": round(self.build_seconds, 2),
+            "notes": list(self.notes),
+            "layers": {
+                name: {"op": asdict(e.op), "in_widths": e.in_widths, "out_widths": e.out_widths, "ms": e.ms}
+                for name, e in self.layers.items()
+            },
+        }
+
+    def write(self, path: str | Path) -> None:
+        from dg2pf_contract.artifacts import write_text_atomic  # noqa: PLC0415
+
+        write_text_atomic(Path(path), json.dumps(self.to_json(), indent=1) + "\n")
+
+    @classmethod
+    def from_json(cls, doc: object) -> LatencyTable:
+        """A table from its JSON document; ``ConfigError`` (field ``latency_table``) naming what is wrong."""
+
+        def bad(why: str) -> ConfigError:
+            return ConfigError(f"latency_table: {why}", field="latency_table")
+
+        if not isinstance(doc, dict) or doc.get("format") != TABLE_FORMAT:
+            raise bad(
+                f"not a dg2pf latency table (expected format {TABLE_FORMAT!r}; write one with `dg2pf latency-table`)"
+            )
+        try:
+            m = doc["machine"]
+            machine = Machine(
+                str(m["cpu"]),
+                str(m["backend"]),
+                int(m["threads"]),
+                int(m["batch_size"]),
+                tuple(int(x) for x in m["input_shape"]),
+                str(m["arch"]),
+                str(m["versions"]),
+            )
+            layers = {}
+            for name, e in doc["layers"].items():
+                o = e["op"]
+                op = LayerOp(
+                    str(o["kind"]),
+                    int(o["in_channels"]),
+                    int(o["out_channels"]),
+                    *(tuple(int(x) for x in o[k]) for k in ("kernel", "stride", "padding", "dilation")),
+                    int(o["groups"]),
+                    tuple(int(x) for x in o["input_size"]),
+                )
+                entry = LayerEntry(op, [int(w) for w in e["in_widths"]], [int(w) for w in e["out_widths"]], e["ms"])
+                if (
+                    not entry.in_widths
+                    or not entry.out_widths
+                    or (op.depthwise and entry.in_widths != entry.out_widths)
+                    or len(entry.ms) != len(entry.in_widths)
+                    or any(len(row) != len(entry.out_widths) for row in entry.ms)
+                    or any(
+                        not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0 for r in entry.ms for v in r
+                    )
+                ):
+                    raise bad(f"layer {name!r}: its grid is not a list of finite, non-negative figures per width")
+                layers[str(name)] = entry
+            table = cls(
+                machine,
+                layers,
+                float(doc["offset_ms"]),
+                float(doc["scale"]),
+                float(doc.get("dense_measured_ms", 0.0)),
+                float(doc.get("half_measured_ms", 0.0)),
+                float(doc.get("build_seconds", 0.0)),
+                [str(n) for n in doc.get("notes", [])],
+            )
+        except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as e:
+            raise bad(f"malformed ({type(e).__name__}: {e})") from None
+        if not math.isfinite(table.offset_ms) or not math.isfinite(table.scale) or table.scale <= 0:
+            raise bad("its offset and scale must be finite, the scale positive")
+        return table
+
+    @classmethod
+    def read(cls, path: str | Path) -> LatencyTable:
+        path = Path(path)
+        try:
+            if not path.is_file():
+                raise ConfigError(f"latency_table: {path} is not a file", field="latency_table")
+            if path.stat().st_size > MAX_TABLE_BYTES:
+                raise ConfigError(
+                    f"latency_table: {path} is larger than {MAX_TABLE_BYTES >> 20} MiB", field="latency_table"
+                )
+            doc = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ConfigError(f"latency_table: cannot read {path} ({e})", field="latency_table") from None
+        except RecursionError:  # nesting deeper than the interpreter's stack
+            raise ConfigError(f"latency_table: {path} is JSON nested too deeply", field="latency_table") from None
+        return cls.from_json(doc)
+
+
+def _bracket(widths: Sequence[int], w: float) -> tuple[int, int, float]:
+    """Indices of the grid points either side of ``w`` and the weight of the upper one (clamped)."""
+    if w <= widths[0]:
+        return 0, 0, 0.0
+    if w >= widths[-1]:
+        n = len(widths) - 1
+        return n, n, 0.0
+    for i in range(1, len(widths)):
+        if w <= widths[i]:
+            lo, hi = widths[i - 1], widths[i]
+            return i - 1, i, (w - lo) / (hi - lo)
+    raise AssertionError("unreachable")
+
+
+def grid(channels: int, multiple: int) -> list[int]:
+    """The widths a layer of ``channels`` is measured at: fractions of it rounded up to ``multiple``."""
+    m = max(1, multiple)
+    return sorted({min(channels, max(1, -(-math.ceil(f * channels) // m) * m)) for f in GRID_FRACTIONS})
+
+
+# --- the layers of a model ------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def layer_ops(model: nn.Module, input_shape: tuple[int, ...]) -> dict[str, LayerOp]:
+    """Every Conv2d/Linear layer's shape as a forward pass at ``input_shape`` (C, H, W) sees it, by weight name."""
+    ops: dict[str, LayerOp] = {}
+    names = {m: n for n, m in model.named_modules()}
+
+    def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...], _output: torch.Tensor) -> None:
+        x = inputs[0]
+        name = f"{names[module]}.weight"
+        if isinstance(module, nn.Conv2d):
+            ops[name] = LayerOp(
+                "conv",
+                module.in_channels,
+                module.out_channels,
+                tuple(module.kernel_size),
+                tuple(module.stride),
+                tuple(module.padding) if not isinstance(module.padding, str) else (0, 0),
+                tuple(module.dilation),
+                module.groups,
+                tuple(x.shape[2:]),
+            )
+        elif isinstance(module, nn.Linear):
+            ops[name] = LayerOp(
+                "linear", module.in_features, module.out_features, (), (), (), (), 1, tuple(x.shape[1:-1])
+            )
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters(), torch.zeros(())).device
+    try:
+        model(torch.zeros((1, *input_shape), device=device))
+    finally:
+        model.train(was_training)
+        for h in handles:
+            h.remove()
+    return ops
+
+
+# --- timing ---------------------------------------------------------------------------------------
+
+
+def _median_ms(run: Callable[[], object], runs: int, warmup: int) -> float:
+    for _ in range(warmup):
+        run()
+    took = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        run()
+        took.append(time.perf_counter() - t0)
+    return 1000.0 * statistics.median(took)
+
+
+def _torch_layer(op: LayerOp, in_w: int, out_w: int) -> nn.Module:
+    if op.kind == "linear":
+        return nn.Linear(in_w, out_w)
+    groups = in_w if op.depthwise else op.groups
+    return nn.Conv2d(in_w, out_w, op.kernel, op.stride, op.padding, op.dilation, groups=groups)
+
+
+def _onnx_layer(op: LayerOp, in_w: int, out_w: int, batch: int) -> bytes:
+    """A one-node ONNX model (Conv or Gemm/MatMul) of the layer at these widths, random weights."""
+    import numpy as np  # noqa: PLC0415
+    import onnx  # noqa: PLC0415
+    from onnx import TensorProto, helper, numpy_helper  # noqa: PLC0415
+
+    rng = np.random.default_rng(0)
+    if op.kind == "conv":
+        groups = in_w if op.depthwise else op.groups
+        w = rng.standard_normal((out_w, in_w // groups, *op.kernel), dtype=np.float32)
+        node = helper.make_node(
+            "Conv",
+            ["x", "w", "b"],
+            ["y"],
+            kernel_shape=list(op.kernel),
+            strides=list(op.stride),
+            pads=list(op.padding) * 2,
+            dilations=list(op.dilation),
+            group=groups,
+        )
+        x_shape = [batch, in_w, *op.input_size]
+    else:
+        w = rng.standard_normal((in_w, out_w), dtype=np.float32)
+        x_shape = [batch, *op.input_size, in_w]
+        node = helper.make_node("MatMul", ["x", "w"], ["m"])
+    b = rng.standard_normal((out_w,), dtype=np.float32)
+    nodes = [node] if op.kind == "conv" else [node, helper.make_node("Add", ["m", "b"], ["y"])]
+    graph = helper.make_graph(
+        nodes,
+        "layer",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, x_shape)],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(w, "w"), numpy_helper.from_array(b, "b")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return onnx._serialize(model) if hasattr(onnx, "_serialize") else model.SerializeToString()
+
+
+def _session(data: bytes | str, threads: int):
+    import onnxruntime as ort  # noqa: PLC0415
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options.log_severity_level = 3
+    return ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
+
+
+def measure_layer(op: LayerOp, in_w: int, out_w: int, backend: str, threads: int, batch: int) -> float:
+    """One layer's median latency (ms) alone at these widths."""
+    if op.kind == "conv":
+        shape = (batch, in_w, *op.input_size)
+    else:
+        shape = (batch, *op.input_size, in_w)
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    if backend == "torch":
+        layer = _torch_layer(op, in_w, out_w).eval()
+
+        def run() -> object:
+            with torch.inference_mode():
+                return layer(x)
+
+    else:
+        session = _session(_onnx_layer(op, in_w, out_w, batch), threads)
+        feed = {"x": x.numpy()}
+
+        def run() -> object:
+            return session.run(None, feed)
+
+    return _median_ms(run, LAYER_RUNS, LAYER_WARMUP)
+
+
+def measure_network(model: nn.Module, input_shape: tuple[int, ...], backend: str, threads: int, batch: int) -> float:
+    """The whole network's median latency (ms) at ``batch``, as the table's backend runs it."""
+    x = torch.randn((batch, *input_shape), generator=torch.Generator().manual_seed(0))
+    model = copy.deepcopy(model).float().cpu().eval()
+    if backend == "torch":
+
+        def run() -> object:
+            with torch.inference_mode():
+                return model(x)
+
+    else:
+        import io  # noqa: PLC0415
+
+        buffer = io.BytesIO()
+        torch.onnx.export(model, (x,), buffer, input_names=["x"], output_names=["y"], dynamo=False, opset_version=17)
+        session = _session(buffer.getvalue(), threads)
+        feed = {"x": x.numpy()}
+
+        def run() -> object:
+            return session.run(None, feed)
+
+    return _median_ms(run, NETWORK_RUNS, NETWORK_WARMUP)
+
+
+def backend_version(backend: str) -> str:
+    if backend == "torch":
+        return f"torch {torch.__version__}"
+    import onnxruntime  # noqa: PLC0415
+
+    return f"onnxruntime {onnxruntime.__version__}"
+
+
+def machine_here(arch: str, backend: str, threads: int, batch: int, input_shape: tuple[int, ...]) -> Machine:
+    from dg2pf_core.io.latency import cpu_name  # noqa: PLC0415
+
+    if backend not in BACKENDS:
+        raise ConfigError(f"latency_backend: must be one of {list(BACKENDS)}, got {backend!r}", field="latency_backend")
+    return Machine(
+        f"{cpu_name()} ({platform.machine()})",
+        backend,
+        int(threads),
+        int(batch),
+        tuple(input_shape),
+        arch,
+        backend_version(backend),
+    )
+
+
+def build_table(
+    model: nn.Module,
+    input_shape: tuple[int, ...],
+    machine: Machine,
+    multiple: int = 1,
+    *,
+    half: Callable[[nn.Module], nn.Module] | None = None,
+    layers: Sequence[str] | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> LatencyTable:
+    """Measure ``model``'s layers (all Conv2d/Linear, or the weight names ``layers``) on ``machine``'s
+    backend, threads and batch size, and the dense network end to end (the scale); ``half(model)`` (a
+    copy with every prunable group at about half width), measured too, checks the prediction."""
+    started = time.perf_counter()
+    backend, threads, batch = machine.backend, machine.threads, machine.batch_size
+    ops = layer_ops(model, input_shape)
+    if layers is not None:
+        wanted = set(layers)
+        ops = {n: op for n, op in ops.items() if n in wanted}
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        measured: dict[tuple[str, int, int], float] = {}
+        entries: dict[str, LayerEntry] = {}
+        for i, (name, op) in enumerate(ops.items()):
+            if progress is not None:
+                progress(f"latency table: layer {i + 1} of {len(ops)} ({name})")
+            outs = grid(op.out_channels, multiple)
+            ins = outs if op.depthwise else grid(op.in_channels, multiple)
+            ms = []
+            for in_w in ins:
+                row = []
+                for out_w in outs:
+                    if op.depthwise and in_w != out_w:
+                        row.append(0.0)
+                        continue
+                    key = (op.key(), in_w, out_w)
+                    if key not in measured:
+                        measured[key] = measure_layer(op, in_w, out_w, backend, threads, batch)
+                    row.append(measured[key])
+                ms.append(row)
+            entries[name] = LayerEntry(op, ins, outs, _monotone(ms, op.depthwise))
+        table = LatencyTable(machine, entries)
+        table.dense_measured_ms = measure_network(model, input_shape, backend, threads, batch)
+        dense_sum = table.layer_sum({})
+        table.scale = table.dense_measured_ms / dense_sum if dense_sum > 0 else 1.0
+        if half is not None:
+            smaller = half(copy.deepcopy(model))
+            table.half_measured_ms = measure_network(smaller, input_shape, backend, threads, batch)
+            half_ops = layer_ops(smaller, input_shape)
+            predicted = table.predict({n: (o.in_channels, o.out_channels) for n, o in half_ops.items() if n in ops})
+            table.notes.append(
+                f"check: a network with every group at about half width measured {table.half_measured_ms:.4g} ms, "
+                f"predicted {predicted:.4g} ms ({100 * (predicted / table.half_measured_ms - 1):+.1f}%)"
+            )
+        table.notes.append(f"{len(measured)} layer shapes measured for {len(ops)} layers")
+    finally:
+        torch.set_num_threads(previous)
+    table.build_seconds = time.perf_counter() - started
+    return table
+
+
+def _monotone(ms: list[list[float]], depthwise: bool) -> list[list[float]]:
+    """A running maximum over both widths (the grids ascend): fewer channels never cost more."""
+    out = [list(map(float, row)) for row in ms]
+    if depthwise:
+        best = 0.0
+        for i in range(len(out)):
+            best = max(best, out[i][i])
+            out[i][i] = best
+        return out
+    for i in range(len(out)):
+        for j in range(len(out[i])):
+            up = out[i - 1][j] if i else 0.0
+            left = out[i][j - 1] if j else 0.0
+            out[i][j] = max(out[i][j], up, left)
+    return out
