@@ -838,6 +838,64 @@ def _batch_sizes(text: str) -> tuple[int, ...]:
     return tuple(dict.fromkeys(sizes))
 
 
+def _cmd_latency_table(args: argparse.Namespace) -> int:
+    """Measure the latency table a ``latency_budget_ms`` job prunes by, for this machine, into a file
+    that a job run elsewhere takes as ``latency_table``."""
+    from dg2pf_contract.job import MAX_IMAGE_SIZE, MIN_IMAGE_SIZE
+    from dg2pf_core.algorithm.config import DG2PFConfig
+    from dg2pf_core.algorithm.latency_table import machine_here
+    from dg2pf_core.algorithm.latency_target import _measure, network_id
+    from dg2pf_core.job import checkpoint_num_classes, load_checkpoint_model
+    from dg2pf_core.models import build_model, get_arch
+
+    out = Path(args.out)
+    if out.exists() or out.is_symlink():
+        raise DG2PFError(f"{out} exists: name a new file (nothing was measured)", field="out")
+    if not out.parent.is_dir():
+        raise DG2PFError(f"{out.parent} is not a directory", field="out")
+    config = DG2PFConfig(
+        granularity="channel",
+        latency_budget_ms=1.0,  # any: the table does not depend on it
+        latency_backend=args.backend,
+        latency_threads=args.threads,
+        latency_batch_size=args.batch_size,
+        channel_multiple=args.channel_multiple,
+    )
+    if args.checkpoint is not None:
+        num_classes = (
+            args.num_classes
+            if args.num_classes is not None
+            else checkpoint_num_classes(args.arch, args.checkpoint, key=args.checkpoint_key)
+        )
+        spec, model, _ = load_checkpoint_model(args.arch, num_classes, args.checkpoint, key=args.checkpoint_key)
+    else:
+        if args.num_classes is None:
+            raise DG2PFError("--num-classes is required without --checkpoint", field="num_classes")
+        spec, model = get_arch(args.arch), build_model(args.arch, args.num_classes)
+    size = args.image_size or spec.input_size
+    if not MIN_IMAGE_SIZE <= size <= MAX_IMAGE_SIZE:
+        raise DG2PFError(
+            f"--image-size must be in [{MIN_IMAGE_SIZE}, {MAX_IMAGE_SIZE}] pixels, got {size}", field="image_size"
+        )
+    shape = (spec.in_channels, size, size)
+    model.eval()
+    machine = machine_here(
+        network_id(model, shape), config.latency_backend, config.latency_threads, config.latency_batch_size, shape
+    )
+    say = (lambda _m: None) if args.quiet else (lambda m: print(m, file=sys.stderr, flush=True))
+    table = _measure(model, shape, machine, config, say)
+    table.write(out)
+    print(
+        f"latency table of {args.arch} at {size}x{size} ({machine.backend}, {machine.threads} thread(s), batch "
+        f"{machine.batch_size}) on {machine.cpu}: {len(table.layers)} layers, dense {table.dense_measured_ms:.4g} "
+        f"ms, measured in {table.build_seconds:.1f} s"
+    )
+    for note in table.notes:
+        print(f"  {note}")
+    print(f"wrote {out}: give it to a job as latency_table (--latency-table {out}) with the same settings")
+    return 0
+
+
 def _cmd_archs(args: argparse.Namespace) -> int:
     from dg2pf_core.models import list_archs
 
@@ -1071,6 +1129,25 @@ def _add_tune_evaluate_archs(sub) -> None:
     )
     la.add_argument("--json", action="store_true")
     la.set_defaults(func=_cmd_latency)
+
+    lt = sub.add_parser(
+        "latency-table",
+        help="measure the per-layer latency table a latency_budget_ms job prunes by, on this machine, into a file",
+    )
+    lt.add_argument("--arch", required=True)
+    lt.add_argument("--checkpoint", help="the model to prune (needed when it is channel-pruned already)")
+    lt.add_argument("--checkpoint-key", help=CHECKPOINT_KEY_HELP)
+    lt.add_argument("--num-classes", type=int, help="default: the checkpoint's classifier's outputs")
+    lt.add_argument("--image-size", type=int, help="the job's input size (default: the architecture's)")
+    lt.add_argument(
+        "--backend", default="onnxruntime", help="onnxruntime (default) or torch: as the job's latency_backend"
+    )
+    lt.add_argument("--threads", type=int, default=1, help="as the job's latency_threads (default: 1)")
+    lt.add_argument("--batch-size", type=int, default=1, help="as the job's latency_batch_size (default: 1)")
+    lt.add_argument("--channel-multiple", type=int, default=16, help="as the job's channel_multiple (default: 16)")
+    lt.add_argument("--out", required=True, help="the table file to write (JSON; must not exist)")
+    lt.add_argument("--quiet", action="store_true", help="no progress lines")
+    lt.set_defaults(func=_cmd_latency_table)
 
     ar = sub.add_parser("archs", help="list architecture names")
     ar.set_defaults(func=_cmd_archs)

@@ -189,6 +189,7 @@ def train_worker(config: dict) -> None:
         resume=resume,
         device=prepared.device,
         input_shape=prepared.input_shape,
+        latency_table=prepared.latency_table,
     )
     metrics = result_metrics(prepared, result, world_size=world, wall_seconds=time.perf_counter() - started)
     metrics.distributed = DistributedRun(backend=dist.get_backend(), worker_nodes=nodes, mask_checksums=checksums)

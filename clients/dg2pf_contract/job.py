@@ -155,6 +155,11 @@ _CHOICES = {
     "kd_loss": (KD_LOSSES, None),
     "latency_backend": (LATENCY_BACKENDS, "what latency_budget_ms is measured on: ONNX Runtime or PyTorch eager (CPU)"),
 }
+# Optional file paths (a service reads them only under its data roots).
+_PATH_OPTIONS = {
+    "latency_table": "with latency_budget_ms: a latency table file written by `dg2pf latency-table` on the serving "
+    "machine (default: the job measures one where it runs)",
+}
 # Optional numbers with a range: the OpenAPI shows it, the core checks it again.
 _OPTIONAL_RANGES = {
     "target_macs_ratio": (
@@ -206,6 +211,12 @@ def _schedule_model() -> type[BaseModel]:
                 str,
                 Field(max_length=16, pattern=pattern, description=description),
                 worded("'unstructured', 'channel' or N:M such as '2:4'"),
+            ]
+        elif f.name in _PATH_OPTIONS:
+            hint = Annotated[
+                str | None,
+                Field(min_length=1, max_length=4096, description=_PATH_OPTIONS[f.name]),
+                AfterValidator(_no_control),
             ]
         elif typing.get_origin(hint) is list:
             hint = Annotated[list[Annotated[str, Field(max_length=MAX_PATTERN_LENGTH)]], Field(max_length=MAX_PATTERNS)]

@@ -197,6 +197,10 @@ class Options:
     latency_backend: str = "onnxruntime"  # "onnxruntime" or "torch" (eager, CPU)
     latency_threads: int = 1
     latency_batch_size: int = 1
+    # A latency table file (`dg2pf latency-table`) measured where the model will serve, with the same
+    # backend, threads, batch size and input size: the budget is then met by that machine's table (no
+    # measurement here, so no end-to-end calibration either). A service reads it only under its data roots.
+    latency_table: str | None = None
     # The emptying guard (unstructured): every ranking keeps the this-many largest weights of each
     # prunable tensor and of each classifier row (one row per class), so no layer and no class is cut off;
     # the global target is still met exactly. 0 turns each off.

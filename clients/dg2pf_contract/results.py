@@ -195,6 +195,9 @@ class LatencyObjective(_Open):
     on the same backend, threads and batch size (dg2pf_core/algorithm/latency_table.py)."""
 
     budget_ms: float = Field(description="latency_budget_ms, as asked")
+    aim_ms: float | None = Field(
+        None, description="what the table was asked to predict, calibrated so the network measures within the budget"
+    )
     backend: str = Field(description="onnxruntime or torch")
     threads: int
     batch_size: int
@@ -204,6 +207,10 @@ class LatencyObjective(_Open):
     measured_ms: float | None = Field(None, description="the final network, measured end to end (null: failed)")
     error: float | None = Field(None, description="predicted / measured - 1 (0.05: the table said 5% more)")
     met: bool | None = Field(None, description="measured_ms <= budget_ms")
+    calibration: list[dict[str, float]] = Field(
+        default_factory=list,
+        description="before training: per round, the aim, the table's prediction and the network measured (ms)",
+    )
     table_layers: int = Field(description="Conv/Linear layers the table holds")
     table_seconds: float = Field(description="what measuring the table took")
     table_notes: list[str] = Field(default_factory=list)

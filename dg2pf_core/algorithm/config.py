@@ -137,6 +137,15 @@ class DG2PFConfig(Options):
                     f"give sparsity or latency_budget_ms, not both (latency_budget_ms {budget} decides the "
                     f"channels; got sparsity {self.sparsity})",
                 )
+        if self.latency_table is not None and (
+            not isinstance(self.latency_table, str) or not self.latency_table or self.latency_budget_ms is None
+        ):
+            raise bad(
+                "latency_table",
+                "is a latency table file (`dg2pf latency-table`) for a job with latency_budget_ms"
+                if isinstance(self.latency_table, str) and self.latency_table
+                else f"must be a file path, got {self.latency_table!r}",
+            )
         if self.target_macs_ratio is not None and self.sparsity != 0.0:
             raise bad(
                 "sparsity",

@@ -28,6 +28,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import os
 import platform
 import statistics
 import time
@@ -60,11 +61,11 @@ class Machine:
     arch: str
     versions: str  # the backend's version (ONNX Runtime or PyTorch)
 
-    def differences(self, other: Machine) -> list[str]:
+    def differences(self, other: Machine, ignore: tuple[str, ...] = ()) -> list[str]:
         return [
             f"{k}: {getattr(self, k)!r} here, {getattr(other, k)!r} in the table"
             for k in asdict(self)
-            if getattr(self, k) != getattr(other, k)
+            if k not in ignore and getattr(self, k) != getattr(other, k)
         ]
 
 
@@ -139,8 +140,10 @@ class LatencyTable:
         return self.predict({})
 
     def check(self, machine: Machine) -> None:
-        """``ConfigError`` (field ``latency_table``) unless this table was measured for ``machine``."""
-        diff = machine.differences(self.machine)
+        """``ConfigError`` (field ``latency_table``) unless this table was measured for ``machine``'s setting:
+        the same network, input shape, backend, threads and batch size. The CPU and the backend's version
+        may differ: a table is brought from the machine the model will serve on."""
+        diff = machine.differences(self.machine, ignore=("cpu", "versions"))
         if diff:
             raise ConfigError(
                 f"latency_table: measured for another setting ({'; '.join(diff)}): build one for this job's "
@@ -233,8 +236,18 @@ class LatencyTable:
         return table
 
     @classmethod
-    def read(cls, path: str | Path) -> LatencyTable:
+    def read(cls, path: str | Path, roots: Sequence[str] = ()) -> LatencyTable:
+        """A table file; with ``roots`` (a service's data roots), only one that lies inside them."""
+        from dg2pf_core.data.roots import confined_open, under  # noqa: PLC0415
+        from dg2pf_core.errors import DatasetError  # noqa: PLC0415
+
         path = Path(path)
+        if roots and not under(os.path.realpath(path), [os.path.realpath(r) for r in roots]):
+            # before anything else: whether a file exists outside the roots is not told
+            raise ConfigError(
+                f"latency_table: {path} is outside the allowed data roots; put the table under one",
+                field="latency_table",
+            )
         try:
             if not path.is_file():
                 raise ConfigError(f"latency_table: {path} is not a file", field="latency_table")
@@ -242,7 +255,16 @@ class LatencyTable:
                 raise ConfigError(
                     f"latency_table: {path} is larger than {MAX_TABLE_BYTES >> 20} MiB", field="latency_table"
                 )
-            doc = json.loads(path.read_text(encoding="utf-8"))
+            try:
+                with confined_open(str(path), roots) as fh:
+                    raw = fh.read(MAX_TABLE_BYTES + 1)
+            except DatasetError as e:
+                raise ConfigError(f"latency_table: {e}", field="latency_table") from None
+            if len(raw) > MAX_TABLE_BYTES:
+                raise ConfigError(
+                    f"latency_table: {path} is larger than {MAX_TABLE_BYTES >> 20} MiB", field="latency_table"
+                )
+            doc = json.loads(raw.decode("utf-8"))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
             raise ConfigError(f"latency_table: cannot read {path} ({e})", field="latency_table") from None
         except RecursionError:  # nesting deeper than the interpreter's stack

@@ -254,10 +254,10 @@ class _Run:
             self.plan,
             self.params,
             self.cfg,
-            state.latency_table,
+            state.latency_target,
             table,  # type: ignore[arg-type]
         )
-        state.latency_table = self.latency.to_json()
+        state.latency_target = self.latency.to_json()
         self.multiple = self.latency.multiple
 
     # --- channel granularity: the physical removal ---

@@ -54,8 +54,9 @@ class TrainingState:
     # smaller network from the input model, and how many channels it removed.
     structure: str = ""
     channels_pruned: int = 0
-    # latency_budget_ms: the latency table the run prunes by (JSON), so a resumed run prunes by the same one.
-    latency_table: str = ""
+    # latency_budget_ms: the latency table and calibrated aim the run prunes by (JSON), so a resumed run prunes
+    # by the same ones.
+    latency_target: str = ""
     config: dict[str, Any] = field(default_factory=dict)
 
     def to_payload(self) -> dict[str, Any]:

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dg2pf_core.algorithm.channels import MAX_STRUCTURE_STAGES, ChannelPlan, check_architecture, read_structure
+from dg2pf_core.algorithm.latency_table import LatencyTable
 from dg2pf_core.algorithm.masks import select_prunable
 from dg2pf_core.algorithm.nm import check_divisible
 from dg2pf_core.errors import ConfigError, DG2PFError
@@ -134,8 +135,23 @@ def prepare(job: PruneJob, *, out: str | Path | None = None, world_size: int = 1
             device=device,
             amp=job.config.amp,
         )
+    # A latency table the job brought: read (inside the data roots, for a service) before any training.
+    table = (
+        None
+        if job.config.latency_table is None
+        else LatencyTable.read(job.config.latency_table, tuple(job.allowed_roots))
+    )
     return PreparedJob(
-        job, arch, model, teacher, splits, size, device, dtypes=dtypes, structure=read_structure(job.checkpoint)
+        job,
+        arch,
+        model,
+        teacher,
+        splits,
+        size,
+        device,
+        dtypes=dtypes,
+        structure=read_structure(job.checkpoint),
+        latency_table=table,
     )
 
 

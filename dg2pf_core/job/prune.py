@@ -42,6 +42,7 @@ def run(
         resume=resume,
         device=prepared.device,
         input_shape=prepared.input_shape,
+        latency_table=prepared.latency_table,
     )
 
 

@@ -14,6 +14,7 @@ from torch import nn
 from dg2pf_contract.job import AUTO, JobSpec
 from dg2pf_core.algorithm.channels import Structure
 from dg2pf_core.algorithm.config import DG2PFConfig
+from dg2pf_core.algorithm.latency_table import LatencyTable
 from dg2pf_core.algorithm.loop import DG2PFResult
 from dg2pf_core.data import DataSplits
 from dg2pf_core.data.loaders import LocalLoaders, ShardedLoaders
@@ -106,6 +107,7 @@ class PreparedJob:
     meta: dict = field(default_factory=dict)
     dtypes: dict[str, torch.dtype] = field(default_factory=dict)  # the input checkpoint's, per tensor
     structure: Structure | None = None  # the input checkpoint's channel structure (already channel-pruned)
+    latency_table: LatencyTable | None = None  # latency_budget_ms with latency_table: the table read at preflight
 
     def output_structure(self, result: DG2PFResult) -> Structure | None:
         """What rebuilds the result from the architecture: the input's structure, then this run's removal."""

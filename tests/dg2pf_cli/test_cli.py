@@ -851,3 +851,35 @@ def test_a_latency_budget_job_refuses_the_unreachable_and_states_what_it_met(tmp
     assert objective["budget_ms"] == pytest.approx(0.7 * dense_ms, rel=1e-5)
     assert objective["predicted_ms"] <= objective["budget_ms"]
     assert objective["measured_ms"] > 0 and objective["backend"] == "torch"
+
+
+def test_latency_table_writes_a_table_a_job_takes_and_one_for_another_setting_is_refused(tmp_path, untrained_ckpt):
+    table = tmp_path / "table.json"
+    made = dg2pf(
+        "latency-table",
+        "--arch",
+        "digits_cnn",
+        "--checkpoint",
+        str(untrained_ckpt),
+        "--backend",
+        "torch",
+        "--quiet",
+        "--out",
+        str(table),
+    )
+    assert made.returncode == 0, made.stderr
+    doc = json.loads(table.read_text())
+    assert doc["format"] == "dg2pf-latency-table/1" and doc["machine"]["backend"] == "torch"
+    again = dg2pf("latency-table", "--arch", "digits_cnn", "--checkpoint", str(untrained_ckpt), "--out", str(table))
+    assert again.returncode == 2 and "exists" in again.stderr and json.loads(table.read_text()) == doc
+    out = tmp_path / "out"
+    flags = ["--granularity", "channel", "--latency-table", str(table)]
+    base = prune_args(untrained_ckpt, out)
+    del base[base.index("--sparsity") : base.index("--sparsity") + 2]  # the budget decides the channels
+    budget = f"{0.7 * doc['dense_measured_ms']:.6g}"
+    wrong = dg2pf(*base, *flags, "--latency-budget-ms", budget, "--latency-backend", "onnxruntime")
+    assert_refused(wrong, out, "latency_table: measured for another setting", "backend: 'onnxruntime' here, 'torch'")
+    done = dg2pf(*base, *flags, "--latency-budget-ms", budget, "--latency-backend", "torch")
+    assert done.returncode == 0, done.stderr
+    objective = json.loads((out / "metrics.json").read_text())["latency_objective"]
+    assert objective["predicted_ms"] <= float(budget) and objective["calibration"] == []  # the table as given

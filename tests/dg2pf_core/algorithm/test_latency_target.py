@@ -72,7 +72,7 @@ def test_a_latency_budget_is_met_by_the_table_and_stated_with_the_measurement(ti
     assert 0 < result.channels.channels_pruned < result.channels.channels_total
     # the state carries the table: a resumed run prunes by the same one, to the same weights
     state = TrainingState.load(tmp_path / "epoch1")
-    assert LatencyTable.from_json(json.loads(state.latency_table)).to_json() == table.to_json()
+    assert LatencyTable.from_json(json.loads(state.latency_target)["table"]).to_json() == table.to_json()
     again = run_dg2pf(_model(), tiny_loaders, cfg, input_shape=SHAPE, resume=state)
     a, b = result.model.state_dict(), again.model.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -122,5 +122,57 @@ def test_a_table_measured_for_another_setting_is_refused(tiny_loaders, table):
     ],
 )
 def test_bad_latency_options_name_the_field(change, match):
+    with pytest.raises(ConfigError, match=match):
+        DG2PFConfig(**{**CFG, "latency_budget_ms": 5.0, **change})
+
+
+def test_a_run_that_measures_its_own_table_calibrates_the_aim_end_to_end(tiny_loaders):
+    cfg = DG2PFConfig(**{**CFG, "latency_budget_ms": 1e6, "max_epochs": 2})
+    # the budget from this machine's own dense figure, found by a first (unpruned) preparation
+    from dg2pf_core.algorithm.channels import ChannelPlan
+
+    model = _model()
+    plan = ChannelPlan.build(model, SHAPE)
+    dense = latency_target.LatencyTarget.prepare(model, SHAPE, plan, dict(model.named_parameters()), cfg).table
+    assert dense.dense_measured_ms > 0
+    budget = 0.6 * dense.dense_measured_ms
+    result = run_dg2pf(_model(), tiny_loaders, DG2PFConfig(**{**CFG, "latency_budget_ms": budget}), input_shape=SHAPE)
+    x = result.latency
+    rounds = x.calibration
+    assert 1 <= len(rounds) <= latency_target.CALIBRATION_ROUNDS
+    assert all(r["measured_ms"] > 0 and r["predicted_ms"] > 0 for r in rounds)
+    assert rounds[0]["aim_ms"] == budget  # the first round aims at the budget itself
+    under = [r for r in rounds if r["measured_ms"] <= budget]
+    if under:  # the aim kept is the round measured closest under the budget
+        assert x.aim_ms == max(under, key=lambda r: r["measured_ms"])["aim_ms"]
+    else:  # none under: the tightest tried
+        assert x.aim_ms == min(r["aim_ms"] for r in rounds)
+
+
+def test_a_table_file_outside_the_data_roots_is_refused_without_saying_whether_it_exists(tmp_path, table):
+    inside, outside = tmp_path / "roots", tmp_path / "elsewhere"
+    inside.mkdir()
+    outside.mkdir()
+    table.write(outside / "t.json")
+    for path in (outside / "t.json", outside / "missing.json", inside / ".." / "elsewhere" / "t.json"):
+        with pytest.raises(ConfigError, match="is outside the allowed data roots") as e:
+            LatencyTable.read(path, roots=[str(inside)])
+        assert e.value.field == "latency_table"
+    (inside / "link.json").symlink_to(outside / "t.json")
+    with pytest.raises(ConfigError, match="outside the allowed data roots"):
+        LatencyTable.read(inside / "link.json", roots=[str(inside)])
+    table.write(inside / "t.json")
+    assert LatencyTable.read(inside / "t.json", roots=[str(inside)]).to_json() == table.to_json()
+
+
+@pytest.mark.parametrize(
+    "change,match",
+    [
+        ({"latency_budget_ms": None, "sparsity": 0.5, "latency_table": "t.json"}, "latency_table: is a latency table"),
+        ({"latency_table": ""}, "latency_table: must be a file path"),
+        ({"latency_table": 5}, "latency_table: must be a file path"),
+    ],
+)
+def test_a_latency_table_option_without_a_budget_or_not_a_path_is_refused(change, match):
     with pytest.raises(ConfigError, match=match):
         DG2PFConfig(**{**CFG, "latency_budget_ms": 5.0, **change})
