@@ -102,6 +102,15 @@ def _add_ray_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _latency_rows(m: Metrics) -> list[tuple[str, str]]:
+    if m.objective is not None:
+        o = m.objective
+        rows = [("search", f"{len(o.points)} latency budgets tried; {o.reason}")]
+        for p in o.points:
+            measured = "-" if p.measured_ms is None else f"{p.measured_ms:.4g} ms"
+            top1 = "-" if p.val_top1 is None else f"{p.val_top1:.2f}%"
+            mark = "  <- chosen" if p.chosen else ""
+            rows.append((f"  budget {p.budget_ms:.4g} ms", f"{p.status}: measured {measured}, val top-1 {top1}{mark}"))
+        return rows
     x = m.latency_objective
     if x is None:
         return []
@@ -279,11 +288,12 @@ def _spec_from(args: argparse.Namespace) -> JobSpec:
             args.sparsity is None
             and getattr(args, "target_macs_ratio", None) is None
             and getattr(args, "latency_budget_ms", None) is None
+            and getattr(args, "max_top1_drop", None) is None
             and not args.set
         ):
             raise DG2PFError(
-                "the following arguments are required: --sparsity (or --target-macs-ratio or --latency-budget-ms "
-                "with --granularity channel, or --resume DIR)",
+                "the following arguments are required: --sparsity (or --target-macs-ratio, --latency-budget-ms or "
+                "--max-top1-drop with --granularity channel, or --resume DIR)",
                 field="sparsity",
             )
     elif args.out is None:
@@ -453,6 +463,8 @@ def _cmd_prune(args: argparse.Namespace) -> int:
             if m.target_sparsity is not None
             else f"MACs ratio {m.target_macs_ratio:g} -> {m.channel_sparsity:.2%} of channels"
             if m.target_macs_ratio is not None
+            else f"fastest within {m.objective.max_top1_drop:g} pt of top-1 -> {m.channel_sparsity:.2%} of channels"
+            if m.objective is not None
             else f"latency {m.latency_objective.budget_ms:g} ms -> {m.channel_sparsity:.2%} of channels"
             if m.latency_objective is not None
             else "-",

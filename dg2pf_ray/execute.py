@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from dg2pf_contract.job import JobSpec
+from dg2pf_contract.options import OBJECTIVE_SAMPLES
 from dg2pf_contract.results import Metrics
 from dg2pf_core.algorithm.loop import Progress
 from dg2pf_core.job import PreparedJob, PruneJob, prune_to_dir
@@ -23,6 +24,7 @@ class Engine:
     use_gpu: bool = False
     placement: str = "pack"
     tune_samples: int | None = None  # a Ray Tune search of this many configurations
+    objective: bool = False  # max_top1_drop: the search over latency budgets (dg2pf_ray/fastest.py)
     search_space: dict[str, Any] | str | None = (
         None  # option -> distribution (a document or its file); None: the default
     )
@@ -42,12 +44,14 @@ class Engine:
         """What a spec's resources and tune section ask for: this process unless it asks for several
         workers, a GPU or a search. ``how``: the other fields (storage, run name, logs, ...)."""
         r = spec.resources
-        on_ray = r.num_workers > 1 or r.use_gpu or spec.tune is not None
+        objective = spec.schedule.max_top1_drop is not None
+        on_ray = r.num_workers > 1 or r.use_gpu or spec.tune is not None or objective
         return cls(
             workers=r.num_workers if on_ray else None,
             use_gpu=r.use_gpu,
             placement=r.placement,
-            tune_samples=spec.tune.samples if spec.tune else None,
+            tune_samples=spec.tune.samples if spec.tune else (OBJECTIVE_SAMPLES if objective else None),
+            objective=objective,
             search_space=spec.tune.search_space if spec.tune else None,
             **how,
         )
@@ -78,14 +82,16 @@ def execute(
     """Run ``job`` as ``engine`` says and write its artifacts into ``out``; returns its metrics.
     ``progress``, ``on_prepared``, ``state_dir`` and ``resume`` apply to a run in this process (a Ray
     Train run resumes from its own checkpoints, under the same storage and run name)."""
-    if engine.tune_samples is not None:
+    if engine.tune_samples is not None or job.config.max_top1_drop is not None:
+        from .fastest import fastest_within
         from .tune import TuneOptions, tune_job
 
-        return tune_job(
+        search = fastest_within if job.config.max_top1_drop is not None else tune_job
+        return search(
             job,
             out,
             TuneOptions(
-                samples=engine.tune_samples,
+                samples=engine.tune_samples or OBJECTIVE_SAMPLES,
                 search_space=engine.search_space,
                 workers_per_trial=engine.workers or 1,
                 use_gpu=engine.use_gpu,

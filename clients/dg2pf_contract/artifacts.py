@@ -35,12 +35,14 @@ class Artifacts:
     LAYERS_PLOT = "layers.png"
     HISTORY = "history.json"  # service jobs: metrics.json's history on its own
     TRIALS = "trials.csv"  # tune runs: one row per trial
+    PARETO = "pareto.json"  # max_top1_drop searches: every trial's measured latency and accuracy
+    PARETO_PLOT = "pareto.png"  # ... drawn, unless drawing failed
 
     REQUIRED = (MODEL, COMPACT, METRICS)  # every finished run has these
     PLOTS = (TRAINING_PLOT, LAYERS_PLOT)
     OPTIONAL = (ONNX, *PLOTS)  # what a finished run may lack (see metrics.json's onnx, the run's log)
     # What the HTTP API serves of a job's output (GET /jobs/{id}/artifacts), in this order.
-    SERVED = (MODEL, COMPACT, ONNX, METRICS, HISTORY, TRAINING_PLOT, LAYERS_PLOT, TRIALS)
+    SERVED = (MODEL, COMPACT, ONNX, METRICS, HISTORY, TRAINING_PLOT, LAYERS_PLOT, TRIALS, PARETO, PARETO_PLOT)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "root", Path(self.root))
@@ -52,6 +54,10 @@ class Artifacts:
     @property
     def compact(self) -> Path:
         return self.root / self.COMPACT
+
+    @property
+    def pareto(self) -> Path:
+        return self.root / self.PARETO
 
     @property
     def onnx(self) -> Path:

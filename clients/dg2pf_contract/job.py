@@ -31,6 +31,7 @@ from .options import (
     MAX_PATTERNS,
     PRESET_FIELDS,
     PRESETS,
+    TOP1_DROP_BOUNDS,
     Options,
 )
 
@@ -174,6 +175,13 @@ _OPTIONAL_RANGES = {
         "latency_backend runs it with latency_threads threads at batch latency_batch_size; replaces sparsity",
         f"milliseconds in {LATENCY_BUDGET_BOUNDS.text()}",
     ),
+    "max_top1_drop": (
+        dict(gt=TOP1_DROP_BOUNDS.low, le=TOP1_DROP_BOUNDS.high),
+        "granularity 'channel': the fastest network (by the latency options) whose validation top-1 is at most "
+        "this many points under the input model's, found by a search over latency budgets on Ray Tune; "
+        "replaces sparsity",
+        f"points of top-1 in {TOP1_DROP_BOUNDS.text()}",
+    ),
 }
 
 
@@ -266,8 +274,8 @@ class JobSpec(_Strict):
         ge=0.001,
         lt=1,
         description="fraction of prunable weights (of prunable channels "
-        "with granularity 'channel') to remove; required unless schedule.target_macs_ratio or "
-        "schedule.latency_budget_ms",
+        "with granularity 'channel') to remove; required unless schedule.target_macs_ratio, "
+        "schedule.latency_budget_ms or schedule.max_top1_drop",
     )
     schedule: ScheduleSpec = Field(default_factory=ScheduleSpec)  # type: ignore[valid-type]
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)

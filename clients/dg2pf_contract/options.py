@@ -77,6 +77,9 @@ BOUNDS: dict[str, Bounds] = {
 # latency_budget_ms: above 0, at most a day (a typo or an attack beyond it).
 LATENCY_BUDGET_BOUNDS = Bounds(0, 86_400_000, low_open=True)
 LATENCY_BACKENDS = ("onnxruntime", "torch")
+# max_top1_drop: points of validation top-1, above 0, at most 100.
+TOP1_DROP_BOUNDS = Bounds(0, 100, low_open=True)
+OBJECTIVE_SAMPLES = 4  # latency budgets a max_top1_drop search tries unless its tune section says
 MAX_PATTERNS, MAX_PATTERN_LENGTH = 256, 1000  # include / exclude / sp_blocks
 
 
@@ -201,6 +204,13 @@ class Options:
     # backend, threads, batch size and input size: the budget is then met by that machine's table (no
     # measurement here, so no end-to-end calibration either). A service reads it only under its data roots.
     latency_table: str | None = None
+    # Channel granularity only: the fastest network (by the latency options above) whose validation top-1
+    # is at most this many points under the input model's; replaces sparsity and the other targets. A
+    # search on Ray Tune: a latency table is measured once, latency budgets from near-dense to near the
+    # fastest the guard allows are calibrated on this machine, each runs as a trial (a latency_budget_ms
+    # job), every trial's network is measured again one at a time, and the fastest within the drop is the
+    # job's model; pareto.json holds every trial (dg2pf_ray/fastest.py).
+    max_top1_drop: float | None = None
     # The emptying guard (unstructured): every ranking keeps the this-many largest weights of each
     # prunable tensor and of each classifier row (one row per class), so no layer and no class is cut off;
     # the global target is still met exactly. 0 turns each off.

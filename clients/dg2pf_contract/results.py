@@ -216,6 +216,44 @@ class LatencyObjective(_Open):
     table_notes: list[str] = Field(default_factory=list)
 
 
+class ParetoPoint(_Open):
+    """One trial of a max_top1_drop search: the budget it was given, what it became, how it scored."""
+
+    trial_id: str
+    status: str = Field(description="completed, stopped_early or failed")
+    budget_ms: float = Field(description="the latency budget this trial was to meet (measured)")
+    aim_ms: float = Field(description="what the latency table was asked to predict (calibrated for the budget)")
+    predicted_ms: float | None = Field(None, description="the trial's network, as the table predicts it")
+    measured_ms: float | None = Field(
+        None, description="the trial's network measured end to end after the search, one network at a time"
+    )
+    macs: int | None = None
+    params: int | None = None
+    channels_pruned: int | None = None
+    val_top1: float | None = Field(None, description="its best validation top-1")
+    within_drop: bool | None = Field(None, description="val_top1 >= the input model's val top-1 - max_top1_drop")
+    chosen: bool = False
+    error: str | None = None
+
+
+class ObjectiveSearch(_Open):
+    """The ``objective`` section of a max_top1_drop job: the constraint, the choice and why."""
+
+    max_top1_drop: float
+    baseline_val_top1: float = Field(description="the input model's validation top-1")
+    floor_val_top1: float = Field(description="baseline_val_top1 - max_top1_drop: what a trial must keep")
+    met: bool = Field(description="a trial kept the floor (false: the most accurate trial is the model)")
+    chosen_trial: str
+    reason: str = Field(description="why this trial is the job's model, in words")
+    backend: str
+    threads: int
+    batch_size: int
+    dense_measured_ms: float
+    budgets_ms: list[float]
+    points: list[ParetoPoint] = Field(description="every trial (as pareto.json)")
+    wall_seconds: float
+
+
 class DistributedRun(_Open):
     """The ``distributed`` section of a Ray Train run (DDP workers)."""
 
@@ -282,7 +320,8 @@ class Metrics(_Document):
     in_channels: int
     class_names: list[str] | None = Field(description="labels by class index (None: the dataset names none)")
     target_sparsity: float | None = Field(
-        description="the sparsity asked for; None for a channel job sized by target_macs_ratio or latency_budget_ms"
+        description="the sparsity asked for; None for a channel job sized by target_macs_ratio, latency_budget_ms "
+        "or max_top1_drop"
     )
     granularity: str = Field("unstructured", description="unstructured | N:M | channel")
     preset: str | None = Field(None, description="the named configuration the job started from")
@@ -360,6 +399,9 @@ class Metrics(_Document):
     driver_wall_seconds: float | None = Field(None, description="Ray Train runs: the whole run as the driver saw it")
     ray_run: RayRun | None = Field(None, description="Ray Train runs: where its checkpoints are")
     tune: TuneSummary | None = Field(None, description="tune runs: the search")
+    objective: ObjectiveSearch | None = Field(
+        None, description="max_top1_drop jobs: the constraint, every trial's measured point, the choice"
+    )
 
     @model_validator(mode="before")
     @classmethod

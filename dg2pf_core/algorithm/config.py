@@ -25,6 +25,7 @@ from dg2pf_contract.options import (
     PRESETS,
     RECOVERY_MODES,
     SCOPES,
+    TOP1_DROP_BOUNDS,
     Options,
 )
 from dg2pf_core.errors import ConfigError
@@ -137,12 +138,34 @@ class DG2PFConfig(Options):
                     f"give sparsity or latency_budget_ms, not both (latency_budget_ms {budget} decides the "
                     f"channels; got sparsity {self.sparsity})",
                 )
+        if self.max_top1_drop is not None:
+            parse_granularity(self.granularity)
+            drop = self.max_top1_drop
+            if isinstance(drop, bool) or not isinstance(drop, (int, float)) or not TOP1_DROP_BOUNDS.contains(drop):
+                raise bad("max_top1_drop", f"must be points of top-1 in {TOP1_DROP_BOUNDS.text()}, got {drop!r}")
+            if self.granularity != CHANNEL:
+                raise bad(
+                    "max_top1_drop",
+                    f"only applies to granularity 'channel' (got {self.granularity!r}): it searches for the "
+                    "fastest network, and unstructured and N:M masks do not make dense kernels faster",
+                )
+            for other in ("latency_budget_ms", "target_macs_ratio"):
+                if getattr(self, other) is not None:
+                    raise bad("max_top1_drop", f"give max_top1_drop or {other}, not both")
+            if self.sparsity != 0.0:
+                raise bad(
+                    "sparsity",
+                    f"give sparsity or max_top1_drop, not both (max_top1_drop {drop} decides the channels; got "
+                    f"sparsity {self.sparsity})",
+                )
         if self.latency_table is not None and (
-            not isinstance(self.latency_table, str) or not self.latency_table or self.latency_budget_ms is None
+            not isinstance(self.latency_table, str)
+            or not self.latency_table
+            or (self.latency_budget_ms is None and self.max_top1_drop is None)
         ):
             raise bad(
                 "latency_table",
-                "is a latency table file (`dg2pf latency-table`) for a job with latency_budget_ms"
+                "is a latency table file (`dg2pf latency-table`) for a job with latency_budget_ms or max_top1_drop"
                 if isinstance(self.latency_table, str) and self.latency_table
                 else f"must be a file path, got {self.latency_table!r}",
             )
@@ -155,6 +178,7 @@ class DG2PFConfig(Options):
         if (
             self.target_macs_ratio is None
             and self.latency_budget_ms is None
+            and self.max_top1_drop is None
             and (
                 isinstance(self.sparsity, bool)
                 or not isinstance(self.sparsity, (int, float))
@@ -163,8 +187,8 @@ class DG2PFConfig(Options):
         ):
             raise bad(
                 "sparsity",
-                "is required: a fraction strictly between 0 and 1 (e.g. 0.9 for 90%); or give target_macs_ratio "
-                "or latency_budget_ms with granularity 'channel'"
+                "is required: a fraction strictly between 0 and 1 (e.g. 0.9 for 90%); or give target_macs_ratio, "
+                "latency_budget_ms or max_top1_drop with granularity 'channel'"
                 if self.sparsity == 0.0 and not isinstance(self.sparsity, bool)
                 else f"must be strictly between 0 and 1 (e.g. 0.9 for 90%), got {self.sparsity}",
             )

@@ -42,7 +42,7 @@ def network_id(model: nn.Module, input_shape: tuple[int, ...]) -> str:
     return f"{type(model).__name__} {len(ops)} layers {digest[:16]}"
 
 
-CALIBRATION_ROUNDS = 4  # end-to-end measurements that steer the aim (each: an allocation removed and timed)
+CALIBRATION_ROUNDS = 6  # end-to-end measurements that steer the aim (each: an allocation removed and timed)
 CLOSE_ENOUGH = 0.03  # a measured network within 3% under the budget ends the calibration
 
 
@@ -124,31 +124,45 @@ class LatencyTarget:
 
     def calibrate(self, model: nn.Module, input_shape: tuple[int, ...], params: Mapping[str, torch.Tensor]) -> None:
         """Steer the aim by measuring: the network the input weights' allocation at the aim leaves is
-        removed and timed end to end, and the aim scaled by budget / measured, for up to
-        ``CALIBRATION_ROUNDS`` rounds or until a network measures within ``CLOSE_ENOUGH`` under the budget.
-        The aim kept is the one whose network measured closest under the budget (none under it: the
-        last, the tightest tried). The table's layers are timed alone; this corrects what the network
-        around them adds or saves (measured on mobilenet_v2: -33% to +181% before it,
-        docs/benchmarks.md)."""
+        removed and timed end to end, for up to ``CALIBRATION_ROUNDS`` rounds or until one measures
+        within ``CLOSE_ENOUGH`` under the budget. The next aim is the last scaled by goal / measured
+        until one round measured under the budget and one over it, then the secant between the two
+        closest (kept between them). The aim kept is the one whose network measured closest under the
+        budget (none under it: the tightest tried). The table's layers are timed alone; this corrects
+        what the network around them adds or saves (docs/benchmarks.md, "Latency budgets")."""
         m = self.table.machine
         dense = self.table.dense_ms()
         if self.budget_ms >= dense:
             return  # the dense network measured within it: nothing to prune, nothing to steer
         fastest = allocate(self.plan, params, self.table, 0.0, self.cap, self.multiple).predicted_ms
         aim, best = self.budget_ms, None
+        under: tuple[float, float] | None = None  # (aim, measured) of the round measured closest under the budget
+        over: tuple[float, float] | None = None  # ... and closest over it
+        goal = self.budget_ms * (1 - CLOSE_ENOUGH / 2)
         for _ in range(CALIBRATION_ROUNDS):
             allocation = allocate(self.plan, params, self.table, aim, self.cap, self.multiple)
             net = copy.deepcopy(model).cpu()
             remove_channels(net, input_shape, self.plan.pruned_channels(allocation.pruned))
             measured = measure_network(net, input_shape, m.backend, m.threads, m.batch_size)
             self.calibration.append({"aim_ms": aim, "predicted_ms": allocation.predicted_ms, "measured_ms": measured})
-            if measured <= self.budget_ms and (best is None or measured > best[1]):
-                best = (aim, measured)
+            if measured <= self.budget_ms:
+                if under is None or measured > under[1]:
+                    under = (aim, measured)
+            elif over is None or measured < over[1]:
+                over = (aim, measured)
             if self.budget_ms * (1 - CLOSE_ENOUGH) <= measured <= self.budget_ms:
                 break
             if measured > self.budget_ms and allocation.predicted_ms <= fastest:
                 break  # nothing faster to try
-            aim = min(dense, max(fastest, aim * self.budget_ms / measured))
+            if under is not None and over is not None:
+                # bracketed: the aim where the line through the two measures the goal (secant), kept inside
+                (a0, t0), (a1, t1) = under, over
+                aim = a0 + (goal - t0) * (a1 - a0) / (t1 - t0) if t1 > t0 else (a0 + a1) / 2
+                aim = min(max(aim, min(a0, a1)), max(a0, a1))
+            else:
+                aim = aim * goal / measured
+            aim = min(dense, max(fastest, aim))
+        best = under
         self.aim_ms = best[0] if best is not None else min(c["aim_ms"] for c in self.calibration)
 
     # --- the state's copy ---

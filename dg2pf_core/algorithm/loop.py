@@ -66,7 +66,7 @@ from dg2pf_core.algorithm.schedule import sparsity_targets
 from dg2pf_core.algorithm.simulated import _backup, _restore, hard_step, simulated_step
 from dg2pf_core.algorithm.state import EpochRecord, TrainingState, fingerprint
 from dg2pf_core.data.loaders import Loaders
-from dg2pf_core.errors import InputModelMismatch, ResumeError, TrainingDiverged
+from dg2pf_core.errors import ConfigError, InputModelMismatch, ResumeError, TrainingDiverged
 from dg2pf_core.io.metrics import Accuracy, autocast_context, evaluate
 
 
@@ -514,6 +514,12 @@ def run_dg2pf(
     what channel granularity traces the model with (default: a validation batch's). ``latency_table``:
     with ``latency_budget_ms``, a table measured beforehand for this machine (default: measured here).
     """
+    if config.max_top1_drop is not None:
+        raise ConfigError(
+            "max_top1_drop is a search over latency budgets, one DG2PF run per budget: run it as a job "
+            "(dg2pf prune, POST /jobs), which runs the search on Ray Tune (dg2pf_ray/fastest.py)",
+            field="max_top1_drop",
+        )
     device = device or resolve_device(config.device)
     torch.manual_seed(config.seed)
     model.to(device)

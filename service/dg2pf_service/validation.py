@@ -72,6 +72,24 @@ def check_dataset(spec: str, settings: Settings) -> None:
         raise InvalidJob("dataset.spec", exc.message) from exc
 
 
+def check_latency_table(path: str, settings: Settings) -> None:
+    """A latency table file the job brought: an absolute path inside DG2PF_DATA_ROOTS, and a table
+    (read and checked here; the job reads it again, confined, before training)."""
+    from dg2pf_core.algorithm.latency_table import LatencyTable
+
+    roots = [str(r) for r in settings.data_roots]
+    if not roots:
+        raise InvalidJob(
+            "schedule.latency_table", "this service reads no files of a job's naming (DG2PF_DATA_ROOTS is not set)"
+        )
+    if not Path(path).is_absolute():
+        raise InvalidJob("schedule.latency_table", f"{path!r} must be an absolute path inside DG2PF_DATA_ROOTS")
+    try:
+        LatencyTable.read(path, roots)
+    except DG2PFError as exc:
+        raise InvalidJob("schedule.latency_table", exc.message) from exc
+
+
 def _amp_refusal(config: DG2PFConfig, use_gpu: bool) -> str | None:
     if config.amp != "none" and not use_gpu:
         return (
@@ -111,6 +129,8 @@ def validate_job(
     checkpoint = resolve_checkpoint(spec.model.checkpoint, "model.checkpoint", settings, store)
     teacher = resolve_checkpoint(spec.teacher, "teacher", settings, store) if spec.teacher else None
     check_dataset(spec.dataset.spec, settings)
+    if config.latency_table is not None:
+        check_latency_table(config.latency_table, settings)
     # What the preflight can check here (the checkpoints by content, finite, fitting the architecture;
     # fp16 compact values); the data and the dry run are checked by the job's runner before training.
     try:

@@ -204,7 +204,7 @@ def test_resume_after_and_before_the_removal(tiny_loaders, tmp_path, stop_after,
         ),
         ({"sparsity": 0.0, "target_macs_ratio": 1.5}, "strictly between 0 and 1"),
         ({"target_macs_ratio": 0.5}, "give sparsity or target_macs_ratio, not both"),
-        ({"sparsity": 0.0}, "or give target_macs_ratio or latency_budget_ms with granularity 'channel'"),
+        ({"sparsity": 0.0}, "or give target_macs_ratio, latency_budget_ms or max_top1_drop with granularity 'channel'"),
         ({"scope": "layerwise"}, "leave scope 'global'"),
     ],
 )

@@ -1,0 +1,283 @@
+"""``max_top1_drop``: the fastest channel-pruned network whose validation top-1 stays within a drop of the
+input model's, found by a search over latency budgets on Ray Tune.
+
+1. The driver measures the latency table once (or takes the job's ``latency_table``), finds the dense
+   network's and the fastest allowed network's latency, and spaces ``samples`` budgets geometrically
+   between 0.85 of dense and the fastest (plus 10%).
+2. Each budget's aim is calibrated end to end here, one at a time (``LatencyTarget.calibrate``; not with
+   a table of another machine), before any trial starts: trials run side by side, and latency measured
+   while they train would measure their contention.
+3. Every budget is one trial: a ``latency_budget_ms`` job at the budget's aim, pruning by the driver's
+   table (a file every trial reads), run to the end (no early stopping: the aggressive trials are the
+   ones the search is for, and their accuracy is known only at the end).
+4. After the search every completed trial's network is measured again here, one at a time; the job's
+   model is the fastest whose best validation top-1 is at least the input model's minus
+   ``max_top1_drop`` (none: the most accurate, and the job says so). The choice reads validation
+   top-1 only; the test top-1 in metrics.json is the chosen trial's (pareto.json holds no test figure).
+
+``pareto.json`` lists every trial (budget, aim, predicted, measured, MACs, parameters, validation top-1,
+chosen); ``pareto.png`` draws them; metrics.json's ``objective`` holds the same and the reason.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import tempfile
+import time
+from functools import partial
+from pathlib import Path
+
+import ray
+from ray import tune
+from ray.train import Checkpoint
+
+from dg2pf_contract.artifacts import Artifacts, write_text_atomic
+from dg2pf_contract.results import Metrics, ObjectiveSearch, ParetoPoint
+from dg2pf_core.algorithm.allocation import allocate
+from dg2pf_core.algorithm.channels import ChannelPlan
+from dg2pf_core.algorithm.latency_table import LatencyTable, machine_here, measure_network
+from dg2pf_core.algorithm.latency_target import LatencyTarget, _measure, network_id
+from dg2pf_core.io.export import OutputDir
+from dg2pf_core.job import PruneJob, load_checkpoint_model, prepare
+
+from .cluster import check_capacity, connect
+from .train import RunFailed, RunStorage, copy_final
+from .tune import DRIVER_CPU, TuneOptions, _status, _trial, _tune_output
+
+HIGHEST_SHARE = 0.85  # the slowest budget tried, of the dense network's latency
+ABOVE_FASTEST = 1.10  # the fastest budget tried, over the fastest network the guard allows
+
+
+def budgets(dense_ms: float, fastest_ms: float, samples: int) -> list[float]:
+    """``samples`` budgets spaced geometrically from ``HIGHEST_SHARE`` of dense down to just above the
+    fastest allowed network (descending); one budget: the geometric middle."""
+    hi = HIGHEST_SHARE * dense_ms
+    lo = min(hi, ABOVE_FASTEST * fastest_ms)
+    if samples == 1:
+        return [math.sqrt(hi * lo)]
+    return [hi * (lo / hi) ** (i / (samples - 1)) for i in range(samples)]
+
+
+def choose(points: list[ParetoPoint], floor: float) -> tuple[ParetoPoint | None, bool, str]:
+    """The chosen point, whether it keeps the floor, and why (points without a measurement or a
+    validation top-1 are not candidates)."""
+    done = [p for p in points if p.status == "completed" and p.measured_ms is not None and p.val_top1 is not None]
+    if not done:
+        return None, False, "no trial completed"
+    within = [p for p in done if p.val_top1 >= floor]  # type: ignore[operator]
+    if within:
+        best = min(within, key=lambda p: (p.measured_ms, -p.val_top1))  # type: ignore[operator]
+        return (
+            best,
+            True,
+            f"the fastest of the {len(within)} trial(s) within the drop: {best.measured_ms:.4g} ms measured, val "
+            f"top-1 {best.val_top1:.2f} >= {floor:.2f}",
+        )
+    best = max(done, key=lambda p: (p.val_top1, -p.measured_ms))  # type: ignore[operator]
+    return (
+        best,
+        False,
+        f"no trial kept val top-1 >= {floor:.2f}: the most accurate is the model ({best.val_top1:.2f} at "
+        f"{best.measured_ms:.4g} ms); allow a larger drop, train longer (max_epochs), or try more budgets "
+        "(tune.samples)",
+    )
+
+
+def fastest_within(job: PruneJob, out: str | Path, options: TuneOptions) -> Metrics:
+    """Run the search and write the chosen trial's artifacts, ``pareto.json`` and ``pareto.png`` to ``out``."""
+    cfg = job.config
+    if options.search_space:
+        raise RunFailed(
+            "max_top1_drop searches latency budgets itself: leave the tune search space out (tune.samples sets "
+            "how many budgets)",
+            field="search_space",
+        )
+    output = OutputDir(out)
+    started = time.perf_counter()
+    prepared = prepare(job, out=out, dry=False)
+    connect(options.address, quiet=not options.ray_logs)
+    if not options.cluster_may_grow:
+        check_capacity(options.workers_per_trial, options.use_gpu, extra_cpus=DRIVER_CPU)
+
+    model, shape = prepared.model.eval(), prepared.input_shape
+    plan = ChannelPlan.build(model, shape, cfg.selection())
+    params = dict(model.named_parameters())
+    probe = dataclasses.replace(cfg, max_top1_drop=None, latency_budget_ms=1.0)  # the table's settings
+    machine = machine_here(
+        network_id(model, shape), cfg.latency_backend, cfg.latency_threads, cfg.latency_batch_size, shape
+    )
+    given = prepared.latency_table
+    if given is not None:
+        given.check(machine)
+    table = given or _measure(model, shape, machine, probe, None)
+    multiple = max(1, cfg.channel_multiple)
+    fastest = allocate(plan, params, table, 0.0, cfg.layer_cap, multiple).predicted_ms
+    wanted = budgets(table.dense_measured_ms, fastest, options.samples)
+    aims = []
+    for budget in wanted:
+        target = LatencyTarget(table, budget, plan, cfg.layer_cap)
+        target.multiple = target._reachable(params, multiple)
+        if given is None:
+            target.calibrate(model, shape, params)
+        aims.append(target.aim_ms)
+
+    name = options.run_name or f"dg2pf-fastest-{time.strftime('%Y%m%d-%H%M%S')}"
+    with RunStorage(options.storage_path, output.path) as storage, _tune_output(options.ray_logs):
+        # The table every trial prunes by: beside the run (a shared filesystem when the storage is one).
+        own_dir = "://" in storage.path  # object storage: trials on this machine read a local copy
+        table_dir = Path(tempfile.mkdtemp(prefix="dg2pf-table-")) if own_dir else Path(storage.path)
+        table_file = table_dir / f"{name}.latency-table.json"
+        table.write(table_file)
+        base_config = dataclasses.replace(
+            cfg, max_top1_drop=None, latency_budget_ms=aims[0], latency_table=str(table_file)
+        )
+        roots = [*job.allowed_roots, str(table_dir)] if job.allowed_roots else []
+        base = dataclasses.replace(job, config=base_config, allowed_roots=roots)
+        grid = _fit(base, options, aims, name, storage.path)
+        points = _points(grid, wanted, aims, table, shape)
+        baseline = next((p._baseline for p in points if getattr(p, "_baseline", None) is not None), None)
+        if baseline is None:
+            failures = "; ".join(f"{p.trial_id}: {p.status} {p.error or ''}" for p in points)
+            raise RunFailed(f"no trial completed ({failures})")
+        floor = baseline - float(cfg.max_top1_drop)  # type: ignore[arg-type]
+        for p in points:
+            p.within_drop = None if p.val_top1 is None else p.val_top1 >= floor
+        chosen, met, reason = choose(points, floor)
+        if chosen is None:
+            raise RunFailed(f"no trial completed and measured ({reason})")
+        chosen.chosen = True
+        search = ObjectiveSearch(
+            max_top1_drop=float(cfg.max_top1_drop),  # type: ignore[arg-type]
+            baseline_val_top1=baseline,
+            floor_val_top1=floor,
+            met=met,
+            chosen_trial=chosen.trial_id,
+            reason=reason,
+            backend=machine.backend,
+            threads=machine.threads,
+            batch_size=machine.batch_size,
+            dense_measured_ms=table.dense_measured_ms,
+            budgets_ms=wanted,
+            points=[ParetoPoint.model_validate(p.model_dump()) for p in points],
+            wall_seconds=time.perf_counter() - started,
+        )
+        with Checkpoint(chosen._checkpoint).as_directory() as final, output.staging() as tmp:  # type: ignore[attr-defined]
+            copy_final(Path(final), tmp)
+            files = Artifacts(tmp)
+            write_text_atomic(files.pareto, json.dumps([p.model_dump() for p in search.points], indent=1) + "\n")
+            _plot(search, files.root / Artifacts.PARETO_PLOT)
+            metrics = Metrics.read(files.metrics)
+            metrics.objective = search
+            if not met:
+                metrics.warnings = [*metrics.warnings, reason]
+            metrics.write(files.metrics)
+        if own_dir:
+            table_file.unlink(missing_ok=True)
+            table_dir.rmdir()
+    return metrics
+
+
+def _fit(base: PruneJob, options: TuneOptions, aims: list[float], name: str, storage: str):
+    per_trial = options.workers_per_trial
+    resources = ray.cluster_resources()
+    capacity = resources.get("GPU", 0) if options.use_gpu else resources.get("CPU", 1)
+    concurrent = options.max_concurrent or max(1, int(capacity // (per_trial + DRIVER_CPU)))
+    trainable = tune.with_resources(
+        partial(
+            _trial,
+            base_job=base.to_dict(),
+            name=name,
+            options={
+                "workers_per_trial": per_trial,
+                "use_gpu": options.use_gpu,
+                "placement": options.placement,
+                "storage_path": storage,
+                "verbose": options.verbose,
+                "ray_logs": options.ray_logs,
+            },
+        ),
+        {"cpu": DRIVER_CPU},
+    )
+    experiment = f"{storage.rstrip('/')}/{name}"
+    space = {"latency_budget_ms": tune.grid_search(aims)}
+    if options.run_name and tune.Tuner.can_restore(experiment):
+        return tune.Tuner.restore(
+            experiment, trainable, param_space=space, resume_unfinished=True, resume_errored=True
+        ).fit()
+    return tune.Tuner(
+        trainable,
+        param_space=space,
+        tune_config=tune.TuneConfig(num_samples=1, max_concurrent_trials=concurrent),  # FIFO: every trial ends
+        run_config=tune.RunConfig(name=name, storage_path=storage, verbose=0),
+    ).fit()
+
+
+class _Point(ParetoPoint):
+    _checkpoint: str | None = None
+    _baseline: float | None = None
+
+
+def _points(grid, wanted: list[float], aims: list[float], table: LatencyTable, shape) -> list[_Point]:
+    """Every trial as a point; the completed ones' networks measured here, one at a time."""
+    m = table.machine
+    points = []
+    for result in grid:
+        metrics, status = result.metrics or {}, _status(result)
+        aim = float(result.config["latency_budget_ms"])
+        i = min(range(len(aims)), key=lambda k: abs(aims[k] - aim))
+        point = _Point(
+            trial_id=str(metrics.get("trial_id") or Path(result.path).name),
+            status=status,
+            budget_ms=wanted[i],
+            aim_ms=aim,
+            error=(
+                str(result.error).strip().splitlines()[-1][:300]
+                if result.error is not None
+                else (metrics.get("refused") or {}).get("message")
+            ),
+        )
+        checkpoint = metrics.get("checkpoint_path") if status == "completed" else None
+        if checkpoint:
+            with Checkpoint(checkpoint).as_directory() as final:
+                run = Metrics.read(Artifacts(final).metrics)
+                _, network, _ = load_checkpoint_model(run.arch, run.num_classes, Artifacts(final).model)
+                point.measured_ms = measure_network(network.eval(), shape, m.backend, m.threads, m.batch_size)
+            point.val_top1 = run.val_top1
+            point.macs = run.macs_sparse
+            point.params = run.params_total
+            point.channels_pruned = run.channels_pruned
+            point.predicted_ms = run.latency_objective.predicted_ms if run.latency_objective else None
+            point._checkpoint = checkpoint
+            point._baseline = run.baseline_val_top1
+        points.append(point)
+    return sorted(points, key=lambda p: -p.budget_ms)
+
+
+def _plot(search: ObjectiveSearch, path: Path) -> None:
+    """pareto.png: validation top-1 against measured latency, the floor, the chosen point."""
+    try:
+        from dg2pf_core.io.plots import DPI, _figure
+
+        fig = _figure(6.0, 4.0)
+        ax = fig.add_subplot()
+        pts = [p for p in search.points if p.measured_ms is not None and p.val_top1 is not None]
+        ax.scatter([p.measured_ms for p in pts], [p.val_top1 for p in pts], color="#4e79a7", label="trials")
+        for p in pts:
+            if p.chosen:
+                ax.scatter(
+                    [p.measured_ms], [p.val_top1], s=120, facecolors="none", edgecolors="#e15759", label="chosen"
+                )
+        ax.axhline(search.floor_val_top1, color="#e15759", linestyle="--", label=f"floor (-{search.max_top1_drop:g})")
+        ax.axhline(search.baseline_val_top1, color="#59a14f", linestyle=":", label="input model")
+        ax.axvline(search.dense_measured_ms, color="#bab0ac", linestyle=":", label="dense latency")
+        ax.set_xlabel(f"latency, ms ({search.backend}, {search.threads} thread(s), batch {search.batch_size})")
+        ax.set_ylabel("validation top-1, %")
+        ax.legend(fontsize=8)
+        part = path.with_name(f".{path.name}.part")
+        fig.savefig(part, format="png", dpi=DPI)
+        os.replace(part, path)
+    except Exception:  # noqa: BLE001 - the front is in pareto.json and metrics.json either way
+        pass
