@@ -129,6 +129,7 @@ def fastest_within(job: PruneJob, out: str | Path, options: TuneOptions) -> Metr
         # The table every trial prunes by: beside the run (a shared filesystem when the storage is one).
         own_dir = "://" in storage.path  # object storage: trials on this machine read a local copy
         table_dir = Path(tempfile.mkdtemp(prefix="dg2pf-table-")) if own_dir else Path(storage.path)
+        table_dir.mkdir(parents=True, exist_ok=True)
         table_file = table_dir / f"{name}.latency-table.json"
         table.write(table_file)
         base_config = dataclasses.replace(

@@ -113,6 +113,12 @@ def validate_job(
     refusal = _amp_refusal(config, spec.resources.use_gpu)
     if refusal:
         raise InvalidJob("schedule.amp", refusal)
+    if config.max_top1_drop is not None and spec.tune is not None and spec.tune.search_space:
+        raise InvalidJob(
+            "tune.search_space",
+            "max_top1_drop searches latency budgets itself: leave the search space out (tune.samples sets how "
+            "many budgets)",
+        )
     if spec.tune is not None and spec.tune.search_space:  # cheap: before any checkpoint is pinned
         from dg2pf_ray.search_space import build_space
 
@@ -176,7 +182,8 @@ def validate_job(
             "(those held by serving replicas excluded; "
             "DG2PF_CLUSTER_MAX_GPUS declares what an autoscaling cluster can grow to)",
         )
-    driver = TRIAL_DRIVER_CPU if spec.tune is not None else 0.0  # a Tune trial's driver, beside its workers
+    searched = spec.tune is not None or spec.schedule.max_top1_drop is not None  # trials on Ray Tune
+    driver = TRIAL_DRIVER_CPU if searched else 0.0  # a Tune trial's driver, beside its workers
     if workers + driver > cpus:
         raise InvalidJob(
             "resources.num_workers",

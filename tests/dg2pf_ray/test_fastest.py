@@ -1,0 +1,93 @@
+"""max_top1_drop: the budgets a search tries, the choice it makes, and one whole search on Ray Tune."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import ray
+
+from dg2pf_contract.results import Metrics, ParetoPoint
+from dg2pf_core import DG2PFConfig, PruneJob, run_dg2pf
+from dg2pf_core.errors import ConfigError
+from dg2pf_ray.cluster import connect
+from dg2pf_ray.fastest import ABOVE_FASTEST, HIGHEST_SHARE, budgets, choose, fastest_within
+from dg2pf_ray.tune import TuneOptions
+
+
+def test_budgets_run_from_near_dense_down_to_just_above_the_fastest_allowed():
+    got = budgets(10.0, 2.0, 4)
+    assert got[0] == pytest.approx(HIGHEST_SHARE * 10.0) and got[-1] == pytest.approx(ABOVE_FASTEST * 2.0)
+    assert all(a > b for a, b in zip(got, got[1:]))
+    ratios = [b / a for a, b in zip(got, got[1:])]
+    assert ratios == pytest.approx([ratios[0]] * 3)  # geometric
+    assert len(budgets(10.0, 2.0, 1)) == 1 and 2.2 < budgets(10.0, 2.0, 1)[0] < 8.5
+    # a guard that allows little: the fastest budget never above the slowest
+    assert budgets(10.0, 9.5, 3) == pytest.approx([8.5, 8.5, 8.5])
+
+
+def _point(i: str, ms: float | None, top1: float | None, status: str = "completed") -> ParetoPoint:
+    return ParetoPoint(trial_id=i, status=status, budget_ms=1.0, aim_ms=1.0, measured_ms=ms, val_top1=top1)
+
+
+def test_the_choice_is_the_fastest_within_the_drop_else_the_most_accurate_said_so():
+    points = [_point("a", 5.0, 99.0), _point("b", 3.0, 98.5), _point("c", 2.0, 96.0), _point("d", 1.0, None, "failed")]
+    chosen, met, why = choose(points, floor=98.0)
+    assert chosen.trial_id == "b" and met and "fastest of the 2 trial(s) within the drop" in why
+    chosen, met, why = choose(points, floor=99.5)
+    assert chosen.trial_id == "a" and not met and "no trial kept val top-1 >= 99.50" in why
+    assert choose([_point("d", None, None, "failed")], 90.0)[0] is None
+
+
+def test_max_top1_drop_options_are_checked_and_a_single_run_refuses_it(tiny_loaders):
+    with pytest.raises(ConfigError, match="max_top1_drop: only applies to granularity 'channel'"):
+        DG2PFConfig(max_top1_drop=1.0)
+    with pytest.raises(ConfigError, match="give max_top1_drop or latency_budget_ms, not both"):
+        DG2PFConfig(granularity="channel", max_top1_drop=1.0, latency_budget_ms=2.0)
+    with pytest.raises(ConfigError, match="give sparsity or max_top1_drop, not both"):
+        DG2PFConfig(granularity="channel", max_top1_drop=1.0, sparsity=0.5)
+    with pytest.raises(ConfigError, match=r"max_top1_drop: must be points of top-1 in \(0, 100\]"):
+        DG2PFConfig(granularity="channel", max_top1_drop=0.0)
+    from tiny import TinyNet
+
+    with pytest.raises(ConfigError, match="max_top1_drop is a search over latency budgets") as e:
+        run_dg2pf(TinyNet(), tiny_loaders, DG2PFConfig(granularity="channel", max_top1_drop=1.0, channel_multiple=1))
+    assert e.value.field == "max_top1_drop"
+
+
+@pytest.mark.slow
+def test_a_search_returns_the_fastest_trial_within_the_drop_and_its_front(digits_example, tmp_path):
+    ray.shutdown()
+    connect(None)
+    try:
+        config = DG2PFConfig(
+            granularity="channel",
+            max_top1_drop=1.0,
+            pruning_epochs=2,
+            max_epochs=4,
+            patience=2,
+            latency_backend="torch",
+        )
+        job = PruneJob("digits_cnn", 10, str(digits_example / "model.safetensors"), "digits", config)
+        out = tmp_path / "out"
+        m = fastest_within(job, out, TuneOptions(samples=3, storage_path=str(tmp_path / "store")))
+    finally:
+        ray.shutdown()
+    assert Metrics.read(out / "metrics.json").objective == m.objective
+    o = m.objective
+    front = [ParetoPoint.model_validate(p) for p in json.loads((out / "pareto.json").read_text())]
+    assert front == o.points and len(front) == 3 and (out / "pareto.png").stat().st_size > 0
+    assert [p.budget_ms for p in front] == pytest.approx(o.budgets_ms)
+    assert sum(p.chosen for p in front) == 1
+    chosen = next(p for p in front if p.chosen)
+    assert o.chosen_trial == chosen.trial_id and o.floor_val_top1 == pytest.approx(o.baseline_val_top1 - 1.0)
+    done = [p for p in front if p.status == "completed"]
+    within = [p for p in done if p.val_top1 >= o.floor_val_top1]
+    assert o.met == bool(within)
+    if within:  # the fastest of those within the drop, by the driver's own measurement
+        assert chosen.measured_ms == min(p.measured_ms for p in within)
+    else:
+        assert chosen.val_top1 == max(p.val_top1 for p in done) and o.reason in m.warnings
+    assert m.val_top1 == pytest.approx(chosen.val_top1)  # the job's model is the chosen trial's
+    assert m.latency_objective is not None and m.latency_objective.backend == "torch"
+    assert all(p.measured_ms and p.measured_ms < o.dense_measured_ms * 1.2 for p in done)
