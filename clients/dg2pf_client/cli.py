@@ -161,6 +161,17 @@ def _print_result(job) -> None:
     if speed:
         cells = ", ".join(f"{b} batch {n} {x:.2f}x" for b, by in speed.items() for n, x in by.items() if x is not None)
         print(f"  measured speed-up dense -> pruned: {cells} (MACs ratio {m['latency'].get('macs_ratio') or 0:.3f}x)")
+    objective = m.get("objective") or {}
+    if objective:
+        print(f"  chosen: {objective.get('reason')} ({objective.get('trials')} trials; pareto.json has every one)")
+    budget = m.get("latency_objective") or {}
+    if budget and not objective:
+        measured = budget.get("measured_ms")
+        print(
+            f"  latency budget {budget.get('budget_ms'):g} ms ({budget.get('backend')}): measured "
+            + ("-" if measured is None else f"{measured:.4g} ms")
+            + f", the table predicted {budget.get('predicted_ms', float('nan')):.4g} ms"
+        )
     for warning in m.get("warnings") or []:
         print(f"  warning: {warning}")
     if job.error:

@@ -221,11 +221,8 @@ def _schedule_model() -> type[BaseModel]:
                 worded("'unstructured', 'channel' or N:M such as '2:4'"),
             ]
         elif f.name in _PATH_OPTIONS:
-            hint = Annotated[
-                str | None,
-                Field(min_length=1, max_length=4096, description=_PATH_OPTIONS[f.name]),
-                AfterValidator(_no_control),
-            ]
+            path = Annotated[str, Field(min_length=1, max_length=4096), AfterValidator(_no_control)]
+            hint = Annotated[path | None, Field(description=_PATH_OPTIONS[f.name])]
         elif typing.get_origin(hint) is list:
             hint = Annotated[list[Annotated[str, Field(max_length=MAX_PATTERN_LENGTH)]], Field(max_length=MAX_PATTERNS)]
         elif hint is str or (f.name in PRESET_FIELDS and typing.get_args(hint) and str in typing.get_args(hint)):

@@ -432,4 +432,21 @@ def _summary(m: Metrics) -> dict:
         "warnings": m.warnings,
         # Measured speed beside the MACs ratio (the figures per batch size are in metrics.json).
         "latency": m.latency.speedups() if m.latency is not None else None,
+        # latency_budget_ms / max_top1_drop jobs: the budget, the prediction, the measurement; the choice and why
+        "latency_objective": (
+            m.latency_objective.model_dump(include={"budget_ms", "predicted_ms", "measured_ms", "met", "backend"})
+            if m.latency_objective is not None
+            else None
+        ),
+        "objective": (
+            {
+                "max_top1_drop": m.objective.max_top1_drop,
+                "met": m.objective.met,
+                "chosen_trial": m.objective.chosen_trial,
+                "reason": m.objective.reason,
+                "trials": len(m.objective.points),
+            }
+            if m.objective is not None
+            else None
+        ),
     }

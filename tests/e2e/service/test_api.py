@@ -764,3 +764,23 @@ def test_a_huge_architecture_is_refused_before_it_is_built(service, client, ckpt
             timeout=60,
         )
         assert r.status_code == 422 and needle in r.json()["error"]["message"], r.text
+
+
+def test_latency_objectives_through_post_jobs_the_fastest_within_a_drop_and_an_unreachable_budget(
+    service, client, ckpt, tmp_path
+):
+    """A max_top1_drop job is a search on the service's Ray cluster: it succeeds with its choice and the
+    front among the artifacts; a latency budget no network can meet fails the job naming the numbers."""
+    channel = {**FAST, "granularity": "channel", "latency_backend": "torch"}
+    doc = spec(ckpt, sparsity=None, schedule={**channel, "max_top1_drop": 2.0}, tune={"samples": 2})
+    job = client.wait(client.submit(doc).id)
+    assert job.state == "succeeded", job.error
+    objective = job.best_metrics["objective"]
+    assert objective["trials"] == 2 and objective["max_top1_drop"] == 2.0 and objective["reason"]
+    client.download(job.id, tmp_path / "out")
+    front = json.loads((tmp_path / "out" / "pareto.json").read_text())
+    assert [p["trial_id"] for p in front if p["chosen"]] == [objective["chosen_trial"]]
+    failed = client.wait(client.submit(spec(ckpt, sparsity=None, schedule={**channel, "latency_budget_ms": 1e-6})).id)
+    assert failed.state == "failed"
+    assert "latency_budget_ms 1e-06 cannot be reached" in failed.error.message
+    assert "the dense network measured" in failed.error.message
