@@ -506,6 +506,12 @@ def _written(m: Metrics) -> str:
 def _wall_time(m: Metrics) -> str:
     """The run from the command's start; on Ray, the workers' own share beside it (the rest is Ray and
     its workers starting, and the results coming back)."""
+    if m.objective is not None:
+        return (
+            f"{m.objective.wall_seconds:.1f} s, the whole search (the chosen trial's run {m.wall_seconds:.1f} s of it)"
+        )
+    if m.tune is not None:
+        return f"{m.tune.wall_seconds:.1f} s, the whole search (the best trial's run {m.wall_seconds:.1f} s of it)"
     if m.driver_wall_seconds is None:
         return f"{m.wall_seconds:.1f} s"
     return f"{m.driver_wall_seconds:.1f} s (the workers' training and evaluation {m.wall_seconds:.1f} s of it)"

@@ -18,4 +18,4 @@ fi
 # One formatter and linter (ruff, configured in pyproject.toml): style is never a review topic.
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
-exec .venv/bin/python -m pytest --durations=20 "$@"
+exec .venv/bin/python -m pytest --durations=60 "$@"
