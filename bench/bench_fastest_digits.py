@@ -8,8 +8,10 @@
 3. Reported: the dense network's and the chosen network's latency (the driver's own measurement after
    the search, one network at a time), their ratio, validation and test top-1 of both, and every trial.
 
-Command: ``.venv/bin/python bench/bench_fastest_digits.py [--samples 4] [--epochs 8] [--json FILE]``
-(about half an hour on 2 cores). Results: docs/benchmarks.md, "Latency budgets".
+Command: ``.venv/bin/python bench/bench_fastest_digits.py [--samples 4] [--epochs 8] [--checkpoint FILE]
+[--pruning-epochs 2] [--max-epochs 6] [--json FILE]``
+(about half an hour on 2 cores; 25 min with
+``--checkpoint`` and ``--samples 3``). Results: docs/benchmarks.md, "Latency budgets".
 """
 
 from __future__ import annotations
@@ -36,26 +38,32 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--samples", type=int, default=4)
     parser.add_argument("--epochs", type=int, default=8, help="dense training epochs")
+    parser.add_argument("--checkpoint", help="a dense cifar/resnet18 trained on digits at 32x32 (skips step 1)")
+    parser.add_argument("--pruning-epochs", type=int, default=2)
+    parser.add_argument("--max-epochs", type=int, default=6)
     parser.add_argument("--json")
     args = parser.parse_args()
     torch.set_num_threads(1)
     work = Path(tempfile.mkdtemp(prefix="bench-fastest-"))
     t0 = time.perf_counter()
-    model, dense = pretrain("cifar/resnet18", 10, "digits", epochs=args.epochs, lr=2e-3, image_size=32)
-    write_model(model, work / "dense.safetensors")
+    checkpoint = args.checkpoint
+    if checkpoint is None:
+        model, dense = pretrain("cifar/resnet18", 10, "digits", epochs=args.epochs, lr=2e-3, image_size=32)
+        checkpoint = str(work / "dense.safetensors")
+        write_model(model, checkpoint)
+        print(f"dense: val top-1 {dense.val_top1:.2f}, test top-1 {dense.test_top1:.2f}", flush=True)
     train_s = time.perf_counter() - t0
-    print(f"dense: val top-1 {dense.val_top1:.2f}, test top-1 {dense.test_top1:.2f} ({train_s:.0f} s)", flush=True)
     config = DG2PFConfig(
         granularity="channel",
         max_top1_drop=1.0,
         latency_backend="onnxruntime",
         latency_threads=1,
         latency_batch_size=32,
-        pruning_epochs=3,
-        max_epochs=10,
-        patience=3,
+        pruning_epochs=args.pruning_epochs,
+        max_epochs=args.max_epochs,
+        patience=2,
     )
-    job = PruneJob("cifar/resnet18", 10, str(work / "dense.safetensors"), "digits", config, image_size=32)
+    job = PruneJob("cifar/resnet18", 10, checkpoint, "digits", config, image_size=32)
     ray.shutdown()
     connect(None)
     try:
@@ -69,8 +77,7 @@ def main() -> None:
     row = {
         "command": " ".join(sys.argv),
         "dense_train_s": round(train_s),
-        "dense_val_top1": round(dense.val_top1, 2),
-        "dense_test_top1": round(dense.test_top1, 2),
+        "dense_test_top1": round(m.baseline_test_top1, 2),
         "search_s": round(search_s),
         "dense_ms": round(o.dense_measured_ms, 2),
         "chosen_ms": round(chosen.measured_ms, 2),

@@ -552,6 +552,13 @@ def _cmd_tune(args: argparse.Namespace) -> int:
         grace_period=args.grace_period,
     )
     m = execute(job, args.out, engine.with_overrides(tune_samples=args.samples, search_space=args.search_space))
+    if m.objective is not None:  # max_top1_drop: the search over latency budgets
+        for label, value in _latency_rows(m):
+            print(f"{label:<24} {value}")
+        print(
+            f"test top-1 {m.test_top1:.2f}%; wrote {args.out}/{_written(m)}, {Artifacts.METRICS} and {Artifacts.PARETO}"
+        )
+        return 0
     t = m.tune
     assert t is not None  # a search's metrics always carry it (dg2pf_ray.tune)
     for row in t.trials:

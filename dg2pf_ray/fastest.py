@@ -25,6 +25,7 @@ import dataclasses
 import json
 import math
 import os
+import shutil
 import tempfile
 import time
 from functools import partial
@@ -39,9 +40,10 @@ from dg2pf_contract.results import Metrics, ObjectiveSearch, ParetoPoint
 from dg2pf_core.algorithm.allocation import allocate
 from dg2pf_core.algorithm.channels import ChannelPlan
 from dg2pf_core.algorithm.latency_table import LatencyTable, machine_here, measure_network
-from dg2pf_core.algorithm.latency_target import LatencyTarget, _measure, network_id
+from dg2pf_core.algorithm.latency_target import LatencyTarget, _measure, check_layers, network_id
 from dg2pf_core.io.export import OutputDir
 from dg2pf_core.job import PruneJob, load_checkpoint_model, prepare
+from dg2pf_core.job.results import OVER_BUDGET
 
 from .cluster import check_capacity, connect
 from .train import RunFailed, RunStorage, copy_final
@@ -95,89 +97,124 @@ def fastest_within(job: PruneJob, out: str | Path, options: TuneOptions) -> Metr
             "how many budgets)",
             field="search_space",
         )
+    if options.samples < 1:
+        raise RunFailed(f"samples must be >= 1, got {options.samples}", field="samples")
     output = OutputDir(out)
     started = time.perf_counter()
     prepared = prepare(job, out=out, dry=False)
     connect(options.address, quiet=not options.ray_logs)
     if not options.cluster_may_grow:
         check_capacity(options.workers_per_trial, options.use_gpu, extra_cpus=DRIVER_CPU)
-
     model, shape = prepared.model.eval(), prepared.input_shape
-    plan = ChannelPlan.build(model, shape, cfg.selection())
-    params = dict(model.named_parameters())
-    probe = dataclasses.replace(cfg, max_top1_drop=None, latency_budget_ms=1.0)  # the table's settings
     machine = machine_here(
         network_id(model, shape), cfg.latency_backend, cfg.latency_threads, cfg.latency_batch_size, shape
     )
+    name = options.run_name or f"dg2pf-fastest-{time.strftime('%Y%m%d-%H%M%S')}"
+    with RunStorage(options.storage_path, output.path) as storage, _tune_output(options.ray_logs):
+        # The table every trial prunes by, and the budgets: beside the run (a shared filesystem when the
+        # storage is one), so a search resumed under its name prunes by the same ones.
+        own_dir = "://" in storage.path  # object storage: trials on this machine read a local copy
+        table_dir = Path(tempfile.mkdtemp(prefix="dg2pf-table-")) if own_dir else Path(storage.path)
+        try:
+            table_dir.mkdir(parents=True, exist_ok=True)
+            table_file = table_dir / f"{name}.latency-table.json"
+            plan_file = table_dir / f"{name}.budgets.json"
+            experiment = f"{storage.path.rstrip('/')}/{name}"
+            if options.run_name and plan_file.is_file() and tune.Tuner.can_restore(experiment):
+                table = LatencyTable.read(table_file)
+                planned = json.loads(plan_file.read_text())
+                wanted, aims = [float(b) for b in planned["budgets_ms"]], [float(a) for a in planned["aims_ms"]]
+            else:
+                table, wanted, aims = _plan(prepared, machine, options.samples)
+                table.write(table_file)
+                write_text_atomic(plan_file, json.dumps({"budgets_ms": wanted, "aims_ms": aims}) + "\n")
+            base_config = dataclasses.replace(
+                cfg, max_top1_drop=None, latency_budget_ms=aims[0], latency_table=str(table_file)
+            )
+            roots = [*job.allowed_roots, str(table_dir)] if job.allowed_roots else []
+            base = dataclasses.replace(job, config=base_config, allowed_roots=roots)
+            grid = _fit(base, options, aims, name, storage.path)
+            points = _points(grid, wanted, aims, table, shape)
+            return _write(job, output, points, table, wanted, started)
+        finally:
+            if own_dir:
+                shutil.rmtree(table_dir, ignore_errors=True)
+
+
+def _plan(prepared, machine, samples: int) -> tuple[LatencyTable, list[float], list[float]]:
+    """The table (the job's, or measured here) and the budgets with their calibrated aims (one aim per
+    budget; budgets whose aims coincide are tried once)."""
+    cfg = prepared.job.config
+    model, shape = prepared.model, prepared.input_shape
+    plan = ChannelPlan.build(model, shape, cfg.selection())
+    params = dict(model.named_parameters())
     given = prepared.latency_table
     if given is not None:
         given.check(machine)
+        check_layers(given, model, shape)
+    probe = dataclasses.replace(cfg, max_top1_drop=None, latency_budget_ms=1.0)  # the table's settings
     table = given or _measure(model, shape, machine, probe, None)
     multiple = max(1, cfg.channel_multiple)
     fastest = allocate(plan, params, table, 0.0, cfg.layer_cap, multiple).predicted_ms
-    wanted = budgets(table.dense_measured_ms, fastest, options.samples)
-    aims = []
-    for budget in wanted:
+    wanted, aims = [], []
+    for budget in budgets(table.dense_ms(), fastest, samples):
         target = LatencyTarget(table, budget, plan, cfg.layer_cap)
         target.multiple = target._reachable(params, multiple)
         if given is None:
             target.calibrate(model, shape, params)
-        aims.append(target.aim_ms)
+        if all(abs(target.aim_ms - a) > 1e-9 * max(1.0, a) for a in aims):
+            wanted.append(budget)
+            aims.append(target.aim_ms)
+    return table, wanted, aims
 
-    name = options.run_name or f"dg2pf-fastest-{time.strftime('%Y%m%d-%H%M%S')}"
-    with RunStorage(options.storage_path, output.path) as storage, _tune_output(options.ray_logs):
-        # The table every trial prunes by: beside the run (a shared filesystem when the storage is one).
-        own_dir = "://" in storage.path  # object storage: trials on this machine read a local copy
-        table_dir = Path(tempfile.mkdtemp(prefix="dg2pf-table-")) if own_dir else Path(storage.path)
-        table_dir.mkdir(parents=True, exist_ok=True)
-        table_file = table_dir / f"{name}.latency-table.json"
-        table.write(table_file)
-        base_config = dataclasses.replace(
-            cfg, max_top1_drop=None, latency_budget_ms=aims[0], latency_table=str(table_file)
-        )
-        roots = [*job.allowed_roots, str(table_dir)] if job.allowed_roots else []
-        base = dataclasses.replace(job, config=base_config, allowed_roots=roots)
-        grid = _fit(base, options, aims, name, storage.path)
-        points = _points(grid, wanted, aims, table, shape)
-        baseline = next((p._baseline for p in points if getattr(p, "_baseline", None) is not None), None)
-        if baseline is None:
-            failures = "; ".join(f"{p.trial_id}: {p.status} {p.error or ''}" for p in points)
-            raise RunFailed(f"no trial completed ({failures})")
-        floor = baseline - float(cfg.max_top1_drop)  # type: ignore[arg-type]
-        for p in points:
-            p.within_drop = None if p.val_top1 is None else p.val_top1 >= floor
-        chosen, met, reason = choose(points, floor)
-        if chosen is None:
-            raise RunFailed(f"no trial completed and measured ({reason})")
-        chosen.chosen = True
-        search = ObjectiveSearch(
-            max_top1_drop=float(cfg.max_top1_drop),  # type: ignore[arg-type]
-            baseline_val_top1=baseline,
-            floor_val_top1=floor,
-            met=met,
-            chosen_trial=chosen.trial_id,
-            reason=reason,
-            backend=machine.backend,
-            threads=machine.threads,
-            batch_size=machine.batch_size,
-            dense_measured_ms=table.dense_measured_ms,
-            budgets_ms=wanted,
-            points=[ParetoPoint.model_validate(p.model_dump()) for p in points],
-            wall_seconds=time.perf_counter() - started,
-        )
-        with Checkpoint(chosen._checkpoint).as_directory() as final, output.staging() as tmp:  # type: ignore[attr-defined]
-            copy_final(Path(final), tmp)
-            files = Artifacts(tmp)
-            write_text_atomic(files.pareto, json.dumps([p.model_dump() for p in search.points], indent=1) + "\n")
-            _plot(search, files.root / Artifacts.PARETO_PLOT)
-            metrics = Metrics.read(files.metrics)
-            metrics.objective = search
-            if not met:
-                metrics.warnings = [*metrics.warnings, reason]
-            metrics.write(files.metrics)
-        if own_dir:
-            table_file.unlink(missing_ok=True)
-            table_dir.rmdir()
+
+def _write(job: PruneJob, output: OutputDir, points: list, table: LatencyTable, wanted: list[float], started: float):
+    cfg, m = job.config, table.machine
+    baseline = next((p._baseline for p in points if p._baseline is not None), None)
+    if baseline is None:
+        failures = "; ".join(f"{p.trial_id}: {p.status} {p.error or ''}" for p in points)
+        raise RunFailed(f"no trial completed ({failures})")
+    floor = baseline - float(cfg.max_top1_drop)  # type: ignore[arg-type]
+    for p in points:
+        p.within_drop = None if p.val_top1 is None else p.val_top1 >= floor
+    chosen, met, reason = choose(points, floor)
+    if chosen is None:
+        raise RunFailed(f"no trial completed and measured ({reason})")
+    chosen.chosen = True
+    search = ObjectiveSearch(
+        max_top1_drop=float(cfg.max_top1_drop),  # type: ignore[arg-type]
+        baseline_val_top1=baseline,
+        floor_val_top1=floor,
+        met=met,
+        chosen_trial=chosen.trial_id,
+        reason=reason,
+        backend=m.backend,
+        threads=m.threads,
+        batch_size=m.batch_size,
+        dense_measured_ms=table.dense_measured_ms,
+        budgets_ms=wanted,
+        points=[ParetoPoint.model_validate(p.model_dump()) for p in points],
+        wall_seconds=time.perf_counter() - started,
+    )
+    with Checkpoint(chosen._checkpoint).as_directory() as final, output.staging() as tmp:
+        copy_final(Path(final), tmp)
+        files = Artifacts(tmp)
+        write_text_atomic(files.pareto, json.dumps([p.model_dump() for p in search.points], indent=1) + "\n")
+        _plot(search, files.root / Artifacts.PARETO_PLOT)
+        metrics = Metrics.read(files.metrics)
+        metrics.objective = search
+        # The job's own record, not the trial's: its config (the trial's is its point in pareto.json), and its
+        # latency against the budget by the driver's measurement, taken with no trial running beside it.
+        metrics.config = cfg.to_dict()
+        if metrics.latency_objective is not None:
+            x = metrics.latency_objective
+            x.aim_ms, x.budget_ms, x.measured_ms = chosen.aim_ms, chosen.budget_ms, chosen.measured_ms
+            x.error = x.predicted_ms / chosen.measured_ms - 1.0 if chosen.measured_ms else None
+            x.met = chosen.measured_ms <= chosen.budget_ms if chosen.measured_ms is not None else None
+        metrics.warnings = [w for w in metrics.warnings if not w.startswith(OVER_BUDGET)]
+        if not met:
+            metrics.warnings = [*metrics.warnings, reason]
+        metrics.write(files.metrics)
     return metrics
 
 
@@ -242,10 +279,15 @@ def _points(grid, wanted: list[float], aims: list[float], table: LatencyTable, s
         )
         checkpoint = metrics.get("checkpoint_path") if status == "completed" else None
         if checkpoint:
-            with Checkpoint(checkpoint).as_directory() as final:
-                run = Metrics.read(Artifacts(final).metrics)
-                _, network, _ = load_checkpoint_model(run.arch, run.num_classes, Artifacts(final).model)
-                point.measured_ms = measure_network(network.eval(), shape, m.backend, m.threads, m.batch_size)
+            try:
+                with Checkpoint(checkpoint).as_directory() as final:
+                    run = Metrics.read(Artifacts(final).metrics)
+                    _, network, _ = load_checkpoint_model(run.arch, run.num_classes, Artifacts(final).model)
+                    point.measured_ms = measure_network(network.eval(), shape, m.backend, m.threads, m.batch_size)
+            except Exception as exc:  # noqa: BLE001 - one point lost, not the search
+                point.error = f"its network could not be read or measured: {type(exc).__name__}: {exc}"[:300]
+                points.append(point)
+                continue
             point.val_top1 = run.val_top1
             point.macs = run.macs_sparse
             point.params = run.params_total

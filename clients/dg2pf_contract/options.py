@@ -71,8 +71,8 @@ BOUNDS: dict[str, Bounds] = {
     "min_weights_per_tensor": Bounds(0, 1_000_000),
     "min_weights_per_class": Bounds(0, 1_000_000),
     "rerank_every_steps": Bounds(0, 10_000_000),
-    "latency_threads": Bounds(1, 1024),
-    "latency_batch_size": Bounds(1, 65_536),
+    "latency_threads": Bounds(1, 256),
+    "latency_batch_size": Bounds(1, 4096),
 }
 # latency_budget_ms: above 0, at most a day (a typo or an attack beyond it).
 LATENCY_BUDGET_BOUNDS = Bounds(0, 86_400_000, low_open=True)

@@ -25,6 +25,7 @@ for a machine a job will not run on (the serving machine), and a job can be give
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
@@ -32,7 +33,7 @@ import os
 import platform
 import statistics
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -45,6 +46,8 @@ TABLE_FORMAT = "dg2pf-latency-table/1"
 BACKENDS = ("onnxruntime", "torch")
 GRID_FRACTIONS = (0.125, 0.25, 0.5, 0.75, 1.0)
 MAX_TABLE_BYTES = 16 << 20
+MAX_GRID = 16  # widths per dimension a table may hold (it measures len(GRID_FRACTIONS))
+MAX_LAYERS = 100_000
 LAYER_RUNS, LAYER_WARMUP = 15, 3  # per grid point: the median of this many timed runs
 NETWORK_RUNS, NETWORK_WARMUP = 20, 3
 
@@ -207,6 +210,13 @@ class LatencyTable:
                     tuple(int(x) for x in o["input_size"]),
                 )
                 entry = LayerEntry(op, [int(w) for w in e["in_widths"]], [int(w) for w in e["out_widths"]], e["ms"])
+                why = (
+                    _op_problem(op)
+                    or _grid_problem(entry.in_widths, op.in_channels)
+                    or _grid_problem(entry.out_widths, op.out_channels)
+                )
+                if why:
+                    raise bad(f"layer {name!r}: {why}")
                 if (
                     not entry.in_widths
                     or not entry.out_widths
@@ -231,8 +241,19 @@ class LatencyTable:
             )
         except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as e:
             raise bad(f"malformed ({type(e).__name__}: {e})") from None
-        if not math.isfinite(table.offset_ms) or not math.isfinite(table.scale) or table.scale <= 0:
-            raise bad("its offset and scale must be finite, the scale positive")
+        if len(table.layers) > MAX_LAYERS:
+            raise bad(f"{len(table.layers):,} layers; a table holds at most {MAX_LAYERS:,}")
+        if not math.isfinite(table.scale) or table.scale <= 0 or table.offset_ms != 0.0:
+            raise bad("its scale must be a finite positive number and its offset 0 (this version's model)")
+        for key in ("dense_measured_ms", "half_measured_ms", "build_seconds"):
+            value = getattr(table, key)
+            if not math.isfinite(value) or value < 0:
+                raise bad(f"{key} must be a finite, non-negative number, got {value}")
+        if table.dense_measured_ms <= 0:
+            raise bad("dense_measured_ms must be above 0: the dense network's measurement the table is scaled by")
+        total = table.layer_sum({})
+        if not math.isfinite(total) or total <= 0:
+            raise bad("its figures sum to no finite positive latency")
         return table
 
     @classmethod
@@ -270,6 +291,27 @@ class LatencyTable:
         except RecursionError:  # nesting deeper than the interpreter's stack
             raise ConfigError(f"latency_table: {path} is JSON nested too deeply", field="latency_table") from None
         return cls.from_json(doc)
+
+
+def _op_problem(op: LayerOp) -> str | None:
+    if op.kind not in ("conv", "linear"):
+        return f"kind must be 'conv' or 'linear', got {op.kind!r}"
+    if op.in_channels < 1 or op.out_channels < 1 or op.groups < 1:
+        return "channels and groups must be at least 1"
+    if any(v < 1 for v in (*op.kernel, *op.stride, *op.dilation, *op.input_size)) or any(p < 0 for p in op.padding):
+        return "kernel, stride, dilation and input sizes must be at least 1, padding at least 0"
+    if op.kind == "conv" and (len(op.kernel) != 2 or len(op.input_size) != 2):
+        return "a conv layer has a 2-d kernel and a 2-d input"
+    return None
+
+
+def _grid_problem(widths: list[int], channels: int) -> str | None:
+    """Widths must ascend strictly within [1, channels], end at ``channels``, at most MAX_GRID points."""
+    if not widths or len(widths) > MAX_GRID:
+        return f"a grid of 1 to {MAX_GRID} widths per dimension, got {len(widths)}"
+    if any(b <= a for a, b in zip(widths, widths[1:])) or widths[0] < 1 or widths[-1] != channels:
+        return f"widths must ascend strictly from at least 1 to the layer's {channels} channels, got {widths}"
+    return None
 
 
 def _bracket(widths: Sequence[int], w: float) -> tuple[int, int, float]:
@@ -335,6 +377,20 @@ def layer_ops(model: nn.Module, input_shape: tuple[int, ...]) -> dict[str, Layer
 
 
 # --- timing ---------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def measuring(threads: int) -> Iterator[None]:
+    """Around every measurement: torch's intra-op threads set to ``threads`` (put back after), and the
+    global random state untouched (building layers draws weights: a run's training must not depend on
+    whether its table was measured here or brought)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with torch.random.fork_rng(devices=[]):
+            yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 def _median_ms(run: Callable[[], object], runs: int, warmup: int) -> float:
@@ -408,6 +464,11 @@ def _session(data: bytes | str, threads: int):
 
 def measure_layer(op: LayerOp, in_w: int, out_w: int, backend: str, threads: int, batch: int) -> float:
     """One layer's median latency (ms) alone at these widths."""
+    with measuring(threads):
+        return _measure_layer(op, in_w, out_w, backend, threads, batch)
+
+
+def _measure_layer(op: LayerOp, in_w: int, out_w: int, backend: str, threads: int, batch: int) -> float:
     if op.kind == "conv":
         shape = (batch, in_w, *op.input_size)
     else:
@@ -431,7 +492,12 @@ def measure_layer(op: LayerOp, in_w: int, out_w: int, backend: str, threads: int
 
 
 def measure_network(model: nn.Module, input_shape: tuple[int, ...], backend: str, threads: int, batch: int) -> float:
-    """The whole network's median latency (ms) at ``batch``, as the table's backend runs it."""
+    """The whole network's median latency (ms) at ``batch``, as the table's backend runs it with ``threads``."""
+    with measuring(threads):
+        return _measure_network(model, input_shape, backend, threads, batch)
+
+
+def _measure_network(model: nn.Module, input_shape: tuple[int, ...], backend: str, threads: int, batch: int) -> float:
     x = torch.randn((batch, *input_shape), generator=torch.Generator().manual_seed(0))
     model = copy.deepcopy(model).float().cpu().eval()
     if backend == "torch":
@@ -497,16 +563,19 @@ def build_table(
     if layers is not None:
         wanted = set(layers)
         ops = {n: op for n, op in ops.items() if n in wanted}
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with measuring(threads):
         measured: dict[tuple[str, int, int], float] = {}
         entries: dict[str, LayerEntry] = {}
         for i, (name, op) in enumerate(ops.items()):
             if progress is not None:
                 progress(f"latency table: layer {i + 1} of {len(ops)} ({name})")
-            outs = grid(op.out_channels, multiple)
-            ins = outs if op.depthwise else grid(op.in_channels, multiple)
+            if op.kind == "conv" and op.groups > 1 and not op.depthwise:
+                # A grouped convolution's widths must stay multiples of its groups, and channel pruning
+                # leaves such layers' groups dense (channels.py): its full widths alone.
+                outs, ins = [op.out_channels], [op.in_channels]
+            else:
+                outs = grid(op.out_channels, multiple)
+                ins = outs if op.depthwise else grid(op.in_channels, multiple)
             ms = []
             for in_w in ins:
                 row = []
@@ -534,8 +603,6 @@ def build_table(
                 f"predicted {predicted:.4g} ms ({100 * (predicted / table.half_measured_ms - 1):+.1f}%)"
             )
         table.notes.append(f"{len(measured)} layer shapes measured for {len(ops)} layers")
-    finally:
-        torch.set_num_threads(previous)
     table.build_seconds = time.perf_counter() - started
     return table
 

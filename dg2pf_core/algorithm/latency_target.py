@@ -88,7 +88,9 @@ class LatencyTarget:
         )
         if given is not None:
             given.check(machine)
+            check_layers(given, model, input_shape)
         doc: list[object] = [None]
+        failure: BaseException | None = None
         if distributed.rank() == 0:
             try:
                 table = given or _measure(model, input_shape, machine, config, progress)
@@ -97,12 +99,23 @@ class LatencyTarget:
                 if given is None:
                     target.calibrate(model, input_shape, params)
                 doc = [target.to_doc()]
-            except ConfigError as exc:
-                doc = [{"error": exc.message}]
+            except Exception as exc:  # noqa: BLE001 - told to every rank, then raised (none waits forever)
+                failure = exc
+                doc = [
+                    {
+                        "error": getattr(exc, "message", str(exc)),
+                        "type": type(exc).__name__,
+                        "field": getattr(exc, "field", None),
+                    }
+                ]
         if distributed.active():
             torch.distributed.broadcast_object_list(doc, src=0)
+        if failure is not None:
+            raise failure
         if isinstance(doc[0], dict) and "error" in doc[0]:
-            raise ConfigError(str(doc[0]["error"]), field="latency_budget_ms")
+            if doc[0].get("type") == "ConfigError":
+                raise ConfigError(str(doc[0]["error"]), field=doc[0].get("field"))
+            raise RuntimeError(f"rank 0 could not prepare the latency target: {doc[0]['type']}: {doc[0]['error']}")
         return cls.from_json(doc[0], budget, plan, config.layer_cap)
 
     def _reachable(self, params: Mapping[str, torch.Tensor], channel_multiple: int) -> int:
@@ -153,6 +166,14 @@ class LatencyTarget:
             if self.budget_ms * (1 - CLOSE_ENOUGH) <= measured <= self.budget_ms:
                 break
             if measured > self.budget_ms and allocation.predicted_ms <= fastest:
+                if under is None:
+                    raise ConfigError(
+                        f"latency_budget_ms {self.budget_ms:g} cannot be reached: the fastest network the layer "
+                        f"collapse guard allows measured {measured:.4g} ms end to end ({_how(m)}; the dense "
+                        f"network {self.table.dense_measured_ms:.4g} ms) (raise max_layer_sparsity or lower "
+                        "layer_density_floor, or ask for a larger budget)",
+                        field="latency_budget_ms",
+                    )
                 break  # nothing faster to try
             if under is not None and over is not None:
                 # bracketed: the aim where the line through the two measures the goal (secant), kept inside
@@ -204,11 +225,18 @@ class LatencyTarget:
         notes = list(self.table.notes)
         here = machine_here("", m.backend, m.threads, m.batch_size, input_shape)
         elsewhere = here.cpu != m.cpu
-        try:
-            measured: float | None = measure_network(model, input_shape, m.backend, m.threads, m.batch_size)
-        except Exception as exc:  # noqa: BLE001 - a trained network is not lost to its measurement
-            measured = None
-            notes.append(f"the final network could not be measured: {type(exc).__name__}: {exc}")
+        # Rank 0 measures, alone on its node's CPUs as far as this run goes; the others are told.
+        result: list[object] = [None]
+        if distributed.rank() == 0:
+            try:
+                result = [measure_network(model, input_shape, m.backend, m.threads, m.batch_size)]
+            except Exception as exc:  # noqa: BLE001 - a trained network is not lost to its measurement
+                result = [f"{type(exc).__name__}: {exc}"]
+        if distributed.active():
+            torch.distributed.broadcast_object_list(result, src=0)
+        measured = result[0] if isinstance(result[0], float) else None
+        if measured is None:
+            notes.append(f"the final network could not be measured: {result[0]}")
         if elsewhere:
             notes.append(
                 f"the table is of {m.cpu}; measured_ms is of this machine ({here.cpu}), so met is not judged: "
@@ -230,6 +258,18 @@ class LatencyTarget:
             table_layers=len(self.table.layers),
             table_seconds=self.table.build_seconds,
             table_notes=notes,
+        )
+
+
+def check_layers(table: LatencyTable, model: nn.Module, input_shape: tuple[int, ...]) -> None:
+    """``ConfigError`` (field ``latency_table``) unless the table's layers are the model's, shape for shape."""
+    ops = layer_ops(model, input_shape)
+    if set(ops) != set(table.layers) or any(table.layers[n].op != op for n, op in ops.items()):
+        other = sorted(set(ops) ^ set(table.layers)) or [n for n, op in ops.items() if table.layers[n].op != op]
+        raise ConfigError(
+            f"latency_table: its layers are not this model's at this input size (first difference: {other[0]}): "
+            "measure one for this checkpoint with `dg2pf latency-table`",
+            field="latency_table",
         )
 
 

@@ -101,6 +101,9 @@ def check_static(
     return arch, model, dtypes, teacher
 
 
+MAX_LATENCY_BATCH_BYTES = 1 << 30  # one input batch the latency measurements time
+
+
 def prepare(job: PruneJob, *, out: str | Path | None = None, world_size: int = 1, dry: bool = True) -> PreparedJob:
     """The preflight: load and check everything (see ``preflight``); raises a ``DG2PFError`` naming
     the bad input. ``out``: the output directory to check; ``world_size``: the DDP workers the batch
@@ -135,6 +138,15 @@ def prepare(job: PruneJob, *, out: str | Path | None = None, world_size: int = 1
             device=device,
             amp=job.config.amp,
         )
+    c = job.config
+    if c.latency_budget_ms is not None or c.max_top1_drop is not None:
+        batch_bytes = 4 * c.latency_batch_size * arch.in_channels * size * size
+        if batch_bytes > MAX_LATENCY_BATCH_BYTES:
+            raise ConfigError(
+                f"latency_batch_size {c.latency_batch_size} at {size}x{size} is a {batch_bytes / 2**30:.1f} GiB input "
+                f"to time; at most {MAX_LATENCY_BATCH_BYTES / 2**30:g} GiB (a smaller latency_batch_size)",
+                field="latency_batch_size",
+            )
     # A latency table the job brought: read (inside the data roots, for a service) before any training.
     table = (
         None

@@ -193,13 +193,16 @@ def job_latency(
     )
 
 
+OVER_BUDGET = "the pruned network measured"  # how the over-budget warning begins
+
+
 def _over_budget(result: DG2PFResult) -> list[str]:
     """The warning of a network measured over its latency budget (the table predicted it within)."""
     x = result.latency
     if x is None or x.met is not False or x.measured_ms is None:
         return []
     return [
-        f"the pruned network measured {x.measured_ms:.4g} ms ({x.backend}, {x.threads} thread(s), batch "
+        f"{OVER_BUDGET} {x.measured_ms:.4g} ms ({x.backend}, {x.threads} thread(s), batch "
         f"{x.batch_size}), over latency_budget_ms {x.budget_ms:g}: the latency table predicted "
         f"{x.predicted_ms:.4g} ms ({100 * (x.error or 0):+.1f}%); ask for a budget that much lower"
     ]
@@ -208,6 +211,12 @@ def _over_budget(result: DG2PFResult) -> list[str]:
 def _nothing_removed(config: DG2PFConfig, channels: int, multiple: int = 1) -> str:
     """Why a channel job left the network as it was: its target was too mild for one channel, or for
     one block of ``multiple`` channels."""
+    if config.latency_budget_ms is not None:
+        return (
+            f"no channel was removed: the dense network already measured within latency_budget_ms "
+            f"{config.latency_budget_ms:g} (or no step of channel_multiple {multiple} saved time by the latency "
+            "table); the model keeps the input's structure (only its weights were trained): ask for a smaller budget"
+        )
     if config.target_macs_ratio is not None:
         why = f"target_macs_ratio {config.target_macs_ratio:g} is within one channel of the unpruned network's MACs"
     elif round(config.sparsity * channels) == 0:

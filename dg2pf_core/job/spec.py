@@ -54,6 +54,9 @@ class PruneJob:
         self.checkpoint = _absolute(self.checkpoint)
         if self.teacher is not None:
             self.teacher = _absolute(self.teacher)
+        if isinstance(self.config.latency_table, str) and self.config.latency_table:
+            # as the other paths: a Ray worker or a resume elsewhere reads the same file
+            self.config.latency_table = _absolute(self.config.latency_table)
         try:
             name, path = parse_spec(self.dataset)
         except DG2PFError:

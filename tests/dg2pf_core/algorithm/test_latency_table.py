@@ -22,6 +22,7 @@ from dg2pf_core.algorithm.latency_table import (
     grid,
     layer_ops,
     machine_here,
+    measure_network,
 )
 from dg2pf_core.errors import ConfigError
 from dg2pf_core.models import build_model
@@ -270,6 +271,19 @@ MALFORMED = {
     "a scale as a word": lambda d: d.update(scale="one"),
     "layers as a list": lambda d: d.update(layers=list(d["layers"].values())),
     "a layer as a number": lambda d: d["layers"].update({"features.3.weight": 3}),
+    # values that passed once and broke later (a NaN written to metrics.json as null, a wrong interpolation)
+    "a NaN dense measurement": lambda d: d.update(dense_measured_ms=math.nan),
+    "an infinite build time": lambda d: d.update(build_seconds=math.inf),
+    "no dense measurement": lambda d: d.update(dense_measured_ms=0.0),
+    "a negative offset": lambda d: d.update(offset_ms=-100.0),
+    "figures that sum past a float": lambda d: [
+        r.__setitem__(i, 1e308) for e in d["layers"].values() for r in e["ms"] for i in range(len(r))
+    ],
+    "widths out of order": lambda d: _first(d).update(out_widths=list(reversed(_first(d)["out_widths"]))),
+    "a zero width": lambda d: _first(d)["in_widths"].__setitem__(0, 0),
+    "widths not ending at the layer's channels": lambda d: _first(d)["in_widths"].__setitem__(-1, 10_000),
+    "an unknown kind": lambda d: _first(d)["op"].update(kind="weird"),
+    "a negative input size": lambda d: _first(d)["op"].update(input_size=[-5, -5]),
 }
 
 
@@ -328,3 +342,33 @@ def test_an_onnxruntime_table_is_monotone_and_answers_for_onnxruntime_only():
     assert table.dense_measured_ms > 0 and table.dense_ms() == pytest.approx(table.dense_measured_ms, rel=1e-9)
     with pytest.raises(ConfigError, match="backend: 'torch' here, 'onnxruntime' in the table"):
         table.check(machine_here(DIGITS[0], "torch", 1, 1, DIGITS[1]))
+
+
+def test_a_grouped_convolution_is_measured_at_its_full_widths_only():
+    # ResNeXt/RegNet: widths of a grouped (not depthwise) conv must stay multiples of its groups, and
+    # channel pruning leaves its groups dense; measuring it at a grid of widths crashed the table once.
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 64, 1), torch.nn.Conv2d(64, 64, 3, groups=32), torch.nn.Flatten())
+    table = build_table(model, (3, 8, 8), machine_here("grouped", "torch", 1, 1, (3, 8, 8)), 16)
+    grouped = table.layers["1.weight"]
+    assert (grouped.in_widths, grouped.out_widths) == ([64], [64])
+    assert table.layers["0.weight"].out_widths == [16, 32, 48, 64]
+
+
+def test_measuring_uses_the_asked_threads_and_leaves_threads_and_random_state_as_they_were():
+    seen = []
+
+    class Probe(torch.nn.Module):
+        def forward(self, x):
+            seen.append(torch.get_num_threads())
+            return x
+
+    before = torch.get_num_threads()
+    model = build_model(DIGITS[0], 10)
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    measure_network(Probe(), (1, 4, 4), "torch", 1, 1)
+    # building layers draws random weights: inside a forked random state, the caller's stream moves not
+    build_table(model, DIGITS[1], machine_here(DIGITS[0], "torch", 1, 1, DIGITS[1]), 8)
+    assert torch.equal(torch.rand(3), expected)
+    assert set(seen) == {1} and torch.get_num_threads() == before

@@ -4,6 +4,7 @@ measurement; what cannot be reached is refused with the numbers before any train
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -118,7 +119,7 @@ def test_a_table_measured_for_another_setting_is_refused(tiny_loaders, table):
         ({"latency_budget_ms": 0.0}, r"latency_budget_ms: must be a number of milliseconds in \(0, "),
         ({"latency_budget_ms": float("nan")}, "latency_budget_ms: must be a finite number"),
         ({"latency_backend": "tensorrt"}, "latency_backend: must be one of"),
-        ({"latency_threads": 0}, r"latency_threads: must be in \[1, 1024\]"),
+        ({"latency_threads": 0}, r"latency_threads: must be in \[1, 256\]"),
     ],
 )
 def test_bad_latency_options_name_the_field(change, match):
@@ -176,3 +177,16 @@ def test_a_table_file_outside_the_data_roots_is_refused_without_saying_whether_i
 def test_a_latency_table_option_without_a_budget_or_not_a_path_is_refused(change, match):
     with pytest.raises(ConfigError, match=match):
         DG2PFConfig(**{**CFG, "latency_budget_ms": 5.0, **change})
+
+
+def test_a_table_of_another_network_is_refused_naming_the_first_layer_that_differs(tiny_loaders, table):
+    import copy as copy_
+
+    other = copy_.deepcopy(table)
+    name = next(iter(other.layers))
+    entry = other.layers[name]
+    entry.op = dataclasses.replace(entry.op, input_size=(99, 99))  # the same names, another input size
+    cfg = DG2PFConfig(**{**CFG, "latency_budget_ms": 0.5 * table.dense_ms()})
+    with pytest.raises(ConfigError, match=f"latency_table: its layers are not this model's .*{name}") as e:
+        run_dg2pf(_model(), tiny_loaders, cfg, input_shape=SHAPE, latency_table=other)
+    assert e.value.field == "latency_table"
