@@ -515,3 +515,88 @@ def test_deploy_the_finished_job_then_predict_an_uploaded_png(api, followed, log
     assert shown[0] == str(label)
     expect(card.locator("img.preview")).to_be_visible()
     tab.screenshot("ui-models.png")
+
+
+@pytest.mark.slow
+def test_a_search_jobs_page_draws_every_trials_latency_and_accuracy_and_the_choice(api, followed, logged_in):
+    """The front of a max_top1_drop search (metrics.json's objective, here laid over the followed job's
+    metrics.json by the test): a point and a row per trial, the chosen one marked, the floor drawn."""
+    from playwright.sync_api import expect
+
+    tab, page = logged_in, logged_in.page
+    deadline = time.monotonic() + 480
+    while (job := api.get(f"/jobs/{followed}").json())["state"] not in ("succeeded", "failed", "cancelled"):
+        assert time.monotonic() < deadline, f"the job is still {job['state']}"
+        time.sleep(2)
+    metrics = api.get(f"/jobs/{followed}/artifacts/metrics.json").json()
+    points = [
+        {
+            "trial_id": "t0",
+            "status": "completed",
+            "budget_ms": 0.15,
+            "aim_ms": 0.16,
+            "measured_ms": 0.13,
+            "val_top1": 99.3,
+            "within_drop": True,
+            "chosen": False,
+        },
+        {
+            "trial_id": "t1",
+            "status": "completed",
+            "budget_ms": 0.10,
+            "aim_ms": 0.10,
+            "measured_ms": 0.09,
+            "val_top1": 98.9,
+            "within_drop": True,
+            "chosen": True,
+        },
+        {
+            "trial_id": "t2",
+            "status": "completed",
+            "budget_ms": 0.07,
+            "aim_ms": 0.07,
+            "measured_ms": 0.06,
+            "val_top1": 95.1,
+            "within_drop": False,
+            "chosen": False,
+        },
+        {
+            "trial_id": "t3",
+            "status": "failed",
+            "budget_ms": 0.05,
+            "aim_ms": 0.05,
+            "measured_ms": None,
+            "val_top1": None,
+            "within_drop": None,
+            "chosen": False,
+            "error": "boom",
+        },
+    ]
+    metrics["objective"] = {
+        "max_top1_drop": 1.0,
+        "baseline_val_top1": 99.3,
+        "floor_val_top1": 98.3,
+        "met": True,
+        "chosen_trial": "t1",
+        "reason": "the fastest of the 2 trial(s) within the drop",
+        "backend": "onnxruntime",
+        "threads": 1,
+        "batch_size": 1,
+        "dense_measured_ms": 0.17,
+        "budgets_ms": [0.15, 0.10, 0.07, 0.05],
+        "points": points,
+        "wall_seconds": 100.0,
+    }
+    page.route(
+        re.compile(rf"/jobs/{followed}/artifacts/metrics\.json$"),
+        lambda route: route.fulfill(status=200, content_type="application/json", body=json.dumps(metrics)),
+    )
+    tab.open(f"/ui/jobs/{followed}")
+    page.wait_for_selector("body[data-finished=true]", state="attached", timeout=60 * S)
+    expect(page.locator("#front-panel")).to_be_visible()
+    expect(page.locator("#front tbody tr")).to_have_count(4)
+    expect(page.locator('#front tr[data-chosen="yes"]')).to_have_attribute("data-trial", "t1")
+    expect(page.locator("#front-plot circle")).to_have_count(3)  # the failed trial has no point
+    expect(page.locator("#front-plot circle.chosen")).to_have_attribute("data-trial", "t1")
+    expect(page.locator("#front-note")).to_contain_text("the fastest of the 2 trial(s) within the drop")
+    expect(page.locator("#front-plot")).to_contain_text("floor 98.30%")

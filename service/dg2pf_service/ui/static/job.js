@@ -295,6 +295,59 @@ dg2pf.start(() => {
     dg2pf.loaded("results-empty", items.length === 0);
   }
 
+  // A max_top1_drop search (metrics.json's objective): every trial's measured latency against its
+  // validation top-1, the floor it had to keep, and the chosen one, as pareto.png draws them.
+  function drawFront(metrics) {
+    const o = metrics && metrics.objective;
+    if (!o || !Array.isArray(o.points)) return;
+    const pts = o.points.filter((p) => num(p.measured_ms) !== null && num(p.val_top1) !== null);
+    document.getElementById("front-note").textContent =
+      `· ${o.backend}, ${o.threads} thread${o.threads === 1 ? "" : "s"}, batch ${o.batch_size}; ${o.reason}`;
+    const rows = o.points.map((p) => h("tr", { data: { trial: p.trial_id, chosen: p.chosen ? "yes" : "no" } },
+      h("td", { class: "num" }, p.budget_ms.toFixed(3)),
+      h("td", { class: "num" }, num(p.measured_ms) !== null ? p.measured_ms.toFixed(3) : p.status),
+      h("td", { class: "num" }, num(p.val_top1) !== null ? `${p.val_top1.toFixed(2)}%` : "–"),
+      h("td", {}, p.within_drop === true ? "yes" : p.within_drop === false ? "no" : "–"),
+      h("td", {}, p.chosen ? "chosen" : "")));
+    document.querySelector("#front tbody").replaceChildren(...rows);
+    const svg = document.getElementById("front-plot");
+    const NS = "http://www.w3.org/2000/svg";
+    const el = (name, attrs, text) => {
+      const e = document.createElementNS(NS, name);
+      for (const [k, v] of Object.entries(attrs)) e.setAttribute(k, v);
+      if (text !== undefined) e.textContent = text;
+      return e;
+    };
+    const xs = [...pts.map((p) => p.measured_ms), o.dense_measured_ms];
+    const ys = [...pts.map((p) => p.val_top1), o.floor_val_top1, o.baseline_val_top1];
+    const [x0, x1] = [0, Math.max(...xs) * 1.05];
+    const [y0, y1] = [Math.min(...ys) - 1, Math.max(...ys) + 1];
+    const X = (x) => 50 + ((x - x0) / (x1 - x0 || 1)) * 570;
+    const Y = (y) => 230 - ((y - y0) / (y1 - y0 || 1)) * 210;
+    const parts = [
+      el("line", { x1: 50, y1: 230, x2: 620, y2: 230, class: "axis" }),
+      el("line", { x1: 50, y1: 20, x2: 50, y2: 230, class: "axis" }),
+      el("text", { x: 335, y: 255, "text-anchor": "middle" }, "measured latency (ms)"),
+      el("text", { x: 12, y: 125, transform: "rotate(-90 12 125)", "text-anchor": "middle" }, "val top-1 (%)"),
+      el("line", { x1: 50, x2: 620, y1: Y(o.floor_val_top1), y2: Y(o.floor_val_top1), class: "floor" }),
+      el("text", { x: 616, y: Y(o.floor_val_top1) - 4, "text-anchor": "end" }, `floor ${o.floor_val_top1.toFixed(2)}%`),
+      el("line", { y1: 20, y2: 230, x1: X(o.dense_measured_ms), x2: X(o.dense_measured_ms), class: "dense" }),
+      el("text", { x: X(o.dense_measured_ms) - 4, y: 32, "text-anchor": "end" }, `dense ${o.dense_measured_ms.toFixed(3)} ms`),
+      el("text", { x: 50, y: 245, "text-anchor": "middle" }, "0"),
+      el("text", { x: 620, y: 245, "text-anchor": "end" }, x1.toFixed(3)),
+      el("text", { x: 46, y: 24, "text-anchor": "end" }, y1.toFixed(1)),
+      el("text", { x: 46, y: 230, "text-anchor": "end" }, y0.toFixed(1)),
+    ];
+    for (const p of pts) {
+      const dot = el("circle", { cx: X(p.measured_ms), cy: Y(p.val_top1), r: p.chosen ? 7 : 5,
+        class: p.chosen ? "point chosen" : "point", "data-trial": p.trial_id });
+      dot.append(el("title", {}, `${p.trial_id}: ${p.measured_ms.toFixed(3)} ms, ${p.val_top1.toFixed(2)}%`));
+      parts.push(dot);
+    }
+    svg.replaceChildren(...parts);
+    document.getElementById("front-panel").hidden = false;
+  }
+
   function drawLayers(metrics) {
     const layers = metrics && metrics.layer_sparsity;
     if (!layers || !Object.keys(layers).length) return;
@@ -367,6 +420,7 @@ dg2pf.start(() => {
       finished = true;
       const drawn = finalMetrics().then((metrics) => {
         drawResults(metrics);
+        drawFront(metrics);
         drawLayers(metrics);
       });
       await Promise.all([drawn, drawDeployment()]);
