@@ -143,7 +143,7 @@ def artifacts(job_id: JobId, services=Depends(_services)) -> ArtifactList:
     responses={
         200: {
             "description": "the file: .safetensors as application/octet-stream, .json as application/json, "
-            "training.png and layers.png as image/png, trials.csv as text/csv, progress.jsonl as "
+            "training.png, layers.png and pareto.png as image/png, trials.csv as text/csv, progress.jsonl as "
             "application/x-ndjson",
             "content": ARTIFACT_CONTENT,
         },
