@@ -44,6 +44,7 @@ LOCAL_COMMANDS = (
     "evaluate",
     "tune",
     "latency",
+    "latency-table",
     "archs",
     "plot",
     "demo",
