@@ -10,6 +10,7 @@ import dataclasses
 import json
 import os
 import sys
+import tempfile
 import types
 import typing
 from collections.abc import Sequence
@@ -871,13 +872,16 @@ def _cmd_latency_table(args: argparse.Namespace) -> int:
     from dg2pf_core.algorithm.latency_table import machine_here
     from dg2pf_core.algorithm.latency_target import _measure, network_id
     from dg2pf_core.job import checkpoint_num_classes, load_checkpoint_model
+    from dg2pf_core.job.preflight import MAX_LATENCY_BATCH_BYTES
     from dg2pf_core.models import build_model, get_arch
 
     out = Path(args.out)
+    if not args.out or any(ord(c) < 32 or ord(c) == 127 for c in args.out):
+        raise DG2PFError("--out must be a file name without control characters", field="out")
     if out.exists() or out.is_symlink():
         raise DG2PFError(f"{out} exists: name a new file (nothing was measured)", field="out")
-    if not out.parent.is_dir():
-        raise DG2PFError(f"{out.parent} is not a directory", field="out")
+    if not out.parent.is_dir() or not os.access(out.parent, os.W_OK | os.X_OK):
+        raise DG2PFError(f"{out.parent} is not a directory this user can write in (nothing was measured)", field="out")
     config = DG2PFConfig(
         granularity="channel",
         latency_budget_ms=1.0,  # any: the table does not depend on it
@@ -897,19 +901,39 @@ def _cmd_latency_table(args: argparse.Namespace) -> int:
         if args.num_classes is None:
             raise DG2PFError("--num-classes is required without --checkpoint", field="num_classes")
         spec, model = get_arch(args.arch), build_model(args.arch, args.num_classes)
-    size = args.image_size or spec.input_size
+    size = spec.input_size if args.image_size is None else args.image_size
     if not MIN_IMAGE_SIZE <= size <= MAX_IMAGE_SIZE:
         raise DG2PFError(
             f"--image-size must be in [{MIN_IMAGE_SIZE}, {MAX_IMAGE_SIZE}] pixels, got {size}", field="image_size"
         )
     shape = (spec.in_channels, size, size)
+    batch_bytes = 4 * config.latency_batch_size * spec.in_channels * size * size
+    if batch_bytes > MAX_LATENCY_BATCH_BYTES:
+        raise DG2PFError(
+            f"--batch-size {config.latency_batch_size} at {size}x{size} is a {batch_bytes / 2**30:.1f} GiB input to "
+            f"time; at most {MAX_LATENCY_BATCH_BYTES / 2**30:g} GiB (a smaller --batch-size)",
+            field="batch_size",
+        )
     model.eval()
     machine = machine_here(
         network_id(model, shape), config.latency_backend, config.latency_threads, config.latency_batch_size, shape
     )
     say = (lambda _m: None) if args.quiet else (lambda m: print(m, file=sys.stderr, flush=True))
     table = _measure(model, shape, machine, config, say)
-    table.write(out)
+    # Created only if still absent (a file made there while measuring is kept): a temporary file linked in.
+    tmp = None
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(json.dumps(table.to_json(), indent=1) + "\n")
+        os.link(tmp, out)
+    except FileExistsError:
+        raise DG2PFError(f"{out} appeared while measuring: it is kept; name a new file", field="out") from None
+    except OSError as exc:
+        raise DG2PFError(f"cannot write {out}: {exc.strerror or exc}", field="out") from None
+    finally:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
     print(
         f"latency table of {args.arch} at {size}x{size} ({machine.backend}, {machine.threads} thread(s), batch "
         f"{machine.batch_size}) on {machine.cpu}: {len(table.layers)} layers, dense {table.dense_measured_ms:.4g} "

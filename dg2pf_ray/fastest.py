@@ -41,6 +41,7 @@ from dg2pf_core.algorithm.allocation import allocate
 from dg2pf_core.algorithm.channels import ChannelPlan
 from dg2pf_core.algorithm.latency_table import LatencyTable, machine_here, measure_network
 from dg2pf_core.algorithm.latency_target import LatencyTarget, _measure, check_layers, network_id
+from dg2pf_core.errors import ConfigError
 from dg2pf_core.io.export import OutputDir
 from dg2pf_core.job import PruneJob, load_checkpoint_model, prepare
 from dg2pf_core.job.results import OVER_BUDGET
@@ -156,15 +157,21 @@ def _plan(prepared, machine, samples: int) -> tuple[LatencyTable, list[float], l
     table = given or _measure(model, shape, machine, probe, None)
     multiple = max(1, cfg.channel_multiple)
     fastest = allocate(plan, params, table, 0.0, cfg.layer_cap, multiple).predicted_ms
-    wanted, aims = [], []
+    wanted, aims, skipped = [], [], []
     for budget in budgets(table.dense_ms(), fastest, samples):
         target = LatencyTarget(table, budget, plan, cfg.layer_cap)
-        target.multiple = target._reachable(params, multiple)
-        if given is None:
-            target.calibrate(model, shape, params)
+        try:
+            target.multiple = target._reachable(params, multiple)
+            if given is None:
+                target.calibrate(model, shape, params)
+        except ConfigError as exc:  # measured out of reach here: not a point worth a trial
+            skipped.append(exc.message)
+            continue
         if all(abs(target.aim_ms - a) > 1e-9 * max(1.0, a) for a in aims):
             wanted.append(budget)
             aims.append(target.aim_ms)
+    if not wanted:
+        raise RunFailed(f"no latency budget between dense and the fastest allowed network can be met: {skipped[0]}")
     return table, wanted, aims
 
 

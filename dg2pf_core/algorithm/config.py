@@ -158,6 +158,20 @@ class DG2PFConfig(Options):
                     f"give sparsity or max_top1_drop, not both (max_top1_drop {drop} decides the channels; got "
                     f"sparsity {self.sparsity})",
                 )
+        if self.latency_budget_ms is None and self.max_top1_drop is None:
+            for name, default in (
+                ("latency_backend", "onnxruntime"),
+                ("latency_threads", 1),
+                ("latency_batch_size", 1),
+            ):
+                if getattr(self, name) != default:
+                    raise bad(
+                        name,
+                        f"applies to a job with latency_budget_ms or max_top1_drop (got {getattr(self, name)!r}); "
+                        "the latency every job measures after training uses --threads and batch sizes 1 and 32",
+                    )
+        if isinstance(self.latency_table, str) and any(ord(c) < 32 or ord(c) == 127 for c in self.latency_table):
+            raise bad("latency_table", "must not hold control characters")
         if self.latency_table is not None and (
             not isinstance(self.latency_table, str)
             or not self.latency_table

@@ -31,6 +31,7 @@ import json
 import math
 import os
 import platform
+import stat
 import statistics
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -190,26 +191,28 @@ class LatencyTable:
         try:
             m = doc["machine"]
             machine = Machine(
-                str(m["cpu"]),
-                str(m["backend"]),
-                int(m["threads"]),
-                int(m["batch_size"]),
-                tuple(int(x) for x in m["input_shape"]),
-                str(m["arch"]),
-                str(m["versions"]),
+                _text(m["cpu"]),
+                _text(m["backend"]),
+                _count(m["threads"]),
+                _count(m["batch_size"]),
+                tuple(_count(x) for x in _list(m["input_shape"])),
+                _text(m["arch"]),
+                _text(m["versions"]),
             )
             layers = {}
             for name, e in doc["layers"].items():
                 o = e["op"]
                 op = LayerOp(
-                    str(o["kind"]),
-                    int(o["in_channels"]),
-                    int(o["out_channels"]),
-                    *(tuple(int(x) for x in o[k]) for k in ("kernel", "stride", "padding", "dilation")),
-                    int(o["groups"]),
-                    tuple(int(x) for x in o["input_size"]),
+                    _text(o["kind"]),
+                    _whole(o["in_channels"]),
+                    _whole(o["out_channels"]),
+                    *(tuple(_whole(x) for x in _list(o[k])) for k in ("kernel", "stride", "padding", "dilation")),
+                    _whole(o["groups"]),
+                    tuple(_whole(x) for x in _list(o["input_size"])),
                 )
-                entry = LayerEntry(op, [int(w) for w in e["in_widths"]], [int(w) for w in e["out_widths"]], e["ms"])
+                entry = LayerEntry(
+                    op, [_whole(w) for w in _list(e["in_widths"])], [_whole(w) for w in _list(e["out_widths"])], e["ms"]
+                )
                 why = (
                     _op_problem(op)
                     or _grid_problem(entry.in_widths, op.in_channels)
@@ -224,10 +227,14 @@ class LatencyTable:
                     or len(entry.ms) != len(entry.in_widths)
                     or any(len(row) != len(entry.out_widths) for row in entry.ms)
                     or any(
-                        not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0 for r in entry.ms for v in r
+                        isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0
+                        for r in entry.ms
+                        for v in r
                     )
                 ):
                     raise bad(f"layer {name!r}: its grid is not a list of finite, non-negative figures per width")
+                if _monotone(entry.ms, op.depthwise) != [list(map(float, r)) for r in entry.ms]:
+                    raise bad(f"layer {name!r}: its figures fall as a width grows (a table is monotone)")
                 layers[str(name)] = entry
             table = cls(
                 machine,
@@ -237,7 +244,7 @@ class LatencyTable:
                 float(doc.get("dense_measured_ms", 0.0)),
                 float(doc.get("half_measured_ms", 0.0)),
                 float(doc.get("build_seconds", 0.0)),
-                [str(n) for n in doc.get("notes", [])],
+                [_text(n, 1000) for n in _list(doc.get("notes", []))[:100]],
             )
         except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as e:
             raise bad(f"malformed ({type(e).__name__}: {e})") from None
@@ -254,43 +261,84 @@ class LatencyTable:
         total = table.layer_sum({})
         if not math.isfinite(total) or total <= 0:
             raise bad("its figures sum to no finite positive latency")
+        if not math.isclose(table.scale * total, table.dense_measured_ms, rel_tol=1e-6):
+            raise bad(
+                f"its scale times its layers' sum ({table.scale * total:.6g} ms) is not its dense measurement "
+                f"({table.dense_measured_ms:.6g} ms): a table is scaled to the network it measured"
+            )
         return table
 
     @classmethod
     def read(cls, path: str | Path, roots: Sequence[str] = ()) -> LatencyTable:
-        """A table file; with ``roots`` (a service's data roots), only one that lies inside them."""
-        from dg2pf_core.data.roots import confined_open, under  # noqa: PLC0415
-        from dg2pf_core.errors import DatasetError  # noqa: PLC0415
+        """A table file; with ``roots`` (a service's data roots), only one that lies inside them. The file
+        is opened without blocking and must be a regular file once open (a FIFO swapped in after a check
+        cannot hang the reader), inside the roots as opened, and not a second name of another file."""
+        from dg2pf_core.data.roots import under  # noqa: PLC0415
 
+        def bad(why: str) -> ConfigError:
+            return ConfigError(f"latency_table: {why}", field="latency_table")
+
+        text = str(path)
+        if not text or any(ord(c) < 32 or ord(c) == 127 for c in text):
+            raise bad("the path must not be empty nor hold control characters")
         path = Path(path)
-        if roots and not under(os.path.realpath(path), [os.path.realpath(r) for r in roots]):
+        real_roots = [os.path.realpath(r) for r in roots]
+        if roots and not under(os.path.realpath(path), real_roots):
             # before anything else: whether a file exists outside the roots is not told
-            raise ConfigError(
-                f"latency_table: {path} is outside the allowed data roots; put the table under one",
-                field="latency_table",
-            )
+            raise bad(f"{path} is outside the allowed data roots; put the table under one")
         try:
-            if not path.is_file():
-                raise ConfigError(f"latency_table: {path} is not a file", field="latency_table")
-            if path.stat().st_size > MAX_TABLE_BYTES:
-                raise ConfigError(
-                    f"latency_table: {path} is larger than {MAX_TABLE_BYTES >> 20} MiB", field="latency_table"
-                )
-            try:
-                with confined_open(str(path), roots) as fh:
-                    raw = fh.read(MAX_TABLE_BYTES + 1)
-            except DatasetError as e:
-                raise ConfigError(f"latency_table: {e}", field="latency_table") from None
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+        except OSError as e:
+            raise bad(f"cannot read {path} ({e.strerror or e})") from None
+        try:
+            info = os.fstat(fd)
+            if not stat.S_ISREG(info.st_mode):
+                raise bad(f"{path} is not a file")
+            if roots:
+                opened = os.path.realpath(f"/proc/self/fd/{fd}") if os.path.exists("/proc/self/fd") else None
+                if opened is not None and not under(opened, real_roots):
+                    raise bad(f"{path} is outside the allowed data roots; put the table under one")
+                if info.st_nlink > 1:
+                    raise bad(f"{path} is a hard link (a second name of a file that may lie outside the roots)")
+            if info.st_size > MAX_TABLE_BYTES:
+                raise bad(f"{path} is larger than {MAX_TABLE_BYTES >> 20} MiB")
+            with os.fdopen(fd, "rb", closefd=False) as fh:
+                raw = fh.read(MAX_TABLE_BYTES + 1)
             if len(raw) > MAX_TABLE_BYTES:
-                raise ConfigError(
-                    f"latency_table: {path} is larger than {MAX_TABLE_BYTES >> 20} MiB", field="latency_table"
-                )
+                raise bad(f"{path} is larger than {MAX_TABLE_BYTES >> 20} MiB")
             doc = json.loads(raw.decode("utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ConfigError(f"latency_table: cannot read {path} ({e})", field="latency_table") from None
+        except (OSError, ValueError) as e:  # ValueError: not UTF-8, not JSON, an integer of 5000 digits
+            raise bad(f"cannot read {path} ({type(e).__name__}: {str(e)[:200]})") from None
         except RecursionError:  # nesting deeper than the interpreter's stack
-            raise ConfigError(f"latency_table: {path} is JSON nested too deeply", field="latency_table") from None
+            raise bad(f"{path} is JSON nested too deeply") from None
+        finally:
+            os.close(fd)
         return cls.from_json(doc)
+
+
+def _list(value: object) -> list:
+    if not isinstance(value, (list, tuple)):
+        raise TypeError(f"expected a list, got {type(value).__name__}")
+    return list(value)
+
+
+def _whole(value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"expected a whole number, got {value!r}"[:100])
+    return value
+
+
+def _count(value: object) -> int:
+    n = _whole(value)
+    if n < 1:
+        raise ValueError(f"expected at least 1, got {n}")
+    return n
+
+
+def _text(value: object, limit: int = 200) -> str:
+    if not isinstance(value, str) or len(value) > limit or any(ord(c) < 32 or ord(c) == 127 for c in value):
+        raise ValueError(f"expected a line of text of at most {limit} characters, got {str(value)[:40]!r}")
+    return value
 
 
 def _op_problem(op: LayerOp) -> str | None:

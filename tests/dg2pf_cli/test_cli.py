@@ -883,3 +883,18 @@ def test_latency_table_writes_a_table_a_job_takes_and_one_for_another_setting_is
     assert done.returncode == 0, done.stderr
     objective = json.loads((out / "metrics.json").read_text())["latency_objective"]
     assert objective["predicted_ms"] <= float(budget) and objective["calibration"] == []  # the table as given
+
+
+@pytest.mark.parametrize(
+    "flags,needle",
+    [
+        (["--image-size", "0"], "--image-size must be in [8, 2048] pixels, got 0"),
+        (["--batch-size", "4096", "--image-size", "300"], "GiB input to time; at most 1 GiB"),
+        (["--out", "/proc/nowhere/t.json"], "is not a directory this user can write in"),
+    ],
+)
+def test_latency_table_refuses_before_measuring_in_one_line(tmp_path, flags, needle):
+    args = ["latency-table", "--arch", "digits_cnn", "--num-classes", "10", "--out", str(tmp_path / "t.json"), *flags]
+    result = dg2pf(*args)
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert needle in result.stderr and list(tmp_path.iterdir()) == []

@@ -31,11 +31,21 @@ def test_a_latency_table_is_read_only_inside_the_data_roots_and_checked_at_submi
         (str(tmp_path / "secret.json"), "outside the allowed data roots"),
         (str(tmp_path / "missing.json"), "outside the allowed data roots"),  # existence outside is not told
         ("data/t.json", "must be an absolute path"),
-        (str(root / "missing.json"), "is not a file"),
+        (str(root / "missing.json"), "No such file or directory"),
+        (str(root), "is not a file"),
         (str(root / "bad.json"), "latency_table: malformed"),
     ):
         with pytest.raises(InvalidJob, match=needle) as info:
             check_latency_table(path, settings)
         assert info.value.field == "schedule.latency_table"
+    (root / "long.json").write_text('{"format": "x", "n": ' + "9" * 5000 + "}")  # past int() string limits
+    (root / "nul").mkdir()
+    for path, needle in ((str(root / "long.json"), "cannot read"), (str(root) + "/a\x00b.json", "control characters")):
+        with pytest.raises(InvalidJob, match=needle):
+            check_latency_table(path, settings)
+    fifo = root / "fifo.json"
+    os.mkfifo(fifo)  # opened without blocking: refused, not waited on
+    with pytest.raises(InvalidJob, match="is not a file"):
+        check_latency_table(str(fifo), settings)
     with pytest.raises(InvalidJob, match="DG2PF_DATA_ROOTS is not set"):
         check_latency_table(str(root / "bad.json"), _settings(tmp_path, monkeypatch, []))

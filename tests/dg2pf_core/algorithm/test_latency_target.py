@@ -31,6 +31,9 @@ CFG = dict(
 )
 
 
+PLAIN = {"latency_backend": "onnxruntime", "latency_batch_size": 1}  # the latency options' defaults
+
+
 def _model() -> torch.nn.Module:
     torch.manual_seed(0)
     return build_model("digits_cnn", 4)
@@ -169,7 +172,13 @@ def test_a_table_file_outside_the_data_roots_is_refused_without_saying_whether_i
 @pytest.mark.parametrize(
     "change,match",
     [
-        ({"latency_budget_ms": None, "sparsity": 0.5, "latency_table": "t.json"}, "latency_table: is a latency table"),
+        (
+            {"latency_budget_ms": None, "sparsity": 0.5, "latency_table": "t.json", **PLAIN},
+            "latency_table: is a latency table",
+        ),
+        ({"latency_budget_ms": None, "sparsity": 0.5}, "latency_backend: applies to a job with latency_budget_ms"),
+        ({"latency_budget_ms": None, "sparsity": 0.5, **PLAIN, "latency_threads": 4}, "latency_threads: applies to"),
+        ({"latency_table": "/data/t\n.json"}, "latency_table: must not hold control characters"),
         ({"latency_table": ""}, "latency_table: must be a file path"),
         ({"latency_table": 5}, "latency_table: must be a file path"),
     ],
