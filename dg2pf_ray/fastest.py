@@ -125,10 +125,13 @@ def fastest_within(job: PruneJob, out: str | Path, options: TuneOptions) -> Metr
                 table = LatencyTable.read(table_file)
                 planned = json.loads(plan_file.read_text())
                 wanted, aims = [float(b) for b in planned["budgets_ms"]], [float(a) for a in planned["aims_ms"]]
+                skipped = [str(s) for s in planned.get("skipped", [])]
             else:
-                table, wanted, aims = _plan(prepared, machine, options.samples)
+                table, wanted, aims, skipped = _plan(prepared, machine, options.samples)
                 table.write(table_file)
-                write_text_atomic(plan_file, json.dumps({"budgets_ms": wanted, "aims_ms": aims}) + "\n")
+                write_text_atomic(
+                    plan_file, json.dumps({"budgets_ms": wanted, "aims_ms": aims, "skipped": skipped}) + "\n"
+                )
             base_config = dataclasses.replace(
                 cfg, max_top1_drop=None, latency_budget_ms=aims[0], latency_table=str(table_file)
             )
@@ -136,13 +139,13 @@ def fastest_within(job: PruneJob, out: str | Path, options: TuneOptions) -> Metr
             base = dataclasses.replace(job, config=base_config, allowed_roots=roots)
             grid = _fit(base, options, aims, name, storage.path)
             points = _points(grid, wanted, aims, table, shape)
-            return _write(job, output, points, table, wanted, started)
+            return _write(job, output, points, table, wanted, skipped, started)
         finally:
             if own_dir:
                 shutil.rmtree(table_dir, ignore_errors=True)
 
 
-def _plan(prepared, machine, samples: int) -> tuple[LatencyTable, list[float], list[float]]:
+def _plan(prepared, machine, samples: int) -> tuple[LatencyTable, list[float], list[float], list[str]]:
     """The table (the job's, or measured here) and the budgets with their calibrated aims (one aim per
     budget; budgets whose aims coincide are tried once)."""
     cfg = prepared.job.config
@@ -172,10 +175,18 @@ def _plan(prepared, machine, samples: int) -> tuple[LatencyTable, list[float], l
             aims.append(target.aim_ms)
     if not wanted:
         raise RunFailed(f"no latency budget between dense and the fastest allowed network can be met: {skipped[0]}")
-    return table, wanted, aims
+    return table, wanted, aims, skipped
 
 
-def _write(job: PruneJob, output: OutputDir, points: list, table: LatencyTable, wanted: list[float], started: float):
+def _write(
+    job: PruneJob,
+    output: OutputDir,
+    points: list,
+    table: LatencyTable,
+    wanted: list[float],
+    skipped: list[str],
+    started: float,
+):
     cfg, m = job.config, table.machine
     baseline = next((p._baseline for p in points if p._baseline is not None), None)
     if baseline is None:
@@ -201,6 +212,7 @@ def _write(job: PruneJob, output: OutputDir, points: list, table: LatencyTable, 
         dense_measured_ms=table.dense_measured_ms,
         budgets_ms=wanted,
         points=[ParetoPoint.model_validate(p.model_dump()) for p in points],
+        skipped=skipped,
         wall_seconds=time.perf_counter() - started,
     )
     with Checkpoint(chosen._checkpoint).as_directory() as final, output.staging() as tmp:

@@ -251,6 +251,9 @@ class ObjectiveSearch(_Open):
     dense_measured_ms: float
     budgets_ms: list[float]
     points: list[ParetoPoint] = Field(description="every trial (as pareto.json)")
+    skipped: list[str] = Field(
+        default_factory=list, description="budgets not tried: measured out of reach here before any trial, and why"
+    )
     wall_seconds: float
 
 

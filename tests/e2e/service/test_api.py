@@ -776,9 +776,12 @@ def test_latency_objectives_through_post_jobs_the_fastest_within_a_drop_and_an_u
     job = client.wait(client.submit(doc).id)
     assert job.state == "succeeded", job.error
     objective = job.best_metrics["objective"]
-    assert objective["trials"] == 2 and objective["max_top1_drop"] == 2.0 and objective["reason"]
+    # 2 budgets, or 1 where this machine measured the tightest out of reach before any trial (said in skipped)
+    assert objective["trials"] in (1, 2) and objective["max_top1_drop"] == 2.0 and objective["reason"]
     client.download(job.id, tmp_path / "out")
     front = json.loads((tmp_path / "out" / "pareto.json").read_text())
+    skipped = json.loads((tmp_path / "out" / "metrics.json").read_text())["objective"]["skipped"]
+    assert len(front) + len(skipped) == 2 and all("cannot be reached" in s for s in skipped)
     assert [p["trial_id"] for p in front if p["chosen"]] == [objective["chosen_trial"]]
     failed = client.wait(client.submit(spec(ckpt, sparsity=None, schedule={**channel, "latency_budget_ms": 1e-6})).id)
     assert failed.state == "failed"
