@@ -18,7 +18,16 @@ import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, WrapValidator, create_model
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    WrapValidator,
+    create_model,
+)
 from pydantic_core import PydanticCustomError
 
 from .options import (
@@ -69,6 +78,13 @@ def _no_control(value: str) -> str:
 
 
 _RANGE_ERRORS = {"greater_than", "greater_than_equal", "less_than", "less_than_equal", "string_pattern_mismatch"}
+
+
+def _no_bool(value: Any) -> Any:
+    """A target given as true/false (YAML's yes/no) is no number: pydantic would read true as 1."""
+    if isinstance(value, bool):
+        raise PydanticCustomError("not_a_number", "must be a number, got {value}", {"value": str(value).lower()})
+    return value
 
 
 def worded(valid: str) -> WrapValidator:
@@ -212,7 +228,9 @@ def _schedule_model() -> type[BaseModel]:
             hint = Annotated[hint, Field(**limits, description=preset), worded(f"in {bounds.text()}")]
         elif f.name in _OPTIONAL_RANGES:
             limits, description, wording = _OPTIONAL_RANGES[f.name]
-            hint = Annotated[float | None, Field(**limits, description=description), worded(wording)]
+            hint = Annotated[
+                float | None, Field(**limits, description=description), worded(wording), BeforeValidator(_no_bool)
+            ]
         elif f.name in _PATTERNS:
             pattern, description = _PATTERNS[f.name]
             hint = Annotated[

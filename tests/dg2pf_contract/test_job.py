@@ -116,3 +116,15 @@ def test_a_stored_spec_every_field_written_validates_again(extra):
     }
     stored = JobSpec.model_validate(doc).model_dump(mode="json")
     assert JobSpec.model_validate(stored).model_dump(mode="json") == stored
+
+
+@pytest.mark.parametrize("field", ["latency_budget_ms", "max_top1_drop", "target_macs_ratio"])
+def test_a_target_given_as_yes_or_no_is_refused_not_read_as_1(field):
+    doc = {
+        "model": {"arch": "digits_cnn", "num_classes": 10, "checkpoint": "x"},
+        "dataset": {"spec": "digits"},
+        "schedule": {"granularity": "channel", field: True},
+    }
+    with pytest.raises(ValidationError) as e:
+        JobSpec.model_validate(doc)
+    assert describe(e.value) == (f"schedule.{field}", f"schedule.{field}: must be a number, got true")
