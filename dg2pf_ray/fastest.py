@@ -28,10 +28,8 @@ import os
 import shutil
 import tempfile
 import time
-from functools import partial
 from pathlib import Path
 
-import ray
 from ray import tune
 from ray.train import Checkpoint
 
@@ -48,7 +46,7 @@ from dg2pf_core.job.results import OVER_BUDGET
 
 from .cluster import check_capacity, connect
 from .train import RunFailed, RunStorage, copy_final
-from .tune import DRIVER_CPU, TuneOptions, _status, _trial, _tune_output
+from .tune import DRIVER_CPU, TuneOptions, _status, _tune_output, concurrency, trainable
 
 HIGHEST_SHARE = 0.85  # the slowest budget tried, of the dense network's latency
 ABOVE_FASTEST = 1.10  # the fastest budget tried, over the fastest network the guard allows
@@ -238,34 +236,16 @@ def _write(
 
 
 def _fit(base: PruneJob, options: TuneOptions, aims: list[float], name: str, storage: str):
-    per_trial = options.workers_per_trial
-    resources = ray.cluster_resources()
-    capacity = resources.get("GPU", 0) if options.use_gpu else resources.get("CPU", 1)
-    concurrent = options.max_concurrent or max(1, int(capacity // (per_trial + DRIVER_CPU)))
-    trainable = tune.with_resources(
-        partial(
-            _trial,
-            base_job=base.to_dict(),
-            name=name,
-            options={
-                "workers_per_trial": per_trial,
-                "use_gpu": options.use_gpu,
-                "placement": options.placement,
-                "storage_path": storage,
-                "verbose": options.verbose,
-                "ray_logs": options.ray_logs,
-            },
-        ),
-        {"cpu": DRIVER_CPU},
-    )
+    trainable_ = trainable(base, options, name, storage)
+    concurrent = concurrency(options)
     experiment = f"{storage.rstrip('/')}/{name}"
     space = {"latency_budget_ms": tune.grid_search(aims)}
     if options.run_name and tune.Tuner.can_restore(experiment):
         return tune.Tuner.restore(
-            experiment, trainable, param_space=space, resume_unfinished=True, resume_errored=True
+            experiment, trainable_, param_space=space, resume_unfinished=True, resume_errored=True
         ).fit()
     return tune.Tuner(
-        trainable,
+        trainable_,
         param_space=space,
         tune_config=tune.TuneConfig(num_samples=1, max_concurrent_trials=concurrent),  # FIFO: every trial ends
         run_config=tune.RunConfig(name=name, storage_path=storage, verbose=0),

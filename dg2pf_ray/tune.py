@@ -90,10 +90,7 @@ def tune_job(job: PruneJob, out: str | Path, options: TuneOptions) -> Metrics:
     connect(options.address, quiet=not options.ray_logs)
     if not options.cluster_may_grow:
         check_capacity(options.workers_per_trial, options.use_gpu, extra_cpus=DRIVER_CPU)
-    resources = ray.cluster_resources()
-    per_trial = options.workers_per_trial
-    capacity = resources.get("GPU", 0) if options.use_gpu else resources.get("CPU", 1)
-    concurrent = options.max_concurrent or max(1, int(capacity // (per_trial + DRIVER_CPU)))
+    concurrent = concurrency(options)
     name = options.run_name or f"dg2pf-tune-{time.strftime('%Y%m%d-%H%M%S')}"
     with RunStorage(options.storage_path, output.path) as storage, _tune_output(options.ray_logs):
         grid = _fit(job, options, space, concurrent, name, storage.path)
@@ -115,16 +112,15 @@ def _tune_output(ray_logs: bool):
         os.environ.pop("RAY_AIR_NEW_OUTPUT", None)
 
 
-def _fit(job: PruneJob, options: TuneOptions, space: dict, concurrent: int, name: str, storage: str):
-    post_pruning = job.config.max_epochs - job.config.pruning_epochs
-    per_trial = options.workers_per_trial
-    trainable = tune.with_resources(
+def trainable(job: PruneJob, options: TuneOptions, name: str, storage: str):
+    """The Tune trainable of a search: each trial a TorchTrainer run of ``job`` with the trial's values."""
+    return tune.with_resources(
         partial(
             _trial,
             base_job=job.to_dict(),
             name=name,
             options={
-                "workers_per_trial": per_trial,
+                "workers_per_trial": options.workers_per_trial,
                 "use_gpu": options.use_gpu,
                 "placement": options.placement,
                 "storage_path": storage,
@@ -134,15 +130,27 @@ def _fit(job: PruneJob, options: TuneOptions, space: dict, concurrent: int, name
         ),
         {"cpu": DRIVER_CPU},  # the trial driver only waits on its TorchTrainer, whose workers hold the CPUs
     )
+
+
+def concurrency(options: TuneOptions) -> int:
+    """Trials at once: as given, else as many as the cluster's CPUs (or GPUs) hold with their drivers."""
+    resources = ray.cluster_resources()
+    capacity = resources.get("GPU", 0) if options.use_gpu else resources.get("CPU", 1)
+    return options.max_concurrent or max(1, int(capacity // (options.workers_per_trial + DRIVER_CPU)))
+
+
+def _fit(job: PruneJob, options: TuneOptions, space: dict, concurrent: int, name: str, storage: str):
+    post_pruning = job.config.max_epochs - job.config.pruning_epochs
+    trainable_ = trainable(job, options, name, storage)
     experiment = f"{storage.rstrip('/')}/{name}"
     if options.run_name and tune.Tuner.can_restore(experiment):
         # The same named run again (the service resubmits a job whose Ray work was lost): finished trials
         # keep their results, unfinished and errored ones resume from their last checkpoints.
         grid = tune.Tuner.restore(
-            experiment, trainable, param_space=space, resume_unfinished=True, resume_errored=True
+            experiment, trainable_, param_space=space, resume_unfinished=True, resume_errored=True
         ).fit()
     else:
-        grid = _new_tuner(trainable, space, options, concurrent, name, storage, post_pruning).fit()
+        grid = _new_tuner(trainable_, space, options, concurrent, name, storage, post_pruning).fit()
     return grid
 
 

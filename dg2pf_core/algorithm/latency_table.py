@@ -42,6 +42,7 @@ import torch
 from torch import nn
 
 from dg2pf_core.errors import ConfigError
+from dg2pf_core.io.onnx_export import ort_session
 
 TABLE_FORMAT = "dg2pf-latency-table/1"
 BACKENDS = ("onnxruntime", "torch")
@@ -498,18 +499,6 @@ def _onnx_layer(op: LayerOp, in_w: int, out_w: int, batch: int) -> bytes:
     return onnx._serialize(model) if hasattr(onnx, "_serialize") else model.SerializeToString()
 
 
-def _session(data: bytes | str, threads: int):
-    import onnxruntime as ort  # noqa: PLC0415
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    options.log_severity_level = 3
-    return ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
-
-
 def measure_layer(op: LayerOp, in_w: int, out_w: int, backend: str, threads: int, batch: int) -> float:
     """One layer's median latency (ms) alone at these widths."""
     with measuring(threads):
@@ -530,7 +519,7 @@ def _measure_layer(op: LayerOp, in_w: int, out_w: int, backend: str, threads: in
                 return layer(x)
 
     else:
-        session = _session(_onnx_layer(op, in_w, out_w, batch), threads)
+        session = ort_session(_onnx_layer(op, in_w, out_w, batch), threads)
         feed = {"x": x.numpy()}
 
         def run() -> object:
@@ -559,7 +548,7 @@ def _measure_network(model: nn.Module, input_shape: tuple[int, ...], backend: st
 
         buffer = io.BytesIO()
         torch.onnx.export(model, (x,), buffer, input_names=["x"], output_names=["y"], dynamo=False, opset_version=17)
-        session = _session(buffer.getvalue(), threads)
+        session = ort_session(buffer.getvalue(), threads)
         feed = {"x": x.numpy()}
 
         def run() -> object:

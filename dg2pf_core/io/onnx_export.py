@@ -70,7 +70,7 @@ class OnnxReport:
         return self.section().model_dump(exclude_unset=True)
 
 
-def ort_session(path: str | Path, threads: int | None = None):
+def ort_session(path: str | Path | bytes, threads: int | None = None):
     """An ONNX Runtime CPU session with ``threads`` intra-op threads (default: torch's thread count),
     one inter-op thread, and no spin-waiting: idle threads of one session must not take the CPU from
     another one measured right after it (see ``latency``)."""
@@ -82,7 +82,8 @@ def ort_session(path: str | Path, threads: int | None = None):
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     options.log_severity_level = 3  # errors only
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    model = path if isinstance(path, bytes) else str(path)  # a file, or a serialized model in memory
+    return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
 
 
 def export_onnx(
