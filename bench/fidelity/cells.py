@@ -26,6 +26,10 @@ def macs_cell_path(results: Path, model: str, method: str, macs_ratio: float, se
     return results / model / method / f"m{macs_ratio:.2f}-seed{seed}.json"
 
 
+def latency_cell_path(results: Path, model: str, method: str, share: float, seed: int) -> Path:
+    return results / model / method / f"l{share:.2f}-seed{seed}.json"
+
+
 def write_json(path: Path, payload: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")

@@ -116,6 +116,28 @@ def tp_magnitude(cell: Cell) -> Outcome:
         iterative_steps=TP_STEPS,
         ignored_layers=[_classifier(model)],
     )
+    steps: list[dict] = []
+    state = {"reached": 1.0}
+
+    def prune_to(target: float) -> None:
+        model.eval()  # tracing and importance must not move BatchNorm statistics
+        while state["reached"] > target and pruner.current_step < TP_STEPS:
+            pruner.step()
+            state["reached"] = macs(model, shape) / dense_macs
+        steps.append({"target": target, "macs_ratio": state["reached"], "tp_step": pruner.current_step})
+
+    prunes = [lambda t=t: prune_to(t) for t in macs_path(ratio, budget.pruning_epochs)]
+    outcome = train_progressively(cell, model, prunes)
+    outcome.notes.update({"steps": steps, "tp_steps": TP_STEPS})
+    return outcome
+
+
+def train_progressively(cell: Cell, model: nn.Module, prunes: list) -> Outcome:
+    """Torch-Pruning's progressive loop as its users write it: each of ``prunes`` (one per pruning
+    epoch) changes the network, then one epoch of training; then training on the final network until
+    the budget E or early stopping, the best-validation network kept. Cross-entropy, AdamW with
+    DG2PFConfig's default lr and weight decay, rebuilt after each pruning (whose new tensors it must hold)."""
+    budget = cell.budget
     batches = loaders(cell.split, cell.data, batch_size=budget.batch_size, seed=cell.seed)
     optimizer = None
 
@@ -126,13 +148,9 @@ def tp_magnitude(cell: Cell) -> Outcome:
             F.cross_entropy(model(x), y).backward()
             optimizer.step()
 
-    epoch, steps, reached = 0, [], 1.0
-    for target in macs_path(ratio, budget.pruning_epochs):
-        model.eval()  # tracing and importance must not move BatchNorm statistics
-        while reached > target and pruner.current_step < TP_STEPS:
-            pruner.step()
-            reached = macs(model, shape) / dense_macs
-        steps.append({"epoch": epoch + 1, "target": target, "macs_ratio": reached, "tp_step": pruner.current_step})
+    epoch = 0
+    for prune in prunes:
+        prune()
         optimizer = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=WEIGHT_DECAY)
         train_one(epoch)
         epoch += 1
@@ -150,12 +168,5 @@ def tp_magnitude(cell: Cell) -> Outcome:
     return Outcome(
         epochs=epoch,
         model=best_model,
-        notes={
-            "steps": steps,
-            "best_epoch": best_epoch,
-            "best_val_top1": best_val,
-            "lr": LR,
-            "weight_decay": WEIGHT_DECAY,
-            "tp_steps": TP_STEPS,
-        },
+        notes={"best_epoch": best_epoch, "best_val_top1": best_val, "lr": LR, "weight_decay": WEIGHT_DECAY},
     )

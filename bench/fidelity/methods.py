@@ -8,7 +8,7 @@ from __future__ import annotations
 
 # Imported for their registrations, in the order the report lists them (channel uses dg2pf_family's and
 # torch_prune's pieces, so those come first anyway).
-from . import dg2pf_family, gmp, torch_prune, inc, channel  # noqa: F401  isort: skip
+from . import dg2pf_family, gmp, torch_prune, inc, channel, latency  # noqa: F401  isort: skip
 from .registry import METHODS, Method
 
 

@@ -10,9 +10,10 @@ The implementations live beside this file, one per family: ``dg2pf_family`` (DG2
 and the peers expressible as DG2PF configurations), ``torch_prune``, ``inc`` and ``channel`` (channel
 pruning to a MACs ratio: DG2PF's channel granularity and Torch-Pruning's own pruner).
 
-Methods are of one of two kinds: ``sparsity`` (a fraction of the weights set to zero; the default
-grid) or ``macs`` (whole channels removed until the network keeps a fraction of its dense
-multiply-accumulates; cells run with ``--macs-ratios``).
+Methods are of one of three kinds: ``sparsity`` (a fraction of the weights set to zero; the default
+grid), ``macs`` (whole channels removed until the network keeps a fraction of its dense
+multiply-accumulates; cells run with ``--macs-ratios``) or ``latency`` (whole channels removed until the
+network measures within a share of the dense network's latency; cells run with ``--latency-shares``).
 """
 
 from __future__ import annotations
@@ -55,6 +56,7 @@ class Cell:
     macs_ratio: float | None = (
         None  # methods of kind "macs": the fraction of the dense MACs to keep (sparsity is then 0)
     )
+    latency_budget_ms: float | None = None  # methods of kind "latency": the measured latency to meet
 
 
 @dataclass
@@ -79,13 +81,13 @@ class Method:
     fn: MethodFn
     description: str  # one line: how it is implemented (shown in the report)
     in_grid: bool = True  # False: an investigation variant, run only when named with --methods
-    kind: str = "sparsity"  # "sparsity" (a weight sparsity target) or "macs" (a MACs ratio target)
+    kind: str = "sparsity"  # "sparsity" (a weight sparsity target), "macs" (a MACs ratio) or "latency" (a budget)
 
 
 METHODS: dict[str, Method] = {}
 
 
-KINDS = ("sparsity", "macs")
+KINDS = ("sparsity", "macs", "latency")
 
 
 def register_method(

@@ -13,6 +13,10 @@ by default, pruning cells on ``--train-subset`` training images (8,000 unless to
 With ``--macs-ratios`` it runs the channel grid instead: models x MACs ratios x the channel methods
 (kind ``macs``: ``dg2pf-channel``, ``tp-magnitude``) x seeds, cells in ``<model>/<method>/m<ratio>-seed<k>.json``,
 and writes only the channel table of docs/fidelity-history.md (the sparsity table is left as it is).
+With ``--latency-shares`` it runs the latency grid (issue 31): models x shares of the dense network's measured
+latency x the methods of kind ``latency`` (``dg2pf-latency`` and two peers pruned to the same measured latency:
+latency.py) x seeds, cells in ``<model>/<method>/l<share>-seed<k>.json``, and prints their table
+(``python -m bench.fidelity.latency_report``).
 
 (``bash bench/fidelity/run.sh`` sets up both environments first, then runs this.) A finished cell
 is never run again, so an interrupted run resumes where it stopped; a failed cell is retried.
@@ -39,9 +43,18 @@ import torch
 from dg2pf_core.errors import DG2PFError
 from dg2pf_core.io.metrics import conv_linear_macs
 
-from . import report
-from .cells import SPARSITIES, SPARSITIES_BY_DATASET, cell_path, macs_cell_path, results_dir_for, write_json
+from . import latency_report, report
+from .cells import (
+    SPARSITIES,
+    SPARSITIES_BY_DATASET,
+    cell_path,
+    latency_cell_path,
+    macs_cell_path,
+    results_dir_for,
+    write_json,
+)
 from .data import DATASETS, DataSettings, export_npz, load_job_split, load_split, settings_for_dataset
+from .latency import LATENCY, dense_latency, network_ms
 from .measure import measure
 from .methods import get_method, method_names
 from .pretrain import EXTRA_MODELS, MODELS, Dense, PretrainError, dense_model, settings_for
@@ -132,6 +145,7 @@ def run_cell(cell: Cell, keep_model: Path | None = None) -> dict:
         "sparsity_target": cell.sparsity,
         "seed": cell.seed,
         **({"macs_ratio_target": cell.macs_ratio} if cell.macs_ratio is not None else {}),
+        **({"latency_budget_ms": cell.latency_budget_ms} if cell.latency_budget_ms is not None else {}),
         "budget": asdict(cell.budget),
         "threads": cell.threads,
         "data": asdict(cell.data),
@@ -157,8 +171,10 @@ def run_cell(cell: Cell, keep_model: Path | None = None) -> dict:
                 {k: v.contiguous() for k, v in outcome.model.state_dict().items()}, str(keep_model)
             )
         record.update(measured.summary())
-        if cell.macs_ratio is not None:
+        if cell.macs_ratio is not None or cell.latency_budget_ms is not None:
             record.update(size_ratios(cell, outcome.model))
+        if cell.latency_budget_ms is not None:
+            record.update(latency_record(cell, outcome.model))
         record.update(
             {
                 "epochs": outcome.epochs,
@@ -197,15 +213,46 @@ def size_ratios(cell: Cell, model: torch.nn.Module) -> dict:
     }
 
 
+def latency_record(cell: Cell, model: torch.nn.Module) -> dict:
+    """The pruned network and the dense one measured side by side now (pruned, dense, pruned again: the
+    pruned figure is the lower of its two), by the ruler the budget was set with."""
+    shape = cell.split.input_shape
+    first = network_ms(model, shape)
+    dense = network_ms(cell.dense.build(), shape)
+    pruned = min(first, network_ms(model, shape))
+    return {
+        "latency": LATENCY,
+        "latency_ms": pruned,
+        "dense_latency_ms": dense,
+        "speedup": dense / pruned,
+        "latency_over_budget": pruned / cell.latency_budget_ms,
+    }
+
+
 # One worker's fixed inputs (set once per process by ``_start_worker``): cells are sent as a few names.
 _WORKER: dict = {}
 
 
 def _start_worker(
-    threads: int, budget: Budget, dense: dict, data: DataSettings, npz: Path | None, keep_models: bool = False
+    threads: int,
+    budget: Budget,
+    dense: dict,
+    data: DataSettings,
+    npz: Path | None,
+    keep_models: bool = False,
+    dense_ms: dict | None = None,
 ) -> None:
     torch.set_num_threads(threads)
-    _WORKER.update(threads=threads, budget=budget, dense=dense, data=data, npz=npz, splits={}, keep_models=keep_models)
+    _WORKER.update(
+        threads=threads,
+        budget=budget,
+        dense=dense,
+        data=data,
+        npz=npz,
+        splits={},
+        keep_models=keep_models,
+        dense_ms=dense_ms or {},
+    )
     if multiprocessing.parent_process() is not None:  # a pool worker: end with the run that started it
         threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True).start()
 
@@ -231,32 +278,52 @@ def _split(seed: int):
 def _run_task(task: tuple) -> dict:
     i, n, model, target, method, seed, path, kind = task
     w = _WORKER
-    sp, ratio = (target, None) if kind == "sparsity" else (0.0, target)
+    sp = target if kind == "sparsity" else 0.0
+    ratio = target if kind == "macs" else None
+    budget_ms = target * w["dense_ms"][model] if kind == "latency" else None
     log(f"[fidelity] cell {i}/{n}: {model} {method} {_target_text(kind, target)} seed={seed}")
     cell = Cell(
-        model, method, sp, seed, w["budget"], w["dense"][model], _split(seed), w["data"], w["npz"], w["threads"], ratio
+        model,
+        method,
+        sp,
+        seed,
+        w["budget"],
+        w["dense"][model],
+        _split(seed),
+        w["data"],
+        w["npz"],
+        w["threads"],
+        ratio,
+        budget_ms,
     )
     record = run_cell(cell, path.with_suffix(".safetensors") if w["keep_models"] else None)
+    if kind == "latency":
+        record["latency_share"] = target
     write_json(path, record)
     return record
 
 
 def _target_text(kind: str, target: float) -> str:
-    return f"s={target:.2f}" if kind == "sparsity" else f"macs={target:.2f}"
+    return {"sparsity": f"s={target:.2f}", "macs": f"macs={target:.2f}"}.get(kind, f"latency={target:.2f}x dense")
 
 
 def _log_record(record: dict) -> None:
-    macs = "macs_ratio_target" in record
-    target = _target_text(
-        "macs" if macs else "sparsity", record["macs_ratio_target"] if macs else record["sparsity_target"]
-    )
+    macs, latency = "macs_ratio_target" in record, "latency_share" in record
+    if latency:
+        target = _target_text("latency", record["latency_share"])
+    else:
+        target = _target_text(
+            "macs" if macs else "sparsity", record["macs_ratio_target"] if macs else record["sparsity_target"]
+        )
     head = f"[fidelity]   done {record['model']} {record['method']} {target} seed={record['seed']}:"
     if record["status"] == "ok":
         size = (
             f"MACs {record['macs_ratio']:.3f}x, params {record['params_ratio']:.3f}x"
-            if macs
+            if macs or latency
             else f"sparsity {record['sparsity']:.4f}, max layer {record['max_layer_sparsity']:.3f}"
         )
+        if latency:
+            size += f", {record['latency_ms']:.2f} ms ({record['latency_over_budget']:.3f}x the budget)"
         log(
             f"{head} test {record['test_top1']:.2f}% (dense {record['dense_test_top1']:.2f}%), "
             f"{size}, {record['epochs']} epochs, "
@@ -292,6 +359,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "investigation variants: "
         f"{', '.join(sorted(set(method_names(grid_only=False, kind='macs')) - set(method_names(kind='macs'))))}) "
         "at these fractions of the dense MACs",
+    )
+    p.add_argument(
+        "--latency-shares",
+        nargs="+",
+        type=float,
+        default=None,
+        help=f"run the latency grid instead (methods of kind latency: {', '.join(method_names(kind='latency'))}) "
+        "at these shares of the dense network's measured latency (ONNX Runtime, 1 thread, batch 32)",
     )
     p.add_argument(
         "--dataset",
@@ -363,20 +438,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--threads 2 in one process, the cells --jobs 2 --threads 1",
     )
     args = p.parse_args(argv)
-    args.kind = "macs" if args.macs_ratios is not None else "sparsity"
-    if args.macs_ratios is not None and args.sparsities is not None:
-        p.error("give --sparsities (the sparsity grid) or --macs-ratios (the channel grid), not both")
+    given = [a for a in ("sparsities", "macs_ratios", "latency_shares") if getattr(args, a) is not None]
+    if len(given) > 1:
+        p.error("give one of --sparsities (the sparsity grid), --macs-ratios (the channel grid) or --latency-shares")
+    args.kind = {"macs_ratios": "macs", "latency_shares": "latency"}.get(given[0] if given else "", "sparsity")
     known = method_names(grid_only=False, kind=args.kind)
     unknown = [m for m in args.methods or [] if m not in known]
     if unknown:
         p.error(f"unknown method(s) {unknown} for the {args.kind} grid; choose from {known}")
-    bad = [r for r in args.macs_ratios or [] if not 0.0 < r < 1.0]
+    bad = [r for r in (args.macs_ratios or []) + (args.latency_shares or []) if not 0.0 < r < 1.0]
     if bad:
-        p.error(f"MACs ratios must be in (0, 1), got {bad}")
+        p.error(f"MACs ratios and latency shares must be in (0, 1), got {bad}")
     args.targets = (
-        args.macs_ratios
-        if args.macs_ratios is not None
-        else (args.sparsities or list(SPARSITIES_BY_DATASET[args.dataset]))
+        args.macs_ratios or args.latency_shares or args.sparsities or list(SPARSITIES_BY_DATASET[args.dataset])
     )
     args.results_dir = args.results_dir or results_dir_for(args.dataset)
     if args.dataset != "digits" and args.macs_ratios is not None:
@@ -405,7 +479,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     methods = args.methods or method_names(kind=args.kind)
-    path_of = cell_path if args.kind == "sparsity" else macs_cell_path
+    path_of = {"sparsity": cell_path, "macs": macs_cell_path, "latency": latency_cell_path}[args.kind]
     budget = Budget(epochs=args.epochs, pruning_epochs=args.pruning_epochs, patience=args.patience)
     budget.check()
     if not args.only_report:
@@ -463,7 +537,13 @@ def main(argv: list[str] | None = None) -> None:
         todo = [t for t in todo if t[0] in dense]
         for m in {t[0] for t in todo}:
             check_dense(args.results_dir, dense[m])
-        setup = (args.threads, budget, dense, data, npz, args.keep_models)
+        # The latency grid's budgets: a share of each dense network's latency, measured once (kept on disk).
+        dense_ms = (
+            {m: dense_latency(args.results_dir, dense[m], split.input_shape) for m in {t[0] for t in todo}}
+            if args.kind == "latency"
+            else {}
+        )
+        setup = (args.threads, budget, dense, data, npz, args.keep_models, dense_ms)
         tasks = [
             (i, len(todo), *t, path_of(args.results_dir, t[0], t[2], t[1], t[3]), args.kind)
             for i, t in enumerate(todo, 1)
@@ -479,7 +559,9 @@ def main(argv: list[str] | None = None) -> None:
             ) as pool:
                 for future in as_completed([pool.submit(_run_task, t) for t in tasks]):
                     _log_record(future.result())
-    if args.dataset == "digits":  # the digits and channel tables of docs/fidelity-history.md
+    if args.kind == "latency":
+        latency_report.main(["--results-dir", str(args.results_dir)])
+    elif args.dataset == "digits":  # the digits and channel tables of docs/fidelity-history.md
         report.main(
             ["--results-dir", str(args.results_dir), "--docs-dir", str(args.docs_dir), "--dataset", args.dataset]
             + (["--channel"] if args.kind == "macs" else [])

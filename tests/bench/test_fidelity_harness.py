@@ -528,3 +528,65 @@ def test_a_pool_worker_stops_when_its_run_is_killed(tmp_path):
         time.sleep(0.2)
     os.kill(child, signal.SIGKILL)
     raise AssertionError("the worker outlived its killed run by 30 s")
+
+
+def test_latency_calibration_finds_the_smallest_knob_within_the_budget_where_latency_still_falls(monkeypatch):
+    from bench.fidelity import latency
+    from bench.fidelity.registry import MethodUnavailable
+
+    # A pruner that narrows a layer with its knob, but past 0.6 leaves it whole (as Torch-Pruning does when a
+    # width would round to 0): latency is 0.1 ms per output unit, MACs the units.
+    def prune(knob):
+        width = 100 if knob > 0.6 else 100 - int(100 * knob)
+        return nn.Linear(4, width)
+
+    monkeypatch.setattr(latency, "network_ms", lambda net, shape: 0.1 * net.out_features)
+    monkeypatch.setattr(latency, "macs", lambda net, shape: net.out_features)
+    knob, calibration = latency.calibrate(prune, (4,), 5.0)
+    assert calibration["range"] == [0.0, 0.6]
+    assert 0.5 <= knob <= 0.5 + 0.6 / 2**latency.ROUNDS + 1e-9  # the smallest within the budget, to the last step
+    assert all((t["ms"] <= 5.0) == (t["knob"] >= 0.5) for t in calibration["trace"])
+    with pytest.raises(MethodUnavailable, match="unreachable"):
+        latency.calibrate(prune, (4,), 3.0)  # 40 units is the narrowest before the pruner stops
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["dg2pf-latency", "dg2pf-channel-at-latency", "tp-uniform-at-latency"])
+def test_latency_methods_prune_the_network_to_the_budget_they_were_given(method, tmp_path):
+    import dataclasses
+
+    from bench.fidelity.latency import dense_latency
+    from bench.fidelity.methods import get_method
+    from bench.fidelity.run import latency_record
+
+    cell = _tiny_cell(method, None, tmp_path)
+    cell.dense.arch, cell.dense.sha256 = "digits_cnn", "0" * 64
+    dense_ms = dense_latency(tmp_path, cell.dense, cell.split.input_shape)
+    assert dense_latency(tmp_path, cell.dense, cell.split.input_shape) == dense_ms  # kept: resumed cells agree
+    cell = dataclasses.replace(cell, latency_budget_ms=0.6 * dense_ms)
+    outcome = get_method(method).fn(cell)
+    record = latency_record(cell, outcome.model)
+    dense_params = sum(p.numel() for p in cell.dense.build().parameters())
+    assert sum(p.numel() for p in outcome.model.parameters()) < dense_params  # channels removed, not zeroed
+    # measured beside the dense network (timings are not asserted: the machine is shared)
+    assert record["speedup"] == pytest.approx(record["dense_latency_ms"] / record["latency_ms"])
+    assert outcome.model(cell.split.x_test).shape == (16, 10)
+    if method != "dg2pf-latency":  # the peers' knob was measured within the budget before training
+        calibration = outcome.notes["calibration"]
+        chosen = [t for t in calibration["trace"] if t["ms"] <= cell.latency_budget_ms]
+        assert chosen and calibration["trace"][0]["knob"] == calibration["range"][1]
+
+
+def test_latency_grid_is_its_own_kind_and_refuses_a_cell_without_a_budget(tmp_path):
+    from bench.fidelity.methods import get_method
+    from bench.fidelity.registry import MethodUnavailable
+    from bench.fidelity.run import parse_args
+
+    assert method_names(kind="latency") == ["dg2pf-latency", "dg2pf-channel-at-latency", "tp-uniform-at-latency"]
+    with pytest.raises(MethodUnavailable, match="--latency-shares"):
+        get_method("tp-uniform-at-latency").fn(_tiny_cell("tp-uniform-at-latency", None, tmp_path))
+    assert parse_args(["--latency-shares", "0.5"]).kind == "latency"
+    with pytest.raises(SystemExit):
+        parse_args(["--latency-shares", "0.5", "--macs-ratios", "0.5"])
+    with pytest.raises(SystemExit):
+        parse_args(["--latency-shares", "1.5"])
