@@ -22,7 +22,7 @@ from dg2pf_contract.artifacts import Artifacts
 from dg2pf_contract.results import Metrics
 from dg2pf_core.data.digits import write_test_digit_images
 from dg2pf_core.job.example import write_example
-from dg2pf_service.cluster import free_port
+from dg2pf_service.cluster import free_port, head_record
 
 from .summary import latency_rows
 
@@ -124,7 +124,7 @@ def run_demo(out: Path, sparsity: float = 0.9) -> int:
                 service.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 service.kill()
-        record = data_dir / "ray-state" / "ray-head.json"
+        record = head_record(data_dir)
         if record.exists():
             from dg2pf_service.cluster import ClusterInfo, stop_embedded
 

@@ -869,10 +869,9 @@ def _cmd_latency_table(args: argparse.Namespace) -> int:
     that a job run elsewhere takes as ``latency_table``."""
     from dg2pf_contract.job import MAX_IMAGE_SIZE, MIN_IMAGE_SIZE
     from dg2pf_core.algorithm.config import DG2PFConfig
-    from dg2pf_core.algorithm.latency_table import machine_here
-    from dg2pf_core.algorithm.latency_target import _measure, network_id
+    from dg2pf_core.algorithm.latency_table import check_batch_bytes, machine_here
+    from dg2pf_core.algorithm.latency_target import measure_table, network_id
     from dg2pf_core.job import checkpoint_num_classes, load_checkpoint_model
-    from dg2pf_core.job.preflight import MAX_LATENCY_BATCH_BYTES
     from dg2pf_core.models import build_model, get_arch
 
     out = Path(args.out)
@@ -907,19 +906,13 @@ def _cmd_latency_table(args: argparse.Namespace) -> int:
             f"--image-size must be in [{MIN_IMAGE_SIZE}, {MAX_IMAGE_SIZE}] pixels, got {size}", field="image_size"
         )
     shape = (spec.in_channels, size, size)
-    batch_bytes = 4 * config.latency_batch_size * spec.in_channels * size * size
-    if batch_bytes > MAX_LATENCY_BATCH_BYTES:
-        raise DG2PFError(
-            f"--batch-size {config.latency_batch_size} at {size}x{size} is a {batch_bytes / 2**30:.1f} GiB input to "
-            f"time; at most {MAX_LATENCY_BATCH_BYTES / 2**30:g} GiB (a smaller --batch-size)",
-            field="batch_size",
-        )
+    check_batch_bytes(config.latency_batch_size, shape, "--batch-size", "batch_size")
     model.eval()
     machine = machine_here(
         network_id(model, shape), config.latency_backend, config.latency_threads, config.latency_batch_size, shape
     )
     say = (lambda _m: None) if args.quiet else (lambda m: print(m, file=sys.stderr, flush=True))
-    table = _measure(model, shape, machine, config, say)
+    table = measure_table(model, shape, machine, config, say)
     # Created only if still absent (a file made there while measuring is kept): a temporary file linked in.
     tmp = None
     try:

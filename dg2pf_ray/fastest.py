@@ -38,7 +38,7 @@ from dg2pf_contract.results import Metrics, ObjectiveSearch, ParetoPoint
 from dg2pf_core.algorithm.allocation import allocate
 from dg2pf_core.algorithm.channels import ChannelPlan
 from dg2pf_core.algorithm.latency_table import LatencyTable, machine_here, measure_network
-from dg2pf_core.algorithm.latency_target import LatencyTarget, _measure, check_layers, network_id
+from dg2pf_core.algorithm.latency_target import LatencyTarget, check_layers, measure_table, network_id
 from dg2pf_core.errors import ConfigError
 from dg2pf_core.io.export import OutputDir
 from dg2pf_core.job import PruneJob, load_checkpoint_model, prepare
@@ -155,14 +155,14 @@ def _plan(prepared, machine, samples: int) -> tuple[LatencyTable, list[float], l
         given.check(machine)
         check_layers(given, model, shape)
     probe = dataclasses.replace(cfg, max_top1_drop=None, latency_budget_ms=1.0)  # the table's settings
-    table = given or _measure(model, shape, machine, probe, None)
+    table = given or measure_table(model, shape, machine, probe, None)
     multiple = max(1, cfg.channel_multiple)
     fastest = allocate(plan, params, table, 0.0, cfg.layer_cap, multiple).predicted_ms
     wanted, aims, skipped = [], [], []
     for budget in budgets(table.dense_ms(), fastest, samples):
         target = LatencyTarget(table, budget, plan, cfg.layer_cap)
         try:
-            target.multiple = target._reachable(params, multiple)
+            target.multiple = target.reachable_multiple(params, multiple)
             if given is None:
                 target.calibrate(model, shape, params)
         except ConfigError as exc:  # measured out of reach here: not a point worth a trial

@@ -31,7 +31,6 @@ import json
 import math
 import os
 import platform
-import stat
 import statistics
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -41,7 +40,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from dg2pf_core.errors import ConfigError
+from dg2pf_core.errors import ConfigError, DatasetError
 from dg2pf_core.io.onnx_export import ort_session
 
 TABLE_FORMAT = "dg2pf-latency-table/1"
@@ -274,7 +273,7 @@ class LatencyTable:
         """A table file; with ``roots`` (a service's data roots), only one that lies inside them. The file
         is opened without blocking and must be a regular file once open (a FIFO swapped in after a check
         cannot hang the reader), inside the roots as opened, and not a second name of another file."""
-        from dg2pf_core.data.roots import under  # noqa: PLC0415
+        from dg2pf_core.data.roots import confined_open  # noqa: PLC0415
 
         def bad(why: str) -> ConfigError:
             return ConfigError(f"latency_table: {why}", field="latency_table")
@@ -282,38 +281,22 @@ class LatencyTable:
         text = str(path)
         if not text or any(ord(c) < 32 or ord(c) == 127 for c in text):
             raise bad("the path must not be empty nor hold control characters")
-        path = Path(path)
-        real_roots = [os.path.realpath(r) for r in roots]
-        if roots and not under(os.path.realpath(path), real_roots):
-            # before anything else: whether a file exists outside the roots is not told
-            raise bad(f"{path} is outside the allowed data roots; put the table under one")
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
-        except OSError as e:
-            raise bad(f"cannot read {path} ({e.strerror or e})") from None
-        try:
-            info = os.fstat(fd)
-            if not stat.S_ISREG(info.st_mode):
-                raise bad(f"{path} is not a file")
-            if roots:
-                opened = os.path.realpath(f"/proc/self/fd/{fd}") if os.path.exists("/proc/self/fd") else None
-                if opened is not None and not under(opened, real_roots):
-                    raise bad(f"{path} is outside the allowed data roots; put the table under one")
-                if info.st_nlink > 1:
-                    raise bad(f"{path} is a hard link (a second name of a file that may lie outside the roots)")
-            if info.st_size > MAX_TABLE_BYTES:
-                raise bad(f"{path} is larger than {MAX_TABLE_BYTES >> 20} MiB")
-            with os.fdopen(fd, "rb", closefd=False) as fh:
+            with confined_open(path, roots) as fh:
+                if os.fstat(fh.fileno()).st_size > MAX_TABLE_BYTES:
+                    raise bad(f"{path} is larger than {MAX_TABLE_BYTES >> 20} MiB")
                 raw = fh.read(MAX_TABLE_BYTES + 1)
             if len(raw) > MAX_TABLE_BYTES:
                 raise bad(f"{path} is larger than {MAX_TABLE_BYTES >> 20} MiB")
             doc = json.loads(raw.decode("utf-8"))
-        except (OSError, ValueError) as e:  # ValueError: not UTF-8, not JSON, an integer of 5000 digits
+        except DatasetError as e:
+            raise bad(e.message) from None
+        except OSError as e:
+            raise bad(f"cannot read {path} ({e.strerror or e})") from None
+        except ValueError as e:  # not UTF-8, not JSON, an integer of 5000 digits
             raise bad(f"cannot read {path} ({type(e).__name__}: {str(e)[:200]})") from None
         except RecursionError:  # nesting deeper than the interpreter's stack
             raise bad(f"{path} is JSON nested too deeply") from None
-        finally:
-            os.close(fd)
         return cls.from_json(doc)
 
 
@@ -526,6 +509,22 @@ def _measure_layer(op: LayerOp, in_w: int, out_w: int, backend: str, threads: in
             return session.run(None, feed)
 
     return _median_ms(run, LAYER_RUNS, LAYER_WARMUP)
+
+
+MAX_BATCH_BYTES = 1 << 30  # one input batch the latency measurements time
+
+
+def check_batch_bytes(batch: int, input_shape: tuple[int, ...], option: str, field: str) -> None:
+    """ConfigError (naming ``option``) when one float32 input batch to time is over ``MAX_BATCH_BYTES``:
+    refused before anything is built or measured."""
+    size = 4 * batch * math.prod(input_shape)
+    if size > MAX_BATCH_BYTES:
+        hw = "x".join(map(str, input_shape[1:]))
+        raise ConfigError(
+            f"{option} {batch} at {hw} is a {size / 2**30:.1f} GiB input to time; at most "
+            f"{MAX_BATCH_BYTES / 2**30:g} GiB (a smaller {option})",
+            field=field,
+        )
 
 
 def measure_network(model: nn.Module, input_shape: tuple[int, ...], backend: str, threads: int, batch: int) -> float:

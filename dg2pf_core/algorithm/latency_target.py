@@ -93,9 +93,9 @@ class LatencyTarget:
         failure: BaseException | None = None
         if distributed.rank() == 0:
             try:
-                table = given or _measure(model, input_shape, machine, config, progress)
+                table = given or measure_table(model, input_shape, machine, config, progress)
                 target = cls(table, budget, plan, config.layer_cap)
-                target.multiple = target._reachable(params, config.channel_multiple)
+                target.multiple = target.reachable_multiple(params, config.channel_multiple)
                 if given is None:
                     target.calibrate(model, input_shape, params)
                 doc = [target.to_doc()]
@@ -118,7 +118,9 @@ class LatencyTarget:
             raise RuntimeError(f"rank 0 could not prepare the latency target: {doc[0]['type']}: {doc[0]['error']}")
         return cls.from_json(doc[0], budget, plan, config.layer_cap)
 
-    def _reachable(self, params: Mapping[str, torch.Tensor], channel_multiple: int) -> int:
+    def reachable_multiple(self, params: Mapping[str, torch.Tensor], channel_multiple: int) -> int:
+        """The width multiple the budget can be met with by the table (``channel_multiple``, halved while the
+        fastest allocation the guard allows misses it); ConfigError with the numbers when none can."""
         m = max(1, channel_multiple)
         while True:
             fastest = allocate(self.plan, params, self.table, self.budget_ms, self.cap, m)
@@ -277,13 +279,16 @@ def _how(machine: Machine) -> str:
     return f"{machine.backend}, {machine.threads} thread(s), batch {machine.batch_size}"
 
 
-def _measure(
+def measure_table(
     model: nn.Module,
     input_shape: tuple[int, ...],
     machine: Machine,
     config: DG2PFConfig,
     progress: Callable[[str], None] | None,
 ) -> LatencyTable:
+    """The latency table of ``model`` measured here on ``machine`` (its backend, threads, batch), widths in
+    steps of the config's ``channel_multiple``, scaled by the dense network measured end to end."""
+
     def half(copy_: nn.Module) -> nn.Module:
         p = ChannelPlan.build(copy_, input_shape, config.selection())
         params = dict(copy_.named_parameters())

@@ -88,25 +88,34 @@ def _some(items: list[str]) -> str:
     return f"{len(items)} ({shown})"
 
 
-def confined_open(path: str, roots: Sequence[str]) -> BinaryIO:
-    """``open(path, "rb")``, refused (DatasetError) when the file opened lies outside ``roots``."""
-    fh = open(path, "rb")  # noqa: SIM115 - returned to the caller
-    if not roots:
-        return fh
+def confined_open(path: str | os.PathLike, roots: Sequence[str]) -> BinaryIO:
+    """``open(path, "rb")`` of a regular file, refused (DatasetError) when it lies outside ``roots``.
+
+    With ``roots``: a path that resolves outside them is refused before it is opened (whether a file
+    exists out there is not told); the file is opened without blocking (a FIFO swapped in cannot hang
+    the reader) and must be a regular file once open; the file actually opened (``/proc/self/fd``) must
+    lie inside the roots, and must not be a second name (hard link) of a file that may live elsewhere."""
+    real_roots = _real_roots(roots) if roots else []
+    if roots and not under(os.path.realpath(path), real_roots):
+        raise DatasetError(f"{path} is outside the allowed roots; it is not read")
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     try:
-        opened = (
-            os.path.realpath(f"/proc/self/fd/{fh.fileno()}")
-            if os.path.exists("/proc/self/fd")
-            else os.path.realpath(path)
-        )
-        if not under(opened, _real_roots(roots)):
-            raise DatasetError(f"{path} leads to {opened}, outside the allowed roots; it is not read")
-        if os.fstat(fh.fileno()).st_nlink > 1:
-            raise DatasetError(
-                f"{path} is a hard link (a second name of a file that may live outside the allowed roots); "
-                "it is not read"
-            )
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise DatasetError(f"{path} is not a regular file; it is not read")
+        if roots:
+            proc = f"/proc/self/fd/{fd}"
+            opened = os.path.realpath(proc if os.path.exists(proc) else path)
+            if not under(opened, real_roots):
+                raise DatasetError(f"{path} leads to {opened}, outside the allowed roots; it is not read")
+            if info.st_nlink > 1:
+                raise DatasetError(
+                    f"{path} is a hard link (a second name of a file that may live outside the allowed roots); "
+                    "it is not read"
+                )
+        fh = os.fdopen(fd, "rb")
+        fh.raw.name = os.fspath(path)  # as open(path) names it: readers quote fh.name in their messages
+        return fh
     except BaseException:
-        fh.close()
+        os.close(fd)
         raise
-    return fh

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dg2pf_core.algorithm.channels import MAX_STRUCTURE_STAGES, ChannelPlan, check_architecture, read_structure
-from dg2pf_core.algorithm.latency_table import LatencyTable
+from dg2pf_core.algorithm.latency_table import LatencyTable, check_batch_bytes
 from dg2pf_core.algorithm.masks import select_prunable
 from dg2pf_core.algorithm.nm import check_divisible
 from dg2pf_core.errors import ConfigError, DG2PFError
@@ -101,9 +101,6 @@ def check_static(
     return arch, model, dtypes, teacher
 
 
-MAX_LATENCY_BATCH_BYTES = 1 << 30  # one input batch the latency measurements time
-
-
 def prepare(job: PruneJob, *, out: str | Path | None = None, world_size: int = 1, dry: bool = True) -> PreparedJob:
     """The preflight: load and check everything (see ``preflight``); raises a ``DG2PFError`` naming
     the bad input. ``out``: the output directory to check; ``world_size``: the DDP workers the batch
@@ -140,13 +137,8 @@ def prepare(job: PruneJob, *, out: str | Path | None = None, world_size: int = 1
         )
     c = job.config
     if c.latency_budget_ms is not None or c.max_top1_drop is not None:
-        batch_bytes = 4 * c.latency_batch_size * arch.in_channels * size * size
-        if batch_bytes > MAX_LATENCY_BATCH_BYTES:
-            raise ConfigError(
-                f"latency_batch_size {c.latency_batch_size} at {size}x{size} is a {batch_bytes / 2**30:.1f} GiB input "
-                f"to time; at most {MAX_LATENCY_BATCH_BYTES / 2**30:g} GiB (a smaller latency_batch_size)",
-                field="latency_batch_size",
-            )
+        shape = (arch.in_channels, size, size)
+        check_batch_bytes(c.latency_batch_size, shape, "latency_batch_size", "latency_batch_size")
     # A latency table the job brought: read (inside the data roots, for a service) before any training.
     table = (
         None

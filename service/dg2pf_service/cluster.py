@@ -31,6 +31,18 @@ from dg2pf_core.errors import DG2PFError
 from .processes import descendants, kill_processes, process_table
 
 SERVICE_SECRETS = ("DG2PF_API_TOKENS", "DG2PF_DATABASE_URL")
+# Under a service's data directory: the embedded head's state folder, and in it the head's record (its ports).
+RAY_STATE = "ray-state"
+HEAD_RECORD = "ray-head.json"
+
+
+def ray_state_dir(data_dir: Path) -> Path:
+    return data_dir / RAY_STATE
+
+
+def head_record(data_dir: Path) -> Path:
+    """Where a data directory's embedded head is recorded."""
+    return ray_state_dir(data_dir) / HEAD_RECORD
 
 
 def ray_cli() -> str:
@@ -163,7 +175,7 @@ def start_embedded(state_dir: Path, num_cpus: int | None = None, *, replace_unre
     new head started.
     """
     ensure_auth_token()
-    record = state_dir / "ray-head.json"
+    record = state_dir / HEAD_RECORD
     if record.exists():
         try:
             info = ClusterInfo(**json.loads(record.read_text()))
@@ -293,7 +305,7 @@ class Cluster:
 
     @property
     def record(self) -> Path:
-        return self.state_dir / "ray-head.json"
+        return self.state_dir / HEAD_RECORD
 
     def start(self) -> ClusterInfo:
         """Attach to the embedded head this data directory started (if it answers), else start one."""

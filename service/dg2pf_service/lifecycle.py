@@ -20,7 +20,7 @@ from pathlib import Path
 
 from dg2pf_core.errors import DG2PFError
 
-from .cluster import ClusterInfo, dashboard_up, head_pids, stop_embedded
+from .cluster import RAY_STATE, ClusterInfo, dashboard_up, head_pids, head_record, ray_state_dir, stop_embedded
 from .processes import kill_job_processes
 from .settings import Settings
 
@@ -87,7 +87,7 @@ def api_holders(data_dir: Path) -> list[int] | None:
 def check_data_dir(settings: Settings) -> None:
     """``settings.data_dir`` is a service's data directory (so status and stop never create one)."""
     d = settings.data_dir
-    if not d.is_dir() or not any((d / name).exists() for name in ("ray-state", "dg2pf.db", "jobs", LOCK)):
+    if not d.is_dir() or not any((d / name).exists() for name in (RAY_STATE, "dg2pf.db", "jobs", LOCK)):
         raise DG2PFError(
             f"{d} is not a dg2pf service's data directory (no ray-state/, jobs/ or dg2pf.db there); give "
             "the service's DG2PF_DATA_DIR with --data-dir",
@@ -97,7 +97,7 @@ def check_data_dir(settings: Settings) -> None:
 
 def embedded_head(settings: Settings) -> ClusterInfo | None:
     """The embedded head this data directory started (alive or not), from its record."""
-    record = settings.data_dir / "ray-state" / "ray-head.json"
+    record = head_record(settings.data_dir)
     if not record.exists():
         return None
     return ClusterInfo(**json.loads(record.read_text()))
@@ -177,7 +177,7 @@ def stop_cluster(settings: Settings) -> list[str]:
         from .cluster import Cluster
         from .executor import RayJobsExecutor
 
-        executor = RayJobsExecutor(Cluster.attached(settings.data_dir / "ray-state", head))
+        executor = RayJobsExecutor(Cluster.attached(ray_state_dir(settings.data_dir), head))
     else:
         executor = None
     now = datetime.now(UTC)
@@ -197,7 +197,7 @@ def stop_cluster(settings: Settings) -> list[str]:
     if head is not None:
         processes = len(head_pids(head.gcs_address.rsplit(":", 1)[1]))
         stop_embedded(head)
-        (settings.data_dir / "ray-state" / "ray-head.json").unlink(missing_ok=True)
+        head_record(settings.data_dir).unlink(missing_ok=True)
         done.append(
             f"stopped the embedded Ray head (GCS {head.gcs_address}, {processes} processes)"
             if processes

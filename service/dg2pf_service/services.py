@@ -13,7 +13,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from dg2pf_contract.job import JobSpec
 from dg2pf_core.errors import DG2PFError
 
-from .cluster import Cluster
+from .cluster import Cluster, ray_state_dir
 from .executor import RayJobsExecutor, output_dir
 from .runner import JobFile
 from .scheduler import Scheduler
@@ -63,7 +63,7 @@ class Services:
 
 def cluster_for(settings: Settings) -> Cluster:
     """The configured cluster (``ray_address``), or the embedded head of this data directory."""
-    state_dir = settings.data_dir / "ray-state"
+    state_dir = ray_state_dir(settings.data_dir)
     if settings.ray_address:
         host = urlparse(f"//{settings.ray_address.removeprefix('ray://')}").hostname or "127.0.0.1"
         dashboard = settings.ray_dashboard_url or f"http://{host}:8265"

@@ -28,11 +28,11 @@ def test_a_latency_table_is_read_only_inside_the_data_roots_and_checked_at_submi
     (root / "bad.json").write_text(json.dumps({"format": TABLE_FORMAT}))
     settings = _settings(tmp_path, monkeypatch, [root])
     for path, needle in (
-        (str(tmp_path / "secret.json"), "outside the allowed data roots"),
-        (str(tmp_path / "missing.json"), "outside the allowed data roots"),  # existence outside is not told
+        (str(tmp_path / "secret.json"), "outside the allowed roots"),
+        (str(tmp_path / "missing.json"), "outside the allowed roots"),  # existence outside is not told
         ("data/t.json", "must be an absolute path"),
         (str(root / "missing.json"), "No such file or directory"),
-        (str(root), "is not a file"),
+        (str(root), "is not a regular file"),
         (str(root / "bad.json"), "latency_table: malformed"),
     ):
         with pytest.raises(InvalidJob, match=needle) as info:
@@ -45,7 +45,7 @@ def test_a_latency_table_is_read_only_inside_the_data_roots_and_checked_at_submi
             check_latency_table(path, settings)
     fifo = root / "fifo.json"
     os.mkfifo(fifo)  # opened without blocking: refused, not waited on
-    with pytest.raises(InvalidJob, match="is not a file"):
+    with pytest.raises(InvalidJob, match="is not a regular file"):
         check_latency_table(str(fifo), settings)
     with pytest.raises(InvalidJob, match="DG2PF_DATA_ROOTS is not set"):
         check_latency_table(str(root / "bad.json"), _settings(tmp_path, monkeypatch, []))
