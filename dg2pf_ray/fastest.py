@@ -87,6 +87,19 @@ def choose(points: list[ParetoPoint], floor: float) -> tuple[ParetoPoint | None,
     )
 
 
+def check_resolution(drop: float, val_images: int) -> None:
+    """ConfigError when ``drop`` is finer than one validation image: the search could not tell such a drop
+    from none (every trial one image worse than dense would miss it), so it is refused before any work."""
+    step = 100.0 / max(1, val_images)
+    if drop < step:
+        raise ConfigError(
+            f"max_top1_drop {drop:g} is less than one validation image ({val_images} images: {step:.3g} points "
+            f"each): the search cannot tell such a drop from none; allow at least {step:.3g}, or give the job a "
+            "larger validation split (val_fraction)",
+            field="max_top1_drop",
+        )
+
+
 def fastest_within(job: PruneJob, out: str | Path, options: TuneOptions) -> Metrics:
     """Run the search and write the chosen trial's artifacts, ``pareto.json`` and ``pareto.png`` to ``out``."""
     cfg = job.config
@@ -101,6 +114,7 @@ def fastest_within(job: PruneJob, out: str | Path, options: TuneOptions) -> Metr
     output = OutputDir(out)
     started = time.perf_counter()
     prepared = prepare(job, out=out, dry=False)
+    check_resolution(float(cfg.max_top1_drop), len(prepared.splits.val))  # type: ignore[arg-type]
     connect(options.address, quiet=not options.ray_logs)
     if not options.cluster_may_grow:
         check_capacity(options.workers_per_trial, options.use_gpu, extra_cpus=DRIVER_CPU)

@@ -11,7 +11,7 @@ from dg2pf_contract.results import Metrics, ParetoPoint
 from dg2pf_core import DG2PFConfig, PruneJob, run_dg2pf
 from dg2pf_core.errors import ConfigError
 from dg2pf_ray.cluster import connect
-from dg2pf_ray.fastest import ABOVE_FASTEST, HIGHEST_SHARE, budgets, choose, fastest_within
+from dg2pf_ray.fastest import ABOVE_FASTEST, HIGHEST_SHARE, budgets, check_resolution, choose, fastest_within
 from dg2pf_ray.tune import TuneOptions
 
 
@@ -53,6 +53,24 @@ def test_max_top1_drop_options_are_checked_and_a_single_run_refuses_it(tiny_load
     with pytest.raises(ConfigError, match="max_top1_drop is a search over latency budgets") as e:
         run_dg2pf(TinyNet(), tiny_loaders, DG2PFConfig(granularity="channel", max_top1_drop=1.0, channel_multiple=1))
     assert e.value.field == "max_top1_drop"
+
+
+def test_a_drop_finer_than_one_validation_image_is_refused_before_any_work(digits_example, tmp_path):
+    check_resolution(1.0, 100)  # one image is exactly one point: allowed
+    with pytest.raises(ConfigError, match=r"less than one validation image \(100 images: 1 points each\)") as e:
+        check_resolution(0.5, 100)
+    assert e.value.field == "max_top1_drop"
+    # the job's own split decides: digits holds out 10% of its training images for validation (~130)
+    job = PruneJob(
+        "digits_cnn",
+        10,
+        str(digits_example / "model.safetensors"),
+        "digits",
+        DG2PFConfig(granularity="channel", max_top1_drop=0.1, latency_batch_size=1),
+    )
+    with pytest.raises(ConfigError, match="less than one validation image"):
+        fastest_within(job, tmp_path / "out", TuneOptions(samples=2, storage_path=str(tmp_path / "store")))
+    assert not ray.is_initialized()  # refused before connecting to a cluster
 
 
 @pytest.mark.slow
