@@ -423,12 +423,13 @@ def _cmd_prune(args: argparse.Namespace) -> int:
 
         # SIGTERM (a service manager, `kill`) ends the run like Ctrl-C: the state is kept and named.
         signal.signal(signal.SIGTERM, _interrupt)
+        bars = EpochBars(enabled=not args.quiet)
         try:
             m = execute(
                 job,
                 args.out,
                 engine,
-                progress=EpochBars(enabled=not args.quiet),
+                progress=bars,
                 on_prepared=announce,
                 state_dir=state_dir,
                 resume=bool(args.resume),
@@ -445,7 +446,14 @@ def _cmd_prune(args: argparse.Namespace) -> int:
                 )
                 return 130 if interrupted else 1
             if interrupted:
-                print(f"dg2pf: interrupted before training; nothing was written to {args.out}", file=sys.stderr)
+                # no state kept: before the first epoch, or after the last one (its state is let go once
+                # training ends) while the results were being written (staged, so none landed)
+                when = (
+                    f"after {bars.epochs_ended} epoch(s) of training, while the results were written"
+                    if bars.epochs_ended
+                    else "before training"
+                )
+                print(f"dg2pf: interrupted {when}; nothing was written to {args.out}", file=sys.stderr)
                 return 130
             if kept is not None and StateDir(kept).training_state.exists():  # a DG2PFError after some epochs
                 print(

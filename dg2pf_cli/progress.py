@@ -19,6 +19,7 @@ class EpochBars:
         self.bar: tqdm | None = None
         self.loss_sum = 0.0
         self.batches = 0
+        self.epochs_ended = 0  # training epochs finished (the baseline evaluation is not one)
 
     def start_epoch(self, phase: str, epoch: int, sparsity: float, batches: int) -> None:
         interrupt.check()  # a Ctrl-C that a library swallowed stops the run here, its state kept
@@ -44,6 +45,7 @@ class EpochBars:
             if self.enabled:
                 print(f"baseline (dense) val top-1 {record.val_top1:.2f}%", file=sys.stderr)
             return
+        self.epochs_ended += 1
         star = " *best" if record.is_best else ""
         back = f", {record.recovered} weights recovered" if record.recovered else ""
         summary = f"loss {record.train_loss:.4f} val top-1 {record.val_top1:.2f}%{star}{back}"
