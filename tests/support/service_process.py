@@ -17,7 +17,7 @@ from pathlib import Path
 
 import httpx
 
-from dg2pf_service.cluster import free_port
+from dg2pf_service.cluster import free_port, head_record
 
 
 class ServiceProcess:
@@ -71,7 +71,7 @@ class ServiceProcess:
     def head(self):
         from dg2pf_service.cluster import ClusterInfo
 
-        record = self.data_dir / "ray-state" / "ray-head.json"
+        record = head_record(self.data_dir)
         return ClusterInfo(**json.loads(record.read_text())) if record.exists() else None
 
     def stop(self) -> None:
@@ -80,4 +80,4 @@ class ServiceProcess:
         if head is not None:
             from dg2pf_service.cluster import stop_embedded
 
-            stop_embedded(head)
+            stop_embedded(head, grace_seconds=1.0)  # the API was killed: nothing waits for a clean exit
