@@ -451,6 +451,17 @@ def test_submit_form_puts_the_refusal_beside_its_field_and_a_markup_name_stays_t
     assert api.get("/jobs").json()["total"] == before  # refused: nothing created
     tab.screenshot("ui-submit.png", whole=False)  # the form scrolled to the refused field
 
+    # The objectives are fields of the same schema: a latency budget on the default (unstructured)
+    # granularity is refused beside the budget's own field.
+    field("sparsity").locator("input").fill("")
+    field("schedule.latency_budget_ms").locator("input").fill("5")
+    page.locator("#submit").click()
+    error = field("schedule.latency_budget_ms").locator(".field-error")
+    expect(error).to_be_visible()
+    expect(error).to_contain_text("granularity 'channel'")
+    assert api.get("/jobs").json()["total"] == before
+    field("schedule.latency_budget_ms").locator("input").fill("")
+
     field("sparsity").locator("input").fill("0.9")
     with page.expect_navigation(url=re.compile(r"/ui/jobs/[0-9a-f]{32}$")):
         page.locator("#submit").click()
