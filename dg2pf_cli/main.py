@@ -495,6 +495,7 @@ def _cmd_prune(args: argparse.Namespace) -> int:
         ("val top-1 (best epoch)", f"{m.val_top1:.2f}% (epoch {m.best_epoch} of {m.epochs})"),
         ("wall time", _wall_time(m)),
         (Artifacts.ONNX, _onnx_line(m)),
+        *([(Artifacts.INT8_ONNX, _int8_line(m))] if m.quantization is not None else []),
         *latency_rows(m),
     ]
     width = max(len(k) for k, _ in rows)
@@ -509,7 +510,20 @@ def _cmd_prune(args: argparse.Namespace) -> int:
 def _written(m: Metrics) -> str:
     """The model files a run wrote, for the line that says where the results are."""
     onnx = [Artifacts.ONNX] if m.onnx is not None and m.onnx.written else []
-    return ", ".join([Artifacts.MODEL, Artifacts.COMPACT, *onnx])
+    int8 = [Artifacts.INT8_ONNX] if m.quantization is not None and m.quantization.written else []
+    return ", ".join([Artifacts.MODEL, Artifacts.COMPACT, *onnx, *int8])
+
+
+def _int8_line(m: Metrics) -> str:
+    q = m.quantization
+    if not q.written:
+        return f"not kept: {q.reason}"
+    test = f", test {q.test_top1_int8:.2f}%" if q.test_top1_int8 is not None else ""
+    size = f"; {q.bytes_int8:,} bytes vs {q.bytes_fp32:,} fp32" if q.bytes_int8 and q.bytes_fp32 else ""
+    return (
+        f"written: val top-1 {q.val_top1_int8:.2f}% vs fp32 {q.val_top1_fp32:.2f}%{test} "
+        f"(calibration {q.method}, allowed drop {q.max_drop:g}){size}"
+    )
 
 
 def _wall_time(m: Metrics) -> str:

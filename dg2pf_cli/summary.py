@@ -16,6 +16,7 @@ def latency_rows(m: Metrics) -> list[tuple[str, str]]:
     for backend, by_batch in latency.backends.items():
         cells = [
             f"batch {n}: {r.dense_ms:.2f} -> {r.pruned_ms:.2f} ms ({r.speedup:.2f}x)"
+            + (f", int8 {r.int8_ms:.2f} ms ({r.int8_speedup:.2f}x)" if r.int8_speedup is not None else "")
             for n, r in by_batch.items()
             if r.speedup is not None
         ]

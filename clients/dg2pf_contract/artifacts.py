@@ -30,6 +30,7 @@ class Artifacts:
     MODEL = "model.safetensors"  # the pruned weights, dense, in the input checkpoint's dtypes
     COMPACT = "model.compact.safetensors"  # the same weights as bitmask + nonzero values
     ONNX = "model.onnx"  # only when the model exports and ONNX Runtime matches PyTorch's logits
+    INT8_ONNX = "model.int8.onnx"  # precision int8: only when its validation top-1 kept max_quantization_drop
     METRICS = "metrics.json"  # the result document: dg2pf_contract.results.Metrics
     TRAINING_PLOT = "training.png"  # drawn from metrics.json (dg2pf_core.io.plots), unless drawing failed
     LAYERS_PLOT = "layers.png"
@@ -40,9 +41,21 @@ class Artifacts:
 
     REQUIRED = (MODEL, COMPACT, METRICS)  # every finished run has these
     PLOTS = (TRAINING_PLOT, LAYERS_PLOT)
-    OPTIONAL = (ONNX, *PLOTS)  # what a finished run may lack (see metrics.json's onnx, the run's log)
+    OPTIONAL = (ONNX, INT8_ONNX, *PLOTS)  # what a finished run may lack (see metrics.json's onnx, the run's log)
     # What the HTTP API serves of a job's output (GET /jobs/{id}/artifacts), in this order.
-    SERVED = (MODEL, COMPACT, ONNX, METRICS, HISTORY, TRAINING_PLOT, LAYERS_PLOT, TRIALS, PARETO, PARETO_PLOT)
+    SERVED = (
+        MODEL,
+        COMPACT,
+        ONNX,
+        INT8_ONNX,
+        METRICS,
+        HISTORY,
+        TRAINING_PLOT,
+        LAYERS_PLOT,
+        TRIALS,
+        PARETO,
+        PARETO_PLOT,
+    )
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "root", Path(self.root))
@@ -54,6 +67,10 @@ class Artifacts:
     @property
     def compact(self) -> Path:
         return self.root / self.COMPACT
+
+    @property
+    def int8_onnx(self) -> Path:
+        return self.root / self.INT8_ONNX
 
     @property
     def pareto(self) -> Path:

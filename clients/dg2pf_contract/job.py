@@ -38,6 +38,7 @@ from .options import (
     LATENCY_BUDGET_BOUNDS,
     MAX_PATTERN_LENGTH,
     MAX_PATTERNS,
+    PRECISIONS,
     PRESET_FIELDS,
     PRESETS,
     TOP1_DROP_BOUNDS,
@@ -81,7 +82,7 @@ _RANGE_ERRORS = {"greater_than", "greater_than_equal", "less_than", "less_than_e
 
 
 def _no_bool(value: Any) -> Any:
-    """A target given as true/false (YAML's yes/no) is no number: pydantic would read true as 1."""
+    """A number given as true/false (YAML's yes/no) is no number: pydantic would read true as 1."""
     if isinstance(value, bool):
         raise PydanticCustomError("not_a_number", "must be a number, got {value}", {"value": str(value).lower()})
     return value
@@ -171,6 +172,11 @@ _CHOICES = {
     ),
     "kd_loss": (KD_LOSSES, None),
     "latency_backend": (LATENCY_BACKENDS, "what latency_budget_ms is measured on: ONNX Runtime or PyTorch eager (CPU)"),
+    "precision": (
+        PRECISIONS,
+        "'int8': also write model.int8.onnx (ONNX Runtime static quantization), kept only within "
+        "max_quantization_drop points of the fp32 model's validation top-1",
+    ),
 }
 # Optional file paths (a service reads them only under its data roots).
 _PATH_OPTIONS = {
@@ -225,7 +231,9 @@ def _schedule_model() -> type[BaseModel]:
             ]
         elif bounds is not None:  # the core's own ranges, so they appear in the OpenAPI
             limits = {"gt" if bounds.low_open else "ge": bounds.low, "lt" if bounds.high_open else "le": bounds.high}
-            hint = Annotated[hint, Field(**limits, description=preset), worded(f"in {bounds.text()}")]
+            hint = Annotated[
+                hint, Field(**limits, description=preset), worded(f"in {bounds.text()}"), BeforeValidator(_no_bool)
+            ]
         elif f.name in _OPTIONAL_RANGES:
             limits, description, wording = _OPTIONAL_RANGES[f.name]
             hint = Annotated[

@@ -73,10 +73,12 @@ BOUNDS: dict[str, Bounds] = {
     "rerank_every_steps": Bounds(0, 10_000_000),
     "latency_threads": Bounds(1, 256),
     "latency_batch_size": Bounds(1, 4096),
+    "max_quantization_drop": Bounds(0, 100, low_open=True),
 }
 # latency_budget_ms: above 0, at most a day (a typo or an attack beyond it).
 LATENCY_BUDGET_BOUNDS = Bounds(0, 86_400_000, low_open=True)
 LATENCY_BACKENDS = ("onnxruntime", "torch")
+PRECISIONS = ("fp32", "int8")
 # max_top1_drop: points of validation top-1, above 0, at most 100.
 TOP1_DROP_BOUNDS = Bounds(0, 100, low_open=True)
 OBJECTIVE_SAMPLES = 4  # latency budgets a max_top1_drop search tries unless its tune section says
@@ -211,6 +213,12 @@ class Options:
     # job), every trial's network is measured again one at a time, and the fastest within the drop is the
     # job's model; pareto.json holds every trial (dg2pf_ray/fastest.py).
     max_top1_drop: float | None = None
+    # After pruning, "int8" also writes model.int8.onnx: static post-training quantization of model.onnx
+    # by ONNX Runtime (QDQ, per-channel weights, activations calibrated on training images), kept only if
+    # its validation top-1 is at most max_quantization_drop points under the fp32 model's; metrics.json's
+    # quantization section says which, with both figures (dg2pf_core/io/quantize.py).
+    precision: str = "fp32"
+    max_quantization_drop: float = 0.5
     # The emptying guard (unstructured): every ranking keeps the this-many largest weights of each
     # prunable tensor and of each classifier row (one row per class), so no layer and no class is cut off;
     # the global target is still met exactly. 0 turns each off.

@@ -148,6 +148,26 @@ class OnnxExport(_Open):
     seconds: float | None = Field(None, description="written: time to export and check")
 
 
+class Quantization(_Open):
+    """The ``quantization`` section (precision int8): whether ``model.int8.onnx`` was kept, and why."""
+
+    precision: str = Field(description="what the job asked for: 'int8'")
+    written: bool = Field(description="model.int8.onnx exists: its validation top-1 kept max_quantization_drop")
+    reason: str | None = Field(None, description="not written: why (with both figures when it lost accuracy)")
+    file: str | None = Field(None, description="written: the file's name")
+    method: str | None = Field(None, description="the activation calibration kept (the best by validation top-1)")
+    candidates: list[dict[str, Any]] = Field(default_factory=list, description="every calibration tried")
+    reduce_range: bool | None = Field(None, description="7-bit weights (x86 CPUs without VNNI)")
+    calibration_images: int | None = Field(None, description="training images the activations were calibrated on")
+    val_top1_fp32: float | None = Field(None, description="model.onnx's validation top-1 (ONNX Runtime)")
+    val_top1_int8: float | None = Field(None, description="the int8 model's validation top-1 (ONNX Runtime)")
+    test_top1_int8: float | None = Field(None, description="written: the int8 model's test top-1")
+    max_drop: float | None = Field(None, description="max_quantization_drop: the points of validation top-1 allowed")
+    bytes_fp32: int | None = None
+    bytes_int8: int | None = None
+    seconds: float | None = Field(None, description="time to calibrate, quantize and check")
+
+
 class LatencyCell(_Open):
     """One backend at one batch size: medians (and 90th percentiles) of the dense and the pruned model."""
 
@@ -157,6 +177,9 @@ class LatencyCell(_Open):
     dense_ms: float | None = None
     dense_p90_ms: float | None = None
     speedup: float | None = Field(None, description="dense_ms / pruned_ms: above 1 the pruned model is faster")
+    int8_ms: float | None = Field(None, description="precision int8: model.int8.onnx's median")
+    int8_p90_ms: float | None = None
+    int8_speedup: float | None = Field(None, description="dense_ms / int8_ms")
 
 
 class Latency(_Open):
@@ -395,6 +418,7 @@ class Metrics(_Document):
     # Sections of the written model and of the engine that ran it.
     onnx: OnnxExport | None = Field(None, description="the ONNX export (absent: the run predates it)")
     latency: Latency | None = Field(None, description="dense against pruned latency (absent: the run predates it)")
+    quantization: Quantization | None = Field(None, description="precision int8: the int8 model and its check")
     latency_objective: LatencyObjective | None = Field(
         None, description="jobs pruned to latency_budget_ms: the budget, the table's prediction, the measurement"
     )

@@ -22,6 +22,7 @@ from dg2pf_contract.options import (
     LATENCY_BUDGET_BOUNDS,
     MAX_PATTERN_LENGTH,
     MAX_PATTERNS,
+    PRECISIONS,
     PRESETS,
     RECOVERY_MODES,
     SCOPES,
@@ -112,6 +113,8 @@ class DG2PFConfig(Options):
                 )
         if self.latency_backend not in LATENCY_BACKENDS:
             raise bad("latency_backend", f"must be one of {list(LATENCY_BACKENDS)}, got {self.latency_backend!r}")
+        if self.precision not in PRECISIONS:
+            raise bad("precision", f"must be one of {list(PRECISIONS)}, got {self.precision!r}")
         if self.latency_budget_ms is not None:
             parse_granularity(self.granularity)
             budget = self.latency_budget_ms

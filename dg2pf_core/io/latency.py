@@ -160,6 +160,10 @@ def compare(report: LatencyReport, dense: str = "dense", pruned: str = "pruned")
                 row.update(dense_ms=_figure(cells[dense].median_ms), dense_p90_ms=_figure(cells[dense].p90_ms))
             if pruned in cells and dense in cells:
                 row["speedup"] = _figure(cells[dense].median_ms / cells[pruned].median_ms)
+            if "int8" in cells:  # precision int8: model.int8.onnx, on ONNX Runtime only
+                row.update(int8_ms=_figure(cells["int8"].median_ms), int8_p90_ms=_figure(cells["int8"].p90_ms))
+                if dense in cells:
+                    row["int8_speedup"] = _figure(cells[dense].median_ms / cells["int8"].median_ms)
             out.setdefault(backend, {})[str(batch)] = row
     return out
 

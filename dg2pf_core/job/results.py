@@ -1,5 +1,6 @@
 """A finished job's result document: the ``Metrics`` of ``metrics.json`` (``result_metrics``), its
-``latency`` section (``job_latency``) and the warnings it carries."""
+``latency`` section (``job_latency``), its ``quantization`` section (``job_quantization``, precision int8)
+and the warnings it carries."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import torch
 from torch import nn
 
 from dg2pf_contract.artifacts import Artifacts
-from dg2pf_contract.results import Latency, Metrics
+from dg2pf_contract.results import Latency, Metrics, Quantization
 from dg2pf_core.algorithm.batchnorm import settled_channels
 from dg2pf_core.algorithm.config import DG2PFConfig
 from dg2pf_core.algorithm.loop import DG2PFResult
@@ -142,8 +143,59 @@ def result_metrics(prepared: PreparedJob, result: DG2PFResult, *, world_size: in
     )
 
 
+def job_quantization(prepared: PreparedJob, onnx: OnnxReport, files: Artifacts) -> Quantization:
+    """Precision int8: ``model.int8.onnx`` from ``model.onnx`` (``dg2pf_core.io.quantize``), calibrated on
+    the job's training images, kept only within ``max_quantization_drop`` of the fp32 model's validation
+    top-1; its test top-1 when kept. Never fails the job: the section says what happened."""
+    from torch.utils.data import DataLoader  # noqa: PLC0415
+
+    from dg2pf_core.io.quantize import batches_of, onnx_top1, quantize_int8  # noqa: PLC0415
+
+    cfg = prepared.job.config
+    if not onnx.written:
+        return Quantization(
+            precision=cfg.precision, written=False, reason=f"there is no {Artifacts.ONNX} to quantize ({onnx.reason})"
+        )
+    splits, threads = prepared.splits, torch.get_num_threads()
+    batch = min(64, cfg.eval_batch_size)
+    try:
+        calibration = DataLoader(
+            splits.train, batch_size=batch, shuffle=True, generator=torch.Generator().manual_seed(0)
+        )
+        val = DataLoader(splits.val, batch_size=cfg.eval_batch_size)
+        report = quantize_int8(files.onnx, files.int8_onnx, batches_of(calibration), val, cfg.max_quantization_drop)
+        test_top1 = None
+        if report.written and splits.test is not None:
+            test_top1 = onnx_top1(files.int8_onnx, DataLoader(splits.test, batch_size=cfg.eval_batch_size), threads)
+    except Exception as exc:  # noqa: BLE001 - a finished training is not lost to its quantization
+        files.int8_onnx.unlink(missing_ok=True)
+        return Quantization(precision=cfg.precision, written=False, reason=f"{type(exc).__name__}: {exc}"[:500])
+    return Quantization(
+        precision=cfg.precision,
+        written=report.written,
+        reason=report.reason,
+        file=Artifacts.INT8_ONNX if report.written else None,
+        method=report.method,
+        candidates=report.candidates,
+        reduce_range=report.reduce_range,
+        calibration_images=report.calibration_images,
+        val_top1_fp32=report.val_top1_fp32,
+        val_top1_int8=report.val_top1_int8,
+        test_top1_int8=test_top1,
+        max_drop=report.max_drop,
+        bytes_fp32=report.bytes_fp32,
+        bytes_int8=report.bytes_int8,
+        seconds=round(report.seconds, 3),
+    )
+
+
 def job_latency(
-    prepared: PreparedJob, pruned: nn.Module, onnx: OnnxReport, onnx_file: Path, macs_ratio: float | None
+    prepared: PreparedJob,
+    pruned: nn.Module,
+    onnx: OnnxReport,
+    onnx_file: Path,
+    macs_ratio: float | None,
+    int8_file: Path | None = None,
 ) -> Latency:
     """The ``latency`` section of metrics.json: the unpruned input model (read again from the job's
     checkpoint) and the pruned one, timed side by side (``dg2pf_core.io.latency``) with this process's
@@ -152,6 +204,8 @@ def job_latency(
     notes: list[str] = []
     models = {"pruned": pruned}
     files = {"pruned": onnx_file} if onnx.written else {}
+    if int8_file is not None:
+        files["int8"] = int8_file
     if not onnx.written:
         notes.append(f"onnxruntime: not measured, there is no {Artifacts.ONNX} ({onnx.reason})")
     try:

@@ -13,7 +13,7 @@ from dg2pf_core.io.export import write_compact, write_model
 from dg2pf_core.io.onnx_export import export_onnx
 from dg2pf_core.io.plots import write_plots
 from dg2pf_core.job.model import load_checkpoint_model
-from dg2pf_core.job.results import job_latency
+from dg2pf_core.job.results import job_latency, job_quantization
 from dg2pf_core.job.spec import PreparedJob
 
 log = logging.getLogger(__name__)
@@ -37,9 +37,18 @@ def write_results(out: Path, prepared: PreparedJob, result: DG2PFResult, metrics
     _, pruned, _ = load_checkpoint_model(job.arch, job.num_classes, files.model, what="written model")
     onnx = export_onnx(pruned, prepared.input_shape, files.onnx, what=job.arch)
     macs_ratio = metrics.macs_sparse / metrics.macs_dense if metrics.macs_dense else None
-    metrics = metrics.model_copy(
-        update={"onnx": onnx.section(), "latency": job_latency(prepared, pruned, onnx, files.onnx, macs_ratio)}
-    )
+    update: dict = {"onnx": onnx.section()}
+    int8 = None
+    if job.config.precision == "int8":
+        update["quantization"] = quantization = job_quantization(prepared, onnx, files)
+        int8 = files.int8_onnx if quantization.written else None
+        if not quantization.written:
+            update["warnings"] = [
+                *metrics.warnings,
+                f"precision int8: {Artifacts.INT8_ONNX} not kept: {quantization.reason}",
+            ]
+    update["latency"] = job_latency(prepared, pruned, onnx, files.onnx, macs_ratio, int8)
+    metrics = metrics.model_copy(update=update)
     metrics.write(files.metrics)
     try:
         write_plots(metrics, out)

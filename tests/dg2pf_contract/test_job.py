@@ -118,8 +118,11 @@ def test_a_stored_spec_every_field_written_validates_again(extra):
     assert JobSpec.model_validate(stored).model_dump(mode="json") == stored
 
 
-@pytest.mark.parametrize("field", ["latency_budget_ms", "max_top1_drop", "target_macs_ratio"])
-def test_a_target_given_as_yes_or_no_is_refused_not_read_as_1(field):
+@pytest.mark.parametrize(
+    "field",
+    ["latency_budget_ms", "max_top1_drop", "target_macs_ratio", "max_quantization_drop", "patience", "kd_alpha"],
+)
+def test_a_number_given_as_yes_or_no_is_refused_not_read_as_1(field):
     doc = {
         "model": {"arch": "digits_cnn", "num_classes": 10, "checkpoint": "x"},
         "dataset": {"spec": "digits"},
