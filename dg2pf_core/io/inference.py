@@ -57,6 +57,7 @@ class InferenceModel:
     class_names: list[str] | None
     transform: Callable[[PIL.Image.Image], torch.Tensor]
     backend: str = "torch"  # what computes the logits: "torch", or the engine ``model`` wraps
+    precision: str = "fp32"  # "int8": the job's model.int8.onnx computes them
 
     @classmethod
     def load(cls, output_dir: str | Path, device: str | torch.device = "cpu") -> InferenceModel:
@@ -68,7 +69,9 @@ class InferenceModel:
         return cls.for_module(model.to(device).eval(), meta)
 
     @classmethod
-    def for_module(cls, module: nn.Module, meta: ModelInfo, backend: str = "torch") -> InferenceModel:
+    def for_module(
+        cls, module: nn.Module, meta: ModelInfo, backend: str = "torch", precision: str = "fp32"
+    ) -> InferenceModel:
         """Logits from ``module`` (``[N, C, H, W]`` float32 -> ``[N, num_classes]``), inputs, labels and
         preprocessing from the job's ``metrics.json`` (``meta``, as ``read_job_metrics`` returns it)."""
         spec = get_arch(meta.arch)
@@ -85,6 +88,7 @@ class InferenceModel:
             class_names=meta.class_names,
             transform=eval_transform_for(meta.dataset, request),
             backend=backend,
+            precision=precision,
         )
 
     @property

@@ -1,7 +1,8 @@
 """A finished job's ``model.onnx`` answering on ONNX Runtime, behind the same ``InferenceModel``.
 
 ``load_onnx_model(output_dir, threads)`` returns an ``InferenceModel`` whose logits come from an
-``onnxruntime.InferenceSession`` (CPU provider) of the job's ``model.onnx``; inputs, image
+``onnxruntime.InferenceSession`` (CPU provider) of the job's ``model.onnx`` (its ``model.int8.onnx`` when
+the job kept one: ``precision`` says which); inputs, image
 preprocessing, top-k and labels are ``InferenceModel``'s own, so an answer differs from the PyTorch
 one only by the float32 rounding the job's export check allowed (``onnx_export.ATOL`` relative to
 the logits' scale). Only the ONNX file is read, besides ``metrics.json``: no PyTorch weights are
@@ -82,7 +83,10 @@ def load_onnx_model(output_dir: str | Path, threads: int) -> InferenceModel:
     reason = onnx_missing_reason(out, meta)
     if reason is not None:
         raise OnnxUnavailable(f"{out} cannot be served by ONNX Runtime: {reason}", field="model")
-    onnx = Artifacts(out).onnx
+    # A job run with precision int8 kept model.int8.onnx only when it passed its accuracy check: it is served.
+    files = Artifacts(out)
+    precision = "int8" if files.int8_onnx.is_file() else "fp32"
+    onnx = files.int8_onnx if precision == "int8" else files.onnx
     try:
         session = ort_session(onnx, threads=max(1, int(threads)))
     except ImportError as exc:
@@ -91,4 +95,4 @@ def load_onnx_model(output_dir: str | Path, threads: int) -> InferenceModel:
         raise OnnxUnavailable(
             f"ONNX Runtime cannot load {onnx}: {str(exc).splitlines()[0][:300]}", field="model"
         ) from exc
-    return InferenceModel.for_module(OrtModule(session, onnx), meta, backend=BACKEND)
+    return InferenceModel.for_module(OrtModule(session, onnx), meta, backend=BACKEND, precision=precision)

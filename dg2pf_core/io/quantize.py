@@ -72,17 +72,15 @@ def needs_reduce_range() -> bool:
 
 
 def onnx_top1(path: str | Path, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], threads: int = 1) -> float:
-    """Top-1 (percent) of an ONNX model run by ONNX Runtime over ``(images, labels)`` batches."""
-    session = ort_session(path, threads)
-    name = session.get_inputs()[0].name
-    correct = total = 0
-    for x, y in batches:
-        logits = session.run(None, {name: x.float().numpy()})[0]
-        correct += int((logits.argmax(1) == y.numpy()).sum())
-        total += len(y)
-    if total == 0:
+    """Top-1 (percent) of an ONNX model run by ONNX Runtime over ``(images, labels)`` batches, by the rule
+    every evaluation and the serving answers use (``metrics.evaluate``: torch's top-k; int8 logits can tie)."""
+    from dg2pf_core.io.metrics import evaluate  # noqa: PLC0415
+    from dg2pf_core.io.onnx_backend import OrtModule  # noqa: PLC0415
+
+    accuracy = evaluate(OrtModule(ort_session(path, threads), Path(path)), batches, torch.device("cpu"))
+    if accuracy.samples == 0:
         raise ValueError("no images to evaluate")
-    return 100.0 * correct / total
+    return accuracy.top1
 
 
 def _calibration(images: Iterable[torch.Tensor], limit: int) -> list[np.ndarray]:

@@ -169,6 +169,7 @@ class ModelServer:
         doc: dict[str, Any] = {
             "model": model_id,
             "backend": model.backend,
+            "precision": model.precision,
             "predictions": predictions_json(model.top_k(out, top_k)),
         }
         if logits:

@@ -85,6 +85,19 @@ def test_a_job_with_precision_int8_writes_the_checked_int8_model_and_times_it(di
     for cell in m["latency"]["backends"]["onnxruntime"].values():  # int8 timed beside dense and fp32 pruned
         assert cell["int8_ms"] > 0 and cell["int8_speedup"] == pytest.approx(cell["dense_ms"] / cell["int8_ms"], 1e-3)
     assert "model.int8.onnx" in r.stdout
+    if granularity == "channel":  # served: the onnxruntime backend answers with the int8 model, as evaluated
+        from torch.utils.data import DataLoader
+
+        from dg2pf_core.io.metrics import evaluate
+        from dg2pf_core.io.onnx_backend import load_onnx_model
+        from dg2pf_core.job import load_data
+        from dg2pf_core.models import get_arch
+
+        served = load_onnx_model(out, threads=1)
+        assert (served.backend, served.precision) == ("onnxruntime", "int8")
+        splits, _ = load_data("digits", get_arch("digits_cnn"), 10, None, 0.1, 0)
+        top1 = evaluate(served.model, DataLoader(splits.test, batch_size=64), torch.device("cpu")).top1
+        assert top1 == pytest.approx(q["test_top1_int8"])
 
 
 def test_an_unknown_precision_is_refused_before_anything_runs(digits_example, tmp_path):
