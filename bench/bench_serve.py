@@ -114,11 +114,13 @@ def deploy_noop(data_dir: Path, port: int) -> None:
     """A no-op Serve app on the service's cluster: what any Serve request costs here."""
     import json
 
+    from dg2pf_service.cluster import head_record
+
     os.environ["RAY_AUTH_MODE"] = "token"
     import ray
     from ray import serve
 
-    info = json.loads((data_dir / "ray-state" / "ray-head.json").read_text())
+    info = json.loads(head_record(data_dir).read_text())
     ray.init(address=info["gcs_address"], log_to_driver=False, logging_level="WARNING")
 
     @serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=128)

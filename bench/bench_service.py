@@ -292,9 +292,9 @@ class RayJobs:
         try:
             from ray.job_submission import JobSubmissionClient
 
-            from dg2pf_service.cluster import auth_headers
+            from dg2pf_service.cluster import auth_headers, head_record
 
-            head = json.loads((data_dir / "ray-state" / "ray-head.json").read_text())
+            head = json.loads(head_record(data_dir).read_text())
             self.client = JobSubmissionClient(head["dashboard_url"], headers=auth_headers())
         except Exception as exc:  # noqa: BLE001 - the breakdown is optional
             print(f"(no Ray job info: {exc})", file=sys.stderr)

@@ -446,8 +446,8 @@ def _cmd_prune(args: argparse.Namespace) -> int:
                 )
                 return 130 if interrupted else 1
             if interrupted:
-                # no state kept: before the first epoch, or after the last one (its state is let go once
-                # training ends) while the results were being written (staged, so none landed)
+                # no state kept: before the first epoch, or after training when no state was saved (a run
+                # without a state directory) while the results were being written (staged: none landed)
                 when = (
                     f"after {bars.epochs_ended} epoch(s) of training, while the results were written"
                     if bars.epochs_ended
@@ -928,7 +928,7 @@ def _cmd_latency_table(args: argparse.Namespace) -> int:
             f"--image-size must be in [{MIN_IMAGE_SIZE}, {MAX_IMAGE_SIZE}] pixels, got {size}", field="image_size"
         )
     shape = (spec.in_channels, size, size)
-    check_batch_bytes(config.latency_batch_size, shape, "--batch-size", "batch_size")
+    check_batch_bytes(config.latency_batch_size, shape, "--batch-size", "batch_size", model)
     model.eval()
     machine = machine_here(
         network_id(model, shape), config.latency_backend, config.latency_threads, config.latency_batch_size, shape

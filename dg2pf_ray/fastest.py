@@ -92,9 +92,10 @@ def check_resolution(drop: float, val_images: int) -> None:
     from none (every trial one image worse than dense would miss it), so it is refused before any work."""
     step = 100.0 / max(1, val_images)
     if drop < step:
+        least = math.ceil(step * 1000) / 1000  # rounded up: the figure suggested is itself allowed
         raise ConfigError(
-            f"max_top1_drop {drop:g} is less than one validation image ({val_images} images: {step:.3g} points "
-            f"each): the search cannot tell such a drop from none; allow at least {step:.3g}, or give the job a "
+            f"max_top1_drop {drop:g} is less than one validation image ({val_images} images: {step:.4g} points "
+            f"each): the search cannot tell such a drop from none; allow at least {least:g}, or give the job a "
             "larger validation split (val_fraction)",
             field="max_top1_drop",
         )

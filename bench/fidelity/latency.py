@@ -35,6 +35,7 @@ from torch import nn
 
 from dg2pf_core.algorithm.channels import ChannelPlan, remove_channels
 from dg2pf_core.algorithm.latency_table import measure_network
+from dg2pf_core.io.latency import cpu_name
 
 from .channel import _classifier, macs, train_progressively
 from .dg2pf_family import _run, make_config
@@ -51,13 +52,20 @@ def network_ms(model: nn.Module, shape: tuple[int, ...]) -> float:
 def dense_latency(results: Path, dense, shape: tuple[int, ...]) -> float:
     """The dense network's latency, measured once per results directory and dense checkpoint."""
     path = results / dense.arch / "dense-latency.json"
+    here = cpu_name()
     if path.exists():
         kept = json.loads(path.read_text())
+        if kept.get("cpu", here) != here:  # budgets in ms mean nothing on another CPU
+            raise SystemExit(
+                f"{path} was measured on {kept['cpu']!r}, this is {here!r}: its cells' budgets do not hold here; "
+                "pass another --results-dir"
+            )
         if kept.get("dense_sha256") == dense.sha256 and kept.get("latency") == LATENCY:
             return float(kept["ms"])
     ms = network_ms(dense.build(), shape)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"dense_sha256": dense.sha256, "latency": LATENCY, "ms": ms}, indent=1))
+    doc = {"dense_sha256": dense.sha256, "latency": LATENCY, "cpu": here, "ms": ms}
+    path.write_text(json.dumps(doc, indent=1))
     return ms
 
 

@@ -446,6 +446,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     unknown = [m for m in args.methods or [] if m not in known]
     if unknown:
         p.error(f"unknown method(s) {unknown} for the {args.kind} grid; choose from {known}")
+    given_targets = args.sparsities or args.macs_ratios or args.latency_shares or []
+    if len({f"{t:.2f}" for t in given_targets}) < len(given_targets):  # one cell file per target, to 2 decimals
+        p.error(f"targets must differ in their first two decimals (one cell each), got {given_targets}")
     bad = [r for r in (args.macs_ratios or []) + (args.latency_shares or []) if not 0.0 < r < 1.0]
     if bad:
         p.error(f"MACs ratios and latency shares must be in (0, 1), got {bad}")

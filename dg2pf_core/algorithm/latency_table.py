@@ -512,19 +512,55 @@ def _measure_layer(op: LayerOp, in_w: int, out_w: int, backend: str, threads: in
 
 
 MAX_BATCH_BYTES = 1 << 30  # one input batch the latency measurements time
+MAX_ACTIVATION_BYTES = 8 << 30  # every layer's output at that batch, summed: a bound on what timing holds
 
 
-def check_batch_bytes(batch: int, input_shape: tuple[int, ...], option: str, field: str) -> None:
-    """ConfigError (naming ``option``) when one float32 input batch to time is over ``MAX_BATCH_BYTES``:
-    refused before anything is built or measured."""
+def activation_bytes(model: nn.Module, input_shape: tuple[int, ...]) -> int | None:
+    """Bytes of float32 outputs of every leaf module for one input, from shapes alone (a forward pass on
+    the meta device: nothing allocated): what a forward pass may hold at once, per image, at most. None
+    when the model cannot run on the meta device."""
+    total = 0
+
+    def count(_module: nn.Module, _inputs: object, output: object) -> None:
+        nonlocal total
+        if isinstance(output, torch.Tensor):
+            total += 4 * output.numel()
+
+    try:
+        probe = copy.deepcopy(model).float().eval().to("meta")
+        for m in probe.modules():
+            if not list(m.children()):
+                m.register_forward_hook(count)
+        with torch.no_grad():
+            probe(torch.zeros((1, *input_shape), device="meta"))
+    except Exception:  # noqa: BLE001 - an operation without a meta kernel: the input-size bound still holds
+        return None
+    return total
+
+
+def check_batch_bytes(
+    batch: int, input_shape: tuple[int, ...], option: str, field: str, model: nn.Module | None = None
+) -> None:
+    """ConfigError (naming ``option``) when one float32 input batch to time is over ``MAX_BATCH_BYTES``,
+    or (given the model) its activations at that batch over ``MAX_ACTIVATION_BYTES``: refused before
+    anything is measured."""
+    hw = "x".join(map(str, input_shape[1:]))
     size = 4 * batch * math.prod(input_shape)
     if size > MAX_BATCH_BYTES:
-        hw = "x".join(map(str, input_shape[1:]))
         raise ConfigError(
-            f"{option} {batch} at {hw} is a {size / 2**30:.1f} GiB input to time; at most "
+            f"{option} {batch} at {hw} is a {size / 2**30:.2f} GiB input to time; at most "
             f"{MAX_BATCH_BYTES / 2**30:g} GiB (a smaller {option})",
             field=field,
         )
+    per_image = activation_bytes(model, input_shape) if model is not None else None
+    if per_image is not None:
+        held = batch * per_image
+        if held > MAX_ACTIVATION_BYTES:
+            raise ConfigError(
+                f"{option} {batch} at {hw}: the network's layer outputs come to {held / 2**30:.2f} GiB at that "
+                f"batch; at most {MAX_ACTIVATION_BYTES / 2**30:g} GiB are timed (a smaller {option})",
+                field=field,
+            )
 
 
 def measure_network(model: nn.Module, input_shape: tuple[int, ...], backend: str, threads: int, batch: int) -> float:

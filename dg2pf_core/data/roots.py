@@ -95,6 +95,9 @@ def confined_open(path: str | os.PathLike, roots: Sequence[str]) -> BinaryIO:
     exists out there is not told); the file is opened without blocking (a FIFO swapped in cannot hang
     the reader) and must be a regular file once open; the file actually opened (``/proc/self/fd``) must
     lie inside the roots, and must not be a second name (hard link) of a file that may live elsewhere."""
+    path = os.fsdecode(path)  # str, bytes or a path-like: one text to check and to name
+    if "\0" in path:
+        raise DatasetError(f"{path!r} holds a NUL character; it is not read")
     real_roots = _real_roots(roots) if roots else []
     if roots and not under(os.path.realpath(path), real_roots):
         raise DatasetError(f"{path} is outside the allowed roots; it is not read")
@@ -114,7 +117,7 @@ def confined_open(path: str | os.PathLike, roots: Sequence[str]) -> BinaryIO:
                     "it is not read"
                 )
         fh = os.fdopen(fd, "rb")
-        fh.raw.name = os.fspath(path)  # as open(path) names it: readers quote fh.name in their messages
+        fh.raw.name = path  # as open(path) names it: readers quote fh.name in their messages
         return fh
     except BaseException:
         os.close(fd)

@@ -110,6 +110,11 @@ def prepare(job: PruneJob, *, out: str | Path | None = None, world_size: int = 1
     if out is not None:
         check_output(out)
     arch, model, dtypes, teacher = check_static(job)
+    c = job.config
+    if c.latency_budget_ms is not None or c.max_top1_drop is not None:  # before the data and the dry run
+        size = arch.input_size if job.image_size is None else job.image_size
+        shape = (arch.in_channels, size, size)
+        check_batch_bytes(c.latency_batch_size, shape, "latency_batch_size", "latency_batch_size", model)
     splits, size = load_data(
         job.dataset,
         arch,
@@ -135,10 +140,6 @@ def prepare(job: PruneJob, *, out: str | Path | None = None, world_size: int = 1
             device=device,
             amp=job.config.amp,
         )
-    c = job.config
-    if c.latency_budget_ms is not None or c.max_top1_drop is not None:
-        shape = (arch.in_channels, size, size)
-        check_batch_bytes(c.latency_batch_size, shape, "latency_batch_size", "latency_batch_size")
     # A latency table the job brought: read (inside the data roots, for a service) before any training.
     table = (
         None

@@ -118,6 +118,10 @@ def prune_to_dir(
             else ""
         )
         raise OutputError(f"training finished but {out} could not be written ({exc.strerror or exc}){kept}") from exc
+    except BaseException as exc:  # Ctrl-C, SIGTERM while the results were written: the trained state stays
+        if saved:
+            exc.state_kept = state_dir  # type: ignore[attr-defined] - a resume writes the results, no retraining
+        raise
     if state_dir is not None and not keep_state:
         shutil.rmtree(state_dir, ignore_errors=True)
     return metrics

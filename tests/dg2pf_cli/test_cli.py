@@ -898,3 +898,31 @@ def test_latency_table_refuses_before_measuring_in_one_line(tmp_path, flags, nee
     result = dg2pf(*args)
     assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert needle in result.stderr and list(tmp_path.iterdir()) == []
+
+
+def test_ctrl_c_while_the_results_are_written_keeps_the_trained_state_and_resume_writes_them(
+    digits_example, tmp_path, monkeypatch
+):
+    from dg2pf_core.job import prune
+
+    real = prune.write_results
+    calls = []
+
+    def interrupted_once(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(prune, "write_results", interrupted_once)
+    out = tmp_path / "out"
+    args = ["prune", "--arch", "digits_cnn", "--num-classes", "10", "--dataset", "digits", "--sparsity", "0.5"]
+    args += ["--checkpoint", str(digits_example / "model.safetensors"), "--pruning-epochs", "1", "--max-epochs", "2"]
+    r = dg2pf(*args, "--out", str(out), "--quiet")
+    assert r.returncode == 130 and not out.exists()
+    (line,) = r.stderr.strip().splitlines()
+    assert "interrupted; nothing was written" in line and "--resume" in line, line
+    kept = line.rsplit("--resume ", 1)[1].rstrip("`")
+    r = dg2pf("prune", "--resume", kept, "--quiet")
+    assert r.returncode == 0, r.stderr
+    assert json.loads((out / "metrics.json").read_text())["epochs"] == 2 and len(calls) == 2

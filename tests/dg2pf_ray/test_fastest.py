@@ -57,6 +57,9 @@ def test_max_top1_drop_options_are_checked_and_a_single_run_refuses_it(tiny_load
 
 def test_a_drop_finer_than_one_validation_image_is_refused_before_any_work(digits_example, tmp_path):
     check_resolution(1.0, 100)  # one image is exactly one point: allowed
+    with pytest.raises(ConfigError, match="allow at least 0.695") as e:
+        check_resolution(0.694, 144)
+    check_resolution(0.695, 144)  # the figure suggested is itself allowed
     with pytest.raises(ConfigError, match=r"less than one validation image \(100 images: 1 points each\)") as e:
         check_resolution(0.5, 100)
     assert e.value.field == "max_top1_drop"

@@ -372,3 +372,19 @@ def test_measuring_uses_the_asked_threads_and_leaves_threads_and_random_state_as
     build_table(model, DIGITS[1], machine_here(DIGITS[0], "torch", 1, 1, DIGITS[1]), 8)
     assert torch.equal(torch.rand(3), expected)
     assert set(seen) == {1} and torch.get_num_threads() == before
+
+
+def test_a_batch_whose_layer_outputs_would_not_fit_is_refused_from_shapes_alone():
+    from torch import nn
+
+    from dg2pf_core.algorithm.latency_table import MAX_ACTIVATION_BYTES, activation_bytes, check_batch_bytes
+
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 16 * 16, 10))
+    per_image = 4 * (8 * 16 * 16 + 8 * 16 * 16 + 8 * 16 * 16 + 10)  # conv, relu, flatten, linear outputs
+    assert activation_bytes(model, (3, 16, 16)) == per_image
+    assert next(model.parameters()).device.type == "cpu"  # measured on a copy, on the meta device
+    fits = MAX_ACTIVATION_BYTES // per_image
+    check_batch_bytes(fits, (3, 16, 16), "--batch-size", "batch_size", model)
+    with pytest.raises(ConfigError, match=r"layer outputs come to .* GiB at that batch") as e:
+        check_batch_bytes(fits + 1, (3, 16, 16), "--batch-size", "batch_size", model)
+    assert e.value.field == "batch_size"

@@ -115,3 +115,11 @@ def test_cifar10_batches_are_read_confined(tmp_path):
     os.symlink(outside / "data_batch_1", root / "data_batch_1")
     with pytest.raises(DatasetError, match="outside the allowed roots"):
         _load_batch(str(root / "data_batch_1"), [str(root)])
+
+
+def test_a_path_given_as_bytes_is_read_and_one_with_a_nul_is_refused_in_words(tmp_path):
+    (tmp_path / "a.bin").write_bytes(b"inside")
+    with confined_open(str(tmp_path / "a.bin").encode(), [str(tmp_path)]) as fh:
+        assert fh.read() == b"inside" and fh.name == str(tmp_path / "a.bin")
+    with pytest.raises(DatasetError, match="NUL"):
+        confined_open(str(tmp_path / "a\0.bin"), [str(tmp_path)])

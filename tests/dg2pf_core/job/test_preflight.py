@@ -508,3 +508,21 @@ def test_resume_from_a_damaged_state_says_so_in_one_line(folder, ckpt2, tmp_path
     state.write_bytes(state.read_bytes()[:100])
     err = refused(capsys, ["prune", "--resume", str(state_dir), "--quiet"], "truncated or corrupt", "start it again")
     assert "--resume" not in err
+
+
+def test_a_latency_batch_too_large_is_refused_before_the_data_loads(monkeypatch, tmp_path):
+    from dg2pf_core import DG2PFConfig, PruneJob
+    from dg2pf_core.io.export import write_model
+    from dg2pf_core.errors import ConfigError
+    from dg2pf_core.job import preflight
+
+    def no_data(*_a, **_k):
+        raise AssertionError("the data was loaded before the latency batch was checked")
+
+    monkeypatch.setattr(preflight, "load_data", no_data)
+    config = DG2PFConfig(granularity="channel", latency_budget_ms=1.0, latency_batch_size=4096)
+    write_model(build_model("cifar/resnet18", 10), tmp_path / "m.safetensors")
+    job = PruneJob("cifar/resnet18", 10, str(tmp_path / "m.safetensors"), "digits", config, image_size=147)
+    with pytest.raises(ConfigError, match="latency_batch_size 4096 at 147x147") as e:
+        preflight.prepare(job, dry=True)
+    assert e.value.field == "latency_batch_size"
