@@ -512,8 +512,8 @@ def test_resume_from_a_damaged_state_says_so_in_one_line(folder, ckpt2, tmp_path
 
 def test_a_latency_batch_too_large_is_refused_before_the_data_loads(monkeypatch, tmp_path):
     from dg2pf_core import DG2PFConfig, PruneJob
-    from dg2pf_core.io.export import write_model
     from dg2pf_core.errors import ConfigError
+    from dg2pf_core.io.export import write_model
     from dg2pf_core.job import preflight
 
     def no_data(*_a, **_k):
