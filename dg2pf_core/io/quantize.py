@@ -110,7 +110,9 @@ class _Reader:
         self.i = 0
 
 
-def _quantize(fp32: Path, out: Path, batches: list[np.ndarray], method: str, reduce_range: bool) -> None:
+def quantize_file(fp32: Path, out: Path, batches: list[np.ndarray], method: str, reduce_range: bool) -> None:
+    """``fp32`` quantized into ``out`` as every int8 model here is (QDQ, per-channel int8 weights, uint8
+    activations calibrated by ``method`` on ``batches``), unchecked: ``quantize_int8`` checks."""
     from onnxruntime.quantization import (  # noqa: PLC0415
         CalibrationMethod,
         QuantFormat,
@@ -193,7 +195,7 @@ def quantize_int8(
         for method in METHODS:
             candidate = Path(tmp) / f"{method}.onnx"
             try:
-                _quantize(fp32, candidate, batches, method, reduce_range)
+                quantize_file(fp32, candidate, batches, method, reduce_range)
                 top1 = onnx_top1(candidate, val)
             except Exception as exc:  # a method ONNX Runtime cannot apply to this graph: recorded, others tried
                 report.candidates.append({"method": method, "error": f"{type(exc).__name__}: {str(exc)[:300]}"})
