@@ -660,6 +660,40 @@ def _fmt_pair(before: float | None, after: float | None) -> str:
     return f"{before:.2f}% -> {after:.2f}% ({after - before:+.2f})"
 
 
+def _cmd_quantize(args: argparse.Namespace) -> int:
+    from dg2pf_core.job.quantization import quantize_checkpoint
+
+    _set_threads(args)
+    q = quantize_checkpoint(
+        args.arch,
+        args.num_classes,
+        args.checkpoint,
+        args.dataset,
+        args.out,
+        max_drop=args.max_quantization_drop,
+        image_size=args.image_size,
+        val_fraction=args.val_fraction,
+        seed=args.seed,
+        skip_bad_images=args.skip_bad_images,
+        crop_pct=args.crop_pct,
+        checkpoint_key=args.checkpoint_key,
+    )
+    if args.json:
+        print(q.model_dump_json(indent=2))
+    elif q.written:
+        test = f", test {q.test_top1_int8:.2f}%" if q.test_top1_int8 is not None else ""
+        print(
+            f"{Artifacts.INT8_ONNX}: validation top-1 {q.val_top1_int8:.2f}% vs fp32 {q.val_top1_fp32:.2f}%{test} "
+            f"(calibration {q.method} on {q.calibration_images} training images); {q.bytes_int8:,} bytes vs "
+            f"{q.bytes_fp32:,}"
+        )
+    written = [Artifacts.ONNX, *([Artifacts.INT8_ONNX] if q.written else []), Artifacts.QUANTIZATION]
+    if not q.written:
+        print(f"dg2pf: {Artifacts.INT8_ONNX} not kept: {q.reason}", file=sys.stderr)
+    print(f"wrote {args.out}/{', '.join(written)}", file=sys.stderr if args.json else sys.stdout)
+    return 0 if q.written else 1
+
+
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from dg2pf_core.job.evaluation import evaluate_checkpoint
 
@@ -1146,6 +1180,31 @@ def _add_tune_evaluate_archs(sub) -> None:
     _add_ray_options(tu)
     _add_config_options(tu)
     tu.set_defaults(func=_cmd_tune)
+
+    qu = sub.add_parser(
+        "quantize",
+        help="int8 for a checkpoint (pruned earlier, or not): OUT/model.int8.onnx, checked against fp32 as "
+        "--precision int8 does (exit 1 when it lost more than --max-quantization-drop)",
+    )
+    qu.add_argument("--arch", required=True)
+    qu.add_argument("--num-classes", type=int, required=True)
+    qu.add_argument("--checkpoint", required=True)
+    qu.add_argument("--checkpoint-key", help=CHECKPOINT_KEY_HELP)
+    qu.add_argument(
+        "--dataset", required=True, help="as for prune: " + " | ".join(usage for usage, _ in dataset_usages())
+    )
+    qu.add_argument("--image-size", type=int)
+    qu.add_argument("--crop-pct", type=float, help=CROP_HELP)
+    qu.add_argument("--val-fraction", type=float, default=0.1, help="as for prune (default: 0.1)")
+    qu.add_argument("--seed", type=int, default=0, help="the validation split's seed, as for prune (default: 0)")
+    qu.add_argument(
+        "--max-quantization-drop", type=float, default=0.5, help="points of validation top-1 int8 may lose (0.5)"
+    )
+    qu.add_argument("--skip-bad-images", action="store_true", help="leave out images that cannot be decoded")
+    qu.add_argument("--out", required=True, help="a new or empty folder")
+    qu.add_argument("--json", action="store_true", help="print quantization.json")
+    qu.add_argument("--threads", type=int, help=THREADS_HELP)
+    qu.set_defaults(func=_cmd_quantize)
 
     ev = sub.add_parser("evaluate", help="top-1/top-5 and sparsity of a checkpoint")
     ev.add_argument("--arch", required=True)

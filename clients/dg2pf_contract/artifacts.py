@@ -38,6 +38,7 @@ class Artifacts:
     TRIALS = "trials.csv"  # tune runs: one row per trial
     PARETO = "pareto.json"  # max_top1_drop searches: every trial's measured latency and accuracy
     PARETO_PLOT = "pareto.png"  # ... drawn, unless drawing failed
+    QUANTIZATION = "quantization.json"  # dg2pf quantize's report: dg2pf_contract.results.Quantization
 
     REQUIRED = (MODEL, COMPACT, METRICS)  # every finished run has these
     PLOTS = (TRAINING_PLOT, LAYERS_PLOT)

@@ -17,7 +17,7 @@ from dg2pf_core.algorithm.config import DG2PFConfig
 from dg2pf_core.algorithm.loop import DG2PFResult
 from dg2pf_core.algorithm.masks import layer_sparsity, layer_warnings, select_prunable
 from dg2pf_core.algorithm.nm import nm_violations
-from dg2pf_core.data.registry import eval_crop_pct
+from dg2pf_core.data.registry import DataSplits, eval_crop_pct
 from dg2pf_core.errors import DG2PFError
 from dg2pf_core.io.latency import (
     DEFAULT_BATCH_SIZES,
@@ -147,31 +147,35 @@ def job_quantization(prepared: PreparedJob, onnx: OnnxReport, files: Artifacts) 
     """Precision int8: ``model.int8.onnx`` from ``model.onnx`` (``dg2pf_core.io.quantize``), calibrated on
     the job's training images, kept only within ``max_quantization_drop`` of the fp32 model's validation
     top-1; its test top-1 when kept. Never fails the job: the section says what happened."""
-    from torch.utils.data import DataLoader  # noqa: PLC0415
-
-    from dg2pf_core.io.quantize import batches_of, onnx_top1, quantize_int8  # noqa: PLC0415
-
     cfg = prepared.job.config
     if not onnx.written:
         return Quantization(
             precision=cfg.precision, written=False, reason=f"there is no {Artifacts.ONNX} to quantize ({onnx.reason})"
         )
-    splits, threads = prepared.splits, torch.get_num_threads()
-    batch = min(64, cfg.eval_batch_size)
     try:
-        calibration = DataLoader(
-            splits.train, batch_size=batch, shuffle=True, generator=torch.Generator().manual_seed(0)
-        )
-        val = DataLoader(splits.val, batch_size=cfg.eval_batch_size)
-        report = quantize_int8(files.onnx, files.int8_onnx, batches_of(calibration), val, cfg.max_quantization_drop)
-        test_top1 = None
-        if report.written and splits.test is not None:
-            test_top1 = onnx_top1(files.int8_onnx, DataLoader(splits.test, batch_size=cfg.eval_batch_size), threads)
+        return quantization_section(prepared.splits, files, cfg.max_quantization_drop, cfg.eval_batch_size)
     except Exception as exc:  # noqa: BLE001 - a finished training is not lost to its quantization
         files.int8_onnx.unlink(missing_ok=True)
         return Quantization(precision=cfg.precision, written=False, reason=f"{type(exc).__name__}: {exc}"[:500])
+
+
+def quantization_section(splits: DataSplits, files: Artifacts, max_drop: float, eval_batch_size: int) -> Quantization:
+    """``files.onnx`` quantized into ``files.int8_onnx`` when it keeps ``max_drop`` (calibrated on the
+    training split, checked on the validation split, the test top-1 of the kept model), as a section."""
+    from torch.utils.data import DataLoader  # noqa: PLC0415
+
+    from dg2pf_core.io.quantize import batches_of, onnx_top1, quantize_int8  # noqa: PLC0415
+
+    threads = torch.get_num_threads()
+    batch = min(64, eval_batch_size)
+    calibration = DataLoader(splits.train, batch_size=batch, shuffle=True, generator=torch.Generator().manual_seed(0))
+    val = DataLoader(splits.val, batch_size=eval_batch_size)
+    report = quantize_int8(files.onnx, files.int8_onnx, batches_of(calibration), val, max_drop)
+    test_top1 = None
+    if report.written and splits.test is not None:
+        test_top1 = onnx_top1(files.int8_onnx, DataLoader(splits.test, batch_size=eval_batch_size), threads)
     return Quantization(
-        precision=cfg.precision,
+        precision="int8",
         written=report.written,
         reason=report.reason,
         file=Artifacts.INT8_ONNX if report.written else None,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import onnx
 import pytest
@@ -108,3 +109,36 @@ def test_an_unknown_precision_is_refused_before_anything_runs(digits_example, tm
     )  # fmt: skip
     assert r.returncode == 2 and "precision" in r.stderr and "'int8'" in r.stderr
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_dg2pf_quantize_makes_int8_of_an_existing_checkpoint_and_says_when_it_is_not_kept(
+    digits_example, tmp_path, monkeypatch
+):
+    from dg2pf_contract.results import Quantization
+    from dg2pf_core.io import quantize
+
+    args = ["quantize", "--arch", "digits_cnn", "--num-classes", "10", "--dataset", "digits", "--threads", "1"]
+    args += ["--checkpoint", str(digits_example / "model.safetensors")]
+    r = dg2pf(*args, "--out", str(tmp_path / "q"))
+    assert r.returncode == 0, r.stderr
+    q = Quantization.model_validate_json((tmp_path / "q" / "quantization.json").read_text())
+    assert q.written and (tmp_path / "q" / "model.int8.onnx").is_file() and (tmp_path / "q" / "model.onnx").is_file()
+    assert q.val_top1_fp32 - q.val_top1_int8 <= 0.5 and q.test_top1_int8 > 90
+    # refused before anything is loaded: a folder in use, a tolerance out of range
+    assert dg2pf(*args, "--out", str(tmp_path / "q")).returncode == 2
+    r = dg2pf(*args, "--out", str(tmp_path / "q2"), "--max-quantization-drop", "0")
+    assert r.returncode == 2 and "max-quantization-drop" in r.stderr and not (tmp_path / "q2").exists()
+    # an int8 model that lost too much: exit 1, the reason said, fp32 and the report written, no int8 file
+    real = quantize.quantize_int8
+
+    def lossy(*a, **k):
+        report = real(*a, **k)
+        Path(a[1]).unlink(missing_ok=True)
+        report.written, report.reason = False, "int8 validation top-1 90.00 is 9.31 points under fp32's 99.31"
+        return report
+
+    monkeypatch.setattr(quantize, "quantize_int8", lossy)
+    r = dg2pf(*args, "--out", str(tmp_path / "q3"))
+    assert r.returncode == 1 and "not kept: int8 validation top-1 90.00" in r.stderr
+    assert sorted(p.name for p in (tmp_path / "q3").iterdir()) == ["model.onnx", "quantization.json"]
