@@ -113,6 +113,14 @@ def validate_job(
     refusal = _amp_refusal(config, spec.resources.use_gpu)
     if refusal:
         raise InvalidJob("schedule.amp", refusal)
+    if config.precision == "int8" and spec.serve and settings.serve_backend != "onnxruntime":
+        # the int8 model runs on ONNX Runtime: deployed on torch it would be the fp32 model, silently
+        raise InvalidJob(
+            "serve",
+            f"precision int8 with serve: true needs the onnxruntime serving backend (model.int8.onnx runs on ONNX "
+            f"Runtime); this service serves with {settings.serve_backend!r} (DG2PF_SERVE_BACKEND): leave serve "
+            "false and download model.int8.onnx, or run the service with DG2PF_SERVE_BACKEND=onnxruntime",
+        )
     if config.max_top1_drop is not None and spec.tune is not None and spec.tune.search_space:
         raise InvalidJob(
             "tune.search_space",

@@ -49,3 +49,28 @@ def test_a_latency_table_is_read_only_inside_the_data_roots_and_checked_at_submi
         check_latency_table(str(fifo), settings)
     with pytest.raises(InvalidJob, match="DG2PF_DATA_ROOTS is not set"):
         check_latency_table(str(root / "bad.json"), _settings(tmp_path, monkeypatch, []))
+
+
+def test_an_int8_job_to_be_served_needs_the_onnxruntime_backend(tmp_path, monkeypatch):
+    from dg2pf_contract.job import JobSpec
+    from dg2pf_service.validation import InvalidJob, validate_job
+
+    settings = _settings(tmp_path, monkeypatch, [tmp_path])
+    doc = {
+        "model": {"arch": "digits_cnn", "num_classes": 10, "checkpoint": "x" * 32},
+        "dataset": {"spec": "digits"},
+        "sparsity": 0.5,
+        "schedule": {"precision": "int8"},
+        "serve": True,
+    }
+
+    def nothing(*_a):
+        raise AssertionError("refused before any checkpoint, data or cluster is asked")
+
+    with pytest.raises(InvalidJob, match="needs the onnxruntime serving backend") as info:
+        validate_job(JobSpec.model_validate(doc), settings, store=None, capacity=nothing)
+    assert info.value.field == "serve" and info.value.status == 422
+    monkeypatch.setattr(settings, "serve_backend", "onnxruntime")
+    with pytest.raises(Exception) as other:  # goes on to the checkpoint (not in this empty store)
+        validate_job(JobSpec.model_validate(doc), settings, store=None, capacity=nothing)
+    assert "onnxruntime serving backend" not in str(other.value)
