@@ -456,3 +456,27 @@ def test_models_are_restored_after_the_service_and_cluster_restart_here_on_onnxr
             ]
         serve_url = client.models().serve_url
     assert httpx.get(f"{serve_url}/healthz", timeout=30).json() == {"status": "ok", "backend": "onnxruntime"}
+
+
+def test_an_int8_job_is_served_from_its_int8_model_on_onnxruntime(served, service, test_inputs):
+    """precision int8 with serve: true (the service on DG2PF_SERVE_BACKEND=onnxruntime, as the test above
+    left it): answers name the precision, and their logits are the job's own model.int8.onnx's."""
+    from dg2pf_core.io.onnx_backend import load_onnx_model
+
+    if service.env.get("DG2PF_SERVE_BACKEND") != "onnxruntime":  # run alone: switch as the test above does
+        service.stop()
+        service.env["DG2PF_SERVE_BACKEND"] = "onnxruntime"
+        service.start()
+    xs = test_inputs[0]
+    schedule = {"granularity": "channel", "target_macs_ratio": 0.5, "pruning_epochs": 1, "max_epochs": 2}
+    spec = _spec(served["checkpoint"], serve=True, schedule={**schedule, "patience": 1, "precision": "int8"})
+    del spec["sparsity"]
+    with Client(service.url, token=TOKEN) as client:
+        job = client.wait(client.submit(spec).id, timeout=300)
+        assert job.state == "succeeded", job.error
+        assert client.wait_model(job.id, timeout=240).status == "ready"
+        out = client.predict(job.id, inputs=xs, logits=True)
+    assert (out["backend"], out["precision"]) == ("onnxruntime", "int8")
+    local = load_onnx_model(_output_dir(service, job.id), threads=1)  # the job's own int8 file, run here
+    assert local.precision == "int8"
+    assert torch.allclose(torch.tensor(out["logits"]), local.logits(xs), atol=1e-5, rtol=0)
