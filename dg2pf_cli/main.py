@@ -19,7 +19,7 @@ from pathlib import Path
 from dg2pf_client import interrupt
 from dg2pf_client.cli import OneLineParser, add_remote_commands, version_line
 from dg2pf_contract.artifacts import Artifacts, StateDir
-from dg2pf_contract.job import JobFileError, JobSpec, apply_overrides, describe, read_job_file
+from dg2pf_contract.job import JobFileError, JobSpec, ScheduleSpec, apply_overrides, describe, read_job_file
 from dg2pf_contract.options import PRESET_FIELDS, PRESETS
 from dg2pf_contract.results import Metrics
 from dg2pf_core import DG2PFError, PruneJob
@@ -75,7 +75,20 @@ def _add_config_options(parser: argparse.ArgumentParser) -> None:
             values = ", ".join(f"{p} {v[f.name]}" for p, v in PRESETS.items())
             group.add_argument(flag, dest=f.name, type=hint, default=None, help=f"(default: the preset's: {values})")
         else:
-            group.add_argument(flag, dest=f.name, type=hint, default=None, help=f"(default: {default})")
+            # the JobSpec's words for the option (the same as the OpenAPI's), and its choices when it has some
+            spec = ScheduleSpec.model_fields.get(f.name)
+            about = f"{spec.description} " if spec is not None and spec.description else ""
+            literal = next((a for a in _literals(spec.annotation)), None) if spec is not None else None
+            group.add_argument(
+                flag, dest=f.name, type=hint, default=None, choices=literal, help=f"{about}(default: {default})"
+            )
+
+
+def _literals(annotation: object) -> list[list]:
+    """The value lists of the Literal types in ``annotation`` (through Optional/Annotated)."""
+    if typing.get_origin(annotation) is typing.Literal:
+        return [list(typing.get_args(annotation))]
+    return [v for a in typing.get_args(annotation) for v in _literals(a)]
 
 
 def _add_ray_options(parser: argparse.ArgumentParser) -> None:
@@ -517,7 +530,7 @@ def _written(m: Metrics) -> str:
 def _int8_line(m: Metrics) -> str:
     q = m.quantization
     if not q.written:
-        return f"not kept: {q.reason}"
+        return f"not {'kept' if q.val_top1_int8 is not None else 'made'}: {q.reason}"
     test = f", test {q.test_top1_int8:.2f}%" if q.test_top1_int8 is not None else ""
     size = f"; {q.bytes_int8:,} bytes vs {q.bytes_fp32:,} fp32" if q.bytes_int8 and q.bytes_fp32 else ""
     return (

@@ -44,6 +44,7 @@ LOCAL_COMMANDS = (
     "evaluate",
     "tune",
     "latency",
+    "quantize",
     "latency-table",
     "archs",
     "plot",

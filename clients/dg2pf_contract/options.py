@@ -73,7 +73,7 @@ BOUNDS: dict[str, Bounds] = {
     "rerank_every_steps": Bounds(0, 10_000_000),
     "latency_threads": Bounds(1, 256),
     "latency_batch_size": Bounds(1, 4096),
-    "max_quantization_drop": Bounds(0, 100, low_open=True),
+    "max_quantization_drop": Bounds(0, 100),
 }
 # latency_budget_ms: above 0, at most a day (a typo or an attack beyond it).
 LATENCY_BUDGET_BOUNDS = Bounds(0, 86_400_000, low_open=True)

@@ -504,3 +504,4 @@ class ModelInfo(_Document):
     class_names: list[str] | None = Field(None, description="labels by class index")
     crop_pct: float | None = Field(None, description="folder datasets' evaluation crop")
     onnx: OnnxExport | None = Field(None, description="a pruning run's ONNX export, when it has one")
+    quantization: Quantization | None = Field(None, description="a precision int8 run's int8 model, when asked")

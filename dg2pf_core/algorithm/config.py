@@ -115,6 +115,12 @@ class DG2PFConfig(Options):
             raise bad("latency_backend", f"must be one of {list(LATENCY_BACKENDS)}, got {self.latency_backend!r}")
         if self.precision not in PRECISIONS:
             raise bad("precision", f"must be one of {list(PRECISIONS)}, got {self.precision!r}")
+        if self.precision != "int8" and self.max_quantization_drop != 0.5:
+            raise bad(
+                "max_quantization_drop",
+                f"applies to precision int8 (got {self.max_quantization_drop!r} with precision {self.precision!r}); "
+                "add precision int8 or leave it out",
+            )
         if self.latency_budget_ms is not None:
             parse_granularity(self.granularity)
             budget = self.latency_budget_ms

@@ -184,6 +184,14 @@ def _sniff(path: Path, size: int) -> _Format:
     text = _as_text(head)
     if text is not None:
         return _sniff_text(text)
+    if path.suffix.lower() == ".onnx" and head[:1] == b"\x08":  # a protobuf ModelProto: ir_version first
+        return _Format(
+            "refuse",
+            "an ONNX model (dg2pf writes model.onnx and model.int8.onnx for ONNX Runtime, not to read back)",
+            "give the model.safetensors beside it; an int8 model's accuracy and latency are in that folder's "
+            "metrics.json (quantization, latency) or quantization.json, and it is served with "
+            "DG2PF_SERVE_BACKEND=onnxruntime",
+        )
     return _Format(
         "refuse",
         f"not in a format dg2pf reads (its first bytes are {head[:8].hex(' ')})",

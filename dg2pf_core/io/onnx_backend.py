@@ -14,6 +14,7 @@ the job recorded in its ``metrics.json``.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,7 @@ from dg2pf_core.io.inference import InferenceModel, read_job_metrics
 from dg2pf_core.io.onnx_export import ort_session
 
 BACKEND = "onnxruntime"
+log = logging.getLogger(__name__)
 
 
 class OnnxUnavailable(CheckpointError):
@@ -70,6 +72,24 @@ def onnx_missing_reason(output_dir: str | Path, meta: ModelInfo | None = None) -
     return f"{files.ONNX} was written by the job but is no longer in {files.root}"
 
 
+def _int8_kept(files: Artifacts, meta: ModelInfo) -> bool:
+    q = meta.quantization
+    if q is None or not q.written:
+        return False
+    size = files.int8_onnx.stat().st_size if files.int8_onnx.is_file() else None
+    if size is None or (q.bytes_int8 is not None and size != q.bytes_int8):
+        log.warning(
+            "%s: metrics.json says the job kept %s (%s bytes), but the file there is %s: serving %s instead",
+            files.root,
+            files.INT8_ONNX,
+            q.bytes_int8,
+            "missing" if size is None else f"{size} bytes",
+            files.ONNX,
+        )
+        return False
+    return True
+
+
 def load_onnx_model(output_dir: str | Path, threads: int) -> InferenceModel:
     """The job in ``output_dir`` with its logits computed by ONNX Runtime's CPU provider, using
     ``threads`` intra-op threads (one inter-op thread, no spin-waiting: idle sessions of other models
@@ -83,9 +103,10 @@ def load_onnx_model(output_dir: str | Path, threads: int) -> InferenceModel:
     reason = onnx_missing_reason(out, meta)
     if reason is not None:
         raise OnnxUnavailable(f"{out} cannot be served by ONNX Runtime: {reason}", field="model")
-    # A job run with precision int8 kept model.int8.onnx only when it passed its accuracy check: it is served.
+    # A job run with precision int8 kept model.int8.onnx only when it passed its accuracy check: it is
+    # served when metrics.json says so and the file is the one the job wrote (its size); else model.onnx.
     files = Artifacts(out)
-    precision = "int8" if files.int8_onnx.is_file() else "fp32"
+    precision = "int8" if _int8_kept(files, meta) else "fp32"
     onnx = files.int8_onnx if precision == "int8" else files.onnx
     try:
         session = ort_session(onnx, threads=max(1, int(threads)))

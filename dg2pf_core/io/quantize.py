@@ -2,9 +2,9 @@
 
 ``quantize_int8`` takes the fp32 ``model.onnx`` a job exported and images the job already has:
 
-- activations are calibrated on training images (``CALIBRATION_IMAGES`` of them, the eval transform's
-  view the loader gives), weights quantized per output channel, QDQ format (ONNX Runtime fuses the
-  Quantize/DequantizeLinear pairs into integer kernels);
+- activations are calibrated on training images (``CALIBRATION_IMAGES`` of them, as served: the
+  caller passes them without training augmentation), weights quantized per output channel, QDQ format
+  (ONNX Runtime fuses the Quantize/DequantizeLinear pairs into integer kernels);
 - each calibration method of ``METHODS`` is tried and the one with the best validation top-1 kept
   (ties: the first), every candidate's figure recorded;
 - the kept model is written only if its validation top-1 is within ``max_drop`` points of the fp32
@@ -20,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
-import os
 import platform
 import shutil
 import tempfile
@@ -121,33 +120,29 @@ def quantize_file(fp32: Path, out: Path, batches: list[np.ndarray], method: str,
     )
     from onnxruntime.quantization.shape_inference import quant_pre_process  # noqa: PLC0415
 
+    fp32, out = Path(fp32).resolve(), Path(out).resolve()
     name = ort_session(fp32, 1).get_inputs()[0].name
     with tempfile.TemporaryDirectory(prefix="dg2pf-int8-") as tmp:
         prepared = Path(tmp) / "prepared.onnx"
-        # ONNX Runtime's calibrators print their progress and warn about the graph: not the job's log.
-        # Their augmented models go to the working directory: a temporary one.
-        cwd = os.getcwd()
-        os.chdir(tmp)
-        try:
-            with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings(), _logging_off():
-                warnings.simplefilter("ignore")
-                quant_pre_process(str(fp32), str(prepared), skip_symbolic_shape=True)
-                quantize_static(
-                    str(prepared),
-                    str(out),
-                    _Reader(name, batches),
-                    quant_format=QuantFormat.QDQ,
-                    per_channel=True,
-                    reduce_range=reduce_range,
-                    activation_type=QuantType.QUInt8,
-                    weight_type=QuantType.QInt8,
-                    calibrate_method={
-                        "minmax": CalibrationMethod.MinMax,
-                        "percentile": CalibrationMethod.Percentile,
-                    }[method],
-                )
-        finally:
-            os.chdir(cwd)
+        # ONNX Runtime's calibrators print their progress and warn about the graph: not the job's log (its
+        # augmented calibration model goes to a temporary folder of its own).
+        with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings(), _logging_off():
+            warnings.simplefilter("ignore")
+            quant_pre_process(str(fp32), str(prepared), skip_symbolic_shape=True)
+            quantize_static(
+                str(prepared),
+                str(out),
+                _Reader(name, batches),
+                quant_format=QuantFormat.QDQ,
+                per_channel=True,
+                reduce_range=reduce_range,
+                activation_type=QuantType.QUInt8,
+                weight_type=QuantType.QInt8,
+                calibrate_method={
+                    "minmax": CalibrationMethod.MinMax,
+                    "percentile": CalibrationMethod.Percentile,
+                }[method],
+            )
 
 
 @contextlib.contextmanager
@@ -212,7 +207,7 @@ def quantize_int8(
             report.method, report.val_top1_int8 = method, top1
             if reference - top1 > max_drop:
                 report.reason = (
-                    f"int8 validation top-1 {top1:.2f} is {reference - top1:.2f} points under fp32's {reference:.2f}, "
+                    f"int8 validation top-1 {top1:.2f} is {reference - top1:.3g} points under fp32's {reference:.2f}, "
                     f"more than max_quantization_drop {max_drop:g}: the fp32 model is kept"
                 )
             else:

@@ -41,8 +41,9 @@ def quantize_checkpoint(
         )
     output = OutputDir(out)  # absent or empty, writable: checked before anything is loaded
     spec, model = load_model(arch, num_classes, checkpoint, key=checkpoint_key)
+    # no augmentation: the training images calibrate the activations as the model will see them served
     splits, size = load_data(
-        dataset, spec, num_classes, image_size, val_fraction, seed, skip_bad_images, crop_pct=crop_pct
+        dataset, spec, num_classes, image_size, val_fraction, seed, skip_bad_images, augment="none", crop_pct=crop_pct
     )
     with output.staging() as tmp:
         files = Artifacts(tmp)

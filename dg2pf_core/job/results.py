@@ -29,8 +29,10 @@ from dg2pf_core.io.latency import (
 )
 from dg2pf_core.io.metrics import size_report
 from dg2pf_core.io.onnx_export import OnnxReport, export_onnx
+from dg2pf_core.job.data import load_data
 from dg2pf_core.job.model import load_checkpoint_model
 from dg2pf_core.job.spec import PreparedJob
+from dg2pf_core.models import get_arch
 
 
 def result_metrics(prepared: PreparedJob, result: DG2PFResult, *, world_size: int, wall_seconds: float) -> Metrics:
@@ -152,8 +154,22 @@ def job_quantization(prepared: PreparedJob, onnx: OnnxReport, files: Artifacts) 
         return Quantization(
             precision=cfg.precision, written=False, reason=f"there is no {Artifacts.ONNX} to quantize ({onnx.reason})"
         )
+    job = prepared.job
     try:
-        return quantization_section(prepared.splits, files, cfg.max_quantization_drop, cfg.eval_batch_size)
+        # The training images as served (no augmentation), the same split: what activations are calibrated on.
+        plain, _ = load_data(
+            job.dataset,
+            get_arch(job.arch),
+            job.num_classes,
+            job.image_size,
+            job.val_fraction,
+            cfg.seed,
+            job.skip_bad_images,
+            tuple(job.allowed_roots),
+            "none",
+            job.crop_pct,
+        )
+        return quantization_section(plain, files, cfg.max_quantization_drop, cfg.eval_batch_size)
     except Exception as exc:  # noqa: BLE001 - a finished training is not lost to its quantization
         files.int8_onnx.unlink(missing_ok=True)
         return Quantization(precision=cfg.precision, written=False, reason=f"{type(exc).__name__}: {exc}"[:500])
@@ -161,7 +177,8 @@ def job_quantization(prepared: PreparedJob, onnx: OnnxReport, files: Artifacts) 
 
 def quantization_section(splits: DataSplits, files: Artifacts, max_drop: float, eval_batch_size: int) -> Quantization:
     """``files.onnx`` quantized into ``files.int8_onnx`` when it keeps ``max_drop`` (calibrated on the
-    training split, checked on the validation split, the test top-1 of the kept model), as a section."""
+    training split, which ``splits`` gives without augmentation; checked on the validation split; the test
+    top-1 of the kept model), as a section."""
     from torch.utils.data import DataLoader  # noqa: PLC0415
 
     from dg2pf_core.io.quantize import batches_of, onnx_top1, quantize_int8  # noqa: PLC0415

@@ -43,10 +43,9 @@ def write_results(out: Path, prepared: PreparedJob, result: DG2PFResult, metrics
         update["quantization"] = quantization = job_quantization(prepared, onnx, files)
         int8 = files.int8_onnx if quantization.written else None
         if not quantization.written:
-            update["warnings"] = [
-                *metrics.warnings,
-                f"precision int8: {Artifacts.INT8_ONNX} not kept: {quantization.reason}",
-            ]
+            done = "kept" if quantization.val_top1_int8 is not None else "made"  # checked and refused, or never made
+            why = f"precision int8: {Artifacts.INT8_ONNX} not {done}: {quantization.reason}"
+            update["warnings"] = [*metrics.warnings, why]
     update["latency"] = job_latency(prepared, pruned, onnx, files.onnx, macs_ratio, int8)
     metrics = metrics.model_copy(update=update)
     metrics.write(files.metrics)

@@ -14,7 +14,10 @@ def dg2pf(*args: str) -> subprocess.CompletedProcess:
 
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = main(list(args))
+        try:
+            code = main(list(args))
+        except SystemExit as exc:  # argparse's refusals (exit 2 with one line), as the console script ends
+            code = exc.code if isinstance(exc.code, int) else 1
     return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
 
 

@@ -99,16 +99,25 @@ def test_a_job_with_precision_int8_writes_the_checked_int8_model_and_times_it(di
         splits, _ = load_data("digits", get_arch("digits_cnn"), 10, None, 0.1, 0)
         top1 = evaluate(served.model, DataLoader(splits.test, batch_size=64), torch.device("cpu")).top1
         assert top1 == pytest.approx(q["test_top1_int8"])
+        # another file put in its place (not the size the job wrote): the fp32 model.onnx is served instead
+        with (out / "model.int8.onnx").open("ab") as fh:
+            fh.write(b"\0")
+        assert load_onnx_model(out, threads=1).precision == "fp32"
 
 
-def test_an_unknown_precision_is_refused_before_anything_runs(digits_example, tmp_path):
+def test_an_unknown_precision_or_a_drop_without_int8_is_refused_before_anything_runs(digits_example, tmp_path):
     checkpoint = str(digits_example / "model.safetensors")
     r = dg2pf(
         "prune", "--arch", "digits_cnn", "--num-classes", "10", "--checkpoint", checkpoint,
         "--dataset", "digits", "--sparsity", "0.5", "--precision", "int4", "--out", str(tmp_path / "out"),
     )  # fmt: skip
-    assert r.returncode == 2 and "precision" in r.stderr and "'int8'" in r.stderr
+    assert r.returncode == 2 and "precision" in r.stderr and "int8" in r.stderr
     assert not (tmp_path / "out").exists()
+    r = dg2pf(
+        "prune", "--arch", "digits_cnn", "--num-classes", "10", "--checkpoint", checkpoint,
+        "--dataset", "digits", "--sparsity", "0.5", "--max-quantization-drop", "3", "--out", str(tmp_path / "out"),
+    )  # fmt: skip
+    assert r.returncode == 2 and "max_quantization_drop" in r.stderr and "applies to precision int8" in r.stderr
 
 
 @pytest.mark.slow
@@ -127,7 +136,7 @@ def test_dg2pf_quantize_makes_int8_of_an_existing_checkpoint_and_says_when_it_is
     assert q.val_top1_fp32 - q.val_top1_int8 <= 0.5 and q.test_top1_int8 > 90
     # refused before anything is loaded: a folder in use, a tolerance out of range
     assert dg2pf(*args, "--out", str(tmp_path / "q")).returncode == 2
-    r = dg2pf(*args, "--out", str(tmp_path / "q2"), "--max-quantization-drop", "0")
+    r = dg2pf(*args, "--out", str(tmp_path / "q2"), "--max-quantization-drop", "-1")
     assert r.returncode == 2 and "max-quantization-drop" in r.stderr and not (tmp_path / "q2").exists()
     # an int8 model that lost too much: exit 1, the reason said, fp32 and the report written, no int8 file
     real = quantize.quantize_int8
