@@ -19,7 +19,8 @@ def test_every_file_a_finished_job_writes_is_named_by_artifacts(finished_job):
     out, state = finished_job
     written = {p.name for p in out.iterdir()}
     assert set(Artifacts.REQUIRED) <= written <= set(Artifacts.SERVED)
-    assert written == {*Artifacts.REQUIRED, *Artifacts.OPTIONAL}  # this model exports to ONNX and draws its plots
+    # this model exports to ONNX and draws its plots; an fp32 job writes no int8 model
+    assert written == {*Artifacts.REQUIRED, *Artifacts.OPTIONAL} - {Artifacts.INT8_ONNX}
     files = Artifacts(out)
     assert all(
         p.is_file()
