@@ -21,7 +21,7 @@ from dg2pf_client.cli import OneLineParser, add_remote_commands, version_line
 from dg2pf_contract.artifacts import Artifacts, StateDir
 from dg2pf_contract.job import JobFileError, JobSpec, ScheduleSpec, apply_overrides, describe, read_job_file
 from dg2pf_contract.options import PRESET_FIELDS, PRESETS
-from dg2pf_contract.results import Metrics
+from dg2pf_contract.results import Metrics, Quantization
 from dg2pf_core import DG2PFError, PruneJob
 from dg2pf_core.algorithm.config import DG2PFConfig as _Config
 from dg2pf_core.data import AUGMENT_POLICIES, dataset_usages
@@ -508,7 +508,7 @@ def _cmd_prune(args: argparse.Namespace) -> int:
         ("val top-1 (best epoch)", f"{m.val_top1:.2f}% (epoch {m.best_epoch} of {m.epochs})"),
         ("wall time", _wall_time(m)),
         (Artifacts.ONNX, _onnx_line(m)),
-        *([(Artifacts.INT8_ONNX, _int8_line(m))] if m.quantization is not None else []),
+        *([(Artifacts.INT8_ONNX, _int8_line(m.quantization))] if m.quantization is not None else []),
         *latency_rows(m),
     ]
     width = max(len(k) for k, _ in rows)
@@ -527,8 +527,8 @@ def _written(m: Metrics) -> str:
     return ", ".join([Artifacts.MODEL, Artifacts.COMPACT, *onnx, *int8])
 
 
-def _int8_line(m: Metrics) -> str:
-    q = m.quantization
+def _int8_line(q: Quantization) -> str:
+    """What became of the int8 model: a job's summary row, and ``dg2pf quantize``'s line."""
     if not q.written:
         return f"not {'kept' if q.val_top1_int8 is not None else 'made'}: {q.reason}"
     test = f", test {q.test_top1_int8:.2f}%" if q.test_top1_int8 is not None else ""
@@ -694,15 +694,10 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     if args.json:
         print(q.model_dump_json(indent=2))
     elif q.written:
-        test = f", test {q.test_top1_int8:.2f}%" if q.test_top1_int8 is not None else ""
-        print(
-            f"{Artifacts.INT8_ONNX}: validation top-1 {q.val_top1_int8:.2f}% vs fp32 {q.val_top1_fp32:.2f}%{test} "
-            f"(calibration {q.method} on {q.calibration_images} training images); {q.bytes_int8:,} bytes vs "
-            f"{q.bytes_fp32:,}"
-        )
+        print(f"{Artifacts.INT8_ONNX}: {_int8_line(q)}")
     written = [Artifacts.ONNX, *([Artifacts.INT8_ONNX] if q.written else []), Artifacts.QUANTIZATION]
     if not q.written:
-        print(f"dg2pf: {Artifacts.INT8_ONNX} not kept: {q.reason}", file=sys.stderr)
+        print(f"dg2pf: {Artifacts.INT8_ONNX} {_int8_line(q)}", file=sys.stderr)
     print(f"wrote {args.out}/{', '.join(written)}", file=sys.stderr if args.json else sys.stdout)
     return 0 if q.written else 1
 

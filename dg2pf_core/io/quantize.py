@@ -26,32 +26,16 @@ import tempfile
 import time
 import warnings
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from dg2pf_contract.results import Quantization
 from dg2pf_core.io.onnx_export import ort_session
 
 CALIBRATION_IMAGES = 256
 METHODS = ("minmax", "percentile")  # onnxruntime.quantization.CalibrationMethod names, in order of preference
-
-
-@dataclass
-class Int8Report:
-    written: bool
-    reason: str | None = None  # not written: why
-    method: str | None = None  # the calibration kept
-    reduce_range: bool = False
-    calibration_images: int = 0
-    val_top1_fp32: float | None = None
-    val_top1_int8: float | None = None
-    max_drop: float | None = None
-    candidates: list[dict] = field(default_factory=list)  # every method tried: its validation top-1
-    bytes_fp32: int | None = None
-    bytes_int8: int | None = None
-    seconds: float = 0.0
 
 
 def cpu_has_vnni() -> bool | None:
@@ -164,8 +148,9 @@ def quantize_int8(
     max_drop: float,
     *,
     fp32_val_top1: float | None = None,
-) -> Int8Report:
-    """Quantize ``fp32`` to ``out`` if the int8 model keeps validation top-1 within ``max_drop`` points.
+) -> Quantization:
+    """Quantize ``fp32`` to ``out`` if the int8 model keeps validation top-1 within ``max_drop`` points; the
+    report is the contract's ``Quantization`` (metrics.json's section, less the test top-1 the caller adds).
 
     ``calibration``: image batches (training images); ``val``: a re-iterable of (images, labels) batches.
     ``fp32_val_top1``: the fp32 ONNX model's validation top-1 when already known."""
@@ -173,7 +158,8 @@ def quantize_int8(
     fp32, out = Path(fp32), Path(out)
     reduce_range = needs_reduce_range()
     batches = _calibration(calibration, CALIBRATION_IMAGES)
-    report = Int8Report(
+    report = Quantization(
+        precision="int8",
         written=False,
         reduce_range=reduce_range,
         calibration_images=sum(len(b) for b in batches),
@@ -212,8 +198,8 @@ def quantize_int8(
                 )
             else:
                 shutil.copyfile(candidate, out)
-                report.written, report.bytes_int8 = True, out.stat().st_size
-    report.seconds = time.perf_counter() - started
+                report.written, report.file, report.bytes_int8 = True, out.name, out.stat().st_size
+    report.seconds = round(time.perf_counter() - started, 3)
     return report
 
 

@@ -183,31 +183,14 @@ def quantization_section(splits: DataSplits, files: Artifacts, max_drop: float, 
 
     from dg2pf_core.io.quantize import batches_of, onnx_top1, quantize_int8  # noqa: PLC0415
 
-    threads = torch.get_num_threads()
     batch = min(64, eval_batch_size)
     calibration = DataLoader(splits.train, batch_size=batch, shuffle=True, generator=torch.Generator().manual_seed(0))
     val = DataLoader(splits.val, batch_size=eval_batch_size)
     report = quantize_int8(files.onnx, files.int8_onnx, batches_of(calibration), val, max_drop)
-    test_top1 = None
     if report.written and splits.test is not None:
-        test_top1 = onnx_top1(files.int8_onnx, DataLoader(splits.test, batch_size=eval_batch_size), threads)
-    return Quantization(
-        precision="int8",
-        written=report.written,
-        reason=report.reason,
-        file=Artifacts.INT8_ONNX if report.written else None,
-        method=report.method,
-        candidates=report.candidates,
-        reduce_range=report.reduce_range,
-        calibration_images=report.calibration_images,
-        val_top1_fp32=report.val_top1_fp32,
-        val_top1_int8=report.val_top1_int8,
-        test_top1_int8=test_top1,
-        max_drop=report.max_drop,
-        bytes_fp32=report.bytes_fp32,
-        bytes_int8=report.bytes_int8,
-        seconds=round(report.seconds, 3),
-    )
+        test = DataLoader(splits.test, batch_size=eval_batch_size)
+        report.test_top1_int8 = onnx_top1(files.int8_onnx, test, torch.get_num_threads())
+    return report
 
 
 def job_latency(
