@@ -12,7 +12,11 @@ input model's, found by a search over latency budgets on Ray Tune.
    ones the search is for, and their accuracy is known only at the end).
 4. After the search every completed trial's network is measured again here, one at a time; the job's
    model is the fastest whose best validation top-1 is at least the input model's minus
-   ``max_top1_drop`` (none: the most accurate, and the job says so). The choice reads validation
+   ``max_top1_drop`` (none: the most accurate, and the job says so). With ``precision: int8`` precision
+   is one more dimension: every trial quantizes its network (kept only within ``max_quantization_drop``
+   of its fp32 top-1), the kept int8 model is measured the same way (ONNX Runtime, the only backend
+   allowed then), and each trial's fp32 network and int8 model are both candidates; when the fp32
+   network is chosen its int8 file is dropped, so nothing under the floor is served. The choice reads validation
    top-1 only; the test top-1 in metrics.json is the chosen trial's (pareto.json holds no test figure).
 
 ``pareto.json`` lists every trial (budget, aim, predicted, measured, MACs, parameters, validation top-1,
@@ -37,7 +41,7 @@ from dg2pf_contract.artifacts import Artifacts, write_text_atomic
 from dg2pf_contract.results import Metrics, ObjectiveSearch, ParetoPoint
 from dg2pf_core.algorithm.allocation import allocate
 from dg2pf_core.algorithm.channels import ChannelPlan
-from dg2pf_core.algorithm.latency_table import LatencyTable, machine_here, measure_network
+from dg2pf_core.algorithm.latency_table import LatencyTable, machine_here, measure_network, measure_onnx_file
 from dg2pf_core.algorithm.latency_target import LatencyTarget, check_layers, measure_table, network_id
 from dg2pf_core.errors import ConfigError
 from dg2pf_core.io.export import OutputDir
@@ -62,28 +66,46 @@ def budgets(dense_ms: float, fastest_ms: float, samples: int) -> list[float]:
     return [hi * (lo / hi) ** (i / (samples - 1)) for i in range(samples)]
 
 
-def choose(points: list[ParetoPoint], floor: float) -> tuple[ParetoPoint | None, bool, str]:
-    """The chosen point, whether it keeps the floor, and why (points without a measurement or a
+def candidates(points: list[ParetoPoint]) -> list[tuple[ParetoPoint, str, float, float]]:
+    """Every model a search may choose: (trial, precision, measured ms, validation top-1). A completed and
+    measured trial gives its fp32 network and, with precision int8, its int8 model when the trial kept one."""
+    out = []
+    for p in points:
+        if p.status != "completed":
+            continue
+        if p.measured_ms is not None and p.val_top1 is not None:
+            out.append((p, "fp32", p.measured_ms, p.val_top1))
+        if p.int8_measured_ms is not None and p.int8_val_top1 is not None:
+            out.append((p, "int8", p.int8_measured_ms, p.int8_val_top1))
+    return out
+
+
+def choose(points: list[ParetoPoint], floor: float) -> tuple[ParetoPoint | None, str, bool, str]:
+    """The chosen trial, which of its models (``fp32`` or ``int8``), whether it keeps the floor, and why:
+    the fastest model within the floor, else the most accurate (trials without a measurement or a
     validation top-1 are not candidates)."""
-    done = [p for p in points if p.status == "completed" and p.measured_ms is not None and p.val_top1 is not None]
+    done = candidates(points)
     if not done:
-        return None, False, "no trial completed"
-    within = [p for p in done if p.val_top1 >= floor]  # type: ignore[operator]
+        return None, "fp32", False, "no trial completed"
+    kinds = "trial(s)" if all(k == "fp32" for _, k, _, _ in done) else "models (each trial's fp32 and int8)"
+    within = [c for c in done if c[3] >= floor]
     if within:
-        best = min(within, key=lambda p: (p.measured_ms, -p.val_top1))  # type: ignore[operator]
+        best, precision, ms, top1 = min(within, key=lambda c: (c[2], -c[3]))
         return (
             best,
+            precision,
             True,
-            f"the fastest of the {len(within)} trial(s) within the drop: {best.measured_ms:.4g} ms measured, val "
-            f"top-1 {best.val_top1:.2f} >= {floor:.2f}",
+            f"the fastest of the {len(within)} {kinds} within the drop: trial {best.trial_id} {precision}, "
+            f"{ms:.4g} ms measured, val top-1 {top1:.2f} >= {floor:.2f}",
         )
-    best = max(done, key=lambda p: (p.val_top1, -p.measured_ms))  # type: ignore[operator]
+    best, precision, ms, top1 = max(done, key=lambda c: (c[3], -c[2]))
     return (
         best,
+        precision,
         False,
-        f"no trial kept val top-1 >= {floor:.2f}: the most accurate is the model ({best.val_top1:.2f} at "
-        f"{best.measured_ms:.4g} ms); allow a larger drop, train longer (max_epochs), or try more budgets "
-        "(tune.samples)",
+        f"no trial kept val top-1 >= {floor:.2f}: the most accurate is the model (trial {best.trial_id} "
+        f"{precision}, {top1:.2f} at {ms:.4g} ms); allow a larger drop, train longer (max_epochs), or try more "
+        "budgets (tune.samples)",
     )
 
 
@@ -208,16 +230,18 @@ def _write(
     floor = baseline - float(cfg.max_top1_drop)  # type: ignore[arg-type]
     for p in points:
         p.within_drop = None if p.val_top1 is None else p.val_top1 >= floor
-    chosen, met, reason = choose(points, floor)
+        p.int8_within_drop = None if p.int8_val_top1 is None else p.int8_val_top1 >= floor
+    chosen, precision, met, reason = choose(points, floor)
     if chosen is None:
         raise RunFailed(f"no trial completed and measured ({reason})")
-    chosen.chosen = True
+    chosen.chosen, chosen.chosen_precision = True, precision
     search = ObjectiveSearch(
         max_top1_drop=float(cfg.max_top1_drop),  # type: ignore[arg-type]
         baseline_val_top1=baseline,
         floor_val_top1=floor,
         met=met,
         chosen_trial=chosen.trial_id,
+        chosen_precision=precision,
         reason=reason,
         backend=m.backend,
         threads=m.threads,
@@ -244,6 +268,16 @@ def _write(
             x.error = x.predicted_ms / chosen.measured_ms - 1.0 if chosen.measured_ms else None
             x.met = chosen.measured_ms <= chosen.budget_ms if chosen.measured_ms is not None else None
         metrics.warnings = [w for w in metrics.warnings if not w.startswith(OVER_BUDGET)]
+        q = metrics.quantization
+        if q is not None and q.written and precision == "fp32":
+            # The trial kept int8 within its own max_quantization_drop, and the search chose its fp32 network
+            # (the int8 model fell under the floor): the job's model is fp32, and nothing serves the int8 file.
+            files.int8_onnx.unlink(missing_ok=True)
+            q.written, q.file, q.test_top1_int8 = False, None, None
+            q.reason = (
+                f"the search chose the fp32 model: the int8 model's validation top-1 {q.val_top1_int8:.2f} is under "
+                f"the max_top1_drop floor {floor:.2f}"
+            )
         if not met:
             metrics.warnings = [*metrics.warnings, reason]
         metrics.write(files.metrics)
@@ -298,6 +332,13 @@ def _points(grid, wanted: list[float], aims: list[float], table: LatencyTable, s
                     run = Metrics.read(Artifacts(final).metrics)
                     _, network, _ = load_checkpoint_model(run.arch, run.num_classes, Artifacts(final).model)
                     point.measured_ms = measure_network(network.eval(), shape, m.backend, m.threads, m.batch_size)
+                    q, int8 = run.quantization, Artifacts(final).int8_onnx
+                    if q is not None and q.written and int8.is_file():  # precision int8: kept by the trial
+                        try:
+                            point.int8_measured_ms = measure_onnx_file(int8, shape, m.threads, m.batch_size)
+                            point.int8_val_top1 = q.val_top1_int8
+                        except Exception as exc:  # noqa: BLE001 - its fp32 network is still a candidate
+                            point.error = f"its int8 model could not be measured: {type(exc).__name__}: {exc}"[:300]
             except Exception as exc:  # noqa: BLE001 - one point lost, not the search
                 point.error = f"its network could not be read or measured: {type(exc).__name__}: {exc}"[:300]
                 points.append(point)
@@ -322,11 +363,15 @@ def _plot(search: ObjectiveSearch, path: Path) -> None:
         ax = fig.add_subplot()
         pts = [p for p in search.points if p.measured_ms is not None and p.val_top1 is not None]
         ax.scatter([p.measured_ms for p in pts], [p.val_top1 for p in pts], color="#4e79a7", label="trials")
-        for p in pts:
+        q8 = [p for p in search.points if p.int8_measured_ms is not None and p.int8_val_top1 is not None]
+        if q8:
+            xs, ys = [p.int8_measured_ms for p in q8], [p.int8_val_top1 for p in q8]
+            ax.scatter(xs, ys, marker="^", color="#f28e2b", label="int8")
+        for p in search.points:
             if p.chosen:
-                ax.scatter(
-                    [p.measured_ms], [p.val_top1], s=120, facecolors="none", edgecolors="#e15759", label="chosen"
-                )
+                int8 = p.chosen_precision == "int8"
+                x, y = (p.int8_measured_ms, p.int8_val_top1) if int8 else (p.measured_ms, p.val_top1)
+                ax.scatter([x], [y], s=120, facecolors="none", edgecolors="#e15759", label="chosen")
         ax.axhline(search.floor_val_top1, color="#e15759", linestyle="--", label=f"floor (-{search.max_top1_drop:g})")
         ax.axhline(search.baseline_val_top1, color="#59a14f", linestyle=":", label="input model")
         ax.axvline(search.dense_measured_ms, color="#bab0ac", linestyle=":", label="dense latency")

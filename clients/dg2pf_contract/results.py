@@ -255,7 +255,15 @@ class ParetoPoint(_Open):
     channels_pruned: int | None = None
     val_top1: float | None = Field(None, description="its best validation top-1")
     within_drop: bool | None = Field(None, description="val_top1 >= the input model's val top-1 - max_top1_drop")
+    int8_measured_ms: float | None = Field(
+        None, description="precision int8: the trial's kept int8 model measured like measured_ms (ONNX Runtime)"
+    )
+    int8_val_top1: float | None = Field(None, description="precision int8: the kept int8 model's validation top-1")
+    int8_within_drop: bool | None = Field(None, description="int8_val_top1 >= the floor")
     chosen: bool = False
+    chosen_precision: str | None = Field(
+        None, description="chosen: which of the trial's models is the job's ('fp32' or 'int8')"
+    )
     error: str | None = None
 
 
@@ -267,6 +275,7 @@ class ObjectiveSearch(_Open):
     floor_val_top1: float = Field(description="baseline_val_top1 - max_top1_drop: what a trial must keep")
     met: bool = Field(description="a trial kept the floor (false: the most accurate trial is the model)")
     chosen_trial: str
+    chosen_precision: str = Field("fp32", description="'int8' when the chosen trial's int8 model is the job's")
     reason: str = Field(description="why this trial is the job's model, in words")
     backend: str
     threads: int

@@ -167,6 +167,13 @@ class DG2PFConfig(Options):
                     f"give sparsity or max_top1_drop, not both (max_top1_drop {drop} decides the channels; got "
                     f"sparsity {self.sparsity})",
                 )
+            if self.precision == "int8" and self.latency_backend != "onnxruntime":
+                raise bad(
+                    "latency_backend",
+                    "precision int8 with max_top1_drop compares int8 and fp32 networks by latency, and the int8 "
+                    f"model runs on ONNX Runtime only: use latency_backend 'onnxruntime' (got "
+                    f"{self.latency_backend!r})",
+                )
         if self.latency_budget_ms is None and self.max_top1_drop is None:
             for name, default in (
                 ("latency_backend", "onnxruntime"),

@@ -592,6 +592,16 @@ def _measure_network(model: nn.Module, input_shape: tuple[int, ...], backend: st
     return _median_ms(run, NETWORK_RUNS, NETWORK_WARMUP)
 
 
+def measure_onnx_file(path: str | Path, input_shape: tuple[int, ...], threads: int, batch: int) -> float:
+    """An ONNX file's median latency (ms) at ``batch`` on ONNX Runtime with ``threads``, measured like
+    ``measure_network``'s onnxruntime rows (a precision int8 model: it has no PyTorch form)."""
+    x = torch.randn((batch, *input_shape), generator=torch.Generator().manual_seed(0)).numpy()
+    with measuring(threads):
+        session = ort_session(Path(path), threads)
+        feed = {session.get_inputs()[0].name: x}
+        return _median_ms(lambda: session.run(None, feed), NETWORK_RUNS, NETWORK_WARMUP)
+
+
 def backend_version(backend: str) -> str:
     if backend == "torch":
         return f"torch {torch.__version__}"

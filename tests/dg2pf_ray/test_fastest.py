@@ -26,17 +26,35 @@ def test_budgets_run_from_near_dense_down_to_just_above_the_fastest_allowed():
     assert budgets(10.0, 9.5, 3) == pytest.approx([8.5, 8.5, 8.5])
 
 
-def _point(i: str, ms: float | None, top1: float | None, status: str = "completed") -> ParetoPoint:
-    return ParetoPoint(trial_id=i, status=status, budget_ms=1.0, aim_ms=1.0, measured_ms=ms, val_top1=top1)
+def _point(
+    i: str, ms: float | None, top1: float | None, status: str = "completed", int8: tuple | None = None
+) -> ParetoPoint:
+    q8 = dict(int8_measured_ms=int8[0], int8_val_top1=int8[1]) if int8 else {}
+    return ParetoPoint(trial_id=i, status=status, budget_ms=1.0, aim_ms=1.0, measured_ms=ms, val_top1=top1, **q8)
 
 
 def test_the_choice_is_the_fastest_within_the_drop_else_the_most_accurate_said_so():
     points = [_point("a", 5.0, 99.0), _point("b", 3.0, 98.5), _point("c", 2.0, 96.0), _point("d", 1.0, None, "failed")]
-    chosen, met, why = choose(points, floor=98.0)
-    assert chosen.trial_id == "b" and met and "fastest of the 2 trial(s) within the drop" in why
-    chosen, met, why = choose(points, floor=99.5)
+    chosen, precision, met, why = choose(points, floor=98.0)
+    assert chosen.trial_id == "b" and precision == "fp32" and met and "fastest of the 2 trial(s) within the drop" in why
+    chosen, precision, met, why = choose(points, floor=99.5)
     assert chosen.trial_id == "a" and not met and "no trial kept val top-1 >= 99.50" in why
     assert choose([_point("d", None, None, "failed")], 90.0)[0] is None
+
+
+def test_with_int8_each_trial_offers_two_models_and_the_floor_decides_the_precision():
+    # a: int8 keeps the floor and is the fastest of all; b: int8 fell under the floor, its fp32 is kept
+    a = _point("a", 5.0, 99.0, int8=(1.5, 98.4))
+    b = _point("b", 3.0, 98.5, int8=(1.0, 97.0))
+    chosen, precision, met, why = choose([a, b], floor=98.0)
+    assert (chosen.trial_id, precision, met) == ("a", "int8", True)
+    assert "3 models (each trial's fp32 and int8) within the drop: trial a int8, 1.5 ms" in why
+    chosen, precision, met, _ = choose([a, b], floor=98.45)  # a's int8 now under: b's fp32 is the fastest left
+    assert (chosen.trial_id, precision, met) == ("b", "fp32", True)
+    chosen, precision, met, why = choose([a, b], floor=99.5)  # none keeps it: the most accurate model, said so
+    assert (chosen.trial_id, precision, met) == ("a", "fp32", False) and "trial a fp32, 99.00" in why
+    # an int8 model without its figures (not kept by the trial) is not a candidate
+    assert choose([_point("c", 4.0, 99.0)], 98.0)[1] == "fp32"
 
 
 def test_max_top1_drop_options_are_checked_and_a_single_run_refuses_it(tiny_loaders):
@@ -46,6 +64,10 @@ def test_max_top1_drop_options_are_checked_and_a_single_run_refuses_it(tiny_load
         DG2PFConfig(granularity="channel", max_top1_drop=1.0, latency_budget_ms=2.0)
     with pytest.raises(ConfigError, match="give sparsity or max_top1_drop, not both"):
         DG2PFConfig(granularity="channel", max_top1_drop=1.0, sparsity=0.5)
+    with pytest.raises(ConfigError, match="int8 model runs on ONNX Runtime only") as e:
+        DG2PFConfig(granularity="channel", max_top1_drop=1.0, precision="int8", latency_backend="torch")
+    assert e.value.field == "latency_backend"
+    DG2PFConfig(granularity="channel", max_top1_drop=1.0, precision="int8")  # onnxruntime, the default
     with pytest.raises(ConfigError, match=r"max_top1_drop: must be points of top-1 in \(0, 100\]"):
         DG2PFConfig(granularity="channel", max_top1_drop=0.0)
     from tiny import TinyNet
@@ -77,7 +99,7 @@ def test_a_drop_finer_than_one_validation_image_is_refused_before_any_work(digit
 
 
 @pytest.mark.slow
-def test_a_search_returns_the_fastest_trial_within_the_drop_and_its_front(digits_example, tmp_path):
+def test_a_search_returns_the_fastest_model_within_the_drop_int8_included_and_its_front(digits_example, tmp_path):
     ray.shutdown()
     connect(None)
     try:
@@ -87,7 +109,7 @@ def test_a_search_returns_the_fastest_trial_within_the_drop_and_its_front(digits
             pruning_epochs=2,
             max_epochs=4,
             patience=2,
-            latency_backend="torch",
+            precision="int8",  # precision is one more dimension of the search
         )
         job = PruneJob("digits_cnn", 10, str(digits_example / "model.safetensors"), "digits", config)
         out = tmp_path / "out"
@@ -104,13 +126,24 @@ def test_a_search_returns_the_fastest_trial_within_the_drop_and_its_front(digits
     assert sum(p.chosen for p in front) == 1
     chosen = next(p for p in front if p.chosen)
     assert o.chosen_trial == chosen.trial_id and o.floor_val_top1 == pytest.approx(o.baseline_val_top1 - 1.0)
+    assert chosen.chosen_precision == o.chosen_precision
     done = [p for p in front if p.status == "completed"]
-    within = [p for p in done if p.val_top1 >= o.floor_val_top1]
-    assert o.met == bool(within)
-    if within:  # the fastest of those within the drop, by the driver's own measurement
-        assert chosen.measured_ms == min(p.measured_ms for p in within)
-    else:
-        assert chosen.val_top1 == max(p.val_top1 for p in done) and o.reason in m.warnings
-    assert m.val_top1 == pytest.approx(chosen.val_top1)  # the job's model is the chosen trial's
-    assert m.latency_objective is not None and m.latency_objective.backend == "torch"
     assert all(p.measured_ms and p.measured_ms > 0 for p in done)  # every completed trial measured (timings: bench/)
+    # every model of every trial: its fp32 network, and its int8 model where the trial kept one
+    models = [(p.measured_ms, p.val_top1, p, "fp32") for p in done]
+    models += [(p.int8_measured_ms, p.int8_val_top1, p, "int8") for p in done if p.int8_measured_ms is not None]
+    assert any(k == "int8" for *_, k in models)  # the digits network keeps int8 within 0.5 points
+    within = [x for x in models if x[1] >= o.floor_val_top1]
+    assert o.met == bool(within)
+    picked = next(x for x in models if x[2] is chosen and x[3] == o.chosen_precision)
+    if within:  # the fastest model within the drop, by the driver's own measurement
+        assert picked[0] == min(x[0] for x in within)
+    else:
+        assert picked[1] == max(x[1] for x in models) and o.reason in m.warnings
+    assert m.val_top1 == pytest.approx(chosen.val_top1)  # the job's network is the chosen trial's
+    assert m.latency_objective is not None and m.latency_objective.backend == "onnxruntime"
+    # what is served is what was chosen: the int8 file only when the int8 model was
+    q = m.quantization
+    assert q is not None and q.written == (o.chosen_precision == "int8") == (out / "model.int8.onnx").is_file()
+    if o.chosen_precision == "int8":
+        assert q.val_top1_int8 == pytest.approx(chosen.int8_val_top1)

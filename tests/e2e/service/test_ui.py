@@ -530,8 +530,9 @@ def test_deploy_the_finished_job_then_predict_an_uploaded_png(api, followed, log
 
 @pytest.mark.slow
 def test_a_search_jobs_page_draws_every_trials_latency_and_accuracy_and_the_choice(api, followed, logged_in):
-    """The front of a max_top1_drop search (metrics.json's objective, here laid over the followed job's
-    metrics.json by the test): a point and a row per trial, the chosen one marked, the floor drawn."""
+    """The front of a max_top1_drop search with precision int8 (metrics.json's objective and quantization,
+    here laid over the followed job's metrics.json by the test): a point and a row per trial, each kept int8
+    model beside it, the chosen model marked, the floor drawn, the int8 model's check in the results."""
     from playwright.sync_api import expect
 
     tab, page = logged_in, logged_in.page
@@ -549,7 +550,11 @@ def test_a_search_jobs_page_draws_every_trials_latency_and_accuracy_and_the_choi
             "measured_ms": 0.13,
             "val_top1": 99.3,
             "within_drop": True,
-            "chosen": False,
+            "int8_measured_ms": 0.07,
+            "int8_val_top1": 99.0,
+            "int8_within_drop": True,
+            "chosen": True,
+            "chosen_precision": "int8",
         },
         {
             "trial_id": "t1",
@@ -559,7 +564,7 @@ def test_a_search_jobs_page_draws_every_trials_latency_and_accuracy_and_the_choi
             "measured_ms": 0.09,
             "val_top1": 98.9,
             "within_drop": True,
-            "chosen": True,
+            "chosen": False,
         },
         {
             "trial_id": "t2",
@@ -569,6 +574,9 @@ def test_a_search_jobs_page_draws_every_trials_latency_and_accuracy_and_the_choi
             "measured_ms": 0.06,
             "val_top1": 95.1,
             "within_drop": False,
+            "int8_measured_ms": 0.03,
+            "int8_val_top1": 94.5,
+            "int8_within_drop": False,
             "chosen": False,
         },
         {
@@ -588,8 +596,9 @@ def test_a_search_jobs_page_draws_every_trials_latency_and_accuracy_and_the_choi
         "baseline_val_top1": 99.3,
         "floor_val_top1": 98.3,
         "met": True,
-        "chosen_trial": "t1",
-        "reason": "the fastest of the 2 trial(s) within the drop",
+        "chosen_trial": "t0",
+        "chosen_precision": "int8",
+        "reason": "the fastest of the 3 models (each trial's fp32 and int8) within the drop",
         "backend": "onnxruntime",
         "threads": 1,
         "batch_size": 1,
@@ -597,6 +606,18 @@ def test_a_search_jobs_page_draws_every_trials_latency_and_accuracy_and_the_choi
         "budgets_ms": [0.15, 0.10, 0.07, 0.05],
         "points": points,
         "wall_seconds": 100.0,
+    }
+    metrics["quantization"] = {  # precision int8: the chosen trial's int8 model, kept
+        "precision": "int8",
+        "written": True,
+        "file": "model.int8.onnx",
+        "method": "minmax",
+        "val_top1_fp32": 99.3,
+        "val_top1_int8": 99.0,
+        "test_top1_int8": 98.6,
+        "max_drop": 0.5,
+        "bytes_fp32": 400_000,
+        "bytes_int8": 110_000,
     }
     page.route(
         re.compile(rf"/jobs/{followed}/artifacts/metrics\.json$"),
@@ -606,8 +627,16 @@ def test_a_search_jobs_page_draws_every_trials_latency_and_accuracy_and_the_choi
     page.wait_for_selector("body[data-finished=true]", state="attached", timeout=60 * S)
     expect(page.locator("#front-panel")).to_be_visible()
     expect(page.locator("#front tbody tr")).to_have_count(4)
-    expect(page.locator('#front tr[data-chosen="yes"]')).to_have_attribute("data-trial", "t1")
+    expect(page.locator('#front tr[data-chosen="yes"]')).to_have_attribute("data-trial", "t0")
+    expect(page.locator('#front tr[data-chosen="yes"]')).to_contain_text("chosen (int8)")
+    expect(page.locator('#front tr[data-trial="t2"]')).to_contain_text("0.030 ms, 94.50% (under)")
     expect(page.locator("#front-plot circle")).to_have_count(3)  # the failed trial has no point
-    expect(page.locator("#front-plot circle.chosen")).to_have_attribute("data-trial", "t1")
-    expect(page.locator("#front-note")).to_contain_text("the fastest of the 2 trial(s) within the drop")
+    expect(page.locator("#front-plot rect.int8")).to_have_count(2)  # each kept int8 model, a square
+    expect(page.locator("#front-plot .chosen")).to_have_count(1)
+    expect(page.locator("#front-plot rect.chosen")).to_have_attribute("data-trial", "t0")
+    expect(page.locator("#front-note")).to_contain_text("the fastest of the 3 models (each trial's fp32 and int8)")
+    int8 = page.locator('#results dd[data-metric="int8"]')
+    expect(int8).to_have_attribute("data-written", "yes")
+    expect(int8).to_contain_text("kept (minmax calibration): val top-1 99.00% vs fp32 99.30% (drop allowed 0.5)")
+    expect(int8).to_contain_text("test top-1 98.60%")
     expect(page.locator("#front-plot")).to_contain_text("floor 98.30%")

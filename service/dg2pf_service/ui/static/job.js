@@ -256,9 +256,11 @@ dg2pf.start(() => {
       || Object.fromEntries(Object.entries(latency.speedup || {}).map(([b, byBatch]) => [b,
         Object.fromEntries(Object.entries(byBatch).map(([n, x]) => [n, { speedup: x }]))]));
     for (const [backend, byBatch] of Object.entries(rows)) {
+      const int8 = (r) => (num(r.int8_ms) !== null && num(r.int8_speedup) !== null
+        ? `, int8 ${r.int8_ms.toFixed(2)} ms (${times(r.int8_speedup, 2)})` : "");
       const cells = Object.entries(byBatch).filter(([, r]) => num(r.speedup) !== null).map(([n, r]) => (
         num(r.dense_ms) !== null && num(r.pruned_ms) !== null
-          ? `batch ${n}: ${r.dense_ms.toFixed(2)} → ${r.pruned_ms.toFixed(2)} ms (${times(r.speedup, 2)})`
+          ? `batch ${n}: ${r.dense_ms.toFixed(2)} → ${r.pruned_ms.toFixed(2)} ms (${times(r.speedup, 2)})${int8(r)}`
           : `batch ${n}: ${times(r.speedup, 2)}`));
       if (cells.length) out.push([backend, cells]);
     }
@@ -287,6 +289,16 @@ dg2pf.start(() => {
     if (items.length && !speeds.length) {
       items.push(result("measured speed-up", "speedup", latency.reason ? `not measured: ${latency.reason}` : "not measured"));
     }
+    const q = m && m.quantization;
+    if (q) {  // precision int8: whether model.int8.onnx was kept, with its figures, or why not
+      const pct = (x) => (num(x) !== null ? `${x.toFixed(2)}%` : "–");
+      items.push(result("int8 model", "int8", q.written
+        ? `kept (${q.method || "?"} calibration): val top-1 ${pct(q.val_top1_int8)} vs fp32 ${pct(q.val_top1_fp32)}`
+          + (num(q.max_drop) !== null ? ` (drop allowed ${q.max_drop})` : "")
+          + (num(q.test_top1_int8) !== null ? `, test top-1 ${pct(q.test_top1_int8)}` : "")
+          + (num(q.bytes_fp32) !== null && num(q.bytes_int8) !== null ? `; ${size(q.bytes_fp32)} → ${size(q.bytes_int8)}` : "")
+        : `not kept: ${q.reason || "no reason given"}`, { written: q.written ? "yes" : "no" }));
+    }
     document.getElementById("results").replaceChildren(...items.flat());
     document.getElementById("results-note").textContent = speeds.length && num(latency.threads) !== null
       ? `· latency on ${latency.threads} thread${latency.threads === 1 ? "" : "s"}${latency.cpu ? ` of ${latency.cpu}` : ""}; `
@@ -308,7 +320,9 @@ dg2pf.start(() => {
       h("td", { class: "num" }, num(p.measured_ms) !== null ? p.measured_ms.toFixed(3) : p.status),
       h("td", { class: "num" }, num(p.val_top1) !== null ? `${p.val_top1.toFixed(2)}%` : "–"),
       h("td", {}, p.within_drop === true ? "yes" : p.within_drop === false ? "no" : "–"),
-      h("td", {}, p.chosen ? "chosen" : "")));
+      h("td", { class: "num" }, num(p.int8_measured_ms) !== null
+        ? `${p.int8_measured_ms.toFixed(3)} ms, ${p.int8_val_top1.toFixed(2)}%${p.int8_within_drop ? "" : " (under)"}` : "–"),
+      h("td", {}, p.chosen ? `chosen${p.chosen_precision ? ` (${p.chosen_precision})` : ""}` : "")));
     document.querySelector("#front tbody").replaceChildren(...rows);
     const svg = document.getElementById("front-plot");
     const NS = "http://www.w3.org/2000/svg";
@@ -318,8 +332,9 @@ dg2pf.start(() => {
       if (text !== undefined) e.textContent = text;
       return e;
     };
-    const xs = [...pts.map((p) => p.measured_ms), o.dense_measured_ms];
-    const ys = [...pts.map((p) => p.val_top1), o.floor_val_top1, o.baseline_val_top1];
+    const q8 = o.points.filter((p) => num(p.int8_measured_ms) !== null && num(p.int8_val_top1) !== null);
+    const xs = [...pts.map((p) => p.measured_ms), ...q8.map((p) => p.int8_measured_ms), o.dense_measured_ms];
+    const ys = [...pts.map((p) => p.val_top1), ...q8.map((p) => p.int8_val_top1), o.floor_val_top1, o.baseline_val_top1];
     const [x0, x1] = [0, Math.max(...xs) * 1.05];
     const [y0, y1] = [Math.min(...ys) - 1, Math.max(...ys) + 1];
     const X = (x) => 50 + ((x - x0) / (x1 - x0 || 1)) * 570;
@@ -338,10 +353,18 @@ dg2pf.start(() => {
       el("text", { x: 46, y: 24, "text-anchor": "end" }, y1.toFixed(1)),
       el("text", { x: 46, y: 230, "text-anchor": "end" }, y0.toFixed(1)),
     ];
+    const picked = (p, precision) => p.chosen && (p.chosen_precision || "fp32") === precision;
     for (const p of pts) {
-      const dot = el("circle", { cx: X(p.measured_ms), cy: Y(p.val_top1), r: p.chosen ? 7 : 5,
-        class: p.chosen ? "point chosen" : "point", "data-trial": p.trial_id });
+      const dot = el("circle", { cx: X(p.measured_ms), cy: Y(p.val_top1), r: picked(p, "fp32") ? 7 : 5,
+        class: picked(p, "fp32") ? "point chosen" : "point", "data-trial": p.trial_id });
       dot.append(el("title", {}, `${p.trial_id}: ${p.measured_ms.toFixed(3)} ms, ${p.val_top1.toFixed(2)}%`));
+      parts.push(dot);
+    }
+    for (const p of q8) {  // precision int8: each trial's int8 model, a square
+      const side = picked(p, "int8") ? 12 : 9;
+      const dot = el("rect", { x: X(p.int8_measured_ms) - side / 2, y: Y(p.int8_val_top1) - side / 2, width: side,
+        height: side, class: picked(p, "int8") ? "point int8 chosen" : "point int8", "data-trial": p.trial_id });
+      dot.append(el("title", {}, `${p.trial_id} int8: ${p.int8_measured_ms.toFixed(3)} ms, ${p.int8_val_top1.toFixed(2)}%`));
       parts.push(dot);
     }
     svg.replaceChildren(...parts);
