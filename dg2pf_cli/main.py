@@ -1003,10 +1003,18 @@ def _cmd_latency_table(args: argparse.Namespace) -> int:
 
 
 def _cmd_archs(args: argparse.Namespace) -> int:
-    from dg2pf_core.models import list_archs
+    from dg2pf_core.models.registry import list_archs, timm_version
 
-    for name in list_archs():
+    for name in list_archs(timm_models=args.timm):
         print(name)
+    if not args.timm:
+        version = timm_version()
+        print(
+            f"# and timm/<model> for every timm {version} model (list them: dg2pf archs --timm)"
+            if version
+            else "# timm models: pip install 'dg2pf[timm]'",
+            file=sys.stderr,
+        )
     return 0
 
 
@@ -1280,7 +1288,8 @@ def _add_tune_evaluate_archs(sub) -> None:
     lt.add_argument("--quiet", action="store_true", help="no progress lines")
     lt.set_defaults(func=_cmd_latency_table)
 
-    ar = sub.add_parser("archs", help="list architecture names")
+    ar = sub.add_parser("archs", help="list architecture names (installed packages' own included)")
+    ar.add_argument("--timm", action="store_true", help="list every timm model too (over a thousand)")
     ar.set_defaults(func=_cmd_archs)
     _add_service_commands(sub)
 

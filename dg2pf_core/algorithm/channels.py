@@ -76,9 +76,17 @@ CHANNEL_ARCHS = (
     "torchvision/vgg*",
     "torchvision/wide_resnet*",
     "torchvision/vit_*",
+    "timm/resnet*",
+    "timm/convnext_*",
+)
+_TIMM_HEADS = (
+    "timm's attention splits its qkv projection into heads by width: channels must go as whole heads, "
+    "which dg2pf does not prune yet"
 )
 # Known not to work, and why (checked first: a clear reason instead of "not verified").
 CHANNEL_REFUSED = {
+    "timm/*vit*": _TIMM_HEADS,
+    "timm/deit*": _TIMM_HEADS,
     "torchvision/shufflenet_v2_*": "Torch-Pruning's dependency graph fails on its channel shuffle (ZeroDivisionError "
     "inside torch_pruning)",
     "torchvision/swin_*": "tracing its shifted-window attention with Torch-Pruning takes minutes and over 8 GB "

@@ -24,3 +24,8 @@ class DataRequest:
     # Folder datasets' evaluation: the fraction of a larger image's short side its centre crop keeps
     # (transforms.FitAndCrop; None: ImageNet's 0.875). Images at or below the target size are never cut.
     crop_pct: float | None = None
+    # Folder datasets' normalisation and resize filter (the architecture's own, e.g. a timm model's
+    # pretrained_cfg; None: ImageNet's mean and std, bilinear).
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+    interpolation: str | None = None  # "bilinear", "bicubic" or "nearest"

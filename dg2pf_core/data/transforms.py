@@ -245,13 +245,17 @@ class FitAndCrop:
     image at or below that size (a folder of 32 x 32 images evaluated at 32) is resized to
     ``size`` x ``size`` whole: no border is cut off where the user's own pipeline sees it all."""
 
-    def __init__(self, size: int, crop_pct: float = DEFAULT_CROP_PCT) -> None:
+    def __init__(self, size: int, crop_pct: float = DEFAULT_CROP_PCT, interpolation: str | None = None) -> None:
         self.size, self.crop_pct = size, crop_pct
         self.short = max(size, int(size / crop_pct))
+        mode = T.InterpolationMode(interpolation or "bilinear")
         self.crop = T.Compose(
-            [T.Resize(self.short, max_size=max(self.short + 1, MAX_ASPECT * size)), T.CenterCrop(size)]
+            [
+                T.Resize(self.short, interpolation=mode, max_size=max(self.short + 1, MAX_ASPECT * size)),
+                T.CenterCrop(size),
+            ]
         )
-        self.whole = T.Resize((size, size))
+        self.whole = T.Resize((size, size), interpolation=mode)
 
     def __call__(self, image):
         width, height = T.functional.get_image_size(image)
@@ -266,8 +270,9 @@ def imagenet_transforms(request: DataRequest) -> tuple[Transform, Transform]:
     names another: ``cifar`` and ``shift`` pad-and-crop the eval image, 4 px per 32); eval
     ``FitAndCrop`` (the centre ``crop_pct`` of an image larger than the target, a small one whole)."""
     size = request.image_size
-    mean, std = channel_stats(IMAGENET_MEAN, IMAGENET_STD, request.in_channels)
-    resize = [FitAndCrop(size, request.crop_pct if request.crop_pct is not None else DEFAULT_CROP_PCT)]
+    mean, std = channel_stats(request.mean or IMAGENET_MEAN, request.std or IMAGENET_STD, request.in_channels)
+    crop = request.crop_pct if request.crop_pct is not None else DEFAULT_CROP_PCT
+    resize = [FitAndCrop(size, crop, request.interpolation)]
     suffix = [T.ToTensor(), T.Normalize(mean, std)]
     return _recipe(request, "imagenet", ConvertMode(request.in_channels), resize, suffix, augment_padding(size))
 

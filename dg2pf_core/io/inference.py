@@ -78,7 +78,10 @@ class InferenceModel:
         request = DataRequest(
             image_size=meta.image_size or spec.input_size,
             in_channels=meta.in_channels or spec.in_channels,
-            crop_pct=meta.crop_pct,
+            crop_pct=meta.crop_pct if meta.crop_pct is not None else spec.crop_pct,
+            mean=spec.mean,
+            std=spec.std,
+            interpolation=spec.interpolation,
         )
         return cls(
             model=module,

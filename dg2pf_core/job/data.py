@@ -36,7 +36,10 @@ def load_data(
             skip_bad_images=skip_bad_images,
             allowed_roots=tuple(allowed_roots),
             augment=augment,
-            crop_pct=crop_pct,
+            crop_pct=crop_pct if crop_pct is not None else arch.crop_pct,
+            mean=arch.mean,
+            std=arch.std,
+            interpolation=arch.interpolation,
         ),
     )
     if splits.num_classes != num_classes:

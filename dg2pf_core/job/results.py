@@ -88,7 +88,7 @@ def result_metrics(prepared: PreparedJob, result: DG2PFResult, *, world_size: in
         image_size=prepared.image_size,
         augment=getattr(prepared.splits, "augment", None),  # the policy trained with: asked for, or the default
         # folder datasets' evaluation crop (validation, test and serving alike); None where no crop applies
-        crop_pct=eval_crop_pct(job.dataset, job.crop_pct),
+        crop_pct=eval_crop_pct(job.dataset, job.crop_pct if job.crop_pct is not None else get_arch(job.arch).crop_pct),
         in_channels=prepared.arch.in_channels,
         class_names=prepared.splits.class_names,
         target_sparsity=job.config.sparsity

@@ -1,17 +1,26 @@
 """Architecture registry: a name in, a freshly initialised model out.
 
-Two kinds of names resolve here:
+Four kinds of names resolve here:
 
 * names registered with :func:`register_arch` (``cifar/resnet18``, ``digits_cnn``, ...);
 * ``torchvision/<model>`` for every torchvision *classification* model. These are resolved
   on lookup rather than registered up front so that a newer torchvision brings its models
   along without a code change. They are always built with ``weights=None``: dg2pf never
-  downloads weights, the user brings a checkpoint.
+  downloads weights, the user brings a checkpoint;
+* ``timm/<model>[.<tag>]`` for every timm model (``pip install 'dg2pf[timm]'``), built with
+  ``pretrained=False`` and the hub offline; the model's ``pretrained_cfg`` (input size, mean/std,
+  resize filter, crop percentage) is its preprocessing unless the job overrides the size or crop;
+* names installed packages register in the ``dg2pf.archs`` entry point group (a team's own
+  networks, ``--arch mypkg/mynet``): the entry point names an :class:`ArchSpec`. Only installed
+  distributions are read; nothing is ever imported from a job's own files.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
+import importlib.metadata
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -25,6 +34,7 @@ from dg2pf_contract.job import MAX_CLASSES
 from dg2pf_core.errors import ConfigError, UnknownArchitectureError
 
 TORCHVISION_PREFIX = "torchvision/"
+TIMM_PREFIX = "timm/"
 
 Builder = Callable[[int], nn.Module]
 
@@ -40,6 +50,11 @@ class ArchSpec:
     description: str
     # Checkpoint key prefixes of parts the built model leaves out (auxiliary heads): dropped on load.
     ignored_keys: tuple[str, ...] = ()
+    # Preprocessing of folder datasets and serving (None: ImageNet's mean/std, bilinear, crop 0.875).
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+    interpolation: str | None = None
+    crop_pct: float | None = None
 
 
 _REGISTRY: dict[str, ArchSpec] = {}
@@ -47,9 +62,9 @@ _REGISTRY: dict[str, ArchSpec] = {}
 
 def register_arch(name: str, *, input_size: int, in_channels: int, description: str) -> Callable[[Builder], Builder]:
     """Decorator registering ``builder(num_classes) -> nn.Module`` under ``name``."""
-    if name.startswith(TORCHVISION_PREFIX):
-        # That namespace is resolved dynamically; a static entry would shadow it silently.
-        raise ValueError(f"'{TORCHVISION_PREFIX}' names are reserved for torchvision models: {name!r}")
+    if name.startswith((TORCHVISION_PREFIX, TIMM_PREFIX)):
+        # Those namespaces are resolved dynamically; a static entry would shadow them silently.
+        raise ValueError(f"'{TORCHVISION_PREFIX}' and '{TIMM_PREFIX}' names are reserved: {name!r}")
 
     def decorate(builder: Builder) -> Builder:
         if name in _REGISTRY:
@@ -97,11 +112,103 @@ def _torchvision_spec(model_name: str) -> ArchSpec:
     )
 
 
-def list_archs() -> list[str]:
-    """Every architecture name :func:`get_arch` accepts, sorted."""
+def _timm():
+    """timm, with the Hugging Face hub offline (dg2pf never downloads a model), or None when not installed."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    try:
+        import timm  # noqa: PLC0415
+    except ImportError:
+        return None
+    return timm
+
+
+def _timm_spec(model_name: str) -> ArchSpec:
+    timm = _timm()
+    if timm is None:
+        raise UnknownArchitectureError(
+            f"architecture {TIMM_PREFIX}{model_name!r} needs timm, which is not installed: pip install 'dg2pf[timm]'"
+        )
+    base = model_name.split(".", 1)[0]
+    if not model_name or not timm.is_model(base):
+        close = difflib.get_close_matches(base, timm.list_models(), n=3, cutoff=0.6)
+        hint = f"; did you mean: {', '.join(TIMM_PREFIX + c for c in close)}?" if close else ""
+        raise UnknownArchitectureError(f"unknown timm model {model_name!r}{hint} (timm {timm.__version__})")
+    try:
+        cfg = timm.get_pretrained_cfg(model_name, allow_unregistered=False)
+    except (RuntimeError, ValueError, KeyError):
+        cfg = None
+    if cfg is None and "." in model_name:
+        raise UnknownArchitectureError(f"timm model {base!r} has no pretrained tag {model_name.split('.', 1)[1]!r}")
+    input_size = tuple(getattr(cfg, "input_size", None) or (3, 224, 224))
+
+    def build(num_classes: int) -> nn.Module:
+        return timm.create_model(model_name, pretrained=False, num_classes=num_classes)
+
+    return ArchSpec(
+        name=TIMM_PREFIX + model_name,
+        builder=build,
+        input_size=int(input_size[-1]),
+        in_channels=int(input_size[0]),
+        description=f"timm {model_name} (randomly initialised; preprocessing from its pretrained_cfg)",
+        mean=tuple(cfg.mean) if cfg is not None and cfg.mean else None,
+        std=tuple(cfg.std) if cfg is not None and cfg.std else None,
+        interpolation=cfg.interpolation if cfg is not None and cfg.interpolation in _FILTERS else None,
+        crop_pct=float(cfg.crop_pct) if cfg is not None and cfg.crop_pct else None,
+    )
+
+
+_FILTERS = ("bilinear", "bicubic", "nearest")
+ENTRY_POINT_GROUP = "dg2pf.archs"
+
+
+def _installed() -> dict[str, importlib.metadata.EntryPoint]:
+    """The ``dg2pf.archs`` entry points of installed distributions, by name (not loaded)."""
+    return {ep.name: ep for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)}
+
+
+def _installed_spec(name: str, ep: importlib.metadata.EntryPoint) -> ArchSpec:
+    try:
+        spec = ep.load()
+    except Exception as exc:  # noqa: BLE001 - a broken package named, not a crash
+        raise UnknownArchitectureError(
+            f"architecture {name!r} is registered by an installed package ({ep.value}), which failed to load: "
+            f"{type(exc).__name__}: {exc}"
+        ) from None
+    if not isinstance(spec, ArchSpec) or not callable(spec.builder):
+        raise UnknownArchitectureError(
+            f"architecture {name!r}: the entry point {ep.value} must name a dg2pf_core.models.ArchSpec, "
+            f"got {type(spec).__name__}"
+        )
+    return dataclasses.replace(spec, name=name)
+
+
+def list_archs(timm_models: bool = False) -> list[str]:
+    """Every architecture name :func:`get_arch` accepts, sorted; timm's (over a thousand) only with
+    ``timm_models``."""
     names = set(_REGISTRY)
     names.update(TORCHVISION_PREFIX + n for n in _torchvision_classifiers())
+    names.update(installed_archs())
+    if timm_models and (timm := _timm()) is not None:
+        names.update(TIMM_PREFIX + n for n in timm.list_models())
     return sorted(names)
+
+
+def installed_archs() -> list[str]:
+    """The names installed packages register (``dg2pf.archs``), sorted; those shadowing a built-in or
+    reserved name are left out (``get_arch`` never resolves them)."""
+    return sorted(n for n in _installed() if _reserved(n) is None)
+
+
+def timm_version() -> str | None:
+    timm = _timm()
+    return None if timm is None else str(timm.__version__)
+
+
+def _reserved(name: str) -> str | None:
+    """The reserved prefix an installed package's name would shadow, if any."""
+    return next((p for p in (TORCHVISION_PREFIX, TIMM_PREFIX) if name.startswith(p)), None) or (
+        "a built-in name" if name in _REGISTRY else None
+    )
 
 
 def get_arch(name: str) -> ArchSpec:
@@ -113,6 +220,11 @@ def get_arch(name: str) -> ArchSpec:
         model_name = name[len(TORCHVISION_PREFIX) :]
         if model_name in _torchvision_classifiers():
             return _torchvision_spec(model_name)
+    if name.startswith(TIMM_PREFIX):
+        return _timm_spec(name[len(TIMM_PREFIX) :])
+    ep = _installed().get(name)
+    if ep is not None and _reserved(name) is None:
+        return _installed_spec(name, ep)
     raise UnknownArchitectureError(_unknown_message(name))
 
 

@@ -229,3 +229,16 @@ def test_the_serve_app_has_no_docs_routes():
     r = client.get(f"/models/{JOB_ID}/predict")
     assert_error_shape(r, 405, "method_not_allowed")
     assert r.headers["allow"] == "POST"
+
+
+def test_archs_lists_what_a_job_may_name_and_needs_the_token():
+    import timm
+
+    from dg2pf_service.api.schemas import ArchList
+
+    body = ArchList.model_validate(_bare_app().get("/archs").json())
+    assert {"digits_cnn", "torchvision/resnet50"} <= set(body.archs) and body.timm == timm.__version__
+    assert not any(a.startswith("timm/") for a in body.archs)  # timm's thousand-odd names: by body.timm
+    app = create_app()
+    app.state.services = SimpleNamespace(settings=Settings(api_tokens=["s3cret-token-for-tests"]))
+    assert_error_shape(TestClient(app, raise_server_exceptions=False).get("/archs"), 401, "unauthorized")

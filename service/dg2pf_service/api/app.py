@@ -14,7 +14,7 @@ from fastapi.responses import HTMLResponse, JSONResponse
 from ..services import Services, build
 from ..settings import Settings
 from ..ui import routes as ui
-from . import checkpoints, errors, events, health, jobs, models
+from . import archs, checkpoints, errors, events, health, jobs, models
 from .auth import require_token
 from .guard import RequestGuard
 
@@ -54,7 +54,7 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
     app.add_middleware(RequestGuard)
     errors.install(app)
     app.include_router(health.router)
-    for router in (checkpoints.router, jobs.router, events.router, models.router):
+    for router in (archs.router, checkpoints.router, jobs.router, events.router, models.router):
         app.include_router(router, responses=errors.error_responses(*errors.AUTH))
     app.include_router(_docs(app))
     ui.install(app)  # /ui: the dashboard's pages (no data, no token) over the routes above

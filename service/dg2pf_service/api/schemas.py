@@ -43,6 +43,12 @@ ARTIFACT_CONTENT = {
 LOCATION = {"Location": {"description": "where the created resource is", "schema": {"type": "string"}}}
 
 
+class ArchList(BaseModel):
+    archs: list[str] = Field(description="every name a job's arch may give, timm's models aside")
+    installed: list[str] = Field(description="those registered by installed packages (the dg2pf.archs entry points)")
+    timm: str | None = Field(description="timm's version when installed: then any timm/<model> name is accepted too")
+
+
 class Health(BaseModel):
     status: Literal["ok"]
 

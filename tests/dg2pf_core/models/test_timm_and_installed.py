@@ -1,0 +1,208 @@
+"""The models users have: timm architectures by name (their own preprocessing, their checkpoints' layout),
+and a team's own architectures registered by an installed package (the ``dg2pf.archs`` entry points)."""
+
+from __future__ import annotations
+
+import importlib
+import os
+import subprocess
+import sys
+import textwrap
+from types import SimpleNamespace
+
+import PIL.Image
+import pytest
+import safetensors.torch
+import timm  # noqa: E402 - a dev dependency (scripts/test.sh installs it): these tests always run in CI
+import torch
+from torchvision import transforms as T
+
+from dg2pf_core import DG2PFConfig, PruneJob
+from dg2pf_core.algorithm.channels import unsupported_reason
+from dg2pf_core.data.transforms import FitAndCrop
+from dg2pf_core.errors import CheckpointError, UnknownArchitectureError
+from dg2pf_core.io.inference import InferenceModel
+from dg2pf_core.job import load_checkpoint_model
+from dg2pf_core.job.data import load_data
+from dg2pf_core.job.prune import prune_to_dir
+from dg2pf_core.models import build_model, get_arch, list_archs
+from dg2pf_core.models.registry import installed_archs
+
+
+def _save(model: torch.nn.Module, path) -> str:
+    safetensors.torch.save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    return str(path)
+
+
+def test_a_timm_name_builds_offline_with_its_pretrained_cfg_as_preprocessing():
+    vit = get_arch("timm/vit_tiny_patch16_224")
+    assert (vit.input_size, vit.in_channels) == (224, 3)
+    assert vit.mean == (0.5, 0.5, 0.5) and vit.std == (0.5, 0.5, 0.5)
+    assert vit.interpolation == "bicubic" and vit.crop_pct == pytest.approx(0.9)
+    tagged = get_arch("timm/resnet50.a1_in1k")  # a tag's own cfg: crop 0.95
+    assert tagged.crop_pct == pytest.approx(0.95) and tagged.mean == (0.485, 0.456, 0.406)
+    assert os.environ.get("HF_HUB_OFFLINE") == "1"  # never a hub download
+    m = build_model("timm/test_resnet", 7)
+    assert m.eval()(torch.randn(1, 3, 32, 32)).shape == (1, 7)
+    assert "timm/test_resnet" not in list_archs() and "timm/test_resnet" in list_archs(timm_models=True)
+
+
+@pytest.mark.parametrize(
+    "name,match",
+    [
+        ("timm/resnet5", r"unknown timm model 'resnet5'; did you mean: timm/resnet50"),
+        ("timm/resnet50.no_such_tag", "timm model 'resnet50' has no pretrained tag 'no_such_tag'"),
+        ("timm/", "unknown timm model ''"),
+        ("timm/../../etc/passwd", "unknown timm model"),
+    ],
+)
+def test_a_bad_timm_name_is_refused_naming_the_closest(name, match):
+    with pytest.raises(UnknownArchitectureError, match=match):
+        get_arch(name)
+
+
+def test_a_checkpoint_that_does_not_fit_the_named_timm_model_names_its_first_keys(tmp_path):
+    path = _save(build_model("timm/resnet18", 10), tmp_path / "r18.safetensors")
+    with pytest.raises(
+        CheckpointError, match=r"does not fit timm/resnet34 .*missing from the checkpoint \(first: layer1"
+    ):
+        load_checkpoint_model("timm/resnet34", 10, path)
+
+
+def test_folder_images_are_preprocessed_as_the_timm_model_wants_in_training_and_serving(tmp_path):
+    root = tmp_path / "folder"
+    for c in ("a", "b"):
+        (root / "train" / c).mkdir(parents=True)
+        for i in range(6):
+            image = PIL.Image.new("RGB", (300, 200), (40 * i, 100, 200 if c == "a" else 0))
+            image.save(root / "train" / c / f"{i}.png")
+    spec = get_arch("timm/test_vit")  # mean/std 0.5, bicubic, its own crop
+    splits, size = load_data(f"imagefolder:{root}", spec, 2, None, 0.2, 0)
+    assert size == 160
+    view = splits.val.dataset  # the held-out images, seen through the evaluation transform
+    steps = view.transform.transforms
+    crop = next(t for t in steps if isinstance(t, FitAndCrop))
+    norm = next(t for t in steps if isinstance(t, T.Normalize))
+    assert crop.crop_pct == pytest.approx(spec.crop_pct) and crop.crop.transforms[0].interpolation.value == "bicubic"
+    assert tuple(norm.mean) == (0.5, 0.5, 0.5) and tuple(norm.std) == (0.5, 0.5, 0.5)
+    # serving preprocesses an image exactly as the job evaluated it
+    meta = SimpleNamespace(
+        arch="timm/test_vit", num_classes=2, image_size=None, in_channels=None, crop_pct=None,
+        class_names=["a", "b"], dataset=f"imagefolder:{root}",
+    )  # fmt: skip
+    served = InferenceModel.for_module(torch.nn.Identity(), meta)
+    image = PIL.Image.open(root / "train" / "a" / "3.png")
+    evaluated = view.transform(image)
+    torch.testing.assert_close(served.transform(image), evaluated, rtol=0, atol=0)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "arch,config",
+    [
+        ("timm/test_resnet", dict(sparsity=0.7)),
+        ("timm/test_vit", dict(granularity="2:4", sparsity=0.5, exclude=[r"^patch_embed\."])),
+        ("timm/resnet18", dict(granularity="channel", target_macs_ratio=0.5)),
+    ],
+)
+def test_a_timm_checkpoint_is_pruned_exported_and_served_as_evaluated(tmp_path, arch, config):
+    torch.manual_seed(0)
+    checkpoint = _save(build_model(arch, 10), tmp_path / "in.safetensors")
+    job = PruneJob(
+        arch,
+        10,
+        checkpoint,
+        "digits",
+        DG2PFConfig(max_epochs=1, pruning_epochs=1, batch_size=64, **config),
+        image_size=32,
+    )
+    m = prune_to_dir(job, tmp_path / "out")
+    assert m.arch == arch and m.onnx is not None and m.onnx.written  # exported, checked against PyTorch
+    served = InferenceModel.load(tmp_path / "out")
+    x = torch.randn(3, 3, 32, 32)
+    _, pruned, _ = load_checkpoint_model(arch, 10, str(tmp_path / "out" / "model.safetensors"))
+    with torch.no_grad():
+        torch.testing.assert_close(served.model(x), pruned.eval()(x), rtol=1e-5, atol=1e-5)
+    if config.get("granularity") == "channel":
+        assert m.macs_sparse / m.macs_dense == pytest.approx(0.5, rel=0.05)
+
+
+def test_channel_granularity_on_timm_vits_is_refused_by_name_with_the_reason():
+    assert "whole heads" in unsupported_reason("timm/vit_tiny_patch16_224")
+    assert "whole heads" in unsupported_reason("timm/deit_small_patch16_224")
+    assert unsupported_reason("timm/resnet50.a1_in1k") is None and unsupported_reason("timm/convnext_atto") is None
+    assert "not verified" in unsupported_reason("timm/efficientnet_b0")
+
+
+# --- a team's own architecture, from an installed package ----------------------------------------------
+
+
+def _package(root, name: str, entry_points: dict[str, str], body: str) -> None:
+    """A distribution as pip leaves it: the module and its dist-info with entry_points.txt."""
+    (root / f"{name}.py").write_text(textwrap.dedent(body))
+    info = root / f"{name}-1.0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: 1.0\n")
+    lines = "".join(f"{k} = {v}\n" for k, v in entry_points.items())
+    (info / "entry_points.txt").write_text(f"[dg2pf.archs]\n{lines}")
+
+
+BODY = """
+    import torch.nn as nn
+    from dg2pf_core.models import ArchSpec
+
+    def _build(num_classes):
+        return nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                             nn.Linear(8, num_classes))
+
+    SPEC = ArchSpec(name="ignored", builder=_build, input_size=8, in_channels=1, description="acme's tiny net")
+    NOT_A_SPEC = 42
+"""
+
+
+@pytest.fixture
+def installed(tmp_path, monkeypatch):
+    root = tmp_path / "site"
+    root.mkdir()
+    _package(
+        root,
+        "acme_nets",
+        {
+            "acme/tiny": "acme_nets:SPEC",
+            "acme/broken": "acme_nets:NOT_A_SPEC",
+            "acme/missing": "acme_nets_gone:SPEC",
+            "torchvision/resnet18": "acme_nets:SPEC",  # shadowing a built-in name: never resolved
+        },
+        BODY,
+    )
+    monkeypatch.syspath_prepend(str(root))
+    importlib.invalidate_caches()
+    return root
+
+
+def test_an_installed_package_registers_an_architecture_by_entry_point(installed, tmp_path):
+    spec = get_arch("acme/tiny")
+    assert spec.name == "acme/tiny" and spec.description == "acme's tiny net"
+    assert "acme/tiny" in list_archs() and installed_archs() == ["acme/broken", "acme/missing", "acme/tiny"]
+    assert get_arch("torchvision/resnet18").description.startswith("torchvision resnet18")  # not shadowed
+    with pytest.raises(UnknownArchitectureError, match=r"must name a dg2pf_core.models.ArchSpec, got int"):
+        get_arch("acme/broken")
+    with pytest.raises(UnknownArchitectureError, match=r"acme_nets_gone:SPEC\), which failed to load"):
+        get_arch("acme/missing")
+    # a job on it, as on any other architecture
+    torch.manual_seed(0)
+    checkpoint = _save(build_model("acme/tiny", 10), tmp_path / "acme.safetensors")
+    job = PruneJob("acme/tiny", 10, checkpoint, "digits", DG2PFConfig(sparsity=0.5, max_epochs=1, pruning_epochs=1))
+    m = prune_to_dir(job, tmp_path / "out")
+    assert m.arch == "acme/tiny" and m.sparsity_prunable == pytest.approx(0.5, abs=0.02)
+
+
+def test_the_command_line_lists_installed_architectures(installed):
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(installed), os.environ.get("PYTHONPATH", "")])}
+    out = subprocess.run(
+        [sys.executable, "-m", "dg2pf_cli", "archs"], capture_output=True, text=True, env=env, timeout=120
+    )
+    assert out.returncode == 0, out.stderr
+    names = out.stdout.split()
+    assert "acme/tiny" in names and "torchvision/resnet50" in names and "digits_cnn" in names
+    assert f"timm/<model> for every timm {timm.__version__} model" in out.stderr
