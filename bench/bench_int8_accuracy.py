@@ -6,16 +6,18 @@ Fashion-MNIST. Everything runs through the product's job path:
 1. The dense network: the fidelity harness's cached Fashion-MNIST pre-training (``bench/fidelity/pretrain.py``;
    28 px, 57,000 training images, 3,000 held out, 10 epochs), trained here first if its cache lacks it.
 2. ``dg2pf quantize`` of the dense checkpoint (``quantize_checkpoint``): dense fp32 vs dense int8.
-3. Per seed, a ``PruneJob`` (``prune_to_dir``, what ``dg2pf prune`` runs) with ``granularity: channel``,
-   ``target_macs_ratio: 0.5``, ``precision: int8`` and ``max_quantization_drop`` left at its default
-   (0.5), its training split cut to ``--train-subset`` images (the fidelity cells' departure, for this
-   2-core machine's sake); the job quantizes model.onnx itself and keeps int8 only within the drop.
+3. Per seed, a ``PruneJob`` (``prune_to_dir``, what ``dg2pf prune`` runs) with ``--granularity``
+   (unstructured at ``--sparsity`` 0.9 by default; channel at ``--macs-ratio`` for architectures channel
+   granularity takes), ``precision: int8`` and ``max_quantization_drop`` left at its default (0.5), its
+   training split cut to ``--train-subset`` images (the fidelity cells' departure, for this 2-core
+   machine's sake); the job quantizes model.onnx itself and keeps int8 only within the drop.
 
 Reported per row: validation top-1 of the fp32 ONNX model and of the int8 one (the job's check), test
 top-1 of both (fp32: the job's ``test_top1``; int8: ``quantization.test_top1_int8``; the official 10,000
 test images), the kept calibration and the file sizes. Threads: ``--threads`` for training and evaluation.
 
     .venv/bin/python bench/bench_int8_accuracy.py [--models shufflenet_v2_x0_5] [--seeds 0 1 2] \
+        [--granularity unstructured --sparsity 0.9 | --granularity channel --macs-ratio 0.5] \
         [--epochs 15] [--pruning-epochs 5] [--train-subset 8000] [--threads 2] [--out docs/int8-accuracy-fm.json]
 """
 
@@ -66,6 +68,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--epochs", type=int, default=15)
     p.add_argument("--pruning-epochs", type=int, default=5)
     p.add_argument("--train-subset", type=int, default=8000)
+    p.add_argument(
+        "--granularity",
+        default="unstructured",
+        help="unstructured (--sparsity) or channel (--macs-ratio; not on shufflenet, whose channel shuffle "
+        "Torch-Pruning cannot trace)",
+    )
+    p.add_argument("--sparsity", type=float, default=0.9)
     p.add_argument("--macs-ratio", type=float, default=0.5)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--cache-dir", type=Path, default=ROOT / "bench" / "fidelity" / "cache")
@@ -98,12 +107,15 @@ def main(argv: list[str] | None = None) -> None:
             rows.append({"arch": arch, **_row("dense", None, q, dense.test_top1, time.perf_counter() - t0)})
             print(f"[int8] {rows[-1]}", flush=True)
             save()
+        channel = args.granularity == "channel"
+        kind = f"channel-macs{args.macs_ratio:g}" if channel else f"{args.granularity}-{args.sparsity:g}"
+        target = dict(target_macs_ratio=args.macs_ratio) if channel else dict(sparsity=args.sparsity)
         for seed in args.seeds:
-            if (arch, f"channel-macs{args.macs_ratio:g}", seed) in done:
+            if (arch, kind, seed) in done:
                 continue
             config = DG2PFConfig(
-                granularity="channel",
-                target_macs_ratio=args.macs_ratio,
+                granularity=args.granularity,
+                **target,
                 precision="int8",
                 max_epochs=args.epochs,
                 pruning_epochs=args.pruning_epochs,
@@ -123,7 +135,7 @@ def main(argv: list[str] | None = None) -> None:
             with tempfile.TemporaryDirectory() as tmp:
                 t0 = time.perf_counter()
                 m = prune_to_dir(job, Path(tmp) / "out", on_prepared=cut)
-            row = _row(f"channel-macs{args.macs_ratio:g}", seed, m.quantization, m.test_top1, time.perf_counter() - t0)
+            row = _row(kind, seed, m.quantization, m.test_top1, time.perf_counter() - t0)
             row["macs_ratio"] = round(m.macs_sparse / m.macs_dense, 4) if m.macs_sparse and m.macs_dense else None
             rows.append({"arch": arch, **row})
             print(f"[int8] {rows[-1]}", flush=True)

@@ -109,6 +109,18 @@ def choose(points: list[ParetoPoint], floor: float) -> tuple[ParetoPoint | None,
     )
 
 
+def fp32_chosen_reason(point: ParetoPoint, floor: float) -> str:
+    """Why a chosen trial's int8 model is not the job's when its fp32 network is."""
+    int8_ms, int8_top1 = point.int8_measured_ms, point.int8_val_top1
+    if int8_top1 is not None and int8_top1 < floor:
+        why = f"validation top-1 {int8_top1:.2f} is under the max_top1_drop floor {floor:.2f}"
+    elif int8_ms is not None:
+        why = f"measured {int8_ms:.4g} ms, slower than the fp32 network's {point.measured_ms:.4g} ms"
+    else:
+        why = "could not be measured"
+    return f"the search chose the trial's fp32 network: its int8 model {why}"
+
+
 def check_resolution(drop: float, val_images: int) -> None:
     """ConfigError when ``drop`` is finer than one validation image: the search could not tell such a drop
     from none (every trial one image worse than dense would miss it), so it is refused before any work."""
@@ -263,6 +275,7 @@ def _write(
         # latency against the budget by the driver's measurement, taken with no trial running beside it.
         metrics.config = cfg.to_dict()
         if metrics.latency_objective is not None:
+            # the budget and the table's prediction are of the trial's fp32 network: measured as that network
             x = metrics.latency_objective
             x.aim_ms, x.budget_ms, x.measured_ms = chosen.aim_ms, chosen.budget_ms, chosen.measured_ms
             x.error = x.predicted_ms / chosen.measured_ms - 1.0 if chosen.measured_ms else None
@@ -274,10 +287,7 @@ def _write(
             # (the int8 model fell under the floor): the job's model is fp32, and nothing serves the int8 file.
             files.int8_onnx.unlink(missing_ok=True)
             q.written, q.file, q.test_top1_int8 = False, None, None
-            q.reason = (
-                f"the search chose the fp32 model: the int8 model's validation top-1 {q.val_top1_int8:.2f} is under "
-                f"the max_top1_drop floor {floor:.2f}"
-            )
+            q.reason = fp32_chosen_reason(chosen, floor)
         if not met:
             metrics.warnings = [*metrics.warnings, reason]
         metrics.write(files.metrics)

@@ -352,6 +352,11 @@ class Metrics(_Document):
     crop_pct: float | None = Field(
         None, description="folder datasets' evaluation crop (validation, test, serving); None where no crop applies"
     )
+    mean: list[float] | None = Field(
+        None, description="folder datasets' normalisation mean, the architecture's own (None: ImageNet's)"
+    )
+    std: list[float] | None = Field(None, description="the same, its std")
+    interpolation: str | None = Field(None, description="the same, its resize filter (None: bilinear)")
     in_channels: int
     class_names: list[str] | None = Field(description="labels by class index (None: the dataset names none)")
     target_sparsity: float | None = Field(
@@ -512,5 +517,8 @@ class ModelInfo(_Document):
     in_channels: int | None = Field(None, description="input channels (None: the architecture's)")
     class_names: list[str] | None = Field(None, description="labels by class index")
     crop_pct: float | None = Field(None, description="folder datasets' evaluation crop")
+    mean: list[float] | None = Field(None, description="folder datasets' normalisation (None: the architecture's)")
+    std: list[float] | None = None
+    interpolation: str | None = None
     onnx: OnnxExport | None = Field(None, description="a pruning run's ONNX export, when it has one")
     quantization: Quantization | None = Field(None, description="a precision int8 run's int8 model, when asked")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -127,6 +128,10 @@ def parse_spec(spec: str) -> tuple[str, str | None]:
     return name, (path if sep and path.strip() else None)
 
 
+def _finite(v: object) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
 def _check_request(request: DataRequest) -> None:
     if not isinstance(request.image_size, int) or request.image_size < 1:
         raise DatasetError(f"image_size must be a positive integer, got {request.image_size!r}", field="image_size")
@@ -147,6 +152,17 @@ def _check_request(request: DataRequest) -> None:
             f"crop_pct must be in [0.25, 1] (the centre fraction of a larger image kept at evaluation; "
             f"1: no crop), got {crop!r}",
             field="crop_pct",
+        )
+    for name, low in (("mean", None), ("std", 0.0)):  # the architecture's own normalisation (or metrics.json's)
+        values = getattr(request, name)
+        if values is not None and (
+            len(values) not in (request.in_channels, 3)
+            or not all(_finite(v) and (low is None or v > low) for v in values)
+        ):
+            raise DatasetError(f"{name} must be {request.in_channels} or 3 finite numbers, got {values!r}", field=name)
+    if request.interpolation not in (None, "bilinear", "bicubic", "nearest"):
+        raise DatasetError(
+            f"interpolation must be bilinear, bicubic or nearest, got {request.interpolation!r}", field="interpolation"
         )
     if not isinstance(request.skip_bad_images, bool):
         raise DatasetError(

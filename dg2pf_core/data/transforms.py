@@ -49,9 +49,13 @@ def channel_stats(
     The luma-weighted std is exact only for perfectly correlated channels; natural images come
     close enough that inputs still end up roughly unit-variance, which is all normalising needs.
     """
-    if in_channels == 3:
-        return tuple(mean), tuple(std)
-    return (sum(w * m for w, m in zip(_LUMA, mean)),), (sum(w * s for w, s in zip(_LUMA, std)),)
+
+    def fit(values: tuple[float, ...]) -> tuple[float, ...]:
+        if len(values) == in_channels:  # RGB for RGB, or an architecture's own single-channel figure
+            return tuple(values)
+        return (sum(w * v for w, v in zip(_LUMA, values)),)
+
+    return fit(mean), fit(std)
 
 
 class ConvertMode:

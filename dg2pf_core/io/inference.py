@@ -78,10 +78,11 @@ class InferenceModel:
         request = DataRequest(
             image_size=meta.image_size or spec.input_size,
             in_channels=meta.in_channels or spec.in_channels,
+            # the job's own record first (metrics.json), the architecture's for models written before it
             crop_pct=meta.crop_pct if meta.crop_pct is not None else spec.crop_pct,
-            mean=spec.mean,
-            std=spec.std,
-            interpolation=spec.interpolation,
+            mean=tuple(meta.mean) if getattr(meta, "mean", None) else spec.mean,
+            std=tuple(meta.std) if getattr(meta, "std", None) else spec.std,
+            interpolation=getattr(meta, "interpolation", None) or spec.interpolation,
         )
         return cls(
             model=module,

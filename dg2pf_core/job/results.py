@@ -38,7 +38,7 @@ from dg2pf_core.models import get_arch
 def result_metrics(prepared: PreparedJob, result: DG2PFResult, *, world_size: int, wall_seconds: float) -> Metrics:
     """The ``metrics.json`` document of a finished job (without the ``onnx`` and ``latency`` sections:
     ``write_results`` measures them on the weights as written)."""
-    job = prepared.job
+    job, spec = prepared.job, prepared.arch
     size = size_report(result.model, result.masks, prepared.input_shape, prepared.device)
     last = result.history[-1] if result.history else {}
     layers = layer_sparsity(result.masks)
@@ -88,7 +88,12 @@ def result_metrics(prepared: PreparedJob, result: DG2PFResult, *, world_size: in
         image_size=prepared.image_size,
         augment=getattr(prepared.splits, "augment", None),  # the policy trained with: asked for, or the default
         # folder datasets' evaluation crop (validation, test and serving alike); None where no crop applies
-        crop_pct=eval_crop_pct(job.dataset, job.crop_pct if job.crop_pct is not None else get_arch(job.arch).crop_pct),
+        crop_pct=eval_crop_pct(job.dataset, job.crop_pct if job.crop_pct is not None else spec.crop_pct),
+        # the architecture's own preprocessing, kept with the model: serving reads it here, not from a registry
+        # (a timm or package upgrade) that may have changed since
+        mean=None if spec.mean is None else list(spec.mean),
+        std=None if spec.std is None else list(spec.std),
+        interpolation=spec.interpolation,
         in_channels=prepared.arch.in_channels,
         class_names=prepared.splits.class_names,
         target_sparsity=job.config.sparsity

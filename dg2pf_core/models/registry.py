@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import importlib.metadata
+import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -31,7 +32,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._device import _device_constructors
 
 from dg2pf_contract.job import MAX_CLASSES
-from dg2pf_core.errors import ConfigError, UnknownArchitectureError
+from dg2pf_core.errors import ConfigError, DG2PFError, UnknownArchitectureError
 
 TORCHVISION_PREFIX = "torchvision/"
 TIMM_PREFIX = "timm/"
@@ -55,6 +56,8 @@ class ArchSpec:
     std: tuple[float, ...] | None = None
     interpolation: str | None = None
     crop_pct: float | None = None
+    # Where an installed package's spec came from (its entry point): its failures name it.
+    source: str | None = None
 
 
 _REGISTRY: dict[str, ArchSpec] = {}
@@ -140,6 +143,9 @@ def _timm_spec(model_name: str) -> ArchSpec:
     if cfg is None and "." in model_name:
         raise UnknownArchitectureError(f"timm model {base!r} has no pretrained tag {model_name.split('.', 1)[1]!r}")
     input_size = tuple(getattr(cfg, "input_size", None) or (3, 224, 224))
+    # A crop_pct over 1 (volo at 448/512: 1.15) resizes past the image: the evaluation crop is capped at the
+    # whole image here (docs/cli.md); a non-square input size is taken at its width (square inputs only).
+    crop = min(1.0, float(cfg.crop_pct)) if cfg is not None and cfg.crop_pct else None
 
     def build(num_classes: int) -> nn.Module:
         return timm.create_model(model_name, pretrained=False, num_classes=num_classes)
@@ -152,34 +158,86 @@ def _timm_spec(model_name: str) -> ArchSpec:
         description=f"timm {model_name} (randomly initialised; preprocessing from its pretrained_cfg)",
         mean=tuple(cfg.mean) if cfg is not None and cfg.mean else None,
         std=tuple(cfg.std) if cfg is not None and cfg.std else None,
-        interpolation=cfg.interpolation if cfg is not None and cfg.interpolation in _FILTERS else None,
-        crop_pct=float(cfg.crop_pct) if cfg is not None and cfg.crop_pct else None,
+        interpolation=cfg.interpolation if cfg is not None and cfg.interpolation in FILTERS else None,
+        crop_pct=crop,
     )
 
 
-_FILTERS = ("bilinear", "bicubic", "nearest")
+FILTERS = ("bilinear", "bicubic", "nearest")  # the resize filters preprocessing takes
 ENTRY_POINT_GROUP = "dg2pf.archs"
 
 
-def _installed() -> dict[str, importlib.metadata.EntryPoint]:
-    """The ``dg2pf.archs`` entry points of installed distributions, by name (not loaded)."""
-    return {ep.name: ep for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)}
+def _installed() -> dict[str, list[importlib.metadata.EntryPoint]]:
+    """The ``dg2pf.archs`` entry points of installed distributions, by name (not loaded); a name two
+    packages register differently has both."""
+    found: dict[str, list[importlib.metadata.EntryPoint]] = {}
+    for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+        same = found.setdefault(ep.name, [])
+        if all(e.value != ep.value for e in same):  # one package seen twice on the path is one entry
+            same.append(ep)
+    return found
 
 
-def _installed_spec(name: str, ep: importlib.metadata.EntryPoint) -> ArchSpec:
+def _installed_spec(name: str, eps: list[importlib.metadata.EntryPoint]) -> ArchSpec:
+    if len(eps) > 1:
+        raise UnknownArchitectureError(
+            f"architecture {name!r} is registered by more than one installed package "
+            f"({', '.join(e.value for e in eps)}): uninstall one, or rename its entry point"
+        )
+    ep = eps[0]
     try:
         spec = ep.load()
-    except Exception as exc:  # noqa: BLE001 - a broken package named, not a crash
+    except (Exception, SystemExit) as exc:  # noqa: BLE001 - a broken package named, not a crash
         raise UnknownArchitectureError(
             f"architecture {name!r} is registered by an installed package ({ep.value}), which failed to load: "
-            f"{type(exc).__name__}: {exc}"
+            f"{type(exc).__name__}: {exc}"[:500]
         ) from None
     if not isinstance(spec, ArchSpec) or not callable(spec.builder):
         raise UnknownArchitectureError(
             f"architecture {name!r}: the entry point {ep.value} must name a dg2pf_core.models.ArchSpec, "
             f"got {type(spec).__name__}"
         )
-    return dataclasses.replace(spec, name=name)
+    return check_spec(dataclasses.replace(spec, name=name, source=ep.value))
+
+
+def check_spec(spec: ArchSpec) -> ArchSpec:
+    """``spec`` when its sizes and preprocessing are usable, else an ``UnknownArchitectureError`` naming
+    where it came from (an installed package's entry point)."""
+    from dg2pf_contract.job import MAX_IMAGE_SIZE, MIN_IMAGE_SIZE  # noqa: PLC0415
+
+    where = f" (from {spec.source})" if spec.source else ""
+
+    def number(x: object) -> bool:
+        return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+    problems = []
+    if not isinstance(spec.in_channels, int) or isinstance(spec.in_channels, bool) or spec.in_channels not in (1, 3):
+        problems.append(f"in_channels must be 1 or 3, got {spec.in_channels!r}")
+    size = spec.input_size
+    if not isinstance(size, int) or isinstance(size, bool) or not MIN_IMAGE_SIZE <= size <= MAX_IMAGE_SIZE:
+        problems.append(f"input_size must be an integer in [{MIN_IMAGE_SIZE}, {MAX_IMAGE_SIZE}], got {size!r}")
+    for field, low in (("mean", None), ("std", 0.0)):
+        value = getattr(spec, field)
+        if value is None:
+            continue
+        if (
+            not isinstance(value, (tuple, list))
+            or len(value) not in (spec.in_channels, 3)
+            or not all(number(v) and (low is None or v > low) for v in value)
+        ):
+            what = "positive numbers" if low is not None else "numbers"
+            problems.append(f"{field} must be {spec.in_channels} (or 3, RGB) finite {what}, got {value!r}")
+    if spec.interpolation is not None and spec.interpolation not in FILTERS:
+        problems.append(f"interpolation must be one of {list(FILTERS)}, got {spec.interpolation!r}")
+    if spec.crop_pct is not None and not (number(spec.crop_pct) and 0.25 <= spec.crop_pct <= 1.0):
+        problems.append(f"crop_pct must be in [0.25, 1], got {spec.crop_pct!r}")
+    if problems:
+        raise UnknownArchitectureError(f"architecture {spec.name!r}{where} cannot be used: {'; '.join(problems)}")
+    return dataclasses.replace(
+        spec,
+        mean=None if spec.mean is None else tuple(float(v) for v in spec.mean),
+        std=None if spec.std is None else tuple(float(v) for v in spec.std),
+    )
 
 
 def list_archs(timm_models: bool = False) -> list[str]:
@@ -205,10 +263,12 @@ def timm_version() -> str | None:
 
 
 def _reserved(name: str) -> str | None:
-    """The reserved prefix an installed package's name would shadow, if any."""
-    return next((p for p in (TORCHVISION_PREFIX, TIMM_PREFIX) if name.startswith(p)), None) or (
-        "a built-in name" if name in _REGISTRY else None
-    )
+    """Why an installed package may not register ``name``: a built-in name, or one in a namespace
+    dg2pf's own names use (``torchvision/``, ``timm/``, ``cifar/``, ...); None when it may."""
+    spaces = {TORCHVISION_PREFIX, TIMM_PREFIX} | {n.split("/", 1)[0] + "/" for n in _REGISTRY if "/" in n}
+    if name in _REGISTRY:
+        return "a built-in name"
+    return next((f"the {p} namespace" for p in sorted(spaces) if name.startswith(p)), None)
 
 
 def get_arch(name: str) -> ArchSpec:
@@ -222,9 +282,9 @@ def get_arch(name: str) -> ArchSpec:
             return _torchvision_spec(model_name)
     if name.startswith(TIMM_PREFIX):
         return _timm_spec(name[len(TIMM_PREFIX) :])
-    ep = _installed().get(name)
-    if ep is not None and _reserved(name) is None:
-        return _installed_spec(name, ep)
+    eps = _installed().get(name)
+    if eps and _reserved(name) is None:
+        return _installed_spec(name, eps)
     raise UnknownArchitectureError(_unknown_message(name))
 
 
@@ -248,7 +308,21 @@ def build_model(name: str, num_classes: int) -> nn.Module:
             f"num_classes {num_classes} is beyond the {MAX_CLASSES:,} classes dg2pf builds a classifier for",
             field="num_classes",
         )
-    return spec.builder(num_classes)
+    if spec.source is None:
+        return spec.builder(num_classes)
+    try:  # an installed package's builder: its failures are named, never a crash of the caller
+        model = spec.builder(num_classes)
+    except DG2PFError:
+        raise
+    except (Exception, SystemExit) as exc:  # noqa: BLE001
+        raise UnknownArchitectureError(
+            f"architecture {name!r}: its builder ({spec.source}) failed: {type(exc).__name__}: {exc}"[:500]
+        ) from None
+    if not isinstance(model, nn.Module):
+        raise UnknownArchitectureError(
+            f"architecture {name!r}: its builder ({spec.source}) returned {type(model).__name__}, not a torch.nn.Module"
+        )
+    return model
 
 
 def build_meta(name: str, num_classes: int) -> nn.Module:
@@ -259,7 +333,7 @@ def build_meta(name: str, num_classes: int) -> nn.Module:
     try:
         with torch.device("meta"):
             return build_model(name, num_classes)
-    except (NotImplementedError, RuntimeError):  # "Cannot copy out of meta tensor", ".item() ... meta"
+    except (NotImplementedError, RuntimeError, UnknownArchitectureError):  # "Cannot copy out of meta tensor"
         with _LargeOnMeta():
             return build_model(name, num_classes)
 

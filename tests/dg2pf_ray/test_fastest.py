@@ -11,7 +11,15 @@ from dg2pf_contract.results import Metrics, ParetoPoint
 from dg2pf_core import DG2PFConfig, PruneJob, run_dg2pf
 from dg2pf_core.errors import ConfigError
 from dg2pf_ray.cluster import connect
-from dg2pf_ray.fastest import ABOVE_FASTEST, HIGHEST_SHARE, budgets, check_resolution, choose, fastest_within
+from dg2pf_ray.fastest import (
+    ABOVE_FASTEST,
+    HIGHEST_SHARE,
+    budgets,
+    check_resolution,
+    choose,
+    fastest_within,
+    fp32_chosen_reason,
+)
 from dg2pf_ray.tune import TuneOptions
 
 
@@ -55,6 +63,11 @@ def test_with_int8_each_trial_offers_two_models_and_the_floor_decides_the_precis
     assert (chosen.trial_id, precision, met) == ("a", "fp32", False) and "trial a fp32, 99.00" in why
     # an int8 model without its figures (not kept by the trial) is not a candidate
     assert choose([_point("c", 4.0, 99.0)], 98.0)[1] == "fp32"
+    # within the floor but slower than its own fp32 network (int8 overhead on a tiny one): fp32, said so
+    slow = _point("s", 5.0, 95.0, int8=(6.0, 94.9))
+    assert choose([slow], floor=94.0)[:3] == (slow, "fp32", True)
+    assert "its int8 model measured 6 ms, slower than the fp32 network's 5 ms" in fp32_chosen_reason(slow, 94.0)
+    assert "validation top-1 97.00 is under the max_top1_drop floor 98.00" in fp32_chosen_reason(b, 98.0)
 
 
 def test_max_top1_drop_options_are_checked_and_a_single_run_refuses_it(tiny_loaders):

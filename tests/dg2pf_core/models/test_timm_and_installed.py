@@ -19,14 +19,15 @@ from torchvision import transforms as T
 
 from dg2pf_core import DG2PFConfig, PruneJob
 from dg2pf_core.algorithm.channels import unsupported_reason
-from dg2pf_core.data.transforms import FitAndCrop
+from dg2pf_core.data.request import DataRequest
+from dg2pf_core.data.transforms import FitAndCrop, imagenet_transforms
 from dg2pf_core.errors import CheckpointError, UnknownArchitectureError
 from dg2pf_core.io.inference import InferenceModel
 from dg2pf_core.job import load_checkpoint_model
 from dg2pf_core.job.data import load_data
 from dg2pf_core.job.prune import prune_to_dir
 from dg2pf_core.models import build_model, get_arch, list_archs
-from dg2pf_core.models.registry import installed_archs
+from dg2pf_core.models.registry import build_meta, installed_archs
 
 
 def _save(model: torch.nn.Module, path) -> str:
@@ -39,6 +40,7 @@ def test_a_timm_name_builds_offline_with_its_pretrained_cfg_as_preprocessing():
     assert (vit.input_size, vit.in_channels) == (224, 3)
     assert vit.mean == (0.5, 0.5, 0.5) and vit.std == (0.5, 0.5, 0.5)
     assert vit.interpolation == "bicubic" and vit.crop_pct == pytest.approx(0.9)
+    assert get_arch("timm/volo_d4_448.sail_in1k").crop_pct == 1.0  # its 1.15 capped at the whole image
     tagged = get_arch("timm/resnet50.a1_in1k")  # a tag's own cfg: crop 0.95
     assert tagged.crop_pct == pytest.approx(0.95) and tagged.mean == (0.485, 0.456, 0.406)
     assert os.environ.get("HF_HUB_OFFLINE") == "1"  # never a hub download
@@ -118,6 +120,8 @@ def test_a_timm_checkpoint_is_pruned_exported_and_served_as_evaluated(tmp_path, 
     )
     m = prune_to_dir(job, tmp_path / "out")
     assert m.arch == arch and m.onnx is not None and m.onnx.written  # exported, checked against PyTorch
+    spec = get_arch(arch)  # its preprocessing kept with the model: serving does not ask the registry again
+    assert (m.mean, m.std, m.interpolation) == (list(spec.mean), list(spec.std), spec.interpolation)
     served = InferenceModel.load(tmp_path / "out")
     x = torch.randn(3, 3, 32, 32)
     _, pruned, _ = load_checkpoint_model(arch, 10, str(tmp_path / "out" / "model.safetensors"))
@@ -156,7 +160,27 @@ BODY = """
                              nn.Linear(8, num_classes))
 
     SPEC = ArchSpec(name="ignored", builder=_build, input_size=8, in_channels=1, description="acme's tiny net")
+    GRAY = ArchSpec(name="g", builder=_build, input_size=8, in_channels=1, description="", mean=(0.2,), std=(0.3,))
     NOT_A_SPEC = 42
+
+    def _raises(num_classes):
+        raise RuntimeError("builder exploded")
+
+    def _exits(num_classes):
+        raise SystemExit(3)
+
+    RAISES = ArchSpec(name="r", builder=_raises, input_size=8, in_channels=1, description="")
+    EXITS = ArchSpec(name="e", builder=_exits, input_size=8, in_channels=1, description="")
+    NOT_A_MODULE = ArchSpec(name="n", builder=lambda n: {"w": n}, input_size=8, in_channels=1, description="")
+    BAD_std = ArchSpec(name="b", builder=_build, input_size=8, in_channels=1, description="", std=(0.0,))
+    BAD_mean = ArchSpec(name="b", builder=_build, input_size=8, in_channels=3, description="", mean=(0.5, 0.5))
+    BAD_interpolation = ArchSpec(name="b", builder=_build, input_size=8, in_channels=1, description="",
+        interpolation="lanczos")
+    BAD_input_size = ArchSpec(name="b", builder=_build, input_size="32", in_channels=1, description="")
+    BAD_crop_pct = ArchSpec(name="b", builder=_build, input_size=8, in_channels=1, description="", crop_pct=1.5)
+"""
+SECOND = """
+    from acme_nets import SPEC
 """
 
 
@@ -171,10 +195,21 @@ def installed(tmp_path, monkeypatch):
             "acme/tiny": "acme_nets:SPEC",
             "acme/broken": "acme_nets:NOT_A_SPEC",
             "acme/missing": "acme_nets_gone:SPEC",
+            "acme/gray": "acme_nets:GRAY",
+            "acme/raises": "acme_nets:RAISES",
+            "acme/exits": "acme_nets:EXITS",
+            "acme/not-a-module": "acme_nets:NOT_A_MODULE",
+            "acme/dup": "acme_nets:SPEC",
+            **{
+                f"acme/bad-{k}": f"acme_nets:BAD_{k}"
+                for k in ("std", "mean", "interpolation", "input_size", "crop_pct")
+            },
             "torchvision/resnet18": "acme_nets:SPEC",  # shadowing a built-in name: never resolved
+            "cifar/acme": "acme_nets:SPEC",  # nor one in a built-in namespace
         },
         BODY,
     )
+    _package(root, "other_nets", {"acme/dup": "other_nets:SPEC"}, SECOND)  # a second package, the same name
     monkeypatch.syspath_prepend(str(root))
     importlib.invalidate_caches()
     return root
@@ -183,8 +218,11 @@ def installed(tmp_path, monkeypatch):
 def test_an_installed_package_registers_an_architecture_by_entry_point(installed, tmp_path):
     spec = get_arch("acme/tiny")
     assert spec.name == "acme/tiny" and spec.description == "acme's tiny net"
-    assert "acme/tiny" in list_archs() and installed_archs() == ["acme/broken", "acme/missing", "acme/tiny"]
+    assert "acme/tiny" in list_archs() and {"acme/broken", "acme/missing", "acme/tiny"} <= set(installed_archs())
+    assert not any(n.startswith(("torchvision/", "cifar/")) for n in installed_archs())
     assert get_arch("torchvision/resnet18").description.startswith("torchvision resnet18")  # not shadowed
+    with pytest.raises(UnknownArchitectureError, match="unknown architecture 'cifar/acme'"):
+        get_arch("cifar/acme")  # channel granularity's cifar/* allowance is not reachable by a package
     with pytest.raises(UnknownArchitectureError, match=r"must name a dg2pf_core.models.ArchSpec, got int"):
         get_arch("acme/broken")
     with pytest.raises(UnknownArchitectureError, match=r"acme_nets_gone:SPEC\), which failed to load"):
@@ -195,6 +233,34 @@ def test_an_installed_package_registers_an_architecture_by_entry_point(installed
     job = PruneJob("acme/tiny", 10, checkpoint, "digits", DG2PFConfig(sparsity=0.5, max_epochs=1, pruning_epochs=1))
     m = prune_to_dir(job, tmp_path / "out")
     assert m.arch == "acme/tiny" and m.sparsity_prunable == pytest.approx(0.5, abs=0.02)
+
+
+def test_an_installed_architectures_failures_are_refusals_naming_its_package(installed):
+    for name, source, match in [
+        ("acme/raises", "acme_nets:RAISES", "failed: RuntimeError: builder exploded"),
+        ("acme/exits", "acme_nets:EXITS", "failed: SystemExit: 3"),
+        ("acme/not-a-module", "acme_nets:NOT_A_MODULE", "returned dict, not a torch.nn.Module"),
+    ]:
+        for build in (build_model, build_meta):  # the job's build and the service's check at submit
+            with pytest.raises(UnknownArchitectureError, match=f"{name}'.*{source}.*{match}"):
+                build(name, 10)
+    for field, match in [
+        ("std", r"std must be 1 \(or 3, RGB\) finite positive numbers, got \(0.0,\)"),
+        ("mean", r"mean must be 3 \(or 3, RGB\) finite numbers, got \(0.5, 0.5\)"),
+        ("interpolation", "interpolation must be one of"),
+        ("input_size", "input_size must be an integer in"),
+        ("crop_pct", r"crop_pct must be in \[0.25, 1\], got 1.5"),
+    ]:
+        with pytest.raises(
+            UnknownArchitectureError, match=rf"'acme/bad-{field}' \(from acme_nets:BAD_{field}\).*{match}"
+        ):
+            get_arch(f"acme/bad-{field}")
+    with pytest.raises(UnknownArchitectureError, match=r"more than one installed package \(acme_nets:SPEC, other_"):
+        get_arch("acme/dup")
+    # a single-channel architecture's own normalisation is used as given (not converted from RGB)
+    request = DataRequest(image_size=8, in_channels=1, mean=get_arch("acme/gray").mean, std=get_arch("acme/gray").std)
+    norm = next(t for t in imagenet_transforms(request)[1].transforms if isinstance(t, T.Normalize))
+    assert (tuple(norm.mean), tuple(norm.std)) == ((0.2,), (0.3,))
 
 
 def test_the_command_line_lists_installed_architectures(installed):

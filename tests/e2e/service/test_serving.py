@@ -480,3 +480,31 @@ def test_an_int8_job_is_served_from_its_int8_model_on_onnxruntime(served, servic
     local = load_onnx_model(_output_dir(service, job.id), threads=1)  # the job's own int8 file, run here
     assert local.precision == "int8"
     assert torch.allclose(torch.tensor(out["logits"]), local.logits(xs), atol=1e-5, rtol=0)
+
+
+def test_a_timm_checkpoint_is_pruned_and_served_through_the_service(service, client, tmp_path):
+    """A timm model by name (a random-initialised timm test network, in timm's own state_dict layout):
+    uploaded, pruned, deployed, and its answers are the job's own pruned model's logits."""
+    import safetensors.torch
+
+    from dg2pf_core.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model("timm/test_resnet", 10)
+    path = tmp_path / "timm-test-resnet.safetensors"
+    safetensors.torch.save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    ckpt = client.upload_checkpoint(path).id
+    spec = _spec(ckpt, serve=True, schedule={"pruning_epochs": 1, "max_epochs": 1, "patience": 1})
+    spec["model"]["arch"] = "timm/test_resnet"
+    spec["dataset"]["image_size"] = 32
+    spec["sparsity"] = 0.5
+    job = client.wait(client.submit(spec).id, timeout=300)
+    assert job.state == "succeeded", job.error
+    assert client.wait_model(job.id, timeout=240).status == "ready"
+    xs = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    out = client.predict(job.id, inputs=xs.tolist(), logits=True)
+    local = InferenceModel.load(_output_dir(service, job.id))  # the job's own pruned model, run here
+    assert local.arch == "timm/test_resnet"
+    with torch.no_grad():
+        expected = local.model(xs)
+    assert torch.allclose(torch.tensor(out["logits"]), expected, atol=ATOL, rtol=0)
