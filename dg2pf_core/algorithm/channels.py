@@ -78,16 +78,14 @@ CHANNEL_ARCHS = (
     "torchvision/vit_*",
     "timm/resnet*",
     "timm/convnext_*",
-)
-_TIMM_HEADS = (
-    "timm's attention splits its qkv projection into heads by width: channels must go as whole heads, "
-    "which dg2pf does not prune yet"
+    # MLP hidden units; attention's q/k/v projections are kept whole (_head_projections), as are the
+    # residual width (tied to the position embedding) and torchvision's nn.MultiheadAttention
+    "timm/vit_*",
+    "timm/deit*",
+    "timm/test_vit*",
 )
 # Known not to work, and why (checked first: a clear reason instead of "not verified").
 CHANNEL_REFUSED = {
-    "timm/vit_*": _TIMM_HEADS,
-    "timm/deit*": _TIMM_HEADS,
-    "timm/test_vit*": _TIMM_HEADS,
     "torchvision/shufflenet_v2_*": "Torch-Pruning's dependency graph fails on its channel shuffle (ZeroDivisionError "
     "inside torch_pruning)",
     "torchvision/swin_*": "tracing its shifted-window attention with Torch-Pruning takes minutes and over 8 GB "
@@ -298,6 +296,22 @@ def _param_dims(module: nn.Module, handler, fn) -> list[tuple[str, int]] | None:
     return [] if not own else None
 
 
+def _head_projections(model: nn.Module) -> list[nn.Module]:
+    """The query/key/value projections of attention modules that reshape them into ``num_heads`` heads by
+    width (timm's ``Attention``: ``qkv``, or ``q``/``k``/``v``/``kv``): removing single output channels
+    would break that reshape, so their outputs are never pruned (heads stay whole; the MLP hidden units
+    around them are pruned)."""
+    out = []
+    for module in model.modules():
+        if isinstance(module, nn.MultiheadAttention) or not isinstance(getattr(module, "num_heads", None), int):
+            continue
+        for name in ("qkv", "q", "k", "v", "kv"):
+            child = getattr(module, name, None)
+            if isinstance(child, nn.Linear):
+                out.append(child)
+    return out
+
+
 @dataclass
 class ChannelPlan:
     """The prunable channel groups of one model (in its current shapes)."""
@@ -327,6 +341,7 @@ class ChannelPlan:
         selected = set(select_prunable(model, selection).params)
         classifier = layers[-1][1] if layers else None
         ignored = [m for n, m in layers if f"{n}.weight" not in selected or m is classifier]
+        ignored += _head_projections(model)  # attention splits these by width into heads: kept whole
         try:
             graph = _dependency_graph(model, input_shape)
             raw = _traced(
