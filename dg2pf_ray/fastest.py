@@ -286,8 +286,11 @@ def _write(
             # The trial kept int8 within its own max_quantization_drop, and the search chose its fp32 network
             # (the int8 model fell under the floor): the job's model is fp32, and nothing serves the int8 file.
             files.int8_onnx.unlink(missing_ok=True)
-            q.written, q.file, q.test_top1_int8 = False, None, None
+            q.written, q.file, q.test_top1_int8, q.bytes_int8 = False, None, None, None
             q.reason = fp32_chosen_reason(chosen, floor)
+            for cells in (metrics.latency.backends or {}).values() if metrics.latency is not None else ():
+                for cell in cells.values():  # the trial's int8 timings: of a file the job does not have
+                    cell.int8_ms = cell.int8_p90_ms = cell.int8_speedup = None
         if not met:
             metrics.warnings = [*metrics.warnings, reason]
         metrics.write(files.metrics)

@@ -353,10 +353,12 @@ class Metrics(_Document):
         None, description="folder datasets' evaluation crop (validation, test, serving); None where no crop applies"
     )
     mean: list[float] | None = Field(
-        None, description="folder datasets' normalisation mean, the architecture's own (None: ImageNet's)"
+        None,
+        description="folder datasets' normalisation mean (the architecture's own, else ImageNet's), what serving "
+        "uses (None: a model written before it was recorded)",
     )
     std: list[float] | None = Field(None, description="the same, its std")
-    interpolation: str | None = Field(None, description="the same, its resize filter (None: bilinear)")
+    interpolation: str | None = Field(None, description="the same, its resize filter")
     in_channels: int
     class_names: list[str] | None = Field(description="labels by class index (None: the dataset names none)")
     target_sparsity: float | None = Field(

@@ -298,14 +298,14 @@ def _param_dims(module: nn.Module, handler, fn) -> list[tuple[str, int]] | None:
 
 def _head_projections(model: nn.Module) -> list[nn.Module]:
     """The query/key/value projections of attention modules that reshape them into ``num_heads`` heads by
-    width (timm's ``Attention``: ``qkv``, or ``q``/``k``/``v``/``kv``): removing single output channels
+    width (timm's ``Attention``: ``qkv``, or ``q``/``k``/``v``/``kv``, or ``*_proj``): removing single output channels
     would break that reshape, so their outputs are never pruned (heads stay whole; the MLP hidden units
     around them are pruned)."""
     out = []
     for module in model.modules():
         if isinstance(module, nn.MultiheadAttention) or not isinstance(getattr(module, "num_heads", None), int):
             continue
-        for name in ("qkv", "q", "k", "v", "kv"):
+        for name in ("qkv", "q", "k", "v", "kv", "q_proj", "k_proj", "v_proj", "kv_proj", "qkv_proj"):
             child = getattr(module, name, None)
             if isinstance(child, nn.Linear):
                 out.append(child)
@@ -371,7 +371,16 @@ class ChannelPlan:
                 idxs = torch.as_tensor(list(item.idxs), dtype=torch.int64)
                 roots = torch.as_tensor(list(item.root_idxs), dtype=torch.int64)
                 for attr, dim in dims:
+                    size = getattr(module, attr).shape[dim]
+                    if idxs.numel() and int(idxs.max()) >= size:  # e.g. a packed gated MLP's fc1 coupled 1:1 to fc2
+                        why = (
+                            f"{names.get(module, type(module).__name__)}.{attr} has {size} channels and the traced "
+                            "group maps more onto it (a packed or split layer)"
+                        )
+                        break
                     items.append(_Item(f"{names[module]}.{attr}" if names[module] else attr, dim, idxs, roots))
+                if why is not None:
+                    break
             channels = len(group[0].idxs)
             if why is None and channels < 2:
                 why = "a single channel"

@@ -20,7 +20,7 @@ from torch.utils.data import Dataset
 # Training augmentation policies (transforms.py builds them); AUTO: the dataset's default, what
 # DataRequest.augment=None also means.
 from dg2pf_contract.job import AUGMENT_POLICIES, AUTO
-from dg2pf_core.data.request import DataRequest
+from dg2pf_core.data.request import MEAN_LIMIT, STD_RANGE, DataRequest
 from dg2pf_core.data.roots import check_tree
 from dg2pf_core.errors import DatasetError
 
@@ -153,13 +153,13 @@ def _check_request(request: DataRequest) -> None:
             f"1: no crop), got {crop!r}",
             field="crop_pct",
         )
-    for name, low in (("mean", None), ("std", 0.0)):  # the architecture's own normalisation (or metrics.json's)
+    for name, (low, high) in (("mean", (-MEAN_LIMIT, MEAN_LIMIT)), ("std", STD_RANGE)):  # the arch's own (or metrics')
         values = getattr(request, name)
         if values is not None and (
-            len(values) not in (request.in_channels, 3)
-            or not all(_finite(v) and (low is None or v > low) for v in values)
+            len(values) not in (request.in_channels, 3) or not all(_finite(v) and low <= v <= high for v in values)
         ):
-            raise DatasetError(f"{name} must be {request.in_channels} or 3 finite numbers, got {values!r}", field=name)
+            count = "3" if request.in_channels == 3 else "1 or 3"
+            raise DatasetError(f"{name} must be {count} numbers in [{low:g}, {high:g}], got {values!r}", field=name)
     if request.interpolation not in (None, "bilinear", "bicubic", "nearest"):
         raise DatasetError(
             f"interpolation must be bilinear, bicubic or nearest, got {request.interpolation!r}", field="interpolation"

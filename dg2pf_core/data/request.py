@@ -4,6 +4,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+# An architecture's own normalisation (or a metrics.json's): |mean| and std within these, std above the low end
+# (a float32 image divided by 1e-320 is all infinities; one normalised by 1e308 means the same).
+MEAN_LIMIT = 1e4
+STD_RANGE = (1e-4, 1e4)
+
 
 @dataclass(frozen=True)
 class DataRequest:

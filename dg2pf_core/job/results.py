@@ -18,6 +18,7 @@ from dg2pf_core.algorithm.loop import DG2PFResult
 from dg2pf_core.algorithm.masks import layer_sparsity, layer_warnings, select_prunable
 from dg2pf_core.algorithm.nm import nm_violations
 from dg2pf_core.data.registry import DataSplits, eval_crop_pct
+from dg2pf_core.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from dg2pf_core.errors import DG2PFError
 from dg2pf_core.io.latency import (
     DEFAULT_BATCH_SIZES,
@@ -91,9 +92,9 @@ def result_metrics(prepared: PreparedJob, result: DG2PFResult, *, world_size: in
         crop_pct=eval_crop_pct(job.dataset, job.crop_pct if job.crop_pct is not None else spec.crop_pct),
         # the architecture's own preprocessing, kept with the model: serving reads it here, not from a registry
         # (a timm or package upgrade) that may have changed since
-        mean=None if spec.mean is None else list(spec.mean),
-        std=None if spec.std is None else list(spec.std),
-        interpolation=spec.interpolation,
+        mean=list(spec.mean or IMAGENET_MEAN),
+        std=list(spec.std or IMAGENET_STD),
+        interpolation=spec.interpolation or "bilinear",
         in_channels=prepared.arch.in_channels,
         class_names=prepared.splits.class_names,
         target_sparsity=job.config.sparsity

@@ -295,6 +295,22 @@ def test_a_model_the_tracer_cannot_take_is_a_config_error_naming_granularity():
         ChannelPlan.build(build_model("digits_cnn", 10), (1, 1024, 1024))
 
 
+@pytest.mark.parametrize("mlp", ["GluMlp", "SwiGLUPacked"])
+def test_a_packed_gated_mlp_is_left_dense_and_said_not_an_index_error(mlp):
+    # timm's packed gated MLPs (fc1 gives 2 x hidden, split in two) trace as fc1 coupled 1:1 to fc2's input,
+    # which has half the channels: such a group is skipped with the reason, never pruned out of bounds.
+    import timm.layers
+    from timm.models.vision_transformer import VisionTransformer
+
+    torch.manual_seed(0)
+    layer = getattr(timm.layers, mlp)
+    vit = VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, mlp_layer=layer)
+    vit.eval()
+    with pytest.raises(ConfigError, match="no channel group of this model can be pruned") as info:
+        ChannelPlan.build(vit, (3, 32, 32))
+    assert "has 64 channels and the traced group maps more onto it (a packed or split layer)" in info.value.message
+
+
 def test_architectures_channel_granularity_cannot_take_are_refused_by_name_before_any_tracing(tmp_path):
     from dg2pf_core.algorithm.channels import check_architecture, unsupported_reason
     from dg2pf_core.job import load_checkpoint_model

@@ -21,7 +21,7 @@ from dg2pf_core import DG2PFConfig, PruneJob
 from dg2pf_core.algorithm.channels import unsupported_reason
 from dg2pf_core.data.request import DataRequest
 from dg2pf_core.data.transforms import FitAndCrop, imagenet_transforms
-from dg2pf_core.errors import CheckpointError, UnknownArchitectureError
+from dg2pf_core.errors import CheckpointError, DatasetError, UnknownArchitectureError
 from dg2pf_core.io.inference import InferenceModel
 from dg2pf_core.job import load_checkpoint_model
 from dg2pf_core.job.data import load_data
@@ -96,6 +96,10 @@ def test_folder_images_are_preprocessed_as_the_timm_model_wants_in_training_and_
     image = PIL.Image.open(root / "train" / "a" / "3.png")
     evaluated = view.transform(image)
     torch.testing.assert_close(served.transform(image), evaluated, rtol=0, atol=0)
+    # a metrics.json whose normalisation would make every input infinite is refused at load, not per request
+    for hostile in (dict(std=[1e-320] * 3), dict(mean=[1e308] * 3), dict(interpolation="lanczos")):
+        with pytest.raises(DatasetError, match="must be"):
+            InferenceModel.for_module(torch.nn.Identity(), SimpleNamespace(**{**vars(meta), **hostile}))
 
 
 @pytest.mark.slow
@@ -247,8 +251,8 @@ def test_an_installed_architectures_failures_are_refusals_naming_its_package(ins
             with pytest.raises(UnknownArchitectureError, match=f"{name}'.*{source}.*{match}"):
                 build(name, 10)
     for field, match in [
-        ("std", r"std must be 1 \(or 3, RGB\) finite positive numbers, got \(0.0,\)"),
-        ("mean", r"mean must be 3 \(or 3, RGB\) finite numbers, got \(0.5, 0.5\)"),
+        ("std", r"std must be 1 or 3 numbers in \[0.0001, 10000\], got \(0.0,\)"),
+        ("mean", r"mean must be 3 numbers in \[-10000, 10000\], got \(0.5, 0.5\)"),
         ("interpolation", "interpolation must be one of"),
         ("input_size", "input_size must be an integer in"),
         ("crop_pct", r"crop_pct must be in \[0.25, 1\], got 1.5"),
