@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -20,7 +19,7 @@ from torch.utils.data import Dataset
 # Training augmentation policies (transforms.py builds them); AUTO: the dataset's default, what
 # DataRequest.augment=None also means.
 from dg2pf_contract.job import AUGMENT_POLICIES, AUTO
-from dg2pf_core.data.request import MEAN_LIMIT, STD_RANGE, DataRequest
+from dg2pf_core.data.request import DataRequest, normalisation_problems
 from dg2pf_core.data.roots import check_tree
 from dg2pf_core.errors import DatasetError
 
@@ -128,10 +127,6 @@ def parse_spec(spec: str) -> tuple[str, str | None]:
     return name, (path if sep and path.strip() else None)
 
 
-def _finite(v: object) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
 def _check_request(request: DataRequest) -> None:
     if not isinstance(request.image_size, int) or request.image_size < 1:
         raise DatasetError(f"image_size must be a positive integer, got {request.image_size!r}", field="image_size")
@@ -153,17 +148,8 @@ def _check_request(request: DataRequest) -> None:
             f"1: no crop), got {crop!r}",
             field="crop_pct",
         )
-    for name, (low, high) in (("mean", (-MEAN_LIMIT, MEAN_LIMIT)), ("std", STD_RANGE)):  # the arch's own (or metrics')
-        values = getattr(request, name)
-        if values is not None and (
-            len(values) not in (request.in_channels, 3) or not all(_finite(v) and low <= v <= high for v in values)
-        ):
-            count = "3" if request.in_channels == 3 else "1 or 3"
-            raise DatasetError(f"{name} must be {count} numbers in [{low:g}, {high:g}], got {values!r}", field=name)
-    if request.interpolation not in (None, "bilinear", "bicubic", "nearest"):
-        raise DatasetError(
-            f"interpolation must be bilinear, bicubic or nearest, got {request.interpolation!r}", field="interpolation"
-        )
+    for name, why in normalisation_problems(request.mean, request.std, request.interpolation, request.in_channels):
+        raise DatasetError(why, field=name)
     if not isinstance(request.skip_bad_images, bool):
         raise DatasetError(
             f"skip_bad_images must be true or false, got {request.skip_bad_images!r}",

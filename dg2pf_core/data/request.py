@@ -8,6 +8,28 @@ from dataclasses import dataclass
 # (a float32 image divided by 1e-320 is all infinities; one normalised by 1e308 means the same).
 MEAN_LIMIT = 1e4
 STD_RANGE = (1e-4, 1e4)
+FILTERS = ("bilinear", "bicubic", "nearest")  # the resize filters preprocessing takes
+
+
+def normalisation_problems(mean: object, std: object, interpolation: object, in_channels: int) -> list[tuple[str, str]]:
+    """(field, why) for each unusable normalisation value: an architecture's own or a metrics.json's."""
+    import math  # noqa: PLC0415
+
+    def number(x: object) -> bool:
+        return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+    out = []
+    for name, values, (low, high) in (("mean", mean, (-MEAN_LIMIT, MEAN_LIMIT)), ("std", std, STD_RANGE)):
+        if values is not None and (
+            not isinstance(values, (tuple, list))
+            or len(values) not in (in_channels, 3)
+            or not all(number(v) and low <= v <= high for v in values)
+        ):
+            count = "3" if in_channels == 3 else "1 or 3"
+            out.append((name, f"{name} must be {count} numbers in [{low:g}, {high:g}], got {values!r}"))
+    if interpolation is not None and interpolation not in FILTERS:
+        out.append(("interpolation", f"interpolation must be one of {list(FILTERS)}, got {interpolation!r}"))
+    return out
 
 
 @dataclass(frozen=True)

@@ -32,6 +32,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._device import _device_constructors
 
 from dg2pf_contract.job import MAX_CLASSES
+from dg2pf_core.data.request import FILTERS, normalisation_problems
 from dg2pf_core.errors import ConfigError, DG2PFError, UnknownArchitectureError
 
 TORCHVISION_PREFIX = "torchvision/"
@@ -163,7 +164,6 @@ def _timm_spec(model_name: str) -> ArchSpec:
     )
 
 
-FILTERS = ("bilinear", "bicubic", "nearest")  # the resize filters preprocessing takes
 ENTRY_POINT_GROUP = "dg2pf.archs"
 
 
@@ -204,7 +204,6 @@ def check_spec(spec: ArchSpec) -> ArchSpec:
     """``spec`` when its sizes and preprocessing are usable, else an ``UnknownArchitectureError`` naming
     where it came from (an installed package's entry point)."""
     from dg2pf_contract.job import MAX_IMAGE_SIZE, MIN_IMAGE_SIZE  # noqa: PLC0415
-    from dg2pf_core.data.request import MEAN_LIMIT, STD_RANGE  # noqa: PLC0415
 
     where = f" (from {spec.source})" if spec.source else ""
 
@@ -217,19 +216,7 @@ def check_spec(spec: ArchSpec) -> ArchSpec:
     size = spec.input_size
     if not isinstance(size, int) or isinstance(size, bool) or not MIN_IMAGE_SIZE <= size <= MAX_IMAGE_SIZE:
         problems.append(f"input_size must be an integer in [{MIN_IMAGE_SIZE}, {MAX_IMAGE_SIZE}], got {size!r}")
-    for field, (low, high) in (("mean", (-MEAN_LIMIT, MEAN_LIMIT)), ("std", STD_RANGE)):
-        value = getattr(spec, field)
-        if value is None:
-            continue
-        if (
-            not isinstance(value, (tuple, list))
-            or len(value) not in (spec.in_channels, 3)
-            or not all(number(v) and low <= v <= high for v in value)
-        ):
-            count = "3" if spec.in_channels == 3 else "1 or 3"
-            problems.append(f"{field} must be {count} numbers in [{low:g}, {high:g}], got {value!r}")
-    if spec.interpolation is not None and spec.interpolation not in FILTERS:
-        problems.append(f"interpolation must be one of {list(FILTERS)}, got {spec.interpolation!r}")
+    problems += [why for _, why in normalisation_problems(spec.mean, spec.std, spec.interpolation, spec.in_channels)]
     if spec.crop_pct is not None and not (number(spec.crop_pct) and 0.25 <= spec.crop_pct <= 1.0):
         problems.append(f"crop_pct must be in [0.25, 1], got {spec.crop_pct!r}")
     if problems:
