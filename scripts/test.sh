@@ -18,4 +18,6 @@ fi
 # One formatter and linter (ruff, configured in pyproject.toml): style is never a review topic.
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
+# A crash in native code (also at interpreter exit) prints every thread's Python stack.
+export PYTHONFAULTHANDLER=1
 exec .venv/bin/python -m pytest --durations=60 "$@"

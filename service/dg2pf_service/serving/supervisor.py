@@ -3,11 +3,11 @@
 ``reconcile`` is idempotent and runs at start-up and then every few seconds in its own thread (a
 Serve deployment can take a minute to come up, so it must not hold up job scheduling). It rewrites
 the registry files from the database, deploys the application when models are listed but the app
-is missing (a fresh or restarted Ray cluster) or failed, and deletes the application when no model
-is listed, handing its CPUs back to pruning jobs. An application that runs with other options than
-this service's (the API restarted with another ``DG2PF_SERVE_BACKEND``, other tokens or limits, while
-the Ray cluster and Serve kept running) is redeployed with this service's: what GET /models says is
-what answers.
+is missing (a fresh or restarted Ray cluster) or failed, and shuts Serve down (the REST API's DELETE:
+the application and its HTTP proxy) when no model is listed, handing its CPUs back to pruning jobs.
+An application that runs with other options than this service's (the API restarted with another
+``DG2PF_SERVE_BACKEND``, other tokens or limits, while the Ray cluster and Serve kept running) is
+redeployed with this service's: what GET /models says is what answers.
 
 It talks to Serve only through the dashboard's REST API (``/api/serve/applications/``: a
 declarative config naming the application builder ``IMPORT_PATH``), as ``serve deploy`` and
@@ -219,7 +219,7 @@ class ServingSupervisor:
         self._request("PUT", self.config())
 
     def _delete(self) -> None:
-        log.info("no model is deployed: deleting the Serve application %r", APP_NAME)
+        log.info("no model is deployed: shutting Serve down (the application %r and its proxy)", APP_NAME)
         self._request("DELETE")
 
     # --- background loop ----------------------------------------------------------------------

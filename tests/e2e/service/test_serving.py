@@ -305,18 +305,22 @@ def test_deploy_rules_undeploy_and_redeploy(served, client, service, test_inputs
 
     client.undeploy(model_id)
     assert client.models().items == []
-    # The last model gone, the Serve application is deleted (its CPUs go back to jobs): until then the
-    # replica answers with the service's 404, afterwards Serve's proxy with its own.
-    deadline = time.time() + 60
+    # The last model gone, Serve is shut down through its REST API (DELETE /api/serve/applications/),
+    # proxy included, so its CPUs go back to jobs. Until then the replica answers with the service's 404;
+    # once the proxy has gone its port refuses connections. Either way the model is no longer served.
+    deadline = time.time() + 120
     while True:
         try:
             r = httpx.post(served["model"].url, headers=AUTH, json={"inputs": test_inputs[0][:1].tolist()}, timeout=30)
-            break
-        except httpx.TransportError:  # Serve's proxy drops a request that reaches the application it is deleting
-            assert time.time() < deadline, "Serve's proxy kept dropping requests after the last model was undeployed"
+        except httpx.ConnectError:
+            break  # Serve's proxy is gone
+        except httpx.TransportError:  # the proxy drops a request that reaches the application it is deleting
+            assert time.time() < deadline, "Serve's proxy neither answered nor went away after the last undeploy"
             time.sleep(0.5)
-    assert r.status_code == 404
-    assert "no deployed model" in r.text or "not found" in r.text
+            continue
+        assert r.status_code == 404, r.text
+        assert "no deployed model" in r.text or "not found" in r.text
+        break
     with pytest.raises(NotFound):
         client.undeploy(model_id)
 
