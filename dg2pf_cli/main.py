@@ -292,6 +292,11 @@ def _spec_from(args: argparse.Namespace) -> JobSpec:
     from pydantic import ValidationError
 
     job_file = getattr(args, "job", None)
+    if job_file is None and args.arch == "hf" and args.num_classes is None and args.checkpoint is not None:
+        # a transformers model directory says how many classes it has (its classifier's outputs)
+        from dg2pf_core.job.model import checkpoint_num_classes
+
+        args.num_classes = checkpoint_num_classes("hf", args.checkpoint)
     if job_file is None:
         missing = [f"--{name.replace('_', '-')}" for name in _JOB_OPTIONS if getattr(args, name, None) is None]
         if missing:
@@ -803,7 +808,7 @@ def _cmd_latency(args: argparse.Namespace) -> int:
         reference, reference_name = footprint(models["dense"], shape), "the dense checkpoint"
     else:
         reference, reference_name = (
-            dense_default_footprint(args.arch, num_classes, shape),
+            dense_default_footprint(args.arch, num_classes, shape, args.checkpoint),
             dense_default_name(args.arch),
         )
     size = compared(footprint(models["model"], shape), reference, reference_name)
@@ -1003,6 +1008,7 @@ def _cmd_latency_table(args: argparse.Namespace) -> int:
 
 
 def _cmd_archs(args: argparse.Namespace) -> int:
+    from dg2pf_core.models import hf
     from dg2pf_core.models.registry import list_archs, timm_version
 
     for name in list_archs(timm_models=args.timm):
@@ -1013,6 +1019,14 @@ def _cmd_archs(args: argparse.Namespace) -> int:
             f"# and timm/<model> for every timm {version} model (list them: dg2pf archs --timm)"
             if version
             else "# timm models: pip install 'dg2pf[timm]'",
+            file=sys.stderr,
+        )
+        hf_version = hf.transformers_version()
+        print(
+            f"# hf: a Hugging Face transformers {hf_version} image classifier, read from the model directory given "
+            "as --checkpoint"
+            if hf_version
+            else "# Hugging Face model directories (--arch hf): pip install 'dg2pf[hf]'",
             file=sys.stderr,
         )
     return 0

@@ -276,14 +276,21 @@ def _cmd_download(args: argparse.Namespace) -> int:
 
 @_one_line_errors
 def _cmd_upload(args: argparse.Namespace) -> int:
+    from dg2pf_contract.artifacts import Artifacts
+
     path = Path(args.file)
     if not path.exists():
         raise CliError(f"no such file: {args.file}", field="file")
-    if not path.is_file():
-        raise CliError(
-            f"{args.file} is {'a directory' if path.is_dir() else 'not a regular file'}: give a checkpoint file",
-            field="file",
-        )
+    if path.is_dir():
+        missing = [n for n in (Artifacts.HF_CONFIG, Artifacts.MODEL) if not (path / n).is_file()]
+        if missing:
+            raise CliError(
+                f"{args.file} is a directory without {' and '.join(missing)}: give a checkpoint file, or a Hugging "
+                f"Face model directory ({', '.join(Artifacts.MODEL_DIR)})",
+                field="file",
+            )
+    elif not path.is_file():
+        raise CliError(f"{args.file} is not a regular file: give a checkpoint file", field="file")
     with _client(args) as client:
         ckpt = client.upload_checkpoint(path)
     if args.json:
@@ -386,7 +393,9 @@ def add_remote_commands(sub) -> None:
     dl.add_argument("--out", help="directory (default: ./ID)")
     dl.set_defaults(func=_cmd_download)
     up = client_parser(
-        "upload", "upload a checkpoint (.safetensors or a torch state_dict); prints its id for a job spec"
+        "upload",
+        "upload a checkpoint (.safetensors or a torch state_dict, or a Hugging Face model directory for arch hf); "
+        "prints its id for a job spec",
     )
     up.add_argument("file")
     up.add_argument("--json", action="store_true")

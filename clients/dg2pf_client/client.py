@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import re
 import sys
+import tempfile
 import time
+import zipfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -74,9 +76,31 @@ class Client:
             ) from None
 
     def upload_checkpoint(self, path: str | Path) -> CheckpointOut:
+        """Upload a weights file, or a Hugging Face model directory (for jobs with arch ``hf``): its
+        config.json, model.safetensors and preprocessor_config.json, zipped on the way (nothing else of
+        the directory is read). The same content gives the same id."""
         path = Path(path)
+        if path.is_dir():
+            return self._upload_model_dir(path)
         with path.open("rb") as fh:
             r = self._call("POST", "/checkpoints", files={"file": (path.name, fh, "application/octet-stream")})
+        return self._parse(CheckpointOut, r)
+
+    def _upload_model_dir(self, path: Path) -> CheckpointOut:
+        missing = [n for n in (Artifacts.HF_CONFIG, Artifacts.MODEL) if not (path / n).is_file()]
+        if missing:
+            raise ValueError(
+                f"{path} is a directory without {' and '.join(missing)}: give a weights file, or a Hugging Face "
+                f"model directory ({', '.join(Artifacts.MODEL_DIR)})"
+            )
+        with tempfile.TemporaryFile() as tmp:
+            # stored, not deflated: safetensors do not compress, and the service reads the files as they are
+            with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED) as archive:
+                for name in Artifacts.MODEL_DIR:
+                    if (path / name).is_file():
+                        archive.write(path / name, name)
+            tmp.seek(0)
+            r = self._call("POST", "/checkpoints", files={"file": (f"{path.name}.zip", tmp, "application/zip")})
         return self._parse(CheckpointOut, r)
 
     def submit(self, spec: JobSpec | dict[str, Any]) -> JobSubmitted:

@@ -39,10 +39,16 @@ class Artifacts:
     PARETO = "pareto.json"  # max_top1_drop searches: every trial's measured latency and accuracy
     PARETO_PLOT = "pareto.png"  # ... drawn, unless drawing failed
     QUANTIZATION = "quantization.json"  # dg2pf quantize's report: dg2pf_contract.results.Quantization
+    # arch hf: the input model directory's config and image processor config, beside MODEL, so the output is
+    # a Hugging Face model directory too (dg2pf_core.models.hf)
+    HF_CONFIG = "config.json"
+    HF_PROCESSOR = "preprocessor_config.json"
+    MODEL_DIR = (HF_CONFIG, MODEL, HF_PROCESSOR)  # a model directory's files, as dg2pf takes and writes them
 
     REQUIRED = (MODEL, COMPACT, METRICS)  # every finished run has these
     PLOTS = (TRAINING_PLOT, LAYERS_PLOT)
-    OPTIONAL = (ONNX, INT8_ONNX, *PLOTS)  # what a finished run may lack (see metrics.json's onnx, the run's log)
+    # what a finished run may lack (see metrics.json's onnx, the run's log; the model directory's files: arch hf)
+    OPTIONAL = (ONNX, INT8_ONNX, *PLOTS, HF_CONFIG, HF_PROCESSOR)
     # What the HTTP API serves of a job's output (GET /jobs/{id}/artifacts), in this order.
     SERVED = (
         MODEL,
@@ -56,6 +62,8 @@ class Artifacts:
         TRIALS,
         PARETO,
         PARETO_PLOT,
+        HF_CONFIG,
+        HF_PROCESSOR,
     )
 
     def __post_init__(self) -> None:

@@ -83,6 +83,11 @@ CHANNEL_ARCHS = (
     "timm/vit_*",
     "timm/deit*",
     "timm/test_vit*",
+    # transformers image classifiers (--arch hf): the registry names them hf/<model_type>
+    "hf/vit",
+    "hf/deit",
+    "hf/convnext",
+    "hf/resnet",
 )
 # Known not to work, and why (checked first: a clear reason instead of "not verified").
 CHANNEL_REFUSED = {
@@ -104,9 +109,7 @@ def unsupported_reason(arch: str) -> str | None:
         if fnmatchcase(arch, pattern):
             return why
     if not any(fnmatchcase(arch, p) for p in CHANNEL_ARCHS):
-        return (
-            f"it is not verified on it (it is on: {', '.join(p.removeprefix('torchvision/') for p in CHANNEL_ARCHS)})"
-        )
+        return f"it is not verified on it (it is on: {', '.join(CHANNEL_ARCHS)})"
     return None
 
 
@@ -298,14 +301,31 @@ def _param_dims(module: nn.Module, handler, fn) -> list[tuple[str, int]] | None:
 
 def _head_projections(model: nn.Module) -> list[nn.Module]:
     """The query/key/value projections of attention modules that reshape them into ``num_heads`` heads by
-    width (timm's ``Attention``: ``qkv``, or ``q``/``k``/``v``/``kv``, or ``*_proj``): removing single output channels
+    width (timm's ``Attention``: ``qkv``, or ``q``/``k``/``v``/``kv``, or ``*_proj``; transformers' ``*_proj`` or
+    ``query``/``key``/``value`` beside ``num_attention_heads``): removing single output channels
     would break that reshape, so their outputs are never pruned (heads stay whole; the MLP hidden units
     around them are pruned)."""
     out = []
     for module in model.modules():
-        if isinstance(module, nn.MultiheadAttention) or not isinstance(getattr(module, "num_heads", None), int):
+        heads = getattr(module, "num_heads", getattr(module, "num_attention_heads", None))  # timm's; transformers'
+        if isinstance(module, nn.MultiheadAttention) or not isinstance(heads, int):
             continue
-        for name in ("qkv", "q", "k", "v", "kv", "q_proj", "k_proj", "v_proj", "kv_proj", "qkv_proj"):
+        names = (
+            "qkv",
+            "q",
+            "k",
+            "v",
+            "kv",
+            "q_proj",
+            "k_proj",
+            "v_proj",
+            "kv_proj",
+            "qkv_proj",
+            "query",
+            "key",
+            "value",
+        )
+        for name in names:
             child = getattr(module, name, None)
             if isinstance(child, nn.Linear):
                 out.append(child)

@@ -93,8 +93,10 @@ class OutputDir:
             raise
 
 
-def _metadata(structure: Structure | None) -> dict[str, str] | None:
-    return None if structure is None or structure.empty else {STRUCTURE_KEY: structure.to_json()}
+def _metadata(structure: Structure | None) -> dict[str, str]:
+    # "format": "pt" as transformers and timm write it (transformers' from_pretrained reads no file without it)
+    meta = {"format": "pt"}
+    return meta if structure is None or structure.empty else {**meta, STRUCTURE_KEY: structure.to_json()}
 
 
 def write_model(model: nn.Module, path: Path, dtypes: dict | None = None, structure: Structure | None = None) -> None:

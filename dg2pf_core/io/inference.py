@@ -64,7 +64,8 @@ class InferenceModel:
         """The model a job wrote to ``output_dir``, in eval mode on ``device``."""
         meta = read_job_metrics(output_dir)
         weights = Artifacts(output_dir).weights
-        model = structured(build_model(meta.arch, meta.num_classes), weights, meta.arch)  # channels removed
+        spec = get_arch(meta.arch, weights)  # a transformers model: its config.json beside the weights
+        model = structured(build_model(meta.arch, meta.num_classes, weights), weights, spec.name)  # channels removed
         load_into(model, read_state_dict(weights), arch=f"{meta.arch} with num_classes={meta.num_classes}")
         return cls.for_module(model.to(device).eval(), meta)
 
@@ -74,15 +75,18 @@ class InferenceModel:
     ) -> InferenceModel:
         """Logits from ``module`` (``[N, C, H, W]`` float32 -> ``[N, num_classes]``), inputs, labels and
         preprocessing from the job's ``metrics.json`` (``meta``, as ``read_job_metrics`` returns it)."""
-        spec = get_arch(meta.arch)
+        mean, std, interpolation = (getattr(meta, k, None) for k in ("mean", "std", "interpolation"))
+        # the job's own record first (metrics.json); the architecture's only for models written before it
+        # recorded all (a transformers model always has: its architecture needs its directory)
+        recorded = meta.image_size and meta.in_channels and mean and std and interpolation
+        spec = None if recorded else get_arch(meta.arch)
         request = DataRequest(
             image_size=meta.image_size or spec.input_size,
             in_channels=meta.in_channels or spec.in_channels,
-            # the job's own record first (metrics.json), the architecture's for models written before it
-            crop_pct=meta.crop_pct if meta.crop_pct is not None else spec.crop_pct,
-            mean=tuple(meta.mean) if getattr(meta, "mean", None) else spec.mean,
-            std=tuple(meta.std) if getattr(meta, "std", None) else spec.std,
-            interpolation=getattr(meta, "interpolation", None) or spec.interpolation,
+            crop_pct=meta.crop_pct if meta.crop_pct is not None or spec is None else spec.crop_pct,
+            mean=tuple(mean) if mean else spec.mean,
+            std=tuple(std) if std else spec.std,
+            interpolation=interpolation or spec.interpolation,
         )
         return cls(
             model=module,

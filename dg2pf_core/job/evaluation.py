@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from torch.utils.data import DataLoader
 
@@ -12,7 +14,7 @@ from dg2pf_core.io.metrics import Footprint, compared, evaluate, footprint
 from dg2pf_core.job.data import load_data
 from dg2pf_core.job.model import load_model
 from dg2pf_core.job.preflight import check_eval_forward
-from dg2pf_core.models import build_model
+from dg2pf_core.models import build_model, hf
 
 
 def evaluate_checkpoint(
@@ -45,7 +47,7 @@ def evaluate_checkpoint(
     params = list(model.parameters())
     n_all = sum(p.numel() for p in params)
     zero_all = sum(int((p == 0).sum()) for p in params)
-    structure = read_structure(checkpoint)
+    structure = read_structure(hf.weights_path(checkpoint))
     shape = (spec.in_channels, size, size)
     return {
         "split": split,
@@ -59,7 +61,9 @@ def evaluate_checkpoint(
         else sum(len(v) for stage in structure.stages for v in stage.values()),
         "input_shape": list(shape),
         **compared(
-            footprint(model, shape), dense_default_footprint(arch, num_classes, shape), dense_default_name(arch)
+            footprint(model, shape),
+            dense_default_footprint(arch, num_classes, shape, checkpoint),
+            dense_default_name(arch),
         ),
     }
 
@@ -68,7 +72,9 @@ def dense_default_name(arch: str) -> str:
     return f"{arch}'s dense default (the architecture built unpruned)"
 
 
-def dense_default_footprint(arch: str, num_classes: int, input_shape: tuple[int, ...]) -> Footprint:
+def dense_default_footprint(
+    arch: str, num_classes: int, input_shape: tuple[int, ...], source: str | Path | None = None
+) -> Footprint:
     """The size of ``arch`` as the registry builds it, every channel kept: what a pruned checkpoint of
     it is measured against when its own dense model is not at hand."""
-    return footprint(build_model(arch, num_classes), input_shape)
+    return footprint(build_model(arch, num_classes, source), input_shape)

@@ -9,10 +9,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from dg2pf_core.algorithm.channels import STRUCTURE_KEY, apply_structure, read_structure
+from dg2pf_core.algorithm.channels import STRUCTURE_KEY, Structure, apply_structure, read_structure
 from dg2pf_core.errors import CheckpointError, ConfigError
 from dg2pf_core.io.checkpoints import load_into, read_state_dict
-from dg2pf_core.models import ArchSpec, build_model, get_arch
+from dg2pf_core.models import ArchSpec, build_model, get_arch, hf
 from dg2pf_core.models.registry import build_meta
 
 # Loading weights into a model built on the meta device (a fit check, nothing computed) makes torch warn for
@@ -36,9 +36,8 @@ def load_checkpoint_model(
     ``meta``: build the model on the meta device and only check the fit (names, shapes, dtype kinds):
     no memory for the weights (what a service checks at submit). ``fp16_values``: every value must
     fit float16 (``compact_values=fp16``)."""
-    spec = get_arch(arch)
-    state = read_state_dict(checkpoint, key=key)
-    structure = read_structure(checkpoint)  # a channel-pruned model: other shapes than the architecture's
+    spec = get_arch(arch, checkpoint)
+    state, structure = _read(arch, checkpoint, key)
     if spec.ignored_keys:
         state = {k: v for k, v in state.items() if not k.startswith(spec.ignored_keys)}
     if fp16_values:
@@ -47,9 +46,13 @@ def load_checkpoint_model(
         # Copying into meta tensors is the no-op wanted here; torch warns about every tensor. (Also filtered
         # once for the process below: catch_warnings is not thread-safe, and a service checks jobs in threads.)
         warnings.filterwarnings("ignore", message=".*copying from a non-meta parameter")
-        model = build_meta(arch, num_classes) if meta and structure is None else build_model(arch, num_classes)
+        model = (
+            build_meta(arch, num_classes, checkpoint)
+            if meta and structure is None
+            else build_model(arch, num_classes, checkpoint)
+        )
         if structure is not None:
-            apply_structure(model, structure, arch)
+            apply_structure(model, structure, spec.name)
         try:
             load_into(model, state, what=f"{what} {checkpoint}", arch=f"{arch} with num_classes={num_classes}")
         except CheckpointError as exc:
@@ -62,6 +65,27 @@ def load_checkpoint_model(
                 ) from exc
             raise
     return spec, model, {k: v.dtype for k, v in state.items() if v.is_floating_point()}
+
+
+def _read(arch: str, checkpoint: str | Path, key: str | None) -> tuple[dict[str, torch.Tensor], Structure | None]:
+    """The weights of ``checkpoint`` and its channel structure (a channel-pruned model: other shapes than
+    the architecture's), or None. A Hugging Face model directory is read by transformers (its key
+    conversions), unless dg2pf wrote it channel-pruned: then its model.safetensors holds dg2pf's layout."""
+    if Path(checkpoint).is_dir():
+        if arch != hf.HF_ARCH:
+            raise CheckpointError(
+                f"checkpoint {checkpoint} is a directory"
+                + ("; a Hugging Face model directory takes --arch hf" if hf.is_model_dir(checkpoint) else "")
+                + "; give the path of a weights file",
+                field="checkpoint",
+            )
+        weights = Path(checkpoint) / hf.WEIGHTS
+        structure = read_structure(weights) if weights.is_file() else None
+        if structure is None:
+            return hf.read_weights(checkpoint), None
+        hf.check_model_dir(checkpoint)
+        return read_state_dict(weights, key=key), structure
+    return read_state_dict(checkpoint, key=key), read_structure(checkpoint)
 
 
 def _narrower(state: dict[str, torch.Tensor], model: nn.Module) -> bool:
@@ -94,10 +118,10 @@ def checkpoint_num_classes(arch: str, checkpoint: str | Path, key: str | None = 
     ``DG2PFError`` when the file cannot be read or holds no such weight."""
     from dg2pf_core.algorithm.masks import PRUNABLE_MODULES
 
-    get_arch(arch)  # an unknown name is named as such, with suggestions
-    model = build_meta(arch, 2)
+    get_arch(arch, checkpoint)  # an unknown name is named as such, with suggestions
+    model = build_meta(arch, 2, checkpoint)
     last = [name for name, m in model.named_modules() if isinstance(m, PRUNABLE_MODULES)]
-    state = read_state_dict(checkpoint, key=key)
+    state, _ = _read(arch, checkpoint, key)
     key = f"{last[-1]}.weight" if last else None
     if key is None or key not in state or state[key].dim() < 2:
         raise CheckpointError(

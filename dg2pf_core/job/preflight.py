@@ -31,7 +31,7 @@ from dg2pf_core.io.export import check_output
 from dg2pf_core.job.data import load_data
 from dg2pf_core.job.model import load_checkpoint_model
 from dg2pf_core.job.spec import PreparedJob, PruneJob
-from dg2pf_core.models import ArchSpec
+from dg2pf_core.models import ArchSpec, get_arch, hf
 from dg2pf_core.models.registry import parameter_count
 
 _DEVICE_HINT = "use auto, cpu, cuda or cuda:N"
@@ -51,7 +51,7 @@ def check_static(
     job.config.validate()
     check_values(job.compact_values)
     if max_params is not None:
-        count = parameter_count(job.arch, job.num_classes)
+        count = parameter_count(job.arch, job.num_classes, job.checkpoint)
         if count > max_params:
             raise ConfigError(
                 f"{job.arch} with {job.num_classes} classes has {count:,} parameters, over this service's "
@@ -59,8 +59,9 @@ def check_static(
                 field="arch",
             )
     if job.config.channel:
-        check_architecture(job.arch)  # by name, before building: some graphs take minutes and GBs to trace
-        earlier = read_structure(job.checkpoint)
+        # by name, before building: some graphs take minutes and GBs to trace
+        check_architecture(get_arch(job.arch, job.checkpoint).name)
+        earlier = read_structure(hf.weights_path(job.checkpoint))
         if earlier is not None and len(earlier.stages) >= MAX_STRUCTURE_STAGES:
             raise ConfigError(
                 f"the checkpoint was channel-pruned {len(earlier.stages)} times already, the most a model "
@@ -155,7 +156,7 @@ def prepare(job: PruneJob, *, out: str | Path | None = None, world_size: int = 1
         size,
         device,
         dtypes=dtypes,
-        structure=read_structure(job.checkpoint),
+        structure=read_structure(hf.weights_path(job.checkpoint)),
         latency_table=table,
     )
 

@@ -165,7 +165,7 @@ def job_quantization(prepared: PreparedJob, onnx: OnnxReport, files: Artifacts) 
         # The training images as served (no augmentation), the same split: what activations are calibrated on.
         plain, _ = load_data(
             job.dataset,
-            get_arch(job.arch),
+            get_arch(job.arch, job.checkpoint),
             job.num_classes,
             job.image_size,
             job.val_fraction,

@@ -15,6 +15,7 @@ from dg2pf_core.io.plots import write_plots
 from dg2pf_core.job.model import load_checkpoint_model
 from dg2pf_core.job.results import job_latency, job_quantization
 from dg2pf_core.job.spec import PreparedJob
+from dg2pf_core.models import hf
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +35,8 @@ def write_results(out: Path, prepared: PreparedJob, result: DG2PFResult, metrics
     structure = prepared.output_structure(result)
     write_model(result.model, files.model, prepared.dtypes, structure)
     write_compact(result.model, files.compact, job.compact_values, structure)
+    if job.arch == hf.HF_ARCH:  # config.json and the image processor's beside model.safetensors: a model directory
+        hf.write_files(hf.model_dir_of(job.checkpoint), out)
     _, pruned, _ = load_checkpoint_model(job.arch, job.num_classes, files.model, what="written model")
     onnx = export_onnx(pruned, prepared.input_shape, files.onnx, what=job.arch)
     macs_ratio = metrics.macs_sparse / metrics.macs_dense if metrics.macs_dense else None

@@ -10,6 +10,9 @@ Four kinds of names resolve here:
 * ``timm/<model>[.<tag>]`` for every timm model (``pip install 'dg2pf[timm]'``), built with
   ``pretrained=False`` and the hub offline; the model's ``pretrained_cfg`` (input size, mean/std,
   resize filter, crop percentage) is its preprocessing unless the job overrides the size or crop;
+* ``hf``: a Hugging Face transformers image classifier, its architecture read from a model directory's
+  ``config.json`` (:mod:`dg2pf_core.models.hf`); the functions here take that directory, or a weights
+  file inside one, as ``source``;
 * names installed packages register in the ``dg2pf.archs`` entry point group (a team's own
   networks, ``--arch mypkg/mynet``): the entry point names an :class:`ArchSpec`. Only installed
   distributions are read; nothing is ever imported from a job's own files.
@@ -34,6 +37,7 @@ from torch.utils._device import _device_constructors
 from dg2pf_contract.job import MAX_CLASSES
 from dg2pf_core.data.request import FILTERS, normalisation_problems
 from dg2pf_core.errors import ConfigError, DG2PFError, UnknownArchitectureError
+from dg2pf_core.models import hf
 
 TORCHVISION_PREFIX = "torchvision/"
 TIMM_PREFIX = "timm/"
@@ -66,7 +70,7 @@ _REGISTRY: dict[str, ArchSpec] = {}
 
 def register_arch(name: str, *, input_size: int, in_channels: int, description: str) -> Callable[[Builder], Builder]:
     """Decorator registering ``builder(num_classes) -> nn.Module`` under ``name``."""
-    if name.startswith((TORCHVISION_PREFIX, TIMM_PREFIX)):
+    if name.startswith((TORCHVISION_PREFIX, TIMM_PREFIX)) or name == hf.HF_ARCH:
         # Those namespaces are resolved dynamically; a static entry would shadow them silently.
         raise ValueError(f"'{TORCHVISION_PREFIX}' and '{TIMM_PREFIX}' names are reserved: {name!r}")
 
@@ -231,7 +235,7 @@ def check_spec(spec: ArchSpec) -> ArchSpec:
 def list_archs(timm_models: bool = False) -> list[str]:
     """Every architecture name :func:`get_arch` accepts, sorted; timm's (over a thousand) only with
     ``timm_models``."""
-    names = set(_REGISTRY)
+    names = set(_REGISTRY) | ({hf.HF_ARCH} if hf.transformers_version() else set())
     names.update(TORCHVISION_PREFIX + n for n in _torchvision_classifiers())
     names.update(installed_archs())
     if timm_models and (timm := _timm()) is not None:
@@ -254,13 +258,16 @@ def _reserved(name: str) -> str | None:
     """Why an installed package may not register ``name``: a built-in name, or one in a namespace
     dg2pf's own names use (``torchvision/``, ``timm/``, ``cifar/``, ...); None when it may."""
     spaces = {TORCHVISION_PREFIX, TIMM_PREFIX} | {n.split("/", 1)[0] + "/" for n in _REGISTRY if "/" in n}
-    if name in _REGISTRY:
+    if name in _REGISTRY or name == hf.HF_ARCH or name.startswith(hf.HF_ARCH + "/"):
         return "a built-in name"
     return next((f"the {p} namespace" for p in sorted(spaces) if name.startswith(p)), None)
 
 
-def get_arch(name: str) -> ArchSpec:
-    """Look up an architecture; an unknown name raises with the closest known names."""
+def get_arch(name: str, source: str | os.PathLike | None = None) -> ArchSpec:
+    """Look up an architecture; an unknown name raises with the closest known names. ``source``: the
+    checkpoint (a model directory, or a weights file inside one) the ``hf`` architecture is read from."""
+    if name == hf.HF_ARCH:
+        return _hf_spec(source)
     spec = _REGISTRY.get(name)
     if spec is not None:
         return spec
@@ -276,15 +283,45 @@ def get_arch(name: str) -> ArchSpec:
     raise UnknownArchitectureError(_unknown_message(name))
 
 
+def _hf_spec(source: str | os.PathLike | None) -> ArchSpec:
+    if source is None:
+        raise UnknownArchitectureError(
+            "architecture 'hf' is read from a Hugging Face model directory: give it as the checkpoint "
+            f"(config.json, {hf.WEIGHTS}, {hf.PROCESSOR})"
+        )
+    model_dir = hf.model_dir_of(source)
+    config, pre = hf.spec_values(model_dir)
+    model_type = config["model_type"]
+
+    def build(num_classes: int) -> nn.Module:
+        return hf.build(model_dir, num_classes)
+
+    channels = config.get("num_channels", 3)
+    return check_spec(
+        ArchSpec(
+            name=f"{hf.HF_ARCH}/{model_type}",
+            builder=build,
+            input_size=pre["input_size"],
+            in_channels=channels,
+            description=f"transformers {model_type} from {model_dir} (its config.json and image processor)",
+            mean=pre["mean"],
+            std=pre["std"],
+            interpolation=pre["interpolation"],
+            crop_pct=pre["crop_pct"],
+            source=str(model_dir / hf.CONFIG),
+        )
+    )
+
+
 def _unknown_message(name: str) -> str:
     close = difflib.get_close_matches(name, list_archs(), n=3, cutoff=0.6)
     hint = f"; did you mean: {', '.join(close)}?" if close else ""
     return f"unknown architecture {name!r}{hint} (see `dg2pf archs`)"
 
 
-def build_model(name: str, num_classes: int) -> nn.Module:
-    """A freshly initialised ``name`` model with a ``num_classes``-way classifier."""
-    spec = get_arch(name)
+def build_model(name: str, num_classes: int, source: str | os.PathLike | None = None) -> nn.Module:
+    """A freshly initialised ``name`` model with a ``num_classes``-way classifier (``source``: see get_arch)."""
+    spec = get_arch(name, source)
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
         raise ConfigError(
             f"num_classes must be an integer >= 2 (a classifier needs at least two classes), got {num_classes!r}",
@@ -313,17 +350,17 @@ def build_model(name: str, num_classes: int) -> nn.Module:
     return model
 
 
-def build_meta(name: str, num_classes: int) -> nn.Module:
+def build_meta(name: str, num_classes: int, source: str | os.PathLike | None = None) -> nn.Module:
     """``name`` with its weights on the meta device: every shape, no memory for the values (what a
     service checks at submit). A builder that computes its layout from the values of tensors
     (regnet's widths: ``.tolist()`` of a computed tensor, which meta tensors cannot give) is built
     again with small tensors real and only the large ones on meta."""
     try:
         with torch.device("meta"):
-            return build_model(name, num_classes)
+            return build_model(name, num_classes, source)
     except (NotImplementedError, RuntimeError, UnknownArchitectureError):  # "Cannot copy out of meta tensor"
         with _LargeOnMeta():
-            return build_model(name, num_classes)
+            return build_model(name, num_classes, source)
 
 
 class _LargeOnMeta(TorchFunctionMode):
@@ -342,7 +379,7 @@ class _LargeOnMeta(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-def parameter_count(name: str, num_classes: int) -> int:
+def parameter_count(name: str, num_classes: int, source: str | os.PathLike | None = None) -> int:
     """Parameters of ``name`` with ``num_classes`` classes, counted on the meta device: nothing is
     allocated, so a service can refuse a huge architecture before building it."""
-    return sum(p.numel() for p in build_meta(name, num_classes).parameters())
+    return sum(p.numel() for p in build_meta(name, num_classes, source).parameters())

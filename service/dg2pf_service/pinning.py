@@ -5,6 +5,10 @@ link to somewhere else, in between would otherwise be read unchecked. So the fil
 the file actually opened is checked (inside ``DG2PF_DATA_ROOTS``, a regular file, not hard-linked,
 within the upload size limit), and copied from that open descriptor into the checkpoint store,
 content-addressed and registered like an upload; the job gets the copy's path.
+
+A Hugging Face model directory (``arch: hf``) is pinned the same way, file by file: its config.json,
+model.safetensors and preprocessor_config.json (nothing else of it is read) are each opened and checked
+as above and copied into one store directory, addressed by the content of all three.
 """
 
 from __future__ import annotations
@@ -18,7 +22,9 @@ from pathlib import Path
 
 from dg2pf_core.data.roots import under
 from dg2pf_core.errors import CheckpointError
+from dg2pf_core.models import hf
 
+from .model_dirs import store_model_dir
 from .settings import Settings
 from .store.repo import JobStore
 from .uploads import UploadRefused, check_checkpoint_file, staging_dir
@@ -27,12 +33,31 @@ CHUNK = 1 << 20
 
 
 def pin_checkpoint(path: Path, settings: Settings, store: JobStore) -> str:
+    """The store's path of a checked copy of ``path``: a weights file, or a Hugging Face model directory
+    (see ``pin_model_dir``). CheckpointError naming what is wrong."""
+    roots = [os.path.realpath(r) for r in settings.data_roots]
+    if path.is_absolute() and under(os.path.realpath(path), roots) and os.path.isdir(os.path.realpath(path)):
+        return pin_model_dir(path, settings, store)
+    return pin_file(path, settings, store)
+
+
+def pin_file(path: Path, settings: Settings, store: JobStore) -> str:
     """The store's path of a checked copy of ``path`` (CheckpointError naming what is wrong).
 
     Nothing outside the roots is opened, and refusals of such paths all read the same, so they tell
     nothing about what exists there or where links lead. The copy gets the check an upload gets (its
     declared in-memory size, loadable weights) before it is registered.
     """
+    fd = _open_checked(path, settings)
+    try:
+        return _copy_into_store(fd, str(path), settings, store)
+    finally:
+        os.close(fd)
+
+
+def _open_checked(path: Path, settings: Settings, what: str = "checkpoint file") -> int:
+    """A read descriptor of the regular file ``path`` (not a link, not hard-linked, inside the roots,
+    within the upload limit): the file actually opened is the one checked."""
     roots = [os.path.realpath(r) for r in settings.data_roots]
     outside = CheckpointError(
         f"checkpoint path {str(path)!r} is not a file under DG2PF_DATA_ROOTS "
@@ -46,11 +71,11 @@ def pin_checkpoint(path: Path, settings: Settings, store: JobStore) -> str:
         # a FIFO or device neither blocks nor is read (O_NONBLOCK; refused below as not a regular file).
         fd = os.open(resolved, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW)
     except FileNotFoundError:
-        raise CheckpointError(f"checkpoint file {str(path)!r} does not exist") from None
+        raise CheckpointError(f"{what} {str(path)!r} does not exist") from None
     except OSError:
         raise CheckpointError(
-            f"checkpoint file {str(path)!r} cannot be opened by the service (a link replaced "
-            "meanwhile, or no read permission)"
+            f"{what} {str(path)!r} cannot be opened by the service (a link replaced meanwhile, a directory, "
+            "or no read permission)"
         ) from None
     try:
         opened = os.path.realpath(f"/proc/self/fd/{fd}") if os.path.isdir("/proc/self/fd") else resolved
@@ -61,18 +86,44 @@ def pin_checkpoint(path: Path, settings: Settings, store: JobStore) -> str:
             raise CheckpointError(f"checkpoint path {str(path)!r} is not a regular file")
         if st.st_nlink > 1:
             raise CheckpointError(
-                f"checkpoint file {str(path)!r} is a hard link (a second name of a file that may live "
+                f"{what} {str(path)!r} is a hard link (a second name of a file that may live "
                 "outside the allowed roots); copy it instead of linking"
             )
         if st.st_size > settings.max_upload_bytes:
             raise CheckpointError(
-                f"checkpoint file {str(path)!r} has {st.st_size} bytes, over DG2PF_MAX_UPLOAD_BYTES "
+                f"{what} {str(path)!r} has {st.st_size} bytes, over DG2PF_MAX_UPLOAD_BYTES "
                 f"({settings.max_upload_bytes})"
             )
         os.set_blocking(fd, True)
-        return _copy_into_store(fd, str(path), settings, store)
-    finally:
+        return fd
+    except BaseException:
         os.close(fd)
+        raise
+
+
+def pin_model_dir(path: Path, settings: Settings, store: JobStore) -> str:
+    """The store's directory holding checked copies of a Hugging Face model directory's files
+    (``model_dirs.FILES``; nothing else of it is read), each opened as ``_open_checked`` opens a file."""
+
+    def opener(name: str):
+        try:
+            fd = _open_checked(path / name, settings, f"{name} of the model directory")
+        except CheckpointError as exc:
+            if "does not exist" not in exc.message:
+                raise
+            if name == hf.WEIGHTS:
+                pickled = sorted(n for n in os.listdir(path) if n.endswith((".bin", ".pt", ".pth", ".ckpt")))
+                if pickled:
+                    raise CheckpointError(
+                        f"checkpoint directory {str(path)!r} holds no {name}: its weights are pickled "
+                        f"({', '.join(pickled[:3])}), which dg2pf never opens; re-save them with "
+                        "save_pretrained(safe_serialization=True)"
+                    ) from None
+            return None
+        return os.fdopen(fd, "rb")
+
+    row, _ = store_model_dir(opener, str(path), settings, store, settings.max_upload_bytes)
+    return row.path
 
 
 def _copy_into_store(fd: int, shown_as: str, settings: Settings, store: JobStore) -> str:

@@ -22,6 +22,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import uuid
 import zipfile
 from collections.abc import AsyncIterator, Mapping
@@ -35,6 +36,7 @@ import anyio.to_thread
 from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import MultipartParser, parse_options_header
 
+from dg2pf_contract.artifacts import Artifacts
 from dg2pf_core.errors import CheckpointError
 from dg2pf_core.io.checkpoints import read_state_dict
 from dg2pf_core.io.compact import FORMAT as COMPACT_FORMAT
@@ -45,6 +47,11 @@ log = logging.getLogger("dg2pf.uploads")
 
 STAGING = ".partial"
 FIELD = "file"
+# A Hugging Face model directory (arch hf): the files taken of it (model_dirs), and how one being staged
+# is named and locked while it is copied.
+MODEL_DIR_FILES = Artifacts.MODEL_DIR
+MODEL_DIR_PREFIX = "pin-dir-"
+MODEL_DIR_LOCK = ".lock"
 # Multipart framing (boundaries, part headers, small extra fields) on top of the file itself.
 FRAMING_ALLOWANCE = 64 * 1024
 # Python's zipfile holds every record of a central directory in memory while it reads it (a ZipInfo
@@ -133,6 +140,17 @@ def clean_partial_uploads(settings: Settings) -> list[Path]:
     if settings.checkpoints_dir.is_dir():
         candidates += [p for p in settings.checkpoints_dir.glob(f"{_LEGACY_PREFIX}*") if p.is_file()]
     removed = []
+    if staging.is_dir():  # model directories being pinned (pinning.pin_model_dir): live ones hold their lock
+        for d in staging.glob(f"{MODEL_DIR_PREFIX}*"):
+            try:
+                with open(d / MODEL_DIR_LOCK, "rb") as f:
+                    fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue
+            except OSError:
+                pass  # no lock file: finished copying, or never started; not registered either way
+            shutil.rmtree(d, ignore_errors=True)
+            removed.append(d)
     for path in candidates:
         try:
             with open(path, "rb") as f:
@@ -190,6 +208,11 @@ class CheckpointUploads:
         answering (health checks, other requests) and memory stays bounded by that many files.
         """
         return await anyio.to_thread.run_sync(_check, staged.path, staged.filename, self.limits, limiter=self._slots)
+
+    @property
+    def slots(self) -> anyio.CapacityLimiter:
+        """The slots checking uploads in worker threads (at most ``upload_validations`` at a time)."""
+        return self._slots
 
     @staticmethod
     def publish(staged: StagedFile, final: Path) -> None:
@@ -414,6 +437,8 @@ def _check(path: Path, filename: str, limits: UploadLimits) -> str:
                 f"service's limit of {limits.max_uncompressed_bytes} bytes (DG2PF_MAX_UNCOMPRESSED_BYTES); "
                 "save the weights uncompressed (torch.save or safetensors) or ask the operator to raise the limit",
             )
+        if archive_members(path) is not None:
+            return "hf"  # a zipped model directory: its files are checked as they are stored (model_dirs)
         read_state_dict(path, any_set=True)  # a file with raw + EMA weights: the job says which (checkpoint_key)
         with open(path, "rb") as f:
             head = f.read(9)
@@ -429,6 +454,30 @@ def _check(path: Path, filename: str, limits: UploadLimits) -> str:
         why = _clip(f"{type(exc).__name__}: {exc}".replace(str(path), filename))
         raise UploadRefused(422, "invalid_checkpoint", f"{filename} is not a readable checkpoint: {why}") from exc
     return "safetensors" if head[8:9] == b"{" else "torch"
+
+
+def archive_members(path: Path) -> dict[str, zipfile.ZipInfo] | None:
+    """The model files of a zip holding a model directory (at its root or in one folder; its other files
+    are ignored, never extracted), or None when the file is no such zip (a torch.save zip, anything
+    else). Raises ``CheckpointError`` for a zip with model files in more than one folder."""
+    if not zipfile.is_zipfile(path):
+        return None
+    try:
+        with zipfile.ZipFile(path) as archive:
+            infos = [
+                i for i in archive.infolist() if not i.is_dir() and i.filename.rpartition("/")[2] in MODEL_DIR_FILES
+            ]
+    except (zipfile.BadZipFile, OSError, ValueError):
+        return None
+    if not any(i.filename.rpartition("/")[2] == Artifacts.HF_CONFIG for i in infos):
+        return None
+    folders = sorted({i.filename.rpartition("/")[0] for i in infos})
+    if len(folders) != 1 or len(infos) != len({i.filename for i in infos}):
+        raise CheckpointError(
+            f"the zip holds a model directory's files in more than one folder ({', '.join(map(repr, folders))}): "
+            f"zip one directory ({', '.join(MODEL_DIR_FILES)}), at the zip's root or in one folder"
+        )
+    return {i.filename.rpartition("/")[2]: i for i in infos}
 
 
 def in_memory_size(path: Path, ceiling: int) -> tuple[int, str]:

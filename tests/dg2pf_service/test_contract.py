@@ -238,7 +238,10 @@ def test_archs_lists_what_a_job_may_name_and_needs_the_token():
     from dg2pf_service.api.schemas import ArchList
 
     body = ArchList.model_validate(_bare_app().get("/archs").json())
-    assert {"digits_cnn", "torchvision/resnet50"} <= set(body.archs) and body.timm == timm.__version__
+    import transformers
+
+    assert {"digits_cnn", "torchvision/resnet50", "hf"} <= set(body.archs) and body.timm == timm.__version__
+    assert body.transformers == transformers.__version__  # arch hf: a model directory as the checkpoint
     assert not any(a.startswith("timm/") for a in body.archs)  # timm's thousand-odd names: by body.timm
     app = create_app()
     app.state.services = SimpleNamespace(settings=Settings(api_tokens=["s3cret-token-for-tests"]))

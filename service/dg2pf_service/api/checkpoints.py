@@ -1,4 +1,5 @@
-"""POST /checkpoints: a weights file, streamed to a staging folder, checked, then put in the store.
+"""POST /checkpoints: a weights file, or a zipped Hugging Face model directory, streamed to a staging
+folder, checked, then put in the store.
 
 The body is read here as it arrives (``uploads.CheckpointUploads``), not parsed up front by FastAPI,
 so size and time limits hold while it is received; the file is checked off the event loop.
@@ -6,9 +7,13 @@ so size and time limits hold while it is received; the file is checked off the e
 
 from __future__ import annotations
 
+import anyio
 from fastapi import APIRouter, Depends, FastAPI, Request, Response
 from starlette.requests import ClientDisconnect
 
+from dg2pf_core.errors import CheckpointError
+
+from ..model_dirs import store_from_archive
 from ..uploads import FIELD, CheckpointUploads, UploadRefused
 from .auth import require_token
 from .errors import ApiError
@@ -41,6 +46,22 @@ async def upload(request: Request, response: Response) -> CheckpointOut:
     try:
         async with intake.receive(request.stream(), request.headers) as staged:
             kind = await intake.check(staged)
+            if kind == "hf":  # a zipped model directory: its files stored as one directory (model_dirs)
+                try:
+                    row, new = await anyio.to_thread.run_sync(
+                        store_from_archive,
+                        staged.path,
+                        staged.filename,
+                        services.settings,
+                        services.store,
+                        limiter=intake.slots,
+                    )
+                except CheckpointError as exc:
+                    message = exc.message.replace(str(staged.path), staged.filename)
+                    raise UploadRefused(422, "invalid_checkpoint", message) from None
+                if not new:
+                    response.status_code = 200
+                return CheckpointOut(id=row.id, sha256=row.sha256, bytes=row.bytes)
             checkpoint_id = staged.sha256[:32]
             if services.store.get_checkpoint(checkpoint_id) is None:
                 final = services.settings.checkpoints_dir / f"{checkpoint_id}{_SUFFIX[kind]}"

@@ -47,6 +47,9 @@ class ArchList(BaseModel):
     archs: list[str] = Field(description="every name a job's arch may give, timm's models aside")
     installed: list[str] = Field(description="those registered by installed packages (the dg2pf.archs entry points)")
     timm: str | None = Field(description="timm's version when installed: then any timm/<model> name is accepted too")
+    transformers: str | None = Field(
+        None, description="transformers' version when installed: then arch hf takes a Hugging Face model directory"
+    )
 
 
 class Health(BaseModel):

@@ -39,6 +39,7 @@ class JobPhase(enum.StrEnum):
 class CheckpointFormat(enum.StrEnum):
     SAFETENSORS = "safetensors"
     TORCH = "torch"
+    HF = "hf"  # a Hugging Face model directory (config.json, model.safetensors, preprocessor_config.json)
 
 
 def utcnow() -> datetime:

@@ -21,7 +21,7 @@ SMALL = [
 ]
 
 
-@pytest.mark.parametrize("name", list_archs())
+@pytest.mark.parametrize("name", [n for n in list_archs() if n != "hf"])  # hf: tests/dg2pf_core/models/test_hf.py
 def test_every_architecture_is_counted_without_its_weights(name):
     count = parameter_count(name, 10)
     assert isinstance(count, int) and count > 0

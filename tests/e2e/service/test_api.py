@@ -751,6 +751,125 @@ def test_paths_cannot_escape_the_data_roots_and_checkpoints_are_pinned(service, 
     assert Path(order["checkpoint"]).parent == service.data_dir / "checkpoints"
 
 
+def test_a_hugging_face_directory_by_path_is_checked_file_by_file_and_refused_before_a_job_exists(
+    service, client, ckpt, tmp_path
+):
+    import os
+    import shutil
+
+    from hf_dirs import hf_dir
+
+    root = service.data_dir.parent / "data"
+    outside = hf_dir(tmp_path, "vit")
+    headers = {"Authorization": f"Bearer {TOKEN}"}
+
+    def case(name: str, change) -> Path:
+        d = root / f"hf-{name}"
+        shutil.copytree(outside, d)
+        change(d)
+        return d
+
+    def remote(d: Path) -> None:
+        config = json.loads((d / "config.json").read_text())
+        (d / "config.json").write_text(json.dumps({**config, "auto_map": {"AutoModel": "evil.Model"}}))
+
+    def linked(d: Path) -> None:
+        (d / "model.safetensors").unlink()
+        os.symlink(outside / "model.safetensors", d / "model.safetensors")
+
+    cases = [
+        (case("remote", remote), "never runs a model's remote code"),
+        (case("linked", linked), "not a file under DG2PF_DATA_ROOTS"),
+        (case("no-weights", lambda d: (d / "model.safetensors").unlink()), "holds no model.safetensors"),
+        (case("bin", lambda d: (d / "model.safetensors").rename(d / "pytorch_model.bin")), "pickled"),
+    ]
+    total = client.list().total
+    for d, needle in cases:
+        body = {**spec(ckpt), "model": {"arch": "hf", "num_classes": 10, "checkpoint": str(d)}}
+        r = httpx.post(f"{service.url}/jobs", json=body, headers=headers)
+        error = r.json()["error"]
+        assert r.status_code == 422 and error["field"] == "model.checkpoint" and needle in error["message"], r.text
+        assert str(service.data_dir) not in error["message"]  # where the store keeps copies is not the client's
+    assert client.list().total == total
+
+    # A good directory by path: its three files copied into the store, addressed by their content (what an
+    # upload of the same files gets), the rest of the folder never read.
+    good = case("good", lambda d: (d / "training_args.bin").write_bytes(b"a pickle never opened"))
+    body = {**spec(ckpt, schedule={"pruning_epochs": 1, "max_epochs": 1}), "sparsity": 0.5}
+    job_id = client.submit({**body, "model": {"arch": "hf", "num_classes": 10, "checkpoint": str(good)}}).id
+    client.cancel(job_id)
+    order = json.loads((service.data_dir / "jobs" / job_id / "job.json").read_text())
+    pinned = Path(order["checkpoint"])
+    assert pinned.parent == service.data_dir / "checkpoints"
+    assert sorted(p.name for p in pinned.iterdir()) == ["config.json", "model.safetensors", "preprocessor_config.json"]
+    assert client.upload_checkpoint(outside).id == pinned.name
+
+
+def _zip(path: Path, members: dict[str, bytes], compression=None) -> Path:
+    import zipfile
+
+    with zipfile.ZipFile(path, "w", compression or zipfile.ZIP_STORED) as z:
+        for name, data in members.items():
+            z.writestr(name, data)
+    return path
+
+
+def test_a_zipped_model_directory_that_is_wrong_or_hostile_is_refused_and_nothing_is_stored(service, client, tmp_path):
+    import zipfile
+
+    from hf_dirs import hf_dir
+
+    d = hf_dir(tmp_path, "vit")
+    files = {n: (d / n).read_bytes() for n in ("config.json", "model.safetensors", "preprocessor_config.json")}
+    config = json.loads(files["config.json"])
+    corrupt = _zip(tmp_path / "corrupt.zip", files, zipfile.ZIP_DEFLATED)
+    data = bytearray(corrupt.read_bytes())
+    at = data.find(b"model.safetensors") + 200  # inside the deflated weights
+    data[at : at + 8] = b"\xff" * 8
+    corrupt.write_bytes(bytes(data))
+    bomb = tmp_path / "bomb.zip"  # 30 MB of zeros deflate to tens of kB; this service takes 8 MB uncompressed
+    with zipfile.ZipFile(bomb, "w", zipfile.ZIP_DEFLATED) as z:
+        z.writestr("config.json", files["config.json"])
+        with z.open("model.safetensors", "w", force_zip64=True) as w:
+            for _ in range(30):
+                w.write(bytes(1 << 20))
+    cases = [
+        (
+            _zip(tmp_path / "two.zip", {f"a/{k}": v for k, v in files.items()} | {"b/config.json": b"{}"}),
+            422,
+            "more than one folder",
+        ),
+        (
+            _zip(
+                tmp_path / "remote.zip",
+                {**files, "config.json": json.dumps({**config, "auto_map": {"x": "y.Z"}}).encode()},
+            ),
+            422,
+            "remote code",
+        ),
+        (_zip(tmp_path / "noweights.zip", {"config.json": files["config.json"]}), 422, "holds no model.safetensors"),
+        (
+            _zip(tmp_path / "badweights.zip", {**files, "model.safetensors": b"not a safetensors file at all"}),
+            422,
+            "model.safetensors",
+        ),
+        (corrupt, 422, "cannot be read"),
+        (bomb, 413, "DG2PF_MAX_UNCOMPRESSED_BYTES"),
+    ]
+    before = sorted(p.name for p in (service.data_dir / "checkpoints").iterdir())
+    headers = {"Authorization": f"Bearer {TOKEN}"}
+    for path, status, needle in cases:
+        with path.open("rb") as fh:
+            r = httpx.post(f"{service.url}/checkpoints", files={"file": (path.name, fh)}, headers=headers, timeout=120)
+        assert r.status_code == status and needle in r.json()["error"]["message"], (path.name, r.text)
+    assert sorted(p.name for p in (service.data_dir / "checkpoints").iterdir()) == before
+    # Path-like names inside the zip are never used: only each model file's own name is.
+    ok = _zip(tmp_path / "paths.zip", {f"../../evil/{k}": v for k, v in files.items()} | {"../../evil/run.sh": b"x"})
+    stored = Path(client.upload_checkpoint(ok).id)
+    assert not (service.data_dir.parent / "evil").exists() and not (tmp_path.parent / "evil").exists()
+    assert sorted(p.name for p in (service.data_dir / "checkpoints" / stored.name).iterdir()) == sorted(files)
+
+
 def test_a_huge_architecture_is_refused_before_it_is_built(service, client, ckpt):
     headers = {"Authorization": f"Bearer {TOKEN}"}
     for arch, needle in (

@@ -48,8 +48,10 @@ def _spec(checkpoint: str, **over) -> dict:
 @pytest.fixture(scope="module")
 def service(tmp_path_factory):
     root = tmp_path_factory.mktemp("serving")
+    (root / "data").mkdir()
     svc = ServiceProcess(
         root / "state",
+        DG2PF_DATA_ROOTS=str(root / "data"),
         DG2PF_API_TOKENS=TOKEN,
         DG2PF_SERVE_PORT=str(free_port()),
         DG2PF_SERVE_POLL_SECONDS="0.5",
@@ -512,3 +514,40 @@ def test_a_timm_checkpoint_is_pruned_and_served_through_the_service(service, cli
     with torch.no_grad():
         expected = local.model(xs)
     assert torch.allclose(torch.tensor(out["logits"]), expected, atol=ATOL, rtol=0)
+
+
+def test_a_hugging_face_model_directory_is_uploaded_pruned_and_served(service, client, tmp_path):
+    """A transformers ViT directory (config.json, model.safetensors, preprocessor_config.json as
+    save_pretrained writes them, beside files dg2pf does not take): uploaded (the client zips it), pruned,
+    deployed; its answers are the job's own model's logits, and the job's output, downloaded, is a
+    directory transformers loads."""
+    import transformers
+    from hf_dirs import hf_dir
+
+    d = hf_dir(tmp_path, "vit")
+    (d / "training_args.bin").write_bytes(b"a pickle the service must never open")
+    ckpt = client.upload_checkpoint(d)
+    assert client.upload_checkpoint(d).id == ckpt.id  # the same files: the same id
+    spec = _spec(ckpt.id, serve=True, schedule={"pruning_epochs": 1, "max_epochs": 1, "patience": 1})
+    spec["model"]["arch"] = "hf"
+    spec["sparsity"] = 0.5
+    job = client.wait(client.submit(spec).id, timeout=300)
+    assert job.state == "succeeded", job.error
+    order = json.loads((service.data_dir / "jobs" / job.id / "job.json").read_text())
+    pinned = Path(order["checkpoint"])  # the store's copy of the three files, not the user's folder
+    assert pinned.parent == service.data_dir / "checkpoints" and pinned.is_dir()
+    assert sorted(p.name for p in pinned.iterdir()) == ["config.json", "model.safetensors", "preprocessor_config.json"]
+    assert client.wait_model(job.id, timeout=240).status == "ready"
+    xs = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    out = client.predict(job.id, inputs=xs.tolist(), logits=True)
+    output = _output_dir(service, job.id)
+    local = InferenceModel.load(output)
+    back = transformers.AutoModelForImageClassification.from_pretrained(str(output), local_files_only=True).eval()
+    with torch.no_grad():
+        expected = local.model(xs)
+        torch.testing.assert_close(back(pixel_values=xs).logits, expected, rtol=1e-5, atol=1e-5)
+    assert torch.allclose(torch.tensor(out["logits"]), expected, atol=ATOL, rtol=0)
+    downloaded = client.download(job.id, tmp_path / "download")
+    assert {p.name for p in downloaded} >= {"config.json", "model.safetensors", "preprocessor_config.json"}
+    transformers.AutoModelForImageClassification.from_pretrained(str(tmp_path / "download"), local_files_only=True)
+    client.undeploy(job.id)
