@@ -31,7 +31,7 @@ from dg2pf_core.data import DataRequest, eval_transform_for
 from dg2pf_core.data.imagecheck import large_images_expected, upright
 from dg2pf_core.errors import CheckpointError, InputError
 from dg2pf_core.io.checkpoints import load_into, read_state_dict
-from dg2pf_core.models import build_model, get_arch
+from dg2pf_core.models import build_model, get_arch, hf
 
 IMAGE_FORMATS = ("PNG", "JPEG")
 # Decoded size limit: a small compressed file can expand to gigabytes (a "decompression bomb").
@@ -79,7 +79,8 @@ class InferenceModel:
         # the job's own record first (metrics.json); the architecture's only for models written before it
         # recorded all (a transformers model always has: its architecture needs its directory)
         recorded = meta.image_size and meta.in_channels and mean and std and interpolation
-        spec = None if recorded else get_arch(meta.arch)
+        crop_known = meta.crop_pct is not None or meta.arch == hf.HF_ARCH
+        spec = None if recorded and crop_known else get_arch(meta.arch)
         request = DataRequest(
             image_size=meta.image_size or spec.input_size,
             in_channels=meta.in_channels or spec.in_channels,

@@ -71,19 +71,22 @@ def _read(arch: str, checkpoint: str | Path, key: str | None) -> tuple[dict[str,
     """The weights of ``checkpoint`` and its channel structure (a channel-pruned model: other shapes than
     the architecture's), or None. A Hugging Face model directory is read by transformers (its key
     conversions), unless dg2pf wrote it channel-pruned: then its model.safetensors holds dg2pf's layout."""
-    if Path(checkpoint).is_dir():
-        if arch != hf.HF_ARCH:
-            raise CheckpointError(
-                f"checkpoint {checkpoint} is a directory"
-                + ("; a Hugging Face model directory takes --arch hf" if hf.is_model_dir(checkpoint) else "")
-                + "; give the path of a weights file",
-                field="checkpoint",
-            )
-        weights = Path(checkpoint) / hf.WEIGHTS
+    path = Path(checkpoint)
+    if path.is_dir() and arch != hf.HF_ARCH:
+        raise CheckpointError(
+            f"checkpoint {checkpoint} is a directory"
+            + ("; a Hugging Face model directory takes --arch hf" if hf.is_model_dir(checkpoint) else "")
+            + "; give the path of a weights file",
+            field="checkpoint",
+        )
+    if arch == hf.HF_ARCH and (path.is_dir() or path.name == hf.WEIGHTS):
+        # the directory, or its model.safetensors: read by transformers (its key conversions), unless dg2pf
+        # wrote it channel-pruned (narrower than the config: dg2pf's own layout, read as it is)
+        weights = hf.weights_path(path)
         structure = read_structure(weights) if weights.is_file() else None
         if structure is None:
-            return hf.read_weights(checkpoint), None
-        hf.check_model_dir(checkpoint)
+            return hf.read_weights(hf.model_dir_of(path)), None
+        hf.checked(hf.model_dir_of(path))
         return read_state_dict(weights, key=key), structure
     return read_state_dict(checkpoint, key=key), read_structure(checkpoint)
 

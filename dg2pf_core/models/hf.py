@@ -35,7 +35,11 @@ from torch import nn
 
 from dg2pf_contract.artifacts import Artifacts
 from dg2pf_contract.job import MAX_CLASSES
-from dg2pf_core.errors import CheckpointError, UnknownArchitectureError
+from dg2pf_core.errors import CheckpointError, DG2PFError, UnknownArchitectureError
+
+# Before anything imports huggingface_hub (it reads these once): dg2pf never downloads a model.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 HF_ARCH = "hf"
 CONFIG, WEIGHTS, PROCESSOR = Artifacts.MODEL_DIR
@@ -72,7 +76,7 @@ def model_dir_of(checkpoint: str | Path) -> Path:
     """The model directory of ``checkpoint``: itself when a directory (the input), else the folder of the
     weights file (a job's output: model.safetensors beside config.json)."""
     path = Path(checkpoint)
-    return path if path.is_dir() else path.parent
+    return path if path.is_dir() or not path.exists() else path.parent
 
 
 def weights_path(checkpoint: str | Path) -> Path:
@@ -96,6 +100,8 @@ def _read_json(path: Path, what: str) -> dict:
         raise CheckpointError(f"{what} {path} does not exist") from None
     except (OSError, UnicodeDecodeError, ValueError) as exc:
         raise CheckpointError(f"{what} {path} is not readable JSON: {str(exc)[:200]}") from None
+    except RecursionError:
+        raise CheckpointError(f"{what} {path} nests too deeply to be a model's configuration") from None
     if not isinstance(data, dict):
         raise CheckpointError(f"{what} {path} must hold a JSON object, got {type(data).__name__}")
     return data
@@ -115,6 +121,8 @@ def check_model_dir(model_dir: str | Path) -> dict:
     remote code, of a model type transformers classifies images with, and a model.safetensors beside it.
     Raises ``CheckpointError`` (field ``checkpoint``) or ``UnknownArchitectureError`` saying what is wrong."""
     d = Path(model_dir)
+    if not d.exists():
+        raise CheckpointError(f"checkpoint {d} does not exist", field="checkpoint")
     if not d.is_dir():
         raise CheckpointError(
             f"architecture 'hf' takes a Hugging Face model directory (config.json, {WEIGHTS}, {PROCESSOR}) as its "
@@ -133,15 +141,24 @@ def check_model_dir(model_dir: str | Path) -> dict:
             "only architectures built into transformers are loaded",
             field="checkpoint",
         )
-    labels = raw.get("num_labels", len(raw.get("id2label") or {}) or 2)
+    id2label = raw.get("id2label")
+    labels = raw.get("num_labels", len(id2label) if isinstance(id2label, dict) and id2label else 2)
+    if id2label is not None and not isinstance(id2label, dict):
+        raise CheckpointError(f"{d / CONFIG}: id2label must be an object (index -> name)", field="checkpoint")
     if isinstance(labels, bool) or not isinstance(labels, int) or not 1 <= labels <= MAX_CLASSES:
         # transformers makes one label name per class when it reads the config: bounded before it does
         raise CheckpointError(
             f"{d / CONFIG}: num_labels must be an integer in [1, {MAX_CLASSES:,}], got {labels!r}", field="checkpoint"
         )
+    for key, why in _ELSEWHERE.items():
+        if raw.get(key):
+            raise CheckpointError(f"{d / CONFIG} sets {key}: {why}", field="checkpoint")
+    _check_depth(raw, d / CONFIG)
     transformers_module()
     types = classifier_types()
     model_type = raw.get("model_type")
+    if model_type in _REFUSED_TYPES:
+        raise UnknownArchitectureError(f"{d / CONFIG}: model_type {model_type!r}: {_REFUSED_TYPES[model_type]}")
     if not isinstance(model_type, str) or model_type not in types:
         raise UnknownArchitectureError(
             f"{d / CONFIG}: model_type {model_type!r} has no image classifier in transformers "
@@ -173,6 +190,44 @@ def check_model_dir(model_dir: str | Path) -> dict:
         )
         raise CheckpointError(f"{d} holds no {WEIGHTS}: {why}", field="checkpoint")
     return raw
+
+
+# Configs that would make transformers read weights or code from elsewhere (a file outside the model
+# directory, the hub), or need packages a vision classifier does not: refused before anything is built.
+_REFUSED_TYPES = {
+    "timm_wrapper": "a timm model wrapped by transformers builds (and can load files) through timm's own "
+    "arguments; prune it by name with --arch timm/<model> and its weights file instead",
+}
+_ELSEWHERE = {
+    "use_timm_backbone": "its backbone comes from timm by name, possibly with downloaded weights",
+    "use_pretrained_backbone": "its backbone's weights would be loaded from elsewhere than this directory",
+    "quantization_config": "the model is quantized (bitsandbytes, GPTQ, ...); give its float weights",
+}
+# The most blocks a config may ask for, in one stack or over all stages (the largest vision transformers
+# have 48): building, even on the meta device, costs time and memory per module.
+MAX_DEPTH = 256
+
+
+def _check_depth(raw: dict, where: Path) -> None:
+    """Every ``*layer*``/``*depth*`` count of the config (nested configs too) at most MAX_DEPTH, summed
+    over a list of stages."""
+    stack: list[object] = [raw]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, dict):
+            for key, value in node.items():
+                if isinstance(value, (dict, list)):
+                    stack.append(value)
+                if not any(w in str(key).lower() for w in ("layer", "depth", "block")):
+                    continue
+                counts = value if isinstance(value, list) else [value]
+                total = sum(v for v in counts if isinstance(v, int) and not isinstance(v, bool))
+                if total > MAX_DEPTH:
+                    raise CheckpointError(
+                        f"{where}: {key} asks for {total} blocks; dg2pf builds at most {MAX_DEPTH}", field="checkpoint"
+                    )
+        elif isinstance(node, list):
+            stack.extend(v for v in node if isinstance(v, (dict, list)))
 
 
 def _number(x: object) -> bool:
@@ -218,6 +273,9 @@ def preprocessing(model_dir: Path, config: dict) -> dict:
     if abs(float(p.get("rescale_factor", 1 / 255)) - 1 / 255) > 1e-9:
         raise CheckpointError(f"{path}: rescale_factor {p['rescale_factor']} is not 1/255, which dg2pf scales by")
     channels = config.get("num_channels", 3)
+    for flag in ("do_normalize", "do_rescale", "do_center_crop", "do_resize"):
+        if not isinstance(p.get(flag, True), bool):
+            raise CheckpointError(f"{path}: {flag} must be true or false, got {p[flag]!r}")
     if p.get("do_normalize", True):
         for key in ("image_mean", "image_std"):
             v = p.get(key)
@@ -231,7 +289,7 @@ def preprocessing(model_dir: Path, config: dict) -> dict:
         out["mean"], out["std"] = (0.0,) * channels, (1.0,) * channels
     resample = p.get("resample")
     if resample is not None:
-        if resample not in _RESAMPLE:
+        if isinstance(resample, bool) or not isinstance(resample, int) or resample not in _RESAMPLE:
             raise CheckpointError(f"{path}: resample {resample!r} is not one of PIL's filters 0-5")
         out["interpolation"] = _RESAMPLE[resample]
     size = _square(p.get("size"), "size", path)
@@ -279,14 +337,14 @@ def build(model_dir: Path, num_classes: int) -> nn.Module:
         config, trust_remote_code=False, attn_implementation="eager"
     )
     model.__class__ = _logits_class(type(model))
-    return model
+    return model.float()  # trained in float32 whatever dtype the config names (fp16/bf16 weights are copied in)
 
 
 def read_weights(model_dir: str | Path) -> dict[str, torch.Tensor]:
     """The directory's weights in this transformers' layout (its key conversions applied), read from
     ``model.safetensors`` only. Raises ``CheckpointError`` when they do not fit its config."""
     d = Path(model_dir)
-    check_model_dir(d)
+    checked(d)
     transformers = transformers_module()
     try:
         model, info = transformers.AutoModelForImageClassification.from_pretrained(
@@ -297,8 +355,11 @@ def read_weights(model_dir: str | Path) -> dict[str, torch.Tensor]:
             output_loading_info=True,
             attn_implementation="eager",
         )
-    except (OSError, ValueError, RuntimeError, KeyError, TypeError) as exc:
-        raise CheckpointError(f"{d / WEIGHTS} could not be loaded by transformers: {str(exc)[:300]}") from None
+    except Exception as exc:  # noqa: BLE001 - whatever a crafted file makes transformers raise is a refusal
+        raise CheckpointError(
+            f"{d / WEIGHTS} could not be loaded by transformers: {type(exc).__name__}: {str(exc)[:300]}",
+            field="checkpoint",
+        ) from None
     problems = []
     for kind in ("missing_keys", "unexpected_keys", "mismatched_keys"):
         names = [k if isinstance(k, str) else k[0] for k in (info.get(kind) or [])]
@@ -311,9 +372,22 @@ def read_weights(model_dir: str | Path) -> dict[str, torch.Tensor]:
 
 @lru_cache(maxsize=32)
 def _spec_values(model_dir: str, mtime_ns: int) -> tuple[dict, dict]:
-    d = Path(model_dir)
-    config = check_model_dir(d)
-    return config, preprocessing(d, config)
+    return checked(Path(model_dir))
+
+
+def checked(model_dir: Path) -> tuple[dict, dict]:
+    """(config.json, its preprocessing) of a model directory, every check run; whatever a crafted file makes
+    them raise is a ``CheckpointError``, never another exception."""
+    try:
+        config = check_model_dir(model_dir)
+        return config, preprocessing(model_dir, config)
+    except DG2PFError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - see the docstring
+        raise CheckpointError(
+            f"{model_dir}: its {CONFIG} or {PROCESSOR} cannot be used: {type(exc).__name__}: {str(exc)[:200]}",
+            field="checkpoint",
+        ) from None
 
 
 def spec_values(model_dir: str | Path) -> tuple[dict, dict]:

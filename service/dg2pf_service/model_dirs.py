@@ -94,16 +94,22 @@ def store_model_dir(
             if existing is not None:
                 return existing, False
             try:
-                hf.check_model_dir(work)  # the config's refusals before anything is registered
-                check_checkpoint_file(work / hf.WEIGHTS, f"{shown_as}/{hf.WEIGHTS}", settings)
+                hf.checked(work)  # the config's and the processor's refusals, before anything is registered
+                kind = check_checkpoint_file(work / hf.WEIGHTS, f"{shown_as}/{hf.WEIGHTS}", settings)
+                if kind != "safetensors":
+                    raise CheckpointError(f"{shown_as}: its {hf.WEIGHTS} is not a safetensors file")
             except UploadRefused as exc:
                 raise CheckpointError(exc.message) from None
             except DG2PFError as exc:
                 raise CheckpointError(exc.message.replace(str(work), shown_as)) from None
             final = settings.checkpoints_dir / sha[:32]
             if not final.exists():
-                os.replace(work, final)
-                (final / LOCK).unlink()
+                try:
+                    os.replace(work, final)
+                    (final / LOCK).unlink()
+                except OSError:
+                    if not final.is_dir():  # not the same files stored meanwhile by another request
+                        raise
             row = store.add_checkpoint(sha, total, str(final), "hf")
             return row, True
     finally:

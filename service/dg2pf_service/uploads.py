@@ -472,7 +472,9 @@ def archive_members(path: Path) -> dict[str, zipfile.ZipInfo] | None:
     if not any(i.filename.rpartition("/")[2] == Artifacts.HF_CONFIG for i in infos):
         return None
     folders = sorted({i.filename.rpartition("/")[0] for i in infos})
-    if len(folders) != 1 or len(infos) != len({i.filename for i in infos}):
+    if len(infos) != len({i.filename for i in infos}):
+        raise CheckpointError("the zip holds a model directory's file twice under one name: zip the directory anew")
+    if len(folders) != 1:
         raise CheckpointError(
             f"the zip holds a model directory's files in more than one folder ({', '.join(map(repr, folders))}): "
             f"zip one directory ({', '.join(MODEL_DIR_FILES)}), at the zip's root or in one folder"

@@ -142,6 +142,18 @@ def validate_job(
             raise InvalidJob("tune.search_space", exc.message) from exc
     checkpoint = resolve_checkpoint(spec.model.checkpoint, "model.checkpoint", settings, store)
     teacher = resolve_checkpoint(spec.teacher, "teacher", settings, store) if spec.teacher else None
+    for field, ref, path in (
+        ("model.checkpoint", spec.model.checkpoint, checkpoint),
+        ("teacher", spec.teacher, teacher),
+    ):
+        if path is not None and (spec.model.arch == "hf") != Path(path).is_dir():
+            raise InvalidJob(
+                field,
+                f"arch hf takes a Hugging Face model directory, and {ref!r} is a weights file: upload the directory "
+                "(dg2pf upload DIR zips it) or name the directory under DG2PF_DATA_ROOTS"
+                if spec.model.arch == "hf"
+                else f"{ref!r} is a Hugging Face model directory: its arch is hf",
+            )
     check_dataset(spec.dataset.spec, settings)
     if config.latency_table is not None:
         check_latency_table(config.latency_table, settings)

@@ -56,6 +56,15 @@ def test_a_model_directory_is_the_architecture_with_its_processors_preprocessing
         get_arch("hf")
 
 
+def test_half_precision_weights_are_trained_in_float32_and_written_back_in_their_dtype(tmp_path):
+    d = hf_dir(tmp_path, "vit")
+    model = transformers.AutoModelForImageClassification.from_pretrained(str(d), local_files_only=True)
+    model.to(torch.float16).save_pretrained(d)  # config.json now says dtype float16
+    spec, loaded, dtypes = load_checkpoint_model("hf", 10, d)
+    assert all(p.dtype == torch.float32 for p in loaded.parameters())  # trained in float32
+    assert set(dtypes.values()) == {torch.float16}  # recorded: the output is written in the input's dtype
+
+
 def test_its_weights_are_read_by_transformers_and_fit_exactly(tmp_path):
     d = hf_dir(tmp_path, "vit")
     assert checkpoint_num_classes("hf", d) == 10
@@ -68,6 +77,10 @@ def test_its_weights_are_read_by_transformers_and_fit_exactly(tmp_path):
         load_checkpoint_model("hf", 10, hf_dir(tmp_path / "other", "vit", num_labels=5))
     with pytest.raises(CheckpointError, match="--arch hf"):  # a directory under another architecture's name
         load_checkpoint_model("torchvision/resnet18", 10, d)
+    # its model.safetensors named instead of the directory: read the same way (transformers' key layout)
+    _, same, _ = load_checkpoint_model("hf", 10, d / "model.safetensors")
+    with torch.no_grad():
+        torch.testing.assert_close(same.eval()(x), reference(pixel_values=x).logits)
 
 
 @pytest.mark.parametrize(
@@ -85,6 +98,12 @@ def test_its_weights_are_read_by_transformers_and_fit_exactly(tmp_path):
         ("unscaled", "unscaled pixel values"),
         ("keys", "does not fit"),
         ("label_bomb", "num_labels must be an integer"),  # transformers would name 10^9 labels
+        ("id2label_type", "id2label must be an object"),
+        ("timm_wrapper", "timm model wrapped by transformers"),  # timm's own arguments can load any file
+        ("deep", "asks for 20000 blocks"),  # a few bytes of config, hours of building
+        ("quantized", "the model is quantized"),
+        ("resample_list", "resample"),
+        ("nested", "nests too deeply"),
     ],
 )
 def test_a_directory_dg2pf_cannot_or_must_not_load_is_refused_saying_why(tmp_path, breakage, match):
@@ -111,6 +130,20 @@ def test_a_directory_dg2pf_cannot_or_must_not_load_is_refused_saying_why(tmp_pat
         (d / "config.json").write_text("{not json")
     elif breakage == "non_square":
         _edit(d / "preprocessor_config.json", size={"height": 32, "width": 48})
+    elif breakage == "id2label_type":
+        _edit(d / "config.json", id2label=5)
+    elif breakage == "timm_wrapper":
+        _edit(
+            d / "config.json", model_type="timm_wrapper", architecture="resnet18", model_args={"checkpoint_path": "/x"}
+        )
+    elif breakage == "deep":
+        _edit(d / "config.json", num_hidden_layers=20000)
+    elif breakage == "quantized":
+        _edit(d / "config.json", quantization_config={"quant_method": "bitsandbytes"})
+    elif breakage == "resample_list":
+        _edit(d / "preprocessor_config.json", resample=[1])
+    elif breakage == "nested":
+        (d / "preprocessor_config.json").write_text("[" * 100_000 + "]" * 100_000)
     elif breakage == "label_bomb":
         _edit(d / "config.json", num_labels=10**9)
     elif breakage == "unscaled":

@@ -782,6 +782,7 @@ def test_a_hugging_face_directory_by_path_is_checked_file_by_file_and_refused_be
         (case("linked", linked), "not a file under DG2PF_DATA_ROOTS"),
         (case("no-weights", lambda d: (d / "model.safetensors").unlink()), "holds no model.safetensors"),
         (case("bin", lambda d: (d / "model.safetensors").rename(d / "pytorch_model.bin")), "pickled"),
+        (str(ckpt), "takes a Hugging Face model directory"),  # an uploaded weights file's id
     ]
     total = client.list().total
     for d, needle in cases:
@@ -827,6 +828,14 @@ def test_a_zipped_model_directory_that_is_wrong_or_hostile_is_refused_and_nothin
     at = data.find(b"model.safetensors") + 200  # inside the deflated weights
     data[at : at + 8] = b"\xff" * 8
     corrupt.write_bytes(bytes(data))
+    import io
+
+    import safetensors.torch
+    import torch
+
+    buffer = io.BytesIO()  # the weights as torch.save writes them, under the safetensors file's name
+    torch.save(safetensors.torch.load(files["model.safetensors"]), buffer)
+    torch_saved = buffer.getvalue()
     bomb = tmp_path / "bomb.zip"  # 30 MB of zeros deflate to tens of kB; this service takes 8 MB uncompressed
     with zipfile.ZipFile(bomb, "w", zipfile.ZIP_DEFLATED) as z:
         z.writestr("config.json", files["config.json"])
@@ -854,6 +863,12 @@ def test_a_zipped_model_directory_that_is_wrong_or_hostile_is_refused_and_nothin
             "model.safetensors",
         ),
         (corrupt, 422, "cannot be read"),
+        (_zip(tmp_path / "proc.zip", {**files, "preprocessor_config.json": b'{"resample": [1]}'}), 422, "resample"),
+        (
+            _zip(tmp_path / "torchzip.zip", {**files, "model.safetensors": torch_saved}),
+            422,
+            "not a safetensors",
+        ),
         (bomb, 413, "DG2PF_MAX_UNCOMPRESSED_BYTES"),
     ]
     before = sorted(p.name for p in (service.data_dir / "checkpoints").iterdir())
