@@ -80,7 +80,8 @@ def test_a_job_with_precision_int8_writes_the_checked_int8_model_and_times_it(di
     assert r.returncode == 0, r.stderr
     m = json.loads((out / "metrics.json").read_text())
     q = m["quantization"]
-    assert q["written"] and (out / "model.int8.onnx").is_file() and q["file"] == "model.int8.onnx"
+    assert q["written"], q["reason"]  # the reason said, should a run ever keep fp32
+    assert (out / "model.int8.onnx").is_file() and q["file"] == "model.int8.onnx"
     assert q["val_top1_fp32"] - q["val_top1_int8"] <= q["max_drop"] == 0.5 and q["test_top1_int8"] > 90
     assert q["bytes_int8"] < q["bytes_fp32"]
     for cell in m["latency"]["backends"]["onnxruntime"].values():  # int8 timed beside dense and fp32 pruned
