@@ -86,7 +86,7 @@ def _read(arch: str, checkpoint: str | Path, key: str | None) -> tuple[dict[str,
         structure = read_structure(weights) if weights.is_file() else None
         if structure is None:
             return hf.read_weights(hf.model_dir_of(path)), None
-        hf.checked(hf.model_dir_of(path))
+        hf.spec_values(hf.model_dir_of(path))
         return read_state_dict(weights, key=key), structure
     return read_state_dict(checkpoint, key=key), read_structure(checkpoint)
 

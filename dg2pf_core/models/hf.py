@@ -49,9 +49,7 @@ _RESAMPLE = {0: "nearest", 1: "bicubic", 2: "bilinear", 3: "bicubic", 4: "biline
 
 
 def transformers_module():
-    """transformers with the hub offline (dg2pf never downloads), or an error saying how to install it."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    """transformers with the hub offline (set at this module's import), or an error saying how to install it."""
     try:
         import transformers  # noqa: PLC0415
     except ImportError:
@@ -176,7 +174,7 @@ def check_model_dir(model_dir: str | Path) -> dict:
             )
     if not (d / WEIGHTS).is_file():
         present = sorted(p.name for p in d.iterdir())[:10]
-        pickled = [n for n in present if n.endswith((".bin", ".pt", ".pth", ".ckpt"))]
+        pickled = pickled_weights(present)
         why = (
             f"its weights are pickled ({', '.join(pickled)}), which dg2pf never opens: re-save the model with "
             "save_pretrained(safe_serialization=True)"
@@ -228,6 +226,11 @@ def _check_depth(raw: dict, where: Path) -> None:
                     )
         elif isinstance(node, list):
             stack.extend(v for v in node if isinstance(v, (dict, list)))
+
+
+def pickled_weights(names: list[str]) -> list[str]:
+    """Those of a directory's file ``names`` that hold pickled weights (never opened by dg2pf), sorted."""
+    return sorted(n for n in names if n.endswith((".bin", ".pt", ".pth", ".ckpt")))
 
 
 def _number(x: object) -> bool:
@@ -344,7 +347,7 @@ def read_weights(model_dir: str | Path) -> dict[str, torch.Tensor]:
     """The directory's weights in this transformers' layout (its key conversions applied), read from
     ``model.safetensors`` only. Raises ``CheckpointError`` when they do not fit its config."""
     d = Path(model_dir)
-    checked(d)
+    spec_values(d)  # the config's and processor's checks, read once per directory (cached)
     transformers = transformers_module()
     try:
         model, info = transformers.AutoModelForImageClassification.from_pretrained(

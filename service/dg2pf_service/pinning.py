@@ -112,7 +112,7 @@ def pin_model_dir(path: Path, settings: Settings, store: JobStore) -> str:
             if "does not exist" not in exc.message:
                 raise
             if name == hf.WEIGHTS:
-                pickled = sorted(n for n in os.listdir(path) if n.endswith((".bin", ".pt", ".pth", ".ckpt")))
+                pickled = hf.pickled_weights(os.listdir(path))
                 if pickled:
                     raise CheckpointError(
                         f"checkpoint directory {str(path)!r} holds no {name}: its weights are pickled "
