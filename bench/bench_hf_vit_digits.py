@@ -9,7 +9,7 @@ granularity="channel", target_macs_ratio=0.5)`` with DG2PF's defaults otherwise.
 own metrics.json: the input model's test top-1 (``baseline_test_top1``, measured by the job on the
 official 360-image test split) and the pruned model's, paired per seed, the MACs ratio, and the ONNX
 Runtime latency ratio (1 thread, batch 1 and 32, medians, measured by the job). Channel granularity on
-a ViT removes MLP hidden units only (the attention projections stay whole).
+a ViT removes whole attention heads and MLP hidden units, ranked together; the row counts the heads kept.
 
 Each seed's row is cached in ``--cache`` (a JSON file per seed): rerunning resumes.
 
@@ -32,7 +32,10 @@ from torch.utils.data import DataLoader
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from dg2pf_contract.artifacts import Artifacts  # noqa: E402
 from dg2pf_core import DG2PFConfig, PruneJob  # noqa: E402
+from dg2pf_core.algorithm.channels import read_structure  # noqa: E402
+from dg2pf_core.algorithm.heads import HEADS_SUFFIX  # noqa: E402
 from dg2pf_core.data import DataRequest, load_dataset  # noqa: E402
 from dg2pf_core.job.prune import prune_to_dir  # noqa: E402
 
@@ -88,6 +91,9 @@ def row(seed: int, epochs: int) -> dict:
         t0 = time.time()
         m = prune_to_dir(job, Path(tmp) / "out")
         pruned_s = time.time() - t0
+        structure = read_structure(Path(tmp) / "out" / Artifacts.MODEL)
+        stages = structure.stages if structure else ()
+        heads_removed = sum(len(v) for stage in stages for k, v in stage.items() if k.endswith(HEADS_SUFFIX))
     ort = (m.latency.backends or {}).get("onnxruntime", {}) if m.latency else {}
     return {
         "seed": seed,
@@ -97,6 +103,7 @@ def row(seed: int, epochs: int) -> dict:
         "pruned_test_top1": m.test_top1,
         "drop": m.baseline_test_top1 - m.test_top1,
         "macs_ratio": m.macs_sparse / m.macs_dense,
+        "heads_kept": 16 - heads_removed,  # of 4 layers x 4 heads
         "onnx_latency_ratio": {b: c.pruned_ms / c.dense_ms for b, c in ort.items()},
         "threads": m.latency.threads if m.latency else None,
         "train_seconds": round(trained_s, 1),
@@ -116,7 +123,7 @@ def main() -> int:
     a.cache.mkdir(parents=True, exist_ok=True)
     rows = []
     for seed in a.seeds:
-        cached = a.cache / f"seed{seed}-e{a.epochs}.json"
+        cached = a.cache / f"seed{seed}-e{a.epochs}-heads.json"  # rows of the code that prunes heads
         if cached.is_file():
             r = json.loads(cached.read_text())
         else:
@@ -126,7 +133,8 @@ def main() -> int:
         lat = ", ".join(f"batch {b}: {v:.3f}x" for b, v in r["onnx_latency_ratio"].items())
         print(
             f"seed {seed}: dense {r['dense_test_top1']:.2f}  pruned {r['pruned_test_top1']:.2f}  "
-            f"drop {r['drop']:+.2f}  MACs {r['macs_ratio']:.3f}  ONNX Runtime latency {lat}",
+            f"drop {r['drop']:+.2f}  MACs {r['macs_ratio']:.3f}  heads kept {r['heads_kept']}/16  "
+            f"ONNX Runtime latency {lat}",
             flush=True,
         )
     drops = [r["drop"] for r in rows]

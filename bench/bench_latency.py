@@ -56,6 +56,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from dg2pf_core import DG2PFConfig  # noqa: E402
 from dg2pf_core.algorithm.channels import ChannelPlan, Structure, apply_structure  # noqa: E402
+from dg2pf_core.algorithm.heads import HEADS_SUFFIX  # noqa: E402
 from dg2pf_core.algorithm.masks import apply_masks_, magnitude_masks, select_prunable  # noqa: E402
 from dg2pf_core.io.latency import measure_latency  # noqa: E402
 from dg2pf_core.io.metrics import conv_linear_macs  # noqa: E402
@@ -185,6 +186,8 @@ def channel_pruned(
         "groups": len(plan.groups),
         "skipped_groups": list(plan.skipped),
         "channel_multiple": used,
+        "heads_total": sum(g.channels for g in plan.groups if g.root.endswith(HEADS_SUFFIX)),
+        "heads_removed": sum(len(v) for k, v in stage.items() if k.endswith(HEADS_SUFFIX)),
     }
 
 

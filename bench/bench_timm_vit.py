@@ -4,12 +4,12 @@
 Models: timm ``vit_small_patch16_224`` and ``deit_small_patch16_224`` at 224x224, 1000 classes, built as
 ``--arch timm/<name>`` builds them (random-initialised: latency depends on shapes, not values). The pruned
 network is what DG2PF's channel granularity leaves at ``target_macs_ratio`` 0.5 from these weights
-(``bench_latency.channel_pruned``): on a timm ViT that is MLP hidden units only, since the attention's
-q/k/v projections are split into heads by width and kept whole (``channels._head_projections``), and the
-residual width is tied to the position embedding. MACs are the Conv/Linear multiply-accumulates
-(``conv_linear_macs``); attention's two matrix products are not in that count, so the measured latency
-ratio is the figure to read. Both networks are exported by the job's exporter and timed interleaved on
-ONNX Runtime (``dg2pf_core.io.latency``, medians), batch 1 and 32, ``--threads`` threads (default 1).
+(``bench_latency.channel_pruned``): on a timm ViT that is whole attention heads (``heads.py``) and MLP
+hidden units, ranked together; the residual width is tied to the position embedding. MACs are the
+Conv/Linear multiply-accumulates (``conv_linear_macs``); attention's two matrix products are not in that
+count, so the measured latency ratio is the figure to read. Both networks are exported by the job's
+exporter and timed interleaved on ONNX Runtime (``dg2pf_core.io.latency``, medians), batch 1 and 32,
+``--threads`` threads (default 1).
 
     .venv/bin/python bench/bench_timm_vit.py [--threads 1] [--runs 10] [--json docs/vit-latency.json]
 """
@@ -62,6 +62,7 @@ def case(arch: str, batches: list[int], runs: int, threads: int, tmp: Path) -> l
                 "dense_ms": round(cells["dense"].median_ms, 3),
                 "pruned_ms": round(cells["macs0.5"].median_ms, 3),
                 "ratio": round(cells["macs0.5"].median_ms / cells["dense"].median_ms, 3),
+                "heads": [how["heads_total"], how["heads_total"] - how["heads_removed"]],
                 "skipped_groups": how["skipped_groups"],
             }
         )

@@ -102,7 +102,8 @@ def allocate(
             else:
                 seen[key] = _Touch(layer, item.dim, ranks)
         touches[g.root] = list(seen.values())
-        kept = [g.channels] + [w for w in range(((g.channels - 1) // m) * m, 0, -m) if w >= 1]
+        step = g.multiple(m)
+        kept = [g.channels] + [w for w in range(((g.channels - 1) // step) * step, 0, -step) if w >= 1]
         options[g.root] = [g.channels - w for w in kept]
 
     widths = _Widths(table)

@@ -23,6 +23,11 @@ pruning, weight recovery and distillation run on them unchanged.
 Groups are skipped (left dense) when they contain the classifier's output, a layer the selection
 leaves out, or a layer whose parameters this module cannot map to channels (grouped, non-depthwise
 convolutions, recurrent or attention layers); ``ChannelPlan.skipped`` names them.
+
+Self-attention is pruned by whole heads (``heads.py``): each attention module it knows is one more group
+whose channels are its heads (q/k/v rows and output-projection columns, ``unit`` = head_dim entries
+per layer), ranked, masked, counted and removed like any other; a structure stage names it
+``<module>#heads``.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from dg2pf_core.algorithm.heads import HEADS_SUFFIX, head_sites, remove_heads, require_site
 from dg2pf_core.algorithm.masks import PRUNABLE_MODULES, Masks, Selection, layer_caps, magnitude_masks, select_prunable
 from dg2pf_core.errors import CheckpointError, ConfigError
 
@@ -78,8 +84,8 @@ CHANNEL_ARCHS = (
     "torchvision/vit_*",
     "timm/resnet*",
     "timm/convnext_*",
-    # MLP hidden units; attention's q/k/v projections are kept whole (_head_projections), as are the
-    # residual width (tied to the position embedding) and torchvision's nn.MultiheadAttention
+    # whole attention heads (heads.py) and MLP hidden units; the residual width (tied to the position
+    # embedding) and torchvision's nn.MultiheadAttention are kept whole
     "timm/vit_*",
     "timm/deit*",
     "timm/test_vit*",
@@ -134,11 +140,19 @@ class _Item:
 
 @dataclass(frozen=True)
 class ChannelGroup:
-    """One set of coupled channels: ``root`` (a Conv/Linear module name) and its ``channels``."""
+    """One set of coupled channels: ``root`` (a Conv/Linear module name, or ``<attention module>#heads``
+    for a group of whole heads) and its ``channels``, each ``unit`` units wide in the layers it touches
+    (1; a head's ``head_dim``)."""
 
     root: str
     channels: int
     items: tuple[_Item, ...]
+    unit: int = 1
+
+    def multiple(self, multiple: int) -> int:
+        """The step this group's kept count is rounded to for kept widths in multiples of ``multiple``:
+        heads of 64 units are whole multiples of 16 already (1); heads of 8 units go in pairs (2)."""
+        return max(1, multiple // self.unit)
 
     def entries_per_channel(self, params: Mapping[str, torch.Tensor]) -> torch.Tensor:
         counts = torch.zeros(self.channels, dtype=torch.float64)
@@ -303,8 +317,8 @@ def _head_projections(model: nn.Module) -> list[nn.Module]:
     """The query/key/value projections of attention modules that reshape them into ``num_heads`` heads by
     width (timm's ``Attention``: ``qkv``, or ``q``/``k``/``v``/``kv``, or ``*_proj``; transformers' ``*_proj`` or
     ``query``/``key``/``value`` beside ``num_attention_heads``): removing single output channels
-    would break that reshape, so their outputs are never pruned (heads stay whole; the MLP hidden units
-    around them are pruned)."""
+    would break that reshape, so they are never roots of a traced group. Where ``heads.head_sites``
+    knows the module, its heads are a group of their own (``_head_groups``); elsewhere they stay whole."""
     out = []
     for module in model.modules():
         heads = getattr(module, "num_heads", getattr(module, "num_attention_heads", None))  # timm's; transformers'
@@ -330,6 +344,28 @@ def _head_projections(model: nn.Module) -> list[nn.Module]:
             if isinstance(child, nn.Linear):
                 out.append(child)
     return out
+
+
+def _head_groups(model: nn.Module, selected: set[str]) -> tuple[list[ChannelGroup], list[str]]:
+    """One group of whole heads per attention module ``heads.head_sites`` finds (its q/k/v rows and its
+    output projection's columns per head), unless the selection leaves one of its layers out."""
+    sites, skipped = head_sites(model)
+    groups = []
+    for site in sites:
+        left_out = [n for n in (*site.inputs, site.output) if f"{n}.weight" not in selected]
+        if left_out:
+            skipped.append(f"{site.key} (the selection leaves out {', '.join(left_out)})")
+            continue
+        items = []
+        for name in site.inputs:
+            idxs, roots = site.rows()
+            items.append(_Item(f"{name}.weight", 0, idxs, roots))
+            if model.get_submodule(name).bias is not None:
+                items.append(_Item(f"{name}.bias", 0, idxs, roots))
+        idxs, roots = site.columns()
+        items.append(_Item(f"{site.output}.weight", 1, idxs, roots))
+        groups.append(ChannelGroup(site.key, site.heads, tuple(items), unit=site.head_dim))
+    return groups, skipped
 
 
 @dataclass
@@ -408,6 +444,9 @@ class ChannelPlan:
                 skipped.append(f"{root} ({why})")
                 continue
             groups.append(ChannelGroup(root, channels, tuple(items)))
+        head_groups, head_skipped = _head_groups(model, selected)
+        groups += head_groups
+        skipped += head_skipped
         if not groups:
             raise ConfigError(
                 "granularity 'channel': no channel group of this model can be pruned (the classifier's "
@@ -443,7 +482,7 @@ class ChannelPlan:
             return pruned
         for g in self.groups:
             chosen = pruned[g.root]
-            back = _kept_to_multiple(g.channels, g.channels - int(chosen.sum()), multiple) - (
+            back = _kept_to_multiple(g.channels, g.channels - int(chosen.sum()), g.multiple(multiple)) - (
                 g.channels - int(chosen.sum())
             )
             if back > 0:
@@ -508,7 +547,8 @@ class ChannelPlan:
         meta tensors, before any weight is read."""
         most = self.most_prunable(cap)
         at_cap = {
-            g.root: torch.arange(g.channels) < g.channels - _kept_to_multiple(g.channels, g.channels - n, multiple)
+            g.root: torch.arange(g.channels)
+            < g.channels - _kept_to_multiple(g.channels, g.channels - n, g.multiple(multiple))
             for g, n in zip(self.groups, self._group_caps(most, cap))
         }
         least = self.macs(params, self.masks(params, at_cap)) / self.dense_macs(params)
@@ -665,6 +705,12 @@ def remove_channels(model: nn.Module, input_shape: tuple[int, ...], stage: Mappi
     name or index does not fit the model (a structure from another architecture or a tampered file)."""
     if not stage:
         return
+    for key, idxs in stage.items():  # whole heads: sliced directly, before the graph is traced
+        if key.endswith(HEADS_SUFFIX):
+            remove_heads(model, key, idxs)
+    stage = {k: v for k, v in stage.items() if not k.endswith(HEADS_SUFFIX)}
+    if not stage:
+        return
     try:
         graph = _dependency_graph(model, input_shape)
     except TraceError as exc:
@@ -733,6 +779,9 @@ def apply_structure(model: nn.Module, structure: Structure, arch: str | None = N
         )
     for stage in structure.stages:  # names first, for every stage: nothing is traced for a structure that cannot fit
         for root in stage:
+            if root.endswith(HEADS_SUFFIX):
+                require_site(model, root)  # its head count is checked when the stage is replayed
+                continue
             try:
                 module = model.get_submodule(root) if root else None
             except AttributeError:

@@ -72,7 +72,16 @@ def _spread(model: torch.nn.Module) -> torch.nn.Module:
 
 def _case(arch: str, shape: tuple[int, ...], multiple: int) -> Case:
     torch.manual_seed(0)
-    model = _spread(TinyNet() if arch == "tiny" else build_model(arch, 10))
+    if arch == "tiny":
+        model = _spread(TinyNet())
+    elif arch == "vit":  # a small timm ViT: whole attention heads (64 columns of proj each) and MLP units
+        from timm.models.vision_transformer import VisionTransformer
+
+        model = _spread(
+            VisionTransformer(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=4, num_classes=10)
+        )
+    else:
+        model = _spread(build_model(arch, 10))
     plan = ChannelPlan.build(model, shape)
     params = {n: p.detach() for n, p in model.named_parameters()}
     table = build_table(model, shape, machine_here(arch, "torch", 1, 1, shape), multiple)
@@ -85,6 +94,7 @@ CASES = {
     "tiny": ("tiny", (1, 8, 8), 1),  # a Linear after a flatten: 16 input columns per channel
     "resnet18": ("cifar/resnet18", (3, 32, 32), 8),  # residual sums couple many layers in one group
     "mobilenet_v2": ("torchvision/mobilenet_v2", (3, 32, 32), 8),  # depthwise convolutions
+    "vit": ("vit", (3, 32, 32), 16),  # attention heads of 16 units: a group whose step is one head
 }
 _BUILT: dict[str, Case] = {}
 
@@ -115,7 +125,7 @@ def _budgets(c: Case, table: LatencyTable, cap=lambda s: 0.9) -> tuple[float, fl
     return fastest, dense, [fastest + (dense - fastest) * t for t in (0.9, 0.7, 0.5, 0.3, 0.1, 0.0)]
 
 
-@pytest.mark.parametrize("case", ["tiny", "resnet18", "mobilenet_v2"], indirect=True)
+@pytest.mark.parametrize("case", ["tiny", "resnet18", "mobilenet_v2", "vit"], indirect=True)
 def test_the_tables_widths_of_a_selection_are_the_removed_networks(case):
     c = case
     table = c.macs_like
@@ -142,10 +152,12 @@ def test_the_tables_widths_of_a_selection_are_the_removed_networks(case):
         assert "fc1.weight" in changed
     if c.arch == "cifar/resnet18":
         assert {"conv1.weight", "layer1.0.conv2.weight", "layer1.1.conv2.weight"} <= changed
+    if c.arch == "vit":  # heads: the fused qkv's rows and proj's columns
+        assert {"blocks.0.attn.qkv.weight", "blocks.0.attn.proj.weight"} & changed
 
 
 @pytest.mark.parametrize("kind", ["macs_like", "measured"])
-@pytest.mark.parametrize("case", ["digits", "digits/8", "mobilenet_v2"], indirect=True)
+@pytest.mark.parametrize("case", ["digits", "digits/8", "mobilenet_v2", "vit"], indirect=True)
 def test_every_budget_down_to_the_fastest_is_met_and_a_tighter_one_prunes_more(case, kind):
     c = case
     table = c.table(kind)
@@ -178,7 +190,7 @@ def test_a_budget_at_or_above_the_dense_prediction_prunes_nothing(case, kind):
 
 
 @pytest.mark.parametrize("kind", ["macs_like", "measured"])
-@pytest.mark.parametrize("case", ["digits", "digits/8", "mobilenet_v2"], indirect=True)
+@pytest.mark.parametrize("case", ["digits", "digits/8", "mobilenet_v2", "vit"], indirect=True)
 def test_a_budget_the_guard_cannot_reach_gives_the_fastest_found(case, kind):
     c = case
     table = c.table(kind)
@@ -192,11 +204,12 @@ def test_a_budget_the_guard_cannot_reach_gives_the_fastest_found(case, kind):
         a = allocate(c.plan, c.params, table, 0.0, lambda s: 0.75, c.multiple)
         for g in c.plan.groups:
             most = math.floor(0.75 * g.channels + 1e-9)
-            kept = max(c.multiple, -(-(g.channels - most) // c.multiple) * c.multiple)
+            step = g.multiple(c.multiple)  # heads of 16 units: one at a time
+            kept = max(step, -(-(g.channels - most) // step) * step)
             assert int(a.pruned[g.root].sum()) == g.channels - min(kept, g.channels), g.root
 
 
-@pytest.mark.parametrize("case", ["digits", "digits/8", "resnet18", "mobilenet_v2"], indirect=True)
+@pytest.mark.parametrize("case", ["digits", "digits/8", "resnet18", "mobilenet_v2", "vit"], indirect=True)
 @pytest.mark.parametrize("limit", [0.5, 0.99])
 def test_the_guard_and_the_multiple_hold_and_every_group_keeps_a_channel(case, limit):
     c = case
@@ -207,7 +220,7 @@ def test_the_guard_and_the_multiple_hold_and_every_group_keeps_a_channel(case, l
         kept = g.channels - lost
         assert kept >= 1, g.root
         assert lost <= int(limit * g.channels), (g.root, lost, g.channels)  # cap 0.5: at most half goes
-        assert kept % c.multiple == 0 or kept == g.channels, (g.root, kept)
+        assert (kept * g.unit) % c.multiple == 0 or kept == g.channels, (g.root, kept)  # widths in units
         assert a.pruned[g.root].dtype == torch.bool and a.pruned[g.root].shape == (g.channels,)
 
 

@@ -306,9 +306,10 @@ def test_a_packed_gated_mlp_is_left_dense_and_said_not_an_index_error(mlp):
     layer = getattr(timm.layers, mlp)
     vit = VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, mlp_layer=layer)
     vit.eval()
-    with pytest.raises(ConfigError, match="no channel group of this model can be pruned") as info:
-        ChannelPlan.build(vit, (3, 32, 32))
-    assert "has 64 channels and the traced group maps more onto it (a packed or split layer)" in info.value.message
+    plan = ChannelPlan.build(vit, (3, 32, 32))  # its attention heads are still pruned, whole
+    assert {g.root for g in plan.groups} == {"blocks.0.attn#heads", "blocks.1.attn#heads"}
+    packed = "has 64 channels and the traced group maps more onto it (a packed or split layer)"
+    assert any(packed in s for s in plan.skipped)
 
 
 def test_architectures_channel_granularity_cannot_take_are_refused_by_name_before_any_tracing(tmp_path):
@@ -348,9 +349,9 @@ def test_kept_widths_are_multiples_of_channel_multiple_and_the_macs_target_still
     cap = DG2PFConfig(granularity="channel", target_macs_ratio=0.5).layer_cap
     fraction, ratio = plan.fraction_for_macs(params, 0.5, cap, multiple=16)
     selected = plan.select(params, fraction, cap(fraction), multiple=16)
-    for g in plan.groups:
+    for g in plan.groups:  # widths in units: a head is head_dim units (64 on vit_tiny, a multiple of 16 itself)
         kept = g.channels - int(selected[g.root].sum())
-        assert kept == g.channels or kept % 16 == 0, (g.root, g.channels, kept)
+        assert kept == g.channels or (kept * g.unit) % 16 == 0, (g.root, g.channels, kept)
     assert sum(int(v.sum()) for v in selected.values()) > 0 and abs(ratio - 0.5) <= 0.05 * 0.5
     # what is put back is the most important of a group's pruned channels: the kept set is still a top set
     importance = plan.importance(params)
@@ -520,3 +521,75 @@ def test_params_dense_counts_the_input_model_not_its_teacher_nor_a_restored_stat
         input_shape=shape,
     )
     assert again.channels.params_dense == count
+
+
+def _tiny_vit(**attn):
+    from timm.models.vision_transformer import VisionTransformer
+
+    torch.manual_seed(0)
+    vit = VisionTransformer(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=4, num_classes=10)
+    if attn:  # rebuild the first block's attention with other options (a gate, a scale norm)
+        from timm.layers import Attention
+
+        vit.blocks[0].attn = Attention(64, num_heads=4, qkv_bias=True, norm_layer=torch.nn.LayerNorm, **attn)
+    return _trained_looking(vit)
+
+
+def test_vit_attention_is_pruned_by_whole_heads_and_the_masked_network_equals_the_removed_one():
+    model = _tiny_vit()
+    shape = (3, 32, 32)
+    plan = ChannelPlan.build(model, shape)
+    heads = {g.root: g for g in plan.groups if g.root.endswith("#heads")}
+    assert set(heads) == {"blocks.0.attn#heads", "blocks.1.attn#heads"}
+    assert all(g.channels == 4 and g.unit == 16 for g in heads.values())
+    params = dict(model.named_parameters())
+    # a head is one channel of its group: q, k and v rows of the fused qkv, and the proj columns reading it
+    masks = plan.masks(params, {g.root: torch.arange(g.channels) == 1 for g in plan.groups})
+    rows = masks["blocks.0.attn.qkv.weight"].all(1)
+    assert [int(i) for i in torch.nonzero(rows).flatten()] == [
+        *range(16, 32),
+        *range(64 + 16, 64 + 32),
+        *range(128 + 16, 128 + 32),
+    ]
+    assert torch.nonzero(masks["blocks.0.attn.proj.weight"].all(0)).flatten().tolist() == list(range(16, 32))
+    fraction, _ = plan.fraction_for_macs(params, 0.6, lambda t: 0.75, multiple=16)
+    selected = plan.select(params, fraction, 0.75, multiple=16)
+    stage = plan.pruned_channels(selected)
+    assert any(k.endswith("#heads") for k in stage)
+    x = torch.randn(3, *shape)
+    with torch.no_grad():
+        for name, mask in plan.masks(params, selected).items():
+            params[name].masked_fill_(mask, 0.0)
+        masked = model(x)
+        apply_structure(model, Structure(shape).then(stage))
+        torch.testing.assert_close(model(x), masked, rtol=1e-4, atol=1e-5)
+    for block in model.blocks:
+        left = 4 - len(stage.get(f"blocks.{list(model.blocks).index(block)}.attn#heads", []))
+        assert block.attn.num_heads == left and block.attn.attn_dim == 16 * left
+        assert block.attn.qkv.out_features == 3 * 16 * left and block.attn.proj.in_features == 16 * left
+    # the structure is data: the same shapes rebuilt from the dense architecture
+    rebuilt = apply_structure(_tiny_vit(), Structure.from_json(Structure(shape).then(stage).to_json()))
+    assert {k: v.shape for k, v in rebuilt.state_dict().items()} == {k: v.shape for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("option,why", [("gated", "gate"), ("scale_norm", "norm (LayerNorm) depends on the heads")])
+def test_attention_with_a_per_head_part_of_its_own_keeps_its_heads_and_says_why(option, why):
+    model = _tiny_vit(**{option: True})
+    plan = ChannelPlan.build(model, (3, 32, 32))
+    roots = {g.root for g in plan.groups}
+    assert "blocks.0.attn#heads" not in roots and "blocks.1.attn#heads" in roots
+    assert any(s.startswith("blocks.0.attn (") and why in s for s in plan.skipped)
+
+
+@pytest.mark.parametrize(
+    "stage,needle",
+    [
+        ({"blocks.0.attn#heads": [0, 1, 2, 3]}, "has 4"),
+        ({"blocks.0.attn#heads": [4]}, "has 4"),
+        ({"blocks.0.mlp#heads": [0]}, "not an attention module"),
+        ({"#heads": [0]}, "not an attention module"),
+    ],
+)
+def test_a_head_structure_that_does_not_fit_is_refused(stage, needle):
+    with pytest.raises(CheckpointError, match=needle):
+        apply_structure(_tiny_vit(), Structure((3, 32, 32), (stage,)))

@@ -176,11 +176,18 @@ def test_channel_removal_on_each_verified_transformers_family_equals_its_masks(t
         for name, mask in plan.masks(params, selected).items():
             params[name].masked_fill_(mask, 0.0)
         masked = model(x)
-        apply_structure(model, Structure(shape).then(plan.pruned_channels(selected)), spec.name)
+        stage = plan.pruned_channels(selected)
+        apply_structure(model, Structure(shape).then(stage), spec.name)
         torch.testing.assert_close(model(x), masked, rtol=1e-4, atol=1e-5)
     assert ratio == pytest.approx(0.7, rel=0.05)
-    if kind in ("vit", "deit"):  # attention projections kept whole: heads are split by width
-        assert all(".mlp." in g.root for g in plan.groups)
+    if kind in ("vit", "deit"):  # attention is pruned by whole heads, the MLP by hidden units
+        heads = [k for k in stage if k.endswith("#heads")]
+        assert heads and any(not k.endswith("#heads") for k in stage)
+        for key in heads:
+            attention = model.get_submodule(key.removesuffix("#heads"))
+            left = TINY[kind]().num_attention_heads - len(stage[key])
+            assert attention.num_attention_heads == left
+            assert attention.q_proj.out_features == attention.o_proj.in_features == left * attention.head_dim
 
 
 @pytest.mark.slow
