@@ -18,7 +18,7 @@ import transformers
 from hf_dirs import TINY, hf_dir
 
 from dg2pf_core import DG2PFConfig, PruneJob
-from dg2pf_core.algorithm.channels import ChannelPlan, Structure, apply_structure
+from dg2pf_core.algorithm.channels import ChannelPlan, Structure, apply_structure, read_structure
 from dg2pf_core.errors import CheckpointError, UnknownArchitectureError
 from dg2pf_core.io.inference import InferenceModel
 from dg2pf_core.job import load_checkpoint_model
@@ -197,8 +197,9 @@ def test_channel_removal_on_each_verified_transformers_family_equals_its_masks(t
         dict(sparsity=0.7),
         dict(granularity="2:4", sparsity=0.5, exclude=[r"patch_embeddings"]),
         dict(granularity="channel", target_macs_ratio=0.6),
+        dict(granularity="channel", sparsity=0.5, include=[r"\.attention\."]),  # whole heads only
     ],
-    ids=["unstructured", "2:4", "channel"],
+    ids=["unstructured", "2:4", "channel", "heads"],
 )
 def test_a_model_directory_is_pruned_written_back_exported_and_served_as_evaluated(tmp_path, config):
     d = hf_dir(tmp_path, "vit")
@@ -215,8 +216,13 @@ def test_a_model_directory_is_pruned_written_back_exported_and_served_as_evaluat
     with torch.no_grad():
         logits = pruned.eval()(x)
         torch.testing.assert_close(served.model(x), logits, rtol=1e-5, atol=1e-5)
-    if config.get("granularity") == "channel":
+    if "include" in config:  # half of the 2 x 4 heads removed, and nothing else
+        (stage,) = read_structure(out / "model.safetensors").stages
+        assert all(k.endswith("#heads") for k in stage) and sum(map(len, stage.values())) == 4
+        assert sum(a.num_attention_heads for a in pruned.modules() if hasattr(a, "o_proj")) == 4
+    elif config.get("granularity") == "channel":
         assert m.macs_sparse / m.macs_dense == pytest.approx(0.6, rel=0.05)
+    if config.get("granularity") == "channel":
         with pytest.raises((RuntimeError, OSError, ValueError)):  # narrower than its config: dg2pf's to rebuild
             transformers.AutoModelForImageClassification.from_pretrained(str(out), local_files_only=True)
     else:  # the output is a model directory of the same kind: transformers loads it, to the same logits

@@ -18,7 +18,7 @@ import torch
 from torchvision import transforms as T
 
 from dg2pf_core import DG2PFConfig, PruneJob
-from dg2pf_core.algorithm.channels import unsupported_reason
+from dg2pf_core.algorithm.channels import read_structure, unsupported_reason
 from dg2pf_core.data.request import DataRequest
 from dg2pf_core.data.transforms import FitAndCrop, imagenet_transforms
 from dg2pf_core.errors import CheckpointError, DatasetError, UnknownArchitectureError
@@ -109,7 +109,8 @@ def test_folder_images_are_preprocessed_as_the_timm_model_wants_in_training_and_
         ("timm/test_resnet", dict(sparsity=0.7)),
         ("timm/test_vit", dict(granularity="2:4", sparsity=0.5, exclude=[r"^patch_embed\."])),
         ("timm/resnet18", dict(granularity="channel", target_macs_ratio=0.5)),
-        ("timm/test_vit", dict(granularity="channel", target_macs_ratio=0.6)),  # MLP hidden units, heads whole
+        ("timm/test_vit", dict(granularity="channel", target_macs_ratio=0.6)),  # heads and MLP hidden units
+        ("timm/test_vit", dict(granularity="channel", sparsity=0.5, include=[r"\.attn\."])),  # whole heads only
     ],
 )
 def test_a_timm_checkpoint_is_pruned_exported_and_served_as_evaluated(tmp_path, arch, config):
@@ -132,8 +133,12 @@ def test_a_timm_checkpoint_is_pruned_exported_and_served_as_evaluated(tmp_path, 
     _, pruned, _ = load_checkpoint_model(arch, 10, str(tmp_path / "out" / "model.safetensors"))
     with torch.no_grad():
         torch.testing.assert_close(served.model(x), pruned.eval()(x), rtol=1e-5, atol=1e-5)
-    if config.get("granularity") == "channel":
+    if "target_macs_ratio" in config:
         assert m.macs_sparse / m.macs_dense == pytest.approx(config["target_macs_ratio"], rel=0.05)
+    if "include" in config:  # half of the 6 blocks x 2 heads removed, one head left in each block, nothing else
+        (stage,) = read_structure(tmp_path / "out" / "model.safetensors").stages
+        assert all(k.endswith("#heads") for k in stage) and sum(map(len, stage.values())) == 6
+        assert [b.attn.num_heads for b in pruned.blocks] == [1] * 6
 
 
 def test_channel_granularity_is_allowed_by_name_on_the_verified_timm_families_only():
