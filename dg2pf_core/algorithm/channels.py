@@ -165,7 +165,8 @@ class ChannelGroup:
 
 @dataclass(frozen=True)
 class Structure:
-    """What channel pruning removed: ``stages`` of ``{root module name: pruned channel indices}``,
+    """What channel pruning removed: ``stages`` of ``{root module name: pruned channel indices}`` (a head
+    group's key is ``<attention module>#heads``, its indices heads),
     each stage's indices in the numbering of the network the previous stages left, and the input
     shape (C, H, W) the dependency graph is traced with."""
 

@@ -101,9 +101,11 @@ def _site(name: str, module: nn.Module) -> tuple[HeadSite | None, str | None]:
         if child_name in ("q_norm", "k_norm") and all(p.shape == (head_dim,) for p in params):
             continue
         return None, f"{child_name} ({type(child).__name__}) depends on the heads"
-    for attr in ("gate",):  # timm's gated attention multiplies the heads' output by a projection of its own
-        if getattr(module, attr, None) is not None:
-            return None, f"{attr} depends on the heads"
+    if getattr(module, "gate", None) is not None:  # timm's gated attention: a per-head projection of its own
+        return None, "gate depends on the heads"
+    if kind == "fused" and getattr(module, "attn_dim", None) != width:
+        # the timm versions whose forward reshapes the heads' output by attn_dim (not by the model width)
+        return None, "this timm version's Attention has no attn_dim to reshape by"
     rows = 3 * width if kind == "fused" else width
     for child_name in inputs:
         child = getattr(module, child_name, None)
