@@ -150,9 +150,9 @@ class ChannelGroup:
     unit: int = 1
 
     def multiple(self, multiple: int) -> int:
-        """The step this group's kept count is rounded to for kept widths in multiples of ``multiple``:
-        heads of 64 units are whole multiples of 16 already (1); heads of 8 units go in pairs (2)."""
-        return max(1, multiple // self.unit)
+        """The step this group's kept count is rounded to for kept widths (count x unit) in multiples of
+        ``multiple``: heads of 64 units are multiples of 16 already (1); of 8 or 72 units, pairs (2)."""
+        return math.lcm(max(1, multiple), self.unit) // self.unit
 
     def entries_per_channel(self, params: Mapping[str, torch.Tensor]) -> torch.Tensor:
         counts = torch.zeros(self.channels, dtype=torch.float64)
@@ -778,6 +778,7 @@ def apply_structure(model: nn.Module, structure: Structure, arch: str | None = N
             "another architecture or the structure was altered",
             field="checkpoint",
         )
+    projections = _head_projections(model)
     for stage in structure.stages:  # names first, for every stage: nothing is traced for a structure that cannot fit
         for root in stage:
             if root.endswith(HEADS_SUFFIX):
@@ -791,6 +792,12 @@ def apply_structure(model: nn.Module, structure: Structure, arch: str | None = N
                 raise CheckpointError(
                     f"channel structure names {root!r}, which is not a Conv/Linear layer of this model: "
                     "the checkpoint was pruned from another architecture",
+                    field="checkpoint",
+                )
+            if any(module is p for p in projections):
+                raise CheckpointError(
+                    f"channel structure removes single outputs of {root!r}, an attention projection that "
+                    "dg2pf only ever prunes by whole heads: the structure was altered",
                     field="checkpoint",
                 )
     for stage in structure.stages:

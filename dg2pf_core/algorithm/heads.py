@@ -92,13 +92,14 @@ def _site(name: str, module: nn.Module) -> tuple[HeadSite | None, str | None]:
         return None, "a single head"
     if list(module.parameters(recurse=False)):
         return None, "it holds parameters of its own"
-    # every child holding parameters is a projection named here, or a per-head-dim norm shared by all heads
+    # every child is a projection named here, a per-head norm of q or k (applied to each head alone, its
+    # parameters, if any, shared by all heads), dropout or an identity: anything else (timm's scale norm
+    # over all heads' outputs, with or without parameters) may depend on the heads
     allowed = {*inputs, output}
     for child_name, child in module.named_children():
-        params = list(child.parameters())
-        if not params or child_name in allowed:
+        if child_name in allowed or isinstance(child, (nn.Identity, nn.Dropout)):
             continue
-        if child_name in ("q_norm", "k_norm") and all(p.shape == (head_dim,) for p in params):
+        if child_name in ("q_norm", "k_norm") and all(p.shape == (head_dim,) for p in child.parameters()):
             continue
         return None, f"{child_name} ({type(child).__name__}) depends on the heads"
     if getattr(module, "gate", None) is not None:  # timm's gated attention: a per-head projection of its own
@@ -145,7 +146,18 @@ def site_of(model: nn.Module, key: str) -> HeadSite | None:
 
 def require_site(model: nn.Module, key: str) -> HeadSite:
     """The head site ``key`` names; ``CheckpointError`` when it names none of ``model``."""
-    site = site_of(model, key)
+    name = key.removesuffix(HEADS_SUFFIX)
+    try:
+        module = model.get_submodule(name) if key.endswith(HEADS_SUFFIX) else None
+    except AttributeError:
+        module = None
+    site, why = _site(name, module) if module is not None else (None, None)
+    if site is None and why is not None:
+        raise CheckpointError(
+            f"channel structure removes heads of {name!r}, whose heads cannot be removed ({why}): the "
+            "structure was altered",
+            field="checkpoint",
+        )
     if site is None:
         raise CheckpointError(
             f"channel structure names {key!r}, which is not an attention module of this model that dg2pf "

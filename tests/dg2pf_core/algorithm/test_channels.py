@@ -593,3 +593,26 @@ def test_attention_with_a_per_head_part_of_its_own_keeps_its_heads_and_says_why(
 def test_a_head_structure_that_does_not_fit_is_refused(stage, needle):
     with pytest.raises(CheckpointError, match=needle):
         apply_structure(_tiny_vit(), Structure((3, 32, 32), (stage,)))
+
+
+def test_heads_are_rounded_so_the_kept_attention_width_is_a_multiple_of_channel_multiple():
+    from timm.models.vision_transformer import VisionTransformer
+
+    for dim, heads, step in ((96, 4, 2), (96, 8, 4), (48, 8, 8), (64, 4, 1)):  # head_dim 24, 12, 6, 16
+        vit = VisionTransformer(img_size=32, patch_size=8, embed_dim=dim, depth=1, num_heads=heads, num_classes=10)
+        group = next(g for g in ChannelPlan.build(vit, (3, 32, 32)).groups if g.root.endswith("#heads"))
+        assert group.multiple(16) == step and (step * group.unit) % 16 == 0
+
+
+@pytest.mark.parametrize(
+    "stage,needle",
+    [
+        ({"blocks.0.attn.qkv": [5]}, "only ever prunes by whole heads"),  # single q/k/v outputs break the reshape
+        ({"blocks.0.attn#heads": [0]}, "norm \\(LayerNorm\\) depends on the heads"),  # a scale norm spans the heads
+    ],
+)
+def test_a_structure_that_cuts_attention_other_than_by_whole_heads_is_refused(stage, needle):
+    model = _tiny_vit(scale_norm=True)
+    model.blocks[0].attn.norm = torch.nn.LayerNorm(64, elementwise_affine=False)  # parameter-free: still spans
+    with pytest.raises(CheckpointError, match=needle):
+        apply_structure(model, Structure((3, 32, 32), (stage,)))
