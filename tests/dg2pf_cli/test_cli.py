@@ -836,12 +836,14 @@ def test_a_latency_budget_job_refuses_the_unreachable_and_states_what_it_met(tmp
             "--granularity": "channel",
             "--latency-budget-ms": budget,
             "--latency-backend": "torch",
+            # batch 32: a 0.4 ms batch-1 call of this tiny network measured up to 1.7x apart in two processes
+            "--latency-batch-size": "32",
             "--out": str(out),
         }
         return ["prune", *[x for kv in flags.items() for x in kv], "--pruning-epochs", "1", "--max-epochs", "1"]
 
     out = tmp_path / "out"
-    refused = dg2pf(*args(out, "1e-9"), "--quiet")
+    refused = dg2pf(*args(out, "1e-9"), "--quiet")  # measures the dense network: the budget below is 0.7x it
     assert_refused(refused, out, "latency_budget_ms 1e-09 cannot be reached", "the dense network measured", "predicted")
     dense_ms = float(refused.stderr.split("the dense network measured ")[1].split(" ms")[0])
     done = dg2pf(*args(out, f"{0.7 * dense_ms:.6g}"))
