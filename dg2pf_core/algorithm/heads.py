@@ -132,18 +132,6 @@ def head_sites(model: nn.Module) -> tuple[list[HeadSite], list[str]]:
     return sites, skipped
 
 
-def site_of(model: nn.Module, key: str) -> HeadSite | None:
-    """The head site a structure key (``<module>#heads``) names in ``model``, or None."""
-    if not key.endswith(HEADS_SUFFIX):
-        return None
-    name = key[: -len(HEADS_SUFFIX)]
-    try:
-        module = model.get_submodule(name) if name else model
-    except AttributeError:
-        return None
-    return _site(name, module)[0]
-
-
 def require_site(model: nn.Module, key: str) -> HeadSite:
     """The head site ``key`` names; ``CheckpointError`` when it names none of ``model``."""
     name = key.removesuffix(HEADS_SUFFIX)
